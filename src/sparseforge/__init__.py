@@ -1,0 +1,50 @@
+"""sparseforge: make neural networks sparse and measurably faster.
+
+Importing the package is cheap: it pulls in torch-free pattern and config code lazily, and never
+imports transformers (that lives behind the ``sparseforge[hf]`` extra).
+
+Example:
+    >>> import sparseforge as sf
+    >>> sf.parse("2:4")
+    NM(n=2, m=4)
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it; resolved on first attribute access (PEP 562)
+_LAZY = {
+    "Unstructured": "patterns",
+    "NM": "patterns",
+    "Block": "patterns",
+    "FanIn": "patterns",
+    "Channel": "patterns",
+    "parse": "patterns",
+    "mask_from_scores": "masks",
+    "SparsifyConfig": "config",
+    "CalibrationConfig": "config",
+    "load_recipe": "config",
+    "sparsify_": "sparsify",
+    "save_pretrained": "checkpoint",
+    "load": "checkpoint",
+    "SparseforgeError": "errors",
+    "ConfigError": "errors",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sparseforge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"sparseforge.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,205 @@
+"""Dataclass configs and YAML recipes.
+
+A :class:`SparsifyConfig` says *what* to prune (targets, ignore), *how* (method and its options),
+to *which pattern* and *how much* (sparsity, per-layer allocation, overrides). A recipe is a YAML
+file holding a list of them; the CLI builds the very same objects and calls the same
+:func:`sparseforge.sparsify_`.
+
+Example:
+    >>> from sparseforge.config import SparsifyConfig, dump_recipe, parse_recipe
+    >>> cfg = SparsifyConfig(method="wanda", pattern="2:4")
+    >>> cfg.sparsity  # N:M fixes the sparsity
+    0.5
+    >>> parse_recipe(dump_recipe([cfg]))[0] == cfg
+    True
+
+Recipe layout (``version`` guards future changes)::
+
+    version: 1
+    stages:
+      - method: sparsegpt
+        pattern: "2:4"
+        ignore: ["*.mlp.down_proj"]
+        calibration: {samples: 64, seqlen: 256, seed: 0}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sparseforge.errors import ConfigError
+from sparseforge.masks import resolve_sparsity
+from sparseforge.patterns import FanIn, Pattern, Unstructured, parse
+
+__all__ = [
+    "CalibrationConfig",
+    "SparsifyConfig",
+    "RECIPE_VERSION",
+    "parse_recipe",
+    "load_recipe",
+    "dump_recipe",
+    "name_matches",
+]
+
+RECIPE_VERSION = 1
+METHODS = ("magnitude", "wanda", "sparsegpt")
+ALLOCATIONS = ("uniform", "owl")
+
+
+@dataclass
+class CalibrationConfig:
+    """Calibration data: ``samples`` windows of ``seqlen`` tokens drawn with ``seed``.
+
+    ``source`` is ``"builtin"`` (the vendored Shakespeare train split) or a path to a UTF-8 text
+    file or a directory of ``*.txt`` files.
+    """
+
+    source: str = "builtin"
+    samples: int = 64  # number of calibration sequences
+    seqlen: int = 256  # tokens per sequence
+    seed: int = 0
+    batch_size: int = 8  # sequences per forward pass while calibrating
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "seqlen", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"calibration.{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class SparsifyConfig:
+    """One pruning pass over a model.
+
+    Attributes:
+        method: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``.
+        pattern: pattern string (``"unstructured"``, ``"2:4"``, ``"block4x4"``, ``"fanin"``, ``"channel"``).
+        sparsity: target fraction of zeros in [0, 1); ``None`` lets N:M patterns fix it.
+        targets: glob patterns (or ``"re:<regex>"``) of module names to prune; ``None`` = every
+            linear layer inside the model's repeated transformer blocks.
+        ignore: module-name patterns never pruned (takes precedence over ``targets``).
+        allocation: ``"uniform"`` (every layer at ``sparsity``) or ``"owl"`` (outlier-weighted
+            layer-wise sparsity, Yin et al. 2024, same average).
+        owl_lambda: OWL's maximum deviation of a block's sparsity from the average.
+        owl_threshold: OWL's outlier threshold M (an outlier score exceeds M x the layer mean).
+        overrides: ``{module-name pattern: sparsity}``, applied after allocation.
+        method_options: method-specific options (e.g. SparseGPT ``blocksize``, ``dampening``).
+        calibration: calibration data for methods that need it.
+    """
+
+    method: str = "sparsegpt"
+    pattern: str = "unstructured"
+    sparsity: float | None = 0.5
+    targets: list[str] | None = None
+    ignore: list[str] = field(default_factory=list)
+    allocation: str = "uniform"
+    owl_lambda: float = 0.08
+    owl_threshold: float = 5.0
+    overrides: dict[str, float] = field(default_factory=dict)
+    method_options: dict[str, Any] = field(default_factory=dict)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        self.pattern = str(parse(self.pattern))
+        pattern = self.pattern_value
+        if not (self.sparsity is None and isinstance(pattern, FanIn) and pattern.k is not None):
+            self.sparsity = resolve_sparsity(pattern, self.sparsity)  # FanIn(k) alone fixes it per layer
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if not 0.0 <= self.owl_lambda < 1.0:
+            raise ConfigError(f"owl_lambda must be in [0, 1), got {self.owl_lambda!r}")
+        if self.owl_threshold <= 0:
+            raise ConfigError(f"owl_threshold must be positive, got {self.owl_threshold!r}")
+        if isinstance(self.targets, str) or isinstance(self.ignore, str):
+            raise ConfigError("targets and ignore are lists of module-name patterns, e.g. ['*.mlp.*']")
+        for value in self.overrides.values():
+            resolve_sparsity(Unstructured(), value)
+        if isinstance(self.calibration, dict):
+            self.calibration = _build(CalibrationConfig, self.calibration, "calibration")
+
+    @property
+    def pattern_value(self) -> Pattern:
+        return parse(self.pattern)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SparsifyConfig":
+        return _build(cls, data, "stage")
+
+    def sparsity_for(self, name: str, allocated: float | None = None) -> float:
+        """Sparsity of module ``name``: the last matching override, else ``allocated`` or the default."""
+        value = self.sparsity if allocated is None else allocated
+        for pattern, override in self.overrides.items():
+            if name_matches(name, pattern):
+                value = override
+        return value
+
+
+def _build(cls, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(known)}")
+    try:
+        return cls(**data)
+    except TypeError as exc:  # wrong types that the dataclass itself rejects
+        raise ConfigError(f"invalid {where}: {exc}") from exc
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """Match a module name against a glob (``"*.mlp.*"``) or a regex written ``"re:<regex>"``."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def parse_recipe(text: str) -> list[SparsifyConfig]:
+    """Parse recipe YAML text into configs (see module doc for the layout)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe is not valid YAML: {exc}") from exc
+    if isinstance(data, dict) and "stages" in data:
+        version = data.get("version", RECIPE_VERSION)
+        if version != RECIPE_VERSION:
+            raise ConfigError(f"recipe version {version!r} is not supported (this sparseforge reads version {RECIPE_VERSION})")
+        extra = sorted(set(data) - {"version", "stages"})
+        if extra:
+            raise ConfigError(f"unknown top-level recipe key(s) {extra}; a recipe has 'version' and 'stages'")
+        stages = data["stages"]
+    elif isinstance(data, dict):
+        stages = [data]
+    else:
+        stages = data
+    if not isinstance(stages, list) or not stages:
+        raise ConfigError("a recipe needs a non-empty list of stages")
+    return [_build(SparsifyConfig, s, f"stage {i}") for i, s in enumerate(stages)]
+
+
+def load_recipe(path: "str | Path") -> list[SparsifyConfig]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file {path} does not exist")
+    return parse_recipe(path.read_text(encoding="utf-8"))
+
+
+def dump_recipe(configs: list[SparsifyConfig]) -> str:
+    """YAML text that :func:`parse_recipe` reads back into equal configs."""
+    import yaml
+
+    return yaml.safe_dump(
+        {"version": RECIPE_VERSION, "stages": [c.to_dict() for c in configs]}, sort_keys=False
+    )

@@ -1,0 +1,131 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from sparseforge.errors import ConfigError, NumericalError
+from sparseforge.masks import mask_from_scores, num_pruned, satisfies
+from sparseforge.patterns import NM, Block, Channel, FanIn, Unstructured
+
+sparsities = st.floats(0.0, 0.99, allow_nan=False)
+
+
+def scores_strategy(rows, cols, ties):
+    # few distinct values when ties=True so that tie-breaking is exercised
+    values = st.integers(0, 3).map(float) if ties else st.floats(-1e3, 1e3, allow_nan=False, width=32)
+    return st.lists(values, min_size=rows * cols, max_size=rows * cols).map(lambda v: torch.tensor(v).reshape(rows, cols))
+
+
+@st.composite
+def matrix(draw, row_mult=1, col_mult=1):
+    rows = draw(st.integers(1, 6)) * row_mult
+    cols = draw(st.integers(1, 6)) * col_mult
+    return draw(scores_strategy(rows, cols, draw(st.booleans())))
+
+
+@given(matrix(), sparsities, st.sampled_from(["layer", "row"]))
+def test_unstructured_exact_count(scores, sparsity, scope):
+    mask = mask_from_scores(scores, Unstructured(), sparsity, scope=scope)
+    rows, cols = scores.shape
+    if scope == "layer":
+        assert (~mask).sum().item() == num_pruned(sparsity, rows * cols)
+    else:
+        assert ((~mask).sum(1) == num_pruned(sparsity, cols)).all()
+
+
+@given(matrix(), sparsities)
+def test_unstructured_keeps_the_largest(scores, sparsity):
+    mask = mask_from_scores(scores, Unstructured(), sparsity)
+    if mask.any() and (~mask).any():
+        assert scores[mask].min() >= scores[~mask].max()
+
+
+@given(st.integers(1, 8).flatmap(lambda m: st.tuples(st.integers(1, m), st.just(m + 1))), st.data())
+def test_nm_keeps_exactly_n_of_every_m(nm, data):
+    n, m = nm
+    scores = data.draw(matrix(col_mult=m))
+    mask = mask_from_scores(scores, NM(n, m))
+    groups = mask.reshape(-1, m)
+    assert (groups.sum(1) == n).all()
+    assert satisfies(mask, NM(n, m))
+    # within each group the kept scores dominate the pruned ones
+    g = scores.reshape(-1, m)
+    kept_min = torch.where(groups, g, torch.inf).min(1).values
+    pruned_max = torch.where(~groups, g, -torch.inf).max(1).values
+    assert (kept_min >= pruned_max).all()
+
+
+@given(matrix(), sparsities)
+def test_fanin_constant_per_row(scores, sparsity):
+    mask = mask_from_scores(scores, FanIn(), sparsity)
+    cols = scores.shape[1]
+    assert (mask.sum(1) == cols - num_pruned(sparsity, cols)).all()
+    assert satisfies(mask, FanIn())
+
+
+@given(matrix(), sparsities)
+def test_channel_prunes_whole_rows(scores, sparsity):
+    mask = mask_from_scores(scores, Channel(), sparsity)
+    assert satisfies(mask, Channel())
+    assert (~mask.all(1)).sum() == num_pruned(sparsity, scores.shape[0])
+
+
+@given(st.integers(1, 3), st.integers(1, 3), st.data(), sparsities)
+def test_block_tiles_uniform_and_exact(h, w, data, sparsity):
+    scores = data.draw(matrix(row_mult=h, col_mult=w))
+    mask = mask_from_scores(scores, Block(h, w), sparsity)
+    assert satisfies(mask, Block(h, w))
+    tiles = scores.numel() // (h * w)
+    assert (~mask).sum().item() == num_pruned(sparsity, tiles) * h * w
+
+
+def test_ties_keep_lower_index():
+    scores = torch.ones(2, 8)
+    mask = mask_from_scores(scores, Unstructured(), 0.5)
+    assert mask.flatten().tolist() == [True] * 8 + [False] * 8
+    mask = mask_from_scores(scores, NM(2, 4))
+    assert mask[0].tolist() == [True, True, False, False] * 2
+    mask = mask_from_scores(scores, Unstructured(), 0.5, scope="row")
+    assert mask.tolist() == [[True] * 4 + [False] * 4] * 2
+
+
+def test_deterministic_across_calls():
+    torch.manual_seed(0)
+    scores = torch.randint(0, 3, (64, 64)).float()
+    a = mask_from_scores(scores, Unstructured(), 0.7)
+    b = mask_from_scores(scores.clone(), Unstructured(), 0.7)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), True, "0.5"])
+def test_bad_sparsity(bad):
+    with pytest.raises(ConfigError, match=r"\[0, 1\)"):
+        mask_from_scores(torch.rand(4, 4), Unstructured(), bad)
+
+
+def test_nm_conflicting_sparsity():
+    with pytest.raises(ConfigError, match="fixes sparsity"):
+        mask_from_scores(torch.rand(4, 8), NM(2, 4), 0.7)
+    assert mask_from_scores(torch.rand(4, 8), NM(2, 4), 0.5).sum() == 16
+
+
+def test_non_finite_scores():
+    s = torch.rand(4, 4)
+    s[1, 1] = math.nan
+    with pytest.raises(NumericalError):
+        mask_from_scores(s, Unstructured(), 0.5)
+
+
+def test_pattern_must_fit():
+    with pytest.raises(ConfigError, match="divisible"):
+        mask_from_scores(torch.rand(4, 6), "2:4")
+
+
+def test_satisfies_detects_violations():
+    m = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
+    assert not satisfies(m, NM(2, 4))
+    assert satisfies(m, NM(3, 4))
+    assert not satisfies(torch.tensor([[1, 0], [1, 1]]), FanIn())
+    assert not satisfies(torch.tensor([[1, 0], [1, 1]]), Channel())
+    assert not satisfies(torch.tensor([[1, 0], [1, 1]]), Block(2, 2))
