@@ -1,0 +1,196 @@
+"""End-to-end jobs behind the CLI: load -> evaluate -> prune -> evaluate -> save, and the demo.
+
+These functions only compose the public API (:func:`~sparseforge.models.load_model`,
+:func:`~sparseforge.sparsify.sparsify_`, :mod:`~sparseforge.evaluate`,
+:mod:`~sparseforge.checkpoint`); the CLI is a thin layer over them.
+
+Example:
+    >>> from sparseforge.config import SparsifyConfig                  # doctest: +SKIP
+    >>> from sparseforge.pipeline import prune_model
+    >>> result = prune_model("builtin", [SparsifyConfig(method="wanda", pattern="2:4")], out="pruned")
+    >>> print(result.format())
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparseforge.config import SparsifyConfig
+from sparseforge.errors import ConfigError
+from sparseforge.sparsify import SparsifyReport, peak_rss_mb, sparsify_
+
+__all__ = ["PruneResult", "prune_model", "evaluate_model", "run_demo", "weights_equal", "directory_bytes"]
+
+
+@dataclass
+class PruneResult:
+    model: str
+    kind: str
+    reports: list[SparsifyReport]
+    metric_name: str | None = None  # "perplexity" or "embedding cosine"
+    dense_metric: float | None = None
+    pruned_metric: float | None = None
+    out: Path | None = None
+    checkpoint_bytes: int | None = None
+    dense_bytes: int | None = None
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def format(self) -> str:
+        lines = [report.summary() for report in self.reports]
+        if self.metric_name is not None:
+            lines.append(f"{self.metric_name}: dense {self.dense_metric:.4f} -> pruned {self.pruned_metric:.4f}")
+        if self.out is not None:
+            lines.append(
+                f"saved to {self.out} ({self.checkpoint_bytes / 2**20:.2f} MiB on disk, "
+                f"dense weights {self.dense_bytes / 2**20:.2f} MiB, ratio {self.checkpoint_bytes / self.dense_bytes:.3f})"
+            )
+        lines.append(f"total {self.seconds:.1f} s, peak RSS {self.peak_rss_mb:.0f} MiB")
+        return "\n".join(lines)
+
+
+def directory_bytes(path: Path) -> int:
+    """Bytes of the weight files (``*.safetensors``, ``*.bin``) in a checkpoint directory."""
+    return sum(p.stat().st_size for p in Path(path).iterdir() if p.suffix in (".safetensors", ".bin"))
+
+
+def _dense_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _check_out(out: Path | None, overwrite: bool) -> None:
+    if out is not None and out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"output directory {out} exists and is not empty; pass --overwrite to replace it")
+
+
+def prune_model(
+    model: str,
+    configs: list[SparsifyConfig],
+    *,
+    out: Path | str | None = None,
+    compressed: bool = True,
+    overwrite: bool = False,
+    evaluate: bool = True,
+    dtype=None,
+    progress: bool = True,
+) -> PruneResult:
+    """Load ``model``, prune it with every config in turn, evaluate before/after and save to ``out``."""
+    from sparseforge.checkpoint import save_pretrained
+    from sparseforge.evaluate import embedding_fidelity, perplexity
+    from sparseforge.models import load_model
+
+    start = time.perf_counter()
+    out = None if out is None else Path(out)
+    _check_out(out, overwrite)
+    loaded = load_model(model, dtype=dtype)
+    result = PruneResult(model=str(model), kind=loaded.kind, reports=[])
+    dense_copy = None
+    if evaluate and loaded.kind == "causal-lm":
+        result.metric_name = "perplexity"
+        result.dense_metric = perplexity(loaded.model, loaded.tokenizer, progress=progress).ppl
+    elif evaluate:
+        result.metric_name = "embedding cosine"
+        dense_copy = copy.deepcopy(loaded.model)
+        result.dense_metric = 1.0
+    for config in configs:
+        result.reports.append(sparsify_(loaded.model, config, tokenizer=loaded.tokenizer, progress=progress))
+    if evaluate and loaded.kind == "causal-lm":
+        result.pruned_metric = perplexity(loaded.model, loaded.tokenizer, progress=progress).ppl
+    elif evaluate:
+        result.pruned_metric = embedding_fidelity(dense_copy, loaded.model, loaded.tokenizer).mean_cosine
+    if out is not None:
+        sparsity_config = result.reports[-1].sparsity_config()
+        sparsity_config["targets"] = sorted({t for r in result.reports for t in r.sparsity_config()["targets"]})
+        save_pretrained(loaded.model, out, tokenizer=loaded.tokenizer, compressed=compressed,
+                        sparsity_config=sparsity_config, overwrite=overwrite)
+        result.out, result.checkpoint_bytes, result.dense_bytes = out, directory_bytes(out), _dense_bytes(loaded.model)
+    result.seconds = time.perf_counter() - start
+    result.peak_rss_mb = peak_rss_mb()
+    return result
+
+
+def evaluate_model(model: str, *, reference: str | None = None, seqlen: int = 256, max_windows: int = 64,
+                   progress: bool = True) -> str:
+    """One-line evaluation: perplexity for causal LMs, embedding cosine vs ``reference`` for encoders."""
+    from sparseforge.evaluate import embedding_fidelity, perplexity
+    from sparseforge.models import load_model
+
+    loaded = load_model(model)
+    if loaded.kind == "causal-lm":
+        r = perplexity(loaded.model, loaded.tokenizer, seqlen=seqlen, max_windows=max_windows, progress=progress)
+        return f"perplexity {r.ppl:.4f} over {r.tokens} predicted tokens ({r.windows} windows of {seqlen})"
+    if reference is None:
+        raise ConfigError(f"{model} is an encoder: pass --reference DENSE_MODEL to measure embedding fidelity")
+    f = embedding_fidelity(load_model(reference).model, loaded.model, loaded.tokenizer)
+    return f"embedding cosine vs {reference}: mean {f.mean_cosine:.4f}, min {f.min_cosine:.4f} over {f.n} sentences"
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def weights_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Bit-exact equality of every parameter and buffer (same names, dtypes and bytes)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].dtype == sb[k].dtype and sa[k].shape == sb[k].shape and torch.equal(_bits(sa[k]), _bits(sb[k]))
+        for k in sa
+    )
+
+
+def run_demo(out: Path | str = "sparseforge-demo", pattern: str = "unstructured", sparsity: float | None = None,
+             progress: bool = True) -> list[dict[str, Any]]:
+    """Prune the built-in model with magnitude, Wanda and SparseGPT; evaluate; save; reload; compare."""
+    from sparseforge.checkpoint import load, save_pretrained
+    from sparseforge.config import dump_recipe
+    from sparseforge.evaluate import perplexity
+    from sparseforge.models import load_model
+    from sparseforge.patterns import NM, parse
+
+    out = Path(out)
+    if sparsity is None and not isinstance(parse(pattern), NM):
+        sparsity = 0.5
+    loaded = load_model("builtin")
+    print(f"built-in model: {loaded.path} ({sum(p.numel() for p in loaded.model.parameters()) / 1e6:.2f} M parameters)")
+    dense_ppl = perplexity(loaded.model, loaded.tokenizer, progress=progress).ppl
+    rows = [{"method": "dense", "pattern": "-", "sparsity": 0.0, "ppl": dense_ppl, "seconds": 0.0}]
+    best = None
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        config = SparsifyConfig(method=method, pattern=pattern, sparsity=sparsity)
+        print("\n# " + dump_recipe([config]).replace("\n", "\n# ").rstrip("# "), flush=True)
+        model = copy.deepcopy(loaded.model)
+        report = sparsify_(model, config, tokenizer=loaded.tokenizer, progress=progress)
+        ppl = perplexity(model, loaded.tokenizer, progress=progress).ppl
+        rows.append({"method": method, "pattern": pattern, "sparsity": report.sparsity, "ppl": ppl, "seconds": report.seconds})
+        if method == "sparsegpt":
+            best = (model, report)
+    model, report = best
+    save_pretrained(model, out, tokenizer=loaded.tokenizer, compressed=True,
+                    sparsity_config=report.sparsity_config(), overwrite=True)
+    reloaded = load(out)
+    exact = weights_equal(model, reloaded)
+    reloaded_ppl = perplexity(reloaded, loaded.tokenizer, progress=progress).ppl
+    print("\n| method | pattern | sparsity | perplexity | vs dense | prune time (s) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['method']} | {r['pattern']} | {r['sparsity']:.1%} | {r['ppl']:.3f} | "
+              f"{r['ppl'] / dense_ppl - 1:+.1%} | {r['seconds']:.1f} |")
+    print(f"\nSparseGPT model saved compressed to {out}: {directory_bytes(out) / 2**20:.2f} MiB vs "
+          f"{_dense_bytes(model) / 2**20:.2f} MiB dense ({directory_bytes(out) / _dense_bytes(model):.2f}x)")
+    print(f"reloaded with sparseforge.load: weights bit-exact: {exact}; perplexity {reloaded_ppl:.3f}")
+    print(f"peak RSS {peak_rss_mb():.0f} MiB")
+    if not exact:
+        raise ConfigError("reloaded checkpoint differs from the pruned model (please report this bug)")
+    return rows
