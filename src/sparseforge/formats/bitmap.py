@@ -1,0 +1,158 @@
+"""Bitmap storage: one bit per weight says kept or pruned, kept values packed densely.
+
+Layout of a ``(rows, cols)`` weight (the C++ kernels read exactly this; see also
+``docs/checkpoint-format.md``):
+
+=============== ======== ========================= ==========================================
+buffer          dtype    shape                     order
+=============== ======== ========================= ==========================================
+``bitmap``      uint8    ``(rows, ceil(cols/8))``  row-major; bit ``j`` (LSB first, ``j=0`` is
+                                                   the least significant bit) of byte ``b`` of
+                                                   row ``r`` is column ``8*b + j``; 1 = kept.
+                                                   Padding bits past ``cols`` are 0.
+``values``      weight's ``(nnz,)``                kept entries in row-major order (row 0 left
+                float                              to right, then row 1, ...)
+``row_offsets`` int64    ``(rows + 1,)``           derived, never stored on disk:
+                                                   ``row_offsets[r]`` = kept entries before row
+                                                   ``r``; row ``r``'s values are
+                                                   ``values[row_offsets[r]:row_offsets[r+1]]``
+=============== ======== ========================= ==========================================
+
+Zeros, signs and non-finite values: ``from_dense(w)`` keeps ``w != 0``, so ``-0.0`` and ``+0.0``
+are both pruned and NaN / inf are kept. ``from_dense(w, mask)`` keeps exactly ``mask`` (kept
+zeros, including ``-0.0``, are stored as explicit values). ``to_dense()`` returns
+``torch.where(mask, w, +0.0)`` bit for bit: kept entries keep their exact bits (NaN payloads,
+``-0.0``), pruned entries are ``+0.0``. This equals ``w * mask`` under ``==`` wherever the pruned
+entries of ``w`` are finite (``w * mask`` would give ``-0.0`` for pruned negatives).
+
+Example:
+    >>> import torch
+    >>> from sparseforge.formats import BitmapWeight
+    >>> w = torch.tensor([[1.5, 0.0, 0.0, -2.0]])
+    >>> bw = BitmapWeight.from_dense(w)
+    >>> bw.bitmap.tolist(), bw.values.tolist()
+    ([[9]], [1.5, -2.0])
+    >>> torch.equal(bw.to_dense(), w)
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from sparseforge.errors import ConfigError, ModelError
+
+__all__ = ["BitmapWeight", "pack_bits", "unpack_bits"]
+
+_BIT_WEIGHTS = [1 << j for j in range(8)]  # value of bit j in a byte, LSB first
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Pack a bool tensor (rows, L) into uint8 (rows, ceil(L/8)), bit j of byte b = column 8b+j."""
+    rows, length = bits.shape
+    nbytes = (length + 7) // 8
+    padded = torch.zeros(rows, nbytes * 8, dtype=torch.uint8, device=bits.device)
+    padded[:, :length] = bits.to(torch.uint8)
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=bits.device)
+    # each byte is a sum of distinct powers of two <= 255, so uint8 never overflows
+    return (padded.reshape(rows, nbytes, 8) * weights).sum(dim=2, dtype=torch.uint8)  # (rows, nbytes)
+
+
+def unpack_bits(packed: torch.Tensor, length: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: uint8 (rows, nbytes) -> bool (rows, length)."""
+    rows, nbytes = packed.shape
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1  # (rows, nbytes, 8)
+    return bits.reshape(rows, nbytes * 8)[:, :length].bool()
+
+
+def _check_weight(w: torch.Tensor, mask: torch.Tensor | None) -> None:
+    if w.dim() != 2:
+        raise ConfigError(f"sparse formats store 2-D weights (rows, cols), got shape {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise ConfigError(f"sparse formats store floating-point weights, got dtype {w.dtype}")
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise ConfigError(f"mask must be a torch.bool tensor (True = keep), got {mask.dtype}; pass mask.bool()")
+        if mask.shape != w.shape:
+            raise ConfigError(f"mask shape {tuple(mask.shape)} differs from weight shape {tuple(w.shape)}")
+
+
+@dataclass(frozen=True, eq=False)
+class BitmapWeight:
+    """A 2-D weight in bitmap format (see the module doc for the byte layout)."""
+
+    shape: tuple[int, int]
+    bitmap: torch.Tensor  # uint8 (rows, ceil(cols/8))
+    values: torch.Tensor  # (nnz,) weight dtype
+    row_offsets: torch.Tensor = field(init=False, repr=False)  # int64 (rows+1,), derived
+
+    def __post_init__(self) -> None:
+        rows, cols = (int(s) for s in self.shape)
+        object.__setattr__(self, "shape", (rows, cols))
+        where = f"bitmap weight of shape {rows}x{cols}"
+        if self.bitmap.dtype != torch.uint8 or tuple(self.bitmap.shape) != (rows, (cols + 7) // 8):
+            raise ModelError(
+                f"{where}: bitmap must be uint8 of shape {(rows, (cols + 7) // 8)}, "
+                f"got {self.bitmap.dtype} {tuple(self.bitmap.shape)}; the checkpoint is corrupt"
+            )
+        if self.values.dim() != 1 or not self.values.is_floating_point():
+            raise ModelError(f"{where}: values must be a 1-D float tensor, got {self.values.dtype} {tuple(self.values.shape)}")
+        bits = unpack_bits(self.bitmap, ((cols + 7) // 8) * 8)  # (rows, 8*nbytes)
+        if bits[:, cols:].any():
+            raise ModelError(f"{where}: padding bits past column {cols} are set; the checkpoint is corrupt")
+        per_row = bits.sum(dim=1)  # (rows,)
+        offsets = torch.zeros(rows + 1, dtype=torch.int64, device=self.bitmap.device)
+        offsets[1:] = torch.cumsum(per_row, 0)
+        if int(offsets[-1]) != self.values.numel():
+            raise ModelError(
+                f"{where}: bitmap marks {int(offsets[-1])} kept entries but {self.values.numel()} values are stored"
+            )
+        object.__setattr__(self, "row_offsets", offsets)
+
+    @classmethod
+    def from_dense(cls, w: torch.Tensor, mask: torch.Tensor | None = None) -> "BitmapWeight":
+        """Compress ``w`` (rows, cols); ``mask`` (bool, True = keep) defaults to ``w != 0``."""
+        _check_weight(w, mask)
+        keep = (w != 0) if mask is None else mask  # (rows, cols)
+        return cls(tuple(w.shape), pack_bits(keep), w[keep].clone())
+
+    def mask(self) -> torch.Tensor:
+        """Bool keep-mask (rows, cols)."""
+        return unpack_bits(self.bitmap, self.shape[1])
+
+    def to_dense(self) -> torch.Tensor:
+        """Dense (rows, cols) weight: kept entries bit-exact, pruned entries ``+0.0``."""
+        out = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
+        out[self.mask()] = self.values
+        return out
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored (kept) entries, explicit zeros included."""
+        return self.values.numel()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored buffers (bitmap + values; row_offsets is derived, not counted)."""
+        return self.bitmap.numel() + self.values.numel() * self.values.element_size()
+
+    def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """On-disk tensors: ``{prefix}bitmap`` and ``{prefix}values``."""
+        return {f"{prefix}bitmap": self.bitmap, f"{prefix}values": self.values}
+
+    @classmethod
+    def from_state_dict(
+        cls, state: dict[str, torch.Tensor], shape: tuple[int, int], prefix: str = ""
+    ) -> "BitmapWeight":
+        """Rebuild from :meth:`state_dict` output; ``shape`` is not recoverable from the bitmap alone."""
+        missing = [k for k in ("bitmap", "values") if f"{prefix}{k}" not in state]
+        if missing:
+            raise ModelError(f"bitmap weight {prefix!r} is missing tensor(s) {[prefix + k for k in missing]}")
+        return cls(tuple(shape), state[f"{prefix}bitmap"], state[f"{prefix}values"])

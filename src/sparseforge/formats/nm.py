@@ -1,0 +1,201 @@
+"""N:M packed storage: N values and N packed positions for every group of M inputs.
+
+N:M semi-structured sparsity (Mishra et al., 2021, "Accelerating Sparse Deep Neural Networks";
+Zhou et al., 2021, "Learning N:M Fine-grained Structured Sparse Neural Networks From Scratch")
+keeps at most N of every M consecutive inputs of a row. For a ``(rows, cols)`` weight with
+``cols % m == 0``, ``G = cols // m`` groups per row and ``b = ceil(log2(m))`` bits per position
+(2 for 2:4, 3 for 4:8):
+
+=========== ========= ================================ =========================================
+buffer      dtype     shape                            order
+=========== ========= ================================ =========================================
+``values``  weight's  ``(rows, G * n)``                row-major; group ``g`` of row ``r`` owns
+            float                                      ``values[r, g*n:(g+1)*n]``, its kept
+                                                       values in ascending position order
+``indices`` uint8     ``(rows, ceil(G * n * b / 8))``  the positions (0..m-1 within the group) of
+                                                       those values, as one little-endian bit
+                                                       stream per row: position ``k`` of the row
+                                                       (``k = g*n + i``) occupies stream bits
+                                                       ``k*b .. k*b+b-1``, its least significant
+                                                       bit first; stream bit ``t`` is bit
+                                                       ``t % 8`` (LSB first) of byte ``t // 8``.
+                                                       Each row is padded with 0 bits to a whole
+                                                       byte; rows never share a byte.
+=========== ========= ================================ =========================================
+
+Every group stores exactly ``n`` entries: a group with fewer than ``n`` kept entries is padded with
+explicit ``+0.0`` values at its lowest unused positions, so positions within a group are strictly
+ascending and distinct. Worked example (2:4, one row ``[0, a, 0, b, c, 0, d, 0]``): positions
+``[1, 3, 0, 2]``, values ``[a, b, c, d]``, indices byte ``1 | 3<<2 | 0<<4 | 2<<6 = 0x8D``.
+
+Zeros, signs and non-finite values follow :mod:`sparseforge.formats.bitmap`: ``from_dense(w)``
+keeps ``w != 0``, ``from_dense(w, pattern, mask)`` keeps ``mask``; ``to_dense()`` equals
+``torch.where(mask, w, +0.0)`` bit for bit (NaN / inf / kept ``-0.0`` preserved).
+
+Example:
+    >>> import torch
+    >>> from sparseforge.formats import NMWeight
+    >>> w = torch.tensor([[0., 1., 0., 2., 3., 0., 4., 0.]])
+    >>> nw = NMWeight.from_dense(w, "2:4")
+    >>> nw.values.tolist(), nw.indices.tolist()
+    ([[1.0, 2.0, 3.0, 4.0]], [[141]])
+    >>> torch.equal(nw.to_dense(), w)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from sparseforge.errors import ConfigError, ModelError
+from sparseforge.formats.bitmap import _check_weight, pack_bits, unpack_bits
+from sparseforge.masks import topk_mask
+from sparseforge.patterns import NM, Pattern, parse
+
+__all__ = ["NMWeight", "index_bits"]
+
+
+def index_bits(m: int) -> int:
+    """Bits per stored position for groups of ``m``: ``ceil(log2(m))``."""
+    return max(1, math.ceil(math.log2(m)))
+
+
+def _pack_indices(positions: torch.Tensor, bits: int) -> torch.Tensor:
+    """int64 (rows, K) positions -> uint8 (rows, ceil(K*bits/8)) little-endian bit stream."""
+    rows, k = positions.shape
+    shifts = torch.arange(bits, device=positions.device)
+    stream = (positions.unsqueeze(-1) >> shifts) & 1  # (rows, K, bits), LSB first
+    return pack_bits(stream.reshape(rows, k * bits).bool())
+
+
+def _unpack_indices(packed: torch.Tensor, k: int, bits: int) -> torch.Tensor:
+    """Inverse of :func:`_pack_indices`: uint8 (rows, nbytes) -> int64 (rows, K)."""
+    rows = packed.shape[0]
+    stream = unpack_bits(packed, k * bits).to(torch.int64).reshape(rows, k, bits)  # (rows, K, bits)
+    weights = 1 << torch.arange(bits, device=packed.device)
+    return (stream * weights).sum(dim=2)
+
+
+def _as_nm(pattern: "Pattern | str") -> NM:
+    pattern = parse(pattern)
+    if not isinstance(pattern, NM):
+        raise ConfigError(f"NMWeight needs an N:M pattern such as '2:4', got {pattern}")
+    return pattern
+
+
+@dataclass(frozen=True, eq=False)
+class NMWeight:
+    """A 2-D weight in N:M packed format (see the module doc for the byte layout)."""
+
+    shape: tuple[int, int]
+    pattern: NM
+    values: torch.Tensor  # (rows, G*n) weight dtype
+    indices: torch.Tensor  # uint8 (rows, ceil(G*n*b/8))
+
+    def __post_init__(self) -> None:
+        rows, cols = (int(s) for s in self.shape)
+        object.__setattr__(self, "shape", (rows, cols))
+        object.__setattr__(self, "pattern", _as_nm(self.pattern))
+        n, m = self.pattern.n, self.pattern.m
+        where = f"{n}:{m} weight of shape {rows}x{cols}"
+        if cols % m:
+            raise ModelError(f"{where}: cols={cols} is not divisible by M={m}")
+        k = cols // m * n
+        nbytes = (k * index_bits(m) + 7) // 8
+        if not self.values.is_floating_point() or tuple(self.values.shape) != (rows, k):
+            raise ModelError(f"{where}: values must be float of shape {(rows, k)}, got {self.values.dtype} {tuple(self.values.shape)}")
+        if self.indices.dtype != torch.uint8 or tuple(self.indices.shape) != (rows, nbytes):
+            raise ModelError(
+                f"{where}: indices must be uint8 of shape {(rows, nbytes)}, got {self.indices.dtype} {tuple(self.indices.shape)}"
+            )
+        pos = self.positions().reshape(rows, cols // m, n)  # (rows, G, n)
+        if (pos >= m).any() or (n > 1 and (pos[..., 1:] <= pos[..., :-1]).any()):
+            raise ModelError(f"{where}: stored positions are out of range or not strictly ascending; the checkpoint is corrupt")
+        tail = unpack_bits(self.indices, nbytes * 8)[:, k * index_bits(m):]
+        if tail.any():
+            raise ModelError(f"{where}: padding bits of the index rows are set; the checkpoint is corrupt")
+
+    @classmethod
+    def from_dense(cls, w: torch.Tensor, pattern: "Pattern | str", mask: torch.Tensor | None = None) -> "NMWeight":
+        """Compress ``w`` (rows, cols); ``mask`` (bool, True = keep) defaults to ``w != 0``.
+
+        Raises :class:`ConfigError` naming the first offending row and group when some group keeps
+        more than ``n`` entries, or when ``cols`` is not a multiple of ``m``.
+        """
+        pattern = _as_nm(pattern)
+        _check_weight(w, mask)
+        n, m = pattern.n, pattern.m
+        rows, cols = w.shape
+        if cols % m:
+            raise ConfigError(f"{pattern} format needs cols divisible by {m}, got shape {rows}x{cols}; use BitmapWeight")
+        keep = (w != 0) if mask is None else mask  # (rows, cols)
+        groups = keep.reshape(rows * (cols // m), m)  # (rows*G, m)
+        counts = groups.sum(dim=1)
+        if (counts > n).any():
+            first = int(torch.nonzero(counts > n)[0, 0])
+            r, g = divmod(first, cols // m)
+            raise ConfigError(
+                f"weight violates {pattern}: row {r}, group {g} (columns {g * m}..{g * m + m - 1}) keeps "
+                f"{int(counts[first])} > {n} entries; prune it to {pattern} first or use BitmapWeight"
+            )
+        # kept entries score 1, unused 0; ties keep the lower position, so short groups are
+        # filled with their lowest unused positions
+        chosen = topk_mask(groups.to(torch.float32), n)  # (rows*G, m), exactly n per group
+        kept = torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device))  # (rows, cols)
+        values = kept.reshape(rows * (cols // m), m)[chosen].reshape(rows, cols // m * n)
+        pos = torch.arange(m, device=w.device).expand(rows * (cols // m), m)[chosen]  # ascending per group
+        indices = _pack_indices(pos.reshape(rows, cols // m * n), index_bits(m))
+        return cls((rows, cols), pattern, values.clone(), indices)
+
+    def positions(self) -> torch.Tensor:
+        """int64 (rows, G*n): position within its group of every stored value."""
+        k = self.shape[1] // self.pattern.m * self.pattern.n
+        return _unpack_indices(self.indices, k, index_bits(self.pattern.m))
+
+    def to_dense(self) -> torch.Tensor:
+        """Dense (rows, cols) weight: stored entries bit-exact, all others ``+0.0``."""
+        rows, cols = self.shape
+        n, m = self.pattern.n, self.pattern.m
+        out = torch.zeros(rows, cols // m, m, dtype=self.values.dtype, device=self.values.device)  # (rows, G, m)
+        pos = self.positions().reshape(rows, cols // m, n)  # (rows, G, n)
+        out.scatter_(2, pos, self.values.reshape(rows, cols // m, n))
+        return out.reshape(rows, cols)
+
+    def mask(self) -> torch.Tensor:
+        """Bool (rows, cols) of stored positions: exactly n per group, padding zeros included."""
+        rows, cols = self.shape
+        n, m = self.pattern.n, self.pattern.m
+        out = torch.zeros(rows, cols // m, m, dtype=torch.bool, device=self.indices.device)
+        out.scatter_(2, self.positions().reshape(rows, cols // m, n), True)
+        return out.reshape(rows, cols)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored entries (``rows * cols * n / m``, padding zeros included)."""
+        return self.values.numel()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored buffers (values + indices)."""
+        return self.values.numel() * self.values.element_size() + self.indices.numel()
+
+    def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """On-disk tensors: ``{prefix}nm_values`` and ``{prefix}nm_indices``."""
+        return {f"{prefix}nm_values": self.values, f"{prefix}nm_indices": self.indices}
+
+    @classmethod
+    def from_state_dict(
+        cls, state: dict[str, torch.Tensor], shape: tuple[int, int], pattern: "Pattern | str", prefix: str = ""
+    ) -> "NMWeight":
+        """Rebuild from :meth:`state_dict` output plus the ``shape`` and ``pattern`` kept in the config."""
+        missing = [k for k in ("nm_values", "nm_indices") if f"{prefix}{k}" not in state]
+        if missing:
+            raise ModelError(f"N:M weight {prefix!r} is missing tensor(s) {[prefix + k for k in missing]}")
+        return cls(tuple(shape), _as_nm(pattern), state[f"{prefix}nm_values"], state[f"{prefix}nm_indices"])
