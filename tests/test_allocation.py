@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from sparseforge.allocation import block_outlier_ratio, outlier_ratio, owl_sparsities
+from sparseforge.allocation import outlier_ratio, owl_sparsities
 from sparseforge.errors import ConfigError, DataError
 
 
@@ -30,9 +30,13 @@ def test_block_ratio_pools_the_layers():
     a = torch.tensor([[10.0, 1.0]])
     b = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
     # pooled metric: 10, 1, 1, 1, 1, 1 -> mean 2.5, threshold 2 -> 5: one outlier of six
-    assert block_outlier_ratio([(a, torch.ones(2)), (b, torch.ones(4))], 2.0) == pytest.approx(1 / 6)
+    assert outlier_ratio([a, b], [torch.ones(2), torch.ones(4)], 2.0) == pytest.approx(1 / 6)
+    # per layer the 10 is no outlier of its own layer (mean 5.5, threshold 11)
+    assert outlier_ratio(a, torch.ones(2), 2.0) == 0.0
     with pytest.raises(DataError):
-        block_outlier_ratio([], 5.0)
+        outlier_ratio([], [], 5.0)
+    with pytest.raises(DataError, match="as many"):
+        outlier_ratio([a, b], [torch.ones(2)], 5.0)
     with pytest.raises(ConfigError, match="threshold"):
         outlier_ratio(a, torch.ones(2), 0.0)
 

@@ -2,18 +2,18 @@
 
 "Outlier Weighed Layerwise Sparsity (OWL): A Missing Secret Sauce for Pruning LLMs to High
 Sparsity" (ICML 2024). A transformer block whose Wanda metric ``A_ij = |W_ij| * ||X_j||_2`` has
-many *outliers* (entries above ``threshold`` (the paper's M, default 5) times the mean) is pruned
-less. With outlier ratios ``r_l`` (the paper's layerwise outlier distribution, LOD) and target
-sparsity ``S``:
+many *outliers* (entries above ``threshold`` times the mean; the paper's M, default 5; all
+linear layers of the block pooled) is pruned less. With outlier ratios ``r_l`` (the paper's
+layerwise outlier distribution, LOD) and target sparsity ``S``:
 
     a_l   = (r_l - min r) / (max r - min r)                 # in [0, 1]
     S_l   = S - lam * (a_l - mean a) / max_k |a_k - mean a|
 
 so more outliers -> lower sparsity, ``mean(S_l) = S`` exactly and every ``S_l`` lies in
-``[S - lam, S + lam]`` as the paper requires (the block furthest from the mean sits at distance
+``[S - lam, S + lam]`` as the paper states (the block furthest from the mean sits at distance
 exactly ``lam``). The reference code (luuyin/OWL) uses the slope ``2 lam`` instead of
-``lam / max|a - mean a|``; both agree when the ratios are symmetric about their mean, and the
-reference can leave ``[S - lam, S + lam]`` (by up to ``2 lam``) when they are not.
+``lam / max|a - mean a|``: both agree when the ratios are symmetric about their mean; for
+skewed ratios the reference leaves ``[S - lam, S + lam]`` (up to ``2 lam`` away from ``S``).
 
 Example:
     >>> from sparseforge.allocation import owl_sparsities
@@ -24,15 +24,15 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 
-from sparseforge.errors import ConfigError, DataError
+from sparseforge.errors import ConfigError, DataError, NumericalError
 from sparseforge.masks import resolve_sparsity
 from sparseforge.patterns import Unstructured
 
-__all__ = ["wanda_metric", "outlier_ratio", "block_outlier_ratio", "owl_sparsities"]
+__all__ = ["wanda_metric", "outlier_ratio", "owl_sparsities"]
 
 
 def wanda_metric(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tensor:
@@ -51,28 +51,32 @@ def _ratio(metric: torch.Tensor, threshold: float) -> float:
     if metric.numel() == 0:
         raise DataError("OWL needs at least one weight to compute an outlier ratio")
     if not torch.isfinite(metric).all():
-        raise DataError("OWL outlier metric contains NaN or inf; check the weights and calibration activations")
+        raise NumericalError("OWL outlier metric contains NaN or inf; check the weights and calibration activations")
     return (metric > threshold * metric.mean()).double().mean().item()
 
 
-def outlier_ratio(weight: torch.Tensor, input_sq_norm: torch.Tensor, threshold: float = 5.0) -> float:
-    """Fraction of entries of ``|W| * ||X||`` above ``threshold`` times their mean, in [0, 1]."""
-    _check_threshold(threshold)
-    return _ratio(wanda_metric(weight, input_sq_norm), threshold)
-
-
-def block_outlier_ratio(
-    layers: Iterable[tuple[torch.Tensor, torch.Tensor]], threshold: float = 5.0
+def outlier_ratio(
+    weight: "torch.Tensor | Sequence[torch.Tensor]",
+    input_sq_norm: "torch.Tensor | Sequence[torch.Tensor]",
+    threshold: float = 5.0,
 ) -> float:
-    """Outlier ratio of a whole transformer block, as in the OWL reference code.
+    """Fraction of entries of ``|W| * ||X||`` above ``threshold`` times their mean, in [0, 1].
 
-    ``layers`` yields ``(weight, input_sq_norm)`` for each linear layer of the block; their
-    metrics are pooled, so one mean (and one threshold) serves the whole block.
+    ``weight`` (out, in) and ``input_sq_norm`` (in,) describe one layer. To get a transformer
+    block's ratio as the OWL reference code does, pass lists with one entry per linear layer of
+    the block: their metrics are pooled, so one mean (and one threshold) serves the whole block.
     """
     _check_threshold(threshold)
-    pooled = [wanda_metric(w, n).flatten().cpu() for w, n in layers]
-    if not pooled:
-        raise DataError("OWL block_outlier_ratio needs at least one (weight, input_sq_norm) pair")
+    if isinstance(weight, torch.Tensor) != isinstance(input_sq_norm, torch.Tensor):
+        raise DataError("outlier_ratio takes one weight and one input_sq_norm, or two lists of equal length")
+    if isinstance(weight, torch.Tensor):
+        return _ratio(wanda_metric(weight, input_sq_norm), threshold)
+    weights, norms = list(weight), list(input_sq_norm)
+    if len(weights) != len(norms) or not weights:
+        raise DataError(
+            f"outlier_ratio needs as many input_sq_norm as weights (at least one), got {len(weights)} and {len(norms)}"
+        )
+    pooled = [wanda_metric(w, n).flatten().cpu() for w, n in zip(weights, norms)]
     return _ratio(torch.cat(pooled), threshold)
 
 
