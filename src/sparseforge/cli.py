@@ -81,17 +81,11 @@ def config_from_args(args: argparse.Namespace):
         options["blocksize"] = args.blocksize
     if getattr(args, "dampening", None) is not None:
         options["dampening"] = args.dampening
-    sparsity = args.sparsity
-    if sparsity is None:
-        from sparseforge.patterns import NM, FanIn, parse
-
-        pattern = parse(args.pattern)
-        sparsity = None if isinstance(pattern, NM) or (isinstance(pattern, FanIn) and pattern.k) else 0.5
     return [
         SparsifyConfig(
             method=getattr(args, "method", "sparsegpt"),
             pattern=args.pattern,
-            sparsity=sparsity,
+            sparsity=args.sparsity,
             targets=getattr(args, "targets", None),
             ignore=list(getattr(args, "ignore", [])),
             allocation=getattr(args, "allocation", "uniform"),

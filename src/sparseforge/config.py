@@ -34,7 +34,7 @@ from typing import Any
 
 from sparseforge.errors import ConfigError
 from sparseforge.masks import resolve_sparsity
-from sparseforge.patterns import FanIn, Pattern, Unstructured, parse
+from sparseforge.patterns import NM, FanIn, Pattern, Unstructured, parse
 
 __all__ = [
     "CalibrationConfig",
@@ -49,6 +49,7 @@ __all__ = [
 RECIPE_VERSION = 1
 METHODS = ("magnitude", "wanda", "sparsegpt")
 ALLOCATIONS = ("uniform", "owl")
+DEFAULT_SPARSITY = 0.5
 
 
 @dataclass
@@ -79,7 +80,8 @@ class SparsifyConfig:
     Attributes:
         method: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``.
         pattern: pattern string (``"unstructured"``, ``"2:4"``, ``"block4x4"``, ``"fanin"``, ``"channel"``).
-        sparsity: target fraction of zeros in [0, 1); ``None`` lets N:M patterns fix it.
+        sparsity: target fraction of zeros in [0, 1); ``None`` (default) takes the N:M pattern's own
+            (``1 - N/M``), ``FanIn(k)``'s per layer, and 0.5 for every other pattern.
         targets: glob patterns (or ``"re:<regex>"``) of module names to prune; ``None`` = every
             linear layer inside the model's repeated transformer blocks.
         ignore: module-name patterns never pruned (takes precedence over ``targets``).
@@ -94,7 +96,7 @@ class SparsifyConfig:
 
     method: str = "sparsegpt"
     pattern: str = "unstructured"
-    sparsity: float | None = 0.5
+    sparsity: float | None = None  # None: the N:M pattern's own, FanIn(k)'s per layer, else 0.5
     targets: list[str] | None = None
     ignore: list[str] = field(default_factory=list)
     allocation: str = "uniform"
@@ -109,8 +111,11 @@ class SparsifyConfig:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         self.pattern = str(parse(self.pattern))
         pattern = self.pattern_value
-        if not (self.sparsity is None and isinstance(pattern, FanIn) and pattern.k is not None):
-            self.sparsity = resolve_sparsity(pattern, self.sparsity)  # FanIn(k) alone fixes it per layer
+        if self.sparsity is None and not isinstance(pattern, NM):
+            if not (isinstance(pattern, FanIn) and pattern.k is not None):  # FanIn(k) fixes it per layer
+                self.sparsity = DEFAULT_SPARSITY
+        else:
+            self.sparsity = resolve_sparsity(pattern, self.sparsity)
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if not 0.0 <= self.owl_lambda < 1.0:

@@ -157,11 +157,8 @@ def run_demo(out: Path | str = "sparseforge-demo", pattern: str = "unstructured"
     from sparseforge.config import dump_recipe
     from sparseforge.evaluate import perplexity
     from sparseforge.models import load_model
-    from sparseforge.patterns import NM, parse
 
     out = Path(out)
-    if sparsity is None and not isinstance(parse(pattern), NM):
-        sparsity = 0.5
     loaded = load_model("builtin")
     print(f"built-in model: {loaded.path} ({sum(p.numel() for p in loaded.model.parameters()) / 1e6:.2f} M parameters)")
     dense_ppl = perplexity(loaded.model, loaded.tokenizer, progress=progress).ppl

@@ -241,7 +241,7 @@ def _owl_allocation(model, blocks, batches, per_block, block_prefix, config, pro
             stats = collect_stats(block, local, inputs, lambda _n, d: LayerStats(d, hessian=False))
             mods = dict(block.named_modules())
             weights = [weight_2d(mods[n]).float() for n in local]
-            ratios.append(outlier_ratio(weights, [stats[n].sq_norm for n in local], config.owl_threshold))
+            ratios.append(outlier_ratio(weights, [stats[n].input_sq_norm for n in local], config.owl_threshold))
             if b + 1 < len(blocks):
                 inputs = propagate(block, inputs)
     per_block_sparsity = owl_sparsities(ratios, config.sparsity, config.owl_lambda)
