@@ -252,3 +252,15 @@ def test_default_fidelity_uses_256_heldout_sentences(minilm, monkeypatch):
     monkeypatch.setattr(corpus, "heldout_sentences", lambda n=256, **kw: asked.append((n, kw)) or SENTENCES[:2])
     r = embedding_fidelity(minilm.model, minilm.model, minilm.tokenizer)
     assert asked == [(256, {})] and r.n == 2
+
+
+def test_protocol_doc_matches_the_code():
+    import inspect
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text(encoding="utf-8")
+    params = inspect.signature(perplexity).parameters
+    seqlen, windows = params["seqlen"].default, params["max_windows"].default
+    assert f"Defaults: `seqlen={seqlen}`, `max_windows={windows}`" in doc
+    predicted = f"{windows * (seqlen - 1):,}".replace(",", " ")
+    assert f"{windows} windows,\n   **{predicted} predicted tokens**" in doc
