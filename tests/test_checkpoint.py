@@ -361,3 +361,32 @@ def test_import_is_cheap():
 
     code = "import sparseforge.checkpoint, sparseforge.inspection, sys; print('transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.mark.parametrize("name", ["v1-llama-2of4-fp32", "v1-gpt2-unstructured-bf16"])
+def test_golden(name):
+    """Checkpoints written by an earlier sparseforge (tests/golden/make_golden.py) load bit-exactly."""
+    import hashlib
+
+    expected = json.loads((GOLDEN / "expected.json").read_text())[name]
+    model = load(GOLDEN / name)
+    assert type(model).__name__ == expected["class"] and str(model.dtype) == f"torch.{expected['dtype']}"
+    state = model.state_dict()
+    assert sorted(state) == sorted(expected["sha256"])
+    for key, digest in expected["sha256"].items():
+        assert hashlib.sha256(raw(state[key]).numpy().tobytes()).hexdigest() == digest, key
+    packed = load_state_dict_compressed(GOLDEN / name)
+    assert {k: type(packed[k]).__name__ for k in expected["formats"]} == expected["formats"]
+    first = packed[expected["first_target"]]
+    for key, data in expected["first_target_buffers"].items():
+        buf = first.state_dict()[key]
+        assert (buf.tolist() if buf.dtype == torch.uint8 else buf.view(torch.uint8).flatten().tolist()) == data, key
+    # today's writer produces the very same packed bytes from the loaded weights
+    for key in expected["formats"]:
+        obj = packed[key]
+        again = type(obj).from_dense(obj.to_dense(), obj.pattern) if isinstance(obj, NMWeight) else BitmapWeight.from_dense(obj.to_dense())
+        for k, v in obj.state_dict().items():
+            assert torch.equal(raw(again.state_dict()[k]), raw(v)), (key, k)

@@ -117,7 +117,9 @@ def _atomic_dir(out: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, 0o755)  # mkdtemp and safetensors create owner-only entries
+        for entry in tmp.rglob("*"):
+            os.chmod(entry, 0o755 if entry.is_dir() else 0o644)
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"

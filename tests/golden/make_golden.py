@@ -1,0 +1,81 @@
+"""Write the golden sparseforge checkpoints that tests/test_checkpoint.py::test_golden must always load.
+
+Run from the repository root: ``python tests/golden/make_golden.py``. Only add new golden
+checkpoints (e.g. ``v2-...`` after a format change); never regenerate an existing one, because
+its point is that files written by an old sparseforge keep loading bit-exactly.
+
+Writes, next to this script:
+* ``v1-llama-2of4-fp32/``: tiny Llama (tied embeddings), every linear layer but lm_head pruned 2:4
+  by magnitude, float32, N:M format.
+* ``v1-gpt2-unstructured-bf16/``: tiny GPT-2 (Conv1D, tied lm_head), 50% unstructured magnitude,
+  bfloat16, bitmap format.
+* ``expected.json``: sha256 of the raw bytes of every tensor of the loaded model's state dict, and a
+  few packed buffers written out in full.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def build(name: str):
+    import transformers as t
+
+    torch.manual_seed(0)
+    if name.startswith("v1-llama"):
+        cfg = t.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+                            tie_word_embeddings=True)
+        return t.LlamaForCausalLM(cfg).eval(), "2:4", None, torch.float32
+    cfg = t.GPT2Config(vocab_size=16, n_embd=8, n_layer=1, n_head=2, n_positions=8, bos_token_id=0, eos_token_id=0)
+    return t.GPT2LMHeadModel(cfg).eval(), "unstructured", 0.5, torch.bfloat16
+
+
+def main() -> None:
+    from sparseforge.checkpoint import load, load_state_dict_compressed, save_pretrained
+    from sparseforge.layers import linear_layers, weight_2d
+    from sparseforge.masks import mask_from_scores
+
+    expected = {}
+    for name in ("v1-llama-2of4-fp32", "v1-gpt2-unstructured-bf16"):
+        model, pattern, sparsity, dtype = build(name)
+        model = model.to(dtype)
+        modules = dict(model.named_modules())
+        targets = []
+        with torch.no_grad():
+            for layer in linear_layers(model):
+                if layer == "lm_head":
+                    continue
+                w = weight_2d(modules[layer])  # (out, in)
+                w.copy_(torch.where(mask_from_scores(w.abs().float(), pattern, sparsity), w, torch.zeros((), dtype=dtype)))
+                targets.append(f"{layer}.weight")
+        out = save_pretrained(model, HERE / name, overwrite=True, sparsity_config={
+            "method": "magnitude", "pattern": pattern, "sparsity": sparsity, "targets": targets, "ignore": []})
+        loaded = load(out)
+        packed = load_state_dict_compressed(out)
+        first = packed[targets[0]]
+        expected[name] = {
+            "class": type(loaded).__name__,
+            "dtype": str(dtype).removeprefix("torch."),
+            "sha256": {k: tensor_sha256(v) for k, v in loaded.state_dict().items()},
+            "formats": {k: type(packed[k]).__name__ for k in targets},
+            "first_target": targets[0],
+            "first_target_buffers": {k: v.view(torch.uint8).flatten().tolist() if v.dtype != torch.uint8 else v.tolist()
+                                     for k, v in first.state_dict().items()},
+        }
+        print(f"wrote {out}: {sum(f.stat().st_size for f in out.iterdir())} bytes")
+    (HERE / "expected.json").write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    main()
