@@ -264,3 +264,11 @@ def test_protocol_doc_matches_the_code():
     assert f"Defaults: `seqlen={seqlen}`, `max_windows={windows}`" in doc
     predicted = f"{windows * (seqlen - 1):,}".replace(",", " ")
     assert f"{windows} windows,\n   **{predicted} predicted tokens**" in doc
+
+
+def test_default_protocol_agrees_with_builtin_heldout_perplexity(llama, tokenizer):
+    # docs/evaluation.md: the default windows lie inside Hamlet, so both token streams agree there
+    builtin = pytest.importorskip("sparseforge.builtin")
+    ours = perplexity(llama, tokenizer, progress=False)
+    assert (ours.windows, ours.tokens) == (64, 64 * 255)
+    assert ours.ppl == pytest.approx(builtin.heldout_perplexity(llama, tokenizer), rel=1e-6)
