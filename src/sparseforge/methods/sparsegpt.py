@@ -8,7 +8,8 @@ With ``H = 2 X X^T / n`` (the Hessian of that loss, see :class:`~sparseforge.met
 2. Dampening: ``H += dampening * mean(diag H) * I``. If a Cholesky factorization fails, the
    relative dampening is multiplied by 10 (up to :data:`MAX_DAMP_RETRIES` times) before a
    :class:`~sparseforge.errors.NumericalError` is raised; ``info["dampening"]`` is the value used.
-3. ``U`` = upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``), computed in float64. Row ``j`` of
+3. ``U`` = upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``), computed in float64 from one
+   Cholesky factorization of the index-reversed ``H`` (no explicit inverse). Row ``j`` of
    ``U`` is row ``j`` of the inverse Hessian of the not-yet-processed columns ``j..in-1``,
    divided by the square root of its diagonal, so one factorization serves every OBS step.
 4. Columns are processed left to right. Pruning ``w_j`` moves the error ``e = w_j / U_jj`` onto the
@@ -66,14 +67,17 @@ def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> tuple[tor
     """
     h = hessian.to(torch.float64)  # (in, in)
     mean_diag = torch.diagonal(h).mean()
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     rel = float(dampening)
     for retry in range(MAX_DAMP_RETRIES + 1):
-        damped = h.clone()
-        damped.diagonal().add_(rel * mean_diag)
-        chol, info = torch.linalg.cholesky_ex(damped)  # lower, H = L L^T
+        damped = h + rel * mean_diag * eye
+        # With P the index reversal and P H P = L L^T: H^-1 = (P L^-1 P)^T (P L^-1 P), and
+        # P L^-1 P is upper triangular with a positive diagonal, hence the factor U. This costs
+        # one Cholesky and one triangular solve instead of forming H^-1 and factoring it again.
+        chol, info = torch.linalg.cholesky_ex(damped.flip(0, 1))  # (in, in) lower
         if info.item() == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-            if info.item() == 0 and torch.isfinite(upper).all():
+            upper = torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)  # (in, in) upper
+            if torch.isfinite(upper).all():
                 return upper, rel, retry
         rel *= 10.0
     raise NumericalError(
