@@ -113,6 +113,7 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
 @contextmanager
 def _atomic_dir(out: Path) -> Iterator[Path]:
     """Yield a fresh temporary directory next to ``out``; on success swap it into place."""
+    out = Path(os.path.abspath(out))  # a proper name and parent even for "." or "dir/"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
