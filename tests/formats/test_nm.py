@@ -45,10 +45,10 @@ def test_2_4_hand_computed():
 
 def test_1_8_crosses_byte_boundary():
     w = torch.zeros(1, 24)
-    w[0, 5], w[0, 8 + 2], w[0, 16 + 7] = 1.0, 2.0, 3.0  # positions [5, 2, 7], 3 bits each
+    w[0, 6], w[0, 8 + 1], w[0, 16 + 4] = 1.0, 2.0, 3.0  # positions [6, 1, 4], 3 bits each (not palindromes)
     nw = NMWeight.from_dense(w, "1:8")
-    value = 5 | 2 << 3 | 7 << 6  # 9-bit stream 0x1D5 -> bytes [0xD5, 0x01] (7 padding bits = 0)
-    assert nw.indices.tolist() == [[value & 0xFF, value >> 8]] == [[0xD5, 0x01]]
+    value = 6 | 1 << 3 | 4 << 6  # 9-bit stream 0x10E -> bytes [0x0E, 0x01] (7 padding bits = 0)
+    assert nw.indices.tolist() == [[value & 0xFF, value >> 8]] == [[0x0E, 0x01]]
     assert nw.values.tolist() == [[1.0, 2.0, 3.0]]
 
 
