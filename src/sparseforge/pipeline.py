@@ -25,7 +25,7 @@ from sparseforge.config import SparsifyConfig
 from sparseforge.errors import ConfigError
 from sparseforge.sparsify import SparsifyReport, peak_rss_mb, sparsify_
 
-__all__ = ["PruneResult", "prune_model", "evaluate_model", "run_demo", "weights_equal", "directory_bytes"]
+__all__ = ["PruneResult", "prune_model", "evaluate_model", "run_demo", "weights_equal"]
 
 
 @dataclass
@@ -56,20 +56,6 @@ class PruneResult:
         return "\n".join(lines)
 
 
-def directory_bytes(path: Path) -> int:
-    """Bytes of the weight files (``*.safetensors``, ``*.bin``) in a checkpoint directory."""
-    return sum(p.stat().st_size for p in Path(path).iterdir() if p.suffix in (".safetensors", ".bin"))
-
-
-def _dense_bytes(model: torch.nn.Module) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
-
-
 def _check_out(out: Path | None, overwrite: bool) -> None:
     if out is not None and out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"output directory {out} exists and is not empty; pass --overwrite to replace it")
@@ -87,7 +73,7 @@ def prune_model(
     progress: bool = True,
 ) -> PruneResult:
     """Load ``model``, prune it with every config in turn, evaluate before/after and save to ``out``."""
-    from sparseforge.checkpoint import save_pretrained
+    from sparseforge.checkpoint import checkpoint_sizes, save_pretrained
     from sparseforge.evaluate import embedding_fidelity, perplexity
     from sparseforge.models import load_model
 
@@ -115,7 +101,8 @@ def prune_model(
         sparsity_config["targets"] = sorted({t for r in result.reports for t in r.sparsity_config()["targets"]})
         save_pretrained(loaded.model, out, tokenizer=loaded.tokenizer, compressed=compressed,
                         sparsity_config=sparsity_config, overwrite=overwrite)
-        result.out, result.checkpoint_bytes, result.dense_bytes = out, directory_bytes(out), _dense_bytes(loaded.model)
+        sizes = checkpoint_sizes(out)
+        result.out, result.checkpoint_bytes, result.dense_bytes = out, sizes["file_bytes"], sizes["dense_bytes"]
     result.seconds = time.perf_counter() - start
     result.peak_rss_mb = peak_rss_mb()
     return result
@@ -153,7 +140,7 @@ def weights_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def run_demo(out: Path | str = "sparseforge-demo", pattern: str = "unstructured", sparsity: float | None = None,
              progress: bool = True) -> list[dict[str, Any]]:
     """Prune the built-in model with magnitude, Wanda and SparseGPT; evaluate; save; reload; compare."""
-    from sparseforge.checkpoint import load, save_pretrained
+    from sparseforge.checkpoint import checkpoint_sizes, load, save_pretrained
     from sparseforge.config import dump_recipe
     from sparseforge.evaluate import perplexity
     from sparseforge.models import load_model
@@ -184,8 +171,9 @@ def run_demo(out: Path | str = "sparseforge-demo", pattern: str = "unstructured"
     for r in rows:
         print(f"| {r['method']} | {r['pattern']} | {r['sparsity']:.1%} | {r['ppl']:.3f} | "
               f"{r['ppl'] / dense_ppl - 1:+.1%} | {r['seconds']:.1f} |")
-    print(f"\nSparseGPT model saved compressed to {out}: {directory_bytes(out) / 2**20:.2f} MiB vs "
-          f"{_dense_bytes(model) / 2**20:.2f} MiB dense ({directory_bytes(out) / _dense_bytes(model):.2f}x)")
+    sizes = checkpoint_sizes(out)
+    print(f"\nSparseGPT model saved compressed to {out}: {sizes['file_bytes'] / 2**20:.2f} MiB vs "
+          f"{sizes['dense_bytes'] / 2**20:.2f} MiB dense (ratio {sizes['ratio']:.2f})")
     print(f"reloaded with sparseforge.load: weights bit-exact: {exact}; perplexity {reloaded_ppl:.3f}")
     print(f"peak RSS {peak_rss_mb():.0f} MiB")
     if not exact:

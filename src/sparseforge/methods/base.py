@@ -182,7 +182,7 @@ class PruningMethod:
         self, weight: torch.Tensor, stats: LayerStats | None, pattern: Pattern, sparsity: float
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         mask = mask_from_scores(self.scores(weight, stats), pattern, sparsity, scope=self.scope)  # (out, in)
-        return weight * mask, mask, {"scope": self.scope}
+        return weight.masked_fill(~mask, 0.0), mask, {"scope": self.scope}
 
     @torch.no_grad()
     def prune(
