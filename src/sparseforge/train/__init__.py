@@ -1,0 +1,43 @@
+"""Sparse training: gradual pruning (GMP), static random sparsity and dynamic sparse training (SET, RigL).
+
+A trainer attaches to a model and its optimizer, jaxpruner-style; call ``trainer.step()`` after
+every ``optimizer.step()``. Configs are dataclasses with YAML recipes, like one-shot pruning.
+See ``docs/training.md``.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> import sparseforge.train as sft
+    >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    >>> opt = torch.optim.Adam(net.parameters())
+    >>> trainer = sft.RigL(net, opt, sparsity=0.5, schedule={"end_step": 100, "update_interval": 10})
+    >>> {k: round(v, 2) for k, v in trainer.sparsities().items()}
+    {'0': 0.5, '2': 0.5}
+"""
+
+from sparseforge.train.base import MaskUpdate, SparseLayer, SparseTrainer
+from sparseforge.train.config import (
+    GMPConfig,
+    RigLConfig,
+    SETConfig,
+    SparseTrainConfig,
+    StaticConfig,
+    dump_train_recipe,
+    load_train_recipe,
+    parse_train_recipe,
+)
+from sparseforge.train.density import layer_sparsities
+from sparseforge.train.methods import GMP, SET, TRAINERS, RigL, StaticSparse, from_config
+from sparseforge.train.schedules import Schedule, cosine_drop_fraction, cubic_sparsity
+
+__all__ = [
+    "SparseTrainer", "SparseLayer", "MaskUpdate",
+    "SparseTrainConfig", "StaticConfig", "GMPConfig", "SETConfig", "RigLConfig",
+    "parse_train_recipe", "load_train_recipe", "dump_train_recipe",
+    "StaticSparse", "GMP", "SET", "RigL", "TRAINERS", "from_config", "from_recipe",
+    "Schedule", "cubic_sparsity", "cosine_drop_fraction", "layer_sparsities",
+]
+
+
+def from_recipe(model, optimizer, path) -> SparseTrainer:
+    """The trainer described by the YAML training recipe at ``path``."""
+    return from_config(model, optimizer, load_train_recipe(path))

@@ -1,0 +1,252 @@
+"""Dataclass configs of the sparse-training methods, and their YAML recipes.
+
+One config class per method, serialisable like :class:`sparseforge.config.SparsifyConfig`
+(``to_dict`` / ``from_dict``, unknown keys rejected, values validated on construction).
+
+Example:
+    >>> from sparseforge.train.config import RigLConfig, dump_train_recipe, parse_train_recipe
+    >>> cfg = RigLConfig(sparsity=0.9, distribution="erk", schedule={"end_step": 750, "update_interval": 100})
+    >>> cfg.schedule.end_step
+    750
+    >>> parse_train_recipe(dump_train_recipe(cfg)) == cfg
+    True
+
+Recipe layout (``version`` guards future changes)::
+
+    version: 1
+    train:
+      method: rigl
+      sparsity: 0.9
+      distribution: erk
+      schedule: {start_step: 0, end_step: 750, update_interval: 100}
+      drop_fraction: 0.3
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from sparseforge.errors import ConfigError
+from sparseforge.patterns import NM, FanIn, Pattern, parse
+from sparseforge.train.density import DISTRIBUTIONS
+from sparseforge.train.schedules import Schedule
+from sparseforge.train.updates import selection_pattern
+
+__all__ = [
+    "SparseTrainConfig",
+    "StaticConfig",
+    "GMPConfig",
+    "SETConfig",
+    "RigLConfig",
+    "TRAIN_CONFIGS",
+    "TRAIN_RECIPE_VERSION",
+    "parse_train_recipe",
+    "load_train_recipe",
+    "dump_train_recipe",
+]
+
+TRAIN_RECIPE_VERSION = 1
+DROP_DECAYS = ("cosine", "constant")
+
+
+def _number(name: str, value: Any, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
+        raise ConfigError(f"{name} must be a number in [{low:g}, {high:g}), got {value!r}")
+    return float(value)
+
+
+@dataclass
+class SparseTrainConfig:
+    """Fields every sparse-training method shares.
+
+    Attributes:
+        sparsity: target fraction of zeros over the sparsified layers, in [0, 1); required,
+            except for patterns that fix it (N:M, ``fanin16``), where it stays ``None``.
+        pattern: pattern string (``"unstructured"``, ``"block4x4"``, ``"fanin"``, ``"channel"``,
+            ``"2:4"`` for static masks only).
+        distribution: layer-wise sparsity: ``"uniform"``, ``"er"`` or ``"erk"``
+            (see :mod:`sparseforge.train.density`).
+        targets: module-name patterns (glob or ``"re:<regex>"``) of the linear layers to make
+            sparse; ``None`` = every linear layer of the model.
+        ignore: module-name patterns left dense (wins over ``targets``).
+        dense_first: keep the first selected layer (module order) dense.
+        dense_last: keep the last selected layer (module order) dense.
+        seed: seed of the random masks (initialisation, SET regrowth).
+        schedule: mask-update steps (:class:`~sparseforge.train.schedules.Schedule`); static
+            sparsity never updates and ignores it.
+    """
+
+    method: ClassVar[str] = ""
+
+    sparsity: float | None = None  # required unless the pattern fixes it
+    pattern: str = "unstructured"
+    distribution: str = "uniform"
+    targets: list[str] | None = None
+    ignore: list[str] = field(default_factory=list)
+    dense_first: bool = False
+    dense_last: bool = False
+    seed: int = 0
+    schedule: Schedule = field(default_factory=Schedule)
+
+    def __post_init__(self) -> None:
+        self.pattern = str(parse(self.pattern))
+        pattern = self.pattern_value
+        fixed = isinstance(pattern, NM) or (isinstance(pattern, FanIn) and pattern.k is not None)
+        if fixed:
+            if self.sparsity is not None and not (isinstance(pattern, NM) and abs(self.sparsity - pattern.sparsity) < 1e-9):
+                raise ConfigError(f"pattern {pattern} fixes the sparsity; leave sparsity unset (None)")
+            if self.distribution != "uniform":
+                raise ConfigError(f"pattern {pattern} fixes every layer's sparsity; use distribution 'uniform'")
+            self.sparsity = None
+        elif self.sparsity is None:
+            raise ConfigError(f"pattern {pattern} needs a sparsity in [0, 1), e.g. sparsity=0.9")
+        else:
+            self.sparsity = _number("sparsity", self.sparsity, 0.0, 1.0)
+        if self.distribution not in DISTRIBUTIONS:
+            raise ConfigError(f"unknown distribution {self.distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}")
+        if isinstance(self.targets, str) or isinstance(self.ignore, str):
+            raise ConfigError("targets and ignore are lists of module-name patterns, e.g. ['*.mlp.*']")
+        for name in ("dense_first", "dense_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if isinstance(self.schedule, dict):
+            self.schedule = _build(Schedule, self.schedule, "schedule")
+        if not isinstance(self.schedule, Schedule):
+            raise ConfigError(f"schedule must be a mapping or Schedule, got {type(self.schedule).__name__}")
+
+    @property
+    def pattern_value(self) -> Pattern:
+        return parse(self.pattern)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SparseTrainConfig":
+        """Build the config of ``data["method"]`` (or of ``cls`` when called on a method class)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a training config must be a mapping, got {type(data).__name__}")
+        data = dict(data)
+        method = data.pop("method", cls.method or None)
+        if method not in TRAIN_CONFIGS:
+            raise ConfigError(f"unknown training method {method!r}; choose one of {', '.join(TRAIN_CONFIGS)}")
+        target = TRAIN_CONFIGS[method]
+        if cls.method and target is not cls:
+            raise ConfigError(f"{cls.__name__} got method {method!r}")
+        return _build(target, data, f"{method} config")
+
+
+@dataclass
+class StaticConfig(SparseTrainConfig):
+    """Static random sparsity: a random mask at step 0, never changed (any pattern, N:M included)."""
+
+    method: ClassVar[str] = "static"
+
+
+@dataclass
+class GMPConfig(SparseTrainConfig):
+    """Gradual magnitude pruning (Zhu & Gupta 2017): dense start, cubic ramp to ``sparsity``."""
+
+    method: ClassVar[str] = "gmp"
+    initial_sparsity: float = 0.0  # s_i, reached at schedule.start_step
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        selection_pattern(self.pattern_value, "gradual magnitude pruning")
+        self.initial_sparsity = _number("initial_sparsity", self.initial_sparsity, 0.0, 1.0)
+        if self.sparsity is not None and self.initial_sparsity > self.sparsity:
+            raise ConfigError(
+                f"initial_sparsity={self.initial_sparsity:g} exceeds the final sparsity={self.sparsity:g}; "
+                "gradual pruning only removes weights"
+            )
+        self.schedule.check_gradual()
+
+
+@dataclass
+class SETConfig(SparseTrainConfig):
+    """SET (Mocanu et al. 2018): drop the smallest ``|w|``, regrow at random."""
+
+    method: ClassVar[str] = "set"
+    drop_fraction: float = 0.3  # alpha: fraction of active weights dropped at an update
+    drop_fraction_decay: str = "constant"  # "constant" (SET paper) or "cosine" (RigL)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        selection_pattern(self.pattern_value, f"{self.method.upper()} (dynamic sparse training)")
+        self.drop_fraction = _number("drop_fraction", self.drop_fraction, 0.0, 1.0)
+        if self.drop_fraction_decay not in DROP_DECAYS:
+            raise ConfigError(
+                f"unknown drop_fraction_decay {self.drop_fraction_decay!r}; choose one of {', '.join(DROP_DECAYS)}"
+            )
+        self.schedule.check_dst()
+
+
+@dataclass
+class RigLConfig(SETConfig):
+    """RigL (Evci et al. 2020): drop the smallest ``|w|``, grow the largest dense ``|grad|``."""
+
+    method: ClassVar[str] = "rigl"
+    drop_fraction_decay: str = "cosine"
+
+
+TRAIN_CONFIGS: dict[str, type[SparseTrainConfig]] = {
+    "static": StaticConfig,
+    "gmp": GMPConfig,
+    "set": SETConfig,
+    "rigl": RigLConfig,
+}
+
+
+def _build(cls, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(known)}")
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise ConfigError(f"invalid {where}: {exc}") from exc
+
+
+def parse_train_recipe(text: str) -> SparseTrainConfig:
+    """Parse training-recipe YAML (see the module doc) into a method config."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"training recipe is not valid YAML: {exc}") from exc
+    if isinstance(data, dict) and "train" in data:
+        version = data.get("version", TRAIN_RECIPE_VERSION)
+        if version != TRAIN_RECIPE_VERSION:
+            raise ConfigError(
+                f"training recipe version {version!r} is not supported (this sparseforge reads version {TRAIN_RECIPE_VERSION})"
+            )
+        extra = sorted(set(data) - {"version", "train"})
+        if extra:
+            raise ConfigError(f"unknown top-level key(s) {extra}; a training recipe has 'version' and 'train'")
+        data = data["train"]
+    if not isinstance(data, dict) or "method" not in data:
+        raise ConfigError(f"a training recipe needs a 'method' ({', '.join(TRAIN_CONFIGS)})")
+    return SparseTrainConfig.from_dict(data)
+
+
+def load_train_recipe(path: "str | Path") -> SparseTrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"training recipe file {path} does not exist")
+    return parse_train_recipe(path.read_text(encoding="utf-8"))
+
+
+def dump_train_recipe(config: SparseTrainConfig) -> str:
+    """YAML text that :func:`parse_train_recipe` reads back into an equal config."""
+    import yaml
+
+    return yaml.safe_dump({"version": TRAIN_RECIPE_VERSION, "train": config.to_dict()}, sort_keys=False)
