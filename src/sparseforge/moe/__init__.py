@@ -1,0 +1,48 @@
+"""Sparse mixture-of-experts: one layer, pluggable routers, SparseMixer, sort-based CPU dispatch.
+
+Importing ``sparseforge`` does not import this subpackage (``import sparseforge.moe`` does; it
+needs only torch).
+
+Example:
+    >>> import torch
+    >>> from sparseforge.moe import MoE
+    >>> moe = MoE(d_model=8, d_hidden=16, num_experts=4, k=1, router="sparsemixer", seed=0)
+    >>> y, aux = moe(torch.randn(3, 8))
+    >>> y.shape, aux.tokens_per_expert.sum().item()
+    (torch.Size([3, 8]), 3)
+"""
+
+from sparseforge.moe.dispatch import apply_capacity, build_plan, grouped_ffn
+from sparseforge.moe.layer import MoE, MoEAux, load_balancing_loss, router_z_loss
+from sparseforge.moe.routers import (
+    ROUTERS,
+    ExpertChoice,
+    Router,
+    Routing,
+    SigmoidRouter,
+    SoftmaxTopK,
+    SwitchTop1,
+    make_router,
+)
+from sparseforge.moe.sparsemixer import SparseMixer, SparseMixerNoise, sparsemixer_route
+
+__all__ = [
+    "MoE",
+    "MoEAux",
+    "load_balancing_loss",
+    "router_z_loss",
+    "Router",
+    "Routing",
+    "SoftmaxTopK",
+    "SwitchTop1",
+    "ExpertChoice",
+    "SigmoidRouter",
+    "SparseMixer",
+    "SparseMixerNoise",
+    "sparsemixer_route",
+    "ROUTERS",
+    "make_router",
+    "build_plan",
+    "apply_capacity",
+    "grouped_ffn",
+]

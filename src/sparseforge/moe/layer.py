@@ -1,0 +1,300 @@
+"""The mixture-of-experts layer: a router plus ``E`` stacked expert FFNs, optional shared expert.
+
+``MoE(x)`` returns ``(output, aux)``; ``aux`` (:class:`MoEAux`) carries the auxiliary losses and
+routing statistics of *this* call: nothing is stored on the module or in global state, so the
+caller adds ``aux.loss`` to its training loss.
+
+* Load-balancing loss (Fedus et al. 2021, Switch Transformer): ``E * sum_e f_e * P_e`` with
+  ``f_e`` the share of routing assignments (before capacity dropping) that chose expert ``e`` and
+  ``P_e`` the mean router probability of ``e``. It is 1 for perfectly uniform routing, for any
+  ``k`` (transformers' Mixtral ``load_balancing_loss_func`` sums over the ``k`` choices and gives
+  ``k`` times this value).
+* Router z-loss (Zoph et al. 2022, ST-MoE): ``mean_t logsumexp(z_t)^2`` of the router logits.
+* Capacity: ``capacity_factor=None`` is dropless; a number ``c > 0`` allows
+  ``ceil(c * T * k / E)`` assignments per expert and drops the rest (first choices first, then
+  token order); dropped assignments contribute nothing (the residual connection outside the layer
+  carries the token). Expert-choice routing always needs a capacity factor.
+* ``input_jitter``: multiplicative noise ``U(1 - eps, 1 + eps)`` on the router input in training
+  (Switch Transformer), drawn from the layer's generator.
+
+Randomness: ``seed=None`` draws noise from torch's default generator (like dropout); an integer
+seed gives the layer its own ``torch.Generator``; ``forward(x, generator=g)`` overrides both.
+Eval mode draws no noise.
+
+Example:
+    >>> import torch
+    >>> from sparseforge.moe import MoE
+    >>> moe = MoE(d_model=16, d_hidden=32, num_experts=4, k=2)
+    >>> y, aux = moe(torch.randn(2, 5, 16))
+    >>> y.shape, aux.tokens_per_expert.sum().item()
+    (torch.Size([2, 5, 16]), 20)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparseforge.errors import ConfigError
+from sparseforge.moe.dispatch import ACTIVATIONS, apply_capacity, build_plan, grouped_ffn
+from sparseforge.moe.routers import Router, capacity_for, make_router, router_float
+
+__all__ = ["MoE", "MoEAux", "load_balancing_loss", "router_z_loss"]
+
+
+@dataclass(frozen=True)
+class MoEAux:
+    """Auxiliary losses and routing statistics of one forward call."""
+
+    loss: torch.Tensor  # scalar: lb_coef * load_balancing_loss + z_coef * z_loss
+    load_balancing_loss: torch.Tensor  # scalar, 1.0 when routing is uniform
+    z_loss: torch.Tensor  # scalar
+    tokens_per_expert: torch.Tensor  # (E,) int64, assignments each expert processed
+    dropped_fraction: float  # share of assignments dropped by capacity
+    router_logits: torch.Tensor  # (T, E)
+
+
+def load_balancing_loss(experts: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer loss ``E * sum_e f_e P_e`` for choices ``experts`` (T, k) (-1 = empty)."""
+    num_experts = probs.shape[1]
+    counts = torch.bincount(experts.reshape(-1) + 1, minlength=num_experts + 1)[1:]  # (E,)
+    frac = counts.to(probs.dtype) / counts.sum().clamp_min(1)  # (E,) f_e
+    return num_experts * torch.dot(frac, probs.mean(0))
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: ``mean_t logsumexp(logits_t)^2``."""
+    return torch.logsumexp(router_float(logits), dim=-1).square().mean()
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class _DenseFFN(nn.Module):
+    """The shared expert: one always-on FFN with the experts' layout (d, h) / (h, d)."""
+
+    def __init__(self, d_model: int, d_hidden: int, glu: bool, activation: str, **factory) -> None:
+        super().__init__()
+        self.activation = activation
+        self.w_gate = nn.Parameter(torch.empty(d_model, d_hidden, **factory)) if glu else None
+        self.w_up = nn.Parameter(torch.empty(d_model, d_hidden, **factory))
+        self.w_down = nn.Parameter(torch.empty(d_hidden, d_model, **factory))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = ACTIVATIONS[self.activation][0]
+        hid = act(x @ self.w_up) if self.w_gate is None else act(x @ self.w_gate) * (x @ self.w_up)  # (T, h)
+        return hid @ self.w_down  # (T, d)
+
+
+class MoE(nn.Module):
+    """Sparse mixture of ``num_experts`` FFN experts, ``k`` per token.
+
+    Args:
+        d_model: model width ``d``.
+        d_hidden: expert hidden width ``h``.
+        num_experts: ``E``.
+        k: experts per token (for expert-choice: average experts per token).
+        router: a name from :data:`~sparseforge.moe.routers.ROUTERS` or a :class:`Router`.
+        router_options: keyword options of the named router (e.g. ``{"renormalize": False}``).
+        expert: ``"glu"`` (gated, SwiGLU with ``silu``) or ``"mlp"`` (``act(x W1) W2``).
+        activation: ``"silu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"relu"``.
+        shared_hidden: hidden width of an always-on shared expert (``None``: no shared expert).
+        shared_gate: scale the shared expert by ``sigmoid(x w)`` (Qwen2-MoE).
+        capacity_factor: ``None`` = dropless, else ``> 0`` (see module docstring).
+        input_jitter: router input noise in training (0 = off).
+        lb_coef, z_coef: weights of the two auxiliary losses in ``aux.loss``.
+        seed: ``None`` = torch's default generator, else the seed of the layer's own generator.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_hidden: int,
+        num_experts: int,
+        k: int = 2,
+        *,
+        router: str | Router = "softmax_topk",
+        router_options: dict | None = None,
+        expert: str = "glu",
+        activation: str = "silu",
+        shared_hidden: int | None = None,
+        shared_gate: bool = False,
+        capacity_factor: float | None = None,
+        input_jitter: float = 0.0,
+        lb_coef: float = 0.01,
+        z_coef: float = 0.001,
+        seed: int | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.d_model = _positive_int("d_model", d_model)
+        self.d_hidden = _positive_int("d_hidden", d_hidden)
+        self.num_experts = _positive_int("num_experts", num_experts)
+        if expert not in ("glu", "mlp"):
+            raise ConfigError(f"expert must be 'glu' or 'mlp', got {expert!r}")
+        if activation not in ACTIVATIONS:
+            raise ConfigError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
+        if capacity_factor is not None and (
+            isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float))
+            or not capacity_factor > 0 or math.isinf(capacity_factor)
+        ):
+            raise ConfigError(
+                f"capacity_factor must be a finite number > 0 (e.g. 1.25) or None for dropless routing, "
+                f"got {capacity_factor!r}"
+            )
+        if not 0.0 <= input_jitter < 1.0:
+            raise ConfigError(f"input_jitter must be in [0, 1), got {input_jitter!r}")
+        if isinstance(router, Router):
+            if router_options:
+                raise ConfigError("router_options only apply to a router given by name")
+            if router.num_experts != num_experts:
+                raise ConfigError(f"router has {router.num_experts} experts but the layer has {num_experts}")
+            self.router = router
+        else:
+            self.router = make_router(router, num_experts, k, **(router_options or {}))
+        if not self.router.token_choice and capacity_factor is None:
+            raise ConfigError(
+                "expert-choice routing needs a capacity: set capacity_factor (e.g. 1.0) on the MoE layer"
+            )
+        self.k = self.router.k
+        self.expert = expert
+        self.activation = activation
+        self.capacity_factor = capacity_factor
+        self.input_jitter = float(input_jitter)
+        self.lb_coef, self.z_coef = float(lb_coef), float(z_coef)
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+        factory = {"device": device, "dtype": dtype}
+        E, d, h = num_experts, d_model, d_hidden
+        self.gate = nn.Linear(d, E, bias=False, **factory)  # router, weight (E, d)
+        self.w_gate = nn.Parameter(torch.empty(E, d, h, **factory)) if expert == "glu" else None
+        self.w_up = nn.Parameter(torch.empty(E, d, h, **factory))
+        self.w_down = nn.Parameter(torch.empty(E, h, d, **factory))
+        self.shared = None
+        self.shared_gate = None
+        if shared_hidden is not None:
+            self.shared = _DenseFFN(d, _positive_int("shared_hidden", shared_hidden), expert == "glu", activation, **factory)
+            if shared_gate:
+                self.shared_gate = nn.Linear(d, 1, bias=False, **factory)
+        elif shared_gate:
+            raise ConfigError("shared_gate=True needs a shared expert: set shared_hidden")
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Uniform init like ``nn.Linear``: bound ``1/sqrt(fan_in)``."""
+        self.gate.reset_parameters()
+        experts = [self.w_gate, self.w_up, self.w_down]
+        if self.shared is not None:
+            experts += [self.shared.w_gate, self.shared.w_up, self.shared.w_down]
+        with torch.no_grad():
+            for w in experts:
+                if w is not None:
+                    bound = 1.0 / math.sqrt(w.shape[-2])  # fan_in = rows of an input-major weight
+                    w.uniform_(-bound, bound)
+        if self.shared_gate is not None:
+            self.shared_gate.reset_parameters()
+
+    @classmethod
+    def from_weights(
+        cls,
+        router_weight: torch.Tensor,
+        w_up: torch.Tensor,
+        w_down: torch.Tensor,
+        w_gate: torch.Tensor | None = None,
+        **kwargs,
+    ) -> "MoE":
+        """A layer holding copies of the given weights: ``router_weight`` (E, d), ``w_up`` and
+        ``w_gate`` (E, d, h), ``w_down`` (E, h, d); ``w_gate=None`` makes a plain-MLP layer.
+        Shapes that do not fit together raise :class:`ConfigError`."""
+        if router_weight.dim() != 2 or w_up.dim() != 3 or w_down.dim() != 3:
+            raise ConfigError(
+                "expert weights must be router (E, d), w_up (E, d, h), w_down (E, h, d); got "
+                f"{tuple(router_weight.shape)}, {tuple(w_up.shape)}, {tuple(w_down.shape)}"
+            )
+        E, d = router_weight.shape
+        h = w_up.shape[2]
+        expected = {"w_up": (E, d, h), "w_down": (E, h, d)}
+        if w_gate is not None:
+            expected["w_gate"] = (E, d, h)
+        given = {"w_up": w_up, "w_down": w_down, "w_gate": w_gate}
+        for name, shape in expected.items():
+            if tuple(given[name].shape) != shape:
+                raise ConfigError(
+                    f"mismatched expert shapes: {name} is {tuple(given[name].shape)} but router (E, d) = "
+                    f"({E}, {d}) and w_up (E, d, h) = {tuple(w_up.shape)} need {shape}"
+                )
+        if "expert" in kwargs and kwargs["expert"] != ("mlp" if w_gate is None else "glu"):
+            raise ConfigError("expert= contradicts the weights given (w_gate is what makes a GLU expert)")
+        kwargs["expert"] = "mlp" if w_gate is None else "glu"
+        kwargs.setdefault("dtype", w_up.dtype)
+        kwargs.setdefault("device", w_up.device)
+        layer = cls(d, h, E, **kwargs)
+        with torch.no_grad():
+            layer.gate.weight.copy_(router_weight)
+            layer.w_up.copy_(w_up)
+            layer.w_down.copy_(w_down)
+            if w_gate is not None:
+                layer.w_gate.copy_(w_gate)
+        return layer
+
+    def _rng(self, generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+        if generator is not None or self.seed is None:
+            return generator
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
+
+    def forward(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> tuple[torch.Tensor, MoEAux]:
+        """``x`` (..., d) -> ``(y (..., d), aux)``."""
+        if x.shape[-1] != self.d_model:
+            raise ConfigError(f"MoE expects inputs (..., {self.d_model}), got {tuple(x.shape)}")
+        shape = x.shape
+        x = x.reshape(-1, self.d_model)  # (T, d)
+        num_tokens = x.shape[0]
+        rng = self._rng(generator, x.device) if self.training else None
+        x_router = x
+        if self.training and self.input_jitter > 0:
+            noise = torch.empty_like(x).uniform_(1.0 - self.input_jitter, 1.0 + self.input_jitter, generator=rng)
+            x_router = x * noise  # (T, d)
+        logits = self.gate(x_router)  # (T, E)
+        capacity = None
+        if self.capacity_factor is not None:
+            capacity = capacity_for(self.capacity_factor, num_tokens, self.k, self.num_experts)
+        experts, weights, probs = self.router(logits, capacity=capacity, generator=rng)  # (T, k) (T, k) (T, E)
+        lb = load_balancing_loss(experts, probs)
+        dropped = 0
+        if capacity is not None and self.router.token_choice:
+            experts, weights, dropped = apply_capacity(experts, weights, capacity, self.num_experts)
+        plan = build_plan(experts, self.num_experts)
+        y = grouped_ffn(x, weights, plan, self.w_up, self.w_down, self.w_gate, self.activation)  # (T, d)
+        if self.shared is not None:
+            shared = self.shared(x)  # (T, d)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(x)) * shared
+            y = y + shared
+        z = router_z_loss(logits)
+        total_slots = sum(plan.counts) + dropped
+        aux = MoEAux(
+            loss=self.lb_coef * lb + self.z_coef * z,
+            load_balancing_loss=lb,
+            z_loss=z,
+            tokens_per_expert=torch.tensor(plan.counts, dtype=torch.long),
+            dropped_fraction=dropped / total_slots if total_slots else 0.0,
+            router_logits=logits,
+        )
+        return y.reshape(shape), aux
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, d_hidden={self.d_hidden}, num_experts={self.num_experts}, k={self.k}, "
+            f"expert={self.expert!r}, activation={self.activation!r}, capacity_factor={self.capacity_factor}"
+        )

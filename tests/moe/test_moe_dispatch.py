@@ -1,0 +1,147 @@
+"""Sort-based dispatch and the grouped FFN against the dense oracle (outputs and gradients)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moe_reference import dense_moe
+from sparseforge.moe.dispatch import GroupedFFN, apply_capacity, build_plan, grouped_ffn
+
+
+def _routing(T, E, k, gen, empty=0.0):
+    """Random distinct experts per token; a share ``empty`` of slots set to -1."""
+    experts = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])  # (T, k)
+    weights = torch.rand(T, k, generator=gen, dtype=torch.float64)
+    if empty:
+        hole = torch.rand(T, k, generator=gen) < empty
+        experts = experts.masked_fill(hole, -1)
+        weights = weights.masked_fill(hole, 0.0)
+    return experts, weights
+
+
+def _weights(E, d, h, glu, gen):
+    w_up = torch.randn(E, d, h, generator=gen, dtype=torch.float64) / d**0.5
+    w_down = torch.randn(E, h, d, generator=gen, dtype=torch.float64) / h**0.5
+    w_gate = torch.randn(E, d, h, generator=gen, dtype=torch.float64) / d**0.5 if glu else None
+    return w_up, w_down, w_gate
+
+
+def test_build_plan_groups_by_expert_and_skips_empty_slots():
+    experts = torch.tensor([[2, 0], [1, 2], [-1, 2], [0, -1]])  # (T=4, k=2)
+    plan = build_plan(experts, num_experts=4)
+    assert plan.counts == [2, 1, 3, 0]
+    flat = experts.reshape(-1)
+    assert flat[plan.slot].tolist() == [0, 0, 1, 2, 2, 2]  # grouped, expert order
+    assert plan.token.tolist() == [0, 3, 1, 0, 1, 2]  # stable: token order within an expert
+    assert torch.equal(plan.token, plan.slot // 2)
+
+
+@pytest.mark.parametrize("glu,activation", [(True, "silu"), (False, "gelu"), (False, "relu"), (True, "gelu_tanh")])
+def test_grouped_ffn_matches_dense_oracle_outputs_and_gradients(glu, activation):
+    gen = torch.Generator().manual_seed(1)
+    T, E, k, d, h = 23, 6, 2, 8, 12
+    experts, weights = _routing(T, E, k, gen, empty=0.15)
+    experts[experts == 4] = 5  # expert 4 gets no token: its gradient must be exactly zero
+    x = torch.randn(T, d, generator=gen, dtype=torch.float64)
+    params = _weights(E, d, h, glu, gen)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, weights, *[p for p in params if p is not None])]
+        xx, ww, up, down, *gate = leaves
+        gate = gate[0] if gate else None
+        if fn is dense_moe:
+            out = dense_moe(xx, experts, ww, up, down, gate, activation)
+        else:
+            out = grouped_ffn(xx, ww, build_plan(experts, E), up, down, gate, activation)
+        out.backward(torch.cos(torch.arange(T * d, dtype=torch.float64)).view(T, d))
+        return out.detach(), [leaf.grad for leaf in leaves]
+
+    out_ref, grads_ref = run(dense_moe)
+    out, grads = run(grouped_ffn)
+    torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)
+    assert torch.count_nonzero(grads[3][4]) == 0  # w_down of the unused expert
+
+
+def test_inference_path_equals_autograd_path():
+    gen = torch.Generator().manual_seed(2)
+    experts, weights = _routing(17, 5, 3, gen, empty=0.1)
+    x = torch.randn(17, 8, generator=gen, dtype=torch.float64)
+    up, down, gate = _weights(5, 8, 4, True, gen)
+    plan = build_plan(experts, 5)
+    with torch.no_grad():
+        fast = grouped_ffn(x, weights, plan, up, down, gate)
+    slow = grouped_ffn(x.requires_grad_(), weights, plan, up, down, gate)
+    assert slow.grad_fn is not None
+    torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=1e-12)
+
+
+def test_gradcheck_grouped_ffn():
+    gen = torch.Generator().manual_seed(3)
+    experts, weights = _routing(5, 3, 2, gen, empty=0.2)
+    x = torch.randn(5, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    up, down, gate = (p.requires_grad_() for p in _weights(3, 3, 4, True, gen))
+    weights.requires_grad_()
+    plan = build_plan(experts, 3)
+    slot_w = weights.reshape(-1)[plan.slot]
+
+    def f(x, sw, up, down, gate):
+        return GroupedFFN.apply(x, sw, up, down, gate, plan.token, plan.counts, "silu")
+
+    assert torch.autograd.gradcheck(f, (x, slot_w, up, down, gate))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    T=st.integers(1, 20), E=st.integers(1, 7), k=st.integers(1, 3), glu=st.booleans(),
+    seed=st.integers(0, 2**16), empty=st.sampled_from([0.0, 0.3]),
+)
+def test_property_grouped_equals_dense(T, E, k, glu, seed, empty):
+    k = min(k, E)
+    gen = torch.Generator().manual_seed(seed)
+    experts, weights = _routing(T, E, k, gen, empty=empty)
+    x = torch.randn(T, 4, generator=gen, dtype=torch.float64)
+    up, down, gate = _weights(E, 4, 3, glu, gen)
+    out = grouped_ffn(x, weights, build_plan(experts, E), up, down, gate)
+    torch.testing.assert_close(out, dense_moe(x, experts, weights, up, down, gate), rtol=1e-10, atol=1e-10)
+
+
+def _capacity_oracle(experts, capacity):
+    """Plain loops: first choices first, then token order."""
+    kept = experts.clone()
+    load: dict[int, int] = {}
+    for j in range(experts.shape[1]):
+        for t in range(experts.shape[0]):
+            e = int(experts[t, j])
+            if e < 0:
+                continue
+            if load.get(e, 0) >= capacity:
+                kept[t, j] = -1
+            else:
+                load[e] = load.get(e, 0) + 1
+    return kept
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 30), E=st.integers(1, 6), k=st.integers(1, 3), cap=st.integers(1, 8), seed=st.integers(0, 999))
+def test_property_capacity_matches_loop_oracle(T, E, k, cap, seed):
+    k = min(k, E)
+    gen = torch.Generator().manual_seed(seed)
+    experts, weights = _routing(T, E, k, gen, empty=0.1)
+    kept, w, dropped = apply_capacity(experts, weights, cap, E)
+    assert torch.equal(kept, _capacity_oracle(experts, cap))
+    assert torch.equal(w, weights.masked_fill(kept < 0, 0.0))
+    assert dropped == int(((experts >= 0) & (kept < 0)).sum())
+    counts = torch.bincount(kept.reshape(-1) + 1, minlength=E + 1)[1:]
+    assert int(counts.max()) <= cap
+
+
+def test_capacity_large_enough_keeps_everything():
+    gen = torch.Generator().manual_seed(4)
+    experts, weights = _routing(10, 4, 2, gen)
+    kept, w, dropped = apply_capacity(experts, weights, 20, 4)
+    assert dropped == 0 and torch.equal(kept, experts) and torch.equal(w, weights)
