@@ -1,0 +1,82 @@
+// Bitmap: scalar reference (test oracle), portable scalar kernels, dispatch.
+#include "bitmap.h"
+
+#include "driver.h"
+
+namespace sf {
+
+namespace scalar {
+namespace {
+void rows(const BitmapView& w, const Problem& p, int64_t r0, int64_t r1) {
+  with_bitmap_dec(w, [&](const auto& dec) { detail::rows_scalar(dec, p, r0, r1); });
+}
+void lanes(const BitmapView& w, const Problem& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* ybuf) {
+  with_bitmap_dec(w, [&](const auto& dec) { lanes_rows(dec, p, lp, r0, r1, ybuf); });
+}
+void lanes_t(const BitmapView& w, const ProblemT& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* dxt) {
+  with_bitmap_dec(w, [&](const auto& dec) { lanes_t_rows(dec, p, lp, r0, r1, dxt); });
+}
+}  // namespace
+extern const BitmapKernels bitmap = {rows, lanes, lanes_t};
+}  // namespace scalar
+
+namespace {
+
+// the dense row r of W, bit by bit (independent of BitmapDec)
+void dense_row(const BitmapView& w, int64_t r, float* row) {
+  int64_t vp = w.row_offsets[r];
+  for (int64_t j = 0; j < w.cols; ++j) {
+    const bool kept = (w.bits[r * w.bpr + j / 8] >> (j % 8)) & 1;
+    row[j] = kept ? (w.vt == VT::f32 ? load_val<VT::f32>(w.val, vp) : load_val<VT::bf16>(w.val, vp)) : 0.f;
+    vp += kept;
+  }
+}
+
+const BitmapKernels& kernels(Isa isa) {
+#if defined(SF_HAVE_X86_KERNELS)
+  if (isa == Isa::avx512) return avx512::bitmap;
+  if (isa == Isa::avx2) return avx2::bitmap;
+#endif
+  (void)isa;
+  return scalar::bitmap;
+}
+
+}  // namespace
+
+void bitmap_linear_ref(const BitmapView& w, const Problem& p) {
+  detail::check_problem(w.rows, w.cols, p);
+  std::vector<float> row(static_cast<size_t>(w.cols));
+  for (int64_t r = 0; r < w.rows; ++r) {
+    dense_row(w, r, row.data());
+    for (int64_t b = 0; b < p.B; ++b) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < w.cols; ++j) acc += row[j] * p.x[b * p.in + j];
+      p.y[b * p.out + r] = acc + (p.bias ? p.bias[r] : 0.f);
+    }
+  }
+}
+
+void bitmap_linear_t_ref(const BitmapView& w, const ProblemT& p) {
+  detail::check_problem_t(w.rows, w.cols, p);
+  std::vector<float> row(static_cast<size_t>(w.cols));
+  for (int64_t i = 0; i < p.B * p.in; ++i) p.dx[i] = 0.f;
+  for (int64_t r = 0; r < w.rows; ++r) {
+    dense_row(w, r, row.data());
+    for (int64_t b = 0; b < p.B; ++b)
+      for (int64_t j = 0; j < w.cols; ++j) p.dx[b * p.in + j] += row[j] * p.dy[b * p.out + r];
+  }
+}
+
+void bitmap_linear(const BitmapView& w, const Problem& p, Isa isa, int algo) {
+  detail::check_problem(w.rows, w.cols, p);
+  detail::run_linear(w, p, kernels(isa), algo, w.nnz);
+  with_bitmap_dec(w, [&](const auto& dec) { detail::fix_nonfinite(dec, p); });
+}
+
+void bitmap_linear_t(const BitmapView& w, const ProblemT& p, Isa isa) {
+  detail::check_problem_t(w.rows, w.cols, p);
+  detail::run_linear_t(w, p, kernels(isa), w.nnz);
+  with_bitmap_dec(w, [&](const auto& dec) { detail::fix_nonfinite_t(dec, p); });
+}
+
+}  // namespace sf

@@ -1,0 +1,90 @@
+// Bitmap kernels, AVX-512. rows: 64 columns per step; each 16-bit slice of the bitmap is the
+// mask of one vexpandps that places the next stored values at their columns, so the weights are
+// decoded straight into registers and x is read contiguously.
+#include "bitmap.h"
+#include "lanes.h"
+#include "simd_avx512.h"
+
+namespace sf {
+namespace avx512 {
+namespace {
+
+template <VT V, int NB>
+void rows_nb(const BitmapView& w, const Problem& p, int64_t r0, int64_t r1, int64_t b0) {
+  const float* xs[NB];
+  for (int nb = 0; nb < NB; ++nb) xs[nb] = p.x + (b0 + nb) * p.in;
+  const int64_t cols = w.cols;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w.bits + r * w.bpr;
+    int64_t vp = w.row_offsets[r];
+    __m512 acc[NB][4];
+    for (int nb = 0; nb < NB; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 64 <= cols; c += 64) {
+      uint64_t m;
+      std::memcpy(&m, row + c / 8, 8);
+      const __mmask16 m0 = static_cast<__mmask16>(m), m1 = static_cast<__mmask16>(m >> 16);
+      const __mmask16 m2 = static_cast<__mmask16>(m >> 32), m3 = static_cast<__mmask16>(m >> 48);
+      const int64_t o1 = __builtin_popcount(m0);
+      const int64_t o2 = o1 + __builtin_popcount(m1);
+      const int64_t o3 = o2 + __builtin_popcount(m2);
+      const __m512 w0 = v512::expand16<V>(w.val, vp, m0);
+      const __m512 w1 = v512::expand16<V>(w.val, vp + o1, m1);
+      const __m512 w2 = v512::expand16<V>(w.val, vp + o2, m2);
+      const __m512 w3 = v512::expand16<V>(w.val, vp + o3, m3);
+      vp += __builtin_popcountll(m);
+      for (int nb = 0; nb < NB; ++nb) {
+        acc[nb][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xs[nb] + c), acc[nb][0]);
+        acc[nb][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xs[nb] + c + 16), acc[nb][1]);
+        acc[nb][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xs[nb] + c + 32), acc[nb][2]);
+        acc[nb][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xs[nb] + c + 48), acc[nb][3]);
+      }
+    }
+    for (; c < cols; c += 16) {
+      const int64_t nc = min64(16, cols - c);
+      uint32_t mb = row[c / 8];
+      if (nc > 8) mb |= static_cast<uint32_t>(row[c / 8 + 1]) << 8;
+      const __mmask16 cm = v512::first_lanes(nc);
+      const __mmask16 m = static_cast<__mmask16>(mb) & cm;
+      const __m512 w0 = v512::expand16<V>(w.val, vp, m);
+      vp += __builtin_popcount(m);
+      for (int nb = 0; nb < NB; ++nb) acc[nb][0] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(cm, xs[nb] + c), acc[nb][0]);
+    }
+    const float bv = p.bias ? p.bias[r] : 0.f;
+    for (int nb = 0; nb < NB; ++nb) {
+      const __m512 s = _mm512_add_ps(_mm512_add_ps(acc[nb][0], acc[nb][1]), _mm512_add_ps(acc[nb][2], acc[nb][3]));
+      p.y[(b0 + nb) * p.out + r] = _mm512_reduce_add_ps(s) + bv;
+    }
+  }
+}
+
+template <VT V>
+void rows_v(const BitmapView& w, const Problem& p, int64_t r0, int64_t r1) {
+  for (int64_t b0 = 0; b0 < p.B; b0 += 4) {
+    switch (min64(4, p.B - b0)) {
+      case 1: rows_nb<V, 1>(w, p, r0, r1, b0); break;
+      case 2: rows_nb<V, 2>(w, p, r0, r1, b0); break;
+      case 3: rows_nb<V, 3>(w, p, r0, r1, b0); break;
+      default: rows_nb<V, 4>(w, p, r0, r1, b0); break;
+    }
+  }
+}
+
+void rows(const BitmapView& w, const Problem& p, int64_t r0, int64_t r1) {
+  if (w.vt == VT::f32) rows_v<VT::f32>(w, p, r0, r1); else rows_v<VT::bf16>(w, p, r0, r1);
+}
+
+void lanes(const BitmapView& w, const Problem& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* ybuf) {
+  with_bitmap_dec(w, [&](const auto& dec) { lanes_rows(dec, p, lp, r0, r1, ybuf); });
+}
+
+void lanes_t(const BitmapView& w, const ProblemT& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* dxt) {
+  with_bitmap_dec(w, [&](const auto& dec) { lanes_t_rows(dec, p, lp, r0, r1, dxt); });
+}
+
+}  // namespace
+
+extern const BitmapKernels bitmap = {rows, lanes, lanes_t};
+
+}  // namespace avx512
+}  // namespace sf

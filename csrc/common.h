@@ -1,0 +1,73 @@
+// Shared plain types for the torch-free sparse kernels (sparseforge/csrc).
+//
+// Everything here is either a POD struct or a function with internal linkage (anonymous
+// namespace): this header is included by translation units compiled with different -m flags
+// (scalar, AVX2, AVX-512), and an inline function with external linkage could be merged by the
+// linker into its AVX-512 copy and then run on a CPU without AVX-512.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+namespace sf {
+
+enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };
+
+// Element type of stored weight values. Accumulation is always float32.
+enum class VT : int { f32 = 0, bf16 = 1 };
+
+// y (B, out) = x (B, in) @ W^T (+ bias), all float32, row-major, contiguous.
+struct Problem {
+  const float* x = nullptr;
+  int64_t B = 0;
+  int64_t in = 0;
+  float* y = nullptr;
+  int64_t out = 0;
+  const float* bias = nullptr;  // (out,) or null
+};
+
+// dx (B, in) = dy (B, out) @ W, the product autograd needs for x.
+struct ProblemT {
+  const float* dy = nullptr;
+  int64_t B = 0;
+  int64_t out = 0;
+  float* dx = nullptr;
+  int64_t in = 0;
+};
+
+// The batch laid out in SIMD lanes: x transposed into tiles of at most 64 batch rows.
+// Tile t holds batch rows [64t, 64t + bn) as xt_t[j * width + b] for column j, zero-padded up to
+// `width` = 16 * ceil(bn / 16) lanes; tiles start at xt + t * tile_stride (64-byte aligned).
+struct LanesPlan {
+  const float* xt = nullptr;
+  int64_t ntiles = 0;
+  int64_t tile_stride = 0;  // floats between tiles
+  int64_t col_tile = 128;   // columns per L1 tile of xt
+};
+
+constexpr int64_t kLaneTile = 64;  // batch rows per lanes tile (4 vectors of 16 floats)
+
+namespace {
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <VT V>
+inline float load_val(const void* p, int64_t i) {
+  if constexpr (V == VT::f32) {
+    return static_cast<const float*>(p)[i];
+  } else {
+    return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+  }
+}
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+}  // namespace
+}  // namespace sf

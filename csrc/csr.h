@@ -1,0 +1,79 @@
+// CSR (compressed sparse row) weights: y = x @ W^T (+ bias) and dx = dy @ W.
+//
+// Layout (what sparseforge.formats.csr.CSRWeight stores):
+//   row_ptr  int32  (rows + 1,)  row r's entries are [row_ptr[r], row_ptr[r+1])
+//   col      uint16 (nnz,) when cols <= 65536, else int32; ascending within a row
+//   values   float32 or bfloat16 (nnz,)
+#pragma once
+
+#include "common.h"
+
+namespace sf {
+
+struct CsrView {
+  int64_t rows = 0, cols = 0, nnz = 0;
+  const int32_t* row_ptr = nullptr;
+  const void* col = nullptr;
+  bool col_u16 = true;
+  const void* val = nullptr;
+  VT vt = VT::f32;
+};
+
+struct CsrKernels {
+  void (*rows)(const CsrView&, const Problem&, int64_t r0, int64_t r1);
+  void (*lanes)(const CsrView&, const Problem&, const LanesPlan&, int64_t r0, int64_t r1, float* ybuf);
+  void (*lanes_t)(const CsrView&, const ProblemT&, const LanesPlan&, int64_t r0, int64_t r1, float* dxt);
+};
+
+namespace scalar { extern const CsrKernels csr; }
+namespace avx2 { extern const CsrKernels csr; }
+namespace avx512 { extern const CsrKernels csr; }
+
+// Plain single-threaded oracles: every row decoded to a dense row (zeros where pruned), then a
+// dense dot product in column order, so NaN/inf behave exactly as in a dense matmul.
+void csr_linear_ref(const CsrView& w, const Problem& p);
+void csr_linear_t_ref(const CsrView& w, const ProblemT& p);
+// Dispatched, multithreaded kernels. algo: 0 auto, 1 rows (row streaming), 2 lanes (batch in SIMD lanes).
+void csr_linear(const CsrView& w, const Problem& p, Isa isa, int algo);
+void csr_linear_t(const CsrView& w, const ProblemT& p, Isa isa);
+
+namespace {
+
+// Walks the stored entries of one row in column order; run() stops at the first column >= cend.
+template <class I, VT V>
+struct CsrDec {
+  const int32_t* rp;
+  const I* col;
+  const void* val;
+  int64_t cols;
+  struct Cur {
+    int64_t p, end;
+  };
+  explicit CsrDec(const CsrView& w)
+      : rp(w.row_ptr), col(static_cast<const I*>(w.col)), val(w.val), cols(w.cols) {}
+  Cur begin(int64_t r) const { return {rp[r], rp[r + 1]}; }
+  template <class F>
+  void run(Cur& c, int64_t cend, F&& f) const {
+    int64_t p = c.p;
+    const int64_t e = c.end;
+    for (; p < e; ++p) {
+      const int64_t j = static_cast<int64_t>(col[p]);
+      if (j >= cend) break;
+      f(j, load_val<V>(val, p));
+    }
+    c.p = p;
+  }
+};
+
+// Calls body(CsrDec<I, V>{w}) with the index/value types of w.
+template <class Body>
+void with_csr_dec(const CsrView& w, Body&& body) {
+  if (w.col_u16) {
+    if (w.vt == VT::f32) body(CsrDec<uint16_t, VT::f32>(w)); else body(CsrDec<uint16_t, VT::bf16>(w));
+  } else {
+    if (w.vt == VT::f32) body(CsrDec<int32_t, VT::f32>(w)); else body(CsrDec<int32_t, VT::bf16>(w));
+  }
+}
+
+}  // namespace
+}  // namespace sf

@@ -1,0 +1,268 @@
+// Format-independent driver for the portable files (csr.cpp, bitmap.cpp, nm.cpp): picks the
+// algorithm, lays x out for the lanes kernels, spreads rows over the thread pool, and restores
+// dense NaN/inf semantics. Include only from files compiled without -m flags.
+#pragma once
+
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "isa.h"
+#include "lanes.h"
+#include "threadpool.h"
+
+namespace sf {
+namespace detail {
+
+constexpr int64_t kLanesMinBatch = 4;  // auto: batch >= this keeps the batch in SIMD lanes
+constexpr double kParallelMinWork = 1 << 17;  // multiply-adds below which one thread does it all
+
+class AlignedFloats {
+ public:
+  AlignedFloats() = default;
+  explicit AlignedFloats(int64_t n) { reset(n); }
+  AlignedFloats(const AlignedFloats&) = delete;
+  AlignedFloats& operator=(const AlignedFloats&) = delete;
+  ~AlignedFloats() { std::free(p_); }
+  void reset(int64_t n) {
+    std::free(p_);
+    p_ = nullptr;
+    if (n > 0) {
+      const size_t bytes = (static_cast<size_t>(n) * 4 + 63) / 64 * 64;
+      p_ = static_cast<float*>(std::aligned_alloc(64, bytes));
+      if (!p_) throw std::bad_alloc();
+    }
+  }
+  float* get() const { return p_; }
+
+ private:
+  float* p_ = nullptr;
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// a (B, n) row-major -> tiles of (n, width) as described for LanesPlan
+inline LanesPlan make_plan(const float* a, int64_t B, int64_t n, AlignedFloats& buf, bool par) {
+  LanesPlan lp;
+  lp.ntiles = ceil_div(B, kLaneTile);
+  lp.tile_stride = n * kLaneTile;
+  buf.reset(lp.ntiles * lp.tile_stride);
+  lp.xt = buf.get();
+  constexpr int64_t kCols = 256;
+  const int64_t nchunks = ceil_div(n, kCols);
+  float* dst_all = buf.get();
+  parallel_for(
+      lp.ntiles * nchunks,
+      [&](int64_t task, int) {
+        const int64_t t = task / nchunks, j0 = (task % nchunks) * kCols, j1 = min64(n, j0 + kCols);
+        const int64_t b0 = t * kLaneTile, bn = min64(kLaneTile, B - b0), width = 16 * ceil_div(bn, 16);
+        float* dst = dst_all + t * lp.tile_stride;
+        for (int64_t jb = j0; jb < j1; jb += 16) {
+          const int64_t je = min64(j1, jb + 16);
+          for (int64_t b = 0; b < width; ++b) {
+            if (b < bn) {
+              const float* src = a + (b0 + b) * n;
+              for (int64_t j = jb; j < je; ++j) dst[j * width + b] = src[j];
+            } else {
+              for (int64_t j = jb; j < je; ++j) dst[j * width + b] = 0.f;
+            }
+          }
+        }
+      },
+      par);
+  return lp;
+}
+
+inline bool any_nonfinite(const float* a, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, a + i, 4);
+    bad |= static_cast<uint32_t>((u & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad != 0;
+}
+
+// The fast kernels skip pruned weights, but a dense matmul computes 0 * inf = NaN there. If x has
+// a NaN, every output of that batch row is NaN; if x[b, j] = +-inf, y[b, r] is NaN for each row r
+// that does not store column j (stored entries, explicit zeros included, already went through
+// the kernel). Rare path: only runs when x holds a non-finite value.
+template <class Dec>
+void fix_nonfinite(const Dec& dec, const Problem& p) {
+  if (!any_nonfinite(p.x, p.B * p.in)) return;
+  const float qnan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<int64_t> inf_b;
+  std::vector<std::vector<int64_t>> inf_cols;
+  for (int64_t b = 0; b < p.B; ++b) {
+    const float* xb = p.x + b * p.in;
+    bool nan = false;
+    std::vector<int64_t> js;
+    for (int64_t j = 0; j < p.in; ++j) {
+      if (std::isnan(xb[j])) nan = true;
+      else if (std::isinf(xb[j])) js.push_back(j);
+    }
+    if (nan) {
+      for (int64_t r = 0; r < p.out; ++r) p.y[b * p.out + r] = qnan;
+    } else if (!js.empty()) {
+      inf_b.push_back(b);
+      inf_cols.push_back(std::move(js));
+    }
+  }
+  if (inf_b.empty()) return;
+  std::vector<int64_t> stamp(static_cast<size_t>(p.in), -1);
+  for (int64_t r = 0; r < p.out; ++r) {
+    auto cur = dec.begin(r);
+    dec.run(cur, p.in, [&](int64_t j, float) { stamp[j] = r; });
+    for (size_t i = 0; i < inf_b.size(); ++i) {
+      for (int64_t j : inf_cols[i]) {
+        if (stamp[j] != r) {
+          p.y[inf_b[i] * p.out + r] = qnan;
+          break;
+        }
+      }
+    }
+  }
+}
+
+// Same for dx = dy @ W: dy[b, r] NaN -> dx[b, :] NaN; dy[b, r] = +-inf -> dx[b, j] NaN for every
+// column j that row r does not store.
+template <class Dec>
+void fix_nonfinite_t(const Dec& dec, const ProblemT& p) {
+  if (!any_nonfinite(p.dy, p.B * p.out)) return;
+  const float qnan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<int64_t> stamp(static_cast<size_t>(p.in), -1);
+  int64_t id = 0;
+  for (int64_t b = 0; b < p.B; ++b) {
+    const float* db = p.dy + b * p.out;
+    float* xb = p.dx + b * p.in;
+    bool nan = false;
+    for (int64_t r = 0; r < p.out; ++r) nan = nan || std::isnan(db[r]);
+    if (nan) {
+      for (int64_t j = 0; j < p.in; ++j) xb[j] = qnan;
+      continue;
+    }
+    for (int64_t r = 0; r < p.out; ++r) {
+      if (!std::isinf(db[r])) continue;
+      ++id;
+      auto cur = dec.begin(r);
+      dec.run(cur, p.in, [&](int64_t j, float) { stamp[j] = id; });
+      for (int64_t j = 0; j < p.in; ++j)
+        if (stamp[j] != id) xb[j] = qnan;
+    }
+  }
+}
+
+template <class Dec>
+void rows_scalar(const Dec& dec, const Problem& p, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float bv = p.bias ? p.bias[r] : 0.f;
+    for (int64_t b = 0; b < p.B; ++b) {
+      const float* xb = p.x + b * p.in;
+      float acc = 0.f;
+      auto cur = dec.begin(r);
+      dec.run(cur, p.in, [&](int64_t j, float w) { acc += w * xb[j]; });
+      p.y[b * p.out + r] = acc + bv;
+    }
+  }
+}
+
+inline void check_problem(int64_t rows, int64_t cols, const Problem& p) {
+  if (p.in != cols || p.out != rows || p.B < 0) {
+    throw std::invalid_argument("x has " + std::to_string(p.in) + " features and y " + std::to_string(p.out) +
+                                " outputs, but the weight is " + std::to_string(rows) + "x" + std::to_string(cols));
+  }
+}
+inline void check_problem_t(int64_t rows, int64_t cols, const ProblemT& p) {
+  if (p.in != cols || p.out != rows || p.B < 0) {
+    throw std::invalid_argument("dy has " + std::to_string(p.out) + " features and dx " + std::to_string(p.in) +
+                                ", but the weight is " + std::to_string(rows) + "x" + std::to_string(cols));
+  }
+}
+
+// y = x @ W^T + bias with kernel table k; nnz = stored entries (for work estimates).
+template <class View, class Kern>
+void run_linear(const View& w, const Problem& p, const Kern& k, int algo, int64_t nnz) {
+  if (p.B == 0 || p.out == 0) return;
+  const int nt = num_threads();
+  const bool par = nt > 1 && static_cast<double>(nnz + p.out) * static_cast<double>(p.B) > kParallelMinWork;
+  const bool lanes = algo == 2 || (algo == 0 && p.B >= kLanesMinBatch);
+  if (!lanes) {
+    const int64_t ntasks = par ? min64(p.out, int64_t{nt} * 16) : 1;
+    const int64_t per = ceil_div(p.out, ntasks);
+    parallel_for(
+        ceil_div(p.out, per),
+        [&](int64_t t, int) { k.rows(w, p, t * per, min64(p.out, (t + 1) * per)); }, par);
+    return;
+  }
+  AlignedFloats xt;
+  LanesPlan lp = make_plan(p.x, p.B, p.in, xt, par);
+  lp.col_tile = 128;
+  // rows per task: enough stored entries per row block to amortise streaming the x tiles through L1
+  const double density = p.in > 0 ? static_cast<double>(nnz) / (static_cast<double>(p.out) * p.in) : 1.0;
+  int64_t R = static_cast<int64_t>(std::ceil(8.0 / (density > 1e-3 ? density : 1e-3)));
+  R = max64(16, min64(kMaxBlockRows, R));
+  if (par) R = max64(1, min64(R, ceil_div(p.out, int64_t{nt} * 4)));
+  AlignedFloats ybuf(int64_t{nt} * kMaxBlockRows * kLaneTile);
+  parallel_for(
+      ceil_div(p.out, R),
+      [&](int64_t t, int wk) {
+        k.lanes(w, p, lp, t * R, min64(p.out, (t + 1) * R), ybuf.get() + wk * kMaxBlockRows * kLaneTile);
+      },
+      par);
+}
+
+// dx = dy @ W with kernel table k: row blocks scatter into per-thread (in, 64) accumulators.
+template <class View, class Kern>
+void run_linear_t(const View& w, const ProblemT& p, const Kern& k, int64_t nnz) {
+  if (p.B == 0 || p.in == 0) return;
+  if (p.out == 0) {
+    for (int64_t i = 0; i < p.B * p.in; ++i) p.dx[i] = 0.f;
+    return;
+  }
+  const int nt = num_threads();
+  const bool par = nt > 1 && static_cast<double>(nnz + p.in) * static_cast<double>(p.B) > kParallelMinWork;
+  AlignedFloats dyt;
+  LanesPlan lp = make_plan(p.dy, p.B, p.out, dyt, par);
+  const int64_t per_worker = lp.ntiles * p.in * kLaneTile;
+  AlignedFloats acc(int64_t{nt} * per_worker);
+  std::vector<char> touched(static_cast<size_t>(nt), 0);
+  const int64_t ntasks = par ? min64(p.out, int64_t{nt} * 8) : 1;
+  const int64_t per = ceil_div(p.out, ntasks);
+  parallel_for(
+      ceil_div(p.out, per),
+      [&](int64_t t, int wk) {
+        float* mine = acc.get() + wk * per_worker;
+        if (!touched[wk]) {
+          std::memset(mine, 0, static_cast<size_t>(per_worker) * 4);
+          touched[wk] = 1;
+        }
+        k.lanes_t(w, p, lp, t * per, min64(p.out, (t + 1) * per), mine);
+      },
+      par);
+  constexpr int64_t kCols = 512;
+  const int64_t nchunks = ceil_div(p.in, kCols);
+  parallel_for(
+      lp.ntiles * nchunks,
+      [&](int64_t task, int) {
+        const int64_t t = task / nchunks, j0 = (task % nchunks) * kCols, j1 = min64(p.in, j0 + kCols);
+        const int64_t b0 = t * kLaneTile, bn = min64(kLaneTile, p.B - b0), width = 16 * ceil_div(bn, 16);
+        for (int64_t b = 0; b < bn; ++b) {
+          float* out = p.dx + (b0 + b) * p.in;
+          for (int64_t j = j0; j < j1; ++j) {
+            float s = 0.f;
+            for (int wk = 0; wk < nt; ++wk)
+              if (touched[wk]) s += acc.get()[wk * per_worker + t * p.in * kLaneTile + j * width + b];
+            out[j] = s;
+          }
+        }
+      },
+      par);
+}
+
+}  // namespace detail
+}  // namespace sf

@@ -1,0 +1,109 @@
+// N:M kernels, AVX-512.
+// rows, 2:4: two index bytes -> a 16-column keep-mask (lookup table) -> vexpandps of the next 8
+//   values, exactly like the bitmap kernel (1 index bit per weight, the same bytes as a bitmap).
+// rows, any other n:m: the positions of a chunk of values are decoded to column numbers, then x is
+//   gathered as for CSR.
+#include "lanes.h"
+#include "nm.h"
+#include "simd_avx512.h"
+
+namespace sf {
+namespace avx512 {
+namespace {
+
+inline __mmask16 mask24(const uint8_t* ib) {
+  return static_cast<__mmask16>(kNm24.mask[ib[0]] | (kNm24.mask[ib[1]] << 8));
+}
+
+template <VT V, int NB>
+void rows24_nb(const NmView& w, const Problem& p, int64_t r0, int64_t r1, int64_t b0) {
+  const float* xs[NB];
+  for (int nb = 0; nb < NB; ++nb) xs[nb] = p.x + (b0 + nb) * p.in;
+  const int64_t cols = w.cols;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* irow = w.idx + r * w.ibpr;
+    int64_t vp = r * w.vpr;
+    __m512 acc[NB][4];
+    for (int nb = 0; nb < NB; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 64 <= cols; c += 64, vp += 32) {
+      const uint8_t* ib = irow + c / 8;
+      const __m512 w0 = v512::expand16<V>(w.val, vp, mask24(ib));
+      const __m512 w1 = v512::expand16<V>(w.val, vp + 8, mask24(ib + 2));
+      const __m512 w2 = v512::expand16<V>(w.val, vp + 16, mask24(ib + 4));
+      const __m512 w3 = v512::expand16<V>(w.val, vp + 24, mask24(ib + 6));
+      for (int nb = 0; nb < NB; ++nb) {
+        acc[nb][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xs[nb] + c), acc[nb][0]);
+        acc[nb][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xs[nb] + c + 16), acc[nb][1]);
+        acc[nb][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xs[nb] + c + 32), acc[nb][2]);
+        acc[nb][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xs[nb] + c + 48), acc[nb][3]);
+      }
+    }
+    for (; c < cols; c += 16) {
+      const int64_t nc = min64(16, cols - c);  // a multiple of 4
+      uint32_t mb = kNm24.mask[irow[c / 8]];
+      if (nc > 8) mb |= static_cast<uint32_t>(kNm24.mask[irow[c / 8 + 1]]) << 8;
+      const __mmask16 cm = v512::first_lanes(nc);
+      const __m512 w0 = v512::expand16<V>(w.val, vp, static_cast<__mmask16>(mb) & cm);
+      vp += nc / 2;
+      for (int nb = 0; nb < NB; ++nb) acc[nb][0] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(cm, xs[nb] + c), acc[nb][0]);
+    }
+    const float bv = p.bias ? p.bias[r] : 0.f;
+    for (int nb = 0; nb < NB; ++nb) {
+      const __m512 s = _mm512_add_ps(_mm512_add_ps(acc[nb][0], acc[nb][1]), _mm512_add_ps(acc[nb][2], acc[nb][3]));
+      p.y[(b0 + nb) * p.out + r] = _mm512_reduce_add_ps(s) + bv;
+    }
+  }
+}
+
+template <VT V, int NB>
+void rows_any_nb(const NmView& w, const Problem& p, int64_t r0, int64_t r1, int64_t b0) {
+  constexpr int64_t kChunk = 256;
+  alignas(64) int32_t cols_buf[kChunk];
+  const float* xs[NB];
+  for (int nb = 0; nb < NB; ++nb) xs[nb] = p.x + (b0 + nb) * p.in;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* irow = w.idx + r * w.ibpr;
+    __m512 a0[NB], a1[NB];
+    for (int nb = 0; nb < NB; ++nb) a0[nb] = a1[nb] = _mm512_setzero_ps();
+    for (int64_t v0 = 0; v0 < w.vpr; v0 += kChunk) {
+      const int64_t cnt = min64(kChunk, w.vpr - v0);
+      nm_decode_cols(w, irow, v0, cnt, cols_buf);
+      v512::gather_dot<int32_t, V, NB>(cols_buf, w.val, r * w.vpr + v0, cnt, xs, a0, a1);
+    }
+    const float bv = p.bias ? p.bias[r] : 0.f;
+    for (int nb = 0; nb < NB; ++nb) p.y[(b0 + nb) * p.out + r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[nb], a1[nb])) + bv;
+  }
+}
+
+template <VT V>
+void rows_v(const NmView& w, const Problem& p, int64_t r0, int64_t r1) {
+  const bool is24 = w.n == 2 && w.m == 4;
+  for (int64_t b0 = 0; b0 < p.B; b0 += 4) {
+    switch (min64(4, p.B - b0)) {
+      case 1: is24 ? rows24_nb<V, 1>(w, p, r0, r1, b0) : rows_any_nb<V, 1>(w, p, r0, r1, b0); break;
+      case 2: is24 ? rows24_nb<V, 2>(w, p, r0, r1, b0) : rows_any_nb<V, 2>(w, p, r0, r1, b0); break;
+      case 3: is24 ? rows24_nb<V, 3>(w, p, r0, r1, b0) : rows_any_nb<V, 3>(w, p, r0, r1, b0); break;
+      default: is24 ? rows24_nb<V, 4>(w, p, r0, r1, b0) : rows_any_nb<V, 4>(w, p, r0, r1, b0); break;
+    }
+  }
+}
+
+void rows(const NmView& w, const Problem& p, int64_t r0, int64_t r1) {
+  if (w.vt == VT::f32) rows_v<VT::f32>(w, p, r0, r1); else rows_v<VT::bf16>(w, p, r0, r1);
+}
+
+void lanes(const NmView& w, const Problem& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* ybuf) {
+  with_nm_dec(w, [&](const auto& dec) { lanes_rows(dec, p, lp, r0, r1, ybuf); });
+}
+
+void lanes_t(const NmView& w, const ProblemT& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* dxt) {
+  with_nm_dec(w, [&](const auto& dec) { lanes_t_rows(dec, p, lp, r0, r1, dxt); });
+}
+
+}  // namespace
+
+extern const NmKernels nm = {rows, lanes, lanes_t};
+
+}  // namespace avx512
+}  // namespace sf

@@ -1,0 +1,114 @@
+// AVX2 + FMA building blocks shared by the *_avx2.cpp files (include only there). Without
+// AVX-512's expand, a bitmap byte is decoded with a permutation table: the next popcount(m)
+// values are loaded and vpermps moves value k to the lane of the k-th set bit; unset lanes are
+// zeroed. All tables are constexpr (no run-time initialiser in an ISA-specific file).
+#pragma once
+
+#include <immintrin.h>
+
+#include "common.h"
+
+namespace sf {
+namespace {
+namespace v256 {
+
+struct PermLut {
+  int32_t idx[256][8];
+  constexpr PermLut() : idx() {
+    for (int m = 0; m < 256; ++m) {
+      int k = 0;
+      for (int j = 0; j < 8; ++j) idx[m][j] = ((m >> j) & 1) ? k++ : 0;
+    }
+  }
+};
+struct FirstLut {
+  int32_t lanes[9][8];
+  constexpr FirstLut() : lanes() {
+    for (int n = 0; n <= 8; ++n)
+      for (int j = 0; j < 8; ++j) lanes[n][j] = j < n ? -1 : 0;
+  }
+};
+constexpr PermLut kPerm{};
+constexpr FirstLut kFirst{};
+
+inline __m256i first_lanes(int64_t n) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kFirst.lanes[n >= 8 ? 8 : n]));
+}
+
+inline __m256 widen_bf16(__m128i raw) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)); }
+
+inline __m256i idx8(const uint16_t* p) { return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256i idx8(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+template <VT V>
+inline __m256 val8(const void* v, int64_t i) {
+  if constexpr (V == VT::f32) {
+    return _mm256_loadu_ps(static_cast<const float*>(v) + i);
+  } else {
+    return widen_bf16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(v) + i)));
+  }
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Dense 8-lane weights for byte mask m: the next popcount(m) values (of `total` in the buffer)
+// at the set lanes, zeros elsewhere.
+template <VT V>
+inline __m256 expand8(const void* v, int64_t vp, unsigned m, int64_t total) {
+  const int pc = __builtin_popcount(m);
+  __m256 w;
+  if constexpr (V == VT::f32) {
+    w = _mm256_maskload_ps(static_cast<const float*>(v) + vp, first_lanes(pc));
+  } else {
+    const uint16_t* src = static_cast<const uint16_t*>(v) + vp;
+    __m128i raw;
+    if (vp + 8 <= total) {
+      raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+    } else {
+      uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      std::memcpy(tmp, src, static_cast<size_t>(pc) * 2);
+      raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tmp));
+    }
+    w = widen_bf16(raw);
+  }
+  w = _mm256_permutevar8x32_ps(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kPerm.idx[m])));
+  const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(m)), bits), bits);
+  return _mm256_and_ps(w, _mm256_castsi256_ps(on));
+}
+
+// acc[nb] += sum over k in [0, count) of val[v0 + k] * x_nb[idx[k]]; the < 8 leftover entries go
+// to the scalar sums tail[nb].
+template <class I, VT V, int NB>
+inline void gather_dot(const I* idx, const void* val, int64_t v0, int64_t count, const float* const* xs, __m256* a0,
+                       __m256* a1, float* tail) {
+  int64_t k = 0;
+  for (; k + 16 <= count; k += 16) {
+    const __m256i i0 = idx8(idx + k), i1 = idx8(idx + k + 8);
+    const __m256 w0 = val8<V>(val, v0 + k), w1 = val8<V>(val, v0 + k + 8);
+    for (int nb = 0; nb < NB; ++nb) {
+      a0[nb] = _mm256_fmadd_ps(w0, _mm256_i32gather_ps(xs[nb], i0, 4), a0[nb]);
+      a1[nb] = _mm256_fmadd_ps(w1, _mm256_i32gather_ps(xs[nb], i1, 4), a1[nb]);
+    }
+  }
+  if (k + 8 <= count) {
+    const __m256i i0 = idx8(idx + k);
+    const __m256 w0 = val8<V>(val, v0 + k);
+    for (int nb = 0; nb < NB; ++nb) a0[nb] = _mm256_fmadd_ps(w0, _mm256_i32gather_ps(xs[nb], i0, 4), a0[nb]);
+    k += 8;
+  }
+  for (; k < count; ++k) {
+    const float wv = load_val<V>(val, v0 + k);
+    const int64_t j = static_cast<int64_t>(idx[k]);
+    for (int nb = 0; nb < NB; ++nb) tail[nb] += wv * xs[nb][j];
+  }
+}
+
+}  // namespace v256
+}  // namespace
+}  // namespace sf

@@ -1,0 +1,79 @@
+// AVX-512 building blocks shared by the *_avx512.cpp files (include only there: they need
+// -mavx512f -mavx512bw -mavx512vl -mavx512dq). Internal linkage throughout.
+#pragma once
+
+#include <immintrin.h>
+
+#include "common.h"
+
+namespace sf {
+namespace {
+namespace v512 {
+
+// 16 column indices -> int32 lanes
+inline __m512i idx16(const uint16_t* p) { return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline __m512i idx16(const int32_t* p) { return _mm512_loadu_si512(p); }
+inline __m512i idx16(const uint16_t* p, __mmask16 k) { return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)); }
+inline __m512i idx16(const int32_t* p, __mmask16 k) { return _mm512_maskz_loadu_epi32(k, p); }
+
+inline __m512 widen_bf16(__m256i raw) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)); }
+
+// 16 consecutive stored values as float32
+template <VT V>
+inline __m512 val16(const void* v, int64_t i) {
+  if constexpr (V == VT::f32) {
+    return _mm512_loadu_ps(static_cast<const float*>(v) + i);
+  } else {
+    return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(v) + i)));
+  }
+}
+template <VT V>
+inline __m512 val16(const void* v, int64_t i, __mmask16 k) {
+  if constexpr (V == VT::f32) {
+    return _mm512_maskz_loadu_ps(k, static_cast<const float*>(v) + i);
+  } else {
+    return widen_bf16(_mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(v) + i));
+  }
+}
+
+// Dense 16-lane weight vector for mask m: the next popcount(m) stored values placed at the set
+// lanes, zeros elsewhere (vexpandps decodes a bitmap straight into a register).
+template <VT V>
+inline __m512 expand16(const void* v, int64_t vp, __mmask16 m) {
+  if constexpr (V == VT::f32) {
+    return _mm512_maskz_expandloadu_ps(m, static_cast<const float*>(v) + vp);
+  } else {
+    const unsigned pc = static_cast<unsigned>(__builtin_popcount(m));
+    const __mmask16 first = static_cast<__mmask16>((1u << pc) - 1u);
+    return _mm512_maskz_expand_ps(m, widen_bf16(_mm256_maskz_loadu_epi16(first, static_cast<const uint16_t*>(v) + vp)));
+  }
+}
+
+inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>(n >= 16 ? 0xFFFFu : ((1u << n) - 1u)); }
+
+// acc[nb] += sum over k in [0, count) of val[v0 + k] * x_nb[idx[k]]  (gathers x, streams values)
+template <class I, VT V, int NB>
+inline void gather_dot(const I* idx, const void* val, int64_t v0, int64_t count, const float* const* xs, __m512* a0,
+                       __m512* a1) {
+  int64_t k = 0;
+  for (; k + 32 <= count; k += 32) {
+    const __m512i i0 = idx16(idx + k), i1 = idx16(idx + k + 16);
+    const __m512 w0 = val16<V>(val, v0 + k), w1 = val16<V>(val, v0 + k + 16);
+    for (int nb = 0; nb < NB; ++nb) {
+      a0[nb] = _mm512_fmadd_ps(w0, _mm512_i32gather_ps(i0, xs[nb], 4), a0[nb]);
+      a1[nb] = _mm512_fmadd_ps(w1, _mm512_i32gather_ps(i1, xs[nb], 4), a1[nb]);
+    }
+  }
+  for (; k < count; k += 16) {
+    const __mmask16 m = first_lanes(count - k);
+    const __m512i i0 = idx16(idx + k, m);
+    const __m512 w0 = val16<V>(val, v0 + k, m);
+    for (int nb = 0; nb < NB; ++nb) {
+      a0[nb] = _mm512_fmadd_ps(w0, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, i0, xs[nb], 4), a0[nb]);
+    }
+  }
+}
+
+}  // namespace v512
+}  // namespace
+}  // namespace sf

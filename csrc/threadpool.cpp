@@ -1,0 +1,186 @@
+#include "threadpool.h"
+
+#include <pthread.h>
+#include <sched.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define SF_PAUSE() _mm_pause()
+#else
+#define SF_PAUSE() ((void)0)
+#endif
+
+namespace sf {
+namespace {
+
+constexpr auto kSpin = std::chrono::microseconds(200);
+
+int default_threads() {
+  if (const char* env = std::getenv("SPARSEFORGE_NUM_THREADS")) {
+    if (*env) {
+      char* end = nullptr;
+      long n = std::strtol(env, &end, 10);
+      if (*end != '\0' || n < 1 || n > 1024) {
+        throw std::invalid_argument(std::string("SPARSEFORGE_NUM_THREADS='") + env +
+                                    "' must be a whole number from 1 to 1024");
+      }
+      return static_cast<int>(n);
+    }
+  }
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set) > 0 ? CPU_COUNT(&set) : 1;
+#endif
+  unsigned hc = std::thread::hardware_concurrency();
+  return hc ? static_cast<int>(hc) : 1;
+}
+
+class Pool {
+ public:
+  explicit Pool(int n) { start(n); }
+
+  int size() const { return static_cast<int>(workers_.size()) + 1; }
+
+  void resize(int n) {
+    std::lock_guard<std::mutex> job(job_mutex_);
+    stop();
+    start(n);
+  }
+
+  void run(int64_t ntasks, TaskFn fn, void* ctx, bool parallel) {
+    if (ntasks <= 0) return;
+    std::lock_guard<std::mutex> job(job_mutex_);
+    if (!parallel || workers_.empty() || ntasks == 1) {
+      for (int64_t t = 0; t < ntasks; ++t) fn(ctx, t, 0);
+      return;
+    }
+    fn_ = fn;
+    ctx_ = ctx;
+    ntasks_ = ntasks;
+    next_.store(0, std::memory_order_relaxed);
+    pending_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    work(0);
+    // wait until every worker has left this job (each one checks in once per job)
+    auto t0 = std::chrono::steady_clock::now();
+    unsigned spins = 0;
+    while (pending_.load(std::memory_order_acquire) != 0) {
+      SF_PAUSE();
+      if ((++spins & 63) == 0 && std::chrono::steady_clock::now() - t0 > kSpin) {
+        std::unique_lock<std::mutex> lk(done_m_);
+        done_cv_.wait(lk, [&] { return pending_.load(std::memory_order_acquire) == 0; });
+      }
+    }
+  }
+
+ private:
+  void start(int n) {
+    stop_flag_ = false;
+    for (int i = 1; i < n; ++i) workers_.emplace_back([this, i] { loop(i); });
+  }
+
+  void stop() {
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      stop_flag_ = true;
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    for (auto& w : workers_) w.join();
+    workers_.clear();
+  }
+
+  void work(int worker) {
+    for (;;) {
+      int64_t t = next_.fetch_add(1, std::memory_order_relaxed);
+      if (t >= ntasks_) break;
+      fn_(ctx_, t, worker);
+    }
+  }
+
+  void loop(int id) {
+    uint64_t seen = gen_.load(std::memory_order_acquire);
+    for (;;) {
+      auto t0 = std::chrono::steady_clock::now();
+      unsigned spins = 0;
+      while (gen_.load(std::memory_order_acquire) == seen) {
+        SF_PAUSE();
+        if ((++spins & 63) == 0 && std::chrono::steady_clock::now() - t0 > kSpin) {
+          std::unique_lock<std::mutex> lk(m_);
+          cv_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+        }
+      }
+      seen = gen_.load(std::memory_order_acquire);
+      if (stop_flag_) return;
+      work(id);
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> lk(done_m_);
+        done_cv_.notify_one();
+      }
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex job_mutex_;  // one job at a time
+  std::mutex m_;
+  std::condition_variable cv_;
+  std::mutex done_m_;
+  std::condition_variable done_cv_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int64_t> next_{0};
+  std::atomic<int> pending_{0};
+  bool stop_flag_ = false;
+  int64_t ntasks_ = 0;
+  TaskFn fn_ = nullptr;
+  void* ctx_ = nullptr;
+};
+
+std::mutex g_pool_mutex;
+Pool* g_pool = nullptr;  // leaked on purpose: never joined during interpreter shutdown
+
+void after_fork_in_child() {
+  // the worker threads do not exist in the child: forget the old pool (leak it) and start anew
+  g_pool = nullptr;
+  new (&g_pool_mutex) std::mutex();
+}
+
+Pool& pool() {
+  std::lock_guard<std::mutex> lk(g_pool_mutex);
+  if (!g_pool) {
+    static bool registered = false;
+    if (!registered) {
+      pthread_atfork(nullptr, nullptr, after_fork_in_child);
+      registered = true;
+    }
+    g_pool = new Pool(default_threads());
+  }
+  return *g_pool;
+}
+
+}  // namespace
+
+int num_threads() { return pool().size(); }
+
+void set_num_threads(int n) {
+  if (n < 1 || n > 1024) throw std::invalid_argument("number of threads must be from 1 to 1024");
+  Pool& p = pool();
+  if (p.size() != n) p.resize(n);
+}
+
+void run_tasks(int64_t ntasks, TaskFn fn, void* ctx, bool parallel) { pool().run(ntasks, fn, ctx, parallel); }
+
+}  // namespace sf

@@ -1,0 +1,30 @@
+// A small persistent thread pool for the kernels (no OpenMP: torch ships its own libgomp, and a
+// second OpenMP runtime in the process fights it for the cores).
+//
+// run(ntasks, fn) executes fn(task, worker) for task in [0, ntasks) on the caller plus the
+// workers, handing out tasks one at a time from an atomic counter (dynamic scheduling, so a core
+// slowed by another process just takes fewer tasks). Jobs from different Python threads are
+// serialised. Workers spin for ~0.2 ms after a job before sleeping, so back-to-back layer calls do
+// not pay a wake-up each. Size: SPARSEFORGE_NUM_THREADS at first use, else the CPUs this process
+// may run on; set_num_threads() changes it. A forked child gets a fresh pool.
+#pragma once
+
+#include <cstdint>
+#include <utility>
+
+namespace sf {
+
+using TaskFn = void (*)(void* ctx, int64_t task, int worker);
+
+int num_threads();               // caller included
+void set_num_threads(int n);     // n >= 1; throws std::invalid_argument otherwise
+void run_tasks(int64_t ntasks, TaskFn fn, void* ctx, bool parallel = true);
+
+// parallel_for(ntasks, [&](int64_t task, int worker) {...}); worker is in [0, num_threads()).
+template <class F>
+void parallel_for(int64_t ntasks, F&& f, bool parallel = true) {
+  auto tramp = [](void* ctx, int64_t task, int worker) { (*static_cast<F*>(ctx))(task, worker); };
+  run_tasks(ntasks, tramp, static_cast<void*>(&f), parallel);
+}
+
+}  // namespace sf

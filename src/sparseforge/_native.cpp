@@ -1,0 +1,368 @@
+// sparseforge._native: a thin nanobind layer over the torch-free kernels in csrc/.
+//
+// Arrays come in as any DLPack / buffer-protocol object (numpy arrays, torch tensors), are
+// checked (CPU, C-contiguous, dtype, shape) and handed to the kernels as raw pointers with the
+// GIL released. Outputs are written in place into a caller-allocated float32 array. Format
+// invariants that cost a pass over the weights (column indices < cols, bitmap popcounts matching
+// row_offsets, ...) are checked once by the Python format classes, not on every call.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "bitmap.h"
+#include "csr.h"
+#include "isa.h"
+#include "nm.h"
+#include "threadpool.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+using In = nb::ndarray<nb::ro>;
+using Out = nb::ndarray<>;
+
+[[noreturn]] void raise_config_error(const std::string& msg) {
+  nb::object cls = nb::module_::import_("sparseforge.errors").attr("ConfigError");
+  PyErr_SetString(cls.ptr(), msg.c_str());
+  throw nb::python_error();
+}
+
+sf::Isa resolve(const std::string& isa) {
+  try {
+    return sf::resolve_isa(isa.c_str());
+  } catch (const std::invalid_argument& e) {
+    raise_config_error(e.what());
+  }
+}
+
+int threads() {
+  try {
+    return sf::num_threads();
+  } catch (const std::invalid_argument& e) {
+    raise_config_error(e.what());
+  }
+}
+
+int parse_algo(const std::string& algo) {
+  if (algo == "auto") return 0;
+  if (algo == "rows") return 1;
+  if (algo == "lanes") return 2;
+  throw std::invalid_argument("algo='" + algo + "' must be 'auto', 'rows' or 'lanes'");
+}
+
+std::string dtype_name(nb::dlpack::dtype d) {
+  const char* kind = "?";
+  switch (static_cast<nb::dlpack::dtype_code>(d.code)) {
+    case nb::dlpack::dtype_code::Int: kind = "int"; break;
+    case nb::dlpack::dtype_code::UInt: kind = "uint"; break;
+    case nb::dlpack::dtype_code::Float: kind = "float"; break;
+    case nb::dlpack::dtype_code::Bfloat: kind = "bfloat"; break;
+    default: kind = "other"; break;
+  }
+  return std::string(kind) + std::to_string(d.bits);
+}
+
+bool is_bf16(nb::dlpack::dtype d) {
+  return d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat) && d.bits == 16 && d.lanes == 1;
+}
+
+template <class A>
+void check_array(const A& a, const char* name, size_t ndim) {
+  if (a.device_type() != nb::device::cpu::value) throw std::invalid_argument(std::string(name) + " must be on the CPU");
+  if (a.ndim() != ndim) {
+    throw std::invalid_argument(std::string(name) + " must have " + std::to_string(ndim) + " dimension(s), got " +
+                                std::to_string(a.ndim()));
+  }
+  int64_t expect = 1;
+  for (size_t d = ndim; d-- > 0;) {
+    if (a.shape(d) > 1 && a.stride(d) != expect) {
+      throw std::invalid_argument(std::string(name) + " must be C-contiguous (call .contiguous() first)");
+    }
+    expect *= static_cast<int64_t>(a.shape(d));
+  }
+}
+
+template <class A>
+void check_dtype(const A& a, const char* name, nb::dlpack::dtype want, const char* want_name) {
+  if (a.dtype() != want) {
+    throw std::invalid_argument(std::string(name) + " must be " + want_name + ", got " + dtype_name(a.dtype()));
+  }
+}
+
+sf::VT value_type(const In& v, const char* name) {
+  if (v.dtype() == nb::dtype<float>()) return sf::VT::f32;
+  if (is_bf16(v.dtype()) || v.dtype() == nb::dtype<uint16_t>()) return sf::VT::bf16;  // uint16: raw bf16 bits
+  throw std::invalid_argument(std::string(name) + " must be float32 or bfloat16, got " + dtype_name(v.dtype()));
+}
+
+int64_t dim(const In& a, size_t d) { return static_cast<int64_t>(a.shape(d)); }
+
+// x (B, in) float32, bias (out,) float32 or None, y (B, out) float32
+sf::Problem problem(const In& x, const nb::object& bias, const Out& y) {
+  check_array(x, "x", 2);
+  check_dtype(x, "x", nb::dtype<float>(), "float32");
+  check_array(y, "y", 2);
+  check_dtype(y, "y", nb::dtype<float>(), "float32");
+  sf::Problem p;
+  p.x = static_cast<const float*>(x.data());
+  p.B = dim(x, 0);
+  p.in = dim(x, 1);
+  p.y = static_cast<float*>(y.data());
+  p.out = static_cast<int64_t>(y.shape(1));
+  if (static_cast<int64_t>(y.shape(0)) != p.B) throw std::invalid_argument("y must have as many rows as x");
+  if (!bias.is_none()) {
+    In b = nb::cast<In>(bias);
+    check_array(b, "bias", 1);
+    check_dtype(b, "bias", nb::dtype<float>(), "float32");
+    if (dim(b, 0) != p.out) throw std::invalid_argument("bias must have shape (out_features,)");
+    p.bias = static_cast<const float*>(b.data());
+  }
+  return p;
+}
+
+sf::ProblemT problem_t(const In& dy, const Out& dx) {
+  check_array(dy, "dy", 2);
+  check_dtype(dy, "dy", nb::dtype<float>(), "float32");
+  check_array(dx, "dx", 2);
+  check_dtype(dx, "dx", nb::dtype<float>(), "float32");
+  sf::ProblemT p;
+  p.dy = static_cast<const float*>(dy.data());
+  p.B = dim(dy, 0);
+  p.out = dim(dy, 1);
+  p.dx = static_cast<float*>(dx.data());
+  p.in = static_cast<int64_t>(dx.shape(1));
+  if (static_cast<int64_t>(dx.shape(0)) != p.B) throw std::invalid_argument("dx must have as many rows as dy");
+  return p;
+}
+
+sf::CsrView csr_view(const In& row_ptr, const In& col, const In& values, int64_t cols) {
+  check_array(row_ptr, "row_ptr", 1);
+  check_dtype(row_ptr, "row_ptr", nb::dtype<int32_t>(), "int32");
+  check_array(col, "col", 1);
+  check_array(values, "values", 1);
+  sf::CsrView w;
+  w.rows = dim(row_ptr, 0) - 1;
+  w.cols = cols;
+  w.nnz = dim(values, 0);
+  if (w.rows < 0) throw std::invalid_argument("row_ptr must have rows + 1 >= 1 entries");
+  if (col.dtype() == nb::dtype<uint16_t>() || col.dtype() == nb::dtype<int16_t>()) {
+    w.col_u16 = true;  // int16 storage is read as uint16
+    if (cols > 65536) throw std::invalid_argument("16-bit column indices need cols <= 65536");
+  } else if (col.dtype() == nb::dtype<int32_t>()) {
+    w.col_u16 = false;
+  } else {
+    throw std::invalid_argument("col must be uint16 or int32, got " + dtype_name(col.dtype()));
+  }
+  if (dim(col, 0) != w.nnz) throw std::invalid_argument("col and values must have the same length (nnz)");
+  w.vt = value_type(values, "values");
+  w.row_ptr = static_cast<const int32_t*>(row_ptr.data());
+  w.col = col.data();
+  w.val = values.data();
+  if (w.row_ptr[0] != 0 || w.row_ptr[w.rows] != w.nnz) {
+    throw std::invalid_argument("row_ptr must start at 0 and end at nnz = len(values)");
+  }
+  return w;
+}
+
+sf::BitmapView bitmap_view(const In& bits, const In& row_offsets, const In& values, int64_t cols) {
+  check_array(bits, "bitmap", 2);
+  check_dtype(bits, "bitmap", nb::dtype<uint8_t>(), "uint8");
+  check_array(row_offsets, "row_offsets", 1);
+  check_dtype(row_offsets, "row_offsets", nb::dtype<int64_t>(), "int64");
+  check_array(values, "values", 1);
+  sf::BitmapView w;
+  w.rows = dim(bits, 0);
+  w.cols = cols;
+  w.bpr = dim(bits, 1);
+  w.nnz = dim(values, 0);
+  if (w.bpr != (cols + 7) / 8) {
+    throw std::invalid_argument("bitmap must have ceil(in_features / 8) = " + std::to_string((cols + 7) / 8) +
+                                " bytes per row, got " + std::to_string(w.bpr));
+  }
+  if (dim(row_offsets, 0) != w.rows + 1) throw std::invalid_argument("row_offsets must have rows + 1 entries");
+  w.vt = value_type(values, "values");
+  w.bits = static_cast<const uint8_t*>(bits.data());
+  w.row_offsets = static_cast<const int64_t*>(row_offsets.data());
+  w.val = values.data();
+  if (w.row_offsets[0] != 0 || w.row_offsets[w.rows] != w.nnz) {
+    throw std::invalid_argument("row_offsets must start at 0 and end at nnz = len(values)");
+  }
+  return w;
+}
+
+sf::NmView nm_view(const In& values, const In& indices, int n, int m, int64_t cols) {
+  check_array(values, "values", 2);
+  check_array(indices, "indices", 2);
+  check_dtype(indices, "indices", nb::dtype<uint8_t>(), "uint8");
+  if (!(0 < n && n < m && m <= 256)) throw std::invalid_argument("N:M needs 0 < n < m <= 256");
+  if (cols % m) throw std::invalid_argument("in_features must be divisible by m");
+  sf::NmView w;
+  w.rows = dim(values, 0);
+  w.cols = cols;
+  w.n = n;
+  w.m = m;
+  int b = 1;
+  while ((1 << b) < m) ++b;
+  w.b = b;
+  w.vpr = cols / m * n;
+  w.ibpr = (w.vpr * b + 7) / 8;
+  if (dim(values, 1) != w.vpr) {
+    throw std::invalid_argument("values must have shape (rows, in_features / m * n) = (" + std::to_string(w.rows) +
+                                ", " + std::to_string(w.vpr) + ")");
+  }
+  if (dim(indices, 0) != w.rows || dim(indices, 1) != w.ibpr) {
+    throw std::invalid_argument("indices must have shape (rows, ceil(values_per_row * bits / 8)) = (" +
+                                std::to_string(w.rows) + ", " + std::to_string(w.ibpr) + ")");
+  }
+  w.vt = value_type(values, "values");
+  w.val = values.data();
+  w.idx = static_cast<const uint8_t*>(indices.data());
+  return w;
+}
+
+}  // namespace
+
+NB_MODULE(_native, mod) {
+  mod.doc() = "sparseforge native CPU kernels (torch-free C++17; see docs/kernels.md)";
+
+  mod.def("isa", [](const std::string& requested) { return std::string(sf::isa_name(resolve(requested))); },
+          "requested"_a = "",
+          "Kernel path a call would use now: SPARSEFORGE_ISA if set, else the best this CPU has.");
+  mod.def("best_isa", [] { return std::string(sf::isa_name(sf::best_isa())); });
+  mod.def("cpu_supports", [](const std::string& name) {
+    if (name == "scalar") return true;
+    if (name == "avx2") return sf::compiled_with(sf::Isa::avx2) && sf::cpu_supports(sf::Isa::avx2);
+    if (name == "avx512") return sf::compiled_with(sf::Isa::avx512) && sf::cpu_supports(sf::Isa::avx512);
+    throw std::invalid_argument("unknown kernel path '" + name + "'");
+  });
+  mod.def("num_threads", &threads, "Threads the kernels use (the caller included).");
+  mod.def("set_num_threads", [](int n) {
+    try {
+      sf::set_num_threads(n);
+    } catch (const std::invalid_argument& e) {
+      raise_config_error(e.what());
+    }
+  });
+
+  // ---- CSR
+  mod.def("csr_linear",
+          [](const In& x, const In& row_ptr, const In& col, const In& values, const nb::object& bias, const Out& y,
+             const std::string& isa, const std::string& algo) {
+            sf::Problem p = problem(x, bias, y);
+            sf::CsrView w = csr_view(row_ptr, col, values, p.in);
+            const sf::Isa i = resolve(isa);
+            const int a = parse_algo(algo);
+            nb::gil_scoped_release rel;
+            sf::csr_linear(w, p, i, a);
+          },
+          "x"_a, "row_ptr"_a, "col"_a, "values"_a, "bias"_a.none(), "y"_a, "isa"_a = "", "algo"_a = "auto");
+  mod.def("csr_linear_ref",
+          [](const In& x, const In& row_ptr, const In& col, const In& values, const nb::object& bias, const Out& y) {
+            sf::Problem p = problem(x, bias, y);
+            sf::CsrView w = csr_view(row_ptr, col, values, p.in);
+            nb::gil_scoped_release rel;
+            sf::csr_linear_ref(w, p);
+          },
+          "x"_a, "row_ptr"_a, "col"_a, "values"_a, "bias"_a.none(), "y"_a);
+  mod.def("csr_linear_t",
+          [](const In& dy, const In& row_ptr, const In& col, const In& values, const Out& dx, const std::string& isa) {
+            sf::ProblemT p = problem_t(dy, dx);
+            sf::CsrView w = csr_view(row_ptr, col, values, p.in);
+            const sf::Isa i = resolve(isa);
+            nb::gil_scoped_release rel;
+            sf::csr_linear_t(w, p, i);
+          },
+          "dy"_a, "row_ptr"_a, "col"_a, "values"_a, "dx"_a, "isa"_a = "");
+  mod.def("csr_linear_t_ref",
+          [](const In& dy, const In& row_ptr, const In& col, const In& values, const Out& dx) {
+            sf::ProblemT p = problem_t(dy, dx);
+            sf::CsrView w = csr_view(row_ptr, col, values, p.in);
+            nb::gil_scoped_release rel;
+            sf::csr_linear_t_ref(w, p);
+          },
+          "dy"_a, "row_ptr"_a, "col"_a, "values"_a, "dx"_a);
+
+  // ---- bitmap
+  mod.def("bitmap_linear",
+          [](const In& x, const In& bits, const In& row_offsets, const In& values, const nb::object& bias,
+             const Out& y, const std::string& isa, const std::string& algo) {
+            sf::Problem p = problem(x, bias, y);
+            sf::BitmapView w = bitmap_view(bits, row_offsets, values, p.in);
+            const sf::Isa i = resolve(isa);
+            const int a = parse_algo(algo);
+            nb::gil_scoped_release rel;
+            sf::bitmap_linear(w, p, i, a);
+          },
+          "x"_a, "bitmap"_a, "row_offsets"_a, "values"_a, "bias"_a.none(), "y"_a, "isa"_a = "", "algo"_a = "auto");
+  mod.def("bitmap_linear_ref",
+          [](const In& x, const In& bits, const In& row_offsets, const In& values, const nb::object& bias,
+             const Out& y) {
+            sf::Problem p = problem(x, bias, y);
+            sf::BitmapView w = bitmap_view(bits, row_offsets, values, p.in);
+            nb::gil_scoped_release rel;
+            sf::bitmap_linear_ref(w, p);
+          },
+          "x"_a, "bitmap"_a, "row_offsets"_a, "values"_a, "bias"_a.none(), "y"_a);
+  mod.def("bitmap_linear_t",
+          [](const In& dy, const In& bits, const In& row_offsets, const In& values, const Out& dx,
+             const std::string& isa) {
+            sf::ProblemT p = problem_t(dy, dx);
+            sf::BitmapView w = bitmap_view(bits, row_offsets, values, p.in);
+            const sf::Isa i = resolve(isa);
+            nb::gil_scoped_release rel;
+            sf::bitmap_linear_t(w, p, i);
+          },
+          "dy"_a, "bitmap"_a, "row_offsets"_a, "values"_a, "dx"_a, "isa"_a = "");
+  mod.def("bitmap_linear_t_ref",
+          [](const In& dy, const In& bits, const In& row_offsets, const In& values, const Out& dx) {
+            sf::ProblemT p = problem_t(dy, dx);
+            sf::BitmapView w = bitmap_view(bits, row_offsets, values, p.in);
+            nb::gil_scoped_release rel;
+            sf::bitmap_linear_t_ref(w, p);
+          },
+          "dy"_a, "bitmap"_a, "row_offsets"_a, "values"_a, "dx"_a);
+
+  // ---- N:M
+  mod.def("nm_linear",
+          [](const In& x, const In& values, const In& indices, int n, int m, const nb::object& bias, const Out& y,
+             const std::string& isa, const std::string& algo) {
+            sf::Problem p = problem(x, bias, y);
+            sf::NmView w = nm_view(values, indices, n, m, p.in);
+            if (w.rows != p.out) throw std::invalid_argument("y must have one column per weight row");
+            const sf::Isa i = resolve(isa);
+            const int a = parse_algo(algo);
+            nb::gil_scoped_release rel;
+            sf::nm_linear(w, p, i, a);
+          },
+          "x"_a, "values"_a, "indices"_a, "n"_a, "m"_a, "bias"_a.none(), "y"_a, "isa"_a = "", "algo"_a = "auto");
+  mod.def("nm_linear_ref",
+          [](const In& x, const In& values, const In& indices, int n, int m, const nb::object& bias, const Out& y) {
+            sf::Problem p = problem(x, bias, y);
+            sf::NmView w = nm_view(values, indices, n, m, p.in);
+            nb::gil_scoped_release rel;
+            sf::nm_linear_ref(w, p);
+          },
+          "x"_a, "values"_a, "indices"_a, "n"_a, "m"_a, "bias"_a.none(), "y"_a);
+  mod.def("nm_linear_t",
+          [](const In& dy, const In& values, const In& indices, int n, int m, const Out& dx, const std::string& isa) {
+            sf::ProblemT p = problem_t(dy, dx);
+            sf::NmView w = nm_view(values, indices, n, m, p.in);
+            const sf::Isa i = resolve(isa);
+            nb::gil_scoped_release rel;
+            sf::nm_linear_t(w, p, i);
+          },
+          "dy"_a, "values"_a, "indices"_a, "n"_a, "m"_a, "dx"_a, "isa"_a = "");
+  mod.def("nm_linear_t_ref",
+          [](const In& dy, const In& values, const In& indices, int n, int m, const Out& dx) {
+            sf::ProblemT p = problem_t(dy, dx);
+            sf::NmView w = nm_view(values, indices, n, m, p.in);
+            nb::gil_scoped_release rel;
+            sf::nm_linear_t_ref(w, p);
+          },
+          "dy"_a, "values"_a, "indices"_a, "n"_a, "m"_a, "dx"_a);
+}
