@@ -1,0 +1,219 @@
+#!/usr/bin/env python
+"""Sparse-training quality: dense vs static random vs SET vs RigL vs GMP on sklearn's digits.
+
+A 64-300-100-10 MLP (LeNet-300-100 with digits' 64 inputs) is trained on scikit-learn's bundled
+8x8 digits (1797 images, no download; 1297 train / 500 test, fixed split), with every method at
+80 / 90 / 95 % sparsity over all three linear layers, several seeds, and the *same* step budget,
+optimizer and learning-rate schedule. Sparse methods share the ERK layer-wise distribution and
+(for SET and RigL) the same drop schedule (RigL paper's setting: cosine-decayed ``alpha=0.3``,
+updates every ``dT`` steps until 75 % of training), so SET and RigL differ only in how they grow.
+GMP prunes from dense along Zhu & Gupta's cubic ramp between 10 % and 60 % of training.
+
+The papers lead us to expect RigL >= SET >= static at equal sparsity; the run *checks* it (by the
+mean over seeds, and says whether the gap exceeds the seed-to-seed spread) and writes what it
+found, not what was expected.
+
+Writes ``benchmarks/results/dst_quality.json`` (``--out`` to change) and prints a markdown table.
+
+Usage::
+
+    python benchmarks/dst_quality.py --quick      # 3 seeds x 1500 steps, well under 3 minutes on 1 core
+    python benchmarks/dst_quality.py              # 5 seeds x 4000 steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+from sparseforge.train import GMP, SET, RigL, StaticSparse  # noqa: E402
+
+METHODS = ("dense", "static", "set", "rigl", "gmp")
+SPARSITIES = (0.8, 0.9, 0.95)
+WIDTHS = (64, 300, 100, 10)
+
+
+def load_digits_split(seed: int = 0):
+    """Digits as float tensors in [0, 1], a fixed 1297 / 500 split."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0  # (1797, 64)
+    y = torch.tensor(data.target, dtype=torch.long)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    test, train = order[:500], order[500:]
+    return x[train], y[train], x[test], y[test]
+
+
+def mlp(seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for a, b in zip(WIDTHS, WIDTHS[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def make_trainer(method: str, net, opt, sparsity: float, steps: int, interval: int, seed: int):
+    common = dict(sparsity=sparsity, distribution="erk", seed=seed)
+    if method == "static":
+        return StaticSparse(net, opt, **common)
+    if method in ("set", "rigl"):
+        cls = SET if method == "set" else RigL
+        end = int(0.75 * steps)
+        return cls(net, opt, drop_fraction=0.3, drop_fraction_decay="cosine",
+                   schedule={"start_step": 0, "end_step": end, "update_interval": interval}, **common)
+    if method == "gmp":
+        start = interval * round(0.1 * steps / interval)
+        end = interval * round(0.6 * steps / interval)
+        return GMP(net, opt, schedule={"start_step": start, "end_step": end, "update_interval": interval}, **common)
+    raise ValueError(method)
+
+
+def run(method: str, sparsity: float, seed: int, data, steps: int, interval: int, batch: int, lr: float) -> dict:
+    xtr, ytr, xte, yte = data
+    net = mlp(seed)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4, nesterov=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    trainer = None if method == "dense" else make_trainer(method, net, opt, sparsity, steps, interval, seed)
+    active0 = None if trainer is None else trainer.num_active()
+    g = torch.Generator().manual_seed(10_000 + seed)
+    perm, pos, updates, changed = torch.randperm(len(xtr), generator=g), 0, 0, 0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        if pos + batch > len(xtr):
+            perm, pos = torch.randperm(len(xtr), generator=g), 0
+        idx = perm[pos:pos + batch]
+        pos += batch
+        loss = nn.functional.cross_entropy(net(xtr[idx]), ytr[idx])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        if trainer is not None:
+            up = trainer.step()
+            if up is not None:
+                updates += 1
+                changed += sum(grown for _, grown in up.changed.values())
+    seconds = time.perf_counter() - t0
+    net.eval()
+    with torch.no_grad():
+        acc = (net(xte).argmax(1) == yte).float().mean().item() * 100
+        train_loss = nn.functional.cross_entropy(net(xtr), ytr).item()
+    weights = [m.weight for m in net if isinstance(m, nn.Linear)]
+    total = sum(w.numel() for w in weights)
+    zeros = sum(int((w == 0).sum()) for w in weights)  # >= masked: a grown weight can still be exactly 0
+    masked = 0 if trainer is None else sum(int((~l.mask).sum()) for l in trainer.layers)
+    out = dict(method=method, sparsity=0.0 if method == "dense" else sparsity, seed=seed, test_acc=acc,
+               train_loss=train_loss, mask_sparsity=masked / total, zero_fraction=zeros / total, seconds=seconds,
+               mask_updates=updates, weights_regrown=changed)
+    if trainer is not None:
+        out["layer_sparsity"] = trainer.sparsities()
+        out["active_constant"] = trainer.num_active() == active0 if method != "gmp" else None
+    return out
+
+
+def summarise(results: list[dict], metric: str) -> dict:
+    cells: dict[str, list[float]] = {}
+    for r in results:
+        key = r["method"] if r["method"] == "dense" else f"{r['method']}@{r['sparsity']}"
+        cells.setdefault(key, []).append(r[metric])
+    return {k: {"mean": statistics.fmean(v), "std": statistics.pstdev(v) if len(v) > 1 else 0.0, "n": len(v)}
+            for k, v in cells.items()}
+
+
+def check_order(summary: dict, metric: str, higher_is_better: bool) -> list[dict]:
+    """RigL >= SET >= static, per sparsity, by the mean; 'clear' when the gap exceeds both spreads."""
+    checks = []
+    sign = 1.0 if higher_is_better else -1.0
+    for s in SPARSITIES:
+        for hi, lo in (("rigl", "set"), ("set", "static"), ("rigl", "static")):
+            a, b = summary.get(f"{hi}@{s}"), summary.get(f"{lo}@{s}")
+            if a is None or b is None:
+                continue
+            gap = a["mean"] - b["mean"]
+            clear = abs(gap) > max(a["std"], b["std"]) if min(a["n"], b["n"]) > 1 else None
+            checks.append(dict(metric=metric, sparsity=s, claim=f"{hi} better than or equal to {lo}", gap=gap,
+                               holds=sign * gap >= 0, clear=clear))
+    return checks
+
+
+def _yes_no(value: bool | None) -> str:
+    return "n/a (1 seed)" if value is None else ("yes" if value else "no")
+
+
+def markdown(summaries: dict, checks: list[dict], meta: dict) -> str:
+    lines = [f"Digits, MLP {'-'.join(map(str, WIDTHS))}, {meta['steps']} steps, {meta['seeds']} seeds "
+             "(mean ± std), ERK layer-wise sparsity, same optimizer and step budget for every method"]
+    for metric, title, fmt in (("test_acc", "test accuracy (%)", "{:.2f} ± {:.2f}"),
+                               ("train_loss", "final training loss", "{:.4f} ± {:.4f}")):
+        summary = summaries[metric]
+        lines += ["", f"| {title} | " + " | ".join(f"{int(s * 100)}%" for s in SPARSITIES) + " |",
+                  "|---|" + "---|" * len(SPARSITIES)]
+        d = summary["dense"]
+        lines.append("| dense | " + " | ".join(fmt.format(d["mean"], d["std"]) for _ in SPARSITIES) + " |")
+        for m in METHODS[1:]:
+            row = [summary.get(f"{m}@{s}") for s in SPARSITIES]
+            lines.append(f"| {m} | " + " | ".join(fmt.format(c["mean"], c["std"]) if c else "-" for c in row) + " |")
+    lines += ["", "| metric | sparsity | claim | gap | holds | beyond seed spread |", "|---|---|---|---|---|---|"]
+    for c in checks:
+        lines.append(f"| {c['metric']} | {int(c['sparsity'] * 100)}% | {c['claim']} | {c['gap']:+.4g} | "
+                     f"{'yes' if c['holds'] else 'NO'} | {_yes_no(c['clear'])} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="3 seeds x 1500 steps (under 3 minutes)")
+    ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3 quick, 5 full)")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 1500 quick, 4000 full)")
+    ap.add_argument("--interval", type=int, default=50, help="mask update interval dT (default 50)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for this size)")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "dst_quality.json")
+    args = ap.parse_args(argv)
+    seeds = args.seeds or (3 if args.quick else 5)
+    steps = args.steps or (1500 if args.quick else 4000)
+    torch.set_num_threads(args.threads)
+
+    data = load_digits_split()
+    results, t0 = [], time.perf_counter()
+    for seed in range(seeds):
+        results.append(run("dense", 0.0, seed, data, steps, args.interval, args.batch, args.lr))
+        for s in SPARSITIES:
+            for m in METHODS[1:]:
+                results.append(run(m, s, seed, data, steps, args.interval, args.batch, args.lr))
+        print(f"seed {seed} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    summaries = {m: summarise(results, m) for m in ("test_acc", "train_loss")}
+    checks = check_order(summaries["test_acc"], "test_acc", True) + check_order(summaries["train_loss"], "train_loss", False)
+    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                quick=args.quick, seeds=seeds, steps=steps, interval=args.interval, batch=args.batch, lr=args.lr,
+                threads=args.threads, widths=WIDTHS, distribution="erk", drop_fraction=0.3,
+                drop_fraction_decay="cosine (SET and RigL)", optimizer="SGD nesterov 0.9, wd 1e-4, cosine lr",
+                torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
+                cpu_count=os.cpu_count(), seconds=time.perf_counter() - t0)
+    table = markdown(summaries, checks, meta)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dict(meta=meta, summary=summaries, checks=checks, runs=results, table=table), indent=1))
+    tmp.replace(args.out)
+    print(table)
+    print(f"\n{len(results)} runs in {meta['seconds']:.0f} s; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
