@@ -6,9 +6,9 @@ from torch import nn
 
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.masks import num_pruned, satisfies
-from sparseforge.train import GMP, SET, RigL, StaticSparse, from_config
+from sparseforge.train import GMP, SET, RigL, StaticSparse
 from sparseforge.train.base import MASK_BUFFER
-from sparseforge.train.config import RigLConfig
+from sparseforge.train.config import RigLConfig, SETConfig
 from sparseforge.train.schedules import cubic_sparsity
 
 DST = {"start_step": 0, "end_step": 40, "update_interval": 5}
@@ -208,7 +208,7 @@ def test_bad_attachments():
     with pytest.raises(ConfigError, match="either a config or keyword"):
         RigL(net, opt, RigLConfig(sparsity=0.5, schedule=DST), sparsity=0.5)
     with pytest.raises(ConfigError, match="needs a RigLConfig"):
-        RigL(net, opt, from_config.__globals__["SETConfig"](sparsity=0.5, schedule=DST))
+        RigL(net, opt, SETConfig(sparsity=0.5, schedule=DST))
     with pytest.raises(ConfigError, match="unknown key"):
         RigL(net, opt, sparsity=0.5, schedule=DST, drop=0.1)
     with pytest.raises(ConfigError, match="matches no linear layer"):
@@ -220,6 +220,17 @@ def test_bad_attachments():
     StaticSparse(net, opt, sparsity=0.5)
     with pytest.raises(ConfigError, match="already has a 'weight_mask'"):
         StaticSparse(net, opt, sparsity=0.5)
+
+
+def test_tied_weights_are_refused():
+    torch.manual_seed(0)
+    emb, head = nn.Embedding(10, 8), nn.Linear(8, 10, bias=False)
+    head.weight = emb.weight
+    net = nn.Sequential(emb, nn.Linear(8, 8), head)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match=r"layer 2 is shared with \['0.weight', '2.weight'\]"):
+        StaticSparse(net, opt, sparsity=0.5)
+    assert [l.name for l in StaticSparse(net, opt, sparsity=0.5, dense_last=True).layers] == ["1"]
 
 
 def test_factored_optimizer_state_is_an_error():

@@ -201,6 +201,9 @@ class SparseTrainer:
             raise ConfigError("dense_first / dense_last leave no layer to train sparse; select more layers")
         modules = dict(self.model.named_modules())
         params = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        owners: dict[int, list[str]] = {}
+        for pname, p in self.model.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(p), []).append(pname)
         shapes = {}
         for name in names:
             module = modules[name]
@@ -213,6 +216,11 @@ class SparseTrainer:
                 raise ConfigError(
                     f"the optimizer does not hold the weight of layer {name}; build the optimizer over "
                     "model.parameters() before attaching the sparse trainer"
+                )
+            if len(owners.get(id(module.weight), [])) > 1:
+                raise ConfigError(
+                    f"the weight of layer {name} is shared with {owners[id(module.weight)]} (tied weights): a mask "
+                    f"would sparsify all of them; add '{name}' to ignore (or use dense_last for an LM head)"
                 )
             shapes[name] = tuple(weight_2d(module).shape)
             check_fits(self.pattern, shapes[name], layer=name)
