@@ -62,6 +62,14 @@ def builtin_model_path() -> Path:
     return root
 
 
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a long text, without special tokens and without the max-length warning."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # fast tokenizer: same ids, no "sequence longer than max length" warning
+        return list(backend.encode(text, add_special_tokens=False).ids)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def heldout_token_ids(tokenizer: Any) -> list[int]:
     """Token ids of the held-out split, as used by the perplexity protocol.
 
@@ -74,7 +82,7 @@ def heldout_token_ids(tokenizer: Any) -> list[int]:
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for work in corpus.list_works("heldout"):
-        ids.extend(tokenizer(corpus.load_work(work), add_special_tokens=False)["input_ids"])
+        ids.extend(_encode(tokenizer, corpus.load_work(work)))
         if eos is not None:
             ids.append(eos)
     return ids

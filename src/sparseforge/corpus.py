@@ -92,10 +92,17 @@ def load_work(name: str) -> str:
     return gzip.decompress(data).decode("utf-8")
 
 
-@functools.lru_cache(maxsize=None)
 def load_text(split: str = "train") -> str:
-    """All works of ``split`` (``"train"`` or ``"heldout"``) joined by :data:`DOC_SEPARATOR`, in name order."""
+    """All works of ``split`` (``"train"`` or ``"heldout"``) joined by :data:`DOC_SEPARATOR`, in name order.
+
+    The result is cached: repeated calls return the same string object.
+    """
     _check_split(split)
+    return _load_split(split)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_split(split: str) -> str:
     return DOC_SEPARATOR.join(load_work(w) for w in list_works(split))
 
 

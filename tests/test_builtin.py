@@ -1,0 +1,141 @@
+"""Tests for the shipped built-in model (sparseforge.builtin, assets/builtin-llama)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from sparseforge import builtin
+from sparseforge.builtin import BUILTIN_MODEL_NAME, builtin_model_path
+
+# The held-out PPL bound is the value measured at training time (recorded in
+# assets/builtin-llama/training_log.json and README.md) times this slack factor.
+PPL_SLACK = 1.2
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def torch():
+    t = pytest.importorskip("torch")
+    t.set_num_threads(min(2, t.get_num_threads()))
+    return t
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(builtin_model_path()), local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def model(torch):
+    transformers = pytest.importorskip("transformers")
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(builtin_model_path()), local_files_only=True)
+    m.eval()
+    return m
+
+
+def test_path_and_name():
+    assert BUILTIN_MODEL_NAME == "builtin"
+    p = builtin_model_path()
+    assert p.is_dir() and p.name == "builtin-llama"
+    assert p.parent.name == "assets"
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "README.md", "training_log.json"):
+        assert (p / f).is_file(), f
+    assert not any(n.name.endswith(".bin") for n in p.iterdir())
+
+
+def test_missing_model_raises_clear_error(monkeypatch):
+    monkeypatch.setattr(builtin, "BUILTIN_MODEL_DIRNAME", "no-such-model")
+    with pytest.raises(FileNotFoundError, match="built-in model not found"):
+        builtin.builtin_model_path()
+
+
+def test_config_matches_spec():
+    cfg = json.loads((builtin_model_path() / "config.json").read_text())
+    assert cfg["model_type"] == "llama"
+    assert cfg["vocab_size"] == 4096
+    assert cfg["hidden_size"] == 256
+    assert cfg["num_hidden_layers"] == 6
+    assert cfg["num_attention_heads"] == 4
+    assert cfg["intermediate_size"] == 768
+    assert cfg["tie_word_embeddings"] is True
+    assert cfg["max_position_embeddings"] == 512
+
+
+def test_tokenizer_loads_offline(tokenizer):
+    assert len(tokenizer) == 4096
+    assert tokenizer.eos_token == "<|endoftext|>"
+    assert tokenizer.bos_token == "<|endoftext|>"
+    assert tokenizer.pad_token == "<|pad|>"
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    text = "To be, or not to be: that is the question."
+    ids = tokenizer(text)["input_ids"]
+    assert tokenizer.decode(ids) == text  # byte-level BPE round-trips
+    assert len(ids) < len(text) / 2
+    assert tokenizer.decode(tokenizer("naïve — ünïcode ✓")["input_ids"]) == "naïve — ünïcode ✓"
+
+
+@pytest.mark.slow
+def test_model_loads_and_forward_is_finite(torch, model, tokenizer):
+    n = sum(p.numel() for p in model.parameters())
+    assert 5_000_000 < n < 8_000_000
+    assert next(model.parameters()).dtype == torch.float32
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    batch = tokenizer(["Shall I compare thee to a summer's day?", "Now is the winter"],
+                      return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        out = model(**batch, labels=labels)
+    assert out.logits.shape == (2, batch["input_ids"].shape[1], 4096)
+    assert torch.isfinite(out.logits).all()
+    assert math.isfinite(out.loss.item())
+    assert out.loss.item() < math.log(4096)  # better than uniform
+
+
+def _measured_ppl() -> float:
+    log = json.loads((builtin_model_path() / "training_log.json").read_text())
+    return float(log["heldout_ppl"])
+
+
+@pytest.mark.slow
+def test_heldout_perplexity_bound(model, tokenizer):
+    measured = _measured_ppl()
+    ppl = builtin.heldout_perplexity(model, tokenizer)
+    # Same weights + same protocol => essentially the measured value; allow 20% for
+    # kernel/library differences. It must also be far below vocab size (uniform = 4096).
+    assert ppl < PPL_SLACK * measured
+    assert ppl > measured / PPL_SLACK
+    assert ppl < 4096 / 20
+
+
+def test_heldout_perplexity_protocol_on_tiny_model(torch):
+    """The protocol on a hand-made 'model': uniform logits => PPL == vocab size."""
+    vocab = 7
+
+    class Uniform(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids):
+            class Out:
+                pass
+
+            o = Out()
+            o.logits = torch.zeros(*input_ids.shape, vocab) + self.w
+            return o
+
+    ids = list(range(vocab)) * 100
+    ppl = builtin.heldout_perplexity(Uniform(), None, token_ids=ids, seq_len=16, max_windows=5)
+    assert ppl == pytest.approx(vocab)
+    with pytest.raises(ValueError):
+        builtin.heldout_perplexity(Uniform(), None, token_ids=[1, 2, 3], seq_len=16)
