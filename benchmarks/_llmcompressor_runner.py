@@ -3,7 +3,8 @@
 Called by ``benchmarks/oneshot_llmc.py`` (never imported by sparseforge, never run in the main
 venv: it imports only torch, transformers, datasets, safetensors and llmcompressor). It:
 
-1. loads the model directory with ``AutoModelForCausalLM`` in float32;
+1. loads the model directory with ``AutoModelForCausalLM`` (``--kind encoder``: ``AutoModel``) in
+   float32;
 2. builds a ``datasets.Dataset`` with an ``input_ids`` column from the calibration token ids
    saved by the benchmark (a ``(samples, seqlen)`` int64 tensor in a ``torch.save`` file), so
    llm-compressor sees exactly sparseforge's calibration windows (already tokenised: it skips
@@ -21,7 +22,8 @@ Timings: ``prune_s`` is the ``oneshot`` call alone; ``total_s`` runs from interp
 Usage (what the benchmark runs)::
 
     .bench/llmcompressor-venv/bin/python benchmarks/_llmcompressor_runner.py \\
-        --model DIR --calibration calib.pt --pattern 2:4 --sparsity 0.5 --out OUT --result r.json
+        --model DIR --block-prefix model.layers --calibration calib.pt --pattern 2:4 --sparsity 0.5 \\
+        --out OUT --result r.json
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ T_START = time.perf_counter()  # before the heavy imports: they are part of the 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -73,6 +76,9 @@ def main() -> None:
     ap.add_argument("--calibration", required=True, help="torch.save file of a (samples, seqlen) int64 tensor")
     ap.add_argument("--pattern", required=True, help="'unstructured' or 'N:M' (sparseforge convention: keep N of M)")
     ap.add_argument("--sparsity", type=float, required=True)
+    ap.add_argument("--kind", choices=("causal-lm", "encoder"), default="causal-lm", help="AutoModelForCausalLM or AutoModel")
+    ap.add_argument("--block-prefix", required=True,
+                    help="module path of the repeated blocks (e.g. model.layers): only linears inside them are pruned")
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--dampening", type=float, default=0.01)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -94,7 +100,8 @@ def main() -> None:
     ids = torch.load(args.calibration)  # (samples, seqlen) int64
     samples, seqlen = ids.shape
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    auto = transformers.AutoModelForCausalLM if args.kind == "causal-lm" else transformers.AutoModel
+    model = auto.from_pretrained(args.model, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     settings = dict(
         sparsity=args.sparsity,
@@ -102,7 +109,9 @@ def main() -> None:
         block_size=args.block_size,
         dampening_frac=args.dampening,
         targets=["Linear"],
-        ignore=["re:.*lm_head"],  # sparseforge prunes only the linears inside the decoder layers
+        # sparseforge's default targets are the linears inside the repeated blocks: ignore every
+        # other one (lm_head, a pooler). llm-compressor re.match-es "re:" patterns on module names.
+        ignore=[f"re:(?!{re.escape(args.block_prefix)}\\.\\d+\\.)"],
     )
     modifier = SparseGPTModifier(**settings)
     t0 = time.perf_counter()

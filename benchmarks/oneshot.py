@@ -42,8 +42,8 @@ sys.path.insert(0, str(HERE))
 import oneshot_llmc  # noqa: E402
 import oneshot_report  # noqa: E402
 
-FULL = dict(patterns="50%,2:4,4:8,70%", samples=64, seqlen=256, encoder_seqlen=128, eval_windows=64, eval_sentences=256)
-QUICK = dict(patterns="50%,2:4", samples=8, seqlen=64, encoder_seqlen=32, eval_windows=4, eval_sentences=32)
+FULL = dict(repeat=3, patterns="50%,2:4,4:8,70%", samples=64, seqlen=256, encoder_seqlen=128, eval_windows=64, eval_sentences=256)
+QUICK = dict(repeat=1, patterns="50%,2:4", samples=8, seqlen=64, encoder_seqlen=32, eval_windows=4, eval_sentences=32)
 
 
 def parse_pattern(token: str) -> tuple[str, str, float]:
@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--llmcompressor-python", help="Python of an existing venv with llmcompressor (skips venv set-up)")
     ap.add_argument("--llmcompressor-venv", default=str(REPO / ".bench" / "llmcompressor-venv"))
     ap.add_argument("--llmcompressor-patterns", help="patterns for llm-compressor (default: every unstructured/N:M one)")
+    ap.add_argument("--repeat", type=int, help="runs per pruning cell, round-robin; min wall time is kept (default 3, quick 1)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per cell")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--keep-work", help="keep calibration ids, logs and llm-compressor outputs in this directory")
@@ -96,7 +97,7 @@ def settings_from(args: argparse.Namespace) -> dict:
         patterns=[p[0] for p in patterns], pattern_specs={p[0]: p[1:] for p in patterns + llmc},
         llmc_patterns=[] if args.skip_llmcompressor else [p[0] for p in llmc],
         samples=get("samples"), seqlen=get("seqlen"), encoder_seqlen=get("encoder_seqlen"),
-        eval_windows=get("eval_windows"), eval_sentences=get("eval_sentences"),
+        eval_windows=get("eval_windows"), eval_sentences=get("eval_sentences"), repeat=get("repeat"),
         seed=args.seed, batch_size=args.batch_size, threads=args.threads, quick=args.quick,
     )  # fmt: skip
 
@@ -158,6 +159,8 @@ class Bench:
         self.json_path, self.md_path = out / f"{stem}.json", out / f"{stem}.md"
         self.results = {"meta": meta(argv), "settings": s, "models": {}, "runs": [], "checks": []}
         self.t0 = time.perf_counter()
+        self.llmc_python: Path | None = None
+        self.counter = 0
 
     def save(self) -> None:
         self.results["checks"] = oneshot_report.checks(self.results)
@@ -166,43 +169,60 @@ class Bench:
 
     def record(self, run: dict) -> None:
         self.results["runs"].append(run)
-        elapsed = time.perf_counter() - self.t0
-        head = f"[{elapsed:7.0f}s] {run['model']:>8} {run['tool']:>14} {run['method']:>9} {run['pattern']:>6}"
+        head = f"{run['model']:>8} {run['tool']:>14} {run['method']:>9} {run['pattern']:>6}"
         if "error" in run:
-            print(f"{head}  FAILED {run['error']}", flush=True)
+            print(f"  => {head}  FAILED {run['error']}", flush=True)
         else:
-            print(f"{head}  {run['metric']}={run['value']:.4f}  prune {run['prune_s']:.1f}s  total {run['total_s']:.1f}s"
+            print(f"  => {head}  {run['metric']}={run['value']:.4f}  prune {run['prune_s']:.1f}s  total {run['total_s']:.1f}s"
                   f"  peak {run['peak_rss_mb']:.0f}MiB  sparsity {run.get('achieved_sparsity', 0):.3f}", flush=True)  # fmt: skip
         self.save()
 
-    def cell(self, model: str, method: str, label: str, base: dict) -> None:
-        pattern, sparsity = self.s["pattern_specs"].get(label, ("dense", 0.0))
-        spec = {**base, "task": "prune", "method": method, "pattern": pattern, "sparsity": sparsity}
-        name = f"{len(self.results['runs']):03d}-{method}"
-        run = {"model": model, "tool": "sparseforge", "method": method, "pattern": label, "sparsity": sparsity}
-        self.record({**run, **run_cell(spec, self.work, name, self.timeout)})
+    def once(self, job: dict, rep: int) -> dict:
+        """One run of ``job`` (a subprocess); evaluation only in the first repetition."""
+        pattern, sparsity = self.s["pattern_specs"].get(job["pattern"], ("dense", 0.0))
+        base, name = job["base"], f"{self.counter:03d}-{job['tool']}-{job['method']}-r{rep}"
+        self.counter += 1
+        if job["tool"] == "sparseforge":
+            spec = {**base, "task": "prune", "method": job["method"], "pattern": pattern, "sparsity": sparsity,
+                    "evaluate": rep == 0}  # fmt: skip
+            out = run_cell(spec, self.work, name, self.timeout)
+        else:
+            try:
+                lc = oneshot_llmc.run_llmcompressor(
+                    self.llmc_python, base["model_dir"], Path(base["calibration"]), pattern, sparsity, self.work,
+                    kind=base["kind"], block_prefix=base["block_prefix"], threads=self.s["threads"],
+                    batch_size=self.s["batch_size"], timeout=self.timeout)  # fmt: skip
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                return {"error": str(exc).splitlines()[-1]}
+            self.results["llmcompressor"] = {"versions": lc["versions"], "pipeline": lc["pipeline"]}
+            keys = ("prune_s", "total_s", "save_s", "peak_rss_mb", "vm_hwm_mb", "peak_rss_end_mb", "process_s")
+            out = {k: lc[k] for k in keys} | {"llmc_settings": lc["modifier"]["SparseGPTModifier"]}
+            if rep == 0:
+                spec = {**base, "task": "evaluate", "method": "sparsegpt", "model": lc["out_dir"], "pattern": pattern,
+                        "sparsity": sparsity}  # fmt: skip
+                ev = run_cell(spec, self.work, name + "-eval", self.timeout)
+                ev.pop("prune_s", None), ev.pop("total_s", None)
+                out |= {f"eval_{k}" if k.startswith("peak") or k == "vm_hwm_mb" else k: v for k, v in ev.items()}
+        elapsed = time.perf_counter() - self.t0
+        status = out.get("error") or f"prune {out['prune_s']:.1f}s total {out['total_s']:.1f}s peak {out['peak_rss_mb']:.0f}MiB"
+        print(f"[{elapsed:6.0f}s] {job['model']} {job['tool']} {job['method']} {job['pattern']} (run {rep + 1}): {status}", flush=True)
+        return {"model": job["model"], "tool": job["tool"], "method": job["method"], "pattern": job["pattern"],
+                "sparsity": sparsity, **out}  # fmt: skip
 
-    def llmc_cell(self, python: Path, model: str, label: str, base: dict) -> None:
-        pattern, sparsity = self.s["pattern_specs"][label]
-        run = {"model": model, "tool": oneshot_report.LLMC, "method": "sparsegpt", "pattern": label, "sparsity": sparsity}
-        try:
-            lc = oneshot_llmc.run_llmcompressor(
-                python, base["model_dir"], Path(base["calibration"]), pattern, sparsity, self.work,
-                threads=self.s["threads"], batch_size=self.s["batch_size"], timeout=self.timeout)  # fmt: skip
-        except (RuntimeError, subprocess.TimeoutExpired) as exc:
-            return self.record({**run, "error": str(exc).splitlines()[-1]})
-        self.results["llmcompressor"] = {"versions": lc["versions"], "pipeline": lc["pipeline"]}
-        run["llmc_settings"] = lc["modifier"]["SparseGPTModifier"]
-        spec = {**base, "task": "evaluate", "method": "sparsegpt", "model": lc["out_dir"], "pattern": pattern,
-                "sparsity": sparsity}  # fmt: skip
-        ev = run_cell(spec, self.work, f"{len(self.results['runs']):03d}-llmc-eval", self.timeout)
-        timing = {k: lc[k] for k in ("prune_s", "total_s", "save_s", "peak_rss_mb", "vm_hwm_mb", "peak_rss_end_mb", "process_s")}
-        self.record({**run, **ev, **timing, "eval_peak_rss_mb": ev.get("peak_rss_end_mb")} if "error" not in ev else {**run, **ev})
+    def group(self, jobs: list[dict], repeats: int) -> None:
+        """Run ``jobs`` round-robin ``repeats`` times (so load drift hits every tool alike), then record."""
+        runs: list[list[dict]] = [[] for _ in jobs]
+        for rep in range(repeats):
+            for job, done in zip(jobs, runs):
+                if not done or "error" not in done[-1]:
+                    done.append(self.once(job, rep))
+        for done in runs:
+            self.record(aggregate(done))
 
     def run(self, llmc_python: "Path | None") -> None:
         from sparseforge.models import model_kind, resolve_model_path
 
-        s = self.s
+        s, self.llmc_python, self.counter = self.s, llmc_python, 0
         for model in s["models"]:
             path = resolve_model_path(model)
             kind = model_kind(json.loads((path / "config.json").read_text()))
@@ -210,20 +230,32 @@ class Bench:
             calib, cinfo = calibration_file(model, kind, s, self.work, self.timeout)
             self.results["models"][model] = {"kind": kind, "path": str(path), "samples": cinfo["samples"],
                                              "seqlen": cinfo["seqlen"], "calibration_sha256": cinfo["sha256"]}  # fmt: skip
-            base = {"model": model, "model_dir": str(path), "reference": model, "calibration": str(calib),
+            base = {"model": model, "model_dir": str(path), "kind": kind, "block_prefix": cinfo["block_prefix"], "reference": model, "calibration": str(calib),
                     "samples": cinfo["samples"], "seqlen": cinfo["seqlen"], "seed": s["seed"],
                     "batch_size": s["batch_size"], "threads": s["threads"],
                     "eval_windows": s["eval_windows"], "eval_sentences": s["eval_sentences"]}  # fmt: skip
-            self.cell(model, "dense", "dense", base)
+            job = lambda tool, method, label: {"model": model, "tool": tool, "method": method, "pattern": label, "base": base}  # noqa: E731
+            self.group([job("sparseforge", "dense", "dense")], 1)
             self.results["models"][model]["params"] = self.results["runs"][-1].get("params", 0)
-            for label in s["patterns"]:
-                for method in s["methods"]:
-                    self.cell(model, method, label, base)
-                if kind == "causal-lm" and llmc_python and label in s["llmc_patterns"]:
-                    self.llmc_cell(llmc_python, model, label, base)
-            for label in s["llmc_patterns"]:  # llm-compressor-only patterns
-                if kind == "causal-lm" and llmc_python and label not in s["patterns"]:
-                    self.llmc_cell(llmc_python, model, label, base)
+            llmc = llmc_python is not None
+            for label in dict.fromkeys(s["patterns"] + (s["llmc_patterns"] if llmc else [])):
+                jobs = [job("sparseforge", m, label) for m in s["methods"]] if label in s["patterns"] else []
+                if llmc and label in s["llmc_patterns"]:
+                    jobs.append(job(oneshot_report.LLMC, "sparsegpt", label))
+                self.group(jobs, s["repeat"])
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """One record from repeated runs: metric of the first, minimum wall times, median peak RSS."""
+    if "error" in runs[-1]:
+        return runs[-1]
+    out = dict(runs[0])
+    for key in ("prune_s", "total_s"):
+        out[key], out[f"{key}_runs"] = min(r[key] for r in runs), [r[key] for r in runs]
+    rss = sorted(r["peak_rss_mb"] for r in runs)
+    out["peak_rss_mb"], out["peak_rss_mb_runs"] = rss[len(rss) // 2], [r["peak_rss_mb"] for r in runs]
+    out["repeats"] = len(runs)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

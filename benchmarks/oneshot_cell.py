@@ -57,9 +57,13 @@ def draw_calibration(spec: dict) -> dict:
     from sparseforge.models import load_model
 
     cfg = CalibrationConfig(samples=spec["samples"], seqlen=spec["seqlen"], seed=spec["seed"], batch_size=spec["batch_size"])
-    ids = calibration_tokens(load_model(spec["model"]).tokenizer, cfg)  # (samples, seqlen)
+    from sparseforge.layers import find_blocks
+
+    loaded = load_model(spec["model"])
+    ids = calibration_tokens(loaded.tokenizer, cfg)  # (samples, seqlen)
     torch.save(ids, spec["path"])
-    return {"samples": cfg.samples, "seqlen": cfg.seqlen, "sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest()}
+    return {"samples": cfg.samples, "seqlen": cfg.seqlen, "sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
+            "block_prefix": find_blocks(loaded.model)[0]}  # fmt: skip
 
 
 def check_sparsity(model, pattern: str, sparsity: float | None) -> dict:
@@ -147,9 +151,10 @@ def run(spec: dict) -> dict:
         out["peak_rss_mb"], out["vm_hwm_mb"] = peak_rss_mb(), vm_hwm_mb()
     if spec["method"] != "dense":
         out.update(check_sparsity(loaded.model, spec["pattern"], spec["sparsity"]))
-    out.update(evaluate(loaded, spec))
-    if not math.isfinite(out["value"]):
-        out["warning"] = "non-finite metric"
+    if spec.get("evaluate", True):  # repeated timing runs skip it
+        out.update(evaluate(loaded, spec))
+        if not math.isfinite(out["value"]):
+            out["warning"] = "non-finite metric"
     out["peak_rss_end_mb"] = peak_rss_mb()
     return out
 

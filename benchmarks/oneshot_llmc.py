@@ -15,7 +15,8 @@ any other Python that has it.
 Example::
 
     python = ensure_venv(Path(".bench/llmcompressor-venv"))
-    result = run_llmcompressor(python, "builtin-dir", "calib.pt", "2:4", 0.5, work, threads=2)
+    result = run_llmcompressor(python, "builtin-dir", "calib.pt", "2:4", 0.5, work, kind="causal-lm",
+                               block_prefix="model.layers", threads=2, batch_size=8)
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def ensure_venv(venv: Path, base_python: str = "python3.11") -> Path:
 
 def run_llmcompressor(
     python: Path, model_dir: str, calibration: Path, pattern: str, sparsity: float, work: Path, *,
-    threads: int, batch_size: int, block_size: int = 128, dampening: float = 0.01, timeout: float = 3600,
+    kind: str, block_prefix: str, threads: int, batch_size: int, block_size: int = 128, dampening: float = 0.01, timeout: float = 3600,
 ) -> dict:  # fmt: skip
     """Prune ``model_dir`` with llm-compressor's SparseGPTModifier; returns timings and the output dir.
 
@@ -80,7 +81,8 @@ def run_llmcompressor(
     """
     name = "llmc-" + pattern.replace(":", "of") + f"-{sparsity:g}"
     out_dir, result = work / name, work / f"{name}.json"
-    cmd = [str(python), str(RUNNER), "--model", str(model_dir), "--calibration", str(calibration),
+    cmd = [str(python), str(RUNNER), "--model", str(model_dir), "--kind", kind, "--block-prefix", block_prefix,
+           "--calibration", str(calibration),
            "--pattern", pattern, "--sparsity", str(sparsity), "--block-size", str(block_size),
            "--dampening", str(dampening), "--batch-size", str(batch_size), "--threads", str(threads),
            "--out", str(out_dir), "--result", str(result)]  # fmt: skip

@@ -121,17 +121,19 @@ def _model_tables(results: dict, model: str, info: dict) -> list[str]:
 
 def _llmc_table(results: dict) -> list[str]:
     lines = []
-    for model in results["models"]:
+    for model, info in results["models"].items():
         pairs = [(p, find(results, model, "sparsegpt", p), find(results, model, "sparsegpt", p, LLMC))
                  for p in results["settings"]["patterns"]]  # fmt: skip
         pairs = [(p, a, b) for p, a, b in pairs if a and b]
         if not pairs:
             continue
+        metric = "ppl" if info["kind"] == "causal-lm" else "cosine"
         lines += [f"### {model}: sparseforge vs {LLMC} SparseGPT (same calibration ids)", "",
-                  "| pattern | ppl sparseforge | ppl llm-compressor | Δ ppl | prune s sf / llmc | total s sf / llmc | peak RSS MiB sf / llmc |",
+                  f"| pattern | {metric} sparseforge | {metric} llm-compressor | Δ | prune s sf / llmc | total s sf / llmc | peak RSS MiB sf / llmc |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
         for p, a, b in pairs:
-            lines.append(f"| {p} | {a['value']:.3f} | {b['value']:.3f} | {a['value'] / b['value'] - 1:+.2%} | "
+            delta = f"{a['value'] / b['value'] - 1:+.2%}" if metric == "ppl" else f"{a['value'] - b['value']:+.4f}"
+            lines.append(f"| {p} | {a['value']:.4f} | {b['value']:.4f} | {delta} | "
                          f"{a['prune_s']:.1f} / {b['prune_s']:.1f} | {a['total_s']:.1f} / {b['total_s']:.1f} | "
                          f"{a['peak_rss_mb']:.0f} / {b['peak_rss_mb']:.0f} |")  # fmt: skip
         lines.append("")
