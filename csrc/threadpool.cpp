@@ -90,7 +90,10 @@ class Pool {
  private:
   void start(int n) {
     stop_flag_ = false;
-    for (int i = 1; i < n; ++i) workers_.emplace_back([this, i] { loop(i); });
+    // the generation is read here, not in the new thread: a thread that starts late must still
+    // see the first job published after start() as new
+    const uint64_t g0 = gen_.load(std::memory_order_acquire);
+    for (int i = 1; i < n; ++i) workers_.emplace_back([this, i, g0] { loop(i, g0); });
   }
 
   void stop() {
@@ -112,8 +115,7 @@ class Pool {
     }
   }
 
-  void loop(int id) {
-    uint64_t seen = gen_.load(std::memory_order_acquire);
+  void loop(int id, uint64_t seen) {
     for (;;) {
       auto t0 = std::chrono::steady_clock::now();
       unsigned spins = 0;

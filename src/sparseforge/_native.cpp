@@ -78,6 +78,8 @@ void check_array(const A& a, const char* name, size_t ndim) {
     throw std::invalid_argument(std::string(name) + " must have " + std::to_string(ndim) + " dimension(s), got " +
                                 std::to_string(a.ndim()));
   }
+  for (size_t d = 0; d < ndim; ++d)
+    if (a.shape(d) == 0) return;  // empty: nothing is read or written
   int64_t expect = 1;
   for (size_t d = ndim; d-- > 0;) {
     if (a.shape(d) > 1 && a.stride(d) != expect) {

@@ -1,0 +1,306 @@
+"""Torch custom ops over the native sparse kernels: ``y = x @ W^T + bias`` for CSR, bitmap, N:M.
+
+Layering (STYLE.md habit 5): ``csrc/`` torch-free C++ kernels -> ``sparseforge._native`` (nanobind,
+raw buffers) -> this module (``torch.library.custom_op`` with fake impls and autograd) -> modules.
+Each op takes the format's buffers as tensors, so it works in eager mode, under ``torch.compile``
+(the fake impl gives shapes) and in training:
+
+* ``sparseforge::csr_linear(x, row_ptr, col, values, bias)``
+* ``sparseforge::bitmap_linear(x, bitmap, row_offsets, values, bias)``
+* ``sparseforge::nm_linear(x, values, indices, n, m, bias)``
+
+``x`` is float32 ``(B, in)``, C-contiguous, on the CPU; ``values`` float32 or bfloat16; the output is
+float32 ``(B, out)``. NaN/inf propagate as in the dense product with the pruned weights set to zero.
+
+Autograd: ``dx = dy @ W`` runs the native transposed-product kernels (``sparseforge::*_linear_t``,
+batch in SIMD lanes, portable code not yet tuned per ISA) and ``dbias = dy.sum(0)``. The gradient of
+the stored values (dW restricted to the mask) is not implemented yet: :func:`linear` refuses weights
+whose values require grad, and the backward raises if asked for it.
+
+Example:
+    >>> import torch
+    >>> from sparseforge.formats import BitmapWeight
+    >>> from sparseforge.ops import linear
+    >>> w = torch.tensor([[1., 0., 2.], [0., 0., -1.]])
+    >>> linear(torch.ones(1, 3), BitmapWeight.from_dense(w)).tolist()
+    [[3.0, -1.0]]
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from sparseforge.errors import DataError, ModelError
+from sparseforge.kernels import native
+
+__all__ = ["linear", "csr_linear", "bitmap_linear", "nm_linear", "csr_linear_t", "bitmap_linear_t", "nm_linear_t"]
+
+_VALUE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _check_act(t: Tensor, name: str, features: int, what: str) -> None:
+    if t.device.type != "cpu":
+        raise DataError(f"{name} is on {t.device}; the sparse kernels run on the CPU")
+    if t.dtype != torch.float32:
+        raise DataError(f"{name} must be float32, got {t.dtype}; call .float() first")
+    if t.dim() != 2 or t.shape[1] != features:
+        raise DataError(f"{name} must have shape (batch, {features}) to match the weight's {what}, got {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise DataError(f"{name} must be contiguous; call .contiguous() first")
+
+
+def _check_bias(bias: Optional[Tensor], out: int) -> None:
+    if bias is None:
+        return
+    if bias.device.type != "cpu" or bias.dtype != torch.float32 or tuple(bias.shape) != (out,) or not bias.is_contiguous():
+        raise DataError(
+            f"bias must be a contiguous float32 CPU tensor of shape ({out},), got {bias.dtype} {tuple(bias.shape)} on {bias.device}"
+        )
+
+
+def _check_buf(t: Tensor, name: str, dtypes: tuple, dim: int) -> None:
+    if t.device.type != "cpu" or t.dtype not in dtypes or t.dim() != dim or not t.is_contiguous():
+        want = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ModelError(
+            f"weight buffer {name} must be a contiguous {dim}-D {want} CPU tensor, got {t.dtype} {tuple(t.shape)} on {t.device}"
+        )
+
+
+def _csr_dims(row_ptr: Tensor, col: Tensor, values: Tensor) -> int:
+    _check_buf(row_ptr, "row_ptr", (torch.int32,), 1)
+    _check_buf(col, "col", (torch.uint16, torch.int32), 1)
+    _check_buf(values, "values", _VALUE_DTYPES, 1)
+    if col.shape[0] != values.shape[0]:
+        raise ModelError(f"CSR col ({col.shape[0]}) and values ({values.shape[0]}) differ in length")
+    return row_ptr.shape[0] - 1
+
+
+def _bitmap_dims(bitmap: Tensor, row_offsets: Tensor, values: Tensor, cols: int) -> int:
+    _check_buf(bitmap, "bitmap", (torch.uint8,), 2)
+    _check_buf(row_offsets, "row_offsets", (torch.int64,), 1)
+    _check_buf(values, "values", _VALUE_DTYPES, 1)
+    if bitmap.shape[1] != (cols + 7) // 8 or row_offsets.shape[0] != bitmap.shape[0] + 1:
+        raise ModelError(
+            f"bitmap {tuple(bitmap.shape)} / row_offsets {tuple(row_offsets.shape)} do not fit {cols} input features"
+        )
+    return bitmap.shape[0]
+
+
+def _nm_dims(values: Tensor, indices: Tensor, n: int, m: int, cols: int) -> int:
+    _check_buf(values, "values", _VALUE_DTYPES, 2)
+    _check_buf(indices, "indices", (torch.uint8,), 2)
+    if not 0 < n < m <= 256 or cols % m:
+        raise ModelError(f"N:M weight needs 0 < n < m <= 256 and in_features divisible by m; got {n}:{m} with {cols} inputs")
+    bits = max(1, (m - 1).bit_length())
+    per_row = cols // m * n
+    if tuple(values.shape[1:]) != (per_row,) or tuple(indices.shape) != (values.shape[0], (per_row * bits + 7) // 8):
+        raise ModelError(
+            f"{n}:{m} buffers values {tuple(values.shape)} / indices {tuple(indices.shape)} do not fit {cols} input features"
+        )
+    return values.shape[0]
+
+
+def _opt(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.detach()
+
+
+# ---- CSR ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sparseforge::csr_linear", mutates_args=())
+def csr_linear(x: Tensor, row_ptr: Tensor, col: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """y (B, out) = x (B, in) @ W^T + bias for a CSR weight (see :mod:`sparseforge.formats.csr`)."""
+    out = _csr_dims(row_ptr, col, values)
+    _check_act(x, "x", x.shape[-1], "input features")
+    _check_bias(bias, out)
+    y = torch.empty(x.shape[0], out, dtype=torch.float32)
+    native().csr_linear(x.detach(), row_ptr, col, values.detach(), _opt(bias), y)
+    return y
+
+
+@csr_linear.register_fake
+def _(x, row_ptr, col, values, bias):
+    out = _csr_dims(row_ptr, col, values)
+    _check_act(x, "x", x.shape[-1], "input features")
+    _check_bias(bias, out)
+    return x.new_empty(x.shape[0], out)
+
+
+@torch.library.custom_op("sparseforge::csr_linear_t", mutates_args=())
+def csr_linear_t(dy: Tensor, row_ptr: Tensor, col: Tensor, values: Tensor, in_features: int) -> Tensor:
+    """dx (B, in) = dy (B, out) @ W for a CSR weight."""
+    out = _csr_dims(row_ptr, col, values)
+    _check_act(dy, "dy", out, "output features")
+    dx = torch.empty(dy.shape[0], in_features, dtype=torch.float32)
+    native().csr_linear_t(dy.detach(), row_ptr, col, values.detach(), dx)
+    return dx
+
+
+@csr_linear_t.register_fake
+def _(dy, row_ptr, col, values, in_features):
+    _check_act(dy, "dy", _csr_dims(row_ptr, col, values), "output features")
+    return dy.new_empty(dy.shape[0], in_features)
+
+
+# ---- bitmap ------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sparseforge::bitmap_linear", mutates_args=())
+def bitmap_linear(x: Tensor, bitmap: Tensor, row_offsets: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """y (B, out) = x (B, in) @ W^T + bias for a bitmap weight (see :mod:`sparseforge.formats.bitmap`)."""
+    out = _bitmap_dims(bitmap, row_offsets, values, x.shape[-1])
+    _check_act(x, "x", x.shape[-1], "input features")
+    _check_bias(bias, out)
+    y = torch.empty(x.shape[0], out, dtype=torch.float32)
+    native().bitmap_linear(x.detach(), bitmap, row_offsets, values.detach(), _opt(bias), y)
+    return y
+
+
+@bitmap_linear.register_fake
+def _(x, bitmap, row_offsets, values, bias):
+    out = _bitmap_dims(bitmap, row_offsets, values, x.shape[-1])
+    _check_act(x, "x", x.shape[-1], "input features")
+    _check_bias(bias, out)
+    return x.new_empty(x.shape[0], out)
+
+
+@torch.library.custom_op("sparseforge::bitmap_linear_t", mutates_args=())
+def bitmap_linear_t(dy: Tensor, bitmap: Tensor, row_offsets: Tensor, values: Tensor, in_features: int) -> Tensor:
+    """dx (B, in) = dy (B, out) @ W for a bitmap weight."""
+    out = _bitmap_dims(bitmap, row_offsets, values, in_features)
+    _check_act(dy, "dy", out, "output features")
+    dx = torch.empty(dy.shape[0], in_features, dtype=torch.float32)
+    native().bitmap_linear_t(dy.detach(), bitmap, row_offsets, values.detach(), dx)
+    return dx
+
+
+@bitmap_linear_t.register_fake
+def _(dy, bitmap, row_offsets, values, in_features):
+    _check_act(dy, "dy", _bitmap_dims(bitmap, row_offsets, values, in_features), "output features")
+    return dy.new_empty(dy.shape[0], in_features)
+
+
+# ---- N:M ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sparseforge::nm_linear", mutates_args=())
+def nm_linear(x: Tensor, values: Tensor, indices: Tensor, n: int, m: int, bias: Optional[Tensor]) -> Tensor:
+    """y (B, out) = x (B, in) @ W^T + bias for an N:M weight (see :mod:`sparseforge.formats.nm`)."""
+    out = _nm_dims(values, indices, n, m, x.shape[-1])
+    _check_act(x, "x", x.shape[-1], "input features")
+    _check_bias(bias, out)
+    y = torch.empty(x.shape[0], out, dtype=torch.float32)
+    native().nm_linear(x.detach(), values.detach(), indices, n, m, _opt(bias), y)
+    return y
+
+
+@nm_linear.register_fake
+def _(x, values, indices, n, m, bias):
+    out = _nm_dims(values, indices, n, m, x.shape[-1])
+    _check_act(x, "x", x.shape[-1], "input features")
+    _check_bias(bias, out)
+    return x.new_empty(x.shape[0], out)
+
+
+@torch.library.custom_op("sparseforge::nm_linear_t", mutates_args=())
+def nm_linear_t(dy: Tensor, values: Tensor, indices: Tensor, n: int, m: int, in_features: int) -> Tensor:
+    """dx (B, in) = dy (B, out) @ W for an N:M weight."""
+    out = _nm_dims(values, indices, n, m, in_features)
+    _check_act(dy, "dy", out, "output features")
+    dx = torch.empty(dy.shape[0], in_features, dtype=torch.float32)
+    native().nm_linear_t(dy.detach(), values.detach(), indices, n, m, dx)
+    return dx
+
+
+@nm_linear_t.register_fake
+def _(dy, values, indices, n, m, in_features):
+    _check_act(dy, "dy", _nm_dims(values, indices, n, m, in_features), "output features")
+    return dy.new_empty(dy.shape[0], in_features)
+
+
+# ---- autograd ----------------------------------------------------------------------------------
+
+_NO_DW = (
+    "the gradient of sparse weight values (dW restricted to the mask) is not implemented yet; "
+    "freeze them with values.requires_grad_(False)"
+)
+
+
+def _setup(ctx, inputs, output, *, values_at: int, weight_at: slice, statics: tuple = ()):
+    x, bias = inputs[0], inputs[-1]
+    ctx.save_for_backward(*inputs[weight_at])
+    ctx.in_features = x.shape[1]
+    ctx.has_bias = bias is not None
+    ctx.values_at = values_at
+    ctx.statics = tuple(inputs[i] for i in statics)
+
+
+def _grads(ctx, dy: Tensor, transposed) -> tuple:
+    if ctx.needs_input_grad[ctx.values_at]:
+        raise NotImplementedError(_NO_DW)
+    dx = transposed(dy.contiguous(), *ctx.saved_tensors, *ctx.statics, ctx.in_features) if ctx.needs_input_grad[0] else None
+    db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[-1] else None
+    return dx, db
+
+
+def _csr_backward(ctx, dy):
+    dx, db = _grads(ctx, dy, csr_linear_t)
+    return dx, None, None, None, db
+
+
+def _bitmap_backward(ctx, dy):
+    dx, db = _grads(ctx, dy, bitmap_linear_t)
+    return dx, None, None, None, db
+
+
+def _nm_backward(ctx, dy):
+    dx, db = _grads(ctx, dy, nm_linear_t)
+    return dx, None, None, None, None, db
+
+
+csr_linear.register_autograd(
+    _csr_backward, setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, values_at=3, weight_at=slice(1, 4))
+)
+bitmap_linear.register_autograd(
+    _bitmap_backward,
+    setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, values_at=3, weight_at=slice(1, 4)),
+)
+nm_linear.register_autograd(
+    _nm_backward,
+    setup_context=lambda ctx, inputs, output: _setup(
+        ctx, inputs, output, values_at=1, weight_at=slice(1, 3), statics=(3, 4)
+    ),
+)
+
+
+# ---- convenience -------------------------------------------------------------------------------
+
+
+def linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
+    """``x (..., in) @ weight^T + bias`` for a CSRWeight, BitmapWeight or NMWeight.
+
+    Leading dimensions of ``x`` are flattened into the batch and restored on the output.
+    """
+    from sparseforge.formats import BitmapWeight, NMWeight
+    from sparseforge.formats.csr import CSRWeight
+
+    rows, cols = weight.shape
+    if x.dim() < 1 or x.shape[-1] != cols:
+        raise DataError(f"x must have shape (..., {cols}) to match a {rows}x{cols} weight, got {tuple(x.shape)}")
+    if not x.is_contiguous():
+        raise DataError("x must be contiguous; call .contiguous() first")
+    if weight.values.requires_grad:
+        raise NotImplementedError(_NO_DW)
+    x2 = x.reshape(-1, cols)  # (B, in)
+    if isinstance(weight, CSRWeight):
+        y = csr_linear(x2, weight.row_ptr, weight.col, weight.values, bias)
+    elif isinstance(weight, BitmapWeight):
+        y = bitmap_linear(x2, weight.bitmap, weight.row_offsets, weight.values, bias)
+    elif isinstance(weight, NMWeight):
+        y = nm_linear(x2, weight.values, weight.indices, weight.pattern.n, weight.pattern.m, bias)
+    else:
+        raise ModelError(f"no sparse kernel for weight type {type(weight).__name__}; use CSRWeight, BitmapWeight or NMWeight")
+    return y.reshape(*x.shape[:-1], rows)
