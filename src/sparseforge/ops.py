@@ -10,7 +10,8 @@ Each op takes the format's buffers as tensors, so it works in eager mode, under 
 * ``sparseforge::nm_linear(x, values, indices, n, m, bias)``
 
 ``x`` is float32 ``(B, in)``, C-contiguous, on the CPU; ``values`` float32 or bfloat16; the output is
-float32 ``(B, out)``. NaN/inf propagate as in the dense product with the pruned weights set to zero.
+float32 ``(B, out)``. CSR buffers do not record ``in``, so ``csr_linear`` takes it from ``x``;
+:func:`linear` checks ``x`` against the weight's shape for every format. NaN/inf propagate as in the dense product with the pruned weights set to zero.
 
 Autograd: ``dx = dy @ W`` runs the native transposed-product kernels (``sparseforge::*_linear_t``,
 batch in SIMD lanes, portable code not yet tuned per ISA) and ``dbias = dy.sum(0)``. The gradient of
@@ -287,6 +288,8 @@ def linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
     from sparseforge.formats import BitmapWeight, NMWeight
     from sparseforge.formats.csr import CSRWeight
 
+    if not isinstance(weight, (CSRWeight, BitmapWeight, NMWeight)):
+        raise ModelError(f"no sparse kernel for weight type {type(weight).__name__}; use CSRWeight, BitmapWeight or NMWeight")
     rows, cols = weight.shape
     if x.dim() < 1 or x.shape[-1] != cols:
         raise DataError(f"x must have shape (..., {cols}) to match a {rows}x{cols} weight, got {tuple(x.shape)}")
@@ -299,8 +302,6 @@ def linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
         y = csr_linear(x2, weight.row_ptr, weight.col, weight.values, bias)
     elif isinstance(weight, BitmapWeight):
         y = bitmap_linear(x2, weight.bitmap, weight.row_offsets, weight.values, bias)
-    elif isinstance(weight, NMWeight):
-        y = nm_linear(x2, weight.values, weight.indices, weight.pattern.n, weight.pattern.m, bias)
     else:
-        raise ModelError(f"no sparse kernel for weight type {type(weight).__name__}; use CSRWeight, BitmapWeight or NMWeight")
+        y = nm_linear(x2, weight.values, weight.indices, weight.pattern.n, weight.pattern.m, bias)
     return y.reshape(*x.shape[:-1], rows)
