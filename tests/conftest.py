@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/tiny_models.py helpers
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # tiny models: threads only add contention on a shared 2-core machine
 
 
 def pytest_collection_modifyitems(config, items):

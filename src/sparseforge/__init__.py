@@ -34,10 +34,15 @@ _LAZY = {
     "ConfigError": "errors",
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
+# subpackages loaded on first access: ``sparseforge.train.RigL(...)``
+_SUBPACKAGES = ("train", "moe")
+
+__all__ = sorted(_LAZY) + list(_SUBPACKAGES) + ["__version__"]
 
 
 def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"sparseforge.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'sparseforge' has no attribute {name!r}")
