@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sparseforge.moe.dispatch import ACTIVATIONS
+from sparseforge.moe.grouped import ACTIVATIONS
 
 
 def dense_gates(experts: torch.Tensor, weights: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -8,7 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_reference import dense_moe
-from sparseforge.moe.dispatch import GroupedFFN, apply_capacity, build_plan, grouped_ffn
+from sparseforge.errors import ConfigError
+from sparseforge.moe.dispatch import apply_capacity, build_plan
+from sparseforge.moe.grouped import ONEDNN_MIN_ROWS, GroupedFFN, grouped_ffn, resolve_backend
 
 
 def _routing(T, E, k, gen, empty=0.0):
@@ -39,14 +41,19 @@ def test_build_plan_groups_by_expert_and_skips_empty_slots():
     assert torch.equal(plan.token, plan.slot // 2)
 
 
+@pytest.mark.parametrize("backend", ["loop", "onednn"])
 @pytest.mark.parametrize("glu,activation", [(True, "silu"), (False, "gelu"), (False, "relu"), (True, "gelu_tanh")])
-def test_grouped_ffn_matches_dense_oracle_outputs_and_gradients(glu, activation):
+def test_grouped_ffn_matches_dense_oracle_outputs_and_gradients(glu, activation, backend):
     gen = torch.Generator().manual_seed(1)
     T, E, k, d, h = 23, 6, 2, 8, 12
     experts, weights = _routing(T, E, k, gen, empty=0.15)
     experts[experts == 4] = 5  # expert 4 gets no token: its gradient must be exactly zero
     x = torch.randn(T, d, generator=gen, dtype=torch.float64)
     params = _weights(E, d, h, glu, gen)
+    dtype = torch.float64 if backend == "loop" else torch.float32  # the others take float32 only
+    x, weights = x.to(dtype), weights.to(dtype)
+    params = [None if p is None else p.to(dtype) for p in params]
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
 
     def run(fn):
         leaves = [t.clone().requires_grad_() for t in (x, weights, *[p for p in params if p is not None])]
@@ -55,16 +62,36 @@ def test_grouped_ffn_matches_dense_oracle_outputs_and_gradients(glu, activation)
         if fn is dense_moe:
             out = dense_moe(xx, experts, ww, up, down, gate, activation)
         else:
-            out = grouped_ffn(xx, ww, build_plan(experts, E), up, down, gate, activation)
-        out.backward(torch.cos(torch.arange(T * d, dtype=torch.float64)).view(T, d))
+            out = grouped_ffn(xx, ww, build_plan(experts, E), up, down, gate, activation, backend=backend)
+        out.backward(torch.cos(torch.arange(T * d, dtype=dtype)).view(T, d))
         return out.detach(), [leaf.grad for leaf in leaves]
 
     out_ref, grads_ref = run(dense_moe)
     out, grads = run(grouped_ffn)
-    torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out, out_ref, rtol=tol, atol=tol)
     for g, g_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(g, g_ref, rtol=tol, atol=tol)
     assert torch.count_nonzero(grads[3][4]) == 0  # w_down of the unused expert
+
+
+def test_backends_agree_and_bad_backend_is_an_error():
+    gen = torch.Generator().manual_seed(5)
+    experts, weights = _routing(30, 8, 2, gen, empty=0.1)
+    x = torch.randn(30, 16, generator=gen)
+    up, down, gate = (p.float() for p in _weights(8, 16, 20, True, gen))
+    plan = build_plan(experts, 8)
+    loop = grouped_ffn(x, weights.float(), plan, up, down, gate, backend="loop")
+    assert min(plan.counts) < ONEDNN_MIN_ROWS <= max(plan.counts)  # both matmul paths of onednn run
+    onednn = grouped_ffn(x, weights.float(), plan, up, down, gate, backend="onednn")
+    torch.testing.assert_close(loop, onednn, rtol=1e-5, atol=1e-6)
+    assert resolve_backend("auto", x, up) == "onednn"
+    assert resolve_backend("auto", x.double(), up.double()) == "loop"
+    with pytest.raises(ConfigError, match="oneDNN"):
+        resolve_backend("onednn", torch.zeros(3, 8, dtype=torch.float64))
+    with pytest.raises(ConfigError, match="oneDNN"):
+        grouped_ffn(x.double(), weights, plan, up.double(), down.double(), gate.double(), backend="onednn")
+    with pytest.raises(ConfigError, match="unknown dispatch backend"):
+        grouped_ffn(x, weights.float(), plan, up, down, gate, backend="fast")
 
 
 def test_inference_path_equals_autograd_path():
@@ -90,7 +117,7 @@ def test_gradcheck_grouped_ffn():
     slot_w = weights.reshape(-1)[plan.slot]
 
     def f(x, sw, up, down, gate):
-        return GroupedFFN.apply(x, sw, up, down, gate, plan.token, plan.counts, "silu")
+        return GroupedFFN.apply(x, sw, up, down, gate, plan.token, plan.counts, "silu", "loop")
 
     assert torch.autograd.gradcheck(f, (x, slot_w, up, down, gate))
 
@@ -145,3 +172,15 @@ def test_capacity_large_enough_keeps_everything():
     experts, weights = _routing(10, 4, 2, gen)
     kept, w, dropped = apply_capacity(experts, weights, 20, 4)
     assert dropped == 0 and torch.equal(kept, experts) and torch.equal(w, weights)
+
+
+@pytest.mark.parametrize("backend", ["loop", "onednn"])
+def test_backward_twice_with_retain_graph(backend):
+    gen = torch.Generator().manual_seed(6)
+    experts, weights = _routing(12, 4, 2, gen)
+    x = torch.randn(12, 8, generator=gen, requires_grad=True)
+    up, down, gate = (p.float().requires_grad_() for p in _weights(4, 8, 12, True, gen))
+    out = grouped_ffn(x, weights.float(), build_plan(experts, 4), up, down, gate, backend=backend)
+    (g1,) = torch.autograd.grad(out.sum(), x, retain_graph=True)
+    (g2,) = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(g1, g2)

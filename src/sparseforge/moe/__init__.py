@@ -12,7 +12,8 @@ Example:
     (torch.Size([3, 8]), 3)
 """
 
-from sparseforge.moe.dispatch import apply_capacity, build_plan, grouped_ffn
+from sparseforge.moe.dispatch import apply_capacity, build_plan
+from sparseforge.moe.grouped import grouped_ffn
 from sparseforge.moe.layer import MoE, MoEAux, load_balancing_loss, router_z_loss
 from sparseforge.moe.routers import (
     ROUTERS,

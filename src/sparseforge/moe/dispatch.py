@@ -1,35 +1,17 @@
-"""Sort-based MoE dispatch on CPU: group assignments by expert, one GEMM chain per expert.
+"""Sort-based dispatch bookkeeping: group routing assignments by expert, capacity, combine.
 
-The ``S`` kept (token, expert) assignments are sorted by expert (one stable sort of the flat
-expert ids), so each expert's tokens form a contiguous slice of the gathered input
-``xs = x[token]`` ``(S, d)``. Each expert with a non-empty slice runs its FFN on that slice
-(plain ``torch.mm`` into preallocated buffers: no per-expert boolean masks over all tokens, no
-padding), the results are scaled by the gate weights and summed back per token with
-``index_add``. :class:`GroupedFFN` is a custom autograd function whose backward writes each
-expert's weight gradient straight into its slice of the gradient tensor; experts that received
-no token get a zero gradient.
-
-Expert weights are stored stacked and "input-major" so a slice is multiplied without a
-transpose: GLU (SwiGLU when ``activation="silu"``): ``w_gate``, ``w_up`` ``(E, d, h)``,
-``w_down`` ``(E, h, d)``, ``y = (act(x @ w_gate[e]) * (x @ w_up[e])) @ w_down[e]``; plain MLP
-(``w_gate=None``): ``y = act(x @ w_up[e]) @ w_down[e]``.
-
-We measured ``torch.nn.functional.grouped_mm`` (torch 2.13 has a CPU kernel) against this loop;
-see ``docs/moe.md`` for the numbers.
+The ``S`` kept (token, expert) assignments are sorted by expert with one stable sort of the flat
+expert ids, so each expert's tokens form a contiguous slice of the gathered input
+``xs = x[token]`` ``(S, d)``: no per-expert boolean masks over all tokens, no padding. The expert
+FFNs then run slice by slice (:mod:`sparseforge.moe.grouped`) and :func:`scatter_rows` sums the
+weighted rows back per token.
 
 Example:
     >>> import torch
-    >>> from sparseforge.moe.dispatch import build_plan, grouped_ffn
-    >>> E, d, h = 3, 4, 5
-    >>> x = torch.randn(2, d)
-    >>> experts = torch.tensor([[0, 2], [2, -1]])  # token 1 has one empty slot
-    >>> weights = torch.tensor([[0.7, 0.3], [1.0, 0.0]])
-    >>> plan = build_plan(experts, E)
-    >>> plan.counts
-    [1, 0, 2]
-    >>> w_gate, w_up, w_down = torch.randn(E, d, h), torch.randn(E, d, h), torch.randn(E, h, d)
-    >>> grouped_ffn(x, weights, plan, w_up, w_down, w_gate).shape
-    torch.Size([2, 4])
+    >>> from sparseforge.moe.dispatch import build_plan
+    >>> plan = build_plan(torch.tensor([[0, 2], [2, -1]]), num_experts=3)  # -1 = empty slot
+    >>> plan.counts, plan.token.tolist()
+    ([1, 0, 2], [0, 0, 1])
 """
 
 from __future__ import annotations
@@ -37,21 +19,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from sparseforge.errors import ConfigError
 
-__all__ = ["DispatchPlan", "build_plan", "apply_capacity", "grouped_ffn", "ACTIVATIONS", "GroupedFFN"]
-
-_aten = torch.ops.aten
-
-# name -> (forward, backward(grad_out, pre_activation))
-ACTIVATIONS = {
-    "silu": (F.silu, lambda g, a: _aten.silu_backward(g, a)),
-    "gelu": (F.gelu, lambda g, a: _aten.gelu_backward(g, a)),
-    "gelu_tanh": (lambda a: F.gelu(a, approximate="tanh"), lambda g, a: _aten.gelu_backward(g, a, approximate="tanh")),
-    "relu": (F.relu, lambda g, a: _aten.threshold_backward(g, a, 0)),
-}
+__all__ = ["DispatchPlan", "build_plan", "apply_capacity", "scatter_rows"]
 
 
 class DispatchPlan(NamedTuple):
@@ -63,7 +34,10 @@ class DispatchPlan(NamedTuple):
 
 
 def build_plan(experts: torch.Tensor, num_experts: int) -> DispatchPlan:
-    """Sort the slots of ``experts`` (T, k) by expert; empty slots (-1) are left out."""
+    """Sort the slots of ``experts`` (T, k) by expert; empty slots (-1) are left out.
+
+    Within an expert, assignments keep token order (stable sort).
+    """
     k = experts.shape[1]
     flat = experts.reshape(-1)  # (T*k,)
     order = torch.sort(flat, stable=True).indices  # (T*k,) empty slots (-1) first
@@ -96,132 +70,14 @@ def apply_capacity(
     return experts.masked_fill(drop, -1), weights.masked_fill(drop, 0.0), int(over_sorted.sum())
 
 
-def _ffn_slice(xs, w_gate, w_up, w_down, act, out, a_buf=None, b_buf=None):
-    """One expert on a contiguous slice: writes ``out`` (n, d); keeps pre-activations if buffers given."""
-    if w_gate is None:
-        a = torch.mm(xs, w_up, out=a_buf) if a_buf is not None else xs @ w_up  # (n, h)
-        hid = act(a)
-    else:
-        a = torch.mm(xs, w_gate, out=a_buf) if a_buf is not None else xs @ w_gate  # (n, h)
-        b = torch.mm(xs, w_up, out=b_buf) if b_buf is not None else xs @ w_up  # (n, h)
-        hid = act(a).mul_(b)  # (n, h)
-    torch.mm(hid, w_down, out=out)  # (n, d)
+def scatter_rows(rows: torch.Tensor, token: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``out[t] = sum of the rows whose token is t`` -> (T, d).
 
-
-class GroupedFFN(torch.autograd.Function):
-    """``out[t] = sum over t's assignments of weight * FFN_e(x[t])`` with a hand-written backward."""
-
-    @staticmethod
-    def forward(ctx, x, slot_weight, w_up, w_down, w_gate, token, counts, activation):
-        act = ACTIVATIONS[activation][0]
-        num_assign = token.numel()
-        hidden = w_up.shape[2]
-        xs = x.index_select(0, token)  # (S, d)
-        ys = x.new_empty(num_assign, w_down.shape[2])  # (S, d) unweighted expert outputs
-        a_all = x.new_empty(num_assign, hidden)  # (S, h) pre-activation (gate branch for GLU)
-        b_all = x.new_empty(num_assign, hidden) if w_gate is not None else None  # (S, h) up branch
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            end = start + n
-            _ffn_slice(
-                xs[start:end], None if w_gate is None else w_gate[e], w_up[e], w_down[e], act,
-                ys[start:end], a_all[start:end], None if b_all is None else b_all[start:end],
-            )
-            start = end
-        out = torch.zeros_like(x).index_add_(0, token, ys * slot_weight.unsqueeze(1))  # (T, d)
-        ctx.save_for_backward(xs, ys, a_all, b_all, slot_weight, token, w_up, w_down, w_gate)
-        ctx.counts, ctx.activation, ctx.num_tokens = counts, activation, x.shape[0]
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        xs, ys, a_all, b_all, slot_weight, token, w_up, w_down, w_gate = ctx.saved_tensors
-        act, act_bwd = ACTIVATIONS[ctx.activation]
-        need_x, need_w, need_up, need_down, need_gate = ctx.needs_input_grad[:5]
-        grad_out = grad_out.contiguous()
-        gys = grad_out.index_select(0, token)  # (S, d)
-        grad_weight = (gys * ys).sum(1) if need_w else None  # (S,)
-        gys.mul_(slot_weight.unsqueeze(1))  # (S, d) gradient w.r.t. the unweighted outputs
-        g_up = torch.empty_like(w_up) if need_up else None
-        g_down = torch.empty_like(w_down) if need_down else None
-        g_gate = torch.empty_like(w_gate) if need_gate else None
-        gxs = torch.empty_like(xs) if need_x else None  # (S, d)
-        start = 0
-        for e, n in enumerate(ctx.counts):
-            if n == 0:
-                for g in (g_up, g_down, g_gate):
-                    if g is not None:
-                        g[e].zero_()
-                continue
-            end = start + n
-            x_e, gy, a = xs[start:end], gys[start:end], a_all[start:end]  # (n, d), (n, d), (n, h)
-            act_a = act(a)  # (n, h)
-            if w_gate is None:
-                hid = act_a
-            else:
-                b = b_all[start:end]  # (n, h)
-                hid = act_a * b
-            if g_down is not None:
-                torch.mm(hid.t(), gy, out=g_down[e])  # (h, d)
-            g_hid = gy @ w_down[e].t()  # (n, h)
-            if w_gate is None:
-                g_a = act_bwd(g_hid, a)  # (n, h)
-                if g_up is not None:
-                    torch.mm(x_e.t(), g_a, out=g_up[e])  # (d, h)
-                if gxs is not None:
-                    torch.mm(g_a, w_up[e].t(), out=gxs[start:end])  # (n, d)
-            else:
-                g_b = g_hid * act_a  # (n, h)
-                g_a = act_bwd(g_hid.mul_(b), a)  # (n, h)
-                if g_gate is not None:
-                    torch.mm(x_e.t(), g_a, out=g_gate[e])  # (d, h)
-                if g_up is not None:
-                    torch.mm(x_e.t(), g_b, out=g_up[e])  # (d, h)
-                if gxs is not None:
-                    torch.mm(g_a, w_gate[e].t(), out=gxs[start:end])  # (n, d)
-                    gxs[start:end].addmm_(g_b, w_up[e].t())
-            start = end
-        grad_x = None
-        if gxs is not None:
-            grad_x = grad_out.new_zeros(ctx.num_tokens, xs.shape[1]).index_add_(0, token, gxs)  # (T, d)
-        return grad_x, grad_weight, g_up, g_down, g_gate, None, None, None
-
-
-def _grouped_ffn_inference(x, slot_weight, w_up, w_down, w_gate, token, counts, activation):
-    """Forward only: no saved activations, in-place elementwise ops."""
-    act = ACTIVATIONS[activation][0]
-    xs = x.index_select(0, token)  # (S, d)
-    ys = x.new_empty(token.numel(), w_down.shape[2])  # (S, d)
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        end = start + n
-        _ffn_slice(xs[start:end], None if w_gate is None else w_gate[e], w_up[e], w_down[e], act, ys[start:end])
-        start = end
-    ys.mul_(slot_weight.unsqueeze(1))
-    return torch.zeros_like(x).index_add_(0, token, ys)  # (T, d)
-
-
-def grouped_ffn(
-    x: torch.Tensor,
-    weights: torch.Tensor,
-    plan: DispatchPlan,
-    w_up: torch.Tensor,
-    w_down: torch.Tensor,
-    w_gate: torch.Tensor | None = None,
-    activation: str = "silu",
-) -> torch.Tensor:
-    """Mixture output ``(T, d)`` for tokens ``x`` (T, d) routed by ``plan`` with gate ``weights`` (T, k).
-
-    Differentiable w.r.t. ``x``, ``weights`` and the expert weights.
+    Small inputs use ``index_put_(accumulate=True)``, which runs serially: CPU ``index_add_`` opens
+    a parallel region even for a single row, and on a busy machine waiting for the second thread
+    cost us tens of milliseconds per decode step.
     """
-    slot_weight = weights.reshape(-1).index_select(0, plan.slot).to(x.dtype)  # (S,)
-    args = (x, slot_weight, w_up, w_down, w_gate, plan.token, plan.counts, activation)
-    tensors = (x, slot_weight, w_up, w_down) + ((w_gate,) if w_gate is not None else ())
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return GroupedFFN.apply(*args)
-    return _grouped_ffn_inference(*args)
+    out = rows.new_zeros(num_tokens, rows.shape[1])  # (T, d)
+    if rows.numel() < (1 << 16):
+        return out.index_put_((token,), rows, accumulate=True)
+    return out.index_add_(0, token, rows)

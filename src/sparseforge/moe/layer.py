@@ -33,29 +33,55 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sparseforge.errors import ConfigError
-from sparseforge.moe.dispatch import ACTIVATIONS, apply_capacity, build_plan, grouped_ffn
+from sparseforge.moe.dispatch import apply_capacity, build_plan
+from sparseforge.moe.grouped import ACTIVATIONS, BACKENDS, grouped_ffn
 from sparseforge.moe.routers import Router, capacity_for, make_router, router_float
 
 __all__ = ["MoE", "MoEAux", "load_balancing_loss", "router_z_loss"]
 
 
-@dataclass(frozen=True)
 class MoEAux:
-    """Auxiliary losses and routing statistics of one forward call."""
+    """Auxiliary losses and routing statistics of one forward call.
 
-    loss: torch.Tensor  # scalar: lb_coef * load_balancing_loss + z_coef * z_loss
-    load_balancing_loss: torch.Tensor  # scalar, 1.0 when routing is uniform
-    z_loss: torch.Tensor  # scalar
-    tokens_per_expert: torch.Tensor  # (E,) int64, assignments each expert processed
-    dropped_fraction: float  # share of assignments dropped by capacity
-    router_logits: torch.Tensor  # (T, E)
+    The losses are computed on first access (a decode step that never reads them does not pay for
+    them) from the routing this call made; they stay differentiable w.r.t. the router.
+    """
+
+    def __init__(self, router_logits, router_probs, experts, tokens_per_expert, dropped_fraction, lb_coef, z_coef):
+        self.router_logits: torch.Tensor = router_logits  # (T, E)
+        self.router_probs: torch.Tensor = router_probs  # (T, E)
+        self.experts: torch.Tensor = experts  # (T, k) choices before capacity dropping, -1 = empty
+        self.tokens_per_expert: torch.Tensor = tokens_per_expert  # (E,) int64, assignments processed
+        self.dropped_fraction: float = dropped_fraction  # share of assignments dropped by capacity
+        self.lb_coef, self.z_coef = lb_coef, z_coef
+
+    @cached_property
+    def load_balancing_loss(self) -> torch.Tensor:
+        """Scalar, 1.0 when routing is uniform (Switch Transformer)."""
+        return load_balancing_loss(self.experts, self.router_probs)
+
+    @cached_property
+    def z_loss(self) -> torch.Tensor:
+        """Scalar router z-loss (ST-MoE)."""
+        return router_z_loss(self.router_logits)
+
+    @cached_property
+    def loss(self) -> torch.Tensor:
+        """``lb_coef * load_balancing_loss + z_coef * z_loss``: add it to the training loss."""
+        return self.lb_coef * self.load_balancing_loss + self.z_coef * self.z_loss
+
+    def __repr__(self) -> str:
+        return (
+            f"MoEAux(tokens_per_expert={self.tokens_per_expert.tolist()}, "
+            f"dropped_fraction={self.dropped_fraction:.4f})"
+        )
 
 
 def load_balancing_loss(experts: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -111,6 +137,8 @@ class MoE(nn.Module):
         input_jitter: router input noise in training (0 = off).
         lb_coef, z_coef: weights of the two auxiliary losses in ``aux.loss``.
         seed: ``None`` = torch's default generator, else the seed of the layer's own generator.
+        backend: expert matmuls, ``"auto"``, ``"onednn"`` or ``"loop"`` (see
+            :mod:`sparseforge.moe.grouped`).
     """
 
     def __init__(
@@ -131,6 +159,7 @@ class MoE(nn.Module):
         lb_coef: float = 0.01,
         z_coef: float = 0.001,
         seed: int | None = None,
+        backend: str = "auto",
         device=None,
         dtype=None,
     ) -> None:
@@ -170,6 +199,9 @@ class MoE(nn.Module):
         self.capacity_factor = capacity_factor
         self.input_jitter = float(input_jitter)
         self.lb_coef, self.z_coef = float(lb_coef), float(z_coef)
+        if backend not in BACKENDS:
+            raise ConfigError(f"unknown dispatch backend {backend!r}; choose one of {list(BACKENDS)}")
+        self.backend = backend
         self.seed = seed
         self._generator: torch.Generator | None = None
 
@@ -269,27 +301,21 @@ class MoE(nn.Module):
         capacity = None
         if self.capacity_factor is not None:
             capacity = capacity_for(self.capacity_factor, num_tokens, self.k, self.num_experts)
-        experts, weights, probs = self.router(logits, capacity=capacity, generator=rng)  # (T, k) (T, k) (T, E)
-        lb = load_balancing_loss(experts, probs)
-        dropped = 0
+        chosen, weights, probs = self.router(logits, capacity=capacity, generator=rng)  # (T, k) (T, k) (T, E)
+        experts, dropped = chosen, 0
         if capacity is not None and self.router.token_choice:
-            experts, weights, dropped = apply_capacity(experts, weights, capacity, self.num_experts)
+            experts, weights, dropped = apply_capacity(chosen, weights, capacity, self.num_experts)
         plan = build_plan(experts, self.num_experts)
-        y = grouped_ffn(x, weights, plan, self.w_up, self.w_down, self.w_gate, self.activation)  # (T, d)
+        y = grouped_ffn(x, weights, plan, self.w_up, self.w_down, self.w_gate, self.activation, self.backend)  # (T, d)
         if self.shared is not None:
             shared = self.shared(x)  # (T, d)
             if self.shared_gate is not None:
                 shared = torch.sigmoid(self.shared_gate(x)) * shared
             y = y + shared
-        z = router_z_loss(logits)
         total_slots = sum(plan.counts) + dropped
         aux = MoEAux(
-            loss=self.lb_coef * lb + self.z_coef * z,
-            load_balancing_loss=lb,
-            z_loss=z,
-            tokens_per_expert=torch.tensor(plan.counts, dtype=torch.long),
-            dropped_fraction=dropped / total_slots if total_slots else 0.0,
-            router_logits=logits,
+            logits, probs, chosen, torch.tensor(plan.counts, dtype=torch.long),
+            dropped / total_slots if total_slots else 0.0, self.lb_coef, self.z_coef,
         )
         return y.reshape(shape), aux
 
