@@ -1,6 +1,6 @@
-// Bitmap kernels, AVX-512. rows: 64 columns per step; each 16-bit slice of the bitmap is the
-// mask of one vexpandps that places the next stored values at their columns, so the weights are
-// decoded straight into registers and x is read contiguously.
+// Bitmap kernels, AVX-512. rows: 64 columns per step; each 16-bit slice of the bitmap places the
+// next stored values at their columns in one register (decode16: lookup table + vpermps, which
+// beat vexpandps on Zen 5), so x is read contiguously and only kept values are read from memory.
 #include "bitmap.h"
 #include "lanes.h"
 #include "simd_avx512.h"
@@ -28,10 +28,11 @@ void rows_nb(const BitmapView& w, const Problem& p, int64_t r0, int64_t r1, int6
       const int64_t o1 = __builtin_popcount(m0);
       const int64_t o2 = o1 + __builtin_popcount(m1);
       const int64_t o3 = o2 + __builtin_popcount(m2);
-      const __m512 w0 = v512::expand16<V>(w.val, vp, m0);
-      const __m512 w1 = v512::expand16<V>(w.val, vp + o1, m1);
-      const __m512 w2 = v512::expand16<V>(w.val, vp + o2, m2);
-      const __m512 w3 = v512::expand16<V>(w.val, vp + o3, m3);
+      const bool safe = vp + 64 <= w.nnz;
+      const __m512 w0 = v512::decode16<V>(w.val, vp, m0, safe);
+      const __m512 w1 = v512::decode16<V>(w.val, vp + o1, m1, safe);
+      const __m512 w2 = v512::decode16<V>(w.val, vp + o2, m2, safe);
+      const __m512 w3 = v512::decode16<V>(w.val, vp + o3, m3, safe);
       vp += __builtin_popcountll(m);
       for (int nb = 0; nb < NB; ++nb) {
         acc[nb][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xs[nb] + c), acc[nb][0]);
@@ -46,7 +47,7 @@ void rows_nb(const BitmapView& w, const Problem& p, int64_t r0, int64_t r1, int6
       if (nc > 8) mb |= static_cast<uint32_t>(row[c / 8 + 1]) << 8;
       const __mmask16 cm = v512::first_lanes(nc);
       const __mmask16 m = static_cast<__mmask16>(mb) & cm;
-      const __m512 w0 = v512::expand16<V>(w.val, vp, m);
+      const __m512 w0 = v512::decode16<V>(w.val, vp, m, false);
       vp += __builtin_popcount(m);
       for (int nb = 0; nb < NB; ++nb) acc[nb][0] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(cm, xs[nb] + c), acc[nb][0]);
     }

@@ -54,14 +54,10 @@ struct CsrDec {
   Cur begin(int64_t r) const { return {rp[r], rp[r + 1]}; }
   template <class F>
   void run(Cur& c, int64_t cend, F&& f) const {
-    int64_t p = c.p;
-    const int64_t e = c.end;
-    for (; p < e; ++p) {
-      const int64_t j = static_cast<int64_t>(col[p]);
-      if (j >= cend) break;
-      f(j, load_val<V>(val, p));
-    }
-    c.p = p;
+    int64_t q = c.p;  // find the end first: a counted loop keeps the caller's sums in registers
+    while (q < c.end && static_cast<int64_t>(col[q]) < cend) ++q;
+    for (int64_t p = c.p; p < q; ++p) f(static_cast<int64_t>(col[p]), load_val<V>(val, p));
+    c.p = q;
   }
 };
 

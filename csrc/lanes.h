@@ -7,8 +7,8 @@
 // xt tile (T * width * 4 bytes, ~32 KB) stays in L1 while a block of rows streams through it;
 // each row keeps its decoder cursor between column tiles and its partial sums in ybuf.
 //
-// Written with GCC/Clang vector extensions: the same source becomes zmm code in the AVX-512 file,
-// pairs of ymm in the AVX2 file and SSE in the portable file. Everything has internal linkage.
+// Written with GCC/Clang vector extensions of the file's native width: zmm in the AVX-512 file,
+// ymm in the AVX2 file, SSE in the portable file. Everything has internal linkage.
 #pragma once
 
 #include "common.h"
@@ -19,26 +19,36 @@ constexpr int64_t kMaxBlockRows = 256;  // rows per lanes task (ybuf is kMaxBloc
 
 namespace {
 
-typedef float vf16 __attribute__((vector_size(64)));
+// The native vector of the file including this header (each ISA file has its own copy): a
+// 64-byte vector type on a target without AVX-512 is lowered element by element, ~25x slower.
+#if defined(__AVX512F__)
+constexpr int kVL = 16;
+#elif defined(__AVX__)
+constexpr int kVL = 8;
+#else
+constexpr int kVL = 4;
+#endif
+typedef float vfl __attribute__((vector_size(kVL * 4)));
 
 template <int NV, class Dec>
 void lanes_tile(const Dec& dec, const Problem& p, const float* xt, int64_t col_tile, int64_t b0, int64_t bn,
                 int64_t r0, int64_t r1, float* ybuf, typename Dec::Cur* cur) {
   constexpr int64_t W = 16 * NV;
+  constexpr int NQ = static_cast<int>(W / kVL);  // native vectors per row of W lanes
   const int64_t R = r1 - r0;
   for (int64_t i = 0; i < R * W; ++i) ybuf[i] = 0.f;
   for (int64_t r = 0; r < R; ++r) cur[r] = dec.begin(r0 + r);
   for (int64_t c0 = 0; c0 < p.in; c0 += col_tile) {
     const int64_t c1 = min64(c0 + col_tile, p.in);
     for (int64_t r = 0; r < R; ++r) {
-      vf16* yr = reinterpret_cast<vf16*>(ybuf + r * W);
-      vf16 acc[NV];
-      for (int q = 0; q < NV; ++q) acc[q] = yr[q];
+      vfl* yr = reinterpret_cast<vfl*>(ybuf + r * W);
+      vfl acc[NQ];
+      for (int q = 0; q < NQ; ++q) acc[q] = yr[q];
       dec.run(cur[r], c1, [&](int64_t j, float w) {
-        const vf16* xr = reinterpret_cast<const vf16*>(xt + j * W);
-        for (int q = 0; q < NV; ++q) acc[q] += w * xr[q];
+        const vfl* xr = reinterpret_cast<const vfl*>(xt + j * W);
+        for (int q = 0; q < NQ; ++q) acc[q] += w * xr[q];
       });
-      for (int q = 0; q < NV; ++q) yr[q] = acc[q];
+      for (int q = 0; q < NQ; ++q) yr[q] = acc[q];
     }
   }
   for (int64_t r = 0; r < R; ++r) {
@@ -70,14 +80,15 @@ void lanes_rows(const Dec& dec, const Problem& p, const LanesPlan& lp, int64_t r
 template <int NV, class Dec>
 void lanes_t_tile(const Dec& dec, int64_t cols, const float* dyt, float* dxt, int64_t r0, int64_t r1) {
   constexpr int64_t W = 16 * NV;
+  constexpr int NQ = static_cast<int>(W / kVL);
   for (int64_t r = r0; r < r1; ++r) {
-    vf16 d[NV];
-    const vf16* dr = reinterpret_cast<const vf16*>(dyt + r * W);
-    for (int q = 0; q < NV; ++q) d[q] = dr[q];
+    vfl d[NQ];
+    const vfl* dr = reinterpret_cast<const vfl*>(dyt + r * W);
+    for (int q = 0; q < NQ; ++q) d[q] = dr[q];
     auto cur = dec.begin(r);
     dec.run(cur, cols, [&](int64_t j, float w) {
-      vf16* xr = reinterpret_cast<vf16*>(dxt + j * W);
-      for (int q = 0; q < NV; ++q) xr[q] += w * d[q];
+      vfl* xr = reinterpret_cast<vfl*>(dxt + j * W);
+      for (int q = 0; q < NQ; ++q) xr[q] += w * d[q];
     });
   }
 }

@@ -42,9 +42,10 @@ namespace {
 // b-bit field starting at stream bit `bit` of an index row (b <= 8)
 inline int nm_field(const uint8_t* irow, int64_t ibpr, int64_t bit, int b) {
   const int64_t byte = bit >> 3;
+  const int sh = static_cast<int>(bit & 7);
   uint32_t w = irow[byte];
-  if (byte + 1 < ibpr) w |= static_cast<uint32_t>(irow[byte + 1]) << 8;
-  return static_cast<int>((w >> (bit & 7)) & ((1u << b) - 1));
+  if (sh + b > 8 && byte + 1 < ibpr) w |= static_cast<uint32_t>(irow[byte + 1]) << 8;
+  return static_cast<int>((w >> sh) & ((1u << b) - 1));
 }
 
 // Writes the columns of values [v0, v0 + count) of a row into cols_out (int32).
@@ -76,6 +77,15 @@ struct NmDec {
   void run(Cur& c, int64_t cend, F&& f) const {
     const int64_t G = w.cols / w.m;
     int64_t g = c.g;
+    if (w.n == 2 && w.m == 4) {  // 2:4: one index nibble per group
+      for (; g < G && g * 4 < cend; ++g) {
+        const unsigned nib = (c.irow[g >> 1] >> ((g & 1) * 4)) & 15u;
+        f(g * 4 + (nib & 3), load_val<V>(w.val, c.vbase + 2 * g));
+        f(g * 4 + (nib >> 2), load_val<V>(w.val, c.vbase + 2 * g + 1));
+      }
+      c.g = g;
+      return;
+    }
     for (; g < G && g * w.m < cend; ++g) {
       int64_t v = g * w.n;
       for (int k = 0; k < w.n; ++k, ++v) {

@@ -1,5 +1,5 @@
 // N:M kernels, AVX-512.
-// rows, 2:4: two index bytes -> a 16-column keep-mask (lookup table) -> vexpandps of the next 8
+// rows, 2:4: two index bytes -> a 16-column keep-mask (lookup table) -> decode16 of the next 8
 //   values, exactly like the bitmap kernel (1 index bit per weight, the same bytes as a bitmap).
 // rows, any other n:m: the positions of a chunk of values are decoded to column numbers, then x is
 //   gathered as for CSR.
@@ -19,7 +19,7 @@ template <VT V, int NB>
 void rows24_nb(const NmView& w, const Problem& p, int64_t r0, int64_t r1, int64_t b0) {
   const float* xs[NB];
   for (int nb = 0; nb < NB; ++nb) xs[nb] = p.x + (b0 + nb) * p.in;
-  const int64_t cols = w.cols;
+  const int64_t cols = w.cols, total = w.rows * w.vpr;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* irow = w.idx + r * w.ibpr;
     int64_t vp = r * w.vpr;
@@ -28,10 +28,11 @@ void rows24_nb(const NmView& w, const Problem& p, int64_t r0, int64_t r1, int64_
     int64_t c = 0;
     for (; c + 64 <= cols; c += 64, vp += 32) {
       const uint8_t* ib = irow + c / 8;
-      const __m512 w0 = v512::expand16<V>(w.val, vp, mask24(ib));
-      const __m512 w1 = v512::expand16<V>(w.val, vp + 8, mask24(ib + 2));
-      const __m512 w2 = v512::expand16<V>(w.val, vp + 16, mask24(ib + 4));
-      const __m512 w3 = v512::expand16<V>(w.val, vp + 24, mask24(ib + 6));
+      const bool safe = vp + 40 <= total;
+      const __m512 w0 = v512::decode16<V>(w.val, vp, mask24(ib), safe);
+      const __m512 w1 = v512::decode16<V>(w.val, vp + 8, mask24(ib + 2), safe);
+      const __m512 w2 = v512::decode16<V>(w.val, vp + 16, mask24(ib + 4), safe);
+      const __m512 w3 = v512::decode16<V>(w.val, vp + 24, mask24(ib + 6), safe);
       for (int nb = 0; nb < NB; ++nb) {
         acc[nb][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xs[nb] + c), acc[nb][0]);
         acc[nb][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xs[nb] + c + 16), acc[nb][1]);
@@ -44,7 +45,7 @@ void rows24_nb(const NmView& w, const Problem& p, int64_t r0, int64_t r1, int64_
       uint32_t mb = kNm24.mask[irow[c / 8]];
       if (nc > 8) mb |= static_cast<uint32_t>(kNm24.mask[irow[c / 8 + 1]]) << 8;
       const __mmask16 cm = v512::first_lanes(nc);
-      const __m512 w0 = v512::expand16<V>(w.val, vp, static_cast<__mmask16>(mb) & cm);
+      const __m512 w0 = v512::decode16<V>(w.val, vp, mb & cm, false);
       vp += nc / 2;
       for (int nb = 0; nb < NB; ++nb) acc[nb][0] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(cm, xs[nb] + c), acc[nb][0]);
     }

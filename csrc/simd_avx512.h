@@ -36,6 +36,43 @@ inline __m512 val16(const void* v, int64_t i, __mmask16 k) {
   }
 }
 
+// Byte indices for vpermps: kPrefix.b8[m] holds, in byte j, the number of set bits of m below
+// bit j (the position of column j's value among the byte's kept values).
+struct PrefixLut {
+  uint64_t b8[256];
+  constexpr PrefixLut() : b8() {
+    for (int m = 0; m < 256; ++m) {
+      uint64_t b = 0;
+      int k = 0;
+      for (int j = 0; j < 8; ++j) {
+        if ((m >> j) & 1) b |= static_cast<uint64_t>(k++) << (8 * j);
+      }
+      b8[m] = b;
+    }
+  }
+};
+constexpr PrefixLut kPrefix{};
+
+// Dense 16-lane weights for mask m, like vexpandps but through a lookup table and vpermps: on
+// the Zen 5 this was tuned on, vexpandps (memory or register form) costs ~3 cycles, the table +
+// permutation ~2 (see docs/kernels.md). `safe`: 16 values can be read at vp without leaving the
+// buffer; otherwise only popcount(m) are read (masked load).
+template <VT V>
+inline __m512 decode16(const void* v, int64_t vp, uint32_t m, bool safe) {
+  const uint32_t lo = m & 0xffu, hi = (m >> 8) & 0xffu;
+  const uint64_t pl = static_cast<uint64_t>(__builtin_popcount(lo));
+  const __m128i b = _mm_insert_epi64(_mm_cvtsi64_si128(static_cast<long long>(kPrefix.b8[lo])),
+                                     static_cast<long long>(kPrefix.b8[hi] + pl * 0x0101010101010101ULL), 1);
+  const __m512i idx = _mm512_cvtepu8_epi32(b);
+  __m512 vals;
+  if (safe) {
+    vals = val16<V>(v, vp);
+  } else {
+    vals = val16<V>(v, vp, static_cast<__mmask16>((1u << __builtin_popcount(m)) - 1u));
+  }
+  return _mm512_maskz_permutexvar_ps(static_cast<__mmask16>(m), idx, vals);
+}
+
 // Dense 16-lane weight vector for mask m: the next popcount(m) stored values placed at the set
 // lanes, zeros elsewhere (vexpandps decodes a bitmap straight into a register).
 template <VT V>
