@@ -90,3 +90,14 @@ def test_import_is_cheap():
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    r = run_cli("demo", "--out", str(tmp_path / "demo"), "--patterns", "2:4", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    table = [l for l in r.stdout.splitlines() if l.startswith("| ")]
+    ppl = {l.split("|")[1].strip(): float(l.split("|")[4]) for l in table[1:]}
+    assert set(ppl) == {"dense", "magnitude", "wanda", "sparsegpt"}
+    assert ppl["sparsegpt"] <= ppl["magnitude"] and ppl["dense"] < ppl["sparsegpt"]
+    assert "weights bit-exact: True" in r.stdout

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="prune the built-in model three ways, evaluate, save, reload")
     p.add_argument("--out", type=Path, default=Path("sparseforge-demo"), help="where the demo writes its checkpoint")
-    p.add_argument("--pattern", default="unstructured")
+    p.add_argument("--patterns", nargs="+", default=["unstructured", "2:4"], help="patterns to compare")
     p.add_argument("--sparsity", type=float, default=None)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     return parser
@@ -129,7 +129,7 @@ def _cmd_inspect(args) -> int:
 def _cmd_demo(args) -> int:
     from sparseforge.pipeline import run_demo
 
-    run_demo(out=args.out, pattern=args.pattern, sparsity=args.sparsity, progress=args.progress)
+    run_demo(out=args.out, patterns=tuple(args.patterns), sparsity=args.sparsity, progress=args.progress)
     return 0
 
 
