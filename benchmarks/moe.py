@@ -1,0 +1,247 @@
+"""MoE layer on CPU: sparseforge ``MoE`` vs transformers' ``MixtralSparseMoeBlock``, same weights.
+
+For each configuration (8 experts top-2, d=1024, h=2816; 64 experts top-8, d=1024, h=352) it
+measures, in one process and interleaved (each repetition runs every implementation once, in a
+rotating order, so background load hits all of them alike):
+
+* forward tokens/s (``torch.no_grad``, eval) on ``--tokens`` tokens (default 4096);
+* forward+backward tokens/s (gradients w.r.t. the input and every weight);
+* batch-1 decode latency (one token, ``torch.no_grad``), median of ``--decode-calls`` calls.
+
+transformers runs under ``config._experts_implementation = "eager"`` and ``"grouped_mm"`` (set on
+the block's config; transformers 5 reads it at every forward). ``"batched_mm"`` is never run: it
+materialises per-token expert weights (~190 GB at these sizes). Before timing, outputs are checked
+equal (and, for forward+backward, input gradients), else the script exits non-zero.
+
+Prints a markdown table (medians; ratio = sparseforge / best transformers implementation, > 1 is
+better for sparseforge) and writes JSON to ``benchmarks/results/moe.json``.
+
+Usage::
+
+    python benchmarks/moe.py            # full run (several minutes on 2 cores)
+    python benchmarks/moe.py --quick    # 256 tokens, 2 repetitions: a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CONFIGS = [
+    {"name": "E8-top2", "experts": 8, "k": 2, "d": 1024, "h": 2816},
+    {"name": "E64-top8", "experts": 64, "k": 8, "d": 1024, "h": 352},
+]
+IMPLS = ["sparseforge", "hf-eager", "hf-grouped_mm"]
+
+
+def _build(cfg: dict, seed: int):
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    from sparseforge.moe.hf import from_mixtral_block
+
+    config = MixtralConfig(
+        hidden_size=cfg["d"], intermediate_size=cfg["h"], num_local_experts=cfg["experts"],
+        num_experts_per_tok=cfg["k"], router_jitter_noise=0.0,
+    )
+    config._experts_implementation = "eager"
+    torch.manual_seed(seed)
+    block = MixtralSparseMoeBlock(config)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.02)
+        block.gate.weight.normal_(0.0, 1.0 / cfg["d"] ** 0.5)  # spread routing over experts
+    ours = from_mixtral_block(block)
+    return config, block, ours
+
+
+class Runner:
+    """Calls one implementation; ``impl`` selects ours or transformers' experts implementation."""
+
+    def __init__(self, config, block, ours):
+        self.config, self.block, self.ours = config, block, ours
+
+    def module(self, impl: str):
+        if impl == "sparseforge":
+            return self.ours
+        self.config._experts_implementation = impl.removeprefix("hf-")
+        return self.block
+
+    def forward(self, impl: str, x: torch.Tensor) -> torch.Tensor:
+        mod = self.module(impl)
+        out = mod(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    def forward_backward(self, impl: str, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        mod = self.module(impl)
+        x = x.detach().requires_grad_()
+        out = mod(x)
+        (out[0] if isinstance(out, tuple) else out).backward(grad)
+        for p in mod.parameters():
+            p.grad = None
+        return x.grad
+
+
+def _check(runner: Runner, x: torch.Tensor, grad: torch.Tensor) -> dict:
+    """Max abs differences vs sparseforge; raises SystemExit when they are not close."""
+    diffs = {}
+    with torch.no_grad():
+        ref = runner.forward("sparseforge", x)
+    ref_g = runner.forward_backward("sparseforge", x, grad)
+    for impl in IMPLS[1:]:
+        with torch.no_grad():
+            y = runner.forward(impl, x)
+        g = runner.forward_backward(impl, x, grad)
+        diffs[impl] = {
+            "output": float((y - ref).abs().max()), "output_scale": float(ref.abs().max()),
+            "input_grad": float((g - ref_g).abs().max()), "input_grad_scale": float(ref_g.abs().max()),
+        }
+        if not (torch.allclose(y, ref, rtol=1e-4, atol=1e-5) and torch.allclose(g, ref_g, rtol=1e-3, atol=1e-5)):
+            raise SystemExit(f"{impl}: outputs differ from sparseforge: {diffs[impl]}")
+    return diffs
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_config(cfg: dict, tokens: int, reps: int, decode_calls: int, seed: int) -> dict:
+    config, block, ours = _build(cfg, seed)
+    runner = Runner(config, block, ours)
+    block.train()  # jitter is 0: train and eval compute the same function
+    ours.train()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, tokens, cfg["d"], generator=gen)
+    grad = torch.randn(1, tokens, cfg["d"], generator=gen)
+    x1 = torch.randn(1, 1, cfg["d"], generator=gen)
+    diffs = _check(runner, x[:, : min(tokens, 512)], grad[:, : min(tokens, 512)])
+    with torch.no_grad():
+        for impl in IMPLS:  # warm-up, and decode equality
+            y1 = runner.forward(impl, x1)
+            if impl == "sparseforge":
+                y1_ref = y1
+            elif not torch.allclose(y1, y1_ref, rtol=1e-4, atol=1e-5):
+                raise SystemExit(f"{impl}: decode output differs from sparseforge")
+    samples = {m: {i: [] for i in IMPLS} for m in ("forward", "forward_backward", "decode")}
+    for rep in range(reps):
+        order = IMPLS[rep % 3:] + IMPLS[: rep % 3]  # rotate who goes first
+        for impl in order:
+            with torch.no_grad():
+                samples["forward"][impl].append(_time(lambda: runner.forward(impl, x)))
+            samples["forward_backward"][impl].append(_time(lambda: runner.forward_backward(impl, x, grad)))
+            with torch.no_grad():
+                calls = [_time(lambda: runner.forward(impl, x1)) for _ in range(decode_calls)]
+            samples["decode"][impl].append(statistics.median(calls))
+    result = {"config": cfg, "tokens": tokens, "max_abs_diff": diffs, "median_s": {}, "samples_s": samples}
+    for metric, per_impl in samples.items():
+        result["median_s"][metric] = {impl: statistics.median(v) for impl, v in per_impl.items()}
+    return result
+
+
+def bench_kernels(cfg: dict, tokens: int, reps: int, seed: int) -> dict:
+    """GFLOP/s of the first expert matmul (x_e @ W_gate[e] for every expert), equal slices:
+    ``torch.mm`` per slice (MKL), ``torch.nn.functional.grouped_mm`` (one call) and oneDNN per slice."""
+    import torch.nn.functional as F
+
+    from sparseforge.moe.grouped import _mm
+
+    E, d, h = cfg["experts"], cfg["d"], cfg["h"]
+    rows = tokens * cfg["k"] // E
+    gen = torch.Generator().manual_seed(seed)
+    xs = torch.randn(rows * E, d, generator=gen)
+    w = torch.randn(E, d, h, generator=gen) * d**-0.5
+    offs = torch.arange(1, E + 1, dtype=torch.int32) * rows
+
+    def loop(backend):
+        return lambda: [_mm(xs[e * rows:(e + 1) * rows], w[e], backend) for e in range(E)]
+
+    fns = {"mm (MKL)": loop("loop"), "grouped_mm": lambda: F.grouped_mm(xs, w, offs=offs), "oneDNN": loop("onednn")}
+    samples = {name: [] for name in fns}
+    for name, fn in fns.items():
+        fn()  # warm-up
+    for _ in range(reps):
+        for name, fn in fns.items():
+            samples[name].append(_time(fn))
+    flops = 2.0 * rows * E * d * h
+    return {"config": cfg["name"], "rows_per_expert": rows,
+            "gflops": {n: flops / statistics.median(v) / 1e9 for n, v in samples.items()}}
+
+
+def _table(results: list[dict]) -> str:
+    lines = [
+        "| config | metric | sparseforge | hf eager | hf grouped_mm | ratio vs best hf |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        med = r["median_s"]
+        for metric, unit in (("forward", "tok/s"), ("forward_backward", "tok/s"), ("decode", "ms")):
+            m = med[metric]
+            if metric == "decode":
+                vals = {i: m[i] * 1e3 for i in IMPLS}
+                ratio = min(vals["hf-eager"], vals["hf-grouped_mm"]) / vals["sparseforge"]
+                cells = [f"{vals[i]:.2f} ms" for i in IMPLS]
+            else:
+                vals = {i: r["tokens"] / m[i] for i in IMPLS}
+                ratio = vals["sparseforge"] / max(vals["hf-eager"], vals["hf-grouped_mm"])
+                cells = [f"{vals[i]:,.0f} {unit}" for i in IMPLS]
+            lines.append(f"| {r['config']['name']} | {metric.replace('_', '+')} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="256 tokens, 2 repetitions, 5 decode calls")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--decode-calls", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--configs", nargs="*", default=[c["name"] for c in CONFIGS])
+    parser.add_argument("--kernels", action="store_true", help="also time one expert matmul per backend")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe.json"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.tokens, args.reps, args.decode_calls = 256, 2, 5
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    load_before = os.getloadavg()
+    results = [
+        bench_config(cfg, args.tokens, args.reps, args.decode_calls, seed=i)
+        for i, cfg in enumerate(CONFIGS) if cfg["name"] in args.configs
+    ]
+    table = _table(results)
+    print(table)
+    kernels = []
+    if args.kernels:
+        kernels = [bench_kernels(cfg, args.tokens, max(3, args.reps), seed=i)
+                   for i, cfg in enumerate(CONFIGS) if cfg["name"] in args.configs]
+        print("\n| config | rows/expert | " + " | ".join(kernels[0]["gflops"]) + " |")
+        print("|---|---|" + "---|" * len(kernels[0]["gflops"]))
+        for k in kernels:
+            print(f"| {k['config']} | {k['rows_per_expert']} | " + " | ".join(f"{v:.0f} GFLOP/s" for v in k["gflops"].values()) + " |")
+    meta = {
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        "threads": args.threads, "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+        "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "quick": args.quick,
+        "reps": args.reps, "decode_calls": args.decode_calls,
+        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": results, "table": table, "kernels": kernels}, indent=1) + "\n")
+    print(f"\nwrote {out} (load average before/after: {load_before[0]:.1f} / {meta['loadavg_after'][0]:.1f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
