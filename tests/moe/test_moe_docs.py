@@ -37,3 +37,15 @@ def test_estimator_table_matches_constants(text):
     assert f"u <= {ESTIMATORS['midpoint'].coin}" in text and "pi_D / 2" in text
     assert f"{ESTIMATORS['heun3'].low} pi_D" in text and f"u <= {ESTIMATORS['heun3'].coin}" in text
     assert f"`{ESTIMATORS['midpoint'].grad_factor:g} g pi_D (e_D - pi)`" in text
+
+
+@pytest.mark.parametrize(
+    "module", ["__init__", "routers", "sparsemixer", "dispatch", "grouped", "losses", "layer", "hf"]
+)
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+
+    mod = importlib.import_module("sparseforge.moe" if module == "__init__" else f"sparseforge.moe.{module}")
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0

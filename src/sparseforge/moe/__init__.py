@@ -14,7 +14,8 @@ Example:
 
 from sparseforge.moe.dispatch import apply_capacity, build_plan
 from sparseforge.moe.grouped import grouped_ffn
-from sparseforge.moe.layer import MoE, MoEAux, load_balancing_loss, router_z_loss
+from sparseforge.moe.losses import MoEAux, load_balancing_loss, router_z_loss
+from sparseforge.moe.layer import MoE
 from sparseforge.moe.routers import (
     ROUTERS,
     ExpertChoice,
