@@ -65,11 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--formats", default="bitmap,bitmap_bf16,csr,nm", help="subset of bitmap,bitmap_bf16,csr,nm")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--budget", type=float, default=3.0, help="seconds of timing per cell (min 5, max 40 passes)")
+    p.add_argument("--bw-mib", type=int, default=1024, help="size of the bandwidth probe array (MiB)")
     p.add_argument("--quick", action="store_true", help="2 layers of 1024/2816, short timing: a smoke run")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default results/kernels[.quick].json)")
     args = p.parse_args(argv)
     if args.quick:
-        args.layers, args.hidden, args.ffn, args.budget = 2, 1024, 2816, 0.5
+        args.layers, args.hidden, args.ffn, args.budget, args.bw_mib = 2, 1024, 2816, 0.5, 256
     args.batches = [int(b) for b in args.batches.split(",")]
     args.sparsities = [s.strip() for s in args.sparsities.split(",")]
     args.formats = [f.strip() for f in args.formats.split(",")]
@@ -95,9 +96,9 @@ def time_fn(fn, budget: float) -> dict:
     return {"ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts), "q1_ms": 1e3 * q[0], "q3_ms": 1e3 * q[2], "passes": n}
 
 
-def bandwidth_gbs(quick: bool) -> float:
-    """Streaming read bandwidth: torch sum over a 1 GiB (quick: 256 MiB) fp32 array, median of 15."""
-    a = torch.arange(2**26 if quick else 2**28, dtype=torch.float32)
+def bandwidth_gbs(mib: int) -> float:
+    """Streaming read bandwidth: torch sum over a ``mib`` MiB fp32 array, median of 15."""
+    a = torch.arange(mib * 2**18, dtype=torch.float32)
     a += 1  # touch every page
     ts = []
     for _ in range(15):
@@ -170,7 +171,7 @@ def run(args) -> dict:
     }
     print(f"# stack: {args.layers} layers {layer_shapes[0]}..., {n_weights / 1e6:.1f} M weights; "
           f"isa={meta['isa']}, threads={args.threads}", flush=True)
-    bw0 = bandwidth_gbs(args.quick)
+    bw0 = bandwidth_gbs(args.bw_mib)
     print(f"# streaming bandwidth (before): {bw0:.1f} GB/s", flush=True)
     rows: list[dict] = []
     xs = {b: torch.randn(b, args.hidden, generator=torch.Generator().manual_seed(b)) for b in args.batches}
@@ -226,7 +227,7 @@ def run(args) -> dict:
                 print(f"  B={b:<3} {f:18s} {label:>4} {t['ms']:8.2f} ms  ({nbytes / 1e6:.0f} MB, err {err:.1e})", flush=True)
         del built, first_dense
 
-    bw1 = bandwidth_gbs(args.quick)
+    bw1 = bandwidth_gbs(args.bw_mib)
     print(f"# streaming bandwidth (after): {bw1:.1f} GB/s", flush=True)
     bw = (bw0 + bw1) / 2
     meta.update(bandwidth_gbs_before=bw0, bandwidth_gbs_after=bw1, bandwidth_gbs=bw, load_avg_end=os.getloadavg())

@@ -13,8 +13,8 @@ Each op takes the format's buffers as tensors, so it works in eager mode, under 
 float32 ``(B, out)``. CSR buffers do not record ``in``, so ``csr_linear`` takes it from ``x``;
 :func:`linear` checks ``x`` against the weight's shape for every format. NaN/inf propagate as in the dense product with the pruned weights set to zero.
 
-Autograd: ``dx = dy @ W`` runs the native transposed-product kernels (``sparseforge::*_linear_t``,
-batch in SIMD lanes, portable code not yet tuned per ISA) and ``dbias = dy.sum(0)``. The gradient of
+Autograd: ``dx = dy @ W`` runs the native transposed-product kernels (``sparseforge::*_linear_t``:
+batch in SIMD lanes, compiled per ISA, not yet tuned) and ``dbias = dy.sum(0)``. The gradient of
 the stored values (dW restricted to the mask) is not implemented yet: :func:`linear` refuses weights
 whose values require grad, and the backward raises if asked for it.
 
