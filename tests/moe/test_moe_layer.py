@@ -138,3 +138,13 @@ def test_input_shapes_and_dtypes():
     bf = MoE(8, 12, 4, 2, dtype=torch.bfloat16)
     y, _ = bf(torch.randn(5, 8, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("router,k", [("softmax_topk", 2), ("sparsemixer", 2), ("sigmoid", 2), ("expert_choice", 2), ("switch", 1)])
+def test_empty_batch(router, k):
+    layer = _layer(router=router, k=k, capacity_factor=1.0 if router == "expert_choice" else None)
+    x = torch.randn(0, 8, dtype=torch.float64, requires_grad=True)
+    y, aux = layer(x)
+    assert y.shape == (0, 8) and aux.tokens_per_expert.sum() == 0
+    assert aux.loss.item() == 0.0
+    (y.sum() + aux.loss).backward()
