@@ -30,13 +30,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sparseforge.errors import ConfigError
-from sparseforge.moe.losses import MoEAux
 from sparseforge.moe.dispatch import apply_capacity, build_plan
 from sparseforge.moe.grouped import ACTIVATIONS, BACKENDS, grouped_ffn
+from sparseforge.moe.losses import MoEAux
 from sparseforge.moe.routers import Router, capacity_for, make_router
 
 __all__ = ["MoE"]
