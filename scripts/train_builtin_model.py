@@ -8,7 +8,8 @@ Reproduces ``src/sparseforge/assets/builtin-llama/``:
 2. a small Llama-style decoder (hidden 256, 6 layers, 4 heads of 64, MLP 768,
    tied embeddings, ~6.3M parameters) trained with AdamW + warmup/cosine LR on
    random 256-token windows of the train split;
-3. held-out perplexity (protocol in :func:`sparseforge.builtin.heldout_perplexity`);
+3. held-out perplexity by the project's protocol, :func:`sparseforge.evaluate.perplexity`
+   on :func:`sparseforge.data.corpus_token_ids` of the held-out split (``docs/evaluation.md``);
 4. ``save_pretrained`` (safetensors, float32) + tokenizer + model card, written to
    a temporary directory and renamed into place.
 
@@ -40,15 +41,9 @@ except ImportError:  # running from a source checkout without installing
 
 import torch  # noqa: E402
 
-from sparseforge import corpus  # noqa: E402
-from sparseforge.builtin import (  # noqa: E402
-    BUILTIN_MODEL_DIRNAME,
-    _encode,
-    EVAL_MAX_WINDOWS,
-    EVAL_SEQ_LEN,
-    heldout_perplexity,
-    heldout_token_ids,
-)
+from sparseforge import corpus, data  # noqa: E402
+from sparseforge.builtin import BUILTIN_MODEL_DIRNAME  # noqa: E402
+from sparseforge.evaluate import DEFAULT_MAX_WINDOWS, DEFAULT_SEQLEN, perplexity  # noqa: E402
 
 DEFAULT_OUT = REPO / "src" / "sparseforge" / "assets" / BUILTIN_MODEL_DIRNAME
 EOS = "<|endoftext|>"
@@ -124,12 +119,13 @@ def save_tokenizer(tokenizer, out: Path) -> None:
 
 
 def encode_split(tokenizer, split: str) -> torch.Tensor:
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for w in corpus.list_works(split):
-        ids.extend(_encode(tokenizer, corpus.load_work(w)))
-        ids.append(eos)
-    return torch.tensor(ids, dtype=torch.long)
+    """Training stream ``(n_tokens,)``: each work of ``split`` tokenised alone, then EOS, concatenated.
+
+    This is how the shipped model was trained (documents separated by ``<|endoftext|>``); it is
+    not the evaluation stream, which is ``data.corpus_token_ids(tokenizer, "heldout")``.
+    """
+    eos = torch.tensor([tokenizer.eos_token_id], dtype=torch.long)  # (1,)
+    return torch.cat([t for w in corpus.list_works(split) for t in (data.encode(tokenizer, corpus.load_work(w)), eos)])
 
 
 # --------------------------------------------------------------------------- model
@@ -210,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[tokenizer] training byte-level BPE (vocab {a.vocab_size}) on {len(corpus.list_works('train'))} train works")
     tokenizer = train_tokenizer(a.vocab_size, a.max_position_embeddings)
     train_ids = encode_split(tokenizer, "train")
-    held_ids = torch.tensor(heldout_token_ids(tokenizer), dtype=torch.long)
+    held_ids = data.corpus_token_ids(tokenizer, "heldout")  # (n_tokens,) the evaluation stream
     n_chars = len(corpus.load_text("train"))
     print(
         f"[tokenizer] train: {train_ids.numel():,} tokens ({n_chars / train_ids.numel():.2f} chars/token); "
@@ -268,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             run_loss, run_n, t_last = 0.0, 0, now
         if a.eval_every and not a.bench and (step + 1) % a.eval_every == 0 and step + 1 < n_steps:
             t0 = time.time()
-            p16 = heldout_perplexity(model, tokenizer, token_ids=held_ids, max_windows=16)
+            p16 = perplexity(model, tokenizer, token_ids=held_ids, max_windows=16, progress=False).ppl
             log.append({"step": step + 1, "heldout_ppl_16win": round(p16, 3)})
             print(f"step {step + 1:5d}  held-out PPL (16 windows) {p16:.2f}", flush=True)
             t_last += time.time() - t0
@@ -280,16 +276,16 @@ def main(argv: list[str] | None = None) -> int:
 
     final_loss = [r for r in log if "loss" in r][-1]["loss"]
     t_eval = time.time()
-    ppl = heldout_perplexity(model, tokenizer, token_ids=held_ids)
-    n_eval_tok = min(held_ids.numel() // EVAL_SEQ_LEN, EVAL_MAX_WINDOWS) * (EVAL_SEQ_LEN - 1)
+    res = perplexity(model, tokenizer, token_ids=held_ids, progress=False)
+    ppl = res.ppl
     print(
-        f"[eval] held-out perplexity: {ppl:.3f} ({EVAL_MAX_WINDOWS} x {EVAL_SEQ_LEN}-token windows, "
-        f"{n_eval_tok:,} predicted tokens; {time.time() - t_eval:.1f}s)"
+        f"[eval] held-out perplexity: {ppl:.3f} ({res.windows} x {DEFAULT_SEQLEN}-token windows, "
+        f"{res.tokens:,} predicted tokens; {time.time() - t_eval:.1f}s)"
     )
     t_eval = time.time()
-    ppl_all = heldout_perplexity(model, tokenizer, token_ids=held_ids, max_windows=None)
-    print(f"[eval] held-out perplexity, all {held_ids.numel() // EVAL_SEQ_LEN} windows: {ppl_all:.3f} "
-          f"({time.time() - t_eval:.1f}s)")
+    res_all = perplexity(model, tokenizer, token_ids=held_ids, max_windows=None, progress=False)
+    ppl_all = res_all.ppl
+    print(f"[eval] held-out perplexity, all {res_all.windows} windows: {ppl_all:.3f} ({time.time() - t_eval:.1f}s)")
 
     # ----------------------------------------------------------------- save (tmp dir + rename)
     out = a.out.resolve()
@@ -311,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             "final_train_loss": final_loss,
             "heldout_ppl": round(ppl, 4),
             "heldout_ppl_all_windows": round(ppl_all, 4),
-            "heldout_ppl_protocol": f"{EVAL_MAX_WINDOWS} non-overlapping {EVAL_SEQ_LEN}-token windows, exp(mean NLL)",
+            "heldout_ppl_protocol": f"{DEFAULT_MAX_WINDOWS} non-overlapping {DEFAULT_SEQLEN}-token windows, exp(mean NLL)",
             "versions": {
                 "python": platform.python_version(),
                 "torch": torch.__version__,
@@ -378,12 +374,13 @@ Final train loss (mean of last {a.log_every} steps): **{meta['final_train_loss']
 Loss curve: `training_log.json`.
 
 ## Evaluation
-Held-out perplexity **{meta['heldout_ppl']:.2f}**: held-out works tokenised with this tokenizer
-(each followed by `<|endoftext|>`, concatenated in name order), split into non-overlapping
-windows of {EVAL_SEQ_LEN} tokens, first {EVAL_MAX_WINDOWS} windows, PPL = exp(mean next-token NLL)
-(`sparseforge.builtin.heldout_perplexity`). Works are concatenated in name order, so these
-{EVAL_MAX_WINDOWS} windows are the first ~{EVAL_MAX_WINDOWS * EVAL_SEQ_LEN // 1000}K tokens of *Hamlet*.
-Over all {meta['n_heldout_tokens'] // EVAL_SEQ_LEN} windows of the four held-out works: **{meta['heldout_ppl_all_windows']:.2f}**.
+Held-out perplexity **{meta['heldout_ppl']:.2f}**: the held-out split (`corpus.load_text("heldout")`: the
+held-out works in name order, joined by blank lines) tokenised whole with this tokenizer, no special
+tokens (`data.corpus_token_ids(tokenizer, "heldout")`), split into non-overlapping windows of
+{DEFAULT_SEQLEN} tokens, first {DEFAULT_MAX_WINDOWS} windows, PPL = exp(mean next-token NLL) (`sparseforge.evaluate.perplexity`
+with its defaults; see `docs/evaluation.md`). These {DEFAULT_MAX_WINDOWS} windows are the first
+~{DEFAULT_MAX_WINDOWS * DEFAULT_SEQLEN // 1000}K tokens of *Hamlet*.
+Over all {meta['n_heldout_tokens'] // DEFAULT_SEQLEN} windows of the four held-out works: **{meta['heldout_ppl_all_windows']:.2f}**.
 Final train-split perplexity (exp of the train loss above): ~{math.exp(meta['final_train_loss']):.0f}.
 
 ## Reproduce

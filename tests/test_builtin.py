@@ -101,15 +101,18 @@ def test_model_loads_and_forward_is_finite(torch, model, tokenizer):
     assert out.loss.item() < math.log(4096)  # better than uniform
 
 
-def _measured_ppl() -> float:
-    log = json.loads((builtin_model_path() / "training_log.json").read_text())
-    return float(log["heldout_ppl"])
+def _training_log() -> dict:
+    return json.loads((builtin_model_path() / "training_log.json").read_text())
 
 
 @pytest.mark.slow
 def test_heldout_perplexity_bound(model, tokenizer):
-    measured = _measured_ppl()
-    ppl = builtin.heldout_perplexity(model, tokenizer)
+    from sparseforge.evaluate import perplexity
+
+    measured = float(_training_log()["heldout_ppl"])
+    result = perplexity(model, tokenizer, progress=False)  # the project's protocol, its defaults
+    assert (result.windows, result.tokens) == (64, 64 * 255)
+    ppl = result.ppl
     # Same weights + same protocol => essentially the measured value; allow 20% for
     # kernel/library differences. It must also be far below vocab size (uniform = 4096).
     assert ppl < PPL_SLACK * measured
@@ -117,25 +120,19 @@ def test_heldout_perplexity_bound(model, tokenizer):
     assert ppl < 4096 / 20
 
 
-def test_heldout_perplexity_protocol_on_tiny_model(torch):
-    """The protocol on a hand-made 'model': uniform logits => PPL == vocab size."""
-    vocab = 7
+def test_log_and_card_describe_the_evaluation_stream(torch, tokenizer):
+    """The card's numbers are over data.corpus_token_ids(heldout); its default windows are all Hamlet."""
+    from sparseforge import corpus, data
 
-    class Uniform(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
+    held = data.corpus_token_ids(tokenizer, "heldout")  # (n,)
+    log = _training_log()
+    assert log["n_heldout_tokens"] == held.numel()
+    card = (builtin_model_path() / "README.md").read_text()
+    assert f"Over all {held.numel() // 256} windows" in card
+    assert f"**{log['heldout_ppl']:.2f}**" in card and f"**{log['heldout_ppl_all_windows']:.2f}**" in card
+    assert "sparseforge.evaluate.perplexity" in card
+    # 64 windows of 256 tokens read exactly the first tokens of Hamlet, tokenised on its own
+    hamlet = data.encode(tokenizer, corpus.load_work("hamlet"))
+    assert corpus.list_works("heldout")[0] == "hamlet" and hamlet.numel() > 64 * 256
+    assert torch.equal(held[: 64 * 256], hamlet[: 64 * 256])
 
-        def forward(self, input_ids):
-            class Out:
-                pass
-
-            o = Out()
-            o.logits = torch.zeros(*input_ids.shape, vocab) + self.w
-            return o
-
-    ids = list(range(vocab)) * 100
-    ppl = builtin.heldout_perplexity(Uniform(), None, token_ids=ids, seq_len=16, max_windows=5)
-    assert ppl == pytest.approx(vocab)
-    with pytest.raises(ValueError):
-        builtin.heldout_perplexity(Uniform(), None, token_ids=[1, 2, 3], seq_len=16)

@@ -7,6 +7,8 @@ from torch import nn
 
 from sparseforge.errors import DataError, ModelError, NumericalError
 from sparseforge.evaluate import (
+    DEFAULT_MAX_WINDOWS,
+    DEFAULT_SEQLEN,
     FidelityResult,
     PerplexityResult,
     embedding_fidelity,
@@ -158,6 +160,43 @@ def test_default_text_is_heldout_split(llama, tokenizer):
     assert default == explicit
 
 
+def test_token_ids_score_exactly_like_the_text(llama, tokenizer):
+    from sparseforge.data import encode
+
+    by_text = perplexity(llama, tokenizer, TEXT, seqlen=32, max_windows=4, progress=False)
+    ids = encode(tokenizer, TEXT)  # (n,)
+    strided = torch.stack([ids, torch.zeros_like(ids)], 1)[:, 0]  # same values, non-contiguous view
+    assert not strided.is_contiguous()
+    for given in (ids, ids.tolist(), ids.to(torch.int32), strided):
+        assert perplexity(llama, None, token_ids=given, seqlen=32, max_windows=4, progress=False) == by_text
+
+
+def test_token_ids_uniform_model_and_counts():
+    """Hand-made stream, no tokenizer: constant logits => ppl == vocab; counts by the protocol."""
+    ids = list(range(7)) * 100  # 700 tokens
+    r = perplexity(ConstantLogits(7), None, token_ids=ids, seqlen=16, max_windows=5, progress=False)
+    assert (r.windows, r.tokens) == (5, 5 * 15) and r.ppl == pytest.approx(7, rel=1e-6)
+    r = perplexity(ConstantLogits(7), None, token_ids=ids, seqlen=16, max_windows=None, progress=False)
+    assert (r.windows, r.tokens) == (700 // 16, (700 // 16) * 15)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(text=TEXT, token_ids=[1] * 64), "either text= or token_ids="),
+        (dict(token_ids=[1, 2, 3]), "has 3 tokens, fewer than one window of seqlen=16"),
+        (dict(token_ids=[]), "has 0 tokens"),
+        (dict(token_ids=[0.5] * 64), "integer token ids"),
+        (dict(token_ids=torch.ones(64, dtype=torch.bool)), "integer token ids"),
+        (dict(token_ids=torch.ones(4, 16, dtype=torch.long)), r"1-D .*shape \(4, 16\)"),
+        (dict(token_ids=[[1, 2], [3]]), "1-D LongTensor or a list of ints"),
+    ],
+)
+def test_token_ids_errors(tokenizer, kwargs, match):
+    with pytest.raises(DataError, match=match):
+        perplexity(ConstantLogits(257), tokenizer, seqlen=16, progress=False, **kwargs)
+
+
 def test_evaluate_dispatches_causal_lm(llama, tokenizer, tmp_path):
     loaded = LoadedModel(model=llama, tokenizer=tokenizer, kind="causal-lm", path=tmp_path)
     r = evaluate(loaded, text=TEXT, seqlen=32, max_windows=2, progress=False)
@@ -266,9 +305,13 @@ def test_protocol_doc_matches_the_code():
     assert f"{windows} windows,\n   **{predicted} predicted tokens**" in doc
 
 
-def test_default_protocol_agrees_with_builtin_heldout_perplexity(llama, tokenizer):
-    # docs/evaluation.md: the default windows lie inside Hamlet, so both token streams agree there
-    builtin = pytest.importorskip("sparseforge.builtin")
-    ours = perplexity(llama, tokenizer, progress=False)
-    assert (ours.windows, ours.tokens) == (64, 64 * 255)
-    assert ours.ppl == pytest.approx(builtin.heldout_perplexity(llama, tokenizer), rel=1e-6)
+def test_default_protocol_is_corpus_heldout_ids_in_64_windows(llama, tokenizer):
+    # the one held-out stream (data.corpus_token_ids) in the documented default windows
+    from sparseforge import data
+
+    assert (DEFAULT_SEQLEN, DEFAULT_MAX_WINDOWS) == (256, 64)
+    default = perplexity(llama, tokenizer, progress=False)
+    assert (default.windows, default.tokens) == (64, 64 * 255)
+    held = data.corpus_token_ids(tokenizer, "heldout")
+    assert perplexity(llama, None, token_ids=held, progress=False) == default
+    assert perplexity(llama, None, token_ids=held[: 64 * 256], max_windows=None, progress=False) == default

@@ -3,9 +3,11 @@
 Perplexity protocol (fixed; see ``docs/evaluation.md``):
 
 1. text = the built-in corpus held-out split (``corpus.load_text("heldout")``) unless given,
-   tokenised whole without special tokens (:func:`sparseforge.data.encode`);
-2. non-overlapping windows of ``seqlen`` tokens (stride ``seqlen``) from the first token; a
-   trailing partial window is dropped; the first ``max_windows`` windows are kept;
+   tokenised whole without special tokens (:func:`sparseforge.data.encode`; the held-out
+   split's ids are :func:`sparseforge.data.corpus_token_ids`), or ready-made ``token_ids``;
+2. non-overlapping windows of ``seqlen`` tokens (stride ``seqlen``; default
+   :data:`DEFAULT_SEQLEN`) from the first token; a trailing partial window is dropped; the
+   first ``max_windows`` windows are kept (default :data:`DEFAULT_MAX_WINDOWS`, ``None`` = all);
 3. each window is scored on its own (no context carried over); every token after the first of
    a window is predicted, so ``tokens = windows * (seqlen - 1)``;
 4. ``nll`` = mean next-token negative log-likelihood (natural log, loss in float32),
@@ -36,6 +38,8 @@ import torch.nn.functional as F
 from sparseforge.errors import DataError, ModelError, NumericalError
 
 __all__ = [
+    "DEFAULT_SEQLEN",
+    "DEFAULT_MAX_WINDOWS",
     "PerplexityResult",
     "FidelityResult",
     "perplexity",
@@ -43,6 +47,12 @@ __all__ = [
     "embedding_fidelity",
     "evaluate",
 ]
+
+#: Perplexity protocol defaults (the one home of these numbers; ``docs/evaluation.md``):
+#: non-overlapping windows of this many tokens ...
+DEFAULT_SEQLEN = 256
+#: ... and at most this many windows from the start of the token stream.
+DEFAULT_MAX_WINDOWS = 64
 
 
 @dataclass(frozen=True)
@@ -80,13 +90,32 @@ def _logits(output: Any) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output
 
 
+def _as_token_ids(token_ids: Any) -> torch.Tensor:
+    """``token_ids`` (1-D integer tensor or list of ints) as a contiguous ``(n_tokens,)`` int64 tensor."""
+    if isinstance(token_ids, torch.Tensor):
+        ids = token_ids
+    else:
+        try:
+            ids = torch.as_tensor(token_ids)  # no dtype: floats must be rejected, not truncated
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise DataError(f"token_ids must be a 1-D LongTensor or a list of ints: {exc}") from exc
+        if ids.numel() == 0:
+            ids = ids.long()  # an empty list is float by default; it fails later as "no full window"
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise DataError(f"token_ids must hold integer token ids, got dtype {ids.dtype}")
+    if ids.dim() != 1:
+        raise DataError(f"token_ids must be 1-D (one token stream), got shape {tuple(ids.shape)}; flatten it or pass one stream")
+    return ids.to(torch.long).contiguous()  # (n_tokens,)
+
+
 def perplexity(
     model: Any,
     tokenizer: Any,
     text: str | None = None,
     *,
-    seqlen: int = 256,
-    max_windows: int | None = 64,
+    token_ids: "torch.Tensor | list[int] | None" = None,
+    seqlen: int = DEFAULT_SEQLEN,
+    max_windows: int | None = DEFAULT_MAX_WINDOWS,
     batch_size: int = 8,
     progress: bool = True,
 ) -> PerplexityResult:
@@ -96,14 +125,18 @@ def perplexity(
         model: a causal LM whose forward takes ``input_ids`` ``(B, T)`` and returns logits
             ``(B, T, vocab)`` (or an object with ``.logits``). It runs in eval mode and its own
             dtype; its training flag is restored afterwards.
-        tokenizer: the model's tokenizer.
-        text: text to score; ``None`` = the built-in held-out split.
+        tokenizer: the model's tokenizer (unused, may be ``None``, when ``token_ids`` is given).
+        text: text to score; ``None`` (and no ``token_ids``) = the built-in held-out split.
+        token_ids: an already tokenised stream ``(n_tokens,)`` (1-D LongTensor or list of ints)
+            scored instead of text, e.g. ``data.corpus_token_ids(tokenizer, "heldout")`` computed
+            once and reused; exclusive with ``text``.
         seqlen: tokens per window (= stride). max_windows: windows kept (``None`` = all).
         batch_size: windows per forward pass (does not change the result beyond float rounding).
         progress: show a tqdm progress bar.
 
     Raises:
-        DataError: the text has fewer than ``seqlen`` tokens (no full window), bad sizes.
+        DataError: the text has fewer than ``seqlen`` tokens (no full window), bad sizes, both
+            ``text`` and ``token_ids`` given, or ``token_ids`` not a 1-D integer stream.
         NumericalError: the model produced NaN logits.
     """
     from tqdm.auto import tqdm
@@ -117,7 +150,14 @@ def perplexity(
             raise DataError(f"{name} must be a positive integer, got {value!r}")
     if seqlen < 2:
         raise DataError(f"seqlen must be at least 2 (a window predicts seqlen - 1 tokens), got {seqlen}")
-    ids = data.corpus_token_ids(tokenizer, "heldout") if text is None else data.encode(tokenizer, text)
+    if text is not None and token_ids is not None:
+        raise DataError("give either text= or token_ids= to score, not both")
+    if token_ids is not None:
+        ids = _as_token_ids(token_ids)  # (n_tokens,)
+    elif text is not None:
+        ids = data.encode(tokenizer, text)  # (n_tokens,)
+    else:
+        ids = data.corpus_token_ids(tokenizer, "heldout")  # (n_tokens,)
     n_windows = ids.numel() // seqlen
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
