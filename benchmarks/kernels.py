@@ -295,7 +295,10 @@ def targets(result: dict) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    result = run(args)
+    try:
+        result = run(args)
+    finally:
+        torch.set_flush_denormal(False)  # process-wide CPU state: do not leak it to a caller (tests)
     result["targets"] = targets(result)
     table = markdown(result)
     print()

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
 
 
@@ -28,3 +30,4 @@ def test_kernel_benchmark_smoke(tmp_path, capsys):
             assert r["rel_err_layer0"] < (1e-2 if "bf16" in r["kernel"] else 1e-5)
     assert "| batch | kernel |" in out.with_suffix(".md").read_text()
     assert "peer comparisons skipped" in capsys.readouterr().out
+    assert (torch.tensor([1e-40]) * 1.0).item() != 0.0  # flush-to-zero mode was not left on
