@@ -18,7 +18,8 @@ better for sparseforge) and writes JSON to ``benchmarks/results/moe.json``.
 
 Usage::
 
-    python benchmarks/moe.py            # full run (several minutes on 2 cores)
+    python benchmarks/moe.py                  # full run, 2 threads (several minutes on 2 cores)
+    python benchmarks/moe.py --threads 1 2    # one run per thread count
     python benchmarks/moe.py --quick    # 256 tokens, 2 repetitions: a smoke test
 """
 
@@ -202,44 +203,48 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="256 tokens, 2 repetitions, 5 decode calls")
     parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--decode-calls", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, nargs="+", default=[2], help="one run per thread count")
     parser.add_argument("--configs", nargs="*", default=[c["name"] for c in CONFIGS])
     parser.add_argument("--kernels", action="store_true", help="also time one expert matmul per backend")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe.json"))
     args = parser.parse_args(argv)
     if args.quick:
         args.tokens, args.reps, args.decode_calls = 256, 2, 5
-    torch.set_num_threads(args.threads)
     import transformers
 
-    load_before = os.getloadavg()
-    results = [
-        bench_config(cfg, args.tokens, args.reps, args.decode_calls, seed=i)
-        for i, cfg in enumerate(CONFIGS) if cfg["name"] in args.configs
-    ]
-    table = _table(results)
-    print(table)
-    kernels = []
-    if args.kernels:
-        kernels = [bench_kernels(cfg, args.tokens, max(3, args.reps), seed=i)
-                   for i, cfg in enumerate(CONFIGS) if cfg["name"] in args.configs]
-        print("\n| config | rows/expert | " + " | ".join(kernels[0]["gflops"]) + " |")
-        print("|---|---|" + "---|" * len(kernels[0]["gflops"]))
-        for k in kernels:
-            print(f"| {k['config']} | {k['rows_per_expert']} | " + " | ".join(f"{v:.0f} GFLOP/s" for v in k["gflops"].values()) + " |")
+    configs = [(i, cfg) for i, cfg in enumerate(CONFIGS) if cfg["name"] in args.configs]
+    runs = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        load_before = os.getloadavg()
+        results = [bench_config(cfg, args.tokens, args.reps, args.decode_calls, seed=i) for i, cfg in configs]
+        table = _table(results)
+        print(f"\n### {threads} thread(s), {args.tokens} tokens, load average {load_before[0]:.1f}\n")
+        print(table)
+        kernels = []
+        if args.kernels:
+            kernels = [bench_kernels(cfg, args.tokens, max(3, args.reps), seed=i) for i, cfg in configs]
+            print("\n| config | rows/expert | " + " | ".join(kernels[0]["gflops"]) + " |")
+            print("|---|---|" + "---|" * len(kernels[0]["gflops"]))
+            for k in kernels:
+                cells = " | ".join(f"{v:.0f} GFLOP/s" for v in k["gflops"].values())
+                print(f"| {k['config']} | {k['rows_per_expert']} | {cells} |")
+        runs.append({
+            "threads": threads, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+            "results": results, "table": table, "kernels": kernels,
+        })
     meta = {
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-        "threads": args.threads, "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-        "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "quick": args.quick,
-        "reps": args.reps, "decode_calls": args.decode_calls,
+        "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+        "quick": args.quick, "tokens": args.tokens, "reps": args.reps, "decode_calls": args.decode_calls,
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "results": results, "table": table, "kernels": kernels}, indent=1) + "\n")
-    print(f"\nwrote {out} (load average before/after: {load_before[0]:.1f} / {meta['loadavg_after'][0]:.1f})")
+    out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1) + "\n")
+    print(f"\nwrote {out}")
     return 0
 
 

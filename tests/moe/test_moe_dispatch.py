@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from moe_reference import dense_moe
 from sparseforge.errors import ConfigError
 from sparseforge.moe.dispatch import apply_capacity, build_plan
-from sparseforge.moe.grouped import ONEDNN_MIN_ROWS, GroupedFFN, grouped_ffn, resolve_backend
+from sparseforge.moe.grouped import ONEDNN_MIN_ROWS, GroupedFFN, few_tokens_ffn, grouped_ffn, resolve_backend
 
 
 def _routing(T, E, k, gen, empty=0.0):
@@ -184,3 +184,26 @@ def test_backward_twice_with_retain_graph(backend):
     (g1,) = torch.autograd.grad(out.sum(), x, retain_graph=True)
     (g2,) = torch.autograd.grad(out.sum(), x)
     assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("glu", [True, False])
+def test_few_tokens_path_equals_grouped(glu):
+    gen = torch.Generator().manual_seed(7)
+    experts, weights = _routing(3, 5, 2, gen, empty=0.3)
+    x = torch.randn(3, 8, generator=gen, dtype=torch.float64)
+    up, down, gate = _weights(5, 8, 12, glu, gen)
+    want = grouped_ffn(x, weights, build_plan(experts, 5), up, down, gate, "gelu")
+    torch.testing.assert_close(few_tokens_ffn(x, experts, weights, up, down, gate, "gelu"), want, rtol=1e-12, atol=1e-12)
+
+
+def test_layer_decode_uses_few_tokens_path_with_same_result():
+    from sparseforge.moe import MoE
+
+    layer = MoE(8, 12, 6, 2, dtype=torch.float64).eval()
+    x = torch.randn(1, 8, dtype=torch.float64)
+    y_grad, aux_grad = layer(x)  # grad mode: grouped path
+    with torch.no_grad():
+        y_fast, aux_fast = layer(x)
+    torch.testing.assert_close(y_fast, y_grad.detach(), rtol=1e-12, atol=1e-12)
+    assert torch.equal(aux_fast.tokens_per_expert, aux_grad.tokens_per_expert)
+    assert aux_fast.tokens_per_expert.sum() == 2

@@ -1,9 +1,9 @@
 """Sort-based dispatch bookkeeping: group routing assignments by expert, capacity, combine.
 
 The ``S`` kept (token, expert) assignments are sorted by expert with one stable sort of the flat
-expert ids, so each expert's tokens form a contiguous slice of the gathered input
-``xs = x[token]`` ``(S, d)``: no per-expert boolean masks over all tokens, no padding. The expert
-FFNs then run slice by slice (:mod:`sparseforge.moe.grouped`) and :func:`scatter_rows` sums the
+expert ids, so each expert's tokens form a contiguous slice of the sorted token list: no
+per-expert boolean masks over all tokens, no padding. The expert
+FFNs then run slice by slice (:mod:`sparseforge.moe.grouped`) and :func:`add_rows` adds the
 weighted rows back per token.
 
 Example:
@@ -22,7 +22,7 @@ import torch
 
 from sparseforge.errors import ConfigError
 
-__all__ = ["DispatchPlan", "build_plan", "apply_capacity", "scatter_rows"]
+__all__ = ["DispatchPlan", "build_plan", "apply_capacity", "add_rows"]
 
 
 class DispatchPlan(NamedTuple):
@@ -70,14 +70,13 @@ def apply_capacity(
     return experts.masked_fill(drop, -1), weights.masked_fill(drop, 0.0), int(over_sorted.sum())
 
 
-def scatter_rows(rows: torch.Tensor, token: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """``out[t] = sum of the rows whose token is t`` -> (T, d).
+def add_rows(out: torch.Tensor, token: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``out[token[i]] += rows[i]`` in place (repeated tokens accumulate); returns ``out`` (T, d).
 
     Small inputs use ``index_put_(accumulate=True)``, which runs serially: CPU ``index_add_`` opens
     a parallel region even for a single row, and on a busy machine waiting for the second thread
     cost us tens of milliseconds per decode step.
     """
-    out = rows.new_zeros(num_tokens, rows.shape[1])  # (T, d)
     if rows.numel() < (1 << 16):
         return out.index_put_((token,), rows, accumulate=True)
     return out.index_add_(0, token, rows)

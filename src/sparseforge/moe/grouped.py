@@ -1,10 +1,10 @@
 """Expert FFNs on expert-sorted slices (forward and a hand-written backward).
 
 Input: the tokens ``x`` (T, d), a :class:`~sparseforge.moe.dispatch.DispatchPlan` and the gate
-weight of each assignment. ``xs = x[token]`` (S, d) is sorted by expert; each expert with a
-non-empty slice runs its FFN on that slice, the outputs are scaled by the gate weights and summed
-back per token. :class:`GroupedFFN` is a custom autograd function: its backward runs the same
-slices (weight gradients of experts that received no token are exactly zero).
+weight of each assignment. The plan's token list is sorted by expert; each expert with a
+non-empty slice gathers its tokens, runs its FFN on them, scales the outputs by the gate weights
+and adds them back per token. :class:`GroupedFFN` is a custom autograd function: its backward runs
+the same slices (weight gradients of experts that received no token are exactly zero).
 
 Expert weights are stacked and input-major: GLU (SwiGLU when ``activation="silu"``): ``w_gate``,
 ``w_up`` (E, d, h), ``w_down`` (E, h, d), ``y = (act(x @ w_gate[e]) * (x @ w_up[e])) @ w_down[e]``;
@@ -42,9 +42,12 @@ import torch
 import torch.nn.functional as F
 
 from sparseforge.errors import ConfigError
-from sparseforge.moe.dispatch import DispatchPlan, scatter_rows
+from sparseforge.moe.dispatch import DispatchPlan, add_rows
 
-__all__ = ["grouped_ffn", "GroupedFFN", "resolve_backend", "BACKENDS", "ONEDNN_MIN_ROWS", "ACTIVATIONS"]
+__all__ = [
+    "grouped_ffn", "few_tokens_ffn", "GroupedFFN", "resolve_backend", "BACKENDS", "ONEDNN_MIN_ROWS",
+    "FEW_SLOTS", "ACTIVATIONS",
+]
 
 _aten = torch.ops.aten
 
@@ -61,6 +64,11 @@ BACKENDS = ("auto", "onednn", "loop")
 # Slices with fewer rows (or a shorter inner dimension) go to torch.mm: for a matrix-vector
 # product oneDNN's per-call setup costs more than it saves.
 ONEDNN_MIN_ROWS = 4
+
+
+# Forward-only calls with at most this many routing slots (T * k; a decode step) skip the sort:
+# each slot is one matrix-vector chain whose weighting and accumulation fuse into ``addmm_``.
+FEW_SLOTS = 16
 
 
 def _onednn_ok(*tensors: torch.Tensor) -> bool:
@@ -112,24 +120,17 @@ def _slices(counts: list[int]) -> Iterator[tuple[int, int, int]]:
             start += n
 
 
-def _experts_forward(xs, w_up, w_down, w_gate, counts, act, backend, keep: bool):
-    """Unweighted outputs ``ys`` (S, d); with ``keep``, per-slice pre-activations for backward."""
-    a_list, b_list, y_list = [], [], []
-    for e, s, t in _slices(counts):
-        x_e = xs[s:t]  # (n, d)
-        if w_gate is None:
-            a, b = _mm(x_e, w_up[e], backend), None  # (n, h)
-            hid = act(a)
-        else:
-            a = _mm(x_e, w_gate[e], backend)  # (n, h)
-            b = _mm(x_e, w_up[e], backend)  # (n, h)
-            hid = act(a).mul_(b)  # (n, h)
-        y_list.append(_mm(hid, w_down[e], backend))  # (n, d)
-        if keep:
-            a_list.append(a)
-            b_list.append(b)
-    ys = torch.cat(y_list) if y_list else xs.new_empty(0, w_down.shape[2])  # (S, d)
-    return ys, a_list, b_list
+def _expert(x_e, e, w_up, w_down, w_gate, act, backend):
+    """One expert on its slice ``x_e`` (n, d): pre-activations ``a``, ``b`` (n, h) (``b`` None for
+    MLP experts) and the unweighted output (n, d)."""
+    if w_gate is None:
+        a, b = _mm(x_e, w_up[e], backend), None  # (n, h)
+        hid = act(a)
+    else:
+        a = _mm(x_e, w_gate[e], backend)  # (n, h)
+        b = _mm(x_e, w_up[e], backend)  # (n, h)
+        hid = act(a).mul_(b)  # (n, h)
+    return a, b, _mm(hid, w_down[e], backend)  # (n, d)
 
 
 def _stack(parts: dict[int, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -146,46 +147,54 @@ def _stack(parts: dict[int, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
 
 
 class GroupedFFN(torch.autograd.Function):
-    """``out[t] = sum over t's assignments of weight * FFN_e(x[t])``; first-order differentiable."""
+    """``out[t] = sum over t's assignments of weight * FFN_e(x[t])``; first-order differentiable.
+
+    Everything runs slice by slice (gather, three matmuls, weighted scatter-add), so no (S, d)
+    tensor is ever materialised: big fresh allocations cost page faults on every call.
+    """
 
     @staticmethod
     def forward(ctx, x, slot_weight, w_up, w_down, w_gate, token, counts, activation, backend):
-        xs = x.index_select(0, token)  # (S, d)
-        ys, a_list, b_list = _experts_forward(
-            xs, w_up, w_down, w_gate, counts, ACTIVATIONS[activation][0], backend, keep=True
-        )
-        out = scatter_rows(ys * slot_weight.unsqueeze(1), token, x.shape[0])  # (T, d)
-        ctx.save_for_backward(xs, ys, slot_weight, token, w_up, w_down, w_gate)
-        ctx.a_list, ctx.b_list = a_list, b_list  # intermediates: never seen or modified by the caller
-        ctx.counts, ctx.activation, ctx.backend, ctx.num_tokens = counts, activation, backend, x.shape[0]
+        act = ACTIVATIONS[activation][0]
+        out = torch.zeros_like(x)  # (T, d)
+        saved = []
+        for e, s, t in _slices(counts):
+            tok = token[s:t]  # (n,)
+            x_e = x.index_select(0, tok)  # (n, d)
+            a, b, y = _expert(x_e, e, w_up, w_down, w_gate, act, backend)
+            add_rows(out, tok, y * slot_weight[s:t].unsqueeze(1))
+            saved.append((x_e, a, b, y))  # intermediates: never seen or modified by the caller
+        ctx.save_for_backward(slot_weight, token, w_up, w_down, w_gate)
+        ctx.saved, ctx.counts, ctx.activation, ctx.backend = saved, counts, activation, backend
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        xs, ys, slot_weight, token, w_up, w_down, w_gate = ctx.saved_tensors
-        a_list, b_list = ctx.a_list, ctx.b_list
+        slot_weight, token, w_up, w_down, w_gate = ctx.saved_tensors
         act, act_bwd = ACTIVATIONS[ctx.activation]
         backend = ctx.backend
         need_x, need_w, need_up, need_down, need_gate = ctx.needs_input_grad[:5]
-        gys = grad_out.contiguous().index_select(0, token)  # (S, d)
-        grad_weight = torch.linalg.vecdot(gys, ys) if need_w else None  # (S,)
-        gys.mul_(slot_weight.unsqueeze(1))  # (S, d) gradient w.r.t. the unweighted outputs
-        g_up, g_down, g_gate, gx_list = {}, {}, {}, []
-        for i, (e, s, t) in enumerate(_slices(ctx.counts)):
-            x_e, gy, a, b = xs[s:t], gys[s:t], a_list[i], b_list[i]  # (n, d) (n, d) (n, h) (n, h)
+        grad_out = grad_out.contiguous()
+        grad_x = torch.zeros_like(grad_out) if need_x else None  # (T, d)
+        grad_weight = torch.zeros_like(slot_weight) if need_w else None  # (S,)
+        g_up, g_down, g_gate = {}, {}, {}
+        for (e, s, t), (x_e, a, b, y) in zip(_slices(ctx.counts), ctx.saved):
+            tok = token[s:t]  # (n,)
+            gy = grad_out.index_select(0, tok)  # (n, d) gradient w.r.t. the weighted output
+            if need_w:
+                grad_weight[s:t] = torch.linalg.vecdot(gy, y)  # (n,)
+            gy.mul_(slot_weight[s:t].unsqueeze(1))  # (n, d) gradient w.r.t. the expert output
             act_a = act(a)  # (n, h)
-            hid = act_a if b is None else act_a * b  # (n, h)
             if need_down:
-                g_down[e] = _mm(hid.t(), gy, backend)  # (h, d)
-            del hid
+                g_down[e] = _mm(act_a.t() if b is None else (act_a * b).t(), gy, backend)  # (h, d)
             g_hid = _mm(gy, w_down[e].t(), backend)  # (n, h)
             if b is None:
                 g_a = act_bwd(g_hid, a)  # (n, h)
                 if need_up:
                     g_up[e] = _mm(x_e.t(), g_a, backend)  # (d, h)
                 if need_x:
-                    gx_list.append(_mm(g_a, w_up[e].t(), backend))  # (n, d)
+                    add_rows(grad_x, tok, _mm(g_a, w_up[e].t(), backend))  # (n, d)
             else:
                 g_b = g_hid * act_a  # (n, h)
                 g_a = act_bwd(g_hid.mul_(b), a)  # (n, h)
@@ -194,11 +203,7 @@ class GroupedFFN(torch.autograd.Function):
                 if need_up:
                     g_up[e] = _mm(x_e.t(), g_b, backend)  # (d, h)
                 if need_x:
-                    gx_list.append(_mm_add(_mm(g_a, w_gate[e].t(), backend), g_b, w_up[e].t(), backend))  # (n, d)
-        grad_x = None
-        if need_x:
-            gxs = torch.cat(gx_list) if gx_list else xs.new_empty(0, xs.shape[1])  # (S, d)
-            grad_x = scatter_rows(gxs, token, ctx.num_tokens)  # (T, d)
+                    add_rows(grad_x, tok, _mm_add(_mm(g_a, w_gate[e].t(), backend), g_b, w_up[e].t(), backend))
         return (
             grad_x,
             grad_weight,
@@ -229,6 +234,39 @@ def grouped_ffn(
     tensors = (x, slot_weight, w_up, w_down) + ((w_gate,) if w_gate is not None else ())
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return GroupedFFN.apply(*args)
-    xs = x.index_select(0, plan.token)  # (S, d) forward only: nothing kept
-    ys, _, _ = _experts_forward(xs, w_up, w_down, w_gate, plan.counts, ACTIVATIONS[activation][0], backend, keep=False)
-    return scatter_rows(ys.mul_(slot_weight.unsqueeze(1)), plan.token, x.shape[0])  # (T, d)
+    act = ACTIVATIONS[activation][0]  # forward only: nothing kept
+    out = torch.zeros_like(x)  # (T, d)
+    for e, s, t in _slices(plan.counts):
+        tok = plan.token[s:t]  # (n,)
+        _, _, y = _expert(x.index_select(0, tok), e, w_up, w_down, w_gate, act, backend)  # (n, d)
+        add_rows(out, tok, y.mul_(slot_weight[s:t].unsqueeze(1)))
+    return out
+
+
+def few_tokens_ffn(
+    x: torch.Tensor,
+    experts: torch.Tensor,
+    weights: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    w_gate: torch.Tensor | None = None,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """Forward-only mixture for a handful of tokens (decode): no sort, no gather, no scatter.
+
+    ``x`` (T, d), ``experts`` / ``weights`` (T, k) as a router returns them (-1 = empty slot).
+    Same result as :func:`grouped_ffn` up to float rounding order.
+    """
+    act = ACTIVATIONS[activation][0]
+    out = torch.zeros_like(x)  # (T, d)
+    for t, (row_e, row_w) in enumerate(zip(experts.tolist(), weights.tolist())):
+        x_t = x[t:t + 1]  # (1, d)
+        for e, w in zip(row_e, row_w):
+            if e < 0:
+                continue
+            if w_gate is None:
+                hid = act(torch.mm(x_t, w_up[e]))  # (1, h)
+            else:
+                hid = act(torch.mm(x_t, w_gate[e])).mul_(torch.mm(x_t, w_up[e]))  # (1, h)
+            out[t:t + 1].addmm_(hid, w_down[e], alpha=w)  # (1, d) += w * hid @ w_down[e]
+    return out

@@ -34,7 +34,7 @@ from torch import nn
 
 from sparseforge.errors import ConfigError
 from sparseforge.moe.dispatch import apply_capacity, build_plan
-from sparseforge.moe.grouped import ACTIVATIONS, BACKENDS, grouped_ffn
+from sparseforge.moe.grouped import ACTIVATIONS, BACKENDS, FEW_SLOTS, few_tokens_ffn, grouped_ffn
 from sparseforge.moe.losses import MoEAux
 from sparseforge.moe.routers import Router, capacity_for, make_router
 
@@ -249,17 +249,23 @@ class MoE(nn.Module):
         experts, dropped = chosen, 0
         if capacity is not None and self.router.token_choice:
             experts, weights, dropped = apply_capacity(chosen, weights, capacity, self.num_experts)
-        plan = build_plan(experts, self.num_experts)
-        y = grouped_ffn(x, weights, plan, self.w_up, self.w_down, self.w_gate, self.activation, self.backend)  # (T, d)
+        expert_weights = (self.w_up, self.w_down, self.w_gate)
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad or self.w_up.requires_grad)
+        if not needs_grad and experts.numel() <= FEW_SLOTS:  # decode: skip the sort
+            y = few_tokens_ffn(x, experts, weights, *expert_weights, self.activation)  # (T, d)
+            counts = torch.bincount(experts.reshape(-1) + 1, minlength=self.num_experts + 1)[1:]  # (E,)
+        else:
+            plan = build_plan(experts, self.num_experts)
+            y = grouped_ffn(x, weights, plan, *expert_weights, self.activation, self.backend)  # (T, d)
+            counts = torch.tensor(plan.counts, dtype=torch.long)  # (E,)
         if self.shared is not None:
             shared = self.shared(x)  # (T, d)
             if self.shared_gate is not None:
                 shared = torch.sigmoid(self.shared_gate(x)) * shared
             y = y + shared
-        total_slots = sum(plan.counts) + dropped
+        total_slots = int(counts.sum()) + dropped
         aux = MoEAux(
-            logits, probs, chosen, torch.tensor(plan.counts, dtype=torch.long),
-            dropped / total_slots if total_slots else 0.0, self.lb_coef, self.z_coef,
+            logits, probs, chosen, counts, dropped / total_slots if total_slots else 0.0, self.lb_coef, self.z_coef,
         )
         return y.reshape(shape), aux
 
