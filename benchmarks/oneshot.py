@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-sentences", type=int, help="held-out sentences for embedding fidelity (default 256)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass (both tools)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads in every run")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads in every run (default 1: on a shared machine, OpenMP barriers make 2+ threads erratic)")
     ap.add_argument("--quick", action="store_true", help="small smoke subset: " + json.dumps(QUICK))
     ap.add_argument("--skip-llmcompressor", action="store_true")
     ap.add_argument("--llmcompressor-python", help="Python of an existing venv with llmcompressor (skips venv set-up)")
