@@ -64,19 +64,27 @@ def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> tuple[tor
 
     Returns ``(U, relative dampening used, retries)``. ``hessian`` must already have no zero
     diagonal entries. Raises :class:`NumericalError` if it stays singular after the retries.
+
+    Memory: at most three ``(in, in)`` float64 matrices live at once besides ``hessian`` (the
+    damped, index-reversed copy, its Cholesky factor, and the triangular solve's result), which
+    matters for wide layers (in=11008 is ~1 GB per matrix).
     """
-    h = hessian.to(torch.float64)  # (in, in)
-    mean_diag = torch.diagonal(h).mean()
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    mean_diag = float(torch.diagonal(hessian).double().mean())
     rel = float(dampening)
     for retry in range(MAX_DAMP_RETRIES + 1):
-        damped = h + rel * mean_diag * eye
         # With P the index reversal and P H P = L L^T: H^-1 = (P L^-1 P)^T (P L^-1 P), and
         # P L^-1 P is upper triangular with a positive diagonal, hence the factor U. This costs
         # one Cholesky and one triangular solve instead of forming H^-1 and factoring it again.
-        chol, info = torch.linalg.cholesky_ex(damped.flip(0, 1))  # (in, in) lower
+        work = hessian.flip(0, 1).to(torch.float64)  # (in, in) P H P, a fresh float64 copy
+        work.diagonal().add_(rel * mean_diag)  # damping: P (H + cI) P = P H P + cI
+        chol, info = torch.linalg.cholesky_ex(work)  # (in, in) lower
         if info.item() == 0:
-            upper = torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)  # (in, in) upper
+            eye = work.zero_()
+            eye.diagonal().fill_(1.0)  # reuse the buffer as the identity
+            inverse = torch.linalg.solve_triangular(chol, eye, upper=False)  # (in, in) L^-1
+            del chol, eye, work
+            upper = inverse.flip(0, 1)  # (in, in) upper
+            del inverse
             if torch.isfinite(upper).all():
                 return upper, rel, retry
         rel *= 10.0
@@ -139,12 +147,16 @@ def sparsegpt_prune(
         raise NumericalError("sparsegpt: the Hessian contains NaN or inf; check the calibration activations")
 
     w = weight.detach().float().clone()  # (out, in)
-    h = hessian.detach().to(device=w.device, dtype=torch.float64).clone()  # (in, in)
-    dead = torch.diagonal(h) == 0  # (in,) inputs that were always zero
-    h.diagonal()[dead] = 1.0
+    dead = torch.diagonal(hessian) == 0  # (in,) inputs that were always zero
+    h = hessian.detach().to(w.device)
+    if dead.any():
+        h = h.clone()  # (in, in) the caller's Hessian stays untouched
+        h.diagonal()[dead] = 1.0
     w[:, dead] = 0.0
     upper64, damp_used, retries = inverse_hessian_factor(h, dampening)
+    del h
     upper = upper64.to(w.dtype)  # (in, in)
+    del upper64
     diag_u = torch.diagonal(upper)  # (in,)
 
     fixed = isinstance(pattern, (FanIn, Channel))
