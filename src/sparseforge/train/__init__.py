@@ -1,4 +1,4 @@
-"""Sparse training: gradual pruning (GMP), static random sparsity and dynamic sparse training (SET, RigL).
+"""Sparse training: gradual pruning (GMP), static random sparsity, dynamic sparse training (SET, RigL), N:M (STE, SR-STE).
 
 A trainer attaches to a model and its optimizer, jaxpruner-style; call ``trainer.step()`` after
 every ``optimizer.step()``. Configs are dataclasses with YAML recipes, like one-shot pruning.
@@ -19,6 +19,8 @@ from sparseforge.train.config import (
     GMPConfig,
     RigLConfig,
     SETConfig,
+    SRSTEConfig,
+    STEConfig,
     SparseTrainConfig,
     StaticConfig,
     dump_train_recipe,
@@ -26,14 +28,15 @@ from sparseforge.train.config import (
     parse_train_recipe,
 )
 from sparseforge.train.density import layer_sparsities
+from sparseforge.train.nm import SRSTE, STE, FlipRate
 from sparseforge.train.methods import GMP, SET, TRAINERS, RigL, StaticSparse, from_config
 from sparseforge.train.schedules import Schedule, cosine_drop_fraction, cubic_sparsity
 
 __all__ = [
     "SparseTrainer", "SparseLayer", "MaskUpdate",
-    "SparseTrainConfig", "StaticConfig", "GMPConfig", "SETConfig", "RigLConfig",
+    "SparseTrainConfig", "StaticConfig", "GMPConfig", "SETConfig", "RigLConfig", "STEConfig", "SRSTEConfig",
     "parse_train_recipe", "load_train_recipe", "dump_train_recipe",
-    "StaticSparse", "GMP", "SET", "RigL", "TRAINERS", "from_config", "from_recipe",
+    "StaticSparse", "GMP", "SET", "RigL", "STE", "SRSTE", "FlipRate", "TRAINERS", "from_config", "from_recipe",
     "Schedule", "cubic_sparsity", "cosine_drop_fraction", "layer_sparsities",
 ]
 

@@ -41,6 +41,8 @@ __all__ = [
     "GMPConfig",
     "SETConfig",
     "RigLConfig",
+    "STEConfig",
+    "SRSTEConfig",
     "TRAIN_CONFIGS",
     "TRAIN_RECIPE_VERSION",
     "parse_train_recipe",
@@ -194,11 +196,40 @@ class RigLConfig(SETConfig):
     drop_fraction_decay: str = "cosine"
 
 
+@dataclass
+class STEConfig(SparseTrainConfig):
+    """N:M training with the straight-through estimator: the mask is recomputed from ``|w|`` every step."""
+
+    method: ClassVar[str] = "ste"
+    pattern: str = "2:4"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.pattern_value, NM):
+            raise ConfigError(
+                f"{self.method.upper()} trains N:M masks; pattern {self.pattern} is not N:M (use e.g. '2:4' or '1:4')"
+            )
+
+
+@dataclass
+class SRSTEConfig(STEConfig):
+    """SR-STE (Zhou et al. 2021): STE plus the sparse-refined decay ``decay * (~mask) * w`` on the gradient."""
+
+    method: ClassVar[str] = "srste"
+    decay: float = 2e-4  # lambda_W of the paper
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.decay = _number("decay", self.decay, 0.0, float("inf"))
+
+
 TRAIN_CONFIGS: dict[str, type[SparseTrainConfig]] = {
     "static": StaticConfig,
     "gmp": GMPConfig,
     "set": SETConfig,
     "rigl": RigLConfig,
+    "ste": STEConfig,
+    "srste": SRSTEConfig,
 }
 
 

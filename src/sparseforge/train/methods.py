@@ -42,6 +42,7 @@ from sparseforge.errors import ConfigError
 from sparseforge.train.base import SparseLayer, SparseTrainer
 from sparseforge.train.config import GMPConfig, RigLConfig, SETConfig, SparseTrainConfig, StaticConfig
 from sparseforge.train.schedules import constant_drop_fraction, cosine_drop_fraction, cubic_sparsity
+from sparseforge.train.nm import SRSTE, STE
 from sparseforge.train.updates import drop_and_grow, prune_mask
 
 __all__ = ["StaticSparse", "GMP", "SET", "RigL", "TRAINERS", "from_config"]
@@ -124,6 +125,8 @@ TRAINERS: dict[str, type[SparseTrainer]] = {
     "gmp": GMP,
     "set": SET,
     "rigl": RigL,
+    "ste": STE,
+    "srste": SRSTE,
 }
 
 

@@ -1,0 +1,208 @@
+"""N:M training from dense weights: STE and SR-STE (Zhou et al. 2021), with a mask flip-rate monitor.
+
+Zhou et al., "Learning N:M Fine-grained Structured Sparse Neural Networks From Scratch" (ICLR 2021):
+
+* **STE**: the forward pass uses ``W * m``, ``m`` the N:M mask of the largest ``|W|`` in every group
+  of M consecutive inputs, recomputed every step; the backward pass hands ``dL/d(W * m)`` straight
+  through to the *dense* ``W``. Pruned weights keep training and can come back (unlike RigL / GMP).
+* **SR-STE**: the same, plus the sparse-refined term on the gradient:
+  ``g = dL/d(W * m) + lambda_W * (~m) * W`` (a decay of the pruned weights only; ``lambda_W = 2e-4``).
+* **Flip rate** (the paper's Eq. 4): ``r_t = ||m_t - m_{t-1}||_1 / D``, the fraction of mask entries
+  that changed since the last step, per layer and over all layers (``trainer.flip_rate``).
+
+Design: the dense weight stays the optimizer's parameter; a ``torch.nn.utils.parametrize``
+parametrization on ``module.weight`` (holding the mask as buffer ``mask``) applies the mask in the
+forward with the straight-through backward. ``trainer.step()`` after ``optimizer.step()``
+recomputes the masks from the new ``|W|`` through :func:`sparseforge.masks.mask_from_scores` and
+records the flip rate. ``finalize()`` bakes ``W * m`` into a plain weight and detaches.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> from sparseforge.train import SRSTE
+    >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    >>> trainer = SRSTE(net, opt, pattern="2:4")
+    >>> for _ in range(3):
+    ...     net(torch.randn(4, 8)).square().mean().backward()
+    ...     opt.step(); opt.zero_grad()
+    ...     _ = trainer.step()
+    >>> len(trainer.flip_rate), sorted(trainer.flip_rate[-1].layers)
+    (3, ['0', '2'])
+    >>> trainer.finalize(); float((net[0].weight == 0).float().mean())
+    0.5
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from sparseforge.errors import ConfigError
+from sparseforge.masks import mask_from_scores
+from sparseforge.train.base import MaskUpdate, SparseLayer, SparseTrainer
+from sparseforge.train.config import SRSTEConfig, STEConfig
+
+__all__ = ["STE", "SRSTE", "FlipRate", "NMMask", "masked_ste"]
+
+
+class _MaskedSTE(torch.autograd.Function):
+    """``W * m`` forward; backward ``g + decay * (~m) * W`` to ``W`` (decay 0: plain STE)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, decay: float) -> torch.Tensor:
+        ctx.save_for_backward(weight, mask)
+        ctx.decay = decay
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, mask = ctx.saved_tensors
+        if ctx.decay:
+            grad = grad + ctx.decay * (~mask) * weight  # SR-STE's sparse-refined term
+        return grad, None, None
+
+
+def masked_ste(weight: torch.Tensor, mask: torch.Tensor, decay: float = 0.0) -> torch.Tensor:
+    """``weight * mask`` whose gradient passes straight through to ``weight`` (+ ``decay * (~mask) * weight``)."""
+    return _MaskedSTE.apply(weight, mask, float(decay))
+
+
+class NMMask(nn.Module):
+    """Parametrization of a weight: ``masked_ste(W, self.mask, decay)``; ``mask`` in the weight's layout."""
+
+    def __init__(self, mask: torch.Tensor, decay: float) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+        self.decay = decay
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return masked_ste(weight, self.mask, self.decay)
+
+
+@dataclass
+class FlipRate:
+    """Fraction of mask entries that changed at optimizer step ``step``: over all layers and per layer."""
+
+    step: int
+    total: float
+    layers: dict[str, float] = field(default_factory=dict)
+
+
+class _NMLayer(SparseLayer):
+    @property
+    def param(self) -> nn.Parameter:
+        return self.module.parametrizations.weight.original  # the dense weight the optimizer updates
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.view(self.param.data)  # (out, in), dense
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.view(self.module.parametrizations.weight[0].mask)  # (out, in)
+
+
+class STE(SparseTrainer):
+    """N:M training with the straight-through estimator; see the module doc."""
+
+    config_class = STEConfig
+    decay = 0.0
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: STEConfig | None = None,
+                 **fields: Any) -> None:
+        # The base class's bookkeeping (masked gradients, zeroed pruned weights) is the opposite of
+        # STE's, so only its config checks and layer selection are reused.
+        if config is None:
+            from sparseforge.train.config import _build
+
+            config = _build(self.config_class, fields, f"{self.config_class.method} config")
+        elif fields:
+            raise ConfigError(f"pass either a config or keyword options, not both (got {sorted(fields)})")
+        if type(config) is not self.config_class:
+            raise ConfigError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.config, self.model, self.optimizer = config, model, optimizer
+        self.pattern = config.pattern_value
+        self.step_count = 0
+        self.generator = torch.Generator().manual_seed(config.seed)  # unused (masks are deterministic); for state_dict
+        self._collect = False
+        self.flip_rate: list[FlipRate] = []
+        selected = self._select_layers()
+        for layer in selected:
+            if parametrize.is_parametrized(layer.module, "weight"):
+                raise ConfigError(f"layer {layer.name} already has a parametrized weight (another N:M trainer?); "
+                                  "call .finalize() on it first")
+        self.decay = float(getattr(config, "decay", 0.0))
+        self.layers = []
+        for layer in selected:
+            mask = self._mask_of(layer)  # (out, in)
+            mask = (mask.t() if layer.transposed else mask).contiguous()
+            parametrize.register_parametrization(layer.module, "weight", NMMask(mask, self.decay))
+            self.layers.append(_NMLayer(layer.name, layer.module, layer.sparsity))
+
+    def _mask_of(self, layer: SparseLayer) -> torch.Tensor:
+        return mask_from_scores(layer.weight.abs(), self.pattern, None)  # (out, in): top-N |W| per group of M
+
+    @torch.no_grad()
+    def step(self) -> MaskUpdate:
+        """Call after every ``optimizer.step()``: recompute the masks from ``|W|``, record the flip rate."""
+        if not self.layers:
+            raise ConfigError("this N:M trainer was finalized or removed; create a new one to keep training")
+        self.step_count += 1
+        update = MaskUpdate(self.step_count, 0.0)
+        rates, flipped, total = {}, 0, 0
+        for layer in self.layers:
+            old = layer.mask
+            new = self._mask_of(layer)  # (out, in)
+            dropped, grown = old & ~new, new & ~old
+            n = int(dropped.sum()) + int(grown.sum())
+            rates[layer.name] = n / old.numel()
+            flipped, total = flipped + n, total + old.numel()
+            update.changed[layer.name] = (int(dropped.sum()), int(grown.sum()))
+            old.copy_(new)
+        update.value = flipped / total
+        self.flip_rate.append(FlipRate(self.step_count, update.value, rates))
+        return update
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Bake the N:M mask into the weights (pruned entries ``0``) and detach the trainer."""
+        for layer in self.layers:
+            layer.mask.copy_(self._mask_of(layer))  # (out, in), from the current |W|
+            parametrize.remove_parametrizations(layer.module, "weight", leave_parametrized=True)
+        self.layers = []
+
+    def remove(self) -> None:
+        """Detach without masking: the dense weights stay as trained."""
+        for layer in self.layers:
+            parametrize.remove_parametrizations(layer.module, "weight", leave_parametrized=False)
+        self.layers = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "step": self.step_count,
+                "masks": {l.name: l.module.parametrizations.weight[0].mask.clone() for l in self.layers},
+                "flip_rate": [vars(f).copy() for f in self.flip_rate]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine, theirs = self.config.to_dict(), state.get("config", {})
+        if theirs != mine:
+            keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise ConfigError(f"resuming with a different recipe: {keys} differ from the checkpoint's; use its recipe")
+        if set(state["masks"]) != {l.name for l in self.layers}:
+            raise ConfigError("checkpoint masks are for other layers than this model's sparsified layers")
+        for layer in self.layers:
+            layer.module.parametrizations.weight[0].mask.copy_(state["masks"][layer.name])
+        self.step_count = int(state["step"])
+        self.flip_rate = [FlipRate(**f) for f in state.get("flip_rate", [])]
+
+
+class SRSTE(STE):
+    """SR-STE: STE plus ``decay * (~mask) * W`` on the gradient of the dense weight (``decay = 2e-4``)."""
+
+    config_class = SRSTEConfig
