@@ -19,6 +19,7 @@ Usage::
 
     python benchmarks/dst_quality.py --quick      # 3 seeds x 1500 steps, well under 3 minutes on 1 core
     python benchmarks/dst_quality.py              # 5 seeds x 4000 steps
+    python benchmarks/dst_quality.py --nm --quick # N:M: 2:4 and 1:4, STE vs SR-STE (section "nm" of the JSON)
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from sparseforge.train import GMP, SET, RigL, StaticSparse  # noqa: E402
+from sparseforge.masks import satisfies  # noqa: E402
+from sparseforge.train import GMP, SET, SRSTE, STE, RigL, StaticSparse  # noqa: E402
 
 METHODS = ("dense", "static", "set", "rigl", "gmp")
 SPARSITIES = (0.8, 0.9, 0.95)
+NM_PATTERNS = ("2:4", "1:4")
 WIDTHS = (64, 300, 100, 10)
 
 
@@ -66,7 +69,12 @@ def mlp(seed: int) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
-def make_trainer(method: str, net, opt, sparsity: float, steps: int, interval: int, seed: int):
+def make_trainer(method: str, net, opt, sparsity, steps: int, interval: int, seed: int):
+    if method == "ste":  # N:M: ``sparsity`` is the pattern string
+        return STE(net, opt, pattern=sparsity, seed=seed)
+    if method.startswith("srste"):  # "srste" (paper's lambda_W = 2e-4) or "srste:<lambda>"
+        decay = float(method.split(":")[1]) if ":" in method else 2e-4
+        return SRSTE(net, opt, pattern=sparsity, decay=decay, seed=seed)
     common = dict(sparsity=sparsity, distribution="erk", seed=seed)
     if method == "static":
         return StaticSparse(net, opt, **common)
@@ -108,6 +116,14 @@ def run(method: str, sparsity: float, seed: int, data, steps: int, interval: int
                 updates += 1
                 changed += sum(grown for _, grown in up.changed.values())
     seconds = time.perf_counter() - t0
+    nm = isinstance(trainer, STE)
+    if nm:  # flip rate (Zhou et al. Eq. 4) per step, then bake the masks into the weights
+        flips = [f.total for f in trainer.flip_rate]
+        tenth = max(1, steps // 10)
+        flip_curve = [statistics.fmean(flips[i:i + tenth]) for i in range(0, steps, tenth)]
+        layer_sparsity, active_constant = trainer.sparsities(), trainer.num_active() == active0
+        trainer.finalize()
+        assert all(satisfies(m.weight != 0, sparsity) for m in net if isinstance(m, nn.Linear))
     net.eval()
     with torch.no_grad():
         acc = (net(xte).argmax(1) == yte).float().mean().item() * 100
@@ -115,7 +131,12 @@ def run(method: str, sparsity: float, seed: int, data, steps: int, interval: int
     weights = [m.weight for m in net if isinstance(m, nn.Linear)]
     total = sum(w.numel() for w in weights)
     zeros = sum(int((w == 0).sum()) for w in weights)  # >= masked: a grown weight can still be exactly 0
-    masked = 0 if trainer is None else sum(int((~l.mask).sum()) for l in trainer.layers)
+    masked = 0 if trainer is None or nm else sum(int((~l.mask).sum()) for l in trainer.layers)
+    if nm:
+        return dict(method=method, pattern=sparsity, seed=seed, test_acc=acc, train_loss=train_loss,
+                    zero_fraction=zeros / total, seconds=seconds, layer_sparsity=layer_sparsity,
+                    active_constant=active_constant, flip_rate_last10pct=flip_curve[-1],
+                    flip_rate_mean=statistics.fmean(flips), flip_rate_by_tenth=flip_curve)
     out = dict(method=method, sparsity=0.0 if method == "dense" else sparsity, seed=seed, test_acc=acc,
                train_loss=train_loss, mask_sparsity=masked / total, zero_fraction=zeros / total, seconds=seconds,
                mask_updates=updates, weights_regrown=changed)
@@ -174,6 +195,93 @@ def markdown(summaries: dict, checks: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def summarise_nm(results: list[dict], metric: str) -> dict:
+    cells: dict[str, list[float]] = {}
+    for r in results:
+        if metric in r:
+            key = r["method"] if r["method"] == "dense" else f"{r['method']}@{r['pattern']}"
+            cells.setdefault(key, []).append(r[metric])
+    return {k: {"mean": statistics.fmean(v), "std": statistics.pstdev(v) if len(v) > 1 else 0.0, "n": len(v)}
+            for k, v in cells.items()}
+
+
+def check_nm(summaries: dict, methods: list[str]) -> list[dict]:
+    """SR-STE >= STE (test accuracy; lower training loss) and a lower late flip rate for SR-STE."""
+    checks = []
+    for pattern in NM_PATTERNS:
+        for sr in (m for m in methods if m.startswith("srste")):
+            for metric, higher in (("test_acc", True), ("train_loss", False), ("flip_rate_last10pct", False)):
+                a, b = summaries[metric].get(f"{sr}@{pattern}"), summaries[metric].get(f"ste@{pattern}")
+                if a is None or b is None:
+                    continue
+                gap = a["mean"] - b["mean"]
+                clear = abs(gap) > max(a["std"], b["std"]) if min(a["n"], b["n"]) > 1 else None
+                checks.append(dict(metric=metric, pattern=pattern, claim=f"{sr} {'>=' if higher else '<='} ste",
+                                   gap=gap, holds=(gap >= 0) == higher or gap == 0, clear=clear))
+    return checks
+
+
+def markdown_nm(summaries: dict, checks: list[dict], methods: list[str], meta: dict) -> str:
+    lines = [f"N:M training on digits, MLP {'-'.join(map(str, WIDTHS))} (all three layers N:M), "
+             f"{meta['steps']} steps, {meta['seeds']} seeds (mean ± std)"]
+    for metric, title, fmt in (("test_acc", "test accuracy (%)", "{:.2f} ± {:.2f}"),
+                               ("train_loss", "final training loss", "{:.4f} ± {:.4f}"),
+                               ("flip_rate_last10pct", "flip rate, last 10% of steps", "{:.2e} ± {:.1e}"),
+                               ("flip_rate_mean", "flip rate, mean over training", "{:.2e} ± {:.1e}")):
+        summary = summaries[metric]
+        lines += ["", f"| {title} | " + " | ".join(NM_PATTERNS) + " |", "|---|" + "---|" * len(NM_PATTERNS)]
+        if metric in ("test_acc", "train_loss"):
+            d = summary["dense"]
+            lines.append("| dense | " + " | ".join(fmt.format(d["mean"], d["std"]) for _ in NM_PATTERNS) + " |")
+        for m in methods:
+            row = [summary.get(f"{m}@{p}") for p in NM_PATTERNS]
+            lines.append(f"| {m} | " + " | ".join(fmt.format(c["mean"], c["std"]) if c else "-" for c in row) + " |")
+    lines += ["", "| metric | pattern | claim | gap | holds | beyond seed spread |", "|---|---|---|---|---|---|"]
+    for c in checks:
+        lines.append(f"| {c['metric']} | {c['pattern']} | {c['claim']} | {c['gap']:+.4g} | "
+                     f"{'yes' if c['holds'] else 'NO'} | {_yes_no(c['clear'])} |")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, key: str | None, payload: dict) -> None:
+    """Write ``payload`` (``key`` None: the DST section at top level; else under ``key``), keeping the other part."""
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    if key is None:
+        data = {**payload, **({"nm": old["nm"]} if "nm" in old else {})}
+    else:
+        data = {**old, key: payload}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def main_nm(args, seeds: int, steps: int) -> int:
+    methods = ["ste"] + [("srste" if d == 2e-4 else f"srste:{d:g}") for d in args.nm_decays]
+    data = load_digits_split()
+    results, t0 = [], time.perf_counter()
+    for seed in range(seeds):
+        results.append(run("dense", 0.0, seed, data, steps, args.interval, args.batch, args.lr))
+        for pattern in NM_PATTERNS:
+            for m in methods:
+                results.append(run(m, pattern, seed, data, steps, args.interval, args.batch, args.lr))
+        print(f"seed {seed} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    metrics = ("test_acc", "train_loss", "flip_rate_last10pct", "flip_rate_mean")
+    summaries = {m: summarise_nm(results, m) for m in metrics}
+    checks = check_nm(summaries, methods)
+    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                quick=args.quick, seeds=seeds, steps=steps, batch=args.batch, lr=args.lr, threads=args.threads,
+                widths=WIDTHS, patterns=NM_PATTERNS, methods=methods, srste_decays=args.nm_decays,
+                optimizer="SGD nesterov 0.9, wd 1e-4, cosine lr", torch=torch.__version__,
+                python=platform.python_version(), machine=platform.machine(), cpu_count=os.cpu_count(),
+                seconds=time.perf_counter() - t0)
+    table = markdown_nm(summaries, checks, methods, meta)
+    write_json(args.out, "nm", dict(meta=meta, summary=summaries, checks=checks, runs=results, table=table))
+    print(table)
+    print(f"\n{len(results)} runs in {meta['seconds']:.0f} s; wrote the 'nm' section of {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 seeds x 1500 steps (under 3 minutes)")
@@ -184,10 +292,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for this size)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "dst_quality.json")
+    ap.add_argument("--nm", action="store_true", help="N:M training instead: 2:4 and 1:4, STE vs SR-STE")
+    ap.add_argument("--nm-decays", type=float, nargs="+", default=[2e-4],
+                    help="SR-STE lambda_W values (default: the paper's 2e-4)")
     args = ap.parse_args(argv)
     seeds = args.seeds or (3 if args.quick else 5)
     steps = args.steps or (1500 if args.quick else 4000)
     torch.set_num_threads(args.threads)
+    if args.nm:
+        return main_nm(args, seeds, steps)
 
     data = load_digits_split()
     results, t0 = [], time.perf_counter()
@@ -206,10 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
                 cpu_count=os.cpu_count(), seconds=time.perf_counter() - t0)
     table = markdown(summaries, checks, meta)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dict(meta=meta, summary=summaries, checks=checks, runs=results, table=table), indent=1))
-    tmp.replace(args.out)
+    write_json(args.out, None, dict(meta=meta, summary=summaries, checks=checks, runs=results, table=table))
     print(table)
     print(f"\n{len(results)} runs in {meta['seconds']:.0f} s; wrote {args.out}")
     return 0

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from sparseforge.train import RigLConfig, parse_train_recipe
-from sparseforge.train.config import GMPConfig, SETConfig, SparseTrainConfig
+from sparseforge.train.config import GMPConfig, SETConfig, SparseTrainConfig, SRSTEConfig, STEConfig
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "training.md"
 
@@ -16,7 +16,7 @@ def blocks(lang):
 
 
 def test_python_example_runs(capsys):
-    (code,) = blocks("python")
+    code, _ = blocks("python")
     namespace = {}
     exec(compile(code, str(DOC), "exec"), namespace)
     trainer = namespace["trainer"]
@@ -25,6 +25,18 @@ def test_python_example_runs(capsys):
         assert abs(trainer.sparsities()[layer.name] - layer.sparsity) <= 1 / layer.mask.numel()
     assert namespace["update"] is None  # step 200 is past end_step
     assert "0.93" in capsys.readouterr().out
+
+
+def test_nm_example_runs(capsys):
+    _, code = blocks("python")
+    namespace = {}
+    exec(compile(code, str(DOC), "exec"), namespace)
+    from sparseforge.masks import satisfies
+
+    net = namespace["net"]
+    assert len(namespace["nm"].flip_rate) == 50 and namespace["nm"].layers == []
+    assert satisfies(net[0].weight != 0, "2:4") and float((net[0].weight == 0).float().mean()) == 0.5
+    assert "'0'" in capsys.readouterr().out
 
 
 def test_yaml_example_parses():
@@ -42,7 +54,9 @@ def test_field_table_matches_the_dataclass():
 
     shared = {f.name for f in dataclasses.fields(SparseTrainConfig)}
     assert shared <= names, shared - names
-    for extra in ("initial_sparsity", "drop_fraction", "drop_fraction_decay"):
+    for extra in ("initial_sparsity", "drop_fraction", "drop_fraction_decay", "decay"):
         assert f"`{extra}`" in text
     assert {f.name for f in dataclasses.fields(GMPConfig)} - shared == {"initial_sparsity"}
     assert {f.name for f in dataclasses.fields(SETConfig)} - shared == {"drop_fraction", "drop_fraction_decay"}
+    assert {f.name for f in dataclasses.fields(STEConfig)} == shared
+    assert {f.name for f in dataclasses.fields(SRSTEConfig)} - shared == {"decay"}
