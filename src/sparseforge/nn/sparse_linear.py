@@ -1,0 +1,208 @@
+"""``SparseLinear``: a linear layer whose weight is stored in a sparse format and multiplied natively.
+
+The weight is one :class:`~sparseforge.formats.BitmapWeight`, :class:`~sparseforge.formats.NMWeight`
+or :class:`~sparseforge.formats.csr.CSRWeight` (float32 or bfloat16 values); ``forward`` runs
+``y = x @ W^T + bias`` through :func:`sparseforge.ops.linear` (the native kernels of
+``docs/kernels.md``), for any leading batch dimensions. The format's buffers are registered as
+module buffers under the format's own on-disk names (``bitmap``/``values``, ``nm_values``/
+``nm_indices``, ``csr_row_ptr``/``csr_col``/``csr_values``), so ``.to()``, ``state_dict()`` and
+``load_state_dict()`` work; a loaded state may hold a different number of kept weights (the buffers
+are replaced, not copied into) and is validated by the format class once.
+
+Inference only for now: the stored values are buffers, not parameters, so they are never trained
+(the kernels have no dW restricted to the mask yet). The gradient with respect to the *input*
+works (``dx = dy @ W`` by the native transposed kernel), so a SparseLinear can sit inside a model
+that trains other layers. The bias is a float32 parameter with ``requires_grad=False``.
+
+Activations: the kernels take float32 ``x``; a bfloat16/float16 ``x`` is cast to float32 on the way
+in and the output cast back to ``x.dtype`` (documented cost: two casts per call).
+
+Example:
+    >>> import torch
+    >>> from sparseforge.nn import SparseLinear
+    >>> lin = torch.nn.Linear(8, 2)
+    >>> with torch.no_grad():
+    ...     _ = lin.weight.mul_(torch.tensor([1., 0.] * 4))   # 50% zeros, 2:4-compatible
+    >>> sl = SparseLinear.from_linear(lin, format="nm", pattern="2:4")
+    >>> x = torch.randn(3, 8)
+    >>> torch.allclose(sl(x), lin(x), atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from sparseforge import ops
+from sparseforge.errors import ConfigError, ModelError
+from sparseforge.formats import BitmapWeight, NMWeight
+from sparseforge.formats.csr import CSRWeight
+from sparseforge.patterns import NM, parse
+
+__all__ = ["SparseLinear", "FORMATS"]
+
+FORMATS = ("bitmap", "nm", "csr")
+_VALUE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _format_name(weight) -> str:
+    if isinstance(weight, BitmapWeight):
+        return "bitmap"
+    if isinstance(weight, NMWeight):
+        return "nm"
+    if isinstance(weight, CSRWeight):
+        return "csr"
+    raise ModelError(f"SparseLinear holds a BitmapWeight, NMWeight or CSRWeight, got {type(weight).__name__}")
+
+
+class SparseLinear(nn.Module):
+    """Linear layer with a sparse-format weight (see the module doc). ``weight`` is (out, in)."""
+
+    def __init__(self, weight: "BitmapWeight | NMWeight | CSRWeight", bias: Optional[Tensor] = None) -> None:
+        super().__init__()
+        self.format = _format_name(weight)
+        if weight.dtype not in _VALUE_DTYPES:
+            raise ModelError(f"SparseLinear values must be float32 or bfloat16, got {weight.dtype}; convert the weight first")
+        self.out_features, self.in_features = weight.shape
+        self.pattern: Optional[NM] = weight.pattern if isinstance(weight, NMWeight) else None
+        self._keys = tuple(weight.state_dict())
+        for key, buf in weight.state_dict().items():
+            self.register_buffer(key, buf)
+        self._weight = weight
+        self._cached = self._current()
+        if bias is not None:
+            if tuple(bias.shape) != (self.out_features,):
+                raise ModelError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+            bias = nn.Parameter(bias.detach().to(torch.float32).clone(), requires_grad=False)
+        self.bias = bias
+
+    # ---- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        format: str = "bitmap",
+        pattern: "NM | str | None" = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> "SparseLinear":
+        """Compress an ``nn.Linear`` or transformers ``Conv1D``; zeros of its weight are the pruned entries.
+
+        Args:
+            format: ``"bitmap"``, ``"nm"``, ``"csr"`` or ``"auto"`` (the rule of
+                :func:`sparseforge.compress.auto_format`).
+            pattern: the N:M pattern for ``format="nm"`` (default ``"2:4"``); for ``"auto"``, a
+                recorded pattern tried first.
+            dtype: values dtype (float32 or bfloat16); default the weight's own.
+        Raises:
+            ModelError: ``linear`` is not a linear layer. ConfigError: unknown format, or the weight does
+            not fit it (e.g. ``"nm"`` on a weight that keeps more than N of some M).
+        """
+        from sparseforge.layers import is_linear, weight_2d
+
+        if not is_linear(linear):
+            raise ModelError(
+                f"SparseLinear.from_linear needs an nn.Linear or transformers Conv1D, got {type(linear).__name__}"
+            )
+        w = weight_2d(linear).detach()  # (out, in), a view
+        dtype = dtype or w.dtype
+        if dtype not in _VALUE_DTYPES:
+            raise ConfigError(f"sparse values must be float32 or bfloat16, got {dtype}; pass dtype=torch.float32 or torch.bfloat16")
+        if format == "auto":
+            from sparseforge.compress import auto_format
+
+            format, pattern = auto_format(w, pattern)
+        keep = w != 0  # (out, in), pruned entries are exact zeros
+        w = w.to(dtype)
+        if format == "bitmap":
+            weight = BitmapWeight.from_dense(w, keep)
+        elif format == "csr":
+            weight = CSRWeight.from_dense(w, keep)
+        elif format == "nm":
+            weight = NMWeight.from_dense(w, parse(pattern or "2:4"), keep)
+        else:
+            raise ConfigError(f"unknown sparse format {format!r}; use one of {FORMATS} or 'auto'")
+        return cls(weight, linear.bias)
+
+    # ---- the weight object, kept in sync with the buffers -----------------------------------
+
+    def _current(self) -> tuple:
+        return tuple(self._buffers[k] for k in self._keys)
+
+    def _build(self, state: dict[str, Tensor]):
+        shape = (self.out_features, self.in_features)
+        if self.format == "bitmap":
+            return BitmapWeight.from_state_dict(state, shape)
+        if self.format == "nm":
+            return NMWeight.from_state_dict(state, shape, self.pattern)
+        return CSRWeight.from_state_dict(state, shape)
+
+    @property
+    def weight_format(self) -> "BitmapWeight | NMWeight | CSRWeight":
+        """The format object over the current buffers (rebuilt, and validated, after ``.to()``)."""
+        bufs = self._current()
+        if any(a is not b for a, b in zip(bufs, self._cached)):
+            self._weight = self._build(dict(zip(self._keys, bufs)))
+            self._cached = bufs
+        return self._weight
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        present = {k: state_dict[prefix + k] for k in self._keys if prefix + k in state_dict}
+        if len(present) == len(self._keys):
+            try:
+                weight = self._build({k: v.detach().clone() for k, v in present.items()})
+            except (ModelError, ConfigError) as exc:
+                error_msgs.append(f"{prefix[:-1] or 'SparseLinear'}: {exc}")
+                return
+            for key, buf in weight.state_dict().items():
+                self._buffers[key] = buf  # replaced: the stored count of kept weights may differ
+            self._weight, self._cached = weight, self._current()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    # ---- use ---------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight_format
+        out_dtype = x.dtype
+        if x.dtype != torch.float32:
+            x = x.to(torch.float32)  # the kernels take float32 activations
+        bias = self.bias
+        if bias is not None and bias.dtype != torch.float32:
+            bias = bias.to(torch.float32)
+        y = ops.linear(x.contiguous(), weight, bias)  # (..., out)
+        return y if out_dtype == torch.float32 else y.to(out_dtype)
+
+    def to_dense(self) -> Tensor:
+        """The dense (out, in) weight with pruned entries ``+0.0`` (materialises it)."""
+        return self.weight_format.to_dense()
+
+    def to_linear(self) -> nn.Linear:
+        """A dense ``nn.Linear`` with the same weight and bias."""
+        weight = self.to_dense()
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(weight)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    @property
+    def nnz(self) -> int:
+        """Stored entries (N:M padding zeros included)."""
+        return self.weight_format.nnz
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the (out, in) weight not stored."""
+        return 1.0 - self.nnz / max(1, self.in_features * self.out_features)
+
+    def extra_repr(self) -> str:
+        fmt = f"nm {self.pattern}" if self.pattern is not None else self.format
+        dtype = str(self.weight_format.dtype).removeprefix("torch.")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"format={fmt}, values={dtype}, nnz={self.nnz}, sparsity={self.sparsity:.3f}"
+        )
