@@ -194,3 +194,34 @@ def test_resume_is_bit_exact():
     for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(v, w), k
     assert [f.total for f in ta.flip_rate] == [f.total for f in tb.flip_rate]
+
+
+class Conv1D(nn.Module):
+    """transformers' Conv1D layout: weight (in, out)."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+def test_transposed_conv1d_layers_group_along_inputs():
+    torch.manual_seed(0)
+    net = nn.Sequential(Conv1D(12, 8), nn.ReLU(), Conv1D(4, 12))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    trainer = sft.SRSTE(net, opt, pattern="2:4")
+    for _ in range(3):
+        net(torch.randn(5, 8)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        trainer.step()
+    for layer in trainer.layers:
+        w = layer.param.detach().t()  # (out, in)
+        assert torch.equal(layer.mask, _group_topn(w, 2, 4))  # groups of 4 consecutive *inputs*
+    trainer.finalize()
+    for module in (net[0], net[2]):
+        assert satisfies(module.weight.detach().t() != 0, "2:4")
