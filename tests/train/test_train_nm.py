@@ -225,3 +225,28 @@ def test_transposed_conv1d_layers_group_along_inputs():
     trainer.finalize()
     for module in (net[0], net[2]):
         assert satisfies(module.weight.detach().t() != 0, "2:4")
+
+
+def test_benchmark_nm_smoke(tmp_path):
+    pytest.importorskip("sklearn")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "dst_quality.py"
+    spec = importlib.util.spec_from_file_location("dst_quality_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "q.json"
+    before = torch.get_num_threads()
+    try:
+        assert bench.main(["--nm", "--seeds", "1", "--steps", "20", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    import json
+
+    nm = json.loads(out.read_text())["nm"]
+    assert {r["method"] for r in nm["runs"]} == {"dense", "ste", "srste"}
+    for r in nm["runs"]:
+        if r["method"] != "dense":
+            assert r["zero_fraction"] == pytest.approx(1 - int(r["pattern"][0]) / 4)
+            assert len(r["flip_rate_by_tenth"]) == 10
