@@ -171,3 +171,13 @@ def test_property_matches_dense(rows, cols, batch, density, fmt, seed):
     sl = SparseLinear.from_linear(lin, fmt)
     with torch.no_grad():
         torch.testing.assert_close(sl(x), lin(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph():
+    lin = pruned_linear("nm")
+    sl = SparseLinear.from_linear(lin, "nm")
+    compiled = torch.compile(sl, fullgraph=True)
+    x = torch.randn(2, 3, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), lin(x), atol=1e-4, rtol=1e-4)
