@@ -42,6 +42,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from sparseforge.errors import ConfigError
+from sparseforge.layers import is_linear
 from sparseforge.masks import mask_from_scores
 from sparseforge.train.base import MaskUpdate, SparseLayer, SparseTrainer
 from sparseforge.train.config import SRSTEConfig, STEConfig
@@ -129,14 +130,14 @@ class STE(SparseTrainer):
         self.config, self.model, self.optimizer = config, model, optimizer
         self.pattern = config.pattern_value
         self.step_count = 0
-        self.generator = torch.Generator().manual_seed(config.seed)  # unused (masks are deterministic); for state_dict
+        self.generator = torch.Generator().manual_seed(config.seed)  # unused: N:M masks from |W| are deterministic
         self._collect = False
         self.flip_rate: list[FlipRate] = []
+        for name, module in model.named_modules():
+            if is_linear(module) and parametrize.is_parametrized(module, "weight"):
+                raise ConfigError(f"layer {name} already has a parametrized weight (another N:M trainer?); "
+                                  "call .finalize() or .remove() on that trainer first")
         selected = self._select_layers()
-        for layer in selected:
-            if parametrize.is_parametrized(layer.module, "weight"):
-                raise ConfigError(f"layer {layer.name} already has a parametrized weight (another N:M trainer?); "
-                                  "call .finalize() on it first")
         self.decay = float(getattr(config, "decay", 0.0))
         self.layers = []
         for layer in selected:
