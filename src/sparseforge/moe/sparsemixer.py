@@ -66,11 +66,12 @@ from sparseforge.moe.routers import Router, Routing, router_float
 __all__ = ["SparseMixer", "SparseMixerNoise", "sparsemixer_route", "ESTIMATORS"]
 
 
-
 class _Estimator(NamedTuple):
-    coin: float  # the first-order branch is taken when u > coin (or D is the argmax)
-    low: float  # gate scale of the higher-order branch: low + 0 * high
-    high: float  # low + high = 1: gate scale of the first-order branch (constants as in the references)
+    """Gate scale = ``low + high * first_order`` (1 or ``low``), written with the references' constants."""
+
+    coin: float  # the first-order branch is taken when u > coin (or when D is the argmax)
+    low: float  # gate scale of the higher-order (mid-point / Heun) branch
+    high: float  # low + high = 1: gate scale of the first-order branch
     grad_factor: float  # multiplies the gradient w.r.t. the gate
 
 
