@@ -19,7 +19,7 @@ Usage::
 
     python benchmarks/dst_quality.py --quick      # 3 seeds x 1500 steps, well under 3 minutes on 1 core
     python benchmarks/dst_quality.py              # 5 seeds x 4000 steps
-    python benchmarks/dst_quality.py --nm --quick # N:M: 2:4 and 1:4, STE vs SR-STE (section "nm" of the JSON)
+    python benchmarks/dst_quality.py --nm --quick # N:M: 2:4 and 1:4, STE vs SR-STE (JSON section "nm"; "nm_full" without --quick)
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ def write_json(path: Path, key: str | None, payload: dict) -> None:
     """Write ``payload`` (``key`` None: the DST section at top level; else under ``key``), keeping the other part."""
     old = json.loads(path.read_text()) if path.is_file() else {}
     if key is None:
-        data = {**payload, **({"nm": old["nm"]} if "nm" in old else {})}
+        data = {**payload, **{k: v for k, v in old.items() if k.startswith("nm")}}
     else:
         data = {**old, key: payload}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -276,9 +276,10 @@ def main_nm(args, seeds: int, steps: int) -> int:
                 python=platform.python_version(), machine=platform.machine(), cpu_count=os.cpu_count(),
                 seconds=time.perf_counter() - t0)
     table = markdown_nm(summaries, checks, methods, meta)
-    write_json(args.out, "nm", dict(meta=meta, summary=summaries, checks=checks, runs=results, table=table))
+    section = "nm" if args.quick else "nm_full"
+    write_json(args.out, section, dict(meta=meta, summary=summaries, checks=checks, runs=results, table=table))
     print(table)
-    print(f"\n{len(results)} runs in {meta['seconds']:.0f} s; wrote the 'nm' section of {args.out}")
+    print(f"\n{len(results)} runs in {meta['seconds']:.0f} s; wrote the '{section}' section of {args.out}")
     return 0
 
 

@@ -239,7 +239,7 @@ def test_benchmark_nm_smoke(tmp_path):
     out = tmp_path / "q.json"
     before = torch.get_num_threads()
     try:
-        assert bench.main(["--nm", "--seeds", "1", "--steps", "20", "--out", str(out)]) == 0
+        assert bench.main(["--nm", "--quick", "--seeds", "1", "--steps", "20", "--out", str(out)]) == 0
     finally:
         torch.set_num_threads(before)
     import json
