@@ -44,6 +44,7 @@ __all__ = [
     "load_recipe",
     "dump_recipe",
     "name_matches",
+    "build_config",
 ]
 
 RECIPE_VERSION = 1
@@ -127,7 +128,7 @@ class SparsifyConfig:
         for value in self.overrides.values():
             resolve_sparsity(Unstructured(), value)
         if isinstance(self.calibration, dict):
-            self.calibration = _build(CalibrationConfig, self.calibration, "calibration")
+            self.calibration = build_config(CalibrationConfig, self.calibration, "calibration")
 
     @property
     def pattern_value(self) -> Pattern:
@@ -138,7 +139,7 @@ class SparsifyConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SparsifyConfig":
-        return _build(cls, data, "stage")
+        return build_config(cls, data, "stage")
 
     def sparsity_for(self, name: str, allocated: float | None = None) -> float:
         """Sparsity of module ``name``: the last matching override, else ``allocated`` or the default."""
@@ -149,7 +150,8 @@ class SparsifyConfig:
         return value
 
 
-def _build(cls, data: Any, where: str):
+def build_config(cls, data: Any, where: str):
+    """Build dataclass ``cls`` from a mapping; unknown keys or wrong types -> :class:`ConfigError`."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
@@ -191,7 +193,7 @@ def parse_recipe(text: str) -> list[SparsifyConfig]:
         stages = data
     if not isinstance(stages, list) or not stages:
         raise ConfigError("a recipe needs a non-empty list of stages")
-    return [_build(SparsifyConfig, s, f"stage {i}") for i, s in enumerate(stages)]
+    return [build_config(SparsifyConfig, s, f"stage {i}") for i, s in enumerate(stages)]
 
 
 def load_recipe(path: "str | Path") -> list[SparsifyConfig]:

@@ -40,7 +40,8 @@ from sparseforge.errors import ConfigError, ModelError
 from sparseforge.layers import is_linear, linear_layers, select_targets, weight_2d
 from sparseforge.masks import resolve_sparsity
 from sparseforge.patterns import NM, FanIn, check_fits
-from sparseforge.train.config import SparseTrainConfig, _build
+from sparseforge.config import build_config
+from sparseforge.train.config import SparseTrainConfig
 from sparseforge.train.density import layer_sparsities
 
 __all__ = ["SparseTrainer", "SparseLayer", "MaskUpdate", "MASK_BUFFER"]
@@ -99,7 +100,7 @@ class SparseTrainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: SparseTrainConfig | None = None,
                  **fields: Any) -> None:
         if config is None:
-            config = _build(self.config_class, fields, f"{self.config_class.method} config")
+            config = build_config(self.config_class, fields, f"{self.config_class.method} config")
         elif fields:
             raise ConfigError(f"pass either a config or keyword options, not both (got {sorted(fields)})")
         if type(config) is not self.config_class:

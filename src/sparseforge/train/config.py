@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from sparseforge.config import build_config
 from sparseforge.errors import ConfigError
 from sparseforge.patterns import NM, FanIn, Pattern, parse
 from sparseforge.train.density import DISTRIBUTIONS
@@ -117,7 +118,7 @@ class SparseTrainConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         if isinstance(self.schedule, dict):
-            self.schedule = _build(Schedule, self.schedule, "schedule")
+            self.schedule = build_config(Schedule, self.schedule, "schedule")
         if not isinstance(self.schedule, Schedule):
             raise ConfigError(f"schedule must be a mapping or Schedule, got {type(self.schedule).__name__}")
 
@@ -140,7 +141,7 @@ class SparseTrainConfig:
         target = TRAIN_CONFIGS[method]
         if cls.method and target is not cls:
             raise ConfigError(f"{cls.__name__} got method {method!r}")
-        return _build(target, data, f"{method} config")
+        return build_config(target, data, f"{method} config")
 
 
 @dataclass
@@ -231,19 +232,6 @@ TRAIN_CONFIGS: dict[str, type[SparseTrainConfig]] = {
     "ste": STEConfig,
     "srste": SRSTEConfig,
 }
-
-
-def _build(cls, data: Any, where: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(known)}")
-    try:
-        return cls(**data)
-    except TypeError as exc:
-        raise ConfigError(f"invalid {where}: {exc}") from exc
 
 
 def parse_train_recipe(text: str) -> SparseTrainConfig:

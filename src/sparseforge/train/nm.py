@@ -118,9 +118,9 @@ class STE(SparseTrainer):
         # The base class's bookkeeping (masked gradients, zeroed pruned weights) is the opposite of
         # STE's, so only its config checks and layer selection are reused.
         if config is None:
-            from sparseforge.train.config import _build
+            from sparseforge.config import build_config
 
-            config = _build(self.config_class, fields, f"{self.config_class.method} config")
+            config = build_config(self.config_class, fields, f"{self.config_class.method} config")
         elif fields:
             raise ConfigError(f"pass either a config or keyword options, not both (got {sorted(fields)})")
         if type(config) is not self.config_class:
