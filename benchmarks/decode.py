@@ -1,0 +1,132 @@
+"""Generation tokens/s at batch 1: a Llama-shaped random model, dense fp32 vs compress_ed (2:4, 75%).
+
+Issue 3's end-to-end target (2:4 >= 1.8x and 75% >= 3x dense fp32 tokens/s). The model has random
+weights (no download): hidden 1024, 8 layers, FFN 2816, vocab 8192 by default; it is pruned with
+``sparsify_`` (magnitude, 2:4 and 75% unstructured) and compressed with ``compress_(format="auto")``
+(2:4 -> N:M, 75% -> bitmap); ``lm_head`` and the embeddings stay dense. Each variant generates
+``--new`` tokens greedily after an 8-token prompt (``min_new_tokens`` forces the full length);
+``--repeats`` runs per variant, interleaved, median reported, and ratios come from the same run
+(the machine is shared and noisy: absolute numbers move, ratios less).
+
+    python benchmarks/decode.py --quick     # hidden 256, 2 layers, FFN 704 (smoke, ~20 s)
+    python benchmarks/decode.py             # the default shape; writes benchmarks/results/decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small model, few tokens (smoke run)")
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--ffn", type=int, default=2816)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--new", type=int, default=64, help="generated tokens per run")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                   help="thread counts (torch and the sparse kernels alike), each measured in turn")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default results/decode.json, quick: decode.quick.json)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.hidden, args.layers, args.ffn, args.vocab, args.new, args.repeats = 256, 2, 704, 1024, 16, 2
+    if args.out is None:
+        args.out = RESULTS / ("decode.quick.json" if args.quick else "decode.json")
+    return args
+
+
+def build_model(args):
+    import transformers as t
+
+    torch.manual_seed(0)
+    heads = max(1, args.hidden // 64)
+    cfg = t.LlamaConfig(hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
+                        num_attention_heads=heads, num_key_value_heads=heads, vocab_size=args.vocab,
+                        max_position_embeddings=max(256, args.new + 16), tie_word_embeddings=False)
+    return t.LlamaForCausalLM(cfg).float().eval()
+
+
+def variants(dense, args) -> dict:
+    import sparseforge as sf
+    from sparseforge.compress import compress_
+
+    out = {"dense fp32": (dense, None)}
+    for label, kw in (("2:4", dict(pattern="2:4")), ("75%", dict(pattern="unstructured", sparsity=0.75))):
+        model = copy.deepcopy(dense)
+        sf.sparsify_(model, sf.SparsifyConfig(method="magnitude", **kw), progress=False)
+        report = compress_(model)
+        fmts = sorted({c.format for c in report.converted})
+        out[f"{label} ({', '.join(fmts)})"] = (model, report)
+    return out
+
+
+def generate_seconds(model, prompt, new: int) -> float:
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             pad_token_id=0, attention_mask=torch.ones_like(prompt))
+        took = time.perf_counter() - start
+    assert out.shape[1] == prompt.shape[1] + new
+    return took
+
+
+def measure(models, prompt, args, threads: int) -> list[dict]:
+    from sparseforge import kernels
+
+    torch.set_num_threads(threads)
+    kernels.set_num_threads(threads)
+    for model, _ in models.values():  # warm-up (thread pools, allocator)
+        generate_seconds(model, prompt, 2)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(args.repeats):  # interleaved, so drifting load hits every variant alike
+        for name, (model, _) in models.items():
+            times[name].append(generate_seconds(model, prompt, args.new))
+    base = statistics.median(times["dense fp32"])
+    rows = []
+    for name, (model, report) in models.items():
+        med = statistics.median(times[name])
+        rows.append({"threads": threads, "variant": name, "tokens_per_s": args.new / med, "median_s": med,
+                     "speedup": base / med, "runs_s": times[name],
+                     "sparse_bytes": sum(c.nbytes for c in report.converted) if report else None,
+                     "dense_bytes": sum(c.dense_bytes for c in report.converted) if report else None})
+    return rows
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from sparseforge import kernels
+
+    dense = build_model(args)
+    models = variants(dense, args)
+    prompt = torch.randint(1, args.vocab, (1, 8), generator=torch.Generator().manual_seed(0))
+    load_before = os.getloadavg()
+    rows = [r for t in args.threads for r in measure(models, prompt, args, t)]
+    result = {"shape": {k: getattr(args, k) for k in ("hidden", "layers", "ffn", "vocab")},
+              "new_tokens": args.new, "batch": 1, "repeats": args.repeats, "isa": kernels.isa(),
+              "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "rows": rows}
+    print(f"decode, batch 1, {args.new} new tokens, hidden {args.hidden}, {args.layers} layers, FFN {args.ffn}, "
+          f"vocab {args.vocab}, isa {result['isa']}, load {load_before[0]:.1f} -> {result['loadavg_after'][0]:.1f}")
+    print("| threads | variant | tokens/s | median s | vs dense fp32 (same threads) |\n|---:|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['threads']} | {r['variant']} | {r['tokens_per_s']:.1f} | {r['median_s']:.3f} | {r['speedup']:.2f}x |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
