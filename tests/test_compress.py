@@ -161,3 +161,17 @@ def test_load_sparse_refuses_a_dense_checkpoint(tmp_path):
     save_pretrained(model, tmp_path / "d", compressed=False, sparsity_config={})
     with pytest.raises(ModelError, match="not a compressed sparseforge checkpoint"):
         load_sparse(tmp_path / "d")
+
+
+@pytest.mark.parametrize("family,count", [("gpt2", 8), ("opt", 12)])
+def test_load_sparse_conv1d_and_tied_embedding(tmp_path, family, count):
+    # GPT-2: Conv1D layers stored transposed; OPT: lm_head tied to the embedding, whose zero
+    # padding row makes the saver compress it, so it is decompressed for the embedding
+    model = pruned(family, "2:4")
+    save_pretrained(model, tmp_path / "m", sparsity_config={"method": "magnitude", "pattern": "2:4",
+                                                           "targets": None, "ignore": []})
+    ids = tokens(2, 10)
+    sparse = load_sparse(tmp_path / "m")
+    assert len(sparse_layers(sparse)) == count
+    torch.testing.assert_close(logits(sparse, ids), logits(load(tmp_path / "m"), ids), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits(sparse, ids), logits(model, ids), atol=1e-4, rtol=1e-4)

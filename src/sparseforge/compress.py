@@ -232,6 +232,8 @@ def load_sparse(path: "str | Path") -> nn.Module:
 
     The compressed weights (:func:`sparseforge.checkpoint.load_state_dict_compressed`) go straight
     into SparseLinear layers (N:M and bitmap, as stored); their dense matrices are never built.
+    Exception: a compressed tensor tied to a non-linear module (an embedding tied to ``lm_head``
+    that the saver compressed because of its zero padding row) is decompressed for that module.
     The skeleton is built with every ``nn.Linear`` parameter on the meta device; the remaining dense
     tensors are assigned (not copied) from the checkpoint. Known cost: transformers ``Conv1D``
     (GPT-2) weights are allocated dense in the skeleton before being replaced.
@@ -252,18 +254,27 @@ def load_sparse(path: "str | Path") -> nn.Module:
     with _linear_weights_on_meta(), torch.no_grad():
         model = cls(config)
     modules = dict(model.named_modules())
+    layers = block.get("layers", {})
+    # a compressed tensor tied to a non-linear owner (e.g. an embedding tied to lm_head) is needed
+    # dense by that owner: it, and every alias of it, is decompressed once (as sparseforge.load does)
+    needs_dense = {id(v) for n, v in state.items()
+                   if not isinstance(v, torch.Tensor) and not is_linear(modules.get(n.rsplit(".", 1)[0], nn.Identity()))}
     dense: dict[str, torch.Tensor] = {}
+    decompressed: dict[int, torch.Tensor] = {}
     sparse_prefixes = []
     for name, value in state.items():
         if isinstance(value, torch.Tensor):
             dense[name] = value
-            continue
-        owner = name.rsplit(".", 1)[0]
-        if not is_linear(modules.get(owner, nn.Identity())):
-            raise ModelError(f"{p}: compressed tensor {name} does not belong to a linear layer of {arch[0]}")
-        bias = state.get(f"{owner}.bias")
-        _set_module(model, owner, SparseLinear(value, bias))
-        sparse_prefixes.append(owner + ".")
+        elif id(value) in needs_dense:
+            if id(value) not in decompressed:
+                canonical = next(n for n, v in state.items() if v is value and n in layers)
+                mat = value.to_dense()  # (out, in)
+                decompressed[id(value)] = mat.t().contiguous() if layers[canonical].get("transposed") else mat
+            dense[name] = decompressed[id(value)]
+        else:
+            owner = name.rsplit(".", 1)[0]
+            _set_module(model, owner, SparseLinear(value, state.get(f"{owner}.bias")))
+            sparse_prefixes.append(owner + ".")
     missing, unexpected = model.load_state_dict(dense, strict=False, assign=True)
     missing = [k for k in missing if not any(k.startswith(s) for s in sparse_prefixes)]
     if unexpected or missing:
