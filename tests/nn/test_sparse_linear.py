@@ -181,3 +181,13 @@ def test_torch_compile_fullgraph():
     x = torch.randn(2, 3, 48)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), lin(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt,expect", [("nm", "nm"), ("csr", "csr"), ("bitmap", "bitmap")])
+def test_from_linear_auto_without_bias(fmt, expect):
+    lin = pruned_linear(fmt, bias=False)  # nm: 2:4 -> nm; csr: 90% -> csr; bitmap: 60% -> bitmap
+    sl = SparseLinear.from_linear(lin, "auto")
+    assert sl.format == expect and sl.bias is None
+    x = torch.randn(4, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(sl(x), lin(x), atol=1e-4, rtol=1e-4)
