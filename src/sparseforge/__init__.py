@@ -30,12 +30,15 @@ _LAZY = {
     "sparsify_": "sparsify",
     "save_pretrained": "checkpoint",
     "load": "checkpoint",
+    "compress_": "compress",
+    "load_sparse": "compress",
+    "SparseLinear": "nn.sparse_linear",
     "SparseforgeError": "errors",
     "ConfigError": "errors",
 }
 
 # subpackages loaded on first access: ``sparseforge.train.RigL(...)``
-_SUBPACKAGES = ("train", "moe")
+_SUBPACKAGES = ("train", "moe", "nn")
 
 __all__ = sorted(_LAZY) + list(_SUBPACKAGES) + ["__version__"]
 
