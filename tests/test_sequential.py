@@ -52,3 +52,17 @@ def test_float32_block_restores_dtype():
         assert all(p.dtype == torch.float32 for p in blocks[0].parameters())
         assert all(p.dtype == torch.bfloat16 for p in blocks[1].parameters())
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_layers_fed_the_same_tensor_share_one_accumulator():
+    model = tiny_model("llama")
+    prefix, blocks = find_blocks(model)
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    inputs = capture_block_inputs(model, blocks, list(tokens(6, 12).split(4)))
+    stats = collect_stats(blocks[0], names, inputs, Recorder)
+    assert stats["self_attn.q_proj"] is stats["self_attn.k_proj"] is stats["self_attn.v_proj"]
+    assert stats["mlp.gate_proj"] is stats["mlp.up_proj"]
+    distinct = {id(s) for s in stats.values()}
+    assert len(distinct) == 4  # qkv, o, gate/up, down
+    assert len(stats["self_attn.q_proj"].xs) == 2  # one add_batch per batch, not three

@@ -118,24 +118,41 @@ def collect_stats(
     """Run the block on every batch with hooks feeding each named linear's inputs to its stats.
 
     ``names`` are relative to ``block``; ``make_stats(name, in_features)`` builds an accumulator
-    with ``add_batch(x)``.
+    with ``add_batch(x)``. Layers that receive the very same input tensor (q/k/v projections,
+    gate/up projections) share one accumulator, so each Hessian is accumulated and stored once.
     """
     modules = dict(block.named_modules())
     stats: dict[str, Any] = {}
-    handles = []
-    for name in names:
-        module = modules[name]
-        in_features = module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0]
-        stats[name] = make_stats(name, in_features)
-        handles.append(module.register_forward_hook(lambda m, a, o, s=stats[name]: s.add_batch(a[0].detach())))
+    owner_of: dict[str, str] = {}  # name -> the first name seen with the same input tensor
+    last_input: dict[str, torch.Tensor] = {}  # owner -> its input in the current forward pass
+
+    def hook(name: str, module, args, output) -> None:
+        x = args[0]  # the very object the module received (under no_grad: nothing to detach)
+        if name not in owner_of:  # first batch: find layers fed the identical tensor
+            owner_of[name] = next((o for o, t in last_input.items() if t is x), name)
+        owner = owner_of[name]
+        if owner == name:
+            if name not in stats:
+                in_features = module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0]
+                stats[name] = make_stats(name, in_features)
+            stats[name].add_batch(x)
+            last_input[name] = x
+        elif last_input.get(owner) is not x and not torch.equal(last_input[owner], x):
+            raise ModelError(f"layers {owner} and {name} shared an input in the first batch but not later")
+
+    handles = [modules[n].register_forward_hook(lambda m, a, o, n=n: hook(n, m, a, o)) for n in names]
     try:
         with torch.no_grad():
             for i, hidden in enumerate(inputs.hidden):
+                last_input.clear()
                 inputs.call(block, i, hidden)
     finally:
         for h in handles:
             h.remove()
-    return stats
+    missing = [n for n in names if n not in owner_of]
+    if missing:
+        raise ModelError(f"layers {missing} were not called during calibration; add them to ignore")
+    return {n: stats[owner_of[n]] for n in names}
 
 
 def propagate(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
