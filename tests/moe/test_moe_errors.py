@@ -65,5 +65,7 @@ def test_other_bad_options():
         MoE(8, 16, 4, 2, shared_gate=True)
     with pytest.raises(ConfigError, match=r"MoE expects inputs \(\.\.\., 8\)"):
         MoE(8, 16, 4, 2)(torch.randn(3, 7))
+    with pytest.raises(ConfigError, match="unknown dispatch backend 'fast'"):
+        MoE(8, 16, 4, 2, backend="fast")
     with pytest.raises(ConfigError, match="router logits must be"):
         make_router("softmax_topk", 4, 2)(torch.randn(3, 5))
