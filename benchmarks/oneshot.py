@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="builtin,minilm", help="comma list of aliases or model directories")
     ap.add_argument("--methods", default="magnitude,wanda,sparsegpt")
-    ap.add_argument("--patterns", help=f"comma list: N:M, X%% (unstructured), PATTERN@X%% (default {FULL['patterns']})")
+    ap.add_argument("--patterns", help=f"comma list: N:M, X%% (unstructured), PATTERN@X%% (default {FULL['patterns'].replace('%', '%%')})")
     ap.add_argument("--samples", type=int, help="calibration samples (default 64)")
     ap.add_argument("--seqlen", type=int, help="calibration tokens per sample, causal LMs (default 256)")
     ap.add_argument("--encoder-seqlen", type=int, help="calibration tokens per sample, encoders (default 128)")
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass (both tools)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads in every run (default 1: on a shared machine, OpenMP barriers make 2+ threads erratic)")
-    ap.add_argument("--quick", action="store_true", help="small smoke subset: " + json.dumps(QUICK))
+    ap.add_argument("--quick", action="store_true", help="small smoke subset: " + json.dumps(QUICK).replace("%", "%%"))
     ap.add_argument("--skip-llmcompressor", action="store_true")
     ap.add_argument("--llmcompressor-python", help="Python of an existing venv with llmcompressor (skips venv set-up)")
     ap.add_argument("--llmcompressor-venv", default=str(REPO / ".bench" / "llmcompressor-venv"))
