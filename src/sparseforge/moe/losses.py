@@ -81,23 +81,3 @@ class MoEAux:
             f"MoEAux(tokens_per_expert={self.tokens_per_expert.tolist()}, "
             f"dropped_fraction={self.dropped_fraction:.4f})"
         )
-
-
-def load_balancing_loss(experts: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """Switch Transformer loss ``E * sum_e f_e P_e`` for choices ``experts`` (T, k) (-1 = empty).
-
-    0 for an empty batch.
-    """
-    num_experts = probs.shape[1]
-    if probs.shape[0] == 0:
-        return probs.sum()  # 0, still connected to the graph
-    counts = torch.bincount(experts.reshape(-1) + 1, minlength=num_experts + 1)[1:]  # (E,)
-    frac = counts.to(probs.dtype) / counts.sum().clamp_min(1)  # (E,) f_e
-    return num_experts * torch.dot(frac, probs.mean(0))
-
-
-def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss: ``mean_t logsumexp(logits_t)^2`` (0 for an empty batch)."""
-    if logits.shape[0] == 0:
-        return router_float(logits).sum()
-    return torch.logsumexp(router_float(logits), dim=-1).square().mean()
