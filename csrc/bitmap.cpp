@@ -43,29 +43,9 @@ const BitmapKernels& kernels(Isa isa) {
 
 }  // namespace
 
-void bitmap_linear_ref(const BitmapView& w, const Problem& p) {
-  detail::check_problem(w.rows, w.cols, p);
-  std::vector<float> row(static_cast<size_t>(w.cols));
-  for (int64_t r = 0; r < w.rows; ++r) {
-    dense_row(w, r, row.data());
-    for (int64_t b = 0; b < p.B; ++b) {
-      float acc = 0.f;
-      for (int64_t j = 0; j < w.cols; ++j) acc += row[j] * p.x[b * p.in + j];
-      p.y[b * p.out + r] = acc + (p.bias ? p.bias[r] : 0.f);
-    }
-  }
-}
+void bitmap_linear_ref(const BitmapView& w, const Problem& p) { detail::linear_ref(w, p, dense_row); }
 
-void bitmap_linear_t_ref(const BitmapView& w, const ProblemT& p) {
-  detail::check_problem_t(w.rows, w.cols, p);
-  std::vector<float> row(static_cast<size_t>(w.cols));
-  for (int64_t i = 0; i < p.B * p.in; ++i) p.dx[i] = 0.f;
-  for (int64_t r = 0; r < w.rows; ++r) {
-    dense_row(w, r, row.data());
-    for (int64_t b = 0; b < p.B; ++b)
-      for (int64_t j = 0; j < w.cols; ++j) p.dx[b * p.in + j] += row[j] * p.dy[b * p.out + r];
-  }
-}
+void bitmap_linear_t_ref(const BitmapView& w, const ProblemT& p) { detail::linear_t_ref(w, p, dense_row); }
 
 void bitmap_linear(const BitmapView& w, const Problem& p, Isa isa, int algo) {
   detail::check_problem(w.rows, w.cols, p);

@@ -184,6 +184,34 @@ inline void check_problem_t(int64_t rows, int64_t cols, const ProblemT& p) {
   }
 }
 
+// Scalar references (the test oracles), shared by every format: each row is decoded to dense
+// with dense_row(w, r, out) and multiplied plainly. y = x @ W^T + bias and dx = dy @ W.
+template <class View, class DenseRow>
+void linear_ref(const View& w, const Problem& p, DenseRow dense_row) {
+  check_problem(w.rows, w.cols, p);
+  std::vector<float> row(static_cast<size_t>(w.cols));
+  for (int64_t r = 0; r < w.rows; ++r) {
+    dense_row(w, r, row.data());
+    for (int64_t b = 0; b < p.B; ++b) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < w.cols; ++j) acc += row[j] * p.x[b * p.in + j];
+      p.y[b * p.out + r] = acc + (p.bias ? p.bias[r] : 0.f);
+    }
+  }
+}
+
+template <class View, class DenseRow>
+void linear_t_ref(const View& w, const ProblemT& p, DenseRow dense_row) {
+  check_problem_t(w.rows, w.cols, p);
+  std::vector<float> row(static_cast<size_t>(w.cols));
+  for (int64_t i = 0; i < p.B * p.in; ++i) p.dx[i] = 0.f;
+  for (int64_t r = 0; r < w.rows; ++r) {
+    dense_row(w, r, row.data());
+    for (int64_t b = 0; b < p.B; ++b)
+      for (int64_t j = 0; j < w.cols; ++j) p.dx[b * p.in + j] += row[j] * p.dy[b * p.out + r];
+  }
+}
+
 // y = x @ W^T + bias with kernel table k; nnz = stored entries (for work estimates).
 template <class View, class Kern>
 void run_linear(const View& w, const Problem& p, const Kern& k, int algo, int64_t nnz) {
