@@ -27,6 +27,7 @@ from sparseforge.moe.routers import (
     make_router,
 )
 from sparseforge.moe.sparsemixer import SparseMixer, SparseMixerNoise, sparsemixer_route
+from sparseforge.moe.swap import MoEBlock, MoESwapReport, collect_aux, moe_
 
 __all__ = [
     "MoE",
@@ -47,4 +48,8 @@ __all__ = [
     "build_plan",
     "apply_capacity",
     "grouped_ffn",
+    "moe_",
+    "MoEBlock",
+    "MoESwapReport",
+    "collect_aux",
 ]
