@@ -129,3 +129,94 @@ def test_satisfies_detects_violations():
     assert not satisfies(torch.tensor([[1, 0], [1, 1]]), FanIn())
     assert not satisfies(torch.tensor([[1, 0], [1, 1]]), Channel())
     assert not satisfies(torch.tensor([[1, 0], [1, 1]]), Block(2, 2))
+
+
+# -- transposable N:M ------------------------------------------------------------------------------
+from sparseforge.masks import transposable_mask  # noqa: E402
+
+
+def _circulant_baseline(scores, n, m):
+    """Documented baseline: per M x M block, the best of the M circulant masks (row i keeps columns
+    i+k, ..., i+k+N-1 mod M for a shift k), each exactly N per row and per column."""
+    rows, cols = scores.shape
+    out = torch.zeros(rows, cols, dtype=torch.bool)
+    shifts = []
+    for k in range(m):
+        c = torch.zeros(m, m, dtype=torch.bool)
+        for i in range(m):
+            for d in range(n):
+                c[i, (i + k + d) % m] = True
+        shifts.append(c)
+    for bi in range(0, rows, m):
+        for bj in range(0, cols, m):
+            block = scores[bi:bi + m, bj:bj + m].double()
+            best = max(shifts, key=lambda c: float(block[c].sum()))
+            out[bi:bi + m, bj:bj + m] = best
+    return out
+
+
+@st.composite
+def square_blocks(draw, m):
+    rows = draw(st.integers(1, 3)) * m
+    cols = draw(st.integers(1, 3)) * m
+    return draw(scores_strategy(rows, cols, draw(st.booleans()))).abs()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([(2, 4), (1, 4), (3, 4), (1, 2)]), st.data())
+def test_transposable_is_nm_both_ways_and_beats_the_circulant_baseline(nm, data):
+    n, m = nm
+    scores = data.draw(square_blocks(m))
+    mask = transposable_mask(scores, NM(n, m))
+    assert mask.shape == scores.shape and mask.dtype == torch.bool
+    # exactly N per group of M along the inputs (W) and along the outputs (W^T)
+    assert (mask.reshape(-1, m).sum(1) == n).all()
+    assert (mask.t().reshape(-1, m).sum(1) == n).all()
+    assert satisfies(mask, NM(n, m)) and satisfies(mask.t(), NM(n, m))
+    kept = scores[mask].double().sum()
+    base = _circulant_baseline(scores, n, m)
+    assert (base.reshape(-1, m).sum(1) == n).all() and (base.t().reshape(-1, m).sum(1) == n).all()
+    assert kept >= scores[base].double().sum() - 1e-6 * max(1.0, float(kept))
+    # and never more than the unconstrained row-wise N:M mask (an upper bound)
+    assert kept <= scores[mask_from_scores(scores, NM(n, m))].double().sum() + 1e-6 * max(1.0, float(kept))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(0, 100, allow_nan=False, width=32), min_size=16, max_size=16))
+def test_transposable_1_4_is_the_optimal_assignment(values):
+    # 1:4 transposable on a 4x4 block = a permutation matrix: the optimum is the assignment problem
+    scipy_opt = pytest.importorskip("scipy.optimize")
+    block = torch.tensor(values).reshape(4, 4)
+    mask = transposable_mask(block, "1:4")
+    r, c = scipy_opt.linear_sum_assignment(block.double().numpy(), maximize=True)
+    assert float(block[mask].double().sum()) == pytest.approx(float(block.double().numpy()[r, c].sum()), rel=1e-6)
+
+
+def test_transposable_hand_example_and_pattern_count():
+    from sparseforge.masks import _block_patterns
+
+    # the candidates are exactly the 4x4 0/1 matrices with N ones per row and column (brute force over 2^16)
+    every = torch.tensor([[(b >> (15 - i)) & 1 for i in range(16)] for b in range(1 << 16)]).reshape(-1, 4, 4)
+    for n, count in ((2, 90), (1, 24), (3, 24)):  # 90: the patterns of Hu et al.'s convolution kernel
+        ok = every[((every.sum(2) == n).all(1)) & ((every.sum(1) == n).all(1))].reshape(-1, 16)
+        mine = _block_patterns(n, 4)
+        assert len(mine) == len(ok) == count
+        assert {tuple(r) for r in mine.int().tolist()} == {tuple(r) for r in ok.tolist()}
+    s = torch.tensor([[9., 8, 1, 0], [7, 6, 0, 1], [5, 4, 1, 0], [0, 1, 2, 3]])
+    assert not satisfies(mask_from_scores(s, "2:4").t(), "2:4")
+    assert transposable_mask(s, "2:4").int().tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
+    # exact: 9+8+7+6 + 1+0+2+3 = 36, the best of the 90 candidates
+    assert float(s[transposable_mask(s, "2:4")].sum()) == 36.0
+
+
+def test_transposable_bad_input():
+    with pytest.raises(ConfigError, match="both dimensions divisible by M=4"):
+        transposable_mask(torch.rand(6, 8), "2:4")
+    with pytest.raises(ConfigError, match="not N:M"):
+        transposable_mask(torch.rand(4, 4), "unstructured")
+    with pytest.raises(ConfigError, match="too many"):
+        transposable_mask(torch.rand(8, 8), "4:8")
+    s = torch.rand(4, 4)
+    s[0, 0] = math.nan
+    with pytest.raises(NumericalError):
+        transposable_mask(s, "2:4")

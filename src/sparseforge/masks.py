@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -37,7 +38,7 @@ import torch
 from sparseforge.errors import ConfigError, NumericalError
 from sparseforge.patterns import NM, Block, Channel, FanIn, Pattern, Unstructured, check_fits, parse
 
-__all__ = ["mask_from_scores", "resolve_sparsity", "satisfies", "num_pruned", "topk_mask"]
+__all__ = ["mask_from_scores", "resolve_sparsity", "satisfies", "num_pruned", "topk_mask", "transposable_mask"]
 
 
 def num_pruned(sparsity: float, group_size: int) -> int:
@@ -161,3 +162,70 @@ def satisfies(mask: torch.Tensor, pattern: "Pattern | str") -> bool:
         per_row = mask.sum(1)
         return bool(((per_row == 0) | (per_row == cols)).all())
     return True
+
+
+# -- transposable N:M -------------------------------------------------------------------------------
+_MAX_BLOCK_PATTERNS = 50_000
+_BLOCK_PATTERNS: dict[tuple[int, int], torch.Tensor] = {}  # (n, m) -> (K, m*m) candidate masks, built once
+
+
+def _block_patterns(n: int, m: int) -> torch.Tensor:
+    """All m x m 0/1 matrices with exactly n ones in every row and every column, lexicographic, (K, m*m)."""
+    if (n, m) not in _BLOCK_PATTERNS:
+        rows = [r for r in itertools.product((1, 0), repeat=m) if sum(r) == n]  # kept-first order
+        found: list[tuple[int, ...]] = []
+
+        def extend(prefix: list[tuple[int, ...]], cols: list[int]) -> None:
+            if len(found) > _MAX_BLOCK_PATTERNS:
+                raise ConfigError(f"transposable {n}:{m} masks have too many {m}x{m} block patterns to search "
+                                  f"exactly (> {_MAX_BLOCK_PATTERNS}); use M <= 4 (e.g. 2:4, 1:4) or M = 8 with N = 1")
+            if len(prefix) == m:
+                found.append(tuple(v for r in prefix for v in r))
+                return
+            left = m - len(prefix) - 1  # rows still to place after this one
+            for r in rows:
+                new = [c + v for c, v in zip(cols, r)]
+                if all(n - left <= c <= n for c in new):  # every column can still reach exactly n
+                    extend(prefix + [r], new)
+
+        extend([], [0] * m)
+        _BLOCK_PATTERNS[(n, m)] = torch.tensor(found, dtype=torch.float32)
+    return _BLOCK_PATTERNS[(n, m)]
+
+
+def transposable_mask(scores: torch.Tensor, pattern: "Pattern | str", *, chunk: int = 65536) -> torch.Tensor:
+    """Keep-mask (out, in) that is N:M along the inputs *and* along the outputs (its transpose is N:M too).
+
+    The weight is cut into M x M blocks; every block takes, among all M x M masks with exactly N
+    kept per row and per column, the one with the largest sum of scores (an exact search, the same
+    choice as the convolution-based selection of Hu et al. 2024, "Accelerating Transformer
+    Pre-training with 2:4 Sparsity", which scores the 90 such 2:4 patterns of a 4x4 block). Ties go
+    to the first pattern in lexicographic order with kept entries first. The mask keeps exactly N of
+    every M along both dimensions (density N/M, as the trainers expect); a mask allowed to keep
+    *at most* N (e.g. a greedy one) can leave a row short and keep more score with fewer weights.
+    Both dimensions must be divisible by M; M x M blocks with too many patterns (e.g. 4:8) are refused.
+
+    Example:
+        >>> s = torch.tensor([[9., 8, 1, 0], [7, 6, 0, 1], [5, 4, 1, 0], [0, 1, 2, 3]])
+        >>> mask_from_scores(s, "2:4").int().tolist()  # row-wise: columns 0 and 1 keep 3 of 4
+        [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1]]
+        >>> transposable_mask(s, "2:4").int().tolist()  # 2 per row and 2 per column
+        [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
+    """
+    pattern = parse(pattern)
+    if not isinstance(pattern, NM):
+        raise ConfigError(f"transposable masks are N:M masks; pattern {pattern} is not N:M (use e.g. '2:4')")
+    if scores.dim() != 2:
+        raise ConfigError(f"scores must be 2-D (out_features, in_features), got shape {tuple(scores.shape)}")
+    rows, cols = scores.shape
+    m = pattern.m
+    if rows % m or cols % m:
+        raise ConfigError(f"a transposable {pattern} mask needs both dimensions divisible by M={m}, got shape "
+                          f"{tuple(scores.shape)}; pad the layer or use a plain (row-wise) N:M mask")
+    if not torch.isfinite(scores).all():
+        raise NumericalError("pruning scores contain NaN or inf; check the weights and calibration activations")
+    candidates = _block_patterns(pattern.n, m).to(scores.device)  # (K, m*m)
+    blocks = scores.float().reshape(rows // m, m, cols // m, m).permute(0, 2, 1, 3).reshape(-1, m * m)  # (B, m*m)
+    best = torch.cat([(part @ candidates.t()).argmax(1) for part in blocks.split(chunk)])  # (B,) first max
+    chosen = candidates[best].bool().reshape(rows // m, cols // m, m, m)  # (R, C, m, m)
+    return chosen.permute(0, 2, 1, 3).reshape(rows, cols)
