@@ -28,6 +28,7 @@ from sparseforge.moe.routers import (
 )
 from sparseforge.moe.sparsemixer import SparseMixer, SparseMixerNoise, sparsemixer_route
 from sparseforge.moe.swap import MoEBlock, MoESwapReport, collect_aux, moe_
+from sparseforge.moe.upcycle import UpcycleReport, upcycle_, upcycle_mlp
 
 __all__ = [
     "MoE",
@@ -52,4 +53,7 @@ __all__ = [
     "MoEBlock",
     "MoESwapReport",
     "collect_aux",
+    "upcycle_",
+    "upcycle_mlp",
+    "UpcycleReport",
 ]
