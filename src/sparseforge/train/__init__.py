@@ -1,4 +1,4 @@
-"""Sparse training: gradual pruning (GMP), static random sparsity, dynamic sparse training (SET, RigL), N:M (STE, SR-STE).
+"""Sparse training: gradual pruning (GMP), static random sparsity, dynamic sparse training (SET, RigL), N:M (STE, SR-STE, S-STE).
 
 A trainer attaches to a model and its optimizer, jaxpruner-style; call ``trainer.step()`` after
 every ``optimizer.step()``. Configs are dataclasses with YAML recipes, like one-shot pruning.
@@ -20,6 +20,9 @@ from sparseforge.train.config import (
     RigLConfig,
     SETConfig,
     SRSTEConfig,
+    SSTEConfig,
+    SRigLConfig,
+    SparseMomentumConfig,
     STEConfig,
     SparseTrainConfig,
     StaticConfig,
@@ -29,7 +32,10 @@ from sparseforge.train.config import (
 )
 from sparseforge.train.density import layer_sparsities
 from sparseforge.train.nm import SRSTE, STE, FlipRate
+from sparseforge.train.sste import SSTE
 from sparseforge.train.methods import GMP, SET, TRAINERS, RigL, StaticSparse, from_config
+from sparseforge.train.srigl import SRigL
+from sparseforge.train.momentum import SparseMomentum
 from sparseforge.train.schedules import Schedule, cosine_drop_fraction, cubic_sparsity
 
 __all__ = [
@@ -38,7 +44,13 @@ __all__ = [
     "parse_train_recipe", "load_train_recipe", "dump_train_recipe",
     "StaticSparse", "GMP", "SET", "RigL", "STE", "SRSTE", "FlipRate", "TRAINERS", "from_config", "from_recipe",
     "Schedule", "cubic_sparsity", "cosine_drop_fraction", "layer_sparsities",
+    "SSTE", "SSTEConfig",
+    "SRigL", "SRigLConfig", "SparseMomentum", "SparseMomentumConfig",
 ]
+
+TRAINERS.update({"srigl": SRigL, "sparse_momentum": SparseMomentum})  # defined on top of methods.py's classes
+
+TRAINERS["sste"] = SSTE  # N:M S-STE, defined on top of nm.py's STE
 
 
 def from_recipe(model, optimizer, path) -> SparseTrainer:

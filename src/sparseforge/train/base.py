@@ -121,7 +121,7 @@ class SparseTrainer:
                 layer.module.register_buffer(MASK_BUFFER, (mask.t() if layer.transposed else mask).contiguous())
                 layer.hook = layer.param.register_hook(self._grad_hook(layer))
                 self._zero(layer, ~layer.mask)
-        self._collect = self.needs_grad and self.is_update_step(1)
+        self._collect = self.collects_grad(1)
 
     # -- what a method overrides --------------------------------------------------------------
     def initial_mask(self, layer: SparseLayer) -> torch.Tensor:
@@ -132,6 +132,10 @@ class SparseTrainer:
 
     def is_update_step(self, t: int) -> bool:
         return False
+
+    def collects_grad(self, t: int) -> bool:
+        """Whether the backward pass(es) of step ``t`` store the dense gradient in ``layer.grad``."""
+        return self.needs_grad and self.is_update_step(t)
 
     def update_masks(self, t: int) -> tuple[float, dict[str, torch.Tensor]]:
         """New ``(out, in)`` masks at update step ``t``, and the schedule value used."""
@@ -155,7 +159,7 @@ class SparseTrainer:
                 update.changed[layer.name] = self._set_mask(layer, masks[layer.name])
         for layer in self.layers:
             layer.grad = None
-        self._collect = self.needs_grad and self.is_update_step(t + 1)
+        self._collect = self.collects_grad(t + 1)
         return update
 
     def _set_mask(self, layer: SparseLayer, new: torch.Tensor) -> tuple[int, int]:
@@ -263,7 +267,7 @@ class SparseTrainer:
             self._zero(layer, ~layer.mask)
         self.step_count = int(state["step"])
         self.generator.set_state(state["rng"])
-        self._collect = self.needs_grad and self.is_update_step(self.step_count + 1)
+        self._collect = self.collects_grad(self.step_count + 1)
 
     def remove(self) -> None:
         """Detach: remove hooks and mask buffers; the weights keep their zeros."""

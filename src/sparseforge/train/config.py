@@ -44,6 +44,8 @@ __all__ = [
     "RigLConfig",
     "STEConfig",
     "SRSTEConfig",
+    "SRigLConfig",
+    "SparseMomentumConfig",
     "TRAIN_CONFIGS",
     "TRAIN_RECIPE_VERSION",
     "parse_train_recipe",
@@ -224,6 +226,43 @@ class SRSTEConfig(STEConfig):
         self.decay = _number("decay", self.decay, 0.0, float("inf"))
 
 
+@dataclass
+class SRigLConfig(RigLConfig):
+    """Structured RigL (Lasby et al. 2023): RigL under constant fan-in, with neuron ablation."""
+
+    method: ClassVar[str] = "srigl"
+    pattern: str = "fanin"
+    gamma_sal: float = 0.3  # ablate a neuron with fewer than gamma_sal * fan-in salient weights (0: never)
+    ablate_last: bool = False  # the last sparsified layer's neurons are outputs (classes, logits): keep them
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.pattern_value, FanIn):
+            raise ConfigError(f"Structured RigL trains constant fan-in masks; use pattern 'fanin' (got {self.pattern})")
+        self.gamma_sal = _number("gamma_sal", self.gamma_sal, 0.0, 1.0 + 1e-12)
+        if not isinstance(self.ablate_last, bool):
+            raise ConfigError(f"ablate_last must be true or false, got {self.ablate_last!r}")
+
+
+@dataclass
+class SparseMomentumConfig(SETConfig):
+    """Sparse momentum (Dettmers & Zettlemoyer 2019): magnitude prune, momentum redistribution and growth."""
+
+    method: ClassVar[str] = "sparse_momentum"
+    drop_fraction: float = 0.5  # the paper's prune rate p
+    drop_fraction_decay: str = "cosine"
+    momentum: float = 0.9  # smoothing of the dense-gradient momentum that scores layers and zero weights
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if str(self.pattern_value) != "unstructured":
+            raise ConfigError(
+                f"sparse momentum moves weights between layers, which only an unstructured pattern allows "
+                f"(got {self.pattern}); use SET or RigL for structured patterns"
+            )
+        self.momentum = _number("momentum", self.momentum, 0.0, 1.0)
+
+
 TRAIN_CONFIGS: dict[str, type[SparseTrainConfig]] = {
     "static": StaticConfig,
     "gmp": GMPConfig,
@@ -231,6 +270,8 @@ TRAIN_CONFIGS: dict[str, type[SparseTrainConfig]] = {
     "rigl": RigLConfig,
     "ste": STEConfig,
     "srste": SRSTEConfig,
+    "srigl": SRigLConfig,
+    "sparse_momentum": SparseMomentumConfig,
 }
 
 
