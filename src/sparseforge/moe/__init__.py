@@ -28,6 +28,15 @@ from sparseforge.moe.routers import (
 )
 from sparseforge.moe.sparsemixer import SparseMixer, SparseMixerNoise, sparsemixer_route
 from sparseforge.moe.swap import MoEBlock, MoESwapReport, collect_aux, moe_
+from sparseforge.moe.expert_pruning import (
+    DenseMLP,
+    ProgressiveExpertPruner,
+    RoutingStats,
+    collect_routing_stats,
+    prune_experts,
+    prune_experts_,
+    to_dense,
+)
 from sparseforge.moe.upcycle import UpcycleReport, upcycle_, upcycle_mlp
 
 __all__ = [
@@ -56,4 +65,11 @@ __all__ = [
     "upcycle_",
     "upcycle_mlp",
     "UpcycleReport",
+    "RoutingStats",
+    "collect_routing_stats",
+    "prune_experts",
+    "prune_experts_",
+    "to_dense",
+    "DenseMLP",
+    "ProgressiveExpertPruner",
 ]
