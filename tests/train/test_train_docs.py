@@ -58,5 +58,8 @@ def test_field_table_matches_the_dataclass():
         assert f"`{extra}`" in text
     assert {f.name for f in dataclasses.fields(GMPConfig)} - shared == {"initial_sparsity"}
     assert {f.name for f in dataclasses.fields(SETConfig)} - shared == {"drop_fraction", "drop_fraction_decay"}
-    assert {f.name for f in dataclasses.fields(STEConfig)} == shared
-    assert {f.name for f in dataclasses.fields(SRSTEConfig)} - shared == {"decay"}
+    nm_options = {"flow_decay", "flow_decay_coef", "flow_decay_start", "transposable"}
+    for extra in nm_options:
+        assert f"`{extra}`" in text
+    assert {f.name for f in dataclasses.fields(STEConfig)} - shared == nm_options
+    assert {f.name for f in dataclasses.fields(SRSTEConfig)} - shared == nm_options | {"decay"}

@@ -21,6 +21,7 @@ from sparseforge.train.config import (
     SETConfig,
     SRSTEConfig,
     SSTEConfig,
+    SSTEConfig,
     SRigLConfig,
     SparseMomentumConfig,
     STEConfig,
@@ -32,6 +33,7 @@ from sparseforge.train.config import (
 )
 from sparseforge.train.density import layer_sparsities
 from sparseforge.train.nm import SRSTE, STE, FlipRate
+from sparseforge.train.sste import SSTE
 from sparseforge.train.sste import SSTE
 from sparseforge.train.methods import GMP, SET, TRAINERS, RigL, StaticSparse, from_config
 from sparseforge.train.srigl import SRigL
@@ -45,10 +47,13 @@ __all__ = [
     "StaticSparse", "GMP", "SET", "RigL", "STE", "SRSTE", "FlipRate", "TRAINERS", "from_config", "from_recipe",
     "Schedule", "cubic_sparsity", "cosine_drop_fraction", "layer_sparsities",
     "SSTE", "SSTEConfig",
+    "SSTE", "SSTEConfig",
     "SRigL", "SRigLConfig", "SparseMomentum", "SparseMomentumConfig",
 ]
 
 TRAINERS.update({"srigl": SRigL, "sparse_momentum": SparseMomentum})  # defined on top of methods.py's classes
+
+TRAINERS["sste"] = SSTE  # N:M S-STE, defined on top of nm.py's STE
 
 TRAINERS["sste"] = SSTE  # N:M S-STE, defined on top of nm.py's STE
 

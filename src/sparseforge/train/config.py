@@ -44,6 +44,7 @@ __all__ = [
     "RigLConfig",
     "STEConfig",
     "SRSTEConfig",
+    "SSTEConfig",
     "SRigLConfig",
     "SparseMomentumConfig",
     "TRAIN_CONFIGS",
@@ -199,12 +200,25 @@ class RigLConfig(SETConfig):
     drop_fraction_decay: str = "cosine"
 
 
+FLOW_DECAYS = ("none", "linear", "exp")
+
+
 @dataclass
 class STEConfig(SparseTrainConfig):
-    """N:M training with the straight-through estimator: the mask is recomputed from ``|w|`` every step."""
+    """N:M training with the straight-through estimator: the mask is recomputed from ``|w|`` every step.
+
+    ``flow_decay`` / ``flow_decay_coef`` / ``flow_decay_start``: progressive gradient flow (MDGF of
+    Bambhaniya et al. 2024), the forward uses ``w * (m + beta_t * (1 - m))`` with ``beta_t = 1``
+    before ``flow_decay_start`` and ``max(0, 1 - coef * dt)`` (linear) or ``exp(-coef * dt)`` (exp)
+    after it. ``transposable``: masks N:M along both the inputs and the outputs (``masks.transposable_mask``).
+    """
 
     method: ClassVar[str] = "ste"
     pattern: str = "2:4"
+    flow_decay: str = "none"  # "none", "linear" or "exp" (MDGF)
+    flow_decay_coef: float = 0.0  # k of beta_t = max(0, 1 - k dt) or exp(-k dt); > 0 when flow_decay is set
+    flow_decay_start: int = 0  # optimizer step at which beta starts to decay (dense forward before it)
+    transposable: bool = False  # N:M for W and W^T (4x4-block exact search)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -212,6 +226,15 @@ class STEConfig(SparseTrainConfig):
             raise ConfigError(
                 f"{self.method.upper()} trains N:M masks; pattern {self.pattern} is not N:M (use e.g. '2:4' or '1:4')"
             )
+        if self.flow_decay not in FLOW_DECAYS:
+            raise ConfigError(f"unknown flow_decay {self.flow_decay!r}; choose one of {', '.join(FLOW_DECAYS)}")
+        self.flow_decay_coef = _number("flow_decay_coef", self.flow_decay_coef, 0.0, float("inf"))
+        if self.flow_decay != "none" and self.flow_decay_coef <= 0:
+            raise ConfigError(f"flow_decay {self.flow_decay!r} needs flow_decay_coef > 0, e.g. 1e-3")
+        if isinstance(self.flow_decay_start, bool) or not isinstance(self.flow_decay_start, int) or self.flow_decay_start < 0:
+            raise ConfigError(f"flow_decay_start must be an integer >= 0, got {self.flow_decay_start!r}")
+        if not isinstance(self.transposable, bool):
+            raise ConfigError(f"transposable must be true or false, got {self.transposable!r}")
 
 
 @dataclass
@@ -263,6 +286,22 @@ class SparseMomentumConfig(SETConfig):
         self.momentum = _number("momentum", self.momentum, 0.0, 1.0)
 
 
+@dataclass
+class SSTEConfig(STEConfig):
+    """S-STE (Hu et al. 2024): continuous N:M soft-thresholding with a fixed per-tensor scale."""
+
+    method: ClassVar[str] = "sste"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.flow_decay != "none":
+            raise ConfigError("S-STE's pruning function is already continuous; flow_decay is for STE / SR-STE, "
+                              "leave it 'none'")
+        if self.transposable:
+            raise ConfigError("S-STE soft-thresholds against the (N+1)-th largest |w| of each group, which a "
+                              "transposable mask does not respect; use STE / SR-STE for transposable masks")
+
+
 TRAIN_CONFIGS: dict[str, type[SparseTrainConfig]] = {
     "static": StaticConfig,
     "gmp": GMPConfig,
@@ -270,6 +309,7 @@ TRAIN_CONFIGS: dict[str, type[SparseTrainConfig]] = {
     "rigl": RigLConfig,
     "ste": STEConfig,
     "srste": SRSTEConfig,
+    "sste": SSTEConfig,
     "srigl": SRigLConfig,
     "sparse_momentum": SparseMomentumConfig,
 }

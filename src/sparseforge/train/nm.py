@@ -7,6 +7,13 @@ Zhou et al., "Learning N:M Fine-grained Structured Sparse Neural Networks From S
   through to the *dense* ``W``. Pruned weights keep training and can come back (unlike RigL / GMP).
 * **SR-STE**: the same, plus the sparse-refined term on the gradient:
   ``g = dL/d(W * m) + lambda_W * (~m) * W`` (a decay of the pruned weights only; ``lambda_W = 2e-4``).
+* **Progressive gradient flow** (option ``flow_decay``; Bambhaniya et al. 2024, "Progressive Gradient
+  Flow for Robust N:M Sparsity Training in Transformers", MDGF): the forward uses
+  ``W * (m + beta_t * (1 - m))``, the pruned weights' share ``beta_t`` decaying from 1 (dense) to 0
+  (N:M): ``beta_t = max(0, 1 - k (t - t0))`` (linear) or ``exp(-k (t - t0))`` (exp), ``beta_t = 1``
+  before ``t0 = flow_decay_start``; the backward stays straight-through, as in the authors' code.
+* **Transposable masks** (option ``transposable``): masks N:M along inputs and outputs
+  (:func:`sparseforge.masks.transposable_mask`), so ``W^T`` of the backward ``dX`` product is N:M too.
 * **Flip rate** (the paper's Eq. 4): ``r_t = ||m_t - m_{t-1}||_1 / D``, the fraction of mask entries
   that changed since the last step, per layer and over all layers (``trainer.flip_rate``).
 
@@ -34,6 +41,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,20 +51,22 @@ from torch.nn.utils import parametrize
 
 from sparseforge.errors import ConfigError
 from sparseforge.layers import is_linear
-from sparseforge.masks import mask_from_scores
+from sparseforge.masks import mask_from_scores, transposable_mask
 from sparseforge.train.base import MaskUpdate, SparseLayer, SparseTrainer
 from sparseforge.train.config import SRSTEConfig, STEConfig
 
-__all__ = ["STE", "SRSTE", "FlipRate", "NMMask", "masked_ste"]
+__all__ = ["STE", "SRSTE", "FlipRate", "NMMask", "masked_ste", "flow_factor"]
 
 
 class _MaskedSTE(torch.autograd.Function):
-    """``W * m`` forward; backward ``g + decay * (~m) * W`` to ``W`` (decay 0: plain STE)."""
+    """``W * (m + flow * ~m)`` forward; backward ``g + decay * (~m) * W`` to ``W`` (decay 0: plain STE)."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, decay: float) -> torch.Tensor:
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, decay: float, flow: float) -> torch.Tensor:
         ctx.save_for_backward(weight, mask)
         ctx.decay = decay
+        if flow:  # MDGF: pruned weights still contribute flow * W
+            return weight * torch.where(mask, 1.0, flow).to(weight.dtype)
         return weight * mask
 
     @staticmethod
@@ -64,24 +74,43 @@ class _MaskedSTE(torch.autograd.Function):
         weight, mask = ctx.saved_tensors
         if ctx.decay:
             grad = grad + ctx.decay * (~mask) * weight  # SR-STE's sparse-refined term
-        return grad, None, None
+        return grad, None, None, None
 
 
-def masked_ste(weight: torch.Tensor, mask: torch.Tensor, decay: float = 0.0) -> torch.Tensor:
-    """``weight * mask`` whose gradient passes straight through to ``weight`` (+ ``decay * (~mask) * weight``)."""
-    return _MaskedSTE.apply(weight, mask, float(decay))
+def masked_ste(weight: torch.Tensor, mask: torch.Tensor, decay: float = 0.0, flow: float = 0.0) -> torch.Tensor:
+    """``weight * mask`` (pruned entries scaled by ``flow`` instead of 0) whose gradient passes straight
+    through to ``weight`` (+ ``decay * (~mask) * weight``)."""
+    return _MaskedSTE.apply(weight, mask, float(decay), float(flow))
+
+
+def flow_factor(t: int, kind: str, coef: float, start: int = 0) -> float:
+    """MDGF's mask value of pruned weights after optimizer step ``t`` (1 before ``start``).
+
+    Example:
+        >>> flow_factor(50, "linear", 0.01), round(flow_factor(100, "exp", 0.01), 4), flow_factor(5, "none", 0.0)
+        (0.5, 0.3679, 0.0)
+    """
+    if kind == "none":
+        return 0.0
+    dt = max(0, t - start)
+    if kind == "linear":
+        return max(0.0, 1.0 - coef * dt)
+    if kind == "exp":
+        return math.exp(-coef * dt)
+    raise ConfigError(f"unknown flow_decay {kind!r}; choose one of none, linear, exp")
 
 
 class NMMask(nn.Module):
-    """Parametrization of a weight: ``masked_ste(W, self.mask, decay)``; ``mask`` in the weight's layout."""
+    """Parametrization of a weight: ``masked_ste(W, self.mask, decay, flow)``; ``mask`` in the weight's layout."""
 
-    def __init__(self, mask: torch.Tensor, decay: float) -> None:
+    def __init__(self, mask: torch.Tensor, decay: float, flow: float = 0.0) -> None:
         super().__init__()
         self.register_buffer("mask", mask)
         self.decay = decay
+        self.flow = flow  # MDGF's beta_t, set by the trainer every step
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return masked_ste(weight, self.mask, self.decay)
+        return masked_ste(weight, self.mask, self.decay, self.flow)
 
 
 @dataclass
@@ -138,16 +167,40 @@ class STE(SparseTrainer):
                 raise ConfigError(f"layer {name} already has a parametrized weight (another N:M trainer?); "
                                   "call .finalize() or .remove() on that trainer first")
         selected = self._select_layers()
+        if config.transposable:
+            for layer in selected:
+                if layer.weight.shape[0] % self.pattern.m:
+                    raise ConfigError(f"layer {layer.name}: out_features={layer.weight.shape[0]} is not divisible by "
+                                      f"M={self.pattern.m}, which a transposable mask needs; ignore the layer or "
+                                      "set transposable to false")
         self.decay = float(getattr(config, "decay", 0.0))
         self.layers = []
         for layer in selected:
             mask = self._mask_of(layer)  # (out, in)
             mask = (mask.t() if layer.transposed else mask).contiguous()
-            parametrize.register_parametrization(layer.module, "weight", NMMask(mask, self.decay))
+            parametrize.register_parametrization(layer.module, "weight", self._parametrization(layer, mask))
             self.layers.append(_NMLayer(layer.name, layer.module, layer.sparsity))
+        self._set_flow()
+
+    def _parametrization(self, layer: SparseLayer, mask: torch.Tensor) -> nn.Module:
+        """The module that turns the dense weight into the forward's weight (``mask`` in the weight's layout)."""
+        return NMMask(mask, self.decay)
 
     def _mask_of(self, layer: SparseLayer) -> torch.Tensor:
+        if self.config.transposable:
+            return transposable_mask(layer.weight.abs(), self.pattern)  # (out, in): N:M both ways
         return mask_from_scores(layer.weight.abs(), self.pattern, None)  # (out, in): top-N |W| per group of M
+
+    @property
+    def flow(self) -> float:
+        """MDGF's current mask value of pruned weights (0 without ``flow_decay``)."""
+        cfg = self.config
+        return flow_factor(self.step_count, cfg.flow_decay, cfg.flow_decay_coef, cfg.flow_decay_start)
+
+    def _set_flow(self, value: float | None = None) -> None:
+        flow = self.flow if value is None else value
+        for layer in self.layers:
+            layer.module.parametrizations.weight[0].flow = flow
 
     @torch.no_grad()
     def step(self) -> MaskUpdate:
@@ -168,11 +221,13 @@ class STE(SparseTrainer):
             old.copy_(new)
         update.value = flipped / total
         self.flip_rate.append(FlipRate(self.step_count, update.value, rates))
+        self._set_flow()
         return update
 
     @torch.no_grad()
     def finalize(self) -> None:
         """Bake the N:M mask into the weights (pruned entries ``0``) and detach the trainer."""
+        self._set_flow(0.0)  # the baked weight is N:M whatever MDGF's beta_t
         for layer in self.layers:
             layer.mask.copy_(self._mask_of(layer))  # (out, in), from the current |W|
             parametrize.remove_parametrizations(layer.module, "weight", leave_parametrized=True)
@@ -201,6 +256,7 @@ class STE(SparseTrainer):
             layer.module.parametrizations.weight[0].mask.copy_(state["masks"][layer.name])
         self.step_count = int(state["step"])
         self.flip_rate = [FlipRate(**f) for f in state.get("flip_rate", [])]
+        self._set_flow()
 
 
 class SRSTE(STE):
