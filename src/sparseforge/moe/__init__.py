@@ -37,6 +37,7 @@ from sparseforge.moe.expert_pruning import (
     prune_experts_,
     to_dense,
 )
+from sparseforge.moe.expert_sparsity import collect_expert_stats, sparsify_experts_
 from sparseforge.moe.upcycle import UpcycleReport, upcycle_, upcycle_mlp
 
 __all__ = [
@@ -72,4 +73,6 @@ __all__ = [
     "to_dense",
     "DenseMLP",
     "ProgressiveExpertPruner",
+    "collect_expert_stats",
+    "sparsify_experts_",
 ]
