@@ -24,6 +24,8 @@ struct BitmapKernels {
   void (*rows)(const BitmapView&, const Problem&, int64_t r0, int64_t r1);
   void (*lanes)(const BitmapView&, const Problem&, const LanesPlan&, int64_t r0, int64_t r1, float* ybuf);
   void (*lanes_t)(const BitmapView&, const ProblemT&, const LanesPlan&, int64_t r0, int64_t r1, float* dxt);
+  // dW at the mask for rows [r0, r1) (sddmm.h); xp / dp: x and dy in lanes tiles
+  void (*sddmm)(const BitmapView&, const ProblemW&, const LanesPlan& xp, const LanesPlan& dp, int64_t r0, int64_t r1);
 };
 
 namespace scalar { extern const BitmapKernels bitmap; }
@@ -34,6 +36,9 @@ void bitmap_linear_ref(const BitmapView& w, const Problem& p);
 void bitmap_linear_t_ref(const BitmapView& w, const ProblemT& p);
 void bitmap_linear(const BitmapView& w, const Problem& p, Isa isa, int algo);
 void bitmap_linear_t(const BitmapView& w, const ProblemT& p, Isa isa);
+// dW restricted to the mask: dw (nnz,) in values order (see ProblemW); reference and dispatched.
+void bitmap_sddmm_ref(const BitmapView& w, const ProblemW& p);
+void bitmap_sddmm(const BitmapView& w, const ProblemW& p, Isa isa);
 
 namespace {
 

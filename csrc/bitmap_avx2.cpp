@@ -1,6 +1,7 @@
 // Bitmap kernels, AVX2 + FMA: each bitmap byte decodes 8 columns through a permutation table.
 #include "bitmap.h"
 #include "lanes.h"
+#include "sddmm.h"
 #include "simd_avx2.h"
 
 namespace sf {
@@ -67,9 +68,15 @@ void lanes_t(const BitmapView& w, const ProblemT& p, const LanesPlan& lp, int64_
   with_bitmap_dec(w, [&](const auto& dec) { lanes_t_rows(dec, p, lp, r0, r1, dxt); });
 }
 
+void sddmm(const BitmapView& w, const ProblemW& p, const LanesPlan& xp, const LanesPlan& dp, int64_t r0, int64_t r1) {
+  with_bitmap_dec(w, [&](const auto& dec) {
+    sddmm_rows(dec, [&](int64_t r) -> int64_t { return w.row_offsets[r]; }, p, xp, dp, r0, r1);
+  });
+}
+
 }  // namespace
 
-extern const BitmapKernels bitmap = {rows, lanes, lanes_t};
+extern const BitmapKernels bitmap = {rows, lanes, lanes_t, sddmm};
 
 }  // namespace avx2
 }  // namespace sf

@@ -3,6 +3,7 @@
 // beat vexpandps on Zen 5), so x is read contiguously and only kept values are read from memory.
 #include "bitmap.h"
 #include "lanes.h"
+#include "sddmm.h"
 #include "simd_avx512.h"
 
 namespace sf {
@@ -83,9 +84,15 @@ void lanes_t(const BitmapView& w, const ProblemT& p, const LanesPlan& lp, int64_
   with_bitmap_dec(w, [&](const auto& dec) { lanes_t_rows(dec, p, lp, r0, r1, dxt); });
 }
 
+void sddmm(const BitmapView& w, const ProblemW& p, const LanesPlan& xp, const LanesPlan& dp, int64_t r0, int64_t r1) {
+  with_bitmap_dec(w, [&](const auto& dec) {
+    sddmm_rows(dec, [&](int64_t r) -> int64_t { return w.row_offsets[r]; }, p, xp, dp, r0, r1);
+  });
+}
+
 }  // namespace
 
-extern const BitmapKernels bitmap = {rows, lanes, lanes_t};
+extern const BitmapKernels bitmap = {rows, lanes, lanes_t, sddmm};
 
 }  // namespace avx512
 }  // namespace sf

@@ -36,6 +36,18 @@ struct ProblemT {
   int64_t in = 0;
 };
 
+// dW restricted to the mask (a sampled dense-dense product, SDDMM): for each stored entry q of
+// the weight at (r, c), dw[q] = sum_b dy[b, r] * x[b, c], float32 accumulate; dw is in the order
+// of the format's values buffer (its "value index").
+struct ProblemW {
+  const float* x = nullptr;   // (B, in)
+  const float* dy = nullptr;  // (B, out)
+  int64_t B = 0;
+  int64_t in = 0;
+  int64_t out = 0;
+  float* dw = nullptr;  // (nnz,)
+};
+
 // The batch laid out in SIMD lanes: x transposed into tiles of at most 64 batch rows.
 // Tile t holds batch rows [64t, 64t + bn) as xt_t[j * width + b] for column j, zero-padded up to
 // `width` = 16 * ceil(bn / 16) lanes; tiles start at xt + t * tile_stride (64-byte aligned).
@@ -47,6 +59,7 @@ struct LanesPlan {
 };
 
 constexpr int64_t kLaneTile = 64;  // batch rows per lanes tile (4 vectors of 16 floats)
+
 
 namespace {
 

@@ -2,6 +2,7 @@
 #include "csr.h"
 
 #include "driver.h"
+#include "sddmm.h"
 
 namespace sf {
 
@@ -16,19 +17,30 @@ void lanes(const CsrView& w, const Problem& p, const LanesPlan& lp, int64_t r0, 
 void lanes_t(const CsrView& w, const ProblemT& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* dxt) {
   with_csr_dec(w, [&](const auto& dec) { lanes_t_rows(dec, p, lp, r0, r1, dxt); });
 }
+void sddmm(const CsrView& w, const ProblemW& p, const LanesPlan& xp, const LanesPlan& dp, int64_t r0, int64_t r1) {
+  with_csr_dec(w, [&](const auto& dec) {
+    sddmm_rows(dec, [&](int64_t r) -> int64_t { return w.row_ptr[r]; }, p, xp, dp, r0, r1);
+  });
+}
 }  // namespace
-extern const CsrKernels csr = {rows, lanes, lanes_t};
+extern const CsrKernels csr = {rows, lanes, lanes_t, sddmm};
 }  // namespace scalar
 
 namespace {
 
-// the dense row r of W (zeros where nothing is stored), written independently of CsrDec
+// f(column, value index) for each stored entry of row r, written independently of CsrDec
+template <class F>
+void stored(const CsrView& w, int64_t r, F&& f) {
+  for (int64_t q = w.row_ptr[r]; q < w.row_ptr[r + 1]; ++q)
+    f(w.col_u16 ? int64_t{static_cast<const uint16_t*>(w.col)[q]} : int64_t{static_cast<const int32_t*>(w.col)[q]}, q);
+}
+
+// the dense row r of W (zeros where nothing is stored)
 void dense_row(const CsrView& w, int64_t r, float* row) {
   for (int64_t j = 0; j < w.cols; ++j) row[j] = 0.f;
-  for (int64_t q = w.row_ptr[r]; q < w.row_ptr[r + 1]; ++q) {
-    const int64_t j = w.col_u16 ? static_cast<const uint16_t*>(w.col)[q] : static_cast<const int32_t*>(w.col)[q];
+  stored(w, r, [&](int64_t j, int64_t q) {
     row[j] = w.vt == VT::f32 ? load_val<VT::f32>(w.val, q) : load_val<VT::bf16>(w.val, q);
-  }
+  });
 }
 
 const CsrKernels& kernels(Isa isa) {
@@ -45,6 +57,12 @@ const CsrKernels& kernels(Isa isa) {
 void csr_linear_ref(const CsrView& w, const Problem& p) { detail::linear_ref(w, p, dense_row); }
 
 void csr_linear_t_ref(const CsrView& w, const ProblemT& p) { detail::linear_t_ref(w, p, dense_row); }
+
+void csr_sddmm_ref(const CsrView& w, const ProblemW& p) {
+  detail::sddmm_ref(w, p, [](const CsrView& v, int64_t r, auto&& f) { stored(v, r, f); });
+}
+
+void csr_sddmm(const CsrView& w, const ProblemW& p, Isa isa) { detail::run_sddmm(w, p, kernels(isa), w.nnz); }
 
 void csr_linear(const CsrView& w, const Problem& p, Isa isa, int algo) {
   detail::check_problem(w.rows, w.cols, p);

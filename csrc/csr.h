@@ -23,6 +23,8 @@ struct CsrKernels {
   void (*rows)(const CsrView&, const Problem&, int64_t r0, int64_t r1);
   void (*lanes)(const CsrView&, const Problem&, const LanesPlan&, int64_t r0, int64_t r1, float* ybuf);
   void (*lanes_t)(const CsrView&, const ProblemT&, const LanesPlan&, int64_t r0, int64_t r1, float* dxt);
+  // dW at the mask for rows [r0, r1) (sddmm.h); xp / dp: x and dy in lanes tiles
+  void (*sddmm)(const CsrView&, const ProblemW&, const LanesPlan& xp, const LanesPlan& dp, int64_t r0, int64_t r1);
 };
 
 namespace scalar { extern const CsrKernels csr; }
@@ -36,6 +38,9 @@ void csr_linear_t_ref(const CsrView& w, const ProblemT& p);
 // Dispatched, multithreaded kernels. algo: 0 auto, 1 rows (row streaming), 2 lanes (batch in SIMD lanes).
 void csr_linear(const CsrView& w, const Problem& p, Isa isa, int algo);
 void csr_linear_t(const CsrView& w, const ProblemT& p, Isa isa);
+// dW restricted to the mask: dw (nnz,) in values order (see ProblemW); reference and dispatched.
+void csr_sddmm_ref(const CsrView& w, const ProblemW& p);
+void csr_sddmm(const CsrView& w, const ProblemW& p, Isa isa);
 
 namespace {
 

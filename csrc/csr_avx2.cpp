@@ -1,6 +1,7 @@
 // CSR kernels, AVX2 + FMA: rows gathers x with vgatherdps, 8 entries at a time.
 #include "csr.h"
 #include "lanes.h"
+#include "sddmm.h"
 #include "simd_avx2.h"
 
 namespace sf {
@@ -54,9 +55,15 @@ void lanes_t(const CsrView& w, const ProblemT& p, const LanesPlan& lp, int64_t r
   with_csr_dec(w, [&](const auto& dec) { lanes_t_rows(dec, p, lp, r0, r1, dxt); });
 }
 
+void sddmm(const CsrView& w, const ProblemW& p, const LanesPlan& xp, const LanesPlan& dp, int64_t r0, int64_t r1) {
+  with_csr_dec(w, [&](const auto& dec) {
+    sddmm_rows(dec, [&](int64_t r) -> int64_t { return w.row_ptr[r]; }, p, xp, dp, r0, r1);
+  });
+}
+
 }  // namespace
 
-extern const CsrKernels csr = {rows, lanes, lanes_t};
+extern const CsrKernels csr = {rows, lanes, lanes_t, sddmm};
 
 }  // namespace avx2
 }  // namespace sf

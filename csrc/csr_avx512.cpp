@@ -2,6 +2,7 @@
 // rows: per output row, gather x at the column indices (vpgatherdd) and stream the values.
 #include "csr.h"
 #include "lanes.h"
+#include "sddmm.h"
 #include "simd_avx512.h"
 
 namespace sf {
@@ -51,9 +52,15 @@ void lanes_t(const CsrView& w, const ProblemT& p, const LanesPlan& lp, int64_t r
   with_csr_dec(w, [&](const auto& dec) { lanes_t_rows(dec, p, lp, r0, r1, dxt); });
 }
 
+void sddmm(const CsrView& w, const ProblemW& p, const LanesPlan& xp, const LanesPlan& dp, int64_t r0, int64_t r1) {
+  with_csr_dec(w, [&](const auto& dec) {
+    sddmm_rows(dec, [&](int64_t r) -> int64_t { return w.row_ptr[r]; }, p, xp, dp, r0, r1);
+  });
+}
+
 }  // namespace
 
-extern const CsrKernels csr = {rows, lanes, lanes_t};
+extern const CsrKernels csr = {rows, lanes, lanes_t, sddmm};
 
 }  // namespace avx512
 }  // namespace sf

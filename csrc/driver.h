@@ -212,6 +212,48 @@ void linear_t_ref(const View& w, const ProblemT& p, DenseRow dense_row) {
   }
 }
 
+inline void check_problem_w(int64_t rows, int64_t cols, const ProblemW& p) {
+  if (p.in != cols || p.out != rows || p.B < 0) {
+    throw std::invalid_argument("x has " + std::to_string(p.in) + " features and dy " + std::to_string(p.out) +
+                                ", but the weight is " + std::to_string(rows) + "x" + std::to_string(cols));
+  }
+}
+
+// SDDMM reference (test oracle): stored(w, r, f) calls f(col, value_index) for each stored entry of
+// row r (written per format, independent of the decoders); each is a plain dot product over b.
+template <class View, class Stored>
+void sddmm_ref(const View& w, const ProblemW& p, Stored stored) {
+  check_problem_w(w.rows, w.cols, p);
+  for (int64_t r = 0; r < w.rows; ++r) {
+    stored(w, r, [&](int64_t c, int64_t q) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < p.B; ++b) acc += p.dy[b * p.out + r] * p.x[b * p.in + c];
+      p.dw[q] = acc;
+    });
+  }
+}
+
+// dw = (dy^T x) sampled at the stored entries with kernel table k (k.sddmm, one row block): x and dy are
+// transposed into lanes tiles once, then row blocks run over the pool (rows own disjoint dw ranges).
+template <class View, class Kern>
+void run_sddmm(const View& w, const ProblemW& p, const Kern& k, int64_t nnz) {
+  check_problem_w(w.rows, w.cols, p);
+  if (nnz == 0) return;
+  if (p.B == 0) {
+    for (int64_t i = 0; i < nnz; ++i) p.dw[i] = 0.f;
+    return;
+  }
+  const int nt = num_threads();
+  const bool par = nt > 1 && static_cast<double>(nnz + p.in + p.out) * static_cast<double>(p.B) > kParallelMinWork;
+  AlignedFloats xt, dyt;
+  const LanesPlan xp = make_plan(p.x, p.B, p.in, xt, par);
+  const LanesPlan dp = make_plan(p.dy, p.B, p.out, dyt, par);
+  const int64_t ntasks = par ? min64(p.out, int64_t{nt} * 16) : 1;
+  const int64_t per = ceil_div(p.out, ntasks);
+  parallel_for(
+      ceil_div(p.out, per), [&](int64_t t, int) { k.sddmm(w, p, xp, dp, t * per, min64(p.out, (t + 1) * per)); }, par);
+}
+
 // y = x @ W^T + bias with kernel table k; nnz = stored entries (for work estimates).
 template <class View, class Kern>
 void run_linear(const View& w, const Problem& p, const Kern& k, int algo, int64_t nnz) {

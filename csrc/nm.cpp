@@ -2,6 +2,7 @@
 #include "nm.h"
 
 #include "driver.h"
+#include "sddmm.h"
 
 namespace sf {
 
@@ -16,15 +17,21 @@ void lanes(const NmView& w, const Problem& p, const LanesPlan& lp, int64_t r0, i
 void lanes_t(const NmView& w, const ProblemT& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* dxt) {
   with_nm_dec(w, [&](const auto& dec) { lanes_t_rows(dec, p, lp, r0, r1, dxt); });
 }
+void sddmm(const NmView& w, const ProblemW& p, const LanesPlan& xp, const LanesPlan& dp, int64_t r0, int64_t r1) {
+  with_nm_dec(w, [&](const auto& dec) {
+    sddmm_rows(dec, [&](int64_t r) -> int64_t { return r * w.vpr; }, p, xp, dp, r0, r1);
+  });
+}
 }  // namespace
-extern const NmKernels nm = {rows, lanes, lanes_t};
+extern const NmKernels nm = {rows, lanes, lanes_t, sddmm};
 }  // namespace scalar
 
 namespace {
 
-// the dense row r of W, reading the index stream one bit at a time (independent of NmDec)
-void dense_row(const NmView& w, int64_t r, float* row) {
-  for (int64_t j = 0; j < w.cols; ++j) row[j] = 0.f;
+// f(column, value index) for each stored entry of row r, reading the index stream one bit at a
+// time (independent of NmDec)
+template <class F>
+void stored(const NmView& w, int64_t r, F&& f) {
   const uint8_t* irow = w.idx + r * w.ibpr;
   for (int64_t v = 0; v < w.vpr; ++v) {
     int pos = 0;
@@ -32,9 +39,16 @@ void dense_row(const NmView& w, int64_t r, float* row) {
       const int64_t bit = v * w.b + t;
       pos |= ((irow[bit / 8] >> (bit % 8)) & 1) << t;
     }
-    const int64_t q = r * w.vpr + v;
-    row[(v / w.n) * w.m + pos] = w.vt == VT::f32 ? load_val<VT::f32>(w.val, q) : load_val<VT::bf16>(w.val, q);
+    f((v / w.n) * w.m + pos, r * w.vpr + v);
   }
+}
+
+// the dense row r of W
+void dense_row(const NmView& w, int64_t r, float* row) {
+  for (int64_t j = 0; j < w.cols; ++j) row[j] = 0.f;
+  stored(w, r, [&](int64_t j, int64_t q) {
+    row[j] = w.vt == VT::f32 ? load_val<VT::f32>(w.val, q) : load_val<VT::bf16>(w.val, q);
+  });
 }
 
 const NmKernels& kernels(Isa isa) {
@@ -51,6 +65,12 @@ const NmKernels& kernels(Isa isa) {
 void nm_linear_ref(const NmView& w, const Problem& p) { detail::linear_ref(w, p, dense_row); }
 
 void nm_linear_t_ref(const NmView& w, const ProblemT& p) { detail::linear_t_ref(w, p, dense_row); }
+
+void nm_sddmm_ref(const NmView& w, const ProblemW& p) {
+  detail::sddmm_ref(w, p, [](const NmView& v, int64_t r, auto&& f) { stored(v, r, f); });
+}
+
+void nm_sddmm(const NmView& w, const ProblemW& p, Isa isa) { detail::run_sddmm(w, p, kernels(isa), w.rows * w.vpr); }
 
 void nm_linear(const NmView& w, const Problem& p, Isa isa, int algo) {
   detail::check_problem(w.rows, w.cols, p);

@@ -26,6 +26,8 @@ struct NmKernels {
   void (*rows)(const NmView&, const Problem&, int64_t r0, int64_t r1);
   void (*lanes)(const NmView&, const Problem&, const LanesPlan&, int64_t r0, int64_t r1, float* ybuf);
   void (*lanes_t)(const NmView&, const ProblemT&, const LanesPlan&, int64_t r0, int64_t r1, float* dxt);
+  // dW at the mask for rows [r0, r1) (sddmm.h); xp / dp: x and dy in lanes tiles
+  void (*sddmm)(const NmView&, const ProblemW&, const LanesPlan& xp, const LanesPlan& dp, int64_t r0, int64_t r1);
 };
 
 namespace scalar { extern const NmKernels nm; }
@@ -36,6 +38,9 @@ void nm_linear_ref(const NmView& w, const Problem& p);
 void nm_linear_t_ref(const NmView& w, const ProblemT& p);
 void nm_linear(const NmView& w, const Problem& p, Isa isa, int algo);
 void nm_linear_t(const NmView& w, const ProblemT& p, Isa isa);
+// dW restricted to the mask: dw (nnz,) in values order (see ProblemW); reference and dispatched.
+void nm_sddmm_ref(const NmView& w, const ProblemW& p);
+void nm_sddmm(const NmView& w, const ProblemW& p, Isa isa);
 
 namespace {
 

@@ -1,6 +1,7 @@
 // N:M kernels, AVX2 + FMA. 2:4: each index byte is the 8-column keep-mask of two groups (lookup
 // table) and decodes like a bitmap byte; other n:m: decode positions to columns, then gather x.
 #include "lanes.h"
+#include "sddmm.h"
 #include "nm.h"
 #include "simd_avx2.h"
 
@@ -90,9 +91,15 @@ void lanes_t(const NmView& w, const ProblemT& p, const LanesPlan& lp, int64_t r0
   with_nm_dec(w, [&](const auto& dec) { lanes_t_rows(dec, p, lp, r0, r1, dxt); });
 }
 
+void sddmm(const NmView& w, const ProblemW& p, const LanesPlan& xp, const LanesPlan& dp, int64_t r0, int64_t r1) {
+  with_nm_dec(w, [&](const auto& dec) {
+    sddmm_rows(dec, [&](int64_t r) -> int64_t { return r * w.vpr; }, p, xp, dp, r0, r1);
+  });
+}
+
 }  // namespace
 
-extern const NmKernels nm = {rows, lanes, lanes_t};
+extern const NmKernels nm = {rows, lanes, lanes_t, sddmm};
 
 }  // namespace avx2
 }  // namespace sf

@@ -142,6 +142,40 @@ sf::ProblemT problem_t(const In& dy, const Out& dx) {
   return p;
 }
 
+// x (B, in), dy (B, out), dw float32 with `nnz` elements in any C-contiguous shape of `ndim` dims
+sf::ProblemW problem_w(const In& x, const In& dy, const Out& dw, size_t ndim, int64_t nnz) {
+  check_array(x, "x", 2);
+  check_dtype(x, "x", nb::dtype<float>(), "float32");
+  check_array(dy, "dy", 2);
+  check_dtype(dy, "dy", nb::dtype<float>(), "float32");
+  check_array(dw, "dw", ndim);
+  check_dtype(dw, "dw", nb::dtype<float>(), "float32");
+  if (dim(x, 0) != dim(dy, 0)) throw std::invalid_argument("x and dy must have the same number of rows (batch)");
+  if (static_cast<int64_t>(dw.size()) != nnz) {
+    throw std::invalid_argument("dw must have one element per stored value (" + std::to_string(nnz) + "), got " +
+                                std::to_string(dw.size()));
+  }
+  sf::ProblemW p;
+  p.x = static_cast<const float*>(x.data());
+  p.dy = static_cast<const float*>(dy.data());
+  p.B = dim(x, 0);
+  p.in = dim(x, 1);
+  p.out = dim(dy, 1);
+  p.dw = static_cast<float*>(dw.data());
+  return p;
+}
+
+// SDDMM on a validated view: the dispatched kernel, or the reference when ref is set
+template <class View>
+void sddmm_call(const View& w, int64_t nnz, const In& x, const In& dy, const Out& dw, size_t ndim,
+                const std::string& isa, bool ref, void (*fast)(const View&, const sf::ProblemW&, sf::Isa),
+                void (*oracle)(const View&, const sf::ProblemW&)) {
+  const sf::ProblemW p = problem_w(x, dy, dw, ndim, nnz);
+  const sf::Isa i = ref ? sf::Isa::scalar : resolve(isa);
+  nb::gil_scoped_release rel;
+  if (ref) oracle(w, p); else fast(w, p, i);
+}
+
 sf::CsrView csr_view(const In& row_ptr, const In& col, const In& values, int64_t cols) {
   check_array(row_ptr, "row_ptr", 1);
   check_dtype(row_ptr, "row_ptr", nb::dtype<int32_t>(), "int32");
@@ -367,4 +401,31 @@ NB_MODULE(_native, mod) {
             sf::nm_linear_t_ref(w, p);
           },
           "dy"_a, "values"_a, "indices"_a, "n"_a, "m"_a, "dx"_a);
+
+  // ---- dW restricted to the mask (SDDMM): dw[q] = sum_b dy[b, r_q] * x[b, c_q] per stored entry q.
+  // "<fmt>_sddmm" runs the dispatched kernel, "<fmt>_sddmm_ref" the scalar oracle (isa ignored).
+  for (const bool ref : {false, true}) {
+    const std::string sfx = ref ? "_sddmm_ref" : "_sddmm";
+    mod.def(("csr" + sfx).c_str(),
+            [ref](const In& x, const In& dy, const In& row_ptr, const In& col, const In& values, const Out& dw,
+                  const std::string& isa) {
+              const sf::CsrView w = csr_view(row_ptr, col, values, dim(x, 1));
+              sddmm_call(w, w.nnz, x, dy, dw, 1, isa, ref, sf::csr_sddmm, sf::csr_sddmm_ref);
+            },
+            "x"_a, "dy"_a, "row_ptr"_a, "col"_a, "values"_a, "dw"_a, "isa"_a = "");
+    mod.def(("bitmap" + sfx).c_str(),
+            [ref](const In& x, const In& dy, const In& bits, const In& row_offsets, const In& values, const Out& dw,
+                  const std::string& isa) {
+              const sf::BitmapView w = bitmap_view(bits, row_offsets, values, dim(x, 1));
+              sddmm_call(w, w.nnz, x, dy, dw, 1, isa, ref, sf::bitmap_sddmm, sf::bitmap_sddmm_ref);
+            },
+            "x"_a, "dy"_a, "bitmap"_a, "row_offsets"_a, "values"_a, "dw"_a, "isa"_a = "");
+    mod.def(("nm" + sfx).c_str(),
+            [ref](const In& x, const In& dy, const In& values, const In& indices, int n, int m, const Out& dw,
+                  const std::string& isa) {
+              const sf::NmView w = nm_view(values, indices, n, m, dim(x, 1));
+              sddmm_call(w, w.rows * w.vpr, x, dy, dw, 2, isa, ref, sf::nm_sddmm, sf::nm_sddmm_ref);
+            },
+            "x"_a, "dy"_a, "values"_a, "indices"_a, "n"_a, "m"_a, "dw"_a, "isa"_a = "");
+  }
 }

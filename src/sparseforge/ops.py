@@ -14,9 +14,11 @@ float32 ``(B, out)``. CSR buffers do not record ``in``, so ``csr_linear`` takes 
 :func:`linear` checks ``x`` against the weight's shape for every format. NaN/inf propagate as in the dense product with the pruned weights set to zero.
 
 Autograd: ``dx = dy @ W`` runs the native transposed-product kernels (``sparseforge::*_linear_t``:
-batch in SIMD lanes, compiled per ISA, not yet tuned) and ``dbias = dy.sum(0)``. The gradient of
-the stored values (dW restricted to the mask) is not implemented yet: :func:`linear` refuses weights
-whose values require grad, and the backward raises if asked for it.
+batch in SIMD lanes, compiled per ISA, not yet tuned), ``dbias = dy.sum(0)``, and the gradient of
+the stored values, dW restricted to the mask, runs the native SDDMM kernels
+(``sparseforge::*_linear_dw``: ``dw[q] = sum_b dy[b, r_q] * x[b, c_q]`` for each stored entry ``q``
+at ``(r_q, c_q)``, float32 accumulate, in the layout of ``values``; cast to the values' dtype). So
+``values.requires_grad_()`` trains the kept weights while the structure stays fixed.
 
 Example:
     >>> import torch
@@ -37,7 +39,10 @@ from torch import Tensor
 from sparseforge.errors import DataError, ModelError
 from sparseforge.kernels import native
 
-__all__ = ["linear", "csr_linear", "bitmap_linear", "nm_linear", "csr_linear_t", "bitmap_linear_t", "nm_linear_t"]
+__all__ = [
+    "linear", "csr_linear", "bitmap_linear", "nm_linear", "csr_linear_t", "bitmap_linear_t", "nm_linear_t",
+    "csr_linear_dw", "bitmap_linear_dw", "nm_linear_dw",
+]
 
 _VALUE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -240,44 +245,97 @@ def _(dy, values, indices, n, m, in_features):
     return dy.new_empty(dy.shape[0], in_features)
 
 
-# ---- autograd ----------------------------------------------------------------------------------
+# ---- dW restricted to the mask ----------------------------------------------------------------
 
-_NO_DW = (
-    "the gradient of sparse weight values (dW restricted to the mask) is not implemented yet; "
-    "freeze them with values.requires_grad_(False)"
-)
+
+def _dw_out(x: Tensor, dy: Tensor, values: Tensor, cols: int, rows: int) -> Tensor:
+    _check_act(x, "x", cols, "input features")
+    _check_act(dy, "dy", rows, "output features")
+    if x.shape[0] != dy.shape[0]:
+        raise DataError(f"x ({x.shape[0]} rows) and dy ({dy.shape[0]} rows) must have the same batch")
+    return torch.empty(values.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("sparseforge::csr_linear_dw", mutates_args=())
+def csr_linear_dw(x: Tensor, dy: Tensor, row_ptr: Tensor, col: Tensor, values: Tensor) -> Tensor:
+    """dW at the mask for a CSR weight: float32 (nnz,), ``dw[q] = sum_b dy[b, r_q] * x[b, c_q]``."""
+    dw = _dw_out(x, dy, values, x.shape[-1], _csr_dims(row_ptr, col, values))
+    native().csr_sddmm(_np(x), _np(dy), _np(row_ptr), _np(col), _np(values), dw.numpy())
+    return dw
+
+
+@csr_linear_dw.register_fake
+def _(x, dy, row_ptr, col, values):
+    _csr_dims(row_ptr, col, values)
+    return values.new_empty(values.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("sparseforge::bitmap_linear_dw", mutates_args=())
+def bitmap_linear_dw(x: Tensor, dy: Tensor, bitmap: Tensor, row_offsets: Tensor, values: Tensor) -> Tensor:
+    """dW at the mask for a bitmap weight: float32 (nnz,) in the order of ``values``."""
+    dw = _dw_out(x, dy, values, x.shape[-1], _bitmap_dims(bitmap, row_offsets, values, x.shape[-1]))
+    native().bitmap_sddmm(_np(x), _np(dy), _np(bitmap), _np(row_offsets), _np(values), dw.numpy())
+    return dw
+
+
+@bitmap_linear_dw.register_fake
+def _(x, dy, bitmap, row_offsets, values):
+    _bitmap_dims(bitmap, row_offsets, values, x.shape[-1])
+    return values.new_empty(values.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("sparseforge::nm_linear_dw", mutates_args=())
+def nm_linear_dw(x: Tensor, dy: Tensor, values: Tensor, indices: Tensor, n: int, m: int) -> Tensor:
+    """dW at the mask for an N:M weight: float32 shaped like ``values`` (padding zeros included)."""
+    dw = _dw_out(x, dy, values, x.shape[-1], _nm_dims(values, indices, n, m, x.shape[-1]))
+    native().nm_sddmm(_np(x), _np(dy), _np(values), _np(indices), n, m, dw.numpy())
+    return dw
+
+
+@nm_linear_dw.register_fake
+def _(x, dy, values, indices, n, m):
+    _nm_dims(values, indices, n, m, x.shape[-1])
+    return values.new_empty(values.shape, dtype=torch.float32)
+
+
+# ---- autograd ----------------------------------------------------------------------------------
 
 
 def _setup(ctx, inputs, output, *, values_at: int, weight_at: slice, statics: tuple = ()):
     x, bias = inputs[0], inputs[-1]
-    ctx.save_for_backward(*inputs[weight_at])
+    # x is kept only when the stored values need their gradient (dW at the mask reads it)
+    ctx.save_for_backward(x if inputs[values_at].requires_grad else None, *inputs[weight_at])
     ctx.in_features = x.shape[1]
     ctx.has_bias = bias is not None
     ctx.values_at = values_at
     ctx.statics = tuple(inputs[i] for i in statics)
 
 
-def _grads(ctx, dy: Tensor, transposed) -> tuple:
+def _grads(ctx, dy: Tensor, transposed, sddmm) -> tuple:
+    x, *weight = ctx.saved_tensors
+    dy = dy.contiguous()
+    dx = transposed(dy, *weight, *ctx.statics, ctx.in_features) if ctx.needs_input_grad[0] else None
+    dw = None
     if ctx.needs_input_grad[ctx.values_at]:
-        raise NotImplementedError(_NO_DW)
-    dx = transposed(dy.contiguous(), *ctx.saved_tensors, *ctx.statics, ctx.in_features) if ctx.needs_input_grad[0] else None
+        values = weight[ctx.values_at - 1]
+        dw = sddmm(x, dy, *weight, *ctx.statics).to(values.dtype)  # float32 accumulate, values' dtype
     db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[-1] else None
-    return dx, db
+    return dx, dw, db
 
 
 def _csr_backward(ctx, dy):
-    dx, db = _grads(ctx, dy, csr_linear_t)
-    return dx, None, None, None, db
+    dx, dw, db = _grads(ctx, dy, csr_linear_t, csr_linear_dw)
+    return dx, None, None, dw, db
 
 
 def _bitmap_backward(ctx, dy):
-    dx, db = _grads(ctx, dy, bitmap_linear_t)
-    return dx, None, None, None, db
+    dx, dw, db = _grads(ctx, dy, bitmap_linear_t, bitmap_linear_dw)
+    return dx, None, None, dw, db
 
 
 def _nm_backward(ctx, dy):
-    dx, db = _grads(ctx, dy, nm_linear_t)
-    return dx, None, None, None, None, db
+    dx, dw, db = _grads(ctx, dy, nm_linear_t, nm_linear_dw)
+    return dx, dw, None, None, None, db
 
 
 csr_linear.register_autograd(
@@ -313,14 +371,13 @@ def linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
         raise DataError(f"x must have shape (..., {cols}) to match a {rows}x{cols} weight, got {tuple(x.shape)}")
     if not x.is_contiguous():
         raise DataError("x must be contiguous; call .contiguous() first")
-    if weight.values.requires_grad:
-        raise NotImplementedError(_NO_DW)
     x2 = x.reshape(-1, cols)  # (B, in)
     # Eager inference calls the ops' implementation directly: same code, without the ~20 us of
     # custom-op dispatch per call (that matters for batch-1 decoding). Anything autograd or
     # torch.compile must see goes through the registered op.
     direct = not torch.compiler.is_compiling() and not (
-        torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+        torch.is_grad_enabled()
+        and (x.requires_grad or weight.values.requires_grad or (bias is not None and bias.requires_grad))
     )
     if isinstance(weight, CSRWeight):
         args = (x2, weight.row_ptr, weight.col, weight.values, bias)

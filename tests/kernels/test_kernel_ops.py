@@ -85,17 +85,6 @@ def test_gradient_with_broadcast_upstream_grad():
     torch.testing.assert_close(x.grad, torch.ones(6, dense.shape[0]) @ dense, rtol=2e-5, atol=2e-5)
 
 
-def test_values_requiring_grad_are_refused():
-    weight, _ = _weight("bitmap")
-    weight.values.requires_grad_(True)
-    with pytest.raises(NotImplementedError, match="not implemented yet"):
-        ops.linear(torch.randn(2, weight.shape[1]), weight)
-    x = torch.randn(2, weight.shape[1])
-    y = ops.bitmap_linear(x, weight.bitmap, weight.row_offsets, weight.values, None)
-    with pytest.raises(NotImplementedError, match="requires_grad_"):
-        y.sum().backward()
-
-
 @pytest.mark.parametrize("name", ["csr", "bitmap", "nm_2of4"])
 def test_bad_activations_give_clear_errors(name):
     weight, _ = _weight(name)

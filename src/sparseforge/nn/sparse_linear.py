@@ -9,10 +9,13 @@ module buffers under the format's own on-disk names (``bitmap``/``values``, ``nm
 ``load_state_dict()`` work; a loaded state may hold a different number of kept weights (the buffers
 are replaced, not copied into) and is validated by the format class once.
 
-Inference only for now: the stored values are buffers, not parameters, so they are never trained
-(the kernels have no dW restricted to the mask yet). The gradient with respect to the *input*
-works (``dx = dy @ W`` by the native transposed kernel), so a SparseLinear can sit inside a model
-that trains other layers. The bias is a float32 parameter with ``requires_grad=False``.
+Training: by default the stored values are buffers and the bias a parameter with
+``requires_grad=False`` (inference; the gradient with respect to the *input* still works, so a
+SparseLinear can sit inside a model that trains other layers). ``SparseLinear(..., trainable=True)``,
+``from_linear(..., trainable=True)``, ``set_trainable(True)`` or ``requires_grad_()`` turn the stored
+values into an ``nn.Parameter`` (same name in ``state_dict``) and let the bias train: the gradient of
+the values is dW restricted to the mask (the native SDDMM kernels, ``docs/kernels.md``), so the sparsity
+structure (bitmap, indices, row pointers: still buffers) never changes while the kept weights learn.
 
 Activations: the kernels take float32 ``x``; a bfloat16/float16 ``x`` is cast to float32 on the way
 in and the output cast back to ``x.dtype`` (documented cost: two casts per call).
@@ -61,15 +64,19 @@ def _format_name(weight) -> str:
 class SparseLinear(nn.Module):
     """Linear layer with a sparse-format weight (see the module doc). ``weight`` is (out, in)."""
 
-    def __init__(self, weight: "BitmapWeight | NMWeight | CSRWeight", bias: Optional[Tensor] = None) -> None:
+    def __init__(
+        self, weight: "BitmapWeight | NMWeight | CSRWeight", bias: Optional[Tensor] = None, *, trainable: bool = False
+    ) -> None:
         super().__init__()
         self.format = _format_name(weight)
         if weight.dtype not in _VALUE_DTYPES:
             raise ModelError(f"SparseLinear values must be float32 or bfloat16, got {weight.dtype}; convert the weight first")
         self.out_features, self.in_features = weight.shape
         self.pattern: Optional[NM] = weight.pattern if isinstance(weight, NMWeight) else None
-        self._keys = tuple(weight.state_dict())
-        for key, buf in weight.state_dict().items():
+        state = weight.state_dict()
+        self._keys = tuple(state)
+        self._values_key = next(k for k, t in state.items() if t is weight.values)
+        for key, buf in state.items():
             self.register_buffer(key, buf)
         self._weight = weight
         self._cached = self._current()
@@ -78,6 +85,8 @@ class SparseLinear(nn.Module):
                 raise ModelError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
             bias = nn.Parameter(bias.detach().to(torch.float32).clone(), requires_grad=False)
         self.bias = bias
+        if trainable:
+            self.set_trainable(True)
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -88,6 +97,7 @@ class SparseLinear(nn.Module):
         format: str = "bitmap",
         pattern: "NM | str | None" = None,
         dtype: Optional[torch.dtype] = None,
+        trainable: bool = False,
     ) -> "SparseLinear":
         """Compress an ``nn.Linear`` or transformers ``Conv1D``; zeros of its weight are the pruned entries.
 
@@ -97,6 +107,7 @@ class SparseLinear(nn.Module):
             pattern: the N:M pattern for ``format="nm"`` (default ``"2:4"``); for ``"auto"``, a
                 recorded pattern tried first.
             dtype: values dtype (float32 or bfloat16); default the weight's own.
+            trainable: store the values as a trainable parameter (see :meth:`set_trainable`).
         Raises:
             ModelError: ``linear`` is not a linear layer. ConfigError: unknown format, or the weight does
             not fit it (e.g. ``"nm"`` on a weight that keeps more than N of some M).
@@ -125,12 +136,40 @@ class SparseLinear(nn.Module):
             weight = NMWeight.from_dense(w, parse(pattern or "2:4"), keep)
         else:
             raise ConfigError(f"unknown sparse format {format!r}; use one of {FORMATS} or 'auto'")
-        return cls(weight, linear.bias)
+        return cls(weight, linear.bias, trainable=trainable)
 
     # ---- the weight object, kept in sync with the buffers -----------------------------------
 
     def _current(self) -> tuple:
-        return tuple(self._buffers[k] for k in self._keys)
+        return tuple(self._parameters[k] if k in self._parameters else self._buffers[k] for k in self._keys)
+
+    # ---- training ----------------------------------------------------------------------------
+
+    @property
+    def trainable(self) -> bool:
+        """Whether the stored values are an ``nn.Parameter`` (trained through dW at the mask)."""
+        return self._values_key in self._parameters
+
+    def set_trainable(self, flag: bool = True) -> "SparseLinear":
+        """Make the stored values a trainable ``nn.Parameter`` (``flag=True``) or a buffer again.
+
+        The structure buffers stay buffers; the bias (if any) gets ``requires_grad=flag``.
+        """
+        key = self._values_key
+        if flag and key not in self._parameters:
+            values = self._buffers.pop(key)
+            self.register_parameter(key, nn.Parameter(values.detach(), requires_grad=True))
+        elif not flag and key in self._parameters:
+            values = self._parameters.pop(key)
+            self.register_buffer(key, values.detach())
+        if self.bias is not None:
+            self.bias.requires_grad_(flag)
+        self._cached = (None,) * len(self._keys)  # the format object must hold the new tensor
+        return self
+
+    def requires_grad_(self, requires_grad: bool = True) -> "SparseLinear":
+        """Same as :meth:`set_trainable`: the kept weights (and bias) train, the structure does not."""
+        return self.set_trainable(requires_grad)
 
     def _build(self, state: dict[str, Tensor]):
         shape = (self.out_features, self.in_features)
@@ -158,8 +197,14 @@ class SparseLinear(nn.Module):
                 error_msgs.append(f"{prefix[:-1] or 'SparseLinear'}: {exc}")
                 return
             for key, buf in weight.state_dict().items():
-                self._buffers[key] = buf  # replaced: the stored count of kept weights may differ
+                if key in self._parameters:  # trainable values: copied in place when the shape allows
+                    if self._parameters[key].shape != buf.shape:
+                        self._parameters[key] = nn.Parameter(buf, requires_grad=self._parameters[key].requires_grad)
+                else:
+                    self._buffers[key] = buf  # replaced: the stored count of kept weights may differ
             self._weight, self._cached = weight, self._current()
+            if self.trainable:
+                self._cached = (None,) * len(self._keys)  # rebuilt over the parameter after copying
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     # ---- use ---------------------------------------------------------------------------------

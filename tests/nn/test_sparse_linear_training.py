@@ -1,0 +1,79 @@
+"""Training a SparseLinear: the kept values learn through dW at the mask, the structure stays."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparseforge.nn import SparseLinear
+from test_sparse_linear import CASES, pruned_linear, reference
+
+
+@pytest.mark.parametrize("fmt,dtype", CASES)
+def test_value_and_bias_gradients_match_dense_masked_layer(fmt, dtype):
+    lin = pruned_linear(fmt, in_f=40, out_f=20)
+    sl = SparseLinear.from_linear(lin, fmt, dtype=dtype, trainable=True)
+    ref = reference(lin, dtype)
+    mask = sl.weight_format.mask()  # (out, in) stored positions
+    x = torch.randn(3, 7, 40)
+    dy = torch.randn(3, 7, 20)
+    (sl(x) * dy).sum().backward()
+    (torch.nn.functional.linear(x, ref.weight * mask, ref.bias) * dy).sum().backward()
+    values = sl.weight_format.values
+    assert values.grad is not None and values.grad.dtype == dtype
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(values.grad.float().reshape(-1), ref.weight.grad[mask], atol=tol, rtol=tol)
+    torch.testing.assert_close(sl.bias.grad, ref.bias.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_trainable_values_are_a_parameter_and_structure_stays_buffers():
+    sl = SparseLinear.from_linear(pruned_linear("bitmap"), "bitmap", trainable=True)
+    assert sl.trainable
+    assert sorted(n for n, _ in sl.named_parameters()) == ["bias", "values"]
+    assert [n for n, _ in sl.named_buffers()] == ["bitmap"]
+    assert all(p.requires_grad for p in sl.parameters())
+    assert set(sl.state_dict()) == {"bitmap", "values", "bias"}
+    sl.set_trainable(False)
+    assert not sl.trainable and [n for n, _ in sl.named_parameters()] == ["bias"]
+    assert not sl.bias.requires_grad
+    sl.requires_grad_()
+    assert sl.trainable
+
+
+@pytest.mark.parametrize("fmt", ["bitmap", "nm", "csr"])
+def test_sgd_steps_reduce_loss_and_keep_the_mask(fmt):
+    torch.manual_seed(0)
+    lin = pruned_linear(fmt, in_f=32, out_f=16)
+    target = torch.nn.Linear(32, 16)
+    sl = SparseLinear.from_linear(lin, fmt, trainable=True)
+    mask = sl.weight_format.mask().clone()
+    opt = torch.optim.SGD(sl.parameters(), lr=0.3)
+    x = torch.randn(64, 32)
+    with torch.no_grad():
+        y = target(x)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = (sl(x) - y).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.8 * losses[0]
+    assert torch.equal(sl.weight_format.mask(), mask)
+    dense = sl.to_dense()
+    assert not bool(dense[~mask].any())  # pruned entries never come back
+
+
+def test_state_dict_round_trip_of_a_trained_layer():
+    sl = SparseLinear.from_linear(pruned_linear("csr"), "csr", trainable=True)
+    with torch.no_grad():
+        sl.weight_format.values.mul_(2)
+    other = SparseLinear.from_linear(pruned_linear("csr"), "csr", trainable=True)
+    param = other.csr_values
+    other.load_state_dict(sl.state_dict())
+    assert other.csr_values is param  # same parameter object (optimizers keep working)
+    x = torch.randn(4, 48)
+    torch.testing.assert_close(other(x), sl(x))
+    frozen = SparseLinear.from_linear(pruned_linear("csr"), "csr")
+    frozen.load_state_dict(sl.state_dict())
+    torch.testing.assert_close(frozen(x), sl(x))
