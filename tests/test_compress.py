@@ -37,11 +37,11 @@ def sparse_layers(model) -> dict[str, SparseLinear]:
 
 
 @pytest.mark.parametrize("which,expect", [("2:4", "nm 2:4"), ("90%", "csr")])
-def test_compress_llama_same_logits_auto(which, expect):
+def test_compress_llama_same_logits_rule(which, expect):
     model = pruned("llama", which)
     ids = tokens(3, 12)
     before = logits(model, ids)
-    report = compress_(model)
+    report = compress_(model, "rule")
     assert len(report.converted) == 14 and {c.format for c in report.converted} == {expect}
     assert report.kept_dense == [("lm_head", "sparsity 0.000 < min_sparsity 0.300")]
     assert set(sparse_layers(model)) == {c.name for c in report.converted}
@@ -63,7 +63,7 @@ def test_compress_bf16_values_looser():
     model = pruned("llama", "90%")
     ids = tokens(2, 9)
     before = logits(model, ids)
-    compress_(model, dtype=torch.bfloat16)
+    compress_(model, "rule", dtype=torch.bfloat16)
     assert all(m.weight_format.dtype == torch.bfloat16 for m in sparse_layers(model).values())
     torch.testing.assert_close(logits(model, ids), before, atol=5e-2, rtol=5e-2)
 
@@ -72,7 +72,7 @@ def test_compress_gpt2_conv1d():
     model = pruned("gpt2", "2:4")
     ids = tokens(2, 9)
     before = logits(model, ids)
-    report = compress_(model)
+    report = compress_(model, "rule")
     assert len(report.converted) == 8  # c_attn, c_proj, c_fc, mlp.c_proj x 2 blocks
     torch.testing.assert_close(logits(model, ids), before, atol=1e-4, rtol=1e-4)
 
@@ -88,7 +88,7 @@ def test_nm_on_non_nm_weight_is_a_clear_error_and_leaves_model_unchanged():
 
 def test_targets_ignore_and_errors():
     model = pruned("llama", "2:4")
-    report = compress_(model, targets=["*.mlp.*"], ignore=["*.down_proj"])
+    report = compress_(model, "rule", targets=["*.mlp.*"], ignore=["*.down_proj"])
     assert {c.name.rsplit(".", 1)[1] for c in report.converted} == {"gate_proj", "up_proj"}
     assert ("model.layers.0.mlp.down_proj", "matches ignore pattern '*.down_proj'") in report.kept_dense
     model = pruned("llama", "2:4")
@@ -151,6 +151,7 @@ def test_load_sparse_matches_load_without_dense_weights(tmp_path, monkeypatch, w
     sparse = load_sparse(tmp_path / "m")
     layers = sparse_layers(sparse)
     assert len(layers) == 14
+    assert len(sparse_layers(load(tmp_path / "m", sparse=True))) == 14  # the same loader behind sparseforge.load
     assert {m.format for m in layers.values()} == {"nm" if which == "2:4" else "bitmap"}
     torch.testing.assert_close(logits(sparse, ids), expected, atol=1e-4, rtol=1e-4)
     assert not any(t.is_meta for t in list(sparse.parameters()) + list(sparse.buffers()))

@@ -392,14 +392,25 @@ def _import_transformers():
     return transformers
 
 
-def load(path: "str | Path", dtype: "torch.dtype | str | None" = None):
+def load(path: "str | Path", dtype: "torch.dtype | str | None" = None, sparse: bool = False):
     """Load a dense Hugging Face checkpoint or a sparseforge one (compressed or not), bit-exact.
 
     The class comes from ``config.architectures[0]``. Compressed weights are decompressed and
     handed to ``from_pretrained(None, config=..., state_dict=...)``, which builds the model on the
     meta device (no random initialisation). ``dtype=None`` keeps the stored dtype.
+
+    ``sparse=True`` (compressed checkpoints only) keeps the pruned layers sparse instead: they come
+    back as :class:`~sparseforge.nn.SparseLinear` running the native kernels, built straight from the
+    stored buffers without ever materialising the dense weights
+    (:func:`sparseforge.compress.load_sparse`).
     """
     p = _model_dir(path)
+    if sparse:
+        if dtype is not None:
+            raise ConfigError("sparse=True loads the values in their stored dtype; drop dtype= (or load dense)")
+        from sparseforge.compress import load_sparse
+
+        return load_sparse(p)
     block = read_sparsity_config(p)
     transformers = _import_transformers()
     if isinstance(dtype, str) and not isinstance(getattr(torch, dtype, None), torch.dtype):

@@ -1,6 +1,7 @@
 """The ``sparseforge`` command line: a thin layer over the public API.
 
-Subcommands: ``prune``, ``eval``, ``inspect``, ``demo``. Every run prints its resolved config as a
+Subcommands: ``prune``, ``eval``, ``inspect``, ``demo``, ``advise`` (will sparse be faster on this
+machine?), ``bench`` (generation tokens/s dense vs compressed). Every run prints its resolved config as a
 YAML recipe so it can be repeated with ``--recipe``. Errors print one line and exit with status 2.
 
 Example::
@@ -8,6 +9,8 @@ Example::
     sparseforge prune builtin --method sparsegpt --pattern 2:4 --out pruned/
     sparseforge eval pruned/
     sparseforge inspect pruned/
+    sparseforge advise pruned/ --batch-sizes 1 64 --plot advise.png
+    sparseforge bench pruned/ --batch-sizes 1 8
     python -m sparseforge demo
 """
 
@@ -66,6 +69,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("sparseforge-demo"), help="where the demo writes its checkpoint")
     p.add_argument("--patterns", nargs="+", default=["unstructured", "2:4"], help="patterns to compare")
     p.add_argument("--sparsity", type=float, default=None)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+    p = sub.add_parser("advise", help="measure dense vs each sparse format on this machine; pick per layer, plot speedup vs sparsity")
+    p.add_argument("model", help="'builtin', 'minilm', or a model directory (pruned or not)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1], metavar="B", help="tokens per call to measure at (default 1)")
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.75, 0.9, 0.95], metavar="S",
+                   help="sparsities of the random-weight sweep (plus 2:4)")
+    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
+                   help="also sweep sparsity on random weights of each layer shape (the plot)")
+    p.add_argument("--plot", type=Path, default=Path("advise.png"), help="PNG of speedup vs sparsity (needs matplotlib)")
+    p.add_argument("--json", type=Path, default=None, help="also save all timings as JSON")
+    p.add_argument("--threads", type=int, default=None, help="threads for torch and the kernels (default torch's)")
+    p.add_argument("--budget", type=float, default=0.2, help="seconds of calls per candidate and batch size")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+    p = sub.add_parser("bench", help="generation tokens/s and peak memory, dense vs compressed")
+    p.add_argument("model", help="'builtin' or a causal-LM directory (e.g. one saved by prune or demo)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], metavar="B")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--format", default="auto", help="auto (measured per layer), rule, bitmap, nm, csr")
+    p.add_argument("--pattern", default=None, help="prune by magnitude to this pattern first (speed only)")
+    p.add_argument("--sparsity", type=float, default=None, help="prune by magnitude to this sparsity first (speed only)")
+    p.add_argument("--rss", action=argparse.BooleanOptionalAction, default=True, help="peak RSS of each variant in a fresh process")
+    p.add_argument("--json", type=Path, default=None)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     return parser
 
@@ -133,7 +163,56 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"prune": _cmd_prune, "eval": _cmd_eval, "inspect": _cmd_inspect, "demo": _cmd_demo}
+def _write_json(path: Path | None, data) -> None:
+    if path is None:
+        return
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    print(f"wrote {path}")
+
+
+def _cmd_advise(args) -> int:
+    from sparseforge.advise import advise_model, plot_sweep, sweep
+    from sparseforge.layers import linear_layers, weight_2d
+    from sparseforge.models import load_model
+
+    model = load_model(args.model).model
+    modules = dict(model.named_modules())
+    pruned = [n for n in linear_layers(model) if float((weight_2d(modules[n]) == 0).float().mean()) >= 0.3]
+    report = advise_model(model, names=pruned, batch_sizes=args.batch_sizes, threads=args.threads,
+                          budget_s=args.budget, progress=args.progress)
+    if not pruned:
+        print("no linear layer of this model is pruned (>= 30% zeros): nothing to choose per layer; "
+              "the sweep below shows what pruning would buy")
+    if args.sweep:
+        shapes = list(dict.fromkeys(tuple(weight_2d(modules[n]).shape) for n in linear_layers(model)))
+        sweep(shapes, batch_sizes=args.batch_sizes, sparsities=args.sparsities, threads=args.threads,
+              budget_s=args.budget, progress=args.progress, report=report)
+    print(report.table())
+    if args.sweep:
+        print(f"wrote {plot_sweep(report, args.plot)}")
+    _write_json(args.json, report.to_dict())
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from sparseforge.bench import bench_generation
+
+    report = bench_generation(args.model, batch_sizes=args.batch_sizes, new_tokens=args.new_tokens,
+                              prompt_len=args.prompt_len, repeats=args.repeats, threads=args.threads,
+                              format=args.format, pattern=args.pattern, sparsity=args.sparsity,
+                              measure_rss=args.rss, progress=args.progress)
+    print(report.table())
+    _write_json(args.json, report.to_dict())
+    return 0
+
+
+COMMANDS = {"prune": _cmd_prune, "eval": _cmd_eval, "inspect": _cmd_inspect, "demo": _cmd_demo,
+            "advise": _cmd_advise, "bench": _cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

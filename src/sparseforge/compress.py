@@ -6,8 +6,10 @@ is skipped silently: the returned :class:`CompressReport` lists every converted 
 sparsity, bytes) and every layer kept dense with the reason (below ``min_sparsity``, ignored, tied
 to another parameter, unsupported dtype).
 
-``format="auto"`` is, for now, a fixed documented rule (:func:`auto_format`); the measured
-per-machine advisor of issue 3 replaces it later:
+``format="auto"`` measures: :func:`sparseforge.advise.advise_model` times every eligible layer shape
+dense and in each sparse format on this machine at the given ``batch_sizes`` and keeps the fastest,
+leaving a layer dense (reported, with the timings) when no sparse format wins. ``format="rule"`` is
+the fixed, measurement-free rule (:func:`auto_format`), reproducible across machines:
 
 1. the weight obeys a recorded N:M pattern (``pattern=`` or ``model.config.sparsity_config``) -> ``nm``;
 2. sparsity >= 85% -> ``csr`` (fewest bytes there; ``docs/kernels.md``: CSR keeps scaling with its
@@ -25,7 +27,7 @@ Example:
     >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
     >>> with torch.no_grad():
     ...     _ = net[0].weight.mul_(torch.tensor([1., 0., 0., 0.] * 2))   # 75% zeros, obeys 2:4
-    >>> report = compress_(net)
+    >>> report = compress_(net, format="rule")
     >>> [(c.name, c.format) for c in report.converted], report.kept_dense
     ([('0', 'nm 2:4')], [('1', 'sparsity 0.000 < min_sparsity 0.300')])
 """
@@ -36,7 +38,7 @@ import json
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -47,6 +49,9 @@ from sparseforge.layers import is_linear, linear_layers, weight_2d
 from sparseforge.masks import satisfies
 from sparseforge.nn.sparse_linear import FORMATS, SparseLinear
 from sparseforge.patterns import NM, parse
+
+if TYPE_CHECKING:
+    from sparseforge.advise import AdviceReport
 
 __all__ = ["compress_", "auto_format", "CompressReport", "CompressedLayer", "load_sparse", "CSR_FROM"]
 
@@ -84,6 +89,7 @@ class CompressReport:
 
     converted: list[CompressedLayer] = field(default_factory=list)
     kept_dense: list[tuple[str, str]] = field(default_factory=list)
+    advice: "AdviceReport | None" = field(default=None, repr=False)  # the measurements behind format="auto"
 
     def summary(self) -> str:
         stored = sum(c.nbytes for c in self.converted)
@@ -94,7 +100,10 @@ class CompressReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"converted": [asdict(c) for c in self.converted], "kept_dense": [list(k) for k in self.kept_dense]}
+        out = {"converted": [asdict(c) for c in self.converted], "kept_dense": [list(k) for k in self.kept_dense]}
+        if self.advice is not None:
+            out["advice"] = self.advice.to_dict()
+        return out
 
 
 def _recorded_pattern(model: nn.Module, pattern) -> Optional[NM]:
@@ -153,11 +162,14 @@ def compress_(
     min_sparsity: float = 0.3,
     pattern: "NM | str | None" = None,
     dtype: Optional[torch.dtype] = None,
+    batch_sizes: tuple[int, ...] = (1,),
+    advice: "AdviceReport | None" = None,
 ) -> CompressReport:
     """Replace pruned linear layers of ``model`` with :class:`SparseLinear`, in place.
 
     Args:
-        format: ``"auto"`` (module doc rule), ``"bitmap"``, ``"nm"`` or ``"csr"`` for every layer.
+        format: ``"auto"`` (measured, module doc), ``"rule"`` (:func:`auto_format`), or one format of
+            :data:`~sparseforge.nn.sparse_linear.FORMATS` for every layer.
         targets: module-name globs (or ``"re:..."``); ``None`` = every linear layer. A target that
             matches no linear layer is a :class:`ConfigError`.
         ignore: module-name globs left dense (reported).
@@ -165,12 +177,15 @@ def compress_(
         pattern: the N:M pattern for ``"nm"`` / tried first by ``"auto"``; default the model's
             recorded ``config.sparsity_config["pattern"]``, else 2:4.
         dtype: values dtype (float32 / bfloat16); default each weight's own.
+        batch_sizes: batch sizes (tokens per call) ``"auto"`` measures at; pick the ones you serve.
+        advice: an :class:`~sparseforge.advise.AdviceReport` already measured for this model
+            (``"auto"`` then measures nothing).
     Returns:
         :class:`CompressReport`. All layers are built before any is swapped, so an error (e.g.
         ``format="nm"`` on a weight that is not N:M) leaves the model unchanged.
     """
-    if format != "auto" and format not in FORMATS:
-        raise ConfigError(f"unknown format {format!r}; use 'auto' or one of {FORMATS}")
+    if format not in ("auto", "rule") and format not in FORMATS:
+        raise ConfigError(f"unknown format {format!r}; use 'auto', 'rule' or one of {FORMATS}")
     if not 0.0 <= min_sparsity <= 1.0:
         raise ConfigError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
     recorded = _recorded_pattern(model, pattern)
@@ -179,6 +194,7 @@ def compress_(
     owners = _tied_owners(model)
     report = CompressReport(kept_dense=list(kept))
     built: dict[str, SparseLinear] = {}
+    eligible: list[tuple[str, float]] = []
     for name in names:
         mod = modules[name]
         tied = [o for o in owners.get(mod.weight.data_ptr(), []) if o != f"{name}.weight"]
@@ -193,7 +209,28 @@ def compress_(
         if sparsity < min_sparsity:
             report.kept_dense.append((name, f"sparsity {sparsity:.3f} < min_sparsity {min_sparsity:.3f}"))
             continue
-        fmt, pat = auto_format(w, recorded) if format == "auto" else (format, recorded if format == "nm" else None)
+        eligible.append((name, sparsity))
+    if format == "auto" and advice is None and eligible:
+        from sparseforge.advise import advise_model
+
+        advice = advise_model(model, names=[n for n, _ in eligible], batch_sizes=batch_sizes,
+                              pattern=str(recorded) if recorded is not None else None, values_dtype=dtype)
+    report.advice = advice
+    for name, sparsity in eligible:
+        mod = modules[name]
+        w = weight_2d(mod)  # (out, in) view
+        if format == "auto":
+            adv = advice.choice_for(name)
+            if adv is None:
+                raise ConfigError(f"the advice passed to compress_ does not cover layer {name}; measure this model with advise_model")
+            if adv.choice == "dense":
+                report.kept_dense.append((name, f"dense is faster on this machine ({adv.reason()})"))
+                continue
+            fmt, pat = adv.choice, adv.pattern if adv.choice == "nm" else None
+        elif format == "rule":
+            fmt, pat = auto_format(w, recorded)
+        else:
+            fmt, pat = format, recorded if format == "nm" else None
         try:
             sl = SparseLinear.from_linear(mod, fmt, pattern=pat, dtype=dtype)
         except ConfigError as exc:
