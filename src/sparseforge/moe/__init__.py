@@ -37,6 +37,7 @@ from sparseforge.moe.expert_pruning import (
     prune_experts_,
     to_dense,
 )
+from sparseforge.moe.parallel import ExpertParallelMoE
 from sparseforge.moe.expert_sparsity import collect_expert_stats, sparsify_experts_
 from sparseforge.moe.upcycle import UpcycleReport, upcycle_, upcycle_mlp
 
@@ -75,4 +76,5 @@ __all__ = [
     "ProgressiveExpertPruner",
     "collect_expert_stats",
     "sparsify_experts_",
+    "ExpertParallelMoE",
 ]
