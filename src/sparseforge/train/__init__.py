@@ -21,7 +21,6 @@ from sparseforge.train.config import (
     SETConfig,
     SRSTEConfig,
     SSTEConfig,
-    SSTEConfig,
     SRigLConfig,
     SparseMomentumConfig,
     STEConfig,
@@ -34,10 +33,10 @@ from sparseforge.train.config import (
 from sparseforge.train.density import layer_sparsities
 from sparseforge.train.nm import SRSTE, STE, FlipRate
 from sparseforge.train.sste import SSTE
-from sparseforge.train.sste import SSTE
 from sparseforge.train.methods import GMP, SET, TRAINERS, RigL, StaticSparse, from_config
 from sparseforge.train.srigl import SRigL
 from sparseforge.train.momentum import SparseMomentum
+from sparseforge.train.iterative import IterativeResult, average_models, imp, sparse_model_soup, swamp
 from sparseforge.train.schedules import Schedule, cosine_drop_fraction, cubic_sparsity
 
 __all__ = [
@@ -47,13 +46,11 @@ __all__ = [
     "StaticSparse", "GMP", "SET", "RigL", "STE", "SRSTE", "FlipRate", "TRAINERS", "from_config", "from_recipe",
     "Schedule", "cubic_sparsity", "cosine_drop_fraction", "layer_sparsities",
     "SSTE", "SSTEConfig",
-    "SSTE", "SSTEConfig",
     "SRigL", "SRigLConfig", "SparseMomentum", "SparseMomentumConfig",
+    "imp", "swamp", "sparse_model_soup", "average_models", "IterativeResult",
 ]
 
 TRAINERS.update({"srigl": SRigL, "sparse_momentum": SparseMomentum})  # defined on top of methods.py's classes
-
-TRAINERS["sste"] = SSTE  # N:M S-STE, defined on top of nm.py's STE
 
 TRAINERS["sste"] = SSTE  # N:M S-STE, defined on top of nm.py's STE
 
