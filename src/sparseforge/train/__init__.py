@@ -38,6 +38,7 @@ from sparseforge.train.srigl import SRigL
 from sparseforge.train.momentum import SparseMomentum
 from sparseforge.train.iterative import IterativeResult, average_models, imp, sparse_model_soup, swamp
 from sparseforge.train.schedules import Schedule, cosine_drop_fraction, cubic_sparsity
+from sparseforge.train.sparse_compute import SparseCompute
 
 __all__ = [
     "SparseTrainer", "SparseLayer", "MaskUpdate",
@@ -48,6 +49,7 @@ __all__ = [
     "SSTE", "SSTEConfig",
     "SRigL", "SRigLConfig", "SparseMomentum", "SparseMomentumConfig",
     "imp", "swamp", "sparse_model_soup", "average_models", "IterativeResult",
+    "SparseCompute",
 ]
 
 TRAINERS.update({"srigl": SRigL, "sparse_momentum": SparseMomentum})  # defined on top of methods.py's classes
