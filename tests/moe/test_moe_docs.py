@@ -40,7 +40,9 @@ def test_estimator_table_matches_constants(text):
 
 
 @pytest.mark.parametrize(
-    "module", ["__init__", "routers", "sparsemixer", "dispatch", "grouped", "losses", "layer", "hf"]
+    "module",
+    ["__init__", "routers", "sparsemixer", "dispatch", "grouped", "losses", "layer", "hf", "swap", "upcycle",
+     "expert_pruning", "expert_sparsity", "parallel"],
 )
 def test_docstring_examples(module):
     import doctest
