@@ -19,7 +19,8 @@ Usage::
 
     python benchmarks/dst_quality.py --quick      # 3 seeds x 1500 steps, well under 3 minutes on 1 core
     python benchmarks/dst_quality.py              # 5 seeds x 4000 steps
-    python benchmarks/dst_quality.py --nm --quick # N:M: 2:4 and 1:4, STE vs SR-STE (JSON section "nm"; "nm_full" without --quick)
+    python benchmarks/dst_quality.py --nm --quick # N:M: 2:4 and 1:4, STE vs SR-STE vs S-STE vs STE+MDGF
+                                                  # (JSON section "nm"; "nm_full" without --quick)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -41,6 +43,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from sparseforge.masks import satisfies  # noqa: E402
+from sparseforge.train import SSTE  # noqa: E402
 from sparseforge.train import GMP, SET, SRSTE, STE, RigL, StaticSparse  # noqa: E402
 
 METHODS = ("dense", "static", "set", "rigl", "gmp")
@@ -69,7 +72,26 @@ def mlp(seed: int) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
+def make_nm_trainer(method: str, net, opt, pattern: str, steps: int, seed: int):
+    """S-STE (``"sste"``) and MDGF variants (``"ste+mdgf"``, ``"srste+mdgf"``) of the N:M comparison.
+
+    MDGF (Bambhaniya et al. 2024, exponential decay): ``beta_t = exp(-k t)`` with ``k`` chosen so
+    that ``beta`` reaches 0.01 at half of training (our choice; the paper tunes ``k`` per model).
+    """
+    if method == "sste":
+        return SSTE(net, opt, pattern=pattern, seed=seed)
+    base, _, option = method.partition("+")
+    if option != "mdgf" or base not in ("ste", "srste"):
+        raise ValueError(method)
+    flow = dict(flow_decay="exp", flow_decay_coef=math.log(100.0) / (0.5 * steps))
+    if base == "ste":
+        return STE(net, opt, pattern=pattern, seed=seed, **flow)
+    return SRSTE(net, opt, pattern=pattern, seed=seed, **flow)
+
+
 def make_trainer(method: str, net, opt, sparsity, steps: int, interval: int, seed: int):
+    if method == "sste" or method.endswith("+mdgf"):
+        return make_nm_trainer(method, net, opt, sparsity, steps, seed)
     if method == "ste":  # N:M: ``sparsity`` is the pattern string
         return STE(net, opt, pattern=sparsity, seed=seed)
     if method.startswith("srste"):  # "srste" (paper's lambda_W = 2e-4) or "srste:<lambda>"
@@ -221,6 +243,25 @@ def check_nm(summaries: dict, methods: list[str]) -> list[dict]:
     return checks
 
 
+def check_nm_extra(summaries: dict, methods: list[str]) -> list[dict]:
+    """S-STE >= SR-STE and >= STE (Hu et al. 2024); STE+MDGF >= STE (Bambhaniya et al. 2024), by test accuracy."""
+    pairs = [("sste", "srste"), ("sste", "ste"), ("ste+mdgf", "ste"), ("srste+mdgf", "srste")]
+    checks = []
+    for pattern in NM_PATTERNS:
+        for hi, lo in pairs:
+            if hi not in methods or lo not in methods:
+                continue
+            for metric, higher in (("test_acc", True), ("train_loss", False)):
+                a, b = summaries[metric].get(f"{hi}@{pattern}"), summaries[metric].get(f"{lo}@{pattern}")
+                if a is None or b is None:
+                    continue
+                gap = a["mean"] - b["mean"]
+                clear = abs(gap) > max(a["std"], b["std"]) if min(a["n"], b["n"]) > 1 else None
+                checks.append(dict(metric=metric, pattern=pattern, claim=f"{hi} {'>=' if higher else '<='} {lo}",
+                                   gap=gap, holds=(gap >= 0) == higher or gap == 0, clear=clear))
+    return checks
+
+
 def markdown_nm(summaries: dict, checks: list[dict], methods: list[str], meta: dict) -> str:
     lines = [f"N:M training on digits, MLP {'-'.join(map(str, WIDTHS))} (all three layers N:M), "
              f"{meta['steps']} steps, {meta['seeds']} seeds (mean ± std)"]
@@ -257,7 +298,7 @@ def write_json(path: Path, key: str | None, payload: dict) -> None:
 
 
 def main_nm(args, seeds: int, steps: int) -> int:
-    methods = ["ste"] + [("srste" if d == 2e-4 else f"srste:{d:g}") for d in args.nm_decays]
+    methods = ["ste"] + [("srste" if d == 2e-4 else f"srste:{d:g}") for d in args.nm_decays] + list(args.nm_extra)
     data = load_digits_split()
     results, t0 = [], time.perf_counter()
     for seed in range(seeds):
@@ -268,7 +309,7 @@ def main_nm(args, seeds: int, steps: int) -> int:
         print(f"seed {seed} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     metrics = ("test_acc", "train_loss", "flip_rate_last10pct", "flip_rate_mean")
     summaries = {m: summarise_nm(results, m) for m in metrics}
-    checks = check_nm(summaries, methods)
+    checks = check_nm(summaries, methods) + check_nm_extra(summaries, methods)
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 quick=args.quick, seeds=seeds, steps=steps, batch=args.batch, lr=args.lr, threads=args.threads,
                 widths=WIDTHS, patterns=NM_PATTERNS, methods=methods, srste_decays=args.nm_decays,
@@ -296,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nm", action="store_true", help="N:M training instead: 2:4 and 1:4, STE vs SR-STE")
     ap.add_argument("--nm-decays", type=float, nargs="+", default=[2e-4],
                     help="SR-STE lambda_W values (default: the paper's 2e-4)")
+    ap.add_argument("--nm-extra", nargs="*", default=["sste", "ste+mdgf"],
+                    choices=["sste", "ste+mdgf", "srste+mdgf"],
+                    help="further N:M methods (default: S-STE and STE with MDGF exponential gradient-flow decay)")
     args = ap.parse_args(argv)
     seeds = args.seeds or (3 if args.quick else 5)
     steps = args.steps or (1500 if args.quick else 4000)

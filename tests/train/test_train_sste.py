@@ -1,5 +1,7 @@
 """S-STE (Hu et al. 2024): soft thresholding against hand-computed groups, the fixed scale, continuity."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -149,3 +151,28 @@ def test_resume_is_bit_exact():
     a, b = run(6), run(6, resume_at=3)
     for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(v, w), k
+
+
+@pytest.mark.slow
+def test_lm_benchmark_smoke(tmp_path):
+    pytest.importorskip("transformers")
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "lm_quality.py"
+    spec = importlib.util.spec_from_file_location("lm_quality_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "lm.json"
+    before = torch.get_num_threads()
+    try:
+        assert bench.main(["--steps", "8", "--interval", "2", "--seeds", "1", "--eval-windows", "2",
+                           "--methods", "dense", "rigl90", "sste", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    data = json.loads(out.read_text())
+    assert {r["method"] for r in data["runs"]} == {"dense", "rigl90", "sste"}
+    rigl = next(r for r in data["runs"] if r["method"] == "rigl90")
+    assert rigl["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert all(math.isfinite(r["heldout_ppl"]) for r in data["runs"])
