@@ -112,6 +112,7 @@ class SparseTrainer:
         self.optimizer = optimizer
         self.pattern = config.pattern_value
         self.step_count = 0  # optimizer steps taken (t = 1 after the first)
+        self.reducer = None  # data-parallel: averages a tensor over ranks in place (train.distributed.distribute)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.layers = self._select_layers()
         self._collect = False
@@ -133,6 +134,14 @@ class SparseTrainer:
     def is_update_step(self, t: int) -> bool:
         return False
 
+    def synchronize(self) -> None:
+        """Before a mask update: average what the update reads and ranks see differently (the stored
+        dense gradients) over the data-parallel ranks, so every rank computes the same masks."""
+        if self.reducer is not None:
+            for layer in self.layers:
+                if layer.grad is not None:
+                    self.reducer(layer.grad)
+
     def collects_grad(self, t: int) -> bool:
         """Whether the backward pass(es) of step ``t`` store the dense gradient in ``layer.grad``."""
         return self.needs_grad and self.is_update_step(t)
@@ -153,6 +162,7 @@ class SparseTrainer:
             layer.param.data.masked_fill_(~getattr(layer.module, MASK_BUFFER), 0.0)
         update = None
         if self.is_update_step(t):
+            self.synchronize()
             value, masks = self.update_masks(t)
             update = MaskUpdate(t, value)
             for layer in self.layers:

@@ -116,6 +116,12 @@ class SparseMomentum(SET):
             self.momentum[layer.name].mul_(self.config.momentum).add_(layer.view(layer.grad))
         return super().step()
 
+    def synchronize(self) -> None:
+        super().synchronize()
+        if self.reducer is not None:  # the mean of the ranks' momenta is the momentum of the mean gradient
+            for buf in self.momentum.values():
+                self.reducer(buf)
+
     def update_masks(self, t: int) -> tuple[float, dict[str, torch.Tensor]]:
         p = self.drop_fraction(t)
         kept, means, caps, removed = {}, [], [], 0
