@@ -68,6 +68,23 @@ def unpack_bits(packed: torch.Tensor, length: int) -> torch.Tensor:
     return bits.reshape(rows, nbytes * 8)[:, :length].bool()
 
 
+_POPCOUNT = tuple(bin(i).count("1") for i in range(256))
+_POPCOUNT_CHUNK = 1 << 20  # bytes of bitmap counted at a time (bounds the temporary index tensor)
+
+
+def row_popcounts(packed: torch.Tensor) -> torch.Tensor:
+    """Set bits per row of a packed uint8 bitmap (rows, nbytes) -> int64 (rows,); temporary memory
+    is bounded (a lookup table over at most ``_POPCOUNT_CHUNK`` bytes at a time), so validating a
+    large layer never unpacks it to one byte per weight."""
+    rows, nbytes = packed.shape
+    table = torch.tensor(_POPCOUNT, dtype=torch.int64, device=packed.device)
+    out = torch.zeros(rows, dtype=torch.int64, device=packed.device)
+    step = max(1, _POPCOUNT_CHUNK // max(1, nbytes))
+    for r in range(0, rows, step):
+        out[r:r + step] = table[packed[r:r + step].long()].sum(dim=1)
+    return out
+
+
 def _check_weight(w: torch.Tensor, mask: torch.Tensor | None) -> None:
     if w.dim() != 2:
         raise ConfigError(f"sparse formats store 2-D weights (rows, cols), got shape {tuple(w.shape)}")
@@ -100,10 +117,9 @@ class BitmapWeight:
             )
         if self.values.dim() != 1 or not self.values.is_floating_point():
             raise ModelError(f"{where}: values must be a 1-D float tensor, got {self.values.dtype} {tuple(self.values.shape)}")
-        bits = unpack_bits(self.bitmap, ((cols + 7) // 8) * 8)  # (rows, 8*nbytes)
-        if bits[:, cols:].any():
+        if cols % 8 and rows and bool((self.bitmap[:, -1] >> (cols % 8)).any()):
             raise ModelError(f"{where}: padding bits past column {cols} are set; the checkpoint is corrupt")
-        per_row = bits.sum(dim=1)  # (rows,)
+        per_row = row_popcounts(self.bitmap)  # (rows,), without unpacking the bits
         offsets = torch.zeros(rows + 1, dtype=torch.int64, device=self.bitmap.device)
         offsets[1:] = torch.cumsum(per_row, 0)
         if int(offsets[-1]) != self.values.numel():

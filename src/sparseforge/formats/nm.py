@@ -58,6 +58,8 @@ from sparseforge.patterns import NM, Pattern, parse
 __all__ = ["NMWeight", "index_bits"]
 
 
+_VALIDATE_CHUNK = 1 << 20  # stored positions validated at a time
+
 def index_bits(m: int) -> int:
     """Bits per stored position for groups of ``m``: ``ceil(log2(m))``."""
     return max(1, math.ceil(math.log2(m)))
@@ -111,12 +113,15 @@ class NMWeight:
             raise ModelError(
                 f"{where}: indices must be uint8 of shape {(rows, nbytes)}, got {self.indices.dtype} {tuple(self.indices.shape)}"
             )
-        pos = self.positions().reshape(rows, cols // m, n)  # (rows, G, n)
-        if (pos >= m).any() or (n > 1 and (pos[..., 1:] <= pos[..., :-1]).any()):
-            raise ModelError(f"{where}: stored positions are out of range or not strictly ascending; the checkpoint is corrupt")
-        tail = unpack_bits(self.indices, nbytes * 8)[:, k * index_bits(m):]
-        if tail.any():
-            raise ModelError(f"{where}: padding bits of the index rows are set; the checkpoint is corrupt")
+        step = max(1, _VALIDATE_CHUNK // max(1, k))  # rows per chunk: bounded temporaries on large layers
+        for r in range(0, rows, step):
+            idx = self.indices[r:r + step]  # (chunk, nbytes)
+            pos = _unpack_indices(idx, k, index_bits(m)).reshape(-1, cols // m, n)  # (chunk, G, n)
+            if (pos >= m).any() or (n > 1 and (pos[..., 1:] <= pos[..., :-1]).any()):
+                raise ModelError(f"{where}: stored positions are out of range or not strictly ascending; the checkpoint is corrupt")
+            if bool(unpack_bits(idx[:, k * index_bits(m) // 8:], 8 * (nbytes - k * index_bits(m) // 8))
+                    [:, k * index_bits(m) % 8:].any()):
+                raise ModelError(f"{where}: padding bits of the index rows are set; the checkpoint is corrupt")
 
     @classmethod
     def from_dense(cls, w: torch.Tensor, pattern: "Pattern | str", mask: torch.Tensor | None = None) -> "NMWeight":
