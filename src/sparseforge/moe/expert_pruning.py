@@ -43,11 +43,9 @@ from torch import nn
 
 from sparseforge.errors import ConfigError, DataError
 from sparseforge.masks import topk_mask
-from sparseforge.moe.grouped import ACTIVATIONS
+from sparseforge.moe.dense import DenseMLP, to_dense
 from sparseforge.moe.layer import MoE
 from sparseforge.moe.losses import MoEAux
-from sparseforge.moe.routers import SoftmaxTopK, SwitchTop1
-from sparseforge.moe.sparsemixer import SparseMixer
 from sparseforge.moe.swap import MoEBlock, collect_aux, set_module
 
 __all__ = [
@@ -151,66 +149,6 @@ def prune_experts(moe: MoE, keep: list[int]) -> MoE:
     new.router = _resized_router(moe.router, E, min(moe.k, E))
     new.k = new.router.k
     return new
-
-
-class DenseMLP(nn.Module):
-    """A plain (gated) MLP: ``down(act(gate(x)) * up(x))`` (or ``down(act(up(x)))``), plus an
-    optional shared expert scaled by ``sigmoid(shared_gate(x))``; ``nn.Linear`` layers (out, in)."""
-
-    def __init__(self, w_up: torch.Tensor, w_down: torch.Tensor, w_gate: torch.Tensor | None, activation: str,
-                 shared: "DenseMLP | None" = None, shared_gate: torch.Tensor | None = None) -> None:
-        super().__init__()
-        d, h = w_up.shape  # input-major (d, h)
-        kw = {"device": w_up.device, "dtype": w_up.dtype}
-        self.activation = activation
-        self.gate_proj = None if w_gate is None else nn.Linear(d, h, bias=False, **kw)
-        self.up_proj = nn.Linear(d, h, bias=False, **kw)
-        self.down_proj = nn.Linear(h, d, bias=False, **kw)
-        with torch.no_grad():
-            self.up_proj.weight.copy_(w_up.t())  # (h, d)
-            self.down_proj.weight.copy_(w_down.t())  # (d, h)
-            if w_gate is not None:
-                self.gate_proj.weight.copy_(w_gate.t())
-        self.shared = shared
-        self.shared_gate = None
-        if shared_gate is not None:
-            self.shared_gate = nn.Linear(d, 1, bias=False, **kw)
-            with torch.no_grad():
-                self.shared_gate.weight.copy_(shared_gate)  # (1, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = ACTIVATIONS[self.activation][0]
-        if self.gate_proj is None:
-            hid = act(self.up_proj(x))  # (..., h)
-        else:
-            hid = act(self.gate_proj(x)) * self.up_proj(x)
-        y = self.down_proj(hid)  # (..., d)
-        if self.shared is not None:
-            s = self.shared(x)
-            y = y + (torch.sigmoid(self.shared_gate(x)) * s if self.shared_gate is not None else s)
-        return y
-
-
-def to_dense(moe: MoE) -> DenseMLP:
-    """The plain MLP a one-expert layer computes. Raises :class:`ConfigError` when the layer's
-    single expert is not always weighted 1 (sigmoid or expert-choice routing, capacity drops)."""
-    if moe.num_experts != 1:
-        raise ConfigError(f"to_dense needs a layer with one expert, this one has {moe.num_experts}; prune first")
-    if not isinstance(moe.router, (SoftmaxTopK, SwitchTop1, SparseMixer)):
-        raise ConfigError(
-            f"{type(moe.router).__name__} routing weights its single expert by a learned score, not 1: "
-            "the layer is not a plain MLP"
-        )
-    if moe.capacity_factor is not None and moe.capacity_factor < 1.0:
-        raise ConfigError(f"capacity_factor={moe.capacity_factor} < 1 drops tokens: the layer is not a plain MLP")
-    shared = None
-    if moe.shared is not None:
-        s = moe.shared
-        shared = DenseMLP(s.w_up.detach(), s.w_down.detach(), None if s.w_gate is None else s.w_gate.detach(),
-                          moe.activation)
-    gate = None if moe.shared_gate is None else moe.shared_gate.weight.detach()
-    w_gate = None if moe.w_gate is None else moe.w_gate[0].detach()
-    return DenseMLP(moe.w_up[0].detach(), moe.w_down[0].detach(), w_gate, moe.activation, shared, gate).train(moe.training)
 
 
 def _replace(model: nn.Module, name: str, moe: MoE) -> None:
