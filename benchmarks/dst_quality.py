@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Sparse-training quality: dense vs static random vs SET vs RigL vs GMP on sklearn's digits.
+"""Sparse-training quality: dense vs static random vs SET vs RigL vs SRigL vs sparse momentum vs GMP on sklearn's digits.
 
 A 64-300-100-10 MLP (LeNet-300-100 with digits' 64 inputs) is trained on scikit-learn's bundled
 8x8 digits (1797 images, no download; 1297 train / 500 test, fixed split), with every method at
@@ -8,6 +8,9 @@ optimizer and learning-rate schedule. Sparse methods share the ERK layer-wise di
 (for SET and RigL) the same drop schedule (RigL paper's setting: cosine-decayed ``alpha=0.3``,
 updates every ``dT`` steps until 75 % of training), so SET and RigL differ only in how they grow.
 GMP prunes from dense along Zhu & Gupta's cubic ramp between 10 % and 60 % of training.
+SRigL (constant fan-in, ``gamma_sal = 0.3``) and ``rigl_fanin`` (RigL's per-neuron drop and
+grow under constant fan-in, no ablation: SRigL's ablation-free baseline) use RigL's schedule; sparse momentum the same
+update steps with its paper's prune rate ``p = 0.5`` (cosine-decayed) and momentum 0.9.
 
 The papers lead us to expect RigL >= SET >= static at equal sparsity; the run *checks* it (by the
 mean over seeds, and says whether the gap exceeds the seed-to-seed spread) and writes what it
@@ -44,9 +47,9 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 from sparseforge.masks import satisfies  # noqa: E402
 from sparseforge.train import SSTE  # noqa: E402
-from sparseforge.train import GMP, SET, SRSTE, STE, RigL, StaticSparse  # noqa: E402
+from sparseforge.train import GMP, SET, SRSTE, STE, RigL, SparseMomentum, SRigL, StaticSparse  # noqa: E402
 
-METHODS = ("dense", "static", "set", "rigl", "gmp")
+METHODS = ("dense", "static", "set", "rigl", "rigl_fanin", "srigl", "sm", "gmp")
 SPARSITIES = (0.8, 0.9, 0.95)
 NM_PATTERNS = ("2:4", "1:4")
 WIDTHS = (64, 300, 100, 10)
@@ -100,11 +103,19 @@ def make_trainer(method: str, net, opt, sparsity, steps: int, interval: int, see
     common = dict(sparsity=sparsity, distribution="erk", seed=seed)
     if method == "static":
         return StaticSparse(net, opt, **common)
+    if method == "rigl_fanin":  # RigL under constant fan-in without ablation: SRigL's baseline
+        common["pattern"] = "fanin"
+        method = "rigl"
     if method in ("set", "rigl"):
         cls = SET if method == "set" else RigL
         end = int(0.75 * steps)
         return cls(net, opt, drop_fraction=0.3, drop_fraction_decay="cosine",
                    schedule={"start_step": 0, "end_step": end, "update_interval": interval}, **common)
+    if method in ("srigl", "sm"):
+        sched = {"start_step": 0, "end_step": int(0.75 * steps), "update_interval": interval}
+        if method == "srigl":
+            return SRigL(net, opt, drop_fraction=0.3, gamma_sal=0.3, schedule=sched, **common)
+        return SparseMomentum(net, opt, drop_fraction=0.5, momentum=0.9, schedule=sched, **common)
     if method == "gmp":
         start = interval * round(0.1 * steps / interval)
         end = interval * round(0.6 * steps / interval)
@@ -162,6 +173,9 @@ def run(method: str, sparsity: float, seed: int, data, steps: int, interval: int
     out = dict(method=method, sparsity=0.0 if method == "dense" else sparsity, seed=seed, test_acc=acc,
                train_loss=train_loss, mask_sparsity=masked / total, zero_fraction=zeros / total, seconds=seconds,
                mask_updates=updates, weights_regrown=changed)
+    if isinstance(trainer, SRigL):
+        out["ablated_neurons"] = dict(trainer.ablated)
+        out["fan_in"] = dict(trainer.fan_in)
     if trainer is not None:
         out["layer_sparsity"] = trainer.sparsities()
         out["active_constant"] = trainer.num_active() == active0 if method != "gmp" else None
@@ -182,7 +196,8 @@ def check_order(summary: dict, metric: str, higher_is_better: bool) -> list[dict
     checks = []
     sign = 1.0 if higher_is_better else -1.0
     for s in SPARSITIES:
-        for hi, lo in (("rigl", "set"), ("set", "static"), ("rigl", "static")):
+        for hi, lo in (("rigl", "set"), ("set", "static"), ("rigl", "static"), ("srigl", "rigl"), ("srigl", "rigl_fanin"),
+                       ("sm", "set"), ("sm", "rigl")):
             a, b = summary.get(f"{hi}@{s}"), summary.get(f"{lo}@{s}")
             if a is None or b is None:
                 continue
