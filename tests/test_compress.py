@@ -176,3 +176,37 @@ def test_load_sparse_conv1d_and_tied_embedding(tmp_path, family, count):
     assert len(sparse_layers(sparse)) == count
     torch.testing.assert_close(logits(sparse, ids), logits(load(tmp_path / "m"), ids), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits(sparse, ids), logits(model, ids), atol=1e-4, rtol=1e-4)
+
+
+def _structured_net(pattern: str, sparsity) -> torch.nn.Sequential:
+    from sparseforge.masks import mask_from_scores
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    with torch.no_grad():
+        for lin in (net[0], net[2]):
+            lin.weight.mul_(mask_from_scores(lin.weight.abs(), pattern, sparsity))
+    return net
+
+
+@pytest.mark.parametrize("fmt,pattern,sparsity,label", [("fanin", "fanin4", None, "fanin"),
+                                                        ("bsr", "block4x4", 0.5, "bsr block4x4")])
+def test_compress_fanin_and_bsr_same_outputs(fmt, pattern, sparsity, label):
+    x = torch.randn(5, 32)
+    for how in (fmt, "rule"):  # explicit format, or the recorded pattern mapped by the rule
+        net = _structured_net(pattern, sparsity)
+        before = net(x)
+        report = compress_(net, how, pattern=pattern)
+        assert [c.format for c in report.converted] == [label, label]
+        assert all(isinstance(net[i], SparseLinear) and net[i].format == fmt for i in (0, 2))
+        torch.testing.assert_close(net(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_compress_bsr_without_block_pattern_and_fanin_on_unequal_rows_are_clear_errors():
+    net = _structured_net("block4x4", 0.5)
+    with pytest.raises(ConfigError, match="block pattern"):
+        compress_(net, "bsr")
+    net = _structured_net("unstructured", 0.5)
+    with pytest.raises(ConfigError, match="same number of inputs"):
+        compress_(net, "fanin")
+    assert not any(isinstance(m, SparseLinear) for m in net.modules())

@@ -13,7 +13,9 @@
 #include <string>
 
 #include "bitmap.h"
+#include "bsr.h"
 #include "csr.h"
+#include "fanin.h"
 #include "isa.h"
 #include "nm.h"
 #include "threadpool.h"
@@ -163,6 +165,85 @@ sf::ProblemW problem_w(const In& x, const In& dy, const Out& dw, size_t ndim, in
   p.out = dim(dy, 1);
   p.dw = static_cast<float*>(dw.data());
   return p;
+}
+
+// y = x @ W^T + bias on a validated view: the dispatched kernel, or the reference when ref is set
+template <class View>
+void linear_call(const View& w, const sf::Problem& p, const std::string& isa, const std::string& algo, bool ref,
+                 void (*fast)(const View&, const sf::Problem&, sf::Isa, int),
+                 void (*oracle)(const View&, const sf::Problem&)) {
+  if (w.rows != p.out) throw std::invalid_argument("y must have one column per weight row");
+  const sf::Isa i = ref ? sf::Isa::scalar : resolve(isa);
+  const int a = parse_algo(algo);
+  nb::gil_scoped_release rel;
+  if (ref) oracle(w, p); else fast(w, p, i, a);
+}
+
+// dx = dy @ W on a validated view (kernel or reference)
+template <class View>
+void linear_t_call(const View& w, const sf::ProblemT& p, const std::string& isa, bool ref,
+                   void (*fast)(const View&, const sf::ProblemT&, sf::Isa),
+                   void (*oracle)(const View&, const sf::ProblemT&)) {
+  const sf::Isa i = ref ? sf::Isa::scalar : resolve(isa);
+  nb::gil_scoped_release rel;
+  if (ref) oracle(w, p); else fast(w, p, i);
+}
+
+bool index_u16(const In& idx, const char* name, int64_t count) {
+  if (idx.dtype() == nb::dtype<uint16_t>() || idx.dtype() == nb::dtype<int16_t>()) {
+    if (count > 65536) throw std::invalid_argument(std::string("16-bit ") + name + " need at most 65536 columns");
+    return true;  // int16 storage is read as uint16
+  }
+  if (idx.dtype() == nb::dtype<int32_t>()) return false;
+  throw std::invalid_argument(std::string(name) + " must be uint16 or int32, got " + dtype_name(idx.dtype()));
+}
+
+// values (rows, k) float32/bf16, indices (rows, k) uint16/int32; cols from the activations
+sf::FanInView fanin_view(const In& values, const In& indices, int64_t cols) {
+  check_array(values, "values", 2);
+  check_array(indices, "indices", 2);
+  sf::FanInView w;
+  w.rows = dim(values, 0);
+  w.k = dim(values, 1);
+  w.cols = cols;
+  if (dim(indices, 0) != w.rows || dim(indices, 1) != w.k) {
+    throw std::invalid_argument("indices must have the shape of values (rows, k)");
+  }
+  if (w.k > cols) throw std::invalid_argument("fan-in k is larger than in_features");
+  w.idx_u16 = index_u16(indices, "indices", cols);
+  w.vt = value_type(values, "values");
+  w.idx = indices.data();
+  w.val = values.data();
+  return w;
+}
+
+// block_row_ptr (rows/h + 1,) int32, block_col (nblocks,) uint16/int32, values (nblocks, h, w)
+sf::BsrView bsr_view(const In& brp, const In& bcol, const In& values, int64_t rows, int64_t cols) {
+  check_array(brp, "block_row_ptr", 1);
+  check_dtype(brp, "block_row_ptr", nb::dtype<int32_t>(), "int32");
+  check_array(bcol, "block_col", 1);
+  check_array(values, "values", 3);
+  sf::BsrView w;
+  w.nblocks = dim(values, 0);
+  w.h = dim(values, 1);
+  w.w = dim(values, 2);
+  w.rows = rows;
+  w.cols = cols;
+  if (w.h < 1 || w.w < 1 || rows % w.h || cols % w.w || dim(brp, 0) != rows / w.h + 1) {
+    throw std::invalid_argument("BSR blocks of " + std::to_string(w.h) + "x" + std::to_string(w.w) + " with " +
+                                std::to_string(dim(brp, 0)) + " block row pointers do not tile a " +
+                                std::to_string(rows) + "x" + std::to_string(cols) + " weight");
+  }
+  if (dim(bcol, 0) != w.nblocks) throw std::invalid_argument("block_col must have one entry per block");
+  w.bcol_u16 = index_u16(bcol, "block_col", cols / w.w);
+  w.vt = value_type(values, "values");
+  w.brp = static_cast<const int32_t*>(brp.data());
+  w.bcol = bcol.data();
+  w.val = values.data();
+  if (w.brp[0] != 0 || w.brp[rows / w.h] != w.nblocks) {
+    throw std::invalid_argument("block_row_ptr must start at 0 and end at nblocks = len(values)");
+  }
+  return w;
 }
 
 // SDDMM on a validated view: the dispatched kernel, or the reference when ref is set
@@ -427,5 +508,53 @@ NB_MODULE(_native, mod) {
               sddmm_call(w, w.rows * w.vpr, x, dy, dw, 2, isa, ref, sf::nm_sddmm, sf::nm_sddmm_ref);
             },
             "x"_a, "dy"_a, "values"_a, "indices"_a, "n"_a, "m"_a, "dw"_a, "isa"_a = "");
+  }
+
+  // ---- constant fan-in and BSR: "<name>" runs the dispatched kernel, "<name>_ref" the oracle
+  for (const bool ref : {false, true}) {
+    const std::string sfx = ref ? "_ref" : "";
+    mod.def(("fanin_linear" + sfx).c_str(),
+            [ref](const In& x, const In& values, const In& indices, const nb::object& bias, const Out& y,
+                  const std::string& isa, const std::string& algo) {
+              const sf::Problem p = problem(x, bias, y);
+              linear_call(fanin_view(values, indices, p.in), p, isa, algo, ref, sf::fanin_linear, sf::fanin_linear_ref);
+            },
+            "x"_a, "values"_a, "indices"_a, "bias"_a.none(), "y"_a, "isa"_a = "", "algo"_a = "auto");
+    mod.def(("fanin_linear_t" + sfx).c_str(),
+            [ref](const In& dy, const In& values, const In& indices, const Out& dx, const std::string& isa) {
+              const sf::ProblemT p = problem_t(dy, dx);
+              const sf::FanInView w = fanin_view(values, indices, p.in);
+              if (w.rows != p.out) throw std::invalid_argument("dy must have one column per weight row");
+              linear_t_call(w, p, isa, ref, sf::fanin_linear_t, sf::fanin_linear_t_ref);
+            },
+            "dy"_a, "values"_a, "indices"_a, "dx"_a, "isa"_a = "");
+    mod.def(("fanin_sddmm" + sfx).c_str(),
+            [ref](const In& x, const In& dy, const In& values, const In& indices, const Out& dw,
+                  const std::string& isa) {
+              const sf::FanInView w = fanin_view(values, indices, dim(x, 1));
+              sddmm_call(w, w.rows * w.k, x, dy, dw, 2, isa, ref, sf::fanin_sddmm, sf::fanin_sddmm_ref);
+            },
+            "x"_a, "dy"_a, "values"_a, "indices"_a, "dw"_a, "isa"_a = "");
+    mod.def(("bsr_linear" + sfx).c_str(),
+            [ref](const In& x, const In& brp, const In& bcol, const In& values, const nb::object& bias, const Out& y,
+                  const std::string& isa, const std::string& algo) {
+              const sf::Problem p = problem(x, bias, y);
+              linear_call(bsr_view(brp, bcol, values, p.out, p.in), p, isa, algo, ref, sf::bsr_linear, sf::bsr_linear_ref);
+            },
+            "x"_a, "block_row_ptr"_a, "block_col"_a, "values"_a, "bias"_a.none(), "y"_a, "isa"_a = "",
+            "algo"_a = "auto");
+    mod.def(("bsr_linear_t" + sfx).c_str(),
+            [ref](const In& dy, const In& brp, const In& bcol, const In& values, const Out& dx, const std::string& isa) {
+              const sf::ProblemT p = problem_t(dy, dx);
+              linear_t_call(bsr_view(brp, bcol, values, p.out, p.in), p, isa, ref, sf::bsr_linear_t, sf::bsr_linear_t_ref);
+            },
+            "dy"_a, "block_row_ptr"_a, "block_col"_a, "values"_a, "dx"_a, "isa"_a = "");
+    mod.def(("bsr_sddmm" + sfx).c_str(),
+            [ref](const In& x, const In& dy, const In& brp, const In& bcol, const In& values, const Out& dw,
+                  const std::string& isa) {
+              const sf::BsrView w = bsr_view(brp, bcol, values, dim(dy, 1), dim(x, 1));
+              sddmm_call(w, w.nblocks * w.h * w.w, x, dy, dw, 3, isa, ref, sf::bsr_sddmm, sf::bsr_sddmm_ref);
+            },
+            "x"_a, "dy"_a, "block_row_ptr"_a, "block_col"_a, "values"_a, "dw"_a, "isa"_a = "");
   }
 }

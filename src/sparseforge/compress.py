@@ -17,6 +17,9 @@ the fixed, measurement-free rule (:func:`auto_format`), reproducible across mach
 3. the weight happens to obey 2:4 -> ``nm``;
 4. otherwise ``bitmap``.
 
+Before that rule, a recorded ``Block(h, w)`` / ``FanIn`` pattern (``pattern=`` or the model's
+``sparsity_config``) that a layer's zeros obey maps the layer to ``bsr`` / ``fanin``.
+
 :func:`load_sparse` builds a model straight from a compressed checkpoint
 (:func:`sparseforge.checkpoint.save_pretrained`) with SparseLinear layers, never building the
 dense pruned weights.
@@ -47,8 +50,8 @@ from sparseforge.config import name_matches
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.layers import is_linear, linear_layers, weight_2d
 from sparseforge.masks import satisfies
-from sparseforge.nn.sparse_linear import FORMATS, SparseLinear
-from sparseforge.patterns import NM, parse
+from sparseforge.nn.sparse_linear import ALL_FORMATS, SparseLinear
+from sparseforge.patterns import NM, Block, FanIn, Pattern, parse
 
 if TYPE_CHECKING:
     from sparseforge.advise import AdviceReport
@@ -106,12 +109,21 @@ class CompressReport:
         return out
 
 
-def _recorded_pattern(model: nn.Module, pattern) -> Optional[NM]:
+def _recorded_pattern(model: nn.Module, pattern) -> "Pattern | None":
     if pattern is None:
         block = getattr(getattr(model, "config", None), "sparsity_config", None)
         pattern = block.get("pattern") if isinstance(block, dict) else None
-    parsed = parse(pattern) if pattern is not None else None
-    return parsed if isinstance(parsed, NM) else None
+    return parse(pattern) if pattern is not None else None
+
+
+def _structured_format(w: torch.Tensor, pattern: "Pattern | None") -> Optional[tuple[str, Optional[Block]]]:
+    """A recorded Block / FanIn pattern the (out, in) weight obeys maps to ``bsr`` / ``fanin``."""
+    keep = w != 0  # (out, in)
+    if isinstance(pattern, Block) and satisfies(keep, pattern):
+        return "bsr", pattern
+    if isinstance(pattern, FanIn) and satisfies(keep, FanIn()):  # every row keeps the same count
+        return "fanin", None
+    return None
 
 
 def _select(model: nn.Module, targets: Optional[list[str]], ignore: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -160,7 +172,7 @@ def compress_(
     ignore: Optional[list[str]] = None,
     *,
     min_sparsity: float = 0.3,
-    pattern: "NM | str | None" = None,
+    pattern: "Pattern | str | None" = None,
     dtype: Optional[torch.dtype] = None,
     batch_sizes: tuple[int, ...] = (1,),
     advice: "AdviceReport | None" = None,
@@ -169,13 +181,16 @@ def compress_(
 
     Args:
         format: ``"auto"`` (measured, module doc), ``"rule"`` (:func:`auto_format`), or one format of
-            :data:`~sparseforge.nn.sparse_linear.FORMATS` for every layer.
+            :data:`~sparseforge.nn.sparse_linear.ALL_FORMATS` (``"bitmap"``, ``"nm"``, ``"csr"``,
+            ``"fanin"``, ``"bsr"``) for every layer.
         targets: module-name globs (or ``"re:..."``); ``None`` = every linear layer. A target that
             matches no linear layer is a :class:`ConfigError`.
         ignore: module-name globs left dense (reported).
         min_sparsity: layers with a smaller fraction of zeros stay dense (reported).
-        pattern: the N:M pattern for ``"nm"`` / tried first by ``"auto"``; default the model's
-            recorded ``config.sparsity_config["pattern"]``, else 2:4.
+        pattern: the N:M pattern for ``"nm"`` / tried first by ``"auto"``; the block pattern
+            (``"block4x4"``) that ``"bsr"`` needs; default the model's recorded
+            ``config.sparsity_config["pattern"]``, else 2:4 for ``"nm"``. Under ``"rule"``, a
+            ``Block`` / ``FanIn`` pattern that a layer obeys maps it to ``"bsr"`` / ``"fanin"``.
         dtype: values dtype (float32 / bfloat16); default each weight's own.
         batch_sizes: batch sizes (tokens per call) ``"auto"`` measures at; pick the ones you serve.
         advice: an :class:`~sparseforge.advise.AdviceReport` already measured for this model
@@ -184,11 +199,12 @@ def compress_(
         :class:`CompressReport`. All layers are built before any is swapped, so an error (e.g.
         ``format="nm"`` on a weight that is not N:M) leaves the model unchanged.
     """
-    if format not in ("auto", "rule") and format not in FORMATS:
-        raise ConfigError(f"unknown format {format!r}; use 'auto', 'rule' or one of {FORMATS}")
+    if format not in ("auto", "rule") and format not in ALL_FORMATS:
+        raise ConfigError(f"unknown format {format!r}; use 'auto', 'rule' or one of {ALL_FORMATS}")
     if not 0.0 <= min_sparsity <= 1.0:
         raise ConfigError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
-    recorded = _recorded_pattern(model, pattern)
+    recorded_any = _recorded_pattern(model, pattern)  # NM, Block, FanIn, ...
+    recorded = recorded_any if isinstance(recorded_any, NM) else None
     names, kept = _select(model, targets, list(ignore or []))
     modules = dict(model.named_modules())
     owners = _tied_owners(model)
@@ -228,15 +244,17 @@ def compress_(
                 continue
             fmt, pat = adv.choice, adv.pattern if adv.choice == "nm" else None
         elif format == "rule":
-            fmt, pat = auto_format(w, recorded)
+            fmt, pat = _structured_format(w, recorded_any) or auto_format(w, recorded)
         else:
-            fmt, pat = format, recorded if format == "nm" else None
+            fmt, pat = format, {"nm": recorded, "bsr": recorded_any}.get(format)
         try:
             sl = SparseLinear.from_linear(mod, fmt, pattern=pat, dtype=dtype)
         except ConfigError as exc:
             raise ConfigError(f"layer {name}: {exc}") from exc
         built[name] = sl
         label = f"nm {sl.pattern}" if sl.pattern is not None else fmt
+        if fmt == "bsr":
+            label = f"bsr {sl.weight_format.block}"
         report.converted.append(CompressedLayer(name, label, tuple(w.shape), sparsity, sl.weight_format.nbytes,
                                                 w.numel() * w.element_size()))
     for name, sl in built.items():

@@ -1,4 +1,4 @@
-"""Torch custom ops over the native sparse kernels: ``y = x @ W^T + bias`` for CSR, bitmap, N:M.
+"""Torch custom ops over the native sparse kernels: ``y = x @ W^T + bias`` for every sparse format.
 
 Layering (STYLE.md habit 5): ``csrc/`` torch-free C++ kernels -> ``sparseforge._native`` (nanobind,
 raw buffers) -> this module (``torch.library.custom_op`` with fake impls and autograd) -> modules.
@@ -8,6 +8,8 @@ Each op takes the format's buffers as tensors, so it works in eager mode, under 
 * ``sparseforge::csr_linear(x, row_ptr, col, values, bias)``
 * ``sparseforge::bitmap_linear(x, bitmap, row_offsets, values, bias)``
 * ``sparseforge::nm_linear(x, values, indices, n, m, bias)``
+* ``sparseforge::fanin_linear(x, values, indices, bias)``
+* ``sparseforge::bsr_linear(x, block_row_ptr, block_col, values, bias)``
 
 ``x`` is float32 ``(B, in)``, C-contiguous, on the CPU; ``values`` float32 or bfloat16; the output is
 float32 ``(B, out)``. CSR buffers do not record ``in``, so ``csr_linear`` takes it from ``x``;
@@ -41,7 +43,8 @@ from sparseforge.kernels import native
 
 __all__ = [
     "linear", "csr_linear", "bitmap_linear", "nm_linear", "csr_linear_t", "bitmap_linear_t", "nm_linear_t",
-    "csr_linear_dw", "bitmap_linear_dw", "nm_linear_dw",
+    "csr_linear_dw", "bitmap_linear_dw", "nm_linear_dw", "fanin_linear", "fanin_linear_t", "fanin_linear_dw",
+    "bsr_linear", "bsr_linear_t", "bsr_linear_dw",
 ]
 
 _VALUE_DTYPES = (torch.float32, torch.bfloat16)
@@ -109,6 +112,19 @@ def _nm_dims(values: Tensor, indices: Tensor, n: int, m: int, cols: int) -> int:
     return values.shape[0]
 
 
+def _linear_out(x: Tensor, out: int, bias: Optional[Tensor], fake: bool = False) -> Tensor:
+    """Checks x and bias against a weight with ``out`` rows; the (B, out) output to fill (or fake)."""
+    _check_act(x, "x", x.shape[-1], "input features")
+    _check_bias(bias, out)
+    return x.new_empty(x.shape[0], out) if fake else torch.empty(x.shape[0], out, dtype=torch.float32)
+
+
+def _t_out(dy: Tensor, out: int, in_features: int, fake: bool = False) -> Tensor:
+    """Checks dy against a weight with ``out`` rows; the (B, in) dx to fill (or fake)."""
+    _check_act(dy, "dy", out, "output features")
+    return dy.new_empty(dy.shape[0], in_features) if fake else torch.empty(dy.shape[0], in_features, dtype=torch.float32)
+
+
 def _np(t: Optional[Tensor]):
     """Zero-copy numpy view for the native call (bf16 as its raw uint16 bits); ~3x cheaper per
     tensor than handing torch tensors to nanobind through DLPack."""
@@ -120,28 +136,19 @@ def _np(t: Optional[Tensor]):
 
 
 def _csr_impl(x, row_ptr, col, values, bias):
-    out = _csr_dims(row_ptr, col, values)
-    _check_act(x, "x", x.shape[-1], "input features")
-    _check_bias(bias, out)
-    y = torch.empty(x.shape[0], out, dtype=torch.float32)
+    y = _linear_out(x, _csr_dims(row_ptr, col, values), bias)
     native().csr_linear(_np(x), _np(row_ptr), _np(col), _np(values), _np(bias), y.numpy())
     return y
 
 
 def _bitmap_impl(x, bitmap, row_offsets, values, bias):
-    out = _bitmap_dims(bitmap, row_offsets, values, x.shape[-1])
-    _check_act(x, "x", x.shape[-1], "input features")
-    _check_bias(bias, out)
-    y = torch.empty(x.shape[0], out, dtype=torch.float32)
+    y = _linear_out(x, _bitmap_dims(bitmap, row_offsets, values, x.shape[-1]), bias)
     native().bitmap_linear(_np(x), _np(bitmap), _np(row_offsets), _np(values), _np(bias), y.numpy())
     return y
 
 
 def _nm_impl(x, values, indices, n, m, bias):
-    out = _nm_dims(values, indices, n, m, x.shape[-1])
-    _check_act(x, "x", x.shape[-1], "input features")
-    _check_bias(bias, out)
-    y = torch.empty(x.shape[0], out, dtype=torch.float32)
+    y = _linear_out(x, _nm_dims(values, indices, n, m, x.shape[-1]), bias)
     native().nm_linear(_np(x), _np(values), _np(indices), n, m, _np(bias), y.numpy())
     return y
 
@@ -157,26 +164,20 @@ def csr_linear(x: Tensor, row_ptr: Tensor, col: Tensor, values: Tensor, bias: Op
 
 @csr_linear.register_fake
 def _(x, row_ptr, col, values, bias):
-    out = _csr_dims(row_ptr, col, values)
-    _check_act(x, "x", x.shape[-1], "input features")
-    _check_bias(bias, out)
-    return x.new_empty(x.shape[0], out)
+    return _linear_out(x, _csr_dims(row_ptr, col, values), bias, fake=True)
 
 
 @torch.library.custom_op("sparseforge::csr_linear_t", mutates_args=())
 def csr_linear_t(dy: Tensor, row_ptr: Tensor, col: Tensor, values: Tensor, in_features: int) -> Tensor:
     """dx (B, in) = dy (B, out) @ W for a CSR weight."""
-    out = _csr_dims(row_ptr, col, values)
-    _check_act(dy, "dy", out, "output features")
-    dx = torch.empty(dy.shape[0], in_features, dtype=torch.float32)
+    dx = _t_out(dy, _csr_dims(row_ptr, col, values), in_features)
     native().csr_linear_t(_np(dy), _np(row_ptr), _np(col), _np(values), dx.numpy())
     return dx
 
 
 @csr_linear_t.register_fake
 def _(dy, row_ptr, col, values, in_features):
-    _check_act(dy, "dy", _csr_dims(row_ptr, col, values), "output features")
-    return dy.new_empty(dy.shape[0], in_features)
+    return _t_out(dy, _csr_dims(row_ptr, col, values), in_features, fake=True)
 
 
 # ---- bitmap ------------------------------------------------------------------------------------
@@ -190,26 +191,20 @@ def bitmap_linear(x: Tensor, bitmap: Tensor, row_offsets: Tensor, values: Tensor
 
 @bitmap_linear.register_fake
 def _(x, bitmap, row_offsets, values, bias):
-    out = _bitmap_dims(bitmap, row_offsets, values, x.shape[-1])
-    _check_act(x, "x", x.shape[-1], "input features")
-    _check_bias(bias, out)
-    return x.new_empty(x.shape[0], out)
+    return _linear_out(x, _bitmap_dims(bitmap, row_offsets, values, x.shape[-1]), bias, fake=True)
 
 
 @torch.library.custom_op("sparseforge::bitmap_linear_t", mutates_args=())
 def bitmap_linear_t(dy: Tensor, bitmap: Tensor, row_offsets: Tensor, values: Tensor, in_features: int) -> Tensor:
     """dx (B, in) = dy (B, out) @ W for a bitmap weight."""
-    out = _bitmap_dims(bitmap, row_offsets, values, in_features)
-    _check_act(dy, "dy", out, "output features")
-    dx = torch.empty(dy.shape[0], in_features, dtype=torch.float32)
+    dx = _t_out(dy, _bitmap_dims(bitmap, row_offsets, values, in_features), in_features)
     native().bitmap_linear_t(_np(dy), _np(bitmap), _np(row_offsets), _np(values), dx.numpy())
     return dx
 
 
 @bitmap_linear_t.register_fake
 def _(dy, bitmap, row_offsets, values, in_features):
-    _check_act(dy, "dy", _bitmap_dims(bitmap, row_offsets, values, in_features), "output features")
-    return dy.new_empty(dy.shape[0], in_features)
+    return _t_out(dy, _bitmap_dims(bitmap, row_offsets, values, in_features), in_features, fake=True)
 
 
 # ---- N:M ---------------------------------------------------------------------------------------
@@ -223,26 +218,106 @@ def nm_linear(x: Tensor, values: Tensor, indices: Tensor, n: int, m: int, bias: 
 
 @nm_linear.register_fake
 def _(x, values, indices, n, m, bias):
-    out = _nm_dims(values, indices, n, m, x.shape[-1])
-    _check_act(x, "x", x.shape[-1], "input features")
-    _check_bias(bias, out)
-    return x.new_empty(x.shape[0], out)
+    return _linear_out(x, _nm_dims(values, indices, n, m, x.shape[-1]), bias, fake=True)
 
 
 @torch.library.custom_op("sparseforge::nm_linear_t", mutates_args=())
 def nm_linear_t(dy: Tensor, values: Tensor, indices: Tensor, n: int, m: int, in_features: int) -> Tensor:
     """dx (B, in) = dy (B, out) @ W for an N:M weight."""
-    out = _nm_dims(values, indices, n, m, in_features)
-    _check_act(dy, "dy", out, "output features")
-    dx = torch.empty(dy.shape[0], in_features, dtype=torch.float32)
+    dx = _t_out(dy, _nm_dims(values, indices, n, m, in_features), in_features)
     native().nm_linear_t(_np(dy), _np(values), _np(indices), n, m, dx.numpy())
     return dx
 
 
 @nm_linear_t.register_fake
 def _(dy, values, indices, n, m, in_features):
-    _check_act(dy, "dy", _nm_dims(values, indices, n, m, in_features), "output features")
-    return dy.new_empty(dy.shape[0], in_features)
+    return _t_out(dy, _nm_dims(values, indices, n, m, in_features), in_features, fake=True)
+
+
+# ---- constant fan-in ---------------------------------------------------------------------------
+
+
+def _fanin_dims(values: Tensor, indices: Tensor, cols: int) -> int:
+    _check_buf(values, "values", _VALUE_DTYPES, 2)
+    _check_buf(indices, "indices", (torch.uint16, torch.int32), 2)
+    if indices.shape != values.shape or values.shape[1] > cols:
+        raise ModelError(f"fan-in values {tuple(values.shape)} / indices {tuple(indices.shape)} do not fit {cols} input features")
+    return values.shape[0]
+
+
+def _fanin_impl(x, values, indices, bias):
+    y = _linear_out(x, _fanin_dims(values, indices, x.shape[-1]), bias)
+    native().fanin_linear(_np(x), _np(values), _np(indices), _np(bias), y.numpy())
+    return y
+
+
+@torch.library.custom_op("sparseforge::fanin_linear", mutates_args=())
+def fanin_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """y (B, out) = x (B, in) @ W^T + bias for a constant fan-in weight (:mod:`sparseforge.formats.fanin`)."""
+    return _fanin_impl(x, values, indices, bias)
+
+
+@fanin_linear.register_fake
+def _(x, values, indices, bias):
+    return _linear_out(x, _fanin_dims(values, indices, x.shape[-1]), bias, fake=True)
+
+
+@torch.library.custom_op("sparseforge::fanin_linear_t", mutates_args=())
+def fanin_linear_t(dy: Tensor, values: Tensor, indices: Tensor, in_features: int) -> Tensor:
+    """dx (B, in) = dy (B, out) @ W for a constant fan-in weight."""
+    dx = _t_out(dy, _fanin_dims(values, indices, in_features), in_features)
+    native().fanin_linear_t(_np(dy), _np(values), _np(indices), dx.numpy())
+    return dx
+
+
+@fanin_linear_t.register_fake
+def _(dy, values, indices, in_features):
+    return _t_out(dy, _fanin_dims(values, indices, in_features), in_features, fake=True)
+
+
+# ---- block-sparse rows (BSR) -------------------------------------------------------------------
+
+
+def _bsr_dims(block_row_ptr: Tensor, block_col: Tensor, values: Tensor, cols: int) -> int:
+    _check_buf(block_row_ptr, "block_row_ptr", (torch.int32,), 1)
+    _check_buf(block_col, "block_col", (torch.uint16, torch.int32), 1)
+    _check_buf(values, "values", _VALUE_DTYPES, 3)
+    h, w = values.shape[1], values.shape[2]
+    if block_col.shape[0] != values.shape[0] or min(h, w) < 1 or cols % w:
+        raise ModelError(
+            f"BSR block_col {tuple(block_col.shape)} / values {tuple(values.shape)} do not fit {cols} input features"
+        )
+    return (block_row_ptr.shape[0] - 1) * h
+
+
+def _bsr_impl(x, block_row_ptr, block_col, values, bias):
+    y = _linear_out(x, _bsr_dims(block_row_ptr, block_col, values, x.shape[-1]), bias)
+    native().bsr_linear(_np(x), _np(block_row_ptr), _np(block_col), _np(values), _np(bias), y.numpy())
+    return y
+
+
+@torch.library.custom_op("sparseforge::bsr_linear", mutates_args=())
+def bsr_linear(x: Tensor, block_row_ptr: Tensor, block_col: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """y (B, out) = x (B, in) @ W^T + bias for a BSR weight (:mod:`sparseforge.formats.bsr`)."""
+    return _bsr_impl(x, block_row_ptr, block_col, values, bias)
+
+
+@bsr_linear.register_fake
+def _(x, block_row_ptr, block_col, values, bias):
+    return _linear_out(x, _bsr_dims(block_row_ptr, block_col, values, x.shape[-1]), bias, fake=True)
+
+
+@torch.library.custom_op("sparseforge::bsr_linear_t", mutates_args=())
+def bsr_linear_t(dy: Tensor, block_row_ptr: Tensor, block_col: Tensor, values: Tensor, in_features: int) -> Tensor:
+    """dx (B, in) = dy (B, out) @ W for a BSR weight."""
+    dx = _t_out(dy, _bsr_dims(block_row_ptr, block_col, values, in_features), in_features)
+    native().bsr_linear_t(_np(dy), _np(block_row_ptr), _np(block_col), _np(values), dx.numpy())
+    return dx
+
+
+@bsr_linear_t.register_fake
+def _(dy, block_row_ptr, block_col, values, in_features):
+    return _t_out(dy, _bsr_dims(block_row_ptr, block_col, values, in_features), in_features, fake=True)
 
 
 # ---- dW restricted to the mask ----------------------------------------------------------------
@@ -298,6 +373,34 @@ def _(x, dy, values, indices, n, m):
     return values.new_empty(values.shape, dtype=torch.float32)
 
 
+@torch.library.custom_op("sparseforge::fanin_linear_dw", mutates_args=())
+def fanin_linear_dw(x: Tensor, dy: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+    """dW at the mask for a constant fan-in weight: float32 (out, k)."""
+    dw = _dw_out(x, dy, values, x.shape[-1], _fanin_dims(values, indices, x.shape[-1]))
+    native().fanin_sddmm(_np(x), _np(dy), _np(values), _np(indices), dw.numpy())
+    return dw
+
+
+@fanin_linear_dw.register_fake
+def _(x, dy, values, indices):
+    _fanin_dims(values, indices, x.shape[-1])
+    return values.new_empty(values.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("sparseforge::bsr_linear_dw", mutates_args=())
+def bsr_linear_dw(x: Tensor, dy: Tensor, block_row_ptr: Tensor, block_col: Tensor, values: Tensor) -> Tensor:
+    """dW at the mask for a BSR weight: float32 (nblocks, h, w), whole stored blocks."""
+    dw = _dw_out(x, dy, values, x.shape[-1], _bsr_dims(block_row_ptr, block_col, values, x.shape[-1]))
+    native().bsr_sddmm(_np(x), _np(dy), _np(block_row_ptr), _np(block_col), _np(values), dw.numpy())
+    return dw
+
+
+@bsr_linear_dw.register_fake
+def _(x, dy, block_row_ptr, block_col, values):
+    _bsr_dims(block_row_ptr, block_col, values, x.shape[-1])
+    return values.new_empty(values.shape, dtype=torch.float32)
+
+
 # ---- autograd ----------------------------------------------------------------------------------
 
 
@@ -338,6 +441,16 @@ def _nm_backward(ctx, dy):
     return dx, dw, None, None, None, db
 
 
+def _fanin_backward(ctx, dy):
+    dx, dw, db = _grads(ctx, dy, fanin_linear_t, fanin_linear_dw)
+    return dx, dw, None, db
+
+
+def _bsr_backward(ctx, dy):
+    dx, dw, db = _grads(ctx, dy, bsr_linear_t, bsr_linear_dw)
+    return dx, None, None, dw, db
+
+
 csr_linear.register_autograd(
     _csr_backward, setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, values_at=3, weight_at=slice(1, 4))
 )
@@ -351,21 +464,46 @@ nm_linear.register_autograd(
         ctx, inputs, output, values_at=1, weight_at=slice(1, 3), statics=(3, 4)
     ),
 )
+fanin_linear.register_autograd(
+    _fanin_backward,
+    setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, values_at=1, weight_at=slice(1, 3)),
+)
+bsr_linear.register_autograd(
+    _bsr_backward,
+    setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, values_at=3, weight_at=slice(1, 4)),
+)
 
 
 # ---- convenience -------------------------------------------------------------------------------
 
 
+def _dispatch(weight) -> tuple:
+    """(implementation, registered op, weight arguments) for a format object."""
+    from sparseforge.formats import BitmapWeight, BSRWeight, FanInWeight, NMWeight
+    from sparseforge.formats.csr import CSRWeight
+
+    if isinstance(weight, CSRWeight):
+        return _csr_impl, csr_linear, (weight.row_ptr, weight.col, weight.values)
+    if isinstance(weight, BitmapWeight):
+        return _bitmap_impl, bitmap_linear, (weight.bitmap, weight.row_offsets, weight.values)
+    if isinstance(weight, NMWeight):
+        return _nm_impl, nm_linear, (weight.values, weight.indices, weight.pattern.n, weight.pattern.m)
+    if isinstance(weight, FanInWeight):
+        return _fanin_impl, fanin_linear, (weight.values, weight.indices)
+    if isinstance(weight, BSRWeight):
+        return _bsr_impl, bsr_linear, (weight.block_row_ptr, weight.block_col, weight.values)
+    raise ModelError(
+        f"no sparse kernel for weight type {type(weight).__name__}; use CSRWeight, BitmapWeight, NMWeight, "
+        "FanInWeight or BSRWeight"
+    )
+
+
 def linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
-    """``x (..., in) @ weight^T + bias`` for a CSRWeight, BitmapWeight or NMWeight.
+    """``x (..., in) @ weight^T + bias`` for a CSR, bitmap, N:M, fan-in or BSR weight.
 
     Leading dimensions of ``x`` are flattened into the batch and restored on the output.
     """
-    from sparseforge.formats import BitmapWeight, NMWeight
-    from sparseforge.formats.csr import CSRWeight
-
-    if not isinstance(weight, (CSRWeight, BitmapWeight, NMWeight)):
-        raise ModelError(f"no sparse kernel for weight type {type(weight).__name__}; use CSRWeight, BitmapWeight or NMWeight")
+    impl, op, wargs = _dispatch(weight)
     rows, cols = weight.shape
     if x.dim() < 1 or x.shape[-1] != cols:
         raise DataError(f"x must have shape (..., {cols}) to match a {rows}x{cols} weight, got {tuple(x.shape)}")
@@ -379,13 +517,5 @@ def linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
         torch.is_grad_enabled()
         and (x.requires_grad or weight.values.requires_grad or (bias is not None and bias.requires_grad))
     )
-    if isinstance(weight, CSRWeight):
-        args = (x2, weight.row_ptr, weight.col, weight.values, bias)
-        y = _csr_impl(*args) if direct else csr_linear(*args)
-    elif isinstance(weight, BitmapWeight):
-        args = (x2, weight.bitmap, weight.row_offsets, weight.values, bias)
-        y = _bitmap_impl(*args) if direct else bitmap_linear(*args)
-    else:
-        args = (x2, weight.values, weight.indices, weight.pattern.n, weight.pattern.m, bias)
-        y = _nm_impl(*args) if direct else nm_linear(*args)
+    y = (impl if direct else op)(x2, *wargs, bias)
     return y.reshape(*x.shape[:-1], rows)

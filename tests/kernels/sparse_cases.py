@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparseforge.formats import BitmapWeight, NMWeight
+from sparseforge.formats import BitmapWeight, BSRWeight, FanInWeight, NMWeight
 from sparseforge.formats.csr import CSRWeight
 from sparseforge.kernels import native
 
@@ -28,15 +28,37 @@ FORMATS = {
     "nm_3of8": ("nm", torch.float32, 3, 8),
     "nm_2of3": ("nm", torch.float32, 2, 3),
 }
+# constant fan-in and BSR (kind, value dtype, block h, block w); kept apart from FORMATS because
+# their masks are constrained (equal row counts / whole blocks), which the shape-fixed tests of
+# test_native_kernels.py do not respect
+STRUCTURED = {
+    "fanin": ("fanin", torch.float32, 0, 0),
+    "fanin_i32": ("fanin", torch.float32, 0, 0),
+    "fanin_bf16": ("fanin", torch.bfloat16, 0, 0),
+    "bsr_1x1": ("bsr", torch.float32, 1, 1),
+    "bsr_2x4": ("bsr", torch.float32, 2, 4),
+    "bsr_4x16": ("bsr", torch.float32, 4, 16),
+    "bsr_3x5_bf16": ("bsr", torch.bfloat16, 3, 5),
+    "bsr_1x32_i32": ("bsr", torch.float32, 1, 32),
+}
+ALL_FORMATS = {**FORMATS, **STRUCTURED}
 
 
 def nm_of(fmt: str) -> tuple[int, int]:
-    return FORMATS[fmt][2], FORMATS[fmt][3]
+    return ALL_FORMATS[fmt][2], ALL_FORMATS[fmt][3]
 
 
 def random_mask(fmt: str, rows: int, cols: int, density: float, gen: torch.Generator) -> torch.Tensor:
     """A keep-mask valid for ``fmt``: Bernoulli(density), or n of every m (some groups short)."""
-    kind, _, n, m = FORMATS[fmt]
+    kind, _, n, m = ALL_FORMATS[fmt]
+    if kind == "fanin":  # every row keeps the same k = round(density * cols) columns
+        k = round(density * cols)
+        order = torch.rand(rows, cols, generator=gen).argsort(dim=1)[:, :k]
+        return torch.zeros(rows, cols, dtype=torch.bool).scatter_(1, order, True)
+    if kind == "bsr":  # whole h x w blocks, each ~density full (partly kept blocks store zeros)
+        on = torch.rand(rows // n, 1, cols // m, 1, generator=gen) < density
+        inner = torch.rand(rows // n, n, cols // m, m, generator=gen) < 0.9
+        return (on & inner).reshape(rows, cols)
     if kind != "nm":
         return torch.rand(rows, cols, generator=gen) < density
     scores = torch.rand(rows, cols // m, m, generator=gen)
@@ -56,10 +78,10 @@ class Case:
         return tuple(self.dense.shape)
 
     def _nm(self) -> tuple:
-        return nm_of(self.fmt) if FORMATS[self.fmt][0] == "nm" else ()
+        return nm_of(self.fmt) if ALL_FORMATS[self.fmt][0] == "nm" else ()
 
     def _call(self, name: str, a: torch.Tensor, *rest) -> None:
-        kind = FORMATS[self.fmt][0]
+        kind = ALL_FORMATS[self.fmt][0]
         getattr(native(), f"{kind}_{name}")(a, *self.bufs, *self._nm(), *rest)
 
     def run(self, x: torch.Tensor, bias=None, *, isa: str = "", algo: str = "auto") -> torch.Tensor:
@@ -85,8 +107,16 @@ class Case:
 
 def make_case(fmt: str, w: torch.Tensor, mask: torch.Tensor) -> Case:
     """Compress float32 ``w`` (rows, cols) kept at ``mask`` into ``fmt``."""
-    kind, dtype, n, m = FORMATS[fmt]
+    kind, dtype, n, m = ALL_FORMATS[fmt]
     w = w.to(dtype)
+    if kind == "fanin":
+        fw = FanInWeight.from_dense(w, mask)
+        idx = fw.indices.to(torch.int32) if fmt.endswith("_i32") else fw.indices
+        return Case(fmt, fw.to_dense().float(), (fw.values, idx))
+    if kind == "bsr":
+        bw = BSRWeight.from_dense(w, (n, m), mask)
+        col = bw.block_col.to(torch.int32) if fmt.endswith("_i32") else bw.block_col
+        return Case(fmt, bw.to_dense().float(), (bw.block_row_ptr, col, bw.values))
     if kind == "csr":
         cw = CSRWeight.from_dense(w, mask)
         col = cw.col.to(torch.int32) if fmt == "csr_i32" else cw.col
@@ -101,12 +131,14 @@ def make_case(fmt: str, w: torch.Tensor, mask: torch.Tensor) -> Case:
 def random_case(fmt: str, rows: int, cols: int, density: float = 0.4, seed: int = 0, special_rows: bool = True) -> Case:
     """Random weight; with special_rows, row 0 is empty and row 1 fully kept (when they exist)."""
     gen = torch.Generator().manual_seed(seed)
-    kind, _, n, m = FORMATS[fmt]
+    kind, _, n, m = ALL_FORMATS[fmt]
     if kind == "nm":
         cols = max(m, cols - cols % m)
+    if kind == "bsr":
+        rows, cols = max(n, rows - rows % n), max(m, cols - cols % m)
     w = torch.randn(rows, cols, generator=gen)
     mask = random_mask(fmt, rows, cols, density, gen)
-    if special_rows and rows > 1:
+    if special_rows and rows > 1 and kind in ("csr", "bitmap", "nm"):
         mask[0] = False
         if kind != "nm":
             mask[1] = True

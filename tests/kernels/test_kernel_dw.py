@@ -6,14 +6,16 @@ dense masked layer's weight, read at the mask in the order of the format's ``val
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
-from sparse_cases import FORMATS, random_case
+from sparse_cases import ALL_FORMATS, random_case
 
 from sparseforge import kernels, ops
 from sparseforge.errors import DataError
-from sparseforge.formats import BitmapWeight, NMWeight
-from sparseforge.formats.csr import CSRWeight
+from sparseforge.formats import BitmapWeight, BSRWeight, FanInWeight, NMWeight
+from sparseforge.formats.csr import CSRWeight, index_dtype
 from sparseforge.kernels import native
 from test_kernel_ops import _CASE_FMT, WEIGHTS, _op_args
 
@@ -22,11 +24,11 @@ BATCHES = [1, 3, 17, 64, 257]
 
 
 def _values(case):
-    return case.bufs[0] if FORMATS[case.fmt][0] == "nm" else case.bufs[2]
+    return case.bufs[0] if ALL_FORMATS[case.fmt][0] in ("nm", "fanin") else case.bufs[2]
 
 
 def _sddmm(case, x, dy, *, isa="", ref=False):
-    kind = FORMATS[case.fmt][0]
+    kind = ALL_FORMATS[case.fmt][0]
     dw = torch.full(_values(case).shape, float("nan"))
     name = f"{kind}_sddmm_ref" if ref else f"{kind}_sddmm"
     extra = () if ref else (isa,)
@@ -34,24 +36,35 @@ def _sddmm(case, x, dy, *, isa="", ref=False):
     return dw
 
 
-def _stored_mask(case) -> torch.Tensor:
-    """Bool (rows, cols) of stored positions (N:M padding zeros included), from the buffers."""
-    kind = FORMATS[case.fmt][0]
+def _format_obj(case):
+    """The format object over the case's buffers (index dtypes normalised to the narrowest)."""
+    kind = ALL_FORMATS[case.fmt][0]
     rows, cols = case.shape
+    if kind == "fanin":
+        values, idx = case.bufs
+        return FanInWeight((rows, cols), values, idx.to(index_dtype(cols)))
+    if kind == "bsr":
+        brp, bcol, values = case.bufs
+        return BSRWeight((rows, cols), brp, bcol.to(index_dtype(cols // values.shape[2])), values)
     if kind == "nm":
         n, m = case._nm()
-        return NMWeight((rows, cols), f"{n}:{m}", *case.bufs).mask()
+        return NMWeight((rows, cols), f"{n}:{m}", *case.bufs)
     if kind == "bitmap":
-        return BitmapWeight((rows, cols), case.bufs[0], case.bufs[2]).mask()
-    col = case.bufs[1].to(torch.int64)
-    ptr = case.bufs[0].to(torch.int64)
-    row_of = torch.repeat_interleave(torch.arange(rows), ptr[1:] - ptr[:-1])
-    out = torch.zeros(rows, cols, dtype=torch.bool)
-    out[row_of, col] = True
-    return out
+        return BitmapWeight((rows, cols), case.bufs[0], case.bufs[2])
+    return CSRWeight((rows, cols), case.bufs[0], case.bufs[1].to(index_dtype(cols)), case.bufs[2])
 
 
-@pytest.mark.parametrize("fmt", list(FORMATS))
+def at_stored(weight, full: torch.Tensor) -> torch.Tensor:
+    """Entries of a dense (rows, cols) tensor at the stored positions, in the order of ``values``."""
+    order = torch.arange(weight.nnz, dtype=torch.float32).reshape(weight.values.shape)
+    where = dataclasses.replace(weight, values=order).to_dense()  # value index at each stored position
+    mask = weight.mask()
+    out = torch.empty(weight.nnz, dtype=full.dtype)
+    out[where[mask].long()] = full[mask]
+    return out.reshape(weight.values.shape)
+
+
+@pytest.mark.parametrize("fmt", list(ALL_FORMATS))
 @pytest.mark.parametrize("batch", BATCHES)
 def test_every_isa_matches_reference_and_dense(fmt, batch):
     case = random_case(fmt, 29, 83, density=0.4, seed=batch)
@@ -59,9 +72,8 @@ def test_every_isa_matches_reference_and_dense(fmt, batch):
     x = torch.randn(batch, case.shape[1], generator=gen)
     dy = torch.randn(batch, case.shape[0], generator=gen)
     ref = _sddmm(case, x, dy, ref=True)
-    mask = _stored_mask(case)
-    dense = (dy.double().T @ x.double())[mask].float()  # (nnz,) row-major = values order
-    torch.testing.assert_close(ref.reshape(-1), dense, rtol=1e-4, atol=1e-4)
+    dense = at_stored(_format_obj(case), dy.double().T @ x.double()).float()
+    torch.testing.assert_close(ref, dense, rtol=1e-4, atol=1e-4)
     for isa in ISAS:
         torch.testing.assert_close(_sddmm(case, x, dy, isa=isa), ref, rtol=1e-4, atol=1e-4, msg=f"{isa}")
 
@@ -88,8 +100,7 @@ def test_nonfinite_propagates_as_dense():
     x, dy = torch.randn(5, 32), torch.randn(5, 8)
     x[2, 3] = float("nan")
     dy[4, 1] = float("inf")
-    mask = _stored_mask(case)
-    dense = (dy.T @ x)[mask]  # NaN where column 3 / row 1 are stored, as torch computes it
+    dense = at_stored(_format_obj(case), dy.T @ x)  # NaN where column 3 / row 1 are stored, as torch computes it
     for isa in ISAS:
         got = _sddmm(case, x, dy, isa=isa)
         assert torch.equal(got.isnan(), dense.isnan())
@@ -133,20 +144,20 @@ def test_value_grad_matches_dense_masked_layer(name, batch):
     torch.nn.functional.linear(x2, wd * mask, bias.detach()).backward(gy)
     assert weight.values.grad.dtype == weight.values.dtype and weight.values.grad.shape == weight.values.shape
     tol = 2e-2 if weight.dtype == torch.bfloat16 else 1e-4
-    torch.testing.assert_close(weight.values.grad.float().reshape(-1), wd.grad[mask], rtol=tol, atol=tol)
+    torch.testing.assert_close(weight.values.grad.float(), at_stored(weight, wd.grad), rtol=tol, atol=tol)
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.filterwarnings("ignore:Input #")
-@pytest.mark.parametrize("name", ["csr", "bitmap", "nm_2of4"])
+@pytest.mark.parametrize("name", ["csr", "bitmap", "nm_2of4", "fanin", "bsr_2x4"])
 def test_gradcheck(name):
     # float32 kernels: finite differences in float32 with a matching step/tolerance
     weight = _weight(name, rows=5, cols=16, seed=2)
     values = weight.values.detach().clone().requires_grad_()
     x = torch.randn(3, 16, requires_grad=True)
-    bias = torch.randn(5, requires_grad=True)
+    bias = torch.randn(weight.shape[0], requires_grad=True)
     op, args = _op_args(weight, x, bias)
-    vi = 1 if op is ops.nm_linear else 3
+    vi = next(i for i, a in enumerate(args) if a is weight.values)
 
     def f(x, values, bias):
         a = list(args)
@@ -164,16 +175,14 @@ def test_opcheck_with_trainable_values(name):
     torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("name", ["csr", "bitmap", "nm_3of8"])
+@pytest.mark.parametrize("name", ["csr", "bitmap", "nm_3of8", "fanin", "bsr_2x4"])
 def test_opcheck_dw_op(name):
     weight = _weight(name)
     x, dy = torch.randn(4, weight.shape[1]), torch.randn(4, weight.shape[0])
-    if isinstance(weight, CSRWeight):
-        torch.library.opcheck(ops.csr_linear_dw, (x, dy, weight.row_ptr, weight.col, weight.values))
-    elif isinstance(weight, BitmapWeight):
-        torch.library.opcheck(ops.bitmap_linear_dw, (x, dy, weight.bitmap, weight.row_offsets, weight.values))
-    else:
-        torch.library.opcheck(ops.nm_linear_dw, (x, dy, weight.values, weight.indices, 3, 8))
+    op, args = _op_args(weight, x, None)
+    dw_op = getattr(ops, op._name + "_dw")
+    wargs = args[1:-1]
+    torch.library.opcheck(dw_op, (x, dy, *wargs))
 
 
 def test_dw_op_checks_batches():
@@ -193,4 +202,4 @@ def test_torch_compile_trains_values():
     loss.backward()
     wd = weight.to_dense().detach().requires_grad_()
     (x @ (wd * weight.mask()).T).square().sum().backward()
-    torch.testing.assert_close(weight.values.grad, wd.grad[weight.mask()], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(weight.values.grad, at_stored(weight, wd.grad), rtol=1e-4, atol=1e-4)

@@ -8,7 +8,7 @@ from sparse_cases import FORMATS, random_case
 
 from sparseforge import ops
 from sparseforge.errors import DataError, ModelError
-from sparseforge.formats import BitmapWeight, NMWeight
+from sparseforge.formats import BitmapWeight, BSRWeight, FanInWeight, NMWeight
 from sparseforge.formats.csr import CSRWeight
 
 WEIGHTS = {
@@ -18,9 +18,14 @@ WEIGHTS = {
     "bitmap_bf16": lambda w, m: BitmapWeight.from_dense(w.bfloat16(), m),
     "nm_2of4": lambda w, m: NMWeight.from_dense(w, "2:4", m),
     "nm_3of8": lambda w, m: NMWeight.from_dense(w, "3:8", m),
+    "fanin": lambda w, m: FanInWeight.from_dense(w, m),
+    "fanin_bf16": lambda w, m: FanInWeight.from_dense(w.bfloat16(), m),
+    "bsr_2x4": lambda w, m: BSRWeight.from_dense(w, "block2x4", m),
+    "bsr_3x5_bf16": lambda w, m: BSRWeight.from_dense(w.bfloat16(), "block3x5", m),
 }
 _CASE_FMT = {"csr": "csr_u16", "csr_bf16": "csr_bf16", "bitmap": "bitmap", "bitmap_bf16": "bitmap_bf16",
-             "nm_2of4": "nm_2of4", "nm_3of8": "nm_3of8"}
+             "nm_2of4": "nm_2of4", "nm_3of8": "nm_3of8", "fanin": "fanin", "fanin_bf16": "fanin_bf16",
+             "bsr_2x4": "bsr_2x4", "bsr_3x5_bf16": "bsr_3x5_bf16"}
 
 
 def _weight(name, rows=12, cols=40, seed=0):
@@ -34,6 +39,10 @@ def _op_args(weight, x, bias):
         return ops.csr_linear, (x, weight.row_ptr, weight.col, weight.values, bias)
     if isinstance(weight, BitmapWeight):
         return ops.bitmap_linear, (x, weight.bitmap, weight.row_offsets, weight.values, bias)
+    if isinstance(weight, FanInWeight):
+        return ops.fanin_linear, (x, weight.values, weight.indices, bias)
+    if isinstance(weight, BSRWeight):
+        return ops.bsr_linear, (x, weight.block_row_ptr, weight.block_col, weight.values, bias)
     return ops.nm_linear, (x, weight.values, weight.indices, weight.pattern.n, weight.pattern.m, bias)
 
 
@@ -55,6 +64,10 @@ def test_opcheck_transposed(name):
         args = (ops.csr_linear_t, (dy, weight.row_ptr, weight.col, weight.values, weight.shape[1]))
     elif isinstance(weight, BitmapWeight):
         args = (ops.bitmap_linear_t, (dy, weight.bitmap, weight.row_offsets, weight.values, weight.shape[1]))
+    elif isinstance(weight, FanInWeight):
+        args = (ops.fanin_linear_t, (dy, weight.values, weight.indices, weight.shape[1]))
+    elif isinstance(weight, BSRWeight):
+        args = (ops.bsr_linear_t, (dy, weight.block_row_ptr, weight.block_col, weight.values, weight.shape[1]))
     else:
         args = (ops.nm_linear_t, (dy, weight.values, weight.indices, weight.pattern.n, weight.pattern.m, weight.shape[1]))
     torch.library.opcheck(*args)

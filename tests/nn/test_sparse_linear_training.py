@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -77,3 +79,47 @@ def test_state_dict_round_trip_of_a_trained_layer():
     frozen = SparseLinear.from_linear(pruned_linear("csr"), "csr")
     frozen.load_state_dict(sl.state_dict())
     torch.testing.assert_close(frozen(x), sl(x))
+
+
+def _structured_linear(fmt: str) -> torch.nn.Linear:
+    from sparseforge.masks import mask_from_scores
+
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(48, 24)
+    pattern, sparsity = ("fanin12", None) if fmt == "fanin" else ("block4x8", 0.5)
+    with torch.no_grad():
+        lin.weight.mul_(mask_from_scores(lin.weight.abs(), pattern, sparsity))
+    return lin
+
+
+@pytest.mark.parametrize("fmt", ["fanin", "bsr"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fanin_and_bsr_layers_forward_and_train(fmt, dtype):
+    lin = _structured_linear(fmt)
+    sl = SparseLinear.from_linear(lin, fmt, pattern="block4x8" if fmt == "bsr" else None, dtype=dtype, trainable=True)
+    assert sl.format == fmt and fmt in repr(sl)
+    ref = reference(lin, dtype)
+    x = torch.randn(5, 48)
+    dy = torch.randn(5, 24)
+    y = sl(x)
+    torch.testing.assert_close(y, ref(x), atol=1e-4, rtol=1e-4)
+    (y * dy).sum().backward()
+    mask = sl.weight_format.mask()
+    (torch.nn.functional.linear(x, ref.weight * mask, ref.bias) * dy).sum().backward()
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    weight = sl.weight_format
+    got = dataclasses.replace(weight, values=weight.values.grad.detach()).to_dense().float()  # grads at their positions
+    torch.testing.assert_close(got, ref.weight.grad * mask, atol=tol, rtol=tol)
+    state = sl.state_dict()
+    again = SparseLinear.from_linear(lin, fmt, pattern="block4x8" if fmt == "bsr" else None, dtype=dtype)
+    again.load_state_dict(state)
+    torch.testing.assert_close(again(x), y.detach())
+
+
+def test_bsr_needs_a_block_pattern_and_fanin_equal_rows():
+    from sparseforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="block pattern"):
+        SparseLinear.from_linear(_structured_linear("bsr"), "bsr")
+    with pytest.raises(ConfigError, match="same number of inputs"):
+        SparseLinear.from_linear(pruned_linear("bitmap"), "fanin")

@@ -39,10 +39,12 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from sparseforge.errors import ConfigError, ModelError
+from sparseforge.formats._stored import StoredBuffers
 
 __all__ = ["BitmapWeight", "pack_bits", "unpack_bits"]
 
@@ -98,8 +100,11 @@ def _check_weight(w: torch.Tensor, mask: torch.Tensor | None) -> None:
 
 
 @dataclass(frozen=True, eq=False)
-class BitmapWeight:
+class BitmapWeight(StoredBuffers):
     """A 2-D weight in bitmap format (see the module doc for the byte layout)."""
+
+    KEY: ClassVar[str] = ""
+    FIELDS: ClassVar[tuple[str, ...]] = ("bitmap", "values")
 
     shape: tuple[int, int]
     bitmap: torch.Tensor  # uint8 (rows, ceil(cols/8))
@@ -144,31 +149,3 @@ class BitmapWeight:
         out = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
         out[self.mask()] = self.values
         return out
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def nnz(self) -> int:
-        """Number of stored (kept) entries, explicit zeros included."""
-        return self.values.numel()
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the stored buffers (bitmap + values; row_offsets is derived, not counted)."""
-        return self.bitmap.numel() + self.values.numel() * self.values.element_size()
-
-    def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        """On-disk tensors: ``{prefix}bitmap`` and ``{prefix}values``."""
-        return {f"{prefix}bitmap": self.bitmap, f"{prefix}values": self.values}
-
-    @classmethod
-    def from_state_dict(
-        cls, state: dict[str, torch.Tensor], shape: tuple[int, int], prefix: str = ""
-    ) -> "BitmapWeight":
-        """Rebuild from :meth:`state_dict` output; ``shape`` is not recoverable from the bitmap alone."""
-        missing = [k for k in ("bitmap", "values") if f"{prefix}{k}" not in state]
-        if missing:
-            raise ModelError(f"bitmap weight {prefix!r} is missing tensor(s) {[prefix + k for k in missing]}")
-        return cls(tuple(shape), state[f"{prefix}bitmap"], state[f"{prefix}values"])

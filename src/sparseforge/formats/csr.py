@@ -35,10 +35,12 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from sparseforge.errors import ConfigError, ModelError
+from sparseforge.formats._stored import StoredBuffers
 from sparseforge.formats.bitmap import _check_weight
 
 __all__ = ["CSRWeight", "index_dtype"]
@@ -52,8 +54,11 @@ def index_dtype(cols: int) -> torch.dtype:
 
 
 @dataclass(frozen=True, eq=False)
-class CSRWeight:
+class CSRWeight(StoredBuffers):
     """A 2-D weight in CSR format (see the module doc for the byte layout)."""
+
+    KEY: ClassVar[str] = "csr_"
+    FIELDS: ClassVar[tuple[str, ...]] = ("row_ptr", "col", "values")
 
     shape: tuple[int, int]
     row_ptr: torch.Tensor  # int32 (rows+1,)
@@ -120,30 +125,3 @@ class CSRWeight:
     def _row_of(self) -> torch.Tensor:
         ptr = self.row_ptr.to(torch.int64)
         return torch.repeat_interleave(torch.arange(self.shape[0]), ptr[1:] - ptr[:-1])  # (nnz,)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def nnz(self) -> int:
-        """Number of stored entries, explicit zeros included."""
-        return self.values.numel()
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the stored buffers (row_ptr + col + values)."""
-        return sum(t.numel() * t.element_size() for t in (self.row_ptr, self.col, self.values))
-
-    def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        """On-disk tensors: ``{prefix}csr_row_ptr``, ``{prefix}csr_col`` and ``{prefix}csr_values``."""
-        return {f"{prefix}csr_row_ptr": self.row_ptr, f"{prefix}csr_col": self.col, f"{prefix}csr_values": self.values}
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor], shape: tuple[int, int], prefix: str = "") -> "CSRWeight":
-        """Rebuild from :meth:`state_dict` output plus the ``shape`` kept in the config."""
-        keys = [f"{prefix}csr_{k}" for k in ("row_ptr", "col", "values")]
-        missing = [k for k in keys if k not in state]
-        if missing:
-            raise ModelError(f"CSR weight {prefix!r} is missing tensor(s) {missing}")
-        return cls(tuple(shape), *(state[k] for k in keys))

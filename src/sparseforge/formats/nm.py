@@ -47,10 +47,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from sparseforge.errors import ConfigError, ModelError
+from sparseforge.formats._stored import StoredBuffers
 from sparseforge.formats.bitmap import _check_weight, pack_bits, unpack_bits
 from sparseforge.masks import topk_mask
 from sparseforge.patterns import NM, Pattern, parse
@@ -89,8 +91,11 @@ def _as_nm(pattern: "Pattern | str") -> NM:
 
 
 @dataclass(frozen=True, eq=False)
-class NMWeight:
+class NMWeight(StoredBuffers):
     """A 2-D weight in N:M packed format (see the module doc for the byte layout)."""
+
+    KEY: ClassVar[str] = "nm_"
+    FIELDS: ClassVar[tuple[str, ...]] = ("values", "indices")
 
     shape: tuple[int, int]
     pattern: NM
@@ -176,24 +181,6 @@ class NMWeight:
         out = torch.zeros(rows, cols // m, m, dtype=torch.bool, device=self.indices.device)
         out.scatter_(2, self.positions().reshape(rows, cols // m, n), True)
         return out.reshape(rows, cols)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def nnz(self) -> int:
-        """Number of stored entries (``rows * cols * n / m``, padding zeros included)."""
-        return self.values.numel()
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the stored buffers (values + indices)."""
-        return self.values.numel() * self.values.element_size() + self.indices.numel()
-
-    def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        """On-disk tensors: ``{prefix}nm_values`` and ``{prefix}nm_indices``."""
-        return {f"{prefix}nm_values": self.values, f"{prefix}nm_indices": self.indices}
 
     @classmethod
     def from_state_dict(

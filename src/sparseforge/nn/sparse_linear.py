@@ -1,7 +1,8 @@
 """``SparseLinear``: a linear layer whose weight is stored in a sparse format and multiplied natively.
 
-The weight is one :class:`~sparseforge.formats.BitmapWeight`, :class:`~sparseforge.formats.NMWeight`
-or :class:`~sparseforge.formats.csr.CSRWeight` (float32 or bfloat16 values); ``forward`` runs
+The weight is one :class:`~sparseforge.formats.BitmapWeight`, :class:`~sparseforge.formats.NMWeight`,
+:class:`~sparseforge.formats.csr.CSRWeight`, :class:`~sparseforge.formats.FanInWeight` or
+:class:`~sparseforge.formats.BSRWeight` (float32 or bfloat16 values); ``forward`` runs
 ``y = x @ W^T + bias`` through :func:`sparseforge.ops.linear` (the native kernels of
 ``docs/kernels.md``), for any leading batch dimensions. The format's buffers are registered as
 module buffers under the format's own on-disk names (``bitmap``/``values``, ``nm_values``/
@@ -41,31 +42,36 @@ from torch import Tensor, nn
 
 from sparseforge import ops
 from sparseforge.errors import ConfigError, ModelError
-from sparseforge.formats import BitmapWeight, NMWeight
+from sparseforge.formats import BitmapWeight, BSRWeight, FanInWeight, NMWeight
 from sparseforge.formats.csr import CSRWeight
-from sparseforge.patterns import NM, parse
+from sparseforge.patterns import NM, Block, parse
 
-__all__ = ["SparseLinear", "FORMATS"]
+__all__ = ["SparseLinear", "FORMATS", "STRUCTURED_FORMATS", "ALL_FORMATS"]
 
+# FORMATS: the general formats (the candidates format="auto" measures); STRUCTURED_FORMATS hold
+# only masks with a structure (equal row counts / whole blocks) and are chosen explicitly or from a
+# recorded FanIn / Block pattern (compress_ format="rule").
 FORMATS = ("bitmap", "nm", "csr")
+STRUCTURED_FORMATS = ("fanin", "bsr")
+ALL_FORMATS = FORMATS + STRUCTURED_FORMATS
+_CLASSES = {"bitmap": BitmapWeight, "nm": NMWeight, "csr": CSRWeight, "fanin": FanInWeight, "bsr": BSRWeight}
 _VALUE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _format_name(weight) -> str:
-    if isinstance(weight, BitmapWeight):
-        return "bitmap"
-    if isinstance(weight, NMWeight):
-        return "nm"
-    if isinstance(weight, CSRWeight):
-        return "csr"
-    raise ModelError(f"SparseLinear holds a BitmapWeight, NMWeight or CSRWeight, got {type(weight).__name__}")
+    for name, cls in _CLASSES.items():
+        if isinstance(weight, cls):
+            return name
+    raise ModelError(
+        f"SparseLinear holds a BitmapWeight, NMWeight, CSRWeight, FanInWeight or BSRWeight, got {type(weight).__name__}"
+    )
 
 
 class SparseLinear(nn.Module):
     """Linear layer with a sparse-format weight (see the module doc). ``weight`` is (out, in)."""
 
     def __init__(
-        self, weight: "BitmapWeight | NMWeight | CSRWeight", bias: Optional[Tensor] = None, *, trainable: bool = False
+        self, weight: "BitmapWeight | NMWeight | CSRWeight | FanInWeight | BSRWeight", bias: Optional[Tensor] = None, *, trainable: bool = False
     ) -> None:
         super().__init__()
         self.format = _format_name(weight)
@@ -104,8 +110,9 @@ class SparseLinear(nn.Module):
         Args:
             format: ``"bitmap"``, ``"nm"``, ``"csr"`` or ``"auto"`` (the rule of
                 :func:`sparseforge.compress.auto_format`).
-            pattern: the N:M pattern for ``format="nm"`` (default ``"2:4"``); for ``"auto"``, a
-                recorded pattern tried first.
+            pattern: the N:M pattern for ``format="nm"`` (default ``"2:4"``); the block pattern
+                (e.g. ``"block4x4"``, required) for ``format="bsr"``; for ``"auto"``, a recorded
+                pattern tried first. ``format="fanin"`` needs every row to keep the same count.
             dtype: values dtype (float32 or bfloat16); default the weight's own.
             trainable: store the values as a trainable parameter (see :meth:`set_trainable`).
         Raises:
@@ -134,8 +141,14 @@ class SparseLinear(nn.Module):
             weight = CSRWeight.from_dense(w, keep)
         elif format == "nm":
             weight = NMWeight.from_dense(w, parse(pattern or "2:4"), keep)
+        elif format == "fanin":
+            weight = FanInWeight.from_dense(w, keep)
+        elif format == "bsr":
+            if pattern is None or not isinstance(parse(pattern), Block):
+                raise ConfigError(f"format='bsr' needs a block pattern such as 'block4x4', got {pattern!r}")
+            weight = BSRWeight.from_dense(w, parse(pattern), keep)
         else:
-            raise ConfigError(f"unknown sparse format {format!r}; use one of {FORMATS} or 'auto'")
+            raise ConfigError(f"unknown sparse format {format!r}; use one of {ALL_FORMATS} or 'auto'")
         return cls(weight, linear.bias, trainable=trainable)
 
     # ---- the weight object, kept in sync with the buffers -----------------------------------
@@ -173,14 +186,12 @@ class SparseLinear(nn.Module):
 
     def _build(self, state: dict[str, Tensor]):
         shape = (self.out_features, self.in_features)
-        if self.format == "bitmap":
-            return BitmapWeight.from_state_dict(state, shape)
         if self.format == "nm":
             return NMWeight.from_state_dict(state, shape, self.pattern)
-        return CSRWeight.from_state_dict(state, shape)
+        return _CLASSES[self.format].from_state_dict(state, shape)
 
     @property
-    def weight_format(self) -> "BitmapWeight | NMWeight | CSRWeight":
+    def weight_format(self) -> "BitmapWeight | NMWeight | CSRWeight | FanInWeight | BSRWeight":
         """The format object over the current buffers (rebuilt, and validated, after ``.to()``)."""
         bufs = self._current()
         if any(a is not b for a, b in zip(bufs, self._cached)):
@@ -246,6 +257,8 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         fmt = f"nm {self.pattern}" if self.pattern is not None else self.format
+        if self.format == "bsr":
+            fmt = f"bsr {self.weight_format.block}"
         dtype = str(self.weight_format.dtype).removeprefix("torch.")
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -1,0 +1,8 @@
+// BSR kernels compiled for AVX2 (the generic code of bsr_kernels.h at this file's vector width).
+#include "bsr_kernels.h"
+
+namespace sf {
+namespace avx2 {
+extern const BsrKernels bsr = {bsr_rows, bsr_lanes, bsr_lanes_t, bsr_sddmm};
+}  // namespace avx2
+}  // namespace sf
