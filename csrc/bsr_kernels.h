@@ -1,9 +1,10 @@
 // BSR kernels, written once with the vector type of the including file (lanes.h: zmm in
 // bsr_avx512.cpp, ymm in bsr_avx2.cpp, SSE in bsr.cpp); everything has internal linkage.
 //
-// rows (batch 1-3): a dense h x w micro-kernel per block: the x segment of the block is read once
-//   per batch row and multiplied with the block's h contiguous value rows, kVL columns per vector
-//   op (a scalar tail when w is not a multiple of kVL).
+// rows (batch 1-3): a dense h x w micro-kernel per block. Narrow blocks (w = 1, 2, 4, 8 dividing
+//   the vector width, h*w a multiple of it): the whole block is a few vectors multiplied with x's w
+//   columns repeated h times. Otherwise each of the block's h value rows is a contiguous dot
+//   product with x's w columns, kVL columns per vector op (scalar tail past a multiple of kVL).
 // lanes / lanes_t: the generic batch-in-lanes kernels over BsrDec.
 // sddmm: per block, dw[b, i, jj] = dot(dyt[R*h + i], xt[C*w + jj]) over the batch lanes.
 #pragma once
@@ -51,8 +52,83 @@ void bsr_rows_v(const BsrView& w, const Problem& p, int64_t r0, int64_t r1) {
   }
 }
 
+// x's WB consecutive columns repeated to fill a native vector (WB = 2, 4, 8 dividing kVL): one
+// unaligned load and log2(kVL / WB) concatenating shuffles (lane stores + a wide reload would stall
+// on store forwarding).
+template <int S>
+struct FVec {
+  typedef float t __attribute__((vector_size(S * 4)));
+  typedef float u __attribute__((vector_size(S * 4), aligned(4)));
+};
+inline FVec<4>::t cat(FVec<2>::t a) { return __builtin_shufflevector(a, a, 0, 1, 2, 3); }
+#if defined(__AVX__)  // wider vectors only where they are native (no ABI change warnings)
+inline FVec<8>::t cat(FVec<4>::t a) { return __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7); }
+#endif
+#if defined(__AVX512F__)
+inline FVec<16>::t cat(FVec<8>::t a) {
+  return __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+#endif
+template <int S>
+inline vfl grow(typename FVec<S>::t a) {
+  if constexpr (S == kVL) {
+    return a;
+  } else {
+    return grow<2 * S>(cat(a));
+  }
+}
+template <int WB>
+inline vfl repeat_cols(const float* xs) {
+  if constexpr (WB == 1) {
+    return vfl{} + xs[0];
+  } else {
+    return grow<WB>(*reinterpret_cast<const typename FVec<WB>::u*>(xs));
+  }
+}
+
+constexpr int64_t kMaxGroups = 16;  // vectors of accumulators per block row in bsr_rows_narrow
+
+// Narrow blocks (WB divides kVL, h * WB a multiple of kVL, at most kMaxGroups vectors): a whole
+// block is h * WB / kVL vectors, multiplied with x's WB columns repeated h times (xr), into as many
+// accumulators; lanes are summed per row once per block row.
+template <VT V, int WB>
+void bsr_rows_narrow(const BsrView& w, const Problem& p, int64_t r0, int64_t r1) {
+  const int64_t hw = w.h * WB, ng = hw / kVL;
+  for (int64_t R = r0 / w.h; R * w.h < r1; ++R) {
+    for (int64_t bt = 0; bt < p.B; ++bt) {
+      const float* xb = p.x + bt * p.in;
+      vfl acc[kMaxGroups];
+      for (int64_t g = 0; g < ng; ++g) acc[g] = vfl{};
+      for (int64_t b = w.brp[R]; b < w.brp[R + 1]; ++b) {
+        const float* xs = xb + w.block_col(b) * WB;
+        const vfl xr = repeat_cols<WB>(xs);
+        for (int64_t g = 0; g < ng; ++g) acc[g] += load_vals<V>(w.val, b * hw + g * kVL) * xr;
+      }
+      for (int64_t i = 0; i < w.h; ++i) {
+        const int64_t r = R * w.h + i;
+        if (r < r0 || r >= r1) continue;
+        float s = 0.f;
+        for (int64_t k = i * WB; k < (i + 1) * WB; ++k) s += acc[k / kVL][k % kVL];
+        p.y[bt * p.out + r] = s + (p.bias ? p.bias[r] : 0.f);
+      }
+    }
+  }
+}
+
+template <VT V>
+void bsr_rows_t(const BsrView& w, const Problem& p, int64_t r0, int64_t r1) {
+  const bool narrow = kVL % w.w == 0 && (w.h * w.w) % kVL == 0 && w.h * w.w <= kMaxGroups * kVL;
+  if (narrow && w.w == 1) return bsr_rows_narrow<V, 1>(w, p, r0, r1);
+  if (narrow && w.w == 2) return bsr_rows_narrow<V, 2>(w, p, r0, r1);
+  if (narrow && w.w == 4) return bsr_rows_narrow<V, 4>(w, p, r0, r1);
+  if constexpr (kVL >= 8) {
+    if (narrow && w.w == 8) return bsr_rows_narrow<V, 8>(w, p, r0, r1);
+  }
+  bsr_rows_v<V>(w, p, r0, r1);  // wide blocks (w a multiple of kVL vectorises per row) and the rest
+}
+
 void bsr_rows(const BsrView& w, const Problem& p, int64_t r0, int64_t r1) {
-  if (w.vt == VT::f32) bsr_rows_v<VT::f32>(w, p, r0, r1); else bsr_rows_v<VT::bf16>(w, p, r0, r1);
+  if (w.vt == VT::f32) bsr_rows_t<VT::f32>(w, p, r0, r1); else bsr_rows_t<VT::bf16>(w, p, r0, r1);
 }
 
 void bsr_lanes(const BsrView& w, const Problem& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* ybuf) {
@@ -74,10 +150,7 @@ void bsr_sddmm_tile(const BsrView& w, const float* xt, const float* dyt, float* 
         const vfl* d = reinterpret_cast<const vfl*>(dyt + (R * w.h + i) * W);
         float* out = dw + (b * w.h + i) * w.w;
         for (int64_t jj = 0; jj < w.w; ++jj) {
-          const vfl* xr = reinterpret_cast<const vfl*>(xb + jj * W);
-          vfl a = d[0] * xr[0];
-          for (int q = 1; q < NQ; ++q) a += d[q] * xr[q];
-          const float s = hsum_vfl(a);
+          const float s = hsum_vfl(dot_lanes<NQ>(d, reinterpret_cast<const vfl*>(xb + jj * W)));
           out[jj] = add ? out[jj] + s : s;
         }
       }

@@ -35,6 +35,23 @@ inline float hsum_vfl(vfl a) {
   return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
+// sum of d[q] * x[q] over the NQ vectors of a lanes row, as a tree of two chains
+template <int NQ>
+inline vfl dot_lanes(const vfl* d, const vfl* x) {
+  vfl a = d[0] * x[0];
+  if constexpr (NQ == 1) {
+    return a;
+  } else {
+    vfl b = d[1] * x[1];
+    for (int q = 2; q + 1 < NQ; q += 2) {
+      a += d[q] * x[q];
+      b += d[q + 1] * x[q + 1];
+    }
+    if constexpr (NQ % 2) a += d[NQ - 1] * x[NQ - 1];
+    return a + b;
+  }
+}
+
 template <int NV, class Dec, class First>
 void sddmm_tile(const Dec& dec, const First& first, int64_t cols, const float* xt, const float* dyt, float* dw,
                 bool add, int64_t r0, int64_t r1) {
@@ -47,10 +64,7 @@ void sddmm_tile(const Dec& dec, const First& first, int64_t cols, const float* x
     int64_t v = first(r);
     auto cur = dec.begin(r);
     dec.run(cur, cols, [&](int64_t j, float) {
-      const vfl* xr = reinterpret_cast<const vfl*>(xt + j * W);
-      vfl a = d[0] * xr[0];
-      for (int q = 1; q < NQ; ++q) a += d[q] * xr[q];
-      const float s = hsum_vfl(a);
+      const float s = hsum_vfl(dot_lanes<NQ>(d, reinterpret_cast<const vfl*>(xt + j * W)));
       dw[v] = add ? dw[v] + s : s;
       ++v;
     });
