@@ -73,6 +73,8 @@ def srigl_update(
     active count ``A``. Returns ``(new mask, active neurons (out,) bool, fan-in k)``.
     """
     rows, cols = mask.shape
+    if budget == 0:  # nothing allotted (sparsity rounds every row to 0 inputs): nothing to move
+        return torch.zeros_like(mask), torch.zeros(rows, dtype=torch.bool, device=mask.device), 0
     k0 = budget // rows
     if ablate and gamma_sal > 0:
         salient = drop_and_grow(mask, weight_abs, grad_abs, Unstructured(), drop_fraction).mask  # (out, in)
