@@ -101,3 +101,14 @@ def test_demo_runs_end_to_end(tmp_path):
     assert set(ppl) == {"dense", "magnitude", "wanda", "sparsegpt"}
     assert ppl["sparsegpt"] <= ppl["magnitude"] and ppl["dense"] < ppl["sparsegpt"]
     assert "weights bit-exact: True" in r.stdout
+
+
+def test_train_advise_bench_are_subcommands(capsys):
+    from sparseforge.cli import main
+
+    assert main(["train", "--steps", "0"]) == 2  # reaches sparseforge.train.cli, which refuses 0 steps
+    assert "sparseforge train: error:" in capsys.readouterr().err
+    assert main(["bench", "builtin", "--batch-sizes", "0"]) == 2
+    assert "batch sizes must be positive" in capsys.readouterr().err
+    assert main(["advise", "builtin", "--threads", "0", "--no-sweep"]) == 2
+    assert "threads must be >= 1" in capsys.readouterr().err

@@ -157,7 +157,7 @@ def machine_info(threads: int) -> dict[str, Any]:
 def _set_threads(threads: Optional[int]) -> int:
     from sparseforge import kernels
 
-    threads = int(threads or torch.get_num_threads())
+    threads = torch.get_num_threads() if threads is None else int(threads)
     if threads < 1:
         raise ConfigError(f"threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)

@@ -1,7 +1,8 @@
 """The ``sparseforge`` command line: a thin layer over the public API.
 
-Subcommands: ``prune``, ``eval``, ``inspect``, ``demo``, ``advise`` (will sparse be faster on this
-machine?), ``bench`` (generation tokens/s dense vs compressed). Every run prints its resolved config as a
+Subcommands: ``prune``, ``eval``, ``inspect``, ``demo``, ``train`` (a sparse-training recipe on the
+built-in model and corpus), ``advise`` (will sparse be faster on this machine?), ``bench``
+(generation tokens/s dense vs compressed). Every run prints its resolved config as a
 YAML recipe so it can be repeated with ``--recipe``. Errors print one line and exit with status 2.
 
 Example::
@@ -9,6 +10,7 @@ Example::
     sparseforge prune builtin --method sparsegpt --pattern 2:4 --out pruned/
     sparseforge eval pruned/
     sparseforge inspect pruned/
+    sparseforge train --method rigl --sparsity 0.9 --steps 60 --output trained/
     sparseforge advise pruned/ --batch-sizes 1 64 --plot advise.png
     sparseforge bench pruned/ --batch-sizes 1 8
     python -m sparseforge demo
@@ -70,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patterns", nargs="+", default=["unstructured", "2:4"], help="patterns to compare")
     p.add_argument("--sparsity", type=float, default=None)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+    from sparseforge.train.cli import add_parser as add_train_parser
+
+    add_train_parser(sub)
 
     p = sub.add_parser("advise", help="measure dense vs each sparse format on this machine; pick per layer, plot speedup vs sparsity")
     p.add_argument("model", help="'builtin', 'minilm', or a model directory (pruned or not)")
@@ -199,6 +205,12 @@ def _cmd_advise(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from sparseforge.train.cli import run
+
+    return run(args)
+
+
 def _cmd_bench(args) -> int:
     from sparseforge.bench import bench_generation
 
@@ -212,7 +224,7 @@ def _cmd_bench(args) -> int:
 
 
 COMMANDS = {"prune": _cmd_prune, "eval": _cmd_eval, "inspect": _cmd_inspect, "demo": _cmd_demo,
-            "advise": _cmd_advise, "bench": _cmd_bench}
+            "train": _cmd_train, "advise": _cmd_advise, "bench": _cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
