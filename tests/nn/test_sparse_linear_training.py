@@ -123,3 +123,15 @@ def test_bsr_needs_a_block_pattern_and_fanin_equal_rows():
         SparseLinear.from_linear(_structured_linear("bsr"), "bsr")
     with pytest.raises(ConfigError, match="same number of inputs"):
         SparseLinear.from_linear(pruned_linear("bitmap"), "fanin")
+
+
+def test_trainable_layer_under_torch_compile():
+    lin = pruned_linear("bitmap")
+    sl = SparseLinear.from_linear(lin, "bitmap", trainable=True)
+    compiled = torch.compile(sl, fullgraph=True, backend="aot_eager")
+    x = torch.randn(6, lin.in_features)
+    compiled(x).square().sum().backward()
+    eager = SparseLinear.from_linear(lin, "bitmap", trainable=True)
+    eager(x).square().sum().backward()
+    torch.testing.assert_close(sl.values.grad, eager.values.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sl.bias.grad, eager.bias.grad, atol=1e-5, rtol=1e-5)

@@ -177,8 +177,12 @@ class SparseLinear(nn.Module):
             self.register_buffer(key, values.detach())
         if self.bias is not None:
             self.bias.requires_grad_(flag)
-        self._cached = (None,) * len(self._keys)  # the format object must hold the new tensor
+        self._refresh()  # the format object must hold the new tensor (rebuilt now, not in a compiled forward)
         return self
+
+    def _refresh(self) -> None:
+        self._weight = self._build(dict(zip(self._keys, self._current())))
+        self._cached = self._current()
 
     def requires_grad_(self, requires_grad: bool = True) -> "SparseLinear":
         """Same as :meth:`set_trainable`: the kept weights (and bias) train, the structure does not."""
@@ -215,7 +219,7 @@ class SparseLinear(nn.Module):
                     self._buffers[key] = buf  # replaced: the stored count of kept weights may differ
             self._weight, self._cached = weight, self._current()
             if self.trainable:
-                self._cached = (None,) * len(self._keys)  # rebuilt over the parameter after copying
+                self._refresh()  # over the values parameter, which super() below fills in place
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     # ---- use ---------------------------------------------------------------------------------
