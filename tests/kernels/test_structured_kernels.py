@@ -47,3 +47,29 @@ def test_wide_layers_use_int32_indices():
         assert case.bufs[-1 if fmt == "fanin" else 1].dtype == torch.int32
         x = torch.randn(2, 70000)
         torch.testing.assert_close(case.run(x), _dense(x, case), **TOL)
+
+
+@pytest.mark.parametrize("fmt", ["bsr_3x5_bf16", "bsr_4x4", "bsr_8x2", "fanin"])
+def test_threaded_row_chunks_that_split_blocks(fmt):
+    # 300 rows in ~10-row tasks: chunk edges fall inside 3-, 4- and 8-row block rows
+    from sparseforge.kernels import native
+
+    case = random_case(fmt, 300, 240, density=0.5, seed=12)
+    rows, cols = case.shape
+    x = torch.randn(9, cols)
+    dy = torch.randn(9, rows)
+    n0 = kernels.num_threads()
+    try:
+        for n in (2, 3):
+            kernels.set_num_threads(n)
+            for algo in ("rows", "lanes"):
+                torch.testing.assert_close(case.run(x, algo=algo), case.ref(x), **TOL)
+            torch.testing.assert_close(case.run_t(dy), case.ref_t(dy), **TOL)
+            kind = "bsr" if fmt.startswith("bsr") else "fanin"
+            values = case.bufs[-1] if kind == "bsr" else case.bufs[0]
+            dw, ref = torch.empty(values.shape), torch.empty(values.shape)
+            getattr(native(), f"{kind}_sddmm")(x, dy, *case.bufs, dw)
+            getattr(native(), f"{kind}_sddmm_ref")(x, dy, *case.bufs, ref)
+            torch.testing.assert_close(dw, ref, **TOL)
+    finally:
+        kernels.set_num_threads(n0)
