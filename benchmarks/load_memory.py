@@ -5,7 +5,8 @@ without ever materialising dense weights (peak RSS close to the compressed size:
 
 A Llama-shaped model with random weights (hidden 2048, 8 layers, FFN 5632, vocab 8192 by default)
 is pruned by magnitude (2:4 and 75% unstructured) and saved compressed. Each loader then runs in a
-fresh process, which reports its peak resident set size (``ru_maxrss``); a process that only imports
+fresh process, which reports its peak resident set size (``VmHWM``, the process image's own peak:
+``ru_maxrss`` would carry this parent's peak across fork/exec); a process that only imports
 torch, transformers and sparseforge gives the baseline, subtracted to get what loading cost.
 
     python benchmarks/load_memory.py --quick     # hidden 256, 2 layers (smoke)
@@ -25,7 +26,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 WORKER = r"""
-import json, resource, sys
+import json, sys
 import torch, transformers, sparseforge
 from sparseforge.checkpoint import load
 mode, path = sys.argv[1], sys.argv[2]
@@ -41,7 +42,8 @@ if mode != "baseline":
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             nbytes += t.numel() * t.element_size()
-print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "model_mib": nbytes / 2**20}))
+from sparseforge.bench import own_peak_rss_mib
+print(json.dumps({"peak_rss_mib": own_peak_rss_mib(), "model_mib": nbytes / 2**20}))
 """
 
 

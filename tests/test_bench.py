@@ -51,3 +51,19 @@ def test_advise_cli_on_a_pruned_checkpoint(tmp_path, capsys):
     assert len(covered) == 42 and all(a["pattern"] == "2:4" for a in data["layers"])
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
     assert {r["label"] for r in data["sweep"]} == {"90%", "2:4"}
+
+
+def test_own_peak_rss_is_this_process_image_not_the_parents():
+    import subprocess
+    import sys
+
+    import torch
+
+    from sparseforge.bench import own_peak_rss_mib
+
+    big = torch.ones(64 * 2**20)  # 256 MiB in this (parent) process
+    assert own_peak_rss_mib() > 256
+    code = "from sparseforge.bench import own_peak_rss_mib; print(own_peak_rss_mib())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert child < own_peak_rss_mib() - 200  # ru_maxrss would have inherited the parent's peak
+    del big

@@ -14,8 +14,9 @@ in every round so drifting load from other processes hits both alike; tokens/s i
 ``batch * new_tokens / median seconds`` and the speedup is a ratio within the same run.
 
 Peak memory: each variant is also loaded in a fresh subprocess that generates a few tokens and
-reports its peak resident set size (``ru_maxrss``), so one variant's allocations never inflate the
-other's. For a compressed sparseforge checkpoint the sparse subprocess uses
+reports its peak resident set size (:func:`own_peak_rss_mib`: ``VmHWM``, the peak of that process
+image; not ``ru_maxrss``, which Linux carries from the parent across fork and exec), so one
+variant's allocations never inflate the other's. For a compressed sparseforge checkpoint the sparse subprocess uses
 :func:`sparseforge.compress.load_sparse`, which never builds the dense pruned weights.
 
 ``pattern=`` / ``sparsity=`` prune the model by magnitude first (no calibration, for speed
@@ -44,7 +45,18 @@ import torch
 
 from sparseforge.errors import ConfigError, ModelError
 
-__all__ = ["bench_generation", "BenchReport", "generate_seconds"]
+__all__ = ["bench_generation", "BenchReport", "generate_seconds", "own_peak_rss_mib"]
+
+
+def own_peak_rss_mib() -> float:
+    """Peak RSS of this process image in MiB: ``VmHWM`` from ``/proc/self/status`` (Linux), which
+    starts afresh at ``exec``; elsewhere ``ru_maxrss`` (which may include a parent's peak)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) / 1024.0
+    except (OSError, StopIteration, ValueError):
+        scale = 1024.0 if sys.platform.startswith("linux") else 1024.0 ** 2  # KiB on Linux, bytes on macOS
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 @dataclass
@@ -212,7 +224,7 @@ def _rss_worker(spec: dict[str, Any]) -> None:
     net, _ = _load(spec["model"], spec["variant"], spec["pattern"], spec["sparsity"], spec["format"],
                    spec["batch_sizes"], spec["sparse_load"], advice)
     generate_seconds(net, torch.ones(1, 4, dtype=torch.long), 2)
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"peak_rss_mib": own_peak_rss_mib()}))
 
 
 if __name__ == "__main__":
