@@ -203,3 +203,14 @@ def test_torch_compile_trains_values():
     wd = weight.to_dense().detach().requires_grad_()
     (x @ (wd * weight.mask()).T).square().sum().backward()
     torch.testing.assert_close(weight.values.grad, at_stored(weight, wd.grad), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["csr_u16", "bitmap_bf16", "nm_2of4", "nm_3of8", "fanin"])
+def test_wide_layers_walk_several_column_windows(fmt):
+    # the SDDMM walks columns in windows of 64K floats / tile width (1024 columns at 64 lanes)
+    case = random_case(fmt, 9, 2600, density=0.3, seed=5)
+    for batch in (17, 64, 130):
+        x, dy = torch.randn(batch, case.shape[1]), torch.randn(batch, case.shape[0])
+        ref = _sddmm(case, x, dy, ref=True)
+        for isa in ISAS:
+            torch.testing.assert_close(_sddmm(case, x, dy, isa=isa), ref, rtol=1e-4, atol=1e-4)
