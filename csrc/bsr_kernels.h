@@ -149,7 +149,15 @@ void bsr_sddmm_tile(const BsrView& w, const float* xt, const float* dyt, float* 
       for (int64_t i = 0; i < w.h; ++i) {
         const vfl* d = reinterpret_cast<const vfl*>(dyt + (R * w.h + i) * W);
         float* out = dw + (b * w.h + i) * w.w;
-        for (int64_t jj = 0; jj < w.w; ++jj) {
+        int64_t jj = 0;
+        for (; jj + 4 <= w.w; jj += 4) {  // four columns share one reduction
+          const vfl* x0 = reinterpret_cast<const vfl*>(xb + jj * W);
+          float s[4];
+          hsum4(dot_lanes<NQ>(d, x0), dot_lanes<NQ>(d, x0 + NQ), dot_lanes<NQ>(d, x0 + 2 * NQ),
+                dot_lanes<NQ>(d, x0 + 3 * NQ), s);
+          for (int k = 0; k < 4; ++k) out[jj + k] = add ? out[jj + k] + s[k] : s[k];
+        }
+        for (; jj < w.w; ++jj) {
           const float s = hsum_vfl(dot_lanes<NQ>(d, reinterpret_cast<const vfl*>(xb + jj * W)));
           out[jj] = add ? out[jj] + s : s;
         }
