@@ -2,7 +2,6 @@
 
 import copy
 import os
-import sys
 
 import pytest
 import torch

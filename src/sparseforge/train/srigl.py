@@ -50,7 +50,6 @@ import torch
 
 from sparseforge.masks import mask_from_scores
 from sparseforge.patterns import FanIn, Unstructured
-from sparseforge.train.base import SparseLayer
 from sparseforge.train.config import SRigLConfig
 from sparseforge.train.methods import RigL
 from sparseforge.train.updates import _exclude, drop_and_grow
@@ -123,10 +122,6 @@ class SRigL(RigL):
             self.fan_in[layer.name] = k
             self.ablated[layer.name] = int((~alive).sum())
         return fraction, masks
-
-    def active_neurons(self, layer: SparseLayer) -> torch.Tensor:
-        """``(out,)`` bool: neurons with at least one active input."""
-        return layer.mask.any(1)
 
     def load_state_dict(self, state) -> None:
         super().load_state_dict(state)
