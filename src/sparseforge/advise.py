@@ -68,8 +68,8 @@ class LayerAdvice:
     sparsity: float
     dtype: str
     timings: dict[str, dict[int, float]]
-    choice: str  # "dense" or a format name ("nm" formats carry their pattern in ``pattern``)
-    pattern: Optional[str] = None  # the N:M pattern used by the "nm" candidate
+    choice: str  # "dense" or a format name
+    pattern: Optional[str] = None  # the pattern the chosen format is built with (nm: N:M, bsr: block), else None
     layers: list[str] = field(default_factory=list)
 
     def speedup(self, fmt: Optional[str] = None) -> dict[int, float]:
@@ -107,7 +107,7 @@ class AdviceReport:
                 for b in self.batch_sizes:
                     cells = " | ".join(f"{a.timings[f][b]:.3f}" if f in a.timings else "-" for f in self._formats(self.layers))
                     names = a.layers[0] + (f" (+{len(a.layers) - 1})" if len(a.layers) > 1 else "")
-                    label = f"{a.choice} {a.pattern}" if a.choice == "nm" else a.choice
+                    label = f"{a.choice} {a.pattern}" if a.pattern else a.choice
                     lines.append(f"| {names} | {a.shape[0]}x{a.shape[1]} | {a.sparsity:.2f} | {b} | "
                                  f"{a.timings['dense'][b]:.3f} | {cells} | {label} | {a.speedup()[b]:.2f}x |")
         if self.sweep:
@@ -183,23 +183,36 @@ def _time_interleaved(fns: dict[str, Callable[[], Any]], budget_s: float) -> dic
     return {k: statistics.median(v) * 1e3 for k, v in samples.items()}
 
 
+def _candidate_pattern(fmt: str, pattern: Optional[str]) -> Optional[str]:
+    """The pattern a structured format is built with: N:M for ``nm`` (the recorded one, else 2:4),
+    the recorded block for ``bsr``; ``None`` for the others."""
+    from sparseforge.patterns import NM, Block, parse
+
+    recorded = parse(pattern) if pattern is not None else None
+    if fmt == "nm":
+        return str(recorded) if isinstance(recorded, NM) else _DETECT_NM
+    if fmt == "bsr":
+        return str(recorded) if isinstance(recorded, Block) else None
+    return None
+
+
 def _candidates(w: torch.Tensor, keep: torch.Tensor, pattern: Optional[str], formats: Optional[Sequence[str]],
                 values_dtype: Optional[torch.dtype] = None):
     """{format: SparseLinear} for every format that can hold the masked weight, and the masked weight."""
-    from sparseforge.nn.sparse_linear import FORMATS, SparseLinear
+    from sparseforge.nn.sparse_linear import ALL_FORMATS, SparseLinear
 
-    wanted = list(formats or FORMATS)
-    unknown = [f for f in wanted if f not in FORMATS]
+    wanted = list(formats or ALL_FORMATS)
+    unknown = [f for f in wanted if f not in ALL_FORMATS]
     if unknown:
-        raise ConfigError(f"unknown format(s) {unknown}; the advisor knows {FORMATS}")
+        raise ConfigError(f"unknown format(s) {unknown}; the advisor knows {ALL_FORMATS}")
     lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
     lin.weight = nn.Parameter(torch.where(keep, w, torch.zeros((), dtype=w.dtype)), requires_grad=False)
     out = {}
     for fmt in wanted:
         try:
-            out[fmt] = SparseLinear.from_linear(lin, fmt, pattern=pattern if fmt == "nm" else None, dtype=values_dtype)
+            out[fmt] = SparseLinear.from_linear(lin, fmt, pattern=_candidate_pattern(fmt, pattern), dtype=values_dtype)
         except ConfigError:
-            continue  # the format cannot hold this mask (e.g. not N:M): not a candidate
+            continue  # the format cannot hold this mask (not N:M, rows of unequal length, no block pattern)
     return out, lin.weight.detach()
 
 
@@ -209,8 +222,10 @@ def measure_layer(w: torch.Tensor, *, batch_sizes: Sequence[int] = (1,), pattern
     """Time a pruned ``(out, in)`` weight (zeros = pruned) dense and in each sparse format.
 
     Args:
-        pattern: N:M pattern for the ``nm`` candidate (default: 2:4, if the weight obeys it).
-        formats: candidate formats (default all of :data:`~sparseforge.nn.sparse_linear.FORMATS`).
+        pattern: the layer's recorded pattern: an N:M one is used for the ``nm`` candidate (default
+            2:4, if the weight obeys it), a block one for ``bsr``.
+        formats: candidate formats (default all of :data:`~sparseforge.nn.sparse_linear.ALL_FORMATS`;
+            those that cannot hold the mask are skipped).
         budget_s: seconds of calls per candidate and batch size.
         min_speedup: a sparse format is chosen only if dense / sparse time, averaged over the batch
             sizes, reaches this (guards against picking a format on noise).
@@ -227,8 +242,7 @@ def measure_layer(w: torch.Tensor, *, batch_sizes: Sequence[int] = (1,), pattern
     if w.dtype not in (torch.float32, torch.bfloat16):
         w = w.float()
     keep = w != 0  # (out, in)
-    pat = pattern or _DETECT_NM
-    sparse, masked = _candidates(w, keep, pat, formats, values_dtype)
+    sparse, masked = _candidates(w, keep, pattern, formats, values_dtype)
     copies = max(1, math.ceil(STREAM_BYTES / max(1, masked.numel() * masked.element_size()))) if stream else 1
     dense_ws = [masked.clone() for _ in range(copies)]
     sparse_ws = {f: [m] + [_clone_module(m) for _ in range(copies - 1)] for f, m in sparse.items()}
@@ -247,7 +261,7 @@ def measure_layer(w: torch.Tensor, *, batch_sizes: Sequence[int] = (1,), pattern
     best = max(mean_ratio, key=mean_ratio.get, default=None)
     choice = best if best is not None and mean_ratio[best] >= min_speedup else "dense"
     return LayerAdvice(tuple(w.shape), float(1 - keep.float().mean()), str(w.dtype).replace("torch.", ""),
-                       timings, choice, pattern=str(sparse["nm"].pattern) if "nm" in sparse else None)
+                       timings, choice, pattern=_candidate_pattern(choice, pattern))
 
 
 def _clone_module(m: nn.Module) -> nn.Module:
@@ -271,14 +285,28 @@ def _cycler(call: Callable[[Any], Any], items: list) -> Callable[[], Any]:
 
 
 def _group_key(w: torch.Tensor, pattern: Optional[str]) -> tuple:
-    """Layers measured together: same shape, dtype, sparsity to 1%, and N:M-ness of the mask."""
+    """Layers measured together: same shape, dtype, sparsity to 1%, and the same answers to "which
+    structured formats can hold this mask" (N:M, equal row counts, the recorded block pattern)."""
     from sparseforge.masks import satisfies
-    from sparseforge.patterns import parse
+    from sparseforge.patterns import FanIn, parse
 
     keep = w != 0  # (out, in)
-    nm = parse(pattern or _DETECT_NM)
-    fits_nm = w.shape[1] % nm.m == 0 and satisfies(keep, nm)
-    return (tuple(w.shape), str(w.dtype), round(1.0 - float(keep.float().mean()), 2), fits_nm)
+    fits = []
+    for fmt in ("nm", "bsr"):
+        pat = _candidate_pattern(fmt, pattern)
+        fits.append(pat is not None and _fits(keep, parse(pat)) and satisfies(keep, pat))
+    fits.append(satisfies(keep, FanIn()))
+    return (tuple(w.shape), str(w.dtype), round(1.0 - float(keep.float().mean()), 2), tuple(fits))
+
+
+def _fits(keep: torch.Tensor, pattern) -> bool:
+    from sparseforge.patterns import check_fits
+
+    try:
+        check_fits(pattern, tuple(keep.shape))
+    except ConfigError:
+        return False
+    return True
 
 
 def advise_model(model: nn.Module, *, batch_sizes: Sequence[int] = (1,), names: Optional[Iterable[str]] = None,

@@ -242,7 +242,7 @@ def compress_(
             if adv.choice == "dense":
                 report.kept_dense.append((name, f"dense is faster on this machine ({adv.reason()})"))
                 continue
-            fmt, pat = adv.choice, adv.pattern if adv.choice == "nm" else None
+            fmt, pat = adv.choice, adv.pattern
         elif format == "rule":
             fmt, pat = _structured_format(w, recorded_any) or auto_format(w, recorded)
         else:
