@@ -28,6 +28,11 @@ class StoredBuffers:
     FIELDS: ClassVar[tuple[str, ...]]
     values: torch.Tensor
 
+    def __getstate__(self) -> dict:
+        # copies and pickles drop cached kernel arguments (numpy views that share memory with the
+        # original buffers, see sparseforge.ops._define.FormatOps.kernel_args): rebuilt on use
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
     @property
     def dtype(self) -> torch.dtype:
         return self.values.dtype

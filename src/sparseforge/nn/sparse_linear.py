@@ -197,10 +197,13 @@ class SparseLinear(nn.Module):
     @property
     def weight_format(self) -> "BitmapWeight | NMWeight | CSRWeight | FanInWeight | BSRWeight":
         """The format object over the current buffers (rebuilt, and validated, after ``.to()``)."""
-        bufs = self._current()
-        if any(a is not b for a, b in zip(bufs, self._cached)):
-            self._weight = self._build(dict(zip(self._keys, bufs)))
-            self._cached = bufs
+        buffers, params = self._buffers, self._parameters
+        for key, held in zip(self._keys, self._cached):  # cheap identity check per call
+            if buffers.get(key) is not held and params.get(key) is not held:
+                bufs = self._current()
+                self._weight = self._build(dict(zip(self._keys, bufs)))
+                self._cached = bufs
+                break
         return self._weight
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
@@ -226,14 +229,13 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.weight_format
-        out_dtype = x.dtype
-        if x.dtype != torch.float32:
-            x = x.to(torch.float32)  # the kernels take float32 activations
         bias = self.bias
         if bias is not None and bias.dtype != torch.float32:
             bias = bias.to(torch.float32)
-        y = ops.linear(x.contiguous(), weight, bias)  # (..., out)
-        return y if out_dtype == torch.float32 else y.to(out_dtype)
+        if x.dtype == torch.float32:
+            return ops.linear(x.contiguous(), weight, bias)  # (..., out)
+        # the kernels take float32 activations: cast in, and the output back to x.dtype
+        return ops.linear(x.to(torch.float32).contiguous(), weight, bias).to(x.dtype)
 
     def to_dense(self) -> Tensor:
         """The dense (out, in) weight with pruned entries ``+0.0`` (materialises it)."""

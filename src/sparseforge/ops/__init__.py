@@ -1,0 +1,103 @@
+"""Torch custom ops over the native sparse kernels: ``y = x @ W^T + bias`` for every sparse format.
+
+Layering (STYLE.md habit 5): ``csrc/`` torch-free C++ kernels -> ``sparseforge._native`` (nanobind,
+raw buffers) -> this package (``torch.library.custom_op`` with fake impls and autograd, one module per
+format, all defined by :func:`sparseforge.ops._define.define`) -> modules. Each op takes the format's
+buffers as tensors, so it works in eager mode, under ``torch.compile`` (the fake impl gives shapes)
+and in training:
+
+* ``sparseforge::csr_linear(x, row_ptr, col, values, bias)``
+* ``sparseforge::bitmap_linear(x, bitmap, row_offsets, values, bias)``
+* ``sparseforge::nm_linear(x, values, indices, n, m, bias)``
+* ``sparseforge::fanin_linear(x, values, indices, bias)``
+* ``sparseforge::bsr_linear(x, block_row_ptr, block_col, values, bias)``
+
+``x`` is float32 ``(B, in)``, C-contiguous, on the CPU; ``values`` float32 or bfloat16; the output is
+float32 ``(B, out)``. CSR buffers do not record ``in``, so ``csr_linear`` takes it from ``x``;
+:func:`linear` checks ``x`` against the weight's shape for every format. NaN/inf propagate as in the
+dense product with the pruned weights set to zero.
+
+Autograd: ``dx = dy @ W`` runs the native transposed-product kernels (``sparseforge::*_linear_t``:
+batch in SIMD lanes, compiled per ISA), ``dbias = dy.sum(0)``, and the gradient of the stored
+values, dW restricted to the mask, runs the native SDDMM kernels (``sparseforge::*_linear_dw``:
+``dw[q] = sum_b dy[b, r_q] * x[b, c_q]`` for each stored entry ``q`` at ``(r_q, c_q)``, float32
+accumulate, in the layout of ``values``; cast to the values' dtype). So ``values.requires_grad_()``
+trains the kept weights while the structure stays fixed.
+
+Example:
+    >>> import torch
+    >>> from sparseforge.formats import BitmapWeight
+    >>> from sparseforge.ops import linear
+    >>> w = torch.tensor([[1., 0., 2.], [0., 0., -1.]])
+    >>> linear(torch.ones(1, 3), BitmapWeight.from_dense(w)).tolist()
+    [[3.0, -1.0]]
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from sparseforge.errors import DataError, ModelError
+from sparseforge.ops import bitmap, bsr, csr, fanin, nm
+from sparseforge.ops._define import check_act, check_bias, np_view
+from sparseforge.ops.bitmap import bitmap_linear, bitmap_linear_dw, bitmap_linear_t
+from sparseforge.ops.bsr import bsr_linear, bsr_linear_dw, bsr_linear_t
+from sparseforge.ops.csr import csr_linear, csr_linear_dw, csr_linear_t
+from sparseforge.ops.fanin import fanin_linear, fanin_linear_dw, fanin_linear_t
+from sparseforge.ops.nm import nm_linear, nm_linear_dw, nm_linear_t
+
+__all__ = [
+    "linear", "csr_linear", "bitmap_linear", "nm_linear", "csr_linear_t", "bitmap_linear_t", "nm_linear_t",
+    "csr_linear_dw", "bitmap_linear_dw", "nm_linear_dw", "fanin_linear", "fanin_linear_t", "fanin_linear_dw",
+    "bsr_linear", "bsr_linear_t", "bsr_linear_dw",
+]
+
+_FORMATS = {spec.weight_cls: spec for spec in (csr.OPS, bitmap.OPS, nm.OPS, fanin.OPS, bsr.OPS)}
+
+
+def _ops_for(weight):
+    """The :class:`~sparseforge.ops._define.FormatOps` of a format object."""
+    spec = _FORMATS.get(type(weight))
+    if spec is None:
+        spec = next((s for cls, s in _FORMATS.items() if isinstance(weight, cls)), None)
+        if spec is None:
+            raise ModelError(
+                f"no sparse kernel for weight type {type(weight).__name__}; use CSRWeight, BitmapWeight, NMWeight, "
+                "FanInWeight or BSRWeight"
+            )
+    return spec
+
+
+def linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
+    """``x (..., in) @ weight^T + bias`` for a CSR, bitmap, N:M, fan-in or BSR weight.
+
+    Leading dimensions of ``x`` are flattened into the batch and restored on the output.
+    """
+    spec = _ops_for(weight)
+    rows, cols = weight.shape
+    if x.dim() < 1 or x.shape[-1] != cols:
+        raise DataError(f"x must have shape (..., {cols}) to match a {rows}x{cols} weight, got {tuple(x.shape)}")
+    if not x.is_contiguous():
+        raise DataError("x must be contiguous; call .contiguous() first")
+    flat = x.dim() == 2
+    x2 = x if flat else x.reshape(-1, cols)  # (B, in)
+    # Anything autograd or torch.compile must see goes through the registered op (full checks).
+    if torch.compiler.is_compiling() or (
+        torch.is_grad_enabled()
+        and (x.requires_grad or weight.values.requires_grad or (bias is not None and bias.requires_grad))
+    ):
+        y = spec.linear(x2, *spec.unpack(weight), bias)
+    else:
+        # Eager inference calls the native kernel directly: no custom-op dispatch (~20 us), and the
+        # weight's buffers, validated once per format object, are not re-checked (batch-1 decoding).
+        kernel, _, wargs = spec.kernel_args(weight)
+        if x.dtype != torch.float32 or not x.is_cpu:
+            check_act(x2, "x", cols, "input features")
+        if bias is not None:
+            check_bias(bias, rows)
+        y = torch.empty(x2.shape[0], rows, dtype=torch.float32)  # (B, out)
+        kernel(np_view(x2), *wargs, np_view(bias), y.numpy())
+    return y if flat else y.reshape(*x.shape[:-1], rows)
