@@ -6,7 +6,10 @@ rotating order, so background load hits all of them alike):
 
 * forward tokens/s (``torch.no_grad``, eval) on ``--tokens`` tokens (default 4096);
 * forward+backward tokens/s (gradients w.r.t. the input and every weight);
-* batch-1 decode latency (one token, ``torch.no_grad``), median of ``--decode-calls`` calls.
+* batch-1 decode latency (one token, ``torch.no_grad``), median of ``--decode-calls`` calls. Ours
+  runs its default decode path (the native expert FFN kernel, ``decode_backend="auto"``) and, as
+  a same-run before/after reference, ``decode_backend="torch"`` (the per-slot ``torch.mm`` chain,
+  row ``sparseforge (torch decode)``).
 
 transformers runs under ``config._experts_implementation = "eager"`` and ``"grouped_mm"`` (set on
 the block's config; transformers 5 reads it at every forward). ``"batched_mm"`` is never run: it
@@ -22,6 +25,7 @@ Usage::
     python benchmarks/moe.py                  # full run, 2 threads (several minutes on 2 cores)
     python benchmarks/moe.py --threads 1 2    # one run per thread count
     python benchmarks/moe.py --quick    # 256 tokens, 2 repetitions: a smoke test
+    python benchmarks/moe.py --metrics decode --reps 15   # decode latency only
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ CONFIGS = [
     {"name": "E64-top8", "experts": 64, "k": 8, "d": 1024, "h": 352},
 ]
 IMPLS = ["sparseforge", "hf-eager", "hf-grouped_mm"]
+TORCH_DECODE = "sparseforge-torch-decode"  # ours with decode_backend="torch" (decode only)
+METRICS = ("forward", "forward_backward", "decode")
 
 
 def _build(cfg: dict, seed: int):
@@ -72,7 +78,8 @@ class Runner:
         self.config, self.block, self.ours = config, block, ours
 
     def module(self, impl: str):
-        if impl == "sparseforge":
+        if impl in ("sparseforge", TORCH_DECODE):
+            self.ours.decode_backend = "torch" if impl == TORCH_DECODE else "auto"
             return self.ours
         self.config._experts_implementation = impl.removeprefix("hf-")
         return self.block
@@ -117,7 +124,7 @@ def _time(fn) -> float:
     return time.perf_counter() - start
 
 
-def bench_config(cfg: dict, tokens: int, reps: int, decode_calls: int, seed: int) -> dict:
+def bench_config(cfg: dict, tokens: int, reps: int, decode_calls: int, seed: int, metrics=METRICS) -> dict:
     config, block, ours = _build(cfg, seed)
     runner = Runner(config, block, ours)
     block.train()  # jitter is 0: train and eval compute the same function
@@ -128,22 +135,28 @@ def bench_config(cfg: dict, tokens: int, reps: int, decode_calls: int, seed: int
     x1 = torch.randn(1, 1, cfg["d"], generator=gen)
     diffs = _check(runner, x[:, : min(tokens, 512)], grad[:, : min(tokens, 512)])
     with torch.no_grad():
-        for impl in IMPLS:  # warm-up, and decode equality
+        for impl in IMPLS + [TORCH_DECODE]:  # warm-up, and decode equality
             y1 = runner.forward(impl, x1)
             if impl == "sparseforge":
                 y1_ref = y1
             elif not torch.allclose(y1, y1_ref, rtol=1e-4, atol=1e-5):
                 raise SystemExit(f"{impl}: decode output differs from sparseforge")
-    samples = {m: {i: [] for i in IMPLS} for m in ("forward", "forward_backward", "decode")}
+    samples = {m: {i: [] for i in IMPLS} for m in metrics}
+    if "decode" in metrics:
+        samples["decode"][TORCH_DECODE] = []
+    impls = IMPLS + [TORCH_DECODE]
     for rep in range(reps):
-        order = IMPLS[rep % 3:] + IMPLS[: rep % 3]  # rotate who goes first
+        order = impls[rep % 4:] + impls[: rep % 4]  # rotate who goes first
         for impl in order:
-            with torch.no_grad():
-                samples["forward"][impl].append(_time(lambda: runner.forward(impl, x)))
-            samples["forward_backward"][impl].append(_time(lambda: runner.forward_backward(impl, x, grad)))
-            with torch.no_grad():
-                calls = [_time(lambda: runner.forward(impl, x1)) for _ in range(decode_calls)]
-            samples["decode"][impl].append(statistics.median(calls))
+            if impl != TORCH_DECODE and "forward" in metrics:
+                with torch.no_grad():
+                    samples["forward"][impl].append(_time(lambda: runner.forward(impl, x)))
+            if impl != TORCH_DECODE and "forward_backward" in metrics:
+                samples["forward_backward"][impl].append(_time(lambda: runner.forward_backward(impl, x, grad)))
+            if "decode" in metrics:
+                with torch.no_grad():
+                    calls = [_time(lambda: runner.forward(impl, x1)) for _ in range(decode_calls)]
+                samples["decode"][impl].append(statistics.median(calls))
     result = {"config": cfg, "tokens": tokens, "max_abs_diff": diffs, "median_s": {}, "samples_s": samples}
     for metric, per_impl in samples.items():
         result["median_s"][metric] = {impl: statistics.median(v) for impl, v in per_impl.items()}
@@ -187,7 +200,7 @@ def _table(results: list[dict]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        for metric in ("forward", "forward_backward", "decode"):
+        for metric in [m for m in METRICS if m in r["samples_s"]]:
             med = {i: statistics.median(r["samples_s"][metric][i]) for i in IMPLS}
             best = {i: min(r["samples_s"][metric][i]) for i in IMPLS}
             if metric == "decode":
@@ -199,6 +212,14 @@ def _table(results: list[dict]) -> str:
                 f"| {r['config']['name']} | {metric.replace('_', '+')} | " + " | ".join(cells)
                 + f" | {ratios[0]:.2f}x | {ratios[1]:.2f}x |"
             )
+            if metric == "decode" and TORCH_DECODE in r["samples_s"][metric]:
+                v = r["samples_s"][metric][TORCH_DECODE]
+                m, b = statistics.median(v), min(v)
+                lines.append(
+                    f"| {r['config']['name']} | decode, ours with decode_backend='torch' (before) | {m * 1e3:.2f} ms | | "
+                    f"| {min(med['hf-eager'], med['hf-grouped_mm']) / m:.2f}x "
+                    f"| {min(best['hf-eager'], best['hf-grouped_mm']) / b:.2f}x |"
+                )
     return "\n".join(lines)
 
 
@@ -210,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-calls", type=int, default=30)
     parser.add_argument("--threads", type=int, nargs="+", default=[2], help="one run per thread count")
     parser.add_argument("--configs", nargs="*", default=[c["name"] for c in CONFIGS])
+    parser.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS))
     parser.add_argument("--kernels", action="store_true", help="also time one expert matmul per backend")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe.json"))
     args = parser.parse_args(argv)
@@ -222,7 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     for threads in args.threads:
         torch.set_num_threads(threads)
         load_before = os.getloadavg()
-        results = [bench_config(cfg, args.tokens, args.reps, args.decode_calls, seed=i) for i, cfg in configs]
+        results = [
+            bench_config(cfg, args.tokens, args.reps, args.decode_calls, seed=i, metrics=tuple(args.metrics))
+            for i, cfg in configs
+        ]
         table = _table(results)
         print(f"\n### {threads} thread(s), {args.tokens} tokens, load average {load_before[0]:.1f}\n")
         print(table)
@@ -241,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-        "quick": args.quick, "tokens": args.tokens, "reps": args.reps, "decode_calls": args.decode_calls,
+        "quick": args.quick, "metrics": args.metrics, "tokens": args.tokens, "reps": args.reps, "decode_calls": args.decode_calls,
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
     }
     out = Path(args.out)

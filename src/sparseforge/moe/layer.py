@@ -36,9 +36,17 @@ from sparseforge.errors import ConfigError
 from sparseforge.moe.dispatch import apply_capacity, build_plan
 from sparseforge.moe.grouped import ACTIVATIONS, BACKENDS, FEW_SLOTS, few_tokens_ffn, grouped_ffn
 from sparseforge.moe.losses import MoEAux
+from sparseforge.moe.native import expert_ffn as native_expert_ffn
+from sparseforge.moe.native import native_applicable
 from sparseforge.moe.routers import Router, capacity_for, make_router
 
-__all__ = ["MoE"]
+__all__ = ["MoE", "DECODE_BACKENDS", "NATIVE_MAX_TOKENS"]
+
+DECODE_BACKENDS = ("auto", "native", "torch")
+
+# Forward-only calls with at most this many tokens go to the decode path (native kernel: each
+# chosen expert's weights are read once for all of them).
+NATIVE_MAX_TOKENS = 4
 
 
 def _positive_int(name: str, value) -> int:
@@ -83,6 +91,14 @@ class MoE(nn.Module):
         seed: ``None`` = torch's default generator, else the seed of the layer's own generator.
         backend: expert matmuls, ``"auto"``, ``"onednn"`` or ``"loop"`` (see
             :mod:`sparseforge.moe.grouped`).
+        decode_backend: forward-only calls with at most :data:`NATIVE_MAX_TOKENS` tokens (decode):
+            ``"native"`` runs the native expert FFN kernel (:mod:`sparseforge.moe.native`; float32
+            CPU only, anything else is a :class:`ConfigError` at call time), ``"torch"`` the
+            per-slot ``torch.mm`` chain (:func:`~sparseforge.moe.grouped.few_tokens_ffn`, at most
+            ``FEW_SLOTS`` slots, else the grouped path), ``"auto"`` native for float32 CPU inputs
+            and weights, torch otherwise.
+        decode_parallel: run the native decode kernel on the kernels' thread pool (default: on
+            the calling thread, which already streams the weights at memory bandwidth).
     """
 
     def __init__(
@@ -104,6 +120,8 @@ class MoE(nn.Module):
         z_coef: float = 0.001,
         seed: int | None = None,
         backend: str = "auto",
+        decode_backend: str = "auto",
+        decode_parallel: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -146,6 +164,10 @@ class MoE(nn.Module):
         if backend not in BACKENDS:
             raise ConfigError(f"unknown dispatch backend {backend!r}; choose one of {list(BACKENDS)}")
         self.backend = backend
+        if decode_backend not in DECODE_BACKENDS:
+            raise ConfigError(f"unknown decode_backend {decode_backend!r}; choose one of {list(DECODE_BACKENDS)}")
+        self.decode_backend = decode_backend
+        self.decode_parallel = bool(decode_parallel)
         self.seed = seed
         self._generator: torch.Generator | None = None
 
@@ -251,7 +273,11 @@ class MoE(nn.Module):
             experts, weights, dropped = apply_capacity(chosen, weights, capacity, self.num_experts)
         expert_weights = (self.w_up, self.w_down, self.w_gate)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad or self.w_up.requires_grad)
-        if not needs_grad and experts.numel() <= FEW_SLOTS:  # decode: skip the sort
+        decode = self._decode_backend(x, weights) if not needs_grad else None
+        if decode == "native" and num_tokens <= NATIVE_MAX_TOKENS:  # decode: native kernel
+            y = native_expert_ffn(x, experts, weights, *expert_weights, self.activation, self.decode_parallel)  # (T, d)
+            counts = torch.bincount(experts.reshape(-1) + 1, minlength=self.num_experts + 1)[1:]  # (E,)
+        elif decode == "torch" and experts.numel() <= FEW_SLOTS:  # decode: skip the sort
             y = few_tokens_ffn(x, experts, weights, *expert_weights, self.activation)  # (T, d)
             counts = torch.bincount(experts.reshape(-1) + 1, minlength=self.num_experts + 1)[1:]  # (E,)
         else:
@@ -268,6 +294,20 @@ class MoE(nn.Module):
             logits, probs, chosen, counts, dropped / total_slots if total_slots else 0.0, self.lb_coef, self.z_coef,
         )
         return y.reshape(shape), aux
+
+    def _decode_backend(self, x: torch.Tensor, weights: torch.Tensor) -> str:
+        """The decode path for this forward-only call: ``"native"`` or ``"torch"``."""
+        tensors = (x, weights, self.w_up, self.w_down, self.w_gate)
+        if self.decode_backend == "torch":
+            return "torch"
+        if native_applicable(*tensors):
+            return "native"
+        if self.decode_backend == "native":
+            raise ConfigError(
+                "decode_backend='native' needs float32 CPU inputs and expert weights, got "
+                f"{x.dtype} input and {self.w_up.dtype} weights on {x.device}; use decode_backend='auto' or 'torch'"
+            )
+        return "torch"
 
     def extra_repr(self) -> str:
         return (

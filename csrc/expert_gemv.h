@@ -1,0 +1,58 @@
+// Few-token mixture-of-experts FFN (decode): each routed expert's weights are read once for all
+// the tokens that chose it, as matrix-vector products (GEMV) that stream the weights from memory.
+//
+// Layout (what sparseforge.moe.MoE stores, input-major, float32, C-contiguous):
+//   x        (T, d)            the tokens
+//   experts  (T, k) int64      expert of each routing slot, -1 = empty slot (dropped / padding)
+//   weights  (T, k) float32    gate weight of each slot
+//   w_gate   (E, d, h) or null GLU gate projection (null: plain MLP expert)
+//   w_up     (E, d, h)
+//   w_down   (E, h, d)
+//   y        (T, d)            output, overwritten:
+//     y[t] = sum over t's non-empty slots s (in slot order) of weights[s] * FFN_{experts[s]}(x[t])
+//     FFN_e(v) = (act(v @ w_gate[e]) * (v @ w_up[e])) @ w_down[e]   (GLU; SwiGLU with silu)
+//     FFN_e(v) = act(v @ w_up[e]) @ w_down[e]                        (MLP)
+//
+// Algorithm (expert_ffn): slots are grouped by expert; phase 1 runs, per (expert, chunk of h
+// columns, up to 4 slots), the gate and up GEMVs as row-streaming AXPYs (each weight row read
+// once, the chunk's partial sums in L1) and applies act(g) * u; phase 2 runs, per (expert, chunk of
+// d columns), the down GEMV; the gate-weighted sum over each token's slots follows in slot order.
+// Both phases spread their tasks over the thread pool; results do not depend on the thread count.
+// No fast-math: NaN / inf propagate as in the dense products.
+#pragma once
+
+#include "common.h"
+
+namespace sf {
+
+enum class Act : int { silu = 0, gelu = 1, gelu_tanh = 2, relu = 3 };
+
+struct ExpertFfnProblem {
+  const float* x = nullptr;
+  int64_t T = 0, d = 0, h = 0, E = 0, k = 0;
+  const int64_t* experts = nullptr;
+  const float* weights = nullptr;
+  const float* w_gate = nullptr;  // null: MLP expert
+  const float* w_up = nullptr;
+  const float* w_down = nullptr;
+  float* y = nullptr;
+  Act act = Act::silu;
+};
+
+// acc (n, cw) = xs (n, rows; row stride xs_ld) @ W[0:rows, j0:j0+cw] (row stride ld): one ISA's
+// streaming GEMV for n in [1, 4] vectors.
+using GemvColsFn = void (*)(const float* W, int64_t ld, int64_t rows, int64_t cw, const float* xs, int64_t xs_ld,
+                            int n, float* acc, int64_t acc_ld);
+
+namespace scalar { extern const GemvColsFn gemv_cols; }
+namespace avx2 { extern const GemvColsFn gemv_cols; }
+namespace avx512 { extern const GemvColsFn gemv_cols; }
+
+// Throws std::invalid_argument for an expert id outside [-1, E) or bad sizes.
+// block_floats: weights streamed per task (0 = automatic, 2^20 floats). parallel: spread the
+// tasks over the thread pool (false: run them all on the calling thread).
+void expert_ffn(const ExpertFfnProblem& p, Isa isa, int64_t block_floats = 0, bool parallel = true);
+// Scalar reference (the test oracle): plain loops, double-free float32 sums in row order.
+void expert_ffn_ref(const ExpertFfnProblem& p);
+
+}  // namespace sf

@@ -1,0 +1,237 @@
+"""Native few-token expert FFN (``sparseforge.moe.native``, csrc/expert_gemv*): every ISA against the
+scalar reference and a float64 oracle, odd sizes, 1-4 tokens, row-block splits, thread
+independence, NaN/inf, errors, the custom op, and the MoE layer's decode path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparseforge import kernels
+from sparseforge.errors import ConfigError, DataError
+from sparseforge.moe import MoE
+from sparseforge.moe.grouped import few_tokens_ffn, grouped_ffn
+from sparseforge.moe.dispatch import build_plan
+from sparseforge.moe.native import expert_ffn, moe_expert_ffn
+
+N = kernels.native()
+ISAS = [i for i in kernels.ISAS if kernels.cpu_supports(i)]
+
+
+def _problem(T, k, E, d, h, glu=True, seed=0, empty=0.0, repeat=False):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, d, generator=gen)
+    w_up = torch.randn(E, d, h, generator=gen) * d**-0.5
+    w_gate = torch.randn(E, d, h, generator=gen) * d**-0.5 if glu else None
+    w_down = torch.randn(E, h, d, generator=gen) * h**-0.5
+    if repeat:  # every slot of every token on expert 0 (more slots per expert than one GEMV group)
+        experts = torch.zeros(T, k, dtype=torch.long)
+    else:
+        experts = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])  # (T, k)
+    experts[torch.rand(T, k, generator=gen) < empty] = -1
+    weights = torch.rand(T, k, generator=gen)
+    return x, experts, weights, w_up, w_down, w_gate
+
+
+def _oracle(x, experts, weights, w_up, w_down, w_gate, act):
+    f64 = lambda t: None if t is None else t.double()  # noqa: E731
+    return few_tokens_ffn(f64(x), experts, f64(weights), f64(w_up), f64(w_down), f64(w_gate), act)
+
+
+def _native(x, experts, weights, w_up, w_down, w_gate, act, isa="", ref=False, block=0, parallel=True):
+    y = torch.full(x.shape, float("nan"))
+    fn = N.expert_ffn_ref if ref else N.expert_ffn
+    g = None if w_gate is None else w_gate.numpy()
+    fn(x.numpy(), experts.numpy(), weights.numpy(), w_up.numpy(), w_down.numpy(), g, y.numpy(), act, isa, block, parallel)
+    return y
+
+
+CASES = [  # T, k, E, d, h
+    (1, 2, 8, 64, 96),
+    (1, 8, 16, 37, 29),
+    (2, 2, 4, 17, 50),
+    (3, 3, 5, 101, 203),
+    (4, 2, 6, 48, 33),
+    (4, 4, 4, 9, 7),
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("glu", [True, False])
+def test_kernel_matches_reference_and_oracle(isa, case, glu):
+    T, k, E, d, h = case
+    prob = _problem(T, k, E, d, h, glu, seed=T * 100 + d, empty=0.2)
+    want = _oracle(*prob, "silu")
+    ref = _native(*prob, "silu", ref=True)
+    got = _native(*prob, "silu", isa=isa)
+    torch.testing.assert_close(ref.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh", "relu"])
+def test_activations(isa, act):
+    prob = _problem(3, 2, 5, 40, 70, True, seed=3)
+    torch.testing.assert_close(_native(*prob, act, isa=isa).double(), _oracle(*prob, act), rtol=1e-5, atol=1e-5)
+    mlp = _problem(2, 2, 5, 40, 70, False, seed=4)
+    torch.testing.assert_close(_native(*mlp, act, isa=isa).double(), _oracle(*mlp, act), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_env_selects_isa(isa, monkeypatch):
+    monkeypatch.setenv("SPARSEFORGE_ISA", isa)
+    assert kernels.isa() == isa
+    prob = _problem(2, 2, 4, 33, 45, seed=9)
+    torch.testing.assert_close(_native(*prob, "silu").double(), _oracle(*prob, "silu"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("block", [1, 37, 500, 4096])
+def test_row_blocks_and_groups(isa, block):
+    """Tiny blocks split each matrix into many row blocks (summed afterwards); `repeat` puts 6
+    slots on one expert (two GEMV groups)."""
+    for repeat in (False, True):
+        prob = _problem(3, 2, 4, 29, 41, seed=5, repeat=repeat)
+        got = _native(*prob, "silu", isa=isa, block=block)
+        torch.testing.assert_close(got.double(), _oracle(*prob, "silu"), rtol=1e-5, atol=1e-5)
+
+
+def test_result_independent_of_threads():
+    prob = _problem(4, 2, 4, 256, 512, seed=6)  # big enough to use the pool
+    base = _native(*prob, "silu", parallel=False)
+    old = kernels.num_threads()
+    try:
+        for n in (1, 2, 3):
+            kernels.set_num_threads(n)
+            assert torch.equal(_native(*prob, "silu", parallel=True), base)
+    finally:
+        kernels.set_num_threads(old)
+
+
+def test_empty_slots_and_no_slots():
+    x, experts, weights, w_up, w_down, w_gate = _problem(2, 2, 3, 8, 5, seed=1)
+    experts[:] = -1
+    assert torch.equal(_native(x, experts, weights, w_up, w_down, w_gate, "silu"), torch.zeros(2, 8))
+    experts[1, 0] = 2
+    want = _oracle(x, experts, weights, w_up, w_down, w_gate, "silu")
+    torch.testing.assert_close(_native(x, experts, weights, w_up, w_down, w_gate, "silu").double(), want)
+    assert torch.equal(want[0], torch.zeros(8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_nonfinite_propagate_like_torch(isa):
+    x, experts, weights, w_up, w_down, w_gate = _problem(3, 2, 4, 24, 20, seed=2)
+    x[0, 3] = float("nan")
+    x[1, 5] = float("inf")
+    w_down[experts[2, 0], 4, 7] = float("-inf")
+    want = few_tokens_ffn(x, experts, weights, w_up, w_down, w_gate)
+    got = _native(x, experts, weights, w_up, w_down, w_gate, "silu", isa=isa)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    T=st.integers(1, 4), k=st.integers(1, 4), E=st.integers(1, 6), d=st.integers(1, 70), h=st.integers(1, 70),
+    glu=st.booleans(), seed=st.integers(0, 2**16), block=st.sampled_from([0, 1, 64]),
+)
+def test_property_kernel_equals_oracle(T, k, E, d, h, glu, seed, block):
+    k = min(k, E)
+    prob = _problem(T, k, E, d, h, glu, seed=seed, empty=0.25)
+    want = _oracle(*prob, "silu")
+    for isa in ISAS:
+        torch.testing.assert_close(_native(*prob, "silu", isa=isa, block=block).double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_are_clear_errors():
+    x, experts, weights, w_up, w_down, w_gate = _problem(1, 2, 3, 8, 5)
+    bad = experts.clone()
+    bad[0, 0] = 3
+    with pytest.raises(DataError, match="outside"):
+        expert_ffn(x, bad, weights, w_up, w_down, w_gate)
+    with pytest.raises(DataError, match="float32"):
+        expert_ffn(x.double(), experts, weights, w_up, w_down, w_gate)
+    with pytest.raises(DataError, match="int64"):
+        expert_ffn(x, experts.int(), weights, w_up, w_down, w_gate)
+    with pytest.raises(DataError, match="shape"):
+        expert_ffn(x, experts, weights, w_up, w_down[:, :4], w_gate)
+    with pytest.raises(ConfigError, match="activation"):
+        expert_ffn(x, experts, weights, w_up, w_down, w_gate, activation="tanh")
+
+
+def test_custom_op_and_compile():
+    prob = _problem(2, 2, 4, 16, 24, seed=8)
+    torch.library.opcheck(moe_expert_ffn, (*prob, "silu", False))
+    want = expert_ffn(*prob)
+    assert torch.equal(moe_expert_ffn(*prob, "silu", False), want)
+    fn = torch.compile(lambda x: expert_ffn(x, *prob[1:]), fullgraph=True, backend="eager")
+    assert torch.equal(fn(prob[0]), want)
+
+
+# ---- the MoE layer's decode path
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 4])
+@pytest.mark.parametrize("E,k", [(8, 2), (16, 8)])
+def test_layer_native_decode_equals_grouped_and_torch(T, E, k):
+    torch.manual_seed(T)
+    layer = MoE(24, 40, E, k, shared_hidden=16).eval()
+    x = torch.randn(T, 24)
+    y_grad, aux_grad = layer(x)  # grad mode: grouped path
+    with torch.no_grad():
+        y_native, aux_native = layer(x)
+        layer.decode_backend = "torch"
+        y_torch, _ = layer(x)
+    torch.testing.assert_close(y_native, y_grad.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y_native, y_torch, rtol=1e-5, atol=1e-6)
+    assert torch.equal(aux_native.tokens_per_expert, aux_grad.tokens_per_expert)
+
+
+def test_layer_uses_native_kernel(monkeypatch):
+    import sparseforge.moe.layer as layer_mod
+
+    calls = []
+    real = layer_mod.native_expert_ffn
+    monkeypatch.setattr(layer_mod, "native_expert_ffn", lambda *a: calls.append(a) or real(*a))
+    layer = MoE(8, 12, 4, 2).eval()
+    with torch.no_grad():
+        layer(torch.randn(1, 3, 8))  # 3 tokens: native
+        layer(torch.randn(5, 8))  # 5 tokens: grouped
+        layer.decode_backend = "torch"
+        layer(torch.randn(1, 8))
+    assert len(calls) == 1 and calls[0][-1] is False  # decode_parallel defaults to False
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        layer.decode_backend, layer.decode_parallel = "native", True
+        a, _ = layer(x)
+        layer.decode_parallel = False
+        assert torch.equal(layer(x)[0], a)
+
+
+def test_layer_decode_backend_errors():
+    with pytest.raises(ConfigError, match="decode_backend"):
+        MoE(8, 12, 4, 2, decode_backend="fast")
+    layer = MoE(8, 12, 4, 2, decode_backend="native", dtype=torch.float64)
+    with torch.no_grad(), pytest.raises(ConfigError, match="float32"):
+        layer(torch.randn(1, 8, dtype=torch.float64))
+    auto = MoE(8, 12, 4, 2, dtype=torch.float64)  # auto: float64 takes the torch chain
+    x = torch.randn(1, 8, dtype=torch.float64)
+    with torch.no_grad():
+        y, _ = auto(x)
+    torch.testing.assert_close(y, auto(x)[0].detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_layer_grouped_equals_native_for_mlp_experts():
+    torch.manual_seed(0)
+    layer = MoE(16, 20, 5, 2, expert="mlp", activation="gelu").eval()
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        y, _ = layer(x)
+    experts, weights, _ = layer.router(layer.gate(x))
+    want = grouped_ffn(x.double(), weights.double(), build_plan(experts, 5), layer.w_up.double(), layer.w_down.double(),
+                       None, "gelu")
+    torch.testing.assert_close(y.double(), want.detach(), rtol=1e-5, atol=1e-6)
