@@ -33,6 +33,16 @@ def test_router_table_lists_every_router(text):
     assert names == set(ROUTERS)
 
 
+def test_decode_section_matches_code(text):
+    from sparseforge.moe.layer import DECODE_BACKENDS, NATIVE_MAX_TOKENS
+    from sparseforge.moe.native import NATIVE_ACTIVATIONS
+
+    section = text.split("## Decode kernel", 1)[1].split("\n## ", 1)[0]
+    assert f"at most {NATIVE_MAX_TOKENS} tokens" in section
+    assert all(f'`"{b}"`' in section for b in DECODE_BACKENDS)
+    assert all(f"`{a}`" in section for a in NATIVE_ACTIVATIONS)
+
+
 def test_estimator_table_matches_constants(text):
     assert f"u <= {ESTIMATORS['midpoint'].coin}" in text and "pi_D / 2" in text
     assert f"{ESTIMATORS['heun3'].low} pi_D" in text and f"u <= {ESTIMATORS['heun3'].coin}" in text
@@ -42,7 +52,7 @@ def test_estimator_table_matches_constants(text):
 @pytest.mark.parametrize(
     "module",
     ["__init__", "routers", "sparsemixer", "dispatch", "grouped", "losses", "layer", "hf", "swap", "upcycle",
-     "expert_pruning", "expert_sparsity", "parallel", "dense"],
+     "expert_pruning", "expert_sparsity", "parallel", "dense", "native"],
 )
 def test_docstring_examples(module):
     import doctest
