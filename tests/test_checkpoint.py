@@ -390,3 +390,85 @@ def test_golden(name):
         again = type(obj).from_dense(obj.to_dense(), obj.pattern) if isinstance(obj, NMWeight) else BitmapWeight.from_dense(obj.to_dense())
         for k, v in obj.state_dict().items():
             assert torch.equal(raw(again.state_dict()[k]), raw(v)), (key, k)
+
+
+# ---- fan-in and BSR layers (format_version 2) ------------------------------------------------------
+
+
+def sparsified(pattern: str, dtype):
+    """A tiny Llama pruned by sparsify_ (magnitude, 50 %) with ``pattern``, and its sparsity_config."""
+    import sparseforge
+    from sparseforge.config import SparsifyConfig
+
+    model = tiny_model("llama", dtype=dtype)
+    report = sparseforge.sparsify_(model, SparsifyConfig(method="magnitude", pattern=pattern, sparsity=0.5),
+                                   progress=False)
+    return model, report.sparsity_config()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pattern,fmt,cls", [("fanin", "fanin", "FanInWeight"), ("block4x4", "bsr", "BSRWeight")])
+def test_fanin_and_bsr_round_trip_bit_exact(tmp_path, pattern, fmt, cls, dtype):
+    from sparseforge.checkpoint import read_safetensors_header
+
+    model, sc = sparsified(pattern, dtype)
+    out = save_pretrained(model, tmp_path / "c", sparsity_config=sc)
+    block = read_sparsity_config(out)
+    assert block["format_version"] == 2 and block["format"] == fmt and block["pattern"] == pattern
+    assert sorted(block["layers"]) == sorted(sc["targets"]) and len(block["layers"]) == 14
+    header = read_safetensors_header(out / "model.safetensors")
+    state = model.state_dict()
+    packed = load_state_dict_compressed(out)
+    for name, layer in block["layers"].items():
+        w = state[name]  # (out, in)
+        assert layer["format"] == fmt and layer["dtype"] == str(dtype)[6:] and layer["nnz"] == int((w != 0).sum())
+        obj = packed[name]
+        assert type(obj).__name__ == cls and torch.equal(raw(obj.to_dense()), raw(w))
+        if fmt == "fanin":
+            k = int((w[0] != 0).sum())
+            assert layer["pattern"] == f"fanin{k}" and header[f"{name}.fanin_indices"]["dtype"] == "U16"
+            assert header[f"{name}.fanin_values"]["shape"] == [w.shape[0], k]
+        else:
+            nblocks = int((w.reshape(w.shape[0] // 4, 4, -1, 4) != 0).any(3).any(1).sum())
+            assert layer["pattern"] == "block4x4" and header[f"{name}.bsr_values"]["shape"] == [nblocks, 4, 4]
+            assert header[f"{name}.bsr_block_row_ptr"]["shape"] == [w.shape[0] // 4 + 1]
+        assert f"{name}" not in header
+    loaded = load(out)
+    assert loaded.dtype == dtype
+    assert_bit_exact(model, loaded)
+    # the same checkpoint read back through sparseforge.load(sparse=True): fan-in / BSR SparseLinear layers
+    sparse = load(out, sparse=True)
+    up = sparse.model.layers[0].mlp.up_proj
+    assert type(up).__name__ == "SparseLinear" and up.format == fmt
+    assert torch.equal(raw(up.to_dense()), raw(state["model.layers.0.mlp.up_proj.weight"]))
+
+
+def test_fanin_bsr_fallbacks_and_version_refusal(tmp_path, monkeypatch):
+    model, sc = sparsified("fanin", torch.float32)
+    w = model.model.layers[0].mlp.up_proj.weight
+    with torch.no_grad():
+        w[0, int(torch.nonzero(w[0])[0, 0])] = 0.0  # row 0 now keeps one input fewer: not constant fan-in
+    out = save_pretrained(model, tmp_path / "f", sparsity_config=sc)
+    layers = read_sparsity_config(out)["layers"]
+    assert layers["model.layers.0.mlp.up_proj.weight"]["format"] == "bitmap"
+    assert layers["model.layers.0.mlp.down_proj.weight"]["format"] == "fanin"
+    assert_bit_exact(model, load(out))
+    # a reader of format_version 1 refuses the checkpoint instead of misreading it
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 1)
+    with pytest.raises(ModelError, match="format_version 2.*upgrade sparseforge"):
+        load(out)
+    monkeypatch.undo()
+    # float16 values have no BSR / fan-in kernels: stored as bitmap
+    half, sc = sparsified("block4x4", torch.float16)
+    block = read_sparsity_config(save_pretrained(half, tmp_path / "h", sparsity_config=sc))
+    assert block["format_version"] == 1 and {v["format"] for v in block["layers"].values()} == {"bitmap"}
+
+
+def test_bsr_block_mismatch_is_corrupt(tmp_path):
+    model, sc = sparsified("block4x4", torch.float32)
+    out = save_pretrained(model, tmp_path / "c", sparsity_config=sc)
+    config = json.loads((out / "config.json").read_text())
+    config["sparsity_config"]["layers"]["model.layers.0.mlp.up_proj.weight"]["pattern"] = "block2x8"
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="stores block4x4 blocks but config.json says block2x8"):
+        load_state_dict_compressed(out)

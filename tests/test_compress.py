@@ -13,11 +13,13 @@ import sparseforge as sf  # noqa: E402
 from sparseforge.checkpoint import load, save_pretrained  # noqa: E402
 from sparseforge.compress import CSR_FROM, auto_format, compress_, load_sparse  # noqa: E402
 from sparseforge.errors import ConfigError, ModelError  # noqa: E402
-from sparseforge.formats import BitmapWeight, NMWeight  # noqa: E402
+from sparseforge.formats import BitmapWeight, BSRWeight, FanInWeight, NMWeight  # noqa: E402
 from sparseforge.nn import SparseLinear  # noqa: E402
 from sparseforge.patterns import NM  # noqa: E402
 
-PRUNINGS = {"2:4": dict(pattern="2:4"), "90%": dict(pattern="unstructured", sparsity=0.9)}
+PRUNINGS = {"2:4": dict(pattern="2:4"), "90%": dict(pattern="unstructured", sparsity=0.9),
+            "fanin": dict(pattern="fanin", sparsity=0.5), "block4x4": dict(pattern="block4x4", sparsity=0.5)}
+STORED_AS = {"2:4": "nm", "90%": "bitmap", "fanin": "fanin", "block4x4": "bsr"}  # checkpoint layer format
 
 
 def pruned(family: str, which: str):
@@ -132,7 +134,7 @@ def test_auto_format_rule():
     assert CSR_FROM == 0.85
 
 
-@pytest.mark.parametrize("which", ["2:4", "90%"])
+@pytest.mark.parametrize("which", ["2:4", "90%", "fanin", "block4x4"])
 def test_load_sparse_matches_load_without_dense_weights(tmp_path, monkeypatch, which):
     model = pruned("llama", which)
     pattern = PRUNINGS[which]["pattern"]
@@ -144,15 +146,15 @@ def test_load_sparse_matches_load_without_dense_weights(tmp_path, monkeypatch, w
     def refuse(self):
         raise AssertionError("load_sparse built a dense pruned weight")
 
-    monkeypatch.setattr(BitmapWeight, "to_dense", refuse)
-    monkeypatch.setattr(NMWeight, "to_dense", refuse)
+    for cls in (BitmapWeight, NMWeight, FanInWeight, BSRWeight):
+        monkeypatch.setattr(cls, "to_dense", refuse)
     with pytest.raises(AssertionError, match="dense pruned weight"):  # the patch bites the dense loader
         load(tmp_path / "m")
     sparse = load_sparse(tmp_path / "m")
     layers = sparse_layers(sparse)
     assert len(layers) == 14
     assert len(sparse_layers(load(tmp_path / "m", sparse=True))) == 14  # the same loader behind sparseforge.load
-    assert {m.format for m in layers.values()} == {"nm" if which == "2:4" else "bitmap"}
+    assert {m.format for m in layers.values()} == {STORED_AS[which]}
     torch.testing.assert_close(logits(sparse, ids), expected, atol=1e-4, rtol=1e-4)
     assert not any(t.is_meta for t in list(sparse.parameters()) + list(sparse.buffers()))
 

@@ -52,6 +52,25 @@ def test_compressed_nm_report(tmp_path):
     assert text.index("transformer.h.0.") < text.index("transformer.h.1.")
 
 
+@pytest.mark.parametrize("pattern,fmt", [("fanin", "fanin"), ("block4x4", "bsr")])
+def test_fanin_and_bsr_report(tmp_path, pattern, fmt):
+    from test_checkpoint import sparsified
+
+    model, sc = sparsified(pattern, torch.float32)
+    out = save_pretrained(model, tmp_path / "c", sparsity_config=sc)
+    report = inspect_path(out)
+    assert report["format"] == fmt and report["compressed"] and report["pattern"] == pattern
+    rows = by_name(report)
+    packed = load_state_dict_compressed(out)
+    state = model.state_dict()
+    for name in sc["targets"]:
+        r = rows[name]
+        assert r["format"] == fmt and r["pattern_ok"] is True and r["sparsity"] == 0.5
+        assert r["nnz"] == int((state[name] != 0).sum()) and r["bytes"] == packed[name].nbytes
+    assert report["totals"]["pattern_ok"] is True
+    assert f" {fmt} " in format_report(report)
+
+
 def test_violation_is_reported(tmp_path):
     model = tiny_model("llama")
     prune(model, "2:4", None)

@@ -1,8 +1,10 @@
 """Save and load sparse Hugging Face models, dense or compressed (``save_pretrained`` style).
 
 A compressed checkpoint is a normal model directory whose ``model.safetensors`` stores every pruned
-weight in :class:`~sparseforge.formats.BitmapWeight` or :class:`~sparseforge.formats.NMWeight`
-form and whose ``config.json`` carries a ``"sparsity_config"`` block describing them. The layout is
+weight in :class:`~sparseforge.formats.BitmapWeight`, :class:`~sparseforge.formats.NMWeight`,
+:class:`~sparseforge.formats.FanInWeight` or :class:`~sparseforge.formats.BSRWeight` form (the last
+two for layers pruned with a recorded ``FanIn`` / ``Block(h, w)`` pattern) and whose ``config.json``
+carries a ``"sparsity_config"`` block describing them. The layout is
 specified byte by byte in ``docs/checkpoint-format.md``. Writes are atomic: everything goes to a
 temporary directory next to ``out_dir`` that is renamed into place at the end.
 
@@ -34,9 +36,9 @@ import torch
 
 from sparseforge.config import name_matches
 from sparseforge.errors import ConfigError, ModelError
-from sparseforge.formats import BitmapWeight, NMWeight
+from sparseforge.formats import BitmapWeight, BSRWeight, FanInWeight, NMWeight
 from sparseforge.masks import satisfies
-from sparseforge.patterns import NM, parse
+from sparseforge.patterns import NM, Block, FanIn, parse
 
 __all__ = [
     "FORMAT_VERSION",
@@ -49,7 +51,12 @@ __all__ = [
     "read_safetensors_header",
 ]
 
-FORMAT_VERSION = 1  # bump on any incompatible change of the on-disk layout
+FORMAT_VERSION = 2  # bump on any incompatible change of the on-disk layout
+# format_version written: 1 while every packed layer is bitmap / N:M (readable by every sparseforge),
+# 2 once a layer is stored fan-in or BSR (so a version-1 reader refuses it instead of misreading it)
+_V1_FORMATS = ("bitmap", "nm")
+PACKED = {"nm": NMWeight, "bsr": BSRWeight, "fanin": FanInWeight, "bitmap": BitmapWeight}  # by priority
+PACKED_TYPES = tuple(PACKED.values())
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 BLOCK = "sparsity_config"
@@ -77,8 +84,10 @@ def save_pretrained(
             ``nn.Linear`` / ``Conv1D`` with some zeros (minus ``ignore`` glob patterns, matched
             against parameter and module names). ``None`` for the whole dict reuses the block of a
             model loaded from a sparseforge checkpoint (``model.config.sparsity_config``), else ``{}``.
-        compressed: pack pruned weights (N:M format when ``pattern`` is N:M and the layer obeys it,
-            else bitmap); ``False`` writes a plain transformers checkpoint plus the info block.
+        compressed: pack pruned weights (N:M format when ``pattern`` is N:M and the layer obeys it;
+            BSR / fan-in when ``pattern`` is ``Block(h, w)`` / ``FanIn`` and the layer's zeros obey it
+            (whole tiles / the same count in every row), values float32 or bfloat16; else bitmap);
+            ``False`` writes a plain transformers checkpoint plus the info block.
         overwrite: replace an existing non-empty ``out_dir`` (only if it holds a ``config.json``).
     Returns:
         ``Path(out_dir)``.
@@ -202,11 +211,35 @@ def _resolve_targets(model, state, aliases, info) -> dict[str, bool]:
     return {n: linear.get(n, False) for n in state if n in chosen}
 
 
-def _encode(mat: torch.Tensor, pattern) -> "BitmapWeight | NMWeight":
-    """Compress a pruned (out, in) matrix: N:M when the pattern is N:M and the matrix obeys it."""
+def _encode(mat: torch.Tensor, pattern) -> "BitmapWeight | NMWeight | FanInWeight | BSRWeight":
+    """Compress a pruned (out, in) matrix: N:M when the pattern is N:M and the matrix obeys it; BSR /
+    fan-in when the pattern is ``Block`` / ``FanIn``, the zeros obey it (whole tiles / equal row
+    counts) and the values are float32 or bfloat16; else bitmap."""
     if isinstance(pattern, NM) and mat.shape[1] % pattern.m == 0 and satisfies(mat != 0, pattern):
         return NMWeight.from_dense(mat, pattern)
+    if isinstance(pattern, (Block, FanIn)) and mat.dtype in (torch.float32, torch.bfloat16):
+        from sparseforge.compress import _structured_format  # the rule compress_(format="rule") uses
+
+        found = _structured_format(mat, pattern)
+        if found is not None:
+            return BSRWeight.from_dense(mat, found[1]) if found[0] == "bsr" else FanInWeight.from_dense(mat)
     return BitmapWeight.from_dense(mat)
+
+
+def format_name(obj) -> str:
+    """``"bitmap"``, ``"nm"``, ``"fanin"`` or ``"bsr"`` for a packed weight object."""
+    return next(name for name, cls in PACKED.items() if isinstance(obj, cls))
+
+
+def _layer_pattern(obj) -> "str | None":
+    """The ``layers[name]["pattern"]`` entry: ``N:M``, ``blockHxW`` or ``fanin<k>``; none for bitmap."""
+    if isinstance(obj, NMWeight):
+        return str(obj.pattern)
+    if isinstance(obj, BSRWeight):
+        return str(obj.block)
+    if isinstance(obj, FanInWeight):
+        return str(FanIn(obj.k)) if obj.k else None
+    return None
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -215,7 +248,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _block(model, info, layers: dict[str, dict] | None) -> dict[str, Any]:
     """The config.json block. ``layers=None``: dense checkpoint, layers described from the model."""
-    block = {"format_version": FORMAT_VERSION, **info}
+    block = {"format_version": 1, **info}
     if layers is None:
         state = model.state_dict()
         targets = _resolve_targets(model, state, _aliases(state), info)
@@ -226,8 +259,11 @@ def _block(model, info, layers: dict[str, dict] | None) -> dict[str, Any]:
             layers[name] = {"format": "dense", "shape": shape, "dtype": _dtype_name(t.dtype),
                                 "nnz": int((t != 0).sum()), "transposed": transposed}
         block["format"] = "dense"
-    else:
-        block["format"] = "nm" if any(v["format"] == "nm" for v in layers.values()) else "bitmap"
+    else:  # the most structured format of any layer: nm, then bsr, fanin, bitmap
+        used = {v["format"] for v in layers.values()}
+        block["format"] = next((f for f in PACKED if f in used), "bitmap")
+        if not used <= set(_V1_FORMATS):
+            block["format_version"] = FORMAT_VERSION
     block["targets"] = list(layers)
     block["layers"] = layers
     return block
@@ -257,10 +293,10 @@ def _save_compressed(model, tmp: Path, info: dict[str, Any]) -> None:
         mat = t.detach().to("cpu")
         mat = mat.t() if transposed else mat  # (out, in)
         enc = _encode(mat, pattern)
-        layers[name] = {"format": "nm" if isinstance(enc, NMWeight) else "bitmap", "shape": list(enc.shape),
+        layers[name] = {"format": format_name(enc), "shape": list(enc.shape),
                         "dtype": _dtype_name(enc.dtype), "nnz": int((mat != 0).sum()), "transposed": transposed}
-        if isinstance(enc, NMWeight):
-            layers[name]["pattern"] = str(enc.pattern)
+        if _layer_pattern(enc) is not None:
+            layers[name]["pattern"] = _layer_pattern(enc)
         for key, buf in enc.state_dict(prefix=f"{name}.").items():
             if key in state:
                 raise ModelError(f"cannot compress {name}: the model already has a tensor named {key}")
@@ -269,7 +305,7 @@ def _save_compressed(model, tmp: Path, info: dict[str, Any]) -> None:
     if aliases:
         block["tied"] = dict(aliases)
     save_file(tensors, str(tmp / WEIGHTS_NAME),
-              metadata={"format": "pt", "sparseforge_format_version": str(FORMAT_VERSION)})
+              metadata={"format": "pt", "sparseforge_format_version": str(block["format_version"])})
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
     config.dtype = _dtype_name(model.dtype)
@@ -325,7 +361,7 @@ def read_sparsity_config(path: "str | Path") -> dict[str, Any] | None:
 
 
 def _is_compressed(block: dict[str, Any] | None) -> bool:
-    return block is not None and block.get("format") in ("bitmap", "nm")
+    return block is not None and block.get("format") in PACKED
 
 
 def weight_files(path: "str | Path") -> list[Path]:
@@ -349,7 +385,7 @@ def read_safetensors_header(file: Path) -> dict[str, dict[str, Any]]:
     return header
 
 
-def load_state_dict_compressed(path: "str | Path") -> dict[str, "torch.Tensor | BitmapWeight | NMWeight"]:
+def load_state_dict_compressed(path: "str | Path") -> dict[str, "torch.Tensor | BitmapWeight | NMWeight | FanInWeight | BSRWeight"]:
     """Every tensor of a checkpoint; pruned weights stay compressed.
 
     Compressed objects always hold the ``(out_features, in_features)`` matrix; for layers whose
@@ -366,14 +402,15 @@ def load_state_dict_compressed(path: "str | Path") -> dict[str, "torch.Tensor | 
         return state
     for name, layer in block.get("layers", {}).items():
         fmt, shape = layer.get("format"), tuple(layer.get("shape", ()))
-        if fmt == "bitmap":
-            obj = BitmapWeight.from_state_dict(state, shape, prefix=f"{name}.")
-            keys = obj.state_dict(f"{name}.")
-        elif fmt == "nm":
+        if fmt not in PACKED:
+            raise ModelError(f"{path}: layer {name} has unknown format {fmt!r} (expected one of {', '.join(PACKED)})")
+        if fmt == "nm":
             obj = NMWeight.from_state_dict(state, shape, layer.get("pattern", block.get("pattern")), prefix=f"{name}.")
-            keys = obj.state_dict(f"{name}.")
         else:
-            raise ModelError(f"{path}: layer {name} has unknown format {fmt!r} (expected 'bitmap' or 'nm')")
+            obj = PACKED[fmt].from_state_dict(state, shape, prefix=f"{name}.")
+        keys = obj.state_dict(f"{name}.")
+        if fmt == "bsr" and layer.get("pattern") is not None and parse(layer["pattern"]) != obj.block:
+            raise ModelError(f"{path}: layer {name} stores {obj.block} blocks but config.json says {layer['pattern']}")
         if _dtype_name(obj.dtype) != layer.get("dtype"):
             raise ModelError(f"{path}: layer {name} stores {obj.dtype} values but config.json says {layer.get('dtype')}")
         for key in keys:
@@ -426,7 +463,7 @@ def load(path: "str | Path", dtype: "torch.dtype | str | None" = None, sparse: b
         return cls.from_pretrained(str(p), dtype=dtype or "auto", local_files_only=True)
     dense = {}
     for name, value in load_state_dict_compressed(p).items():
-        if isinstance(value, (BitmapWeight, NMWeight)):
+        if isinstance(value, PACKED_TYPES):
             mat = value.to_dense()  # (out, in)
             value = mat.t().contiguous() if block["layers"].get(name, {}).get("transposed") else mat
         dense[name] = value

@@ -286,7 +286,7 @@ def load_sparse(path: "str | Path") -> nn.Module:
     """A transformers model from a compressed sparseforge checkpoint, its pruned layers as SparseLinear.
 
     The compressed weights (:func:`sparseforge.checkpoint.load_state_dict_compressed`) go straight
-    into SparseLinear layers (N:M and bitmap, as stored); their dense matrices are never built.
+    into SparseLinear layers (N:M, bitmap, fan-in or BSR, as stored); their dense matrices are never built.
     Exception: a compressed tensor tied to a non-linear module (an embedding tied to ``lm_head``
     that the saver compressed because of its zero padding row) is decompressed for that module.
     The skeleton is built with every ``nn.Linear`` parameter on the meta device; the remaining dense

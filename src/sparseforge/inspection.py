@@ -21,13 +21,14 @@ from typing import Any
 import torch
 
 from sparseforge.checkpoint import (
+    PACKED_TYPES,
     _is_compressed,
+    format_name,
     load_state_dict_compressed,
     read_safetensors_header,
     read_sparsity_config,
     weight_files,
 )
-from sparseforge.formats import BitmapWeight, NMWeight
 from sparseforge.masks import satisfies
 from sparseforge.patterns import parse
 
@@ -103,8 +104,8 @@ def inspect_path(path: "str | Path", pattern: "str | None" = None) -> dict[str, 
         if name in aliases:
             continue
         info = layers_block.get(name, {})
-        if isinstance(value, (BitmapWeight, NMWeight)):
-            fmt = "bitmap" if isinstance(value, BitmapWeight) else "nm"
+        if isinstance(value, PACKED_TYPES):
+            fmt = format_name(value)  # bitmap, nm, fanin or bsr
             mat = value.to_dense()  # (out, in)
             shape = list(mat.t().shape) if info.get("transposed") else list(mat.shape)
             stored = sum(sizes[k] for k in value.state_dict(f"{name}."))
