@@ -96,8 +96,10 @@ def linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
         kernel, _, wargs = spec.kernel_args(weight)
         if x.dtype != torch.float32 or not x.is_cpu:
             check_act(x2, "x", cols, "input features")
-        if bias is not None:
-            check_bias(bias, rows)
+        if bias is not None and not (
+            bias.is_cpu and bias.dtype == torch.float32 and bias.shape == (rows,) and bias.is_contiguous()
+        ):
+            check_bias(bias, rows)  # raises, saying what is wrong
         y = torch.empty(x2.shape[0], rows, dtype=torch.float32)  # (B, out)
         kernel(np_view(x2), *wargs, np_view(bias), y.numpy())
     return y if flat else y.reshape(*x.shape[:-1], rows)
