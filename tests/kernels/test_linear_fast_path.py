@@ -57,3 +57,23 @@ def test_in_place_updates_are_seen_and_copies_get_their_own_views():
         clone.values.mul_(10)
         assert ops.linear(x, clone).item() == 60.0
     assert ops.linear(x, w).item() == 6.0
+
+
+def test_replaced_storage_is_revalidated():
+    """``param.data = ...`` (what Module.half() / .to() do to trainable values) must not leave the
+    fast path reading the old storage."""
+    from sparseforge.nn import SparseLinear
+
+    lin = torch.nn.Linear(8, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.mul_(torch.tensor([1., 0.] * 4))
+    sl = SparseLinear.from_linear(lin, format="nm", pattern="2:4", trainable=True)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        before = sl(x)
+        values = sl.weight_format.values
+        values.data = values.data * 2  # same Parameter object, new storage
+        torch.testing.assert_close(sl(x), 2 * before)
+        values.data = values.data.half()
+        with pytest.raises(ModelError, match="float32 or bfloat16"):
+            sl(x)

@@ -199,7 +199,7 @@ class SparseLinear(nn.Module):
         """The format object over the current buffers (rebuilt, and validated, after ``.to()``)."""
         buffers, params = self._buffers, self._parameters
         for key, held in zip(self._keys, self._cached):  # cheap identity check per call
-            if buffers.get(key) is not held and params.get(key) is not held:
+            if (params[key] if key in params else buffers[key]) is not held:
                 bufs = self._current()
                 self._weight = self._build(dict(zip(self._keys, bufs)))
                 self._cached = bufs

@@ -116,20 +116,27 @@ class FormatOps:
     def kernel_args(self, weight) -> tuple:
         """``(native forward, out rows, numpy views of W..., S...)`` for a format object.
 
-        The buffers are checked like the registered op checks them, once per object: format objects
-        are frozen and validated at construction, their buffers are never replaced, and a numpy view
-        shares its tensor's memory (in-place updates of the values are seen). Deep copies and
-        pickles drop the views (``StoredBuffers.__getstate__``).
+        The buffers are checked like the registered op checks them, once per object and again only
+        when a buffer's storage changed (``param.data = ...``, e.g. ``Module.half()`` on trainable
+        values: checked by data pointer, which cannot be reused while the cached view holds the old
+        storage). Format objects are frozen and validated at construction, and a numpy view shares
+        its tensor's memory (in-place updates of the values are seen). Deep copies and pickles drop
+        the views (``StoredBuffers.__getstate__``).
         """
         cached = weight.__dict__.get(_CACHE)
-        if cached is None:
-            args = self.unpack(weight)
-            rows = self.dims(*args, weight.shape[1])
-            if rows != weight.shape[0]:
-                raise ModelError(f"{type(weight).__name__} buffers describe {rows} rows, not {weight.shape[0]}")
-            cached = (getattr(native(), self.native_names[0]), rows, tuple(np_view(a) for a in args))
-            object.__setattr__(weight, _CACHE, cached)
-        return cached
+        if cached is not None:
+            kernel, rows, arrays, tensors, ptrs = cached
+            if all(t.data_ptr() == p for t, p in zip(tensors, ptrs)):
+                return kernel, rows, arrays
+        args = self.unpack(weight)
+        rows = self.dims(*args, weight.shape[1])
+        if rows != weight.shape[0]:
+            raise ModelError(f"{type(weight).__name__} buffers describe {rows} rows, not {weight.shape[0]}")
+        tensors = tuple(a for a in args if isinstance(a, Tensor))
+        arrays = tuple(np_view(a) for a in args)
+        cached = (getattr(native(), self.native_names[0]), rows, arrays, tensors, tuple(t.data_ptr() for t in tensors))
+        object.__setattr__(weight, _CACHE, cached)
+        return cached[:3]
 
 
 def define(fmt: str, weight_cls: type, buffers: tuple[tuple[str, tuple, int], ...], fit: Callable, *,
