@@ -112,3 +112,12 @@ def test_train_advise_bench_are_subcommands(capsys):
     assert "batch sizes must be positive" in capsys.readouterr().err
     assert main(["advise", "builtin", "--threads", "0", "--no-sweep"]) == 2
     assert "threads must be >= 1" in capsys.readouterr().err
+
+
+def test_building_the_parser_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from sparseforge.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"  # `sparseforge --help` stays fast

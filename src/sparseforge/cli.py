@@ -43,6 +43,26 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    """The ``train`` subcommand's options (run by :func:`sparseforge.train.cli.run`); torch-free."""
+    p = subparsers.add_parser("train", help="sparse-train the built-in model on the built-in corpus (a recipe)")
+    p.add_argument("--recipe", type=Path, default=None, help="YAML training recipe (replaces --method/--sparsity/--pattern)")
+    p.add_argument("--method", default="gmp", help="gmp, static, set, rigl, srigl, sparse_momentum, ste, srste, sste (default gmp)")
+    p.add_argument("--sparsity", type=float, default=None, help="target sparsity (default 0.5; N:M and faninK fix it)")
+    p.add_argument("--pattern", default=None, help="unstructured, fanin, blockHxW, channel, 2:4 (default: the method's)")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps (default 60, about a minute on 2 cores)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seqlen", type=int, default=128, help="tokens per training sequence")
+    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
+    p.add_argument("--eval-windows", type=int, default=8, help="held-out windows of 128 tokens for perplexity")
+    p.add_argument("--seed", type=int, default=0, help="data order")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: on a busy 2-core machine 2 threads run ~20x slower)")
+    p.add_argument("--output", type=Path, default=None, help="save the trained model here (sparseforge checkpoint)")
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparseforge", description="Make neural networks sparse and measurably faster.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,8 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patterns", nargs="+", default=["unstructured", "2:4"], help="patterns to compare")
     p.add_argument("--sparsity", type=float, default=None)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-
-    from sparseforge.train.cli import add_parser as add_train_parser
 
     add_train_parser(sub)
 

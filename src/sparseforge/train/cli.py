@@ -31,23 +31,14 @@ DEFAULT_TARGETS = ["model.layers.*"]  # the transformer blocks (the LM head is t
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``train`` subcommand to an ``argparse`` subparsers object; returns its parser."""
-    p = subparsers.add_parser("train", help="sparse-train the built-in model on the built-in corpus (a recipe)")
-    p.add_argument("--recipe", type=Path, default=None, help="YAML training recipe (replaces --method/--sparsity/--pattern)")
-    p.add_argument("--method", default="gmp", help="gmp, static, set, rigl, srigl, sparse_momentum, ste, srste, sste (default gmp)")
-    p.add_argument("--sparsity", type=float, default=None, help="target sparsity (default 0.5; N:M and faninK fix it)")
-    p.add_argument("--pattern", default=None, help="unstructured, fanin, blockHxW, channel, 2:4 (default: the method's)")
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps (default 60, about a minute on 2 cores)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seqlen", type=int, default=128, help="tokens per training sequence")
-    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
-    p.add_argument("--eval-windows", type=int, default=8, help="held-out windows of 128 tokens for perplexity")
-    p.add_argument("--seed", type=int, default=0, help="data order")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: on a busy 2-core machine 2 threads run ~20x slower)")
-    p.add_argument("--output", type=Path, default=None, help="save the trained model here (sparseforge checkpoint)")
-    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-    return p
+    """Add the ``train`` subcommand to an ``argparse`` subparsers object; returns its parser.
+
+    The options live in :func:`sparseforge.cli.add_train_parser`, which imports no torch, so that
+    ``sparseforge --help`` stays fast; this is the same function.
+    """
+    from sparseforge.cli import add_train_parser
+
+    return add_train_parser(subparsers)
 
 
 def default_config(method: str, steps: int, sparsity: float | None = None, pattern: str | None = None):
