@@ -110,7 +110,6 @@ def run(args) -> dict:
 
     torch.set_num_threads(args.threads)
     kernels.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
     have_sparselab = False
     if args.sparselab:
         try:
@@ -200,4 +199,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    torch.set_flush_denormal(True)  # as peer-speed.md; process-wide, so only when run as a script
     sys.exit(main())
