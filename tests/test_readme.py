@@ -23,11 +23,15 @@ def test_readme_has_exactly_two_setup_commands_on_first_screen():
 @pytest.mark.slow
 def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    (block,) = python_blocks()
-    exec(compile(block, str(README), "exec"), {})
+    namespace: dict = {}
+    for block in python_blocks():  # in order, sharing names, as a reader would paste them
+        exec(compile(block, str(README), "exec"), namespace)
     out = capsys.readouterr().out
     assert "sparsegpt 2:4" in out
     assert (tmp_path / "pruned-2of4" / "config.json").exists()
+    from sparseforge.nn import SparseLinear
+
+    assert sum(isinstance(m, SparseLinear) for m in namespace["model"].modules()) == 42  # every pruned layer
 
 
 def test_cli_examples_parse():
