@@ -20,6 +20,8 @@ void rows_nb(const BitmapView& w, const Problem& p, int64_t r0, int64_t r1, int6
     for (int nb = 0; nb < NB; ++nb) acc[nb][0] = acc[nb][1] = _mm256_setzero_ps();
     int64_t c = 0;
     for (; c + 16 <= cols; c += 16) {
+      v256::prefetch(static_cast<const char*>(w.val) + vp * v256::val_bytes<V>(), v256::kPrefetchBytes);
+      if ((c & 255) == 0) v256::prefetch(row + c / 8, v256::kPrefetchBytes);
       const unsigned m0 = row[c / 8], m1 = row[c / 8 + 1];
       const __m256 w0 = v256::expand8<V>(w.val, vp, m0, w.nnz);
       vp += __builtin_popcount(m0);

@@ -22,6 +22,9 @@ void rows_nb(const BitmapView& w, const Problem& p, int64_t r0, int64_t r1, int6
     for (int nb = 0; nb < NB; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = _mm512_setzero_ps();
     int64_t c = 0;
     for (; c + 64 <= cols; c += 64) {
+      v512::prefetch(static_cast<const char*>(w.val) + vp * v512::val_bytes<V>(), v512::kPrefetchBytes);
+      v512::prefetch(static_cast<const char*>(w.val) + (vp + 16) * v512::val_bytes<V>(), v512::kPrefetchBytes);
+      v512::prefetch(row + c / 8, v512::kPrefetchBytes);
       uint64_t m;
       std::memcpy(&m, row + c / 8, 8);
       const __mmask16 m0 = static_cast<__mmask16>(m), m1 = static_cast<__mmask16>(m >> 16);
@@ -76,8 +79,39 @@ void rows(const BitmapView& w, const Problem& p, int64_t r0, int64_t r1) {
   if (w.vt == VT::f32) rows_v<VT::f32>(w, p, r0, r1); else rows_v<VT::bf16>(w, p, r0, r1);
 }
 
+// BitmapDec plus a vectorised collect for the lanes kernels: each 16-bit slice of the bitmap
+// compresses a column iota (vpcompressd) into the entry list; f32 values are used in place.
+template <VT V>
+struct LanesDec : BitmapDec<V> {
+  using Base = BitmapDec<V>;
+  using typename Base::Cur;
+  explicit LanesDec(const BitmapView& w) : Base(w) {}
+  int64_t collect(Cur& c, int64_t cend, int32_t* idx, float* vbuf, const float** vals) const {
+    const int64_t lim = min64(cend, this->cols);
+    int64_t n = 0, word = c.word;
+    for (; word * 64 < lim; ++word) {
+      const uint64_t m = bitmap_word(c.row, this->bpr, word);
+      if (!m) continue;
+      const __m512i c0 = _mm512_set1_epi32(static_cast<int32_t>(word * 64));
+      n = v512::append_cols(idx, n, c0, static_cast<uint32_t>(m & 0xffffu));
+      n = v512::append_cols(idx, n, _mm512_add_epi32(c0, _mm512_set1_epi32(16)), static_cast<uint32_t>((m >> 16) & 0xffffu));
+      n = v512::append_cols(idx, n, _mm512_add_epi32(c0, _mm512_set1_epi32(32)), static_cast<uint32_t>((m >> 32) & 0xffffu));
+      n = v512::append_cols(idx, n, _mm512_add_epi32(c0, _mm512_set1_epi32(48)), static_cast<uint32_t>(m >> 48));
+    }
+    *vals = v512::entry_values<V>(this->val, c.vp, n, vbuf);
+    const int64_t words = word - c.word;
+    c.word = word;
+    c.vp += n;
+    // the next tile holds about as many values and bitmap words
+    v512::prefetch_span(static_cast<const char*>(this->val) + c.vp * v512::val_bytes<V>(), (n + 16) * v512::val_bytes<V>());
+    v512::prefetch_span(c.row + word * 8, words * 8);
+    return n;
+  }
+};
+
 void lanes(const BitmapView& w, const Problem& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* ybuf) {
-  with_bitmap_dec(w, [&](const auto& dec) { lanes_rows(dec, p, lp, r0, r1, ybuf); });
+  if (w.vt == VT::f32) lanes_rows(LanesDec<VT::f32>(w), p, lp, r0, r1, ybuf);
+  else lanes_rows(LanesDec<VT::bf16>(w), p, lp, r0, r1, ybuf);
 }
 
 void lanes_t(const BitmapView& w, const ProblemT& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* dxt) {

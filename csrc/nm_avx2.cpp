@@ -21,6 +21,8 @@ void rows24_nb(const NmView& w, const Problem& p, int64_t r0, int64_t r1, int64_
     for (int nb = 0; nb < NB; ++nb) acc[nb][0] = acc[nb][1] = _mm256_setzero_ps();
     int64_t c = 0;
     for (; c + 16 <= cols; c += 16, vp += 8) {
+      if ((c & 31) == 0) v256::prefetch(static_cast<const char*>(w.val) + vp * v256::val_bytes<V>(), v256::kPrefetchBytes);
+      if ((c & 255) == 0) v256::prefetch(irow + c / 8, v256::kPrefetchBytes);
       const __m256 w0 = v256::expand8<V>(w.val, vp, kNm24.mask[irow[c / 8]], total);
       const __m256 w1 = v256::expand8<V>(w.val, vp + 4, kNm24.mask[irow[c / 8 + 1]], total);
       for (int nb = 0; nb < NB; ++nb) {

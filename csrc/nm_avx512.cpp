@@ -29,6 +29,9 @@ void rows24_nb(const NmView& w, const Problem& p, int64_t r0, int64_t r1, int64_
     int64_t c = 0;
     for (; c + 64 <= cols; c += 64, vp += 32) {
       const uint8_t* ib = irow + c / 8;
+      v512::prefetch(static_cast<const char*>(w.val) + vp * v512::val_bytes<V>(), v512::kPrefetchBytes);
+      if constexpr (V == VT::f32) v512::prefetch(static_cast<const float*>(w.val) + vp + 16, v512::kPrefetchBytes);
+      v512::prefetch(ib, v512::kPrefetchBytes);
       const bool safe = vp + 40 <= total;
       const __m512 w0 = v512::decode16<V>(w.val, vp, mask24(ib), safe);
       const __m512 w1 = v512::decode16<V>(w.val, vp + 8, mask24(ib + 2), safe);
@@ -95,7 +98,42 @@ void rows(const NmView& w, const Problem& p, int64_t r0, int64_t r1) {
   if (w.vt == VT::f32) rows_v<VT::f32>(w, p, r0, r1); else rows_v<VT::bf16>(w, p, r0, r1);
 }
 
+// NmDec plus, for 2:4, a vectorised collect for the lanes kernels: two index bytes give the
+// 16-column keep-mask (kNm24), which compresses a column iota into the entry list (8 entries per
+// 16 columns); values are contiguous per row. Other n:m use the generic collect.
+template <VT V>
+struct LanesDec24 : NmDec<V> {
+  using Base = NmDec<V>;
+  using typename Base::Cur;
+  explicit LanesDec24(const NmView& w) : Base(w) {}
+  int64_t collect(Cur& c, int64_t cend, int32_t* idx, float* vbuf, const float** vals) const {
+    const int64_t G = this->w.cols / 4;
+    const int64_t gend = min64(G, (cend + 3) / 4);  // groups whose first column is < cend
+    int64_t g = c.g, n = 0;
+    for (; g + 4 <= gend; g += 4) {  // g is even: whole index bytes
+      const uint32_t m = kNm24.mask[c.irow[g >> 1]] | (static_cast<uint32_t>(kNm24.mask[c.irow[(g >> 1) + 1]]) << 8);
+      n = v512::append_cols(idx, n, _mm512_set1_epi32(static_cast<int32_t>(g * 4)), m);
+    }
+    for (; g < gend; ++g) {
+      const unsigned nib = (c.irow[g >> 1] >> ((g & 1) * 4)) & 15u;
+      idx[n++] = static_cast<int32_t>(g * 4 + (nib & 3));
+      idx[n++] = static_cast<int32_t>(g * 4 + (nib >> 2));
+    }
+    *vals = v512::entry_values<V>(this->w.val, c.vbase + 2 * c.g, n, vbuf);
+    // the next tile holds as many values and index bytes
+    v512::prefetch_span(static_cast<const char*>(this->w.val) + (c.vbase + 2 * g) * v512::val_bytes<V>(), n * v512::val_bytes<V>());
+    v512::prefetch_span(c.irow + (g >> 1), (g - c.g) / 2);
+    c.g = g;
+    return n;
+  }
+};
+
 void lanes(const NmView& w, const Problem& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* ybuf) {
+  if (w.n == 2 && w.m == 4) {
+    if (w.vt == VT::f32) lanes_rows(LanesDec24<VT::f32>(w), p, lp, r0, r1, ybuf);
+    else lanes_rows(LanesDec24<VT::bf16>(w), p, lp, r0, r1, ybuf);
+    return;
+  }
   with_nm_dec(w, [&](const auto& dec) { lanes_rows(dec, p, lp, r0, r1, ybuf); });
 }
 

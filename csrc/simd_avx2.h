@@ -56,6 +56,14 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Software prefetch for the batch-1 row kernels, bytes ahead in each stream (see simd_avx512.h).
+constexpr int64_t kPrefetchBytes = 4096;
+inline void prefetch(const void* p, int64_t byte_offset) {
+  _mm_prefetch(static_cast<const char*>(p) + byte_offset, _MM_HINT_T0);
+}
+template <VT V>
+constexpr int64_t val_bytes() { return V == VT::f32 ? 4 : 2; }
+
 // Dense 8-lane weights for byte mask m: the next popcount(m) values (of `total` in the buffer)
 // at the set lanes, zeros elsewhere.
 template <VT V>
@@ -89,6 +97,8 @@ inline void gather_dot(const I* idx, const void* val, int64_t v0, int64_t count,
                        __m256* a1, float* tail) {
   int64_t k = 0;
   for (; k + 16 <= count; k += 16) {
+    prefetch(idx + k, kPrefetchBytes);
+    prefetch(static_cast<const char*>(val) + (v0 + k) * val_bytes<V>(), kPrefetchBytes);
     const __m256i i0 = idx8(idx + k), i1 = idx8(idx + k + 8);
     const __m256 w0 = val8<V>(val, v0 + k), w1 = val8<V>(val, v0 + k + 8);
     for (int nb = 0; nb < NB; ++nb) {

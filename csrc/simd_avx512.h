@@ -86,7 +86,53 @@ inline __m512 expand16(const void* v, int64_t vp, __mmask16 m) {
   }
 }
 
+// Software prefetch distance for the batch-1 row kernels, in bytes of each stream (values, column
+// indices, bitmap) ahead of the current position. Without it the batch-1 kernels ran at about
+// compute time + memory time (the hardware prefetcher stops at 4 KB pages and did not hide the
+// DRAM latency); with it they approach max(compute, memory). Prefetches never fault, so running
+// past the end of a buffer is harmless.
+#ifndef SF_PREFETCH_BYTES
+#define SF_PREFETCH_BYTES 4096
+#endif
+constexpr int64_t kPrefetchBytes = SF_PREFETCH_BYTES;
+inline void prefetch(const void* p, int64_t byte_offset) {
+  _mm_prefetch(static_cast<const char*>(p) + byte_offset, _MM_HINT_T0);
+}
+template <VT V>
+constexpr int64_t val_bytes() { return V == VT::f32 ? 4 : 2; }
+
 inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>(n >= 16 ? 0xFFFFu : ((1u << n) - 1u)); }
+
+// Entry collection for the lanes kernels (see collect_entries in lanes.h): the values of n
+// consecutive stored entries starting at v0 as float32. f32 values are used in place; bf16 ones
+// are widened into buf (masked loads: never reads past entry v0 + n).
+template <VT V>
+inline const float* entry_values(const void* v, int64_t v0, int64_t n, float* buf) {
+  if constexpr (V == VT::f32) {
+    return static_cast<const float*>(v) + v0;
+  } else {
+    const uint16_t* src = static_cast<const uint16_t*>(v) + v0;
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) _mm512_storeu_ps(buf + k, widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k))));
+    if (k < n) _mm512_storeu_ps(buf + k, widen_bf16(_mm256_maskz_loadu_epi16(first_lanes(n - k), src + k)));
+    return buf;
+  }
+}
+
+// Prefetch of the stream a lanes row will read for its next column tile (the rows of a block
+// take turns, so the hardware prefetcher sees dozens of short streams): `bytes` from p.
+inline void prefetch_span(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
+}
+
+// Appends the columns c0 + (set bits of the 16-bit mask m) to idx[n...]; returns the new n.
+// Writes 16 int32 at idx + n whatever popcount(m) is (callers leave 16 entries of slack).
+inline int64_t append_cols(int32_t* idx, int64_t n, __m512i c0, uint32_t m) {
+  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  _mm512_storeu_si512(idx + n, _mm512_maskz_compress_epi32(static_cast<__mmask16>(m), _mm512_add_epi32(c0, iota)));
+  return n + __builtin_popcount(m);
+}
 
 // acc[nb] += sum over k in [0, count) of val[v0 + k] * x_nb[idx[k]]  (gathers x, streams values)
 template <class I, VT V, int NB>
@@ -94,6 +140,9 @@ inline void gather_dot(const I* idx, const void* val, int64_t v0, int64_t count,
                        __m512* a1) {
   int64_t k = 0;
   for (; k + 32 <= count; k += 32) {
+    prefetch(idx + k, kPrefetchBytes);
+    prefetch(static_cast<const char*>(val) + (v0 + k) * val_bytes<V>(), kPrefetchBytes);
+    if constexpr (V == VT::f32) prefetch(static_cast<const float*>(val) + v0 + k + 16, kPrefetchBytes);
     const __m512i i0 = idx16(idx + k), i1 = idx16(idx + k + 16);
     const __m512 w0 = val16<V>(val, v0 + k), w1 = val16<V>(val, v0 + k + 16);
     for (int nb = 0; nb < NB; ++nb) {
