@@ -19,7 +19,7 @@ extern const GemvColsFn gemv_cols = gemv_cols_impl;
 
 namespace {
 
-constexpr int kMaxGroup = 4;                    // slots per GEMV call (partial-sum rows in L1)
+constexpr int kMaxGroup = 4;                    // slots per GEMV call (one weight read serves them all)
 constexpr double kParallelMinFloats = 1 << 16;  // weights streamed below which one thread does it all
 
 float act_fn(Act a, float v) {
@@ -114,8 +114,10 @@ void expert_ffn(const ExpertFfnProblem& p, Isa isa, int64_t block_floats, bool p
       order[fill[e]++] = s;
     }
   }
-  for (int64_t t = 0; t < p.T * d; ++t) p.y[t] = 0.f;
-  if (n == 0) return;
+  if (n == 0) {
+    for (int64_t t = 0; t < p.T * d; ++t) p.y[t] = 0.f;
+    return;
+  }
   // Groups: (expert, first sorted slot, slots <= kMaxGroup); each reads its expert's weights once.
   struct Group { int64_t e, s0, ns; };
   std::vector<Group> groups;
@@ -143,6 +145,7 @@ void expert_ffn(const ExpertFfnProblem& p, Isa isa, int64_t block_floats, bool p
     const int64_t t = order[q] / p.k;
     for (int64_t i = 0; i < d; ++i) xs[q * d + i] = p.x[t * d + i];
   }
+  for (int64_t t = 0; t < p.T * d; ++t) p.y[t] = 0.f;  // after x is copied: y may alias x
 
   // Phase 1: partial xs @ w_up[e] (and xs @ w_gate[e]) per (matrix, group, row block)
   parallel_for(

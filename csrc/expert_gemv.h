@@ -13,11 +13,12 @@
 //     FFN_e(v) = (act(v @ w_gate[e]) * (v @ w_up[e])) @ w_down[e]   (GLU; SwiGLU with silu)
 //     FFN_e(v) = act(v @ w_up[e]) @ w_down[e]                        (MLP)
 //
-// Algorithm (expert_ffn): slots are grouped by expert; phase 1 runs, per (expert, chunk of h
-// columns, up to 4 slots), the gate and up GEMVs as row-streaming AXPYs (each weight row read
-// once, the chunk's partial sums in L1) and applies act(g) * u; phase 2 runs, per (expert, chunk of
-// d columns), the down GEMV; the gate-weighted sum over each token's slots follows in slot order.
-// Both phases spread their tasks over the thread pool; results do not depend on the thread count.
+// Algorithm (expert_ffn): slots are grouped by expert (up to 4 slots per group), so an expert's
+// weights are read once for all the tokens that chose it. Phase 1 streams w_up[e] (and w_gate[e])
+// in contiguous blocks of whole rows (AXPY form on the input-major layout, partial sums cached);
+// phase 2 sums the row blocks in block order, applies act(g) * u, and streams w_down[e] the same
+// way; the gate-weighted sum over each token's slots follows in slot order. Block sizes depend on
+// the shapes only, so results are bitwise the same for any thread count (parallel or not).
 // No fast-math: NaN / inf propagate as in the dense products.
 #pragma once
 

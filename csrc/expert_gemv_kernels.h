@@ -4,14 +4,16 @@
 //
 // acc[t, 0:cw] = sum_i xs[t, i] * W[i, 0:cw] for t < NT: four weight rows at a time are streamed
 // (each element loaded once, whatever NT is) and added into the NT partial-sum rows, which stay in
-// L1 (cw <= a few hundred floats). Per 4 rows: 4 weight loads, NT loads and NT stores of partial
-// sums per vector; the weights come from memory, so the loop runs at memory bandwidth.
+// L1/L2 (NT * cw floats; the driver passes whole rows, cw = h or d). Per 4 rows and vector: 4
+// weight loads, NT loads and NT stores of partial sums; the weights come from memory, so the loop
+// runs at memory bandwidth.
 #pragma once
 
 #include "expert_gemv.h"
 #include "lanes.h"
 
 namespace sf {
+// gemv_cols_impl is the GemvColsFn of the including file's ISA (see expert_gemv.h).
 namespace {
 
 typedef float vflu_g __attribute__((vector_size(kVL * 4), aligned(4)));  // unaligned load / store

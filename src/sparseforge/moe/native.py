@@ -11,7 +11,7 @@ order and does not depend on the thread count.
 
 * :func:`moe_expert_ffn` is the registered custom op (fake impl for ``torch.compile``);
   :func:`expert_ffn` calls it, or the implementation directly in eager mode (skipping the op
-  dispatcher, ~10 us per call).
+  dispatcher: 14 us instead of 22 us per call on a tiny problem here).
 * ``parallel=False`` (what :class:`~sparseforge.moe.MoE` uses by default) runs on the calling
   thread: one core already streams at the machine's memory bandwidth, and each pool job waits for
   every worker to check in (on a machine loaded by other jobs, a scheduler slice). ``True`` spreads
