@@ -7,7 +7,10 @@ compressed with ``compress_(format="auto")``, which measures each layer shape at
 the fastest format (the report lists the formats chosen); ``lm_head`` and the embeddings stay dense. Each variant generates
 ``--new`` tokens greedily after an 8-token prompt (``min_new_tokens`` forces the full length);
 ``--repeats`` runs per variant, interleaved, median reported, and ratios come from the same run
-(the machine is shared and noisy: absolute numbers move, ratios less).
+(the machine is shared and noisy: absolute numbers move, ratios less). The sparse variants run inside
+``sparseforge.kernels.sparse_threads`` (torch single-threaded, the kernels on all threads; dense
+keeps torch's threads): torch's spinning OpenMP workers would otherwise take the kernels' cores.
+``--no-sparse-threads`` measures that naive setting.
 
     python benchmarks/decode.py --quick     # hidden 256, 2 layers, FFN 704 (smoke, ~20 s)
     python benchmarks/decode.py             # the default shape; writes benchmarks/results/decode.json
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from contextlib import nullcontext
 import json
 import os
 import statistics
@@ -41,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                    help="thread counts (torch and the sparse kernels alike), each measured in turn")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default results/decode.json, quick: decode.quick.json)")
+    p.add_argument("--sparse-threads", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the sparse variants inside kernels.sparse_threads (torch 1 thread, kernels N): "
+                        "torch's spinning OpenMP workers otherwise take the kernels' cores")
     args = p.parse_args(argv)
     if args.quick:
         args.hidden, args.layers, args.ffn, args.vocab, args.new, args.repeats = 256, 2, 704, 1024, 16, 2
@@ -80,12 +87,17 @@ def measure(models, prompt, args, threads: int) -> list[dict]:
 
     torch.set_num_threads(threads)
     kernels.set_num_threads(threads)
-    for model, _ in models.values():  # warm-up (thread pools, allocator)
-        generate_seconds(model, prompt, 2)
+    def threads_for(report):
+        return kernels.sparse_threads(threads) if report is not None and args.sparse_threads else nullcontext()
+
+    for model, report in models.values():  # warm-up (thread pools, allocator)
+        with threads_for(report):
+            generate_seconds(model, prompt, 2)
     times: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(args.repeats):  # interleaved, so drifting load hits every variant alike
-        for name, (model, _) in models.items():
-            times[name].append(generate_seconds(model, prompt, args.new))
+        for name, (model, report) in models.items():
+            with threads_for(report):
+                times[name].append(generate_seconds(model, prompt, args.new))
     base = statistics.median(times["dense fp32"])
     rows = []
     for name, (model, report) in models.items():
@@ -108,6 +120,7 @@ def main(argv=None) -> dict:
     rows = [r for t in args.threads for r in measure(models, prompt, args, t)]
     result = {"shape": {k: getattr(args, k) for k in ("hidden", "layers", "ffn", "vocab")},
               "new_tokens": args.new, "batch": 1, "repeats": args.repeats, "isa": kernels.isa(),
+              "sparse_threads": args.sparse_threads,
               "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "rows": rows}
     print(f"decode, batch 1, {args.new} new tokens, hidden {args.hidden}, {args.layers} layers, FFN {args.ffn}, "
           f"vocab {args.vocab}, isa {result['isa']}, load {load_before[0]:.1f} -> {result['loadavg_after'][0]:.1f}")

@@ -8,7 +8,9 @@ answers it for a causal LM on this machine:
   measures each layer shape at the benchmarked batch sizes and keeps a layer dense where dense is
   faster; the report lists every layer kept dense and why).
 
-Both variants generate ``new_tokens`` tokens greedily (``min_new_tokens`` forces the full length)
+The sparse variant generates inside :func:`sparseforge.kernels.sparse_threads` (torch
+single-threaded, the kernels on all threads), since torch's spinning OpenMP workers otherwise take
+the cores the kernels need; dense keeps torch's threads. Both variants generate ``new_tokens`` tokens greedily (``min_new_tokens`` forces the full length)
 after a ``prompt_len``-token prompt, for each batch size, ``repeats`` times, variants interleaved
 in every round so drifting load from other processes hits both alike; tokens/s is
 ``batch * new_tokens / median seconds`` and the speedup is a ratio within the same run.
@@ -159,8 +161,14 @@ def _peak_rss_subprocess(spec: dict[str, Any]) -> float:
 def bench_generation(model: str, *, batch_sizes: Sequence[int] = (1, 8), new_tokens: int = 32, prompt_len: int = 16,
                      repeats: int = 3, threads: Optional[int] = None, format: str = "auto",
                      pattern: Optional[str] = None, sparsity: Optional[float] = None, measure_rss: bool = True,
-                     progress: bool = True) -> BenchReport:
-    """Tokens/s of greedy generation, dense vs compressed, for each batch size (module doc)."""
+                     progress: bool = True, sparse_threads: bool = True) -> BenchReport:
+    """Tokens/s of greedy generation, dense vs compressed, for each batch size (module doc).
+
+    ``sparse_threads``: generate with the sparse variant inside
+    :func:`sparseforge.kernels.sparse_threads` (torch single-threaded, kernels on ``threads``).
+    """
+    from contextlib import nullcontext
+
     from sparseforge import kernels
     from sparseforge.advise import _set_threads, machine_info
 
@@ -186,13 +194,18 @@ def bench_generation(model: str, *, batch_sizes: Sequence[int] = (1, 8), new_tok
     from tqdm.auto import tqdm
 
     times: dict[tuple[str, int], list[float]] = {(v, b): [] for v in models for b in batch_sizes}
-    for net, _ in models.values():  # warm-up: thread pools, allocator, generate()'s caches
-        generate_seconds(net, prompts[batch_sizes[0]], 2)
+    def threads_for(variant: str):
+        return kernels.sparse_threads(threads) if variant == "sparse" and sparse_threads else nullcontext()
+
+    for v, (net, _) in models.items():  # warm-up: thread pools, allocator, generate()'s caches
+        with threads_for(v):
+            generate_seconds(net, prompts[batch_sizes[0]], 2)
     with tqdm(total=repeats * len(times), desc="bench", unit="run", disable=not progress) as bar:
         for _ in range(repeats):
             for b in batch_sizes:
                 for v, (net, _) in models.items():
-                    times[(v, b)].append(generate_seconds(net, prompts[b], new_tokens))
+                    with threads_for(v):
+                        times[(v, b)].append(generate_seconds(net, prompts[b], new_tokens))
                     bar.update()
     for b in batch_sizes:
         base = statistics.median(times[("dense", b)])

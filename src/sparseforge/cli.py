@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", default=None, help="prune by magnitude to this pattern first (speed only)")
     p.add_argument("--sparsity", type=float, default=None, help="prune by magnitude to this sparsity first (speed only)")
     p.add_argument("--rss", action=argparse.BooleanOptionalAction, default=True, help="peak RSS of each variant in a fresh process")
+    p.add_argument("--sparse-threads", action=argparse.BooleanOptionalAction, default=True,
+                   help="sparse variant with torch on 1 thread and the kernels on --threads (see kernels.sparse_threads)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     return parser
@@ -235,7 +237,7 @@ def _cmd_bench(args) -> int:
     report = bench_generation(args.model, batch_sizes=args.batch_sizes, new_tokens=args.new_tokens,
                               prompt_len=args.prompt_len, repeats=args.repeats, threads=args.threads,
                               format=args.format, pattern=args.pattern, sparsity=args.sparsity,
-                              measure_rss=args.rss, progress=args.progress)
+                              measure_rss=args.rss, progress=args.progress, sparse_threads=args.sparse_threads)
     print(report.table())
     _write_json(args.json, report.to_dict())
     return 0
