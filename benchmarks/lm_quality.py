@@ -41,9 +41,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from sparseforge.masks import satisfies  # noqa: E402
-from sparseforge.train import SRSTE, SSTE, STE, RigL  # noqa: E402
+from sparseforge.train import GMP, SET, SRSTE, SSTE, STE, RigL, SRigL, StaticSparse  # noqa: E402
 
-METHODS = ("dense", "rigl90", "ste", "srste", "sste")
+DEFAULT_METHODS = ("dense", "rigl90", "ste", "srste", "sste")
+DST = {"static": StaticSparse, "set": SET, "rigl": RigL, "srigl": SRigL, "gmp": GMP}
+GRID = tuple(f"{m}{s}" for m in DST for s in (80, 90, 95))  # --grid: the 80/90/95% comparison
+METHODS = tuple(dict.fromkeys(DEFAULT_METHODS + GRID))
 TARGETS = ["re:model\\.layers\\.\\d+\\.(self_attn|mlp)\\..*"]
 
 
@@ -70,9 +73,16 @@ def tiny_llama(seed: int, vocab: int):
 def make_trainer(method: str, model, opt, steps: int, interval: int, seed: int):
     if method == "dense":
         return None
-    if method == "rigl90":
-        return RigL(model, opt, sparsity=0.9, distribution="erk", targets=TARGETS, seed=seed, drop_fraction=0.3,
-                    schedule={"start_step": 0, "end_step": int(0.75 * steps), "update_interval": interval})
+    name = method.rstrip("0123456789")
+    if name in DST:  # e.g. "rigl90": ERK at 90%, RigL's schedule (updates every dT steps until 75%)
+        sparsity = int(method[len(name):]) / 100
+        end = max(interval, int(0.75 * steps) // interval * interval)  # GMP needs a whole number of intervals
+        kw = dict(sparsity=sparsity, distribution="erk", targets=TARGETS, seed=seed)
+        if name == "static":
+            return StaticSparse(model, opt, **kw)
+        if name in ("set", "rigl", "srigl"):
+            kw["drop_fraction"] = 0.3
+        return DST[name](model, opt, schedule={"start_step": 0, "end_step": end, "update_interval": interval}, **kw)
     cls = {"ste": STE, "srste": SRSTE, "sste": SSTE}[method]
     return cls(model, opt, pattern="2:4", targets=TARGETS, seed=seed)
 
@@ -180,10 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--interval", type=int, default=25, help="RigL mask update interval dT")
     ap.add_argument("--eval-windows", type=int, default=128, help="held-out windows of --seqlen tokens")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
+    ap.add_argument("--grid", action="store_true", help="dense + static/SET/RigL/SRigL/GMP at 80/90/95%% (replaces --methods)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "lm_quality.json")
     args = ap.parse_args(argv)
+    if args.grid:
+        args.methods = ["dense", *GRID]
     torch.set_num_threads(args.threads)
     data = tokenizer_and_data()
     results, t0 = [], time.perf_counter()
