@@ -29,25 +29,21 @@ WORKER = r"""
 import json, sys
 import torch, transformers, sparseforge
 from sparseforge.checkpoint import load
+from sparseforge.bench import _model_mib, own_peak_rss_mib
 mode, path = sys.argv[1], sys.argv[2]
-nbytes = 0
+model_mib = 0.0
 # the baseline imports everything a loader touches (model classes, safetensors, the kernels)
 import safetensors.torch, sparseforge.compress, sparseforge.nn.sparse_linear, sparseforge.kernels
 transformers.LlamaForCausalLM, transformers.AutoConfig
 sparseforge.kernels.native()
 if mode != "baseline":
     model = load(path, sparse=(mode == "sparse"))
-    seen = set()
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            nbytes += t.numel() * t.element_size()
-from sparseforge.bench import own_peak_rss_mib
+    model_mib = _model_mib(model)
 loaded = own_peak_rss_mib()
 if mode != "baseline":  # safetensors maps the file: pages count once touched, so run every weight once
     with torch.inference_mode():
         model(torch.ones(1, 4, dtype=torch.long))
-print(json.dumps({"peak_rss_mib": loaded, "after_forward_mib": own_peak_rss_mib(), "model_mib": nbytes / 2**20}))
+print(json.dumps({"peak_rss_mib": loaded, "after_forward_mib": own_peak_rss_mib(), "model_mib": model_mib}))
 """
 
 

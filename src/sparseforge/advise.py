@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 import platform
 import statistics
@@ -245,7 +246,7 @@ def measure_layer(w: torch.Tensor, *, batch_sizes: Sequence[int] = (1,), pattern
     sparse, masked = _candidates(w, keep, pattern, formats, values_dtype)
     copies = max(1, math.ceil(STREAM_BYTES / max(1, masked.numel() * masked.element_size()))) if stream else 1
     dense_ws = [masked.clone() for _ in range(copies)]
-    sparse_ws = {f: [m] + [_clone_module(m) for _ in range(copies - 1)] for f, m in sparse.items()}
+    sparse_ws = {f: [m] + [copy.deepcopy(m) for _ in range(copies - 1)] for f, m in sparse.items()}
     timings: dict[str, dict[int, float]] = {"dense": {}, **{f: {} for f in sparse}}
     for b in batch_sizes:
         b = int(b)
@@ -262,12 +263,6 @@ def measure_layer(w: torch.Tensor, *, batch_sizes: Sequence[int] = (1,), pattern
     choice = best if best is not None and mean_ratio[best] >= min_speedup else "dense"
     return LayerAdvice(tuple(w.shape), float(1 - keep.float().mean()), str(w.dtype).replace("torch.", ""),
                        timings, choice, pattern=_candidate_pattern(choice, pattern))
-
-
-def _clone_module(m: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(m)
 
 
 def _cycler(call: Callable[[Any], Any], items: list) -> Callable[[], Any]:

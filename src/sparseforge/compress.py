@@ -48,7 +48,7 @@ from torch import nn
 
 from sparseforge.config import name_matches
 from sparseforge.errors import ConfigError, ModelError
-from sparseforge.layers import is_linear, linear_layers, weight_2d
+from sparseforge.layers import is_linear, linear_layers, set_module, weight_2d
 from sparseforge.masks import satisfies
 from sparseforge.nn.sparse_linear import ALL_FORMATS, SparseLinear
 from sparseforge.patterns import NM, Block, FanIn, Pattern, parse
@@ -160,11 +160,6 @@ def _tied_owners(model: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def compress_(
     model: nn.Module,
     format: str = "auto",
@@ -258,7 +253,7 @@ def compress_(
         report.converted.append(CompressedLayer(name, label, tuple(w.shape), sparsity, sl.weight_format.nbytes,
                                                 w.numel() * w.element_size()))
     for name, sl in built.items():
-        _set_module(model, name, sl)
+        set_module(model, name, sl)
     return report
 
 
@@ -328,7 +323,7 @@ def load_sparse(path: "str | Path") -> nn.Module:
             dense[name] = decompressed[id(value)]
         else:
             owner = name.rsplit(".", 1)[0]
-            _set_module(model, owner, SparseLinear(value, state.get(f"{owner}.bias")))
+            set_module(model, owner, SparseLinear(value, state.get(f"{owner}.bias")))
             sparse_prefixes.append(owner + ".")
     missing, unexpected = model.load_state_dict(dense, strict=False, assign=True)
     missing = [k for k in missing if not any(k.startswith(s) for s in sparse_prefixes)]

@@ -27,7 +27,7 @@ from torch import nn
 from sparseforge.config import name_matches
 from sparseforge.errors import ConfigError, ModelError
 
-__all__ = ["is_linear", "weight_2d", "linear_layers", "find_blocks", "select_targets"]
+__all__ = ["set_module", "is_linear", "weight_2d", "linear_layers", "find_blocks", "select_targets"]
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -44,6 +44,12 @@ def weight_2d(module: nn.Module) -> torch.Tensor:
     if is_linear(module):
         return module.weight.data.t()  # Conv1D stores (in, out)
     raise ModelError(f"{type(module).__name__} is not a linear layer")
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace submodule ``name`` (dotted) of ``model`` by ``module``."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def linear_layers(root: nn.Module, prefix: str = "") -> Iterator[str]:

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from sparseforge.errors import ModelError
+from sparseforge.layers import set_module  # re-exported: moe modules import it from here
 from sparseforge.moe.hf import from_mixtral_block, from_phimoe_block, from_qwen2_moe_block
 from sparseforge.moe.layer import MoE
 from sparseforge.moe.losses import MoEAux
@@ -78,12 +79,6 @@ class MoESwapReport:
         lines = [f"swapped {len(self.swapped)} MoE blocks"]
         lines += [f"  {name}: {family}" for name, family in self.swapped]
         return "\n".join(lines)
-
-
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace submodule ``name`` (dotted) of ``model`` by ``module``."""
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _looks_like_moe(module: nn.Module) -> bool:

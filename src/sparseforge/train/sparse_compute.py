@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from sparseforge.errors import ConfigError
+from sparseforge.layers import set_module
 from sparseforge.train.base import MASK_BUFFER, MaskUpdate, SparseLayer, SparseTrainer
 
 __all__ = ["SparseCompute", "COMPUTE_FORMATS"]
@@ -66,11 +67,6 @@ def _format_class(fmt: str):
     if fmt not in COMPUTE_FORMATS:
         raise ConfigError(f"sparse-compute training supports formats {COMPUTE_FORMATS}, got {fmt!r}")
     return CSRWeight if fmt == "csr" else BitmapWeight
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 class SparseCompute:
@@ -109,7 +105,7 @@ class SparseCompute:
                 new_state = {k: (v[mask].clone() if torch.is_tensor(v) and v.shape == old.shape else v)
                              for k, v in opt.state.get(old, {}).items()}
                 self._swap_param(old, self._values(sl), new_state)
-                _set_module(trainer.model, layer.name, sl)
+                set_module(trainer.model, layer.name, sl)
                 self.modules[layer.name] = sl
                 self._hooks.append(sl.register_forward_hook(self._capture(layer)))
                 layer.module = None  # materialised only at update steps
