@@ -46,7 +46,7 @@ void dense_row(const BitmapView& w, int64_t r, float* row) {
 
 const BitmapKernels& kernels(Isa isa) {
 #if defined(SF_HAVE_X86_KERNELS)
-  if (isa == Isa::avx512) return avx512::bitmap;
+  if (isa == Isa::avx512) return use_vpopcntdq() ? avx512vp::bitmap : avx512::bitmap;
   if (isa == Isa::avx2) return avx2::bitmap;
 #endif
   (void)isa;

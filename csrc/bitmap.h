@@ -31,6 +31,7 @@ struct BitmapKernels {
 namespace scalar { extern const BitmapKernels bitmap; }
 namespace avx2 { extern const BitmapKernels bitmap; }
 namespace avx512 { extern const BitmapKernels bitmap; }
+namespace avx512vp { extern const BitmapKernels bitmap; }  // avx512 + VPOPCNTDQ
 
 void bitmap_linear_ref(const BitmapView& w, const Problem& p);
 void bitmap_linear_t_ref(const BitmapView& w, const ProblemT& p);

@@ -1,13 +1,17 @@
 // Bitmap kernels, AVX-512. rows: 64 columns per step; each 16-bit slice of the bitmap places the
-// next stored values at their columns in one register (decode16: lookup table + vpermps, which
-// beat vexpandps on Zen 5), so x is read contiguously and only kept values are read from memory.
+// next stored values at their columns in one register (decode16: vpermps with indices from a lookup
+// table, or from vpopcntd in the AVX512_VPOPCNTDQ build bitmap_avx512vp.cpp; both beat vexpandps
+// on Zen 5), so x is read contiguously and only kept values are read from memory.
 #include "bitmap.h"
 #include "lanes.h"
 #include "sddmm.h"
 #include "simd_avx512.h"
 
 namespace sf {
-namespace avx512 {
+#ifndef SF_AVX512_NS  // *_avx512vp.cpp compiles this file again under another name
+#define SF_AVX512_NS avx512
+#endif
+namespace SF_AVX512_NS {
 namespace {
 
 template <VT V, int NB>
@@ -33,10 +37,18 @@ void rows_nb(const BitmapView& w, const Problem& p, int64_t r0, int64_t r1, int6
       const int64_t o2 = o1 + __builtin_popcount(m1);
       const int64_t o3 = o2 + __builtin_popcount(m2);
       const bool safe = vp + 64 <= w.nnz;
+#if defined(__AVX512VPOPCNTDQ__)
+      const uint8_t* word = row + c / 8;
+      const __m512 w0 = v512::decode16_word<V>(w.val, vp, word, 0, m0, safe);
+      const __m512 w1 = v512::decode16_word<V>(w.val, vp + o1, word, 1, m1, safe);
+      const __m512 w2 = v512::decode16_word<V>(w.val, vp + o2, word, 2, m2, safe);
+      const __m512 w3 = v512::decode16_word<V>(w.val, vp + o3, word, 3, m3, safe);
+#else
       const __m512 w0 = v512::decode16<V>(w.val, vp, m0, safe);
       const __m512 w1 = v512::decode16<V>(w.val, vp + o1, m1, safe);
       const __m512 w2 = v512::decode16<V>(w.val, vp + o2, m2, safe);
       const __m512 w3 = v512::decode16<V>(w.val, vp + o3, m3, safe);
+#endif
       vp += __builtin_popcountll(m);
       for (int nb = 0; nb < NB; ++nb) {
         acc[nb][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xs[nb] + c), acc[nb][0]);
@@ -128,5 +140,5 @@ void sddmm(const BitmapView& w, const ProblemW& p, const LanesPlan& xp, const La
 
 extern const BitmapKernels bitmap = {rows, lanes, lanes_t, sddmm};
 
-}  // namespace avx512
+}  // namespace SF_AVX512_NS
 }  // namespace sf

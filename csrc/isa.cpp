@@ -30,6 +30,26 @@ bool cpu_supports(Isa isa) {
 #endif
 }
 
+bool use_vpopcntdq() {
+#if defined(SF_HAVE_X86_KERNELS) && (defined(__GNUC__) || defined(__clang__))
+  static const bool cpu = [] {
+    __builtin_cpu_init();
+    return cpu_supports(Isa::avx512) && __builtin_cpu_supports("avx512vpopcntdq");
+  }();
+#else
+  const bool cpu = false;
+#endif
+  const char* env = std::getenv("SPARSEFORGE_VPOPCNTDQ");
+  const std::string want = env ? env : "";
+  if (want.empty() || want == "auto") return cpu;
+  if (want == "0") return false;
+  if (want == "1") {
+    if (!cpu) throw std::invalid_argument("SPARSEFORGE_VPOPCNTDQ=1: this CPU (or build) lacks AVX512_VPOPCNTDQ; unset it or use 0");
+    return true;
+  }
+  throw std::invalid_argument("SPARSEFORGE_VPOPCNTDQ='" + want + "' is not a setting; use auto, 0 or 1");
+}
+
 Isa best_isa() {
   if (compiled_with(Isa::avx512) && cpu_supports(Isa::avx512)) return Isa::avx512;
   if (compiled_with(Isa::avx2) && cpu_supports(Isa::avx2)) return Isa::avx2;

@@ -16,5 +16,10 @@ bool compiled_with(Isa isa);      // this build contains the path (x86-64 builds
 Isa best_isa();                   // best path this CPU supports
 Isa resolve_isa(const char* requested);  // nullptr/"" -> SPARSEFORGE_ISA -> best; throws std::invalid_argument
 const char* isa_name(Isa isa);
+// Within the avx512 path: use the kernels built with AVX512_VPOPCNTDQ (Ice Lake, Zen 4 and later;
+// the bitmap and N:M decoders build their vpermps indices with vpopcntd instead of a lookup
+// table). True when the CPU has it, unless SPARSEFORGE_VPOPCNTDQ=0 (tests use that to run the
+// table path on such CPUs); SPARSEFORGE_VPOPCNTDQ=1 on a CPU without it throws.
+bool use_vpopcntdq();
 
 }  // namespace sf

@@ -53,7 +53,7 @@ void dense_row(const NmView& w, int64_t r, float* row) {
 
 const NmKernels& kernels(Isa isa) {
 #if defined(SF_HAVE_X86_KERNELS)
-  if (isa == Isa::avx512) return avx512::nm;
+  if (isa == Isa::avx512) return use_vpopcntdq() ? avx512vp::nm : avx512::nm;
   if (isa == Isa::avx2) return avx2::nm;
 #endif
   (void)isa;

@@ -33,6 +33,7 @@ struct NmKernels {
 namespace scalar { extern const NmKernels nm; }
 namespace avx2 { extern const NmKernels nm; }
 namespace avx512 { extern const NmKernels nm; }
+namespace avx512vp { extern const NmKernels nm; }  // avx512 + VPOPCNTDQ
 
 void nm_linear_ref(const NmView& w, const Problem& p);
 void nm_linear_t_ref(const NmView& w, const ProblemT& p);

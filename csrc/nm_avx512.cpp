@@ -9,7 +9,10 @@
 #include "simd_avx512.h"
 
 namespace sf {
-namespace avx512 {
+#ifndef SF_AVX512_NS  // *_avx512vp.cpp compiles this file again under another name
+#define SF_AVX512_NS avx512
+#endif
+namespace SF_AVX512_NS {
 namespace {
 
 inline __mmask16 mask24(const uint8_t* ib) {
@@ -151,5 +154,5 @@ void sddmm(const NmView& w, const ProblemW& p, const LanesPlan& xp, const LanesP
 
 extern const NmKernels nm = {rows, lanes, lanes_t, sddmm};
 
-}  // namespace avx512
+}  // namespace SF_AVX512_NS
 }  // namespace sf

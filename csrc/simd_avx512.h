@@ -4,6 +4,8 @@
 
 #include <immintrin.h>
 
+#include <cstring>
+
 #include "common.h"
 
 namespace sf {
@@ -53,17 +55,33 @@ struct PrefixLut {
 };
 constexpr PrefixLut kPrefix{};
 
-// Dense 16-lane weights for mask m, like vexpandps but through a lookup table and vpermps: on
-// the Zen 5 this was tuned on, vexpandps (memory or register form) costs ~3 cycles, the table +
-// permutation ~2 (see docs/kernels.md). `safe`: 16 values can be read at vp without leaving the
-// buffer; otherwise only popcount(m) are read (masked load).
+#if defined(__AVX512VPOPCNTDQ__)
+// Lane i of a 16-bit slice: the bits below it (kBelow), the bit itself (kBit); the *Hi forms are
+// for the upper slice of a 32-bit word.
+inline __m512i below_lanes(bool hi) {
+  const __m512i b = _mm512_set_epi32(0x7fff, 0x3fff, 0x1fff, 0xfff, 0x7ff, 0x3ff, 0x1ff, 0xff, 0x7f, 0x3f, 0x1f, 0xf, 7, 3, 1, 0);
+  return hi ? _mm512_slli_epi32(b, 16) : b;
+}
+inline __m512i bit_lanes(bool hi) { return _mm512_add_epi32(below_lanes(hi), _mm512_set1_epi32(hi ? 0x10000 : 1)); }
+#endif
+
+// Dense 16-lane weights for mask m, like vexpandps but through vpermps: lane j takes stored value
+// number popcount(m below j). The permutation indices come from vpopcntd where the file is built
+// with AVX512_VPOPCNTDQ (*_avx512vp.cpp), else from a lookup table per byte. On the Zen 5 this
+// was tuned on, vexpandps (memory or register form) costs ~15 cycles per 64 columns, the table +
+// vpermps ~10, vpopcntd + vpermps ~6-7 (see docs/kernels.md). `safe`: 16 values can be read at vp
+// without leaving the buffer; otherwise only popcount(m) are read (masked load).
 template <VT V>
 inline __m512 decode16(const void* v, int64_t vp, uint32_t m, bool safe) {
+#if defined(__AVX512VPOPCNTDQ__)
+  const __m512i idx = _mm512_popcnt_epi32(_mm512_and_si512(_mm512_set1_epi32(static_cast<int32_t>(m)), below_lanes(false)));
+#else
   const uint32_t lo = m & 0xffu, hi = (m >> 8) & 0xffu;
   const uint64_t pl = static_cast<uint64_t>(__builtin_popcount(lo));
   const __m128i b = _mm_insert_epi64(_mm_cvtsi64_si128(static_cast<long long>(kPrefix.b8[lo])),
                                      static_cast<long long>(kPrefix.b8[hi] + pl * 0x0101010101010101ULL), 1);
   const __m512i idx = _mm512_cvtepu8_epi32(b);
+#endif
   __m512 vals;
   if (safe) {
     vals = val16<V>(v, vp);
@@ -72,6 +90,23 @@ inline __m512 decode16(const void* v, int64_t vp, uint32_t m, bool safe) {
   }
   return _mm512_maskz_permutexvar_ps(static_cast<__mmask16>(m), idx, vals);
 }
+
+#if defined(__AVX512VPOPCNTDQ__)
+// decode16 of 16-bit slice s (0..3) of the 64-bit bitmap word at `word`, the slice broadcast
+// straight from memory (no general-register -> vector moves: ~6.5 vs ~7.5 cycles per 64 columns).
+// m: the slice's bits (only its popcount is used, when !safe).
+template <VT V>
+inline __m512 decode16_word(const void* v, int64_t vp, const uint8_t* word, int s, uint32_t m, bool safe) {
+  int32_t half;
+  std::memcpy(&half, word + (s >> 1) * 4, 4);
+  const __m512i d = _mm512_set1_epi32(half);
+  const bool hi = (s & 1) != 0;
+  const __m512i idx = _mm512_popcnt_epi32(_mm512_and_si512(d, below_lanes(hi)));
+  const __mmask16 k = _mm512_test_epi32_mask(d, bit_lanes(hi));
+  const __m512 vals = safe ? val16<V>(v, vp) : val16<V>(v, vp, static_cast<__mmask16>((1u << __builtin_popcount(m)) - 1u));
+  return _mm512_maskz_permutexvar_ps(k, idx, vals);
+}
+#endif
 
 // Dense 16-lane weight vector for mask m: the next popcount(m) stored values placed at the set
 // lanes, zeros elsewhere (vexpandps decodes a bitmap straight into a register).

@@ -8,6 +8,8 @@ Settings (read by the native code, see ``docs/kernels.md``):
 
 * ``SPARSEFORGE_ISA=scalar|avx2|avx512`` forces a kernel path (a :class:`ConfigError` if the CPU lacks
   it); unset or ``auto`` picks the best one. Read on every call, so it can be changed at any time.
+* ``SPARSEFORGE_VPOPCNTDQ=0|1|auto``: within ``avx512``, the bitmap and N:M kernels built with
+  AVX512_VPOPCNTDQ (picked when the CPU has it) or without it (``0``).
 * ``SPARSEFORGE_NUM_THREADS=n`` sizes the kernels' thread pool at first use (default: the CPUs this
   process may run on); :func:`set_num_threads` changes it later.
 
