@@ -135,3 +135,32 @@ def test_trainable_layer_under_torch_compile():
     eager(x).square().sum().backward()
     torch.testing.assert_close(sl.values.grad, eager.values.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sl.bias.grad, eager.bias.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("trainable", [True, False])
+def test_replace_weight_keeps_the_parameter_when_the_count_is_unchanged(trainable):
+    from sparseforge.formats import BitmapWeight
+    from sparseforge.formats.csr import CSRWeight
+    from sparseforge.errors import ModelError
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 16, generator=gen)
+    keep = torch.zeros(6, 16, dtype=torch.bool)
+    keep[:, :4] = True
+    layer = SparseLinear(CSRWeight.from_dense(w, keep), trainable=trainable)
+    held = layer.stored_values
+    moved = keep.roll(5, dims=1)  # same count per layer, other positions
+    got = layer.replace_weight(CSRWeight.from_dense(w, moved))
+    assert (got is held) == trainable  # a trainable Parameter is refilled in place
+    torch.testing.assert_close(layer.to_dense(), w * moved)
+    x = torch.randn(3, 16, generator=gen)
+    torch.testing.assert_close(layer(x), x @ (w * moved).T, rtol=1e-5, atol=1e-5)
+    grown = keep | moved  # more kept weights: a new Parameter (or buffer)
+    got = layer.replace_weight(CSRWeight.from_dense(w, grown))
+    assert got is not held and got.numel() == int(grown.sum())
+    assert isinstance(got, torch.nn.Parameter) == trainable
+    torch.testing.assert_close(layer(x), x @ (w * grown).T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ModelError, match="needs a csr weight of shape \\(6, 16\\)"):
+        layer.replace_weight(BitmapWeight.from_dense(w, keep))
+    with pytest.raises(ModelError, match="needs a csr weight"):
+        layer.replace_weight(CSRWeight.from_dense(w[:, :8], keep[:, :8]))

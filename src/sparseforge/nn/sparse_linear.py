@@ -180,6 +180,53 @@ class SparseLinear(nn.Module):
         self._refresh()  # the format object must hold the new tensor (rebuilt now, not in a compiled forward)
         return self
 
+    @property
+    def stored_values(self) -> Tensor:
+        """The stored values tensor: an ``nn.Parameter`` when :attr:`trainable`, else a buffer."""
+        key = self._values_key
+        return self._parameters[key] if key in self._parameters else self._buffers[key]
+
+    def replace_weight(self, weight: "BitmapWeight | NMWeight | CSRWeight | FanInWeight | BSRWeight") -> Tensor:
+        """Hold ``weight`` instead (same format, shape and N:M pattern), e.g. after a mask update.
+
+        The structure buffers are replaced. Trainable values are copied into the current
+        ``nn.Parameter`` when the stored count is unchanged (an optimizer holding it keeps working);
+        otherwise a new Parameter replaces it, and the caller must hand it to its optimizer.
+        Returns :attr:`stored_values` as now held.
+
+        Example:
+            >>> import torch
+            >>> from sparseforge.formats.csr import CSRWeight
+            >>> w = torch.randn(4, 8)
+            >>> layer = SparseLinear(CSRWeight.from_dense(w, w > 0), trainable=True)
+            >>> p = layer.stored_values
+            >>> mask = torch.zeros(4, 8, dtype=torch.bool); mask[:, :2] = True
+            >>> layer.replace_weight(CSRWeight.from_dense(w, mask)) is p  # 8 kept now, not the same count
+            False
+        """
+        if _format_name(weight) != self.format or tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ModelError(
+                f"replace_weight needs a {self.format} weight of shape ({self.out_features}, {self.in_features}), "
+                f"got {_format_name(weight)} {tuple(weight.shape)}"
+            )
+        if self.pattern is not None and weight.pattern != self.pattern:
+            raise ModelError(f"replace_weight needs N:M pattern {self.pattern}, got {weight.pattern}")
+        state = weight.state_dict()
+        new_values = state.pop(self._values_key)
+        for key, buf in state.items():
+            self._buffers[key] = buf
+        key = self._values_key
+        if key in self._parameters:
+            param = self._parameters[key]
+            if param.shape == new_values.shape:
+                param.data = new_values
+            else:
+                self._parameters[key] = nn.Parameter(new_values, requires_grad=param.requires_grad)
+        else:
+            self._buffers[key] = new_values
+        self._refresh()
+        return self.stored_values
+
     def _refresh(self) -> None:
         self._weight = self._build(dict(zip(self._keys, self._current())))
         self._cached = self._current()
@@ -214,15 +261,7 @@ class SparseLinear(nn.Module):
             except (ModelError, ConfigError) as exc:
                 error_msgs.append(f"{prefix[:-1] or 'SparseLinear'}: {exc}")
                 return
-            for key, buf in weight.state_dict().items():
-                if key in self._parameters:  # trainable values: copied in place when the shape allows
-                    if self._parameters[key].shape != buf.shape:
-                        self._parameters[key] = nn.Parameter(buf, requires_grad=self._parameters[key].requires_grad)
-                else:
-                    self._buffers[key] = buf  # replaced: the stored count of kept weights may differ
-            self._weight, self._cached = weight, self._current()
-            if self.trainable:
-                self._refresh()  # over the values parameter, which super() below fills in place
+            self.replace_weight(weight)  # the stored count of kept weights may differ; super() below refills in place
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     # ---- use ---------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ class SparseCompute:
                 old = layer.param
                 new_state = {k: (v[mask].clone() if torch.is_tensor(v) and v.shape == old.shape else v)
                              for k, v in opt.state.get(old, {}).items()}
-                self._swap_param(old, self._values(sl), new_state)
+                self._swap_param(old, sl.stored_values, new_state)
                 set_module(trainer.model, layer.name, sl)
                 self.modules[layer.name] = sl
                 self._hooks.append(sl.register_forward_hook(self._capture(layer)))
@@ -112,10 +112,6 @@ class SparseCompute:
         self._collecting = trainer.collects_grad(1)
 
     # ---- helpers ------------------------------------------------------------------------------
-    @staticmethod
-    def _values(sl) -> nn.Parameter:
-        return sl._parameters[sl._values_key]
-
     def _swap_param(self, old: nn.Parameter, new: nn.Parameter, state: dict[str, Any]) -> None:
         opt = self.trainer.optimizer
         for group in opt.param_groups:
@@ -179,7 +175,7 @@ class SparseCompute:
         survivors = old & new
         dense = layer.weight * survivors  # (out, in): dropped removed, grown start at zero
         fmt = self._cls.from_dense(dense, new)
-        param = self._values(sl)
+        param = sl.stored_values
         opt = self.trainer.optimizer
         state = {}
         for key, value in opt.state.get(param, {}).items():
@@ -190,19 +186,12 @@ class SparseCompute:
             elif torch.is_tensor(value) and value.numel() > 1:
                 raise ConfigError(f"optimizer state {key!r} of layer {layer.name} is not per entry; use SGD/Adam-style optimizers")
             state[key] = value
-        buffers = fmt.state_dict()
-        new_values = buffers.pop(sl._values_key)
-        for key, buf in buffers.items():
-            sl._buffers[key] = buf
-        if new_values.shape == param.shape:
-            param.data = new_values
+        held = sl.replace_weight(fmt)
+        if held is param:
             for key, value in state.items():
                 opt.state[param][key] = value
         else:  # the kept count changed (GMP, redistribution): a new parameter replaces the old one
-            fresh = nn.Parameter(new_values, requires_grad=True)
-            sl._parameters[sl._values_key] = fresh
-            self._swap_param(param, fresh, state)
-        sl._cached = (None,) * len(sl._keys)  # the format object is rebuilt from the new tensors
+            self._swap_param(param, held, state)
         return int(dropped.sum()), int(grown.sum())
 
     # ---- inspection ---------------------------------------------------------------------------
