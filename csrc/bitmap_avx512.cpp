@@ -111,12 +111,11 @@ struct LanesDec : BitmapDec<V> {
       n = v512::append_cols(idx, n, _mm512_add_epi32(c0, _mm512_set1_epi32(48)), static_cast<uint32_t>(m >> 48));
     }
     *vals = v512::entry_values<V>(this->val, c.vp, n, vbuf);
-    const int64_t words = word - c.word;
     c.word = word;
     c.vp += n;
     // the next tile holds about as many values and bitmap words
-    v512::prefetch_span(static_cast<const char*>(this->val) + c.vp * v512::val_bytes<V>(), (n + 16) * v512::val_bytes<V>());
-    v512::prefetch_span(c.row + word * 8, words * 8);
+    v512::prefetch_ahead<v512::kAheadEntries * v512::val_bytes<V>()>(static_cast<const char*>(this->val) + c.vp * v512::val_bytes<V>());
+    v512::prefetch_ahead<128>(c.row + word * 8);  // 1024 columns at most
     return n;
   }
 };

@@ -78,9 +78,9 @@ struct LanesDec : CsrDec<I, V> {
     }
     *vals = v512::entry_values<V>(this->val, c.p, n, vbuf);
     c.p += n;
-    const int64_t ahead = min64(n + 16, c.end - c.p);  // the next tile holds about as many entries
-    v512::prefetch_span(this->col + c.p, ahead * static_cast<int64_t>(sizeof(I)));
-    v512::prefetch_span(static_cast<const char*>(this->val) + c.p * v512::val_bytes<V>(), ahead * v512::val_bytes<V>());
+    // the next tile holds about as many entries (prefetches past the end of a buffer never fault)
+    v512::prefetch_ahead<v512::kAheadEntries * static_cast<int64_t>(sizeof(I))>(this->col + c.p);
+    v512::prefetch_ahead<v512::kAheadEntries * v512::val_bytes<V>()>(static_cast<const char*>(this->val) + c.p * v512::val_bytes<V>());
     return n;
   }
 };

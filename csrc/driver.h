@@ -273,11 +273,13 @@ void run_linear(const View& w, const Problem& p, const Kern& k, int algo, int64_
   LanesPlan lp = make_plan(p.x, p.B, p.in, xt, par);
   // rows per task: enough stored entries per row block to amortise streaming the x tiles through L1
   const double density = p.in > 0 ? static_cast<double>(nnz) / (static_cast<double>(p.out) * p.in) : 1.0;
-  // columns per tile (at 64 lanes): ~64 stored entries per (row, tile), so the per-tile cost (sums
-  // in and out of ybuf, the loop exit) stays small. 128 columns of xt (32 KB) fit L1; the larger
-  // tiles of sparse weights live in L2 and still won: at 95% sparsity 1024 columns ran ~1.6x
-  // faster than 128 (microbenchmark, 1024x4096, 1 thread).
-  lp.col_tile = max64(128, min64(1024, static_cast<int64_t>(64.0 / (density > 1e-3 ? density : 1e-3)) / 64 * 64));
+  // columns per tile (at 64 lanes): 32 / density, 128..512, i.e. ~32 stored entries per (row, tile)
+  // at 75-90% sparsity, fewer tiles' worth of per-tile cost (sums in and out of ybuf, loop exits)
+  // against an xt tile (T x 256 B) that stays closer to L1. Sweep on one 4096x11008 layer, batch 64,
+  // 1 thread, TSC cycles per stored weight (T = 128 / 256 / 512 / 1024): 50% bitmap 3.08 / 3.60 /
+  // 5.28 / 5.48; 75% CSR 3.77 / 3.67 / 4.43 / 4.86; 90% CSR 4.83 / 3.97 / 4.66 / 4.93; 95% CSR
+  // 6.44 / 5.85 / 5.47 / 6.27 (the old 64 / density rule picked 640 at 90%, 1024 at 95%).
+  lp.col_tile = max64(128, min64(512, static_cast<int64_t>(32.0 / (density > 1e-3 ? density : 1e-3)) / 64 * 64));
   // R = 32 / density rows (each xt column serves ~32 entries per block): every block streams all of
   // xt (2.8 MB at 11008 inputs, beyond L2) once, so fewer, larger blocks (64 rows at 50%) ran
   // 1.1-1.5x faster than 16 rows (microbenchmark, 1024x11008, 1 thread)

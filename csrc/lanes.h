@@ -11,6 +11,9 @@
 // ymm in the AVX2 file, SSE in the portable file. Everything has internal linkage.
 #pragma once
 
+#include <type_traits>
+#include <utility>
+
 #include "common.h"
 
 namespace sf {
@@ -36,51 +39,37 @@ constexpr int64_t kMaxColTile = 1024;  // columns per tile at most (see run_line
 constexpr int64_t kEntryBuf = kMaxColTile + 96;
 
 // acc[s][q] += val[k] * xt[idx[k] * W + q * kVL], consecutive entries spread over S accumulator
-// sets (independent FMA chains).
+// sets (independent FMA chains). n is rounded up to a multiple of S with padding entries that read
+// column 0 with weight 0 (idx has slack; the value read is clamped to the last entry and replaced
+// by 0): no tail loop, so one loop exit per (row, tile) to mispredict instead of two. 0 * x[0] adds
+// nothing when x[0] is finite; a non-finite x is fixed up afterwards for dense semantics anyway
+// (fix_nonfinite in driver.h).
 template <int NQ, int S>
-inline void fma_entries(const float* xt, const int32_t* idx, const float* val, int64_t n, vfl (*acc)[NQ]) {
+inline void fma_entries(const float* xt, int32_t* idx, const float* val, int64_t n, vfl (*acc)[NQ]) {
   constexpr int64_t W = NQ * kVL;
-  int64_t k = 0;
-  for (; k + S <= n; k += S) {
+  for (int s = 0; s < S; ++s) idx[n + s] = 0;
+  const int64_t last = n - 1;
+  for (int64_t k = 0; k < n; k += S) {
     for (int s = 0; s < S; ++s) {
-      const vfl* xr = reinterpret_cast<const vfl*>(xt + static_cast<int64_t>(idx[k + s]) * W);
-      const float w = val[k + s];
+      const int64_t e = k + s;
+      const vfl* xr = reinterpret_cast<const vfl*>(xt + static_cast<int64_t>(idx[e]) * W);
+      const float v = val[e < n ? e : last];
+      const float w = e < n ? v : 0.f;
       for (int q = 0; q < NQ; ++q) acc[s][q] += w * xr[q];
     }
-  }
-  for (; k < n; ++k) {
-    const vfl* xr = reinterpret_cast<const vfl*>(xt + static_cast<int64_t>(idx[k]) * W);
-    const float w = val[k];
-    for (int q = 0; q < NQ; ++q) acc[0][q] += w * xr[q];
   }
 }
 
 // One (row, column tile) step: acc (the row's W lanes, in ybuf) += the row's entries in [.., cend).
-// Two ways, chosen at compile time:
+// Two ways, chosen at compile time (has_collect):
 // - the decoder has `int64_t collect(Cur&, int64_t cend, int32_t* idx, float* vbuf, const float**
 //   vals)` (the AVX-512 files add a vectorised one): it lists the entries' columns in idx and points
 //   *vals at their float32 values (stored values in place, or widened into vbuf), writing at most
-//   16 int32 past the n it returns; then a counted FMA loop over S accumulator sets;
+//   16 int32 past the n it returns; then a counted FMA loop over S accumulator sets (fma_row), the
+//   collect of the next row issued first (tile_rows_pipelined);
 // - otherwise the decoder's run() callback does the FMAs directly (portable and AVX2 files).
 template <int NQ, int S, class Dec>
-inline auto tile_step(const Dec& dec, typename Dec::Cur& c, int64_t cend, const float* xt, float* yrow, int32_t* idx,
-                      float* vbuf, int) -> decltype(dec.collect(c, cend, idx, vbuf, static_cast<const float**>(nullptr)), void()) {
-  const float* vals;
-  const int64_t n = dec.collect(c, cend, idx, vbuf, &vals);
-  if (n == 0) return;
-  vfl* yr = reinterpret_cast<vfl*>(yrow);
-  vfl acc[S][NQ];
-  for (int q = 0; q < NQ; ++q) acc[0][q] = yr[q];
-  for (int t = 1; t < S; ++t)
-    for (int q = 0; q < NQ; ++q) acc[t][q] = vfl{};
-  fma_entries<NQ, S>(xt, idx, vals, n, acc);
-  for (int t = 1; t < S; ++t)
-    for (int q = 0; q < NQ; ++q) acc[0][q] += acc[t][q];
-  for (int q = 0; q < NQ; ++q) yr[q] = acc[0][q];
-}
-template <int NQ, int S, class Dec>
-inline void tile_step(const Dec& dec, typename Dec::Cur& c, int64_t cend, const float* xt, float* yrow, int32_t*,
-                      float*, long) {
+inline void tile_step(const Dec& dec, typename Dec::Cur& c, int64_t cend, const float* xt, float* yrow) {
   constexpr int64_t W = NQ * kVL;
   vfl* yr = reinterpret_cast<vfl*>(yrow);
   vfl acc[NQ];
@@ -92,20 +81,66 @@ inline void tile_step(const Dec& dec, typename Dec::Cur& c, int64_t cend, const 
   for (int q = 0; q < NQ; ++q) yr[q] = acc[q];
 }
 
+// Whether Dec has the vectorised collect (see tile_step).
+template <class Dec>
+auto has_collect(int) -> decltype(std::declval<const Dec&>().collect(std::declval<typename Dec::Cur&>(), int64_t{},
+                                                                   static_cast<int32_t*>(nullptr), static_cast<float*>(nullptr),
+                                                                   static_cast<const float**>(nullptr)),
+                                  std::true_type{});
+template <class Dec>
+std::false_type has_collect(long);
+
+// acc (one row's W lanes, in yrow) += the n listed entries
+template <int NQ, int S>
+inline void fma_row(const float* xt, int32_t* idx, const float* vals, int64_t n, float* yrow) {
+  if (n == 0) return;
+  vfl* yr = reinterpret_cast<vfl*>(yrow);
+  vfl acc[S][NQ];
+  for (int q = 0; q < NQ; ++q) acc[0][q] = yr[q];
+  for (int t = 1; t < S; ++t)
+    for (int q = 0; q < NQ; ++q) acc[t][q] = vfl{};
+  fma_entries<NQ, S>(xt, idx, vals, n, acc);
+  for (int t = 1; t < S; ++t)
+    for (int q = 0; q < NQ; ++q) acc[0][q] += acc[t][q];
+  for (int q = 0; q < NQ; ++q) yr[q] = acc[0][q];
+}
+
+// One column tile over rows [0, R), the collect of row r + 1 issued before the FMAs of row r (the
+// entry count and the loads it depends on are ready a row ahead). Measured neutral on its own
+// (within noise at 90% sparsity); kept because it costs nothing and leaves the FMA loop exit
+// independent of the collect's loads.
+template <int NQ, int S, class Dec>
+inline void tile_rows_pipelined(const Dec& dec, typename Dec::Cur* cur, int64_t R, int64_t cend, const float* xt,
+                                float* ybuf, int32_t (*idx)[kEntryBuf], float (*vbuf)[kEntryBuf]) {
+  constexpr int64_t W = NQ * kVL;
+  const float* vals[2];
+  int64_t n_next = dec.collect(cur[0], cend, idx[0], vbuf[0], &vals[0]);
+  for (int64_t r = 0; r < R; ++r) {
+    const int b = static_cast<int>(r & 1);
+    const int64_t n = n_next;
+    if (r + 1 < R) n_next = dec.collect(cur[r + 1], cend, idx[b ^ 1], vbuf[b ^ 1], &vals[b ^ 1]);
+    fma_row<NQ, S>(xt, idx[b], vals[b], n, ybuf + r * W);
+  }
+}
+
 template <int NV, class Dec>
 void lanes_tile(const Dec& dec, const Problem& p, const float* xt, int64_t col_tile, int64_t b0, int64_t bn,
                 int64_t r0, int64_t r1, float* ybuf, typename Dec::Cur* cur) {
   constexpr int64_t W = 16 * NV;
   constexpr int NQ = static_cast<int>(W / kVL);  // native vectors per row of W lanes
   constexpr int S = NQ >= 4 ? 2 : 4;  // accumulator sets of the collect path (<= 8 vectors of sums)
-  alignas(64) int32_t idx[kEntryBuf];
-  alignas(64) float vbuf[kEntryBuf];
+  alignas(64) int32_t idx[2][kEntryBuf];
+  alignas(64) float vbuf[2][kEntryBuf];
   const int64_t R = r1 - r0;
   for (int64_t i = 0; i < R * W; ++i) ybuf[i] = 0.f;
   for (int64_t r = 0; r < R; ++r) cur[r] = dec.begin(r0 + r);
   for (int64_t c0 = 0; c0 < p.in; c0 += col_tile) {
     const int64_t c1 = min64(c0 + col_tile, p.in);
-    for (int64_t r = 0; r < R; ++r) tile_step<NQ, S>(dec, cur[r], c1, xt, ybuf + r * W, idx, vbuf, 0);
+    if constexpr (decltype(has_collect<Dec>(0))::value) {
+      tile_rows_pipelined<NQ, S>(dec, cur, R, c1, xt, ybuf, idx, vbuf);
+    } else {
+      for (int64_t r = 0; r < R; ++r) tile_step<NQ, S>(dec, cur[r], c1, xt, ybuf + r * W);
+    }
   }
   // batch row by batch row, so y is written in runs of R floats: writing it row by row (stride
   // `out` floats) put up to 64 stores 4 KB apart into one L1 set and cost a third of the time at 95%

@@ -161,6 +161,16 @@ inline void prefetch_span(const void* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
 }
 
+// The same for the collects whose entry count per tile varies (CSR, bitmap): a fixed span of
+// kBytes, sized for the ~64 entries per (row, tile) the driver aims at plus slack. Looping over the
+// data-dependent count instead mispredicted its exit often enough to cost a third of the time at
+// 90% sparsity with 128-column tiles (8.3 -> 5.4 TSC cycles per stored weight; 256 columns 4.8 -> 4.5).
+template <int64_t kBytes>
+inline void prefetch_ahead(const void* p) {
+  for (int64_t o = 0; o < kBytes; o += 64) _mm_prefetch(static_cast<const char*>(p) + o, _MM_HINT_T0);
+}
+constexpr int64_t kAheadEntries = 80;
+
 // Appends the columns c0 + (set bits of the 16-bit mask m) to idx[n...]; returns the new n.
 // Writes 16 int32 at idx + n whatever popcount(m) is (callers leave 16 entries of slack).
 inline int64_t append_cols(int32_t* idx, int64_t n, __m512i c0, uint32_t m) {
