@@ -11,6 +11,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <xmmintrin.h>
+#endif
+
 #include "common.h"
 #include "isa.h"
 #include "lanes.h"
@@ -64,7 +68,27 @@ inline LanesPlan make_plan(const float* a, int64_t B, int64_t n, AlignedFloats& 
         float* dst = dst_all + t * lp.tile_stride;
         for (int64_t jb = j0; jb < j1; jb += 16) {
           const int64_t je = min64(j1, jb + 16);
-          for (int64_t b = 0; b < width; ++b) {
+          int64_t b = 0;
+#if defined(__SSE2__)
+          // 4 x 4 blocks through registers (x86-64 baseline SSE): ~2x the scalar copy, which was
+          // ~20% of a batch-64 call at 95% sparsity
+          for (; b + 4 <= bn; b += 4) {
+            const float* s0 = a + (b0 + b) * n;
+            int64_t j = jb;
+            for (; j + 4 <= je; j += 4) {
+              __m128 r0 = _mm_loadu_ps(s0 + j), r1 = _mm_loadu_ps(s0 + n + j);
+              __m128 r2 = _mm_loadu_ps(s0 + 2 * n + j), r3 = _mm_loadu_ps(s0 + 3 * n + j);
+              _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+              _mm_storeu_ps(dst + j * width + b, r0);
+              _mm_storeu_ps(dst + (j + 1) * width + b, r1);
+              _mm_storeu_ps(dst + (j + 2) * width + b, r2);
+              _mm_storeu_ps(dst + (j + 3) * width + b, r3);
+            }
+            for (; j < je; ++j)
+              for (int64_t i = 0; i < 4; ++i) dst[j * width + b + i] = s0[i * n + j];
+          }
+#endif
+          for (; b < width; ++b) {
             if (b < bn) {
               const float* src = a + (b0 + b) * n;
               for (int64_t j = jb; j < je; ++j) dst[j * width + b] = src[j];
