@@ -76,24 +76,30 @@ def mlp(seed: int) -> nn.Sequential:
 
 
 def make_nm_trainer(method: str, net, opt, pattern: str, steps: int, seed: int):
-    """S-STE (``"sste"``) and MDGF variants (``"ste+mdgf"``, ``"srste+mdgf"``) of the N:M comparison.
+    """S-STE (``"sste"``), MDGF and SDGF variants (``"ste+mdgf"``, ``"srste+mdgf"``, ``"ste+sdgf"``).
 
     MDGF (Bambhaniya et al. 2024, exponential decay): ``beta_t = exp(-k t)`` with ``k`` chosen so
     that ``beta`` reaches 0.01 at half of training (our choice; the paper tunes ``k`` per model).
+    SDGF (same paper, stepwise structure decay): dense for the first 10% of the steps, then
+    3:4 -> 2:4 (-> 1:4) in equal shares up to half of training, the target pattern after that (our
+    choice of phase lengths, comparable with the MDGF setting).
     """
     if method == "sste":
         return SSTE(net, opt, pattern=pattern, seed=seed)
     base, _, option = method.partition("+")
-    if option != "mdgf" or base not in ("ste", "srste"):
+    if option not in ("mdgf", "sdgf") or base not in ("ste", "srste"):
         raise ValueError(method)
-    flow = dict(flow_decay="exp", flow_decay_coef=math.log(100.0) / (0.5 * steps))
+    if option == "sdgf":
+        flow = dict(structure_decay="stepwise", structure_decay_start=steps // 10, structure_decay_end=steps // 2)
+    else:
+        flow = dict(flow_decay="exp", flow_decay_coef=math.log(100.0) / (0.5 * steps))
     if base == "ste":
         return STE(net, opt, pattern=pattern, seed=seed, **flow)
     return SRSTE(net, opt, pattern=pattern, seed=seed, **flow)
 
 
 def make_trainer(method: str, net, opt, sparsity, steps: int, interval: int, seed: int):
-    if method == "sste" or method.endswith("+mdgf"):
+    if method == "sste" or method.endswith(("+mdgf", "+sdgf")):
         return make_nm_trainer(method, net, opt, sparsity, steps, seed)
     if method == "ste":  # N:M: ``sparsity`` is the pattern string
         return STE(net, opt, pattern=sparsity, seed=seed)
@@ -259,8 +265,8 @@ def check_nm(summaries: dict, methods: list[str]) -> list[dict]:
 
 
 def check_nm_extra(summaries: dict, methods: list[str]) -> list[dict]:
-    """S-STE >= SR-STE and >= STE (Hu et al. 2024); STE+MDGF >= STE (Bambhaniya et al. 2024), by test accuracy."""
-    pairs = [("sste", "srste"), ("sste", "ste"), ("ste+mdgf", "ste"), ("srste+mdgf", "srste")]
+    """S-STE >= SR-STE and >= STE (Hu et al. 2024); STE+MDGF / +SDGF >= STE (Bambhaniya et al. 2024), by test accuracy."""
+    pairs = [("sste", "srste"), ("sste", "ste"), ("ste+mdgf", "ste"), ("srste+mdgf", "srste"), ("ste+sdgf", "ste")]
     checks = []
     for pattern in NM_PATTERNS:
         for hi, lo in pairs:
@@ -352,9 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nm", action="store_true", help="N:M training instead: 2:4 and 1:4, STE vs SR-STE")
     ap.add_argument("--nm-decays", type=float, nargs="+", default=[2e-4],
                     help="SR-STE lambda_W values (default: the paper's 2e-4)")
-    ap.add_argument("--nm-extra", nargs="*", default=["sste", "ste+mdgf"],
-                    choices=["sste", "ste+mdgf", "srste+mdgf"],
-                    help="further N:M methods (default: S-STE and STE with MDGF exponential gradient-flow decay)")
+    ap.add_argument("--nm-extra", nargs="*", default=["sste", "ste+mdgf", "ste+sdgf"],
+                    choices=["sste", "ste+mdgf", "srste+mdgf", "ste+sdgf"],
+                    help="further N:M methods (default: S-STE, and STE with MDGF exponential gradient-flow decay "
+                         "or SDGF stepwise structure decay)")
     args = ap.parse_args(argv)
     seeds = args.seeds or (3 if args.quick else 5)
     steps = args.steps or (1500 if args.quick else 4000)

@@ -58,7 +58,8 @@ def test_field_table_matches_the_dataclass():
         assert f"`{extra}`" in text
     assert {f.name for f in dataclasses.fields(GMPConfig)} - shared == {"initial_sparsity"}
     assert {f.name for f in dataclasses.fields(SETConfig)} - shared == {"drop_fraction", "drop_fraction_decay"}
-    nm_options = {"flow_decay", "flow_decay_coef", "flow_decay_start", "transposable"}
+    nm_options = {"flow_decay", "flow_decay_coef", "flow_decay_start", "transposable", "structure_decay",
+                  "structure_decay_start", "structure_decay_end", "structure_decay_levels"}
     for extra in nm_options:
         assert f"`{extra}`" in text
     assert {f.name for f in dataclasses.fields(STEConfig)} - shared == nm_options

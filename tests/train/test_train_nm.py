@@ -245,7 +245,7 @@ def test_benchmark_nm_smoke(tmp_path):
     import json
 
     nm = json.loads(out.read_text())["nm"]
-    assert {r["method"] for r in nm["runs"]} == {"dense", "ste", "srste", "sste", "ste+mdgf"}
+    assert {r["method"] for r in nm["runs"]} == {"dense", "ste", "srste", "sste", "ste+mdgf", "ste+sdgf"}
     for r in nm["runs"]:
         if r["method"] != "dense":
             assert r["zero_fraction"] == pytest.approx(1 - int(r["pattern"][0]) / 4)

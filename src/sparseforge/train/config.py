@@ -201,6 +201,7 @@ class RigLConfig(SETConfig):
 
 
 FLOW_DECAYS = ("none", "linear", "exp")
+STRUCTURE_DECAYS = ("none", "stepwise", "geometric")
 
 
 @dataclass
@@ -210,7 +211,11 @@ class STEConfig(SparseTrainConfig):
     ``flow_decay`` / ``flow_decay_coef`` / ``flow_decay_start``: progressive gradient flow (MDGF of
     Bambhaniya et al. 2024), the forward uses ``w * (m + beta_t * (1 - m))`` with ``beta_t = 1``
     before ``flow_decay_start`` and ``max(0, 1 - coef * dt)`` (linear) or ``exp(-coef * dt)`` (exp)
-    after it. ``transposable``: masks N:M along both the inputs and the outputs (``masks.transposable_mask``).
+    after it. ``structure_decay`` / ``structure_decay_start`` / ``structure_decay_end`` /
+    ``structure_decay_levels``: SDGF of the same paper, the N:M pattern steps from dense to the target
+    (``stepwise``: 7:8 -> 4:8 -> 2:8 -> 1:8; ``geometric``: 8:64 -> 4:32 -> 2:16 -> 1:8), see
+    :func:`sparseforge.train.nm.structure_schedule`. ``transposable``: masks N:M along both the inputs and
+    the outputs (``masks.transposable_mask``).
     """
 
     method: ClassVar[str] = "ste"
@@ -219,6 +224,10 @@ class STEConfig(SparseTrainConfig):
     flow_decay_coef: float = 0.0  # k of beta_t = max(0, 1 - k dt) or exp(-k dt); > 0 when flow_decay is set
     flow_decay_start: int = 0  # optimizer step at which beta starts to decay (dense forward before it)
     transposable: bool = False  # N:M for W and W^T (4x4-block exact search)
+    structure_decay: str = "none"  # "none", "stepwise" or "geometric" (SDGF)
+    structure_decay_start: int = 0  # optimizer step: dense before it, then the SDGF patterns
+    structure_decay_end: int = 0  # optimizer step from which the target pattern holds (> start when set)
+    structure_decay_levels: int = 3  # geometric: first pattern (N 2^L):(M 2^L)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -235,6 +244,21 @@ class STEConfig(SparseTrainConfig):
             raise ConfigError(f"flow_decay_start must be an integer >= 0, got {self.flow_decay_start!r}")
         if not isinstance(self.transposable, bool):
             raise ConfigError(f"transposable must be true or false, got {self.transposable!r}")
+        if self.structure_decay not in STRUCTURE_DECAYS:
+            raise ConfigError(f"unknown structure_decay {self.structure_decay!r}; choose one of {', '.join(STRUCTURE_DECAYS)}")
+        for name in ("structure_decay_start", "structure_decay_end", "structure_decay_levels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.structure_decay != "none":
+            if self.structure_decay_end <= self.structure_decay_start:
+                raise ConfigError(f"structure_decay {self.structure_decay!r} needs structure_decay_end > structure_decay_start "
+                                  f"(got {self.structure_decay_start} .. {self.structure_decay_end}): the patterns share those steps")
+            if self.structure_decay == "geometric" and not 1 <= self.structure_decay_levels <= 6:
+                raise ConfigError(f"structure_decay_levels must be 1..6, got {self.structure_decay_levels}")
+            if self.transposable:
+                raise ConfigError("structure_decay steps through patterns that transposable masks do not support; "
+                                  "use one of them")
 
 
 @dataclass
@@ -297,6 +321,9 @@ class SSTEConfig(STEConfig):
         if self.flow_decay != "none":
             raise ConfigError("S-STE's pruning function is already continuous; flow_decay is for STE / SR-STE, "
                               "leave it 'none'")
+        if self.structure_decay != "none":
+            raise ConfigError("structure_decay is for STE / SR-STE; S-STE's continuous pruning function has no dense "
+                              "phase to decay from, leave it 'none'")
         if self.transposable:
             raise ConfigError("S-STE soft-thresholds against the (N+1)-th largest |w| of each group, which a "
                               "transposable mask does not respect; use STE / SR-STE for transposable masks")

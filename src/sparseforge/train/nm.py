@@ -12,6 +12,10 @@ Zhou et al., "Learning N:M Fine-grained Structured Sparse Neural Networks From S
   ``W * (m + beta_t * (1 - m))``, the pruned weights' share ``beta_t`` decaying from 1 (dense) to 0
   (N:M): ``beta_t = max(0, 1 - k (t - t0))`` (linear) or ``exp(-k (t - t0))`` (exp), ``beta_t = 1``
   before ``t0 = flow_decay_start``; the backward stays straight-through, as in the authors' code.
+  SDGF, the paper's other family (option ``structure_decay``): the masks are dense before
+  ``structure_decay_start``, then step through the patterns of :func:`structure_schedule`
+  (``stepwise``: 7:8 -> 4:8 -> 2:8 -> 1:8; ``geometric``: 8:64 -> 4:32 -> 2:16 -> 1:8), each for an
+  equal share of the steps up to ``structure_decay_end``, and are the target pattern from then on.
 * **Transposable masks** (option ``transposable``): masks N:M along inputs and outputs
   (:func:`sparseforge.masks.transposable_mask`), so ``W^T`` of the backward ``dX`` product is N:M too.
 * **Flip rate** (the paper's Eq. 4): ``r_t = ||m_t - m_{t-1}||_1 / D``, the fraction of mask entries
@@ -52,10 +56,40 @@ from torch.nn.utils import parametrize
 from sparseforge.errors import ConfigError
 from sparseforge.layers import is_linear
 from sparseforge.masks import mask_from_scores, transposable_mask
+from sparseforge.patterns import NM, check_fits
 from sparseforge.train.base import MaskUpdate, SparseLayer, SparseTrainer
 from sparseforge.train.config import SRSTEConfig, STEConfig
 
-__all__ = ["STE", "SRSTE", "FlipRate", "NMMask", "masked_ste", "flow_factor"]
+__all__ = ["STE", "SRSTE", "FlipRate", "NMMask", "masked_ste", "flow_factor", "structure_schedule"]
+
+
+def structure_schedule(target: NM, kind: str, levels: int = 3) -> list[NM]:
+    """SDGF's patterns after the dense phase (Bambhaniya et al. 2024), the last one ``target``.
+
+    ``stepwise`` (their "sparsify"): M fixed, N = M - 1, then M/2, M/4, ... while above the target N,
+    then the target. ``geometric`` (their "fine"): the target density in ever smaller groups,
+    ``(N 2^k):(M 2^k)`` for ``k = levels .. 0``.
+
+    Example:
+        >>> [str(p) for p in structure_schedule(NM(1, 8), "stepwise")]
+        ['7:8', '4:8', '2:8', '1:8']
+        >>> [str(p) for p in structure_schedule(NM(1, 8), "geometric")]
+        ['8:64', '4:32', '2:16', '1:8']
+    """
+    n, m = target.n, target.m
+    if kind == "stepwise":
+        ns = [m - 1]
+        half = m // 2
+        while half > n:
+            if half < ns[-1]:
+                ns.append(half)
+            half //= 2
+        if ns[-1] != n:
+            ns.append(n)
+        return [NM(k, m) for k in ns if k >= n]
+    if kind == "geometric":
+        return [NM(n << k, m << k) for k in range(levels, -1, -1)]
+    raise ConfigError(f"unknown structure_decay {kind!r}; choose one of stepwise, geometric")
 
 
 class _MaskedSTE(torch.autograd.Function):
@@ -174,6 +208,11 @@ class STE(SparseTrainer):
                                       f"M={self.pattern.m}, which a transposable mask needs; ignore the layer or "
                                       "set transposable to false")
         self.decay = float(getattr(config, "decay", 0.0))
+        self.structure = ([] if config.structure_decay == "none"
+                          else structure_schedule(self.pattern, config.structure_decay, config.structure_decay_levels))
+        for layer in selected:
+            for pattern in self.structure:
+                check_fits(pattern, tuple(layer.weight.shape), layer=layer.name)
         self.layers = []
         for layer in selected:
             mask = self._mask_of(layer)  # (out, in)
@@ -186,10 +225,24 @@ class STE(SparseTrainer):
         """The module that turns the dense weight into the forward's weight (``mask`` in the weight's layout)."""
         return NMMask(mask, self.decay)
 
-    def _mask_of(self, layer: SparseLayer) -> torch.Tensor:
+    @property
+    def current_pattern(self) -> NM | None:
+        """The N:M pattern the masks follow now: the target, or SDGF's pattern of this step (None: dense)."""
+        cfg = self.config
+        if not self.structure or self.step_count >= cfg.structure_decay_end:
+            return self.pattern
+        if self.step_count < cfg.structure_decay_start:
+            return None
+        span = cfg.structure_decay_end - cfg.structure_decay_start
+        return self.structure[(self.step_count - cfg.structure_decay_start) * len(self.structure) // span]
+
+    def _mask_of(self, layer: SparseLayer, final: bool = False) -> torch.Tensor:
+        pattern = self.pattern if final else self.current_pattern
+        if pattern is None:  # SDGF's dense phase
+            return torch.ones(layer.weight.shape, dtype=torch.bool)  # (out, in)
         if self.config.transposable:
-            return transposable_mask(layer.weight.abs(), self.pattern)  # (out, in): N:M both ways
-        return mask_from_scores(layer.weight.abs(), self.pattern, None)  # (out, in): top-N |W| per group of M
+            return transposable_mask(layer.weight.abs(), pattern)  # (out, in): N:M both ways
+        return mask_from_scores(layer.weight.abs(), pattern, None)  # (out, in): top-N |W| per group of M
 
     @property
     def flow(self) -> float:
@@ -229,7 +282,7 @@ class STE(SparseTrainer):
         """Bake the N:M mask into the weights (pruned entries ``0``) and detach the trainer."""
         self._set_flow(0.0)  # the baked weight is N:M whatever MDGF's beta_t
         for layer in self.layers:
-            layer.mask.copy_(self._mask_of(layer))  # (out, in), from the current |W|
+            layer.mask.copy_(self._mask_of(layer, final=True))  # (out, in), from the current |W|
             parametrize.remove_parametrizations(layer.module, "weight", leave_parametrized=True)
         self.layers = []
 
