@@ -178,7 +178,14 @@ def bench_generation(model: str, *, batch_sizes: Sequence[int] = (1, 8), new_tok
         raise ConfigError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
     threads = _set_threads(threads)
     batch_sizes = tuple(int(b) for b in batch_sizes)
-    models = {v: _load(model, v, pattern, sparsity, format, batch_sizes, False) for v in ("dense", "sparse")}
+    import copy
+
+    from sparseforge.compress import compress_
+
+    dense, _ = _load(model, "dense", pattern, sparsity, format, batch_sizes, False)
+    sparse = copy.deepcopy(dense)  # loaded (and pruned) once; the compressed copy replaces its pruned layers
+    models = {"dense": (dense, None), "sparse": (sparse, compress_(sparse, format, batch_sizes=batch_sizes))}
+    del dense, sparse
     report = BenchReport(model, machine_info(threads), new_tokens, prompt_len)
     sparse_report = models["sparse"][1]
     report.compress_summary = sparse_report.summary() if sparse_report is not None else ""
