@@ -68,22 +68,29 @@ class Pool {
     ctx_ = ctx;
     ntasks_ = ntasks;
     next_.store(0, std::memory_order_relaxed);
-    pending_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
+    uint64_t g;
     {
       std::lock_guard<std::mutex> lk(m_);
-      gen_.fetch_add(1, std::memory_order_release);
+      g = gen_.load(std::memory_order_relaxed) + 1;
+      state_.store(job_state(g), std::memory_order_release);  // open, nobody joined yet
+      gen_.store(g, std::memory_order_release);
     }
     cv_.notify_all();
     work(0);
-    // wait until every worker has left this job (each one checks in once per job)
+    // Every task has been handed out. Close the job: a worker that wakes up from now on skips it
+    // without touching fn_ / ctx_, so only the workers that joined (and may still run a task)
+    // are waited for, not the ones the OS has not scheduled yet (waiting for every worker to
+    // check in cost a scheduler slice per call on a loaded machine).
+    uint64_t st = state_.fetch_or(kClosed, std::memory_order_acq_rel) | kClosed;
     auto t0 = std::chrono::steady_clock::now();
     unsigned spins = 0;
-    while (pending_.load(std::memory_order_acquire) != 0) {
+    while ((st & kCount) != 0) {
       SF_PAUSE();
       if ((++spins & 63) == 0 && std::chrono::steady_clock::now() - t0 > kSpin) {
         std::unique_lock<std::mutex> lk(done_m_);
-        done_cv_.wait(lk, [&] { return pending_.load(std::memory_order_acquire) == 0; });
+        done_cv_.wait(lk, [&] { return (state_.load(std::memory_order_acquire) & kCount) == 0; });
       }
+      st = state_.load(std::memory_order_acquire);
     }
   }
 
@@ -128,11 +135,27 @@ class Pool {
       }
       seen = gen_.load(std::memory_order_acquire);
       if (stop_flag_) return;
+      if (!join(seen)) continue;  // that job is closed (or a newer one is being set up): wait for the next
       work(id);
-      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      const uint64_t left = state_.fetch_sub(1, std::memory_order_acq_rel) - 1;
+      if ((left & kCount) == 0 && (left & kClosed)) {
         std::lock_guard<std::mutex> lk(done_m_);
         done_cv_.notify_one();
       }
+    }
+  }
+
+  // Job state: generation (upper 32 bits), closed flag, count of workers inside the job.
+  static constexpr uint64_t kClosed = uint64_t{1} << 31;
+  static constexpr uint64_t kCount = kClosed - 1;
+  static uint64_t job_state(uint64_t gen) { return (gen & 0xffffffffu) << 32; }
+
+  // Enter job `gen` if it is still open; the acquire pairs with the release that published fn_.
+  bool join(uint64_t gen) {
+    uint64_t s = state_.load(std::memory_order_acquire);
+    for (;;) {
+      if ((s >> 32) != (gen & 0xffffffffu) || (s & kClosed)) return false;
+      if (state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel, std::memory_order_acquire)) return true;
     }
   }
 
@@ -144,7 +167,7 @@ class Pool {
   std::condition_variable done_cv_;
   std::atomic<uint64_t> gen_{0};
   std::atomic<int64_t> next_{0};
-  std::atomic<int> pending_{0};
+  std::atomic<uint64_t> state_{kClosed};  // see job_state
   bool stop_flag_ = false;
   int64_t ntasks_ = 0;
   TaskFn fn_ = nullptr;

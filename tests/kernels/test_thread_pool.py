@@ -1,0 +1,94 @@
+"""The kernels' thread pool under stress: many jobs back to back, jobs from several Python threads at
+once, jobs while another process keeps the cores busy, and resizing in between. Every result is
+checked against the single-threaded result (the pool must neither lose nor repeat a task)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import torch
+
+from sparseforge import kernels
+from sparseforge.formats.csr import CSRWeight
+from sparseforge.ops import linear
+
+
+def _weights(n: int = 6):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for k in range(n):
+        rows, cols = 256 + 37 * k, 384 + 29 * k  # ~30-60 k stored weights: the pool splits all but batch 1
+        w = torch.randn(rows, cols, generator=g)
+        out.append(CSRWeight.from_dense(w, torch.rand(rows, cols, generator=g) < 0.3))
+    return out
+
+
+def _expected(weights, xs):
+    before = kernels.num_threads()
+    kernels.set_num_threads(1)
+    try:
+        return [linear(x, w) for w, x in zip(weights, xs)]
+    finally:
+        kernels.set_num_threads(before)
+
+
+def test_many_jobs_back_to_back_give_the_serial_result():
+    weights = _weights()
+    xs = [torch.randn(b, w.shape[1]) for w, b in zip(weights, (1, 3, 17, 64, 65, 200))]
+    want = _expected(weights, xs)
+    kernels.set_num_threads(4)  # more workers than cores: some are always descheduled
+    try:
+        for _ in range(300):
+            for w, x, y in zip(weights, xs, want):
+                assert torch.equal(linear(x, w), y)
+    finally:
+        kernels.set_num_threads(os.cpu_count() or 1)
+
+
+def test_jobs_from_several_python_threads():
+    weights = _weights()
+    xs = [torch.randn(b, w.shape[1]) for w, b in zip(weights, (2, 5, 16, 33, 64, 130))]
+    want = _expected(weights, xs)
+    kernels.set_num_threads(3)
+    errors: list[str] = []
+
+    def worker(k: int) -> None:
+        for i in range(150):
+            j = (i + k) % len(weights)
+            if not torch.equal(linear(xs[j], weights[j]), want[j]):
+                errors.append(f"thread {k} call {i} layer {j}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        kernels.set_num_threads(os.cpu_count() or 1)
+    assert not errors, errors[:5]
+
+
+def test_resizing_between_jobs():
+    weights = _weights(3)
+    xs = [torch.randn(20, w.shape[1]) for w in weights]
+    want = _expected(weights, xs)
+    try:
+        for n in (1, 2, 5, 2, 3, 1, 4):
+            kernels.set_num_threads(n)
+            for w, x, y in zip(weights, xs, want):
+                assert torch.equal(linear(x, w), y)
+    finally:
+        kernels.set_num_threads(os.cpu_count() or 1)
+
+
+def test_jobs_while_the_cores_are_busy():
+    burn = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 8: pass"])
+    try:
+        test_many_jobs_back_to_back_give_the_serial_result()
+    finally:
+        burn.kill()
+        burn.wait()
