@@ -9,6 +9,7 @@ from torch import nn
 import sparseforge.train as sft
 from sparseforge.errors import ConfigError
 from sparseforge.masks import satisfies
+from train_helpers import Conv1D, load_benchmark
 
 
 def _net(seed=0, widths=(8, 16, 4)):
@@ -196,19 +197,6 @@ def test_resume_is_bit_exact():
     assert [f.total for f in ta.flip_rate] == [f.total for f in tb.flip_rate]
 
 
-class Conv1D(nn.Module):
-    """transformers' Conv1D layout: weight (in, out)."""
-
-    def __init__(self, nf, nx):
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
-        self.bias = nn.Parameter(torch.zeros(nf))
-
-    def forward(self, x):
-        return x @ self.weight + self.bias
-
-
 def test_transposed_conv1d_layers_group_along_inputs():
     torch.manual_seed(0)
     net = nn.Sequential(Conv1D(12, 8), nn.ReLU(), Conv1D(4, 12))
@@ -229,13 +217,7 @@ def test_transposed_conv1d_layers_group_along_inputs():
 
 def test_benchmark_nm_smoke(tmp_path):
     pytest.importorskip("sklearn")
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "dst_quality.py"
-    spec = importlib.util.spec_from_file_location("dst_quality_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("dst_quality")
     out = tmp_path / "q.json"
     before = torch.get_num_threads()
     try:

@@ -1,4 +1,3 @@
-import copy
 import math
 
 import pytest
@@ -11,21 +10,8 @@ from sparseforge.masks import mask_from_scores
 from sparseforge.patterns import FanIn
 from sparseforge.train import SRigL, SRigLConfig, dump_train_recipe, from_config, parse_train_recipe
 from sparseforge.train.srigl import srigl_update
+from train_helpers import DST, assert_resume_bit_exact, batch, mlp
 
-DST = {"start_step": 0, "end_step": 40, "update_interval": 5}
-
-
-def mlp(seed=0, widths=(12, 24, 16, 4)):
-    torch.manual_seed(seed)
-    layers = []
-    for a, b in zip(widths, widths[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
-
-
-def batch(i, d_in=12, d_out=4):
-    g = torch.Generator().manual_seed(1000 + i)
-    return torch.randn(16, d_in, generator=g), torch.randint(0, d_out, (16,), generator=g)
 
 
 def test_update_hand_made():
@@ -112,23 +98,7 @@ def test_resume_is_bit_exact():
         opt = torch.optim.Adam(net.parameters(), lr=1e-2)
         return net, opt, SRigL(net, opt, sparsity=0.8, schedule=DST, gamma_sal=0.5)
 
-    def run(net, opt, tr, start, stop):
-        for i in range(start, stop):
-            x, y = batch(i)
-            nn.functional.cross_entropy(net(x), y).backward()
-            opt.step(); opt.zero_grad()
-            tr.step()
-
-    net, opt, tr = fresh()
-    run(net, opt, tr, 0, 30)
-    ref = copy.deepcopy(net.state_dict())
-    net, opt, tr = fresh()
-    run(net, opt, tr, 0, 12)
-    saved = copy.deepcopy((net.state_dict(), opt.state_dict(), tr.state_dict()))
-    net, opt, tr = fresh()
-    net.load_state_dict(saved[0]); opt.load_state_dict(saved[1]); tr.load_state_dict(saved[2])
-    run(net, opt, tr, 12, 30)
-    assert all(torch.equal(ref[k], v) for k, v in net.state_dict().items())
+    assert_resume_bit_exact(fresh, split=12)
 
 
 def test_config_and_recipe():

@@ -12,6 +12,7 @@ import sparseforge.train as sft
 from sparseforge.errors import ConfigError, NumericalError
 from sparseforge.masks import mask_from_scores, satisfies
 from sparseforge.train.sste import soft_threshold, sste_scale
+from train_helpers import load_benchmark
 
 
 def _s(row, pattern):
@@ -156,14 +157,9 @@ def test_resume_is_bit_exact():
 @pytest.mark.slow
 def test_lm_benchmark_smoke(tmp_path):
     pytest.importorskip("transformers")
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "lm_quality.py"
-    spec = importlib.util.spec_from_file_location("lm_quality_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("lm_quality")
     out = tmp_path / "lm.json"
     before = torch.get_num_threads()
     try:

@@ -10,6 +10,7 @@ from sparseforge.train import GMP, SET, RigL, StaticSparse
 from sparseforge.train.base import MASK_BUFFER
 from sparseforge.train.config import RigLConfig, SETConfig
 from sparseforge.train.schedules import cubic_sparsity
+from train_helpers import Conv1D
 
 DST = {"start_step": 0, "end_step": 40, "update_interval": 5}
 
@@ -253,19 +254,6 @@ def test_rigl_without_backward_is_a_clear_error():
     tr = RigL(net, opt, sparsity=0.5, schedule={"end_step": 20, "update_interval": 1})
     with pytest.raises(ConfigError, match="needs the gradient of layer 0"):
         tr.step()
-
-
-class Conv1D(nn.Module):
-    """transformers' Conv1D layout: weight (in, out)."""
-
-    def __init__(self, nf, nx):
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
-        self.bias = nn.Parameter(torch.zeros(nf))
-
-    def forward(self, x):
-        return x @ self.weight + self.bias
 
 
 def test_transposed_conv1d_layers():
