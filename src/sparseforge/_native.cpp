@@ -180,6 +180,13 @@ void linear_call(const View& w, const sf::Problem& p, const std::string& isa, co
   if (ref) oracle(w, p); else fast(w, p, i, a);
 }
 
+// the view, after checking that dy has one column per weight row
+template <class View>
+const View& checked_rows(const View& w, const sf::ProblemT& p) {
+  if (w.rows != p.out) throw std::invalid_argument("dy must have one column per weight row");
+  return w;
+}
+
 // dx = dy @ W on a validated view (kernel or reference)
 template <class View>
 void linear_t_call(const View& w, const sf::ProblemT& p, const std::string& isa, bool ref,
@@ -432,122 +439,55 @@ NB_MODULE(_native, mod) {
     }
   });
 
-  // ---- CSR
-  mod.def("csr_linear",
-          [](const In& x, const In& row_ptr, const In& col, const In& values, const nb::object& bias, const Out& y,
-             const std::string& isa, const std::string& algo) {
-            sf::Problem p = problem(x, bias, y);
-            sf::CsrView w = csr_view(row_ptr, col, values, p.in);
-            const sf::Isa i = resolve(isa);
-            const int a = parse_algo(algo);
-            nb::gil_scoped_release rel;
-            sf::csr_linear(w, p, i, a);
-          },
-          "x"_a, "row_ptr"_a, "col"_a, "values"_a, "bias"_a.none(), "y"_a, "isa"_a = "", "algo"_a = "auto");
-  mod.def("csr_linear_ref",
-          [](const In& x, const In& row_ptr, const In& col, const In& values, const nb::object& bias, const Out& y) {
-            sf::Problem p = problem(x, bias, y);
-            sf::CsrView w = csr_view(row_ptr, col, values, p.in);
-            nb::gil_scoped_release rel;
-            sf::csr_linear_ref(w, p);
-          },
-          "x"_a, "row_ptr"_a, "col"_a, "values"_a, "bias"_a.none(), "y"_a);
-  mod.def("csr_linear_t",
-          [](const In& dy, const In& row_ptr, const In& col, const In& values, const Out& dx, const std::string& isa) {
-            sf::ProblemT p = problem_t(dy, dx);
-            sf::CsrView w = csr_view(row_ptr, col, values, p.in);
-            const sf::Isa i = resolve(isa);
-            nb::gil_scoped_release rel;
-            sf::csr_linear_t(w, p, i);
-          },
-          "dy"_a, "row_ptr"_a, "col"_a, "values"_a, "dx"_a, "isa"_a = "");
-  mod.def("csr_linear_t_ref",
-          [](const In& dy, const In& row_ptr, const In& col, const In& values, const Out& dx) {
-            sf::ProblemT p = problem_t(dy, dx);
-            sf::CsrView w = csr_view(row_ptr, col, values, p.in);
-            nb::gil_scoped_release rel;
-            sf::csr_linear_t_ref(w, p);
-          },
-          "dy"_a, "row_ptr"_a, "col"_a, "values"_a, "dx"_a);
-
-  // ---- bitmap
-  mod.def("bitmap_linear",
-          [](const In& x, const In& bits, const In& row_offsets, const In& values, const nb::object& bias,
-             const Out& y, const std::string& isa, const std::string& algo) {
-            sf::Problem p = problem(x, bias, y);
-            sf::BitmapView w = bitmap_view(bits, row_offsets, values, p.in);
-            const sf::Isa i = resolve(isa);
-            const int a = parse_algo(algo);
-            nb::gil_scoped_release rel;
-            sf::bitmap_linear(w, p, i, a);
-          },
-          "x"_a, "bitmap"_a, "row_offsets"_a, "values"_a, "bias"_a.none(), "y"_a, "isa"_a = "", "algo"_a = "auto");
-  mod.def("bitmap_linear_ref",
-          [](const In& x, const In& bits, const In& row_offsets, const In& values, const nb::object& bias,
-             const Out& y) {
-            sf::Problem p = problem(x, bias, y);
-            sf::BitmapView w = bitmap_view(bits, row_offsets, values, p.in);
-            nb::gil_scoped_release rel;
-            sf::bitmap_linear_ref(w, p);
-          },
-          "x"_a, "bitmap"_a, "row_offsets"_a, "values"_a, "bias"_a.none(), "y"_a);
-  mod.def("bitmap_linear_t",
-          [](const In& dy, const In& bits, const In& row_offsets, const In& values, const Out& dx,
-             const std::string& isa) {
-            sf::ProblemT p = problem_t(dy, dx);
-            sf::BitmapView w = bitmap_view(bits, row_offsets, values, p.in);
-            const sf::Isa i = resolve(isa);
-            nb::gil_scoped_release rel;
-            sf::bitmap_linear_t(w, p, i);
-          },
-          "dy"_a, "bitmap"_a, "row_offsets"_a, "values"_a, "dx"_a, "isa"_a = "");
-  mod.def("bitmap_linear_t_ref",
-          [](const In& dy, const In& bits, const In& row_offsets, const In& values, const Out& dx) {
-            sf::ProblemT p = problem_t(dy, dx);
-            sf::BitmapView w = bitmap_view(bits, row_offsets, values, p.in);
-            nb::gil_scoped_release rel;
-            sf::bitmap_linear_t_ref(w, p);
-          },
-          "dy"_a, "bitmap"_a, "row_offsets"_a, "values"_a, "dx"_a);
-
-  // ---- N:M
-  mod.def("nm_linear",
-          [](const In& x, const In& values, const In& indices, int n, int m, const nb::object& bias, const Out& y,
-             const std::string& isa, const std::string& algo) {
-            sf::Problem p = problem(x, bias, y);
-            sf::NmView w = nm_view(values, indices, n, m, p.in);
-            if (w.rows != p.out) throw std::invalid_argument("y must have one column per weight row");
-            const sf::Isa i = resolve(isa);
-            const int a = parse_algo(algo);
-            nb::gil_scoped_release rel;
-            sf::nm_linear(w, p, i, a);
-          },
-          "x"_a, "values"_a, "indices"_a, "n"_a, "m"_a, "bias"_a.none(), "y"_a, "isa"_a = "", "algo"_a = "auto");
-  mod.def("nm_linear_ref",
-          [](const In& x, const In& values, const In& indices, int n, int m, const nb::object& bias, const Out& y) {
-            sf::Problem p = problem(x, bias, y);
-            sf::NmView w = nm_view(values, indices, n, m, p.in);
-            nb::gil_scoped_release rel;
-            sf::nm_linear_ref(w, p);
-          },
-          "x"_a, "values"_a, "indices"_a, "n"_a, "m"_a, "bias"_a.none(), "y"_a);
-  mod.def("nm_linear_t",
-          [](const In& dy, const In& values, const In& indices, int n, int m, const Out& dx, const std::string& isa) {
-            sf::ProblemT p = problem_t(dy, dx);
-            sf::NmView w = nm_view(values, indices, n, m, p.in);
-            const sf::Isa i = resolve(isa);
-            nb::gil_scoped_release rel;
-            sf::nm_linear_t(w, p, i);
-          },
-          "dy"_a, "values"_a, "indices"_a, "n"_a, "m"_a, "dx"_a, "isa"_a = "");
-  mod.def("nm_linear_t_ref",
-          [](const In& dy, const In& values, const In& indices, int n, int m, const Out& dx) {
-            sf::ProblemT p = problem_t(dy, dx);
-            sf::NmView w = nm_view(values, indices, n, m, p.in);
-            nb::gil_scoped_release rel;
-            sf::nm_linear_t_ref(w, p);
-          },
-          "dy"_a, "values"_a, "indices"_a, "n"_a, "m"_a, "dx"_a);
+  // ---- CSR, bitmap, N:M: y = x @ W^T ("<fmt>_linear") and dx = dy @ W ("<fmt>_linear_t"); the "_ref"
+  // variants run the scalar oracle (isa and algo ignored)
+  for (const bool ref : {false, true}) {
+    const std::string sfx = ref ? "_ref" : "";
+    mod.def(("csr_linear" + sfx).c_str(),
+            [ref](const In& x, const In& row_ptr, const In& col, const In& values, const nb::object& bias, const Out& y,
+                  const std::string& isa, const std::string& algo) {
+              const sf::Problem p = problem(x, bias, y);
+              linear_call(csr_view(row_ptr, col, values, p.in), p, isa, algo, ref, sf::csr_linear, sf::csr_linear_ref);
+            },
+            "x"_a, "row_ptr"_a, "col"_a, "values"_a, "bias"_a.none(), "y"_a, "isa"_a = "", "algo"_a = "auto");
+    mod.def(("csr_linear_t" + sfx).c_str(),
+            [ref](const In& dy, const In& row_ptr, const In& col, const In& values, const Out& dx, const std::string& isa) {
+              const sf::ProblemT p = problem_t(dy, dx);
+              linear_t_call(checked_rows(csr_view(row_ptr, col, values, p.in), p), p, isa, ref, sf::csr_linear_t,
+                            sf::csr_linear_t_ref);
+            },
+            "dy"_a, "row_ptr"_a, "col"_a, "values"_a, "dx"_a, "isa"_a = "");
+    mod.def(("bitmap_linear" + sfx).c_str(),
+            [ref](const In& x, const In& bits, const In& row_offsets, const In& values, const nb::object& bias,
+                  const Out& y, const std::string& isa, const std::string& algo) {
+              const sf::Problem p = problem(x, bias, y);
+              linear_call(bitmap_view(bits, row_offsets, values, p.in), p, isa, algo, ref, sf::bitmap_linear,
+                          sf::bitmap_linear_ref);
+            },
+            "x"_a, "bitmap"_a, "row_offsets"_a, "values"_a, "bias"_a.none(), "y"_a, "isa"_a = "", "algo"_a = "auto");
+    mod.def(("bitmap_linear_t" + sfx).c_str(),
+            [ref](const In& dy, const In& bits, const In& row_offsets, const In& values, const Out& dx,
+                  const std::string& isa) {
+              const sf::ProblemT p = problem_t(dy, dx);
+              linear_t_call(checked_rows(bitmap_view(bits, row_offsets, values, p.in), p), p, isa, ref,
+                            sf::bitmap_linear_t, sf::bitmap_linear_t_ref);
+            },
+            "dy"_a, "bitmap"_a, "row_offsets"_a, "values"_a, "dx"_a, "isa"_a = "");
+    mod.def(("nm_linear" + sfx).c_str(),
+            [ref](const In& x, const In& values, const In& indices, int n, int m, const nb::object& bias, const Out& y,
+                  const std::string& isa, const std::string& algo) {
+              const sf::Problem p = problem(x, bias, y);
+              linear_call(nm_view(values, indices, n, m, p.in), p, isa, algo, ref, sf::nm_linear, sf::nm_linear_ref);
+            },
+            "x"_a, "values"_a, "indices"_a, "n"_a, "m"_a, "bias"_a.none(), "y"_a, "isa"_a = "", "algo"_a = "auto");
+    mod.def(("nm_linear_t" + sfx).c_str(),
+            [ref](const In& dy, const In& values, const In& indices, int n, int m, const Out& dx, const std::string& isa) {
+              const sf::ProblemT p = problem_t(dy, dx);
+              linear_t_call(checked_rows(nm_view(values, indices, n, m, p.in), p), p, isa, ref, sf::nm_linear_t,
+                            sf::nm_linear_t_ref);
+            },
+            "dy"_a, "values"_a, "indices"_a, "n"_a, "m"_a, "dx"_a, "isa"_a = "");
+  }
 
   // ---- dW restricted to the mask (SDDMM): dw[q] = sum_b dy[b, r_q] * x[b, c_q] per stored entry q.
   // "<fmt>_sddmm" runs the dispatched kernel, "<fmt>_sddmm_ref" the scalar oracle (isa ignored).
@@ -589,9 +529,8 @@ NB_MODULE(_native, mod) {
     mod.def(("fanin_linear_t" + sfx).c_str(),
             [ref](const In& dy, const In& values, const In& indices, const Out& dx, const std::string& isa) {
               const sf::ProblemT p = problem_t(dy, dx);
-              const sf::FanInView w = fanin_view(values, indices, p.in);
-              if (w.rows != p.out) throw std::invalid_argument("dy must have one column per weight row");
-              linear_t_call(w, p, isa, ref, sf::fanin_linear_t, sf::fanin_linear_t_ref);
+              linear_t_call(checked_rows(fanin_view(values, indices, p.in), p), p, isa, ref, sf::fanin_linear_t,
+                            sf::fanin_linear_t_ref);
             },
             "dy"_a, "values"_a, "indices"_a, "dx"_a, "isa"_a = "");
     mod.def(("fanin_sddmm" + sfx).c_str(),
