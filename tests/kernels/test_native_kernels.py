@@ -178,3 +178,15 @@ def test_property_sparse_matmul_equals_dense_on_masked_weight(fmt, rows, cols, b
     torch.testing.assert_close(case.run(x, algo=algo), _dense(x, case), **TOL)
     dy = x[:, :1].expand(batch, case.shape[0])
     torch.testing.assert_close(case.run_t(dy.contiguous()), dy @ case.dense, **TOL)
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+@pytest.mark.parametrize("ref", [False, True])
+def test_output_widths_must_match_the_weight(fmt, ref):
+    case = random_case(fmt, 12, 32, density=0.5, seed=4)
+    rows, cols = case.shape
+    wrong = "one column per weight row|do not tile"  # BSR's view takes the row count from y / dy itself
+    with pytest.raises(ValueError, match=wrong):
+        case._call("linear" + ("_ref" if ref else ""), torch.randn(2, cols), None, torch.zeros(2, rows + 1))
+    with pytest.raises(ValueError, match=wrong):
+        case._call("linear_t" + ("_ref" if ref else ""), torch.randn(2, rows + 1), torch.zeros(2, cols))
