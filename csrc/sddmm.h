@@ -82,7 +82,9 @@ inline void hsum4(vfl a0, vfl a1, vfl a2, vfl a3, float* s) {
 #endif
 }
 
-// Rows [r0, r1) (at most kMaxBlockRows) against one batch tile. Columns are walked in windows of
+constexpr int64_t kSddmmBlockRows = 256;  // rows sharing one pass over the xt windows
+
+// Rows [r0, r1) (at most kSddmmBlockRows) against one batch tile. Columns are walked in windows of
 // T = 64 K floats / W columns (~256 KB of xt, so a window stays in L2 while the rows' entries in it
 // stream through); each row keeps its decoder cursor and next value index between windows.
 // Entries are taken four at a time (one shared reduction), a window's last 0-3 one by one.
@@ -92,8 +94,8 @@ void sddmm_tile(const Dec& dec, const First& first, int64_t cols, const float* x
   constexpr int64_t W = 16 * NV;
   constexpr int NQ = static_cast<int>(W / kVL);
   constexpr int64_t T = (int64_t{1} << 16) / W;
-  typename Dec::Cur cur[kMaxBlockRows];
-  int64_t next[kMaxBlockRows];
+  typename Dec::Cur cur[kSddmmBlockRows];
+  int64_t next[kSddmmBlockRows];
   for (int64_t r = r0; r < r1; ++r) {
     cur[r - r0] = dec.begin(r);
     next[r - r0] = first(r);
@@ -127,7 +129,7 @@ void sddmm_tile(const Dec& dec, const First& first, int64_t cols, const float* x
 }
 
 // dw of rows [r0, r1) for every batch tile (xp: x tiles (in, width); dp: dy tiles (out, width)),
-// in blocks of at most kMaxBlockRows rows
+// in blocks of at most kSddmmBlockRows rows
 template <class Dec, class First>
 void sddmm_rows(const Dec& dec, const First& first, const ProblemW& p, const LanesPlan& xp, const LanesPlan& dp,
                 int64_t r0, int64_t r1) {
@@ -136,8 +138,8 @@ void sddmm_rows(const Dec& dec, const First& first, const ProblemW& p, const Lan
     const float* xt = xp.xt + t * xp.tile_stride;
     const float* dyt = dp.xt + t * dp.tile_stride;
     const bool add = t > 0;
-    for (int64_t b0 = r0; b0 < r1; b0 += kMaxBlockRows) {
-      const int64_t b1 = min64(r1, b0 + kMaxBlockRows);
+    for (int64_t b0 = r0; b0 < r1; b0 += kSddmmBlockRows) {
+      const int64_t b1 = min64(r1, b0 + kSddmmBlockRows);
       switch ((bn + 15) / 16) {
         case 1: sddmm_tile<1>(dec, first, p.in, xt, dyt, p.dw, add, b0, b1); break;
         case 2: sddmm_tile<2>(dec, first, p.in, xt, dyt, p.dw, add, b0, b1); break;
