@@ -98,7 +98,8 @@ struct LanesDec : BitmapDec<V> {
   using Base = BitmapDec<V>;
   using typename Base::Cur;
   explicit LanesDec(const BitmapView& w) : Base(w) {}
-  int64_t collect(Cur& c, int64_t cend, int32_t* idx, float* vbuf, const float** vals) const {
+  static constexpr VT kValues = V;  // the lanes FMA loop widens bf16 values itself
+  int64_t collect(Cur& c, int64_t cend, int32_t* idx, const void** vals) const {
     const int64_t lim = min64(cend, this->cols);
     int64_t n = 0, word = c.word;
     for (; word * 64 < lim; ++word) {
@@ -110,7 +111,7 @@ struct LanesDec : BitmapDec<V> {
       n = v512::append_cols(idx, n, _mm512_add_epi32(c0, _mm512_set1_epi32(32)), static_cast<uint32_t>((m >> 32) & 0xffffu));
       n = v512::append_cols(idx, n, _mm512_add_epi32(c0, _mm512_set1_epi32(48)), static_cast<uint32_t>(m >> 48));
     }
-    *vals = v512::entry_values<V>(this->val, c.vp, n, vbuf);
+    *vals = static_cast<const char*>(this->val) + (c.vp) * v512::val_bytes<V>();
     c.word = word;
     c.vp += n;
     // the next tile holds about as many values and bitmap words

@@ -51,7 +51,8 @@ struct LanesDec : CsrDec<I, V> {
   using Base = CsrDec<I, V>;
   using typename Base::Cur;
   explicit LanesDec(const CsrView& w) : Base(w) {}
-  int64_t collect(Cur& c, int64_t cend, int32_t* idx, float* vbuf, const float** vals) const {
+  static constexpr VT kValues = V;  // the lanes FMA loop widens bf16 values itself
+  int64_t collect(Cur& c, int64_t cend, int32_t* idx, const void** vals) const {
     const __m512i lim = _mm512_set1_epi32(static_cast<int32_t>(cend < 0x7fffffff ? cend : 0x7fffffff));
     const int64_t avail = c.end - c.p;
     const I* col = this->col + c.p;
@@ -76,7 +77,7 @@ struct LanesDec : CsrDec<I, V> {
         break;
       }
     }
-    *vals = v512::entry_values<V>(this->val, c.p, n, vbuf);
+    *vals = static_cast<const char*>(this->val) + (c.p) * v512::val_bytes<V>();
     c.p += n;
     // the next tile holds about as many entries (prefetches past the end of a buffer never fault)
     v512::prefetch_ahead<v512::kAheadEntries * static_cast<int64_t>(sizeof(I))>(this->col + c.p);

@@ -46,8 +46,8 @@ constexpr int64_t kEntryBuf = kMaxColTile + 96;
 // by 0): no tail loop, so one loop exit per (row, tile) to mispredict instead of two. 0 * x[0] adds
 // nothing when x[0] is finite; a non-finite x is fixed up afterwards for dense semantics anyway
 // (fix_nonfinite in driver.h).
-template <int NQ, int S>
-inline void fma_entries(const float* xt, int32_t* idx, const float* val, int64_t n, vfl (*acc)[NQ]) {
+template <int NQ, int S, VT V>
+inline void fma_entries(const float* xt, int32_t* idx, const void* val, int64_t n, vfl (*acc)[NQ]) {
   constexpr int64_t W = NQ * kVL;
   for (int s = 0; s < S; ++s) idx[n + s] = 0;
   const int64_t last = n - 1;
@@ -55,7 +55,7 @@ inline void fma_entries(const float* xt, int32_t* idx, const float* val, int64_t
     for (int s = 0; s < S; ++s) {
       const int64_t e = k + s;
       const vfl* xr = reinterpret_cast<const vfl*>(xt + static_cast<int64_t>(idx[e]) * W);
-      const float v = val[e < n ? e : last];
+      const float v = load_val<V>(val, e < n ? e : last);  // bf16: widened here, one shift per entry
       const float w = e < n ? v : 0.f;
       for (int q = 0; q < NQ; ++q) acc[s][q] += w * xr[q];
     }
@@ -64,10 +64,11 @@ inline void fma_entries(const float* xt, int32_t* idx, const float* val, int64_t
 
 // One (row, column tile) step: acc (the row's W lanes, in ybuf) += the row's entries in [.., cend).
 // Two ways, chosen at compile time (has_collect):
-// - the decoder has `int64_t collect(Cur&, int64_t cend, int32_t* idx, float* vbuf, const float**
-//   vals)` (the AVX-512 files add a vectorised one): it lists the entries' columns in idx and points
-//   *vals at their float32 values (stored values in place, or widened into vbuf), writing at most
-//   16 int32 past the n it returns; then a counted FMA loop over S accumulator sets (fma_row), the
+// - the decoder has `int64_t collect(Cur&, int64_t cend, int32_t* idx, const void** vals)` and
+//   `kValues` (the AVX-512 files add a vectorised one): it lists the entries' columns in idx and
+//   points *vals at their stored values (float32 or bf16, in place), writing at most 16 int32 past
+//   the n it returns; then a counted FMA loop over S accumulator sets (fma_row; bf16 values are
+//   widened there, one at a time: widening them into a buffer first cost ~10% at 75% sparsity), the
 //   collect of the next row issued first (tile_rows_pipelined);
 // - otherwise the decoder's run() callback does the FMAs directly (portable and AVX2 files).
 template <int NQ, int S, class Dec>
@@ -86,22 +87,22 @@ inline void tile_step(const Dec& dec, typename Dec::Cur& c, int64_t cend, const 
 // Whether Dec has the vectorised collect (see tile_step).
 template <class Dec>
 auto has_collect(int) -> decltype(std::declval<const Dec&>().collect(std::declval<typename Dec::Cur&>(), int64_t{},
-                                                                   static_cast<int32_t*>(nullptr), static_cast<float*>(nullptr),
-                                                                   static_cast<const float**>(nullptr)),
+                                                                   static_cast<int32_t*>(nullptr),
+                                                                   static_cast<const void**>(nullptr)),
                                   std::true_type{});
 template <class Dec>
 std::false_type has_collect(long);
 
 // acc (one row's W lanes, in yrow) += the n listed entries
-template <int NQ, int S>
-inline void fma_row(const float* xt, int32_t* idx, const float* vals, int64_t n, float* yrow) {
+template <int NQ, int S, VT V>
+inline void fma_row(const float* xt, int32_t* idx, const void* vals, int64_t n, float* yrow) {
   if (n == 0) return;
   vfl* yr = reinterpret_cast<vfl*>(yrow);
   vfl acc[S][NQ];
   for (int q = 0; q < NQ; ++q) acc[0][q] = yr[q];
   for (int t = 1; t < S; ++t)
     for (int q = 0; q < NQ; ++q) acc[t][q] = vfl{};
-  fma_entries<NQ, S>(xt, idx, vals, n, acc);
+  fma_entries<NQ, S, V>(xt, idx, vals, n, acc);
   for (int t = 1; t < S; ++t)
     for (int q = 0; q < NQ; ++q) acc[0][q] += acc[t][q];
   for (int q = 0; q < NQ; ++q) yr[q] = acc[0][q];
@@ -113,15 +114,15 @@ inline void fma_row(const float* xt, int32_t* idx, const float* vals, int64_t n,
 // independent of the collect's loads.
 template <int NQ, int S, class Dec>
 inline void tile_rows_pipelined(const Dec& dec, typename Dec::Cur* cur, int64_t R, int64_t cend, const float* xt,
-                                float* ybuf, int32_t (*idx)[kEntryBuf], float (*vbuf)[kEntryBuf]) {
+                                float* ybuf, int32_t (*idx)[kEntryBuf]) {
   constexpr int64_t W = NQ * kVL;
-  const float* vals[2];
-  int64_t n_next = dec.collect(cur[0], cend, idx[0], vbuf[0], &vals[0]);
+  const void* vals[2];
+  int64_t n_next = dec.collect(cur[0], cend, idx[0], &vals[0]);
   for (int64_t r = 0; r < R; ++r) {
     const int b = static_cast<int>(r & 1);
     const int64_t n = n_next;
-    if (r + 1 < R) n_next = dec.collect(cur[r + 1], cend, idx[b ^ 1], vbuf[b ^ 1], &vals[b ^ 1]);
-    fma_row<NQ, S>(xt, idx[b], vals[b], n, ybuf + r * W);
+    if (r + 1 < R) n_next = dec.collect(cur[r + 1], cend, idx[b ^ 1], &vals[b ^ 1]);
+    fma_row<NQ, S, Dec::kValues>(xt, idx[b], vals[b], n, ybuf + r * W);
   }
 }
 
@@ -132,14 +133,13 @@ void lanes_tile(const Dec& dec, const Problem& p, const float* xt, int64_t col_t
   constexpr int NQ = static_cast<int>(W / kVL);  // native vectors per row of W lanes
   constexpr int S = NQ >= 4 ? 2 : 4;  // accumulator sets of the collect path (<= 8 vectors of sums)
   alignas(64) int32_t idx[2][kEntryBuf];
-  alignas(64) float vbuf[2][kEntryBuf];
   const int64_t R = r1 - r0;
   for (int64_t i = 0; i < R * W; ++i) ybuf[i] = 0.f;
   for (int64_t r = 0; r < R; ++r) cur[r] = dec.begin(r0 + r);
   for (int64_t c0 = 0; c0 < p.in; c0 += col_tile) {
     const int64_t c1 = min64(c0 + col_tile, p.in);
     if constexpr (decltype(has_collect<Dec>(0))::value) {
-      tile_rows_pipelined<NQ, S>(dec, cur, R, c1, xt, ybuf, idx, vbuf);
+      tile_rows_pipelined<NQ, S>(dec, cur, R, c1, xt, ybuf, idx);
     } else {
       for (int64_t r = 0; r < R; ++r) tile_step<NQ, S>(dec, cur[r], c1, xt, ybuf + r * W);
     }

@@ -109,7 +109,8 @@ struct LanesDec24 : NmDec<V> {
   using Base = NmDec<V>;
   using typename Base::Cur;
   explicit LanesDec24(const NmView& w) : Base(w) {}
-  int64_t collect(Cur& c, int64_t cend, int32_t* idx, float* vbuf, const float** vals) const {
+  static constexpr VT kValues = V;  // the lanes FMA loop widens bf16 values itself
+  int64_t collect(Cur& c, int64_t cend, int32_t* idx, const void** vals) const {
     const int64_t G = this->w.cols / 4;
     const int64_t gend = min64(G, (cend + 3) / 4);  // groups whose first column is < cend
     int64_t g = c.g, n = 0;
@@ -122,7 +123,7 @@ struct LanesDec24 : NmDec<V> {
       idx[n++] = static_cast<int32_t>(g * 4 + (nib & 3));
       idx[n++] = static_cast<int32_t>(g * 4 + (nib >> 2));
     }
-    *vals = v512::entry_values<V>(this->w.val, c.vbase + 2 * c.g, n, vbuf);
+    *vals = static_cast<const char*>(this->w.val) + (c.vbase + 2 * c.g) * v512::val_bytes<V>();
     // the next tile holds as many values and index bytes
     v512::prefetch_span(static_cast<const char*>(this->w.val) + (c.vbase + 2 * g) * v512::val_bytes<V>(), n * v512::val_bytes<V>());
     v512::prefetch_span(c.irow + (g >> 1), (g - c.g) / 2);

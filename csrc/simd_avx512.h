@@ -138,22 +138,6 @@ constexpr int64_t val_bytes() { return V == VT::f32 ? 4 : 2; }
 
 inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>(n >= 16 ? 0xFFFFu : ((1u << n) - 1u)); }
 
-// Entry collection for the lanes kernels (see collect_entries in lanes.h): the values of n
-// consecutive stored entries starting at v0 as float32. f32 values are used in place; bf16 ones
-// are widened into buf (masked loads: never reads past entry v0 + n).
-template <VT V>
-inline const float* entry_values(const void* v, int64_t v0, int64_t n, float* buf) {
-  if constexpr (V == VT::f32) {
-    return static_cast<const float*>(v) + v0;
-  } else {
-    const uint16_t* src = static_cast<const uint16_t*>(v) + v0;
-    int64_t k = 0;
-    for (; k + 16 <= n; k += 16) _mm512_storeu_ps(buf + k, widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k))));
-    if (k < n) _mm512_storeu_ps(buf + k, widen_bf16(_mm256_maskz_loadu_epi16(first_lanes(n - k), src + k)));
-    return buf;
-  }
-}
-
 // Prefetch of the stream a lanes row will read for its next column tile (the rows of a block
 // take turns, so the hardware prefetcher sees dozens of short streams): `bytes` from p.
 inline void prefetch_span(const void* p, int64_t bytes) {
