@@ -20,6 +20,8 @@ Usage::
 
     python benchmarks/lm_quality.py            # 3 seeds x 300 steps, ~5-8 minutes on 1 core
     python benchmarks/lm_quality.py --steps 40 --seeds 1 --methods dense sste   # smoke run
+    python benchmarks/lm_quality.py --grid --steps 1000      # dense + static/SET/RigL/SRigL/GMP at 80/90/95%
+    python benchmarks/lm_quality.py --nm-grid --steps 1000   # dense + STE/SR-STE/S-STE at 2:4 and 1:4
 """
 
 from __future__ import annotations
@@ -46,7 +48,14 @@ from sparseforge.train import GMP, SET, SRSTE, SSTE, STE, RigL, SRigL, StaticSpa
 DEFAULT_METHODS = ("dense", "rigl90", "ste", "srste", "sste")
 DST = {"static": StaticSparse, "set": SET, "rigl": RigL, "srigl": SRigL, "gmp": GMP}
 GRID = tuple(f"{m}{s}" for m in DST for s in (80, 90, 95))  # --grid: the issue's 80/90/95% comparison
-METHODS = tuple(dict.fromkeys(DEFAULT_METHODS + GRID))
+NM_PATTERNS = {"": "2:4", "14": "1:4"}  # N:M method suffix -> pattern: "ste" is STE 2:4, "ste14" STE 1:4
+NM_GRID = tuple(f"{m}{k}" for k in NM_PATTERNS for m in ("ste", "srste", "sste"))  # --nm-grid
+METHODS = tuple(dict.fromkeys(DEFAULT_METHODS + GRID + NM_GRID))
+
+
+def nm_pattern(method: str) -> str:
+    """The N:M pattern of an N:M method name (``"ste"`` -> 2:4, ``"sste14"`` -> 1:4)."""
+    return NM_PATTERNS[method.lstrip("srte")]
 TARGETS = ["re:model\\.layers\\.\\d+\\.(self_attn|mlp)\\..*"]
 
 
@@ -83,8 +92,8 @@ def make_trainer(method: str, model, opt, steps: int, interval: int, seed: int):
         if name in ("set", "rigl", "srigl"):
             kw["drop_fraction"] = 0.3
         return DST[name](model, opt, schedule={"start_step": 0, "end_step": end, "update_interval": interval}, **kw)
-    cls = {"ste": STE, "srste": SRSTE, "sste": SSTE}[method]
-    return cls(model, opt, pattern="2:4", targets=TARGETS, seed=seed)
+    cls = {"ste": STE, "srste": SRSTE, "sste": SSTE}[method.rstrip("0123456789")]
+    return cls(model, opt, pattern=nm_pattern(method), targets=TARGETS, seed=seed)
 
 
 def batches(tokens: torch.Tensor, steps: int, batch: int, seqlen: int, seed: int):
@@ -129,7 +138,7 @@ def run(method: str, seed: int, data, args) -> dict:
         names = [l.name for l in trainer.layers]
         trainer.finalize()
         modules = dict(model.named_modules())
-        assert all(satisfies(modules[n].weight != 0, "2:4") for n in names)
+        assert all(satisfies(modules[n].weight != 0, nm_pattern(method)) for n in names)
     elif trainer is not None:
         out["sparsity"] = 1 - trainer.num_active() / sum(l.mask.numel() for l in trainer.layers)
     res = perplexity(model, None, token_ids=heldout_ids, seqlen=args.seqlen, max_windows=args.eval_windows,
@@ -148,16 +157,17 @@ def summarise(results: list[dict], metric: str) -> dict:
 
 
 def checks(summary: dict) -> list[dict]:
-    """SR-STE >= STE, S-STE >= SR-STE, S-STE >= STE: lower held-out perplexity is better."""
+    """SR-STE >= STE, S-STE >= SR-STE, S-STE >= STE per pattern: lower held-out perplexity is better."""
     out = []
-    for hi, lo in (("srste", "ste"), ("sste", "srste"), ("sste", "ste")):
-        a, b = summary.get(hi), summary.get(lo)
-        if a is None or b is None:
-            continue
-        gap = a["mean"] - b["mean"]
-        clear = abs(gap) > max(a["std"], b["std"]) if min(a["n"], b["n"]) > 1 else None
-        out.append(dict(claim=f"{hi} better than or equal to {lo} (held-out ppl)", gap=gap, holds=gap <= 0,
-                        clear=clear))
+    for k in NM_PATTERNS:
+        for hi, lo in (("srste" + k, "ste" + k), ("sste" + k, "srste" + k), ("sste" + k, "ste" + k)):
+            a, b = summary.get(hi), summary.get(lo)
+            if a is None or b is None:
+                continue
+            gap = a["mean"] - b["mean"]
+            clear = abs(gap) > max(a["std"], b["std"]) if min(a["n"], b["n"]) > 1 else None
+            out.append(dict(claim=f"{hi} better than or equal to {lo} (held-out ppl)", gap=gap, holds=gap <= 0,
+                            clear=clear))
     return out
 
 
@@ -192,11 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-windows", type=int, default=128, help="held-out windows of --seqlen tokens")
     ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     ap.add_argument("--grid", action="store_true", help="dense + static/SET/RigL/SRigL/GMP at 80/90/95%% (replaces --methods)")
+    ap.add_argument("--nm-grid", action="store_true",
+                    help="dense + STE / SR-STE / S-STE at 2:4 and 1:4 (names ste, ste14, ...; replaces --methods)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "lm_quality.json")
     args = ap.parse_args(argv)
     if args.grid:
         args.methods = ["dense", *GRID]
+    if args.nm_grid:
+        args.methods = ["dense", *NM_GRID]
     torch.set_num_threads(args.threads)
     data = tokenizer_and_data()
     results, t0 = [], time.perf_counter()

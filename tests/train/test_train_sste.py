@@ -164,11 +164,11 @@ def test_lm_benchmark_smoke(tmp_path):
     before = torch.get_num_threads()
     try:
         assert bench.main(["--steps", "8", "--interval", "2", "--seeds", "1", "--eval-windows", "2",
-                           "--methods", "dense", "rigl90", "sste", "--out", str(out)]) == 0
+                           "--methods", "dense", "rigl90", "sste", "ste14", "--out", str(out)]) == 0
     finally:
         torch.set_num_threads(before)
     data = json.loads(out.read_text())
-    assert {r["method"] for r in data["runs"]} == {"dense", "rigl90", "sste"}
+    assert {r["method"] for r in data["runs"]} == {"dense", "rigl90", "sste", "ste14"}
     rigl = next(r for r in data["runs"] if r["method"] == "rigl90")
     assert rigl["sparsity"] == pytest.approx(0.9, abs=1e-3)
     assert all(math.isfinite(r["heldout_ppl"]) for r in data["runs"])
