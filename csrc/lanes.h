@@ -18,9 +18,11 @@
 
 namespace sf {
 
-// rows per lanes task (ybuf is kMaxBlockRows * 64 floats, 256 KB: L2). Every row block streams all
-// of xt once, so at 95% sparsity (R = 32 / density = 640 rows) 256 rows cost ~20% at 2 threads.
-constexpr int64_t kMaxBlockRows = 1024;
+// rows per lanes task (ybuf is kMaxBlockRows * 64 floats, 64 KB). Every row block streams all of xt
+// once, so larger blocks looked better on one layer whose weights stayed in L3 (95%: 2.65 -> 2.17
+// ms with 1024), but on the 8-layer stack, weights streamed from DRAM, 1024 lost (95% sparsity,
+// batch 64, 2 threads: 21.3-24.0 ms with 256 against 22.8-29.0 with 1024, three alternating runs).
+constexpr int64_t kMaxBlockRows = 256;
 
 namespace {
 
