@@ -44,6 +44,7 @@ from typing import ClassVar
 import torch
 
 from sparseforge.errors import ConfigError, ModelError
+from sparseforge.formats._memory import hugepage_backed
 from sparseforge.formats._stored import StoredBuffers
 
 __all__ = ["BitmapWeight", "pack_bits", "unpack_bits"]
@@ -138,7 +139,7 @@ class BitmapWeight(StoredBuffers):
         """Compress ``w`` (rows, cols); ``mask`` (bool, True = keep) defaults to ``w != 0``."""
         _check_weight(w, mask)
         keep = (w != 0) if mask is None else mask  # (rows, cols)
-        return cls(tuple(w.shape), pack_bits(keep), w[keep].clone())
+        return cls(tuple(w.shape), hugepage_backed(pack_bits(keep)), hugepage_backed(w[keep].contiguous()))
 
     def mask(self) -> torch.Tensor:
         """Bool keep-mask (rows, cols)."""

@@ -42,6 +42,7 @@ from typing import ClassVar
 import torch
 
 from sparseforge.errors import ConfigError, ModelError
+from sparseforge.formats._memory import hugepage_backed
 from sparseforge.formats._stored import StoredBuffers
 from sparseforge.formats.bitmap import _check_weight
 from sparseforge.formats.csr import index_dtype
@@ -122,7 +123,8 @@ class BSRWeight(StoredBuffers):
         ptr = torch.zeros(rows // h + 1, dtype=torch.int64)
         ptr[1:] = torch.cumsum(on.sum(dim=1), 0)
         col = on.nonzero()[:, 1]  # (nblocks,) row-major
-        return cls((rows, cols), ptr.to(torch.int32), col.to(index_dtype(cols // bw)), tiles[on].contiguous())
+        return cls((rows, cols), ptr.to(torch.int32), hugepage_backed(col.to(index_dtype(cols // bw)).contiguous()),
+                   hugepage_backed(tiles[on].contiguous()))
 
     @property
     def block(self) -> Block:

@@ -40,6 +40,7 @@ from typing import ClassVar
 import torch
 
 from sparseforge.errors import ConfigError, ModelError
+from sparseforge.formats._memory import hugepage_backed
 from sparseforge.formats._stored import StoredBuffers
 from sparseforge.formats.bitmap import _check_weight
 
@@ -107,7 +108,8 @@ class CSRWeight(StoredBuffers):
         row_ptr = torch.zeros(rows + 1, dtype=torch.int64)
         row_ptr[1:] = torch.cumsum(keep.sum(dim=1), 0)
         col = keep.nonzero()[:, 1]  # (nnz,) row-major, ascending within a row
-        return cls((rows, cols), row_ptr.to(torch.int32), col.to(index_dtype(cols)), w[keep].contiguous())
+        return cls((rows, cols), row_ptr.to(torch.int32), hugepage_backed(col.to(index_dtype(cols)).contiguous()),
+                   hugepage_backed(w[keep].contiguous()))
 
     def mask(self) -> torch.Tensor:
         """Bool keep-mask (rows, cols)."""

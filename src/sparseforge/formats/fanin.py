@@ -42,6 +42,7 @@ from typing import ClassVar
 import torch
 
 from sparseforge.errors import ConfigError, ModelError
+from sparseforge.formats._memory import hugepage_backed
 from sparseforge.formats._stored import StoredBuffers
 from sparseforge.formats.bitmap import _check_weight
 from sparseforge.formats.csr import index_dtype
@@ -103,7 +104,8 @@ class FanInWeight(StoredBuffers):
                 "'fanin' pattern (masks.mask_from_scores) or use CSRWeight"
             )
         idx = keep.nonzero()[:, 1].reshape(rows, k)  # row-major, ascending within a row
-        return cls((rows, cols), w[keep].reshape(rows, k).contiguous(), idx.to(index_dtype(cols)).contiguous())
+        return cls((rows, cols), hugepage_backed(w[keep].reshape(rows, k).contiguous()),
+                   hugepage_backed(idx.to(index_dtype(cols)).contiguous()))
 
     @property
     def k(self) -> int:

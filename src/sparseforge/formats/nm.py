@@ -52,6 +52,7 @@ from typing import ClassVar
 import torch
 
 from sparseforge.errors import ConfigError, ModelError
+from sparseforge.formats._memory import hugepage_backed, hugepage_copy
 from sparseforge.formats._stored import StoredBuffers
 from sparseforge.formats.bitmap import _check_weight, pack_bits, unpack_bits
 from sparseforge.masks import topk_mask
@@ -158,7 +159,7 @@ class NMWeight(StoredBuffers):
         values = kept.reshape(rows * (cols // m), m)[chosen].reshape(rows, cols // m * n)
         pos = torch.arange(m, device=w.device).expand(rows * (cols // m), m)[chosen]  # ascending per group
         indices = _pack_indices(pos.reshape(rows, cols // m * n), index_bits(m))
-        return cls((rows, cols), pattern, values.clone(), indices)
+        return cls((rows, cols), pattern, hugepage_copy(values.contiguous()), hugepage_backed(indices.contiguous()))
 
     def positions(self) -> torch.Tensor:
         """int64 (rows, G*n): position within its group of every stored value."""

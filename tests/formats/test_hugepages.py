@@ -1,0 +1,56 @@
+"""Format buffers built by from_dense are backed by transparent huge pages where the OS allows it."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import re
+
+import pytest
+import torch
+
+from sparseforge.formats import BitmapWeight, NMWeight
+from sparseforge.formats._memory import MIN_BYTES, hugepage_backed, hugepage_copy, hugepages_available
+from sparseforge.formats.csr import CSRWeight
+from sparseforge.masks import mask_from_scores
+
+
+def _huge_kb() -> int:
+    with open("/proc/self/smaps") as f:
+        return sum(int(x) for x in re.findall(r"AnonHugePages:\s+(\d+) kB", f.read()))
+
+
+def test_small_or_unsuitable_tensors_are_returned_unchanged():
+    t = torch.arange(100, dtype=torch.float32)
+    assert hugepage_backed(t) is t
+    copied = hugepage_copy(t)
+    assert copied is not t and torch.equal(copied, t)
+    big = torch.randn(MIN_BYTES // 4 * 2)[::2]  # not contiguous
+    assert hugepage_backed(big) is big
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int32, torch.uint16, torch.uint8])
+def test_copy_is_exact_and_survives_gc_copy_and_pickle(dtype):
+    n = MIN_BYTES // torch.tensor([], dtype=dtype).element_size() + 123
+    t = torch.randint(0, 100, (n,)).to(dtype)
+    out = hugepage_backed(t.view(-1, 1))
+    assert out.shape == (n, 1) and out.dtype == dtype and out.is_contiguous()
+    import gc
+
+    gc.collect()
+    assert torch.equal(out.view(-1), t)  # the mapping stays alive with the tensor
+    assert torch.equal(copy.deepcopy(out), out)
+    if dtype != torch.uint16:  # torch 2.13 cannot pickle any uint16 tensor
+        assert torch.equal(pickle.loads(pickle.dumps(out)), out)
+
+
+@pytest.mark.skipif(not hugepages_available(), reason="no transparent huge pages here")
+def test_from_dense_buffers_use_huge_pages():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(2048, 2048, generator=gen)
+    before = _huge_kb()
+    formats = [CSRWeight.from_dense(w, w > 0), BitmapWeight.from_dense(w, w > 0), NMWeight.from_dense(w, "2:4", mask_from_scores(w.abs(), "2:4", None))]
+    assert _huge_kb() - before >= 2 * 1024  # at least one 2 MB page per format's values, typically many
+    for f in formats:
+        torch.testing.assert_close(f.to_dense(), w * (f.to_dense() != 0))
+        assert f.nnz > 0
