@@ -90,12 +90,12 @@ def make_nm_trainer(method: str, net, opt, pattern: str, steps: int, seed: int):
     if option not in ("mdgf", "sdgf") or base not in ("ste", "srste"):
         raise ValueError(method)
     if option == "sdgf":
-        flow = dict(structure_decay="stepwise", structure_decay_start=steps // 10, structure_decay_end=steps // 2)
+        decay = dict(structure_decay="stepwise", structure_decay_start=steps // 10, structure_decay_end=steps // 2)
     else:
-        flow = dict(flow_decay="exp", flow_decay_coef=math.log(100.0) / (0.5 * steps))
+        decay = dict(flow_decay="exp", flow_decay_coef=math.log(100.0) / (0.5 * steps))
     if base == "ste":
-        return STE(net, opt, pattern=pattern, seed=seed, **flow)
-    return SRSTE(net, opt, pattern=pattern, seed=seed, **flow)
+        return STE(net, opt, pattern=pattern, seed=seed, **decay)
+    return SRSTE(net, opt, pattern=pattern, seed=seed, **decay)
 
 
 def make_trainer(method: str, net, opt, sparsity, steps: int, interval: int, seed: int):
@@ -248,20 +248,26 @@ def summarise_nm(results: list[dict], metric: str) -> dict:
             for k, v in cells.items()}
 
 
+def _pair_check(summaries: dict, metric: str, higher: bool, pattern: str, hi: str, lo: str) -> dict | None:
+    """Claim "``hi`` >= ``lo``" (``higher``) or "<=" on ``metric`` at ``pattern``, with the gap and whether
+    it exceeds the seed spread; None when a cell is missing."""
+    a, b = summaries[metric].get(f"{hi}@{pattern}"), summaries[metric].get(f"{lo}@{pattern}")
+    if a is None or b is None:
+        return None
+    gap = a["mean"] - b["mean"]
+    clear = abs(gap) > max(a["std"], b["std"]) if min(a["n"], b["n"]) > 1 else None
+    return dict(metric=metric, pattern=pattern, claim=f"{hi} {'>=' if higher else '<='} {lo}",
+                gap=gap, holds=(gap >= 0) == higher or gap == 0, clear=clear)
+
+
 def check_nm(summaries: dict, methods: list[str]) -> list[dict]:
     """SR-STE >= STE (test accuracy; lower training loss) and a lower late flip rate for SR-STE."""
     checks = []
     for pattern in NM_PATTERNS:
         for sr in (m for m in methods if m.startswith("srste")):
             for metric, higher in (("test_acc", True), ("train_loss", False), ("flip_rate_last10pct", False)):
-                a, b = summaries[metric].get(f"{sr}@{pattern}"), summaries[metric].get(f"ste@{pattern}")
-                if a is None or b is None:
-                    continue
-                gap = a["mean"] - b["mean"]
-                clear = abs(gap) > max(a["std"], b["std"]) if min(a["n"], b["n"]) > 1 else None
-                checks.append(dict(metric=metric, pattern=pattern, claim=f"{sr} {'>=' if higher else '<='} ste",
-                                   gap=gap, holds=(gap >= 0) == higher or gap == 0, clear=clear))
-    return checks
+                checks.append(_pair_check(summaries, metric, higher, pattern, sr, "ste"))
+    return [c for c in checks if c is not None]
 
 
 def check_nm_extra(summaries: dict, methods: list[str]) -> list[dict]:
@@ -273,14 +279,8 @@ def check_nm_extra(summaries: dict, methods: list[str]) -> list[dict]:
             if hi not in methods or lo not in methods:
                 continue
             for metric, higher in (("test_acc", True), ("train_loss", False)):
-                a, b = summaries[metric].get(f"{hi}@{pattern}"), summaries[metric].get(f"{lo}@{pattern}")
-                if a is None or b is None:
-                    continue
-                gap = a["mean"] - b["mean"]
-                clear = abs(gap) > max(a["std"], b["std"]) if min(a["n"], b["n"]) > 1 else None
-                checks.append(dict(metric=metric, pattern=pattern, claim=f"{hi} {'>=' if higher else '<='} {lo}",
-                                   gap=gap, holds=(gap >= 0) == higher or gap == 0, clear=clear))
-    return checks
+                checks.append(_pair_check(summaries, metric, higher, pattern, hi, lo))
+    return [c for c in checks if c is not None]
 
 
 def markdown_nm(summaries: dict, checks: list[dict], methods: list[str], meta: dict) -> str:

@@ -55,7 +55,7 @@ METHODS = tuple(dict.fromkeys(DEFAULT_METHODS + GRID + NM_GRID))
 
 def nm_pattern(method: str) -> str:
     """The N:M pattern of an N:M method name (``"ste"`` -> 2:4, ``"sste14"`` -> 1:4)."""
-    return NM_PATTERNS[method.lstrip("srte")]
+    return NM_PATTERNS[method[len(method.rstrip("0123456789")):]]
 TARGETS = ["re:model\\.layers\\.\\d+\\.(self_attn|mlp)\\..*"]
 
 

@@ -9,7 +9,7 @@ from torch import nn
 import sparseforge.train as sft
 from sparseforge.errors import ConfigError
 from sparseforge.masks import satisfies
-from train_helpers import Conv1D, load_benchmark
+from train_helpers import Conv1D, run_benchmark
 
 
 def _net(seed=0, widths=(8, 16, 4)):
@@ -217,13 +217,8 @@ def test_transposed_conv1d_layers_group_along_inputs():
 
 def test_benchmark_nm_smoke(tmp_path):
     pytest.importorskip("sklearn")
-    bench = load_benchmark("dst_quality")
     out = tmp_path / "q.json"
-    before = torch.get_num_threads()
-    try:
-        assert bench.main(["--nm", "--quick", "--seeds", "1", "--steps", "20", "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(before)
+    assert run_benchmark("dst_quality", ["--nm", "--quick", "--seeds", "1", "--steps", "20", "--out", str(out)]) == 0
     import json
 
     nm = json.loads(out.read_text())["nm"]

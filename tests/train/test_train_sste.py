@@ -12,7 +12,7 @@ import sparseforge.train as sft
 from sparseforge.errors import ConfigError, NumericalError
 from sparseforge.masks import mask_from_scores, satisfies
 from sparseforge.train.sste import soft_threshold, sste_scale
-from train_helpers import load_benchmark
+from train_helpers import run_benchmark
 
 
 def _s(row, pattern):
@@ -159,14 +159,9 @@ def test_lm_benchmark_smoke(tmp_path):
     pytest.importorskip("transformers")
     import json
 
-    bench = load_benchmark("lm_quality")
     out = tmp_path / "lm.json"
-    before = torch.get_num_threads()
-    try:
-        assert bench.main(["--steps", "8", "--interval", "2", "--seeds", "1", "--eval-windows", "2",
-                           "--methods", "dense", "rigl90", "sste", "ste14", "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(before)
+    assert run_benchmark("lm_quality", ["--steps", "8", "--interval", "2", "--seeds", "1", "--eval-windows", "2",
+                                        "--methods", "dense", "rigl90", "sste", "ste14", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert {r["method"] for r in data["runs"]} == {"dense", "rigl90", "sste", "ste14"}
     rigl = next(r for r in data["runs"] if r["method"] == "rigl90")

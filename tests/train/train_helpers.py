@@ -1,5 +1,5 @@
 """Shared helpers of the sparse-training tests: tiny nets, deterministic batches, a resume check,
-a transformers-style Conv1D layer and a loader for the benchmark scripts."""
+a transformers-style Conv1D layer and a runner for the benchmark scripts."""
 
 from __future__ import annotations
 
@@ -68,10 +68,15 @@ class Conv1D(nn.Module):
         return x @ self.weight + self.bias
 
 
-def load_benchmark(name: str):
-    """Import benchmarks/<name>.py as a module."""
+def run_benchmark(name: str, argv: list[str]) -> int:
+    """Import benchmarks/<name>.py and run its main(argv); torch's thread count (which the scripts set)
+    is restored afterwards."""
     path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    before = torch.get_num_threads()
+    try:
+        return module.main(argv)
+    finally:
+        torch.set_num_threads(before)

@@ -153,8 +153,12 @@ class SparseLinear(nn.Module):
 
     # ---- the weight object, kept in sync with the buffers -----------------------------------
 
+    def _held(self, key: str) -> Tensor:
+        """The tensor stored under ``key``: a Parameter (trainable values) or a buffer."""
+        return self._parameters[key] if key in self._parameters else self._buffers[key]
+
     def _current(self) -> tuple:
-        return tuple(self._parameters[k] if k in self._parameters else self._buffers[k] for k in self._keys)
+        return tuple(self._held(k) for k in self._keys)
 
     # ---- training ----------------------------------------------------------------------------
 
@@ -183,8 +187,7 @@ class SparseLinear(nn.Module):
     @property
     def stored_values(self) -> Tensor:
         """The stored values tensor: an ``nn.Parameter`` when :attr:`trainable`, else a buffer."""
-        key = self._values_key
-        return self._parameters[key] if key in self._parameters else self._buffers[key]
+        return self._held(self._values_key)
 
     def replace_weight(self, weight: "BitmapWeight | NMWeight | CSRWeight | FanInWeight | BSRWeight") -> Tensor:
         """Hold ``weight`` instead (same format, shape and N:M pattern), e.g. after a mask update.
