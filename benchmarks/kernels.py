@@ -20,6 +20,12 @@ Usage:
     python benchmarks/kernels.py                      # full stack, batch 1 and 64 (~10 min)
     python benchmarks/kernels.py --quick              # 2 small layers, few repeats (smoke, ~1 min)
     python benchmarks/kernels.py --layers 2 --batches 1 --sparsities 0.5,2:4
+    python benchmarks/kernels.py --peers              # + DeepSparse / onnxruntime in the same run (~20 min)
+
+With ``--peers`` every sparsity's sparseforge cells are followed by DeepSparse on a stack of the same
+shapes and masks of the same distribution (benchmarks/peers.py, its own process and venv), and the
+dense baselines by onnxruntime; the targets are then judged against these same-run numbers, and the
+issue's fixed reference numbers (best of two rounds measured on another day) are listed beside them.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import time_fn  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -67,6 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=3.0, help="seconds of timing per cell (min 5, max 40 passes)")
     p.add_argument("--bw-mib", type=int, default=1024, help="size of the bandwidth probe array (MiB)")
     p.add_argument("--quick", action="store_true", help="2 layers of 1024/2816, short timing: a smoke run")
+    p.add_argument("--peers", action="store_true",
+                   help="also time DeepSparse 1.8.0 and onnxruntime (dense) on the same stack in this run, "
+                        "each cell in its own process from a separate venv (.bench/peers-venv, created on first use)")
+    p.add_argument("--peer-python", type=Path, default=None, help="Python with deepsparse/onnxruntime (implies --peers)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default results/kernels[.quick].json)")
     args = p.parse_args(argv)
     if args.quick:
@@ -74,26 +87,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.batches = [int(b) for b in args.batches.split(",")]
     args.sparsities = [s.strip() for s in args.sparsities.split(",")]
     args.formats = [f.strip() for f in args.formats.split(",")]
+    args.peers = args.peers or args.peer_python is not None
     unknown = set(args.formats) - {"bitmap", "bitmap_bf16", "csr", "nm"}
     if unknown:
         p.error(f"unknown formats {sorted(unknown)}")
     return args
-
-
-def time_fn(fn, budget: float) -> dict:
-    """Median wall time of fn() after 2 warm-up calls; passes = clamp(budget / first, 5, 40)."""
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    n = max(5, min(40, math.ceil(budget / max(first, 1e-6))))
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    q = statistics.quantiles(ts, n=4)
-    return {"ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts), "q1_ms": 1e3 * q[0], "q3_ms": 1e3 * q[2], "passes": n}
 
 
 def bandwidth_gbs(mib: int) -> float:
@@ -196,9 +194,28 @@ def run(args) -> dict:
             print(f"  B={b:<3} {name:18s} {t['ms']:8.2f} ms", flush=True)
         del ws
     del dense
+    peer_python = None
+    if args.peers:
+        from peers import ensure_venv, run_peer
 
+        peer_python = args.peer_python or ensure_venv(Path(__file__).resolve().parents[1] / ".bench" / "peers-venv")
+        stack = {"layers": args.layers, "hidden": args.hidden, "ffn": args.ffn, "threads": args.threads, "budget": args.budget}
+
+        def peer_row(tool: str, b: int, sparsity: str, label: str, name: str) -> None:
+            cell = run_peer(peer_python, tool, batch=b, sparsity=sparsity, **stack)
+            rows.append({"batch": b, "kernel": name, "sparsity": label, "bytes": None, "nnz": None, "peer": cell,
+                         **{k: cell[k] for k in ("ms", "min_ms", "q1_ms", "q3_ms", "passes")}})
+            print(f"  B={b:<3} {name:18s} {label:>4} {cell['ms']:8.2f} ms  (same run; error vs fp64 {cell['rel_l2_error']:.1e})", flush=True)
+
+        for b in args.batches:
+            peer_row("onnxruntime", b, "0", "0%", "onnxruntime dense fp32")
+
+    probes = [bw0]  # bandwidth before each sparsity's cells: the host's bandwidth changes phase within minutes
     for s in args.sparsities:
         label = label_of(s)
+        probes.append(bandwidth_gbs(args.bw_mib))
+        print(f"# streaming bandwidth: {probes[-1]:.1f} GB/s", flush=True)
+        first_row = len(rows)
         fmts = [f for f in args.formats if f != "nm" or label == "2:4"]
         built: dict[str, list] = {f: [] for f in fmts}
         first_dense = None
@@ -226,16 +243,29 @@ def run(args) -> dict:
                              "rel_err_layer0": err, **t})
                 print(f"  B={b:<3} {f:18s} {label:>4} {t['ms']:8.2f} ms  ({nbytes / 1e6:.0f} MB, err {err:.1e})", flush=True)
         del built, first_dense
+        for r in rows[first_row:]:
+            r["bw_probe"] = len(probes) - 1  # the probe after these cells is the next one (the next block's, or bw1)
+        if peer_python is not None:
+            for b in args.batches:
+                peer_row("deepsparse", b, s, label, "DeepSparse 1.8.0")
 
     bw1 = bandwidth_gbs(args.bw_mib)
     print(f"# streaming bandwidth (after): {bw1:.1f} GB/s", flush=True)
+    probes.append(bw1)
     bw = (bw0 + bw1) / 2
-    meta.update(bandwidth_gbs_before=bw0, bandwidth_gbs_after=bw1, bandwidth_gbs=bw, load_avg_end=os.getloadavg())
+    meta.update(bandwidth_gbs_before=bw0, bandwidth_gbs_after=bw1, bandwidth_gbs=bw, bandwidth_probes=probes,
+                load_avg_end=os.getloadavg())
+    # each sparsity's cells are judged with the mean of the probes just before and just after them
+    for r in rows:
+        if "bw_probe" in r:
+            i = r.pop("bw_probe")
+            r["bandwidth_gbs"] = (probes[i] + probes[i + 1]) / 2
     dense_ms = {(r["batch"], r["kernel"]): r["ms"] for r in rows if r["kernel"].startswith("torch")}
     for r in rows:
-        r["limit_ms"] = r["bytes"] / (bw * 1e9) * 1e3
-        r["frac_of_limit"] = r["limit_ms"] / r["ms"]
-        r["gflops"] = 2 * r["batch"] * r["nnz"] / (r["ms"] * 1e-3) / 1e9
+        if r["bytes"] is not None:  # peers: bytes read and useful work unknown
+            r["limit_ms"] = r["bytes"] / (r.get("bandwidth_gbs", bw) * 1e9) * 1e3
+            r["frac_of_limit"] = r["limit_ms"] / r["ms"]
+            r["gflops"] = 2 * r["batch"] * r["nnz"] / (r["ms"] * 1e-3) / 1e9
         r["vs_torch_fp32"] = dense_ms[(r["batch"], "torch dense fp32")] / r["ms"]
         r["vs_torch_bf16"] = dense_ms[(r["batch"], "torch dense bf16")] / r["ms"]
     return {"meta": meta, "rows": rows, "full_stack": (args.layers, args.hidden, args.ffn) == (8, 4096, 11008)}
@@ -247,17 +277,19 @@ def markdown(result: dict) -> str:
         f"Stack {len(meta['layers'])} x {meta['layers'][0]}, {meta['weights'] / 1e6:.1f} M weights, "
         f"{meta['threads']} threads, isa {meta['isa']}, torch {meta['torch']}. Streaming bandwidth "
         f"{meta['bandwidth_gbs_before']:.1f} GB/s before, {meta['bandwidth_gbs_after']:.1f} after "
-        f"(limit uses {meta['bandwidth_gbs']:.1f}). Load average {meta['load_avg_start'][0]:.1f} at start, "
+        f"(probes before each sparsity: {', '.join(f'{b:.0f}' for b in meta.get('bandwidth_probes', []))}; each sparsity's "
+        f"limit uses the mean of the probes around its cells, the dense rows {meta['bandwidth_gbs']:.1f}). Load average {meta['load_avg_start'][0]:.1f} at start, "
         f"{meta['load_avg_end'][0]:.1f} at end (2 cores; other jobs share the machine).",
         "",
         "| batch | kernel | sparsity | ms (median) | q1-q3 | MB read | BW limit ms | % of limit | GFLOP/s | vs torch fp32 | vs torch bf16 |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(rows, key=lambda r: (r["batch"], r["sparsity"] != "0%", r["sparsity"], r["kernel"])):
+        own = r["bytes"] is not None
         lines.append(
             f"| {r['batch']} | {r['kernel']} | {r['sparsity']} | {r['ms']:.2f} | {r['q1_ms']:.1f}-{r['q3_ms']:.1f} | "
-            f"{r['bytes'] / 1e6:.0f} | {r['limit_ms']:.2f} | {100 * r['frac_of_limit']:.0f}% | {r['gflops']:.0f} | "
-            f"{r['vs_torch_fp32']:.2f}x | {r['vs_torch_bf16']:.2f}x |"
+            + (f"{r['bytes'] / 1e6:.0f} | {r['limit_ms']:.2f} | {100 * r['frac_of_limit']:.0f}% | {r['gflops']:.0f} | " if own else "- | - | - | - | ")
+            + f"{r['vs_torch_fp32']:.2f}x | {r['vs_torch_bf16']:.2f}x |"
         )
     return "\n".join(lines)
 
@@ -270,18 +302,31 @@ def targets(result: dict) -> list[str]:
         r = by.get((b, k, s))
         if r:
             out.append(f"{'PASS' if r['frac_of_limit'] >= 0.7 else 'FAIL'}: B=1 {k} {s} at {100 * r['frac_of_limit']:.0f}% of the bandwidth limit (target >= 70%)")
-    if not result["full_stack"]:
-        out.append("(peer comparisons skipped: they were measured on the full 8 x 4096/11008 stack)")
-        return out
+    full = result["full_stack"]
+    if not full:
+        out.append("(the issue's fixed peer numbers apply to the full 8 x 4096/11008 stack only; same-run peers below)")
+    same_run = {"DeepSparse": lambda b, s: by.get((b, "DeepSparse 1.8.0", s)),
+                "onnxruntime dense": lambda b, s: by.get((b, "onnxruntime dense fp32", "0%"))}
     for (b, s), peers in PEERS.items():
-        cands = [r for (bb, k, ss), r in by.items() if bb == b and ss == s and not k.startswith("torch") and k != "bitmap_bf16"]
+        cands = [r for (bb, k, ss), r in by.items()
+                 if bb == b and ss == s and r["bytes"] is not None and not k.startswith("torch") and k != "bitmap_bf16"]
         if not cands:
             continue
         best = min(cands, key=lambda r: r["ms"])
         for peer, ms in peers.items():
-            out.append(f"{'PASS' if best['ms'] < ms else 'FAIL'}: B={b} {s} best fp32 sparse ({best['kernel']} {best['ms']:.1f} ms) vs {peer} {ms} ms")
+            mine = f"B={b} {s} best fp32 sparse ({best['kernel']} {best['ms']:.1f} ms)"
+            measured = same_run[peer](b, s) if peer in same_run else None
+            if measured:
+                out.append(f"{'PASS' if best['ms'] < measured['ms'] else 'FAIL'}: {mine} vs {peer} {measured['ms']:.1f} ms (same run)")
+            if full:
+                out.append(f"{'PASS' if best['ms'] < ms else 'FAIL'}: {mine} vs {peer} {ms} ms (issue reference)")
         if b == 1 and s in ("50%", "2:4", "75%", "90%", "95%"):
-            out.append(f"{'PASS' if best['ms'] < BEST_DENSE_B1 else 'FAIL'}: B=1 {s} {best['kernel']} {best['ms']:.1f} ms vs best dense (torch bf16 / onnxruntime) {BEST_DENSE_B1} ms")
+            dense_now = [r["ms"] for r in (by.get((1, "torch dense bf16", "0%")), same_run["onnxruntime dense"](1, s)) if r]
+            if dense_now:
+                out.append(f"{'PASS' if best['ms'] < min(dense_now) else 'FAIL'}: B=1 {s} {best['kernel']} {best['ms']:.1f} ms vs best dense "
+                           f"(torch bf16 / onnxruntime) {min(dense_now):.1f} ms (same run)")
+            if full:
+                out.append(f"{'PASS' if best['ms'] < BEST_DENSE_B1 else 'FAIL'}: B=1 {s} {best['kernel']} {best['ms']:.1f} ms vs best dense (torch bf16 / onnxruntime) {BEST_DENSE_B1} ms (issue reference)")
         if b == 64:
             t32 = by.get((64, "torch dense fp32", "0%"))
             if t32:

@@ -12,10 +12,15 @@ import torch
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
 
 
-def test_kernel_benchmark_smoke(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_kernel_benchmark_smoke(tmp_path, capsys):
+    mod = _load("bench_kernels", BENCH)
     out = tmp_path / "k.json"
     argv = ["--layers", "2", "--hidden", "64", "--ffn", "96", "--batches", "1,5", "--budget", "0.01",
             "--bw-mib", "16", "--sparsities", "0.5,2:4,0.9", "--out", str(out)]
@@ -29,5 +34,44 @@ def test_kernel_benchmark_smoke(tmp_path, capsys):
         if "rel_err_layer0" in r:
             assert r["rel_err_layer0"] < (1e-2 if "bf16" in r["kernel"] else 1e-5)
     assert "| batch | kernel |" in out.with_suffix(".md").read_text()
-    assert "peer comparisons skipped" in capsys.readouterr().out
+    assert "fixed peer numbers apply to the full" in capsys.readouterr().out
     assert (torch.tensor([1e-40]) * 1.0).item() != 0.0  # flush-to-zero mode was not left on
+
+
+def _row(batch, kernel, sparsity, ms, own=True):
+    return {"batch": batch, "kernel": kernel, "sparsity": sparsity, "ms": ms, "bytes": 1 if own else None,
+            "frac_of_limit": 0.9 if own else None}
+
+
+def test_targets_judge_same_run_peers_and_issue_references():
+    mod = _load("bench_kernels_t", BENCH)
+    rows = [_row(64, "torch dense fp32", "0%", 300.0), _row(64, "torch dense bf16", "0%", 60.0),
+            _row(64, "onnxruntime dense fp32", "0%", 120.0, own=False),
+            _row(64, "csr", "95%", 20.5), _row(64, "bitmap", "95%", 27.0), _row(64, "DeepSparse 1.8.0", "95%", 26.0, own=False),
+            _row(64, "csr", "90%", 35.0), _row(64, "DeepSparse 1.8.0", "90%", 34.0, own=False)]
+    lines = mod.targets({"rows": rows, "full_stack": True})
+    assert "PASS: B=64 95% best fp32 sparse (csr 20.5 ms) vs DeepSparse 26.0 ms (same run)" in lines
+    assert "FAIL: B=64 95% best fp32 sparse (csr 20.5 ms) vs DeepSparse 19.7 ms (issue reference)" in lines
+    assert "FAIL: B=64 90% best fp32 sparse (csr 35.0 ms) vs DeepSparse 34.0 ms (same run)" in lines
+    assert "PASS: B=64 95% best fp32 sparse (csr 20.5 ms) vs onnxruntime dense 120.0 ms (same run)" in lines
+    # a peer row is never the "best sparseforge kernel"
+    rows.append(_row(64, "DeepSparse 1.8.0", "75%", 50.0, own=False))
+    assert not any("B=64 75%" in line for line in mod.targets({"rows": rows, "full_stack": True}))
+    assert not any("issue reference" in line for line in mod.targets({"rows": rows, "full_stack": False}))
+
+
+def test_peer_weights_follow_the_stack_and_the_mask_distribution():
+    np = __import__("pytest").importorskip("numpy")
+    peers = _load("bench_peers", BENCH.with_name("peers.py"))
+    args = peers.parse_args(["--tool", "deepsparse", "--batch", "1", "--sparsity", "2:4", "--layers", "3",
+                             "--hidden", "64", "--ffn", "96"])
+    ws = peers.make_weights(args)
+    assert [w.shape for w in ws] == [(96, 64), (64, 96), (96, 64)]
+    for w in ws:
+        assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(axis=2) == 2).all()  # exactly 2 of every 4 kept
+    args.sparsity = "0.9"
+    ws = peers.make_weights(args)
+    density = sum(int((w != 0).sum()) for w in ws) / sum(w.size for w in ws)
+    assert 0.08 < density < 0.12
+    bound = 1.0 / np.sqrt(64 * 0.1)
+    assert np.abs(ws[0]).max() <= bound
