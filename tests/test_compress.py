@@ -20,6 +20,7 @@ from sparseforge.patterns import NM  # noqa: E402
 PRUNINGS = {"2:4": dict(pattern="2:4"), "90%": dict(pattern="unstructured", sparsity=0.9),
             "fanin": dict(pattern="fanin", sparsity=0.5), "block4x4": dict(pattern="block4x4", sparsity=0.5)}
 STORED_AS = {"2:4": "nm", "90%": "bitmap", "fanin": "fanin", "block4x4": "bsr"}  # checkpoint layer format
+LOADED_AS = {**STORED_AS, "90%": "csr"}  # load_sparse(format="rule"): bitmap >= 85% sparsity runs as CSR
 
 
 def pruned(family: str, which: str):
@@ -154,9 +155,21 @@ def test_load_sparse_matches_load_without_dense_weights(tmp_path, monkeypatch, w
     layers = sparse_layers(sparse)
     assert len(layers) == 14
     assert len(sparse_layers(load(tmp_path / "m", sparse=True))) == 14  # the same loader behind sparseforge.load
-    assert {m.format for m in layers.values()} == {STORED_AS[which]}
+    assert {m.format for m in layers.values()} == {LOADED_AS[which]}
     torch.testing.assert_close(logits(sparse, ids), expected, atol=1e-4, rtol=1e-4)
+    stored = load(tmp_path / "m", sparse=True, format="stored")
+    assert {m.format for m in sparse_layers(stored).values()} == {STORED_AS[which]}
+    torch.testing.assert_close(logits(stored, ids), expected, atol=1e-4, rtol=1e-4)
     assert not any(t.is_meta for t in list(sparse.parameters()) + list(sparse.buffers()))
+
+
+def test_load_format_errors(tmp_path):
+    save_pretrained(pruned("llama", "90%"), tmp_path / "m", sparsity_config={"method": "magnitude", "pattern": "unstructured",
+                                                                           "targets": None, "ignore": []})
+    with pytest.raises(ConfigError, match="one of rule, stored"):
+        load_sparse(tmp_path / "m", format="csr")
+    with pytest.raises(ConfigError, match="needs sparse=True"):
+        load(tmp_path / "m", format="stored")
 
 
 def test_load_sparse_refuses_a_dense_checkpoint(tmp_path):

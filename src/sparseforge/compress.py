@@ -277,11 +277,31 @@ def _linear_weights_on_meta() -> Iterator[None]:
         nn.Linear.__init__ = original
 
 
-def load_sparse(path: "str | Path") -> nn.Module:
+LOAD_FORMATS = ("rule", "stored")
+
+
+def _load_format(obj, format: str):
+    """The format a loaded layer runs in: ``"stored"`` keeps ``obj``; ``"rule"`` turns bitmap layers of
+    sparsity >= CSR_FROM into CSR (step 2 of :func:`auto_format`; N:M, BSR and fan-in stay as stored)."""
+    from sparseforge.formats import BitmapWeight
+    from sparseforge.formats.csr import CSRWeight
+
+    if format == "rule" and isinstance(obj, BitmapWeight):
+        rows, cols = obj.shape
+        if 1.0 - obj.nnz / max(1, rows * cols) >= CSR_FROM:
+            return CSRWeight.from_bitmap(obj)
+    return obj
+
+
+def load_sparse(path: "str | Path", format: str = "rule") -> nn.Module:
     """A transformers model from a compressed sparseforge checkpoint, its pruned layers as SparseLinear.
 
     The compressed weights (:func:`sparseforge.checkpoint.load_state_dict_compressed`) go straight
-    into SparseLinear layers (N:M, bitmap, fan-in or BSR, as stored); their dense matrices are never built.
+    into SparseLinear layers; their dense matrices are never built. ``format="rule"`` (default) runs
+    bitmap layers of at least 85% sparsity (``CSR_FROM``) as CSR, converted from the bits
+    (:meth:`~sparseforge.formats.csr.CSRWeight.from_bitmap`; CSR is 1.5-2.6x faster there at batch 1,
+    ``docs/benchmarks.md``) and keeps N:M, bitmap, fan-in and BSR layers otherwise; ``format="stored"``
+    keeps every layer in its stored format.
     Exception: a compressed tensor tied to a non-linear module (an embedding tied to ``lm_head``
     that the saver compressed because of its zero padding row) is decompressed for that module.
     The skeleton is built with every ``nn.Linear`` parameter on the meta device; the remaining dense
@@ -290,6 +310,8 @@ def load_sparse(path: "str | Path") -> nn.Module:
     """
     from sparseforge import checkpoint as ck
 
+    if format not in LOAD_FORMATS:
+        raise ConfigError(f"load format must be one of {', '.join(LOAD_FORMATS)}, got {format!r}")
     p = ck._model_dir(path)
     block = ck.read_sparsity_config(p)
     if not ck._is_compressed(block):
@@ -323,7 +345,7 @@ def load_sparse(path: "str | Path") -> nn.Module:
             dense[name] = decompressed[id(value)]
         else:
             owner = name.rsplit(".", 1)[0]
-            set_module(model, owner, SparseLinear(value, state.get(f"{owner}.bias")))
+            set_module(model, owner, SparseLinear(_load_format(value, format), state.get(f"{owner}.bias")))
             sparse_prefixes.append(owner + ".")
     missing, unexpected = model.load_state_dict(dense, strict=False, assign=True)
     missing = [k for k in missing if not any(k.startswith(s) for s in sparse_prefixes)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import pickle
 import re
 
@@ -54,3 +55,30 @@ def test_from_dense_buffers_use_huge_pages():
     for f in formats:
         torch.testing.assert_close(f.to_dense(), w * (f.to_dense() != 0))
         assert f.nnz > 0
+
+
+@pytest.mark.skipif(not hugepages_available(), reason="no transparent huge pages here")
+@pytest.mark.parametrize("fmt", ["bitmap", "nm"])
+def test_loaded_checkpoint_buffers_use_huge_pages(tmp_path, fmt):
+    """load_state_dict_compressed (behind sparseforge.load(..., sparse=True)) moves big buffers into huge pages."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    from sparseforge.checkpoint import load_state_dict_compressed
+
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(2048, 2048, generator=gen)
+    if fmt == "bitmap":
+        obj = BitmapWeight.from_dense(w, w > 0)
+    else:
+        obj = NMWeight.from_dense(w, "2:4", mask_from_scores(w.abs(), "2:4", None))
+    layer = {"format": fmt, "shape": [2048, 2048], "dtype": "float32", "pattern": "2:4" if fmt == "nm" else None}
+    config = {"architectures": ["LlamaForCausalLM"], "sparsity_config": {"format": fmt, "layers": {"fc": layer}}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file({**obj.state_dict("fc."), "fc.bias": torch.zeros(2048)}, str(tmp_path / "model.safetensors"))
+    before = _huge_kb()
+    state = load_state_dict_compressed(tmp_path)
+    assert _huge_kb() - before >= 2 * 1024
+    loaded = state["fc"]
+    assert type(loaded) is type(obj) and torch.equal(loaded.to_dense(), obj.to_dense())
+    assert torch.equal(state["fc.bias"], torch.zeros(2048))

@@ -42,11 +42,12 @@ import torch
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats._memory import hugepage_backed
 from sparseforge.formats._stored import StoredBuffers
-from sparseforge.formats.bitmap import _check_weight
+from sparseforge.formats.bitmap import BitmapWeight, _check_weight, row_popcounts, unpack_bits
 
 __all__ = ["CSRWeight", "index_dtype"]
 
 _INT32_MAX = 2**31 - 1
+_CHUNK_WEIGHTS = 1 << 22  # weights unpacked at a time by from_bitmap
 
 
 def index_dtype(cols: int) -> torch.dtype:
@@ -110,6 +111,34 @@ class CSRWeight(StoredBuffers):
         col = keep.nonzero()[:, 1]  # (nnz,) row-major, ascending within a row
         return cls((rows, cols), row_ptr.to(torch.int32), hugepage_backed(col.to(index_dtype(cols)).contiguous()),
                    hugepage_backed(w[keep].contiguous()))
+
+    @classmethod
+    def from_bitmap(cls, bw: BitmapWeight) -> "CSRWeight":
+        """The entries of a :class:`BitmapWeight` in CSR, without building its dense matrix.
+
+        Both layouts keep the values in row-major order, so ``values`` is shared, not copied; the
+        column indices come from the bits, ``_CHUNK_WEIGHTS`` weights' worth of rows at a time (the
+        only temporary memory: one bool per weight of that chunk).
+
+        Example:
+            >>> w = torch.tensor([[0.0, 2.0, 0.0, 3.0], [1.0, 0.0, 0.0, 0.0]])
+            >>> c = CSRWeight.from_bitmap(BitmapWeight.from_dense(w))
+            >>> c.row_ptr.tolist(), c.col.tolist(), torch.equal(c.to_dense(), w)
+            ([0, 2, 3], [1, 3, 0], True)
+        """
+        rows, cols = bw.shape
+        nnz = bw.nnz
+        if nnz > _INT32_MAX:
+            raise ConfigError(f"CSRWeight holds at most 2^31-1 entries (int32 row pointers), got {nnz}; keep the bitmap")
+        ptr = torch.zeros(rows + 1, dtype=torch.int64)
+        ptr[1:] = torch.cumsum(row_popcounts(bw.bitmap), 0)
+        col = torch.empty(nnz, dtype=index_dtype(cols))
+        step = max(1, _CHUNK_WEIGHTS // max(1, cols))
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            keep = unpack_bits(bw.bitmap[r0:r1], cols)  # (r1 - r0, cols) bool
+            col[int(ptr[r0]):int(ptr[r1])] = keep.nonzero()[:, 1].to(col.dtype)
+        return cls((rows, cols), ptr.to(torch.int32), hugepage_backed(col), bw.values)
 
     def mask(self) -> torch.Tensor:
         """Bool keep-mask (rows, cols)."""
