@@ -95,8 +95,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def bandwidth_gbs(mib: int) -> float:
-    """Streaming read bandwidth: torch sum over a ``mib`` MiB fp32 array, median of 15."""
-    a = torch.arange(mib * 2**18, dtype=torch.float32)
+    """Streaming read bandwidth: torch sum over a ``mib`` MiB fp32 array, median of 15.
+
+    The array is in transparent huge pages where the OS allows it, like the formats' buffers
+    (``sparseforge/formats/_memory.py``): with 4 KB pages the same sum streamed up to ~1.8x slower
+    in some phases of this host (39.7 vs 71.7 GB/s back to back), which flattered the kernels.
+    """
+    from sparseforge.formats._memory import hugepage_backed
+
+    a = hugepage_backed(torch.arange(mib * 2**18, dtype=torch.float32))
     a += 1  # touch every page
     ts = []
     for _ in range(15):
