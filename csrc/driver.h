@@ -303,7 +303,12 @@ void run_linear(const View& w, const Problem& p, const Kern& k, int algo, int64_
   // 1 thread, TSC cycles per stored weight (T = 128 / 256 / 512 / 1024): 50% bitmap 3.08 / 3.60 /
   // 5.28 / 5.48; 75% CSR 3.77 / 3.67 / 4.43 / 4.86; 90% CSR 4.83 / 3.97 / 4.66 / 4.93; 95% CSR
   // 6.44 / 5.85 / 5.47 / 6.27 (the old 64 / density rule picked 640 at 90%, 1024 at 95%).
-  lp.col_tile = max64(128, min64(512, static_cast<int64_t>(32.0 / (density > 1e-3 ? density : 1e-3)) / 64 * 64));
+  // Rounded to the nearest power of two (in log scale) since session 4: on the 8-layer stack, batch
+  // 64, 2 threads, 90% CSR ran 32.5-35.2 ms with 256-column tiles against 35.2-41.1 with the 320 of
+  // the linear rule (three alternating rounds; 384: 33.7-34.7), 85% 44.0 with 256 against 46.3 with
+  // 192; 80% (128 or 192), 75% (128) and 95% (512) keep their best values.
+  const double cols_per_32 = 32.0 / (density > 1e-3 ? density : 1e-3);
+  lp.col_tile = max64(128, min64(512, int64_t{1} << static_cast<int>(std::lround(std::log2(cols_per_32)))));
   // R = 32 / density rows (each xt column serves ~32 entries per block): every block streams all of
   // xt (2.8 MB at 11008 inputs, beyond L2) once, so fewer, larger blocks (64 rows at 50%) ran
   // 1.1-1.5x faster than 16 rows (microbenchmark, 1024x11008, 1 thread)
