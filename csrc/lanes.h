@@ -11,6 +11,9 @@
 // ymm in the AVX2 file, SSE in the portable file. Everything has internal linkage.
 #pragma once
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <type_traits>
 #include <utility>
 
@@ -48,17 +51,37 @@ constexpr int64_t kEntryBuf = kMaxColTile + 96;
 // by 0): no tail loop, so one loop exit per (row, tile) to mispredict instead of two. 0 * x[0] adds
 // nothing when x[0] is finite; a non-finite x is fixed up afterwards for dense semantics anyway
 // (fix_nonfinite in driver.h).
+// The stored value of entry e broadcast to a vector, 0 for a padding entry (e >= n). With AVX-512 a
+// pointer select (to a static zero for padding) and one broadcast load: vbroadcastss for float32,
+// vpbroadcastw + vpslld for bfloat16 (exact: bf16 bits << 16), instead of a scalar load, a shift,
+// a move to a vector register and a broadcast.
+template <VT V>
+inline vfl bcast_val(const void* val, int64_t e, int64_t n) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if constexpr (V == VT::f32) {
+    static const float kZero = 0.f;
+    const float* src = e < n ? static_cast<const float*>(val) + e : &kZero;
+    return reinterpret_cast<vfl>(_mm512_set1_ps(*src));
+  } else {
+    static const uint16_t kZero = 0;
+    const uint16_t* src = e < n ? static_cast<const uint16_t*>(val) + e : &kZero;
+    return reinterpret_cast<vfl>(_mm512_slli_epi32(_mm512_set1_epi16(static_cast<short>(*src)), 16));
+  }
+#else
+  const float w = e < n ? load_val<V>(val, e) : 0.f;
+  return vfl{} + w;
+#endif
+}
+
 template <int NQ, int S, VT V>
 inline void fma_entries(const float* xt, int32_t* idx, const void* val, int64_t n, vfl (*acc)[NQ]) {
   constexpr int64_t W = NQ * kVL;
   for (int s = 0; s < S; ++s) idx[n + s] = 0;
-  const int64_t last = n - 1;
   for (int64_t k = 0; k < n; k += S) {
     for (int s = 0; s < S; ++s) {
       const int64_t e = k + s;
       const vfl* xr = reinterpret_cast<const vfl*>(xt + static_cast<int64_t>(idx[e]) * W);
-      const float v = load_val<V>(val, e < n ? e : last);  // bf16: widened here, one shift per entry
-      const float w = e < n ? v : 0.f;
+      const vfl w = bcast_val<V>(val, e, n);  // bf16: widened here, one shift per entry
       for (int q = 0; q < NQ; ++q) acc[s][q] += w * xr[q];
     }
   }
