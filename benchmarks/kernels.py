@@ -323,10 +323,13 @@ def targets(result: dict) -> list[str]:
         for peer, ms in peers.items():
             mine = f"B={b} {s} best fp32 sparse ({best['kernel']} {best['ms']:.1f} ms)"
             measured = same_run[peer](b, s) if peer in same_run else None
+            # the issue asks batch 64 to beat DeepSparse from 75% only: below that the line is information
+            verdict = (lambda ok: "INFO" if (b == 64 and peer == "DeepSparse" and s in ("50%", "2:4"))
+                       else ("PASS" if ok else "FAIL"))
             if measured:
-                out.append(f"{'PASS' if best['ms'] < measured['ms'] else 'FAIL'}: {mine} vs {peer} {measured['ms']:.1f} ms (same run)")
+                out.append(f"{verdict(best['ms'] < measured['ms'])}: {mine} vs {peer} {measured['ms']:.1f} ms (same run)")
             if full:
-                out.append(f"{'PASS' if best['ms'] < ms else 'FAIL'}: {mine} vs {peer} {ms} ms (issue reference)")
+                out.append(f"{verdict(best['ms'] < ms)}: {mine} vs {peer} {ms} ms (issue reference)")
         if b == 1 and s in ("50%", "2:4", "75%", "90%", "95%"):
             dense_now = [r["ms"] for r in (by.get((1, "torch dense bf16", "0%")), same_run["onnxruntime dense"](1, s)) if r]
             if dense_now:

@@ -58,6 +58,9 @@ def test_targets_judge_same_run_peers_and_issue_references():
     rows.append(_row(64, "DeepSparse 1.8.0", "75%", 50.0, own=False))
     assert not any("B=64 75%" in line for line in mod.targets({"rows": rows, "full_stack": True}))
     assert not any("issue reference" in line for line in mod.targets({"rows": rows, "full_stack": False}))
+    rows += [_row(64, "bitmap", "50%", 110.0), _row(64, "DeepSparse 1.8.0", "50%", 100.0, own=False)]
+    lines = mod.targets({"rows": rows, "full_stack": True})  # DeepSparse is a batch-64 target from 75% only
+    assert "INFO: B=64 50% best fp32 sparse (bitmap 110.0 ms) vs DeepSparse 100.0 ms (same run)" in lines
 
 
 def test_peer_weights_follow_the_stack_and_the_mask_distribution():
