@@ -45,12 +45,6 @@ constexpr int64_t kMaxColTile = 1024;  // columns per tile at most (see run_line
 // started (T is a multiple of 64, but be safe) and vectorised collectors may write 16 past the end
 constexpr int64_t kEntryBuf = kMaxColTile + 96;
 
-// acc[s][q] += val[k] * xt[idx[k] * W + q * kVL], consecutive entries spread over S accumulator
-// sets (independent FMA chains). n is rounded up to a multiple of S with padding entries that read
-// column 0 with weight 0 (idx has slack; the value read is clamped to the last entry and replaced
-// by 0): no tail loop, so one loop exit per (row, tile) to mispredict instead of two. 0 * x[0] adds
-// nothing when x[0] is finite; a non-finite x is fixed up afterwards for dense semantics anyway
-// (fix_nonfinite in driver.h).
 // The stored value of entry e broadcast to a vector, 0 for a padding entry (e >= n). With AVX-512 a
 // pointer select (to a static zero for padding) and one broadcast load: vbroadcastss for float32,
 // vpbroadcastw + vpslld for bfloat16 (exact: bf16 bits << 16), instead of a scalar load, a shift,
@@ -73,6 +67,11 @@ inline vfl bcast_val(const void* val, int64_t e, int64_t n) {
 #endif
 }
 
+// acc[s][q] += val[k] * xt[idx[k] * W + q * kVL], consecutive entries spread over S accumulator
+// sets (independent FMA chains). n is rounded up to a multiple of S with padding entries that read
+// column 0 with weight 0 (idx has slack; bcast_val gives 0 for them): no tail loop, so one loop
+// exit per (row, tile) to mispredict instead of two. 0 * x[0] adds nothing when x[0] is finite; a
+// non-finite x is fixed up afterwards for dense semantics anyway (fix_nonfinite in driver.h).
 template <int NQ, int S, VT V>
 inline void fma_entries(const float* xt, int32_t* idx, const void* val, int64_t n, vfl (*acc)[NQ]) {
   constexpr int64_t W = NQ * kVL;
