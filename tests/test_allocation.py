@@ -75,6 +75,13 @@ def test_owl_mean_bounds_and_order(ratios, sparsity, lam):
         assert max(abs(s - sparsity) for s in out) == pytest.approx(lam)
 
 
+def test_owl_lambda_equal_to_sparsity_reaches_zero_exactly():
+    # found by hypothesis: 0.1 - slope * dev gave -1.4e-17 for the block with the most outliers
+    out = owl_sparsities([0.0, 0.0, 0.0, 1.0, 0.0625], 0.1, 0.1)
+    assert min(out) == 0.0 and out[3] == 0.0
+    assert math.fsum(out) / 5 == pytest.approx(0.1, abs=1e-12)
+
+
 def test_owl_uniform_when_no_spread():
     assert owl_sparsities([0.02, 0.02, 0.02], 0.6, 0.08) == [0.6, 0.6, 0.6]
     assert owl_sparsities([0.01, 0.05], 0.6, 0.0) == [0.6, 0.6]

@@ -102,6 +102,8 @@ def owl_sparsities(block_outlier_ratios: Sequence[float], sparsity: float, lam: 
     dev = [x - mean_a for x in a]
     slope = lam / max(abs(d) for d in dev)
     out = [sparsity - slope * d for d in dev]
+    # lam == sparsity puts the most outlier-rich block exactly at 0, which round-off can push to -1e-17
+    out = [0.0 if -1e-12 < s < 0.0 else s for s in out]
     bad = [s for s in out if not 0.0 <= s < 1.0]
     if bad:
         raise ConfigError(
