@@ -333,6 +333,7 @@ def load_sparse(path: "str | Path", format: str = "rule") -> nn.Module:
                    if not isinstance(v, torch.Tensor) and not is_linear(modules.get(n.rsplit(".", 1)[0], nn.Identity()))}
     dense: dict[str, torch.Tensor] = {}
     decompressed: dict[int, torch.Tensor] = {}
+    runs_as: dict[int, Any] = {}  # id(stored object) -> the object its layers run; tied layers share one conversion
     sparse_prefixes = []
     for name, value in state.items():
         if isinstance(value, torch.Tensor):
@@ -345,7 +346,9 @@ def load_sparse(path: "str | Path", format: str = "rule") -> nn.Module:
             dense[name] = decompressed[id(value)]
         else:
             owner = name.rsplit(".", 1)[0]
-            set_module(model, owner, SparseLinear(_load_format(value, format), state.get(f"{owner}.bias")))
+            if id(value) not in runs_as:
+                runs_as[id(value)] = _load_format(value, format)
+            set_module(model, owner, SparseLinear(runs_as[id(value)], state.get(f"{owner}.bias")))
             sparse_prefixes.append(owner + ".")
     missing, unexpected = model.load_state_dict(dense, strict=False, assign=True)
     missing = [k for k in missing if not any(k.startswith(s) for s in sparse_prefixes)]

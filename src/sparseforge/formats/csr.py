@@ -42,7 +42,7 @@ import torch
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats._memory import hugepage_backed
 from sparseforge.formats._stored import StoredBuffers
-from sparseforge.formats.bitmap import BitmapWeight, _check_weight, row_popcounts, unpack_bits
+from sparseforge.formats.bitmap import BitmapWeight, _check_weight, unpack_bits
 
 __all__ = ["CSRWeight", "index_dtype"]
 
@@ -116,8 +116,8 @@ class CSRWeight(StoredBuffers):
     def from_bitmap(cls, bw: BitmapWeight) -> "CSRWeight":
         """The entries of a :class:`BitmapWeight` in CSR, without building its dense matrix.
 
-        Both layouts keep the values in row-major order, so ``values`` is shared, not copied; the
-        column indices come from the bits, ``_CHUNK_WEIGHTS`` weights' worth of rows at a time (the
+        Both layouts keep the values in row-major order, so ``values`` is shared, not copied; the row
+        pointers are the bitmap's own ``row_offsets``; the column indices come from the bits, ``_CHUNK_WEIGHTS`` weights' worth of rows at a time (the
         only temporary memory: one bool per weight of that chunk).
 
         Example:
@@ -130,8 +130,7 @@ class CSRWeight(StoredBuffers):
         nnz = bw.nnz
         if nnz > _INT32_MAX:
             raise ConfigError(f"CSRWeight holds at most 2^31-1 entries (int32 row pointers), got {nnz}; keep the bitmap")
-        ptr = torch.zeros(rows + 1, dtype=torch.int64)
-        ptr[1:] = torch.cumsum(row_popcounts(bw.bitmap), 0)
+        ptr = bw.row_offsets  # (rows + 1,) int64, derived by BitmapWeight from the bits
         col = torch.empty(nnz, dtype=index_dtype(cols))
         step = max(1, _CHUNK_WEIGHTS // max(1, cols))
         for r0 in range(0, rows, step):
