@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import statistics
 
 import pytest
@@ -137,7 +138,7 @@ def test_compress_auto_measures_when_no_advice_is_given():
 
 
 def test_sweep_table_and_plot(tmp_path):
-    pytest.importorskip("matplotlib")
+    importlib.import_module("matplotlib")
     report = sweep([(16, 32), (32, 16)], batch_sizes=(1, 2), sparsities=(0.5, 0.9), budget_s=0.001, stream=False)
     assert len(report.sweep) == 2 * 3 * 2  # shapes x (2 sparsities + 2:4) x batch sizes
     row = next(r for r in report.sweep if r["label"] == "90%" and r["batch"] == 2)

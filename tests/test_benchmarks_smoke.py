@@ -1,7 +1,8 @@
-"""benchmarks/oneshot.py: a quick end-to-end run on tiny models, plus its pure helpers."""
+"""benchmarks/bench_oneshot.py: a quick end-to-end run on tiny models, plus its pure helpers."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
@@ -17,7 +18,7 @@ BENCH = REPO / "benchmarks"
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"bench_{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(BENCH))
     try:
@@ -41,7 +42,7 @@ def _byte_tokenizer():
 
 
 def _tiny_models(root: Path) -> tuple[Path, Path]:
-    transformers = pytest.importorskip("transformers")
+    transformers = importlib.import_module("transformers")
     torch.manual_seed(0)
     llama = transformers.LlamaConfig(vocab_size=257, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                      num_key_value_heads=4, intermediate_size=64, max_position_embeddings=256)  # fmt: skip
@@ -59,7 +60,7 @@ def _tiny_models(root: Path) -> tuple[Path, Path]:
 def test_quick_run_writes_finite_results(tmp_path):
     llama, bert = _tiny_models(tmp_path)
     out = tmp_path / "results"
-    cmd = [sys.executable, str(BENCH / "oneshot.py"), "--quick", "--skip-llmcompressor", "--models", f"{llama},{bert}",
+    cmd = [sys.executable, str(BENCH / "bench_oneshot.py"), "--quick", "--skip-llmcompressor", "--models", f"{llama},{bert}",
            "--patterns", "2:4", "--samples", "4", "--eval-windows", "2", "--eval-sentences", "8", "--threads", "1", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -95,7 +96,7 @@ def test_parse_pattern():
 
 
 def test_llmcompressor_mask_structure_prunes_m_minus_n():
-    runner = _load("_llmcompressor_runner")
+    runner = _load("llmcompressor_runner")
     assert runner.mask_structure("unstructured") == "0:0"
     assert runner.mask_structure("2:4") == "2:4"
     assert runner.mask_structure("1:4") == "3:4"  # llm-compressor's N is the number pruned

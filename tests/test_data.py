@@ -6,7 +6,7 @@ from sparseforge.config import CalibrationConfig
 from sparseforge.data import calibration_tokens, corpus_token_ids, encode, iter_batches, source_text
 from sparseforge.errors import DataError
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+import transformers  # noqa: F401  (test dependency: missing means failure)
 
 from test_checkpoint import info, prune  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402

@@ -5,7 +5,7 @@ from torch import nn
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.layers import find_blocks, is_linear, linear_layers, select_targets, weight_2d
 
-pytest.importorskip("transformers")
+import transformers  # noqa: F401  (test dependency: missing means failure)
 from tiny_models import FAMILIES, tiny_model  # noqa: E402
 
 EXPECTED_BLOCKS = {"llama": "model.layers", "qwen2": "model.layers", "mistral": "model.layers", "gpt2": "transformer.h",

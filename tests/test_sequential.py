@@ -6,7 +6,7 @@ import torch
 from sparseforge.layers import find_blocks, select_targets
 from sparseforge.sequential import capture_block_inputs, collect_stats, float32_block, propagate
 
-pytest.importorskip("transformers")
+import transformers  # noqa: F401  (test dependency: missing means failure)
 from tiny_models import FAMILIES, tiny_model, tokens  # noqa: E402
 
 

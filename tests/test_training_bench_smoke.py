@@ -1,4 +1,4 @@
-"""benchmarks/training.py on a tiny stack: every variant is timed, ratios are the same-round medians."""
+"""benchmarks/bench_training.py on a tiny stack: every variant is timed, ratios are the same-round medians."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "training.py"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_training.py"
 
 
 def test_training_benchmark_tiny(tmp_path):

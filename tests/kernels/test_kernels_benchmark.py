@@ -1,7 +1,8 @@
-"""benchmarks/kernels.py runs end to end on a tiny stack and writes its table and JSON."""
+"""benchmarks/bench_kernels.py runs end to end on a tiny stack and writes its table and JSON."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_kernels.py"
 
 
 def _load(name: str, path: Path):
@@ -64,8 +65,8 @@ def test_targets_judge_same_run_peers_and_issue_references():
 
 
 def test_peer_weights_follow_the_stack_and_the_mask_distribution():
-    np = __import__("pytest").importorskip("numpy")
-    peers = _load("bench_peers", BENCH.with_name("peers.py"))
+    np = importlib.import_module("numpy")
+    peers = _load("bench_peers", BENCH.with_name("bench_peers.py"))
     args = peers.parse_args(["--tool", "deepsparse", "--batch", "1", "--sparsity", "2:4", "--layers", "3",
                              "--hidden", "64", "--ffn", "96"])
     ws = peers.make_weights(args)

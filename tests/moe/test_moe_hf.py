@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers
 from transformers import MixtralConfig, PhimoeConfig  # noqa: E402
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa: E402
 from transformers.models.phimoe.modeling_phimoe import PhimoeSparseMoeBlock  # noqa: E402

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 from sparseforge.errors import ModelError  # noqa: E402
 from sparseforge.moe import MoE  # noqa: E402

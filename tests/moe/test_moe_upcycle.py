@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 from sparseforge.errors import ConfigError, ModelError  # noqa: E402
 from sparseforge.moe.swap import MoEBlock  # noqa: E402

@@ -1,5 +1,6 @@
 """N:M training (STE, SR-STE): masks, straight-through gradients, the sparse-refined term, flip rate."""
 
+import importlib
 import pytest
 import torch
 from hypothesis import given, settings
@@ -216,7 +217,7 @@ def test_transposed_conv1d_layers_group_along_inputs():
 
 
 def test_benchmark_nm_smoke(tmp_path):
-    pytest.importorskip("sklearn")
+    importlib.import_module("sklearn")
     out = tmp_path / "q.json"
     assert run_benchmark("dst_quality", ["--nm", "--quick", "--seeds", "1", "--steps", "20", "--out", str(out)]) == 0
     import json

@@ -71,7 +71,7 @@ class Conv1D(nn.Module):
 def run_benchmark(name: str, argv: list[str]) -> int:
     """Import benchmarks/<name>.py and run its main(argv); torch's thread count (which the scripts set)
     is restored afterwards."""
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"bench_{name}.py"
     spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -22,10 +22,10 @@ writes every sample to ``benchmarks/results/moe.json``.
 
 Usage::
 
-    python benchmarks/moe.py                  # full run, 2 threads (several minutes on 2 cores)
-    python benchmarks/moe.py --threads 1 2    # one run per thread count
-    python benchmarks/moe.py --quick    # 256 tokens, 2 repetitions: a smoke test
-    python benchmarks/moe.py --metrics decode --reps 15   # decode latency only
+    python benchmarks/bench_moe.py                  # full run, 2 threads (several minutes on 2 cores)
+    python benchmarks/bench_moe.py --threads 1 2    # one run per thread count
+    python benchmarks/bench_moe.py --quick    # 256 tokens, 2 repetitions: a smoke test
+    python benchmarks/bench_moe.py --metrics decode --reps 15   # decode latency only
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ the fastest format (the report lists the formats chosen); ``lm_head`` and the em
 keeps torch's threads): torch's spinning OpenMP workers would otherwise take the kernels' cores.
 ``--no-sparse-threads`` measures that naive setting.
 
-    python benchmarks/decode.py --quick     # hidden 256, 2 layers, FFN 704 (smoke, ~20 s)
-    python benchmarks/decode.py             # the default shape; writes benchmarks/results/decode.json
+    python benchmarks/bench_decode.py --quick     # hidden 256, 2 layers, FFN 704 (smoke, ~20 s)
+    python benchmarks/bench_decode.py             # the default shape; writes benchmarks/results/decode.json
 """
 
 from __future__ import annotations

@@ -2,20 +2,20 @@
 
 Runs under a *peer* Python that has ``deepsparse`` / ``onnxruntime`` / ``onnx`` / ``numpy`` (no torch,
 no sparseforge): ``ensure_venv`` builds one in ``.bench/peers-venv`` on first use (DeepSparse 1.8.0 pins
-``onnx<1.15`` and ``numpy<2``, so it cannot share the project's environment). benchmarks/kernels.py
+``onnx<1.15`` and ``numpy<2``, so it cannot share the project's environment). benchmarks/bench_kernels.py
 calls it with ``--peer-python`` between its own cells, so peers and sparseforge are timed on the same
 machine state: the host's speed drifts by up to 35% between rounds (``../shared/research/peer-speed.md``),
 which makes the fixed reference numbers of the issue a weak bar in either direction.
 
-The stack is the one of benchmarks/kernels.py: ``--layers`` MatMul layers alternating (ffn, hidden)
+The stack is the one of benchmarks/bench_kernels.py: ``--layers`` MatMul layers alternating (ffn, hidden)
 and (hidden, ffn), no bias, no activation; Bernoulli(density) masks (2:4: two random kept positions
 per group of 4), weights U(-b, b) with b = 1/sqrt(fan_in * density); masked weights are stored dense
 (zeros included), which is how DeepSparse finds the sparsity. Every engine's output is checked against
 a numpy float64 chain on the same weights (relative L2 error in the JSON).
 
 Usage (prints one JSON object):
-    .bench/peers-venv/bin/python benchmarks/peers.py --tool deepsparse --batch 64 --sparsity 0.9
-    .bench/peers-venv/bin/python benchmarks/peers.py --tool onnxruntime --batch 64 --sparsity 0
+    .bench/peers-venv/bin/python benchmarks/bench_peers.py --tool deepsparse --batch 64 --sparsity 0.9
+    .bench/peers-venv/bin/python benchmarks/bench_peers.py --tool onnxruntime --batch 64 --sparsity 0
 
 From another script (any Python; the helpers below import neither torch nor the peers)::
 
@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import time_fn  # noqa: E402
+from bench_timing import time_fn  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,7 +86,7 @@ def run_peer(python: Path, tool: str, *, batch: int, sparsity: str, layers: int,
 
 
 def make_weights(args):
-    """Masked weights W_k (out, in) as float32 numpy arrays, the chain of benchmarks/kernels.py."""
+    """Masked weights W_k (out, in) as float32 numpy arrays, the chain of benchmarks/bench_kernels.py."""
     import numpy as np
 
     rng = np.random.default_rng(args.seed)

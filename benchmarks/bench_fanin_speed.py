@@ -8,8 +8,8 @@ advisor's protocol (:func:`sparseforge.advise.measure_layer`: interleaved calls,
 streamed from memory): dense ``F.linear``, our fan-in kernel, and the same mask as CSR and bitmap
 (the "unstructured sparse" formats).
 
-    python benchmarks/fanin_speed.py              # writes benchmarks/results/fanin_speed.{json,md}
-    python benchmarks/fanin_speed.py --quick
+    python benchmarks/bench_fanin_speed.py              # writes benchmarks/results/fanin_speed.{json,md}
+    python benchmarks/bench_fanin_speed.py --quick
 """
 
 from __future__ import annotations

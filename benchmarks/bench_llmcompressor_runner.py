@@ -1,6 +1,6 @@
 """Run llm-compressor's SparseGPTModifier once; executed by the *llm-compressor* venv's Python.
 
-Called by ``benchmarks/oneshot_llmc.py`` (never imported by sparseforge, never run in the main
+Called by ``benchmarks/bench_oneshot_llmc.py`` (never imported by sparseforge, never run in the main
 venv: it imports only torch, transformers, datasets, safetensors and llmcompressor). It:
 
 1. loads the model directory with ``AutoModelForCausalLM`` (``--kind encoder``: ``AutoModel``) in
@@ -21,7 +21,7 @@ Timings: ``prune_s`` is the ``oneshot`` call alone; ``total_s`` runs from interp
 
 Usage (what the benchmark runs)::
 
-    .bench/llmcompressor-venv/bin/python benchmarks/_llmcompressor_runner.py \\
+    .bench/llmcompressor-venv/bin/python benchmarks/bench_llmcompressor_runner.py \\
         --model DIR --block-prefix model.layers --calibration calib.pt --pattern 2:4 --sparsity 0.5 \\
         --out OUT --result r.json
 """

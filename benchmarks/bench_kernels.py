@@ -17,13 +17,13 @@ The machine this was written on is shared with other jobs: single numbers are no
 ``../shared/research/peer-speed.md``), so read the ratios and medians, and rerun before concluding.
 
 Usage:
-    python benchmarks/kernels.py                      # full stack, batch 1 and 64 (~10 min)
-    python benchmarks/kernels.py --quick              # 2 small layers, few repeats (smoke, ~1 min)
-    python benchmarks/kernels.py --layers 2 --batches 1 --sparsities 0.5,2:4
-    python benchmarks/kernels.py --peers              # + DeepSparse / onnxruntime in the same run (~20 min)
+    python benchmarks/bench_kernels.py                      # full stack, batch 1 and 64 (~10 min)
+    python benchmarks/bench_kernels.py --quick              # 2 small layers, few repeats (smoke, ~1 min)
+    python benchmarks/bench_kernels.py --layers 2 --batches 1 --sparsities 0.5,2:4
+    python benchmarks/bench_kernels.py --peers              # + DeepSparse / onnxruntime in the same run (~20 min)
 
 With ``--peers`` every sparsity's sparseforge cells are followed by DeepSparse on a stack of the same
-shapes and masks of the same distribution (benchmarks/peers.py, its own process and venv), and the
+shapes and masks of the same distribution (benchmarks/bench_peers.py, its own process and venv), and the
 dense baselines by onnxruntime; the targets are then judged against these same-run numbers, and the
 issue's fixed reference numbers (best of two rounds measured on another day) are listed beside them.
 """
@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import time_fn  # noqa: E402
+from bench_timing import time_fn  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

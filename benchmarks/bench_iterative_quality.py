@@ -21,7 +21,7 @@ training the same weights (``rounds + 1`` phases in a row), so compare within th
 
 Usage::
 
-    python benchmarks/iterative_quality.py            # 3 seeds, 90 and 95 %, 4 rounds x 400 steps
+    python benchmarks/bench_iterative_quality.py            # 3 seeds, 90 and 95 %, 4 rounds x 400 steps
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from dst_quality import load_digits_split, mlp  # noqa: E402
+from bench_dst_quality import load_digits_split, mlp  # noqa: E402
 from sparseforge.train import imp, sparse_model_soup, swamp  # noqa: E402
 
 METHODS = ("dense", "imp", "swamp", "prune_retrain", "sms")

@@ -20,9 +20,9 @@ Writes ``benchmarks/results/dst_quality.json`` (``--out`` to change) and prints 
 
 Usage::
 
-    python benchmarks/dst_quality.py --quick      # 3 seeds x 1500 steps, well under 3 minutes on 1 core
-    python benchmarks/dst_quality.py              # 5 seeds x 4000 steps
-    python benchmarks/dst_quality.py --nm --quick # N:M: 2:4 and 1:4, STE vs SR-STE vs S-STE vs STE+MDGF
+    python benchmarks/bench_dst_quality.py --quick      # 3 seeds x 1500 steps, well under 3 minutes on 1 core
+    python benchmarks/bench_dst_quality.py              # 5 seeds x 4000 steps
+    python benchmarks/bench_dst_quality.py --nm --quick # N:M: 2:4 and 1:4, STE vs SR-STE vs S-STE vs STE+MDGF
                                                   # (JSON section "nm"; "nm_full" without --quick)
 """
 

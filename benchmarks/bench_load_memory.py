@@ -9,8 +9,8 @@ fresh process, which reports its peak resident set size (``VmHWM``, the process 
 ``ru_maxrss`` would carry this parent's peak across fork/exec); a process that only imports
 torch, transformers and sparseforge gives the baseline, subtracted to get what loading cost.
 
-    python benchmarks/load_memory.py --quick     # hidden 256, 2 layers (smoke)
-    python benchmarks/load_memory.py             # writes benchmarks/results/load_memory.{json,md}
+    python benchmarks/bench_load_memory.py --quick     # hidden 256, 2 layers (smoke)
+    python benchmarks/bench_load_memory.py             # writes benchmarks/results/load_memory.{json,md}
 """
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ Writes ``benchmarks/results/lm_quality.json`` (``--out``) and prints a markdown 
 
 Usage::
 
-    python benchmarks/lm_quality.py            # 3 seeds x 300 steps, ~5-8 minutes on 1 core
-    python benchmarks/lm_quality.py --steps 40 --seeds 1 --methods dense sste   # smoke run
-    python benchmarks/lm_quality.py --grid --steps 1000      # dense + static/SET/RigL/SRigL/GMP at 80/90/95%
-    python benchmarks/lm_quality.py --nm-grid --steps 1000   # dense + STE/SR-STE/S-STE at 2:4 and 1:4
+    python benchmarks/bench_lm_quality.py            # 3 seeds x 300 steps, ~5-8 minutes on 1 core
+    python benchmarks/bench_lm_quality.py --steps 40 --seeds 1 --methods dense sste   # smoke run
+    python benchmarks/bench_lm_quality.py --grid --steps 1000      # dense + static/SET/RigL/SRigL/GMP at 80/90/95%
+    python benchmarks/bench_lm_quality.py --nm-grid --steps 1000   # dense + STE/SR-STE/S-STE at 2:4 and 1:4
 """
 
 from __future__ import annotations

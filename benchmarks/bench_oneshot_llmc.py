@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 TORCH_PIN = "torch==2.13.0"
-RUNNER = Path(__file__).with_name("_llmcompressor_runner.py")
+RUNNER = Path(__file__).with_name("bench_llmcompressor_runner.py")
 
 __all__ = ["ensure_venv", "llmcompressor_version", "run_llmcompressor", "TORCH_PIN"]
 
@@ -75,7 +75,7 @@ def run_llmcompressor(
     """Prune ``model_dir`` with llm-compressor's SparseGPTModifier; returns timings and the output dir.
 
     The runner's own timings (``prune_s``, ``total_s``, ``peak_rss_mb``, see
-    ``_llmcompressor_runner.py``) are returned with ``out_dir`` (the pruned model) and
+    ``bench_llmcompressor_runner.py``) are returned with ``out_dir`` (the pruned model) and
     ``process_s`` (the runner's wall time seen from here, saving included). Its log goes to
     ``work/<name>.log``.
     """
@@ -99,5 +99,5 @@ def run_llmcompressor(
     return data
 
 
-if __name__ == "__main__":  # python benchmarks/oneshot_llmc.py [VENV]: create the venv only
+if __name__ == "__main__":  # python benchmarks/bench_oneshot_llmc.py [VENV]: create the venv only
     print(ensure_venv(Path(sys.argv[1] if len(sys.argv) > 1 else ".bench/llmcompressor-venv")))

@@ -23,8 +23,8 @@ seeds with min-max bands).
 
 Usage::
 
-    python benchmarks/moe_convergence.py           # 3 seeds x 2 set-ups x 2 estimators, ~10 min on 1 core
-    python benchmarks/moe_convergence.py --quick   # smoke test
+    python benchmarks/bench_moe_convergence.py           # 3 seeds x 2 set-ups x 2 estimators, ~10 min on 1 core
+    python benchmarks/bench_moe_convergence.py --quick   # smoke test
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ its own ``SparseLinear(in, out, sparsity=s)`` when importable; otherwise its ref
 peer-speed.md are quoted (fwd+bwd without an optimizer: 3019 ms at 50%, 1478 at 75%, 481 at 90%,
 242 at 95%; torch dense 1483).
 
-    python benchmarks/training.py --quick    # 2 layers of 1024 x 2752 (smoke, ~20 s)
-    python benchmarks/training.py            # the issue's stack; writes benchmarks/results/training.{json,md}
+    python benchmarks/bench_training.py --quick    # 2 layers of 1024 x 2752 (smoke, ~20 s)
+    python benchmarks/bench_training.py            # the issue's stack; writes benchmarks/results/training.{json,md}
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 
 For every model (``builtin``: perplexity on the held-out split; ``minilm``: mean cosine of
 sentence embeddings to the dense encoder) and every pattern (default 50 % unstructured, 2:4, 4:8,
-70 % unstructured), each method runs in its own subprocess (``oneshot_cell.py``), so the peak RSS
+70 % unstructured), each method runs in its own subprocess (``bench_oneshot_cell.py``), so the peak RSS
 is that run's own. The calibration token ids are drawn once per model
 (:func:`sparseforge.data.calibration_tokens`, the train split) and saved to a file that every
 method *and* llm-compressor read, so all of them see identical windows.
@@ -16,9 +16,9 @@ every cell (temp file + rename), and prints the markdown at the end.
 
 Usage::
 
-    python benchmarks/oneshot.py                                   # full run (tens of minutes on 2 cores)
-    python benchmarks/oneshot.py --quick --skip-llmcompressor      # smoke run
-    python benchmarks/oneshot.py --models builtin --patterns 50%,2:4 --llmcompressor-python /tmp/lcvenv/bin/python
+    python benchmarks/bench_oneshot.py                                   # full run (tens of minutes on 2 cores)
+    python benchmarks/bench_oneshot.py --quick --skip-llmcompressor      # smoke run
+    python benchmarks/bench_oneshot.py --models builtin --patterns 50%,2:4 --llmcompressor-python /tmp/lcvenv/bin/python
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-import oneshot_llmc  # noqa: E402
-import oneshot_report  # noqa: E402
+import bench_oneshot_llmc as oneshot_llmc  # noqa: E402
+import bench_oneshot_report as oneshot_report  # noqa: E402
 
 FULL = dict(repeat=3, patterns="50%,2:4,4:8,70%", samples=64, seqlen=256, encoder_seqlen=128, eval_windows=64, eval_sentences=256)
 QUICK = dict(repeat=1, patterns="50%,2:4", samples=8, seqlen=64, encoder_seqlen=32, eval_windows=4, eval_sentences=32)
@@ -125,13 +125,13 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def run_cell(spec: dict, work: Path, name: str, timeout: float) -> dict:
-    """Run ``oneshot_cell.py`` on ``spec`` in a subprocess; its result dict, or ``{"error": ...}``."""
+    """Run ``bench_oneshot_cell.py`` on ``spec`` in a subprocess; its result dict, or ``{"error": ...}``."""
     spec_file, result_file, log_file = work / f"{name}.spec.json", work / f"{name}.result.json", work / f"{name}.log"
     spec_file.write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false"}
     with open(log_file, "w") as log:
         try:
-            proc = subprocess.run([sys.executable, str(HERE / "oneshot_cell.py"), str(spec_file), str(result_file)],
+            proc = subprocess.run([sys.executable, str(HERE / "bench_oneshot_cell.py"), str(spec_file), str(result_file)],
                                   stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)  # fmt: skip
         except subprocess.TimeoutExpired:
             return {"error": f"timed out after {timeout:.0f} s"}
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     work_ctx = tempfile.TemporaryDirectory(prefix="sparseforge-bench-") if not args.keep_work else None
     work = Path(args.keep_work or work_ctx.name)
     work.mkdir(parents=True, exist_ok=True)
-    bench = Bench(s, Path(args.out), work, ["benchmarks/oneshot.py", *argv], args.timeout)
+    bench = Bench(s, Path(args.out), work, ["benchmarks/bench_oneshot.py", *argv], args.timeout)
     try:
         bench.run(llmc_python)
     finally:

@@ -1,6 +1,6 @@
 """One cell of the one-shot benchmark, run in its own process so ``ru_maxrss`` is that cell's peak.
 
-``benchmarks/oneshot.py`` starts ``python benchmarks/oneshot_cell.py SPEC.json RESULT.json`` once
+``benchmarks/bench_oneshot.py`` starts ``python benchmarks/bench_oneshot_cell.py SPEC.json RESULT.json`` once
 per (model, method, pattern) and once per llm-compressor output to evaluate. The spec's ``task``:
 
 * ``"calibration"``: draw the model's calibration ids with
