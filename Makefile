@@ -53,7 +53,7 @@ lock:
 		--no-header --annotation-style line --upgrade -o $(BUILD_LOCK)
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.oneshot
+	$(PY) benchmarks/bench_oneshot.py
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) .venv-tools build sparseforge-demo
