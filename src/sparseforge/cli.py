@@ -176,7 +176,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    from sparseforge.inspection import format_report, inspect_path
+    from sparseforge.io.inspection import format_report, inspect_path
 
     print(format_report(inspect_path(args.path)))
     return 0
@@ -202,9 +202,9 @@ def _write_json(path: Path | None, data) -> None:
 
 
 def _cmd_advise(args) -> int:
-    from sparseforge.advise import advise_model, plot_sweep, sweep
+    from sparseforge.runtime.advise import advise_model, plot_sweep, sweep
     from sparseforge.layers import linear_layers, weight_2d
-    from sparseforge.models import load_model
+    from sparseforge.io.models import load_model
 
     model = load_model(args.model).model
     modules = dict(model.named_modules())
@@ -232,7 +232,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from sparseforge.bench import bench_generation
+    from sparseforge.evaluation.speed import bench_generation
 
     report = bench_generation(args.model, batch_sizes=args.batch_sizes, new_tokens=args.new_tokens,
                               prompt_len=args.prompt_len, repeats=args.repeats, threads=args.threads,
