@@ -202,9 +202,9 @@ def _write_json(path: Path | None, data) -> None:
 
 
 def _cmd_advise(args) -> int:
-    from sparseforge.runtime.advise import advise_model, plot_sweep, sweep
-    from sparseforge.layers import linear_layers, weight_2d
     from sparseforge.io.models import load_model
+    from sparseforge.layers import linear_layers, weight_2d
+    from sparseforge.runtime.advise import advise_model, plot_sweep, sweep
 
     model = load_model(args.model).model
     modules = dict(model.named_modules())

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import copy
 import math
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -51,6 +50,7 @@ import torch
 from torch import nn
 
 from sparseforge.errors import ConfigError
+from sparseforge.runtime.machine import machine_info, set_threads
 
 __all__ = ["LayerAdvice", "AdviceReport", "measure_layer", "advise_model", "sweep", "plot_sweep",
            "STREAM_BYTES", "LLC_BYTES", "SWEEP_SPARSITIES"]
@@ -139,31 +139,6 @@ class AdviceReport:
 
 
 # ------------------------------------------------------------------------------------ timing
-
-
-def machine_info(threads: int) -> dict[str, Any]:
-    from sparseforge import kernels
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "isa": kernels.isa(), "threads": threads, "torch": torch.__version__}
-
-
-def _set_threads(threads: Optional[int]) -> int:
-    from sparseforge import kernels
-
-    threads = torch.get_num_threads() if threads is None else int(threads)
-    if threads < 1:
-        raise ConfigError(f"threads must be >= 1, got {threads}")
-    torch.set_num_threads(threads)
-    kernels.set_num_threads(threads)
-    return threads
 
 
 def _time_interleaved(fns: dict[str, Callable[[], Any]], budget_s: float) -> dict[str, float]:
@@ -316,7 +291,7 @@ def advise_model(model: nn.Module, *, batch_sizes: Sequence[int] = (1,), names: 
     """
     from sparseforge.layers import linear_layers, weight_2d
 
-    threads = _set_threads(threads)
+    threads = set_threads(threads)
     all_mods = dict(model.named_modules())
     mods = {n: all_mods[n] for n in linear_layers(model)}
     chosen = list(names) if names is not None else list(mods)
@@ -352,7 +327,7 @@ def sweep(shapes: Iterable[tuple[int, int]], *, batch_sizes: Sequence[int] = (1,
     from sparseforge.masks import mask_from_scores
     from sparseforge.patterns import Unstructured, parse
 
-    threads = _set_threads(threads)
+    threads = set_threads(threads)
     if any(not 0.0 < s < 1.0 for s in sparsities):
         raise ConfigError(f"sweep sparsities must be in (0, 1), got {list(sparsities)}")
     report = report or AdviceReport(machine_info(threads), tuple(int(b) for b in batch_sizes))
