@@ -38,7 +38,7 @@ import torch
 
 from sparseforge.config import name_matches
 from sparseforge.errors import ConfigError, ModelError
-from sparseforge.formats import BitmapWeight, BSRWeight, FanInWeight, NMWeight
+from sparseforge.formats import registry
 from sparseforge.formats.memory import hugepage_backed
 from sparseforge.formats.rule import structured_format
 from sparseforge.layers import linear_weights
@@ -58,11 +58,9 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 2  # bump on any incompatible change of the on-disk layout
-# format_version written: 1 while every packed layer is bitmap / N:M (readable by every sparseforge),
-# 2 once a layer is stored fan-in or BSR (so a version-1 reader refuses it instead of misreading it)
-_V1_FORMATS = ("bitmap", "nm")
-PACKED = {"nm": NMWeight, "bsr": BSRWeight, "fanin": FanInWeight, "bitmap": BitmapWeight}  # by priority
-PACKED_TYPES = tuple(PACKED.values())
+# format_version written: 1 while every packed layer's format has since_version 1 (bitmap / N:M, readable
+# by every sparseforge), FORMAT_VERSION once one is newer (fan-in, BSR: a version-1 reader refuses the
+# checkpoint instead of misreading it). The stored formats, their names and classes: formats.registry.
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 BLOCK = "sparsity_config"
@@ -206,33 +204,23 @@ def _resolve_targets(model, state, aliases, info) -> dict[str, bool]:
     return {n: linear.get(n, False) for n in state if n in chosen}
 
 
-def _encode(mat: torch.Tensor, pattern) -> "BitmapWeight | NMWeight | FanInWeight | BSRWeight":
+def _encode(mat: torch.Tensor, pattern):
     """Compress a pruned (out, in) matrix: N:M when the pattern is N:M and the matrix obeys it; BSR /
     fan-in when the pattern is ``Block`` / ``FanIn``, the zeros obey it (whole tiles / equal row
     counts) and the values are float32 or bfloat16; else bitmap."""
     if isinstance(pattern, NM) and mat.shape[1] % pattern.m == 0 and satisfies(mat != 0, pattern):
-        return NMWeight.from_dense(mat, pattern)
+        return registry.get("nm").build(mat, pattern, None)
     if isinstance(pattern, (Block, FanIn)) and mat.dtype in (torch.float32, torch.bfloat16):
         found = structured_format(mat, pattern)  # the rule compress_(format="rule") uses
         if found is not None:
-            return BSRWeight.from_dense(mat, found[1]) if found[0] == "bsr" else FanInWeight.from_dense(mat)
-    return BitmapWeight.from_dense(mat)
-
-
-def format_name(obj) -> str:
-    """``"bitmap"``, ``"nm"``, ``"fanin"`` or ``"bsr"`` for a packed weight object."""
-    return next(name for name, cls in PACKED.items() if isinstance(obj, cls))
+            return registry.get(found[0]).build(mat, found[1], None)
+    return registry.get("bitmap").build(mat, None, None)
 
 
 def _layer_pattern(obj) -> "str | None":
     """The ``layers[name]["pattern"]`` entry: ``N:M``, ``blockHxW`` or ``fanin<k>``; none for bitmap."""
-    if isinstance(obj, NMWeight):
-        return str(obj.pattern)
-    if isinstance(obj, BSRWeight):
-        return str(obj.block)
-    if isinstance(obj, FanInWeight):
-        return str(FanIn(obj.k)) if obj.k else None
-    return None
+    pattern = registry.spec_of(obj).pattern_of(obj)
+    return None if pattern is None else str(pattern)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -252,10 +240,10 @@ def _block(model, info, layers: dict[str, dict] | None) -> dict[str, Any]:
             layers[name] = {"format": "dense", "shape": shape, "dtype": _dtype_name(t.dtype),
                                 "nnz": int((t != 0).sum()), "transposed": transposed}
         block["format"] = "dense"
-    else:  # the most structured format of any layer: nm, then bsr, fanin, bitmap
-        used = {v["format"] for v in layers.values()}
-        block["format"] = next((f for f in PACKED if f in used), "bitmap")
-        if not used <= set(_V1_FORMATS):
+    else:  # the most structured format of any layer (lowest rank): nm, then bsr, fanin, bitmap
+        used = [registry.get(v["format"]) for v in layers.values()]
+        block["format"] = min(used, key=lambda s: s.rank).name if used else "bitmap"
+        if any(s.since_version > 1 for s in used):
             block["format_version"] = FORMAT_VERSION
     block["targets"] = list(layers)
     block["layers"] = layers
@@ -286,7 +274,7 @@ def _save_compressed(model, tmp: Path, info: dict[str, Any]) -> None:
         mat = t.detach().to("cpu")
         mat = mat.t() if transposed else mat  # (out, in)
         enc = _encode(mat, pattern)
-        layers[name] = {"format": format_name(enc), "shape": list(enc.shape),
+        layers[name] = {"format": registry.spec_of(enc).name, "shape": list(enc.shape),
                         "dtype": _dtype_name(enc.dtype), "nnz": int((mat != 0).sum()), "transposed": transposed}
         if _layer_pattern(enc) is not None:
             layers[name]["pattern"] = _layer_pattern(enc)
@@ -355,7 +343,7 @@ def read_sparsity_config(path: "str | Path") -> dict[str, Any] | None:
 
 def is_compressed(block: dict[str, Any] | None) -> bool:
     """Whether a ``sparsity_config`` block (:func:`read_sparsity_config`) describes packed weights."""
-    return block is not None and block.get("format") in PACKED
+    return block is not None and block.get("format") in registry.names(stored=True)
 
 
 def weight_files(path: "str | Path") -> list[Path]:
@@ -379,8 +367,9 @@ def read_safetensors_header(file: Path) -> dict[str, dict[str, Any]]:
     return header
 
 
-def load_state_dict_compressed(path: "str | Path") -> dict[str, "torch.Tensor | BitmapWeight | NMWeight | FanInWeight | BSRWeight"]:
-    """Every tensor of a checkpoint; pruned weights stay compressed.
+def load_state_dict_compressed(path: "str | Path") -> dict[str, Any]:
+    """Every tensor of a checkpoint; pruned weights stay compressed (format objects of
+    :mod:`sparseforge.formats`, e.g. :class:`~sparseforge.formats.BitmapWeight`).
 
     Compressed buffers of 4 MB and more are moved into transparent huge pages (one at a time, so the
     peak stays one buffer above the checkpoint's size), like those built by ``from_dense``: the batch
@@ -400,16 +389,15 @@ def load_state_dict_compressed(path: "str | Path") -> dict[str, "torch.Tensor | 
         return state
     for name, layer in block.get("layers", {}).items():
         fmt, shape = layer.get("format"), tuple(layer.get("shape", ()))
-        if fmt not in PACKED:
-            raise ModelError(f"{path}: layer {name} has unknown format {fmt!r} (expected one of {', '.join(PACKED)})")
-        for field in PACKED[fmt].FIELDS:  # large buffers into huge pages, as from_dense does (formats/memory.py);
-            key = f"{name}.{PACKED[fmt].KEY}{field}"  # the file's copy is released as each is replaced
+        stored = registry.names(stored=True)
+        if fmt not in stored:
+            raise ModelError(f"{path}: layer {name} has unknown format {fmt!r} (expected one of {', '.join(stored)})")
+        spec = registry.get(fmt)
+        for field in spec.cls.FIELDS:  # large buffers into huge pages, as from_dense does (formats/memory.py);
+            key = f"{name}.{spec.cls.KEY}{field}"  # the file's copy is released as each is replaced
             if key in state:
                 state[key] = hugepage_backed(state[key])
-        if fmt == "nm":
-            obj = NMWeight.from_state_dict(state, shape, layer.get("pattern", block.get("pattern")), prefix=f"{name}.")
-        else:
-            obj = PACKED[fmt].from_state_dict(state, shape, prefix=f"{name}.")
+        obj = spec.load(state, shape, layer.get("pattern", block.get("pattern")), prefix=f"{name}.")
         keys = obj.state_dict(f"{name}.")
         if fmt == "bsr" and layer.get("pattern") is not None and parse(layer["pattern"]) != obj.block:
             raise ModelError(f"{path}: layer {name} stores {obj.block} blocks but config.json says {layer['pattern']}")

@@ -20,9 +20,8 @@ from typing import Any
 
 import torch
 
+from sparseforge.formats import registry
 from sparseforge.io.checkpoint import (
-    PACKED_TYPES,
-    format_name,
     is_compressed,
     load_state_dict_compressed,
     read_safetensors_header,
@@ -104,8 +103,8 @@ def inspect_path(path: "str | Path", pattern: "str | None" = None) -> dict[str, 
         if name in aliases:
             continue
         info = layers_block.get(name, {})
-        if isinstance(value, PACKED_TYPES):
-            fmt = format_name(value)  # bitmap, nm, fanin or bsr
+        if not isinstance(value, torch.Tensor):  # a packed format object
+            fmt = registry.spec_of(value).name  # bitmap, nm, fanin or bsr
             mat = value.to_dense()  # (out, in)
             shape = list(mat.t().shape) if info.get("transposed") else list(mat.shape)
             stored = sum(sizes[k] for k in value.state_dict(f"{name}."))

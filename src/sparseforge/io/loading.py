@@ -30,7 +30,6 @@ from sparseforge.formats.rule import LOAD_FORMATS, load_format
 from sparseforge.io.hf import import_transformers
 from sparseforge.io.checkpoint import (
     CONFIG_NAME,
-    PACKED_TYPES,
     is_compressed,
     load_state_dict_compressed,
     model_dir,
@@ -90,7 +89,7 @@ def load(path: "str | Path", dtype: "torch.dtype | str | None" = None, sparse: b
         return cls.from_pretrained(str(p), dtype=dtype or "auto", local_files_only=True)
     dense = {}
     for name, value in load_state_dict_compressed(p).items():
-        if isinstance(value, PACKED_TYPES):
+        if not isinstance(value, torch.Tensor):  # a packed format object
             mat = value.to_dense()  # (out, in)
             value = mat.t().contiguous() if block["layers"].get(name, {}).get("transposed") else mat
         dense[name] = value

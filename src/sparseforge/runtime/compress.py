@@ -40,7 +40,8 @@ from sparseforge.config import name_matches
 from sparseforge.errors import ConfigError
 from sparseforge.formats.rule import auto_format, structured_format
 from sparseforge.layers import is_linear, linear_layers, set_module, weight_2d
-from sparseforge.nn.sparse_linear import ALL_FORMATS, SparseLinear
+from sparseforge.formats import registry
+from sparseforge.nn.sparse_linear import SparseLinear
 from sparseforge.patterns import NM, Pattern, parse
 
 if TYPE_CHECKING:
@@ -138,8 +139,8 @@ def compress_(
 
     Args:
         format: ``"auto"`` (measured, module doc), ``"rule"`` (:func:`~sparseforge.formats.rule.auto_format`), or one format of
-            :data:`~sparseforge.nn.sparse_linear.ALL_FORMATS` (``"bitmap"``, ``"nm"``, ``"csr"``,
-            ``"fanin"``, ``"bsr"``) for every layer.
+            the registered formats (:func:`sparseforge.formats.registry.names`: ``"bitmap"``, ``"nm"``,
+            ``"csr"``, ``"fanin"``, ``"bsr"``) for every layer.
         targets: module-name globs (or ``"re:..."``); ``None`` = every linear layer. A target that
             matches no linear layer is a :class:`ConfigError`.
         ignore: module-name globs left dense (reported).
@@ -156,8 +157,8 @@ def compress_(
         :class:`CompressReport`. All layers are built before any is swapped, so an error (e.g.
         ``format="nm"`` on a weight that is not N:M) leaves the model unchanged.
     """
-    if format not in ("auto", "rule") and format not in ALL_FORMATS:
-        raise ConfigError(f"unknown format {format!r}; use 'auto', 'rule' or one of {ALL_FORMATS}")
+    if format not in ("auto", "rule") and format not in registry.names():
+        raise ConfigError(f"unknown format {format!r}; use 'auto', 'rule' or one of {registry.names()}")
     if not 0.0 <= min_sparsity <= 1.0:
         raise ConfigError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
     recorded_any = _recorded_pattern(model, pattern)  # NM, Block, FanIn, ...
@@ -187,7 +188,7 @@ def compress_(
         from sparseforge.runtime.advise import advise_model
 
         advice = advise_model(model, names=[n for n, _ in eligible], batch_sizes=batch_sizes,
-                              pattern=str(recorded) if recorded is not None else None, values_dtype=dtype)
+                              pattern=recorded, values_dtype=dtype)
     report.advice = advice
     for name, sparsity in eligible:
         mod = modules[name]
@@ -209,11 +210,8 @@ def compress_(
         except ConfigError as exc:
             raise ConfigError(f"layer {name}: {exc}") from exc
         built[name] = sl
-        label = f"nm {sl.pattern}" if sl.pattern is not None else fmt
-        if fmt == "bsr":
-            label = f"bsr {sl.weight_format.block}"
-        report.converted.append(CompressedLayer(name, label, tuple(w.shape), sparsity, sl.weight_format.nbytes,
-                                                w.numel() * w.element_size()))
+        report.converted.append(CompressedLayer(name, registry.label(sl.weight_format), tuple(w.shape), sparsity,
+                                                sl.weight_format.nbytes, w.numel() * w.element_size()))
     for name, sl in built.items():
         set_module(model, name, sl)
     return report
