@@ -25,6 +25,7 @@ from sparseforge.prune.methods.base import LayerStats, PruneResult, PruningMetho
 from sparseforge.prune.methods.magnitude import MagnitudePruning, magnitude_scores
 from sparseforge.prune.methods.sparsegpt import SparseGPTPruning, sparsegpt_prune
 from sparseforge.prune.methods.wanda import WandaPruning, wanda_scores
+from sparseforge.prune.names import METHODS as NAMES
 
 __all__ = [
     "METHODS",
@@ -40,12 +41,10 @@ __all__ = [
     "sparsegpt_prune",
 ]
 
-# explicit registry: name -> class
-METHODS: dict[str, type[PruningMethod]] = {
-    "magnitude": MagnitudePruning,
-    "wanda": WandaPruning,
-    "sparsegpt": SparseGPTPruning,
-}
+# explicit registry: name -> class, in the order of sparseforge.prune.names.METHODS (each class names itself)
+METHODS: dict[str, type[PruningMethod]] = {cls.name: cls for cls in (MagnitudePruning, WandaPruning, SparseGPTPruning)}
+if tuple(METHODS) != NAMES:
+    raise ImportError(f"sparseforge.prune.names.METHODS {NAMES} and the method classes {tuple(METHODS)} disagree")
 
 
 def get_method(name: str, options: "dict[str, Any] | None" = None) -> PruningMethod:
