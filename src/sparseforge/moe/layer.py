@@ -36,8 +36,8 @@ from sparseforge.errors import ConfigError
 from sparseforge.moe.dispatch import apply_capacity, build_plan
 from sparseforge.moe.grouped import ACTIVATIONS, BACKENDS, FEW_SLOTS, few_tokens_ffn, grouped_ffn
 from sparseforge.moe.losses import MoEAux
-from sparseforge.moe.native import expert_ffn as native_expert_ffn
-from sparseforge.moe.native import native_applicable
+from sparseforge.ops.expert_ffn import expert_ffn as native_expert_ffn
+from sparseforge.ops.expert_ffn import native_applicable
 from sparseforge.moe.routers import Router, capacity_for, make_router
 
 __all__ = ["MoE", "DECODE_BACKENDS", "NATIVE_MAX_TOKENS"]
@@ -89,10 +89,10 @@ class MoE(nn.Module):
         input_jitter: router input noise in training (0 = off).
         lb_coef, z_coef: weights of the two auxiliary losses in ``aux.loss``.
         seed: ``None`` = torch's default generator, else the seed of the layer's own generator.
-        backend: expert matmuls, ``"auto"``, ``"onednn"`` or ``"loop"`` (see
-            :mod:`sparseforge.moe.grouped`).
+        backend: expert matmuls: ``"auto"`` (= ``"loop"``, public torch API), ``"loop"`` or the opt-in
+            ``"onednn"`` (a private torch op; see :mod:`sparseforge.moe.grouped`).
         decode_backend: forward-only calls with at most :data:`NATIVE_MAX_TOKENS` tokens (decode):
-            ``"native"`` runs the native expert FFN kernel (:mod:`sparseforge.moe.native`; float32
+            ``"native"`` runs the native expert FFN kernel (:mod:`sparseforge.ops.expert_ffn`; float32
             CPU only, anything else is a :class:`ConfigError` at call time), ``"torch"`` the
             per-slot ``torch.mm`` chain (:func:`~sparseforge.moe.grouped.few_tokens_ffn`, at most
             ``FEW_SLOTS`` slots, else the grouped path), ``"auto"`` native for float32 CPU inputs

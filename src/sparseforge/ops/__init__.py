@@ -11,6 +11,8 @@ and in training:
 * ``sparseforge::nm_linear(x, values, indices, n, m, bias)``
 * ``sparseforge::fanin_linear(x, values, indices, bias)``
 * ``sparseforge::bsr_linear(x, block_row_ptr, block_col, values, bias)``
+* ``sparseforge::moe_expert_ffn(x, experts, weights, w_up, w_down, w_gate, activation, parallel)``: the
+  few-token MoE expert FFN (:mod:`sparseforge.ops.expert_ffn`, forward only)
 
 ``x`` is float32 ``(B, in)``, C-contiguous, on the CPU; ``values`` float32 or bfloat16; the output is
 float32 ``(B, out)``. CSR buffers do not record ``in``, so ``csr_linear`` takes it from ``x``;
