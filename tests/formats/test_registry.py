@@ -9,12 +9,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import sparseforge as sf
 from sparseforge import ops
+import sparseforge as sf
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats import BitmapWeight, BSRWeight, CSRWeight, FanInWeight, NMWeight, registry
 from sparseforge.formats.registry import FormatSpec
-from sparseforge.io.checkpoint import load_state_dict_compressed, read_sparsity_config, save_pretrained
+from sparseforge.io.checkpoint import save_pretrained
+from sparseforge.io.layout import load_state_dict_compressed, read_sparsity_config
 from sparseforge.io.loading import load, load_sparse
 from sparseforge.nn import SparseLinear
 from sparseforge.patterns import NM, Block, FanIn

@@ -1,4 +1,4 @@
-"""Save sparse Hugging Face models, dense or compressed (``save_pretrained`` style), and read the layout.
+"""Save sparse Hugging Face models, dense or compressed (``save_pretrained`` style).
 
 A compressed checkpoint is a normal model directory whose ``model.safetensors`` stores every pruned
 weight in :class:`~sparseforge.formats.BitmapWeight`, :class:`~sparseforge.formats.NMWeight`,
@@ -10,10 +10,11 @@ temporary directory next to ``out_dir`` that is renamed into place at the end.
 
 Plain ``transformers`` cannot read a compressed checkpoint (it would report the pruned weights as
 missing); use :func:`sparseforge.io.loading.load`. ``compressed=False`` writes a plain checkpoint
-that transformers loads.
+that transformers loads. Reading the layout back is :mod:`sparseforge.io.layout`.
 
 Example:
-    >>> from sparseforge.io.checkpoint import save_pretrained, checkpoint_sizes
+    >>> from sparseforge.io.checkpoint import save_pretrained
+    >>> from sparseforge.io.layout import checkpoint_sizes
     >>> from sparseforge.io.loading import load
     >>> save_pretrained(model, "out", sparsity_config={"method": "wanda", "pattern": "2:4",
     ...                 "sparsity": 0.5, "targets": None, "ignore": []})   # doctest: +SKIP
@@ -39,32 +40,17 @@ import torch
 from sparseforge.config import name_matches
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats import registry
-from sparseforge.formats.memory import hugepage_backed
 from sparseforge.formats.rule import structured_format
+from sparseforge.io.layout import BLOCK, CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, dtype_name
 from sparseforge.layers import linear_weights
 from sparseforge.masks import satisfies
 from sparseforge.patterns import NM, Block, FanIn, parse
 
-__all__ = [
-    "FORMAT_VERSION",
-    "save_pretrained",
-    "load_state_dict_compressed",
-    "read_sparsity_config",
-    "checkpoint_sizes",
-    "weight_files",
-    "read_safetensors_header",
-    "model_dir",
-    "is_compressed",
-]
+__all__ = ["save_pretrained"]
 
-FORMAT_VERSION = 2  # bump on any incompatible change of the on-disk layout
 # format_version written: 1 while every packed layer's format has since_version 1 (bitmap / N:M, readable
 # by every sparseforge), FORMAT_VERSION once one is newer (fan-in, BSR: a version-1 reader refuses the
 # checkpoint instead of misreading it). The stored formats, their names and classes: formats.registry.
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-BLOCK = "sparsity_config"
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _FORMAT_KEYS = ("format_version", "format", "layers", "tied")  # written by us, never inherited
 
 
@@ -223,10 +209,6 @@ def _layer_pattern(obj) -> "str | None":
     return None if pattern is None else str(pattern)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _block(model, info, layers: dict[str, dict] | None) -> dict[str, Any]:
     """The config.json block. ``layers=None``: dense checkpoint, layers described from the model."""
     block = {"format_version": 1, **info}
@@ -237,7 +219,7 @@ def _block(model, info, layers: dict[str, dict] | None) -> dict[str, Any]:
         for name, transposed in targets.items():
             t = state[name]
             shape = list(t.t().shape if transposed else t.shape)
-            layers[name] = {"format": "dense", "shape": shape, "dtype": _dtype_name(t.dtype),
+            layers[name] = {"format": "dense", "shape": shape, "dtype": dtype_name(t.dtype),
                                 "nnz": int((t != 0).sum()), "transposed": transposed}
         block["format"] = "dense"
     else:  # the most structured format of any layer (lowest rank): nm, then bsr, fanin, bitmap
@@ -275,7 +257,7 @@ def _save_compressed(model, tmp: Path, info: dict[str, Any]) -> None:
         mat = mat.t() if transposed else mat  # (out, in)
         enc = _encode(mat, pattern)
         layers[name] = {"format": registry.spec_of(enc).name, "shape": list(enc.shape),
-                        "dtype": _dtype_name(enc.dtype), "nnz": int((mat != 0).sum()), "transposed": transposed}
+                        "dtype": dtype_name(enc.dtype), "nnz": int((mat != 0).sum()), "transposed": transposed}
         if _layer_pattern(enc) is not None:
             layers[name]["pattern"] = _layer_pattern(enc)
         for key, buf in enc.state_dict(prefix=f"{name}.").items():
@@ -289,7 +271,7 @@ def _save_compressed(model, tmp: Path, info: dict[str, Any]) -> None:
               metadata={"format": "pt", "sparseforge_format_version": str(block["format_version"])})
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
-    config.dtype = _dtype_name(model.dtype)
+    config.dtype = dtype_name(model.dtype)
     config.save_pretrained(tmp)
     _write_block(tmp, block)
     if getattr(model, "generation_config", None) is not None and model.can_generate():
@@ -303,140 +285,3 @@ def _write_block(directory: Path, block: dict[str, Any] | None) -> None:
     if block is not None:
         data[BLOCK] = block
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-# ---------------------------------------------------------------------------------------- read
-
-
-def model_dir(path: "str | Path") -> Path:
-    """``Path(path)`` after checking it holds config.json and weights; ModelError otherwise."""
-    p = Path(path)
-    if not p.exists():
-        raise ModelError(f"model path {p} does not exist")
-    if not p.is_dir() or not (p / CONFIG_NAME).is_file():
-        raise ModelError(f"{p} is not a model directory: it has no config.json")
-    if not any((p / f).is_file() for f in _WEIGHT_FILES):
-        raise ModelError(f"{p} is not a model directory: it has no weights ({' / '.join(_WEIGHT_FILES)})")
-    return p
-
-
-def read_sparsity_config(path: "str | Path") -> dict[str, Any] | None:
-    """The ``sparsity_config`` block of a model directory (``None`` for a plain checkpoint)."""
-    p = model_dir(path)
-    try:
-        data = json.loads((p / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {p / CONFIG_NAME}: {exc}") from exc
-    block = data.get(BLOCK)
-    if block is None:
-        return None
-    if not isinstance(block, dict):
-        raise ModelError(f"{p / CONFIG_NAME}: '{BLOCK}' must be a JSON object")
-    version = block.get("format_version")
-    if isinstance(version, int) and version > FORMAT_VERSION:
-        raise ModelError(
-            f"{p} was written with sparseforge checkpoint format_version {version}; this sparseforge reads "
-            f"up to {FORMAT_VERSION}: upgrade sparseforge"
-        )
-    return block
-
-
-def is_compressed(block: dict[str, Any] | None) -> bool:
-    """Whether a ``sparsity_config`` block (:func:`read_sparsity_config`) describes packed weights."""
-    return block is not None and block.get("format") in registry.names(stored=True)
-
-
-def weight_files(path: "str | Path") -> list[Path]:
-    """The safetensors weight files of a model directory (single file or shards)."""
-    p = model_dir(path)
-    if (p / WEIGHTS_NAME).is_file():
-        return [p / WEIGHTS_NAME]
-    index = p / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        return [p / s for s in shards]
-    raise ModelError(f"{p} holds only PyTorch .bin weights; re-save it with safetensors (save_pretrained) to inspect it")
-
-
-def read_safetensors_header(file: Path) -> dict[str, dict[str, Any]]:
-    """``{tensor name: {"dtype", "shape", "data_offsets"}}`` from a safetensors header (no data read)."""
-    with open(file, "rb") as fh:
-        size = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(size))
-    header.pop("__metadata__", None)
-    return header
-
-
-def load_state_dict_compressed(path: "str | Path") -> dict[str, Any]:
-    """Every tensor of a checkpoint; pruned weights stay compressed (format objects of
-    :mod:`sparseforge.formats`, e.g. :class:`~sparseforge.formats.BitmapWeight`).
-
-    Compressed buffers of 4 MB and more are moved into transparent huge pages (one at a time, so the
-    peak stays one buffer above the checkpoint's size), like those built by ``from_dense``: the batch
-    kernels stream hundreds of rows at once and miss the TLB less with 2 MB pages.
-
-    Compressed objects always hold the ``(out_features, in_features)`` matrix; for layers whose
-    ``layers[name]["transposed"]`` is true (transformers ``Conv1D``) the parameter is
-    ``obj.to_dense().t()``. Tied aliases map to the same object as their canonical name.
-    """
-    from safetensors.torch import load_file
-
-    block = read_sparsity_config(path)
-    state: dict[str, Any] = {}
-    for file in weight_files(path):
-        state.update(load_file(str(file)))
-    if not is_compressed(block):
-        return state
-    for name, layer in block.get("layers", {}).items():
-        fmt, shape = layer.get("format"), tuple(layer.get("shape", ()))
-        stored = registry.names(stored=True)
-        if fmt not in stored:
-            raise ModelError(f"{path}: layer {name} has unknown format {fmt!r} (expected one of {', '.join(stored)})")
-        spec = registry.get(fmt)
-        for field in spec.cls.FIELDS:  # large buffers into huge pages, as from_dense does (formats/memory.py);
-            key = f"{name}.{spec.cls.KEY}{field}"  # the file's copy is released as each is replaced
-            if key in state:
-                state[key] = hugepage_backed(state[key])
-        obj = spec.load(state, shape, layer.get("pattern", block.get("pattern")), prefix=f"{name}.")
-        keys = obj.state_dict(f"{name}.")
-        if fmt == "bsr" and layer.get("pattern") is not None and parse(layer["pattern"]) != obj.block:
-            raise ModelError(f"{path}: layer {name} stores {obj.block} blocks but config.json says {layer['pattern']}")
-        if _dtype_name(obj.dtype) != layer.get("dtype"):
-            raise ModelError(f"{path}: layer {name} stores {obj.dtype} values but config.json says {layer.get('dtype')}")
-        for key in keys:
-            del state[key]
-        state[name] = obj
-    for alias, canonical in (block.get("tied") or {}).items():
-        state[alias] = state[canonical]
-    return state
-
-
-# ---------------------------------------------------------------------------------------- sizes
-
-
-def checkpoint_sizes(path: "str | Path") -> dict[str, Any]:
-    """Bytes of a checkpoint vs the same weights stored dense (safetensors only).
-
-    Returns ``{"file_bytes": weight files on disk (headers included), "stored_bytes": tensor data
-    on disk, "dense_bytes": the same tensors dense (pruned layers at numel x itemsize), "ratio":
-    file_bytes / dense_bytes}``.
-    """
-    block = read_sparsity_config(path)
-    layers = block.get("layers", {}) if is_compressed(block) else {}
-    files = weight_files(path)
-    stored = dense = 0
-    for file in files:
-        for name, meta in read_safetensors_header(file).items():
-            begin, end = meta["data_offsets"]
-            stored += end - begin
-            owner = name.rsplit(".", 1)[0]
-            if owner not in layers:
-                dense += end - begin
-    for layer in layers.values():
-        numel = 1
-        for s in layer["shape"]:
-            numel *= int(s)
-        dense += numel * getattr(torch, layer["dtype"]).itemsize
-    file_bytes = sum(f.stat().st_size for f in files)
-    return {"file_bytes": file_bytes, "stored_bytes": stored, "dense_bytes": dense,
-            "ratio": file_bytes / dense if dense else float("nan")}

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from sparseforge.formats import registry
-from sparseforge.io.checkpoint import (
+from sparseforge.io.layout import (
     is_compressed,
     load_state_dict_compressed,
     read_safetensors_header,

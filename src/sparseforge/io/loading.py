@@ -28,13 +28,7 @@ from torch import nn
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats.rule import LOAD_FORMATS, load_format
 from sparseforge.io.hf import import_transformers
-from sparseforge.io.checkpoint import (
-    CONFIG_NAME,
-    is_compressed,
-    load_state_dict_compressed,
-    model_dir,
-    read_sparsity_config,
-)
+from sparseforge.io.layout import CONFIG_NAME, is_compressed, load_state_dict_compressed, model_dir, read_sparsity_config
 from sparseforge.layers import is_linear, set_module
 from sparseforge.nn.sparse_linear import SparseLinear
 
@@ -124,7 +118,7 @@ def _linear_weights_on_meta() -> Iterator[None]:
 def load_sparse(path: "str | Path", format: str = "rule") -> nn.Module:
     """A transformers model from a compressed sparseforge checkpoint, its pruned layers as SparseLinear.
 
-    The compressed weights (:func:`sparseforge.io.checkpoint.load_state_dict_compressed`) go straight
+    The compressed weights (:func:`sparseforge.io.layout.load_state_dict_compressed`) go straight
     into SparseLinear layers; their dense matrices are never built. ``format="rule"`` (default) runs
     bitmap layers of at least 85% sparsity (:data:`~sparseforge.formats.rule.CSR_FROM`) as CSR,
     converted from the bits (:meth:`~sparseforge.formats.csr.CSRWeight.from_bitmap`; CSR is 1.5-2.6x
