@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from sparseforge.errors import SparseforgeError
-from sparseforge.prune.names import ALLOCATIONS, METHODS
+from sparseforge.config import ALLOCATIONS, METHODS
 
 __all__ = ["main", "build_parser"]
 
