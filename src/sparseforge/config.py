@@ -35,6 +35,7 @@ from typing import Any
 from sparseforge.errors import ConfigError
 from sparseforge.masks import resolve_sparsity
 from sparseforge.patterns import NM, FanIn, Pattern, Unstructured, parse
+from sparseforge.prune.names import ALLOCATIONS, METHODS
 
 __all__ = [
     "CalibrationConfig",
@@ -48,8 +49,6 @@ __all__ = [
 ]
 
 RECIPE_VERSION = 1
-METHODS = ("magnitude", "wanda", "sparsegpt")
-ALLOCATIONS = ("uniform", "owl")
 DEFAULT_SPARSITY = 0.5
 
 
