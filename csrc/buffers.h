@@ -14,6 +14,17 @@
 
 #include "common.h"
 
+// Scans over whole buffers (index checks, bitmap popcounts) in portable files: one clone per
+// instruction set, chosen by the dynamic loader for the CPU (function multi-versioning). Only
+// where the build has the x86 kernels; elsewhere the plain function.
+#if defined(SF_HAVE_X86_KERNELS) && defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SF_SCAN_CLONES __attribute__((target_clones("arch=skylake-avx512", "avx2", "default")))
+#define SF_POPCNT_CLONES __attribute__((target_clones("popcnt", "default")))
+#else
+#define SF_SCAN_CLONES
+#define SF_POPCNT_CLONES
+#endif
+
 namespace sf {
 
 enum class DType : int { f32, bf16, u8, u16, i16, i32, i64, other };

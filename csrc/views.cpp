@@ -9,22 +9,15 @@ namespace {
 
 std::string str(int64_t v) { return std::to_string(v); }
 
-// set bits of a 64-bit word without the POPCNT instruction (this file is built for the baseline ISA)
-inline int64_t popcount64(uint64_t v) {
-  v = v - ((v >> 1) & 0x5555555555555555ull);
-  v = (v & 0x3333333333333333ull) + ((v >> 2) & 0x3333333333333333ull);
-  v = (v + (v >> 4)) & 0x0f0f0f0f0f0f0f0full;
-  return static_cast<int64_t>((v * 0x0101010101010101ull) >> 56);
-}
-
-int64_t row_popcount(const uint8_t* row, int64_t bpr) {
+// set bits of a bitmap row (the POPCNT clone where the CPU has it)
+SF_POPCNT_CLONES int64_t row_popcount(const uint8_t* row, int64_t bpr) {
   int64_t n = 0, b = 0;
   for (; b + 8 <= bpr; b += 8) {
     uint64_t v;
     std::memcpy(&v, row + b, 8);
-    n += popcount64(v);
+    n += __builtin_popcountll(v);
   }
-  for (; b < bpr; ++b) n += popcount64(row[b]);
+  for (; b < bpr; ++b) n += __builtin_popcount(row[b]);
   return n;
 }
 
