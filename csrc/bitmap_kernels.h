@@ -178,23 +178,17 @@ void bitmap_rows(const BitmapView& w, const Problem& p, int64_t r0, int64_t r1) 
   });
 }
 
-void bitmap_lanes(const BitmapView& w, const Problem& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* ybuf) {
-  with_bitmap<BitmapLanesDec>(w, [&](const auto& dec) { lanes_rows(dec, p, lp, r0, r1, ybuf); });
-}
-
-void bitmap_lanes_t(const BitmapView& w, const ProblemT& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* dxt) {
-  with_bitmap<BitmapDec>(w, [&](const auto& dec) { lanes_t_rows(dec, p, lp, r0, r1, dxt); });
-}
-
-void bitmap_sddmm_rows(const BitmapView& w, const ProblemW& p, const LanesPlan& xp, const LanesPlan& dp, int64_t r0,
-                       int64_t r1) {
-  with_bitmap<BitmapDec>(w, [&](const auto& dec) {
-    sddmm_rows(dec, [&](int64_t r) -> int64_t { return w.row_offsets[r]; }, p, xp, dp, r0, r1);
-  });
-}
+// the decoders of the generic kernels (sddmm.h: DecoderKernels)
+struct BitmapFormat {
+  using View = BitmapView;
+  template <class Body> static void lanes_dec(const BitmapView& w, Body&& body) { with_bitmap<BitmapLanesDec>(w, body); }
+  template <class Body> static void dec(const BitmapView& w, Body&& body) { with_bitmap<BitmapDec>(w, body); }
+  static int64_t first(const BitmapView& w, int64_t r) { return w.row_offsets[r]; }
+};
 
 // this file's kernel table (bitmap.h: scalar::, avx2::, avx512::, avx512vp::bitmap)
-constexpr BitmapKernels kBitmapKernels = {bitmap_rows, bitmap_lanes, bitmap_lanes_t, bitmap_sddmm_rows};
+using BitmapGeneric = DecoderKernels<BitmapFormat>;
+constexpr BitmapKernels kBitmapKernels = {bitmap_rows, BitmapGeneric::lanes, BitmapGeneric::lanes_t, BitmapGeneric::sddmm};
 
 }  // namespace
 }  // namespace sf

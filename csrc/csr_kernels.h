@@ -127,23 +127,17 @@ void csr_rows(const CsrView& w, const Problem& p, int64_t r0, int64_t r1) {
   });
 }
 
-void csr_lanes(const CsrView& w, const Problem& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* ybuf) {
-  with_csr<CsrLanesDec>(w, [&](const auto& dec) { lanes_rows(dec, p, lp, r0, r1, ybuf); });
-}
-
-void csr_lanes_t(const CsrView& w, const ProblemT& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* dxt) {
-  with_csr<CsrDec>(w, [&](const auto& dec) { lanes_t_rows(dec, p, lp, r0, r1, dxt); });
-}
-
-void csr_sddmm_rows(const CsrView& w, const ProblemW& p, const LanesPlan& xp, const LanesPlan& dp, int64_t r0,
-                    int64_t r1) {
-  with_csr<CsrDec>(w, [&](const auto& dec) {
-    sddmm_rows(dec, [&](int64_t r) -> int64_t { return w.row_ptr[r]; }, p, xp, dp, r0, r1);
-  });
-}
+// the decoders of the generic kernels (sddmm.h: DecoderKernels)
+struct CsrFormat {
+  using View = CsrView;
+  template <class Body> static void lanes_dec(const CsrView& w, Body&& body) { with_csr<CsrLanesDec>(w, body); }
+  template <class Body> static void dec(const CsrView& w, Body&& body) { with_csr<CsrDec>(w, body); }
+  static int64_t first(const CsrView& w, int64_t r) { return w.row_ptr[r]; }
+};
 
 // this file's kernel table (csr.h: scalar::csr, avx2::csr, avx512::csr)
-constexpr CsrKernels kCsrKernels = {csr_rows, csr_lanes, csr_lanes_t, csr_sddmm_rows};
+using CsrGeneric = DecoderKernels<CsrFormat>;
+constexpr CsrKernels kCsrKernels = {csr_rows, CsrGeneric::lanes, CsrGeneric::lanes_t, CsrGeneric::sddmm};
 
 }  // namespace
 }  // namespace sf

@@ -208,29 +208,23 @@ void nm_rows(const NmView& w, const Problem& p, int64_t r0, int64_t r1) {
   });
 }
 
-void nm_lanes(const NmView& w, const Problem& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* ybuf) {
+// the decoders of the generic kernels (sddmm.h: DecoderKernels); for 2:4 the AVX-512 lanes decoder
+// collects whole groups at once
+struct NmFormat {
+  using View = NmView;
+  template <class Body> static void lanes_dec(const NmView& w, Body&& body) {
 #if defined(__AVX512F__)
-  if (w.n == 2 && w.m == 4) {
-    with_nm<NmLanesDec24>(w, [&](const auto& dec) { lanes_rows(dec, p, lp, r0, r1, ybuf); });
-    return;
-  }
+    if (w.n == 2 && w.m == 4) return with_nm<NmLanesDec24>(w, body);
 #endif
-  with_nm<NmDec>(w, [&](const auto& dec) { lanes_rows(dec, p, lp, r0, r1, ybuf); });
-}
-
-void nm_lanes_t(const NmView& w, const ProblemT& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* dxt) {
-  with_nm<NmDec>(w, [&](const auto& dec) { lanes_t_rows(dec, p, lp, r0, r1, dxt); });
-}
-
-void nm_sddmm_rows(const NmView& w, const ProblemW& p, const LanesPlan& xp, const LanesPlan& dp, int64_t r0,
-                   int64_t r1) {
-  with_nm<NmDec>(w, [&](const auto& dec) {
-    sddmm_rows(dec, [&](int64_t r) -> int64_t { return r * w.vpr; }, p, xp, dp, r0, r1);
-  });
-}
+    with_nm<NmDec>(w, body);
+  }
+  template <class Body> static void dec(const NmView& w, Body&& body) { with_nm<NmDec>(w, body); }
+  static int64_t first(const NmView& w, int64_t r) { return r * w.vpr; }
+};
 
 // this file's kernel table (nm.h: scalar::, avx2::, avx512::, avx512vp::nm)
-constexpr NmKernels kNmKernels = {nm_rows, nm_lanes, nm_lanes_t, nm_sddmm_rows};
+using NmGeneric = DecoderKernels<NmFormat>;
+constexpr NmKernels kNmKernels = {nm_rows, NmGeneric::lanes, NmGeneric::lanes_t, NmGeneric::sddmm};
 
 }  // namespace
 }  // namespace sf
