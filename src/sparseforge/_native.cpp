@@ -24,6 +24,8 @@
 namespace nb = nanobind;
 using namespace nb::literals;
 
+void register_activation(nb::module_& mod);  // _native_activation.cpp
+
 namespace {
 
 using In = nb::ndarray<nb::ro>;
@@ -419,6 +421,7 @@ void expert_ffn_call(const In& x, const In& experts, const In& weights, const In
 
 NB_MODULE(_native, mod) {
   mod.doc() = "sparseforge native CPU kernels (torch-free C++17; see docs/kernels.md)";
+  register_activation(mod);
 
   mod.def("isa", [](const std::string& requested) { return std::string(sf::isa_name(resolve(requested))); },
           "requested"_a = "",
