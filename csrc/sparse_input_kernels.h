@@ -110,13 +110,27 @@ int64_t compact_impl(const float* x, int64_t in, const float* thr, bool per_chan
 template <VT V>
 void gemv_tile_t(const void* w, int64_t ld, const int32_t* idx, const float* xv, int64_t n, int64_t j0, int64_t cw,
                  float* acc) {
+  constexpr int64_t kBytes = V == VT::f32 ? 4 : 2;
   const int64_t cv = cw - cw % kVL;  // columns done by vectors
   int64_t k = 0;
   for (; k + 4 <= n; k += 4) {
     const int64_t o0 = idx[k] * ld + j0, o1 = idx[k + 1] * ld + j0, o2 = idx[k + 2] * ld + j0,
                   o3 = idx[k + 3] * ld + j0;
     const vfl x0 = si_bcast(xv + k), x1 = si_bcast(xv + k + 1), x2 = si_bcast(xv + k + 2), x3 = si_bcast(xv + k + 3);
+    // the next group's rows, fetched one group ahead (each active row is a separate short stream
+    // the hardware prefetcher would pick up late); the last group refetches itself
+    const int64_t kn = k + 8 <= n ? k + 4 : k;
+    const char* p0 = static_cast<const char*>(w) + (idx[kn] * ld + j0) * kBytes;
+    const char* p1 = static_cast<const char*>(w) + (idx[kn + 1] * ld + j0) * kBytes;
+    const char* p2 = static_cast<const char*>(w) + (idx[kn + 2] * ld + j0) * kBytes;
+    const char* p3 = static_cast<const char*>(w) + (idx[kn + 3] * ld + j0) * kBytes;
     for (int64_t j = 0; j < cv; j += kVL) {
+      if ((j * kBytes) % 64 == 0) {
+        __builtin_prefetch(p0 + j * kBytes);
+        __builtin_prefetch(p1 + j * kBytes);
+        __builtin_prefetch(p2 + j * kBytes);
+        __builtin_prefetch(p3 + j * kBytes);
+      }
       vfl v = si_load(acc + j);
       v = si_fma(x0, si_weights<V>(w, o0 + j), v);
       v = si_fma(x1, si_weights<V>(w, o1 + j), v);
