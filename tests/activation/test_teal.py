@@ -195,3 +195,20 @@ def test_other_llama_like_families(family):
     sparsify_activations_(model, _cfg(sparsity=0.4), calibration=_calib(), progress=False)
     assert len(sparse_input_layers(model)) == 14
     assert model.generate(input_ids=_calib(1, 4), max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "greedy"])
+def test_retarget_reuses_the_calibration(allocation):
+    model = tiny_model("llama").eval()
+    report = sparsify_activations_(model, _cfg(sparsity=0.5, allocation=allocation, greedy_samples=4),
+                                   calibration=_calib(), progress=False)
+    at_half = {t.name: t.threshold for t in report.layers}
+    report.retarget_(model, 0.25)
+    layers = sparse_input_layers(model)
+    assert all(layers[t.name].threshold.item() <= at_half[t.name] * (1 + 1e-6) for t in report.layers)
+    assert abs(report.effective_sparsity(model) - 0.25) < 0.03
+    report.retarget_(model, 0.0)
+    assert all(m.threshold.item() == 0.0 for m in layers.values())
+    if allocation == "greedy":
+        with pytest.raises(ConfigError, match="calibrate with sparsity"):
+            report.retarget_(model, 0.7)

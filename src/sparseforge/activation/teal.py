@@ -65,16 +65,17 @@ class Histogram:
     def of(cls, values: Tensor, bins: int = NUM_BINS, outlier: float = OUTLIER_FRACTION) -> "Histogram":
         """Histogram of all of ``values``: ``bins - 2`` equal bins between the ``outlier`` and
         ``1 - outlier`` quantiles, one bin from the minimum and one up to the maximum."""
-        v = torch.sort(values.detach().reshape(-1).float())[0]  # (n,)
+        v = values.detach().reshape(-1).float()  # (n,)
         n = v.numel()
         if n == 0:
             raise DataError("no activations to build a histogram from")
         k = int(outlier * n)
-        lower, upper = v[k], v[n - 1 - k]
+        # TEAL sorts and reads sorted[k] and sorted[n - 1 - k]: the same order statistics
+        lower, upper = torch.kthvalue(v, k + 1).values, torch.kthvalue(v, n - k).values
         edges = torch.linspace(float(lower), float(upper), bins - 1, dtype=torch.float64)
         if float(upper) <= float(lower):  # (near) constant input: one bin around the value
             edges = torch.tensor([float(lower) - 0.5, float(lower) + 0.5], dtype=torch.float64)
-        lo, hi = float(v[0]), float(v[-1])
+        lo, hi = float(v.min()), float(v.max())
         parts = [edges]
         if lo < float(edges[0]):
             parts.insert(0, torch.tensor([lo], dtype=torch.float64))
@@ -130,12 +131,39 @@ class ActivationSparsityReport:
     layers: list[LayerThreshold]
     greedy: dict[int, list[GreedyStep]] = field(default_factory=dict)  # block -> path
     seconds: float = 0.0
+    histograms: dict[str, Histogram] = field(default_factory=dict, repr=False)  # layer -> its input's
+    block_of: dict[str, tuple[int, str]] = field(default_factory=dict, repr=False)  # layer -> (block, local name)
 
     def effective_sparsity(self, model: nn.Module) -> float:
         """Skipped fraction of the sparsified layers' weight bytes at the calibrated sparsities."""
         modules = dict(model.named_modules())
         sizes = [modules[t.name].in_features * modules[t.name].out_features for t in self.layers]
         return sum(t.sparsity * n for t, n in zip(self.layers, sizes)) / max(1, sum(sizes))
+
+    def retarget_(self, model: nn.Module, sparsity: float) -> None:
+        """Set the thresholds of ``model``'s sparse-input layers for another ``sparsity`` from the
+        same calibration (no new data pass): uniform = the histograms at ``sparsity``; greedy =
+        each block's step closest to ``sparsity`` on the recorded path (TEAL's lookup), which must
+        reach it (calibrate with the highest sparsity you want to try)."""
+        if not 0.0 <= sparsity < 1.0:
+            raise ConfigError(f"activation sparsity must be in [0, 1), got {sparsity!r}")
+        layers = sparse_input_layers(model)
+        signed = self.config.distribution == "signed"
+        for i, t in enumerate(self.layers):
+            if t.name not in layers:
+                raise ModelError(f"layer {t.name} of this report is not a SparseInputLinear in the model")
+            b, local = self.block_of[t.name]
+            if self.config.allocation == "greedy":
+                path = self.greedy.get(b, [])
+                if sparsity > 0 and (not path or path[-1].effective < sparsity - 1e-9):
+                    raise ConfigError(f"block {b}'s greedy path stops at {path[-1].effective if path else 0:.3f} < "
+                                      f"{sparsity}; calibrate with sparsity >= {sparsity}")
+                s = _closest(path, [local], sparsity)[local] if sparsity > 0 else 0.0
+            else:
+                s = sparsity
+            threshold = self.histograms[t.name].threshold(s, signed)
+            layers[t.name].set_threshold(threshold)
+            self.layers[i] = LayerThreshold(t.name, s, threshold, float("nan"))
 
     def summary(self) -> str:
         c = self.config
@@ -191,7 +219,7 @@ def _run_capturing(block: nn.Module, names: list[str], inputs: BlockInputs) -> t
     seen: dict[str, list[Tensor]] = {n: [] for n in names}
 
     def hook(name, module, args):
-        seen[name].append(args[0].detach())
+        seen[name].append(args[0])  # the very tensor (under no_grad): shared inputs stay one object
 
     handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: hook(n, m, a)) for n in names]
     outputs = []
@@ -337,6 +365,8 @@ def sparsify_activations_(model: nn.Module, config: ActivationSparsityConfig, *,
     signed = config.distribution == "signed"
     layers: list[LayerThreshold] = []
     paths: dict[int, list[GreedyStep]] = {}
+    kept_hists: dict[str, Histogram] = {}
+    block_of: dict[str, tuple[int, str]] = {}
     replacements: list[tuple[str, float]] = []
     bar = tqdm(range(len(blocks)), desc=f"TEAL {config.allocation} {config.sparsity:.0%}", unit="block",
                disable=not progress)
@@ -347,9 +377,9 @@ def sparsify_activations_(model: nn.Module, config: ActivationSparsityConfig, *,
             hists: dict[str, Histogram] = {}
             by_tensor: dict[int, Histogram] = {}
             for n in names:
-                _check_finite(f"{prefix}.{b}.{n}", seen[n])
                 key = id(seen[n][0])  # q/k/v (gate/up) see the same tensors: one histogram
                 if key not in by_tensor:
+                    _check_finite(f"{prefix}.{b}.{n}", seen[n])
                     values = torch.cat([x.reshape(-1) for x in seen[n]])
                     by_tensor[key] = Histogram.of(values if signed else values.abs())
                 hists[n] = by_tensor[key]
@@ -365,13 +395,15 @@ def sparsify_activations_(model: nn.Module, config: ActivationSparsityConfig, *,
                 full = f"{prefix}.{b}.{n}"
                 layers.append(LayerThreshold(full, chosen[n], t, skipped))
                 replacements.append((full, t))
+                kept_hists[full] = hists[n]
+                block_of[full] = (b, n)
             del seen, hists, by_tensor
         inputs.hidden = outputs  # the dense block's outputs feed the next block (TEAL's grab_acts)
     modules = dict(model.named_modules())
     for full, t in replacements:
         set_module(model, full, SparseInputLinear.from_linear(modules[full], threshold=t))
     model.train(was_training)
-    return ActivationSparsityReport(config, layers, paths, time.perf_counter() - start)
+    return ActivationSparsityReport(config, layers, paths, time.perf_counter() - start, kept_hists, block_of)
 
 
 def sparse_input_layers(model: nn.Module) -> dict[str, SparseInputLinear]:
