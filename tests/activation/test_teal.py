@@ -13,7 +13,8 @@ from sparseforge.activation import (
     sparse_input_layers,
     sparsify_activations_,
 )
-from sparseforge.activation.teal import Histogram, _closest, _greedy_error, GreedyStep
+from sparseforge.activation.calibrate import Histogram
+from sparseforge.activation.teal import GreedyStep, _closest, _greedy_error
 from sparseforge.config import CalibrationConfig
 from sparseforge.errors import ConfigError, DataError, ModelError, NumericalError
 from tiny_models import VOCAB, tiny_model
@@ -114,7 +115,7 @@ def test_generate_runs_sparse_and_changes_with_sparsity():
     with torch.no_grad():
         dense_logits = model(input_ids=ids).logits
     sparsify_activations_(model, _cfg(sparsity=0.5), calibration=_calib(), progress=False)
-    out = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+    out = model.generate(input_ids=ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert out.shape == (1, 11)
     with torch.no_grad():
         sparse_logits = model(input_ids=ids).logits
@@ -194,7 +195,7 @@ def test_other_llama_like_families(family):
     model = tiny_model(family).eval()
     sparsify_activations_(model, _cfg(sparsity=0.4), calibration=_calib(), progress=False)
     assert len(sparse_input_layers(model)) == 14
-    assert model.generate(input_ids=_calib(1, 4), max_new_tokens=3, do_sample=False).shape == (1, 7)
+    assert model.generate(input_ids=_calib(1, 4), max_new_tokens=3, do_sample=False, min_new_tokens=3).shape == (1, 7)
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "greedy"])
@@ -212,3 +213,27 @@ def test_retarget_reuses_the_calibration(allocation):
     if allocation == "greedy":
         with pytest.raises(ConfigError, match="calibrate with sparsity"):
             report.retarget_(model, 0.7)
+
+
+def test_cats_thresholds_the_gate_output():
+    from sparseforge.activation.cats import CATSMLP
+
+    model = tiny_model("llama").eval()
+    ids = _calib(2, 12, seed=3)
+    report = sparsify_activations_(model, _cfg(method="cats", sparsity=0.5), calibration=_calib(), progress=False)
+    mlps = [m for m in model.modules() if isinstance(m, CATSMLP)]
+    assert len(mlps) == 2 and len(report.layers) == 2
+    assert all(t.calibration_sparsity == pytest.approx(0.5, abs=0.05) for t in report.layers)
+    assert report.effective_sparsity(model) == pytest.approx(0.5 * 2 / 3, abs=1e-6)  # gate_proj stays dense
+    # the MLP equals the dense one on the thresholded gate output, at decode (1 token) and prefill
+    mlp = mlps[0]
+    for x in (torch.randn(1, 1, 32), torch.randn(2, 5, 32)):
+        a = mlp.act_fn(mlp.gate_proj(x))
+        a = torch.where(a.abs() <= mlp.threshold, 0.0, a)
+        expect = nn.functional.linear(a * mlp.up_proj(x), mlp.down_proj.weight)
+        torch.testing.assert_close(mlp(x), expect, rtol=1e-4, atol=1e-5)
+    assert model.generate(input_ids=ids[:1, :4], max_new_tokens=3, do_sample=False, min_new_tokens=3).shape == (1, 7)
+    report.retarget_(model, 0.0)
+    assert all(m.threshold.item() == 0.0 for m in mlps)
+    with pytest.raises(ConfigError, match="uniform"):
+        ActivationSparsityConfig(method="cats", allocation="greedy")

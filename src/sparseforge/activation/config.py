@@ -17,7 +17,7 @@ from sparseforge.errors import ConfigError
 
 __all__ = ["ActivationSparsityConfig", "METHODS", "ALLOCATIONS", "DISTRIBUTIONS"]
 
-METHODS = ("teal",)
+METHODS = ("teal", "cats")
 ALLOCATIONS = ("uniform", "greedy")
 DISTRIBUTIONS = ("signed", "abs")
 
@@ -28,7 +28,8 @@ class ActivationSparsityConfig:
 
     Attributes:
         method: ``"teal"``: a magnitude threshold on the input of each projection, calibrated from
-            the distribution of that input on calibration data.
+            the distribution of that input on calibration data. ``"cats"``: a threshold on the
+            gate output of GLU MLPs (attention stays dense; uniform allocation only).
         sparsity: target fraction of skipped input channels in [0, 1). With ``"greedy"`` it is the
             block's *effective* sparsity, weighted by each projection's parameter count (bytes).
         allocation: ``"uniform"`` (every projection at ``sparsity``) or ``"greedy"`` (TEAL's
@@ -63,6 +64,8 @@ class ActivationSparsityConfig:
             raise ConfigError(f"activation sparsity method {self.method!r} is not known; use one of {METHODS}")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"allocation {self.allocation!r} is not known; use one of {ALLOCATIONS}")
+        if self.method == "cats" and self.allocation != "uniform":
+            raise ConfigError("CATS has one threshold per MLP: use allocation='uniform'")
         if self.distribution not in DISTRIBUTIONS:
             raise ConfigError(f"distribution {self.distribution!r} is not known; use one of {DISTRIBUTIONS}")
         s = self.sparsity

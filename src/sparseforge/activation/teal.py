@@ -22,7 +22,7 @@ Liu et al. 2024, "Training-Free Activation Sparsity in Large Language Models", a
   searching (TEAL's ``SparsifyFn`` in a multi-token forward).
 
 Example:
-    >>> from sparseforge.activation.teal import Histogram
+    >>> from sparseforge.activation.calibrate import Histogram
     >>> import torch
     >>> h = Histogram.of(torch.linspace(-1, 1, 100001))
     >>> round(h.threshold(0.5), 2)   # half of a uniform [-1, 1] lies in [-0.5, 0.5]
@@ -38,75 +38,19 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from sparseforge.activation.calibrate import Histogram, calibration_batches, check_finite
+from sparseforge.activation.cats import CATSMLP, is_swiglu_mlp
 from sparseforge.activation.config import ActivationSparsityConfig
 from sparseforge.activation.linear import SparseInputLinear
-from sparseforge.errors import ConfigError, DataError, ModelError, NumericalError
+from sparseforge.errors import ConfigError, ModelError
 from sparseforge.layers import find_blocks, select_targets, set_module
 from sparseforge.ops.sparse_input import sparse_input_masked
 from sparseforge.sequential import BlockInputs, capture_block_inputs, float32_block
 
 __all__ = [
-    "Histogram", "GreedyStep", "LayerThreshold", "ActivationSparsityReport", "sparsify_activations_",
+    "GreedyStep", "LayerThreshold", "ActivationSparsityReport", "sparsify_activations_",
     "greedy_allocation", "set_token_fraction", "sparse_input_layers",
 ]
-
-NUM_BINS = 10_000
-OUTLIER_FRACTION = 0.01
-
-
-@dataclass
-class Histogram:
-    """TEAL's activation histogram: bin centers and cumulative counts (float64)."""
-
-    centers: Tensor  # (bins,)
-    cumulative: Tensor  # (bins,)
-
-    @classmethod
-    def of(cls, values: Tensor, bins: int = NUM_BINS, outlier: float = OUTLIER_FRACTION) -> "Histogram":
-        """Histogram of all of ``values``: ``bins - 2`` equal bins between the ``outlier`` and
-        ``1 - outlier`` quantiles, one bin from the minimum and one up to the maximum."""
-        v = values.detach().reshape(-1).float()  # (n,)
-        n = v.numel()
-        if n == 0:
-            raise DataError("no activations to build a histogram from")
-        k = int(outlier * n)
-        # TEAL sorts and reads sorted[k] and sorted[n - 1 - k]: the same order statistics
-        lower, upper = torch.kthvalue(v, k + 1).values, torch.kthvalue(v, n - k).values
-        edges = torch.linspace(float(lower), float(upper), bins - 1, dtype=torch.float64)
-        if float(upper) <= float(lower):  # (near) constant input: one bin around the value
-            edges = torch.tensor([float(lower) - 0.5, float(lower) + 0.5], dtype=torch.float64)
-        lo, hi = float(v.min()), float(v.max())
-        parts = [edges]
-        if lo < float(edges[0]):
-            parts.insert(0, torch.tensor([lo], dtype=torch.float64))
-        if hi > float(edges[-1]):
-            parts.append(torch.tensor([hi], dtype=torch.float64))
-        edges = torch.cat(parts)
-        counts, _ = torch.histogram(v.double(), bins=edges)  # (bins,)
-        centers = (edges[:-1] + edges[1:]) / 2
-        return cls(centers=centers, cumulative=torch.cumsum(counts, 0))
-
-    def icdf(self, q: float) -> float:
-        """The value below which a fraction ``q`` of the activations lies (TEAL's interpolation)."""
-        total = float(self.cumulative[-1])
-        target = q * total
-        idx = int(torch.searchsorted(self.cumulative, torch.tensor([target], dtype=torch.float64))[0])
-        if idx == 0:
-            return float(self.centers[0])
-        if idx >= self.centers.numel():
-            return float(self.centers[-1])
-        lo_c, hi_c = float(self.cumulative[idx - 1]), float(self.cumulative[idx])
-        frac = (target - lo_c) / (hi_c - lo_c)
-        lo_v, hi_v = float(self.centers[idx - 1]), float(self.centers[idx])
-        return lo_v + frac * (hi_v - lo_v)
-
-    def threshold(self, sparsity: float, signed: bool = True) -> float:
-        """Threshold giving ``sparsity``: ``icdf(0.5 + s / 2)`` (signed histogram) or ``icdf(s)``
-        (histogram of ``|x|``); 0 for sparsity 0."""
-        if sparsity <= 0.0:
-            return 0.0
-        return max(0.0, self.icdf(0.5 + sparsity / 2 if signed else sparsity))
-
 
 @dataclass
 class GreedyStep:
@@ -135,10 +79,20 @@ class ActivationSparsityReport:
     block_of: dict[str, tuple[int, str]] = field(default_factory=dict, repr=False)  # layer -> (block, local name)
 
     def effective_sparsity(self, model: nn.Module) -> float:
-        """Skipped fraction of the sparsified layers' weight bytes at the calibrated sparsities."""
+        """Skipped fraction of the sparsified layers' weight bytes at the calibrated sparsities
+        (CATS: gate_proj stays dense, up_proj and down_proj skip ``s`` of theirs)."""
         modules = dict(model.named_modules())
-        sizes = [modules[t.name].in_features * modules[t.name].out_features for t in self.layers]
-        return sum(t.sparsity * n for t, n in zip(self.layers, sizes)) / max(1, sum(sizes))
+        skipped = total = 0.0
+        for t in self.layers:
+            m = modules[t.name]
+            if isinstance(m, CATSMLP):
+                parts = [p.weight.numel() for p in (m.gate_proj, m.up_proj, m.down_proj)]
+                skipped += t.sparsity * (parts[1] + parts[2])
+                total += sum(parts)
+            else:
+                skipped += t.sparsity * m.in_features * m.out_features
+                total += m.in_features * m.out_features
+        return skipped / max(1.0, total)
 
     def retarget_(self, model: nn.Module, sparsity: float) -> None:
         """Set the thresholds of ``model``'s sparse-input layers for another ``sparsity`` from the
@@ -147,11 +101,11 @@ class ActivationSparsityReport:
         reach it (calibrate with the highest sparsity you want to try)."""
         if not 0.0 <= sparsity < 1.0:
             raise ConfigError(f"activation sparsity must be in [0, 1), got {sparsity!r}")
-        layers = sparse_input_layers(model)
-        signed = self.config.distribution == "signed"
+        modules = dict(model.named_modules())
+        signed = self.config.distribution == "signed" and self.config.method == "teal"
         for i, t in enumerate(self.layers):
-            if t.name not in layers:
-                raise ModelError(f"layer {t.name} of this report is not a SparseInputLinear in the model")
+            if not isinstance(modules.get(t.name), (SparseInputLinear, CATSMLP)):
+                raise ModelError(f"layer {t.name} of this report is not a sparse-input layer (or CATS MLP) in the model")
             b, local = self.block_of[t.name]
             if self.config.allocation == "greedy":
                 path = self.greedy.get(b, [])
@@ -162,11 +116,13 @@ class ActivationSparsityReport:
             else:
                 s = sparsity
             threshold = self.histograms[t.name].threshold(s, signed)
-            layers[t.name].set_threshold(threshold)
+            modules[t.name].set_threshold(threshold)
             self.layers[i] = LayerThreshold(t.name, s, threshold, float("nan"))
 
     def summary(self) -> str:
         c = self.config
+        if c.method == "cats":
+            return f"CATS gate-output sparsity {c.sparsity:.0%} on {len(self.layers)} MLPs in {self.seconds:.1f}s"
         return (f"TEAL {c.allocation} activation sparsity {c.sparsity:.0%} on {len(self.layers)} projections "
                 f"({c.distribution} histograms) in {self.seconds:.1f}s")
 
@@ -194,21 +150,6 @@ def _projections(model: nn.Module, config: ActivationSparsityConfig) -> tuple[st
     return prefix, blocks, per_block
 
 
-def _calibration(config: ActivationSparsityConfig, calibration, tokenizer) -> list[Tensor]:
-    if calibration is None:
-        if tokenizer is None:
-            raise DataError("TEAL needs calibration data: pass tokenizer= (to draw "
-                            f"{config.calibration.samples} samples from {config.calibration.source!r}) or calibration= token ids")
-        from sparseforge.data import calibration_tokens
-
-        calibration = calibration_tokens(tokenizer, config.calibration)
-    if not isinstance(calibration, Tensor) or calibration.dim() != 2 or calibration.numel() == 0:
-        raise DataError("calibration must be a non-empty LongTensor of token ids shaped (samples, seqlen)")
-    if calibration.shape[1] < 2:
-        raise DataError(f"calibration sequences need at least 2 tokens, got {calibration.shape[1]}")
-    return list(calibration.long().split(config.calibration.batch_size))
-
-
 def _run_capturing(block: nn.Module, names: list[str], inputs: BlockInputs) -> tuple[dict, list[Tensor]]:
     """Run the dense block on every batch: each projection's inputs and the block's outputs.
 
@@ -231,13 +172,6 @@ def _run_capturing(block: nn.Module, names: list[str], inputs: BlockInputs) -> t
         for h in handles:
             h.remove()
     return seen, outputs
-
-
-def _check_finite(name: str, xs: list[Tensor]) -> None:
-    for x in xs:
-        if not torch.isfinite(x).all():
-            raise NumericalError(f"layer {name} received NaN/inf activations during calibration; check the model "
-                                 "weights and the calibration data (a float16 overflow?)")
 
 
 class _Masking:
@@ -352,9 +286,11 @@ def sparsify_activations_(model: nn.Module, config: ActivationSparsityConfig, *,
 
     if isinstance(config, dict):
         config = ActivationSparsityConfig(**config)
+    if config.method == "cats":
+        return _sparsify_cats(model, config, calibration, tokenizer, progress)
     start = time.perf_counter()
     prefix, blocks, per_block = _projections(model, config)
-    batches = _calibration(config, calibration, tokenizer)
+    batches = calibration_batches(config.calibration, calibration, tokenizer, "TEAL")
     was_training = model.training
     model.eval()
     inputs = capture_block_inputs(model, blocks, batches)
@@ -379,7 +315,7 @@ def sparsify_activations_(model: nn.Module, config: ActivationSparsityConfig, *,
             for n in names:
                 key = id(seen[n][0])  # q/k/v (gate/up) see the same tensors: one histogram
                 if key not in by_tensor:
-                    _check_finite(f"{prefix}.{b}.{n}", seen[n])
+                    check_finite(f"{prefix}.{b}.{n}", seen[n])
                     values = torch.cat([x.reshape(-1) for x in seen[n]])
                     by_tensor[key] = Histogram.of(values if signed else values.abs())
                 hists[n] = by_tensor[key]
@@ -404,6 +340,56 @@ def sparsify_activations_(model: nn.Module, config: ActivationSparsityConfig, *,
         set_module(model, full, SparseInputLinear.from_linear(modules[full], threshold=t))
     model.train(was_training)
     return ActivationSparsityReport(config, layers, paths, time.perf_counter() - start, kept_hists, block_of)
+
+
+def _sparsify_cats(model: nn.Module, config: ActivationSparsityConfig, calibration, tokenizer,
+                   progress: bool) -> ActivationSparsityReport:
+    """CATS (sparseforge.activation.cats): per block, the |act(gate)| histogram of the dense model's
+    calibration activations gives the MLP's threshold; the MLP module is swapped for a CATSMLP."""
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    try:
+        prefix, blocks = find_blocks(model)
+    except ModelError as exc:
+        raise ModelError(f"CATS needs repeated transformer blocks with GLU MLPs: {exc}") from exc
+    mlps = [[n for n, m in block.named_modules() if is_swiglu_mlp(m)] for block in blocks]
+    if not any(mlps):
+        raise ModelError(f"no supported MLPs (gate_proj, up_proj, down_proj, act_fn) to sparsify in {type(model).__name__}")
+    batches = calibration_batches(config.calibration, calibration, tokenizer, "CATS")
+    was_training = model.training
+    model.eval()
+    inputs = capture_block_inputs(model, blocks, batches)
+    layers: list[LayerThreshold] = []
+    hists: dict[str, Histogram] = {}
+    block_of: dict[str, tuple[int, str]] = {}
+    for b in tqdm(range(len(blocks)), desc=f"CATS {config.sparsity:.0%}", unit="block", disable=not progress):
+        block = blocks[b]
+        with float32_block(block):
+            modules = dict(block.named_modules())
+            gates: dict[str, list[Tensor]] = {n: [] for n in mlps[b]}
+            handles = [modules[n].gate_proj.register_forward_hook(
+                lambda m, a, out, n=n: gates[n].append(modules[n].act_fn(out).abs())) for n in mlps[b]]
+            try:
+                with torch.no_grad():
+                    outputs = [inputs.call(block, i, h).float() for i, h in enumerate(inputs.hidden)]
+            finally:
+                for h in handles:
+                    h.remove()
+            for n in mlps[b]:
+                full = f"{prefix}.{b}.{n}"
+                check_finite(f"{full}.gate_proj", gates[n])
+                hists[full] = Histogram.of(torch.cat([g.reshape(-1) for g in gates[n]]))
+                t = hists[full].threshold(config.sparsity, signed=False)
+                skipped = float(sum((g <= t).sum() for g in gates[n]) / sum(g.numel() for g in gates[n]))
+                layers.append(LayerThreshold(full, config.sparsity, t, skipped))
+                block_of[full] = (b, n)
+        inputs.hidden = outputs
+    modules = dict(model.named_modules())
+    for t in layers:
+        set_module(model, t.name, CATSMLP(modules[t.name], t.threshold))
+    model.train(was_training)
+    return ActivationSparsityReport(config, layers, {}, time.perf_counter() - start, hists, block_of)
 
 
 def sparse_input_layers(model: nn.Module) -> dict[str, SparseInputLinear]:
