@@ -103,3 +103,13 @@ def test_compiles():
     x = torch.randn(2, 48)
     compiled = torch.compile(layer, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_module_to_bfloat16_keeps_working():
+    dense, layer = _pair()
+    layer.set_threshold(0.3)
+    layer.to(torch.bfloat16)  # weight_t, bias and the threshold buffer all become bf16
+    assert layer.weight_t.dtype == torch.bfloat16
+    x = torch.randn(2, 48, dtype=torch.bfloat16)
+    expect = dense(sparse_input_masked(x.float(), layer.threshold.float()))  # the bf16-rounded threshold
+    torch.testing.assert_close(layer(x).float(), expect, rtol=3e-2, atol=3e-2)

@@ -97,7 +97,8 @@ class SparseInputLinear(nn.Module):
         if self.track_sparsity:
             self.seen += x2.numel()
             self.skipped += int((x2.abs() <= threshold).sum())
-        return sparse_input_linear(x2, self.weight_t, threshold, self.bias)  # (N, out)
+        bias = self.bias if self.bias is None or self.bias.dtype == torch.float32 else self.bias.float()
+        return sparse_input_linear(x2, self.weight_t, threshold.float(), bias)  # (N, out); .to(dtype) may have cast them
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
