@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--greedy-samples", type=int, default=2, help="calibration sequences the greedy search runs on")
     p.add_argument("--windows", type=int, default=64, help="perplexity windows")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: small GEMMs, a shared machine)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)

@@ -237,3 +237,13 @@ def test_cats_thresholds_the_gate_output():
     assert all(m.threshold.item() == 0.0 for m in mlps)
     with pytest.raises(ConfigError, match="uniform"):
         ActivationSparsityConfig(method="cats", allocation="greedy")
+
+
+def test_sparse_model_under_torch_compile_matches_eager():
+    model = tiny_model("llama").eval()
+    sparsify_activations_(model, _cfg(sparsity=0.5), calibration=_calib(), progress=False)
+    ids = _calib(2, 8, seed=9)
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        compiled = torch.compile(model, backend="aot_eager")(input_ids=ids).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
