@@ -11,9 +11,9 @@ Per weight dtype (fp32, bf16), batch 1, reported per cell: median ms per pass of
 bytes bound ``(1 - s) x dense-layout time`` where the dense-layout time is the faster of torch dense
 (``F.linear`` on the usual ``(out, in)`` weight) and our own ``s = 0`` pass (both read every byte),
 the cell's fraction of that bound (100% = time falls exactly with the skipped bytes), and the
-speedup over torch dense of the same dtype measured in the same run. Torch baselines run at
-``--threads`` torch threads and at 1, and the faster counts (on a loaded machine torch's spinning
-OpenMP workers can slow the multi-threaded run several times). Batch ``--prefill`` (default
+speedup over torch dense of the same dtype measured in the same run. Every cell (torch and ours)
+runs at ``--threads`` threads and at 1, and the faster counts (on a loaded machine torch's spinning
+OpenMP workers, or a descheduled kernel thread, can slow the multi-threaded run several times). Batch ``--prefill`` (default
 64): torch dense vs the GEMM paths over the same ``(in, out)`` weights (native masked GEMM, and
 torch's matmul on the masked input, the default of ``SparseInputLinear`` for many rows).
 
@@ -80,15 +80,16 @@ def bandwidth_gbs(mib: int) -> float:
     return a.numel() * 4 / statistics.median(ts) / 1e9
 
 
-def time_torch(fn, budget: float, threads: int) -> dict:
-    """time_fn of a torch baseline at ``threads`` torch threads and at 1, the faster kept: on a
-    loaded machine torch's spinning OpenMP workers can make the multi-threaded run far slower."""
+def time_best(fn, budget: float, threads: int, set_threads) -> dict:
+    """time_fn at ``threads`` threads and at 1 (``set_threads(n)`` switches), the faster kept: on a
+    loaded machine a multi-threaded run can be far slower (torch's spinning OpenMP workers, a
+    kernel thread descheduled). Applied alike to torch and to our kernels."""
     best = None
     for n in sorted({threads, 1}, reverse=True):
-        torch.set_num_threads(n)
-        t = dict(time_fn(fn, budget), torch_threads=n)
+        set_threads(n)
+        t = dict(time_fn(fn, budget), threads_used=n)
         best = t if best is None or t["ms"] < best["ms"] else best
-    torch.set_num_threads(threads)
+    set_threads(threads)
     return best
 
 
@@ -105,6 +106,12 @@ def cpu_name() -> str:
 def run(args) -> dict:
     from sparseforge import kernels
     from sparseforge.ops.sparse_input import sparse_input_linear
+
+    def time_torch(fn, budget, threads):
+        return time_best(fn, budget, threads, torch.set_num_threads)
+
+    def time_ours(fn, budget, threads):
+        return time_best(fn, budget, threads, kernels.set_num_threads)
 
     torch.set_num_threads(args.threads)
     kernels.set_num_threads(args.threads)
@@ -138,7 +145,7 @@ def run(args) -> dict:
                 for w_t, x, t in zip(stored, xs, thr):
                     sparse_input_linear(x, w_t, t)
 
-            ours[s] = time_fn(sparse, args.budget)
+            ours[s] = time_ours(sparse, args.budget, args.threads)
         dense_layout = min(t_dense["ms"], ours.get(0.0, t_dense)["ms"])
         for s, t in ours.items():
             bound = (1 - s) * dense_layout
@@ -159,7 +166,8 @@ def run(args) -> dict:
                     if name == "torch dense" and s > 0:
                         continue
                     with torch.no_grad():
-                        t = time_torch(fn, args.budget, args.threads) if "torch" in name else time_fn(fn, args.budget)
+                        timer = time_torch if "torch" in name else time_ours
+                        t = timer(fn, args.budget, args.threads)
                     base = t["ms"] if name == "torch dense" else base
                     rows.append({"dtype": dt_name, "batch": args.prefill, "kernel": name, "sparsity": s, **t,
                                  "vs_torch_dense": base / t["ms"] if base else None})

@@ -57,11 +57,11 @@ void init_rows(const SparseInputProblem& p, int64_t j0, int64_t cw) {
   }
 }
 
-// output columns per GEMV task: about two tasks per thread (dynamic scheduling absorbs a slow
-// core; longer runs per active channel suit the prefetchers better than more, shorter tasks), whole
-// 64-float runs, at least 512 and at most 4096 columns (16 KB of fp32 partial sums, in L1)
+// output columns per GEMV task: about four tasks per thread (dynamic scheduling absorbs a core
+// taken by another process), whole 64-float runs, at least 512 (2 KB of fp32 per active channel and
+// task, a run the prefetchers follow) and at most 4096 columns (16 KB of partial sums, in L1)
 int64_t gemv_col_tile(int64_t out) {
-  const int64_t per = (out + 2 * num_threads() - 1) / (2 * num_threads());
+  const int64_t per = (out + 4 * num_threads() - 1) / (4 * num_threads());
   return min64(4096, max64(512, (per + 63) / 64 * 64));
 }
 
