@@ -113,3 +113,27 @@ def test_module_to_bfloat16_keeps_working():
     x = torch.randn(2, 48, dtype=torch.bfloat16)
     expect = dense(sparse_input_masked(x.float(), layer.threshold.float()))  # the bf16-rounded threshold
     torch.testing.assert_close(layer(x).float(), expect, rtol=3e-2, atol=3e-2)
+
+
+def test_eager_fast_path_sees_new_and_changed_tensors():
+    import copy
+
+    dense, layer = _pair()
+    x = torch.randn(1, 48)
+    layer.set_threshold(0.2)
+    first = layer(x)  # builds the cached views
+    layer.set_threshold(0.9)  # a new threshold tensor
+    torch.testing.assert_close(layer(x), dense(sparse_input_masked(x, torch.tensor([0.9]))), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        layer.threshold.fill_(0.2)  # in place: the cached view shares the memory
+        layer.weight_t.mul_(2.0)
+    torch.testing.assert_close(layer(x) - layer.bias, 2 * (first - layer.bias), rtol=1e-5, atol=1e-5)
+    clone = copy.deepcopy(layer)
+    assert clone._gemv is None
+    with torch.no_grad():
+        clone.weight_t.zero_()
+    torch.testing.assert_close(clone(x), clone.bias.detach().expand(1, 24))
+    assert not torch.equal(layer(x), clone(x))
+    xg = x.clone().requires_grad_()
+    layer(xg).sum().backward()  # autograd takes the registered op, not the fast path
+    assert xg.grad is not None and xg.grad.shape == (1, 48)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from sparseforge.errors import ConfigError, ModelError
-from sparseforge.ops.sparse_input import sparse_input_linear
+from sparseforge.ops.sparse_input import gemv_args, sparse_input_linear
 
 __all__ = ["SparseInputLinear"]
 
@@ -61,6 +61,7 @@ class SparseInputLinear(nn.Module):
         self.track_sparsity = False
         self.seen = 0  # input channels seen while tracking
         self.skipped = 0  # of which skipped
+        self._gemv = None  # (data pointers, gemv_args): the batch-1 eager fast path
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, threshold: "float | Tensor" = 0.0,
@@ -80,6 +81,11 @@ class SparseInputLinear(nn.Module):
                 layer.bias.copy_(linear.bias.detach().float())
         return layer
 
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state["_gemv"] = None  # numpy views of the buffers: never copied or pickled
+        return state
+
     @property
     def weight(self) -> Tensor:
         """``(out, in)`` view of the stored weight (for code that inspects ``.weight``)."""
@@ -93,7 +99,27 @@ class SparseInputLinear(nn.Module):
         """Fraction of input channels skipped since tracking started (NaN when nothing was seen)."""
         return self.skipped / self.seen if self.seen else float("nan")
 
+    def _eager_gemv(self, x2: Tensor) -> Optional[Tensor]:
+        """One float32 row, no autograd, not compiling: the native GEMV on views checked once per
+        storage (a new weight, threshold or bias tensor is rechecked); None where that does not apply."""
+        w, t, b = self.weight_t, self.threshold, self.bias
+        if (x2.shape[0] != 1 or t.dtype != torch.float32 or (b is not None and b.dtype != torch.float32)
+                or torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x2.requires_grad or w.requires_grad
+                                                                                  or (b is not None and b.requires_grad)))):
+            return None
+        key = (w.data_ptr(), w.dtype, t.data_ptr(), t.shape, None if b is None else b.data_ptr())
+        if self._gemv is None or self._gemv[0] != key:
+            self._gemv = (key, gemv_args(w, t, b))
+        kernel, *views = self._gemv[1]
+        y = torch.empty(1, self.out_features)  # (1, out)
+        kernel(x2.detach().numpy(), *views, y.numpy())
+        return y
+
     def _product(self, x2: Tensor, threshold: Tensor) -> Tensor:
+        if threshold is self.threshold and not self.track_sparsity:
+            y = self._eager_gemv(x2)
+            if y is not None:
+                return y
         if self.track_sparsity:
             self.seen += x2.numel()
             self.skipped += int((x2.abs() <= threshold).sum())

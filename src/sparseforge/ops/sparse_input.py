@@ -36,7 +36,7 @@ from torch import Tensor
 from sparseforge.errors import DataError, ModelError, SparseforgeError
 from sparseforge.kernels import native
 
-__all__ = ["sparse_input_linear", "sparse_input_reference", "sparse_input_masked", "active_counts", "ALGOS"]
+__all__ = ["sparse_input_linear", "sparse_input_reference", "sparse_input_masked", "active_counts", "gemv_args", "ALGOS"]
 
 ALGOS = ("auto", "gemv", "gemm", "torch")
 
@@ -46,7 +46,7 @@ def _np(t: Tensor):
     return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
-def _check(x: Tensor, weight_t: Tensor, thresholds: Tensor, bias: Optional[Tensor]) -> tuple[int, int]:
+def _check_weights(weight_t: Tensor, thresholds: Tensor, bias: Optional[Tensor]) -> tuple[int, int]:
     if weight_t.device.type != "cpu" or weight_t.dim() != 2 or weight_t.dtype not in (torch.float32, torch.bfloat16):
         raise ModelError(
             f"weight_t must be a 2-D float32 or bfloat16 CPU tensor (in, out), got {weight_t.dtype} "
@@ -55,8 +55,6 @@ def _check(x: Tensor, weight_t: Tensor, thresholds: Tensor, bias: Optional[Tenso
     if not weight_t.is_contiguous():
         raise ModelError("weight_t must be contiguous (input-channel-major); store linear.weight.t().contiguous()")
     n_in, n_out = weight_t.shape
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != n_in:
-        raise DataError(f"x must be a float32 CPU tensor of shape (batch, {n_in}), got {x.dtype} {tuple(x.shape)} on {x.device}")
     if thresholds.dtype != torch.float32 or thresholds.dim() != 1 or thresholds.shape[0] not in (1, n_in):
         raise ModelError(
             f"thresholds must be float32 of shape (1,) or ({n_in},), got {thresholds.dtype} {tuple(thresholds.shape)}"
@@ -64,6 +62,22 @@ def _check(x: Tensor, weight_t: Tensor, thresholds: Tensor, bias: Optional[Tenso
     if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (n_out,)):
         raise ModelError(f"bias must be float32 of shape ({n_out},), got {bias.dtype} {tuple(bias.shape)}")
     return n_in, n_out
+
+
+def _check(x: Tensor, weight_t: Tensor, thresholds: Tensor, bias: Optional[Tensor]) -> tuple[int, int]:
+    n_in, n_out = _check_weights(weight_t, thresholds, bias)
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != n_in:
+        raise DataError(f"x must be a float32 CPU tensor of shape (batch, {n_in}), got {x.dtype} {tuple(x.shape)} on {x.device}")
+    return n_in, n_out
+
+
+def gemv_args(weight_t: Tensor, thresholds: Tensor, bias: Optional[Tensor]) -> tuple:
+    """``(native kernel, weight view, thresholds view, bias view)``, checked once, for a caller that
+    runs many eager batch-1 calls on the same tensors (the views share their memory):
+    ``kernel(x.numpy(), *views, y.numpy())`` with ``x`` float32 ``(1, in)`` and ``y`` ``(1, out)``."""
+    _check_weights(weight_t, thresholds, bias)
+    views = (_np(weight_t), _np(thresholds.contiguous()), None if bias is None else _np(bias.contiguous()))
+    return (native().sparse_input_linear, *views)
 
 
 def _forward(x: Tensor, weight_t: Tensor, thresholds: Tensor, bias: Optional[Tensor], algo: str = "auto") -> Tensor:
