@@ -137,3 +137,12 @@ def test_eager_fast_path_sees_new_and_changed_tensors():
     xg = x.clone().requires_grad_()
     layer(xg).sum().backward()  # autograd takes the registered op, not the fast path
     assert xg.grad is not None and xg.grad.shape == (1, 48)
+
+
+def test_importing_the_activation_package_stays_cheap():
+    import subprocess
+    import sys
+
+    code = "import sys, sparseforge.activation; print('transformers' in sys.modules, 'sparseforge._native' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
