@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from sparseforge import kernels
     from sparseforge.activation import ActivationSparsityConfig, sparse_input_layers, sparsify_activations_
-    from sparseforge.bench import generate_seconds
+    from sparseforge.evaluation.speed import generate_seconds
     from sparseforge.config import CalibrationConfig
     from sparseforge.layers import set_module
 

@@ -1,10 +1,10 @@
 """Activation-sparsity quality: perplexity of the built-in model under TEAL, uniform vs greedy.
 
-The built-in model (``sparseforge.builtin``, Llama-style, 6 blocks, hidden 256) is calibrated once
+The built-in model (``sparseforge.io.builtin``, Llama-style, 6 blocks, hidden 256) is calibrated once
 per allocation at the highest sparsity (TEAL's histograms; the greedy search records its path up to
 that target), then retargeted to every sparsity in ``--sparsities`` from the same calibration
 (:meth:`ActivationSparsityReport.retarget_`, TEAL's lookup). Perplexity is the project's protocol
-(:func:`sparseforge.evaluate.perplexity`, built-in held-out split) under two conventions:
+(:func:`sparseforge.evaluation.quality.perplexity`, built-in held-out split) under two conventions:
 
 * ``all``: every token's projection inputs are sparsified (what decoding sees);
 * ``teal``: only the second half of each window (TEAL's and R-Sparse's published numbers).
@@ -54,8 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(args) -> dict:
     from sparseforge.activation import ActivationSparsityConfig, set_token_fraction, sparsify_activations_
     from sparseforge.config import CalibrationConfig
-    from sparseforge.evaluate import perplexity
-    from sparseforge.models import load_model
+    from sparseforge.evaluation.quality import perplexity
+    from sparseforge.io.models import load_model
 
     torch.set_num_threads(args.threads)
     loaded = load_model("builtin")

@@ -87,7 +87,7 @@ def calibration_batches(cfg: CalibrationConfig, calibration: Optional[Tensor], t
         if tokenizer is None:
             raise DataError(f"{method} needs calibration data: pass tokenizer= (to draw "
                             f"{cfg.samples} samples from {cfg.source!r}) or calibration= token ids")
-        from sparseforge.data import calibration_tokens
+        from sparseforge.data.calibration import calibration_tokens
 
         calibration = calibration_tokens(tokenizer, cfg)
     if not isinstance(calibration, Tensor) or calibration.dim() != 2 or calibration.numel() == 0:

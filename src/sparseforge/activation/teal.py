@@ -45,7 +45,7 @@ from sparseforge.activation.linear import SparseInputLinear
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.layers import find_blocks, select_targets, set_module
 from sparseforge.ops.sparse_input import sparse_input_masked
-from sparseforge.sequential import BlockInputs, capture_block_inputs, float32_block
+from sparseforge.prune.sequential import BlockInputs, capture_block_inputs, float32_block
 
 __all__ = [
     "GreedyStep", "LayerThreshold", "ActivationSparsityReport", "sparsify_activations_",
