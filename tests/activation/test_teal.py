@@ -247,3 +247,14 @@ def test_sparse_model_under_torch_compile_matches_eager():
         eager = model(input_ids=ids).logits
         compiled = torch.compile(model, backend="aot_eager")(input_ids=ids).logits
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_model_keeps_bfloat16_weights():
+    model = tiny_model("llama", dtype=torch.bfloat16).eval()
+    sparsify_activations_(model, _cfg(sparsity=0.4), calibration=_calib(), progress=False)
+    layers = sparse_input_layers(model)
+    assert layers and all(m.weight_t.dtype == torch.bfloat16 for m in layers.values())
+    out = model.generate(input_ids=_calib(1, 4), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 7)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=_calib(2, 6)).logits.float()).all()
