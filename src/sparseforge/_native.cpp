@@ -6,9 +6,12 @@
 // binding.h, add the file to SF_BINDINGS in CMakeLists.txt and call it below.
 #include "binding.h"
 
+void register_activation(nanobind::module_& mod);  // _native_activation.cpp: activation sparsity
+
 NB_MODULE(_native, m) {
   m.doc() = "sparseforge native CPU kernels (torch-free C++17; see docs/kernels.md)";
   sfb::register_runtime(m);
   sfb::register_sparse_linear(m);
   sfb::register_expert_ffn(m);
+  register_activation(m);
 }
