@@ -417,7 +417,10 @@ void expert_ffn_call(const In& x, const In& experts, const In& weights, const In
 
 }  // namespace
 
+void register_attention(nb::module_& mod);  // _native_attention.cpp
+
 NB_MODULE(_native, mod) {
+  register_attention(mod);
   mod.doc() = "sparseforge native CPU kernels (torch-free C++17; see docs/kernels.md)";
 
   mod.def("isa", [](const std::string& requested) { return std::string(sf::isa_name(resolve(requested))); },

@@ -1,0 +1,193 @@
+// Decode attention: scalar reference (test oracle), portable chunk kernel, run-time dispatch and the
+// driver that cuts the selected spans into chunks, runs them on the thread pool and merges them.
+#include "decode_attention.h"
+
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "decode_attention_kernels.h"
+#include "threadpool.h"
+
+namespace sf {
+
+namespace scalar {
+extern const AttnChunkFn attn_chunk_f32 = attn_chunk_impl<VT::f32>;
+extern const AttnChunkFn attn_chunk_bf16 = attn_chunk_impl<VT::bf16>;
+}  // namespace scalar
+
+namespace {
+
+constexpr int64_t kDefaultChunk = 512;  // tokens per task
+
+std::string str(int64_t v) { return std::to_string(v); }
+
+// Checks the sizes and every span; returns the tokens selected per (b, KV head) (B * Hkv,).
+std::vector<int64_t> check(const DecodeAttnProblem& p) {
+  if (p.B < 1 || p.Hq < 1 || p.Hkv < 1 || p.D < 1 || p.S < 1 || p.n < 1 || p.cap < p.n) {
+    throw std::invalid_argument("decode attention needs B, Hq, Hkv, D, S, n >= 1 and cap >= n; got B=" + str(p.B) +
+                                " Hq=" + str(p.Hq) + " Hkv=" + str(p.Hkv) + " D=" + str(p.D) + " S=" + str(p.S) +
+                                " n=" + str(p.n) + " cap=" + str(p.cap));
+  }
+  if (p.Hq % p.Hkv) {
+    throw std::invalid_argument("query heads (" + str(p.Hq) + ") must be a multiple of key/value heads (" + str(p.Hkv) + ")");
+  }
+  std::vector<int64_t> selected(static_cast<size_t>(p.B * p.Hkv), 0);
+  for (int64_t bh = 0; bh < p.B * p.Hkv; ++bh) {
+    int64_t end = 0;
+    for (int64_t s = 0; s < p.S; ++s) {
+      const int64_t start = p.spans[(bh * p.S + s) * 2], len = p.spans[(bh * p.S + s) * 2 + 1];
+      if (len == 0) continue;
+      if (len < 0 || start < end || start + len > p.n) {
+        throw std::invalid_argument("span [" + str(start) + ", +" + str(len) + ") of (batch " + str(bh / p.Hkv) +
+                                    ", kv head " + str(bh % p.Hkv) + ") must be ascending, disjoint and inside [0, " +
+                                    str(p.n) + ")");
+      }
+      end = start + len;
+      selected[bh] += len;
+    }
+    if (selected[bh] == 0) {
+      throw std::invalid_argument("no token selected for (batch " + str(bh / p.Hkv) + ", kv head " + str(bh % p.Hkv) + ")");
+    }
+  }
+  return selected;
+}
+
+AttnChunkFn kernel(Isa isa, VT vt) {
+#if defined(SF_HAVE_X86_KERNELS)
+  if (isa == Isa::avx512) return vt == VT::f32 ? avx512::attn_chunk_f32 : avx512::attn_chunk_bf16;
+  if (isa == Isa::avx2) return vt == VT::f32 ? avx2::attn_chunk_f32 : avx2::attn_chunk_bf16;
+#endif
+  (void)isa;
+  return vt == VT::f32 ? scalar::attn_chunk_f32 : scalar::attn_chunk_bf16;
+}
+
+float value_at(const DecodeAttnProblem& p, const void* base, int64_t i) {
+  return p.vt == VT::f32 ? load_val<VT::f32>(base, i) : load_val<VT::bf16>(base, i);
+}
+
+}  // namespace
+
+void decode_attention_ref(const DecodeAttnProblem& p) {
+  check(p);
+  const int64_t G = p.Hq / p.Hkv, D = p.D;
+  std::vector<float> sc;
+  for (int64_t b = 0; b < p.B; ++b) {
+    for (int64_t h = 0; h < p.Hq; ++h) {
+      const int64_t kvh = h / G, bh = b * p.Hkv + kvh, base = bh * p.cap * D;
+      const float* q = p.q + (b * p.Hq + h) * D;
+      float* o = p.out + (b * p.Hq + h) * D;
+      sc.clear();
+      std::vector<int64_t> toks;
+      for (int64_t s = 0; s < p.S; ++s) {
+        const int64_t start = p.spans[(bh * p.S + s) * 2], len = p.spans[(bh * p.S + s) * 2 + 1];
+        for (int64_t t = start; t < start + len; ++t) {
+          float a = 0.f;
+          for (int64_t d = 0; d < D; ++d) a += q[d] * value_at(p, p.k, base + t * D + d);
+          sc.push_back(a * p.scale);
+          toks.push_back(t);
+        }
+      }
+      float mx = -std::numeric_limits<float>::infinity();
+      for (float v : sc) mx = v > mx ? v : mx;
+      float sum = 0.f;
+      for (float& v : sc) {
+        v = std::exp(v - mx);
+        sum += v;
+      }
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+      for (size_t i = 0; i < sc.size(); ++i) {
+        for (int64_t d = 0; d < D; ++d) o[d] += sc[i] * value_at(p, p.v, base + toks[i] * D + d);
+      }
+      for (int64_t d = 0; d < D; ++d) o[d] /= sum;
+    }
+  }
+}
+
+void decode_attention(const DecodeAttnProblem& p, Isa isa, int64_t chunk, bool parallel) {
+  const std::vector<int64_t> selected = check(p);
+  const AttnChunkFn fn = kernel(isa, p.vt);
+  const int64_t G = p.Hq / p.Hkv, D = p.D, BH = p.B * p.Hkv;
+  const int64_t ct = chunk > 0 ? chunk : kDefaultChunk;
+  // Chunks: consecutive pieces of the selected spans of one (b, KV head), ct tokens each (the last
+  // of a head may be shorter). pieces (np, 2) in chunk order; chunk c owns pieces [first[c], first[c + 1]).
+  std::vector<int32_t> pieces;
+  std::vector<int64_t> first, owner;  // owner: (b, KV head) of each chunk
+  std::vector<int64_t> head_first(static_cast<size_t>(BH) + 1, 0);
+  for (int64_t bh = 0; bh < BH; ++bh) {
+    head_first[bh] = static_cast<int64_t>(owner.size());
+    int64_t room = 0;  // tokens left in the current chunk
+    for (int64_t s = 0; s < p.S; ++s) {
+      int64_t start = p.spans[(bh * p.S + s) * 2], len = p.spans[(bh * p.S + s) * 2 + 1];
+      while (len > 0) {
+        if (room == 0) {
+          first.push_back(static_cast<int64_t>(pieces.size() / 2));
+          owner.push_back(bh);
+          room = ct;
+        }
+        const int64_t take = min64(room, len);
+        pieces.push_back(static_cast<int32_t>(start));
+        pieces.push_back(static_cast<int32_t>(take));
+        start += take;
+        len -= take;
+        room -= take;
+      }
+    }
+  }
+  head_first[BH] = static_cast<int64_t>(owner.size());
+  const int64_t nc = static_cast<int64_t>(owner.size());
+  first.push_back(static_cast<int64_t>(pieces.size() / 2));
+
+  // scaled queries (B * Hkv, G, D); partial results per chunk
+  std::unique_ptr<float[]> qs(new float[p.B * p.Hq * D]);
+  for (int64_t i = 0; i < p.B * p.Hq * D; ++i) qs[i] = p.q[i] * p.scale;
+  std::unique_ptr<float[]> pm(new float[nc * G]), pl(new float[nc * G]), pacc(new float[nc * G * D]);
+  const int nthreads = num_threads();
+  std::unique_ptr<float[]> scratch(new float[static_cast<int64_t>(nthreads) * G * kAttnBlock]);
+  const size_t elt = p.vt == VT::f32 ? 4 : 2;
+  int64_t total = 0;
+  for (int64_t v : selected) total += v;
+  const bool par = parallel && nc > 1 && total * G * D >= (int64_t{1} << 14);
+  parallel_for(
+      nc,
+      [&](int64_t ci, int worker) {
+        const int64_t bh = owner[ci];
+        AttnChunk c;
+        c.q = qs.get() + bh * G * D;
+        c.k = static_cast<const char*>(p.k) + static_cast<size_t>(bh * p.cap * D) * elt;
+        c.v = static_cast<const char*>(p.v) + static_cast<size_t>(bh * p.cap * D) * elt;
+        c.G = G;
+        c.D = D;
+        c.pieces = pieces.data() + 2 * first[ci];
+        c.np = first[ci + 1] - first[ci];
+        c.m = pm.get() + ci * G;
+        c.l = pl.get() + ci * G;
+        c.acc = pacc.get() + ci * G * D;
+        c.scratch = scratch.get() + static_cast<int64_t>(worker) * G * kAttnBlock;
+        fn(c);
+      },
+      par);
+  // merge the chunks of each (b, KV head) in chunk order
+  for (int64_t bh = 0; bh < BH; ++bh) {
+    for (int64_t g = 0; g < G; ++g) {
+      float M = -std::numeric_limits<float>::infinity();
+      for (int64_t ci = head_first[bh]; ci < head_first[bh + 1]; ++ci) M = pm[ci * G + g] > M ? pm[ci * G + g] : M;
+      float* o = p.out + (bh * G + g) * D;  // query head h = kvh * G + g of batch b: (b * Hq + h) = bh * G + g
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+      float L = 0.f;
+      for (int64_t ci = head_first[bh]; ci < head_first[bh + 1]; ++ci) {
+        const float w = head_first[bh + 1] - head_first[bh] == 1 ? 1.f : std::exp(pm[ci * G + g] - M);
+        L += w * pl[ci * G + g];
+        const float* a = pacc.get() + (ci * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * a[d];
+      }
+      const float inv = 1.f / L;
+      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+    }
+  }
+}
+
+}  // namespace sf

@@ -1,0 +1,64 @@
+// Decode attention over a KV cache, reading only the token spans a sparsity policy selects.
+//
+// One new query token per sequence (decode), grouped-query attention (GQA: Hq query heads share
+// Hkv key/value heads, group G = Hq / Hkv, query head h reads KV head h / G):
+//   q      (B, Hq, D)            float32
+//   k, v   (B, Hkv, cap, D)      float32 or bfloat16 (raw bits), tokens [0, n) valid
+//   spans  (B, Hkv, S, 2) int32  per KV head: [start, length) token spans, ascending and disjoint,
+//                                length 0 = unused slot; together they are the tokens attended
+//   out    (B, Hq, D)            float32:
+//     out[b, h] = sum_{t in spans[b, h / G]} softmax_t(scale * q[b, h] . k[b, h / G, t]) v[b, h / G, t]
+//
+// Algorithm (decode_attention): the selected tokens of each (b, KV head) are cut into chunks of
+// `chunk` tokens (split-K, "flash-decoding"); a task streams one chunk's keys and values once for
+// all G query heads of the group, with an online softmax (running max m, running sum l, rescaled
+// accumulator), in blocks of 64 tokens: G x 64 scores, one vectorised exp per score, then the
+// value rows are added into the G accumulators. The partial (m, l, acc) of the chunks are merged in
+// chunk order, so results do not depend on the thread count. The chunk size depends on the shapes
+// only. No fast-math: a NaN in q propagates; exp underflows to 0 below -87.3.
+#pragma once
+
+#include "common.h"
+
+namespace sf {
+
+struct DecodeAttnProblem {
+  const float* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  VT vt = VT::f32;
+  int64_t B = 0, Hq = 0, Hkv = 0, D = 0;
+  int64_t cap = 0;  // tokens allocated per (b, KV head): row stride cap * D
+  int64_t n = 0;    // valid tokens; spans must lie in [0, n)
+  const int32_t* spans = nullptr;
+  int64_t S = 0;  // span slots per (b, KV head)
+  float scale = 1.f;
+  float* out = nullptr;
+};
+
+// One chunk of one (b, KV head): its G query rows (pre-scaled), its keys / values, its spans.
+struct AttnChunk {
+  const float* q = nullptr;  // (G, D), already multiplied by scale
+  const void* k = nullptr;   // (cap, D) of this KV head
+  const void* v = nullptr;
+  int64_t G = 0, D = 0;
+  const int32_t* pieces = nullptr;  // (np, 2): [start, length) token ranges of the chunk
+  int64_t np = 0;
+  float* m = nullptr;    // (G,) running max of the scores, out
+  float* l = nullptr;    // (G,) sum of exp(score - m), out
+  float* acc = nullptr;  // (G, D) sum of exp(score - m) * v, out
+  float* scratch = nullptr;  // (G, 64) scores of a block
+};
+
+using AttnChunkFn = void (*)(const AttnChunk& c);
+namespace scalar { extern const AttnChunkFn attn_chunk_f32, attn_chunk_bf16; }
+namespace avx2 { extern const AttnChunkFn attn_chunk_f32, attn_chunk_bf16; }
+namespace avx512 { extern const AttnChunkFn attn_chunk_f32, attn_chunk_bf16; }
+
+// Throws std::invalid_argument for bad sizes, a span outside [0, n), spans out of order or
+// overlapping, or a KV head with no token selected. chunk: tokens per task (0 = automatic, 512).
+void decode_attention(const DecodeAttnProblem& p, Isa isa, int64_t chunk = 0, bool parallel = true);
+// Scalar reference (the test oracle): two passes per query head (max, then exp-sum), std::exp.
+void decode_attention_ref(const DecodeAttnProblem& p);
+
+}  // namespace sf

@@ -1,0 +1,155 @@
+// One decode-attention chunk (decode_attention.h, AttnChunk), written once with the native vector of
+// the including file (lanes.h: zmm in decode_attention_avx512.cpp, ymm in decode_attention_avx2.cpp,
+// SSE in decode_attention.cpp). Internal linkage throughout.
+//
+// Per block of up to 64 tokens: scores s[g][j] = q_g . k_j for the G query rows (four keys at a time,
+// one horizontal sum per four dot products), then per query row the online-softmax update
+//   m' = max(m, max_j s[g][j]),  c = exp(m - m'),  p_j = exp(s[g][j] - m'),
+//   l = c * l + sum_j p_j,  acc = c * acc + sum_j p_j v_j
+// with a vectorised exp; the value rows are loaded once per block for all G rows.
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+#include "decode_attention.h"
+#include "lanes.h"
+#include "sddmm.h"
+
+namespace sf {
+// attn_chunk_impl<VT> is the AttnChunkFn of the including file's ISA (see decode_attention.h).
+namespace {
+
+constexpr int64_t kAttnBlock = 64;  // tokens per softmax block (scratch is G x 64 floats)
+
+typedef float vflu_a __attribute__((vector_size(kVL * 4), aligned(4)));  // unaligned float load / store
+typedef uint16_t vu16_a __attribute__((vector_size(kVL * 2), aligned(2)));
+typedef uint32_t vu32_a __attribute__((vector_size(kVL * 4)));
+typedef int32_t vi32_a __attribute__((vector_size(kVL * 4)));
+
+// kVL elements at p as float32 (bfloat16: the bits shifted into the high half, exact)
+template <VT V>
+inline vfl ld_a(const void* p, int64_t i) {
+  if constexpr (V == VT::f32) {
+    return *reinterpret_cast<const vflu_a*>(static_cast<const float*>(p) + i);
+  } else {
+    const vu16_a h = *reinterpret_cast<const vu16_a*>(static_cast<const uint16_t*>(p) + i);
+    const vu32_a w = __builtin_convertvector(h, vu32_a) << 16;
+    return reinterpret_cast<vfl>(w);
+  }
+}
+
+// exp(x) for x <= 0 (the softmax only needs that range): x = n ln2 + r, |r| <= ln2 / 2, a degree-6
+// polynomial for e^r, times 2^n built in the exponent bits; 0 below -87.3 (and for -inf), NaN stays NaN.
+inline vfl exp_neg(vfl x) {
+  const vfl lo = vfl{} - 87.3f;
+  const auto under = x < lo;  // -inf included
+  x = under ? lo : x;
+  const vfl magic = vfl{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  const vfl t = x * 1.44269504088896341f + magic;
+  const vfl nf = t - magic;
+  const vfl r = (x - nf * 0.693359375f) - nf * -2.12194440e-4f;
+  vfl poly = vfl{} + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  poly = poly * r * r + r + 1.f;
+  const vi32_a ni = __builtin_convertvector(nf, vi32_a);
+  const vfl scale = reinterpret_cast<vfl>((ni + 127) << 23);
+  const vfl y = poly * scale;
+  return under ? vfl{} : y;
+}
+
+inline float exp_neg1(float x) {
+  vfl v = vfl{} + x;
+  return exp_neg(v)[0];
+}
+
+template <VT V>
+void attn_chunk_impl(const AttnChunk& c) {
+  const int64_t G = c.G, D = c.D, dv = D - D % kVL;  // dv: dimensions done by vectors
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int64_t g = 0; g < G; ++g) {
+    c.m[g] = ninf;
+    c.l[g] = 0.f;
+    for (int64_t d = 0; d < D; ++d) c.acc[g * D + d] = 0.f;
+  }
+  float* s = c.scratch;  // (G, 64)
+  for (int64_t pc = 0; pc < c.np; ++pc) {
+    const int64_t start = c.pieces[2 * pc], len = c.pieces[2 * pc + 1];
+    for (int64_t t0 = start; t0 < start + len; t0 += kAttnBlock) {
+      const int64_t nt = min64(kAttnBlock, start + len - t0);
+      // scores s[g][j] = q_g . k_{t0 + j}
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = c.q + g * D;
+        int64_t j = 0;
+        for (; j + 4 <= nt; j += 4) {
+          vfl a0 = vfl{}, a1 = vfl{}, a2 = vfl{}, a3 = vfl{};
+          const int64_t r0 = (t0 + j) * D;
+          for (int64_t d = 0; d < dv; d += kVL) {
+            const vfl qv = *reinterpret_cast<const vflu_a*>(qg + d);
+            a0 += qv * ld_a<V>(c.k, r0 + d);
+            a1 += qv * ld_a<V>(c.k, r0 + D + d);
+            a2 += qv * ld_a<V>(c.k, r0 + 2 * D + d);
+            a3 += qv * ld_a<V>(c.k, r0 + 3 * D + d);
+          }
+          float* sj = s + g * kAttnBlock + j;
+          hsum4(a0, a1, a2, a3, sj);
+          for (int64_t d = dv; d < D; ++d) {
+            for (int i = 0; i < 4; ++i) sj[i] += qg[d] * load_val<V>(c.k, r0 + i * D + d);
+          }
+        }
+        for (; j < nt; ++j) {
+          vfl a = vfl{};
+          const int64_t r0 = (t0 + j) * D;
+          for (int64_t d = 0; d < dv; d += kVL) a += *reinterpret_cast<const vflu_a*>(qg + d) * ld_a<V>(c.k, r0 + d);
+          float sv = hsum_vfl(a);
+          for (int64_t d = dv; d < D; ++d) sv += qg[d] * load_val<V>(c.k, r0 + d);
+          s[g * kAttnBlock + j] = sv;
+        }
+        // pad the block to whole vectors with -inf (exp gives 0)
+        for (int64_t jj = nt; jj < kAttnBlock && jj % kVL; ++jj) s[g * kAttnBlock + jj] = ninf;
+      }
+      const int64_t ntv = (nt + kVL - 1) / kVL * kVL;
+      // online softmax update per query row; s becomes the probabilities p
+      for (int64_t g = 0; g < G; ++g) {
+        float* sg = s + g * kAttnBlock;
+        float bm = ninf;
+        for (int64_t j = 0; j < nt; ++j) bm = sg[j] > bm ? sg[j] : bm;
+        const float m_new = c.m[g] > bm ? c.m[g] : bm;
+        const float corr = c.m[g] == ninf ? 0.f : exp_neg1(c.m[g] - m_new);
+        vfl lsum = vfl{};
+        for (int64_t j = 0; j < ntv; j += kVL) {
+          const vfl p = exp_neg(*reinterpret_cast<const vflu_a*>(sg + j) - m_new);
+          *reinterpret_cast<vflu_a*>(sg + j) = p;
+          lsum += p;
+        }
+        c.l[g] = c.l[g] * corr + hsum_vfl(lsum);
+        c.m[g] = m_new;
+        if (corr != 1.f) {
+          float* ag = c.acc + g * D;
+          for (int64_t d = 0; d < D; ++d) ag[d] *= corr;
+        }
+      }
+      // acc_g += p_gj * v_j, each value row loaded once for the G rows
+      for (int64_t j = 0; j < nt; ++j) {
+        const int64_t r0 = (t0 + j) * D;
+        for (int64_t d = 0; d < dv; d += kVL) {
+          const vfl vv = ld_a<V>(c.v, r0 + d);
+          for (int64_t g = 0; g < G; ++g) {
+            vflu_a* ap = reinterpret_cast<vflu_a*>(c.acc + g * D + d);
+            *ap = *ap + s[g * kAttnBlock + j] * vv;
+          }
+        }
+        for (int64_t d = dv; d < D; ++d) {
+          const float vv = load_val<V>(c.v, r0 + d);
+          for (int64_t g = 0; g < G; ++g) c.acc[g * D + d] += s[g * kAttnBlock + j] * vv;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace sf

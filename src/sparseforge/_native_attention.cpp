@@ -1,0 +1,124 @@
+// nanobind binding of the decode-attention kernel (csrc/decode_attention.h) over raw buffers:
+//   decode_attention(q, k, v, spans, n, scale, out, isa="", chunk=0, parallel=True)
+//   decode_attention_ref(q, k, v, spans, n, scale, out)          (the scalar oracle)
+// q (B, Hq, D) float32; k, v (B, Hkv, cap, D) float32, or bfloat16 as raw uint16 bits; spans
+// (B, Hkv, S, 2) int32 [start, length); out (B, Hq, D) float32, overwritten. All C-contiguous, CPU.
+// Bad input raises ValueError (std::invalid_argument) naming the argument; an unknown or unsupported
+// isa raises sparseforge.errors.ConfigError.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "decode_attention.h"
+#include "isa.h"
+#include "threadpool.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+using In = nb::ndarray<nb::ro>;
+using Out = nb::ndarray<>;
+
+sf::Isa resolve_or_config_error(const std::string& isa) {
+  try {
+    return sf::resolve_isa(isa.c_str());
+  } catch (const std::invalid_argument& e) {
+    nb::object cls = nb::module_::import_("sparseforge.errors").attr("ConfigError");
+    PyErr_SetString(cls.ptr(), e.what());
+    throw nb::python_error();
+  }
+}
+
+template <class A>
+void require(const A& a, const char* name, size_t ndim) {
+  if (a.device_type() != nb::device::cpu::value) throw std::invalid_argument(std::string(name) + " must be on the CPU");
+  if (a.ndim() != ndim) {
+    throw std::invalid_argument(std::string(name) + " must have " + std::to_string(ndim) + " dimensions, got " +
+                                std::to_string(a.ndim()));
+  }
+  int64_t expect = 1;
+  for (size_t d = ndim; d-- > 0;) {
+    if (a.shape(d) > 1 && a.stride(d) != expect) {
+      throw std::invalid_argument(std::string(name) + " must be C-contiguous (call .contiguous() first)");
+    }
+    expect *= static_cast<int64_t>(a.shape(d));
+  }
+}
+
+int64_t sz(const In& a, size_t d) { return static_cast<int64_t>(a.shape(d)); }
+
+sf::DecodeAttnProblem problem(const In& q, const In& k, const In& v, const In& spans, int64_t n, double scale,
+                              const Out& out) {
+  require(q, "q", 3);
+  require(k, "k", 4);
+  require(v, "v", 4);
+  require(spans, "spans", 4);
+  require(out, "out", 3);
+  if (q.dtype() != nb::dtype<float>() || out.dtype() != nb::dtype<float>()) {
+    throw std::invalid_argument("q and out must be float32");
+  }
+  if (spans.dtype() != nb::dtype<int32_t>()) throw std::invalid_argument("spans must be int32");
+  sf::DecodeAttnProblem p;
+  if (k.dtype() == nb::dtype<float>() && v.dtype() == nb::dtype<float>()) {
+    p.vt = sf::VT::f32;
+  } else if (k.dtype() == nb::dtype<uint16_t>() && v.dtype() == nb::dtype<uint16_t>()) {
+    p.vt = sf::VT::bf16;
+  } else {
+    throw std::invalid_argument("k and v must both be float32 or both bfloat16 (raw uint16 bits)");
+  }
+  p.B = sz(q, 0);
+  p.Hq = sz(q, 1);
+  p.D = sz(q, 2);
+  p.Hkv = sz(k, 1);
+  p.cap = sz(k, 2);
+  p.S = sz(spans, 2);
+  for (size_t d = 0; d < 4; ++d) {
+    if (k.shape(d) != v.shape(d)) throw std::invalid_argument("k and v must have the same shape");
+  }
+  if (sz(k, 0) != p.B || sz(k, 3) != p.D) throw std::invalid_argument("k must be (B, Hkv, cap, D) with q's B and D");
+  if (sz(spans, 0) != p.B || sz(spans, 1) != p.Hkv || sz(spans, 3) != 2) {
+    throw std::invalid_argument("spans must be (B, Hkv, S, 2) with k's B and Hkv");
+  }
+  if (static_cast<int64_t>(out.shape(0)) != p.B || static_cast<int64_t>(out.shape(1)) != p.Hq ||
+      static_cast<int64_t>(out.shape(2)) != p.D) {
+    throw std::invalid_argument("out must have q's shape");
+  }
+  p.q = static_cast<const float*>(q.data());
+  p.k = k.data();
+  p.v = v.data();
+  p.n = n;
+  p.spans = static_cast<const int32_t*>(spans.data());
+  p.scale = static_cast<float>(scale);
+  p.out = static_cast<float*>(out.data());
+  return p;
+}
+
+}  // namespace
+
+void register_attention(nb::module_& mod) {
+  mod.def(
+      "decode_attention",
+      [](const In& q, const In& k, const In& v, const In& spans, int64_t n, double scale, const Out& out,
+         const std::string& isa, int64_t chunk, bool parallel) {
+        const sf::DecodeAttnProblem p = problem(q, k, v, spans, n, scale, out);
+        const sf::Isa i = resolve_or_config_error(isa);
+        sf::num_threads();
+        nb::gil_scoped_release rel;
+        sf::decode_attention(p, i, chunk, parallel);
+      },
+      "q"_a, "k"_a, "v"_a, "spans"_a, "n"_a, "scale"_a, "out"_a, "isa"_a = "", "chunk"_a = 0, "parallel"_a = true,
+      "Decode attention over the selected token spans of a KV cache (csrc/decode_attention.h).");
+  mod.def(
+      "decode_attention_ref",
+      [](const In& q, const In& k, const In& v, const In& spans, int64_t n, double scale, const Out& out) {
+        const sf::DecodeAttnProblem p = problem(q, k, v, spans, n, scale, out);
+        nb::gil_scoped_release rel;
+        sf::decode_attention_ref(p);
+      },
+      "q"_a, "k"_a, "v"_a, "spans"_a, "n"_a, "scale"_a, "out"_a, "Scalar reference of decode_attention (the oracle).");
+}

@@ -1,0 +1,89 @@
+"""``sparseforge::decode_attention``: one decode step of attention over the selected spans of a KV cache.
+
+Native kernel ``csrc/decode_attention.h`` (AVX-512 / AVX2 / scalar chosen at run time, threads over
+KV heads and chunks of tokens, online softmax). Shapes:
+
+* ``q`` float32 ``(B, Hq, D)``: the new query of each sequence (one token);
+* ``k``, ``v`` float32 or bfloat16 ``(B, Hkv, cap, D)``: the cache storage, tokens ``[0, n)`` valid,
+  ``Hq`` a multiple of ``Hkv`` (grouped-query attention: query head ``h`` reads KV head ``h // (Hq // Hkv)``);
+* ``spans`` int32 ``(B, Hkv, S, 2)``: per KV head, ``[start, length)`` token spans, ascending and
+  disjoint, length 0 for unused slots; the tokens they cover are the ones attended;
+* returns float32 ``(B, Hq, D)``: ``softmax(scale * q . k_t) v_t`` over the selected tokens ``t``.
+
+With one span ``[0, n)`` per head it equals ``torch.nn.functional.scaled_dot_product_attention``
+(within float rounding). No autograd: decode attention is inference only.
+
+Example:
+    >>> import torch
+    >>> from sparseforge.ops.decode_attention import decode_attention
+    >>> q, k, v = torch.ones(1, 2, 4), torch.ones(1, 1, 8, 4), torch.arange(8.).view(1, 1, 8, 1).expand(1, 1, 8, 4)
+    >>> spans = torch.tensor([[[[0, 8]]]], dtype=torch.int32)
+    >>> decode_attention(q, k, v.contiguous(), spans, 8, 0.5)[0, 0].tolist()
+    [3.5, 3.5, 3.5, 3.5]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sparseforge.errors import DataError, SparseforgeError
+from sparseforge.kernels import native
+from sparseforge.ops._define import np_view
+
+__all__ = ["decode_attention", "decode_attention_ref", "check_decode_args"]
+
+KV_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def check_decode_args(q: Tensor, k: Tensor, v: Tensor, spans: Tensor, n: int) -> None:
+    """Raises :class:`DataError` saying which argument of a decode-attention call is wrong."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("spans", spans)):
+        if t.device.type != "cpu":
+            raise DataError(f"{name} is on {t.device}; decode attention runs on the CPU")
+        if not t.is_contiguous():
+            raise DataError(f"{name} must be contiguous; call .contiguous() first")
+    if q.dtype != torch.float32 or q.dim() != 3:
+        raise DataError(f"q must be float32 (B, Hq, D), got {q.dtype} {tuple(q.shape)}")
+    if k.dtype not in KV_DTYPES or k.dtype != v.dtype or k.dim() != 4 or k.shape != v.shape:
+        raise DataError(
+            f"k and v must both be float32 or bfloat16 (B, Hkv, cap, D) of one shape, got {k.dtype} {tuple(k.shape)} "
+            f"and {v.dtype} {tuple(v.shape)}"
+        )
+    B, Hq, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D or Hq % k.shape[1]:
+        raise DataError(f"k {tuple(k.shape)} does not fit q {tuple(q.shape)}: need (B, Hkv, cap, D) with Hq % Hkv == 0")
+    if spans.dtype != torch.int32 or spans.dim() != 4 or spans.shape[:2] != k.shape[:2] or spans.shape[3] != 2:
+        raise DataError(f"spans must be int32 (B, Hkv, S, 2) = {(B, k.shape[1], 'S', 2)}, got {spans.dtype} {tuple(spans.shape)}")
+    if not 1 <= n <= k.shape[2]:
+        raise DataError(f"n={n} valid tokens must be in [1, {k.shape[2]}] (the cache capacity)")
+
+
+def _call(fn_name: str, q: Tensor, k: Tensor, v: Tensor, spans: Tensor, n: int, scale: float, **kw) -> Tensor:
+    check_decode_args(q, k, v, spans, n)
+    out = torch.empty(q.shape, dtype=torch.float32)
+    try:
+        getattr(native(), fn_name)(np_view(q), np_view(k), np_view(v), spans.numpy(), int(n), float(scale), out.numpy(), **kw)
+    except SparseforgeError:
+        raise  # a bad SPARSEFORGE_ISA (ConfigError)
+    except ValueError as exc:  # a span outside [0, n), out of order, or a head with nothing selected
+        raise DataError(str(exc)) from None
+    return out
+
+
+@torch.library.custom_op("sparseforge::decode_attention", mutates_args=())
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, spans: Tensor, n: int, scale: float) -> Tensor:
+    """``(B, Hq, D)`` attention of ``q`` over the tokens of ``k``/``v`` that ``spans`` select (see the module doc)."""
+    return _call("decode_attention", q, k, v, spans, n, scale)
+
+
+@decode_attention.register_fake
+def _(q, k, v, spans, n, scale):
+    if not isinstance(n, torch.SymInt):
+        check_decode_args(q, k, v, spans, n)
+    return q.new_empty(q.shape)
+
+
+def decode_attention_ref(q: Tensor, k: Tensor, v: Tensor, spans: Tensor, n: int, scale: float) -> Tensor:
+    """The scalar reference kernel (test oracle) on the same arguments."""
+    return _call("decode_attention_ref", q, k, v, spans, n, scale)

@@ -1,0 +1,187 @@
+"""Native decode attention (csrc/decode_attention*, ``sparseforge::decode_attention``): every ISA
+against the scalar reference and a float64 masked-softmax oracle, GQA groups, float32 / bfloat16
+caches, arbitrary spans (property test), chunk and thread independence, dense == torch SDPA, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparseforge import kernels
+from sparseforge.errors import ConfigError, DataError
+from sparseforge.ops.decode_attention import decode_attention, decode_attention_ref
+
+N = kernels.native()
+ISAS = [i for i in kernels.ISAS if kernels.cpu_supports(i)]
+
+
+def _problem(B=1, Hq=8, Hkv=2, D=64, cap=300, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, D, generator=g) * 2
+    k = torch.randn(B, Hkv, cap, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, cap, D, generator=g).to(dtype)
+    return q, k, v
+
+
+def _spans(B, Hkv, pairs):
+    """The same [start, length) list for every (b, KV head) -> int32 (B, Hkv, S, 2)."""
+    return torch.tensor(pairs, dtype=torch.int32).view(1, 1, -1, 2).expand(B, Hkv, -1, -1).contiguous()
+
+
+def _oracle(q, k, v, spans, scale):
+    """float64 softmax attention over the selected tokens, GQA by repeating KV heads."""
+    B, Hq, D = q.shape
+    Hkv, cap = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    mask = torch.zeros(B, Hkv, cap, dtype=torch.bool)
+    for b in range(B):
+        for h in range(Hkv):
+            for start, length in spans[b, h].tolist():
+                mask[b, h, start:start + length] = True
+    kk = k.double().repeat_interleave(G, 1)  # (B, Hq, cap, D)
+    vv = v.double().repeat_interleave(G, 1)
+    s = torch.einsum("bhd,bhtd->bht", q.double(), kk) * scale
+    s = s.masked_fill(~mask.repeat_interleave(G, 1), float("-inf"))
+    return torch.einsum("bht,bhtd->bhd", s.softmax(-1), vv)
+
+
+def _native(q, k, v, spans, n, scale, isa="", chunk=0, parallel=True):
+    out = torch.full(q.shape, float("nan"))
+    view = (lambda t: t.view(torch.uint16).numpy()) if k.dtype == torch.bfloat16 else (lambda t: t.numpy())
+    N.decode_attention(q.numpy(), view(k), view(v), spans.numpy(), n, scale, out.numpy(), isa, chunk, parallel)
+    return out
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D,G", [(64, 4), (128, 1), (13, 3), (8, 7)])
+def test_every_isa_matches_reference_and_oracle(isa, dtype, D, G):
+    B, Hkv, cap = 2, 2, 300
+    q, k, v = _problem(B, Hkv * G, Hkv, D, cap, dtype=dtype)
+    spans = _spans(B, Hkv, [[0, 4], [40, 77], [150, 16], [290, 7]])
+    scale = D ** -0.5
+    got = _native(q, k, v, spans, 297, scale, isa, chunk=37)
+    ref = decode_attention_ref(q, k, v, spans, 297, scale)
+    want = _oracle(q, k, v, spans, scale)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    n=st.integers(1, 200),
+    cuts=st.lists(st.integers(0, 200), min_size=1, max_size=12),
+    chunk=st.integers(1, 70),
+    G=st.sampled_from([1, 2, 4]),
+    isa=st.sampled_from(ISAS),
+)
+def test_any_spans_match_the_oracle(seed, n, cuts, chunk, G, isa):
+    """Property: for any ascending disjoint span list (at least one token), kernel == float64 oracle."""
+    bounds = sorted({c % (n + 1) for c in cuts} | {0, n})
+    pairs = [[a, b - a] for a, b in zip(bounds[:-1:2], bounds[1::2])]  # every other interval
+    pairs = [p for p in pairs if p[1] > 0] or [[0, n]]
+    q, k, v = _problem(1, 2 * G, 2, 16, 200, seed)
+    spans = _spans(1, 2, pairs)
+    got = _native(q, k, v, spans, n, 0.3, isa, chunk)
+    torch.testing.assert_close(got.double(), _oracle(q, k, v, spans, 0.3), rtol=2e-5, atol=2e-5)
+
+
+def test_different_spans_per_head_and_padding_slots():
+    q, k, v = _problem(2, 4, 2, 32, 100)
+    spans = torch.zeros(2, 2, 3, 2, dtype=torch.int32)  # length-0 slots are unused
+    spans[0, 0, 0] = torch.tensor([0, 100])
+    spans[0, 1, 1] = torch.tensor([10, 5])
+    spans[1, 0, :2] = torch.tensor([[0, 1], [99, 1]])
+    spans[1, 1, 2] = torch.tensor([50, 50])
+    got = decode_attention(q, k, v, spans, 100, 0.2)
+    torch.testing.assert_close(got.double(), _oracle(q, k, v, spans, 0.2), rtol=1e-5, atol=1e-5)
+
+
+def test_chunks_and_threads_give_bitwise_equal_results():
+    q, k, v = _problem(1, 8, 2, 64, 3000)
+    spans = _spans(1, 2, [[0, 3000]])
+    base = _native(q, k, v, spans, 3000, 0.125, chunk=256, parallel=False)
+    torch.testing.assert_close(_native(q, k, v, spans, 3000, 0.125, chunk=256, parallel=True), base, rtol=0, atol=0)
+    with kernels.sparse_threads(1):
+        torch.testing.assert_close(_native(q, k, v, spans, 3000, 0.125, chunk=256), base, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_spans_equal_torch_sdpa(dtype):
+    B, Hq, Hkv, D, n = 2, 32, 8, 64, 1000
+    q, k, v = _problem(B, Hq, Hkv, D, n + 24, dtype=dtype)
+    spans = _spans(B, Hkv, [[0, n]])
+    got = decode_attention(q, k, v, spans, n, D ** -0.5)
+    want = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k[:, :, :n].float(), v[:, :, :n].float(), enable_gqa=True
+    ).squeeze(2)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_large_scores_do_not_overflow():
+    q, k, v = _problem(1, 2, 1, 16, 64)
+    q *= 1000.0  # scores ~ 1e4: exp without the running max would overflow
+    spans = _spans(1, 1, [[0, 64]])
+    got = decode_attention(q, k, v, spans, 64, 1.0)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), _oracle(q, k, v, spans, 1.0), rtol=1e-5, atol=1e-5)
+
+
+def test_nan_query_propagates():
+    q, k, v = _problem(1, 2, 1, 16, 32)
+    q[0, 1, 3] = float("nan")
+    got = decode_attention(q, k, v, _spans(1, 1, [[0, 32]]), 32, 0.25)
+    assert torch.isnan(got[0, 1]).all() and torch.isfinite(got[0, 0]).all()
+
+
+@pytest.mark.parametrize(
+    "pairs,n,match",
+    [
+        ([[0, 10], [5, 10]], 32, "ascending, disjoint"),
+        ([[10, 5], [0, 5]], 32, "ascending, disjoint"),
+        ([[30, 5]], 32, r"inside \[0, 32\)"),
+        ([[0, -1]], 32, "ascending"),
+        ([[0, 0]], 32, "no token selected"),
+    ],
+)
+def test_bad_spans_raise_one_line_errors(pairs, n, match):
+    q, k, v = _problem(1, 2, 1, 16, 40)
+    with pytest.raises(DataError, match=match):
+        decode_attention(q, k, v, _spans(1, 1, pairs), n, 0.25)
+
+
+def test_bad_arguments_raise():
+    q, k, v = _problem(1, 4, 2, 16, 40)
+    spans = _spans(1, 2, [[0, 8]])
+    with pytest.raises(DataError, match="q must be float32"):
+        decode_attention(q.double(), k, v, spans, 8, 0.25)
+    with pytest.raises(DataError, match="k and v must both"):
+        decode_attention(q, k, v.bfloat16(), spans, 8, 0.25)
+    with pytest.raises(DataError, match="does not fit q"):
+        decode_attention(q[:, :3].contiguous(), k, v, spans, 8, 0.25)
+    with pytest.raises(DataError, match="spans must be int32"):
+        decode_attention(q, k, v, spans.long(), 8, 0.25)
+    with pytest.raises(DataError, match="valid tokens"):
+        decode_attention(q, k, v, spans, 41, 0.25)
+    with pytest.raises(DataError, match="contiguous"):
+        decode_attention(q, k.transpose(2, 3), v, spans, 8, 0.25)
+
+
+def test_unknown_isa_is_a_config_error(monkeypatch):
+    q, k, v = _problem(1, 2, 1, 16, 8)
+    monkeypatch.setenv("SPARSEFORGE_ISA", "sse9")
+    with pytest.raises(ConfigError):
+        decode_attention(q, k, v, _spans(1, 1, [[0, 8]]), 8, 0.25)
+
+
+def test_fake_impl_gives_the_shape():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q, k, v = torch.empty(1, 8, 64), torch.empty(1, 2, 32, 64), torch.empty(1, 2, 32, 64)
+        out = torch.ops.sparseforge.decode_attention(q, k, v, torch.empty(1, 2, 1, 2, dtype=torch.int32), 32, 0.1)
+    assert out.shape == (1, 8, 64) and out.dtype == torch.float32
