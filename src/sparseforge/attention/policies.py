@@ -1,0 +1,182 @@
+"""Which cached tokens a decode step attends to: ``Dense``, ``StreamingLLM`` and ``Quest``.
+
+A policy turns the state of one layer's cache (:class:`~sparseforge.attention.cache.PagedLayer`) and
+the step's query into **token spans** per KV head, int32 ``(B, Hkv, S, 2)`` of ``[start, length)``,
+ascending and disjoint (length 0 = unused slot), which the native decode-attention kernel
+(:func:`sparseforge.ops.decode_attention.decode_attention`) reads and nothing else. Prefill (more
+than one query token) is always dense. Policies are frozen dataclasses, validated at construction.
+
+* :class:`Dense`: every cached token (the baseline; equals torch SDPA).
+* :class:`StreamingLLM`: the first ``sinks`` tokens and the last ``window`` tokens
+  (Xiao et al., "Efficient Streaming Language Models with Attention Sinks", ICLR 2024).
+  Positions: keys stay as transformers cached them, rotated at their **text positions**, and are
+  never re-rotated; the middle is skipped, not evicted. So window tokens sit at their true distance
+  from the query, and the sinks at their true (larger) distance, where the paper re-indexes
+  positions inside the cache (sinks at distance ``sinks + window``). Valid within the model's
+  trained context; it bounds the bytes read per step, not the memory held.
+* :class:`Quest`: per KV head, the ``budget // page_size`` pages with the largest upper bound on
+  ``q . k`` (Tang et al., "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference",
+  ICML 2024; mit-han-lab/Quest). The bound of a page is ``sum_d max(q_d max_d, q_d min_d)`` from the
+  page's per-channel key minimum and maximum; for grouped-query attention it is summed over the
+  query heads of the group, so each page is read once per KV head (the reference code selects per
+  query head after ``repeat_kv``). As the Quest kernels do, the newest (partial) page is always read
+  and the budget counts it; the first ``dense_layers`` (2) layers and prefill stay dense, and a
+  budget at least the context length is dense.
+
+Example:
+    >>> from sparseforge.attention import Quest
+    >>> Quest(budget=2048).pages()
+    128
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from sparseforge.errors import ConfigError
+
+__all__ = ["Policy", "Dense", "StreamingLLM", "Quest", "dense_spans"]
+
+
+def dense_spans(batch: int, kv_heads: int, n: int) -> Tensor:
+    """int32 ``(B, Hkv, 1, 2)``: one span ``[0, n)`` per KV head."""
+    spans = torch.empty(batch, kv_heads, 1, 2, dtype=torch.int32)
+    spans[..., 0] = 0
+    spans[..., 1] = n
+    return spans
+
+
+def _positive(name: str, value, owner: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{owner}: {name} must be a positive integer, got {value!r}")
+
+
+class Policy:
+    """Base class: ``spans(layer, query, layer_idx)`` -> int32 ``(B, Hkv, S, 2)`` token spans.
+
+    ``layer`` is the layer's :class:`~sparseforge.attention.cache.PagedLayer` after this step's
+    token was appended (``layer.n`` tokens); ``query`` float32 ``(B, Hq, D)``, rotated.
+    """
+
+    def check_page_size(self, page_size: int) -> None:
+        """Raises :class:`ConfigError` if the policy cannot run on pages of ``page_size`` tokens."""
+
+    def spans(self, layer, query: Tensor, layer_idx: int) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Dense(Policy):
+    """Attend to every cached token (the baseline)."""
+
+    def spans(self, layer, query: Tensor, layer_idx: int) -> Tensor:
+        return dense_spans(layer.batch, layer.kv_heads, layer.n)
+
+
+@dataclass(frozen=True)
+class StreamingLLM(Policy):
+    """The first ``sinks`` tokens plus the most recent ``window`` tokens (the current one included).
+
+    Example:
+        >>> StreamingLLM(sinks=4, window=1020)
+        StreamingLLM(sinks=4, window=1020)
+    """
+
+    sinks: int = 4
+    window: int = 1020
+
+    def __post_init__(self):
+        if not isinstance(self.sinks, int) or isinstance(self.sinks, bool) or self.sinks < 0:
+            raise ConfigError(f"StreamingLLM: sinks must be an integer >= 0, got {self.sinks!r}")
+        _positive("window", self.window, "StreamingLLM")
+
+    def spans(self, layer, query: Tensor, layer_idx: int) -> Tensor:
+        n = layer.n
+        if n <= self.sinks + self.window:
+            return dense_spans(layer.batch, layer.kv_heads, n)
+        spans = torch.empty(layer.batch, layer.kv_heads, 2, 2, dtype=torch.int32)
+        spans[..., 0, 0] = 0
+        spans[..., 0, 1] = self.sinks
+        spans[..., 1, 0] = n - self.window
+        spans[..., 1, 1] = self.window
+        return spans
+
+
+@dataclass(frozen=True)
+class Quest(Policy):
+    """Query-aware page selection: ``budget`` tokens = ``budget // page_size`` pages per KV head.
+
+    ``page_size``: ``None`` takes the cache's; if given it must equal the cache's. ``budget`` must
+    be a multiple of the page size. ``dense_layers``: the first layers attend densely (Quest: 2).
+
+    Example:
+        >>> Quest(budget=64, page_size=16).pages()
+        4
+    """
+
+    budget: int = 2048
+    page_size: Optional[int] = None
+    dense_layers: int = 2
+
+    def __post_init__(self):
+        _positive("budget", self.budget, "Quest")
+        if self.page_size is not None:
+            _positive("page_size", self.page_size, "Quest")
+            self._check_fit(self.page_size)
+        if not isinstance(self.dense_layers, int) or self.dense_layers < 0:
+            raise ConfigError(f"Quest: dense_layers must be an integer >= 0, got {self.dense_layers!r}")
+
+    def _check_fit(self, page_size: int) -> None:
+        if self.budget % page_size:
+            raise ConfigError(
+                f"Quest: budget {self.budget} is not a multiple of the page size {page_size}; use "
+                f"{max(page_size, self.budget // page_size * page_size)} (whole pages are read)"
+            )
+
+    def check_page_size(self, page_size: int) -> None:
+        if self.page_size is not None and self.page_size != page_size:
+            raise ConfigError(
+                f"Quest(page_size={self.page_size}) does not match the cache's page_size={page_size}; "
+                "leave Quest's page_size unset or make them equal"
+            )
+        self._check_fit(page_size)
+
+    def pages(self, page_size: int = 16) -> int:
+        """Pages read per KV head and step (the newest page included)."""
+        return self.budget // (self.page_size or page_size)
+
+    def spans(self, layer, query: Tensor, layer_idx: int) -> Tensor:
+        n, P = layer.n, layer.page_size
+        if layer_idx < self.dense_layers or n <= self.budget:
+            return dense_spans(layer.batch, layer.kv_heads, n)
+        npages = (n + P - 1) // P
+        k = self.budget // P  # pages read, the newest included
+        full = npages - 1  # candidate pages (all but the newest)
+        B, Hkv = layer.batch, layer.kv_heads
+        scores = page_scores(query, *layer.page_bounds(full))  # (B, Hkv, full)
+        top = scores.topk(k - 1, dim=-1).indices.sort(dim=-1).values if k > 1 else scores.new_empty(B, Hkv, 0, dtype=torch.long)
+        spans = torch.empty(B, Hkv, k, 2, dtype=torch.int32)
+        spans[..., : k - 1, 0] = (top * P).to(torch.int32)
+        spans[..., : k - 1, 1] = P
+        spans[..., k - 1, 0] = full * P
+        spans[..., k - 1, 1] = n - full * P
+        return spans
+
+
+def page_scores(query: Tensor, kmin: Tensor, kmax: Tensor) -> Tensor:
+    """Quest's upper bound of ``q . k`` per page, summed over each KV head's query group.
+
+    query float32 ``(B, Hq, D)``; kmin, kmax ``(B, Hkv, pages, D)`` -> float32 ``(B, Hkv, pages)``.
+    ``max(q_d M_d, q_d m_d) = relu(q_d) M_d + min(q_d, 0) m_d`` since ``M_d >= m_d``, so the sum over
+    the group needs only the group's summed positive and negative query parts.
+    """
+    B, Hq, D = query.shape
+    Hkv = kmin.shape[1]
+    q = query.view(B, Hkv, Hq // Hkv, D)
+    qpos = q.clamp(min=0).sum(2).unsqueeze(-1).to(kmax.dtype)  # (B, Hkv, D, 1)
+    qneg = q.clamp(max=0).sum(2).unsqueeze(-1).to(kmin.dtype)
+    return (torch.matmul(kmax, qpos) + torch.matmul(kmin, qneg)).squeeze(-1).float()

@@ -1,0 +1,164 @@
+"""Policies (sparseforge.attention.policies) against first-principles oracles: Quest's page choice
+against the bound computed from the raw keys per query head and summed over the GQA group (and the
+bound really bounds q . k), StreamingLLM's spans, and the decode attention of each policy against
+SDPA masked to exactly the tokens the policy names; padding and sliding-window clipping."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparseforge.attention import Dense, PagedKVCache, Quest, StreamingLLM, sparseforge_attention
+from sparseforge.attention.interface import clip_spans
+from sparseforge.errors import DataError, ModelError
+
+
+def _filled(n, B=1, Hkv=2, D=16, page=16, seed=0, dtype=torch.float32, policy=None):
+    g = torch.Generator().manual_seed(seed)
+    cache = PagedKVCache(num_layers=4, page_size=page, policy=policy or Dense())
+    k = torch.randn(B, Hkv, n, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, n, D, generator=g).to(dtype)
+    cache.update(k, v, 3)
+    return cache.layers[3], k, v
+
+
+def _mask(spans, n):
+    """bool (B, Hkv, n): the tokens the spans select."""
+    B, Hkv = spans.shape[:2]
+    m = torch.zeros(B, Hkv, n, dtype=torch.bool)
+    for b in range(B):
+        for h in range(Hkv):
+            for s, length in spans[b, h].tolist():
+                m[b, h, s:s + length] = True
+    return m
+
+
+def _brute_force_quest(q, keys, P, pages_read):
+    """Page indices per (b, KV head): top (pages_read - 1) complete pages by the bound
+    sum_{g in group} sum_d max_{t in page} q_gd k_td, plus the newest page."""
+    B, Hq, D = q.shape
+    Hkv, n = keys.shape[1], keys.shape[2]
+    G, npages = Hq // Hkv, -(-n // P)
+    out = []
+    for b in range(B):
+        row = []
+        for h in range(Hkv):
+            scores = []
+            for p in range(npages - 1):
+                page = keys[b, h, p * P:(p + 1) * P].double()  # (P, D)
+                s = sum((q[b, h * G + g].double() * page).amax(0).sum() for g in range(G))
+                scores.append(float(s))
+            top = sorted(sorted(range(npages - 1), key=lambda i: -scores[i])[:pages_read - 1])
+            row.append(top + [npages - 1])
+        out.append(row)
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(65, 400), budget_pages=st.integers(2, 4), G=st.sampled_from([1, 2, 4]), seed=st.integers(0, 999))
+def test_quest_picks_the_pages_with_the_largest_group_bound(n, budget_pages, G, seed):
+    P = 16
+    layer, keys, _ = _filled(n, Hkv=2, page=P, seed=seed)
+    q = torch.randn(1, 2 * G, 16, generator=torch.Generator().manual_seed(seed + 1))
+    spans = Quest(budget=budget_pages * P).spans(layer, q, layer_idx=5)
+    want = _brute_force_quest(q, keys, P, budget_pages)
+    got = [[[s // P for s in spans[0, h, :, 0].tolist()]] for h in range(2)]
+    assert [g[0] for g in got] == want[0]
+    assert spans[0, :, -1, 1].tolist() == [n - (-(-n // P) - 1) * P] * 2  # the newest page, partial
+    assert (spans[0, :, :-1, 1] == P).all()
+
+
+def test_quest_bound_is_an_upper_bound_of_every_score_in_the_page():
+    layer, keys, _ = _filled(160, Hkv=1, D=32, seed=3)
+    from sparseforge.attention.policies import page_scores
+
+    q = torch.randn(1, 1, 32)
+    bound = page_scores(q, *layer.page_bounds(10))[0, 0]  # (10,)
+    actual = (keys[0, 0] @ q[0, 0]).view(10, 16).amax(1)
+    assert (bound >= actual - 1e-5).all()
+
+
+def test_quest_is_dense_in_the_first_layers_and_within_budget():
+    layer, _, _ = _filled(200)
+    q = torch.randn(1, 2, 16)
+    dense = [[[0, 200]]] * 2
+    assert Quest(budget=64).spans(layer, q, layer_idx=1)[0].tolist() == dense
+    assert Quest(budget=208).spans(layer, q, layer_idx=7)[0].tolist() == dense
+    assert Quest(budget=64, dense_layers=0).spans(layer, q, layer_idx=0).shape == (1, 2, 4, 2)
+
+
+def test_streaming_spans():
+    layer, _, _ = _filled(100)
+    q = torch.randn(1, 2, 16)
+    assert StreamingLLM(sinks=4, window=20).spans(layer, q, 0)[0, 0].tolist() == [[0, 4], [80, 20]]
+    assert StreamingLLM(sinks=0, window=20).spans(layer, q, 0)[0, 0].tolist() == [[0, 0], [80, 20]]
+    assert StreamingLLM(sinks=4, window=96).spans(layer, q, 0)[0, 0].tolist() == [[0, 100]]
+
+
+def _decode(layer, q, mask=None, **kw):
+    """sparseforge_attention for one decode query q (B, Hq, D) through a stand-in attention module."""
+    module = SimpleNamespace(layer_idx=3)
+    B, Hq, D = q.shape
+    out, _ = sparseforge_attention(module, q.unsqueeze(2), layer.keys, layer.values, mask, scaling=D ** -0.5,
+                                   sparseforge_kv_layer=layer, **kw)
+    return out.view(B, Hq, D)
+
+
+def _sdpa_over(q, keys, values, allowed):
+    G = q.shape[1] // keys.shape[1]
+    m = allowed.repeat_interleave(G, 1).unsqueeze(2)  # (B, Hq, 1, n)
+    return F.scaled_dot_product_attention(q.unsqueeze(2), keys.float().repeat_interleave(G, 1),
+                                          values.float().repeat_interleave(G, 1), attn_mask=m).squeeze(2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("policy", [Dense(), StreamingLLM(4, 50), Quest(budget=64, dense_layers=0)])
+def test_decode_equals_sdpa_over_the_selected_tokens(policy, dtype):
+    n = 300
+    layer, keys, values = _filled(n, B=2, Hkv=2, D=32, dtype=dtype, policy=policy)
+    q = torch.randn(2, 8, 32)
+    spans = policy.spans(layer, q, 3)
+    got = _decode(layer, q)
+    want = _sdpa_over(q, keys, values, _mask(spans, n))
+    torch.testing.assert_close(got, want.to(dtype).float(), rtol=2e-2 if dtype == torch.bfloat16 else 1e-4, atol=1e-4)
+    if not isinstance(policy, Dense):
+        assert _mask(spans, n).sum() < 2 * 2 * n  # really sparse
+
+
+def test_left_padding_and_sliding_window_clip_the_spans():
+    n = 120
+    layer, keys, values = _filled(n, B=2, Hkv=2, D=16)
+    q = torch.randn(2, 4, 16)
+    allowed = torch.ones(2, 1, 1, n, dtype=torch.bool)
+    allowed[0, ..., :7] = False  # row 0 left-padded by 7 tokens
+    got = _decode(layer, q, allowed)
+    torch.testing.assert_close(got, _sdpa_over(q, keys, values, allowed[:, 0, 0].unsqueeze(1).expand(2, 2, n)), rtol=1e-4, atol=1e-5)
+    got = _decode(layer, q, None, sliding_window=30)
+    window = torch.zeros(2, 2, n, dtype=torch.bool)
+    window[..., n - 30:] = True
+    torch.testing.assert_close(got, _sdpa_over(q, keys, values, window), rtol=1e-4, atol=1e-5)
+
+
+def test_padding_in_the_middle_is_an_error():
+    layer, _, _ = _filled(40)
+    allowed = torch.ones(1, 1, 1, 40, dtype=torch.bool)
+    allowed[..., 10] = False
+    with pytest.raises(DataError, match="padding on the left only"):
+        _decode(layer, torch.randn(1, 2, 16), allowed)
+
+
+def test_clip_spans():
+    spans = torch.tensor([[[[0, 4], [10, 10], [30, 5]]]], dtype=torch.int32)
+    assert clip_spans(spans, torch.tensor([12]))[0, 0].tolist() == [[0, 0], [12, 8], [30, 5]]
+
+
+def test_decoding_without_a_paged_cache_names_the_module():
+    module = SimpleNamespace(layer_idx=0)
+    q = torch.randn(1, 2, 1, 8)
+    with pytest.raises(ModelError, match="SimpleNamespace did not hand one"):
+        sparseforge_attention(module, q, torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), None, scaling=0.3)
