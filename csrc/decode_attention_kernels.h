@@ -66,6 +66,77 @@ inline float exp_neg1(float x) {
   return exp_neg(v)[0];
 }
 
+constexpr int64_t kMaxRegGroup = 8;  // query rows per KV head whose accumulators stay in registers
+
+// acc[g, d:d+kVL] += sum_j p[g][j] v[t0 + j, d:d+kVL] for GT query rows: the GT accumulators of one
+// vector of dimensions stay in registers while the block's value rows stream through.
+template <VT V, int GT>
+void accumulate_values(const AttnChunk& c, const float* p, int64_t t0, int64_t nt, int64_t dv) {
+  const int64_t D = c.D;
+  for (int64_t d = 0; d < dv; d += kVL) {
+    vfl a[GT];
+    for (int g = 0; g < GT; ++g) a[g] = *reinterpret_cast<const vflu_a*>(c.acc + g * D + d);
+    const int64_t base = t0 * D + d;
+    for (int64_t j = 0; j < nt; ++j) {
+      const vfl vv = ld_a<V>(c.v, base + j * D);
+      for (int g = 0; g < GT; ++g) a[g] += p[g * kAttnBlock + j] * vv;
+    }
+    for (int g = 0; g < GT; ++g) *reinterpret_cast<vflu_a*>(c.acc + g * D + d) = a[g];
+  }
+}
+
+template <VT V>
+void accumulate_values_reg(const AttnChunk& c, const float* p, int64_t t0, int64_t nt, int64_t dv) {
+  switch (c.G) {
+    case 1: accumulate_values<V, 1>(c, p, t0, nt, dv); break;
+    case 2: accumulate_values<V, 2>(c, p, t0, nt, dv); break;
+    case 3: accumulate_values<V, 3>(c, p, t0, nt, dv); break;
+    case 4: accumulate_values<V, 4>(c, p, t0, nt, dv); break;
+    case 5: accumulate_values<V, 5>(c, p, t0, nt, dv); break;
+    case 6: accumulate_values<V, 6>(c, p, t0, nt, dv); break;
+    case 7: accumulate_values<V, 7>(c, p, t0, nt, dv); break;
+    default: accumulate_values<V, 8>(c, p, t0, nt, dv); break;
+  }
+}
+
+// s[g][j] = q_g . k_{t0 + j} over the vector part of D (dv) for the GS query rows g0.. (GS <= 4):
+// four keys at a time, each key vector loaded once for the GS rows (4 x GS accumulators), then one
+// shared horizontal sum per row and four keys.
+template <VT V, int GS>
+void block_scores(const AttnChunk& c, int64_t g0, float* s, int64_t t0, int64_t nt, int64_t dv) {
+  const int64_t D = c.D;
+  const float* q = c.q + g0 * D;
+  int64_t j = 0;
+  for (; j + 4 <= nt; j += 4) {
+    vfl a[GS][4];
+    for (int g = 0; g < GS; ++g)
+      for (int i = 0; i < 4; ++i) a[g][i] = vfl{};
+    const int64_t r0 = (t0 + j) * D;
+    for (int64_t d = 0; d < dv; d += kVL) {
+      const vfl k0 = ld_a<V>(c.k, r0 + d), k1 = ld_a<V>(c.k, r0 + D + d), k2 = ld_a<V>(c.k, r0 + 2 * D + d),
+                k3 = ld_a<V>(c.k, r0 + 3 * D + d);
+      for (int g = 0; g < GS; ++g) {
+        const vfl qv = *reinterpret_cast<const vflu_a*>(q + g * D + d);
+        a[g][0] += qv * k0;
+        a[g][1] += qv * k1;
+        a[g][2] += qv * k2;
+        a[g][3] += qv * k3;
+      }
+    }
+    for (int g = 0; g < GS; ++g) hsum4(a[g][0], a[g][1], a[g][2], a[g][3], s + (g0 + g) * kAttnBlock + j);
+  }
+  for (; j < nt; ++j) {
+    vfl a[GS];
+    for (int g = 0; g < GS; ++g) a[g] = vfl{};
+    const int64_t r0 = (t0 + j) * D;
+    for (int64_t d = 0; d < dv; d += kVL) {
+      const vfl kv = ld_a<V>(c.k, r0 + d);
+      for (int g = 0; g < GS; ++g) a[g] += *reinterpret_cast<const vflu_a*>(q + g * D + d) * kv;
+    }
+    for (int g = 0; g < GS; ++g) s[(g0 + g) * kAttnBlock + j] = hsum_vfl(a[g]);
+  }
+}
+
 template <VT V>
 void attn_chunk_impl(const AttnChunk& c) {
   const int64_t G = c.G, D = c.D, dv = D - D % kVL;  // dv: dimensions done by vectors
@@ -80,36 +151,22 @@ void attn_chunk_impl(const AttnChunk& c) {
     const int64_t start = c.pieces[2 * pc], len = c.pieces[2 * pc + 1];
     for (int64_t t0 = start; t0 < start + len; t0 += kAttnBlock) {
       const int64_t nt = min64(kAttnBlock, start + len - t0);
-      // scores s[g][j] = q_g . k_{t0 + j}
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qg = c.q + g * D;
-        int64_t j = 0;
-        for (; j + 4 <= nt; j += 4) {
-          vfl a0 = vfl{}, a1 = vfl{}, a2 = vfl{}, a3 = vfl{};
-          const int64_t r0 = (t0 + j) * D;
-          for (int64_t d = 0; d < dv; d += kVL) {
-            const vfl qv = *reinterpret_cast<const vflu_a*>(qg + d);
-            a0 += qv * ld_a<V>(c.k, r0 + d);
-            a1 += qv * ld_a<V>(c.k, r0 + D + d);
-            a2 += qv * ld_a<V>(c.k, r0 + 2 * D + d);
-            a3 += qv * ld_a<V>(c.k, r0 + 3 * D + d);
-          }
-          float* sj = s + g * kAttnBlock + j;
-          hsum4(a0, a1, a2, a3, sj);
-          for (int64_t d = dv; d < D; ++d) {
-            for (int i = 0; i < 4; ++i) sj[i] += qg[d] * load_val<V>(c.k, r0 + i * D + d);
-          }
+      // scores s[g][j] = q_g . k_{t0 + j}, query rows in groups of up to 4
+      for (int64_t g0 = 0; g0 < G; g0 += 4) {
+        switch (min64(4, G - g0)) {
+          case 1: block_scores<V, 1>(c, g0, s, t0, nt, dv); break;
+          case 2: block_scores<V, 2>(c, g0, s, t0, nt, dv); break;
+          case 3: block_scores<V, 3>(c, g0, s, t0, nt, dv); break;
+          default: block_scores<V, 4>(c, g0, s, t0, nt, dv); break;
         }
-        for (; j < nt; ++j) {
-          vfl a = vfl{};
-          const int64_t r0 = (t0 + j) * D;
-          for (int64_t d = 0; d < dv; d += kVL) a += *reinterpret_cast<const vflu_a*>(qg + d) * ld_a<V>(c.k, r0 + d);
-          float sv = hsum_vfl(a);
-          for (int64_t d = dv; d < D; ++d) sv += qg[d] * load_val<V>(c.k, r0 + d);
-          s[g * kAttnBlock + j] = sv;
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* sg = s + g * kAttnBlock;
+        for (int64_t j = 0; j < nt; ++j) {
+          for (int64_t d = dv; d < c.D; ++d) sg[j] += c.q[g * c.D + d] * load_val<V>(c.k, (t0 + j) * c.D + d);
         }
         // pad the block to whole vectors with -inf (exp gives 0)
-        for (int64_t jj = nt; jj < kAttnBlock && jj % kVL; ++jj) s[g * kAttnBlock + jj] = ninf;
+        for (int64_t jj = nt; jj < kAttnBlock && jj % kVL; ++jj) sg[jj] = ninf;
       }
       const int64_t ntv = (nt + kVL - 1) / kVL * kVL;
       // online softmax update per query row; s becomes the probabilities p
@@ -133,15 +190,22 @@ void attn_chunk_impl(const AttnChunk& c) {
         }
       }
       // acc_g += p_gj * v_j, each value row loaded once for the G rows
-      for (int64_t j = 0; j < nt; ++j) {
-        const int64_t r0 = (t0 + j) * D;
-        for (int64_t d = 0; d < dv; d += kVL) {
-          const vfl vv = ld_a<V>(c.v, r0 + d);
-          for (int64_t g = 0; g < G; ++g) {
-            vflu_a* ap = reinterpret_cast<vflu_a*>(c.acc + g * D + d);
-            *ap = *ap + s[g * kAttnBlock + j] * vv;
+      if (G <= kMaxRegGroup) {
+        accumulate_values_reg<V>(c, s, t0, nt, dv);
+      } else {
+        for (int64_t j = 0; j < nt; ++j) {
+          const int64_t r0 = (t0 + j) * D;
+          for (int64_t d = 0; d < dv; d += kVL) {
+            const vfl vv = ld_a<V>(c.v, r0 + d);
+            for (int64_t g = 0; g < G; ++g) {
+              vflu_a* ap = reinterpret_cast<vflu_a*>(c.acc + g * D + d);
+              *ap = *ap + s[g * kAttnBlock + j] * vv;
+            }
           }
         }
+      }
+      for (int64_t j = 0; j < nt; ++j) {
+        const int64_t r0 = (t0 + j) * D;
         for (int64_t d = dv; d < D; ++d) {
           const float vv = load_val<V>(c.v, r0 + d);
           for (int64_t g = 0; g < G; ++g) c.acc[g * D + d] += s[g * kAttnBlock + j] * vv;
