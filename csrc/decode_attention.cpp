@@ -2,6 +2,7 @@
 // driver that cuts the selected spans into chunks, runs them on the thread pool and merges them.
 #include "decode_attention.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -17,6 +18,8 @@ namespace sf {
 namespace scalar {
 extern const AttnChunkFn attn_chunk_f32 = attn_chunk_impl<VT::f32>;
 extern const AttnChunkFn attn_chunk_bf16 = attn_chunk_impl<VT::bf16>;
+extern const PageScoreFn page_score_f32 = page_score_impl<VT::f32>;
+extern const PageScoreFn page_score_bf16 = page_score_impl<VT::bf16>;
 }  // namespace scalar
 
 namespace {
@@ -65,8 +68,38 @@ AttnChunkFn kernel(Isa isa, VT vt) {
   return vt == VT::f32 ? scalar::attn_chunk_f32 : scalar::attn_chunk_bf16;
 }
 
-float value_at(const DecodeAttnProblem& p, const void* base, int64_t i) {
-  return p.vt == VT::f32 ? load_val<VT::f32>(base, i) : load_val<VT::bf16>(base, i);
+PageScoreFn score_kernel(Isa isa, VT vt) {
+#if defined(SF_HAVE_X86_KERNELS)
+  if (isa == Isa::avx512) return vt == VT::f32 ? avx512::page_score_f32 : avx512::page_score_bf16;
+  if (isa == Isa::avx2) return vt == VT::f32 ? avx2::page_score_f32 : avx2::page_score_bf16;
+#endif
+  (void)isa;
+  return vt == VT::f32 ? scalar::page_score_f32 : scalar::page_score_bf16;
+}
+
+void check_select(const QuestSelectProblem& p) {
+  if (p.B < 1 || p.Hq < 1 || p.Hkv < 1 || p.D < 1 || p.Hq % p.Hkv || p.pages < 0 || p.keep < 0 || p.keep > p.pages ||
+      p.pages > p.pcap) {
+    throw std::invalid_argument("Quest selection needs B, Hq, Hkv, D >= 1, Hq % Hkv == 0 and 0 <= keep <= pages <= "
+                                "allocated pages; got B=" + str(p.B) + " Hq=" + str(p.Hq) + " Hkv=" + str(p.Hkv) +
+                                " D=" + str(p.D) + " keep=" + str(p.keep) + " pages=" + str(p.pages) +
+                                " allocated=" + str(p.pcap));
+  }
+}
+
+// chosen[0:keep] = the keep highest scores (ties: lower page), ascending page order
+void top_pages(std::vector<float>& score, std::vector<int32_t>& idx, int64_t keep, int32_t* chosen) {
+  const int64_t n = static_cast<int64_t>(score.size());
+  idx.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) idx[i] = static_cast<int32_t>(i);
+  auto better = [&](int32_t a, int32_t b) { return score[a] > score[b] || (score[a] == score[b] && a < b); };
+  if (keep < n) std::nth_element(idx.begin(), idx.begin() + keep, idx.end(), better);
+  std::sort(idx.begin(), idx.begin() + keep);
+  for (int64_t i = 0; i < keep; ++i) chosen[i] = idx[i];
+}
+
+float value_at(VT vt, const void* base, int64_t i) {
+  return vt == VT::f32 ? load_val<VT::f32>(base, i) : load_val<VT::bf16>(base, i);
 }
 
 }  // namespace
@@ -86,7 +119,7 @@ void decode_attention_ref(const DecodeAttnProblem& p) {
         const int64_t start = p.spans[(bh * p.S + s) * 2], len = p.spans[(bh * p.S + s) * 2 + 1];
         for (int64_t t = start; t < start + len; ++t) {
           float a = 0.f;
-          for (int64_t d = 0; d < D; ++d) a += q[d] * value_at(p, p.k, base + t * D + d);
+          for (int64_t d = 0; d < D; ++d) a += q[d] * value_at(p.vt, p.k, base + t * D + d);
           sc.push_back(a * p.scale);
           toks.push_back(t);
         }
@@ -100,7 +133,7 @@ void decode_attention_ref(const DecodeAttnProblem& p) {
       }
       for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
       for (size_t i = 0; i < sc.size(); ++i) {
-        for (int64_t d = 0; d < D; ++d) o[d] += sc[i] * value_at(p, p.v, base + toks[i] * D + d);
+        for (int64_t d = 0; d < D; ++d) o[d] += sc[i] * value_at(p.vt, p.v, base + toks[i] * D + d);
       }
       for (int64_t d = 0; d < D; ++d) o[d] /= sum;
     }
@@ -188,6 +221,52 @@ void decode_attention(const DecodeAttnProblem& p, Isa isa, int64_t chunk, bool p
       for (int64_t d = 0; d < D; ++d) o[d] *= inv;
     }
   }
+}
+
+void quest_select_ref(const QuestSelectProblem& p) {
+  check_select(p);
+  const int64_t G = p.Hq / p.Hkv, D = p.D;
+  std::vector<float> score;
+  std::vector<int32_t> idx;
+  for (int64_t bh = 0; bh < p.B * p.Hkv; ++bh) {
+    score.assign(static_cast<size_t>(p.pages), 0.f);
+    for (int64_t pg = 0; pg < p.pages; ++pg) {
+      const int64_t r0 = (bh * p.pcap + pg) * D;
+      float s = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* q = p.q + (bh * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) {
+          const float hi = q[d] * value_at(p.vt, p.kmax, r0 + d), lo = q[d] * value_at(p.vt, p.kmin, r0 + d);
+          s += hi > lo ? hi : lo;
+        }
+      }
+      score[pg] = s;
+    }
+    top_pages(score, idx, p.keep, p.chosen + bh * p.keep);
+  }
+}
+
+void quest_select(const QuestSelectProblem& p, Isa isa, bool parallel) {
+  check_select(p);
+  const PageScoreFn fn = score_kernel(isa, p.vt);
+  const int64_t G = p.Hq / p.Hkv, D = p.D, BH = p.B * p.Hkv;
+  const size_t elt = p.vt == VT::f32 ? 4 : 2;
+  parallel_for(
+      BH,
+      [&](int64_t bh, int) {
+        std::vector<float> qpos(static_cast<size_t>(D), 0.f), qneg(static_cast<size_t>(D), 0.f);
+        for (int64_t g = 0; g < G; ++g) {
+          const float* q = p.q + (bh * G + g) * D;
+          for (int64_t d = 0; d < D; ++d) (q[d] > 0.f ? qpos : qneg)[d] += q[d];
+        }
+        std::vector<float> score(static_cast<size_t>(p.pages));
+        std::vector<int32_t> idx;
+        const size_t off = static_cast<size_t>(bh * p.pcap * D) * elt;
+        fn(qpos.data(), qneg.data(), static_cast<const char*>(p.kmin) + off, static_cast<const char*>(p.kmax) + off,
+           p.pages, D, score.data());
+        top_pages(score, idx, p.keep, p.chosen + bh * p.keep);
+      },
+      parallel && BH > 1 && p.pages * D * G >= 4096);
 }
 
 }  // namespace sf

@@ -51,14 +51,36 @@ struct AttnChunk {
 };
 
 using AttnChunkFn = void (*)(const AttnChunk& c);
-namespace scalar { extern const AttnChunkFn attn_chunk_f32, attn_chunk_bf16; }
-namespace avx2 { extern const AttnChunkFn attn_chunk_f32, attn_chunk_bf16; }
-namespace avx512 { extern const AttnChunkFn attn_chunk_f32, attn_chunk_bf16; }
+// score[p] = qpos . kmax[p] + qneg . kmin[p] for p < pages (rows of D; kmin / kmax f32 or bf16)
+using PageScoreFn = void (*)(const float* qpos, const float* qneg, const void* kmin, const void* kmax, int64_t pages,
+                             int64_t D, float* score);
+namespace scalar { extern const AttnChunkFn attn_chunk_f32, attn_chunk_bf16; extern const PageScoreFn page_score_f32, page_score_bf16; }
+namespace avx2 { extern const AttnChunkFn attn_chunk_f32, attn_chunk_bf16; extern const PageScoreFn page_score_f32, page_score_bf16; }
+namespace avx512 { extern const AttnChunkFn attn_chunk_f32, attn_chunk_bf16; extern const PageScoreFn page_score_f32, page_score_bf16; }
 
 // Throws std::invalid_argument for bad sizes, a span outside [0, n), spans out of order or
 // overlapping, or a KV head with no token selected. chunk: tokens per task (0 = automatic, 512).
 void decode_attention(const DecodeAttnProblem& p, Isa isa, int64_t chunk = 0, bool parallel = true);
 // Scalar reference (the test oracle): two passes per query head (max, then exp-sum), std::exp.
 void decode_attention_ref(const DecodeAttnProblem& p);
+
+// Quest page selection (Tang et al., ICML 2024) per (b, KV head), the group's query heads summed:
+//   score[p] = sum_{g in group} sum_d max(q_gd kmax[p, d], q_gd kmin[p, d])
+//            = (sum_g relu(q_g)) . kmax[p] + (sum_g min(q_g, 0)) . kmin[p]
+// over the candidate pages p < pages; chosen (B, Hkv, keep) gets the `keep` pages of highest score
+// (ties: the lower page), ascending.
+struct QuestSelectProblem {
+  const float* q = nullptr;  // (B, Hq, D)
+  const void* kmin = nullptr;  // (B, Hkv, pcap, D)
+  const void* kmax = nullptr;
+  VT vt = VT::f32;
+  int64_t B = 0, Hq = 0, Hkv = 0, D = 0, pcap = 0;
+  int64_t pages = 0, keep = 0;  // 0 <= keep <= pages <= pcap
+  int32_t* chosen = nullptr;
+};
+
+void quest_select(const QuestSelectProblem& p, Isa isa, bool parallel = true);
+// Scalar reference: plain loops, max(q * M, q * m) per channel as the paper writes it.
+void quest_select_ref(const QuestSelectProblem& p);
 
 }  // namespace sf

@@ -215,5 +215,22 @@ void attn_chunk_impl(const AttnChunk& c) {
   }
 }
 
+template <VT V>
+void page_score_impl(const float* qpos, const float* qneg, const void* kmin, const void* kmax, int64_t pages, int64_t D,
+                     float* score) {
+  const int64_t dv = D - D % kVL;
+  for (int64_t pg = 0; pg < pages; ++pg) {
+    vfl a = vfl{}, b = vfl{};
+    const int64_t r0 = pg * D;
+    for (int64_t d = 0; d < dv; d += kVL) {
+      a += *reinterpret_cast<const vflu_a*>(qpos + d) * ld_a<V>(kmax, r0 + d);
+      b += *reinterpret_cast<const vflu_a*>(qneg + d) * ld_a<V>(kmin, r0 + d);
+    }
+    float sc = hsum_vfl(a + b);
+    for (int64_t d = dv; d < D; ++d) sc += qpos[d] * load_val<V>(kmax, r0 + d) + qneg[d] * load_val<V>(kmin, r0 + d);
+    score[pg] = sc;
+  }
+}
+
 }  // namespace
 }  // namespace sf

@@ -1,6 +1,8 @@
 // nanobind binding of the decode-attention kernel (csrc/decode_attention.h) over raw buffers:
 //   decode_attention(q, k, v, spans, n, scale, out, isa="", chunk=0, parallel=True)
 //   decode_attention_ref(q, k, v, spans, n, scale, out)          (the scalar oracle)
+//   quest_select(q, kmin, kmax, pages, chosen, isa="", parallel=True), quest_select_ref(...)
+//     kmin / kmax (B, Hkv, allocated pages, D) like k; chosen (B, Hkv, keep) int32, overwritten
 // q (B, Hq, D) float32; k, v (B, Hkv, cap, D) float32, or bfloat16 as raw uint16 bits; spans
 // (B, Hkv, S, 2) int32 [start, length); out (B, Hq, D) float32, overwritten. All C-contiguous, CPU.
 // Bad input raises ValueError (std::invalid_argument) naming the argument; an unknown or unsupported
@@ -98,6 +100,42 @@ sf::DecodeAttnProblem problem(const In& q, const In& k, const In& v, const In& s
   return p;
 }
 
+sf::QuestSelectProblem select_problem(const In& q, const In& kmin, const In& kmax, int64_t pages, const Out& chosen) {
+  require(q, "q", 3);
+  require(kmin, "kmin", 4);
+  require(kmax, "kmax", 4);
+  require(chosen, "chosen", 3);
+  if (q.dtype() != nb::dtype<float>()) throw std::invalid_argument("q must be float32");
+  if (chosen.dtype() != nb::dtype<int32_t>()) throw std::invalid_argument("chosen must be int32");
+  sf::QuestSelectProblem p;
+  if (kmin.dtype() == nb::dtype<float>() && kmax.dtype() == nb::dtype<float>()) {
+    p.vt = sf::VT::f32;
+  } else if (kmin.dtype() == nb::dtype<uint16_t>() && kmax.dtype() == nb::dtype<uint16_t>()) {
+    p.vt = sf::VT::bf16;
+  } else {
+    throw std::invalid_argument("kmin and kmax must both be float32 or both bfloat16 (raw uint16 bits)");
+  }
+  for (size_t d = 0; d < 4; ++d) {
+    if (kmin.shape(d) != kmax.shape(d)) throw std::invalid_argument("kmin and kmax must have the same shape");
+  }
+  p.B = sz(q, 0);
+  p.Hq = sz(q, 1);
+  p.D = sz(q, 2);
+  p.Hkv = sz(kmin, 1);
+  p.pcap = sz(kmin, 2);
+  if (sz(kmin, 0) != p.B || sz(kmin, 3) != p.D) throw std::invalid_argument("kmin must be (B, Hkv, pages, D) with q's B and D");
+  if (static_cast<int64_t>(chosen.shape(0)) != p.B || static_cast<int64_t>(chosen.shape(1)) != p.Hkv) {
+    throw std::invalid_argument("chosen must be (B, Hkv, keep)");
+  }
+  p.keep = static_cast<int64_t>(chosen.shape(2));
+  p.pages = pages;
+  p.q = static_cast<const float*>(q.data());
+  p.kmin = kmin.data();
+  p.kmax = kmax.data();
+  p.chosen = static_cast<int32_t*>(chosen.data());
+  return p;
+}
+
 }  // namespace
 
 void register_attention(nb::module_& mod) {
@@ -121,4 +159,24 @@ void register_attention(nb::module_& mod) {
         sf::decode_attention_ref(p);
       },
       "q"_a, "k"_a, "v"_a, "spans"_a, "n"_a, "scale"_a, "out"_a, "Scalar reference of decode_attention (the oracle).");
+  mod.def(
+      "quest_select",
+      [](const In& q, const In& kmin, const In& kmax, int64_t pages, const Out& chosen, const std::string& isa,
+         bool parallel) {
+        const sf::QuestSelectProblem p = select_problem(q, kmin, kmax, pages, chosen);
+        const sf::Isa i = resolve_or_config_error(isa);
+        sf::num_threads();
+        nb::gil_scoped_release rel;
+        sf::quest_select(p, i, parallel);
+      },
+      "q"_a, "kmin"_a, "kmax"_a, "pages"_a, "chosen"_a, "isa"_a = "", "parallel"_a = true,
+      "Quest page selection per KV head (csrc/decode_attention.h): chosen (B, Hkv, keep) ascending.");
+  mod.def(
+      "quest_select_ref",
+      [](const In& q, const In& kmin, const In& kmax, int64_t pages, const Out& chosen) {
+        const sf::QuestSelectProblem p = select_problem(q, kmin, kmax, pages, chosen);
+        nb::gil_scoped_release rel;
+        sf::quest_select_ref(p);
+      },
+      "q"_a, "kmin"_a, "kmax"_a, "pages"_a, "chosen"_a, "Scalar reference of quest_select (the oracle).");
 }

@@ -185,3 +185,53 @@ def test_fake_impl_gives_the_shape():
         q, k, v = torch.empty(1, 8, 64), torch.empty(1, 2, 32, 64), torch.empty(1, 2, 32, 64)
         out = torch.ops.sparseforge.decode_attention(q, k, v, torch.empty(1, 2, 1, 2, dtype=torch.int32), 32, 0.1)
     assert out.shape == (1, 8, 64) and out.dtype == torch.float32
+
+
+def _bound(q, kmin, kmax, pages):
+    """float64 Quest bound (B, Hkv, pages), group summed, straight from the paper's max(q M, q m)."""
+    B, Hq, D = q.shape
+    Hkv = kmin.shape[1]
+    qq = q.double().view(B, Hkv, Hq // Hkv, 1, D)
+    hi, lo = qq * kmax[:, :, None, :pages].double(), qq * kmin[:, :, None, :pages].double()
+    return torch.maximum(hi, lo).sum((2, 4))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("G,D", [(4, 64), (1, 13), (7, 8)])
+def test_quest_select_every_isa_matches_reference_and_bound(isa, dtype, G, D, monkeypatch):
+    from sparseforge.ops.decode_attention import quest_select, quest_select_ref
+
+    g = torch.Generator().manual_seed(G * D)
+    B, Hkv, pcap, pages, keep = 2, 2, 40, 37, 9
+    a, b = torch.randn(B, Hkv, pcap, D, generator=g), torch.randn(B, Hkv, pcap, D, generator=g)
+    kmin, kmax = torch.minimum(a, b).to(dtype), torch.maximum(a, b).to(dtype)
+    q = torch.randn(B, Hkv * G, D, generator=g)
+    monkeypatch.setenv("SPARSEFORGE_ISA", isa)
+    got = quest_select(q, kmin, kmax, pages, keep)
+    assert torch.equal(got, quest_select_ref(q, kmin, kmax, pages, keep))
+    score = _bound(q, kmin, kmax, pages)
+    for bh in range(B * Hkv):
+        b_, h = divmod(bh, Hkv)
+        chosen = got[b_, h].long()
+        assert torch.equal(chosen, chosen.sort().values) and len(set(chosen.tolist())) == keep
+        rest = torch.ones(pages, dtype=torch.bool)
+        rest[chosen] = False
+        assert score[b_, h, chosen].min() >= score[b_, h, rest].max() - 1e-4  # the keep largest bounds
+
+
+def test_quest_select_edges_and_errors():
+    from sparseforge.ops.decode_attention import quest_select
+
+    kmin = torch.zeros(1, 1, 4, 8)
+    kmax = torch.ones(1, 1, 4, 8)
+    q = torch.ones(1, 2, 8)
+    assert quest_select(q, kmin, kmax, 4, 4)[0, 0].tolist() == [0, 1, 2, 3]  # all pages
+    assert quest_select(q, kmin, kmax, 4, 2)[0, 0].tolist() == [0, 1]  # ties: the lower pages
+    assert quest_select(q, kmin, kmax, 3, 0).shape == (1, 1, 0)
+    with pytest.raises(DataError, match="keep"):
+        quest_select(q, kmin, kmax, 5, 2)
+    with pytest.raises(DataError, match="keep"):
+        quest_select(q, kmin, kmax, 2, 3)
+    with pytest.raises(DataError, match="kmin and kmax"):
+        quest_select(q, kmin, kmax.bfloat16(), 4, 2)

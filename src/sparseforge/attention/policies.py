@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from sparseforge.errors import ConfigError
+from sparseforge.ops.decode_attention import quest_select
 
 __all__ = ["Policy", "Dense", "StreamingLLM", "Quest", "dense_spans"]
 
@@ -157,26 +158,11 @@ class Quest(Policy):
         k = self.budget // P  # pages read, the newest included
         full = npages - 1  # candidate pages (all but the newest)
         B, Hkv = layer.batch, layer.kv_heads
-        scores = page_scores(query, *layer.page_bounds(full))  # (B, Hkv, full)
-        top = scores.topk(k - 1, dim=-1).indices.sort(dim=-1).values if k > 1 else scores.new_empty(B, Hkv, 0, dtype=torch.long)
+        top = quest_select(query, layer.kmin, layer.kmax, full, k - 1)  # (B, Hkv, k - 1) ascending
         spans = torch.empty(B, Hkv, k, 2, dtype=torch.int32)
-        spans[..., : k - 1, 0] = (top * P).to(torch.int32)
+        spans[..., : k - 1, 0] = top * P
         spans[..., : k - 1, 1] = P
         spans[..., k - 1, 0] = full * P
         spans[..., k - 1, 1] = n - full * P
         return spans
 
-
-def page_scores(query: Tensor, kmin: Tensor, kmax: Tensor) -> Tensor:
-    """Quest's upper bound of ``q . k`` per page, summed over each KV head's query group.
-
-    query float32 ``(B, Hq, D)``; kmin, kmax ``(B, Hkv, pages, D)`` -> float32 ``(B, Hkv, pages)``.
-    ``max(q_d M_d, q_d m_d) = relu(q_d) M_d + min(q_d, 0) m_d`` since ``M_d >= m_d``, so the sum over
-    the group needs only the group's summed positive and negative query parts.
-    """
-    B, Hq, D = query.shape
-    Hkv = kmin.shape[1]
-    q = query.view(B, Hkv, Hq // Hkv, D)
-    qpos = q.clamp(min=0).sum(2).unsqueeze(-1).to(kmax.dtype)  # (B, Hkv, D, 1)
-    qneg = q.clamp(max=0).sum(2).unsqueeze(-1).to(kmin.dtype)
-    return (torch.matmul(kmax, qpos) + torch.matmul(kmin, qneg)).squeeze(-1).float()

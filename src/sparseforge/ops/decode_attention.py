@@ -13,6 +13,11 @@ KV heads and chunks of tokens, online softmax). Shapes:
 With one span ``[0, n)`` per head it equals ``torch.nn.functional.scaled_dot_product_attention``
 (within float rounding). No autograd: decode attention is inference only.
 
+``sparseforge::quest_select(q, kmin, kmax, pages, keep)``: Quest's page choice per KV head, int32
+``(B, Hkv, keep)`` ascending: the ``keep`` of the first ``pages`` pages with the largest bound
+``sum_{g in group} sum_d max(q_gd kmax_d, q_gd kmin_d)`` (ties: the lower page); ``kmin``/``kmax``
+``(B, Hkv, allocated pages, D)`` in the dtype of the cache.
+
 Example:
     >>> import torch
     >>> from sparseforge.ops.decode_attention import decode_attention
@@ -31,7 +36,7 @@ from sparseforge.errors import DataError, SparseforgeError
 from sparseforge.kernels import native
 from sparseforge.ops._define import np_view
 
-__all__ = ["decode_attention", "decode_attention_ref", "check_decode_args"]
+__all__ = ["decode_attention", "decode_attention_ref", "check_decode_args", "quest_select", "quest_select_ref"]
 
 KV_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -87,3 +92,40 @@ def _(q, k, v, spans, n, scale):
 def decode_attention_ref(q: Tensor, k: Tensor, v: Tensor, spans: Tensor, n: int, scale: float) -> Tensor:
     """The scalar reference kernel (test oracle) on the same arguments."""
     return _call("decode_attention_ref", q, k, v, spans, n, scale)
+
+
+def _check_select(q: Tensor, kmin: Tensor, kmax: Tensor, pages: int, keep: int) -> None:
+    for name, t in (("q", q), ("kmin", kmin), ("kmax", kmax)):
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise DataError(f"{name} must be a contiguous CPU tensor")
+    if q.dtype != torch.float32 or q.dim() != 3:
+        raise DataError(f"q must be float32 (B, Hq, D), got {q.dtype} {tuple(q.shape)}")
+    if kmin.dtype not in KV_DTYPES or kmin.dtype != kmax.dtype or kmin.dim() != 4 or kmin.shape != kmax.shape:
+        raise DataError(f"kmin and kmax must be float32 or bfloat16 (B, Hkv, pages, D) of one shape and dtype")
+    if kmin.shape[0] != q.shape[0] or kmin.shape[3] != q.shape[2] or q.shape[1] % kmin.shape[1]:
+        raise DataError(f"kmin {tuple(kmin.shape)} does not fit q {tuple(q.shape)}")
+    if not 0 <= keep <= pages <= kmin.shape[2]:
+        raise DataError(f"need 0 <= keep ({keep}) <= pages ({pages}) <= allocated pages ({kmin.shape[2]})")
+
+
+def _select(fn_name: str, q: Tensor, kmin: Tensor, kmax: Tensor, pages: int, keep: int, **kw) -> Tensor:
+    _check_select(q, kmin, kmax, pages, keep)
+    chosen = torch.empty(q.shape[0], kmin.shape[1], keep, dtype=torch.int32)
+    getattr(native(), fn_name)(np_view(q), np_view(kmin), np_view(kmax), int(pages), chosen.numpy(), **kw)
+    return chosen
+
+
+@torch.library.custom_op("sparseforge::quest_select", mutates_args=())
+def quest_select(q: Tensor, kmin: Tensor, kmax: Tensor, pages: int, keep: int) -> Tensor:
+    """int32 ``(B, Hkv, keep)``: Quest's pages per KV head, ascending (see the module doc)."""
+    return _select("quest_select", q, kmin, kmax, pages, keep)
+
+
+@quest_select.register_fake
+def _(q, kmin, kmax, pages, keep):
+    return q.new_empty(q.shape[0], kmin.shape[1], keep, dtype=torch.int32)
+
+
+def quest_select_ref(q: Tensor, kmin: Tensor, kmax: Tensor, pages: int, keep: int) -> Tensor:
+    """The scalar reference of :func:`quest_select` (test oracle)."""
+    return _select("quest_select_ref", q, kmin, kmax, pages, keep)
