@@ -161,3 +161,78 @@ def test_decoding_without_a_paged_cache_names_the_module():
     q = torch.randn(1, 2, 1, 8)
     with pytest.raises(ModelError, match="SimpleNamespace did not hand one"):
         sparseforge_attention(module, q, torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), None, scaling=0.3)
+
+
+def _reference_snapkv_votes(q, keys, window):
+    """FasterDecoding/SnapKV's update_kv votes, written out for MHA: (B, H, T - window)."""
+    B, H, T, D = q.shape
+    w = window
+    attn = q[..., -w:, :] @ keys.transpose(2, 3) / D ** 0.5  # (B, H, w, T)
+    mask = torch.full((w, w), torch.finfo(attn.dtype).min)
+    cond = torch.arange(w)
+    mask.masked_fill_(cond < (cond + 1).view(w, 1), 0)
+    attn[:, :, -w:, -w:] += mask
+    return attn.softmax(-1)[:, :, -w:, :-w].sum(-2)
+
+
+def _reference_snapkv_keep(votes, window, capacity, kernel, pooling):
+    pool = F.avg_pool1d if pooling == "avgpool" else F.max_pool1d
+    votes = pool(votes, kernel_size=kernel, padding=kernel // 2, stride=1)
+    return votes.topk(capacity - window, dim=-1).indices.sort(-1).values
+
+
+@pytest.mark.parametrize("pooling", ["avgpool", "maxpool"])
+def test_snapkv_keeps_what_the_reference_keeps(pooling):
+    from sparseforge.attention import SnapKV
+
+    T, H, D = 120, 3, 16
+    policy = SnapKV(window=8, capacity=40, kernel=5, pooling=pooling)
+    layer, keys, _ = _filled(T, B=2, Hkv=H, D=D, policy=policy)
+    q = torch.randn(2, H, T, D)
+    policy.observe_prefill(layer, q, D ** -0.5)
+    prompt, keep = layer.policy_state["snapkv"]
+    assert prompt == T
+    assert torch.equal(keep.long(), _reference_snapkv_keep(_reference_snapkv_votes(q, keys, 8), 8, 40, 5, pooling))
+    spans = policy.spans(layer, q[:, :, -1], 3)
+    assert _mask(spans, T).sum(-1).tolist() == [[40] * H] * 2  # capacity tokens per KV head
+
+
+def test_snapkv_group_votes_are_summed_and_decode_matches_masked_sdpa():
+    from sparseforge.attention import SnapKV
+
+    T, D = 100, 16
+    policy = SnapKV(window=10, capacity=30, kernel=3)
+    layer, keys, values = _filled(T, B=1, Hkv=2, D=D, policy=policy)
+    q = torch.randn(1, 4, T, D)
+    policy.observe_prefill(layer, q, D ** -0.5)
+    _, keep = layer.policy_state["snapkv"]
+    votes = _reference_snapkv_votes(q, keys.repeat_interleave(2, 1), 10)  # per query head (B, 4, T - 10)
+    group = votes.view(1, 2, 2, -1).sum(2)  # summed over each KV head's two query heads
+    assert torch.equal(keep.long(), _reference_snapkv_keep(group, 10, 30, 3, "avgpool"))
+    assert not torch.equal(keep.long(), _reference_snapkv_keep(votes[:, ::2], 10, 30, 3, "avgpool"))  # not one head's
+    qd = torch.randn(1, 4, D)
+    spans = policy.spans(layer, qd, 3)
+    torch.testing.assert_close(_decode(layer, qd), _sdpa_over(qd, keys, values, _mask(spans, T)), rtol=1e-4, atol=1e-5)
+
+
+def test_snapkv_short_prompts_and_later_chunks_stay_dense():
+    from sparseforge.attention import SnapKV
+
+    policy = SnapKV(window=8, capacity=64)
+    layer, _, _ = _filled(50, policy=policy)
+    policy.observe_prefill(layer, torch.randn(1, 2, 50, 16), 0.25)
+    assert "snapkv" not in layer.policy_state
+    assert policy.spans(layer, torch.randn(1, 2, 16), 3)[0, 0].tolist() == [[0, 50]]
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [(dict(window=0), "window"), (dict(capacity=16, window=16), "must exceed"), (dict(kernel=4), "odd"),
+     (dict(pooling="mean"), "pooling")],
+)
+def test_snapkv_bad_config(kw, match):
+    from sparseforge.attention import SnapKV
+    from sparseforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        SnapKV(**kw)

@@ -59,6 +59,7 @@ class PagedLayer(CacheLayerMixin):
         self.page_size = page_size
         self.max_cache_len = max_cache_len
         self.n = 0
+        self.policy_state: dict = {}  # what the policy keeps between steps (SnapKV's kept tokens)
         self.batch = self.kv_heads = self.head_dim = 0
         self.k_store = self.v_store = self.kmin = self.kmax = None
 
@@ -163,6 +164,7 @@ class PagedLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.n = 0
+        self.policy_state = {}
         self.k_store = self.v_store = self.kmin = self.kmax = None
         self.keys = self.values = None
         self.is_initialized = False
@@ -185,6 +187,7 @@ class PagedLayer(CacheLayerMixin):
         self.kmin = self.kmin.index_select(0, index).contiguous()
         self.kmax = self.kmax.index_select(0, index).contiguous()
         self.batch = self.k_store.shape[0]
+        self.policy_state = {}  # per-row choices do not follow a reordered batch: recomputed by the next prefill
         self._refresh_views()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -226,7 +229,7 @@ class PagedKVCache(Cache):
             raise ConfigError(f"PagedKVCache: max_cache_len must be a positive integer or None, got {max_cache_len!r}")
         policy = Dense() if policy is None else policy
         if not isinstance(policy, Policy):
-            raise ConfigError(f"PagedKVCache: policy must be Dense(), StreamingLLM(...) or Quest(...), got {policy!r}")
+            raise ConfigError(f"PagedKVCache: policy must be Dense(), StreamingLLM(...), Quest(...) or SnapKV(...), got {policy!r}")
         policy.check_page_size(page_size)
         if config is not None:
             text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config

@@ -6,7 +6,8 @@ is copied or patched. The function receives what the model's attention module pa
 attention implementation (rotated ``query (B, Hq, q_len, D)``, the cache's ``key``/``value``):
 
 * prefill (``q_len > 1``) runs transformers' own SDPA attention with the mask transformers built
-  (the mask function registered for the name is transformers' ``sdpa_mask``);
+  (the mask function registered for the name is transformers' ``sdpa_mask``), then shows the
+  queries to the policy (SnapKV chooses its tokens there);
 * decode (``q_len == 1``) asks the layer's policy for token spans and runs
   ``sparseforge::decode_attention`` on the paged buffers; a padding mask (left padding) or a sliding
   window (Mistral/Qwen2 ``sliding_window``) clip the spans to the tokens the dense mask allows.
@@ -69,7 +70,10 @@ def sparseforge_attention(module: torch.nn.Module, query: Tensor, key: Tensor, v
 
     layer = kwargs.pop(LAYER_KWARG, None)
     if query.shape[2] > 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        if isinstance(layer, PagedLayer):
+            layer.policy.observe_prefill(layer, query, query.shape[-1] ** -0.5 if scaling is None else float(scaling))
+        return out
     if not isinstance(layer, PagedLayer):
         raise ModelError(
             f"attn_implementation='{NAME}' decodes from a sparseforge.attention.PagedKVCache, and {type(module).__name__} "

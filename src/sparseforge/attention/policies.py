@@ -14,6 +14,14 @@ than one query token) is always dense. Policies are frozen dataclasses, validate
   from the query, and the sinks at their true (larger) distance, where the paper re-indexes
   positions inside the cache (sinks at distance ``sinks + window``). Valid within the model's
   trained context; it bounds the bytes read per step, not the memory held.
+* :class:`SnapKV`: once, at the end of the prompt, the last ``window`` prompt queries vote (softmax
+  probabilities summed over the window, pooled over neighbouring tokens) and each KV head keeps
+  the ``capacity - window`` prompt tokens with the most votes plus the window; every generated
+  token is kept (Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation", 2024;
+  FasterDecoding/SnapKV ``snapkv_utils.py``). The reference votes per query head on repeated KV
+  heads; here the votes are summed over each KV head's query group so one set is kept per KV
+  head. Prompts shorter than ``capacity`` stay dense (as the reference). Like StreamingLLM it
+  bounds the reads, not the memory: the skipped tokens stay in the cache.
 * :class:`Quest`: per KV head, the ``budget // page_size`` pages with the largest upper bound on
   ``q . k`` (Tang et al., "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference",
   ICML 2024; mit-han-lab/Quest). The bound of a page is ``sum_d max(q_d max_d, q_d min_d)`` from the
@@ -40,7 +48,7 @@ from torch import Tensor
 from sparseforge.errors import ConfigError
 from sparseforge.ops.decode_attention import quest_select
 
-__all__ = ["Policy", "Dense", "StreamingLLM", "Quest", "dense_spans"]
+__all__ = ["Policy", "Dense", "StreamingLLM", "Quest", "SnapKV", "dense_spans"]
 
 
 def dense_spans(batch: int, kv_heads: int, n: int) -> Tensor:
@@ -61,7 +69,12 @@ class Policy:
 
     ``layer`` is the layer's :class:`~sparseforge.attention.cache.PagedLayer` after this step's
     token was appended (``layer.n`` tokens); ``query`` float32 ``(B, Hq, D)``, rotated.
+    ``observe_prefill(layer, query, scale)`` sees every prefill's rotated queries ``(B, Hq, T, D)``
+    after their keys were cached (default: nothing); state goes in ``layer.policy_state``.
     """
+
+    def observe_prefill(self, layer, query: Tensor, scale: float) -> None:
+        """Called by the attention after a prefill chunk of more than one token."""
 
     def check_page_size(self, page_size: int) -> None:
         """Raises :class:`ConfigError` if the policy cannot run on pages of ``page_size`` tokens."""
@@ -166,3 +179,61 @@ class Quest(Policy):
         spans[..., k - 1, 1] = n - full * P
         return spans
 
+
+
+@dataclass(frozen=True)
+class SnapKV(Policy):
+    """Prompt tokens chosen once by the last ``window`` prompt queries; ``capacity`` prompt tokens read.
+
+    ``pooling``: ``"avgpool"`` (the reference's default) or ``"maxpool"`` over ``kernel`` neighbours.
+
+    Example:
+        >>> SnapKV(window=32, capacity=2048)
+        SnapKV(window=32, capacity=2048, kernel=5, pooling='avgpool')
+    """
+
+    window: int = 32
+    capacity: int = 2048
+    kernel: int = 5
+    pooling: str = "avgpool"
+
+    def __post_init__(self):
+        _positive("window", self.window, "SnapKV")
+        _positive("capacity", self.capacity, "SnapKV")
+        _positive("kernel", self.kernel, "SnapKV")
+        if self.capacity <= self.window:
+            raise ConfigError(f"SnapKV: capacity ({self.capacity}) must exceed the observation window ({self.window})")
+        if self.kernel % 2 == 0:
+            raise ConfigError(f"SnapKV: kernel must be odd (the pooling keeps the length), got {self.kernel}")
+        if self.pooling not in ("avgpool", "maxpool"):
+            raise ConfigError(f"SnapKV: pooling must be 'avgpool' or 'maxpool', got {self.pooling!r}")
+
+    def observe_prefill(self, layer, query: Tensor, scale: float) -> None:
+        T = query.shape[2]
+        if layer.n != T or T < self.capacity:  # a later chunk, or a prompt within capacity: nothing to drop
+            return
+        B, Hq, _, D = query.shape
+        Hkv, w = layer.kv_heads, self.window
+        keys = layer.keys.float()  # (B, Hkv, T, D)
+        q = query[:, :, T - w:].float().reshape(B, Hkv, Hq // Hkv, w, D)  # the observation window per group
+        scores = torch.einsum("bhgqd,bhtd->bhgqt", q, keys) * scale  # (B, Hkv, G, w, T)
+        causal = torch.ones(w, w, dtype=torch.bool).triu(1)  # query i of the window sees window keys <= i
+        scores[..., T - w:] = scores[..., T - w:].masked_fill(causal, float("-inf"))
+        votes = scores.softmax(-1)[..., : T - w].sum(3).sum(2)  # (B, Hkv, T - w): summed over window and group
+        pool = torch.nn.functional.avg_pool1d if self.pooling == "avgpool" else torch.nn.functional.max_pool1d
+        votes = pool(votes, kernel_size=self.kernel, padding=self.kernel // 2, stride=1)
+        keep = votes.topk(self.capacity - w, dim=-1).indices.sort(dim=-1).values  # (B, Hkv, C - w)
+        layer.policy_state["snapkv"] = (T, keep.to(torch.int32))
+
+    def spans(self, layer, query: Tensor, layer_idx: int) -> Tensor:
+        state = layer.policy_state.get("snapkv")
+        if state is None:
+            return dense_spans(layer.batch, layer.kv_heads, layer.n)
+        T, keep = state  # prompt length, (B, Hkv, C - w) kept prompt tokens
+        B, Hkv, kept = keep.shape
+        spans = torch.empty(B, Hkv, kept + 1, 2, dtype=torch.int32)
+        spans[..., :kept, 0] = keep
+        spans[..., :kept, 1] = 1
+        spans[..., kept, 0] = T - self.window  # the window and every generated token
+        spans[..., kept, 1] = layer.n - (T - self.window)
+        return spans

@@ -1,0 +1,239 @@
+"""Decode-attention speed per step at long context: sparseforge's native kernel vs torch SDPA, Quest
+and StreamingLLM vs dense, with the KV-bytes bound (issue 16, section 3).
+
+Llama-3.2-1B-shaped attention of one layer (32 query heads, 8 KV heads, head dim 64), batch 1, one
+decode step over a PagedKVCache holding the context, float32 and bfloat16 KV. Timed per step,
+interleaved round-robin (so load on the machine hits every variant alike), medians:
+
+* ``sdpa``: the fastest of torch SDPA with ``enable_gqa=True``, SDPA on the query heads packed per
+  KV head (what transformers does for a single query token), and the packed form on one torch
+  thread (torch's OpenMP barrier suffers most when other processes share the cores); bfloat16 KV
+  runs SDPA in bfloat16;
+* ``dense``: the native decode kernel over every token (float32 query, float32 accumulate); each
+  of ours is timed on the thread pool and on the calling thread alone (``*_pool``, ``*_serial``)
+  and the faster counts, as for SDPA (``dense_op``: the same through the torch custom op);
+* ``quest``: Quest(budget = context / 16) page selection (bound from the per-page key min/max) plus
+  the kernel over the chosen pages; ``quest_kernel`` the kernel alone on those pages;
+* ``streaming``: StreamingLLM(4 sinks, 1020 window) spans plus the kernel (1024 tokens every step).
+
+KV-bytes bound: bytes each variant must read (dense: K and V of every token; Quest: K and V of the
+budget plus the page min/max, 2 vectors per 16 tokens; StreamingLLM: 1024 tokens) divided by the
+machine's read bandwidth measured in the same run (``torch.sum`` over 512 MB, 2 threads, best of 5).
+
+    python benchmarks/bench_kv_speed.py --quick            # 1K-32K, ~2 minutes
+    python benchmarks/bench_kv_speed.py --contexts 65536   # one context, longer timing
+
+Writes ``benchmarks/results/kv_speed.json`` (``--quick``: ``kv_speed.quick.json``) and prints the
+table and PASS/FAIL lines for the issue's targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sparseforge import kernels
+from sparseforge.advise import machine_info
+from sparseforge.attention import Dense, PagedKVCache, Quest, StreamingLLM
+from sparseforge.attention.policies import dense_spans
+from sparseforge.ops.decode_attention import decode_attention
+
+HQ, HKV, D = 32, 8, 64
+PAGE = 16
+SINKS, WINDOW = 4, 1020
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def read_bandwidth(mb: int = 512, reps: int = 5) -> float:
+    """Best read bandwidth (GB/s) of ``torch.sum`` over ``mb`` MB of float32."""
+    x = torch.ones(mb * (1 << 20) // 4)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+def kv_bytes(n: int, elt: int, budget: int | None = None, window: int | None = None) -> int:
+    """Bytes one decode step reads from one layer's cache (see the module doc)."""
+    row = HKV * D * elt  # one token of K (or V) over the KV heads
+    if window is not None:
+        return 2 * min(n, window) * row
+    if budget is None or budget >= n:
+        return 2 * n * row
+    return 2 * budget * row + 2 * (-(-n // PAGE)) * row  # selected K and V + per-page min and max
+
+
+def interleaved(fns: dict, seconds: float) -> dict:
+    """Median ms per call of each function, called round-robin until each had ``seconds`` (>= 5 calls)."""
+    for fn in fns.values():
+        fn()
+    samples = {k: [] for k in fns}
+    spent = dict.fromkeys(fns, 0.0)
+    while min(spent.values()) < seconds or min(len(s) for s in samples.values()) < 5:
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            samples[name].append(dt)
+            spent[name] += dt
+    return {k: 1e3 * statistics.median(v) for k, v in samples.items()}
+
+
+def kernel_call(q, k, v, n: int, scale: float, spans_fn, parallel: bool):
+    """One decode step of ours: the policy's spans (``spans_fn()``), then the native kernel, on the
+    thread pool (``parallel``) or on the calling thread alone."""
+    view = (lambda t: t.view(torch.uint16).numpy()) if k.dtype == torch.bfloat16 else (lambda t: t.numpy())
+    kn, vn, native = view(k), view(v), kernels.native()
+
+    def call():
+        out = torch.empty(q.shape)
+        native.decode_attention(q.numpy(), kn, vn, spans_fn().numpy(), n, scale, out.numpy(), "", 0, parallel)
+        return out
+    return call
+
+
+def one_thread(fn, threads: int):
+    """fn run with torch on one thread (restored to ``threads`` after)."""
+    def call():
+        torch.set_num_threads(1)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(threads)
+    return call
+
+
+def bench_context(n: int, dtype: torch.dtype, seconds: float, bandwidth: float, threads: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    cache = PagedKVCache(num_layers=1, page_size=PAGE, max_cache_len=n, policy=Dense())
+    for t0 in range(0, n, 4096):  # (1, Hkv, T, D) chunks: no second full-size temporary
+        t = min(4096, n - t0)
+        cache.update(torch.randn(1, HKV, t, D, generator=g).to(dtype), torch.randn(1, HKV, t, D, generator=g).to(dtype), 0)
+    layer = cache.layers[0]
+    k, v = layer.k_store, layer.v_store  # (1, Hkv, n, D)
+    q = torch.randn(1, HQ, D, generator=g)  # (B, Hq, D)
+    q4 = q.to(dtype).unsqueeze(2)  # (B, Hq, 1, D)
+    qp = q4.view(1, HKV, HQ // HKV, D)  # query heads packed per KV head
+    scale = D ** -0.5
+    quest, stream = Quest(budget=n // 16, dense_layers=0), StreamingLLM(SINKS, WINDOW)
+    all_spans = dense_spans(1, HKV, n)
+    quest_spans = quest.spans(layer, q, 0)
+    fns = {
+        "sdpa_gqa": lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True),
+        "sdpa_packed": lambda: F.scaled_dot_product_attention(qp, k, v),
+        "sdpa_packed_1thread": one_thread(lambda: F.scaled_dot_product_attention(qp, k, v), threads),
+        "dense_op": lambda: decode_attention(q, k, v, all_spans, n, scale),  # through the torch custom op
+    }
+    variants = {
+        "dense": lambda: all_spans,
+        "quest": lambda: quest.spans(layer, q, 0),
+        "quest_kernel": lambda: quest_spans,
+        "streaming": lambda: stream.spans(layer, q, 0),
+    }
+    for name, spans_fn in variants.items():
+        fns[f"{name}_pool"] = kernel_call(q, k, v, n, scale, spans_fn, True)
+        fns[f"{name}_serial"] = kernel_call(q, k, v, n, scale, spans_fn, False)
+    ms = interleaved(fns, seconds)
+    ms["sdpa"] = min(ms["sdpa_gqa"], ms["sdpa_packed"], ms["sdpa_packed_1thread"])
+    for name in variants:
+        ms[name] = min(ms[f"{name}_pool"], ms[f"{name}_serial"])
+    elt = k.element_size()
+    nbytes = {"dense": kv_bytes(n, elt), "quest": kv_bytes(n, elt, budget=n // 16),
+              "streaming": kv_bytes(n, elt, window=SINKS + WINDOW)}
+    bound_ms = {name: b / bandwidth / 1e6 for name, b in nbytes.items()}
+    return {
+        "context": n, "dtype": str(dtype).replace("torch.", ""), "ms": ms, "bytes": nbytes, "bound_ms": bound_ms,
+        "dense_vs_sdpa": ms["sdpa"] / ms["dense"], "quest_vs_dense": ms["dense"] / ms["quest"],
+        "quest_bound_vs_dense": nbytes["dense"] / nbytes["quest"],
+        "dense_of_bound": bound_ms["dense"] / ms["dense"],
+    }
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| KV | context | SDPA ms | dense ms | dense vs SDPA | dense % of bytes bound | Quest 1/16 ms (kernel) | "
+           "Quest vs dense (bound) | StreamingLLM ms |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ms = r["ms"]
+        out.append(
+            f"| {r['dtype']} | {r['context']} | {ms['sdpa']:.2f} | {ms['dense']:.2f} | {r['dense_vs_sdpa']:.2f}x | "
+            f"{100 * r['dense_of_bound']:.0f}% | {ms['quest']:.2f} ({ms['quest_kernel']:.2f}) | "
+            f"{r['quest_vs_dense']:.2f}x ({r['quest_bound_vs_dense']:.1f}x) | {ms['streaming']:.2f} |"
+        )
+    return "\n".join(out)
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    lines = []
+    for r in rows:
+        tag = f"{r['dtype']} {r['context']}"
+        lines.append(f"{'PASS' if r['dense_vs_sdpa'] >= 1.0 else 'FAIL'} dense >= 1.0x SDPA at {tag}: {r['dense_vs_sdpa']:.2f}x")
+        if r["context"] >= 8192:
+            ok = r["dense_of_bound"] >= 0.8
+            lines.append(f"{'PASS' if ok else 'FAIL'} dense >= 80% of the KV-bytes bound at {tag}: {100 * r['dense_of_bound']:.0f}%")
+        if r["context"] == 32768:
+            ok = r["quest_vs_dense"] >= 6.0
+            lines.append(f"{'PASS' if ok else 'FAIL'} Quest 1/16 >= 6x dense at {tag}: {r['quest_vs_dense']:.2f}x")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="contexts 1K-32K, 0.3 s per variant")
+    parser.add_argument("--contexts", type=int, nargs="+", default=None,
+                        help="tokens in the cache (default 1K 4K 16K 32K 64K; --quick: up to 32K)")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--seconds", type=float, default=1.0, help="timing per variant and cell")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bandwidth-mb", type=int, default=512, help="buffer read to measure the bandwidth")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if args.contexts is None:
+        args.contexts = [1024, 4096, 16384, 32768] + ([] if args.quick else [65536])
+    if args.quick:
+        args.seconds = min(args.seconds, 0.3)
+    for n in args.contexts:
+        if n < 256 or n % 256:
+            parser.error(f"--contexts must be multiples of 256 (Quest's budget n/16 in whole pages), got {n}")
+    torch.set_num_threads(args.threads)
+    kernels.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    bandwidth = read_bandwidth(args.bandwidth_mb)
+    rows = []
+    for name in args.dtypes:
+        for n in args.contexts:
+            rows.append(bench_context(n, DTYPES[name], args.seconds, bandwidth, args.threads))
+            print(f"  {name} {n}: dense {rows[-1]['ms']['dense']:.2f} ms, SDPA {rows[-1]['ms']['sdpa']:.2f} ms", flush=True)
+    machine = machine_info(args.threads)
+    text = table(rows)
+    print(f"\n### decode attention, one layer (Hq {HQ}, Hkv {HKV}, d {D}), batch 1, {args.threads} threads, "
+          f"{machine['cpu']}, ISA {machine['isa']}, read bandwidth {bandwidth:.1f} GB/s, "
+          f"load average {load_before[0]:.1f}\n")
+    print(text + "\n")
+    lines = verdicts(rows)
+    print("\n".join(lines))
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / ("kv_speed.quick.json" if args.quick else "kv_speed.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**machine, "bandwidth_gbs": bandwidth, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+            "shape": {"Hq": HQ, "Hkv": HKV, "D": D, "page": PAGE, "sinks": SINKS, "window": WINDOW},
+            "seconds": args.seconds, "quick": args.quick,
+            "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows, "table": text, "verdicts": lines}, indent=1) + "\n")
+    tmp.replace(out)
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
