@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from sparseforge.attention import NAME, Dense, PagedKVCache, Quest, StreamingLLM, enable
+from sparseforge.attention import NAME, Dense, PagedKVCache, Quest, SnapKV, StreamingLLM, enable
 from sparseforge.builtin import builtin_model_path
 from sparseforge.errors import DataError, ModelError
 from tiny_models import tiny_model, tokens
@@ -28,7 +28,8 @@ def _generate(model, ids, impl, cache=None, new=12, **kw):
 
 
 def _covering_policies(context):
-    return [Dense(), Quest(budget=-(-context // 16) * 16, dense_layers=0), StreamingLLM(sinks=4, window=context)]
+    return [Dense(), Quest(budget=-(-context // 16) * 16, dense_layers=0), StreamingLLM(sinks=4, window=context),
+            SnapKV(window=8, capacity=context)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -49,7 +50,8 @@ def test_builtin_model_sparse_budgets_change_the_attention(builtin):
     ids = torch.randint(2, 4000, (1, 200), generator=torch.Generator().manual_seed(1))
     model = builtin
     outs = {}
-    for name, policy in [("dense", Dense()), ("quest", Quest(budget=32)), ("streaming", StreamingLLM(4, 28))]:
+    for name, policy in [("dense", Dense()), ("quest", Quest(budget=32)), ("streaming", StreamingLLM(4, 28)),
+                         ("snapkv", SnapKV(window=16, capacity=48))]:
         model.set_attn_implementation(NAME)
         cache = PagedKVCache(model.config, policy=policy)
         with torch.no_grad():
@@ -59,6 +61,7 @@ def test_builtin_model_sparse_budgets_change_the_attention(builtin):
     assert torch.equal(outs["dense"][0], outs["quest"][0])  # the first token comes from the dense prefill
     assert not torch.allclose(outs["dense"][1:], outs["quest"][1:])
     assert not torch.allclose(outs["dense"][1:], outs["streaming"][1:])
+    assert not torch.allclose(outs["dense"][1:], outs["snapkv"][1:])
 
 
 @pytest.mark.parametrize("family", ["qwen2", "mistral"])
