@@ -101,3 +101,13 @@ def test_decoding_without_a_paged_cache_fails():
     model = tiny_model("llama")
     with pytest.raises(ModelError, match="PagedKVCache"):
         _generate(model, tokens(1, 10), NAME, None, new=3)
+
+
+def test_beam_search_matches_sdpa():
+    """Beam search reorders the cache rows every step (reorder_cache)."""
+    enable()
+    model = tiny_model("llama", seed=5)
+    ids = tokens(1, 12, seed=1)
+    ref = _generate(model, ids, "sdpa", new=8, num_beams=3)
+    out = _generate(model, ids, NAME, PagedKVCache(model.config), new=8, num_beams=3)
+    assert torch.equal(out, ref)
