@@ -22,6 +22,13 @@ machine's read bandwidth measured in the same run (``torch.sum`` over 512 MB, 2 
 
     python benchmarks/bench_kv_speed.py --quick            # 1K-32K, ~2 minutes
     python benchmarks/bench_kv_speed.py --contexts 65536   # one context, longer timing
+    python benchmarks/bench_kv_speed.py --e2e 32768        # + whole-model decode steps at 32K
+
+``--e2e N``: a randomly initialised Llama-3.2-1B-shaped model (16 layers, hidden 2048, MLP 8192,
+vocabulary 128256, tied embeddings, bfloat16, ~2.5 GB) with ``attn_implementation="sparseforge"``
+decodes single tokens over a PagedKVCache pre-filled with N random tokens per layer (no prefill);
+Dense, Quest(N / 16) and StreamingLLM(4, 1020) take turns step by step (the cache is cropped back
+after each step), tokens/s as medians; the bound is (weights + KV bytes read) / bandwidth.
 
 Writes ``benchmarks/results/kv_speed.json`` (``--quick``: ``kv_speed.quick.json``) and prints the
 table and PASS/FAIL lines for the issue's targets.
@@ -30,6 +37,7 @@ table and PASS/FAIL lines for the issue's targets.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -52,8 +60,20 @@ SINKS, WINDOW = 4, 1020
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def read_bandwidth(mb: int = 512, reps: int = 5) -> float:
-    """Best read bandwidth (GB/s) of ``torch.sum`` over ``mb`` MB of float32."""
+def last_level_cache_mb() -> int:
+    """Size of this CPU's largest cache in MB (sysfs), 0 when unknown."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        scale = {"K": 1 / 1024, "M": 1, "G": 1024}.get(text[-1:], 1 / (1 << 20))
+        sizes.append(float(text.rstrip("KMG")) * scale)
+    return int(max(sizes, default=0))
+
+
+def read_bandwidth(mb: int = 0, reps: int = 5) -> float:
+    """Best read bandwidth (GB/s) of ``torch.sum`` over ``mb`` MB of float32 (0: twice the last-level
+    cache, at least 512 MB, so the figure is the memory's)."""
+    mb = mb or max(512, 2 * last_level_cache_mb())
     x = torch.ones(mb * (1 << 20) // 4)
     best = float("inf")
     for _ in range(reps):
@@ -73,19 +93,21 @@ def kv_bytes(n: int, elt: int, budget: int | None = None, window: int | None = N
     return 2 * budget * row + 2 * (-(-n // PAGE)) * row  # selected K and V + per-page min and max
 
 
-def interleaved(fns: dict, seconds: float) -> dict:
-    """Median ms per call of each function, called round-robin until each had ``seconds`` (>= 5 calls)."""
+def interleaved(fns: dict, seconds: float, max_rounds: int = 400) -> dict:
+    """Median ms per call of each function, called round-robin (one call each per round) until the
+    rounds took ``seconds`` per function in total, at least 5 and at most ``max_rounds`` rounds."""
     for fn in fns.values():
         fn()
     samples = {k: [] for k in fns}
-    spent = dict.fromkeys(fns, 0.0)
-    while min(spent.values()) < seconds or min(len(s) for s in samples.values()) < 5:
+    spent, rounds = 0.0, 0
+    while rounds < 5 or (spent < seconds * len(fns) and rounds < max_rounds):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
             dt = time.perf_counter() - t0
             samples[name].append(dt)
-            spent[name] += dt
+            spent += dt
+        rounds += 1
     return {k: 1e3 * statistics.median(v) for k, v in samples.items()}
 
 
@@ -113,50 +135,122 @@ def one_thread(fn, threads: int):
     return call
 
 
-def bench_context(n: int, dtype: torch.dtype, seconds: float, bandwidth: float, threads: int, seed: int = 0) -> dict:
+def bench_context(n: int, dtype: torch.dtype, seconds: float, bandwidth: float, threads: int, layers: int = 16,
+                  seed: int = 0) -> dict:
+    """One decode step of one layer, the calls rotating over ``layers`` caches (as a model's layers do,
+    so the KV read is not left in the last-level cache by the previous call)."""
     g = torch.Generator().manual_seed(seed)
-    cache = PagedKVCache(num_layers=1, page_size=PAGE, max_cache_len=n, policy=Dense())
-    for t0 in range(0, n, 4096):  # (1, Hkv, T, D) chunks: no second full-size temporary
-        t = min(4096, n - t0)
-        cache.update(torch.randn(1, HKV, t, D, generator=g).to(dtype), torch.randn(1, HKV, t, D, generator=g).to(dtype), 0)
-    layer = cache.layers[0]
-    k, v = layer.k_store, layer.v_store  # (1, Hkv, n, D)
+    cache = PagedKVCache(num_layers=layers, page_size=PAGE, max_cache_len=n, policy=Dense())
+    for i in range(layers):
+        for t0 in range(0, n, 4096):  # (1, Hkv, T, D) chunks: no second full-size temporary
+            t = min(4096, n - t0)
+            kv = [torch.randn(1, HKV, t, D, generator=g).to(dtype) for _ in range(2)]
+            cache.update(kv[0], kv[1], i)
     q = torch.randn(1, HQ, D, generator=g)  # (B, Hq, D)
     q4 = q.to(dtype).unsqueeze(2)  # (B, Hq, 1, D)
     qp = q4.view(1, HKV, HQ // HKV, D)  # query heads packed per KV head
     scale = D ** -0.5
     quest, stream = Quest(budget=n // 16, dense_layers=0), StreamingLLM(SINKS, WINDOW)
     all_spans = dense_spans(1, HKV, n)
-    quest_spans = quest.spans(layer, q, 0)
+    quest_spans = [quest.spans(layer, q, 0) for layer in cache.layers]
+    turn = itertools.cycle(range(layers))  # every call, whatever its variant, reads the next layer
+
+    def rotating(make):
+        per_layer = [make(i, layer) for i, layer in enumerate(cache.layers)]
+        return lambda: per_layer[next(turn)]()
+
+    def sdpa(query, one=False):
+        def make(i, layer):
+            fn = lambda: F.scaled_dot_product_attention(query, layer.k_store, layer.v_store,  # noqa: E731
+                                                        enable_gqa=query.shape[1] == HQ)
+            return one_thread(fn, threads) if one else fn
+        return rotating(make)
+
     fns = {
-        "sdpa_gqa": lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True),
-        "sdpa_packed": lambda: F.scaled_dot_product_attention(qp, k, v),
-        "sdpa_packed_1thread": one_thread(lambda: F.scaled_dot_product_attention(qp, k, v), threads),
-        "dense_op": lambda: decode_attention(q, k, v, all_spans, n, scale),  # through the torch custom op
+        "sdpa_gqa": sdpa(q4),
+        "sdpa_packed": sdpa(qp),
+        "sdpa_packed_1thread": sdpa(qp, one=True),
+        "dense_op": rotating(lambda i, layer: lambda: decode_attention(q, layer.k_store, layer.v_store, all_spans, n, scale)),
     }
     variants = {
-        "dense": lambda: all_spans,
-        "quest": lambda: quest.spans(layer, q, 0),
-        "quest_kernel": lambda: quest_spans,
-        "streaming": lambda: stream.spans(layer, q, 0),
+        "dense": lambda i, layer: all_spans,
+        "quest": lambda i, layer: quest.spans(layer, q, 0),
+        "quest_kernel": lambda i, layer: quest_spans[i],
+        "streaming": lambda i, layer: stream.spans(layer, q, 0),
     }
-    for name, spans_fn in variants.items():
-        fns[f"{name}_pool"] = kernel_call(q, k, v, n, scale, spans_fn, True)
-        fns[f"{name}_serial"] = kernel_call(q, k, v, n, scale, spans_fn, False)
+    for name, spans_of in variants.items():
+        for mode, parallel in (("pool", True), ("serial", False)):
+            fns[f"{name}_{mode}"] = rotating(
+                lambda i, layer, spans_of=spans_of, parallel=parallel: kernel_call(
+                    q, layer.k_store, layer.v_store, n, scale, lambda: spans_of(i, layer), parallel))
     ms = interleaved(fns, seconds)
     ms["sdpa"] = min(ms["sdpa_gqa"], ms["sdpa_packed"], ms["sdpa_packed_1thread"])
     for name in variants:
         ms[name] = min(ms[f"{name}_pool"], ms[f"{name}_serial"])
-    elt = k.element_size()
+    elt = torch.tensor([], dtype=dtype).element_size()
     nbytes = {"dense": kv_bytes(n, elt), "quest": kv_bytes(n, elt, budget=n // 16),
               "streaming": kv_bytes(n, elt, window=SINKS + WINDOW)}
     bound_ms = {name: b / bandwidth / 1e6 for name, b in nbytes.items()}
     return {
-        "context": n, "dtype": str(dtype).replace("torch.", ""), "ms": ms, "bytes": nbytes, "bound_ms": bound_ms,
-        "dense_vs_sdpa": ms["sdpa"] / ms["dense"], "quest_vs_dense": ms["dense"] / ms["quest"],
+        "context": n, "dtype": str(dtype).replace("torch.", ""), "layers": layers, "ms": ms, "bytes": nbytes,
+        "bound_ms": bound_ms, "dense_vs_sdpa": ms["sdpa"] / ms["dense"], "quest_vs_dense": ms["dense"] / ms["quest"],
         "quest_bound_vs_dense": nbytes["dense"] / nbytes["quest"],
         "dense_of_bound": bound_ms["dense"] / ms["dense"],
     }
+
+
+E2E = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=HQ,
+           num_key_value_heads=HKV, head_dim=D, vocab_size=128256, tie_word_embeddings=True,
+           max_position_embeddings=131072)
+
+
+def bench_e2e(context: int, steps: int, bandwidth: float, seed: int = 0, **overrides) -> dict:
+    """Whole-model decode steps over a pre-filled cache, Dense / Quest 1/16 / StreamingLLM in turn."""
+    import transformers
+
+    from sparseforge.attention import enable
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(**{**E2E, **overrides})
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    model.set_attn_implementation(enable())
+    cache = PagedKVCache(config, max_cache_len=context + 1)
+    g = torch.Generator().manual_seed(seed)
+    for i in range(config.num_hidden_layers):
+        for t0 in range(0, context, 4096):
+            t = min(4096, context - t0)
+            kv = [torch.randn(1, HKV, t, D, generator=g).to(torch.bfloat16) for _ in range(2)]
+            cache.update(kv[0], kv[1], i)
+    policies = {"dense": Dense(), "quest": Quest(budget=context // 16), "streaming": StreamingLLM(SINKS, WINDOW)}
+    token = torch.tensor([[5]])
+    position = torch.tensor([[context]])
+    samples = {name: [] for name in policies}
+    with torch.no_grad():
+        for _ in range(steps + 1):  # the first round warms up
+            for name, policy in policies.items():
+                cache.set_policy(policy)
+                t0 = time.perf_counter()
+                model(input_ids=token, position_ids=position, cache=cache, use_cache=True)
+                samples[name].append(time.perf_counter() - t0)
+                cache.crop(-1)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_layer = {"dense": kv_bytes(context, 2), "quest": kv_bytes(context, 2, budget=context // 16),
+                "streaming": kv_bytes(context, 2, window=SINKS + WINDOW)}
+    out = {"context": context, "steps": steps, "weights_bytes": weights, "tokens_per_s": {}, "bound_tokens_per_s": {}}
+    for name in policies:
+        out["tokens_per_s"][name] = 1.0 / statistics.median(samples[name][1:])
+        out["bound_tokens_per_s"][name] = bandwidth * 1e9 / (weights + config.num_hidden_layers * kv_layer[name])
+    out["quest_vs_dense"] = out["tokens_per_s"]["quest"] / out["tokens_per_s"]["dense"]
+    out["quest_vs_dense_bound"] = out["bound_tokens_per_s"]["quest"] / out["bound_tokens_per_s"]["dense"]
+    return out
+
+
+def e2e_table(e: dict) -> str:
+    lines = [f"| whole model, {e['context']} tokens, bf16 | tokens/s | bytes bound tokens/s |", "|---|---|---|"]
+    for name, tps in e["tokens_per_s"].items():
+        lines.append(f"| {name} | {tps:.2f} | {e['bound_tokens_per_s'][name]:.2f} |")
+    lines.append(f"| Quest vs dense | {e['quest_vs_dense']:.2f}x | {e['quest_vs_dense_bound']:.2f}x |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
@@ -195,7 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--seconds", type=float, default=1.0, help="timing per variant and cell")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--bandwidth-mb", type=int, default=512, help="buffer read to measure the bandwidth")
+    parser.add_argument("--e2e", type=int, default=None, metavar="N", help="also time whole-model decode at N tokens")
+    parser.add_argument("--e2e-steps", type=int, default=5)
+    parser.add_argument("--bandwidth-mb", type=int, default=0,
+                        help="buffer read to measure the bandwidth (default: 2x the last-level cache, >= 512)")
+    parser.add_argument("--layers", type=int, default=16, help="caches the per-layer calls rotate over")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.contexts is None:
@@ -212,24 +310,32 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.dtypes:
         for n in args.contexts:
-            rows.append(bench_context(n, DTYPES[name], args.seconds, bandwidth, args.threads))
+            rows.append(bench_context(n, DTYPES[name], args.seconds, bandwidth, args.threads, args.layers))
             print(f"  {name} {n}: dense {rows[-1]['ms']['dense']:.2f} ms, SDPA {rows[-1]['ms']['sdpa']:.2f} ms", flush=True)
     machine = machine_info(args.threads)
     text = table(rows)
-    print(f"\n### decode attention, one layer (Hq {HQ}, Hkv {HKV}, d {D}), batch 1, {args.threads} threads, "
-          f"{machine['cpu']}, ISA {machine['isa']}, read bandwidth {bandwidth:.1f} GB/s, "
+    print(f"\n### decode attention per layer (Hq {HQ}, Hkv {HKV}, d {D}; {args.layers} layers in turn), batch 1, "
+          f"{args.threads} threads, {machine['cpu']}, ISA {machine['isa']}, last-level cache {last_level_cache_mb()} MB, "
+          f"read bandwidth {bandwidth:.1f} GB/s, "
           f"load average {load_before[0]:.1f}\n")
     print(text + "\n")
     lines = verdicts(rows)
+    e2e = None
+    if args.e2e:
+        e2e = bench_e2e(args.e2e, args.e2e_steps, bandwidth)
+        print(e2e_table(e2e) + "\n")
+        ok = e2e["quest_vs_dense"] >= 2.0
+        lines.append(f"{'PASS' if ok else 'FAIL'} Quest >= 2x dense end to end at {args.e2e}: {e2e['quest_vs_dense']:.2f}x "
+                     f"(bytes bound {e2e['quest_vs_dense_bound']:.2f}x)")
     print("\n".join(lines))
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / ("kv_speed.quick.json" if args.quick else "kv_speed.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {**machine, "bandwidth_gbs": bandwidth, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+    meta = {**machine, "bandwidth_gbs": bandwidth, "last_level_cache_mb": last_level_cache_mb(), "layers": args.layers, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
             "shape": {"Hq": HQ, "Hkv": HKV, "D": D, "page": PAGE, "sinks": SINKS, "window": WINDOW},
             "seconds": args.seconds, "quick": args.quick,
             "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}
     tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows, "table": text, "verdicts": lines}, indent=1) + "\n")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows, "table": text, "e2e": e2e, "verdicts": lines}, indent=1) + "\n")
     tmp.replace(out)
     print(f"\nwrote {out}")
     return 0

@@ -31,7 +31,7 @@ def test_tiny_run_writes_json(tmp_path, capsys):
     b = _load()
     out = tmp_path / "kv.json"
     assert b.main(["--contexts", "512", "--dtypes", "float32", "--seconds", "0.001", "--bandwidth-mb", "8",
-                   "--threads", "1", "--out", str(out)]) == 0
+                   "--threads", "1", "--layers", "2", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     (row,) = data["rows"]
     assert row["context"] == 512 and set(row["ms"]) >= {"sdpa", "dense", "quest", "quest_kernel", "streaming"}
@@ -39,3 +39,12 @@ def test_tiny_run_writes_json(tmp_path, capsys):
     assert row["dense_vs_sdpa"] == row["ms"]["sdpa"] / row["ms"]["dense"]
     assert data["meta"]["cpu"] and data["meta"]["bandwidth_gbs"] > 0
     assert "| float32 | 512 |" in capsys.readouterr().out
+
+
+def test_e2e_decode_steps_small_model():
+    b = _load()
+    e = b.bench_e2e(512, 1, bandwidth=10.0, hidden_size=64, intermediate_size=64, num_hidden_layers=2, vocab_size=128)
+    assert set(e["tokens_per_s"]) == {"dense", "quest", "streaming"} and all(v > 0 for v in e["tokens_per_s"].values())
+    # bound: bandwidth / (weights + layers * KV bytes per layer)
+    assert abs(e["bound_tokens_per_s"]["dense"] - 10e9 / (e["weights_bytes"] + 2 * b.kv_bytes(512, 2))) < 1e-6
+    assert e["quest_vs_dense_bound"] > 1.0

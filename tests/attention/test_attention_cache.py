@@ -139,3 +139,13 @@ def test_bad_sizes_raise_one_line_config_errors(make, match):
 
 def test_default_policy_is_dense():
     assert PagedKVCache(num_layers=1).policy == Dense()
+
+
+def test_set_policy_switches_every_layer_and_validates():
+    cache = PagedKVCache(num_layers=3, page_size=16)
+    cache.set_policy(Quest(budget=64))
+    assert all(layer.policy == Quest(budget=64) for layer in cache.layers)
+    with pytest.raises(ConfigError, match="not a multiple of the page size"):
+        cache.set_policy(Quest(budget=40))
+    with pytest.raises(ConfigError, match="policy must be"):
+        cache.set_policy(None)

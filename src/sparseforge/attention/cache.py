@@ -239,6 +239,15 @@ class PagedKVCache(Cache):
         self.policy, self.page_size = policy, page_size
         super().__init__(layers=[PagedLayer(i, policy, page_size, max_cache_len) for i in range(num_layers)])
 
+    def set_policy(self, policy: Policy) -> None:
+        """Switch every layer to ``policy`` from the next decode step on (e.g. dense for a while, then sparse)."""
+        if not isinstance(policy, Policy):
+            raise ConfigError(f"PagedKVCache: policy must be Dense(), StreamingLLM(...), Quest(...) or SnapKV(...), got {policy!r}")
+        policy.check_page_size(self.page_size)
+        self.policy = policy
+        for layer in self.layers:
+            layer.policy = policy
+
     def kv_bytes(self) -> int:
         """Bytes of the valid keys and values held (all layers)."""
         return sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in self.layers if layer.keys is not None)
