@@ -212,7 +212,12 @@ def bench_e2e(context: int, steps: int, bandwidth: float, seed: int = 0, **overr
 
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(**{**E2E, **overrides})
-    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # weights created in bfloat16 (no float32 copy of 1.2B parameters)
+    try:
+        model = transformers.LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
     model.set_attn_implementation(enable())
     cache = PagedKVCache(config, max_cache_len=context + 1)
     g = torch.Generator().manual_seed(seed)

@@ -235,3 +235,15 @@ def test_quest_select_edges_and_errors():
         quest_select(q, kmin, kmax, 2, 3)
     with pytest.raises(DataError, match="kmin and kmax"):
         quest_select(q, kmin, kmax.bfloat16(), 4, 2)
+
+
+def test_eager_helpers_equal_the_registered_ops():
+    from sparseforge.ops.decode_attention import attend, quest_select, select_pages
+
+    q, k, v = _problem(1, 8, 2, 32, 64)
+    spans = _spans(1, 2, [[0, 3], [10, 40]])
+    assert torch.equal(attend(q, k, v, spans, 60, 0.2), decode_attention(q, k, v, spans, 60, 0.2))
+    kmin, kmax = torch.minimum(k[:, :, :8], v[:, :, :8]).contiguous(), torch.maximum(k[:, :, :8], v[:, :, :8]).contiguous()
+    assert torch.equal(select_pages(q, kmin, kmax, 8, 3), quest_select(q, kmin, kmax, 8, 3))
+    with pytest.raises(DataError, match="spans must be int32"):
+        attend(q, k, v, spans.long(), 60, 0.2)

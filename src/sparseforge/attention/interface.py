@@ -9,7 +9,8 @@ attention implementation (rotated ``query (B, Hq, q_len, D)``, the cache's ``key
   (the mask function registered for the name is transformers' ``sdpa_mask``), then shows the
   queries to the policy (SnapKV chooses its tokens there);
 * decode (``q_len == 1``) asks the layer's policy for token spans and runs
-  ``sparseforge::decode_attention`` on the paged buffers; a padding mask (left padding) or a sliding
+  ``sparseforge::decode_attention`` on the paged buffers (the native kernel directly in eager
+  mode); a padding mask (left padding) or a sliding
   window (Mistral/Qwen2 ``sliding_window``) clip the spans to the tokens the dense mask allows.
 
 The cache layer arrives through the keyword arguments transformers forwards from ``Cache.update``
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from sparseforge.attention.cache import LAYER_KWARG, PagedLayer
 from sparseforge.errors import ConfigError, DataError, ModelError
-from sparseforge.ops.decode_attention import decode_attention
+from sparseforge.ops.decode_attention import attend
 
 __all__ = ["NAME", "enable", "sparseforge_attention", "clip_spans"]
 
@@ -101,7 +102,7 @@ def sparseforge_attention(module: torch.nn.Module, query: Tensor, key: Tensor, v
         lo = lo_w if lo is None else torch.maximum(lo, lo_w)
     if lo is not None and bool((lo > 0).any()):
         spans = clip_spans(spans, lo)
-    out = decode_attention(q, layer.k_store, layer.v_store, spans, n, scale)  # (B, Hq, D) float32
+    out = attend(q, layer.k_store, layer.v_store, spans, n, scale)  # (B, Hq, D) float32
     return out.to(query.dtype).view(B, 1, Hq, D), None
 
 

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from sparseforge.errors import ConfigError
-from sparseforge.ops.decode_attention import quest_select
+from sparseforge.ops.decode_attention import select_pages
 
 __all__ = ["Policy", "Dense", "StreamingLLM", "Quest", "SnapKV", "dense_spans"]
 
@@ -171,7 +171,7 @@ class Quest(Policy):
         k = self.budget // P  # pages read, the newest included
         full = npages - 1  # candidate pages (all but the newest)
         B, Hkv = layer.batch, layer.kv_heads
-        top = quest_select(query, layer.kmin, layer.kmax, full, k - 1)  # (B, Hkv, k - 1) ascending
+        top = select_pages(query, layer.kmin, layer.kmax, full, k - 1)  # (B, Hkv, k - 1) ascending
         spans = torch.empty(B, Hkv, k, 2, dtype=torch.int32)
         spans[..., : k - 1, 0] = top * P
         spans[..., : k - 1, 1] = P

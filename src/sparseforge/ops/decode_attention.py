@@ -18,6 +18,9 @@ With one span ``[0, n)`` per head it equals ``torch.nn.functional.scaled_dot_pro
 ``sum_{g in group} sum_d max(q_gd kmax_d, q_gd kmin_d)`` (ties: the lower page); ``kmin``/``kmax``
 ``(B, Hkv, allocated pages, D)`` in the dtype of the cache.
 
+:func:`attend` and :func:`select_pages` are what the attention calls: the registered ops under
+``torch.compile``, the native kernels directly in eager mode (same checks, no custom-op dispatch).
+
 Example:
     >>> import torch
     >>> from sparseforge.ops.decode_attention import decode_attention
@@ -36,7 +39,8 @@ from sparseforge.errors import DataError, SparseforgeError
 from sparseforge.kernels import native
 from sparseforge.ops._define import np_view
 
-__all__ = ["decode_attention", "decode_attention_ref", "check_decode_args", "quest_select", "quest_select_ref"]
+__all__ = ["decode_attention", "decode_attention_ref", "check_decode_args", "quest_select", "quest_select_ref",
+           "attend", "select_pages"]
 
 KV_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -129,3 +133,17 @@ def _(q, kmin, kmax, pages, keep):
 def quest_select_ref(q: Tensor, kmin: Tensor, kmax: Tensor, pages: int, keep: int) -> Tensor:
     """The scalar reference of :func:`quest_select` (test oracle)."""
     return _select("quest_select_ref", q, kmin, kmax, pages, keep)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, spans: Tensor, n: int, scale: float) -> Tensor:
+    """:func:`decode_attention`, without the custom-op dispatch in eager mode."""
+    if torch.compiler.is_compiling():
+        return decode_attention(q, k, v, spans, n, scale)
+    return _call("decode_attention", q, k, v, spans, n, scale)
+
+
+def select_pages(q: Tensor, kmin: Tensor, kmax: Tensor, pages: int, keep: int) -> Tensor:
+    """:func:`quest_select`, without the custom-op dispatch in eager mode."""
+    if torch.compiler.is_compiling():
+        return quest_select(q, kmin, kmax, pages, keep)
+    return _select("quest_select", q, kmin, kmax, pages, keep)
