@@ -136,6 +136,7 @@ void decode_attention_ref(const DecodeAttnProblem& p) {
         for (int64_t d = 0; d < D; ++d) o[d] += sc[i] * value_at(p.vt, p.v, base + toks[i] * D + d);
       }
       for (int64_t d = 0; d < D; ++d) o[d] /= sum;
+      if (p.lse) p.lse[b * p.Hq + h] = mx + std::log(sum);
     }
   }
 }
@@ -219,6 +220,7 @@ void decode_attention(const DecodeAttnProblem& p, Isa isa, int64_t chunk, bool p
       }
       const float inv = 1.f / L;
       for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+      if (p.lse) p.lse[bh * G + g] = M + std::log(L);
     }
   }
 }

@@ -34,6 +34,7 @@ struct DecodeAttnProblem {
   int64_t S = 0;  // span slots per (b, KV head)
   float scale = 1.f;
   float* out = nullptr;
+  float* lse = nullptr;  // (B, Hq) or null: log of the softmax denominator, log sum_t exp(scale * q . k_t)
 };
 
 // One chunk of one (b, KV head): its G query rows (pre-scaled), its keys / values, its spans.

@@ -1,10 +1,11 @@
 // nanobind binding of the decode-attention kernel (csrc/decode_attention.h) over raw buffers:
-//   decode_attention(q, k, v, spans, n, scale, out, isa="", chunk=0, parallel=True)
+//   decode_attention(q, k, v, spans, n, scale, out, isa="", chunk=0, parallel=True, lse=None)
 //   decode_attention_ref(q, k, v, spans, n, scale, out)          (the scalar oracle)
 //   quest_select(q, kmin, kmax, pages, chosen, isa="", parallel=True), quest_select_ref(...)
 //     kmin / kmax (B, Hkv, allocated pages, D) like k; chosen (B, Hkv, keep) int32, overwritten
 // q (B, Hq, D) float32; k, v (B, Hkv, cap, D) float32, or bfloat16 as raw uint16 bits; spans
-// (B, Hkv, S, 2) int32 [start, length); out (B, Hq, D) float32, overwritten. All C-contiguous, CPU.
+// (B, Hkv, S, 2) int32 [start, length); out (B, Hq, D) float32, overwritten; lse (B, Hq) float32 or
+// None: the log of each softmax denominator (to merge attentions over disjoint token sets). All C-contiguous, CPU.
 // Bad input raises ValueError (std::invalid_argument) naming the argument; an unknown or unsupported
 // isa raises sparseforge.errors.ConfigError.
 #include <nanobind/nanobind.h>
@@ -55,7 +56,7 @@ void require(const A& a, const char* name, size_t ndim) {
 int64_t sz(const In& a, size_t d) { return static_cast<int64_t>(a.shape(d)); }
 
 sf::DecodeAttnProblem problem(const In& q, const In& k, const In& v, const In& spans, int64_t n, double scale,
-                              const Out& out) {
+                              const Out& out, const nb::object& lse) {
   require(q, "q", 3);
   require(k, "k", 4);
   require(v, "v", 4);
@@ -97,6 +98,15 @@ sf::DecodeAttnProblem problem(const In& q, const In& k, const In& v, const In& s
   p.spans = static_cast<const int32_t*>(spans.data());
   p.scale = static_cast<float>(scale);
   p.out = static_cast<float*>(out.data());
+  if (!lse.is_none()) {
+    Out l = nb::cast<Out>(lse);
+    require(l, "lse", 2);
+    if (l.dtype() != nb::dtype<float>() || static_cast<int64_t>(l.shape(0)) != p.B ||
+        static_cast<int64_t>(l.shape(1)) != p.Hq) {
+      throw std::invalid_argument("lse must be float32 (B, Hq)");
+    }
+    p.lse = static_cast<float*>(l.data());
+  }
   return p;
 }
 
@@ -142,23 +152,26 @@ void register_attention(nb::module_& mod) {
   mod.def(
       "decode_attention",
       [](const In& q, const In& k, const In& v, const In& spans, int64_t n, double scale, const Out& out,
-         const std::string& isa, int64_t chunk, bool parallel) {
-        const sf::DecodeAttnProblem p = problem(q, k, v, spans, n, scale, out);
+         const std::string& isa, int64_t chunk, bool parallel, const nb::object& lse) {
+        const sf::DecodeAttnProblem p = problem(q, k, v, spans, n, scale, out, lse);
         const sf::Isa i = resolve_or_config_error(isa);
         sf::num_threads();
         nb::gil_scoped_release rel;
         sf::decode_attention(p, i, chunk, parallel);
       },
       "q"_a, "k"_a, "v"_a, "spans"_a, "n"_a, "scale"_a, "out"_a, "isa"_a = "", "chunk"_a = 0, "parallel"_a = true,
+      "lse"_a.none() = nb::none(),
       "Decode attention over the selected token spans of a KV cache (csrc/decode_attention.h).");
   mod.def(
       "decode_attention_ref",
-      [](const In& q, const In& k, const In& v, const In& spans, int64_t n, double scale, const Out& out) {
-        const sf::DecodeAttnProblem p = problem(q, k, v, spans, n, scale, out);
+      [](const In& q, const In& k, const In& v, const In& spans, int64_t n, double scale, const Out& out,
+         const nb::object& lse) {
+        const sf::DecodeAttnProblem p = problem(q, k, v, spans, n, scale, out, lse);
         nb::gil_scoped_release rel;
         sf::decode_attention_ref(p);
       },
-      "q"_a, "k"_a, "v"_a, "spans"_a, "n"_a, "scale"_a, "out"_a, "Scalar reference of decode_attention (the oracle).");
+      "q"_a, "k"_a, "v"_a, "spans"_a, "n"_a, "scale"_a, "out"_a, "lse"_a.none() = nb::none(),
+      "Scalar reference of decode_attention (the oracle).");
   mod.def(
       "quest_select",
       [](const In& q, const In& kmin, const In& kmax, int64_t pages, const Out& chosen, const std::string& isa,

@@ -29,7 +29,7 @@ def _generate(model, ids, impl, cache=None, new=12, **kw):
 
 def _covering_policies(context):
     return [Dense(), Quest(budget=-(-context // 16) * 16, dense_layers=0), StreamingLLM(sinks=4, window=context),
-            SnapKV(window=8, capacity=context)]
+            StreamingLLM(sinks=4, window=context, positions="cache"), SnapKV(window=8, capacity=context)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -51,7 +51,8 @@ def test_builtin_model_sparse_budgets_change_the_attention(builtin):
     model = builtin
     outs = {}
     for name, policy in [("dense", Dense()), ("quest", Quest(budget=32)), ("streaming", StreamingLLM(4, 28)),
-                         ("snapkv", SnapKV(window=16, capacity=48))]:
+                         ("snapkv", SnapKV(window=16, capacity=48)),
+                         ("streaming_cache", StreamingLLM(4, 28, positions="cache"))]:
         model.set_attn_implementation(NAME)
         cache = PagedKVCache(model.config, policy=policy)
         with torch.no_grad():
@@ -62,6 +63,7 @@ def test_builtin_model_sparse_budgets_change_the_attention(builtin):
     assert not torch.allclose(outs["dense"][1:], outs["quest"][1:])
     assert not torch.allclose(outs["dense"][1:], outs["streaming"][1:])
     assert not torch.allclose(outs["dense"][1:], outs["snapkv"][1:])
+    assert not torch.allclose(outs["streaming"][1:], outs["streaming_cache"][1:])  # the sinks' positions matter
 
 
 @pytest.mark.parametrize("family", ["qwen2", "mistral"])

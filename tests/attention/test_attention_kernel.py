@@ -247,3 +247,22 @@ def test_eager_helpers_equal_the_registered_ops():
     assert torch.equal(select_pages(q, kmin, kmax, 8, 3), quest_select(q, kmin, kmax, 8, 3))
     with pytest.raises(DataError, match="spans must be int32"):
         attend(q, k, v, spans.long(), 60, 0.2)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_lse_matches_reference_and_merging_disjoint_sets_is_exact(isa, monkeypatch):
+    from sparseforge.ops.decode_attention import decode_attention_lse, merge_attention
+
+    q, k, v = _problem(2, 8, 2, 64, 500, seed=4)
+    monkeypatch.setenv("SPARSEFORGE_ISA", isa)
+    a, b, both = _spans(2, 2, [[0, 4]]), _spans(2, 2, [[100, 300]]), _spans(2, 2, [[0, 4], [100, 300]])
+    out_a, lse_a = decode_attention_lse(q, k, v, a, 500, 0.125)
+    out_b, lse_b = decode_attention_lse(q, k, v, b, 500, 0.125)
+    ref_out, ref_lse = decode_attention_ref(q, k, v, a, 500, 0.125, lse=True)
+    torch.testing.assert_close(lse_a, ref_lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_a, ref_out, rtol=1e-5, atol=1e-5)
+    # lse = log sum exp(scale q.k) over the selected tokens, in float64
+    s = torch.einsum("bhd,bhtd->bht", q.double(), k.double().repeat_interleave(4, 1)[:, :, 100:400]) * 0.125
+    torch.testing.assert_close(lse_b.double(), s.logsumexp(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merge_attention(out_a, lse_a, out_b, lse_b), decode_attention(q, k, v, both, 500, 0.125),
+                               rtol=1e-5, atol=1e-6)

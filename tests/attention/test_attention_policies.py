@@ -99,9 +99,9 @@ def test_streaming_spans():
     assert StreamingLLM(sinks=4, window=96).spans(layer, q, 0)[0, 0].tolist() == [[0, 100]]
 
 
-def _decode(layer, q, mask=None, **kw):
+def _decode(layer, q, mask=None, module=None, **kw):
     """sparseforge_attention for one decode query q (B, Hq, D) through a stand-in attention module."""
-    module = SimpleNamespace(layer_idx=3)
+    module = module or SimpleNamespace(layer_idx=3)
     B, Hq, D = q.shape
     out, _ = sparseforge_attention(module, q.unsqueeze(2), layer.keys, layer.values, mask, scaling=D ** -0.5,
                                    sparseforge_kv_layer=layer, **kw)
@@ -236,3 +236,49 @@ def test_snapkv_bad_config(kw, match):
 
     with pytest.raises(ConfigError, match=match):
         SnapKV(**kw)
+
+
+@pytest.mark.parametrize("rope_type", ["default", "llama3"])
+def test_streaming_cache_positions_equal_the_papers_re_indexed_cache(rope_type):
+    """positions='cache' == attention over [sinks, window] with RoPE applied at cache positions 0..s+w-1
+    (the paper), built here from pre-RoPE keys with transformers' own rotary embedding."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    rope = {"rope_type": "default", "rope_theta": 500.0}
+    if rope_type == "llama3":
+        rope = {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_parameters=rope)
+    rot = LlamaRotaryEmbedding(cfg)
+    n, s, w = 300, 4, 20
+    g = torch.Generator().manual_seed(0)
+    k_raw, v = torch.randn(1, 2, n, 16, generator=g), torch.randn(1, 2, n, 16, generator=g)
+    q_raw = torch.randn(1, 4, 1, 16, generator=g)
+
+    def rope_at(x, positions):
+        cos, sin = rot(x, torch.tensor([positions]))
+        return apply_rotary_pos_emb(x, x, cos, sin)[0]
+
+    policy = StreamingLLM(s, w, positions="cache")
+    cache = PagedKVCache(num_layers=1, policy=policy)
+    cache.update(rope_at(k_raw, list(range(n))), v, 0)  # as transformers caches them: text positions
+    layer = cache.layers[0]
+    q = rope_at(q_raw, [n - 1])[:, :, 0]  # (1, 4, 16)
+    module = SimpleNamespace(layer_idx=0, config=cfg)
+    got = _decode(layer, q, module=module)
+
+    kept = list(range(s)) + list(range(n - w, n))
+    k_paper = rope_at(k_raw[:, :, kept], list(range(s + w)))
+    q_paper = rope_at(q_raw, [s + w - 1])
+    want = F.scaled_dot_product_attention(q_paper, k_paper.repeat_interleave(2, 1), v[:, :, kept].repeat_interleave(2, 1))
+    torch.testing.assert_close(got, want[:, :, 0], rtol=1e-4, atol=1e-5)
+    cache.set_policy(StreamingLLM(s, w))  # text positions: the sinks at their true distance, not the paper's
+    assert not torch.allclose(_decode(layer, q, module=module), got, atol=1e-4)
+
+
+def test_streaming_cache_positions_bad_settings():
+    from sparseforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="positions must be"):
+        StreamingLLM(4, 8, positions="absolute")

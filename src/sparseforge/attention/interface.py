@@ -32,7 +32,9 @@ from torch import Tensor
 
 from sparseforge.attention.cache import LAYER_KWARG, PagedLayer
 from sparseforge.errors import ConfigError, DataError, ModelError
-from sparseforge.ops.decode_attention import attend
+from sparseforge.attention.policies import StreamingLLM
+from sparseforge.attention.rope import inv_freq_of, shift_positions
+from sparseforge.ops.decode_attention import attend, merge_attention
 
 __all__ = ["NAME", "enable", "sparseforge_attention", "clip_spans"]
 
@@ -102,8 +104,31 @@ def sparseforge_attention(module: torch.nn.Module, query: Tensor, key: Tensor, v
         lo = lo_w if lo is None else torch.maximum(lo, lo_w)
     if lo is not None and bool((lo > 0).any()):
         spans = clip_spans(spans, lo)
-    out = attend(q, layer.k_store, layer.v_store, spans, n, scale)  # (B, Hq, D) float32
+    policy = layer.policy
+    if isinstance(policy, StreamingLLM) and policy.positions == "cache" and policy.skipped(n) and policy.sinks:
+        if lo is not None and bool((lo > 0).any()):
+            raise DataError("StreamingLLM(positions='cache') needs an unpadded batch and no sliding window below the "
+                            "cache; use positions='text'")
+        out = _sinks_at_cache_positions(module, layer, q, spans, n, scale, policy.skipped(n))
+    else:
+        out = attend(q, layer.k_store, layer.v_store, spans, n, scale)  # (B, Hq, D) float32
     return out.to(query.dtype).view(B, 1, Hq, D), None
+
+
+def _sinks_at_cache_positions(module, layer: PagedLayer, q: Tensor, spans: Tensor, n: int, scale: float,
+                              skipped: int) -> Tensor:
+    """StreamingLLM with the paper's positions: the sink span (spans[..., 0]) scored by the query moved
+    back by the skipped tokens, the window span by the query as is, merged by their log-sum-exp."""
+    inv_freq = layer.policy_state.get("inv_freq")
+    if inv_freq is None:
+        config = getattr(module, "config", None)
+        if config is None:
+            raise ModelError(f"StreamingLLM(positions='cache') needs the RoPE settings: {type(module).__name__} has no config")
+        inv_freq = layer.policy_state["inv_freq"] = inv_freq_of(config, q.shape[-1])
+    q_sink = shift_positions(q, -skipped, inv_freq).contiguous()
+    out_s, lse_s = attend(q_sink, layer.k_store, layer.v_store, spans[:, :, :1].contiguous(), n, scale, lse=True)
+    out_w, lse_w = attend(q, layer.k_store, layer.v_store, spans[:, :, 1:].contiguous(), n, scale, lse=True)
+    return merge_attention(out_s, lse_s, out_w, lse_w)
 
 
 def enable() -> str:

@@ -9,11 +9,11 @@ than one query token) is always dense. Policies are frozen dataclasses, validate
 * :class:`Dense`: every cached token (the baseline; equals torch SDPA).
 * :class:`StreamingLLM`: the first ``sinks`` tokens and the last ``window`` tokens
   (Xiao et al., "Efficient Streaming Language Models with Attention Sinks", ICLR 2024).
-  Positions: keys stay as transformers cached them, rotated at their **text positions**, and are
-  never re-rotated; the middle is skipped, not evicted. So window tokens sit at their true distance
-  from the query, and the sinks at their true (larger) distance, where the paper re-indexes
-  positions inside the cache (sinks at distance ``sinks + window``). Valid within the model's
-  trained context; it bounds the bytes read per step, not the memory held.
+  Keys stay as transformers cached them (rotated at their text positions) and are never
+  re-rotated; the middle is skipped, not evicted (it bounds the bytes read per step, not the memory
+  held). ``positions="text"`` scores the sinks at their true distance; ``positions="cache"`` gives
+  the paper's cache positions (sinks at distance ``sinks + window - 1 - i``) by rotating the query,
+  not the keys. Window tokens are at the same distance either way.
 * :class:`SnapKV`: once, at the end of the prompt, the last ``window`` prompt queries vote (softmax
   probabilities summed over the window, pooled over neighbouring tokens) and each KV head keeps
   the ``capacity - window`` prompt tokens with the most votes plus the window; every generated
@@ -95,22 +95,35 @@ class Dense(Policy):
 class StreamingLLM(Policy):
     """The first ``sinks`` tokens plus the most recent ``window`` tokens (the current one included).
 
+    ``positions``: ``"text"`` (default) scores every token at its text position, as cached;
+    ``"cache"`` scores the sinks as the paper does, with the query moved to its position inside
+    the cache (``sinks + window - 1``): the sink part runs with the query rotated back by the number of
+    skipped tokens and is merged with the window part (window tokens are at the same distance either
+    way). ``"cache"`` needs fixed RoPE frequencies and an unpadded batch.
+
     Example:
         >>> StreamingLLM(sinks=4, window=1020)
-        StreamingLLM(sinks=4, window=1020)
+        StreamingLLM(sinks=4, window=1020, positions='text')
     """
 
     sinks: int = 4
     window: int = 1020
+    positions: str = "text"
 
     def __post_init__(self):
         if not isinstance(self.sinks, int) or isinstance(self.sinks, bool) or self.sinks < 0:
             raise ConfigError(f"StreamingLLM: sinks must be an integer >= 0, got {self.sinks!r}")
         _positive("window", self.window, "StreamingLLM")
+        if self.positions not in ("text", "cache"):
+            raise ConfigError(f"StreamingLLM: positions must be 'text' or 'cache', got {self.positions!r}")
+
+    def skipped(self, n: int) -> int:
+        """Tokens between the sinks and the window at context length ``n``."""
+        return max(0, n - self.sinks - self.window)
 
     def spans(self, layer, query: Tensor, layer_idx: int) -> Tensor:
         n = layer.n
-        if n <= self.sinks + self.window:
+        if not self.skipped(n):
             return dense_spans(layer.batch, layer.kv_heads, n)
         spans = torch.empty(layer.batch, layer.kv_heads, 2, 2, dtype=torch.int32)
         spans[..., 0, 0] = 0

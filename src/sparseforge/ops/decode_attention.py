@@ -39,8 +39,8 @@ from sparseforge.errors import DataError, SparseforgeError
 from sparseforge.kernels import native
 from sparseforge.ops._define import np_view
 
-__all__ = ["decode_attention", "decode_attention_ref", "check_decode_args", "quest_select", "quest_select_ref",
-           "attend", "select_pages"]
+__all__ = ["decode_attention", "decode_attention_lse", "decode_attention_ref", "merge_attention", "check_decode_args",
+           "quest_select", "quest_select_ref", "attend", "select_pages"]
 
 KV_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -68,16 +68,18 @@ def check_decode_args(q: Tensor, k: Tensor, v: Tensor, spans: Tensor, n: int) ->
         raise DataError(f"n={n} valid tokens must be in [1, {k.shape[2]}] (the cache capacity)")
 
 
-def _call(fn_name: str, q: Tensor, k: Tensor, v: Tensor, spans: Tensor, n: int, scale: float, **kw) -> Tensor:
+def _call(fn_name: str, q: Tensor, k: Tensor, v: Tensor, spans: Tensor, n: int, scale: float, lse: bool = False):
     check_decode_args(q, k, v, spans, n)
     out = torch.empty(q.shape, dtype=torch.float32)
+    lse_out = torch.empty(q.shape[:2], dtype=torch.float32) if lse else None
     try:
-        getattr(native(), fn_name)(np_view(q), np_view(k), np_view(v), spans.numpy(), int(n), float(scale), out.numpy(), **kw)
+        getattr(native(), fn_name)(np_view(q), np_view(k), np_view(v), spans.numpy(), int(n), float(scale), out.numpy(),
+                                   lse=None if lse_out is None else lse_out.numpy())
     except SparseforgeError:
         raise  # a bad SPARSEFORGE_ISA (ConfigError)
     except ValueError as exc:  # a span outside [0, n), out of order, or a head with nothing selected
         raise DataError(str(exc)) from None
-    return out
+    return (out, lse_out) if lse else out
 
 
 @torch.library.custom_op("sparseforge::decode_attention", mutates_args=())
@@ -93,9 +95,28 @@ def _(q, k, v, spans, n, scale):
     return q.new_empty(q.shape)
 
 
-def decode_attention_ref(q: Tensor, k: Tensor, v: Tensor, spans: Tensor, n: int, scale: float) -> Tensor:
-    """The scalar reference kernel (test oracle) on the same arguments."""
-    return _call("decode_attention_ref", q, k, v, spans, n, scale)
+@torch.library.custom_op("sparseforge::decode_attention_lse", mutates_args=())
+def decode_attention_lse(q: Tensor, k: Tensor, v: Tensor, spans: Tensor, n: int, scale: float) -> tuple[Tensor, Tensor]:
+    """:func:`decode_attention` and float32 ``(B, Hq)`` ``log sum_t exp(scale * q . k_t)`` over the selected tokens,
+    so attentions over disjoint token sets merge exactly (:func:`merge_attention`)."""
+    return _call("decode_attention", q, k, v, spans, n, scale, lse=True)
+
+
+@decode_attention_lse.register_fake
+def _(q, k, v, spans, n, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:2])
+
+
+def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
+    """The attention over the union of two disjoint token sets from each set's output ``(B, Hq, D)`` and ``lse``."""
+    m = torch.maximum(lse_a, lse_b)
+    wa, wb = (lse_a - m).exp().unsqueeze(-1), (lse_b - m).exp().unsqueeze(-1)
+    return (out_a * wa + out_b * wb) / (wa + wb)
+
+
+def decode_attention_ref(q: Tensor, k: Tensor, v: Tensor, spans: Tensor, n: int, scale: float, lse: bool = False):
+    """The scalar reference kernel (test oracle) on the same arguments (``lse=True``: also the lse)."""
+    return _call("decode_attention_ref", q, k, v, spans, n, scale, lse=lse)
 
 
 def _check_select(q: Tensor, kmin: Tensor, kmax: Tensor, pages: int, keep: int) -> None:
@@ -135,11 +156,12 @@ def quest_select_ref(q: Tensor, kmin: Tensor, kmax: Tensor, pages: int, keep: in
     return _select("quest_select_ref", q, kmin, kmax, pages, keep)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, spans: Tensor, n: int, scale: float) -> Tensor:
-    """:func:`decode_attention`, without the custom-op dispatch in eager mode."""
+def attend(q: Tensor, k: Tensor, v: Tensor, spans: Tensor, n: int, scale: float, lse: bool = False):
+    """:func:`decode_attention` (``lse=True``: :func:`decode_attention_lse`), without the custom-op
+    dispatch in eager mode."""
     if torch.compiler.is_compiling():
-        return decode_attention(q, k, v, spans, n, scale)
-    return _call("decode_attention", q, k, v, spans, n, scale)
+        return (decode_attention_lse if lse else decode_attention)(q, k, v, spans, n, scale)
+    return _call("decode_attention", q, k, v, spans, n, scale, lse=lse)
 
 
 def select_pages(q: Tensor, kmin: Tensor, kmax: Tensor, pages: int, keep: int) -> Tensor:
