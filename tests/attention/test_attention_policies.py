@@ -282,3 +282,14 @@ def test_streaming_cache_positions_bad_settings():
 
     with pytest.raises(ConfigError, match="positions must be"):
         StreamingLLM(4, 8, positions="absolute")
+
+
+def test_decoding_with_gradients_is_refused():
+    from sparseforge.errors import ConfigError
+
+    layer, _, _ = _filled(20)
+    q = torch.randn(1, 2, 16, requires_grad=True)
+    with pytest.raises(ConfigError, match="inference only"):
+        _decode(layer, q)
+    with torch.no_grad():
+        assert _decode(layer, q).shape == (1, 2, 16)

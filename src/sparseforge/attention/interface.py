@@ -83,6 +83,9 @@ def sparseforge_attention(module: torch.nn.Module, query: Tensor, key: Tensor, v
             "did not hand one to the attention: pass cache=PagedKVCache(model.config, policy=...) to generate, on a model "
             "whose attention forwards its kwargs to Cache.update (Llama, Qwen2, Mistral, ...)"
         )
+    if torch.is_grad_enabled() and (query.requires_grad or layer.k_store.requires_grad):
+        raise ConfigError(f"attn_implementation='{NAME}' decodes for inference only (no gradients); run under "
+                          "torch.no_grad() (generate does), or train with 'sdpa'")
     if kwargs.get("output_attentions"):
         raise ConfigError(f"attn_implementation='{NAME}' does not return attention weights; use 'eager' for that")
     if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
