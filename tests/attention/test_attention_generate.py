@@ -113,3 +113,19 @@ def test_beam_search_matches_sdpa():
     ref = _generate(model, ids, "sdpa", new=8, num_beams=3)
     out = _generate(model, ids, NAME, PagedKVCache(model.config), new=8, num_beams=3)
     assert torch.equal(out, ref)
+
+
+def test_read_fraction_reports_what_the_policy_read(builtin):
+    enable()
+    ids = torch.randint(2, 4000, (1, 200), generator=torch.Generator().manual_seed(2))
+    fractions = {}
+    for name, policy in [("dense", Dense()), ("streaming", StreamingLLM(4, 60)), ("quest", Quest(budget=64, dense_layers=0))]:
+        cache = PagedKVCache(builtin.config, policy=policy)
+        assert cache.read_fraction() != cache.read_fraction()  # nan before decoding
+        _generate(builtin, ids, NAME, cache, new=5)
+        fractions[name] = cache.read_fraction()
+    steps = range(201, 205)  # 4 decode steps after the 200-token prefill, each with its own token cached
+    assert fractions["dense"] == 1.0
+    assert abs(fractions["streaming"] - 64 * 4 / sum(steps)) < 1e-9
+    # Quest: 3 complete pages of 16 plus the newest, partial page (tokens 192..n-1)
+    assert abs(fractions["quest"] - sum(3 * 16 + n - 192 for n in steps) / sum(steps)) < 1e-9

@@ -60,6 +60,7 @@ class PagedLayer(CacheLayerMixin):
         self.max_cache_len = max_cache_len
         self.n = 0
         self.policy_state: dict = {}  # what the policy keeps between steps (SnapKV's kept tokens)
+        self.tokens_read = self.tokens_cached = 0  # decode steps so far: tokens attended / held, summed over KV heads
         self.batch = self.kv_heads = self.head_dim = 0
         self.k_store = self.v_store = self.kmin = self.kmax = None
 
@@ -165,6 +166,7 @@ class PagedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.n = 0
         self.policy_state = {}
+        self.tokens_read = self.tokens_cached = 0
         self.k_store = self.v_store = self.kmin = self.kmax = None
         self.keys = self.values = None
         self.is_initialized = False
@@ -247,6 +249,12 @@ class PagedKVCache(Cache):
         self.policy = policy
         for layer in self.layers:
             layer.policy = policy
+
+    def read_fraction(self) -> float:
+        """Tokens the decode steps so far attended over tokens cached at those steps (all layers and
+        KV heads; 1.0 for Dense; ``nan`` before the first decode step)."""
+        cached = sum(layer.tokens_cached for layer in self.layers)
+        return sum(layer.tokens_read for layer in self.layers) / cached if cached else float("nan")
 
     def kv_bytes(self) -> int:
         """Bytes of the valid keys and values held (all layers)."""

@@ -107,6 +107,8 @@ def sparseforge_attention(module: torch.nn.Module, query: Tensor, key: Tensor, v
         lo = lo_w if lo is None else torch.maximum(lo, lo_w)
     if lo is not None and bool((lo > 0).any()):
         spans = clip_spans(spans, lo)
+    layer.tokens_read += int(spans[..., 1].sum())
+    layer.tokens_cached += n * B * layer.kv_heads
     policy = layer.policy
     if isinstance(policy, StreamingLLM) and policy.positions == "cache" and policy.skipped(n) and policy.sinks:
         if lo is not None and bool((lo > 0).any()):
