@@ -205,10 +205,11 @@ E2E = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_a
 
 
 def bench_e2e(context: int, steps: int, bandwidth: float, seed: int = 0, **overrides) -> dict:
-    """Whole-model decode steps over a pre-filled cache, Dense / Quest 1/16 / StreamingLLM in turn."""
+    """Whole-model decode steps over a pre-filled cache, Dense / Quest 1/16 / StreamingLLM in turn
+    (:func:`sparseforge.attention.speed.decode_speed`), with the bytes bound."""
     import transformers
 
-    from sparseforge.attention import enable
+    from sparseforge.attention.speed import decode_speed
 
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(**{**E2E, **overrides})
@@ -218,32 +219,16 @@ def bench_e2e(context: int, steps: int, bandwidth: float, seed: int = 0, **overr
         model = transformers.LlamaForCausalLM(config).eval()
     finally:
         torch.set_default_dtype(default)
-    model.set_attn_implementation(enable())
-    cache = PagedKVCache(config, max_cache_len=context + 1)
-    g = torch.Generator().manual_seed(seed)
-    for i in range(config.num_hidden_layers):
-        for t0 in range(0, context, 4096):
-            t = min(4096, context - t0)
-            kv = [torch.randn(1, HKV, t, D, generator=g).to(torch.bfloat16) for _ in range(2)]
-            cache.update(kv[0], kv[1], i)
     policies = {"dense": Dense(), "quest": Quest(budget=context // 16), "streaming": StreamingLLM(SINKS, WINDOW)}
-    token = torch.tensor([[5]])
-    position = torch.tensor([[context]])
-    samples = {name: [] for name in policies}
-    with torch.no_grad():
-        for _ in range(steps + 1):  # the first round warms up
-            for name, policy in policies.items():
-                cache.set_policy(policy)
-                t0 = time.perf_counter()
-                model(input_ids=token, position_ids=position, cache=cache, use_cache=True)
-                samples[name].append(time.perf_counter() - t0)
-                cache.crop(-1)
+    speed = decode_speed(model, context, policies, steps=steps, seed=seed)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_layer = {"dense": kv_bytes(context, 2), "quest": kv_bytes(context, 2, budget=context // 16),
                 "streaming": kv_bytes(context, 2, window=SINKS + WINDOW)}
-    out = {"context": context, "steps": steps, "weights_bytes": weights, "tokens_per_s": {}, "bound_tokens_per_s": {}}
+    out = {"context": context, "steps": steps, "weights_bytes": weights, "tokens_per_s": {}, "bound_tokens_per_s": {},
+           "read_fraction": {}}
     for name in policies:
-        out["tokens_per_s"][name] = 1.0 / statistics.median(samples[name][1:])
+        out["tokens_per_s"][name] = speed[name]["tokens_per_s"]
+        out["read_fraction"][name] = speed[name]["read_fraction"]
         out["bound_tokens_per_s"][name] = bandwidth * 1e9 / (weights + config.num_hidden_layers * kv_layer[name])
     out["quest_vs_dense"] = out["tokens_per_s"]["quest"] / out["tokens_per_s"]["dense"]
     out["quest_vs_dense_bound"] = out["bound_tokens_per_s"]["quest"] / out["bound_tokens_per_s"]["dense"]
@@ -251,10 +236,11 @@ def bench_e2e(context: int, steps: int, bandwidth: float, seed: int = 0, **overr
 
 
 def e2e_table(e: dict) -> str:
-    lines = [f"| whole model, {e['context']} tokens, bf16 | tokens/s | bytes bound tokens/s |", "|---|---|---|"]
+    lines = [f"| whole model, {e['context']} tokens, bf16 | tokens/s | bytes bound tokens/s | read fraction |",
+             "|---|---|---|---|"]
     for name, tps in e["tokens_per_s"].items():
-        lines.append(f"| {name} | {tps:.2f} | {e['bound_tokens_per_s'][name]:.2f} |")
-    lines.append(f"| Quest vs dense | {e['quest_vs_dense']:.2f}x | {e['quest_vs_dense_bound']:.2f}x |")
+        lines.append(f"| {name} | {tps:.2f} | {e['bound_tokens_per_s'][name]:.2f} | {e['read_fraction'][name]:.3f} |")
+    lines.append(f"| Quest vs dense | {e['quest_vs_dense']:.2f}x | {e['quest_vs_dense_bound']:.2f}x | |")
     return "\n".join(lines)
 
 

@@ -21,3 +21,18 @@ def test_every_policy_in_the_table_is_exported():
     text = DOC.read_text()
     for name in re.findall(r"^\| `(\w+)\(", text, flags=re.M):
         assert name in attention.__all__, name
+
+
+def test_module_doctests():
+    import doctest
+
+    import sparseforge.attention.cache as cache
+    import sparseforge.attention.interface as interface
+    import sparseforge.attention.policies as policies
+    import sparseforge.attention.rope as rope
+    import sparseforge.attention.speed as speed
+    import sparseforge.ops.decode_attention as ops
+
+    for module in (cache, interface, policies, rope, speed, ops):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
