@@ -52,18 +52,60 @@ struct AttnChunk {
 };
 
 using AttnChunkFn = void (*)(const AttnChunk& c);
+
+// Compressed tokens [t0, t1) of one (b, KV head): token t keeps exactly `keep` channels of its key
+// (and of its value), listed by bitmap words kbits[t * words ..] (bit d of word w: channel 64 w + d)
+// with the kept values in channel order at kvals[t * keep ..] (Mustafar's per-token pruning).
+struct SparseKvChunk {
+  AttnChunk base;  // q, G, D, m, l, acc, scratch (k, v, pieces unused)
+  const void* kvals = nullptr;
+  const void* vvals = nullptr;
+  const uint64_t* kbits = nullptr;
+  const uint64_t* vbits = nullptr;
+  int64_t keep = 0, words = 0, t0 = 0, t1 = 0;
+  float* kbuf = nullptr;  // (64, D) expanded rows
+  float* vbuf = nullptr;
+};
+using SparseChunkFn = void (*)(const SparseKvChunk& c);
 // score[p] = qpos . kmax[p] + qneg . kmin[p] for p < pages (rows of D; kmin / kmax f32 or bf16)
 using PageScoreFn = void (*)(const float* qpos, const float* qneg, const void* kmin, const void* kmax, int64_t pages,
                              int64_t D, float* score);
-namespace scalar { extern const AttnChunkFn attn_chunk_f32, attn_chunk_bf16; extern const PageScoreFn page_score_f32, page_score_bf16; }
-namespace avx2 { extern const AttnChunkFn attn_chunk_f32, attn_chunk_bf16; extern const PageScoreFn page_score_f32, page_score_bf16; }
-namespace avx512 { extern const AttnChunkFn attn_chunk_f32, attn_chunk_bf16; extern const PageScoreFn page_score_f32, page_score_bf16; }
+#define SF_DECODE_ATTENTION_KERNELS                                                                    \
+  extern const AttnChunkFn attn_chunk_f32, attn_chunk_bf16;                                            \
+  extern const PageScoreFn page_score_f32, page_score_bf16;                                            \
+  extern const SparseChunkFn sparse_chunk_f32, sparse_chunk_bf16;
+namespace scalar { SF_DECODE_ATTENTION_KERNELS }
+namespace avx2 { SF_DECODE_ATTENTION_KERNELS }
+namespace avx512 { SF_DECODE_ATTENTION_KERNELS }
+#undef SF_DECODE_ATTENTION_KERNELS
 
 // Throws std::invalid_argument for bad sizes, a span outside [0, n), spans out of order or
 // overlapping, or a KV head with no token selected. chunk: tokens per task (0 = automatic, 512).
 void decode_attention(const DecodeAttnProblem& p, Isa isa, int64_t chunk = 0, bool parallel = true);
 // Scalar reference (the test oracle): two passes per query head (max, then exp-sum), std::exp.
 void decode_attention_ref(const DecodeAttnProblem& p);
+
+// Decode attention over per-token pruned, compressed keys and values (Mustafar, Joo et al. 2025):
+// tokens [0, n) of each (b, KV head) stored as SparseKvChunk describes, kvals / vvals (B, Hkv, cap, keep)
+// f32 or bf16, kbits / vbits (B, Hkv, cap, words) uint64; out (B, Hq, D) and lse (B, Hq) as in
+// DecodeAttnProblem (lse required: the caller merges this with the dense recent tokens).
+struct SparseKvProblem {
+  const float* q = nullptr;
+  const void* kvals = nullptr;
+  const void* vvals = nullptr;
+  const uint64_t* kbits = nullptr;
+  const uint64_t* vbits = nullptr;
+  VT vt = VT::f32;
+  int64_t B = 0, Hq = 0, Hkv = 0, D = 0, cap = 0, keep = 0, n = 0;
+  float scale = 1.f;
+  float* out = nullptr;
+  float* lse = nullptr;
+};
+
+// Throws std::invalid_argument for bad sizes or a token whose bitmap does not hold exactly `keep` bits.
+void sparse_kv_attention(const SparseKvProblem& p, Isa isa, int64_t chunk = 0, bool parallel = true);
+// Scalar reference: expands every token, two passes per query head, std::exp.
+void sparse_kv_attention_ref(const SparseKvProblem& p);
 
 // Quest page selection (Tang et al., ICML 2024) per (b, KV head), the group's query heads summed:
 //   score[p] = sum_{g in group} sum_d max(q_gd kmax[p, d], q_gd kmin[p, d])

@@ -137,81 +137,116 @@ void block_scores(const AttnChunk& c, int64_t g0, float* s, int64_t t0, int64_t 
   }
 }
 
+inline void init_partial(const AttnChunk& c) {
+  for (int64_t g = 0; g < c.G; ++g) {
+    c.m[g] = -std::numeric_limits<float>::infinity();
+    c.l[g] = 0.f;
+    for (int64_t d = 0; d < c.D; ++d) c.acc[g * c.D + d] = 0.f;
+  }
+}
+
+// The online-softmax update of c's partial results with the nt <= 64 tokens t0.. of c.k / c.v.
 template <VT V>
-void attn_chunk_impl(const AttnChunk& c) {
+void attn_block(const AttnChunk& c, int64_t t0, int64_t nt) {
   const int64_t G = c.G, D = c.D, dv = D - D % kVL;  // dv: dimensions done by vectors
   const float ninf = -std::numeric_limits<float>::infinity();
-  for (int64_t g = 0; g < G; ++g) {
-    c.m[g] = ninf;
-    c.l[g] = 0.f;
-    for (int64_t d = 0; d < D; ++d) c.acc[g * D + d] = 0.f;
-  }
   float* s = c.scratch;  // (G, 64)
-  for (int64_t pc = 0; pc < c.np; ++pc) {
-    const int64_t start = c.pieces[2 * pc], len = c.pieces[2 * pc + 1];
-    for (int64_t t0 = start; t0 < start + len; t0 += kAttnBlock) {
-      const int64_t nt = min64(kAttnBlock, start + len - t0);
-      // scores s[g][j] = q_g . k_{t0 + j}, query rows in groups of up to 4
-      for (int64_t g0 = 0; g0 < G; g0 += 4) {
-        switch (min64(4, G - g0)) {
-          case 1: block_scores<V, 1>(c, g0, s, t0, nt, dv); break;
-          case 2: block_scores<V, 2>(c, g0, s, t0, nt, dv); break;
-          case 3: block_scores<V, 3>(c, g0, s, t0, nt, dv); break;
-          default: block_scores<V, 4>(c, g0, s, t0, nt, dv); break;
-        }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        float* sg = s + g * kAttnBlock;
-        for (int64_t j = 0; j < nt; ++j) {
-          for (int64_t d = dv; d < c.D; ++d) sg[j] += c.q[g * c.D + d] * load_val<V>(c.k, (t0 + j) * c.D + d);
-        }
-        // pad the block to whole vectors with -inf (exp gives 0)
-        for (int64_t jj = nt; jj < kAttnBlock && jj % kVL; ++jj) sg[jj] = ninf;
-      }
-      const int64_t ntv = (nt + kVL - 1) / kVL * kVL;
-      // online softmax update per query row; s becomes the probabilities p
-      for (int64_t g = 0; g < G; ++g) {
-        float* sg = s + g * kAttnBlock;
-        float bm = ninf;
-        for (int64_t j = 0; j < nt; ++j) bm = sg[j] > bm ? sg[j] : bm;
-        const float m_new = c.m[g] > bm ? c.m[g] : bm;
-        const float corr = c.m[g] == ninf ? 0.f : exp_neg1(c.m[g] - m_new);
-        vfl lsum = vfl{};
-        for (int64_t j = 0; j < ntv; j += kVL) {
-          const vfl p = exp_neg(*reinterpret_cast<const vflu_a*>(sg + j) - m_new);
-          *reinterpret_cast<vflu_a*>(sg + j) = p;
-          lsum += p;
-        }
-        c.l[g] = c.l[g] * corr + hsum_vfl(lsum);
-        c.m[g] = m_new;
-        if (corr != 1.f) {
-          float* ag = c.acc + g * D;
-          for (int64_t d = 0; d < D; ++d) ag[d] *= corr;
-        }
-      }
-      // acc_g += p_gj * v_j, each value row loaded once for the G rows
-      if (G <= kMaxRegGroup) {
-        accumulate_values_reg<V>(c, s, t0, nt, dv);
-      } else {
-        for (int64_t j = 0; j < nt; ++j) {
-          const int64_t r0 = (t0 + j) * D;
-          for (int64_t d = 0; d < dv; d += kVL) {
-            const vfl vv = ld_a<V>(c.v, r0 + d);
-            for (int64_t g = 0; g < G; ++g) {
-              vflu_a* ap = reinterpret_cast<vflu_a*>(c.acc + g * D + d);
-              *ap = *ap + s[g * kAttnBlock + j] * vv;
-            }
-          }
-        }
-      }
-      for (int64_t j = 0; j < nt; ++j) {
-        const int64_t r0 = (t0 + j) * D;
-        for (int64_t d = dv; d < D; ++d) {
-          const float vv = load_val<V>(c.v, r0 + d);
-          for (int64_t g = 0; g < G; ++g) c.acc[g * D + d] += s[g * kAttnBlock + j] * vv;
+  // scores s[g][j] = q_g . k_{t0 + j}, query rows in groups of up to 4
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    switch (min64(4, G - g0)) {
+      case 1: block_scores<V, 1>(c, g0, s, t0, nt, dv); break;
+      case 2: block_scores<V, 2>(c, g0, s, t0, nt, dv); break;
+      case 3: block_scores<V, 3>(c, g0, s, t0, nt, dv); break;
+      default: block_scores<V, 4>(c, g0, s, t0, nt, dv); break;
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = s + g * kAttnBlock;
+    for (int64_t j = 0; j < nt; ++j) {
+      for (int64_t d = dv; d < c.D; ++d) sg[j] += c.q[g * c.D + d] * load_val<V>(c.k, (t0 + j) * c.D + d);
+    }
+    // pad the block to whole vectors with -inf (exp gives 0)
+    for (int64_t jj = nt; jj < kAttnBlock && jj % kVL; ++jj) sg[jj] = ninf;
+  }
+  const int64_t ntv = (nt + kVL - 1) / kVL * kVL;
+  // online softmax update per query row; s becomes the probabilities p
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = s + g * kAttnBlock;
+    float bm = ninf;
+    for (int64_t j = 0; j < nt; ++j) bm = sg[j] > bm ? sg[j] : bm;
+    const float m_new = c.m[g] > bm ? c.m[g] : bm;
+    const float corr = c.m[g] == ninf ? 0.f : exp_neg1(c.m[g] - m_new);
+    vfl lsum = vfl{};
+    for (int64_t j = 0; j < ntv; j += kVL) {
+      const vfl p = exp_neg(*reinterpret_cast<const vflu_a*>(sg + j) - m_new);
+      *reinterpret_cast<vflu_a*>(sg + j) = p;
+      lsum += p;
+    }
+    c.l[g] = c.l[g] * corr + hsum_vfl(lsum);
+    c.m[g] = m_new;
+    if (corr != 1.f) {
+      float* ag = c.acc + g * D;
+      for (int64_t d = 0; d < D; ++d) ag[d] *= corr;
+    }
+  }
+  // acc_g += p_gj * v_j, each value row loaded once for the G rows
+  if (G <= kMaxRegGroup) {
+    accumulate_values_reg<V>(c, s, t0, nt, dv);
+  } else {
+    for (int64_t j = 0; j < nt; ++j) {
+      const int64_t r0 = (t0 + j) * D;
+      for (int64_t d = 0; d < dv; d += kVL) {
+        const vfl vv = ld_a<V>(c.v, r0 + d);
+        for (int64_t g = 0; g < G; ++g) {
+          vflu_a* ap = reinterpret_cast<vflu_a*>(c.acc + g * D + d);
+          *ap = *ap + s[g * kAttnBlock + j] * vv;
         }
       }
     }
+  }
+  for (int64_t j = 0; j < nt; ++j) {
+    const int64_t r0 = (t0 + j) * D;
+    for (int64_t d = dv; d < D; ++d) {
+      const float vv = load_val<V>(c.v, r0 + d);
+      for (int64_t g = 0; g < G; ++g) c.acc[g * D + d] += s[g * kAttnBlock + j] * vv;
+    }
+  }
+}
+
+template <VT V>
+void attn_chunk_impl(const AttnChunk& c) {
+  init_partial(c);
+  for (int64_t pc = 0; pc < c.np; ++pc) {
+    const int64_t start = c.pieces[2 * pc], len = c.pieces[2 * pc + 1];
+    for (int64_t t0 = start; t0 < start + len; t0 += kAttnBlock) attn_block<V>(c, t0, min64(kAttnBlock, start + len - t0));
+  }
+}
+
+// Compressed tokens [t0, t1) (decode_attention.h, SparseKvChunk): each block of 64 tokens is expanded
+// into dense float32 rows (zeros where a channel was pruned) and goes through attn_block.
+template <VT V>
+void sparse_chunk_impl(const SparseKvChunk& c) {
+  const int64_t D = c.base.D, W = c.words, keep = c.keep;
+  AttnChunk dense = c.base;
+  dense.k = c.kbuf;
+  dense.v = c.vbuf;
+  init_partial(dense);
+  for (int64_t t0 = c.t0; t0 < c.t1; t0 += kAttnBlock) {
+    const int64_t nt = min64(kAttnBlock, c.t1 - t0);
+    for (int which = 0; which < 2; ++which) {
+      const void* vals = which ? c.vvals : c.kvals;
+      const uint64_t* bits = which ? c.vbits : c.kbits;
+      float* out = which ? c.vbuf : c.kbuf;
+      for (int64_t j = 0; j < nt; ++j) {
+        float* row = out + j * D;
+        for (int64_t d = 0; d < D; ++d) row[d] = 0.f;
+        int64_t i = (t0 + j) * keep;
+        for (int64_t w = 0; w < W; ++w) {
+          for (uint64_t b = bits[(t0 + j) * W + w]; b; b &= b - 1) row[w * 64 + __builtin_ctzll(b)] = load_val<V>(vals, i++);
+        }
+      }
+    }
+    attn_block<VT::f32>(dense, 0, nt);
   }
 }
 

@@ -3,6 +3,8 @@
 //   decode_attention_ref(q, k, v, spans, n, scale, out)          (the scalar oracle)
 //   quest_select(q, kmin, kmax, pages, chosen, isa="", parallel=True), quest_select_ref(...)
 //     kmin / kmax (B, Hkv, allocated pages, D) like k; chosen (B, Hkv, keep) int32, overwritten
+//   sparse_kv_attention(q, kvals, kbits, vvals, vbits, n, scale, out, lse, isa="", chunk=0, parallel=True), _ref
+//     kvals / vvals (B, Hkv, cap, keep) like k; kbits / vbits (B, Hkv, cap, ceil(D / 64)) int64 words
 // q (B, Hq, D) float32; k, v (B, Hkv, cap, D) float32, or bfloat16 as raw uint16 bits; spans
 // (B, Hkv, S, 2) int32 [start, length); out (B, Hq, D) float32, overwritten; lse (B, Hq) float32 or
 // None: the log of each softmax denominator (to merge attentions over disjoint token sets). All C-contiguous, CPU.
@@ -146,6 +148,65 @@ sf::QuestSelectProblem select_problem(const In& q, const In& kmin, const In& kma
   return p;
 }
 
+sf::SparseKvProblem sparse_problem(const In& q, const In& kvals, const In& kbits, const In& vvals, const In& vbits,
+                                   int64_t n, double scale, const Out& out, const Out& lse) {
+  require(q, "q", 3);
+  require(kvals, "kvals", 4);
+  require(vvals, "vvals", 4);
+  require(kbits, "kbits", 4);
+  require(vbits, "vbits", 4);
+  require(out, "out", 3);
+  require(lse, "lse", 2);
+  if (q.dtype() != nb::dtype<float>() || out.dtype() != nb::dtype<float>() || lse.dtype() != nb::dtype<float>()) {
+    throw std::invalid_argument("q, out and lse must be float32");
+  }
+  sf::SparseKvProblem p;
+  if (kvals.dtype() == nb::dtype<float>() && vvals.dtype() == nb::dtype<float>()) {
+    p.vt = sf::VT::f32;
+  } else if (kvals.dtype() == nb::dtype<uint16_t>() && vvals.dtype() == nb::dtype<uint16_t>()) {
+    p.vt = sf::VT::bf16;
+  } else {
+    throw std::invalid_argument("kvals and vvals must both be float32 or both bfloat16 (raw uint16 bits)");
+  }
+  for (const In* b : {&kbits, &vbits}) {
+    if (b->dtype() != nb::dtype<int64_t>() && b->dtype() != nb::dtype<uint64_t>()) {
+      throw std::invalid_argument("kbits and vbits must be 64-bit bitmap words (int64 or uint64)");
+    }
+  }
+  p.B = sz(q, 0);
+  p.Hq = sz(q, 1);
+  p.D = sz(q, 2);
+  p.Hkv = sz(kvals, 1);
+  p.cap = sz(kvals, 2);
+  p.keep = sz(kvals, 3);
+  const int64_t W = (p.D + 63) / 64;
+  for (const In* a : {&kvals, &vvals}) {
+    if (sz(*a, 0) != p.B || sz(*a, 1) != p.Hkv || sz(*a, 2) != p.cap || sz(*a, 3) != p.keep) {
+      throw std::invalid_argument("kvals and vvals must both be (B, Hkv, cap, keep) with q's B");
+    }
+  }
+  for (const In* a : {&kbits, &vbits}) {
+    if (sz(*a, 0) != p.B || sz(*a, 1) != p.Hkv || sz(*a, 2) != p.cap || sz(*a, 3) != W) {
+      throw std::invalid_argument("kbits and vbits must be (B, Hkv, cap, ceil(D / 64)) like kvals");
+    }
+  }
+  if (static_cast<int64_t>(out.shape(0)) != p.B || static_cast<int64_t>(out.shape(1)) != p.Hq ||
+      static_cast<int64_t>(out.shape(2)) != p.D || static_cast<int64_t>(lse.shape(0)) != p.B ||
+      static_cast<int64_t>(lse.shape(1)) != p.Hq) {
+    throw std::invalid_argument("out must have q's shape and lse (B, Hq)");
+  }
+  p.q = static_cast<const float*>(q.data());
+  p.kvals = kvals.data();
+  p.vvals = vvals.data();
+  p.kbits = static_cast<const uint64_t*>(kbits.data());
+  p.vbits = static_cast<const uint64_t*>(vbits.data());
+  p.n = n;
+  p.scale = static_cast<float>(scale);
+  p.out = static_cast<float*>(out.data());
+  p.lse = static_cast<float*>(lse.data());
+  return p;
+}
+
 }  // namespace
 
 void register_attention(nb::module_& mod) {
@@ -172,6 +233,28 @@ void register_attention(nb::module_& mod) {
       },
       "q"_a, "k"_a, "v"_a, "spans"_a, "n"_a, "scale"_a, "out"_a, "lse"_a.none() = nb::none(),
       "Scalar reference of decode_attention (the oracle).");
+  mod.def(
+      "sparse_kv_attention",
+      [](const In& q, const In& kvals, const In& kbits, const In& vvals, const In& vbits, int64_t n, double scale,
+         const Out& out, const Out& lse, const std::string& isa, int64_t chunk, bool parallel) {
+        const sf::SparseKvProblem p = sparse_problem(q, kvals, kbits, vvals, vbits, n, scale, out, lse);
+        const sf::Isa i = resolve_or_config_error(isa);
+        sf::num_threads();
+        nb::gil_scoped_release rel;
+        sf::sparse_kv_attention(p, i, chunk, parallel);
+      },
+      "q"_a, "kvals"_a, "kbits"_a, "vvals"_a, "vbits"_a, "n"_a, "scale"_a, "out"_a, "lse"_a, "isa"_a = "", "chunk"_a = 0,
+      "parallel"_a = true, "Decode attention over per-token pruned, compressed K/V (csrc/decode_attention.h).");
+  mod.def(
+      "sparse_kv_attention_ref",
+      [](const In& q, const In& kvals, const In& kbits, const In& vvals, const In& vbits, int64_t n, double scale,
+         const Out& out, const Out& lse) {
+        const sf::SparseKvProblem p = sparse_problem(q, kvals, kbits, vvals, vbits, n, scale, out, lse);
+        nb::gil_scoped_release rel;
+        sf::sparse_kv_attention_ref(p);
+      },
+      "q"_a, "kvals"_a, "kbits"_a, "vvals"_a, "vbits"_a, "n"_a, "scale"_a, "out"_a, "lse"_a,
+      "Scalar reference of sparse_kv_attention (the oracle).");
   mod.def(
       "quest_select",
       [](const In& q, const In& kmin, const In& kmax, int64_t pages, const Out& chosen, const std::string& isa,

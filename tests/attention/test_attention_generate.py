@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from sparseforge.attention import NAME, Dense, PagedKVCache, Quest, SnapKV, StreamingLLM, enable
+from sparseforge.attention import NAME, Dense, Mustafar, PagedKVCache, Quest, SnapKV, StreamingLLM, enable
 from sparseforge.builtin import builtin_model_path
 from sparseforge.errors import DataError, ModelError
 from tiny_models import tiny_model, tokens
@@ -29,7 +29,8 @@ def _generate(model, ids, impl, cache=None, new=12, **kw):
 
 def _covering_policies(context):
     return [Dense(), Quest(budget=-(-context // 16) * 16, dense_layers=0), StreamingLLM(sinks=4, window=context),
-            StreamingLLM(sinks=4, window=context, positions="cache"), SnapKV(window=8, capacity=context)]
+            StreamingLLM(sinks=4, window=context, positions="cache"), SnapKV(window=8, capacity=context),
+            Mustafar(recent=context)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -47,12 +48,13 @@ def test_builtin_model_dense_and_covering_budgets_match_sdpa(builtin, dtype):
 def test_builtin_model_sparse_budgets_change_the_attention(builtin):
     """A budget far below the context must not silently run dense: logits move."""
     enable()
-    ids = torch.randint(2, 4000, (1, 200), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(2, 4000, (1, 300), generator=torch.Generator().manual_seed(1))
     model = builtin
     outs = {}
     for name, policy in [("dense", Dense()), ("quest", Quest(budget=32)), ("streaming", StreamingLLM(4, 28)),
                          ("snapkv", SnapKV(window=16, capacity=48)),
-                         ("streaming_cache", StreamingLLM(4, 28, positions="cache"))]:
+                         ("streaming_cache", StreamingLLM(4, 28, positions="cache")),
+                         ("mustafar", Mustafar(sparsity=0.7, recent=16))]:
         model.set_attn_implementation(NAME)
         cache = PagedKVCache(model.config, policy=policy)
         with torch.no_grad():
@@ -64,6 +66,7 @@ def test_builtin_model_sparse_budgets_change_the_attention(builtin):
     assert not torch.allclose(outs["dense"][1:], outs["streaming"][1:])
     assert not torch.allclose(outs["dense"][1:], outs["snapkv"][1:])
     assert not torch.allclose(outs["streaming"][1:], outs["streaming_cache"][1:])  # the sinks' positions matter
+    assert not torch.allclose(outs["dense"][1:], outs["mustafar"][1:])
 
 
 @pytest.mark.parametrize("family", ["qwen2", "mistral"])

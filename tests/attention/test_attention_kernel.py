@@ -266,3 +266,48 @@ def test_lse_matches_reference_and_merging_disjoint_sets_is_exact(isa, monkeypat
     torch.testing.assert_close(lse_b.double(), s.logsumexp(-1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(merge_attention(out_a, lse_a, out_b, lse_b), decode_attention(q, k, v, both, 500, 0.125),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D,G,keep", [(64, 4, 21), (128, 2, 40), (13, 3, 5), (70, 1, 70)])
+def test_sparse_kv_every_isa_matches_reference_and_pruned_oracle(isa, dtype, D, G, keep, monkeypatch):
+    from sparseforge.ops.sparse_kv import compress_tokens, sparse_kv_attention, sparse_kv_attention_ref
+
+    B, Hkv, n = 2, 2, 300
+    q, k, v = _problem(B, Hkv * G, Hkv, D, n, seed=D, dtype=dtype)
+    (kv, kb), (vv, vb) = compress_tokens(k, keep), compress_tokens(v, keep)
+    monkeypatch.setenv("SPARSEFORGE_ISA", isa)
+    out, lse = sparse_kv_attention(q, kv, kb, vv, vb, 290, 0.2)
+    ref_out, ref_lse = sparse_kv_attention_ref(q, kv, kb, vv, vb, 290, 0.2)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+    def pruned(x):
+        idx = x.float().abs().topk(keep, dim=-1).indices
+        return torch.zeros(x.shape).scatter(-1, idx, x.float().gather(-1, idx))
+
+    spans = _spans(B, Hkv, [[0, 290]])
+    torch.testing.assert_close(out.double(), _oracle(q, pruned(k), pruned(v), spans, 0.2), rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_kv_bad_bitmaps_and_shapes():
+    from sparseforge.ops.sparse_kv import compress_tokens, sparse_kv_attention
+
+    q, k, v = _problem(1, 2, 1, 16, 8)
+    (kv, kb), (vv, vb) = compress_tokens(k, 4), compress_tokens(v, 4)
+    bad = kb.clone()
+    bad[0, 0, 3, 0] = int(bad[0, 0, 3, 0]) | 0xFFFF  # every channel: 16 bits, not 4
+    with pytest.raises(DataError, match="exactly keep=4"):
+        sparse_kv_attention(q, kv, bad, vv, vb, 8, 0.2)
+    beyond = kb.clone()
+    word = int(kb[0, 0, 0, 0])
+    beyond[0, 0, 0, 0] = (word ^ (word & -word)) | (1 << 40)  # still 4 bits, one of them past channel 15
+    with pytest.raises(DataError, match="exactly keep=4"):
+        sparse_kv_attention(q, kv, beyond, vv, vb, 8, 0.2)
+    with pytest.raises(DataError, match="compressed tokens"):
+        sparse_kv_attention(q, kv, kb, vv, vb, 9, 0.2)
+    with pytest.raises(DataError, match="kvals / vvals"):
+        sparse_kv_attention(q, kv, kb.int(), vv, vb, 8, 0.2)
+    with pytest.raises(DataError, match=r"keep=0 must be in \[1, 16\]"):
+        compress_tokens(k, 0)

@@ -293,3 +293,60 @@ def test_decoding_with_gradients_is_refused():
         _decode(layer, q)
     with torch.no_grad():
         assert _decode(layer, q).shape == (1, 2, 16)
+
+
+def _prune(x, keep):
+    """x with all but the keep largest magnitudes of every token zeroed (Mustafar's pruning, dense)."""
+    idx = x.abs().topk(keep, dim=-1).indices
+    return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mustafar_decode_equals_sdpa_over_pruned_old_tokens(dtype):
+    from sparseforge.attention import Mustafar
+
+    n, D = 700, 64
+    policy = Mustafar(sparsity=0.7, recent=100)
+    layer, keys, values = _filled(n, B=1, Hkv=2, D=D, dtype=dtype, policy=policy)
+    q = torch.randn(1, 8, D)
+    got = _decode(layer, q)
+    done = layer.policy_state["mustafar"]["done"]
+    assert done == 512  # whole 256-token chunks older than the 100 recent tokens
+    keep = policy.keep(D)[0]
+    assert keep == 64 - int(0.7 * 64) + 1
+    k_ref = torch.cat([_prune(keys[:, :, :done].float(), keep), keys[:, :, done:].float()], 2)
+    v_ref = torch.cat([_prune(values[:, :, :done].float(), keep), values[:, :, done:].float()], 2)
+    want = _sdpa_over(q, k_ref, v_ref, torch.ones(1, 2, n, dtype=torch.bool))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    dense = _sdpa_over(q, keys, values, torch.ones(1, 2, n, dtype=torch.bool))
+    assert not torch.allclose(got, dense, atol=1e-3)  # the pruning is real
+    st = layer.policy_state["mustafar"]
+    compressed = sum(st[k].numel() * st[k].element_size() for k in ("kvals", "kbits", "vvals", "vbits"))
+    dense_bytes = 2 * done * 2 * D * keys.element_size()
+    assert compressed / dense_bytes == (keep * keys.element_size() + 8) / (D * keys.element_size())
+
+
+def test_mustafar_compresses_as_tokens_arrive_and_after_crop():
+    from sparseforge.attention import Mustafar
+
+    policy = Mustafar(sparsity=0.5, recent=16)
+    layer, _, _ = _filled(270, D=16, policy=policy)
+    q = torch.randn(1, 2, 16)
+    _decode(layer, q)
+    assert layer.policy_state["mustafar"]["done"] == 0  # 270 - 16 = 254 old tokens: no whole 256-token chunk yet
+    layer.update(torch.randn(1, 2, 2, 16), torch.randn(1, 2, 2, 16))
+    _decode(layer, q)
+    assert layer.policy_state["mustafar"]["done"] == 256
+    layer.crop(-100)  # below the compressed tokens: recompressed from the dense copy when needed
+    _decode(layer, q)
+    assert layer.policy_state["mustafar"]["done"] == 0
+
+
+@pytest.mark.parametrize("kw,match", [(dict(sparsity=1.0), "sparsity"), (dict(sparsity=-0.1), "sparsity"),
+                                      (dict(recent=0), "recent"), (dict(value_sparsity=2), "value_sparsity")])
+def test_mustafar_bad_config(kw, match):
+    from sparseforge.attention import Mustafar
+    from sparseforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        Mustafar(**kw)

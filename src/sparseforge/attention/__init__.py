@@ -1,7 +1,8 @@
 """Sparse decode attention and a paged KV cache for transformers models on the CPU.
 
 * :class:`PagedKVCache`: a transformers ``Cache`` (paged, float32/bfloat16, per-page key min/max)
-  carrying a policy: :class:`Dense`, :class:`StreamingLLM`, :class:`Quest`, :class:`SnapKV`.
+  carrying a policy: :class:`Dense`, :class:`StreamingLLM`, :class:`Quest`, :class:`SnapKV`,
+  :class:`Mustafar`.
 * :func:`enable`: registers ``attn_implementation="sparseforge"`` with transformers'
   ``AttentionInterface``; decode steps then run the native kernel
   (``sparseforge::decode_attention``) over the tokens the policy selects.
@@ -22,6 +23,6 @@ See docs/attention.md.
 
 from sparseforge.attention.cache import PagedKVCache, PagedLayer
 from sparseforge.attention.interface import NAME, enable, sparseforge_attention
-from sparseforge.attention.policies import Dense, Policy, Quest, SnapKV, StreamingLLM
+from sparseforge.attention.policies import Dense, Mustafar, Policy, Quest, SnapKV, StreamingLLM
 
-__all__ = ["PagedKVCache", "PagedLayer", "Policy", "Dense", "StreamingLLM", "Quest", "SnapKV", "enable", "sparseforge_attention", "NAME"]
+__all__ = ["PagedKVCache", "PagedLayer", "Policy", "Dense", "StreamingLLM", "Quest", "SnapKV", "Mustafar", "enable", "sparseforge_attention", "NAME"]

@@ -231,7 +231,7 @@ class PagedKVCache(Cache):
             raise ConfigError(f"PagedKVCache: max_cache_len must be a positive integer or None, got {max_cache_len!r}")
         policy = Dense() if policy is None else policy
         if not isinstance(policy, Policy):
-            raise ConfigError(f"PagedKVCache: policy must be Dense(), StreamingLLM(...), Quest(...) or SnapKV(...), got {policy!r}")
+            raise ConfigError(f"PagedKVCache: policy must be Dense(), StreamingLLM(...), Quest(...), SnapKV(...) or Mustafar(...), got {policy!r}")
         policy.check_page_size(page_size)
         if config is not None:
             text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
@@ -244,7 +244,7 @@ class PagedKVCache(Cache):
     def set_policy(self, policy: Policy) -> None:
         """Switch every layer to ``policy`` from the next decode step on (e.g. dense for a while, then sparse)."""
         if not isinstance(policy, Policy):
-            raise ConfigError(f"PagedKVCache: policy must be Dense(), StreamingLLM(...), Quest(...) or SnapKV(...), got {policy!r}")
+            raise ConfigError(f"PagedKVCache: policy must be Dense(), StreamingLLM(...), Quest(...), SnapKV(...) or Mustafar(...), got {policy!r}")
         policy.check_page_size(self.page_size)
         self.policy = policy
         for layer in self.layers:

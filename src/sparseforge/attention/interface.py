@@ -110,7 +110,12 @@ def sparseforge_attention(module: torch.nn.Module, query: Tensor, key: Tensor, v
     layer.tokens_read += int(spans[..., 1].sum())
     layer.tokens_cached += n * B * layer.kv_heads
     policy = layer.policy
-    if isinstance(policy, StreamingLLM) and policy.positions == "cache" and policy.skipped(n) and policy.sinks:
+    out = policy.decode(layer, q, spans, scale)
+    if out is not None:
+        if lo is not None and bool((lo > 0).any()):
+            raise DataError(f"{type(policy).__name__} does not support padded batches or sliding windows below the "
+                            "cache yet; use Dense, Quest or StreamingLLM")
+    elif isinstance(policy, StreamingLLM) and policy.positions == "cache" and policy.skipped(n) and policy.sinks:
         if lo is not None and bool((lo > 0).any()):
             raise DataError("StreamingLLM(positions='cache') needs an unpadded batch and no sliding window below the "
                             "cache; use positions='text'")

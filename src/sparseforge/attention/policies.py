@@ -22,6 +22,13 @@ than one query token) is always dense. Policies are frozen dataclasses, validate
   heads; here the votes are summed over each KV head's query group so one set is kept per KV
   head. Prompts shorter than ``capacity`` stay dense (as the reference). Like StreamingLLM it
   bounds the reads, not the memory: the skipped tokens stay in the cache.
+* :class:`Mustafar`: every token older than the ``recent`` window keeps only its largest-magnitude
+  key and value channels (70% pruned by default), compressed in 256-token chunks as in the
+  reference (Joo et al., "Mustafar: Promoting Unstructured Sparsity for KV Cache Pruning in LLM
+  Inference", 2025; dhjoo98/mustafar): the compressed tokens go through the compressed-KV kernel, the
+  recent ones through the dense kernel, merged by log-sum-exp. Every token is attended (the bytes
+  shrink, not the token count). The dense copy stays in the cache (other attention implementations
+  read it), so memory is not reduced yet.
 * :class:`Quest`: per KV head, the ``budget // page_size`` pages with the largest upper bound on
   ``q . k`` (Tang et al., "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference",
   ICML 2024; mit-han-lab/Quest). The bound of a page is ``sum_d max(q_d max_d, q_d min_d)`` from the
@@ -48,7 +55,7 @@ from torch import Tensor
 from sparseforge.errors import ConfigError
 from sparseforge.ops.decode_attention import select_pages
 
-__all__ = ["Policy", "Dense", "StreamingLLM", "Quest", "SnapKV", "dense_spans"]
+__all__ = ["Policy", "Dense", "StreamingLLM", "Quest", "SnapKV", "Mustafar", "dense_spans"]
 
 
 def dense_spans(batch: int, kv_heads: int, n: int) -> Tensor:
@@ -75,6 +82,11 @@ class Policy:
 
     def observe_prefill(self, layer, query: Tensor, scale: float) -> None:
         """Called by the attention after a prefill chunk of more than one token."""
+
+    def decode(self, layer, query: Tensor, spans: Tensor, scale: float) -> Optional[Tensor]:
+        """The step's attention ``(B, Hq, D)`` if the policy computes it itself, else ``None`` (the
+        dense kernel over ``spans`` then runs)."""
+        return None
 
     def check_page_size(self, page_size: int) -> None:
         """Raises :class:`ConfigError` if the policy cannot run on pages of ``page_size`` tokens."""
@@ -250,3 +262,84 @@ class SnapKV(Policy):
         spans[..., kept, 0] = T - self.window  # the window and every generated token
         spans[..., kept, 1] = layer.n - (T - self.window)
         return spans
+
+
+@dataclass(frozen=True)
+class Mustafar(Policy):
+    """Per-token magnitude pruning of keys and values beyond the ``recent`` window, compressed.
+
+    ``sparsity``: of the keys (and of the values unless ``value_sparsity`` is given), in [0, 1); a
+    token keeps ``D - int(sparsity * D) + 1`` channels (the reference's ``kthvalue`` threshold).
+    ``recent``: tokens kept dense (the reference's ``residual_length``); older ones are compressed
+    256 at a time.
+
+    Example:
+        >>> Mustafar(sparsity=0.7).keep(128)
+        (40, 40)
+    """
+
+    sparsity: float = 0.7
+    recent: int = 256
+    value_sparsity: Optional[float] = None
+    CHUNK = 256  # tokens compressed at a time (the reference's)
+
+    def __post_init__(self):
+        for name in ("sparsity", "value_sparsity"):
+            value = getattr(self, name)
+            if name == "value_sparsity" and value is None:
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+                raise ConfigError(f"Mustafar: {name} must be in [0, 1), got {value!r}")
+        _positive("recent", self.recent, "Mustafar")
+
+    def keep(self, dim: int) -> tuple[int, int]:
+        """Channels a key and a value keep at head dimension ``dim``."""
+        from sparseforge.ops.sparse_kv import keep_for
+
+        vs = self.sparsity if self.value_sparsity is None else self.value_sparsity
+        return keep_for(self.sparsity, dim), keep_for(vs, dim)
+
+    def _compress(self, layer) -> int:
+        """Compress whole chunks older than the recent window; returns the compressed token count."""
+        from sparseforge.ops.sparse_kv import compress_tokens
+
+        state = layer.policy_state.get("mustafar")
+        if state is None or state["done"] > layer.n:  # first call, or the cache was cropped below it
+            state = layer.policy_state["mustafar"] = {"done": 0}
+        done = state["done"]
+        while layer.n - self.recent - done >= self.CHUNK:
+            sl = slice(done, done + self.CHUNK)
+            kk, kv = self.keep(layer.head_dim)
+            parts = {"k": compress_tokens(layer.k_store[:, :, sl], kk), "v": compress_tokens(layer.v_store[:, :, sl], kv)}
+            for name, (vals, bits) in parts.items():
+                for suffix, t in (("vals", vals), ("bits", bits)):
+                    key = f"{name}{suffix}"
+                    old = state.get(key)
+                    state[key] = t if old is None else torch.cat([old, t], dim=2)
+            done += self.CHUNK
+        state["done"] = done
+        return done
+
+    def observe_prefill(self, layer, query: Tensor, scale: float) -> None:
+        self._compress(layer)
+
+    def spans(self, layer, query: Tensor, layer_idx: int) -> Tensor:
+        return dense_spans(layer.batch, layer.kv_heads, layer.n)
+
+    def decode(self, layer, query: Tensor, spans: Tensor, scale: float) -> Optional[Tensor]:
+        from sparseforge.ops.decode_attention import attend, merge_attention
+        from sparseforge.ops.sparse_kv import sparse_kv_attention
+
+        done = self._compress(layer)
+        if not done:
+            return None
+        st = layer.policy_state["mustafar"]
+        if st["kvals"].shape[3] != st["vvals"].shape[3]:
+            raise ConfigError("Mustafar: the compressed-KV kernel needs the same keep count for keys and values; "
+                              "leave value_sparsity unset or equal to sparsity")
+        recent = spans.clone()
+        recent[..., 0] = done
+        recent[..., 1] = layer.n - done
+        out_c, lse_c = sparse_kv_attention(query, st["kvals"], st["kbits"], st["vvals"], st["vbits"], done, scale)
+        out_r, lse_r = attend(query, layer.k_store, layer.v_store, recent, layer.n, scale, lse=True)
+        return merge_attention(out_c, lse_c, out_r, lse_r)
