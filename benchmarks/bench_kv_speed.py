@@ -14,10 +14,13 @@ interleaved round-robin (so load on the machine hits every variant alike), media
   and the faster counts, as for SDPA (``dense_op``: the same through the torch custom op);
 * ``quest``: Quest(budget = context / 16) page selection (bound from the per-page key min/max) plus
   the kernel over the chosen pages; ``quest_kernel`` the kernel alone on those pages;
-* ``streaming``: StreamingLLM(4 sinks, 1020 window) spans plus the kernel (1024 tokens every step).
+* ``streaming``: StreamingLLM(4 sinks, 1020 window) spans plus the kernel (1024 tokens every step);
+* ``mustafar``: Mustafar(70%, 256 recent): the compressed-KV kernel over the pruned tokens plus the
+  dense kernel over the recent ones (compressed before timing).
 
 KV-bytes bound: bytes each variant must read (dense: K and V of every token; Quest: K and V of the
-budget plus the page min/max, 2 vectors per 16 tokens; StreamingLLM: 1024 tokens) divided by the
+budget plus the page min/max, 2 vectors per 16 tokens; StreamingLLM: 1024 tokens; Mustafar: kept
+values plus one 64-bit bitmap word per token and tensor, recent tokens dense) divided by the
 machine's read bandwidth measured in the same run (``torch.sum`` over 512 MB, 2 threads, best of 5).
 
     python benchmarks/bench_kv_speed.py --quick            # 1K-32K, ~2 minutes
@@ -50,7 +53,7 @@ import torch.nn.functional as F
 
 from sparseforge import kernels
 from sparseforge.advise import machine_info
-from sparseforge.attention import Dense, PagedKVCache, Quest, StreamingLLM
+from sparseforge.attention import Dense, Mustafar, PagedKVCache, Quest, StreamingLLM
 from sparseforge.attention.policies import dense_spans
 from sparseforge.ops.decode_attention import decode_attention
 
@@ -83,9 +86,14 @@ def read_bandwidth(mb: int = 0, reps: int = 5) -> float:
     return x.numel() * 4 / best / 1e9
 
 
-def kv_bytes(n: int, elt: int, budget: int | None = None, window: int | None = None) -> int:
+def kv_bytes(n: int, elt: int, budget: int | None = None, window: int | None = None,
+             mustafar: Mustafar | None = None) -> int:
     """Bytes one decode step reads from one layer's cache (see the module doc)."""
     row = HKV * D * elt  # one token of K (or V) over the KV heads
+    if mustafar is not None:
+        done = max(0, (n - mustafar.recent) // Mustafar.CHUNK * Mustafar.CHUNK)
+        keep_k, keep_v = mustafar.keep(D)
+        return HKV * done * ((keep_k + keep_v) * elt + 2 * 8 * ((D + 63) // 64)) + 2 * (n - done) * row
     if window is not None:
         return 2 * min(n, window) * row
     if budget is None or budget >= n:
@@ -151,8 +159,11 @@ def bench_context(n: int, dtype: torch.dtype, seconds: float, bandwidth: float, 
     qp = q4.view(1, HKV, HQ // HKV, D)  # query heads packed per KV head
     scale = D ** -0.5
     quest, stream = Quest(budget=n // 16, dense_layers=0), StreamingLLM(SINKS, WINDOW)
+    mustafar = Mustafar(0.7, recent=256)
     all_spans = dense_spans(1, HKV, n)
     quest_spans = [quest.spans(layer, q, 0) for layer in cache.layers]
+    for layer in cache.layers:
+        mustafar.observe_prefill(layer, q, scale)  # compresses every whole chunk older than the recent window
     turn = itertools.cycle(range(layers))  # every call, whatever its variant, reads the next layer
 
     def rotating(make):
@@ -171,6 +182,7 @@ def bench_context(n: int, dtype: torch.dtype, seconds: float, bandwidth: float, 
         "sdpa_packed": sdpa(qp),
         "sdpa_packed_1thread": sdpa(qp, one=True),
         "dense_op": rotating(lambda i, layer: lambda: decode_attention(q, layer.k_store, layer.v_store, all_spans, n, scale)),
+        "mustafar": rotating(lambda i, layer: lambda: mustafar.decode(layer, q, all_spans, scale)),
     }
     variants = {
         "dense": lambda i, layer: all_spans,
@@ -189,12 +201,15 @@ def bench_context(n: int, dtype: torch.dtype, seconds: float, bandwidth: float, 
         ms[name] = min(ms[f"{name}_pool"], ms[f"{name}_serial"])
     elt = torch.tensor([], dtype=dtype).element_size()
     nbytes = {"dense": kv_bytes(n, elt), "quest": kv_bytes(n, elt, budget=n // 16),
-              "streaming": kv_bytes(n, elt, window=SINKS + WINDOW)}
+              "streaming": kv_bytes(n, elt, window=SINKS + WINDOW), "mustafar": kv_bytes(n, elt, mustafar=mustafar)}
     bound_ms = {name: b / bandwidth / 1e6 for name, b in nbytes.items()}
+    if mustafar.decode(cache.layers[0], q, all_spans, scale) is None:
+        ms["mustafar"] = ms["dense"]  # nothing old enough to compress: Mustafar attends densely
     return {
         "context": n, "dtype": str(dtype).replace("torch.", ""), "layers": layers, "ms": ms, "bytes": nbytes,
         "bound_ms": bound_ms, "dense_vs_sdpa": ms["sdpa"] / ms["dense"], "quest_vs_dense": ms["dense"] / ms["quest"],
         "quest_bound_vs_dense": nbytes["dense"] / nbytes["quest"],
+        "mustafar_vs_dense": ms["dense"] / ms["mustafar"], "mustafar_bound_vs_dense": nbytes["dense"] / nbytes["mustafar"],
         "dense_of_bound": bound_ms["dense"] / ms["dense"],
     }
 
@@ -219,11 +234,13 @@ def bench_e2e(context: int, steps: int, bandwidth: float, seed: int = 0, **overr
         model = transformers.LlamaForCausalLM(config).eval()
     finally:
         torch.set_default_dtype(default)
-    policies = {"dense": Dense(), "quest": Quest(budget=context // 16), "streaming": StreamingLLM(SINKS, WINDOW)}
+    policies = {"dense": Dense(), "quest": Quest(budget=context // 16), "streaming": StreamingLLM(SINKS, WINDOW),
+                "mustafar": Mustafar(0.7, recent=256)}
     speed = decode_speed(model, context, policies, steps=steps, seed=seed)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_layer = {"dense": kv_bytes(context, 2), "quest": kv_bytes(context, 2, budget=context // 16),
-                "streaming": kv_bytes(context, 2, window=SINKS + WINDOW)}
+                "streaming": kv_bytes(context, 2, window=SINKS + WINDOW),
+                "mustafar": kv_bytes(context, 2, mustafar=policies["mustafar"])}
     out = {"context": context, "steps": steps, "weights_bytes": weights, "tokens_per_s": {}, "bound_tokens_per_s": {},
            "read_fraction": {}}
     for name in policies:
@@ -246,14 +263,15 @@ def e2e_table(e: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     out = ["| KV | context | SDPA ms | dense ms | dense vs SDPA | dense % of bytes bound | Quest 1/16 ms (kernel) | "
-           "Quest vs dense (bound) | StreamingLLM ms |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "Quest vs dense (bound) | StreamingLLM ms | Mustafar 70% ms | Mustafar vs dense (bound) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ms = r["ms"]
         out.append(
             f"| {r['dtype']} | {r['context']} | {ms['sdpa']:.2f} | {ms['dense']:.2f} | {r['dense_vs_sdpa']:.2f}x | "
             f"{100 * r['dense_of_bound']:.0f}% | {ms['quest']:.2f} ({ms['quest_kernel']:.2f}) | "
-            f"{r['quest_vs_dense']:.2f}x ({r['quest_bound_vs_dense']:.1f}x) | {ms['streaming']:.2f} |"
+            f"{r['quest_vs_dense']:.2f}x ({r['quest_bound_vs_dense']:.1f}x) | {ms['streaming']:.2f} | "
+            f"{ms['mustafar']:.2f} | {r['mustafar_vs_dense']:.2f}x ({r['mustafar_bound_vs_dense']:.1f}x) |"
         )
     return "\n".join(out)
 
@@ -269,6 +287,8 @@ def verdicts(rows: list[dict]) -> list[str]:
         if r["context"] == 32768:
             ok = r["quest_vs_dense"] >= 6.0
             lines.append(f"{'PASS' if ok else 'FAIL'} Quest 1/16 >= 6x dense at {tag}: {r['quest_vs_dense']:.2f}x")
+            ok = r["mustafar_vs_dense"] >= 1.8
+            lines.append(f"{'PASS' if ok else 'FAIL'} Mustafar 70% >= 1.8x dense at {tag}: {r['mustafar_vs_dense']:.2f}x")
     return lines
 
 
