@@ -7,6 +7,7 @@
 #include "binding.h"
 
 void register_activation(nanobind::module_& mod);  // _native_activation.cpp: activation sparsity
+void register_attention(nanobind::module_& mod);   // _native_attention.cpp: decode attention, page selection
 
 NB_MODULE(_native, m) {
   m.doc() = "sparseforge native CPU kernels (torch-free C++17; see docs/kernels.md)";
@@ -14,4 +15,5 @@ NB_MODULE(_native, m) {
   sfb::register_sparse_linear(m);
   sfb::register_expert_ffn(m);
   register_activation(m);
+  register_attention(m);
 }
