@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 RECIPE_VERSION = 1
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "dsnot")
 ALLOCATIONS = ("uniform", "owl")
 DEFAULT_SPARSITY = 0.5
 
@@ -79,7 +79,7 @@ class SparsifyConfig:
     """One pruning pass over a model.
 
     Attributes:
-        method: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``.
+        method: ``"magnitude"``, ``"wanda"``, ``"sparsegpt"`` or ``"dsnot"``.
         pattern: pattern string (``"unstructured"``, ``"2:4"``, ``"block4x4"``, ``"fanin"``, ``"channel"``).
         sparsity: target fraction of zeros in [0, 1); ``None`` (default) takes the N:M pattern's own
             (``1 - N/M``), ``FanIn(k)``'s per layer, and 0.5 for every other pattern.

@@ -1,4 +1,4 @@
-"""One-shot pruning methods: magnitude, Wanda and SparseGPT.
+"""One-shot pruning methods: magnitude, Wanda, SparseGPT and DSnoT (prune-and-grow on top of one).
 
 Each method is a pure tensor function (``magnitude_scores``, ``wanda_scores``,
 ``sparsegpt_prune``) behind a thin :class:`~sparseforge.methods.base.PruningMethod` class.
@@ -22,6 +22,7 @@ from typing import Any
 
 from sparseforge.errors import ConfigError
 from sparseforge.methods.base import LayerStats, PruneResult, PruningMethod
+from sparseforge.methods.dsnot import DSnoTPruning, dsnot_update
 from sparseforge.methods.magnitude import MagnitudePruning, magnitude_scores
 from sparseforge.methods.sparsegpt import SparseGPTPruning, sparsegpt_prune
 from sparseforge.methods.wanda import WandaPruning, wanda_scores
@@ -38,6 +39,8 @@ __all__ = [
     "magnitude_scores",
     "wanda_scores",
     "sparsegpt_prune",
+    "DSnoTPruning",
+    "dsnot_update",
 ]
 
 # explicit registry: name -> class
@@ -45,6 +48,7 @@ METHODS: dict[str, type[PruningMethod]] = {
     "magnitude": MagnitudePruning,
     "wanda": WandaPruning,
     "sparsegpt": SparseGPTPruning,
+    "dsnot": DSnoTPruning,
 }
 
 
