@@ -1,7 +1,7 @@
 """The ``sparseforge`` command line: a thin layer over the public API.
 
 Subcommands: ``prune``, ``eval``, ``inspect``, ``demo``, ``train`` (a sparse-training recipe on the
-built-in model and corpus), ``advise`` (will sparse be faster on this machine?), ``bench``
+built-in model and corpus), ``finetune`` (recovery fine-tuning of a pruned model), ``advise`` (will sparse be faster on this machine?), ``bench``
 (generation tokens/s dense vs compressed). Every run prints its resolved config as a
 YAML recipe so it can be repeated with ``--recipe``. Errors print one line and exit with status 2.
 
@@ -23,13 +23,14 @@ import sys
 from pathlib import Path
 
 from sparseforge.errors import SparseforgeError
+from sparseforge.finetune import cli as finetune_cli
 
 __all__ = ["main", "build_parser"]
 
 
 def _add_prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", type=Path, help="YAML recipe; its stages replace --method/--pattern/... below")
-    p.add_argument("--method", default="sparsegpt", choices=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--method", default="sparsegpt", choices=["magnitude", "wanda", "sparsegpt", "dsnot"])
     p.add_argument("--pattern", default="unstructured", help="unstructured, N:M (2:4), blockHxW, fanin, channel")
     p.add_argument("--sparsity", type=float, default=None, help="fraction of zeros in [0, 1) (default 0.5; N:M fixes it)")
     p.add_argument("--allocation", default="uniform", choices=["uniform", "owl"], help="per-layer sparsity allocation")
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
     add_train_parser(sub)
+    finetune_cli.add_parser(sub)
 
     p = sub.add_parser("advise", help="measure dense vs each sparse format on this machine; pick per layer, plot speedup vs sparsity")
     p.add_argument("model", help="'builtin', 'minilm', or a model directory (pruned or not)")
@@ -244,7 +246,7 @@ def _cmd_bench(args) -> int:
 
 
 COMMANDS = {"prune": _cmd_prune, "eval": _cmd_eval, "inspect": _cmd_inspect, "demo": _cmd_demo,
-            "train": _cmd_train, "advise": _cmd_advise, "bench": _cmd_bench}
+            "train": _cmd_train, "advise": _cmd_advise, "bench": _cmd_bench, "finetune": finetune_cli.run}
 
 
 def main(argv: list[str] | None = None) -> int:

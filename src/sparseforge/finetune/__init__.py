@@ -12,12 +12,30 @@ Example:
     {'ce': 1.0, 'squarehead': 1.0}
 """
 
-from sparseforge.finetune.config import LOSSES, FinetuneConfig
-from sparseforge.finetune.keep_mask import KeepMask, pruned_layers
-from sparseforge.finetune.losses import causal_ce_loss, kd_loss, squarehead_loss
-from sparseforge.finetune.loop import FinetuneResult, StepInfo, finetune_
+from __future__ import annotations
 
-__all__ = [
-    "FinetuneConfig", "LOSSES", "finetune_", "FinetuneResult", "StepInfo",
-    "KeepMask", "pruned_layers", "squarehead_loss", "kd_loss", "causal_ce_loss",
-]
+import importlib
+
+# public name -> submodule; resolved on first access (PEP 562) so that the torch-free CLI parser
+# (sparseforge.finetune.cli) can be imported without torch
+_LAZY = {
+    "FinetuneConfig": "config", "LOSSES": "config",
+    "finetune_": "loop", "FinetuneResult": "loop", "StepInfo": "loop",
+    "KeepMask": "keep_mask", "pruned_layers": "keep_mask",
+    "squarehead_loss": "losses", "kd_loss": "losses", "causal_ce_loss": "losses",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sparseforge.finetune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"sparseforge.finetune.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__
