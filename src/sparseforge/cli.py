@@ -46,7 +46,9 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """The ``train`` subcommand's options (run by :func:`sparseforge.train.cli.run`); torch-free."""
-    p = subparsers.add_parser("train", help="sparse-train the built-in model on the built-in corpus (a recipe)")
+    p = subparsers.add_parser("train", help="sparse-train a causal LM (default: the built-in model and corpus) with a recipe")
+    p.add_argument("model", nargs="?", default="builtin", help="'builtin' (default) or a causal-LM model directory")
+    p.add_argument("--data", default="builtin", help="training text: 'builtin' corpus, a .txt file or a directory of them")
     p.add_argument("--recipe", type=Path, default=None, help="YAML training recipe (replaces --method/--sparsity/--pattern)")
     p.add_argument("--method", default="gmp", help="gmp, static, set, rigl, srigl, sparse_momentum, ste, srste, sste (default gmp)")
     p.add_argument("--sparsity", type=float, default=None, help="target sparsity (default 0.5; N:M and faninK fix it)")
