@@ -69,11 +69,24 @@ def test_squarehead_distillation_lowers_the_loss():
     assert last < 0.8 * first
 
 
-def test_teacher_runs_in_bf16_without_grad():
+def test_teacher_in_bf16_is_left_unchanged_and_matches_float32_closely():
     student, teacher = pruned("llama")
-    run(student, teacher, loss="kd", teacher_dtype="bfloat16")
-    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in teacher.parameters())
-    assert all(p.dtype == torch.float32 for p in student.parameters())
+    teacher.train()
+    before = {n: t.clone() for n, t in teacher.state_dict().items()}
+    s32, s16 = copy.deepcopy(student), copy.deepcopy(student)
+    r32 = run(s32, teacher, loss="kd", teacher_dtype="float32")
+    r16 = run(s16, teacher, loss="kd", teacher_dtype="bfloat16")
+    assert all(torch.equal(t, before[n]) for n, t in teacher.state_dict().items())  # never trained, never cast
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())  # its mode is restored
+    assert r16.losses != r32.losses and r16.losses == pytest.approx(r32.losses, rel=0.05)
+    assert all(p.dtype == torch.float32 for p in s16.parameters())
+
+
+def test_frozen_student_is_refused():
+    student, teacher = pruned("llama")
+    student.requires_grad_(False)
+    with pytest.raises(ConfigError, match="frozen"):
+        run(student, teacher, loss="ce")
 
 
 @settings(max_examples=6, deadline=None)
@@ -182,3 +195,38 @@ def test_encoder_squarehead_keeps_mask_and_refuses_ce():
         run(copy.deepcopy(student), teacher, loss="ce", kind="encoder")
     run(student, teacher, loss="squarehead", kind="encoder")
     assert all(torch.equal(before[n], zeros(student, names)[n]) for n in names)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bitmap"])
+def test_sparse_compute_matches_dense_masked_training(fmt, tmp_path):
+    """On the native sparse kernels: the same mask, the same result as masked dense training (to float rounding)."""
+    s_dense, teacher = pruned("llama")
+    s_sparse = copy.deepcopy(s_dense)
+    names = pruned_layers(s_dense)
+    dense = run(s_dense, teacher, loss="ce+squarehead", grad_clip=None)
+    sparse = run(s_sparse, copy.deepcopy(teacher), loss="ce+squarehead", grad_clip=None, compute=fmt)
+    assert all(type(dict(s_sparse.named_modules())[n]) is torch.nn.Linear for n in names)  # dense Linear again
+    for n in names:
+        a, b = weight_2d(dict(s_dense.named_modules())[n]), weight_2d(dict(s_sparse.named_modules())[n])
+        assert torch.equal(a == 0, b == 0)
+        assert torch.allclose(a, b, atol=1e-4), n
+    assert dense.losses == pytest.approx(sparse.losses, rel=1e-4)
+
+
+def test_sparse_compute_resume_is_exact(tmp_path):
+    cfg = dict(loss="ce", steps=4, save_every=2, compute="csr")
+    s_full, teacher = pruned("llama")
+    s_part = copy.deepcopy(s_full)
+    full = run(s_full, teacher, **cfg)
+
+    def stop(info):
+        if info.step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(s_part, teacher, resume_dir=tmp_path, callback=stop, **cfg)
+    s_resumed, _ = pruned("llama")
+    resumed = run(s_resumed, teacher, resume_dir=tmp_path, **cfg)
+    assert resumed.resumed_from == 2 and resumed.losses == full.losses
+    for (n, a), (_, b) in zip(s_full.state_dict().items(), s_resumed.state_dict().items()):
+        assert torch.equal(a, b), n

@@ -41,6 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=128, help="tokens per training sequence (encoders: max tokens per sentence)")
     p.add_argument("--temperature", type=float, default=1.0, help="logit-distillation temperature")
     p.add_argument("--teacher-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--compute", default="dense", choices=["dense", "csr", "bitmap"],
+                   help="dense: masked dense weights (default); csr / bitmap: the pruned layers train on the sparse kernels")
     p.add_argument("--min-sparsity", type=float, default=0.1, help="a linear layer with at least this fraction of zeros keeps them")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume-dir", type=Path, default=None, help="resumable state (default: .<out>.finetune-state next to --out)")
@@ -74,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     config = FinetuneConfig(loss=args.loss, steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
                             batch_size=args.batch_size, seqlen=args.seqlen, temperature=args.temperature,
                             teacher_dtype=args.teacher_dtype, min_sparsity=args.min_sparsity, seed=args.seed,
-                            save_every=args.save_every, eval_windows=args.eval_windows)
+                            save_every=args.save_every, eval_windows=args.eval_windows,
+                            compute=args.compute)
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.overwrite:
         raise ConfigError(f"output {args.out} already exists; pass --overwrite or choose another --out")
     if config.needs_teacher and args.teacher is None:

@@ -22,6 +22,7 @@ __all__ = ["FinetuneConfig", "LOSSES", "TEACHER_LOSSES"]
 LOSSES = ("ce", "kd", "squarehead")
 TEACHER_LOSSES = ("kd", "squarehead")
 _DTYPES = ("float32", "bfloat16")
+COMPUTES = ("dense", "csr", "bitmap")
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -74,6 +75,9 @@ class FinetuneConfig:
         save_every: write the resumable state every this many steps (with ``resume_dir``).
         eval_windows: held-out windows of ``seqlen`` tokens for perplexity (causal LMs);
             eval_sentences: held-out sentences for embedding cosine (encoders).
+        compute: ``"dense"`` (masked dense weights) or ``"csr"`` / ``"bitmap"``: the pruned layers
+            train as packed :class:`~sparseforge.nn.SparseLinear` on the native sparse kernels
+            (:class:`sparseforge.train.SparseCompute`; float32 ``nn.Linear`` layers only).
     """
 
     loss: Any = "squarehead"
@@ -91,6 +95,7 @@ class FinetuneConfig:
     save_every: int = 50
     eval_windows: int = 16
     eval_sentences: int = 256
+    compute: str = "dense"
 
     def __post_init__(self) -> None:
         self.weights = _parse_loss(self.loss)
@@ -111,6 +116,8 @@ class FinetuneConfig:
             raise ConfigError(f"grad_clip must be a positive number or None, got {self.grad_clip!r}")
         if not isinstance(self.min_sparsity, (int, float)) or not 0 < self.min_sparsity < 1:
             raise ConfigError(f"min_sparsity must be in (0, 1), got {self.min_sparsity!r}")
+        if self.compute not in COMPUTES:
+            raise ConfigError(f"compute must be one of {', '.join(COMPUTES)}, got {self.compute!r}")
         if self.teacher_dtype not in _DTYPES:
             raise ConfigError(f"teacher_dtype must be one of {', '.join(_DTYPES)}, got {self.teacher_dtype!r}")
 

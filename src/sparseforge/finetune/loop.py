@@ -6,6 +6,8 @@ holds the pruned weights (and their optimizer state) at exactly zero, with cross
 distillation and SquareHead (Kurtic et al. 2023; :mod:`sparseforge.finetune.losses`) or a weighted
 mix; the teacher (the dense model) runs under ``no_grad``, in bfloat16 if asked.
 
+* ``compute="csr"`` / ``"bitmap"``: the pruned layers train as packed SparseLinear layers on the
+  native sparse kernels (:class:`sparseforge.train.SparseCompute`); ``"dense"`` (default) masks dense weights.
 * Learning rate: linear warm-up over ``warmup_steps``, then linear decay to 0 at ``steps``.
 * Resumable: with ``resume_dir`` the model, optimizer, schedule, mask, data-generator and torch RNG
   states are written there every ``save_every`` steps (temp file + rename); calling ``finetune_``
@@ -45,6 +47,7 @@ from sparseforge.finetune.config import FinetuneConfig
 from sparseforge.finetune.data import TokenBatches, make_batches
 from sparseforge.finetune.keep_mask import KeepMask, pruned_layers
 from sparseforge.finetune.losses import causal_ce_loss, kd_loss, shift_labels, squarehead_loss
+from sparseforge.layers import set_module
 
 __all__ = ["finetune_", "FinetuneResult", "StepInfo", "STATE_FILE"]
 
@@ -263,8 +266,11 @@ def finetune_(
             raise ConfigError(f"loss {cfg.loss} distils from a teacher; pass teacher= the dense model (CLI: --teacher)")
         t_model, _, _ = _unpack(teacher, None, kind, "teacher")
         _check_teacher(model, t_model, cfg)
-        t_model.eval().requires_grad_(False)
-        t_model.to(torch.bfloat16 if cfg.teacher_dtype == "bfloat16" else torch.float32)
+        t_dtype = torch.bfloat16 if cfg.teacher_dtype == "bfloat16" else torch.float32
+        if any(p.dtype != t_dtype for p in t_model.parameters()):
+            t_model = copy.deepcopy(t_model).to(t_dtype)  # the caller's teacher stays as it is
+        teacher_was_training = t_model.training
+        t_model.eval()
     if isinstance(data, torch.Tensor):
         if data.dim() != 1 or data.is_floating_point():
             raise DataError(f"data as a tensor must be a 1-D stream of token ids, got shape {tuple(data.shape)}")
@@ -283,9 +289,17 @@ def finetune_(
     model.float().train()
     torch.manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("every parameter of the student is frozen (requires_grad=False); unfreeze it: "
+                          "student.requires_grad_(True)")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
     keeper = KeepMask.attach(model, optimizer, names)
+    sparse = None
+    if cfg.compute != "dense":
+        from sparseforge.train import SparseCompute
+
+        sparse = SparseCompute(keeper, format=cfg.compute)  # pruned layers become trainable SparseLinear
     start = 0
     if state is not None:
         if state["config"] != cfg.to_dict():
@@ -297,7 +311,11 @@ def finetune_(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        keeper.load_state_dict(state["mask"])
+        if sparse is None:
+            keeper.load_state_dict(state["mask"])
+        else:  # the packed layers hold the mask (the same zeros: checked through the pruned names and shapes)
+            keeper.step_count = int(state["mask"]["step"])
+            keeper.generator.set_state(state["mask"]["rng"])
         batches.generator.set_state(state["data_rng"])
         torch.set_rng_state(state["torch_rng"])
         start = int(state["step"])
@@ -306,7 +324,8 @@ def finetune_(
 
     def snapshot(step: int) -> dict[str, Any]:
         return {"config": cfg.to_dict(), "pruned": names, "step": step, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "mask": keeper.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "mask": keeper.state_dict() if sparse is None else {"step": keeper.step_count, "rng": keeper.generator.get_state()},
                 "data_rng": batches.generator.get_state(), "torch_rng": torch.get_rng_state(),
                 "losses": list(result.losses), "before": dict(result.before)}
 
@@ -329,12 +348,12 @@ def finetune_(
 
                     raise NumericalError(f"the loss is {loss.item()} at step {step + 1}; lower the learning rate (lr={cfg.lr:g})")
                 loss.backward()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                if cfg.grad_clip is not None:  # the optimizer's current parameters (SparseCompute swaps some)
+                    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                keeper.step()
+                (keeper if sparse is None else sparse).step()
                 n_tok = int(batch["attention_mask"].sum())
                 tokens += n_tok
                 elapsed += time.perf_counter() - t0
@@ -345,8 +364,15 @@ def finetune_(
                 if callback is not None:
                     callback(StepInfo(step + 1, result.losses[-1], parts, n_tok))
     finally:
-        keeper.remove()  # mask buffers and hooks off; the pruned weights are exactly zero
+        if sparse is None:
+            keeper.remove()  # mask buffers and hooks off; the pruned weights are exactly zero
+        else:
+            sparse.remove()
+            for name, layer in sparse.modules.items():
+                set_module(model, name, layer.to_linear())  # dense nn.Linear again, zeros where pruned
         model.eval()
+        if t_model is not None:
+            t_model.train(teacher_was_training)
     result.tokens_per_s = tokens / elapsed if elapsed else 0.0
     if evaluate:
         result.after = _evaluate(model, tokenizer, kind, cfg, t_model)
