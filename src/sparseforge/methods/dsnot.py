@@ -16,9 +16,12 @@ calibration tokens and ``D_ij = W_ij * mu_j``:
 * the swap happens while ``|e_i| > update_threshold`` and, if ``same_sign``, ``e_i`` keeps its
   initial sign afterwards; a row stops at the first cycle that fails, after ``max_cycles`` at most.
 
-Defaults follow the reference code's: ``max_cycles=50``, ``update_threshold=0.1``,
-``var_power=1``, the sign check off for unstructured patterns (its ``--without_same_sign``
-defaults to true) and always on for N:M. Differences, each a corner the reference gets wrong:
+Defaults follow the reference code's: ``max_cycles=50``, ``var_power=1``, the sign check off for
+unstructured patterns (its ``--without_same_sign`` defaults to true) and always on for N:M, and
+its threshold of 0.1: the reference's ``D`` uses the per-sample token *sum* of ``x_j`` (2048 x the
+mean at its calibration length), here ``D`` uses the mean, so the same threshold is
+``0.1 / 2048`` (:data:`REFERENCE_THRESHOLD`). ``max_cycles=50`` was set for rows of 4096+ weights;
+on narrow layers 50 swaps change a large share of a row (see ``docs/finetune.md``). Differences, each a corner the reference gets wrong:
 candidates are only ever pruned (for growth) or kept (for pruning) weights, a row stops when a
 candidate list runs out, ``D_ij = 0`` weights sit between the two signs, and ``var_j`` is the
 pooled variance over all tokens. The reference skips the MLP layers by default
@@ -47,9 +50,10 @@ from sparseforge.methods.base import LayerStats, PruningMethod
 from sparseforge.methods.sparsegpt import inverse_hessian_factor
 from sparseforge.patterns import NM, Pattern, Unstructured
 
-__all__ = ["dsnot_update", "DSnoTPruning", "DSnoTOptions", "BASES"]
+__all__ = ["dsnot_update", "DSnoTPruning", "DSnoTOptions", "BASES", "REFERENCE_THRESHOLD"]
 
 BASES = ("wanda", "magnitude", "sparsegpt")
+REFERENCE_THRESHOLD = 0.1 / 2048  # the reference's 0.1 on per-sample token sums of 2048-token windows, in mean units
 
 
 def _pointer_pick(order: torch.Tensor, pointers: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
@@ -66,7 +70,8 @@ def _advance(pointers: torch.Tensor, side: torch.Tensor) -> None:
 
 @torch.no_grad()
 def dsnot_update(weight: torch.Tensor, mask: torch.Tensor, input_mean: torch.Tensor, input_var: torch.Tensor,
-                 prune_score: torch.Tensor, pattern: Pattern, *, max_cycles: int = 50, update_threshold: float = 0.1,
+                 prune_score: torch.Tensor, pattern: Pattern, *, max_cycles: int = 50,
+                 update_threshold: float = REFERENCE_THRESHOLD,
                  var_power: float = 1.0, same_sign: bool | None = None) -> torch.Tensor:
     """DSnoT's prune-and-grow cycles on a keep-``mask`` (out, in); returns the new mask (module doc).
 
@@ -140,7 +145,7 @@ def dsnot_update(weight: torch.Tensor, mask: torch.Tensor, input_mean: torch.Ten
 class DSnoTOptions:
     base: str = "wanda"  # the one-shot mask DSnoT starts from: wanda, magnitude or sparsegpt (its OBS saliency)
     max_cycles: int = 50
-    update_threshold: float = 0.1
+    update_threshold: float = REFERENCE_THRESHOLD
     var_power: float = 1.0
     same_sign: bool | None = None  # None: off for unstructured, on for N:M (the reference's defaults)
     dampening: float = 0.01  # Hessian dampening of the sparsegpt base saliency
