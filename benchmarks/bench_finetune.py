@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="smoke subset: " + json.dumps(QUICK).replace("%", "%%"))
     ap.add_argument("--steps", type=int, help="optimizer steps per recovery run")
     ap.add_argument("--seeds", type=int, help="seeds per (pattern, loss)")
+    ap.add_argument("--eval-windows", type=int, help="held-out perplexity windows of seqlen tokens")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--losses", default=",".join(LOSSES))
     ap.add_argument("--patterns", default=",".join(PATTERNS))
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     cfg = dict(QUICK if args.quick else FULL)
-    for key in ("steps", "seeds"):
+    for key in ("steps", "seeds", "eval_windows"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
 
