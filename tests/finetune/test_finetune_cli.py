@@ -85,3 +85,20 @@ def test_dense_student_is_refused(tmp_path, capsys):
     assert main(["finetune", "builtin", "--teacher", "builtin", "--steps", "1", "--no-eval", "--no-progress",
                  "--out", str(tmp_path / "o")]) == 2
     assert "no pruned layer" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_finetune_minilm_squarehead(tmp_path, capsys):
+    pruned = tmp_path / "minilm-pruned"
+    assert main(["prune", "minilm", "--method", "magnitude", "--sparsity", "0.5", "--out", str(pruned),
+                 "--no-eval", "--no-progress"]) == 0
+    out = tmp_path / "minilm-ft"
+    assert main(["finetune", str(pruned), "--teacher", "minilm", "--steps", "3", "--batch-size", "4", "--seqlen", "32",
+                 "--lr", "5e-4", "--eval-sentences", "16", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    line = next(l for l in printed.splitlines() if l.startswith("held-out cosine:"))
+    before, after = (float(v) for v in line.split(":")[1].split("->"))
+    assert after > before  # SquareHead pulls the pruned encoder towards the dense one
+    assert main(["finetune", str(pruned), "--teacher", "minilm", "--loss", "ce", "--steps", "1", "--no-progress",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "encoder" in capsys.readouterr().err

@@ -48,6 +48,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--resume-dir", type=Path, default=None, help="resumable state (default: .<out>.finetune-state next to --out)")
     p.add_argument("--save-every", type=int, default=50, help="save the resumable state every N steps")
     p.add_argument("--eval-windows", type=int, default=16, help="held-out windows for perplexity (causal LMs)")
+    p.add_argument("--eval-sentences", type=int, default=256, help="held-out sentences for embedding cosine (encoders)")
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True, help="held-out evaluation before and after")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default torch's)")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False, help="replace an existing --out")
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     config = FinetuneConfig(loss=args.loss, steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
                             batch_size=args.batch_size, seqlen=args.seqlen, temperature=args.temperature,
                             teacher_dtype=args.teacher_dtype, min_sparsity=args.min_sparsity, seed=args.seed,
-                            save_every=args.save_every, eval_windows=args.eval_windows,
+                            save_every=args.save_every, eval_windows=args.eval_windows, eval_sentences=args.eval_sentences,
                             compute=args.compute)
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.overwrite:
         raise ConfigError(f"output {args.out} already exists; pass --overwrite or choose another --out")
