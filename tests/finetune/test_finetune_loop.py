@@ -230,3 +230,27 @@ def test_sparse_compute_resume_is_exact(tmp_path):
     assert resumed.resumed_from == 2 and resumed.losses == full.losses
     for (n, a), (_, b) in zip(s_full.state_dict().items(), s_resumed.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+def test_checkpoint_mask_must_match_the_weights():
+    student, teacher = pruned("llama", "2:4")
+    names = pruned_layers(student)
+    student.config.sparsity_config = {"pattern": "2:4", "targets": [f"{n}.weight" for n in names]}
+    with torch.no_grad():
+        weight_2d(dict(student.named_modules())[names[0]])[0, :4] = 1.0  # 4 of 4 kept: not 2:4
+    with pytest.raises(ModelError, match="does not obey the checkpoint's pattern 2:4"):
+        run(copy.deepcopy(student), teacher)
+    with torch.no_grad():
+        weight_2d(dict(student.named_modules())[names[0]]).fill_(1.0)
+    with pytest.raises(ModelError, match="listed as pruned .* but has no zeros"):
+        run(student, teacher)
+
+
+def test_recorded_layers_keep_their_zeros_below_min_sparsity():
+    student, teacher = pruned("llama", sparsity=0.05)  # below the 10 % detection threshold
+    assert not pruned_layers(student)
+    names = [n for n in linear_layers(student) if ".layers." in n]
+    student.config.sparsity_config = {"pattern": "unstructured", "targets": [f"{n}.weight" for n in names]}
+    before = zeros(student, names)
+    result = run(student, teacher)
+    assert result.pruned == names and all(torch.equal(before[n], zeros(student, names)[n]) for n in names)

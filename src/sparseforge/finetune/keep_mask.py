@@ -32,7 +32,7 @@ from sparseforge.layers import linear_layers, weight_2d
 from sparseforge.train import StaticSparse
 from sparseforge.train.config import StaticConfig
 
-__all__ = ["KeepMask", "pruned_layers"]
+__all__ = ["KeepMask", "pruned_layers", "check_recorded_mask"]
 
 
 def pruned_layers(model: nn.Module, min_sparsity: float = 0.1) -> list[str]:
@@ -44,6 +44,31 @@ def pruned_layers(model: nn.Module, min_sparsity: float = 0.1) -> list[str]:
         if w.numel() and float((w == 0).float().mean()) >= min_sparsity:
             out.append(name)
     return out
+
+
+def check_recorded_mask(model: nn.Module, names: list[str]) -> list[str]:
+    """``names`` plus the layers the model's ``sparsity_config`` lists as pruned, after checking them.
+
+    A layer the checkpoint lists keeps its zeros whatever its sparsity; it must have some zeros, and
+    obey the recorded pattern (e.g. 2:4), else its weights do not match the checkpoint's mask.
+    """
+    from sparseforge.errors import ModelError
+    from sparseforge.masks import satisfies
+
+    block = getattr(getattr(model, "config", None), "sparsity_config", None) or {}
+    modules = dict(model.named_modules())
+    listed = [t.removesuffix(".weight") for t in block.get("targets") or []]
+    listed = [n for n in listed if n in modules and n in set(linear_layers(model))]
+    pattern = block.get("pattern")
+    for name in listed:
+        nonzero = weight_2d(modules[name]) != 0  # (out, in)
+        if bool(nonzero.all()):
+            raise ModelError(f"layer {name} is listed as pruned in the checkpoint's sparsity_config but has no zeros: "
+                             "its weights do not match the recorded mask; re-prune the model")
+        if pattern is not None and not satisfies(nonzero, pattern):
+            raise ModelError(f"layer {name} does not obey the checkpoint's pattern {pattern}: its weights do not "
+                             "match the recorded mask; re-prune the model")
+    return [n for n in linear_layers(model) if n in set(names) | set(listed)]
 
 
 class KeepMask(StaticSparse):

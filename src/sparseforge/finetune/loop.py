@@ -45,7 +45,7 @@ from torch import nn
 from sparseforge.errors import ConfigError, DataError, ModelError
 from sparseforge.finetune.config import FinetuneConfig
 from sparseforge.finetune.data import TokenBatches, make_batches
-from sparseforge.finetune.keep_mask import KeepMask, pruned_layers
+from sparseforge.finetune.keep_mask import KeepMask, check_recorded_mask, pruned_layers
 from sparseforge.finetune.losses import causal_ce_loss, kd_loss, shift_labels, squarehead_loss
 from sparseforge.layers import set_module
 
@@ -256,7 +256,7 @@ def finetune_(
     model, tokenizer, kind = _unpack(student, tokenizer, kind, "student")
     if kind == "encoder" and set(cfg.weights) - {"squarehead"}:
         raise ConfigError("an encoder has no language-model head: fine-tune it with loss 'squarehead' (distillation)")
-    names = pruned_layers(model, cfg.min_sparsity)
+    names = check_recorded_mask(model, pruned_layers(model, cfg.min_sparsity))
     if not names:
         raise ModelError(f"the student has no pruned layer (no linear layer with >= {cfg.min_sparsity:.0%} zeros); "
                          "prune it first (sparseforge prune / sparseforge.sparsify_) or pass the pruned model")
