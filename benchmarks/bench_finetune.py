@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--minilm", action="store_true", help="also the MiniLM SquareHead distillation")
     ap.add_argument("--dsnot", action="store_true", help="also DSnoT vs Wanda at 60%% and 70%%")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    ap.add_argument("--minilm-steps", type=int, help="SquareHead steps of the MiniLM run")
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--name", default=None, help="file stem of the results (default finetune / finetune.quick)")
     return ap
 
 
@@ -202,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     cfg = dict(QUICK if args.quick else FULL)
-    for key in ("steps", "seeds", "eval_windows"):
+    for key in ("steps", "seeds", "eval_windows", "minilm_steps"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
 
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {"cpu": cpu_name(), "threads": args.threads, "lr": args.lr,
               "settings": ", ".join(f"{k}={v}" for k, v in cfg.items()) + f", lr={args.lr:g}", "config": cfg}
-    stem = "finetune.quick" if args.quick else "finetune"
+    stem = args.name or ("finetune.quick" if args.quick else "finetune")
     if args.patterns and args.losses:
         result["recovery"] = recovery(cfg, args, log)
     if args.minilm:
