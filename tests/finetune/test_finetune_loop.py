@@ -254,3 +254,17 @@ def test_recorded_layers_keep_their_zeros_below_min_sparsity():
     before = zeros(student, names)
     result = run(student, teacher)
     assert result.pruned == names and all(torch.equal(before[n], zeros(student, names)[n]) for n in names)
+
+
+def test_refused_runs_leave_the_model_untouched(tmp_path):
+    student, teacher = pruned("gpt2")
+    run(copy.deepcopy(student), teacher, loss="ce", steps=1, save_every=1, resume_dir=tmp_path)
+    with pytest.raises(ConfigError, match="other settings"):
+        run(student, teacher, loss="ce", steps=2, save_every=1, resume_dir=tmp_path)
+    with pytest.raises(ConfigError, match="nn.Linear"):  # GPT-2's Conv1D layers cannot run on the sparse kernels
+        run(student, teacher, loss="ce", compute="csr")
+    assert not any(hasattr(m, "weight_mask") for m in student.modules())
+    student(input_ids=DATA[:16][None]).logits.sum().backward()  # no gradient-masking hook left behind
+    names = pruned_layers(student)
+    layer = dict(student.named_modules())[names[0]]
+    assert bool((layer.weight.grad[layer.weight == 0] != 0).any())

@@ -170,6 +170,29 @@ def _schedule(cfg: FinetuneConfig) -> Callable[[int], float]:
     return factor
 
 
+def _prepare_teacher(teacher: Any, student: nn.Module, kind: str, cfg: FinetuneConfig) -> nn.Module | None:
+    """The teacher module in ``cfg.teacher_dtype`` (a copy if it must be cast), or None if no loss needs one."""
+    if not cfg.needs_teacher:
+        return None
+    if teacher is None:
+        raise ConfigError(f"loss {cfg.loss} distils from a teacher; pass teacher= the dense model (CLI: --teacher)")
+    t_model, _, _ = _unpack(teacher, None, kind, "teacher")
+    _check_teacher(student, t_model, cfg)
+    t_dtype = torch.bfloat16 if cfg.teacher_dtype == "bfloat16" else torch.float32
+    if any(p.dtype != t_dtype for p in t_model.parameters()):
+        t_model = copy.deepcopy(t_model).to(t_dtype)  # the caller's teacher stays as it is
+    return t_model
+
+
+def _check_state(state: dict[str, Any], cfg: FinetuneConfig, names: list[str], resume_dir: Path) -> None:
+    if state["config"] != cfg.to_dict():
+        diff = sorted(k for k in state["config"] if state["config"][k] != cfg.to_dict().get(k))
+        raise ConfigError(f"{resume_dir} holds a run with other settings ({', '.join(diff)}); use the same "
+                          "settings to resume, or another resume directory")
+    if state["pruned"] != names:
+        raise ConfigError(f"{resume_dir} holds a run of a model with other pruned layers; use another resume directory")
+
+
 # -- evaluation ------------------------------------------------------------------------------------
 def _evaluate(model, tokenizer, kind: str, cfg: FinetuneConfig, teacher) -> dict[str, float]:
     from sparseforge import data as text_data
@@ -260,16 +283,9 @@ def finetune_(
     if not names:
         raise ModelError(f"the student has no pruned layer (no linear layer with >= {cfg.min_sparsity:.0%} zeros); "
                          "prune it first (sparseforge prune / sparseforge.sparsify_) or pass the pruned model")
-    t_model = None
-    if cfg.needs_teacher:
-        if teacher is None:
-            raise ConfigError(f"loss {cfg.loss} distils from a teacher; pass teacher= the dense model (CLI: --teacher)")
-        t_model, _, _ = _unpack(teacher, None, kind, "teacher")
-        _check_teacher(model, t_model, cfg)
-        t_dtype = torch.bfloat16 if cfg.teacher_dtype == "bfloat16" else torch.float32
-        if any(p.dtype != t_dtype for p in t_model.parameters()):
-            t_model = copy.deepcopy(t_model).to(t_dtype)  # the caller's teacher stays as it is
-        teacher_was_training = t_model.training
+    t_model = _prepare_teacher(teacher, model, kind, cfg)
+    teacher_was_training = t_model is not None and t_model.training
+    if t_model is not None:
         t_model.eval()
     if isinstance(data, torch.Tensor):
         if data.dim() != 1 or data.is_floating_point():
@@ -280,6 +296,8 @@ def finetune_(
 
     resume_dir = Path(resume_dir) if resume_dir is not None else None
     state = _load_state(resume_dir)
+    if state is not None:
+        _check_state(state, cfg, names, resume_dir)
     result = FinetuneResult(cfg, names)
     if evaluate:
         result.before = _evaluate(model, tokenizer, kind, cfg, t_model) if state is None else dict(state["before"])
@@ -299,15 +317,13 @@ def finetune_(
     if cfg.compute != "dense":
         from sparseforge.train import SparseCompute
 
-        sparse = SparseCompute(keeper, format=cfg.compute)  # pruned layers become trainable SparseLinear
+        try:
+            sparse = SparseCompute(keeper, format=cfg.compute)  # pruned layers become trainable SparseLinear
+        except BaseException:
+            keeper.remove()
+            raise
     start = 0
     if state is not None:
-        if state["config"] != cfg.to_dict():
-            diff = sorted(k for k in state["config"] if state["config"][k] != cfg.to_dict().get(k))
-            raise ConfigError(f"{resume_dir} holds a run with other settings ({', '.join(diff)}); use the same "
-                              "settings to resume, or another resume directory")
-        if state["pruned"] != names:
-            raise ConfigError(f"{resume_dir} holds a run of a model with other pruned layers; use another resume directory")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
