@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Recovery fine-tuning benchmark: CE vs KD vs SquareHead after SparseGPT, and DSnoT vs Wanda.
 
-Built-in model (:func:`sparseforge.models.load_model` ``"builtin"``): SparseGPT at 70 % unstructured
+Built-in model (:func:`sparseforge.io.models.load_model` ``"builtin"``): SparseGPT at 70 % unstructured
 and at 2:4 (one pruned model per pattern, the same calibration windows), then recovery with each
 loss at equal steps and tokens (the same batches for every loss of a seed), for several seeds.
 Reported: held-out perplexity of the dense, pruned and recovered models, and the gap recovered
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _ppl(model, tokenizer, heldout, windows, seqlen) -> float:
-    from sparseforge.evaluate import perplexity
+    from sparseforge.evaluation.quality import perplexity
 
     return perplexity(model, tokenizer, token_ids=heldout, seqlen=seqlen, max_windows=windows, progress=False).ppl
 
@@ -90,9 +90,9 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 
 def recovery(cfg: dict, args, log) -> dict:
-    from sparseforge import data
+    from sparseforge.data import calibration as data
     from sparseforge.finetune import FinetuneConfig, finetune_
-    from sparseforge.models import load_model
+    from sparseforge.io.models import load_model
 
     dense = load_model("builtin")
     tok = dense.tokenizer
@@ -125,10 +125,10 @@ def recovery(cfg: dict, args, log) -> dict:
 
 
 def minilm(cfg: dict, args, log) -> dict:
-    from sparseforge import corpus
-    from sparseforge.evaluate import embedding_fidelity
+    from sparseforge.data import corpus
+    from sparseforge.evaluation.quality import embedding_fidelity
     from sparseforge.finetune import FinetuneConfig, finetune_
-    from sparseforge.models import load_model
+    from sparseforge.io.models import load_model
 
     dense = load_model("minilm")
     student = copy.deepcopy(dense.model)
@@ -147,8 +147,8 @@ def minilm(cfg: dict, args, log) -> dict:
 
 
 def dsnot(cfg: dict, args, log) -> dict:
-    from sparseforge import data
-    from sparseforge.models import load_model
+    from sparseforge.data import calibration as data
+    from sparseforge.io.models import load_model
 
     dense = load_model("builtin")
     tok = dense.tokenizer

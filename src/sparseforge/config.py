@@ -35,6 +35,7 @@ from typing import Any
 from sparseforge.errors import ConfigError
 from sparseforge.masks import resolve_sparsity
 from sparseforge.patterns import NM, FanIn, Pattern, Unstructured, parse
+from sparseforge.prune.names import ALLOCATIONS, METHODS
 
 __all__ = [
     "CalibrationConfig",
@@ -48,8 +49,6 @@ __all__ = [
 ]
 
 RECIPE_VERSION = 1
-METHODS = ("magnitude", "wanda", "sparsegpt", "dsnot")
-ALLOCATIONS = ("uniform", "owl")
 DEFAULT_SPARSITY = 0.5
 
 
@@ -79,7 +78,7 @@ class SparsifyConfig:
     """One pruning pass over a model.
 
     Attributes:
-        method: ``"magnitude"``, ``"wanda"``, ``"sparsegpt"`` or ``"dsnot"``.
+        method: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``.
         pattern: pattern string (``"unstructured"``, ``"2:4"``, ``"block4x4"``, ``"fanin"``, ``"channel"``).
         sparsity: target fraction of zeros in [0, 1); ``None`` (default) takes the N:M pattern's own
             (``1 - N/M``), ``FanIn(k)``'s per layer, and 0.5 for every other pattern.

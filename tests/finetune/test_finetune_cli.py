@@ -50,7 +50,7 @@ def test_finetune_resumes_after_interruption(pruned_dir, tmp_path, capsys):
             "--save-every", "1", "--no-eval", "--no-progress", "--threads", "1", "--out", str(out)]
     # a finished state in the resume directory: the run continues from it, trains nothing more, saves
     from sparseforge.finetune import FinetuneConfig, finetune_
-    from sparseforge.models import load_model
+    from sparseforge.io.models import load_model
 
     cfg = FinetuneConfig(steps=2, batch_size=1, seqlen=16, save_every=1, compute="csr")
     finetune_(load_model(pruned_dir), cfg, teacher=load_model("builtin"), resume_dir=state.parent, evaluate=False,

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from sparseforge.formats import BitmapWeight, NMWeight
-from sparseforge.formats._memory import MIN_BYTES, hugepage_backed, hugepage_copy, hugepages_available
 from sparseforge.formats.csr import CSRWeight
+from sparseforge.formats.memory import MIN_BYTES, hugepage_backed, hugepage_copy, hugepages_available
 from sparseforge.masks import mask_from_scores
 
 
@@ -65,7 +65,7 @@ def test_loaded_checkpoint_buffers_use_huge_pages(tmp_path, fmt):
     importlib.import_module("transformers")
     from safetensors.torch import save_file
 
-    from sparseforge.checkpoint import load_state_dict_compressed
+    from sparseforge.io.layout import load_state_dict_compressed
 
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(2048, 2048, generator=gen)

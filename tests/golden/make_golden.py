@@ -1,4 +1,4 @@
-"""Write the golden sparseforge checkpoints that tests/test_checkpoint.py::test_golden must always load.
+"""Write the golden sparseforge checkpoints that tests/io/test_checkpoint.py::test_golden must always load.
 
 Run from the repository root: ``python tests/golden/make_golden.py``. Only add new golden
 checkpoints (e.g. ``v2-...`` after a format change); never regenerate an existing one, because
@@ -42,7 +42,9 @@ def build(name: str):
 
 
 def main() -> None:
-    from sparseforge.checkpoint import load, load_state_dict_compressed, save_pretrained
+    from sparseforge.io.checkpoint import save_pretrained
+    from sparseforge.io.layout import load_state_dict_compressed
+    from sparseforge.io.loading import load
     from sparseforge.layers import linear_layers, weight_2d
     from sparseforge.masks import mask_from_scores
 

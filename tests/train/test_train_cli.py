@@ -2,15 +2,16 @@ import argparse
 
 import pytest
 
+from sparseforge.cli import add_train_parser
 from sparseforge.errors import ConfigError
 from sparseforge.train import dump_train_recipe, parse_train_recipe
-from sparseforge.train.cli import add_parser, default_config, run
+from sparseforge.train.cli import default_config, run
 from sparseforge.train.config import TRAIN_CONFIGS
 
 
 def parse(*argv):
     ap = argparse.ArgumentParser()
-    add_parser(ap.add_subparsers(dest="command"))
+    add_train_parser(ap.add_subparsers(dest="command"))
     return ap.parse_args(["train", *argv])
 
 
@@ -23,6 +24,18 @@ def test_default_config_for_every_method(method):
         assert cfg.schedule.end_step == 36 and cfg.schedule.update_interval == 6
     elif method in ("set", "rigl", "srigl", "sparse_momentum"):
         assert cfg.schedule.end_step == 45 and cfg.sparsity == 0.5
+
+
+@pytest.mark.parametrize("pattern, sparsity", [("2:4", None), (" 1:4 ", None), ("fanin8", None), ("fanin", 0.5),
+                                               ("block4x4", 0.5), ("unstructured", 0.5)])
+def test_a_pattern_that_fixes_the_sparsity_leaves_it_unset(pattern, sparsity):
+    """N:M and fan-in-k fix the sparsity themselves; the others get the default 0.5 (parsed, not string-matched)."""
+    assert default_config("static", 60, pattern=pattern).sparsity == sparsity
+
+
+def test_a_bad_pattern_names_the_valid_forms():
+    with pytest.raises(ConfigError, match="valid patterns"):
+        default_config("static", 60, pattern="2-4")
 
 
 def test_bad_input(tmp_path):
@@ -38,7 +51,7 @@ def test_bad_input(tmp_path):
 
 @pytest.mark.slow
 def test_train_builtin_and_save(tmp_path, capsys):
-    from sparseforge.models import load_model
+    from sparseforge.io.models import load_model
 
     recipe = tmp_path / "rigl.yaml"
     recipe.write_text(dump_train_recipe(default_config("srigl", 4, sparsity=0.75)), encoding="utf-8")
@@ -59,7 +72,7 @@ def test_model_argument_and_data(tmp_path, capsys):
     import transformers as t
 
     from sparseforge.cli import main
-    from sparseforge.models import load_model
+    from sparseforge.io.models import load_model
 
     tok = load_model("builtin").tokenizer
     cfg = t.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128,

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseforge.errors import ConfigError
     from sparseforge.finetune.config import FinetuneConfig
     from sparseforge.finetune.loop import STATE_FILE, finetune_
-    from sparseforge.models import load_model
+    from sparseforge.io.models import load_model
 
     if args.threads is not None:
         if args.threads < 1:

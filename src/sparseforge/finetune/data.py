@@ -1,7 +1,7 @@
 """Training batches for recovery fine-tuning: random token windows (causal LMs) or sentences (encoders).
 
 The source is ``"builtin"`` (the train split of the built-in corpus), a UTF-8 ``.txt`` file or a
-directory of them (:func:`sparseforge.data.source_text`). Batches are drawn by a seeded
+directory of them (:func:`sparseforge.data.calibration.source_text`). Batches are drawn by a seeded
 ``torch.Generator`` whose state is part of the resumable state, so an interrupted run continues
 with exactly the batches it would have seen.
 
@@ -78,10 +78,10 @@ def split_sentences(text: str, min_words: int = 4) -> list[str]:
 
 def make_batches(kind: str, tokenizer: Any, source: Any, batch_size: int, seqlen: int, seed: int):
     """The batch source for a model of ``kind`` (``"causal-lm"`` or ``"encoder"``) from ``source``."""
-    from sparseforge import data
+    from sparseforge.data import calibration as data
 
     if tokenizer is None:
-        raise DataError("fine-tuning on text needs the model's tokenizer; load the model with sparseforge.models.load_model")
+        raise DataError("fine-tuning on text needs the model's tokenizer; load the model with sparseforge.io.models.load_model")
     if kind == "causal-lm":
         ids = data.corpus_token_ids(tokenizer, "train") if str(source) == "builtin" else data.encode(tokenizer, data.source_text(source))
         return TokenBatches(ids, batch_size, seqlen, seed)

@@ -19,7 +19,7 @@ mix; the teacher (the dense model) runs under ``no_grad``, in bfloat16 if asked.
 Example:
     >>> import sparseforge as sf
     >>> from sparseforge.finetune import FinetuneConfig, finetune_
-    >>> from sparseforge.models import load_model
+    >>> from sparseforge.io.models import load_model
     >>> student, teacher = load_model("builtin"), load_model("builtin")          # doctest: +SKIP
     >>> sf.sparsify_(student.model, sf.SparsifyConfig(method="sparsegpt", sparsity=0.7),
     ...              tokenizer=student.tokenizer)                                 # doctest: +SKIP
@@ -93,7 +93,7 @@ class FinetuneResult:
 def _unpack(model: Any, tokenizer: Any, kind: str | None, role: str):
     """``(model, tokenizer, kind)`` from a LoadedModel, a name/path, or a module."""
     if isinstance(model, (str, os.PathLike)):
-        from sparseforge.models import load_model
+        from sparseforge.io.models import load_model
 
         model = load_model(model)
     if hasattr(model, "model") and hasattr(model, "kind") and not isinstance(model, nn.Module):
@@ -195,8 +195,8 @@ def _check_state(state: dict[str, Any], cfg: FinetuneConfig, names: list[str], r
 
 # -- evaluation ------------------------------------------------------------------------------------
 def _evaluate(model, tokenizer, kind: str, cfg: FinetuneConfig, teacher) -> dict[str, float]:
-    from sparseforge import data as text_data
-    from sparseforge import evaluate
+    from sparseforge.data import calibration as text_data
+    from sparseforge.evaluation import quality as evaluate
 
     if kind == "causal-lm":
         ids = text_data.corpus_token_ids(tokenizer, "heldout")  # (n_tokens,)
@@ -205,7 +205,7 @@ def _evaluate(model, tokenizer, kind: str, cfg: FinetuneConfig, teacher) -> dict
         return {"ppl": result.ppl}
     if teacher is None:
         return {}
-    from sparseforge import corpus
+    from sparseforge.data import corpus
 
     fid = evaluate.embedding_fidelity(teacher, model, tokenizer, corpus.heldout_sentences(cfg.eval_sentences))
     return {"cosine": fid.mean_cosine, "min_cosine": fid.min_cosine}
@@ -256,8 +256,8 @@ def finetune_(
     """Fine-tune the pruned ``student`` in place, keeping its zeros; see the module doc.
 
     Args:
-        student: the pruned model: a :class:`~sparseforge.models.LoadedModel`, a name/path for
-            :func:`~sparseforge.models.load_model`, or a module (then give ``tokenizer``).
+        student: the pruned model: a :class:`~sparseforge.io.models.LoadedModel`, a name/path for
+            :func:`~sparseforge.io.models.load_model`, or a module (then give ``tokenizer``).
         config: :class:`FinetuneConfig` (default: SquareHead, 100 steps).
         teacher: the dense model (same forms as ``student``); required by ``kd`` and ``squarehead``.
         data: ``"builtin"``, a ``.txt`` file or a directory of them, or a 1-D token-id tensor.

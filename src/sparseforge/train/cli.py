@@ -1,11 +1,12 @@
 """``sparseforge train``: run a sparse-training recipe on a causal LM (default: the built-in model and corpus).
 
-Fine-tunes a causal LM (the model argument: ``builtin``, :mod:`sparseforge.builtin`, by default, or a
-Hugging Face model directory) on ``--data`` (default: the training split of the built-in corpus,
-:mod:`sparseforge.corpus`, tokenised by :func:`sparseforge.data.corpus_token_ids`; or a ``.txt``
-file or a directory of them) with any training method (GMP, SET, RigL, SRigL, sparse momentum, STE / SR-STE / S-STE), prints
-the held-out perplexity (:func:`sparseforge.evaluate.perplexity`) before and after and the final
-per-layer sparsities, and saves a checkpoint (:func:`sparseforge.checkpoint.save_pretrained`)
+Fine-tunes a causal LM (the model argument: ``builtin``, :mod:`sparseforge.io.builtin`, by default, or
+a Hugging Face model directory) on ``--data`` (default: the training split of the built-in corpus,
+:mod:`sparseforge.data.corpus`, tokenised by :func:`sparseforge.data.calibration.corpus_token_ids`;
+or a ``.txt`` file or a directory of them) with any training method (GMP, SET, RigL, SRigL, sparse
+momentum, STE / SR-STE / S-STE), prints the held-out perplexity
+(:func:`sparseforge.evaluation.quality.perplexity`) before and after and the final per-layer
+sparsities, and saves a checkpoint (:func:`sparseforge.io.checkpoint.save_pretrained`)
 with ``--output``. The recipe is the YAML of :func:`sparseforge.train.load_train_recipe`; without
 ``--recipe`` one is built from ``--method`` / ``--sparsity`` / ``--pattern`` with a schedule
 scaled to ``--steps`` (GMP prunes over the first 60 %, DST updates masks until 75 %), and printed
@@ -18,8 +19,9 @@ Example::
     sparseforge train --recipe rigl.yaml --steps 200
     sparseforge train path/to/llama-dir --data notes.txt --method rigl --sparsity 0.8
 
-Wiring (in ``sparseforge/cli.py``): ``add_parser(subparsers)`` adds the subcommand and
-``run(args)`` runs it, returning the exit status.
+Wiring: :func:`sparseforge.cli.add_train_parser` declares the options (torch-free, so that
+``sparseforge --help`` stays fast) and ``run(args)`` here runs them, returning the exit status; this
+module never imports the CLI.
 """
 
 from __future__ import annotations
@@ -27,20 +29,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-__all__ = ["add_parser", "run", "default_config"]
+__all__ = ["run", "default_config"]
 
 DEFAULT_TARGETS = ["model.layers.*"]  # the transformer blocks (the LM head is tied to the embedding)
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``train`` subcommand to an ``argparse`` subparsers object; returns its parser.
-
-    The options live in :func:`sparseforge.cli.add_train_parser`, which imports no torch, so that
-    ``sparseforge --help`` stays fast; this is the same function.
-    """
-    from sparseforge.cli import add_train_parser
-
-    return add_train_parser(subparsers)
 
 
 def default_config(method: str, steps: int, sparsity: float | None = None, pattern: str | None = None,
@@ -48,6 +39,7 @@ def default_config(method: str, steps: int, sparsity: float | None = None, patte
     """The config of ``method`` with a schedule scaled to ``steps`` (see the module doc); ``targets``
     defaults to the built-in model's transformer blocks."""
     from sparseforge.errors import ConfigError
+    from sparseforge.patterns import FanIn, parse
     from sparseforge.train.config import TRAIN_CONFIGS, SparseTrainConfig
 
     if method not in TRAIN_CONFIGS:
@@ -61,7 +53,8 @@ def default_config(method: str, steps: int, sparsity: float | None = None, patte
         if sparsity is not None:
             fields["sparsity"] = sparsity
         return SparseTrainConfig.from_dict(fields)
-    fixed = pattern is not None and (":" in pattern or pattern.startswith("fanin") and pattern != "fanin")
+    parsed = parse(pattern) if pattern is not None else None  # ConfigError naming the valid forms
+    fixed = parsed is not None and (parsed.sparsity is not None or (isinstance(parsed, FanIn) and parsed.k is not None))
     if sparsity is not None:
         fields["sparsity"] = sparsity  # the config says so when the pattern fixes it
     elif not fixed:
@@ -80,10 +73,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from sparseforge import checkpoint, data
+    from sparseforge.data import calibration as data
     from sparseforge.errors import ConfigError
-    from sparseforge.evaluate import perplexity
-    from sparseforge.models import load_model
+    from sparseforge.evaluation.quality import perplexity
+    from sparseforge.io import checkpoint
+    from sparseforge.io.models import load_model
     from sparseforge.train import dump_train_recipe, from_config, load_train_recipe
 
     for name in ("batch_size", "seqlen", "eval_windows", "threads"):

@@ -1,0 +1,235 @@
+"""Swap pruned linear layers for :class:`~sparseforge.nn.SparseLinear`, in place.
+
+``compress_(model)`` walks every ``nn.Linear`` / transformers ``Conv1D`` (or those named by
+``targets``), and replaces each one that is sparse enough with a ``SparseLinear`` in place. Nothing
+is skipped silently: the returned :class:`CompressReport` lists every converted layer (format,
+sparsity, bytes) and every layer kept dense with the reason (below ``min_sparsity``, ignored, tied
+to another parameter, unsupported dtype).
+
+``format="auto"`` measures: :func:`sparseforge.runtime.advise.advise_model` times every eligible layer shape
+dense and in each sparse format on this machine at the given ``batch_sizes`` and keeps the fastest,
+leaving a layer dense (reported, with the timings) when no sparse format wins. ``format="rule"`` is
+the fixed, measurement-free rule of :mod:`sparseforge.formats.rule` (recorded N:M -> ``nm``,
+>= 85% sparse -> ``csr``, obeys 2:4 -> ``nm``, else ``bitmap``), reproducible across machines; before
+it, a recorded ``Block(h, w)`` / ``FanIn`` pattern (``pattern=`` or the model's ``sparsity_config``)
+that a layer's zeros obey maps the layer to ``bsr`` / ``fanin``.
+
+Loading a compressed checkpoint straight into SparseLinear layers is
+:func:`sparseforge.io.loading.load_sparse`.
+
+Example:
+    >>> import torch
+    >>> from sparseforge.runtime.compress import compress_
+    >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    >>> with torch.no_grad():
+    ...     _ = net[0].weight.mul_(torch.tensor([1., 0., 0., 0.] * 2))   # 75% zeros, obeys 2:4
+    >>> report = compress_(net, format="rule")
+    >>> [(c.name, c.format) for c in report.converted], report.kept_dense
+    ([('0', 'nm 2:4')], [('1', 'sparsity 0.000 < min_sparsity 0.300')])
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from torch import nn
+
+from sparseforge.config import name_matches
+from sparseforge.errors import ConfigError
+from sparseforge.formats.rule import auto_format, structured_format
+from sparseforge.layers import is_linear, linear_layers, set_module, weight_2d
+from sparseforge.formats import registry
+from sparseforge.nn.sparse_linear import SparseLinear
+from sparseforge.patterns import NM, Pattern, parse
+
+if TYPE_CHECKING:
+    from sparseforge.runtime.advise import AdviceReport
+
+__all__ = ["compress_", "CompressReport", "CompressedLayer"]
+
+@dataclass
+class CompressedLayer:
+    name: str
+    format: str  # "bitmap", "csr" or "nm 2:4"
+    shape: tuple[int, int]  # (out, in)
+    sparsity: float  # fraction of zeros in the dense weight
+    nbytes: int  # stored format bytes
+    dense_bytes: int  # the dense weight's bytes
+
+
+@dataclass
+class CompressReport:
+    """What :func:`compress_` did: ``converted`` layers and ``kept_dense`` ``(name, reason)`` pairs."""
+
+    converted: list[CompressedLayer] = field(default_factory=list)
+    kept_dense: list[tuple[str, str]] = field(default_factory=list)
+    advice: "AdviceReport | None" = field(default=None, repr=False)  # the measurements behind format="auto"
+
+    def summary(self) -> str:
+        stored = sum(c.nbytes for c in self.converted)
+        dense = sum(c.dense_bytes for c in self.converted)
+        lines = [f"compressed {len(self.converted)} layer(s): {dense / 2**20:.1f} MiB dense -> {stored / 2**20:.1f} MiB"]
+        lines += [f"  {c.name}: {c.format} {c.shape[0]}x{c.shape[1]} sparsity {c.sparsity:.3f}" for c in self.converted]
+        lines += [f"  kept dense {n}: {why}" for n, why in self.kept_dense]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"converted": [asdict(c) for c in self.converted], "kept_dense": [list(k) for k in self.kept_dense]}
+        if self.advice is not None:
+            out["advice"] = self.advice.to_dict()
+        return out
+
+
+def _recorded_pattern(model: nn.Module, pattern) -> "Pattern | None":
+    if pattern is None:
+        block = getattr(getattr(model, "config", None), "sparsity_config", None)
+        pattern = block.get("pattern") if isinstance(block, dict) else None
+    return parse(pattern) if pattern is not None else None
+
+
+def _select(model: nn.Module, targets: Optional[list[str]], ignore: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(names to consider, ignored linears with reasons). Errors for targets that are not linear."""
+    modules = dict(model.named_modules())
+    if targets is None:
+        names = list(linear_layers(model))
+    else:
+        if isinstance(targets, str):
+            raise ConfigError("targets must be a list of module-name patterns, not a string")
+        names = []
+        for pat in targets:
+            hits = [n for n, m in modules.items() if n and name_matches(n, pat)]
+            linear = [n for n in hits if is_linear(modules[n])]
+            if not linear:
+                what = f"matches only {[f'{n} ({type(modules[n]).__name__})' for n in hits[:3]]}" if hits else "matches no module"
+                raise ConfigError(f"target {pat!r} {what}; compress_ replaces nn.Linear / Conv1D layers only")
+            names += [n for n in linear if n not in names]
+        names = [n for n in modules if n in names]  # model order
+    chosen, ignored = [], []
+    for n in names:
+        hit = next((p for p in ignore if name_matches(n, p)), None)
+        if hit is None:
+            chosen.append(n)
+        else:
+            ignored.append((n, f"matches ignore pattern {hit!r}"))
+    return chosen, ignored
+
+
+def _tied_owners(model: nn.Module) -> dict[int, list[str]]:
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(p.data_ptr(), []).append(name)
+    return owners
+
+
+def _eligible(model: nn.Module, names: list[str], dtype: Optional[torch.dtype], min_sparsity: float,
+              report: CompressReport) -> list[tuple[str, float]]:
+    """``(name, sparsity)`` of the layers to convert; the others go to ``report.kept_dense`` with the reason
+    (weight tied to another parameter, a dtype without kernels, too few zeros)."""
+    modules = dict(model.named_modules())
+    owners = _tied_owners(model)
+    eligible = []
+    for name in names:
+        mod = modules[name]
+        tied = [o for o in owners.get(mod.weight.data_ptr(), []) if o != f"{name}.weight"]
+        if tied:
+            report.kept_dense.append((name, f"weight is tied to {tied[0]}; compressing it would untie them"))
+            continue
+        w = weight_2d(mod)  # (out, in) view
+        if (dtype or w.dtype) not in (torch.float32, torch.bfloat16):
+            report.kept_dense.append((name, f"weight dtype {w.dtype} has no sparse kernel; pass dtype=torch.float32 or torch.bfloat16"))
+            continue
+        sparsity = float((w == 0).sum()) / max(1, w.numel())
+        if sparsity < min_sparsity:
+            report.kept_dense.append((name, f"sparsity {sparsity:.3f} < min_sparsity {min_sparsity:.3f}"))
+            continue
+        eligible.append((name, sparsity))
+    return eligible
+
+
+def _choose(name: str, w: torch.Tensor, format: str, advice: "AdviceReport | None", recorded: "Pattern | None",
+            report: CompressReport) -> "tuple[str, Pattern | str | None] | None":
+    """``(format, pattern)`` a layer is built in, or ``None`` (kept dense, reason in ``report``) when the
+    measured advice says dense is faster. ``recorded``: the model's recorded pattern, if any."""
+    if format == "auto":
+        adv = advice.choice_for(name)
+        if adv is None:
+            raise ConfigError(f"the advice passed to compress_ does not cover layer {name}; measure this model with advise_model")
+        if adv.choice == "dense":
+            report.kept_dense.append((name, f"dense is faster on this machine ({adv.reason()})"))
+            return None
+        return adv.choice, adv.pattern
+    nm = recorded if isinstance(recorded, NM) else None
+    if format == "rule":
+        return structured_format(w, recorded) or auto_format(w, nm)
+    return format, {"nm": nm, "bsr": recorded}.get(format)
+
+
+def compress_(
+    model: nn.Module,
+    format: str = "auto",
+    targets: Optional[list[str]] = None,
+    ignore: Optional[list[str]] = None,
+    *,
+    min_sparsity: float = 0.3,
+    pattern: "Pattern | str | None" = None,
+    dtype: Optional[torch.dtype] = None,
+    batch_sizes: tuple[int, ...] = (1,),
+    advice: "AdviceReport | None" = None,
+) -> CompressReport:
+    """Replace pruned linear layers of ``model`` with :class:`SparseLinear`, in place.
+
+    Args:
+        format: ``"auto"`` (measured, module doc), ``"rule"`` (:func:`~sparseforge.formats.rule.auto_format`), or one format of
+            the registered formats (:func:`sparseforge.formats.registry.names`: ``"bitmap"``, ``"nm"``,
+            ``"csr"``, ``"fanin"``, ``"bsr"``) for every layer.
+        targets: module-name globs (or ``"re:..."``); ``None`` = every linear layer. A target that
+            matches no linear layer is a :class:`ConfigError`.
+        ignore: module-name globs left dense (reported).
+        min_sparsity: layers with a smaller fraction of zeros stay dense (reported).
+        pattern: the N:M pattern for ``"nm"`` / tried first by ``"auto"``; the block pattern
+            (``"block4x4"``) that ``"bsr"`` needs; default the model's recorded
+            ``config.sparsity_config["pattern"]``, else 2:4 for ``"nm"``. Under ``"rule"``, a
+            ``Block`` / ``FanIn`` pattern that a layer obeys maps it to ``"bsr"`` / ``"fanin"``.
+        dtype: values dtype (float32 / bfloat16); default each weight's own.
+        batch_sizes: batch sizes (tokens per call) ``"auto"`` measures at; pick the ones you serve.
+        advice: an :class:`~sparseforge.runtime.advise.AdviceReport` already measured for this model
+            (``"auto"`` then measures nothing).
+    Returns:
+        :class:`CompressReport`. All layers are built before any is swapped, so an error (e.g.
+        ``format="nm"`` on a weight that is not N:M) leaves the model unchanged.
+    """
+    if format not in ("auto", "rule") and format not in registry.names():
+        raise ConfigError(f"unknown format {format!r}; use 'auto', 'rule' or one of {registry.names()}")
+    if not 0.0 <= min_sparsity <= 1.0:
+        raise ConfigError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
+    recorded_any = _recorded_pattern(model, pattern)  # NM, Block, FanIn, ...
+    recorded = recorded_any if isinstance(recorded_any, NM) else None
+    names, kept = _select(model, targets, list(ignore or []))
+    modules = dict(model.named_modules())
+    report = CompressReport(kept_dense=list(kept))
+    eligible = _eligible(model, names, dtype, min_sparsity, report)
+    if format == "auto" and advice is None and eligible:
+        from sparseforge.runtime.advise import advise_model
+
+        advice = advise_model(model, names=[n for n, _ in eligible], batch_sizes=batch_sizes,
+                              pattern=recorded, values_dtype=dtype)
+    report.advice = advice
+    built: dict[str, SparseLinear] = {}
+    for name, sparsity in eligible:
+        mod = modules[name]
+        w = weight_2d(mod)  # (out, in) view
+        choice = _choose(name, w, format, advice, recorded_any, report)
+        if choice is None:
+            continue
+        try:
+            sl = SparseLinear.from_linear(mod, choice[0], pattern=choice[1], dtype=dtype)
+        except ConfigError as exc:
+            raise ConfigError(f"layer {name}: {exc}") from exc
+        built[name] = sl
+        report.converted.append(CompressedLayer(name, registry.label(sl.weight_format), tuple(w.shape), sparsity,
+                                                sl.weight_format.nbytes, w.numel() * w.element_size()))
+    for name, sl in built.items():
+        set_module(model, name, sl)
+    return report
