@@ -1,7 +1,7 @@
 """The ``sparseforge`` command line: a thin layer over the public API.
 
 Subcommands: ``prune``, ``eval``, ``inspect``, ``demo``, ``train`` (a sparse-training recipe on the
-built-in model and corpus), ``advise`` (will sparse be faster on this machine?), ``bench``
+built-in model and corpus), ``finetune`` (recovery fine-tuning of a pruned model), ``advise`` (will sparse be faster on this machine?), ``bench``
 (generation tokens/s dense vs compressed). Every run prints its resolved config as a
 YAML recipe so it can be repeated with ``--recipe``. Errors print one line and exit with status 2.
 
@@ -24,6 +24,7 @@ from pathlib import Path
 
 from sparseforge.errors import SparseforgeError
 from sparseforge.config import ALLOCATIONS, METHODS
+from sparseforge.finetune import cli as finetune_cli
 
 __all__ = ["main", "build_parser"]
 
@@ -46,7 +47,9 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """The ``train`` subcommand's options (run by :func:`sparseforge.train.cli.run`); torch-free."""
-    p = subparsers.add_parser("train", help="sparse-train the built-in model on the built-in corpus (a recipe)")
+    p = subparsers.add_parser("train", help="sparse-train a causal LM (default: the built-in model and corpus) with a recipe")
+    p.add_argument("model", nargs="?", default="builtin", help="'builtin' (default) or a causal-LM model directory")
+    p.add_argument("--data", default="builtin", help="training text: 'builtin' corpus, a .txt file or a directory of them")
     p.add_argument("--recipe", type=Path, default=None, help="YAML training recipe (replaces --method/--sparsity/--pattern)")
     p.add_argument("--method", default="gmp", help="gmp, static, set, rigl, srigl, sparse_momentum, ste, srste, sste (default gmp)")
     p.add_argument("--sparsity", type=float, default=None, help="target sparsity (default 0.5; N:M and faninK fix it)")
@@ -95,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
     add_train_parser(sub)
+    finetune_cli.add_parser(sub)
 
     p = sub.add_parser("advise", help="measure dense vs each sparse format on this machine; pick per layer, plot speedup vs sparsity")
     p.add_argument("model", help="'builtin', 'minilm', or a model directory (pruned or not)")
@@ -245,7 +249,7 @@ def _cmd_bench(args) -> int:
 
 
 COMMANDS = {"prune": _cmd_prune, "eval": _cmd_eval, "inspect": _cmd_inspect, "demo": _cmd_demo,
-            "train": _cmd_train, "advise": _cmd_advise, "bench": _cmd_bench}
+            "train": _cmd_train, "advise": _cmd_advise, "bench": _cmd_bench, "finetune": finetune_cli.run}
 
 
 def main(argv: list[str] | None = None) -> int:

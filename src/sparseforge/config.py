@@ -49,7 +49,7 @@ __all__ = [
 RECIPE_VERSION = 1
 # the one list of one-shot methods and allocations (torch-free: the CLI's choices); each method class
 # in sparseforge.prune.methods carries the same name
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "dsnot")
 ALLOCATIONS = ("uniform", "owl")
 DEFAULT_SPARSITY = 0.5
 

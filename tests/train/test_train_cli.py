@@ -65,3 +65,31 @@ def test_train_builtin_and_save(tmp_path, capsys):
     w = model.model.layers[0].mlp.up_proj.weight
     per_row = (w != 0).sum(1)
     assert float((w == 0).float().mean()) >= 0.75 and bool((per_row[per_row > 0] == per_row.max()).all())
+
+
+def test_model_argument_and_data(tmp_path, capsys):
+    """A Hugging Face directory of another family (GPT-2 layout) trained on a .txt file."""
+    import transformers as t
+
+    from sparseforge.cli import main
+    from sparseforge.io.models import load_model
+
+    tok = load_model("builtin").tokenizer
+    cfg = t.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                       bos_token_id=0, eos_token_id=0)
+    model_dir = tmp_path / "gpt2"
+    t.GPT2LMHeadModel(cfg).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    text = tmp_path / "notes.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    assert main(["train", str(model_dir), "--data", str(text), "--method", "static", "--sparsity", "0.5", "--steps", "2",
+                 "--seqlen", "16", "--batch-size", "1", "--eval-windows", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "transformer.h.*" in out and "transformer.h.0.mlp.c_fc: 0.5000" in out
+    assert main(["train", "minilm", "--steps", "2", "--no-progress"]) == 2
+    assert "trains causal LMs" in capsys.readouterr().err
+    assert main(["train", str(model_dir), "--data", str(tmp_path / "missing.txt"), "--steps", "2", "--no-progress"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    text.write_text("Too short.", encoding="utf-8")
+    assert main(["train", str(model_dir), "--data", str(text), "--steps", "2", "--seqlen", "16", "--no-progress"]) == 2
+    assert "longer than the training text" in capsys.readouterr().err

@@ -1,10 +1,12 @@
-"""``sparseforge train``: run a sparse-training recipe on the built-in model and corpus.
+"""``sparseforge train``: run a sparse-training recipe on a causal LM (default: the built-in model and corpus).
 
-Fine-tunes the built-in causal LM (:mod:`sparseforge.io.builtin`) on the training split of the
-built-in corpus (:mod:`sparseforge.data.corpus`, tokenised by :func:`sparseforge.data.calibration.corpus_token_ids`)
-with any training method (GMP, SET, RigL, SRigL, sparse momentum, STE / SR-STE / S-STE), prints
-the held-out perplexity (:func:`sparseforge.evaluation.quality.perplexity`) before and after and the final
-per-layer sparsities, and saves a checkpoint (:func:`sparseforge.io.checkpoint.save_pretrained`)
+Fine-tunes a causal LM (the model argument: ``builtin``, :mod:`sparseforge.io.builtin`, by default, or
+a Hugging Face model directory) on ``--data`` (default: the training split of the built-in corpus,
+:mod:`sparseforge.data.corpus`, tokenised by :func:`sparseforge.data.calibration.corpus_token_ids`;
+or a ``.txt`` file or a directory of them) with any training method (GMP, SET, RigL, SRigL, sparse
+momentum, STE / SR-STE / S-STE), prints the held-out perplexity
+(:func:`sparseforge.evaluation.quality.perplexity`) before and after and the final per-layer
+sparsities, and saves a checkpoint (:func:`sparseforge.io.checkpoint.save_pretrained`)
 with ``--output``. The recipe is the YAML of :func:`sparseforge.train.load_train_recipe`; without
 ``--recipe`` one is built from ``--method`` / ``--sparsity`` / ``--pattern`` with a schedule
 scaled to ``--steps`` (GMP prunes over the first 60 %, DST updates masks until 75 %), and printed
@@ -15,6 +17,7 @@ Example::
 
     sparseforge train --method gmp --sparsity 0.5 --steps 60 --output trained/
     sparseforge train --recipe rigl.yaml --steps 200
+    sparseforge train path/to/llama-dir --data notes.txt --method rigl --sparsity 0.8
 
 Wiring: :func:`sparseforge.cli.add_train_parser` declares the options (torch-free, so that
 ``sparseforge --help`` stays fast) and ``run(args)`` here runs them, returning the exit status; this
@@ -31,8 +34,10 @@ __all__ = ["run", "default_config"]
 DEFAULT_TARGETS = ["model.layers.*"]  # the transformer blocks (the LM head is tied to the embedding)
 
 
-def default_config(method: str, steps: int, sparsity: float | None = None, pattern: str | None = None):
-    """The config of ``method`` with a schedule scaled to ``steps`` (see the module doc)."""
+def default_config(method: str, steps: int, sparsity: float | None = None, pattern: str | None = None,
+                   targets: list[str] | None = None):
+    """The config of ``method`` with a schedule scaled to ``steps`` (see the module doc); ``targets``
+    defaults to the built-in model's transformer blocks."""
     from sparseforge.errors import ConfigError
     from sparseforge.patterns import FanIn, parse
     from sparseforge.train.config import TRAIN_CONFIGS, SparseTrainConfig
@@ -41,7 +46,7 @@ def default_config(method: str, steps: int, sparsity: float | None = None, patte
         raise ConfigError(f"unknown training method {method!r}; choose one of {', '.join(TRAIN_CONFIGS)}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise ConfigError(f"--steps must be an integer >= 2, got {steps!r}")
-    fields = {"method": method, "targets": list(DEFAULT_TARGETS)}
+    fields = {"method": method, "targets": list(targets or DEFAULT_TARGETS)}
     if pattern is not None:
         fields["pattern"] = pattern
     if method in ("ste", "srste", "sste"):
@@ -83,14 +88,24 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--steps must be a positive integer, got {args.steps}")
     config = load_train_recipe(args.recipe) if args.recipe is not None else default_config(
         args.method, args.steps, args.sparsity, args.pattern)
-    print("# resolved training recipe (repeat with --recipe FILE)\n" + dump_train_recipe(config), flush=True)
     torch.set_num_threads(args.threads)
-    loaded = load_model("builtin")
+    loaded = load_model(getattr(args, "model", "builtin"))
+    if loaded.kind != "causal-lm":
+        raise ConfigError(f"sparseforge train trains causal LMs with next-token loss; {loaded.path} is an {loaded.kind}: "
+                          "prune it (sparseforge prune) and recover with sparseforge finetune --loss squarehead")
     model, tokenizer = loaded.model, loaded.tokenizer
-    train_ids = data.corpus_token_ids(tokenizer, "train")  # (n_tokens,)
+    if args.recipe is None:  # the transformer blocks of this model (the LM head is often tied to the embedding)
+        from sparseforge.layers import find_blocks
+
+        config = default_config(args.method, args.steps, args.sparsity, args.pattern, [f"{find_blocks(model)[0]}.*"])
+    print("# resolved training recipe (repeat with --recipe FILE)\n" + dump_train_recipe(config), flush=True)
+    source = getattr(args, "data", "builtin")
+    train_ids = (data.corpus_token_ids(tokenizer, "train") if str(source) == "builtin"
+                 else data.encode(tokenizer, data.source_text(source)))  # (n_tokens,)
     heldout = data.corpus_token_ids(tokenizer, "heldout")  # (n_tokens,)
     if train_ids.numel() <= args.seqlen + 1:
-        raise ConfigError(f"--seqlen {args.seqlen} is longer than the training corpus ({train_ids.numel()} tokens)")
+        raise ConfigError(f"--seqlen {args.seqlen} is longer than the training text ({train_ids.numel()} tokens); "
+                          "lower --seqlen or give more text")
 
     def ppl() -> float:
         return perplexity(model, tokenizer, token_ids=heldout, seqlen=128, max_windows=args.eval_windows,

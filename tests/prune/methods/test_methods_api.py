@@ -11,13 +11,15 @@ from sparseforge.prune.methods import METHODS, LayerStats, get_method
 
 
 def test_registry_and_flags():
-    assert set(METHODS) == {"magnitude", "wanda", "sparsegpt"}
+    assert set(METHODS) == {"magnitude", "wanda", "sparsegpt", "dsnot"}
     flags = {name: (get_method(name).needs_calibration, get_method(name).needs_hessian) for name in METHODS}
-    assert flags == {"magnitude": (False, False), "wanda": (True, False), "sparsegpt": (True, True)}
+    assert flags == {"magnitude": (False, False), "wanda": (True, False), "sparsegpt": (True, True),
+                     "dsnot": (True, False)}
+    assert get_method("dsnot", {"base": "sparsegpt"}).needs_hessian
 
 
 def test_unknown_method_and_options():
-    with pytest.raises(ConfigError, match="magnitude, wanda, sparsegpt"):
+    with pytest.raises(ConfigError, match="magnitude, wanda, sparsegpt, dsnot"):
         get_method("obs")
     with pytest.raises(ConfigError, match="valid options: blocksize, dampening"):
         get_method("sparsegpt", {"percdamp": 0.01})

@@ -1,4 +1,4 @@
-"""One-shot pruning methods: magnitude, Wanda and SparseGPT.
+"""One-shot pruning methods: magnitude, Wanda, SparseGPT and DSnoT (prune-and-grow on top of one).
 
 Each method is a pure tensor function (``magnitude_scores``, ``wanda_scores``,
 ``sparsegpt_prune``) behind a thin :class:`~sparseforge.prune.methods.base.PruningMethod` class.
@@ -23,6 +23,7 @@ from typing import Any
 from sparseforge import config
 from sparseforge.errors import ConfigError
 from sparseforge.prune.methods.base import LayerStats, PruneResult, PruningMethod
+from sparseforge.prune.methods.dsnot import DSnoTPruning, dsnot_update
 from sparseforge.prune.methods.magnitude import MagnitudePruning, magnitude_scores
 from sparseforge.prune.methods.sparsegpt import SparseGPTPruning, sparsegpt_prune
 from sparseforge.prune.methods.wanda import WandaPruning, wanda_scores
@@ -39,10 +40,14 @@ __all__ = [
     "magnitude_scores",
     "wanda_scores",
     "sparsegpt_prune",
+    "DSnoTPruning",
+    "dsnot_update",
 ]
 
 # explicit registry: name -> class, in the order of sparseforge.config.METHODS (each class names itself)
-METHODS: dict[str, type[PruningMethod]] = {cls.name: cls for cls in (MagnitudePruning, WandaPruning, SparseGPTPruning)}
+METHODS: dict[str, type[PruningMethod]] = {
+    cls.name: cls for cls in (MagnitudePruning, WandaPruning, SparseGPTPruning, DSnoTPruning)
+}
 if tuple(METHODS) != config.METHODS:
     raise ImportError(f"sparseforge.config.METHODS {config.METHODS} and the method classes {tuple(METHODS)} disagree")
 

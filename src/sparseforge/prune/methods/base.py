@@ -44,6 +44,7 @@ class LayerStats:
 
     Attributes:
         num_tokens: number of input vectors (tokens) seen so far.
+        input_mean, input_var: ``(in,)`` float32 mean and population variance per input feature.
         input_sq_norm: ``(in,)`` float32, ``sum_t x_tj^2`` = ``||X_j||^2`` per input feature
             (accumulated in float64, returned as float32).
         hessian: ``(in, in)`` float32, ``2 X^T X / n`` as a running average over tokens (only with
@@ -61,11 +62,13 @@ class LayerStats:
         self.num_tokens = 0
         self._device = None if device is None else torch.device(device)
         self._sq_sum: torch.Tensor | None = None  # (in,) float64
+        self._sum: torch.Tensor | None = None  # (in,) float64
         self._hessian: torch.Tensor | None = None  # (in, in) float32
 
     def _allocate(self, device: torch.device) -> None:
         self._device = device if self._device is None else self._device
         self._sq_sum = torch.zeros(self.in_features, dtype=torch.float64, device=self._device)
+        self._sum = torch.zeros(self.in_features, dtype=torch.float64, device=self._device)
         if self.track_hessian:
             self._hessian = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=self._device)
 
@@ -90,6 +93,7 @@ class LayerStats:
             self._allocate(x.device)
         x = x.to(self._device)
         self._sq_sum += x.double().pow(2).sum(0)
+        self._sum += x.double().sum(0)
         if self._hessian is not None:
             xf = x.float()
             total = self.num_tokens + n
@@ -103,6 +107,21 @@ class LayerStats:
         if self._sq_sum is None:
             raise DataError("no calibration inputs were recorded for this layer; run the calibration pass first")
         return self._sq_sum.float()
+
+    @property
+    def input_mean(self) -> torch.Tensor:
+        """``(in,)`` float32 mean of each input feature over all tokens seen (DSnoT)."""
+        if self._sum is None:
+            raise DataError("no calibration inputs were recorded for this layer; run the calibration pass first")
+        return (self._sum / self.num_tokens).float()
+
+    @property
+    def input_var(self) -> torch.Tensor:
+        """``(in,)`` float32 population variance of each input feature over all tokens seen (DSnoT)."""
+        if self._sum is None:
+            raise DataError("no calibration inputs were recorded for this layer; run the calibration pass first")
+        mean = self._sum / self.num_tokens
+        return (self._sq_sum / self.num_tokens - mean * mean).clamp_min(0.0).float()
 
     @property
     def hessian(self) -> torch.Tensor:

@@ -1,0 +1,137 @@
+"""The configuration of a recovery fine-tuning run.
+
+Example:
+    >>> from sparseforge.finetune import FinetuneConfig
+    >>> cfg = FinetuneConfig(loss="squarehead", steps=100)
+    >>> cfg.weights
+    {'squarehead': 1.0}
+    >>> FinetuneConfig(loss={"ce": 1.0, "squarehead": 1.0}).weights   # the paper's recipe
+    {'ce': 1.0, 'squarehead': 1.0}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from sparseforge.errors import ConfigError
+
+__all__ = ["FinetuneConfig", "LOSSES", "TEACHER_LOSSES"]
+
+LOSSES = ("ce", "kd", "squarehead")
+TEACHER_LOSSES = ("kd", "squarehead")
+_DTYPES = ("float32", "bfloat16")
+COMPUTES = ("dense", "csr", "bitmap")
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _parse_loss(loss: Any) -> dict[str, float]:
+    """``"squarehead"``, ``"ce+squarehead"``, ``"ce=1,squarehead=0.5"`` or a dict -> ``{name: weight}``."""
+    if isinstance(loss, str):
+        weights = {}
+        for part in loss.replace("+", ",").split(","):
+            name, _, weight = part.strip().partition("=")
+            try:
+                weights[name.strip()] = float(weight) if weight else 1.0
+            except ValueError:
+                raise ConfigError(f"loss weight {weight!r} of {name!r} is not a number; write e.g. 'ce=1,squarehead=0.5'") from None
+        loss = weights
+    if not isinstance(loss, dict) or not loss:
+        raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, a mix like 'ce+squarehead', or a dict of weights; got {loss!r}")
+    out = {}
+    for name, weight in loss.items():
+        if name not in LOSSES:
+            raise ConfigError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise ConfigError(f"loss weight of {name!r} must be a number >= 0, got {weight!r}")
+        out[name] = float(weight)
+    if not any(out.values()):
+        raise ConfigError("every loss weight is 0; give at least one positive weight")
+    return out
+
+
+@dataclass
+class FinetuneConfig:
+    """What :func:`sparseforge.finetune.finetune_` does.
+
+    Attributes:
+        loss: ``"ce"``, ``"kd"``, ``"squarehead"``, a mix (``"ce+squarehead"``,
+            ``"ce=1,kd=0.5"``) or a dict ``{name: weight}``; parsed into :attr:`weights`.
+        steps: optimizer steps. lr: AdamW learning rate (> 0). warmup_steps: linear warm-up, then
+            linear decay to 0 at ``steps``. weight_decay: AdamW weight decay (pruned weights stay 0).
+        batch_size, seqlen: sequences per step and tokens per sequence.
+        temperature: of the logit distillation.
+        teacher_dtype: ``"float32"`` or ``"bfloat16"`` (the teacher runs in ``no_grad``).
+        grad_clip: max gradient norm (``None``: no clipping).
+        min_sparsity: a linear layer whose weight has at least this fraction of exact zeros is a
+            pruned layer whose zeros are kept (the reference code's threshold, 0.1).
+        seed: data order and any dropout.
+        save_every: write the resumable state every this many steps (with ``resume_dir``).
+        eval_windows: held-out windows of ``seqlen`` tokens for perplexity (causal LMs);
+            eval_sentences: held-out sentences for embedding cosine (encoders).
+        compute: ``"dense"`` (masked dense weights) or ``"csr"`` / ``"bitmap"``: the pruned layers
+            train as packed :class:`~sparseforge.nn.SparseLinear` on the native sparse kernels
+            (:class:`sparseforge.train.SparseCompute`; float32 ``nn.Linear`` layers only).
+    """
+
+    loss: Any = "squarehead"
+    steps: int = 100
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    seqlen: int = 128
+    temperature: float = 1.0
+    teacher_dtype: str = "float32"
+    grad_clip: float | None = 1.0
+    min_sparsity: float = 0.1
+    seed: int = 0
+    save_every: int = 50
+    eval_windows: int = 16
+    eval_sentences: int = 256
+    compute: str = "dense"
+
+    def __post_init__(self) -> None:
+        self.weights = _parse_loss(self.loss)
+        self.loss = ",".join(f"{k}={v:g}" for k, v in self.weights.items())
+        for name in ("steps", "batch_size", "save_every", "eval_windows", "eval_sentences"):
+            _positive_int(name, getattr(self, name))
+        self.seqlen = _positive_int("seqlen", self.seqlen, 2)
+        self.warmup_steps = _positive_int("warmup_steps", self.warmup_steps, 0)
+        _positive_int("seed", self.seed, 0)
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise ConfigError(f"lr must be a positive number, got {self.lr!r}; a learning rate of 0 would not train")
+        self.lr = float(self.lr)
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
+            raise ConfigError(f"temperature must be a positive number, got {self.temperature!r}")
+        if not isinstance(self.weight_decay, (int, float)) or not self.weight_decay >= 0:
+            raise ConfigError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
+        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
+            raise ConfigError(f"grad_clip must be a positive number or None, got {self.grad_clip!r}")
+        if not isinstance(self.min_sparsity, (int, float)) or not 0 < self.min_sparsity < 1:
+            raise ConfigError(f"min_sparsity must be in (0, 1), got {self.min_sparsity!r}")
+        if self.compute not in COMPUTES:
+            raise ConfigError(f"compute must be one of {', '.join(COMPUTES)}, got {self.compute!r}")
+        if self.teacher_dtype not in _DTYPES:
+            raise ConfigError(f"teacher_dtype must be one of {', '.join(_DTYPES)}, got {self.teacher_dtype!r}")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(self.weights.get(name, 0.0) > 0 for name in TEACHER_LOSSES)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FinetuneConfig":
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise ConfigError(f"unknown finetune options {unknown}; valid options: {', '.join(sorted(valid))}")
+        return cls(**data)
