@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from sparseforge import kernels
-from sparseforge.advise import machine_info
+from sparseforge.runtime.machine import machine_info
 from sparseforge.attention import Dense, Mustafar, PagedKVCache, Quest, StreamingLLM
 from sparseforge.attention.policies import dense_spans
 from sparseforge.ops.decode_attention import decode_attention

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from sparseforge.attention import NAME, Dense, Mustafar, PagedKVCache, Quest, SnapKV, StreamingLLM, enable
-from sparseforge.builtin import builtin_model_path
+from sparseforge.io.builtin import builtin_model_path
 from sparseforge.errors import DataError, ModelError
 from tiny_models import tiny_model, tokens
 
