@@ -290,7 +290,10 @@ def test_atomic_write_failure_at_swap(tmp_path, monkeypatch):
             raise OSError("rename failed")
         return real_rename(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "rename", rename)
+    import sparseforge.atomic_dir
+
+    monkeypatch.setattr(sparseforge.atomic_dir, "_exchange", lambda a, b: False)  # the two-rename path
+    monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(OSError, match="rename failed"):
         save_pretrained(model, out, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old checkpoint moved back

@@ -6,7 +6,8 @@ weight in :class:`~sparseforge.formats.BitmapWeight`, :class:`~sparseforge.forma
 two for layers pruned with a recorded ``FanIn`` / ``Block(h, w)`` pattern) and whose ``config.json``
 carries a ``"sparsity_config"`` block describing them. The layout is
 specified byte by byte in ``docs/checkpoint-format.md``. Writes are atomic: everything goes to a
-temporary directory next to ``out_dir`` that is renamed into place at the end.
+temporary directory next to ``out_dir`` that replaces it atomically at the end, and an interrupted
+save is finished or rolled back by the next save or load (:mod:`sparseforge.atomic_dir`).
 
 Plain ``transformers`` cannot read a compressed checkpoint (it would report the pruned weights as
 missing); use :func:`load`. ``compressed=False`` writes a plain checkpoint that transformers loads.
@@ -25,15 +26,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
+from sparseforge.atomic_dir import recover, replace_dir
 from sparseforge.config import name_matches
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats import BitmapWeight, BSRWeight, FanInWeight, NMWeight
@@ -94,9 +92,10 @@ def save_pretrained(
         ``Path(out_dir)``.
     """
     out = Path(out_dir)
+    recover(out)
     _check_out_dir(out, overwrite)
     info = _caller_info(model, sparsity_config)
-    with _atomic_dir(out) as tmp:
+    with replace_dir(out) as tmp:
         if compressed:
             _save_compressed(model, tmp, info)
         else:
@@ -118,34 +117,6 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
                 f"refusing to replace {out}: it is not empty and holds no config.json, so it is not a model "
                 "directory; choose an empty or new out_dir"
             )
-
-
-@contextmanager
-def _atomic_dir(out: Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory next to ``out``; on success swap it into place."""
-    out = Path(os.path.abspath(out))  # a proper name and parent even for "." or "dir/"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp and safetensors create owner-only entries
-        for entry in tmp.rglob("*"):
-            os.chmod(entry, 0o755 if entry.is_dir() else 0o644)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            if old is not None:
-                os.rename(old, out)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _caller_info(model, sparsity_config: dict[str, Any] | None) -> dict[str, Any]:
@@ -331,6 +302,7 @@ def _write_block(directory: Path, block: dict[str, Any] | None) -> None:
 def _model_dir(path: "str | Path") -> Path:
     """``Path(path)`` after checking it holds config.json and weights; ModelError otherwise."""
     p = Path(path)
+    recover(p)
     if not p.exists():
         raise ModelError(f"model path {p} does not exist")
     if not p.is_dir() or not (p / CONFIG_NAME).is_file():

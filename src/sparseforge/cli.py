@@ -202,10 +202,14 @@ def _write_json(path: Path | None, data) -> None:
 
 
 def _cmd_advise(args) -> int:
-    from sparseforge.advise import advise_model, plot_sweep, sweep
+    from sparseforge.advise import advise_model, check_budget, plot_sweep, sweep
     from sparseforge.layers import linear_layers, weight_2d
     from sparseforge.models import load_model
+    from sparseforge.writable import check_output_file
 
+    check_budget(args.budget)
+    check_output_file(args.plot if args.sweep else None, option="--plot")
+    check_output_file(args.json, option="--json")
     model = load_model(args.model).model
     modules = dict(model.named_modules())
     pruned = [n for n in linear_layers(model) if float((weight_2d(modules[n]) == 0).float().mean()) >= 0.3]
@@ -233,7 +237,9 @@ def _cmd_train(args) -> int:
 
 def _cmd_bench(args) -> int:
     from sparseforge.bench import bench_generation
+    from sparseforge.writable import check_output_file
 
+    check_output_file(args.json, option="--json")
     report = bench_generation(args.model, batch_sizes=args.batch_sizes, new_tokens=args.new_tokens,
                               prompt_len=args.prompt_len, repeats=args.repeats, threads=args.threads,
                               format=args.format, pattern=args.pattern, sparsity=args.sparsity,

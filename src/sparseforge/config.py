@@ -197,10 +197,9 @@ def parse_recipe(text: str) -> list[SparsifyConfig]:
 
 
 def load_recipe(path: "str | Path") -> list[SparsifyConfig]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe file {path} does not exist")
-    return parse_recipe(path.read_text(encoding="utf-8"))
+    from sparseforge.writable import read_text_file
+
+    return parse_recipe(read_text_file(path, "recipe file"))
 
 
 def dump_recipe(configs: list[SparsifyConfig]) -> str:
