@@ -14,7 +14,8 @@ import safetensors  # noqa: F401  (test dependency: missing means failure)
 
 from tiny_models import tiny_model  # noqa: E402
 
-from sparseforge import checkpoint  # noqa: E402
+from sparseforge import checkpoint, checkpoint_validation  # noqa: E402
+from sparseforge.checkpoint_validation import FORMAT_VERSION  # noqa: E402
 from sparseforge.checkpoint import (  # noqa: E402
     checkpoint_sizes,
     load,
@@ -83,7 +84,7 @@ def test_round_trip_bit_exact(tmp_path, family, dtype, pattern, sparsity, fmt):
     pruned = prune(model, pattern, sparsity)
     out = save_pretrained(model, tmp_path / "c", sparsity_config=info(pattern, sparsity))
     block = read_sparsity_config(out)
-    assert block["format_version"] == 1 and block["format"] == fmt
+    assert block["format_version"] == FORMAT_VERSION and block["format"] == fmt
     assert sorted(block["layers"]) == sorted(pruned)  # targets=None found exactly the pruned layers
     assert {v["format"] for v in block["layers"].values()} == {fmt}
     assert all(v["dtype"] == str(dtype)[6:] for v in block["layers"].values())
@@ -334,7 +335,7 @@ def test_corrupt_or_future_checkpoints(tmp_path):
         load(out)
     del config["sparsity_config"]["layers"]["model.layers.0.mlp.up_proj.weight"]
     (out / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelError, match="do not match LlamaForCausalLM"):
+    with pytest.raises(ModelError, match="nm_indices' is not a parameter or buffer of LlamaForCausalLM"):
         load(out)  # its packed tensors are now unexpected and the weight missing
     config["architectures"] = ["NoSuchModel"]
     (out / "config.json").write_text(json.dumps(config))
@@ -369,7 +370,8 @@ def test_import_is_cheap():
 GOLDEN = Path(__file__).parent / "golden"
 
 
-@pytest.mark.parametrize("name", ["v1-llama-2of4-fp32", "v1-gpt2-unstructured-bf16"])
+@pytest.mark.parametrize("name", ["v1-llama-2of4-fp32", "v1-gpt2-unstructured-bf16", "v3-llama-2of4-fp32",
+                                  "v3-gpt2-unstructured-bf16"])
 def test_golden(name):
     """Checkpoints written by an earlier sparseforge (tests/golden/make_golden.py) load bit-exactly."""
     import hashlib
@@ -417,7 +419,7 @@ def test_fanin_and_bsr_round_trip_bit_exact(tmp_path, pattern, fmt, cls, dtype):
     model, sc = sparsified(pattern, dtype)
     out = save_pretrained(model, tmp_path / "c", sparsity_config=sc)
     block = read_sparsity_config(out)
-    assert block["format_version"] == 2 and block["format"] == fmt and block["pattern"] == pattern
+    assert block["format_version"] == FORMAT_VERSION and block["format"] == fmt and block["pattern"] == pattern
     assert sorted(block["layers"]) == sorted(sc["targets"]) and len(block["layers"]) == 14
     header = read_safetensors_header(out / "model.safetensors")
     state = model.state_dict()
@@ -456,15 +458,15 @@ def test_fanin_bsr_fallbacks_and_version_refusal(tmp_path, monkeypatch):
     assert layers["model.layers.0.mlp.up_proj.weight"]["format"] == "bitmap"
     assert layers["model.layers.0.mlp.down_proj.weight"]["format"] == "fanin"
     assert_bit_exact(model, load(out))
-    # a reader of format_version 1 refuses the checkpoint instead of misreading it
-    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 1)
-    with pytest.raises(ModelError, match="format_version 2.*upgrade sparseforge"):
+    # a reader of an older format_version refuses the checkpoint instead of misreading it
+    monkeypatch.setattr(checkpoint_validation, "FORMAT_VERSION", FORMAT_VERSION - 1)
+    with pytest.raises(ModelError, match=f"format_version {FORMAT_VERSION}.*upgrade sparseforge"):
         load(out)
     monkeypatch.undo()
     # float16 values have no BSR / fan-in kernels: stored as bitmap
     half, sc = sparsified("block4x4", torch.float16)
     block = read_sparsity_config(save_pretrained(half, tmp_path / "h", sparsity_config=sc))
-    assert block["format_version"] == 1 and {v["format"] for v in block["layers"].values()} == {"bitmap"}
+    assert block["format_version"] == FORMAT_VERSION and {v["format"] for v in block["layers"].values()} == {"bitmap"}
 
 
 def test_bsr_block_mismatch_is_corrupt(tmp_path):

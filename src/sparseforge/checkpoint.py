@@ -32,11 +32,21 @@ from typing import Any
 import torch
 
 from sparseforge.atomic_dir import recover, replace_dir
+from sparseforge.checkpoint_validation import (
+    FORMAT_VERSION,
+    architecture_class,
+    check_block,
+    read_json,
+    tensor_checksums,
+    validate_checkpoint,
+)
+from sparseforge.checkpoint_validation import weight_files as checked_weight_files
 from sparseforge.config import name_matches
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats import BitmapWeight, BSRWeight, FanInWeight, NMWeight
 from sparseforge.formats._memory import hugepage_backed
 from sparseforge.masks import satisfies
+from sparseforge.safetensors_header import read_header
 from sparseforge.patterns import NM, Block, FanIn, parse
 
 __all__ = [
@@ -50,10 +60,9 @@ __all__ = [
     "read_safetensors_header",
 ]
 
-FORMAT_VERSION = 2  # bump on any incompatible change of the on-disk layout
-# format_version written: 1 while every packed layer is bitmap / N:M (readable by every sparseforge),
-# 2 once a layer is stored fan-in or BSR (so a version-1 reader refuses it instead of misreading it)
-_V1_FORMATS = ("bitmap", "nm")
+# FORMAT_VERSION (checkpoint_validation): bump on any incompatible change of the on-disk layout.
+# format_version 3: compressed checkpoints carry the CRC-32 of every tensor (sparsity_config.checksums),
+# verified at load. Versions 1 (bitmap / N:M layers) and 2 (+ fan-in, BSR) have none and still load.
 PACKED = {"nm": NMWeight, "bsr": BSRWeight, "fanin": FanInWeight, "bitmap": BitmapWeight}  # by priority
 PACKED_TYPES = tuple(PACKED.values())
 CONFIG_NAME = "config.json"
@@ -234,8 +243,7 @@ def _block(model, info, layers: dict[str, dict] | None) -> dict[str, Any]:
     else:  # the most structured format of any layer: nm, then bsr, fanin, bitmap
         used = {v["format"] for v in layers.values()}
         block["format"] = next((f for f in PACKED if f in used), "bitmap")
-        if not used <= set(_V1_FORMATS):
-            block["format_version"] = FORMAT_VERSION
+        block["format_version"] = FORMAT_VERSION
     block["targets"] = list(layers)
     block["layers"] = layers
     return block
@@ -276,6 +284,7 @@ def _save_compressed(model, tmp: Path, info: dict[str, Any]) -> None:
     block = _block(model, info, layers=layers)
     if aliases:
         block["tied"] = dict(aliases)
+    block["checksums"] = tensor_checksums(tensors)
     save_file(tensors, str(tmp / WEIGHTS_NAME),
               metadata={"format": "pt", "sparseforge_format_version": str(block["format_version"])})
     config = copy.deepcopy(model.config)
@@ -315,22 +324,11 @@ def _model_dir(path: "str | Path") -> Path:
 def read_sparsity_config(path: "str | Path") -> dict[str, Any] | None:
     """The ``sparsity_config`` block of a model directory (``None`` for a plain checkpoint)."""
     p = _model_dir(path)
-    try:
-        data = json.loads((p / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {p / CONFIG_NAME}: {exc}") from exc
+    data = read_json(p / CONFIG_NAME)
+    if not isinstance(data, dict):
+        raise ModelError(f"{p / CONFIG_NAME}: must be a JSON object, got {type(data).__name__}")
     block = data.get(BLOCK)
-    if block is None:
-        return None
-    if not isinstance(block, dict):
-        raise ModelError(f"{p / CONFIG_NAME}: '{BLOCK}' must be a JSON object")
-    version = block.get("format_version")
-    if isinstance(version, int) and version > FORMAT_VERSION:
-        raise ModelError(
-            f"{p} was written with sparseforge checkpoint format_version {version}; this sparseforge reads "
-            f"up to {FORMAT_VERSION}: upgrade sparseforge"
-        )
-    return block
+    return None if block is None else check_block(block, p / CONFIG_NAME)
 
 
 def _is_compressed(block: dict[str, Any] | None) -> bool:
@@ -339,27 +337,50 @@ def _is_compressed(block: dict[str, Any] | None) -> bool:
 
 def weight_files(path: "str | Path") -> list[Path]:
     """The safetensors weight files of a model directory (single file or shards)."""
-    p = _model_dir(path)
-    if (p / WEIGHTS_NAME).is_file():
-        return [p / WEIGHTS_NAME]
-    index = p / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        return [p / s for s in shards]
-    raise ModelError(f"{p} holds only PyTorch .bin weights; re-save it with safetensors (save_pretrained) to inspect it")
+    return checked_weight_files(_model_dir(path))
 
 
 def read_safetensors_header(file: Path) -> dict[str, dict[str, Any]]:
-    """``{tensor name: {"dtype", "shape", "data_offsets"}}`` from a safetensors header (no data read)."""
-    with open(file, "rb") as fh:
-        size = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(size))
-    header.pop("__metadata__", None)
-    return header
+    """``{tensor name: {"dtype", "shape", "data_offsets"}}`` from a safetensors header (no data read),
+    checked by :func:`sparseforge.safetensors_header.read_header` (ModelError when corrupt)."""
+    return {name: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
+            for name, e in read_header(file).tensors.items()}
 
 
-def load_state_dict_compressed(path: "str | Path") -> dict[str, "torch.Tensor | BitmapWeight | NMWeight | FanInWeight | BSRWeight"]:
+def skeleton(path: "str | Path"):
+    """The model of checkpoint ``path`` built on the meta device (no memory): the shapes and module
+    types its tensors must fit. ModelError when ``architectures`` names no transformers model class."""
+    p = _model_dir(path)
+    transformers = _import_transformers()
+    cls = architecture_class(read_json(p / CONFIG_NAME), p / CONFIG_NAME, transformers)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
+        with torch.device("meta"):
+            return cls(config)
+    except (ValueError, TypeError, KeyError, AttributeError, OSError) as exc:
+        raise ModelError(f"{p / CONFIG_NAME}: transformers cannot build {cls.__name__} from it: {exc}") from None
+
+
+def _load_files(files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            state.update(load_file(str(file)))
+        except (SafetensorError, OSError) as exc:  # after read_header's checks: I/O errors, races
+            raise ModelError(f"{file}: cannot be loaded: {exc}") from None
+    return state
+
+
+def load_state_dict_compressed(path: "str | Path", model=None) -> dict[str, "torch.Tensor | BitmapWeight | NMWeight | FanInWeight | BSRWeight"]:
     """Every tensor of a checkpoint; pruned weights stay compressed.
+
+    The directory is validated first (:func:`sparseforge.checkpoint_validation.validate_checkpoint`,
+    checksums included); ``model`` is the skeleton its tensors must fit (default: built on the meta
+    device from ``config.json`` for compressed checkpoints), so a damaged or inconsistent checkpoint
+    is a ModelError here, never later.
 
     Compressed buffers of 4 MB and more are moved into transparent huge pages (one at a time, so the
     peak stays one buffer above the checkpoint's size), like those built by ``from_dense``: the batch
@@ -369,35 +390,35 @@ def load_state_dict_compressed(path: "str | Path") -> dict[str, "torch.Tensor | 
     ``layers[name]["transposed"]`` is true (transformers ``Conv1D``) the parameter is
     ``obj.to_dense().t()``. Tied aliases map to the same object as their canonical name.
     """
-    from safetensors.torch import load_file
-
-    block = read_sparsity_config(path)
-    state: dict[str, Any] = {}
-    for file in weight_files(path):
-        state.update(load_file(str(file)))
-    if not _is_compressed(block):
+    p = _model_dir(path)
+    block = read_sparsity_config(p)
+    if model is None and _is_compressed(block):
+        model = skeleton(p)
+    checked = validate_checkpoint(p, model)
+    state: dict[str, Any] = _load_files([h.file for h in checked.headers])
+    if not checked.compressed:
         return state
-    for name, layer in block.get("layers", {}).items():
-        fmt, shape = layer.get("format"), tuple(layer.get("shape", ()))
-        if fmt not in PACKED:
-            raise ModelError(f"{path}: layer {name} has unknown format {fmt!r} (expected one of {', '.join(PACKED)})")
+    block = checked.block
+    for name, layer in checked.layers.items():
+        fmt, shape = layer["format"], tuple(layer["shape"])
         for field in PACKED[fmt].FIELDS:  # large buffers into huge pages, as from_dense does (formats/_memory.py);
             key = f"{name}.{PACKED[fmt].KEY}{field}"  # the file's copy is released as each is replaced
-            if key in state:
-                state[key] = hugepage_backed(state[key])
-        if fmt == "nm":
-            obj = NMWeight.from_state_dict(state, shape, layer.get("pattern", block.get("pattern")), prefix=f"{name}.")
-        else:
-            obj = PACKED[fmt].from_state_dict(state, shape, prefix=f"{name}.")
-        keys = obj.state_dict(f"{name}.")
+            state[key] = hugepage_backed(state[key])
+        try:
+            if fmt == "nm":
+                obj = NMWeight.from_state_dict(state, shape, layer.get("pattern", block.get("pattern")), prefix=f"{name}.")
+            else:
+                obj = PACKED[fmt].from_state_dict(state, shape, prefix=f"{name}.")
+        except (ModelError, ConfigError, ValueError, RuntimeError, IndexError) as exc:
+            raise ModelError(f"{p}: layer {name} ({fmt}): {exc}") from None
         if fmt == "bsr" and layer.get("pattern") is not None and parse(layer["pattern"]) != obj.block:
-            raise ModelError(f"{path}: layer {name} stores {obj.block} blocks but config.json says {layer['pattern']}")
-        if _dtype_name(obj.dtype) != layer.get("dtype"):
-            raise ModelError(f"{path}: layer {name} stores {obj.dtype} values but config.json says {layer.get('dtype')}")
-        for key in keys:
+            raise ModelError(f"{p}: layer {name} stores {obj.block} blocks but config.json says {layer['pattern']}")
+        if _dtype_name(obj.dtype) != layer["dtype"]:
+            raise ModelError(f"{p}: layer {name} stores {obj.dtype} values but config.json says {layer['dtype']}")
+        for key in obj.state_dict(f"{name}."):
             del state[key]
         state[name] = obj
-    for alias, canonical in (block.get("tied") or {}).items():
+    for alias, canonical in checked.tied.items():
         state[alias] = state[canonical]
     return state
 
@@ -436,17 +457,12 @@ def load(path: "str | Path", dtype: "torch.dtype | str | None" = None, sparse: b
     transformers = _import_transformers()
     if isinstance(dtype, str) and not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise ConfigError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16' or 'float16'")
-    arch = json.loads((p / CONFIG_NAME).read_text(encoding="utf-8")).get("architectures") or []
-    cls = getattr(transformers, arch[0], None) if arch else None
-    if cls is None:
-        raise ModelError(
-            f"{p / CONFIG_NAME} names architecture {arch[:1] or 'none'}, which transformers "
-            f"{transformers.__version__} does not provide; set 'architectures' to a transformers model class"
-        )
+    cls = architecture_class(read_json(p / CONFIG_NAME), p / CONFIG_NAME, transformers)
     if not _is_compressed(block):
+        validate_checkpoint(p)  # safetensors headers and the info block, before transformers reads them
         return cls.from_pretrained(str(p), dtype=dtype or "auto", local_files_only=True)
     dense = {}
-    for name, value in load_state_dict_compressed(p).items():
+    for name, value in load_state_dict_compressed(p, skeleton(p)).items():
         if isinstance(value, PACKED_TYPES):
             mat = value.to_dense()  # (out, in)
             value = mat.t().contiguous() if block["layers"].get(name, {}).get("transposed") else mat
@@ -458,7 +474,7 @@ def load(path: "str | Path", dtype: "torch.dtype | str | None" = None, sparse: b
                                       output_loading_info=True)
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
-        raise ModelError(f"{p}: the stored weights do not match {arch[0]}: {bad}; the checkpoint is corrupt or incomplete")
+        raise ModelError(f"{p}: the stored weights do not match {cls.__name__}: {bad}; the checkpoint is corrupt or incomplete")
     if (p / "generation_config.json").is_file() and model.can_generate():
         model.generation_config = transformers.GenerationConfig.from_pretrained(str(p))
     return model

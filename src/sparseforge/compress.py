@@ -37,7 +37,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -317,12 +316,11 @@ def load_sparse(path: "str | Path", format: str = "rule") -> nn.Module:
     if not ck._is_compressed(block):
         raise ModelError(f"{p} is not a compressed sparseforge checkpoint; load it with sparseforge.load(path) and call compress_(model)")
     transformers = ck._import_transformers()
-    arch = json.loads((p / ck.CONFIG_NAME).read_text(encoding="utf-8")).get("architectures") or []
-    cls = getattr(transformers, arch[0], None) if arch else None
-    if cls is None:
-        raise ModelError(f"{p / ck.CONFIG_NAME} names architecture {arch[:1] or 'none'}, which transformers does not provide")
-    state = ck.load_state_dict_compressed(p)
+    skeleton = ck.skeleton(p)  # checks architectures; the loaders share one validation of it
+    cls = type(skeleton)
+    arch = [cls.__name__]
     config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
+    state = ck.load_state_dict_compressed(p, skeleton)
     with _linear_weights_on_meta(), torch.no_grad():
         model = cls(config)
     modules = dict(model.named_modules())
