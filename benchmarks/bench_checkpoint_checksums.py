@@ -4,7 +4,7 @@
 Saves a random Llama (``--hidden``, ``--layers``) pruned to 50 % unstructured (bitmap) and to 2:4,
 then times, interleaved ``--repeats`` times with the file in the page cache: the whole
 ``sparseforge.load`` and ``load(sparse=True)``, and the checksum pass alone
-(:func:`sparseforge.checkpoint_validation.verify_checksums`). The checksum share of a load is
+(:func:`sparseforge.io.validation.verify_checksums`). The checksum share of a load is
 ``verify / load``. Prints a markdown table and writes ``OUT/checkpoint_checksums.json``.
 
 Usage::
@@ -70,8 +70,8 @@ def main() -> None:
     if args.quick:
         args.hidden, args.layers, args.repeats = 256, 2, 3
 
-    from sparseforge.checkpoint import load, save_pretrained
-    from sparseforge.checkpoint_validation import validate_checkpoint, verify_checksums
+    from sparseforge.io.checkpoint import load, save_pretrained
+    from sparseforge.io.validation import validate_checkpoint, verify_checksums
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

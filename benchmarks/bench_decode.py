@@ -69,7 +69,7 @@ def build_model(args):
 
 def variants(dense, args) -> dict:
     import sparseforge as sf
-    from sparseforge.compress import compress_
+    from sparseforge.runtime.compress import compress_
 
     out = {"dense fp32": (dense, None)}
     for label, kw in (("2:4", dict(pattern="2:4")), ("75%", dict(pattern="unstructured", sparsity=0.75))):
@@ -83,7 +83,7 @@ def variants(dense, args) -> dict:
 
 def measure(models, prompt, args, threads: int) -> list[dict]:
     from sparseforge import kernels
-    from sparseforge.bench import generate_seconds
+    from sparseforge.evaluation.speed import generate_seconds
 
     torch.set_num_threads(threads)
     kernels.set_num_threads(threads)

@@ -4,7 +4,7 @@ Lasby et al. 2023 (SRigL) report a constant fan-in linear layer "3.6x/2x faster 
 than equivalent dense/unstructured sparse layers" in online inference (batch 1) on CPU. Here one
 layer of each shape is pruned to a constant fan-in mask at 90% (every output row keeps the same
 number of inputs, the SRigL pattern, via ``mask_from_scores(..., FanIn(), 0.9)``) and timed by the
-advisor's protocol (:func:`sparseforge.advise.measure_layer`: interleaved calls, medians, weights
+advisor's protocol (:func:`sparseforge.runtime.advise.measure_layer`: interleaved calls, medians, weights
 streamed from memory): dense ``F.linear``, our fan-in kernel, and the same mask as CSR and bitmap
 (the "unstructured sparse" formats).
 
@@ -25,7 +25,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(argv=None) -> int:
-    from sparseforge.advise import measure_layer, machine_info
+    from sparseforge.runtime.advise import measure_layer, machine_info
     from sparseforge.masks import mask_from_scores
     from sparseforge.patterns import FanIn
 

@@ -5,7 +5,7 @@ A 2-layer Llama (``transformers.LlamaConfig``: hidden 128, MLP 384, 4 heads, voc
 the built-in model's tokenizer) is trained **from scratch** on the built-in corpus's training
 split (Shakespeare, whole works) for a few hundred AdamW steps, every method with the same data
 order, step budget and learning-rate schedule, then scored by held-out perplexity
-(:func:`sparseforge.evaluate.perplexity` on the held-out works: Hamlet, the Sonnets, The Tempest,
+(:func:`sparseforge.evaluation.quality.perplexity` on the held-out works: Hamlet, the Sonnets, The Tempest,
 Twelfth Night). The sparse methods cover the seven linear layers of every block (q, k, v, o,
 gate, up, down); embeddings and the LM head stay dense. RigL uses ERK at 90 % with the RigL
 paper's schedule (cosine-decayed ``alpha = 0.3``, updates every ``dT`` steps until 75 %); the N:M
@@ -62,8 +62,8 @@ TARGETS = ["re:model\\.layers\\.\\d+\\.(self_attn|mlp)\\..*"]
 def tokenizer_and_data():
     from transformers import AutoTokenizer
 
-    from sparseforge.builtin import builtin_model_path
-    from sparseforge.data import corpus_token_ids
+    from sparseforge.io.builtin import builtin_model_path
+    from sparseforge.data.calibration import corpus_token_ids
 
     tok = AutoTokenizer.from_pretrained(builtin_model_path())
     return tok, corpus_token_ids(tok, "train"), corpus_token_ids(tok, "heldout")
@@ -105,7 +105,7 @@ def batches(tokens: torch.Tensor, steps: int, batch: int, seqlen: int, seed: int
 
 
 def run(method: str, seed: int, data, args) -> dict:
-    from sparseforge.evaluate import perplexity
+    from sparseforge.evaluation.quality import perplexity
 
     tok, train_ids, heldout_ids = data
     model = tiny_llama(seed, len(tok))

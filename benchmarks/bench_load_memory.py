@@ -28,12 +28,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 WORKER = r"""
 import json, sys
 import torch, transformers, sparseforge
-from sparseforge.checkpoint import load
-from sparseforge.bench import _model_mib, own_peak_rss_mib
+from sparseforge.io.checkpoint import load
+from sparseforge.evaluation.speed import _model_mib, own_peak_rss_mib
 mode, path = sys.argv[1], sys.argv[2]
 model_mib = 0.0
 # the baseline imports everything a loader touches (model classes, safetensors, the kernels)
-import safetensors.torch, sparseforge.compress, sparseforge.nn.sparse_linear, sparseforge.kernels
+import safetensors.torch, sparseforge.runtime.compress, sparseforge.nn.sparse_linear, sparseforge.kernels
 transformers.LlamaForCausalLM, transformers.AutoConfig
 sparseforge.kernels.native()
 if mode != "baseline":
@@ -87,7 +87,7 @@ def measure(mode: str, path: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    from sparseforge.checkpoint import checkpoint_sizes
+    from sparseforge.io.checkpoint import checkpoint_sizes
 
     args = parse_args(argv)
     rows = []

@@ -47,7 +47,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from sparseforge import corpus  # noqa: E402
+from sparseforge.data import corpus  # noqa: E402
 from sparseforge.moe import MoE  # noqa: E402
 
 SETUPS = {  # name -> (k, baseline router, sparsemixer router)

@@ -5,7 +5,7 @@ For every model (``builtin``: perplexity on the held-out split; ``minilm``: mean
 sentence embeddings to the dense encoder) and every pattern (default 50 % unstructured, 2:4, 4:8,
 70 % unstructured), each method runs in its own subprocess (``bench_oneshot_cell.py``), so the peak RSS
 is that run's own. The calibration token ids are drawn once per model
-(:func:`sparseforge.data.calibration_tokens`, the train split) and saved to a file that every
+(:func:`sparseforge.data.calibration.calibration_tokens`, the train split) and saved to a file that every
 method *and* llm-compressor read, so all of them see identical windows.
 
 For causal LMs, llm-compressor's ``SparseGPTModifier`` runs on the same model, ids and pattern in
@@ -221,7 +221,7 @@ class Bench:
             self.record(aggregate(done))
 
     def run(self, llmc_python: "Path | None") -> None:
-        from sparseforge.models import model_kind, resolve_model_path
+        from sparseforge.io.models import model_kind, resolve_model_path
 
         s, self.llmc_python, self.counter = self.s, llmc_python, 0
         for model in s["models"]:

@@ -4,7 +4,7 @@
 per (model, method, pattern) and once per llm-compressor output to evaluate. The spec's ``task``:
 
 * ``"calibration"``: draw the model's calibration ids with
-  :func:`sparseforge.data.calibration_tokens` (train split, the model's own tokenizer) and
+  :func:`sparseforge.data.calibration.calibration_tokens` (train split, the model's own tokenizer) and
   ``torch.save`` them for every other cell and llm-compressor;
 * ``"prune"``: load the model (float32), load the calibration token ids the parent saved (so
   every method and llm-compressor see identical windows), ``sparsify_`` it, check the achieved
@@ -12,8 +12,8 @@ per (model, method, pattern) and once per llm-compressor output to evaluate. The
 * ``"evaluate"``: load a pruned model directory written by another tool (llm-compressor), check
   its sparsity the same way, and evaluate it with the same protocol.
 
-Metric: causal LMs, perplexity by :func:`sparseforge.evaluate.perplexity` (the fixed protocol;
-``max_windows`` from the spec); encoders, :func:`sparseforge.evaluate.embedding_fidelity` against
+Metric: causal LMs, perplexity by :func:`sparseforge.evaluation.quality.perplexity` (the fixed protocol;
+``max_windows`` from the spec); encoders, :func:`sparseforge.evaluation.quality.embedding_fidelity` against
 the dense model (loaded *after* pruning, so it does not count in the pruning peak).
 
 Timings: ``prune_s`` is the ``sparsify_`` call alone; ``total_s`` runs from interpreter start
@@ -53,8 +53,8 @@ def draw_calibration(spec: dict) -> dict:
     import hashlib
 
     from sparseforge.config import CalibrationConfig
-    from sparseforge.data import calibration_tokens
-    from sparseforge.models import load_model
+    from sparseforge.data.calibration import calibration_tokens
+    from sparseforge.io.models import load_model
 
     cfg = CalibrationConfig(samples=spec["samples"], seqlen=spec["seqlen"], seed=spec["seed"], batch_size=spec["batch_size"])
     from sparseforge.layers import find_blocks
@@ -106,13 +106,13 @@ def check_sparsity(model, pattern: str, sparsity: float | None) -> dict:
 
 
 def evaluate(loaded, spec: dict) -> dict:
-    from sparseforge.evaluate import embedding_fidelity, perplexity
+    from sparseforge.evaluation.quality import embedding_fidelity, perplexity
 
     if loaded.kind == "causal-lm":
         r = perplexity(loaded.model, loaded.tokenizer, max_windows=spec["eval_windows"], progress=False)
         return {"metric": "ppl", "value": r.ppl, "nll": r.nll, "eval_tokens": r.tokens}
-    from sparseforge import corpus
-    from sparseforge.models import load_model
+    from sparseforge.data import corpus
+    from sparseforge.io.models import load_model
 
     dense = load_model(spec["reference"]).model  # after pruning: not part of the pruning peak
     r = embedding_fidelity(dense, loaded.model, loaded.tokenizer, corpus.heldout_sentences(spec["eval_sentences"]))
@@ -121,8 +121,8 @@ def evaluate(loaded, spec: dict) -> dict:
 
 def run(spec: dict) -> dict:
     import sparseforge
-    from sparseforge.models import load_model
-    from sparseforge.sparsify import peak_rss_mb
+    from sparseforge.io.models import load_model
+    from sparseforge.prune.sparsify import peak_rss_mb
 
     torch.set_num_threads(spec["threads"])
     if spec["task"] == "calibration":

@@ -4,12 +4,12 @@
 Reproduces ``src/sparseforge/assets/builtin-llama/``:
 
 1. a byte-level BPE tokenizer (vocab 4096, special tokens ``<|endoftext|>`` and
-   ``<|pad|>``) trained on the *train* split of :mod:`sparseforge.corpus`;
+   ``<|pad|>``) trained on the *train* split of :mod:`sparseforge.data.corpus`;
 2. a small Llama-style decoder (hidden 256, 6 layers, 4 heads of 64, MLP 768,
    tied embeddings, ~6.3M parameters) trained with AdamW + warmup/cosine LR on
    random 256-token windows of the train split;
-3. held-out perplexity by the project's protocol, :func:`sparseforge.evaluate.perplexity`
-   on :func:`sparseforge.data.corpus_token_ids` of the held-out split (``docs/evaluation.md``);
+3. held-out perplexity by the project's protocol, :func:`sparseforge.evaluation.quality.perplexity`
+   on :func:`sparseforge.data.calibration.corpus_token_ids` of the held-out split (``docs/evaluation.md``);
 4. ``save_pretrained`` (safetensors, float32) + tokenizer + model card, written to
    a temporary directory and renamed into place.
 
@@ -41,9 +41,10 @@ except ImportError:  # running from a source checkout without installing
 
 import torch  # noqa: E402
 
-from sparseforge import corpus, data  # noqa: E402
-from sparseforge.builtin import BUILTIN_MODEL_DIRNAME  # noqa: E402
-from sparseforge.evaluate import DEFAULT_MAX_WINDOWS, DEFAULT_SEQLEN, perplexity  # noqa: E402
+from sparseforge.data import calibration as data  # noqa: E402
+from sparseforge.data import corpus  # noqa: E402
+from sparseforge.io.builtin import BUILTIN_MODEL_DIRNAME  # noqa: E402
+from sparseforge.evaluation.quality import DEFAULT_MAX_WINDOWS, DEFAULT_SEQLEN, perplexity  # noqa: E402
 
 DEFAULT_OUT = REPO / "src" / "sparseforge" / "assets" / BUILTIN_MODEL_DIRNAME
 EOS = "<|endoftext|>"
@@ -359,7 +360,7 @@ Special tokens: `<|endoftext|>` (BOS = EOS, id {meta['eos_id']}) and `<|pad|>` (
 No BOS/EOS is added automatically; documents are separated by `<|endoftext|>` in training.
 
 ## Data
-The built-in corpus `sparseforge.corpus` (Shakespeare, Project Gutenberg modern-spelling
+The built-in corpus `sparseforge.data.corpus` (Shakespeare, Project Gutenberg modern-spelling
 texts, public domain). Train split: all works except the held-out ones
 ({', '.join(corpus.HELDOUT_WORKS)}), {meta['n_train_tokens']:,} tokens.
 
@@ -377,7 +378,7 @@ Loss curve: `training_log.json`.
 Held-out perplexity **{meta['heldout_ppl']:.2f}**: the held-out split (`corpus.load_text("heldout")`: the
 held-out works in name order, joined by blank lines) tokenised whole with this tokenizer, no special
 tokens (`data.corpus_token_ids(tokenizer, "heldout")`), split into non-overlapping windows of
-{DEFAULT_SEQLEN} tokens, first {DEFAULT_MAX_WINDOWS} windows, PPL = exp(mean next-token NLL) (`sparseforge.evaluate.perplexity`
+{DEFAULT_SEQLEN} tokens, first {DEFAULT_MAX_WINDOWS} windows, PPL = exp(mean next-token NLL) (`sparseforge.evaluation.quality.perplexity`
 with its defaults; see `docs/evaluation.md`). These {DEFAULT_MAX_WINDOWS} windows are the first
 ~{DEFAULT_MAX_WINDOWS * DEFAULT_SEQLEN // 1000}K tokens of *Hamlet*.
 Over all {meta['n_heldout_tokens'] // DEFAULT_SEQLEN} windows of the four held-out works: **{meta['heldout_ppl_all_windows']:.2f}**.

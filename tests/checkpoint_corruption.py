@@ -11,7 +11,7 @@ import torch
 
 from tiny_models import tiny_model
 
-from sparseforge.checkpoint import save_pretrained
+from sparseforge.io.checkpoint import save_pretrained
 from sparseforge.layers import linear_layers, weight_2d
 from sparseforge.masks import mask_from_scores
 

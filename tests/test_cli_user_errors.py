@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-import sparseforge.models
+import sparseforge.io.models
 from sparseforge.cli import main
 
 
@@ -35,7 +35,7 @@ def no_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("work started before the bad argument was reported")
 
-    monkeypatch.setattr(sparseforge.models, "load_model", refuse)
+    monkeypatch.setattr(sparseforge.io.models, "load_model", refuse)
 
 
 def _error(capsys, argv):
@@ -57,12 +57,12 @@ def test_a_binary_recipe_is_refused(command, content, tmp_path, capsys, monkeypa
 
 
 def test_absurd_samples_fail_before_calibration(tmp_path, capsys, monkeypatch):
-    import sparseforge.data
+    import sparseforge.data.calibration
 
     def refuse(*args, **kwargs):
         raise AssertionError("calibration data was drawn")
 
-    monkeypatch.setattr(sparseforge.data, "calibration_tokens", refuse)
+    monkeypatch.setattr(sparseforge.data.calibration, "calibration_tokens", refuse)
     err = _error(capsys, ["prune", "builtin", "--samples", "100000000", "--out", str(tmp_path / "o"), "--no-progress"])
     assert "lower --samples" in err and "GiB" in err
     assert not (tmp_path / "o").exists()
@@ -127,7 +127,7 @@ def test_advise_budget_must_be_non_negative(budget, capsys, no_work):
 def test_advise_model_refuses_a_negative_budget_too():
     import torch
 
-    from sparseforge.advise import measure_layer
+    from sparseforge.runtime.advise import measure_layer
     from sparseforge.errors import ConfigError
 
     with pytest.raises(ConfigError, match="budget"):

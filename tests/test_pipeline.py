@@ -3,7 +3,7 @@ import torch
 
 from sparseforge.config import SparsifyConfig
 from sparseforge.pipeline import weights_equal
-from sparseforge.sparsify import sparsify_
+from sparseforge.prune.sparsify import sparsify_
 
 import transformers  # noqa: F401  (test dependency: missing means failure)
 from tiny_models import tiny_model, tokens  # noqa: E402
@@ -12,7 +12,7 @@ from tiny_models import tiny_model, tokens  # noqa: E402
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prune_save_load_is_bit_exact(tmp_path, method, dtype):
-    from sparseforge.checkpoint import load, save_pretrained
+    from sparseforge.io.checkpoint import load, save_pretrained
 
     model = tiny_model("llama", dtype=dtype)
     opts = {"blocksize": 16} if method == "sparsegpt" else {}

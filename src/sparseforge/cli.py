@@ -176,7 +176,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    from sparseforge.inspection import format_report, inspect_path
+    from sparseforge.io.inspection import format_report, inspect_path
 
     print(format_report(inspect_path(args.path)))
     return 0
@@ -202,10 +202,10 @@ def _write_json(path: Path | None, data) -> None:
 
 
 def _cmd_advise(args) -> int:
-    from sparseforge.advise import advise_model, check_budget, plot_sweep, sweep
+    from sparseforge.runtime.advise import advise_model, check_budget, plot_sweep, sweep
     from sparseforge.layers import linear_layers, weight_2d
-    from sparseforge.models import load_model
-    from sparseforge.writable import check_output_file
+    from sparseforge.io.models import load_model
+    from sparseforge.io.writable import check_output_file
 
     check_budget(args.budget)
     check_output_file(args.plot if args.sweep else None, option="--plot")
@@ -236,8 +236,8 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from sparseforge.bench import bench_generation
-    from sparseforge.writable import check_output_file
+    from sparseforge.evaluation.speed import bench_generation
+    from sparseforge.io.writable import check_output_file
 
     check_output_file(args.json, option="--json")
     report = bench_generation(args.model, batch_sizes=args.batch_sizes, new_tokens=args.new_tokens,

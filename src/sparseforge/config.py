@@ -197,7 +197,7 @@ def parse_recipe(text: str) -> list[SparsifyConfig]:
 
 
 def load_recipe(path: "str | Path") -> list[SparsifyConfig]:
-    from sparseforge.writable import read_text_file
+    from sparseforge.io.writable import read_text_file
 
     return parse_recipe(read_text_file(path, "recipe file"))
 

@@ -1,8 +1,8 @@
 """End-to-end jobs behind the CLI: load -> evaluate -> prune -> evaluate -> save, and the demo.
 
-These functions only compose the public API (:func:`~sparseforge.models.load_model`,
-:func:`~sparseforge.sparsify.sparsify_`, :mod:`~sparseforge.evaluate`,
-:mod:`~sparseforge.checkpoint`); the CLI is a thin layer over them.
+These functions only compose the public API (:func:`~sparseforge.io.models.load_model`,
+:func:`~sparseforge.prune.sparsify.sparsify_`, :mod:`~sparseforge.evaluation.quality`,
+:mod:`~sparseforge.io.checkpoint`); the CLI is a thin layer over them.
 
 Example:
     >>> from sparseforge.config import SparsifyConfig                  # doctest: +SKIP
@@ -23,8 +23,8 @@ import torch
 
 from sparseforge.config import SparsifyConfig
 from sparseforge.errors import ConfigError
-from sparseforge.sparsify import SparsifyReport, check_calibration_memory, peak_rss_mb, sparsify_
-from sparseforge.writable import check_output_dir
+from sparseforge.io.writable import check_output_dir
+from sparseforge.prune.sparsify import SparsifyReport, check_calibration_memory, peak_rss_mb, sparsify_
 
 __all__ = ["PruneResult", "prune_model", "evaluate_model", "run_demo", "weights_equal"]
 
@@ -74,9 +74,9 @@ def prune_model(
     progress: bool = True,
 ) -> PruneResult:
     """Load ``model``, prune it with every config in turn, evaluate before/after and save to ``out``."""
-    from sparseforge.checkpoint import checkpoint_sizes, save_pretrained
-    from sparseforge.evaluate import embedding_fidelity, perplexity
-    from sparseforge.models import load_model
+    from sparseforge.io.checkpoint import checkpoint_sizes, save_pretrained
+    from sparseforge.evaluation.quality import embedding_fidelity, perplexity
+    from sparseforge.io.models import load_model
 
     start = time.perf_counter()
     out = None if out is None else Path(out)
@@ -114,9 +114,9 @@ def prune_model(
 def evaluate_model(model: str, *, reference: str | None = None, seqlen: int = 256, max_windows: int = 64,
                    progress: bool = True) -> str:
     """One-line evaluation: perplexity for causal LMs, embedding cosine vs ``reference`` for encoders."""
-    from sparseforge.evaluate import embedding_fidelity, perplexity
     from sparseforge.errors import ModelError
-    from sparseforge.models import load_model, resolve_model_path
+    from sparseforge.evaluation.quality import embedding_fidelity, perplexity
+    from sparseforge.io.models import load_model, resolve_model_path
 
     if reference is not None:
         try:
@@ -155,10 +155,10 @@ def run_demo(out: Path | str = "sparseforge-demo", patterns: tuple[str, ...] = (
              sparsity: float | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Prune the built-in model with magnitude, Wanda and SparseGPT for each pattern; evaluate;
     save the last SparseGPT model compressed to ``out``; reload it and check it is bit-exact."""
-    from sparseforge.checkpoint import checkpoint_sizes, load, save_pretrained
+    from sparseforge.io.checkpoint import checkpoint_sizes, load, save_pretrained
     from sparseforge.config import dump_recipe
-    from sparseforge.evaluate import perplexity
-    from sparseforge.models import load_model
+    from sparseforge.evaluation.quality import perplexity
+    from sparseforge.io.models import load_model
 
     out = Path(out)
     check_output_dir(out, overwrite=True, option="--out")

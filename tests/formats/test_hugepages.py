@@ -65,7 +65,7 @@ def test_loaded_checkpoint_buffers_use_huge_pages(tmp_path, fmt):
     importlib.import_module("transformers")
     from safetensors.torch import save_file
 
-    from sparseforge.checkpoint import load_state_dict_compressed
+    from sparseforge.io.checkpoint import load_state_dict_compressed
 
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(2048, 2048, generator=gen)

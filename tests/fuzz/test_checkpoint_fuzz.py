@@ -38,10 +38,10 @@ from hypothesis import strategies as st
 
 from checkpoint_corruption import block, save_pruned, split_file, write_file
 
-from sparseforge.checkpoint import load
-from sparseforge.checkpoint_validation import tensor_checksums
+from sparseforge.io.checkpoint import load
+from sparseforge.io.validation import tensor_checksums
 from sparseforge.errors import SparseforgeError
-from sparseforge.inspection import inspect_path
+from sparseforge.io.inspection import inspect_path
 
 EXAMPLES = int(os.environ.get("SPARSEFORGE_FUZZ_EXAMPLES", "40"))  # raise it locally to fuzz longer
 SECONDS_PER_READ = 30

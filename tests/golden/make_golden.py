@@ -1,4 +1,4 @@
-"""Write the golden sparseforge checkpoints that tests/test_checkpoint.py::test_golden must always load.
+"""Write the golden sparseforge checkpoints that tests/io/test_checkpoint.py::test_golden must always load.
 
 Run from the repository root: ``python tests/golden/make_golden.py``. It writes only the golden
 checkpoints that do not exist yet (e.g. ``v3-...`` after a format change) and adds them to
@@ -46,7 +46,7 @@ def build(name: str):
 
 
 def main() -> None:
-    from sparseforge.checkpoint import load, load_state_dict_compressed, save_pretrained
+    from sparseforge.io.checkpoint import load, load_state_dict_compressed, save_pretrained
     from sparseforge.layers import linear_layers, weight_2d
     from sparseforge.masks import mask_from_scores
 

@@ -104,7 +104,7 @@ def test_errors():
 
 
 def test_builtin_model_logits_equal_at_init():
-    from sparseforge.models import load_model
+    from sparseforge.io.models import load_model
 
     lm = load_model("builtin")
     model = lm.model

@@ -38,7 +38,7 @@ def test_bad_input(tmp_path):
 
 @pytest.mark.slow
 def test_train_builtin_and_save(tmp_path, capsys):
-    from sparseforge.models import load_model
+    from sparseforge.io.models import load_model
 
     recipe = tmp_path / "rigl.yaml"
     recipe.write_text(dump_train_recipe(default_config("srigl", 4, sparsity=0.75)), encoding="utf-8")

@@ -4,13 +4,13 @@ Each expert's three matrices are pruned as the linear layers they are, in ``(out
 orientation: ``w_gate[e]``, ``w_up[e]`` (stored (d, h)) as ``(h, d)`` and ``w_down[e]`` (stored
 (h, d)) as ``(d, h)``. Every expert gets the pattern and sparsity on its own (the selection never
 compares weights of two experts), through :func:`sparseforge.masks.mask_from_scores` inside the
-methods of :mod:`sparseforge.methods` (``magnitude``, ``wanda``, ``sparsegpt``). The shared
+methods of :mod:`sparseforge.prune.methods` (``magnitude``, ``wanda``, ``sparsegpt``). The shared
 expert, when there is one, is pruned the same way with every token as its input.
 
 Calibration (Wanda, SparseGPT): :func:`collect_expert_stats` runs batches through the model and
 records, per expert, the inputs of the tokens routed to it (for ``w_gate``/``w_up``) and its hidden
 activations ``act(x w_gate) * (x w_up)`` (for ``w_down``), as
-:class:`~sparseforge.methods.LayerStats`. Routing is taken from the routers' choices (before
+:class:`~sparseforge.prune.methods.LayerStats`. Routing is taken from the routers' choices (before
 capacity drops), in one pass over the unpruned model (not layer by layer as ``sparsify_`` does).
 An expert that received no calibration token cannot be scored by Wanda/SparseGPT: that is an
 error unless ``empty_experts="magnitude"`` says to prune it by magnitude.
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from sparseforge.errors import ConfigError, DataError
-from sparseforge.methods import LayerStats, get_method
+from sparseforge.prune.methods import LayerStats, get_method
 from sparseforge.moe.grouped import ACTIVATIONS
 from sparseforge.moe.layer import MoE
 

@@ -15,7 +15,7 @@ Supported MLPs: Llama-style ``gate_proj``, ``up_proj``, ``down_proj`` linears wi
 (``down(act(gate(x)) * up(x))``: Llama, Mistral, Qwen2, the built-in model).
 
 Example:
-    >>> from sparseforge.models import load_model  # doctest: +SKIP
+    >>> from sparseforge.io.models import load_model  # doctest: +SKIP
     >>> model = load_model("builtin").model  # doctest: +SKIP
     >>> report = upcycle_(model, num_experts=8, k=2, seed=0)  # doctest: +SKIP
     >>> len(report.upcycled)  # doctest: +SKIP

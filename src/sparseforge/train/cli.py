@@ -1,10 +1,10 @@
 """``sparseforge train``: run a sparse-training recipe on the built-in model and corpus.
 
-Fine-tunes the built-in causal LM (:mod:`sparseforge.builtin`) on the training split of the
-built-in corpus (:mod:`sparseforge.corpus`, tokenised by :func:`sparseforge.data.corpus_token_ids`)
+Fine-tunes the built-in causal LM (:mod:`sparseforge.io.builtin`) on the training split of the
+built-in corpus (:mod:`sparseforge.data.corpus`, tokenised by :func:`sparseforge.data.calibration.corpus_token_ids`)
 with any training method (GMP, SET, RigL, SRigL, sparse momentum, STE / SR-STE / S-STE), prints
-the held-out perplexity (:func:`sparseforge.evaluate.perplexity`) before and after and the final
-per-layer sparsities, and saves a checkpoint (:func:`sparseforge.checkpoint.save_pretrained`)
+the held-out perplexity (:func:`sparseforge.evaluation.quality.perplexity`) before and after and the final
+per-layer sparsities, and saves a checkpoint (:func:`sparseforge.io.checkpoint.save_pretrained`)
 with ``--output``. The recipe is the YAML of :func:`sparseforge.train.load_train_recipe`; without
 ``--recipe`` one is built from ``--method`` / ``--sparsity`` / ``--pattern`` with a schedule
 scaled to ``--steps`` (GMP prunes over the first 60 %, DST updates masks until 75 %), and printed
@@ -77,12 +77,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from sparseforge import checkpoint, data
+    from sparseforge.data import calibration as data
     from sparseforge.errors import ConfigError
-    from sparseforge.evaluate import perplexity
-    from sparseforge.models import load_model
+    from sparseforge.evaluation.quality import perplexity
+    from sparseforge.io import checkpoint
+    from sparseforge.io.models import load_model
     from sparseforge.train import dump_train_recipe, from_config, load_train_recipe
-    from sparseforge.writable import check_output_dir
+    from sparseforge.io.writable import check_output_dir
 
     for name in ("batch_size", "seqlen", "eval_windows", "threads"):
         value = getattr(args, name)

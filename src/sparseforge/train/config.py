@@ -366,7 +366,7 @@ def parse_train_recipe(text: str) -> SparseTrainConfig:
 
 
 def load_train_recipe(path: "str | Path") -> SparseTrainConfig:
-    from sparseforge.writable import read_text_file
+    from sparseforge.io.writable import read_text_file
 
     return parse_train_recipe(read_text_file(path, "training recipe file"))
 

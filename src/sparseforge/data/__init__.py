@@ -1,0 +1,10 @@
+"""Text data: the built-in corpus and calibration token windows.
+
+* :mod:`~sparseforge.data.corpus`: the shipped Shakespeare corpus, split by whole works (stdlib only);
+* :mod:`~sparseforge.data.calibration`: tokenised text and random calibration windows.
+
+Example:
+    >>> from sparseforge.data import corpus
+    >>> "hamlet" in corpus.list_works("heldout")
+    True
+"""

@@ -1,0 +1,360 @@
+"""Swap pruned linear layers for :class:`~sparseforge.nn.SparseLinear`, and load them compressed.
+
+``compress_(model)`` walks every ``nn.Linear`` / transformers ``Conv1D`` (or those named by
+``targets``), and replaces each one that is sparse enough with a ``SparseLinear`` in place. Nothing
+is skipped silently: the returned :class:`CompressReport` lists every converted layer (format,
+sparsity, bytes) and every layer kept dense with the reason (below ``min_sparsity``, ignored, tied
+to another parameter, unsupported dtype).
+
+``format="auto"`` measures: :func:`sparseforge.runtime.advise.advise_model` times every eligible layer shape
+dense and in each sparse format on this machine at the given ``batch_sizes`` and keeps the fastest,
+leaving a layer dense (reported, with the timings) when no sparse format wins. ``format="rule"`` is
+the fixed, measurement-free rule (:func:`auto_format`), reproducible across machines:
+
+1. the weight obeys a recorded N:M pattern (``pattern=`` or ``model.config.sparsity_config``) -> ``nm``;
+2. sparsity >= 85% -> ``csr`` (fewest bytes there; ``docs/kernels.md``: CSR keeps scaling with its
+   bytes while the bitmap decode is compute bound from ~90%);
+3. the weight happens to obey 2:4 -> ``nm``;
+4. otherwise ``bitmap``.
+
+Before that rule, a recorded ``Block(h, w)`` / ``FanIn`` pattern (``pattern=`` or the model's
+``sparsity_config``) that a layer's zeros obey maps the layer to ``bsr`` / ``fanin``.
+
+:func:`load_sparse` builds a model straight from a compressed checkpoint
+(:func:`sparseforge.io.checkpoint.save_pretrained`) with SparseLinear layers, never building the
+dense pruned weights.
+
+Example:
+    >>> import torch
+    >>> from sparseforge.runtime.compress import compress_
+    >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    >>> with torch.no_grad():
+    ...     _ = net[0].weight.mul_(torch.tensor([1., 0., 0., 0.] * 2))   # 75% zeros, obeys 2:4
+    >>> report = compress_(net, format="rule")
+    >>> [(c.name, c.format) for c in report.converted], report.kept_dense
+    ([('0', 'nm 2:4')], [('1', 'sparsity 0.000 < min_sparsity 0.300')])
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from sparseforge.config import name_matches
+from sparseforge.errors import ConfigError, ModelError
+from sparseforge.layers import is_linear, linear_layers, set_module, weight_2d
+from sparseforge.masks import satisfies
+from sparseforge.nn.sparse_linear import ALL_FORMATS, SparseLinear
+from sparseforge.patterns import NM, Block, FanIn, Pattern, parse
+
+if TYPE_CHECKING:
+    from sparseforge.runtime.advise import AdviceReport
+
+__all__ = ["compress_", "auto_format", "CompressReport", "CompressedLayer", "load_sparse", "CSR_FROM"]
+
+CSR_FROM = 0.85  # auto: CSR at or above this sparsity
+_DETECT = NM(2, 4)
+
+
+def auto_format(w: torch.Tensor, pattern: "NM | str | None" = None) -> tuple[str, Optional[NM]]:
+    """The ``format="auto"`` rule (module doc) for a pruned (out, in) weight: ``(format, pattern)``."""
+    keep = w != 0  # (out, in)
+    recorded = parse(pattern) if pattern is not None else None
+    if isinstance(recorded, NM) and w.shape[1] % recorded.m == 0 and satisfies(keep, recorded):
+        return "nm", recorded
+    sparsity = 1.0 - float(keep.sum()) / max(1, keep.numel())
+    if sparsity >= CSR_FROM:
+        return "csr", None
+    if w.shape[1] % _DETECT.m == 0 and satisfies(keep, _DETECT):
+        return "nm", _DETECT
+    return "bitmap", None
+
+
+@dataclass
+class CompressedLayer:
+    name: str
+    format: str  # "bitmap", "csr" or "nm 2:4"
+    shape: tuple[int, int]  # (out, in)
+    sparsity: float  # fraction of zeros in the dense weight
+    nbytes: int  # stored format bytes
+    dense_bytes: int  # the dense weight's bytes
+
+
+@dataclass
+class CompressReport:
+    """What :func:`compress_` did: ``converted`` layers and ``kept_dense`` ``(name, reason)`` pairs."""
+
+    converted: list[CompressedLayer] = field(default_factory=list)
+    kept_dense: list[tuple[str, str]] = field(default_factory=list)
+    advice: "AdviceReport | None" = field(default=None, repr=False)  # the measurements behind format="auto"
+
+    def summary(self) -> str:
+        stored = sum(c.nbytes for c in self.converted)
+        dense = sum(c.dense_bytes for c in self.converted)
+        lines = [f"compressed {len(self.converted)} layer(s): {dense / 2**20:.1f} MiB dense -> {stored / 2**20:.1f} MiB"]
+        lines += [f"  {c.name}: {c.format} {c.shape[0]}x{c.shape[1]} sparsity {c.sparsity:.3f}" for c in self.converted]
+        lines += [f"  kept dense {n}: {why}" for n, why in self.kept_dense]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"converted": [asdict(c) for c in self.converted], "kept_dense": [list(k) for k in self.kept_dense]}
+        if self.advice is not None:
+            out["advice"] = self.advice.to_dict()
+        return out
+
+
+def _recorded_pattern(model: nn.Module, pattern) -> "Pattern | None":
+    if pattern is None:
+        block = getattr(getattr(model, "config", None), "sparsity_config", None)
+        pattern = block.get("pattern") if isinstance(block, dict) else None
+    return parse(pattern) if pattern is not None else None
+
+
+def _structured_format(w: torch.Tensor, pattern: "Pattern | None") -> Optional[tuple[str, Optional[Block]]]:
+    """A recorded Block / FanIn pattern the (out, in) weight obeys maps to ``bsr`` / ``fanin``."""
+    keep = w != 0  # (out, in)
+    if isinstance(pattern, Block) and satisfies(keep, pattern):
+        return "bsr", pattern
+    if isinstance(pattern, FanIn) and satisfies(keep, FanIn()):  # every row keeps the same count
+        return "fanin", None
+    return None
+
+
+def _select(model: nn.Module, targets: Optional[list[str]], ignore: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(names to consider, ignored linears with reasons). Errors for targets that are not linear."""
+    modules = dict(model.named_modules())
+    if targets is None:
+        names = list(linear_layers(model))
+    else:
+        if isinstance(targets, str):
+            raise ConfigError("targets must be a list of module-name patterns, not a string")
+        names = []
+        for pat in targets:
+            hits = [n for n, m in modules.items() if n and name_matches(n, pat)]
+            linear = [n for n in hits if is_linear(modules[n])]
+            if not linear:
+                what = f"matches only {[f'{n} ({type(modules[n]).__name__})' for n in hits[:3]]}" if hits else "matches no module"
+                raise ConfigError(f"target {pat!r} {what}; compress_ replaces nn.Linear / Conv1D layers only")
+            names += [n for n in linear if n not in names]
+        names = [n for n in modules if n in names]  # model order
+    chosen, ignored = [], []
+    for n in names:
+        hit = next((p for p in ignore if name_matches(n, p)), None)
+        if hit is None:
+            chosen.append(n)
+        else:
+            ignored.append((n, f"matches ignore pattern {hit!r}"))
+    return chosen, ignored
+
+
+def _tied_owners(model: nn.Module) -> dict[int, list[str]]:
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(p.data_ptr(), []).append(name)
+    return owners
+
+
+def compress_(
+    model: nn.Module,
+    format: str = "auto",
+    targets: Optional[list[str]] = None,
+    ignore: Optional[list[str]] = None,
+    *,
+    min_sparsity: float = 0.3,
+    pattern: "Pattern | str | None" = None,
+    dtype: Optional[torch.dtype] = None,
+    batch_sizes: tuple[int, ...] = (1,),
+    advice: "AdviceReport | None" = None,
+) -> CompressReport:
+    """Replace pruned linear layers of ``model`` with :class:`SparseLinear`, in place.
+
+    Args:
+        format: ``"auto"`` (measured, module doc), ``"rule"`` (:func:`auto_format`), or one format of
+            :data:`~sparseforge.nn.sparse_linear.ALL_FORMATS` (``"bitmap"``, ``"nm"``, ``"csr"``,
+            ``"fanin"``, ``"bsr"``) for every layer.
+        targets: module-name globs (or ``"re:..."``); ``None`` = every linear layer. A target that
+            matches no linear layer is a :class:`ConfigError`.
+        ignore: module-name globs left dense (reported).
+        min_sparsity: layers with a smaller fraction of zeros stay dense (reported).
+        pattern: the N:M pattern for ``"nm"`` / tried first by ``"auto"``; the block pattern
+            (``"block4x4"``) that ``"bsr"`` needs; default the model's recorded
+            ``config.sparsity_config["pattern"]``, else 2:4 for ``"nm"``. Under ``"rule"``, a
+            ``Block`` / ``FanIn`` pattern that a layer obeys maps it to ``"bsr"`` / ``"fanin"``.
+        dtype: values dtype (float32 / bfloat16); default each weight's own.
+        batch_sizes: batch sizes (tokens per call) ``"auto"`` measures at; pick the ones you serve.
+        advice: an :class:`~sparseforge.runtime.advise.AdviceReport` already measured for this model
+            (``"auto"`` then measures nothing).
+    Returns:
+        :class:`CompressReport`. All layers are built before any is swapped, so an error (e.g.
+        ``format="nm"`` on a weight that is not N:M) leaves the model unchanged.
+    """
+    if format not in ("auto", "rule") and format not in ALL_FORMATS:
+        raise ConfigError(f"unknown format {format!r}; use 'auto', 'rule' or one of {ALL_FORMATS}")
+    if not 0.0 <= min_sparsity <= 1.0:
+        raise ConfigError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
+    recorded_any = _recorded_pattern(model, pattern)  # NM, Block, FanIn, ...
+    recorded = recorded_any if isinstance(recorded_any, NM) else None
+    names, kept = _select(model, targets, list(ignore or []))
+    modules = dict(model.named_modules())
+    owners = _tied_owners(model)
+    report = CompressReport(kept_dense=list(kept))
+    built: dict[str, SparseLinear] = {}
+    eligible: list[tuple[str, float]] = []
+    for name in names:
+        mod = modules[name]
+        tied = [o for o in owners.get(mod.weight.data_ptr(), []) if o != f"{name}.weight"]
+        if tied:
+            report.kept_dense.append((name, f"weight is tied to {tied[0]}; compressing it would untie them"))
+            continue
+        w = weight_2d(mod)  # (out, in) view
+        if (dtype or w.dtype) not in (torch.float32, torch.bfloat16):
+            report.kept_dense.append((name, f"weight dtype {w.dtype} has no sparse kernel; pass dtype=torch.float32 or torch.bfloat16"))
+            continue
+        sparsity = float((w == 0).sum()) / max(1, w.numel())
+        if sparsity < min_sparsity:
+            report.kept_dense.append((name, f"sparsity {sparsity:.3f} < min_sparsity {min_sparsity:.3f}"))
+            continue
+        eligible.append((name, sparsity))
+    if format == "auto" and advice is None and eligible:
+        from sparseforge.runtime.advise import advise_model
+
+        advice = advise_model(model, names=[n for n, _ in eligible], batch_sizes=batch_sizes,
+                              pattern=str(recorded) if recorded is not None else None, values_dtype=dtype)
+    report.advice = advice
+    for name, sparsity in eligible:
+        mod = modules[name]
+        w = weight_2d(mod)  # (out, in) view
+        if format == "auto":
+            adv = advice.choice_for(name)
+            if adv is None:
+                raise ConfigError(f"the advice passed to compress_ does not cover layer {name}; measure this model with advise_model")
+            if adv.choice == "dense":
+                report.kept_dense.append((name, f"dense is faster on this machine ({adv.reason()})"))
+                continue
+            fmt, pat = adv.choice, adv.pattern
+        elif format == "rule":
+            fmt, pat = _structured_format(w, recorded_any) or auto_format(w, recorded)
+        else:
+            fmt, pat = format, {"nm": recorded, "bsr": recorded_any}.get(format)
+        try:
+            sl = SparseLinear.from_linear(mod, fmt, pattern=pat, dtype=dtype)
+        except ConfigError as exc:
+            raise ConfigError(f"layer {name}: {exc}") from exc
+        built[name] = sl
+        label = f"nm {sl.pattern}" if sl.pattern is not None else fmt
+        if fmt == "bsr":
+            label = f"bsr {sl.weight_format.block}"
+        report.converted.append(CompressedLayer(name, label, tuple(w.shape), sparsity, sl.weight_format.nbytes,
+                                                w.numel() * w.element_size()))
+    for name, sl in built.items():
+        set_module(model, name, sl)
+    return report
+
+
+# ------------------------------------------------------------------------------- load_sparse
+
+
+@contextmanager
+def _linear_weights_on_meta() -> Iterator[None]:
+    """While building a skeleton: ``nn.Linear`` parameters go to the meta device (no memory), while
+    everything else (embeddings, norms, non-persistent buffers such as RoPE ``inv_freq``) is built
+    normally on the CPU, so those buffers get their real values from the model's own code."""
+    original = nn.Linear.__init__
+
+    def init(self, in_features, out_features, bias=True, device=None, dtype=None):
+        original(self, in_features, out_features, bias=bias, device=device or "meta", dtype=dtype)
+
+    nn.Linear.__init__ = init
+    try:
+        yield
+    finally:
+        nn.Linear.__init__ = original
+
+
+LOAD_FORMATS = ("rule", "stored")
+
+
+def _load_format(obj, format: str):
+    """The format a loaded layer runs in: ``"stored"`` keeps ``obj``; ``"rule"`` turns bitmap layers of
+    sparsity >= CSR_FROM into CSR (step 2 of :func:`auto_format`; N:M, BSR and fan-in stay as stored)."""
+    from sparseforge.formats import BitmapWeight
+    from sparseforge.formats.csr import CSRWeight
+
+    if format == "rule" and isinstance(obj, BitmapWeight):
+        rows, cols = obj.shape
+        if 1.0 - obj.nnz / max(1, rows * cols) >= CSR_FROM:
+            return CSRWeight.from_bitmap(obj)
+    return obj
+
+
+def load_sparse(path: "str | Path", format: str = "rule") -> nn.Module:
+    """A transformers model from a compressed sparseforge checkpoint, its pruned layers as SparseLinear.
+
+    The compressed weights (:func:`sparseforge.io.checkpoint.load_state_dict_compressed`) go straight
+    into SparseLinear layers; their dense matrices are never built. ``format="rule"`` (default) runs
+    bitmap layers of at least 85% sparsity (``CSR_FROM``) as CSR, converted from the bits
+    (:meth:`~sparseforge.formats.csr.CSRWeight.from_bitmap`; CSR is 1.5-2.6x faster there at batch 1,
+    ``docs/benchmarks.md``) and keeps N:M, bitmap, fan-in and BSR layers otherwise; ``format="stored"``
+    keeps every layer in its stored format.
+    Exception: a compressed tensor tied to a non-linear module (an embedding tied to ``lm_head``
+    that the saver compressed because of its zero padding row) is decompressed for that module.
+    The skeleton is built with every ``nn.Linear`` parameter on the meta device; the remaining dense
+    tensors are assigned (not copied) from the checkpoint. Known cost: transformers ``Conv1D``
+    (GPT-2) weights are allocated dense in the skeleton before being replaced.
+    """
+    from sparseforge.io import checkpoint as ck
+
+    if format not in LOAD_FORMATS:
+        raise ConfigError(f"load format must be one of {', '.join(LOAD_FORMATS)}, got {format!r}")
+    p = ck._model_dir(path)
+    block = ck.read_sparsity_config(p)
+    if not ck._is_compressed(block):
+        raise ModelError(f"{p} is not a compressed sparseforge checkpoint; load it with sparseforge.load(path) and call compress_(model)")
+    transformers = ck._import_transformers()
+    skeleton = ck.skeleton(p)  # checks architectures; the loaders share one validation of it
+    cls = type(skeleton)
+    arch = [cls.__name__]
+    config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
+    state = ck.load_state_dict_compressed(p, skeleton)
+    with _linear_weights_on_meta(), torch.no_grad():
+        model = cls(config)
+    modules = dict(model.named_modules())
+    layers = block.get("layers", {})
+    # a compressed tensor tied to a non-linear owner (e.g. an embedding tied to lm_head) is needed
+    # dense by that owner: it, and every alias of it, is decompressed once (as sparseforge.load does)
+    needs_dense = {id(v) for n, v in state.items()
+                   if not isinstance(v, torch.Tensor) and not is_linear(modules.get(n.rsplit(".", 1)[0], nn.Identity()))}
+    dense: dict[str, torch.Tensor] = {}
+    decompressed: dict[int, torch.Tensor] = {}
+    runs_as: dict[int, Any] = {}  # id(stored object) -> the object its layers run; tied layers share one conversion
+    sparse_prefixes = []
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor):
+            dense[name] = value
+        elif id(value) in needs_dense:
+            if id(value) not in decompressed:
+                canonical = next(n for n, v in state.items() if v is value and n in layers)
+                mat = value.to_dense()  # (out, in)
+                decompressed[id(value)] = mat.t().contiguous() if layers[canonical].get("transposed") else mat
+            dense[name] = decompressed[id(value)]
+        else:
+            owner = name.rsplit(".", 1)[0]
+            if id(value) not in runs_as:
+                runs_as[id(value)] = _load_format(value, format)
+            set_module(model, owner, SparseLinear(runs_as[id(value)], state.get(f"{owner}.bias")))
+            sparse_prefixes.append(owner + ".")
+    missing, unexpected = model.load_state_dict(dense, strict=False, assign=True)
+    missing = [k for k in missing if not any(k.startswith(s) for s in sparse_prefixes)]
+    if unexpected or missing:
+        raise ModelError(f"{p}: the stored weights do not match {arch[0]}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    on_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if on_meta:
+        raise ModelError(f"{p}: tensors {on_meta[:5]} were not in the checkpoint; it is incomplete")
+    if (p / "generation_config.json").is_file() and model.can_generate():
+        model.generation_config = transformers.GenerationConfig.from_pretrained(str(p))
+    return model.eval()
