@@ -84,7 +84,10 @@ def inspect_path(path: "str | Path", pattern: "str | None" = None) -> dict[str, 
         and ``bytes`` are the tensor data bytes on disk.
 
     Raises:
-        ModelError: ``path`` is not a model directory (or only has ``.bin`` weights).
+        ModelError: ``path`` is not a model directory (or only has ``.bin`` weights), or it fails the
+            validation both loaders run (:func:`sparseforge.io.validation.validate_checkpoint`:
+            corrupt files, fields of the wrong type, tensors missing, extra or of the wrong shape,
+            checksums that do not match), so ``inspect`` accepts exactly what the loaders accept.
     """
     p = Path(path)
     block = read_sparsity_config(p)
@@ -99,8 +102,14 @@ def inspect_path(path: "str | Path", pattern: "str | None" = None) -> dict[str, 
     if pat is not None and not layers_block:
         linears, note = _skeleton_linears(p)
         notes += [note] if note else []
+    state = load_state_dict_compressed(p)  # the loaders' validation; raises on any inconsistency
+    sums = (block or {}).get("checksums")
+    if sums is not None:
+        notes.append(f"checksums: {len(sums['tensors'])} tensors verified ({sums['algorithm']})")
+    elif block is not None and block.get("format") != "dense":
+        notes.append(f"no checksums (format_version {block['format_version']}): damaged tensor data cannot be detected")
     rows = []
-    for name, value in load_state_dict_compressed(p).items():
+    for name, value in state.items():
         if name in aliases:
             continue
         info = layers_block.get(name, {})
