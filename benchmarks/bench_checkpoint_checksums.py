@@ -70,7 +70,8 @@ def main() -> None:
     if args.quick:
         args.hidden, args.layers, args.repeats = 256, 2, 3
 
-    from sparseforge.io.checkpoint import load, save_pretrained
+    from sparseforge.io.checkpoint import save_pretrained
+    from sparseforge.io.loading import load
     from sparseforge.io.validation import validate_checkpoint, verify_checksums
 
     rows = []

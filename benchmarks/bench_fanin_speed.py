@@ -25,9 +25,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(argv=None) -> int:
-    from sparseforge.runtime.advise import measure_layer, machine_info
     from sparseforge.masks import mask_from_scores
     from sparseforge.patterns import FanIn
+    from sparseforge.runtime.advise import measure_layer
+    from sparseforge.runtime.machine import machine_info
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")

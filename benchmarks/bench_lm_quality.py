@@ -62,8 +62,8 @@ TARGETS = ["re:model\\.layers\\.\\d+\\.(self_attn|mlp)\\..*"]
 def tokenizer_and_data():
     from transformers import AutoTokenizer
 
-    from sparseforge.io.builtin import builtin_model_path
     from sparseforge.data.calibration import corpus_token_ids
+    from sparseforge.io.builtin import builtin_model_path
 
     tok = AutoTokenizer.from_pretrained(builtin_model_path())
     return tok, corpus_token_ids(tok, "train"), corpus_token_ids(tok, "heldout")

@@ -28,8 +28,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 WORKER = r"""
 import json, sys
 import torch, transformers, sparseforge
-from sparseforge.io.checkpoint import load
 from sparseforge.evaluation.speed import _model_mib, own_peak_rss_mib
+from sparseforge.io.loading import load
 mode, path = sys.argv[1], sys.argv[2]
 model_mib = 0.0
 # the baseline imports everything a loader touches (model classes, safetensors, the kernels)

@@ -43,8 +43,8 @@ import torch  # noqa: E402
 
 from sparseforge.data import calibration as data  # noqa: E402
 from sparseforge.data import corpus  # noqa: E402
-from sparseforge.io.builtin import BUILTIN_MODEL_DIRNAME  # noqa: E402
 from sparseforge.evaluation.quality import DEFAULT_MAX_WINDOWS, DEFAULT_SEQLEN, perplexity  # noqa: E402
+from sparseforge.io.builtin import BUILTIN_MODEL_DIRNAME  # noqa: E402
 
 DEFAULT_OUT = REPO / "src" / "sparseforge" / "assets" / BUILTIN_MODEL_DIRNAME
 EOS = "<|endoftext|>"

@@ -12,7 +12,8 @@ from tiny_models import tiny_model, tokens  # noqa: E402
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prune_save_load_is_bit_exact(tmp_path, method, dtype):
-    from sparseforge.io.checkpoint import load, save_pretrained
+    from sparseforge.io.checkpoint import save_pretrained
+    from sparseforge.io.loading import load
 
     model = tiny_model("llama", dtype=dtype)
     opts = {"blocksize": 16} if method == "sparsegpt" else {}

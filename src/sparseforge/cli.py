@@ -203,10 +203,10 @@ def _write_json(path: Path | None, data) -> None:
 
 
 def _cmd_advise(args) -> int:
-    from sparseforge.runtime.advise import advise_model, check_budget, plot_sweep, sweep
-    from sparseforge.layers import linear_layers, weight_2d
     from sparseforge.io.models import load_model
     from sparseforge.io.writable import check_output_file
+    from sparseforge.layers import linear_layers, weight_2d
+    from sparseforge.runtime.advise import advise_model, check_budget, plot_sweep, sweep
 
     check_budget(args.budget)
     check_output_file(args.plot if args.sweep else None, option="--plot")

@@ -27,7 +27,7 @@ from torch import nn
 from sparseforge.config import name_matches
 from sparseforge.errors import ConfigError, ModelError
 
-__all__ = ["set_module", "is_linear", "weight_2d", "linear_layers", "find_blocks", "select_targets"]
+__all__ = ["set_module", "is_linear", "weight_2d", "linear_layers", "linear_weights", "find_blocks", "select_targets"]
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -57,6 +57,15 @@ def linear_layers(root: nn.Module, prefix: str = "") -> Iterator[str]:
     for name, module in root.named_modules():
         if name and is_linear(module):
             yield f"{prefix}{name}"
+
+
+def linear_weights(model: nn.Module) -> dict[str, bool]:
+    """``{param name: transposed}`` for every nn.Linear (False) / transformers Conv1D (True) weight."""
+    return {
+        f"{name}.weight": not isinstance(mod, nn.Linear)
+        for name, mod in model.named_modules()
+        if name and is_linear(mod)
+    }
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

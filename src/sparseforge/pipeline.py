@@ -74,8 +74,8 @@ def prune_model(
     progress: bool = True,
 ) -> PruneResult:
     """Load ``model``, prune it with every config in turn, evaluate before/after and save to ``out``."""
-    from sparseforge.io.checkpoint import checkpoint_sizes, save_pretrained
     from sparseforge.evaluation.quality import embedding_fidelity, perplexity
+    from sparseforge.io.checkpoint import checkpoint_sizes, save_pretrained
     from sparseforge.io.models import load_model
 
     start = time.perf_counter()
@@ -155,9 +155,10 @@ def run_demo(out: Path | str = "sparseforge-demo", patterns: tuple[str, ...] = (
              sparsity: float | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Prune the built-in model with magnitude, Wanda and SparseGPT for each pattern; evaluate;
     save the last SparseGPT model compressed to ``out``; reload it and check it is bit-exact."""
-    from sparseforge.io.checkpoint import checkpoint_sizes, load, save_pretrained
     from sparseforge.config import dump_recipe
     from sparseforge.evaluation.quality import perplexity
+    from sparseforge.io.checkpoint import checkpoint_sizes, save_pretrained
+    from sparseforge.io.loading import load
     from sparseforge.io.models import load_model
 
     out = Path(out)

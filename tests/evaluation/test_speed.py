@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from sparseforge.evaluation.speed import bench_generation
 from sparseforge.cli import main
 from sparseforge.errors import ConfigError
+from sparseforge.evaluation.speed import bench_generation
 
 pytestmark = pytest.mark.slow
 

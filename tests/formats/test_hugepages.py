@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from sparseforge.formats import BitmapWeight, NMWeight
-from sparseforge.formats._memory import MIN_BYTES, hugepage_backed, hugepage_copy, hugepages_available
 from sparseforge.formats.csr import CSRWeight
+from sparseforge.formats.memory import MIN_BYTES, hugepage_backed, hugepage_copy, hugepages_available
 from sparseforge.masks import mask_from_scores
 
 

@@ -38,7 +38,7 @@ from hypothesis import strategies as st
 
 from checkpoint_corruption import block, save_pruned, split_file, write_file
 
-from sparseforge.io.checkpoint import load
+from sparseforge.io.loading import load
 from sparseforge.io.validation import tensor_checksums
 from sparseforge.errors import SparseforgeError
 from sparseforge.io.inspection import inspect_path

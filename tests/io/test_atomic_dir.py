@@ -180,7 +180,8 @@ PRUNED_MODEL = textwrap.dedent("""
 def test_save_pretrained_killed_at_the_second_rename_loses_nothing(tmp_path):
     """The issue's reproduction (a kill at the second rename of an --overwrite save), end to end:
     the next load finds the new checkpoint, complete, and no temporaries."""
-    from sparseforge.io.checkpoint import load, save_pretrained
+    from sparseforge.io.checkpoint import save_pretrained
+    from sparseforge.io.loading import load
     from sparseforge.pipeline import weights_equal
 
     scope = {}

@@ -14,17 +14,17 @@ import safetensors  # noqa: F401  (test dependency: missing means failure)
 
 from tiny_models import tiny_model  # noqa: E402
 
+from sparseforge.errors import ConfigError, ModelError  # noqa: E402
+from sparseforge.formats import BitmapWeight, NMWeight  # noqa: E402
 from sparseforge.io import checkpoint, validation  # noqa: E402
 from sparseforge.io.validation import FORMAT_VERSION  # noqa: E402
 from sparseforge.io.checkpoint import (  # noqa: E402
     checkpoint_sizes,
-    load,
     load_state_dict_compressed,
     read_sparsity_config,
     save_pretrained,
 )
-from sparseforge.errors import ConfigError, ModelError  # noqa: E402
-from sparseforge.formats import BitmapWeight, NMWeight  # noqa: E402
+from sparseforge.io.loading import load  # noqa: E402
 from sparseforge.layers import linear_layers, weight_2d  # noqa: E402
 from sparseforge.masks import mask_from_scores  # noqa: E402
 
@@ -363,7 +363,7 @@ def test_import_is_cheap():
     import subprocess
     import sys
 
-    code = "import sparseforge.io.checkpoint, sparseforge.io.inspection, sys; print('transformers' in sys.modules)"
+    code = "import sparseforge.io.checkpoint, sparseforge.io.inspection, sparseforge.io.loading, sys; print('transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 

@@ -11,7 +11,7 @@ import torch
 from checkpoint_corruption import block, copy_checkpoint, edit_config, save_pruned, split_file, write_file
 
 import sparseforge
-from sparseforge.io.checkpoint import load
+from sparseforge.io.loading import load
 from sparseforge.errors import ModelError
 from sparseforge.io.inspection import inspect_path
 

@@ -12,8 +12,8 @@ import transformers  # noqa: F401  (test dependency: missing means failure)
 from test_checkpoint import info, prune  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
-from sparseforge.io.checkpoint import checkpoint_sizes, load_state_dict_compressed, save_pretrained  # noqa: E402
 from sparseforge.errors import ModelError  # noqa: E402
+from sparseforge.io.checkpoint import checkpoint_sizes, load_state_dict_compressed, save_pretrained  # noqa: E402
 from sparseforge.io.inspection import format_report, inspect_path  # noqa: E402
 
 

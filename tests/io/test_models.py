@@ -145,8 +145,8 @@ def test_minilm_loads_as_encoder():
     assert enc.tokenizer("hello world")["input_ids"][0] == enc.tokenizer.cls_token_id
 
 
-def test_sparseforge_checkpoint_goes_through_checkpoint_load(tmp_path, llama_dir, monkeypatch):
-    checkpoint = importlib.import_module("sparseforge.io.checkpoint")
+def test_sparseforge_checkpoint_goes_through_loading_load(tmp_path, llama_dir, monkeypatch):
+    loading = importlib.import_module("sparseforge.io.loading")
     for f in llama_dir.iterdir():
         shutil.copy(f, tmp_path / f.name)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -155,7 +155,7 @@ def test_sparseforge_checkpoint_goes_through_checkpoint_load(tmp_path, llama_dir
     calls = []
     sentinel = transformers.LlamaForCausalLM.from_pretrained(llama_dir)
     sentinel.train()
-    monkeypatch.setattr(checkpoint, "load", lambda path, dtype=None: calls.append((path, dtype)) or sentinel)
+    monkeypatch.setattr(loading, "load", lambda path, dtype=None: calls.append((path, dtype)) or sentinel)
     lm = load_model(tmp_path, dtype="bfloat16")
     assert calls == [(tmp_path, torch.bfloat16)]
     assert lm.model is sentinel and not sentinel.training and lm.kind == "causal-lm"

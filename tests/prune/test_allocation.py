@@ -4,8 +4,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from sparseforge.prune.allocation import outlier_ratio, owl_sparsities
 from sparseforge.errors import ConfigError, DataError
+from sparseforge.prune.allocation import outlier_ratio, owl_sparsities
 
 
 def test_outlier_ratio_hand_example():

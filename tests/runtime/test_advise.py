@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import sparseforge as sf
-from sparseforge.runtime.advise import AdviceReport, LayerAdvice, advise_model, machine_info, measure_layer, plot_sweep, sweep
-from sparseforge.runtime.compress import compress_
 from sparseforge.errors import ConfigError
 from sparseforge.nn import SparseLinear
+from sparseforge.runtime.advise import AdviceReport, LayerAdvice, advise_model, measure_layer, plot_sweep, sweep
+from sparseforge.runtime.compress import compress_
+from sparseforge.runtime.machine import machine_info
 from tests.tiny_models import tiny_model
 
 

@@ -10,12 +10,14 @@ import transformers  # noqa: F401  (test dependency: missing means failure)
 from tiny_models import tiny_model, tokens  # noqa: E402
 
 import sparseforge as sf  # noqa: E402
-from sparseforge.io.checkpoint import load, save_pretrained  # noqa: E402
-from sparseforge.runtime.compress import CSR_FROM, auto_format, compress_, load_sparse  # noqa: E402
 from sparseforge.errors import ConfigError, ModelError  # noqa: E402
 from sparseforge.formats import BitmapWeight, BSRWeight, FanInWeight, NMWeight  # noqa: E402
+from sparseforge.formats.rule import CSR_FROM, auto_format  # noqa: E402
+from sparseforge.io.checkpoint import save_pretrained  # noqa: E402
+from sparseforge.io.loading import load, load_sparse  # noqa: E402
 from sparseforge.nn import SparseLinear  # noqa: E402
 from sparseforge.patterns import NM  # noqa: E402
+from sparseforge.runtime.compress import compress_  # noqa: E402
 
 PRUNINGS = {"2:4": dict(pattern="2:4"), "90%": dict(pattern="unstructured", sparsity=0.9),
             "fanin": dict(pattern="fanin", sparsity=0.5), "block4x4": dict(pattern="block4x4", sparsity=0.5)}

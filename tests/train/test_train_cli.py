@@ -2,15 +2,16 @@ import argparse
 
 import pytest
 
+from sparseforge.cli import add_train_parser
 from sparseforge.errors import ConfigError
 from sparseforge.train import dump_train_recipe, parse_train_recipe
-from sparseforge.train.cli import add_parser, default_config, run
+from sparseforge.train.cli import default_config, run
 from sparseforge.train.config import TRAIN_CONFIGS
 
 
 def parse(*argv):
     ap = argparse.ArgumentParser()
-    add_parser(ap.add_subparsers(dest="command"))
+    add_train_parser(ap.add_subparsers(dest="command"))
     return ap.parse_args(["train", *argv])
 
 

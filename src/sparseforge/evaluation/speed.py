@@ -19,7 +19,7 @@ Peak memory: each variant is also loaded in a fresh subprocess that generates a 
 reports its peak resident set size (:func:`own_peak_rss_mib`: ``VmHWM``, the peak of that process
 image; not ``ru_maxrss``, which Linux carries from the parent across fork and exec), so one
 variant's allocations never inflate the other's. For a compressed sparseforge checkpoint the sparse subprocess uses
-:func:`sparseforge.runtime.compress.load_sparse`, which never builds the dense pruned weights.
+:func:`sparseforge.io.loading.load_sparse`, which never builds the dense pruned weights.
 
 ``pattern=`` / ``sparsity=`` prune the model by magnitude first (no calibration, for speed
 measurement only; use ``sparseforge prune`` for quality).
@@ -119,7 +119,7 @@ def _load(model: str, variant: str, pattern, sparsity, fmt: str, batch_sizes, sp
     from sparseforge.io.models import load_model, resolve_model_path
 
     if variant == "sparse" and sparse_load:
-        from sparseforge.runtime.compress import load_sparse
+        from sparseforge.io.loading import load_sparse
 
         return load_sparse(resolve_model_path(model)), None
     loaded = load_model(model)
@@ -139,11 +139,11 @@ def _load(model: str, variant: str, pattern, sparsity, fmt: str, batch_sizes, sp
 
 
 def _is_compressed_checkpoint(model: str) -> bool:
-    from sparseforge.io.checkpoint import _is_compressed, read_sparsity_config
+    from sparseforge.io.checkpoint import is_compressed, read_sparsity_config
     from sparseforge.io.models import resolve_model_path
 
     try:
-        return _is_compressed(read_sparsity_config(resolve_model_path(model)))
+        return is_compressed(read_sparsity_config(resolve_model_path(model)))
     except (ModelError, OSError):
         return False
 
@@ -170,13 +170,13 @@ def bench_generation(model: str, *, batch_sizes: Sequence[int] = (1, 8), new_tok
     from contextlib import nullcontext
 
     from sparseforge import kernels
-    from sparseforge.runtime.advise import _set_threads, machine_info
+    from sparseforge.runtime.machine import machine_info, set_threads
 
     if new_tokens < 1 or prompt_len < 1 or repeats < 1:
         raise ConfigError(f"new_tokens, prompt_len and repeats must be >= 1, got {new_tokens}, {prompt_len}, {repeats}")
     if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
         raise ConfigError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
-    threads = _set_threads(threads)
+    threads = set_threads(threads)
     batch_sizes = tuple(int(b) for b in batch_sizes)
     import copy
 

@@ -44,8 +44,8 @@ from typing import ClassVar
 import torch
 
 from sparseforge.errors import ConfigError, ModelError
-from sparseforge.formats._memory import hugepage_backed
 from sparseforge.formats._stored import StoredBuffers
+from sparseforge.formats.memory import hugepage_backed
 
 __all__ = ["BitmapWeight", "pack_bits", "unpack_bits"]
 
@@ -88,7 +88,7 @@ def row_popcounts(packed: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _check_weight(w: torch.Tensor, mask: torch.Tensor | None) -> None:
+def check_weight(w: torch.Tensor, mask: torch.Tensor | None) -> None:
     if w.dim() != 2:
         raise ConfigError(f"sparse formats store 2-D weights (rows, cols), got shape {tuple(w.shape)}")
     if not w.is_floating_point():
@@ -137,7 +137,7 @@ class BitmapWeight(StoredBuffers):
     @classmethod
     def from_dense(cls, w: torch.Tensor, mask: torch.Tensor | None = None) -> "BitmapWeight":
         """Compress ``w`` (rows, cols); ``mask`` (bool, True = keep) defaults to ``w != 0``."""
-        _check_weight(w, mask)
+        check_weight(w, mask)
         keep = (w != 0) if mask is None else mask  # (rows, cols)
         return cls(tuple(w.shape), hugepage_backed(pack_bits(keep)), hugepage_backed(w[keep].contiguous()))
 

@@ -42,10 +42,10 @@ from typing import ClassVar
 import torch
 
 from sparseforge.errors import ConfigError, ModelError
-from sparseforge.formats._memory import hugepage_backed
 from sparseforge.formats._stored import StoredBuffers
-from sparseforge.formats.bitmap import _check_weight
+from sparseforge.formats.bitmap import check_weight
 from sparseforge.formats.csr import index_dtype
+from sparseforge.formats.memory import hugepage_backed
 from sparseforge.patterns import Block, Pattern, parse
 
 __all__ = ["BSRWeight"]
@@ -106,7 +106,7 @@ class BSRWeight(StoredBuffers):
         ``mask`` (bool, True = keep) defaults to ``w != 0``; a tile is stored if any entry is kept.
         """
         blk = _as_block(block)
-        _check_weight(w, mask)
+        check_weight(w, mask)
         if w.dtype not in _VALUE_DTYPES:
             raise ConfigError(f"BSRWeight stores float32 or bfloat16 values, got {w.dtype}; convert the weight first")
         rows, cols = w.shape

@@ -40,9 +40,9 @@ from typing import ClassVar
 import torch
 
 from sparseforge.errors import ConfigError, ModelError
-from sparseforge.formats._memory import hugepage_backed
 from sparseforge.formats._stored import StoredBuffers
-from sparseforge.formats.bitmap import BitmapWeight, _check_weight, unpack_bits
+from sparseforge.formats.bitmap import BitmapWeight, check_weight, unpack_bits
+from sparseforge.formats.memory import hugepage_backed
 
 __all__ = ["CSRWeight", "index_dtype"]
 
@@ -98,7 +98,7 @@ class CSRWeight(StoredBuffers):
 
         Values keep ``w``'s dtype (float32 or bfloat16).
         """
-        _check_weight(w, mask)
+        check_weight(w, mask)
         if w.dtype not in (torch.float32, torch.bfloat16):
             raise ConfigError(f"CSRWeight stores float32 or bfloat16 values, got {w.dtype}; convert the weight first")
         rows, cols = w.shape

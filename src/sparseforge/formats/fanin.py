@@ -42,10 +42,10 @@ from typing import ClassVar
 import torch
 
 from sparseforge.errors import ConfigError, ModelError
-from sparseforge.formats._memory import hugepage_backed
 from sparseforge.formats._stored import StoredBuffers
-from sparseforge.formats.bitmap import _check_weight
+from sparseforge.formats.bitmap import check_weight
 from sparseforge.formats.csr import index_dtype
+from sparseforge.formats.memory import hugepage_backed
 
 __all__ = ["FanInWeight"]
 
@@ -89,7 +89,7 @@ class FanInWeight(StoredBuffers):
         Raises :class:`ConfigError` naming two rows with different counts when the rows do not all
         keep the same number of inputs.
         """
-        _check_weight(w, mask)
+        check_weight(w, mask)
         if w.dtype not in _VALUE_DTYPES:
             raise ConfigError(f"FanInWeight stores float32 or bfloat16 values, got {w.dtype}; convert the weight first")
         rows, cols = w.shape

@@ -52,9 +52,9 @@ from typing import ClassVar
 import torch
 
 from sparseforge.errors import ConfigError, ModelError
-from sparseforge.formats._memory import hugepage_backed, hugepage_copy
 from sparseforge.formats._stored import StoredBuffers
-from sparseforge.formats.bitmap import _check_weight, pack_bits, unpack_bits
+from sparseforge.formats.bitmap import check_weight, pack_bits, unpack_bits
+from sparseforge.formats.memory import hugepage_backed, hugepage_copy
 from sparseforge.masks import topk_mask
 from sparseforge.patterns import NM, Pattern, parse
 
@@ -137,7 +137,7 @@ class NMWeight(StoredBuffers):
         more than ``n`` entries, or when ``cols`` is not a multiple of ``m``.
         """
         pattern = _as_nm(pattern)
-        _check_weight(w, mask)
+        check_weight(w, mask)
         n, m = pattern.n, pattern.m
         rows, cols = w.shape
         if cols % m:

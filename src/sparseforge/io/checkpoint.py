@@ -1,4 +1,4 @@
-"""Save and load sparse Hugging Face models, dense or compressed (``save_pretrained`` style).
+"""Save sparse Hugging Face models, dense or compressed (``save_pretrained`` style), and read the layout.
 
 A compressed checkpoint is a normal model directory whose ``model.safetensors`` stores every pruned
 weight in :class:`~sparseforge.formats.BitmapWeight`, :class:`~sparseforge.formats.NMWeight`,
@@ -10,10 +10,12 @@ temporary directory next to ``out_dir`` that replaces it atomically at the end, 
 save is finished or rolled back by the next save or load (:mod:`sparseforge.io.atomic_dir`).
 
 Plain ``transformers`` cannot read a compressed checkpoint (it would report the pruned weights as
-missing); use :func:`load`. ``compressed=False`` writes a plain checkpoint that transformers loads.
+missing); use :func:`sparseforge.io.loading.load`. ``compressed=False`` writes a plain checkpoint
+that transformers loads.
 
 Example:
-    >>> from sparseforge.io.checkpoint import save_pretrained, load, checkpoint_sizes
+    >>> from sparseforge.io.checkpoint import save_pretrained, checkpoint_sizes
+    >>> from sparseforge.io.loading import load
     >>> save_pretrained(model, "out", sparsity_config={"method": "wanda", "pattern": "2:4",
     ...                 "sparsity": 0.5, "targets": None, "ignore": []})   # doctest: +SKIP
     >>> model = load("out")                                                 # doctest: +SKIP
@@ -44,20 +46,24 @@ from sparseforge.io.validation import weight_files as checked_weight_files
 from sparseforge.config import name_matches
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats import BitmapWeight, BSRWeight, FanInWeight, NMWeight
-from sparseforge.formats._memory import hugepage_backed
+from sparseforge.formats.memory import hugepage_backed
+from sparseforge.formats.rule import structured_format
+from sparseforge.layers import linear_weights
 from sparseforge.masks import satisfies
+from sparseforge.io.hf import import_transformers
 from sparseforge.io.safetensors_header import read_header
 from sparseforge.patterns import NM, Block, FanIn, parse
 
 __all__ = [
     "FORMAT_VERSION",
     "save_pretrained",
-    "load",
     "load_state_dict_compressed",
     "read_sparsity_config",
     "checkpoint_sizes",
     "weight_files",
     "read_safetensors_header",
+    "model_dir",
+    "is_compressed",
 ]
 
 # FORMAT_VERSION (sparseforge.io.validation): bump on any incompatible change of the on-disk layout.
@@ -156,20 +162,9 @@ def _aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
     return aliases
 
 
-def _linear_weights(model) -> dict[str, bool]:
-    """``{param name: transposed}`` for every nn.Linear (False) / transformers Conv1D (True) weight."""
-    from sparseforge.layers import is_linear
-
-    return {
-        f"{name}.weight": not isinstance(mod, torch.nn.Linear)
-        for name, mod in model.named_modules()
-        if name and is_linear(mod)
-    }
-
-
 def _resolve_targets(model, state, aliases, info) -> dict[str, bool]:
     """``{canonical param name: transposed}`` of the weights to compress, in state order."""
-    linear = _linear_weights(model)
+    linear = linear_weights(model)
     ignore = info.get("ignore") or []
     targets = info.get("targets")
     if targets is None:
@@ -199,9 +194,7 @@ def _encode(mat: torch.Tensor, pattern) -> "BitmapWeight | NMWeight | FanInWeigh
     if isinstance(pattern, NM) and mat.shape[1] % pattern.m == 0 and satisfies(mat != 0, pattern):
         return NMWeight.from_dense(mat, pattern)
     if isinstance(pattern, (Block, FanIn)) and mat.dtype in (torch.float32, torch.bfloat16):
-        from sparseforge.runtime.compress import _structured_format  # the rule compress_(format="rule") uses
-
-        found = _structured_format(mat, pattern)
+        found = structured_format(mat, pattern)  # the rule compress_(format="rule") uses
         if found is not None:
             return BSRWeight.from_dense(mat, found[1]) if found[0] == "bsr" else FanInWeight.from_dense(mat)
     return BitmapWeight.from_dense(mat)
@@ -305,10 +298,10 @@ def _write_block(directory: Path, block: dict[str, Any] | None) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-# ---------------------------------------------------------------------------------------- load
+# ---------------------------------------------------------------------------------------- read
 
 
-def _model_dir(path: "str | Path") -> Path:
+def model_dir(path: "str | Path") -> Path:
     """``Path(path)`` after checking it holds config.json and weights; ModelError otherwise."""
     p = Path(path)
     recover(p)
@@ -323,7 +316,7 @@ def _model_dir(path: "str | Path") -> Path:
 
 def read_sparsity_config(path: "str | Path") -> dict[str, Any] | None:
     """The ``sparsity_config`` block of a model directory (``None`` for a plain checkpoint)."""
-    p = _model_dir(path)
+    p = model_dir(path)
     data = read_json(p / CONFIG_NAME)
     if not isinstance(data, dict):
         raise ModelError(f"{p / CONFIG_NAME}: must be a JSON object, got {type(data).__name__}")
@@ -331,13 +324,14 @@ def read_sparsity_config(path: "str | Path") -> dict[str, Any] | None:
     return None if block is None else check_block(block, p / CONFIG_NAME)
 
 
-def _is_compressed(block: dict[str, Any] | None) -> bool:
+def is_compressed(block: dict[str, Any] | None) -> bool:
+    """Whether a ``sparsity_config`` block (:func:`read_sparsity_config`) describes packed weights."""
     return block is not None and block.get("format") in PACKED
 
 
 def weight_files(path: "str | Path") -> list[Path]:
     """The safetensors weight files of a model directory (single file or shards)."""
-    return checked_weight_files(_model_dir(path))
+    return checked_weight_files(model_dir(path))
 
 
 def read_safetensors_header(file: Path) -> dict[str, dict[str, Any]]:
@@ -350,8 +344,8 @@ def read_safetensors_header(file: Path) -> dict[str, dict[str, Any]]:
 def skeleton(path: "str | Path"):
     """The model of checkpoint ``path`` built on the meta device (no memory): the shapes and module
     types its tensors must fit. ModelError when ``architectures`` names no transformers model class."""
-    p = _model_dir(path)
-    transformers = _import_transformers()
+    p = model_dir(path)
+    transformers = import_transformers()
     cls = architecture_class(read_json(p / CONFIG_NAME), p / CONFIG_NAME, transformers)
     try:
         config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
@@ -390,9 +384,9 @@ def load_state_dict_compressed(path: "str | Path", model=None) -> dict[str, "tor
     ``layers[name]["transposed"]`` is true (transformers ``Conv1D``) the parameter is
     ``obj.to_dense().t()``. Tied aliases map to the same object as their canonical name.
     """
-    p = _model_dir(path)
+    p = model_dir(path)
     block = read_sparsity_config(p)
-    if model is None and _is_compressed(block):
+    if model is None and is_compressed(block):
         model = skeleton(p)
     checked = validate_checkpoint(p, model)
     state: dict[str, Any] = _load_files([h.file for h in checked.headers])
@@ -401,7 +395,7 @@ def load_state_dict_compressed(path: "str | Path", model=None) -> dict[str, "tor
     block = checked.block
     for name, layer in checked.layers.items():
         fmt, shape = layer["format"], tuple(layer["shape"])
-        for field in PACKED[fmt].FIELDS:  # large buffers into huge pages, as from_dense does (formats/_memory.py);
+        for field in PACKED[fmt].FIELDS:  # large buffers into huge pages, as from_dense does (formats/memory.py);
             key = f"{name}.{PACKED[fmt].KEY}{field}"  # the file's copy is released as each is replaced
             state[key] = hugepage_backed(state[key])
         try:
@@ -423,63 +417,6 @@ def load_state_dict_compressed(path: "str | Path", model=None) -> dict[str, "tor
     return state
 
 
-def _import_transformers():
-    try:
-        import transformers
-    except ImportError as exc:
-        raise ModelError("loading Hugging Face models needs transformers: pip install 'sparseforge[hf]'") from exc
-    return transformers
-
-
-def load(path: "str | Path", dtype: "torch.dtype | str | None" = None, sparse: bool = False, format: "str | None" = None):
-    """Load a dense Hugging Face checkpoint or a sparseforge one (compressed or not), bit-exact.
-
-    The class comes from ``config.architectures[0]``. Compressed weights are decompressed and
-    handed to ``from_pretrained(None, config=..., state_dict=...)``, which builds the model on the
-    meta device (no random initialisation). ``dtype=None`` keeps the stored dtype.
-
-    ``sparse=True`` (compressed checkpoints only) keeps the pruned layers sparse instead: they come
-    back as :class:`~sparseforge.nn.SparseLinear` running the native kernels, built straight from the
-    stored buffers without ever materialising the dense weights
-    (:func:`sparseforge.runtime.compress.load_sparse`); ``format`` is its ``format`` (``"rule"``, the default:
-    bitmap layers of >= 85% sparsity run as CSR; ``"stored"``: every layer as stored).
-    """
-    p = _model_dir(path)
-    if format is not None and not sparse:
-        raise ConfigError("format= chooses the sparse layers' format; it needs sparse=True")
-    if sparse:
-        if dtype is not None:
-            raise ConfigError("sparse=True loads the values in their stored dtype; drop dtype= (or load dense)")
-        from sparseforge.runtime.compress import load_sparse
-
-        return load_sparse(p, format or "rule")
-    block = read_sparsity_config(p)
-    transformers = _import_transformers()
-    if isinstance(dtype, str) and not isinstance(getattr(torch, dtype, None), torch.dtype):
-        raise ConfigError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16' or 'float16'")
-    cls = architecture_class(read_json(p / CONFIG_NAME), p / CONFIG_NAME, transformers)
-    if not _is_compressed(block):
-        validate_checkpoint(p)  # safetensors headers and the info block, before transformers reads them
-        return cls.from_pretrained(str(p), dtype=dtype or "auto", local_files_only=True)
-    dense = {}
-    for name, value in load_state_dict_compressed(p, skeleton(p)).items():
-        if isinstance(value, PACKED_TYPES):
-            mat = value.to_dense()  # (out, in)
-            value = mat.t().contiguous() if block["layers"].get(name, {}).get("transposed") else mat
-        dense[name] = value
-    for alias, canonical in (block.get("tied") or {}).items():
-        dense[alias] = dense[canonical]
-    config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
-    model, info = cls.from_pretrained(None, config=config, state_dict=dense, dtype=dtype or "auto",
-                                      output_loading_info=True)
-    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    if bad:
-        raise ModelError(f"{p}: the stored weights do not match {cls.__name__}: {bad}; the checkpoint is corrupt or incomplete")
-    if (p / "generation_config.json").is_file() and model.can_generate():
-        model.generation_config = transformers.GenerationConfig.from_pretrained(str(p))
-    return model
-
-
 # ---------------------------------------------------------------------------------------- sizes
 
 
@@ -491,7 +428,7 @@ def checkpoint_sizes(path: "str | Path") -> dict[str, Any]:
     file_bytes / dense_bytes}``.
     """
     block = read_sparsity_config(path)
-    layers = block.get("layers", {}) if _is_compressed(block) else {}
+    layers = block.get("layers", {}) if is_compressed(block) else {}
     files = weight_files(path)
     stored = dense = 0
     for file in files:

@@ -22,8 +22,8 @@ import torch
 
 from sparseforge.io.checkpoint import (
     PACKED_TYPES,
-    _is_compressed,
     format_name,
+    is_compressed,
     load_state_dict_compressed,
     read_safetensors_header,
     read_sparsity_config,
@@ -54,13 +54,13 @@ def _skeleton_linears(path: Path) -> tuple[dict[str, bool] | None, str | None]:
     try:
         import transformers
 
-        from sparseforge.io.checkpoint import _linear_weights
+        from sparseforge.layers import linear_weights
 
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
         cls = getattr(transformers, (config.architectures or [""])[0])
         with torch.device("meta"):
             model = cls(config)
-        return _linear_weights(model), None
+        return linear_weights(model), None
     except Exception as exc:  # reported in the output, never hidden
         return None, (
             f"could not build the model skeleton ({type(exc).__name__}: {exc}); the pattern is checked "
@@ -145,7 +145,7 @@ def inspect_path(path: "str | Path", pattern: "str | None" = None) -> dict[str, 
     return {
         "path": str(p),
         "format": block.get("format", "dense") if block else "dense",
-        "compressed": _is_compressed(block),
+        "compressed": is_compressed(block),
         "pattern": str(pat) if pat is not None else None,
         "notes": notes,
         "layers": sorted(rows, key=lambda r: _natural(r["name"])),

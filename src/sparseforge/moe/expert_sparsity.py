@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from sparseforge.errors import ConfigError, DataError
-from sparseforge.prune.methods import LayerStats, get_method
 from sparseforge.moe.grouped import ACTIVATIONS
 from sparseforge.moe.layer import MoE
+from sparseforge.prune.methods import LayerStats, get_method
 
 __all__ = ["collect_expert_stats", "sparsify_experts_", "ExpertStats", "SHARED"]
 

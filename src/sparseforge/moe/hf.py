@@ -25,10 +25,10 @@ from torch import nn
 from sparseforge.errors import ModelError
 from sparseforge.moe.layer import MoE
 
-__all__ = ["from_mixtral_block", "from_phimoe_block", "from_qwen2_moe_block", "split_gate_up"]
+__all__ = ["from_mixtral_block", "from_phimoe_block", "from_qwen2_moe_block", "split_gate_up", "ACTIVATIONS"]
 
 # transformers hidden_act -> our activation name
-_ACTS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
 
 def split_gate_up(gate_up_proj: torch.Tensor, down_proj: torch.Tensor):
@@ -49,9 +49,9 @@ def _experts(block: nn.Module):
             "transformers >= 5 MoE blocks store them that way"
         )
     act = getattr(getattr(experts, "config", None), "hidden_act", "silu")
-    if act not in _ACTS:
-        raise ModelError(f"expert activation {act!r} is not supported; supported: {sorted(_ACTS)}")
-    return experts, _ACTS[act]
+    if act not in ACTIVATIONS:
+        raise ModelError(f"expert activation {act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
+    return experts, ACTIVATIONS[act]
 
 
 def from_mixtral_block(block: nn.Module, **kwargs) -> MoE:

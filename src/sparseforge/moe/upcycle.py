@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from sparseforge.errors import ConfigError, ModelError
-from sparseforge.moe.hf import _ACTS
+from sparseforge.moe.hf import ACTIVATIONS
 from sparseforge.moe.layer import MoE
 from sparseforge.moe.swap import MoEBlock, set_module
 
@@ -52,9 +52,9 @@ def _activation(mlp: nn.Module, default: str | None) -> str:
     act = getattr(getattr(mlp, "config", None), "hidden_act", None) or default
     if act is None:
         raise ModelError(f"cannot tell the activation of {type(mlp).__name__}; pass activation='silu' (or gelu, ...)")
-    if act not in _ACTS:
-        raise ModelError(f"MLP activation {act!r} is not supported; supported: {sorted(_ACTS)}")
-    return _ACTS[act]
+    if act not in ACTIVATIONS:
+        raise ModelError(f"MLP activation {act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[act]
 
 
 def upcycle_mlp(

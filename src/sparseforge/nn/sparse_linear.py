@@ -109,7 +109,7 @@ class SparseLinear(nn.Module):
 
         Args:
             format: ``"bitmap"``, ``"nm"``, ``"csr"`` or ``"auto"`` (the rule of
-                :func:`sparseforge.runtime.compress.auto_format`).
+                :func:`sparseforge.formats.rule.auto_format`).
             pattern: the N:M pattern for ``format="nm"`` (default ``"2:4"``); the block pattern
                 (e.g. ``"block4x4"``, required) for ``format="bsr"``; for ``"auto"``, a recorded
                 pattern tried first. ``format="fanin"`` needs every row to keep the same count.
@@ -130,8 +130,6 @@ class SparseLinear(nn.Module):
         if dtype not in _VALUE_DTYPES:
             raise ConfigError(f"sparse values must be float32 or bfloat16, got {dtype}; pass dtype=torch.float32 or torch.bfloat16")
         if format == "auto":
-            from sparseforge.runtime.compress import auto_format
-
             format, pattern = auto_format(w, pattern)
         keep = w != 0  # (out, in), pruned entries are exact zeros
         w = w.to(dtype)

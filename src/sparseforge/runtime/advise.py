@@ -20,7 +20,8 @@ advisor times the candidates on the machine it runs on:
 Timing protocol: each candidate is called until ``budget_s`` seconds have passed (at least 5
 calls, after 2 warm-up calls), candidates interleaved round by round so drifting load from other
 processes hits all of them alike, and the median call time is reported. When the model's linear
-weights do not fit in the last-level cache, each candidate cycles through enough copies of the
+weights do not fit in this machine's last-level cache
+(:func:`sparseforge.runtime.machine.last_level_cache`), each candidate cycles through enough copies of the
 weight (>= :data:`STREAM_BYTES`) that it is read from memory as in a real forward pass, rather than
 from cache. Threads: torch and the sparse kernels both use ``threads`` (default torch's current
 count).
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import copy
 import math
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -51,12 +51,12 @@ import torch
 from torch import nn
 
 from sparseforge.errors import ConfigError
+from sparseforge.runtime.machine import last_level_cache, machine_info, set_threads
 
 __all__ = ["LayerAdvice", "AdviceReport", "measure_layer", "advise_model", "sweep", "plot_sweep", "check_budget",
-           "STREAM_BYTES", "LLC_BYTES", "SWEEP_SPARSITIES"]
+           "STREAM_BYTES", "SWEEP_SPARSITIES"]
 
 STREAM_BYTES = 96 << 20  # weight copies cycled per candidate when the model does not fit in cache
-LLC_BYTES = 32 << 20  # last-level cache of the reference machine; bigger models stream from memory
 SWEEP_SPARSITIES = (0.5, 0.75, 0.9, 0.95)
 _DETECT_NM = "2:4"
 
@@ -98,7 +98,9 @@ class AdviceReport:
         return next((a for a in self.layers if name in a.layers), None)
 
     def table(self) -> str:
-        lines = [f"machine: {self.machine['cpu']}, kernels {self.machine['isa']}, {self.machine['threads']} thread(s)"]
+        llc = self.machine.get("llc_bytes")
+        lines = [f"machine: {self.machine['cpu']}, kernels {self.machine['isa']}, {self.machine['threads']} thread(s)"
+                 + (f", last-level cache {llc / 2**20:.0f} MiB ({self.machine.get('llc_source')})" if llc else "")]
         if self.layers:
             lines.append("\nper-layer choice (median ms per call; speedup = dense / chosen):")
             lines.append("| layers | shape | sparsity | batch | dense ms | " +
@@ -141,35 +143,10 @@ class AdviceReport:
 # ------------------------------------------------------------------------------------ timing
 
 
-def machine_info(threads: int) -> dict[str, Any]:
-    from sparseforge import kernels
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "isa": kernels.isa(), "threads": threads, "torch": torch.__version__}
-
-
 def check_budget(budget_s: float) -> None:
     """ConfigError unless ``budget_s`` (seconds of calls per candidate) is a finite number >= 0."""
     if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or not math.isfinite(budget_s) or budget_s < 0:
         raise ConfigError(f"--budget (seconds of calls per candidate) must be a finite number >= 0, got {budget_s!r}")
-
-
-def _set_threads(threads: Optional[int]) -> int:
-    from sparseforge import kernels
-
-    threads = torch.get_num_threads() if threads is None else int(threads)
-    if threads < 1:
-        raise ConfigError(f"threads must be >= 1, got {threads}")
-    torch.set_num_threads(threads)
-    kernels.set_num_threads(threads)
-    return threads
 
 
 def _time_interleaved(fns: dict[str, Callable[[], Any]], budget_s: float) -> dict[str, float]:
@@ -324,7 +301,7 @@ def advise_model(model: nn.Module, *, batch_sizes: Sequence[int] = (1,), names: 
     check_budget(budget_s)
     from sparseforge.layers import linear_layers, weight_2d
 
-    threads = _set_threads(threads)
+    threads = set_threads(threads)
     all_mods = dict(model.named_modules())
     mods = {n: all_mods[n] for n in linear_layers(model)}
     chosen = list(names) if names is not None else list(mods)
@@ -336,11 +313,12 @@ def advise_model(model: nn.Module, *, batch_sizes: Sequence[int] = (1,), names: 
     for n in chosen:
         groups.setdefault(_group_key(weight_2d(mods[n]), pattern), []).append(n)
     report = AdviceReport(machine_info(threads), tuple(int(b) for b in batch_sizes))
+    stream = total > last_level_cache().nbytes  # the model's weights cannot stay in this machine's cache
     from tqdm.auto import tqdm
 
     for key, layer_names in tqdm(list(groups.items()), desc="advise", unit="shape", disable=not progress):
         adv = measure_layer(weight_2d(mods[layer_names[0]]), batch_sizes=batch_sizes, pattern=pattern,
-                            formats=formats, budget_s=budget_s, min_speedup=min_speedup, stream=total > LLC_BYTES,
+                            formats=formats, budget_s=budget_s, min_speedup=min_speedup, stream=stream,
                             values_dtype=values_dtype)
         adv.layers = layer_names
         report.layers.append(adv)
@@ -361,7 +339,7 @@ def sweep(shapes: Iterable[tuple[int, int]], *, batch_sizes: Sequence[int] = (1,
     from sparseforge.masks import mask_from_scores
     from sparseforge.patterns import Unstructured, parse
 
-    threads = _set_threads(threads)
+    threads = set_threads(threads)
     if any(not 0.0 < s < 1.0 for s in sparsities):
         raise ConfigError(f"sweep sparsities must be in (0, 1), got {list(sparsities)}")
     report = report or AdviceReport(machine_info(threads), tuple(int(b) for b in batch_sizes))

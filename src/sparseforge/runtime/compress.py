@@ -1,4 +1,4 @@
-"""Swap pruned linear layers for :class:`~sparseforge.nn.SparseLinear`, and load them compressed.
+"""Swap pruned linear layers for :class:`~sparseforge.nn.SparseLinear`, in place.
 
 ``compress_(model)`` walks every ``nn.Linear`` / transformers ``Conv1D`` (or those named by
 ``targets``), and replaces each one that is sparse enough with a ``SparseLinear`` in place. Nothing
@@ -9,20 +9,13 @@ to another parameter, unsupported dtype).
 ``format="auto"`` measures: :func:`sparseforge.runtime.advise.advise_model` times every eligible layer shape
 dense and in each sparse format on this machine at the given ``batch_sizes`` and keeps the fastest,
 leaving a layer dense (reported, with the timings) when no sparse format wins. ``format="rule"`` is
-the fixed, measurement-free rule (:func:`auto_format`), reproducible across machines:
+the fixed, measurement-free rule of :mod:`sparseforge.formats.rule` (recorded N:M -> ``nm``,
+>= 85% sparse -> ``csr``, obeys 2:4 -> ``nm``, else ``bitmap``), reproducible across machines; before
+it, a recorded ``Block(h, w)`` / ``FanIn`` pattern (``pattern=`` or the model's ``sparsity_config``)
+that a layer's zeros obey maps the layer to ``bsr`` / ``fanin``.
 
-1. the weight obeys a recorded N:M pattern (``pattern=`` or ``model.config.sparsity_config``) -> ``nm``;
-2. sparsity >= 85% -> ``csr`` (fewest bytes there; ``docs/kernels.md``: CSR keeps scaling with its
-   bytes while the bitmap decode is compute bound from ~90%);
-3. the weight happens to obey 2:4 -> ``nm``;
-4. otherwise ``bitmap``.
-
-Before that rule, a recorded ``Block(h, w)`` / ``FanIn`` pattern (``pattern=`` or the model's
-``sparsity_config``) that a layer's zeros obey maps the layer to ``bsr`` / ``fanin``.
-
-:func:`load_sparse` builds a model straight from a compressed checkpoint
-(:func:`sparseforge.io.checkpoint.save_pretrained`) with SparseLinear layers, never building the
-dense pruned weights.
+Loading a compressed checkpoint straight into SparseLinear layers is
+:func:`sparseforge.io.loading.load_sparse`.
 
 Example:
     >>> import torch
@@ -37,43 +30,23 @@ Example:
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
 
 from sparseforge.config import name_matches
-from sparseforge.errors import ConfigError, ModelError
+from sparseforge.errors import ConfigError
+from sparseforge.formats.rule import auto_format, structured_format
 from sparseforge.layers import is_linear, linear_layers, set_module, weight_2d
-from sparseforge.masks import satisfies
 from sparseforge.nn.sparse_linear import ALL_FORMATS, SparseLinear
-from sparseforge.patterns import NM, Block, FanIn, Pattern, parse
+from sparseforge.patterns import NM, Pattern, parse
 
 if TYPE_CHECKING:
     from sparseforge.runtime.advise import AdviceReport
 
-__all__ = ["compress_", "auto_format", "CompressReport", "CompressedLayer", "load_sparse", "CSR_FROM"]
-
-CSR_FROM = 0.85  # auto: CSR at or above this sparsity
-_DETECT = NM(2, 4)
-
-
-def auto_format(w: torch.Tensor, pattern: "NM | str | None" = None) -> tuple[str, Optional[NM]]:
-    """The ``format="auto"`` rule (module doc) for a pruned (out, in) weight: ``(format, pattern)``."""
-    keep = w != 0  # (out, in)
-    recorded = parse(pattern) if pattern is not None else None
-    if isinstance(recorded, NM) and w.shape[1] % recorded.m == 0 and satisfies(keep, recorded):
-        return "nm", recorded
-    sparsity = 1.0 - float(keep.sum()) / max(1, keep.numel())
-    if sparsity >= CSR_FROM:
-        return "csr", None
-    if w.shape[1] % _DETECT.m == 0 and satisfies(keep, _DETECT):
-        return "nm", _DETECT
-    return "bitmap", None
-
+__all__ = ["compress_", "CompressReport", "CompressedLayer"]
 
 @dataclass
 class CompressedLayer:
@@ -113,16 +86,6 @@ def _recorded_pattern(model: nn.Module, pattern) -> "Pattern | None":
         block = getattr(getattr(model, "config", None), "sparsity_config", None)
         pattern = block.get("pattern") if isinstance(block, dict) else None
     return parse(pattern) if pattern is not None else None
-
-
-def _structured_format(w: torch.Tensor, pattern: "Pattern | None") -> Optional[tuple[str, Optional[Block]]]:
-    """A recorded Block / FanIn pattern the (out, in) weight obeys maps to ``bsr`` / ``fanin``."""
-    keep = w != 0  # (out, in)
-    if isinstance(pattern, Block) and satisfies(keep, pattern):
-        return "bsr", pattern
-    if isinstance(pattern, FanIn) and satisfies(keep, FanIn()):  # every row keeps the same count
-        return "fanin", None
-    return None
 
 
 def _select(model: nn.Module, targets: Optional[list[str]], ignore: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -174,7 +137,7 @@ def compress_(
     """Replace pruned linear layers of ``model`` with :class:`SparseLinear`, in place.
 
     Args:
-        format: ``"auto"`` (measured, module doc), ``"rule"`` (:func:`auto_format`), or one format of
+        format: ``"auto"`` (measured, module doc), ``"rule"`` (:func:`~sparseforge.formats.rule.auto_format`), or one format of
             :data:`~sparseforge.nn.sparse_linear.ALL_FORMATS` (``"bitmap"``, ``"nm"``, ``"csr"``,
             ``"fanin"``, ``"bsr"``) for every layer.
         targets: module-name globs (or ``"re:..."``); ``None`` = every linear layer. A target that
@@ -238,7 +201,7 @@ def compress_(
                 continue
             fmt, pat = adv.choice, adv.pattern
         elif format == "rule":
-            fmt, pat = _structured_format(w, recorded_any) or auto_format(w, recorded)
+            fmt, pat = structured_format(w, recorded_any) or auto_format(w, recorded)
         else:
             fmt, pat = format, {"nm": recorded, "bsr": recorded_any}.get(format)
         try:
@@ -254,107 +217,3 @@ def compress_(
     for name, sl in built.items():
         set_module(model, name, sl)
     return report
-
-
-# ------------------------------------------------------------------------------- load_sparse
-
-
-@contextmanager
-def _linear_weights_on_meta() -> Iterator[None]:
-    """While building a skeleton: ``nn.Linear`` parameters go to the meta device (no memory), while
-    everything else (embeddings, norms, non-persistent buffers such as RoPE ``inv_freq``) is built
-    normally on the CPU, so those buffers get their real values from the model's own code."""
-    original = nn.Linear.__init__
-
-    def init(self, in_features, out_features, bias=True, device=None, dtype=None):
-        original(self, in_features, out_features, bias=bias, device=device or "meta", dtype=dtype)
-
-    nn.Linear.__init__ = init
-    try:
-        yield
-    finally:
-        nn.Linear.__init__ = original
-
-
-LOAD_FORMATS = ("rule", "stored")
-
-
-def _load_format(obj, format: str):
-    """The format a loaded layer runs in: ``"stored"`` keeps ``obj``; ``"rule"`` turns bitmap layers of
-    sparsity >= CSR_FROM into CSR (step 2 of :func:`auto_format`; N:M, BSR and fan-in stay as stored)."""
-    from sparseforge.formats import BitmapWeight
-    from sparseforge.formats.csr import CSRWeight
-
-    if format == "rule" and isinstance(obj, BitmapWeight):
-        rows, cols = obj.shape
-        if 1.0 - obj.nnz / max(1, rows * cols) >= CSR_FROM:
-            return CSRWeight.from_bitmap(obj)
-    return obj
-
-
-def load_sparse(path: "str | Path", format: str = "rule") -> nn.Module:
-    """A transformers model from a compressed sparseforge checkpoint, its pruned layers as SparseLinear.
-
-    The compressed weights (:func:`sparseforge.io.checkpoint.load_state_dict_compressed`) go straight
-    into SparseLinear layers; their dense matrices are never built. ``format="rule"`` (default) runs
-    bitmap layers of at least 85% sparsity (``CSR_FROM``) as CSR, converted from the bits
-    (:meth:`~sparseforge.formats.csr.CSRWeight.from_bitmap`; CSR is 1.5-2.6x faster there at batch 1,
-    ``docs/benchmarks.md``) and keeps N:M, bitmap, fan-in and BSR layers otherwise; ``format="stored"``
-    keeps every layer in its stored format.
-    Exception: a compressed tensor tied to a non-linear module (an embedding tied to ``lm_head``
-    that the saver compressed because of its zero padding row) is decompressed for that module.
-    The skeleton is built with every ``nn.Linear`` parameter on the meta device; the remaining dense
-    tensors are assigned (not copied) from the checkpoint. Known cost: transformers ``Conv1D``
-    (GPT-2) weights are allocated dense in the skeleton before being replaced.
-    """
-    from sparseforge.io import checkpoint as ck
-
-    if format not in LOAD_FORMATS:
-        raise ConfigError(f"load format must be one of {', '.join(LOAD_FORMATS)}, got {format!r}")
-    p = ck._model_dir(path)
-    block = ck.read_sparsity_config(p)
-    if not ck._is_compressed(block):
-        raise ModelError(f"{p} is not a compressed sparseforge checkpoint; load it with sparseforge.load(path) and call compress_(model)")
-    transformers = ck._import_transformers()
-    skeleton = ck.skeleton(p)  # checks architectures; the loaders share one validation of it
-    cls = type(skeleton)
-    arch = [cls.__name__]
-    config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
-    state = ck.load_state_dict_compressed(p, skeleton)
-    with _linear_weights_on_meta(), torch.no_grad():
-        model = cls(config)
-    modules = dict(model.named_modules())
-    layers = block.get("layers", {})
-    # a compressed tensor tied to a non-linear owner (e.g. an embedding tied to lm_head) is needed
-    # dense by that owner: it, and every alias of it, is decompressed once (as sparseforge.load does)
-    needs_dense = {id(v) for n, v in state.items()
-                   if not isinstance(v, torch.Tensor) and not is_linear(modules.get(n.rsplit(".", 1)[0], nn.Identity()))}
-    dense: dict[str, torch.Tensor] = {}
-    decompressed: dict[int, torch.Tensor] = {}
-    runs_as: dict[int, Any] = {}  # id(stored object) -> the object its layers run; tied layers share one conversion
-    sparse_prefixes = []
-    for name, value in state.items():
-        if isinstance(value, torch.Tensor):
-            dense[name] = value
-        elif id(value) in needs_dense:
-            if id(value) not in decompressed:
-                canonical = next(n for n, v in state.items() if v is value and n in layers)
-                mat = value.to_dense()  # (out, in)
-                decompressed[id(value)] = mat.t().contiguous() if layers[canonical].get("transposed") else mat
-            dense[name] = decompressed[id(value)]
-        else:
-            owner = name.rsplit(".", 1)[0]
-            if id(value) not in runs_as:
-                runs_as[id(value)] = _load_format(value, format)
-            set_module(model, owner, SparseLinear(runs_as[id(value)], state.get(f"{owner}.bias")))
-            sparse_prefixes.append(owner + ".")
-    missing, unexpected = model.load_state_dict(dense, strict=False, assign=True)
-    missing = [k for k in missing if not any(k.startswith(s) for s in sparse_prefixes)]
-    if unexpected or missing:
-        raise ModelError(f"{p}: the stored weights do not match {arch[0]}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    on_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if on_meta:
-        raise ModelError(f"{p}: tensors {on_meta[:5]} were not in the checkpoint; it is incomplete")
-    if (p / "generation_config.json").is_file() and model.can_generate():
-        model.generation_config = transformers.GenerationConfig.from_pretrained(str(p))
-    return model.eval()

@@ -16,8 +16,9 @@ Example::
     sparseforge train --method gmp --sparsity 0.5 --steps 60 --output trained/
     sparseforge train --recipe rigl.yaml --steps 200
 
-Wiring (in ``sparseforge/cli.py``): ``add_parser(subparsers)`` adds the subcommand and
-``run(args)`` runs it, returning the exit status.
+Wiring: :func:`sparseforge.cli.add_train_parser` declares the options (torch-free, so that
+``sparseforge --help`` stays fast) and ``run(args)`` here runs them, returning the exit status; this
+module never imports the CLI.
 """
 
 from __future__ import annotations
@@ -26,20 +27,9 @@ import argparse
 import math
 from pathlib import Path
 
-__all__ = ["add_parser", "run", "default_config"]
+__all__ = ["run", "default_config"]
 
 DEFAULT_TARGETS = ["model.layers.*"]  # the transformer blocks (the LM head is tied to the embedding)
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``train`` subcommand to an ``argparse`` subparsers object; returns its parser.
-
-    The options live in :func:`sparseforge.cli.add_train_parser`, which imports no torch, so that
-    ``sparseforge --help`` stays fast; this is the same function.
-    """
-    from sparseforge.cli import add_train_parser
-
-    return add_train_parser(subparsers)
 
 
 def default_config(method: str, steps: int, sparsity: float | None = None, pattern: str | None = None):

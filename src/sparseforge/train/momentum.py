@@ -50,7 +50,7 @@ from sparseforge.masks import mask_from_scores
 from sparseforge.patterns import Unstructured
 from sparseforge.train.config import SparseMomentumConfig
 from sparseforge.train.methods import SET
-from sparseforge.train.updates import _exclude, prune_mask
+from sparseforge.train.updates import exclude_scores, prune_mask
 
 __all__ = ["SparseMomentum", "apportion"]
 
@@ -144,7 +144,7 @@ class SparseMomentum(SET):
                 masks[layer.name] = keep
                 continue
             n = keep.numel()
-            grown = mask_from_scores(_exclude(self.momentum[layer.name].abs(), keep), Unstructured(), (n - g) / n)
+            grown = mask_from_scores(exclude_scores(self.momentum[layer.name].abs(), keep), Unstructured(), (n - g) / n)
             masks[layer.name] = keep | (grown & ~keep)
         return p, masks
 

@@ -52,7 +52,7 @@ from sparseforge.masks import mask_from_scores
 from sparseforge.patterns import FanIn, Unstructured
 from sparseforge.train.config import SRigLConfig
 from sparseforge.train.methods import RigL
-from sparseforge.train.updates import _exclude, drop_and_grow
+from sparseforge.train.updates import drop_and_grow, exclude_scores
 
 __all__ = ["SRigL", "srigl_update"]
 
@@ -91,8 +91,8 @@ def srigl_update(
     n_keep = active - math.floor(drop_fraction * active + 1e-9)
     candidates = mask & rows_alive  # (out, in)
     total = mask.numel()
-    kept = mask_from_scores(_exclude(weight_abs, ~candidates), Unstructured(), (total - n_keep) / total) & candidates
-    kept = mask_from_scores(_exclude(weight_abs, ~kept), FanIn(k)) & kept  # at most k per neuron
+    kept = mask_from_scores(exclude_scores(weight_abs, ~candidates), Unstructured(), (total - n_keep) / total) & candidates
+    kept = mask_from_scores(exclude_scores(weight_abs, ~kept), FanIn(k)) & kept  # at most k per neuron
     grow = grad_abs.detach().float()
     lifted = grow.masked_fill(kept, float(grow.max()) + 1.0 if grow.numel() else 1.0)  # kept ones rank first
     new = mask_from_scores(lifted, FanIn(k)) & rows_alive

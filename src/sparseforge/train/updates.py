@@ -32,7 +32,7 @@ from sparseforge.errors import ConfigError
 from sparseforge.masks import mask_from_scores
 from sparseforge.patterns import NM, Block, Channel, FanIn, Pattern, Unstructured, parse
 
-__all__ = ["selection_pattern", "unit_layout", "random_mask", "prune_mask", "drop_and_grow", "DropGrow"]
+__all__ = ["selection_pattern", "unit_layout", "random_mask", "prune_mask", "drop_and_grow", "DropGrow", "exclude_scores"]
 
 
 def selection_pattern(pattern: "Pattern | str", method: str = "this method") -> Pattern:
@@ -61,7 +61,7 @@ def unit_layout(pattern: Pattern, shape: tuple[int, int]) -> tuple[int, int, int
     raise ConfigError(f"pattern {pattern} has no unit layout for sparse training")
 
 
-def _exclude(scores: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
+def exclude_scores(scores: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
     """``scores`` (float32) with ``excluded`` entries set below every real score."""
     scores = scores.detach().float()
     low = min(float(scores.min()), 0.0) - 1.0 if scores.numel() else -1.0
@@ -87,7 +87,7 @@ def random_mask(
 def prune_mask(mask: torch.Tensor, scores: torch.Tensor, pattern: "Pattern | str", sparsity: float) -> torch.Tensor:
     """Gradual pruning step: keep the top ``scores`` among active weights, at ``sparsity`` (never regrows)."""
     sel = selection_pattern(pattern, "gradual pruning")
-    new = mask_from_scores(_exclude(scores, ~mask), sel, sparsity)
+    new = mask_from_scores(exclude_scores(scores, ~mask), sel, sparsity)
     if bool((new & ~mask).any()):
         raise ConfigError(
             f"gradual pruning target sparsity {sparsity:g} is below the current sparsity "
@@ -127,8 +127,8 @@ def drop_and_grow(
     k = math.floor(drop_fraction * active + 1e-9)
     if k == 0:
         return DropGrow(mask.clone(), mask.clone(), torch.zeros_like(mask), 0)
-    kept = mask_from_scores(_exclude(drop_scores, ~mask), sel, (length - (active - k)) / length)
-    grown = mask_from_scores(_exclude(grow_scores, kept), sel, (length - k) / length)
+    kept = mask_from_scores(exclude_scores(drop_scores, ~mask), sel, (length - (active - k)) / length)
+    grown = mask_from_scores(exclude_scores(grow_scores, kept), sel, (length - k) / length)
     if bool((kept & ~mask).any()) or int(kept.sum()) != (active - k) * groups * unit:
         raise RuntimeError("internal error: drop step kept an inactive unit or the wrong count")
     if bool((grown & kept).any()) or int(grown.sum()) != k * groups * unit:

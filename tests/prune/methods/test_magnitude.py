@@ -4,8 +4,8 @@ from hypothesis import given, settings, strategies as st
 
 from sparseforge.errors import ConfigError, NumericalError
 from sparseforge.masks import num_pruned, satisfies
-from sparseforge.prune.methods import MagnitudePruning, get_method, magnitude_scores
 from sparseforge.patterns import NM
+from sparseforge.prune.methods import MagnitudePruning, get_method, magnitude_scores
 
 
 def test_scores_are_absolute_values():

@@ -6,8 +6,8 @@ from hypothesis import given, settings, strategies as st
 
 from sparseforge.errors import ConfigError, DataError, NumericalError
 from sparseforge.masks import mask_from_scores, satisfies
-from sparseforge.prune.methods import METHODS, LayerStats, get_method
 from sparseforge.patterns import NM, Block, Channel, FanIn, Unstructured
+from sparseforge.prune.methods import METHODS, LayerStats, get_method
 
 
 def test_registry_and_flags():

@@ -3,9 +3,9 @@ import torch
 
 from sparseforge.errors import ConfigError, DataError, NumericalError
 from sparseforge.masks import mask_from_scores, num_pruned, satisfies
+from sparseforge.patterns import NM, Block, Channel, FanIn, Unstructured, parse
 from sparseforge.prune.methods import LayerStats, get_method, sparsegpt_prune
 from sparseforge.prune.methods.sparsegpt import MAX_DAMP_RETRIES, inverse_hessian_factor
-from sparseforge.patterns import NM, Block, Channel, FanIn, Unstructured, parse
 
 
 def correlated_inputs(n=1024, cin=64, rank=8, seed=0):

@@ -51,8 +51,8 @@ import torch
 
 from sparseforge.errors import ConfigError, DataError, NumericalError
 from sparseforge.masks import mask_from_scores, num_pruned, resolve_sparsity
-from sparseforge.prune.methods.base import LayerStats, PruningMethod
 from sparseforge.patterns import NM, Block, Channel, FanIn, Pattern, Unstructured, check_fits, parse
+from sparseforge.prune.methods.base import LayerStats, PruningMethod
 
 __all__ = ["sparsegpt_prune", "inverse_hessian_factor", "SparseGPTPruning", "SparseGPTOptions", "MAX_DAMP_RETRIES"]
 
