@@ -293,6 +293,13 @@ def test_a_dense_tensor_with_the_wrong_shape(ckpt):
     refused_by_all(out, "model.norm.weight", "31")
 
 
+def test_a_tie_dropped_from_the_config(ckpt):
+    """Found by the fuzz suite: without ``tied``, load re-tied lm_head while load(sparse=True) refused."""
+    out = ckpt("gpt2")
+    edit_config(out, lambda c: c["sparsity_config"].pop("tied"))
+    refused_by_all(out, "lm_head.weight")
+
+
 def test_layers_emptied(ckpt):
     out = ckpt()
     edit_config(out, lambda c: c["sparsity_config"].update(layers={}))

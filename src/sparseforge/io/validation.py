@@ -15,7 +15,8 @@ tensor and what is wrong:
   its buffers with the right dtypes, is a parameter of the model with the shape the config says,
   and ``transposed`` matches the module (``nn.Linear``: stored as is; ``Conv1D``: transposed); every
   dense tensor is expected by the model with its shape; ``tied`` names existing tensors; nothing
-  is missing and nothing is extra;
+  is missing (a parameter the model ties to another, e.g. ``lm_head.weight``, must be listed in
+  ``tied``, as the saver records every tie) and nothing is extra;
 * the checksums (:func:`verify_checksums`): ``format_version`` 3 stores the CRC-32 of every tensor's
   bytes, dtype and shape in ``sparsity_config["checksums"]``; each is recomputed from the file, so a flipped bit or a
   moved bitmap bit is an error, never a silently different model. Versions 1 and 2 have none.
@@ -292,23 +293,10 @@ def check_tensors(checked: CheckedCheckpoint, model: "torch.nn.Module | None") -
         if expected[alias] != expected.get(canonical):
             raise _bad(cfg, f"tied alias {alias!r} has shape {list(expected[alias])} in {arch}, "
                             f"not that of {canonical!r}")
-    missing = sorted(set(expected) - dense - set(layers) - set(tied) - _tied_by_model(model, dense | set(layers)))
+    missing = sorted(set(expected) - dense - set(layers) - set(tied))
     if missing:
         raise _bad(path, f"the weight files lack {len(missing)} tensor(s) of {arch}: {missing[:5]}; the checkpoint "
                          "is incomplete")
-
-
-def _tied_by_model(model: torch.nn.Module, stored: set[str]) -> set[str]:
-    """Parameters the model itself ties to a stored one (e.g. ``lm_head.weight`` with
-    ``tie_word_embeddings``): transformers restores them, so they need no tensor."""
-    tied = set()
-    by_tensor: dict[int, list[str]] = {}
-    for n, t in model.state_dict(keep_vars=True).items():
-        by_tensor.setdefault(id(t), []).append(n)
-    for names in by_tensor.values():
-        if len(names) > 1 and any(n in stored for n in names):
-            tied.update(n for n in names if n not in stored)
-    return tied
 
 
 def _descriptor(dtype: str, shape) -> bytes:
