@@ -123,7 +123,7 @@ def check(path: Path, reference: torch.Tensor, self_consistent_only: bool = Fals
         return
     with torch.no_grad():
         dense, sparse = results["load"](X).logits, results["load_sparse"](X).logits
-    torch.testing.assert_close(sparse, dense, atol=1e-4, rtol=1e-4)  # the loaders agree
+    torch.testing.assert_close(sparse, dense, atol=1e-4, rtol=1e-4, equal_nan=True)  # the loaders agree
     if not self_consistent_only:
         torch.testing.assert_close(dense, reference, atol=0, rtol=0)  # nothing silently changed
 

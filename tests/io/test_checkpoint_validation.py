@@ -218,6 +218,7 @@ CONFIG_EDITS = {
     "nnz_negative": (lambda b: b["layers"][UP].update(nnz=-5), "nnz"),
     "pattern_bogus": (lambda b: b["layers"][UP].update(format="nm", pattern="banana"), "pattern"),
     "format_unknown": (lambda b: b["layers"][UP].update(format="csr9"), "csr9"),
+    "block_pattern_bogus": (lambda b: b.update(pattern="nm"), "pattern"),  # found by the fuzz suite
     "block_not_a_dict": (None, "sparsity_config"),
 }
 

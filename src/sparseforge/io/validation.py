@@ -186,8 +186,13 @@ def check_block(block: Any, where: Path) -> dict[str, Any]:
     if not isinstance(layers, dict):
         raise _bad(where, f"{BLOCK}.layers must be an object of layer entries, got {type(layers).__name__}")
     pattern = block.get("pattern")
-    if pattern is not None and not isinstance(pattern, str):
-        raise _bad(where, f"{BLOCK}.pattern must be a string, got {pattern!r:.40}")
+    if pattern is not None:
+        if not isinstance(pattern, str):
+            raise _bad(where, f"{BLOCK}.pattern must be a string, got {pattern!r:.40}")
+        try:
+            parse(pattern)
+        except Exception as exc:  # the pattern parser's own message says what is wrong
+            raise _bad(where, f"{BLOCK}.pattern {pattern!r:.40}: {exc}") from None
     for name, layer in layers.items():
         _check_layer(name, layer, block, where, compressed)
     tied = block.get("tied", {})
