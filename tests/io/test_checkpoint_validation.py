@@ -315,3 +315,14 @@ def test_a_sound_checkpoint_passes_all_three_alike(ckpt):
         dense, sparse = load(out), load(out, sparse=True)
         x = torch.randint(0, 96, (1, 8))
         torch.testing.assert_close(dense(x).logits, sparse(x).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("how", ["truncated", "not_json", "header_2^62"])
+def test_cli_inspect_prints_one_line_and_exits_2(ckpt, capsys, how):
+    from sparseforge.cli import main
+
+    out = ckpt()
+    file = _damage(out, how)
+    assert main(["inspect", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sparseforge inspect: error:") and str(file) in err and len(err.splitlines()) == 1
