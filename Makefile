@@ -38,7 +38,7 @@ test-latest:
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade -r requirements/torch-cpu.txt
-	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[hf,minilm,test]"
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c requirements/torch-cpu.txt -e ".[hf,minilm,test]"
 	$(LATEST_VENV)/bin/python -m pip freeze > $(LATEST_VENV)/resolved.txt
 	$(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 

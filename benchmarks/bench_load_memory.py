@@ -87,7 +87,7 @@ def measure(mode: str, path: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    from sparseforge.io.checkpoint import checkpoint_sizes
+    from sparseforge.io.layout import checkpoint_sizes
 
     args = parse_args(argv)
     rows = []

@@ -24,16 +24,17 @@ import sys
 from pathlib import Path
 
 from sparseforge.errors import SparseforgeError
+from sparseforge.config import ALLOCATIONS, METHODS
 
 __all__ = ["main", "build_parser"]
 
 
 def _add_prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", type=Path, help="YAML recipe; its stages replace --method/--pattern/... below")
-    p.add_argument("--method", default="sparsegpt", choices=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--method", default="sparsegpt", choices=METHODS)
     p.add_argument("--pattern", default="unstructured", help="unstructured, N:M (2:4), blockHxW, fanin, channel")
     p.add_argument("--sparsity", type=float, default=None, help="fraction of zeros in [0, 1) (default 0.5; N:M fixes it)")
-    p.add_argument("--allocation", default="uniform", choices=["uniform", "owl"], help="per-layer sparsity allocation")
+    p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS, help="per-layer sparsity allocation")
     p.add_argument("--targets", nargs="+", default=None, metavar="GLOB", help="layers to prune (default: linears in the transformer blocks)")
     p.add_argument("--ignore", nargs="+", default=[], metavar="GLOB", help="layers never pruned")
     p.add_argument("--blocksize", type=int, default=None, help="SparseGPT column block size (default 128)")
@@ -57,7 +58,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
     p.add_argument("--eval-windows", type=int, default=8, help="held-out windows of 128 tokens for perplexity")
     p.add_argument("--seed", type=int, default=0, help="data order")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: on a busy 2-core machine 2 threads run ~20x slower)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: small training steps gain little from more, and lose much when other jobs hold the cores)")
     p.add_argument("--output", type=Path, default=None, help="save the trained model here (sparseforge checkpoint)")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)

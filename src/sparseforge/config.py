@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from sparseforge.errors import ConfigError
-from sparseforge.masks import resolve_sparsity
 from sparseforge.patterns import NM, FanIn, Pattern, Unstructured, parse
 
 __all__ = [
@@ -45,9 +44,12 @@ __all__ = [
     "dump_recipe",
     "name_matches",
     "build_config",
+    "read_text_file",
 ]
 
 RECIPE_VERSION = 1
+# the one list of one-shot methods and allocations (torch-free: the CLI's choices); each method class
+# in sparseforge.prune.methods carries the same name
 METHODS = ("magnitude", "wanda", "sparsegpt")
 ALLOCATIONS = ("uniform", "owl")
 DEFAULT_SPARSITY = 0.5
@@ -108,6 +110,8 @@ class SparsifyConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def __post_init__(self) -> None:
+        from sparseforge.masks import resolve_sparsity  # torch: imported when a config is built, not with the module
+
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         self.pattern = str(parse(self.pattern))
@@ -197,9 +201,26 @@ def parse_recipe(text: str) -> list[SparsifyConfig]:
 
 
 def load_recipe(path: "str | Path") -> list[SparsifyConfig]:
-    from sparseforge.io.writable import read_text_file
-
     return parse_recipe(read_text_file(path, "recipe file"))
+
+
+def read_text_file(path: "str | Path", what: str) -> str:
+    """The UTF-8 text of ``path``; ConfigError if it is missing, unreadable or binary."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if b"\0" in data:
+        raise ConfigError(f"{what} {path} is a binary file, not YAML text; give a YAML file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{what} {path} is not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); give a YAML file"
+        ) from None
 
 
 def dump_recipe(configs: list[SparsifyConfig]) -> str:

@@ -33,7 +33,7 @@ from typing import Union
 
 from sparseforge.errors import ConfigError
 
-__all__ = ["Pattern", "Unstructured", "NM", "Block", "FanIn", "Channel", "parse", "check_fits"]
+__all__ = ["Pattern", "Unstructured", "NM", "Block", "FanIn", "Channel", "DEFAULT_NM", "parse", "check_fits"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,9 @@ class NM:
     @property
     def sparsity(self) -> float:
         return 1.0 - self.n / self.m
+
+
+DEFAULT_NM = NM(2, 4)  # the N:M pattern used when none is given (NVIDIA's 2:4; what the kernels detect)
 
 
 @dataclass(frozen=True)

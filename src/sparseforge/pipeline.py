@@ -75,7 +75,8 @@ def prune_model(
 ) -> PruneResult:
     """Load ``model``, prune it with every config in turn, evaluate before/after and save to ``out``."""
     from sparseforge.evaluation.quality import embedding_fidelity, perplexity
-    from sparseforge.io.checkpoint import checkpoint_sizes, save_pretrained
+    from sparseforge.io.checkpoint import save_pretrained
+    from sparseforge.io.layout import checkpoint_sizes
     from sparseforge.io.models import load_model
 
     start = time.perf_counter()
@@ -157,7 +158,8 @@ def run_demo(out: Path | str = "sparseforge-demo", patterns: tuple[str, ...] = (
     save the last SparseGPT model compressed to ``out``; reload it and check it is bit-exact."""
     from sparseforge.config import dump_recipe
     from sparseforge.evaluation.quality import perplexity
-    from sparseforge.io.checkpoint import checkpoint_sizes, save_pretrained
+    from sparseforge.io.checkpoint import save_pretrained
+    from sparseforge.io.layout import checkpoint_sizes
     from sparseforge.io.loading import load
     from sparseforge.io.models import load_model
 

@@ -46,7 +46,8 @@ def build(name: str):
 
 
 def main() -> None:
-    from sparseforge.io.checkpoint import load_state_dict_compressed, save_pretrained
+    from sparseforge.io.checkpoint import save_pretrained
+    from sparseforge.io.layout import load_state_dict_compressed
     from sparseforge.io.loading import load
     from sparseforge.layers import linear_layers, weight_2d
     from sparseforge.masks import mask_from_scores

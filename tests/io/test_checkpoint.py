@@ -17,13 +17,9 @@ from tiny_models import tiny_model  # noqa: E402
 from sparseforge.errors import ConfigError, ModelError  # noqa: E402
 from sparseforge.formats import BitmapWeight, NMWeight  # noqa: E402
 from sparseforge.io import checkpoint, validation  # noqa: E402
+from sparseforge.io.checkpoint import save_pretrained  # noqa: E402
+from sparseforge.io.layout import checkpoint_sizes, load_state_dict_compressed, read_sparsity_config  # noqa: E402
 from sparseforge.io.validation import FORMAT_VERSION  # noqa: E402
-from sparseforge.io.checkpoint import (  # noqa: E402
-    checkpoint_sizes,
-    load_state_dict_compressed,
-    read_sparsity_config,
-    save_pretrained,
-)
 from sparseforge.io.loading import load  # noqa: E402
 from sparseforge.layers import linear_layers, weight_2d  # noqa: E402
 from sparseforge.masks import mask_from_scores  # noqa: E402
@@ -414,7 +410,7 @@ def sparsified(pattern: str, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pattern,fmt,cls", [("fanin", "fanin", "FanInWeight"), ("block4x4", "bsr", "BSRWeight")])
 def test_fanin_and_bsr_round_trip_bit_exact(tmp_path, pattern, fmt, cls, dtype):
-    from sparseforge.io.checkpoint import read_safetensors_header
+    from sparseforge.io.layout import read_safetensors_header
 
     model, sc = sparsified(pattern, dtype)
     out = save_pretrained(model, tmp_path / "c", sparsity_config=sc)

@@ -13,8 +13,9 @@ from test_checkpoint import info, prune  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
 from sparseforge.errors import ModelError  # noqa: E402
-from sparseforge.io.checkpoint import checkpoint_sizes, load_state_dict_compressed, save_pretrained  # noqa: E402
+from sparseforge.io.checkpoint import save_pretrained  # noqa: E402
 from sparseforge.io.inspection import format_report, inspect_path  # noqa: E402
+from sparseforge.io.layout import checkpoint_sizes, load_state_dict_compressed  # noqa: E402
 
 
 def by_name(report):

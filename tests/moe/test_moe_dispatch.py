@@ -10,11 +10,10 @@ from hypothesis import strategies as st
 from moe_reference import dense_moe
 from sparseforge.errors import ConfigError
 from sparseforge.moe.dispatch import apply_capacity, build_plan
-from sparseforge.moe.grouped import ONEDNN_MIN_ROWS, GroupedFFN, _onednn_ok, few_tokens_ffn, grouped_ffn, resolve_backend
+from sparseforge.moe import grouped
+from sparseforge.moe.grouped import ONEDNN_MIN_ROWS, GroupedFFN, few_tokens_ffn, grouped_ffn, resolve_backend
 
-ONEDNN = pytest.param(
-    "onednn", marks=pytest.mark.skipif(not _onednn_ok(torch.zeros(1)), reason="torch built without oneDNN")
-)
+ONEDNN = "onednn"  # the opt-in private-op backend: the locked torch has it (test_onednn_signature_is_pinned)
 
 
 def _routing(T, E, k, gen, empty=0.0):
@@ -78,7 +77,6 @@ def test_grouped_ffn_matches_dense_oracle_outputs_and_gradients(glu, activation,
     assert torch.count_nonzero(grads[3][4]) == 0  # w_down of the unused expert
 
 
-@pytest.mark.skipif(not _onednn_ok(torch.zeros(1)), reason="torch built without oneDNN")
 def test_backends_agree_and_bad_backend_is_an_error():
     gen = torch.Generator().manual_seed(5)
     experts, weights = _routing(30, 8, 2, gen, empty=0.1)
@@ -89,11 +87,11 @@ def test_backends_agree_and_bad_backend_is_an_error():
     assert min(plan.counts) < ONEDNN_MIN_ROWS <= max(plan.counts)  # both matmul paths of onednn run
     onednn = grouped_ffn(x, weights.float(), plan, up, down, gate, backend="onednn")
     torch.testing.assert_close(loop, onednn, rtol=1e-5, atol=1e-6)
-    assert resolve_backend("auto", x, up) == "onednn"
+    assert resolve_backend("auto", x, up) == "loop"  # public torch API unless the private op is asked for
     assert resolve_backend("auto", x.double(), up.double()) == "loop"
-    with pytest.raises(ConfigError, match="oneDNN"):
+    with pytest.raises(ConfigError, match="float32 CPU tensors only"):
         resolve_backend("onednn", torch.zeros(3, 8, dtype=torch.float64))
-    with pytest.raises(ConfigError, match="oneDNN"):
+    with pytest.raises(ConfigError, match="backend='onednn'"):
         grouped_ffn(x.double(), weights, plan, up.double(), down.double(), gate.double(), backend="onednn")
     with pytest.raises(ConfigError, match="unknown dispatch backend"):
         grouped_ffn(x, weights.float(), plan, up, down, gate, backend="fast")
@@ -212,3 +210,23 @@ def test_layer_decode_uses_few_tokens_path_with_same_result():
     torch.testing.assert_close(y_fast, y_grad.detach(), rtol=1e-12, atol=1e-12)
     assert torch.equal(aux_fast.tokens_per_expert, aux_grad.tokens_per_expert)
     assert aux_fast.tokens_per_expert.sum() == 2
+
+
+def test_onednn_signature_is_pinned():
+    """The private op "onednn" calls exists in the locked torch with the signatures the code passes."""
+    op = torch.ops.mkldnn._linear_pointwise
+    assert str(op.default._schema) == grouped.ONEDNN_SCHEMA["default"]
+    assert str(op.binary._schema) == grouped.ONEDNN_SCHEMA["binary"]
+    assert grouped.onednn_missing() is None
+
+
+def test_a_changed_or_missing_private_op_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(grouped.ONEDNN_SCHEMA, "binary", "mkldnn::_linear_pointwise.binary(Tensor X) -> Tensor Y")
+    grouped.onednn_missing.cache_clear()
+    try:
+        assert "not mkldnn::_linear_pointwise.binary(Tensor X)" in grouped.onednn_missing()
+        with pytest.raises(ConfigError, match="backend='onednn' .*unavailable: torch .*_linear_pointwise.binary"):
+            resolve_backend("onednn", torch.zeros(2, 2))
+        assert resolve_backend("auto", torch.zeros(2, 2)) == "loop"  # the default never needs it
+    finally:
+        grouped.onednn_missing.cache_clear()

@@ -33,7 +33,7 @@ def test_router_table_lists_every_router(text):
 
 def test_decode_section_matches_code(text):
     from sparseforge.moe.layer import DECODE_BACKENDS, NATIVE_MAX_TOKENS
-    from sparseforge.moe.native import NATIVE_ACTIVATIONS
+    from sparseforge.ops.expert_ffn import NATIVE_ACTIVATIONS
 
     section = text.split("## Decode kernel", 1)[1].split("\n## ", 1)[0]
     assert f"at most {NATIVE_MAX_TOKENS} tokens" in section
@@ -50,12 +50,13 @@ def test_estimator_table_matches_constants(text):
 @pytest.mark.parametrize(
     "module",
     ["__init__", "routers", "sparsemixer", "dispatch", "grouped", "losses", "layer", "hf", "swap", "upcycle",
-     "expert_pruning", "expert_sparsity", "parallel", "dense", "native"],
+     "expert_pruning", "expert_sparsity", "parallel", "dense", "config", "ops.expert_ffn"],
 )
 def test_docstring_examples(module):
     import doctest
     import importlib
 
-    mod = importlib.import_module("sparseforge.moe" if module == "__init__" else f"sparseforge.moe.{module}")
+    name = module if module.startswith("ops.") else f"moe.{module}"
+    mod = importlib.import_module("sparseforge.moe" if module == "__init__" else f"sparseforge.{name}")
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moe_reference import dense_moe
+from sparseforge.errors import ConfigError
 from sparseforge.moe import MoE, load_balancing_loss, router_z_loss
 from sparseforge.moe.routers import capacity_for
 
@@ -148,3 +149,23 @@ def test_empty_batch(router, k):
     assert y.shape == (0, 8) and aux.tokens_per_expert.sum() == 0
     assert aux.loss.item() == 0.0
     (y.sum() + aux.loss).backward()
+
+
+def test_a_config_object_and_the_keyword_arguments_build_the_same_layer():
+    from sparseforge.moe import MoEConfig
+
+    cfg = MoEConfig(8, 16, 4, k=2, expert="mlp", activation="gelu", shared_hidden=12, shared_gate=True, capacity_factor=1.5)
+    torch.manual_seed(0)
+    a = MoE(cfg)
+    torch.manual_seed(0)
+    b = MoE(8, 16, 4, 2, expert="mlp", activation="gelu", shared_hidden=12, shared_gate=True, capacity_factor=1.5)
+    torch.manual_seed(0)
+    c = MoE(config=cfg, dtype=torch.float64)
+    assert a.config == b.config == cfg and a.capacity_factor == 1.5 and a.w_gate is None
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert all(torch.equal(a.state_dict()[n], b.state_dict()[n]) for n in a.state_dict())
+    assert c.w_up.dtype == torch.float64
+    with pytest.raises(ConfigError, match="not both"):
+        MoE(cfg, backend="loop")
+    with pytest.raises(ConfigError, match="shared_gate=True needs a shared expert"):
+        MoEConfig(8, 16, 4, shared_gate=True)

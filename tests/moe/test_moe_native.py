@@ -1,4 +1,4 @@
-"""Native few-token expert FFN (``sparseforge.moe.native``, csrc/expert_gemv*): every ISA against the
+"""Native few-token expert FFN (``sparseforge.ops.expert_ffn``, csrc/expert_gemv*): every ISA against the
 scalar reference and a float64 oracle, odd sizes, 1-4 tokens, row-block splits, thread
 independence, NaN/inf, errors, the custom op, and the MoE layer's decode path."""
 
@@ -14,7 +14,7 @@ from sparseforge.errors import ConfigError, DataError
 from sparseforge.moe import MoE
 from sparseforge.moe.grouped import few_tokens_ffn, grouped_ffn
 from sparseforge.moe.dispatch import build_plan
-from sparseforge.moe.native import expert_ffn, moe_expert_ffn
+from sparseforge.ops.expert_ffn import expert_ffn, moe_expert_ffn
 
 N = kernels.native()
 ISAS = [i for i in kernels.ISAS if kernels.cpu_supports(i)]

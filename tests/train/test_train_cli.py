@@ -26,6 +26,18 @@ def test_default_config_for_every_method(method):
         assert cfg.schedule.end_step == 45 and cfg.sparsity == 0.5
 
 
+@pytest.mark.parametrize("pattern, sparsity", [("2:4", None), (" 1:4 ", None), ("fanin8", None), ("fanin", 0.5),
+                                               ("block4x4", 0.5), ("unstructured", 0.5)])
+def test_a_pattern_that_fixes_the_sparsity_leaves_it_unset(pattern, sparsity):
+    """N:M and fan-in-k fix the sparsity themselves; the others get the default 0.5 (parsed, not string-matched)."""
+    assert default_config("static", 60, pattern=pattern).sparsity == sparsity
+
+
+def test_a_bad_pattern_names_the_valid_forms():
+    with pytest.raises(ConfigError, match="valid patterns"):
+        default_config("static", 60, pattern="2-4")
+
+
 def test_bad_input(tmp_path):
     with pytest.raises(ConfigError, match="unknown training method"):
         default_config("lottery", 60)

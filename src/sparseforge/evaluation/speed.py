@@ -139,7 +139,7 @@ def _load(model: str, variant: str, pattern, sparsity, fmt: str, batch_sizes, sp
 
 
 def _is_compressed_checkpoint(model: str) -> bool:
-    from sparseforge.io.checkpoint import is_compressed, read_sparsity_config
+    from sparseforge.io.layout import is_compressed, read_sparsity_config
     from sparseforge.io.models import resolve_model_path
 
     try:

@@ -7,6 +7,9 @@
 * :class:`~sparseforge.formats.fanin.FanInWeight` — constant fan-in: (rows, k) values + indices.
 * :class:`~sparseforge.formats.bsr.BSRWeight` — block-sparse rows for ``Block(h, w)`` patterns.
 
+Each format file ends with one :func:`~sparseforge.formats.registry.register` call: the registry
+(:mod:`sparseforge.formats.registry`) is the one name -> class -> pattern label -> builder table.
+
 Every format round-trips exactly: ``W.from_dense(w, ..., mask).to_dense()`` equals
 ``torch.where(mask, w, 0.0)`` bit for bit. The byte layouts are in each module's docstring and in
 ``docs/checkpoint-format.md``.
@@ -21,9 +24,12 @@ Example:
 
 from __future__ import annotations
 
-from sparseforge.formats.bitmap import BitmapWeight
-from sparseforge.formats.bsr import BSRWeight
-from sparseforge.formats.fanin import FanInWeight
+# import order = registration order = the order formats are listed and measured in
+from sparseforge.formats.bitmap import BitmapWeight  # noqa: I001
 from sparseforge.formats.nm import NMWeight
+from sparseforge.formats.csr import CSRWeight
+from sparseforge.formats.fanin import FanInWeight
+from sparseforge.formats.bsr import BSRWeight
+from sparseforge.formats.registry import FormatSpec, register
 
-__all__ = ["BitmapWeight", "NMWeight", "FanInWeight", "BSRWeight"]
+__all__ = ["BitmapWeight", "NMWeight", "CSRWeight", "FanInWeight", "BSRWeight", "FormatSpec", "register"]

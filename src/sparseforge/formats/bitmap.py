@@ -46,6 +46,7 @@ import torch
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats._stored import StoredBuffers
 from sparseforge.formats.memory import hugepage_backed
+from sparseforge.formats.registry import FormatSpec, register
 
 __all__ = ["BitmapWeight", "pack_bits", "unpack_bits"]
 
@@ -150,3 +151,10 @@ class BitmapWeight(StoredBuffers):
         out = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
         out[self.mask()] = self.values
         return out
+
+
+register(FormatSpec(
+    "bitmap", BitmapWeight, rank=40,
+    build=lambda w, pattern, keep: BitmapWeight.from_dense(w, keep),
+    load=lambda state, shape, pattern, prefix="": BitmapWeight.from_state_dict(state, shape, prefix=prefix),
+))

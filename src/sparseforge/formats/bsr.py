@@ -46,6 +46,7 @@ from sparseforge.formats._stored import StoredBuffers
 from sparseforge.formats.bitmap import check_weight
 from sparseforge.formats.csr import index_dtype
 from sparseforge.formats.memory import hugepage_backed
+from sparseforge.formats.registry import FormatSpec, register
 from sparseforge.patterns import Block, Pattern, parse
 
 __all__ = ["BSRWeight"]
@@ -149,3 +150,16 @@ class BSRWeight(StoredBuffers):
     def to_dense(self) -> torch.Tensor:
         """Dense (rows, cols) weight: stored entries bit-exact, others ``+0.0``."""
         return self._scatter(self.values)
+
+
+def _build(w: torch.Tensor, pattern: "Pattern | None", keep: "torch.Tensor | None") -> BSRWeight:
+    if not isinstance(pattern, Block):
+        raise ConfigError(f"format='bsr' needs a block pattern such as 'block4x4', got {pattern}")
+    return BSRWeight.from_dense(w, pattern, keep)
+
+
+register(FormatSpec(
+    "bsr", BSRWeight, general=False, since_version=2, rank=20, pattern_in_label=True, build=_build,
+    load=lambda state, shape, pattern, prefix="": BSRWeight.from_state_dict(state, shape, prefix=prefix),
+    pattern_of=lambda obj: obj.block,
+))

@@ -43,6 +43,7 @@ from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats._stored import StoredBuffers
 from sparseforge.formats.bitmap import BitmapWeight, check_weight, unpack_bits
 from sparseforge.formats.memory import hugepage_backed
+from sparseforge.formats.registry import FormatSpec, register
 
 __all__ = ["CSRWeight", "index_dtype"]
 
@@ -155,3 +156,10 @@ class CSRWeight(StoredBuffers):
     def _row_of(self) -> torch.Tensor:
         ptr = self.row_ptr.to(torch.int64)
         return torch.repeat_interleave(torch.arange(self.shape[0]), ptr[1:] - ptr[:-1])  # (nnz,)
+
+
+register(FormatSpec(
+    "csr", CSRWeight, stored=False,  # checkpoints store the bitmap it is converted from (CSRWeight.from_bitmap)
+    build=lambda w, pattern, keep: CSRWeight.from_dense(w, keep),
+    load=lambda state, shape, pattern, prefix="": CSRWeight.from_state_dict(state, shape, prefix=prefix),
+))

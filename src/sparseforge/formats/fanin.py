@@ -46,6 +46,8 @@ from sparseforge.formats._stored import StoredBuffers
 from sparseforge.formats.bitmap import check_weight
 from sparseforge.formats.csr import index_dtype
 from sparseforge.formats.memory import hugepage_backed
+from sparseforge.formats.registry import FormatSpec, register
+from sparseforge.patterns import FanIn
 
 __all__ = ["FanInWeight"]
 
@@ -121,3 +123,11 @@ class FanInWeight(StoredBuffers):
         """Dense (rows, cols) weight: kept entries bit-exact, pruned entries ``+0.0``."""
         out = torch.zeros(self.shape, dtype=self.values.dtype)
         return out.scatter_(1, self.indices.to(torch.int64), self.values)
+
+
+register(FormatSpec(
+    "fanin", FanInWeight, general=False, since_version=2, rank=30,
+    build=lambda w, pattern, keep: FanInWeight.from_dense(w, keep),
+    load=lambda state, shape, pattern, prefix="": FanInWeight.from_state_dict(state, shape, prefix=prefix),
+    pattern_of=lambda obj: FanIn(obj.k) if obj.k else None,
+))

@@ -55,8 +55,9 @@ from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats._stored import StoredBuffers
 from sparseforge.formats.bitmap import check_weight, pack_bits, unpack_bits
 from sparseforge.formats.memory import hugepage_backed, hugepage_copy
+from sparseforge.formats.registry import FormatSpec, register
 from sparseforge.masks import topk_mask
-from sparseforge.patterns import NM, Pattern, parse
+from sparseforge.patterns import DEFAULT_NM, NM, Pattern, parse
 
 __all__ = ["NMWeight", "index_bits"]
 
@@ -192,3 +193,11 @@ class NMWeight(StoredBuffers):
         if missing:
             raise ModelError(f"N:M weight {prefix!r} is missing tensor(s) {[prefix + k for k in missing]}")
         return cls(tuple(shape), _as_nm(pattern), state[f"{prefix}nm_values"], state[f"{prefix}nm_indices"])
+
+
+register(FormatSpec(
+    "nm", NMWeight, rank=10, pattern_in_label=True,
+    build=lambda w, pattern, keep: NMWeight.from_dense(w, DEFAULT_NM if pattern is None else pattern, keep),
+    load=lambda state, shape, pattern, prefix="": NMWeight.from_state_dict(state, shape, pattern, prefix=prefix),
+    pattern_of=lambda obj: obj.pattern,
+))

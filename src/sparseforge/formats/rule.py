@@ -28,12 +28,11 @@ import torch
 from sparseforge.formats.bitmap import BitmapWeight
 from sparseforge.formats.csr import CSRWeight
 from sparseforge.masks import satisfies
-from sparseforge.patterns import NM, Block, FanIn, Pattern, parse
+from sparseforge.patterns import DEFAULT_NM, NM, Block, FanIn, Pattern, parse
 
-__all__ = ["CSR_FROM", "DETECTED_NM", "LOAD_FORMATS", "auto_format", "structured_format", "load_format"]
+__all__ = ["CSR_FROM", "LOAD_FORMATS", "auto_format", "structured_format", "load_format"]
 
 CSR_FROM = 0.85  # step 2: CSR at or above this sparsity
-DETECTED_NM = NM(2, 4)  # step 3: the N:M pattern found without being recorded
 LOAD_FORMATS = ("rule", "stored")  # what load_format accepts
 
 
@@ -46,8 +45,8 @@ def auto_format(w: torch.Tensor, pattern: "NM | str | None" = None) -> tuple[str
     sparsity = 1.0 - float(keep.sum()) / max(1, keep.numel())
     if sparsity >= CSR_FROM:
         return "csr", None
-    if w.shape[1] % DETECTED_NM.m == 0 and satisfies(keep, DETECTED_NM):
-        return "nm", DETECTED_NM
+    if w.shape[1] % DEFAULT_NM.m == 0 and satisfies(keep, DEFAULT_NM):
+        return "nm", DEFAULT_NM
     return "bitmap", None
 
 

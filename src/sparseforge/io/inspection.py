@@ -1,7 +1,8 @@
 """Inspect a model directory: per-tensor sparsity, stored format, pattern validity and bytes.
 
-Works on plain Hugging Face checkpoints and on sparseforge ones (dense or compressed), reading
-one tensor at a time from the safetensors files (no model is built, transformers is not needed).
+Works on plain Hugging Face checkpoints and on sparseforge ones (dense or compressed). A compressed
+checkpoint is first validated exactly as the loaders validate it (against the model built on the
+meta device, so transformers is needed for it); no weights of the model are built.
 
 Example:
     >>> from sparseforge.io.inspection import inspect_path, format_report
@@ -20,15 +21,15 @@ from typing import Any
 
 import torch
 
-from sparseforge.io.checkpoint import (
-    PACKED_TYPES,
-    format_name,
+from sparseforge.formats import registry
+from sparseforge.io.layout import (
     is_compressed,
     load_state_dict_compressed,
     read_safetensors_header,
     read_sparsity_config,
     weight_files,
 )
+from sparseforge.io.loading import skeleton
 from sparseforge.masks import satisfies
 from sparseforge.patterns import parse
 
@@ -102,7 +103,8 @@ def inspect_path(path: "str | Path", pattern: "str | None" = None) -> dict[str, 
     if pat is not None and not layers_block:
         linears, note = _skeleton_linears(p)
         notes += [note] if note else []
-    state = load_state_dict_compressed(p)  # the loaders' validation; raises on any inconsistency
+    # the loaders' validation, against the same meta-device skeleton; raises on any inconsistency
+    state = load_state_dict_compressed(p, skeleton(p) if is_compressed(block) else None)
     sums = (block or {}).get("checksums")
     if sums is not None:
         notes.append(f"checksums: {len(sums['tensors'])} tensors verified ({sums['algorithm']})")
@@ -113,8 +115,8 @@ def inspect_path(path: "str | Path", pattern: "str | None" = None) -> dict[str, 
         if name in aliases:
             continue
         info = layers_block.get(name, {})
-        if isinstance(value, PACKED_TYPES):
-            fmt = format_name(value)  # bitmap, nm, fanin or bsr
+        if not isinstance(value, torch.Tensor):  # a packed format object
+            fmt = registry.spec_of(value).name  # bitmap, nm, fanin or bsr
             mat = value.to_dense()  # (out, in)
             shape = list(mat.t().shape) if info.get("transposed") else list(mat.shape)
             stored = sum(sizes[k] for k in value.state_dict(f"{name}."))

@@ -27,25 +27,33 @@ from torch import nn
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats.rule import LOAD_FORMATS, load_format
 from sparseforge.io.hf import import_transformers
-from sparseforge.io.checkpoint import (
-    CONFIG_NAME,
-    PACKED_TYPES,
-    is_compressed,
-    load_state_dict_compressed,
-    model_dir,
-    read_sparsity_config,
-)
+from sparseforge.io.layout import CONFIG_NAME, is_compressed, load_state_dict_compressed, model_dir, read_sparsity_config
 from sparseforge.io.validation import architecture_class, read_json, validate_checkpoint
 from sparseforge.layers import is_linear, set_module
 from sparseforge.nn.sparse_linear import SparseLinear
 
-__all__ = ["load", "load_sparse", "model_class"]
+__all__ = ["load", "load_sparse", "model_class", "skeleton"]
 
 
 def model_class(path: Path, transformers) -> type:
     """The transformers class named by ``config.json``'s ``architectures[0]`` in model directory ``path``
     (checked: a transformers ``PreTrainedModel`` subclass, see :func:`~sparseforge.io.validation.architecture_class`)."""
     return architecture_class(read_json(path / CONFIG_NAME), path / CONFIG_NAME, transformers)
+
+
+def skeleton(path: "str | Path"):
+    """The model of checkpoint ``path`` built on the meta device (no memory): the parameter shapes
+    and module types its tensors must fit (:func:`sparseforge.io.validation.validate_checkpoint`).
+    ModelError when ``architectures`` names no transformers model class or the config cannot build it."""
+    p = model_dir(path)
+    transformers = import_transformers()
+    cls = model_class(p, transformers)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
+        with torch.device("meta"):
+            return cls(config)
+    except (ValueError, TypeError, KeyError, AttributeError, OSError) as exc:
+        raise ModelError(f"{p / CONFIG_NAME}: transformers cannot build {cls.__name__} from it: {exc}") from None
 
 
 def _with_generation_config(model, path: Path, transformers):
@@ -84,8 +92,8 @@ def load(path: "str | Path", dtype: "torch.dtype | str | None" = None, sparse: b
         validate_checkpoint(p)  # safetensors headers and the info block, before transformers reads them
         return cls.from_pretrained(str(p), dtype=dtype or "auto", local_files_only=True)
     dense = {}
-    for name, value in load_state_dict_compressed(p).items():  # validated against the model's skeleton
-        if isinstance(value, PACKED_TYPES):
+    for name, value in load_state_dict_compressed(p, skeleton(p)).items():  # validated against the model
+        if not isinstance(value, torch.Tensor):  # a packed format object
             mat = value.to_dense()  # (out, in)
             value = mat.t().contiguous() if block["layers"].get(name, {}).get("transposed") else mat
         dense[name] = value
@@ -120,7 +128,7 @@ def _linear_weights_on_meta() -> Iterator[None]:
 def load_sparse(path: "str | Path", format: str = "rule") -> nn.Module:
     """A transformers model from a compressed sparseforge checkpoint, its pruned layers as SparseLinear.
 
-    The compressed weights (:func:`sparseforge.io.checkpoint.load_state_dict_compressed`) go straight
+    The compressed weights (:func:`sparseforge.io.layout.load_state_dict_compressed`) go straight
     into SparseLinear layers; their dense matrices are never built. ``format="rule"`` (default) runs
     bitmap layers of at least 85% sparsity (:data:`~sparseforge.formats.rule.CSR_FROM`) as CSR,
     converted from the bits (:meth:`~sparseforge.formats.csr.CSRWeight.from_bitmap`; CSR is 1.5-2.6x

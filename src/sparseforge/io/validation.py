@@ -41,20 +41,19 @@ from typing import Any
 import torch
 
 from sparseforge.errors import ModelError
-from sparseforge.formats import BitmapWeight, BSRWeight, FanInWeight, NMWeight
+from sparseforge.formats import registry
 from sparseforge.patterns import NM, parse
 from sparseforge.io.safetensors_header import SafetensorsHeader, TensorEntry, read_header
 
 __all__ = [
     "CheckedCheckpoint", "validate_checkpoint", "check_block", "check_tensors", "verify_checksums",
     "tensor_checksums", "architecture_class", "read_json", "weight_files", "FORMAT_VERSION", "CHECKSUM_VERSION",
-    "MAX_JSON_BYTES", "PACKED_FORMATS",
+    "MAX_JSON_BYTES", "stored_formats", "CONFIG_NAME", "WEIGHTS_NAME", "BLOCK",
 ]
 
 FORMAT_VERSION = 3  # the newest checkpoint layout this sparseforge reads and writes
 CHECKSUM_VERSION = 3  # from this format_version on, every tensor's CRC-32 is stored and required
 MAX_JSON_BYTES = 64 << 20  # config.json / index files larger than this are refused unread
-PACKED_FORMATS = {"nm": NMWeight, "bsr": BSRWeight, "fanin": FanInWeight, "bitmap": BitmapWeight}
 VALUE_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E5M2", "F8_E4M3")
 TORCH_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E5M2": torch.float8_e5m2,
@@ -81,7 +80,7 @@ class CheckedCheckpoint:
 
     @property
     def compressed(self) -> bool:
-        return self.block is not None and self.block.get("format") in PACKED_FORMATS
+        return self.block is not None and self.block.get("format") in stored_formats()
 
     @property
     def layers(self) -> dict[str, dict[str, Any]]:
@@ -90,6 +89,11 @@ class CheckedCheckpoint:
     @property
     def tied(self) -> dict[str, str]:
         return (self.block or {}).get("tied") or {}
+
+
+def stored_formats() -> tuple[str, ...]:
+    """The formats a checkpoint may store packed layers in (the registry's stored formats)."""
+    return registry.names(stored=True)
 
 
 def _bad(where: "Path | str", what: str) -> ModelError:
@@ -139,7 +143,7 @@ def _check_layer(name, layer, block, where, compressed: bool) -> None:
     if not isinstance(layer, dict):
         raise bad(f"must be an object, got {type(layer).__name__}")
     fmt = layer.get("format")
-    allowed = tuple(PACKED_FORMATS) if compressed else ("dense",)
+    allowed = stored_formats() if compressed else ("dense",)
     if not isinstance(fmt, str) or fmt not in allowed:
         raise bad(f"unknown format {fmt!r:.40} (expected one of {', '.join(allowed)})")
     shape = layer.get("shape")
@@ -179,9 +183,9 @@ def check_block(block: Any, where: Path) -> dict[str, Any]:
     if version < 1:
         raise _bad(where, f"{BLOCK}.format_version {version} is not a version (1 to {FORMAT_VERSION})")
     fmt = block.get("format")
-    if fmt not in ("dense", *PACKED_FORMATS):
-        raise _bad(where, f"{BLOCK}.format {fmt!r:.40} is not one of dense, {', '.join(PACKED_FORMATS)}")
-    compressed = fmt in PACKED_FORMATS
+    if fmt not in ("dense", *stored_formats()):
+        raise _bad(where, f"{BLOCK}.format {fmt!r:.40} is not one of dense, {', '.join(stored_formats())}")
+    compressed = fmt in stored_formats()
     layers = block.get("layers", {} if not compressed else None)
     if not isinstance(layers, dict):
         raise _bad(where, f"{BLOCK}.layers must be an object of layer entries, got {type(layers).__name__}")
@@ -232,7 +236,7 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def _packed_names(name: str, fmt: str) -> dict[str, str]:
-    cls = PACKED_FORMATS[fmt]
+    cls = registry.get(fmt).cls
     return {f: f"{name}.{cls.KEY}{f}" for f in cls.FIELDS}
 
 

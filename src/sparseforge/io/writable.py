@@ -21,7 +21,7 @@ from pathlib import Path
 
 from sparseforge.errors import ConfigError
 
-__all__ = ["check_output_dir", "check_output_file", "read_text_file"]
+__all__ = ["check_output_dir", "check_output_file"]
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -77,22 +77,3 @@ def check_output_file(path: "str | Path | None", *, option: str) -> None:
     if path.is_dir():
         raise ConfigError(f"{option} {path} is a directory; give a file name")
     _check_can_create_in(path, option)
-
-
-def read_text_file(path: "str | Path", what: str) -> str:
-    """The UTF-8 text of ``path``; ConfigError if it is missing, unreadable or binary."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} {path} does not exist")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-    if b"\0" in data:
-        raise ConfigError(f"{what} {path} is a binary file, not YAML text; give a YAML file")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"{what} {path} is not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); give a YAML file"
-        ) from None

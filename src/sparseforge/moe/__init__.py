@@ -15,6 +15,7 @@ Example:
 from sparseforge.moe.dispatch import apply_capacity, build_plan
 from sparseforge.moe.grouped import grouped_ffn
 from sparseforge.moe.losses import MoEAux, load_balancing_loss, router_z_loss
+from sparseforge.moe.config import MoEConfig
 from sparseforge.moe.layer import MoE
 from sparseforge.moe.routers import (
     ROUTERS,
@@ -43,6 +44,7 @@ from sparseforge.moe.upcycle import UpcycleReport, upcycle_, upcycle_mlp
 
 __all__ = [
     "MoE",
+    "MoEConfig",
     "MoEAux",
     "load_balancing_loss",
     "router_z_loss",

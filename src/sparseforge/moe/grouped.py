@@ -12,12 +12,15 @@ plain MLP (``w_gate=None``): ``y = act(x @ w_up[e]) @ w_down[e]``.
 
 Matmul backends (see ``docs/moe.md`` for measurements):
 
-* ``"loop"``: ``torch.mm`` per slice (MKL on x86).
-* ``"onednn"``: oneDNN float32 matmul (``torch.ops.mkldnn._linear_pointwise``, the op torch's
-  inductor CPU backend uses) for slices of at least :data:`ONEDNN_MIN_ROWS` rows, ``torch.mm``
-  for smaller ones (a decode step's matrix-vector products). On the AMD EPYC we develop on it runs
-  about 2x faster than MKL's float32 GEMM, same results up to float32 rounding.
-* ``"auto"``: ``onednn`` for float32 CPU tensors when torch has oneDNN, else ``loop``.
+* ``"loop"``: ``torch.mm`` per slice (public torch API; MKL on x86).
+* ``"onednn"`` (opt-in): oneDNN float32 matmul through ``torch.ops.mkldnn._linear_pointwise``, a
+  private op of torch (the one its inductor CPU backend uses; :data:`ONEDNN_SCHEMA` is the signature
+  this module calls, checked before use) for slices of at least :data:`ONEDNN_MIN_ROWS` rows,
+  ``torch.mm`` for smaller ones (a decode step's matrix-vector products). Same results up to float32
+  rounding; on some CPUs about 2x faster than MKL's float32 GEMM (``docs/moe.md``). A private op can
+  change in any torch release, so it is never chosen implicitly; if this torch lacks it (or its
+  signature changed) asking for it is a :class:`ConfigError`.
+* ``"auto"``: ``loop``.
 
 ``torch.nn.functional.grouped_mm`` (torch 2.13 has a CPU kernel) ran at the speed of the ``loop``
 backend in our measurements (it calls the same GEMM per group), so it is not offered.
@@ -36,6 +39,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import torch
@@ -45,8 +49,8 @@ from sparseforge.errors import ConfigError
 from sparseforge.moe.dispatch import DispatchPlan, add_rows
 
 __all__ = [
-    "grouped_ffn", "few_tokens_ffn", "GroupedFFN", "resolve_backend", "BACKENDS", "ONEDNN_MIN_ROWS",
-    "FEW_SLOTS", "ACTIVATIONS",
+    "grouped_ffn", "few_tokens_ffn", "GroupedFFN", "resolve_backend", "onednn_missing", "BACKENDS", "ONEDNN_MIN_ROWS",
+    "ONEDNN_SCHEMA", "FEW_SLOTS", "ACTIVATIONS",
 ]
 
 _aten = torch.ops.aten
@@ -71,12 +75,27 @@ ONEDNN_MIN_ROWS = 4
 FEW_SLOTS = 16
 
 
-def _onednn_ok(*tensors: torch.Tensor) -> bool:
-    return (
-        torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-        and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
-    )
+# The private oneDNN ops "onednn" calls, with the signatures this module was written against.
+ONEDNN_SCHEMA = {
+    "default": "mkldnn::_linear_pointwise(Tensor X, Tensor W, Tensor? B, str attr, Scalar?[] scalars, "
+               "str? algorithm) -> Tensor Y",
+    "binary": "mkldnn::_linear_pointwise.binary(Tensor X, Tensor other, Tensor W, Tensor? B, str attr) -> Tensor Y",
+}
+
+
+@functools.cache  # torch does not change within a process; checked once
+def onednn_missing() -> str | None:
+    """Why this torch cannot run the ``"onednn"`` backend (no oneDNN, no op, another signature), or None."""
+    if not torch.backends.mkldnn.is_available():
+        return "this torch is built without oneDNN (torch.backends.mkldnn)"
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if op is None:
+        return f"torch {torch.__version__} has no torch.ops.mkldnn._linear_pointwise"
+    for overload, schema in ONEDNN_SCHEMA.items():
+        found = str(getattr(op, overload)._schema) if hasattr(op, overload) else None
+        if found != schema:
+            return f"torch {torch.__version__}'s mkldnn._linear_pointwise.{overload} is {found}, not {schema}"
+    return None
 
 
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
@@ -84,12 +103,13 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ConfigError(f"unknown dispatch backend {backend!r}; choose one of {list(BACKENDS)}")
     if backend == "auto":
-        return "onednn" if _onednn_ok(*tensors) else "loop"
-    if backend == "onednn" and not _onednn_ok(*tensors):
-        raise ConfigError(
-            "backend='onednn' needs torch built with oneDNN (torch.backends.mkldnn) and float32 CPU tensors; "
-            "use backend='auto' or 'loop'"
-        )
+        return "loop"
+    if backend == "onednn":
+        why = onednn_missing()
+        if why is None and not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors):
+            why = "it takes float32 CPU tensors only"
+        if why is not None:
+            raise ConfigError(f"backend='onednn' (a private torch op, opt-in) is unavailable: {why}; use backend='loop'")
     return backend
 
 

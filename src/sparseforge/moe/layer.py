@@ -33,26 +33,19 @@ import torch
 from torch import nn
 
 from sparseforge.errors import ConfigError
+from sparseforge.moe.config import DECODE_BACKENDS, MoEConfig
 from sparseforge.moe.dispatch import apply_capacity, build_plan
-from sparseforge.moe.grouped import ACTIVATIONS, BACKENDS, FEW_SLOTS, few_tokens_ffn, grouped_ffn
+from sparseforge.moe.grouped import ACTIVATIONS, FEW_SLOTS, few_tokens_ffn, grouped_ffn
 from sparseforge.moe.losses import MoEAux
-from sparseforge.moe.native import expert_ffn as native_expert_ffn
-from sparseforge.moe.native import native_applicable
 from sparseforge.moe.routers import Router, capacity_for, make_router
+from sparseforge.ops.expert_ffn import expert_ffn as native_expert_ffn
+from sparseforge.ops.expert_ffn import native_applicable
 
-__all__ = ["MoE", "DECODE_BACKENDS", "NATIVE_MAX_TOKENS"]
-
-DECODE_BACKENDS = ("auto", "native", "torch")
+__all__ = ["MoE", "MoEConfig", "DECODE_BACKENDS", "NATIVE_MAX_TOKENS"]
 
 # Forward-only calls with at most this many tokens go to the decode path (native kernel: each
 # chosen expert's weights are read once for all of them).
 NATIVE_MAX_TOKENS = 4
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 class _DenseFFN(nn.Module):
@@ -74,6 +67,9 @@ class _DenseFFN(nn.Module):
 class MoE(nn.Module):
     """Sparse mixture of ``num_experts`` FFN experts, ``k`` per token.
 
+    ``MoE(MoEConfig(...))`` or ``MoE(d_model, d_hidden, num_experts, k, **options)`` (the options are
+    the fields of :class:`~sparseforge.moe.config.MoEConfig`); ``device`` / ``dtype`` place the weights.
+
     Args:
         d_model: model width ``d``.
         d_hidden: expert hidden width ``h``.
@@ -89,10 +85,10 @@ class MoE(nn.Module):
         input_jitter: router input noise in training (0 = off).
         lb_coef, z_coef: weights of the two auxiliary losses in ``aux.loss``.
         seed: ``None`` = torch's default generator, else the seed of the layer's own generator.
-        backend: expert matmuls, ``"auto"``, ``"onednn"`` or ``"loop"`` (see
-            :mod:`sparseforge.moe.grouped`).
+        backend: expert matmuls: ``"auto"`` (= ``"loop"``, public torch API), ``"loop"`` or the opt-in
+            ``"onednn"`` (a private torch op; see :mod:`sparseforge.moe.grouped`).
         decode_backend: forward-only calls with at most :data:`NATIVE_MAX_TOKENS` tokens (decode):
-            ``"native"`` runs the native expert FFN kernel (:mod:`sparseforge.moe.native`; float32
+            ``"native"`` runs the native expert FFN kernel (:mod:`sparseforge.ops.expert_ffn`; float32
             CPU only, anything else is a :class:`ConfigError` at call time), ``"torch"`` the
             per-slot ``torch.mm`` chain (:func:`~sparseforge.moe.grouped.few_tokens_ffn`, at most
             ``FEW_SLOTS`` slots, else the grouped path), ``"auto"`` native for float32 CPU inputs
@@ -101,91 +97,52 @@ class MoE(nn.Module):
             the calling thread, which already streams the weights at memory bandwidth).
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        d_hidden: int,
-        num_experts: int,
-        k: int = 2,
-        *,
-        router: str | Router = "softmax_topk",
-        router_options: dict | None = None,
-        expert: str = "glu",
-        activation: str = "silu",
-        shared_hidden: int | None = None,
-        shared_gate: bool = False,
-        capacity_factor: float | None = None,
-        input_jitter: float = 0.0,
-        lb_coef: float = 0.01,
-        z_coef: float = 0.001,
-        seed: int | None = None,
-        backend: str = "auto",
-        decode_backend: str = "auto",
-        decode_parallel: bool = False,
-        device=None,
-        dtype=None,
-    ) -> None:
+    def __init__(self, *args, config: MoEConfig | None = None, device=None, dtype=None, **options) -> None:
         super().__init__()
-        self.d_model = _positive_int("d_model", d_model)
-        self.d_hidden = _positive_int("d_hidden", d_hidden)
-        self.num_experts = _positive_int("num_experts", num_experts)
-        if expert not in ("glu", "mlp"):
-            raise ConfigError(f"expert must be 'glu' or 'mlp', got {expert!r}")
-        if activation not in ACTIVATIONS:
-            raise ConfigError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
-        if capacity_factor is not None and (
-            isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float))
-            or not capacity_factor > 0 or math.isinf(capacity_factor)
-        ):
-            raise ConfigError(
-                f"capacity_factor must be a finite number > 0 (e.g. 1.25) or None for dropless routing, "
-                f"got {capacity_factor!r}"
-            )
-        if not 0.0 <= input_jitter < 1.0:
-            raise ConfigError(f"input_jitter must be in [0, 1), got {input_jitter!r}")
-        if isinstance(router, Router):
-            if router_options:
-                raise ConfigError("router_options only apply to a router given by name")
-            if router.num_experts != num_experts:
-                raise ConfigError(f"router has {router.num_experts} experts but the layer has {num_experts}")
-            self.router = router
+        if config is None and args and isinstance(args[0], MoEConfig):
+            config, args = args[0], args[1:]
+        if config is not None and (args or options):
+            raise ConfigError("pass either a MoEConfig or MoE's arguments (d_model, d_hidden, num_experts, ...), not both")
+        cfg = config if config is not None else MoEConfig(*args, **options)
+        self.config = cfg
+        self.d_model, self.d_hidden, self.num_experts = cfg.d_model, cfg.d_hidden, cfg.num_experts
+        if isinstance(cfg.router, Router):
+            self.router = cfg.router
         else:
-            self.router = make_router(router, num_experts, k, **(router_options or {}))
-        if not self.router.token_choice and capacity_factor is None:
+            self.router = make_router(cfg.router, cfg.num_experts, cfg.k, **(cfg.router_options or {}))
+        if not self.router.token_choice and cfg.capacity_factor is None:
             raise ConfigError(
                 "expert-choice routing needs a capacity: set capacity_factor (e.g. 1.0) on the MoE layer"
             )
         self.k = self.router.k
-        self.expert = expert
-        self.activation = activation
-        self.capacity_factor = capacity_factor
-        self.input_jitter = float(input_jitter)
-        self.lb_coef, self.z_coef = float(lb_coef), float(z_coef)
-        if backend not in BACKENDS:
-            raise ConfigError(f"unknown dispatch backend {backend!r}; choose one of {list(BACKENDS)}")
-        self.backend = backend
-        if decode_backend not in DECODE_BACKENDS:
-            raise ConfigError(f"unknown decode_backend {decode_backend!r}; choose one of {list(DECODE_BACKENDS)}")
-        self.decode_backend = decode_backend
-        self.decode_parallel = bool(decode_parallel)
-        self.seed = seed
+        self.expert = cfg.expert
+        self.activation = cfg.activation
+        self.capacity_factor = cfg.capacity_factor
+        self.input_jitter = float(cfg.input_jitter)
+        self.lb_coef, self.z_coef = float(cfg.lb_coef), float(cfg.z_coef)
+        self.backend = cfg.backend
+        self.decode_backend = cfg.decode_backend
+        self.decode_parallel = bool(cfg.decode_parallel)
+        self.seed = cfg.seed
         self._generator: torch.Generator | None = None
+        self._build_weights(device, dtype)
+        self.reset_parameters()
 
+    def _build_weights(self, device, dtype) -> None:
+        """Allocate the router, the stacked expert weights and the optional shared expert (uninitialised)."""
+        cfg = self.config
         factory = {"device": device, "dtype": dtype}
-        E, d, h = num_experts, d_model, d_hidden
+        E, d, h = cfg.num_experts, cfg.d_model, cfg.d_hidden
         self.gate = nn.Linear(d, E, bias=False, **factory)  # router, weight (E, d)
-        self.w_gate = nn.Parameter(torch.empty(E, d, h, **factory)) if expert == "glu" else None
+        self.w_gate = nn.Parameter(torch.empty(E, d, h, **factory)) if cfg.expert == "glu" else None
         self.w_up = nn.Parameter(torch.empty(E, d, h, **factory))
         self.w_down = nn.Parameter(torch.empty(E, h, d, **factory))
         self.shared = None
         self.shared_gate = None
-        if shared_hidden is not None:
-            self.shared = _DenseFFN(d, _positive_int("shared_hidden", shared_hidden), expert == "glu", activation, **factory)
-            if shared_gate:
+        if cfg.shared_hidden is not None:
+            self.shared = _DenseFFN(d, cfg.shared_hidden, cfg.expert == "glu", cfg.activation, **factory)
+            if cfg.shared_gate:
                 self.shared_gate = nn.Linear(d, 1, bias=False, **factory)
-        elif shared_gate:
-            raise ConfigError("shared_gate=True needs a shared expert: set shared_hidden")
-        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Uniform init like ``nn.Linear``: bound ``1/sqrt(fan_in)``."""

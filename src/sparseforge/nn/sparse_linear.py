@@ -42,29 +42,23 @@ from torch import Tensor, nn
 
 from sparseforge import ops
 from sparseforge.errors import ConfigError, ModelError
-from sparseforge.formats import BitmapWeight, BSRWeight, FanInWeight, NMWeight
-from sparseforge.formats.csr import CSRWeight
-from sparseforge.patterns import NM, Block, parse
+from sparseforge.formats import BitmapWeight, BSRWeight, CSRWeight, FanInWeight, NMWeight, registry
+from sparseforge.formats.rule import auto_format
+from sparseforge.patterns import NM, parse
 
 __all__ = ["SparseLinear", "FORMATS", "STRUCTURED_FORMATS", "ALL_FORMATS"]
 
-# FORMATS: the general formats (the candidates format="auto" measures); STRUCTURED_FORMATS hold
-# only masks with a structure (equal row counts / whole blocks) and are chosen explicitly or from a
-# recorded FanIn / Block pattern (compress_ format="rule").
-FORMATS = ("bitmap", "nm", "csr")
-STRUCTURED_FORMATS = ("fanin", "bsr")
+# The built-in formats as registered (sparseforge.formats.registry, which is live: ask it for formats
+# registered later). FORMATS hold general masks; STRUCTURED_FORMATS need a structure (equal row counts
+# / whole blocks) and are chosen explicitly or from a recorded FanIn / Block pattern.
+FORMATS = registry.names(general=True)
+STRUCTURED_FORMATS = registry.names(general=False)
 ALL_FORMATS = FORMATS + STRUCTURED_FORMATS
-_CLASSES = {"bitmap": BitmapWeight, "nm": NMWeight, "csr": CSRWeight, "fanin": FanInWeight, "bsr": BSRWeight}
 _VALUE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _format_name(weight) -> str:
-    for name, cls in _CLASSES.items():
-        if isinstance(weight, cls):
-            return name
-    raise ModelError(
-        f"SparseLinear holds a BitmapWeight, NMWeight, CSRWeight, FanInWeight or BSRWeight, got {type(weight).__name__}"
-    )
+    return registry.spec_of(weight).name
 
 
 class SparseLinear(nn.Module):
@@ -131,22 +125,11 @@ class SparseLinear(nn.Module):
             raise ConfigError(f"sparse values must be float32 or bfloat16, got {dtype}; pass dtype=torch.float32 or torch.bfloat16")
         if format == "auto":
             format, pattern = auto_format(w, pattern)
+        if format not in registry.names():
+            raise ConfigError(f"unknown sparse format {format!r}; use one of {registry.names()} or 'auto'")
         keep = w != 0  # (out, in), pruned entries are exact zeros
-        w = w.to(dtype)
-        if format == "bitmap":
-            weight = BitmapWeight.from_dense(w, keep)
-        elif format == "csr":
-            weight = CSRWeight.from_dense(w, keep)
-        elif format == "nm":
-            weight = NMWeight.from_dense(w, parse(pattern or "2:4"), keep)
-        elif format == "fanin":
-            weight = FanInWeight.from_dense(w, keep)
-        elif format == "bsr":
-            if pattern is None or not isinstance(parse(pattern), Block):
-                raise ConfigError(f"format='bsr' needs a block pattern such as 'block4x4', got {pattern!r}")
-            weight = BSRWeight.from_dense(w, parse(pattern), keep)
-        else:
-            raise ConfigError(f"unknown sparse format {format!r}; use one of {ALL_FORMATS} or 'auto'")
+        pattern = parse(pattern) if pattern else None
+        weight = registry.get(format).build(w.to(dtype), pattern, keep)
         return cls(weight, linear.bias, trainable=trainable)
 
     # ---- the weight object, kept in sync with the buffers -----------------------------------
@@ -237,10 +220,7 @@ class SparseLinear(nn.Module):
         return self.set_trainable(requires_grad)
 
     def _build(self, state: dict[str, Tensor]):
-        shape = (self.out_features, self.in_features)
-        if self.format == "nm":
-            return NMWeight.from_state_dict(state, shape, self.pattern)
-        return _CLASSES[self.format].from_state_dict(state, shape)
+        return registry.get(self.format).load(state, (self.out_features, self.in_features), self.pattern)
 
     @property
     def weight_format(self) -> "BitmapWeight | NMWeight | CSRWeight | FanInWeight | BSRWeight":
@@ -312,9 +292,7 @@ class SparseLinear(nn.Module):
         return 1.0 - self.nnz / max(1, self.in_features * self.out_features)
 
     def extra_repr(self) -> str:
-        fmt = f"nm {self.pattern}" if self.pattern is not None else self.format
-        if self.format == "bsr":
-            fmt = f"bsr {self.weight_format.block}"
+        fmt = registry.label(self.weight_format)
         dtype = str(self.weight_format.dtype).removeprefix("torch.")
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

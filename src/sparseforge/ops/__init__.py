@@ -11,6 +11,8 @@ and in training:
 * ``sparseforge::nm_linear(x, values, indices, n, m, bias)``
 * ``sparseforge::fanin_linear(x, values, indices, bias)``
 * ``sparseforge::bsr_linear(x, block_row_ptr, block_col, values, bias)``
+* ``sparseforge::moe_expert_ffn(x, experts, weights, w_up, w_down, w_gate, activation, parallel)``: the
+  few-token MoE expert FFN (:mod:`sparseforge.ops.expert_ffn`, forward only)
 
 ``x`` is float32 ``(B, in)``, C-contiguous, on the CPU; ``values`` float32 or bfloat16; the output is
 float32 ``(B, out)``. CSR buffers do not record ``in``, so ``csr_linear`` takes it from ``x``;
@@ -41,6 +43,7 @@ import torch
 from torch import Tensor
 
 from sparseforge.errors import DataError, ModelError
+from sparseforge.formats import registry
 from sparseforge.ops import bitmap, bsr, csr, fanin, nm
 from sparseforge.ops._define import check_act, check_bias, np_view
 from sparseforge.ops.bitmap import bitmap_linear, bitmap_linear_dw, bitmap_linear_t
@@ -55,19 +58,33 @@ __all__ = [
     "bsr_linear", "bsr_linear_t", "bsr_linear_dw",
 ]
 
-_FORMATS = {spec.weight_cls: spec for spec in (csr.OPS, bitmap.OPS, nm.OPS, fanin.OPS, bsr.OPS)}
+KERNELS = {spec.fmt: spec for spec in (csr.OPS, bitmap.OPS, nm.OPS, fanin.OPS, bsr.OPS)}  # by kernel family
+
+
+_BY_TYPE: dict[type, object] = {}  # format class -> FormatOps, valid for one registry generation
+_BY_TYPE_GENERATION = [-1]
 
 
 def _ops_for(weight):
-    """The :class:`~sparseforge.ops._define.FormatOps` of a format object."""
-    spec = _FORMATS.get(type(weight))
+    """The :class:`~sparseforge.ops._define.FormatOps` of a format object: its registered format's
+    kernel family (:attr:`sparseforge.formats.registry.FormatSpec.kernel_family`), cached per class."""
+    if _BY_TYPE_GENERATION[0] != registry.generation():
+        _BY_TYPE.clear()
+        _BY_TYPE_GENERATION[0] = registry.generation()
+    spec = _BY_TYPE.get(type(weight))
+    if spec is not None:
+        return spec
+    try:
+        family = registry.spec_of(weight).kernel_family
+    except ModelError as exc:
+        raise ModelError(f"no sparse kernel for weight type {type(weight).__name__}: {exc}") from exc
+    spec = KERNELS.get(family)
     if spec is None:
-        spec = next((s for cls, s in _FORMATS.items() if isinstance(weight, cls)), None)
-        if spec is None:
-            raise ModelError(
-                f"no sparse kernel for weight type {type(weight).__name__}; use CSRWeight, BitmapWeight, NMWeight, "
-                "FanInWeight or BSRWeight"
-            )
+        raise ModelError(
+            f"no sparse kernels for format {registry.spec_of(weight).name!r} (kernel family {family!r}); "
+            f"the ops have {', '.join(KERNELS)}"
+        )
+    _BY_TYPE[type(weight)] = spec
     return spec
 
 

@@ -139,25 +139,34 @@ class FormatOps:
         return cached[:3]
 
 
-def define(fmt: str, weight_cls: type, buffers: tuple[tuple[str, tuple, int], ...], fit: Callable, *,
-           statics: tuple[str, ...] = (), unpack: Optional[Callable] = None) -> FormatOps:
-    """Register ``sparseforge::<fmt>_linear``, ``_linear_t`` and ``_linear_dw`` (see the module doc).
+@dataclass(frozen=True)
+class _Signature:
+    """What the three ops of one format take: weight buffer names, integer statics, the shape check."""
 
-    ``buffers``: ``(name, allowed dtypes, ndim)`` of each weight buffer, in argument order (each must
-    be a contiguous CPU tensor); ``fit(*W, *S, cols) -> out rows`` checks how they fit together.
-    """
-    weight = tuple(name for name, _, _ in buffers)
+    fmt: str
+    cls_name: str
+    weight: tuple[str, ...]  # buffer names, in argument order
+    statics: tuple[str, ...]  # integer arguments after the buffers (N:M's n, m)
+    dims: Callable  # (W..., S..., cols) -> out rows; raises ModelError on bad buffers
 
-    def dims(*args):
-        for (name, dtypes, ndim), t in zip(buffers, args):
-            check_buf(t, name, dtypes, ndim)
-        return fit(*args)
+    @property
+    def n_w(self) -> int:
+        return len(self.weight) + len(self.statics)
 
-    sig = ", ".join([f"Tensor {n}" for n in weight] + [f"SymInt {s}" for s in statics])
-    n_w = len(weight) + len(statics)
-    values_at = 1 + weight.index("values")  # input position of the stored values in the forward op
-    fwd_name, t_name, dw_name = (f"{fmt}_linear", f"{fmt}_linear_t", f"{fmt}_sddmm")
-    cls_name = weight_cls.__name__
+    @property
+    def values_at(self) -> int:
+        """Input position of the stored values in the forward op (``x`` is 0)."""
+        return 1 + self.weight.index("values")
+
+    @property
+    def schema(self) -> str:
+        return ", ".join([f"Tensor {n}" for n in self.weight] + [f"SymInt {s}" for s in self.statics])
+
+
+def _register_ops(s: _Signature):
+    """The three custom ops of a format (native implementations and fake impls)."""
+    dims, values_at = s.dims, s.values_at
+    fwd_name, t_name, dw_name = (f"{s.fmt}_linear", f"{s.fmt}_linear_t", f"{s.fmt}_sddmm")
 
     def forward(x, *args):
         *wargs, bias = args
@@ -176,15 +185,15 @@ def define(fmt: str, weight_cls: type, buffers: tuple[tuple[str, tuple, int], ..
         getattr(native(), dw_name)(np_view(x), np_view(dy), *map(np_view, wargs), dw.numpy())
         return dw
 
-    forward.__doc__ = f"y (B, out) = x (B, in) @ W^T + bias for a {cls_name}."
-    transposed.__doc__ = f"dx (B, in) = dy (B, out) @ W for a {cls_name}."
-    sddmm.__doc__ = f"dW at the mask for a {cls_name}: float32, shaped like ``values``."
-    lin = torch.library.custom_op(f"sparseforge::{fmt}_linear", forward, mutates_args=(),
-                                  schema=f"(Tensor x, {sig}, Tensor? bias) -> Tensor")
-    lin_t = torch.library.custom_op(f"sparseforge::{fmt}_linear_t", transposed, mutates_args=(),
-                                    schema=f"(Tensor dy, {sig}, SymInt in_features) -> Tensor")
-    lin_dw = torch.library.custom_op(f"sparseforge::{fmt}_linear_dw", sddmm, mutates_args=(),
-                                     schema=f"(Tensor x, Tensor dy, {sig}) -> Tensor")
+    forward.__doc__ = f"y (B, out) = x (B, in) @ W^T + bias for a {s.cls_name}."
+    transposed.__doc__ = f"dx (B, in) = dy (B, out) @ W for a {s.cls_name}."
+    sddmm.__doc__ = f"dW at the mask for a {s.cls_name}: float32, shaped like ``values``."
+    lin = torch.library.custom_op(f"sparseforge::{s.fmt}_linear", forward, mutates_args=(),
+                                  schema=f"(Tensor x, {s.schema}, Tensor? bias) -> Tensor")
+    lin_t = torch.library.custom_op(f"sparseforge::{s.fmt}_linear_t", transposed, mutates_args=(),
+                                    schema=f"(Tensor dy, {s.schema}, SymInt in_features) -> Tensor")
+    lin_dw = torch.library.custom_op(f"sparseforge::{s.fmt}_linear_dw", sddmm, mutates_args=(),
+                                     schema=f"(Tensor x, Tensor dy, {s.schema}) -> Tensor")
 
     @lin.register_fake
     def _(x, *args):
@@ -202,12 +211,19 @@ def define(fmt: str, weight_cls: type, buffers: tuple[tuple[str, tuple, int], ..
         values = wargs[values_at - 1]
         return values.new_empty(values.shape, dtype=torch.float32)
 
+    return lin, lin_t, lin_dw
+
+
+def _register_autograd(s: _Signature, lin, lin_t, lin_dw) -> None:
+    """``dx`` by the transposed op, dW at the mask by the SDDMM op (cast to the values' dtype), ``dbias``."""
+    n_w, values_at, n_weight = s.n_w, s.values_at, len(s.weight)
+
     def setup_context(ctx, inputs, output):
         x, wargs = inputs[0], inputs[1:1 + n_w]
         # x is kept only when the stored values need their gradient (dW at the mask reads it)
         tensors = [a for a in wargs if isinstance(a, Tensor)]
         ctx.save_for_backward(x if inputs[values_at].requires_grad else None, *tensors)
-        ctx.statics = tuple(wargs[len(weight):])
+        ctx.statics = tuple(wargs[n_weight:])
         ctx.in_features = x.shape[1]
         ctx.has_bias = inputs[-1] is not None
 
@@ -226,6 +242,25 @@ def define(fmt: str, weight_cls: type, buffers: tuple[tuple[str, tuple, int], ..
         return tuple(grads)
 
     lin.register_autograd(backward, setup_context=setup_context)
+
+
+def define(fmt: str, weight_cls: type, buffers: tuple[tuple[str, tuple, int], ...], fit: Callable, *,
+           statics: tuple[str, ...] = (), unpack: Optional[Callable] = None) -> FormatOps:
+    """Register ``sparseforge::<fmt>_linear``, ``_linear_t`` and ``_linear_dw`` (see the module doc).
+
+    ``buffers``: ``(name, allowed dtypes, ndim)`` of each weight buffer, in argument order (each must
+    be a contiguous CPU tensor); ``fit(*W, *S, cols) -> out rows`` checks how they fit together.
+    """
+    weight = tuple(name for name, _, _ in buffers)
+
+    def dims(*args):
+        for (name, dtypes, ndim), t in zip(buffers, args):
+            check_buf(t, name, dtypes, ndim)
+        return fit(*args)
+
+    sig = _Signature(fmt, weight_cls.__name__, weight, tuple(statics), dims)
+    lin, lin_t, lin_dw = _register_ops(sig)
+    _register_autograd(sig, lin, lin_t, lin_dw)
     if unpack is None:
         def unpack(w):
             return tuple(getattr(w, n) for n in weight)

@@ -6,7 +6,7 @@ advisor times the candidates on the machine it runs on:
 
 * :func:`measure_layer` times one pruned ``(out, in)`` weight as the dense product
   (``torch.nn.functional.linear`` in the weight's dtype, float32 activations) and as every sparse
-  format that can hold it (:data:`sparseforge.nn.sparse_linear.FORMATS`; a format whose
+  format that can hold it (:func:`sparseforge.formats.registry.names`; a format whose
   ``from_dense`` refuses the mask is not a candidate), at each batch size, and picks the fastest.
   *Dense* is chosen unless a sparse format is at least ``min_speedup`` times faster, averaged over
   the batch sizes.
@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from sparseforge.errors import ConfigError
+from sparseforge.patterns import DEFAULT_NM, Pattern
 from sparseforge.runtime.machine import last_level_cache, machine_info, set_threads
 
 __all__ = ["LayerAdvice", "AdviceReport", "measure_layer", "advise_model", "sweep", "plot_sweep", "check_budget",
@@ -58,7 +59,6 @@ __all__ = ["LayerAdvice", "AdviceReport", "measure_layer", "advise_model", "swee
 
 STREAM_BYTES = 96 << 20  # weight copies cycled per candidate when the model does not fit in cache
 SWEEP_SPARSITIES = (0.5, 0.75, 0.9, 0.95)
-_DETECT_NM = "2:4"
 
 
 @dataclass
@@ -167,28 +167,30 @@ def _time_interleaved(fns: dict[str, Callable[[], Any]], budget_s: float) -> dic
     return {k: statistics.median(v) * 1e3 for k, v in samples.items()}
 
 
-def _candidate_pattern(fmt: str, pattern: Optional[str]) -> Optional[str]:
+def _candidate_pattern(fmt: str, pattern: "Pattern | str | None") -> Optional[str]:
     """The pattern a structured format is built with: N:M for ``nm`` (the recorded one, else 2:4),
     the recorded block for ``bsr``; ``None`` for the others."""
     from sparseforge.patterns import NM, Block, parse
 
     recorded = parse(pattern) if pattern is not None else None
     if fmt == "nm":
-        return str(recorded) if isinstance(recorded, NM) else _DETECT_NM
+        return str(recorded) if isinstance(recorded, NM) else str(DEFAULT_NM)
     if fmt == "bsr":
         return str(recorded) if isinstance(recorded, Block) else None
     return None
 
 
-def _candidates(w: torch.Tensor, keep: torch.Tensor, pattern: Optional[str], formats: Optional[Sequence[str]],
+def _candidates(w: torch.Tensor, keep: torch.Tensor, pattern: "Pattern | str | None", formats: Optional[Sequence[str]],
                 values_dtype: Optional[torch.dtype] = None):
     """{format: SparseLinear} for every format that can hold the masked weight, and the masked weight."""
-    from sparseforge.nn.sparse_linear import ALL_FORMATS, SparseLinear
+    from sparseforge.formats import registry
+    from sparseforge.nn.sparse_linear import SparseLinear
 
-    wanted = list(formats or ALL_FORMATS)
-    unknown = [f for f in wanted if f not in ALL_FORMATS]
+    known = registry.names()
+    wanted = list(formats or known)
+    unknown = [f for f in wanted if f not in known]
     if unknown:
-        raise ConfigError(f"unknown format(s) {unknown}; the advisor knows {ALL_FORMATS}")
+        raise ConfigError(f"unknown format(s) {unknown}; the advisor knows {known}")
     lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
     lin.weight = nn.Parameter(torch.where(keep, w, torch.zeros((), dtype=w.dtype)), requires_grad=False)
     out = {}
@@ -200,7 +202,7 @@ def _candidates(w: torch.Tensor, keep: torch.Tensor, pattern: Optional[str], for
     return out, lin.weight.detach()
 
 
-def measure_layer(w: torch.Tensor, *, batch_sizes: Sequence[int] = (1,), pattern: Optional[str] = None,
+def measure_layer(w: torch.Tensor, *, batch_sizes: Sequence[int] = (1,), pattern: "Pattern | str | None" = None,
                   formats: Optional[Sequence[str]] = None, budget_s: float = 0.2, min_speedup: float = 1.05,
                   stream: bool = False, values_dtype: Optional[torch.dtype] = None) -> LayerAdvice:
     """Time a pruned ``(out, in)`` weight (zeros = pruned) dense and in each sparse format.
@@ -208,7 +210,7 @@ def measure_layer(w: torch.Tensor, *, batch_sizes: Sequence[int] = (1,), pattern
     Args:
         pattern: the layer's recorded pattern: an N:M one is used for the ``nm`` candidate (default
             2:4, if the weight obeys it), a block one for ``bsr``.
-        formats: candidate formats (default all of :data:`~sparseforge.nn.sparse_linear.ALL_FORMATS`;
+        formats: candidate formats (default every registered format, :func:`sparseforge.formats.registry.names`;
             those that cannot hold the mask are skipped).
         budget_s: seconds of calls per candidate and batch size.
         min_speedup: a sparse format is chosen only if dense / sparse time, averaged over the batch
@@ -263,7 +265,7 @@ def _cycler(call: Callable[[Any], Any], items: list) -> Callable[[], Any]:
 # ------------------------------------------------------------------------------- whole models
 
 
-def _group_key(w: torch.Tensor, pattern: Optional[str]) -> tuple:
+def _group_key(w: torch.Tensor, pattern: "Pattern | str | None") -> tuple:
     """Layers measured together: same shape, dtype, sparsity to 1%, and the same answers to "which
     structured formats can hold this mask" (N:M, equal row counts, the recorded block pattern)."""
     from sparseforge.masks import satisfies
@@ -289,7 +291,7 @@ def _fits(keep: torch.Tensor, pattern) -> bool:
 
 
 def advise_model(model: nn.Module, *, batch_sizes: Sequence[int] = (1,), names: Optional[Iterable[str]] = None,
-                 pattern: Optional[str] = None, formats: Optional[Sequence[str]] = None, budget_s: float = 0.2,
+                 pattern: "Pattern | str | None" = None, formats: Optional[Sequence[str]] = None, budget_s: float = 0.2,
                  min_speedup: float = 1.05, threads: Optional[int] = None, progress: bool = False,
                  values_dtype: Optional[torch.dtype] = None) -> AdviceReport:
     """Measure the linear layers of ``model`` (or those in ``names``) and pick a format for each.
@@ -326,7 +328,7 @@ def advise_model(model: nn.Module, *, batch_sizes: Sequence[int] = (1,), names: 
 
 
 def sweep(shapes: Iterable[tuple[int, int]], *, batch_sizes: Sequence[int] = (1,),
-          sparsities: Sequence[float] = SWEEP_SPARSITIES, nm: Optional[str] = _DETECT_NM, budget_s: float = 0.2,
+          sparsities: Sequence[float] = SWEEP_SPARSITIES, nm: Optional[str] = str(DEFAULT_NM), budget_s: float = 0.2,
           threads: Optional[int] = None, stream: bool = True, progress: bool = False,
           report: Optional[AdviceReport] = None) -> AdviceReport:
     """Speedup of each format over dense for random ``(out, in)`` weights at each sparsity.

@@ -40,7 +40,8 @@ from sparseforge.config import name_matches
 from sparseforge.errors import ConfigError
 from sparseforge.formats.rule import auto_format, structured_format
 from sparseforge.layers import is_linear, linear_layers, set_module, weight_2d
-from sparseforge.nn.sparse_linear import ALL_FORMATS, SparseLinear
+from sparseforge.formats import registry
+from sparseforge.nn.sparse_linear import SparseLinear
 from sparseforge.patterns import NM, Pattern, parse
 
 if TYPE_CHECKING:
@@ -122,6 +123,49 @@ def _tied_owners(model: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
+def _eligible(model: nn.Module, names: list[str], dtype: Optional[torch.dtype], min_sparsity: float,
+              report: CompressReport) -> list[tuple[str, float]]:
+    """``(name, sparsity)`` of the layers to convert; the others go to ``report.kept_dense`` with the reason
+    (weight tied to another parameter, a dtype without kernels, too few zeros)."""
+    modules = dict(model.named_modules())
+    owners = _tied_owners(model)
+    eligible = []
+    for name in names:
+        mod = modules[name]
+        tied = [o for o in owners.get(mod.weight.data_ptr(), []) if o != f"{name}.weight"]
+        if tied:
+            report.kept_dense.append((name, f"weight is tied to {tied[0]}; compressing it would untie them"))
+            continue
+        w = weight_2d(mod)  # (out, in) view
+        if (dtype or w.dtype) not in (torch.float32, torch.bfloat16):
+            report.kept_dense.append((name, f"weight dtype {w.dtype} has no sparse kernel; pass dtype=torch.float32 or torch.bfloat16"))
+            continue
+        sparsity = float((w == 0).sum()) / max(1, w.numel())
+        if sparsity < min_sparsity:
+            report.kept_dense.append((name, f"sparsity {sparsity:.3f} < min_sparsity {min_sparsity:.3f}"))
+            continue
+        eligible.append((name, sparsity))
+    return eligible
+
+
+def _choose(name: str, w: torch.Tensor, format: str, advice: "AdviceReport | None", recorded: "Pattern | None",
+            report: CompressReport) -> "tuple[str, Pattern | str | None] | None":
+    """``(format, pattern)`` a layer is built in, or ``None`` (kept dense, reason in ``report``) when the
+    measured advice says dense is faster. ``recorded``: the model's recorded pattern, if any."""
+    if format == "auto":
+        adv = advice.choice_for(name)
+        if adv is None:
+            raise ConfigError(f"the advice passed to compress_ does not cover layer {name}; measure this model with advise_model")
+        if adv.choice == "dense":
+            report.kept_dense.append((name, f"dense is faster on this machine ({adv.reason()})"))
+            return None
+        return adv.choice, adv.pattern
+    nm = recorded if isinstance(recorded, NM) else None
+    if format == "rule":
+        return structured_format(w, recorded) or auto_format(w, nm)
+    return format, {"nm": nm, "bsr": recorded}.get(format)
+
+
 def compress_(
     model: nn.Module,
     format: str = "auto",
@@ -138,8 +182,8 @@ def compress_(
 
     Args:
         format: ``"auto"`` (measured, module doc), ``"rule"`` (:func:`~sparseforge.formats.rule.auto_format`), or one format of
-            :data:`~sparseforge.nn.sparse_linear.ALL_FORMATS` (``"bitmap"``, ``"nm"``, ``"csr"``,
-            ``"fanin"``, ``"bsr"``) for every layer.
+            the registered formats (:func:`sparseforge.formats.registry.names`: ``"bitmap"``, ``"nm"``,
+            ``"csr"``, ``"fanin"``, ``"bsr"``) for every layer.
         targets: module-name globs (or ``"re:..."``); ``None`` = every linear layer. A target that
             matches no linear layer is a :class:`ConfigError`.
         ignore: module-name globs left dense (reported).
@@ -156,64 +200,36 @@ def compress_(
         :class:`CompressReport`. All layers are built before any is swapped, so an error (e.g.
         ``format="nm"`` on a weight that is not N:M) leaves the model unchanged.
     """
-    if format not in ("auto", "rule") and format not in ALL_FORMATS:
-        raise ConfigError(f"unknown format {format!r}; use 'auto', 'rule' or one of {ALL_FORMATS}")
+    if format not in ("auto", "rule") and format not in registry.names():
+        raise ConfigError(f"unknown format {format!r}; use 'auto', 'rule' or one of {registry.names()}")
     if not 0.0 <= min_sparsity <= 1.0:
         raise ConfigError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
     recorded_any = _recorded_pattern(model, pattern)  # NM, Block, FanIn, ...
     recorded = recorded_any if isinstance(recorded_any, NM) else None
     names, kept = _select(model, targets, list(ignore or []))
     modules = dict(model.named_modules())
-    owners = _tied_owners(model)
     report = CompressReport(kept_dense=list(kept))
-    built: dict[str, SparseLinear] = {}
-    eligible: list[tuple[str, float]] = []
-    for name in names:
-        mod = modules[name]
-        tied = [o for o in owners.get(mod.weight.data_ptr(), []) if o != f"{name}.weight"]
-        if tied:
-            report.kept_dense.append((name, f"weight is tied to {tied[0]}; compressing it would untie them"))
-            continue
-        w = weight_2d(mod)  # (out, in) view
-        if (dtype or w.dtype) not in (torch.float32, torch.bfloat16):
-            report.kept_dense.append((name, f"weight dtype {w.dtype} has no sparse kernel; pass dtype=torch.float32 or torch.bfloat16"))
-            continue
-        sparsity = float((w == 0).sum()) / max(1, w.numel())
-        if sparsity < min_sparsity:
-            report.kept_dense.append((name, f"sparsity {sparsity:.3f} < min_sparsity {min_sparsity:.3f}"))
-            continue
-        eligible.append((name, sparsity))
+    eligible = _eligible(model, names, dtype, min_sparsity, report)
     if format == "auto" and advice is None and eligible:
         from sparseforge.runtime.advise import advise_model
 
         advice = advise_model(model, names=[n for n, _ in eligible], batch_sizes=batch_sizes,
-                              pattern=str(recorded) if recorded is not None else None, values_dtype=dtype)
+                              pattern=recorded, values_dtype=dtype)
     report.advice = advice
+    built: dict[str, SparseLinear] = {}
     for name, sparsity in eligible:
         mod = modules[name]
         w = weight_2d(mod)  # (out, in) view
-        if format == "auto":
-            adv = advice.choice_for(name)
-            if adv is None:
-                raise ConfigError(f"the advice passed to compress_ does not cover layer {name}; measure this model with advise_model")
-            if adv.choice == "dense":
-                report.kept_dense.append((name, f"dense is faster on this machine ({adv.reason()})"))
-                continue
-            fmt, pat = adv.choice, adv.pattern
-        elif format == "rule":
-            fmt, pat = structured_format(w, recorded_any) or auto_format(w, recorded)
-        else:
-            fmt, pat = format, {"nm": recorded, "bsr": recorded_any}.get(format)
+        choice = _choose(name, w, format, advice, recorded_any, report)
+        if choice is None:
+            continue
         try:
-            sl = SparseLinear.from_linear(mod, fmt, pattern=pat, dtype=dtype)
+            sl = SparseLinear.from_linear(mod, choice[0], pattern=choice[1], dtype=dtype)
         except ConfigError as exc:
             raise ConfigError(f"layer {name}: {exc}") from exc
         built[name] = sl
-        label = f"nm {sl.pattern}" if sl.pattern is not None else fmt
-        if fmt == "bsr":
-            label = f"bsr {sl.weight_format.block}"
-        report.converted.append(CompressedLayer(name, label, tuple(w.shape), sparsity, sl.weight_format.nbytes,
-                                                w.numel() * w.element_size()))
+        report.converted.append(CompressedLayer(name, registry.label(sl.weight_format), tuple(w.shape), sparsity,
+                                                sl.weight_format.nbytes, w.numel() * w.element_size()))
     for name, sl in built.items():
         set_module(model, name, sl)
     return report

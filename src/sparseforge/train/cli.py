@@ -35,6 +35,7 @@ DEFAULT_TARGETS = ["model.layers.*"]  # the transformer blocks (the LM head is t
 def default_config(method: str, steps: int, sparsity: float | None = None, pattern: str | None = None):
     """The config of ``method`` with a schedule scaled to ``steps`` (see the module doc)."""
     from sparseforge.errors import ConfigError
+    from sparseforge.patterns import FanIn, parse
     from sparseforge.train.config import TRAIN_CONFIGS, SparseTrainConfig
 
     if method not in TRAIN_CONFIGS:
@@ -48,7 +49,8 @@ def default_config(method: str, steps: int, sparsity: float | None = None, patte
         if sparsity is not None:
             fields["sparsity"] = sparsity
         return SparseTrainConfig.from_dict(fields)
-    fixed = pattern is not None and (":" in pattern or pattern.startswith("fanin") and pattern != "fanin")
+    parsed = parse(pattern) if pattern is not None else None  # ConfigError naming the valid forms
+    fixed = parsed is not None and (parsed.sparsity is not None or (isinstance(parsed, FanIn) and parsed.k is not None))
     if sparsity is not None:
         fields["sparsity"] = sparsity  # the config says so when the pattern fixes it
     elif not fixed:

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 from sparseforge.config import build_config
 from sparseforge.errors import ConfigError
-from sparseforge.patterns import NM, FanIn, Pattern, parse
+from sparseforge.patterns import DEFAULT_NM, NM, FanIn, Pattern, parse
 from sparseforge.train.density import DISTRIBUTIONS
 from sparseforge.train.schedules import Schedule
 from sparseforge.train.updates import selection_pattern
@@ -219,7 +219,7 @@ class STEConfig(SparseTrainConfig):
     """
 
     method: ClassVar[str] = "ste"
-    pattern: str = "2:4"
+    pattern: str = str(DEFAULT_NM)
     flow_decay: str = "none"  # "none", "linear" or "exp" (MDGF)
     flow_decay_coef: float = 0.0  # k of beta_t = max(0, 1 - k dt) or exp(-k dt); > 0 when flow_decay is set
     flow_decay_start: int = 0  # optimizer step at which beta starts to decay (dense forward before it)
@@ -366,7 +366,7 @@ def parse_train_recipe(text: str) -> SparseTrainConfig:
 
 
 def load_train_recipe(path: "str | Path") -> SparseTrainConfig:
-    from sparseforge.io.writable import read_text_file
+    from sparseforge.config import read_text_file
 
     return parse_train_recipe(read_text_file(path, "training recipe file"))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sparseforge import config
 from sparseforge.errors import ConfigError
 from sparseforge.prune.methods.base import LayerStats, PruneResult, PruningMethod
 from sparseforge.prune.methods.magnitude import MagnitudePruning, magnitude_scores
@@ -40,12 +41,10 @@ __all__ = [
     "sparsegpt_prune",
 ]
 
-# explicit registry: name -> class
-METHODS: dict[str, type[PruningMethod]] = {
-    "magnitude": MagnitudePruning,
-    "wanda": WandaPruning,
-    "sparsegpt": SparseGPTPruning,
-}
+# explicit registry: name -> class, in the order of sparseforge.config.METHODS (each class names itself)
+METHODS: dict[str, type[PruningMethod]] = {cls.name: cls for cls in (MagnitudePruning, WandaPruning, SparseGPTPruning)}
+if tuple(METHODS) != config.METHODS:
+    raise ImportError(f"sparseforge.config.METHODS {config.METHODS} and the method classes {tuple(METHODS)} disagree")
 
 
 def get_method(name: str, options: "dict[str, Any] | None" = None) -> PruningMethod:

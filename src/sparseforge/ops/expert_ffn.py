@@ -7,7 +7,8 @@ the routing slots by expert so each expert's weights are streamed once for all t
 chose it, as contiguous row sweeps (AXPY form on the input-major layout, partial sums in L1),
 fuses ``act(x W_gate) * (x W_up)``, the down product and the gate-weighted sum over each token's
 slots. The result equals :func:`sparseforge.moe.grouped.few_tokens_ffn` up to float32 rounding
-order and does not depend on the thread count.
+order and does not depend on the thread count. Layering: ``csrc/expert_gemv*`` -> ``sparseforge._native``
+-> this op -> :class:`sparseforge.moe.MoE` (``decode_backend="native"``).
 
 * :func:`moe_expert_ffn` is the registered custom op (fake impl for ``torch.compile``);
   :func:`expert_ffn` calls it, or the implementation directly in eager mode (skipping the op
@@ -21,7 +22,7 @@ Forward only: no autograd formula is registered (the layer uses it only when no 
 
 Example:
     >>> import torch
-    >>> from sparseforge.moe.native import expert_ffn
+    >>> from sparseforge.ops.expert_ffn import expert_ffn
     >>> E, d, h = 3, 4, 5
     >>> w_gate, w_up, w_down = torch.randn(E, d, h), torch.randn(E, d, h), torch.randn(E, h, d)
     >>> experts, weights = torch.tensor([[0, 2]]), torch.tensor([[0.6, 0.4]])

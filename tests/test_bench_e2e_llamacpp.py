@@ -1,0 +1,67 @@
+"""benchmarks/bench_e2e_llamacpp.py: verdict logic and the peer's result parsing (no llama.cpp build here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+def row(decode, prefill=None):
+    return {"decode_tps": decode, "prefill_tps": prefill}
+
+
+def test_verdicts_judge_from_the_rows_given():
+    e2e = load("bench_e2e_llamacpp")
+    rows = {"llama.cpp bf16": row(14.0, 137.0), "llama.cpp q8_0": row(36.0), "sparseforge dense bf16": row(13.0, 150.0),
+            "sparseforge 2:4 fp32 (nm)": row(20.0, 120.0), "sparseforge 75% fp32 (bitmap)": row(30.0, 100.0)}
+    lines = e2e.verdicts(rows)
+    assert "PASS: dense bf16 decode within 10% of llama.cpp BF16 (13.0 vs 14.0 tokens/s)" in lines
+    assert any(line.startswith("INFO: 75% with fp32 values decodes 30.0 tokens/s = 0.83x") for line in lines)
+    assert any(line.startswith("PASS: best sparseforge prefill") for line in lines)
+    rows["sparseforge dense bf16"] = row(12.0, 100.0)
+    rows["sparseforge 2:4 fp32 (nm)"] = row(20.0, 120.0)
+    lines = e2e.verdicts(rows)
+    assert any(line.startswith("FAIL: dense bf16 decode") for line in lines)
+    assert any(line.startswith("FAIL: best sparseforge prefill") for line in lines)
+
+
+def test_failed_cells_are_reported_not_averaged():
+    e2e = load("bench_e2e_llamacpp")
+    assert e2e.median_or_none([None, 3.0, 1.0, None, 2.0]) == 2.0
+    assert e2e.median_or_none([None, None]) is None
+    assert e2e.fmt(None, 1) == "failed" and e2e.fmt(2.345, 1) == "2.3"
+
+
+def test_peer_bench_keeps_the_half_that_worked(tmp_path, monkeypatch):
+    peer = load("bench_llamacpp_peer")
+    fake = tmp_path / "llama-bench"
+    # decode (-p 0) prints llama-bench's JSON; prefill (-n 0) dies like the AMX host's quantized prefill
+    fake.write_text("#!/bin/sh\ncase \"$*\" in *'-p 0 '*) echo '[{\"avg_ts\": 36.4, \"stddev_ts\": 0.2}]';; *) kill -SEGV $$;; esac\n")
+    fake.chmod(0o755)
+    tools = peer.LlamaCpp(tmp_path, tmp_path, 0.0)
+    result = peer.bench(tools, tmp_path / "m.gguf", threads=2, prompt=512, generate=128, repetitions=1)
+    assert result["decode_tps"] == 36.4 and result["decode_tps_stdev"] == 0.2
+    assert "prefill_tps" not in result and "exit -11" in result["prefill_error"]
+
+
+def test_host_line_names_the_cpu():
+    host = load("bench_host")
+    info = host.host_info()
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    assert info["cpu"] and info["cpu"] in cpuinfo
+    assert all(f in cpuinfo for f in info["flags"])
+    assert info["cpus"] >= 1
