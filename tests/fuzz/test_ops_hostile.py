@@ -25,7 +25,7 @@ import sparseforge.ops as ops
 from sparseforge.errors import DataError, ModelError, SparseforgeError
 from sparseforge.formats import BitmapWeight, BSRWeight, FanInWeight, NMWeight
 from sparseforge.formats.csr import CSRWeight
-from sparseforge.moe.native import expert_ffn, moe_expert_ffn
+from sparseforge.ops.expert_ffn import expert_ffn, moe_expert_ffn
 
 HOSTILE = (-1, -(2**31), 2**31 - 1, 60000, 65535, 1 << 16, 7, 0)
 TOL = dict(rtol=1e-4, atol=1e-4)
