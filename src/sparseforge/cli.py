@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -208,9 +209,13 @@ def _write_json(path: Path | None, data) -> None:
 
 def _cmd_advise(args) -> int:
     from sparseforge.io.models import load_model
+    from sparseforge.io.writable import check_output_file
     from sparseforge.layers import linear_layers, weight_2d
-    from sparseforge.runtime.advise import advise_model, plot_sweep, sweep
+    from sparseforge.runtime.advise import advise_model, check_budget, plot_sweep, sweep
 
+    check_budget(args.budget)
+    check_output_file(args.plot if args.sweep else None, option="--plot")
+    check_output_file(args.json, option="--json")
     model = load_model(args.model).model
     modules = dict(model.named_modules())
     pruned = [n for n in linear_layers(model) if float((weight_2d(modules[n]) == 0).float().mean()) >= 0.3]
@@ -238,7 +243,9 @@ def _cmd_train(args) -> int:
 
 def _cmd_bench(args) -> int:
     from sparseforge.evaluation.speed import bench_generation
+    from sparseforge.io.writable import check_output_file
 
+    check_output_file(args.json, option="--json")
     report = bench_generation(args.model, batch_sizes=args.batch_sizes, new_tokens=args.new_tokens,
                               prompt_len=args.prompt_len, repeats=args.repeats, threads=args.threads,
                               format=args.format, pattern=args.pattern, sparsity=args.sparsity,
@@ -262,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"sparseforge {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a reader that stopped early (| head)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -44,6 +44,7 @@ __all__ = [
     "dump_recipe",
     "name_matches",
     "build_config",
+    "read_text_file",
 ]
 
 RECIPE_VERSION = 1
@@ -200,10 +201,26 @@ def parse_recipe(text: str) -> list[SparsifyConfig]:
 
 
 def load_recipe(path: "str | Path") -> list[SparsifyConfig]:
+    return parse_recipe(read_text_file(path, "recipe file"))
+
+
+def read_text_file(path: "str | Path", what: str) -> str:
+    """The UTF-8 text of ``path``; ConfigError if it is missing, unreadable or binary."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"recipe file {path} does not exist")
-    return parse_recipe(path.read_text(encoding="utf-8"))
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if b"\0" in data:
+        raise ConfigError(f"{what} {path} is a binary file, not YAML text; give a YAML file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{what} {path} is not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); give a YAML file"
+        ) from None
 
 
 def dump_recipe(configs: list[SparsifyConfig]) -> str:

@@ -23,7 +23,8 @@ import torch
 
 from sparseforge.config import SparsifyConfig
 from sparseforge.errors import ConfigError
-from sparseforge.prune.sparsify import SparsifyReport, peak_rss_mb, sparsify_
+from sparseforge.io.writable import check_output_dir
+from sparseforge.prune.sparsify import SparsifyReport, check_calibration_memory, peak_rss_mb, sparsify_
 
 __all__ = ["PruneResult", "prune_model", "evaluate_model", "run_demo", "weights_equal"]
 
@@ -57,8 +58,8 @@ class PruneResult:
 
 
 def _check_out(out: Path | None, overwrite: bool) -> None:
-    if out is not None and out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"output directory {out} exists and is not empty; pass --overwrite to replace it")
+    if out is not None:
+        check_output_dir(out, overwrite=overwrite, option="--out")
 
 
 def prune_model(
@@ -82,6 +83,8 @@ def prune_model(
     out = None if out is None else Path(out)
     _check_out(out, overwrite)
     loaded = load_model(model, dtype=dtype)
+    for config in configs:
+        check_calibration_memory(loaded.model, config)
     result = PruneResult(model=str(model), kind=loaded.kind, reports=[])
     dense_copy = None
     if evaluate and loaded.kind == "causal-lm":
@@ -112,10 +115,21 @@ def prune_model(
 def evaluate_model(model: str, *, reference: str | None = None, seqlen: int = 256, max_windows: int = 64,
                    progress: bool = True) -> str:
     """One-line evaluation: perplexity for causal LMs, embedding cosine vs ``reference`` for encoders."""
+    from sparseforge.errors import ModelError
     from sparseforge.evaluation.quality import embedding_fidelity, perplexity
-    from sparseforge.io.models import load_model
+    from sparseforge.io.models import load_model, resolve_model_path
 
+    if reference is not None:
+        try:
+            resolve_model_path(reference)  # a bad --reference fails before the model is loaded
+        except ModelError as exc:
+            raise ModelError(f"--reference: {exc}") from None
     loaded = load_model(model)
+    if loaded.kind == "causal-lm" and reference is not None:
+        raise ConfigError(
+            f"--reference compares an encoder's embeddings; {model} is a causal LM, evaluated by perplexity "
+            "alone: drop --reference"
+        )
     if loaded.kind == "causal-lm":
         r = perplexity(loaded.model, loaded.tokenizer, seqlen=seqlen, max_windows=max_windows, progress=progress)
         return f"perplexity {r.ppl:.4f} over {r.tokens} predicted tokens ({r.windows} windows of {seqlen})"
@@ -150,6 +164,7 @@ def run_demo(out: Path | str = "sparseforge-demo", patterns: tuple[str, ...] = (
     from sparseforge.io.models import load_model
 
     out = Path(out)
+    check_output_dir(out, overwrite=True, option="--out")
     loaded = load_model("builtin")
     print(f"built-in model: {loaded.path} ({sum(p.numel() for p in loaded.model.parameters()) / 1e6:.2f} M parameters)")
     dense_ppl = perplexity(loaded.model, loaded.tokenizer, progress=progress).ppl

@@ -74,7 +74,8 @@ def test_loaded_checkpoint_buffers_use_huge_pages(tmp_path, fmt):
     else:
         obj = NMWeight.from_dense(w, "2:4", mask_from_scores(w.abs(), "2:4", None))
     layer = {"format": fmt, "shape": [2048, 2048], "dtype": "float32", "pattern": "2:4" if fmt == "nm" else None}
-    config = {"architectures": ["LlamaForCausalLM"], "sparsity_config": {"format": fmt, "layers": {"fc": layer}}}
+    config = {"architectures": ["LlamaForCausalLM"],
+              "sparsity_config": {"format_version": 2, "format": fmt, "layers": {"fc": layer}}}  # v2: no checksums
     (tmp_path / "config.json").write_text(json.dumps(config))
     save_file({**obj.state_dict("fc."), "fc.bias": torch.zeros(2048)}, str(tmp_path / "model.safetensors"))
     before = _huge_kb()

@@ -1,14 +1,17 @@
 """Write the golden sparseforge checkpoints that tests/io/test_checkpoint.py::test_golden must always load.
 
-Run from the repository root: ``python tests/golden/make_golden.py``. Only add new golden
-checkpoints (e.g. ``v2-...`` after a format change); never regenerate an existing one, because
-its point is that files written by an old sparseforge keep loading bit-exactly.
+Run from the repository root: ``python tests/golden/make_golden.py``. It writes only the golden
+checkpoints that do not exist yet (e.g. ``v3-...`` after a format change) and adds them to
+``expected.json``; an existing one is never regenerated, because its point is that files written
+by an old sparseforge keep loading bit-exactly.
 
 Writes, next to this script:
 * ``v1-llama-2of4-fp32/``: tiny Llama (tied embeddings), every linear layer but lm_head pruned 2:4
   by magnitude, float32, N:M format.
 * ``v1-gpt2-unstructured-bf16/``: tiny GPT-2 (Conv1D, tied lm_head), 50% unstructured magnitude,
   bfloat16, bitmap format.
+* ``v3-llama-2of4-fp32/``, ``v3-gpt2-unstructured-bf16/``: the same models written by format_version 3
+  (a CRC-32 of every tensor in ``sparsity_config.checksums``).
 * ``expected.json``: sha256 of the raw bytes of every tensor of the loaded model's state dict, and a
   few packed buffers written out in full.
 """
@@ -22,6 +25,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+NAMES = ("v1-llama-2of4-fp32", "v1-gpt2-unstructured-bf16", "v3-llama-2of4-fp32", "v3-gpt2-unstructured-bf16")
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -32,7 +36,7 @@ def build(name: str):
     import transformers as t
 
     torch.manual_seed(0)
-    if name.startswith("v1-llama"):
+    if "-llama-" in name:
         cfg = t.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
                             tie_word_embeddings=True)
@@ -48,8 +52,11 @@ def main() -> None:
     from sparseforge.layers import linear_layers, weight_2d
     from sparseforge.masks import mask_from_scores
 
-    expected = {}
-    for name in ("v1-llama-2of4-fp32", "v1-gpt2-unstructured-bf16"):
+    expected_file = HERE / "expected.json"
+    expected = json.loads(expected_file.read_text()) if expected_file.is_file() else {}
+    for name in NAMES:
+        if (HERE / name).exists():
+            continue  # never regenerated
         model, pattern, sparsity, dtype = build(name)
         model = model.to(dtype)
         modules = dict(model.named_modules())
@@ -76,7 +83,7 @@ def main() -> None:
                                      for k, v in first.state_dict().items()},
         }
         print(f"wrote {out}: {sum(f.stat().st_size for f in out.iterdir())} bytes")
-    (HERE / "expected.json").write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
+    expected_file.write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

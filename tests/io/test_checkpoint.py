@@ -16,9 +16,10 @@ from tiny_models import tiny_model  # noqa: E402
 
 from sparseforge.errors import ConfigError, ModelError  # noqa: E402
 from sparseforge.formats import BitmapWeight, NMWeight  # noqa: E402
-from sparseforge.io import checkpoint, layout  # noqa: E402
+from sparseforge.io import checkpoint, validation  # noqa: E402
 from sparseforge.io.checkpoint import save_pretrained  # noqa: E402
 from sparseforge.io.layout import checkpoint_sizes, load_state_dict_compressed, read_sparsity_config  # noqa: E402
+from sparseforge.io.validation import FORMAT_VERSION  # noqa: E402
 from sparseforge.io.loading import load  # noqa: E402
 from sparseforge.layers import linear_layers, weight_2d  # noqa: E402
 from sparseforge.masks import mask_from_scores  # noqa: E402
@@ -79,7 +80,7 @@ def test_round_trip_bit_exact(tmp_path, family, dtype, pattern, sparsity, fmt):
     pruned = prune(model, pattern, sparsity)
     out = save_pretrained(model, tmp_path / "c", sparsity_config=info(pattern, sparsity))
     block = read_sparsity_config(out)
-    assert block["format_version"] == 1 and block["format"] == fmt
+    assert block["format_version"] == FORMAT_VERSION and block["format"] == fmt
     assert sorted(block["layers"]) == sorted(pruned)  # targets=None found exactly the pruned layers
     assert {v["format"] for v in block["layers"].values()} == {fmt}
     assert all(v["dtype"] == str(dtype)[6:] for v in block["layers"].values())
@@ -286,7 +287,10 @@ def test_atomic_write_failure_at_swap(tmp_path, monkeypatch):
             raise OSError("rename failed")
         return real_rename(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "rename", rename)
+    import sparseforge.io.atomic_dir
+
+    monkeypatch.setattr(sparseforge.io.atomic_dir, "_exchange", lambda a, b: False)  # the two-rename path
+    monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(OSError, match="rename failed"):
         save_pretrained(model, out, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old checkpoint moved back
@@ -327,7 +331,7 @@ def test_corrupt_or_future_checkpoints(tmp_path):
         load(out)
     del config["sparsity_config"]["layers"]["model.layers.0.mlp.up_proj.weight"]
     (out / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelError, match="do not match LlamaForCausalLM"):
+    with pytest.raises(ModelError, match="nm_indices' is not a parameter or buffer of LlamaForCausalLM"):
         load(out)  # its packed tensors are now unexpected and the weight missing
     config["architectures"] = ["NoSuchModel"]
     (out / "config.json").write_text(json.dumps(config))
@@ -362,7 +366,8 @@ def test_import_is_cheap():
 GOLDEN = Path(__file__).parents[1] / "golden"
 
 
-@pytest.mark.parametrize("name", ["v1-llama-2of4-fp32", "v1-gpt2-unstructured-bf16"])
+@pytest.mark.parametrize("name", ["v1-llama-2of4-fp32", "v1-gpt2-unstructured-bf16", "v3-llama-2of4-fp32",
+                                  "v3-gpt2-unstructured-bf16"])
 def test_golden(name):
     """Checkpoints written by an earlier sparseforge (tests/golden/make_golden.py) load bit-exactly."""
     import hashlib
@@ -410,7 +415,7 @@ def test_fanin_and_bsr_round_trip_bit_exact(tmp_path, pattern, fmt, cls, dtype):
     model, sc = sparsified(pattern, dtype)
     out = save_pretrained(model, tmp_path / "c", sparsity_config=sc)
     block = read_sparsity_config(out)
-    assert block["format_version"] == 2 and block["format"] == fmt and block["pattern"] == pattern
+    assert block["format_version"] == FORMAT_VERSION and block["format"] == fmt and block["pattern"] == pattern
     assert sorted(block["layers"]) == sorted(sc["targets"]) and len(block["layers"]) == 14
     header = read_safetensors_header(out / "model.safetensors")
     state = model.state_dict()
@@ -449,15 +454,21 @@ def test_fanin_bsr_fallbacks_and_version_refusal(tmp_path, monkeypatch):
     assert layers["model.layers.0.mlp.up_proj.weight"]["format"] == "bitmap"
     assert layers["model.layers.0.mlp.down_proj.weight"]["format"] == "fanin"
     assert_bit_exact(model, load(out))
-    # a reader of format_version 1 refuses the checkpoint instead of misreading it
-    monkeypatch.setattr(layout, "FORMAT_VERSION", 1)
-    with pytest.raises(ModelError, match="format_version 2.*upgrade sparseforge"):
+    # a reader of an older format_version refuses the checkpoint instead of misreading it
+    monkeypatch.setattr(validation, "FORMAT_VERSION", FORMAT_VERSION - 1)
+    with pytest.raises(ModelError, match=f"format_version {FORMAT_VERSION}.*upgrade sparseforge"):
         load(out)
     monkeypatch.undo()
+    # a layer whose format (registry since_version 2) is newer than the stated format_version is refused
+    config = json.loads((out / "config.json").read_text())
+    config["sparsity_config"]["format_version"] = 1
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="format fanin is stored from format_version 2 on.*format_version 1"):
+        load(out)
     # float16 values have no BSR / fan-in kernels: stored as bitmap
     half, sc = sparsified("block4x4", torch.float16)
     block = read_sparsity_config(save_pretrained(half, tmp_path / "h", sparsity_config=sc))
-    assert block["format_version"] == 1 and {v["format"] for v in block["layers"].values()} == {"bitmap"}
+    assert block["format_version"] == FORMAT_VERSION and {v["format"] for v in block["layers"].values()} == {"bitmap"}
 
 
 def test_bsr_block_mismatch_is_corrupt(tmp_path):

@@ -6,7 +6,8 @@ weight in :class:`~sparseforge.formats.BitmapWeight`, :class:`~sparseforge.forma
 two for layers pruned with a recorded ``FanIn`` / ``Block(h, w)`` pattern) and whose ``config.json``
 carries a ``"sparsity_config"`` block describing them. The layout is
 specified byte by byte in ``docs/checkpoint-format.md``. Writes are atomic: everything goes to a
-temporary directory next to ``out_dir`` that is renamed into place at the end.
+temporary directory next to ``out_dir`` that replaces it atomically at the end, and an interrupted
+save is finished or rolled back by the next save or load (:mod:`sparseforge.io.atomic_dir`).
 
 Plain ``transformers`` cannot read a compressed checkpoint (it would report the pruned weights as
 missing); use :func:`sparseforge.io.loading.load`. ``compressed=False`` writes a plain checkpoint
@@ -27,13 +28,8 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -41,16 +37,20 @@ from sparseforge.config import name_matches
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats import registry
 from sparseforge.formats.rule import structured_format
+from sparseforge.io.atomic_dir import recover, replace_dir
 from sparseforge.io.layout import BLOCK, CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, dtype_name
+from sparseforge.io.validation import tensor_checksums
 from sparseforge.layers import linear_weights
 from sparseforge.masks import satisfies
 from sparseforge.patterns import NM, Block, FanIn, parse
 
 __all__ = ["save_pretrained"]
 
-# format_version written: 1 while every packed layer's format has since_version 1 (bitmap / N:M, readable
-# by every sparseforge), FORMAT_VERSION once one is newer (fan-in, BSR: a version-1 reader refuses the
-# checkpoint instead of misreading it). The stored formats, their names and classes: formats.registry.
+# format_version written: FORMAT_VERSION by every compressed save (the layout with the CRC-32 of every
+# tensor in sparsity_config.checksums, verified at load); 1 for a dense checkpoint's info block. Older
+# compressed versions (1: bitmap / N:M, 2: + fan-in, BSR) carry no checksums and still load; a format's
+# since_version (formats.registry) is the first format_version that may store it, and a reader refuses a
+# layer whose format is newer than its checkpoint's version. The stored formats and classes: formats.registry.
 _FORMAT_KEYS = ("format_version", "format", "layers", "tied")  # written by us, never inherited
 
 
@@ -83,9 +83,10 @@ def save_pretrained(
         ``Path(out_dir)``.
     """
     out = Path(out_dir)
+    recover(out)  # finish or roll back an earlier save of out_dir that was killed half-way
     _check_out_dir(out, overwrite)
     info = _caller_info(model, sparsity_config)
-    with _atomic_dir(out) as tmp:
+    with replace_dir(out) as tmp:
         if compressed:
             _save_compressed(model, tmp, info)
         else:
@@ -107,34 +108,6 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
                 f"refusing to replace {out}: it is not empty and holds no config.json, so it is not a model "
                 "directory; choose an empty or new out_dir"
             )
-
-
-@contextmanager
-def _atomic_dir(out: Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory next to ``out``; on success swap it into place."""
-    out = Path(os.path.abspath(out))  # a proper name and parent even for "." or "dir/"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp and safetensors create owner-only entries
-        for entry in tmp.rglob("*"):
-            os.chmod(entry, 0o755 if entry.is_dir() else 0o644)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            if old is not None:
-                os.rename(old, out)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _caller_info(model, sparsity_config: dict[str, Any] | None) -> dict[str, Any]:
@@ -225,8 +198,7 @@ def _block(model, info, layers: dict[str, dict] | None) -> dict[str, Any]:
     else:  # the most structured format of any layer (lowest rank): nm, then bsr, fanin, bitmap
         used = [registry.get(v["format"]) for v in layers.values()]
         block["format"] = min(used, key=lambda s: s.rank).name if used else "bitmap"
-        if any(s.since_version > 1 for s in used):
-            block["format_version"] = FORMAT_VERSION
+        block["format_version"] = FORMAT_VERSION  # 3: with the checksums of every tensor
     block["targets"] = list(layers)
     block["layers"] = layers
     return block
@@ -267,6 +239,7 @@ def _save_compressed(model, tmp: Path, info: dict[str, Any]) -> None:
     block = _block(model, info, layers=layers)
     if aliases:
         block["tied"] = dict(aliases)
+    block["checksums"] = tensor_checksums(tensors)
     save_file(tensors, str(tmp / WEIGHTS_NAME),
               metadata={"format": "pt", "sparseforge_format_version": str(block["format_version"])})
     config = copy.deepcopy(model.config)

@@ -1,7 +1,8 @@
 """Inspect a model directory: per-tensor sparsity, stored format, pattern validity and bytes.
 
-Works on plain Hugging Face checkpoints and on sparseforge ones (dense or compressed), reading
-one tensor at a time from the safetensors files (no model is built, transformers is not needed).
+Works on plain Hugging Face checkpoints and on sparseforge ones (dense or compressed). A compressed
+checkpoint is first validated exactly as the loaders validate it (against the model built on the
+meta device, so transformers is needed for it); no weights of the model are built.
 
 Example:
     >>> from sparseforge.io.inspection import inspect_path, format_report
@@ -28,6 +29,7 @@ from sparseforge.io.layout import (
     read_sparsity_config,
     weight_files,
 )
+from sparseforge.io.loading import skeleton
 from sparseforge.masks import satisfies
 from sparseforge.patterns import parse
 
@@ -83,7 +85,10 @@ def inspect_path(path: "str | Path", pattern: "str | None" = None) -> dict[str, 
         and ``bytes`` are the tensor data bytes on disk.
 
     Raises:
-        ModelError: ``path`` is not a model directory (or only has ``.bin`` weights).
+        ModelError: ``path`` is not a model directory (or only has ``.bin`` weights), or it fails the
+            validation both loaders run (:func:`sparseforge.io.validation.validate_checkpoint`:
+            corrupt files, fields of the wrong type, tensors missing, extra or of the wrong shape,
+            checksums that do not match), so ``inspect`` accepts exactly what the loaders accept.
     """
     p = Path(path)
     block = read_sparsity_config(p)
@@ -98,8 +103,15 @@ def inspect_path(path: "str | Path", pattern: "str | None" = None) -> dict[str, 
     if pat is not None and not layers_block:
         linears, note = _skeleton_linears(p)
         notes += [note] if note else []
+    # the loaders' validation, against the same meta-device skeleton; raises on any inconsistency
+    state = load_state_dict_compressed(p, skeleton(p) if is_compressed(block) else None)
+    sums = (block or {}).get("checksums")
+    if sums is not None:
+        notes.append(f"checksums: {len(sums['tensors'])} tensors verified ({sums['algorithm']})")
+    elif block is not None and block.get("format") != "dense":
+        notes.append(f"no checksums (format_version {block['format_version']}): damaged tensor data cannot be detected")
     rows = []
-    for name, value in load_state_dict_compressed(p).items():
+    for name, value in state.items():
         if name in aliases:
             continue
         info = layers_block.get(name, {})

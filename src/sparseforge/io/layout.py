@@ -17,15 +17,18 @@ Example:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sparseforge.errors import ModelError
+from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats import registry
 from sparseforge.formats.memory import hugepage_backed
+from sparseforge.io.atomic_dir import recover
+from sparseforge.io.safetensors_header import read_header
+from sparseforge.io.validation import BLOCK, CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, check_block, read_json, validate_checkpoint
+from sparseforge.io.validation import weight_files as checked_weight_files
 from sparseforge.patterns import parse
 
 __all__ = [
@@ -43,10 +46,6 @@ __all__ = [
     "dtype_name",
 ]
 
-FORMAT_VERSION = 2  # bump on any incompatible change of the on-disk layout
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-BLOCK = "sparsity_config"
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -59,8 +58,10 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def model_dir(path: "str | Path") -> Path:
-    """``Path(path)`` after checking it holds config.json and weights; ModelError otherwise."""
+    """``Path(path)`` after checking it holds config.json and weights; ModelError otherwise. An
+    interrupted save of the directory is finished or rolled back first (:mod:`sparseforge.io.atomic_dir`)."""
     p = Path(path)
+    recover(p)
     if not p.exists():
         raise ModelError(f"model path {p} does not exist")
     if not p.is_dir() or not (p / CONFIG_NAME).is_file():
@@ -71,24 +72,14 @@ def model_dir(path: "str | Path") -> Path:
 
 
 def read_sparsity_config(path: "str | Path") -> dict[str, Any] | None:
-    """The ``sparsity_config`` block of a model directory (``None`` for a plain checkpoint)."""
+    """The ``sparsity_config`` block of a model directory (``None`` for a plain checkpoint), its
+    fields type-checked (:func:`sparseforge.io.validation.check_block`)."""
     p = model_dir(path)
-    try:
-        data = json.loads((p / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {p / CONFIG_NAME}: {exc}") from exc
+    data = read_json(p / CONFIG_NAME)
+    if not isinstance(data, dict):
+        raise ModelError(f"{p / CONFIG_NAME}: must be a JSON object, got {type(data).__name__}")
     block = data.get(BLOCK)
-    if block is None:
-        return None
-    if not isinstance(block, dict):
-        raise ModelError(f"{p / CONFIG_NAME}: '{BLOCK}' must be a JSON object")
-    version = block.get("format_version")
-    if isinstance(version, int) and version > FORMAT_VERSION:
-        raise ModelError(
-            f"{p} was written with sparseforge checkpoint format_version {version}; this sparseforge reads "
-            f"up to {FORMAT_VERSION}: upgrade sparseforge"
-        )
-    return block
+    return None if block is None else check_block(block, p / CONFIG_NAME)
 
 
 def is_compressed(block: dict[str, Any] | None) -> bool:
@@ -97,29 +88,38 @@ def is_compressed(block: dict[str, Any] | None) -> bool:
 
 
 def weight_files(path: "str | Path") -> list[Path]:
-    """The safetensors weight files of a model directory (single file or shards)."""
-    p = model_dir(path)
-    if (p / WEIGHTS_NAME).is_file():
-        return [p / WEIGHTS_NAME]
-    index = p / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        return [p / s for s in shards]
-    raise ModelError(f"{p} holds only PyTorch .bin weights; re-save it with safetensors (save_pretrained) to inspect it")
+    """The safetensors weight files of a model directory (single file or the shards of a checked index)."""
+    return checked_weight_files(model_dir(path))
 
 
 def read_safetensors_header(file: Path) -> dict[str, dict[str, Any]]:
-    """``{tensor name: {"dtype", "shape", "data_offsets"}}`` from a safetensors header (no data read)."""
-    with open(file, "rb") as fh:
-        size = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(size))
-    header.pop("__metadata__", None)
-    return header
+    """``{tensor name: {"dtype", "shape", "data_offsets"}}`` from a safetensors header (no data read),
+    checked by :func:`sparseforge.io.safetensors_header.read_header` (ModelError when corrupt)."""
+    return {name: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
+            for name, e in read_header(file).tensors.items()}
 
 
-def load_state_dict_compressed(path: "str | Path") -> dict[str, Any]:
+def _load_files(files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            state.update(load_file(str(file)))
+        except (SafetensorError, OSError) as exc:  # after read_header's checks: I/O errors, races
+            raise ModelError(f"{file}: cannot be loaded: {exc}") from None
+    return state
+
+
+def load_state_dict_compressed(path: "str | Path", model=None) -> dict[str, Any]:
     """Every tensor of a checkpoint; pruned weights stay compressed (format objects of
     :mod:`sparseforge.formats`, e.g. :class:`~sparseforge.formats.BitmapWeight`).
+
+    The directory is validated first (:func:`sparseforge.io.validation.validate_checkpoint`, checksums
+    included), against ``model`` when given: a skeleton of the model (e.g. built on the meta device,
+    :func:`sparseforge.io.loading.skeleton`) whose parameters the tensors must fit. The loaders and
+    ``inspect`` always pass one; without it the tensors are checked against the config alone.
 
     Compressed buffers of 4 MB and more are moved into transparent huge pages (one at a time, so the
     peak stays one buffer above the checkpoint's size), like those built by ``from_dense``: the batch
@@ -129,34 +129,30 @@ def load_state_dict_compressed(path: "str | Path") -> dict[str, Any]:
     ``layers[name]["transposed"]`` is true (transformers ``Conv1D``) the parameter is
     ``obj.to_dense().t()``. Tied aliases map to the same object as their canonical name.
     """
-    from safetensors.torch import load_file
-
-    block = read_sparsity_config(path)
-    state: dict[str, Any] = {}
-    for file in weight_files(path):
-        state.update(load_file(str(file)))
-    if not is_compressed(block):
+    p = model_dir(path)
+    checked = validate_checkpoint(p, model)
+    state: dict[str, Any] = _load_files([h.file for h in checked.headers])
+    if not checked.compressed:
         return state
-    for name, layer in block.get("layers", {}).items():
-        fmt, shape = layer.get("format"), tuple(layer.get("shape", ()))
-        stored = registry.names(stored=True)
-        if fmt not in stored:
-            raise ModelError(f"{path}: layer {name} has unknown format {fmt!r} (expected one of {', '.join(stored)})")
+    block = checked.block
+    for name, layer in checked.layers.items():
+        fmt, shape = layer["format"], tuple(layer["shape"])
         spec = registry.get(fmt)
         for field in spec.cls.FIELDS:  # large buffers into huge pages, as from_dense does (formats/memory.py);
             key = f"{name}.{spec.cls.KEY}{field}"  # the file's copy is released as each is replaced
-            if key in state:
-                state[key] = hugepage_backed(state[key])
-        obj = spec.load(state, shape, layer.get("pattern", block.get("pattern")), prefix=f"{name}.")
-        keys = obj.state_dict(f"{name}.")
+            state[key] = hugepage_backed(state[key])
+        try:
+            obj = spec.load(state, shape, layer.get("pattern", block.get("pattern")), prefix=f"{name}.")
+        except (ModelError, ConfigError, ValueError, RuntimeError, IndexError) as exc:
+            raise ModelError(f"{p}: layer {name} ({fmt}): {exc}") from None
         if fmt == "bsr" and layer.get("pattern") is not None and parse(layer["pattern"]) != obj.block:
-            raise ModelError(f"{path}: layer {name} stores {obj.block} blocks but config.json says {layer['pattern']}")
-        if dtype_name(obj.dtype) != layer.get("dtype"):
-            raise ModelError(f"{path}: layer {name} stores {obj.dtype} values but config.json says {layer.get('dtype')}")
-        for key in keys:
+            raise ModelError(f"{p}: layer {name} stores {obj.block} blocks but config.json says {layer['pattern']}")
+        if dtype_name(obj.dtype) != layer["dtype"]:
+            raise ModelError(f"{p}: layer {name} stores {obj.dtype} values but config.json says {layer['dtype']}")
+        for key in obj.state_dict(f"{name}."):
             del state[key]
         state[name] = obj
-    for alias, canonical in (block.get("tied") or {}).items():
+    for alias, canonical in checked.tied.items():
         state[alias] = state[canonical]
     return state
 

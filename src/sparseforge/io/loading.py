@@ -6,7 +6,7 @@
   built straight from the stored buffers (their dense matrices are never built).
 
 Both take the model class from ``config.json``'s ``architectures`` (:func:`model_class`) and attach
-``generation_config.json`` the same way. The on-disk layout is :mod:`sparseforge.io.checkpoint`.
+``generation_config.json`` the same way. The on-disk layout is written by :mod:`sparseforge.io.checkpoint` and read by :mod:`sparseforge.io.layout`.
 transformers is imported only when a model is loaded (``pip install 'sparseforge[hf]'``).
 
 Example:
@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,22 +28,32 @@ from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats.rule import LOAD_FORMATS, load_format
 from sparseforge.io.hf import import_transformers
 from sparseforge.io.layout import CONFIG_NAME, is_compressed, load_state_dict_compressed, model_dir, read_sparsity_config
+from sparseforge.io.validation import architecture_class, read_json, validate_checkpoint
 from sparseforge.layers import is_linear, set_module
 from sparseforge.nn.sparse_linear import SparseLinear
 
-__all__ = ["load", "load_sparse", "model_class"]
+__all__ = ["load", "load_sparse", "model_class", "skeleton"]
 
 
 def model_class(path: Path, transformers) -> type:
-    """The transformers class named by ``config.json``'s ``architectures[0]`` in model directory ``path``."""
-    arch = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8")).get("architectures") or []
-    cls = getattr(transformers, arch[0], None) if arch else None
-    if cls is None:
-        raise ModelError(
-            f"{path / CONFIG_NAME} names architecture {arch[:1] or 'none'}, which transformers "
-            f"{transformers.__version__} does not provide; set 'architectures' to a transformers model class"
-        )
-    return cls
+    """The transformers class named by ``config.json``'s ``architectures[0]`` in model directory ``path``
+    (checked: a transformers ``PreTrainedModel`` subclass, see :func:`~sparseforge.io.validation.architecture_class`)."""
+    return architecture_class(read_json(path / CONFIG_NAME), path / CONFIG_NAME, transformers)
+
+
+def skeleton(path: "str | Path"):
+    """The model of checkpoint ``path`` built on the meta device (no memory): the parameter shapes
+    and module types its tensors must fit (:func:`sparseforge.io.validation.validate_checkpoint`).
+    ModelError when ``architectures`` names no transformers model class or the config cannot build it."""
+    p = model_dir(path)
+    transformers = import_transformers()
+    cls = model_class(p, transformers)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
+        with torch.device("meta"):
+            return cls(config)
+    except (ValueError, TypeError, KeyError, AttributeError, OSError) as exc:
+        raise ModelError(f"{p / CONFIG_NAME}: transformers cannot build {cls.__name__} from it: {exc}") from None
 
 
 def _with_generation_config(model, path: Path, transformers):
@@ -80,9 +89,10 @@ def load(path: "str | Path", dtype: "torch.dtype | str | None" = None, sparse: b
         raise ConfigError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16' or 'float16'")
     cls = model_class(p, transformers)
     if not is_compressed(block):
+        validate_checkpoint(p)  # safetensors headers and the info block, before transformers reads them
         return cls.from_pretrained(str(p), dtype=dtype or "auto", local_files_only=True)
     dense = {}
-    for name, value in load_state_dict_compressed(p).items():
+    for name, value in load_state_dict_compressed(p, skeleton(p)).items():  # validated against the model
         if not isinstance(value, torch.Tensor):  # a packed format object
             mat = value.to_dense()  # (out, in)
             value = mat.t().contiguous() if block["layers"].get(name, {}).get("transposed") else mat
@@ -138,10 +148,10 @@ def load_sparse(path: "str | Path", format: str = "rule") -> nn.Module:
         raise ModelError(f"{p} is not a compressed sparseforge checkpoint; load it with sparseforge.load(path) and call compress_(model)")
     transformers = import_transformers()
     cls = model_class(p, transformers)
-    state = load_state_dict_compressed(p)
     config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
     with _linear_weights_on_meta(), torch.no_grad():
         model = cls(config)
+    state = load_state_dict_compressed(p, model)  # validated against this skeleton, as load validates
     modules = dict(model.named_modules())
     layers = block.get("layers", {})
     # a compressed tensor tied to a non-linear owner (e.g. an embedding tied to lm_head) is needed

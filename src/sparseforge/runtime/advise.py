@@ -54,7 +54,7 @@ from sparseforge.errors import ConfigError
 from sparseforge.patterns import DEFAULT_NM, Pattern
 from sparseforge.runtime.machine import last_level_cache, machine_info, set_threads
 
-__all__ = ["LayerAdvice", "AdviceReport", "measure_layer", "advise_model", "sweep", "plot_sweep",
+__all__ = ["LayerAdvice", "AdviceReport", "measure_layer", "advise_model", "sweep", "plot_sweep", "check_budget",
            "STREAM_BYTES", "SWEEP_SPARSITIES"]
 
 STREAM_BYTES = 96 << 20  # weight copies cycled per candidate when the model does not fit in cache
@@ -143,6 +143,12 @@ class AdviceReport:
 # ------------------------------------------------------------------------------------ timing
 
 
+def check_budget(budget_s: float) -> None:
+    """ConfigError unless ``budget_s`` (seconds of calls per candidate) is a finite number >= 0."""
+    if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or not math.isfinite(budget_s) or budget_s < 0:
+        raise ConfigError(f"--budget (seconds of calls per candidate) must be a finite number >= 0, got {budget_s!r}")
+
+
 def _time_interleaved(fns: dict[str, Callable[[], Any]], budget_s: float) -> dict[str, float]:
     """Median ms per call of each function, called round-robin until ``budget_s`` per function."""
     for fn in fns.values():
@@ -214,6 +220,7 @@ def measure_layer(w: torch.Tensor, *, batch_sizes: Sequence[int] = (1,), pattern
         values_dtype: the sparse formats' values dtype (default the weight's); the dense baseline
             always runs in the weight's own dtype.
     """
+    check_budget(budget_s)
     if w.dim() != 2:
         raise ConfigError(f"measure_layer needs an (out, in) weight, got shape {tuple(w.shape)}")
     if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
@@ -293,6 +300,7 @@ def advise_model(model: nn.Module, *, batch_sizes: Sequence[int] = (1,), names: 
     layer's weights. Returns an :class:`AdviceReport` whose ``layers`` lists each group with the
     names it covers.
     """
+    check_budget(budget_s)
     from sparseforge.layers import linear_layers, weight_2d
 
     threads = set_threads(threads)
@@ -329,6 +337,7 @@ def sweep(shapes: Iterable[tuple[int, int]], *, batch_sizes: Sequence[int] = (1,
     (unstructured per layer, and the ``nm`` pattern). Rows are appended to ``report.sweep`` with
     ``shape``, ``batch``, ``label`` ("50%" or "2:4"), ``sparsity``, ``dense_ms``, ``ms`` and ``speedup``.
     """
+    check_budget(budget_s)
     from sparseforge.masks import mask_from_scores
     from sparseforge.patterns import Unstructured, parse
 

@@ -27,6 +27,7 @@ module never imports the CLI.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 __all__ = ["run", "default_config"]
@@ -79,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseforge.io import checkpoint
     from sparseforge.io.models import load_model
     from sparseforge.train import dump_train_recipe, from_config, load_train_recipe
+    from sparseforge.io.writable import check_output_dir
 
     for name in ("batch_size", "seqlen", "eval_windows", "threads"):
         value = getattr(args, name)
@@ -86,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     if args.steps < 1:
         raise ConfigError(f"--steps must be a positive integer, got {args.steps}")
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        raise ConfigError(f"--lr (the AdamW learning rate) must be a finite positive number, got {args.lr}")
+    if args.output is not None:
+        check_output_dir(args.output, overwrite=args.overwrite, option="--output")
     config = load_train_recipe(args.recipe) if args.recipe is not None else default_config(
         args.method, args.steps, args.sparsity, args.pattern)
     torch.set_num_threads(args.threads)

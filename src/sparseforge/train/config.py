@@ -366,10 +366,9 @@ def parse_train_recipe(text: str) -> SparseTrainConfig:
 
 
 def load_train_recipe(path: "str | Path") -> SparseTrainConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"training recipe file {path} does not exist")
-    return parse_train_recipe(path.read_text(encoding="utf-8"))
+    from sparseforge.config import read_text_file
+
+    return parse_train_recipe(read_text_file(path, "training recipe file"))
 
 
 def dump_train_recipe(config: SparseTrainConfig) -> str:
