@@ -53,5 +53,6 @@ sf::ProblemW problem_w(const In& x, const In& dy, const Out& dw, size_t ndim, in
 void register_runtime(nb::module_& m);        // runtime.cpp: kernel path, threads, error mapping
 void register_sparse_linear(nb::module_& m);  // sparse_linear.cpp: CSR, bitmap, N:M, fan-in, BSR
 void register_expert_ffn(nb::module_& m);     // expert_ffn.cpp: few-token MoE expert FFN
+void register_activation(nb::module_& m);     // activation.cpp: sparse-input linear (activation sparsity)
 
 }  // namespace sfb

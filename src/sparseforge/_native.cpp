@@ -6,7 +6,6 @@
 // binding.h, add the file to SF_BINDINGS in CMakeLists.txt and call it below.
 #include "binding.h"
 
-void register_activation(nanobind::module_& mod);  // _native_activation.cpp: activation sparsity
 void register_attention(nanobind::module_& mod);   // _native_attention.cpp: decode attention, page selection
 
 NB_MODULE(_native, m) {
@@ -14,6 +13,6 @@ NB_MODULE(_native, m) {
   sfb::register_runtime(m);
   sfb::register_sparse_linear(m);
   sfb::register_expert_ffn(m);
-  register_activation(m);
+  sfb::register_activation(m);
   register_attention(m);
 }

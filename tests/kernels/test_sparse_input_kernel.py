@@ -206,3 +206,13 @@ def test_property_result_only_depends_on_active_channels(n_in, s, seed):
     w2 = w_t.clone()
     w2[skipped] = torch.randn(int(skipped.sum()), 33)
     assert torch.equal(sparse_input_linear(x, w_t, t), sparse_input_linear(x, w2, t))
+
+
+def test_binding_checks_shapes():
+    x, w_t, _ = _case(2, 16, 8, torch.float32)
+    with pytest.raises(ValueError, match=r"\(16, 7\)"):
+        native().sparse_input_linear(x.numpy(), w_t.numpy(), np.zeros(1, np.float32), None, np.zeros((2, 7), np.float32))
+    with pytest.raises(ValueError, match="thresholds"):
+        native().sparse_input_linear(x.numpy(), w_t.numpy(), np.zeros(3, np.float32), None, np.zeros((2, 8), np.float32))
+    with pytest.raises(ValueError, match="counts"):
+        native().sparse_input_count(x.numpy(), np.zeros(1, np.float32), np.zeros(3, np.int64))

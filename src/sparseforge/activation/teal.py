@@ -176,65 +176,41 @@ def _run_capturing(block: nn.Module, names: list[str], inputs: BlockInputs) -> t
 
 class _Masking:
     """Forward pre-hooks masking each projection's input by its threshold on the last half of the
-    positions of a multi-token call (TEAL's SparsifyFn while searching). A threshold is a tensor
-    broadcast over the rows of the input: ``(1,)`` for one setting, ``(rows, 1, 1)`` for one
-    setting per row (several trials of the greedy search stacked in one batch)."""
+    positions of a multi-token call (TEAL's SparsifyFn while searching)."""
 
     def __init__(self, block: nn.Module, names: list[str]) -> None:
         modules = dict(block.named_modules())
-        self.thresholds: dict[str, Tensor] = {n: torch.zeros(1) for n in names}
+        self.thresholds = {n: 0.0 for n in names}
         self.handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: self._mask(n, a)) for n in names]
 
     def _mask(self, name, args):
         t = self.thresholds[name]
-        if not bool((t > 0).any()):
+        if t <= 0.0:
             return None
-        x = args[0]  # (rows, T, in)
+        x = args[0]  # (B, T, in)
         half = x.shape[-2] // 2
         if half == 0:
-            return (sparse_input_masked(x, t), *args[1:])
+            return (sparse_input_masked(x, torch.tensor([t])), *args[1:])
         head, tail = x[..., : x.shape[-2] - half, :], x[..., x.shape[-2] - half :, :]
-        return (torch.cat([head, sparse_input_masked(tail, t)], dim=-2), *args[1:])
+        return (torch.cat([head, sparse_input_masked(tail, torch.tensor([t]))], dim=-2), *args[1:])
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
 
 
-def _stack(obj, rows: int, copies: int):
-    """``obj`` with every tensor whose first of >= 2 dimensions is ``rows`` repeated ``copies`` times
-    along it (also inside tuples, lists, dicts): the call arguments of ``copies`` stacked trials."""
-    if isinstance(obj, Tensor):
-        return obj.repeat(copies, *([1] * (obj.dim() - 1))) if obj.dim() >= 2 and obj.shape[0] == rows else obj
-    if isinstance(obj, tuple):
-        return tuple(_stack(o, rows, copies) for o in obj)
-    if isinstance(obj, list):
-        return [_stack(o, rows, copies) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _stack(v, rows, copies) for k, v in obj.items()}
-    return obj
-
-
-def _position_norms(target: Tensor, out: Tensor, last_fraction: float) -> Tensor:
-    """TEAL's error terms: the L2 norm over the last ``last_fraction`` of positions (dim 1) of
-    ``target - out`` (B, T, H), per sequence and hidden channel: (B, H); the error is their mean."""
-    start = int(target.shape[1] * (1 - last_fraction))
-    return torch.linalg.vector_norm(target[:, start:] - out[:, start:], dim=1)
-
-
-TRIAL_TOKENS = 16384  # tokens per stacked forward of the greedy search (bounds its memory)
+def _greedy_error(targets: list[Tensor], outputs: list[Tensor], last_fraction: float) -> float:
+    """TEAL's error: L2 norm over the last positions, averaged over sequences and channels."""
+    norms = []
+    for t, o in zip(targets, outputs):
+        start = int(t.shape[1] * (1 - last_fraction))
+        norms.append(torch.linalg.vector_norm(t[:, start:] - o[:, start:], dim=1))  # (B, H)
+    return float(torch.cat(norms).mean())
 
 
 def greedy_allocation(block: nn.Module, names: list[str], inputs: BlockInputs, batches: int, targets: list[Tensor],
-                      hists: dict[str, Histogram], config: ActivationSparsityConfig,
-                      trial_tokens: Optional[int] = None) -> list[GreedyStep]:
-    """TEAL's block-wise greedy search (module doc) up to ``config.sparsity``; returns the path.
-
-    The trials of one step (one per projection) run stacked along the batch, up to
-    ``trial_tokens`` tokens per forward (default :data:`TRIAL_TOKENS`): the same arithmetic as one
-    forward per trial, with fewer, larger calls (``trial_tokens=1`` runs them one by one).
-    """
-    trial_tokens = TRIAL_TOKENS if trial_tokens is None else trial_tokens
+                      hists: dict[str, Histogram], config: ActivationSparsityConfig) -> list[GreedyStep]:
+    """TEAL's block-wise greedy search (module doc) up to ``config.sparsity``; returns the path."""
     modules = dict(block.named_modules())
     base = modules[names[0]].weight.numel()
     weights = {n: modules[n].weight.numel() / base for n in names}
@@ -247,37 +223,29 @@ def greedy_allocation(block: nn.Module, names: list[str], inputs: BlockInputs, b
     def effective(s: dict[str, float]) -> float:
         return sum(s[n] * weights[n] for n in names) / total_w
 
-    def errors_of(trials: list[str]) -> list[float]:
-        """TEAL's error after raising each listed projection by its step (the others as they are)."""
-        norms: list[list[Tensor]] = [[] for _ in trials]
-        for i in range(batches):
-            hidden = inputs.hidden[i]  # (B, T, H)
-            rows, tokens = hidden.shape[0], hidden.shape[0] * hidden.shape[1]
-            per_pass = max(1, trial_tokens // max(1, tokens))
-            for c0 in range(0, len(trials), per_pass):
-                chunk = trials[c0:c0 + per_pass]
-                for n in names:
-                    t = [hists[n].threshold(sparsities[n] + (steps[n] if n == p else 0.0), signed) for p in chunk]
-                    masking.thresholds[n] = torch.tensor(t).repeat_interleave(rows).view(-1, 1, 1)  # (k * B, 1, 1)
-                stacked = BlockInputs([_stack(hidden, rows, len(chunk))], [_stack(inputs.args[i], rows, len(chunk))],
-                                      [_stack(inputs.kwargs[i], rows, len(chunk))], inputs.hidden_as_kwarg)
-                with torch.no_grad():
-                    out = stacked.call(block, 0, stacked.hidden[0]).float()  # (k * B, T, H)
-                for j, part in enumerate(out.split(rows)):
-                    norms[c0 + j].append(_position_norms(targets[i], part, config.greedy_last_fraction))  # (B, H)
-        return [float(torch.cat(nj).mean()) for nj in norms]
+    def error_with(s: dict[str, float]) -> float:
+        for n in names:
+            masking.thresholds[n] = hists[n].threshold(s[n], signed)
+        with torch.no_grad():
+            outs = [inputs.call(block, i, inputs.hidden[i]).float() for i in range(batches)]
+        return _greedy_error(targets, outs, config.greedy_last_fraction)
 
     path: list[GreedyStep] = []
     try:
         while effective(sparsities) < config.sparsity:
-            trials = [n for n in names if sparsities[n] < 1.0]
-            if not trials:
+            best, best_err = None, float("inf")
+            for n in names:
+                if sparsities[n] >= 1.0:
+                    continue
+                trial = dict(sparsities)
+                trial[n] += steps[n]
+                err = error_with(trial)
+                if err < best_err:
+                    best, best_err = n, err
+            if best is None:
                 break
-            errors = errors_of(trials)
-            k = min(range(len(trials)), key=lambda j: errors[j])  # the first of equal errors, as TEAL
-            best = trials[k]
             sparsities[best] += steps[best]
-            path.append(GreedyStep(effective(sparsities), errors[k], dict(sparsities)))
+            path.append(GreedyStep(effective(sparsities), best_err, dict(sparsities)))
     finally:
         masking.remove()
     return path
