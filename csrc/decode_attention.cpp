@@ -16,12 +16,7 @@
 namespace sf {
 
 namespace scalar {
-extern const AttnChunkFn attn_chunk_f32 = attn_chunk_impl<VT::f32>;
-extern const AttnChunkFn attn_chunk_bf16 = attn_chunk_impl<VT::bf16>;
-extern const PageScoreFn page_score_f32 = page_score_impl<VT::f32>;
-extern const PageScoreFn page_score_bf16 = page_score_impl<VT::bf16>;
-extern const SparseChunkFn sparse_chunk_f32 = sparse_chunk_impl<VT::f32>;
-extern const SparseChunkFn sparse_chunk_bf16 = sparse_chunk_impl<VT::bf16>;
+SF_DEFINE_DECODE_ATTENTION_KERNELS
 }  // namespace scalar
 
 namespace {

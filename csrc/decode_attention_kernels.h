@@ -269,3 +269,12 @@ void page_score_impl(const float* qpos, const float* qneg, const void* kmin, con
 
 }  // namespace
 }  // namespace sf
+
+// The kernel table of decode_attention.h for the including file's ISA: `namespace <isa> { SF_DEFINE_DECODE_ATTENTION_KERNELS }`.
+#define SF_DEFINE_DECODE_ATTENTION_KERNELS                                       \
+  extern const AttnChunkFn attn_chunk_f32 = attn_chunk_impl<VT::f32>;           \
+  extern const AttnChunkFn attn_chunk_bf16 = attn_chunk_impl<VT::bf16>;         \
+  extern const PageScoreFn page_score_f32 = page_score_impl<VT::f32>;           \
+  extern const PageScoreFn page_score_bf16 = page_score_impl<VT::bf16>;         \
+  extern const SparseChunkFn sparse_chunk_f32 = sparse_chunk_impl<VT::f32>;     \
+  extern const SparseChunkFn sparse_chunk_bf16 = sparse_chunk_impl<VT::bf16>;

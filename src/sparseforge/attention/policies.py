@@ -307,8 +307,9 @@ class Mustafar(Policy):
         if state is None or state["done"] > layer.n:  # first call, or the cache was cropped below it
             state = layer.policy_state["mustafar"] = {"done": 0}
         done = state["done"]
-        while layer.n - self.recent - done >= self.CHUNK:
-            sl = slice(done, done + self.CHUNK)
+        upto = done + (layer.n - self.recent - done) // self.CHUNK * self.CHUNK  # whole chunks old enough
+        if upto > done:  # one compression and one append for all of them (a prefill may bring many)
+            sl = slice(done, upto)
             kk, kv = self.keep(layer.head_dim)
             parts = {"k": compress_tokens(layer.k_store[:, :, sl], kk), "v": compress_tokens(layer.v_store[:, :, sl], kv)}
             for name, (vals, bits) in parts.items():
@@ -316,7 +317,7 @@ class Mustafar(Policy):
                     key = f"{name}{suffix}"
                     old = state.get(key)
                     state[key] = t if old is None else torch.cat([old, t], dim=2)
-            done += self.CHUNK
+            done = upto
         state["done"] = done
         return done
 
