@@ -52,8 +52,27 @@ lock:
 	.venv-tools/bin/uv pip compile requirements/build.in --python-version 3.11 \
 		--no-header --annotation-style line --upgrade -o $(BUILD_LOCK)
 
+# The native kernels' tests against an extension built with AddressSanitizer and
+# UndefinedBehaviorSanitizer (its own venv and build dir; the first run installs the lock, ~2 min).
+# libasan is preloaded into the (uninstrumented) Python, with libstdc++ (Python does not link it, and
+# ASan must find the real __cxa_throw at start-up or every C++ exception aborts); leak checking is
+# off (Python and torch keep allocations to exit); any sanitizer report ends the run with an error
+# (--capture=sys leaves file descriptor 2 alone, so the report is printed).
+ASAN_VENV := .venv-asan
+ASAN_TESTS ?= tests/kernels tests/formats tests/fuzz/test_ops_hostile.py
+ASAN_CXXFLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+test-asan:
+	test -x $(ASAN_VENV)/bin/python || ($(PYTHON) -m venv $(ASAN_VENV) && \
+		$(ASAN_VENV)/bin/python -m pip install -q -r $(BUILD_LOCK) -r $(LOCK))
+	$(ASAN_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e . -C build-dir=build/asan \
+		-C cmake.build-type=RelWithDebInfo -C "cmake.define.CMAKE_CXX_FLAGS=$(ASAN_CXXFLAGS)"
+	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
+		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1 \
+		UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+		$(ASAN_VENV)/bin/python -m pytest -q -p no:cacheprovider --capture=sys $(PYTEST_ARGS) $(ASAN_TESTS)
+
 bench: $(STAMP)
 	$(PY) benchmarks/bench_oneshot.py
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) .venv-tools build sparseforge-demo
+	rm -rf $(VENV) $(LATEST_VENV) $(ASAN_VENV) .venv-tools build sparseforge-demo

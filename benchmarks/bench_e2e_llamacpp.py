@@ -73,7 +73,7 @@ def write_model(args) -> Path:
     """A random Llama of the requested shape as an HF directory with the built-in tokenizer (cached)."""
     import transformers as t
 
-    from sparseforge.builtin import builtin_model_path
+    from sparseforge.io.builtin import builtin_model_path
 
     name = f"llama-h{args.hidden}-l{args.layers}-f{args.ffn}-a{args.heads}-kv{args.kv_heads}"
     out = args.work / name
@@ -176,7 +176,7 @@ def our_variants(hf_dir: Path, sparsities: list[str]) -> dict:
     import transformers as t
 
     import sparseforge as sf
-    from sparseforge.compress import compress_
+    from sparseforge.runtime.compress import compress_
 
     dense = t.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     out = {"sparseforge dense fp32": (dense, False), "sparseforge dense bf16": (copy.deepcopy(dense).to(torch.bfloat16), False)}
@@ -193,7 +193,7 @@ def our_variants(hf_dir: Path, sparsities: list[str]) -> dict:
 
 def time_ours(model, sparse: bool, prompt: torch.Tensor, new: int, prefill: torch.Tensor, threads: int) -> dict:
     from sparseforge import kernels
-    from sparseforge.bench import generate_seconds
+    from sparseforge.evaluation.speed import generate_seconds
 
     ctx = kernels.sparse_threads(threads) if sparse else nullcontext()
     with ctx, torch.inference_mode():

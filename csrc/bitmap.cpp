@@ -1,29 +1,13 @@
-// Bitmap: scalar reference (test oracle), portable scalar kernels, dispatch.
+// Bitmap: scalar reference (test oracle), portable kernels (bitmap_kernels.h at SSE width), dispatch.
 #include "bitmap.h"
 
+#include "bitmap_kernels.h"
 #include "driver.h"
-#include "sddmm.h"
 
 namespace sf {
 
 namespace scalar {
-namespace {
-void rows(const BitmapView& w, const Problem& p, int64_t r0, int64_t r1) {
-  with_bitmap_dec(w, [&](const auto& dec) { detail::rows_scalar(dec, p, r0, r1); });
-}
-void lanes(const BitmapView& w, const Problem& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* ybuf) {
-  with_bitmap_dec(w, [&](const auto& dec) { lanes_rows(dec, p, lp, r0, r1, ybuf); });
-}
-void lanes_t(const BitmapView& w, const ProblemT& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* dxt) {
-  with_bitmap_dec(w, [&](const auto& dec) { lanes_t_rows(dec, p, lp, r0, r1, dxt); });
-}
-void sddmm(const BitmapView& w, const ProblemW& p, const LanesPlan& xp, const LanesPlan& dp, int64_t r0, int64_t r1) {
-  with_bitmap_dec(w, [&](const auto& dec) {
-    sddmm_rows(dec, [&](int64_t r) -> int64_t { return w.row_offsets[r]; }, p, xp, dp, r0, r1);
-  });
-}
-}  // namespace
-extern const BitmapKernels bitmap = {rows, lanes, lanes_t, sddmm};
+extern const BitmapKernels bitmap = kBitmapKernels;
 }  // namespace scalar
 
 namespace {
@@ -68,13 +52,13 @@ void bitmap_sddmm(const BitmapView& w, const ProblemW& p, Isa isa) { detail::run
 void bitmap_linear(const BitmapView& w, const Problem& p, Isa isa, int algo) {
   detail::check_problem(w.rows, w.cols, p);
   detail::run_linear(w, p, kernels(isa), algo, w.nnz);
-  with_bitmap_dec(w, [&](const auto& dec) { detail::fix_nonfinite(dec, p); });
+  with_bitmap<BitmapDec>(w, [&](const auto& dec) { detail::fix_nonfinite(dec, p); });
 }
 
 void bitmap_linear_t(const BitmapView& w, const ProblemT& p, Isa isa) {
   detail::check_problem_t(w.rows, w.cols, p);
   detail::run_linear_t(w, p, kernels(isa), w.nnz);
-  with_bitmap_dec(w, [&](const auto& dec) { detail::fix_nonfinite_t(dec, p); });
+  with_bitmap<BitmapDec>(w, [&](const auto& dec) { detail::fix_nonfinite_t(dec, p); });
 }
 
 }  // namespace sf

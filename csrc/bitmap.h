@@ -57,6 +57,7 @@ inline uint64_t bitmap_word(const uint8_t* row, int64_t bpr, int64_t word) {
 
 template <VT V>
 struct BitmapDec {
+  static constexpr VT kVT = V;
   const uint8_t* bits;
   int64_t bpr, cols;
   const int64_t* ro;
@@ -86,11 +87,6 @@ struct BitmapDec {
     c.vp = vp;
   }
 };
-
-template <class Body>
-void with_bitmap_dec(const BitmapView& w, Body&& body) {
-  if (w.vt == VT::f32) body(BitmapDec<VT::f32>(w)); else body(BitmapDec<VT::bf16>(w));
-}
 
 }  // namespace
 }  // namespace sf

@@ -1,29 +1,13 @@
-// CSR: scalar reference (test oracle), portable scalar kernels, dispatch.
+// CSR: scalar reference (test oracle), portable kernels (csr_kernels.h at SSE width), dispatch.
 #include "csr.h"
 
+#include "csr_kernels.h"
 #include "driver.h"
-#include "sddmm.h"
 
 namespace sf {
 
 namespace scalar {
-namespace {
-void rows(const CsrView& w, const Problem& p, int64_t r0, int64_t r1) {
-  with_csr_dec(w, [&](const auto& dec) { detail::rows_scalar(dec, p, r0, r1); });
-}
-void lanes(const CsrView& w, const Problem& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* ybuf) {
-  with_csr_dec(w, [&](const auto& dec) { lanes_rows(dec, p, lp, r0, r1, ybuf); });
-}
-void lanes_t(const CsrView& w, const ProblemT& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* dxt) {
-  with_csr_dec(w, [&](const auto& dec) { lanes_t_rows(dec, p, lp, r0, r1, dxt); });
-}
-void sddmm(const CsrView& w, const ProblemW& p, const LanesPlan& xp, const LanesPlan& dp, int64_t r0, int64_t r1) {
-  with_csr_dec(w, [&](const auto& dec) {
-    sddmm_rows(dec, [&](int64_t r) -> int64_t { return w.row_ptr[r]; }, p, xp, dp, r0, r1);
-  });
-}
-}  // namespace
-extern const CsrKernels csr = {rows, lanes, lanes_t, sddmm};
+extern const CsrKernels csr = kCsrKernels;
 }  // namespace scalar
 
 namespace {
@@ -67,13 +51,13 @@ void csr_sddmm(const CsrView& w, const ProblemW& p, Isa isa) { detail::run_sddmm
 void csr_linear(const CsrView& w, const Problem& p, Isa isa, int algo) {
   detail::check_problem(w.rows, w.cols, p);
   detail::run_linear(w, p, kernels(isa), algo, w.nnz);
-  with_csr_dec(w, [&](const auto& dec) { detail::fix_nonfinite(dec, p); });
+  with_csr<CsrDec>(w, [&](const auto& dec) { detail::fix_nonfinite(dec, p); });
 }
 
 void csr_linear_t(const CsrView& w, const ProblemT& p, Isa isa) {
   detail::check_problem_t(w.rows, w.cols, p);
   detail::run_linear_t(w, p, kernels(isa), w.nnz);
-  with_csr_dec(w, [&](const auto& dec) { detail::fix_nonfinite_t(dec, p); });
+  with_csr<CsrDec>(w, [&](const auto& dec) { detail::fix_nonfinite_t(dec, p); });
 }
 
 }  // namespace sf

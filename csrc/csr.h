@@ -47,6 +47,8 @@ namespace {
 // Walks the stored entries of one row in column order; run() stops at the first column >= cend.
 template <class I, VT V>
 struct CsrDec {
+  using Index = I;
+  static constexpr VT kVT = V;
   const int32_t* rp;
   const I* col;
   const void* val;
@@ -65,16 +67,6 @@ struct CsrDec {
     c.p = q;
   }
 };
-
-// Calls body(CsrDec<I, V>{w}) with the index/value types of w.
-template <class Body>
-void with_csr_dec(const CsrView& w, Body&& body) {
-  if (w.col_u16) {
-    if (w.vt == VT::f32) body(CsrDec<uint16_t, VT::f32>(w)); else body(CsrDec<uint16_t, VT::bf16>(w));
-  } else {
-    if (w.vt == VT::f32) body(CsrDec<int32_t, VT::f32>(w)); else body(CsrDec<int32_t, VT::bf16>(w));
-  }
-}
 
 }  // namespace
 }  // namespace sf

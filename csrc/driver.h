@@ -181,20 +181,6 @@ void fix_nonfinite_t(const Dec& dec, const ProblemT& p) {
   }
 }
 
-template <class Dec>
-void rows_scalar(const Dec& dec, const Problem& p, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const float bv = p.bias ? p.bias[r] : 0.f;
-    for (int64_t b = 0; b < p.B; ++b) {
-      const float* xb = p.x + b * p.in;
-      float acc = 0.f;
-      auto cur = dec.begin(r);
-      dec.run(cur, p.in, [&](int64_t j, float w) { acc += w * xb[j]; });
-      p.y[b * p.out + r] = acc + bv;
-    }
-  }
-}
-
 inline void check_problem(int64_t rows, int64_t cols, const Problem& p) {
   if (p.in != cols || p.out != rows || p.B < 0) {
     throw std::invalid_argument("x has " + std::to_string(p.in) + " features and y " + std::to_string(p.out) +

@@ -199,6 +199,35 @@ void lanes_rows(const Dec& dec, const Problem& p, const LanesPlan& lp, int64_t r
   }
 }
 
+// y rows [r0, r1) by decoding each row once per batch row (the portable rows kernel)
+template <class Dec>
+void rows_dec(const Dec& dec, const Problem& p, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float bv = p.bias ? p.bias[r] : 0.f;
+    for (int64_t b = 0; b < p.B; ++b) {
+      const float* xb = p.x + b * p.in;
+      float acc = 0.f;
+      auto cur = dec.begin(r);
+      dec.run(cur, p.in, [&](int64_t j, float w) { acc += w * xb[j]; });
+      p.y[b * p.out + r] = acc + bv;
+    }
+  }
+}
+
+// f(std::integral_constant<int, NB>, b0) for the batch rows in groups of NB = 4 (the last 1..4):
+// the rows kernels keep NB accumulators per weight row
+template <class F>
+inline void for_batch_quads(int64_t B, F&& f) {
+  for (int64_t b0 = 0; b0 < B; b0 += 4) {
+    switch (min64(4, B - b0)) {
+      case 1: f(std::integral_constant<int, 1>{}, b0); break;
+      case 2: f(std::integral_constant<int, 2>{}, b0); break;
+      case 3: f(std::integral_constant<int, 3>{}, b0); break;
+      default: f(std::integral_constant<int, 4>{}, b0); break;
+    }
+  }
+}
+
 template <int NV, class Dec>
 void lanes_t_tile(const Dec& dec, int64_t cols, const float* dyt, float* dxt, int64_t r0, int64_t r1) {
   constexpr int64_t W = 16 * NV;

@@ -1,29 +1,13 @@
-// N:M: scalar reference (test oracle), portable scalar kernels, dispatch.
+// N:M: scalar reference (test oracle), portable kernels (nm_kernels.h at SSE width), dispatch.
 #include "nm.h"
 
 #include "driver.h"
-#include "sddmm.h"
+#include "nm_kernels.h"
 
 namespace sf {
 
 namespace scalar {
-namespace {
-void rows(const NmView& w, const Problem& p, int64_t r0, int64_t r1) {
-  with_nm_dec(w, [&](const auto& dec) { detail::rows_scalar(dec, p, r0, r1); });
-}
-void lanes(const NmView& w, const Problem& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* ybuf) {
-  with_nm_dec(w, [&](const auto& dec) { lanes_rows(dec, p, lp, r0, r1, ybuf); });
-}
-void lanes_t(const NmView& w, const ProblemT& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* dxt) {
-  with_nm_dec(w, [&](const auto& dec) { lanes_t_rows(dec, p, lp, r0, r1, dxt); });
-}
-void sddmm(const NmView& w, const ProblemW& p, const LanesPlan& xp, const LanesPlan& dp, int64_t r0, int64_t r1) {
-  with_nm_dec(w, [&](const auto& dec) {
-    sddmm_rows(dec, [&](int64_t r) -> int64_t { return r * w.vpr; }, p, xp, dp, r0, r1);
-  });
-}
-}  // namespace
-extern const NmKernels nm = {rows, lanes, lanes_t, sddmm};
+extern const NmKernels nm = kNmKernels;
 }  // namespace scalar
 
 namespace {
@@ -75,13 +59,13 @@ void nm_sddmm(const NmView& w, const ProblemW& p, Isa isa) { detail::run_sddmm(w
 void nm_linear(const NmView& w, const Problem& p, Isa isa, int algo) {
   detail::check_problem(w.rows, w.cols, p);
   detail::run_linear(w, p, kernels(isa), algo, w.rows * w.vpr);
-  with_nm_dec(w, [&](const auto& dec) { detail::fix_nonfinite(dec, p); });
+  with_nm<NmDec>(w, [&](const auto& dec) { detail::fix_nonfinite(dec, p); });
 }
 
 void nm_linear_t(const NmView& w, const ProblemT& p, Isa isa) {
   detail::check_problem_t(w.rows, w.cols, p);
   detail::run_linear_t(w, p, kernels(isa), w.rows * w.vpr);
-  with_nm_dec(w, [&](const auto& dec) { detail::fix_nonfinite_t(dec, p); });
+  with_nm<NmDec>(w, [&](const auto& dec) { detail::fix_nonfinite_t(dec, p); });
 }
 
 }  // namespace sf

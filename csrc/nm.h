@@ -70,6 +70,7 @@ inline void nm_decode_cols(const NmView& w, const uint8_t* irow, int64_t v0, int
 
 template <VT V>
 struct NmDec {
+  static constexpr VT kVT = V;
   NmView w;
   struct Cur {
     const uint8_t* irow;
@@ -117,11 +118,6 @@ struct Nm24Lut {
   }
 };
 constexpr Nm24Lut kNm24{};
-
-template <class Body>
-void with_nm_dec(const NmView& w, Body&& body) {
-  if (w.vt == VT::f32) body(NmDec<VT::f32>(w)); else body(NmDec<VT::bf16>(w));
-}
 
 }  // namespace
 }  // namespace sf

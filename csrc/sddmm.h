@@ -150,5 +150,26 @@ void sddmm_rows(const Dec& dec, const First& first, const ProblemW& p, const Lan
   }
 }
 
+// The lanes, lanes_t and sddmm entries of a format's kernel table, from its decoders: Fmt::View,
+// Fmt::lanes_dec(w, body) / Fmt::dec(w, body) call body with the decoder for the lanes kernel / for
+// the others (typed for w's index and value types), Fmt::first(w, r) is the value index of row r's
+// first stored entry.
+template <class Fmt>
+struct DecoderKernels {
+  using View = typename Fmt::View;
+  static void lanes(const View& w, const Problem& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* ybuf) {
+    Fmt::lanes_dec(w, [&](const auto& dec) { lanes_rows(dec, p, lp, r0, r1, ybuf); });
+  }
+  static void lanes_t(const View& w, const ProblemT& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* dxt) {
+    Fmt::dec(w, [&](const auto& dec) { lanes_t_rows(dec, p, lp, r0, r1, dxt); });
+  }
+  static void sddmm(const View& w, const ProblemW& p, const LanesPlan& xp, const LanesPlan& dp, int64_t r0,
+                    int64_t r1) {
+    Fmt::dec(w, [&](const auto& dec) {
+      sddmm_rows(dec, [&](int64_t r) -> int64_t { return Fmt::first(w, r); }, p, xp, dp, r0, r1);
+    });
+  }
+};
+
 }  // namespace
 }  // namespace sf

@@ -79,7 +79,7 @@ inline __m256 expand8(const void* v, int64_t vp, unsigned m, int64_t total) {
       raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
     } else {
       uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      std::memcpy(tmp, src, static_cast<size_t>(pc) * 2);
+      if (pc) std::memcpy(tmp, src, static_cast<size_t>(pc) * 2);  // src may be null for an empty buffer
       raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tmp));
     }
     w = widen_bf16(raw);

@@ -201,3 +201,32 @@ def test_a_package_may_use_its_own_private_modules(tmp_path):
     })  # fmt: skip
     graph, private = scan(root)
     assert private == [] and find_cycle(graph) is None
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Edges between the top-level parts of sparseforge (``io``, ``formats``, ``cli``, ...): a folder
+    depends on another when any module in it imports one there. ``sparseforge/__init__`` (lazy public
+    names) is left out: every part may be reached through it."""
+    def part(module: str) -> str:
+        return module.split(".")[1] if "." in module else ""
+
+    out: dict[str, set[str]] = {}
+    for a, bs in graph.items():
+        if part(a):
+            out.setdefault(part(a), set()).update(part(b) for b in bs if part(b) and part(b) != part(a))
+    return out
+
+
+def test_the_folders_import_one_way():
+    """No two top-level parts import each other, even through a chain: the layout has one direction."""
+    graph, _ = scan()
+    packages = package_graph(graph)
+    assert {"io", "formats", "ops", "nn", "prune", "runtime", "train", "moe"} <= set(packages)
+    cycle = find_cycle(packages)
+    assert cycle is None, "folders that import each other: " + " -> ".join(cycle)
+
+
+def test_the_folder_check_sees_a_two_way_dependency():
+    graph = {"sparseforge.io.a": {"sparseforge.runtime.b"}, "sparseforge.runtime.b": set(),
+             "sparseforge.runtime.c": {"sparseforge.io.d"}, "sparseforge.io.d": set()}
+    assert find_cycle(package_graph(graph)) == ["io", "runtime", "io"]

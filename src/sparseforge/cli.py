@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 from sparseforge.errors import SparseforgeError
+from sparseforge.config import ALLOCATIONS, METHODS
 from sparseforge.finetune import cli as finetune_cli
-from sparseforge.prune.names import ALLOCATIONS, METHODS
 
 __all__ = ["main", "build_parser"]
 

@@ -33,9 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from sparseforge.errors import ConfigError
-from sparseforge.masks import resolve_sparsity
 from sparseforge.patterns import NM, FanIn, Pattern, Unstructured, parse
-from sparseforge.prune.names import ALLOCATIONS, METHODS
 
 __all__ = [
     "CalibrationConfig",
@@ -49,6 +47,10 @@ __all__ = [
 ]
 
 RECIPE_VERSION = 1
+# the one list of one-shot methods and allocations (torch-free: the CLI's choices); each method class
+# in sparseforge.prune.methods carries the same name
+METHODS = ("magnitude", "wanda", "sparsegpt", "dsnot")
+ALLOCATIONS = ("uniform", "owl")
 DEFAULT_SPARSITY = 0.5
 
 
@@ -107,6 +109,8 @@ class SparsifyConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def __post_init__(self) -> None:
+        from sparseforge.masks import resolve_sparsity  # torch: imported when a config is built, not with the module
+
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         self.pattern = str(parse(self.pattern))

@@ -35,7 +35,7 @@ import torch
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.patterns import Pattern
 
-__all__ = ["FormatSpec", "register", "get", "spec_of", "names", "label"]
+__all__ = ["FormatSpec", "register", "unregister", "get", "spec_of", "names", "label", "generation"]
 
 
 def _no_pattern(obj: Any) -> Optional[Pattern]:
@@ -65,6 +65,7 @@ class FormatSpec:
 
 _REGISTRY: dict[str, FormatSpec] = {}
 _BY_CLASS: dict[type, FormatSpec] = {}  # spec_of's answers by exact class (hot: every SparseLinear call)
+_GENERATION = [0]  # bumped on every change, so callers may cache answers (sparseforge.ops does)
 
 
 def register(spec: FormatSpec) -> FormatSpec:
@@ -77,6 +78,7 @@ def register(spec: FormatSpec) -> FormatSpec:
         raise ConfigError(f"{spec.cls.__name__} is already registered as format {taken!r}")
     _REGISTRY[spec.name] = spec
     _BY_CLASS.clear()
+    _GENERATION[0] += 1
     return spec
 
 
@@ -84,6 +86,12 @@ def unregister(name: str) -> None:
     """Remove a format (tests register toy formats and remove them again)."""
     _REGISTRY.pop(name, None)
     _BY_CLASS.clear()
+    _GENERATION[0] += 1
+
+
+def generation() -> int:
+    """A number that changes whenever a format is registered or removed (for caches of lookups)."""
+    return _GENERATION[0]
 
 
 def names(*, general: Optional[bool] = None, stored: Optional[bool] = None) -> tuple[str, ...]:

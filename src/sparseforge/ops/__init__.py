@@ -61,9 +61,19 @@ __all__ = [
 KERNELS = {spec.fmt: spec for spec in (csr.OPS, bitmap.OPS, nm.OPS, fanin.OPS, bsr.OPS)}  # by kernel family
 
 
+_BY_TYPE: dict[type, object] = {}  # format class -> FormatOps, valid for one registry generation
+_BY_TYPE_GENERATION = [-1]
+
+
 def _ops_for(weight):
     """The :class:`~sparseforge.ops._define.FormatOps` of a format object: its registered format's
-    kernel family (:attr:`sparseforge.formats.registry.FormatSpec.kernel_family`)."""
+    kernel family (:attr:`sparseforge.formats.registry.FormatSpec.kernel_family`), cached per class."""
+    if _BY_TYPE_GENERATION[0] != registry.generation():
+        _BY_TYPE.clear()
+        _BY_TYPE_GENERATION[0] = registry.generation()
+    spec = _BY_TYPE.get(type(weight))
+    if spec is not None:
+        return spec
     try:
         family = registry.spec_of(weight).kernel_family
     except ModelError as exc:
@@ -74,6 +84,7 @@ def _ops_for(weight):
             f"no sparse kernels for format {registry.spec_of(weight).name!r} (kernel family {family!r}); "
             f"the ops have {', '.join(KERNELS)}"
         )
+    _BY_TYPE[type(weight)] = spec
     return spec
 
 

@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -116,11 +117,13 @@ class FormatOps:
     def kernel_args(self, weight) -> tuple:
         """``(native forward, out rows, numpy views of W..., S...)`` for a format object.
 
-        The buffers are checked like the registered op checks them, once per object and again only
-        when a buffer's storage changed (``param.data = ...``, e.g. ``Module.half()`` on trainable
-        values: checked by data pointer, which cannot be reused while the cached view holds the old
-        storage). Format objects are frozen and validated at construction, and a numpy view shares
-        its tensor's memory (in-place updates of the values are seen). Deep copies and pickles drop
+        The buffers are checked like the registered op checks them, indices and row pointers
+        included (native ``<fmt>_check``), once per object and again only when a buffer's storage
+        changed (``param.data = ...``, e.g. ``Module.half()`` on trainable values: checked by data
+        pointer, which cannot be reused while the cached view holds the old storage); the returned
+        forward then skips the per-call index scans. Format objects are frozen and validated at
+        construction; writing into their index buffers in place is not supported (a numpy view shares
+        its tensor's memory: in-place updates of the values are seen). Deep copies and pickles drop
         the views (``StoredBuffers.__getstate__``).
         """
         cached = weight.__dict__.get(_CACHE)
@@ -134,7 +137,9 @@ class FormatOps:
             raise ModelError(f"{type(weight).__name__} buffers describe {rows} rows, not {weight.shape[0]}")
         tensors = tuple(a for a in args if isinstance(a, Tensor))
         arrays = tuple(np_view(a) for a in args)
-        cached = (getattr(native(), self.native_names[0]), rows, arrays, tensors, tuple(t.data_ptr() for t in tensors))
+        getattr(native(), f"{self.fmt}_check")(*arrays, rows, weight.shape[1])  # ModelError naming the bad entry
+        kernel = partial(getattr(native(), self.native_names[0]), check_indices=False)
+        cached = (kernel, rows, arrays, tensors, tuple(t.data_ptr() for t in tensors))
         object.__setattr__(weight, _CACHE, cached)
         return cached[:3]
 

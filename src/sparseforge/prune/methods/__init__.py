@@ -20,13 +20,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from sparseforge import config
 from sparseforge.errors import ConfigError
 from sparseforge.prune.methods.base import LayerStats, PruneResult, PruningMethod
 from sparseforge.prune.methods.dsnot import DSnoTPruning, dsnot_update
 from sparseforge.prune.methods.magnitude import MagnitudePruning, magnitude_scores
 from sparseforge.prune.methods.sparsegpt import SparseGPTPruning, sparsegpt_prune
 from sparseforge.prune.methods.wanda import WandaPruning, wanda_scores
-from sparseforge.prune.names import METHODS as NAMES
 
 __all__ = [
     "METHODS",
@@ -44,12 +44,12 @@ __all__ = [
     "dsnot_update",
 ]
 
-# explicit registry: name -> class, in the order of sparseforge.prune.names.METHODS (each class names itself)
+# explicit registry: name -> class, in the order of sparseforge.config.METHODS (each class names itself)
 METHODS: dict[str, type[PruningMethod]] = {
     cls.name: cls for cls in (MagnitudePruning, WandaPruning, SparseGPTPruning, DSnoTPruning)
 }
-if tuple(METHODS) != NAMES:
-    raise ImportError(f"sparseforge.prune.names.METHODS {NAMES} and the method classes {tuple(METHODS)} disagree")
+if tuple(METHODS) != config.METHODS:
+    raise ImportError(f"sparseforge.config.METHODS {config.METHODS} and the method classes {tuple(METHODS)} disagree")
 
 
 def get_method(name: str, options: "dict[str, Any] | None" = None) -> PruningMethod:

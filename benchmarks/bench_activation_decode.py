@@ -1,0 +1,141 @@
+"""End-to-end batch-1 decoding with TEAL activation sparsity: tokens/s dense vs TEAL 40% / 50%.
+
+A Llama-shaped model with random weights (no download; the shape of ``bench_decode.py``: hidden
+2048, 16 layers, FFN 5632, vocab 8192, here with GQA: 32 query heads, 8 key/value heads), fp32.
+TEAL (uniform) is calibrated once at the highest sparsity on random token ids
+(``sparsify_activations_``), which swaps every projection for a ``SparseInputLinear``; the other
+sparsities reuse that calibration (``report.retarget_``). The original ``nn.Linear`` modules are
+kept and swapped back in for the dense runs, so dense and sparse runs interleave (drifting load
+hits every variant alike) without a second copy of the model. Each run generates ``--new`` tokens
+greedily after an 8-token prompt; the median of ``--repeats`` runs is reported. The TEAL variants run
+inside ``kernels.sparse_threads`` (torch single-threaded, the kernels on all threads); dense runs both
+with torch's threads and single-threaded, and the faster of the two is the baseline (``vs dense``).
+
+Printed beside each variant: the bytes bound of the whole model at that sparsity,
+``(L + H) / (L (1 - s) + H)`` with ``L`` the sparsified projections' bytes and ``H`` the dense rest
+read per token (lm_head; embeddings and the KV cache are negligible at this context), and the
+measured speedup's fraction of it.
+
+Usage:
+    python benchmarks/bench_activation_decode.py --quick   # hidden 256, 2 layers (smoke)
+    python benchmarks/bench_activation_decode.py           # the full shape (~6 GB of RAM)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--ffn", type=int, default=5632)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--sparsities", default="0.4,0.5")
+    p.add_argument("--new", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.hidden, args.layers, args.ffn, args.vocab, args.new, args.repeats = 256, 2, 704, 1024, 16, 2
+    args.sparsities = sorted((float(s) for s in args.sparsities.split(",")), reverse=True)
+    args.out = args.out or RESULTS / ("activation_decode.quick.json" if args.quick else "activation_decode.json")
+    return args
+
+
+def build_model(args):
+    import transformers as t
+
+    torch.manual_seed(0)
+    heads = max(1, args.hidden // 64)
+    cfg = t.LlamaConfig(hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
+                        num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), vocab_size=args.vocab,
+                        max_position_embeddings=max(256, args.new + 16), tie_word_embeddings=False)
+    return t.LlamaForCausalLM(cfg).float().eval()
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from sparseforge import kernels
+    from sparseforge.activation import ActivationSparsityConfig, sparse_input_layers, sparsify_activations_
+    from sparseforge.evaluation.speed import generate_seconds
+    from sparseforge.config import CalibrationConfig
+    from sparseforge.layers import set_module
+
+    torch.set_num_threads(args.threads)
+    kernels.set_num_threads(args.threads)
+    model = build_model(args)
+    dense_layers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    calib = torch.randint(0, args.vocab, (8, 64), generator=torch.Generator().manual_seed(1))
+    report = sparsify_activations_(model, ActivationSparsityConfig(
+        sparsity=args.sparsities[0], calibration=CalibrationConfig(batch_size=4)), calibration=calib, progress=False)
+    sparse_layers = sparse_input_layers(model)
+    layer_bytes = sum(m.weight.numel() * 4 for m in dense_layers.values())
+    rest_bytes = model.lm_head.weight.numel() * 4
+
+    def use(layers):
+        for name, module in layers.items():
+            set_module(model, name, module)
+
+    # dense twice: torch's threads, and torch single-threaded like the TEAL runs; the faster is the baseline
+    variants = {"dense fp32": None, "dense fp32 (torch 1 thread)": None, **{f"TEAL {s:.0%}": s for s in args.sparsities}}
+    prompt = torch.randint(1, args.vocab, (1, 8), generator=torch.Generator().manual_seed(0))
+
+    def run_variant(name, s, new):
+        if s is None:
+            use(dense_layers)
+            ctx = kernels.sparse_threads(args.threads) if "1 thread" in name else nullcontext()
+        else:
+            use(sparse_layers)
+            report.retarget_(model, s)
+            ctx = kernels.sparse_threads(args.threads)
+        with ctx:
+            return generate_seconds(model, prompt, new)
+
+    for name, s in variants.items():
+        run_variant(name, s, 2)  # warm-up
+    times = {k: [] for k in variants}
+    load_before = os.getloadavg()
+    for _ in range(args.repeats):
+        for name, s in variants.items():
+            times[name].append(run_variant(name, s, args.new))
+    base = min(statistics.median(times["dense fp32"]), statistics.median(times["dense fp32 (torch 1 thread)"]))
+    rows = []
+    for name, s in variants.items():
+        med = statistics.median(times[name])
+        sp = 0.0 if s is None else s
+        bound = (layer_bytes + rest_bytes) / (layer_bytes * (1 - sp) + rest_bytes)
+        rows.append({"variant": name, "sparsity": sp, "tokens_per_s": args.new / med, "median_s": med,
+                     "speedup": base / med, "bytes_bound": bound, "of_bound": (base / med) / bound, "runs_s": times[name]})
+    result = {"shape": {k: getattr(args, k) for k in ("hidden", "layers", "ffn", "vocab")}, "gqa_kv_heads": max(1, args.hidden // 256),
+              "new_tokens": args.new, "threads": args.threads, "isa": kernels.isa(), "layer_bytes": layer_bytes,
+              "rest_bytes": rest_bytes, "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "rows": rows}
+    print(f"decode, batch 1, {args.new} new tokens, hidden {args.hidden}, {args.layers} layers, FFN {args.ffn}, GQA, "
+          f"vocab {args.vocab}, fp32, {args.threads} threads, isa {result['isa']}, load {load_before[0]:.1f} -> "
+          f"{result['loadavg_after'][0]:.1f}")
+    print("| variant | tokens/s | vs best dense | bytes bound | % of bound |\n|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f}x | {r['bytes_bound']:.2f}x | {r['of_bound']:.0%} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(args.out)
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,132 @@
+"""Activation-sparsity quality: perplexity of the built-in model under TEAL, uniform vs greedy.
+
+The built-in model (``sparseforge.io.builtin``, Llama-style, 6 blocks, hidden 256) is calibrated once
+per allocation at the highest sparsity (TEAL's histograms; the greedy search records its path up to
+that target), then retargeted to every sparsity in ``--sparsities`` from the same calibration
+(:meth:`ActivationSparsityReport.retarget_`, TEAL's lookup). Perplexity is the project's protocol
+(:func:`sparseforge.evaluation.quality.perplexity`, built-in held-out split) under two conventions:
+
+* ``all``: every token's projection inputs are sparsified (what decoding sees);
+* ``teal``: only the second half of each window (TEAL's and R-Sparse's published numbers).
+
+Reported: perplexity per (allocation, sparsity, convention), the dense perplexity, and the
+weighted (bytes) sparsity the thresholds reach. Greedy must not be worse than uniform.
+
+Usage:
+    python benchmarks/bench_activation_quality.py            # 25/40/50 %, greedy on 2 sequences
+    python benchmarks/bench_activation_quality.py --quick    # 25/50 %, fewer windows and steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sparsities", default="0.25,0.4,0.5")
+    p.add_argument("--allocations", default="uniform,greedy")
+    p.add_argument("--samples", type=int, default=64, help="calibration sequences (histograms)")
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--greedy-samples", type=int, default=2, help="calibration sequences the greedy search runs on")
+    p.add_argument("--windows", type=int, default=64, help="perplexity windows")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: small GEMMs, a shared machine)")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sparsities, args.samples, args.seqlen, args.windows = "0.25,0.5", 16, 128, 8
+    args.sparsities = sorted(float(s) for s in args.sparsities.split(","))
+    args.allocations = args.allocations.split(",")
+    return args
+
+
+def run(args) -> dict:
+    from sparseforge.activation import ActivationSparsityConfig, set_token_fraction, sparsify_activations_
+    from sparseforge.config import CalibrationConfig
+    from sparseforge.evaluation.quality import perplexity
+    from sparseforge.io.models import load_model
+
+    torch.set_num_threads(args.threads)
+    loaded = load_model("builtin")
+    base, tok = loaded.model, loaded.tokenizer
+
+    def ppl(model) -> float:
+        return perplexity(model, tok, max_windows=args.windows, progress=False).ppl
+
+    dense = ppl(base)
+    print(f"dense perplexity {dense:.3f}", flush=True)
+    rows = []
+    for allocation in args.allocations:
+        model = copy.deepcopy(base)
+        cfg = ActivationSparsityConfig(
+            sparsity=max(args.sparsities), allocation=allocation, greedy_samples=args.greedy_samples,
+            calibration=CalibrationConfig(samples=args.samples, seqlen=args.seqlen, batch_size=args.greedy_samples))
+        t0 = time.perf_counter()
+        report = sparsify_activations_(model, cfg, tokenizer=tok, progress=False)
+        seconds = time.perf_counter() - t0
+        print(f"{allocation}: calibrated in {seconds:.0f}s", flush=True)
+        for s in args.sparsities:
+            report.retarget_(model, s)
+            row = {"allocation": allocation, "sparsity": s, "effective": report.effective_sparsity(model),
+                   "calibration_s": seconds}
+            for convention, fraction in (("all", 1.0), ("teal", 0.5)):
+                set_token_fraction(model, fraction)
+                row[f"ppl_{convention}"] = ppl(model)
+            set_token_fraction(model, 1.0)
+            rows.append(row)
+            print(f"{allocation} {s:.0%} (effective {row['effective']:.3f}): ppl all-tokens {row['ppl_all']:.3f}, "
+                  f"TEAL convention {row['ppl_teal']:.3f}", flush=True)
+    return {"meta": {"model": "builtin", "dense_ppl": dense, "windows": args.windows, "samples": args.samples,
+                     "seqlen": args.seqlen, "greedy_samples": args.greedy_samples, "load_avg": os.getloadavg()},
+            "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    m = result["meta"]
+    lines = [f"Built-in model, dense perplexity {m['dense_ppl']:.3f} ({m['windows']} windows); calibration "
+             f"{m['samples']} x {m['seqlen']} tokens, greedy on {m['greedy_samples']} sequences", "",
+             "| allocation | sparsity | weighted sparsity | ppl (all tokens) | ppl (TEAL: last half) |", "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['allocation']} | {r['sparsity']:.0%} | {r['effective']:.3f} | {r['ppl_all']:.3f} | {r['ppl_teal']:.3f} |")
+    return "\n".join(lines)
+
+
+def verdicts(result: dict) -> list[str]:
+    by = {(r["allocation"], r["sparsity"]): r for r in result["rows"]}
+    out = []
+    for (alloc, s), r in sorted(by.items()):
+        if alloc == "greedy" and ("uniform", s) in by:
+            u = by[("uniform", s)]
+            ok = r["ppl_all"] <= u["ppl_all"]
+            out.append(f"{'PASS' if ok else 'FAIL'} greedy <= uniform at {s:.0%}: {r['ppl_all']:.3f} vs {u['ppl_all']:.3f}")
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    result["verdicts"] = verdicts(result)
+    out = args.out or RESULTS / ("activation_quality.quick.json" if args.quick else "activation_quality.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
+    print(markdown(result))
+    print("\n".join(result["verdicts"]))
+    print(f"# saved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

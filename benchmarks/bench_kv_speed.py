@@ -1,0 +1,356 @@
+"""Decode-attention speed per step at long context: sparseforge's native kernel vs torch SDPA, Quest
+and StreamingLLM vs dense, with the KV-bytes bound (issue 16, section 3).
+
+Llama-3.2-1B-shaped attention of one layer (32 query heads, 8 KV heads, head dim 64), batch 1, one
+decode step over a PagedKVCache holding the context, float32 and bfloat16 KV. Timed per step,
+interleaved round-robin (so load on the machine hits every variant alike), medians:
+
+* ``sdpa``: the fastest of torch SDPA with ``enable_gqa=True``, SDPA on the query heads packed per
+  KV head (what transformers does for a single query token), and the packed form on one torch
+  thread (torch's OpenMP barrier suffers most when other processes share the cores); bfloat16 KV
+  runs SDPA in bfloat16;
+* ``dense``: the native decode kernel over every token (float32 query, float32 accumulate); each
+  of ours is timed on the thread pool and on the calling thread alone (``*_pool``, ``*_serial``)
+  and the faster counts, as for SDPA (``dense_op``: the same through the torch custom op);
+* ``quest``: Quest(budget = context / 16) page selection (bound from the per-page key min/max) plus
+  the kernel over the chosen pages; ``quest_kernel`` the kernel alone on those pages;
+* ``streaming``: StreamingLLM(4 sinks, 1020 window) spans plus the kernel (1024 tokens every step);
+* ``mustafar``: Mustafar(70%, 256 recent): the compressed-KV kernel over the pruned tokens plus the
+  dense kernel over the recent ones (compressed before timing).
+
+KV-bytes bound: bytes each variant must read (dense: K and V of every token; Quest: K and V of the
+budget plus the page min/max, 2 vectors per 16 tokens; StreamingLLM: 1024 tokens; Mustafar: kept
+values plus one 64-bit bitmap word per token and tensor, recent tokens dense) divided by the
+machine's read bandwidth measured in the same run (``torch.sum`` over 512 MB, 2 threads, best of 5).
+
+    python benchmarks/bench_kv_speed.py --quick            # 1K-32K, ~2 minutes
+    python benchmarks/bench_kv_speed.py --contexts 65536   # one context, longer timing
+    python benchmarks/bench_kv_speed.py --e2e 32768        # + whole-model decode steps at 32K
+
+``--e2e N``: a randomly initialised Llama-3.2-1B-shaped model (16 layers, hidden 2048, MLP 8192,
+vocabulary 128256, tied embeddings, bfloat16, ~2.5 GB) with ``attn_implementation="sparseforge"``
+decodes single tokens over a PagedKVCache pre-filled with N random tokens per layer (no prefill);
+Dense, Quest(N / 16) and StreamingLLM(4, 1020) take turns step by step (the cache is cropped back
+after each step), tokens/s as medians; the bound is (weights + KV bytes read) / bandwidth.
+
+Writes ``benchmarks/results/kv_speed.json`` (``--quick``: ``kv_speed.quick.json``) and prints the
+table and PASS/FAIL lines for the issue's targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sparseforge import kernels
+from sparseforge.advise import machine_info
+from sparseforge.attention import Dense, Mustafar, PagedKVCache, Quest, StreamingLLM
+from sparseforge.attention.policies import dense_spans
+from sparseforge.ops.decode_attention import decode_attention
+
+HQ, HKV, D = 32, 8, 64
+PAGE = 16
+SINKS, WINDOW = 4, 1020
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def last_level_cache_mb() -> int:
+    """Size of this CPU's largest cache in MB (sysfs), 0 when unknown."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        scale = {"K": 1 / 1024, "M": 1, "G": 1024}.get(text[-1:], 1 / (1 << 20))
+        sizes.append(float(text.rstrip("KMG")) * scale)
+    return int(max(sizes, default=0))
+
+
+def read_bandwidth(mb: int = 0, reps: int = 5) -> float:
+    """Best read bandwidth (GB/s) of ``torch.sum`` over ``mb`` MB of float32 (0: twice the last-level
+    cache, at least 512 MB, so the figure is the memory's)."""
+    mb = mb or max(512, 2 * last_level_cache_mb())
+    x = torch.ones(mb * (1 << 20) // 4)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+def kv_bytes(n: int, elt: int, budget: int | None = None, window: int | None = None,
+             mustafar: Mustafar | None = None) -> int:
+    """Bytes one decode step reads from one layer's cache (see the module doc)."""
+    row = HKV * D * elt  # one token of K (or V) over the KV heads
+    if mustafar is not None:
+        done = max(0, (n - mustafar.recent) // Mustafar.CHUNK * Mustafar.CHUNK)
+        keep_k, keep_v = mustafar.keep(D)
+        return HKV * done * ((keep_k + keep_v) * elt + 2 * 8 * ((D + 63) // 64)) + 2 * (n - done) * row
+    if window is not None:
+        return 2 * min(n, window) * row
+    if budget is None or budget >= n:
+        return 2 * n * row
+    return 2 * budget * row + 2 * (-(-n // PAGE)) * row  # selected K and V + per-page min and max
+
+
+def interleaved(fns: dict, seconds: float, max_rounds: int = 400) -> dict:
+    """Median ms per call of each function, called round-robin (one call each per round) until the
+    rounds took ``seconds`` per function in total, at least 5 and at most ``max_rounds`` rounds."""
+    for fn in fns.values():
+        fn()
+    samples = {k: [] for k in fns}
+    spent, rounds = 0.0, 0
+    while rounds < 5 or (spent < seconds * len(fns) and rounds < max_rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            samples[name].append(dt)
+            spent += dt
+        rounds += 1
+    return {k: 1e3 * statistics.median(v) for k, v in samples.items()}
+
+
+def kernel_call(q, k, v, n: int, scale: float, spans_fn, parallel: bool):
+    """One decode step of ours: the policy's spans (``spans_fn()``), then the native kernel, on the
+    thread pool (``parallel``) or on the calling thread alone."""
+    view = (lambda t: t.view(torch.uint16).numpy()) if k.dtype == torch.bfloat16 else (lambda t: t.numpy())
+    kn, vn, native = view(k), view(v), kernels.native()
+
+    def call():
+        out = torch.empty(q.shape)
+        native.decode_attention(q.numpy(), kn, vn, spans_fn().numpy(), n, scale, out.numpy(), "", 0, parallel)
+        return out
+    return call
+
+
+def one_thread(fn, threads: int):
+    """fn run with torch on one thread (restored to ``threads`` after)."""
+    def call():
+        torch.set_num_threads(1)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(threads)
+    return call
+
+
+def bench_context(n: int, dtype: torch.dtype, seconds: float, bandwidth: float, threads: int, layers: int = 16,
+                  seed: int = 0) -> dict:
+    """One decode step of one layer, the calls rotating over ``layers`` caches (as a model's layers do,
+    so the KV read is not left in the last-level cache by the previous call)."""
+    g = torch.Generator().manual_seed(seed)
+    cache = PagedKVCache(num_layers=layers, page_size=PAGE, max_cache_len=n, policy=Dense())
+    for i in range(layers):
+        for t0 in range(0, n, 4096):  # (1, Hkv, T, D) chunks: no second full-size temporary
+            t = min(4096, n - t0)
+            kv = [torch.randn(1, HKV, t, D, generator=g).to(dtype) for _ in range(2)]
+            cache.update(kv[0], kv[1], i)
+    q = torch.randn(1, HQ, D, generator=g)  # (B, Hq, D)
+    q4 = q.to(dtype).unsqueeze(2)  # (B, Hq, 1, D)
+    qp = q4.view(1, HKV, HQ // HKV, D)  # query heads packed per KV head
+    scale = D ** -0.5
+    quest, stream = Quest(budget=n // 16, dense_layers=0), StreamingLLM(SINKS, WINDOW)
+    mustafar = Mustafar(0.7, recent=256)
+    all_spans = dense_spans(1, HKV, n)
+    quest_spans = [quest.spans(layer, q, 0) for layer in cache.layers]
+    for layer in cache.layers:
+        mustafar.observe_prefill(layer, q, scale)  # compresses every whole chunk older than the recent window
+    turn = itertools.cycle(range(layers))  # every call, whatever its variant, reads the next layer
+
+    def rotating(make):
+        per_layer = [make(i, layer) for i, layer in enumerate(cache.layers)]
+        return lambda: per_layer[next(turn)]()
+
+    def sdpa(query, one=False):
+        def make(i, layer):
+            fn = lambda: F.scaled_dot_product_attention(query, layer.k_store, layer.v_store,  # noqa: E731
+                                                        enable_gqa=query.shape[1] == HQ)
+            return one_thread(fn, threads) if one else fn
+        return rotating(make)
+
+    fns = {
+        "sdpa_gqa": sdpa(q4),
+        "sdpa_packed": sdpa(qp),
+        "sdpa_packed_1thread": sdpa(qp, one=True),
+        "dense_op": rotating(lambda i, layer: lambda: decode_attention(q, layer.k_store, layer.v_store, all_spans, n, scale)),
+        "mustafar": rotating(lambda i, layer: lambda: mustafar.decode(layer, q, all_spans, scale)),
+    }
+    variants = {
+        "dense": lambda i, layer: all_spans,
+        "quest": lambda i, layer: quest.spans(layer, q, 0),
+        "quest_kernel": lambda i, layer: quest_spans[i],
+        "streaming": lambda i, layer: stream.spans(layer, q, 0),
+    }
+    for name, spans_of in variants.items():
+        for mode, parallel in (("pool", True), ("serial", False)):
+            fns[f"{name}_{mode}"] = rotating(
+                lambda i, layer, spans_of=spans_of, parallel=parallel: kernel_call(
+                    q, layer.k_store, layer.v_store, n, scale, lambda: spans_of(i, layer), parallel))
+    ms = interleaved(fns, seconds)
+    ms["sdpa"] = min(ms["sdpa_gqa"], ms["sdpa_packed"], ms["sdpa_packed_1thread"])
+    for name in variants:
+        ms[name] = min(ms[f"{name}_pool"], ms[f"{name}_serial"])
+    elt = torch.tensor([], dtype=dtype).element_size()
+    nbytes = {"dense": kv_bytes(n, elt), "quest": kv_bytes(n, elt, budget=n // 16),
+              "streaming": kv_bytes(n, elt, window=SINKS + WINDOW), "mustafar": kv_bytes(n, elt, mustafar=mustafar)}
+    bound_ms = {name: b / bandwidth / 1e6 for name, b in nbytes.items()}
+    if mustafar.decode(cache.layers[0], q, all_spans, scale) is None:
+        ms["mustafar"] = ms["dense"]  # nothing old enough to compress: Mustafar attends densely
+    return {
+        "context": n, "dtype": str(dtype).replace("torch.", ""), "layers": layers, "ms": ms, "bytes": nbytes,
+        "bound_ms": bound_ms, "dense_vs_sdpa": ms["sdpa"] / ms["dense"], "quest_vs_dense": ms["dense"] / ms["quest"],
+        "quest_bound_vs_dense": nbytes["dense"] / nbytes["quest"],
+        "mustafar_vs_dense": ms["dense"] / ms["mustafar"], "mustafar_bound_vs_dense": nbytes["dense"] / nbytes["mustafar"],
+        "dense_of_bound": bound_ms["dense"] / ms["dense"],
+    }
+
+
+E2E = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=HQ,
+           num_key_value_heads=HKV, head_dim=D, vocab_size=128256, tie_word_embeddings=True,
+           max_position_embeddings=131072)
+
+
+def bench_e2e(context: int, steps: int, bandwidth: float, seed: int = 0, **overrides) -> dict:
+    """Whole-model decode steps over a pre-filled cache, Dense / Quest 1/16 / StreamingLLM in turn
+    (:func:`sparseforge.attention.speed.decode_speed`), with the bytes bound."""
+    import transformers
+
+    from sparseforge.attention.speed import decode_speed
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(**{**E2E, **overrides})
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # weights created in bfloat16 (no float32 copy of 1.2B parameters)
+    try:
+        model = transformers.LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    policies = {"dense": Dense(), "quest": Quest(budget=context // 16), "streaming": StreamingLLM(SINKS, WINDOW),
+                "mustafar": Mustafar(0.7, recent=256)}
+    speed = decode_speed(model, context, policies, steps=steps, seed=seed)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_layer = {"dense": kv_bytes(context, 2), "quest": kv_bytes(context, 2, budget=context // 16),
+                "streaming": kv_bytes(context, 2, window=SINKS + WINDOW),
+                "mustafar": kv_bytes(context, 2, mustafar=policies["mustafar"])}
+    out = {"context": context, "steps": steps, "weights_bytes": weights, "tokens_per_s": {}, "bound_tokens_per_s": {},
+           "read_fraction": {}}
+    for name in policies:
+        out["tokens_per_s"][name] = speed[name]["tokens_per_s"]
+        out["read_fraction"][name] = speed[name]["read_fraction"]
+        out["bound_tokens_per_s"][name] = bandwidth * 1e9 / (weights + config.num_hidden_layers * kv_layer[name])
+    out["quest_vs_dense"] = out["tokens_per_s"]["quest"] / out["tokens_per_s"]["dense"]
+    out["quest_vs_dense_bound"] = out["bound_tokens_per_s"]["quest"] / out["bound_tokens_per_s"]["dense"]
+    return out
+
+
+def e2e_table(e: dict) -> str:
+    lines = [f"| whole model, {e['context']} tokens, bf16 | tokens/s | bytes bound tokens/s | read fraction |",
+             "|---|---|---|---|"]
+    for name, tps in e["tokens_per_s"].items():
+        lines.append(f"| {name} | {tps:.2f} | {e['bound_tokens_per_s'][name]:.2f} | {e['read_fraction'][name]:.3f} |")
+    lines.append(f"| Quest vs dense | {e['quest_vs_dense']:.2f}x | {e['quest_vs_dense_bound']:.2f}x | |")
+    return "\n".join(lines)
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| KV | context | SDPA ms | dense ms | dense vs SDPA | dense % of bytes bound | Quest 1/16 ms (kernel) | "
+           "Quest vs dense (bound) | StreamingLLM ms | Mustafar 70% ms | Mustafar vs dense (bound) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ms = r["ms"]
+        out.append(
+            f"| {r['dtype']} | {r['context']} | {ms['sdpa']:.2f} | {ms['dense']:.2f} | {r['dense_vs_sdpa']:.2f}x | "
+            f"{100 * r['dense_of_bound']:.0f}% | {ms['quest']:.2f} ({ms['quest_kernel']:.2f}) | "
+            f"{r['quest_vs_dense']:.2f}x ({r['quest_bound_vs_dense']:.1f}x) | {ms['streaming']:.2f} | "
+            f"{ms['mustafar']:.2f} | {r['mustafar_vs_dense']:.2f}x ({r['mustafar_bound_vs_dense']:.1f}x) |"
+        )
+    return "\n".join(out)
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    lines = []
+    for r in rows:
+        tag = f"{r['dtype']} {r['context']}"
+        lines.append(f"{'PASS' if r['dense_vs_sdpa'] >= 1.0 else 'FAIL'} dense >= 1.0x SDPA at {tag}: {r['dense_vs_sdpa']:.2f}x")
+        if r["context"] >= 8192:
+            ok = r["dense_of_bound"] >= 0.8
+            lines.append(f"{'PASS' if ok else 'FAIL'} dense >= 80% of the KV-bytes bound at {tag}: {100 * r['dense_of_bound']:.0f}%")
+        if r["context"] == 32768:
+            ok = r["quest_vs_dense"] >= 6.0
+            lines.append(f"{'PASS' if ok else 'FAIL'} Quest 1/16 >= 6x dense at {tag}: {r['quest_vs_dense']:.2f}x")
+            ok = r["mustafar_vs_dense"] >= 1.8
+            lines.append(f"{'PASS' if ok else 'FAIL'} Mustafar 70% >= 1.8x dense at {tag}: {r['mustafar_vs_dense']:.2f}x")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="contexts 1K-32K, 0.3 s per variant")
+    parser.add_argument("--contexts", type=int, nargs="+", default=None,
+                        help="tokens in the cache (default 1K 4K 16K 32K 64K; --quick: up to 32K)")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--seconds", type=float, default=1.0, help="timing per variant and cell")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--e2e", type=int, default=None, metavar="N", help="also time whole-model decode at N tokens")
+    parser.add_argument("--e2e-steps", type=int, default=5)
+    parser.add_argument("--bandwidth-mb", type=int, default=0,
+                        help="buffer read to measure the bandwidth (default: 2x the last-level cache, >= 512)")
+    parser.add_argument("--layers", type=int, default=16, help="caches the per-layer calls rotate over")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if args.contexts is None:
+        args.contexts = [1024, 4096, 16384, 32768] + ([] if args.quick else [65536])
+    if args.quick:
+        args.seconds = min(args.seconds, 0.3)
+    for n in args.contexts:
+        if n < 256 or n % 256:
+            parser.error(f"--contexts must be multiples of 256 (Quest's budget n/16 in whole pages), got {n}")
+    torch.set_num_threads(args.threads)
+    kernels.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    bandwidth = read_bandwidth(args.bandwidth_mb)
+    rows = []
+    for name in args.dtypes:
+        for n in args.contexts:
+            rows.append(bench_context(n, DTYPES[name], args.seconds, bandwidth, args.threads, args.layers))
+            print(f"  {name} {n}: dense {rows[-1]['ms']['dense']:.2f} ms, SDPA {rows[-1]['ms']['sdpa']:.2f} ms", flush=True)
+    machine = machine_info(args.threads)
+    text = table(rows)
+    print(f"\n### decode attention per layer (Hq {HQ}, Hkv {HKV}, d {D}; {args.layers} layers in turn), batch 1, "
+          f"{args.threads} threads, {machine['cpu']}, ISA {machine['isa']}, last-level cache {last_level_cache_mb()} MB, "
+          f"read bandwidth {bandwidth:.1f} GB/s, "
+          f"load average {load_before[0]:.1f}\n")
+    print(text + "\n")
+    lines = verdicts(rows)
+    e2e = None
+    if args.e2e:
+        e2e = bench_e2e(args.e2e, args.e2e_steps, bandwidth)
+        print(e2e_table(e2e) + "\n")
+        ok = e2e["quest_vs_dense"] >= 2.0
+        lines.append(f"{'PASS' if ok else 'FAIL'} Quest >= 2x dense end to end at {args.e2e}: {e2e['quest_vs_dense']:.2f}x "
+                     f"(bytes bound {e2e['quest_vs_dense_bound']:.2f}x)")
+    print("\n".join(lines))
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / ("kv_speed.quick.json" if args.quick else "kv_speed.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**machine, "bandwidth_gbs": bandwidth, "last_level_cache_mb": last_level_cache_mb(), "layers": args.layers, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+            "shape": {"Hq": HQ, "Hkv": HKV, "D": D, "page": PAGE, "sinks": SINKS, "window": WINDOW},
+            "seconds": args.seconds, "quick": args.quick,
+            "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows, "table": text, "e2e": e2e, "verdicts": lines}, indent=1) + "\n")
+    tmp.replace(out)
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

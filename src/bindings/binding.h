@@ -1,0 +1,57 @@
+// Shared pieces of the nanobind layer (sparseforge._native) over the torch-free kernels in csrc/.
+//
+// The module is assembled in src/sparseforge/_native.cpp from registration functions, one per
+// binding file of this folder (declared at the end): a new group of kernels adds a .cpp file here
+// with its `void register_xxx(nb::module_& m)`, declares it below, lists the file in CMakeLists.txt
+// (SF_BINDINGS) and calls it from NB_MODULE.
+//
+// Arrays come in as any DLPack / buffer-protocol object (numpy arrays, torch tensors), are checked
+// (CPU, C-contiguous, dtype, shape) and handed to the kernels as raw pointers with the GIL released.
+// Outputs are written in place into caller-allocated float32 arrays. Weight buffers that a kernel
+// cannot read safely raise sparseforge.errors.ModelError (sf::InvalidWeight, see csrc/buffers.h);
+// other bad arguments raise ValueError, bad settings ConfigError.
+#pragma once
+
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+
+#include <string>
+
+#include "buffers.h"
+#include "common.h"
+#include "isa.h"
+
+namespace sfb {
+
+namespace nb = nanobind;
+
+using In = nb::ndarray<nb::ro>;
+using Out = nb::ndarray<>;
+
+[[noreturn]] void raise_config_error(const std::string& msg);
+sf::Isa resolve(const std::string& isa);  // "" -> SPARSEFORGE_ISA -> best; ConfigError if unusable
+int threads();                             // kernel threads; ConfigError for a bad SPARSEFORGE_NUM_THREADS
+int parse_algo(const std::string& algo);   // "auto" 0, "rows" 1, "lanes" 2
+
+// a: on the CPU, `ndim` dimensions, C-contiguous (ValueError naming `name` otherwise)
+void check_array(const In& a, const char* name, size_t ndim);
+void check_out(const Out& a, const char* name, size_t ndim);
+void check_f32(const In& a, const char* name, size_t ndim);  // check_array + float32
+int64_t dim(const In& a, size_t d);
+// a weight buffer as the view builders take it (csrc/views.h): on the CPU and C-contiguous
+sf::Array array(const In& a, const char* name);
+
+// x (B, in) float32, bias (out,) float32 or None, y (B, out) float32
+sf::Problem problem(const In& x, const nb::object& bias, const Out& y);
+// dy (B, out), dx (B, in), float32
+sf::ProblemT problem_t(const In& dy, const Out& dx);
+// x (B, in), dy (B, out), dw float32 with `nnz` elements in any C-contiguous shape of `ndim` dims
+sf::ProblemW problem_w(const In& x, const In& dy, const Out& dw, size_t ndim, int64_t nnz);
+
+// Registration functions, one per binding file.
+void register_runtime(nb::module_& m);        // runtime.cpp: kernel path, threads, error mapping
+void register_sparse_linear(nb::module_& m);  // sparse_linear.cpp: CSR, bitmap, N:M, fan-in, BSR
+void register_expert_ffn(nb::module_& m);     // expert_ffn.cpp: few-token MoE expert FFN
+
+}  // namespace sfb

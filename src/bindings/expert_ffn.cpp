@@ -1,0 +1,90 @@
+// Binding of the few-token expert FFN (csrc/expert_gemv.h): x (T, d), experts (T, k) int64,
+// weights (T, k), w_up / w_gate (E, d, h), w_down (E, h, d), all float32; y (T, d) overwritten.
+// "expert_ffn" runs the dispatched kernel, "expert_ffn_ref" the oracle. Expert ids outside
+// [-1, E) are rejected by the kernel's own check before anything is read.
+#include <stdexcept>
+#include <string>
+
+#include "binding.h"
+#include "expert_gemv.h"
+
+namespace sfb {
+
+using namespace nb::literals;
+
+namespace {
+
+sf::Act parse_act(const std::string& a) {
+  if (a == "silu") return sf::Act::silu;
+  if (a == "gelu") return sf::Act::gelu;
+  if (a == "gelu_tanh") return sf::Act::gelu_tanh;
+  if (a == "relu") return sf::Act::relu;
+  throw std::invalid_argument("activation='" + a + "' must be 'silu', 'gelu', 'gelu_tanh' or 'relu'");
+}
+
+void expert_ffn_call(const In& x, const In& experts, const In& weights, const In& w_up, const In& w_down,
+                     const nb::object& w_gate, const Out& y, const std::string& act, const std::string& isa,
+                     int64_t block_floats, bool parallel, bool ref) {
+  check_f32(x, "x", 2);
+  check_array(experts, "experts", 2);
+  if (experts.dtype() != nb::dtype<int64_t>()) throw std::invalid_argument("experts must be int64");
+  check_f32(weights, "weights", 2);
+  check_f32(w_up, "w_up", 3);
+  check_f32(w_down, "w_down", 3);
+  check_out(y, "y", 2);
+  if (y.dtype() != nb::dtype<float>()) throw std::invalid_argument("y must be float32");
+  sf::ExpertFfnProblem p;
+  p.T = dim(x, 0);
+  p.d = dim(x, 1);
+  p.E = dim(w_up, 0);
+  p.h = dim(w_up, 2);
+  p.k = dim(experts, 1);
+  if (dim(experts, 0) != p.T || dim(weights, 0) != p.T || dim(weights, 1) != p.k) {
+    throw std::invalid_argument("experts and weights must both have shape (T, k) with T = x.shape[0]");
+  }
+  if (dim(w_up, 1) != p.d || dim(w_down, 0) != p.E || dim(w_down, 1) != p.h || dim(w_down, 2) != p.d) {
+    throw std::invalid_argument("expert weights must be w_up (E, d, h) and w_down (E, h, d) with d = x.shape[1]");
+  }
+  if (static_cast<int64_t>(y.shape(0)) != p.T || static_cast<int64_t>(y.shape(1)) != p.d) {
+    throw std::invalid_argument("y must have the shape of x");
+  }
+  if (!w_gate.is_none()) {
+    In g = nb::cast<In>(w_gate);
+    check_f32(g, "w_gate", 3);
+    if (dim(g, 0) != p.E || dim(g, 1) != p.d || dim(g, 2) != p.h) throw std::invalid_argument("w_gate must have w_up's shape");
+    p.w_gate = static_cast<const float*>(g.data());
+  }
+  p.x = static_cast<const float*>(x.data());
+  p.experts = static_cast<const int64_t*>(experts.data());
+  p.weights = static_cast<const float*>(weights.data());
+  p.w_up = static_cast<const float*>(w_up.data());
+  p.w_down = static_cast<const float*>(w_down.data());
+  p.y = static_cast<float*>(y.data());
+  p.act = parse_act(act);
+  if (ref) {
+    nb::gil_scoped_release rel;
+    sf::expert_ffn_ref(p);
+    return;
+  }
+  const sf::Isa i = resolve(isa);
+  threads();  // a bad SPARSEFORGE_NUM_THREADS is a ConfigError here, not inside the kernel
+  nb::gil_scoped_release rel;
+  sf::expert_ffn(p, i, block_floats, parallel);
+}
+
+}  // namespace
+
+void register_expert_ffn(nb::module_& m) {
+  for (const bool ref : {false, true}) {
+    m.def(ref ? "expert_ffn_ref" : "expert_ffn",
+          [ref](const In& x, const In& experts, const In& weights, const In& w_up, const In& w_down,
+                const nb::object& w_gate, const Out& y, const std::string& activation, const std::string& isa,
+                int64_t block_floats, bool parallel) {
+            expert_ffn_call(x, experts, weights, w_up, w_down, w_gate, y, activation, isa, block_floats, parallel, ref);
+          },
+          "x"_a, "experts"_a, "weights"_a, "w_up"_a, "w_down"_a, "w_gate"_a.none(), "y"_a, "activation"_a = "silu",
+          "isa"_a = "", "block_floats"_a = 0, "parallel"_a = true);
+  }
+}
+
+}  // namespace sfb

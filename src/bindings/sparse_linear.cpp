@@ -1,0 +1,259 @@
+// Bindings of the sparse linear kernels (CSR, bitmap, N:M, constant fan-in, BSR):
+//   <fmt>_linear(x, W..., bias, y, isa, algo, check_indices)   y = x @ W^T + bias
+//   <fmt>_linear_t(dy, W..., dx, isa, check_indices)           dx = dy @ W
+//   <fmt>_sddmm(x, dy, W..., dw, isa, check_indices)           dW at the mask
+//   <fmt>_check(W..., rows, cols)                              the buffer checks alone
+// with "_ref" variants of the first three running the scalar oracle (isa and algo ignored). W... is
+// the format's buffers (and N:M's n, m). Every call checks the buffers (csrc/views.h) before a
+// kernel runs; check_indices=False skips the index scans for buffers that <fmt>_check accepted.
+#include <stdexcept>
+#include <string>
+
+#include "binding.h"
+#include "views.h"
+
+namespace sfb {
+
+using namespace nb::literals;
+
+namespace {
+
+// y = x @ W^T + bias on a checked view: the dispatched kernel, or the reference when ref is set
+template <class View>
+void linear_call(const View& w, const sf::Problem& p, const std::string& isa, const std::string& algo, bool ref,
+                 void (*fast)(const View&, const sf::Problem&, sf::Isa, int),
+                 void (*oracle)(const View&, const sf::Problem&)) {
+  if (w.rows != p.out) throw std::invalid_argument("y must have one column per weight row");
+  const sf::Isa i = ref ? sf::Isa::scalar : resolve(isa);
+  const int a = parse_algo(algo);
+  nb::gil_scoped_release rel;
+  if (ref) oracle(w, p); else fast(w, p, i, a);
+}
+
+// dx = dy @ W on a checked view (kernel or reference)
+template <class View>
+void linear_t_call(const View& w, const sf::ProblemT& p, const std::string& isa, bool ref,
+                   void (*fast)(const View&, const sf::ProblemT&, sf::Isa),
+                   void (*oracle)(const View&, const sf::ProblemT&)) {
+  if (w.rows != p.out) throw std::invalid_argument("dy must have one column per weight row");
+  const sf::Isa i = ref ? sf::Isa::scalar : resolve(isa);
+  nb::gil_scoped_release rel;
+  if (ref) oracle(w, p); else fast(w, p, i);
+}
+
+// SDDMM on a checked view (kernel or reference)
+template <class View>
+void sddmm_call(const View& w, int64_t nnz, const In& x, const In& dy, const Out& dw, size_t ndim,
+                const std::string& isa, bool ref, void (*fast)(const View&, const sf::ProblemW&, sf::Isa),
+                void (*oracle)(const View&, const sf::ProblemW&)) {
+  const sf::ProblemW p = problem_w(x, dy, dw, ndim, nnz);
+  const sf::Isa i = ref ? sf::Isa::scalar : resolve(isa);
+  nb::gil_scoped_release rel;
+  if (ref) oracle(w, p); else fast(w, p, i);
+}
+
+// rows of a checked view must be `rows` (the <fmt>_check functions)
+void expect_rows(int64_t got, int64_t rows, const char* op) {
+  if (got != rows) sf::bad_weight(op, "the buffers describe " + std::to_string(got) + " rows, not " + std::to_string(rows));
+}
+
+sf::CsrView csr(const In& rp, const In& col, const In& val, int64_t cols, const std::string& op, bool chk) {
+  return sf::csr_view(array(rp, "row_ptr"), array(col, "col"), array(val, "values"), cols, op.c_str(), chk);
+}
+sf::BitmapView bitmap(const In& bits, const In& ro, const In& val, int64_t cols, const std::string& op, bool chk) {
+  return sf::bitmap_view(array(bits, "bitmap"), array(ro, "row_offsets"), array(val, "values"), cols, op.c_str(), chk);
+}
+sf::NmView nm(const In& val, const In& idx, int n, int m, int64_t cols, const std::string& op, bool chk) {
+  return sf::nm_view(array(val, "values"), array(idx, "indices"), n, m, cols, op.c_str(), chk);
+}
+sf::FanInView fanin(const In& val, const In& idx, int64_t cols, const std::string& op, bool chk) {
+  return sf::fanin_view(array(val, "values"), array(idx, "indices"), cols, op.c_str(), chk);
+}
+sf::BsrView bsr(const In& brp, const In& bcol, const In& val, int64_t rows, int64_t cols, const std::string& op,
+                bool chk) {
+  return sf::bsr_view(array(brp, "block_row_ptr"), array(bcol, "block_col"), array(val, "values"), rows, cols,
+                      op.c_str(), chk);
+}
+
+void register_csr(nb::module_& m) {
+  for (const bool ref : {false, true}) {
+    const std::string sfx = ref ? "_ref" : "";
+    const std::string lin = "csr_linear" + sfx, lin_t = "csr_linear_t" + sfx, dw = "csr_sddmm" + sfx;
+    m.def(lin.c_str(),
+          [ref, lin](const In& x, const In& row_ptr, const In& col, const In& values, const nb::object& bias,
+                     const Out& y, const std::string& isa, const std::string& algo, bool check_indices) {
+            const sf::Problem p = problem(x, bias, y);
+            linear_call(csr(row_ptr, col, values, p.in, lin, check_indices), p, isa, algo, ref, sf::csr_linear,
+                        sf::csr_linear_ref);
+          },
+          "x"_a, "row_ptr"_a, "col"_a, "values"_a, "bias"_a.none(), "y"_a, "isa"_a = "", "algo"_a = "auto",
+          "check_indices"_a = true);
+    m.def(lin_t.c_str(),
+          [ref, lin_t](const In& dy, const In& row_ptr, const In& col, const In& values, const Out& dx,
+                       const std::string& isa, bool check_indices) {
+            const sf::ProblemT p = problem_t(dy, dx);
+            linear_t_call(csr(row_ptr, col, values, p.in, lin_t, check_indices), p, isa, ref, sf::csr_linear_t,
+                          sf::csr_linear_t_ref);
+          },
+          "dy"_a, "row_ptr"_a, "col"_a, "values"_a, "dx"_a, "isa"_a = "", "check_indices"_a = true);
+    m.def(dw.c_str(),
+          [ref, dw](const In& x, const In& dy, const In& row_ptr, const In& col, const In& values, const Out& out,
+                    const std::string& isa, bool check_indices) {
+            const sf::CsrView w = csr(row_ptr, col, values, dim(x, 1), dw, check_indices);
+            sddmm_call(w, w.nnz, x, dy, out, 1, isa, ref, sf::csr_sddmm, sf::csr_sddmm_ref);
+          },
+          "x"_a, "dy"_a, "row_ptr"_a, "col"_a, "values"_a, "dw"_a, "isa"_a = "", "check_indices"_a = true);
+  }
+  m.def("csr_check", [](const In& row_ptr, const In& col, const In& values, int64_t rows, int64_t cols) {
+    expect_rows(csr(row_ptr, col, values, cols, "csr_check", true).rows, rows, "csr_check");
+  }, "row_ptr"_a, "col"_a, "values"_a, "rows"_a, "cols"_a);
+}
+
+void register_bitmap(nb::module_& m) {
+  for (const bool ref : {false, true}) {
+    const std::string sfx = ref ? "_ref" : "";
+    const std::string lin = "bitmap_linear" + sfx, lin_t = "bitmap_linear_t" + sfx, dw = "bitmap_sddmm" + sfx;
+    m.def(lin.c_str(),
+          [ref, lin](const In& x, const In& bits, const In& row_offsets, const In& values, const nb::object& bias,
+                     const Out& y, const std::string& isa, const std::string& algo, bool check_indices) {
+            const sf::Problem p = problem(x, bias, y);
+            linear_call(bitmap(bits, row_offsets, values, p.in, lin, check_indices), p, isa, algo, ref,
+                        sf::bitmap_linear, sf::bitmap_linear_ref);
+          },
+          "x"_a, "bitmap"_a, "row_offsets"_a, "values"_a, "bias"_a.none(), "y"_a, "isa"_a = "", "algo"_a = "auto",
+          "check_indices"_a = true);
+    m.def(lin_t.c_str(),
+          [ref, lin_t](const In& dy, const In& bits, const In& row_offsets, const In& values, const Out& dx,
+                       const std::string& isa, bool check_indices) {
+            const sf::ProblemT p = problem_t(dy, dx);
+            linear_t_call(bitmap(bits, row_offsets, values, p.in, lin_t, check_indices), p, isa, ref,
+                          sf::bitmap_linear_t, sf::bitmap_linear_t_ref);
+          },
+          "dy"_a, "bitmap"_a, "row_offsets"_a, "values"_a, "dx"_a, "isa"_a = "", "check_indices"_a = true);
+    m.def(dw.c_str(),
+          [ref, dw](const In& x, const In& dy, const In& bits, const In& row_offsets, const In& values, const Out& out,
+                    const std::string& isa, bool check_indices) {
+            const sf::BitmapView w = bitmap(bits, row_offsets, values, dim(x, 1), dw, check_indices);
+            sddmm_call(w, w.nnz, x, dy, out, 1, isa, ref, sf::bitmap_sddmm, sf::bitmap_sddmm_ref);
+          },
+          "x"_a, "dy"_a, "bitmap"_a, "row_offsets"_a, "values"_a, "dw"_a, "isa"_a = "", "check_indices"_a = true);
+  }
+  m.def("bitmap_check", [](const In& bits, const In& row_offsets, const In& values, int64_t rows, int64_t cols) {
+    expect_rows(bitmap(bits, row_offsets, values, cols, "bitmap_check", true).rows, rows, "bitmap_check");
+  }, "bitmap"_a, "row_offsets"_a, "values"_a, "rows"_a, "cols"_a);
+}
+
+void register_nm(nb::module_& m) {
+  for (const bool ref : {false, true}) {
+    const std::string sfx = ref ? "_ref" : "";
+    const std::string lin = "nm_linear" + sfx, lin_t = "nm_linear_t" + sfx, dw = "nm_sddmm" + sfx;
+    m.def(lin.c_str(),
+          [ref, lin](const In& x, const In& values, const In& indices, int n, int mm, const nb::object& bias,
+                     const Out& y, const std::string& isa, const std::string& algo, bool check_indices) {
+            const sf::Problem p = problem(x, bias, y);
+            linear_call(nm(values, indices, n, mm, p.in, lin, check_indices), p, isa, algo, ref, sf::nm_linear,
+                        sf::nm_linear_ref);
+          },
+          "x"_a, "values"_a, "indices"_a, "n"_a, "m"_a, "bias"_a.none(), "y"_a, "isa"_a = "", "algo"_a = "auto",
+          "check_indices"_a = true);
+    m.def(lin_t.c_str(),
+          [ref, lin_t](const In& dy, const In& values, const In& indices, int n, int mm, const Out& dx,
+                       const std::string& isa, bool check_indices) {
+            const sf::ProblemT p = problem_t(dy, dx);
+            linear_t_call(nm(values, indices, n, mm, p.in, lin_t, check_indices), p, isa, ref, sf::nm_linear_t,
+                          sf::nm_linear_t_ref);
+          },
+          "dy"_a, "values"_a, "indices"_a, "n"_a, "m"_a, "dx"_a, "isa"_a = "", "check_indices"_a = true);
+    m.def(dw.c_str(),
+          [ref, dw](const In& x, const In& dy, const In& values, const In& indices, int n, int mm, const Out& out,
+                    const std::string& isa, bool check_indices) {
+            const sf::NmView w = nm(values, indices, n, mm, dim(x, 1), dw, check_indices);
+            sddmm_call(w, w.rows * w.vpr, x, dy, out, 2, isa, ref, sf::nm_sddmm, sf::nm_sddmm_ref);
+          },
+          "x"_a, "dy"_a, "values"_a, "indices"_a, "n"_a, "m"_a, "dw"_a, "isa"_a = "", "check_indices"_a = true);
+  }
+  m.def("nm_check", [](const In& values, const In& indices, int n, int mm, int64_t rows, int64_t cols) {
+    expect_rows(nm(values, indices, n, mm, cols, "nm_check", true).rows, rows, "nm_check");
+  }, "values"_a, "indices"_a, "n"_a, "m"_a, "rows"_a, "cols"_a);
+}
+
+void register_fanin(nb::module_& m) {
+  for (const bool ref : {false, true}) {
+    const std::string sfx = ref ? "_ref" : "";
+    const std::string lin = "fanin_linear" + sfx, lin_t = "fanin_linear_t" + sfx, dw = "fanin_sddmm" + sfx;
+    m.def(lin.c_str(),
+          [ref, lin](const In& x, const In& values, const In& indices, const nb::object& bias, const Out& y,
+                     const std::string& isa, const std::string& algo, bool check_indices) {
+            const sf::Problem p = problem(x, bias, y);
+            linear_call(fanin(values, indices, p.in, lin, check_indices), p, isa, algo, ref, sf::fanin_linear,
+                        sf::fanin_linear_ref);
+          },
+          "x"_a, "values"_a, "indices"_a, "bias"_a.none(), "y"_a, "isa"_a = "", "algo"_a = "auto",
+          "check_indices"_a = true);
+    m.def(lin_t.c_str(),
+          [ref, lin_t](const In& dy, const In& values, const In& indices, const Out& dx, const std::string& isa,
+                       bool check_indices) {
+            const sf::ProblemT p = problem_t(dy, dx);
+            linear_t_call(fanin(values, indices, p.in, lin_t, check_indices), p, isa, ref, sf::fanin_linear_t,
+                          sf::fanin_linear_t_ref);
+          },
+          "dy"_a, "values"_a, "indices"_a, "dx"_a, "isa"_a = "", "check_indices"_a = true);
+    m.def(dw.c_str(),
+          [ref, dw](const In& x, const In& dy, const In& values, const In& indices, const Out& out,
+                    const std::string& isa, bool check_indices) {
+            const sf::FanInView w = fanin(values, indices, dim(x, 1), dw, check_indices);
+            sddmm_call(w, w.rows * w.k, x, dy, out, 2, isa, ref, sf::fanin_sddmm, sf::fanin_sddmm_ref);
+          },
+          "x"_a, "dy"_a, "values"_a, "indices"_a, "dw"_a, "isa"_a = "", "check_indices"_a = true);
+  }
+  m.def("fanin_check", [](const In& values, const In& indices, int64_t rows, int64_t cols) {
+    expect_rows(fanin(values, indices, cols, "fanin_check", true).rows, rows, "fanin_check");
+  }, "values"_a, "indices"_a, "rows"_a, "cols"_a);
+}
+
+void register_bsr(nb::module_& m) {
+  for (const bool ref : {false, true}) {
+    const std::string sfx = ref ? "_ref" : "";
+    const std::string lin = "bsr_linear" + sfx, lin_t = "bsr_linear_t" + sfx, dw = "bsr_sddmm" + sfx;
+    m.def(lin.c_str(),
+          [ref, lin](const In& x, const In& brp, const In& bcol, const In& values, const nb::object& bias,
+                     const Out& y, const std::string& isa, const std::string& algo, bool check_indices) {
+            const sf::Problem p = problem(x, bias, y);
+            linear_call(bsr(brp, bcol, values, p.out, p.in, lin, check_indices), p, isa, algo, ref, sf::bsr_linear,
+                        sf::bsr_linear_ref);
+          },
+          "x"_a, "block_row_ptr"_a, "block_col"_a, "values"_a, "bias"_a.none(), "y"_a, "isa"_a = "",
+          "algo"_a = "auto", "check_indices"_a = true);
+    m.def(lin_t.c_str(),
+          [ref, lin_t](const In& dy, const In& brp, const In& bcol, const In& values, const Out& dx,
+                       const std::string& isa, bool check_indices) {
+            const sf::ProblemT p = problem_t(dy, dx);
+            linear_t_call(bsr(brp, bcol, values, p.out, p.in, lin_t, check_indices), p, isa, ref, sf::bsr_linear_t,
+                          sf::bsr_linear_t_ref);
+          },
+          "dy"_a, "block_row_ptr"_a, "block_col"_a, "values"_a, "dx"_a, "isa"_a = "", "check_indices"_a = true);
+    m.def(dw.c_str(),
+          [ref, dw](const In& x, const In& dy, const In& brp, const In& bcol, const In& values, const Out& out,
+                    const std::string& isa, bool check_indices) {
+            const sf::BsrView w = bsr(brp, bcol, values, dim(dy, 1), dim(x, 1), dw, check_indices);
+            sddmm_call(w, w.nblocks * w.h * w.w, x, dy, out, 3, isa, ref, sf::bsr_sddmm, sf::bsr_sddmm_ref);
+          },
+          "x"_a, "dy"_a, "block_row_ptr"_a, "block_col"_a, "values"_a, "dw"_a, "isa"_a = "",
+          "check_indices"_a = true);
+  }
+  m.def("bsr_check", [](const In& brp, const In& bcol, const In& values, int64_t rows, int64_t cols) {
+    bsr(brp, bcol, values, rows, cols, "bsr_check", true);
+  }, "block_row_ptr"_a, "block_col"_a, "values"_a, "rows"_a, "cols"_a);
+}
+
+}  // namespace
+
+void register_sparse_linear(nb::module_& m) {
+  register_csr(m);
+  register_bitmap(m);
+  register_nm(m);
+  register_fanin(m);
+  register_bsr(m);
+}
+
+}  // namespace sfb

@@ -1,0 +1,278 @@
+// nanobind binding of the decode-attention kernel (csrc/decode_attention.h) over raw buffers:
+//   decode_attention(q, k, v, spans, n, scale, out, isa="", chunk=0, parallel=True, lse=None)
+//   decode_attention_ref(q, k, v, spans, n, scale, out)          (the scalar oracle)
+//   quest_select(q, kmin, kmax, pages, chosen, isa="", parallel=True), quest_select_ref(...)
+//     kmin / kmax (B, Hkv, allocated pages, D) like k; chosen (B, Hkv, keep) int32, overwritten
+//   sparse_kv_attention(q, kvals, kbits, vvals, vbits, n, scale, out, lse, isa="", chunk=0, parallel=True), _ref
+//     kvals / vvals (B, Hkv, cap, keep) like k; kbits / vbits (B, Hkv, cap, ceil(D / 64)) int64 words
+// q (B, Hq, D) float32; k, v (B, Hkv, cap, D) float32, or bfloat16 as raw uint16 bits; spans
+// (B, Hkv, S, 2) int32 [start, length); out (B, Hq, D) float32, overwritten; lse (B, Hq) float32 or
+// None: the log of each softmax denominator (to merge attentions over disjoint token sets). All C-contiguous, CPU.
+// Bad input raises ValueError (std::invalid_argument) naming the argument; an unknown or unsupported
+// isa raises sparseforge.errors.ConfigError.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "decode_attention.h"
+#include "isa.h"
+#include "threadpool.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+using In = nb::ndarray<nb::ro>;
+using Out = nb::ndarray<>;
+
+sf::Isa resolve_or_config_error(const std::string& isa) {
+  try {
+    return sf::resolve_isa(isa.c_str());
+  } catch (const std::invalid_argument& e) {
+    nb::object cls = nb::module_::import_("sparseforge.errors").attr("ConfigError");
+    PyErr_SetString(cls.ptr(), e.what());
+    throw nb::python_error();
+  }
+}
+
+template <class A>
+void require(const A& a, const char* name, size_t ndim) {
+  if (a.device_type() != nb::device::cpu::value) throw std::invalid_argument(std::string(name) + " must be on the CPU");
+  if (a.ndim() != ndim) {
+    throw std::invalid_argument(std::string(name) + " must have " + std::to_string(ndim) + " dimensions, got " +
+                                std::to_string(a.ndim()));
+  }
+  int64_t expect = 1;
+  for (size_t d = ndim; d-- > 0;) {
+    if (a.shape(d) > 1 && a.stride(d) != expect) {
+      throw std::invalid_argument(std::string(name) + " must be C-contiguous (call .contiguous() first)");
+    }
+    expect *= static_cast<int64_t>(a.shape(d));
+  }
+}
+
+int64_t sz(const In& a, size_t d) { return static_cast<int64_t>(a.shape(d)); }
+
+sf::DecodeAttnProblem problem(const In& q, const In& k, const In& v, const In& spans, int64_t n, double scale,
+                              const Out& out, const nb::object& lse) {
+  require(q, "q", 3);
+  require(k, "k", 4);
+  require(v, "v", 4);
+  require(spans, "spans", 4);
+  require(out, "out", 3);
+  if (q.dtype() != nb::dtype<float>() || out.dtype() != nb::dtype<float>()) {
+    throw std::invalid_argument("q and out must be float32");
+  }
+  if (spans.dtype() != nb::dtype<int32_t>()) throw std::invalid_argument("spans must be int32");
+  sf::DecodeAttnProblem p;
+  if (k.dtype() == nb::dtype<float>() && v.dtype() == nb::dtype<float>()) {
+    p.vt = sf::VT::f32;
+  } else if (k.dtype() == nb::dtype<uint16_t>() && v.dtype() == nb::dtype<uint16_t>()) {
+    p.vt = sf::VT::bf16;
+  } else {
+    throw std::invalid_argument("k and v must both be float32 or both bfloat16 (raw uint16 bits)");
+  }
+  p.B = sz(q, 0);
+  p.Hq = sz(q, 1);
+  p.D = sz(q, 2);
+  p.Hkv = sz(k, 1);
+  p.cap = sz(k, 2);
+  p.S = sz(spans, 2);
+  for (size_t d = 0; d < 4; ++d) {
+    if (k.shape(d) != v.shape(d)) throw std::invalid_argument("k and v must have the same shape");
+  }
+  if (sz(k, 0) != p.B || sz(k, 3) != p.D) throw std::invalid_argument("k must be (B, Hkv, cap, D) with q's B and D");
+  if (sz(spans, 0) != p.B || sz(spans, 1) != p.Hkv || sz(spans, 3) != 2) {
+    throw std::invalid_argument("spans must be (B, Hkv, S, 2) with k's B and Hkv");
+  }
+  if (static_cast<int64_t>(out.shape(0)) != p.B || static_cast<int64_t>(out.shape(1)) != p.Hq ||
+      static_cast<int64_t>(out.shape(2)) != p.D) {
+    throw std::invalid_argument("out must have q's shape");
+  }
+  p.q = static_cast<const float*>(q.data());
+  p.k = k.data();
+  p.v = v.data();
+  p.n = n;
+  p.spans = static_cast<const int32_t*>(spans.data());
+  p.scale = static_cast<float>(scale);
+  p.out = static_cast<float*>(out.data());
+  if (!lse.is_none()) {
+    Out l = nb::cast<Out>(lse);
+    require(l, "lse", 2);
+    if (l.dtype() != nb::dtype<float>() || static_cast<int64_t>(l.shape(0)) != p.B ||
+        static_cast<int64_t>(l.shape(1)) != p.Hq) {
+      throw std::invalid_argument("lse must be float32 (B, Hq)");
+    }
+    p.lse = static_cast<float*>(l.data());
+  }
+  return p;
+}
+
+sf::QuestSelectProblem select_problem(const In& q, const In& kmin, const In& kmax, int64_t pages, const Out& chosen) {
+  require(q, "q", 3);
+  require(kmin, "kmin", 4);
+  require(kmax, "kmax", 4);
+  require(chosen, "chosen", 3);
+  if (q.dtype() != nb::dtype<float>()) throw std::invalid_argument("q must be float32");
+  if (chosen.dtype() != nb::dtype<int32_t>()) throw std::invalid_argument("chosen must be int32");
+  sf::QuestSelectProblem p;
+  if (kmin.dtype() == nb::dtype<float>() && kmax.dtype() == nb::dtype<float>()) {
+    p.vt = sf::VT::f32;
+  } else if (kmin.dtype() == nb::dtype<uint16_t>() && kmax.dtype() == nb::dtype<uint16_t>()) {
+    p.vt = sf::VT::bf16;
+  } else {
+    throw std::invalid_argument("kmin and kmax must both be float32 or both bfloat16 (raw uint16 bits)");
+  }
+  for (size_t d = 0; d < 4; ++d) {
+    if (kmin.shape(d) != kmax.shape(d)) throw std::invalid_argument("kmin and kmax must have the same shape");
+  }
+  p.B = sz(q, 0);
+  p.Hq = sz(q, 1);
+  p.D = sz(q, 2);
+  p.Hkv = sz(kmin, 1);
+  p.pcap = sz(kmin, 2);
+  if (sz(kmin, 0) != p.B || sz(kmin, 3) != p.D) throw std::invalid_argument("kmin must be (B, Hkv, pages, D) with q's B and D");
+  if (static_cast<int64_t>(chosen.shape(0)) != p.B || static_cast<int64_t>(chosen.shape(1)) != p.Hkv) {
+    throw std::invalid_argument("chosen must be (B, Hkv, keep)");
+  }
+  p.keep = static_cast<int64_t>(chosen.shape(2));
+  p.pages = pages;
+  p.q = static_cast<const float*>(q.data());
+  p.kmin = kmin.data();
+  p.kmax = kmax.data();
+  p.chosen = static_cast<int32_t*>(chosen.data());
+  return p;
+}
+
+sf::SparseKvProblem sparse_problem(const In& q, const In& kvals, const In& kbits, const In& vvals, const In& vbits,
+                                   int64_t n, double scale, const Out& out, const Out& lse) {
+  require(q, "q", 3);
+  require(kvals, "kvals", 4);
+  require(vvals, "vvals", 4);
+  require(kbits, "kbits", 4);
+  require(vbits, "vbits", 4);
+  require(out, "out", 3);
+  require(lse, "lse", 2);
+  if (q.dtype() != nb::dtype<float>() || out.dtype() != nb::dtype<float>() || lse.dtype() != nb::dtype<float>()) {
+    throw std::invalid_argument("q, out and lse must be float32");
+  }
+  sf::SparseKvProblem p;
+  if (kvals.dtype() == nb::dtype<float>() && vvals.dtype() == nb::dtype<float>()) {
+    p.vt = sf::VT::f32;
+  } else if (kvals.dtype() == nb::dtype<uint16_t>() && vvals.dtype() == nb::dtype<uint16_t>()) {
+    p.vt = sf::VT::bf16;
+  } else {
+    throw std::invalid_argument("kvals and vvals must both be float32 or both bfloat16 (raw uint16 bits)");
+  }
+  for (const In* b : {&kbits, &vbits}) {
+    if (b->dtype() != nb::dtype<int64_t>() && b->dtype() != nb::dtype<uint64_t>()) {
+      throw std::invalid_argument("kbits and vbits must be 64-bit bitmap words (int64 or uint64)");
+    }
+  }
+  p.B = sz(q, 0);
+  p.Hq = sz(q, 1);
+  p.D = sz(q, 2);
+  p.Hkv = sz(kvals, 1);
+  p.cap = sz(kvals, 2);
+  p.keep = sz(kvals, 3);
+  const int64_t W = (p.D + 63) / 64;
+  for (const In* a : {&kvals, &vvals}) {
+    if (sz(*a, 0) != p.B || sz(*a, 1) != p.Hkv || sz(*a, 2) != p.cap || sz(*a, 3) != p.keep) {
+      throw std::invalid_argument("kvals and vvals must both be (B, Hkv, cap, keep) with q's B");
+    }
+  }
+  for (const In* a : {&kbits, &vbits}) {
+    if (sz(*a, 0) != p.B || sz(*a, 1) != p.Hkv || sz(*a, 2) != p.cap || sz(*a, 3) != W) {
+      throw std::invalid_argument("kbits and vbits must be (B, Hkv, cap, ceil(D / 64)) like kvals");
+    }
+  }
+  if (static_cast<int64_t>(out.shape(0)) != p.B || static_cast<int64_t>(out.shape(1)) != p.Hq ||
+      static_cast<int64_t>(out.shape(2)) != p.D || static_cast<int64_t>(lse.shape(0)) != p.B ||
+      static_cast<int64_t>(lse.shape(1)) != p.Hq) {
+    throw std::invalid_argument("out must have q's shape and lse (B, Hq)");
+  }
+  p.q = static_cast<const float*>(q.data());
+  p.kvals = kvals.data();
+  p.vvals = vvals.data();
+  p.kbits = static_cast<const uint64_t*>(kbits.data());
+  p.vbits = static_cast<const uint64_t*>(vbits.data());
+  p.n = n;
+  p.scale = static_cast<float>(scale);
+  p.out = static_cast<float*>(out.data());
+  p.lse = static_cast<float*>(lse.data());
+  return p;
+}
+
+}  // namespace
+
+void register_attention(nb::module_& mod) {
+  mod.def(
+      "decode_attention",
+      [](const In& q, const In& k, const In& v, const In& spans, int64_t n, double scale, const Out& out,
+         const std::string& isa, int64_t chunk, bool parallel, const nb::object& lse) {
+        const sf::DecodeAttnProblem p = problem(q, k, v, spans, n, scale, out, lse);
+        const sf::Isa i = resolve_or_config_error(isa);
+        sf::num_threads();
+        nb::gil_scoped_release rel;
+        sf::decode_attention(p, i, chunk, parallel);
+      },
+      "q"_a, "k"_a, "v"_a, "spans"_a, "n"_a, "scale"_a, "out"_a, "isa"_a = "", "chunk"_a = 0, "parallel"_a = true,
+      "lse"_a.none() = nb::none(),
+      "Decode attention over the selected token spans of a KV cache (csrc/decode_attention.h).");
+  mod.def(
+      "decode_attention_ref",
+      [](const In& q, const In& k, const In& v, const In& spans, int64_t n, double scale, const Out& out,
+         const nb::object& lse) {
+        const sf::DecodeAttnProblem p = problem(q, k, v, spans, n, scale, out, lse);
+        nb::gil_scoped_release rel;
+        sf::decode_attention_ref(p);
+      },
+      "q"_a, "k"_a, "v"_a, "spans"_a, "n"_a, "scale"_a, "out"_a, "lse"_a.none() = nb::none(),
+      "Scalar reference of decode_attention (the oracle).");
+  mod.def(
+      "sparse_kv_attention",
+      [](const In& q, const In& kvals, const In& kbits, const In& vvals, const In& vbits, int64_t n, double scale,
+         const Out& out, const Out& lse, const std::string& isa, int64_t chunk, bool parallel) {
+        const sf::SparseKvProblem p = sparse_problem(q, kvals, kbits, vvals, vbits, n, scale, out, lse);
+        const sf::Isa i = resolve_or_config_error(isa);
+        sf::num_threads();
+        nb::gil_scoped_release rel;
+        sf::sparse_kv_attention(p, i, chunk, parallel);
+      },
+      "q"_a, "kvals"_a, "kbits"_a, "vvals"_a, "vbits"_a, "n"_a, "scale"_a, "out"_a, "lse"_a, "isa"_a = "", "chunk"_a = 0,
+      "parallel"_a = true, "Decode attention over per-token pruned, compressed K/V (csrc/decode_attention.h).");
+  mod.def(
+      "sparse_kv_attention_ref",
+      [](const In& q, const In& kvals, const In& kbits, const In& vvals, const In& vbits, int64_t n, double scale,
+         const Out& out, const Out& lse) {
+        const sf::SparseKvProblem p = sparse_problem(q, kvals, kbits, vvals, vbits, n, scale, out, lse);
+        nb::gil_scoped_release rel;
+        sf::sparse_kv_attention_ref(p);
+      },
+      "q"_a, "kvals"_a, "kbits"_a, "vvals"_a, "vbits"_a, "n"_a, "scale"_a, "out"_a, "lse"_a,
+      "Scalar reference of sparse_kv_attention (the oracle).");
+  mod.def(
+      "quest_select",
+      [](const In& q, const In& kmin, const In& kmax, int64_t pages, const Out& chosen, const std::string& isa,
+         bool parallel) {
+        const sf::QuestSelectProblem p = select_problem(q, kmin, kmax, pages, chosen);
+        const sf::Isa i = resolve_or_config_error(isa);
+        sf::num_threads();
+        nb::gil_scoped_release rel;
+        sf::quest_select(p, i, parallel);
+      },
+      "q"_a, "kmin"_a, "kmax"_a, "pages"_a, "chosen"_a, "isa"_a = "", "parallel"_a = true,
+      "Quest page selection per KV head (csrc/decode_attention.h): chosen (B, Hkv, keep) ascending.");
+  mod.def(
+      "quest_select_ref",
+      [](const In& q, const In& kmin, const In& kmax, int64_t pages, const Out& chosen) {
+        const sf::QuestSelectProblem p = select_problem(q, kmin, kmax, pages, chosen);
+        nb::gil_scoped_release rel;
+        sf::quest_select_ref(p);
+      },
+      "q"_a, "kmin"_a, "kmax"_a, "pages"_a, "chosen"_a, "Scalar reference of quest_select (the oracle).");
+}

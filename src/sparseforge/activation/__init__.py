@@ -1,0 +1,29 @@
+"""Activation sparsity: skip the small input channels of linear layers at inference.
+
+* :class:`SparseInputLinear`: the layer (input-channel-major weight + threshold; native sparse-input
+  GEMV for decode, GEMM over the same weights for prefill).
+* :func:`sparsify_activations_` with :class:`ActivationSparsityConfig`: calibrate TEAL thresholds
+  (Liu et al. 2024, arXiv:2408.14690) on a model's projections and swap its ``nn.Linear`` layers
+  for :class:`SparseInputLinear`, so ``model.generate`` runs sparse.
+* :func:`save_activation_sparsity` / :func:`load_activation_sparsity_`: the thresholds in a small JSON
+  file beside the (dense) checkpoint.
+
+See ``docs/activation.md``.
+
+Example:
+    >>> from sparseforge.activation import ActivationSparsityConfig
+    >>> ActivationSparsityConfig(sparsity=0.4).allocation
+    'uniform'
+"""
+
+from __future__ import annotations
+
+from sparseforge.activation.config import ActivationSparsityConfig
+from sparseforge.activation.linear import SparseInputLinear
+from sparseforge.activation.storage import load_activation_sparsity_, save_activation_sparsity
+from sparseforge.activation.teal import ActivationSparsityReport, set_token_fraction, sparse_input_layers, sparsify_activations_
+
+__all__ = [
+    "ActivationSparsityConfig", "ActivationSparsityReport", "SparseInputLinear", "sparsify_activations_",
+    "set_token_fraction", "sparse_input_layers", "save_activation_sparsity", "load_activation_sparsity_",
+]

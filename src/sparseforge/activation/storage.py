@@ -1,0 +1,144 @@
+"""Save and restore a model's activation-sparsity thresholds (a small JSON file).
+
+The weights stay where they are (the dense checkpoint, e.g. ``save_pretrained`` of the model before
+``sparsify_activations_``); the file holds, per layer, its kind (a ``SparseInputLinear`` projection
+or a CATS MLP) and its threshold. :func:`load_activation_sparsity_` checks every entry against the
+model before it changes anything, then swaps the layers in.
+
+File (``activation_sparsity.json``; ``version`` guards future changes)::
+
+    {"version": 1,
+     "layers": {"model.layers.0.self_attn.q_proj": {"kind": "linear", "threshold": 0.23},
+                "model.layers.0.mlp": {"kind": "cats", "threshold": 0.05}, ...}}
+
+``threshold`` is a number, or a list with one entry per input channel.
+
+Example:
+    >>> import torch, tempfile
+    >>> from torch import nn
+    >>> from sparseforge.activation import SparseInputLinear
+    >>> from sparseforge.activation.storage import load_activation_sparsity_, save_activation_sparsity
+    >>> model = nn.Sequential(SparseInputLinear.from_linear(nn.Linear(4, 4), threshold=0.5))
+    >>> d = tempfile.mkdtemp()
+    >>> path = save_activation_sparsity(model, d)
+    >>> fresh = nn.Sequential(nn.Linear(4, 4))
+    >>> load_activation_sparsity_(fresh, path)
+    >>> fresh[0].threshold.item()
+    0.5
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Union
+
+import torch
+from torch import nn
+
+from sparseforge.activation.cats import CATSMLP, is_swiglu_mlp
+from sparseforge.activation.linear import SparseInputLinear
+from sparseforge.errors import ConfigError, ModelError
+from sparseforge.layers import set_module
+
+__all__ = ["save_activation_sparsity", "load_activation_sparsity_", "FILE_NAME", "FORMAT_VERSION"]
+
+FILE_NAME = "activation_sparsity.json"
+FORMAT_VERSION = 1
+
+
+def _target(path: Union[str, Path]) -> Path:
+    path = Path(path)
+    return path / FILE_NAME if path.is_dir() else path
+
+
+def _number(t: float):
+    return "inf" if math.isinf(t) else t  # JSON has no infinity
+
+
+def save_activation_sparsity(model: nn.Module, path: Union[str, Path]) -> Path:
+    """Write the thresholds of ``model``'s sparse-input layers and CATS MLPs; returns the file.
+
+    ``path``: a directory (the file is ``activation_sparsity.json`` in it) or a file path. Written to a
+    temporary file first and renamed, so an existing file is never left half-written.
+    """
+    layers = {}
+    cats = {name for name, m in model.named_modules() if isinstance(m, CATSMLP)}
+    for name, m in model.named_modules():
+        if name in cats:
+            layers[name] = {"kind": "cats", "threshold": _number(m.threshold.item())}
+        elif isinstance(m, SparseInputLinear) and name.rpartition(".")[0] not in cats:  # not a CATS down_proj
+            t = m.threshold.float()
+            layers[name] = {"kind": "linear",
+                            "threshold": _number(t.item()) if t.numel() == 1 else [_number(v) for v in t.tolist()]}
+    if not layers:
+        raise ModelError("the model has no SparseInputLinear layers or CATS MLPs; run sparsify_activations_ first")
+    target = _target(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".activation_sparsity.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"version": FORMAT_VERSION, "layers": layers}, f, indent=1)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _threshold(value, name: str) -> torch.Tensor:
+    values = value if isinstance(value, list) else [value]
+    try:
+        t = torch.tensor([math.inf if v == "inf" else float(v) for v in values], dtype=torch.float32)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"activation-sparsity file: threshold of {name} is not a number or a list of numbers") from exc
+    if torch.isnan(t).any() or (t < 0).any():
+        raise ConfigError(f"activation-sparsity file: threshold of {name} must be >= 0, got {values[:4]}")
+    return t
+
+
+def load_activation_sparsity_(model: nn.Module, path: Union[str, Path]) -> None:
+    """Swap the layers named in the file for sparse-input layers / CATS MLPs with its thresholds.
+
+    Raises:
+        ConfigError: unreadable file, unknown version or kind, a bad threshold.
+        ModelError: a named layer is missing, is not an ``nn.Linear`` (or GLU MLP for CATS), or its
+            per-channel threshold count does not match its input features. Nothing is changed then.
+    """
+    target = _target(path)
+    try:
+        data = json.loads(target.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the activation-sparsity file {target}: {exc}") from exc
+    if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION or not isinstance(data.get("layers"), dict):
+        raise ConfigError(f"{target} is not an activation-sparsity file of version {FORMAT_VERSION}")
+    modules = dict(model.named_modules())
+    plan = []
+    for name, entry in data["layers"].items():
+        module = modules.get(name)
+        kind = entry.get("kind") if isinstance(entry, dict) else None
+        if kind not in ("linear", "cats"):
+            raise ConfigError(f"activation-sparsity file: layer {name} has unknown kind {kind!r}")
+        t = _threshold(entry.get("threshold"), name)
+        if module is None:
+            raise ModelError(f"the thresholds in {target} do not match this model: it has no layer {name}")
+        if kind == "cats":
+            if not (isinstance(module, CATSMLP) or is_swiglu_mlp(module)) or t.numel() != 1:
+                raise ModelError(f"layer {name} is not a GLU MLP (gate_proj, up_proj, down_proj) with one CATS threshold")
+        else:
+            if not isinstance(module, (nn.Linear, SparseInputLinear)):
+                raise ModelError(f"the thresholds in {target} do not match this model: {name} is a {type(module).__name__}, "
+                                 "not a linear layer")
+            if t.numel() not in (1, module.in_features):
+                raise ModelError(f"layer {name} has {module.in_features} input features but {t.numel()} thresholds")
+        plan.append((name, kind, module, t))
+    for name, kind, module, t in plan:
+        if isinstance(module, (SparseInputLinear, CATSMLP)):
+            module.set_threshold(t if kind == "linear" else float(t))
+        elif kind == "cats":
+            set_module(model, name, CATSMLP(module, float(t)))
+        else:
+            set_module(model, name, SparseInputLinear.from_linear(module, threshold=t))

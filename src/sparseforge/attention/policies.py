@@ -1,0 +1,345 @@
+"""Which cached tokens a decode step attends to: ``Dense``, ``StreamingLLM`` and ``Quest``.
+
+A policy turns the state of one layer's cache (:class:`~sparseforge.attention.cache.PagedLayer`) and
+the step's query into **token spans** per KV head, int32 ``(B, Hkv, S, 2)`` of ``[start, length)``,
+ascending and disjoint (length 0 = unused slot), which the native decode-attention kernel
+(:func:`sparseforge.ops.decode_attention.decode_attention`) reads and nothing else. Prefill (more
+than one query token) is always dense. Policies are frozen dataclasses, validated at construction.
+
+* :class:`Dense`: every cached token (the baseline; equals torch SDPA).
+* :class:`StreamingLLM`: the first ``sinks`` tokens and the last ``window`` tokens
+  (Xiao et al., "Efficient Streaming Language Models with Attention Sinks", ICLR 2024).
+  Keys stay as transformers cached them (rotated at their text positions) and are never
+  re-rotated; the middle is skipped, not evicted (it bounds the bytes read per step, not the memory
+  held). ``positions="text"`` scores the sinks at their true distance; ``positions="cache"`` gives
+  the paper's cache positions (sinks at distance ``sinks + window - 1 - i``) by rotating the query,
+  not the keys. Window tokens are at the same distance either way.
+* :class:`SnapKV`: once, at the end of the prompt, the last ``window`` prompt queries vote (softmax
+  probabilities summed over the window, pooled over neighbouring tokens) and each KV head keeps
+  the ``capacity - window`` prompt tokens with the most votes plus the window; every generated
+  token is kept (Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation", 2024;
+  FasterDecoding/SnapKV ``snapkv_utils.py``). The reference votes per query head on repeated KV
+  heads; here the votes are summed over each KV head's query group so one set is kept per KV
+  head. Prompts shorter than ``capacity`` stay dense (as the reference). Like StreamingLLM it
+  bounds the reads, not the memory: the skipped tokens stay in the cache.
+* :class:`Mustafar`: every token older than the ``recent`` window keeps only its largest-magnitude
+  key and value channels (70% pruned by default), compressed in 256-token chunks as in the
+  reference (Joo et al., "Mustafar: Promoting Unstructured Sparsity for KV Cache Pruning in LLM
+  Inference", 2025; dhjoo98/mustafar): the compressed tokens go through the compressed-KV kernel, the
+  recent ones through the dense kernel, merged by log-sum-exp. Every token is attended (the bytes
+  shrink, not the token count). The dense copy stays in the cache (other attention implementations
+  read it), so memory is not reduced yet.
+* :class:`Quest`: per KV head, the ``budget // page_size`` pages with the largest upper bound on
+  ``q . k`` (Tang et al., "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference",
+  ICML 2024; mit-han-lab/Quest). The bound of a page is ``sum_d max(q_d max_d, q_d min_d)`` from the
+  page's per-channel key minimum and maximum; for grouped-query attention it is summed over the
+  query heads of the group, so each page is read once per KV head (the reference code selects per
+  query head after ``repeat_kv``). As the Quest kernels do, the newest (partial) page is always read
+  and the budget counts it; the first ``dense_layers`` (2) layers and prefill stay dense, and a
+  budget at least the context length is dense.
+
+Example:
+    >>> from sparseforge.attention import Quest
+    >>> Quest(budget=2048).pages()
+    128
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from sparseforge.errors import ConfigError
+from sparseforge.ops.decode_attention import select_pages
+
+__all__ = ["Policy", "Dense", "StreamingLLM", "Quest", "SnapKV", "Mustafar", "dense_spans"]
+
+
+def dense_spans(batch: int, kv_heads: int, n: int) -> Tensor:
+    """int32 ``(B, Hkv, 1, 2)``: one span ``[0, n)`` per KV head."""
+    spans = torch.empty(batch, kv_heads, 1, 2, dtype=torch.int32)
+    spans[..., 0] = 0
+    spans[..., 1] = n
+    return spans
+
+
+def _positive(name: str, value, owner: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{owner}: {name} must be a positive integer, got {value!r}")
+
+
+class Policy:
+    """Base class: ``spans(layer, query, layer_idx)`` -> int32 ``(B, Hkv, S, 2)`` token spans.
+
+    ``layer`` is the layer's :class:`~sparseforge.attention.cache.PagedLayer` after this step's
+    token was appended (``layer.n`` tokens); ``query`` float32 ``(B, Hq, D)``, rotated.
+    ``observe_prefill(layer, query, scale)`` sees every prefill's rotated queries ``(B, Hq, T, D)``
+    after their keys were cached (default: nothing); state goes in ``layer.policy_state``.
+    """
+
+    def observe_prefill(self, layer, query: Tensor, scale: float) -> None:
+        """Called by the attention after a prefill chunk of more than one token."""
+
+    def decode(self, layer, query: Tensor, spans: Tensor, scale: float) -> Optional[Tensor]:
+        """The step's attention ``(B, Hq, D)`` if the policy computes it itself, else ``None`` (the
+        dense kernel over ``spans`` then runs)."""
+        return None
+
+    def check_page_size(self, page_size: int) -> None:
+        """Raises :class:`ConfigError` if the policy cannot run on pages of ``page_size`` tokens."""
+
+    def spans(self, layer, query: Tensor, layer_idx: int) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Dense(Policy):
+    """Attend to every cached token (the baseline)."""
+
+    def spans(self, layer, query: Tensor, layer_idx: int) -> Tensor:
+        return dense_spans(layer.batch, layer.kv_heads, layer.n)
+
+
+@dataclass(frozen=True)
+class StreamingLLM(Policy):
+    """The first ``sinks`` tokens plus the most recent ``window`` tokens (the current one included).
+
+    ``positions``: ``"text"`` (default) scores every token at its text position, as cached;
+    ``"cache"`` scores the sinks as the paper does, with the query moved to its position inside
+    the cache (``sinks + window - 1``): the sink part runs with the query rotated back by the number of
+    skipped tokens and is merged with the window part (window tokens are at the same distance either
+    way). ``"cache"`` needs fixed RoPE frequencies and an unpadded batch.
+
+    Example:
+        >>> StreamingLLM(sinks=4, window=1020)
+        StreamingLLM(sinks=4, window=1020, positions='text')
+    """
+
+    sinks: int = 4
+    window: int = 1020
+    positions: str = "text"
+
+    def __post_init__(self):
+        if not isinstance(self.sinks, int) or isinstance(self.sinks, bool) or self.sinks < 0:
+            raise ConfigError(f"StreamingLLM: sinks must be an integer >= 0, got {self.sinks!r}")
+        _positive("window", self.window, "StreamingLLM")
+        if self.positions not in ("text", "cache"):
+            raise ConfigError(f"StreamingLLM: positions must be 'text' or 'cache', got {self.positions!r}")
+
+    def skipped(self, n: int) -> int:
+        """Tokens between the sinks and the window at context length ``n``."""
+        return max(0, n - self.sinks - self.window)
+
+    def spans(self, layer, query: Tensor, layer_idx: int) -> Tensor:
+        n = layer.n
+        if not self.skipped(n):
+            return dense_spans(layer.batch, layer.kv_heads, n)
+        spans = torch.empty(layer.batch, layer.kv_heads, 2, 2, dtype=torch.int32)
+        spans[..., 0, 0] = 0
+        spans[..., 0, 1] = self.sinks
+        spans[..., 1, 0] = n - self.window
+        spans[..., 1, 1] = self.window
+        return spans
+
+
+@dataclass(frozen=True)
+class Quest(Policy):
+    """Query-aware page selection: ``budget`` tokens = ``budget // page_size`` pages per KV head.
+
+    ``page_size``: ``None`` takes the cache's; if given it must equal the cache's. ``budget`` must
+    be a multiple of the page size. ``dense_layers``: the first layers attend densely (Quest: 2).
+
+    Example:
+        >>> Quest(budget=64, page_size=16).pages()
+        4
+    """
+
+    budget: int = 2048
+    page_size: Optional[int] = None
+    dense_layers: int = 2
+
+    def __post_init__(self):
+        _positive("budget", self.budget, "Quest")
+        if self.page_size is not None:
+            _positive("page_size", self.page_size, "Quest")
+            self._check_fit(self.page_size)
+        if not isinstance(self.dense_layers, int) or self.dense_layers < 0:
+            raise ConfigError(f"Quest: dense_layers must be an integer >= 0, got {self.dense_layers!r}")
+
+    def _check_fit(self, page_size: int) -> None:
+        if self.budget % page_size:
+            raise ConfigError(
+                f"Quest: budget {self.budget} is not a multiple of the page size {page_size}; use "
+                f"{max(page_size, self.budget // page_size * page_size)} (whole pages are read)"
+            )
+
+    def check_page_size(self, page_size: int) -> None:
+        if self.page_size is not None and self.page_size != page_size:
+            raise ConfigError(
+                f"Quest(page_size={self.page_size}) does not match the cache's page_size={page_size}; "
+                "leave Quest's page_size unset or make them equal"
+            )
+        self._check_fit(page_size)
+
+    def pages(self, page_size: int = 16) -> int:
+        """Pages read per KV head and step (the newest page included)."""
+        return self.budget // (self.page_size or page_size)
+
+    def spans(self, layer, query: Tensor, layer_idx: int) -> Tensor:
+        n, P = layer.n, layer.page_size
+        if layer_idx < self.dense_layers or n <= self.budget:
+            return dense_spans(layer.batch, layer.kv_heads, n)
+        npages = (n + P - 1) // P
+        k = self.budget // P  # pages read, the newest included
+        full = npages - 1  # candidate pages (all but the newest)
+        B, Hkv = layer.batch, layer.kv_heads
+        top = select_pages(query, layer.kmin, layer.kmax, full, k - 1)  # (B, Hkv, k - 1) ascending
+        spans = torch.empty(B, Hkv, k, 2, dtype=torch.int32)
+        spans[..., : k - 1, 0] = top * P
+        spans[..., : k - 1, 1] = P
+        spans[..., k - 1, 0] = full * P
+        spans[..., k - 1, 1] = n - full * P
+        return spans
+
+
+
+@dataclass(frozen=True)
+class SnapKV(Policy):
+    """Prompt tokens chosen once by the last ``window`` prompt queries; ``capacity`` prompt tokens read.
+
+    ``pooling``: ``"avgpool"`` (the reference's default) or ``"maxpool"`` over ``kernel`` neighbours.
+
+    Example:
+        >>> SnapKV(window=32, capacity=2048)
+        SnapKV(window=32, capacity=2048, kernel=5, pooling='avgpool')
+    """
+
+    window: int = 32
+    capacity: int = 2048
+    kernel: int = 5
+    pooling: str = "avgpool"
+
+    def __post_init__(self):
+        _positive("window", self.window, "SnapKV")
+        _positive("capacity", self.capacity, "SnapKV")
+        _positive("kernel", self.kernel, "SnapKV")
+        if self.capacity <= self.window:
+            raise ConfigError(f"SnapKV: capacity ({self.capacity}) must exceed the observation window ({self.window})")
+        if self.kernel % 2 == 0:
+            raise ConfigError(f"SnapKV: kernel must be odd (the pooling keeps the length), got {self.kernel}")
+        if self.pooling not in ("avgpool", "maxpool"):
+            raise ConfigError(f"SnapKV: pooling must be 'avgpool' or 'maxpool', got {self.pooling!r}")
+
+    def observe_prefill(self, layer, query: Tensor, scale: float) -> None:
+        T = query.shape[2]
+        if layer.n != T or T < self.capacity:  # a later chunk, or a prompt within capacity: nothing to drop
+            return
+        B, Hq, _, D = query.shape
+        Hkv, w = layer.kv_heads, self.window
+        keys = layer.keys.float()  # (B, Hkv, T, D)
+        q = query[:, :, T - w:].float().reshape(B, Hkv, Hq // Hkv, w, D)  # the observation window per group
+        scores = torch.einsum("bhgqd,bhtd->bhgqt", q, keys) * scale  # (B, Hkv, G, w, T)
+        causal = torch.ones(w, w, dtype=torch.bool).triu(1)  # query i of the window sees window keys <= i
+        scores[..., T - w:] = scores[..., T - w:].masked_fill(causal, float("-inf"))
+        votes = scores.softmax(-1)[..., : T - w].sum(3).sum(2)  # (B, Hkv, T - w): summed over window and group
+        pool = torch.nn.functional.avg_pool1d if self.pooling == "avgpool" else torch.nn.functional.max_pool1d
+        votes = pool(votes, kernel_size=self.kernel, padding=self.kernel // 2, stride=1)
+        keep = votes.topk(self.capacity - w, dim=-1).indices.sort(dim=-1).values  # (B, Hkv, C - w)
+        layer.policy_state["snapkv"] = (T, keep.to(torch.int32))
+
+    def spans(self, layer, query: Tensor, layer_idx: int) -> Tensor:
+        state = layer.policy_state.get("snapkv")
+        if state is None:
+            return dense_spans(layer.batch, layer.kv_heads, layer.n)
+        T, keep = state  # prompt length, (B, Hkv, C - w) kept prompt tokens
+        B, Hkv, kept = keep.shape
+        spans = torch.empty(B, Hkv, kept + 1, 2, dtype=torch.int32)
+        spans[..., :kept, 0] = keep
+        spans[..., :kept, 1] = 1
+        spans[..., kept, 0] = T - self.window  # the window and every generated token
+        spans[..., kept, 1] = layer.n - (T - self.window)
+        return spans
+
+
+@dataclass(frozen=True)
+class Mustafar(Policy):
+    """Per-token magnitude pruning of keys and values beyond the ``recent`` window, compressed.
+
+    ``sparsity``: of the keys (and of the values unless ``value_sparsity`` is given), in [0, 1); a
+    token keeps ``D - int(sparsity * D) + 1`` channels (the reference's ``kthvalue`` threshold).
+    ``recent``: tokens kept dense (the reference's ``residual_length``); older ones are compressed
+    256 at a time.
+
+    Example:
+        >>> Mustafar(sparsity=0.7).keep(128)
+        (40, 40)
+    """
+
+    sparsity: float = 0.7
+    recent: int = 256
+    value_sparsity: Optional[float] = None
+    CHUNK = 256  # tokens compressed at a time (the reference's)
+
+    def __post_init__(self):
+        for name in ("sparsity", "value_sparsity"):
+            value = getattr(self, name)
+            if name == "value_sparsity" and value is None:
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+                raise ConfigError(f"Mustafar: {name} must be in [0, 1), got {value!r}")
+        _positive("recent", self.recent, "Mustafar")
+
+    def keep(self, dim: int) -> tuple[int, int]:
+        """Channels a key and a value keep at head dimension ``dim``."""
+        from sparseforge.ops.sparse_kv import keep_for
+
+        vs = self.sparsity if self.value_sparsity is None else self.value_sparsity
+        return keep_for(self.sparsity, dim), keep_for(vs, dim)
+
+    def _compress(self, layer) -> int:
+        """Compress whole chunks older than the recent window; returns the compressed token count."""
+        from sparseforge.ops.sparse_kv import compress_tokens
+
+        state = layer.policy_state.get("mustafar")
+        if state is None or state["done"] > layer.n:  # first call, or the cache was cropped below it
+            state = layer.policy_state["mustafar"] = {"done": 0}
+        done = state["done"]
+        while layer.n - self.recent - done >= self.CHUNK:
+            sl = slice(done, done + self.CHUNK)
+            kk, kv = self.keep(layer.head_dim)
+            parts = {"k": compress_tokens(layer.k_store[:, :, sl], kk), "v": compress_tokens(layer.v_store[:, :, sl], kv)}
+            for name, (vals, bits) in parts.items():
+                for suffix, t in (("vals", vals), ("bits", bits)):
+                    key = f"{name}{suffix}"
+                    old = state.get(key)
+                    state[key] = t if old is None else torch.cat([old, t], dim=2)
+            done += self.CHUNK
+        state["done"] = done
+        return done
+
+    def observe_prefill(self, layer, query: Tensor, scale: float) -> None:
+        self._compress(layer)
+
+    def spans(self, layer, query: Tensor, layer_idx: int) -> Tensor:
+        return dense_spans(layer.batch, layer.kv_heads, layer.n)
+
+    def decode(self, layer, query: Tensor, spans: Tensor, scale: float) -> Optional[Tensor]:
+        from sparseforge.ops.decode_attention import attend, merge_attention
+        from sparseforge.ops.sparse_kv import sparse_kv_attention
+
+        done = self._compress(layer)
+        if not done:
+            return None
+        st = layer.policy_state["mustafar"]
+        if st["kvals"].shape[3] != st["vvals"].shape[3]:
+            raise ConfigError("Mustafar: the compressed-KV kernel needs the same keep count for keys and values; "
+                              "leave value_sparsity unset or equal to sparsity")
+        recent = spans.clone()
+        recent[..., 0] = done
+        recent[..., 1] = layer.n - done
+        out_c, lse_c = sparse_kv_attention(query, st["kvals"], st["kbits"], st["vvals"], st["vbits"], done, scale)
+        out_r, lse_r = attend(query, layer.k_store, layer.v_store, recent, layer.n, scale, lse=True)
+        return merge_attention(out_c, lse_c, out_r, lse_r)

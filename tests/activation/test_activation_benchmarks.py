@@ -1,0 +1,53 @@
+"""The activation-sparsity benchmark scripts run end to end on tiny shapes and write sane JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"bench_{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+def test_kernel_benchmark_writes_bounds_and_baselines(tmp_path):
+    bench = _load("activation_kernels")
+    out = tmp_path / "k.json"
+    bench.main(["--layers", "2", "--hidden", "64", "--ffn", "96", "--sparsities", "0,0.5", "--budget", "0.01",
+                "--bw-mib", "4", "--prefill", "3", "--threads", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    gemv = [r for r in result["rows"] if r["kernel"] == "sparse-input GEMV"]
+    assert {(r["dtype"], r["sparsity"]) for r in gemv} == {(d, s) for d in ("fp32", "bf16") for s in (0.0, 0.5)}
+    for r in gemv:
+        dense = next(d["ms"] for d in result["rows"] if d["kernel"] == "torch dense" and d["dtype"] == r["dtype"])
+        own = next(g["ms"] for g in gemv if g["dtype"] == r["dtype"] and g["sparsity"] == 0.0)
+        assert math.isfinite(r["ms"]) and r["ms"] > 0
+        assert math.isclose(r["bound_ms"], (1 - r["sparsity"]) * min(dense, own))
+        assert math.isclose(r["of_bound"], r["bound_ms"] / r["ms"]) and math.isclose(r["vs_torch_dense"], dense / r["ms"])
+    assert any(r["batch"] == 3 and "native GEMM" in r["kernel"] for r in result["rows"])
+    assert "| fp32 | 1 | sparse-input GEMV | 50% |" in bench.markdown(result)
+
+
+def test_decode_benchmark_compares_dense_and_teal(tmp_path):
+    bench = _load("activation_decode")
+    out = tmp_path / "d.json"
+    result = bench.main(["--hidden", "64", "--layers", "1", "--ffn", "96", "--vocab", "128", "--new", "2",
+                         "--repeats", "1", "--threads", "1", "--out", str(out)])
+    names = [r["variant"] for r in result["rows"]]
+    assert names == ["dense fp32", "dense fp32 (torch 1 thread)", "TEAL 50%", "TEAL 40%"]
+    teal50 = result["rows"][2]
+    expect = (result["layer_bytes"] + result["rest_bytes"]) / (result["layer_bytes"] * 0.5 + result["rest_bytes"])
+    assert teal50["bytes_bound"] == expect and teal50["tokens_per_s"] > 0
+    assert json.loads(out.read_text())["rows"][0]["variant"] == "dense fp32"

@@ -1,0 +1,53 @@
+"""benchmarks/bench_kv_speed.py: a tiny run writes consistent JSON, and the bytes bound is the
+arithmetic the docs state."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_kv_speed.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_kv_speed", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kv_bytes_bound():
+    b = _load()
+    row = b.HKV * b.D * 2  # bf16 bytes of one token's K over the KV heads
+    assert b.kv_bytes(32768, 2) == 2 * 32768 * row
+    assert b.kv_bytes(32768, 2, budget=2048) == 2 * 2048 * row + 2 * 2048 * row  # pages' min and max
+    assert b.kv_bytes(32768, 2) / b.kv_bytes(32768, 2, budget=2048) == 8.0  # the ~8x of the notes
+    assert b.kv_bytes(500, 4, window=1024) == 2 * 500 * b.HKV * b.D * 4
+    # Mustafar 70%, D 64: 21 kept values + one bitmap word per token, K and V; 768 of 1024 tokens compressed
+    m = b.Mustafar(0.7, recent=256)
+    assert b.kv_bytes(1024, 4, mustafar=m) == b.HKV * 768 * 2 * (21 * 4 + 8) + 2 * 256 * b.HKV * b.D * 4
+
+
+def test_tiny_run_writes_json(tmp_path, capsys):
+    b = _load()
+    out = tmp_path / "kv.json"
+    assert b.main(["--contexts", "512", "--dtypes", "float32", "--seconds", "0.001", "--bandwidth-mb", "8",
+                   "--threads", "1", "--layers", "2", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    (row,) = data["rows"]
+    assert row["context"] == 512 and set(row["ms"]) >= {"sdpa", "dense", "quest", "quest_kernel", "streaming", "mustafar"}
+    assert all(v > 0 for v in row["ms"].values())
+    assert row["dense_vs_sdpa"] == row["ms"]["sdpa"] / row["ms"]["dense"]
+    assert data["meta"]["cpu"] and data["meta"]["bandwidth_gbs"] > 0
+    assert "| float32 | 512 |" in capsys.readouterr().out
+
+
+def test_e2e_decode_steps_small_model():
+    b = _load()
+    e = b.bench_e2e(512, 1, bandwidth=10.0, hidden_size=64, intermediate_size=64, num_hidden_layers=2, vocab_size=128)
+    assert set(e["tokens_per_s"]) == {"dense", "quest", "streaming", "mustafar"} and all(v > 0 for v in e["tokens_per_s"].values())
+    # bound: bandwidth / (weights + layers * KV bytes per layer)
+    assert abs(e["bound_tokens_per_s"]["dense"] - 10e9 / (e["weights_bytes"] + 2 * b.kv_bytes(512, 2))) < 1e-6
+    assert e["quest_vs_dense_bound"] > 1.0

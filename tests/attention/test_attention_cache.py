@@ -1,0 +1,151 @@
+"""PagedKVCache (sparseforge.attention.cache): storage equals the appended keys/values, per-page key
+min/max always equal the pages' true min/max (property test over any sequence of appends), growth,
+crop, batch selection, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparseforge.attention import Dense, PagedKVCache, Quest, StreamingLLM
+from sparseforge.errors import ConfigError, DataError, NumericalError
+
+
+def _true_bounds(keys: torch.Tensor, P: int):
+    """(kmin, kmax) per page of (B, H, n, D) keys, straight from the definition."""
+    n = keys.shape[2]
+    pages = [keys[:, :, p * P:min(n, (p + 1) * P)] for p in range(-(-n // P))]
+    return torch.stack([p.amin(2) for p in pages], 2), torch.stack([p.amax(2) for p in pages], 2)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    chunks=st.lists(st.integers(1, 40), min_size=1, max_size=8),
+    page=st.sampled_from([1, 4, 16]),
+    bf16=st.booleans(),
+    prealloc=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_storage_and_page_bounds_track_every_append(chunks, page, bf16, prealloc, seed):
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    g = torch.Generator().manual_seed(seed)
+    cache = PagedKVCache(num_layers=1, page_size=page, max_cache_len=sum(chunks) if prealloc else None)
+    ks, vs = [], []
+    for t in chunks:
+        k, v = torch.randn(2, 3, t, 5, generator=g).to(dtype), torch.randn(2, 3, t, 5, generator=g).to(dtype)
+        ks.append(k)
+        vs.append(v)
+        keys, values = cache.update(k, v, 0)
+        layer = cache.layers[0]
+        all_k, all_v = torch.cat(ks, 2), torch.cat(vs, 2)
+        assert torch.equal(keys, all_k) and torch.equal(values, all_v)
+        kmin, kmax = _true_bounds(all_k, page)
+        pages = kmin.shape[2]
+        assert torch.equal(layer.kmin[:, :, :pages], kmin) and torch.equal(layer.kmax[:, :, :pages], kmax)
+        assert layer.capacity % page == 0 and layer.capacity >= layer.n
+    assert cache.get_seq_length() == sum(chunks)
+
+
+def test_crop_and_reset():
+    cache = PagedKVCache(num_layers=1, page_size=4)
+    k = torch.randn(1, 2, 10, 3)
+    cache.update(k, k, 0)
+    cache.crop(-3)
+    layer = cache.layers[0]
+    assert layer.n == 7 and torch.equal(layer.keys, k[:, :, :7])
+    kmin, kmax = _true_bounds(k[:, :, :7], 4)
+    assert torch.equal(layer.kmin[:, :, :2], kmin) and torch.equal(layer.kmax[:, :, :2], kmax)
+    cache.reset()
+    assert cache.get_seq_length() == 0
+    cache.update(torch.randn(3, 2, 1, 3), torch.randn(3, 2, 1, 3), 0)  # another batch size after reset
+    assert cache.layers[0].batch == 3
+
+
+def test_beam_reorder_selects_rows():
+    cache = PagedKVCache(num_layers=1, page_size=4)
+    k = torch.randn(3, 1, 6, 2)
+    cache.update(k, k, 0)
+    cache.reorder_cache(torch.tensor([2, 2, 0]))
+    assert torch.equal(cache.layers[0].keys, k[[2, 2, 0]])
+    kmin, _ = _true_bounds(k[[2, 2, 0]], 4)
+    assert torch.equal(cache.layers[0].kmin[:, :, :2], kmin)
+
+
+def test_update_hands_the_layer_to_the_attention_kwargs():
+    cache = PagedKVCache(num_layers=2)
+    forwarded = {}
+    k = torch.randn(1, 1, 2, 4)
+    cache.update(k, k, 1, kwargs=forwarded)
+    assert forwarded["sparseforge_kv_layer"] is cache.layers[1]
+
+
+def test_kv_bytes_counts_valid_tokens():
+    cache = PagedKVCache(num_layers=2)
+    for i in range(2):
+        k = torch.randn(1, 2, 5, 8, dtype=torch.bfloat16)
+        cache.update(k, k, i)
+    assert cache.kv_bytes() == 2 * 2 * (2 * 5 * 8 * 2)
+
+
+def test_batch_size_change_is_an_error():
+    cache = PagedKVCache(num_layers=1)
+    cache.update(torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4), 0)
+    with pytest.raises(DataError, match="a cache serves one batch"):
+        cache.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4), 0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_keys_are_rejected(bad):
+    cache = PagedKVCache(num_layers=1)
+    k = torch.randn(1, 2, 3, 4)
+    k[0, 1, 2, 0] = bad
+    with pytest.raises(NumericalError, match="NaN or inf"):
+        cache.update(k, torch.randn(1, 2, 3, 4), 0)
+
+
+def test_unsupported_dtype_and_full_cache():
+    with pytest.raises(DataError, match="float32 or bfloat16"):
+        PagedKVCache(num_layers=1).update(torch.randn(1, 1, 2, 4).half(), torch.randn(1, 1, 2, 4).half(), 0)
+    cache = PagedKVCache(num_layers=1, max_cache_len=4)
+    cache.update(torch.randn(1, 1, 4, 2), torch.randn(1, 1, 4, 2), 0)
+    with pytest.raises(DataError, match="is full"):
+        cache.update(torch.randn(1, 1, 1, 2), torch.randn(1, 1, 1, 2), 0)
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: PagedKVCache(num_layers=1, page_size=0), "page_size must be a positive integer"),
+        (lambda: PagedKVCache(num_layers=1, page_size=-16), "page_size must be a positive integer"),
+        (lambda: PagedKVCache(num_layers=0), "num_layers"),
+        (lambda: PagedKVCache(num_layers=1, policy="quest"), "policy must be"),
+        (lambda: PagedKVCache(num_layers=1, page_size=32, policy=Quest(budget=64, page_size=16)), "does not match"),
+        (lambda: PagedKVCache(num_layers=1, page_size=48, policy=Quest(budget=64)), "not a multiple of the page size"),
+        (lambda: Quest(budget=0), "budget must be a positive integer"),
+        (lambda: Quest(budget=-5), "budget must be a positive integer"),
+        (lambda: Quest(budget=100, page_size=16), "not a multiple of the page size 16; use 96"),
+        (lambda: Quest(budget=64, page_size=0), "page_size must be a positive integer"),
+        (lambda: StreamingLLM(sinks=-1, window=8), "sinks must be an integer >= 0"),
+        (lambda: StreamingLLM(sinks=4, window=0), "window must be a positive integer"),
+    ],
+)
+def test_bad_sizes_raise_one_line_config_errors(make, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        make()
+    assert "\n" not in str(info.value)
+
+
+def test_default_policy_is_dense():
+    assert PagedKVCache(num_layers=1).policy == Dense()
+
+
+def test_set_policy_switches_every_layer_and_validates():
+    cache = PagedKVCache(num_layers=3, page_size=16)
+    cache.set_policy(Quest(budget=64))
+    assert all(layer.policy == Quest(budget=64) for layer in cache.layers)
+    with pytest.raises(ConfigError, match="not a multiple of the page size"):
+        cache.set_policy(Quest(budget=40))
+    with pytest.raises(ConfigError, match="policy must be"):
+        cache.set_policy(None)
