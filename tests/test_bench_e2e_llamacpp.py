@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+from benchmark_modules import load_benchmark
 
 
 def row(decode, prefill=None):
@@ -25,7 +12,7 @@ def row(decode, prefill=None):
 
 
 def test_verdicts_judge_from_the_rows_given():
-    e2e = load("bench_e2e_llamacpp")
+    e2e = load_benchmark("e2e_llamacpp")
     rows = {"llama.cpp bf16": row(14.0, 137.0), "llama.cpp q8_0": row(36.0), "sparseforge dense bf16": row(13.0, 150.0),
             "sparseforge 2:4 fp32 (nm)": row(20.0, 120.0), "sparseforge 75% fp32 (bitmap)": row(30.0, 100.0)}
     lines = e2e.verdicts(rows)
@@ -40,14 +27,14 @@ def test_verdicts_judge_from_the_rows_given():
 
 
 def test_failed_cells_are_reported_not_averaged():
-    e2e = load("bench_e2e_llamacpp")
+    e2e = load_benchmark("e2e_llamacpp")
     assert e2e.median_or_none([None, 3.0, 1.0, None, 2.0]) == 2.0
     assert e2e.median_or_none([None, None]) is None
     assert e2e.fmt(None, 1) == "failed" and e2e.fmt(2.345, 1) == "2.3"
 
 
 def test_peer_bench_keeps_the_half_that_worked(tmp_path, monkeypatch):
-    peer = load("bench_llamacpp_peer")
+    peer = load_benchmark("llamacpp_peer")
     fake = tmp_path / "llama-bench"
     # decode (-p 0) prints llama-bench's JSON; prefill (-n 0) dies like the AMX host's quantized prefill
     fake.write_text("#!/bin/sh\ncase \"$*\" in *'-p 0 '*) echo '[{\"avg_ts\": 36.4, \"stddev_ts\": 0.2}]';; *) kill -SEGV $$;; esac\n")
@@ -59,7 +46,7 @@ def test_peer_bench_keeps_the_half_that_worked(tmp_path, monkeypatch):
 
 
 def test_host_line_names_the_cpu():
-    host = load("bench_host")
+    host = load_benchmark("host")
     info = host.host_info()
     cpuinfo = Path("/proc/cpuinfo").read_text()
     assert info["cpu"] and info["cpu"] in cpuinfo

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import math
 import subprocess
@@ -13,19 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmark_modules import load_benchmark
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"bench_{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
 
 
 def _byte_tokenizer():
@@ -87,7 +77,7 @@ def test_quick_run_writes_finite_results(tmp_path):
 
 
 def test_parse_pattern():
-    oneshot = _load("oneshot")
+    oneshot = load_benchmark("oneshot")
     assert oneshot.parse_pattern("50%") == ("50%", "unstructured", 0.5)
     assert oneshot.parse_pattern("70%") == ("70%", "unstructured", 0.7)
     assert oneshot.parse_pattern("2:4") == ("2:4", "2:4", 0.5)
@@ -96,7 +86,7 @@ def test_parse_pattern():
 
 
 def test_llmcompressor_mask_structure_prunes_m_minus_n():
-    runner = _load("llmcompressor_runner")
+    runner = load_benchmark("llmcompressor_runner")
     assert runner.mask_structure("unstructured") == "0:0"
     assert runner.mask_structure("2:4") == "2:4"
     assert runner.mask_structure("1:4") == "3:4"  # llm-compressor's N is the number pruned
@@ -108,7 +98,7 @@ def _run(method, pattern, value, tool="sparseforge", **kw):
 
 
 def test_checks_flag_each_target():
-    report = _load("oneshot_report")
+    report = load_benchmark("oneshot_report")
     results = {"settings": {"patterns": ["50%", "2:4"], "methods": ["magnitude", "wanda", "sparsegpt"]},
                "models": {"m": {"kind": "causal-lm"}},
                "runs": [_run("dense", "dense", 10.0), _run("magnitude", "50%", 30.0), _run("wanda", "50%", 11.0),

@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"bench_{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+from benchmark_modules import load_benchmark
 
 
 def test_kernel_benchmark_writes_bounds_and_baselines(tmp_path):
-    bench = _load("activation_kernels")
+    bench = load_benchmark("activation_kernels")
     out = tmp_path / "k.json"
     bench.main(["--layers", "2", "--hidden", "64", "--ffn", "96", "--sparsities", "0,0.5", "--budget", "0.01",
                 "--bw-mib", "4", "--prefill", "3", "--threads", "1", "--out", str(out)])
@@ -41,7 +27,7 @@ def test_kernel_benchmark_writes_bounds_and_baselines(tmp_path):
 
 
 def test_decode_benchmark_compares_dense_and_teal(tmp_path):
-    bench = _load("activation_decode")
+    bench = load_benchmark("activation_decode")
     out = tmp_path / "d.json"
     result = bench.main(["--hidden", "64", "--layers", "1", "--ffn", "96", "--vocab", "128", "--new", "2",
                          "--repeats", "1", "--threads", "1", "--out", str(out)])
