@@ -54,5 +54,6 @@ void register_runtime(nb::module_& m);        // runtime.cpp: kernel path, threa
 void register_sparse_linear(nb::module_& m);  // sparse_linear.cpp: CSR, bitmap, N:M, fan-in, BSR
 void register_expert_ffn(nb::module_& m);     // expert_ffn.cpp: few-token MoE expert FFN
 void register_activation(nb::module_& m);     // activation.cpp: sparse-input linear (activation sparsity)
+void register_attention(nb::module_& m);      // attention.cpp: decode attention, Quest page selection, sparse KV
 
 }  // namespace sfb

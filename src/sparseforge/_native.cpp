@@ -6,13 +6,11 @@
 // binding.h, add the file to SF_BINDINGS in CMakeLists.txt and call it below.
 #include "binding.h"
 
-void register_attention(nanobind::module_& mod);   // _native_attention.cpp: decode attention, page selection
-
 NB_MODULE(_native, m) {
   m.doc() = "sparseforge native CPU kernels (torch-free C++17; see docs/kernels.md)";
   sfb::register_runtime(m);
   sfb::register_sparse_linear(m);
   sfb::register_expert_ffn(m);
   sfb::register_activation(m);
-  register_attention(m);
+  sfb::register_attention(m);
 }

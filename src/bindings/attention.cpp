@@ -10,60 +10,26 @@
 // None: the log of each softmax denominator (to merge attentions over disjoint token sets). All C-contiguous, CPU.
 // Bad input raises ValueError (std::invalid_argument) naming the argument; an unknown or unsupported
 // isa raises sparseforge.errors.ConfigError.
-#include <nanobind/nanobind.h>
-#include <nanobind/ndarray.h>
-#include <nanobind/stl/string.h>
-
 #include <stdexcept>
 #include <string>
 
+#include "binding.h"
 #include "decode_attention.h"
-#include "isa.h"
 #include "threadpool.h"
 
-namespace nb = nanobind;
+namespace sfb {
+
 using namespace nb::literals;
 
 namespace {
 
-using In = nb::ndarray<nb::ro>;
-using Out = nb::ndarray<>;
-
-sf::Isa resolve_or_config_error(const std::string& isa) {
-  try {
-    return sf::resolve_isa(isa.c_str());
-  } catch (const std::invalid_argument& e) {
-    nb::object cls = nb::module_::import_("sparseforge.errors").attr("ConfigError");
-    PyErr_SetString(cls.ptr(), e.what());
-    throw nb::python_error();
-  }
-}
-
-template <class A>
-void require(const A& a, const char* name, size_t ndim) {
-  if (a.device_type() != nb::device::cpu::value) throw std::invalid_argument(std::string(name) + " must be on the CPU");
-  if (a.ndim() != ndim) {
-    throw std::invalid_argument(std::string(name) + " must have " + std::to_string(ndim) + " dimensions, got " +
-                                std::to_string(a.ndim()));
-  }
-  int64_t expect = 1;
-  for (size_t d = ndim; d-- > 0;) {
-    if (a.shape(d) > 1 && a.stride(d) != expect) {
-      throw std::invalid_argument(std::string(name) + " must be C-contiguous (call .contiguous() first)");
-    }
-    expect *= static_cast<int64_t>(a.shape(d));
-  }
-}
-
-int64_t sz(const In& a, size_t d) { return static_cast<int64_t>(a.shape(d)); }
-
 sf::DecodeAttnProblem problem(const In& q, const In& k, const In& v, const In& spans, int64_t n, double scale,
                               const Out& out, const nb::object& lse) {
-  require(q, "q", 3);
-  require(k, "k", 4);
-  require(v, "v", 4);
-  require(spans, "spans", 4);
-  require(out, "out", 3);
+  check_array(q, "q", 3);
+  check_array(k, "k", 4);
+  check_array(v, "v", 4);
+  check_array(spans, "spans", 4);
+  check_out(out, "out", 3);
   if (q.dtype() != nb::dtype<float>() || out.dtype() != nb::dtype<float>()) {
     throw std::invalid_argument("q and out must be float32");
   }
@@ -76,17 +42,17 @@ sf::DecodeAttnProblem problem(const In& q, const In& k, const In& v, const In& s
   } else {
     throw std::invalid_argument("k and v must both be float32 or both bfloat16 (raw uint16 bits)");
   }
-  p.B = sz(q, 0);
-  p.Hq = sz(q, 1);
-  p.D = sz(q, 2);
-  p.Hkv = sz(k, 1);
-  p.cap = sz(k, 2);
-  p.S = sz(spans, 2);
+  p.B = dim(q, 0);
+  p.Hq = dim(q, 1);
+  p.D = dim(q, 2);
+  p.Hkv = dim(k, 1);
+  p.cap = dim(k, 2);
+  p.S = dim(spans, 2);
   for (size_t d = 0; d < 4; ++d) {
     if (k.shape(d) != v.shape(d)) throw std::invalid_argument("k and v must have the same shape");
   }
-  if (sz(k, 0) != p.B || sz(k, 3) != p.D) throw std::invalid_argument("k must be (B, Hkv, cap, D) with q's B and D");
-  if (sz(spans, 0) != p.B || sz(spans, 1) != p.Hkv || sz(spans, 3) != 2) {
+  if (dim(k, 0) != p.B || dim(k, 3) != p.D) throw std::invalid_argument("k must be (B, Hkv, cap, D) with q's B and D");
+  if (dim(spans, 0) != p.B || dim(spans, 1) != p.Hkv || dim(spans, 3) != 2) {
     throw std::invalid_argument("spans must be (B, Hkv, S, 2) with k's B and Hkv");
   }
   if (static_cast<int64_t>(out.shape(0)) != p.B || static_cast<int64_t>(out.shape(1)) != p.Hq ||
@@ -102,7 +68,7 @@ sf::DecodeAttnProblem problem(const In& q, const In& k, const In& v, const In& s
   p.out = static_cast<float*>(out.data());
   if (!lse.is_none()) {
     Out l = nb::cast<Out>(lse);
-    require(l, "lse", 2);
+    check_out(l, "lse", 2);
     if (l.dtype() != nb::dtype<float>() || static_cast<int64_t>(l.shape(0)) != p.B ||
         static_cast<int64_t>(l.shape(1)) != p.Hq) {
       throw std::invalid_argument("lse must be float32 (B, Hq)");
@@ -113,10 +79,10 @@ sf::DecodeAttnProblem problem(const In& q, const In& k, const In& v, const In& s
 }
 
 sf::QuestSelectProblem select_problem(const In& q, const In& kmin, const In& kmax, int64_t pages, const Out& chosen) {
-  require(q, "q", 3);
-  require(kmin, "kmin", 4);
-  require(kmax, "kmax", 4);
-  require(chosen, "chosen", 3);
+  check_array(q, "q", 3);
+  check_array(kmin, "kmin", 4);
+  check_array(kmax, "kmax", 4);
+  check_out(chosen, "chosen", 3);
   if (q.dtype() != nb::dtype<float>()) throw std::invalid_argument("q must be float32");
   if (chosen.dtype() != nb::dtype<int32_t>()) throw std::invalid_argument("chosen must be int32");
   sf::QuestSelectProblem p;
@@ -130,12 +96,12 @@ sf::QuestSelectProblem select_problem(const In& q, const In& kmin, const In& kma
   for (size_t d = 0; d < 4; ++d) {
     if (kmin.shape(d) != kmax.shape(d)) throw std::invalid_argument("kmin and kmax must have the same shape");
   }
-  p.B = sz(q, 0);
-  p.Hq = sz(q, 1);
-  p.D = sz(q, 2);
-  p.Hkv = sz(kmin, 1);
-  p.pcap = sz(kmin, 2);
-  if (sz(kmin, 0) != p.B || sz(kmin, 3) != p.D) throw std::invalid_argument("kmin must be (B, Hkv, pages, D) with q's B and D");
+  p.B = dim(q, 0);
+  p.Hq = dim(q, 1);
+  p.D = dim(q, 2);
+  p.Hkv = dim(kmin, 1);
+  p.pcap = dim(kmin, 2);
+  if (dim(kmin, 0) != p.B || dim(kmin, 3) != p.D) throw std::invalid_argument("kmin must be (B, Hkv, pages, D) with q's B and D");
   if (static_cast<int64_t>(chosen.shape(0)) != p.B || static_cast<int64_t>(chosen.shape(1)) != p.Hkv) {
     throw std::invalid_argument("chosen must be (B, Hkv, keep)");
   }
@@ -150,13 +116,13 @@ sf::QuestSelectProblem select_problem(const In& q, const In& kmin, const In& kma
 
 sf::SparseKvProblem sparse_problem(const In& q, const In& kvals, const In& kbits, const In& vvals, const In& vbits,
                                    int64_t n, double scale, const Out& out, const Out& lse) {
-  require(q, "q", 3);
-  require(kvals, "kvals", 4);
-  require(vvals, "vvals", 4);
-  require(kbits, "kbits", 4);
-  require(vbits, "vbits", 4);
-  require(out, "out", 3);
-  require(lse, "lse", 2);
+  check_array(q, "q", 3);
+  check_array(kvals, "kvals", 4);
+  check_array(vvals, "vvals", 4);
+  check_array(kbits, "kbits", 4);
+  check_array(vbits, "vbits", 4);
+  check_out(out, "out", 3);
+  check_out(lse, "lse", 2);
   if (q.dtype() != nb::dtype<float>() || out.dtype() != nb::dtype<float>() || lse.dtype() != nb::dtype<float>()) {
     throw std::invalid_argument("q, out and lse must be float32");
   }
@@ -173,20 +139,20 @@ sf::SparseKvProblem sparse_problem(const In& q, const In& kvals, const In& kbits
       throw std::invalid_argument("kbits and vbits must be 64-bit bitmap words (int64 or uint64)");
     }
   }
-  p.B = sz(q, 0);
-  p.Hq = sz(q, 1);
-  p.D = sz(q, 2);
-  p.Hkv = sz(kvals, 1);
-  p.cap = sz(kvals, 2);
-  p.keep = sz(kvals, 3);
+  p.B = dim(q, 0);
+  p.Hq = dim(q, 1);
+  p.D = dim(q, 2);
+  p.Hkv = dim(kvals, 1);
+  p.cap = dim(kvals, 2);
+  p.keep = dim(kvals, 3);
   const int64_t W = (p.D + 63) / 64;
   for (const In* a : {&kvals, &vvals}) {
-    if (sz(*a, 0) != p.B || sz(*a, 1) != p.Hkv || sz(*a, 2) != p.cap || sz(*a, 3) != p.keep) {
+    if (dim(*a, 0) != p.B || dim(*a, 1) != p.Hkv || dim(*a, 2) != p.cap || dim(*a, 3) != p.keep) {
       throw std::invalid_argument("kvals and vvals must both be (B, Hkv, cap, keep) with q's B");
     }
   }
   for (const In* a : {&kbits, &vbits}) {
-    if (sz(*a, 0) != p.B || sz(*a, 1) != p.Hkv || sz(*a, 2) != p.cap || sz(*a, 3) != W) {
+    if (dim(*a, 0) != p.B || dim(*a, 1) != p.Hkv || dim(*a, 2) != p.cap || dim(*a, 3) != W) {
       throw std::invalid_argument("kbits and vbits must be (B, Hkv, cap, ceil(D / 64)) like kvals");
     }
   }
@@ -215,7 +181,7 @@ void register_attention(nb::module_& mod) {
       [](const In& q, const In& k, const In& v, const In& spans, int64_t n, double scale, const Out& out,
          const std::string& isa, int64_t chunk, bool parallel, const nb::object& lse) {
         const sf::DecodeAttnProblem p = problem(q, k, v, spans, n, scale, out, lse);
-        const sf::Isa i = resolve_or_config_error(isa);
+        const sf::Isa i = resolve(isa);
         sf::num_threads();
         nb::gil_scoped_release rel;
         sf::decode_attention(p, i, chunk, parallel);
@@ -238,7 +204,7 @@ void register_attention(nb::module_& mod) {
       [](const In& q, const In& kvals, const In& kbits, const In& vvals, const In& vbits, int64_t n, double scale,
          const Out& out, const Out& lse, const std::string& isa, int64_t chunk, bool parallel) {
         const sf::SparseKvProblem p = sparse_problem(q, kvals, kbits, vvals, vbits, n, scale, out, lse);
-        const sf::Isa i = resolve_or_config_error(isa);
+        const sf::Isa i = resolve(isa);
         sf::num_threads();
         nb::gil_scoped_release rel;
         sf::sparse_kv_attention(p, i, chunk, parallel);
@@ -260,7 +226,7 @@ void register_attention(nb::module_& mod) {
       [](const In& q, const In& kmin, const In& kmax, int64_t pages, const Out& chosen, const std::string& isa,
          bool parallel) {
         const sf::QuestSelectProblem p = select_problem(q, kmin, kmax, pages, chosen);
-        const sf::Isa i = resolve_or_config_error(isa);
+        const sf::Isa i = resolve(isa);
         sf::num_threads();
         nb::gil_scoped_release rel;
         sf::quest_select(p, i, parallel);
@@ -276,3 +242,5 @@ void register_attention(nb::module_& mod) {
       },
       "q"_a, "kmin"_a, "kmax"_a, "pages"_a, "chosen"_a, "Scalar reference of quest_select (the oracle).");
 }
+
+}  // namespace sfb
