@@ -13,7 +13,7 @@ LATEST_VENV := .venv-latest
 PYTEST_ARGS ?=
 TORCH_FIND_LINKS ?= /opt/wheels  # where the CPU torch wheel lies on this project's machines
 
-.PHONY: demo test test-fast test-latest test-asan install lock bench clean
+.PHONY: demo test test-fast test-latest test-asan install lock bench bench-report bench-guard clean
 
 $(STAMP): pyproject.toml $(LOCK) $(BUILD_LOCK) CMakeLists.txt
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +73,16 @@ test-asan:
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_oneshot.py
+
+# Rebuild every published figure on this host into docs/benchmarks.md (one section per CPU model;
+# ~1 h; BENCH_REPORT_ARGS=--quick for a smoke run). See benchmarks/bench_report.py.
+BENCH_REPORT_ARGS ?=
+bench-report: $(STAMP)
+	$(PY) benchmarks/bench_report.py $(BENCH_REPORT_ARGS)
+
+# The regression guard: short headline ratios against stated floors (~3 min); run before a kernel change lands.
+bench-guard: $(STAMP)
+	$(PY) benchmarks/bench_guard.py
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) $(ASAN_VENV) .venv-tools build sparseforge-demo

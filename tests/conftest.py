@@ -1,6 +1,7 @@
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,10 @@ import torch
 from hypothesis import settings as hypothesis_settings
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/tiny_models.py helpers
+
+# Measured "auto" choices are cached per machine (sparseforge.runtime.tuning_cache): the tests use a
+# cache of their own, empty at the start of every run, never the user's.
+os.environ["SPARSEFORGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="sparseforge-test-cache-")
 
 torch.set_num_threads(1)  # tiny models: threads only add contention on a shared 2-core machine
 

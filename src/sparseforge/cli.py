@@ -112,7 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="also save all timings as JSON")
     p.add_argument("--threads", type=int, default=None, help="threads for torch and the kernels (default torch's)")
     p.add_argument("--budget", type=float, default=0.2, help="seconds of calls per candidate and batch size")
+    p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse answers measured before on this CPU (the tuning cache; --no-cache measures afresh)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+    p = sub.add_parser("cache", help="show or clear the per-machine tuning cache of measured 'auto' choices")
+    p.add_argument("action", choices=["show", "clear", "path"], help="list the entries, delete the file, or print its path")
 
     p = sub.add_parser("bench", help="generation tokens/s and peak memory, dense vs compressed")
     p.add_argument("model", help="'builtin' or a causal-LM directory (e.g. one saved by prune or demo)")
@@ -211,7 +216,8 @@ def _cmd_advise(args) -> int:
     from sparseforge.io.models import load_model
     from sparseforge.io.writable import check_output_file
     from sparseforge.layers import linear_layers, weight_2d
-    from sparseforge.runtime.advise import advise_model, check_budget, plot_sweep, sweep
+    from sparseforge.runtime.advise import advise_model, check_budget
+    from sparseforge.runtime.sweep import plot_sweep, sweep
 
     check_budget(args.budget)
     check_output_file(args.plot if args.sweep else None, option="--plot")
@@ -220,7 +226,7 @@ def _cmd_advise(args) -> int:
     modules = dict(model.named_modules())
     pruned = [n for n in linear_layers(model) if float((weight_2d(modules[n]) == 0).float().mean()) >= 0.3]
     report = advise_model(model, names=pruned, batch_sizes=args.batch_sizes, threads=args.threads,
-                          budget_s=args.budget, progress=args.progress)
+                          budget_s=args.budget, progress=args.progress, use_cache=args.cache)
     if not pruned:
         print("no linear layer of this model is pruned (>= 30% zeros): nothing to choose per layer; "
               "the sweep below shows what pruning would buy")
@@ -232,6 +238,24 @@ def _cmd_advise(args) -> int:
     if args.sweep:
         print(f"wrote {plot_sweep(report, args.plot)}")
     _write_json(args.json, report.to_dict())
+    return 0
+
+
+def _cmd_cache(args) -> int:
+    from sparseforge.runtime.tuning_cache import TuningCache, enabled
+
+    cache = TuningCache()
+    if args.action == "path":
+        print(cache.path)
+    elif args.action == "clear":
+        print(f"removed {cache.clear()} measured answer(s) from {cache.path}")
+    else:
+        entries = cache.entries()
+        print(f"{cache.path}: {len(entries)} measured answer(s)" + ("" if enabled() else " (SPARSEFORGE_TUNING_CACHE=off: not used)"))
+        for e in entries:
+            answer = e["answer"]
+            name = answer.get("choice") or answer.get("name") if isinstance(answer, dict) else answer
+            print(f"  {e['kind']}: {e['machine']['cpu']}, {e['machine']['threads']} thread(s): {e['question']} -> {name}")
     return 0
 
 
@@ -256,7 +280,7 @@ def _cmd_bench(args) -> int:
 
 
 COMMANDS = {"prune": _cmd_prune, "eval": _cmd_eval, "inspect": _cmd_inspect, "demo": _cmd_demo,
-            "train": _cmd_train, "advise": _cmd_advise, "bench": _cmd_bench, "finetune": finetune_cli.run}
+            "train": _cmd_train, "advise": _cmd_advise, "cache": _cmd_cache, "bench": _cmd_bench, "finetune": finetune_cli.run}
 
 
 def main(argv: list[str] | None = None) -> int:

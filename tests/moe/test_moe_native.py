@@ -179,7 +179,7 @@ def test_custom_op_and_compile():
 @pytest.mark.parametrize("E,k", [(8, 2), (16, 8)])
 def test_layer_native_decode_equals_grouped_and_torch(T, E, k):
     torch.manual_seed(T)
-    layer = MoE(24, 40, E, k, shared_hidden=16).eval()
+    layer = MoE(24, 40, E, k, shared_hidden=16, decode_backend="native").eval()
     x = torch.randn(T, 24)
     y_grad, aux_grad = layer(x)  # grad mode: grouped path
     with torch.no_grad():
@@ -197,7 +197,7 @@ def test_layer_uses_native_kernel(monkeypatch):
     calls = []
     real = layer_mod.native_expert_ffn
     monkeypatch.setattr(layer_mod, "native_expert_ffn", lambda *a: calls.append(a) or real(*a))
-    layer = MoE(8, 12, 4, 2).eval()
+    layer = MoE(8, 12, 4, 2, decode_backend="native").eval()
     with torch.no_grad():
         layer(torch.randn(1, 3, 8))  # 3 tokens: native
         layer(torch.randn(5, 8))  # 5 tokens: grouped
@@ -210,6 +210,37 @@ def test_layer_uses_native_kernel(monkeypatch):
         a, _ = layer(x)
         layer.decode_parallel = False
         assert torch.equal(layer(x)[0], a)
+
+
+def test_auto_decode_backend_measures_once_and_remembers(monkeypatch, tmp_path):
+    import sparseforge.moe.layer as layer_mod
+    import sparseforge.runtime.choose as choose_mod
+
+    monkeypatch.setenv("SPARSEFORGE_CACHE_DIR", str(tmp_path))
+    native_calls, timed = [], []
+    real_native, real_choose = layer_mod.native_expert_ffn, choose_mod.choose_by_timing
+    monkeypatch.setattr(layer_mod, "native_expert_ffn", lambda *a: native_calls.append(1) or real_native(*a))
+    monkeypatch.setattr(choose_mod, "choose_by_timing",
+                        lambda *a, **kw: timed.append(a[1]) or real_choose(*a, **{**kw, "budget_s": 0.01}))
+    layer = MoE(16, 24, 8, 2).eval()  # decode_backend="auto"
+    x = torch.randn(1, 16)
+    with torch.no_grad():
+        y = layer(x)[0]
+        layer(x)  # same shape: no second measurement
+        layer(torch.randn(2, 16))  # two tokens: measured for that shape
+    assert [q["tokens"] for q in timed] == [1, 2]
+    choices = layer.decode_choice
+    assert set(choices) == {1, 2} and all(c.name in ("native", "torch") and c.ms for c in choices.values())
+    assert "measured on this machine" in choices[1].reason
+    with torch.no_grad():
+        layer.decode_backend = "torch"
+        torch.testing.assert_close(y, layer(x)[0], rtol=1e-5, atol=1e-6)  # whichever path auto took
+        layer.decode_backend = "auto"
+    fresh = MoE(16, 24, 8, 2).eval()  # a new layer of the same shape: the answer comes from the on-disk cache
+    with torch.no_grad():
+        fresh(x)
+    assert fresh.decode_choice[1].cached and fresh.decode_choice[1].name == choices[1].name
+    assert native_calls  # the native kernel ran (timed, and used if it won)
 
 
 def test_layer_decode_backend_errors():

@@ -91,8 +91,10 @@ class MoE(nn.Module):
             ``"native"`` runs the native expert FFN kernel (:mod:`sparseforge.ops.expert_ffn`; float32
             CPU only, anything else is a :class:`ConfigError` at call time), ``"torch"`` the
             per-slot ``torch.mm`` chain (:func:`~sparseforge.moe.grouped.few_tokens_ffn`, at most
-            ``FEW_SLOTS`` slots, else the grouped path), ``"auto"`` native for float32 CPU inputs
-            and weights, torch otherwise.
+            ``FEW_SLOTS`` slots, else the grouped path), ``"auto"`` measures both on the first decode
+            call of each shape (float32 CPU inputs and weights; torch otherwise) and keeps the faster
+            (:func:`sparseforge.runtime.choose.choose_by_timing`, cached per CPU on disk; the choice
+            is in :attr:`decode_choice`).
         decode_parallel: run the native decode kernel on the kernels' thread pool (default: on
             the calling thread, which already streams the weights at memory bandwidth).
     """
@@ -123,6 +125,7 @@ class MoE(nn.Module):
         self.backend = cfg.backend
         self.decode_backend = cfg.decode_backend
         self.decode_parallel = bool(cfg.decode_parallel)
+        self._decode_choices: dict = {}  # decode_backend="auto": measured choice per call shape
         self.seed = cfg.seed
         self._generator: torch.Generator | None = None
         self._build_weights(device, dtype)
@@ -230,7 +233,7 @@ class MoE(nn.Module):
             experts, weights, dropped = apply_capacity(chosen, weights, capacity, self.num_experts)
         expert_weights = (self.w_up, self.w_down, self.w_gate)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad or self.w_up.requires_grad)
-        decode = self._decode_backend(x, weights) if not needs_grad else None
+        decode = self._decode_backend(x, experts, weights) if not needs_grad else None
         if decode == "native" and num_tokens <= NATIVE_MAX_TOKENS:  # decode: native kernel
             y = native_expert_ffn(x, experts, weights, *expert_weights, self.activation, self.decode_parallel)  # (T, d)
             counts = torch.bincount(experts.reshape(-1) + 1, minlength=self.num_experts + 1)[1:]  # (E,)
@@ -252,19 +255,46 @@ class MoE(nn.Module):
         )
         return y.reshape(shape), aux
 
-    def _decode_backend(self, x: torch.Tensor, weights: torch.Tensor) -> str:
+    def _decode_backend(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> str:
         """The decode path for this forward-only call: ``"native"`` or ``"torch"``."""
         tensors = (x, weights, self.w_up, self.w_down, self.w_gate)
         if self.decode_backend == "torch":
             return "torch"
-        if native_applicable(*tensors):
+        if not native_applicable(*tensors):
+            if self.decode_backend == "native":
+                raise ConfigError(
+                    "decode_backend='native' needs float32 CPU inputs and expert weights, got "
+                    f"{x.dtype} input and {self.w_up.dtype} weights on {x.device}; use decode_backend='auto' or 'torch'"
+                )
+            return "torch"
+        if self.decode_backend == "native" or x.shape[0] > NATIVE_MAX_TOKENS or experts.numel() > FEW_SLOTS:
             return "native"
-        if self.decode_backend == "native":
-            raise ConfigError(
-                "decode_backend='native' needs float32 CPU inputs and expert weights, got "
-                f"{x.dtype} input and {self.w_up.dtype} weights on {x.device}; use decode_backend='auto' or 'torch'"
-            )
-        return "torch"
+        return self._measured_decode(x, experts, weights)
+
+    def _measured_decode(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> str:
+        """``decode_backend="auto"``: time the native kernel against the torch path on this call's
+        shape once (then per CPU from the on-disk cache) and remember the faster."""
+        from sparseforge.runtime.choose import choose_by_timing
+
+        question = {"d_model": self.d_model, "d_hidden": self.d_hidden, "experts": self.num_experts, "k": self.k,
+                    "expert": self.expert, "activation": self.activation, "tokens": int(x.shape[0]),
+                    "parallel": self.decode_parallel, "shared": self.shared is not None}
+        key = tuple(sorted(question.items()))
+        if key not in self._decode_choices:
+            ew = (self.w_up, self.w_down, self.w_gate)
+            candidates = {
+                "native": lambda: native_expert_ffn(x, experts, weights, *ew, self.activation, self.decode_parallel),
+                "torch": lambda: few_tokens_ffn(x, experts, weights, *ew, self.activation),
+            }
+            with torch.no_grad():
+                choice = choose_by_timing("moe_decode", question, candidates, default="native")
+            self._decode_choices[key] = choice
+        return self._decode_choices[key].name
+
+    @property
+    def decode_choice(self) -> dict:
+        """``{tokens: Choice}`` measured by ``decode_backend="auto"`` so far (name, timings, reason)."""
+        return {dict(k)["tokens"]: c for k, c in self._decode_choices.items()}
 
     def extra_repr(self) -> str:
         return (

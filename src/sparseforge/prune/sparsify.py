@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,7 @@ from sparseforge.errors import ConfigError, DataError, NumericalError
 from sparseforge.layers import find_blocks, select_targets, weight_2d
 from sparseforge.masks import resolve_sparsity
 from sparseforge.patterns import NM, FanIn, check_fits
+from sparseforge.runtime.machine import available_memory_bytes
 from sparseforge.prune.sequential import capture_block_inputs, collect_stats, float32_block, propagate
 
 __all__ = ["sparsify_", "apply_recipe_", "SparsifyReport", "LayerReport", "peak_rss_mb", "check_calibration_memory"]
@@ -38,18 +38,6 @@ __all__ = ["sparsify_", "apply_recipe_", "SparsifyReport", "LayerReport", "peak_
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _available_memory_bytes() -> int:
-    """Memory the kernel says a new allocation can get (``MemAvailable``), else physical memory."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _hidden_size(model: nn.Module) -> int:
@@ -76,7 +64,7 @@ def check_calibration_memory(model: nn.Module, config: SparsifyConfig) -> None:
     cal = config.calibration
     tokens = cal.samples * cal.seqlen
     need = tokens * (2 * _hidden_size(model) * 4 + 8)
-    have = _available_memory_bytes()
+    have = available_memory_bytes()
     if need > have:
         raise ConfigError(
             f"calibration with {cal.samples} samples x {cal.seqlen} tokens needs about {need / 2**30:.1f} GiB "

@@ -25,7 +25,8 @@ import torch
 from sparseforge import kernels
 from sparseforge.errors import ConfigError
 
-__all__ = ["machine_info", "set_threads", "last_level_cache", "CacheSize", "FALLBACK_LLC_BYTES"]
+__all__ = ["machine_info", "set_threads", "last_level_cache", "available_memory_bytes", "CacheSize",
+           "FALLBACK_LLC_BYTES"]
 
 
 def machine_info(threads: int) -> dict[str, Any]:
@@ -52,6 +53,18 @@ def set_threads(threads: Optional[int]) -> int:
     torch.set_num_threads(threads)
     kernels.set_num_threads(threads)
     return threads
+
+
+def available_memory_bytes() -> int:
+    """Memory the kernel says a new allocation can get (``MemAvailable``), else physical memory."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 # ------------------------------------------------------------------------------- cache size
