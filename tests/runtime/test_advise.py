@@ -27,8 +27,7 @@ def _expected_choice(adv: LayerAdvice, min_speedup: float) -> str:
     """The rule: the best mean speedup among the formats not dropped as implausible, if it reaches
     min_speedup and was not refused as inside the noise (the note says which)."""
     dropped = set(adv.note.split(" dropped")[0].split(", ")) if " dropped" in adv.note else set()
-    ratios = {f: statistics.fmean(adv.timings["dense"][b] / t[b] for b in t) for f, t in adv.timings.items()
-              if f != "dense" and f not in dropped}
+    ratios = {f: statistics.fmean(adv.paired[f].values()) for f in adv.paired if f not in dropped}
     best = max(ratios, key=ratios.get)
     if ratios[best] < min_speedup or "too noisy to decide" in adv.note:
         return "dense"

@@ -3,7 +3,9 @@
 import torch
 
 from sparseforge.runtime import advise, machine
-from sparseforge.runtime.timing import Measurement, Timing
+import statistics
+
+from sparseforge.runtime.timing import Measurement, Timing, median_ci
 
 
 def pruned(out=32, inp=64, density=0.1, seed=0):
@@ -11,16 +13,22 @@ def pruned(out=32, inp=64, density=0.1, seed=0):
     return torch.randn(out, inp, generator=g) * (torch.rand(out, inp, generator=g) < density)
 
 
-def fake_timer(ms: dict, stable: bool = True, ci: float = 0.01):
-    """A time_interleaved stand-in that reports ``ms`` (per candidate name) with a +-ci confidence interval."""
+def fake_timer(samples: dict, stable: bool = True):
+    """A time_interleaved stand-in reporting ``samples[name]`` (ms per round) for each candidate."""
     calls = []
 
     def timer(fns, **kw):
-        calls.append(sorted(fns))
+        calls.append(kw["budget_s"])
         for fn in fns.values():
             fn()  # the candidates still run (they must be callable)
-        timings = {k: Timing(ms[k], ms[k], ms[k], ms[k], ms[k] * (1 - ci), ms[k] * (1 + ci), 5) for k in fns}
-        return Measurement(timings, 5, stable, 0.0)
+        rows = {k: [v] * 9 if isinstance(v, float) else list(v) for k, v in samples.items() if k in fns}
+        timings = {}
+        for k, v in rows.items():
+            s = sorted(v)
+            lo, hi = median_ci(s)
+            timings[k] = Timing(statistics.median(s), s[len(s) // 4], s[3 * len(s) // 4], s[0], lo, hi, len(s))
+        return Measurement(timings, len(next(iter(rows.values()))), stable, 0.0,
+                           {k: tuple(t / 1e3 for t in v) for k, v in rows.items()})
 
     timer.calls = calls
     return timer
@@ -29,23 +37,30 @@ def fake_timer(ms: dict, stable: bool = True, ci: float = 0.01):
 def test_a_ratio_beyond_the_bytes_bound_is_remeasured_then_dropped(monkeypatch):
     timer = fake_timer({"dense": 10.0, "bitmap": 8.0, "csr": 0.01})  # csr "1000x faster": a preempted dense call
     monkeypatch.setattr(advise, "time_interleaved", timer)
-    adv = advise.measure_layer(pruned(), budget_s=0.0)
-    assert len(timer.calls) == 2  # measured, found implausible, measured again
+    adv = advise.measure_layer(pruned(), budget_s=0.1)
+    assert timer.calls == [0.1, 0.2, 0.4]  # measured, found implausible, measured again with more budget
     assert adv.choice == "bitmap" and "csr dropped" in adv.note and "too busy" in adv.note
 
 
 def test_a_win_inside_the_noise_of_an_unsettled_machine_keeps_dense(monkeypatch):
-    monkeypatch.setattr(advise, "time_interleaved", fake_timer({"dense": 1.0, "bitmap": 0.9, "csr": 0.85},
-                                                               stable=False, ci=0.3))
-    adv = advise.measure_layer(pruned(), budget_s=0.0)
+    # csr is 1.25x faster in the median round, but slower in 4 of 9 rounds: its interval reaches 1
+    noisy = fake_timer({"dense": [1.0] * 9, "bitmap": [1.0] * 9, "csr": [0.6, 0.7, 0.8, 0.8, 0.8, 1.3, 1.3, 1.4, 1.5]},
+                       stable=False)
+    monkeypatch.setattr(advise, "time_interleaved", noisy)
+    adv = advise.measure_layer(pruned(), budget_s=0.1)
     assert adv.choice == "dense" and "too noisy to decide" in adv.note
+    assert noisy.calls == [0.1, 0.2, 0.4]  # re-measured twice before giving up
 
 
 def test_a_clear_win_on_an_unsettled_machine_is_taken(monkeypatch):
-    monkeypatch.setattr(advise, "time_interleaved", fake_timer({"dense": 1.0, "bitmap": 0.9, "csr": 0.5},
-                                                               stable=False, ci=0.05))
-    adv = advise.measure_layer(pruned(), budget_s=0.0)
-    assert adv.choice == "csr" and adv.note == ""
+    # the medians drift (unstable), but csr is faster than dense in every round: paired ratios decide
+    dense = [1.0, 3.0, 1.2, 2.5, 1.1, 2.8, 1.0, 3.0, 1.3]
+    clear = fake_timer({"dense": dense, "bitmap": [t * 0.95 for t in dense], "csr": [t * 0.5 for t in dense]},
+                       stable=False)
+    monkeypatch.setattr(advise, "time_interleaved", clear)
+    adv = advise.measure_layer(pruned(), budget_s=0.1)
+    assert adv.choice == "csr" and adv.note == "" and clear.calls == [0.1]
+    assert abs(adv.paired["csr"][1] - 2.0) < 1e-9
 
 
 def test_advise_model_reuses_the_per_machine_cache(monkeypatch, tmp_path):

@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 
 from sparseforge.errors import ConfigError
 from sparseforge.runtime.choose import choose_by_timing
-from sparseforge.runtime.timing import median_ci, time_interleaved
+from sparseforge.runtime.timing import Measurement, median_ci, time_interleaved
 from sparseforge.runtime.tuning_cache import TuningCache, cpu_fingerprint
 
 
@@ -130,3 +130,23 @@ def test_choose_by_timing_keeps_the_default_without_a_clear_winner(tmp_path):
     assert c.name == "b"
     with pytest.raises(ConfigError, match="default"):
         choose_by_timing("demo", {"n": 3}, {"a": same}, default="zzz", budget_s=0.01, cache=cache)
+
+
+def test_paired_ratio_cancels_drift_between_rounds():
+    state = {"load": 1.0}
+
+    def drifting(base):
+        def fn():
+            sleeper(base * state["load"])()
+        return fn
+
+    def slow_then_fast():  # load changes round to round; b is always 2x a within a round
+        state["load"] = 3.0 if state["load"] == 1.0 else 1.0
+
+    fns = {"a": drifting(2e-4), "b": drifting(4e-4)}
+    m = time_interleaved({**fns, "load": slow_then_fast}, budget_s=0.0, min_rounds=21, max_rounds=21, warmup=0)
+    med, lo, hi = m.ratio("b", "a")
+    assert lo <= med <= hi and 1.4 < med < 3.0  # ~2 whatever the load of the round (unless preempted)
+    assert m.ratio("a", "a")[0] == 1.0
+    with pytest.raises(ConfigError):
+        Measurement({}, 0, True, 0.0, {"a": (), "b": ()}).ratio("a", "b")

@@ -31,6 +31,7 @@ class LayerAdvice:
     pattern: Optional[str] = None  # the pattern the chosen format is built with (nm: N:M, bsr: block), else None
     layers: list[str] = field(default_factory=list)
     note: str = ""  # why dense was kept although a format measured faster (noise, implausible ratio)
+    paired: dict[str, dict[int, float]] = field(default_factory=dict)  # median per-round dense / format time
     cached: bool = False  # read from the per-machine tuning cache instead of measured now
 
     def speedup(self, fmt: Optional[str] = None) -> dict[int, float]:
@@ -45,8 +46,9 @@ class LayerAdvice:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LayerAdvice":
         """Inverse of :meth:`to_dict` (JSON turns batch-size keys into strings; they come back as ints)."""
-        return cls(**{**d, "shape": tuple(d["shape"]),
-                      "timings": {f: {int(b): t for b, t in v.items()} for f, v in d["timings"].items()}})
+        per_batch = lambda table: {f: {int(b): t for b, t in v.items()} for f, v in table.items()}  # noqa: E731
+        return cls(**{**d, "shape": tuple(d["shape"]), "timings": per_batch(d["timings"]),
+                      "paired": per_batch(d.get("paired", {}))})
 
     def reason(self) -> str:
         parts = ", ".join(f"batch {b}: dense {self.timings['dense'][b]:.3f} ms" +

@@ -20,13 +20,16 @@ advisor times the candidates on the machine it runs on:
 
 Timing protocol (:func:`sparseforge.runtime.timing.time_interleaved`): the candidates are called in
 a fresh random order every round, so load from other processes hits all of them alike, until every
-median is known to 2% or ``budget_s`` seconds per candidate have passed. Decisions that the numbers
-cannot support are refused, with the reason in :attr:`LayerAdvice.note`:
+median is known to 2% or ``budget_s`` seconds per candidate have passed. A format's speedup is the
+median over rounds of the *paired* ratio dense time / format time (both called in the same round,
+so drift between rounds cancels; :attr:`LayerAdvice.paired`). Decisions that the numbers cannot
+support are re-measured with twice, then four times the budget, and then refused, with the reason
+in :attr:`LayerAdvice.note`:
 
 * a format whose speedup over dense exceeds :data:`PLAUSIBLE_GAIN` times its bytes advantage is
-  re-measured once, then dropped as implausible (a preempted dense call, not a real speedup);
-* a format that wins by less than the medians' confidence intervals on an unsettled (noisy)
-  machine is not chosen: dense is kept and the note says the machine was too noisy to decide.
+  dropped as implausible (a preempted dense call, not a real speedup);
+* a format whose speedup's confidence interval still reaches 1 on an unsettled (noisy) machine is
+  not chosen: dense is kept and the note says the machine was too noisy to decide.
 
 Memory state: in a model bigger than the last-level cache (:func:`sparseforge.runtime.machine.last_level_cache`)
 every layer's weights come from memory. Each candidate then cycles through copies of the weight
@@ -68,6 +71,7 @@ __all__ = ["LayerAdvice", "AdviceReport", "measure_layer", "advise_model", "chec
 STREAM_BYTES = 96 << 20  # weight copies cycled per candidate at least, when the model does not fit in cache
 PLAUSIBLE_GAIN = 1.5  # a format may beat dense by at most this times (dense bytes / its bytes)
 REL_TOL = 0.02  # time until every median is known to 2% (or the budget runs out)
+ATTEMPTS = 3  # measurements of a batch size at most (budget x1, x2, x4) while a decision is unclear
 
 
 def check_budget(budget_s: float) -> None:
@@ -154,7 +158,8 @@ def measure_layer(w: torch.Tensor, *, batch_sizes: Sequence[int] = (1,), pattern
     sparse_ws = {f: [m] + [copy.deepcopy(m) for _ in range(copies - 1)] for f, m in sparse.items()}
     bound = {f: PLAUSIBLE_GAIN * max(1.0, dense_bytes / max(1, m.weight_format.nbytes)) for f, m in sparse.items()}
     timings: dict[str, dict[int, float]] = {"dense": {}, **{f: {} for f in sparse}}
-    settled = {f: True for f in sparse}  # every batch either stable or clearly separated from dense
+    speedups: dict[str, dict[int, float]] = {f: {} for f in sparse}  # median per-round dense / format time
+    settled = {f: True for f in sparse}  # every batch: the speedup's interval excludes 1, or the medians settled
     implausible: set[str] = set()
     for b in batch_sizes:
         b = int(b)
@@ -163,26 +168,28 @@ def measure_layer(w: torch.Tensor, *, batch_sizes: Sequence[int] = (1,), pattern
         fns: dict[str, Callable[[], Any]] = {"dense": _cycler(lambda m: torch.nn.functional.linear(xd, m), dense_ws)}
         for f, mods in sparse_ws.items():
             fns[f] = _cycler(lambda m: m(x), mods)
-        for attempt in range(2):
+        for attempt in range(ATTEMPTS):  # re-measure, with twice the budget each time, what is not yet clear
             with torch.inference_mode():
-                meas = time_interleaved(fns, budget_s=budget_s * (1 + attempt), rel_tol=REL_TOL)
-            ms = meas.ms()
-            suspicious = {f for f in sparse if ms["dense"] / ms[f] > bound[f]}
-            if not suspicious:
+                meas = time_interleaved(fns, budget_s=budget_s * 2**attempt, rel_tol=REL_TOL)
+            speed = {f: meas.ratio("dense", f) for f in sparse}  # (median, low, high) of dense / format
+            suspicious = {f for f in sparse if speed[f][0] > bound[f]}
+            contenders = [f for f in sparse if f not in suspicious and speed[f][0] >= min_speedup]
+            unclear = [f for f in contenders if not meas.stable and speed[f][1] <= 1.0]
+            if not suspicious and not unclear:
                 break
         implausible |= suspicious
-        for f, t in ms.items():
+        for f, t in meas.ms().items():
             timings[f][b] = t
         for f in sparse:
-            settled[f] = settled[f] and (meas.stable or meas.separated(f, "dense"))
-    mean_ratio = {f: statistics.fmean(timings["dense"][b] / timings[f][b] for b in timings[f])
-                  for f in sparse if f not in implausible}
+            speedups[f][b] = speed[f][0]
+            settled[f] = settled[f] and (meas.stable or speed[f][1] > 1.0)
+    mean_ratio = {f: statistics.fmean(speedups[f].values()) for f in sparse if f not in implausible}
     best = max(mean_ratio, key=mean_ratio.get, default=None)
     notes = []
     if implausible:
         names = ", ".join(sorted(implausible))
-        notes.append(f"{names} dropped: twice measured faster than their bytes allow (> "
-                     f"{min(bound[f] for f in implausible):.2f}x dense); the machine was too busy to measure them")
+        notes.append(f"{names} dropped: measured faster than their bytes allow (> "
+                     f"{min(bound[f] for f in implausible):.2f}x dense) {ATTEMPTS} times; the machine was too busy to measure them")
     choice = "dense"
     if best is not None and mean_ratio[best] >= min_speedup:
         if settled[best]:
@@ -191,7 +198,8 @@ def measure_layer(w: torch.Tensor, *, batch_sizes: Sequence[int] = (1,), pattern
             notes.append(f"kept dense: {best} measured {mean_ratio[best]:.2f}x but within the noise of an "
                          "unsettled machine (too noisy to decide)")
     return LayerAdvice(tuple(w.shape), float(1 - keep.float().mean()), str(w.dtype).replace("torch.", ""),
-                       timings, choice, pattern=_candidate_pattern(choice, pattern), note="; ".join(notes))
+                       timings, choice, pattern=_candidate_pattern(choice, pattern), note="; ".join(notes),
+                       paired=speedups)
 
 
 def _cycler(call: Callable[[Any], Any], items: list) -> Callable[[], Any]:

@@ -29,7 +29,7 @@ import math
 import random
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from sparseforge.errors import ConfigError
@@ -69,6 +69,18 @@ class Measurement:
     rounds: int
     stable: bool
     seconds: float
+    samples: dict[str, tuple[float, ...]] = field(default_factory=dict, repr=False)  # seconds per call, by round
+
+    def ratio(self, num: str, den: str) -> tuple[float, float, float]:
+        """Median and ~95% confidence interval of the per-round ratio ``num`` time / ``den`` time.
+
+        Both were called in the same round, so load that drifts between rounds cancels out of
+        each ratio: the paired ratio is much tighter than the ratio of the two medians."""
+        r = sorted(a / b for a, b in zip(self.samples[num], self.samples[den]) if b > 0)
+        if not r:
+            raise ConfigError(f"no paired samples of {num!r} and {den!r} to compare")
+        lo, hi = median_ci(r)
+        return statistics.median(r), lo, hi
 
     def ms(self) -> dict[str, float]:
         """``{name: median ms per call}``."""
@@ -144,4 +156,4 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], *, budget_s: float, r
             break
     timings = {k: _summary(v) for k, v in samples.items()}
     stable = all(t.rel_ci <= rel_tol for t in timings.values())
-    return Measurement(timings, rounds, stable, time.perf_counter() - start)
+    return Measurement(timings, rounds, stable, time.perf_counter() - start, {k: tuple(v) for k, v in samples.items()})
