@@ -50,7 +50,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import math
 import statistics
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -103,7 +102,9 @@ def _candidate_pattern(fmt: str, pattern: "Pattern | str | None") -> Optional[st
 
 def _candidates(w: torch.Tensor, keep: torch.Tensor, pattern: "Pattern | str | None", formats: Optional[Sequence[str]],
                 values_dtype: Optional[torch.dtype] = None):
-    """{format: SparseLinear} for every format that can hold the masked weight, and the masked weight."""
+    """{format: SparseLinear} for every format that can hold the masked weight, the masked weight, and a
+    ``build(format)`` that makes another copy the same way (through ``from_dense``, so its buffers sit
+    in huge pages like the model's; ``copy.deepcopy`` would give ordinary pages, which stream slower)."""
     from sparseforge.formats import registry
     from sparseforge.nn.sparse_linear import SparseLinear
 
@@ -114,13 +115,16 @@ def _candidates(w: torch.Tensor, keep: torch.Tensor, pattern: "Pattern | str | N
         raise ConfigError(f"unknown format(s) {unknown}; the advisor knows {known}")
     lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
     lin.weight = nn.Parameter(torch.where(keep, w, torch.zeros((), dtype=w.dtype)), requires_grad=False)
+    def build(fmt: str) -> SparseLinear:
+        return SparseLinear.from_linear(lin, fmt, pattern=_candidate_pattern(fmt, pattern), dtype=values_dtype)
+
     out = {}
     for fmt in wanted:
         try:
-            out[fmt] = SparseLinear.from_linear(lin, fmt, pattern=_candidate_pattern(fmt, pattern), dtype=values_dtype)
+            out[fmt] = build(fmt)
         except ConfigError:
             continue  # the format cannot hold this mask (not N:M, rows of unequal length, no block pattern)
-    return out, lin.weight.detach()
+    return out, lin.weight.detach(), build
 
 
 def measure_layer(w: torch.Tensor, *, batch_sizes: Sequence[int] = (1,), pattern: "Pattern | str | None" = None,
@@ -151,11 +155,11 @@ def measure_layer(w: torch.Tensor, *, batch_sizes: Sequence[int] = (1,), pattern
     if w.dtype not in (torch.float32, torch.bfloat16):
         w = w.float()
     keep = w != 0  # (out, in)
-    sparse, masked = _candidates(w, keep, pattern, formats, values_dtype)
+    sparse, masked, build = _candidates(w, keep, pattern, formats, values_dtype)
     dense_bytes = masked.numel() * masked.element_size()
     copies = max(1, math.ceil(stream_bytes(1 + len(sparse)) / max(1, dense_bytes))) if stream else 1
     dense_ws = [masked.clone() for _ in range(copies)]
-    sparse_ws = {f: [m] + [copy.deepcopy(m) for _ in range(copies - 1)] for f, m in sparse.items()}
+    sparse_ws = {f: [m] + [build(f) for _ in range(copies - 1)] for f, m in sparse.items()}
     bound = {f: PLAUSIBLE_GAIN * max(1.0, dense_bytes / max(1, m.weight_format.nbytes)) for f, m in sparse.items()}
     timings: dict[str, dict[int, float]] = {"dense": {}, **{f: {} for f in sparse}}
     speedups: dict[str, dict[int, float]] = {f: {} for f in sparse}  # median per-round dense / format time
