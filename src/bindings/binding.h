@@ -55,5 +55,6 @@ void register_sparse_linear(nb::module_& m);  // sparse_linear.cpp: CSR, bitmap,
 void register_expert_ffn(nb::module_& m);     // expert_ffn.cpp: few-token MoE expert FFN
 void register_activation(nb::module_& m);     // activation.cpp: sparse-input linear (activation sparsity)
 void register_attention(nb::module_& m);      // attention.cpp: decode attention, Quest page selection, sparse KV
+void register_linear_bf16(nb::module_& m);    // linear_bf16.cpp: bf16 / AMX panel product (batch >= 16)
 
 }  // namespace sfb
