@@ -16,7 +16,7 @@
 //   xp       uint32 [nbt][kp / 2][16]: batch tile t (batch rows 16t..16t+15), column pair k: dword
 //            (x[16t + l, 2k], x[16t + l, 2k + 1]) at lane l (low half = even column); zero past B and in;
 //            kp = in rounded up to 32
-//   panel    bf16 [32][kBf16PanelLd]: row i = weight row r0 + i, columns c0 .. c0 + 511, zero where pruned,
+//   panel    bf16 [32][kBf16PanelLd] (two: one multiplied while the next is decoded): row i = weight row r0 + i, columns c0 .. c0 + 511, zero where pruned,
 //            past `in` and past the last row
 //   acc      float32 [32][64]: acc[i][b] = partial y[b0 + b, r0 + i]
 // The dense panel multiplies every zero too, so NaN / inf in x propagate exactly as in a dense matmul.
@@ -47,7 +47,7 @@ constexpr int64_t kBf16PanelLd = kBf16ColChunk + 32;  // panel row stride (not a
 constexpr int64_t kBf16BatchChunk = 64;   // batch rows per packed activation block (acc row length)
 constexpr int64_t kBf16PanelBytes = kBf16RowBlock * kBf16PanelLd * 2;
 constexpr int64_t kBf16AccBytes = kBf16RowBlock * kBf16BatchChunk * 4;
-constexpr int64_t kBf16ScratchBytes = kBf16PanelBytes + kBf16AccBytes + kBf16RowBlock * 8;  // + row cursors
+constexpr int64_t kBf16ScratchBytes = 2 * kBf16PanelBytes + kBf16AccBytes + kBf16RowBlock * 8;  // two panels, acc, row cursors
 
 // One packed block of activations (batch rows [b0, b0 + bn)) and the problem it belongs to.
 struct Bf16Tile {

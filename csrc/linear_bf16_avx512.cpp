@@ -27,7 +27,8 @@ struct DpMicro {
     for (int r = 0; r < 4; ++r)
       for (int j = 0; j < NB; ++j) _mm512_storeu_ps(acc + (i0 + r) * kBf16BatchChunk + (bt0 + j) * 16, a[r][j]);
   }
-  void mul(const uint16_t* panel, const Bf16Tile& t, int64_t c0, int64_t kc, float* acc) const {
+  template <class Side>
+  int64_t mul(const uint16_t* panel, const Bf16Tile& t, int64_t c0, int64_t kc, float* acc, Side&&) const {
     for (int64_t i0 = 0; i0 < kBf16RowBlock; i0 += 4) {
       int64_t bt = 0;
       for (; bt + 4 <= t.nbt; bt += 4) rows4<4>(panel, t, c0, kc, acc, i0, bt);
@@ -38,6 +39,7 @@ struct DpMicro {
         default: break;
       }
     }
+    return 0;
   }
 };
 
