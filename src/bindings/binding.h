@@ -42,6 +42,13 @@ int64_t dim(const In& a, size_t d);
 // a weight buffer as the view builders take it (csrc/views.h): on the CPU and C-contiguous
 sf::Array array(const In& a, const char* name);
 
+// y (batch, out) float32 and bias (out,) float32 or None, checked
+struct LinearOut {
+  float* y = nullptr;
+  int64_t out = 0;
+  const float* bias = nullptr;
+};
+LinearOut linear_out(int64_t batch, const nb::object& bias, const Out& y);
 // x (B, in) float32, bias (out,) float32 or None, y (B, out) float32
 sf::Problem problem(const In& x, const nb::object& bias, const Out& y);
 // dy (B, out), dx (B, in), float32

@@ -29,21 +29,14 @@ sf::Bf16Path resolve_path(const std::string& path) {
 sf::Bf16Problem problem_bf16(const In& x, const nb::object& bias, const Out& y) {
   check_array(x, "x", 2);
   if (x.dtype() != nb::dtype<uint16_t>()) throw std::invalid_argument("x must be bfloat16 (its raw uint16 bits)");
-  check_out(y, "y", 2);
-  if (y.dtype() != nb::dtype<float>()) throw std::invalid_argument("y must be float32");
   sf::Bf16Problem p;
   p.x = static_cast<const uint16_t*>(x.data());
   p.B = dim(x, 0);
   p.in = dim(x, 1);
-  p.y = static_cast<float*>(y.data());
-  p.out = static_cast<int64_t>(y.shape(1));
-  if (static_cast<int64_t>(y.shape(0)) != p.B) throw std::invalid_argument("y must have as many rows as x");
-  if (!bias.is_none()) {
-    In b = nb::cast<In>(bias);
-    check_f32(b, "bias", 1);
-    if (dim(b, 0) != p.out) throw std::invalid_argument("bias must have shape (out_features,)");
-    p.bias = static_cast<const float*>(b.data());
-  }
+  const LinearOut o = linear_out(p.B, bias, y);
+  p.y = o.y;
+  p.out = o.out;
+  p.bias = o.bias;
   return p;
 }
 

@@ -123,3 +123,17 @@ def test_compress_sets_the_compute_dtype():
     compress_(model, format="bitmap", compute_dtype=torch.bfloat16)
     assert all(m.compute_dtype == torch.bfloat16 for m in model.modules() if isinstance(m, SparseLinear))
     assert isinstance(model[0], SparseLinear) and isinstance(model[2], SparseLinear)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from sparseforge.ops import bf16_compute
+
+    result = doctest.testmod(bf16_compute)
+    assert result.attempted > 0 and result.failed == 0
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner()
+    for test in finder.find(SparseLinear.set_compute_dtype, "set_compute_dtype", globs={"SparseLinear": SparseLinear}):
+        runner.run(test)
+    assert runner.summarize(verbose=False).attempted > 0 and runner.summarize(verbose=False).failed == 0
