@@ -1,7 +1,7 @@
 // bf16 compute for the batched sparse product: y (B, out) = bf16(x) @ bf16(W)^T (+ bias), float32
 // accumulation, for bitmap, N:M and CSR weights (float32 or bfloat16 values).
 //
-// Method: the weight is decompressed, 32 rows x 512 columns at a time, into a dense bf16 panel that
+// Method: the weight is decompressed, 32 rows x 128 columns at a time, into a dense bf16 panel that
 // stays in L1, and the panel is multiplied with the activations packed once per call in the VNNI
 // layout. Three multiply paths, chosen at run time:
 //   amx          AMX-BF16 TDPBF16PS: the panel rows are the A tiles (16 rows x 32 bf16), the packed
@@ -16,7 +16,7 @@
 //   xp       uint32 [nbt][kp / 2][16]: batch tile t (batch rows 16t..16t+15), column pair k: dword
 //            (x[16t + l, 2k], x[16t + l, 2k + 1]) at lane l (low half = even column); zero past B and in;
 //            kp = in rounded up to 32
-//   panel    bf16 [32][kBf16PanelLd] (two: one multiplied while the next is decoded): row i = weight row r0 + i, columns c0 .. c0 + 511, zero where pruned,
+//   panel    bf16 [32][kBf16PanelLd] (two: one multiplied while the next is decoded): row i = weight row r0 + i, columns c0 .. c0 + 127, zero where pruned,
 //            past `in` and past the last row
 //   acc      float32 [32][64]: acc[i][b] = partial y[b0 + b, r0 + i]
 // The dense panel multiplies every zero too, so NaN / inf in x propagate exactly as in a dense matmul.
@@ -42,7 +42,10 @@ struct Bf16Problem {
 };
 
 constexpr int64_t kBf16RowBlock = 32;     // weight rows per task: two 16-row AMX A tiles
-constexpr int64_t kBf16ColChunk = 512;    // columns per decoded panel
+// columns per decoded panel: two panels (2 x 8.5 KB) and the x slice (64 batch rows: 16 KB) fit L1.
+// One core, 50% bitmap, batch 64, AMX, best of 30-40 (contended host): 1024x4096 0.69-0.73 ms
+// (128) / 0.68-0.70 (256) / 0.80-0.81 (512); 512x11008 1.03-1.05 / 1.23-1.26 / 1.15
+constexpr int64_t kBf16ColChunk = 128;
 constexpr int64_t kBf16PanelLd = kBf16ColChunk + 32;  // panel row stride (not a multiple of 1 KB: no L1 set aliasing)
 constexpr int64_t kBf16BatchChunk = 64;   // batch rows per packed activation block (acc row length)
 constexpr int64_t kBf16PanelBytes = kBf16RowBlock * kBf16PanelLd * 2;

@@ -183,7 +183,7 @@ void bf16_block(const typename Panel::View& w, const Bf16Tile& t, int64_t r0, in
       const int64_t kc = min64(kBf16ColChunk, t.kp - c0), c1 = c0 + kc, kc1 = min64(kBf16ColChunk, t.kp - c1);
       uint16_t* next = panels[which ^ 1];
       const int64_t c2 = c1 + kc1, kc2 = min64(kBf16ColChunk, t.kp - c2);
-      auto side = [&](int64_t i) {
+      auto side = [&](int64_t i) {  // row i of the next panel, and a prefetch of the one after
         if (c1 < t.kp && i < nr) {
           dec.row(r0 + i, cur[i], c1, kc1, next + i * kBf16PanelLd);
           if (c2 < t.kp) dec.prefetch(r0 + i, cur[i], c2, kc2);
