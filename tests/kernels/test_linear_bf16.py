@@ -151,3 +151,14 @@ def test_bad_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="as many rows"):
         native.bitmap_linear_bf16(xb, *case.bufs, None, torch.empty(15, 4).numpy())
 
+
+
+def test_each_path_really_runs_its_own_code():
+    """Float32 sums in a different order give different last bits: forced paths are not silently the same kernel."""
+    case = random_case("bitmap_bf16", 64, 1024, density=0.5, seed=7)
+    x = torch.randn(64, 1024, generator=torch.Generator().manual_seed(7))
+    outs = {p: run_bf16(case, x, path=p) for p in PATHS}
+    for a in PATHS:
+        for b in PATHS:
+            if a < b:
+                assert not torch.equal(outs[a], outs[b]), (a, b)

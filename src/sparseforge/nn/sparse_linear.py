@@ -74,6 +74,8 @@ def _format_name(weight) -> str:
 class SparseLinear(nn.Module):
     """Linear layer with a sparse-format weight (see the module doc). ``weight`` is (out, in)."""
 
+    _compute_dtype = torch.float32  # class default: modules pickled before compute_dtype existed load as float32
+
     def __init__(
         self, weight: "BitmapWeight | NMWeight | CSRWeight | FanInWeight | BSRWeight", bias: Optional[Tensor] = None, *,
         trainable: bool = False, compute_dtype: torch.dtype = torch.float32,
