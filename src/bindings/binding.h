@@ -49,6 +49,19 @@ struct LinearOut {
   const float* bias = nullptr;
 };
 LinearOut linear_out(int64_t batch, const nb::object& bias, const Out& y);
+// P (sf::Problem, sf::Bf16Problem) over x (B, in) of element type T (checked by the caller), y and bias
+template <class P, class T>
+P linear_problem(const In& x, const nb::object& bias, const Out& y) {
+  P p;
+  p.x = static_cast<const T*>(x.data());
+  p.B = dim(x, 0);
+  p.in = dim(x, 1);
+  const LinearOut o = linear_out(p.B, bias, y);
+  p.y = o.y;
+  p.out = o.out;
+  p.bias = o.bias;
+  return p;
+}
 // x (B, in) float32, bias (out,) float32 or None, y (B, out) float32
 sf::Problem problem(const In& x, const nb::object& bias, const Out& y);
 // dy (B, out), dx (B, in), float32

@@ -29,15 +29,7 @@ sf::Bf16Path resolve_path(const std::string& path) {
 sf::Bf16Problem problem_bf16(const In& x, const nb::object& bias, const Out& y) {
   check_array(x, "x", 2);
   if (x.dtype() != nb::dtype<uint16_t>()) throw std::invalid_argument("x must be bfloat16 (its raw uint16 bits)");
-  sf::Bf16Problem p;
-  p.x = static_cast<const uint16_t*>(x.data());
-  p.B = dim(x, 0);
-  p.in = dim(x, 1);
-  const LinearOut o = linear_out(p.B, bias, y);
-  p.y = o.y;
-  p.out = o.out;
-  p.bias = o.bias;
-  return p;
+  return linear_problem<sf::Bf16Problem, uint16_t>(x, bias, y);
 }
 
 template <class View>

@@ -121,15 +121,7 @@ LinearOut linear_out(int64_t batch, const nb::object& bias, const Out& y) {
 
 sf::Problem problem(const In& x, const nb::object& bias, const Out& y) {
   check_f32(x, "x", 2);
-  sf::Problem p;
-  p.x = static_cast<const float*>(x.data());
-  p.B = dim(x, 0);
-  p.in = dim(x, 1);
-  const LinearOut o = linear_out(p.B, bias, y);
-  p.y = o.y;
-  p.out = o.out;
-  p.bias = o.bias;
-  return p;
+  return linear_problem<sf::Problem, float>(x, bias, y);
 }
 
 sf::ProblemT problem_t(const In& dy, const Out& dx) {
