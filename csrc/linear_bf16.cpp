@@ -84,7 +84,12 @@ bool amx_permission() {
 }
 #endif
 
+// the table of a path; a path this machine cannot run throws (for AMX this also makes sure the
+// process asked Linux for the tile state: bf16_path_supported does, once)
 const Bf16Kernels& kernels(Bf16Path path) {
+  if (!bf16_path_supported(path)) {
+    throw std::invalid_argument(std::string("bf16 path ") + bf16_path_name(path) + " is not available on this machine");
+  }
 #if defined(SF_HAVE_BF16_KERNELS)
   if (path == Bf16Path::avx512_bf16) return avx512bf16::linear_bf16;
 #endif
