@@ -42,6 +42,26 @@ int64_t dim(const In& a, size_t d);
 // a weight buffer as the view builders take it (csrc/views.h): on the CPU and C-contiguous
 sf::Array array(const In& a, const char* name);
 
+// y (batch, out) float32 and bias (out,) float32 or None, checked
+struct LinearOut {
+  float* y = nullptr;
+  int64_t out = 0;
+  const float* bias = nullptr;
+};
+LinearOut linear_out(int64_t batch, const nb::object& bias, const Out& y);
+// P (sf::Problem, sf::Bf16Problem) over x (B, in) of element type T (checked by the caller), y and bias
+template <class P, class T>
+P linear_problem(const In& x, const nb::object& bias, const Out& y) {
+  P p;
+  p.x = static_cast<const T*>(x.data());
+  p.B = dim(x, 0);
+  p.in = dim(x, 1);
+  const LinearOut o = linear_out(p.B, bias, y);
+  p.y = o.y;
+  p.out = o.out;
+  p.bias = o.bias;
+  return p;
+}
 // x (B, in) float32, bias (out,) float32 or None, y (B, out) float32
 sf::Problem problem(const In& x, const nb::object& bias, const Out& y);
 // dy (B, out), dx (B, in), float32
@@ -55,5 +75,6 @@ void register_sparse_linear(nb::module_& m);  // sparse_linear.cpp: CSR, bitmap,
 void register_expert_ffn(nb::module_& m);     // expert_ffn.cpp: few-token MoE expert FFN
 void register_activation(nb::module_& m);     // activation.cpp: sparse-input linear (activation sparsity)
 void register_attention(nb::module_& m);      // attention.cpp: decode attention, Quest page selection, sparse KV
+void register_linear_bf16(nb::module_& m);    // linear_bf16.cpp: bf16 / AMX panel product (batch >= 16)
 
 }  // namespace sfb

@@ -103,24 +103,25 @@ sf::Array array(const In& a, const char* name) {
   return out;
 }
 
-sf::Problem problem(const In& x, const nb::object& bias, const Out& y) {
-  check_f32(x, "x", 2);
+LinearOut linear_out(int64_t batch, const nb::object& bias, const Out& y) {
   check_out(y, "y", 2);
   check_float32(y, "y");
-  sf::Problem p;
-  p.x = static_cast<const float*>(x.data());
-  p.B = dim(x, 0);
-  p.in = dim(x, 1);
-  p.y = static_cast<float*>(y.data());
-  p.out = static_cast<int64_t>(y.shape(1));
-  if (static_cast<int64_t>(y.shape(0)) != p.B) throw std::invalid_argument("y must have as many rows as x");
+  LinearOut o;
+  o.y = static_cast<float*>(y.data());
+  o.out = static_cast<int64_t>(y.shape(1));
+  if (static_cast<int64_t>(y.shape(0)) != batch) throw std::invalid_argument("y must have as many rows as x");
   if (!bias.is_none()) {
     In b = nb::cast<In>(bias);
     check_f32(b, "bias", 1);
-    if (dim(b, 0) != p.out) throw std::invalid_argument("bias must have shape (out_features,)");
-    p.bias = static_cast<const float*>(b.data());
+    if (dim(b, 0) != o.out) throw std::invalid_argument("bias must have shape (out_features,)");
+    o.bias = static_cast<const float*>(b.data());
   }
-  return p;
+  return o;
+}
+
+sf::Problem problem(const In& x, const nb::object& bias, const Out& y) {
+  check_f32(x, "x", 2);
+  return linear_problem<sf::Problem, float>(x, bias, y);
 }
 
 sf::ProblemT problem_t(const In& dy, const Out& dx) {

@@ -13,4 +13,5 @@ NB_MODULE(_native, m) {
   sfb::register_expert_ffn(m);
   sfb::register_activation(m);
   sfb::register_attention(m);
+  sfb::register_linear_bf16(m);
 }

@@ -10,6 +10,9 @@ Settings (read by the native code, see ``docs/kernels.md``):
   it); unset or ``auto`` picks the best one. Read on every call, so it can be changed at any time.
 * ``SPARSEFORGE_VPOPCNTDQ=0|1|auto``: within ``avx512``, the bitmap and N:M kernels built with
   AVX512_VPOPCNTDQ (picked when the CPU has it) or without it (``0``).
+* ``SPARSEFORGE_BF16_PATH=scalar|avx512_bf16|amx`` forces the path of the bf16-compute product
+  (:func:`sparseforge.ops.linear_bf16`); unset or ``auto`` picks the best (AMX, else AVX512_BF16,
+  else scalar). Read on every call.
 * ``SPARSEFORGE_NUM_THREADS=n`` sizes the kernels' thread pool at first use (default: the CPUs this
   process may run on); :func:`set_num_threads` changes it later.
 
@@ -26,9 +29,13 @@ from contextlib import contextmanager
 from types import ModuleType
 from typing import Iterator, Optional
 
-__all__ = ["native", "isa", "best_isa", "cpu_supports", "num_threads", "set_num_threads", "sparse_threads", "ISAS"]
+__all__ = [
+    "native", "isa", "best_isa", "cpu_supports", "num_threads", "set_num_threads", "sparse_threads", "ISAS",
+    "bf16_path", "bf16_path_supported", "BF16_PATHS",
+]
 
 ISAS = ("scalar", "avx2", "avx512")
+BF16_PATHS = ("scalar", "avx512_bf16", "amx")  # paths of the bf16-compute product, slowest first
 
 _BUILD_HINT = (
     "sparseforge's compiled CPU kernels (sparseforge._native) could not be imported{why}. They are "
@@ -59,6 +66,18 @@ def best_isa() -> str:
 def cpu_supports(name: str) -> bool:
     """Whether this build and CPU can run kernel path ``name`` (one of :data:`ISAS`)."""
     return native().cpu_supports(name)
+
+
+def bf16_path(requested: str = "") -> str:
+    """Path the bf16-compute product would use now (``SPARSEFORGE_BF16_PATH`` if set, else the best);
+    a :class:`~sparseforge.errors.ConfigError` for a path this build, CPU or OS cannot run."""
+    return native().bf16_path(requested)
+
+
+def bf16_path_supported(name: str) -> bool:
+    """Whether this build, CPU and OS can run bf16 path ``name`` (one of :data:`BF16_PATHS`); for
+    ``"amx"`` this asks Linux for the tile-data permission (once per process)."""
+    return native().bf16_path_supported(name)
 
 
 def num_threads() -> int:

@@ -21,6 +21,14 @@ structure (bitmap, indices, row pointers: still buffers) never changes while the
 Activations: the kernels take float32 ``x``; a bfloat16/float16 ``x`` is cast to float32 on the way
 in and the output cast back to ``x.dtype`` (documented cost: two casts per call).
 
+Compute dtype: ``compute_dtype=torch.bfloat16`` (constructor, :meth:`from_linear`,
+:meth:`set_compute_dtype`, ``compress_``) runs batches of at least
+:data:`~sparseforge.ops.bf16_compute.BF16_MIN_BATCH` rows through the bf16 product
+(:func:`sparseforge.ops.linear_bf16`: ``x`` converted to bf16 at the layer edge, AMX / AVX512_BF16 /
+scalar, float32 accumulation, output cast back to ``x.dtype``); smaller batches keep the float32
+kernels (memory-bound, where bf16 compute does not pay). :meth:`kernel_path` and the repr say which
+path runs. Bitmap, N:M and CSR weights only.
+
 Example:
     >>> import torch
     >>> from sparseforge.nn import SparseLinear
@@ -40,10 +48,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from sparseforge import ops
+from sparseforge import kernels, ops
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats import BitmapWeight, BSRWeight, CSRWeight, FanInWeight, NMWeight, registry
 from sparseforge.formats.rule import auto_format
+from sparseforge.ops.bf16_compute import BF16_MIN_BATCH, bf16_formats, supports_bf16
 from sparseforge.patterns import NM, parse
 
 __all__ = ["SparseLinear", "FORMATS", "STRUCTURED_FORMATS", "ALL_FORMATS"]
@@ -55,6 +64,7 @@ FORMATS = registry.names(general=True)
 STRUCTURED_FORMATS = registry.names(general=False)
 ALL_FORMATS = FORMATS + STRUCTURED_FORMATS
 _VALUE_DTYPES = (torch.float32, torch.bfloat16)
+_COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _format_name(weight) -> str:
@@ -64,8 +74,11 @@ def _format_name(weight) -> str:
 class SparseLinear(nn.Module):
     """Linear layer with a sparse-format weight (see the module doc). ``weight`` is (out, in)."""
 
+    _compute_dtype = torch.float32  # class default: modules pickled before compute_dtype existed load as float32
+
     def __init__(
-        self, weight: "BitmapWeight | NMWeight | CSRWeight | FanInWeight | BSRWeight", bias: Optional[Tensor] = None, *, trainable: bool = False
+        self, weight: "BitmapWeight | NMWeight | CSRWeight | FanInWeight | BSRWeight", bias: Optional[Tensor] = None, *,
+        trainable: bool = False, compute_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         self.format = _format_name(weight)
@@ -85,6 +98,8 @@ class SparseLinear(nn.Module):
                 raise ModelError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
             bias = nn.Parameter(bias.detach().to(torch.float32).clone(), requires_grad=False)
         self.bias = bias
+        self._compute_dtype = torch.float32
+        self.set_compute_dtype(compute_dtype)
         if trainable:
             self.set_trainable(True)
 
@@ -98,6 +113,7 @@ class SparseLinear(nn.Module):
         pattern: "NM | str | None" = None,
         dtype: Optional[torch.dtype] = None,
         trainable: bool = False,
+        compute_dtype: torch.dtype = torch.float32,
     ) -> "SparseLinear":
         """Compress an ``nn.Linear`` or transformers ``Conv1D``; zeros of its weight are the pruned entries.
 
@@ -109,6 +125,8 @@ class SparseLinear(nn.Module):
                 pattern tried first. ``format="fanin"`` needs every row to keep the same count.
             dtype: values dtype (float32 or bfloat16); default the weight's own.
             trainable: store the values as a trainable parameter (see :meth:`set_trainable`).
+            compute_dtype: ``torch.bfloat16`` for the bf16 product at batch >= 16 (module doc,
+                :meth:`set_compute_dtype`); default float32.
         Raises:
             ModelError: ``linear`` is not a linear layer. ConfigError: unknown format, or the weight does
             not fit it (e.g. ``"nm"`` on a weight that keeps more than N of some M).
@@ -130,7 +148,7 @@ class SparseLinear(nn.Module):
         keep = w != 0  # (out, in), pruned entries are exact zeros
         pattern = parse(pattern) if pattern else None
         weight = registry.get(format).build(w.to(dtype), pattern, keep)
-        return cls(weight, linear.bias, trainable=trainable)
+        return cls(weight, linear.bias, trainable=trainable, compute_dtype=compute_dtype)
 
     # ---- the weight object, kept in sync with the buffers -----------------------------------
 
@@ -245,6 +263,44 @@ class SparseLinear(nn.Module):
             self.replace_weight(weight)  # the stored count of kept weights may differ; super() below refills in place
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
+    # ---- compute dtype -----------------------------------------------------------------------
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """``torch.float32`` (the float32 kernels) or ``torch.bfloat16`` (bf16 product at batch >= 16)."""
+        return self._compute_dtype
+
+    def set_compute_dtype(self, dtype: torch.dtype) -> "SparseLinear":
+        """Choose the arithmetic of ``forward`` (module doc). Raises ConfigError for another dtype or,
+        with bfloat16, a format without a bf16 product (fan-in, BSR) or a bf16 path the machine lacks
+        (``SPARSEFORGE_BF16_PATH``).
+
+        Example:
+            >>> import torch
+            >>> from sparseforge.formats import BitmapWeight
+            >>> layer = SparseLinear(BitmapWeight.from_dense(torch.eye(4)))
+            >>> layer.set_compute_dtype(torch.bfloat16).kernel_path(64).startswith("bf16:")
+            True
+        """
+        if dtype not in _COMPUTE_DTYPES:
+            raise ConfigError(f"compute_dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+        if dtype == torch.bfloat16:
+            if not supports_bf16(self.weight_format):
+                raise ConfigError(
+                    f"compute_dtype=torch.bfloat16 needs a {', '.join(bf16_formats())} weight, this layer is {self.format}; "
+                    "rebuild it in one of those formats or keep float32"
+                )
+            kernels.bf16_path()  # ConfigError now, not at the first batch, if SPARSEFORGE_BF16_PATH is unusable
+        self._compute_dtype = dtype
+        return self
+
+    def kernel_path(self, batch: int) -> str:
+        """The path ``forward`` takes for ``batch`` rows: ``"bf16:<amx|avx512_bf16|scalar>"`` or
+        ``"fp32:<avx512|avx2|scalar>"`` (the float32 kernels)."""
+        if self._compute_dtype == torch.bfloat16 and batch >= BF16_MIN_BATCH:
+            return f"bf16:{kernels.bf16_path()}"
+        return f"fp32:{kernels.isa()}"
+
     # ---- use ---------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
@@ -252,6 +308,8 @@ class SparseLinear(nn.Module):
         bias = self.bias
         if bias is not None and bias.dtype != torch.float32:
             bias = bias.to(torch.float32)
+        if self._compute_dtype == torch.bfloat16 and x.is_floating_point() and x.numel() >= BF16_MIN_BATCH * self.in_features:
+            return ops.linear_bf16(x, weight, bias).to(x.dtype)  # (..., out); x converted to bf16 inside
         if x.dtype == torch.float32:
             return ops.linear(x.contiguous(), weight, bias)  # (..., out)
         if not x.is_floating_point():
@@ -297,4 +355,6 @@ class SparseLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"format={fmt}, values={dtype}, nnz={self.nnz}, sparsity={self.sparsity:.3f}"
+            + (f", compute=bfloat16 ({self.kernel_path(BF16_MIN_BATCH)} from batch {BF16_MIN_BATCH})"
+               if self._compute_dtype == torch.bfloat16 else "")
         )

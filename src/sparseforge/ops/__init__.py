@@ -11,6 +11,8 @@ and in training:
 * ``sparseforge::nm_linear(x, values, indices, n, m, bias)``
 * ``sparseforge::fanin_linear(x, values, indices, bias)``
 * ``sparseforge::bsr_linear(x, block_row_ptr, block_col, values, bias)``
+* ``sparseforge::{bitmap,nm,csr}_linear_bf16(x, W..., bias)``: bf16 compute (``x`` bfloat16, AMX /
+  AVX512_BF16 panel product for batch >= 16; :func:`linear_bf16`, :mod:`sparseforge.ops.bf16_compute`)
 * ``sparseforge::moe_expert_ffn(x, experts, weights, w_up, w_down, w_gate, activation, parallel)``: the
   few-token MoE expert FFN (:mod:`sparseforge.ops.expert_ffn`, forward only)
 
@@ -50,12 +52,13 @@ from sparseforge.ops.bitmap import bitmap_linear, bitmap_linear_dw, bitmap_linea
 from sparseforge.ops.bsr import bsr_linear, bsr_linear_dw, bsr_linear_t
 from sparseforge.ops.csr import csr_linear, csr_linear_dw, csr_linear_t
 from sparseforge.ops.fanin import fanin_linear, fanin_linear_dw, fanin_linear_t
+from sparseforge.ops.bf16_compute import linear_bf16
 from sparseforge.ops.nm import nm_linear, nm_linear_dw, nm_linear_t
 
 __all__ = [
     "linear", "csr_linear", "bitmap_linear", "nm_linear", "csr_linear_t", "bitmap_linear_t", "nm_linear_t",
     "csr_linear_dw", "bitmap_linear_dw", "nm_linear_dw", "fanin_linear", "fanin_linear_t", "fanin_linear_dw",
-    "bsr_linear", "bsr_linear_t", "bsr_linear_dw",
+    "bsr_linear", "bsr_linear_t", "bsr_linear_dw", "linear_bf16",
 ]
 
 KERNELS = {spec.fmt: spec for spec in (csr.OPS, bitmap.OPS, nm.OPS, fanin.OPS, bsr.OPS)}  # by kernel family

@@ -177,6 +177,7 @@ def compress_(
     dtype: Optional[torch.dtype] = None,
     batch_sizes: tuple[int, ...] = (1,),
     advice: "AdviceReport | None" = None,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> CompressReport:
     """Replace pruned linear layers of ``model`` with :class:`SparseLinear`, in place.
 
@@ -196,6 +197,8 @@ def compress_(
         batch_sizes: batch sizes (tokens per call) ``"auto"`` measures at; pick the ones you serve.
         advice: an :class:`~sparseforge.runtime.advise.AdviceReport` already measured for this model
             (``"auto"`` then measures nothing).
+        compute_dtype: ``torch.bfloat16`` runs batches >= 16 of every converted layer through the bf16
+            product (:meth:`SparseLinear.set_compute_dtype`; bitmap, N:M and CSR layers only).
     Returns:
         :class:`CompressReport`. All layers are built before any is swapped, so an error (e.g.
         ``format="nm"`` on a weight that is not N:M) leaves the model unchanged.
@@ -224,7 +227,7 @@ def compress_(
         if choice is None:
             continue
         try:
-            sl = SparseLinear.from_linear(mod, choice[0], pattern=choice[1], dtype=dtype)
+            sl = SparseLinear.from_linear(mod, choice[0], pattern=choice[1], dtype=dtype, compute_dtype=compute_dtype)
         except ConfigError as exc:
             raise ConfigError(f"layer {name}: {exc}") from exc
         built[name] = sl

@@ -1,0 +1,105 @@
+// bf16 compute for the batched sparse product: y (B, out) = bf16(x) @ bf16(W)^T (+ bias), float32
+// accumulation, for bitmap, N:M and CSR weights (float32 or bfloat16 values).
+//
+// Method: the weight is decompressed, 32 rows x 128 columns at a time, into a dense bf16 panel that
+// stays in L1, and the panel is multiplied with the activations packed once per call in the VNNI
+// layout. Three multiply paths, chosen at run time:
+//   amx          AMX-BF16 TDPBF16PS: the panel rows are the A tiles (16 rows x 32 bf16), the packed
+//                activations the B tiles, four 16x16 float32 accumulator tiles (32 rows x 32 batch)
+//   avx512_bf16  AVX512_BF16 vdpbf16ps: 4 weight rows x 4 batch vectors per step, weight pairs broadcast
+//   scalar       plain C++ (bf16 widened to float32), the correct fallback on any CPU
+// The two vector paths decode bitmap and 2:4 panels with AVX512_VBMI2 expand loads (vpexpandw /
+// vexpandps + vcvtne2ps2bf16); CSR and other N:M patterns use the portable decoders.
+//
+// Layouts (all little-endian):
+//   x        bf16 (B, in) row-major, raw uint16 bits
+//   xp       uint32 [nbt][kp / 2][16]: batch tile t (batch rows 16t..16t+15), column pair k: dword
+//            (x[16t + l, 2k], x[16t + l, 2k + 1]) at lane l (low half = even column); zero past B and in;
+//            kp = in rounded up to 32
+//   panel    bf16 [32][kBf16PanelLd] (two: one multiplied while the next is decoded): row i = weight row r0 + i, columns c0 .. c0 + 127, zero where pruned,
+//            past `in` and past the last row
+//   acc      float32 [32][64]: acc[i][b] = partial y[b0 + b, r0 + i]
+// The dense panel multiplies every zero too, so NaN / inf in x propagate exactly as in a dense matmul.
+// AMX and vdpbf16ps treat bf16 subnormals as zero (the scalar path does not).
+#pragma once
+
+#include "bitmap.h"
+#include "common.h"
+#include "csr.h"
+#include "nm.h"
+
+namespace sf {
+
+enum class Bf16Path : int { scalar = 0, avx512_bf16 = 1, amx = 2 };
+
+struct Bf16Problem {
+  const uint16_t* x = nullptr;  // (B, in) bf16 bits
+  int64_t B = 0;
+  int64_t in = 0;
+  float* y = nullptr;  // (B, out)
+  int64_t out = 0;
+  const float* bias = nullptr;  // (out,) or null
+};
+
+constexpr int64_t kBf16RowBlock = 32;     // weight rows per task: two 16-row AMX A tiles
+// columns per decoded panel: two panels (2 x 8.5 KB) and the x slice (64 batch rows: 16 KB) fit L1.
+// One core, 50% bitmap, batch 64, AMX, best of 30-40 (contended host): 1024x4096 0.69-0.73 ms
+// (128) / 0.68-0.70 (256) / 0.80-0.81 (512); 512x11008 1.03-1.05 / 1.23-1.26 / 1.15
+constexpr int64_t kBf16ColChunk = 128;
+constexpr int64_t kBf16PanelLd = kBf16ColChunk + 32;  // panel row stride (not a multiple of 1 KB: no L1 set aliasing)
+constexpr int64_t kBf16BatchChunk = 64;   // batch rows per packed activation block (acc row length)
+constexpr int64_t kBf16PanelBytes = kBf16RowBlock * kBf16PanelLd * 2;
+constexpr int64_t kBf16AccBytes = kBf16RowBlock * kBf16BatchChunk * 4;
+constexpr int64_t kBf16ScratchBytes = 2 * kBf16PanelBytes + kBf16AccBytes + kBf16RowBlock * 8;  // two panels, acc, row cursors
+
+// One packed block of activations (batch rows [b0, b0 + bn)) and the problem it belongs to.
+struct Bf16Tile {
+  const uint32_t* xp = nullptr;
+  int64_t nbt = 0;  // batch tiles of 16 = ceil(bn / 16)
+  int64_t kp = 0;   // in rounded up to 32
+  int64_t b0 = 0, bn = 0;
+  const Bf16Problem* p = nullptr;
+};
+
+// Rows [r0, r1) (at most kBf16RowBlock) of y for one activation block; scratch: kBf16ScratchBytes, 64-aligned.
+struct Bf16Kernels {
+  void (*bitmap)(const BitmapView&, const Bf16Tile&, int64_t r0, int64_t r1, void* scratch);
+  void (*nm)(const NmView&, const Bf16Tile&, int64_t r0, int64_t r1, void* scratch);
+  void (*csr)(const CsrView&, const Bf16Tile&, int64_t r0, int64_t r1, void* scratch);
+};
+
+namespace scalar { extern const Bf16Kernels linear_bf16; }
+namespace avx512bf16 { extern const Bf16Kernels linear_bf16; }  // AVX512_BF16 + AVX512_VBMI2
+namespace amx { extern const Bf16Kernels linear_bf16; }         // the above + AMX-TILE / AMX-BF16
+
+// SPARSEFORGE_BF16_PATH=scalar|avx512_bf16|amx forces a path (an error if this CPU, OS or build lacks
+// it); unset, empty or "auto" picks the best. Read on every call. AMX needs the Linux permission
+// arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA), requested once per process by bf16_path_supported.
+bool bf16_path_compiled(Bf16Path path);
+bool bf16_path_supported(Bf16Path path);  // compiled, CPU flags, OS state (and the AMX permission)
+Bf16Path best_bf16_path();
+Bf16Path resolve_bf16_path(const char* requested);  // nullptr/"" -> SPARSEFORGE_BF16_PATH -> best; throws std::invalid_argument
+const char* bf16_path_name(Bf16Path path);
+
+// Dispatched, multithreaded products, and their oracles: the format's float32 scalar reference
+// (<fmt>_linear_ref) on x and values rounded to bf16 (round to nearest even).
+void bitmap_linear_bf16(const BitmapView& w, const Bf16Problem& p, Bf16Path path);
+void nm_linear_bf16(const NmView& w, const Bf16Problem& p, Bf16Path path);
+void csr_linear_bf16(const CsrView& w, const Bf16Problem& p, Bf16Path path);
+void bitmap_linear_bf16_ref(const BitmapView& w, const Bf16Problem& p);
+void nm_linear_bf16_ref(const NmView& w, const Bf16Problem& p);
+void csr_linear_bf16_ref(const CsrView& w, const Bf16Problem& p);
+
+namespace {
+
+// float32 -> bf16 bits, round to nearest even; NaN stays a (quiet) NaN
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+}  // namespace
+}  // namespace sf

@@ -1,0 +1,227 @@
+// The bf16 panel product (linear_bf16.h), written once and compiled per path: linear_bf16.cpp
+// (portable, scalar multiply), linear_bf16_avx512.cpp (vdpbf16ps) and linear_bf16_amx.cpp (AMX)
+// each include this header, define their multiply (a `Micro` with mul(panel, tile, c0, kc, acc,
+// side) -> how many side(0), side(1), ... it called between its steps, see bf16_block)
+// and export block<Decoder, Micro> per format. Everything has internal linkage.
+//
+// Decoders write columns [c0, c0 + kc) of one weight row as dense bf16 (kc a multiple of 32) and
+// keep a per-row cursor between panels: the next value (bitmap), value index (N:M) or entry (CSR).
+#pragma once
+
+#include "linear_bf16.h"
+#if defined(__AVX512VBMI2__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define SF_BF16_VECTOR_DECODE 1
+#endif
+
+namespace sf {
+namespace {
+
+template <VT V>
+inline uint16_t bf16_val(const void* val, int64_t i) {
+  if constexpr (V == VT::bf16) return static_cast<const uint16_t*>(val)[i];
+  else return f32_to_bf16(static_cast<const float*>(val)[i]);
+}
+
+// 32 bitmap bits from byte `byte` of a row (bytes past the row end read as 0)
+inline uint32_t bitmap_bits32(const uint8_t* row, int64_t bpr, int64_t byte) {
+  uint32_t m = 0;
+  if (byte + 4 <= bpr) {
+    std::memcpy(&m, row + byte, 4);
+  } else {
+    for (int64_t k = 0; byte + k < bpr; ++k) m |= static_cast<uint32_t>(row[byte + k]) << (8 * k);
+  }
+  return m;
+}
+
+#if defined(SF_BF16_VECTOR_DECODE)
+// 32 dense bf16 from the values at `vp` placed at the set bits of m: a plain load and the register
+// form of vpexpandw (the memory form was the bottleneck of the decode); float32 values: two
+// vexpandps and vcvtne2ps2bf16. Loads stop at `end` (the values buffer's end).
+template <VT V>
+inline __m512i expand32(const void* val, int64_t vp, uint32_t m, int64_t end) {
+  if constexpr (V == VT::bf16) {
+    const uint16_t* h = static_cast<const uint16_t*>(val) + vp;
+    const __m512i v = vp + 32 <= end ? _mm512_loadu_si512(h)
+                                     : _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t{1} << __builtin_popcount(m)) - 1), h);
+    return _mm512_maskz_expand_epi16(m, v);
+  } else {
+    const float* f = static_cast<const float*>(val) + vp;
+    const __mmask16 lo = static_cast<__mmask16>(m), hi = static_cast<__mmask16>(m >> 16);
+    const __m512 a = _mm512_maskz_expandloadu_ps(lo, f);
+    const __m512 b = _mm512_maskz_expandloadu_ps(hi, f + __builtin_popcount(lo));
+    return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));
+  }
+}
+#endif
+
+// prefetch [p, p + bytes) into the caches, one line at a time (at least the first line)
+inline void prefetch_span(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o <= bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+}
+
+inline double density_of(int64_t nnz, int64_t rows, int64_t cols) {
+  return rows > 0 && cols > 0 ? static_cast<double>(nnz) / (static_cast<double>(rows) * static_cast<double>(cols)) : 0.0;
+}
+
+template <VT V>
+struct BitmapPanel {
+  using View = BitmapView;
+  const BitmapView& w;
+  const double dens;
+  explicit BitmapPanel(const BitmapView& v) : w(v), dens(density_of(v.nnz, v.rows, v.cols)) {}
+  int64_t start(int64_t r) const { return w.row_offsets[r]; }
+  // what row(r, cursor, c0, kc) will read (its values: estimated from the density)
+  void prefetch(int64_t r, int64_t cursor, int64_t c0, int64_t kc) const {
+    prefetch_span(w.bits + r * w.bpr + c0 / 8, kc / 8 - 1);
+    prefetch_span(static_cast<const char*>(w.val) + cursor * int64_t{V == VT::f32 ? 4 : 2},
+                  static_cast<int64_t>(dens * static_cast<double>(kc)) * int64_t{V == VT::f32 ? 4 : 2});
+  }
+  void row(int64_t r, int64_t& cursor, int64_t c0, int64_t kc, uint16_t* out) const {
+    const uint8_t* bits = w.bits + r * w.bpr;
+    int64_t vp = cursor;
+    for (int64_t s = 0; s < kc; s += 32) {
+      const uint32_t m = bitmap_bits32(bits, w.bpr, (c0 + s) / 8);  // c0 + s is a multiple of 32
+#if defined(SF_BF16_VECTOR_DECODE)
+      _mm512_storeu_si512(out + s, expand32<V>(w.val, vp, m, w.nnz));
+      vp += __builtin_popcount(m);
+#else
+      for (int j = 0; j < 32; ++j) out[s + j] = ((m >> j) & 1u) ? bf16_val<V>(w.val, vp++) : uint16_t{0};
+#endif
+    }
+    cursor = vp;
+  }
+};
+
+template <VT V>
+struct NmPanel {
+  using View = NmView;
+  const NmView& w;
+  explicit NmPanel(const NmView& v) : w(v) {}
+  int64_t start(int64_t) const { return 0; }
+  void prefetch(int64_t r, int64_t, int64_t c0, int64_t kc) const {
+    const int64_t v0 = c0 / w.m * w.n, nv = kc / w.m * w.n;
+    prefetch_span(w.idx + r * w.ibpr + v0 * w.b / 8, nv * w.b / 8);
+    prefetch_span(static_cast<const char*>(w.val) + (r * w.vpr + v0) * int64_t{V == VT::f32 ? 4 : 2}, nv * int64_t{V == VT::f32 ? 4 : 2});
+  }
+  void row(int64_t r, int64_t& v, int64_t c0, int64_t kc, uint16_t* out) const {
+    const uint8_t* irow = w.idx + r * w.ibpr;
+    const int64_t base = r * w.vpr;
+#if defined(SF_BF16_VECTOR_DECODE)
+    if (w.n == 2 && w.m == 4) {  // 2:4: 4 index bytes hold 8 groups (32 columns): an expand mask
+      for (int64_t s = 0; s < kc; s += 32) {
+        const int64_t c = c0 + s;
+        const uint32_t nib = bitmap_bits32(irow, w.ibpr, c / 8);
+        uint32_t m = static_cast<uint32_t>(kNm24.mask[nib & 255]) | static_cast<uint32_t>(kNm24.mask[(nib >> 8) & 255]) << 8 |
+                     static_cast<uint32_t>(kNm24.mask[(nib >> 16) & 255]) << 16 | static_cast<uint32_t>(kNm24.mask[nib >> 24]) << 24;
+        if (c + 32 > w.cols) m &= c >= w.cols ? 0u : (1u << (w.cols - c)) - 1u;
+        _mm512_storeu_si512(out + s, expand32<V>(w.val, base + c / 2, m, w.rows * w.vpr));
+      }
+      v = (c0 + kc) / 2;
+      return;
+    }
+#endif
+    std::memset(out, 0, static_cast<size_t>(kc) * 2);
+    const int64_t cend = c0 + kc;
+    while (v < w.vpr) {  // columns ascend with the value index
+      const int64_t col = v / w.n * w.m + nm_field(irow, w.ibpr, v * w.b, w.b);
+      if (col >= cend) break;
+      out[col - c0] = bf16_val<V>(w.val, base + v);
+      ++v;
+    }
+  }
+};
+
+template <class I, VT V>
+struct CsrPanel {
+  using View = CsrView;
+  const CsrView& w;
+  const double dens;
+  explicit CsrPanel(const CsrView& v) : w(v), dens(density_of(v.nnz, v.rows, v.cols)) {}
+  int64_t start(int64_t r) const { return w.row_ptr[r]; }
+  void prefetch(int64_t, int64_t cursor, int64_t, int64_t kc) const {
+    const int64_t n = static_cast<int64_t>(dens * static_cast<double>(kc));
+    prefetch_span(static_cast<const I*>(w.col) + cursor, n * int64_t{sizeof(I)});
+    prefetch_span(static_cast<const char*>(w.val) + cursor * int64_t{V == VT::f32 ? 4 : 2}, n * int64_t{V == VT::f32 ? 4 : 2});
+  }
+  void row(int64_t r, int64_t& q, int64_t c0, int64_t kc, uint16_t* out) const {
+    std::memset(out, 0, static_cast<size_t>(kc) * 2);
+    const I* col = static_cast<const I*>(w.col);
+    const int64_t end = w.row_ptr[r + 1], cend = c0 + kc;
+    for (; q < end && static_cast<int64_t>(col[q]) < cend; ++q) out[static_cast<int64_t>(col[q]) - c0] = bf16_val<V>(w.val, q);
+  }
+};
+
+// Rows [r0, r1) of y for one activation block. Two panels: while the multiply runs on one, it calls
+// side(i) between its steps to decode row i of the next panel into the other (on AMX the tile unit
+// works while the core decodes); rows it did not reach are decoded after it returns.
+template <class Panel, class Micro>
+void bf16_block(const typename Panel::View& w, const Bf16Tile& t, int64_t r0, int64_t r1, void* scratch) {
+  uint16_t* panels[2] = {static_cast<uint16_t*>(scratch),
+                         static_cast<uint16_t*>(scratch) + kBf16RowBlock * kBf16PanelLd};
+  float* acc = reinterpret_cast<float*>(static_cast<char*>(scratch) + 2 * kBf16PanelBytes);
+  int64_t* cur = reinterpret_cast<int64_t*>(static_cast<char*>(scratch) + 2 * kBf16PanelBytes + kBf16AccBytes);
+  const Panel dec(w);
+  const int64_t nr = r1 - r0;
+  for (int64_t i = 0; i < nr; ++i) cur[i] = dec.start(r0 + i);
+  for (uint16_t* pn : panels)
+    for (int64_t i = nr; i < kBf16RowBlock; ++i) std::memset(pn + i * kBf16PanelLd, 0, kBf16ColChunk * 2);
+  std::memset(acc, 0, kBf16AccBytes);
+  if (t.kp > 0) {  // the weight streams from memory in short runs per row: prefetch one panel ahead
+    const int64_t kc0 = min64(kBf16ColChunk, t.kp);
+    for (int64_t i = 0; i < nr; ++i) dec.prefetch(r0 + i, cur[i], 0, kc0);
+    for (int64_t i = 0; i < nr; ++i) {
+      dec.row(r0 + i, cur[i], 0, kc0, panels[0] + i * kBf16PanelLd);
+      if (kc0 < t.kp) dec.prefetch(r0 + i, cur[i], kc0, min64(kBf16ColChunk, t.kp - kc0));
+    }
+  }
+  {
+    Micro micro;
+    int which = 0;
+    for (int64_t c0 = 0; c0 < t.kp; c0 += kBf16ColChunk, which ^= 1) {
+      const int64_t kc = min64(kBf16ColChunk, t.kp - c0), c1 = c0 + kc, kc1 = min64(kBf16ColChunk, t.kp - c1);
+      uint16_t* next = panels[which ^ 1];
+      const int64_t c2 = c1 + kc1, kc2 = min64(kBf16ColChunk, t.kp - c2);
+      auto side = [&](int64_t i) {  // row i of the next panel, and a prefetch of the one after
+        if (c1 < t.kp && i < nr) {
+          dec.row(r0 + i, cur[i], c1, kc1, next + i * kBf16PanelLd);
+          if (c2 < t.kp) dec.prefetch(r0 + i, cur[i], c2, kc2);
+        }
+      };
+      const int64_t done = micro.mul(panels[which], t, c0, kc, acc, side);
+      for (int64_t i = done; i < nr; ++i) side(i);
+    }
+  }
+  const Bf16Problem& p = *t.p;
+  for (int64_t b = 0; b < t.bn; ++b) {
+    float* yr = p.y + (t.b0 + b) * p.out + r0;
+    for (int64_t i = 0; i < nr; ++i) yr[i] = acc[i * kBf16BatchChunk + b] + (p.bias ? p.bias[r0 + i] : 0.f);
+  }
+}
+
+// The kernel table of a multiply: one block function per format, the value type chosen per call.
+template <class Micro>
+struct Bf16Table {
+  static void bitmap(const BitmapView& w, const Bf16Tile& t, int64_t r0, int64_t r1, void* s) {
+    if (w.vt == VT::f32) bf16_block<BitmapPanel<VT::f32>, Micro>(w, t, r0, r1, s);
+    else bf16_block<BitmapPanel<VT::bf16>, Micro>(w, t, r0, r1, s);
+  }
+  static void nm(const NmView& w, const Bf16Tile& t, int64_t r0, int64_t r1, void* s) {
+    if (w.vt == VT::f32) bf16_block<NmPanel<VT::f32>, Micro>(w, t, r0, r1, s);
+    else bf16_block<NmPanel<VT::bf16>, Micro>(w, t, r0, r1, s);
+  }
+  static void csr(const CsrView& w, const Bf16Tile& t, int64_t r0, int64_t r1, void* s) {
+    if (w.col_u16) {
+      if (w.vt == VT::f32) bf16_block<CsrPanel<uint16_t, VT::f32>, Micro>(w, t, r0, r1, s);
+      else bf16_block<CsrPanel<uint16_t, VT::bf16>, Micro>(w, t, r0, r1, s);
+    } else {
+      if (w.vt == VT::f32) bf16_block<CsrPanel<int32_t, VT::f32>, Micro>(w, t, r0, r1, s);
+      else bf16_block<CsrPanel<int32_t, VT::bf16>, Micro>(w, t, r0, r1, s);
+    }
+  }
+  static constexpr Bf16Kernels kTable = {bitmap, nm, csr};
+};
+
+}  // namespace
+}  // namespace sf

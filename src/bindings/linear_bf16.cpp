@@ -1,0 +1,88 @@
+// Bindings of the bf16 panel product (csrc/linear_bf16.h):
+//   <fmt>_linear_bf16(x, W..., bias, y, path, check_indices)   y = bf16(x) @ bf16(W)^T + bias
+//   <fmt>_linear_bf16_ref(...)                                 the scalar oracle (path ignored)
+//   bf16_path(requested), bf16_best_path(), bf16_path_supported(name)
+// for fmt in bitmap, nm, csr. x is bf16 as raw uint16 bits (B, in); y float32 (B, out); W... as in
+// sparse_linear.cpp. A path the CPU lacks (or an unknown one) raises ConfigError.
+#include <stdexcept>
+#include <string>
+
+#include "binding.h"
+#include "linear_bf16.h"
+#include "views.h"
+
+namespace sfb {
+
+using namespace nb::literals;
+
+namespace {
+
+sf::Bf16Path resolve_path(const std::string& path) {
+  try {
+    return sf::resolve_bf16_path(path.c_str());
+  } catch (const std::invalid_argument& e) {
+    raise_config_error(e.what());
+  }
+}
+
+// x (B, in) bf16 bits, bias (out,) float32 or None, y (B, out) float32
+sf::Bf16Problem problem_bf16(const In& x, const nb::object& bias, const Out& y) {
+  check_array(x, "x", 2);
+  if (x.dtype() != nb::dtype<uint16_t>()) throw std::invalid_argument("x must be bfloat16 (its raw uint16 bits)");
+  return linear_problem<sf::Bf16Problem, uint16_t>(x, bias, y);
+}
+
+template <class View>
+void call(const View& w, const sf::Bf16Problem& p, const std::string& path, bool ref,
+          void (*fast)(const View&, const sf::Bf16Problem&, sf::Bf16Path),
+          void (*oracle)(const View&, const sf::Bf16Problem&)) {
+  if (w.rows != p.out) throw std::invalid_argument("y must have one column per weight row");
+  const sf::Bf16Path path_ = ref ? sf::Bf16Path::scalar : resolve_path(path);
+  nb::gil_scoped_release rel;
+  if (ref) oracle(w, p); else fast(w, p, path_);
+}
+
+}  // namespace
+
+void register_linear_bf16(nb::module_& m) {
+  m.def("bf16_path", [](const std::string& requested) { return std::string(sf::bf16_path_name(resolve_path(requested))); },
+        "requested"_a = "", "bf16 kernel path a call would use now (SPARSEFORGE_BF16_PATH, else the best).");
+  m.def("bf16_best_path", [] { return std::string(sf::bf16_path_name(sf::best_bf16_path())); });
+  m.def("bf16_path_supported", [](const std::string& name) {
+    for (const sf::Bf16Path p : {sf::Bf16Path::scalar, sf::Bf16Path::avx512_bf16, sf::Bf16Path::amx})
+      if (name == sf::bf16_path_name(p)) return sf::bf16_path_supported(p);
+    raise_config_error("unknown bf16 kernel path '" + name + "'; use scalar, avx512_bf16 or amx");
+  }, "name"_a);
+  for (const bool ref : {false, true}) {
+    const std::string sfx = ref ? "_ref" : "";
+    const std::string bm = "bitmap_linear_bf16" + sfx, nm = "nm_linear_bf16" + sfx, cs = "csr_linear_bf16" + sfx;
+    m.def(bm.c_str(),
+          [ref, bm](const In& x, const In& bits, const In& row_offsets, const In& values, const nb::object& bias,
+                    const Out& y, const std::string& path, bool check_indices) {
+            const sf::Bf16Problem p = problem_bf16(x, bias, y);
+            call(sf::bitmap_view(array(bits, "bitmap"), array(row_offsets, "row_offsets"), array(values, "values"), p.in,
+                                 bm.c_str(), check_indices),
+                 p, path, ref, sf::bitmap_linear_bf16, sf::bitmap_linear_bf16_ref);
+          },
+          "x"_a, "bitmap"_a, "row_offsets"_a, "values"_a, "bias"_a.none(), "y"_a, "path"_a = "", "check_indices"_a = true);
+    m.def(nm.c_str(),
+          [ref, nm](const In& x, const In& values, const In& indices, int n, int mm, const nb::object& bias, const Out& y,
+                    const std::string& path, bool check_indices) {
+            const sf::Bf16Problem p = problem_bf16(x, bias, y);
+            call(sf::nm_view(array(values, "values"), array(indices, "indices"), n, mm, p.in, nm.c_str(), check_indices), p,
+                 path, ref, sf::nm_linear_bf16, sf::nm_linear_bf16_ref);
+          },
+          "x"_a, "values"_a, "indices"_a, "n"_a, "m"_a, "bias"_a.none(), "y"_a, "path"_a = "", "check_indices"_a = true);
+    m.def(cs.c_str(),
+          [ref, cs](const In& x, const In& row_ptr, const In& col, const In& values, const nb::object& bias,
+                    const Out& y, const std::string& path, bool check_indices) {
+            const sf::Bf16Problem p = problem_bf16(x, bias, y);
+            call(sf::csr_view(array(row_ptr, "row_ptr"), array(col, "col"), array(values, "values"), p.in, cs.c_str(),
+                              check_indices),
+                 p, path, ref, sf::csr_linear_bf16, sf::csr_linear_bf16_ref);
+          },
+          "x"_a, "row_ptr"_a, "col"_a, "values"_a, "bias"_a.none(), "y"_a, "path"_a = "", "check_indices"_a = true);
+  }
+}
+
+}  // namespace sfb
