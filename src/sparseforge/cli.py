@@ -228,8 +228,8 @@ def _cmd_advise(args) -> int:
     report = advise_model(model, names=pruned, batch_sizes=args.batch_sizes, threads=args.threads,
                           budget_s=args.budget, progress=args.progress, use_cache=args.cache)
     if not pruned:
-        print("no linear layer of this model is pruned (>= 30% zeros): nothing to choose per layer; "
-              "the sweep below shows what pruning would buy")
+        print("no linear layer of this model is pruned (>= 30% zeros): nothing to choose per layer"
+              + ("; the sweep below shows what pruning would buy" if args.sweep else "; --sweep shows what pruning would buy"))
     if args.sweep:
         shapes = list(dict.fromkeys(tuple(weight_2d(modules[n]).shape) for n in linear_layers(model)))
         sweep(shapes, batch_sizes=args.batch_sizes, sparsities=args.sparsities, threads=args.threads,
