@@ -60,7 +60,7 @@ def bandwidth() -> float:
 def tables_of(stdout: str) -> str:
     """The markdown tables and verdict lines a benchmark printed (the rest is progress output)."""
     keep = [line for line in stdout.splitlines()
-            if line.startswith("|") or re.match(r"^(PASS|FAIL|CONTEXT|UNSETTLED|Host|host|all checks|\d+/\d+ cells)", line)]
+            if line.startswith("|") or re.match(r"^(PASS|FAIL|CONTEXT|UNSETTLED|Host|host|all checks|a ratio|a check|noise floor|\d+/\d+ cells)", line)]
     return "\n".join(keep)
 
 
