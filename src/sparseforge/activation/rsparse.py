@@ -25,7 +25,7 @@ Example:
     >>> from torch import nn
     >>> from sparseforge.activation.rsparse import RSparseLinear
     >>> dense = nn.Linear(16, 8)
-    >>> layer = RSparseLinear.from_linear(dense, threshold=0.0, rank=16)   # full rank: exact
+    >>> layer = RSparseLinear.from_linear(dense, threshold=0.5, rank=8)   # full rank: exact at any threshold
     >>> x = torch.randn(3, 16)
     >>> torch.allclose(layer(x), dense(x), atol=1e-5)
     True
