@@ -140,18 +140,23 @@ def verdicts(result: dict) -> list[str]:
     return out
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    result = run(args)
-    result["verdicts"] = verdicts(result)
-    out = args.out or RESULTS / ("activation_quality.quick.json" if args.quick else "activation_quality.json")
+def save_and_print(result: dict, out: Path, table: str) -> None:
+    """Write ``result`` to ``out`` (temp file, then rename), print ``table``, the verdicts and the path."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(out)
-    print(markdown(result))
+    print(table)
     print("\n".join(result["verdicts"]))
     print(f"# saved {out}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    result["verdicts"] = verdicts(result)
+    save_and_print(result, args.out or RESULTS / ("activation_quality.quick.json" if args.quick else "activation_quality.json"),
+                   markdown(result))
     return 0
 
 

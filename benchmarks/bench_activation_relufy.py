@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -25,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_activation_quality import RESULTS, save_and_print  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -136,14 +136,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     result = run(args)
     result["verdicts"] = verdicts(result)
-    out = args.out or RESULTS / ("activation_relufy.quick.json" if args.quick else "activation_relufy.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
-    print(markdown(result))
-    print("\n".join(result["verdicts"]))
-    print(f"# saved {out}")
+    save_and_print(result, args.out or RESULTS / ("activation_relufy.quick.json" if args.quick else "activation_relufy.json"),
+                   markdown(result))
     return result
 
 
