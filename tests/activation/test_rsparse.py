@@ -176,3 +176,12 @@ def test_rho_search_is_no_worse_than_any_fixed_rho_on_its_calibration_data(built
             rs = RSparseLinear.from_linear(linear, threshold=per_channel, rank=rank)
             errors[rho if isinstance(rho, float) else "search"] = float(torch.linalg.vector_norm(rs(x) - linear(x)))
     assert errors["search"] <= min(v for k, v in errors.items() if k != "search") * (1 + 1e-4), errors
+
+
+def test_compiles_fullgraph_and_matches_eager():
+    torch.manual_seed(0)
+    layer = RSparseLinear.from_linear(nn.Linear(32, 24), threshold=torch.rand(32), rank=4)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        compiled = torch.compile(layer, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), layer(x))
