@@ -185,3 +185,22 @@ def test_compiles_fullgraph_and_matches_eager():
     with torch.no_grad():
         compiled = torch.compile(layer, backend="eager", fullgraph=True)
         torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_a_checkpoint_rank_out_of_range_is_refused_naming_the_layer(tmp_path):
+    import json
+
+    from sparseforge.errors import ModelError
+    from sparseforge.io.checkpoint import save_pretrained
+    from sparseforge.io.loading import load
+
+    model = tiny_model("llama")
+    sparsify_activations_(model, ActivationSparsityConfig(method="rsparse", sparsity=0.5, rsparse_ratio=0.9,
+                                                          calibration=CalibrationConfig(batch_size=4)),
+                          calibration=tokens(4, 16), progress=False)
+    out = save_pretrained(model, tmp_path / "c", compressed=False)
+    data = json.loads((out / "config.json").read_text())
+    data["sparsity_config"]["activation"]["layers"]["model.layers.1.mlp.down_proj"]["rank"] = 33
+    (out / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ModelError, match=r"down_proj needs a rank in \[0, 32\], got 33"):
+        load(out)

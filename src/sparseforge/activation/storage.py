@@ -76,7 +76,8 @@ def _number(t: float):
 def activation_layers(model: nn.Module) -> dict[str, dict]:
     """``{layer name: entry}`` of ``model``'s sparse-input layers and CATS MLPs, as the JSON file and
     the compressed checkpoint's ``sparsity_config.activation.layers`` store them: ``kind``
-    (``"linear"`` / ``"cats"`` / ``"rsparse"`` with its ``rank``), ``threshold`` (a number, ``"inf"``, or one per input channel) and,
+    (``"linear"`` / ``"cats"`` / ``"rsparse"`` with its ``rank``), ``threshold`` (a number, ``"inf"``,
+    or one per input channel) and,
     where calibration recorded them, ``method``, ``sparsity`` (the target) and
     ``calibrated_sparsity`` (the fraction of calibration inputs skipped). Empty when there are none."""
     layers = {}
@@ -169,16 +170,16 @@ def apply_activation_layers_(model: nn.Module, layers: dict, where: str) -> None
             if not (isinstance(module, CATSMLP) or is_swiglu_mlp(module)) or t.numel() != 1:
                 raise ModelError(f"layer {name} is not a GLU MLP (gate_proj, up_proj, down_proj) with one CATS threshold")
         else:
-            if kind == "rsparse":
-                rank = entry.get("rank")
-                if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= min(
-                        getattr(module, "in_features", 0), getattr(module, "out_features", 0)):
-                    raise ModelError(f"{where}: R-Sparse layer {name} needs a rank in [0, min(in, out)], got {rank!r}")
             if not isinstance(module, (nn.Linear, SparseInputLinear)):
                 raise ModelError(f"the thresholds in {where} do not match this model: {name} is a {type(module).__name__}, "
                                  "not a linear layer")
             if t.numel() not in (1, module.in_features):
                 raise ModelError(f"layer {name} has {module.in_features} input features but {t.numel()} thresholds")
+            rank = entry.get("rank")
+            if kind == "rsparse" and (isinstance(rank, bool) or not isinstance(rank, int)
+                                      or not 0 <= rank <= min(module.in_features, module.out_features)):
+                raise ModelError(f"{where}: R-Sparse layer {name} needs a rank in [0, "
+                                 f"{min(module.in_features, module.out_features)}], got {rank!r}")
         info = {k: entry[k] for k in INFO_KEYS if k in entry}
         plan.append((name, kind, module, t, info))
     for name, kind, module, t, info in plan:
