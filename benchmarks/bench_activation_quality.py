@@ -1,4 +1,4 @@
-"""Activation-sparsity quality: perplexity of the built-in model under TEAL, uniform vs greedy.
+"""Activation-sparsity quality: perplexity of the built-in model under TEAL (uniform, greedy), CATS, R-Sparse.
 
 The built-in model (``sparseforge.io.builtin``, Llama-style, 6 blocks, hidden 256) is calibrated once
 per allocation at the highest sparsity (TEAL's histograms; the greedy search records its path up to
@@ -10,7 +10,9 @@ that target), then retargeted to every sparsity in ``--sparsities`` from the sam
 * ``teal``: only the second half of each window (TEAL's and R-Sparse's published numbers).
 
 Reported: perplexity per (allocation, sparsity, convention), the dense perplexity, and the
-weighted (bytes) sparsity the thresholds reach. Greedy must not be worse than uniform.
+weighted (bytes) sparsity the thresholds reach. Greedy must not be worse than uniform. CATS
+(``--methods cats``) thresholds the MLP gate only; R-Sparse (``rsparse``) is calibrated once per
+sparsity (its ranks depend on it) and its weighted sparsity counts the low-rank term's bytes.
 
 Usage:
     python benchmarks/bench_activation_quality.py            # 25/40/50 %, greedy on 2 sequences
@@ -35,7 +37,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sparsities", default="0.25,0.4,0.5")
-    p.add_argument("--allocations", default="uniform,greedy")
+    p.add_argument("--allocations", default="uniform,greedy", help="TEAL's allocations")
+    p.add_argument("--methods", default="teal,rsparse", help="teal, cats, rsparse")
     p.add_argument("--samples", type=int, default=64, help="calibration sequences (histograms)")
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--greedy-samples", type=int, default=2, help="calibration sequences the greedy search runs on")
@@ -48,7 +51,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.sparsities, args.samples, args.seqlen, args.windows = "0.25,0.5", 16, 128, 8
     args.sparsities = sorted(float(s) for s in args.sparsities.split(","))
     args.allocations = args.allocations.split(",")
+    args.methods = args.methods.split(",")
     return args
+
+
+def _variants(args) -> list[tuple[str, str]]:
+    out = [("teal", a) for a in args.allocations if "teal" in args.methods]
+    return out + [(m, "uniform") for m in ("cats", "rsparse") if m in args.methods]
+
+
+def _rsparse_weighted(model) -> float:
+    """Bytes skipped by R-Sparse layers at their calibrated channel sparsity, net of the low-rank term."""
+    from sparseforge.activation import RSparseLinear
+
+    skipped = total = 0.0
+    for m in model.modules():
+        if isinstance(m, RSparseLinear):
+            size = m.in_features * m.out_features
+            skipped += m.activation_info["calibrated_sparsity"] * size - m.rank * (m.in_features + m.out_features)
+            total += size
+    return skipped / total
 
 
 def run(args) -> dict:
@@ -67,26 +89,30 @@ def run(args) -> dict:
     dense = ppl(base)
     print(f"dense perplexity {dense:.3f}", flush=True)
     rows = []
-    for allocation in args.allocations:
-        model = copy.deepcopy(base)
-        cfg = ActivationSparsityConfig(
-            sparsity=max(args.sparsities), allocation=allocation, greedy_samples=args.greedy_samples,
-            calibration=CalibrationConfig(samples=args.samples, seqlen=args.seqlen, batch_size=args.greedy_samples))
-        t0 = time.perf_counter()
-        report = sparsify_activations_(model, cfg, tokenizer=tok, progress=False)
-        seconds = time.perf_counter() - t0
-        print(f"{allocation}: calibrated in {seconds:.0f}s", flush=True)
-        for s in args.sparsities:
-            report.retarget_(model, s)
-            row = {"allocation": allocation, "sparsity": s, "effective": report.effective_sparsity(model),
-                   "calibration_s": seconds}
-            for convention, fraction in (("all", 1.0), ("teal", 0.5)):
-                set_token_fraction(model, fraction)
-                row[f"ppl_{convention}"] = ppl(model)
-            set_token_fraction(model, 1.0)
-            rows.append(row)
-            print(f"{allocation} {s:.0%} (effective {row['effective']:.3f}): ppl all-tokens {row['ppl_all']:.3f}, "
-                  f"TEAL convention {row['ppl_teal']:.3f}", flush=True)
+    for method, allocation in _variants(args):
+        calibrate_each = method == "rsparse"  # its ranks depend on the sparsity: no retargeting
+        for target in args.sparsities if calibrate_each else [max(args.sparsities)]:
+            model = copy.deepcopy(base)
+            cfg = ActivationSparsityConfig(
+                method=method, sparsity=target, allocation=allocation, greedy_samples=args.greedy_samples,
+                calibration=CalibrationConfig(samples=args.samples, seqlen=args.seqlen, batch_size=args.greedy_samples))
+            t0 = time.perf_counter()
+            report = sparsify_activations_(model, cfg, tokenizer=tok, progress=False)
+            seconds = time.perf_counter() - t0
+            print(f"{method} {allocation}: calibrated in {seconds:.0f}s", flush=True)
+            for s in [target] if calibrate_each else args.sparsities:
+                if not calibrate_each:
+                    report.retarget_(model, s)
+                effective = _rsparse_weighted(model) if calibrate_each else report.effective_sparsity(model)
+                row = {"method": method, "allocation": allocation, "sparsity": s, "effective": effective,
+                       "calibration_s": seconds}
+                for convention, fraction in (("all", 1.0), ("teal", 0.5)):
+                    set_token_fraction(model, fraction)
+                    row[f"ppl_{convention}"] = ppl(model)
+                set_token_fraction(model, 1.0)
+                rows.append(row)
+                print(f"{method} {allocation} {s:.0%} (effective {row['effective']:.3f}): ppl all-tokens "
+                      f"{row['ppl_all']:.3f}, TEAL convention {row['ppl_teal']:.3f}", flush=True)
     return {"meta": {"model": "builtin", "dense_ppl": dense, "windows": args.windows, "samples": args.samples,
                      "seqlen": args.seqlen, "greedy_samples": args.greedy_samples, "load_avg": os.getloadavg()},
             "rows": rows}
@@ -96,14 +122,15 @@ def markdown(result: dict) -> str:
     m = result["meta"]
     lines = [f"Built-in model, dense perplexity {m['dense_ppl']:.3f} ({m['windows']} windows); calibration "
              f"{m['samples']} x {m['seqlen']} tokens, greedy on {m['greedy_samples']} sequences", "",
-             "| allocation | sparsity | weighted sparsity | ppl (all tokens) | ppl (TEAL: last half) |", "|---|---|---|---|---|"]
+             "| method | allocation | sparsity | weighted sparsity | ppl (all tokens) | ppl (TEAL: last half) |",
+             "|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['allocation']} | {r['sparsity']:.0%} | {r['effective']:.3f} | {r['ppl_all']:.3f} | {r['ppl_teal']:.3f} |")
+        lines.append(f"| {r.get('method', 'teal')} | {r['allocation']} | {r['sparsity']:.0%} | {r['effective']:.3f} | {r['ppl_all']:.3f} | {r['ppl_teal']:.3f} |")
     return "\n".join(lines)
 
 
 def verdicts(result: dict) -> list[str]:
-    by = {(r["allocation"], r["sparsity"]): r for r in result["rows"]}
+    by = {(r["allocation"], r["sparsity"]): r for r in result["rows"] if r.get("method", "teal") == "teal"}
     out = []
     for (alloc, s), r in sorted(by.items()):
         if alloc == "greedy" and ("uniform", s) in by:
@@ -113,18 +140,23 @@ def verdicts(result: dict) -> list[str]:
     return out
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    result = run(args)
-    result["verdicts"] = verdicts(result)
-    out = args.out or RESULTS / ("activation_quality.quick.json" if args.quick else "activation_quality.json")
+def save_and_print(result: dict, out: Path, table: str) -> None:
+    """Write ``result`` to ``out`` (temp file, then rename), print ``table``, the verdicts and the path."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(out)
-    print(markdown(result))
+    print(table)
     print("\n".join(result["verdicts"]))
     print(f"# saved {out}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    result["verdicts"] = verdicts(result)
+    save_and_print(result, args.out or RESULTS / ("activation_quality.quick.json" if args.quick else "activation_quality.json"),
+                   markdown(result))
     return 0
 
 

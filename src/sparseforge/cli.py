@@ -46,6 +46,26 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_activation_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("activation sparsity (calibrated after pruning, saved in the checkpoint)")
+    g.add_argument("--activation-sparsity", type=float, default=None, metavar="S",
+                   help="skip this fraction of the projections' input channels at inference, in [0, 1) (default: off)")
+    g.add_argument("--activation-method", default="teal", help="teal (default) or cats")
+    g.add_argument("--activation-allocation", default="uniform", help="uniform (default) or greedy (TEAL's block-wise search)")
+
+
+def activation_config_from_args(args: argparse.Namespace):
+    """The ActivationSparsityConfig of ``--activation-*`` (None without ``--activation-sparsity``);
+    calibrated on the same data as the pruning stages."""
+    if getattr(args, "activation_sparsity", None) is None:
+        return None
+    from sparseforge.activation import ActivationSparsityConfig
+
+    calibration = config_from_args(args)[-1].calibration
+    return ActivationSparsityConfig(method=args.activation_method, sparsity=args.activation_sparsity,
+                                    allocation=args.activation_allocation, calibration=calibration)
+
+
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """The ``train`` subcommand's options (run by :func:`sparseforge.train.cli.run`); torch-free."""
     p = subparsers.add_parser("train", help="sparse-train a causal LM (default: the built-in model and corpus) with a recipe")
@@ -81,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True, help="evaluate dense and pruned model")
     p.add_argument("--dtype", default=None, help="load the model in float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    _add_activation_options(p)
 
     p = sub.add_parser("eval", help="perplexity (causal LMs) or embedding fidelity against --reference (encoders)")
     p.add_argument("model")
@@ -169,10 +190,13 @@ def _cmd_prune(args) -> int:
     from sparseforge.pipeline import prune_model
 
     configs = config_from_args(args)
+    activation = activation_config_from_args(args)
     print("# resolved recipe (repeat with --recipe FILE)\n" + dump_recipe(configs), flush=True)
+    if activation is not None:
+        print(f"# activation sparsity: {activation.method} {activation.allocation} {activation.sparsity}", flush=True)
     result = prune_model(
         args.model, configs, out=args.out, compressed=args.compressed, overwrite=args.overwrite,
-        evaluate=args.eval, dtype=args.dtype, progress=args.progress,
+        evaluate=args.eval, dtype=args.dtype, progress=args.progress, activation=activation,
     )
     print(result.format())
     return 0

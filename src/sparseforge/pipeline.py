@@ -43,9 +43,12 @@ class PruneResult:
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    activation: Any = None  # the ActivationSparsityReport when activation sparsity was calibrated
 
     def format(self) -> str:
         lines = [report.summary() for report in self.reports]
+        if self.activation is not None:
+            lines.append(self.activation.summary())
         if self.metric_name is not None:
             lines.append(f"{self.metric_name}: dense {self.dense_metric:.4f} -> pruned {self.pruned_metric:.4f}")
         if self.out is not None:
@@ -72,8 +75,13 @@ def prune_model(
     evaluate: bool = True,
     dtype=None,
     progress: bool = True,
+    activation=None,
 ) -> PruneResult:
-    """Load ``model``, prune it with every config in turn, evaluate before/after and save to ``out``."""
+    """Load ``model``, prune it with every config in turn, evaluate before/after and save to ``out``.
+
+    ``activation``: an :class:`~sparseforge.activation.ActivationSparsityConfig` calibrated on the
+    pruned model after the last stage (its thresholds are saved in the checkpoint and restored by
+    :func:`sparseforge.load`); the "pruned" metric then includes it."""
     from sparseforge.evaluation.quality import embedding_fidelity, perplexity
     from sparseforge.io.checkpoint import save_pretrained
     from sparseforge.io.layout import checkpoint_sizes
@@ -96,6 +104,10 @@ def prune_model(
         result.dense_metric = 1.0
     for config in configs:
         result.reports.append(sparsify_(loaded.model, config, tokenizer=loaded.tokenizer, progress=progress))
+    if activation is not None:
+        from sparseforge.activation import sparsify_activations_
+
+        result.activation = sparsify_activations_(loaded.model, activation, tokenizer=loaded.tokenizer, progress=progress)
     if evaluate and loaded.kind == "causal-lm":
         result.pruned_metric = perplexity(loaded.model, loaded.tokenizer, progress=progress).ppl
     elif evaluate:

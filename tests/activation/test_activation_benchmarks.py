@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from benchmark_modules import load_benchmark
 
 
@@ -37,3 +39,19 @@ def test_decode_benchmark_compares_dense_and_teal(tmp_path):
     expect = (result["layer_bytes"] + result["rest_bytes"]) / (result["layer_bytes"] * 0.5 + result["rest_bytes"])
     assert teal50["bytes_bound"] == expect and teal50["tokens_per_s"] > 0
     assert json.loads(out.read_text())["rows"][0]["variant"] == "dense fp32"
+
+
+@pytest.mark.slow
+def test_relufy_benchmark_reports_lossless_sparse_variants(tmp_path):
+    bench = load_benchmark("activation_relufy")
+    out = tmp_path / "r.json"
+    result = bench.main(["--steps", "2", "--windows", "1", "--new-tokens", "2", "--seqlen", "16", "--batch-size", "1",
+                         "--out", str(out)])
+    rows = result["rows"]
+    assert [r["variant"] for r in rows][:2] == ["original (SiLU)", "relu2, no training"]
+    assert len(rows) == 4 and rows[0]["sparsity"] == 0.0
+    for r in rows[1:]:
+        assert 0.3 < r["sparsity"] < 1.0 and r["decode_sparse_tps"] > 0
+        assert math.isclose(r["ppl_sparse"], r["ppl"], rel_tol=1e-4)  # skipping exact zeros is lossless
+    assert all(v.startswith("PASS") for v in result["verdicts"])
+    assert json.loads(out.read_text())["meta"]["steps"] == 2

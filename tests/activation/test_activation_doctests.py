@@ -9,7 +9,8 @@ import pytest
 
 MODULES = ["sparseforge.activation", "sparseforge.activation.config", "sparseforge.activation.linear",
            "sparseforge.activation.calibrate", "sparseforge.activation.teal", "sparseforge.activation.cats",
-           "sparseforge.activation.storage", "sparseforge.ops.sparse_input"]
+           "sparseforge.activation.storage", "sparseforge.ops.sparse_input", "sparseforge.activation.plain",
+           "sparseforge.activation.rsparse", "sparseforge.activation.relufy"]
 
 
 @pytest.mark.parametrize("name", MODULES)

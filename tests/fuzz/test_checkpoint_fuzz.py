@@ -233,7 +233,7 @@ def test_header_damage(originals, kind, edits):
 # ---- the sparsity_config block ------------------------------------------------------------------
 
 LAYER_FIELDS = ["format", "shape", "dtype", "nnz", "transposed", "pattern"]
-BLOCK_FIELDS = ["format_version", "format", "layers", "tied", "targets", "pattern", "checksums"]
+BLOCK_FIELDS = ["format_version", "format", "layers", "tied", "targets", "pattern", "checksums", "activation"]
 config_edits = st.lists(
     st.tuples(st.sampled_from(["layer_field", "block_field", "drop_layer_field", "drop_block_field", "checksum"]),
               st.integers(0, 10**6), json_values,

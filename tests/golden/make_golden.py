@@ -12,6 +12,8 @@ Writes, next to this script:
   bfloat16, bitmap format.
 * ``v3-llama-2of4-fp32/``, ``v3-gpt2-unstructured-bf16/``: the same models written by format_version 3
   (a CRC-32 of every tensor in ``sparsity_config.checksums``).
+* ``v4-llama-2of4-teal-fp32/``: the v3 Llama, plus activation thresholds in ``sparsity_config.activation``
+  (format_version 4): q_proj 0.1, o_proj +inf, down_proj one threshold per input channel.
 * ``expected.json``: sha256 of the raw bytes of every tensor of the loaded model's state dict, and a
   few packed buffers written out in full.
 """
@@ -25,7 +27,10 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-NAMES = ("v1-llama-2of4-fp32", "v1-gpt2-unstructured-bf16", "v3-llama-2of4-fp32", "v3-gpt2-unstructured-bf16")
+NAMES = ("v1-llama-2of4-fp32", "v1-gpt2-unstructured-bf16", "v3-llama-2of4-fp32", "v3-gpt2-unstructured-bf16",
+         "v4-llama-2of4-teal-fp32")
+THRESHOLDS = {"model.layers.0.self_attn.q_proj": 0.1, "model.layers.0.self_attn.o_proj": float("inf"),
+              "model.layers.0.mlp.down_proj": [round(0.01 * i, 2) for i in range(16)]}  # v4: activation sparsity
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -68,6 +73,12 @@ def main() -> None:
                 w = weight_2d(modules[layer])  # (out, in)
                 w.copy_(torch.where(mask_from_scores(w.abs().float(), pattern, sparsity), w, torch.zeros((), dtype=dtype)))
                 targets.append(f"{layer}.weight")
+        if "-teal-" in name:
+            from sparseforge.activation import SparseInputLinear
+            from sparseforge.layers import set_module
+
+            for layer, t in THRESHOLDS.items():
+                set_module(model, layer, SparseInputLinear.from_linear(modules[layer], threshold=torch.tensor(t)))
         out = save_pretrained(model, HERE / name, overwrite=True, sparsity_config={
             "method": "magnitude", "pattern": pattern, "sparsity": sparsity, "targets": targets, "ignore": []})
         loaded = load(out)
@@ -82,6 +93,9 @@ def main() -> None:
             "first_target_buffers": {k: v.view(torch.uint8).flatten().tolist() if v.dtype != torch.uint8 else v.tolist()
                                      for k, v in first.state_dict().items()},
         }
+        if "-teal-" in name:
+            expected[name]["activation"] = {n: m.threshold.tolist() for n, m in loaded.named_modules()
+                                            if type(m).__name__ == "SparseInputLinear"}
         print(f"wrote {out}: {sum(f.stat().st_size for f in out.iterdir())} bytes")
     expected_file.write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
 

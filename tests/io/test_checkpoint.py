@@ -367,7 +367,7 @@ GOLDEN = Path(__file__).parents[1] / "golden"
 
 
 @pytest.mark.parametrize("name", ["v1-llama-2of4-fp32", "v1-gpt2-unstructured-bf16", "v3-llama-2of4-fp32",
-                                  "v3-gpt2-unstructured-bf16"])
+                                  "v3-gpt2-unstructured-bf16", "v4-llama-2of4-teal-fp32"])
 def test_golden(name):
     """Checkpoints written by an earlier sparseforge (tests/golden/make_golden.py) load bit-exactly."""
     import hashlib
@@ -379,6 +379,8 @@ def test_golden(name):
     assert sorted(state) == sorted(expected["sha256"])
     for key, digest in expected["sha256"].items():
         assert hashlib.sha256(raw(state[key]).numpy().tobytes()).hexdigest() == digest, key
+    thresholds = {n: m.threshold.tolist() for n, m in model.named_modules() if type(m).__name__ == "SparseInputLinear"}
+    assert thresholds == expected.get("activation", {})  # v4: activation thresholds restored by load
     packed = load_state_dict_compressed(GOLDEN / name)
     assert {k: type(packed[k]).__name__ for k in expected["formats"]} == expected["formats"]
     first = packed[expected["first_target"]]

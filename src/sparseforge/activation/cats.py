@@ -52,6 +52,7 @@ class CATSMLP(nn.Module):
         self.gate_proj, self.up_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.act_fn
         self.down_proj = SparseInputLinear.from_linear(mlp.down_proj, threshold=0.0)  # skips the zeroed channels
         self.register_buffer("threshold", torch.zeros(1))
+        self.activation_info: dict = {}  # method / sparsity / calibrated_sparsity recorded by calibration
         self.set_threshold(threshold)
 
     def set_threshold(self, threshold: float) -> None:

@@ -17,9 +17,10 @@ from sparseforge.errors import ConfigError
 
 __all__ = ["ActivationSparsityConfig", "METHODS", "ALLOCATIONS", "DISTRIBUTIONS"]
 
-METHODS = ("teal", "cats")
+METHODS = ("teal", "cats", "rsparse")
 ALLOCATIONS = ("uniform", "greedy")
 DISTRIBUTIONS = ("signed", "abs")
+RSPARSE_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)  # R-Sparse's per-layer rho candidates (default)
 
 
 @dataclass
@@ -29,7 +30,9 @@ class ActivationSparsityConfig:
     Attributes:
         method: ``"teal"``: a magnitude threshold on the input of each projection, calibrated from
             the distribution of that input on calibration data. ``"cats"``: a threshold on the
-            gate output of GLU MLPs (attention stays dense; uniform allocation only).
+            gate output of GLU MLPs (attention stays dense; uniform allocation only). ``"rsparse"``:
+            R-Sparse, a threshold on ``|x| * ||W[:, i]||`` plus a low-rank SVD term for the skipped
+            channels (:mod:`sparseforge.activation.rsparse`; uniform allocation only).
         sparsity: target fraction of skipped input channels in [0, 1). With ``"greedy"`` it is the
             block's *effective* sparsity, weighted by each projection's parameter count (bytes).
         allocation: ``"uniform"`` (every projection at ``sparsity``) or ``"greedy"`` (TEAL's
@@ -45,6 +48,10 @@ class ActivationSparsityConfig:
         targets: glob patterns of layer names to sparsify (``None``: every ``nn.Linear`` inside
             the repeated blocks; embeddings and lm_head are never included).
         ignore: glob patterns to leave dense.
+        rsparse_ratio: R-Sparse's ``rho``: the share of each layer's byte budget ``(1 - sparsity)``
+            spent on input channels, the rest on the rank of the SVD term (1 = no low-rank term).
+            A list: each layer takes the candidate with the lowest output error on its calibration
+            inputs (default; the paper searches per-layer recipes, its uniform baseline is 0.95).
         calibration: the calibration data (same sampling as :func:`sparseforge.sparsify_`).
     """
 
@@ -55,6 +62,7 @@ class ActivationSparsityConfig:
     greedy_step: float = 0.05
     greedy_last_fraction: float = 0.25
     greedy_samples: int = 8
+    rsparse_ratio: "float | list[float]" = field(default_factory=lambda: list(RSPARSE_RATIOS))
     targets: Optional[list[str]] = None
     ignore: list[str] = field(default_factory=list)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -64,8 +72,14 @@ class ActivationSparsityConfig:
             raise ConfigError(f"activation sparsity method {self.method!r} is not known; use one of {METHODS}")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"allocation {self.allocation!r} is not known; use one of {ALLOCATIONS}")
-        if self.method == "cats" and self.allocation != "uniform":
-            raise ConfigError("CATS has one threshold per MLP: use allocation='uniform'")
+        if self.method in ("cats", "rsparse") and self.allocation != "uniform":
+            raise ConfigError(f"{self.method} supports allocation='uniform' only")
+        ratios = self.rsparse_ratio if isinstance(self.rsparse_ratio, (list, tuple)) else [self.rsparse_ratio]
+        if not ratios or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= float(r) <= 1.0
+                             for r in ratios):
+            raise ConfigError(f"rsparse_ratio must be a number in [0, 1] or a list of them, got {self.rsparse_ratio!r}")
+        if isinstance(self.rsparse_ratio, tuple):
+            self.rsparse_ratio = list(self.rsparse_ratio)
         if self.distribution not in DISTRIBUTIONS:
             raise ConfigError(f"distribution {self.distribution!r} is not known; use one of {DISTRIBUTIONS}")
         s = self.sparsity

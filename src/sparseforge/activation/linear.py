@@ -61,6 +61,7 @@ class SparseInputLinear(nn.Module):
         self.track_sparsity = False
         self.seen = 0  # input channels seen while tracking
         self.skipped = 0  # of which skipped
+        self.activation_info: dict = {}  # method / sparsity / calibrated_sparsity recorded by calibration
         self._gemv = None  # (data pointers, gemv_args): the batch-1 eager fast path
 
     @classmethod

@@ -11,7 +11,10 @@ File (``activation_sparsity.json``; ``version`` guards future changes)::
      "layers": {"model.layers.0.self_attn.q_proj": {"kind": "linear", "threshold": 0.23},
                 "model.layers.0.mlp": {"kind": "cats", "threshold": 0.05}, ...}}
 
-``threshold`` is a number, or a list with one entry per input channel.
+``threshold`` is a number, or a list with one entry per input channel. Optional, informational:
+``method``, ``sparsity`` (the calibration target) and ``calibrated_sparsity`` (the fraction of
+calibration inputs skipped). The same entries form ``sparsity_config.activation.layers`` of a
+compressed checkpoint (``docs/checkpoint-format.md``).
 
 Example:
     >>> import torch, tempfile
@@ -41,13 +44,20 @@ from torch import nn
 
 from sparseforge.activation.cats import CATSMLP, is_swiglu_mlp
 from sparseforge.activation.linear import SparseInputLinear
+from sparseforge.activation.plain import as_linear
+from sparseforge.activation.rsparse import RSparseLinear
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.layers import set_module
 
-__all__ = ["save_activation_sparsity", "load_activation_sparsity_", "FILE_NAME", "FORMAT_VERSION"]
+__all__ = [
+    "save_activation_sparsity", "load_activation_sparsity_", "activation_layers", "apply_activation_layers_",
+    "FILE_NAME", "FORMAT_VERSION", "INFO_KEYS",
+]
 
 FILE_NAME = "activation_sparsity.json"
 FORMAT_VERSION = 1
+KINDS = ("linear", "cats", "rsparse")
+INFO_KEYS = ("method", "sparsity", "calibrated_sparsity")  # optional, informational entry keys
 
 
 def _target(path: Union[str, Path]) -> Path:
@@ -55,8 +65,37 @@ def _target(path: Union[str, Path]) -> Path:
     return path / FILE_NAME if path.is_dir() else path
 
 
+def _is_nan(v) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
 def _number(t: float):
     return "inf" if math.isinf(t) else t  # JSON has no infinity
+
+
+def activation_layers(model: nn.Module) -> dict[str, dict]:
+    """``{layer name: entry}`` of ``model``'s sparse-input layers and CATS MLPs, as the JSON file and
+    the compressed checkpoint's ``sparsity_config.activation.layers`` store them: ``kind``
+    (``"linear"`` / ``"cats"`` / ``"rsparse"`` with its ``rank``), ``threshold`` (a number, ``"inf"``,
+    or one per input channel) and,
+    where calibration recorded them, ``method``, ``sparsity`` (the target) and
+    ``calibrated_sparsity`` (the fraction of calibration inputs skipped). Empty when there are none."""
+    layers = {}
+    cats = {name for name, m in model.named_modules() if isinstance(m, CATSMLP)}
+    for name, m in model.named_modules():
+        if name in cats:
+            entry = {"kind": "cats", "threshold": _number(m.threshold.item())}
+        elif isinstance(m, SparseInputLinear) and name.rpartition(".")[0] not in cats:  # not a CATS down_proj
+            t = m.threshold.float()
+            entry = {"kind": "linear",
+                     "threshold": _number(t.item()) if t.numel() == 1 else [_number(v) for v in t.tolist()]}
+            if isinstance(m, RSparseLinear):
+                entry.update(kind="rsparse", rank=m.rank)
+        else:
+            continue
+        entry.update({k: v for k, v in m.activation_info.items() if k in INFO_KEYS and not _is_nan(v)})
+        layers[name] = entry
+    return layers
 
 
 def save_activation_sparsity(model: nn.Module, path: Union[str, Path]) -> Path:
@@ -65,15 +104,7 @@ def save_activation_sparsity(model: nn.Module, path: Union[str, Path]) -> Path:
     ``path``: a directory (the file is ``activation_sparsity.json`` in it) or a file path. Written to a
     temporary file first and renamed, so an existing file is never left half-written.
     """
-    layers = {}
-    cats = {name for name, m in model.named_modules() if isinstance(m, CATSMLP)}
-    for name, m in model.named_modules():
-        if name in cats:
-            layers[name] = {"kind": "cats", "threshold": _number(m.threshold.item())}
-        elif isinstance(m, SparseInputLinear) and name.rpartition(".")[0] not in cats:  # not a CATS down_proj
-            t = m.threshold.float()
-            layers[name] = {"kind": "linear",
-                            "threshold": _number(t.item()) if t.numel() == 1 else [_number(v) for v in t.tolist()]}
+    layers = activation_layers(model)
     if not layers:
         raise ModelError("the model has no SparseInputLinear layers or CATS MLPs; run sparsify_activations_ first")
     target = _target(path)
@@ -94,9 +125,9 @@ def _threshold(value, name: str) -> torch.Tensor:
     try:
         t = torch.tensor([math.inf if v == "inf" else float(v) for v in values], dtype=torch.float32)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"activation-sparsity file: threshold of {name} is not a number or a list of numbers") from exc
+        raise ConfigError(f"activation sparsity: threshold of {name} is not a number or a list of numbers") from exc
     if torch.isnan(t).any() or (t < 0).any():
-        raise ConfigError(f"activation-sparsity file: threshold of {name} must be >= 0, got {values[:4]}")
+        raise ConfigError(f"activation sparsity: threshold of {name} must be >= 0, got {values[:4]}")
     return t
 
 
@@ -115,30 +146,54 @@ def load_activation_sparsity_(model: nn.Module, path: Union[str, Path]) -> None:
         raise ConfigError(f"cannot read the activation-sparsity file {target}: {exc}") from exc
     if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION or not isinstance(data.get("layers"), dict):
         raise ConfigError(f"{target} is not an activation-sparsity file of version {FORMAT_VERSION}")
+    apply_activation_layers_(model, data["layers"], str(target))
+
+
+def apply_activation_layers_(model: nn.Module, layers: dict, where: str) -> None:
+    """Swap the layers named in ``layers`` (entries of :func:`activation_layers`) for sparse-input
+    layers / CATS MLPs with their thresholds; ``where`` names the source in error messages.
+
+    Every entry is checked against the model before anything changes (errors as
+    :func:`load_activation_sparsity_`).
+    """
     modules = dict(model.named_modules())
     plan = []
-    for name, entry in data["layers"].items():
+    for name, entry in layers.items():
         module = modules.get(name)
         kind = entry.get("kind") if isinstance(entry, dict) else None
-        if kind not in ("linear", "cats"):
-            raise ConfigError(f"activation-sparsity file: layer {name} has unknown kind {kind!r}")
+        if kind not in KINDS:
+            raise ConfigError(f"{where}: activation-sparsity layer {name} has unknown kind {kind!r}")
         t = _threshold(entry.get("threshold"), name)
         if module is None:
-            raise ModelError(f"the thresholds in {target} do not match this model: it has no layer {name}")
+            raise ModelError(f"the thresholds in {where} do not match this model: it has no layer {name}")
         if kind == "cats":
             if not (isinstance(module, CATSMLP) or is_swiglu_mlp(module)) or t.numel() != 1:
                 raise ModelError(f"layer {name} is not a GLU MLP (gate_proj, up_proj, down_proj) with one CATS threshold")
         else:
             if not isinstance(module, (nn.Linear, SparseInputLinear)):
-                raise ModelError(f"the thresholds in {target} do not match this model: {name} is a {type(module).__name__}, "
+                raise ModelError(f"the thresholds in {where} do not match this model: {name} is a {type(module).__name__}, "
                                  "not a linear layer")
             if t.numel() not in (1, module.in_features):
                 raise ModelError(f"layer {name} has {module.in_features} input features but {t.numel()} thresholds")
-        plan.append((name, kind, module, t))
-    for name, kind, module, t in plan:
-        if isinstance(module, (SparseInputLinear, CATSMLP)):
+            rank = entry.get("rank")
+            if kind == "rsparse" and (isinstance(rank, bool) or not isinstance(rank, int)
+                                      or not 0 <= rank <= min(module.in_features, module.out_features)):
+                raise ModelError(f"{where}: R-Sparse layer {name} needs a rank in [0, "
+                                 f"{min(module.in_features, module.out_features)}], got {rank!r}")
+        info = {k: entry[k] for k in INFO_KEYS if k in entry}
+        plan.append((name, kind, module, t, info))
+    for name, kind, module, t, info in plan:
+        if kind == "rsparse":  # the low-rank factors come from the SVD of the stored weight
+            linear = as_linear(module) if isinstance(module, SparseInputLinear) else module
+            module = RSparseLinear.from_linear(linear, threshold=t, rank=layers[name]["rank"],
+                                               dtype=module.weight_t.dtype if isinstance(module, SparseInputLinear) else None)
+            set_module(model, name, module)
+        elif isinstance(module, (SparseInputLinear, CATSMLP)):
             module.set_threshold(t if kind == "linear" else float(t))
         elif kind == "cats":
-            set_module(model, name, CATSMLP(module, float(t)))
+            module = CATSMLP(module, float(t))
+            set_module(model, name, module)
         else:
-            set_module(model, name, SparseInputLinear.from_linear(module, threshold=t))
+            module = SparseInputLinear.from_linear(module, threshold=t)
+            set_module(model, name, module)
+        module.activation_info = info

@@ -42,6 +42,7 @@ from sparseforge.activation.calibrate import Histogram, calibration_batches, che
 from sparseforge.activation.cats import CATSMLP, is_swiglu_mlp
 from sparseforge.activation.config import ActivationSparsityConfig
 from sparseforge.activation.linear import SparseInputLinear
+from sparseforge.activation.rsparse import RSparseLinear, calibrate_rsparse
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.layers import find_blocks, select_targets, set_module
 from sparseforge.ops.sparse_input import sparse_input_masked
@@ -67,6 +68,10 @@ class LayerThreshold:
     sparsity: float  # target sparsity of this projection's input
     threshold: float
     calibration_sparsity: float  # fraction of calibration inputs at or under the threshold
+
+    def info(self, method: str) -> dict:
+        """What the layer records for checkpoints (``activation_info``)."""
+        return {"method": method, "sparsity": self.sparsity, "calibrated_sparsity": self.calibration_sparsity}
 
 
 @dataclass
@@ -101,6 +106,9 @@ class ActivationSparsityReport:
         reach it (calibrate with the highest sparsity you want to try)."""
         if not 0.0 <= sparsity < 1.0:
             raise ConfigError(f"activation sparsity must be in [0, 1), got {sparsity!r}")
+        if self.config.method == "rsparse":
+            raise ConfigError("R-Sparse thresholds and ranks come from one calibration: call sparsify_activations_ "
+                              "with the new sparsity")
         modules = dict(model.named_modules())
         signed = self.config.distribution == "signed" and self.config.method == "teal"
         for i, t in enumerate(self.layers):
@@ -118,11 +126,15 @@ class ActivationSparsityReport:
             threshold = self.histograms[t.name].threshold(s, signed)
             modules[t.name].set_threshold(threshold)
             self.layers[i] = LayerThreshold(t.name, s, threshold, float("nan"))
+            modules[t.name].activation_info = self.layers[i].info(self.config.method)
 
     def summary(self) -> str:
         c = self.config
         if c.method == "cats":
             return f"CATS gate-output sparsity {c.sparsity:.0%} on {len(self.layers)} MLPs in {self.seconds:.1f}s"
+        if c.method == "rsparse":
+            return (f"R-Sparse activation sparsity {c.sparsity:.0%} (rho {c.rsparse_ratio}) on {len(self.layers)} "
+                    f"projections in {self.seconds:.1f}s")
         return (f"TEAL {c.allocation} activation sparsity {c.sparsity:.0%} on {len(self.layers)} projections "
                 f"({c.distribution} histograms) in {self.seconds:.1f}s")
 
@@ -325,19 +337,30 @@ def sparsify_activations_(model: nn.Module, config: ActivationSparsityConfig, *,
                 chosen = _closest(path, names, config.sparsity)
             else:
                 chosen = {n: config.sparsity for n in names}
+            block_modules = dict(block.named_modules())
             for n in names:
-                t = hists[n].threshold(chosen[n], signed)
-                skipped = float(sum((x.abs() <= t).sum() for x in seen[n]) / sum(x.numel() for x in seen[n]))
                 full = f"{prefix}.{b}.{n}"
+                if config.method == "rsparse":  # a threshold on |x| * ||W[:, i]|| and a low-rank term
+                    t, per_channel, rank, skipped, _ = calibrate_rsparse(block_modules[n].weight, seen[n], chosen[n],
+                                                                         config.rsparse_ratio)
+                    replacements.append((full, (per_channel, rank)))
+                else:
+                    t = hists[n].threshold(chosen[n], signed)
+                    skipped = float(sum((x.abs() <= t).sum() for x in seen[n]) / sum(x.numel() for x in seen[n]))
+                    replacements.append((full, t))
                 layers.append(LayerThreshold(full, chosen[n], t, skipped))
-                replacements.append((full, t))
                 kept_hists[full] = hists[n]
                 block_of[full] = (b, n)
             del seen, hists, by_tensor
         inputs.hidden = outputs  # the dense block's outputs feed the next block (TEAL's grab_acts)
     modules = dict(model.named_modules())
-    for full, t in replacements:
-        set_module(model, full, SparseInputLinear.from_linear(modules[full], threshold=t))
+    for (full, t), layer in zip(replacements, layers):
+        if config.method == "rsparse":
+            sparse = RSparseLinear.from_linear(modules[full], threshold=t[0], rank=t[1])
+        else:
+            sparse = SparseInputLinear.from_linear(modules[full], threshold=t)
+        sparse.activation_info = layer.info(config.method)
+        set_module(model, full, sparse)
     model.train(was_training)
     return ActivationSparsityReport(config, layers, paths, time.perf_counter() - start, kept_hists, block_of)
 
@@ -387,7 +410,9 @@ def _sparsify_cats(model: nn.Module, config: ActivationSparsityConfig, calibrati
         inputs.hidden = outputs
     modules = dict(model.named_modules())
     for t in layers:
-        set_module(model, t.name, CATSMLP(modules[t.name], t.threshold))
+        cats = CATSMLP(modules[t.name], t.threshold)
+        cats.activation_info = t.info("cats")
+        set_module(model, t.name, cats)
     model.train(was_training)
     return ActivationSparsityReport(config, layers, {}, time.perf_counter() - start, hists, block_of)
 

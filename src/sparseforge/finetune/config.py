@@ -78,6 +78,8 @@ class FinetuneConfig:
         compute: ``"dense"`` (masked dense weights) or ``"csr"`` / ``"bitmap"``: the pruned layers
             train as packed :class:`~sparseforge.nn.SparseLinear` on the native sparse kernels
             (:class:`sparseforge.train.SparseCompute`; float32 ``nn.Linear`` layers only).
+        allow_dense: fine-tune a student with no pruned layer (e.g. after ReLU-fication,
+            :mod:`sparseforge.activation.relufy`) instead of refusing it; nothing is masked then.
     """
 
     loss: Any = "squarehead"
@@ -96,6 +98,7 @@ class FinetuneConfig:
     eval_windows: int = 16
     eval_sentences: int = 256
     compute: str = "dense"
+    allow_dense: bool = False
 
     def __post_init__(self) -> None:
         self.weights = _parse_loss(self.loss)
@@ -116,6 +119,8 @@ class FinetuneConfig:
             raise ConfigError(f"grad_clip must be a positive number or None, got {self.grad_clip!r}")
         if not isinstance(self.min_sparsity, (int, float)) or not 0 < self.min_sparsity < 1:
             raise ConfigError(f"min_sparsity must be in (0, 1), got {self.min_sparsity!r}")
+        if not isinstance(self.allow_dense, bool):
+            raise ConfigError(f"allow_dense must be true or false, got {self.allow_dense!r}")
         if self.compute not in COMPUTES:
             raise ConfigError(f"compute must be one of {', '.join(COMPUTES)}, got {self.compute!r}")
         if self.teacher_dtype not in _DTYPES:

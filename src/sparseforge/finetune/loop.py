@@ -54,6 +54,25 @@ __all__ = ["finetune_", "FinetuneResult", "StepInfo", "STATE_FILE"]
 STATE_FILE = "finetune_state.pt"
 
 
+class _NoMask:
+    """The keeper of a student with no pruned layer (``FinetuneConfig(allow_dense=True)``): keeps nothing."""
+
+    def __init__(self) -> None:
+        self.step_count, self.generator = 0, torch.Generator()
+
+    def step(self) -> None:
+        self.step_count += 1
+
+    def remove(self) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step_count, "rng": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count = int(state["step"])
+
+
 @dataclass
 class StepInfo:
     """What the ``callback`` of :func:`finetune_` sees after each optimizer step."""
@@ -280,7 +299,7 @@ def finetune_(
     if kind == "encoder" and set(cfg.weights) - {"squarehead"}:
         raise ConfigError("an encoder has no language-model head: fine-tune it with loss 'squarehead' (distillation)")
     names = check_recorded_mask(model, pruned_layers(model, cfg.min_sparsity))
-    if not names:
+    if not names and not cfg.allow_dense:
         raise ModelError(f"the student has no pruned layer (no linear layer with >= {cfg.min_sparsity:.0%} zeros); "
                          "prune it first (sparseforge prune / sparseforge.sparsify_) or pass the pruned model")
     t_model = _prepare_teacher(teacher, model, kind, cfg)
@@ -312,8 +331,10 @@ def finetune_(
                           "student.requires_grad_(True)")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
-    keeper = KeepMask.attach(model, optimizer, names)
+    keeper = KeepMask.attach(model, optimizer, names) if names else _NoMask()  # allow_dense: nothing to keep
     sparse = None
+    if cfg.compute != "dense" and not names:
+        raise ConfigError(f"compute={cfg.compute!r} trains pruned layers packed, but the student has none: use compute='dense'")
     if cfg.compute != "dense":
         from sparseforge.train import SparseCompute
 

@@ -39,6 +39,7 @@ from sparseforge.formats import registry
 from sparseforge.formats.rule import structured_format
 from sparseforge.io.atomic_dir import recover, replace_dir
 from sparseforge.io.layout import BLOCK, CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, dtype_name
+from sparseforge.io.validation import ACTIVATION_VERSION
 from sparseforge.io.validation import tensor_checksums
 from sparseforge.layers import linear_weights
 from sparseforge.masks import satisfies
@@ -47,11 +48,12 @@ from sparseforge.patterns import NM, Block, FanIn, parse
 __all__ = ["save_pretrained"]
 
 # format_version written: FORMAT_VERSION by every compressed save (the layout with the CRC-32 of every
-# tensor in sparsity_config.checksums, verified at load); 1 for a dense checkpoint's info block. Older
+# tensor in sparsity_config.checksums, verified at load); 1 for a dense checkpoint's info block, or
+# ACTIVATION_VERSION (4) when it holds the activation section (the thresholds of activation-sparse layers). Older
 # compressed versions (1: bitmap / N:M, 2: + fan-in, BSR) carry no checksums and still load; a format's
 # since_version (formats.registry) is the first format_version that may store it, and a reader refuses a
 # layer whose format is newer than its checkpoint's version. The stored formats and classes: formats.registry.
-_FORMAT_KEYS = ("format_version", "format", "layers", "tied")  # written by us, never inherited
+_FORMAT_KEYS = ("format_version", "format", "layers", "tied", "activation")  # written by us, never inherited
 
 
 # ---------------------------------------------------------------------------------------- save
@@ -86,12 +88,17 @@ def save_pretrained(
     recover(out)  # finish or roll back an earlier save of out_dir that was killed half-way
     _check_out_dir(out, overwrite)
     info = _caller_info(model, sparsity_config)
-    with replace_dir(out) as tmp:
+    from sparseforge.activation.plain import plain_layers
+    from sparseforge.activation.storage import activation_layers
+
+    activation = activation_layers(model)
+    with replace_dir(out) as tmp, plain_layers(model):  # weights under the unmodified model's names
         if compressed:
-            _save_compressed(model, tmp, info)
+            _save_compressed(model, tmp, info, activation)
         else:
             model.save_pretrained(tmp)
-            _write_block(tmp, _block(model, info, layers=None) if info or sparsity_config is not None else None)
+            wanted = info or sparsity_config is not None or activation
+            _write_block(tmp, _with_activation(_block(model, info, layers=None), activation) if wanted else None)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return out
@@ -198,13 +205,28 @@ def _block(model, info, layers: dict[str, dict] | None) -> dict[str, Any]:
     else:  # the most structured format of any layer (lowest rank): nm, then bsr, fanin, bitmap
         used = [registry.get(v["format"]) for v in layers.values()]
         block["format"] = min(used, key=lambda s: s.rank).name if used else "bitmap"
-        block["format_version"] = FORMAT_VERSION  # 3: with the checksums of every tensor
+        block["format_version"] = FORMAT_VERSION  # 3: with the checksums of every tensor; 4: + activation
     block["targets"] = list(layers)
     block["layers"] = layers
     return block
 
 
-def _save_compressed(model, tmp: Path, info: dict[str, Any]) -> None:
+# ---- activation sparsity (format_version ACTIVATION_VERSION): one optional section ----------------------
+
+
+def _with_activation(block: dict[str, Any], activation: dict[str, dict]) -> dict[str, Any]:
+    """``block`` with ``activation: {"layers": ...}`` (the thresholds of the model's activation-sparse
+    layers, :func:`sparseforge.activation.storage.activation_layers`) and the version that holds it."""
+    if activation:
+        block["activation"] = {"layers": activation}
+        block["format_version"] = max(block["format_version"], ACTIVATION_VERSION)
+    return block
+
+
+# ---------------------------------------------------------------------------------------- compressed
+
+
+def _save_compressed(model, tmp: Path, info: dict[str, Any], activation: dict[str, dict]) -> None:
     from safetensors.torch import save_file
 
     state = model.state_dict()
@@ -236,7 +258,7 @@ def _save_compressed(model, tmp: Path, info: dict[str, Any]) -> None:
             if key in state:
                 raise ModelError(f"cannot compress {name}: the model already has a tensor named {key}")
             tensors[key] = buf.contiguous()
-    block = _block(model, info, layers=layers)
+    block = _with_activation(_block(model, info, layers=layers), activation)
     if aliases:
         block["tied"] = dict(aliases)
     block["checksums"] = tensor_checksums(tensors)

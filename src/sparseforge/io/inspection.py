@@ -152,7 +152,21 @@ def inspect_path(path: "str | Path", pattern: "str | None" = None) -> dict[str, 
         "notes": notes,
         "layers": sorted(rows, key=lambda r: _natural(r["name"])),
         "totals": totals,
+        "activation": _activation_rows(block),
     }
+
+
+def _activation_rows(block: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """One row per layer of the (validated) ``activation`` section: name, kind, method, threshold (a
+    number, or the mean of per-channel ones with ``channels``), target and calibrated sparsity."""
+    rows = []
+    for name, e in ((block or {}).get("activation") or {}).get("layers", {}).items():
+        t = e["threshold"]
+        values = [float(v) for v in (t if isinstance(t, list) else [t])]  # float("inf") reads "inf"
+        rows.append({"name": name, "kind": e["kind"], "method": e.get("method"),
+                     "threshold": sum(values) / len(values), "channels": len(values) if isinstance(t, list) else None,
+                     "sparsity": e.get("sparsity"), "calibrated_sparsity": e.get("calibrated_sparsity")})
+    return sorted(rows, key=lambda r: _natural(r["name"]))
 
 
 def _human(n: int) -> str:
@@ -180,4 +194,19 @@ def format_report(report: dict[str, Any]) -> str:
         f"{_human(t['bytes'])} stored vs {_human(t['dense_bytes'])} dense (ratio {t['ratio']:.3f}); "
         f"weight files {_human(t['file_bytes'])}; pattern {ok[t['pattern_ok']]}"
     )
+    out += _format_activation(report.get("activation") or [])
     return "\n".join(out)
+
+
+def _format_activation(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
+    lines = [("activation-sparse layer", "kind", "method", "threshold", "target", "calibrated")]
+    for r in rows:
+        t = f"{r['threshold']:.4g}" + (f" (mean of {r['channels']})" if r["channels"] else "")
+        lines.append((r["name"], r["kind"], r["method"] or "-", t, pct(r["sparsity"]), pct(r["calibrated_sparsity"])))
+    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
+    out = [f"activation sparsity: {len(rows)} layers (thresholds restored by sparseforge.load; 'calibrated' = "
+           "fraction of calibration inputs skipped)"]
+    return out + ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in lines]

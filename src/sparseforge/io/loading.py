@@ -63,7 +63,26 @@ def _with_generation_config(model, path: Path, transformers):
     return model
 
 
-def load(path: "str | Path", dtype: "torch.dtype | str | None" = None, sparse: bool = False, format: "str | None" = None):
+def _apply_activation(model, block: "dict[str, Any] | None", path: Path, activation: bool):
+    """``model`` with the thresholds of the checkpoint's ``activation`` section applied (its layers become
+    :class:`~sparseforge.activation.SparseInputLinear` / CATS MLPs; checked against the model first)."""
+    section = (block or {}).get("activation")
+    if section is None or not activation:
+        return model
+    from sparseforge.activation.storage import apply_activation_layers_
+
+    modules = dict(model.named_modules())
+    packed = [n for n in section["layers"] if isinstance(modules.get(n), SparseLinear)]
+    if packed:
+        raise ConfigError(f"{path}: layer {packed[0]} is loaded weight-sparse (sparse=True) and has an activation "
+                          "threshold, but the weight-sparse kernels do not skip input channels: load it with "
+                          "sparseforge.load(path) (dense weights, activation-sparse) or pass activation=False")
+    apply_activation_layers_(model, section["layers"], str(path / CONFIG_NAME))
+    return model
+
+
+def load(path: "str | Path", dtype: "torch.dtype | str | None" = None, sparse: bool = False, format: "str | None" = None,
+         activation: bool = True):
     """Load a dense Hugging Face checkpoint or a sparseforge one (compressed or not), bit-exact.
 
     The class comes from ``config.architectures[0]``. Compressed weights are decompressed and
@@ -75,6 +94,12 @@ def load(path: "str | Path", dtype: "torch.dtype | str | None" = None, sparse: b
     stored buffers without ever materialising the dense weights (:func:`load_sparse`); ``format`` is
     its ``format`` (``"rule"``, the default: bitmap layers of >= 85% sparsity run as CSR; ``"stored"``:
     every layer as stored).
+
+    ``activation=True`` (default) restores the activation sparsity the checkpoint records
+    (``sparsity_config.activation``, written when the saved model had
+    :class:`~sparseforge.activation.SparseInputLinear` layers or CATS MLPs): those layers come back
+    sparse-input with their thresholds, so the loaded model runs as the saved one did.
+    ``activation=False`` loads them as plain ``nn.Linear`` / MLP modules.
     """
     p = model_dir(path)
     if format is not None and not sparse:
@@ -82,7 +107,7 @@ def load(path: "str | Path", dtype: "torch.dtype | str | None" = None, sparse: b
     if sparse:
         if dtype is not None:
             raise ConfigError("sparse=True loads the values in their stored dtype; drop dtype= (or load dense)")
-        return load_sparse(p, format or "rule")
+        return load_sparse(p, format or "rule", activation=activation)
     block = read_sparsity_config(p)
     transformers = import_transformers()
     if isinstance(dtype, str) and not isinstance(getattr(torch, dtype, None), torch.dtype):
@@ -90,7 +115,8 @@ def load(path: "str | Path", dtype: "torch.dtype | str | None" = None, sparse: b
     cls = model_class(p, transformers)
     if not is_compressed(block):
         validate_checkpoint(p)  # safetensors headers and the info block, before transformers reads them
-        return cls.from_pretrained(str(p), dtype=dtype or "auto", local_files_only=True)
+        model = cls.from_pretrained(str(p), dtype=dtype or "auto", local_files_only=True)
+        return _apply_activation(model, block, p, activation)
     dense = {}
     for name, value in load_state_dict_compressed(p, skeleton(p)).items():  # validated against the model
         if not isinstance(value, torch.Tensor):  # a packed format object
@@ -105,7 +131,7 @@ def load(path: "str | Path", dtype: "torch.dtype | str | None" = None, sparse: b
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
         raise ModelError(f"{p}: the stored weights do not match {cls.__name__}: {bad}; the checkpoint is corrupt or incomplete")
-    return _with_generation_config(model, p, transformers)
+    return _apply_activation(_with_generation_config(model, p, transformers), block, p, activation)
 
 
 @contextmanager
@@ -125,7 +151,7 @@ def _linear_weights_on_meta() -> Iterator[None]:
         nn.Linear.__init__ = original
 
 
-def load_sparse(path: "str | Path", format: str = "rule") -> nn.Module:
+def load_sparse(path: "str | Path", format: str = "rule", activation: bool = True) -> nn.Module:
     """A transformers model from a compressed sparseforge checkpoint, its pruned layers as SparseLinear.
 
     The compressed weights (:func:`sparseforge.io.layout.load_state_dict_compressed`) go straight
@@ -138,7 +164,8 @@ def load_sparse(path: "str | Path", format: str = "rule") -> nn.Module:
     that the saver compressed because of its zero padding row) is decompressed for that module.
     The skeleton is built with every ``nn.Linear`` parameter on the meta device; the remaining dense
     tensors are assigned (not copied) from the checkpoint. Known cost: transformers ``Conv1D``
-    (GPT-2) weights are allocated dense in the skeleton before being replaced.
+    (GPT-2) weights are allocated dense in the skeleton before being replaced. ``activation``: as
+    :func:`load`; a layer both packed and activation-sparse is a ConfigError (no kernel combines them yet).
     """
     if format not in LOAD_FORMATS:
         raise ConfigError(f"load format must be one of {', '.join(LOAD_FORMATS)}, got {format!r}")
@@ -184,4 +211,4 @@ def load_sparse(path: "str | Path", format: str = "rule") -> nn.Module:
     on_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if on_meta:
         raise ModelError(f"{p}: tensors {on_meta[:5]} were not in the checkpoint; it is incomplete")
-    return _with_generation_config(model, p, transformers).eval()
+    return _apply_activation(_with_generation_config(model, p, transformers).eval(), block, p, activation)

@@ -49,11 +49,13 @@ from sparseforge.io.safetensors_header import SafetensorsHeader, TensorEntry, re
 __all__ = [
     "CheckedCheckpoint", "validate_checkpoint", "check_block", "check_tensors", "verify_checksums",
     "tensor_checksums", "architecture_class", "read_json", "weight_files", "FORMAT_VERSION", "CHECKSUM_VERSION",
+    "ACTIVATION_VERSION", "check_activation",
     "MAX_JSON_BYTES", "stored_formats", "CONFIG_NAME", "WEIGHTS_NAME", "BLOCK",
 ]
 
-FORMAT_VERSION = 3  # the newest checkpoint layout this sparseforge reads and writes
+FORMAT_VERSION = 4  # the newest checkpoint layout this sparseforge reads and writes
 CHECKSUM_VERSION = 3  # from this format_version on, every tensor's CRC-32 is stored and required
+ACTIVATION_VERSION = 4  # from this format_version on, sparsity_config may hold the "activation" section
 MAX_JSON_BYTES = 64 << 20  # config.json / index files larger than this are refused unread
 VALUE_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E5M2", "F8_E4M3")
@@ -217,7 +219,49 @@ def check_block(block: Any, where: Path) -> dict[str, Any]:
                 and all(isinstance(v, str) and len(v) == 8 for v in checksums["tensors"].values())):
             raise _bad(where, f"{BLOCK}.checksums must be {{'algorithm': 'crc32', 'tensors': {{name: 8 hex digits}}}} "
                               f"(required from format_version {CHECKSUM_VERSION}), got {checksums!r:.80}")
+    if "activation" in block:
+        check_activation(block, where)
     return block
+
+
+# ---- the activation section (format_version ACTIVATION_VERSION) ----------------------------------------
+
+ACTIVATION_KINDS = ("linear", "cats", "rsparse")
+
+
+def _is_threshold(v) -> bool:
+    return v == "inf" or (type(v) in (int, float) and v >= 0)  # NaN fails v >= 0
+
+
+def check_activation(block: dict[str, Any], where: Path) -> None:
+    """Type-check ``sparsity_config.activation``: ``{"layers": {module name: {"kind": "linear" | "cats" | "rsparse",
+    "threshold": number >= 0 | "inf" | [one per input channel], optional "method", "sparsity",
+    "calibrated_sparsity"; rsparse: "rank"}}}``. Whether the layers exist in the model is checked when they are applied."""
+    section = block["activation"]
+    if block["format_version"] < ACTIVATION_VERSION:
+        raise _bad(where, f"{BLOCK}.activation needs format_version >= {ACTIVATION_VERSION}, but the checkpoint says "
+                          f"{block['format_version']}; the config is corrupt")
+    layers = section.get("layers") if isinstance(section, dict) else None
+    if not isinstance(layers, dict) or not layers:
+        raise _bad(where, f"{BLOCK}.activation must be {{'layers': {{module name: entry}}}} with at least one layer, "
+                          f"got {section!r:.80}")
+    for name, entry in layers.items():
+        def bad(what: str) -> ModelError:
+            return _bad(where, f"{BLOCK}.activation.layers[{name!r}]: {what}")
+
+        if not isinstance(entry, dict):
+            raise bad(f"must be an object, got {type(entry).__name__}")
+        if entry.get("kind") not in ACTIVATION_KINDS:
+            raise bad(f"kind must be one of {', '.join(ACTIVATION_KINDS)}, got {entry.get('kind')!r:.40}")
+        t = entry.get("threshold")
+        if not (_is_threshold(t) or (isinstance(t, list) and t and entry["kind"] != "cats" and all(map(_is_threshold, t)))):
+            raise bad(f"threshold must be a number >= 0, \"inf\" or (linear, rsparse) a list of them, got {t!r:.60}")
+        if entry["kind"] == "rsparse" and not (_is_int(entry.get("rank")) and entry["rank"] >= 0):
+            raise bad(f"an rsparse layer needs an integer rank >= 0, got {entry.get('rank')!r:.40}")
+        for key in ("sparsity", "calibrated_sparsity"):
+            v = entry.get(key, 0.0)
+            if not (type(v) in (int, float) and 0.0 <= v <= 1.0):
+                raise bad(f"{key} must be a fraction in [0, 1], got {v!r:.40}")
 
 
 def weight_files(path: Path) -> list[Path]:
