@@ -28,7 +28,9 @@ void dense_row(const BitmapView& w, int64_t r, float* row) {
   });
 }
 
-const BitmapKernels& kernels(Isa isa) {
+}  // namespace
+
+const BitmapKernels& bitmap_kernels(Isa isa) {
 #if defined(SF_HAVE_X86_KERNELS)
   if (isa == Isa::avx512) return use_vpopcntdq() ? avx512vp::bitmap : avx512::bitmap;
   if (isa == Isa::avx2) return avx2::bitmap;
@@ -36,8 +38,6 @@ const BitmapKernels& kernels(Isa isa) {
   (void)isa;
   return scalar::bitmap;
 }
-
-}  // namespace
 
 void bitmap_linear_ref(const BitmapView& w, const Problem& p) { detail::linear_ref(w, p, dense_row); }
 
@@ -47,17 +47,17 @@ void bitmap_sddmm_ref(const BitmapView& w, const ProblemW& p) {
   detail::sddmm_ref(w, p, [](const BitmapView& v, int64_t r, auto&& f) { stored(v, r, f); });
 }
 
-void bitmap_sddmm(const BitmapView& w, const ProblemW& p, Isa isa) { detail::run_sddmm(w, p, kernels(isa), w.nnz); }
+void bitmap_sddmm(const BitmapView& w, const ProblemW& p, Isa isa) { detail::run_sddmm(w, p, bitmap_kernels(isa), w.nnz); }
 
 void bitmap_linear(const BitmapView& w, const Problem& p, Isa isa, int algo) {
   detail::check_problem(w.rows, w.cols, p);
-  detail::run_linear(w, p, kernels(isa), algo, w.nnz);
+  detail::run_linear(w, p, bitmap_kernels(isa), algo, w.nnz);
   with_bitmap<BitmapDec>(w, [&](const auto& dec) { detail::fix_nonfinite(dec, p); });
 }
 
 void bitmap_linear_t(const BitmapView& w, const ProblemT& p, Isa isa) {
   detail::check_problem_t(w.rows, w.cols, p);
-  detail::run_linear_t(w, p, kernels(isa), w.nnz);
+  detail::run_linear_t(w, p, bitmap_kernels(isa), w.nnz);
   with_bitmap<BitmapDec>(w, [&](const auto& dec) { detail::fix_nonfinite_t(dec, p); });
 }
 

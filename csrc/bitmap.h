@@ -32,6 +32,8 @@ namespace scalar { extern const BitmapKernels bitmap; }
 namespace avx2 { extern const BitmapKernels bitmap; }
 namespace avx512 { extern const BitmapKernels bitmap; }
 namespace avx512vp { extern const BitmapKernels bitmap; }  // avx512 + VPOPCNTDQ
+// the kernel table of path `isa` (the VPOPCNTDQ build within avx512 where use_vpopcntdq())
+const BitmapKernels& bitmap_kernels(Isa isa);
 
 void bitmap_linear_ref(const BitmapView& w, const Problem& p);
 void bitmap_linear_t_ref(const BitmapView& w, const ProblemT& p);

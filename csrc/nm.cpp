@@ -35,7 +35,9 @@ void dense_row(const NmView& w, int64_t r, float* row) {
   });
 }
 
-const NmKernels& kernels(Isa isa) {
+}  // namespace
+
+const NmKernels& nm_kernels(Isa isa) {
 #if defined(SF_HAVE_X86_KERNELS)
   if (isa == Isa::avx512) return use_vpopcntdq() ? avx512vp::nm : avx512::nm;
   if (isa == Isa::avx2) return avx2::nm;
@@ -43,8 +45,6 @@ const NmKernels& kernels(Isa isa) {
   (void)isa;
   return scalar::nm;
 }
-
-}  // namespace
 
 void nm_linear_ref(const NmView& w, const Problem& p) { detail::linear_ref(w, p, dense_row); }
 
@@ -54,17 +54,17 @@ void nm_sddmm_ref(const NmView& w, const ProblemW& p) {
   detail::sddmm_ref(w, p, [](const NmView& v, int64_t r, auto&& f) { stored(v, r, f); });
 }
 
-void nm_sddmm(const NmView& w, const ProblemW& p, Isa isa) { detail::run_sddmm(w, p, kernels(isa), w.rows * w.vpr); }
+void nm_sddmm(const NmView& w, const ProblemW& p, Isa isa) { detail::run_sddmm(w, p, nm_kernels(isa), w.rows * w.vpr); }
 
 void nm_linear(const NmView& w, const Problem& p, Isa isa, int algo) {
   detail::check_problem(w.rows, w.cols, p);
-  detail::run_linear(w, p, kernels(isa), algo, w.rows * w.vpr);
+  detail::run_linear(w, p, nm_kernels(isa), algo, w.rows * w.vpr);
   with_nm<NmDec>(w, [&](const auto& dec) { detail::fix_nonfinite(dec, p); });
 }
 
 void nm_linear_t(const NmView& w, const ProblemT& p, Isa isa) {
   detail::check_problem_t(w.rows, w.cols, p);
-  detail::run_linear_t(w, p, kernels(isa), w.rows * w.vpr);
+  detail::run_linear_t(w, p, nm_kernels(isa), w.rows * w.vpr);
   with_nm<NmDec>(w, [&](const auto& dec) { detail::fix_nonfinite_t(dec, p); });
 }
 

@@ -34,6 +34,8 @@ namespace scalar { extern const NmKernels nm; }
 namespace avx2 { extern const NmKernels nm; }
 namespace avx512 { extern const NmKernels nm; }
 namespace avx512vp { extern const NmKernels nm; }  // avx512 + VPOPCNTDQ
+// the kernel table of path `isa` (the VPOPCNTDQ build within avx512 where use_vpopcntdq())
+const NmKernels& nm_kernels(Isa isa);
 
 void nm_linear_ref(const NmView& w, const Problem& p);
 void nm_linear_t_ref(const NmView& w, const ProblemT& p);

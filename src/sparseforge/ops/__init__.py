@@ -11,6 +11,9 @@ and in training:
 * ``sparseforge::nm_linear(x, values, indices, n, m, bias)``
 * ``sparseforge::fanin_linear(x, values, indices, bias)``
 * ``sparseforge::bsr_linear(x, block_row_ptr, block_col, values, bias)``
+* ``sparseforge::bitmap_i8_linear(x, bitmap, row_offsets, values, scales, bias)`` and
+  ``sparseforge::nm_i8_linear(x, values, indices, scales, n, m, bias)``: int8 values with float32 row
+  scales (:mod:`sparseforge.ops.int8`; :func:`linear` picks them for a weight whose values are int8)
 * ``sparseforge::moe_expert_ffn(x, experts, weights, w_up, w_down, w_gate, activation, parallel)``: the
   few-token MoE expert FFN (:mod:`sparseforge.ops.expert_ffn`, forward only)
 
@@ -44,7 +47,7 @@ from torch import Tensor
 
 from sparseforge.errors import DataError, ModelError
 from sparseforge.formats import registry
-from sparseforge.ops import bitmap, bsr, csr, fanin, nm
+from sparseforge.ops import bitmap, bsr, csr, fanin, int8, nm
 from sparseforge.ops._define import check_act, check_bias, np_view
 from sparseforge.ops.bitmap import bitmap_linear, bitmap_linear_dw, bitmap_linear_t
 from sparseforge.ops.bsr import bsr_linear, bsr_linear_dw, bsr_linear_t
@@ -59,6 +62,7 @@ __all__ = [
 ]
 
 KERNELS = {spec.fmt: spec for spec in (csr.OPS, bitmap.OPS, nm.OPS, fanin.OPS, bsr.OPS)}  # by kernel family
+INT8_KERNELS = {"bitmap": int8.BITMAP_I8, "nm": int8.NM_I8}  # kernel family -> ops for int8 values
 
 
 _BY_TYPE: dict[type, object] = {}  # format class -> FormatOps, valid for one registry generation
@@ -67,7 +71,14 @@ _BY_TYPE_GENERATION = [-1]
 
 def _ops_for(weight):
     """The :class:`~sparseforge.ops._define.FormatOps` of a format object: its registered format's
-    kernel family (:attr:`sparseforge.formats.registry.FormatSpec.kernel_family`), cached per class."""
+    kernel family (:attr:`sparseforge.formats.registry.FormatSpec.kernel_family`), cached per class;
+    the int8 ops of that family when the values are int8."""
+    if weight.values.dtype == torch.int8:
+        family = registry.spec_of(weight).kernel_family
+        if family not in INT8_KERNELS:
+            raise ModelError(f"no int8 kernels for format {registry.spec_of(weight).name!r}; int8 values run in "
+                             f"{', '.join(INT8_KERNELS)}")
+        return INT8_KERNELS[family]
     if _BY_TYPE_GENERATION[0] != registry.generation():
         _BY_TYPE.clear()
         _BY_TYPE_GENERATION[0] = registry.generation()
@@ -89,7 +100,8 @@ def _ops_for(weight):
 
 
 def linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
-    """``x (..., in) @ weight^T + bias`` for a CSR, bitmap, N:M, fan-in or BSR weight.
+    """``x (..., in) @ weight^T + bias`` for a CSR, bitmap, N:M, fan-in or BSR weight (bitmap and N:M
+    also with int8 values).
 
     Leading dimensions of ``x`` are flattened into the batch and restored on the output.
     """
