@@ -73,7 +73,8 @@ def _ops_for(weight):
     """The :class:`~sparseforge.ops._define.FormatOps` of a format object: its registered format's
     kernel family (:attr:`sparseforge.formats.registry.FormatSpec.kernel_family`), cached per class;
     the int8 ops of that family when the values are int8."""
-    if weight.values.dtype == torch.int8:
+    values = getattr(weight, "values", None)
+    if isinstance(values, Tensor) and values.dtype == torch.int8:
         family = registry.spec_of(weight).kernel_family
         if family not in INT8_KERNELS:
             raise ModelError(f"no int8 kernels for format {registry.spec_of(weight).name!r}; int8 values run in "
