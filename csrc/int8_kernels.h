@@ -26,13 +26,15 @@
 namespace sf {
 namespace {
 
-// sums[nb] = sum over the kept columns j of one row of q[k] * xs[nb][j], k counting from vp;
-// mask8(i) is the keep-mask of columns [8i, 8i + 8) (bits past `cols` are ignored); `end` is the
-// length of the q buffer (no load reaches past it).
+// sums[nb] = sum over the kept columns j of one row of q[k] * xs[nb][j], k counting from vp.
+// mask8(i) is the keep-mask of columns [8i, 8i + 8) (bits past `cols` are ignored); kPer8 > 0 says
+// every whole byte keeps exactly kPer8 columns (2:4: 4), so value offsets need no popcounts. `end`
+// is the length of the q buffer (no load reaches past it). The offsets of the slices of one step
+// come from independent popcounts: the only loop-carried chain is one add per step.
 #if defined(__AVX512F__)
-inline __m512 i8_expand16(const int8_t* q, int64_t vp, uint32_t m, int64_t end) {
+inline __m512 i8_expand16(const int8_t* q, int64_t vp, uint32_t m, bool safe) {
   __m128i raw;
-  if (vp + 16 <= end) {
+  if (safe) {
     raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + vp));
   } else {
     const int pc = __builtin_popcount(m);
@@ -42,23 +44,37 @@ inline __m512 i8_expand16(const int8_t* q, int64_t vp, uint32_t m, int64_t end) 
   return _mm512_cvtepi32_ps(v);
 }
 
-template <int NB, class Mask8>
+template <int NB, int kPer8, class Mask8>
 inline void i8_row_dot(const int8_t* q, int64_t vp, int64_t end, int64_t cols, Mask8&& mask8, const float* const* xs,
                        float* sums) {
-  __m512 acc[NB][2];
-  for (int nb = 0; nb < NB; ++nb) acc[nb][0] = acc[nb][1] = _mm512_setzero_ps();
+  __m512 acc[NB][4];
+  for (int nb = 0; nb < NB; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = _mm512_setzero_ps();
+  auto mask16 = [&](int64_t c) { return mask8(c / 8) | (static_cast<uint32_t>(mask8(c / 8 + 1)) << 8); };
   int64_t c = 0;
-  for (; c + 32 <= cols; c += 32) {
-    if ((c & 127) == 0) v512::prefetch(q + vp, v512::kPrefetchBytes);
-    const uint32_t m0 = mask8(c / 8) | (static_cast<uint32_t>(mask8(c / 8 + 1)) << 8);
-    const uint32_t m1 = mask8(c / 8 + 2) | (static_cast<uint32_t>(mask8(c / 8 + 3)) << 8);
-    const __m512 w0 = i8_expand16(q, vp, m0, end);
-    vp += __builtin_popcount(m0);
-    const __m512 w1 = i8_expand16(q, vp, m1, end);
-    vp += __builtin_popcount(m1);
+  for (; c + 64 <= cols; c += 64) {
+    v512::prefetch(q + vp, v512::kPrefetchBytes);
+    const uint32_t m0 = mask16(c), m1 = mask16(c + 16), m2 = mask16(c + 32), m3 = mask16(c + 48);
+    int64_t o1, o2, o3, step;
+    if constexpr (kPer8 > 0) {
+      o1 = 2 * kPer8, o2 = 4 * kPer8, o3 = 6 * kPer8, step = 8 * kPer8;
+    } else {
+      o1 = __builtin_popcount(m0);
+      o2 = o1 + __builtin_popcount(m1);
+      const int64_t p23 = __builtin_popcount(m2);
+      o3 = o2 + p23;
+      step = o3 + __builtin_popcount(m3);
+    }
+    const bool safe = vp + o3 + 16 <= end;
+    const __m512 w0 = i8_expand16(q, vp, m0, safe);
+    const __m512 w1 = i8_expand16(q, vp + o1, m1, safe);
+    const __m512 w2 = i8_expand16(q, vp + o2, m2, safe);
+    const __m512 w3 = i8_expand16(q, vp + o3, m3, safe);
+    vp += step;
     for (int nb = 0; nb < NB; ++nb) {
       acc[nb][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xs[nb] + c), acc[nb][0]);
       acc[nb][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xs[nb] + c + 16), acc[nb][1]);
+      acc[nb][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xs[nb] + c + 32), acc[nb][2]);
+      acc[nb][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xs[nb] + c + 48), acc[nb][3]);
     }
   }
   for (; c < cols; c += 16) {
@@ -67,17 +83,20 @@ inline void i8_row_dot(const int8_t* q, int64_t vp, int64_t end, int64_t cols, M
     if (nc > 8) m |= static_cast<uint32_t>(mask8(c / 8 + 1)) << 8;
     const __mmask16 cm = v512::first_lanes(nc);
     m &= cm;
-    const __m512 w0 = i8_expand16(q, vp, m, end);
+    const __m512 w0 = i8_expand16(q, vp, m, vp + 16 <= end);
     vp += __builtin_popcount(m);
     for (int nb = 0; nb < NB; ++nb) acc[nb][0] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(cm, xs[nb] + c), acc[nb][0]);
   }
-  for (int nb = 0; nb < NB; ++nb) sums[nb] = _mm512_reduce_add_ps(_mm512_add_ps(acc[nb][0], acc[nb][1]));
+  for (int nb = 0; nb < NB; ++nb) {
+    const __m512 s = _mm512_add_ps(_mm512_add_ps(acc[nb][0], acc[nb][1]), _mm512_add_ps(acc[nb][2], acc[nb][3]));
+    sums[nb] = _mm512_reduce_add_ps(s);
+  }
 }
 
 #elif defined(__AVX2__)
-inline __m256 i8_expand8(const int8_t* q, int64_t vp, unsigned m, int64_t end) {
+inline __m256 i8_expand8(const int8_t* q, int64_t vp, unsigned m, bool safe) {
   __m128i raw;
-  if (vp + 8 <= end) {
+  if (safe) {
     raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + vp));
   } else {
     int8_t tmp[16] = {0};
@@ -92,38 +111,53 @@ inline __m256 i8_expand8(const int8_t* q, int64_t vp, unsigned m, int64_t end) {
   return _mm256_cvtepi32_ps(_mm256_and_si256(v, on));
 }
 
-template <int NB, class Mask8>
+template <int NB, int kPer8, class Mask8>
 inline void i8_row_dot(const int8_t* q, int64_t vp, int64_t end, int64_t cols, Mask8&& mask8, const float* const* xs,
                        float* sums) {
-  __m256 acc[NB][2];
-  for (int nb = 0; nb < NB; ++nb) acc[nb][0] = acc[nb][1] = _mm256_setzero_ps();
+  __m256 acc[NB][4];
+  for (int nb = 0; nb < NB; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = _mm256_setzero_ps();
   int64_t c = 0;
-  for (; c + 16 <= cols; c += 16) {
+  for (; c + 32 <= cols; c += 32) {
     if ((c & 127) == 0) v256::prefetch(q + vp, v256::kPrefetchBytes);
-    const unsigned m0 = mask8(c / 8), m1 = mask8(c / 8 + 1);
-    const __m256 w0 = i8_expand8(q, vp, m0, end);
-    vp += __builtin_popcount(m0);
-    const __m256 w1 = i8_expand8(q, vp, m1, end);
-    vp += __builtin_popcount(m1);
+    const unsigned m0 = mask8(c / 8), m1 = mask8(c / 8 + 1), m2 = mask8(c / 8 + 2), m3 = mask8(c / 8 + 3);
+    int64_t o1, o2, o3, step;
+    if constexpr (kPer8 > 0) {
+      o1 = kPer8, o2 = 2 * kPer8, o3 = 3 * kPer8, step = 4 * kPer8;
+    } else {
+      o1 = __builtin_popcount(m0);
+      o2 = o1 + __builtin_popcount(m1);
+      o3 = o2 + __builtin_popcount(m2);
+      step = o3 + __builtin_popcount(m3);
+    }
+    const bool safe = vp + o3 + 8 <= end;
+    const __m256 w0 = i8_expand8(q, vp, m0, safe);
+    const __m256 w1 = i8_expand8(q, vp + o1, m1, safe);
+    const __m256 w2 = i8_expand8(q, vp + o2, m2, safe);
+    const __m256 w3 = i8_expand8(q, vp + o3, m3, safe);
+    vp += step;
     for (int nb = 0; nb < NB; ++nb) {
       acc[nb][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xs[nb] + c), acc[nb][0]);
       acc[nb][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xs[nb] + c + 8), acc[nb][1]);
+      acc[nb][2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xs[nb] + c + 16), acc[nb][2]);
+      acc[nb][3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xs[nb] + c + 24), acc[nb][3]);
     }
   }
   for (; c < cols; c += 8) {
     const int64_t nc = min64(8, cols - c);
     const unsigned m = mask8(c / 8) & ((1u << nc) - 1u);
-    const __m256 w0 = i8_expand8(q, vp, m, end);
+    const __m256 w0 = i8_expand8(q, vp, m, vp + 8 <= end);
     vp += __builtin_popcount(m);
     for (int nb = 0; nb < NB; ++nb) {
       acc[nb][0] = _mm256_fmadd_ps(w0, _mm256_maskload_ps(xs[nb] + c, v256::first_lanes(nc)), acc[nb][0]);
     }
   }
-  for (int nb = 0; nb < NB; ++nb) sums[nb] = v256::hsum(_mm256_add_ps(acc[nb][0], acc[nb][1]));
+  for (int nb = 0; nb < NB; ++nb) {
+    sums[nb] = v256::hsum(_mm256_add_ps(_mm256_add_ps(acc[nb][0], acc[nb][1]), _mm256_add_ps(acc[nb][2], acc[nb][3])));
+  }
 }
 
 #else
-template <int NB, class Mask8>
+template <int NB, int kPer8, class Mask8>
 inline void i8_row_dot(const int8_t* q, int64_t vp, int64_t end, int64_t cols, Mask8&& mask8, const float* const* xs,
                        float* sums) {
   (void)end;
@@ -161,7 +195,7 @@ void bitmap_i8_rows(const BitmapI8& wq, const Problem& p, int64_t r0, int64_t r1
   const int8_t* q = static_cast<const int8_t*>(w.val);
   i8_rows(p, wq.scales, r0, r1, [&](int64_t r, const float* const* xs, float* sums, auto nbc) {
     const uint8_t* row = w.bits + r * w.bpr;
-    i8_row_dot<decltype(nbc)::value>(q, w.row_offsets[r], w.nnz, w.cols, [row](int64_t i) { return row[i]; }, xs, sums);
+    i8_row_dot<decltype(nbc)::value, 0>(q, w.row_offsets[r], w.nnz, w.cols, [row](int64_t i) { return row[i]; }, xs, sums);
   });
 }
 
@@ -172,7 +206,7 @@ void nm_i8_rows(const NmI8& wq, const Problem& p, int64_t r0, int64_t r1) {
   if (w.n == 2 && w.m == 4) {  // each index byte is two groups: kNm24 gives their 8-column mask
     i8_rows(p, wq.scales, r0, r1, [&](int64_t r, const float* const* xs, float* sums, auto nbc) {
       const uint8_t* irow = w.idx + r * w.ibpr;
-      i8_row_dot<decltype(nbc)::value>(q, r * w.vpr, total, w.cols, [irow](int64_t i) { return kNm24.mask[irow[i]]; },
+      i8_row_dot<decltype(nbc)::value, 4>(q, r * w.vpr, total, w.cols, [irow](int64_t i) { return kNm24.mask[irow[i]]; },
                                        xs, sums);
     });
     return;
@@ -189,7 +223,7 @@ void nm_i8_rows(const NmI8& wq, const Problem& p, int64_t r0, int64_t r1) {
       decoded = r;
     }
     const uint8_t* row = bits.data();
-    i8_row_dot<decltype(nbc)::value>(q, r * w.vpr, total, w.cols, [row](int64_t i) { return row[i]; }, xs, sums);
+    i8_row_dot<decltype(nbc)::value, 0>(q, r * w.vpr, total, w.cols, [row](int64_t i) { return row[i]; }, xs, sums);
   });
 }
 
