@@ -12,18 +12,10 @@ extern const BitmapKernels bitmap = kBitmapKernels;
 
 namespace {
 
-// f(column, value index) for each stored entry of row r, bit by bit (independent of BitmapDec)
-template <class F>
-void stored(const BitmapView& w, int64_t r, F&& f) {
-  int64_t vp = w.row_offsets[r];
-  for (int64_t j = 0; j < w.cols; ++j)
-    if ((w.bits[r * w.bpr + j / 8] >> (j % 8)) & 1) f(j, vp++);
-}
-
 // the dense row r of W
 void dense_row(const BitmapView& w, int64_t r, float* row) {
   for (int64_t j = 0; j < w.cols; ++j) row[j] = 0.f;
-  stored(w, r, [&](int64_t j, int64_t q) {
+  bitmap_stored(w, r, [&](int64_t j, int64_t q) {
     row[j] = w.vt == VT::f32 ? load_val<VT::f32>(w.val, q) : load_val<VT::bf16>(w.val, q);
   });
 }
@@ -44,7 +36,7 @@ void bitmap_linear_ref(const BitmapView& w, const Problem& p) { detail::linear_r
 void bitmap_linear_t_ref(const BitmapView& w, const ProblemT& p) { detail::linear_t_ref(w, p, dense_row); }
 
 void bitmap_sddmm_ref(const BitmapView& w, const ProblemW& p) {
-  detail::sddmm_ref(w, p, [](const BitmapView& v, int64_t r, auto&& f) { stored(v, r, f); });
+  detail::sddmm_ref(w, p, [](const BitmapView& v, int64_t r, auto&& f) { bitmap_stored(v, r, f); });
 }
 
 void bitmap_sddmm(const BitmapView& w, const ProblemW& p, Isa isa) { detail::run_sddmm(w, p, bitmap_kernels(isa), w.nnz); }

@@ -90,5 +90,14 @@ struct BitmapDec {
   }
 };
 
+// f(column, value index) for each stored entry of row r, bit by bit (independent of BitmapDec;
+// the scalar references use it)
+template <class F>
+void bitmap_stored(const BitmapView& w, int64_t r, F&& f) {
+  int64_t vp = w.row_offsets[r];
+  for (int64_t j = 0; j < w.cols; ++j)
+    if ((w.bits[r * w.bpr + j / 8] >> (j % 8)) & 1) f(j, vp++);
+}
+
 }  // namespace
 }  // namespace sf

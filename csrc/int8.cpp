@@ -26,26 +26,11 @@ const I8Kernels& i8_kernels(Isa isa) {
   return scalar::i8;
 }
 
-// f(column) for each stored entry of row r, bit by bit / field by field (independent of the kernels)
+// f(column, value index) for each stored entry of row r (bitmap.h / nm.h, independent of the kernels)
 template <class F>
-void stored_cols(const BitmapView& w, int64_t r, F&& f) {
-  for (int64_t j = 0; j < w.cols; ++j)
-    if ((w.bits[r * w.bpr + j / 8] >> (j % 8)) & 1) f(j);
-}
+void stored(const BitmapView& w, int64_t r, F&& f) { bitmap_stored(w, r, f); }
 template <class F>
-void stored_cols(const NmView& w, int64_t r, F&& f) {
-  const uint8_t* irow = w.idx + r * w.ibpr;
-  for (int64_t v = 0; v < w.vpr; ++v) {
-    int pos = 0;
-    for (int t = 0; t < w.b; ++t) {
-      const int64_t bit = v * w.b + t;
-      pos |= ((irow[bit / 8] >> (bit % 8)) & 1) << t;
-    }
-    f((v / w.n) * w.m + pos);
-  }
-}
-int64_t first_value(const BitmapView& w, int64_t r) { return w.row_offsets[r]; }
-int64_t first_value(const NmView& w, int64_t r) { return r * w.vpr; }
+void stored(const NmView& w, int64_t r, F&& f) { nm_stored(w, r, f); }
 
 // The reference: y[b, r] = scales[r] * sum_j q[r, j] * x[b, j] + bias[r], the row's int8 values
 // decoded to a dense float row first.
@@ -56,8 +41,7 @@ void i8_linear_ref(const View& w, const float* scales, const Problem& p) {
   std::vector<float> row(static_cast<size_t>(w.cols));
   for (int64_t r = 0; r < w.rows; ++r) {
     for (auto& v : row) v = 0.f;
-    int64_t k = first_value(w, r);
-    stored_cols(w, r, [&](int64_t j) { row[j] = static_cast<float>(q[k++]); });
+    stored(w, r, [&](int64_t j, int64_t k) { row[j] = static_cast<float>(q[k]); });
     for (int64_t b = 0; b < p.B; ++b) {
       float acc = 0.f;
       for (int64_t j = 0; j < w.cols; ++j) acc += row[j] * p.x[b * p.in + j];
@@ -73,7 +57,7 @@ struct ColsDec {
   struct Cur { int64_t r; };
   Cur begin(int64_t r) const { return {r}; }
   template <class F>
-  void run(Cur& c, int64_t, F&& f) const { stored_cols(w, c.r, [&](int64_t j) { f(j, 0.f); }); }
+  void run(Cur& c, int64_t, F&& f) const { stored(w, c.r, [&](int64_t j, int64_t) { f(j, 0.f); }); }
 };
 
 // Row block [r0, r1) dequantized (float32, the format's own layout) into this thread's buffer.

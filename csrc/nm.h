@@ -121,5 +121,20 @@ struct Nm24Lut {
 };
 constexpr Nm24Lut kNm24{};
 
+// f(column, value index) for each stored entry of row r, reading the index stream one bit at a
+// time (independent of NmDec; the scalar references use it)
+template <class F>
+void nm_stored(const NmView& w, int64_t r, F&& f) {
+  const uint8_t* irow = w.idx + r * w.ibpr;
+  for (int64_t v = 0; v < w.vpr; ++v) {
+    int pos = 0;
+    for (int t = 0; t < w.b; ++t) {
+      const int64_t bit = v * w.b + t;
+      pos |= ((irow[bit / 8] >> (bit % 8)) & 1) << t;
+    }
+    f((v / w.n) * w.m + pos, r * w.vpr + v);
+  }
+}
+
 }  // namespace
 }  // namespace sf
