@@ -13,7 +13,7 @@ must read, the bandwidth limit ``bytes / streaming bandwidth`` and the cell's ti
 same run. Streaming bandwidth is measured in the same run (torch ``sum`` of a 1 GiB fp32 array,
 ``--threads`` threads, median of 15) before and after the kernels; the limit uses their mean.
 
-int8 cells (``bitmap_i8``, ``nm_i8``: int8 values with float32 row scales, ``sparseforge.ops.int8``)
+int8 cells (``bitmap_i8``, ``nm_i8``, ``csr_i8``: int8 values with float32 row scales, ``sparseforge.ops.int8``)
 are also judged by the bytes bound of issue 13: ``bytes read / (rate torch's dense fp32 GEMV streams its
 weights at, same run, batch 1)`` against the cell's time (``% of bytes bound``; target >= 90% at batch 1).
 
@@ -70,7 +70,7 @@ REFERENCE_PEERS_MS = {
 REFERENCE_BEST_DENSE_B1_MS = 22.0  # recorded min(torch bf16 22.0, onnxruntime 22.6) ms; context only
 
 
-FORMATS = ("bitmap", "bitmap_bf16", "csr", "nm", "bitmap_i8", "nm_i8")
+FORMATS = ("bitmap", "bitmap_bf16", "csr", "nm", "bitmap_i8", "nm_i8", "csr_i8")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -80,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ffn", type=int, default=11008)
     p.add_argument("--batches", default="1,64", help="comma-separated batch sizes")
     p.add_argument("--sparsities", default="0.5,2:4,0.75,0.9,0.95", help="fractions, and/or 2:4")
-    p.add_argument("--formats", default="bitmap,bitmap_bf16,csr,nm,bitmap_i8,nm_i8",
+    p.add_argument("--formats", default="bitmap,bitmap_bf16,csr,nm,bitmap_i8,nm_i8,csr_i8",
                    help="subset of " + ",".join(FORMATS))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--budget", type=float, default=3.0, help="seconds of timing per cell (min 5, max 40 passes)")
@@ -161,6 +161,8 @@ def build(fmt: str, w: torch.Tensor, mask: torch.Tensor, label: str):
         return NMWeight.from_dense(w, "2:4", mask)
     if fmt == "bitmap_i8":
         return BitmapWeight.from_dense(w, mask, values_dtype=torch.int8)
+    if fmt == "csr_i8":
+        return CSRWeight.from_dense(w, mask, values_dtype=torch.int8)
     if fmt == "nm_i8" and label == "2:4":
         return NMWeight.from_dense(w, "2:4", mask, values_dtype=torch.int8)
     return None
@@ -336,7 +338,7 @@ def targets(result: dict) -> list[str]:
         r = by.get((b, k, s))
         if r:
             out.append(f"{'PASS' if r['frac_of_limit'] >= 0.7 else 'FAIL'}: B=1 {k} {s} at {100 * r['frac_of_limit']:.0f}% of the bandwidth limit (target >= 70%)")
-    for (b, k, s) in [(1, "bitmap_i8", "50%"), (1, "nm_i8", "2:4")]:
+    for (b, k, s) in [(1, "bitmap_i8", "50%"), (1, "nm_i8", "2:4"), (1, "csr_i8", "90%")]:
         r = by.get((b, k, s))
         if r and "frac_of_bytes_bound" in r:
             out.append(f"{'PASS' if r['frac_of_bytes_bound'] >= 0.9 else 'FAIL'}: B=1 {k} {s} at "
@@ -349,7 +351,7 @@ def targets(result: dict) -> list[str]:
     for (b, s), peers in REFERENCE_PEERS_MS.items():
         cands = [r for (bb, k, ss), r in by.items()
                  if bb == b and ss == s and r["bytes"] is not None and not k.startswith("torch")
-                 and k not in ("bitmap_bf16", "bitmap_i8", "nm_i8")]
+                 and k not in ("bitmap_bf16", "bitmap_i8", "nm_i8", "csr_i8")]
         if not cands:
             continue
         best = min(cands, key=lambda r: r["ms"])

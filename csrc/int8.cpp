@@ -1,4 +1,4 @@
-// int8-valued bitmap / N:M: scalar references (test oracles), the portable row kernels
+// int8-valued bitmap / N:M / CSR: scalar references (test oracles), the portable row kernels
 // (int8_kernels.h), and the driver: rows kernels for small batches, and for larger ones each row
 // block dequantized into a float32 buffer and multiplied by the format's float32 lanes kernels.
 #include "int8.h"
@@ -31,6 +31,8 @@ template <class F>
 void stored(const BitmapView& w, int64_t r, F&& f) { bitmap_stored(w, r, f); }
 template <class F>
 void stored(const NmView& w, int64_t r, F&& f) { nm_stored(w, r, f); }
+template <class F>
+void stored(const CsrView& w, int64_t r, F&& f) { csr_stored(w, r, f); }
 
 // The reference: y[b, r] = scales[r] * sum_j q[r, j] * x[b, j] + bias[r], the row's int8 values
 // decoded to a dense float row first.
@@ -63,6 +65,7 @@ struct ColsDec {
 // Row block [r0, r1) dequantized (float32, the format's own layout) into this thread's buffer.
 thread_local std::vector<float> tl_values;
 thread_local std::vector<int64_t> tl_offsets;
+thread_local std::vector<int32_t> tl_ptr;
 
 // The kernel table run_linear drives: int8 rows kernels, and lanes over a dequantized row block.
 struct BitmapI8Run {
@@ -140,7 +143,42 @@ const float* checked_scales(const Array& scales, int64_t rows, const char* op, b
   return s;
 }
 
+struct CsrI8Run {
+  const I8Kernels& i8;
+  const CsrKernels& f32;
+  void rows(const CsrI8& w, const Problem& p, int64_t r0, int64_t r1) const { i8.csr_rows(w, p, r0, r1); }
+  void lanes(const CsrI8& wq, const Problem& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* ybuf) const {
+    const CsrView& w = wq.w;
+    const int64_t base = w.row_ptr[r0], n = w.row_ptr[r1] - base;
+    tl_values.resize(static_cast<size_t>(n > 0 ? n : 1));
+    tl_ptr.resize(static_cast<size_t>(r1 - r0 + 1));
+    const int8_t* q = static_cast<const int8_t*>(w.val);
+    for (int64_t r = r0; r < r1; ++r) {
+      tl_ptr[r - r0] = static_cast<int32_t>(w.row_ptr[r] - base);
+      const float s = wq.scales[r];
+      for (int64_t k = w.row_ptr[r]; k < w.row_ptr[r + 1]; ++k) tl_values[k - base] = s * static_cast<float>(q[k]);
+    }
+    tl_ptr[r1 - r0] = static_cast<int32_t>(n);
+    CsrView sub = w;
+    sub.rows = r1 - r0;
+    sub.nnz = n;
+    sub.row_ptr = tl_ptr.data();
+    sub.col = static_cast<const char*>(w.col) + base * (w.col_u16 ? 2 : 4);
+    sub.val = tl_values.data();
+    sub.vt = VT::f32;
+    f32.lanes(sub, BitmapI8Run::shifted(p, r0), lp, 0, r1 - r0, ybuf);
+  }
+};
+
 }  // namespace
+
+CsrI8 csr_i8_view(const Array& row_ptr, const Array& col, const Array& values, const Array& scales, int64_t cols,
+                  const char* op, bool check_indices) {
+  CsrI8 w;
+  w.w = csr_view(row_ptr, col, as_f32(values, op), cols, op, check_indices);
+  w.scales = checked_scales(scales, w.w.rows, op, check_indices);
+  return w;
+}
 
 BitmapI8 bitmap_i8_view(const Array& bits, const Array& row_offsets, const Array& values, const Array& scales,
                         int64_t cols, const char* op, bool check_indices) {
@@ -161,6 +199,14 @@ NmI8 nm_i8_view(const Array& values, const Array& indices, const Array& scales, 
 void bitmap_i8_linear_ref(const BitmapI8& w, const Problem& p) { i8_linear_ref(w.w, w.scales, p); }
 
 void nm_i8_linear_ref(const NmI8& w, const Problem& p) { i8_linear_ref(w.w, w.scales, p); }
+
+void csr_i8_linear_ref(const CsrI8& w, const Problem& p) { i8_linear_ref(w.w, w.scales, p); }
+
+void csr_i8_linear(const CsrI8& w, const Problem& p, Isa isa, int algo) {
+  detail::check_problem(w.w.rows, w.w.cols, p);
+  detail::run_linear(w, p, CsrI8Run{i8_kernels(isa), csr_kernels(isa)}, algo, w.w.nnz);
+  detail::fix_nonfinite(ColsDec<CsrView>{w.w}, p);
+}
 
 void bitmap_i8_linear(const BitmapI8& w, const Problem& p, Isa isa, int algo) {
   detail::check_problem(w.w.rows, w.w.cols, p);

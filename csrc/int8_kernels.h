@@ -1,4 +1,4 @@
-// int8-valued bitmap / N:M row kernels (int8.h), written once and compiled per instruction set:
+// int8-valued bitmap / N:M / CSR row kernels (int8.h), written once and compiled per instruction set:
 // int8.cpp (portable), int8_avx2.cpp and int8_avx512.cpp each include this header and export its
 // table. Everything has internal linkage.
 //
@@ -227,7 +227,42 @@ void nm_i8_rows(const NmI8& wq, const Problem& p, int64_t r0, int64_t r1) {
   });
 }
 
-constexpr I8Kernels kI8Kernels = {bitmap_i8_rows, nm_i8_rows};
+// CSR: sum over the row's entries of q[k] * x[col[k]] (v512 / v256 gather_dot with int8 values)
+template <class I, int NB>
+inline void csr_i8_row_dot(const CsrView& w, int64_t r, const float* const* xs, float* sums) {
+  const I* col = static_cast<const I*>(w.col);
+  const int64_t q0 = w.row_ptr[r], q1 = w.row_ptr[r + 1];
+#if defined(__AVX512F__)
+  __m512 a0[NB], a1[NB];
+  for (int nb = 0; nb < NB; ++nb) a0[nb] = a1[nb] = _mm512_setzero_ps();
+  v512::gather_dot<I, VT::i8, NB>(col + q0, w.val, q0, q1 - q0, xs, a0, a1);
+  for (int nb = 0; nb < NB; ++nb) sums[nb] = _mm512_reduce_add_ps(_mm512_add_ps(a0[nb], a1[nb]));
+#elif defined(__AVX2__)
+  __m256 a0[NB], a1[NB];
+  float tail[NB];
+  for (int nb = 0; nb < NB; ++nb) {
+    a0[nb] = a1[nb] = _mm256_setzero_ps();
+    tail[nb] = 0.f;
+  }
+  v256::gather_dot<I, VT::i8, NB>(col + q0, w.val, q0, q1 - q0, xs, a0, a1, tail);
+  for (int nb = 0; nb < NB; ++nb) sums[nb] = v256::hsum(_mm256_add_ps(a0[nb], a1[nb])) + tail[nb];
+#else
+  const int8_t* q = static_cast<const int8_t*>(w.val);
+  for (int nb = 0; nb < NB; ++nb) sums[nb] = 0.f;
+  for (int64_t k = q0; k < q1; ++k)
+    for (int nb = 0; nb < NB; ++nb) sums[nb] += static_cast<float>(q[k]) * xs[nb][col[k]];
+#endif
+}
+
+void csr_i8_rows(const CsrI8& wq, const Problem& p, int64_t r0, int64_t r1) {
+  const CsrView& w = wq.w;
+  i8_rows(p, wq.scales, r0, r1, [&](int64_t r, const float* const* xs, float* sums, auto nbc) {
+    if (w.col_u16) csr_i8_row_dot<uint16_t, decltype(nbc)::value>(w, r, xs, sums);
+    else csr_i8_row_dot<int32_t, decltype(nbc)::value>(w, r, xs, sums);
+  });
+}
+
+constexpr I8Kernels kI8Kernels = {bitmap_i8_rows, nm_i8_rows, csr_i8_rows};
 
 }  // namespace
 }  // namespace sf

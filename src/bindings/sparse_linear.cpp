@@ -1,4 +1,4 @@
-// Bindings of the sparse linear kernels (CSR, bitmap, N:M, constant fan-in, BSR; bitmap and N:M
+// Bindings of the sparse linear kernels (CSR, bitmap, N:M, constant fan-in, BSR; CSR, bitmap and N:M
 // also with int8 values and float32 row scales, forward only: <fmt>_i8_linear, <fmt>_i8_check):
 //   <fmt>_linear(x, W..., bias, y, isa, algo, check_indices)   y = x @ W^T + bias
 //   <fmt>_linear_t(dy, W..., dx, isa, check_indices)           dx = dy @ W
@@ -260,9 +260,28 @@ void register_int8(nb::module_& m) {
     return sf::nm_i8_view(array(val, "values"), array(idx, "indices"), array(sc, "scales"), n, mm, cols, op.c_str(),
                           chk);
   };
+  auto csr_i8 = [](const In& rp, const In& col, const In& val, const In& sc, int64_t cols, const std::string& op,
+                   bool chk) {
+    return sf::csr_i8_view(array(rp, "row_ptr"), array(col, "col"), array(val, "values"), array(sc, "scales"), cols,
+                           op.c_str(), chk);
+  };
   for (const bool ref : {false, true}) {
     const std::string sfx = ref ? "_ref" : "";
-    const std::string bl = "bitmap_i8_linear" + sfx, nl = "nm_i8_linear" + sfx;
+    const std::string bl = "bitmap_i8_linear" + sfx, nl = "nm_i8_linear" + sfx, cl = "csr_i8_linear" + sfx;
+    m.def(cl.c_str(),
+          [ref, cl, csr_i8](const In& x, const In& row_ptr, const In& col, const In& values, const In& scales,
+                            const nb::object& bias, const Out& y, const std::string& isa, const std::string& algo,
+                            bool check_indices) {
+            const sf::Problem p = problem(x, bias, y);
+            const sf::CsrI8 w = csr_i8(row_ptr, col, values, scales, p.in, cl, check_indices);
+            expect_rows(w.w.rows, p.out, cl.c_str());
+            const sf::Isa i = ref ? sf::Isa::scalar : resolve(isa);
+            const int a = parse_algo(algo);
+            nb::gil_scoped_release rel;
+            if (ref) sf::csr_i8_linear_ref(w, p); else sf::csr_i8_linear(w, p, i, a);
+          },
+          "x"_a, "row_ptr"_a, "col"_a, "values"_a, "scales"_a, "bias"_a.none(), "y"_a, "isa"_a = "",
+          "algo"_a = "auto", "check_indices"_a = true);
     m.def(bl.c_str(),
           [ref, bl, bitmap_i8](const In& x, const In& bits, const In& row_offsets, const In& values, const In& scales,
                                const nb::object& bias, const Out& y, const std::string& isa, const std::string& algo,
@@ -296,6 +315,10 @@ void register_int8(nb::module_& m) {
                                        int64_t rows, int64_t cols) {
     expect_rows(bitmap_i8(bits, row_offsets, values, scales, cols, "bitmap_i8_check", true).w.rows, rows, "bitmap_i8_check");
   }, "bitmap"_a, "row_offsets"_a, "values"_a, "scales"_a, "rows"_a, "cols"_a);
+  m.def("csr_i8_check", [csr_i8](const In& row_ptr, const In& col, const In& values, const In& scales, int64_t rows,
+                                 int64_t cols) {
+    expect_rows(csr_i8(row_ptr, col, values, scales, cols, "csr_i8_check", true).w.rows, rows, "csr_i8_check");
+  }, "row_ptr"_a, "col"_a, "values"_a, "scales"_a, "rows"_a, "cols"_a);
   m.def("nm_i8_check", [nm_i8](const In& values, const In& indices, const In& scales, int n, int mm, int64_t rows,
                                int64_t cols) {
     expect_rows(nm_i8(values, indices, scales, n, mm, cols, "nm_i8_check", true).w.rows, rows, "nm_i8_check");

@@ -28,7 +28,8 @@ GOLDEN = Path(__file__).parents[1] / "golden"
 
 def prune_and_quantize(model, pattern: str, sparsity):
     """Magnitude-prune every linear but lm_head, then quantize it as sparseforge.quant leaves it:
-    weight = q * scale (float32) and a float32 ``weight_scale`` buffer (out,). Returns the targets."""
+    weight = q * scale (float32) and a float32 ``weight_scale`` buffer (out,), 0 for a row pruned
+    entirely. Returns the targets."""
     modules = dict(model.named_modules())
     targets = []
     with torch.no_grad():
@@ -38,8 +39,8 @@ def prune_and_quantize(model, pattern: str, sparsity):
             mod = modules[name]
             w = weight_2d(mod)  # (out, in) view
             w.copy_(torch.where(mask_from_scores(w.abs(), pattern, sparsity), w, torch.zeros(())))
-            scale = w.abs().amax(dim=1) / 127
-            w.copy_(torch.round(w / scale[:, None]) * scale[:, None])
+            scale = w.abs().amax(dim=1) / 127  # 0 for a row pruned entirely
+            w.copy_(torch.where(scale[:, None] > 0, torch.round(w / scale[:, None]) * scale[:, None], 0.0))
             mod.register_buffer("weight_scale", scale.clone())
             targets.append(f"{name}.weight")
     return targets
@@ -50,7 +51,8 @@ def info(pattern, sparsity, targets=None):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("pattern,sparsity,fmt,cls", [("2:4", None, "nm", NMWeight), ("unstructured", 0.6, "bitmap", BitmapWeight)])
+@pytest.mark.parametrize("pattern,sparsity,fmt,cls", [("2:4", None, "nm", NMWeight), ("unstructured", 0.6, "bitmap", BitmapWeight),
+                                                     ("unstructured", 0.9, "bitmap", BitmapWeight)])
 def test_int8_round_trip(tmp_path, family, pattern, sparsity, fmt, cls):
     model = tiny_model(family)
     targets = prune_and_quantize(model, pattern, sparsity)
@@ -72,7 +74,8 @@ def test_int8_round_trip(tmp_path, family, pattern, sparsity, fmt, cls):
         obj = packed[name]
         assert isinstance(obj, cls) and obj.values.dtype == torch.int8
         owner = modules[name.rsplit(".", 1)[0]]
-        assert torch.equal(obj.scales, owner.weight_scale)
+        given = owner.weight_scale
+        assert torch.equal(obj.scales, torch.where(given > 0, given, 1.0))  # all-pruned rows: scale 1.0
         w = owner.weight.detach()
         assert torch.equal(obj.to_dense(), w.t() if layer["transposed"] else w)
     dense = load(out)  # dequantized float32 weights, no weight_scale buffers
@@ -82,6 +85,8 @@ def test_int8_round_trip(tmp_path, family, pattern, sparsity, fmt, cls):
     sparse = load_sparse(out)
     layers = [m for m in sparse.modules() if isinstance(m, SparseLinear)]
     assert len(layers) == len(targets) and all(m.weight_format.dtype == torch.int8 for m in layers)
+    # load_sparse's rule runs bitmaps of >= 85% sparsity as CSR, int8 values and scales shared
+    assert {m.format for m in layers} == {"csr" if (sparsity or 0) >= 0.85 else fmt}
     with torch.no_grad():
         torch.testing.assert_close(sparse(x).logits, want, rtol=1e-4, atol=1e-4)
     sizes = checkpoint_sizes(out)

@@ -1,4 +1,4 @@
-"""The int8-valued bitmap / N:M kernels against their scalar reference and dense torch.
+"""The int8-valued bitmap / N:M / CSR kernels against their scalar reference and dense torch.
 
 Every ISA path this CPU has is forced through SPARSEFORGE_ISA; both algorithms (rows: int8 decoded
 in registers; lanes: row blocks dequantized into the float32 lanes kernels) run at batch sizes on
@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from sparseforge import kernels
 from sparseforge.errors import ModelError
 from sparseforge.formats import BitmapWeight, NMWeight
+from sparseforge.formats.csr import CSRWeight
 from sparseforge.kernels import native
 from sparseforge.ops import linear
 
@@ -23,11 +24,23 @@ ISAS = [pytest.param(i, marks=pytest.mark.skipif(not kernels.cpu_supports(i), re
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
+class Int32Columns:
+    """A CSR int8 weight handed to the kernel with int32 column indices (the format keeps uint16 up to
+    65536 columns, so this path is reached directly)."""
+
+    def __init__(self, cw: CSRWeight):
+        self.cw, self.shape = cw, cw.shape
+
+    def to_dense(self) -> torch.Tensor:
+        return self.cw.to_dense()
+
+
 def _weight(fmt: str, rows: int, cols: int, density: float, seed: int):
-    """A random int8 weight in ``fmt`` (``bitmap``, ``2:4``, ``4:8``, ``1:4``); row 0 keeps nothing."""
+    """A random int8 weight in ``fmt`` (``bitmap``, ``csr``, ``csr32`` (int32 columns), ``2:4``, ``4:8``,
+    ``1:4``); row 0 keeps nothing."""
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=gen)
-    if fmt == "bitmap":
+    if fmt in ("bitmap", "csr", "csr32"):
         keep = torch.rand(rows, cols, generator=gen) < density
     else:
         n, m = (int(v) for v in fmt.split(":"))
@@ -37,6 +50,9 @@ def _weight(fmt: str, rows: int, cols: int, density: float, seed: int):
     keep[0] = False
     if fmt == "bitmap":
         return BitmapWeight.from_dense(w, keep, values_dtype=torch.int8)
+    if fmt.startswith("csr"):
+        cw = CSRWeight.from_dense(w, keep, values_dtype=torch.int8)
+        return cw if fmt == "csr" else Int32Columns(cw)
     return NMWeight.from_dense(w, fmt, keep, values_dtype=torch.int8)
 
 
@@ -45,7 +61,12 @@ def _run(wt, x, bias=None, *, ref=False, isa="", algo="auto"):
     b = None if bias is None else bias.numpy()
     sfx = "_ref" if ref else ""
     extra = {} if ref else {"isa": isa, "algo": algo}
-    if isinstance(wt, BitmapWeight):
+    if isinstance(wt, (CSRWeight, Int32Columns)):
+        cw = wt.cw if isinstance(wt, Int32Columns) else wt
+        col = cw.col.to(torch.int32) if isinstance(wt, Int32Columns) else cw.col
+        getattr(native(), "csr_i8_linear" + sfx)(x.numpy(), cw.row_ptr.numpy(), col.numpy(), cw.values.numpy(),
+                                                cw.scales.numpy(), b, y, **extra)
+    elif isinstance(wt, BitmapWeight):
         getattr(native(), "bitmap_i8_linear" + sfx)(x.numpy(), wt.bitmap.numpy(), wt.row_offsets.numpy(), wt.values.numpy(),
                                                    wt.scales.numpy(), b, y, **extra)
     else:
@@ -54,14 +75,14 @@ def _run(wt, x, bias=None, *, ref=False, isa="", algo="auto"):
     return torch.from_numpy(y)
 
 
-FORMATS = ["bitmap", "2:4", "4:8", "1:4"]
+FORMATS = ["bitmap", "csr", "csr32", "2:4", "4:8", "1:4"]
 
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("algo", ["rows", "lanes"])
 def test_forward_matches_reference_and_dense(isa, fmt, algo):
-    wt = _weight(fmt, 37, 136 if fmt != "bitmap" else 133, 0.5, seed=1)
+    wt = _weight(fmt, 37, 133 if fmt in ("bitmap", "csr", "csr32") else 136, 0.5, seed=1)
     bias = torch.randn(wt.shape[0])
     for batch in (1, 2, 3, 5, 17, 70):
         x = torch.randn(batch, wt.shape[1])
@@ -75,7 +96,8 @@ def test_forward_matches_reference_and_dense(isa, fmt, algo):
 @given(fmt=st.sampled_from(FORMATS), rows=st.integers(1, 40), groups=st.integers(1, 30), batch=st.integers(1, 9),
        density=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
 def test_property_any_shape(isa, fmt, rows, groups, batch, density, seed):
-    cols = groups * (8 if fmt != "bitmap" else 1) + (0 if fmt != "bitmap" else seed % 7)
+    unstructured = fmt in ("bitmap", "csr", "csr32")
+    cols = groups * (1 if unstructured else 8) + (seed % 7 if unstructured else 0)
     wt = _weight(fmt, rows, cols, density, seed)
     x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(seed))
     y = _run(wt, x, isa=isa)
@@ -84,7 +106,7 @@ def test_property_any_shape(isa, fmt, rows, groups, batch, density, seed):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("fmt", ["bitmap", "2:4"])
+@pytest.mark.parametrize("fmt", ["bitmap", "csr", "2:4"])
 def test_nonfinite_inputs_propagate_like_dense(isa, fmt):
     wt = _weight(fmt, 9, 64, 0.5, seed=3)
     x = torch.randn(3, 64)
@@ -97,10 +119,20 @@ def test_nonfinite_inputs_propagate_like_dense(isa, fmt):
         assert torch.equal(torch.isnan(y), torch.isnan(want))
 
 
-def test_ops_linear_uses_the_int8_kernels():
-    wt = _weight("2:4", 16, 64, 0.5, seed=4)
+@pytest.mark.parametrize("fmt", ["bitmap", "csr", "2:4"])
+def test_ops_linear_uses_the_int8_kernels(fmt):
+    wt = _weight(fmt, 16, 64, 0.5, seed=4)
     x = torch.randn(2, 3, 64)
     torch.testing.assert_close(linear(x, wt), x @ wt.to_dense().T, **TOL)
+
+
+def test_csr_from_an_int8_bitmap_shares_values_and_scales():
+    bw = _weight("bitmap", 12, 40, 0.1, seed=6)
+    cw = CSRWeight.from_bitmap(bw)
+    assert cw.values is bw.values and cw.scales is bw.scales
+    assert torch.equal(cw.to_dense(), bw.to_dense())
+    x = torch.randn(3, 40)
+    torch.testing.assert_close(linear(x, cw), linear(x, bw), **TOL)
 
 
 def test_bad_scales_are_model_errors():

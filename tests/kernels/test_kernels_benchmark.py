@@ -31,6 +31,7 @@ def test_kernel_benchmark_smoke(tmp_path, capsys):
     assert ("nm", "2:4", 5) in kernels and ("bitmap_bf16", "90%", 1) in kernels and ("torch dense bf16", "0%", 1) in kernels
     assert ("nm", "50%", 1) not in kernels  # N:M only where the mask is 2:4
     assert ("nm_i8", "2:4", 1) in kernels and ("bitmap_i8", "50%", 5) in kernels and ("nm_i8", "50%", 1) not in kernels
+    assert ("csr_i8", "90%", 1) in kernels
     int8 = [r for r in result["rows"] if r["kernel"].endswith("_i8")]
     assert int8 and all(r["frac_of_bytes_bound"] > 0 for r in int8)
     assert any(line.startswith(("PASS: B=1 nm_i8 2:4", "FAIL: B=1 nm_i8 2:4")) and "bytes bound" in line

@@ -7,7 +7,7 @@ import torch
 
 from sparseforge.errors import ConfigError
 from sparseforge.nn import SparseLinear
-from sparseforge.ops.int8 import bitmap_i8_linear, nm_i8_linear
+from sparseforge.ops.int8 import bitmap_i8_linear, csr_i8_linear, nm_i8_linear
 
 
 def _pruned_linear(out=24, inp=64, seed=0, two_four=True):
@@ -30,7 +30,7 @@ def _quantized(lin):
     return lin
 
 
-@pytest.mark.parametrize("fmt", ["bitmap", "nm", "auto"])
+@pytest.mark.parametrize("fmt", ["bitmap", "nm", "csr", "auto"])
 def test_forward_matches_the_dequantized_dense_layer(fmt):
     lin = _pruned_linear()
     sl = SparseLinear.from_linear(lin, fmt, dtype=torch.int8)
@@ -60,12 +60,14 @@ def test_weight_scale_buffer_is_the_grid():
 
 def test_input_gradient_flows_and_int8_is_not_trainable():
     lin = _pruned_linear(two_four=False)
-    sl = SparseLinear.from_linear(lin, "bitmap", dtype=torch.int8)
-    x = torch.randn(4, 64, requires_grad=True)
-    sl(x).pow(2).sum().backward()
-    xr = x.detach().clone().requires_grad_()
-    torch.nn.functional.linear(xr, sl.to_dense(), sl.bias).pow(2).sum().backward()
-    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-4)
+    for fmt in ("bitmap", "csr", "nm"):
+        sl = SparseLinear.from_linear(lin if fmt != "nm" else _pruned_linear(), fmt, dtype=torch.int8)
+        x = torch.randn(4, 64, requires_grad=True)
+        sl(x).pow(2).sum().backward()
+        xr = x.detach().clone().requires_grad_()
+        torch.nn.functional.linear(xr, sl.to_dense(), sl.bias).pow(2).sum().backward()
+        torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-4)
+        assert sl.bias.grad is None  # inference layers: the bias does not train
     with pytest.raises(ConfigError, match="int8 values cannot be trainable"):
         sl.set_trainable(True)
     with pytest.raises(ConfigError, match="int8 values cannot be trainable"):
@@ -81,8 +83,8 @@ def test_state_dict_round_trip_and_formats_without_int8():
     other.load_state_dict(state)
     x = torch.randn(2, 64)
     torch.testing.assert_close(other(x), sl(x))
-    with pytest.raises(ConfigError, match="int8 values are stored in the bitmap / nm formats, not 'csr'"):
-        SparseLinear.from_linear(lin, "csr", dtype=torch.int8)
+    with pytest.raises(ConfigError, match="int8 values are stored in the bitmap / nm / csr formats, not 'fanin'"):
+        SparseLinear.from_linear(lin, "fanin", dtype=torch.int8)
     with pytest.raises(ConfigError, match="scales= needs dtype=torch.int8"):
         SparseLinear.from_linear(lin, "bitmap", scales=torch.ones(24))
 
@@ -94,3 +96,5 @@ def test_ops_pass_opcheck():
     torch.library.opcheck(nm_i8_linear, (x, w.values, w.indices, w.scales, 2, 4, sl.bias.detach()))
     bw = SparseLinear.from_linear(_pruned_linear(two_four=False), "bitmap", dtype=torch.int8).weight_format
     torch.library.opcheck(bitmap_i8_linear, (x, bw.bitmap, bw.row_offsets, bw.values, bw.scales, None))
+    cw = SparseLinear.from_linear(_pruned_linear(two_four=False), "csr", dtype=torch.int8).weight_format
+    torch.library.opcheck(csr_i8_linear, (x, cw.row_ptr, cw.col, cw.values, cw.scales, None))

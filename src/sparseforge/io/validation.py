@@ -159,7 +159,8 @@ def _check_layer(name, layer, block, where, compressed: bool) -> None:
         raise bad(f"dtype {layer.get('dtype')!r:.40} is not one of {', '.join(VALUE_DTYPES)}")
     if layer["dtype"] == "int8":
         if not (compressed and registry.get(fmt).int8_values):
-            raise bad(f"int8 values are stored only by the {', '.join(registry.int8_names())} formats, not {fmt}")
+            held = [n for n in registry.int8_names() if n in stored_formats()]
+            raise bad(f"int8 values are stored only by the {', '.join(held)} formats, not {fmt}")
         if block["format_version"] < INT8_VERSION:
             raise bad(f"int8 values are stored from format_version {INT8_VERSION} on, but the checkpoint says "
                       f"format_version {block['format_version']}; the config is corrupt")

@@ -11,8 +11,9 @@ and in training:
 * ``sparseforge::nm_linear(x, values, indices, n, m, bias)``
 * ``sparseforge::fanin_linear(x, values, indices, bias)``
 * ``sparseforge::bsr_linear(x, block_row_ptr, block_col, values, bias)``
-* ``sparseforge::bitmap_i8_linear(x, bitmap, row_offsets, values, scales, bias)`` and
-  ``sparseforge::nm_i8_linear(x, values, indices, scales, n, m, bias)``: int8 values with float32 row
+* ``sparseforge::bitmap_i8_linear(x, bitmap, row_offsets, values, scales, bias)``,
+  ``sparseforge::nm_i8_linear(x, values, indices, scales, n, m, bias)`` and
+  ``sparseforge::csr_i8_linear(x, row_ptr, col, values, scales, bias)``: int8 values with float32 row
   scales (:mod:`sparseforge.ops.int8`; :func:`linear` picks them for a weight whose values are int8)
 * ``sparseforge::moe_expert_ffn(x, experts, weights, w_up, w_down, w_gate, activation, parallel)``: the
   few-token MoE expert FFN (:mod:`sparseforge.ops.expert_ffn`, forward only)
@@ -62,7 +63,7 @@ __all__ = [
 ]
 
 KERNELS = {spec.fmt: spec for spec in (csr.OPS, bitmap.OPS, nm.OPS, fanin.OPS, bsr.OPS)}  # by kernel family
-INT8_KERNELS = {"bitmap": int8.BITMAP_I8, "nm": int8.NM_I8}  # kernel family -> ops for int8 values
+INT8_KERNELS = {"bitmap": int8.BITMAP_I8, "nm": int8.NM_I8, "csr": int8.CSR_I8}  # kernel family -> ops for int8 values
 
 
 _BY_TYPE: dict[type, object] = {}  # format class -> FormatOps, valid for one registry generation
@@ -101,8 +102,8 @@ def _ops_for(weight):
 
 
 def linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
-    """``x (..., in) @ weight^T + bias`` for a CSR, bitmap, N:M, fan-in or BSR weight (bitmap and N:M
-    also with int8 values).
+    """``x (..., in) @ weight^T + bias`` for a CSR, bitmap, N:M, fan-in or BSR weight (CSR, bitmap and
+    N:M also with int8 values).
 
     Leading dimensions of ``x`` are flattened into the batch and restored on the output.
     """

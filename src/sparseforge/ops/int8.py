@@ -1,12 +1,13 @@
-"""``sparseforge::bitmap_i8_linear`` / ``nm_i8_linear``: bitmap and N:M weights with int8 values.
+"""``sparseforge::bitmap_i8_linear`` / ``nm_i8_linear`` / ``csr_i8_linear``: weights with int8 values.
 
 The values are int8 ``q`` with a float32 scale per output row (:mod:`sparseforge.formats.quantized`):
 ``y[b, r] = scales[r] * sum_j q[r, j] * x[b, j] + bias[r]``, native ``bitmap_i8_linear`` /
-``nm_i8_linear`` (``csrc/int8.h``: batch 1-3 dequantize in registers, larger batches one row block at a
+``nm_i8_linear`` / ``csr_i8_linear`` (``csrc/int8.h``: batch 1-3 dequantize in registers, larger batches one row block at a
 time into the float32 lanes kernels). Schemas:
 
 * ``sparseforge::bitmap_i8_linear(x, bitmap, row_offsets, values, scales, bias)``
 * ``sparseforge::nm_i8_linear(x, values, indices, scales, n, m, bias)``
+* ``sparseforge::csr_i8_linear(x, row_ptr, col, values, scales, bias)``
 
 Autograd: ``dx = dy @ W`` through the float32 transposed ops of the format on the dequantized values,
 ``dbias = dy.sum(0)``; int8 values and their scales get no gradient (they are not trainable).
@@ -26,13 +27,15 @@ import torch
 from torch import Tensor
 
 from sparseforge.formats.bitmap import BitmapWeight
+from sparseforge.formats.csr import CSRWeight
 from sparseforge.formats.nm import NMWeight
 from sparseforge.kernels import native
 from sparseforge.ops import bitmap as bitmap_ops
+from sparseforge.ops import csr as csr_ops
 from sparseforge.ops import nm as nm_ops
 from sparseforge.ops._define import FormatOps, check_buf, linear_out, np_view
 
-__all__ = ["bitmap_i8_linear", "nm_i8_linear", "BITMAP_I8", "NM_I8"]
+__all__ = ["bitmap_i8_linear", "nm_i8_linear", "csr_i8_linear", "BITMAP_I8", "NM_I8", "CSR_I8"]
 
 _SCALES = ("scales", (torch.float32,), 1)
 
@@ -49,6 +52,27 @@ def _nm_dims(values: Tensor, indices: Tensor, scales: Tensor, n: int, m: int, co
                                        (values, indices, scales)):
         check_buf(t, name, dtypes, ndim)
     return nm_ops.fit_buffers(values, indices, n, m, cols)
+
+
+def _csr_dims(row_ptr: Tensor, col: Tensor, values: Tensor, scales: Tensor, cols: int) -> int:
+    buffers = (("row_ptr", (torch.int32,), 1), ("col", (torch.uint16, torch.int32), 1), ("values", (torch.int8,), 1), _SCALES)
+    for (name, dtypes, ndim), t in zip(buffers, (row_ptr, col, values, scales)):
+        check_buf(t, name, dtypes, ndim)
+    return csr_ops.fit_buffers(row_ptr, col, values, cols)
+
+
+@torch.library.custom_op("sparseforge::csr_i8_linear", mutates_args=(),
+                         schema="(Tensor x, Tensor row_ptr, Tensor col, Tensor values, Tensor scales, Tensor? bias) -> Tensor")
+def csr_i8_linear(x, row_ptr, col, values, scales, bias):
+    """y (B, out) = x (B, in) @ W^T + bias for a CSRWeight with int8 values."""
+    y = linear_out(x, _csr_dims(row_ptr, col, values, scales, x.shape[-1]), bias)
+    native().csr_i8_linear(*map(np_view, (x, row_ptr, col, values, scales, bias)), y.numpy())
+    return y
+
+
+@csr_i8_linear.register_fake
+def _(x, row_ptr, col, values, scales, bias):
+    return linear_out(x, _csr_dims(row_ptr, col, values, scales, x.shape[-1]), bias, fake=True)
 
 
 @torch.library.custom_op("sparseforge::bitmap_i8_linear", mutates_args=(),
@@ -110,10 +134,24 @@ def _nm_backward(ctx, dy):
     return tuple(grads)
 
 
+def _csr_backward(ctx, dy):
+    row_ptr, col, values, scales = ctx.saved_tensors
+    grads = [None] * ctx.n_inputs
+    if ctx.needs_input_grad[0]:
+        deq = values.float() * torch.repeat_interleave(scales, row_ptr.to(torch.int64).diff())  # (nnz,) float32
+        grads[0] = csr_ops.csr_linear_t(dy.contiguous(), row_ptr, col, deq, ctx.in_features)
+    if ctx.has_bias and ctx.needs_input_grad[-1]:
+        grads[-1] = dy.sum(0)
+    return tuple(grads)
+
+
 bitmap_i8_linear.register_autograd(_bitmap_backward, setup_context=_setup)
+csr_i8_linear.register_autograd(_csr_backward, setup_context=_setup)
 nm_i8_linear.register_autograd(_nm_backward, setup_context=_setup)
 
 BITMAP_I8 = FormatOps("bitmap_i8", BitmapWeight, lambda w: (w.bitmap, w.row_offsets, w.values, w.scales), _bitmap_dims,
                       bitmap_i8_linear, None, None)
 NM_I8 = FormatOps("nm_i8", NMWeight, lambda w: (w.values, w.indices, w.scales, w.pattern.n, w.pattern.m), _nm_dims,
                   nm_i8_linear, None, None)
+CSR_I8 = FormatOps("csr_i8", CSRWeight, lambda w: (w.row_ptr, w.col, w.values, w.scales), _csr_dims, csr_i8_linear,
+                   None, None)
