@@ -89,6 +89,10 @@ def test_int8_round_trip(tmp_path, family, pattern, sparsity, fmt, cls):
     assert {m.format for m in layers} == {"csr" if (sparsity or 0) >= 0.85 else fmt}
     with torch.no_grad():
         torch.testing.assert_close(sparse(x).logits, want, rtol=1e-4, atol=1e-4)
+    from sparseforge.io.inspection import inspect_path
+
+    report = {r["name"]: r for r in inspect_path(out)["layers"]}
+    assert all(report[n]["dtype"] == "int8" and report[n]["format"] == fmt for n in targets)
     sizes = checkpoint_sizes(out)
     assert sizes["stored_bytes"] < sizes["dense_bytes"]
 

@@ -18,8 +18,8 @@ values into an ``nn.Parameter`` (same name in ``state_dict``) and let the bias t
 the values is dW restricted to the mask (the native SDDMM kernels, ``docs/kernels.md``), so the sparsity
 structure (bitmap, indices, row pointers: still buffers) never changes while the kept weights learn.
 
-int8 values (``from_linear(..., dtype=torch.int8)``, bitmap and N:M): the weight is ``scales[r] * q``
-with a float32 ``scales`` buffer (``scales`` / ``nm_scales``), multiplied by the int8 kernels of
+int8 values (``from_linear(..., dtype=torch.int8)``, bitmap, N:M and CSR): the weight is ``scales[r] * q``
+with a float32 ``scales`` buffer (``scales`` / ``nm_scales`` / ``csr_scales``), multiplied by the int8 kernels of
 :mod:`sparseforge.ops.int8`; ``to_dense()`` gives the float32 dequantized weight. They are not trainable
 (the gradient with respect to the input works).
 
@@ -114,7 +114,7 @@ class SparseLinear(nn.Module):
                 (e.g. ``"block4x4"``, required) for ``format="bsr"``; for ``"auto"``, a recorded
                 pattern tried first. ``format="fanin"`` needs every row to keep the same count.
             dtype: values dtype (float32, bfloat16 or int8); default the weight's own. ``torch.int8``
-                (formats ``"bitmap"`` and ``"nm"``; ``"auto"`` picks among them) stores int8 values with
+                (formats ``"bitmap"``, ``"nm"`` and ``"csr"``; ``"auto"`` picks among them) stores int8 values with
                 one float32 scale per output row (:mod:`sparseforge.formats.quantized`).
             trainable: store the values as a trainable parameter (see :meth:`set_trainable`).
             scales: with ``dtype=torch.int8``, the (out,) float32 scales the weight was quantized with

@@ -169,11 +169,11 @@ def _choose(name: str, w: torch.Tensor, format: str, advice: "AdviceReport | Non
             report.kept_dense.append((name, f"dense is faster on this machine ({adv.reason()})"))
             return None
         if int8 and adv.choice not in registry.int8_names():
-            return "bitmap", None  # advice measured with float values: int8 runs in bitmap / N:M only
+            return "bitmap", None  # advice measured with float values: no int8 fan-in / BSR
         return adv.choice, adv.pattern
     nm = recorded if isinstance(recorded, NM) else None
     if format == "rule":
-        if int8:  # the rule among the formats that hold int8 values: N:M when the weight obeys it, else bitmap
+        if int8:  # the rule among the formats that hold int8 values (no fan-in / BSR)
             choice = auto_format(w, nm)
             return choice if choice[0] in registry.int8_names() else ("bitmap", None)
         return structured_format(w, recorded) or auto_format(w, nm)
@@ -210,7 +210,7 @@ def compress_(
             layer quantized by :mod:`sparseforge.quant` (it has a float32 ``weight_scale`` buffer of
             shape (out,)) gets int8 values on that grid. ``torch.int8`` quantizes the other layers
             round-to-nearest with one scale per output row (:mod:`sparseforge.formats.quantized`);
-            int8 layers use the bitmap or N:M format (``"rule"`` / ``"auto"`` pick among those).
+            int8 layers use the bitmap, N:M or CSR format (``"rule"`` / ``"auto"`` pick among those).
         batch_sizes: batch sizes (tokens per call) ``"auto"`` measures at; pick the ones you serve.
         advice: an :class:`~sparseforge.runtime.advise.AdviceReport` already measured for this model
             (``"auto"`` then measures nothing).
