@@ -67,6 +67,25 @@ thread_local std::vector<float> tl_values;
 thread_local std::vector<int64_t> tl_offsets;
 thread_local std::vector<int32_t> tl_ptr;
 
+// Rows [r0, r1) of a weight whose row r owns values [ptr[r], ptr[r + 1]) (bitmap row_offsets, CSR
+// row_ptr): scales[r] * q into tl_values from index 0, the pointers rebased to 0 into offs
+// (r1 - r0 + 1 entries). Returns the block's value count.
+template <class P>
+int64_t dequantize_block(const P* ptr, const void* values, const float* scales, int64_t r0, int64_t r1,
+                         std::vector<P>& offs) {
+  const int64_t base = ptr[r0], n = ptr[r1] - base;
+  tl_values.resize(static_cast<size_t>(n > 0 ? n : 1));
+  offs.resize(static_cast<size_t>(r1 - r0 + 1));
+  const int8_t* q = static_cast<const int8_t*>(values);
+  for (int64_t r = r0; r < r1; ++r) {
+    offs[r - r0] = static_cast<P>(ptr[r] - base);
+    const float s = scales[r];
+    for (int64_t k = ptr[r]; k < ptr[r + 1]; ++k) tl_values[k - base] = s * static_cast<float>(q[k]);
+  }
+  offs[r1 - r0] = static_cast<P>(n);
+  return n;
+}
+
 // The kernel table run_linear drives: int8 rows kernels, and lanes over a dequantized row block.
 struct BitmapI8Run {
   const I8Kernels& i8;
@@ -74,16 +93,7 @@ struct BitmapI8Run {
   void rows(const BitmapI8& w, const Problem& p, int64_t r0, int64_t r1) const { i8.bitmap_rows(w, p, r0, r1); }
   void lanes(const BitmapI8& wq, const Problem& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* ybuf) const {
     const BitmapView& w = wq.w;
-    const int64_t base = w.row_offsets[r0], n = w.row_offsets[r1] - base;
-    tl_values.resize(static_cast<size_t>(n > 0 ? n : 1));
-    tl_offsets.resize(static_cast<size_t>(r1 - r0 + 1));
-    const int8_t* q = static_cast<const int8_t*>(w.val);
-    for (int64_t r = r0; r < r1; ++r) {
-      tl_offsets[r - r0] = w.row_offsets[r] - base;
-      const float s = wq.scales[r];
-      for (int64_t k = w.row_offsets[r]; k < w.row_offsets[r + 1]; ++k) tl_values[k - base] = s * static_cast<float>(q[k]);
-    }
-    tl_offsets[r1 - r0] = n;
+    const int64_t n = dequantize_block(w.row_offsets, w.val, wq.scales, r0, r1, tl_offsets);
     BitmapView sub = w;
     sub.rows = r1 - r0;
     sub.nnz = n;
@@ -149,16 +159,8 @@ struct CsrI8Run {
   void rows(const CsrI8& w, const Problem& p, int64_t r0, int64_t r1) const { i8.csr_rows(w, p, r0, r1); }
   void lanes(const CsrI8& wq, const Problem& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* ybuf) const {
     const CsrView& w = wq.w;
-    const int64_t base = w.row_ptr[r0], n = w.row_ptr[r1] - base;
-    tl_values.resize(static_cast<size_t>(n > 0 ? n : 1));
-    tl_ptr.resize(static_cast<size_t>(r1 - r0 + 1));
-    const int8_t* q = static_cast<const int8_t*>(w.val);
-    for (int64_t r = r0; r < r1; ++r) {
-      tl_ptr[r - r0] = static_cast<int32_t>(w.row_ptr[r] - base);
-      const float s = wq.scales[r];
-      for (int64_t k = w.row_ptr[r]; k < w.row_ptr[r + 1]; ++k) tl_values[k - base] = s * static_cast<float>(q[k]);
-    }
-    tl_ptr[r1 - r0] = static_cast<int32_t>(n);
+    const int64_t base = w.row_ptr[r0];
+    const int64_t n = dequantize_block(w.row_ptr, w.val, wq.scales, r0, r1, tl_ptr);
     CsrView sub = w;
     sub.rows = r1 - r0;
     sub.nnz = n;
