@@ -12,23 +12,17 @@ extern const BitmapKernels bitmap = kBitmapKernels;
 
 namespace {
 
-// f(column, value index) for each stored entry of row r, bit by bit (independent of BitmapDec)
-template <class F>
-void stored(const BitmapView& w, int64_t r, F&& f) {
-  int64_t vp = w.row_offsets[r];
-  for (int64_t j = 0; j < w.cols; ++j)
-    if ((w.bits[r * w.bpr + j / 8] >> (j % 8)) & 1) f(j, vp++);
-}
-
 // the dense row r of W
 void dense_row(const BitmapView& w, int64_t r, float* row) {
   for (int64_t j = 0; j < w.cols; ++j) row[j] = 0.f;
-  stored(w, r, [&](int64_t j, int64_t q) {
+  bitmap_stored(w, r, [&](int64_t j, int64_t q) {
     row[j] = w.vt == VT::f32 ? load_val<VT::f32>(w.val, q) : load_val<VT::bf16>(w.val, q);
   });
 }
 
-const BitmapKernels& kernels(Isa isa) {
+}  // namespace
+
+const BitmapKernels& bitmap_kernels(Isa isa) {
 #if defined(SF_HAVE_X86_KERNELS)
   if (isa == Isa::avx512) return use_vpopcntdq() ? avx512vp::bitmap : avx512::bitmap;
   if (isa == Isa::avx2) return avx2::bitmap;
@@ -37,27 +31,25 @@ const BitmapKernels& kernels(Isa isa) {
   return scalar::bitmap;
 }
 
-}  // namespace
-
 void bitmap_linear_ref(const BitmapView& w, const Problem& p) { detail::linear_ref(w, p, dense_row); }
 
 void bitmap_linear_t_ref(const BitmapView& w, const ProblemT& p) { detail::linear_t_ref(w, p, dense_row); }
 
 void bitmap_sddmm_ref(const BitmapView& w, const ProblemW& p) {
-  detail::sddmm_ref(w, p, [](const BitmapView& v, int64_t r, auto&& f) { stored(v, r, f); });
+  detail::sddmm_ref(w, p, [](const BitmapView& v, int64_t r, auto&& f) { bitmap_stored(v, r, f); });
 }
 
-void bitmap_sddmm(const BitmapView& w, const ProblemW& p, Isa isa) { detail::run_sddmm(w, p, kernels(isa), w.nnz); }
+void bitmap_sddmm(const BitmapView& w, const ProblemW& p, Isa isa) { detail::run_sddmm(w, p, bitmap_kernels(isa), w.nnz); }
 
 void bitmap_linear(const BitmapView& w, const Problem& p, Isa isa, int algo) {
   detail::check_problem(w.rows, w.cols, p);
-  detail::run_linear(w, p, kernels(isa), algo, w.nnz);
+  detail::run_linear(w, p, bitmap_kernels(isa), algo, w.nnz);
   with_bitmap<BitmapDec>(w, [&](const auto& dec) { detail::fix_nonfinite(dec, p); });
 }
 
 void bitmap_linear_t(const BitmapView& w, const ProblemT& p, Isa isa) {
   detail::check_problem_t(w.rows, w.cols, p);
-  detail::run_linear_t(w, p, kernels(isa), w.nnz);
+  detail::run_linear_t(w, p, bitmap_kernels(isa), w.nnz);
   with_bitmap<BitmapDec>(w, [&](const auto& dec) { detail::fix_nonfinite_t(dec, p); });
 }
 

@@ -32,6 +32,8 @@ namespace scalar { extern const BitmapKernels bitmap; }
 namespace avx2 { extern const BitmapKernels bitmap; }
 namespace avx512 { extern const BitmapKernels bitmap; }
 namespace avx512vp { extern const BitmapKernels bitmap; }  // avx512 + VPOPCNTDQ
+// the kernel table of path `isa` (the VPOPCNTDQ build within avx512 where use_vpopcntdq())
+const BitmapKernels& bitmap_kernels(Isa isa);
 
 void bitmap_linear_ref(const BitmapView& w, const Problem& p);
 void bitmap_linear_t_ref(const BitmapView& w, const ProblemT& p);
@@ -87,6 +89,15 @@ struct BitmapDec {
     c.vp = vp;
   }
 };
+
+// f(column, value index) for each stored entry of row r, bit by bit (independent of BitmapDec;
+// the scalar references use it)
+template <class F>
+void bitmap_stored(const BitmapView& w, int64_t r, F&& f) {
+  int64_t vp = w.row_offsets[r];
+  for (int64_t j = 0; j < w.cols; ++j)
+    if ((w.bits[r * w.bpr + j / 8] >> (j % 8)) & 1) f(j, vp++);
+}
 
 }  // namespace
 }  // namespace sf

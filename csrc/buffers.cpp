@@ -10,6 +10,7 @@ const char* dtype_name(DType t) {
     case DType::f32: return "float32";
     case DType::bf16: return "bfloat16";
     case DType::u8: return "uint8";
+    case DType::i8: return "int8";
     case DType::u16: return "uint16";
     case DType::i16: return "int16";
     case DType::i32: return "int32";

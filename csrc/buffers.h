@@ -27,7 +27,7 @@
 
 namespace sf {
 
-enum class DType : int { f32, bf16, u8, u16, i16, i32, i64, other };
+enum class DType : int { f32, bf16, u8, i8, u16, i16, i32, i64, other };
 
 struct Array {
   const void* data = nullptr;

@@ -14,8 +14,9 @@ namespace sf {
 
 enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };
 
-// Element type of stored weight values. Accumulation is always float32.
-enum class VT : int { f32 = 0, bf16 = 1 };
+// Element type of stored weight values. Accumulation is always float32. i8: int8 values with
+// float32 row scales, read only by the int8 kernels (int8.h); every other view is f32 or bf16.
+enum class VT : int { f32 = 0, bf16 = 1, i8 = 2 };
 
 // y (B, out) = x (B, in) @ W^T (+ bias), all float32, row-major, contiguous.
 struct Problem {
@@ -74,6 +75,8 @@ template <VT V>
 inline float load_val(const void* p, int64_t i) {
   if constexpr (V == VT::f32) {
     return static_cast<const float*>(p)[i];
+  } else if constexpr (V == VT::i8) {
+    return static_cast<float>(static_cast<const int8_t*>(p)[i]);
   } else {
     return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
   }

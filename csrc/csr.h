@@ -30,6 +30,8 @@ struct CsrKernels {
 namespace scalar { extern const CsrKernels csr; }
 namespace avx2 { extern const CsrKernels csr; }
 namespace avx512 { extern const CsrKernels csr; }
+// the kernel table of path `isa`
+const CsrKernels& csr_kernels(Isa isa);
 
 // Plain single-threaded oracles: every row decoded to a dense row (zeros where pruned), then a
 // dense dot product in column order, so NaN/inf behave exactly as in a dense matmul.
@@ -67,6 +69,14 @@ struct CsrDec {
     c.p = q;
   }
 };
+
+// f(column, value index) for each stored entry of row r, written independently of CsrDec (the
+// scalar references use it)
+template <class F>
+void csr_stored(const CsrView& w, int64_t r, F&& f) {
+  for (int64_t q = w.row_ptr[r]; q < w.row_ptr[r + 1]; ++q)
+    f(w.col_u16 ? int64_t{static_cast<const uint16_t*>(w.col)[q]} : int64_t{static_cast<const int32_t*>(w.col)[q]}, q);
+}
 
 }  // namespace
 }  // namespace sf

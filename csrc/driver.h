@@ -264,23 +264,9 @@ void run_sddmm(const View& w, const ProblemW& p, const Kern& k, int64_t nnz) {
       ceil_div(p.out, per), [&](int64_t t, int) { k.sddmm(w, p, xp, dp, t * per, min64(p.out, (t + 1) * per)); }, par);
 }
 
-// y = x @ W^T + bias with kernel table k; nnz = stored entries (for work estimates).
-template <class View, class Kern>
-void run_linear(const View& w, const Problem& p, const Kern& k, int algo, int64_t nnz) {
-  if (p.B == 0 || p.out == 0) return;
-  const int nt = num_threads();
-  const bool par = nt > 1 && static_cast<double>(nnz + p.out) * static_cast<double>(p.B) > kParallelMinWork;
-  const bool lanes = algo == 2 || (algo == 0 && p.B >= kLanesMinBatch);
-  if (!lanes) {
-    const int64_t ntasks = par ? min64(p.out, int64_t{nt} * 16) : 1;
-    const int64_t per = ceil_div(p.out, ntasks);
-    parallel_for(
-        ceil_div(p.out, per),
-        [&](int64_t t, int) { k.rows(w, p, t * per, min64(p.out, (t + 1) * per)); }, par);
-    return;
-  }
-  AlignedFloats xt;
-  LanesPlan lp = make_plan(p.x, p.B, p.in, xt, par);
+// The lanes kernels' column tile (lp.col_tile) and rows per task for a weight with nnz stored entries;
+// shared by run_linear and the int8 driver (int8.cpp).
+inline int64_t lanes_rows(const Problem& p, int64_t nnz, int nt, bool par, LanesPlan& lp) {
   // rows per task: enough stored entries per row block to amortise streaming the x tiles through L1
   const double density = p.in > 0 ? static_cast<double>(nnz) / (static_cast<double>(p.out) * p.in) : 1.0;
   // columns per tile (at 64 lanes): 32 / density, 128..512, i.e. ~32 stored entries per (row, tile)
@@ -301,6 +287,27 @@ void run_linear(const View& w, const Problem& p, const Kern& k, int algo, int64_
   int64_t R = static_cast<int64_t>(std::ceil(32.0 / (density > 1e-3 ? density : 1e-3)));
   R = max64(16, min64(kMaxBlockRows, R));
   if (par) R = max64(1, min64(R, ceil_div(p.out, int64_t{nt} * 4)));
+  return R;
+}
+
+// y = x @ W^T + bias with kernel table k; nnz = stored entries (for work estimates).
+template <class View, class Kern>
+void run_linear(const View& w, const Problem& p, const Kern& k, int algo, int64_t nnz) {
+  if (p.B == 0 || p.out == 0) return;
+  const int nt = num_threads();
+  const bool par = nt > 1 && static_cast<double>(nnz + p.out) * static_cast<double>(p.B) > kParallelMinWork;
+  const bool lanes = algo == 2 || (algo == 0 && p.B >= kLanesMinBatch);
+  if (!lanes) {
+    const int64_t ntasks = par ? min64(p.out, int64_t{nt} * 16) : 1;
+    const int64_t per = ceil_div(p.out, ntasks);
+    parallel_for(
+        ceil_div(p.out, per),
+        [&](int64_t t, int) { k.rows(w, p, t * per, min64(p.out, (t + 1) * per)); }, par);
+    return;
+  }
+  AlignedFloats xt;
+  LanesPlan lp = make_plan(p.x, p.B, p.in, xt, par);
+  const int64_t R = lanes_rows(p, nnz, nt, par, lp);
   AlignedFloats ybuf(int64_t{nt} * kMaxBlockRows * kLaneTile);
   parallel_for(
       ceil_div(p.out, R),

@@ -34,6 +34,8 @@ namespace scalar { extern const NmKernels nm; }
 namespace avx2 { extern const NmKernels nm; }
 namespace avx512 { extern const NmKernels nm; }
 namespace avx512vp { extern const NmKernels nm; }  // avx512 + VPOPCNTDQ
+// the kernel table of path `isa` (the VPOPCNTDQ build within avx512 where use_vpopcntdq())
+const NmKernels& nm_kernels(Isa isa);
 
 void nm_linear_ref(const NmView& w, const Problem& p);
 void nm_linear_t_ref(const NmView& w, const ProblemT& p);
@@ -118,6 +120,21 @@ struct Nm24Lut {
   }
 };
 constexpr Nm24Lut kNm24{};
+
+// f(column, value index) for each stored entry of row r, reading the index stream one bit at a
+// time (independent of NmDec; the scalar references use it)
+template <class F>
+void nm_stored(const NmView& w, int64_t r, F&& f) {
+  const uint8_t* irow = w.idx + r * w.ibpr;
+  for (int64_t v = 0; v < w.vpr; ++v) {
+    int pos = 0;
+    for (int t = 0; t < w.b; ++t) {
+      const int64_t bit = v * w.b + t;
+      pos |= ((irow[bit / 8] >> (bit % 8)) & 1) << t;
+    }
+    f((v / w.n) * w.m + pos, r * w.vpr + v);
+  }
+}
 
 }  // namespace
 }  // namespace sf

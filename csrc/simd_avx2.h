@@ -44,6 +44,8 @@ template <VT V>
 inline __m256 val8(const void* v, int64_t i) {
   if constexpr (V == VT::f32) {
     return _mm256_loadu_ps(static_cast<const float*>(v) + i);
+  } else if constexpr (V == VT::i8) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(v) + i))));
   } else {
     return widen_bf16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(v) + i)));
   }
@@ -62,7 +64,7 @@ inline void prefetch(const void* p, int64_t byte_offset) {
   _mm_prefetch(static_cast<const char*>(p) + byte_offset, _MM_HINT_T0);
 }
 template <VT V>
-constexpr int64_t val_bytes() { return V == VT::f32 ? 4 : 2; }
+constexpr int64_t val_bytes() { return V == VT::f32 ? 4 : V == VT::bf16 ? 2 : 1; }
 
 // Dense 8-lane weights for byte mask m: the next popcount(m) values (of `total` in the buffer)
 // at the set lanes, zeros elsewhere.

@@ -25,6 +25,8 @@ template <VT V>
 inline __m512 val16(const void* v, int64_t i) {
   if constexpr (V == VT::f32) {
     return _mm512_loadu_ps(static_cast<const float*>(v) + i);
+  } else if constexpr (V == VT::i8) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(v) + i))));
   } else {
     return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(v) + i)));
   }
@@ -33,6 +35,8 @@ template <VT V>
 inline __m512 val16(const void* v, int64_t i, __mmask16 k) {
   if constexpr (V == VT::f32) {
     return _mm512_maskz_loadu_ps(k, static_cast<const float*>(v) + i);
+  } else if constexpr (V == VT::i8) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, static_cast<const int8_t*>(v) + i)));
   } else {
     return widen_bf16(_mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(v) + i));
   }
@@ -134,7 +138,7 @@ inline void prefetch(const void* p, int64_t byte_offset) {
   _mm_prefetch(static_cast<const char*>(p) + byte_offset, _MM_HINT_T0);
 }
 template <VT V>
-constexpr int64_t val_bytes() { return V == VT::f32 ? 4 : 2; }
+constexpr int64_t val_bytes() { return V == VT::f32 ? 4 : V == VT::bf16 ? 2 : 1; }
 
 inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>(n >= 16 ? 0xFFFFu : ((1u << n) - 1u)); }
 

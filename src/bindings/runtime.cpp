@@ -48,6 +48,7 @@ sf::DType dtype_of(nb::dlpack::dtype d) {
   if (d == nb::dtype<float>()) return sf::DType::f32;
   if (is_bf16(d)) return sf::DType::bf16;
   if (d == nb::dtype<uint8_t>()) return sf::DType::u8;
+  if (d == nb::dtype<int8_t>()) return sf::DType::i8;
   if (d == nb::dtype<uint16_t>()) return sf::DType::u16;
   if (d == nb::dtype<int16_t>()) return sf::DType::i16;
   if (d == nb::dtype<int32_t>()) return sf::DType::i32;

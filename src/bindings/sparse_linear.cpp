@@ -1,4 +1,5 @@
-// Bindings of the sparse linear kernels (CSR, bitmap, N:M, constant fan-in, BSR):
+// Bindings of the sparse linear kernels (CSR, bitmap, N:M, constant fan-in, BSR; CSR, bitmap and N:M
+// also with int8 values and float32 row scales, forward only: <fmt>_i8_linear, <fmt>_i8_check):
 //   <fmt>_linear(x, W..., bias, y, isa, algo, check_indices)   y = x @ W^T + bias
 //   <fmt>_linear_t(dy, W..., dx, isa, check_indices)           dx = dy @ W
 //   <fmt>_sddmm(x, dy, W..., dw, isa, check_indices)           dW at the mask
@@ -10,6 +11,7 @@
 #include <string>
 
 #include "binding.h"
+#include "int8.h"
 #include "views.h"
 
 namespace sfb {
@@ -246,6 +248,83 @@ void register_bsr(nb::module_& m) {
   }, "block_row_ptr"_a, "block_col"_a, "values"_a, "rows"_a, "cols"_a);
 }
 
+// int8 values with float32 row scales (csrc/int8.h): forward only
+void register_int8(nb::module_& m) {
+  auto bitmap_i8 = [](const In& bits, const In& ro, const In& val, const In& sc, int64_t cols, const std::string& op,
+                      bool chk) {
+    return sf::bitmap_i8_view(array(bits, "bitmap"), array(ro, "row_offsets"), array(val, "values"),
+                              array(sc, "scales"), cols, op.c_str(), chk);
+  };
+  auto nm_i8 = [](const In& val, const In& idx, const In& sc, int n, int mm, int64_t cols, const std::string& op,
+                  bool chk) {
+    return sf::nm_i8_view(array(val, "values"), array(idx, "indices"), array(sc, "scales"), n, mm, cols, op.c_str(),
+                          chk);
+  };
+  auto csr_i8 = [](const In& rp, const In& col, const In& val, const In& sc, int64_t cols, const std::string& op,
+                   bool chk) {
+    return sf::csr_i8_view(array(rp, "row_ptr"), array(col, "col"), array(val, "values"), array(sc, "scales"), cols,
+                           op.c_str(), chk);
+  };
+  for (const bool ref : {false, true}) {
+    const std::string sfx = ref ? "_ref" : "";
+    const std::string bl = "bitmap_i8_linear" + sfx, nl = "nm_i8_linear" + sfx, cl = "csr_i8_linear" + sfx;
+    m.def(cl.c_str(),
+          [ref, cl, csr_i8](const In& x, const In& row_ptr, const In& col, const In& values, const In& scales,
+                            const nb::object& bias, const Out& y, const std::string& isa, const std::string& algo,
+                            bool check_indices) {
+            const sf::Problem p = problem(x, bias, y);
+            const sf::CsrI8 w = csr_i8(row_ptr, col, values, scales, p.in, cl, check_indices);
+            expect_rows(w.w.rows, p.out, cl.c_str());
+            const sf::Isa i = ref ? sf::Isa::scalar : resolve(isa);
+            const int a = parse_algo(algo);
+            nb::gil_scoped_release rel;
+            if (ref) sf::csr_i8_linear_ref(w, p); else sf::csr_i8_linear(w, p, i, a);
+          },
+          "x"_a, "row_ptr"_a, "col"_a, "values"_a, "scales"_a, "bias"_a.none(), "y"_a, "isa"_a = "",
+          "algo"_a = "auto", "check_indices"_a = true);
+    m.def(bl.c_str(),
+          [ref, bl, bitmap_i8](const In& x, const In& bits, const In& row_offsets, const In& values, const In& scales,
+                               const nb::object& bias, const Out& y, const std::string& isa, const std::string& algo,
+                               bool check_indices) {
+            const sf::Problem p = problem(x, bias, y);
+            const sf::BitmapI8 w = bitmap_i8(bits, row_offsets, values, scales, p.in, bl, check_indices);
+            expect_rows(w.w.rows, p.out, bl.c_str());
+            const sf::Isa i = ref ? sf::Isa::scalar : resolve(isa);
+            const int a = parse_algo(algo);
+            nb::gil_scoped_release rel;
+            if (ref) sf::bitmap_i8_linear_ref(w, p); else sf::bitmap_i8_linear(w, p, i, a);
+          },
+          "x"_a, "bitmap"_a, "row_offsets"_a, "values"_a, "scales"_a, "bias"_a.none(), "y"_a, "isa"_a = "",
+          "algo"_a = "auto", "check_indices"_a = true);
+    m.def(nl.c_str(),
+          [ref, nl, nm_i8](const In& x, const In& values, const In& indices, const In& scales, int n, int mm,
+                           const nb::object& bias, const Out& y, const std::string& isa, const std::string& algo,
+                           bool check_indices) {
+            const sf::Problem p = problem(x, bias, y);
+            const sf::NmI8 w = nm_i8(values, indices, scales, n, mm, p.in, nl, check_indices);
+            expect_rows(w.w.rows, p.out, nl.c_str());
+            const sf::Isa i = ref ? sf::Isa::scalar : resolve(isa);
+            const int a = parse_algo(algo);
+            nb::gil_scoped_release rel;
+            if (ref) sf::nm_i8_linear_ref(w, p); else sf::nm_i8_linear(w, p, i, a);
+          },
+          "x"_a, "values"_a, "indices"_a, "scales"_a, "n"_a, "m"_a, "bias"_a.none(), "y"_a, "isa"_a = "",
+          "algo"_a = "auto", "check_indices"_a = true);
+  }
+  m.def("bitmap_i8_check", [bitmap_i8](const In& bits, const In& row_offsets, const In& values, const In& scales,
+                                       int64_t rows, int64_t cols) {
+    expect_rows(bitmap_i8(bits, row_offsets, values, scales, cols, "bitmap_i8_check", true).w.rows, rows, "bitmap_i8_check");
+  }, "bitmap"_a, "row_offsets"_a, "values"_a, "scales"_a, "rows"_a, "cols"_a);
+  m.def("csr_i8_check", [csr_i8](const In& row_ptr, const In& col, const In& values, const In& scales, int64_t rows,
+                                 int64_t cols) {
+    expect_rows(csr_i8(row_ptr, col, values, scales, cols, "csr_i8_check", true).w.rows, rows, "csr_i8_check");
+  }, "row_ptr"_a, "col"_a, "values"_a, "scales"_a, "rows"_a, "cols"_a);
+  m.def("nm_i8_check", [nm_i8](const In& values, const In& indices, const In& scales, int n, int mm, int64_t rows,
+                               int64_t cols) {
+    expect_rows(nm_i8(values, indices, scales, n, mm, cols, "nm_i8_check", true).w.rows, rows, "nm_i8_check");
+  }, "values"_a, "indices"_a, "scales"_a, "n"_a, "m"_a, "rows"_a, "cols"_a);
+}
+
 }  // namespace
 
 void register_sparse_linear(nb::module_& m) {
@@ -254,6 +333,7 @@ void register_sparse_linear(nb::module_& m) {
   register_nm(m);
   register_fanin(m);
   register_bsr(m);
+  register_int8(m);
 }
 
 }  // namespace sfb

@@ -14,6 +14,9 @@ Writes, next to this script:
   (a CRC-32 of every tensor in ``sparsity_config.checksums``).
 * ``v4-llama-2of4-teal-fp32/``: the v3 Llama, plus activation thresholds in ``sparsity_config.activation``
   (format_version 4): q_proj 0.1, o_proj +inf, down_proj one threshold per input channel.
+* ``v4-llama-2of4-int8/``, ``v4-gpt2-unstructured-int8/``: the same models (float32), quantized after
+  pruning as ``sparseforge.quant`` leaves them (weight = q * scale, a ``weight_scale`` buffer with
+  ``scale = max|w_row| / 127``), written by format_version 4: int8 values plus float32 row scales.
 * ``expected.json``: sha256 of the raw bytes of every tensor of the loaded model's state dict, and a
   few packed buffers written out in full.
 """
@@ -28,7 +31,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 NAMES = ("v1-llama-2of4-fp32", "v1-gpt2-unstructured-bf16", "v3-llama-2of4-fp32", "v3-gpt2-unstructured-bf16",
-         "v4-llama-2of4-teal-fp32")
+         "v4-llama-2of4-teal-fp32", "v4-llama-2of4-int8", "v4-gpt2-unstructured-int8")
 THRESHOLDS = {"model.layers.0.self_attn.q_proj": 0.1, "model.layers.0.self_attn.o_proj": float("inf"),
               "model.layers.0.mlp.down_proj": [round(0.01 * i, 2) for i in range(16)]}  # v4: activation sparsity
 
@@ -47,7 +50,7 @@ def build(name: str):
                             tie_word_embeddings=True)
         return t.LlamaForCausalLM(cfg).eval(), "2:4", None, torch.float32
     cfg = t.GPT2Config(vocab_size=16, n_embd=8, n_layer=1, n_head=2, n_positions=8, bos_token_id=0, eos_token_id=0)
-    return t.GPT2LMHeadModel(cfg).eval(), "unstructured", 0.5, torch.bfloat16
+    return t.GPT2LMHeadModel(cfg).eval(), "unstructured", 0.5, torch.float32 if name.endswith("-int8") else torch.bfloat16
 
 
 def main() -> None:
@@ -72,6 +75,10 @@ def main() -> None:
                     continue
                 w = weight_2d(modules[layer])  # (out, in)
                 w.copy_(torch.where(mask_from_scores(w.abs().float(), pattern, sparsity), w, torch.zeros((), dtype=dtype)))
+                if name.endswith("-int8"):
+                    scale = w.abs().amax(dim=1) / 127  # (out,)
+                    w.copy_(torch.round(w / scale[:, None]) * scale[:, None])
+                    modules[layer].register_buffer("weight_scale", scale.clone())
                 targets.append(f"{layer}.weight")
         if "-teal-" in name:
             from sparseforge.activation import SparseInputLinear

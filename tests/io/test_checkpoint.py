@@ -367,7 +367,8 @@ GOLDEN = Path(__file__).parents[1] / "golden"
 
 
 @pytest.mark.parametrize("name", ["v1-llama-2of4-fp32", "v1-gpt2-unstructured-bf16", "v3-llama-2of4-fp32",
-                                  "v3-gpt2-unstructured-bf16", "v4-llama-2of4-teal-fp32"])
+                                  "v3-gpt2-unstructured-bf16", "v4-llama-2of4-teal-fp32",
+                                  "v4-llama-2of4-int8", "v4-gpt2-unstructured-int8"])
 def test_golden(name):
     """Checkpoints written by an earlier sparseforge (tests/golden/make_golden.py) load bit-exactly."""
     import hashlib
@@ -387,10 +388,12 @@ def test_golden(name):
     for key, data in expected["first_target_buffers"].items():
         buf = first.state_dict()[key]
         assert (buf.tolist() if buf.dtype == torch.uint8 else buf.view(torch.uint8).flatten().tolist()) == data, key
-    # today's writer produces the very same packed bytes from the loaded weights
+    # today's writer produces the very same packed bytes from the loaded weights (int8: on their scales)
     for key in expected["formats"]:
         obj = packed[key]
-        again = type(obj).from_dense(obj.to_dense(), obj.pattern) if isinstance(obj, NMWeight) else BitmapWeight.from_dense(obj.to_dense())
+        quant = {"values_dtype": torch.int8, "scales": obj.scales} if obj.values.dtype == torch.int8 else {}
+        again = (type(obj).from_dense(obj.to_dense(), obj.pattern, **quant) if isinstance(obj, NMWeight)
+                 else BitmapWeight.from_dense(obj.to_dense(), **quant))
         for k, v in obj.state_dict().items():
             assert torch.equal(raw(again.state_dict()[k]), raw(v)), (key, k)
 

@@ -30,6 +30,12 @@ def test_kernel_benchmark_smoke(tmp_path, capsys):
     kernels = {(r["kernel"], r["sparsity"], r["batch"]) for r in result["rows"]}
     assert ("nm", "2:4", 5) in kernels and ("bitmap_bf16", "90%", 1) in kernels and ("torch dense bf16", "0%", 1) in kernels
     assert ("nm", "50%", 1) not in kernels  # N:M only where the mask is 2:4
+    assert ("nm_i8", "2:4", 1) in kernels and ("bitmap_i8", "50%", 5) in kernels and ("nm_i8", "50%", 1) not in kernels
+    assert ("csr_i8", "90%", 1) in kernels
+    int8 = [r for r in result["rows"] if r["kernel"].endswith("_i8")]
+    assert int8 and all(r["frac_of_bytes_bound"] > 0 for r in int8)
+    assert any(line.startswith(("PASS: B=1 nm_i8 2:4", "FAIL: B=1 nm_i8 2:4")) and "bytes bound" in line
+               for line in result["targets"])
     for r in result["rows"]:
         assert r["ms"] > 0 and r["limit_ms"] > 0
         if "rel_err_layer0" in r:
@@ -75,6 +81,16 @@ def test_a_recorded_number_alone_gives_no_verdict():
     assert any(line.startswith("CONTEXT: B=1 95% csr 30.0 ms vs best dense") for line in lines)
     lines = mod.targets({"rows": [_row(1, "csr", "95%", 30.0), _row(1, "torch dense bf16", "0%", 25.0)], "full_stack": True})
     assert "FAIL: B=1 95% csr 30.0 ms vs best dense (torch bf16 / onnxruntime) 25.0 ms (same run)" in lines
+
+
+def test_int8_cells_are_judged_by_the_bytes_bound():
+    mod = _load("bench_kernels_i8", BENCH)
+    rows = [{**_row(1, "bitmap_i8", "50%", 10.0), "frac_of_bytes_bound": 0.93},
+            {**_row(1, "nm_i8", "2:4", 10.0), "frac_of_bytes_bound": 0.85}]
+    lines = mod.targets({"rows": rows, "full_stack": False})
+    assert "PASS: B=1 bitmap_i8 50% at 93% of the bytes bound (target >= 90%)" in lines
+    assert "FAIL: B=1 nm_i8 2:4 at 85% of the bytes bound (target >= 90%)" in lines
+
 
 def test_peer_weights_follow_the_stack_and_the_mask_distribution():
     np = importlib.import_module("numpy")

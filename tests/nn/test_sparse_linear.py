@@ -149,7 +149,7 @@ def test_errors():
         SparseLinear.from_linear(dense, "nm")
     with pytest.raises(ConfigError, match="unknown sparse format"):
         SparseLinear.from_linear(dense, "coo")
-    with pytest.raises(ConfigError, match="float32 or bfloat16"):
+    with pytest.raises(ConfigError, match="float32, bfloat16 or int8"):
         SparseLinear.from_linear(dense, "bitmap", dtype=torch.float16)
     sl = SparseLinear.from_linear(dense, "bitmap")
     from sparseforge.errors import DataError

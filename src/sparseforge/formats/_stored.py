@@ -28,6 +28,11 @@ class StoredBuffers:
     FIELDS: ClassVar[tuple[str, ...]]
     values: torch.Tensor
 
+    @property
+    def stored_fields(self) -> tuple[str, ...]:
+        """``FIELDS``, plus ``scales`` when the values are int8 (:mod:`sparseforge.formats.quantized`)."""
+        return self.FIELDS + (("scales",) if getattr(self, "scales", None) is not None else ())
+
     def __getstate__(self) -> dict:
         # copies and pickles drop cached kernel arguments (numpy views that share memory with the
         # original buffers, see sparseforge.ops._define.FormatOps.kernel_args): rebuilt on use
@@ -45,11 +50,11 @@ class StoredBuffers:
     @property
     def nbytes(self) -> int:
         """Bytes of the stored buffers."""
-        return sum(t.numel() * t.element_size() for t in (getattr(self, f) for f in self.FIELDS))
+        return sum(t.numel() * t.element_size() for t in (getattr(self, f) for f in self.stored_fields))
 
     def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        """On-disk tensors ``{prefix}{KEY}{field}`` for each field of ``FIELDS``."""
-        return {f"{prefix}{self.KEY}{f}": getattr(self, f) for f in self.FIELDS}
+        """On-disk tensors ``{prefix}{KEY}{field}`` for each field of :attr:`stored_fields`."""
+        return {f"{prefix}{self.KEY}{f}": getattr(self, f) for f in self.stored_fields}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor], shape: tuple[int, int], prefix: str = ""):
@@ -58,4 +63,5 @@ class StoredBuffers:
         missing = [k for k in keys if k not in state]
         if missing:
             raise ModelError(f"{cls.__name__} {prefix!r} is missing tensor(s) {missing}")
-        return cls(tuple(shape), *(state[k] for k in keys))
+        scales = state.get(f"{prefix}{cls.KEY}scales")
+        return cls(tuple(shape), *(state[k] for k in keys), **({} if scales is None else {"scales": scales}))

@@ -10,8 +10,12 @@ buffer          dtype    shape                     order
                                                    the least significant bit) of byte ``b`` of
                                                    row ``r`` is column ``8*b + j``; 1 = kept.
                                                    Padding bits past ``cols`` are 0.
-``values``      weight's ``(nnz,)``                kept entries in row-major order (row 0 left
-                float                              to right, then row 1, ...)
+``values``      float32, ``(nnz,)``                kept entries in row-major order (row 0 left
+                bfloat16                           to right, then row 1, ...)
+                or int8
+``scales``      float32  ``(rows,)``               only with int8 values: row ``r``'s weights
+                                                   are ``scales[r] * values[...]``
+                                                   (:mod:`sparseforge.formats.quantized`)
 ``row_offsets`` int64    ``(rows + 1,)``           derived, never stored on disk:
                                                    ``row_offsets[r]`` = kept entries before row
                                                    ``r``; row ``r``'s values are
@@ -24,6 +28,10 @@ zeros, including ``-0.0``, are stored as explicit values). ``to_dense()`` return
 ``torch.where(mask, w, +0.0)`` bit for bit: kept entries keep their exact bits (NaN payloads,
 ``-0.0``), pruned entries are ``+0.0``. This equals ``w * mask`` under ``==`` wherever the pruned
 entries of ``w`` are finite (``w * mask`` would give ``-0.0`` for pruned negatives).
+
+int8 values: ``from_dense(w, values_dtype=torch.int8)`` stores ``round(w / scale)`` with one
+scale per row (or checks ``w`` against a caller's ``scales=``); ``to_dense()`` then returns the
+float32 dequantized weight ``scales[r] * q``.
 
 Example:
     >>> import torch
@@ -46,6 +54,7 @@ import torch
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats._stored import StoredBuffers
 from sparseforge.formats.memory import hugepage_backed
+from sparseforge.formats.quantized import check_scales, quantize_rows, row_scales
 from sparseforge.formats.registry import FormatSpec, register
 
 __all__ = ["BitmapWeight", "pack_bits", "unpack_bits"]
@@ -110,7 +119,8 @@ class BitmapWeight(StoredBuffers):
 
     shape: tuple[int, int]
     bitmap: torch.Tensor  # uint8 (rows, ceil(cols/8))
-    values: torch.Tensor  # (nnz,) weight dtype
+    values: torch.Tensor  # (nnz,) float32 / bfloat16 / int8
+    scales: torch.Tensor | None = None  # float32 (rows,), int8 values only
     row_offsets: torch.Tensor = field(init=False, repr=False)  # int64 (rows+1,), derived
 
     def __post_init__(self) -> None:
@@ -122,8 +132,9 @@ class BitmapWeight(StoredBuffers):
                 f"{where}: bitmap must be uint8 of shape {(rows, (cols + 7) // 8)}, "
                 f"got {self.bitmap.dtype} {tuple(self.bitmap.shape)}; the checkpoint is corrupt"
             )
-        if self.values.dim() != 1 or not self.values.is_floating_point():
-            raise ModelError(f"{where}: values must be a 1-D float tensor, got {self.values.dtype} {tuple(self.values.shape)}")
+        if self.values.dim() != 1 or not (self.values.is_floating_point() or self.values.dtype == torch.int8):
+            raise ModelError(f"{where}: values must be a 1-D float or int8 tensor, got {self.values.dtype} {tuple(self.values.shape)}")
+        check_scales(self.scales, self.values, rows, where)
         if cols % 8 and rows and bool((self.bitmap[:, -1] >> (cols % 8)).any()):
             raise ModelError(f"{where}: padding bits past column {cols} are set; the checkpoint is corrupt")
         per_row = row_popcounts(self.bitmap)  # (rows,), without unpacking the bits
@@ -136,25 +147,42 @@ class BitmapWeight(StoredBuffers):
         object.__setattr__(self, "row_offsets", offsets)
 
     @classmethod
-    def from_dense(cls, w: torch.Tensor, mask: torch.Tensor | None = None) -> "BitmapWeight":
-        """Compress ``w`` (rows, cols); ``mask`` (bool, True = keep) defaults to ``w != 0``."""
+    def from_dense(cls, w: torch.Tensor, mask: torch.Tensor | None = None, *, values_dtype: torch.dtype | None = None,
+                   scales: torch.Tensor | None = None) -> "BitmapWeight":
+        """Compress ``w`` (rows, cols); ``mask`` (bool, True = keep) defaults to ``w != 0``.
+
+        ``values_dtype=torch.int8`` quantizes the kept values with one scale per row, or on the
+        grid of ``scales`` (float32 (rows,)) when given (:func:`~sparseforge.formats.quantized.quantize_rows`).
+        """
         check_weight(w, mask)
         keep = (w != 0) if mask is None else mask  # (rows, cols)
-        return cls(tuple(w.shape), hugepage_backed(pack_bits(keep)), hugepage_backed(w[keep].contiguous()))
+        if values_dtype != torch.int8:
+            if scales is not None:
+                raise ConfigError("scales= needs values_dtype=torch.int8")
+            return cls(tuple(w.shape), hugepage_backed(pack_bits(keep)), hugepage_backed(w[keep].contiguous()))
+        q, scales = quantize_rows(w, keep, scales)  # (rows, cols) int8, (rows,) float32
+        return cls(tuple(w.shape), hugepage_backed(pack_bits(keep)), hugepage_backed(q[keep].contiguous()), scales)
+
+    def dequantized_values(self) -> torch.Tensor:
+        """The values as float32 ``scales[r] * q`` (int8), or as stored (float); same layout."""
+        if self.scales is None:
+            return self.values
+        return self.values.float() * row_scales(self.scales, self.row_offsets.diff())  # (nnz,)
 
     def mask(self) -> torch.Tensor:
         """Bool keep-mask (rows, cols)."""
         return unpack_bits(self.bitmap, self.shape[1])
 
     def to_dense(self) -> torch.Tensor:
-        """Dense (rows, cols) weight: kept entries bit-exact, pruned entries ``+0.0``."""
-        out = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
-        out[self.mask()] = self.values
+        """Dense (rows, cols) weight: kept entries bit-exact (int8: float32 ``scales[r] * q``), pruned ``+0.0``."""
+        values = self.dequantized_values()
+        out = torch.zeros(self.shape, dtype=values.dtype, device=values.device)
+        out[self.mask()] = values
         return out
 
 
 register(FormatSpec(
-    "bitmap", BitmapWeight, rank=40,
-    build=lambda w, pattern, keep: BitmapWeight.from_dense(w, keep),
+    "bitmap", BitmapWeight, rank=40, int8_values=True,
+    build=lambda w, pattern, keep, **quant: BitmapWeight.from_dense(w, keep, **quant),
     load=lambda state, shape, pattern, prefix="": BitmapWeight.from_state_dict(state, shape, prefix=prefix),
 ))

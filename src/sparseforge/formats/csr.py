@@ -10,7 +10,10 @@ buffer      dtype                     shape        order
                                                    ends at ``nnz``, non-decreasing
 ``col``     uint16 if ``cols <=``     ``(nnz,)``   column of each entry, strictly ascending
             65536, else int32                      within a row
-``values``  float32 or bfloat16       ``(nnz,)``   entries in row-major order
+``values``  float32, bfloat16 or int8 ``(nnz,)``   entries in row-major order
+``scales``  float32                   ``(rows,)``  only with int8 values: row ``r``'s weights are
+                                                   ``scales[r] * values[...]``
+                                                   (:mod:`sparseforge.formats.quantized`)
 =========== ========================= ============ ============================================
 
 Bytes per kept weight: 2 (index) + 4 (fp32 value) = 6 with uint16 indices, against 8 for the int32
@@ -43,6 +46,7 @@ from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats._stored import StoredBuffers
 from sparseforge.formats.bitmap import BitmapWeight, check_weight, unpack_bits
 from sparseforge.formats.memory import hugepage_backed
+from sparseforge.formats.quantized import check_scales, quantize_rows, row_scales
 from sparseforge.formats.registry import FormatSpec, register
 
 __all__ = ["CSRWeight", "index_dtype"]
@@ -66,7 +70,8 @@ class CSRWeight(StoredBuffers):
     shape: tuple[int, int]
     row_ptr: torch.Tensor  # int32 (rows+1,)
     col: torch.Tensor  # uint16 or int32 (nnz,)
-    values: torch.Tensor  # (nnz,) float32 / bfloat16
+    values: torch.Tensor  # (nnz,) float32 / bfloat16 / int8
+    scales: torch.Tensor | None = None  # float32 (rows,), int8 values only
 
     def __post_init__(self) -> None:
         rows, cols = (int(s) for s in self.shape)
@@ -76,8 +81,9 @@ class CSRWeight(StoredBuffers):
             raise ModelError(f"{where}: row_ptr must be int32 of shape {(rows + 1,)}, got {self.row_ptr.dtype} {tuple(self.row_ptr.shape)}")
         if self.col.dtype != index_dtype(cols) or self.col.dim() != 1:
             raise ModelError(f"{where}: col must be 1-D {index_dtype(cols)} (the narrowest type for {cols} columns), got {self.col.dtype} {tuple(self.col.shape)}")
-        if self.values.dim() != 1 or self.values.dtype not in (torch.float32, torch.bfloat16):
-            raise ModelError(f"{where}: values must be a 1-D float32 or bfloat16 tensor, got {self.values.dtype} {tuple(self.values.shape)}")
+        if self.values.dim() != 1 or self.values.dtype not in (torch.float32, torch.bfloat16, torch.int8):
+            raise ModelError(f"{where}: values must be a 1-D float32, bfloat16 or int8 tensor, got {self.values.dtype} {tuple(self.values.shape)}")
+        check_scales(self.scales, self.values, rows, where)
         nnz = self.values.numel()
         if self.col.numel() != nnz:
             raise ModelError(f"{where}: {self.col.numel()} column indices but {nnz} values")
@@ -94,12 +100,21 @@ class CSRWeight(StoredBuffers):
                 raise ModelError(f"{where}: column indices must be strictly ascending within each row; the checkpoint is corrupt")
 
     @classmethod
-    def from_dense(cls, w: torch.Tensor, mask: torch.Tensor | None = None) -> "CSRWeight":
+    def from_dense(cls, w: torch.Tensor, mask: torch.Tensor | None = None, *, values_dtype: torch.dtype | None = None,
+                   scales: torch.Tensor | None = None) -> "CSRWeight":
         """Compress ``w`` (rows, cols); ``mask`` (bool, True = keep) defaults to ``w != 0``.
 
-        Values keep ``w``'s dtype (float32 or bfloat16).
+        Values keep ``w``'s dtype (float32 or bfloat16); ``values_dtype=torch.int8`` quantizes them
+        with one scale per row, or on the grid of ``scales`` (:func:`~sparseforge.formats.quantized.quantize_rows`).
         """
         check_weight(w, mask)
+        if values_dtype == torch.int8:
+            keep = (w != 0) if mask is None else mask  # (rows, cols)
+            q, scales = quantize_rows(w, keep, scales)  # (rows, cols) int8, (rows,) float32
+            f = cls.from_dense(q.float(), keep)
+            return cls(f.shape, f.row_ptr, f.col, hugepage_backed(q[keep].contiguous()), scales)
+        if scales is not None:
+            raise ConfigError("scales= needs values_dtype=torch.int8")
         if w.dtype not in (torch.float32, torch.bfloat16):
             raise ConfigError(f"CSRWeight stores float32 or bfloat16 values, got {w.dtype}; convert the weight first")
         rows, cols = w.shape
@@ -117,7 +132,7 @@ class CSRWeight(StoredBuffers):
     def from_bitmap(cls, bw: BitmapWeight) -> "CSRWeight":
         """The entries of a :class:`BitmapWeight` in CSR, without building its dense matrix.
 
-        Both layouts keep the values in row-major order, so ``values`` is shared, not copied; the row
+        Both layouts keep the values in row-major order, so ``values`` (and int8 ``scales``) are shared, not copied; the row
         pointers are the bitmap's own ``row_offsets``; the column indices come from the bits, ``_CHUNK_WEIGHTS`` weights' worth of rows at a time (the
         only temporary memory: one bool per weight of that chunk).
 
@@ -138,7 +153,7 @@ class CSRWeight(StoredBuffers):
             r1 = min(rows, r0 + step)
             keep = unpack_bits(bw.bitmap[r0:r1], cols)  # (r1 - r0, cols) bool
             col[int(ptr[r0]):int(ptr[r1])] = keep.nonzero()[:, 1].to(col.dtype)
-        return cls((rows, cols), ptr.to(torch.int32), hugepage_backed(col), bw.values)
+        return cls((rows, cols), ptr.to(torch.int32), hugepage_backed(col), bw.values, bw.scales)
 
     def mask(self) -> torch.Tensor:
         """Bool keep-mask (rows, cols)."""
@@ -147,10 +162,17 @@ class CSRWeight(StoredBuffers):
         out[self._row_of(), self.col.to(torch.int64)] = True
         return out
 
+    def dequantized_values(self) -> torch.Tensor:
+        """The values as float32 ``scales[r] * q`` (int8), or as stored (float); same layout."""
+        if self.scales is None:
+            return self.values
+        return self.values.float() * row_scales(self.scales, self.row_ptr.to(torch.int64).diff())  # (nnz,)
+
     def to_dense(self) -> torch.Tensor:
-        """Dense (rows, cols) weight: kept entries bit-exact, pruned entries ``+0.0``."""
-        out = torch.zeros(self.shape, dtype=self.values.dtype)
-        out[self._row_of(), self.col.to(torch.int64)] = self.values
+        """Dense (rows, cols) weight: kept entries bit-exact (int8: float32 ``scales[r] * q``), pruned ``+0.0``."""
+        values = self.dequantized_values()
+        out = torch.zeros(self.shape, dtype=values.dtype)
+        out[self._row_of(), self.col.to(torch.int64)] = values
         return out
 
     def _row_of(self) -> torch.Tensor:
@@ -159,7 +181,7 @@ class CSRWeight(StoredBuffers):
 
 
 register(FormatSpec(
-    "csr", CSRWeight, stored=False,  # checkpoints store the bitmap it is converted from (CSRWeight.from_bitmap)
-    build=lambda w, pattern, keep: CSRWeight.from_dense(w, keep),
+    "csr", CSRWeight, stored=False, int8_values=True,  # checkpoints store the bitmap it is converted from (CSRWeight.from_bitmap)
+    build=lambda w, pattern, keep, **quant: CSRWeight.from_dense(w, keep, **quant),
     load=lambda state, shape, pattern, prefix="": CSRWeight.from_state_dict(state, shape, prefix=prefix),
 ))

@@ -21,7 +21,13 @@ buffer      dtype     shape                            order
                                                        ``t % 8`` (LSB first) of byte ``t // 8``.
                                                        Each row is padded with 0 bits to a whole
                                                        byte; rows never share a byte.
+``scales``  float32   ``(rows,)``                      only with int8 values: row ``r``'s weights
+                                                       are ``scales[r] * values[r, :]``
+                                                       (:mod:`sparseforge.formats.quantized`)
 =========== ========= ================================ =========================================
+
+Values are float32, bfloat16, or int8 with ``scales`` (``from_dense(..., values_dtype=torch.int8)``;
+``to_dense()`` then returns the float32 dequantized weight).
 
 Every group stores exactly ``n`` entries: a group with fewer than ``n`` kept entries is padded with
 explicit ``+0.0`` values at its lowest unused positions, so positions within a group are strictly
@@ -55,6 +61,7 @@ from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats._stored import StoredBuffers
 from sparseforge.formats.bitmap import check_weight, pack_bits, unpack_bits
 from sparseforge.formats.memory import hugepage_backed, hugepage_copy
+from sparseforge.formats.quantized import check_scales, quantize_rows
 from sparseforge.formats.registry import FormatSpec, register
 from sparseforge.masks import topk_mask
 from sparseforge.patterns import DEFAULT_NM, NM, Pattern, parse
@@ -101,8 +108,9 @@ class NMWeight(StoredBuffers):
 
     shape: tuple[int, int]
     pattern: NM
-    values: torch.Tensor  # (rows, G*n) weight dtype
+    values: torch.Tensor  # (rows, G*n) float32 / bfloat16 / int8
     indices: torch.Tensor  # uint8 (rows, ceil(G*n*b/8))
+    scales: torch.Tensor | None = None  # float32 (rows,), int8 values only
 
     def __post_init__(self) -> None:
         rows, cols = (int(s) for s in self.shape)
@@ -114,8 +122,9 @@ class NMWeight(StoredBuffers):
             raise ModelError(f"{where}: cols={cols} is not divisible by M={m}")
         k = cols // m * n
         nbytes = (k * index_bits(m) + 7) // 8
-        if not self.values.is_floating_point() or tuple(self.values.shape) != (rows, k):
-            raise ModelError(f"{where}: values must be float of shape {(rows, k)}, got {self.values.dtype} {tuple(self.values.shape)}")
+        if not (self.values.is_floating_point() or self.values.dtype == torch.int8) or tuple(self.values.shape) != (rows, k):
+            raise ModelError(f"{where}: values must be float or int8 of shape {(rows, k)}, got {self.values.dtype} {tuple(self.values.shape)}")
+        check_scales(self.scales, self.values, rows, where)
         if self.indices.dtype != torch.uint8 or tuple(self.indices.shape) != (rows, nbytes):
             raise ModelError(
                 f"{where}: indices must be uint8 of shape {(rows, nbytes)}, got {self.indices.dtype} {tuple(self.indices.shape)}"
@@ -131,8 +140,12 @@ class NMWeight(StoredBuffers):
                 raise ModelError(f"{where}: padding bits of the index rows are set; the checkpoint is corrupt")
 
     @classmethod
-    def from_dense(cls, w: torch.Tensor, pattern: "Pattern | str", mask: torch.Tensor | None = None) -> "NMWeight":
+    def from_dense(cls, w: torch.Tensor, pattern: "Pattern | str", mask: torch.Tensor | None = None, *,
+                   values_dtype: torch.dtype | None = None, scales: torch.Tensor | None = None) -> "NMWeight":
         """Compress ``w`` (rows, cols); ``mask`` (bool, True = keep) defaults to ``w != 0``.
+
+        ``values_dtype=torch.int8`` quantizes the kept values with one scale per row, or on the
+        grid of ``scales`` (float32 (rows,)) when given (:func:`~sparseforge.formats.quantized.quantize_rows`).
 
         Raises :class:`ConfigError` naming the first offending row and group when some group keeps
         more than ``n`` entries, or when ``cols`` is not a multiple of ``m``.
@@ -156,11 +169,20 @@ class NMWeight(StoredBuffers):
         # kept entries score 1, unused 0; ties keep the lower position, so short groups are
         # filled with their lowest unused positions
         chosen = topk_mask(groups.to(torch.float32), n)  # (rows*G, m), exactly n per group
-        kept = torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device))  # (rows, cols)
+        if values_dtype == torch.int8:
+            kept, scales = quantize_rows(w, keep, scales)  # (rows, cols) int8, 0 where pruned; (rows,) float32
+        elif scales is not None:
+            raise ConfigError("scales= needs values_dtype=torch.int8")
+        else:
+            kept = torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device))  # (rows, cols)
         values = kept.reshape(rows * (cols // m), m)[chosen].reshape(rows, cols // m * n)
         pos = torch.arange(m, device=w.device).expand(rows * (cols // m), m)[chosen]  # ascending per group
         indices = _pack_indices(pos.reshape(rows, cols // m * n), index_bits(m))
-        return cls((rows, cols), pattern, hugepage_copy(values.contiguous()), hugepage_backed(indices.contiguous()))
+        return cls((rows, cols), pattern, hugepage_copy(values.contiguous()), hugepage_backed(indices.contiguous()), scales)
+
+    def dequantized_values(self) -> torch.Tensor:
+        """The values as float32 ``scales[r] * q`` (int8), or as stored (float); (rows, G*n)."""
+        return self.values if self.scales is None else self.values.float() * self.scales[:, None]
 
     def positions(self) -> torch.Tensor:
         """int64 (rows, G*n): position within its group of every stored value."""
@@ -171,9 +193,10 @@ class NMWeight(StoredBuffers):
         """Dense (rows, cols) weight: stored entries bit-exact, all others ``+0.0``."""
         rows, cols = self.shape
         n, m = self.pattern.n, self.pattern.m
-        out = torch.zeros(rows, cols // m, m, dtype=self.values.dtype, device=self.values.device)  # (rows, G, m)
+        values = self.dequantized_values()  # (rows, G*n)
+        out = torch.zeros(rows, cols // m, m, dtype=values.dtype, device=values.device)  # (rows, G, m)
         pos = self.positions().reshape(rows, cols // m, n)  # (rows, G, n)
-        out.scatter_(2, pos, self.values.reshape(rows, cols // m, n))
+        out.scatter_(2, pos, values.reshape(rows, cols // m, n))
         return out.reshape(rows, cols)
 
     def mask(self) -> torch.Tensor:
@@ -192,12 +215,13 @@ class NMWeight(StoredBuffers):
         missing = [k for k in ("nm_values", "nm_indices") if f"{prefix}{k}" not in state]
         if missing:
             raise ModelError(f"N:M weight {prefix!r} is missing tensor(s) {[prefix + k for k in missing]}")
-        return cls(tuple(shape), _as_nm(pattern), state[f"{prefix}nm_values"], state[f"{prefix}nm_indices"])
+        return cls(tuple(shape), _as_nm(pattern), state[f"{prefix}nm_values"], state[f"{prefix}nm_indices"],
+                   state.get(f"{prefix}nm_scales"))
 
 
 register(FormatSpec(
-    "nm", NMWeight, rank=10, pattern_in_label=True,
-    build=lambda w, pattern, keep: NMWeight.from_dense(w, DEFAULT_NM if pattern is None else pattern, keep),
+    "nm", NMWeight, rank=10, pattern_in_label=True, int8_values=True,
+    build=lambda w, pattern, keep, **quant: NMWeight.from_dense(w, DEFAULT_NM if pattern is None else pattern, keep, **quant),
     load=lambda state, shape, pattern, prefix="": NMWeight.from_state_dict(state, shape, pattern, prefix=prefix),
     pattern_of=lambda obj: obj.pattern,
 ))

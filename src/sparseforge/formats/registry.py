@@ -17,6 +17,9 @@ A :class:`FormatSpec` says:
 * ``stored`` and ``since_version``: written to checkpoints, from which checkpoint ``format_version``;
   ``rank``: the order in which a checkpoint names its most structured format (lowest first);
 * ``kernels``: the ``sparseforge.ops`` family that multiplies it (default: ``name``);
+* ``int8_values``: it also stores int8 values with float32 row scales (``build(w, pattern, keep,
+  values_dtype=torch.int8, scales=None)``, :mod:`sparseforge.formats.quantized`), from checkpoint
+  ``format_version`` 4 on;
 * ``pattern_in_label``: whether reports show the pattern (``"nm 2:4"``, ``"bsr block4x4"``).
 
 Example:
@@ -35,7 +38,7 @@ import torch
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.patterns import Pattern
 
-__all__ = ["FormatSpec", "register", "unregister", "get", "spec_of", "names", "label", "generation"]
+__all__ = ["FormatSpec", "register", "unregister", "get", "spec_of", "names", "label", "generation", "int8_names"]
 
 
 def _no_pattern(obj: Any) -> Optional[Pattern]:
@@ -57,6 +60,7 @@ class FormatSpec:
     rank: int = 100
     kernels: Optional[str] = None
     pattern_in_label: bool = False
+    int8_values: bool = False
 
     @property
     def kernel_family(self) -> str:
@@ -98,6 +102,11 @@ def names(*, general: Optional[bool] = None, stored: Optional[bool] = None) -> t
     """Registered format names, in registration order, optionally only the (non-)general / (non-)stored ones."""
     return tuple(s.name for s in _REGISTRY.values()
                  if (general is None or s.general == general) and (stored is None or s.stored == stored))
+
+
+def int8_names() -> tuple[str, ...]:
+    """Registered formats that store int8 values with row scales (``FormatSpec.int8_values``)."""
+    return tuple(s.name for s in _REGISTRY.values() if s.int8_values)
 
 
 def get(name: str) -> FormatSpec:

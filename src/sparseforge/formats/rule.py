@@ -63,7 +63,8 @@ def structured_format(w: torch.Tensor, pattern: "Pattern | None") -> Optional[tu
 
 def load_format(obj, format: str):
     """The format a weight read from a checkpoint runs in: ``"stored"`` keeps ``obj``; ``"rule"`` turns
-    bitmap weights of sparsity >= :data:`CSR_FROM` into CSR (step 2; N:M, BSR and fan-in stay as stored)."""
+    bitmap weights of sparsity >= :data:`CSR_FROM` into CSR (step 2; int8 values and their scales are
+    shared; N:M, BSR and fan-in stay as stored)."""
     if format == "rule" and isinstance(obj, BitmapWeight):
         rows, cols = obj.shape
         if 1.0 - obj.nnz / max(1, rows * cols) >= CSR_FROM:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from sparseforge.config import name_matches
-from sparseforge.errors import ConfigError, ModelError
+from sparseforge.errors import ConfigError, ModelError, SparseforgeError
 from sparseforge.formats import registry
 from sparseforge.formats.rule import structured_format
 from sparseforge.io.atomic_dir import recover, replace_dir
@@ -48,9 +48,10 @@ from sparseforge.patterns import NM, Block, FanIn, parse
 __all__ = ["save_pretrained"]
 
 # format_version written: FORMAT_VERSION by every compressed save (the layout with the CRC-32 of every
-# tensor in sparsity_config.checksums, verified at load); 1 for a dense checkpoint's info block, or
-# ACTIVATION_VERSION (4) when it holds the activation section (the thresholds of activation-sparse layers). Older
-# compressed versions (1: bitmap / N:M, 2: + fan-in, BSR) carry no checksums and still load; a format's
+# tensor in sparsity_config.checksums, verified at load; from 4 on: int8 values with float32 row scales,
+# and the activation section); 1 for a dense checkpoint's info block, or ACTIVATION_VERSION (4) when it
+# holds the activation section (the thresholds of activation-sparse layers). Older compressed versions
+# (1: bitmap / N:M, 2: + fan-in, BSR) carry no checksums and still load; a format's
 # since_version (formats.registry) is the first format_version that may store it, and a reader refuses a
 # layer whose format is newer than its checkpoint's version. The stored formats and classes: formats.registry.
 _FORMAT_KEYS = ("format_version", "format", "layers", "tied", "activation")  # written by us, never inherited
@@ -153,7 +154,8 @@ def _resolve_targets(model, state, aliases, info) -> dict[str, bool]:
     if targets is None:
         chosen = [
             n for n, t in state.items()
-            if n in linear and t.dim() == 2 and t.is_floating_point() and bool((t == 0).any())
+            if n in linear and t.dim() == 2 and t.is_floating_point()
+            and (bool((t == 0).any()) or _scale_key(n) in state)
             and not any(name_matches(n, p) or name_matches(n.rsplit(".", 1)[0], p) for p in ignore)
         ]
     else:
@@ -170,10 +172,22 @@ def _resolve_targets(model, state, aliases, info) -> dict[str, bool]:
     return {n: linear.get(n, False) for n in state if n in chosen}
 
 
-def _encode(mat: torch.Tensor, pattern):
+def _scale_key(name: str) -> str:
+    """``a.b.weight`` -> ``a.b.weight_scale``: the (out,) scales :mod:`sparseforge.quant` registers on a
+    quantized linear layer."""
+    return f"{name.rsplit('.', 1)[0]}.weight_scale"
+
+
+def _encode(mat: torch.Tensor, pattern, scales: "torch.Tensor | None" = None):
     """Compress a pruned (out, in) matrix: N:M when the pattern is N:M and the matrix obeys it; BSR /
     fan-in when the pattern is ``Block`` / ``FanIn``, the zeros obey it (whole tiles / equal row
-    counts) and the values are float32 or bfloat16; else bitmap."""
+    counts) and the values are float32 or bfloat16; else bitmap. With ``scales`` (a quantized
+    layer's ``weight_scale``), int8 values on that grid in N:M or bitmap."""
+    if scales is not None:
+        quant = {"values_dtype": torch.int8, "scales": scales}
+        if isinstance(pattern, NM) and mat.shape[1] % pattern.m == 0 and satisfies(mat != 0, pattern):
+            return registry.get("nm").build(mat, pattern, None, **quant)
+        return registry.get("bitmap").build(mat, None, None, **quant)
     if isinstance(pattern, NM) and mat.shape[1] % pattern.m == 0 and satisfies(mat != 0, pattern):
         return registry.get("nm").build(mat, pattern, None)
     if isinstance(pattern, (Block, FanIn)) and mat.dtype in (torch.float32, torch.bfloat16):
@@ -205,7 +219,7 @@ def _block(model, info, layers: dict[str, dict] | None) -> dict[str, Any]:
     else:  # the most structured format of any layer (lowest rank): nm, then bsr, fanin, bitmap
         used = [registry.get(v["format"]) for v in layers.values()]
         block["format"] = min(used, key=lambda s: s.rank).name if used else "bitmap"
-        block["format_version"] = FORMAT_VERSION  # 3: with the checksums of every tensor; 4: + activation
+        block["format_version"] = FORMAT_VERSION  # 3: checksums of every tensor; 4: + int8 values and scales, activation
     block["targets"] = list(layers)
     block["layers"] = layers
     return block
@@ -236,8 +250,13 @@ def _save_compressed(model, tmp: Path, info: dict[str, Any], activation: dict[st
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, Any]] = {}
     storages: set[int] = set()
+    scale_keys = {_scale_key(n): n for n in targets if _scale_key(n) in state}
+    for key in state:
+        if key.endswith(".weight_scale") and key not in scale_keys:
+            raise ConfigError(f"{key} belongs to a quantized layer whose weight is not compressed; add "
+                              f"{key.removesuffix('_scale')} to the targets (int8 values are stored packed only)")
     for name, t in state.items():
-        if name in aliases:
+        if name in aliases or name in scale_keys:
             continue
         if name not in targets:
             t = t.detach().to("cpu").contiguous()
@@ -249,7 +268,11 @@ def _save_compressed(model, tmp: Path, info: dict[str, Any], activation: dict[st
         transposed = targets[name]
         mat = t.detach().to("cpu")
         mat = mat.t() if transposed else mat  # (out, in)
-        enc = _encode(mat, pattern)
+        scales = state.get(_scale_key(name))
+        try:
+            enc = _encode(mat, pattern, None if scales is None else scales.detach().to("cpu"))
+        except SparseforgeError as exc:
+            raise type(exc)(f"layer {name}: {exc}") from None
         layers[name] = {"format": registry.spec_of(enc).name, "shape": list(enc.shape),
                         "dtype": dtype_name(enc.dtype), "nnz": int((mat != 0).sum()), "transposed": transposed}
         if _layer_pattern(enc) is not None:

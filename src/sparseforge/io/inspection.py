@@ -133,7 +133,8 @@ def inspect_path(path: "str | Path", pattern: "str | None" = None) -> dict[str, 
             check = nnz < numel and (name in linears if linears is not None else mat.dim() == 2)
         check = check and pat is not None and mat.dim() == 2 and mat.is_floating_point()
         rows.append({
-            "name": name, "shape": shape, "dtype": str(mat.dtype).removeprefix("torch."), "format": fmt,
+            "name": name, "shape": shape, "format": fmt,
+            "dtype": str(mat.dtype if isinstance(value, torch.Tensor) else value.dtype).removeprefix("torch."),  # int8: stored
             "numel": numel, "nnz": nnz, "sparsity": 1.0 - nnz / numel if numel else 0.0,
             "pattern_ok": satisfies(mat != 0, pat) if check else None,
             "bytes": stored, "dense_bytes": numel * mat.element_size(),

@@ -140,7 +140,7 @@ def load_state_dict_compressed(path: "str | Path", model=None) -> dict[str, Any]
         spec = registry.get(fmt)
         for field in spec.cls.FIELDS:  # large buffers into huge pages, as from_dense does (formats/memory.py);
             key = f"{name}.{spec.cls.KEY}{field}"  # the file's copy is released as each is replaced
-            state[key] = hugepage_backed(state[key])
+            state[key] = hugepage_backed(state[key])  # (an int8 layer's small scales stay as loaded)
         try:
             obj = spec.load(state, shape, layer.get("pattern", block.get("pattern")), prefix=f"{name}.")
         except (ModelError, ConfigError, ValueError, RuntimeError, IndexError) as exc:
@@ -164,7 +164,8 @@ def checkpoint_sizes(path: "str | Path") -> dict[str, Any]:
     """Bytes of a checkpoint vs the same weights stored dense (safetensors only).
 
     Returns ``{"file_bytes": weight files on disk (headers included), "stored_bytes": tensor data
-    on disk, "dense_bytes": the same tensors dense (pruned layers at numel x itemsize), "ratio":
+    on disk, "dense_bytes": the same tensors dense (pruned layers at numel x itemsize, int8 layers
+    at float32, the dtype they dequantize to), "ratio":
     file_bytes / dense_bytes}``.
     """
     block = read_sparsity_config(path)
@@ -182,7 +183,7 @@ def checkpoint_sizes(path: "str | Path") -> dict[str, Any]:
         numel = 1
         for s in layer["shape"]:
             numel *= int(s)
-        dense += numel * getattr(torch, layer["dtype"]).itemsize
+        dense += numel * (4 if layer["dtype"] == "int8" else getattr(torch, layer["dtype"]).itemsize)  # int8: vs float32
     file_bytes = sum(f.stat().st_size for f in files)
     return {"file_bytes": file_bytes, "stored_bytes": stored, "dense_bytes": dense,
             "ratio": file_bytes / dense if dense else float("nan")}

@@ -49,15 +49,16 @@ from sparseforge.io.safetensors_header import SafetensorsHeader, TensorEntry, re
 __all__ = [
     "CheckedCheckpoint", "validate_checkpoint", "check_block", "check_tensors", "verify_checksums",
     "tensor_checksums", "architecture_class", "read_json", "weight_files", "FORMAT_VERSION", "CHECKSUM_VERSION",
-    "ACTIVATION_VERSION", "check_activation",
+    "ACTIVATION_VERSION", "check_activation", "INT8_VERSION",
     "MAX_JSON_BYTES", "stored_formats", "CONFIG_NAME", "WEIGHTS_NAME", "BLOCK",
 ]
 
 FORMAT_VERSION = 4  # the newest checkpoint layout this sparseforge reads and writes
+INT8_VERSION = 4  # from this format_version on, bitmap / N:M layers may store int8 values + scales
 CHECKSUM_VERSION = 3  # from this format_version on, every tensor's CRC-32 is stored and required
 ACTIVATION_VERSION = 4  # from this format_version on, sparsity_config may hold the "activation" section
 MAX_JSON_BYTES = 64 << 20  # config.json / index files larger than this are refused unread
-VALUE_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+VALUE_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int8": "I8"}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E5M2", "F8_E4M3")
 TORCH_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E5M2": torch.float8_e5m2,
                 "F8_E4M3": torch.float8_e4m3fn, "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16,
@@ -158,6 +159,13 @@ def _check_layer(name, layer, block, where, compressed: bool) -> None:
         raise bad(f"shape must be [rows, cols] of non-negative integers, got {shape!r:.80}")
     if not isinstance(layer.get("dtype"), str) or layer["dtype"] not in VALUE_DTYPES:
         raise bad(f"dtype {layer.get('dtype')!r:.40} is not one of {', '.join(VALUE_DTYPES)}")
+    if layer["dtype"] == "int8":
+        if not (compressed and registry.get(fmt).int8_values):
+            held = [n for n in registry.int8_names() if n in stored_formats()]
+            raise bad(f"int8 values are stored only by the {', '.join(held)} formats, not {fmt}")
+        if block["format_version"] < INT8_VERSION:
+            raise bad(f"int8 values are stored from format_version {INT8_VERSION} on, but the checkpoint says "
+                      f"format_version {block['format_version']}; the config is corrupt")
     if not isinstance(layer.get("transposed", False), bool):
         raise bad(f"transposed must be true or false, got {layer.get('transposed')!r:.40}")
     nnz = layer.get("nnz", 0)
@@ -284,9 +292,10 @@ def weight_files(path: Path) -> list[Path]:
     return [path / s for s in shards]
 
 
-def _packed_names(name: str, fmt: str) -> dict[str, str]:
-    cls = registry.get(fmt).cls
-    return {f: f"{name}.{cls.KEY}{f}" for f in cls.FIELDS}
+def _packed_names(name: str, layer: dict) -> dict[str, str]:
+    cls = registry.get(layer["format"]).cls
+    fields = cls.FIELDS + (("scales",) if layer["dtype"] == "int8" else ())
+    return {f: f"{name}.{cls.KEY}{f}" for f in fields}
 
 
 def check_tensors(checked: CheckedCheckpoint, model: "torch.nn.Module | None") -> None:
@@ -301,7 +310,7 @@ def check_tensors(checked: CheckedCheckpoint, model: "torch.nn.Module | None") -
         fmt = layer["format"]
         if name in entries:
             raise _bad(entries[name][0].file, f"tensor {name!r} is stored dense but config.json lists it as a {fmt} layer")
-        for fld, key in _packed_names(name, fmt).items():
+        for fld, key in _packed_names(name, layer).items():
             if key not in entries:
                 raise _bad(cfg, f"layer {name!r} ({fmt}) needs tensor {key!r}, which is not in the weight files")
             header, entry = entries[key]
@@ -309,6 +318,8 @@ def check_tensors(checked: CheckedCheckpoint, model: "torch.nn.Module | None") -
                 raise _bad(header.file, f"tensor {key!r} holds {entry.dtype} but config.json says {layer['dtype']}")
             if fld == "bitmap" and entry.dtype != "U8":
                 raise _bad(header.file, f"tensor {key!r} must be U8, got {entry.dtype}")
+            if fld == "scales" and (entry.dtype != "F32" or list(entry.shape) != layer["shape"][:1]):
+                raise _bad(header.file, f"tensor {key!r} must be F32 of shape {layer['shape'][:1]}, got {entry.dtype} {list(entry.shape)}")
             packed.add(key)
     for alias, canonical in tied.items():
         if canonical not in layers and canonical not in entries:

@@ -18,6 +18,11 @@ values into an ``nn.Parameter`` (same name in ``state_dict``) and let the bias t
 the values is dW restricted to the mask (the native SDDMM kernels, ``docs/kernels.md``), so the sparsity
 structure (bitmap, indices, row pointers: still buffers) never changes while the kept weights learn.
 
+int8 values (``from_linear(..., dtype=torch.int8)``, bitmap, N:M and CSR): the weight is ``scales[r] * q``
+with a float32 ``scales`` buffer (``scales`` / ``nm_scales`` / ``csr_scales``), multiplied by the int8 kernels of
+:mod:`sparseforge.ops.int8`; ``to_dense()`` gives the float32 dequantized weight. They are not trainable
+(the gradient with respect to the input works).
+
 Activations: the kernels take float32 ``x``; a bfloat16/float16 ``x`` is cast to float32 on the way
 in and the output cast back to ``x.dtype`` (documented cost: two casts per call).
 
@@ -63,7 +68,7 @@ __all__ = ["SparseLinear", "FORMATS", "STRUCTURED_FORMATS", "ALL_FORMATS"]
 FORMATS = registry.names(general=True)
 STRUCTURED_FORMATS = registry.names(general=False)
 ALL_FORMATS = FORMATS + STRUCTURED_FORMATS
-_VALUE_DTYPES = (torch.float32, torch.bfloat16)
+_VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -83,7 +88,7 @@ class SparseLinear(nn.Module):
         super().__init__()
         self.format = _format_name(weight)
         if weight.dtype not in _VALUE_DTYPES:
-            raise ModelError(f"SparseLinear values must be float32 or bfloat16, got {weight.dtype}; convert the weight first")
+            raise ModelError(f"SparseLinear values must be float32, bfloat16 or int8, got {weight.dtype}; convert the weight first")
         self.out_features, self.in_features = weight.shape
         self.pattern: Optional[NM] = weight.pattern if isinstance(weight, NMWeight) else None
         state = weight.state_dict()
@@ -114,6 +119,7 @@ class SparseLinear(nn.Module):
         dtype: Optional[torch.dtype] = None,
         trainable: bool = False,
         compute_dtype: torch.dtype = torch.float32,
+        scales: Optional[Tensor] = None,
     ) -> "SparseLinear":
         """Compress an ``nn.Linear`` or transformers ``Conv1D``; zeros of its weight are the pruned entries.
 
@@ -123,10 +129,15 @@ class SparseLinear(nn.Module):
             pattern: the N:M pattern for ``format="nm"`` (default ``"2:4"``); the block pattern
                 (e.g. ``"block4x4"``, required) for ``format="bsr"``; for ``"auto"``, a recorded
                 pattern tried first. ``format="fanin"`` needs every row to keep the same count.
-            dtype: values dtype (float32 or bfloat16); default the weight's own.
+            dtype: values dtype (float32, bfloat16 or int8); default the weight's own. ``torch.int8``
+                (formats ``"bitmap"``, ``"nm"`` and ``"csr"``; ``"auto"`` picks among them) stores int8 values with
+                one float32 scale per output row (:mod:`sparseforge.formats.quantized`).
             trainable: store the values as a trainable parameter (see :meth:`set_trainable`).
             compute_dtype: ``torch.bfloat16`` for the bf16 product at batch >= 16 (module doc,
                 :meth:`set_compute_dtype`); default float32.
+            scales: with ``dtype=torch.int8``, the (out,) float32 scales the weight was quantized with
+                (it must lie on their grid); default the layer's ``weight_scale`` buffer (left by
+                :mod:`sparseforge.quant`) if it has one, else ``max|w_row| / 127`` per row.
         Raises:
             ModelError: ``linear`` is not a linear layer. ConfigError: unknown format, or the weight does
             not fit it (e.g. ``"nm"`` on a weight that keeps more than N of some M).
@@ -140,15 +151,28 @@ class SparseLinear(nn.Module):
         w = weight_2d(linear).detach()  # (out, in), a view
         dtype = dtype or w.dtype
         if dtype not in _VALUE_DTYPES:
-            raise ConfigError(f"sparse values must be float32 or bfloat16, got {dtype}; pass dtype=torch.float32 or torch.bfloat16")
+            raise ConfigError(f"sparse values must be float32, bfloat16 or int8, got {dtype}; pass dtype=torch.float32, torch.bfloat16 or torch.int8")
         if format == "auto":
             format, pattern = auto_format(w, pattern)
+            if dtype == torch.int8 and format not in registry.int8_names():
+                format = "bitmap"  # the general int8 format
         if format not in registry.names():
             raise ConfigError(f"unknown sparse format {format!r}; use one of {registry.names()} or 'auto'")
         keep = w != 0  # (out, in), pruned entries are exact zeros
         pattern = parse(pattern) if pattern else None
-        weight = registry.get(format).build(w.to(dtype), pattern, keep)
-        return cls(weight, linear.bias, trainable=trainable, compute_dtype=compute_dtype)
+        if dtype != torch.int8:
+            if scales is not None:
+                raise ConfigError("scales= needs dtype=torch.int8")
+            weight = registry.get(format).build(w.to(dtype), pattern, keep)
+            return cls(weight, linear.bias, trainable=trainable, compute_dtype=compute_dtype)
+        if format not in registry.int8_names():
+            raise ConfigError(f"int8 values are stored in the {' / '.join(registry.int8_names())} formats, not {format!r}")
+        if trainable:
+            raise ConfigError("int8 values cannot be trainable; train in float32 and quantize afterwards")
+        if scales is None:
+            scales = getattr(linear, "weight_scale", None)
+        weight = registry.get(format).build(w, pattern, keep, values_dtype=torch.int8, scales=scales)
+        return cls(weight, linear.bias, compute_dtype=compute_dtype)
 
     # ---- the weight object, kept in sync with the buffers -----------------------------------
 
@@ -172,6 +196,8 @@ class SparseLinear(nn.Module):
         The structure buffers stay buffers; the bias (if any) gets ``requires_grad=flag``.
         """
         key = self._values_key
+        if flag and self.weight_format.dtype == torch.int8:
+            raise ConfigError("int8 values cannot be trainable; train in float32 and quantize afterwards")
         if flag and key not in self._parameters:
             values = self._buffers.pop(key)
             self.register_parameter(key, nn.Parameter(values.detach(), requires_grad=True))

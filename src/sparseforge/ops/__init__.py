@@ -13,6 +13,10 @@ and in training:
 * ``sparseforge::bsr_linear(x, block_row_ptr, block_col, values, bias)``
 * ``sparseforge::{bitmap,nm,csr}_linear_bf16(x, W..., bias)``: bf16 compute (``x`` bfloat16, AMX /
   AVX512_BF16 panel product for batch >= 16; :func:`linear_bf16`, :mod:`sparseforge.ops.bf16_compute`)
+* ``sparseforge::bitmap_i8_linear(x, bitmap, row_offsets, values, scales, bias)``,
+  ``sparseforge::nm_i8_linear(x, values, indices, scales, n, m, bias)`` and
+  ``sparseforge::csr_i8_linear(x, row_ptr, col, values, scales, bias)``: int8 values with float32 row
+  scales (:mod:`sparseforge.ops.int8`; :func:`linear` picks them for a weight whose values are int8)
 * ``sparseforge::moe_expert_ffn(x, experts, weights, w_up, w_down, w_gate, activation, parallel)``: the
   few-token MoE expert FFN (:mod:`sparseforge.ops.expert_ffn`, forward only)
 
@@ -46,7 +50,7 @@ from torch import Tensor
 
 from sparseforge.errors import DataError, ModelError
 from sparseforge.formats import registry
-from sparseforge.ops import bitmap, bsr, csr, fanin, nm
+from sparseforge.ops import bitmap, bsr, csr, fanin, int8, nm
 from sparseforge.ops._define import check_act, check_bias, np_view
 from sparseforge.ops.bitmap import bitmap_linear, bitmap_linear_dw, bitmap_linear_t
 from sparseforge.ops.bsr import bsr_linear, bsr_linear_dw, bsr_linear_t
@@ -62,6 +66,7 @@ __all__ = [
 ]
 
 KERNELS = {spec.fmt: spec for spec in (csr.OPS, bitmap.OPS, nm.OPS, fanin.OPS, bsr.OPS)}  # by kernel family
+INT8_KERNELS = {"bitmap": int8.BITMAP_I8, "nm": int8.NM_I8, "csr": int8.CSR_I8}  # kernel family -> ops for int8 values
 
 
 _BY_TYPE: dict[type, object] = {}  # format class -> FormatOps, valid for one registry generation
@@ -70,7 +75,15 @@ _BY_TYPE_GENERATION = [-1]
 
 def _ops_for(weight):
     """The :class:`~sparseforge.ops._define.FormatOps` of a format object: its registered format's
-    kernel family (:attr:`sparseforge.formats.registry.FormatSpec.kernel_family`), cached per class."""
+    kernel family (:attr:`sparseforge.formats.registry.FormatSpec.kernel_family`), cached per class;
+    the int8 ops of that family when the values are int8."""
+    values = getattr(weight, "values", None)
+    if isinstance(values, Tensor) and values.dtype == torch.int8:
+        family = registry.spec_of(weight).kernel_family
+        if family not in INT8_KERNELS:
+            raise ModelError(f"no int8 kernels for format {registry.spec_of(weight).name!r}; int8 values run in "
+                             f"{', '.join(INT8_KERNELS)}")
+        return INT8_KERNELS[family]
     if _BY_TYPE_GENERATION[0] != registry.generation():
         _BY_TYPE.clear()
         _BY_TYPE_GENERATION[0] = registry.generation()
@@ -92,7 +105,8 @@ def _ops_for(weight):
 
 
 def linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
-    """``x (..., in) @ weight^T + bias`` for a CSR, bitmap, N:M, fan-in or BSR weight.
+    """``x (..., in) @ weight^T + bias`` for a CSR, bitmap, N:M, fan-in or BSR weight (CSR, bitmap and
+    N:M also with int8 values).
 
     Leading dimensions of ``x`` are flattened into the batch and restored on the output.
     """

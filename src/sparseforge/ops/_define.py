@@ -77,7 +77,7 @@ def np_view(t):
     return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
-def _linear_out(x: Tensor, out: int, bias: Optional[Tensor], fake: bool = False) -> Tensor:
+def linear_out(x: Tensor, out: int, bias: Optional[Tensor], fake: bool = False) -> Tensor:
     """Checks x and bias against a weight with ``out`` rows; the (B, out) output to fill (or fake)."""
     check_act(x, "x", x.shape[-1], "input features")
     check_bias(bias, out)
@@ -175,7 +175,7 @@ def _register_ops(s: _Signature):
 
     def forward(x, *args):
         *wargs, bias = args
-        y = _linear_out(x, dims(*wargs, x.shape[-1]), bias)
+        y = linear_out(x, dims(*wargs, x.shape[-1]), bias)
         getattr(native(), fwd_name)(np_view(x), *map(np_view, wargs), np_view(bias), y.numpy())
         return y
 
@@ -203,7 +203,7 @@ def _register_ops(s: _Signature):
     @lin.register_fake
     def _(x, *args):
         *wargs, bias = args
-        return _linear_out(x, dims(*wargs, x.shape[-1]), bias, fake=True)
+        return linear_out(x, dims(*wargs, x.shape[-1]), bias, fake=True)
 
     @lin_t.register_fake
     def _(dy, *args):

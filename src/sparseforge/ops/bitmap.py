@@ -24,7 +24,7 @@ from sparseforge.ops._define import VALUE_DTYPES, define
 __all__ = ["bitmap_linear", "bitmap_linear_t", "bitmap_linear_dw"]
 
 
-def _fit(bitmap: Tensor, row_offsets: Tensor, values: Tensor, cols: int) -> int:
+def fit_buffers(bitmap: Tensor, row_offsets: Tensor, values: Tensor, cols: int) -> int:
     if bitmap.shape[1] != (cols + 7) // 8 or row_offsets.shape[0] != bitmap.shape[0] + 1:
         raise ModelError(
             f"bitmap {tuple(bitmap.shape)} / row_offsets {tuple(row_offsets.shape)} do not fit {cols} input features"
@@ -33,5 +33,5 @@ def _fit(bitmap: Tensor, row_offsets: Tensor, values: Tensor, cols: int) -> int:
 
 
 _BUFFERS = (("bitmap", (torch.uint8,), 2), ("row_offsets", (torch.int64,), 1), ("values", VALUE_DTYPES, 1))
-OPS = define("bitmap", BitmapWeight, _BUFFERS, _fit)
+OPS = define("bitmap", BitmapWeight, _BUFFERS, fit_buffers)
 bitmap_linear, bitmap_linear_t, bitmap_linear_dw = OPS.linear, OPS.linear_t, OPS.linear_dw

@@ -24,12 +24,12 @@ from sparseforge.ops._define import INDEX_DTYPES, VALUE_DTYPES, define
 __all__ = ["csr_linear", "csr_linear_t", "csr_linear_dw"]
 
 
-def _fit(row_ptr: Tensor, col: Tensor, values: Tensor, cols: int) -> int:
+def fit_buffers(row_ptr: Tensor, col: Tensor, values: Tensor, cols: int) -> int:
     if col.shape[0] != values.shape[0]:
         raise ModelError(f"CSR col ({col.shape[0]}) and values ({values.shape[0]}) differ in length")
     return row_ptr.shape[0] - 1
 
 
 _BUFFERS = (("row_ptr", (torch.int32,), 1), ("col", INDEX_DTYPES, 1), ("values", VALUE_DTYPES, 1))
-OPS = define("csr", CSRWeight, _BUFFERS, _fit)
+OPS = define("csr", CSRWeight, _BUFFERS, fit_buffers)
 csr_linear, csr_linear_t, csr_linear_dw = OPS.linear, OPS.linear_t, OPS.linear_dw

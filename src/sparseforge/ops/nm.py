@@ -24,7 +24,7 @@ from sparseforge.ops._define import VALUE_DTYPES, define
 __all__ = ["nm_linear", "nm_linear_t", "nm_linear_dw"]
 
 
-def _fit(values: Tensor, indices: Tensor, n: int, m: int, cols: int) -> int:
+def fit_buffers(values: Tensor, indices: Tensor, n: int, m: int, cols: int) -> int:
     if not 0 < n < m <= 256 or cols % m:
         raise ModelError(f"N:M weight needs 0 < n < m <= 256 and in_features divisible by m; got {n}:{m} with {cols} inputs")
     bits = max(1, (m - 1).bit_length())
@@ -36,6 +36,6 @@ def _fit(values: Tensor, indices: Tensor, n: int, m: int, cols: int) -> int:
     return values.shape[0]
 
 
-OPS = define("nm", NMWeight, (("values", VALUE_DTYPES, 2), ("indices", (torch.uint8,), 2)), _fit, statics=("n", "m"),
+OPS = define("nm", NMWeight, (("values", VALUE_DTYPES, 2), ("indices", (torch.uint8,), 2)), fit_buffers, statics=("n", "m"),
              unpack=lambda w: (w.values, w.indices, w.pattern.n, w.pattern.m))
 nm_linear, nm_linear_t, nm_linear_dw = OPS.linear, OPS.linear_t, OPS.linear_dw

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from sparseforge.config import name_matches
-from sparseforge.errors import ConfigError
+from sparseforge.errors import ConfigError, SparseforgeError
 from sparseforge.formats.rule import auto_format, structured_format
 from sparseforge.layers import is_linear, linear_layers, set_module, weight_2d
 from sparseforge.formats import registry
@@ -47,7 +47,7 @@ from sparseforge.patterns import NM, Pattern, parse
 if TYPE_CHECKING:
     from sparseforge.runtime.advise import AdviceReport
 
-__all__ = ["compress_", "CompressReport", "CompressedLayer"]
+__all__ = ["compress_", "CompressReport", "CompressedLayer", "values_dtype"]
 
 @dataclass
 class CompressedLayer:
@@ -123,6 +123,14 @@ def _tied_owners(model: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
+def values_dtype(mod: nn.Module, dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The values dtype a layer is compressed to: ``dtype`` if given, else int8 for a layer quantized by
+    :mod:`sparseforge.quant` (it has a ``weight_scale`` buffer), else its weight's own dtype."""
+    if dtype is not None:
+        return dtype
+    return torch.int8 if isinstance(getattr(mod, "weight_scale", None), torch.Tensor) else weight_2d(mod).dtype
+
+
 def _eligible(model: nn.Module, names: list[str], dtype: Optional[torch.dtype], min_sparsity: float,
               report: CompressReport) -> list[tuple[str, float]]:
     """``(name, sparsity)`` of the layers to convert; the others go to ``report.kept_dense`` with the reason
@@ -137,8 +145,8 @@ def _eligible(model: nn.Module, names: list[str], dtype: Optional[torch.dtype], 
             report.kept_dense.append((name, f"weight is tied to {tied[0]}; compressing it would untie them"))
             continue
         w = weight_2d(mod)  # (out, in) view
-        if (dtype or w.dtype) not in (torch.float32, torch.bfloat16):
-            report.kept_dense.append((name, f"weight dtype {w.dtype} has no sparse kernel; pass dtype=torch.float32 or torch.bfloat16"))
+        if values_dtype(mod, dtype) not in (torch.float32, torch.bfloat16, torch.int8):
+            report.kept_dense.append((name, f"weight dtype {w.dtype} has no sparse kernel; pass dtype=torch.float32, torch.bfloat16 or torch.int8"))
             continue
         sparsity = float((w == 0).sum()) / max(1, w.numel())
         if sparsity < min_sparsity:
@@ -149,9 +157,10 @@ def _eligible(model: nn.Module, names: list[str], dtype: Optional[torch.dtype], 
 
 
 def _choose(name: str, w: torch.Tensor, format: str, advice: "AdviceReport | None", recorded: "Pattern | None",
-            report: CompressReport) -> "tuple[str, Pattern | str | None] | None":
+            report: CompressReport, int8: bool = False) -> "tuple[str, Pattern | str | None] | None":
     """``(format, pattern)`` a layer is built in, or ``None`` (kept dense, reason in ``report``) when the
-    measured advice says dense is faster. ``recorded``: the model's recorded pattern, if any."""
+    measured advice says dense is faster. ``recorded``: the model's recorded pattern, if any; ``int8``:
+    the layer's values are int8 (only formats that hold them)."""
     if format == "auto":
         adv = advice.choice_for(name)
         if adv is None:
@@ -159,9 +168,14 @@ def _choose(name: str, w: torch.Tensor, format: str, advice: "AdviceReport | Non
         if adv.choice == "dense":
             report.kept_dense.append((name, f"dense is faster on this machine ({adv.reason()})"))
             return None
+        if int8 and adv.choice not in registry.int8_names():
+            return "bitmap", None  # advice measured with float values: no int8 fan-in / BSR
         return adv.choice, adv.pattern
     nm = recorded if isinstance(recorded, NM) else None
     if format == "rule":
+        if int8:  # the rule among the formats that hold int8 values (no fan-in / BSR)
+            choice = auto_format(w, nm)
+            return choice if choice[0] in registry.int8_names() else ("bitmap", None)
         return structured_format(w, recorded) or auto_format(w, nm)
     return format, {"nm": nm, "bsr": recorded}.get(format)
 
@@ -193,7 +207,11 @@ def compress_(
             (``"block4x4"``) that ``"bsr"`` needs; default the model's recorded
             ``config.sparsity_config["pattern"]``, else 2:4 for ``"nm"``. Under ``"rule"``, a
             ``Block`` / ``FanIn`` pattern that a layer obeys maps it to ``"bsr"`` / ``"fanin"``.
-        dtype: values dtype (float32 / bfloat16); default each weight's own.
+        dtype: values dtype (float32 / bfloat16 / int8); default each weight's own, except that a
+            layer quantized by :mod:`sparseforge.quant` (it has a float32 ``weight_scale`` buffer of
+            shape (out,)) gets int8 values on that grid. ``torch.int8`` quantizes the other layers
+            round-to-nearest with one scale per output row (:mod:`sparseforge.formats.quantized`);
+            int8 layers use the bitmap, N:M or CSR format (``"rule"`` / ``"auto"`` pick among those).
         batch_sizes: batch sizes (tokens per call) ``"auto"`` measures at; pick the ones you serve.
         advice: an :class:`~sparseforge.runtime.advise.AdviceReport` already measured for this model
             (``"auto"`` then measures nothing).
@@ -216,20 +234,23 @@ def compress_(
     if format == "auto" and advice is None and eligible:
         from sparseforge.runtime.advise import advise_model
 
+        int8_any = any(values_dtype(modules[n], dtype) == torch.int8 for n, _ in eligible)
         advice = advise_model(model, names=[n for n, _ in eligible], batch_sizes=batch_sizes,
-                              pattern=recorded, values_dtype=dtype)
+                              pattern=recorded, values_dtype=torch.int8 if dtype is None and int8_any else dtype)
     report.advice = advice
     built: dict[str, SparseLinear] = {}
     for name, sparsity in eligible:
         mod = modules[name]
         w = weight_2d(mod)  # (out, in) view
-        choice = _choose(name, w, format, advice, recorded_any, report)
+        layer_dtype = values_dtype(mod, dtype)
+        choice = _choose(name, w, format, advice, recorded_any, report, int8=layer_dtype == torch.int8)
         if choice is None:
             continue
         try:
-            sl = SparseLinear.from_linear(mod, choice[0], pattern=choice[1], dtype=dtype, compute_dtype=compute_dtype)
-        except ConfigError as exc:
-            raise ConfigError(f"layer {name}: {exc}") from exc
+            sl = SparseLinear.from_linear(mod, choice[0], pattern=choice[1], dtype=layer_dtype,
+                                          compute_dtype=compute_dtype)
+        except SparseforgeError as exc:
+            raise type(exc)(f"layer {name}: {exc}") from exc
         built[name] = sl
         report.converted.append(CompressedLayer(name, registry.label(sl.weight_format), tuple(w.shape), sparsity,
                                                 sl.weight_format.nbytes, w.numel() * w.element_size()))

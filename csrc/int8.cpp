@@ -1,0 +1,225 @@
+// int8-valued bitmap / N:M / CSR: scalar references (test oracles), the portable row kernels
+// (int8_kernels.h), and the driver: rows kernels for small batches, and for larger ones each row
+// block dequantized into a float32 buffer and multiplied by the format's float32 lanes kernels.
+#include "int8.h"
+
+#include <vector>
+
+#include "driver.h"
+#include "views.h"
+#include "int8_kernels.h"
+
+namespace sf {
+
+namespace scalar {
+extern const I8Kernels i8 = kI8Kernels;
+}  // namespace scalar
+
+namespace {
+
+const I8Kernels& i8_kernels(Isa isa) {
+#if defined(SF_HAVE_X86_KERNELS)
+  if (isa == Isa::avx512) return avx512::i8;
+  if (isa == Isa::avx2) return avx2::i8;
+#endif
+  (void)isa;
+  return scalar::i8;
+}
+
+// f(column, value index) for each stored entry of row r (bitmap.h / nm.h, independent of the kernels)
+template <class F>
+void stored(const BitmapView& w, int64_t r, F&& f) { bitmap_stored(w, r, f); }
+template <class F>
+void stored(const NmView& w, int64_t r, F&& f) { nm_stored(w, r, f); }
+template <class F>
+void stored(const CsrView& w, int64_t r, F&& f) { csr_stored(w, r, f); }
+
+// The reference: y[b, r] = scales[r] * sum_j q[r, j] * x[b, j] + bias[r], the row's int8 values
+// decoded to a dense float row first.
+template <class View>
+void i8_linear_ref(const View& w, const float* scales, const Problem& p) {
+  detail::check_problem(w.rows, w.cols, p);
+  const int8_t* q = static_cast<const int8_t*>(w.val);
+  std::vector<float> row(static_cast<size_t>(w.cols));
+  for (int64_t r = 0; r < w.rows; ++r) {
+    for (auto& v : row) v = 0.f;
+    stored(w, r, [&](int64_t j, int64_t k) { row[j] = static_cast<float>(q[k]); });
+    for (int64_t b = 0; b < p.B; ++b) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < w.cols; ++j) acc += row[j] * p.x[b * p.in + j];
+      p.y[b * p.out + r] = scales[r] * acc + (p.bias ? p.bias[r] : 0.f);
+    }
+  }
+}
+
+// The stored columns of a row as a decoder for detail::fix_nonfinite (values are not read).
+template <class View>
+struct ColsDec {
+  const View& w;
+  struct Cur { int64_t r; };
+  Cur begin(int64_t r) const { return {r}; }
+  template <class F>
+  void run(Cur& c, int64_t, F&& f) const { stored(w, c.r, [&](int64_t j, int64_t) { f(j, 0.f); }); }
+};
+
+// Row block [r0, r1) dequantized (float32, the format's own layout) into this thread's buffer.
+thread_local std::vector<float> tl_values;
+thread_local std::vector<int64_t> tl_offsets;
+thread_local std::vector<int32_t> tl_ptr;
+
+// Rows [r0, r1) of a weight whose row r owns values [ptr[r], ptr[r + 1]) (bitmap row_offsets, CSR
+// row_ptr): scales[r] * q into tl_values from index 0, the pointers rebased to 0 into offs
+// (r1 - r0 + 1 entries). Returns the block's value count.
+template <class P>
+int64_t dequantize_block(const P* ptr, const void* values, const float* scales, int64_t r0, int64_t r1,
+                         std::vector<P>& offs) {
+  const int64_t base = ptr[r0], n = ptr[r1] - base;
+  tl_values.resize(static_cast<size_t>(n > 0 ? n : 1));
+  offs.resize(static_cast<size_t>(r1 - r0 + 1));
+  const int8_t* q = static_cast<const int8_t*>(values);
+  for (int64_t r = r0; r < r1; ++r) {
+    offs[r - r0] = static_cast<P>(ptr[r] - base);
+    const float s = scales[r];
+    for (int64_t k = ptr[r]; k < ptr[r + 1]; ++k) tl_values[k - base] = s * static_cast<float>(q[k]);
+  }
+  offs[r1 - r0] = static_cast<P>(n);
+  return n;
+}
+
+// The kernel table run_linear drives: int8 rows kernels, and lanes over a dequantized row block.
+struct BitmapI8Run {
+  const I8Kernels& i8;
+  const BitmapKernels& f32;
+  void rows(const BitmapI8& w, const Problem& p, int64_t r0, int64_t r1) const { i8.bitmap_rows(w, p, r0, r1); }
+  void lanes(const BitmapI8& wq, const Problem& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* ybuf) const {
+    const BitmapView& w = wq.w;
+    const int64_t n = dequantize_block(w.row_offsets, w.val, wq.scales, r0, r1, tl_offsets);
+    BitmapView sub = w;
+    sub.rows = r1 - r0;
+    sub.nnz = n;
+    sub.bits = w.bits + r0 * w.bpr;
+    sub.row_offsets = tl_offsets.data();
+    sub.val = tl_values.data();
+    sub.vt = VT::f32;
+    f32.lanes(sub, shifted(p, r0), lp, 0, r1 - r0, ybuf);
+  }
+  // p with its outputs (and bias) starting at row r0: the sub-view's row i is the weight's row r0 + i
+  static Problem shifted(const Problem& p, int64_t r0) {
+    Problem s = p;
+    s.y = p.y + r0;
+    s.bias = p.bias ? p.bias + r0 : nullptr;
+    return s;
+  }
+};
+
+struct NmI8Run {
+  const I8Kernels& i8;
+  const NmKernels& f32;
+  void rows(const NmI8& w, const Problem& p, int64_t r0, int64_t r1) const { i8.nm_rows(w, p, r0, r1); }
+  void lanes(const NmI8& wq, const Problem& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* ybuf) const {
+    const NmView& w = wq.w;
+    const int64_t n = (r1 - r0) * w.vpr;
+    tl_values.resize(static_cast<size_t>(n > 0 ? n : 1));
+    const int8_t* q = static_cast<const int8_t*>(w.val) + r0 * w.vpr;
+    for (int64_t r = 0; r < r1 - r0; ++r) {
+      const float s = wq.scales[r0 + r];
+      for (int64_t k = 0; k < w.vpr; ++k) tl_values[r * w.vpr + k] = s * static_cast<float>(q[r * w.vpr + k]);
+    }
+    NmView sub = w;
+    sub.rows = r1 - r0;
+    sub.idx = w.idx + r0 * w.ibpr;
+    sub.val = tl_values.data();
+    sub.vt = VT::f32;
+    f32.lanes(sub, BitmapI8Run::shifted(p, r0), lp, 0, r1 - r0, ybuf);
+  }
+};
+
+// values as the float32 view builders expect them: same shape (the builders read no value)
+Array as_f32(const Array& values, const char* op) {
+  expect_dtype(values, op, "values", DType::i8);
+  Array a = values;
+  a.dtype = DType::f32;
+  return a;
+}
+
+const float* checked_scales(const Array& scales, int64_t rows, const char* op, bool check_values) {
+  expect_ndim(scales, op, "scales", 1);
+  expect_dtype(scales, op, "scales", DType::f32);
+  if (scales.dim(0) != rows) bad_weight(op, "scales must have one entry per row (" + std::to_string(rows) + "), got " + std::to_string(scales.dim(0)));
+  const float* s = static_cast<const float*>(scales.data);
+  for (int64_t r = 0; check_values && r < rows; ++r) {
+    if (!(s[r] > 0.f && s[r] <= 3.4028235e38f)) bad_weight(op, "scales[" + std::to_string(r) + "] = " + std::to_string(s[r]) + " must be finite and > 0");
+  }
+  return s;
+}
+
+struct CsrI8Run {
+  const I8Kernels& i8;
+  const CsrKernels& f32;
+  void rows(const CsrI8& w, const Problem& p, int64_t r0, int64_t r1) const { i8.csr_rows(w, p, r0, r1); }
+  void lanes(const CsrI8& wq, const Problem& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* ybuf) const {
+    const CsrView& w = wq.w;
+    const int64_t base = w.row_ptr[r0];
+    const int64_t n = dequantize_block(w.row_ptr, w.val, wq.scales, r0, r1, tl_ptr);
+    CsrView sub = w;
+    sub.rows = r1 - r0;
+    sub.nnz = n;
+    sub.row_ptr = tl_ptr.data();
+    sub.col = static_cast<const char*>(w.col) + base * (w.col_u16 ? 2 : 4);
+    sub.val = tl_values.data();
+    sub.vt = VT::f32;
+    f32.lanes(sub, BitmapI8Run::shifted(p, r0), lp, 0, r1 - r0, ybuf);
+  }
+};
+
+}  // namespace
+
+CsrI8 csr_i8_view(const Array& row_ptr, const Array& col, const Array& values, const Array& scales, int64_t cols,
+                  const char* op, bool check_indices) {
+  CsrI8 w;
+  w.w = csr_view(row_ptr, col, as_f32(values, op), cols, op, check_indices);
+  w.scales = checked_scales(scales, w.w.rows, op, check_indices);
+  return w;
+}
+
+BitmapI8 bitmap_i8_view(const Array& bits, const Array& row_offsets, const Array& values, const Array& scales,
+                        int64_t cols, const char* op, bool check_indices) {
+  BitmapI8 w;
+  w.w = bitmap_view(bits, row_offsets, as_f32(values, op), cols, op, check_indices);
+  w.scales = checked_scales(scales, w.w.rows, op, check_indices);
+  return w;
+}
+
+NmI8 nm_i8_view(const Array& values, const Array& indices, const Array& scales, int n, int m, int64_t cols,
+                const char* op, bool check_indices) {
+  NmI8 w;
+  w.w = nm_view(as_f32(values, op), indices, n, m, cols, op, check_indices);
+  w.scales = checked_scales(scales, w.w.rows, op, check_indices);
+  return w;
+}
+
+void bitmap_i8_linear_ref(const BitmapI8& w, const Problem& p) { i8_linear_ref(w.w, w.scales, p); }
+
+void nm_i8_linear_ref(const NmI8& w, const Problem& p) { i8_linear_ref(w.w, w.scales, p); }
+
+void csr_i8_linear_ref(const CsrI8& w, const Problem& p) { i8_linear_ref(w.w, w.scales, p); }
+
+void csr_i8_linear(const CsrI8& w, const Problem& p, Isa isa, int algo) {
+  detail::check_problem(w.w.rows, w.w.cols, p);
+  detail::run_linear(w, p, CsrI8Run{i8_kernels(isa), csr_kernels(isa)}, algo, w.w.nnz);
+  detail::fix_nonfinite(ColsDec<CsrView>{w.w}, p);
+}
+
+void bitmap_i8_linear(const BitmapI8& w, const Problem& p, Isa isa, int algo) {
+  detail::check_problem(w.w.rows, w.w.cols, p);
+  detail::run_linear(w, p, BitmapI8Run{i8_kernels(isa), bitmap_kernels(isa)}, algo, w.w.nnz);
+  detail::fix_nonfinite(ColsDec<BitmapView>{w.w}, p);
+}
+
+void nm_i8_linear(const NmI8& w, const Problem& p, Isa isa, int algo) {
+  detail::check_problem(w.w.rows, w.w.cols, p);
+  detail::run_linear(w, p, NmI8Run{i8_kernels(isa), nm_kernels(isa)}, algo, w.w.rows * w.w.vpr);
+  detail::fix_nonfinite(ColsDec<NmView>{w.w}, p);
+}
+
+}  // namespace sf

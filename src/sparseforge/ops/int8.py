@@ -1,0 +1,157 @@
+"""``sparseforge::bitmap_i8_linear`` / ``nm_i8_linear`` / ``csr_i8_linear``: weights with int8 values.
+
+The values are int8 ``q`` with a float32 scale per output row (:mod:`sparseforge.formats.quantized`):
+``y[b, r] = scales[r] * sum_j q[r, j] * x[b, j] + bias[r]``, native ``bitmap_i8_linear`` /
+``nm_i8_linear`` / ``csr_i8_linear`` (``csrc/int8.h``: batch 1-3 dequantize in registers, larger batches one row block at a
+time into the float32 lanes kernels). Schemas:
+
+* ``sparseforge::bitmap_i8_linear(x, bitmap, row_offsets, values, scales, bias)``
+* ``sparseforge::nm_i8_linear(x, values, indices, scales, n, m, bias)``
+* ``sparseforge::csr_i8_linear(x, row_ptr, col, values, scales, bias)``
+
+Autograd: ``dx = dy @ W`` through the float32 transposed ops of the format on the dequantized values,
+``dbias = dy.sum(0)``; int8 values and their scales get no gradient (they are not trainable).
+
+Example:
+    >>> import torch
+    >>> from sparseforge.formats import BitmapWeight
+    >>> from sparseforge.ops.int8 import bitmap_i8_linear
+    >>> w = BitmapWeight.from_dense(torch.tensor([[1., 0., -2.]]), values_dtype=torch.int8)
+    >>> bitmap_i8_linear(torch.ones(1, 3), w.bitmap, w.row_offsets, w.values, w.scales, None).tolist()
+    [[-1.0]]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sparseforge.formats.bitmap import BitmapWeight
+from sparseforge.formats.csr import CSRWeight
+from sparseforge.formats.nm import NMWeight
+from sparseforge.kernels import native
+from sparseforge.ops import bitmap as bitmap_ops
+from sparseforge.ops import csr as csr_ops
+from sparseforge.ops import nm as nm_ops
+from sparseforge.ops._define import FormatOps, check_buf, linear_out, np_view
+
+__all__ = ["bitmap_i8_linear", "nm_i8_linear", "csr_i8_linear", "BITMAP_I8", "NM_I8", "CSR_I8"]
+
+_SCALES = ("scales", (torch.float32,), 1)
+
+
+def _bitmap_dims(bitmap: Tensor, row_offsets: Tensor, values: Tensor, scales: Tensor, cols: int) -> int:
+    buffers = (("bitmap", (torch.uint8,), 2), ("row_offsets", (torch.int64,), 1), ("values", (torch.int8,), 1), _SCALES)
+    for (name, dtypes, ndim), t in zip(buffers, (bitmap, row_offsets, values, scales)):
+        check_buf(t, name, dtypes, ndim)
+    return bitmap_ops.fit_buffers(bitmap, row_offsets, values, cols)
+
+
+def _nm_dims(values: Tensor, indices: Tensor, scales: Tensor, n: int, m: int, cols: int) -> int:
+    for (name, dtypes, ndim), t in zip((("values", (torch.int8,), 2), ("indices", (torch.uint8,), 2), _SCALES),
+                                       (values, indices, scales)):
+        check_buf(t, name, dtypes, ndim)
+    return nm_ops.fit_buffers(values, indices, n, m, cols)
+
+
+def _csr_dims(row_ptr: Tensor, col: Tensor, values: Tensor, scales: Tensor, cols: int) -> int:
+    buffers = (("row_ptr", (torch.int32,), 1), ("col", (torch.uint16, torch.int32), 1), ("values", (torch.int8,), 1), _SCALES)
+    for (name, dtypes, ndim), t in zip(buffers, (row_ptr, col, values, scales)):
+        check_buf(t, name, dtypes, ndim)
+    return csr_ops.fit_buffers(row_ptr, col, values, cols)
+
+
+@torch.library.custom_op("sparseforge::csr_i8_linear", mutates_args=(),
+                         schema="(Tensor x, Tensor row_ptr, Tensor col, Tensor values, Tensor scales, Tensor? bias) -> Tensor")
+def csr_i8_linear(x, row_ptr, col, values, scales, bias):
+    """y (B, out) = x (B, in) @ W^T + bias for a CSRWeight with int8 values."""
+    y = linear_out(x, _csr_dims(row_ptr, col, values, scales, x.shape[-1]), bias)
+    native().csr_i8_linear(*map(np_view, (x, row_ptr, col, values, scales, bias)), y.numpy())
+    return y
+
+
+@csr_i8_linear.register_fake
+def _(x, row_ptr, col, values, scales, bias):
+    return linear_out(x, _csr_dims(row_ptr, col, values, scales, x.shape[-1]), bias, fake=True)
+
+
+@torch.library.custom_op("sparseforge::bitmap_i8_linear", mutates_args=(),
+                         schema="(Tensor x, Tensor bitmap, Tensor row_offsets, Tensor values, Tensor scales, Tensor? bias) -> Tensor")
+def bitmap_i8_linear(x, bitmap, row_offsets, values, scales, bias):
+    """y (B, out) = x (B, in) @ W^T + bias for a BitmapWeight with int8 values."""
+    y = linear_out(x, _bitmap_dims(bitmap, row_offsets, values, scales, x.shape[-1]), bias)
+    native().bitmap_i8_linear(*map(np_view, (x, bitmap, row_offsets, values, scales, bias)), y.numpy())
+    return y
+
+
+@bitmap_i8_linear.register_fake
+def _(x, bitmap, row_offsets, values, scales, bias):
+    return linear_out(x, _bitmap_dims(bitmap, row_offsets, values, scales, x.shape[-1]), bias, fake=True)
+
+
+@torch.library.custom_op("sparseforge::nm_i8_linear", mutates_args=(),
+                         schema="(Tensor x, Tensor values, Tensor indices, Tensor scales, SymInt n, SymInt m, Tensor? bias) -> Tensor")
+def nm_i8_linear(x, values, indices, scales, n, m, bias):
+    """y (B, out) = x (B, in) @ W^T + bias for an NMWeight with int8 values."""
+    y = linear_out(x, _nm_dims(values, indices, scales, n, m, x.shape[-1]), bias)
+    native().nm_i8_linear(*map(np_view, (x, values, indices, scales)), n, m, np_view(bias), y.numpy())
+    return y
+
+
+@nm_i8_linear.register_fake
+def _(x, values, indices, scales, n, m, bias):
+    return linear_out(x, _nm_dims(values, indices, scales, n, m, x.shape[-1]), bias, fake=True)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*(t for t in inputs[1:-1] if isinstance(t, Tensor)))
+    ctx.statics = tuple(a for a in inputs[1:-1] if not isinstance(a, Tensor))
+    ctx.in_features = inputs[0].shape[1]
+    ctx.n_inputs = len(inputs)
+    ctx.has_bias = inputs[-1] is not None
+
+
+def _bitmap_backward(ctx, dy):
+    bitmap, row_offsets, values, scales = ctx.saved_tensors
+    grads = [None] * ctx.n_inputs
+    if ctx.needs_input_grad[0]:
+        deq = values.float() * torch.repeat_interleave(scales, row_offsets.diff())  # (nnz,) float32
+        grads[0] = bitmap_ops.bitmap_linear_t(dy.contiguous(), bitmap, row_offsets, deq, ctx.in_features)
+    if ctx.has_bias and ctx.needs_input_grad[-1]:
+        grads[-1] = dy.sum(0)
+    return tuple(grads)
+
+
+def _nm_backward(ctx, dy):
+    values, indices, scales = ctx.saved_tensors
+    n, m = ctx.statics
+    grads = [None] * ctx.n_inputs
+    if ctx.needs_input_grad[0]:
+        deq = (values.float() * scales[:, None]).contiguous()  # (rows, G*n) float32
+        grads[0] = nm_ops.nm_linear_t(dy.contiguous(), deq, indices, n, m, ctx.in_features)
+    if ctx.has_bias and ctx.needs_input_grad[-1]:
+        grads[-1] = dy.sum(0)
+    return tuple(grads)
+
+
+def _csr_backward(ctx, dy):
+    row_ptr, col, values, scales = ctx.saved_tensors
+    grads = [None] * ctx.n_inputs
+    if ctx.needs_input_grad[0]:
+        deq = values.float() * torch.repeat_interleave(scales, row_ptr.to(torch.int64).diff())  # (nnz,) float32
+        grads[0] = csr_ops.csr_linear_t(dy.contiguous(), row_ptr, col, deq, ctx.in_features)
+    if ctx.has_bias and ctx.needs_input_grad[-1]:
+        grads[-1] = dy.sum(0)
+    return tuple(grads)
+
+
+bitmap_i8_linear.register_autograd(_bitmap_backward, setup_context=_setup)
+csr_i8_linear.register_autograd(_csr_backward, setup_context=_setup)
+nm_i8_linear.register_autograd(_nm_backward, setup_context=_setup)
+
+BITMAP_I8 = FormatOps("bitmap_i8", BitmapWeight, lambda w: (w.bitmap, w.row_offsets, w.values, w.scales), _bitmap_dims,
+                      bitmap_i8_linear, None, None)
+NM_I8 = FormatOps("nm_i8", NMWeight, lambda w: (w.values, w.indices, w.scales, w.pattern.n, w.pattern.m), _nm_dims,
+                  nm_i8_linear, None, None)
+CSR_I8 = FormatOps("csr_i8", CSRWeight, lambda w: (w.row_ptr, w.col, w.values, w.scales), _csr_dims, csr_i8_linear,
+                   None, None)
