@@ -137,3 +137,9 @@ def test_docstring_examples_run():
     for test in finder.find(SparseLinear.set_compute_dtype, "set_compute_dtype", globs={"SparseLinear": SparseLinear}):
         runner.run(test)
     assert runner.summarize(verbose=False).attempted > 0 and runner.summarize(verbose=False).failed == 0
+
+
+def test_bf16_compute_refuses_int8_values_at_construction():
+    lin = torch.nn.Linear(64, 32, bias=False)
+    with pytest.raises(ConfigError, match="int8 values run the int8 kernels"):
+        SparseLinear.from_linear(lin, "bitmap", dtype=torch.int8, compute_dtype=torch.bfloat16)

@@ -316,6 +316,9 @@ class SparseLinear(nn.Module):
                     f"compute_dtype=torch.bfloat16 needs a {', '.join(bf16_formats())} weight, this layer is {self.format}; "
                     "rebuild it in one of those formats or keep float32"
                 )
+            if self.weight_format.dtype == torch.int8:
+                raise ConfigError("compute_dtype=torch.bfloat16 needs float32 or bfloat16 values; int8 values run "
+                                  "the int8 kernels: keep compute_dtype=torch.float32")
             kernels.bf16_path()  # ConfigError now, not at the first batch, if SPARSEFORGE_BF16_PATH is unusable
         self._compute_dtype = dtype
         return self
