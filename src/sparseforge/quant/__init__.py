@@ -20,27 +20,9 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-
 from sparseforge.quant.config import QUANT_METHODS, SCALE_BUFFER, QuantConfig, parse_quantize
+from sparseforge.quant.grid import codes_of, compute_scale, dequantize, fake_quantize, quantize
+from sparseforge.quant.transform import QuantizeReport, quantize_
 
-_LAZY = {
-    "quantize_": "transform",
-    "QuantizeReport": "transform",
-    "compute_scale": "grid",
-    "quantize": "grid",
-    "dequantize": "grid",
-    "fake_quantize": "grid",
-    "codes_of": "grid",
-}
-
-__all__ = ["QuantConfig", "SCALE_BUFFER", "QUANT_METHODS", "parse_quantize", *_LAZY]
-
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sparseforge.quant' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"sparseforge.quant.{module}"), name)
-    globals()[name] = value
-    return value
+__all__ = ["QuantConfig", "SCALE_BUFFER", "QUANT_METHODS", "parse_quantize", "quantize_", "QuantizeReport",
+           "compute_scale", "quantize", "dequantize", "fake_quantize", "codes_of"]
