@@ -95,6 +95,14 @@ def test_bad_input_is_refused_before_anything_changes():
                   progress=False)
     with pytest.raises(ConfigError, match="unknown key"):
         SparsifyConfig(quantize={"bitz": 8})
+    quantized = tiny_model("llama")
+    quantize_(quantized, QuantConfig(bits=8))
+    before = {k: v.clone() for k, v in quantized.state_dict().items()}
+    with pytest.raises(ConfigError, match="already quantized"):
+        sparsify_(quantized, SparsifyConfig(method="magnitude", sparsity=0.5), progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in quantized.state_dict().items())  # nothing changed
+    sparsify_(quantized, SparsifyConfig(method="magnitude", sparsity=0.5, quantize={"bits": 4}), progress=False)
+    check_contract(quantized, 4)  # a stage that quantizes again may prune it
 
 
 def test_recipe_round_trip_with_quantize():

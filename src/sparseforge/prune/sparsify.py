@@ -31,7 +31,7 @@ from sparseforge.layers import find_blocks, select_targets, weight_2d
 from sparseforge.masks import resolve_sparsity
 from sparseforge.patterns import NM, FanIn, check_fits
 from sparseforge.prune.sequential import capture_block_inputs, collect_stats, float32_block, propagate
-from sparseforge.quant.config import QuantConfig, quantization_block
+from sparseforge.quant.config import SCALE_BUFFER, QuantConfig, quantization_block
 from sparseforge.quant.grid import fake_quantize
 from sparseforge.quant.transform import attach_scale
 
@@ -198,11 +198,19 @@ def _method_options(config: SparsifyConfig) -> dict[str, Any]:
     return config.method_options
 
 
-def _check_groups(model: nn.Module, config: SparsifyConfig, targets: list[str]) -> None:
+def _check_quantization(model: nn.Module, config: SparsifyConfig, targets: list[str]) -> None:
+    """Group sizes fit every target; a quantized layer is only pruned again by a stage that re-quantizes."""
+    modules = dict(model.named_modules())
+    if config.quantize is None:
+        done = [n for n in targets if getattr(modules[n], SCALE_BUFFER, None) is not None]
+        if done:
+            raise ConfigError(
+                f"layer {done[0]} is already quantized ({SCALE_BUFFER}); pruning it again would move its weights "
+                "off the integer grid: quantize in the last stage, or give this stage 'quantize' too"
+            )
     group = None if config.quantize is None else config.quantize.group_size
     if group is None:
         return
-    modules = dict(model.named_modules())
     for name in targets:
         cols = weight_2d(modules[name]).shape[1]
         if cols % group:
@@ -243,7 +251,7 @@ def sparsify_(
     if config.allocation == "owl" and (isinstance(pattern, NM) or config.sparsity is None):
         raise ConfigError(f"allocation 'owl' needs an adjustable sparsity; pattern {pattern} fixes it. Use 'uniform'")
     _validate(model, config, targets, _layer_sparsities(config, targets, None))
-    _check_groups(model, config, targets)
+    _check_quantization(model, config, targets)
     modules = dict(model.named_modules())
     needs_data = method.needs_calibration or config.allocation == "owl"
 
