@@ -30,10 +30,10 @@ from sparseforge.io.hf import import_transformers
 from sparseforge.io.layout import (
     CONFIG_NAME, is_compressed, load_state_dict_compressed, model_dir, read_sparsity_config, weight_files,
 )
+from sparseforge.io.scales import add_scale_placeholders, attach_scales, pop_scales, stored_scale_shapes
 from sparseforge.io.validation import architecture_class, read_json, validate_checkpoint
 from sparseforge.layers import is_linear, set_module
 from sparseforge.nn.sparse_linear import SparseLinear
-from sparseforge.io.scales import add_scale_placeholders, attach_scales, pop_scales, stored_scale_shapes
 
 __all__ = ["load", "load_sparse", "model_class", "skeleton"]
 
@@ -118,11 +118,13 @@ def load(path: "str | Path", dtype: "torch.dtype | str | None" = None, sparse: b
 
 
 def _attach_stored_scales(model, path: Path) -> None:
-    """Register the quantization scales stored in a dense checkpoint (transformers skips them)."""
+    """Register the quantization scales stored in a dense checkpoint (transformers skips them; those
+    the model class declares itself it has loaded already)."""
     from safetensors import safe_open
 
     files = weight_files(path)
-    shapes = stored_scale_shapes(files)
+    state = model.state_dict()
+    shapes = {k: v for k, v in stored_scale_shapes(files).items() if k not in state}
     scales = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
