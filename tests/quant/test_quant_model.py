@@ -135,3 +135,20 @@ def test_scales_survive_save_and_load(tmp_path, compressed):
             assert torch.equal(getattr(sparse.get_submodule(name), SCALE_BUFFER), getattr(module, SCALE_BUFFER))
         ids = tokens(2, 8)
         assert torch.allclose(sparse(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4)
+
+
+def test_a_scale_that_does_not_fit_its_layer_is_refused_at_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from sparseforge.errors import ModelError
+
+    model = tiny_model("llama")
+    quantize_(model, QuantConfig(bits=8))
+    out = save_pretrained(model, tmp_path / "d", compressed=False, sparsity_config={})
+    file = out / "model.safetensors"
+    state = load_file(str(file))
+    key = next(k for k in state if k.endswith(SCALE_BUFFER))
+    state[key] = state[key][:-1].clone()  # one output channel short
+    save_file(state, str(file), metadata={"format": "pt"})
+    with pytest.raises(ModelError, match="output channels"):
+        load(out)
