@@ -10,7 +10,7 @@ fp32 SparseGPT at the same pattern; the issue's target is joint int8 + 2:4 withi
 0.005 cosine) of fp32 2:4.
 
 Writes ``OUT/quant_quality.json`` (``quant_quality.quick.json`` with ``--quick``; temp file + rename)
-and prints a markdown table.
+after every variant, and prints a markdown table at the end.
 
 Usage::
 
@@ -24,11 +24,14 @@ import argparse
 import copy
 import datetime
 import json
-import platform
+import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_host import host_info, host_line  # noqa: E402
 
 FULL = dict(samples=64, seqlen=256, encoder_seqlen=128, eval_windows=64, eval_sentences=256)
 QUICK = dict(samples=8, seqlen=64, encoder_seqlen=32, eval_windows=4, eval_sentences=32)
@@ -68,7 +71,7 @@ def measure(loaded, dense, config, sizes, tokens):
     return metric, seconds
 
 
-def run_model(name: str, patterns: list[str], sizes: dict) -> list[dict]:
+def run_model(name: str, patterns: list[str], sizes: dict, rows: list[dict], save) -> None:
     from sparseforge.config import CalibrationConfig, SparsifyConfig
     from sparseforge.data.calibration import calibration_tokens
     from sparseforge.io.models import load_model
@@ -78,7 +81,6 @@ def run_model(name: str, patterns: list[str], sizes: dict) -> list[dict]:
     causal = loaded.kind == "causal-lm"
     cal = CalibrationConfig(samples=sizes["samples"], seqlen=sizes["seqlen" if causal else "encoder_seqlen"])
     tokens = calibration_tokens(loaded.tokenizer, cal)  # (samples, seqlen), shared by every variant
-    rows = []
     for label in patterns:
         pattern, sparsity = PATTERNS[label]
         base = None
@@ -91,7 +93,7 @@ def run_model(name: str, patterns: list[str], sizes: dict) -> list[dict]:
             rows.append({"model": name, "metric": "perplexity" if causal else "embedding cosine", "pattern": label,
                          "variant": variant, "value": metric, "vs_fp32": change, "prune_s": seconds})
             print(f"{name} {label} {variant}: {metric:.4f} ({change:+.4f} vs fp32) in {seconds:.1f} s", flush=True)
-    return rows
+            save()
 
 
 def verdicts(rows: list[dict]) -> list[str]:
@@ -127,20 +129,21 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [p for p in patterns if p not in PATTERNS]
     if unknown:
         raise SystemExit(f"unknown pattern(s) {unknown}; choose from {', '.join(PATTERNS)}")
-    rows = []
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        rows += run_model(name, patterns, sizes)
-    text = table(rows)
-    notes = verdicts(rows)
-    print("\n" + text + "\n\n" + "\n".join(notes))
-    result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "cpu": platform.processor() or platform.machine(), "threads": args.threads, "quick": args.quick,
-              "sizes": sizes, "rows": rows, "verdicts": notes, "table": text}
-    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
     path = args.out / ("quant_quality.quick.json" if args.quick else "quant_quality.json")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+
+    def save() -> None:
+        result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "host": host_info(), "threads": args.threads, "quick": args.quick, "sizes": sizes,
+                  "rows": rows, "verdicts": verdicts(rows), "table": table(rows)}
+        args.out.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(path)
+
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        run_model(name, patterns, sizes, rows, save)
+    print(f"\n{host_line()}, {args.threads} torch thread(s)\n\n" + table(rows) + "\n\n" + "\n".join(verdicts(rows)))
     print(f"wrote {path}")
     return 0
 
