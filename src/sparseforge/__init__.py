@@ -26,6 +26,8 @@ _LAZY = {
     "mask_from_scores": "masks",
     "SparsifyConfig": "config",
     "CalibrationConfig": "config",
+    "QuantConfig": "config",
+    "quantize_": "quant.transform",
     "load_recipe": "config",
     "sparsify_": "prune.sparsify",
     "save_pretrained": "io.checkpoint",

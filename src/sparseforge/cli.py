@@ -8,6 +8,7 @@ YAML recipe so it can be repeated with ``--recipe``. Errors print one line and e
 Example::
 
     sparseforge prune builtin --method sparsegpt --pattern 2:4 --out pruned/
+    sparseforge prune builtin --method sparsegpt --pattern 2:4 --quantize int8 --out pruned-int8/
     sparseforge eval pruned/
     sparseforge inspect pruned/
     sparseforge train --method rigl --sparsity 0.9 --steps 60 --output trained/
@@ -40,6 +41,10 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore", nargs="+", default=[], metavar="GLOB", help="layers never pruned")
     p.add_argument("--blocksize", type=int, default=None, help="SparseGPT column block size (default 128)")
     p.add_argument("--dampening", type=float, default=None, help="SparseGPT Hessian dampening, fraction of mean diag (default 0.01)")
+    p.add_argument("--quantize", default=None, choices=("int8", "int4"), help="also quantize the pruned weights (symmetric, per output channel)")
+    p.add_argument("--quant-method", default=None, choices=("joint", "rtn"),
+                   help="joint: inside SparseGPT's pass (default with --method sparsegpt); rtn: round after pruning (default otherwise)")
+    p.add_argument("--quant-group-size", type=int, default=None, help="input columns per scale (default: one scale per output channel)")
     p.add_argument("--calibration-data", default="builtin", help="'builtin' corpus, a .txt file or a directory of them")
     p.add_argument("--samples", type=int, default=64, help="calibration sequences")
     p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration sequence")
@@ -169,9 +174,20 @@ def config_from_args(args: argparse.Namespace):
         options["blocksize"] = args.blocksize
     if getattr(args, "dampening", None) is not None:
         options["dampening"] = args.dampening
+    method = getattr(args, "method", "sparsegpt")
+    quantize = None
+    if getattr(args, "quantize", None) is not None:
+        from sparseforge.quant.config import parse_quantize
+
+        quant_method = args.quant_method or ("joint" if method == "sparsegpt" else "rtn")
+        quantize = parse_quantize(args.quantize, quant_method, args.quant_group_size)
+    elif getattr(args, "quant_method", None) is not None or getattr(args, "quant_group_size", None) is not None:
+        from sparseforge.errors import ConfigError
+
+        raise ConfigError("--quant-method and --quant-group-size need --quantize int8 or int4")
     return [
         SparsifyConfig(
-            method=getattr(args, "method", "sparsegpt"),
+            method=method,
             pattern=args.pattern,
             sparsity=args.sparsity,
             targets=getattr(args, "targets", None),
@@ -181,6 +197,7 @@ def config_from_args(args: argparse.Namespace):
             calibration=CalibrationConfig(
                 source=args.calibration_data, samples=args.samples, seqlen=args.seqlen, seed=args.seed
             ),
+            quantize=quantize,
         )
     ]
 

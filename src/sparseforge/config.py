@@ -37,6 +37,7 @@ from sparseforge.patterns import NM, FanIn, Pattern, Unstructured, parse
 
 __all__ = [
     "CalibrationConfig",
+    "QuantConfig",
     "SparsifyConfig",
     "RECIPE_VERSION",
     "parse_recipe",
@@ -52,6 +53,8 @@ RECIPE_VERSION = 1
 # in sparseforge.prune.methods carries the same name
 METHODS = ("magnitude", "wanda", "sparsegpt", "dsnot")
 ALLOCATIONS = ("uniform", "owl")
+QUANT_METHODS = ("rtn", "joint")  # round-to-nearest after pruning; joint = inside SparseGPT's OBS pass
+QUANT_BITS = (8, 4)
 DEFAULT_SPARSITY = 0.5
 
 
@@ -76,6 +79,45 @@ class CalibrationConfig:
                 raise ConfigError(f"calibration.{name} must be a positive integer, got {value!r}")
 
 
+@dataclass(frozen=True)
+class QuantConfig:
+    """Symmetric per-channel (or per-group) weight quantization (see :mod:`sparseforge.quant`).
+
+    Attributes:
+        bits: 8 or 4.
+        group_size: ``None`` for one scale per output channel, else the number of consecutive input
+            columns sharing a scale (must divide ``in_features``; for ``method="joint"`` it must
+            also divide SparseGPT's ``blocksize``).
+        method: ``"rtn"`` (round to nearest, applied after pruning, any method) or ``"joint"``
+            (quantize inside SparseGPT's column pass, each column's quantization error propagated to
+            the remaining columns like the pruning error; Frantar & Alistarh 2023, section 3.4).
+    """
+
+    bits: int = 8
+    group_size: int | None = None
+    method: str = "rtn"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or self.bits not in QUANT_BITS:
+            raise ConfigError(f"quantization bits must be 8 or 4, got {self.bits!r}")
+        if self.group_size is not None and (
+            isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1
+        ):
+            raise ConfigError(f"quantization group_size must be a positive integer or null, got {self.group_size!r}")
+        if self.method not in QUANT_METHODS:
+            raise ConfigError(f"unknown quantization method {self.method!r}; choose one of {', '.join(QUANT_METHODS)}")
+
+    @property
+    def qmax(self) -> int:
+        """Largest code magnitude: codes lie in ``[-qmax, qmax]``."""
+        return 2 ** (self.bits - 1) - 1
+
+    def describe(self) -> str:
+        """Short label, e.g. ``'int8 joint per-channel'``."""
+        groups = "per-channel" if self.group_size is None else f"group {self.group_size}"
+        return f"int{self.bits} {self.method} {groups}"
+
+
 @dataclass
 class SparsifyConfig:
     """One pruning pass over a model.
@@ -95,6 +137,9 @@ class SparsifyConfig:
         overrides: ``{module-name pattern: sparsity}``, applied after allocation.
         method_options: method-specific options (e.g. SparseGPT ``blocksize``, ``dampening``).
         calibration: calibration data for methods that need it.
+        quantize: quantize the pruned layers (:class:`~sparseforge.quant.QuantConfig`, or its mapping
+            ``{bits: 8, group_size: null, method: joint}``): ``method="rtn"`` rounds after pruning (any
+            method), ``"joint"`` quantizes inside SparseGPT's pass (``method="sparsegpt"`` only).
     """
 
     method: str = "sparsegpt"
@@ -108,6 +153,7 @@ class SparsifyConfig:
     overrides: dict[str, float] = field(default_factory=dict)
     method_options: dict[str, Any] = field(default_factory=dict)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    quantize: QuantConfig | None = None
 
     def __post_init__(self) -> None:
         from sparseforge.masks import resolve_sparsity  # torch: imported when a config is built, not with the module
@@ -133,6 +179,15 @@ class SparsifyConfig:
             resolve_sparsity(Unstructured(), value)
         if isinstance(self.calibration, dict):
             self.calibration = build_config(CalibrationConfig, self.calibration, "calibration")
+        if isinstance(self.quantize, dict):
+            self.quantize = build_config(QuantConfig, self.quantize, "quantize")
+        if self.quantize is not None and not isinstance(self.quantize, QuantConfig):
+            raise ConfigError(f"quantize must be a mapping like {{bits: 8, method: joint}} or null, got {self.quantize!r}")
+        if self.quantize is not None and self.quantize.method == "joint" and self.method != "sparsegpt":
+            raise ConfigError(f"joint quantization runs inside SparseGPT's pass; method {self.method!r} cannot do it: "
+                              "use method 'sparsegpt', or quantize method 'rtn'")
+        if self.quantize is not None and "quantize" in self.method_options:
+            raise ConfigError("give quantization once: either quantize or method_options.quantize, not both")
 
     @property
     def pattern_value(self) -> Pattern:

@@ -27,7 +27,10 @@ from torch import nn
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats.rule import LOAD_FORMATS, load_format
 from sparseforge.io.hf import import_transformers
-from sparseforge.io.layout import CONFIG_NAME, is_compressed, load_state_dict_compressed, model_dir, read_sparsity_config
+from sparseforge.io.layout import (
+    CONFIG_NAME, is_compressed, load_state_dict_compressed, model_dir, read_sparsity_config, weight_files,
+)
+from sparseforge.io.scales import add_scale_placeholders, attach_scales, pop_scales, stored_scale_shapes
 from sparseforge.io.validation import architecture_class, read_json, validate_checkpoint
 from sparseforge.layers import is_linear, set_module
 from sparseforge.nn.sparse_linear import SparseLinear
@@ -51,9 +54,11 @@ def skeleton(path: "str | Path"):
     try:
         config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
         with torch.device("meta"):
-            return cls(config)
+            model = cls(config)
     except (ValueError, TypeError, KeyError, AttributeError, OSError) as exc:
         raise ModelError(f"{p / CONFIG_NAME}: transformers cannot build {cls.__name__} from it: {exc}") from None
+    add_scale_placeholders(model, stored_scale_shapes(weight_files(p)))  # quantized layers' scales
+    return model
 
 
 def _with_generation_config(model, path: Path, transformers):
@@ -116,6 +121,7 @@ def load(path: "str | Path", dtype: "torch.dtype | str | None" = None, sparse: b
     if not is_compressed(block):
         validate_checkpoint(p)  # safetensors headers and the info block, before transformers reads them
         model = cls.from_pretrained(str(p), dtype=dtype or "auto", local_files_only=True)
+        _attach_stored_scales(model, p)
         return _apply_activation(model, block, p, activation)
     dense = {}
     for name, value in load_state_dict_compressed(p, skeleton(p)).items():  # validated against the model
@@ -125,13 +131,30 @@ def load(path: "str | Path", dtype: "torch.dtype | str | None" = None, sparse: b
         dense[name] = value
     for alias, canonical in (block.get("tied") or {}).items():
         dense[alias] = dense[canonical]
+    scales = pop_scales(dense, stored_scale_shapes(weight_files(p)))  # buffers transformers does not declare
     config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
     model, info = cls.from_pretrained(None, config=config, state_dict=dense, dtype=dtype or "auto",
                                       output_loading_info=True)
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
         raise ModelError(f"{p}: the stored weights do not match {cls.__name__}: {bad}; the checkpoint is corrupt or incomplete")
+    attach_scales(model, scales)
     return _apply_activation(_with_generation_config(model, p, transformers), block, p, activation)
+
+
+def _attach_stored_scales(model, path: Path) -> None:
+    """Register the quantization scales stored in a dense checkpoint (transformers skips them; those
+    the model class declares itself it has loaded already)."""
+    from safetensors import safe_open
+
+    files = weight_files(path)
+    state = model.state_dict()
+    shapes = {k: v for k, v in stored_scale_shapes(files).items() if k not in state}
+    scales = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            scales.update({k: f.get_tensor(k) for k in f.keys() if k in shapes})
+    attach_scales(model, scales)
 
 
 @contextmanager
@@ -178,7 +201,10 @@ def load_sparse(path: "str | Path", format: str = "rule", activation: bool = Tru
     config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
     with _linear_weights_on_meta(), torch.no_grad():
         model = cls(config)
+    shapes = stored_scale_shapes(weight_files(p))
+    add_scale_placeholders(model, shapes)
     state = load_state_dict_compressed(p, model)  # validated against this skeleton, as load validates
+    scales = pop_scales(state, shapes)
     modules = dict(model.named_modules())
     layers = block.get("layers", {})
     # a compressed tensor tied to a non-linear owner (e.g. an embedding tied to lm_head) is needed
@@ -205,7 +231,8 @@ def load_sparse(path: "str | Path", format: str = "rule", activation: bool = Tru
             set_module(model, owner, SparseLinear(runs_as[id(value)], state.get(f"{owner}.bias")))
             sparse_prefixes.append(owner + ".")
     missing, unexpected = model.load_state_dict(dense, strict=False, assign=True)
-    missing = [k for k in missing if not any(k.startswith(s) for s in sparse_prefixes)]
+    attach_scales(model, scales)
+    missing = [k for k in missing if not any(k.startswith(s) for s in sparse_prefixes) and k not in scales]
     if unexpected or missing:
         raise ModelError(f"{p}: the stored weights do not match {cls.__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     on_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]

@@ -31,6 +31,9 @@ from sparseforge.masks import resolve_sparsity
 from sparseforge.patterns import NM, FanIn, check_fits
 from sparseforge.runtime.machine import available_memory_bytes
 from sparseforge.prune.sequential import capture_block_inputs, collect_stats, float32_block, propagate
+from sparseforge.quant.config import SCALE_BUFFER, QuantConfig, quantization_block
+from sparseforge.quant.grid import fake_quantize
+from sparseforge.quant.transform import attach_scale
 
 __all__ = ["sparsify_", "apply_recipe_", "SparsifyReport", "LayerReport", "peak_rss_mb", "check_calibration_memory"]
 
@@ -106,6 +109,8 @@ class SparsifyReport:
             "allocation": self.config.allocation,
             "targets": [f"{l.name}.weight" for l in self.layers],
             "ignore": list(self.config.ignore),
+            **({} if self.config.quantize is None else {"quantization": quantization_block(
+                self.config.quantize, [l.name for l in self.layers])}),
         }
 
     def summary(self) -> str:
@@ -158,13 +163,46 @@ def _calibration_batches(config: SparsifyConfig, calibration, tokenizer) -> list
     return list(calibration.long().split(config.calibration.batch_size))
 
 
-def _prune_layer(method, module: nn.Module, stats, pattern, sparsity, name: str) -> LayerReport:
+def _prune_layer(method, module: nn.Module, stats, pattern, sparsity, name: str,
+                 quant: QuantConfig | None = None) -> tuple[LayerReport, torch.Tensor | None]:
+    """Prune one layer (and quantize it: joint inside the method, or RTN after); returns its report and scales."""
     w = weight_2d(module)  # (out, in) view
     result = method.prune(w.float().clone(), stats, pattern, sparsity)
-    w.copy_(result.weight.to(w.dtype))
+    info = dict(result.info)
+    weight, scale = result.weight, info.pop("weight_scale", None)  # joint mode: the method's scales
+    if quant is not None and quant.method == "rtn":
+        weight, scale = fake_quantize(weight, quant.bits, quant.group_size)
+        info["quantization"] = quant.describe()
+    w.copy_(weight.to(w.dtype))
     achieved = 1.0 - result.mask.float().mean().item()
     target = sparsity if sparsity is not None else 1.0 - pattern.k / w.shape[1]
-    return LayerReport(name, tuple(w.shape), float(target), achieved, dict(result.info))
+    return LayerReport(name, tuple(w.shape), float(target), achieved, info), scale
+
+
+def _method_options(config: SparsifyConfig) -> dict[str, Any]:
+    """The method's options; joint quantization is a SparseGPT option."""
+    if config.quantize is not None and config.quantize.method == "joint":
+        return {**config.method_options, "quantize": config.quantize}
+    return config.method_options
+
+
+def _check_quantization(model: nn.Module, config: SparsifyConfig, targets: list[str]) -> None:
+    """Group sizes fit every target; a quantized layer is only pruned again by a stage that re-quantizes."""
+    modules = dict(model.named_modules())
+    if config.quantize is None:
+        done = [n for n in targets if getattr(modules[n], SCALE_BUFFER, None) is not None]
+        if done:
+            raise ConfigError(
+                f"layer {done[0]} is already quantized ({SCALE_BUFFER}); pruning it again would move its weights "
+                "off the integer grid: quantize in the last stage, or give this stage 'quantize' too"
+            )
+    group = None if config.quantize is None else config.quantize.group_size
+    if group is None:
+        return
+    for name in targets:
+        cols = weight_2d(modules[name]).shape[1]
+        if cols % group:
+            raise ConfigError(f"layer {name}: quantization group_size={group} does not divide in_features={cols}")
 
 
 def sparsify_(
@@ -189,7 +227,7 @@ def sparsify_(
     if isinstance(config, dict):
         config = SparsifyConfig.from_dict(config)
     start = time.perf_counter()
-    method = get_method(config.method, config.method_options)
+    method = get_method(config.method, _method_options(config))
     pattern = config.pattern_value
     try:
         block_prefix, blocks = find_blocks(model)
@@ -201,14 +239,17 @@ def sparsify_(
     if config.allocation == "owl" and (isinstance(pattern, NM) or config.sparsity is None):
         raise ConfigError(f"allocation 'owl' needs an adjustable sparsity; pattern {pattern} fixes it. Use 'uniform'")
     _validate(model, config, targets, _layer_sparsities(config, targets, None))
+    _check_quantization(model, config, targets)
     modules = dict(model.named_modules())
     needs_data = method.needs_calibration or config.allocation == "owl"
 
     if not needs_data:
-        layers = [
-            _prune_layer(method, modules[n], None, pattern, config.sparsity_for(n), n)
-            for n in tqdm(targets, desc=f"{config.method} {pattern}", disable=not progress)
-        ]
+        layers = []
+        for n in tqdm(targets, desc=f"{config.method} {pattern}", disable=not progress):
+            report, scale = _prune_layer(method, modules[n], None, pattern, config.sparsity_for(n), n, config.quantize)
+            if scale is not None:
+                attach_scale(modules[n], scale)
+            layers.append(report)
         return SparsifyReport(config, layers, time.perf_counter() - start, peak_rss_mb())
 
     outside = [n for n in targets if not n.startswith(block_prefix + ".")]
@@ -230,6 +271,7 @@ def sparsify_(
 
     inputs = capture_block_inputs(model, blocks, batches)
     layers: list[LayerReport] = []
+    scales: list[tuple[nn.Module, torch.Tensor | None]] = []
     bar = tqdm(range(len(blocks)), desc=f"{config.method} {pattern}", unit="block", disable=not progress)
     for b in bar:
         block, names = blocks[b], per_block[b]
@@ -241,10 +283,17 @@ def sparsify_(
                 ) if method.needs_calibration else {n: None for n in local}
                 block_modules = dict(block.named_modules())
                 for full, short in zip(names, local):
-                    layers.append(_prune_layer(method, block_modules[short], stats.pop(short), pattern, sparsities[full], full))
+                    report, scale = _prune_layer(method, block_modules[short], stats.pop(short), pattern,
+                                                 sparsities[full], full, config.quantize)
+                    layers.append(report)
+                    scales.append((block_modules[short], scale))
                 del stats
             if b + 1 < len(blocks):
                 inputs = propagate(block, inputs)
+        for module, scale in scales:  # after float32_block: the scales stay float32 in any model dtype
+            if scale is not None:
+                attach_scale(module, scale)
+        scales.clear()
         bar.set_postfix(rss=f"{peak_rss_mb():.0f}MiB")
     return SparsifyReport(config, layers, time.perf_counter() - start, peak_rss_mb())
 
