@@ -31,6 +31,7 @@ from sparseforge.io.layout import (
     CONFIG_NAME, is_compressed, load_state_dict_compressed, model_dir, read_sparsity_config, weight_files,
 )
 from sparseforge.io.scales import add_scale_placeholders, attach_scales, pop_scales, stored_scale_shapes
+from sparseforge.quant.config import SCALE_BUFFER
 from sparseforge.io.validation import architecture_class, read_json, validate_checkpoint
 from sparseforge.layers import is_linear, set_module
 from sparseforge.nn.sparse_linear import SparseLinear
@@ -123,15 +124,18 @@ def load(path: "str | Path", dtype: "torch.dtype | str | None" = None, sparse: b
         model = cls.from_pretrained(str(p), dtype=dtype or "auto", local_files_only=True)
         _attach_stored_scales(model, p)
         return _apply_activation(model, block, p, activation)
-    dense = {}
+    dense, int8_scales = {}, {}
     for name, value in load_state_dict_compressed(p, skeleton(p)).items():  # validated against the model
         if not isinstance(value, torch.Tensor):  # a packed format object
-            mat = value.to_dense()  # (out, in)
+            if getattr(value, "scales", None) is not None:  # int8 values: the layer comes back quantized
+                int8_scales[name.removesuffix(".weight") + "." + SCALE_BUFFER] = value.scales
+            mat = value.to_dense()  # (out, in), dequantized
             value = mat.t().contiguous() if block["layers"].get(name, {}).get("transposed") else mat
         dense[name] = value
     for alias, canonical in (block.get("tied") or {}).items():
         dense[alias] = dense[canonical]
     scales = pop_scales(dense, stored_scale_shapes(weight_files(p)))  # buffers transformers does not declare
+    scales.update(int8_scales)  # weight = q * scale with its weight_scale buffer, as sparseforge.quant leaves it
     config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
     model, info = cls.from_pretrained(None, config=config, state_dict=dense, dtype=dtype or "auto",
                                       output_loading_info=True)
