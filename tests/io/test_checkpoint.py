@@ -377,7 +377,13 @@ def test_golden(name):
     model = load(GOLDEN / name)
     assert type(model).__name__ == expected["class"] and str(model.dtype) == f"torch.{expected['dtype']}"
     state = model.state_dict()
+    scales = {k: state.pop(k) for k in list(state) if k.endswith(".weight_scale")}  # int8 layers load quantized
     assert sorted(state) == sorted(expected["sha256"])
+    packed_int8 = {k: v for k, v in load_state_dict_compressed(GOLDEN / name).items()
+                   if getattr(v, "scales", None) is not None}
+    assert sorted(scales) == sorted(k.removesuffix(".weight") + ".weight_scale" for k in packed_int8)
+    for key, obj in packed_int8.items():
+        assert torch.equal(scales[key.removesuffix(".weight") + ".weight_scale"], obj.scales), key
     for key, digest in expected["sha256"].items():
         assert hashlib.sha256(raw(state[key]).numpy().tobytes()).hexdigest() == digest, key
     thresholds = {n: m.threshold.tolist() for n, m in model.named_modules() if type(m).__name__ == "SparseInputLinear"}
