@@ -11,7 +11,8 @@ both once every member has been served, so nothing is held between steps): at ba
 launches per token of a 16-layer model into 64. The model's own code is not touched: it still
 calls ``self.q_proj(x)``.
 
-Only groups whose members are all ``nn.Linear`` or all ``SparseLinear`` of one format (and dtype),
+Fusion is for inference: the fused layers do not train, and a fused model's ``state_dict`` holds
+the stacked weights (call :func:`unfuse_projections_` before saving it). Only groups whose members are all ``nn.Linear`` or all ``SparseLinear`` of one format (and dtype),
 with the same input size, are fused; :class:`FuseReport` lists what was fused and what was not,
 and why. The outputs equal the unfused layers' up to the floating-point summation order of the
 underlying matmul (per output row, the same products are summed).
@@ -169,8 +170,6 @@ def _group_reason(module: nn.Module, names: tuple[str, ...]) -> Optional[str]:
         return "members differ in kind/format/dtype: " + ", ".join(f"{n}={k[:2]}" for n, k in zip(names, kinds))
     if len({_in_features(layer) for layer in layers}) > 1:
         return "members differ in input size"
-    if any(p.requires_grad for layer in layers for p in layer.parameters()):
-        return "a member has trainable parameters (fusion is for inference)"
     return None
 
 
