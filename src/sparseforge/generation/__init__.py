@@ -21,7 +21,7 @@ import importlib
 
 # public name -> module that defines it, imported on first access (keeps ``generation.cli`` torch-free)
 _LAZY = {
-    "generate": "text", "GenerationResult": "text", "GenerationSettings": "text", "load_causal_lm": "text",
+    "generate": "text", "GenerationResult": "text", "GenerationSettings": "text", "load_causal_lm": "text", "timing_streamer": "text",
     "LeanConfig": "lean", "lean_generate": "lean", "lean_generate_kwargs": "lean", "prepare_lean_": "lean",
     "fuse_projections_": "fuse", "unfuse_projections_": "fuse", "FuseReport": "fuse",
 }  # fmt: skip

@@ -34,7 +34,7 @@ from typing import Any, Optional, TextIO
 
 from sparseforge.errors import ConfigError, ModelError
 
-__all__ = ["GenerationResult", "GenerationSettings", "generate", "load_causal_lm"]
+__all__ = ["GenerationResult", "GenerationSettings", "generate", "load_causal_lm", "timing_streamer"]
 
 
 
@@ -142,23 +142,45 @@ def load_causal_lm(name_or_path: "str | Path", *, sparse: bool = True):
     return loaded.model, loaded.tokenizer, False
 
 
-def _timing_streamer(tokenizer, stream: Optional[TextIO]):
-    """A transformers ``TextStreamer`` that writes to ``stream`` (or nowhere) and records when each new token arrives."""
-    from transformers import TextStreamer
+def timing_streamer(tokenizer: Any = None, stream: Optional[TextIO] = None):
+    """A transformers streamer that records ``time.perf_counter()`` as each new token arrives (``.arrivals``).
 
-    class TimingStreamer(TextStreamer):
+    With a ``tokenizer`` it is a ``TextStreamer`` that also writes the new text to ``stream``; without
+    one it only keeps the times (for benchmarks: no decoding cost per token). The prompt, which
+    ``generate`` hands to the streamer first, is neither timed nor written.
+
+    Example:
+        >>> clock = timing_streamer()                                              # doctest: +SKIP
+        >>> _ = model.generate(ids, max_new_tokens=8, streamer=clock)               # doctest: +SKIP
+        >>> len(clock.arrivals)                                                     # doctest: +SKIP
+        8
+    """
+    from transformers import TextStreamer
+    from transformers.generation.streamers import BaseStreamer
+
+    base = TextStreamer if tokenizer is not None else BaseStreamer
+
+    class TimingStreamer(base):
         def __init__(self) -> None:
-            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            if tokenizer is not None:
+                super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
             self.arrivals: list[float] = []  # perf_counter() at each new token
             self.prompt_seen = False
 
         def put(self, value) -> None:
             if self.prompt_seen:
                 self.arrivals.append(time.perf_counter())
-                if stream is None:
+                if tokenizer is None or stream is None:
                     return
+            elif tokenizer is None:
+                self.prompt_seen = True
+                return
             self.prompt_seen = True
             super().put(value)
+
+        def end(self) -> None:
+            if tokenizer is not None:
+                super().end()
 
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
             if stream is not None:
@@ -241,7 +263,7 @@ def generate(model: "str | Path | Any", prompt: str, *, max_new_tokens: int = 64
     if eos is None:
         eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if isinstance(eos, int) else 0)
-    streamer = _timing_streamer(tokenizer, stream)
+    streamer = timing_streamer(tokenizer, stream)
     kwargs = dict(settings.generate_kwargs(), attention_mask=torch.ones_like(ids), pad_token_id=pad, streamer=streamer)
     if not settings.greedy:
         torch.manual_seed(settings.seed)
