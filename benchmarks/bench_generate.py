@@ -11,7 +11,9 @@ Two random-weight Llamas (no download):
 Each model variant is decoded by transformers' ``generate`` (``generate``), by
 :func:`sparseforge.generation.lean_generate` eagerly (``lean``: fused q/k/v and gate/up) and, with
 ``--compile``, with its compiled decode step (``lean+compile``; the first call's compile seconds are
-reported). Paths alternate round by round (medians of ``--rounds``); every path's greedy tokens are
+reported). Paths alternate round by round on copies of the model (medians of ``--rounds``) where the
+copies fit in ``--copy-limit-mb``; a larger model runs the paths one after the other on one model
+(the plain path first, then fused for the lean paths: ``interleaved: false``). Every path's greedy tokens are
 compared with ``generate``'s. Decode ms/token comes from the arrival times of the tokens
 (:func:`sparseforge.generation.timing_streamer`), prefill excluded. The table gives tokens/s,
 ms/token, weight bytes read per token, the achieved GB/s and, in the header, torch's dense fp32 GEMV
@@ -54,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="also measure the compiled decode step (slow to compile)")
+    p.add_argument("--copy-limit-mb", type=int, default=1500,
+                   help="paths alternate round by round on copies of the model when all copies fit in this many MB; "
+                        "otherwise they run one after the other on one model (reported as interleaved: false)")
     p.add_argument("--gemv-mbytes", type=int, default=512, help="size of the GEMV bandwidth probe")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -116,23 +121,29 @@ def measure_variant(model, label: str, model_name: str, args, gemv: float) -> li
 
     sparse = any(isinstance(m, SparseLinear) for m in model.modules())
     bytes_per_token = weight_bytes_per_token(model)
-    plain = model
-    lean_model = copy.deepcopy(model)  # fused in place by lean_generate; the plain model stays as built
     lean_configs = {"lean": LeanConfig(), "lean+compile": LeanConfig(compile=True)}
     paths = [p for p in PATHS if p != "lean+compile" or args.compile]
-    models = {"generate": plain, "lean": lean_model}
-    if args.compile:
-        models["lean+compile"] = copy.deepcopy(model)
     ids = torch.randint(1, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
-    first_call_s = {}
-    for path in paths:  # warm-up; for lean+compile this call compiles
-        t0 = time.perf_counter()
-        decode_once(models[path], ids, 2, path, args.threads, sparse, lean_configs)
-        first_call_s[path] = time.perf_counter() - t0
     runs: dict[str, list[dict]] = {p: [] for p in paths}
-    for _ in range(args.rounds):
+    first_call_s = {}
+    interleaved = bytes_per_token * len(paths) <= args.copy_limit_mb * 1e6
+    if interleaved:  # one copy per path, paths alternating round by round
+        models = {p: model if p == "generate" else copy.deepcopy(model) for p in paths}
+        for path in paths:  # warm-up; for lean+compile this call compiles
+            t0 = time.perf_counter()
+            decode_once(models[path], ids, 2, path, args.threads, sparse, lean_configs)
+            first_call_s[path] = time.perf_counter() - t0
+        for _ in range(args.rounds):
+            for path in paths:
+                runs[path].append(decode_once(models[path], ids, args.new, path, args.threads, sparse, lean_configs))
+        del models
+    else:  # one model in memory: the plain path first, then the same model fused for the lean paths
         for path in paths:
-            runs[path].append(decode_once(models[path], ids, args.new, path, args.threads, sparse, lean_configs))
+            t0 = time.perf_counter()
+            decode_once(model, ids, 2, path, args.threads, sparse, lean_configs)
+            first_call_s[path] = time.perf_counter() - t0
+            runs[path] = [decode_once(model, ids, args.new, path, args.threads, sparse, lean_configs)
+                          for _ in range(args.rounds)]
     reference = runs["generate"][0]["tokens"]
     rows = []
     for path in paths:
@@ -144,11 +155,10 @@ def measure_variant(model, label: str, model_name: str, args, gemv: float) -> li
             "overhead_ms": ms - bytes_per_token / gemv / 1e6 if not sparse else None,
             "prefill_s": statistics.median(r["prefill_s"] for r in runs[path]),
             "first_call_s": first_call_s[path], "same_tokens_as_generate": all(r["tokens"] == reference for r in runs[path]),
-            "runs_ms_per_token": [r["ms_per_token"] for r in runs[path]],
+            "runs_ms_per_token": [r["ms_per_token"] for r in runs[path]], "interleaved": interleaved,
         })  # fmt: skip
     for row in rows:
         row["speedup_vs_generate"] = rows[0]["ms_per_token"] / row["ms_per_token"]
-    del models, plain, lean_model
     return rows
 
 
@@ -175,6 +185,8 @@ def main(argv=None) -> dict:
           f"load average {load_before[0]:.1f} -> {load_after[0]:.1f} (a shared machine: compare rows, not runs)")
     for name in args.models:
         print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in args.shapes[name].items()))
+    if not all(r["interleaved"] for r in rows):
+        print("rows with interleaved=False ran their paths one after the other (memory), so load drift between them is not evened out")
     print("| model | variant | path | tok/s | ms/token | vs generate | weight MB/token | GB/s | overhead ms | first call s | same tokens |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:

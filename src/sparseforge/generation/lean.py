@@ -51,6 +51,7 @@ class LeanConfig:
     compile: bool = False
     static_cache: Optional[bool] = None  # None: with compile only (eager decoding is faster on the dynamic cache)
     cache_bucket: int = 256
+    compile_options: Optional[dict] = None  # inductor options for torch.compile, e.g. {"freezing": True}
 
     def __post_init__(self) -> None:
         if isinstance(self.cache_bucket, bool) or not isinstance(self.cache_bucket, int) or self.cache_bucket < 1:
@@ -91,7 +92,9 @@ def lean_generate_kwargs(model: nn.Module, total_tokens: int, config: LeanConfig
     if config.compile:
         from transformers import CompileConfig
 
-        compile_config = CompileConfig(fullgraph=False, dynamic=False, mode="default")
+        options = dict(config.compile_options) if config.compile_options else None
+        # torch.compile takes a mode or options, not both; mode "default" is inductor's defaults
+        compile_config = CompileConfig(fullgraph=False, dynamic=False, mode=None if options else "default", options=options)
         # transformers compiles the decode step only on accelerators unless this documented flag is set
         compile_config._compile_all_devices = True
         kw["compile_config"] = compile_config
