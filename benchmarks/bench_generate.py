@@ -172,8 +172,9 @@ def main(argv=None) -> dict:
     rows, gemv_runs = [], []
     jobs = [(name, variant) for name in args.models for variant in (["dense"] if name == "tiny" else args.variants)]
     for name, variant in jobs:
-        model, label = build(args.shapes[name], variant, max(512, args.prompt + args.new + 16))
         gemv_runs.append(torch_gemv_gbps(args.threads, args.gemv_mbytes))  # beside every variant: load drifts
+        gc.collect()  # the probe's matrix is gone before the model is built
+        model, label = build(args.shapes[name], variant, max(512, args.prompt + args.new + 16))
         rows += measure_variant(model, label, name, args, gemv_runs[-1])
         print(f"{name} {label}: done", flush=True)
         del model
