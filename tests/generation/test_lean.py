@@ -33,8 +33,8 @@ def _greedy(model, ids, lean):
         return model.generate(ids, **kw) if lean is None else lean_generate(model, ids, lean, **kw)
 
 
-@pytest.mark.parametrize("lean", [LeanConfig(), LeanConfig(static_cache=True), LeanConfig(fuse=False, static_cache=True)],
-                         ids=["fused", "fused+static", "static"])
+@pytest.mark.parametrize("lean", [LeanConfig(fuse="always"), LeanConfig(fuse="always", static_cache=True),
+                                  LeanConfig(fuse=False, static_cache=True)], ids=["fused", "fused+static", "static"])
 def test_greedy_tokens_equal_plain_generate(lean):
     for name, model in _models().items():
         ids = tokens(1, 6, seed=1)
@@ -42,7 +42,17 @@ def test_greedy_tokens_equal_plain_generate(lean):
         got = _greedy(model, ids, lean)
         assert got.shape == (1, 6 + NEW)
         assert torch.equal(got, expected), name
-        assert isinstance(model.model.layers[0].self_attn.q_proj, FusedSlice) == lean.fuse
+        assert isinstance(model.model.layers[0].self_attn.q_proj, FusedSlice) == (lean.fuse == "always")
+
+
+def test_auto_fusion_fuses_sparse_groups_and_leaves_dense_ones_in_eager_mode():
+    models = _models()
+    ids = tokens(1, 6, seed=1)
+    for model in models.values():
+        _greedy(model, ids, LeanConfig())
+    assert not isinstance(models["dense"].model.layers[0].self_attn.q_proj, FusedSlice)
+    assert isinstance(models["sparse 2:4"].model.layers[0].self_attn.q_proj, FusedSlice)
+    assert isinstance(models["sparse 2:4"].model.layers[0].mlp.up_proj, FusedSlice)
 
 
 def test_lean_path_generates_from_a_batch_of_prompts_like_generate():
@@ -68,7 +78,7 @@ def test_static_cache_is_sized_in_buckets_within_the_context():
     assert cache_length(1, 256) == 256 and cache_length(257, 256) == 512 and cache_length(300, 256, limit=280) == 300
 
 
-@pytest.mark.parametrize("kwargs", [dict(cache_bucket=0), dict(cache_bucket=2.5), dict(compile=True, static_cache=False)])
+@pytest.mark.parametrize("kwargs", [dict(fuse="sometimes"), dict(cache_bucket=0), dict(cache_bucket=2.5), dict(compile=True, static_cache=False)])
 def test_bad_lean_configs_are_refused(kwargs):
     with pytest.raises(ConfigError):
         LeanConfig(**kwargs)

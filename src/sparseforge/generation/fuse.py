@@ -158,7 +158,7 @@ def _split_rows(layer: nn.Module, start: int, stop: int) -> nn.Module:
     return out.requires_grad_(False)
 
 
-def _group_reason(module: nn.Module, names: tuple[str, ...]) -> Optional[str]:
+def _group_reason(module: nn.Module, names: tuple[str, ...], dense: bool) -> Optional[str]:
     layers = [getattr(module, n) for n in names]
     if any(isinstance(layer, FusedSlice) for layer in layers):
         return "already fused"
@@ -170,13 +170,19 @@ def _group_reason(module: nn.Module, names: tuple[str, ...]) -> Optional[str]:
         return "members differ in kind/format/dtype: " + ", ".join(f"{n}={k[:2]}" for n, k in zip(names, kinds))
     if len({_in_features(layer) for layer in layers}) > 1:
         return "members differ in input size"
+    if not dense and kinds[0][0] == "dense":
+        return "dense group left separate (dense=False)"
     return None
 
 
 @torch.no_grad()
-def fuse_projections_(model: nn.Module, groups: tuple[tuple[str, ...], ...] = FUSED_GROUPS) -> FuseReport:
+def fuse_projections_(model: nn.Module, groups: tuple[tuple[str, ...], ...] = FUSED_GROUPS, *,
+                      dense: bool = True) -> FuseReport:
     """Fuse every module's sibling projections named in ``groups`` (default :data:`FUSED_GROUPS`), in place.
 
+    ``dense=False`` fuses only groups of SparseLinear layers: in eager mode a dense group gains one
+    GEMV launch per member but pays a module call and a slice per member, about even at batch 1,
+    while each sparse-kernel launch saved also saves a thread hand-off.
     Idempotent (a fused group is reported as such). :func:`unfuse_projections_` undoes it.
     """
     report = FuseReport()
@@ -185,7 +191,7 @@ def fuse_projections_(model: nn.Module, groups: tuple[tuple[str, ...], ...] = FU
             if not all(isinstance(getattr(module, n, None), nn.Module) for n in names):
                 continue
             where = f"{path or '<root>'}:{'+'.join(names)}"
-            reason = _group_reason(module, names)
+            reason = _group_reason(module, names, dense)
             if reason is not None:
                 report.skipped.append((where, reason))
                 continue

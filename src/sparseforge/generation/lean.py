@@ -7,7 +7,9 @@ transformers' own ``generate`` loop (same logits processors, stopping criteria, 
 changes only what goes through its extension points:
 
 * **fused projections** (:func:`sparseforge.generation.fuse.fuse_projections_`): q/k/v and
-  gate/up run as one matmul each (dense, or sparse in the layers' own format);
+  gate/up run as one matmul each, sparse in the layers' own format; dense groups are fused only for
+  the compiled step (eagerly, the module call and slice each member then costs are about what the
+  saved GEMV launches save: ``fuse="always"`` fuses them anyway);
 * **static KV cache** (``cache_implementation="static"``, with ``compile`` by default): preallocated
   keys/values written in place instead of concatenated; its length is rounded up to
   ``cache_bucket`` tokens, so calls with different lengths reuse one cache (and one compiled graph).
@@ -47,13 +49,15 @@ __all__ = ["LeanConfig", "prepare_lean_", "lean_generate_kwargs", "lean_generate
 class LeanConfig:
     """Which parts of the lean decode path to use (see the module doc)."""
 
-    fuse: bool = True
+    fuse: "bool | str" = "auto"  # "auto": sparse groups always, dense groups when compiling; True/"always"; False/"never"
     compile: bool = False
     static_cache: Optional[bool] = None  # None: with compile only (eager decoding is faster on the dynamic cache)
     cache_bucket: int = 256
     compile_options: Optional[dict] = None  # inductor options for torch.compile, e.g. {"freezing": True}
 
     def __post_init__(self) -> None:
+        if self.fuse not in (True, False, "auto", "always", "never"):
+            raise ConfigError(f"fuse must be 'auto', 'always', 'never', True or False, got {self.fuse!r}")
         if isinstance(self.cache_bucket, bool) or not isinstance(self.cache_bucket, int) or self.cache_bucket < 1:
             raise ConfigError(f"cache_bucket must be a positive integer, got {self.cache_bucket!r}")
         if self.compile and self.static_cache is False:
@@ -79,7 +83,9 @@ def prepare_lean_(model: nn.Module, config: LeanConfig = LeanConfig()) -> Option
     """
     if not hasattr(model, "generate"):
         raise ModelError(f"the lean decode path needs a transformers causal LM, got {type(model).__name__}")
-    return fuse_projections_(model) if config.fuse else None
+    if config.fuse in (False, "never"):
+        return None
+    return fuse_projections_(model, dense=config.fuse in (True, "always") or config.compile)
 
 
 def lean_generate_kwargs(model: nn.Module, total_tokens: int, config: LeanConfig = LeanConfig()) -> dict[str, Any]:
