@@ -35,9 +35,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens, past the end-of-text token")
     p.add_argument("--threads", type=int, default=None, help="threads for torch and the sparse kernels (default torch's)")
     p.add_argument("--lean", action=argparse.BooleanOptionalAction, default=True,
-                   help="the lean decode path: fused projections and a static KV cache (default on)")
+                   help="the lean decode path: fused sparse q/k/v and gate/up projections (default on); see --compile")
     p.add_argument("--compile", action="store_true",
-                   help="also torch.compile the decode step (costs tens of seconds once; pays for long generations)")
+                   help="also torch.compile the decode step with a static KV cache (costs a minute or more once; pays for long generations)")
     p.add_argument("--dense", action="store_true", help="load a compressed checkpoint dense instead of on the sparse kernels")
     return p
 
