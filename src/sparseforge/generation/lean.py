@@ -18,8 +18,8 @@ changes only what goes through its extension points:
   decoding keeps the dynamic cache;
 * **torch.compile** of the decode step (``compile=True``), through transformers' ``CompileConfig``:
   inductor fuses the norm / rotary / SwiGLU element-wise ops and removes most per-op dispatch; the
-  sparse layers stay the ``sparseforge::*_linear`` custom ops inside the graph. Compiling costs tens
-  of seconds on a 2-core machine (``benchmarks/bench_generate.py`` measures it), so it pays only for
+  sparse layers stay the ``sparseforge::*_linear`` custom ops inside the graph. Compiling a 16-layer model took
+  60-90 s on a contended 2-core machine (``benchmarks/bench_generate.py`` measures it), so it pays only for
   long generations or a long-lived process; it is off by default.
 
 Greedy decoding gives the tokens of plain ``model.generate`` (``tests/generation``); the fused
