@@ -2,7 +2,7 @@
 
 Subcommands: ``prune``, ``eval``, ``inspect``, ``demo``, ``train`` (a sparse-training recipe on the
 built-in model and corpus), ``finetune`` (recovery fine-tuning of a pruned model), ``advise`` (will sparse be faster on this machine?), ``bench``
-(generation tokens/s dense vs compressed). Every run prints its resolved config as a
+(generation tokens/s dense vs compressed), ``generate`` (stream a continuation, print tokens/s). Every run prints its resolved config as a
 YAML recipe so it can be repeated with ``--recipe``. Errors print one line and exit with status 2.
 
 Example::
@@ -14,6 +14,7 @@ Example::
     sparseforge train --method rigl --sparsity 0.9 --steps 60 --output trained/
     sparseforge advise pruned/ --batch-sizes 1 64 --plot advise.png
     sparseforge bench pruned/ --batch-sizes 1 8
+    sparseforge generate pruned/ --prompt "To be, or not" --max-new-tokens 32
     python -m sparseforge demo
 """
 
@@ -27,6 +28,7 @@ from pathlib import Path
 from sparseforge.errors import SparseforgeError
 from sparseforge.config import ALLOCATIONS, METHODS
 from sparseforge.finetune import cli as finetune_cli
+from sparseforge.generation import cli as generation_cli
 
 __all__ = ["main", "build_parser"]
 
@@ -126,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(sub)
     finetune_cli.add_parser(sub)
+    generation_cli.add_parser(sub)
 
     p = sub.add_parser("advise", help="measure dense vs each sparse format on this machine; pick per layer, plot speedup vs sparsity")
     p.add_argument("model", help="'builtin', 'minilm', or a model directory (pruned or not)")
@@ -321,7 +324,8 @@ def _cmd_bench(args) -> int:
 
 
 COMMANDS = {"prune": _cmd_prune, "eval": _cmd_eval, "inspect": _cmd_inspect, "demo": _cmd_demo,
-            "train": _cmd_train, "advise": _cmd_advise, "cache": _cmd_cache, "bench": _cmd_bench, "finetune": finetune_cli.run}
+            "train": _cmd_train, "advise": _cmd_advise, "cache": _cmd_cache, "bench": _cmd_bench,
+            "finetune": finetune_cli.run, "generate": generation_cli.run}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ from sparseforge.io.atomic_dir import recover
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.io.hf import import_transformers
 
-__all__ = ["LoadedModel", "MODEL_ALIASES", "resolve_model_path", "resolve_dtype", "model_kind", "load_model"]
+__all__ = ["LoadedModel", "MODEL_ALIASES", "resolve_model_path", "resolve_dtype", "model_kind", "load_model", "load_tokenizer"]
 
 #: alias -> what it names (for help texts)
 MODEL_ALIASES = {
@@ -147,7 +147,8 @@ def model_kind(config: dict) -> str:
     )
 
 
-def _load_tokenizer(path: Path):
+def load_tokenizer(path: Path):
+    """The tokenizer saved in model directory ``path``; ModelError when there is none or it cannot load."""
     transformers = import_transformers()
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise ModelError(
@@ -179,7 +180,7 @@ def load_model(name_or_path: "str | Path", dtype: Any = None) -> LoadedModel:
     config = _read_config(path)
     transformers = import_transformers()
     kind = model_kind(config)
-    tokenizer = _load_tokenizer(path)
+    tokenizer = load_tokenizer(path)
     if "sparsity_config" in config:
         from sparseforge.io.loading import load  # compressed sparseforge checkpoint
 

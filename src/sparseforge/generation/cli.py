@@ -1,0 +1,70 @@
+"""``sparseforge generate``: stream a causal LM's continuation of a prompt and report tokens/s.
+
+The model is ``builtin``, a Hugging Face causal-LM directory or a sparseforge checkpoint (a
+compressed one runs its pruned layers on the sparse kernels). The new text goes to stdout as it is
+produced; the timing line (prefill and decode tokens/s, separately) goes to stderr, so
+``sparseforge generate ... > out.txt`` keeps only the text.
+
+Example::
+
+    sparseforge generate builtin --prompt "To be, or not to be" --max-new-tokens 64
+    sparseforge generate pruned/ --prompt "ROMEO:" --temperature 0.8 --seed 1 --threads 2
+
+Wiring (in ``sparseforge/cli.py``): ``add_parser(subparsers)`` adds the subcommand (torch-free) and
+``run(args)`` runs it, returning the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``generate`` subcommand to an ``argparse`` subparsers object; returns its parser."""
+    p = subparsers.add_parser("generate", help="stream a causal LM's continuation of a prompt; print prefill/decode tokens/s")
+    p.add_argument("model", help="'builtin', a causal-LM directory, or a sparseforge checkpoint (dense or compressed)")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    p.add_argument("--greedy", action="store_true", help="pick the most likely token each step (the default; excludes --temperature > 0)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 (default) is greedy")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all; default 50)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
+    p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens, past the end-of-text token")
+    p.add_argument("--threads", type=int, default=None, help="threads for torch and the sparse kernels (default torch's)")
+    p.add_argument("--lean", action=argparse.BooleanOptionalAction, default=True,
+                   help="the lean decode path: fused sparse q/k/v and gate/up projections (default on); see --compile")
+    p.add_argument("--compile", action="store_true",
+                   help="also torch.compile the decode step with a static KV cache (costs a minute or more once; pays for long generations)")
+    p.add_argument("--dense", action="store_true", help="load a compressed checkpoint dense instead of on the sparse kernels")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the ``generate`` subcommand; returns the exit status (errors raise ``SparseforgeError``)."""
+    from sparseforge.errors import ConfigError
+
+    if args.greedy and args.temperature > 0:
+        raise ConfigError("--greedy and --temperature > 0 contradict each other; drop one")
+    if args.compile and not args.lean:
+        raise ConfigError("--compile is part of the lean decode path; drop --no-lean")
+    from sparseforge.generation.lean import LeanConfig
+    from sparseforge.generation.text import GenerationSettings, generate, load_causal_lm
+
+    GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       seed=args.seed)  # checks the numbers before the model loads
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be a positive integer, got {args.threads}")
+    if not args.prompt.strip():
+        raise ConfigError("the prompt is empty; give some text to continue (--prompt 'Once upon a time')")
+    model, tokenizer, _ = load_causal_lm(args.model, sparse=not args.dense)
+    lean = LeanConfig(compile=args.compile) if args.lean else False
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    result = generate(model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, threads=args.threads,
+                      tokenizer=tokenizer, lean=lean, stream=sys.stdout)
+    print(result.summary(), file=sys.stderr)
+    return 0

@@ -1,0 +1,148 @@
+"""``sparseforge generate`` and ``sparseforge.generation.generate``: text, streaming, timings, errors."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import sparseforge as sf
+import sparseforge.generation.text as text_module
+from sparseforge.cli import main
+from sparseforge.errors import ConfigError, ModelError
+from sparseforge.generation import GenerationSettings, generate, load_causal_lm
+from sparseforge.nn.sparse_linear import SparseLinear
+
+PROMPT = "To be, or not to be"
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    model, tokenizer, sparse = load_causal_lm("builtin")
+    assert not sparse
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def compressed_dir(tmp_path_factory, builtin):
+    model, _, _ = load_causal_lm("builtin")  # a fresh copy: generate() fuses the shared one in place
+    sf.sparsify_(model, sf.SparsifyConfig(method="magnitude", pattern="2:4"), progress=False)
+    return sf.save_pretrained(model, tmp_path_factory.mktemp("gen") / "pruned", tokenizer=builtin[1])
+
+
+def _plain_greedy(model, tokenizer, new):
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_streamed_text_is_the_result_and_the_tokens_are_plain_generates(builtin):
+    model, tokenizer = builtin
+    expected = _plain_greedy(model, tokenizer, 12)
+    sink = io.StringIO()
+    result = generate(model, PROMPT, tokenizer=tokenizer, max_new_tokens=12, ignore_eos=True, stream=sink, threads=1)
+    assert result.token_ids == expected
+    assert result.new_tokens == 12 and result.prompt_tokens == len(tokenizer(PROMPT).input_ids)
+    assert result.text == tokenizer.decode(expected, skip_special_tokens=True)
+    assert sink.getvalue() == result.text + "\n"
+    assert result.prefill_s > 0 and result.decode_s > 0
+    assert result.decode_tokens_per_s == pytest.approx(11 / result.decode_s)
+    assert "decode" in result.summary() and "lean decode path" in result.summary()
+
+
+def test_plain_and_lean_paths_agree_on_a_fresh_model():
+    lean = generate("builtin", PROMPT, max_new_tokens=10, ignore_eos=True, lean=True)
+    plain = generate("builtin", PROMPT, max_new_tokens=10, ignore_eos=True, lean=False)
+    assert lean.token_ids == plain.token_ids and lean.lean and not plain.lean
+
+
+def test_a_compressed_checkpoint_runs_sparse_and_gives_the_dense_tokens(compressed_dir):
+    model, tokenizer, sparse = load_causal_lm(compressed_dir)
+    assert sparse and any(isinstance(m, SparseLinear) for m in model.modules())
+    dense_model, _, dense_flag = load_causal_lm(compressed_dir, sparse=False)
+    assert not dense_flag and not any(isinstance(m, SparseLinear) for m in dense_model.modules())
+    got = generate(model, PROMPT, tokenizer=tokenizer, max_new_tokens=12, ignore_eos=True)
+    assert got.token_ids == _plain_greedy(dense_model, tokenizer, 12)
+
+
+def test_sampling_is_reproducible_by_seed(builtin):
+    model, tokenizer = builtin
+    runs = [generate(model, PROMPT, tokenizer=tokenizer, max_new_tokens=16, temperature=1.5, top_k=0, seed=s,
+                     ignore_eos=True).token_ids for s in (7, 7, 8)]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]  # 16 tokens drawn at temperature 1.5 over 4096: a repeat is vanishingly unlikely
+
+
+def test_generation_stops_at_the_end_of_text_token_unless_told_otherwise(builtin, monkeypatch):
+    model, tokenizer = builtin
+    first = generate(model, PROMPT, tokenizer=tokenizer, max_new_tokens=1).token_ids[0]
+    monkeypatch.setattr(model.generation_config, "eos_token_id", first)
+    assert generate(model, PROMPT, tokenizer=tokenizer, max_new_tokens=8).token_ids == [first]
+    assert len(generate(model, PROMPT, tokenizer=tokenizer, max_new_tokens=8, ignore_eos=True).token_ids) == 8
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens=2.5), "max_new_tokens"),
+    (dict(temperature=-1.0), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(top_k=-3), "top_k"), (dict(seed="x"), "seed"),
+])
+def test_bad_numbers_are_refused(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        GenerationSettings(**kwargs)
+
+
+@pytest.mark.parametrize("prompt", ["", "   \n"])
+def test_an_empty_prompt_is_refused_before_loading(prompt, monkeypatch):
+    monkeypatch.setattr(text_module, "load_causal_lm", pytest.fail)
+    with pytest.raises(ConfigError, match="prompt is empty"):
+        generate("builtin", prompt)
+
+
+def test_a_prompt_longer_than_the_context_is_refused(builtin):
+    model, tokenizer = builtin
+    with pytest.raises(ConfigError, match="context of 512 tokens"):
+        generate(model, PROMPT, tokenizer=tokenizer, max_new_tokens=510)
+
+
+def test_an_encoder_and_a_missing_path_are_refused(tmp_path):
+    with pytest.raises(ModelError, match="not a causal language model"):
+        load_causal_lm("minilm")
+    with pytest.raises(ModelError, match="does not exist"):
+        generate(tmp_path / "nothing", PROMPT)
+
+
+def test_a_loaded_model_needs_its_tokenizer(builtin):
+    with pytest.raises(ConfigError, match="tokenizer"):
+        generate(builtin[0], PROMPT)
+    with pytest.raises(ConfigError, match="threads"):
+        generate(builtin[0], PROMPT, tokenizer=builtin[1], threads=0)
+
+
+def test_cli_streams_the_text_on_stdout_and_the_timings_on_stderr(capsys):
+    assert main(["generate", "builtin", "--prompt", PROMPT, "--max-new-tokens", "6", "--ignore-eos", "--threads", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(PROMPT) and len(out) > len(PROMPT)
+    assert "6 new tokens" in err and "tokens/s" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt", ""], "prompt is empty"),
+    (["--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens"),
+    (["--prompt", "x", "--greedy", "--temperature", "0.7"], "contradict"),
+    (["--prompt", "x", "--threads", "0"], "--threads"),
+    (["--prompt", "x", "--compile", "--no-lean"], "--compile"),
+])
+def test_cli_errors_are_one_line_before_any_loading(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(text_module, "load_causal_lm", pytest.fail)
+    assert main(["generate", "builtin", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err and err.startswith("sparseforge generate: error:")
+
+
+def test_cli_refuses_an_encoder_in_one_line(capsys):
+    assert main(["generate", "minilm", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "not a causal language model" in err
