@@ -1,6 +1,7 @@
 """The README's Python example runs as written (docs must not drift from the code)."""
 
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -40,5 +41,5 @@ def test_cli_examples_parse():
     parser = build_parser()
     for line in README.read_text().splitlines():
         if line.startswith("sparseforge "):
-            argv = line.split("#")[0].split()[1:]
+            argv = shlex.split(line.split("#")[0])[1:]
             parser.parse_args(argv)  # exits (SystemExit) if an example uses an unknown flag
