@@ -8,18 +8,16 @@ inside transformers' generate it gives the dense output for covering budgets and
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparseforge.attention import (NAME, Dense, DoubleSparsity, PagedKVCache, calibrate_label_channels, enable,
-                                   load_label_channels, save_label_channels, sparseforge_attention)
+                                   load_label_channels, save_label_channels)
 from sparseforge.errors import ConfigError, DataError
+from decode_oracles import decode_one as _decode, sdpa_over as _sdpa_over
 from tiny_models import tiny_model, tokens
 
 
@@ -94,20 +92,6 @@ def test_group_scores_are_summed_not_taken_per_query_head():
     layer = cache.layers[0]
     assert layer.policy.scores(layer, q, 0)[0, 0].tolist() == [3.0, 2.0, 3.0]
     assert layer.policy.spans(layer, q, 0)[0, 0, :, 0].tolist() == [0, 2]
-
-
-def _decode(layer, q, layer_idx=3):
-    B, Hq, D = q.shape
-    out, _ = sparseforge_attention(SimpleNamespace(layer_idx=layer_idx), q.unsqueeze(2), layer.keys, layer.values, None,
-                                   scaling=D ** -0.5, sparseforge_kv_layer=layer)
-    return out.view(B, Hq, D)
-
-
-def _sdpa_over(q, keys, values, allowed):
-    G = q.shape[1] // keys.shape[1]
-    m = allowed.repeat_interleave(G, 1).unsqueeze(2)  # (B, Hq, 1, n)
-    return F.scaled_dot_product_attention(q.unsqueeze(2), keys.float().repeat_interleave(G, 1),
-                                          values.float().repeat_interleave(G, 1), attn_mask=m).squeeze(2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
