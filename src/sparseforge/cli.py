@@ -161,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rss", action=argparse.BooleanOptionalAction, default=True, help="peak RSS of each variant in a fresh process")
     p.add_argument("--sparse-threads", action=argparse.BooleanOptionalAction, default=True,
                    help="sparse variant with torch on 1 thread and the kernels on --threads (see kernels.sparse_threads)")
+    p.add_argument("--kv-policy", default=None, choices=["dense", "quest", "streaming", "mustafar"],
+                   help="instead: decode tokens/s at --context cached tokens, dense vs this KV policy (docs/attention.md)")
+    p.add_argument("--kv-budget", type=int, default=2048, help="tokens the KV policy reads per step")
+    p.add_argument("--context", type=int, default=4096, help="cached tokens for --kv-policy")
+    p.add_argument("--kv-steps", type=int, default=3, help="timed decode steps per policy for --kv-policy")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     return parser
@@ -314,6 +319,14 @@ def _cmd_bench(args) -> int:
     from sparseforge.io.writable import check_output_file
 
     check_output_file(args.json, option="--json")
+    if args.kv_policy is not None:
+        from sparseforge.attention.speed import kv_bench, kv_table
+
+        results = kv_bench(args.model, args.context, args.kv_policy, args.kv_budget, steps=args.kv_steps)
+        print(kv_table(results, args.context))
+        _write_json(args.json, {"context": args.context, "kv_policy": args.kv_policy, "kv_budget": args.kv_budget,
+                                "results": results})
+        return 0
     report = bench_generation(args.model, batch_sizes=args.batch_sizes, new_tokens=args.new_tokens,
                               prompt_len=args.prompt_len, repeats=args.repeats, threads=args.threads,
                               format=args.format, pattern=args.pattern, sparsity=args.sparsity,

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from sparseforge.attention import Dense, PagedKVCache, Quest, StreamingLLM, sparseforge_attention
 from sparseforge.attention.interface import clip_spans
 from sparseforge.errors import DataError, ModelError
+from decode_oracles import decode_one as _decode, sdpa_over as _sdpa_over
 
 
 def _filled(n, B=1, Hkv=2, D=16, page=16, seed=0, dtype=torch.float32, policy=None):
@@ -97,22 +98,6 @@ def test_streaming_spans():
     assert StreamingLLM(sinks=4, window=20).spans(layer, q, 0)[0, 0].tolist() == [[0, 4], [80, 20]]
     assert StreamingLLM(sinks=0, window=20).spans(layer, q, 0)[0, 0].tolist() == [[0, 0], [80, 20]]
     assert StreamingLLM(sinks=4, window=96).spans(layer, q, 0)[0, 0].tolist() == [[0, 100]]
-
-
-def _decode(layer, q, mask=None, module=None, **kw):
-    """sparseforge_attention for one decode query q (B, Hq, D) through a stand-in attention module."""
-    module = module or SimpleNamespace(layer_idx=3)
-    B, Hq, D = q.shape
-    out, _ = sparseforge_attention(module, q.unsqueeze(2), layer.keys, layer.values, mask, scaling=D ** -0.5,
-                                   sparseforge_kv_layer=layer, **kw)
-    return out.view(B, Hq, D)
-
-
-def _sdpa_over(q, keys, values, allowed):
-    G = q.shape[1] // keys.shape[1]
-    m = allowed.repeat_interleave(G, 1).unsqueeze(2)  # (B, Hq, 1, n)
-    return F.scaled_dot_product_attention(q.unsqueeze(2), keys.float().repeat_interleave(G, 1),
-                                          values.float().repeat_interleave(G, 1), attn_mask=m).squeeze(2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

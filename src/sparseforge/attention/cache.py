@@ -177,6 +177,8 @@ class PagedLayer(CacheLayerMixin):
         if tokens_to_remove == 0 or not self.is_initialized:
             return
         self.n = max(0, self.n + tokens_to_remove)
+        # the lowest length cropped to since a policy last looked (tokens from there on may be replaced)
+        self.policy_state["cropped_to"] = min(self.policy_state.get("cropped_to", self.n), self.n)
         if self.n:
             self._update_bounds((self.n - 1) // self.page_size * self.page_size, self.n)
         self._refresh_views()

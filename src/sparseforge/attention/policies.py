@@ -37,6 +37,12 @@ than one query token) is always dense. Policies are frozen dataclasses, validate
   query head after ``repeat_kv``). As the Quest kernels do, the newest (partial) page is always read
   and the budget counts it; the first ``dense_layers`` (2) layers and prefill stay dense, and a
   budget at least the context length is dense.
+* :class:`DoubleSparsity`: per KV head, the ``budget`` tokens with the largest approximate score
+  ``q[label] . k[label]`` on ``channels`` label channels found offline
+  (:func:`~sparseforge.attention.double_sparsity.calibrate_label_channels`), summed over the GQA
+  group so each token is read once (Yang et al., "Post-Training Sparse Attention with Double
+  Sparsity", 2024; andy-yang-1/DoubleSparse). The label keys are kept in a small side cache
+  (``channels`` values per token); every layer is sparse at decode, prefill is dense.
 
 Example:
     >>> from sparseforge.attention import Quest
@@ -46,8 +52,9 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -55,7 +62,7 @@ from torch import Tensor
 from sparseforge.errors import ConfigError
 from sparseforge.ops.decode_attention import select_pages
 
-__all__ = ["Policy", "Dense", "StreamingLLM", "Quest", "SnapKV", "Mustafar", "dense_spans"]
+__all__ = ["Policy", "Dense", "StreamingLLM", "Quest", "SnapKV", "Mustafar", "DoubleSparsity", "dense_spans"]
 
 
 def dense_spans(batch: int, kv_heads: int, n: int) -> Tensor:
@@ -344,3 +351,75 @@ class Mustafar(Policy):
         out_c, lse_c = sparse_kv_attention(query, st["kvals"], st["kbits"], st["vvals"], st["vbits"], done, scale)
         out_r, lse_r = attend(query, layer.k_store, layer.v_store, recent, layer.n, scale, lse=True)
         return merge_attention(out_c, lse_c, out_r, lse_r)
+
+
+@dataclass(frozen=True)
+class DoubleSparsity(Policy):
+    """The ``budget`` tokens with the largest label-channel scores, per KV head.
+
+    ``channels``: label channels per head (the first ``channels`` of ``labels``); ``labels``: int
+    ``(layers, kv_heads, >= channels)`` channel indices, most important first, or the path of a
+    file written by :func:`~sparseforge.attention.double_sparsity.save_label_channels`. Required:
+    the channels come from an offline calibration of the model.
+
+    Example:
+        >>> import torch
+        >>> DoubleSparsity(channels=2, budget=64, labels=torch.tensor([[[0, 3]]]))
+        DoubleSparsity(channels=2, budget=64)
+    """
+
+    channels: int = 16
+    budget: int = 2048
+    labels: Union[Tensor, str, os.PathLike, None] = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        from sparseforge.attention.double_sparsity import check_label_channels, load_label_channels
+
+        _positive("channels", self.channels, "DoubleSparsity")
+        _positive("budget", self.budget, "DoubleSparsity")
+        if self.labels is None:
+            raise ConfigError(
+                "DoubleSparsity needs calibrated label channels: labels=calibrate_label_channels(model, batches, "
+                f"channels={self.channels}) or the path of a file saved by save_label_channels"
+            )
+        labels = self.labels
+        if isinstance(labels, (str, os.PathLike)):
+            labels = load_label_channels(labels)
+        object.__setattr__(self, "labels", check_label_channels(labels, self.channels)[:, :, : self.channels].contiguous())
+
+    def _label_keys(self, layer, layer_idx: int) -> Tensor:
+        """``(B, Hkv, n, channels)``: the label channels of every cached key, appended as tokens arrive."""
+        L, Hkv, _ = self.labels.shape
+        if layer_idx >= L or Hkv != layer.kv_heads or int(self.labels.max()) >= layer.head_dim:
+            raise ConfigError(
+                f"DoubleSparsity: labels for {L} layers x {Hkv} KV heads (channels < {int(self.labels.max()) + 1}) do not "
+                f"fit layer {layer_idx} with {layer.kv_heads} KV heads of dimension {layer.head_dim}; calibrate on this model"
+            )
+        state = layer.policy_state.get("double_sparsity")
+        if state is None or state["keys"].shape[0] != layer.batch:
+            state = layer.policy_state["double_sparsity"] = {"keys": layer.k_store[:, :, :0, : self.channels].clone()}
+        have = min(state["keys"].shape[2], layer.n, layer.policy_state.pop("cropped_to", layer.n))  # stale past a crop
+        index = self.labels[layer_idx].view(1, Hkv, 1, -1).expand(layer.batch, Hkv, layer.n - have, -1)
+        new = layer.k_store[:, :, have: layer.n].gather(-1, index)  # (B, Hkv, n - have, channels)
+        state["keys"] = torch.cat([state["keys"][:, :, :have], new], dim=2)
+        return state["keys"]
+
+    def scores(self, layer, query: Tensor, layer_idx: int) -> Tensor:
+        """float32 ``(B, Hkv, n)``: ``sum_{g in group} q_g[label] . k[label]`` per cached token."""
+        keys = self._label_keys(layer, layer_idx)
+        B, Hq, D = query.shape
+        Hkv = layer.kv_heads
+        q = query.float().view(B, Hkv, Hq // Hkv, D).sum(2)  # (B, Hkv, D): the group's queries summed (scores are linear)
+        q_label = q.gather(-1, self.labels[layer_idx].unsqueeze(0).expand(B, -1, -1))  # (B, Hkv, channels)
+        return torch.einsum("bhc,bhtc->bht", q_label, keys.float())
+
+    def spans(self, layer, query: Tensor, layer_idx: int) -> Tensor:
+        n = layer.n
+        if n <= self.budget:
+            self._label_keys(layer, layer_idx)  # keep the label cache in step
+            return dense_spans(layer.batch, layer.kv_heads, n)
+        top = self.scores(layer, query, layer_idx).topk(self.budget, dim=-1).indices.sort(dim=-1).values  # (B, Hkv, budget)
+        spans = torch.empty(layer.batch, layer.kv_heads, self.budget, 2, dtype=torch.int32)
+        spans[..., 0] = top
+        spans[..., 1] = 1
+        return spans

@@ -25,10 +25,12 @@ import torch
 
 from sparseforge.attention.cache import PagedKVCache
 from sparseforge.attention.interface import enable
-from sparseforge.attention.policies import Policy
-from sparseforge.errors import ConfigError
+from sparseforge.attention.policies import Dense, Mustafar, Policy, Quest, StreamingLLM
+from sparseforge.errors import ConfigError, ModelError
 
-__all__ = ["decode_speed"]
+__all__ = ["decode_speed", "kv_bench", "kv_policy", "kv_table", "KV_POLICIES"]
+
+KV_POLICIES = ("dense", "quest", "streaming", "mustafar")
 
 
 def decode_speed(model, context: int, policies: dict[str, Policy], steps: int = 5, seed: int = 0,
@@ -71,3 +73,45 @@ def decode_speed(model, context: int, policies: dict[str, Policy], steps: int = 
                "kv_bytes": cache.kv_bytes()}
         for name in policies
     }
+
+
+def kv_policy(name: str, budget: int) -> Policy:
+    """The policy ``name`` (one of :data:`KV_POLICIES`) reading about ``budget`` tokens per step:
+    Quest's ``budget``, StreamingLLM's 4 sinks + ``budget - 4`` window, Mustafar's ``budget`` recent
+    tokens dense (70% pruned beyond)."""
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        raise ConfigError(f"--kv-budget must be a positive integer, got {budget!r}")
+    if name == "dense":
+        return Dense()
+    if name == "quest":
+        return Quest(budget=budget)
+    if name == "streaming":
+        if budget <= 4:
+            raise ConfigError(f"--kv-budget {budget} leaves no window after StreamingLLM's 4 sinks; use at least 5")
+        return StreamingLLM(sinks=4, window=budget - 4)
+    if name == "mustafar":
+        return Mustafar(recent=budget)
+    raise ConfigError(f"unknown KV policy {name!r}; choose one of {', '.join(KV_POLICIES)}")
+
+
+def kv_bench(model: str, context: int, policy: str, budget: int, steps: int = 3) -> dict[str, dict]:
+    """``sparseforge bench MODEL --kv-policy P``: :func:`decode_speed` of the dense policy and ``policy``
+    at ``context`` tokens on the model ``model`` ('builtin' or a causal-LM directory)."""
+    from sparseforge.io.models import load_model
+
+    chosen = kv_policy(policy, budget)
+    net = load_model(model).model
+    if not hasattr(net, "generate") or not net.can_generate():
+        raise ModelError(f"{model} is not a causal language model; --kv-policy measures decode steps")
+    policies = {"dense": Dense()} if policy == "dense" else {"dense": Dense(), policy: chosen}
+    return decode_speed(net, context, policies, steps=steps)
+
+
+def kv_table(results: dict[str, dict], context: int) -> str:
+    """A text table of :func:`kv_bench`'s results."""
+    dense = results["dense"]["tokens_per_s"]
+    lines = [f"decode at {context} cached tokens", f"{'policy':<10} {'tokens/s':>10} {'vs dense':>9} {'read fraction':>14} {'KV MiB':>9}"]
+    for name, r in results.items():
+        lines.append(f"{name:<10} {r['tokens_per_s']:>10.2f} {r['tokens_per_s'] / dense:>8.2f}x {r['read_fraction']:>14.4f} "
+                     f"{r['kv_bytes'] / 2**20:>9.1f}")
+    return "\n".join(lines)
