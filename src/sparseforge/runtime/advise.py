@@ -26,8 +26,9 @@ so drift between rounds cancels; :attr:`LayerAdvice.paired`). Decisions that the
 support are re-measured with twice, then four times the budget, and then refused, with the reason
 in :attr:`LayerAdvice.note`:
 
-* a format whose speedup over dense exceeds :data:`PLAUSIBLE_GAIN` times its bytes advantage is
-  dropped as implausible (a preempted dense call, not a real speedup);
+* a format whose speedup over dense exceeds :data:`PLAUSIBLE_GAIN` times the larger of its bytes
+  advantage and its multiply-add advantage (1 / density) is dropped as implausible (a preempted
+  dense call, not a real speedup);
 * a format whose speedup's confidence interval still reaches 1 on an unsettled (noisy) machine is
   not chosen: dense is kept and the note says the machine was too noisy to decide.
 
@@ -68,7 +69,7 @@ __all__ = ["LayerAdvice", "AdviceReport", "measure_layer", "advise_model", "chec
            "STREAM_BYTES", "PLAUSIBLE_GAIN"]
 
 STREAM_BYTES = 96 << 20  # weight copies cycled per candidate at least, when the model does not fit in cache
-PLAUSIBLE_GAIN = 1.5  # a format may beat dense by at most this times (dense bytes / its bytes)
+PLAUSIBLE_GAIN = 1.5  # a format may beat dense by at most this times max(dense bytes / its bytes, 1 / density)
 REL_TOL = 0.02  # time until every median is known to 2% (or the budget runs out)
 ATTEMPTS = 3  # measurements of a batch size at most (budget x1, x2, x4) while a decision is unclear
 
@@ -160,7 +161,11 @@ def measure_layer(w: torch.Tensor, *, batch_sizes: Sequence[int] = (1,), pattern
     copies = max(1, math.ceil(stream_bytes(1 + len(sparse)) / max(1, dense_bytes))) if stream else 1
     dense_ws = [masked.clone() for _ in range(copies)]
     sparse_ws = {f: [m] + [build(f) for _ in range(copies - 1)] for f, m in sparse.items()}
-    bound = {f: PLAUSIBLE_GAIN * max(1.0, dense_bytes / max(1, m.weight_format.nbytes)) for f, m in sparse.items()}
+    density = max(float(keep.float().mean()), 1e-6)
+    # a format can win by its bytes (memory-bound products) or by the multiply-adds it skips
+    # (compute-bound ones, e.g. float32 at batch 64), never by much more than the larger of the two
+    bound = {f: PLAUSIBLE_GAIN * max(1.0, dense_bytes / max(1, m.weight_format.nbytes), 1.0 / density)
+             for f, m in sparse.items()}
     timings: dict[str, dict[int, float]] = {"dense": {}, **{f: {} for f in sparse}}
     speedups: dict[str, dict[int, float]] = {f: {} for f in sparse}  # median per-round dense / format time
     settled = {f: True for f in sparse}  # every batch: the speedup's interval excludes 1, or the medians settled
