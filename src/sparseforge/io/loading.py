@@ -234,6 +234,8 @@ def load_sparse(path: "str | Path", format: str = "rule", activation: bool = Tru
                 runs_as[id(value)] = load_format(value, format)
             set_module(model, owner, SparseLinear(runs_as[id(value)], state.get(f"{owner}.bias")))
             sparse_prefixes.append(owner + ".")
+            if getattr(value, "scales", None) is not None:  # int8 values: the layer keeps its quantization scales
+                scales[f"{owner}.{SCALE_BUFFER}"] = value.scales
     missing, unexpected = model.load_state_dict(dense, strict=False, assign=True)
     attach_scales(model, scales)
     missing = [k for k in missing if not any(k.startswith(s) for s in sparse_prefixes) and k not in scales]
