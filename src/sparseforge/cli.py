@@ -265,7 +265,7 @@ def _cmd_advise(args) -> int:
     from sparseforge.io.models import load_model
     from sparseforge.io.writable import check_output_file
     from sparseforge.layers import linear_layers, weight_2d
-    from sparseforge.runtime.advise import advise_model, check_budget
+    from sparseforge.runtime.advise import advise_model, check_budget, weights_stream
     from sparseforge.runtime.sweep import plot_sweep, sweep
 
     check_budget(args.budget)
@@ -282,7 +282,7 @@ def _cmd_advise(args) -> int:
     if args.sweep:
         shapes = list(dict.fromkeys(tuple(weight_2d(modules[n]).shape) for n in linear_layers(model)))
         sweep(shapes, batch_sizes=args.batch_sizes, sparsities=args.sparsities, threads=args.threads,
-              budget_s=args.budget, progress=args.progress, report=report)
+              budget_s=args.budget, progress=args.progress, report=report, stream=weights_stream(model))
     print(report.table())
     if args.sweep:
         print(f"wrote {plot_sweep(report, args.plot)}")

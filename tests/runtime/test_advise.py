@@ -157,3 +157,31 @@ def test_sweep_table_and_plot(tmp_path):
     png = plot_sweep(report, tmp_path / "out" / "speedup.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(png.parent.glob("*.tmp.png"))
+
+
+def test_weights_stream_compares_the_model_with_this_machines_cache(monkeypatch):
+    from sparseforge.runtime import advise
+    from sparseforge.runtime.machine import CacheSize
+
+    model = tiny_model("llama")
+    weight_bytes = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    monkeypatch.setattr(advise, "last_level_cache", lambda: CacheSize(weight_bytes, "test"))
+    assert not advise.weights_stream(model)  # fits exactly: runs from cache
+    monkeypatch.setattr(advise, "last_level_cache", lambda: CacheSize(weight_bytes - 1, "test"))
+    assert advise.weights_stream(model)
+
+
+def test_streamed_small_weight_cycles_through_independent_copies(monkeypatch):
+    from sparseforge.runtime import advise
+
+    monkeypatch.setattr(advise, "stream_bytes", lambda candidates: 64 * 32 * 4 * 5)  # five dense copies
+    import copy
+    import types
+
+    built = []
+    monkeypatch.setattr(advise, "copy", types.SimpleNamespace(deepcopy=lambda x: built.append(x) or copy.deepcopy(x)))
+    w = torch.randn(64, 32) * (torch.rand(64, 32) > 0.9)
+    adv = measure_layer(w, batch_sizes=(1,), budget_s=0.001, stream=True, formats=["bitmap", "csr"])
+    assert sorted(adv.timings) == ["bitmap", "csr", "dense"]
+    assert len(built) == 2 * 4  # every sparse candidate: itself plus four copies
+    assert all(isinstance(b, SparseLinear) for b in built)

@@ -51,6 +51,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -65,10 +66,11 @@ from sparseforge.runtime.machine import available_memory_bytes, last_level_cache
 from sparseforge.runtime.timing import time_interleaved
 from sparseforge.runtime.tuning_cache import TuningCache
 
-__all__ = ["LayerAdvice", "AdviceReport", "measure_layer", "advise_model", "check_budget", "stream_bytes",
+__all__ = ["LayerAdvice", "AdviceReport", "measure_layer", "advise_model", "check_budget", "stream_bytes", "weights_stream",
            "STREAM_BYTES", "PLAUSIBLE_GAIN"]
 
 STREAM_BYTES = 96 << 20  # weight copies cycled per candidate at least, when the model does not fit in cache
+HUGE_PAGE_BYTES = 2 << 20  # weights at least this big are copied through from_dense (huge pages)
 PLAUSIBLE_GAIN = 1.5  # a format may beat dense by at most this times max(dense bytes / its bytes, 1 / density)
 REL_TOL = 0.02  # time until every median is known to 2% (or the budget runs out)
 ATTEMPTS = 3  # measurements of a batch size at most (budget x1, x2, x4) while a decision is unclear
@@ -86,6 +88,17 @@ def stream_bytes(candidates: int) -> int:
     :data:`STREAM_BYTES`, at most a quarter of the available memory shared by the candidates."""
     want = max(STREAM_BYTES, 2 * last_level_cache().nbytes)
     return max(STREAM_BYTES, min(want, available_memory_bytes() // (4 * max(1, candidates))))
+
+
+def weights_stream(model: nn.Module) -> bool:
+    """True when ``model``'s linear weights together exceed this machine's last-level cache, so each
+    layer's weights come from memory when the model runs (the state :func:`measure_layer` times
+    with ``stream=True``); a smaller model runs with its weights in cache."""
+    from sparseforge.layers import linear_layers, weight_2d
+
+    modules = dict(model.named_modules())
+    total = sum(weight_2d(modules[n]).numel() * weight_2d(modules[n]).element_size() for n in linear_layers(model))
+    return total > last_level_cache().nbytes
 
 
 def _candidate_pattern(fmt: str, pattern: "Pattern | str | None") -> Optional[str]:
@@ -160,7 +173,9 @@ def measure_layer(w: torch.Tensor, *, batch_sizes: Sequence[int] = (1,), pattern
     dense_bytes = masked.numel() * masked.element_size()
     copies = max(1, math.ceil(stream_bytes(1 + len(sparse)) / max(1, dense_bytes))) if stream else 1
     dense_ws = [masked.clone() for _ in range(copies)]
-    sparse_ws = {f: [m] + [build(f) for _ in range(copies - 1)] for f, m in sparse.items()}
+    # a weight below one huge page gains nothing from from_dense's huge-page buffers: plain copies build faster
+    again = build if dense_bytes >= HUGE_PAGE_BYTES else (lambda f: copy.deepcopy(sparse[f]))
+    sparse_ws = {f: [m] + [again(f) for _ in range(copies - 1)] for f, m in sparse.items()}
     density = max(float(keep.float().mean()), 1e-6)
     # a format can win by its bytes (memory-bound products) or by the multiply-adds it skips
     # (compute-bound ones, e.g. float32 at batch 64), never by much more than the larger of the two
@@ -272,12 +287,11 @@ def advise_model(model: nn.Module, *, batch_sizes: Sequence[int] = (1,), names: 
     missing = [n for n in chosen if n not in mods]
     if missing:
         raise ConfigError(f"advise_model: {missing[:3]} are not linear layers of the model")
-    total = sum(weight_2d(mods[n]).numel() * weight_2d(mods[n]).element_size() for n in mods)
     groups: dict[tuple, list[str]] = {}
     for n in chosen:
         groups.setdefault(_group_key(weight_2d(mods[n]), pattern), []).append(n)
     report = AdviceReport(machine_info(threads), tuple(int(b) for b in batch_sizes))
-    stream = total > last_level_cache().nbytes  # the model's weights cannot stay in this machine's cache
+    stream = weights_stream(model)
     cache = TuningCache()
     from tqdm.auto import tqdm
 

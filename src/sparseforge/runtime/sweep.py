@@ -38,6 +38,8 @@ def sweep(shapes: Iterable[tuple[int, int]], *, batch_sizes: Sequence[int] = (1,
     Masks come from :func:`sparseforge.masks.mask_from_scores` on the weights' magnitudes
     (unstructured per layer, and the ``nm`` pattern). Rows are appended to ``report.sweep`` with
     ``shape``, ``batch``, ``label`` ("50%" or "2:4"), ``sparsity``, ``dense_ms``, ``ms`` and ``speedup``.
+    ``stream`` times the weights read from memory (:func:`sparseforge.runtime.advise.measure_layer`);
+    for a model's own shapes pass :func:`sparseforge.runtime.advise.weights_stream` of that model.
     """
     check_budget(budget_s)
     from sparseforge.masks import mask_from_scores
