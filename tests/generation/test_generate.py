@@ -134,6 +134,9 @@ def test_cli_streams_the_text_on_stdout_and_the_timings_on_stderr(capsys):
     (["--prompt", "x", "--greedy", "--temperature", "0.7"], "contradict"),
     (["--prompt", "x", "--threads", "0"], "--threads"),
     (["--prompt", "x", "--compile", "--no-lean"], "--compile"),
+    (["--prompt", "x", "--kv-policy", "quest", "--compile"], "--kv-policy"),
+    (["--prompt", "x", "--kv-policy", "quest", "--kv-budget", "0"], "--kv-budget"),
+    (["--prompt", "x", "--kv-policy", "streaming", "--kv-budget", "4"], "StreamingLLM"),
 ])
 def test_cli_errors_are_one_line_before_any_loading(argv, message, capsys, monkeypatch):
     monkeypatch.setattr(text_module, "load_causal_lm", pytest.fail)
@@ -146,3 +149,34 @@ def test_cli_refuses_an_encoder_in_one_line(capsys):
     assert main(["generate", "minilm", "--prompt", "x"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "not a causal language model" in err
+
+
+def test_a_kv_policy_covering_the_context_gives_the_dense_tokens_and_a_small_one_changes_them():
+    from sparseforge.attention import Quest, StreamingLLM
+
+    prompt = PROMPT * 6
+    plain = generate("builtin", prompt, max_new_tokens=8, ignore_eos=True, lean=False)
+    model, tokenizer, _ = load_causal_lm("builtin")
+    covering = generate(model, prompt, tokenizer=tokenizer, max_new_tokens=8, ignore_eos=True,
+                        kv_policy=Quest(budget=256, dense_layers=0))
+    assert model.config._attn_implementation == "sparseforge"
+    assert covering.token_ids == plain.token_ids
+    narrow = generate("builtin", prompt, max_new_tokens=8, ignore_eos=True, kv_policy=StreamingLLM(sinks=1, window=3))
+    assert narrow.token_ids != plain.token_ids
+
+
+def test_a_kv_policy_is_refused_with_the_static_cache_and_when_not_a_policy():
+    from sparseforge.attention import Quest
+    from sparseforge.generation.lean import LeanConfig
+
+    with pytest.raises(ConfigError, match="static"):
+        generate("builtin", PROMPT, max_new_tokens=2, kv_policy=Quest(budget=64), lean=LeanConfig(compile=True))
+    with pytest.raises(ConfigError, match="kv_policy must be"):
+        generate("builtin", PROMPT, max_new_tokens=2, kv_policy="quest")
+
+
+def test_cli_generates_with_a_kv_policy(capsys):
+    assert main(["generate", "builtin", "--prompt", PROMPT, "--max-new-tokens", "4", "--ignore-eos", "--threads", "1",
+                 "--kv-policy", "quest", "--kv-budget", "64"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(PROMPT) and len(out) > len(PROMPT) and "4 new tokens" in err

@@ -9,6 +9,7 @@ Example::
 
     sparseforge generate builtin --prompt "To be, or not to be" --max-new-tokens 64
     sparseforge generate pruned/ --prompt "ROMEO:" --temperature 0.8 --seed 1 --threads 2
+    sparseforge generate builtin --prompt "ROMEO:" --kv-policy quest --kv-budget 256
 
 Wiring (in ``sparseforge/cli.py``): ``add_parser(subparsers)`` adds the subcommand (torch-free) and
 ``run(args)`` runs it, returning the exit status.
@@ -38,6 +39,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="the lean decode path: fused sparse q/k/v and gate/up projections (default on); see --compile")
     p.add_argument("--compile", action="store_true",
                    help="also torch.compile the decode step with a static KV cache (costs a minute or more once; pays for long generations)")
+    p.add_argument("--kv-policy", default=None, choices=["dense", "quest", "streaming", "mustafar"],
+                   help="decode with a sparse KV-cache policy (sparseforge attention over a paged cache); see --kv-budget")
+    p.add_argument("--kv-budget", type=int, default=2048,
+                   help="tokens a --kv-policy reads per step (Quest's budget, StreamingLLM's sinks + window, "
+                        "Mustafar's dense recent window; default 2048)")
     p.add_argument("--dense", action="store_true", help="load a compressed checkpoint dense instead of on the sparse kernels")
     return p
 
@@ -59,12 +65,19 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--threads must be a positive integer, got {args.threads}")
     if not args.prompt.strip():
         raise ConfigError("the prompt is empty; give some text to continue (--prompt 'Once upon a time')")
+    kv_policy = None
+    if args.kv_policy is not None:
+        from sparseforge.attention.speed import kv_policy as policy_named
+
+        kv_policy = policy_named(args.kv_policy, args.kv_budget)
+        if args.compile:
+            raise ConfigError("--kv-policy runs on the paged dynamic cache; drop --compile (it needs the static cache)")
     model, tokenizer, _ = load_causal_lm(args.model, sparse=not args.dense)
     lean = LeanConfig(compile=args.compile) if args.lean else False
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     result = generate(model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, threads=args.threads,
-                      tokenizer=tokenizer, lean=lean, stream=sys.stdout)
+                      tokenizer=tokenizer, lean=lean, stream=sys.stdout, kv_policy=kv_policy)
     print(result.summary(), file=sys.stderr)
     return 0

@@ -201,7 +201,7 @@ def _check_prompt(prompt: Any) -> str:
 def generate(model: "str | Path | Any", prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int = 50, seed: int = 0, ignore_eos: bool = False, threads: Optional[int] = None,
              tokenizer: Any = None, sparse: Optional[bool] = None, lean: "bool | Any" = True,
-             stream: Optional[TextIO] = None) -> GenerationResult:
+             stream: Optional[TextIO] = None, kv_policy: Any = None) -> GenerationResult:
     """Continue ``prompt`` with ``model``; stream the new text to ``stream``; return text, tokens and timings.
 
     Args:
@@ -218,6 +218,10 @@ def generate(model: "str | Path | Any", prompt: str, *, max_new_tokens: int = 64
             its default :class:`~sparseforge.generation.lean.LeanConfig`, or pass a ``LeanConfig``;
             ``False``: plain ``model.generate``. A loaded model passed in gets its projections fused in place.
         stream: a text stream (e.g. ``sys.stdout``) the new text is written to as it is produced.
+        kv_policy: a sparse-attention policy (:mod:`sparseforge.attention`: ``Quest(budget=...)``,
+            ``StreamingLLM(...)``, ``Mustafar(...)``, ...): the model decodes with
+            ``attn_implementation="sparseforge"`` over a :class:`~sparseforge.attention.PagedKVCache`
+            carrying it (the dynamic cache: not with a static-cache ``LeanConfig``).
 
     Raises:
         ConfigError: empty prompt, bad numbers, a prompt plus ``max_new_tokens`` longer than the model's context.
@@ -239,6 +243,14 @@ def generate(model: "str | Path | Any", prompt: str, *, max_new_tokens: int = 64
         lean = LeanConfig()
     elif lean is not False and not isinstance(lean, LeanConfig):
         raise ConfigError(f"lean must be True, False or a LeanConfig, got {lean!r}")
+    if kv_policy is not None:
+        from sparseforge.attention import Policy
+
+        if not isinstance(kv_policy, Policy):
+            raise ConfigError(f"kv_policy must be a sparseforge.attention policy (Quest(budget=...), ...), got {kv_policy!r}")
+        if lean is not False and lean.uses_static_cache:
+            raise ConfigError("a KV policy runs on the paged dynamic cache, not the static one of the compiled lean "
+                              "path; drop --compile (or pass LeanConfig(static_cache=False))")
     if isinstance(model, (str, Path)):
         if tokenizer is not None:
             raise ConfigError("tokenizer= is for a loaded model; a model directory brings its own tokenizer")
@@ -265,6 +277,11 @@ def generate(model: "str | Path | Any", prompt: str, *, max_new_tokens: int = 64
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if isinstance(eos, int) else 0)
     streamer = timing_streamer(tokenizer, stream)
     kwargs = dict(settings.generate_kwargs(), attention_mask=torch.ones_like(ids), pad_token_id=pad, streamer=streamer)
+    if kv_policy is not None:
+        from sparseforge.attention import PagedKVCache, enable
+
+        model.set_attn_implementation(enable())
+        kwargs["cache"] = PagedKVCache(model.config, policy=kv_policy)
     if not settings.greedy:
         torch.manual_seed(settings.seed)
     with (kernels.sparse_threads(threads) if sparse else nullcontext()), torch.inference_mode():
