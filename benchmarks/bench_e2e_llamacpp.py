@@ -273,7 +273,7 @@ def main(argv=None) -> dict:
     for name, runs in samples.items():
         d = median_or_none([r.get("decode_tps") for r in runs])
         pp = median_or_none([r.get("prefill_tps") for r in runs])
-        errors = sorted({v for r in runs for k, v in r.items() if k.endswith("_error")})
+        errors = sorted({v for r in runs for k, v in r.items() if k.endswith(("_error", "_note"))})
         rows[name] = {"decode_tps": d, "prefill_tps": pp, "ms_per_token": 1e3 / d if d else None, "errors": errors,
                       "weight_bytes_per_token": bytes_per_token[name], "gbps": bytes_per_token[name] * d / 1e9 if d else None,
                       "runs": runs}  # fmt: skip

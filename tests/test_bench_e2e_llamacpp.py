@@ -33,16 +33,34 @@ def test_failed_cells_are_reported_not_averaged():
     assert e2e.fmt(None, 1) == "failed" and e2e.fmt(2.345, 1) == "2.3"
 
 
-def test_peer_bench_keeps_the_half_that_worked(tmp_path, monkeypatch):
+def _fake_bench(tmp_path, prefill_script):
     peer = load_benchmark("llamacpp_peer")
     fake = tmp_path / "llama-bench"
-    # decode (-p 0) prints llama-bench's JSON; prefill (-n 0) dies like the AMX host's quantized prefill
-    fake.write_text("#!/bin/sh\ncase \"$*\" in *'-p 0 '*) echo '[{\"avg_ts\": 36.4, \"stddev_ts\": 0.2}]';; *) kill -SEGV $$;; esac\n")
+    fake.write_text("#!/bin/sh\ncase \"$*\" in *'-p 0 '*) echo '[{\"avg_ts\": 36.4, \"stddev_ts\": 0.2}]';; "
+                    f"{prefill_script} esac\n")
     fake.chmod(0o755)
     tools = peer.LlamaCpp(tmp_path, tmp_path, 0.0)
-    result = peer.bench(tools, tmp_path / "m.gguf", threads=2, prompt=512, generate=128, repetitions=1)
+    return peer.bench(tools, tmp_path / "m.gguf", threads=2, prompt=512, generate=128, repetitions=1)
+
+
+def test_peer_bench_keeps_the_half_that_worked(tmp_path):
+    # decode (-p 0) prints llama-bench's JSON; prefill dies of SIGSEGV, with and without --repack 0
+    result = _fake_bench(tmp_path, "*) kill -SEGV $$;;")
     assert result["decode_tps"] == 36.4 and result["decode_tps_stdev"] == 0.2
     assert "prefill_tps" not in result and "exit -11" in result["prefill_error"]
+
+
+def test_peer_bench_retries_a_crashed_run_without_repacking(tmp_path):
+    # like the AMX host: the repacked quantized prefill dies, the plain kernels (--repack 0) run
+    result = _fake_bench(tmp_path, "*'--repack 0'*) echo '[{\"avg_ts\": 120.5}]';; *) kill -SEGV $$;;")
+    assert result["prefill_tps"] == 120.5 and "prefill_error" not in result
+    assert "--repack 0" in result["prefill_note"] and "exit -11" in result["prefill_note"]
+    assert "decode_note" not in result
+
+
+def test_peer_bench_does_not_retry_an_ordinary_failure(tmp_path):
+    result = _fake_bench(tmp_path, "*'--repack 0'*) echo '[{\"avg_ts\": 1.0}]';; *) exit 3;;")
+    assert "prefill_tps" not in result and "exit 3" in result["prefill_error"]
 
 
 def test_host_line_names_the_cpu():
