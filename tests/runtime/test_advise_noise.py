@@ -91,3 +91,23 @@ def test_stream_bytes_covers_twice_the_last_level_cache(monkeypatch):
     assert advise.stream_bytes(4) == 600 << 20
     monkeypatch.setattr(advise, "available_memory_bytes", lambda: 1 << 30)  # little memory: capped, never below the floor
     assert advise.stream_bytes(4) == max(advise.STREAM_BYTES, (1 << 30) // 16)
+
+
+def test_a_close_call_between_two_formats_is_remeasured_on_an_unsettled_machine(monkeypatch):
+    # both beat dense clearly; bitmap and csr take turns being faster: not told apart
+    close = fake_timer({"dense": [2.0] * 9, "bitmap": [1.0, 1.1, 1.0, 1.1, 1.0, 1.1, 1.0, 1.1, 1.0],
+                        "csr": [1.1, 1.0, 1.1, 1.0, 1.1, 1.0, 1.1, 1.0, 0.9]}, stable=False)
+    monkeypatch.setattr(advise, "time_interleaved", close)
+    adv = advise.measure_layer(pruned(), budget_s=0.1)
+    assert close.calls == [0.1, 0.2, 0.4]
+    assert adv.choice in ("bitmap", "csr") and adv.note == ""
+
+
+def test_a_clear_leader_or_a_settled_machine_ends_the_measurement(monkeypatch):
+    clear = fake_timer({"dense": [2.0] * 9, "bitmap": [1.0] * 9, "csr": [1.2] * 9}, stable=False)
+    monkeypatch.setattr(advise, "time_interleaved", clear)
+    assert advise.measure_layer(pruned(), budget_s=0.1).choice == "bitmap" and clear.calls == [0.1]
+    settled = fake_timer({"dense": [2.0] * 9, "bitmap": [1.0, 1.1] * 4 + [1.0], "csr": [1.1, 1.0] * 4 + [1.1]})
+    monkeypatch.setattr(advise, "time_interleaved", settled)
+    advise.measure_layer(pruned(), budget_s=0.1)
+    assert settled.calls == [0.1]

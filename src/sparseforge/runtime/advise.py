@@ -24,7 +24,8 @@ median is known to 2% or ``budget_s`` seconds per candidate have passed. A forma
 median over rounds of the *paired* ratio dense time / format time (both called in the same round,
 so drift between rounds cancels; :attr:`LayerAdvice.paired`). Decisions that the numbers cannot
 support are re-measured with twice, then four times the budget, and then refused, with the reason
-in :attr:`LayerAdvice.note`:
+in :attr:`LayerAdvice.note` (a close call between the two fastest formats on an unsettled machine is
+re-measured the same way, then the faster median wins):
 
 * a format whose speedup over dense exceeds :data:`PLAUSIBLE_GAIN` times the larger of its bytes
   advantage and its multiply-add advantage (1 / density) is dropped as implausible (a preempted
@@ -199,7 +200,7 @@ def measure_layer(w: torch.Tensor, *, batch_sizes: Sequence[int] = (1,), pattern
             suspicious = {f for f in sparse if speed[f][0] > bound[f]}
             contenders = [f for f in sparse if f not in suspicious and speed[f][0] >= min_speedup]
             unclear = [f for f in contenders if not meas.stable and speed[f][1] <= 1.0]
-            if not suspicious and not unclear:
+            if not suspicious and not unclear and not _close_call(meas, contenders, speed):
                 break
         implausible |= suspicious
         for f, t in meas.ms().items():
@@ -224,6 +225,15 @@ def measure_layer(w: torch.Tensor, *, batch_sizes: Sequence[int] = (1,), pattern
     return LayerAdvice(tuple(w.shape), float(1 - keep.float().mean()), str(w.dtype).replace("torch.", ""),
                        timings, choice, pattern=_candidate_pattern(choice, pattern), note="; ".join(notes),
                        paired=speedups)
+
+
+def _close_call(meas, contenders: list[str], speed: dict[str, tuple[float, float, float]]) -> bool:
+    """True when, on an unsettled machine, the two fastest contenders are not told apart: the paired
+    ratio of the runner-up's time to the leader's has a confidence interval that reaches 1."""
+    if meas.stable or len(contenders) < 2:
+        return False
+    leader, runner_up = sorted(contenders, key=lambda f: speed[f][0], reverse=True)[:2]
+    return meas.ratio(runner_up, leader)[1] <= 1.0
 
 
 def _cycler(call: Callable[[Any], Any], items: list) -> Callable[[], Any]:
