@@ -11,6 +11,8 @@ BUILD_LOCK := requirements/build-lock.txt
 STAMP := $(VENV)/.sparseforge-installed
 LATEST_VENV := .venv-latest
 PYTEST_ARGS ?=
+# test processes (pytest-xdist): one per core, at most 4 (every test process runs torch on 1 thread)
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 TORCH_FIND_LINKS ?= /opt/wheels  # where the CPU torch wheel lies on this project's machines
 
 .PHONY: demo test test-fast test-latest test-asan install lock bench bench-report bench-guard clean
@@ -27,10 +29,10 @@ demo: $(STAMP)
 	$(VENV)/bin/sparseforge demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 # The newest versions pyproject.toml allows (torch stays the pinned CPU build: an unpinned torch is
 # the CUDA build). A failure here names an upstream change before it reaches the lock.
@@ -40,7 +42,7 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade -r requirements/torch-cpu.txt
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c requirements/torch-cpu.txt -e ".[hf,minilm,test]"
 	$(LATEST_VENV)/bin/python -m pip freeze > $(LATEST_VENV)/resolved.txt
-	$(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # Refresh the lock files with uv (installed into .venv-tools); commit the result with a test run.
 lock:

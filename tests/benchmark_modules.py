@@ -15,9 +15,11 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def load_benchmark(name: str) -> ModuleType:
-    """``benchmarks/bench_<name>.py`` executed as a fresh module named ``bench_<name>``."""
+    """``benchmarks/bench_<name>.py`` executed as a fresh module named ``bench_<name>`` (registered in
+    ``sys.modules`` first, as an import does: dataclasses look their module up there)."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"bench_{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     sys.path.insert(0, str(BENCH))
     try:
         spec.loader.exec_module(module)
