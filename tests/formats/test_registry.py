@@ -55,7 +55,7 @@ def test_the_builtin_formats_are_registered_once():
     assert registry.names(general=True) == ("bitmap", "nm", "csr") == sf.nn.FORMATS
     assert registry.names(stored=True) == ("bitmap", "nm", "fanin", "bsr")
     assert registry.names(sparse_linear=False) == ("colbitmap",)  # run by ColumnSparseLinear, not SparseLinear
-    assert "colbitmap" not in sf.nn.ALL_FORMATS
+    assert "colbitmap" not in sf.nn.sparse_linear.ALL_FORMATS
     for cls in (BitmapWeight, NMWeight, CSRWeight, FanInWeight, BSRWeight, ColumnBitmapWeight):
         assert registry.get(registry.spec_of(object.__new__(cls)).name).cls is cls
     with pytest.raises(ConfigError, match="unknown sparse format 'coo'.*bitmap"):

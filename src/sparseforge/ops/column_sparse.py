@@ -37,7 +37,8 @@ from sparseforge.formats.colbitmap import ColumnBitmapWeight
 from sparseforge.kernels import native
 from sparseforge.ops.sparse_input import sparse_input_masked
 
-__all__ = ["column_sparse_linear", "column_sparse_reference", "kernel_args", "dense_from_buffers", "ALGOS"]
+__all__ = ["column_sparse_linear", "column_sparse_op", "column_sparse_reference", "kernel_args", "dense_from_buffers",
+           "ALGOS"]
 
 ALGOS = ("auto", "gemv", "gemm")
 
@@ -130,6 +131,13 @@ def _backward(ctx, dy):
 
 
 _column_sparse_op.register_autograd(_backward, setup_context=_setup)
+
+
+def column_sparse_op(x: Tensor, bitmap: Tensor, block_ptr: Tensor, values: Tensor, thresholds: Tensor,
+                     bias: Optional[Tensor], out_features: int) -> Tensor:
+    """The registered op ``sparseforge::column_sparse_linear`` over a weight's buffers (what
+    ``torch.compile`` and autograd see; a module holding the buffers calls this)."""
+    return _column_sparse_op(x, bitmap, block_ptr, values, thresholds, bias, out_features)
 
 
 def column_sparse_linear(x: Tensor, weight: ColumnBitmapWeight, thresholds: Tensor, bias: Optional[Tensor] = None, *,
