@@ -6,8 +6,8 @@
 // Both kernels walk a channel's 64-bit bitmap words in chunks of kVL columns; `expand` turns the
 // chunk's bits m and the channel's next popcount(m) packed values into a vector with the values in
 // the set lanes and 0 elsewhere:
-//   AVX-512: float32 vexpandps from memory; bfloat16 a masked load of popcount(m) values
-//            (vmovdqu16, never past them), widened to float32, then vexpandps between registers;
+//   AVX-512: float32 vexpandps from memory; bfloat16 16 values loaded (a masked load of exactly
+//            popcount(m) at the buffer's end), widened to float32, then vexpandps between registers;
 //   AVX2:    a 256-entry table of vpermps indices and lane masks; the packed values come from a
 //            masked load (float32) or, for bfloat16, a 16-byte load while 8 values remain in the
 //            buffer and a scalar copy at its very end;
@@ -45,9 +45,13 @@ inline vfl cs_fma(vfl a, vfl b, vfl c) {
 }
 
 inline vfl cs_splat(float v) {
-  vfl r;
-  for (int l = 0; l < kVL; ++l) r[l] = v;
-  return r;
+#if defined(__AVX512F__)
+  return reinterpret_cast<vfl>(_mm512_set1_ps(v));
+#elif defined(__AVX__)
+  return reinterpret_cast<vfl>(_mm256_set1_ps(v));
+#else
+  return vfl{v, v, v, v};
+#endif
 }
 
 constexpr uint64_t kChunkMask = kVL == 64 ? ~0ull : (1ull << kVL) - 1;
@@ -83,14 +87,16 @@ constexpr ExpandTable kExpand = make_expand_table();
 template <VT V>
 inline vfl expand(const void* values, int64_t pos, int64_t end, uint32_t m) {
 #if defined(__AVX512F__)
-  (void)end;
   if constexpr (V == VT::f32) {
+    (void)end;
     return reinterpret_cast<vfl>(_mm512_maskz_expandloadu_ps(static_cast<__mmask16>(m),
                                                              static_cast<const float*>(values) + pos));
   } else {
-    const int c = __builtin_popcount(m);
-    const __m256i h = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << c) - 1u),
-                                               static_cast<const uint16_t*>(values) + pos);
+    // 16 values when the buffer has them (the expansion uses only the first popcount(m)), else a
+    // masked load of exactly popcount(m)
+    const uint16_t* p = static_cast<const uint16_t*>(values) + pos;
+    const __m256i h = pos + 16 <= end ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                      : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << __builtin_popcount(m)) - 1u), p);
     const __m512 f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     return reinterpret_cast<vfl>(_mm512_maskz_expand_ps(static_cast<__mmask16>(m), f));
   }
@@ -142,10 +148,13 @@ inline void gemv_group(const ColumnSparseWeight& w, const int32_t* idx, const fl
   const int64_t nw = (cw + 63) / 64;
   for (int64_t q = 0; q < nw; ++q) {
     uint64_t word[G];
+#pragma GCC unroll 8
     for (int g = 0; g < G; ++g) word[g] = bm[g][q];
     float* a = acc + q * 64;
+#pragma GCC unroll 16
     for (int c = 0; c < 64; c += kVL) {
       vfl v = cs_load(a + c);
+#pragma GCC unroll 8
       for (int g = 0; g < G; ++g) {
         const uint32_t m = static_cast<uint32_t>((word[g] >> c) & kChunkMask);
         v = cs_fma(xk[g], expand<V>(w.values, pos[g], w.nnz, m), v);
@@ -184,6 +193,7 @@ void decode_panel_t(const ColumnSparseWeight& w, int64_t k0, int64_t k1, int64_t
     float* row = panel + (k - k0) * ld;
     for (int64_t q = 0; q < nw; ++q) {
       const uint64_t word = bm[q];
+#pragma GCC unroll 16
       for (int c = 0; c < 64; c += kVL) {
         const uint32_t m = static_cast<uint32_t>((word >> c) & kChunkMask);
         cs_store(row + q * 64 + c, expand<V>(w.values, pos, w.nnz, m));
