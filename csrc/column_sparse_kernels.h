@@ -23,37 +23,12 @@
 
 #include "column_sparse.h"
 #include "lanes.h"
+#include "sparse_input_kernels.h"  // si_load, si_store, si_fma, si_bcast
 
 namespace sf {
 namespace {
 
-typedef float vflu_cs __attribute__((vector_size(kVL * 4), aligned(4)));  // unaligned float vector
-
-inline vfl cs_load(const float* p) { return *reinterpret_cast<const vflu_cs*>(p); }
-inline void cs_store(float* p, vfl v) { *reinterpret_cast<vflu_cs*>(p) = v; }
-
-inline vfl cs_fma(vfl a, vfl b, vfl c) {
-#if defined(__AVX512F__)
-  return reinterpret_cast<vfl>(_mm512_fmadd_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b),
-                                               reinterpret_cast<__m512>(c)));
-#elif defined(__FMA__) && defined(__AVX__)
-  return reinterpret_cast<vfl>(_mm256_fmadd_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b),
-                                               reinterpret_cast<__m256>(c)));
-#else
-  return a * b + c;
-#endif
-}
-
-inline vfl cs_splat(float v) {
-#if defined(__AVX512F__)
-  return reinterpret_cast<vfl>(_mm512_set1_ps(v));
-#elif defined(__AVX__)
-  return reinterpret_cast<vfl>(_mm256_set1_ps(v));
-#else
-  return vfl{v, v, v, v};
-#endif
-}
-
+alignas(64) constexpr float kZeros[16] = {};
 constexpr uint64_t kChunkMask = kVL == 64 ? ~0ull : (1ull << kVL) - 1;
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
@@ -123,7 +98,7 @@ inline vfl expand(const void* values, int64_t pos, int64_t end, uint32_t m) {
       _mm256_and_ps(e, _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kExpand.lane[m])))));
 #else
   (void)end;
-  vfl v = cs_splat(0.f);
+  vfl v = si_load(kZeros);
   int r = 0;
   for (int l = 0; l < kVL; ++l) {
     if ((m >> l) & 1u) v[l] = load_val<V>(values, pos + r++);
@@ -143,7 +118,7 @@ inline void gemv_group(const ColumnSparseWeight& w, const int32_t* idx, const fl
   for (int g = 0; g < G; ++g) {
     bm[g] = w.bitmap + idx[g] * words + j0 / 64;
     pos[g] = w.block_ptr[idx[g] * nblk + j0 / kColBlock];
-    xk[g] = cs_splat(xv[g]);
+    xk[g] = si_bcast(xv + g);
   }
   const int64_t nw = (cw + 63) / 64;
   for (int64_t q = 0; q < nw; ++q) {
@@ -153,14 +128,14 @@ inline void gemv_group(const ColumnSparseWeight& w, const int32_t* idx, const fl
     float* a = acc + q * 64;
 #pragma GCC unroll 16
     for (int c = 0; c < 64; c += kVL) {
-      vfl v = cs_load(a + c);
+      vfl v = si_load(a + c);
 #pragma GCC unroll 8
       for (int g = 0; g < G; ++g) {
         const uint32_t m = static_cast<uint32_t>((word[g] >> c) & kChunkMask);
-        v = cs_fma(xk[g], expand<V>(w.values, pos[g], w.nnz, m), v);
+        v = si_fma(xk[g], expand<V>(w.values, pos[g], w.nnz, m), v);
         pos[g] += __builtin_popcount(m);
       }
-      cs_store(a + c, v);
+      si_store(a + c, v);
     }
   }
 }
@@ -196,7 +171,7 @@ void decode_panel_t(const ColumnSparseWeight& w, int64_t k0, int64_t k1, int64_t
 #pragma GCC unroll 16
       for (int c = 0; c < 64; c += kVL) {
         const uint32_t m = static_cast<uint32_t>((word >> c) & kChunkMask);
-        cs_store(row + q * 64 + c, expand<V>(w.values, pos, w.nnz, m));
+        si_store(row + q * 64 + c, expand<V>(w.values, pos, w.nnz, m));
         pos += __builtin_popcount(m);
       }
     }

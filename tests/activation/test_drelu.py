@@ -14,8 +14,7 @@ from sparseforge.activation.relufy import (
     UP_ACT_KEY, ActivationL1, DReLUMLP, gate_sparsity, relu_sparse_, relufy_, restore_mlp_variant_,
 )
 from sparseforge.errors import ConfigError, ModelError
-from sparseforge.finetune import FinetuneConfig, finetune_
-from tiny_models import VOCAB, tiny_model, tokens
+from tiny_models import finetune_with_l1, tiny_model, tokens
 
 
 def hand_drelu(mlp, x):
@@ -138,16 +137,6 @@ def test_bad_requests_are_clear_errors():
         DReLUMLP(nn.Linear(2, 2))
 
 
-def _finetune(model, teacher, l1_peak: float):
-    l1 = ActivationL1(model, peak=l1_peak, warmup=10) if l1_peak else None
-    data = torch.randint(2, VOCAB, (6000,), generator=torch.Generator().manual_seed(0))
-    cfg = FinetuneConfig(loss="ce+kd", steps=30, lr=3e-3, allow_dense=True, batch_size=4, seqlen=32)
-    finetune_(model, cfg, teacher=teacher, data=data, kind="causal-lm", evaluate=False, progress=False,
-              callback=l1.callback if l1 else None)
-    if l1:
-        l1.remove()
-
-
 def test_recovery_with_progressive_l1_raises_the_drelu_sparsity():
     teacher = tiny_model("llama")
     plain, penalised = tiny_model("llama"), tiny_model("llama")
@@ -156,8 +145,8 @@ def test_recovery_with_progressive_l1_raises_the_drelu_sparsity():
     l1 = ActivationL1(penalised, peak=2.0, warmup=10)
     assert len(l1.handles) == 4  # gate and up activations of both MLPs
     l1.remove()
-    _finetune(plain, teacher, 0.0)
-    _finetune(penalised, teacher, 2.0)
+    finetune_with_l1(plain, teacher, 0.0)
+    finetune_with_l1(penalised, teacher, 2.0)
     ids = tokens(4, 32, seed=9)
     assert gate_sparsity(penalised, ids) > gate_sparsity(plain, ids) + 0.03
     assert all(isinstance(layer.mlp, DReLUMLP) for layer in penalised.model.layers)
