@@ -107,6 +107,30 @@ inline vfl expand(const void* values, int64_t pos, int64_t end, uint32_t m) {
 #endif
 }
 
+#if defined(__AVX512F__)
+typedef uint16_t u16_alias __attribute__((may_alias));
+
+// expand<V> with the chunk's 16 bits read from the bitmap in memory: kmovw from memory (a load
+// uop) instead of a shift and a kmovw from a general register (port 5, which vexpandps needs too)
+template <VT V>
+inline vfl expand_at(const void* values, int64_t pos, int64_t end, const u16_alias* bits) {
+  __mmask16 k;
+  // an explicit memory operand: the compiler would otherwise reuse the general-register copy that
+  // the popcount of the same bits loads, and move it over with a port-5 kmovw
+  asm("kmovw %1, %0" : "=Yk"(k) : "m"(*bits));
+  if constexpr (V == VT::f32) {
+    (void)end;
+    return reinterpret_cast<vfl>(_mm512_maskz_expandloadu_ps(k, static_cast<const float*>(values) + pos));
+  } else {
+    const uint16_t* p = static_cast<const uint16_t*>(values) + pos;
+    const __m256i h = pos + 16 <= end ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                      : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << __builtin_popcount(*bits)) - 1u), p);
+    const __m512 f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return reinterpret_cast<vfl>(_mm512_maskz_expand_ps(k, f));
+  }
+}
+#endif
+
 // acc[0:round64(cw)] += sum over G channels of xv[g] * W[j0:, idx[g]]
 template <VT V, int G>
 inline void gemv_group(const ColumnSparseWeight& w, const int32_t* idx, const float* xv, int64_t j0, int64_t cw,
@@ -122,18 +146,26 @@ inline void gemv_group(const ColumnSparseWeight& w, const int32_t* idx, const fl
   }
   const int64_t nw = (cw + 63) / 64;
   for (int64_t q = 0; q < nw; ++q) {
+#if !defined(__AVX512F__)
     uint64_t word[G];
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g) word[g] = bm[g][q];
+#endif
     float* a = acc + q * 64;
 #pragma GCC unroll 16
     for (int c = 0; c < 64; c += kVL) {
       vfl v = si_load(a + c);
 #pragma GCC unroll 8
       for (int g = 0; g < G; ++g) {
+#if defined(__AVX512F__)
+        const u16_alias* bits = reinterpret_cast<const u16_alias*>(bm[g] + q) + c / 16;  // little endian
+        v = si_fma(xk[g], expand_at<V>(w.values, pos[g], w.nnz, bits), v);
+        pos[g] += __builtin_popcount(*bits);
+#else
         const uint32_t m = static_cast<uint32_t>((word[g] >> c) & kChunkMask);
         v = si_fma(xk[g], expand<V>(w.values, pos[g], w.nnz, m), v);
         pos[g] += __builtin_popcount(m);
+#endif
       }
       si_store(a + c, v);
     }
