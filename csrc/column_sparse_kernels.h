@@ -117,7 +117,7 @@ inline vfl expand_at(const void* values, int64_t pos, int64_t end, const u16_ali
   __mmask16 k;
   // an explicit memory operand: the compiler would otherwise reuse the general-register copy that
   // the popcount of the same bits loads, and move it over with a port-5 kmovw
-  asm("kmovw %1, %0" : "=Yk"(k) : "m"(*bits));
+  asm("kmovw %1, %0" : "=k"(k) : "m"(*bits));
   if constexpr (V == VT::f32) {
     (void)end;
     return reinterpret_cast<vfl>(_mm512_maskz_expandloadu_ps(k, static_cast<const float*>(values) + pos));
