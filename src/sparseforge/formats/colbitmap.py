@@ -141,7 +141,9 @@ class ColumnBitmapWeight(StoredBuffers):
 
     @classmethod
     def from_format(cls, weight, values_dtype: torch.dtype | None = None) -> "ColumnBitmapWeight":
-        """The column layout of another format object (``to_dense`` / ``mask`` of one layer)."""
+        """The column layout of another format object (``to_dense`` / ``mask`` of one layer). Float
+        values keep their dtype; int8 values (no int8 column kernel yet) become their float32
+        dequantized weights unless ``values_dtype`` says otherwise."""
         dense = weight.to_dense()  # (out, in)
         mask = weight.mask() if hasattr(weight, "mask") else dense != 0
         dtype = values_dtype or (weight.dtype if weight.dtype in (torch.float32, torch.bfloat16) else torch.float32)
