@@ -11,6 +11,14 @@ greedily after an 8-token prompt; the median of ``--repeats`` runs is reported. 
 inside ``kernels.sparse_threads`` (torch single-threaded, the kernels on all threads); dense runs both
 with torch's threads and single-threaded, and the faster of the two is the baseline (``vs dense``).
 
+Weight x activation sparsity (``--weight-sparsity``, default 0.5; 0 skips it): each projection's
+weight is also pruned to that fraction by magnitude (per layer) and stored in the column bitmap
+format (:class:`sparseforge.activation.ColumnSparseLinear`, built from the TEAL layers, same
+thresholds), run at each TEAL sparsity; its bytes bound uses the column format's bytes
+(``L (1 - s) r + H`` with ``r`` = column bytes / dense bytes). The issue's target: 50% weight + 50%
+activation >= 2.5x the dense fp32 tokens/s of the same run. Its quality is not measured here
+(random weights).
+
 Printed beside each variant: the bytes bound of the whole model at that sparsity,
 ``(L + H) / (L (1 - s) + H)`` with ``L`` the sparsified projections' bytes and ``H`` the dense rest
 read per token (lm_head; embeddings and the KV cache are negligible at this context), and the
@@ -47,8 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--weight-sparsity", type=float, default=0.5, help="pruned fraction of the column-format variants (0: none)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    if not 0.0 <= args.weight_sparsity < 1.0:
+        p.error("--weight-sparsity must be in [0, 1)")
     if args.quick:
         args.hidden, args.layers, args.ffn, args.vocab, args.new, args.repeats = 256, 2, 704, 1024, 16, 2
     args.sparsities = sorted((float(s) for s in args.sparsities.split(",")), reverse=True)
@@ -65,6 +76,26 @@ def build_model(args):
                         num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), vocab_size=args.vocab,
                         max_position_embeddings=max(256, args.new + 16), tie_word_embeddings=False)
     return t.LlamaForCausalLM(cfg).float().eval()
+
+
+def column_layers(sparse_layers: dict, weight_sparsity: float) -> tuple[dict, float]:
+    """``{name: ColumnSparseLinear}``: each TEAL layer's weight pruned to ``weight_sparsity`` by
+    magnitude (per layer), stored in the column bitmap format with the same threshold; and the
+    column bytes / dense fp32 bytes of them all."""
+    from sparseforge.activation import ColumnSparseLinear
+    from sparseforge.formats.colbitmap import ColumnBitmapWeight
+
+    layers, col_bytes, dense_bytes = {}, 0, 0
+    for name, m in sparse_layers.items():
+        w = m.weight.detach()  # (out, in)
+        k = max(1, int(w.numel() * weight_sparsity))
+        cut = w.abs().flatten().kthvalue(k).values
+        weight = ColumnBitmapWeight.from_dense(torch.where(w.abs() > cut, w, torch.zeros(())))
+        layer = ColumnSparseLinear(weight, m.bias, threshold=m.threshold)
+        layers[name] = layer
+        col_bytes += weight.nbytes
+        dense_bytes += w.numel() * 4
+    return layers, col_bytes / dense_bytes
 
 
 def main(argv=None) -> dict:
@@ -92,12 +123,19 @@ def main(argv=None) -> dict:
 
     # dense twice: torch's threads, and torch single-threaded like the TEAL runs; the faster is the baseline
     variants = {"dense fp32": None, "dense fp32 (torch 1 thread)": None, **{f"TEAL {s:.0%}": s for s in args.sparsities}}
+    col_layers, col_ratio = ({}, 1.0) if not args.weight_sparsity else column_layers(sparse_layers, args.weight_sparsity)
+    if col_layers:
+        variants.update({f"weight {args.weight_sparsity:.0%} (column) + TEAL {s:.0%}": ("column", s) for s in args.sparsities})
     prompt = torch.randint(1, args.vocab, (1, 8), generator=torch.Generator().manual_seed(0))
 
     def run_variant(name, s, new):
         if s is None:
             use(dense_layers)
             ctx = kernels.sparse_threads(args.threads) if "1 thread" in name else nullcontext()
+        elif isinstance(s, tuple):
+            use(col_layers)
+            report.retarget_(model, s[1])
+            ctx = kernels.sparse_threads(args.threads)
         else:
             use(sparse_layers)
             report.retarget_(model, s)
@@ -116,12 +154,13 @@ def main(argv=None) -> dict:
     rows = []
     for name, s in variants.items():
         med = statistics.median(times[name])
-        sp = 0.0 if s is None else s
-        bound = (layer_bytes + rest_bytes) / (layer_bytes * (1 - sp) + rest_bytes)
-        rows.append({"variant": name, "sparsity": sp, "tokens_per_s": args.new / med, "median_s": med,
+        sp = 0.0 if s is None else s[1] if isinstance(s, tuple) else s
+        ratio = col_ratio if isinstance(s, tuple) else 1.0
+        bound = (layer_bytes + rest_bytes) / (layer_bytes * (1 - sp) * ratio + rest_bytes)
+        rows.append({"variant": name, "sparsity": sp, "weight_sparsity": args.weight_sparsity if isinstance(s, tuple) else 0.0, "tokens_per_s": args.new / med, "median_s": med,
                      "speedup": base / med, "bytes_bound": bound, "of_bound": (base / med) / bound, "runs_s": times[name]})
     result = {"shape": {k: getattr(args, k) for k in ("hidden", "layers", "ffn", "vocab")}, "gqa_kv_heads": max(1, args.hidden // 256),
-              "new_tokens": args.new, "threads": args.threads, "isa": kernels.isa(), "layer_bytes": layer_bytes,
+              "column_bytes_ratio": col_ratio if col_layers else None, "new_tokens": args.new, "threads": args.threads, "isa": kernels.isa(), "layer_bytes": layer_bytes,
               "rest_bytes": rest_bytes, "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "rows": rows}
     print(f"decode, batch 1, {args.new} new tokens, hidden {args.hidden}, {args.layers} layers, FFN {args.ffn}, GQA, "
           f"vocab {args.vocab}, fp32, {args.threads} threads, isa {result['isa']}, load {load_before[0]:.1f} -> "

@@ -17,6 +17,16 @@ OpenMP workers, or a descheduled kernel thread, can slow the multi-threaded run 
 64): torch dense vs the GEMM paths over the same ``(in, out)`` weights (native masked GEMM, and
 torch's matmul on the masked input, the default of ``SparseInputLinear`` for many rows).
 
+Weight x activation sparsity (``--weight-sparsity``, default 0.5; 0 skips it): the same layers with
+that fraction of each weight pruned at random, stored in the column bitmap format
+(:class:`sparseforge.formats.colbitmap.ColumnBitmapWeight`, run by the native kernel of
+:mod:`sparseforge.ops.column_sparse` through views checked once, as ``ColumnSparseLinear`` runs it),
+at activation sparsity ``--col-sparsities`` (default 0 / 25 / 50 / 65 %). Its bytes bound is
+``(1 - s_act) x (column-format bytes / dense bytes) x dense-layout time`` (the format's bytes: kept
+values, the bitmap and the block pointers); ``vs torch dense`` compares with torch's dense layer of
+the same dtype. At ``--prefill`` rows the decoded-panel GEMM over the same column layout runs against
+torch dense.
+
 The streaming bandwidth (torch ``sum`` of a large fp32 array) is measured before and after and
 printed beside the figures. The machine this is written on is shared with other jobs: read ratios
 measured in one run, not absolute times.
@@ -54,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sparsities", default="0,0.25,0.4,0.5,0.65,0.8")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--prefill", type=int, default=64, help="batch of the prefill rows (0: skip)")
+    p.add_argument("--weight-sparsity", type=float, default=0.5, help="pruned fraction for the column-format rows (0: skip)")
+    p.add_argument("--col-sparsities", default="0,0.25,0.5,0.65", help="activation sparsities of the column-format rows")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--budget", type=float, default=2.0, help="seconds of timing per cell (5..40 passes)")
     p.add_argument("--bw-mib", type=int, default=512)
@@ -63,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.layers, args.hidden, args.ffn, args.budget, args.bw_mib = 2, 1024, 2816, 0.3, 128
     args.sparsities = [float(s) for s in args.sparsities.split(",")]
+    args.col_sparsities = [float(s) for s in args.col_sparsities.split(",")]
+    if not 0.0 <= args.weight_sparsity < 1.0:
+        p.error("--weight-sparsity must be in [0, 1)")
     args.dtypes = args.dtypes.split(",")
     if set(args.dtypes) - {"fp32", "bf16"}:
         p.error("dtypes are fp32 and/or bf16")
@@ -173,9 +188,64 @@ def run(args) -> dict:
                                  "vs_torch_dense": base / t["ms"] if base else None})
                     print(f"{dt_name} batch {args.prefill} s={s:.0%} {name}: {t['ms']:.1f} ms "
                           f"({base / t['ms']:.2f}x torch dense)", flush=True)
+        if args.weight_sparsity > 0:
+            rows += column_rows(args, dt_name, dtype, dense32, xs, t_dense, dense_layout, gen, time_torch, time_ours)
     bw1 = bandwidth_gbs(args.bw_mib)
     meta.update({"bandwidth_gbs": [bw0, bw1], "load_avg_end": os.getloadavg()})
     return {"meta": meta, "rows": rows}
+
+
+def column_rows(args, dt_name, dtype, dense32, xs, t_dense, dense_layout, gen, time_torch, time_ours) -> list[dict]:
+    """The column-format rows of one dtype (module doc): batch 1 at each activation sparsity against
+    its bytes bound and torch dense, and the prefill GEMM over the same layout against torch dense."""
+    from sparseforge.formats.colbitmap import ColumnBitmapWeight
+    from sparseforge.ops.column_sparse import kernel_args
+
+    ws = args.weight_sparsity
+    pruned = [w * (torch.rand(w.shape, generator=gen) >= ws) for w in dense32]  # (out, in), ws zeros
+    cols = [ColumnBitmapWeight.from_dense(w.to(dtype)) for w in pruned]
+    args_of = [kernel_args(c.bitmap, c.block_ptr, c.values, c.shape[0]) for c in cols]  # checked once
+    dense_bytes = sum(w.numel() * w.element_size() for w in (d.to(dtype) for d in dense32))
+    ratio = sum(c.nbytes for c in cols) / dense_bytes
+    label = f"column GEMV (weight {ws:.0%})"
+    print(f"# {dt_name}: column format {ratio:.3f} of the dense bytes at weight sparsity {ws:.0%}", flush=True)
+    rows = []
+    for s in args.col_sparsities:
+        thr = [torch.tensor([float(torch.quantile(x.abs(), s))]) if s > 0 else torch.zeros(1) for x in xs]
+        outs = [torch.empty(1, c.shape[0]) for c in cols]
+
+        def run_cols(thr=thr, outs=outs):
+            for (kernel, *views), x, t, y in zip(args_of, xs, thr, outs):
+                kernel(x.numpy(), *views, t.numpy(), None, y.numpy())
+
+        t = time_ours(run_cols, args.budget, args.threads)
+        bound = (1 - s) * ratio * dense_layout
+        rows.append({"dtype": dt_name, "batch": 1, "kernel": label, "sparsity": s, "weight_sparsity": ws, **t,
+                     "bytes_ratio": ratio, "bound_ms": bound, "of_bound": bound / t["ms"],
+                     "vs_torch_dense": t_dense["ms"] / t["ms"]})
+        print(f"{dt_name} weight {ws:.0%} + act {s:.0%}: {t['ms']:.2f} ms, bound {bound:.2f} ms ({bound / t['ms']:.0%}), "
+              f"{t_dense['ms'] / t['ms']:.2f}x torch dense", flush=True)
+    if args.prefill:
+        xb = [torch.randn(args.prefill, x.shape[1], generator=gen) for x in xs]
+        with torch.no_grad():
+            base = time_torch(lambda: [torch.nn.functional.linear(x.to(dtype), w.to(dtype)) for w, x in zip(pruned, xb)],
+                              args.budget, args.threads)
+        rows.append({"dtype": dt_name, "batch": args.prefill, "kernel": "torch dense (pruned weights)", "sparsity": 0.0,
+                     **base})
+        for s in (0.0, 0.5):
+            thr = [torch.tensor([float(torch.quantile(x.abs(), s))]) if s > 0 else torch.zeros(1) for x in xb]
+            outs = [torch.empty(args.prefill, c.shape[0]) for c in cols]
+
+            def run_gemm(thr=thr, outs=outs):
+                for (kernel, *views), x, t, y in zip(args_of, xb, thr, outs):
+                    kernel(x.numpy(), *views, t.numpy(), None, y.numpy(), "", "gemm")
+
+            t = time_ours(run_gemm, args.budget, args.threads)
+            rows.append({"dtype": dt_name, "batch": args.prefill, "kernel": f"column layout GEMM (weight {ws:.0%})",
+                         "sparsity": s, "weight_sparsity": ws, **t, "vs_torch_dense": base["ms"] / t["ms"]})
+            print(f"{dt_name} batch {args.prefill} weight {ws:.0%} + act {s:.0%} column GEMM: {t['ms']:.1f} ms "
+                  f"({base['ms'] / t['ms']:.2f}x torch dense, {base['ms']:.1f} ms)", flush=True)
+    return rows
 
 
 def markdown(result: dict) -> str:

@@ -106,7 +106,7 @@ def variants(args, label: str) -> tuple[dict, dict, dict, dict]:
         notes = [a.note for a in advice.layers if a.note]
         if notes:
             picked[name] += " [" + "; ".join(notes) + "]"
-    for fmt in registry.names():
+    for fmt in registry.names(sparse_linear=True):
         m = copy.deepcopy(base)
         try:
             compress_(m, format=fmt, min_sparsity=0.0)

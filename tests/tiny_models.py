@@ -50,3 +50,18 @@ def tiny_model(family: str, seed: int = 0, dtype=torch.float32):
 def tokens(samples: int = 8, seqlen: int = 16, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(2, VOCAB, (samples, seqlen), generator=g)
+
+
+def finetune_with_l1(model, teacher, l1_peak: float, steps: int = 30) -> None:
+    """A short recovery fine-tune of a ReLU-fied tiny model (ce+kd from ``teacher``), with the progressive
+    activation L1 penalty at ``l1_peak`` (0: none)."""
+    from sparseforge.activation.relufy import ActivationL1
+    from sparseforge.finetune import FinetuneConfig, finetune_
+
+    l1 = ActivationL1(model, peak=l1_peak, warmup=10) if l1_peak else None
+    data = torch.randint(2, VOCAB, (6000,), generator=torch.Generator().manual_seed(0))
+    cfg = FinetuneConfig(loss="ce+kd", steps=steps, lr=3e-3, allow_dense=True, batch_size=4, seqlen=32)
+    finetune_(model, cfg, teacher=teacher, data=data, kind="causal-lm", evaluate=False, progress=False,
+              callback=l1.callback if l1 else None)
+    if l1:
+        l1.remove()

@@ -76,5 +76,6 @@ void register_expert_ffn(nb::module_& m);     // expert_ffn.cpp: few-token MoE e
 void register_activation(nb::module_& m);     // activation.cpp: sparse-input linear (activation sparsity)
 void register_attention(nb::module_& m);      // attention.cpp: decode attention, Quest page selection, sparse KV
 void register_linear_bf16(nb::module_& m);    // linear_bf16.cpp: bf16 / AMX panel product (batch >= 16)
+void register_column_sparse(nb::module_& m);  // column_sparse.cpp: activation x weight sparse linear
 
 }  // namespace sfb

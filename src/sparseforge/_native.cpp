@@ -14,4 +14,5 @@ NB_MODULE(_native, m) {
   sfb::register_activation(m);
   sfb::register_attention(m);
   sfb::register_linear_bf16(m);
+  sfb::register_column_sparse(m);
 }

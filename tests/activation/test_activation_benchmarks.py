@@ -26,6 +26,16 @@ def test_kernel_benchmark_writes_bounds_and_baselines(tmp_path):
         assert math.isclose(r["of_bound"], r["bound_ms"] / r["ms"]) and math.isclose(r["vs_torch_dense"], dense / r["ms"])
     assert any(r["batch"] == 3 and "native GEMM" in r["kernel"] for r in result["rows"])
     assert "| fp32 | 1 | sparse-input GEMV | 50% |" in bench.markdown(result)
+    # weight 50% in the column format times activation sparsity: bound from the format's bytes
+    col = [r for r in result["rows"] if r["kernel"] == "column GEMV (weight 50%)"]
+    assert {(r["dtype"], r["sparsity"]) for r in col} == {(d, s) for d in ("fp32", "bf16") for s in (0.0, 0.25, 0.5, 0.65)}
+    for r in col:
+        dense = next(d["ms"] for d in result["rows"] if d["kernel"] == "torch dense" and d["dtype"] == r["dtype"])
+        own = next(g["ms"] for g in gemv if g["dtype"] == r["dtype"] and g["sparsity"] == 0.0)
+        assert 0.5 < r["bytes_ratio"] < 0.75  # kept values + bitmap + block pointers at 50% weight sparsity
+        assert math.isclose(r["bound_ms"], (1 - r["sparsity"]) * r["bytes_ratio"] * min(dense, own))
+        assert math.isclose(r["vs_torch_dense"], dense / r["ms"])
+    assert {r["dtype"] for r in result["rows"] if r["batch"] == 3 and r["kernel"].startswith("column layout GEMM")} == {"fp32", "bf16"}
 
 
 def test_decode_benchmark_compares_dense_and_teal(tmp_path):
@@ -34,10 +44,16 @@ def test_decode_benchmark_compares_dense_and_teal(tmp_path):
     result = bench.main(["--hidden", "64", "--layers", "1", "--ffn", "96", "--vocab", "128", "--new", "2",
                          "--repeats", "1", "--threads", "1", "--out", str(out)])
     names = [r["variant"] for r in result["rows"]]
-    assert names == ["dense fp32", "dense fp32 (torch 1 thread)", "TEAL 50%", "TEAL 40%"]
+    assert names == ["dense fp32", "dense fp32 (torch 1 thread)", "TEAL 50%", "TEAL 40%",
+                     "weight 50% (column) + TEAL 50%", "weight 50% (column) + TEAL 40%"]
     teal50 = result["rows"][2]
     expect = (result["layer_bytes"] + result["rest_bytes"]) / (result["layer_bytes"] * 0.5 + result["rest_bytes"])
     assert teal50["bytes_bound"] == expect and teal50["tokens_per_s"] > 0
+    both = result["rows"][4]
+    ratio = result["column_bytes_ratio"]
+    assert 0.5 < ratio < 0.75 and both["weight_sparsity"] == 0.5 and both["tokens_per_s"] > 0
+    assert both["bytes_bound"] == (result["layer_bytes"] + result["rest_bytes"]) / (
+        result["layer_bytes"] * 0.5 * ratio + result["rest_bytes"])
     assert json.loads(out.read_text())["rows"][0]["variant"] == "dense fp32"
 
 

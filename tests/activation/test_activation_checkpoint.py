@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import sparseforge
-from sparseforge.activation import ActivationSparsityConfig, SparseInputLinear, sparse_input_layers, sparsify_activations_
+from sparseforge.activation import ActivationSparsityConfig, ColumnSparseLinear, SparseInputLinear, sparse_input_layers, sparsify_activations_
 from sparseforge.activation.cats import CATSMLP
 from sparseforge.config import CalibrationConfig, SparsifyConfig
 from sparseforge.errors import ConfigError, ModelError
@@ -150,11 +150,16 @@ def test_bad_sections_are_one_line_errors_naming_the_layer(tmp_path):
             load(out)
 
 
-def test_sparse_load_of_a_packed_activation_sparse_layer_says_what_to_do(tmp_path):
+def test_sparse_load_of_a_packed_activation_sparse_layer_builds_the_column_layout(tmp_path):
     model, _ = _activation_sparse("teal")
     out = save_pretrained(model, tmp_path / "c", sparsity_config={"method": "magnitude", "pattern": "2:4"})
-    with pytest.raises(ConfigError, match="weight-sparse.*activation=False"):
-        load(out, sparse=True)
+    loaded = load(out, sparse=True)
+    layers = sparse_input_layers(loaded)
+    assert set(layers) == set(sparse_input_layers(model)) and len(layers) == 14
+    assert all(isinstance(m, ColumnSparseLinear) and m.weight_sparsity() == pytest.approx(0.5) for m in layers.values())
+    for name, m in sparse_input_layers(model).items():
+        assert torch.equal(layers[name].threshold, m.threshold.float())
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=1e-4, atol=1e-4)
     loaded = load(out, sparse=True, activation=False)
     assert not sparse_input_layers(loaded)
 

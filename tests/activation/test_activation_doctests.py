@@ -10,7 +10,8 @@ import pytest
 MODULES = ["sparseforge.activation", "sparseforge.activation.config", "sparseforge.activation.linear",
            "sparseforge.activation.calibrate", "sparseforge.activation.teal", "sparseforge.activation.cats",
            "sparseforge.activation.storage", "sparseforge.ops.sparse_input", "sparseforge.activation.plain",
-           "sparseforge.activation.rsparse", "sparseforge.activation.relufy"]
+           "sparseforge.activation.rsparse", "sparseforge.activation.relufy", "sparseforge.activation.column_linear",
+           "sparseforge.ops.column_sparse", "sparseforge.formats.colbitmap"]
 
 
 @pytest.mark.parametrize("name", MODULES)

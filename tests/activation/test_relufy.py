@@ -14,7 +14,7 @@ from sparseforge.activation.cats import CATSMLP
 from sparseforge.activation.relufy import ActivationL1, SquaredReLU, gate_sparsity, relu_sparse_, relufy_
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.finetune import FinetuneConfig, finetune_
-from tiny_models import VOCAB, tiny_model, tokens
+from tiny_models import VOCAB, finetune_with_l1, tiny_model, tokens
 
 
 class GLU(nn.Module):
@@ -90,23 +90,13 @@ def test_l1_gradient_equals_that_of_the_explicit_penalty():
         torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
-def _finetune(model, teacher, l1_peak: float):
-    l1 = ActivationL1(model, peak=l1_peak, warmup=10) if l1_peak else None
-    data = torch.randint(2, VOCAB, (6000,), generator=torch.Generator().manual_seed(0))
-    cfg = FinetuneConfig(loss="ce+kd", steps=30, lr=3e-3, allow_dense=True, batch_size=4, seqlen=32)
-    finetune_(model, cfg, teacher=teacher, data=data, kind="causal-lm", evaluate=False, progress=False,
-              callback=l1.callback if l1 else None)
-    if l1:
-        l1.remove()
-
-
 def test_progressive_l1_raises_the_sparsity_that_recovery_reaches():
     teacher = tiny_model("llama")
     plain, penalised = tiny_model("llama"), tiny_model("llama")
     relufy_(plain, "relu2")
     relufy_(penalised, "relu2")
-    _finetune(plain, teacher, 0.0)
-    _finetune(penalised, teacher, 2.0)
+    finetune_with_l1(plain, teacher, 0.0)
+    finetune_with_l1(penalised, teacher, 2.0)
     ids = tokens(4, 32, seed=9)
     assert gate_sparsity(penalised, ids) > gate_sparsity(plain, ids) + 0.05
 

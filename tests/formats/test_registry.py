@@ -12,7 +12,7 @@ import torch
 from sparseforge import ops
 import sparseforge as sf
 from sparseforge.errors import ConfigError, ModelError
-from sparseforge.formats import BitmapWeight, BSRWeight, CSRWeight, FanInWeight, NMWeight, registry
+from sparseforge.formats import BitmapWeight, BSRWeight, ColumnBitmapWeight, CSRWeight, FanInWeight, NMWeight, registry
 from sparseforge.formats.registry import FormatSpec
 from sparseforge.io.checkpoint import save_pretrained
 from sparseforge.io.layout import load_state_dict_compressed, read_sparsity_config
@@ -51,10 +51,12 @@ def pruned_linear(out=8, inp=16, seed=0) -> torch.nn.Linear:
 
 
 def test_the_builtin_formats_are_registered_once():
-    assert registry.names() == ("bitmap", "nm", "csr", "fanin", "bsr")
+    assert registry.names() == ("bitmap", "nm", "csr", "fanin", "bsr", "colbitmap")
     assert registry.names(general=True) == ("bitmap", "nm", "csr") == sf.nn.FORMATS
     assert registry.names(stored=True) == ("bitmap", "nm", "fanin", "bsr")
-    for cls in (BitmapWeight, NMWeight, CSRWeight, FanInWeight, BSRWeight):
+    assert registry.names(sparse_linear=False) == ("colbitmap",)  # run by ColumnSparseLinear, not SparseLinear
+    assert "colbitmap" not in sf.nn.sparse_linear.ALL_FORMATS
+    for cls in (BitmapWeight, NMWeight, CSRWeight, FanInWeight, BSRWeight, ColumnBitmapWeight):
         assert registry.get(registry.spec_of(object.__new__(cls)).name).cls is cls
     with pytest.raises(ConfigError, match="unknown sparse format 'coo'.*bitmap"):
         registry.get("coo")

@@ -2,6 +2,8 @@
 
 * :class:`SparseInputLinear`: the layer (input-channel-major weight + threshold; native sparse-input
   GEMV for decode, GEMM over the same weights for prefill).
+* :class:`ColumnSparseLinear`: a layer both pruned and activation-sparse (column bitmap weight:
+  per input channel a bitmap + packed kept values; :func:`column_sparse_` converts a model's layers).
 * :func:`sparsify_activations_` with :class:`ActivationSparsityConfig`: calibrate TEAL thresholds
   (Liu et al. 2024, arXiv:2408.14690) on a model's projections and swap its ``nn.Linear`` layers
   for :class:`SparseInputLinear`, so ``model.generate`` runs sparse.
@@ -23,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+from sparseforge.activation.column_linear import ColumnSparseLinear, column_sparse_
 from sparseforge.activation.config import ActivationSparsityConfig
 from sparseforge.activation.linear import SparseInputLinear
 from sparseforge.activation.relufy import ActivationL1, relu_sparse_, relufy_
@@ -33,5 +36,5 @@ from sparseforge.activation.teal import ActivationSparsityReport, set_token_frac
 __all__ = [
     "ActivationSparsityConfig", "ActivationSparsityReport", "SparseInputLinear", "sparsify_activations_",
     "set_token_fraction", "sparse_input_layers", "save_activation_sparsity", "load_activation_sparsity_",
-    "RSparseLinear", "relufy_", "relu_sparse_", "ActivationL1",
+    "RSparseLinear", "relufy_", "relu_sparse_", "ActivationL1", "ColumnSparseLinear", "column_sparse_",
 ]

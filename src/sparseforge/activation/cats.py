@@ -50,6 +50,7 @@ class CATSMLP(nn.Module):
         if not is_swiglu_mlp(mlp):
             raise ModelError(f"CATS needs a GLU MLP with gate_proj, up_proj, down_proj and act_fn; got {type(mlp).__name__}")
         self.gate_proj, self.up_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.act_fn
+        self.up_act = getattr(mlp, "up_act", None)  # dReLU: ReLU on up_proj's output (zeros skipped too)
         self.down_proj = SparseInputLinear.from_linear(mlp.down_proj, threshold=0.0)  # skips the zeroed channels
         self.register_buffer("threshold", torch.zeros(1))
         self.activation_info: dict = {}  # method / sparsity / calibrated_sparsity recorded by calibration
@@ -74,6 +75,8 @@ class CATSMLP(nn.Module):
             u = u.reshape(a.shape)
         else:
             u = self.up_proj(x)
+        if self.up_act is not None:
+            u = self.up_act(u)
         return self.down_proj(a * u)
 
     def extra_repr(self) -> str:

@@ -53,8 +53,13 @@ class SparseInputLinear(nn.Module):
         super().__init__()
         if dtype not in (torch.float32, torch.bfloat16):
             raise ConfigError(f"SparseInputLinear stores float32 or bfloat16 weights, got {dtype}")
-        self.in_features, self.out_features = int(in_features), int(out_features)
+        self._init_common(in_features, out_features, bias, threshold)
         self.weight_t = nn.Parameter(torch.zeros(self.in_features, self.out_features, dtype=dtype), requires_grad=False)
+
+    def _init_common(self, in_features: int, out_features: int, bias: bool, threshold: "float | Tensor") -> None:
+        """Sizes, bias, threshold and the tracking state (shared with layers that store the weight
+        in another layout, :class:`~sparseforge.activation.ColumnSparseLinear`)."""
+        self.in_features, self.out_features = int(in_features), int(out_features)
         self.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
         self.register_buffer("threshold", _check_threshold(torch.as_tensor(threshold), self.in_features))
         self.token_fraction = 1.0

@@ -6,18 +6,26 @@ skipped channel. A ReLU-family gate makes most of them exactly zero, and then sk
 * ``"relu2"``: ``relu(g)^2`` (ReLU² Wins, Zhang et al. 2024): the MLP computes
   ``down(relu(gate(x))^2 * up(x))``.
 * ``"relu"``: ``relu(g)`` (ProSparse's first stage, Song et al. 2024).
+* ``"drelu"``: ``relu(g) * relu(u)`` (dReLU, Turbo Sparse, Song et al. 2024, arXiv:2406.05955): the
+  MLP computes ``down(relu(gate(x)) * relu(up(x)))``, so a channel is zero where either is.
 
 :func:`relufy_` swaps the ``act_fn`` of every GLU MLP (``gate_proj``, ``up_proj``, ``down_proj``,
 ``act_fn``: Llama, Qwen2, Mistral) for the ReLU-family module and sets the transformers config's
 ``hidden_act`` to its name, so ``save_pretrained`` / ``sparseforge.load`` rebuild the same model
-with no model code copied. The model then needs recovery fine-tuning (:func:`sparseforge.finetune.finetune_`
+with no model code copied. transformers' GLU MLPs have no activation slot on ``up_proj``, so
+``"drelu"`` replaces each MLP module by a :class:`DReLUMLP` that reuses its three projection
+modules (same parameter names, same state dict), sets ``hidden_act = "relu"`` and records
+``config.mlp_up_act = "relu"`` (:data:`UP_ACT_KEY`); :func:`restore_mlp_variant_` (called by
+``sparseforge.load``) swaps the MLPs back in from that record. A plain
+``transformers.from_pretrained`` of such a checkpoint ignores the record and builds ReLU-gated
+MLPs without the ``up_proj`` ReLU: load it with ``sparseforge.load``. The model then needs recovery fine-tuning (:func:`sparseforge.finetune.finetune_`
 with a distillation loss from the original model, ``FinetuneConfig(allow_dense=True)``);
 :class:`ActivationL1` adds ProSparse's progressive L1 penalty on the gate activations during it
 (its gradient, through a tensor hook: no change to the loss code). :func:`relu_sparse_` finally
 swaps each MLP for a :class:`~sparseforge.activation.cats.CATSMLP` with threshold 0: up_proj computes
 only the rows whose gate is nonzero at batch 1 and down_proj skips the zero channels, with outputs
-equal to the dense MLP's up to float rounding. dReLU (Turbo Sparse: ``relu(gate) * relu(up)``) is not
-included: it needs a second activation on ``up_proj`` that transformers' Llama MLP has no slot for.
+equal to the dense MLP's up to float rounding (a dReLU MLP keeps its ``up_proj`` ReLU there, and
+down_proj skips the zeros of both).
 
 Example:
     >>> import torch
@@ -39,7 +47,8 @@ from sparseforge.activation.cats import CATSMLP, is_swiglu_mlp
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.layers import set_module
 
-__all__ = ["SquaredReLU", "ACTIVATIONS", "relufy_", "relu_sparse_", "ActivationL1", "glu_mlps", "gate_sparsity"]
+__all__ = ["SquaredReLU", "DReLUMLP", "ACTIVATIONS", "UP_ACT_KEY", "relufy_", "relu_sparse_", "restore_mlp_variant_",
+           "ActivationL1", "glu_mlps", "gate_sparsity", "has_glu_projections"]
 
 
 class SquaredReLU(nn.Module):
@@ -49,7 +58,44 @@ class SquaredReLU(nn.Module):
         return torch.square(torch.relu(x))
 
 
-ACTIVATIONS = {"relu2": SquaredReLU, "relu": nn.ReLU}  # name (transformers ACT2FN key) -> module
+ACTIVATIONS = {"relu2": SquaredReLU, "relu": nn.ReLU, "drelu": nn.ReLU}  # name -> gate activation module
+UP_ACT_KEY = "mlp_up_act"  # transformers config attribute recording the up_proj activation of dReLU MLPs
+
+
+def has_glu_projections(module: nn.Module) -> bool:
+    """Has ``gate_proj``, ``up_proj``, ``down_proj`` (any modules: ``nn.Linear``, ``SparseLinear``, ...)
+    and a callable ``act_fn``."""
+    return all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj")) and (
+        callable(getattr(module, "act_fn", None)))
+
+
+class DReLUMLP(nn.Module):
+    """dReLU GLU MLP (Turbo Sparse): ``down(relu(gate(x)) * relu(up(x)))`` over the projection
+    modules of an existing GLU MLP (no copy: the same ``gate_proj`` / ``up_proj`` / ``down_proj``).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> mlp = nn.Module()
+        >>> mlp.gate_proj, mlp.up_proj, mlp.down_proj = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 4)
+        >>> mlp.act_fn = nn.SiLU()
+        >>> d = DReLUMLP(mlp)
+        >>> x = torch.randn(2, 4)
+        >>> ref = mlp.down_proj(torch.relu(mlp.gate_proj(x)) * torch.relu(mlp.up_proj(x)))
+        >>> torch.allclose(d(x), ref), d.up_proj is mlp.up_proj
+        (True, True)
+    """
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        if not has_glu_projections(mlp):
+            raise ModelError(f"dReLU needs a GLU MLP with gate_proj, up_proj, down_proj and act_fn; got {type(mlp).__name__}")
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.act_fn = nn.ReLU()  # on the gate (relu_sparse_ / CATS read act_fn)
+        self.up_act = nn.ReLU()  # on up_proj's output
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_act(self.up_proj(x)))
 
 
 def glu_mlps(model: nn.Module) -> dict[str, nn.Module]:
@@ -61,19 +107,65 @@ def glu_mlps(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def relufy_(model: nn.Module, activation: str = "relu2") -> list[str]:
-    """Replace the gate activation of every GLU MLP by ``activation`` (``"relu2"`` or ``"relu"``), in
-    place; records it as ``model.config.hidden_act`` when the model has a config. Returns the MLP names.
+    """Replace the gate activation of every GLU MLP by ``activation`` (``"relu2"``, ``"relu"``, or
+    ``"drelu"``: each MLP becomes a :class:`DReLUMLP`, ReLU on gate and up), in place; records it in
+    ``model.config`` when the model has one (``hidden_act``; for dReLU also :data:`UP_ACT_KEY`).
+    Returns the MLP names.
 
-    The model's function changes: fine-tune it afterwards (module doc)."""
+    The model's function changes: fine-tune it afterwards (module doc).
+
+    Example:
+        >>> from torch import nn
+        >>> mlp = nn.Module()
+        >>> mlp.gate_proj, mlp.up_proj, mlp.down_proj = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 4)
+        >>> mlp.act_fn = nn.SiLU()
+        >>> model = nn.ModuleDict({"mlp": mlp})
+        >>> relufy_(model, "drelu"), type(model["mlp"]).__name__
+        (['mlp'], 'DReLUMLP')
+    """
     if activation not in ACTIVATIONS:
         raise ConfigError(f"ReLU-fication activation {activation!r} is not known; use one of {', '.join(ACTIVATIONS)}")
     mlps = glu_mlps(model)
-    for mlp in mlps.values():
-        mlp.act_fn = ACTIVATIONS[activation]()
+    drelu = activation == "drelu"
+    for name, mlp in mlps.items():
+        if isinstance(mlp, DReLUMLP) and not drelu:
+            raise ModelError(f"{name} is a dReLU MLP; relufy_ a fresh model for {activation!r}")
+    for name, mlp in mlps.items():
+        if isinstance(mlp, (DReLUMLP, CATSMLP)):  # already wrapped: set both activations in place
+            mlp.act_fn = ACTIVATIONS[activation]()
+            mlp.up_act = nn.ReLU() if drelu else None
+        elif drelu:
+            set_module(model, name, DReLUMLP(mlp))
+        else:
+            mlp.act_fn = ACTIVATIONS[activation]()
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "hidden_act"):
-        config.hidden_act = activation
+        config.hidden_act = "relu" if drelu else activation
+        if drelu:
+            setattr(config, UP_ACT_KEY, "relu")
+        elif hasattr(config, UP_ACT_KEY):
+            delattr(config, UP_ACT_KEY)
     return list(mlps)
+
+
+def restore_mlp_variant_(model: nn.Module) -> list[str]:
+    """Rebuild the dReLU MLPs a checkpoint's config records (:data:`UP_ACT_KEY`), in place; returns
+    the MLP names (empty when the config records none). ``sparseforge.load`` calls it."""
+    config = getattr(model, "config", None)
+    up_act = getattr(config, UP_ACT_KEY, None)
+    if up_act is None:
+        return []
+    if up_act != "relu":
+        raise ConfigError(f"config.{UP_ACT_KEY} = {up_act!r} is not known; sparseforge records 'relu' (dReLU)")
+    # projections of any kind: a sparse load holds SparseLinear layers
+    names = [n for n, m in model.named_modules()
+             if has_glu_projections(m) and not isinstance(m, (DReLUMLP, CATSMLP))]
+    if not names and not any(isinstance(m, DReLUMLP) for m in model.modules()):
+        raise ModelError(f"config.{UP_ACT_KEY} records dReLU MLPs but {type(model).__name__} has no GLU MLP")
+    for name in names:
+        set_module(model, name, DReLUMLP(model.get_submodule(name)))
+    config.hidden_act = "relu"
+    return names
 
 
 def relu_sparse_(model: nn.Module) -> list[str]:
@@ -100,7 +192,8 @@ def relu_sparse_(model: nn.Module) -> list[str]:
 
 
 def gate_sparsity(model: nn.Module, input_ids: Tensor) -> float:
-    """Fraction of exact zeros in the gate activations of the model's GLU MLPs on ``input_ids``."""
+    """Fraction of exact zeros in the gate activations of the model's GLU MLPs on ``input_ids`` (for a
+    dReLU MLP: in ``relu(gate) * relu(up)``, the input of ``down_proj``)."""
     zeros, total = 0, 0
 
     def count(module, args, out):
@@ -108,7 +201,12 @@ def gate_sparsity(model: nn.Module, input_ids: Tensor) -> float:
         zeros += int((out == 0).sum())
         total += out.numel()
 
-    handles = [m.act_fn.register_forward_hook(count) for m in glu_mlps(model).values() if isinstance(m.act_fn, nn.Module)]
+    handles = []
+    for m in glu_mlps(model).values():
+        if getattr(m, "up_act", None) is not None:
+            handles.append(m.down_proj.register_forward_pre_hook(lambda mod, args: count(mod, args, args[0])))
+        elif isinstance(m.act_fn, nn.Module):
+            handles.append(m.act_fn.register_forward_hook(count))
     try:
         with torch.no_grad():
             model(input_ids=input_ids)
@@ -121,7 +219,7 @@ def gate_sparsity(model: nn.Module, input_ids: Tensor) -> float:
 class ActivationL1:
     """ProSparse-style progressive L1 regularisation of the gate activations during fine-tuning.
 
-    Adds ``lam * mean(|a|)`` per MLP to the training objective by adding its gradient
+    Adds ``lam * mean(|a|)`` per MLP (dReLU: per factor, gate and up) to the training objective by adding its gradient
     ``lam * sign(a) / a.numel()`` to ``a``'s gradient (a tensor hook on each ``act_fn`` output while
     training), so any training loop (e.g. :func:`sparseforge.finetune.finetune_`) applies it. ``lam``
     rises from 0 to ``peak`` along a quarter sine over ``warmup`` steps, then stays (ProSparse raises the
@@ -148,6 +246,9 @@ class ActivationL1:
         names = list(found) if mlps is None else mlps
         self.peak, self.warmup, self.steps, self.lam = float(peak), warmup, 0, 0.0
         self.handles = [found[n].act_fn.register_forward_hook(self._hook) for n in names]
+        # dReLU: the up activation is penalised too (both factors' zeros make the product's)
+        self.handles += [found[n].up_act.register_forward_hook(self._hook) for n in names
+                         if getattr(found[n], "up_act", None) is not None]
 
     def _hook(self, module, args, out: Tensor) -> None:
         if out.requires_grad and self.lam > 0:

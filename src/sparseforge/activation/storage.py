@@ -43,11 +43,13 @@ import torch
 from torch import nn
 
 from sparseforge.activation.cats import CATSMLP, is_swiglu_mlp
+from sparseforge.activation.column_linear import ColumnSparseLinear
 from sparseforge.activation.linear import SparseInputLinear
 from sparseforge.activation.plain import as_linear
 from sparseforge.activation.rsparse import RSparseLinear
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.layers import set_module
+from sparseforge.nn.sparse_linear import SparseLinear
 
 __all__ = [
     "save_activation_sparsity", "load_activation_sparsity_", "activation_layers", "apply_activation_layers_",
@@ -151,7 +153,9 @@ def load_activation_sparsity_(model: nn.Module, path: Union[str, Path]) -> None:
 
 def apply_activation_layers_(model: nn.Module, layers: dict, where: str) -> None:
     """Swap the layers named in ``layers`` (entries of :func:`activation_layers`) for sparse-input
-    layers / CATS MLPs with their thresholds; ``where`` names the source in error messages.
+    layers / CATS MLPs with their thresholds; ``where`` names the source in error messages. A
+    ``"linear"`` entry on a weight-sparse ``SparseLinear`` becomes a
+    :class:`~sparseforge.activation.ColumnSparseLinear` (its format converted to the column layout).
 
     Every entry is checked against the model before anything changes (errors as
     :func:`load_activation_sparsity_`).
@@ -170,9 +174,12 @@ def apply_activation_layers_(model: nn.Module, layers: dict, where: str) -> None
             if not (isinstance(module, CATSMLP) or is_swiglu_mlp(module)) or t.numel() != 1:
                 raise ModelError(f"layer {name} is not a GLU MLP (gate_proj, up_proj, down_proj) with one CATS threshold")
         else:
-            if not isinstance(module, (nn.Linear, SparseInputLinear)):
+            if not isinstance(module, (nn.Linear, SparseInputLinear, SparseLinear)):
                 raise ModelError(f"the thresholds in {where} do not match this model: {name} is a {type(module).__name__}, "
                                  "not a linear layer")
+            if kind == "rsparse" and isinstance(module, SparseLinear):
+                raise ModelError(f"R-Sparse layer {name} is loaded weight-sparse (SparseLinear); its low-rank term needs "
+                                 "the dense weight: load the checkpoint with sparse=False")
             if t.numel() not in (1, module.in_features):
                 raise ModelError(f"layer {name} has {module.in_features} input features but {t.numel()} thresholds")
             rank = entry.get("rank")
@@ -192,6 +199,9 @@ def apply_activation_layers_(model: nn.Module, layers: dict, where: str) -> None
             module.set_threshold(t if kind == "linear" else float(t))
         elif kind == "cats":
             module = CATSMLP(module, float(t))
+            set_module(model, name, module)
+        elif isinstance(module, SparseLinear):  # pruned and activation-sparse: the column layout, built here
+            module = ColumnSparseLinear.from_module(module, threshold=t)
             set_module(model, name, module)
         else:
             module = SparseInputLinear.from_linear(module, threshold=t)

@@ -6,6 +6,8 @@
 * :class:`~sparseforge.formats.csr.CSRWeight` — compressed sparse rows, narrowest index types.
 * :class:`~sparseforge.formats.fanin.FanInWeight` — constant fan-in: (rows, k) values + indices.
 * :class:`~sparseforge.formats.bsr.BSRWeight` — block-sparse rows for ``Block(h, w)`` patterns.
+* :class:`~sparseforge.formats.colbitmap.ColumnBitmapWeight` — per input channel a bitmap + packed
+  values (activation x weight sparsity, run by :class:`~sparseforge.activation.ColumnSparseLinear`).
 
 Each format file ends with one :func:`~sparseforge.formats.registry.register` call: the registry
 (:mod:`sparseforge.formats.registry`) is the one name -> class -> pattern label -> builder table.
@@ -30,6 +32,7 @@ from sparseforge.formats.nm import NMWeight
 from sparseforge.formats.csr import CSRWeight
 from sparseforge.formats.fanin import FanInWeight
 from sparseforge.formats.bsr import BSRWeight
+from sparseforge.formats.colbitmap import ColumnBitmapWeight
 from sparseforge.formats.registry import FormatSpec, register
 
-__all__ = ["BitmapWeight", "NMWeight", "CSRWeight", "FanInWeight", "BSRWeight", "FormatSpec", "register"]
+__all__ = ["BitmapWeight", "NMWeight", "CSRWeight", "FanInWeight", "BSRWeight", "ColumnBitmapWeight", "FormatSpec", "register"]

@@ -20,7 +20,10 @@ A :class:`FormatSpec` says:
 * ``int8_values``: it also stores int8 values with float32 row scales (``build(w, pattern, keep,
   values_dtype=torch.int8, scales=None)``, :mod:`sparseforge.formats.quantized`), from checkpoint
   ``format_version`` 4 on;
-* ``pattern_in_label``: whether reports show the pattern (``"nm 2:4"``, ``"bsr block4x4"``).
+* ``pattern_in_label``: whether reports show the pattern (``"nm 2:4"``, ``"bsr block4x4"``);
+* ``sparse_linear``: ``SparseLinear`` (and so ``compress_`` and the advisor) can run it through
+  ``sparseforge.ops.linear`` (``False`` for ``colbitmap``, the weight of the activation-sparse
+  :class:`~sparseforge.activation.ColumnSparseLinear`).
 
 Example:
     >>> from sparseforge.formats import registry
@@ -61,6 +64,7 @@ class FormatSpec:
     kernels: Optional[str] = None
     pattern_in_label: bool = False
     int8_values: bool = False
+    sparse_linear: bool = True
 
     @property
     def kernel_family(self) -> str:
@@ -98,10 +102,13 @@ def generation() -> int:
     return _GENERATION[0]
 
 
-def names(*, general: Optional[bool] = None, stored: Optional[bool] = None) -> tuple[str, ...]:
-    """Registered format names, in registration order, optionally only the (non-)general / (non-)stored ones."""
+def names(*, general: Optional[bool] = None, stored: Optional[bool] = None,
+          sparse_linear: Optional[bool] = None) -> tuple[str, ...]:
+    """Registered format names, in registration order, optionally only the (non-)general / (non-)stored
+    ones / those ``SparseLinear`` does (not) run."""
     return tuple(s.name for s in _REGISTRY.values()
-                 if (general is None or s.general == general) and (stored is None or s.stored == stored))
+                 if (general is None or s.general == general) and (stored is None or s.stored == stored)
+                 and (sparse_linear is None or s.sparse_linear == sparse_linear))
 
 
 def int8_names() -> tuple[str, ...]:

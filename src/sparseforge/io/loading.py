@@ -72,17 +72,14 @@ def _with_generation_config(model, path: Path, transformers):
 def _apply_activation(model, block: "dict[str, Any] | None", path: Path, activation: bool):
     """``model`` with the thresholds of the checkpoint's ``activation`` section applied (its layers become
     :class:`~sparseforge.activation.SparseInputLinear` / CATS MLPs; checked against the model first)."""
+    from sparseforge.activation.relufy import restore_mlp_variant_
+    from sparseforge.activation.storage import apply_activation_layers_
+
+    restore_mlp_variant_(model)  # dReLU MLPs recorded in the config: part of the model's function
     section = (block or {}).get("activation")
     if section is None or not activation:
         return model
-    from sparseforge.activation.storage import apply_activation_layers_
 
-    modules = dict(model.named_modules())
-    packed = [n for n in section["layers"] if isinstance(modules.get(n), SparseLinear)]
-    if packed:
-        raise ConfigError(f"{path}: layer {packed[0]} is loaded weight-sparse (sparse=True) and has an activation "
-                          "threshold, but the weight-sparse kernels do not skip input channels: load it with "
-                          "sparseforge.load(path) (dense weights, activation-sparse) or pass activation=False")
     apply_activation_layers_(model, section["layers"], str(path / CONFIG_NAME))
     return model
 
@@ -192,7 +189,8 @@ def load_sparse(path: "str | Path", format: str = "rule", activation: bool = Tru
     The skeleton is built with every ``nn.Linear`` parameter on the meta device; the remaining dense
     tensors are assigned (not copied) from the checkpoint. Known cost: transformers ``Conv1D``
     (GPT-2) weights are allocated dense in the skeleton before being replaced. ``activation``: as
-    :func:`load`; a layer both packed and activation-sparse is a ConfigError (no kernel combines them yet).
+    :func:`load`; a layer both packed and activation-sparse (a ``"linear"`` entry) becomes a
+    :class:`~sparseforge.activation.ColumnSparseLinear`, its format converted to the column layout here.
     """
     if format not in LOAD_FORMATS:
         raise ConfigError(f"load format must be one of {', '.join(LOAD_FORMATS)}, got {format!r}")

@@ -65,8 +65,8 @@ __all__ = ["SparseLinear", "FORMATS", "STRUCTURED_FORMATS", "ALL_FORMATS"]
 # The built-in formats as registered (sparseforge.formats.registry, which is live: ask it for formats
 # registered later). FORMATS hold general masks; STRUCTURED_FORMATS need a structure (equal row counts
 # / whole blocks) and are chosen explicitly or from a recorded FanIn / Block pattern.
-FORMATS = registry.names(general=True)
-STRUCTURED_FORMATS = registry.names(general=False)
+FORMATS = registry.names(general=True, sparse_linear=True)
+STRUCTURED_FORMATS = registry.names(general=False, sparse_linear=True)
 ALL_FORMATS = FORMATS + STRUCTURED_FORMATS
 _VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
@@ -156,8 +156,8 @@ class SparseLinear(nn.Module):
             format, pattern = auto_format(w, pattern)
             if dtype == torch.int8 and format not in registry.int8_names():
                 format = "bitmap"  # the general int8 format
-        if format not in registry.names():
-            raise ConfigError(f"unknown sparse format {format!r}; use one of {registry.names()} or 'auto'")
+        if format not in registry.names(sparse_linear=True):
+            raise ConfigError(f"unknown sparse format {format!r}; use one of {registry.names(sparse_linear=True)} or 'auto'")
         keep = w != 0  # (out, in), pruned entries are exact zeros
         pattern = parse(pattern) if pattern else None
         if dtype != torch.int8:

@@ -123,7 +123,7 @@ def _candidates(w: torch.Tensor, keep: torch.Tensor, pattern: "Pattern | str | N
     from sparseforge.formats import registry
     from sparseforge.nn.sparse_linear import SparseLinear
 
-    known = registry.names()
+    known = registry.names(sparse_linear=True)
     wanted = list(formats or known)
     unknown = [f for f in wanted if f not in known]
     if unknown:

@@ -221,8 +221,8 @@ def compress_(
         :class:`CompressReport`. All layers are built before any is swapped, so an error (e.g.
         ``format="nm"`` on a weight that is not N:M) leaves the model unchanged.
     """
-    if format not in ("auto", "rule") and format not in registry.names():
-        raise ConfigError(f"unknown format {format!r}; use 'auto', 'rule' or one of {registry.names()}")
+    if format not in ("auto", "rule") and format not in registry.names(sparse_linear=True):
+        raise ConfigError(f"unknown format {format!r}; use 'auto', 'rule' or one of {registry.names(sparse_linear=True)}")
     if not 0.0 <= min_sparsity <= 1.0:
         raise ConfigError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
     recorded_any = _recorded_pattern(model, pattern)  # NM, Block, FanIn, ...

@@ -1,0 +1,122 @@
+// Binding of the column-sparse linear layer (csrc/column_sparse.h: activation x weight sparsity):
+//   column_sparse_linear(x, bitmap, block_ptr, values, thresholds, bias, y, isa="", algo="auto", parallel=True)
+//   column_sparse_linear_ref(x, bitmap, block_ptr, values, thresholds, bias, y)   the scalar oracle
+//   column_sparse_check(bitmap, block_ptr, values, out)   the full buffer check (once per weight)
+// x (B, in) float32, bitmap (in, ceil(out / 64)) int64 / uint64 words, block_ptr (in * ceil(out / 512)
+// + 1,) int64, values (nnz,) float32 or bfloat16 (or its raw uint16 bits), thresholds (1,) or (in,)
+// float32, bias (out,) float32 or None, y (B, out) float32 written in place.
+#include <stdexcept>
+#include <string>
+
+#include "binding.h"
+#include "column_sparse.h"
+
+namespace sfb {
+
+using namespace nb::literals;
+
+namespace {
+
+bool is_int64(const In& a) { return a.dtype() == nb::dtype<int64_t>() || a.dtype() == nb::dtype<uint64_t>(); }
+
+sf::ColumnSparseWeight column_weight(const In& bitmap, const In& block_ptr, const In& values, int64_t out) {
+  check_array(bitmap, "bitmap", 2);
+  check_array(block_ptr, "block_ptr", 1);
+  check_array(values, "values", 1);
+  sf::ColumnSparseWeight w;
+  w.in = dim(bitmap, 0);
+  w.out = out;
+  if (!is_int64(bitmap) || dim(bitmap, 1) != w.words()) {
+    throw sf::InvalidWeight("column_sparse_linear: bitmap must be int64 words of shape (" + std::to_string(w.in) + ", " +
+                            std::to_string(w.words()) + ")");
+  }
+  if (block_ptr.dtype() != nb::dtype<int64_t>() || dim(block_ptr, 0) != w.in * w.nblk() + 1) {
+    throw sf::InvalidWeight("column_sparse_linear: block_ptr must be int64 of shape (" +
+                            std::to_string(w.in * w.nblk() + 1) + ",)");
+  }
+  if (values.dtype() == nb::dtype<float>()) {
+    w.vt = sf::VT::f32;
+  } else if (values.dtype() == nb::dtype<uint16_t>() ||
+             (values.dtype().code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat) && values.dtype().bits == 16)) {
+    w.vt = sf::VT::bf16;
+  } else {
+    throw sf::InvalidWeight("column_sparse_linear: values must be float32 or bfloat16");
+  }
+  w.bitmap = static_cast<const uint64_t*>(bitmap.data());
+  w.block_ptr = static_cast<const int64_t*>(block_ptr.data());
+  w.values = values.data();
+  w.nnz = dim(values, 0);
+  return w;
+}
+
+sf::ColumnSparseProblem linear_problem(const In& x, const In& bitmap, const In& block_ptr, const In& values,
+                                       const In& thr, const nb::object& bias, const Out& y) {
+  const sf::Problem d = problem(x, bias, y);  // x (B, in), y (B, out), bias (out,) or None
+  check_f32(thr, "thresholds", 1);
+  sf::ColumnSparseProblem p;
+  p.w = column_weight(bitmap, block_ptr, values, d.out);
+  if (d.in != p.w.in) {
+    throw std::invalid_argument("x has " + std::to_string(d.in) + " input features but the weight has " +
+                                std::to_string(p.w.in));
+  }
+  if (dim(thr, 0) != 1 && dim(thr, 0) != d.in) {
+    throw std::invalid_argument("thresholds must have 1 or in_features (" + std::to_string(d.in) + ") entries, got " +
+                                std::to_string(dim(thr, 0)));
+  }
+  p.x = d.x;
+  p.B = d.B;
+  p.thr = static_cast<const float*>(thr.data());
+  p.thr_per_channel = dim(thr, 0) == d.in && d.in != 1;
+  p.bias = d.bias;
+  p.y = d.y;
+  return p;
+}
+
+int parse_cs_algo(const std::string& algo) {
+  if (algo == "auto") return 0;
+  if (algo == "gemv") return 1;
+  if (algo == "gemm") return 2;
+  throw std::invalid_argument("algo='" + algo + "' must be 'auto', 'gemv' or 'gemm'");
+}
+
+}  // namespace
+
+void register_column_sparse(nb::module_& m) {
+  m.def(
+      "column_sparse_linear",
+      [](const In& x, const In& bitmap, const In& block_ptr, const In& values, const In& thr, const nb::object& bias,
+         const Out& y, const std::string& isa, const std::string& algo, bool parallel) {
+        const sf::ColumnSparseProblem p = linear_problem(x, bitmap, block_ptr, values, thr, bias, y);
+        const int a = parse_cs_algo(algo);
+        const sf::Isa i = resolve(isa);
+        threads();
+        nb::gil_scoped_release rel;
+        sf::column_sparse_linear(p, i, a, parallel);
+      },
+      "x"_a, "bitmap"_a, "block_ptr"_a, "values"_a, "thresholds"_a, "bias"_a.none(), "y"_a, "isa"_a = "",
+      "algo"_a = "auto", "parallel"_a = true,
+      "y (B, out) = (x with channels |x| <= threshold skipped) @ W^T + bias, W stored per input channel as a "
+      "bitmap + packed values; see csrc/column_sparse.h.");
+  m.def(
+      "column_sparse_linear_ref",
+      [](const In& x, const In& bitmap, const In& block_ptr, const In& values, const In& thr, const nb::object& bias,
+         const Out& y) {
+        const sf::ColumnSparseProblem p = linear_problem(x, bitmap, block_ptr, values, thr, bias, y);
+        nb::gil_scoped_release rel;
+        sf::column_sparse_linear_ref(p);
+      },
+      "x"_a, "bitmap"_a, "block_ptr"_a, "values"_a, "thresholds"_a, "bias"_a.none(), "y"_a,
+      "Scalar reference of column_sparse_linear (test oracle).");
+  m.def(
+      "column_sparse_check",
+      [](const In& bitmap, const In& block_ptr, const In& values, int64_t out) {
+        if (out < 0) throw std::invalid_argument("out must be >= 0");
+        const sf::ColumnSparseWeight w = column_weight(bitmap, block_ptr, values, out);
+        nb::gil_scoped_release rel;
+        sf::column_sparse_check_weight(w);
+      },
+      "bitmap"_a, "block_ptr"_a, "values"_a, "out"_a,
+      "Check a column-sparse weight's buffers (bit counts per block against block_ptr; ModelError otherwise).");
+}
+
+}  // namespace sfb

@@ -1,0 +1,165 @@
+"""``sparseforge::column_sparse_linear``: activation sparsity times weight sparsity in one product.
+
+``y (B, out) = mask(x) (B, in) @ W^T + bias`` where ``mask`` zeroes the input channels with
+``|x| <= threshold`` (one threshold, or one per input channel) and ``W`` is a
+:class:`~sparseforge.formats.colbitmap.ColumnBitmapWeight` (per input channel a bitmap plus packed
+kept values, float32 or bfloat16). The native kernel (``csrc/column_sparse.h``) reads only the
+active channels' bitmaps and kept values, so a decode step reads about
+``(1 - s_act) * ((1 - s_w) * value_size + 1/8)`` bytes per weight (TEAL, Liu et al. 2024,
+arXiv:2408.14690, for the skipped channels; the format for the pruned weights). Many rows (prefill)
+decode the same stored layout panel by panel into L2 and run a GEMM over it: no second copy.
+
+Registered with a fake impl (shapes for ``torch.compile``) and autograd for ``x`` and ``bias`` (the
+straight-through product of the kept channels, ``dx = (dy @ W) * kept``); the stored weights and
+the threshold get no gradient. The registered op checks the weight's buffers on every call (one
+popcount per 64 weights); :func:`kernel_args` checks them once for a caller that reuses them.
+:func:`column_sparse_reference` is the same function in plain torch.
+
+Example:
+    >>> import torch
+    >>> from sparseforge.formats.colbitmap import ColumnBitmapWeight
+    >>> from sparseforge.ops.column_sparse import column_sparse_linear
+    >>> w = ColumnBitmapWeight.from_dense(torch.tensor([[1., 0., 2.], [0., 3., 4.]]))   # (out=2, in=3)
+    >>> x = torch.tensor([[0.1, 1.0, -2.0]])
+    >>> column_sparse_linear(x, w, torch.tensor([0.5])).tolist()   # channel 0 skipped
+    [[-4.0, -5.0]]
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from sparseforge.errors import DataError, ModelError, SparseforgeError
+from sparseforge.formats.colbitmap import ColumnBitmapWeight
+from sparseforge.kernels import native
+from sparseforge.ops.sparse_input import sparse_input_masked
+
+__all__ = ["column_sparse_linear", "column_sparse_op", "column_sparse_reference", "kernel_args", "dense_from_buffers",
+           "ALGOS"]
+
+ALGOS = ("auto", "gemv", "gemm")
+
+
+def _np(t: Tensor):
+    t = t.detach()
+    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _check(x: Tensor, bitmap: Tensor, thresholds: Tensor, bias: Optional[Tensor], out_features: int) -> None:
+    n_in = bitmap.shape[0]
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != n_in:
+        raise DataError(f"x must be a float32 CPU tensor of shape (batch, {n_in}), got {x.dtype} {tuple(x.shape)} on {x.device}")
+    if thresholds.dtype != torch.float32 or thresholds.dim() != 1 or thresholds.shape[0] not in (1, n_in):
+        raise ModelError(f"thresholds must be float32 of shape (1,) or ({n_in},), got {thresholds.dtype} "
+                         f"{tuple(thresholds.shape)}")
+    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (out_features,)):
+        raise ModelError(f"bias must be float32 of shape ({out_features},), got {bias.dtype} {tuple(bias.shape)}")
+
+
+def _native_call(fn, *args) -> None:
+    try:
+        fn(*args)
+    except ValueError as exc:  # native checks (a negative or NaN threshold, a shape); ModelError passes through
+        if isinstance(exc, SparseforgeError):
+            raise
+        raise DataError(str(exc)) from exc
+
+
+def kernel_args(bitmap: Tensor, block_ptr: Tensor, values: Tensor, out_features: int) -> tuple:
+    """``(native kernel, bitmap, block_ptr, values)`` views of a column-sparse weight's buffers,
+    checked once, for a caller that runs many eager calls on the same tensors (the views share their
+    memory): ``kernel(x.numpy(), *views, thresholds.numpy(), bias.numpy() or None, y.numpy())`` with
+    ``x`` float32 ``(B, in)`` and ``y`` ``(B, out)``."""
+    views = (_np(bitmap), _np(block_ptr), _np(values))
+    native().column_sparse_check(*views, out_features)
+    return (native().column_sparse_linear, *views)
+
+
+def _forward(x: Tensor, bitmap: Tensor, block_ptr: Tensor, values: Tensor, thresholds: Tensor, bias: Optional[Tensor],
+             out_features: int, algo: str = "auto") -> Tensor:
+    _check(x, bitmap, thresholds, bias, out_features)
+    views = (_np(bitmap), _np(block_ptr), _np(values))
+    _native_call(native().column_sparse_check, *views, out_features)
+    y = torch.empty(x.shape[0], out_features, dtype=torch.float32)  # (B, out)
+    b = None if bias is None else _np(bias.contiguous())
+    _native_call(native().column_sparse_linear, _np(x.contiguous()), *views, _np(thresholds.contiguous()), b, y.numpy(),
+                 "", algo)
+    return y
+
+
+@torch.library.custom_op("sparseforge::column_sparse_linear", mutates_args=())
+def _column_sparse_op(x: Tensor, bitmap: Tensor, block_ptr: Tensor, values: Tensor, thresholds: Tensor,
+                      bias: Optional[Tensor], out_features: int) -> Tensor:
+    return _forward(x, bitmap, block_ptr, values, thresholds, bias, out_features)
+
+
+@_column_sparse_op.register_fake
+def _(x, bitmap, block_ptr, values, thresholds, bias, out_features):
+    _check(x, bitmap, thresholds, bias, out_features)
+    return x.new_empty(x.shape[0], out_features)
+
+
+def dense_from_buffers(bitmap: Tensor, values: Tensor, out_features: int) -> Tensor:
+    """The float32 ``(out, in)`` weight of the buffers (pruned entries 0), in plain torch."""
+    n_in = bitmap.shape[0]
+    shifts = torch.arange(64, dtype=torch.int64)
+    bits = ((bitmap.unsqueeze(-1) >> shifts) & 1).bool().reshape(n_in, -1)[:, :out_features]  # (in, out)
+    w_t = torch.zeros(n_in, out_features, dtype=torch.float32)
+    w_t[bits] = values.float()
+    return w_t.t()
+
+
+def _setup(ctx, inputs, output):
+    x, bitmap, block_ptr, values, thresholds, bias, out_features = inputs
+    ctx.save_for_backward(x, bitmap, values, thresholds)
+    ctx.out_features = out_features
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy):
+    x, bitmap, values, thresholds = ctx.saved_tensors
+    dx = db = None
+    if ctx.needs_input_grad[0]:
+        kept = ~(x.abs() <= thresholds)  # (B, in)
+        dx = (dy @ dense_from_buffers(bitmap, values, ctx.out_features)) * kept  # (B, in)
+    if ctx.has_bias and ctx.needs_input_grad[5]:
+        db = dy.sum(0)
+    return dx, None, None, None, None, db, None
+
+
+_column_sparse_op.register_autograd(_backward, setup_context=_setup)
+
+
+def column_sparse_op(x: Tensor, bitmap: Tensor, block_ptr: Tensor, values: Tensor, thresholds: Tensor,
+                     bias: Optional[Tensor], out_features: int) -> Tensor:
+    """The registered op ``sparseforge::column_sparse_linear`` over a weight's buffers (what
+    ``torch.compile`` and autograd see; a module holding the buffers calls this)."""
+    return _column_sparse_op(x, bitmap, block_ptr, values, thresholds, bias, out_features)
+
+
+def column_sparse_linear(x: Tensor, weight: ColumnBitmapWeight, thresholds: Tensor, bias: Optional[Tensor] = None, *,
+                         algo: str = "auto") -> Tensor:
+    """``mask(x) (B, in) @ weight^T + bias`` by the native kernel (see the module doc).
+
+    ``algo`` (eager calls; the registered op always uses ``"auto"``): ``"auto"`` runs the sparse
+    GEMV per row while the rows' active channels together number at most ``in``, else the
+    decoded-panel GEMM; ``"gemv"`` / ``"gemm"`` force one.
+    """
+    if not isinstance(weight, ColumnBitmapWeight):
+        raise ModelError(f"column_sparse_linear needs a ColumnBitmapWeight, got {type(weight).__name__}")
+    if algo not in ALGOS:
+        raise DataError(f"algo must be one of {ALGOS}, got {algo!r}")
+    args = (x, weight.bitmap, weight.block_ptr, weight.values, thresholds, bias, weight.shape[0])
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias))):
+        return _column_sparse_op(*args)
+    return _forward(*args, algo)
+
+
+def column_sparse_reference(x: Tensor, weight: ColumnBitmapWeight, thresholds: Tensor,
+                            bias: Optional[Tensor] = None) -> Tensor:
+    """The same product in plain torch (float32): the dense baseline the kernel is tested against."""
+    y = sparse_input_masked(x.float(), thresholds.float()) @ weight.to_dense().float().t()  # (B, out)
+    return y if bias is None else y + bias.float()
