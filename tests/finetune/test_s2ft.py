@@ -213,3 +213,12 @@ def test_model_errors_leave_the_model_untouched():
         run(model, budget=10**6, parts="down", allow_dense=True)
     for (n, a), b in zip(model.named_parameters(), original.parameters()):
         assert torch.equal(a, b) and a.requires_grad, n
+
+
+@pytest.mark.parametrize("name", ["s2ft_options", "s2ft_blocks", "s2ft_select", "s2ft_permute", "s2ft"])
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"sparseforge.finetune.{name}"))
+    assert result.failed == 0 and result.attempted > 0
