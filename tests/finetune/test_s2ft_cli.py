@@ -39,6 +39,12 @@ def test_s2ft_builtin_end_to_end(pruned_dir, tmp_path, capsys):
     assert changed and changed <= {"o_proj", "down_proj"}  # only the trained parts moved
 
 
+def test_s2ft_flags_without_the_adapter_are_refused(tmp_path, capsys):
+    argv = ["finetune", "builtin", "--loss", "ce", "--s2ft-budget", "0.1", "--out", str(tmp_path / "x")]
+    assert main(argv) == 2
+    assert "--s2ft-budget only apply to S²FT" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--s2ft-budget", "1.5"], "out of range"),
     (["--s2ft-budget", "half"], "is not a number"),

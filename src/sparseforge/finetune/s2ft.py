@@ -173,6 +173,7 @@ class S2FTRun:
         from sparseforge.errors import ConfigError
 
         if state.get("selection") != self.selection():
+            self.remove()  # the model back as it came: fused, unpermuted
             raise ConfigError("the resumable state was made with another S²FT selection of heads and channels; "
                               "use another resume directory")
         self.step_count = int(state["step"])

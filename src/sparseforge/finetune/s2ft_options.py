@@ -105,16 +105,23 @@ def _budget(text: str) -> float | int:
 def add_s2ft_arguments(parser) -> None:
     """The ``sparseforge finetune`` S²FT options (argparse, torch-free)."""
     g = parser.add_argument_group("S²FT (structured sparse fine-tuning of selected heads and channels)")
-    g.add_argument("--s2ft-budget", default="0.01",
+    g.add_argument("--s2ft-budget", default=None,
                    help="trainable parameters: a fraction of the model's (e.g. 0.01, default) or a count (e.g. 50000)")
-    g.add_argument("--s2ft-parts", default="o,down",
+    g.add_argument("--s2ft-parts", default=None,
                    help=f"projections to train, from {','.join(PARTS)} (default o,down)")
-    g.add_argument("--s2ft-select", default="random", choices=list(SELECTIONS),
+    g.add_argument("--s2ft-select", default=None, choices=list(SELECTIONS),
                    help="how heads and channels are picked: random (the paper's default), weight or activation magnitude")
 
 
 def s2ft_kwargs(args) -> dict[str, Any]:
-    """FinetuneConfig keyword arguments from the parsed S²FT flags (only with ``--adapter s2ft``)."""
+    """FinetuneConfig keyword arguments from the parsed S²FT flags; the flags need ``--adapter s2ft``."""
+    given = {key: getattr(args, f"s2ft_{key}") for key in ("budget", "parts", "select")}
+    given = {key: value for key, value in given.items() if value is not None}
     if getattr(args, "adapter", "none") != "s2ft":
+        if given:
+            flags = ", ".join(f"--s2ft-{key}" for key in given)
+            raise ConfigError(f"{flags} only apply to S²FT; add --adapter s2ft or drop them")
         return {}
-    return {"s2ft": S2FTConfig(budget=_budget(args.s2ft_budget), parts=args.s2ft_parts, select=args.s2ft_select)}
+    if "budget" in given:
+        given["budget"] = _budget(given["budget"])
+    return {"s2ft": S2FTConfig(**given)}
