@@ -7,11 +7,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from sparseforge.errors import ConfigError, ModelError
-from sparseforge.finetune import FinetuneConfig, finetune_, pruned_layers
+from sparseforge.finetune import FinetuneConfig, S2FTConfig, finetune_, pruned_layers
 from sparseforge.finetune.loop import STATE_FILE
 from sparseforge.finetune.s2ft import S2FTRun
 from sparseforge.finetune.s2ft_blocks import find_blocks
-from sparseforge.finetune.s2ft_options import S2FTConfig
 from sparseforge.finetune.s2ft_select import allocate, unit_cost
 from sparseforge.layers import linear_layers, weight_2d
 from sparseforge.masks import mask_from_scores, satisfies

@@ -20,8 +20,7 @@ there) and the slice is re-masked after every step; pruned weights stay exactly 
 ``state_dict``).
 
 Example:
-    >>> from sparseforge.finetune import FinetuneConfig, finetune_
-    >>> from sparseforge.finetune.s2ft_options import S2FTConfig
+    >>> from sparseforge.finetune import FinetuneConfig, S2FTConfig, finetune_
     >>> cfg = FinetuneConfig(loss="ce", adapter="s2ft", s2ft=S2FTConfig(budget=0.01), lr=1e-3)
     >>> finetune_("pruned/", cfg, out="tuned/")            # doctest: +SKIP
 """
