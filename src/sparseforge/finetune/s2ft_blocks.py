@@ -1,4 +1,4 @@
-"""The coupled structures S²FT selects in: attention heads and FFN channels of Llama-style blocks.
+"""Where S²FT (Yang et al. 2024) selects: attention heads and FFN channels of Llama-style blocks.
 
 A block is supported when its ``self_attn`` has ``q_proj, k_proj, v_proj, o_proj`` linear layers
 (optionally per-head-dim ``q_norm`` / ``k_norm``, as Qwen3) and its ``mlp`` has ``up_proj, down_proj``

@@ -1,4 +1,4 @@
-"""The S²FT co-permutation: move the selected heads / channels of a block to the front, function unchanged.
+"""The S²FT co-permutation (Yang et al. 2024): the selected heads / channels of a block first, same function.
 
 Heads: the key/value heads go in the order ``kv_order`` (rows of k_proj and v_proj, in blocks of
 ``head_dim``), each carrying its group of query heads (rows of q_proj, columns of o_proj, in blocks

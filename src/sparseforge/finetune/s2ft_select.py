@@ -1,4 +1,4 @@
-"""S²FT selection: how many heads and channels the budget buys, and which ones.
+"""S²FT selection (Yang et al. 2024): how many heads and channels the budget buys, and which ones.
 
 The budget (a parameter count) is spread over the two structures in proportion to the parameters
 of their trained parts, then the parameters a rounding down leaves are filled with the cheaper
