@@ -81,6 +81,20 @@ def test_only_the_selected_rows_and_columns_train_and_optimizer_state_matches_th
     assert all(type(m) is torch.nn.Linear for n, m in student.named_modules() if n.endswith("_proj"))
 
 
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_other_llama_style_families_train_only_their_selection(family, tmp_path):
+    student = tiny_model(family)
+    original = copy.deepcopy(student)
+    run(student, budget=0.2, parts=ALL, steps=2, save_every=2, resume_dir=tmp_path, allow_dense=True)
+    selection = torch.load(tmp_path / STATE_FILE, weights_only=False)["mask"]["selection"]
+    assert any(p["heads"] for p in selection) and any(p["channels"] for p in selection)
+    moved = 0
+    for name, got, allowed in changed_units(original, student, selection, ALL.split(",")):
+        assert got <= allowed, name
+        moved += len(got)
+    assert moved > 0
+
+
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_pruned_weights_stay_zero_and_nm_stays_nm(pattern):
     student = pruned_llama(pattern)
