@@ -218,6 +218,9 @@ def test_model_errors_leave_the_model_untouched():
         with pytest.raises(ModelError, match="S²FT"):
             S2FTRun(model, S2FTConfig())
         assert all(torch.equal(a, b) for a, b in zip(model.parameters(), original.parameters()))
+    with pytest.raises(ModelError, match="S²FT"):  # refused before the (slow) evaluation of the student
+        finetune_(tiny_model("gpt2"), FinetuneConfig(loss="ce", adapter="s2ft"), data=DATA, evaluate=True,
+                  progress=False)
     model = tiny_model("llama")
     original = copy.deepcopy(model)
     with pytest.raises(ConfigError, match="smaller than one unit"):

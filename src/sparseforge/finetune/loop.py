@@ -306,6 +306,10 @@ def finetune_(
     if not names and not cfg.allow_dense and cfg.adapter == "none":  # adapters: a dense base is fine
         raise ModelError(f"the student has no pruned layer (no linear layer with >= {cfg.min_sparsity:.0%} zeros); "
                          "prune it first (sparseforge prune / sparseforge.sparsify_) or pass the pruned model")
+    if cfg.adapter == "s2ft":  # an unsupported model or budget is refused before any evaluation
+        from sparseforge.finetune.s2ft import check_model
+
+        check_model(model, cfg.s2ft)
     t_model = _prepare_teacher(teacher, model, kind, cfg)
     teacher_was_training = t_model is not None and t_model.training
     if t_model is not None:

@@ -39,7 +39,7 @@ from sparseforge.finetune.s2ft_permute import front_order, inverse, permute_bloc
 from sparseforge.finetune.s2ft_select import activation_scores, select_units
 from sparseforge.layers import set_module
 
-__all__ = ["SliceLinear", "S2FTRun", "budget_parameters", "peek_batches"]
+__all__ = ["SliceLinear", "S2FTRun", "budget_parameters", "check_model", "peek_batches"]
 
 
 class SliceLinear(nn.Module):
@@ -94,6 +94,13 @@ def budget_parameters(model: nn.Module, budget: float | int) -> int:
     if isinstance(budget, float):
         return int(budget * sum(p.numel() for p in model.parameters()))
     return int(budget)
+
+
+def check_model(model: nn.Module, config: S2FTConfig) -> None:
+    """Raise ModelError / ConfigError if S²FT with ``config`` cannot run on ``model`` (its blocks, the budget)."""
+    from sparseforge.finetune.s2ft_select import allocate
+
+    allocate(find_blocks(model, config.parts), config.parts, budget_parameters(model, config.budget))
 
 
 class S2FTRun:
