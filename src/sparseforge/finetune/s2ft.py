@@ -33,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparseforge.errors import ConfigError
 from sparseforge.finetune.s2ft_blocks import ROW_PARTS, Block, find_blocks, unit_width
 from sparseforge.finetune.s2ft_options import HEAD_PARTS, S2FTConfig
 from sparseforge.finetune.s2ft_permute import front_order, inverse, permute_block_
-from sparseforge.finetune.s2ft_select import activation_scores, select_units
+from sparseforge.finetune.s2ft_select import STRUCTURES, activation_scores, allocate, select_units
 from sparseforge.layers import set_module
 
 __all__ = ["SliceLinear", "S2FTRun", "budget_parameters", "check_model", "peek_batches"]
@@ -98,8 +99,6 @@ def budget_parameters(model: nn.Module, budget: float | int) -> int:
 
 def check_model(model: nn.Module, config: S2FTConfig) -> None:
     """Raise ModelError / ConfigError if S²FT with ``config`` cannot run on ``model`` (its blocks, the budget)."""
-    from sparseforge.finetune.s2ft_select import allocate
-
     allocate(find_blocks(model, config.parts), config.parts, budget_parameters(model, config.budget))
 
 
@@ -121,12 +120,10 @@ class S2FTRun:
         activations = None
         if config.select == "activation":
             if calibration is None:
-                from sparseforge.errors import ConfigError
-
                 raise ConfigError("S²FT select='activation' needs calibration batches (finetune_ draws them from the data)")
             batches = calibration()
-            activations = {s: activation_scores(model, self.blocks, s, batches) for s in ("heads", "channels")
-                           if any(p in config.parts for p in (HEAD_PARTS if s == "heads" else ("up", "gate", "down")))}
+            activations = {s: activation_scores(model, self.blocks, s, batches)
+                           for s, parts in STRUCTURES.items() if set(parts) & set(config.parts)}
         self.picks = select_units(self.blocks, config.parts, self.budget, config.select,
                                   torch.Generator().manual_seed(seed), activations)
         self.requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -176,8 +173,6 @@ class S2FTRun:
         return {"step": self.step_count, "selection": self.selection()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from sparseforge.errors import ConfigError
-
         if state.get("selection") != self.selection():
             self.remove()  # the model back as it came: fused, unpermuted
             raise ConfigError("the resumable state was made with another S²FT selection of heads and channels; "
