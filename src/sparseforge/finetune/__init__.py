@@ -23,6 +23,7 @@ _LAZY = {
     "finetune_": "loop", "FinetuneResult": "loop", "StepInfo": "loop",
     "KeepMask": "keep_mask", "pruned_layers": "keep_mask",
     "squarehead_loss": "losses", "kd_loss": "losses", "causal_ce_loss": "losses",
+    "S2FTConfig": "s2ft_options",
 }
 
 __all__ = sorted(_LAZY)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sparseforge.errors import ConfigError
+from sparseforge.finetune.s2ft_options import check_s2ft_options
 
 __all__ = ["FinetuneConfig", "LOSSES", "TEACHER_LOSSES"]
 
@@ -23,6 +24,7 @@ LOSSES = ("ce", "kd", "squarehead")
 TEACHER_LOSSES = ("kd", "squarehead")
 _DTYPES = ("float32", "bfloat16")
 COMPUTES = ("dense", "csr", "bitmap")
+ADAPTERS = ("none", "s2ft")
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -80,6 +82,10 @@ class FinetuneConfig:
             (:class:`sparseforge.train.SparseCompute`; float32 ``nn.Linear`` layers only).
         allow_dense: fine-tune a student with no pruned layer (e.g. after ReLU-fication,
             :mod:`sparseforge.activation.relufy`) instead of refusing it; nothing is masked then.
+        adapter: ``"none"`` (train every weight) or ``"s2ft"``: S²FT trains dense slices of selected
+            heads and channels and fuses them back (:mod:`sparseforge.finetune.s2ft`).
+        s2ft: the S²FT options, an :class:`~sparseforge.finetune.s2ft_options.S2FTConfig` or a dict
+            of its fields (``None``: the defaults).
     """
 
     loss: Any = "squarehead"
@@ -99,6 +105,8 @@ class FinetuneConfig:
     eval_sentences: int = 256
     compute: str = "dense"
     allow_dense: bool = False
+    adapter: str = "none"
+    s2ft: Any = None
 
     def __post_init__(self) -> None:
         self.weights = _parse_loss(self.loss)
@@ -125,6 +133,9 @@ class FinetuneConfig:
             raise ConfigError(f"compute must be one of {', '.join(COMPUTES)}, got {self.compute!r}")
         if self.teacher_dtype not in _DTYPES:
             raise ConfigError(f"teacher_dtype must be one of {', '.join(_DTYPES)}, got {self.teacher_dtype!r}")
+        if self.adapter not in ADAPTERS:
+            raise ConfigError(f"adapter must be one of {', '.join(ADAPTERS)}, got {self.adapter!r}")
+        check_s2ft_options(self)
 
     @property
     def needs_teacher(self) -> bool:

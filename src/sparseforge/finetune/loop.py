@@ -96,10 +96,14 @@ class FinetuneResult:
     tokens_per_s: float = 0.0
     resumed_from: int = 0
     out: Path | None = None
+    trainable: int = 0  # parameters the optimizer updated
 
     def format(self) -> str:
         lines = [f"fine-tuned {len(self.pruned)} pruned layers for {self.config.steps} steps "
                  f"(loss {self.config.loss}; resumed from step {self.resumed_from}); {self.tokens_per_s:.0f} tokens/s"]
+        if self.config.adapter == "s2ft":
+            lines.append(f"S²FT ({self.config.s2ft.select} selection of {','.join(self.config.s2ft.parts)}): "
+                         f"{self.trainable} trainable parameters, fused back into the weights")
         for key in sorted(self.after):
             ref = f", teacher {self.teacher_eval[key]:.4f}" if key in self.teacher_eval else ""
             lines.append(f"held-out {key}: {self.before.get(key, math.nan):.4f} -> {self.after[key]:.4f}{ref}")
@@ -299,9 +303,13 @@ def finetune_(
     if kind == "encoder" and set(cfg.weights) - {"squarehead"}:
         raise ConfigError("an encoder has no language-model head: fine-tune it with loss 'squarehead' (distillation)")
     names = check_recorded_mask(model, pruned_layers(model, cfg.min_sparsity))
-    if not names and not cfg.allow_dense:
+    if not names and not cfg.allow_dense and cfg.adapter == "none":  # adapters: a dense base is fine
         raise ModelError(f"the student has no pruned layer (no linear layer with >= {cfg.min_sparsity:.0%} zeros); "
                          "prune it first (sparseforge prune / sparseforge.sparsify_) or pass the pruned model")
+    if cfg.adapter == "s2ft":  # an unsupported model or budget is refused before any evaluation
+        from sparseforge.finetune.s2ft import check_model
+
+        check_model(model, cfg.s2ft)
     t_model = _prepare_teacher(teacher, model, kind, cfg)
     teacher_was_training = t_model is not None and t_model.training
     if t_model is not None:
@@ -325,13 +333,22 @@ def finetune_(
 
     model.float().train()
     torch.manual_seed(cfg.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    s2ft = None
+    if cfg.adapter == "s2ft":  # dense slices of selected heads/channels train; fused back in keeper.remove()
+        from sparseforge.finetune.s2ft import S2FTRun, peek_batches
+
+        s2ft = S2FTRun(model, cfg.s2ft, names, seed=cfg.seed,
+                       calibration=lambda: peek_batches(batches, cfg.s2ft.calibration_batches))
+    params = s2ft.parameters() if s2ft is not None else [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("every parameter of the student is frozen (requires_grad=False); unfreeze it: "
                           "student.requires_grad_(True)")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
-    keeper = KeepMask.attach(model, optimizer, names) if names else _NoMask()  # allow_dense: nothing to keep
+    if s2ft is not None:  # the slices keep their own masks
+        keeper = s2ft
+    else:
+        keeper = KeepMask.attach(model, optimizer, names) if names else _NoMask()  # allow_dense: nothing to keep
     sparse = None
     if cfg.compute != "dense" and not names:
         raise ConfigError(f"compute={cfg.compute!r} trains pruned layers packed, but the student has none: use compute='dense'")
@@ -411,6 +428,7 @@ def finetune_(
         if t_model is not None:
             t_model.train(teacher_was_training)
     result.tokens_per_s = tokens / elapsed if elapsed else 0.0
+    result.trainable = sum(p.numel() for p in params)
     if evaluate:
         result.after = _evaluate(model, tokenizer, kind, cfg, t_model)
     if out is not None:

@@ -1,0 +1,146 @@
+"""S²FT selection (Yang et al. 2024): how many heads and channels the budget buys, and which ones.
+
+The budget (a parameter count) is spread over the two structures in proportion to the parameters
+of their trained parts, then the parameters a rounding down leaves are filled with the cheaper
+unit. Units are picked across all blocks at once: at random (the paper's default, sampled over all
+blocks as the reference does) or by the largest score, each block's scores divided by their mean so
+that blocks of different scale compete fairly. Scores: ``"weight"`` = the squared norm of the
+unit's weights in the trained parts; ``"activation"`` = the mean |input| of the unit into o_proj
+(its query heads' outputs) or down_proj (its channel) over calibration batches.
+
+Example:
+    >>> import torch, transformers as t
+    >>> from sparseforge.finetune.s2ft_blocks import find_blocks
+    >>> cfg = t.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                     num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    >>> blocks = find_blocks(t.LlamaForCausalLM(cfg), ("o", "down"))
+    >>> picks = select_units(blocks, ("o", "down"), 2000, "random", torch.Generator().manual_seed(0))
+    >>> sum(len(p["heads"]) * 16 * 32 + len(p["channels"]) * 32 for p in picks) <= 2000
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+
+from sparseforge.errors import ConfigError
+from sparseforge.finetune.s2ft_blocks import ROW_PARTS, Block, unit_width
+from sparseforge.finetune.s2ft_options import CHANNEL_PARTS, HEAD_PARTS
+
+__all__ = ["unit_cost", "allocate", "unit_scores", "activation_scores", "select_units", "STRUCTURES"]
+
+STRUCTURES = {"heads": HEAD_PARTS, "channels": CHANNEL_PARTS}
+
+
+def unit_cost(block: Block, parts: tuple[str, ...], structure: str) -> int:
+    """Trainable parameters of one unit of ``structure`` in ``block`` over the trained ``parts``."""
+    cost = 0
+    for part in parts:
+        if part in STRUCTURES[structure]:
+            linear = block.linear(part)
+            other = linear.in_features if part in ROW_PARTS else linear.out_features
+            cost += unit_width(block, part) * other
+    return cost
+
+
+def allocate(blocks: list[Block], parts: tuple[str, ...], budget: int) -> dict[str, int]:
+    """Units per structure (summed over blocks) that fit ``budget`` parameters; raises ConfigError if none fits."""
+    cost, total = {}, {}
+    for structure in STRUCTURES:
+        costs = {unit_cost(b, parts, structure) for b in blocks}
+        if costs != {0}:
+            if len(costs) != 1:
+                raise ConfigError("S²FT needs blocks of one shape (the same heads and channels in every block)")
+            cost[structure] = costs.pop()
+            total[structure] = sum(b.units(structure) for b in blocks)
+    capacity = sum(cost[s] * total[s] for s in cost)
+    if budget > capacity:
+        raise ConfigError(f"S²FT budget of {budget} parameters exceeds the {capacity} of the parts "
+                          f"{','.join(parts)}; lower the budget or add parts")
+    ratio = budget / capacity
+    count = {s: min(total[s], math.floor(ratio * total[s])) for s in cost}
+    for s in sorted(cost, key=lambda s: cost[s]):  # fill what the rounding left with the cheaper unit first
+        left = budget - sum(cost[t] * count[t] for t in cost)
+        count[s] = min(total[s], count[s] + left // cost[s])
+    if not any(count.values()):
+        cheapest = min(cost.values())
+        raise ConfigError(f"S²FT budget of {budget} parameters is smaller than one unit ({cheapest} parameters); "
+                          "raise the budget")
+    return count
+
+
+def unit_scores(block: Block, parts: tuple[str, ...], structure: str) -> torch.Tensor:
+    """``(units,)`` squared weight norm of each unit of ``block`` over the trained ``parts`` of ``structure``."""
+    score = torch.zeros(block.units(structure))
+    for part in parts:
+        if part not in STRUCTURES[structure]:
+            continue
+        w = block.linear(part).weight.detach().float()  # (out, in)
+        w = w if part in ROW_PARTS else w.t()  # (unit rows, other)
+        score += w.reshape(block.units(structure), -1).pow(2).sum(1)
+    return score
+
+
+@torch.no_grad()
+def activation_scores(model: torch.nn.Module, blocks: list[Block], structure: str,
+                      batches: Iterable[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """Per block, ``(units,)`` mean |input| of each unit into o_proj (heads) or down_proj (channels) over ``batches``."""
+    part = "o" if structure == "heads" else "down"
+    sums = [torch.zeros(b.units(structure)) for b in blocks]
+    counts = [0]
+    keep: list[torch.Tensor] = []  # (B, T) the current batch's attention mask
+
+    def hook_for(i: int, block: Block) -> Callable:
+        def hook(_module, args):
+            x = args[0].detach().float()  # (B, T, in)
+            x = x[keep[0].bool()] if keep and keep[0].shape == x.shape[:2] else x.reshape(-1, x.shape[-1])  # (N, in)
+            sums[i].add_(x.abs().sum(0).reshape(block.units(structure), -1).sum(1))
+
+        return hook
+
+    handles = [b.linear(part).register_forward_pre_hook(hook_for(i, b)) for i, b in enumerate(blocks)]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            keep[:] = [batch["attention_mask"]] if "attention_mask" in batch else []
+            counts[0] += int(batch["attention_mask"].sum()) if keep else int(batch["input_ids"].numel())
+            kwargs = dict(batch, use_cache=False) if hasattr(model, "get_output_embeddings") else dict(batch)
+            model(**kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return [s / max(counts[0], 1) for s in sums]
+
+
+def _normalised(scores: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([s / s.mean().clamp_min(1e-30) for s in scores])  # (total units,)
+
+
+def select_units(blocks: list[Block], parts: tuple[str, ...], budget: int, select: str,
+                 generator: torch.Generator, activations: dict[str, list[torch.Tensor]] | None = None) -> list[dict[str, list[int]]]:
+    """Per block, ``{"heads": [...], "channels": [...]}``: the sorted units to train, within ``budget`` parameters.
+
+    ``select`` is ``"random"``, ``"weight"`` or ``"activation"`` (then ``activations[structure]`` holds
+    per-block scores from :func:`activation_scores`).
+    """
+    count = allocate(blocks, parts, budget)
+    picks: list[dict[str, list[int]]] = [{"heads": [], "channels": []} for _ in blocks]
+    for structure, n in count.items():
+        sizes = [b.units(structure) for b in blocks]
+        if select == "random":
+            flat = torch.randperm(sum(sizes), generator=generator)[:n]
+        else:
+            per_block = activations[structure] if select == "activation" else \
+                [unit_scores(b, parts, structure) for b in blocks]
+            flat = torch.topk(_normalised(per_block), n, sorted=False).indices
+        offsets = torch.tensor([0] + sizes).cumsum(0)
+        for i in range(len(blocks)):
+            mine = flat[(flat >= offsets[i]) & (flat < offsets[i + 1])] - offsets[i]
+            picks[i][structure] = sorted(int(u) for u in mine)
+    return picks
+
