@@ -89,6 +89,22 @@ def make_policy(name: str, budget: int, *, labels=None, channels: int = 0, quest
     raise ValueError(f"unknown policy {name!r}")
 
 
+def policy_grid(length: int, fractions, mustafar_levels, **settings):
+    """``(name, label, budget tokens or None, policy)``: Dense, each budgeted policy at each fraction of
+    ``length`` (SnapKV only above its 32-token window), Mustafar at each sparsity; ``settings`` go to
+    :func:`make_policy`."""
+    yield "dense", "full", None, Dense()
+    for fraction in fractions:
+        budget = budget_tokens(length, fraction)
+        for name in BUDGETED:
+            if name == "snapkv" and budget <= 32:
+                continue
+            yield name, fraction_label(fraction), budget, make_policy(name, budget, **settings)
+    for sparsity in mustafar_levels:
+        yield "mustafar", f"{1 - sparsity:.0%} channels", None, make_policy("mustafar", 0, mustafar_sparsity=sparsity,
+                                                                           **settings)
+
+
 # ---------------------------------------------------------------------------------------------- recall
 def mqar_labels(model, vocab, channels: int):
     """Double Sparsity label channels of the MQAR model from 4 MQAR examples of 512 tokens."""
@@ -124,16 +140,8 @@ def recall_rows(model, contexts, fractions, mustafar_levels, examples: int, pair
                          "seconds": round(time.perf_counter() - t, 2)})
             print(f"  recall {context:>5} {name:<16} {label:<8} {rows[-1]['accuracy']:.3f}", flush=True)
 
-        run("dense", "full", Dense())
-        for fraction in fractions:
-            budget = budget_tokens(context, fraction)
-            for name in BUDGETED:
-                if name == "snapkv" and budget <= 32:
-                    continue
-                run(name, f"{fraction_label(fraction)} context", make_policy(name, budget, labels=labels, channels=channels),
-                    budget)
-        for sparsity in mustafar_levels:
-            run("mustafar", f"{1 - sparsity:.0%} channels", make_policy("mustafar", 0, mustafar_sparsity=sparsity))
+        for name, label, budget, policy in policy_grid(context, fractions, mustafar_levels, labels=labels, channels=channels):
+            run(name, f"{label} context" if budget else label, policy, budget)
         rows.append({"context": context, "policy": "_prefill", "seconds": round(prefill_s, 2)})
     return rows
 
@@ -202,16 +210,9 @@ def perplexity_rows(windows: int, fractions, mustafar_levels, seqlen: int = PPL_
                      "attn_rel_err": sum(err) / len(err), "attn_rel_err_per_layer": err, "read_fraction": read})
         print(f"  ppl {name:<16} {label:<8} {rows[-1]['ppl']:.3f}  attn err {rows[-1]['attn_rel_err']:.4f}", flush=True)
 
-    run("dense", "full", Dense())
-    for fraction in fractions:
-        budget = budget_tokens(seqlen, fraction)
-        for name in BUDGETED:
-            if name == "snapkv" and budget <= 32:
-                continue
-            run(name, f"{budget} ({fraction_label(fraction)})",
-                make_policy(name, budget, labels=labels, channels=channels, quest_dense_layers=2))
-    for sparsity in mustafar_levels:
-        run("mustafar", f"{1 - sparsity:.0%} channels", make_policy("mustafar", 0, mustafar_sparsity=sparsity, mustafar_recent=64))
+    for name, label, budget, policy in policy_grid(seqlen, fractions, mustafar_levels, labels=labels, channels=channels,
+                                                   quest_dense_layers=2, mustafar_recent=64):
+        run(name, f"{budget} ({label})" if budget else label, policy)
     return rows
 
 
@@ -280,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ppl-windows", type=int, default=None, help="held-out windows (default 4; quick 2; 0 skips)")
     parser.add_argument("--ppl-seqlen", type=int, default=PPL_SEQLEN,
                         help=f"tokens per window, half prefilled, half decoded (default {PPL_SEQLEN}, the full context)")
+    parser.add_argument("--parts", nargs="+", choices=["recall", "ppl"], default=["recall", "ppl"],
+                        help="what to measure (default both)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -295,15 +298,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    model = load_mqar_model()
-    recall = recall_rows(model, contexts, fractions, mustafar_levels, examples, args.pairs, args.queries)
-    ppl = perplexity_rows(windows, fractions, mustafar_levels, args.ppl_seqlen) if windows else []
+    recall = []
+    if "recall" in args.parts:
+        recall = recall_rows(load_mqar_model(), contexts, fractions, mustafar_levels, examples, args.pairs, args.queries)
+    ppl = perplexity_rows(windows, fractions, mustafar_levels, args.ppl_seqlen) if windows and "ppl" in args.parts else []
     machine = machine_info(args.threads)
     header = (f"{machine['cpu']}, ISA {machine['isa']}, {args.threads} thread(s), load average {load_before[0]:.1f}, "
               f"{time.perf_counter() - t0:.0f} s")
-    text = recall_table(recall)
-    print(f"\n### MQAR recall ({args.pairs} pairs, {args.queries} queries x {examples} examples per context), {header}\n")
-    print(text + "\n")
+    text = recall_table(recall) if recall else ""
+    if recall:
+        print(f"\n### MQAR recall ({args.pairs} pairs, {args.queries} queries x {examples} examples per context), {header}\n")
+        print(text + "\n")
     ptext = ppl_table(ppl) if ppl else ""
     if ppl:
         half = args.ppl_seqlen // 2

@@ -54,12 +54,12 @@ DEFAULT_OUT = REPO / "src" / "sparseforge" / "assets" / MQAR_MODEL_DIRNAME
 
 DEFAULTS = dict(
     seed=0, hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256, rope_theta=1e6,
-    steps=1200, tokens_per_step=8192, lr=3e-3, warmup=60, min_lr_ratio=0.1, weight_decay=0.01,
-    grad_clip=1.0, threads=1, tie=1, max_queries=64, max_stretch=16.0, eval_every=100,
+    steps=500, tokens_per_step=4096, lr=3e-3, warmup=30, min_lr_ratio=0.1, weight_decay=0.01,
+    grad_clip=1.0, threads=1, tie=1, max_queries=64, max_stretch=16.0, eval_every=100, save_every=0,
 )
 
 # the curriculum: "end:lo:hi" stages, each up to a fraction of the steps, context lengths drawn in [lo, hi]
-CURRICULUM = "0.3:16:64,0.6:64:256,1:256:512"
+CURRICULUM = "0.5:16:48,0.75:48:256,1:256:512"
 
 
 def parse_curriculum(text: str) -> tuple:
@@ -161,10 +161,14 @@ def train(args) -> dict:
                 entry["eval_acc"] = {k: round(v, 4) for k, v in evaluate(model, vocab, (256, 1024)).items()}
             log.append(entry)
             print(json.dumps(entry), flush=True)
+        if args.save_every and not args.no_save and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            partial = {"model": model, "log": log, "elapsed_s": time.time() - t0, "tokens": tokens,
+                       "final_eval": evaluate(model, vocab, (256, 1024)), "steps_done": step + 1}
+            save(partial, args, args.out)  # a checkpoint to fall back on; the final save replaces it
     elapsed = time.time() - t0
     final = evaluate(model, vocab, (256, 1024, 2048))
     print(json.dumps({"final_eval_acc": final, "elapsed_s": round(elapsed, 1), "tokens": tokens}), flush=True)
-    return {"model": model, "log": log, "elapsed_s": elapsed, "tokens": tokens, "final_eval": final}
+    return {"model": model, "log": log, "elapsed_s": elapsed, "tokens": tokens, "final_eval": final, "steps_done": args.steps}
 
 
 CARD = """# MQAR recall model (`mqar-llama`)
@@ -180,7 +184,7 @@ Load it with `sparseforge.evaluation.mqar.load_mqar_model()`.
 vocabulary {vocab_size} (id 0 start, 32 filler ids, 128 key ids, 128 value ids). **{params:,} parameters.**
 
 ## Training
-Seed {seed}; {steps} steps of fresh random batches (~{tokens_per_step} tokens each, {tokens:,} tokens in all);
+Seed {seed}; {steps_done} of {steps} steps of fresh random batches (~{tokens_per_step} tokens each, {tokens:,} tokens in all);
 curriculum on the context length {stages}; pairs per example drawn between a quarter of the
 most that fit and the most (filler 0-75%), up to {max_queries} queries per example, each labelled;
 position ids spread by a random factor up to {max_stretch:g} in 70% of the batches;
@@ -210,7 +214,7 @@ def save(result: dict, args, out: Path) -> None:
             hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
             head_dim=cfg.hidden_size // cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
             rope_theta=args.rope_theta, tied="tied" if args.tie else "untied", vocab_size=cfg.vocab_size, params=sum(p.numel() for p in model.parameters()),
-            seed=args.seed, steps=args.steps, tokens_per_step=args.tokens_per_step, tokens=result["tokens"],
+            seed=args.seed, steps=args.steps, steps_done=result["steps_done"], tokens_per_step=args.tokens_per_step, tokens=result["tokens"],
             stages=", ".join(f"{lo}-{hi} tokens up to {end:.0%} of the steps" for end, lo, hi in args.stages),
             max_queries=args.max_queries, max_stretch=args.max_stretch, weight_decay=args.weight_decay, lr=args.lr,
             warmup=args.warmup, min_lr=args.lr * args.min_lr_ratio, grad_clip=args.grad_clip, threads=args.threads,
