@@ -283,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"tokens per window, half prefilled, half decoded (default {PPL_SEQLEN}, the full context)")
     parser.add_argument("--parts", nargs="+", choices=["recall", "ppl"], default=["recall", "ppl"],
                         help="what to measure (default both)")
+    parser.add_argument("--mqar-model", default=None, help="an MQAR model directory (default: the shipped one)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     recall = []
     if "recall" in args.parts:
-        recall = recall_rows(load_mqar_model(), contexts, fractions, mustafar_levels, examples, args.pairs, args.queries)
+        recall = recall_rows(load_mqar_model(args.mqar_model), contexts, fractions, mustafar_levels, examples, args.pairs, args.queries)
     ppl = perplexity_rows(windows, fractions, mustafar_levels, args.ppl_seqlen) if windows and "ppl" in args.parts else []
     machine = machine_info(args.threads)
     header = (f"{machine['cpu']}, ISA {machine['isa']}, {args.threads} thread(s), load average {load_before[0]:.1f}, "

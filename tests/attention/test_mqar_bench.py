@@ -22,9 +22,26 @@ def test_budget_tokens_and_labels(bench):
     assert bench.fraction_label(1 / 16) == "1/16" and bench.fraction_label(2.0) == "2"
 
 
+def _random_mqar_model(path):
+    """An untrained MQAR-shaped model saved to ``path`` (the bench's consistency does not need recall)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparseforge.data.mqar import MQARVocab
+
+    vocab = MQARVocab()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab.size, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024)
+    config.mqar_vocab = {"filler": vocab.filler, "keys": vocab.keys, "values": vocab.values}
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
 def test_tiny_run_is_consistent(bench, tmp_path, capsys):
     out = tmp_path / "q.json"
-    assert bench.main(["--contexts", "160", "--fractions", "0.25", "2", "--examples", "2", "--pairs", "16",
+    model = _random_mqar_model(tmp_path / "mqar")
+    assert bench.main(["--mqar-model", str(model), "--contexts", "160", "--fractions", "0.25", "2", "--examples", "2", "--pairs", "16",
                        "--queries", "6", "--mustafar", "0.7", "--ppl-windows", "1", "--ppl-seqlen", "64",
                        "--out", str(out)]) == 0
     data = json.loads(out.read_text())

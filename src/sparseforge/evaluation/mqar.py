@@ -20,8 +20,10 @@ Example:
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
+from typing import Union
 import torch
 from torch import Tensor
 
@@ -49,17 +51,21 @@ def mqar_model_path() -> Path:
     return root
 
 
-def load_mqar_model(attn_implementation: str = "sparseforge"):
-    """The shipped MQAR ``LlamaForCausalLM`` (float32, eval mode); ``"sparseforge"`` registers and
-    selects the sparse decode attention (:func:`sparseforge.attention.enable`)."""
+def load_mqar_model(path: Union[str, os.PathLike, None] = None, attn_implementation: str = "sparseforge"):
+    """The MQAR ``LlamaForCausalLM`` (float32, eval mode): the shipped one, or the directory ``path``
+    written by ``scripts/train_mqar.py --out``; ``"sparseforge"`` registers and selects the sparse
+    decode attention (:func:`sparseforge.attention.enable`)."""
     from transformers import AutoModelForCausalLM
 
     if attn_implementation == "sparseforge":
         from sparseforge.attention import enable
 
         enable()
-    model = AutoModelForCausalLM.from_pretrained(mqar_model_path(), dtype=torch.float32,
-                                                 attn_implementation=attn_implementation)
+    root = mqar_model_path() if path is None else Path(path)
+    if not (root / "config.json").is_file():
+        raise ModelError(f"{root} holds no model (config.json); write one with scripts/train_mqar.py --out {root}")
+    model = AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32, attn_implementation=attn_implementation)
+    mqar_vocab(model)  # an MQAR model, or a clear error
     return model.eval()
 
 
