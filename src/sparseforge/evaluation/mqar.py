@@ -24,6 +24,7 @@ import os
 from importlib import resources
 from pathlib import Path
 from typing import Union
+
 import torch
 from torch import Tensor
 
