@@ -28,7 +28,17 @@ What did not work (short runs, same model otherwise):
   8K tokens at LR 3e-3 and at 1e-2;
 * tied embeddings with contexts 16-64 left that plateau within 40 steps at both rates (first the
   "copy a value from the context" stage, accuracy ~1/pairs); LR 3e-3 beat 1e-2 (loss 3.56 vs 4.22
-  after 100 steps), so 3e-3 is the default.
+  after 100 steps), so 3e-3 is the default;
+* moving on to 48-256 tokens after 110 steps, before the induction step had formed (training
+  accuracy ~15%, the copy stage), sent the loss back to chance: the short-context stage must last
+  until the training accuracy there is near 1.
+
+Status: not yet run to the end. On the development machine (2 cores shared by ~6 jobs, this script
+got 3-10% of one core under nice 19) no run got past the copy stage in the session: the default
+recipe reached 15-19% training accuracy at 16-48 tokens by step 180, contexts 12-32 at LR 2e-3 31%
+by step 160. One step of ~4K tokens costs ~0.17 s of one core, so the default 500 steps is ~3
+minutes of CPU time on an idle core. Whether 250 short-context steps suffice, and whether the
+model then length-generalises to 8K, is untested.
 
 Usage::
 
