@@ -6,8 +6,10 @@
 #include <vector>
 
 #include "driver.h"
-#include "views.h"
 #include "int8_kernels.h"
+#include "isa.h"
+#include "threadpool.h"
+#include "views.h"
 
 namespace sf {
 
@@ -19,6 +21,9 @@ namespace {
 
 const I8Kernels& i8_kernels(Isa isa) {
 #if defined(SF_HAVE_X86_KERNELS)
+#if defined(SF_HAVE_INT8_VNNI_KERNELS)
+  if (isa == Isa::avx512 && use_int8_vnni()) return avx512vnni::i8;
+#endif
   if (isa == Isa::avx512) return avx512::i8;
   if (isa == Isa::avx2) return avx2::i8;
 #endif
@@ -172,6 +177,56 @@ struct CsrI8Run {
   }
 };
 
+// x quantized per batch row into buffers the QuantX view points at (I8Act::int8)
+struct QuantXBuffers {
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+  QuantX view(const Problem& p, const I8Kernels& k) {
+    const int64_t ld = quant_x_ld(p.in);
+    q.assign(static_cast<size_t>(p.B * ld), 0);
+    scale.resize(static_cast<size_t>(p.B));
+    for (int64_t b = 0; b < p.B; ++b) scale[b] = k.quantize_row(p.x + b * p.in, p.in, q.data() + b * ld);
+    return {q.data(), ld, scale.data()};
+  }
+};
+
+// The reference of I8Act::int8: x quantized by the portable formula, each row decoded to dense int8
+// and summed exactly.
+template <class View>
+void i8_linear_qx_ref(const View& w, const float* scales, const Problem& p) {
+  QuantXBuffers buf;
+  const QuantX xq = buf.view(p, scalar::i8);
+  const int8_t* q = static_cast<const int8_t*>(w.val);
+  std::vector<int8_t> row(static_cast<size_t>(w.cols));
+  for (int64_t r = 0; r < w.rows; ++r) {
+    std::fill(row.begin(), row.end(), int8_t{0});
+    stored(w, r, [&](int64_t j, int64_t k) { row[j] = q[k]; });
+    for (int64_t b = 0; b < p.B; ++b) {
+      int64_t acc = 0;
+      for (int64_t j = 0; j < w.cols; ++j) acc += int64_t{row[j]} * xq.q[b * xq.ld + j];
+      p.y[b * p.out + r] = qx_output(scales[r], xq.scale[b], acc, p.bias ? p.bias[r] : 0.f);
+    }
+  }
+}
+
+// I8Act::int8: quantize x once, then the rows kernels (rows_qx) over row tasks as run_linear splits them.
+// Returns false (nothing done) when x holds NaN / inf: the caller runs the float32 mode.
+template <class W, class RowsQx>
+bool run_linear_qx(const W& w, const Problem& p, const I8Kernels& k, int algo, int64_t nnz, RowsQx rows_qx) {
+  if (algo == 2) throw std::invalid_argument("act='int8' runs the rows kernels; algo='lanes' is float32 only (use auto or rows)");
+  if (detail::any_nonfinite(p.x, p.B * p.in)) return false;
+  if (p.B == 0 || p.out == 0) return true;
+  QuantXBuffers buf;
+  const QuantX xq = buf.view(p, k);
+  const int nt = num_threads();
+  const bool par = nt > 1 && static_cast<double>(nnz + p.out) * static_cast<double>(p.B) > detail::kParallelMinWork;
+  const int64_t ntasks = par ? min64(p.out, int64_t{nt} * 16) : 1;
+  const int64_t per = detail::ceil_div(p.out, ntasks);
+  parallel_for(
+      detail::ceil_div(p.out, per), [&](int64_t t, int) { (k.*rows_qx)(w, xq, p, t * per, min64(p.out, (t + 1) * per)); }, par);
+  return true;
+}
+
 }  // namespace
 
 CsrI8 csr_i8_view(const Array& row_ptr, const Array& col, const Array& values, const Array& scales, int64_t cols,
@@ -204,20 +259,34 @@ void nm_i8_linear_ref(const NmI8& w, const Problem& p) { i8_linear_ref(w.w, w.sc
 
 void csr_i8_linear_ref(const CsrI8& w, const Problem& p) { i8_linear_ref(w.w, w.scales, p); }
 
+void bitmap_i8_linear_qx_ref(const BitmapI8& w, const Problem& p) {
+  detail::check_problem(w.w.rows, w.w.cols, p);
+  if (detail::any_nonfinite(p.x, p.B * p.in)) return bitmap_i8_linear_ref(w, p);
+  i8_linear_qx_ref(w.w, w.scales, p);
+}
+
+void nm_i8_linear_qx_ref(const NmI8& w, const Problem& p) {
+  detail::check_problem(w.w.rows, w.w.cols, p);
+  if (detail::any_nonfinite(p.x, p.B * p.in)) return nm_i8_linear_ref(w, p);
+  i8_linear_qx_ref(w.w, w.scales, p);
+}
+
 void csr_i8_linear(const CsrI8& w, const Problem& p, Isa isa, int algo) {
   detail::check_problem(w.w.rows, w.w.cols, p);
   detail::run_linear(w, p, CsrI8Run{i8_kernels(isa), csr_kernels(isa)}, algo, w.w.nnz);
   detail::fix_nonfinite(ColsDec<CsrView>{w.w}, p);
 }
 
-void bitmap_i8_linear(const BitmapI8& w, const Problem& p, Isa isa, int algo) {
+void bitmap_i8_linear(const BitmapI8& w, const Problem& p, Isa isa, int algo, I8Act act) {
   detail::check_problem(w.w.rows, w.w.cols, p);
+  if (act == I8Act::int8 && run_linear_qx(w, p, i8_kernels(isa), algo, w.w.nnz, &I8Kernels::bitmap_rows_qx)) return;
   detail::run_linear(w, p, BitmapI8Run{i8_kernels(isa), bitmap_kernels(isa)}, algo, w.w.nnz);
   detail::fix_nonfinite(ColsDec<BitmapView>{w.w}, p);
 }
 
-void nm_i8_linear(const NmI8& w, const Problem& p, Isa isa, int algo) {
+void nm_i8_linear(const NmI8& w, const Problem& p, Isa isa, int algo, I8Act act) {
   detail::check_problem(w.w.rows, w.w.cols, p);
+  if (act == I8Act::int8 && run_linear_qx(w, p, i8_kernels(isa), algo, w.w.rows * w.w.vpr, &I8Kernels::nm_rows_qx)) return;
   detail::run_linear(w, p, NmI8Run{i8_kernels(isa), nm_kernels(isa)}, algo, w.w.rows * w.w.vpr);
   detail::fix_nonfinite(ColsDec<NmView>{w.w}, p);
 }

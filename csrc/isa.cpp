@@ -50,6 +50,27 @@ bool use_vpopcntdq() {
   throw std::invalid_argument("SPARSEFORGE_VPOPCNTDQ='" + want + "' is not a setting; use auto, 0 or 1");
 }
 
+bool use_int8_vnni() {
+#if defined(SF_HAVE_INT8_VNNI_KERNELS) && (defined(__GNUC__) || defined(__clang__))
+  static const bool cpu = [] {
+    __builtin_cpu_init();
+    return cpu_supports(Isa::avx512) && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi") &&
+           __builtin_cpu_supports("avx512vbmi2");
+  }();
+#else
+  const bool cpu = false;
+#endif
+  const char* env = std::getenv("SPARSEFORGE_INT8_VNNI");
+  const std::string want = env ? env : "";
+  if (want.empty() || want == "auto") return cpu;
+  if (want == "0") return false;
+  if (want == "1") {
+    if (!cpu) throw std::invalid_argument("SPARSEFORGE_INT8_VNNI=1: this CPU (or build) lacks AVX512 VNNI / VBMI / VBMI2; unset it or use 0");
+    return true;
+  }
+  throw std::invalid_argument("SPARSEFORGE_INT8_VNNI='" + want + "' is not a setting; use auto, 0 or 1");
+}
+
 Isa best_isa() {
   if (compiled_with(Isa::avx512) && cpu_supports(Isa::avx512)) return Isa::avx512;
   if (compiled_with(Isa::avx2) && cpu_supports(Isa::avx2)) return Isa::avx2;
