@@ -146,6 +146,53 @@ inline void nm24_i8_row_dot(const int8_t* q, const uint8_t* irow, int64_t vpr, c
 }
 
 
+#if defined(__AVX512VBMI2__)
+// Bitmap rows with float32 x on CPUs with AVX512_VBMI2: 64 columns per step, the row's next values
+// expand-loaded to the bytes their bitmap bits name (vpexpandb from memory reads exactly popcount
+// bytes, so no load passes the buffer), widened and converted 16 at a time, FMA with x (masked past
+// `cols`). Fewer shuffle-port instructions per column than the 16-column vpexpandd steps above.
+template <int NB>
+inline void bitmap_i8_row_dot_vbmi2(const int8_t* q, int64_t vp, const uint8_t* bits, int64_t cols,
+                                    const float* const* xs, float* sums) {
+  __m512 acc[NB][4];
+  for (int nb = 0; nb < NB; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = _mm512_setzero_ps();
+  auto widen = [](__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)); };
+  int64_t c = 0;
+  for (; c + 64 <= cols; c += 64) {
+    v512::prefetch(q + vp, v512::kPrefetchBytes);
+    uint64_t m;
+    std::memcpy(&m, bits + c / 8, 8);
+    const __m512i b = _mm512_maskz_expandloadu_epi8(m, q + vp);
+    vp += _mm_popcnt_u64(m);
+    const __m512 w0 = widen(_mm512_castsi512_si128(b)), w1 = widen(_mm512_extracti32x4_epi32(b, 1));
+    const __m512 w2 = widen(_mm512_extracti32x4_epi32(b, 2)), w3 = widen(_mm512_extracti32x4_epi32(b, 3));
+    for (int nb = 0; nb < NB; ++nb) {
+      const float* x = xs[nb] + c;
+      acc[nb][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x), acc[nb][0]);
+      acc[nb][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16), acc[nb][1]);
+      acc[nb][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(x + 32), acc[nb][2]);
+      acc[nb][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(x + 48), acc[nb][3]);
+    }
+  }
+  if (c < cols) {
+    const int64_t nc = cols - c;
+    uint64_t m = 0;
+    std::memcpy(&m, bits + c / 8, static_cast<size_t>((nc + 7) / 8));
+    m = _bzhi_u64(m, static_cast<unsigned>(nc));
+    const __m512i b = _mm512_maskz_expandloadu_epi8(m, q + vp);
+    const __m512 w[4] = {widen(_mm512_castsi512_si128(b)), widen(_mm512_extracti32x4_epi32(b, 1)),
+                         widen(_mm512_extracti32x4_epi32(b, 2)), widen(_mm512_extracti32x4_epi32(b, 3))};
+    for (int t = 0; t < 4 && 16 * t < nc; ++t) {
+      const __mmask16 cm = v512::first_lanes(nc - 16 * t);
+      for (int nb = 0; nb < NB; ++nb) acc[nb][t] = _mm512_fmadd_ps(w[t], _mm512_maskz_loadu_ps(cm, xs[nb] + c + 16 * t), acc[nb][t]);
+    }
+  }
+  for (int nb = 0; nb < NB; ++nb) {
+    sums[nb] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[nb][0], acc[nb][1]), _mm512_add_ps(acc[nb][2], acc[nb][3])));
+  }
+}
+#endif
+
 #elif defined(__AVX2__)
 inline __m256 i8_expand8(const int8_t* q, int64_t vp, unsigned m, bool safe) {
   __m128i raw;
@@ -248,7 +295,11 @@ void bitmap_i8_rows(const BitmapI8& wq, const Problem& p, int64_t r0, int64_t r1
   const int8_t* q = static_cast<const int8_t*>(w.val);
   i8_rows(p, wq.scales, r0, r1, [&](int64_t r, const float* const* xs, float* sums, auto nbc) {
     const uint8_t* row = w.bits + r * w.bpr;
+#if defined(__AVX512VBMI2__)
+    bitmap_i8_row_dot_vbmi2<decltype(nbc)::value>(q, w.row_offsets[r], row, w.cols, xs, sums);
+#else
     i8_row_dot<decltype(nbc)::value, 0>(q, w.row_offsets[r], w.nnz, w.cols, [row](int64_t i) { return row[i]; }, xs, sums);
+#endif
   });
 }
 
@@ -282,7 +333,11 @@ void nm_i8_rows(const NmI8& wq, const Problem& p, int64_t r0, int64_t r1) {
       decoded = r;
     }
     const uint8_t* row = bits.data();
+#if defined(__AVX512VBMI2__)
+    bitmap_i8_row_dot_vbmi2<decltype(nbc)::value>(q, r * w.vpr, row, w.cols, xs, sums);
+#else
     i8_row_dot<decltype(nbc)::value, 0>(q, r * w.vpr, total, w.cols, [row](int64_t i) { return row[i]; }, xs, sums);
+#endif
   });
 }
 
