@@ -176,3 +176,21 @@ def test_the_vnni_kernels_are_used_where_the_cpu_has_them(monkeypatch):
     else:
         with pytest.raises(ValueError, match="lacks AVX512 VNNI / VBMI / VBMI2"):
             native().int8_vnni()
+
+
+@pytest.mark.parametrize("vnni", VNNI)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_float_mode_of_both_avx512_builds(vnni, fmt, monkeypatch):
+    """SPARSEFORGE_INT8_VNNI also picks the float32-activation kernels of the avx512 path (the VBMI2
+    build expand-loads bitmap rows): both against the reference and dense torch, on tails."""
+    if not kernels.cpu_supports("avx512"):
+        pytest.skip("CPU lacks avx512")
+    monkeypatch.setenv("SPARSEFORGE_INT8_VNNI", vnni)
+    for rows, cols in ((37, 136), (5, 8), (9, 264), (3, 1032)):
+        wt = _weight(fmt, rows, cols, 0.5, seed=cols)
+        bias = torch.randn(rows)
+        for batch in (1, 2, 3, 5):
+            x = torch.randn(batch, cols)
+            y = _run(wt, x, bias, isa="avx512", algo="rows", act="float")
+            torch.testing.assert_close(y, _run(wt, x, bias, ref=True, act="float"), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(y, torch.nn.functional.linear(x, wt.to_dense(), bias), rtol=1e-4, atol=1e-4)
