@@ -274,20 +274,28 @@ inline void i8_row_dot(const int8_t* q, int64_t vp, int64_t end, int64_t cols, M
 }
 #endif
 
-// y[b, r] = scales[r] * (row r . x_b) + bias[r] for rows [r0, r1) and every batch row, NB at a time
-template <class RowFn>
-void i8_rows(const Problem& p, const float* scales, int64_t r0, int64_t r1, RowFn&& row) {
+// y[b, r] = out(r, b, sum, bias[r]) for rows [r0, r1) and every batch row, NB batch rows at a time:
+// row(r, xs, sums, nb) writes row r's sums (type S) against the NB x rows xs (x row b at x0 + b * ld).
+template <class X, class S, class RowFn, class OutFn>
+void rows_by_quads(const Problem& p, const X* x0, int64_t ld, int64_t r0, int64_t r1, RowFn&& row, OutFn&& out) {
   for_batch_quads(p.B, [&](auto nbc, int64_t b0) {
     constexpr int NB = decltype(nbc)::value;
-    const float* xs[NB];
-    for (int nb = 0; nb < NB; ++nb) xs[nb] = p.x + (b0 + nb) * p.in;
+    const X* xs[NB];
+    for (int nb = 0; nb < NB; ++nb) xs[nb] = x0 + (b0 + nb) * ld;
     for (int64_t r = r0; r < r1; ++r) {
-      float sums[NB];
+      S sums[NB];
       row(r, xs, sums, nbc);
       const float bv = p.bias ? p.bias[r] : 0.f;
-      for (int nb = 0; nb < NB; ++nb) p.y[(b0 + nb) * p.out + r] = scales[r] * sums[nb] + bv;
+      for (int nb = 0; nb < NB; ++nb) p.y[(b0 + nb) * p.out + r] = out(r, b0 + nb, sums[nb], bv);
     }
   });
+}
+
+// y[b, r] = scales[r] * (row r . x_b) + bias[r] for rows [r0, r1) and every batch row
+template <class RowFn>
+void i8_rows(const Problem& p, const float* scales, int64_t r0, int64_t r1, RowFn&& row) {
+  rows_by_quads<float, float>(p, p.x, p.in, r0, r1, row,
+                              [scales](int64_t r, int64_t, float sum, float bv) { return scales[r] * sum + bv; });
 }
 
 void bitmap_i8_rows(const BitmapI8& wq, const Problem& p, int64_t r0, int64_t r1) {
@@ -402,22 +410,12 @@ float quantize_row(const float* x, int64_t n, int8_t* q) {
   return amax / 127.f;
 }
 
-// y[b, r] = scales[r] * (sx[b] * float(dot[b])) + bias[r] for rows [r0, r1), NB batch rows at a time;
-// dot(r, xq, out) writes the exact integer sums of row r against NB quantized x rows.
+// y[b, r] = scales[r] * (sx[b] * float(dot)) + bias[r] for rows [r0, r1): dot(r, xq rows, sums, nb)
+// writes the exact integer sums of row r against NB quantized x rows.
 template <class DotFn>
 void i8_rows_qx(const Problem& p, const QuantX& xq, const float* scales, int64_t r0, int64_t r1, DotFn&& dot) {
-  for_batch_quads(p.B, [&](auto nbc, int64_t b0) {
-    constexpr int NB = decltype(nbc)::value;
-    const int8_t* xs[NB];
-    for (int nb = 0; nb < NB; ++nb) xs[nb] = xq.q + (b0 + nb) * xq.ld;
-    for (int64_t r = r0; r < r1; ++r) {
-      int64_t sums[NB];
-      dot(r, xs, sums, nbc);
-      const float bv = p.bias ? p.bias[r] : 0.f;
-      for (int nb = 0; nb < NB; ++nb) {
-        p.y[(b0 + nb) * p.out + r] = qx_output(scales[r], xq.scale[b0 + nb], sums[nb], bv);
-      }
-    }
+  rows_by_quads<int8_t, int64_t>(p, xq.q, xq.ld, r0, r1, dot, [&](int64_t r, int64_t b, int64_t sum, float bv) {
+    return qx_output(scales[r], xq.scale[b], sum, bv);
   });
 }
 
