@@ -532,6 +532,16 @@ inline void bitmap_qx_row_dot(const int8_t* q, int64_t vp, int64_t end, const ui
 }
 #endif
 
+// The portable integer sums: every stored entry (column j, value index k) that for_stored(f) visits,
+// q[k] * xs[nb][j] for NB quantized x rows.
+template <int NB, class ForStored>
+inline void qx_row_dot_portable(const int8_t* q, const int8_t* const* xs, int64_t* sums, ForStored&& for_stored) {
+  for (int nb = 0; nb < NB; ++nb) sums[nb] = 0;
+  for_stored([&](int64_t j, int64_t k) {
+    for (int nb = 0; nb < NB; ++nb) sums[nb] += int64_t{q[k]} * xs[nb][j];
+  });
+}
+
 void bitmap_i8_rows_qx(const BitmapI8& wq, const QuantX& xq, const Problem& p, int64_t r0, int64_t r1) {
   const BitmapView& w = wq.w;
   const int8_t* q = static_cast<const int8_t*>(w.val);
@@ -540,10 +550,7 @@ void bitmap_i8_rows_qx(const BitmapI8& wq, const QuantX& xq, const Problem& p, i
 #if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512VBMI2__)
     bitmap_qx_row_dot<NB>(q, w.row_offsets[r], w.nnz, w.bits + r * w.bpr, w.cols, xs, sums);
 #else
-    for (int nb = 0; nb < NB; ++nb) sums[nb] = 0;
-    bitmap_stored(w, r, [&](int64_t j, int64_t k) {
-      for (int nb = 0; nb < NB; ++nb) sums[nb] += int64_t{q[k]} * xs[nb][j];
-    });
+    qx_row_dot_portable<NB>(q, xs, sums, [&](auto&& f) { bitmap_stored(w, r, f); });
 #endif
   });
 }
@@ -559,10 +566,7 @@ void nm_i8_rows_qx(const NmI8& wq, const QuantX& xq, const Problem& p, int64_t r
       return;
     }
 #endif
-    for (int nb = 0; nb < NB; ++nb) sums[nb] = 0;
-    nm_stored(w, r, [&](int64_t j, int64_t k) {
-      for (int nb = 0; nb < NB; ++nb) sums[nb] += int64_t{q[k]} * xs[nb][j];
-    });
+    qx_row_dot_portable<NB>(q, xs, sums, [&](auto&& f) { nm_stored(w, r, f); });
   });
 }
 
