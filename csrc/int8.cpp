@@ -3,11 +3,15 @@
 // block dequantized into a float32 buffer and multiplied by the format's float32 lanes kernels.
 #include "int8.h"
 
+#include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "driver.h"
-#include "views.h"
 #include "int8_kernels.h"
+#include "isa.h"
+#include "threadpool.h"
+#include "views.h"
 
 namespace sf {
 
@@ -19,6 +23,9 @@ namespace {
 
 const I8Kernels& i8_kernels(Isa isa) {
 #if defined(SF_HAVE_X86_KERNELS)
+#if defined(SF_HAVE_INT8_VNNI_KERNELS)
+  if (isa == Isa::avx512 && use_int8_vnni()) return avx512vnni::i8;
+#endif
   if (isa == Isa::avx512) return avx512::i8;
   if (isa == Isa::avx2) return avx2::i8;
 #endif
@@ -86,54 +93,6 @@ int64_t dequantize_block(const P* ptr, const void* values, const float* scales, 
   return n;
 }
 
-// The kernel table run_linear drives: int8 rows kernels, and lanes over a dequantized row block.
-struct BitmapI8Run {
-  const I8Kernels& i8;
-  const BitmapKernels& f32;
-  void rows(const BitmapI8& w, const Problem& p, int64_t r0, int64_t r1) const { i8.bitmap_rows(w, p, r0, r1); }
-  void lanes(const BitmapI8& wq, const Problem& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* ybuf) const {
-    const BitmapView& w = wq.w;
-    const int64_t n = dequantize_block(w.row_offsets, w.val, wq.scales, r0, r1, tl_offsets);
-    BitmapView sub = w;
-    sub.rows = r1 - r0;
-    sub.nnz = n;
-    sub.bits = w.bits + r0 * w.bpr;
-    sub.row_offsets = tl_offsets.data();
-    sub.val = tl_values.data();
-    sub.vt = VT::f32;
-    f32.lanes(sub, shifted(p, r0), lp, 0, r1 - r0, ybuf);
-  }
-  // p with its outputs (and bias) starting at row r0: the sub-view's row i is the weight's row r0 + i
-  static Problem shifted(const Problem& p, int64_t r0) {
-    Problem s = p;
-    s.y = p.y + r0;
-    s.bias = p.bias ? p.bias + r0 : nullptr;
-    return s;
-  }
-};
-
-struct NmI8Run {
-  const I8Kernels& i8;
-  const NmKernels& f32;
-  void rows(const NmI8& w, const Problem& p, int64_t r0, int64_t r1) const { i8.nm_rows(w, p, r0, r1); }
-  void lanes(const NmI8& wq, const Problem& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* ybuf) const {
-    const NmView& w = wq.w;
-    const int64_t n = (r1 - r0) * w.vpr;
-    tl_values.resize(static_cast<size_t>(n > 0 ? n : 1));
-    const int8_t* q = static_cast<const int8_t*>(w.val) + r0 * w.vpr;
-    for (int64_t r = 0; r < r1 - r0; ++r) {
-      const float s = wq.scales[r0 + r];
-      for (int64_t k = 0; k < w.vpr; ++k) tl_values[r * w.vpr + k] = s * static_cast<float>(q[r * w.vpr + k]);
-    }
-    NmView sub = w;
-    sub.rows = r1 - r0;
-    sub.idx = w.idx + r0 * w.ibpr;
-    sub.val = tl_values.data();
-    sub.vt = VT::f32;
-    f32.lanes(sub, BitmapI8Run::shifted(p, r0), lp, 0, r1 - r0, ybuf);
-  }
-};
-
 // values as the float32 view builders expect them: same shape (the builders read no value)
 Array as_f32(const Array& values, const char* op) {
   expect_dtype(values, op, "values", DType::i8);
@@ -153,24 +112,133 @@ const float* checked_scales(const Array& scales, int64_t rows, const char* op, b
   return s;
 }
 
-struct CsrI8Run {
+// The float32 sub-view of rows [r0, r1) of an int8 weight, its values dequantized (scales[r] * q, the
+// format's own layout) into this thread's buffers; the sub-view's row i is the weight's row r0 + i.
+BitmapView dequantized(const BitmapI8& wq, int64_t r0, int64_t r1) {
+  const BitmapView& w = wq.w;
+  BitmapView sub = w;
+  sub.nnz = dequantize_block(w.row_offsets, w.val, wq.scales, r0, r1, tl_offsets);
+  sub.rows = r1 - r0;
+  sub.bits = w.bits + r0 * w.bpr;
+  sub.row_offsets = tl_offsets.data();
+  sub.val = tl_values.data();
+  sub.vt = VT::f32;
+  return sub;
+}
+
+NmView dequantized(const NmI8& wq, int64_t r0, int64_t r1) {
+  const NmView& w = wq.w;
+  const int64_t n = (r1 - r0) * w.vpr;
+  tl_values.resize(static_cast<size_t>(n > 0 ? n : 1));
+  const int8_t* q = static_cast<const int8_t*>(w.val) + r0 * w.vpr;
+  for (int64_t r = 0; r < r1 - r0; ++r) {
+    const float s = wq.scales[r0 + r];
+    for (int64_t k = 0; k < w.vpr; ++k) tl_values[r * w.vpr + k] = s * static_cast<float>(q[r * w.vpr + k]);
+  }
+  NmView sub = w;
+  sub.rows = r1 - r0;
+  sub.idx = w.idx + r0 * w.ibpr;
+  sub.val = tl_values.data();
+  sub.vt = VT::f32;
+  return sub;
+}
+
+CsrView dequantized(const CsrI8& wq, int64_t r0, int64_t r1) {
+  const CsrView& w = wq.w;
+  CsrView sub = w;
+  sub.nnz = dequantize_block(w.row_ptr, w.val, wq.scales, r0, r1, tl_ptr);
+  sub.rows = r1 - r0;
+  sub.row_ptr = tl_ptr.data();
+  sub.col = static_cast<const char*>(w.col) + int64_t{w.row_ptr[r0]} * (w.col_u16 ? 2 : 4);
+  sub.val = tl_values.data();
+  sub.vt = VT::f32;
+  return sub;
+}
+
+// The kernel table run_linear drives: the int8 rows kernel `rows_fn` of i8, and the format's float32
+// lanes kernel over a dequantized row block.
+template <class W, class F32>
+struct I8Run {
   const I8Kernels& i8;
-  const CsrKernels& f32;
-  void rows(const CsrI8& w, const Problem& p, int64_t r0, int64_t r1) const { i8.csr_rows(w, p, r0, r1); }
-  void lanes(const CsrI8& wq, const Problem& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* ybuf) const {
-    const CsrView& w = wq.w;
-    const int64_t base = w.row_ptr[r0];
-    const int64_t n = dequantize_block(w.row_ptr, w.val, wq.scales, r0, r1, tl_ptr);
-    CsrView sub = w;
-    sub.rows = r1 - r0;
-    sub.nnz = n;
-    sub.row_ptr = tl_ptr.data();
-    sub.col = static_cast<const char*>(w.col) + base * (w.col_u16 ? 2 : 4);
-    sub.val = tl_values.data();
-    sub.vt = VT::f32;
-    f32.lanes(sub, BitmapI8Run::shifted(p, r0), lp, 0, r1 - r0, ybuf);
+  const F32& f32;
+  void (*I8Kernels::*rows_fn)(const W&, const Problem&, int64_t, int64_t);
+  void rows(const W& w, const Problem& p, int64_t r0, int64_t r1) const { (i8.*rows_fn)(w, p, r0, r1); }
+  void lanes(const W& wq, const Problem& p, const LanesPlan& lp, int64_t r0, int64_t r1, float* ybuf) const {
+    Problem shifted = p;  // outputs (and bias) from row r0
+    shifted.y = p.y + r0;
+    shifted.bias = p.bias ? p.bias + r0 : nullptr;
+    f32.lanes(dequantized(wq, r0, r1), shifted, lp, 0, r1 - r0, ybuf);
   }
 };
+
+// x quantized per batch row into buffers the QuantX view points at (I8Act::int8)
+struct QuantXBuffers {
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+  QuantX view(const Problem& p, const I8Kernels& k) {
+    const int64_t ld = quant_x_ld(p.in);
+    q.assign(static_cast<size_t>(p.B * ld), 0);
+    scale.resize(static_cast<size_t>(p.B));
+    for (int64_t b = 0; b < p.B; ++b) scale[b] = k.quantize_row(p.x + b * p.in, p.in, q.data() + b * ld);
+    return {q.data(), ld, scale.data()};
+  }
+};
+
+// The reference of I8Act::int8: x quantized by the portable formula, each row decoded to dense int8
+// and summed exactly; NaN / inf in x: the float32 reference.
+template <class W>
+void i8_linear_qx_ref(const W& wq, const Problem& p) {
+  detail::check_problem(wq.w.rows, wq.w.cols, p);
+  if (detail::any_nonfinite(p.x, p.B * p.in)) return i8_linear_ref(wq.w, wq.scales, p);
+  QuantXBuffers buf;
+  const QuantX xq = buf.view(p, scalar::i8);
+  const int8_t* q = static_cast<const int8_t*>(wq.w.val);
+  std::vector<int8_t> row(static_cast<size_t>(wq.w.cols));
+  for (int64_t r = 0; r < wq.w.rows; ++r) {
+    std::fill(row.begin(), row.end(), int8_t{0});
+    stored(wq.w, r, [&](int64_t j, int64_t k) { row[j] = q[k]; });
+    for (int64_t b = 0; b < p.B; ++b) {
+      int64_t acc = 0;
+      for (int64_t j = 0; j < wq.w.cols; ++j) acc += int64_t{row[j]} * xq.q[b * xq.ld + j];
+      p.y[b * p.out + r] = qx_output(wq.scales[r], xq.scale[b], acc, p.bias ? p.bias[r] : 0.f);
+    }
+  }
+}
+
+
+// I8Act::int8: quantize x once, then the rows kernels rows_qx over row tasks as run_linear splits them.
+// Returns false (nothing done) when x holds NaN / inf: the caller runs the float32 mode.
+template <class W, class RowsQx>
+bool run_linear_qx(const W& w, const Problem& p, const I8Kernels& k, int algo, int64_t nnz, RowsQx rows_qx) {
+  if (algo == 2) throw std::invalid_argument("act='int8' runs the rows kernels; algo='lanes' is float32 only (use auto or rows)");
+  if (detail::any_nonfinite(p.x, p.B * p.in)) return false;
+  if (p.B == 0 || p.out == 0) return true;
+  QuantXBuffers buf;
+  const QuantX xq = buf.view(p, k);
+  const int nt = num_threads();
+  const bool par = nt > 1 && static_cast<double>(nnz + p.out) * static_cast<double>(p.B) > detail::kParallelMinWork;
+  const int64_t ntasks = par ? min64(p.out, int64_t{nt} * 16) : 1;
+  const int64_t per = detail::ceil_div(p.out, ntasks);
+  parallel_for(
+      detail::ceil_div(p.out, per), [&](int64_t t, int) { (k.*rows_qx)(w, xq, p, t * per, min64(p.out, (t + 1) * per)); }, par);
+  return true;
+}
+
+// The dispatched product of every format: I8Act::int8 where asked (rows_qx non-null), else the float32
+// mode through run_linear, then the NaN / inf fix-up.
+template <class W, class F32, class RowsQx = std::nullptr_t>
+void i8_linear(const W& w, const Problem& p, const I8Run<W, F32>& run, int algo, int64_t nnz, I8Act act,
+               RowsQx rows_qx = nullptr) {
+  detail::check_problem(w.w.rows, w.w.cols, p);
+  if constexpr (!std::is_same_v<RowsQx, std::nullptr_t>) {
+    if (act == I8Act::int8 && run_linear_qx(w, p, run.i8, algo, nnz, rows_qx)) return;
+  } else {
+    (void)act;
+  }
+  detail::run_linear(w, p, run, algo, nnz);
+  using View = std::decay_t<decltype(w.w)>;
+  detail::fix_nonfinite(ColsDec<View>{w.w}, p);
+}
 
 }  // namespace
 
@@ -204,22 +272,23 @@ void nm_i8_linear_ref(const NmI8& w, const Problem& p) { i8_linear_ref(w.w, w.sc
 
 void csr_i8_linear_ref(const CsrI8& w, const Problem& p) { i8_linear_ref(w.w, w.scales, p); }
 
+void bitmap_i8_linear_qx_ref(const BitmapI8& w, const Problem& p) { i8_linear_qx_ref(w, p); }
+
+void nm_i8_linear_qx_ref(const NmI8& w, const Problem& p) { i8_linear_qx_ref(w, p); }
+
 void csr_i8_linear(const CsrI8& w, const Problem& p, Isa isa, int algo) {
-  detail::check_problem(w.w.rows, w.w.cols, p);
-  detail::run_linear(w, p, CsrI8Run{i8_kernels(isa), csr_kernels(isa)}, algo, w.w.nnz);
-  detail::fix_nonfinite(ColsDec<CsrView>{w.w}, p);
+  i8_linear(w, p, I8Run<CsrI8, CsrKernels>{i8_kernels(isa), csr_kernels(isa), &I8Kernels::csr_rows}, algo, w.w.nnz,
+            I8Act::f32);
 }
 
-void bitmap_i8_linear(const BitmapI8& w, const Problem& p, Isa isa, int algo) {
-  detail::check_problem(w.w.rows, w.w.cols, p);
-  detail::run_linear(w, p, BitmapI8Run{i8_kernels(isa), bitmap_kernels(isa)}, algo, w.w.nnz);
-  detail::fix_nonfinite(ColsDec<BitmapView>{w.w}, p);
+void bitmap_i8_linear(const BitmapI8& w, const Problem& p, Isa isa, int algo, I8Act act) {
+  i8_linear(w, p, I8Run<BitmapI8, BitmapKernels>{i8_kernels(isa), bitmap_kernels(isa), &I8Kernels::bitmap_rows}, algo,
+            w.w.nnz, act, &I8Kernels::bitmap_rows_qx);
 }
 
-void nm_i8_linear(const NmI8& w, const Problem& p, Isa isa, int algo) {
-  detail::check_problem(w.w.rows, w.w.cols, p);
-  detail::run_linear(w, p, NmI8Run{i8_kernels(isa), nm_kernels(isa)}, algo, w.w.rows * w.w.vpr);
-  detail::fix_nonfinite(ColsDec<NmView>{w.w}, p);
+void nm_i8_linear(const NmI8& w, const Problem& p, Isa isa, int algo, I8Act act) {
+  i8_linear(w, p, I8Run<NmI8, NmKernels>{i8_kernels(isa), nm_kernels(isa), &I8Kernels::nm_rows}, algo,
+            w.w.rows * w.w.vpr, act, &I8Kernels::nm_rows_qx);
 }
 
 }  // namespace sf

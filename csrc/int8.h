@@ -8,10 +8,25 @@
 //
 // Kernels: rows (any batch; used for batch 1-3): bitmap / N:M: each 16 (AVX-512) or 8 (AVX2) columns the next
 // stored int8 values are loaded, sign-extended to int32, expanded to the columns their mask bits
-// name, converted to float32 and multiplied into float32 x with FMA; CSR: 16 / 8 values at a time
-// sign-extended and converted, x gathered at their columns, FMA. For batch >= 4 (or
-// algo=lanes) the driver dequantizes one row block at a time into a float32 buffer and runs the
-// float32 batch-in-lanes kernels of the format on it (bitmap.h, nm.h).
+// name, converted to float32 and multiplied into float32 x with FMA; 2:4 on AVX-512 instead picks
+// the x of 16 values' columns out of two x vectors with vpermt2ps (positions from the index bits)
+// and multiplies the converted values in place; CSR: 16 / 8 values at a time sign-extended and
+// converted, x gathered at their columns, FMA. For batch >= 4 (or algo=lanes) the driver
+// dequantizes one row block at a time into a float32 buffer and runs the float32 batch-in-lanes
+// kernels of the format on it (bitmap.h, nm.h).
+//
+// Activation mode I8Act::int8 (bitmap and N:M; opt-in, changes the numerics): each batch row of x
+// is quantized once per call, symmetric, xq[b, j] = clamp(nearbyint(x[b, j] * 127 / amax_b), +-127)
+// with sx[b] = amax_b / 127 (amax_b = max_j |x[b, j]|; 0 gives sx = 0 and xq = 0), and
+//   y[b, r] = scales[r] * (sx[b] * float(sum_j q[r, j] * xq[b, j])) + bias[r]
+// with the integer sum exact (int64). With AVX512 VNNI + VBMI + VBMI2 (use_int8_vnni()) the rows
+// kernels gather the x bytes of the stored values (2:4: vpermt2b with positions from the index
+// bits via vpmultishiftqb; bitmap: vpcompressb by the bitmap's 64-bit masks) and multiply 64 values
+// per vpdpbusd ((q + 128) as u8 times xq as s8, minus 128 * sum xq by a second vpdpbusd). Without
+// them a portable integer loop gives the same result. Every batch size runs the rows kernels; a
+// call whose x holds NaN or inf runs the float32 mode instead (NaN / inf propagate as in a dense
+// matmul, which a quantized x cannot express). The deviation from the float32 mode is bounded by
+//   |y_int8 - y_f32| <= scales[r] * sum_j |q[r, j]| * sx[b] / 2   (plus float32 rounding).
 #pragma once
 
 #include "bitmap.h"
@@ -40,15 +55,38 @@ struct CsrI8 {
   const float* scales = nullptr;  // (rows,)
 };
 
+// x quantized per batch row (I8Act::int8): q (B, ld) int8 with zeros in [in, ld), scale (B,).
+struct QuantX {
+  const int8_t* q = nullptr;
+  int64_t ld = 0;  // row stride: in rounded up to 64, plus 128 (the kernels read whole 64-byte windows)
+  const float* scale = nullptr;
+};
+constexpr int64_t kQuantXPad = 128;
+inline int64_t quant_x_ld(int64_t in) { return (in + 63) / 64 * 64 + kQuantXPad; }
+
+enum class I8Act : int { f32 = 0, int8 = 1 };
+
+// y = scale * (sx * float(acc)) + bias of I8Act::int8, rounded after each operation in every build
+// (the volatile keeps the compiler from fusing the last multiply and add into an FMA)
+inline float qx_output(float scale, float sx, int64_t acc, float bias) {
+  volatile float prod = scale * (sx * static_cast<float>(acc));
+  return prod + bias;
+}
+
 struct I8Kernels {
   void (*bitmap_rows)(const BitmapI8&, const Problem&, int64_t r0, int64_t r1);
   void (*nm_rows)(const NmI8&, const Problem&, int64_t r0, int64_t r1);
   void (*csr_rows)(const CsrI8&, const Problem&, int64_t r0, int64_t r1);
+  // one row of x quantized into q[0, n) (see I8Act::int8), its scale returned
+  float (*quantize_row)(const float* x, int64_t n, int8_t* q);
+  void (*bitmap_rows_qx)(const BitmapI8&, const QuantX&, const Problem&, int64_t r0, int64_t r1);
+  void (*nm_rows_qx)(const NmI8&, const QuantX&, const Problem&, int64_t r0, int64_t r1);
 };
 
 namespace scalar { extern const I8Kernels i8; }
 namespace avx2 { extern const I8Kernels i8; }
 namespace avx512 { extern const I8Kernels i8; }
+namespace avx512vnni { extern const I8Kernels i8; }  // avx512 + VNNI, VBMI, VBMI2 (the int8-activation kernels)
 
 // The scalar references (test oracles) and the dispatched kernels; algo as for bitmap_linear.
 // Checked views (views.h): the structure buffers as bitmap_view / nm_view check them, values int8
@@ -61,9 +99,13 @@ CsrI8 csr_i8_view(const Array& row_ptr, const Array& col, const Array& values, c
                   const char* op, bool check_indices = true);
 
 void bitmap_i8_linear_ref(const BitmapI8& w, const Problem& p);
-void bitmap_i8_linear(const BitmapI8& w, const Problem& p, Isa isa, int algo);
+void bitmap_i8_linear(const BitmapI8& w, const Problem& p, Isa isa, int algo, I8Act act = I8Act::f32);
 void nm_i8_linear_ref(const NmI8& w, const Problem& p);
-void nm_i8_linear(const NmI8& w, const Problem& p, Isa isa, int algo);
+void nm_i8_linear(const NmI8& w, const Problem& p, Isa isa, int algo, I8Act act = I8Act::f32);
+// references of the I8Act::int8 mode: x quantized by the formula above, each row decoded to dense
+// int8 and summed in int64 (NaN / inf in x: the float32 reference)
+void bitmap_i8_linear_qx_ref(const BitmapI8& w, const Problem& p);
+void nm_i8_linear_qx_ref(const NmI8& w, const Problem& p);
 void csr_i8_linear_ref(const CsrI8& w, const Problem& p);
 void csr_i8_linear(const CsrI8& w, const Problem& p, Isa isa, int algo);
 

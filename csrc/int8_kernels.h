@@ -13,6 +13,9 @@
 // Each row's sum is multiplied by its scale once at the end.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "int8.h"
@@ -92,6 +95,103 @@ inline void i8_row_dot(const int8_t* q, int64_t vp, int64_t end, int64_t cols, M
     sums[nb] = _mm512_reduce_add_ps(s);
   }
 }
+
+// 2:4 with float32 x: 16 values (8 groups, 32 columns, 4 index bytes) per block. Lane i of a block
+// holds value k + i, whose column is 4 * (i / 2) + its 2-bit field; the field is shifted out of the
+// block's index dword (vpsrlvd), combined with the group base (vpternlogd) and picks the x of that
+// column out of the block's two x vectors (vpermt2ps). Values and x past the row are masked off.
+template <int NB>
+inline void nm24_i8_row_dot(const int8_t* q, const uint8_t* irow, int64_t vpr, const float* const* xs, float* sums) {
+  const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  const __m512i three = _mm512_set1_epi32(3);
+  auto positions = [&](uint32_t idx) {  // (field & 3) | base
+    return _mm512_ternarylogic_epi32(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(idx)), shifts), three, base, 0xEA);
+  };
+  auto widen = [](__m128i raw) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)); };
+  __m512 acc[NB][2];
+  for (int nb = 0; nb < NB; ++nb) acc[nb][0] = acc[nb][1] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= vpr; k += 32) {
+    v512::prefetch(q + k, v512::kPrefetchBytes);
+    uint32_t i0, i1;
+    std::memcpy(&i0, irow + k / 4, 4);
+    std::memcpy(&i1, irow + k / 4 + 4, 4);
+    const __m512i p0 = positions(i0), p1 = positions(i1);
+    const __m512 w0 = widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k)));
+    const __m512 w1 = widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k + 16)));
+    for (int nb = 0; nb < NB; ++nb) {
+      const float* x = xs[nb] + 2 * k;
+      const __m512 x0 = _mm512_permutex2var_ps(_mm512_loadu_ps(x), p0, _mm512_loadu_ps(x + 16));
+      const __m512 x1 = _mm512_permutex2var_ps(_mm512_loadu_ps(x + 32), p1, _mm512_loadu_ps(x + 48));
+      acc[nb][0] = _mm512_fmadd_ps(w0, x0, acc[nb][0]);
+      acc[nb][1] = _mm512_fmadd_ps(w1, x1, acc[nb][1]);
+    }
+  }
+  for (; k < vpr; k += 16) {
+    const int64_t nv = min64(16, vpr - k), nc = 2 * nv;
+    uint32_t idx = 0;
+    std::memcpy(&idx, irow + k / 4, static_cast<size_t>((nv + 3) / 4));
+    const __m512i pos = positions(idx);
+    const __mmask16 vm = v512::first_lanes(nv);
+    const __m512 w = widen(_mm_maskz_loadu_epi8(vm, q + k));
+    for (int nb = 0; nb < NB; ++nb) {
+      const float* x = xs[nb] + 2 * k;
+      const __m512 lo = _mm512_maskz_loadu_ps(v512::first_lanes(nc), x);
+      const __m512 hi = _mm512_maskz_loadu_ps(v512::first_lanes(nc > 16 ? nc - 16 : 0), x + 16);
+      acc[nb][0] = _mm512_fmadd_ps(w, _mm512_maskz_permutex2var_ps(vm, lo, pos, hi), acc[nb][0]);
+    }
+  }
+  for (int nb = 0; nb < NB; ++nb) sums[nb] = _mm512_reduce_add_ps(_mm512_add_ps(acc[nb][0], acc[nb][1]));
+}
+
+
+#if defined(__AVX512VBMI2__)
+// Bitmap rows with float32 x on CPUs with AVX512_VBMI2: 64 columns per step, the row's next values
+// expand-loaded to the bytes their bitmap bits name (vpexpandb from memory reads exactly popcount
+// bytes, so no load passes the buffer), widened and converted 16 at a time, FMA with x (masked past
+// `cols`). Fewer shuffle-port instructions per column than the 16-column vpexpandd steps above.
+template <int NB>
+inline void bitmap_i8_row_dot_vbmi2(const int8_t* q, int64_t vp, const uint8_t* bits, int64_t cols,
+                                    const float* const* xs, float* sums) {
+  __m512 acc[NB][4];
+  for (int nb = 0; nb < NB; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = _mm512_setzero_ps();
+  auto widen = [](__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)); };
+  int64_t c = 0;
+  for (; c + 64 <= cols; c += 64) {
+    v512::prefetch(q + vp, v512::kPrefetchBytes);
+    uint64_t m;
+    std::memcpy(&m, bits + c / 8, 8);
+    const __m512i b = _mm512_maskz_expandloadu_epi8(m, q + vp);
+    vp += _mm_popcnt_u64(m);
+    const __m512 w0 = widen(_mm512_castsi512_si128(b)), w1 = widen(_mm512_extracti32x4_epi32(b, 1));
+    const __m512 w2 = widen(_mm512_extracti32x4_epi32(b, 2)), w3 = widen(_mm512_extracti32x4_epi32(b, 3));
+    for (int nb = 0; nb < NB; ++nb) {
+      const float* x = xs[nb] + c;
+      acc[nb][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x), acc[nb][0]);
+      acc[nb][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16), acc[nb][1]);
+      acc[nb][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(x + 32), acc[nb][2]);
+      acc[nb][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(x + 48), acc[nb][3]);
+    }
+  }
+  if (c < cols) {
+    const int64_t nc = cols - c;
+    uint64_t m = 0;
+    std::memcpy(&m, bits + c / 8, static_cast<size_t>((nc + 7) / 8));
+    m = _bzhi_u64(m, static_cast<unsigned>(nc));
+    const __m512i b = _mm512_maskz_expandloadu_epi8(m, q + vp);
+    const __m512 w[4] = {widen(_mm512_castsi512_si128(b)), widen(_mm512_extracti32x4_epi32(b, 1)),
+                         widen(_mm512_extracti32x4_epi32(b, 2)), widen(_mm512_extracti32x4_epi32(b, 3))};
+    for (int t = 0; t < 4 && 16 * t < nc; ++t) {
+      const __mmask16 cm = v512::first_lanes(nc - 16 * t);
+      for (int nb = 0; nb < NB; ++nb) acc[nb][t] = _mm512_fmadd_ps(w[t], _mm512_maskz_loadu_ps(cm, xs[nb] + c + 16 * t), acc[nb][t]);
+    }
+  }
+  for (int nb = 0; nb < NB; ++nb) {
+    sums[nb] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[nb][0], acc[nb][1]), _mm512_add_ps(acc[nb][2], acc[nb][3])));
+  }
+}
+#endif
 
 #elif defined(__AVX2__)
 inline __m256 i8_expand8(const int8_t* q, int64_t vp, unsigned m, bool safe) {
@@ -174,20 +274,28 @@ inline void i8_row_dot(const int8_t* q, int64_t vp, int64_t end, int64_t cols, M
 }
 #endif
 
-// y[b, r] = scales[r] * (row r . x_b) + bias[r] for rows [r0, r1) and every batch row, NB at a time
-template <class RowFn>
-void i8_rows(const Problem& p, const float* scales, int64_t r0, int64_t r1, RowFn&& row) {
+// y[b, r] = out(r, b, sum, bias[r]) for rows [r0, r1) and every batch row, NB batch rows at a time:
+// row(r, xs, sums, nb) writes row r's sums (type S) against the NB x rows xs (x row b at x0 + b * ld).
+template <class X, class S, class RowFn, class OutFn>
+void rows_by_quads(const Problem& p, const X* x0, int64_t ld, int64_t r0, int64_t r1, RowFn&& row, OutFn&& out) {
   for_batch_quads(p.B, [&](auto nbc, int64_t b0) {
     constexpr int NB = decltype(nbc)::value;
-    const float* xs[NB];
-    for (int nb = 0; nb < NB; ++nb) xs[nb] = p.x + (b0 + nb) * p.in;
+    const X* xs[NB];
+    for (int nb = 0; nb < NB; ++nb) xs[nb] = x0 + (b0 + nb) * ld;
     for (int64_t r = r0; r < r1; ++r) {
-      float sums[NB];
+      S sums[NB];
       row(r, xs, sums, nbc);
       const float bv = p.bias ? p.bias[r] : 0.f;
-      for (int nb = 0; nb < NB; ++nb) p.y[(b0 + nb) * p.out + r] = scales[r] * sums[nb] + bv;
+      for (int nb = 0; nb < NB; ++nb) p.y[(b0 + nb) * p.out + r] = out(r, b0 + nb, sums[nb], bv);
     }
   });
+}
+
+// y[b, r] = scales[r] * (row r . x_b) + bias[r] for rows [r0, r1) and every batch row
+template <class RowFn>
+void i8_rows(const Problem& p, const float* scales, int64_t r0, int64_t r1, RowFn&& row) {
+  rows_by_quads<float, float>(p, p.x, p.in, r0, r1, row,
+                              [scales](int64_t r, int64_t, float sum, float bv) { return scales[r] * sum + bv; });
 }
 
 void bitmap_i8_rows(const BitmapI8& wq, const Problem& p, int64_t r0, int64_t r1) {
@@ -195,7 +303,11 @@ void bitmap_i8_rows(const BitmapI8& wq, const Problem& p, int64_t r0, int64_t r1
   const int8_t* q = static_cast<const int8_t*>(w.val);
   i8_rows(p, wq.scales, r0, r1, [&](int64_t r, const float* const* xs, float* sums, auto nbc) {
     const uint8_t* row = w.bits + r * w.bpr;
+#if defined(__AVX512VBMI2__)
+    bitmap_i8_row_dot_vbmi2<decltype(nbc)::value>(q, w.row_offsets[r], row, w.cols, xs, sums);
+#else
     i8_row_dot<decltype(nbc)::value, 0>(q, w.row_offsets[r], w.nnz, w.cols, [row](int64_t i) { return row[i]; }, xs, sums);
+#endif
   });
 }
 
@@ -204,6 +316,12 @@ void nm_i8_rows(const NmI8& wq, const Problem& p, int64_t r0, int64_t r1) {
   const int8_t* q = static_cast<const int8_t*>(w.val);
   const int64_t total = w.rows * w.vpr;
   if (w.n == 2 && w.m == 4) {  // each index byte is two groups: kNm24 gives their 8-column mask
+#if defined(__AVX512F__)
+    i8_rows(p, wq.scales, r0, r1, [&](int64_t r, const float* const* xs, float* sums, auto nbc) {
+      nm24_i8_row_dot<decltype(nbc)::value>(q + r * w.vpr, w.idx + r * w.ibpr, w.vpr, xs, sums);
+    });
+    return;
+#endif
     i8_rows(p, wq.scales, r0, r1, [&](int64_t r, const float* const* xs, float* sums, auto nbc) {
       const uint8_t* irow = w.idx + r * w.ibpr;
       i8_row_dot<decltype(nbc)::value, 4>(q, r * w.vpr, total, w.cols, [irow](int64_t i) { return kNm24.mask[irow[i]]; },
@@ -223,7 +341,11 @@ void nm_i8_rows(const NmI8& wq, const Problem& p, int64_t r0, int64_t r1) {
       decoded = r;
     }
     const uint8_t* row = bits.data();
+#if defined(__AVX512VBMI2__)
+    bitmap_i8_row_dot_vbmi2<decltype(nbc)::value>(q, r * w.vpr, row, w.cols, xs, sums);
+#else
     i8_row_dot<decltype(nbc)::value, 0>(q, r * w.vpr, total, w.cols, [row](int64_t i) { return row[i]; }, xs, sums);
+#endif
   });
 }
 
@@ -262,7 +384,193 @@ void csr_i8_rows(const CsrI8& wq, const Problem& p, int64_t r0, int64_t r1) {
   });
 }
 
-constexpr I8Kernels kI8Kernels = {bitmap_i8_rows, nm_i8_rows, csr_i8_rows};
+// ---- I8Act::int8: x quantized per batch row, integer dot products ----
+
+// q[0, n) = clamp(nearbyint(x * 127 / amax), +-127); returns amax / 127 (0 for an all-zero row).
+// Exact in every path: amax is a max, and each element takes one multiply and one rounding.
+float quantize_row(const float* x, int64_t n, int8_t* q) {
+  float amax = 0.f;
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  __m512 m = _mm512_setzero_ps();
+  for (; j + 16 <= n; j += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + j)));
+  amax = _mm512_reduce_max_ps(m);
+#endif
+  for (; j < n; ++j) amax = std::max(amax, std::fabs(x[j]));
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  j = 0;
+#if defined(__AVX512F__)
+  const __m512 vinv = _mm512_set1_ps(inv);
+  for (; j + 16 <= n; j += 16) {  // round to nearest even (MXCSR default), saturate (|x * inv| <= 127 + rounding)
+    const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + j), vinv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + j), _mm512_cvtsepi32_epi8(v));
+  }
+#endif
+  for (; j < n; ++j) q[j] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(x[j] * inv))));
+  return amax / 127.f;
+}
+
+// y[b, r] = scales[r] * (sx[b] * float(dot)) + bias[r] for rows [r0, r1): dot(r, xq rows, sums, nb)
+// writes the exact integer sums of row r against NB quantized x rows.
+template <class DotFn>
+void i8_rows_qx(const Problem& p, const QuantX& xq, const float* scales, int64_t r0, int64_t r1, DotFn&& dot) {
+  rows_by_quads<int8_t, int64_t>(p, xq.q, xq.ld, r0, r1, dot, [&](int64_t r, int64_t b, int64_t sum, float bv) {
+    return qx_output(scales[r], xq.scale[b], sum, bv);
+  });
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512VBMI2__)
+// Both kernels multiply (q + 128) as u8 by the gathered xq as s8 (vpdpbusd, 64 values a step) and
+// subtract 128 * sum xq (a second vpdpbusd). The int32 lanes wrap, but the difference is the exact
+// dot as long as it stays below 2^31 per chunk: |dot| <= 127 * 127 * values, so each chunk of at most
+// kQxChunk values is reduced into an int64.
+constexpr int64_t kQxChunk = 65536;
+
+template <int NB>
+struct QxAcc {
+  __m512i acc[NB], cor[NB];
+  int64_t total[NB] = {};
+  QxAcc() { clear(); }
+  void clear() {
+    for (int nb = 0; nb < NB; ++nb) acc[nb] = cor[nb] = _mm512_setzero_si512();
+  }
+  void add(__m512i wu, int nb, __m512i xg) {
+    acc[nb] = _mm512_dpbusd_epi32(acc[nb], wu, xg);
+    cor[nb] = _mm512_dpbusd_epi32(cor[nb], _mm512_set1_epi8(static_cast<char>(0x80)), xg);
+  }
+  void flush() {
+    for (int nb = 0; nb < NB; ++nb) total[nb] += _mm512_reduce_add_epi32(_mm512_sub_epi32(acc[nb], cor[nb]));
+    clear();
+  }
+};
+
+inline __m512i flip_sign(__m512i w) { return _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80))); }
+
+// 2:4: 64 values (128 columns from 2k, 16 index bytes) per step. Byte j of the control takes bits
+// [2j, 2j + 8) of the index qword that holds value j's field (vpmultishiftqb: qwords 0-3 of the source
+// are index qword 0, qwords 4-7 index qword 1); & 3 | 4 * (j / 2) is its column in the 128-byte window
+// (vpermt2b over two x vectors).
+struct Nm24QxControl {
+  int8_t shift[64], base[64];
+  constexpr Nm24QxControl() : shift(), base() {
+    for (int j = 0; j < 64; ++j) {
+      shift[j] = static_cast<int8_t>((2 * j) & 63);
+      base[j] = static_cast<int8_t>(4 * (j / 2));
+    }
+  }
+};
+alignas(64) constexpr Nm24QxControl kNm24Qx{};
+
+template <int NB>
+inline void nm24_qx_row_dot(const int8_t* q, const uint8_t* irow, int64_t vpr, const int8_t* const* xs, int64_t* sums) {
+  const __m512i shift = _mm512_load_si512(kNm24Qx.shift), base = _mm512_load_si512(kNm24Qx.base);
+  const __m512i three = _mm512_set1_epi8(3);
+  auto positions = [&](uint64_t i0, uint64_t i1) {
+    const __m512i src = _mm512_mask_set1_epi64(_mm512_set1_epi64(static_cast<long long>(i0)), 0xF0, static_cast<long long>(i1));
+    return _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(shift, src), three, base, 0xEA);
+  };
+  QxAcc<NB> a;
+  for (int64_t c0 = 0; c0 < vpr; c0 += kQxChunk) {
+    const int64_t c1 = min64(vpr, c0 + kQxChunk);
+    int64_t k = c0;
+    for (; k + 64 <= c1; k += 64) {
+      v512::prefetch(q + k, v512::kPrefetchBytes);
+      uint64_t i0, i1;
+      std::memcpy(&i0, irow + k / 4, 8);
+      std::memcpy(&i1, irow + k / 4 + 8, 8);
+      const __m512i pos = positions(i0, i1);
+      const __m512i wu = flip_sign(_mm512_loadu_si512(q + k));
+      for (int nb = 0; nb < NB; ++nb) {
+        const int8_t* x = xs[nb] + 2 * k;
+        a.add(wu, nb, _mm512_permutex2var_epi8(_mm512_loadu_si512(x), pos, _mm512_loadu_si512(x + 64)));
+      }
+    }
+    if (k < c1) {  // the last nv < 64 values: index bytes copied, values and gathered x masked (x is padded)
+      const int64_t nv = c1 - k;
+      uint64_t i[2] = {0, 0};
+      std::memcpy(i, irow + k / 4, static_cast<size_t>((nv + 3) / 4));
+      const __m512i pos = positions(i[0], i[1]);
+      const __mmask64 vm = _bzhi_u64(~uint64_t{0}, static_cast<unsigned>(nv));
+      const __m512i wu = flip_sign(_mm512_maskz_loadu_epi8(vm, q + k));
+      for (int nb = 0; nb < NB; ++nb) {
+        const int8_t* x = xs[nb] + 2 * k;
+        a.add(wu, nb, _mm512_maskz_permutex2var_epi8(vm, _mm512_loadu_si512(x), pos, _mm512_loadu_si512(x + 64)));
+      }
+    }
+    a.flush();
+  }
+  for (int nb = 0; nb < NB; ++nb) sums[nb] = a.total[nb];
+}
+
+// bitmap: 64 columns per step; the xq of the kept columns are packed to the front (vpcompressb by
+// the 64-bit bitmap word, zero above) to meet the row's next values, whose count is the popcount.
+template <int NB>
+inline void bitmap_qx_row_dot(const int8_t* q, int64_t vp, int64_t end, const uint8_t* bits, int64_t cols,
+                              const int8_t* const* xs, int64_t* sums) {
+  QxAcc<NB> a;
+  for (int64_t c0 = 0; c0 < cols; c0 += kQxChunk) {
+    const int64_t c1 = min64(cols, c0 + kQxChunk);
+    for (int64_t c = c0; c < c1; c += 64) {
+      v512::prefetch(q + vp, v512::kPrefetchBytes);
+      uint64_t m = 0;
+      if (c + 64 <= c1) {
+        std::memcpy(&m, bits + c / 8, 8);
+      } else {
+        std::memcpy(&m, bits + c / 8, static_cast<size_t>((c1 - c + 7) / 8));
+        m = _bzhi_u64(m, static_cast<unsigned>(c1 - c));
+      }
+      const int64_t n = _mm_popcnt_u64(m);
+      const __m512i w = vp + 64 <= end ? _mm512_loadu_si512(q + vp)
+                                       : _mm512_maskz_loadu_epi8(_bzhi_u64(~uint64_t{0}, static_cast<unsigned>(n)), q + vp);
+      const __m512i wu = flip_sign(w);
+      for (int nb = 0; nb < NB; ++nb) a.add(wu, nb, _mm512_maskz_compress_epi8(m, _mm512_loadu_si512(xs[nb] + c)));
+      vp += n;
+    }
+    a.flush();
+  }
+  for (int nb = 0; nb < NB; ++nb) sums[nb] = a.total[nb];
+}
+#endif
+
+// The portable integer sums: every stored entry (column j, value index k) that for_stored(f) visits,
+// q[k] * xs[nb][j] for NB quantized x rows.
+template <int NB, class ForStored>
+inline void qx_row_dot_portable(const int8_t* q, const int8_t* const* xs, int64_t* sums, ForStored&& for_stored) {
+  for (int nb = 0; nb < NB; ++nb) sums[nb] = 0;
+  for_stored([&](int64_t j, int64_t k) {
+    for (int nb = 0; nb < NB; ++nb) sums[nb] += int64_t{q[k]} * xs[nb][j];
+  });
+}
+
+void bitmap_i8_rows_qx(const BitmapI8& wq, const QuantX& xq, const Problem& p, int64_t r0, int64_t r1) {
+  const BitmapView& w = wq.w;
+  const int8_t* q = static_cast<const int8_t*>(w.val);
+  i8_rows_qx(p, xq, wq.scales, r0, r1, [&](int64_t r, const int8_t* const* xs, int64_t* sums, auto nbc) {
+    constexpr int NB = decltype(nbc)::value;
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512VBMI2__)
+    bitmap_qx_row_dot<NB>(q, w.row_offsets[r], w.nnz, w.bits + r * w.bpr, w.cols, xs, sums);
+#else
+    qx_row_dot_portable<NB>(q, xs, sums, [&](auto&& f) { bitmap_stored(w, r, f); });
+#endif
+  });
+}
+
+void nm_i8_rows_qx(const NmI8& wq, const QuantX& xq, const Problem& p, int64_t r0, int64_t r1) {
+  const NmView& w = wq.w;
+  const int8_t* q = static_cast<const int8_t*>(w.val);
+  i8_rows_qx(p, xq, wq.scales, r0, r1, [&](int64_t r, const int8_t* const* xs, int64_t* sums, auto nbc) {
+    constexpr int NB = decltype(nbc)::value;
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512VBMI2__)
+    if (w.n == 2 && w.m == 4) {
+      nm24_qx_row_dot<NB>(q + r * w.vpr, w.idx + r * w.ibpr, w.vpr, xs, sums);
+      return;
+    }
+#endif
+    qx_row_dot_portable<NB>(q, xs, sums, [&](auto&& f) { nm_stored(w, r, f); });
+  });
+}
+
+constexpr I8Kernels kI8Kernels = {bitmap_i8_rows, nm_i8_rows, csr_i8_rows, quantize_row, bitmap_i8_rows_qx, nm_i8_rows_qx};
 
 }  // namespace
 }  // namespace sf

@@ -30,6 +30,24 @@ bool cpu_supports(Isa isa) {
 #endif
 }
 
+namespace {
+
+// A run-time switch for a kernel build within a path: env `name` unset / "" / "auto" -> `cpu`; "0" -> false;
+// "1" -> true, or std::invalid_argument naming `what` where the CPU lacks it.
+bool kernel_build_switch(const char* name, bool cpu, const char* what) {
+  const char* env = std::getenv(name);
+  const std::string want = env ? env : "";
+  if (want.empty() || want == "auto") return cpu;
+  if (want == "0") return false;
+  if (want == "1") {
+    if (!cpu) throw std::invalid_argument(std::string(name) + "=1: this CPU (or build) lacks " + what + "; unset it or use 0");
+    return true;
+  }
+  throw std::invalid_argument(std::string(name) + "='" + want + "' is not a setting; use auto, 0 or 1");
+}
+
+}  // namespace
+
 bool use_vpopcntdq() {
 #if defined(SF_HAVE_X86_KERNELS) && (defined(__GNUC__) || defined(__clang__))
   static const bool cpu = [] {
@@ -39,15 +57,20 @@ bool use_vpopcntdq() {
 #else
   const bool cpu = false;
 #endif
-  const char* env = std::getenv("SPARSEFORGE_VPOPCNTDQ");
-  const std::string want = env ? env : "";
-  if (want.empty() || want == "auto") return cpu;
-  if (want == "0") return false;
-  if (want == "1") {
-    if (!cpu) throw std::invalid_argument("SPARSEFORGE_VPOPCNTDQ=1: this CPU (or build) lacks AVX512_VPOPCNTDQ; unset it or use 0");
-    return true;
-  }
-  throw std::invalid_argument("SPARSEFORGE_VPOPCNTDQ='" + want + "' is not a setting; use auto, 0 or 1");
+  return kernel_build_switch("SPARSEFORGE_VPOPCNTDQ", cpu, "AVX512_VPOPCNTDQ");
+}
+
+bool use_int8_vnni() {
+#if defined(SF_HAVE_INT8_VNNI_KERNELS) && (defined(__GNUC__) || defined(__clang__))
+  static const bool cpu = [] {
+    __builtin_cpu_init();
+    return cpu_supports(Isa::avx512) && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi") &&
+           __builtin_cpu_supports("avx512vbmi2");
+  }();
+#else
+  const bool cpu = false;
+#endif
+  return kernel_build_switch("SPARSEFORGE_INT8_VNNI", cpu, "AVX512 VNNI / VBMI / VBMI2");
 }
 
 Isa best_isa() {

@@ -21,5 +21,10 @@ const char* isa_name(Isa isa);
 // table). True when the CPU has it, unless SPARSEFORGE_VPOPCNTDQ=0 (tests use that to run the
 // table path on such CPUs); SPARSEFORGE_VPOPCNTDQ=1 on a CPU without it throws.
 bool use_vpopcntdq();
+// Within the avx512 path: use the int8 kernels built with AVX512 VNNI, VBMI and VBMI2 (Ice Lake,
+// Sapphire Rapids, Zen 4 and later) for int8 activations (csrc/int8.h, I8Act::int8). True when the
+// CPU has all three and the build has the kernels, unless SPARSEFORGE_INT8_VNNI=0 (tests use that to
+// run the portable integer path); SPARSEFORGE_INT8_VNNI=1 where they are missing throws.
+bool use_int8_vnni();
 
 }  // namespace sf

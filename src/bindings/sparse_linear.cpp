@@ -248,6 +248,13 @@ void register_bsr(nb::module_& m) {
   }, "block_row_ptr"_a, "block_col"_a, "values"_a, "rows"_a, "cols"_a);
 }
 
+// act="float" (float32 activations) or "int8" (quantized per batch row, csrc/int8.h I8Act::int8)
+sf::I8Act parse_act(const std::string& act) {
+  if (act == "float") return sf::I8Act::f32;
+  if (act == "int8") return sf::I8Act::int8;
+  throw std::invalid_argument("act='" + act + "' is not an activation mode; use 'float' or 'int8'");
+}
+
 // int8 values with float32 row scales (csrc/int8.h): forward only
 void register_int8(nb::module_& m) {
   auto bitmap_i8 = [](const In& bits, const In& ro, const In& val, const In& sc, int64_t cols, const std::string& op,
@@ -285,32 +292,40 @@ void register_int8(nb::module_& m) {
     m.def(bl.c_str(),
           [ref, bl, bitmap_i8](const In& x, const In& bits, const In& row_offsets, const In& values, const In& scales,
                                const nb::object& bias, const Out& y, const std::string& isa, const std::string& algo,
-                               bool check_indices) {
+                               bool check_indices, const std::string& act) {
             const sf::Problem p = problem(x, bias, y);
             const sf::BitmapI8 w = bitmap_i8(bits, row_offsets, values, scales, p.in, bl, check_indices);
             expect_rows(w.w.rows, p.out, bl.c_str());
             const sf::Isa i = ref ? sf::Isa::scalar : resolve(isa);
             const int a = parse_algo(algo);
+            const sf::I8Act ac = parse_act(act);
             nb::gil_scoped_release rel;
-            if (ref) sf::bitmap_i8_linear_ref(w, p); else sf::bitmap_i8_linear(w, p, i, a);
+            if (!ref) sf::bitmap_i8_linear(w, p, i, a, ac);
+            else if (ac == sf::I8Act::int8) sf::bitmap_i8_linear_qx_ref(w, p);
+            else sf::bitmap_i8_linear_ref(w, p);
           },
           "x"_a, "bitmap"_a, "row_offsets"_a, "values"_a, "scales"_a, "bias"_a.none(), "y"_a, "isa"_a = "",
-          "algo"_a = "auto", "check_indices"_a = true);
+          "algo"_a = "auto", "check_indices"_a = true, "act"_a = "float");
     m.def(nl.c_str(),
           [ref, nl, nm_i8](const In& x, const In& values, const In& indices, const In& scales, int n, int mm,
                            const nb::object& bias, const Out& y, const std::string& isa, const std::string& algo,
-                           bool check_indices) {
+                           bool check_indices, const std::string& act) {
             const sf::Problem p = problem(x, bias, y);
             const sf::NmI8 w = nm_i8(values, indices, scales, n, mm, p.in, nl, check_indices);
             expect_rows(w.w.rows, p.out, nl.c_str());
             const sf::Isa i = ref ? sf::Isa::scalar : resolve(isa);
             const int a = parse_algo(algo);
+            const sf::I8Act ac = parse_act(act);
             nb::gil_scoped_release rel;
-            if (ref) sf::nm_i8_linear_ref(w, p); else sf::nm_i8_linear(w, p, i, a);
+            if (!ref) sf::nm_i8_linear(w, p, i, a, ac);
+            else if (ac == sf::I8Act::int8) sf::nm_i8_linear_qx_ref(w, p);
+            else sf::nm_i8_linear_ref(w, p);
           },
           "x"_a, "values"_a, "indices"_a, "scales"_a, "n"_a, "m"_a, "bias"_a.none(), "y"_a, "isa"_a = "",
-          "algo"_a = "auto", "check_indices"_a = true);
+          "algo"_a = "auto", "check_indices"_a = true, "act"_a = "float");
   }
+  m.def("int8_vnni", [] { return sf::use_int8_vnni(); },
+        "Whether act='int8' runs the AVX512 VNNI / VBMI / VBMI2 kernels on the avx512 path (SPARSEFORGE_INT8_VNNI).");
   m.def("bitmap_i8_check", [bitmap_i8](const In& bits, const In& row_offsets, const In& values, const In& scales,
                                        int64_t rows, int64_t cols) {
     expect_rows(bitmap_i8(bits, row_offsets, values, scales, cols, "bitmap_i8_check", true).w.rows, rows, "bitmap_i8_check");

@@ -9,6 +9,10 @@ time into the float32 lanes kernels). Schemas:
 * ``sparseforge::nm_i8_linear(x, values, indices, scales, n, m, bias)``
 * ``sparseforge::csr_i8_linear(x, row_ptr, col, values, scales, bias)``
 
+These ops run the float32-activation mode. The native bitmap / N:M kernels also have an opt-in
+int8-activation mode (``act="int8"``: x quantized per row, ``vpdpbusd``; ``docs/kernels.md``), not
+exposed here.
+
 Autograd: ``dx = dy @ W`` through the float32 transposed ops of the format on the dequantized values,
 ``dbias = dy.sum(0)``; int8 values and their scales get no gradient (they are not trainable).
 
@@ -16,9 +20,9 @@ Example:
     >>> import torch
     >>> from sparseforge.formats import BitmapWeight
     >>> from sparseforge.ops.int8 import bitmap_i8_linear
-    >>> w = BitmapWeight.from_dense(torch.tensor([[1., 0., -2.]]), values_dtype=torch.int8)
+    >>> w = BitmapWeight.from_dense(torch.tensor([[254., 0., -126.]]), values_dtype=torch.int8)  # scale 2, q = (127, -63)
     >>> bitmap_i8_linear(torch.ones(1, 3), w.bitmap, w.row_offsets, w.values, w.scales, None).tolist()
-    [[-1.0]]
+    [[128.0]]
 """
 
 from __future__ import annotations
@@ -59,48 +63,6 @@ def _csr_dims(row_ptr: Tensor, col: Tensor, values: Tensor, scales: Tensor, cols
     for (name, dtypes, ndim), t in zip(buffers, (row_ptr, col, values, scales)):
         check_buf(t, name, dtypes, ndim)
     return csr_ops.fit_buffers(row_ptr, col, values, cols)
-
-
-@torch.library.custom_op("sparseforge::csr_i8_linear", mutates_args=(),
-                         schema="(Tensor x, Tensor row_ptr, Tensor col, Tensor values, Tensor scales, Tensor? bias) -> Tensor")
-def csr_i8_linear(x, row_ptr, col, values, scales, bias):
-    """y (B, out) = x (B, in) @ W^T + bias for a CSRWeight with int8 values."""
-    y = linear_out(x, _csr_dims(row_ptr, col, values, scales, x.shape[-1]), bias)
-    native().csr_i8_linear(*map(np_view, (x, row_ptr, col, values, scales, bias)), y.numpy())
-    return y
-
-
-@csr_i8_linear.register_fake
-def _(x, row_ptr, col, values, scales, bias):
-    return linear_out(x, _csr_dims(row_ptr, col, values, scales, x.shape[-1]), bias, fake=True)
-
-
-@torch.library.custom_op("sparseforge::bitmap_i8_linear", mutates_args=(),
-                         schema="(Tensor x, Tensor bitmap, Tensor row_offsets, Tensor values, Tensor scales, Tensor? bias) -> Tensor")
-def bitmap_i8_linear(x, bitmap, row_offsets, values, scales, bias):
-    """y (B, out) = x (B, in) @ W^T + bias for a BitmapWeight with int8 values."""
-    y = linear_out(x, _bitmap_dims(bitmap, row_offsets, values, scales, x.shape[-1]), bias)
-    native().bitmap_i8_linear(*map(np_view, (x, bitmap, row_offsets, values, scales, bias)), y.numpy())
-    return y
-
-
-@bitmap_i8_linear.register_fake
-def _(x, bitmap, row_offsets, values, scales, bias):
-    return linear_out(x, _bitmap_dims(bitmap, row_offsets, values, scales, x.shape[-1]), bias, fake=True)
-
-
-@torch.library.custom_op("sparseforge::nm_i8_linear", mutates_args=(),
-                         schema="(Tensor x, Tensor values, Tensor indices, Tensor scales, SymInt n, SymInt m, Tensor? bias) -> Tensor")
-def nm_i8_linear(x, values, indices, scales, n, m, bias):
-    """y (B, out) = x (B, in) @ W^T + bias for an NMWeight with int8 values."""
-    y = linear_out(x, _nm_dims(values, indices, scales, n, m, x.shape[-1]), bias)
-    native().nm_i8_linear(*map(np_view, (x, values, indices, scales)), n, m, np_view(bias), y.numpy())
-    return y
-
-
-@nm_i8_linear.register_fake
-def _(x, values, indices, scales, n, m, bias):
-    return linear_out(x, _nm_dims(values, indices, scales, n, m, x.shape[-1]), bias, fake=True)
 
 
 def _setup(ctx, inputs, output):
@@ -145,9 +107,31 @@ def _csr_backward(ctx, dy):
     return tuple(grads)
 
 
-bitmap_i8_linear.register_autograd(_bitmap_backward, setup_context=_setup)
-csr_i8_linear.register_autograd(_csr_backward, setup_context=_setup)
-nm_i8_linear.register_autograd(_nm_backward, setup_context=_setup)
+def _define(fmt: str, weight_schema: str, dims, backward):
+    """Register ``sparseforge::<fmt>_i8_linear(Tensor x, <weight_schema>, Tensor? bias) -> Tensor``:
+    ``y (B, out) = x (B, in) @ W^T + bias`` by the native ``<fmt>_i8_linear``, its fake (the output
+    shape from ``dims(*weight args, in)``, which also checks the buffers) and its autograd."""
+    name = f"{fmt}_i8_linear"
+
+    def forward(x, *args):  # args: the weight's buffers and statics, then bias
+        y = linear_out(x, dims(*args[:-1], x.shape[-1]), args[-1])
+        getattr(native(), name)(np_view(x), *map(np_view, args), y.numpy())
+        return y
+
+    def fake(x, *args):
+        return linear_out(x, dims(*args[:-1], x.shape[-1]), args[-1], fake=True)
+
+    op = torch.library.custom_op(f"sparseforge::{name}", forward, mutates_args=(),
+                                 schema=f"(Tensor x, {weight_schema}, Tensor? bias) -> Tensor")
+    op.register_fake(fake)
+    op.register_autograd(backward, setup_context=_setup)
+    return op
+
+
+csr_i8_linear = _define("csr", "Tensor row_ptr, Tensor col, Tensor values, Tensor scales", _csr_dims, _csr_backward)
+bitmap_i8_linear = _define("bitmap", "Tensor bitmap, Tensor row_offsets, Tensor values, Tensor scales", _bitmap_dims,
+                           _bitmap_backward)
+nm_i8_linear = _define("nm", "Tensor values, Tensor indices, Tensor scales, SymInt n, SymInt m", _nm_dims, _nm_backward)
 
 BITMAP_I8 = FormatOps("bitmap_i8", BitmapWeight, lambda w: (w.bitmap, w.row_offsets, w.values, w.scales), _bitmap_dims,
                       bitmap_i8_linear, None, None)

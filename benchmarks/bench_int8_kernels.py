@@ -1,0 +1,193 @@
+"""int8-valued sparse kernels at batch 1-3 against the bytes bound of issue 13, one layer at a time, one run.
+
+Per layer shape (``--shapes``, default 4096x11008 and 11008x4096, (out, in)) and thread count
+(``--threads``, default 1 and 2), cells (native kernels called directly, output preallocated):
+
+* ``dense fp32``: torch ``F.linear`` on the dense float32 weight, batch 1: its weight rate (bytes /
+  time) is the bytes-bound rate;
+* ``bitmap_i8 50%``, ``nm_i8 2:4``, ``csr_i8 90%``: int8 values with float32 row scales
+  (``sparseforge.formats.quantized``), float32 activations (the default mode, ``act="float"``);
+* ``bitmap_i8 50% act=int8``, ``nm_i8 2:4 act=int8``: the same weights with x quantized to int8 per
+  batch row (``csrc/int8.h`` ``I8Act::int8``; AVX512 VNNI kernels where the CPU has them).
+
+Every timed call runs on cold weights: a 1 GiB buffer is summed before each call (its time is not
+counted), as in a decode step whose model exceeds the last-level cache. Per cell: median wall ms,
+weight GB/s (bytes of the stored format / time), ``% bound`` = (bytes / dense fp32 rate) / time (100% =
+the format's bytes streamed at the rate torch's dense GEMV reached in the same run; target >= 90%), and
+the median CPU ms per call (``time.process_time``: all threads of this process), which moves less than
+wall time when other jobs share the cores, and the bound judged three ways: median wall time, fastest
+call, and CPU time (``cpu % bound``: bytes at dense fp32's CPU-time rate against the cell's CPU time;
+the steadiest of the three on a shared machine). The load average before and after is printed.
+
+Usage:
+    python benchmarks/bench_int8_kernels.py                 # 2 shapes x 1, 2 threads, batch 1 (~2 min)
+    python benchmarks/bench_int8_kernels.py --batches 1,2,3
+    python benchmarks/bench_int8_kernels.py --quick         # one small shape, few calls (smoke)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_host import host_line  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CELLS = ("bitmap_i8", "nm_i8", "csr_i8", "bitmap_i8 act=int8", "nm_i8 act=int8")
+SPARSITY = {"bitmap_i8": "50%", "nm_i8": "2:4", "csr_i8": "90%"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="4096x11008,11008x4096", help="(out)x(in) per layer, comma separated")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--batches", default="1")
+    ap.add_argument("--calls", type=int, default=15, help="timed calls per cell (each on cold weights)")
+    ap.add_argument("--evict-mib", type=int, default=1024, help="buffer summed before each call")
+    ap.add_argument("--quick", action="store_true", help="one 1024x2816 layer, 5 calls, 64 MiB eviction (smoke)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "int8_kernels.json")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.shapes, args.calls, args.evict_mib = "1024x2816", 5, 64
+    args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    args.threads = [int(t) for t in args.threads.split(",")]
+    args.batches = [int(b) for b in args.batches.split(",")]
+    return args
+
+
+def build(cell: str, w: torch.Tensor, seed: int):
+    """The int8 weight of a cell: ``w`` (out, in) pruned at the cell's sparsity (random mask)."""
+    from sparseforge.formats import BitmapWeight, NMWeight
+    from sparseforge.formats.csr import CSRWeight
+
+    gen = torch.Generator().manual_seed(seed)
+    fmt = cell.split()[0]
+    if fmt == "nm_i8":
+        scores = torch.rand(w.shape[0], w.shape[1] // 4, 4, generator=gen)
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(2, scores.topk(2, dim=2).indices, True)
+        return NMWeight.from_dense(w, "2:4", keep.reshape(w.shape), values_dtype=torch.int8)
+    keep = torch.rand(w.shape, generator=gen) < (0.5 if fmt == "bitmap_i8" else 0.1)
+    cls = BitmapWeight if fmt == "bitmap_i8" else CSRWeight
+    return cls.from_dense(w, keep, values_dtype=torch.int8)
+
+
+def weight_bytes(wt) -> int:
+    names = {"BitmapWeight": ("bitmap", "row_offsets", "values", "scales"), "NMWeight": ("values", "indices", "scales"),
+             "CSRWeight": ("row_ptr", "col", "values", "scales")}[type(wt).__name__]
+    return sum(getattr(wt, n).numel() * getattr(wt, n).element_size() for n in names)
+
+
+def kernel_call(cell: str, wt, x: np.ndarray, y: np.ndarray):
+    """A closure running the cell's native kernel once into y."""
+    from sparseforge.kernels import native
+
+    nat, act = native(), ("int8" if cell.endswith("act=int8") else "float")
+    fmt = cell.split()[0]
+    if fmt == "bitmap_i8":
+        a = (x, wt.bitmap.numpy(), wt.row_offsets.numpy(), wt.values.numpy(), wt.scales.numpy(), None, y)
+        return lambda: nat.bitmap_i8_linear(*a, check_indices=False, act=act)
+    if fmt == "nm_i8":
+        a = (x, wt.values.numpy(), wt.indices.numpy(), wt.scales.numpy(), 2, 4, None, y)
+        return lambda: nat.nm_i8_linear(*a, check_indices=False, act=act)
+    a = (x, wt.row_ptr.numpy(), wt.col.numpy(), wt.values.numpy(), wt.scales.numpy(), None, y)
+    return lambda: nat.csr_i8_linear(*a, check_indices=False)
+
+
+def time_cold(fn, calls: int, evict: torch.Tensor) -> dict:
+    """Median wall and CPU ms of fn() over `calls` calls, each after summing `evict` (untimed)."""
+    fn()
+    wall, cpu = [], []
+    for _ in range(calls):
+        evict.sum()
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn()
+        t1, c1 = time.perf_counter(), time.process_time()
+        wall.append(t1 - t0)
+        cpu.append(c1 - c0)
+    return {"ms": 1e3 * statistics.median(wall), "min_ms": 1e3 * min(wall), "cpu_ms": 1e3 * statistics.median(cpu)}
+
+
+def run(args) -> dict:
+    from sparseforge.kernels import native
+    from sparseforge.formats.memory import hugepage_backed
+
+    nat = native()
+    evict = hugepage_backed(torch.ones(args.evict_mib * 2**18))
+    rows = []
+    load_before = os.getloadavg()
+    for out, inp in args.shapes:
+        w = torch.empty(out, inp).uniform_(-1, 1, generator=torch.Generator().manual_seed(out))
+        weights = {c: build(c, w, seed=inp) for c in CELLS if "act=" not in c}
+        dense = hugepage_backed(w.clone())
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            nat.set_num_threads(threads)
+            for batch in args.batches:
+                x = torch.randn(batch, inp)
+                d = time_cold(lambda: torch.nn.functional.linear(x, dense), args.calls, evict)
+                dense_rate = dense.numel() * 4 / (d["ms"] / 1e3)  # bytes / s of wall time
+                dense_min_rate = dense.numel() * 4 / (d["min_ms"] / 1e3)
+                dense_cpu_rate = dense.numel() * 4 / max(d["cpu_ms"] / 1e3, 1e-9)  # bytes / s of CPU time
+                rows.append({"shape": f"{out}x{inp}", "threads": threads, "batch": batch, "cell": "dense fp32",
+                             "mb": dense.numel() * 4 / 1e6, "gbs": dense_rate / 1e9, "pct_bound": 100.0,
+                             "pct_bound_min": 100.0, "pct_bound_cpu": 100.0, **d})
+                xn, y = x.numpy(), np.empty((batch, out), np.float32)
+                for cell in CELLS:
+                    wt = weights[cell.split()[0]]
+                    t = time_cold(kernel_call(cell, wt, xn, y), args.calls, evict)
+                    nbytes = weight_bytes(wt)
+                    rows.append({"shape": f"{out}x{inp}", "threads": threads, "batch": batch,
+                                 "cell": f"{cell.split()[0]} {SPARSITY[cell.split()[0]]}" + (" act=int8" if "act=" in cell else ""),
+                                 "mb": nbytes / 1e6, "gbs": nbytes / (t["ms"] / 1e3) / 1e9,
+                                 "pct_bound": 100.0 * (nbytes / dense_rate) / (t["ms"] / 1e3),
+                                 "pct_bound_min": 100.0 * (nbytes / dense_min_rate) / (t["min_ms"] / 1e3),
+                                 "pct_bound_cpu": 100.0 * (nbytes / dense_cpu_rate) / max(t["cpu_ms"] / 1e3, 1e-9), **t})
+    return {"host": host_line(), "int8_vnni": bool(nat.int8_vnni()), "isa": nat.isa(""), "calls": args.calls,
+            "evict_mib": args.evict_mib, "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "rows": rows}
+
+
+def targets(result: dict) -> list[str]:
+    """PASS / FAIL per batch-1 cell: >= 90% of the bytes bound by CPU time (the wall figure beside it)."""
+    lines = []
+    for r in result["rows"]:
+        if r["cell"] == "dense fp32" or r["batch"] != 1:
+            continue
+        verdict = "PASS" if r["pct_bound_cpu"] >= 90.0 else "FAIL"
+        lines.append(f"{verdict}: {r['cell']} {r['shape']} {r['threads']} thr: {r['pct_bound_cpu']:.0f}% of the bytes bound "
+                     f"by CPU time (wall median {r['pct_bound']:.0f}%), target >= 90%")
+    return lines
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    print(f"host: {result['host']}")
+    print(f"isa {result['isa']}, int8 VNNI kernels {result['int8_vnni']}; load average before "
+          f"{result['loadavg_before'][0]:.2f}, after {result['loadavg_after'][0]:.2f} ({os.cpu_count()} CPUs)")
+    print(f"{'shape':<12}{'thr':>4}{'B':>3}  {'cell':<24}{'ms':>8}{'min':>8}{'cpu ms':>8}{'MB':>8}{'GB/s':>7}"
+          f"{'% bound':>9}{'min %':>7}{'cpu %':>7}")
+    for r in result["rows"]:
+        print(f"{r['shape']:<12}{r['threads']:>4}{r['batch']:>3}  {r['cell']:<24}{r['ms']:8.3f}{r['min_ms']:8.3f}"
+              f"{r['cpu_ms']:8.3f}{r['mb']:8.1f}{r['gbs']:7.1f}{r['pct_bound']:8.0f}%{r['pct_bound_min']:6.0f}%"
+              f"{r['pct_bound_cpu']:6.0f}%")
+    for line in targets(result):
+        print(line)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(args.out)
+    print(f"saved {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

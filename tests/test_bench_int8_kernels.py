@@ -1,0 +1,32 @@
+"""benchmarks/bench_int8_kernels.py: a tiny run writes finite cells for every format and mode, and the verdicts."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from benchmark_modules import load_benchmark
+
+
+def test_tiny_run_writes_every_cell(tmp_path):
+    bench = load_benchmark("int8_kernels")
+    out = tmp_path / "int8.json"
+    argv = ["--shapes", "64x256,96x64", "--threads", "1", "--batches", "1,2", "--calls", "2", "--evict-mib", "4",
+            "--out", str(out)]
+    assert bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    cells = {(r["shape"], r["batch"], r["cell"]) for r in result["rows"]}
+    names = {"dense fp32", "bitmap_i8 50%", "nm_i8 2:4", "csr_i8 90%", "bitmap_i8 50% act=int8", "nm_i8 2:4 act=int8"}
+    assert cells == {(s, b, c) for s in ("64x256", "96x64") for b in (1, 2) for c in names}
+    for r in result["rows"]:
+        assert math.isfinite(r["ms"]) and r["ms"] > 0 and r["mb"] > 0 and r["cpu_ms"] >= 0
+        assert math.isfinite(r["pct_bound"]) and r["pct_bound"] > 0
+    assert isinstance(result["int8_vnni"], bool) and len(result["loadavg_before"]) == 3
+
+
+def test_verdicts_follow_the_target():
+    bench = load_benchmark("int8_kernels")
+    row = dict(shape="4096x11008", threads=1, batch=1, pct_bound=50.0)
+    rows = [dict(row, cell="dense fp32", pct_bound_cpu=100.0), dict(row, cell="nm_i8 2:4", pct_bound_cpu=95.0),
+            dict(row, cell="bitmap_i8 50%", pct_bound_cpu=60.0), dict(row, cell="nm_i8 2:4", batch=2, pct_bound_cpu=10.0)]
+    assert [line.split(":")[0] for line in bench.targets({"rows": rows})] == ["PASS", "FAIL"]
