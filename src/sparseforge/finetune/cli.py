@@ -13,6 +13,7 @@ Example::
     sparseforge prune builtin --method sparsegpt --sparsity 0.7 --out pruned/
     sparseforge finetune pruned/ --teacher builtin --loss squarehead --steps 200 --out recovered/
     sparseforge finetune pruned/ --teacher builtin --loss ce=1,squarehead=1 --data notes.txt --out recovered/
+    sparseforge finetune pruned/ --loss ce --adapter sparselora --lr 1e-3 --steps 200 --out tuned/
 
 Wiring (in ``sparseforge/cli.py``): ``add_parser(subparsers)`` adds the subcommand (torch-free) and
 ``run(args)`` runs it, returning the exit status.
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from sparseforge.finetune.adapter_options import adapter_kwargs, add_adapter_arguments
 
 __all__ = ["add_parser", "run"]
 
@@ -53,6 +56,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default torch's)")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False, help="replace an existing --out")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    add_adapter_arguments(p)
     return p
 
 
@@ -78,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
                             batch_size=args.batch_size, seqlen=args.seqlen, temperature=args.temperature,
                             teacher_dtype=args.teacher_dtype, min_sparsity=args.min_sparsity, seed=args.seed,
                             save_every=args.save_every, eval_windows=args.eval_windows, eval_sentences=args.eval_sentences,
-                            compute=args.compute)
+                            compute=args.compute, **adapter_kwargs(args))
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.overwrite:
         raise ConfigError(f"output {args.out} already exists; pass --overwrite or choose another --out")
     if config.needs_teacher and args.teacher is None:

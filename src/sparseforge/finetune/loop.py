@@ -100,6 +100,9 @@ class FinetuneResult:
     def format(self) -> str:
         lines = [f"fine-tuned {len(self.pruned)} pruned layers for {self.config.steps} steps "
                  f"(loss {self.config.loss}; resumed from step {self.resumed_from}); {self.tokens_per_s:.0f} tokens/s"]
+        if self.config.adapter != "none":
+            mask = "masked" if self.config.merge_keep_mask else "dense, the model is no longer sparse"
+            lines.append(f"adapter {self.config.adapter} (rank {self.config.lora_rank}) merged into the weights ({mask} deltas)")
         for key in sorted(self.after):
             ref = f", teacher {self.teacher_eval[key]:.4f}" if key in self.teacher_eval else ""
             lines.append(f"held-out {key}: {self.before.get(key, math.nan):.4f} -> {self.after[key]:.4f}{ref}")
@@ -251,6 +254,9 @@ def _output_block(model: nn.Module, names: list[str], cfg: FinetuneConfig) -> di
     block = copy.deepcopy(getattr(getattr(model, "config", None), "sparsity_config", None) or {})
     for key in ("format_version", "format", "layers", "tied"):
         block.pop(key, None)
+    if cfg.adapter != "none" and not cfg.merge_keep_mask:  # dense deltas merged: nothing is pruned any more
+        names = []
+        block.pop("pattern", None)
     block["targets"] = [f"{n}.weight" for n in names]
     block["finetune"] = cfg.to_dict()
     return block
@@ -299,7 +305,7 @@ def finetune_(
     if kind == "encoder" and set(cfg.weights) - {"squarehead"}:
         raise ConfigError("an encoder has no language-model head: fine-tune it with loss 'squarehead' (distillation)")
     names = check_recorded_mask(model, pruned_layers(model, cfg.min_sparsity))
-    if not names and not cfg.allow_dense:
+    if not names and not cfg.allow_dense and cfg.adapter == "none":  # adapters: a dense base is fine
         raise ModelError(f"the student has no pruned layer (no linear layer with >= {cfg.min_sparsity:.0%} zeros); "
                          "prune it first (sparseforge prune / sparseforge.sparsify_) or pass the pruned model")
     t_model = _prepare_teacher(teacher, model, kind, cfg)
@@ -325,13 +331,19 @@ def finetune_(
 
     model.float().train()
     torch.manual_seed(cfg.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    adapters = None
+    if cfg.adapter != "none":  # LoRA / SparseLoRA on the frozen base; merged (masked) at the end
+        from sparseforge.finetune.adapters import AdapterRun
+
+        adapters = AdapterRun(model, cfg, names)
+    params = adapters.parameters() if adapters is not None else [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("every parameter of the student is frozen (requires_grad=False); unfreeze it: "
                           "student.requires_grad_(True)")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
-    keeper = KeepMask.attach(model, optimizer, names) if names else _NoMask()  # allow_dense: nothing to keep
+    # allow_dense: nothing to keep; adapters: the base is frozen, the merge keeps the mask
+    keeper = KeepMask.attach(model, optimizer, names) if names and adapters is None else _NoMask()
     sparse = None
     if cfg.compute != "dense" and not names:
         raise ConfigError(f"compute={cfg.compute!r} trains pruned layers packed, but the student has none: use compute='dense'")
@@ -368,11 +380,14 @@ def finetune_(
 
     tokens, elapsed = 0, 0.0
     hidden = "squarehead" in cfg.weights and cfg.weights["squarehead"] > 0
+    finished = False
     try:
         with tqdm(range(start, cfg.steps), desc=f"finetune {cfg.loss}", unit="step", disable=not progress,
                   initial=start, total=cfg.steps) as bar:
             for step in bar:
                 t0 = time.perf_counter()
+                if adapters is not None:
+                    adapters.begin_step(step)
                 batch = batches.next()
                 t_out = None
                 if t_model is not None:
@@ -400,7 +415,10 @@ def finetune_(
                     _save_state(resume_dir, snapshot(step + 1))
                 if callback is not None:
                     callback(StepInfo(step + 1, result.losses[-1], parts, n_tok))
+        finished = True
     finally:
+        if adapters is not None:  # merged (masked) after a full run; dropped, base untouched, otherwise
+            adapters.finish(merge=finished)
         if sparse is None:
             keeper.remove()  # mask buffers and hooks off; the pruned weights are exactly zero
         else:
