@@ -13,6 +13,14 @@ sentences never used for training, before and after.
 
 ``--dsnot``: held-out perplexity of Wanda alone vs DSnoT on the Wanda mask at 60 % and 70 %.
 
+``--cost``: fine-tuning cost of the built-in model pruned 70 % with SparseGPT: full fine-tuning
+(every weight, mask kept), LoRA (``peft``) and SparseLoRA at equal steps, batches and learning
+rate per family, the modes interleaved within each seed. Reported: median step time (ms) and its
+ratio to LoRA's, peak RSS of the run (each run is a fresh process: ``ru_maxrss``, and its growth
+over the RSS once the pruned model is loaded), and held-out perplexity on the last 20 % of ``--cost-data`` after training on the
+first 80 % (default: the built-in corpus' held-out works, never seen by the built-in model's
+training). ``--losses ''`` leaves the recovery table out.
+
 Writes ``OUT/finetune.json`` and ``OUT/finetune.md`` (``finetune.quick.*`` with ``--quick``) and prints
 the tables. Every figure is from this run on this machine; the CPU is named in the output.
 
@@ -20,6 +28,7 @@ Usage::
 
     python benchmarks/bench_finetune.py --quick            # a few minutes on 2 shared cores
     python benchmarks/bench_finetune.py --minilm --dsnot   # full: 3 seeds x 200 steps (hours on 2 cores)
+    python benchmarks/bench_finetune.py --quick --cost --losses ''   # the cost table only
 """
 
 from __future__ import annotations
@@ -40,6 +49,8 @@ FULL = dict(steps=200, seeds=3, eval_windows=32, samples=64, batch_size=4, seqle
 QUICK = dict(steps=20, seeds=1, eval_windows=8, samples=16, batch_size=4, seqlen=128, minilm_steps=20, eval_sentences=64)
 LOSSES = ("ce", "kd", "squarehead", "ce+squarehead")
 PATTERNS = {"70%": ("unstructured", 0.7), "2:4": ("2:4", None)}
+# cost table: FinetuneConfig fields per mode (the learning rate of adapter modes is --adapter-lr)
+COST_MODES = {"full": {"adapter": "none"}, "lora": {"adapter": "lora"}, "sparselora": {"adapter": "sparselora"}}
 
 
 def cpu_name() -> str:
@@ -65,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dsnot", action="store_true", help="also DSnoT vs Wanda at 60%% and 70%%")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     ap.add_argument("--minilm-steps", type=int, help="SquareHead steps of the MiniLM run")
+    ap.add_argument("--cost", action="store_true", help="also the cost table: full fine-tuning vs LoRA vs SparseLoRA")
+    ap.add_argument("--cost-data", default="heldout", help="'heldout' (the built-in held-out works) or a .txt file")
+    ap.add_argument("--cost-modes", default=",".join(COST_MODES))
+    ap.add_argument("--cost-worker", type=Path, default=None, help=argparse.SUPPRESS)  # one run of the cost table
+    ap.add_argument("--adapter-lr", type=float, default=2e-3, help="learning rate of the LoRA / SparseLoRA runs")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--name", default=None, help="file stem of the results (default finetune / finetune.quick)")
     return ap
@@ -168,6 +184,87 @@ def dsnot(cfg: dict, args, log) -> dict:
     return {"rows": rows, "scaled_cycles": scaled}
 
 
+def cost_worker(args) -> int:
+    """One (mode, seed) run of the cost table in this fresh process; prints one JSON line."""
+    import resource
+
+    import torch
+
+    from sparseforge.finetune import FinetuneConfig, finetune_
+    from sparseforge.io.models import load_model
+
+    work = args.cost_worker
+    spec = json.loads((work / "spec.json").read_text())
+    ids = torch.load(work / "ids.pt")
+    student = load_model(work / "pruned")
+    import peft  # noqa: F401  (imported before the baseline: the import is not the run's memory)
+
+    options = dict(COST_MODES[spec["mode"]])
+    fc = FinetuneConfig(loss="ce", steps=spec["steps"], lr=spec["lr"], batch_size=spec["batch_size"], seqlen=spec["seqlen"],
+                        seed=spec["seed"], warmup_steps=max(1, spec["steps"] // 10), **options)
+    rss_kb = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024
+    stamps = [time.perf_counter()]
+    finetune_(student, fc, data=ids["train"], evaluate=False, progress=False,
+              callback=lambda info: stamps.append(time.perf_counter()))
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    steps_s = [b - a for a, b in zip(stamps, stamps[1:])]
+    ppl = _ppl(student.model, student.tokenizer, ids["eval"], spec["eval_windows"], spec["seqlen"])
+    print(json.dumps({"seed": spec["seed"], "lr": spec["lr"], "step_ms": 1e3 * statistics.median(steps_s),
+                      "step_ms_all": [1e3 * t for t in steps_s], "rss_peak_mb": peak_kb / 1024,
+                      "rss_growth_mb": (peak_kb - rss_kb) / 1024, "ppl": ppl}))
+    return 0
+
+
+def cost(cfg: dict, args, log) -> dict:
+    import subprocess
+    import tempfile
+
+    import torch
+
+    import sparseforge as sf
+    from sparseforge.data import calibration as data
+    from sparseforge.io.models import load_model
+
+    dense = load_model("builtin")
+    tok = dense.tokenizer
+    ids = data.corpus_token_ids(tok, "heldout") if args.cost_data == "heldout" else data.encode(tok, data.source_text(args.cost_data))
+    cut = int(0.8 * ids.numel())
+    train_ids, eval_ids = ids[:cut], ids[cut:]
+    pruned = _prune(copy.deepcopy(dense.model), tok, "sparsegpt", "unstructured", 0.7, cfg["samples"], cfg["seqlen"])
+    ppl_pruned = _ppl(pruned, tok, eval_ids, cfg["eval_windows"], cfg["seqlen"])
+    log(f"cost: {args.cost_data} {train_ids.numel()} train / {eval_ids.numel()} eval tokens; SparseGPT 70% ppl {ppl_pruned:.3f}")
+    modes = args.cost_modes.split(",")
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    with tempfile.TemporaryDirectory(prefix="bench-ft-cost-") as tmp:
+        work = Path(tmp)
+        sf.save_pretrained(pruned, work / "pruned", tokenizer=tok)
+        torch.save({"train": train_ids, "eval": eval_ids}, work / "ids.pt")
+        for seed in range(cfg["seeds"]):
+            for mode in modes:  # interleaved: every mode once per seed, in turn, each in a fresh process
+                lr = args.lr if COST_MODES[mode]["adapter"] == "none" else args.adapter_lr
+                spec = {"mode": mode, "seed": seed, "lr": lr, "steps": cfg["steps"], "batch_size": cfg["batch_size"],
+                        "seqlen": cfg["seqlen"], "eval_windows": cfg["eval_windows"]}
+                (work / "spec.json").write_text(json.dumps(spec))
+                cmd = [sys.executable, __file__, "--cost-worker", str(work), "--threads", str(args.threads)]
+                done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if done.returncode != 0:
+                    raise RuntimeError(f"cost run {mode} seed {seed} failed:\n{done.stderr[-3000:]}")
+                run = json.loads(done.stdout.strip().splitlines()[-1])
+                runs[mode].append(run)
+                log(f"cost {mode} seed {seed}: {run['step_ms']:.1f} ms/step, peak RSS {run['rss_peak_mb']:.0f} MB "
+                    f"(+{run['rss_growth_mb']:.0f} MB over the loaded model), ppl {run['ppl']:.3f}")
+    rows = []
+    lora_ms = statistics.median(r["step_ms"] for r in runs["lora"]) if runs.get("lora") else None
+    for mode in modes:
+        ms = statistics.median(r["step_ms"] for r in runs[mode])
+        rows.append({"mode": mode, "step_ms": ms, "vs_lora": ms / lora_ms if lora_ms else None,
+                     "rss_growth_mb": statistics.median(r["rss_growth_mb"] for r in runs[mode]),
+                     "rss_peak_mb": max(r["rss_peak_mb"] for r in runs[mode]),
+                     "ppl": _spread([r["ppl"] for r in runs[mode]]), "runs": runs[mode]})
+    return {"rows": rows, "ppl_pruned": ppl_pruned, "data": args.cost_data, "train_tokens": int(train_ids.numel()),
+            "eval_tokens": int(eval_ids.numel())}
+
+
 def markdown(result: dict) -> str:
     out = [f"CPU: {result['cpu']}; torch threads {result['threads']}; {result['settings']}", ""]
     if "recovery" in result:
@@ -188,6 +285,17 @@ def markdown(result: dict) -> str:
                 "|---|---|---|---|"]
         out += [f"| {r['sparsity']:.0%} | {r['wanda']:.3f} | {r['dsnot']:.3f} | {r['dsnot_scaled']:.3f} |"
                 for r in result["dsnot"]["rows"]]
+    if "cost" in result:
+        c = result["cost"]
+        out += ["", f"Fine-tuning cost, built-in model, SparseGPT 70 % (held-out ppl {c['ppl_pruned']:.3f} before), "
+                f"data {c['data']} ({c['train_tokens']} train / {c['eval_tokens']} eval tokens), CE loss:", "",
+                "| mode | step ms (median) | vs LoRA | RSS growth MB (over the loaded model) | peak RSS MB | held-out ppl (median [min, max]) |",
+                "|---|---|---|---|---|---|"]
+        for r in c["rows"]:
+            p = r["ppl"]
+            ratio = f"{r['vs_lora']:.2f}x" if r["vs_lora"] is not None else "-"
+            out.append(f"| {r['mode']} | {r['step_ms']:.1f} | {ratio} | {r['rss_growth_mb']:.0f} | {r['rss_peak_mb']:.0f} | "
+                       f"{p['median']:.3f} [{p['min']:.3f}, {p['max']:.3f}] |")
     return "\n".join(out) + "\n"
 
 
@@ -203,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.cost_worker is not None:
+        return cost_worker(args)
     cfg = dict(QUICK if args.quick else FULL)
     for key in ("steps", "seeds", "eval_windows", "minilm_steps"):
         if getattr(args, key) is not None:
@@ -220,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         result["minilm"] = minilm(cfg, args, log)
     if args.dsnot:
         result["dsnot"] = dsnot(cfg, args, log)
+    if args.cost:
+        result["cost"] = cost(cfg, args, log)
     table = markdown(result)
     _write(args.out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
     _write(args.out / f"{stem}.md", table)
