@@ -8,14 +8,6 @@ from sparseforge.cli import main
 from sparseforge.layers import weight_2d
 
 
-@pytest.fixture(scope="module")
-def pruned_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sl") / "pruned"
-    assert main(["prune", "builtin", "--method", "magnitude", "--pattern", "2:4", "--out", str(out),
-                 "--no-eval", "--no-progress"]) == 0
-    return out
-
-
 @pytest.mark.parametrize("adapter", ["sparselora", "lora"])
 def test_finetune_adapter_builtin_end_to_end(pruned_dir, tmp_path, capsys, adapter):
     out = tmp_path / adapter
