@@ -14,12 +14,15 @@ sentences never used for training, before and after.
 ``--dsnot``: held-out perplexity of Wanda alone vs DSnoT on the Wanda mask at 60 % and 70 %.
 
 ``--cost``: fine-tuning cost of the built-in model pruned 70 % with SparseGPT: full fine-tuning
-(every weight, mask kept), LoRA (``peft``) and SparseLoRA at equal steps, batches and learning
-rate per family, the modes interleaved within each seed. Reported: median step time (ms) and its
-ratio to LoRA's, peak RSS of the run (each run is a fresh process: ``ru_maxrss``, and its growth
-over the RSS once the pruned model is loaded), and held-out perplexity on the last 20 % of ``--cost-data`` after training on the
+(every weight, mask kept), LoRA (``peft``) and SparseLoRA (:data:`COST_METHODS`) at equal steps
+and batches, each run in a fresh process, the methods interleaved within each seed. Reported:
+median step time (CPU time of the training thread, and wall clock) and the CPU ratio to LoRA's,
+the peak RSS of the training (``VmHWM`` reset once the model is loaded; ``MALLOC_MMAP_THRESHOLD_``
+64 KiB so freed blocks leave the RSS) and its growth, and held-out perplexity on the last 20 % of ``--cost-data`` after training on the
 first 80 % (default: the built-in corpus' held-out works, never seen by the built-in model's
-training). ``--losses ''`` leaves the recovery table out.
+training). Then one LoRA MLP block's forward + backward, LoRA vs SparseLoRA (sparsity 0.9 and the
+Llama-3 configs' 0.99), at the built-in width and at 1024 x 2816, alternating call by call.
+``--losses ''`` leaves the recovery table out.
 
 Writes ``OUT/finetune.json`` and ``OUT/finetune.md`` (``finetune.quick.*`` with ``--quick``) and prints
 the tables. Every figure is from this run on this machine; the CPU is named in the output.
@@ -49,8 +52,12 @@ FULL = dict(steps=200, seeds=3, eval_windows=32, samples=64, batch_size=4, seqle
 QUICK = dict(steps=20, seeds=1, eval_windows=8, samples=16, batch_size=4, seqlen=128, minilm_steps=20, eval_sentences=64)
 LOSSES = ("ce", "kd", "squarehead", "ce+squarehead")
 PATTERNS = {"70%": ("unstructured", 0.7), "2:4": ("2:4", None)}
-# cost table: FinetuneConfig fields per mode (the learning rate of adapter modes is --adapter-lr)
-COST_MODES = {"full": {"adapter": "none"}, "lora": {"adapter": "lora"}, "sparselora": {"adapter": "sparselora"}}
+#: --cost: FinetuneConfig options of each method (loss ce, the built-in model pruned 70 % by SparseGPT); lr per method
+COST_METHODS = {
+    "full": dict(lr=1e-4),
+    "lora": dict(lr=2e-3, adapter="lora"),
+    "sparselora": dict(lr=2e-3, adapter="sparselora"),
+}
 
 
 def cpu_name() -> str:
@@ -78,9 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--minilm-steps", type=int, help="SquareHead steps of the MiniLM run")
     ap.add_argument("--cost", action="store_true", help="also the cost table: full fine-tuning vs LoRA vs SparseLoRA")
     ap.add_argument("--cost-data", default="heldout", help="'heldout' (the built-in held-out works) or a .txt file")
-    ap.add_argument("--cost-modes", default=",".join(COST_MODES))
+    ap.add_argument("--cost-methods", default=",".join(COST_METHODS), help="methods of --cost, from " + ",".join(COST_METHODS))
     ap.add_argument("--cost-worker", type=Path, default=None, help=argparse.SUPPRESS)  # one run of the cost table
-    ap.add_argument("--adapter-lr", type=float, default=2e-3, help="learning rate of the LoRA / SparseLoRA runs")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--name", default=None, help="file stem of the results (default finetune / finetune.quick)")
     return ap
@@ -184,10 +190,21 @@ def dsnot(cfg: dict, args, log) -> dict:
     return {"rows": rows, "scaled_cycles": scaled}
 
 
-def cost_worker(args) -> int:
-    """One (mode, seed) run of the cost table in this fresh process; prints one JSON line."""
-    import resource
+def _status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {key}")
 
+
+def cost_worker(args) -> int:
+    """One (method, seed) run of the cost table in this fresh process; prints one JSON line.
+
+    Peak memory: the kernel's high-water mark ``VmHWM`` is reset (``/proc/self/clear_refs`` 5) once
+    the pruned model is loaded, so the peak is the training run's. Step time: wall clock and this
+    thread's CPU time (1 torch thread: the compute itself, which other jobs on a shared machine
+    inflate far less than the wall clock).
+    """
     import torch
 
     from sparseforge.finetune import FinetuneConfig, finetune_
@@ -199,23 +216,29 @@ def cost_worker(args) -> int:
     student = load_model(work / "pruned")
     import peft  # noqa: F401  (imported before the baseline: the import is not the run's memory)
 
-    options = dict(COST_MODES[spec["mode"]])
-    fc = FinetuneConfig(loss="ce", steps=spec["steps"], lr=spec["lr"], batch_size=spec["batch_size"], seqlen=spec["seqlen"],
-                        seed=spec["seed"], warmup_steps=max(1, spec["steps"] // 10), **options)
-    rss_kb = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024
-    stamps = [time.perf_counter()]
-    finetune_(student, fc, data=ids["train"], evaluate=False, progress=False,
-              callback=lambda info: stamps.append(time.perf_counter()))
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    steps_s = [b - a for a, b in zip(stamps, stamps[1:])]
+    fc = FinetuneConfig(loss="ce", steps=spec["steps"], batch_size=spec["batch_size"], seqlen=spec["seqlen"],
+                        seed=spec["seed"], warmup_steps=max(1, spec["steps"] // 10), **COST_METHODS[spec["method"]])
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    rss_kb = _status_kb("VmRSS")
+    wall, cpu = [time.perf_counter()], [time.thread_time()]
+
+    def stamp(info) -> None:
+        wall.append(time.perf_counter())
+        cpu.append(time.thread_time())
+
+    finetune_(student, fc, data=ids["train"], evaluate=False, progress=False, callback=stamp)
+    peak_kb = _status_kb("VmHWM")
     ppl = _ppl(student.model, student.tokenizer, ids["eval"], spec["eval_windows"], spec["seqlen"])
-    print(json.dumps({"seed": spec["seed"], "lr": spec["lr"], "step_ms": 1e3 * statistics.median(steps_s),
-                      "step_ms_all": [1e3 * t for t in steps_s], "rss_peak_mb": peak_kb / 1024,
+    wall_ms = [1e3 * (b - a) for a, b in zip(wall, wall[1:])][1:]  # the first step warms up
+    cpu_ms = [1e3 * (b - a) for a, b in zip(cpu, cpu[1:])][1:]
+    print(json.dumps({"method": spec["method"], "seed": spec["seed"], "lr": fc.lr, "step_ms": statistics.median(wall_ms),
+                      "step_cpu_ms": statistics.median(cpu_ms), "rss_peak_mb": peak_kb / 1024,
                       "rss_growth_mb": (peak_kb - rss_kb) / 1024, "ppl": ppl}))
     return 0
 
 
 def cost(cfg: dict, args, log) -> dict:
+    """Every method of ``--cost-methods``, each run in a fresh child process, interleaved per seed; medians."""
     import subprocess
     import tempfile
 
@@ -225,6 +248,10 @@ def cost(cfg: dict, args, log) -> dict:
     from sparseforge.data import calibration as data
     from sparseforge.io.models import load_model
 
+    methods = args.cost_methods.split(",")
+    unknown = [m for m in methods if m not in COST_METHODS]
+    if unknown:
+        raise SystemExit(f"unknown --cost-methods {unknown}; choose from {', '.join(COST_METHODS)}")
     dense = load_model("builtin")
     tok = dense.tokenizer
     ids = data.corpus_token_ids(tok, "heldout") if args.cost_data == "heldout" else data.encode(tok, data.source_text(args.cost_data))
@@ -233,36 +260,78 @@ def cost(cfg: dict, args, log) -> dict:
     pruned = _prune(copy.deepcopy(dense.model), tok, "sparsegpt", "unstructured", 0.7, cfg["samples"], cfg["seqlen"])
     ppl_pruned = _ppl(pruned, tok, eval_ids, cfg["eval_windows"], cfg["seqlen"])
     log(f"cost: {args.cost_data} {train_ids.numel()} train / {eval_ids.numel()} eval tokens; SparseGPT 70% ppl {ppl_pruned:.3f}")
-    modes = args.cost_modes.split(",")
-    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
     with tempfile.TemporaryDirectory(prefix="bench-ft-cost-") as tmp:
         work = Path(tmp)
         sf.save_pretrained(pruned, work / "pruned", tokenizer=tok)
         torch.save({"train": train_ids, "eval": eval_ids}, work / "ids.pt")
         for seed in range(cfg["seeds"]):
-            for mode in modes:  # interleaved: every mode once per seed, in turn, each in a fresh process
-                lr = args.lr if COST_MODES[mode]["adapter"] == "none" else args.adapter_lr
-                spec = {"mode": mode, "seed": seed, "lr": lr, "steps": cfg["steps"], "batch_size": cfg["batch_size"],
+            for method in methods:  # interleaved: every method once per seed, in turn
+                spec = {"method": method, "seed": seed, "steps": cfg["steps"], "batch_size": cfg["batch_size"],
                         "seqlen": cfg["seqlen"], "eval_windows": cfg["eval_windows"]}
                 (work / "spec.json").write_text(json.dumps(spec))
                 cmd = [sys.executable, __file__, "--cost-worker", str(work), "--threads", str(args.threads)]
-                done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                # large blocks straight from mmap and back on free: RSS follows the live memory
+                env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+                done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
                 if done.returncode != 0:
-                    raise RuntimeError(f"cost run {mode} seed {seed} failed:\n{done.stderr[-3000:]}")
+                    raise SystemExit(f"cost run {method} seed {seed} failed:\n{done.stderr[-3000:]}")
                 run = json.loads(done.stdout.strip().splitlines()[-1])
-                runs[mode].append(run)
-                log(f"cost {mode} seed {seed}: {run['step_ms']:.1f} ms/step, peak RSS {run['rss_peak_mb']:.0f} MB "
-                    f"(+{run['rss_growth_mb']:.0f} MB over the loaded model), ppl {run['ppl']:.3f}")
+                runs[method].append(run)
+                log(f"cost {method} seed {seed}: {run['step_cpu_ms']:.0f} ms CPU / {run['step_ms']:.0f} ms wall per step, "
+                    f"peak RSS {run['rss_peak_mb']:.0f} MB (+{run['rss_growth_mb']:.0f} MB training), ppl {run['ppl']:.3f}")
     rows = []
-    lora_ms = statistics.median(r["step_ms"] for r in runs["lora"]) if runs.get("lora") else None
-    for mode in modes:
-        ms = statistics.median(r["step_ms"] for r in runs[mode])
-        rows.append({"mode": mode, "step_ms": ms, "vs_lora": ms / lora_ms if lora_ms else None,
-                     "rss_growth_mb": statistics.median(r["rss_growth_mb"] for r in runs[mode]),
-                     "rss_peak_mb": max(r["rss_peak_mb"] for r in runs[mode]),
-                     "ppl": _spread([r["ppl"] for r in runs[mode]]), "runs": runs[mode]})
+    for method, rs in runs.items():
+        rows.append({"method": method, "lr": rs[0]["lr"], "runs": rs, "ppl": _spread([r["ppl"] for r in rs]),
+                     **{k: statistics.median(r[k] for r in rs) for k in ("step_ms", "step_cpu_ms", "rss_peak_mb", "rss_growth_mb")}})
+    lora = next((r for r in rows if r["method"] == "lora"), None)
+    for r in rows:
+        r["cpu_vs_lora"] = r["step_cpu_ms"] / lora["step_cpu_ms"] if lora else None
     return {"rows": rows, "ppl_pruned": ppl_pruned, "data": args.cost_data, "train_tokens": int(train_ids.numel()),
-            "eval_tokens": int(eval_ids.numel())}
+            "eval_tokens": int(eval_ids.numel()), "steps": cfg["steps"], "seeds": cfg["seeds"],
+            "mlp": mlp_block_cost(cfg, log)}
+
+
+def mlp_block_cost(cfg: dict, log, repeats: int = 15) -> list[dict]:
+    """Forward + backward of one LoRA MLP block, dense vs SparseLoRA, at the built-in width and wider.
+
+    One random Llama block per width with LoRA (rank 8) on gate/up/down; SparseLoRA with 25 % dense
+    output tokens; the variants alternate call by call and each keeps its median CPU time.
+    """
+    import torch
+    import transformers
+
+    from sparseforge.finetune.lora import attach_lora
+    from sparseforge.finetune.sparselora import SparseLoRA
+
+    rows = []
+    for hidden, inter in ((256, 768), (1024, 2816)):
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1,
+                                          num_attention_heads=4, vocab_size=64)
+        block = transformers.LlamaForCausalLM(config).model.layers[0]
+        attach_lora(block, rank=8)
+        x = torch.randn(cfg["batch_size"], cfg["seqlen"], hidden, requires_grad=True)
+        variants = {"lora": None}
+        for sparsity in (0.9, 0.99):
+            copy_ = copy.deepcopy(block)
+            controller = SparseLoRA.attach(copy_, sparsity=sparsity, layers="all", start=0.0, dense_tokens=0.25)
+            variants[f"sparselora s={sparsity:g}"] = (copy_.mlp, controller)
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for i in range(repeats + 2):
+            for key, value in variants.items():
+                mlp = block.mlp if value is None else value[0]
+                mlp.train()
+                t0 = time.thread_time()
+                mlp(x).sum().backward()
+                if i >= 2:  # two warm-up rounds
+                    times[key].append(1e3 * (time.thread_time() - t0))
+        base = statistics.median(times["lora"])
+        for key, ts in times.items():
+            rows.append({"hidden": hidden, "intermediate": inter, "variant": key, "ms_cpu": statistics.median(ts),
+                         "vs_lora": statistics.median(ts) / base})
+            log(f"mlp {hidden}x{inter} {key}: {rows[-1]['ms_cpu']:.2f} ms CPU ({rows[-1]['vs_lora']:.2f}x LoRA)")
+    return rows
 
 
 def markdown(result: dict) -> str:
@@ -287,15 +356,21 @@ def markdown(result: dict) -> str:
                 for r in result["dsnot"]["rows"]]
     if "cost" in result:
         c = result["cost"]
-        out += ["", f"Fine-tuning cost, built-in model, SparseGPT 70 % (held-out ppl {c['ppl_pruned']:.3f} before), "
-                f"data {c['data']} ({c['train_tokens']} train / {c['eval_tokens']} eval tokens), CE loss:", "",
-                "| mode | step ms (median) | vs LoRA | RSS growth MB (over the loaded model) | peak RSS MB | held-out ppl (median [min, max]) |",
-                "|---|---|---|---|---|---|"]
+        out += ["", f"Fine-tuning cost: built-in model pruned 70 % by SparseGPT (held-out ppl {c['ppl_pruned']:.3f}), CE, "
+                f"{c['steps']} steps, {c['seeds']} seed(s) interleaved, data {c['data']} ({c['train_tokens']} train / "
+                f"{c['eval_tokens']} eval tokens); medians:", "",
+                "| method | lr | step ms CPU | CPU vs LoRA | step ms wall | peak RSS MB | RSS growth MB (training) | held-out ppl (median [min, max]) |",
+                "|---|---|---|---|---|---|---|---|"]
         for r in c["rows"]:
             p = r["ppl"]
-            ratio = f"{r['vs_lora']:.2f}x" if r["vs_lora"] is not None else "-"
-            out.append(f"| {r['mode']} | {r['step_ms']:.1f} | {ratio} | {r['rss_growth_mb']:.0f} | {r['rss_peak_mb']:.0f} | "
-                       f"{p['median']:.3f} [{p['min']:.3f}, {p['max']:.3f}] |")
+            ratio = f"{r['cpu_vs_lora']:.2f}x" if r["cpu_vs_lora"] is not None else "-"
+            out.append(f"| {r['method']} | {r['lr']:g} | {r['step_cpu_ms']:.0f} | {ratio} | {r['step_ms']:.0f} | "
+                       f"{r['rss_peak_mb']:.0f} | {r['rss_growth_mb']:.0f} | {p['median']:.3f} [{p['min']:.3f}, {p['max']:.3f}] |")
+        out += ["", f"One LoRA MLP block, forward + backward of {result['config']['batch_size']} x {result['config']['seqlen']} "
+                "tokens (25 % dense output tokens), median CPU ms:", "",
+                "| hidden x intermediate | variant | ms CPU | vs LoRA |", "|---|---|---|---|"]
+        out += [f"| {r['hidden']} x {r['intermediate']} | {r['variant']} | {r['ms_cpu']:.2f} | {r['vs_lora']:.2f}x |"
+                for r in c["mlp"]]
     return "\n".join(out) + "\n"
 
 
