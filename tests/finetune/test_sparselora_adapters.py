@@ -260,3 +260,22 @@ def test_adapter_runs_resume_bit_exactly(tmp_path):
     assert result.resumed_from == 2
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("family, adapter", [("qwen2", "sparselora"), ("mistral", "sparselora"), ("gpt2", "lora")])
+def test_adapters_on_other_families_keep_the_mask(family, adapter):
+    student = tiny_model(family)
+    modules = dict(student.named_modules())
+    with torch.no_grad():
+        for name in linear_layers(student):
+            if ".layers." in name or ".h." in name:
+                w = weight_2d(modules[name])  # (out, in) view, also of GPT-2's transposed Conv1D
+                w.masked_fill_(~mask_from_scores(w.abs(), "2:4", None), 0.0)
+    names = pruned_layers(student)
+    before = {n: weight_2d(student.get_submodule(n)).clone() for n in names}
+    run(student, adapter=adapter, sparselora_layers="all", sparselora_start=0.0)
+    assert not lora_layers(student)
+    for name in names:
+        w = weight_2d(student.get_submodule(name))
+        assert torch.equal(before[name] == 0, w == 0), name
+        assert satisfies(w != 0, "2:4") and not torch.equal(before[name], w), name

@@ -82,8 +82,10 @@ def attach_lora(model: nn.Module, rank: int = 8, alpha: float | None = None, dro
     if not names:
         raise ModelError(f"{type(model).__name__} has no linear layer for LoRA to adapt; give a model with nn.Linear layers")
     peft = import_peft()
+    modules = dict(model.named_modules())
+    transposed = all(not isinstance(modules[n], nn.Linear) for n in names if n in modules)  # Conv1D stores (in, out)
     config = peft.LoraConfig(r=rank, lora_alpha=float(alpha if alpha is not None else 2 * rank), lora_dropout=float(dropout),
-                             target_modules=names, bias="none")
+                             target_modules=names, bias="none", fan_in_fan_out=transposed)
     model.requires_grad_(False)
     peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     layers = lora_layers(model)
