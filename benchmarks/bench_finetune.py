@@ -13,12 +13,16 @@ sentences never used for training, before and after.
 
 ``--dsnot``: held-out perplexity of Wanda alone vs DSnoT on the Wanda mask at 60 % and 70 %.
 
-``--cost``: fine-tuning cost of each method of ``--cost-methods`` (:data:`COST_METHODS`: full
-fine-tuning, S²FT, ...) on the dense built-in model with cross-entropy at equal steps and batches:
-median step time, peak RSS and its growth over the loaded model, trainable parameters, and the
-perplexity reached on the last 20 % of the held-out works (Shakespeare works the model never saw,
-fine-tuned on their first 80 %). Every run is a fresh process (peak RSS is per process), the methods
-interleaved ``--cost-repeats`` times.
+``--cost``: fine-tuning cost of the built-in model pruned 70 % with SparseGPT: full fine-tuning
+(every weight, mask kept), LoRA (``peft``), SparseLoRA and S²FT (:data:`COST_METHODS`) at equal steps
+and batches, each run in a fresh process, the methods interleaved within each seed. Reported:
+median step time (CPU time of the training thread, and wall clock) and the CPU ratio to LoRA's,
+the peak RSS of the training (``VmHWM`` reset once the model is loaded; ``MALLOC_MMAP_THRESHOLD_``
+64 KiB so freed blocks leave the RSS) and its growth, and held-out perplexity on the last 20 % of ``--cost-data`` after training on the
+first 80 % (default: the built-in corpus' held-out works, never seen by the built-in model's
+training). Then one LoRA MLP block's forward + backward, LoRA vs SparseLoRA (sparsity 0.9 and the
+Llama-3 configs' 0.99), at the built-in width and at 1024 x 2816, alternating call by call.
+``--losses ''`` leaves the recovery table out.
 
 Writes ``OUT/finetune.json`` and ``OUT/finetune.md`` (``finetune.quick.*`` with ``--quick``) and prints
 the tables. Every figure is from this run on this machine; the CPU is named in the output.
@@ -27,7 +31,7 @@ Usage::
 
     python benchmarks/bench_finetune.py --quick            # a few minutes on 2 shared cores
     python benchmarks/bench_finetune.py --minilm --dsnot   # full: 3 seeds x 200 steps (hours on 2 cores)
-    python benchmarks/bench_finetune.py --quick --cost --patterns '' # only the cost comparison
+    python benchmarks/bench_finetune.py --quick --cost --losses ''   # the cost table only
 """
 
 from __future__ import annotations
@@ -48,10 +52,11 @@ FULL = dict(steps=200, seeds=3, eval_windows=32, samples=64, batch_size=4, seqle
 QUICK = dict(steps=20, seeds=1, eval_windows=8, samples=16, batch_size=4, seqlen=128, minilm_steps=20, eval_sentences=64)
 LOSSES = ("ce", "kd", "squarehead", "ce+squarehead")
 PATTERNS = {"70%": ("unstructured", 0.7), "2:4": ("2:4", None)}
-#: --cost: FinetuneConfig options of each method (loss ce, the dense built-in model); the lr of each is the best
-#: of {1e-4, 3e-4} (full) and {1e-3, 3e-3, 1e-2} (s2ft) on the quick setting
+#: --cost: FinetuneConfig options of each method (loss ce, the built-in model pruned 70 % by SparseGPT); lr per method
 COST_METHODS = {
     "full": dict(lr=1e-4),
+    "lora": dict(lr=2e-3, adapter="lora"),
+    "sparselora": dict(lr=2e-3, adapter="sparselora"),
     "s2ft": dict(lr=1e-2, adapter="s2ft", s2ft={"budget": 0.01, "parts": "o,down", "select": "random"}),
 }
 
@@ -79,10 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dsnot", action="store_true", help="also DSnoT vs Wanda at 60%% and 70%%")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     ap.add_argument("--minilm-steps", type=int, help="SquareHead steps of the MiniLM run")
-    ap.add_argument("--cost", action="store_true", help="also the fine-tuning cost comparison (step time, peak RSS, quality)")
+    ap.add_argument("--cost", action="store_true", help="also the cost table: full fine-tuning vs LoRA vs SparseLoRA")
+    ap.add_argument("--cost-data", default="heldout", help="'heldout' (the built-in held-out works) or a .txt file")
     ap.add_argument("--cost-methods", default=",".join(COST_METHODS), help="methods of --cost, from " + ",".join(COST_METHODS))
-    ap.add_argument("--cost-repeats", type=int, default=None, help="interleaved runs per method (default 2 quick, 3 full)")
-    ap.add_argument("--cost-worker", default=None, help=argparse.SUPPRESS)  # one measured run, in a child process
+    ap.add_argument("--cost-worker", type=Path, default=None, help=argparse.SUPPRESS)  # one run of the cost table
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--name", default=None, help="file stem of the results (default finetune / finetune.quick)")
     return ap
@@ -186,81 +191,148 @@ def dsnot(cfg: dict, args, log) -> dict:
     return {"rows": rows, "scaled_cycles": scaled}
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {key}")
 
 
-def _peak_rss_mb() -> float:
-    import resource
+def cost_worker(args) -> int:
+    """One (method, seed) run of the cost table in this fresh process; prints one JSON line.
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    Peak memory: the kernel's high-water mark ``VmHWM`` is reset (``/proc/self/clear_refs`` 5) once
+    the pruned model is loaded, so the peak is the training run's. Step time: wall clock and this
+    thread's CPU time (1 torch thread: the compute itself, which other jobs on a shared machine
+    inflate far less than the wall clock).
+    """
+    import torch
 
-
-def _cost_tokens(tok):
-    """(train, eval) token ids: the held-out works (never trained on), first 80 % / last 20 %."""
-    from sparseforge.data import calibration as data
-
-    ids = data.corpus_token_ids(tok, "heldout")
-    cut = int(0.8 * ids.numel())
-    return ids[:cut], ids[cut:]
-
-
-def cost_worker(method: str, cfg: dict, args) -> dict:
-    """One fine-tuning run of ``method`` in this (fresh) process: step times, peak RSS, trainable parameters, quality."""
     from sparseforge.finetune import FinetuneConfig, finetune_
     from sparseforge.io.models import load_model
 
-    model = load_model("builtin")
-    train, heldout = _cost_tokens(model.tokenizer)
-    ppl_before = _ppl(model.model, model.tokenizer, heldout, cfg["eval_windows"], cfg["seqlen"])
-    rss_loaded = _rss_mb()
-    fc = FinetuneConfig(loss="ce", steps=cfg["steps"], batch_size=cfg["batch_size"], seqlen=cfg["seqlen"], seed=0,
-                        warmup_steps=max(1, cfg["steps"] // 10), allow_dense=True, **COST_METHODS[method])
-    stamps = [(time.perf_counter(), time.process_time())]  # wall, and CPU time of this process (less contention-bound)
-    result = finetune_(model.model, fc, tokenizer=model.tokenizer, kind="causal-lm", data=train, evaluate=False,
-                       progress=False, callback=lambda info: stamps.append((time.perf_counter(), time.process_time())))
-    peak = _peak_rss_mb()
-    steps = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])][1:]  # the first step warms up
-    cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])][1:]
-    ppl = _ppl(model.model, model.tokenizer, heldout, cfg["eval_windows"], cfg["seqlen"])
-    return {"method": method, "step_s": statistics.median(steps), "step_cpu_s": statistics.median(cpu), "peak_rss_mb": peak,
-            "train_rss_mb": peak - rss_loaded, "trainable": result.trainable,
-            "params": sum(p.numel() for p in model.model.parameters()), "ppl_before": ppl_before, "ppl": ppl,
-            "lr": fc.lr}
+    work = args.cost_worker
+    spec = json.loads((work / "spec.json").read_text())
+    ids = torch.load(work / "ids.pt")
+    student = load_model(work / "pruned")
+    import peft  # noqa: F401  (imported before the baseline: the import is not the run's memory)
+
+    fc = FinetuneConfig(loss="ce", steps=spec["steps"], batch_size=spec["batch_size"], seqlen=spec["seqlen"],
+                        seed=spec["seed"], warmup_steps=max(1, spec["steps"] // 10), **COST_METHODS[spec["method"]])
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    rss_kb = _status_kb("VmRSS")
+    wall, cpu = [time.perf_counter()], [time.thread_time()]
+
+    def stamp(info) -> None:
+        wall.append(time.perf_counter())
+        cpu.append(time.thread_time())
+
+    finetune_(student, fc, data=ids["train"], evaluate=False, progress=False, callback=stamp)
+    peak_kb = _status_kb("VmHWM")
+    ppl = _ppl(student.model, student.tokenizer, ids["eval"], spec["eval_windows"], spec["seqlen"])
+    wall_ms = [1e3 * (b - a) for a, b in zip(wall, wall[1:])][1:]  # the first step warms up
+    cpu_ms = [1e3 * (b - a) for a, b in zip(cpu, cpu[1:])][1:]
+    print(json.dumps({"method": spec["method"], "seed": spec["seed"], "lr": fc.lr, "step_ms": statistics.median(wall_ms),
+                      "step_cpu_ms": statistics.median(cpu_ms), "rss_peak_mb": peak_kb / 1024,
+                      "rss_growth_mb": (peak_kb - rss_kb) / 1024, "ppl": ppl}))
+    return 0
 
 
 def cost(cfg: dict, args, log) -> dict:
-    """Every method of ``--cost-methods`` in fresh child processes, interleaved; medians per method."""
+    """Every method of ``--cost-methods``, each run in a fresh child process, interleaved per seed; medians."""
     import subprocess
+    import tempfile
+
+    import torch
+
+    import sparseforge as sf
+    from sparseforge.data import calibration as data
+    from sparseforge.io.models import load_model
 
     methods = args.cost_methods.split(",")
     unknown = [m for m in methods if m not in COST_METHODS]
     if unknown:
         raise SystemExit(f"unknown --cost-methods {unknown}; choose from {', '.join(COST_METHODS)}")
+    dense = load_model("builtin")
+    tok = dense.tokenizer
+    ids = data.corpus_token_ids(tok, "heldout") if args.cost_data == "heldout" else data.encode(tok, data.source_text(args.cost_data))
+    cut = int(0.8 * ids.numel())
+    train_ids, eval_ids = ids[:cut], ids[cut:]
+    pruned = _prune(copy.deepcopy(dense.model), tok, "sparsegpt", "unstructured", 0.7, cfg["samples"], cfg["seqlen"])
+    ppl_pruned = _ppl(pruned, tok, eval_ids, cfg["eval_windows"], cfg["seqlen"])
+    log(f"cost: {args.cost_data} {train_ids.numel()} train / {eval_ids.numel()} eval tokens; SparseGPT 70% ppl {ppl_pruned:.3f}")
     runs: dict[str, list[dict]] = {m: [] for m in methods}
-    for rep in range(cfg["cost_repeats"]):
-        for method in methods:
-            argv = [sys.executable, __file__, "--cost-worker", method, "--threads", str(args.threads),
-                    "--steps", str(cfg["steps"]), "--eval-windows", str(cfg["eval_windows"])]
-            done = subprocess.run(argv + (["--quick"] if args.quick else []), capture_output=True, text=True)
-            if done.returncode != 0:
-                raise SystemExit(f"cost run {method} failed:\n{done.stderr[-2000:]}")
-            run = json.loads(done.stdout.strip().splitlines()[-1])
-            runs[method].append(run)
-            log(f"cost {method} run {rep + 1}: {run['step_s'] * 1e3:.0f} ms/step ({run['step_cpu_s'] * 1e3:.0f} ms CPU), peak RSS {run['peak_rss_mb']:.0f} MB "
-                f"(+{run['train_rss_mb']:.0f} MB training), {run['trainable']} trainable, ppl {run['ppl_before']:.2f} -> {run['ppl']:.2f}")
+    with tempfile.TemporaryDirectory(prefix="bench-ft-cost-") as tmp:
+        work = Path(tmp)
+        sf.save_pretrained(pruned, work / "pruned", tokenizer=tok)
+        torch.save({"train": train_ids, "eval": eval_ids}, work / "ids.pt")
+        for seed in range(cfg["seeds"]):
+            for method in methods:  # interleaved: every method once per seed, in turn
+                spec = {"method": method, "seed": seed, "steps": cfg["steps"], "batch_size": cfg["batch_size"],
+                        "seqlen": cfg["seqlen"], "eval_windows": cfg["eval_windows"]}
+                (work / "spec.json").write_text(json.dumps(spec))
+                cmd = [sys.executable, __file__, "--cost-worker", str(work), "--threads", str(args.threads)]
+                # large blocks straight from mmap and back on free: RSS follows the live memory
+                env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+                done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+                if done.returncode != 0:
+                    raise SystemExit(f"cost run {method} seed {seed} failed:\n{done.stderr[-3000:]}")
+                run = json.loads(done.stdout.strip().splitlines()[-1])
+                runs[method].append(run)
+                log(f"cost {method} seed {seed}: {run['step_cpu_ms']:.0f} ms CPU / {run['step_ms']:.0f} ms wall per step, "
+                    f"peak RSS {run['rss_peak_mb']:.0f} MB (+{run['rss_growth_mb']:.0f} MB training), ppl {run['ppl']:.3f}")
     rows = []
     for method, rs in runs.items():
-        med = {k: statistics.median(r[k] for r in rs) for k in ("step_s", "step_cpu_s", "peak_rss_mb", "train_rss_mb", "ppl")}
-        rows.append({"method": method, **med, "trainable": rs[0]["trainable"], "params": rs[0]["params"],
-                     "ppl_before": rs[0]["ppl_before"], "lr": rs[0]["lr"], "runs": rs})
-    base = next((r for r in rows if r["method"] == "full"), rows[0])
+        rows.append({"method": method, "lr": rs[0]["lr"], "runs": rs, "ppl": _spread([r["ppl"] for r in rs]),
+                     **{k: statistics.median(r[k] for r in rs) for k in ("step_ms", "step_cpu_ms", "rss_peak_mb", "rss_growth_mb")}})
+    lora = next((r for r in rows if r["method"] == "lora"), None)
     for r in rows:
-        r["step_vs_full"] = r["step_s"] / base["step_s"]
-        r["cpu_vs_full"] = r["step_cpu_s"] / base["step_cpu_s"]
-        r["train_rss_vs_full"] = r["train_rss_mb"] / base["train_rss_mb"] if base["train_rss_mb"] > 0 else float("nan")
-    return {"rows": rows, "repeats": cfg["cost_repeats"], "steps": cfg["steps"]}
+        r["cpu_vs_lora"] = r["step_cpu_ms"] / lora["step_cpu_ms"] if lora else None
+    return {"rows": rows, "ppl_pruned": ppl_pruned, "data": args.cost_data, "train_tokens": int(train_ids.numel()),
+            "eval_tokens": int(eval_ids.numel()), "steps": cfg["steps"], "seeds": cfg["seeds"],
+            "mlp": mlp_block_cost(cfg, log)}
+
+
+def mlp_block_cost(cfg: dict, log, repeats: int = 15) -> list[dict]:
+    """Forward + backward of one LoRA MLP block, dense vs SparseLoRA, at the built-in width and wider.
+
+    One random Llama block per width with LoRA (rank 8) on gate/up/down; SparseLoRA with 25 % dense
+    output tokens; the variants alternate call by call and each keeps its median CPU time.
+    """
+    import torch
+    import transformers
+
+    from sparseforge.finetune.lora import attach_lora
+    from sparseforge.finetune.sparselora import SparseLoRA
+
+    rows = []
+    for hidden, inter in ((256, 768), (1024, 2816)):
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1,
+                                          num_attention_heads=4, vocab_size=64)
+        block = transformers.LlamaForCausalLM(config).model.layers[0]
+        attach_lora(block, rank=8)
+        x = torch.randn(cfg["batch_size"], cfg["seqlen"], hidden, requires_grad=True)
+        variants = {"lora": None}
+        for sparsity in (0.9, 0.99):
+            copy_ = copy.deepcopy(block)
+            controller = SparseLoRA.attach(copy_, sparsity=sparsity, layers="all", start=0.0, dense_tokens=0.25)
+            variants[f"sparselora s={sparsity:g}"] = (copy_.mlp, controller)
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for i in range(repeats + 2):
+            for key, value in variants.items():
+                mlp = block.mlp if value is None else value[0]
+                mlp.train()
+                t0 = time.thread_time()
+                mlp(x).sum().backward()
+                if i >= 2:  # two warm-up rounds
+                    times[key].append(1e3 * (time.thread_time() - t0))
+        base = statistics.median(times["lora"])
+        for key, ts in times.items():
+            rows.append({"hidden": hidden, "intermediate": inter, "variant": key, "ms_cpu": statistics.median(ts),
+                         "vs_lora": statistics.median(ts) / base})
+            log(f"mlp {hidden}x{inter} {key}: {rows[-1]['ms_cpu']:.2f} ms CPU ({rows[-1]['vs_lora']:.2f}x LoRA)")
+    return rows
 
 
 def markdown(result: dict) -> str:
@@ -285,16 +357,21 @@ def markdown(result: dict) -> str:
                 for r in result["dsnot"]["rows"]]
     if "cost" in result:
         c = result["cost"]
-        out += ["", f"Fine-tuning cost, dense built-in model, CE, {c['steps']} steps, medians of {c['repeats']} interleaved "
-                "runs (each a fresh process); quality: perplexity on the last 20% of the held-out works after training "
-                "on their first 80%", "",
-                "| method | lr | trainable params | step ms (wall) | x full | step ms (CPU time) | x full | peak RSS MB | "
-                "training RSS MB | x full | ppl before -> after |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
-        out += [f"| {r['method']} | {r['lr']:g} | {r['trainable']} ({100 * r['trainable'] / r['params']:.2f}%) | "
-                f"{r['step_s'] * 1e3:.0f} | {r['step_vs_full']:.2f} | {r['step_cpu_s'] * 1e3:.0f} | {r['cpu_vs_full']:.2f} | "
-                f"{r['peak_rss_mb']:.0f} | {r['train_rss_mb']:.0f} | "
-                f"{r['train_rss_vs_full']:.2f} | {r['ppl_before']:.2f} -> {r['ppl']:.2f} |" for r in c["rows"]]
+        out += ["", f"Fine-tuning cost: built-in model pruned 70 % by SparseGPT (held-out ppl {c['ppl_pruned']:.3f}), CE, "
+                f"{c['steps']} steps, {c['seeds']} seed(s) interleaved, data {c['data']} ({c['train_tokens']} train / "
+                f"{c['eval_tokens']} eval tokens); medians:", "",
+                "| method | lr | step ms CPU | CPU vs LoRA | step ms wall | peak RSS MB | RSS growth MB (training) | held-out ppl (median [min, max]) |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in c["rows"]:
+            p = r["ppl"]
+            ratio = f"{r['cpu_vs_lora']:.2f}x" if r["cpu_vs_lora"] is not None else "-"
+            out.append(f"| {r['method']} | {r['lr']:g} | {r['step_cpu_ms']:.0f} | {ratio} | {r['step_ms']:.0f} | "
+                       f"{r['rss_peak_mb']:.0f} | {r['rss_growth_mb']:.0f} | {p['median']:.3f} [{p['min']:.3f}, {p['max']:.3f}] |")
+        out += ["", f"One LoRA MLP block, forward + backward of {result['config']['batch_size']} x {result['config']['seqlen']} "
+                "tokens (25 % dense output tokens), median CPU ms:", "",
+                "| hidden x intermediate | variant | ms CPU | vs LoRA |", "|---|---|---|---|"]
+        out += [f"| {r['hidden']} x {r['intermediate']} | {r['variant']} | {r['ms_cpu']:.2f} | {r['vs_lora']:.2f}x |"
+                for r in c["mlp"]]
     return "\n".join(out) + "\n"
 
 
@@ -310,14 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.cost_worker is not None:
+        return cost_worker(args)
     cfg = dict(QUICK if args.quick else FULL)
     for key in ("steps", "seeds", "eval_windows", "minilm_steps"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
-    cfg["cost_repeats"] = args.cost_repeats or (2 if args.quick else 3)
-    if args.cost_worker:
-        print(json.dumps(cost_worker(args.cost_worker, cfg, args)))
-        return 0
 
     def log(msg: str) -> None:
         print(msg, flush=True)

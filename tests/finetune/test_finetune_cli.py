@@ -10,14 +10,6 @@ from sparseforge.finetune.loop import STATE_FILE
 from sparseforge.layers import weight_2d
 
 
-@pytest.fixture(scope="module")
-def pruned_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ft") / "pruned"
-    assert main(["prune", "builtin", "--method", "magnitude", "--pattern", "2:4", "--out", str(out),
-                 "--no-eval", "--no-progress"]) == 0
-    return out
-
-
 def test_finetune_builtin_end_to_end(pruned_dir, tmp_path, capsys):
     out = tmp_path / "recovered"
     argv = ["finetune", str(pruned_dir), "--teacher", "builtin", "--loss", "ce+squarehead", "--steps", "3",

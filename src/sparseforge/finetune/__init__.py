@@ -4,7 +4,9 @@
 cross-entropy, logit distillation, SquareHead (Kurtic et al. 2023, "Sparse Fine-tuning for
 Inference Acceleration of Large Language Models") or a weighted mix, while every pruned weight
 and its optimizer state stay exactly zero; resumable, evaluated on held-out data, saved as a
-compressed checkpoint. See ``docs/finetune.md``.
+compressed checkpoint. ``FinetuneConfig(adapter="lora" | "sparselora")`` trains LoRA adapters
+(``peft``) on the frozen base instead, SparseLoRA skipping idle base MLP channels
+(:mod:`sparseforge.finetune.sparselora`), and merges them masked. See ``docs/finetune.md``.
 
 Example:
     >>> from sparseforge.finetune import FinetuneConfig
@@ -24,6 +26,7 @@ _LAZY = {
     "KeepMask": "keep_mask", "pruned_layers": "keep_mask",
     "squarehead_loss": "losses", "kd_loss": "losses", "causal_ce_loss": "losses",
     "S2FTConfig": "s2ft_options",
+    "attach_lora": "lora", "merge_lora_": "lora", "SparseLoRA": "sparselora",
 }
 
 __all__ = sorted(_LAZY)

@@ -14,6 +14,7 @@ Example::
     sparseforge finetune pruned/ --teacher builtin --loss squarehead --steps 200 --out recovered/
     sparseforge finetune pruned/ --teacher builtin --loss ce=1,squarehead=1 --data notes.txt --out recovered/
     sparseforge finetune pruned/ --loss ce --adapter s2ft --s2ft-budget 0.01 --lr 1e-3 --out tuned/
+    sparseforge finetune pruned/ --loss ce --adapter sparselora --lr 1e-3 --steps 200 --out tuned/
 
 Wiring (in ``sparseforge/cli.py``): ``add_parser(subparsers)`` adds the subcommand (torch-free) and
 ``run(args)`` runs it, returning the exit status.
@@ -25,6 +26,7 @@ import argparse
 from pathlib import Path
 
 from sparseforge.finetune.s2ft_options import add_s2ft_arguments, s2ft_kwargs
+from sparseforge.finetune.adapter_options import adapter_kwargs, add_adapter_arguments
 
 __all__ = ["add_parser", "run"]
 
@@ -56,8 +58,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default torch's)")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False, help="replace an existing --out")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--adapter", default="none", choices=["none", "s2ft"],
-                   help="none: train every weight (default); s2ft: S²FT, dense slices of selected heads and channels")
+    add_adapter_arguments(p)
     add_s2ft_arguments(p)
     return p
 
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
                             batch_size=args.batch_size, seqlen=args.seqlen, temperature=args.temperature,
                             teacher_dtype=args.teacher_dtype, min_sparsity=args.min_sparsity, seed=args.seed,
                             save_every=args.save_every, eval_windows=args.eval_windows, eval_sentences=args.eval_sentences,
-                            compute=args.compute, adapter=args.adapter, **s2ft_kwargs(args))
+                            compute=args.compute, **adapter_kwargs(args), **s2ft_kwargs(args))
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.overwrite:
         raise ConfigError(f"output {args.out} already exists; pass --overwrite or choose another --out")
     if config.needs_teacher and args.teacher is None:

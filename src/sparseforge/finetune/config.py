@@ -17,6 +17,7 @@ from typing import Any
 
 from sparseforge.errors import ConfigError
 from sparseforge.finetune.s2ft_options import check_s2ft_options
+from sparseforge.finetune.adapter_options import check_adapter_options
 
 __all__ = ["FinetuneConfig", "LOSSES", "TEACHER_LOSSES"]
 
@@ -24,7 +25,6 @@ LOSSES = ("ce", "kd", "squarehead")
 TEACHER_LOSSES = ("kd", "squarehead")
 _DTYPES = ("float32", "bfloat16")
 COMPUTES = ("dense", "csr", "bitmap")
-ADAPTERS = ("none", "s2ft")
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -82,10 +82,17 @@ class FinetuneConfig:
             (:class:`sparseforge.train.SparseCompute`; float32 ``nn.Linear`` layers only).
         allow_dense: fine-tune a student with no pruned layer (e.g. after ReLU-fication,
             :mod:`sparseforge.activation.relufy`) instead of refusing it; nothing is masked then.
-        adapter: ``"none"`` (train every weight) or ``"s2ft"``: S²FT trains dense slices of selected
-            heads and channels and fuses them back (:mod:`sparseforge.finetune.s2ft`).
         s2ft: the S²FT options, an :class:`~sparseforge.finetune.s2ft_options.S2FTConfig` or a dict
             of its fields (``None``: the defaults).
+        adapter: ``"none"`` (train every weight), ``"lora"`` (LoRA adapters through ``peft`` on the
+            frozen base) or ``"sparselora"`` (LoRA + SparseLoRA's SVD channel skipping in the base
+            MLPs) or ``"s2ft"`` (S²FT: dense slices of selected heads and channels, fused back;
+            :mod:`sparseforge.finetune.s2ft`); see :mod:`sparseforge.finetune.adapter_options`. lora_rank, lora_alpha (default
+            ``2 * rank``), lora_dropout: the adapters. merge_keep_mask: the merged delta is masked so
+            pruned weights stay zero (False: dense delta, a dense model).
+        sparselora_sparsity, sparselora_rank, sparselora_start, sparselora_dense_tokens,
+            sparselora_layers: channels skipped, estimator rank, dense fraction of the first steps,
+            dense fraction of each window (output tokens), blocks (:mod:`sparseforge.finetune.sparselora`).
     """
 
     loss: Any = "squarehead"
@@ -107,6 +114,15 @@ class FinetuneConfig:
     allow_dense: bool = False
     adapter: str = "none"
     s2ft: Any = None
+    lora_rank: int = 8
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    merge_keep_mask: bool = True
+    sparselora_sparsity: float = 0.9
+    sparselora_rank: int = 8
+    sparselora_start: float = 0.05
+    sparselora_dense_tokens: float = 0.25
+    sparselora_layers: str = "auto"
 
     def __post_init__(self) -> None:
         self.weights = _parse_loss(self.loss)
@@ -133,8 +149,7 @@ class FinetuneConfig:
             raise ConfigError(f"compute must be one of {', '.join(COMPUTES)}, got {self.compute!r}")
         if self.teacher_dtype not in _DTYPES:
             raise ConfigError(f"teacher_dtype must be one of {', '.join(_DTYPES)}, got {self.teacher_dtype!r}")
-        if self.adapter not in ADAPTERS:
-            raise ConfigError(f"adapter must be one of {', '.join(ADAPTERS)}, got {self.adapter!r}")
+        check_adapter_options(self)
         check_s2ft_options(self)
 
     @property

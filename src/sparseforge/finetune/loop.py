@@ -104,6 +104,9 @@ class FinetuneResult:
         if self.config.adapter == "s2ft":
             lines.append(f"S²FT ({self.config.s2ft.select} selection of {','.join(self.config.s2ft.parts)}): "
                          f"{self.trainable} trainable parameters, fused back into the weights")
+        if self.config.adapter in ("lora", "sparselora"):
+            mask = "masked" if self.config.merge_keep_mask else "dense, the model is no longer sparse"
+            lines.append(f"adapter {self.config.adapter} (rank {self.config.lora_rank}) merged into the weights ({mask} deltas)")
         for key in sorted(self.after):
             ref = f", teacher {self.teacher_eval[key]:.4f}" if key in self.teacher_eval else ""
             lines.append(f"held-out {key}: {self.before.get(key, math.nan):.4f} -> {self.after[key]:.4f}{ref}")
@@ -255,6 +258,9 @@ def _output_block(model: nn.Module, names: list[str], cfg: FinetuneConfig) -> di
     block = copy.deepcopy(getattr(getattr(model, "config", None), "sparsity_config", None) or {})
     for key in ("format_version", "format", "layers", "tied"):
         block.pop(key, None)
+    if cfg.adapter != "none" and not cfg.merge_keep_mask:  # dense deltas merged: nothing is pruned any more
+        names = []
+        block.pop("pattern", None)
     block["targets"] = [f"{n}.weight" for n in names]
     block["finetune"] = cfg.to_dict()
     return block
@@ -339,7 +345,13 @@ def finetune_(
 
         s2ft = S2FTRun(model, cfg.s2ft, names, seed=cfg.seed,
                        calibration=lambda: peek_batches(batches, cfg.s2ft.calibration_batches))
-    params = s2ft.parameters() if s2ft is not None else [p for p in model.parameters() if p.requires_grad]
+    adapters = None
+    if cfg.adapter in ("lora", "sparselora"):  # LoRA / SparseLoRA on the frozen base; merged (masked) at the end
+        from sparseforge.finetune.adapters import AdapterRun
+
+        adapters = AdapterRun(model, cfg, names)
+    trainer = s2ft if s2ft is not None else adapters
+    params = trainer.parameters() if trainer is not None else [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("every parameter of the student is frozen (requires_grad=False); unfreeze it: "
                           "student.requires_grad_(True)")
@@ -347,8 +359,8 @@ def finetune_(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
     if s2ft is not None:  # the slices keep their own masks
         keeper = s2ft
-    else:
-        keeper = KeepMask.attach(model, optimizer, names) if names else _NoMask()  # allow_dense: nothing to keep
+    else:  # allow_dense: nothing to keep; adapters: the base is frozen, the merge keeps the mask
+        keeper = KeepMask.attach(model, optimizer, names) if names and adapters is None else _NoMask()
     sparse = None
     if cfg.compute != "dense" and not names:
         raise ConfigError(f"compute={cfg.compute!r} trains pruned layers packed, but the student has none: use compute='dense'")
@@ -385,11 +397,14 @@ def finetune_(
 
     tokens, elapsed = 0, 0.0
     hidden = "squarehead" in cfg.weights and cfg.weights["squarehead"] > 0
+    finished = False
     try:
         with tqdm(range(start, cfg.steps), desc=f"finetune {cfg.loss}", unit="step", disable=not progress,
                   initial=start, total=cfg.steps) as bar:
             for step in bar:
                 t0 = time.perf_counter()
+                if adapters is not None:
+                    adapters.begin_step(step)
                 batch = batches.next()
                 t_out = None
                 if t_model is not None:
@@ -417,7 +432,10 @@ def finetune_(
                     _save_state(resume_dir, snapshot(step + 1))
                 if callback is not None:
                     callback(StepInfo(step + 1, result.losses[-1], parts, n_tok))
+        finished = True
     finally:
+        if adapters is not None:  # merged (masked) after a full run; dropped, base untouched, otherwise
+            adapters.finish(merge=finished)
         if sparse is None:
             keeper.remove()  # mask buffers and hooks off; the pruned weights are exactly zero
         else:
