@@ -1,10 +1,13 @@
-// nanobind binding of the decode-attention kernel (csrc/decode_attention.h) over raw buffers:
+// nanobind binding of the decode- and prefill-attention kernels (csrc/decode_attention.h,
+// csrc/prefill_attention.h) over raw buffers:
 //   decode_attention(q, k, v, spans, n, scale, out, isa="", chunk=0, parallel=True, lse=None)
 //   decode_attention_ref(q, k, v, spans, n, scale, out)          (the scalar oracle)
 //   quest_select(q, kmin, kmax, pages, chosen, isa="", parallel=True), quest_select_ref(...)
 //     kmin / kmax (B, Hkv, allocated pages, D) like k; chosen (B, Hkv, keep) int32, overwritten
 //   sparse_kv_attention(q, kvals, kbits, vvals, vbits, n, scale, out, lse, isa="", chunk=0, parallel=True), _ref
 //     kvals / vvals (B, Hkv, cap, keep) like k; kbits / vbits (B, Hkv, cap, ceil(D / 64)) int64 words
+//   prefill_attention(q, k, v, n, scale, sinks, window, last, horizon, out, isa="", parallel=True), _ref
+//     q (B, Hq, Tq, D) float32, the last Tq of the n cached tokens; out (B, Tq, Hq, D) float32 (csrc/prefill_attention.h)
 // q (B, Hq, D) float32; k, v (B, Hkv, cap, D) float32, or bfloat16 as raw uint16 bits; spans
 // (B, Hkv, S, 2) int32 [start, length); out (B, Hq, D) float32, overwritten; lse (B, Hq) float32 or
 // None: the log of each softmax denominator (to merge attentions over disjoint token sets). All C-contiguous, CPU.
@@ -15,6 +18,7 @@
 
 #include "binding.h"
 #include "decode_attention.h"
+#include "prefill_attention.h"
 #include "threadpool.h"
 
 namespace sfb {
@@ -173,6 +177,50 @@ sf::SparseKvProblem sparse_problem(const In& q, const In& kvals, const In& kbits
   return p;
 }
 
+sf::PrefillAttnProblem prefill_problem(const In& q, const In& k, const In& v, int64_t n, double scale, int64_t sinks,
+                                       int64_t window, int64_t last, int64_t horizon, const Out& out) {
+  check_array(q, "q", 4);
+  check_array(k, "k", 4);
+  check_array(v, "v", 4);
+  check_out(out, "out", 4);
+  if (q.dtype() != nb::dtype<float>() || out.dtype() != nb::dtype<float>()) {
+    throw std::invalid_argument("q and out must be float32");
+  }
+  sf::PrefillAttnProblem p;
+  if (k.dtype() == nb::dtype<float>() && v.dtype() == nb::dtype<float>()) {
+    p.vt = sf::VT::f32;
+  } else if (k.dtype() == nb::dtype<uint16_t>() && v.dtype() == nb::dtype<uint16_t>()) {
+    p.vt = sf::VT::bf16;
+  } else {
+    throw std::invalid_argument("k and v must both be float32 or both bfloat16 (raw uint16 bits)");
+  }
+  for (size_t d = 0; d < 4; ++d) {
+    if (k.shape(d) != v.shape(d)) throw std::invalid_argument("k and v must have the same shape");
+  }
+  p.B = dim(q, 0);
+  p.Hq = dim(q, 1);
+  p.Tq = dim(q, 2);
+  p.D = dim(q, 3);
+  p.Hkv = dim(k, 1);
+  p.cap = dim(k, 2);
+  if (dim(k, 0) != p.B || dim(k, 3) != p.D) throw std::invalid_argument("k must be (B, Hkv, cap, D) with q's B and D");
+  if (static_cast<int64_t>(out.shape(0)) != p.B || static_cast<int64_t>(out.shape(1)) != p.Tq ||
+      static_cast<int64_t>(out.shape(2)) != p.Hq || static_cast<int64_t>(out.shape(3)) != p.D) {
+    throw std::invalid_argument("out must be (B, Tq, Hq, D) for q (B, Hq, Tq, D)");
+  }
+  p.q = static_cast<const float*>(q.data());
+  p.k = k.data();
+  p.v = v.data();
+  p.n = n;
+  p.sinks = sinks;
+  p.window = window;
+  p.last = last;
+  p.horizon = horizon;
+  p.scale = static_cast<float>(scale);
+  p.out = static_cast<float*>(out.data());
+  return p;
+}
+
 }  // namespace
 
 void register_attention(nb::module_& mod) {
@@ -241,6 +289,28 @@ void register_attention(nb::module_& mod) {
         sf::quest_select_ref(p);
       },
       "q"_a, "kmin"_a, "kmax"_a, "pages"_a, "chosen"_a, "Scalar reference of quest_select (the oracle).");
+  mod.def(
+      "prefill_attention",
+      [](const In& q, const In& k, const In& v, int64_t n, double scale, int64_t sinks, int64_t window, int64_t last,
+         int64_t horizon, const Out& out, const std::string& isa, bool parallel) {
+        const sf::PrefillAttnProblem p = prefill_problem(q, k, v, n, scale, sinks, window, last, horizon, out);
+        const sf::Isa i = resolve(isa);
+        sf::num_threads();
+        nb::gil_scoped_release rel;
+        sf::prefill_attention(p, i, parallel);
+      },
+      "q"_a, "k"_a, "v"_a, "n"_a, "scale"_a, "sinks"_a, "window"_a, "last"_a, "horizon"_a, "out"_a, "isa"_a = "",
+      "parallel"_a = true, "Block-sparse causal prefill attention (csrc/prefill_attention.h).");
+  mod.def(
+      "prefill_attention_ref",
+      [](const In& q, const In& k, const In& v, int64_t n, double scale, int64_t sinks, int64_t window, int64_t last,
+         int64_t horizon, const Out& out) {
+        const sf::PrefillAttnProblem p = prefill_problem(q, k, v, n, scale, sinks, window, last, horizon, out);
+        nb::gil_scoped_release rel;
+        sf::prefill_attention_ref(p);
+      },
+      "q"_a, "k"_a, "v"_a, "n"_a, "scale"_a, "sinks"_a, "window"_a, "last"_a, "horizon"_a, "out"_a,
+      "Scalar reference of prefill_attention (the oracle).");
 }
 
 }  // namespace sfb
