@@ -57,13 +57,13 @@ def _register_oracle(policy: TriangleMix) -> str:
 def _logits(model, ids, impl, cache=None):
     model.set_attn_implementation(impl)
     with torch.no_grad():
-        return model(ids, past_key_values=cache, use_cache=cache is not None).logits
+        return model(ids, cache=cache, use_cache=cache is not None).logits
 
 
 def _generate(model, ids, impl, cache=None, new=8, **kw):
     model.set_attn_implementation(impl)
     with torch.no_grad():
-        return model.generate(ids, max_new_tokens=new, do_sample=False, past_key_values=cache, **kw)
+        return model.generate(ids, max_new_tokens=new, do_sample=False, cache=cache, **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -323,8 +323,10 @@ class Mustafar(Policy):
         state = layer.policy_state.get("mustafar")
         if state is None:
             state = layer.policy_state["mustafar"] = {"done": 0}
-        # tokens from the lowest crop since the last look on may have been replaced: drop their chunks
-        valid = min(layer.n, layer.policy_state.pop("cropped_to", layer.n)) // self.CHUNK * self.CHUNK
+        # tokens from the lowest crop since the last look on may have been replaced, and the recent
+        # window stays dense: drop the chunks past either
+        valid = max(0, min(layer.n - self.recent, layer.policy_state.pop("cropped_to", layer.n)))
+        valid = valid // self.CHUNK * self.CHUNK
         if state["done"] > valid:
             for key in ("kvals", "kbits", "vvals", "vbits"):
                 if key in state:

@@ -13,7 +13,9 @@ so the "middle" query-key block, which the paper's gradient analysis finds contr
 nothing to the tokens generated after the prompt, is never computed: the cost per Triangle layer
 is ``O(n (sinks + window) + last n)`` instead of ``O(n^2 / 2)``. The first ``dense_layers`` layers
 attend densely. Both run the native block-sparse prefill kernel
-(:mod:`sparseforge.ops.prefill_attention`); decode steps afterwards run ``decode_policy``
+(:mod:`sparseforge.ops.prefill_attention`, float32 compute), except dense layers over a bfloat16
+cache, which run torch's SDPA (faster there: bf16 dot products / AMX tiles; see docs/attention.md
+for the measured ratios). Decode steps afterwards run ``decode_policy``
 (:class:`~sparseforge.attention.policies.Dense` by default, every prompt token is cached).
 
 Defaults follow the reference's ``tri_mix`` settings (``n_init=8, n_local=512, n_last=128,
@@ -143,6 +145,9 @@ class TriangleMix(Policy):
         horizon = kwargs.get("sliding_window")
         if attention_mask is not None:
             _check_causal(attention_mask, T, n, n if horizon is None else int(horizon))
-        pattern = self.pattern(n, self.triangle_layer(layer_idx, num_layers), horizon)
+        triangle = self.triangle_layer(layer_idx, num_layers)
+        if not triangle and layer.k_store.dtype == torch.bfloat16:
+            return None  # dense bfloat16: torch's SDPA (AMX / bf16 dot products) beats our float32-compute kernel
+        pattern = self.pattern(n, triangle, horizon)
         out = attend_prefill(query.float().contiguous(), layer.k_store, layer.v_store, n, scale, **pattern)
         return out.to(query.dtype)  # (B, T, Hq, D)
