@@ -134,7 +134,8 @@ void prefill_attention(const PrefillAttnProblem& p, Isa isa, bool parallel) {
   const PrefillTileFn fn = kernel(isa, p.vt);
   constexpr int64_t W = kPrefillBlock;
   const int64_t G = p.Hq / p.Hkv, D = p.D, BHkv = p.B * p.Hkv, BHq = p.B * p.Hq;
-  const int64_t nkb = (p.n + W - 1) / W, nqb = (p.Tq + W - 1) / W;
+  constexpr int64_t R = kPrefillRows;
+  const int64_t nkb = (p.n + W - 1) / W, nqb = (p.Tq + R - 1) / R;
   const size_t elt = p.vt == VT::f32 ? 4 : 2;
 
   // keys transposed per block: kt[(bh * nkb + kb) * D * W + d * W + c] = k[bh, kb * W + c, d], 0 past n
@@ -154,9 +155,9 @@ void prefill_attention(const PrefillAttnProblem& p, Isa isa, bool parallel) {
 
   // per worker: scaled queries, scores, mask, running max / sum, output accumulators
   const int nthreads = num_threads();
-  const int64_t per_worker = W * D + W * W + 2 * W + W * D;
+  const int64_t per_worker = R * D + R * W + 2 * R + R * D;
   std::unique_ptr<float[]> scratch(new float[static_cast<size_t>(nthreads * per_worker)]);
-  std::unique_ptr<int32_t[]> spans(new int32_t[static_cast<size_t>(nthreads * 4 * W)]);
+  std::unique_ptr<int32_t[]> spans(new int32_t[static_cast<size_t>(nthreads * 4 * R)]);
   const int64_t offset = p.n - p.Tq;  // position of query row 0
   const bool par = parallel && BHq * nqb > 1 && p.Tq * p.n * D >= (int64_t{1} << 16);
   parallel_for(
@@ -164,13 +165,13 @@ void prefill_attention(const PrefillAttnProblem& p, Isa isa, bool parallel) {
       [&](int64_t task, int worker) {
         const int64_t qb = nqb - 1 - task / BHq, bh = task % BHq;  // the last (costliest) query blocks first
         const int64_t b = bh / p.Hq, h = bh % p.Hq, bkv = b * p.Hkv + h / G;
-        const int64_t r0 = qb * W, rows = min64(W, p.Tq - r0), i0 = offset + r0, i1 = i0 + rows - 1;
+        const int64_t r0 = qb * R, rows = min64(R, p.Tq - r0), i0 = offset + r0, i1 = i0 + rows - 1;
         float* qs = scratch.get() + worker * per_worker;
-        float* s = qs + W * D;
-        float* m = s + W * W;
-        float* l = m + W;
-        float* acc = l + W;
-        int32_t* span = spans.get() + worker * 4 * W;
+        float* s = qs + R * D;
+        float* m = s + R * W;
+        float* l = m + R;
+        float* acc = l + R;
+        int32_t* span = spans.get() + worker * 4 * R;
         const float* qsrc = p.q + (bh * p.Tq + r0) * D;
         for (int64_t x = 0; x < rows * D; ++x) qs[x] = qsrc[x] * p.scale;
         for (int64_t r = 0; r < rows; ++r) {

@@ -44,12 +44,13 @@ struct PrefillAttnProblem {
   float* out = nullptr;
 };
 
-constexpr int64_t kPrefillBlock = 64;  // query rows per task and keys per key block
+constexpr int64_t kPrefillBlock = 64;  // keys per key block
+constexpr int64_t kPrefillRows = 64;   // query rows per task
 
 // One key block visited by one query block: rows [0, rows) of the task against keys
 // [k0 + c0, k0 + c1) (c0, c1 multiples of the vector width, c1 <= 64).
 struct PrefillTile {
-  const float* qs = nullptr;  // (rows, D) query rows times scale
+  const float* qs = nullptr;  // (rows, D) query rows times scale, rows <= kPrefillRows
   const float* kt = nullptr;  // (D, 64) transposed keys of the block, zero past n
   const void* v = nullptr;    // (cap, D) values of the KV head
   int64_t rows = 0, D = 0, k0 = 0, c0 = 0, c1 = 0;

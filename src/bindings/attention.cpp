@@ -27,6 +27,17 @@ using namespace nb::literals;
 
 namespace {
 
+// The element type of a pair of cache tensors (k and v, or kmin and kmax): both float32 or both
+// bfloat16 (raw uint16 bits), of one shape; ValueError naming them otherwise.
+sf::VT pair_type(const In& a, const In& b, const std::string& names) {
+  for (size_t d = 0; d < a.ndim(); ++d) {
+    if (a.shape(d) != b.shape(d)) throw std::invalid_argument(names + " must have the same shape");
+  }
+  if (a.dtype() == nb::dtype<float>() && b.dtype() == nb::dtype<float>()) return sf::VT::f32;
+  if (a.dtype() == nb::dtype<uint16_t>() && b.dtype() == nb::dtype<uint16_t>()) return sf::VT::bf16;
+  throw std::invalid_argument(names + " must both be float32 or both bfloat16 (raw uint16 bits)");
+}
+
 sf::DecodeAttnProblem problem(const In& q, const In& k, const In& v, const In& spans, int64_t n, double scale,
                               const Out& out, const nb::object& lse) {
   check_array(q, "q", 3);
@@ -39,22 +50,13 @@ sf::DecodeAttnProblem problem(const In& q, const In& k, const In& v, const In& s
   }
   if (spans.dtype() != nb::dtype<int32_t>()) throw std::invalid_argument("spans must be int32");
   sf::DecodeAttnProblem p;
-  if (k.dtype() == nb::dtype<float>() && v.dtype() == nb::dtype<float>()) {
-    p.vt = sf::VT::f32;
-  } else if (k.dtype() == nb::dtype<uint16_t>() && v.dtype() == nb::dtype<uint16_t>()) {
-    p.vt = sf::VT::bf16;
-  } else {
-    throw std::invalid_argument("k and v must both be float32 or both bfloat16 (raw uint16 bits)");
-  }
+  p.vt = pair_type(k, v, "k and v");
   p.B = dim(q, 0);
   p.Hq = dim(q, 1);
   p.D = dim(q, 2);
   p.Hkv = dim(k, 1);
   p.cap = dim(k, 2);
   p.S = dim(spans, 2);
-  for (size_t d = 0; d < 4; ++d) {
-    if (k.shape(d) != v.shape(d)) throw std::invalid_argument("k and v must have the same shape");
-  }
   if (dim(k, 0) != p.B || dim(k, 3) != p.D) throw std::invalid_argument("k must be (B, Hkv, cap, D) with q's B and D");
   if (dim(spans, 0) != p.B || dim(spans, 1) != p.Hkv || dim(spans, 3) != 2) {
     throw std::invalid_argument("spans must be (B, Hkv, S, 2) with k's B and Hkv");
@@ -90,16 +92,7 @@ sf::QuestSelectProblem select_problem(const In& q, const In& kmin, const In& kma
   if (q.dtype() != nb::dtype<float>()) throw std::invalid_argument("q must be float32");
   if (chosen.dtype() != nb::dtype<int32_t>()) throw std::invalid_argument("chosen must be int32");
   sf::QuestSelectProblem p;
-  if (kmin.dtype() == nb::dtype<float>() && kmax.dtype() == nb::dtype<float>()) {
-    p.vt = sf::VT::f32;
-  } else if (kmin.dtype() == nb::dtype<uint16_t>() && kmax.dtype() == nb::dtype<uint16_t>()) {
-    p.vt = sf::VT::bf16;
-  } else {
-    throw std::invalid_argument("kmin and kmax must both be float32 or both bfloat16 (raw uint16 bits)");
-  }
-  for (size_t d = 0; d < 4; ++d) {
-    if (kmin.shape(d) != kmax.shape(d)) throw std::invalid_argument("kmin and kmax must have the same shape");
-  }
+  p.vt = pair_type(kmin, kmax, "kmin and kmax");
   p.B = dim(q, 0);
   p.Hq = dim(q, 1);
   p.D = dim(q, 2);
@@ -131,13 +124,7 @@ sf::SparseKvProblem sparse_problem(const In& q, const In& kvals, const In& kbits
     throw std::invalid_argument("q, out and lse must be float32");
   }
   sf::SparseKvProblem p;
-  if (kvals.dtype() == nb::dtype<float>() && vvals.dtype() == nb::dtype<float>()) {
-    p.vt = sf::VT::f32;
-  } else if (kvals.dtype() == nb::dtype<uint16_t>() && vvals.dtype() == nb::dtype<uint16_t>()) {
-    p.vt = sf::VT::bf16;
-  } else {
-    throw std::invalid_argument("kvals and vvals must both be float32 or both bfloat16 (raw uint16 bits)");
-  }
+  p.vt = pair_type(kvals, vvals, "kvals and vvals");
   for (const In* b : {&kbits, &vbits}) {
     if (b->dtype() != nb::dtype<int64_t>() && b->dtype() != nb::dtype<uint64_t>()) {
       throw std::invalid_argument("kbits and vbits must be 64-bit bitmap words (int64 or uint64)");
@@ -187,16 +174,7 @@ sf::PrefillAttnProblem prefill_problem(const In& q, const In& k, const In& v, in
     throw std::invalid_argument("q and out must be float32");
   }
   sf::PrefillAttnProblem p;
-  if (k.dtype() == nb::dtype<float>() && v.dtype() == nb::dtype<float>()) {
-    p.vt = sf::VT::f32;
-  } else if (k.dtype() == nb::dtype<uint16_t>() && v.dtype() == nb::dtype<uint16_t>()) {
-    p.vt = sf::VT::bf16;
-  } else {
-    throw std::invalid_argument("k and v must both be float32 or both bfloat16 (raw uint16 bits)");
-  }
-  for (size_t d = 0; d < 4; ++d) {
-    if (k.shape(d) != v.shape(d)) throw std::invalid_argument("k and v must have the same shape");
-  }
+  p.vt = pair_type(k, v, "k and v");
   p.B = dim(q, 0);
   p.Hq = dim(q, 1);
   p.Tq = dim(q, 2);

@@ -166,3 +166,14 @@ def test_defaults_follow_the_reference_and_the_decode_policy_page_check():
     assert p.decoding() == Dense()
     with pytest.raises(ConfigError, match="multiple of the page size"):
         PagedKVCache(num_layers=2, policy=TriangleMix(decode_policy=Quest(budget=40)), page_size=16)
+
+
+def test_module_doctests():
+    import doctest
+
+    import sparseforge.attention.trianglemix as trianglemix
+    import sparseforge.ops.prefill_attention as ops
+
+    for module in (trianglemix, ops):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
