@@ -15,7 +15,7 @@
 // Dense causal attention is sinks = 0, window >= n, last = 0, horizon >= n. The diagonal is always
 // allowed, so no row is empty.
 //
-// Algorithm (prefill_attention): keys are first transposed into blocks of 64 tokens, (D, 64) each,
+// Algorithm (prefill_attention): keys are first transposed into blocks of 128 tokens, (D, 128) each,
 // float32. A task is one (b, query head, block of 64 query rows); it visits only the key blocks
 // that hold an allowed key of one of its rows (at most two key ranges: the sinks, and the band
 // from the oldest window key to the diagonal; all earlier keys for blocks holding last rows),
@@ -44,21 +44,21 @@ struct PrefillAttnProblem {
   float* out = nullptr;
 };
 
-constexpr int64_t kPrefillBlock = 64;  // keys per key block
+constexpr int64_t kPrefillBlock = 128;  // keys per key block
 constexpr int64_t kPrefillRows = 64;   // query rows per task
 
 // One key block visited by one query block: rows [0, rows) of the task against keys
-// [k0 + c0, k0 + c1) (c0, c1 multiples of the vector width, c1 <= 64).
+// [k0 + c0, k0 + c1) (c0, c1 multiples of 16, c1 <= kPrefillBlock).
 struct PrefillTile {
   const float* qs = nullptr;  // (rows, D) query rows times scale, rows <= kPrefillRows
-  const float* kt = nullptr;  // (D, 64) transposed keys of the block, zero past n
+  const float* kt = nullptr;  // (D, kPrefillBlock) transposed keys of the block, zero past n
   const void* v = nullptr;    // (cap, D) values of the KV head
   int64_t rows = 0, D = 0, k0 = 0, c0 = 0, c1 = 0;
   int64_t kv_cols = 0;   // columns whose value rows exist (keys < n): c0 <= kv_cols <= c1
   // per row r, the allowed keys of the tile are [k0 + span[4r], k0 + span[4r + 1]) and
   // [k0 + span[4r + 2], k0 + span[4r + 3]) (column offsets, possibly empty); null: every key allowed
   const int32_t* span = nullptr;
-  float* s = nullptr;    // (rows, 64) scratch: scores, then probabilities
+  float* s = nullptr;    // (rows, kPrefillBlock) scratch: scores, then probabilities
   float* m = nullptr;    // (rows,) running max
   float* l = nullptr;    // (rows,) running sum of exp
   float* acc = nullptr;  // (rows, D) running sum of p * v

@@ -10,7 +10,7 @@
 // vectorised exp), per row over the tile's columns.
 #pragma once
 
-#if defined(__AVX512F__) || defined(__FMA__)
+#if defined(__SSE__)
 #include <immintrin.h>
 #endif
 #include <limits>
@@ -34,6 +34,21 @@ inline vfl fmadd(vfl a, vfl b, vfl c) {
                                                reinterpret_cast<__m256>(c)));
 #else
   return a * b + c;
+#endif
+}
+
+// x in every lane, as one broadcast (vfl{} + x would add 0.0f first: it cannot fold, -0.0f + 0.0f is +0.0f)
+inline vfl splat(float x) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vfl>(_mm512_set1_ps(x));
+#elif defined(__AVX__)
+  return reinterpret_cast<vfl>(_mm256_set1_ps(x));
+#elif defined(__SSE__)
+  return reinterpret_cast<vfl>(_mm_set1_ps(x));
+#else
+  vfl a;
+  for (int i = 0; i < kVL; ++i) a[i] = x;
+  return a;
 #endif
 }
 
@@ -73,7 +88,7 @@ inline void gemm_tile(const float* A, int64_t lda, const void* B, int64_t b0, in
     for (int r = 0; r < NR; ++r) b[r] = ld_a<V>(B, b0 + k * ldb + r * kVL);
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
-      const vfl a = vfl{} + A[m * lda + k];
+      const vfl a = splat(A[m * lda + k]);
 #pragma GCC unroll 4
       for (int r = 0; r < NR; ++r) c[m][r] = fmadd(a, b[r], c[m][r]);
     }

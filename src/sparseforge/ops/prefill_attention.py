@@ -1,7 +1,7 @@
 """``sparseforge::prefill_attention``: causal attention of many query tokens, dense or block-sparse.
 
 Native kernel ``csrc/prefill_attention.h`` (AVX-512 / AVX2 / scalar chosen at run time, threads over
-heads and blocks of 64 query rows, online softmax over blocks of 64 keys, key blocks the pattern
+heads and blocks of 64 query rows, online softmax over blocks of 128 keys, key blocks the pattern
 leaves out are never read). Shapes:
 
 * ``q`` float32 ``(B, Hq, Tq, D)``: the queries, the last ``Tq`` of the ``n`` cached tokens (query
