@@ -25,12 +25,18 @@ def _kv(n, D=16, seed=0):
     return torch.randn(1, 2, n, D, generator=g), torch.randn(1, 2, n, D, generator=g)
 
 
-def test_crop_then_regrow_past_the_compressed_tokens_recompresses_them():
+def _decoded(n=600):
+    """A layer of n random tokens under Mustafar(0.5, recent=16) after one decode step."""
     policy = Mustafar(sparsity=0.5, recent=16)
-    k, v = _kv(600)
+    k, v = _kv(n)
     layer = _layer(k, v, policy)
     q = torch.randn(1, 4, 16)
     decode_one(layer, q)
+    return policy, layer, k, v, q
+
+
+def test_crop_then_regrow_past_the_compressed_tokens_recompresses_them():
+    policy, layer, k, v, q = _decoded()
     assert layer.policy_state["mustafar"]["done"] == 512
     layer.crop(-200)  # 400 tokens left: the chunk [256, 512) now holds tokens that will be replaced
     k2, v2 = _kv(200, seed=1)
@@ -44,11 +50,7 @@ def test_crop_then_regrow_past_the_compressed_tokens_recompresses_them():
 
 
 def test_crop_within_the_recent_window_keeps_the_compressed_chunks():
-    policy = Mustafar(sparsity=0.5, recent=16)
-    k, v = _kv(600)
-    layer = _layer(k, v, policy)
-    q = torch.randn(1, 4, 16)
-    decode_one(layer, q)
+    _, layer, _, _, q = _decoded()
     kept = layer.policy_state["mustafar"]["kvals"]
     layer.crop(-50)  # 550 tokens: every compressed token (< 512) is untouched
     decode_one(layer, q)
@@ -79,10 +81,7 @@ def test_decode_after_any_crop_and_append_equals_a_fresh_cache(n, cut, grow, see
 
 @pytest.mark.parametrize("cut", [50, 250])
 def test_crop_to_below_one_chunk_drops_everything(cut):
-    policy = Mustafar(sparsity=0.5, recent=16)
-    k, v = _kv(300)
-    layer = _layer(k, v, policy)
-    decode_one(layer, torch.randn(1, 4, 16))
+    _, layer, _, _, _ = _decoded(300)
     assert layer.policy_state["mustafar"]["done"] == 256
     layer.crop(-cut)
     decode_one(layer, torch.randn(1, 4, 16))
