@@ -134,7 +134,9 @@ void prefill_attention(const PrefillAttnProblem& p, Isa isa, bool parallel) {
   const PrefillTileFn fn = kernel(isa, p.vt);
   constexpr int64_t W = kPrefillBlock;
   const int64_t G = p.Hq / p.Hkv, D = p.D, BHkv = p.B * p.Hkv, BHq = p.B * p.Hq;
-  constexpr int64_t R = kPrefillRows;
+  // rows per task: a key block is read once per task, so a dense (or wide) pattern takes many rows to
+  // cut the key/value traffic; a narrow band takes few, each row block's band being window + R keys
+  const int64_t R = p.window >= p.n / 2 ? kPrefillRows : kPrefillBandRows;
   const int64_t nkb = (p.n + W - 1) / W, nqb = (p.Tq + R - 1) / R;
   const size_t elt = p.vt == VT::f32 ? 4 : 2;
 

@@ -15,15 +15,16 @@
 // Dense causal attention is sinks = 0, window >= n, last = 0, horizon >= n. The diagonal is always
 // allowed, so no row is empty.
 //
-// Algorithm (prefill_attention): keys are first transposed into blocks of 128 tokens, (D, 128) each,
-// float32. A task is one (b, query head, block of 64 query rows); it visits only the key blocks
-// that hold an allowed key of one of its rows (at most two key ranges: the sinks, and the band
-// from the oldest window key to the diagonal; all earlier keys for blocks holding last rows),
-// computes the block's scores S = Q K^T with a register-blocked product (6 rows x 4 vectors of
-// keys), masks it element by element only where the block is not entirely allowed, updates the
-// online softmax (running max, running sum, rescaled output rows) and adds P V with the same
-// product. Tasks go to the thread pool, the costliest query blocks first. Results do not depend on
-// the thread count. No fast-math: a NaN in q or k propagates.
+// Algorithm (prefill_attention): keys are first transposed into blocks of 128 tokens, (D, 128)
+// each, float32. A task is one (b, query head, block of 256 query rows, 64 for a narrow band: a
+// key block is read once per task); it visits only the key blocks that hold an allowed key of one
+// of its rows (at most two key ranges: the sinks, and the band from the oldest window key to the
+// diagonal; all earlier keys for blocks holding last rows), computes the block's scores
+// S = Q K^T with a register-blocked product (6 rows x 4 vectors of keys), masks it only where the
+// block is not entirely allowed (two key spans per row), updates the online softmax (running max,
+// running sum, rescaled output rows) and adds P V with the same product. Tasks go to the thread
+// pool, the costliest query blocks first. Results do not depend on the thread count. No
+// fast-math: a NaN in q or k propagates.
 #pragma once
 
 #include "common.h"
@@ -45,7 +46,8 @@ struct PrefillAttnProblem {
 };
 
 constexpr int64_t kPrefillBlock = 128;  // keys per key block
-constexpr int64_t kPrefillRows = 64;   // query rows per task
+constexpr int64_t kPrefillRows = 256;     // query rows per task, dense or wide patterns
+constexpr int64_t kPrefillBandRows = 64;  // query rows per task, band patterns (window < n / 2)
 
 // One key block visited by one query block: rows [0, rows) of the task against keys
 // [k0 + c0, k0 + c1) (c0, c1 multiples of 16, c1 <= kPrefillBlock).
