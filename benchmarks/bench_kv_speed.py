@@ -2,8 +2,10 @@
 and StreamingLLM vs dense, with the KV-bytes bound (issue 16, section 3).
 
 Llama-3.2-1B-shaped attention of one layer (32 query heads, 8 KV heads, head dim 64), batch 1, one
-decode step over a PagedKVCache holding the context, float32 and bfloat16 KV. Timed per step,
-interleaved round-robin (so load on the machine hits every variant alike), medians:
+decode step over a PagedKVCache holding the context, float32 and bfloat16 KV. Timed per step with
+the library's interleaved timer (:func:`sparseforge.runtime.timing.time_interleaved`, as the advisor
+times: a random order every round, so load on the machine hits every variant alike; medians; the
+speedups are medians of per-round paired ratios):
 
 * ``sdpa``: the fastest of torch SDPA with ``enable_gqa=True``, SDPA on the query heads packed per
   KV head (what transformers does for a single query token), and the packed form on one torch
@@ -18,12 +20,21 @@ interleaved round-robin (so load on the machine hits every variant alike), media
 * ``mustafar``: Mustafar(70%, 256 recent): the compressed-KV kernel over the pruned tokens plus the
   dense kernel over the recent ones (compressed before timing).
 
+Prefill rows (``--prefill N ...``, default 16K and 32K): causal attention of an N-token prompt in
+one layer, float32 queries, the KV in each dtype: torch SDPA (``is_causal=True``, ``enable_gqa``;
+bfloat16 KV runs SDPA in bfloat16) against our prefill kernel dense and with TriangleMix's
+Triangle pattern (default 8 sinks, 512 window, 128 last queries: one of its deep layers), and
+TriangleMix over a whole model (half of the layers dense at the best dense time). The full shape is
+32 query / 8 KV heads; ``--quick`` times one GQA group (4 / 1 heads: the work per head is the same,
+an eighth of it) and float32 only, so a quick run stays within minutes on a shared machine.
+
 KV-bytes bound: bytes each variant must read (dense: K and V of every token; Quest: K and V of the
 budget plus the page min/max, 2 vectors per 16 tokens; StreamingLLM: 1024 tokens; Mustafar: kept
 values plus one 64-bit bitmap word per token and tensor, recent tokens dense) divided by the
 machine's read bandwidth measured in the same run (``torch.sum`` over 512 MB, 2 threads, best of 5).
 
-    python benchmarks/bench_kv_speed.py --quick            # 1K-32K, ~2 minutes
+    python benchmarks/bench_kv_speed.py --quick            # 1K-32K decode + 16K/32K prefill (one GQA group)
+    python benchmarks/bench_kv_speed.py --skip-decode --prefill 16384 32768   # prefill rows only, full shape
     python benchmarks/bench_kv_speed.py --contexts 65536   # one context, longer timing
     python benchmarks/bench_kv_speed.py --e2e 32768        # + whole-model decode steps at 32K
 
@@ -43,7 +54,6 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -56,6 +66,9 @@ from sparseforge.runtime.machine import machine_info
 from sparseforge.attention import Dense, Mustafar, PagedKVCache, Quest, StreamingLLM
 from sparseforge.attention.policies import dense_spans
 from sparseforge.ops.decode_attention import decode_attention
+from sparseforge.ops.prefill_attention import attend_prefill, dense_pattern
+from sparseforge.attention import TriangleMix
+from sparseforge.runtime.timing import time_interleaved
 
 HQ, HKV, D = 32, 8, 64
 PAGE = 16
@@ -101,22 +114,15 @@ def kv_bytes(n: int, elt: int, budget: int | None = None, window: int | None = N
     return 2 * budget * row + 2 * (-(-n // PAGE)) * row  # selected K and V + per-page min and max
 
 
-def interleaved(fns: dict, seconds: float, max_rounds: int = 400) -> dict:
-    """Median ms per call of each function, called round-robin (one call each per round) until the
-    rounds took ``seconds`` per function in total, at least 5 and at most ``max_rounds`` rounds."""
-    for fn in fns.values():
-        fn()
-    samples = {k: [] for k in fns}
-    spent, rounds = 0.0, 0
-    while rounds < 5 or (spent < seconds * len(fns) and rounds < max_rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t0
-            samples[name].append(dt)
-            spent += dt
-        rounds += 1
-    return {k: 1e3 * statistics.median(v) for k, v in samples.items()}
+def timed(fns: dict, seconds: float, max_rounds: int = 400, min_rounds: int = 5):
+    """The library's interleaved timer (:func:`sparseforge.runtime.timing.time_interleaved`, as the
+    advisor times): random order per round, medians, per-round paired ratios."""
+    return time_interleaved(fns, budget_s=seconds, min_rounds=min_rounds, max_rounds=max_rounds, warmup=1)
+
+
+def fastest(ms: dict, names) -> str:
+    """The name among ``names`` with the smallest median."""
+    return min(names, key=lambda k: ms[k])
 
 
 def kernel_call(q, k, v, n: int, scale: float, spans_fn, parallel: bool):
@@ -195,23 +201,89 @@ def bench_context(n: int, dtype: torch.dtype, seconds: float, bandwidth: float, 
             fns[f"{name}_{mode}"] = rotating(
                 lambda i, layer, spans_of=spans_of, parallel=parallel: kernel_call(
                     q, layer.k_store, layer.v_store, n, scale, lambda: spans_of(i, layer), parallel))
-    ms = interleaved(fns, seconds)
-    ms["sdpa"] = min(ms["sdpa_gqa"], ms["sdpa_packed"], ms["sdpa_packed_1thread"])
-    for name in variants:
-        ms[name] = min(ms[f"{name}_pool"], ms[f"{name}_serial"])
+    meas = timed(fns, seconds)
+    ms = meas.ms()
+    best = {"sdpa": fastest(ms, ("sdpa_gqa", "sdpa_packed", "sdpa_packed_1thread"))}
+    best.update({name: fastest(ms, (f"{name}_pool", f"{name}_serial")) for name in variants})
+    best["mustafar"] = "mustafar"
+    for name, key in best.items():
+        ms[name] = ms[key]
     elt = torch.tensor([], dtype=dtype).element_size()
     nbytes = {"dense": kv_bytes(n, elt), "quest": kv_bytes(n, elt, budget=n // 16),
               "streaming": kv_bytes(n, elt, window=SINKS + WINDOW), "mustafar": kv_bytes(n, elt, mustafar=mustafar)}
     bound_ms = {name: b / bandwidth / 1e6 for name, b in nbytes.items()}
     if mustafar.decode(cache.layers[0], q, all_spans, scale) is None:
         ms["mustafar"] = ms["dense"]  # nothing old enough to compress: Mustafar attends densely
+        best["mustafar"] = best["dense"]
+    speedup = lambda slow, fast: meas.ratio(best[slow], best[fast])[0]  # noqa: E731  paired per-round ratio
     return {
         "context": n, "dtype": str(dtype).replace("torch.", ""), "layers": layers, "ms": ms, "bytes": nbytes,
-        "bound_ms": bound_ms, "dense_vs_sdpa": ms["sdpa"] / ms["dense"], "quest_vs_dense": ms["dense"] / ms["quest"],
+        "bound_ms": bound_ms, "dense_vs_sdpa": speedup("sdpa", "dense"), "quest_vs_dense": speedup("dense", "quest"),
         "quest_bound_vs_dense": nbytes["dense"] / nbytes["quest"],
-        "mustafar_vs_dense": ms["dense"] / ms["mustafar"], "mustafar_bound_vs_dense": nbytes["dense"] / nbytes["mustafar"],
-        "dense_of_bound": bound_ms["dense"] / ms["dense"],
+        "mustafar_vs_dense": speedup("dense", "mustafar"), "mustafar_bound_vs_dense": nbytes["dense"] / nbytes["mustafar"],
+        "dense_of_bound": bound_ms["dense"] / ms["dense"], "stable": meas.stable, "rounds": meas.rounds,
     }
+
+
+PREFILL_HEADS = {"full": (HQ, HKV), "quick": (HQ // HKV, 1)}  # query heads, KV heads (quick: one GQA group)
+
+
+def bench_prefill(n: int, dtype: torch.dtype, seconds: float, threads: int, heads: tuple[int, int] = (HQ, HKV),
+                  seed: int = 0) -> dict:
+    """Causal attention of an ``n``-token prompt in one layer: torch SDPA (``is_causal``, GQA) against
+    our prefill kernel dense and with TriangleMix's Triangle pattern (its deep layers, default
+    settings); the ``model`` column is TriangleMix over a whole model, half of its layers dense."""
+    hq, hkv = heads
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, hq, n, D, generator=g)  # (B, Hq, T, D) float32, as the attention hands it over
+    k = torch.randn(1, hkv, n, D, generator=g).to(dtype)
+    v = torch.randn(1, hkv, n, D, generator=g).to(dtype)
+    qd = q.to(dtype)
+    scale = D ** -0.5
+    tri = TriangleMix()
+    pattern = tri.pattern(n, triangle=True)
+    fns = {
+        "sdpa": lambda: F.scaled_dot_product_attention(qd, k, v, is_causal=True, enable_gqa=hkv != hq),
+        "dense": lambda: attend_prefill(q, k, v, n, scale, **dense_pattern(n)),
+        "triangle": lambda: attend_prefill(q, k, v, n, scale, **pattern),
+    }
+    meas = timed(fns, seconds, max_rounds=50, min_rounds=3)
+    ms = meas.ms()
+    dense_vs_sdpa = meas.ratio("sdpa", "dense")[0]
+    tri_vs_dense = meas.ratio("dense", "triangle")[0]
+    tri_vs_sdpa = meas.ratio("sdpa", "triangle")[0]
+    best_dense = min(ms["sdpa"], ms["dense"])
+    return {
+        "context": n, "dtype": str(dtype).replace("torch.", ""), "heads": [hq, hkv], "ms": ms,
+        "dense_vs_sdpa": dense_vs_sdpa, "triangle_vs_dense": tri_vs_dense, "triangle_vs_sdpa": tri_vs_sdpa,
+        "model_vs_best_dense": 2 * best_dense / (best_dense + ms["triangle"]),
+        "settings": {"sinks": tri.sinks, "window": tri.window, "last": tri.last}, "stable": meas.stable,
+        "rounds": meas.rounds,
+    }
+
+
+def prefill_table(rows: list[dict]) -> str:
+    out = ["| KV | context | heads (q/kv) | SDPA ms | dense ms | dense vs SDPA | Triangle ms | Triangle vs dense | "
+           "Triangle vs SDPA | TriangleMix model (half dense) vs best dense |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ms = r["ms"]
+        out.append(f"| {r['dtype']} | {r['context']} | {r['heads'][0]}/{r['heads'][1]} | {ms['sdpa']:.0f} | "
+                   f"{ms['dense']:.0f} | {r['dense_vs_sdpa']:.2f}x | {ms['triangle']:.0f} | {r['triangle_vs_dense']:.2f}x | "
+                   f"{r['triangle_vs_sdpa']:.2f}x | {r['model_vs_best_dense']:.2f}x |")
+    return "\n".join(out)
+
+
+def prefill_verdicts(rows: list[dict]) -> list[str]:
+    lines = []
+    for r in rows:
+        tag = f"{r['dtype']} {r['context']}"
+        lines.append(f"{'PASS' if r['dense_vs_sdpa'] >= 1.0 else 'FAIL'} dense prefill >= 1.0x SDPA at {tag}: "
+                     f"{r['dense_vs_sdpa']:.2f}x")
+        if r["context"] >= 16384:
+            worst = min(r["triangle_vs_dense"], r["triangle_vs_sdpa"])
+            lines.append(f"{'PASS' if worst >= 2.0 else 'FAIL'} TriangleMix (Triangle layer) >= 2x dense attention "
+                         f"prefill at {tag}: {r['triangle_vs_dense']:.2f}x ours, {r['triangle_vs_sdpa']:.2f}x SDPA")
+    return lines
 
 
 E2E = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=HQ,
@@ -305,12 +377,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bandwidth-mb", type=int, default=0,
                         help="buffer read to measure the bandwidth (default: 2x the last-level cache, >= 512)")
     parser.add_argument("--layers", type=int, default=16, help="caches the per-layer calls rotate over")
+    parser.add_argument("--prefill", type=int, nargs="*", default=None, metavar="N",
+                        help="prompt lengths of the prefill rows (default 16K 32K; give none to skip)")
+    parser.add_argument("--prefill-heads", type=int, nargs=2, default=None, metavar=("HQ", "HKV"),
+                        help="heads of the prefill rows (default 32 8; --quick: one GQA group, 4 1)")
+    parser.add_argument("--prefill-dtypes", nargs="+", choices=list(DTYPES), default=None,
+                        help="KV dtypes of the prefill rows (default: --dtypes; --quick: float32)")
+    parser.add_argument("--skip-decode", action="store_true", help="only the prefill rows")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.contexts is None:
         args.contexts = [1024, 4096, 16384, 32768] + ([] if args.quick else [65536])
     if args.quick:
         args.seconds = min(args.seconds, 0.3)
+    if args.prefill is None:
+        args.prefill = [16384, 32768]
     for n in args.contexts:
         if n < 256 or n % 256:
             parser.error(f"--contexts must be multiples of 256 (Quest's budget n/16 in whole pages), got {n}")
@@ -319,18 +400,30 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     bandwidth = read_bandwidth(args.bandwidth_mb)
     rows = []
-    for name in args.dtypes:
+    for name in [] if args.skip_decode else args.dtypes:
         for n in args.contexts:
             rows.append(bench_context(n, DTYPES[name], args.seconds, bandwidth, args.threads, args.layers))
             print(f"  {name} {n}: dense {rows[-1]['ms']['dense']:.2f} ms, SDPA {rows[-1]['ms']['sdpa']:.2f} ms", flush=True)
+    prefill_rows = []
+    heads = tuple(args.prefill_heads) if args.prefill_heads else PREFILL_HEADS["quick" if args.quick else "full"]
+    for name in args.prefill_dtypes or (["float32"] if args.quick else args.dtypes):
+        for n in args.prefill:
+            prefill_rows.append(bench_prefill(n, DTYPES[name], args.seconds, args.threads, heads))
+            r = prefill_rows[-1]
+            print(f"  prefill {name} {n}: SDPA {r['ms']['sdpa']:.0f} ms, dense {r['ms']['dense']:.0f} ms, "
+                  f"Triangle {r['ms']['triangle']:.0f} ms", flush=True)
     machine = machine_info(args.threads)
     text = table(rows)
-    print(f"\n### decode attention per layer (Hq {HQ}, Hkv {HKV}, d {D}; {args.layers} layers in turn), batch 1, "
-          f"{args.threads} threads, {machine['cpu']}, ISA {machine['isa']}, last-level cache {last_level_cache_mb()} MB, "
-          f"read bandwidth {bandwidth:.1f} GB/s, "
-          f"load average {load_before[0]:.1f}\n")
-    print(text + "\n")
-    lines = verdicts(rows)
+    context = (f"batch 1, {args.threads} threads, {machine['cpu']}, ISA {machine['isa']}, last-level cache "
+               f"{last_level_cache_mb()} MB, read bandwidth {bandwidth:.1f} GB/s, load average {load_before[0]:.1f}")
+    if rows:
+        print(f"\n### decode attention per layer (Hq {HQ}, Hkv {HKV}, d {D}; {args.layers} layers in turn), {context}\n")
+        print(text + "\n")
+    ptext = prefill_table(prefill_rows)
+    if prefill_rows:
+        print(f"\n### prefill attention per layer (d {D}; TriangleMix {TriangleMix()}), {context}\n")
+        print(ptext + "\n")
+    lines = verdicts(rows) + prefill_verdicts(prefill_rows)
     e2e = None
     if args.e2e:
         e2e = bench_e2e(args.e2e, args.e2e_steps, bandwidth)
@@ -346,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": args.seconds, "quick": args.quick,
             "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}
     tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows, "table": text, "e2e": e2e, "verdicts": lines}, indent=1) + "\n")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows, "table": text, "prefill_rows": prefill_rows,
+                               "prefill_table": ptext, "e2e": e2e, "verdicts": lines}, indent=1) + "\n")
     tmp.replace(out)
     print(f"\nwrote {out}")
     return 0

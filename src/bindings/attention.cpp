@@ -1,10 +1,13 @@
-// nanobind binding of the decode-attention kernel (csrc/decode_attention.h) over raw buffers:
+// nanobind binding of the decode- and prefill-attention kernels (csrc/decode_attention.h,
+// csrc/prefill_attention.h) over raw buffers:
 //   decode_attention(q, k, v, spans, n, scale, out, isa="", chunk=0, parallel=True, lse=None)
 //   decode_attention_ref(q, k, v, spans, n, scale, out)          (the scalar oracle)
 //   quest_select(q, kmin, kmax, pages, chosen, isa="", parallel=True), quest_select_ref(...)
 //     kmin / kmax (B, Hkv, allocated pages, D) like k; chosen (B, Hkv, keep) int32, overwritten
 //   sparse_kv_attention(q, kvals, kbits, vvals, vbits, n, scale, out, lse, isa="", chunk=0, parallel=True), _ref
 //     kvals / vvals (B, Hkv, cap, keep) like k; kbits / vbits (B, Hkv, cap, ceil(D / 64)) int64 words
+//   prefill_attention(q, k, v, n, scale, sinks, window, last, horizon, out, isa="", parallel=True), _ref
+//     q (B, Hq, Tq, D) float32, the last Tq of the n cached tokens; out (B, Tq, Hq, D) float32 (csrc/prefill_attention.h)
 // q (B, Hq, D) float32; k, v (B, Hkv, cap, D) float32, or bfloat16 as raw uint16 bits; spans
 // (B, Hkv, S, 2) int32 [start, length); out (B, Hq, D) float32, overwritten; lse (B, Hq) float32 or
 // None: the log of each softmax denominator (to merge attentions over disjoint token sets). All C-contiguous, CPU.
@@ -15,6 +18,7 @@
 
 #include "binding.h"
 #include "decode_attention.h"
+#include "prefill_attention.h"
 #include "threadpool.h"
 
 namespace sfb {
@@ -22,6 +26,17 @@ namespace sfb {
 using namespace nb::literals;
 
 namespace {
+
+// The element type of a pair of cache tensors (k and v, or kmin and kmax): both float32 or both
+// bfloat16 (raw uint16 bits), of one shape; ValueError naming them otherwise.
+sf::VT pair_type(const In& a, const In& b, const std::string& names) {
+  for (size_t d = 0; d < a.ndim(); ++d) {
+    if (a.shape(d) != b.shape(d)) throw std::invalid_argument(names + " must have the same shape");
+  }
+  if (a.dtype() == nb::dtype<float>() && b.dtype() == nb::dtype<float>()) return sf::VT::f32;
+  if (a.dtype() == nb::dtype<uint16_t>() && b.dtype() == nb::dtype<uint16_t>()) return sf::VT::bf16;
+  throw std::invalid_argument(names + " must both be float32 or both bfloat16 (raw uint16 bits)");
+}
 
 sf::DecodeAttnProblem problem(const In& q, const In& k, const In& v, const In& spans, int64_t n, double scale,
                               const Out& out, const nb::object& lse) {
@@ -35,22 +50,13 @@ sf::DecodeAttnProblem problem(const In& q, const In& k, const In& v, const In& s
   }
   if (spans.dtype() != nb::dtype<int32_t>()) throw std::invalid_argument("spans must be int32");
   sf::DecodeAttnProblem p;
-  if (k.dtype() == nb::dtype<float>() && v.dtype() == nb::dtype<float>()) {
-    p.vt = sf::VT::f32;
-  } else if (k.dtype() == nb::dtype<uint16_t>() && v.dtype() == nb::dtype<uint16_t>()) {
-    p.vt = sf::VT::bf16;
-  } else {
-    throw std::invalid_argument("k and v must both be float32 or both bfloat16 (raw uint16 bits)");
-  }
+  p.vt = pair_type(k, v, "k and v");
   p.B = dim(q, 0);
   p.Hq = dim(q, 1);
   p.D = dim(q, 2);
   p.Hkv = dim(k, 1);
   p.cap = dim(k, 2);
   p.S = dim(spans, 2);
-  for (size_t d = 0; d < 4; ++d) {
-    if (k.shape(d) != v.shape(d)) throw std::invalid_argument("k and v must have the same shape");
-  }
   if (dim(k, 0) != p.B || dim(k, 3) != p.D) throw std::invalid_argument("k must be (B, Hkv, cap, D) with q's B and D");
   if (dim(spans, 0) != p.B || dim(spans, 1) != p.Hkv || dim(spans, 3) != 2) {
     throw std::invalid_argument("spans must be (B, Hkv, S, 2) with k's B and Hkv");
@@ -86,16 +92,7 @@ sf::QuestSelectProblem select_problem(const In& q, const In& kmin, const In& kma
   if (q.dtype() != nb::dtype<float>()) throw std::invalid_argument("q must be float32");
   if (chosen.dtype() != nb::dtype<int32_t>()) throw std::invalid_argument("chosen must be int32");
   sf::QuestSelectProblem p;
-  if (kmin.dtype() == nb::dtype<float>() && kmax.dtype() == nb::dtype<float>()) {
-    p.vt = sf::VT::f32;
-  } else if (kmin.dtype() == nb::dtype<uint16_t>() && kmax.dtype() == nb::dtype<uint16_t>()) {
-    p.vt = sf::VT::bf16;
-  } else {
-    throw std::invalid_argument("kmin and kmax must both be float32 or both bfloat16 (raw uint16 bits)");
-  }
-  for (size_t d = 0; d < 4; ++d) {
-    if (kmin.shape(d) != kmax.shape(d)) throw std::invalid_argument("kmin and kmax must have the same shape");
-  }
+  p.vt = pair_type(kmin, kmax, "kmin and kmax");
   p.B = dim(q, 0);
   p.Hq = dim(q, 1);
   p.D = dim(q, 2);
@@ -127,13 +124,7 @@ sf::SparseKvProblem sparse_problem(const In& q, const In& kvals, const In& kbits
     throw std::invalid_argument("q, out and lse must be float32");
   }
   sf::SparseKvProblem p;
-  if (kvals.dtype() == nb::dtype<float>() && vvals.dtype() == nb::dtype<float>()) {
-    p.vt = sf::VT::f32;
-  } else if (kvals.dtype() == nb::dtype<uint16_t>() && vvals.dtype() == nb::dtype<uint16_t>()) {
-    p.vt = sf::VT::bf16;
-  } else {
-    throw std::invalid_argument("kvals and vvals must both be float32 or both bfloat16 (raw uint16 bits)");
-  }
+  p.vt = pair_type(kvals, vvals, "kvals and vvals");
   for (const In* b : {&kbits, &vbits}) {
     if (b->dtype() != nb::dtype<int64_t>() && b->dtype() != nb::dtype<uint64_t>()) {
       throw std::invalid_argument("kbits and vbits must be 64-bit bitmap words (int64 or uint64)");
@@ -170,6 +161,41 @@ sf::SparseKvProblem sparse_problem(const In& q, const In& kvals, const In& kbits
   p.scale = static_cast<float>(scale);
   p.out = static_cast<float*>(out.data());
   p.lse = static_cast<float*>(lse.data());
+  return p;
+}
+
+sf::PrefillAttnProblem prefill_problem(const In& q, const In& k, const In& v, int64_t n, double scale, int64_t sinks,
+                                       int64_t window, int64_t last, int64_t horizon, const Out& out) {
+  check_array(q, "q", 4);
+  check_array(k, "k", 4);
+  check_array(v, "v", 4);
+  check_out(out, "out", 4);
+  if (q.dtype() != nb::dtype<float>() || out.dtype() != nb::dtype<float>()) {
+    throw std::invalid_argument("q and out must be float32");
+  }
+  sf::PrefillAttnProblem p;
+  p.vt = pair_type(k, v, "k and v");
+  p.B = dim(q, 0);
+  p.Hq = dim(q, 1);
+  p.Tq = dim(q, 2);
+  p.D = dim(q, 3);
+  p.Hkv = dim(k, 1);
+  p.cap = dim(k, 2);
+  if (dim(k, 0) != p.B || dim(k, 3) != p.D) throw std::invalid_argument("k must be (B, Hkv, cap, D) with q's B and D");
+  if (static_cast<int64_t>(out.shape(0)) != p.B || static_cast<int64_t>(out.shape(1)) != p.Tq ||
+      static_cast<int64_t>(out.shape(2)) != p.Hq || static_cast<int64_t>(out.shape(3)) != p.D) {
+    throw std::invalid_argument("out must be (B, Tq, Hq, D) for q (B, Hq, Tq, D)");
+  }
+  p.q = static_cast<const float*>(q.data());
+  p.k = k.data();
+  p.v = v.data();
+  p.n = n;
+  p.sinks = sinks;
+  p.window = window;
+  p.last = last;
+  p.horizon = horizon;
+  p.scale = static_cast<float>(scale);
+  p.out = static_cast<float*>(out.data());
   return p;
 }
 
@@ -241,6 +267,28 @@ void register_attention(nb::module_& mod) {
         sf::quest_select_ref(p);
       },
       "q"_a, "kmin"_a, "kmax"_a, "pages"_a, "chosen"_a, "Scalar reference of quest_select (the oracle).");
+  mod.def(
+      "prefill_attention",
+      [](const In& q, const In& k, const In& v, int64_t n, double scale, int64_t sinks, int64_t window, int64_t last,
+         int64_t horizon, const Out& out, const std::string& isa, bool parallel) {
+        const sf::PrefillAttnProblem p = prefill_problem(q, k, v, n, scale, sinks, window, last, horizon, out);
+        const sf::Isa i = resolve(isa);
+        sf::num_threads();
+        nb::gil_scoped_release rel;
+        sf::prefill_attention(p, i, parallel);
+      },
+      "q"_a, "k"_a, "v"_a, "n"_a, "scale"_a, "sinks"_a, "window"_a, "last"_a, "horizon"_a, "out"_a, "isa"_a = "",
+      "parallel"_a = true, "Block-sparse causal prefill attention (csrc/prefill_attention.h).");
+  mod.def(
+      "prefill_attention_ref",
+      [](const In& q, const In& k, const In& v, int64_t n, double scale, int64_t sinks, int64_t window, int64_t last,
+         int64_t horizon, const Out& out) {
+        const sf::PrefillAttnProblem p = prefill_problem(q, k, v, n, scale, sinks, window, last, horizon, out);
+        nb::gil_scoped_release rel;
+        sf::prefill_attention_ref(p);
+      },
+      "q"_a, "k"_a, "v"_a, "n"_a, "scale"_a, "sinks"_a, "window"_a, "last"_a, "horizon"_a, "out"_a,
+      "Scalar reference of prefill_attention (the oracle).");
 }
 
 }  // namespace sfb

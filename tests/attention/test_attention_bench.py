@@ -34,14 +34,37 @@ def test_tiny_run_writes_json(tmp_path, capsys):
     b = _load()
     out = tmp_path / "kv.json"
     assert b.main(["--contexts", "512", "--dtypes", "float32", "--seconds", "0.001", "--bandwidth-mb", "8",
-                   "--threads", "1", "--layers", "2", "--out", str(out)]) == 0
+                   "--threads", "1", "--layers", "2", "--prefill", "300", "--prefill-heads", "2", "1",
+                   "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     (row,) = data["rows"]
     assert row["context"] == 512 and set(row["ms"]) >= {"sdpa", "dense", "quest", "quest_kernel", "streaming", "mustafar"}
     assert all(v > 0 for v in row["ms"].values())
-    assert row["dense_vs_sdpa"] == row["ms"]["sdpa"] / row["ms"]["dense"]
+    # speedups are medians of per-round paired ratios (the library timer): between the extremes of the per-round ratios
+    assert 0 < row["dense_vs_sdpa"] and row["rounds"] >= 5
+    (pre,) = data["prefill_rows"]
+    assert pre["context"] == 300 and pre["heads"] == [2, 1] and set(pre["ms"]) == {"sdpa", "dense", "triangle"}
+    assert all(v > 0 for v in pre["ms"].values()) and pre["triangle_vs_dense"] > 0 and pre["rounds"] >= 3
     assert data["meta"]["cpu"] and data["meta"]["bandwidth_gbs"] > 0
-    assert "| float32 | 512 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| float32 | 512 |" in printed and "| float32 | 300 | 2/1 |" in printed and "dense prefill >= 1.0x SDPA" in printed
+
+
+def test_paired_ratio_comes_from_the_library_timer(monkeypatch):
+    """bench_context's speedups are Measurement.ratio of the fastest variants, as the advisor computes them."""
+    b = _load()
+    seen = []
+    real = b.time_interleaved
+
+    def spy(fns, **kw):
+        m = real(fns, **kw)
+        seen.append(m)
+        return m
+    monkeypatch.setattr(b, "time_interleaved", spy)
+    row = b.bench_prefill(200, b.DTYPES["float32"], 0.001, 1, heads=(2, 1))
+    (m,) = seen
+    assert row["triangle_vs_dense"] == m.ratio("dense", "triangle")[0]
+    assert row["dense_vs_sdpa"] == m.ratio("sdpa", "dense")[0]
 
 
 def test_e2e_decode_steps_small_model():

@@ -5,9 +5,11 @@ A model opts in with ``attn_implementation="sparseforge"`` (at load time, or lat
 is copied or patched. The function receives what the model's attention module passes to any
 attention implementation (rotated ``query (B, Hq, q_len, D)``, the cache's ``key``/``value``):
 
-* prefill (``q_len > 1``) runs transformers' own SDPA attention with the mask transformers built
-  (the mask function registered for the name is transformers' ``sdpa_mask``), then shows the
-  queries to the policy (SnapKV chooses its tokens there);
+* prefill (``q_len > 1``) runs the policy's own prefill if it has one (:class:`TriangleMix`: the
+  native block-sparse prefill kernel ``sparseforge::prefill_attention``), else transformers' own SDPA
+  attention with the mask transformers built (the mask function registered for the name is
+  transformers' ``sdpa_mask``), then shows the queries to the decode policy (SnapKV chooses its
+  tokens there);
 * decode (``q_len == 1``) asks the layer's policy for token spans and runs
   ``sparseforge::decode_attention`` on the paged buffers (the native kernel directly in eager
   mode); a padding mask (left padding) or a sliding
@@ -73,9 +75,13 @@ def sparseforge_attention(module: torch.nn.Module, query: Tensor, key: Tensor, v
 
     layer = kwargs.pop(LAYER_KWARG, None)
     if query.shape[2] > 1:
-        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+        own = layer.policy.prefill(module, layer, query, attention_mask, scale, dropout=dropout, **kwargs) \
+            if isinstance(layer, PagedLayer) else None
+        out = (own, None) if own is not None else \
+            sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         if isinstance(layer, PagedLayer):
-            layer.policy.observe_prefill(layer, query, query.shape[-1] ** -0.5 if scaling is None else float(scaling))
+            layer.policy.decoding().observe_prefill(layer, query, scale)
         return out
     if not isinstance(layer, PagedLayer):
         raise ModelError(
@@ -97,7 +103,8 @@ def sparseforge_attention(module: torch.nn.Module, query: Tensor, key: Tensor, v
     n = layer.n
     scale = D ** -0.5 if scaling is None else float(scaling)
     q = query.reshape(B, Hq, D).float().contiguous()  # (B, Hq, D)
-    spans = layer.policy.spans(layer, q, module.layer_idx if hasattr(module, "layer_idx") else layer.layer_idx)
+    policy = layer.policy.decoding()
+    spans = policy.spans(layer, q, module.layer_idx if hasattr(module, "layer_idx") else layer.layer_idx)
     lo = None
     if attention_mask is not None:
         lo = _first_allowed(attention_mask, n)
@@ -109,7 +116,6 @@ def sparseforge_attention(module: torch.nn.Module, query: Tensor, key: Tensor, v
         spans = clip_spans(spans, lo)
     layer.tokens_read += int(spans[..., 1].sum())
     layer.tokens_cached += n * B * layer.kv_heads
-    policy = layer.policy
     out = policy.decode(layer, q, spans, scale)
     if out is not None:
         if lo is not None and bool((lo > 0).any()):

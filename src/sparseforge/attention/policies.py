@@ -95,6 +95,16 @@ class Policy:
         dense kernel over ``spans`` then runs)."""
         return None
 
+    def prefill(self, module, layer, query: Tensor, attention_mask: Optional[Tensor], scale: float,
+                **kwargs) -> Optional[Tensor]:
+        """A prefill chunk's attention ``(B, T, Hq, D)`` if the policy computes it itself (after the
+        chunk's keys were cached in ``layer``), else ``None`` (transformers' SDPA then runs)."""
+        return None
+
+    def decoding(self) -> "Policy":
+        """The policy that runs the decode steps (itself; a prefill-only policy names another)."""
+        return self
+
     def check_page_size(self, page_size: int) -> None:
         """Raises :class:`ConfigError` if the policy cannot run on pages of ``page_size`` tokens."""
 
@@ -311,8 +321,17 @@ class Mustafar(Policy):
         from sparseforge.ops.sparse_kv import compress_tokens
 
         state = layer.policy_state.get("mustafar")
-        if state is None or state["done"] > layer.n:  # first call, or the cache was cropped below it
+        if state is None:
             state = layer.policy_state["mustafar"] = {"done": 0}
+        # tokens from the lowest crop since the last look on may have been replaced, and the recent
+        # window stays dense: drop the chunks past either
+        valid = max(0, min(layer.n - self.recent, layer.policy_state.pop("cropped_to", layer.n)))
+        valid = valid // self.CHUNK * self.CHUNK
+        if state["done"] > valid:
+            for key in ("kvals", "kbits", "vvals", "vbits"):
+                if key in state:
+                    state[key] = state[key][:, :, :valid].contiguous()
+            state["done"] = valid
         done = state["done"]
         upto = done + (layer.n - self.recent - done) // self.CHUNK * self.CHUNK  # whole chunks old enough
         if upto > done:  # one compression and one append for all of them (a prefill may bring many)
