@@ -42,10 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +55,7 @@ import torch  # noqa: E402
 
 from sparseforge.data.mqar import MQARVocab, make_batch  # noqa: E402
 from sparseforge.evaluation.mqar import MQAR_MODEL_DIRNAME  # noqa: E402
+from train_mqar import write_model_dir  # noqa: E402  (scripts/, next to this file)
 
 DEFAULT_OUT = REPO / "src" / "sparseforge" / "assets" / MQAR_MODEL_DIRNAME
 VOCAB = MQARVocab(filler=16, keys=64, values=64)
@@ -161,28 +159,6 @@ python scripts/build_mqar_model.py
 """
 
 
-def save(model, vocab: MQARVocab, recall: dict, out: Path) -> None:
-    """``save_pretrained`` + model card into a temporary directory, renamed to ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "README.md").write_text(CARD.format(
-            hidden=HIDDEN, heads=HEADS, head_dim=HIDDEN // HEADS, theta=ROPE_THETA, vocab_size=vocab.size,
-            filler=vocab.filler, keys=vocab.keys, values=vocab.values,
-            params=sum(p.numel() for p in model.parameters()),
-            pairs=vocab.keys, recall="\n".join(f"- context {c}: {a:.3f}" for c, a in recall.items())))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the assets are package data
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the model goes (default: the package assets)")
@@ -193,7 +169,12 @@ def main(argv=None) -> int:
     print(json.dumps({"recall": recall}))
     if min(recall.values()) < 0.99:
         raise SystemExit(f"the built model does not recall (dense): {recall}")
-    save(model, VOCAB, recall, args.out)
+    card = CARD.format(
+        hidden=HIDDEN, heads=HEADS, head_dim=HIDDEN // HEADS, theta=ROPE_THETA, vocab_size=VOCAB.size,
+        filler=VOCAB.filler, keys=VOCAB.keys, values=VOCAB.values,
+        params=sum(p.numel() for p in model.parameters()),
+        pairs=VOCAB.keys, recall="\n".join(f"- context {c}: {a:.3f}" for c, a in recall.items()))
+    write_model_dir(args.out, model, {"README.md": card})
     print(f"wrote {args.out}")
     return 0
 

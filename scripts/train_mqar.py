@@ -75,11 +75,12 @@ from sparseforge.data.mqar import IGNORE, MQARVocab, make_batch  # noqa: E402
 from sparseforge.evaluation.mqar import MQAR_MODEL_DIRNAME  # noqa: E402
 
 DEFAULT_OUT = REPO / "src" / "sparseforge" / "assets" / MQAR_MODEL_DIRNAME
+SHIP_RECALL = 0.95  # held-out recall at 256 tokens a trained model needs to replace the shipped one
 
 DEFAULTS = dict(
     seed=0, hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256, rope_theta=1e6,
     steps=500, tokens_per_step=4096, lr=3e-3, warmup=30, min_lr_ratio=0.1, weight_decay=0.01,
-    grad_clip=1.0, threads=1, tie=1, max_queries=64, max_stretch=16.0, eval_every=100, save_every=0,
+    grad_clip=1.0, threads=1, tie=1, filler=32, keys=128, values=128, max_queries=64, max_stretch=16.0, eval_every=100, save_every=0,
 )
 
 # the curriculum: "end:lo:hi" stages, each up to a fraction of the steps, context lengths drawn in [lo, hi]
@@ -137,7 +138,8 @@ def evaluate(model, vocab: MQARVocab, contexts, pairs: int = 64, queries: int = 
     model.eval()
     out = {}
     for c in contexts:
-        b = make_batch(batch, c, min(pairs, (c - 1) // 2), min(queries, pairs, (c - 1) // 2), vocab,
+        p = min(pairs, (c - 1) // 2, vocab.keys)
+        b = make_batch(batch, c, p, min(queries, p), vocab,
                        generator=torch.Generator().manual_seed(seed + c))
         _, acc = recall_loss(model, b)
         out[str(c)] = acc
@@ -157,7 +159,7 @@ def train(args) -> dict:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     g = torch.Generator().manual_seed(args.seed)
-    vocab = MQARVocab()
+    vocab = MQARVocab(filler=args.filler, keys=args.keys, values=args.values)
     model = build_model(args, vocab)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
@@ -185,10 +187,11 @@ def train(args) -> dict:
                 entry["eval_acc"] = {k: round(v, 4) for k, v in evaluate(model, vocab, (256, 1024)).items()}
             log.append(entry)
             print(json.dumps(entry), flush=True)
-        if args.save_every and not args.no_save and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+        if (args.save_every and not args.no_save and args.out.resolve() != DEFAULT_OUT.resolve()
+                and (step + 1) % args.save_every == 0 and step + 1 < args.steps):
             partial = {"model": model, "log": log, "elapsed_s": time.time() - t0, "tokens": tokens,
                        "final_eval": evaluate(model, vocab, (256, 1024)), "steps_done": step + 1}
-            save(partial, args, args.out)  # a checkpoint to fall back on; the final save replaces it
+            save(partial, args, args.out)  # a checkpoint to fall back on (never over the shipped model)
     elapsed = time.time() - t0
     final = evaluate(model, vocab, (256, 1024, 2048))
     print(json.dumps({"final_eval_acc": final, "elapsed_s": round(elapsed, 1), "tokens": tokens}), flush=True)
@@ -205,7 +208,7 @@ Load it with `sparseforge.evaluation.mqar.load_mqar_model()`.
 ## Architecture
 `transformers.LlamaForCausalLM`, float32: hidden {hidden_size}, {num_layers} layers, {num_heads} heads
 (head_dim {head_dim}, no GQA), SwiGLU MLP {intermediate_size}, RoPE theta {rope_theta:g}, {tied} embeddings,
-vocabulary {vocab_size} (id 0 start, 32 filler ids, 128 key ids, 128 value ids). **{params:,} parameters.**
+vocabulary {vocab_size} (id 0 start, {filler} filler ids, {keys} key ids, {values} value ids). **{params:,} parameters.**
 
 ## Training
 Seed {seed}; {steps_done} of {steps} steps of fresh random batches (~{tokens_per_step} tokens each, {tokens:,} tokens in all);
@@ -226,28 +229,14 @@ python scripts/train_mqar.py
 """
 
 
-def save(result: dict, args, out: Path) -> None:
-    """``save_pretrained`` + model card + training log into a temporary directory, renamed to ``out``."""
-    model = result["model"]
-    cfg = model.config
+def write_model_dir(out: Path, model, files: dict) -> None:
+    """``model.save_pretrained`` + ``files`` (name -> text) into a temporary directory, renamed to ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        card = CARD.format(
-            hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
-            head_dim=cfg.hidden_size // cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
-            rope_theta=args.rope_theta, tied="tied" if args.tie else "untied", vocab_size=cfg.vocab_size, params=sum(p.numel() for p in model.parameters()),
-            seed=args.seed, steps=args.steps, steps_done=result["steps_done"], tokens_per_step=args.tokens_per_step, tokens=result["tokens"],
-            stages=", ".join(f"{lo}-{hi} tokens up to {end:.0%} of the steps" for end, lo, hi in args.stages),
-            max_queries=args.max_queries, max_stretch=args.max_stretch, weight_decay=args.weight_decay, lr=args.lr,
-            warmup=args.warmup, min_lr=args.lr * args.min_lr_ratio, grad_clip=args.grad_clip, threads=args.threads,
-            elapsed_min=result["elapsed_s"] / 60, cpu=platform.processor() or platform.machine(), note=args.note,
-            final="\n".join(f"- context {c}: {a:.3f}" for c, a in result["final_eval"].items()),
-        )
-        (tmp / "README.md").write_text(card)
-        (tmp / "training_log.json").write_text(json.dumps({"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "log": result["log"],
-                                                           "final_eval": result["final_eval"]}, indent=1))
+        for name, text in files.items():
+            (tmp / name).write_text(text)
         tmp.chmod(0o755)  # mkdtemp makes it private; the assets are package data
         for f in tmp.iterdir():
             f.chmod(0o644)
@@ -257,6 +246,28 @@ def save(result: dict, args, out: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save(result: dict, args, out: Path) -> None:
+    """The trained model, its card and the training log into ``out`` (:func:`write_model_dir`)."""
+    model = result["model"]
+    cfg = model.config
+    card = CARD.format(
+        hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
+        head_dim=cfg.hidden_size // cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
+        filler=args.filler, keys=args.keys, values=args.values,
+        rope_theta=args.rope_theta, tied="tied" if args.tie else "untied", vocab_size=cfg.vocab_size,
+        params=sum(p.numel() for p in model.parameters()), seed=args.seed, steps=args.steps,
+        steps_done=result["steps_done"], tokens_per_step=args.tokens_per_step, tokens=result["tokens"],
+        stages=", ".join(f"{lo}-{hi} tokens up to {end:.0%} of the steps" for end, lo, hi in args.stages),
+        max_queries=args.max_queries, max_stretch=args.max_stretch, weight_decay=args.weight_decay, lr=args.lr,
+        warmup=args.warmup, min_lr=args.lr * args.min_lr_ratio, grad_clip=args.grad_clip, threads=args.threads,
+        elapsed_min=result["elapsed_s"] / 60, cpu=platform.processor() or platform.machine(), note=args.note,
+        final="\n".join(f"- context {c}: {a:.3f}" for c, a in result["final_eval"].items()),
+    )
+    run = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "log": result["log"],
+           "final_eval": result["final_eval"]}
+    write_model_dir(out, model, {"README.md": card, "training_log.json": json.dumps(run, indent=1)})
 
 
 def main(argv=None) -> int:
@@ -270,9 +281,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.stages = parse_curriculum(args.curriculum)
     result = train(args)
-    if not args.no_save:
-        save(result, args, args.out)
-        print(f"wrote {args.out}")
+    if args.no_save:
+        return 0
+    if args.out.resolve() == DEFAULT_OUT.resolve() and result["final_eval"]["256"] < SHIP_RECALL:
+        print(f"recall at 256 tokens {result['final_eval']['256']:.3f} < {SHIP_RECALL}: the shipped model "
+              f"({DEFAULT_OUT}) is kept; pass --out to write this one elsewhere", file=sys.stderr)
+        return 1
+    save(result, args, args.out)
+    print(f"wrote {args.out}")
     return 0
 
 
