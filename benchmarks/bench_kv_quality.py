@@ -2,7 +2,7 @@
 (issue 16, section 2).
 
 1. **MQAR recall** (multi-query associative recall; :mod:`sparseforge.data.mqar`) of the shipped MQAR
-   model (:func:`sparseforge.evaluation.mqar.load_mqar_model`, trained by ``scripts/train_mqar.py``):
+   model (:func:`sparseforge.evaluation.mqar.load_mqar_model`, built by ``scripts/build_mqar_model.py``):
    per context (1K, 2K, 4K, 8K), 64 key-value pairs scattered uniformly over the context, then 32
    queries, each a **decode step** on a ``PagedKVCache`` with the policy (the value teacher-forced
    next). Accuracy = answers equal to the value. The context is prefilled once (dense) and the

@@ -1,11 +1,12 @@
 """Recall of the shipped MQAR model when its KV cache runs a sparse-attention policy.
 
-The model (``sparseforge/assets/mqar-llama/``, trained by ``scripts/train_mqar.py`` on
-:mod:`sparseforge.data.mqar`) answers multi-query associative recall: the context holds key-value
-pairs, each query repeats a key and the model must name its value. :func:`recall` feeds the context
-as one dense prefill into a :class:`~sparseforge.attention.PagedKVCache` with the given policy,
-then every query token as a **decode step** (one token at a time, the values teacher-forced), so
-the policy decides which cached tokens each answer can see.
+The model (``sparseforge/assets/mqar-llama/``: a 2-layer induction circuit whose weights
+``scripts/build_mqar_model.py`` sets; task: :mod:`sparseforge.data.mqar`) answers multi-query
+associative recall: the context holds key-value pairs, each query repeats a key and the model must
+name its value. :func:`recall` feeds the context as one dense prefill into a
+:class:`~sparseforge.attention.PagedKVCache` with the given policy, then every query token as a
+**decode step** (one token at a time, the values teacher-forced), so the policy decides which
+cached tokens each answer can see.
 
 Example:
     >>> import torch
@@ -46,16 +47,17 @@ def mqar_model_path() -> Path:
     if missing:
         raise FileNotFoundError(
             f"MQAR model not found: {root} is missing {', '.join(missing)}. The sparseforge installation is "
-            "incomplete (package data not installed?); reinstall sparseforge, or retrain it with "
-            "`python scripts/train_mqar.py` from a source checkout."
+            "incomplete (package data not installed?); reinstall sparseforge, or rebuild it with "
+            "`python scripts/build_mqar_model.py` from a source checkout."
         )
     return root
 
 
 def load_mqar_model(path: Union[str, os.PathLike, None] = None, attn_implementation: str = "sparseforge"):
     """The MQAR ``LlamaForCausalLM`` (float32, eval mode): the shipped one, or the directory ``path``
-    written by ``scripts/train_mqar.py --out``; ``"sparseforge"`` registers and selects the sparse
-    decode attention (:func:`sparseforge.attention.enable`)."""
+    written by ``scripts/build_mqar_model.py --out`` (or ``scripts/train_mqar.py --out``);
+    ``"sparseforge"`` registers and selects the sparse decode attention
+    (:func:`sparseforge.attention.enable`)."""
     from transformers import AutoModelForCausalLM
 
     if attn_implementation == "sparseforge":
@@ -64,7 +66,8 @@ def load_mqar_model(path: Union[str, os.PathLike, None] = None, attn_implementat
         enable()
     root = mqar_model_path() if path is None else Path(path)
     if not (root / "config.json").is_file():
-        raise ModelError(f"{root} holds no model (config.json); write one with scripts/train_mqar.py --out {root}")
+        raise ModelError(f"{root} holds no model (config.json); write one with "
+                         f"scripts/build_mqar_model.py --out {root}")
     model = AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32, attn_implementation=attn_implementation)
     mqar_vocab(model)  # an MQAR model, or a clear error
     return model.eval()
