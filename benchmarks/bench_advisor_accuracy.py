@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -34,6 +33,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_host import host_info, host_line  # noqa: E402
+from bench_output import write_json  # noqa: E402
 from bench_kernels import bandwidth_gbs, make_layer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -193,10 +193,7 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(args.out)
+    write_json(args.out, result, indent=1)
     print(markdown(result))
     fails = sum(verdict(c) == "FAIL" for c in result["cells"])
     same = [c for c in result["cells"] if c.get("same_as_best")]

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_host import host_line  # noqa: E402
+from bench_output import write_json  # noqa: E402
 from bench_kernels import build, label_of, make_layer, shapes  # noqa: E402
 from bench_timing import time_fn  # noqa: E402
 
@@ -158,10 +158,7 @@ def main(argv=None) -> int:
               f"{r['tflops_dense_equiv']:9.2f}{r['vs_bf16_dense']:8.2f}x{r['vs_fp32_dense']:8.2f}x")
     for line in targets(result):
         print(line)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(args.out)
+    write_json(args.out, result, indent=2)
     print(f"saved {args.out}")
     return 0
 

@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_llamacpp_peer as peer  # noqa: E402
 from bench_host import host_info, host_line  # noqa: E402
+from bench_output import write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GGUF_TYPES = ("f32", "bf16", "q8_0", "Q4_K_M")  # the first three by the converter, the last by llama-quantize
@@ -294,10 +295,7 @@ def main(argv=None) -> dict:
     result = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "host": host_info(),
               "isa": kernels.isa(), "torch_gemv_gbps": gemv, "llamacpp_build_seconds": tools.build_seconds,
               "loadavg": os.getloadavg(), "rows": rows, "verdicts": lines}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    tmp.rename(args.out)
+    write_json(args.out, result, indent=2)
     print(f"wrote {args.out}")
     return result
 

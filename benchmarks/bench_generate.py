@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -41,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e_llamacpp import torch_gemv_gbps, weight_bytes_per_token  # noqa: E402
 from bench_host import host_info, host_line  # noqa: E402
+from bench_output import write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PATHS = ("generate", "lean", "lean+compile")
@@ -198,10 +198,7 @@ def main(argv=None) -> dict:
     result = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "host": host_info(),
               "isa": kernels.isa(), "torch_gemv_gbps": gemv, "gemv_runs_gbps": gemv_runs,
               "loadavg_before": load_before, "loadavg_after": load_after, "rows": rows}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(args.out)
+    write_json(args.out, result, indent=2)
     print(f"wrote {args.out}")
     return result
 

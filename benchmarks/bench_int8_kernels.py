@@ -28,7 +28,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -40,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_host import host_line  # noqa: E402
+from bench_output import write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CELLS = ("bitmap_i8", "nm_i8", "csr_i8", "bitmap_i8 act=int8", "nm_i8 act=int8")
@@ -181,10 +181,7 @@ def main(argv=None) -> int:
               f"{r['pct_bound_cpu']:6.0f}%")
     for line in targets(result):
         print(line)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(args.out)
+    write_json(args.out, result, indent=2)
     print(f"saved {args.out}")
     return 0
 
