@@ -9,9 +9,10 @@ Two random-weight Llamas (no download):
   dense fp32, and magnitude-pruned 2:4 and 75% compressed with ``compress_(format="rule")``.
 
 Each model variant is decoded by transformers' ``generate`` (``generate``), by
-:func:`sparseforge.generation.lean_generate` eagerly (``lean``: fused q/k/v and gate/up) and, with
-``--compile``, with its compiled decode step (``lean+compile``; the first call's compile seconds are
-reported). Paths alternate round by round on copies of the model (medians of ``--rounds``) where the
+:func:`sparseforge.generation.lean_generate` eagerly (``lean``: fused q/k/v and gate/up), by the
+native decode engine (:func:`sparseforge.generation.loop.native_generate`: ``engine`` with the native
+decode-attention kernel, ``engine+sdpa`` with torch's SDPA) and, with ``--compile``, by the lean
+path's compiled decode step (``lean+compile``; the first call's compile seconds are reported). Paths alternate round by round on copies of the model (medians of ``--rounds``) where the
 copies fit in ``--copy-limit-mb``; a larger model runs the paths one after the other on one model
 (the plain path first, then fused for the lean paths: ``interleaved: false``). Every path's greedy tokens are
 compared with ``generate``'s. Decode ms/token comes from the arrival times of the tokens
@@ -43,7 +44,7 @@ from bench_host import host_info, host_line  # noqa: E402
 from bench_output import write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PATHS = ("generate", "lean", "lean+compile")
+PATHS = ("generate", "lean", "engine", "engine+sdpa", "lean+compile")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -100,13 +101,20 @@ def decode_once(model, ids: torch.Tensor, new: int, path: str, threads: int, spa
     """One greedy generation of exactly ``new`` tokens; decode ms/token from the token arrival times."""
     from sparseforge import kernels
     from sparseforge.generation import lean_generate, timing_streamer
+    from sparseforge.generation.loop import native_generate
 
     clock = timing_streamer()
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False,
               pad_token_id=0, streamer=clock)
     with (kernels.sparse_threads(threads) if sparse else nullcontext()), torch.inference_mode():
         start = time.perf_counter()
-        out = model.generate(ids, **kw) if path == "generate" else lean_generate(model, ids, lean_configs[path], **kw)
+        if path == "generate":
+            out = model.generate(ids, **kw)
+        elif path.startswith("engine"):
+            attention = "sdpa" if path == "engine+sdpa" else "native"
+            out = native_generate(model, ids, max_new_tokens=new, min_new_tokens=new, streamer=clock, attention=attention)
+        else:
+            out = lean_generate(model, ids, lean_configs[path], **kw)
         end = time.perf_counter()
     t = clock.arrivals
     return {"ms_per_token": 1e3 * (t[-1] - t[0]) / (len(t) - 1), "prefill_s": t[0] - start, "total_s": end - start,
