@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparseforge.errors import ConfigError, ModelError
-from sparseforge.ops.decode_attention import attend
+from sparseforge.ops.decode_attention import BoundDecodeAttention
 
 __all__ = ["DecodeEngine", "SUPPORTED_FAMILIES", "ATTENTION_KERNELS", "unsupported_reason", "check_supported"]
 
@@ -168,6 +168,7 @@ class _LayerPlan:
     act: Optional[Callable[[Tensor], Tensor]]  # None: SiLU, applied in place
     keys: Tensor  # (1, kv_heads, capacity, head_dim)
     values: Tensor
+    attend: Optional[BoundDecodeAttention] = None  # the native kernel over this layer's cache (attention="native")
 
 
 class DecodeEngine:
@@ -218,7 +219,6 @@ class DecodeEngine:
         self._norm_w, self._norm_eps = inner.norm.weight.detach(), float(inner.norm.variance_epsilon)
         self._lm_head = model.lm_head
         silu = getattr(config, "hidden_act", None) in ("silu", "swish")
-        self._layers = [self._plan(layer, None if silu else layer.mlp.act_fn) for layer in inner.layers]
         self._cos, self._sin = self._rope_tables(inner.rotary_emb, capacity)
         self._length = 0
         qk = self.heads + self.kv_heads
@@ -227,20 +227,26 @@ class DecodeEngine:
         self._h = torch.empty(1, self.hidden, dtype=self.dtype)  # the residual stream
         self._qk = torch.empty(qk, 2, self.head_dim // 2, dtype=self.dtype)  # rotated q and k, halves apart
         self._spans = torch.zeros(1, self.kv_heads, 1, 2, dtype=torch.int32)  # one span [0, n) per KV head
-        self._q32 = torch.empty(1, self.heads, self.head_dim, dtype=torch.float32)
+        self._span_ends = self._spans[..., 1]
+        # the native kernel reads q in float32: the rotated q itself, or a float32 copy of it for a bf16 model
+        self._q32 = self._qk[:self.heads].view(1, self.heads, self.head_dim) if self.dtype == torch.float32 \
+            else torch.empty(1, self.heads, self.head_dim, dtype=torch.float32)
+        self._layers = [self._plan(layer, None if silu else layer.mlp.act_fn) for layer in inner.layers]
 
     def _plan(self, layer: nn.Module, act: Optional[Callable]) -> _LayerPlan:
         attn, mlp = layer.self_attn, layer.mlp
         qkv, q_k_v = _projection(attn, ("q_proj", "k_proj", "v_proj"))
         gate_up, gate_and_up = _projection(mlp, ("gate_proj", "up_proj"))
         shape = (1, self.kv_heads, self.capacity, self.head_dim)
+        keys, values = torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)
+        bound = BoundDecodeAttention(self._q32, keys, values, self._spans, self.scale) if self.attention == "native" else None
         return _LayerPlan(
             norm1_w=layer.input_layernorm.weight.detach(), norm1_eps=float(layer.input_layernorm.variance_epsilon),
             qkv=qkv, q_k_v=q_k_v, o_proj=attn.o_proj,
             norm2_w=layer.post_attention_layernorm.weight.detach(),
             norm2_eps=float(layer.post_attention_layernorm.variance_epsilon),
             gate_up=gate_up, gate_and_up=gate_and_up, down=mlp.down_proj, act=act,
-            keys=torch.zeros(shape, dtype=self.dtype), values=torch.zeros(shape, dtype=self.dtype),
+            keys=keys, values=values, attend=bound,
         )  # fmt: skip
 
     def _rope_tables(self, rotary: nn.Module, capacity: int) -> tuple[Tensor, Tensor]:
@@ -296,7 +302,7 @@ class DecodeEngine:
         qk_rows = heads + kv_heads
         self._token.fill_(token)
         self._position.fill_(pos)
-        self._spans[..., 1].fill_(n)
+        self._span_ends.fill_(n)
         cos, sin = self._cos[pos], self._sin[pos]  # (2, head_dim / 2)
         h = self._h
         torch.index_select(self._embed, 0, self._token, out=h)  # (1, hidden)
@@ -315,10 +321,9 @@ class DecodeEngine:
             p.keys.index_copy_(2, self._position, qk[heads:].view(1, kv_heads, 1, hd))
             p.values.index_copy_(2, self._position, v)
             if native:
-                q = qk[:heads].view(1, heads, hd)
-                if q.dtype != torch.float32:
-                    q = self._q32.copy_(q)
-                o = attend(q, p.keys, p.values, self._spans, n, self.scale).view(1, heads * hd)
+                if self._q32.data_ptr() != qk.data_ptr():
+                    self._q32.copy_(qk[:heads].view(1, heads, hd))
+                o = p.attend(n).view(1, heads * hd)
                 if o.dtype != self.dtype:
                     o = o.to(self.dtype)
             else:
