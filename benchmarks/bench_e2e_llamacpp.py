@@ -14,7 +14,7 @@ Cells, interleaved round by round so drifting load hits every cell alike (median
   decode engine (:func:`sparseforge.generation.loop.native_generate`: fused projections, static KV
   cache, native decode attention), and one forward of ``--prefill`` tokens: dense fp32, dense bf16,
   magnitude-pruned 2:4 / 75% / 90% compressed with ``compress_`` (fp32 values), and 2:4 / 75% with
-  int8 values (``compress_(..., dtype=torch.int8)``, one scale per output row); plus the dense fp32
+  int8 values (``compress_(..., format="rule", dtype=torch.int8)``, one scale per output row); plus the dense fp32
   model through transformers' ``generate`` as the reference row (``generate`` in the cell name).
 The table gives tokens/s, ms per token, weight bytes read per token and the achieved GB/s, beside a
 same-run probe of torch's dense fp32 GEMV streaming rate. The issue-13 targets are printed as
@@ -185,8 +185,10 @@ def _pruned(dense, s: str, dtype=None):
     model = copy.deepcopy(dense)
     kw = dict(pattern=s) if ":" in s else dict(pattern="unstructured", sparsity=float(s))
     sf.sparsify_(model, sf.SparsifyConfig(method="magnitude", **kw), progress=False)
-    report = compress_(model, dtype=dtype)
-    fmts = ",".join(sorted({c.format for c in report.converted}))
+    # int8 cells use the format rule (N:M for 2:4, bitmap / CSR by density): the measured "auto" choice may keep a
+    # layer dense where dense fp32 beats the fp32-valued formats, and the cell would then not be int8
+    report = compress_(model, format="rule" if dtype == torch.int8 else "auto", dtype=dtype)
+    fmts = ",".join(sorted({c.format for c in report.converted})) or "no layer converted: dense"
     label = s if ":" in s else f"{float(s):.0%}"
     return model, f"sparseforge {label} {'int8' if dtype == torch.int8 else 'fp32'} ({fmts})"
 
