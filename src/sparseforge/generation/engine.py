@@ -10,8 +10,10 @@ the same arithmetic with fewer, pre-bound calls:
   stacked layer of a :mod:`~sparseforge.generation.fuse` group), so whatever compute mode those
   modules have is used. q/k/v and gate/up are fused first (:func:`fuse_projections_`, in place,
   ``fuse=True``): one call each per layer;
-* **fused element-wise work**: RMSNorm is one ``torch.rms_norm`` with the norm module's weight and
-  epsilon; rotary embedding of q and k together is three ops over ``(heads, 2, head_dim / 2)``
+* **fewer element-wise ops**: RMSNorm uses the norm module's weight and epsilon: for float32, five
+  ops (a BLAS dot for the sum of squares, three scalar ops, two in-place products into a
+  preallocated buffer; measured ~2x faster than ``torch.rms_norm`` at hidden 256), for bfloat16 one
+  ``torch.rms_norm``; rotary embedding of q and k together is three ops over ``(heads, 2, head_dim / 2)``
   views with cos/sin tables the model's own rotary module computed once for every position (so
   llama3 / linear / yarn scalings and ``attention_scaling`` hold); SwiGLU is ``silu_`` + one ``mul``;
 * **a static KV cache**: ``(layers, 1, kv_heads, capacity, head_dim)`` keys and values preallocated
@@ -228,6 +230,7 @@ class DecodeEngine:
         self._qk = torch.empty(qk, 2, self.head_dim // 2, dtype=self.dtype)  # rotated q and k, halves apart
         self._spans = torch.zeros(1, self.kv_heads, 1, 2, dtype=torch.int32)  # one span [0, n) per KV head
         self._span_ends = self._spans[..., 1]
+        self._normed = torch.empty(1, self.hidden, dtype=self.dtype)  # an RMSNorm output (float32 models)
         # the native kernel reads q in float32: the rotated q itself, or a float32 copy of it for a bf16 model
         self._q32 = self._qk[:self.heads].view(1, self.heads, self.head_dim) if self.dtype == torch.float32 \
             else torch.empty(1, self.heads, self.head_dim, dtype=torch.float32)
@@ -260,6 +263,15 @@ class DecodeEngine:
         sin = sin[0].reshape(capacity, 2, half).to(self.dtype)
         signed = torch.stack((-sin[:, 0], sin[:, 1]), dim=1)  # rotate_half(x) * sin == roll(x halves) * [-sin, sin]
         return cos.contiguous(), signed.contiguous()
+
+    def _rms_norm(self, h: Tensor, weight: Tensor, eps: float) -> Tensor:
+        """``weight * h / sqrt(mean(h^2) + eps)`` for ``h (1, hidden)``; float32 into a reused buffer (valid until
+        the next call), else ``torch.rms_norm``."""
+        if self.dtype != torch.float32:
+            return torch.rms_norm(h, (self.hidden,), weight, eps)
+        flat = h.view(-1)
+        inv_rms = torch.dot(flat, flat).mul_(1.0 / self.hidden).add_(eps).rsqrt_()  # 0-d
+        return torch.mul(h, weight, out=self._normed).mul_(inv_rms)
 
     @property
     def length(self) -> int:
@@ -309,7 +321,7 @@ class DecodeEngine:
         qk = self._qk
         native = self.attention == "native"
         for p in self._layers:
-            x = torch.rms_norm(h, (self.hidden,), p.norm1_w, p.norm1_eps)
+            x = self._rms_norm(h, p.norm1_w, p.norm1_eps)
             if p.qkv is not None:
                 qkv = p.qkv(x)  # (1, (heads + 2 kv_heads) head_dim)
             else:
@@ -331,7 +343,7 @@ class DecodeEngine:
                 o = F.scaled_dot_product_attention(q, p.keys.narrow(2, 0, n), p.values.narrow(2, 0, n), scale=self.scale,
                                                    enable_gqa=heads != kv_heads).reshape(1, heads * hd)
             h.add_(p.o_proj(o))
-            x = torch.rms_norm(h, (self.hidden,), p.norm2_w, p.norm2_eps)
+            x = self._rms_norm(h, p.norm2_w, p.norm2_eps)
             if p.gate_up is not None:
                 gu = p.gate_up(x)  # (1, 2 ffn)
                 gate, up = gu.chunk(2, dim=-1)
@@ -343,5 +355,5 @@ class DecodeEngine:
                 gate = p.act(gate)
             h.add_(p.down(gate.mul_(up)))  # SwiGLU: act(gate) * up, in the fused output's buffer
         self._length = n
-        x = torch.rms_norm(h, (self.hidden,), self._norm_w, self._norm_eps)
+        x = self._rms_norm(h, self._norm_w, self._norm_eps)
         return self._lm_head(x)[0].to(torch.float32)  # (vocab,)
