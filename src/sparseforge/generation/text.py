@@ -29,7 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -47,7 +46,8 @@ class GenerationSettings:
     """How to pick tokens: greedy (``temperature == 0``, the default) or sampling.
 
     ``temperature > 0`` samples from the softmax of ``logits / temperature``, restricted to the
-    ``top_k`` most likely tokens (``0``: all), with ``torch.manual_seed(seed)`` set first.
+    ``top_k`` most likely tokens (``0``: all) and to the ``top_p`` nucleus (``1``: all), seeded by
+    ``seed`` (the numbers are checked by :class:`~sparseforge.generation.sampling.Sampling`).
     ``ignore_eos`` keeps generating past the end-of-sequence token (for timing a fixed length).
     """
 
@@ -61,14 +61,9 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ConfigError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ConfigError(f"top_k must be an integer >= 0 (0 = no limit), got {self.top_k!r}")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1] (1 = no limit), got {self.top_p!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        from sparseforge.generation.sampling import Sampling
+
+        Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)  # checks the numbers
 
     @property
     def greedy(self) -> bool:
