@@ -245,3 +245,41 @@ def test_a_sliding_window_shorter_than_the_generation_is_refused():
     with pytest.raises(ModelError, match="sliding attention window of 8"):
         native_generate(model, tokens(1, 5), max_new_tokens=6)
     assert native_generate(model, tokens(1, 5), max_new_tokens=3).shape == (1, 8)
+
+
+# ---- how projections are called ------------------------------------------------------------------------------
+
+
+def test_plain_layers_take_the_bound_entry_points():
+    for model in (tiny_model("llama", seed=3), _sparse(tiny_model("llama", seed=3), dtype=torch.int8)):
+        engine = DecodeEngine(model, 16)
+        assert engine.call_paths == {"bound": 2 * 4 + 1}  # fused q/k/v, o, fused gate/up, down per layer; lm_head
+
+
+class _Rounding(SparseLinear):
+    """A SparseLinear whose forward computes differently (stands for another compute mode)."""
+
+    def forward(self, x):
+        return super().forward(x).round()
+
+
+def test_a_layer_that_computes_differently_or_has_hooks_is_called_as_a_module():
+    model = _sparse(tiny_model("llama", seed=3))
+    ids = tokens(1, 6, seed=2)
+    down = model.model.layers[0].mlp.down_proj
+    down.__class__ = _Rounding
+    calls = []
+    model.model.layers[1].self_attn.o_proj.register_forward_hook(lambda *a: calls.append(1))
+    expected = _hf_greedy(model, ids, 8)
+    calls.clear()
+    engine = DecodeEngine(model, 14)
+    assert engine.call_paths == {"bound": 7, "module": 2}
+    got = native_generate(model, ids, max_new_tokens=8, min_new_tokens=8)
+    assert torch.equal(got, expected)
+    assert len(calls) == 1 + 7  # the hook runs: in the prefill forward, then at each of the 7 decode steps
+
+
+def test_a_bf16_model_calls_its_sparse_layers_as_modules():
+    model = _sparse(tiny_model("llama", seed=3)).to(torch.bfloat16)
+    engine = DecodeEngine(model, 16)
+    assert engine.call_paths["module"] == 2 * 4 and engine.call_paths["bound"] == 1  # the dense lm_head

@@ -5,11 +5,16 @@ torch ops (the eager RMSNorm alone is seven), a dynamic KV cache grown by ``torc
 position tensors rebuilt every step. :class:`DecodeEngine` reads the model's modules once and runs
 the same arithmetic with fewer, pre-bound calls:
 
-* **weights as they are**: every projection is called through its own module (``nn.Linear`` of any
-  dtype, :class:`~sparseforge.nn.SparseLinear` of any registered format and value dtype, or the
-  stacked layer of a :mod:`~sparseforge.generation.fuse` group), so whatever compute mode those
-  modules have is used. q/k/v and gate/up are fused first (:func:`fuse_projections_`, in place,
-  ``fuse=True``): one call each per layer;
+* **weights as they are**: every projection is a layer of the model (``nn.Linear`` of any dtype,
+  :class:`~sparseforge.nn.SparseLinear` of any registered format and value dtype, or the stacked
+  layer of a :mod:`~sparseforge.generation.fuse` group). q/k/v and gate/up are fused first
+  (:func:`fuse_projections_`, in place, ``fuse=True``): one call each per layer. A layer is called
+  through a pre-bound entry point where that gives its own output bitwise on a probe input at
+  construction: ``torch.nn.functional.linear`` with the weights of an ``nn.Linear`` without hooks,
+  :class:`sparseforge.ops.BoundLinear` for a float32-model ``SparseLinear`` without hooks (a module
+  call costs several times the native kernel at these sizes); any layer whose own ``forward``
+  computes differently (another compute mode, a subclass) is called as a module, so what it
+  computes is what runs. :attr:`DecodeEngine.call_paths` counts both;
 * **fewer element-wise ops**: RMSNorm uses the norm module's weight and epsilon: for float32, five
   ops (a BLAS dot for the sum of squares, three scalar ops, two in-place products into a
   preallocated buffer; measured ~2x faster than ``torch.rms_norm`` at hidden 256), for bfloat16 one
@@ -41,7 +46,9 @@ Example:
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -49,6 +56,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparseforge.errors import ConfigError, ModelError
+from sparseforge.nn.sparse_linear import SparseLinear
+from sparseforge.ops import BoundLinear
 from sparseforge.ops.decode_attention import BoundDecodeAttention
 
 __all__ = ["DecodeEngine", "SUPPORTED_FAMILIES", "ATTENTION_KERNELS", "unsupported_reason", "check_supported"]
@@ -159,14 +168,14 @@ class _LayerPlan:
 
     norm1_w: Tensor
     norm1_eps: float
-    qkv: Optional[nn.Module]  # the fused q/k/v layer, or None (then q, k, v separately)
-    q_k_v: tuple[nn.Module, ...]
-    o_proj: nn.Module
+    qkv: Optional[Callable[[Tensor], Tensor]]  # the fused q/k/v layer, or None (then q, k, v separately)
+    q_k_v: tuple[Callable[[Tensor], Tensor], ...]
+    o_proj: Callable[[Tensor], Tensor]
     norm2_w: Tensor
     norm2_eps: float
-    gate_up: Optional[nn.Module]
-    gate_and_up: tuple[nn.Module, ...]
-    down: nn.Module
+    gate_up: Optional[Callable[[Tensor], Tensor]]
+    gate_and_up: tuple[Callable[[Tensor], Tensor], ...]
+    down: Callable[[Tensor], Tensor]
     act: Optional[Callable[[Tensor], Tensor]]  # None: SiLU, applied in place
     keys: Tensor  # (1, kv_heads, capacity, head_dim)
     values: Tensor
@@ -219,7 +228,6 @@ class DecodeEngine:
         self.hidden = inner.embed_tokens.weight.shape[1]
         self._embed = inner.embed_tokens.weight.detach()  # (vocab, hidden)
         self._norm_w, self._norm_eps = inner.norm.weight.detach(), float(inner.norm.variance_epsilon)
-        self._lm_head = model.lm_head
         silu = getattr(config, "hidden_act", None) in ("silu", "swish")
         self._cos, self._sin = self._rope_tables(inner.rotary_emb, capacity)
         self._length = 0
@@ -231,24 +239,46 @@ class DecodeEngine:
         self._spans = torch.zeros(1, self.kv_heads, 1, 2, dtype=torch.int32)  # one span [0, n) per KV head
         self._span_ends = self._spans[..., 1]
         self._normed = torch.empty(1, self.hidden, dtype=self.dtype)  # an RMSNorm output (float32 models)
+        self.call_paths: Counter = Counter()  # "bound" / "module": how the projections are called
         # the native kernel reads q in float32: the rotated q itself, or a float32 copy of it for a bf16 model
         self._q32 = self._qk[:self.heads].view(1, self.heads, self.head_dim) if self.dtype == torch.float32 \
             else torch.empty(1, self.heads, self.head_dim, dtype=torch.float32)
         self._layers = [self._plan(layer, None if silu else layer.mlp.act_fn) for layer in inner.layers]
+        self._lm_head = self._caller(model.lm_head)
+
+    def _caller(self, layer: nn.Module) -> Callable[[Tensor], Tensor]:
+        """How to call projection ``layer`` on ``(1, in)``: a pre-bound entry point when it gives the layer's own
+        output bitwise on a probe input, else the module itself (module doc)."""
+        bound: Optional[Callable[[Tensor], Tensor]] = None
+        if not _has_hooks(layer) and type(layer) is nn.Linear:
+            bound = partial(F.linear, weight=layer.weight, bias=layer.bias)
+        elif not _has_hooks(layer) and type(layer) is SparseLinear and self.dtype == torch.float32:
+            bias = None if layer.bias is None else layer.bias.detach().to(torch.float32)
+            bound = BoundLinear(layer.weight_format, bias)
+        if bound is not None:
+            probe = torch.randn(1, layer.in_features, generator=torch.Generator().manual_seed(0)).to(self.dtype)
+            with torch.inference_mode():
+                same = torch.equal(bound(probe), layer(probe))
+            if same:
+                self.call_paths["bound"] += 1
+                return bound
+        self.call_paths["module"] += 1
+        return layer
 
     def _plan(self, layer: nn.Module, act: Optional[Callable]) -> _LayerPlan:
         attn, mlp = layer.self_attn, layer.mlp
         qkv, q_k_v = _projection(attn, ("q_proj", "k_proj", "v_proj"))
         gate_up, gate_and_up = _projection(mlp, ("gate_proj", "up_proj"))
+        call = self._caller
         shape = (1, self.kv_heads, self.capacity, self.head_dim)
         keys, values = torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)
         bound = BoundDecodeAttention(self._q32, keys, values, self._spans, self.scale) if self.attention == "native" else None
         return _LayerPlan(
             norm1_w=layer.input_layernorm.weight.detach(), norm1_eps=float(layer.input_layernorm.variance_epsilon),
-            qkv=qkv, q_k_v=q_k_v, o_proj=attn.o_proj,
+            qkv=None if qkv is None else call(qkv), q_k_v=tuple(call(m) for m in q_k_v), o_proj=call(attn.o_proj),
             norm2_w=layer.post_attention_layernorm.weight.detach(),
             norm2_eps=float(layer.post_attention_layernorm.variance_epsilon),
-            gate_up=gate_up, gate_and_up=gate_and_up, down=mlp.down_proj, act=act,
+            gate_up=None if gate_up is None else call(gate_up), gate_and_up=tuple(call(m) for m in gate_and_up), down=call(mlp.down_proj), act=act,
             keys=keys, values=values, attend=bound,
         )  # fmt: skip
 
