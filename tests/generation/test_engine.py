@@ -283,3 +283,17 @@ def test_a_bf16_model_calls_its_sparse_layers_as_modules():
     model = _sparse(tiny_model("llama", seed=3)).to(torch.bfloat16)
     engine = DecodeEngine(model, 16)
     assert engine.call_paths["module"] == 2 * 4 and engine.call_paths["bound"] == 1  # the dense lm_head
+
+
+def test_hooks_on_fused_members_run():
+    from sparseforge.generation.fuse import fuse_projections_
+
+    model = tiny_model("llama", seed=3)
+    ids = tokens(1, 5, seed=2)
+    expected = _hf_greedy(model, ids, 6)
+    fuse_projections_(model)
+    seen = []
+    model.model.layers[0].self_attn.k_proj.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    got = native_generate(model, ids, max_new_tokens=6, min_new_tokens=6)
+    assert torch.equal(got, expected)
+    assert seen == [(1, 5, 16)] + [(1, 16)] * 5  # prefill, then each decode step: k_proj's own (kv_heads * head_dim) slice

@@ -154,10 +154,12 @@ def sliding_window(config) -> Optional[int]:
 
 
 def _projection(owner: nn.Module, names: tuple[str, ...]) -> tuple[Optional[nn.Module], tuple[nn.Module, ...]]:
-    """``(fused layer, ())`` when ``names`` are the members of one fused group in order, else ``(None, members)``."""
+    """``(fused layer, ())`` when ``names`` are the members of one fused group in order (and none has hooks, which
+    calling the fused layer would skip), else ``(None, members)``."""
     members = tuple(getattr(owner, n) for n in names)
     group = getattr(members[0], "group", None)
-    if group is not None and tuple(group.names) == names and all(getattr(m, "group", None) is group for m in members):
+    if group is not None and tuple(group.names) == names and all(getattr(m, "group", None) is group for m in members) \
+            and not any(_has_hooks(m) for m in members):
         return group.layer, ()
     return None, members
 
