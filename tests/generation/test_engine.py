@@ -58,6 +58,9 @@ CASES = {
     "llama 2:4 SparseLinear": lambda: _sparse(tiny_model("llama", seed=3)),
     "llama 2:4 int8 SparseLinear": lambda: _sparse(tiny_model("llama", seed=3), dtype=torch.int8),
     "qwen2 unstructured int8": lambda: _sparse(tiny_model("qwen2", seed=3), pattern="unstructured", dtype=torch.int8),
+    "llama bf16": lambda: tiny_model("llama", seed=3).to(torch.bfloat16),
+    "qwen2 bf16": lambda: tiny_model("qwen2", seed=1).to(torch.bfloat16),
+    "llama 2:4 SparseLinear, bf16 model": lambda: _sparse(tiny_model("llama", seed=3)).to(torch.bfloat16),
 }
 
 
@@ -106,14 +109,6 @@ def test_bf16_model_step_logits_match_within_bf16_rounding():
     scale = expected.abs().max()
     assert (got - expected).abs().max() <= 0.05 * scale
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
-
-
-def test_bf16_greedy_tokens_start_like_transformers():
-    model = tiny_model("llama", seed=3).to(torch.bfloat16)
-    ids = tokens(1, 7, seed=2)
-    expected = _hf_greedy(model, ids, 6)
-    got = native_generate(model, ids, max_new_tokens=6, min_new_tokens=6)
-    assert torch.equal(got[:, :9], expected[:, :9])  # later tokens may part at a bf16 near-tie
 
 
 # ---- sampling ------------------------------------------------------------------------------------------------

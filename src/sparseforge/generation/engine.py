@@ -17,8 +17,9 @@ the same arithmetic with fewer, pre-bound calls:
   computes is what runs. :attr:`DecodeEngine.call_paths` counts both;
 * **fewer element-wise ops**: RMSNorm uses the norm module's weight and epsilon: for float32, five
   ops (a BLAS dot for the sum of squares, three scalar ops, two in-place products into a
-  preallocated buffer; measured ~2x faster than ``torch.rms_norm`` at hidden 256), for bfloat16 one
-  ``torch.rms_norm``; rotary embedding of q and k together is three ops over ``(heads, 2, head_dim / 2)``
+  preallocated buffer; measured ~2x faster than ``torch.rms_norm`` at hidden 256); for bfloat16 it
+  rounds where the model does (normalized in float32, rounded, times the weight), as does the
+  rotary embedding (each product rounded), so bf16 greedy tokens match too; rotary embedding of q and k together is three ops over ``(heads, 2, head_dim / 2)``
   views with cos/sin tables the model's own rotary module computed once for every position (so
   llama3 / linear / yarn scalings and ``attention_scaling`` hold); SwiGLU is ``silu_`` + one ``mul``;
 * **a static KV cache**: ``(layers, 1, kv_heads, capacity, head_dim)`` keys and values preallocated
@@ -299,8 +300,8 @@ class DecodeEngine:
     def _rms_norm(self, h: Tensor, weight: Tensor, eps: float) -> Tensor:
         """``weight * h / sqrt(mean(h^2) + eps)`` for ``h (1, hidden)``; float32 into a reused buffer (valid until
         the next call), else ``torch.rms_norm``."""
-        if self.dtype != torch.float32:
-            return torch.rms_norm(h, (self.hidden,), weight, eps)
+        if self.dtype != torch.float32:  # as the model rounds it: normalized in float32, rounded, then times the weight
+            return torch.rms_norm(h.float(), (self.hidden,), None, eps).to(self.dtype).mul_(weight)
         flat = h.view(-1)
         inv_rms = torch.dot(flat, flat).mul_(1.0 / self.hidden).add_(eps).rsqrt_()  # 0-d
         return torch.mul(h, weight, out=self._normed).mul_(inv_rms)
@@ -361,7 +362,10 @@ class DecodeEngine:
             raw = qkv[0, :qk_rows * hd].view(qk_rows, 2, hd // 2)  # q and k heads, each as its two halves
             v = qkv[0, qk_rows * hd:].view(1, kv_heads, 1, hd)
             torch.mul(raw, cos, out=qk)
-            qk.addcmul_(raw.roll(1, 1), sin)  # q * cos + rotate_half(q) * sin, for q and k at once
+            if self.dtype == torch.float32:
+                qk.addcmul_(raw.roll(1, 1), sin)  # q * cos + rotate_half(q) * sin, for q and k at once
+            else:
+                qk.add_(raw.roll(1, 1).mul_(sin))  # each product rounded to the model's dtype, as the model does
             p.keys.index_copy_(2, self._position, qk[heads:].view(1, kv_heads, 1, hd))
             p.values.index_copy_(2, self._position, v)
             if native:
