@@ -292,3 +292,9 @@ def test_hooks_on_fused_members_run():
     got = native_generate(model, ids, max_new_tokens=6, min_new_tokens=6)
     assert torch.equal(got, expected)
     assert seen == [(1, 5, 16)] + [(1, 16)] * 5  # prefill, then each decode step: k_proj's own (kv_heads * head_dim) slice
+
+
+def test_auto_attention_is_native_for_float32_and_sdpa_for_bf16():
+    assert DecodeEngine(tiny_model("llama"), 8).attention == "native"
+    assert DecodeEngine(tiny_model("llama").to(torch.bfloat16), 8).attention == "sdpa"
+    assert DecodeEngine(tiny_model("llama").to(torch.bfloat16), 8, attention="native").attention == "native"

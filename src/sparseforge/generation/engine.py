@@ -26,8 +26,10 @@ the same arithmetic with fewer, pre-bound calls:
   in the model's dtype, written in place at the step's position; attention reads only the valid
   length, with the native decode-attention kernel (:func:`sparseforge.ops.decode_attention.attend`,
   ``attention="native"``) or torch's ``scaled_dot_product_attention`` over a narrowed view
-  (``attention="sdpa"``); ``"auto"`` takes the native kernel (measured faster at batch 1,
-  ``benchmarks/bench_generate.py``).
+  (``attention="sdpa"``); ``"auto"`` takes the native kernel for float32 models (within noise of
+  SDPA at batch 1, ``benchmarks/bench_generate.py``) and SDPA for bfloat16 ones (it rounds as the
+  model's own attention does: a 16-layer bf16 model's greedy tokens stay those of ``generate``,
+  where the native kernel's float32 arithmetic parted from them after a few tokens).
 
 The prompt goes through the model's own forward (prefill: batched matmuls, transformers' attention)
 and its KV cache is copied into the engine's. Supported: ``llama``, ``qwen2`` (q/k/v biases),
@@ -191,7 +193,7 @@ class DecodeEngine:
     Args:
         model: a supported transformers causal LM (:func:`unsupported_reason`), in eval mode.
         capacity: tokens the KV cache holds (prompt + new tokens).
-        attention: ``"auto"`` (the native kernel), ``"native"`` or ``"sdpa"``.
+        attention: ``"auto"`` (the native kernel for float32 models, SDPA otherwise), ``"native"`` or ``"sdpa"``.
         fuse: stack q/k/v and gate/up into one layer each first (in place on ``model``:
             :func:`sparseforge.generation.fuse.fuse_projections_`; undo with ``unfuse_projections_``).
 
@@ -220,14 +222,16 @@ class DecodeEngine:
             fuse_projections_(model, dense=True)
         self.model = model
         self.capacity = capacity
-        self.attention = "native" if attention == "auto" else attention
         inner = model.model
+        self.dtype = inner.embed_tokens.weight.dtype
+        if attention == "auto":
+            attention = "native" if self.dtype == torch.float32 else "sdpa"
+        self.attention = attention
         attn0 = inner.layers[0].self_attn
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = attn0.head_dim
         self.scale = float(attn0.scaling)
-        self.dtype = inner.embed_tokens.weight.dtype
         self.hidden = inner.embed_tokens.weight.shape[1]
         self._embed = inner.embed_tokens.weight.detach()  # (vocab, hidden)
         self._norm_w, self._norm_eps = inner.norm.weight.detach(), float(inner.norm.variance_epsilon)
