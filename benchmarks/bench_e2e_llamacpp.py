@@ -15,7 +15,7 @@ Cells, interleaved round by round so drifting load hits every cell alike (median
   cache, native decode attention), and one forward of ``--prefill`` tokens: dense fp32, dense bf16,
   magnitude-pruned 2:4 / 75% / 90% compressed with ``compress_`` (fp32 values), and 2:4 / 75% with
   int8 values (``compress_(..., format="rule", dtype=torch.int8)``, one scale per output row); plus the dense fp32
-  model through transformers' ``generate`` as the reference row (``generate`` in the cell name).
+  model through transformers' ``generate`` as the reference row (``transformers generate: dense fp32``).
 The table gives tokens/s, ms per token, weight bytes read per token and the achieved GB/s, beside a
 same-run probe of torch's dense fp32 GEMV streaming rate. The issue-13 targets are printed as
 verdicts from these same-run figures.
@@ -46,6 +46,9 @@ from bench_output import write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GGUF_TYPES = ("f32", "bf16", "q8_0", "Q4_K_M")  # the first three by the converter, the last by llama-quantize
+# the dense fp32 model through transformers' generate: named apart from the "sparseforge ..." cells, which
+# bench_e2e_quality.py joins by name prefix
+REFERENCE_CELL = "transformers generate: dense fp32"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -199,7 +202,7 @@ def our_variants(hf_dir: Path, sparsities: list[str], int8_sparsities: list[str]
     import transformers as t
 
     dense = t.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    out = {"sparseforge dense fp32 (generate)": (dense, False, "transformers"),
+    out = {REFERENCE_CELL: (dense, False, "transformers"),
            "sparseforge dense fp32": (copy.deepcopy(dense), False, "native"),
            "sparseforge dense bf16": (copy.deepcopy(dense).to(torch.bfloat16), False, "native")}
     for s, dtype in [(s, None) for s in sparsities] + [(s, torch.int8) for s in int8_sparsities]:
@@ -256,7 +259,7 @@ def verdicts(rows: dict[str, dict]) -> list[str]:
         fp32 = next((v["decode_tps"] for k, v in rows.items() if k.startswith(f"sparseforge {label} fp32")), None)
         if fp32 and lc_q8:
             lines.append(f"INFO: {label} with fp32 values decodes {fp32:.1f} tokens/s = {fp32 / lc_q8:.2f}x llama.cpp Q8_0")
-    engine, reference = tps("sparseforge dense fp32"), tps("sparseforge dense fp32 (generate)")
+    engine, reference = tps("sparseforge dense fp32"), tps(REFERENCE_CELL)
     if engine and reference:
         lines.append(f"INFO: the native engine decodes dense fp32 at {engine:.1f} tokens/s, transformers' generate at "
                      f"{reference:.1f} ({engine / reference:.2f}x)")

@@ -22,7 +22,7 @@ def test_verdicts_judge_from_the_rows_given():
     assert "MISSING: 2:4 + int8 decode >= 1.0x llama.cpp Q8_0: no measurement of both cells" in lines
     rows["sparseforge 2:4 int8 (nm)"] = row(40.0, 100.0)
     rows["sparseforge 75% int8 (bitmap)"] = row(45.0, 100.0)
-    rows["sparseforge dense fp32"], rows["sparseforge dense fp32 (generate)"] = row(9.0), row(6.0)
+    rows["sparseforge dense fp32"], rows[e2e.REFERENCE_CELL] = row(9.0), row(6.0)
     lines = e2e.verdicts(rows)
     assert "PASS: 2:4 + int8 decode >= 1.0x llama.cpp Q8_0 (40.0 vs 36.0 tokens/s = 1.11x)" in lines
     assert "FAIL: 75% + int8 decode >= 1.3x llama.cpp Q8_0 (45.0 vs 36.0 tokens/s = 1.25x)" in lines
