@@ -62,7 +62,7 @@ from sparseforge.ops.nm import nm_linear, nm_linear_dw, nm_linear_t
 __all__ = [
     "linear", "csr_linear", "bitmap_linear", "nm_linear", "csr_linear_t", "bitmap_linear_t", "nm_linear_t",
     "csr_linear_dw", "bitmap_linear_dw", "nm_linear_dw", "fanin_linear", "fanin_linear_t", "fanin_linear_dw",
-    "bsr_linear", "bsr_linear_t", "bsr_linear_dw", "linear_bf16",
+    "bsr_linear", "bsr_linear_t", "bsr_linear_dw", "linear_bf16", "BoundLinear",
 ]
 
 KERNELS = {spec.fmt: spec for spec in (csr.OPS, bitmap.OPS, nm.OPS, fanin.OPS, bsr.OPS)}  # by kernel family
@@ -137,3 +137,42 @@ def linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
         y = torch.empty(x2.shape[0], rows, dtype=torch.float32)  # (B, out)
         kernel(np_view(x2), *wargs, np_view(bias), y.numpy())
     return y if flat else y.reshape(*x.shape[:-1], rows)
+
+
+class BoundLinear:
+    """:func:`linear` with the weight's kernel, buffer views and checks bound once: ``bound(x)`` for float32
+    ``x (B, in)``, C-contiguous, in eager inference (no autograd, no ``torch.compile``).
+
+    For a decode loop that calls the same layer every token: a call costs the native kernel, one view of
+    ``x`` and an output allocation (or none with ``out=``), where :func:`linear` also resolves the format's
+    ops and rebuilds or re-checks the weight's views. The result is bitwise that of :func:`linear`. The
+    weight must not be replaced afterwards (bind again); in-place updates of its values are seen.
+
+    Example:
+        >>> import torch
+        >>> from sparseforge.formats import BitmapWeight
+        >>> bound = BoundLinear(BitmapWeight.from_dense(torch.tensor([[1., 0., 2.], [0., 0., -1.]])))
+        >>> bound(torch.ones(1, 3)).tolist()
+        [[3.0, -1.0]]
+    """
+
+    def __init__(self, weight, bias: Optional[Tensor] = None) -> None:
+        spec = _ops_for(weight)
+        kernel, rows, wargs = spec.kernel_args(weight)
+        if bias is not None:
+            check_bias(bias, rows)
+        self.weight, self.bias = weight, bias  # the views below share their memory
+        self.out_features, self.in_features = rows, weight.shape[1]
+        self._kernel, self._wargs, self._bias = kernel, wargs, np_view(bias)
+
+    def __call__(self, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """``x (B, in) @ W^T + bias`` as float32 ``(B, out)``, into ``out`` when given (float32, contiguous)."""
+        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.in_features or not x.is_contiguous() or not x.is_cpu:
+            check_act(x, "x", self.in_features, "input features")
+        if out is None:
+            out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)  # (B, out)
+        elif out.dtype != torch.float32 or out.shape != (x.shape[0], self.out_features) or not out.is_contiguous():
+            raise DataError(f"out must be a contiguous float32 ({x.shape[0]}, {self.out_features}) tensor, got "
+                            f"{out.dtype} {tuple(out.shape)}")
+        self._kernel(np_view(x), *self._wargs, self._bias, out.numpy())
+        return out
