@@ -1,12 +1,13 @@
 // Bindings of the sparse linear kernels (CSR, bitmap, N:M, constant fan-in, BSR; CSR, bitmap and N:M
 // also with int8 values and float32 row scales, forward only: <fmt>_i8_linear(..., act), <fmt>_i8_check,
 // bound from one table of the three formats by def_i8):
-//   <fmt>_linear(x, W..., bias, y, isa, algo, check_indices)   y = x @ W^T + bias
+//   <fmt>_linear(x, W..., bias, y, isa, algo, check_indices[, col_tile, block_rows])   y = x @ W^T + bias
 //   <fmt>_linear_t(dy, W..., dx, isa, check_indices)           dx = dy @ W
 //   <fmt>_sddmm(x, dy, W..., dw, isa, check_indices)           dW at the mask
 //   <fmt>_check(W..., rows, cols)                              the buffer checks alone
 // with "_ref" variants of the first three running the scalar oracle (isa and algo ignored). W... is
-// the format's buffers (and N:M's n, m). Every call checks the buffers (csrc/views.h) before a
+// the format's buffers (and N:M's n, m); col_tile / block_rows (CSR, bitmap, N:M, BSR; 0 = the rule)
+// set the lanes kernels' tile (csrc/common.h Problem). Every call checks the buffers (csrc/views.h) before a
 // kernel runs; check_indices=False skips the index scans for buffers that <fmt>_check accepted.
 #include <array>
 #include <stdexcept>
@@ -24,6 +25,7 @@ using namespace nb::literals;
 namespace {
 
 // y = x @ W^T + bias on a checked view: the dispatched kernel, or the reference when ref is set
+// (p.col_tile / p.block_rows: the lanes kernels' tile, checked by the kernel; the reference ignores it)
 template <class View>
 void linear_call(const View& w, const sf::Problem& p, const std::string& isa, const std::string& algo, bool ref,
                  void (*fast)(const View&, const sf::Problem&, sf::Isa, int),
@@ -57,6 +59,13 @@ void sddmm_call(const View& w, int64_t nnz, const In& x, const In& dy, const Out
   if (ref) oracle(w, p); else fast(w, p, i);
 }
 
+// p with the lanes kernels' tile (csrc/common.h Problem::col_tile, block_rows; 0 = the rule)
+sf::Problem tiled(sf::Problem p, int64_t col_tile, int64_t block_rows) {
+  p.col_tile = col_tile;
+  p.block_rows = block_rows;
+  return p;
+}
+
 // rows of a checked view must be `rows` (the <fmt>_check functions)
 void expect_rows(int64_t got, int64_t rows, const char* op) {
   if (got != rows) sf::bad_weight(op, "the buffers describe " + std::to_string(got) + " rows, not " + std::to_string(rows));
@@ -86,13 +95,14 @@ void register_csr(nb::module_& m) {
     const std::string lin = "csr_linear" + sfx, lin_t = "csr_linear_t" + sfx, dw = "csr_sddmm" + sfx;
     m.def(lin.c_str(),
           [ref, lin](const In& x, const In& row_ptr, const In& col, const In& values, const nb::object& bias,
-                     const Out& y, const std::string& isa, const std::string& algo, bool check_indices) {
-            const sf::Problem p = problem(x, bias, y);
+                     const Out& y, const std::string& isa, const std::string& algo, bool check_indices, int64_t col_tile,
+                     int64_t block_rows) {
+            const sf::Problem p = tiled(problem(x, bias, y), col_tile, block_rows);
             linear_call(csr(row_ptr, col, values, p.in, lin, check_indices), p, isa, algo, ref, sf::csr_linear,
                         sf::csr_linear_ref);
           },
           "x"_a, "row_ptr"_a, "col"_a, "values"_a, "bias"_a.none(), "y"_a, "isa"_a = "", "algo"_a = "auto",
-          "check_indices"_a = true);
+          "check_indices"_a = true, "col_tile"_a = 0, "block_rows"_a = 0);
     m.def(lin_t.c_str(),
           [ref, lin_t](const In& dy, const In& row_ptr, const In& col, const In& values, const Out& dx,
                        const std::string& isa, bool check_indices) {
@@ -120,13 +130,14 @@ void register_bitmap(nb::module_& m) {
     const std::string lin = "bitmap_linear" + sfx, lin_t = "bitmap_linear_t" + sfx, dw = "bitmap_sddmm" + sfx;
     m.def(lin.c_str(),
           [ref, lin](const In& x, const In& bits, const In& row_offsets, const In& values, const nb::object& bias,
-                     const Out& y, const std::string& isa, const std::string& algo, bool check_indices) {
-            const sf::Problem p = problem(x, bias, y);
+                     const Out& y, const std::string& isa, const std::string& algo, bool check_indices, int64_t col_tile,
+                     int64_t block_rows) {
+            const sf::Problem p = tiled(problem(x, bias, y), col_tile, block_rows);
             linear_call(bitmap(bits, row_offsets, values, p.in, lin, check_indices), p, isa, algo, ref,
                         sf::bitmap_linear, sf::bitmap_linear_ref);
           },
           "x"_a, "bitmap"_a, "row_offsets"_a, "values"_a, "bias"_a.none(), "y"_a, "isa"_a = "", "algo"_a = "auto",
-          "check_indices"_a = true);
+          "check_indices"_a = true, "col_tile"_a = 0, "block_rows"_a = 0);
     m.def(lin_t.c_str(),
           [ref, lin_t](const In& dy, const In& bits, const In& row_offsets, const In& values, const Out& dx,
                        const std::string& isa, bool check_indices) {
@@ -154,13 +165,14 @@ void register_nm(nb::module_& m) {
     const std::string lin = "nm_linear" + sfx, lin_t = "nm_linear_t" + sfx, dw = "nm_sddmm" + sfx;
     m.def(lin.c_str(),
           [ref, lin](const In& x, const In& values, const In& indices, int n, int mm, const nb::object& bias,
-                     const Out& y, const std::string& isa, const std::string& algo, bool check_indices) {
-            const sf::Problem p = problem(x, bias, y);
+                     const Out& y, const std::string& isa, const std::string& algo, bool check_indices, int64_t col_tile,
+                     int64_t block_rows) {
+            const sf::Problem p = tiled(problem(x, bias, y), col_tile, block_rows);
             linear_call(nm(values, indices, n, mm, p.in, lin, check_indices), p, isa, algo, ref, sf::nm_linear,
                         sf::nm_linear_ref);
           },
           "x"_a, "values"_a, "indices"_a, "n"_a, "m"_a, "bias"_a.none(), "y"_a, "isa"_a = "", "algo"_a = "auto",
-          "check_indices"_a = true);
+          "check_indices"_a = true, "col_tile"_a = 0, "block_rows"_a = 0);
     m.def(lin_t.c_str(),
           [ref, lin_t](const In& dy, const In& values, const In& indices, int n, int mm, const Out& dx,
                        const std::string& isa, bool check_indices) {
@@ -222,13 +234,14 @@ void register_bsr(nb::module_& m) {
     const std::string lin = "bsr_linear" + sfx, lin_t = "bsr_linear_t" + sfx, dw = "bsr_sddmm" + sfx;
     m.def(lin.c_str(),
           [ref, lin](const In& x, const In& brp, const In& bcol, const In& values, const nb::object& bias,
-                     const Out& y, const std::string& isa, const std::string& algo, bool check_indices) {
-            const sf::Problem p = problem(x, bias, y);
+                     const Out& y, const std::string& isa, const std::string& algo, bool check_indices, int64_t col_tile,
+                     int64_t block_rows) {
+            const sf::Problem p = tiled(problem(x, bias, y), col_tile, block_rows);
             linear_call(bsr(brp, bcol, values, p.out, p.in, lin, check_indices), p, isa, algo, ref, sf::bsr_linear,
                         sf::bsr_linear_ref);
           },
           "x"_a, "block_row_ptr"_a, "block_col"_a, "values"_a, "bias"_a.none(), "y"_a, "isa"_a = "",
-          "algo"_a = "auto", "check_indices"_a = true);
+          "algo"_a = "auto", "check_indices"_a = true, "col_tile"_a = 0, "block_rows"_a = 0);
     m.def(lin_t.c_str(),
           [ref, lin_t](const In& dy, const In& brp, const In& bcol, const In& values, const Out& dx,
                        const std::string& isa, bool check_indices) {
