@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -157,14 +158,24 @@ def bench(tools: LlamaCpp, gguf: Path, threads: int = 2, prompt: int = 512, gene
     return result
 
 
-def perplexity(tools: LlamaCpp, gguf: Path, text_file: Path, threads: int = 2, ctx: int = 128) -> float:
-    """``llama-perplexity`` over ``text_file`` with windows of ``ctx`` tokens; the final estimate."""
-    proc = _run([tools.tool("llama-perplexity"), "-m", gguf, "-f", text_file, "-t", str(threads), "-c", str(ctx),
-                 "-b", str(ctx)], f"perplexity {gguf.name}")  # fmt: skip
-    for line in reversed((proc.stdout + proc.stderr).splitlines()):
-        if "Final estimate: PPL =" in line:
-            return float(line.split("PPL =")[1].split()[0])
-    raise PeerError(f"llama-perplexity printed no final estimate for {gguf.name}")
+def perplexity(tools: LlamaCpp, gguf: Path, text_file: Path, threads: int = 2, ctx: int = 128,
+               chunks: int | None = None, repack: bool = True) -> float:
+    """``llama-perplexity`` over ``text_file`` with windows of ``ctx`` tokens (the first ``chunks``
+    windows when given); the final estimate. ``repack=False`` passes ``--no-repack`` (see :func:`bench`)."""
+    extra = ([] if chunks is None else ["--chunks", str(chunks)]) + ([] if repack else ["--no-repack"])
+    cmd = [tools.tool("llama-perplexity"), "-m", gguf, "-f", text_file, "-t", str(threads), "-c", str(ctx), "-b", str(ctx), *extra]
+    for _ in range(3):  # llama.cpp's log thread sometimes loses the last lines at exit: run again
+        proc = _run(cmd, f"perplexity {gguf.name}")
+        output = proc.stdout + "\n" + proc.stderr
+        for line in reversed(output.splitlines()):
+            if "Final estimate: PPL =" in line:
+                return float(line.split("PPL =")[1].split()[0])
+        # the running estimate after the last chunk ("[k]ppl,") is the same number
+        running = re.findall(r"\[(\d+)\]([0-9.]+),", output)
+        if running and chunks is not None and int(running[-1][0]) == chunks:
+            return float(running[-1][1])
+    tail = "\n".join(output.strip().splitlines()[-4:])
+    raise PeerError(f"llama-perplexity printed no final estimate for {gguf.name} in 3 runs; its output ended with:\n{tail}")
 
 
 def main() -> None:
