@@ -13,11 +13,11 @@ import sparseforge.measure.tuning_cache as tc
 from sparseforge import ops
 from sparseforge.errors import ConfigError
 from sparseforge.formats import BitmapWeight
-from sparseforge.nn import SparseLinear
-from sparseforge.runtime.advise import advise_model
 from sparseforge.measure.lanes_tile import RULE, LanesTile, batch_bucket, measured_tile, tile_question
 from sparseforge.measure.timing import Measurement, Timing
 from sparseforge.measure.tuning_cache import TuningCache
+from sparseforge.nn import SparseLinear
+from sparseforge.runtime.advise import advise_model
 
 
 def _weight(out=512, inp=512, density=0.25, seed=0):

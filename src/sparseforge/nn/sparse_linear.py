@@ -66,9 +66,9 @@ from sparseforge import kernels, ops
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats import BitmapWeight, BSRWeight, CSRWeight, FanInWeight, NMWeight, registry
 from sparseforge.formats.rule import auto_format
+from sparseforge.measure.lanes_tile import LANES_MIN_BATCH, RULE, LanesTile, batch_bucket, tile_for, tiles_apply
 from sparseforge.ops.bf16_compute import BF16_MIN_BATCH, bf16_formats, supports_bf16
 from sparseforge.patterns import NM, parse
-from sparseforge.measure.lanes_tile import LANES_MIN_BATCH, RULE, LanesTile, batch_bucket, tile_for, tiles_apply
 
 __all__ = ["SparseLinear", "FORMATS", "STRUCTURED_FORMATS", "ALL_FORMATS"]
 

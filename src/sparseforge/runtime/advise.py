@@ -61,12 +61,12 @@ import torch
 from torch import nn
 
 from sparseforge.errors import ConfigError
-from sparseforge.patterns import DEFAULT_NM, Pattern
-from sparseforge.runtime.advice import AdviceReport, LayerAdvice
 from sparseforge.measure.lanes_tile import LANES_MIN_BATCH, tile_for
-from sparseforge.runtime.machine import available_memory_bytes, last_level_cache, machine_info, set_threads
 from sparseforge.measure.timing import time_interleaved
 from sparseforge.measure.tuning_cache import TuningCache
+from sparseforge.patterns import DEFAULT_NM, Pattern
+from sparseforge.runtime.advice import AdviceReport, LayerAdvice
+from sparseforge.runtime.machine import available_memory_bytes, last_level_cache, machine_info, set_threads
 
 __all__ = ["LayerAdvice", "AdviceReport", "measure_layer", "advise_model", "check_budget", "stream_bytes", "weights_stream",
            "STREAM_BYTES", "PLAUSIBLE_GAIN"]
