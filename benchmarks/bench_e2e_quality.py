@@ -317,7 +317,7 @@ def main(argv=None) -> dict:
         try:
             ppl = peer.perplexity(tools, path, text_file, threads=args.threads, ctx=args.ctx, chunks=args.chunks)
         except peer.PeerError as exc:  # the repacked (AMX) quantized path dies of a signal on some hosts
-            if "exit -" not in str(exc):
+            if not exc.signalled:
                 raise
             ppl = peer.perplexity(tools, path, text_file, threads=args.threads, ctx=args.ctx, chunks=args.chunks, repack=False)
             note = f"default run died ({str(exc).splitlines()[0][:80]}); measured with --no-repack"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from benchmark_modules import load_benchmark
 
 
@@ -70,6 +72,19 @@ def test_peer_bench_retries_a_crashed_run_without_repacking(tmp_path):
 def test_peer_bench_does_not_retry_an_ordinary_failure(tmp_path):
     result = _fake_bench(tmp_path, "*'--repack 0'*) echo '[{\"avg_ts\": 1.0}]';; *) exit 3;;")
     assert "prefill_tps" not in result and "exit 3" in result["prefill_error"]
+
+
+def test_peer_error_carries_the_exit_status(tmp_path):
+    peer = load_benchmark("llamacpp_peer")
+    tools = peer.LlamaCpp(tmp_path, tmp_path, 0.0)
+    for script, code in (("kill -SEGV $$", -11), ("exit 3", 3)):
+        fake = tmp_path / "llama-quantize"
+        fake.write_text(f"#!/bin/sh\n{script}\n")
+        fake.chmod(0o755)
+        with pytest.raises(peer.PeerError, match=f"quantize Q8_0 failed \\(exit {code}\\)") as info:
+            peer.quantize(tools, tmp_path / "m.f32.gguf", "Q8_0")
+        assert info.value.returncode == code and info.value.signalled == (code < 0)
+    assert peer.PeerError("no vendored llama.cpp").returncode is None
 
 
 def test_host_line_names_the_cpu():
