@@ -87,6 +87,7 @@ namespace scalar { extern const I8Kernels i8; }
 namespace avx2 { extern const I8Kernels i8; }
 namespace avx512 { extern const I8Kernels i8; }
 namespace avx512vnni { extern const I8Kernels i8; }  // avx512 + VNNI, VBMI, VBMI2 (the int8-activation kernels)
+namespace avx2vnni { extern const I8Kernels i8; }  // avx2 + AVX-VNNI (vpdpbusd on ymm)
 
 // The scalar references (test oracles) and the dispatched kernels; algo as for bitmap_linear.
 // Checked views (views.h): the structure buffers as bitmap_view / nm_view check them, values int8
@@ -106,6 +107,8 @@ void nm_i8_linear(const NmI8& w, const Problem& p, Isa isa, int algo, I8Act act 
 // int8 and summed in int64 (NaN / inf in x: the float32 reference)
 void bitmap_i8_linear_qx_ref(const BitmapI8& w, const Problem& p);
 void nm_i8_linear_qx_ref(const NmI8& w, const Problem& p);
+// The I8Act::int8 rows kernels that run on ISA path isa: "avx512_vnni", "avx2_vnni", "avx2" or "portable".
+const char* int8_act_path(Isa isa);
 void csr_i8_linear_ref(const CsrI8& w, const Problem& p);
 void csr_i8_linear(const CsrI8& w, const Problem& p, Isa isa, int algo);
 

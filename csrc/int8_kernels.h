@@ -530,6 +530,157 @@ inline void bitmap_qx_row_dot(const int8_t* q, int64_t vp, int64_t end, const ui
   }
   for (int nb = 0; nb < NB; ++nb) sums[nb] = a.total[nb];
 }
+#define SF_INT8_QX_KERNELS 1
+
+#elif defined(__AVX2__)
+// AVX2 (also the avx512 table without VNNI / VBMI / VBMI2): 32 int8 products per step, summed in int32
+// lanes by |q| (u8) times xq with q's sign (s8): with AVX-VNNI one vpdpbusd ymm, else vpmaddubsw
+// (pairs: at most 2 * 128 * 127 < 2^15, no saturation) and vpmaddwd by ones. Each lane gains at most
+// 4 * 128 * 127 per step, so chunks of kQxChunk values are reduced into an int64 before a lane wraps.
+constexpr int64_t kQxChunk = 65536;
+inline void qx_prefetch(const int8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p) + 4096, _MM_HINT_T0); }
+
+template <int NB>
+struct QxAcc {
+  __m256i acc[NB];
+  int64_t total[NB] = {};
+  QxAcc() { clear(); }
+  void clear() {
+    for (int nb = 0; nb < NB; ++nb) acc[nb] = _mm256_setzero_si256();
+  }
+  void add(__m256i w, int nb, __m256i xg) {
+    const __m256i aw = _mm256_abs_epi8(w), sx = _mm256_sign_epi8(xg, w);
+#if defined(__AVXVNNI__)
+    acc[nb] = _mm256_dpbusd_avx_epi32(acc[nb], aw, sx);
+#else
+    acc[nb] = _mm256_add_epi32(acc[nb], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1)));
+#endif
+  }
+  void flush() {
+    for (int nb = 0; nb < NB; ++nb) {
+      alignas(32) int32_t lanes[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc[nb]);
+      for (int32_t v : lanes) total[nb] += v;
+    }
+    clear();
+  }
+};
+
+// 32 bytes whose 16-byte halves are p[0, 16) and p[off, off + 16)
+inline __m256i load_halves(const int8_t* p, int64_t off) {
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+                                 _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + off)), 1);
+}
+
+// 2:4: 32 values (64 columns from 2k, 8 index bytes) per step. Index byte t holds the 2-bit fields of
+// values 4t..4t+3: widened to dword t and ORed with itself shifted by 6, 12 and 18, byte j of that dword
+// holds field j in its low two bits. Value p's column within its 16-column quarter of the window is
+// 4 * ((p % 8) / 2) + field; vpshufb (per 128-bit lane) picks it from x[0, 16) | x[32, 48) for bytes
+// 0-7 of each lane and from x[16, 32) | x[48, 64) for bytes 8-15, which leaves the gathered x in the
+// values' order.
+template <int NB>
+inline void nm24_qx_row_dot(const int8_t* q, const uint8_t* irow, int64_t vpr, const int8_t* const* xs, int64_t* sums) {
+  const __m256i base = _mm256_setr_epi8(0, 0, 4, 4, 8, 8, 12, 12, 0, 0, 4, 4, 8, 8, 12, 12,
+                                        0, 0, 4, 4, 8, 8, 12, 12, 0, 0, 4, 4, 8, 8, 12, 12);
+  const __m256i keep_lo = _mm256_setr_epi64x(0, -1, 0, -1);  // ORed into a control: bytes 8-15 of each lane zeroed
+  const __m256i keep_hi = _mm256_setr_epi64x(-1, 0, -1, 0);  // bytes 0-7 zeroed
+  const __m256i three = _mm256_set1_epi8(3);
+  auto control = [&](uint64_t idx) {
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(idx)));
+    const __m256i f = _mm256_or_si256(_mm256_or_si256(v, _mm256_slli_epi32(v, 6)),
+                                      _mm256_or_si256(_mm256_slli_epi32(v, 12), _mm256_slli_epi32(v, 18)));
+    return _mm256_add_epi8(_mm256_and_si256(f, three), base);
+  };
+  auto gather = [&](const int8_t* x, __m256i ctl) {  // x: the 64-column window
+    const __m256i a = _mm256_shuffle_epi8(load_halves(x, 32), _mm256_or_si256(ctl, keep_lo));
+    const __m256i b = _mm256_shuffle_epi8(load_halves(x + 16, 32), _mm256_or_si256(ctl, keep_hi));
+    return _mm256_or_si256(a, b);
+  };
+  QxAcc<NB> a;
+  for (int64_t c0 = 0; c0 < vpr; c0 += kQxChunk) {
+    const int64_t c1 = min64(vpr, c0 + kQxChunk);
+    int64_t k = c0;
+    for (; k + 32 <= c1; k += 32) {
+      qx_prefetch(q + k);
+      uint64_t idx;
+      std::memcpy(&idx, irow + k / 4, 8);
+      const __m256i ctl = control(idx);
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k));
+      for (int nb = 0; nb < NB; ++nb) a.add(w, nb, gather(xs[nb] + 2 * k, ctl));
+    }
+    if (k < c1) {  // the last nv < 32 values: copied with zeros above (x is padded past the row)
+      const int64_t nv = c1 - k;
+      uint64_t idx = 0;
+      std::memcpy(&idx, irow + k / 4, static_cast<size_t>((nv + 3) / 4));
+      alignas(32) int8_t tail[32] = {};
+      std::memcpy(tail, q + k, static_cast<size_t>(nv));
+      const __m256i ctl = control(idx);
+      const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+      for (int nb = 0; nb < NB; ++nb) a.add(w, nb, gather(xs[nb] + 2 * k, ctl));
+    }
+    a.flush();
+  }
+  for (int nb = 0; nb < NB; ++nb) sums[nb] = a.total[nb];
+}
+
+// vpshufb control that expands the first popcount(m) bytes to the positions of m's set bits (0x80, which
+// zeroes, elsewhere), one qword per mask byte
+struct Expand8Table {
+  uint64_t ctl[256];
+  constexpr Expand8Table() : ctl() {
+    for (int m = 0; m < 256; ++m) {
+      uint64_t c = 0;
+      int rank = 0;
+      for (int j = 0; j < 8; ++j) c |= uint64_t{((m >> j) & 1) ? static_cast<uint64_t>(rank++) : 0x80u} << (8 * j);
+      ctl[m] = c;
+    }
+  }
+};
+constexpr Expand8Table kExpand8{};
+
+// bitmap: 32 columns per step. The row's next values are expanded to their columns (vpshufb per
+// 16-column half, from 16 bytes loaded at that half's first value) and multiplied with x as stored.
+template <int NB>
+inline void bitmap_qx_row_dot(const int8_t* q, int64_t vp, int64_t end, const uint8_t* bits, int64_t cols,
+                              const int8_t* const* xs, int64_t* sums) {
+  constexpr uint64_t kOnes = 0x0101010101010101ull;
+  QxAcc<NB> a;
+  for (int64_t c0 = 0; c0 < cols; c0 += kQxChunk) {
+    const int64_t c1 = min64(cols, c0 + kQxChunk);
+    for (int64_t c = c0; c < c1; c += 32) {
+      qx_prefetch(q + vp);
+      uint32_t m = 0;
+      if (c + 32 <= c1) {
+        std::memcpy(&m, bits + c / 8, 4);
+      } else {
+        std::memcpy(&m, bits + c / 8, static_cast<size_t>((c1 - c + 7) / 8));
+        m = _bzhi_u32(m, static_cast<unsigned>(c1 - c));
+      }
+      const uint32_t m0 = m & 0xff, m1 = (m >> 8) & 0xff, m2 = (m >> 16) & 0xff, m3 = m >> 24;
+      const int64_t p0 = _mm_popcnt_u32(m0), p01 = _mm_popcnt_u32(m & 0xffff), p2 = _mm_popcnt_u32(m2);
+      const int64_t n = _mm_popcnt_u32(m);
+      __m256i raw;
+      if (vp + p01 + 16 <= end) {
+        raw = load_halves(q + vp, p01);
+      } else {  // near the end of the values: copied, so no load passes the buffer
+        alignas(32) int8_t tmp[32] = {};
+        std::memcpy(tmp, q + vp, static_cast<size_t>(p01));
+        std::memcpy(tmp + 16, q + vp + p01, static_cast<size_t>(n - p01));
+        raw = _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp));
+      }
+      const __m256i ctl = _mm256_setr_epi64x(static_cast<long long>(kExpand8.ctl[m0]),
+                                             static_cast<long long>(kExpand8.ctl[m1] + static_cast<uint64_t>(p0) * kOnes),
+                                             static_cast<long long>(kExpand8.ctl[m2]),
+                                             static_cast<long long>(kExpand8.ctl[m3] + static_cast<uint64_t>(p2) * kOnes));
+      const __m256i w = _mm256_shuffle_epi8(raw, ctl);
+      for (int nb = 0; nb < NB; ++nb) a.add(w, nb, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs[nb] + c)));
+      vp += n;
+    }
+    a.flush();
+  }
+  for (int nb = 0; nb < NB; ++nb) sums[nb] = a.total[nb];
+}
+#define SF_INT8_QX_KERNELS 1
 #endif
 
 // The portable integer sums: every stored entry (column j, value index k) that for_stored(f) visits,
@@ -547,7 +698,7 @@ void bitmap_i8_rows_qx(const BitmapI8& wq, const QuantX& xq, const Problem& p, i
   const int8_t* q = static_cast<const int8_t*>(w.val);
   i8_rows_qx(p, xq, wq.scales, r0, r1, [&](int64_t r, const int8_t* const* xs, int64_t* sums, auto nbc) {
     constexpr int NB = decltype(nbc)::value;
-#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512VBMI2__)
+#if defined(SF_INT8_QX_KERNELS)
     bitmap_qx_row_dot<NB>(q, w.row_offsets[r], w.nnz, w.bits + r * w.bpr, w.cols, xs, sums);
 #else
     qx_row_dot_portable<NB>(q, xs, sums, [&](auto&& f) { bitmap_stored(w, r, f); });
@@ -560,7 +711,7 @@ void nm_i8_rows_qx(const NmI8& wq, const QuantX& xq, const Problem& p, int64_t r
   const int8_t* q = static_cast<const int8_t*>(w.val);
   i8_rows_qx(p, xq, wq.scales, r0, r1, [&](int64_t r, const int8_t* const* xs, int64_t* sums, auto nbc) {
     constexpr int NB = decltype(nbc)::value;
-#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512VBMI2__)
+#if defined(SF_INT8_QX_KERNELS)
     if (w.n == 2 && w.m == 4) {
       nm24_qx_row_dot<NB>(q + r * w.vpr, w.idx + r * w.ibpr, w.vpr, xs, sums);
       return;

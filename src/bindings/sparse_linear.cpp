@@ -324,6 +324,8 @@ void register_int8(nb::module_& m) {
           "x"_a, "values"_a, "indices"_a, "scales"_a, "n"_a, "m"_a, "bias"_a.none(), "y"_a, "isa"_a = "",
           "algo"_a = "auto", "check_indices"_a = true, "act"_a = "float");
   }
+  m.def("int8_act_path", [](const std::string& isa) { return std::string(sf::int8_act_path(resolve(isa))); },
+        "isa"_a = "", "The int8-activation product a call on this ISA path runs (csrc/int8.h int8_act_path).");
   m.def("int8_vnni", [] { return sf::use_int8_vnni(); },
         "Whether act='int8' runs the AVX512 VNNI / VBMI / VBMI2 kernels on the avx512 path (SPARSEFORGE_INT8_VNNI).");
   m.def("bitmap_i8_check", [bitmap_i8](const In& bits, const In& row_offsets, const In& values, const In& scales,
