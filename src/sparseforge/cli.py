@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--max-windows", type=int, default=64)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--int8-activations", action="store_true",
+                   help="run a compressed checkpoint with int8 values on the sparse kernels with int8 activations "
+                        "(quantized per token; see docs/kernels.md)")
 
     p = sub.add_parser("inspect", help="per-layer sparsity, pattern validity and sizes of a checkpoint")
     p.add_argument("path", type=Path)
@@ -231,7 +234,8 @@ def _cmd_eval(args) -> int:
     from sparseforge.pipeline import evaluate_model
 
     print(evaluate_model(args.model, reference=args.reference, seqlen=args.seqlen,
-                         max_windows=args.max_windows, progress=args.progress))
+                         max_windows=args.max_windows, progress=args.progress,
+                         activations="int8" if args.int8_activations else "float"))
     return 0
 
 

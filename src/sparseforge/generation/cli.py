@@ -10,6 +10,7 @@ Example::
     sparseforge generate builtin --prompt "To be, or not to be" --max-new-tokens 64
     sparseforge generate pruned/ --prompt "ROMEO:" --temperature 0.8 --seed 1 --threads 2
     sparseforge generate builtin --prompt "ROMEO:" --kv-policy quest --kv-budget 256
+    sparseforge generate pruned-int8/ --prompt "ROMEO:" --int8-activations
 
 Wiring (in ``sparseforge/cli.py``): ``add_parser(subparsers)`` adds the subcommand (torch-free) and
 ``run(args)`` runs it, returning the exit status.
@@ -45,6 +46,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="tokens a --kv-policy reads per step (Quest's budget, StreamingLLM's sinks + window, "
                         "Mustafar's dense recent window; default 2048)")
     p.add_argument("--dense", action="store_true", help="load a compressed checkpoint dense instead of on the sparse kernels")
+    p.add_argument("--int8-activations", action="store_true",
+                   help="quantize each token's input to the int8-valued bitmap / N:M layers to int8 (integer sums; a "
+                        "checkpoint pruned with --quantize int8; changes the numerics: docs/kernels.md)")
     return p
 
 
@@ -72,7 +76,14 @@ def run(args: argparse.Namespace) -> int:
         kv_policy = policy_named(args.kv_policy, args.kv_budget)
         if args.compile:
             raise ConfigError("--kv-policy runs on the paged dynamic cache; drop --compile (it needs the static cache)")
+    if args.int8_activations and args.dense:
+        raise ConfigError("--int8-activations runs the sparse int8 kernels; drop --dense")
     model, tokenizer, _ = load_causal_lm(args.model, sparse=not args.dense)
+    if args.int8_activations:
+        from sparseforge.runtime.compress import set_activation_precision_
+
+        layers = set_activation_precision_(model, "int8")
+        print(f"# int8 activations in {len(layers)} layer(s)", file=sys.stderr)
     lean = LeanConfig(compile=args.compile) if args.lean else False
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
