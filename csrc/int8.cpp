@@ -3,7 +3,9 @@
 // block dequantized into a float32 buffer and multiplied by the format's float32 lanes kernels.
 #include "int8.h"
 
+#include <cstdlib>
 #include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -267,6 +269,14 @@ NmI8 nm_i8_view(const Array& values, const Array& indices, const Array& scales, 
   w.w = nm_view(as_f32(values, op), indices, n, m, cols, op, check_indices);
   w.scales = checked_scales(scales, w.w.rows, op, check_indices);
   return w;
+}
+
+int int8_rows_in_flight() {
+  const char* env = std::getenv("SPARSEFORGE_INT8_ROWS");
+  if (env == nullptr || *env == '\0') return 2;
+  const std::string v = env;
+  if (v == "1" || v == "2") return v[0] - '0';
+  throw std::invalid_argument("SPARSEFORGE_INT8_ROWS='" + v + "' is not a setting; use 1 or 2");
 }
 
 const char* int8_act_path(Isa isa) {

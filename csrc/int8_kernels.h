@@ -100,8 +100,11 @@ inline void i8_row_dot(const int8_t* q, int64_t vp, int64_t end, int64_t cols, M
 // holds value k + i, whose column is 4 * (i / 2) + its 2-bit field; the field is shifted out of the
 // block's index dword (vpsrlvd), combined with the group base (vpternlogd) and picks the x of that
 // column out of the block's two x vectors (vpermt2ps). Values and x past the row are masked off.
-template <int NB>
-inline void nm24_i8_row_dot(const int8_t* q, const uint8_t* irow, int64_t vpr, const float* const* xs, float* sums) {
+// R rows at once (q[i], irow[i]; sums[i][nb]): their x vectors are loaded once per step and their
+// chains interleave; each row's operations and their order are those of R = 1 (the same bits).
+template <int R, int NB>
+inline void nm24_i8_rows_dot(const int8_t* const* q, const uint8_t* const* irow, int64_t vpr, const float* const* xs,
+                             float (*sums)[NB]) {
   const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
   const __m512i three = _mm512_set1_epi32(3);
@@ -109,40 +112,49 @@ inline void nm24_i8_row_dot(const int8_t* q, const uint8_t* irow, int64_t vpr, c
     return _mm512_ternarylogic_epi32(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(idx)), shifts), three, base, 0xEA);
   };
   auto widen = [](__m128i raw) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)); };
-  __m512 acc[NB][2];
-  for (int nb = 0; nb < NB; ++nb) acc[nb][0] = acc[nb][1] = _mm512_setzero_ps();
+  __m512 acc[R][NB][2];
+  for (int i = 0; i < R; ++i)
+    for (int nb = 0; nb < NB; ++nb) acc[i][nb][0] = acc[i][nb][1] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 32 <= vpr; k += 32) {
-    v512::prefetch(q + k, v512::kPrefetchBytes);
-    uint32_t i0, i1;
-    std::memcpy(&i0, irow + k / 4, 4);
-    std::memcpy(&i1, irow + k / 4 + 4, 4);
-    const __m512i p0 = positions(i0), p1 = positions(i1);
-    const __m512 w0 = widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k)));
-    const __m512 w1 = widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k + 16)));
+    __m512i p0[R], p1[R];
+    __m512 w0[R], w1[R];
+    for (int i = 0; i < R; ++i) {
+      v512::prefetch(q[i] + k, v512::kPrefetchBytes);
+      uint32_t i0, i1;
+      std::memcpy(&i0, irow[i] + k / 4, 4);
+      std::memcpy(&i1, irow[i] + k / 4 + 4, 4);
+      p0[i] = positions(i0), p1[i] = positions(i1);
+      w0[i] = widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[i] + k)));
+      w1[i] = widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[i] + k + 16)));
+    }
     for (int nb = 0; nb < NB; ++nb) {
       const float* x = xs[nb] + 2 * k;
-      const __m512 x0 = _mm512_permutex2var_ps(_mm512_loadu_ps(x), p0, _mm512_loadu_ps(x + 16));
-      const __m512 x1 = _mm512_permutex2var_ps(_mm512_loadu_ps(x + 32), p1, _mm512_loadu_ps(x + 48));
-      acc[nb][0] = _mm512_fmadd_ps(w0, x0, acc[nb][0]);
-      acc[nb][1] = _mm512_fmadd_ps(w1, x1, acc[nb][1]);
+      const __m512 xa = _mm512_loadu_ps(x), xb = _mm512_loadu_ps(x + 16);
+      const __m512 xc = _mm512_loadu_ps(x + 32), xd = _mm512_loadu_ps(x + 48);
+      for (int i = 0; i < R; ++i) {
+        acc[i][nb][0] = _mm512_fmadd_ps(w0[i], _mm512_permutex2var_ps(xa, p0[i], xb), acc[i][nb][0]);
+        acc[i][nb][1] = _mm512_fmadd_ps(w1[i], _mm512_permutex2var_ps(xc, p1[i], xd), acc[i][nb][1]);
+      }
     }
   }
-  for (; k < vpr; k += 16) {
-    const int64_t nv = min64(16, vpr - k), nc = 2 * nv;
-    uint32_t idx = 0;
-    std::memcpy(&idx, irow + k / 4, static_cast<size_t>((nv + 3) / 4));
-    const __m512i pos = positions(idx);
-    const __mmask16 vm = v512::first_lanes(nv);
-    const __m512 w = widen(_mm_maskz_loadu_epi8(vm, q + k));
-    for (int nb = 0; nb < NB; ++nb) {
-      const float* x = xs[nb] + 2 * k;
-      const __m512 lo = _mm512_maskz_loadu_ps(v512::first_lanes(nc), x);
-      const __m512 hi = _mm512_maskz_loadu_ps(v512::first_lanes(nc > 16 ? nc - 16 : 0), x + 16);
-      acc[nb][0] = _mm512_fmadd_ps(w, _mm512_maskz_permutex2var_ps(vm, lo, pos, hi), acc[nb][0]);
+  for (int i = 0; i < R; ++i) {
+    for (int64_t kk = k; kk < vpr; kk += 16) {
+      const int64_t nv = min64(16, vpr - kk), nc = 2 * nv;
+      uint32_t idx = 0;
+      std::memcpy(&idx, irow[i] + kk / 4, static_cast<size_t>((nv + 3) / 4));
+      const __m512i pos = positions(idx);
+      const __mmask16 vm = v512::first_lanes(nv);
+      const __m512 w = widen(_mm_maskz_loadu_epi8(vm, q[i] + kk));
+      for (int nb = 0; nb < NB; ++nb) {
+        const float* x = xs[nb] + 2 * kk;
+        const __m512 lo = _mm512_maskz_loadu_ps(v512::first_lanes(nc), x);
+        const __m512 hi = _mm512_maskz_loadu_ps(v512::first_lanes(nc > 16 ? nc - 16 : 0), x + 16);
+        acc[i][nb][0] = _mm512_fmadd_ps(w, _mm512_maskz_permutex2var_ps(vm, lo, pos, hi), acc[i][nb][0]);
+      }
     }
+    for (int nb = 0; nb < NB; ++nb) sums[i][nb] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][nb][0], acc[i][nb][1]));
   }
-  for (int nb = 0; nb < NB; ++nb) sums[nb] = _mm512_reduce_add_ps(_mm512_add_ps(acc[nb][0], acc[nb][1]));
 }
 
 
@@ -151,44 +163,59 @@ inline void nm24_i8_row_dot(const int8_t* q, const uint8_t* irow, int64_t vpr, c
 // expand-loaded to the bytes their bitmap bits name (vpexpandb from memory reads exactly popcount
 // bytes, so no load passes the buffer), widened and converted 16 at a time, FMA with x (masked past
 // `cols`). Fewer shuffle-port instructions per column than the 16-column vpexpandd steps above.
-template <int NB>
-inline void bitmap_i8_row_dot_vbmi2(const int8_t* q, int64_t vp, const uint8_t* bits, int64_t cols,
-                                    const float* const* xs, float* sums) {
-  __m512 acc[NB][4];
-  for (int nb = 0; nb < NB; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = _mm512_setzero_ps();
+// R rows at once (values from vp[i], bitmap rows bits[i]; sums[i][nb]): x loaded once per step for all
+// of them, each row's operations in the order of R = 1 (the same bits).
+template <int R, int NB>
+inline void bitmap_i8_rows_dot_vbmi2(const int8_t* q, const int64_t* vp0, const uint8_t* const* bits, int64_t cols,
+                                     const float* const* xs, float (*sums)[NB]) {
+  __m512 acc[R][NB][4];
+  for (int i = 0; i < R; ++i)
+    for (int nb = 0; nb < NB; ++nb) acc[i][nb][0] = acc[i][nb][1] = acc[i][nb][2] = acc[i][nb][3] = _mm512_setzero_ps();
   auto widen = [](__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)); };
+  int64_t vp[R];
+  for (int i = 0; i < R; ++i) vp[i] = vp0[i];
   int64_t c = 0;
   for (; c + 64 <= cols; c += 64) {
-    v512::prefetch(q + vp, v512::kPrefetchBytes);
-    uint64_t m;
-    std::memcpy(&m, bits + c / 8, 8);
-    const __m512i b = _mm512_maskz_expandloadu_epi8(m, q + vp);
-    vp += _mm_popcnt_u64(m);
-    const __m512 w0 = widen(_mm512_castsi512_si128(b)), w1 = widen(_mm512_extracti32x4_epi32(b, 1));
-    const __m512 w2 = widen(_mm512_extracti32x4_epi32(b, 2)), w3 = widen(_mm512_extracti32x4_epi32(b, 3));
+    __m512 w[R][4];
+    for (int i = 0; i < R; ++i) {
+      v512::prefetch(q + vp[i], v512::kPrefetchBytes);
+      uint64_t m;
+      std::memcpy(&m, bits[i] + c / 8, 8);
+      const __m512i b = _mm512_maskz_expandloadu_epi8(m, q + vp[i]);
+      vp[i] += _mm_popcnt_u64(m);
+      w[i][0] = widen(_mm512_castsi512_si128(b)), w[i][1] = widen(_mm512_extracti32x4_epi32(b, 1));
+      w[i][2] = widen(_mm512_extracti32x4_epi32(b, 2)), w[i][3] = widen(_mm512_extracti32x4_epi32(b, 3));
+    }
     for (int nb = 0; nb < NB; ++nb) {
       const float* x = xs[nb] + c;
-      acc[nb][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x), acc[nb][0]);
-      acc[nb][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16), acc[nb][1]);
-      acc[nb][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(x + 32), acc[nb][2]);
-      acc[nb][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(x + 48), acc[nb][3]);
+      const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+      const __m512 x2 = _mm512_loadu_ps(x + 32), x3 = _mm512_loadu_ps(x + 48);
+      for (int i = 0; i < R; ++i) {
+        acc[i][nb][0] = _mm512_fmadd_ps(w[i][0], x0, acc[i][nb][0]);
+        acc[i][nb][1] = _mm512_fmadd_ps(w[i][1], x1, acc[i][nb][1]);
+        acc[i][nb][2] = _mm512_fmadd_ps(w[i][2], x2, acc[i][nb][2]);
+        acc[i][nb][3] = _mm512_fmadd_ps(w[i][3], x3, acc[i][nb][3]);
+      }
     }
   }
-  if (c < cols) {
-    const int64_t nc = cols - c;
-    uint64_t m = 0;
-    std::memcpy(&m, bits + c / 8, static_cast<size_t>((nc + 7) / 8));
-    m = _bzhi_u64(m, static_cast<unsigned>(nc));
-    const __m512i b = _mm512_maskz_expandloadu_epi8(m, q + vp);
-    const __m512 w[4] = {widen(_mm512_castsi512_si128(b)), widen(_mm512_extracti32x4_epi32(b, 1)),
-                         widen(_mm512_extracti32x4_epi32(b, 2)), widen(_mm512_extracti32x4_epi32(b, 3))};
-    for (int t = 0; t < 4 && 16 * t < nc; ++t) {
-      const __mmask16 cm = v512::first_lanes(nc - 16 * t);
-      for (int nb = 0; nb < NB; ++nb) acc[nb][t] = _mm512_fmadd_ps(w[t], _mm512_maskz_loadu_ps(cm, xs[nb] + c + 16 * t), acc[nb][t]);
+  for (int i = 0; i < R; ++i) {
+    if (c < cols) {
+      const int64_t nc = cols - c;
+      uint64_t m = 0;
+      std::memcpy(&m, bits[i] + c / 8, static_cast<size_t>((nc + 7) / 8));
+      m = _bzhi_u64(m, static_cast<unsigned>(nc));
+      const __m512i b = _mm512_maskz_expandloadu_epi8(m, q + vp[i]);
+      const __m512 w[4] = {widen(_mm512_castsi512_si128(b)), widen(_mm512_extracti32x4_epi32(b, 1)),
+                           widen(_mm512_extracti32x4_epi32(b, 2)), widen(_mm512_extracti32x4_epi32(b, 3))};
+      for (int t = 0; t < 4 && 16 * t < nc; ++t) {
+        const __mmask16 cm = v512::first_lanes(nc - 16 * t);
+        for (int nb = 0; nb < NB; ++nb) acc[i][nb][t] = _mm512_fmadd_ps(w[t], _mm512_maskz_loadu_ps(cm, xs[nb] + c + 16 * t), acc[i][nb][t]);
+      }
     }
-  }
-  for (int nb = 0; nb < NB; ++nb) {
-    sums[nb] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[nb][0], acc[nb][1]), _mm512_add_ps(acc[nb][2], acc[nb][3])));
+    for (int nb = 0; nb < NB; ++nb) {
+      sums[i][nb] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[i][nb][0], acc[i][nb][1]),
+                                                       _mm512_add_ps(acc[i][nb][2], acc[i][nb][3])));
+    }
   }
 }
 #endif
@@ -298,17 +325,54 @@ void i8_rows(const Problem& p, const float* scales, int64_t r0, int64_t r1, RowF
                               [scales](int64_t r, int64_t, float sum, float bv) { return scales[r] * sum + bv; });
 }
 
+// As i8_rows, R rows per call while R remain (then one): group(r, rc, xs, sums, nbc) writes rows
+// [r, r + rc) (rc an integral_constant) into sums[i][nb].
+template <int R, class GroupFn>
+void i8_row_groups(const Problem& p, const float* scales, int64_t r0, int64_t r1, GroupFn&& group) {
+  for_batch_quads(p.B, [&](auto nbc, int64_t b0) {
+    constexpr int NB = decltype(nbc)::value;
+    const float* xs[NB];
+    for (int nb = 0; nb < NB; ++nb) xs[nb] = p.x + (b0 + nb) * p.in;
+    auto run = [&](int64_t r, auto rc) {
+      constexpr int RC = decltype(rc)::value;
+      float sums[RC][NB];
+      group(r, rc, xs, sums, nbc);
+      for (int i = 0; i < RC; ++i) {
+        const float bv = p.bias ? p.bias[r + i] : 0.f;
+        // one rounding whatever the compiler contracts: the same bits for every R
+        for (int nb = 0; nb < NB; ++nb) p.y[(b0 + nb) * p.out + r + i] = std::fma(scales[r + i], sums[i][nb], bv);
+      }
+    };
+    int64_t r = r0;
+    for (; r + R <= r1; r += R) run(r, std::integral_constant<int, R>{});
+    for (; r < r1; ++r) run(r, std::integral_constant<int, 1>{});
+  });
+}
+
+// i8_row_groups with int8_rows_in_flight() rows per group (1 or 2)
+template <class GroupFn>
+void i8_rows_in_flight(const Problem& p, const float* scales, int64_t r0, int64_t r1, GroupFn&& group) {
+  if (int8_rows_in_flight() >= 2) i8_row_groups<2>(p, scales, r0, r1, group);
+  else i8_row_groups<1>(p, scales, r0, r1, group);
+}
+
 void bitmap_i8_rows(const BitmapI8& wq, const Problem& p, int64_t r0, int64_t r1) {
   const BitmapView& w = wq.w;
   const int8_t* q = static_cast<const int8_t*>(w.val);
+#if defined(__AVX512VBMI2__)
+  i8_rows_in_flight(p, wq.scales, r0, r1, [&](int64_t r, auto rc, const float* const* xs, auto sums, auto) {
+    constexpr int RC = decltype(rc)::value;
+    int64_t vp[RC];
+    const uint8_t* rows[RC];
+    for (int i = 0; i < RC; ++i) vp[i] = w.row_offsets[r + i], rows[i] = w.bits + (r + i) * w.bpr;
+    bitmap_i8_rows_dot_vbmi2<RC>(q, vp, rows, w.cols, xs, sums);
+  });
+#else
   i8_rows(p, wq.scales, r0, r1, [&](int64_t r, const float* const* xs, float* sums, auto nbc) {
     const uint8_t* row = w.bits + r * w.bpr;
-#if defined(__AVX512VBMI2__)
-    bitmap_i8_row_dot_vbmi2<decltype(nbc)::value>(q, w.row_offsets[r], row, w.cols, xs, sums);
-#else
     i8_row_dot<decltype(nbc)::value, 0>(q, w.row_offsets[r], w.nnz, w.cols, [row](int64_t i) { return row[i]; }, xs, sums);
-#endif
   });
+#endif
 }
 
 void nm_i8_rows(const NmI8& wq, const Problem& p, int64_t r0, int64_t r1) {
@@ -317,8 +381,12 @@ void nm_i8_rows(const NmI8& wq, const Problem& p, int64_t r0, int64_t r1) {
   const int64_t total = w.rows * w.vpr;
   if (w.n == 2 && w.m == 4) {  // each index byte is two groups: kNm24 gives their 8-column mask
 #if defined(__AVX512F__)
-    i8_rows(p, wq.scales, r0, r1, [&](int64_t r, const float* const* xs, float* sums, auto nbc) {
-      nm24_i8_row_dot<decltype(nbc)::value>(q + r * w.vpr, w.idx + r * w.ibpr, w.vpr, xs, sums);
+    i8_rows_in_flight(p, wq.scales, r0, r1, [&](int64_t r, auto rc, const float* const* xs, auto sums, auto) {
+      constexpr int RC = decltype(rc)::value;
+      const int8_t* qs[RC];
+      const uint8_t* irows[RC];
+      for (int i = 0; i < RC; ++i) qs[i] = q + (r + i) * w.vpr, irows[i] = w.idx + (r + i) * w.ibpr;
+      nm24_i8_rows_dot<RC>(qs, irows, w.vpr, xs, sums);
     });
     return;
 #endif
@@ -342,7 +410,8 @@ void nm_i8_rows(const NmI8& wq, const Problem& p, int64_t r0, int64_t r1) {
     }
     const uint8_t* row = bits.data();
 #if defined(__AVX512VBMI2__)
-    bitmap_i8_row_dot_vbmi2<decltype(nbc)::value>(q, r * w.vpr, row, w.cols, xs, sums);
+    const int64_t vp = r * w.vpr;
+    bitmap_i8_rows_dot_vbmi2<1>(q, &vp, &row, w.cols, xs, reinterpret_cast<float(*)[decltype(nbc)::value]>(sums));
 #else
     i8_row_dot<decltype(nbc)::value, 0>(q, r * w.vpr, total, w.cols, [row](int64_t i) { return row[i]; }, xs, sums);
 #endif
