@@ -44,9 +44,9 @@ from bench_output import write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CELLS = ("bitmap_i8", "nm_i8", "csr_i8", "bitmap_i8 act=int8", "nm_i8 act=int8")
-# --compare: the float mode with one output row per loop (SPARSEFORGE_INT8_ROWS=1, the loop before rows were
-# interleaved), and the int8-activation mode on the AVX2 path (forced ISA)
-COMPARE_CELLS = ("bitmap_i8 rows=1", "nm_i8 rows=1", "bitmap_i8 act=int8 isa=avx2", "nm_i8 act=int8 isa=avx2")
+# --compare: the float mode with two output rows interleaved per loop (SPARSEFORGE_INT8_ROWS=2; the default
+# is one), and the int8-activation mode on the AVX2 path (forced ISA)
+COMPARE_CELLS = ("bitmap_i8 rows=2", "nm_i8 rows=2", "bitmap_i8 act=int8 isa=avx2", "nm_i8 act=int8 isa=avx2")
 SPARSITY = {"bitmap_i8": "50%", "nm_i8": "2:4", "csr_i8": "90%"}
 
 
@@ -111,7 +111,7 @@ def kernel_call(cell: str, wt, x: np.ndarray, y: np.ndarray):
 
 @contextmanager
 def cell_env(cell: str):
-    """Inside: the environment a cell's calls run under (``rows=1``: SPARSEFORGE_INT8_ROWS=1), restored after."""
+    """Inside: the environment a cell's calls run under (``rows=2``: SPARSEFORGE_INT8_ROWS=2), restored after."""
     env = {"SPARSEFORGE_INT8_ROWS": t.split("=")[1] for t in cell.split() if t.startswith("rows=")}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

@@ -273,7 +273,7 @@ NmI8 nm_i8_view(const Array& values, const Array& indices, const Array& scales, 
 
 int int8_rows_in_flight() {
   const char* env = std::getenv("SPARSEFORGE_INT8_ROWS");
-  if (env == nullptr || *env == '\0') return 2;
+  if (env == nullptr || *env == '\0') return 1;
   const std::string v = env;
   if (v == "1" || v == "2") return v[0] - '0';
   throw std::invalid_argument("SPARSEFORGE_INT8_ROWS='" + v + "' is not a setting; use 1 or 2");

@@ -108,7 +108,8 @@ void nm_i8_linear(const NmI8& w, const Problem& p, Isa isa, int algo, I8Act act 
 void bitmap_i8_linear_qx_ref(const BitmapI8& w, const Problem& p);
 void nm_i8_linear_qx_ref(const NmI8& w, const Problem& p);
 // Output rows the float32-activation rows kernels of 2:4 and of the bitmap (AVX-512) interleave in one
-// loop: SPARSEFORGE_INT8_ROWS=1 or 2 (read on every call; unset: 2). Both give the same bits.
+// loop: SPARSEFORGE_INT8_ROWS=1 or 2 (read on every call; unset: 1, measured faster, docs/kernels.md).
+// Both give the same bits.
 int int8_rows_in_flight();
 // The I8Act::int8 rows kernels that run on ISA path isa: "avx512_vnni", "avx2_vnni", "avx2" or "portable".
 const char* int8_act_path(Isa isa);

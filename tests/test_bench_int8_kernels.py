@@ -31,7 +31,7 @@ def test_compare_adds_the_reference_cells(tmp_path):
     argv = ["--shapes", "64x256", "--threads", "1", "--calls", "2", "--evict-mib", "4", "--compare", "--out", str(out)]
     assert bench.main(argv) == 0
     cells = {r["cell"] for r in json.loads(out.read_text())["rows"]}
-    assert {"bitmap_i8 50% rows=1", "nm_i8 2:4 rows=1", "bitmap_i8 50% act=int8 isa=avx2", "nm_i8 2:4 act=int8 isa=avx2"} <= cells
+    assert {"bitmap_i8 50% rows=2", "nm_i8 2:4 rows=2", "bitmap_i8 50% act=int8 isa=avx2", "nm_i8 2:4 act=int8 isa=avx2"} <= cells
     assert "SPARSEFORGE_INT8_ROWS" not in os.environ  # restored
 
 
