@@ -160,6 +160,69 @@ def evaluate_model(model: str, *, reference: str | None = None, seqlen: int = 25
     return f"embedding cosine vs {reference}: mean {f.mean_cosine:.4f}, min {f.min_cosine:.4f} over {f.n} sentences{note}"
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def weights_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Bit-exact equality of every parameter and buffer (same names, dtypes and bytes)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].dtype == sb[k].dtype and sa[k].shape == sb[k].shape and torch.equal(_bits(sa[k]), _bits(sb[k]))
+        for k in sa
+    )
+
+
+def run_demo(out: Path | str = "sparseforge-demo", patterns: tuple[str, ...] = ("unstructured", "2:4"),
+             sparsity: float | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Prune the built-in model with magnitude, Wanda and SparseGPT for each pattern; evaluate;
+    save the last SparseGPT model compressed to ``out``; reload it and check it is bit-exact."""
+    from sparseforge.config import dump_recipe
+    from sparseforge.evaluation.quality import perplexity
+    from sparseforge.io.checkpoint import save_pretrained
+    from sparseforge.io.layout import checkpoint_sizes
+    from sparseforge.io.loading import load
+    from sparseforge.io.models import load_model
+
+    out = Path(out)
+    check_output_dir(out, overwrite=True, option="--out")
+    loaded = load_model("builtin")
+    print(f"built-in model: {loaded.path} ({sum(p.numel() for p in loaded.model.parameters()) / 1e6:.2f} M parameters)")
+    dense_ppl = perplexity(loaded.model, loaded.tokenizer, progress=progress).ppl
+    rows = [{"method": "dense", "pattern": "-", "sparsity": 0.0, "ppl": dense_ppl, "seconds": 0.0}]
+    kept = None
+    for pattern in patterns:
+        for method in ("magnitude", "wanda", "sparsegpt"):
+            config = SparsifyConfig(method=method, pattern=pattern, sparsity=sparsity)
+            print("\n# " + dump_recipe([config]).replace("\n", "\n# ").rstrip("# "), flush=True)
+            model = copy.deepcopy(loaded.model)
+            report = sparsify_(model, config, tokenizer=loaded.tokenizer, progress=progress)
+            ppl = perplexity(model, loaded.tokenizer, progress=progress).ppl
+            rows.append({"method": method, "pattern": pattern, "sparsity": report.sparsity, "ppl": ppl,
+                         "seconds": report.seconds})
+            if method == "sparsegpt":
+                kept = (model, report)
+    model, report = kept
+    save_pretrained(model, out, tokenizer=loaded.tokenizer, compressed=True,
+                    sparsity_config=report.sparsity_config(), overwrite=True)
+    reloaded = load(out)
+    exact = weights_equal(model, reloaded)
+    reloaded_ppl = perplexity(reloaded, loaded.tokenizer, progress=progress).ppl
+    print("\n| method | pattern | sparsity | perplexity | vs dense | prune time (s) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['method']} | {r['pattern']} | {r['sparsity']:.1%} | {r['ppl']:.3f} | "
+              f"{r['ppl'] / dense_ppl - 1:+.1%} | {r['seconds']:.1f} |")
+    sizes = checkpoint_sizes(out)
+    print(f"\nSparseGPT {report.config.pattern} model saved compressed to {out}: {sizes['file_bytes'] / 2**20:.2f} MiB "
+          f"vs {sizes['dense_bytes'] / 2**20:.2f} MiB dense (ratio {sizes['ratio']:.2f}; embeddings stay dense)")
+    print(f"reloaded with sparseforge.load: weights bit-exact: {exact}; perplexity {reloaded_ppl:.3f}")
+    print(f"peak RSS {peak_rss_mb():.0f} MiB")
+    if not exact:
+        raise ConfigError("reloaded checkpoint differs from the pruned model (please report this bug)")
+    return rows
+
+
 def _load_int8_activations(model: str, activations: str):
     """``(LoadedModel, layer count)``: a compressed checkpoint loaded on the sparse kernels with ``activations``
     set in every layer that has the mode."""
