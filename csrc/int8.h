@@ -23,7 +23,10 @@
 // kernels gather the x bytes of the stored values (2:4: vpermt2b with positions from the index
 // bits via vpmultishiftqb; bitmap: vpcompressb by the bitmap's 64-bit masks) and multiply 64 values
 // per vpdpbusd ((q + 128) as u8 times xq as s8, minus 128 * sum xq by a second vpdpbusd). Without
-// them a portable integer loop gives the same result. Every batch size runs the rows kernels; a
+// them (and on AVX2) 32 values per step: 2:4 gathers the x bytes with vpshufb, bitmap expands the
+// values to their columns with vpshufb, |q| times sign(xq, q) by vpdpbusd ymm (AVX-VNNI) or
+// vpmaddubsw + vpmaddwd; other n:m run the bitmap kernels on decoded positions. The scalar path is
+// a portable integer loop. All give the same result. Every batch size runs the rows kernels; a
 // call whose x holds NaN or inf runs the float32 mode instead (NaN / inf propagate as in a dense
 // matmul, which a quantized x cannot express). The deviation from the float32 mode is bounded by
 //   |y_int8 - y_f32| <= scales[r] * sum_j |q[r, j]| * sx[b] / 2   (plus float32 rounding).

@@ -1,6 +1,8 @@
 // int8-valued bitmap / N:M / CSR row kernels (int8.h), written once and compiled per instruction set:
-// int8.cpp (portable), int8_avx2.cpp and int8_avx512.cpp each include this header and export its
-// table. Everything has internal linkage.
+// int8.cpp (portable), int8_avx2.cpp, int8_avx2vnni.cpp, int8_avx512.cpp and int8_avx512vnni.cpp each
+// include this header and export its table. Everything has internal linkage. The int8-activation
+// (I8Act::int8) kernels are at the end: AVX512 VNNI / VBMI / VBMI2, AVX2 (with or without AVX-VNNI;
+// also the avx512 table's), portable.
 //
 // One row loop serves both formats: a row is a run of kept columns, each 8-column byte of it
 // described by a keep-mask (the bitmap byte itself; for 2:4 the kNm24 mask of the index byte; for
@@ -375,6 +377,29 @@ void bitmap_i8_rows(const BitmapI8& wq, const Problem& p, int64_t r0, int64_t r1
 #endif
 }
 
+// Rows of an n:m weight other than 2:4 as bitmap rows (their values are stored in column order, as a
+// bitmap row's): row(r) decodes row r's positions once and returns its bits (8 bytes of slack past the row).
+class NmRowBits {
+ public:
+  explicit NmRowBits(const NmView& w)
+      : w_(w), bits_(static_cast<size_t>((w.cols + 7) / 8 + 8)), cols_(static_cast<size_t>(w.vpr > 0 ? w.vpr : 1)) {}
+  const uint8_t* row(int64_t r) {
+    if (decoded_ != r) {
+      std::memset(bits_.data(), 0, bits_.size());
+      nm_decode_cols(w_, w_.idx + r * w_.ibpr, 0, w_.vpr, cols_.data());
+      for (int64_t k = 0; k < w_.vpr; ++k) bits_[cols_[k] >> 3] |= static_cast<uint8_t>(1u << (cols_[k] & 7));
+      decoded_ = r;
+    }
+    return bits_.data();
+  }
+
+ private:
+  const NmView& w_;
+  std::vector<uint8_t> bits_;
+  std::vector<int32_t> cols_;
+  int64_t decoded_ = -1;
+};
+
 void nm_i8_rows(const NmI8& wq, const Problem& p, int64_t r0, int64_t r1) {
   const NmView& w = wq.w;
   const int8_t* q = static_cast<const int8_t*>(w.val);
@@ -398,17 +423,9 @@ void nm_i8_rows(const NmI8& wq, const Problem& p, int64_t r0, int64_t r1) {
     return;
   }
   // other n:m: the row's positions are decoded into a bitmap row first (values are in column order)
-  std::vector<uint8_t> bits(static_cast<size_t>((w.cols + 7) / 8 + 8));
-  std::vector<int32_t> cols(static_cast<size_t>(w.vpr > 0 ? w.vpr : 1));
-  int64_t decoded = -1;
+  NmRowBits bits(w);
   i8_rows(p, wq.scales, r0, r1, [&](int64_t r, const float* const* xs, float* sums, auto nbc) {
-    if (decoded != r) {
-      std::memset(bits.data(), 0, bits.size());
-      nm_decode_cols(w, w.idx + r * w.ibpr, 0, w.vpr, cols.data());
-      for (int64_t k = 0; k < w.vpr; ++k) bits[cols[k] >> 3] |= static_cast<uint8_t>(1u << (cols[k] & 7));
-      decoded = r;
-    }
-    const uint8_t* row = bits.data();
+    const uint8_t* row = bits.row(r);
 #if defined(__AVX512VBMI2__)
     const int64_t vp = r * w.vpr;
     bitmap_i8_rows_dot_vbmi2<1>(q, &vp, &row, w.cols, xs, reinterpret_cast<float(*)[decltype(nbc)::value]>(sums));
@@ -692,27 +709,36 @@ inline void nm24_qx_row_dot(const int8_t* q, const uint8_t* irow, int64_t vpr, c
   for (int nb = 0; nb < NB; ++nb) sums[nb] = a.total[nb];
 }
 
-// vpshufb control that expands the first popcount(m) bytes to the positions of m's set bits (0x80, which
-// zeroes, elsewhere), one qword per mask byte
+// vpshufb controls that expand bytes [k, k + popcount(m)) to the positions of m's set bits (0x80, which
+// zeroes, elsewhere): ctl[k][m], one qword per mask byte and offset k (the second byte of a 16-byte
+// half starts at the first byte's popcount)
 struct Expand8Table {
-  uint64_t ctl[256];
+  uint64_t ctl[9][256];
   constexpr Expand8Table() : ctl() {
-    for (int m = 0; m < 256; ++m) {
-      uint64_t c = 0;
-      int rank = 0;
-      for (int j = 0; j < 8; ++j) c |= uint64_t{((m >> j) & 1) ? static_cast<uint64_t>(rank++) : 0x80u} << (8 * j);
-      ctl[m] = c;
+    for (int k = 0; k <= 8; ++k) {
+      for (int m = 0; m < 256; ++m) {
+        uint64_t c = 0;
+        int rank = k;
+        for (int j = 0; j < 8; ++j) c |= uint64_t{((m >> j) & 1) ? static_cast<uint64_t>(rank++) : 0x80u} << (8 * j);
+        ctl[k][m] = c;
+      }
     }
   }
 };
 constexpr Expand8Table kExpand8{};
+
+// the 16-byte control of one 16-column half: mask bytes lo and hi, hi's values after lo's
+inline __m128i expand16_control(uint32_t lo, uint32_t hi) {
+  const __m128i a = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(&kExpand8.ctl[0][lo]));
+  const double* b = reinterpret_cast<const double*>(&kExpand8.ctl[_mm_popcnt_u32(lo)][hi]);
+  return _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(a), b));
+}
 
 // bitmap: 32 columns per step. The row's next values are expanded to their columns (vpshufb per
 // 16-column half, from 16 bytes loaded at that half's first value) and multiplied with x as stored.
 template <int NB>
 inline void bitmap_qx_row_dot(const int8_t* q, int64_t vp, int64_t end, const uint8_t* bits, int64_t cols,
                               const int8_t* const* xs, int64_t* sums) {
-  constexpr uint64_t kOnes = 0x0101010101010101ull;
   QxAcc<NB> a;
   for (int64_t c0 = 0; c0 < cols; c0 += kQxChunk) {
     const int64_t c1 = min64(cols, c0 + kQxChunk);
@@ -726,8 +752,7 @@ inline void bitmap_qx_row_dot(const int8_t* q, int64_t vp, int64_t end, const ui
         m = _bzhi_u32(m, static_cast<unsigned>(c1 - c));
       }
       const uint32_t m0 = m & 0xff, m1 = (m >> 8) & 0xff, m2 = (m >> 16) & 0xff, m3 = m >> 24;
-      const int64_t p0 = _mm_popcnt_u32(m0), p01 = _mm_popcnt_u32(m & 0xffff), p2 = _mm_popcnt_u32(m2);
-      const int64_t n = _mm_popcnt_u32(m);
+      const int64_t p01 = _mm_popcnt_u32(m & 0xffff), n = _mm_popcnt_u32(m);
       __m256i raw;
       if (vp + p01 + 16 <= end) {
         raw = load_halves(q + vp, p01);
@@ -737,10 +762,8 @@ inline void bitmap_qx_row_dot(const int8_t* q, int64_t vp, int64_t end, const ui
         std::memcpy(tmp + 16, q + vp + p01, static_cast<size_t>(n - p01));
         raw = _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp));
       }
-      const __m256i ctl = _mm256_setr_epi64x(static_cast<long long>(kExpand8.ctl[m0]),
-                                             static_cast<long long>(kExpand8.ctl[m1] + static_cast<uint64_t>(p0) * kOnes),
-                                             static_cast<long long>(kExpand8.ctl[m2]),
-                                             static_cast<long long>(kExpand8.ctl[m3] + static_cast<uint64_t>(p2) * kOnes));
+      const __m256i ctl = _mm256_inserti128_si256(_mm256_castsi128_si256(expand16_control(m0, m1)),
+                                                  expand16_control(m2, m3), 1);
       const __m256i w = _mm256_shuffle_epi8(raw, ctl);
       for (int nb = 0; nb < NB; ++nb) a.add(w, nb, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs[nb] + c)));
       vp += n;
@@ -778,15 +801,18 @@ void bitmap_i8_rows_qx(const BitmapI8& wq, const QuantX& xq, const Problem& p, i
 void nm_i8_rows_qx(const NmI8& wq, const QuantX& xq, const Problem& p, int64_t r0, int64_t r1) {
   const NmView& w = wq.w;
   const int8_t* q = static_cast<const int8_t*>(w.val);
+  NmRowBits bits(w);
   i8_rows_qx(p, xq, wq.scales, r0, r1, [&](int64_t r, const int8_t* const* xs, int64_t* sums, auto nbc) {
     constexpr int NB = decltype(nbc)::value;
 #if defined(SF_INT8_QX_KERNELS)
     if (w.n == 2 && w.m == 4) {
       nm24_qx_row_dot<NB>(q + r * w.vpr, w.idx + r * w.ibpr, w.vpr, xs, sums);
-      return;
+    } else {  // other n:m: the bitmap kernel on the row's decoded positions
+      bitmap_qx_row_dot<NB>(q, r * w.vpr, w.rows * w.vpr, bits.row(r), w.cols, xs, sums);
     }
-#endif
+#else
     qx_row_dot_portable<NB>(q, xs, sums, [&](auto&& f) { nm_stored(w, r, f); });
+#endif
   });
 }
 
