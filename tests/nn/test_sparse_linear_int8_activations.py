@@ -156,6 +156,10 @@ def test_compress_sets_the_mode_and_reports_it():
     h = _reference(net[0].weight_format, x, net[0].bias)
     assert torch.equal(net(x), _reference(net[2].weight_format, torch.relu(h), net[2].bias))
     assert set_activation_precision_(net, "float") == ["0", "2"] and net[0].activations == "float"
+    assert set_activation_precision_(net, "int8", ignore=["2"]) == ["0"]  # a per-layer opt-out
+    assert (net[0].activations, net[2].activations) == ("int8", "float")
+    with pytest.raises(ConfigError, match="list of module-name patterns"):
+        set_activation_precision_(net, "int8", ignore="2")
 
 
 def test_compress_refuses_the_mode_without_int8_values():

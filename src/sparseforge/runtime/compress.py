@@ -281,9 +281,11 @@ def _int8_act_capable(layer: SparseLinear) -> bool:
     return weight.dtype == torch.int8 and registry.spec_of(weight).kernel_family in INT8_ACT_FORMATS
 
 
-def set_activation_precision_(model: nn.Module, activations: str) -> list[str]:
+def set_activation_precision_(model: nn.Module, activations: str, ignore: Optional[list[str]] = None) -> list[str]:
     """Set :meth:`SparseLinear.set_activation_precision` on every SparseLinear of ``model`` that has the
     mode (int8 values, bitmap / N:M), in place; returns their names. ``"float"`` resets every layer.
+    ``ignore``: module-name globs (or ``"re:..."``) set to ``"float"`` instead, e.g. ``["*down_proj"]`` for
+    the layers whose inputs carry outliers (``benchmarks/bench_int8_activation_error.py`` names them).
 
     Raises:
         ConfigError: ``activations`` is not a mode, or is ``"int8"`` and no layer has int8 values in the
@@ -299,7 +301,14 @@ def set_activation_precision_(model: nn.Module, activations: str) -> list[str]:
         ['0']
     """
     check_activations(activations)
+    if isinstance(ignore, str):
+        raise ConfigError("ignore must be a list of module-name patterns, not a string")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SparseLinear)]
+    ignored = {n for n, _ in layers if any(name_matches(n, pat) for pat in ignore or [])}
+    for n, m in layers:
+        if n in ignored:
+            m.set_activation_precision("float")
+    layers = [(n, m) for n, m in layers if n not in ignored]
     chosen = [(n, m) for n, m in layers if activations == "float" or _int8_act_capable(m)]
     if activations != "float" and not chosen:
         raise ConfigError(f"activations={activations!r} needs SparseLinear layers with int8 values in the "
