@@ -196,3 +196,11 @@ def test_fused_projections_keep_int8_values_and_the_mode():
         fused = block.fused_q_k_v.layer
         assert fused.weight_format.dtype == torch.int8 and fused.activations == "int8"
         assert torch.equal(block(x), expected)  # one quantization of x serves every fused row
+
+
+@pytest.mark.slow
+def test_int8_mode_under_torch_compile_is_the_eager_result():
+    layer = SparseLinear(_weight("nm", 16, 32, 5), torch.randn(16), activations="int8")
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        assert torch.equal(torch.compile(layer, fullgraph=True)(x), _reference(layer.weight_format, x, layer.bias))
