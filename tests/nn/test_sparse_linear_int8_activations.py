@@ -19,7 +19,7 @@ from sparseforge import kernels, ops
 from sparseforge.errors import ConfigError
 from sparseforge.formats import BitmapWeight, NMWeight
 from sparseforge.formats.csr import CSRWeight
-from sparseforge.generation.fuse import fuse_projections_
+from sparseforge.generation.fuse import fuse_projections_, unfuse_projections_
 from sparseforge.kernels import native
 from sparseforge.nn import SparseLinear
 from sparseforge.ops.int8 import bitmap_i8_linear, nm_i8_linear
@@ -189,6 +189,7 @@ def test_fused_projections_keep_int8_values_and_the_mode():
         with torch.no_grad():
             lin.weight.mul_(torch.tensor([0.0, 1.0, 1.0, 0.0]).repeat(4))
         setattr(block, name, SparseLinear.from_linear(lin, "nm", dtype=torch.int8, activations="int8"))
+    originals = [getattr(block, n).weight_format for n in ("q_proj", "k_proj", "v_proj")]
     x = torch.randn(1, 16)
     with torch.no_grad():
         expected = block(x)
@@ -196,6 +197,13 @@ def test_fused_projections_keep_int8_values_and_the_mode():
         fused = block.fused_q_k_v.layer
         assert fused.weight_format.dtype == torch.int8 and fused.activations == "int8"
         assert torch.equal(block(x), expected)  # one quantization of x serves every fused row
+        unfuse_projections_(block)
+        assert torch.equal(block(x), expected)
+    for name, original in zip(("q_proj", "k_proj", "v_proj"), originals):
+        layer = getattr(block, name)
+        assert isinstance(layer, SparseLinear) and layer.activations == "int8"
+        assert torch.equal(layer.weight_format.values, original.values)
+        assert torch.equal(layer.weight_format.scales, original.scales)
 
 
 @pytest.mark.slow
