@@ -74,3 +74,19 @@ def test_int8_activations_errors(int8_dir, tmp_path_factory, capsys):
     assert "none qualifies" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="none qualifies"):
         set_activation_precision_(load_causal_lm(float_path)[0], "int8")
+
+
+def test_bench_runs_the_sparse_variant_with_int8_activations(int8_dir, capsys):
+    from sparseforge.evaluation.speed import bench_generation
+
+    path, n_layers = int8_dir
+    kw = dict(batch_sizes=(1,), new_tokens=2, prompt_len=4, repeats=1, threads=1, format="rule", measure_rss=False,
+              progress=False)
+    int8 = bench_generation(str(path), activations="int8", **kw)
+    assert int8.compress_summary.count("int8 activations") == n_layers
+    flt = bench_generation(str(path), **kw)
+    assert "int8 activations" not in flt.compress_summary
+    assert int8.max_abs_logit_diff > 10 * flt.max_abs_logit_diff  # the quantized inputs move the logits
+    assert main(["bench", str(path), "--batch-sizes", "1", "--new-tokens", "2", "--prompt-len", "4", "--repeats", "1",
+                 "--threads", "1", "--format", "rule", "--no-rss", "--no-progress", "--int8-activations"]) == 0
+    assert "int8 activations" in capsys.readouterr().out

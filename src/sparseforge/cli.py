@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rss", action=argparse.BooleanOptionalAction, default=True, help="peak RSS of each variant in a fresh process")
     p.add_argument("--sparse-threads", action=argparse.BooleanOptionalAction, default=True,
                    help="sparse variant with torch on 1 thread and the kernels on --threads (see kernels.sparse_threads)")
+    p.add_argument("--int8-activations", action="store_true",
+                   help="the sparse variant's int8-valued layers quantize their inputs per token (a model pruned with "
+                        "--quantize int8; docs/kernels.md)")
     p.add_argument("--kv-policy", default=None, choices=["dense", "quest", "streaming", "mustafar"],
                    help="instead: decode tokens/s at --context cached tokens, dense vs this KV policy (docs/attention.md)")
     p.add_argument("--kv-budget", type=int, default=2048, help="tokens the KV policy reads per step")
@@ -334,7 +337,8 @@ def _cmd_bench(args) -> int:
     report = bench_generation(args.model, batch_sizes=args.batch_sizes, new_tokens=args.new_tokens,
                               prompt_len=args.prompt_len, repeats=args.repeats, threads=args.threads,
                               format=args.format, pattern=args.pattern, sparsity=args.sparsity,
-                              measure_rss=args.rss, progress=args.progress, sparse_threads=args.sparse_threads)
+                              measure_rss=args.rss, progress=args.progress, sparse_threads=args.sparse_threads,
+                              activations="int8" if args.int8_activations else "float")
     print(report.table())
     _write_json(args.json, report.to_dict())
     return 0
