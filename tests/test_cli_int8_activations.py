@@ -90,3 +90,23 @@ def test_bench_runs_the_sparse_variant_with_int8_activations(int8_dir, capsys):
     assert main(["bench", str(path), "--batch-sizes", "1", "--new-tokens", "2", "--prompt-len", "4", "--repeats", "1",
                  "--threads", "1", "--format", "rule", "--no-rss", "--no-progress", "--int8-activations"]) == 0
     assert "int8 activations" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_prune_reports_the_perplexity_with_int8_activations(tmp_path, capsys):
+    out = tmp_path / "m"
+    assert main(["prune", "builtin", "--method", "magnitude", "--pattern", "2:4", "--quantize", "int8",
+                 "--int8-activations", "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    pruned = float(re.search(r"-> pruned ([0-9.]+)", text).group(1))
+    found = re.search(r"perplexity with int8 activations \(sparse kernels, (\d+) layer\(s\)\): ([0-9.]+)", text)
+    assert found and int(found.group(1)) > 0
+    assert float(found.group(2)) != pruned and abs(float(found.group(2)) / pruned - 1) < 0.05
+    assert (out / "config.json").exists()  # saved before the in-place compression
+
+
+def test_prune_int8_activations_needs_int8_weights(tmp_path, capsys):
+    assert main(["prune", "builtin", "--method", "magnitude", "--pattern", "2:4", "--int8-activations",
+                 "--out", str(tmp_path / "m"), "--no-progress"]) == 2
+    assert "--quantize int8" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True, help="evaluate dense and pruned model")
     p.add_argument("--dtype", default=None, help="load the model in float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--int8-activations", action="store_true",
+                   help="with --quantize int8: also report the perplexity with int8 activations on the sparse kernels "
+                        "(a runtime mode, not saved: use eval/generate --int8-activations on the checkpoint)")
     _add_activation_options(p)
 
     p = sub.add_parser("eval", help="perplexity (causal LMs) or embedding fidelity against --reference (encoders)")
@@ -228,6 +231,7 @@ def _cmd_prune(args) -> int:
     result = prune_model(
         args.model, configs, out=args.out, compressed=args.compressed, overwrite=args.overwrite,
         evaluate=args.eval, dtype=args.dtype, progress=args.progress, activation=activation,
+        int8_activations=args.int8_activations,
     )
     print(result.format())
     return 0

@@ -51,6 +51,9 @@ class PruneResult:
             lines.append(self.activation.summary())
         if self.metric_name is not None:
             lines.append(f"{self.metric_name}: dense {self.dense_metric:.4f} -> pruned {self.pruned_metric:.4f}")
+        if "int8_activations_metric" in self.extra:
+            lines.append(f"{self.metric_name} with int8 activations (sparse kernels, "
+                         f"{self.extra['int8_activation_layers']} layer(s)): {self.extra['int8_activations_metric']:.4f}")
         if self.out is not None:
             lines.append(
                 f"saved to {self.out} ({self.checkpoint_bytes / 2**20:.2f} MiB on disk, "
@@ -76,12 +79,16 @@ def prune_model(
     dtype=None,
     progress: bool = True,
     activation=None,
+    int8_activations: bool = False,
 ) -> PruneResult:
     """Load ``model``, prune it with every config in turn, evaluate before/after and save to ``out``.
 
     ``activation``: an :class:`~sparseforge.activation.ActivationSparsityConfig` calibrated on the
     pruned model after the last stage (its thresholds are saved in the checkpoint and restored by
-    :func:`sparseforge.load`); the "pruned" metric then includes it."""
+    :func:`sparseforge.load`); the "pruned" metric then includes it. ``int8_activations``: after saving,
+    the pruned model's layers are compressed in place (``compress_(format="rule", activations="int8")``)
+    and the perplexity measured again with int8 activations (``extra["int8_activations_metric"]``);
+    needs a causal LM and an int8 quantization stage, and ``evaluate``."""
     from sparseforge.evaluation.quality import embedding_fidelity, perplexity
     from sparseforge.io.checkpoint import save_pretrained
     from sparseforge.io.layout import checkpoint_sizes
@@ -90,7 +97,12 @@ def prune_model(
     start = time.perf_counter()
     out = None if out is None else Path(out)
     _check_out(out, overwrite)
+    if int8_activations and not (evaluate and any(c.quantize is not None and c.quantize.bits == 8 for c in configs)):
+        raise ConfigError("int8 activations are measured on int8 weights after the evaluation: add --quantize int8 "
+                          "and keep --eval")
     loaded = load_model(model, dtype=dtype)
+    if int8_activations and loaded.kind != "causal-lm":
+        raise ConfigError(f"int8 activations are measured by perplexity; {model} is an encoder")
     for config in configs:
         check_calibration_memory(loaded.model, config)
     result = PruneResult(model=str(model), kind=loaded.kind, reports=[])
@@ -119,6 +131,12 @@ def prune_model(
                         sparsity_config=sparsity_config, overwrite=overwrite)
         sizes = checkpoint_sizes(out)
         result.out, result.checkpoint_bytes, result.dense_bytes = out, sizes["file_bytes"], sizes["dense_bytes"]
+    if int8_activations:  # after saving: the model's pruned layers are replaced in place
+        from sparseforge.runtime.compress import compress_
+
+        report = compress_(loaded.model, format="rule", activations="int8")
+        result.extra["int8_activation_layers"] = sum(c.activations == "int8" for c in report.converted)
+        result.extra["int8_activations_metric"] = perplexity(loaded.model, loaded.tokenizer, progress=progress).ppl
     result.seconds = time.perf_counter() - start
     result.peak_rss_mb = peak_rss_mb()
     return result
