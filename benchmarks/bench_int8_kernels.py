@@ -32,6 +32,7 @@ import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,9 @@ from bench_output import write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CELLS = ("bitmap_i8", "nm_i8", "csr_i8", "bitmap_i8 act=int8", "nm_i8 act=int8")
+# --compare: the float mode with two output rows interleaved per loop (SPARSEFORGE_INT8_ROWS=2; the default
+# is one), and the int8-activation mode on the AVX2 path (forced ISA)
+COMPARE_CELLS = ("bitmap_i8 rows=2", "nm_i8 rows=2", "bitmap_i8 act=int8 isa=avx2", "nm_i8 act=int8 isa=avx2")
 SPARSITY = {"bitmap_i8": "50%", "nm_i8": "2:4", "csr_i8": "90%"}
 
 
@@ -54,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--calls", type=int, default=15, help="timed calls per cell (each on cold weights)")
     ap.add_argument("--evict-mib", type=int, default=1024, help="buffer summed before each call")
     ap.add_argument("--quick", action="store_true", help="one 1024x2816 layer, 5 calls, 64 MiB eviction (smoke)")
+    ap.add_argument("--compare", action="store_true",
+                    help="also time " + ", ".join(COMPARE_CELLS) + " (same run: before / after and the AVX2 path)")
     ap.add_argument("--out", type=Path, default=RESULTS / "int8_kernels.json")
     args = ap.parse_args(argv)
     if args.quick:
@@ -90,16 +96,33 @@ def kernel_call(cell: str, wt, x: np.ndarray, y: np.ndarray):
     """A closure running the cell's native kernel once into y."""
     from sparseforge.kernels import native
 
-    nat, act = native(), ("int8" if cell.endswith("act=int8") else "float")
+    nat, act = native(), ("int8" if "act=int8" in cell.split() else "float")
+    isa = next((t.split("=")[1] for t in cell.split() if t.startswith("isa=")), "")
     fmt = cell.split()[0]
     if fmt == "bitmap_i8":
         a = (x, wt.bitmap.numpy(), wt.row_offsets.numpy(), wt.values.numpy(), wt.scales.numpy(), None, y)
-        return lambda: nat.bitmap_i8_linear(*a, check_indices=False, act=act)
+        return lambda: nat.bitmap_i8_linear(*a, check_indices=False, act=act, isa=isa)
     if fmt == "nm_i8":
         a = (x, wt.values.numpy(), wt.indices.numpy(), wt.scales.numpy(), 2, 4, None, y)
-        return lambda: nat.nm_i8_linear(*a, check_indices=False, act=act)
+        return lambda: nat.nm_i8_linear(*a, check_indices=False, act=act, isa=isa)
     a = (x, wt.row_ptr.numpy(), wt.col.numpy(), wt.values.numpy(), wt.scales.numpy(), None, y)
     return lambda: nat.csr_i8_linear(*a, check_indices=False)
+
+
+@contextmanager
+def cell_env(cell: str):
+    """Inside: the environment a cell's calls run under (``rows=2``: SPARSEFORGE_INT8_ROWS=2), restored after."""
+    env = {"SPARSEFORGE_INT8_ROWS": t.split("=")[1] for t in cell.split() if t.startswith("rows=")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
 
 
 def time_cold(fn, calls: int, evict: torch.Tensor) -> dict:
@@ -126,6 +149,7 @@ def run(args) -> dict:
     load_before = os.getloadavg()
     for out, inp in args.shapes:
         w = torch.empty(out, inp).uniform_(-1, 1, generator=torch.Generator().manual_seed(out))
+        cells = CELLS + (COMPARE_CELLS if args.compare else ())
         weights = {c: build(c, w, seed=inp) for c in CELLS if "act=" not in c}
         dense = hugepage_backed(w.clone())
         for threads in args.threads:
@@ -141,12 +165,13 @@ def run(args) -> dict:
                              "mb": dense.numel() * 4 / 1e6, "gbs": dense_rate / 1e9, "pct_bound": 100.0,
                              "pct_bound_min": 100.0, "pct_bound_cpu": 100.0, **d})
                 xn, y = x.numpy(), np.empty((batch, out), np.float32)
-                for cell in CELLS:
+                for cell in cells:
                     wt = weights[cell.split()[0]]
-                    t = time_cold(kernel_call(cell, wt, xn, y), args.calls, evict)
+                    with cell_env(cell):
+                        t = time_cold(kernel_call(cell, wt, xn, y), args.calls, evict)
                     nbytes = weight_bytes(wt)
                     rows.append({"shape": f"{out}x{inp}", "threads": threads, "batch": batch,
-                                 "cell": f"{cell.split()[0]} {SPARSITY[cell.split()[0]]}" + (" act=int8" if "act=" in cell else ""),
+                                 "cell": " ".join([cell.split()[0], SPARSITY[cell.split()[0]], *cell.split()[1:]]),
                                  "mb": nbytes / 1e6, "gbs": nbytes / (t["ms"] / 1e3) / 1e9,
                                  "pct_bound": 100.0 * (nbytes / dense_rate) / (t["ms"] / 1e3),
                                  "pct_bound_min": 100.0 * (nbytes / dense_min_rate) / (t["min_ms"] / 1e3),
@@ -159,8 +184,8 @@ def targets(result: dict) -> list[str]:
     """PASS / FAIL per batch-1 cell: >= 90% of the bytes bound by CPU time (the wall figure beside it)."""
     lines = []
     for r in result["rows"]:
-        if r["cell"] == "dense fp32" or r["batch"] != 1:
-            continue
+        if r["cell"] == "dense fp32" or r["batch"] != 1 or "rows=" in r["cell"] or "isa=" in r["cell"]:
+            continue  # the --compare cells are references, not the paths a call takes
         verdict = "PASS" if r["pct_bound_cpu"] >= 90.0 else "FAIL"
         lines.append(f"{verdict}: {r['cell']} {r['shape']} {r['threads']} thr: {r['pct_bound_cpu']:.0f}% of the bytes bound "
                      f"by CPU time (wall median {r['pct_bound']:.0f}%), target >= 90%")
@@ -173,10 +198,10 @@ def main(argv=None) -> int:
     print(f"host: {result['host']}")
     print(f"isa {result['isa']}, int8 VNNI kernels {result['int8_vnni']}; load average before "
           f"{result['loadavg_before'][0]:.2f}, after {result['loadavg_after'][0]:.2f} ({os.cpu_count()} CPUs)")
-    print(f"{'shape':<12}{'thr':>4}{'B':>3}  {'cell':<24}{'ms':>8}{'min':>8}{'cpu ms':>8}{'MB':>8}{'GB/s':>7}"
+    print(f"{'shape':<12}{'thr':>4}{'B':>3}  {'cell':<30}{'ms':>8}{'min':>8}{'cpu ms':>8}{'MB':>8}{'GB/s':>7}"
           f"{'% bound':>9}{'min %':>7}{'cpu %':>7}")
     for r in result["rows"]:
-        print(f"{r['shape']:<12}{r['threads']:>4}{r['batch']:>3}  {r['cell']:<24}{r['ms']:8.3f}{r['min_ms']:8.3f}"
+        print(f"{r['shape']:<12}{r['threads']:>4}{r['batch']:>3}  {r['cell']:<30}{r['ms']:8.3f}{r['min_ms']:8.3f}"
               f"{r['cpu_ms']:8.3f}{r['mb']:8.1f}{r['gbs']:7.1f}{r['pct_bound']:8.0f}%{r['pct_bound_min']:6.0f}%"
               f"{r['pct_bound_cpu']:6.0f}%")
     for line in targets(result):

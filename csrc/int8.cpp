@@ -3,7 +3,9 @@
 // block dequantized into a float32 buffer and multiplied by the format's float32 lanes kernels.
 #include "int8.h"
 
+#include <cstdlib>
 #include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -27,6 +29,9 @@ const I8Kernels& i8_kernels(Isa isa) {
   if (isa == Isa::avx512 && use_int8_vnni()) return avx512vnni::i8;
 #endif
   if (isa == Isa::avx512) return avx512::i8;
+#if defined(SF_HAVE_INT8_AVX_VNNI_KERNELS)
+  if (isa == Isa::avx2 && use_int8_avx_vnni()) return avx2vnni::i8;
+#endif
   if (isa == Isa::avx2) return avx2::i8;
 #endif
   (void)isa;
@@ -264,6 +269,29 @@ NmI8 nm_i8_view(const Array& values, const Array& indices, const Array& scales, 
   w.w = nm_view(as_f32(values, op), indices, n, m, cols, op, check_indices);
   w.scales = checked_scales(scales, w.w.rows, op, check_indices);
   return w;
+}
+
+int int8_rows_in_flight() {
+  const char* env = std::getenv("SPARSEFORGE_INT8_ROWS");
+  if (env == nullptr || *env == '\0') return 1;
+  const std::string v = env;
+  if (v == "1" || v == "2") return v[0] - '0';
+  throw std::invalid_argument("SPARSEFORGE_INT8_ROWS='" + v + "' is not a setting; use 1 or 2");
+}
+
+const char* int8_act_path(Isa isa) {
+  const I8Kernels& k = i8_kernels(isa);
+#if defined(SF_HAVE_X86_KERNELS)
+#if defined(SF_HAVE_INT8_VNNI_KERNELS)
+  if (&k == &avx512vnni::i8) return "avx512_vnni";
+#endif
+#if defined(SF_HAVE_INT8_AVX_VNNI_KERNELS)
+  if (&k == &avx2vnni::i8) return "avx2_vnni";
+#endif
+  if (&k == &avx512::i8 || &k == &avx2::i8) return "avx2";  // the avx512 table runs the AVX2 int8-activation kernels
+#endif
+  (void)k;
+  return "portable";
 }
 
 void bitmap_i8_linear_ref(const BitmapI8& w, const Problem& p) { i8_linear_ref(w.w, w.scales, p); }

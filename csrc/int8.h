@@ -23,7 +23,10 @@
 // kernels gather the x bytes of the stored values (2:4: vpermt2b with positions from the index
 // bits via vpmultishiftqb; bitmap: vpcompressb by the bitmap's 64-bit masks) and multiply 64 values
 // per vpdpbusd ((q + 128) as u8 times xq as s8, minus 128 * sum xq by a second vpdpbusd). Without
-// them a portable integer loop gives the same result. Every batch size runs the rows kernels; a
+// them (and on AVX2) 32 values per step: 2:4 gathers the x bytes with vpshufb, bitmap expands the
+// values to their columns with vpshufb, |q| times sign(xq, q) by vpdpbusd ymm (AVX-VNNI) or
+// vpmaddubsw + vpmaddwd; other n:m run the bitmap kernels on decoded positions. The scalar path is
+// a portable integer loop. All give the same result. Every batch size runs the rows kernels; a
 // call whose x holds NaN or inf runs the float32 mode instead (NaN / inf propagate as in a dense
 // matmul, which a quantized x cannot express). The deviation from the float32 mode is bounded by
 //   |y_int8 - y_f32| <= scales[r] * sum_j |q[r, j]| * sx[b] / 2   (plus float32 rounding).
@@ -87,6 +90,7 @@ namespace scalar { extern const I8Kernels i8; }
 namespace avx2 { extern const I8Kernels i8; }
 namespace avx512 { extern const I8Kernels i8; }
 namespace avx512vnni { extern const I8Kernels i8; }  // avx512 + VNNI, VBMI, VBMI2 (the int8-activation kernels)
+namespace avx2vnni { extern const I8Kernels i8; }  // avx2 + AVX-VNNI (vpdpbusd on ymm)
 
 // The scalar references (test oracles) and the dispatched kernels; algo as for bitmap_linear.
 // Checked views (views.h): the structure buffers as bitmap_view / nm_view check them, values int8
@@ -106,6 +110,12 @@ void nm_i8_linear(const NmI8& w, const Problem& p, Isa isa, int algo, I8Act act 
 // int8 and summed in int64 (NaN / inf in x: the float32 reference)
 void bitmap_i8_linear_qx_ref(const BitmapI8& w, const Problem& p);
 void nm_i8_linear_qx_ref(const NmI8& w, const Problem& p);
+// Output rows the float32-activation rows kernels of 2:4 and of the bitmap (AVX-512) interleave in one
+// loop: SPARSEFORGE_INT8_ROWS=1 or 2 (read on every call; unset: 1, measured faster, docs/kernels.md).
+// Both give the same bits.
+int int8_rows_in_flight();
+// The I8Act::int8 rows kernels that run on ISA path isa: "avx512_vnni", "avx2_vnni", "avx2" or "portable".
+const char* int8_act_path(Isa isa);
 void csr_i8_linear_ref(const CsrI8& w, const Problem& p);
 void csr_i8_linear(const CsrI8& w, const Problem& p, Isa isa, int algo);
 

@@ -1,6 +1,8 @@
 // int8-valued bitmap / N:M / CSR row kernels (int8.h), written once and compiled per instruction set:
-// int8.cpp (portable), int8_avx2.cpp and int8_avx512.cpp each include this header and export its
-// table. Everything has internal linkage.
+// int8.cpp (portable), int8_avx2.cpp, int8_avx2vnni.cpp, int8_avx512.cpp and int8_avx512vnni.cpp each
+// include this header and export its table. Everything has internal linkage. The int8-activation
+// (I8Act::int8) kernels are at the end: AVX512 VNNI / VBMI / VBMI2, AVX2 (with or without AVX-VNNI;
+// also the avx512 table's), portable.
 //
 // One row loop serves both formats: a row is a run of kept columns, each 8-column byte of it
 // described by a keep-mask (the bitmap byte itself; for 2:4 the kNm24 mask of the index byte; for
@@ -100,8 +102,11 @@ inline void i8_row_dot(const int8_t* q, int64_t vp, int64_t end, int64_t cols, M
 // holds value k + i, whose column is 4 * (i / 2) + its 2-bit field; the field is shifted out of the
 // block's index dword (vpsrlvd), combined with the group base (vpternlogd) and picks the x of that
 // column out of the block's two x vectors (vpermt2ps). Values and x past the row are masked off.
-template <int NB>
-inline void nm24_i8_row_dot(const int8_t* q, const uint8_t* irow, int64_t vpr, const float* const* xs, float* sums) {
+// R rows at once (q[i], irow[i]; sums[i][nb]): their x vectors are loaded once per step and their
+// chains interleave; each row's operations and their order are those of R = 1 (the same bits).
+template <int R, int NB>
+inline void nm24_i8_rows_dot(const int8_t* const* q, const uint8_t* const* irow, int64_t vpr, const float* const* xs,
+                             float (*sums)[NB]) {
   const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
   const __m512i three = _mm512_set1_epi32(3);
@@ -109,40 +114,49 @@ inline void nm24_i8_row_dot(const int8_t* q, const uint8_t* irow, int64_t vpr, c
     return _mm512_ternarylogic_epi32(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(idx)), shifts), three, base, 0xEA);
   };
   auto widen = [](__m128i raw) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)); };
-  __m512 acc[NB][2];
-  for (int nb = 0; nb < NB; ++nb) acc[nb][0] = acc[nb][1] = _mm512_setzero_ps();
+  __m512 acc[R][NB][2];
+  for (int i = 0; i < R; ++i)
+    for (int nb = 0; nb < NB; ++nb) acc[i][nb][0] = acc[i][nb][1] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 32 <= vpr; k += 32) {
-    v512::prefetch(q + k, v512::kPrefetchBytes);
-    uint32_t i0, i1;
-    std::memcpy(&i0, irow + k / 4, 4);
-    std::memcpy(&i1, irow + k / 4 + 4, 4);
-    const __m512i p0 = positions(i0), p1 = positions(i1);
-    const __m512 w0 = widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k)));
-    const __m512 w1 = widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k + 16)));
+    __m512i p0[R], p1[R];
+    __m512 w0[R], w1[R];
+    for (int i = 0; i < R; ++i) {
+      v512::prefetch(q[i] + k, v512::kPrefetchBytes);
+      uint32_t i0, i1;
+      std::memcpy(&i0, irow[i] + k / 4, 4);
+      std::memcpy(&i1, irow[i] + k / 4 + 4, 4);
+      p0[i] = positions(i0), p1[i] = positions(i1);
+      w0[i] = widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[i] + k)));
+      w1[i] = widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[i] + k + 16)));
+    }
     for (int nb = 0; nb < NB; ++nb) {
       const float* x = xs[nb] + 2 * k;
-      const __m512 x0 = _mm512_permutex2var_ps(_mm512_loadu_ps(x), p0, _mm512_loadu_ps(x + 16));
-      const __m512 x1 = _mm512_permutex2var_ps(_mm512_loadu_ps(x + 32), p1, _mm512_loadu_ps(x + 48));
-      acc[nb][0] = _mm512_fmadd_ps(w0, x0, acc[nb][0]);
-      acc[nb][1] = _mm512_fmadd_ps(w1, x1, acc[nb][1]);
+      const __m512 xa = _mm512_loadu_ps(x), xb = _mm512_loadu_ps(x + 16);
+      const __m512 xc = _mm512_loadu_ps(x + 32), xd = _mm512_loadu_ps(x + 48);
+      for (int i = 0; i < R; ++i) {
+        acc[i][nb][0] = _mm512_fmadd_ps(w0[i], _mm512_permutex2var_ps(xa, p0[i], xb), acc[i][nb][0]);
+        acc[i][nb][1] = _mm512_fmadd_ps(w1[i], _mm512_permutex2var_ps(xc, p1[i], xd), acc[i][nb][1]);
+      }
     }
   }
-  for (; k < vpr; k += 16) {
-    const int64_t nv = min64(16, vpr - k), nc = 2 * nv;
-    uint32_t idx = 0;
-    std::memcpy(&idx, irow + k / 4, static_cast<size_t>((nv + 3) / 4));
-    const __m512i pos = positions(idx);
-    const __mmask16 vm = v512::first_lanes(nv);
-    const __m512 w = widen(_mm_maskz_loadu_epi8(vm, q + k));
-    for (int nb = 0; nb < NB; ++nb) {
-      const float* x = xs[nb] + 2 * k;
-      const __m512 lo = _mm512_maskz_loadu_ps(v512::first_lanes(nc), x);
-      const __m512 hi = _mm512_maskz_loadu_ps(v512::first_lanes(nc > 16 ? nc - 16 : 0), x + 16);
-      acc[nb][0] = _mm512_fmadd_ps(w, _mm512_maskz_permutex2var_ps(vm, lo, pos, hi), acc[nb][0]);
+  for (int i = 0; i < R; ++i) {
+    for (int64_t kk = k; kk < vpr; kk += 16) {
+      const int64_t nv = min64(16, vpr - kk), nc = 2 * nv;
+      uint32_t idx = 0;
+      std::memcpy(&idx, irow[i] + kk / 4, static_cast<size_t>((nv + 3) / 4));
+      const __m512i pos = positions(idx);
+      const __mmask16 vm = v512::first_lanes(nv);
+      const __m512 w = widen(_mm_maskz_loadu_epi8(vm, q[i] + kk));
+      for (int nb = 0; nb < NB; ++nb) {
+        const float* x = xs[nb] + 2 * kk;
+        const __m512 lo = _mm512_maskz_loadu_ps(v512::first_lanes(nc), x);
+        const __m512 hi = _mm512_maskz_loadu_ps(v512::first_lanes(nc > 16 ? nc - 16 : 0), x + 16);
+        acc[i][nb][0] = _mm512_fmadd_ps(w, _mm512_maskz_permutex2var_ps(vm, lo, pos, hi), acc[i][nb][0]);
+      }
     }
+    for (int nb = 0; nb < NB; ++nb) sums[i][nb] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][nb][0], acc[i][nb][1]));
   }
-  for (int nb = 0; nb < NB; ++nb) sums[nb] = _mm512_reduce_add_ps(_mm512_add_ps(acc[nb][0], acc[nb][1]));
 }
 
 
@@ -151,44 +165,59 @@ inline void nm24_i8_row_dot(const int8_t* q, const uint8_t* irow, int64_t vpr, c
 // expand-loaded to the bytes their bitmap bits name (vpexpandb from memory reads exactly popcount
 // bytes, so no load passes the buffer), widened and converted 16 at a time, FMA with x (masked past
 // `cols`). Fewer shuffle-port instructions per column than the 16-column vpexpandd steps above.
-template <int NB>
-inline void bitmap_i8_row_dot_vbmi2(const int8_t* q, int64_t vp, const uint8_t* bits, int64_t cols,
-                                    const float* const* xs, float* sums) {
-  __m512 acc[NB][4];
-  for (int nb = 0; nb < NB; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = _mm512_setzero_ps();
+// R rows at once (values from vp[i], bitmap rows bits[i]; sums[i][nb]): x loaded once per step for all
+// of them, each row's operations in the order of R = 1 (the same bits).
+template <int R, int NB>
+inline void bitmap_i8_rows_dot_vbmi2(const int8_t* q, const int64_t* vp0, const uint8_t* const* bits, int64_t cols,
+                                     const float* const* xs, float (*sums)[NB]) {
+  __m512 acc[R][NB][4];
+  for (int i = 0; i < R; ++i)
+    for (int nb = 0; nb < NB; ++nb) acc[i][nb][0] = acc[i][nb][1] = acc[i][nb][2] = acc[i][nb][3] = _mm512_setzero_ps();
   auto widen = [](__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)); };
+  int64_t vp[R];
+  for (int i = 0; i < R; ++i) vp[i] = vp0[i];
   int64_t c = 0;
   for (; c + 64 <= cols; c += 64) {
-    v512::prefetch(q + vp, v512::kPrefetchBytes);
-    uint64_t m;
-    std::memcpy(&m, bits + c / 8, 8);
-    const __m512i b = _mm512_maskz_expandloadu_epi8(m, q + vp);
-    vp += _mm_popcnt_u64(m);
-    const __m512 w0 = widen(_mm512_castsi512_si128(b)), w1 = widen(_mm512_extracti32x4_epi32(b, 1));
-    const __m512 w2 = widen(_mm512_extracti32x4_epi32(b, 2)), w3 = widen(_mm512_extracti32x4_epi32(b, 3));
+    __m512 w[R][4];
+    for (int i = 0; i < R; ++i) {
+      v512::prefetch(q + vp[i], v512::kPrefetchBytes);
+      uint64_t m;
+      std::memcpy(&m, bits[i] + c / 8, 8);
+      const __m512i b = _mm512_maskz_expandloadu_epi8(m, q + vp[i]);
+      vp[i] += _mm_popcnt_u64(m);
+      w[i][0] = widen(_mm512_castsi512_si128(b)), w[i][1] = widen(_mm512_extracti32x4_epi32(b, 1));
+      w[i][2] = widen(_mm512_extracti32x4_epi32(b, 2)), w[i][3] = widen(_mm512_extracti32x4_epi32(b, 3));
+    }
     for (int nb = 0; nb < NB; ++nb) {
       const float* x = xs[nb] + c;
-      acc[nb][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x), acc[nb][0]);
-      acc[nb][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16), acc[nb][1]);
-      acc[nb][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(x + 32), acc[nb][2]);
-      acc[nb][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(x + 48), acc[nb][3]);
+      const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+      const __m512 x2 = _mm512_loadu_ps(x + 32), x3 = _mm512_loadu_ps(x + 48);
+      for (int i = 0; i < R; ++i) {
+        acc[i][nb][0] = _mm512_fmadd_ps(w[i][0], x0, acc[i][nb][0]);
+        acc[i][nb][1] = _mm512_fmadd_ps(w[i][1], x1, acc[i][nb][1]);
+        acc[i][nb][2] = _mm512_fmadd_ps(w[i][2], x2, acc[i][nb][2]);
+        acc[i][nb][3] = _mm512_fmadd_ps(w[i][3], x3, acc[i][nb][3]);
+      }
     }
   }
-  if (c < cols) {
-    const int64_t nc = cols - c;
-    uint64_t m = 0;
-    std::memcpy(&m, bits + c / 8, static_cast<size_t>((nc + 7) / 8));
-    m = _bzhi_u64(m, static_cast<unsigned>(nc));
-    const __m512i b = _mm512_maskz_expandloadu_epi8(m, q + vp);
-    const __m512 w[4] = {widen(_mm512_castsi512_si128(b)), widen(_mm512_extracti32x4_epi32(b, 1)),
-                         widen(_mm512_extracti32x4_epi32(b, 2)), widen(_mm512_extracti32x4_epi32(b, 3))};
-    for (int t = 0; t < 4 && 16 * t < nc; ++t) {
-      const __mmask16 cm = v512::first_lanes(nc - 16 * t);
-      for (int nb = 0; nb < NB; ++nb) acc[nb][t] = _mm512_fmadd_ps(w[t], _mm512_maskz_loadu_ps(cm, xs[nb] + c + 16 * t), acc[nb][t]);
+  for (int i = 0; i < R; ++i) {
+    if (c < cols) {
+      const int64_t nc = cols - c;
+      uint64_t m = 0;
+      std::memcpy(&m, bits[i] + c / 8, static_cast<size_t>((nc + 7) / 8));
+      m = _bzhi_u64(m, static_cast<unsigned>(nc));
+      const __m512i b = _mm512_maskz_expandloadu_epi8(m, q + vp[i]);
+      const __m512 w[4] = {widen(_mm512_castsi512_si128(b)), widen(_mm512_extracti32x4_epi32(b, 1)),
+                           widen(_mm512_extracti32x4_epi32(b, 2)), widen(_mm512_extracti32x4_epi32(b, 3))};
+      for (int t = 0; t < 4 && 16 * t < nc; ++t) {
+        const __mmask16 cm = v512::first_lanes(nc - 16 * t);
+        for (int nb = 0; nb < NB; ++nb) acc[i][nb][t] = _mm512_fmadd_ps(w[t], _mm512_maskz_loadu_ps(cm, xs[nb] + c + 16 * t), acc[i][nb][t]);
+      }
     }
-  }
-  for (int nb = 0; nb < NB; ++nb) {
-    sums[nb] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[nb][0], acc[nb][1]), _mm512_add_ps(acc[nb][2], acc[nb][3])));
+    for (int nb = 0; nb < NB; ++nb) {
+      sums[i][nb] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[i][nb][0], acc[i][nb][1]),
+                                                       _mm512_add_ps(acc[i][nb][2], acc[i][nb][3])));
+    }
   }
 }
 #endif
@@ -298,18 +327,78 @@ void i8_rows(const Problem& p, const float* scales, int64_t r0, int64_t r1, RowF
                               [scales](int64_t r, int64_t, float sum, float bv) { return scales[r] * sum + bv; });
 }
 
+// As i8_rows, R rows per call while R remain (then one): group(r, rc, xs, sums, nbc) writes rows
+// [r, r + rc) (rc an integral_constant) into sums[i][nb].
+template <int R, class GroupFn>
+void i8_row_groups(const Problem& p, const float* scales, int64_t r0, int64_t r1, GroupFn&& group) {
+  for_batch_quads(p.B, [&](auto nbc, int64_t b0) {
+    constexpr int NB = decltype(nbc)::value;
+    const float* xs[NB];
+    for (int nb = 0; nb < NB; ++nb) xs[nb] = p.x + (b0 + nb) * p.in;
+    auto run = [&](int64_t r, auto rc) {
+      constexpr int RC = decltype(rc)::value;
+      float sums[RC][NB];
+      group(r, rc, xs, sums, nbc);
+      for (int i = 0; i < RC; ++i) {
+        const float bv = p.bias ? p.bias[r + i] : 0.f;
+        // one rounding whatever the compiler contracts: the same bits for every R
+        for (int nb = 0; nb < NB; ++nb) p.y[(b0 + nb) * p.out + r + i] = std::fma(scales[r + i], sums[i][nb], bv);
+      }
+    };
+    int64_t r = r0;
+    for (; r + R <= r1; r += R) run(r, std::integral_constant<int, R>{});
+    for (; r < r1; ++r) run(r, std::integral_constant<int, 1>{});
+  });
+}
+
+// i8_row_groups with int8_rows_in_flight() rows per group (1 or 2)
+template <class GroupFn>
+void i8_rows_in_flight(const Problem& p, const float* scales, int64_t r0, int64_t r1, GroupFn&& group) {
+  if (int8_rows_in_flight() >= 2) i8_row_groups<2>(p, scales, r0, r1, group);
+  else i8_row_groups<1>(p, scales, r0, r1, group);
+}
+
 void bitmap_i8_rows(const BitmapI8& wq, const Problem& p, int64_t r0, int64_t r1) {
   const BitmapView& w = wq.w;
   const int8_t* q = static_cast<const int8_t*>(w.val);
+#if defined(__AVX512VBMI2__)
+  i8_rows_in_flight(p, wq.scales, r0, r1, [&](int64_t r, auto rc, const float* const* xs, auto sums, auto) {
+    constexpr int RC = decltype(rc)::value;
+    int64_t vp[RC];
+    const uint8_t* rows[RC];
+    for (int i = 0; i < RC; ++i) vp[i] = w.row_offsets[r + i], rows[i] = w.bits + (r + i) * w.bpr;
+    bitmap_i8_rows_dot_vbmi2<RC>(q, vp, rows, w.cols, xs, sums);
+  });
+#else
   i8_rows(p, wq.scales, r0, r1, [&](int64_t r, const float* const* xs, float* sums, auto nbc) {
     const uint8_t* row = w.bits + r * w.bpr;
-#if defined(__AVX512VBMI2__)
-    bitmap_i8_row_dot_vbmi2<decltype(nbc)::value>(q, w.row_offsets[r], row, w.cols, xs, sums);
-#else
     i8_row_dot<decltype(nbc)::value, 0>(q, w.row_offsets[r], w.nnz, w.cols, [row](int64_t i) { return row[i]; }, xs, sums);
-#endif
   });
+#endif
 }
+
+// Rows of an n:m weight other than 2:4 as bitmap rows (their values are stored in column order, as a
+// bitmap row's): row(r) decodes row r's positions once and returns its bits (8 bytes of slack past the row).
+class NmRowBits {
+ public:
+  explicit NmRowBits(const NmView& w)
+      : w_(w), bits_(static_cast<size_t>((w.cols + 7) / 8 + 8)), cols_(static_cast<size_t>(w.vpr > 0 ? w.vpr : 1)) {}
+  const uint8_t* row(int64_t r) {
+    if (decoded_ != r) {
+      std::memset(bits_.data(), 0, bits_.size());
+      nm_decode_cols(w_, w_.idx + r * w_.ibpr, 0, w_.vpr, cols_.data());
+      for (int64_t k = 0; k < w_.vpr; ++k) bits_[cols_[k] >> 3] |= static_cast<uint8_t>(1u << (cols_[k] & 7));
+      decoded_ = r;
+    }
+    return bits_.data();
+  }
+
+ private:
+  const NmView& w_;
+  std::vector<uint8_t> bits_;
+  std::vector<int32_t> cols_;
+  int64_t decoded_ = -1;
+};
 
 void nm_i8_rows(const NmI8& wq, const Problem& p, int64_t r0, int64_t r1) {
   const NmView& w = wq.w;
@@ -317,8 +406,12 @@ void nm_i8_rows(const NmI8& wq, const Problem& p, int64_t r0, int64_t r1) {
   const int64_t total = w.rows * w.vpr;
   if (w.n == 2 && w.m == 4) {  // each index byte is two groups: kNm24 gives their 8-column mask
 #if defined(__AVX512F__)
-    i8_rows(p, wq.scales, r0, r1, [&](int64_t r, const float* const* xs, float* sums, auto nbc) {
-      nm24_i8_row_dot<decltype(nbc)::value>(q + r * w.vpr, w.idx + r * w.ibpr, w.vpr, xs, sums);
+    i8_rows_in_flight(p, wq.scales, r0, r1, [&](int64_t r, auto rc, const float* const* xs, auto sums, auto) {
+      constexpr int RC = decltype(rc)::value;
+      const int8_t* qs[RC];
+      const uint8_t* irows[RC];
+      for (int i = 0; i < RC; ++i) qs[i] = q + (r + i) * w.vpr, irows[i] = w.idx + (r + i) * w.ibpr;
+      nm24_i8_rows_dot<RC>(qs, irows, w.vpr, xs, sums);
     });
     return;
 #endif
@@ -330,19 +423,12 @@ void nm_i8_rows(const NmI8& wq, const Problem& p, int64_t r0, int64_t r1) {
     return;
   }
   // other n:m: the row's positions are decoded into a bitmap row first (values are in column order)
-  std::vector<uint8_t> bits(static_cast<size_t>((w.cols + 7) / 8 + 8));
-  std::vector<int32_t> cols(static_cast<size_t>(w.vpr > 0 ? w.vpr : 1));
-  int64_t decoded = -1;
+  NmRowBits bits(w);
   i8_rows(p, wq.scales, r0, r1, [&](int64_t r, const float* const* xs, float* sums, auto nbc) {
-    if (decoded != r) {
-      std::memset(bits.data(), 0, bits.size());
-      nm_decode_cols(w, w.idx + r * w.ibpr, 0, w.vpr, cols.data());
-      for (int64_t k = 0; k < w.vpr; ++k) bits[cols[k] >> 3] |= static_cast<uint8_t>(1u << (cols[k] & 7));
-      decoded = r;
-    }
-    const uint8_t* row = bits.data();
+    const uint8_t* row = bits.row(r);
 #if defined(__AVX512VBMI2__)
-    bitmap_i8_row_dot_vbmi2<decltype(nbc)::value>(q, r * w.vpr, row, w.cols, xs, sums);
+    const int64_t vp = r * w.vpr;
+    bitmap_i8_rows_dot_vbmi2<1>(q, &vp, &row, w.cols, xs, reinterpret_cast<float(*)[decltype(nbc)::value]>(sums));
 #else
     i8_row_dot<decltype(nbc)::value, 0>(q, r * w.vpr, total, w.cols, [row](int64_t i) { return row[i]; }, xs, sums);
 #endif
@@ -530,6 +616,163 @@ inline void bitmap_qx_row_dot(const int8_t* q, int64_t vp, int64_t end, const ui
   }
   for (int nb = 0; nb < NB; ++nb) sums[nb] = a.total[nb];
 }
+#define SF_INT8_QX_KERNELS 1
+
+#elif defined(__AVX2__)
+// AVX2 (also the avx512 table without VNNI / VBMI / VBMI2): 32 int8 products per step, summed in int32
+// lanes by |q| (u8) times xq with q's sign (s8): with AVX-VNNI one vpdpbusd ymm, else vpmaddubsw
+// (pairs: at most 2 * 128 * 127 < 2^15, no saturation) and vpmaddwd by ones. Each lane gains at most
+// 4 * 128 * 127 per step, so chunks of kQxChunk values are reduced into an int64 before a lane wraps.
+constexpr int64_t kQxChunk = 65536;
+inline void qx_prefetch(const int8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p) + 4096, _MM_HINT_T0); }
+
+template <int NB>
+struct QxAcc {
+  __m256i acc[NB];
+  int64_t total[NB] = {};
+  QxAcc() { clear(); }
+  void clear() {
+    for (int nb = 0; nb < NB; ++nb) acc[nb] = _mm256_setzero_si256();
+  }
+  void add(__m256i w, int nb, __m256i xg) {
+    const __m256i aw = _mm256_abs_epi8(w), sx = _mm256_sign_epi8(xg, w);
+#if defined(__AVXVNNI__)
+    acc[nb] = _mm256_dpbusd_avx_epi32(acc[nb], aw, sx);
+#else
+    acc[nb] = _mm256_add_epi32(acc[nb], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1)));
+#endif
+  }
+  void flush() {
+    for (int nb = 0; nb < NB; ++nb) {
+      alignas(32) int32_t lanes[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc[nb]);
+      for (int32_t v : lanes) total[nb] += v;
+    }
+    clear();
+  }
+};
+
+// 32 bytes whose 16-byte halves are p[0, 16) and p[off, off + 16)
+inline __m256i load_halves(const int8_t* p, int64_t off) {
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+                                 _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + off)), 1);
+}
+
+// 2:4: 32 values (64 columns from 2k, 8 index bytes) per step. Index byte t holds the 2-bit fields of
+// values 4t..4t+3: widened to dword t and ORed with itself shifted by 6, 12 and 18, byte j of that dword
+// holds field j in its low two bits. Value p's column within its 16-column quarter of the window is
+// 4 * ((p % 8) / 2) + field; vpshufb (per 128-bit lane) picks it from x[0, 16) | x[32, 48) for bytes
+// 0-7 of each lane and from x[16, 32) | x[48, 64) for bytes 8-15, which leaves the gathered x in the
+// values' order.
+template <int NB>
+inline void nm24_qx_row_dot(const int8_t* q, const uint8_t* irow, int64_t vpr, const int8_t* const* xs, int64_t* sums) {
+  const __m256i base = _mm256_setr_epi8(0, 0, 4, 4, 8, 8, 12, 12, 0, 0, 4, 4, 8, 8, 12, 12,
+                                        0, 0, 4, 4, 8, 8, 12, 12, 0, 0, 4, 4, 8, 8, 12, 12);
+  const __m256i keep_lo = _mm256_setr_epi64x(0, -1, 0, -1);  // ORed into a control: bytes 8-15 of each lane zeroed
+  const __m256i keep_hi = _mm256_setr_epi64x(-1, 0, -1, 0);  // bytes 0-7 zeroed
+  const __m256i three = _mm256_set1_epi8(3);
+  auto control = [&](uint64_t idx) {
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(idx)));
+    const __m256i f = _mm256_or_si256(_mm256_or_si256(v, _mm256_slli_epi32(v, 6)),
+                                      _mm256_or_si256(_mm256_slli_epi32(v, 12), _mm256_slli_epi32(v, 18)));
+    return _mm256_add_epi8(_mm256_and_si256(f, three), base);
+  };
+  auto gather = [&](const int8_t* x, __m256i ctl) {  // x: the 64-column window
+    const __m256i a = _mm256_shuffle_epi8(load_halves(x, 32), _mm256_or_si256(ctl, keep_lo));
+    const __m256i b = _mm256_shuffle_epi8(load_halves(x + 16, 32), _mm256_or_si256(ctl, keep_hi));
+    return _mm256_or_si256(a, b);
+  };
+  QxAcc<NB> a;
+  for (int64_t c0 = 0; c0 < vpr; c0 += kQxChunk) {
+    const int64_t c1 = min64(vpr, c0 + kQxChunk);
+    int64_t k = c0;
+    for (; k + 32 <= c1; k += 32) {
+      qx_prefetch(q + k);
+      uint64_t idx;
+      std::memcpy(&idx, irow + k / 4, 8);
+      const __m256i ctl = control(idx);
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k));
+      for (int nb = 0; nb < NB; ++nb) a.add(w, nb, gather(xs[nb] + 2 * k, ctl));
+    }
+    if (k < c1) {  // the last nv < 32 values: copied with zeros above (x is padded past the row)
+      const int64_t nv = c1 - k;
+      uint64_t idx = 0;
+      std::memcpy(&idx, irow + k / 4, static_cast<size_t>((nv + 3) / 4));
+      alignas(32) int8_t tail[32] = {};
+      std::memcpy(tail, q + k, static_cast<size_t>(nv));
+      const __m256i ctl = control(idx);
+      const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+      for (int nb = 0; nb < NB; ++nb) a.add(w, nb, gather(xs[nb] + 2 * k, ctl));
+    }
+    a.flush();
+  }
+  for (int nb = 0; nb < NB; ++nb) sums[nb] = a.total[nb];
+}
+
+// vpshufb controls that expand bytes [k, k + popcount(m)) to the positions of m's set bits (0x80, which
+// zeroes, elsewhere): ctl[k][m], one qword per mask byte and offset k (the second byte of a 16-byte
+// half starts at the first byte's popcount)
+struct Expand8Table {
+  uint64_t ctl[9][256];
+  constexpr Expand8Table() : ctl() {
+    for (int k = 0; k <= 8; ++k) {
+      for (int m = 0; m < 256; ++m) {
+        uint64_t c = 0;
+        int rank = k;
+        for (int j = 0; j < 8; ++j) c |= uint64_t{((m >> j) & 1) ? static_cast<uint64_t>(rank++) : 0x80u} << (8 * j);
+        ctl[k][m] = c;
+      }
+    }
+  }
+};
+constexpr Expand8Table kExpand8{};
+
+// the 16-byte control of one 16-column half: mask bytes lo and hi, hi's values after lo's
+inline __m128i expand16_control(uint32_t lo, uint32_t hi) {
+  const __m128i a = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(&kExpand8.ctl[0][lo]));
+  const double* b = reinterpret_cast<const double*>(&kExpand8.ctl[_mm_popcnt_u32(lo)][hi]);
+  return _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(a), b));
+}
+
+// bitmap: 32 columns per step. The row's next values are expanded to their columns (vpshufb per
+// 16-column half, from 16 bytes loaded at that half's first value) and multiplied with x as stored.
+template <int NB>
+inline void bitmap_qx_row_dot(const int8_t* q, int64_t vp, int64_t end, const uint8_t* bits, int64_t cols,
+                              const int8_t* const* xs, int64_t* sums) {
+  QxAcc<NB> a;
+  for (int64_t c0 = 0; c0 < cols; c0 += kQxChunk) {
+    const int64_t c1 = min64(cols, c0 + kQxChunk);
+    for (int64_t c = c0; c < c1; c += 32) {
+      qx_prefetch(q + vp);
+      uint32_t m = 0;
+      if (c + 32 <= c1) {
+        std::memcpy(&m, bits + c / 8, 4);
+      } else {
+        std::memcpy(&m, bits + c / 8, static_cast<size_t>((c1 - c + 7) / 8));
+        m = _bzhi_u32(m, static_cast<unsigned>(c1 - c));
+      }
+      const uint32_t m0 = m & 0xff, m1 = (m >> 8) & 0xff, m2 = (m >> 16) & 0xff, m3 = m >> 24;
+      const int64_t p01 = _mm_popcnt_u32(m & 0xffff), n = _mm_popcnt_u32(m);
+      __m256i raw;
+      if (vp + p01 + 16 <= end) {
+        raw = load_halves(q + vp, p01);
+      } else {  // near the end of the values: copied, so no load passes the buffer
+        alignas(32) int8_t tmp[32] = {};
+        std::memcpy(tmp, q + vp, static_cast<size_t>(p01));
+        std::memcpy(tmp + 16, q + vp + p01, static_cast<size_t>(n - p01));
+        raw = _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp));
+      }
+      const __m256i ctl = _mm256_inserti128_si256(_mm256_castsi128_si256(expand16_control(m0, m1)),
+                                                  expand16_control(m2, m3), 1);
+      const __m256i w = _mm256_shuffle_epi8(raw, ctl);
+      for (int nb = 0; nb < NB; ++nb) a.add(w, nb, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs[nb] + c)));
+      vp += n;
+    }
+    a.flush();
+  }
+  for (int nb = 0; nb < NB; ++nb) sums[nb] = a.total[nb];
+}
+#define SF_INT8_QX_KERNELS 1
 #endif
 
 // The portable integer sums: every stored entry (column j, value index k) that for_stored(f) visits,
@@ -547,7 +790,7 @@ void bitmap_i8_rows_qx(const BitmapI8& wq, const QuantX& xq, const Problem& p, i
   const int8_t* q = static_cast<const int8_t*>(w.val);
   i8_rows_qx(p, xq, wq.scales, r0, r1, [&](int64_t r, const int8_t* const* xs, int64_t* sums, auto nbc) {
     constexpr int NB = decltype(nbc)::value;
-#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512VBMI2__)
+#if defined(SF_INT8_QX_KERNELS)
     bitmap_qx_row_dot<NB>(q, w.row_offsets[r], w.nnz, w.bits + r * w.bpr, w.cols, xs, sums);
 #else
     qx_row_dot_portable<NB>(q, xs, sums, [&](auto&& f) { bitmap_stored(w, r, f); });
@@ -558,15 +801,18 @@ void bitmap_i8_rows_qx(const BitmapI8& wq, const QuantX& xq, const Problem& p, i
 void nm_i8_rows_qx(const NmI8& wq, const QuantX& xq, const Problem& p, int64_t r0, int64_t r1) {
   const NmView& w = wq.w;
   const int8_t* q = static_cast<const int8_t*>(w.val);
+  NmRowBits bits(w);
   i8_rows_qx(p, xq, wq.scales, r0, r1, [&](int64_t r, const int8_t* const* xs, int64_t* sums, auto nbc) {
     constexpr int NB = decltype(nbc)::value;
-#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512VBMI2__)
+#if defined(SF_INT8_QX_KERNELS)
     if (w.n == 2 && w.m == 4) {
       nm24_qx_row_dot<NB>(q + r * w.vpr, w.idx + r * w.ibpr, w.vpr, xs, sums);
-      return;
+    } else {  // other n:m: the bitmap kernel on the row's decoded positions
+      bitmap_qx_row_dot<NB>(q, r * w.vpr, w.rows * w.vpr, bits.row(r), w.cols, xs, sums);
     }
-#endif
+#else
     qx_row_dot_portable<NB>(q, xs, sums, [&](auto&& f) { nm_stored(w, r, f); });
+#endif
   });
 }
 

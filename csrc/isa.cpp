@@ -73,6 +73,18 @@ bool use_int8_vnni() {
   return kernel_build_switch("SPARSEFORGE_INT8_VNNI", cpu, "AVX512 VNNI / VBMI / VBMI2");
 }
 
+bool use_int8_avx_vnni() {
+#if defined(SF_HAVE_INT8_AVX_VNNI_KERNELS) && (defined(__GNUC__) || defined(__clang__))
+  static const bool cpu = [] {
+    __builtin_cpu_init();
+    return cpu_supports(Isa::avx2) && __builtin_cpu_supports("avxvnni");
+  }();
+#else
+  const bool cpu = false;
+#endif
+  return kernel_build_switch("SPARSEFORGE_INT8_VNNI", cpu, "AVX-VNNI");
+}
+
 Isa best_isa() {
   if (compiled_with(Isa::avx512) && cpu_supports(Isa::avx512)) return Isa::avx512;
   if (compiled_with(Isa::avx2) && cpu_supports(Isa::avx2)) return Isa::avx2;

@@ -26,5 +26,9 @@ bool use_vpopcntdq();
 // CPU has all three and the build has the kernels, unless SPARSEFORGE_INT8_VNNI=0 (tests use that to
 // run the portable integer path); SPARSEFORGE_INT8_VNNI=1 where they are missing throws.
 bool use_int8_vnni();
+// Within the avx2 path: use the int8 kernels built with AVX-VNNI (vpdpbusd on ymm) for int8 activations.
+// True when the CPU has AVX-VNNI and the build has the kernels; the same SPARSEFORGE_INT8_VNNI switch
+// (0: the AVX2 vpmaddubsw kernels; 1 where they are missing throws).
+bool use_int8_avx_vnni();
 
 }  // namespace sf

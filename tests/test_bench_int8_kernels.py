@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 from benchmark_modules import load_benchmark
 
@@ -22,6 +23,16 @@ def test_tiny_run_writes_every_cell(tmp_path):
         assert math.isfinite(r["ms"]) and r["ms"] > 0 and r["mb"] > 0 and r["cpu_ms"] >= 0
         assert math.isfinite(r["pct_bound"]) and r["pct_bound"] > 0
     assert isinstance(result["int8_vnni"], bool) and len(result["loadavg_before"]) == 3
+
+
+def test_compare_adds_the_reference_cells(tmp_path):
+    bench = load_benchmark("int8_kernels")
+    out = tmp_path / "int8.json"
+    argv = ["--shapes", "64x256", "--threads", "1", "--calls", "2", "--evict-mib", "4", "--compare", "--out", str(out)]
+    assert bench.main(argv) == 0
+    cells = {r["cell"] for r in json.loads(out.read_text())["rows"]}
+    assert {"bitmap_i8 50% rows=2", "nm_i8 2:4 rows=2", "bitmap_i8 50% act=int8 isa=avx2", "nm_i8 2:4 act=int8 isa=avx2"} <= cells
+    assert "SPARSEFORGE_INT8_ROWS" not in os.environ  # restored
 
 
 def test_verdicts_follow_the_target():

@@ -344,6 +344,8 @@ void register_int8(nb::module_& m) {
                               op.c_str(), chk);
       },
       sf::nm_i8_linear, sf::nm_i8_linear_ref, sf::nm_i8_linear_qx_ref});
+  m.def("int8_act_path", [](const std::string& isa) { return std::string(sf::int8_act_path(resolve(isa))); },
+        "isa"_a = "", "The int8-activation product a call on this ISA path runs (csrc/int8.h int8_act_path).");
   m.def("int8_vnni", [] { return sf::use_int8_vnni(); },
         "Whether act='int8' runs the AVX512 VNNI / VBMI / VBMI2 kernels on the avx512 path (SPARSEFORGE_INT8_VNNI).");
 }

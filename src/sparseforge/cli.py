@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True, help="evaluate dense and pruned model")
     p.add_argument("--dtype", default=None, help="load the model in float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--int8-activations", action="store_true",
+                   help="with --quantize int8: also report the perplexity with int8 activations on the sparse kernels "
+                        "(a runtime mode, not saved: use eval/generate --int8-activations on the checkpoint)")
     _add_activation_options(p)
 
     p = sub.add_parser("eval", help="perplexity (causal LMs) or embedding fidelity against --reference (encoders)")
@@ -116,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--max-windows", type=int, default=64)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--int8-activations", action="store_true",
+                   help="run a compressed checkpoint with int8 values on the sparse kernels with int8 activations "
+                        "(quantized per token; see docs/kernels.md)")
 
     p = sub.add_parser("inspect", help="per-layer sparsity, pattern validity and sizes of a checkpoint")
     p.add_argument("path", type=Path)
@@ -161,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rss", action=argparse.BooleanOptionalAction, default=True, help="peak RSS of each variant in a fresh process")
     p.add_argument("--sparse-threads", action=argparse.BooleanOptionalAction, default=True,
                    help="sparse variant with torch on 1 thread and the kernels on --threads (see kernels.sparse_threads)")
+    p.add_argument("--int8-activations", action="store_true",
+                   help="the sparse variant's int8-valued layers quantize their inputs per token (a model pruned with "
+                        "--quantize int8; docs/kernels.md)")
     p.add_argument("--kv-policy", default=None, choices=["dense", "quest", "streaming", "mustafar"],
                    help="instead: decode tokens/s at --context cached tokens, dense vs this KV policy (docs/attention.md)")
     p.add_argument("--kv-budget", type=int, default=2048, help="tokens the KV policy reads per step")
@@ -222,6 +231,7 @@ def _cmd_prune(args) -> int:
     result = prune_model(
         args.model, configs, out=args.out, compressed=args.compressed, overwrite=args.overwrite,
         evaluate=args.eval, dtype=args.dtype, progress=args.progress, activation=activation,
+        int8_activations=args.int8_activations,
     )
     print(result.format())
     return 0
@@ -231,7 +241,8 @@ def _cmd_eval(args) -> int:
     from sparseforge.pipeline import evaluate_model
 
     print(evaluate_model(args.model, reference=args.reference, seqlen=args.seqlen,
-                         max_windows=args.max_windows, progress=args.progress))
+                         max_windows=args.max_windows, progress=args.progress,
+                         activations="int8" if args.int8_activations else "float"))
     return 0
 
 
@@ -330,7 +341,8 @@ def _cmd_bench(args) -> int:
     report = bench_generation(args.model, batch_sizes=args.batch_sizes, new_tokens=args.new_tokens,
                               prompt_len=args.prompt_len, repeats=args.repeats, threads=args.threads,
                               format=args.format, pattern=args.pattern, sparsity=args.sparsity,
-                              measure_rss=args.rss, progress=args.progress, sparse_threads=args.sparse_threads)
+                              measure_rss=args.rss, progress=args.progress, sparse_threads=args.sparse_threads,
+                              activations="int8" if args.int8_activations else "float")
     print(report.table())
     _write_json(args.json, report.to_dict())
     return 0

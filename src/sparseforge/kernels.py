@@ -80,6 +80,14 @@ def bf16_path_supported(name: str) -> bool:
     return native().bf16_path_supported(name)
 
 
+def int8_act_path(requested: str = "") -> str:
+    """The int8-activation product (``activations="int8"``, :mod:`sparseforge.ops.int8`) a call on ISA path
+    ``requested`` (default: :func:`isa`) runs: ``"avx512_vnni"`` (AVX512 VNNI / VBMI / VBMI2, unless
+    ``SPARSEFORGE_INT8_VNNI=0``), ``"avx2"`` or ``"portable"`` (an integer loop). Every path gives the
+    same result."""
+    return native().int8_act_path(requested)
+
+
 def num_threads() -> int:
     """Threads the kernels use, the calling thread included."""
     return native().num_threads()

@@ -51,6 +51,9 @@ class PruneResult:
             lines.append(self.activation.summary())
         if self.metric_name is not None:
             lines.append(f"{self.metric_name}: dense {self.dense_metric:.4f} -> pruned {self.pruned_metric:.4f}")
+        if "int8_activations_metric" in self.extra:
+            lines.append(f"{self.metric_name} with int8 activations (sparse kernels, "
+                         f"{self.extra['int8_activation_layers']} layer(s)): {self.extra['int8_activations_metric']:.4f}")
         if self.out is not None:
             lines.append(
                 f"saved to {self.out} ({self.checkpoint_bytes / 2**20:.2f} MiB on disk, "
@@ -76,12 +79,16 @@ def prune_model(
     dtype=None,
     progress: bool = True,
     activation=None,
+    int8_activations: bool = False,
 ) -> PruneResult:
     """Load ``model``, prune it with every config in turn, evaluate before/after and save to ``out``.
 
     ``activation``: an :class:`~sparseforge.activation.ActivationSparsityConfig` calibrated on the
     pruned model after the last stage (its thresholds are saved in the checkpoint and restored by
-    :func:`sparseforge.load`); the "pruned" metric then includes it."""
+    :func:`sparseforge.load`); the "pruned" metric then includes it. ``int8_activations``: after saving,
+    the pruned model's layers are compressed in place (``compress_(format="rule", activations="int8")``)
+    and the perplexity measured again with int8 activations (``extra["int8_activations_metric"]``);
+    needs a causal LM and an int8 quantization stage, and ``evaluate``."""
     from sparseforge.evaluation.quality import embedding_fidelity, perplexity
     from sparseforge.io.checkpoint import save_pretrained
     from sparseforge.io.layout import checkpoint_sizes
@@ -90,7 +97,12 @@ def prune_model(
     start = time.perf_counter()
     out = None if out is None else Path(out)
     _check_out(out, overwrite)
+    if int8_activations and not (evaluate and any(c.quantize is not None and c.quantize.bits == 8 for c in configs)):
+        raise ConfigError("int8 activations are measured on int8 weights after the evaluation: add --quantize int8 "
+                          "and keep --eval")
     loaded = load_model(model, dtype=dtype)
+    if int8_activations and loaded.kind != "causal-lm":
+        raise ConfigError(f"int8 activations are measured by perplexity; {model} is an encoder")
     for config in configs:
         check_calibration_memory(loaded.model, config)
     result = PruneResult(model=str(model), kind=loaded.kind, reports=[])
@@ -119,14 +131,25 @@ def prune_model(
                         sparsity_config=sparsity_config, overwrite=overwrite)
         sizes = checkpoint_sizes(out)
         result.out, result.checkpoint_bytes, result.dense_bytes = out, sizes["file_bytes"], sizes["dense_bytes"]
+    if int8_activations:  # after saving: the model's pruned layers are replaced in place
+        from sparseforge.runtime.compress import compress_
+
+        report = compress_(loaded.model, format="rule", activations="int8")
+        result.extra["int8_activation_layers"] = sum(c.activations == "int8" for c in report.converted)
+        result.extra["int8_activations_metric"] = perplexity(loaded.model, loaded.tokenizer, progress=progress).ppl
     result.seconds = time.perf_counter() - start
     result.peak_rss_mb = peak_rss_mb()
     return result
 
 
 def evaluate_model(model: str, *, reference: str | None = None, seqlen: int = 256, max_windows: int = 64,
-                   progress: bool = True) -> str:
-    """One-line evaluation: perplexity for causal LMs, embedding cosine vs ``reference`` for encoders."""
+                   progress: bool = True, activations: str = "float") -> str:
+    """One-line evaluation: perplexity for causal LMs, embedding cosine vs ``reference`` for encoders.
+
+    ``activations="int8"``: ``model`` must be a compressed checkpoint with int8 values; it is loaded on the
+    sparse kernels (:func:`~sparseforge.io.loading.load_sparse`) with int8 activations in its bitmap / N:M
+    layers (:func:`~sparseforge.runtime.compress.set_activation_precision_`), and the line says how many.
+    """
     from sparseforge.errors import ModelError
     from sparseforge.evaluation.quality import embedding_fidelity, perplexity
     from sparseforge.io.models import load_model, resolve_model_path
@@ -136,7 +159,11 @@ def evaluate_model(model: str, *, reference: str | None = None, seqlen: int = 25
             resolve_model_path(reference)  # a bad --reference fails before the model is loaded
         except ModelError as exc:
             raise ModelError(f"--reference: {exc}") from None
-    loaded = load_model(model)
+    if activations == "float":
+        loaded, note = load_model(model), ""
+    else:
+        loaded, count = _load_int8_activations(model, activations)
+        note = f", {activations} activations in {count} layer(s)"
     if loaded.kind == "causal-lm" and reference is not None:
         raise ConfigError(
             f"--reference compares an encoder's embeddings; {model} is a causal LM, evaluated by perplexity "
@@ -144,11 +171,11 @@ def evaluate_model(model: str, *, reference: str | None = None, seqlen: int = 25
         )
     if loaded.kind == "causal-lm":
         r = perplexity(loaded.model, loaded.tokenizer, seqlen=seqlen, max_windows=max_windows, progress=progress)
-        return f"perplexity {r.ppl:.4f} over {r.tokens} predicted tokens ({r.windows} windows of {seqlen})"
+        return f"perplexity {r.ppl:.4f} over {r.tokens} predicted tokens ({r.windows} windows of {seqlen}){note}"
     if reference is None:
         raise ConfigError(f"{model} is an encoder: pass --reference DENSE_MODEL to measure embedding fidelity")
     f = embedding_fidelity(load_model(reference).model, loaded.model, loaded.tokenizer)
-    return f"embedding cosine vs {reference}: mean {f.mean_cosine:.4f}, min {f.min_cosine:.4f} over {f.n} sentences"
+    return f"embedding cosine vs {reference}: mean {f.mean_cosine:.4f}, min {f.min_cosine:.4f} over {f.n} sentences{note}"
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -212,3 +239,22 @@ def run_demo(out: Path | str = "sparseforge-demo", patterns: tuple[str, ...] = (
     if not exact:
         raise ConfigError("reloaded checkpoint differs from the pruned model (please report this bug)")
     return rows
+
+
+def _load_int8_activations(model: str, activations: str):
+    """``(LoadedModel, layer count)``: a compressed checkpoint loaded on the sparse kernels with ``activations``
+    set in every layer that has the mode."""
+    from sparseforge.io.layout import is_compressed, read_sparsity_config
+    from sparseforge.io.loading import load_sparse
+    from sparseforge.io.models import LoadedModel, load_tokenizer, model_kind, resolve_model_path
+    from sparseforge.io.validation import read_json
+    from sparseforge.runtime.compress import set_activation_precision_
+
+    path = resolve_model_path(model)
+    if not is_compressed(read_sparsity_config(path)):
+        raise ConfigError(f"activations={activations!r} runs the sparse int8 kernels; {model} is not a compressed "
+                          "sparseforge checkpoint (prune it with --quantize int8 --compressed)")
+    net = load_sparse(path).eval()
+    layers = set_activation_precision_(net, activations)
+    kind = model_kind(read_json(path / "config.json"))
+    return LoadedModel(model=net, tokenizer=load_tokenizer(path), kind=kind, path=path), len(layers)

@@ -1,8 +1,9 @@
 """The int8-activation mode of the int8-valued bitmap / N:M kernels (``act="int8"``, csrc/int8.h I8Act::int8).
 
 x is quantized per batch row (symmetric, amax / 127), the products summed exactly in integers. Every
-path (scalar, AVX2, AVX-512 with and without the VNNI / VBMI / VBMI2 kernels, forced through the
-``isa`` argument and SPARSEFORGE_INT8_VNNI) must give exactly the reference's result, the reference
+path (scalar: the portable loop; AVX2 with and without AVX-VNNI; AVX-512 with the VNNI / VBMI / VBMI2
+kernels, and without them the AVX2 kernels; forced through the ``isa`` argument and
+SPARSEFORGE_INT8_VNNI) must give exactly the reference's result, the reference
 must be the documented formula (recomputed here in torch), and the result must stay within the
 documented bound of the float32 mode (and of dense torch on the dequantized weight).
 """
@@ -29,8 +30,26 @@ def _has_int8_vnni() -> bool:
     return kernels.cpu_supports("avx512") and {"avx512_vnni", "avx512vbmi", "avx512_vbmi2"} <= flags
 
 
-# "auto" runs the VNNI kernels where the CPU has them; "0" the portable integer loop on every path
+# "auto" runs the VNNI kernels of the path where the CPU has them; "0" the path's kernels without VNNI
 VNNI = ["auto", "0"]
+
+
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return set(f.read().split())
+
+
+def test_the_switch_picks_the_named_kernels(monkeypatch):
+    monkeypatch.setenv("SPARSEFORGE_INT8_VNNI", "0")
+    assert kernels.int8_act_path("scalar") == "portable"
+    for isa in ("avx2", "avx512"):
+        if kernels.cpu_supports(isa):
+            assert kernels.int8_act_path(isa) == "avx2"  # the AVX2 vpmaddubsw kernels
+    monkeypatch.setenv("SPARSEFORGE_INT8_VNNI", "auto")
+    if kernels.cpu_supports("avx2"):
+        assert kernels.int8_act_path("avx2") == ("avx2_vnni" if "avx_vnni" in _cpu_flags() else "avx2")
+    if kernels.cpu_supports("avx512"):
+        assert kernels.int8_act_path("avx512") == ("avx512_vnni" if _has_int8_vnni() else "avx2")
 
 
 def _weight(fmt: str, rows: int, cols: int, density: float, seed: int):

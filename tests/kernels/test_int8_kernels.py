@@ -147,3 +147,22 @@ def test_bad_scales_are_model_errors():
     with pytest.raises(ModelError, match="values must be int8"):
         native().bitmap_i8_linear(x.numpy(), wt.bitmap.numpy(), wt.row_offsets.numpy(), wt.values.float().numpy(),
                                   wt.scales.numpy(), None, y)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["bitmap", "2:4", "4:8"])
+def test_rows_in_flight_give_the_same_bits(isa, fmt, monkeypatch):
+    """SPARSEFORGE_INT8_ROWS=2 interleaves two output rows per loop: each row's sum keeps its order."""
+    for rows, cols in ((7, 136), (8, 264), (1, 64)):  # an odd row count leaves one row alone
+        wt = _weight(fmt, rows, cols, 0.5, seed=rows)
+        x, bias = torch.randn(5, cols), torch.randn(rows)
+        monkeypatch.setenv("SPARSEFORGE_INT8_ROWS", "1")
+        one = _run(wt, x, bias, isa=isa, algo="rows")
+        monkeypatch.setenv("SPARSEFORGE_INT8_ROWS", "2")
+        two = _run(wt, x, bias, isa=isa, algo="rows")
+        assert torch.equal(one, two)
+        torch.testing.assert_close(two, _run(wt, x, bias, ref=True), **TOL)
+    if isa == "avx512" and fmt != "4:8":  # the paths that interleave rows read the setting
+        monkeypatch.setenv("SPARSEFORGE_INT8_ROWS", "3")
+        with pytest.raises(ValueError, match="SPARSEFORGE_INT8_ROWS"):
+            _run(wt, x, bias, isa=isa, algo="rows")

@@ -130,7 +130,7 @@ def test_sparse_linear_passes_its_tile_to_the_op(monkeypatch):
     with torch.no_grad():
         layer(torch.randn(8, 512))
         layer(torch.randn(1, 512))
-    assert seen == [{"col_tile": 256, "block_rows": 64}, {}]
+    assert seen == [{"activations": "float", "col_tile": 256, "block_rows": 64}, {"activations": "float"}]
 
 
 def test_rule_switch_and_bad_settings(monkeypatch):

@@ -161,11 +161,13 @@ def _peak_rss_subprocess(spec: dict[str, Any]) -> float:
 def bench_generation(model: str, *, batch_sizes: Sequence[int] = (1, 8), new_tokens: int = 32, prompt_len: int = 16,
                      repeats: int = 3, threads: Optional[int] = None, format: str = "auto",
                      pattern: Optional[str] = None, sparsity: Optional[float] = None, measure_rss: bool = True,
-                     progress: bool = True, sparse_threads: bool = True) -> BenchReport:
+                     progress: bool = True, sparse_threads: bool = True, activations: str = "float") -> BenchReport:
     """Tokens/s of greedy generation, dense vs compressed, for each batch size (module doc).
 
     ``sparse_threads``: generate with the sparse variant inside
     :func:`sparseforge.kernels.sparse_threads` (torch single-threaded, kernels on ``threads``).
+    ``activations="int8"``: the sparse variant's int8-valued bitmap / N:M layers quantize their inputs per
+    token (``compress_(..., activations="int8")``; a model quantized with ``--quantize int8``).
     """
     from contextlib import nullcontext
 
@@ -184,7 +186,8 @@ def bench_generation(model: str, *, batch_sizes: Sequence[int] = (1, 8), new_tok
 
     dense, _ = _load(model, "dense", pattern, sparsity, format, batch_sizes, False)
     sparse = copy.deepcopy(dense)  # loaded (and pruned) once; the compressed copy replaces its pruned layers
-    models = {"dense": (dense, None), "sparse": (sparse, compress_(sparse, format, batch_sizes=batch_sizes))}
+    models = {"dense": (dense, None),
+              "sparse": (sparse, compress_(sparse, format, batch_sizes=batch_sizes, activations=activations))}
     del dense, sparse
     report = BenchReport(model, machine_info(threads), new_tokens, prompt_len)
     sparse_report = models["sparse"][1]

@@ -13,6 +13,7 @@ Example::
     sparseforge generate pruned/ --prompt "ROMEO:" --temperature 0.8 --seed 1 --threads 2
     sparseforge generate builtin --prompt "ROMEO:" --kv-policy quest --kv-budget 256
     sparseforge generate builtin --prompt "ROMEO:" --engine transformers --no-lean
+    sparseforge generate pruned-int8/ --prompt "ROMEO:" --int8-activations
 
 Wiring (in ``sparseforge/cli.py``): ``add_parser(subparsers)`` adds the subcommand (torch-free) and
 ``run(args)`` runs it, returning the exit status.
@@ -54,6 +55,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="tokens a --kv-policy reads per step (Quest's budget, StreamingLLM's sinks + window, "
                         "Mustafar's dense recent window; default 2048)")
     p.add_argument("--dense", action="store_true", help="load a compressed checkpoint dense instead of on the sparse kernels")
+    p.add_argument("--int8-activations", action="store_true",
+                   help="quantize each token's input to the int8-valued bitmap / N:M layers to int8 (integer sums; a "
+                        "checkpoint pruned with --quantize int8; changes the numerics: docs/kernels.md)")
     return p
 
 
@@ -86,7 +90,14 @@ def run(args: argparse.Namespace) -> int:
         kv_policy = policy_named(args.kv_policy, args.kv_budget)
         if args.compile:
             raise ConfigError("--kv-policy runs on the paged dynamic cache; drop --compile (it needs the static cache)")
+    if args.int8_activations and args.dense:
+        raise ConfigError("--int8-activations runs the sparse int8 kernels; drop --dense")
     model, tokenizer, _ = load_causal_lm(args.model, sparse=not args.dense)
+    if args.int8_activations:
+        from sparseforge.runtime.compress import set_activation_precision_
+
+        layers = set_activation_precision_(model, "int8")
+        print(f"# int8 activations in {len(layers)} layer(s)", file=sys.stderr)
     lean = LeanConfig(compile=args.compile) if args.lean else False
     sys.stdout.write(args.prompt)
     sys.stdout.flush()

@@ -12,8 +12,9 @@ launches per token of a 16-layer model into 64. The model's own code is not touc
 calls ``self.q_proj(x)``.
 
 Fusion is for inference: the fused layers do not train, and a fused model's ``state_dict`` holds
-the stacked weights (call :func:`unfuse_projections_` before saving it). Only groups whose members are all ``nn.Linear`` or all ``SparseLinear`` of one format (and dtype),
-with the same input size, are fused; :class:`FuseReport` lists what was fused and what was not,
+the stacked weights (call :func:`unfuse_projections_` before saving it). Only groups whose members are all ``nn.Linear`` or all ``SparseLinear`` of one format (and dtype,
+and activation mode: int8 values stay int8 on their row scales, ``activations="int8"`` is kept), with the
+same input size, are fused; :class:`FuseReport` lists what was fused and what was not,
 and why. The outputs equal the unfused layers' up to the floating-point summation order of the
 underlying matmul (per output row, the same products are summed).
 
@@ -120,8 +121,18 @@ def _kind(layer: nn.Module) -> Optional[tuple]:
         return ("dense", layer.weight.dtype)
     if isinstance(layer, SparseLinear):
         w = layer.weight_format
-        return ("sparse", registry.spec_of(w).name, w.dtype, registry.spec_of(w).pattern_of(w))
+        return ("sparse", registry.spec_of(w).name, w.dtype, registry.spec_of(w).pattern_of(w), layer.activations)
     return None
+
+
+def _sparse_like(like: SparseLinear, dense: Tensor, bias: Optional[Tensor], scales: Optional[Tensor]) -> SparseLinear:
+    """A SparseLinear in ``like``'s format, values dtype (int8 on the grid of ``scales``) and activation mode
+    holding ``dense`` (out, in), whose pruned entries are exactly 0."""
+    w0 = like.weight_format
+    spec = registry.spec_of(w0)
+    int8 = {"values_dtype": torch.int8, "scales": scales} if w0.dtype == torch.int8 else {}
+    weight = spec.build(dense.contiguous(), spec.pattern_of(w0), dense != 0, **int8)
+    return SparseLinear(weight, bias, activations=like.activations)
 
 
 def _stack(layers: list[nn.Module]) -> nn.Module:
@@ -129,11 +140,11 @@ def _stack(layers: list[nn.Module]) -> nn.Module:
     biases = [layer.bias for layer in layers]
     bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None  # (sum out,)
     if isinstance(layers[0], SparseLinear):
-        w0 = layers[0].weight_format
-        spec = registry.spec_of(w0)
         dense = torch.cat([layer.to_dense() for layer in layers])  # (sum out, in), pruned entries exactly 0
-        weight = spec.build(dense, spec.pattern_of(w0), dense != 0)
-        return SparseLinear(weight, bias)
+        scales = getattr(layers[0].weight_format, "scales", None)
+        if scales is not None:
+            scales = torch.cat([layer.weight_format.scales for layer in layers])  # (sum out,)
+        return _sparse_like(layers[0], dense, bias, scales)
     weight = torch.cat([layer.weight.detach() for layer in layers])  # (sum out, in)
     out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
     with torch.no_grad():
@@ -145,11 +156,10 @@ def _stack(layers: list[nn.Module]) -> nn.Module:
 
 def _split_rows(layer: nn.Module, start: int, stop: int) -> nn.Module:
     if isinstance(layer, SparseLinear):
-        w0 = layer.weight_format
-        spec = registry.spec_of(w0)
         dense = layer.to_dense()[start:stop]  # (stop - start, in)
         bias = None if layer.bias is None else layer.bias[start:stop].detach().clone()
-        return SparseLinear(spec.build(dense.contiguous(), spec.pattern_of(w0), dense != 0), bias)
+        scales = getattr(layer.weight_format, "scales", None)
+        return _sparse_like(layer, dense, bias, None if scales is None else scales[start:stop].clone())
     out = nn.Linear(layer.in_features, stop - start, bias=layer.bias is not None, dtype=layer.weight.dtype)
     with torch.no_grad():
         out.weight.copy_(layer.weight[start:stop])

@@ -25,6 +25,12 @@ with a float32 ``scales`` buffer (``scales`` / ``nm_scales`` / ``csr_scales``), 
 
 Activations: the kernels take float32 ``x``; a bfloat16/float16 ``x`` is cast to float32 on the way
 in and the output cast back to ``x.dtype`` (documented cost: two casts per call).
+``activations="int8"`` (constructor, :meth:`from_linear`, :meth:`set_activation_precision`,
+``compress_(..., activations="int8")``; bitmap and N:M layers with int8 values) quantizes each token of
+``x`` per call (``max|x| / 127``) and sums in integers (:mod:`sparseforge.ops.int8`): fewer instructions
+per weight byte at batch 1, at the cost of the quantization error of ``x`` (``docs/kernels.md``: its
+relative L2 error and the perplexity change, measured on the built-in model). Inference only: a forward
+that needs a gradient raises ConfigError. A runtime setting, not saved in ``state_dict``.
 
 Compute dtype: ``compute_dtype=torch.bfloat16`` (constructor, :meth:`from_linear`,
 :meth:`set_compute_dtype`, ``compress_``) runs batches of at least
@@ -68,6 +74,7 @@ from sparseforge.formats import BitmapWeight, BSRWeight, CSRWeight, FanInWeight,
 from sparseforge.formats.rule import auto_format
 from sparseforge.measure.lanes_tile import LANES_MIN_BATCH, RULE, LanesTile, batch_bucket, tile_for, tiles_apply
 from sparseforge.ops.bf16_compute import BF16_MIN_BATCH, bf16_formats, supports_bf16
+from sparseforge.ops.int8 import INT8_ACT_FORMATS, check_activations
 from sparseforge.patterns import NM, parse
 
 __all__ = ["SparseLinear", "FORMATS", "STRUCTURED_FORMATS", "ALL_FORMATS"]
@@ -91,10 +98,11 @@ class SparseLinear(nn.Module):
 
     _compute_dtype = torch.float32  # class default: modules pickled before compute_dtype existed load as float32
     _lanes_tile: "str | LanesTile" = "auto"  # class default, for modules pickled before lanes_tile existed
+    _activations = "float"  # likewise for activations
 
     def __init__(
         self, weight: "BitmapWeight | NMWeight | CSRWeight | FanInWeight | BSRWeight", bias: Optional[Tensor] = None, *,
-        trainable: bool = False, compute_dtype: torch.dtype = torch.float32,
+        trainable: bool = False, compute_dtype: torch.dtype = torch.float32, activations: str = "float",
     ) -> None:
         super().__init__()
         self.format = _format_name(weight)
@@ -118,6 +126,7 @@ class SparseLinear(nn.Module):
         self.set_compute_dtype(compute_dtype)
         self._lanes_tile = "auto"
         self._tiles: dict[int, LanesTile] = {}  # batch bucket -> the tile in use (lanes_tile="auto")
+        self.set_activation_precision(activations)
         if trainable:
             self.set_trainable(True)
 
@@ -133,6 +142,7 @@ class SparseLinear(nn.Module):
         trainable: bool = False,
         compute_dtype: torch.dtype = torch.float32,
         scales: Optional[Tensor] = None,
+        activations: str = "float",
     ) -> "SparseLinear":
         """Compress an ``nn.Linear`` or transformers ``Conv1D``; zeros of its weight are the pruned entries.
 
@@ -151,6 +161,8 @@ class SparseLinear(nn.Module):
             scales: with ``dtype=torch.int8``, the (out,) float32 scales the weight was quantized with
                 (it must lie on their grid); default the layer's ``weight_scale`` buffer (left by
                 :mod:`sparseforge.quant`) if it has one, else ``max|w_row| / 127`` per row.
+            activations: ``"int8"`` quantizes ``x`` per token (int8 values, bitmap / N:M; module doc,
+                :meth:`set_activation_precision`); default ``"float"``.
         Raises:
             ModelError: ``linear`` is not a linear layer. ConfigError: unknown format, or the weight does
             not fit it (e.g. ``"nm"`` on a weight that keeps more than N of some M).
@@ -177,7 +189,7 @@ class SparseLinear(nn.Module):
             if scales is not None:
                 raise ConfigError("scales= needs dtype=torch.int8")
             weight = registry.get(format).build(w.to(dtype), pattern, keep)
-            return cls(weight, linear.bias, trainable=trainable, compute_dtype=compute_dtype)
+            return cls(weight, linear.bias, trainable=trainable, compute_dtype=compute_dtype, activations=activations)
         if format not in registry.int8_names():
             raise ConfigError(f"int8 values are stored in the {' / '.join(registry.int8_names())} formats, not {format!r}")
         if trainable:
@@ -185,7 +197,7 @@ class SparseLinear(nn.Module):
         if scales is None:
             scales = getattr(linear, "weight_scale", None)
         weight = registry.get(format).build(w, pattern, keep, values_dtype=torch.int8, scales=scales)
-        return cls(weight, linear.bias, compute_dtype=compute_dtype)
+        return cls(weight, linear.bias, compute_dtype=compute_dtype, activations=activations)
 
     # ---- the weight object, kept in sync with the buffers -----------------------------------
 
@@ -211,6 +223,9 @@ class SparseLinear(nn.Module):
         key = self._values_key
         if flag and self.weight_format.dtype == torch.int8:
             raise ConfigError("int8 values cannot be trainable; train in float32 and quantize afterwards")
+        if flag and self._activations != "float":
+            raise ConfigError(f"activations={self._activations!r} is inference-only; call "
+                              "set_activation_precision('float') before training")
         if flag and key not in self._parameters:
             values = self._buffers.pop(key)
             self.register_parameter(key, nn.Parameter(values.detach(), requires_grad=True))
@@ -337,11 +352,47 @@ class SparseLinear(nn.Module):
         self._compute_dtype = dtype
         return self
 
+    # ---- activation precision ----------------------------------------------------------------
+
+    @property
+    def activations(self) -> str:
+        """``"float"`` (float32 ``x``) or ``"int8"`` (``x`` quantized per token, integer sums; module doc)."""
+        return self._activations
+
+    def set_activation_precision(self, activations: str) -> "SparseLinear":
+        """Choose how ``forward`` multiplies ``x``: ``"float"`` or ``"int8"`` (module doc). ``"int8"`` needs
+        int8 values in the bitmap or N:M format and a layer that does not train; ConfigError otherwise.
+
+        Example:
+            >>> import torch
+            >>> from sparseforge.formats import NMWeight
+            >>> w = torch.tensor([[2., 0., -1., 0.]])
+            >>> layer = SparseLinear(NMWeight.from_dense(w, "2:4", values_dtype=torch.int8))
+            >>> layer.set_activation_precision("int8").kernel_path(1).startswith("int8:")
+            True
+        """
+        check_activations(activations)
+        if activations != "float":
+            weight = self.weight_format
+            if weight.dtype != torch.int8 or registry.spec_of(weight).kernel_family not in INT8_ACT_FORMATS:
+                raise ConfigError(
+                    f"activations={activations!r} needs int8 values in the {' or '.join(INT8_ACT_FORMATS)} format; this "
+                    f"layer is {self.format} with {str(weight.dtype).removeprefix('torch.')} values (build it with "
+                    "dtype=torch.int8, format 'bitmap' or 'nm'), or keep activations='float'"
+                )
+            if self.trainable:
+                raise ConfigError(f"activations={activations!r} is inference-only; call set_trainable(False) first")
+        self._activations = activations
+        return self
+
     def kernel_path(self, batch: int) -> str:
-        """The path ``forward`` takes for ``batch`` rows: ``"bf16:<amx|avx512_bf16|scalar>"`` or
+        """The path ``forward`` takes for ``batch`` rows: ``"bf16:<amx|avx512_bf16|scalar>"``,
+        ``"int8:<path>"`` (int8 activations, :func:`sparseforge.kernels.int8_act_path`) or
         ``"fp32:<avx512|avx2|scalar>"`` (the float32 kernels)."""
         if self._compute_dtype == torch.bfloat16 and batch >= BF16_MIN_BATCH:
             return f"bf16:{kernels.bf16_path()}"
+        if self._activations == "int8":
+            return f"int8:{kernels.int8_act_path()}"
         return f"fp32:{kernels.isa()}"
 
     # ---- kernel tiles ------------------------------------------------------------------------
@@ -390,13 +441,14 @@ class SparseLinear(nn.Module):
             bias = bias.to(torch.float32)
         if self._compute_dtype == torch.bfloat16 and x.is_floating_point() and x.numel() >= BF16_MIN_BATCH * self.in_features:
             return ops.linear_bf16(x, weight, bias).to(x.dtype)  # (..., out); x converted to bf16 inside
-        tile = self._tile(weight, x.numel() // max(1, self.in_features))
+        act = self._activations
+        tile = {} if act != "float" else self._tile(weight, x.numel() // max(1, self.in_features))
         if x.dtype == torch.float32:
-            return ops.linear(x.contiguous(), weight, bias, **tile)  # (..., out)
+            return ops.linear(x.contiguous(), weight, bias, activations=act, **tile)  # (..., out)
         if not x.is_floating_point():
             self._raise_like_linear(x)
         # the kernels take float32 activations: cast in, and the output back to x.dtype
-        return ops.linear(x.to(torch.float32).contiguous(), weight, bias, **tile).to(x.dtype)
+        return ops.linear(x.to(torch.float32).contiguous(), weight, bias, activations=act, **tile).to(x.dtype)
 
     def _raise_like_linear(self, x: Tensor) -> None:
         """Raise the error ``nn.Linear`` raises for a non-floating ``x`` (torch's own, with a stride-0 weight)."""
@@ -438,4 +490,5 @@ class SparseLinear(nn.Module):
             f"format={fmt}, values={dtype}, nnz={self.nnz}, sparsity={self.sparsity:.3f}"
             + (f", compute=bfloat16 ({self.kernel_path(BF16_MIN_BATCH)} from batch {BF16_MIN_BATCH})"
                if self._compute_dtype == torch.bfloat16 else "")
+            + (f", activations={self._activations}" if self._activations != "float" else "")
         )

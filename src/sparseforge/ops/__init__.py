@@ -13,10 +13,11 @@ and in training:
 * ``sparseforge::bsr_linear(x, block_row_ptr, block_col, values, bias)``
 * ``sparseforge::{bitmap,nm,csr}_linear_bf16(x, W..., bias)``: bf16 compute (``x`` bfloat16, AMX /
   AVX512_BF16 panel product for batch >= 16; :func:`linear_bf16`, :mod:`sparseforge.ops.bf16_compute`)
-* ``sparseforge::bitmap_i8_linear(x, bitmap, row_offsets, values, scales, bias)``,
-  ``sparseforge::nm_i8_linear(x, values, indices, scales, n, m, bias)`` and
+* ``sparseforge::bitmap_i8_linear(x, bitmap, row_offsets, values, scales, bias, act="float")``,
+  ``sparseforge::nm_i8_linear(x, values, indices, scales, n, m, bias, act="float")`` and
   ``sparseforge::csr_i8_linear(x, row_ptr, col, values, scales, bias)``: int8 values with float32 row
-  scales (:mod:`sparseforge.ops.int8`; :func:`linear` picks them for a weight whose values are int8)
+  scales (:mod:`sparseforge.ops.int8`; :func:`linear` picks them for a weight whose values are int8;
+  ``act="int8"``, :func:`linear`'s ``activations="int8"``, quantizes ``x`` per row: inference only)
 * ``sparseforge::moe_expert_ffn(x, experts, weights, w_up, w_down, w_gate, activation, parallel)``: the
   few-token MoE expert FFN (:mod:`sparseforge.ops.expert_ffn`, forward only)
 
@@ -120,7 +121,8 @@ def check_tile(col_tile: int, block_rows: int) -> None:
         raise ConfigError(f"block_rows must be 0 (the rule) or in 1..{MAX_BLOCK_ROWS}, got {block_rows!r}")
 
 
-def linear(x: Tensor, weight, bias: Optional[Tensor] = None, *, col_tile: int = 0, block_rows: int = 0) -> Tensor:
+def linear(x: Tensor, weight, bias: Optional[Tensor] = None, *, col_tile: int = 0, block_rows: int = 0,
+           activations: str = "float") -> Tensor:
     """``x (..., in) @ weight^T + bias`` for a CSR, bitmap, N:M, fan-in or BSR weight (CSR, bitmap and
     N:M also with int8 values).
 
@@ -129,8 +131,12 @@ def linear(x: Tensor, weight, bias: Optional[Tensor] = None, *, col_tile: int = 
     (batch >= 4; CSR, bitmap, N:M and BSR with float32 / bfloat16 values), 0 for the built-in rule
     (:mod:`sparseforge.measure.lanes_tile` measures them). They change the speed, never the result
     beyond float32 summation order; the autograd / ``torch.compile`` path runs the rule.
+    ``activations="int8"`` (bitmap and N:M weights with int8 values; inference only) quantizes each row
+    of ``x`` per call and sums in integers (:mod:`sparseforge.ops.int8`); ``"float"`` (default)
+    multiplies float32 ``x``.
     """
     spec = _ops_for(weight)
+    act = () if int8.check_activations(activations) == "float" else _int8_act(spec, weight, activations)
     tiled = bool(col_tile or block_rows)
     if tiled:
         check_tile(col_tile, block_rows)
@@ -145,11 +151,12 @@ def linear(x: Tensor, weight, bias: Optional[Tensor] = None, *, col_tile: int = 
     flat = x.dim() == 2
     x2 = x if flat else x.reshape(-1, cols)  # (B, in)
     # Anything autograd or torch.compile must see goes through the registered op (full checks).
-    if torch.compiler.is_compiling() or (
-        torch.is_grad_enabled()
-        and (x.requires_grad or weight.values.requires_grad or (bias is not None and bias.requires_grad))
-    ):
-        y = spec.linear(x2, *spec.unpack(weight), bias)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.values.requires_grad or (bias is not None and bias.requires_grad))
+    if act and needs_grad:
+        raise int8.inference_only(activations)
+    if torch.compiler.is_compiling() or needs_grad:
+        y = spec.linear(x2, *spec.unpack(weight), bias, *act)
     else:
         # Eager inference calls the native kernel directly: no custom-op dispatch (~20 us), and the
         # weight's buffers, validated once per format object, are not re-checked (batch-1 decoding).
@@ -163,9 +170,23 @@ def linear(x: Tensor, weight, bias: Optional[Tensor] = None, *, col_tile: int = 
         y = torch.empty(x2.shape[0], rows, dtype=torch.float32)  # (B, out)
         if tiled:
             kernel(np_view(x2), *wargs, np_view(bias), y.numpy(), col_tile=col_tile, block_rows=block_rows)
+        elif act:
+            kernel(np_view(x2), *wargs, np_view(bias), y.numpy(), act=act[0])
         else:
             kernel(np_view(x2), *wargs, np_view(bias), y.numpy())
     return y if flat else y.reshape(*x.shape[:-1], rows)
+
+
+def _int8_act(spec, weight, activations: str) -> tuple[str]:
+    """The extra ``act`` argument of the int8 ops for ``activations`` (not ``"float"``); ConfigError for a
+    weight without that mode."""
+    if spec not in (int8.BITMAP_I8, int8.NM_I8):
+        raise ConfigError(
+            f"activations={activations!r} needs a bitmap or N:M weight with int8 values, got "
+            f"{registry.spec_of(weight).name} with {weight.values.dtype} values; quantize it (dtype=torch.int8) "
+            "in one of those formats, or keep activations='float'"
+        )
+    return (activations,)
 
 
 class BoundLinear:

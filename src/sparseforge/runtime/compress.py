@@ -42,12 +42,13 @@ from sparseforge.formats.rule import auto_format, structured_format
 from sparseforge.layers import is_linear, linear_layers, set_module, weight_2d
 from sparseforge.formats import registry
 from sparseforge.nn.sparse_linear import SparseLinear
+from sparseforge.ops.int8 import INT8_ACT_FORMATS, check_activations
 from sparseforge.patterns import NM, Pattern, parse
 
 if TYPE_CHECKING:
     from sparseforge.runtime.advise import AdviceReport
 
-__all__ = ["compress_", "CompressReport", "CompressedLayer", "values_dtype"]
+__all__ = ["compress_", "CompressReport", "CompressedLayer", "values_dtype", "set_activation_precision_"]
 
 @dataclass
 class CompressedLayer:
@@ -57,6 +58,7 @@ class CompressedLayer:
     sparsity: float  # fraction of zeros in the dense weight
     nbytes: int  # stored format bytes
     dense_bytes: int  # the dense weight's bytes
+    activations: str = "float"  # SparseLinear.activations: "float" or "int8"
 
 
 @dataclass
@@ -71,7 +73,8 @@ class CompressReport:
         stored = sum(c.nbytes for c in self.converted)
         dense = sum(c.dense_bytes for c in self.converted)
         lines = [f"compressed {len(self.converted)} layer(s): {dense / 2**20:.1f} MiB dense -> {stored / 2**20:.1f} MiB"]
-        lines += [f"  {c.name}: {c.format} {c.shape[0]}x{c.shape[1]} sparsity {c.sparsity:.3f}" for c in self.converted]
+        lines += [f"  {c.name}: {c.format} {c.shape[0]}x{c.shape[1]} sparsity {c.sparsity:.3f}"
+                  + (f", {c.activations} activations" if c.activations != "float" else "") for c in self.converted]
         lines += [f"  kept dense {n}: {why}" for n, why in self.kept_dense]
         return "\n".join(lines)
 
@@ -192,6 +195,7 @@ def compress_(
     batch_sizes: tuple[int, ...] = (1,),
     advice: "AdviceReport | None" = None,
     compute_dtype: torch.dtype = torch.float32,
+    activations: str = "float",
 ) -> CompressReport:
     """Replace pruned linear layers of ``model`` with :class:`SparseLinear`, in place.
 
@@ -217,6 +221,11 @@ def compress_(
             (``"auto"`` then measures nothing).
         compute_dtype: ``torch.bfloat16`` runs batches >= 16 of every converted layer through the bf16
             product (:meth:`SparseLinear.set_compute_dtype`; bitmap, N:M and CSR layers only).
+        activations: ``"int8"`` quantizes the input of every converted bitmap / N:M layer with int8 values
+            per token (:meth:`SparseLinear.set_activation_precision`; inference only, error in
+            ``docs/kernels.md``); needs int8 values (``dtype=torch.int8`` or a model quantized by
+            :mod:`sparseforge.quant`). Layers stored as CSR keep float activations, which
+            :meth:`CompressReport.summary` shows (``CompressedLayer.activations``). Default ``"float"``.
     Returns:
         :class:`CompressReport`. All layers are built before any is swapped, so an error (e.g.
         ``format="nm"`` on a weight that is not N:M) leaves the model unchanged.
@@ -225,6 +234,9 @@ def compress_(
         raise ConfigError(f"unknown format {format!r}; use 'auto', 'rule' or one of {registry.names(sparse_linear=True)}")
     if not 0.0 <= min_sparsity <= 1.0:
         raise ConfigError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
+    if check_activations(activations) != "float" and dtype not in (None, torch.int8):
+        raise ConfigError(f"activations={activations!r} needs int8 values; pass dtype=torch.int8 (or leave dtype "
+                          "unset on a model quantized by sparseforge.quant)")
     recorded_any = _recorded_pattern(model, pattern)  # NM, Block, FanIn, ...
     recorded = recorded_any if isinstance(recorded_any, NM) else None
     names, kept = _select(model, targets, list(ignore or []))
@@ -251,9 +263,57 @@ def compress_(
                                           compute_dtype=compute_dtype)
         except SparseforgeError as exc:
             raise type(exc)(f"layer {name}: {exc}") from exc
+        if activations != "float" and _int8_act_capable(sl):
+            sl.set_activation_precision(activations)
         built[name] = sl
         report.converted.append(CompressedLayer(name, registry.label(sl.weight_format), tuple(w.shape), sparsity,
-                                                sl.weight_format.nbytes, w.numel() * w.element_size()))
+                                                sl.weight_format.nbytes, w.numel() * w.element_size(), sl.activations))
+    if activations != "float" and built and not any(sl.activations == activations for sl in built.values()):
+        raise ConfigError(f"activations={activations!r}: no converted layer has int8 values in the "
+                          f"{' or '.join(INT8_ACT_FORMATS)} format; pass dtype=torch.int8 and format 'nm' / 'bitmap' / 'rule'")
     for name, sl in built.items():
         set_module(model, name, sl)
     return report
+
+
+def _int8_act_capable(layer: SparseLinear) -> bool:
+    weight = layer.weight_format
+    return weight.dtype == torch.int8 and registry.spec_of(weight).kernel_family in INT8_ACT_FORMATS
+
+
+def set_activation_precision_(model: nn.Module, activations: str, ignore: Optional[list[str]] = None) -> list[str]:
+    """Set :meth:`SparseLinear.set_activation_precision` on every SparseLinear of ``model`` that has the
+    mode (int8 values, bitmap / N:M), in place; returns their names. ``"float"`` resets every layer.
+    ``ignore``: module-name globs (or ``"re:..."``) set to ``"float"`` instead, e.g. ``["*down_proj"]`` for
+    the layers whose inputs carry outliers (``benchmarks/bench_int8_activation_error.py`` names them).
+
+    Raises:
+        ConfigError: ``activations`` is not a mode, or is ``"int8"`` and no layer has int8 values in the
+        bitmap / N:M format (e.g. a checkpoint pruned without ``--quantize int8``).
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(8, 4))
+        >>> with torch.no_grad():
+        ...     _ = net[0].weight.mul_(torch.tensor([1., 0.] * 4))
+        >>> _ = compress_(net, format="nm", dtype=torch.int8)
+        >>> set_activation_precision_(net, "int8")
+        ['0']
+    """
+    check_activations(activations)
+    if isinstance(ignore, str):
+        raise ConfigError("ignore must be a list of module-name patterns, not a string")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SparseLinear)]
+    ignored = {n for n, _ in layers if any(name_matches(n, pat) for pat in ignore or [])}
+    for n, m in layers:
+        if n in ignored:
+            m.set_activation_precision("float")
+    layers = [(n, m) for n, m in layers if n not in ignored]
+    chosen = [(n, m) for n, m in layers if activations == "float" or _int8_act_capable(m)]
+    if activations != "float" and not chosen:
+        raise ConfigError(f"activations={activations!r} needs SparseLinear layers with int8 values in the "
+                          f"{' or '.join(INT8_ACT_FORMATS)} format; this model has {len(layers)} SparseLinear layer(s) "
+                          "and none qualifies (prune with --quantize int8, or compress_ with dtype=torch.int8)")
+    for _, m in chosen:
+        m.set_activation_precision(activations)
+    return [n for n, _ in chosen]
