@@ -6,18 +6,24 @@
 //     kmin / kmax (B, Hkv, allocated pages, D) like k; chosen (B, Hkv, keep) int32, overwritten
 //   sparse_kv_attention(q, kvals, kbits, vvals, vbits, n, scale, out, lse, isa="", chunk=0, parallel=True), _ref
 //     kvals / vvals (B, Hkv, cap, keep) like k; kbits / vbits (B, Hkv, cap, ceil(D / 64)) int64 words
-//   prefill_attention(q, k, v, n, scale, sinks, window, last, horizon, out, isa="", parallel=True), _ref
-//     q (B, Hq, Tq, D) float32, the last Tq of the n cached tokens; out (B, Tq, Hq, D) float32 (csrc/prefill_attention.h)
+//   prefill_attention(q, k, v, n, scale, sinks, window, last, horizon, out, isa="", parallel=True, bf16_path=""), _ref
+//     q (B, Hq, Tq, D) float32, the last Tq of the n cached tokens; out (B, Tq, Hq, D) float32 (csrc/prefill_attention.h);
+//     bfloat16 k / v run the bf16 compute path prefill_bf16_path(isa, bf16_path) names
+//   prefill_bf16_path(isa="", bf16_path="") -> "scalar" (float32 compute), "avx512_bf16" or "amx": bf16_path,
+//     else SPARSEFORGE_BF16_PATH, else the best this machine has; "scalar" when no path is named and the
+//     ISA in force (isa, else SPARSEFORGE_ISA) is below avx512
 // q (B, Hq, D) float32; k, v (B, Hkv, cap, D) float32, or bfloat16 as raw uint16 bits; spans
 // (B, Hkv, S, 2) int32 [start, length); out (B, Hq, D) float32, overwritten; lse (B, Hq) float32 or
 // None: the log of each softmax denominator (to merge attentions over disjoint token sets). All C-contiguous, CPU.
 // Bad input raises ValueError (std::invalid_argument) naming the argument; an unknown or unsupported
 // isa raises sparseforge.errors.ConfigError.
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
 #include "binding.h"
 #include "decode_attention.h"
+#include "linear_bf16.h"
 #include "prefill_attention.h"
 #include "threadpool.h"
 
@@ -199,6 +205,13 @@ sf::PrefillAttnProblem prefill_problem(const In& q, const In& k, const In& v, in
   return p;
 }
 
+sf::Bf16Path prefill_path(const std::string& requested, sf::Isa isa) {
+  const char* env = std::getenv("SPARSEFORGE_BF16_PATH");
+  const std::string want = requested.empty() ? (env ? env : "") : requested;
+  if ((want.empty() || want == "auto") && isa != sf::Isa::avx512) return sf::Bf16Path::scalar;
+  return resolve_bf16(requested);
+}
+
 }  // namespace
 
 void register_attention(nb::module_& mod) {
@@ -270,15 +283,22 @@ void register_attention(nb::module_& mod) {
   mod.def(
       "prefill_attention",
       [](const In& q, const In& k, const In& v, int64_t n, double scale, int64_t sinks, int64_t window, int64_t last,
-         int64_t horizon, const Out& out, const std::string& isa, bool parallel) {
+         int64_t horizon, const Out& out, const std::string& isa, bool parallel, const std::string& bf16_path) {
         const sf::PrefillAttnProblem p = prefill_problem(q, k, v, n, scale, sinks, window, last, horizon, out);
         const sf::Isa i = resolve(isa);
+        const sf::Bf16Path path = p.vt == sf::VT::bf16 ? prefill_path(bf16_path, i) : sf::Bf16Path::scalar;
         sf::num_threads();
         nb::gil_scoped_release rel;
-        sf::prefill_attention(p, i, parallel);
+        sf::prefill_attention(p, i, path, parallel);
       },
       "q"_a, "k"_a, "v"_a, "n"_a, "scale"_a, "sinks"_a, "window"_a, "last"_a, "horizon"_a, "out"_a, "isa"_a = "",
-      "parallel"_a = true, "Block-sparse causal prefill attention (csrc/prefill_attention.h).");
+      "parallel"_a = true, "bf16_path"_a = "", "Block-sparse causal prefill attention (csrc/prefill_attention.h).");
+  mod.def(
+      "prefill_bf16_path",
+      [](const std::string& isa, const std::string& bf16_path) {
+        return std::string(sf::bf16_path_name(prefill_path(bf16_path, resolve(isa))));
+      },
+      "isa"_a = "", "bf16_path"_a = "", "The compute path prefill_attention would take now for bfloat16 k / v.");
   mod.def(
       "prefill_attention_ref",
       [](const In& q, const In& k, const In& v, int64_t n, double scale, int64_t sinks, int64_t window, int64_t last,
