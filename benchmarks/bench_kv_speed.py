@@ -22,7 +22,9 @@ speedups are medians of per-round paired ratios):
 
 Prefill rows (``--prefill N ...``, default 16K and 32K): causal attention of an N-token prompt in
 one layer, float32 queries, the KV in each dtype: torch SDPA (``is_causal=True``, ``enable_gqa``;
-bfloat16 KV runs SDPA in bfloat16) against our prefill kernel dense and with TriangleMix's
+bfloat16 KV runs SDPA in bfloat16; ours in its bf16 compute path, the ``compute`` column:
+``amx``, ``avx512_bf16`` or ``float32``, see :func:`sparseforge.ops.prefill_attention.bf16_compute_path`;
+``SPARSEFORGE_BF16_PATH`` forces one) against our prefill kernel dense and with TriangleMix's
 Triangle pattern (default 8 sinks, 512 window, 128 last queries: one of its deep layers), and
 TriangleMix over a whole model (half of the layers dense at the best dense time). The full shape is
 32 query / 8 KV heads; ``--quick`` times one GQA group (4 / 1 heads: the work per head is the same,
@@ -66,7 +68,7 @@ from sparseforge.runtime.machine import machine_info
 from sparseforge.attention import Dense, Mustafar, PagedKVCache, Quest, StreamingLLM
 from sparseforge.attention.policies import dense_spans
 from sparseforge.ops.decode_attention import decode_attention
-from sparseforge.ops.prefill_attention import attend_prefill, dense_pattern
+from sparseforge.ops.prefill_attention import attend_prefill, bf16_compute_path, dense_pattern
 from sparseforge.attention import TriangleMix
 from sparseforge.runtime.timing import time_interleaved
 
@@ -253,8 +255,10 @@ def bench_prefill(n: int, dtype: torch.dtype, seconds: float, threads: int, head
     tri_vs_dense = meas.ratio("dense", "triangle")[0]
     tri_vs_sdpa = meas.ratio("sdpa", "triangle")[0]
     best_dense = min(ms["sdpa"], ms["dense"])
+    compute = bf16_compute_path() if dtype == torch.bfloat16 else "scalar"
     return {
         "context": n, "dtype": str(dtype).replace("torch.", ""), "heads": [hq, hkv], "ms": ms,
+        "compute": "float32" if compute == "scalar" else compute,
         "dense_vs_sdpa": dense_vs_sdpa, "triangle_vs_dense": tri_vs_dense, "triangle_vs_sdpa": tri_vs_sdpa,
         "model_vs_best_dense": 2 * best_dense / (best_dense + ms["triangle"]),
         "settings": {"sinks": tri.sinks, "window": tri.window, "last": tri.last}, "stable": meas.stable,
@@ -263,11 +267,11 @@ def bench_prefill(n: int, dtype: torch.dtype, seconds: float, threads: int, head
 
 
 def prefill_table(rows: list[dict]) -> str:
-    out = ["| KV | context | heads (q/kv) | SDPA ms | dense ms | dense vs SDPA | Triangle ms | Triangle vs dense | "
-           "Triangle vs SDPA | TriangleMix model (half dense) vs best dense |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| KV | compute | context | heads (q/kv) | SDPA ms | dense ms | dense vs SDPA | Triangle ms | Triangle vs dense | "
+           "Triangle vs SDPA | TriangleMix model (half dense) vs best dense |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ms = r["ms"]
-        out.append(f"| {r['dtype']} | {r['context']} | {r['heads'][0]}/{r['heads'][1]} | {ms['sdpa']:.0f} | "
+        out.append(f"| {r['dtype']} | {r.get('compute', 'float32')} | {r['context']} | {r['heads'][0]}/{r['heads'][1]} | {ms['sdpa']:.0f} | "
                    f"{ms['dense']:.0f} | {r['dense_vs_sdpa']:.2f}x | {ms['triangle']:.0f} | {r['triangle_vs_dense']:.2f}x | "
                    f"{r['triangle_vs_sdpa']:.2f}x | {r['model_vs_best_dense']:.2f}x |")
     return "\n".join(out)
@@ -276,7 +280,7 @@ def prefill_table(rows: list[dict]) -> str:
 def prefill_verdicts(rows: list[dict]) -> list[str]:
     lines = []
     for r in rows:
-        tag = f"{r['dtype']} {r['context']}"
+        tag = f"{r['dtype']} ({r.get('compute', 'float32')} compute) {r['context']}"
         lines.append(f"{'PASS' if r['dense_vs_sdpa'] >= 1.0 else 'FAIL'} dense prefill >= 1.0x SDPA at {tag}: "
                      f"{r['dense_vs_sdpa']:.2f}x")
         if r["context"] >= 16384:
@@ -351,7 +355,7 @@ def table(rows: list[dict]) -> str:
 def verdicts(rows: list[dict]) -> list[str]:
     lines = []
     for r in rows:
-        tag = f"{r['dtype']} {r['context']}"
+        tag = f"{r['dtype']} ({r.get('compute', 'float32')} compute) {r['context']}"
         lines.append(f"{'PASS' if r['dense_vs_sdpa'] >= 1.0 else 'FAIL'} dense >= 1.0x SDPA at {tag}: {r['dense_vs_sdpa']:.2f}x")
         if r["context"] >= 8192:
             ok = r["dense_of_bound"] >= 0.8

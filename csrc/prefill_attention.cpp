@@ -169,7 +169,7 @@ void prefill_attention_bf16(const PrefillAttnProblem& p, PrefillBf16TileFn fn, b
   const int64_t Rp = (R + 15) / 16 * 16;
   const int nthreads = num_threads();
   // per worker, in bytes: queries, scores, probabilities, running max / sum, accumulators, spans
-  const int64_t qb_bytes = Rp * Dp * 2, s_bytes = G * W * 4, pb_bytes = G * W * 2, ml_bytes = 2 * R * 4,
+  const int64_t qb_bytes = Rp * Dp * 2, s_bytes = 2 * G * W * 4, pb_bytes = G * W * 2, ml_bytes = 2 * R * 4,
                 acc_bytes = Rp * Dv * 4, span_bytes = 4 * R * 4;
   const int64_t per_worker = (qb_bytes + s_bytes + pb_bytes + ml_bytes + acc_bytes + span_bytes + 63) / 64 * 64;
   std::unique_ptr<uint64_t[]> scratch(new uint64_t[static_cast<size_t>(nthreads * per_worker / 8)]);

@@ -94,7 +94,7 @@ struct PrefillBf16Tile {
   int64_t rows = 0, Dp = 0, Dv = 0, c0 = 0, c1 = 0;  // c0, c1 multiples of kPrefillBf16Align
   float scale = 1.f;               // > 0: the driver folds a sign (or a zero) into qb
   const int32_t* span = nullptr;  // as PrefillTile::span; null: every key of [c0, c1) allowed
-  float* s = nullptr;             // (kPrefillBf16Group, kPrefillBlock) scores
+  float* s = nullptr;             // (2, kPrefillBf16Group, kPrefillBlock) scores of two groups
   uint16_t* pb = nullptr;         // (kPrefillBf16Group, kPrefillBlock) bf16 probabilities, zero-filled by the caller
   float* m = nullptr;             // (rows,) running max of the scaled scores
   float* l = nullptr;             // (rows,) running sum of exp

@@ -42,7 +42,7 @@ inline __m512 exp2_bf16(__m512 t) {
 // the group's rows [g0, g0 + gr): mask the scores s[r, c0:c1] to the rows' spans, update m, l (of
 // the scaled scores; m is kept unscaled, t.scale > 0) and the accumulator rows, write the
 // probabilities exp(scale (s - m)) as bf16 to pb[r, c0:c1]
-inline void softmax_group(const PrefillBf16Tile& t, int64_t g0, int64_t gr) {
+inline void softmax_group(const PrefillBf16Tile& t, float* s, int64_t g0, int64_t gr) {
   constexpr int64_t W = kPrefillBlock;
   constexpr float kLog2e = 1.44269504088896341f;
   const float ninf = -std::numeric_limits<float>::infinity();
@@ -53,7 +53,7 @@ inline void softmax_group(const PrefillBf16Tile& t, int64_t g0, int64_t gr) {
   const int64_t c0 = t.c0, c1 = t.c1;
   for (int64_t r = 0; r < gr; ++r) {
     const int64_t row = g0 + r;
-    float* sr = t.s + r * W;
+    float* sr = s + r * W;
     uint16_t* pr = t.pb + r * W;
     __m512 bmv = vninf;
     if (t.span) {
@@ -100,11 +100,22 @@ void prefill_tile_bf16_impl(const PrefillBf16Tile& t) {
   constexpr int64_t W = kPrefillBlock, G = kPrefillBf16Group;
   const Micro mu;
   const int64_t cols = t.c1 - t.c0;
+  auto scores = [&](int64_t g0, float* s) {
+    mu.gemm(t.qb + g0 * t.Dp, t.Dp, t.kp + t.c0, W, s + t.c0, W, min64(G, t.rows - g0), cols, t.Dp / 2, false);
+  };
+  // the scores of the next group are issued before the softmax of this one (two score buffers), so
+  // the matrix unit works while the vector unit runs the softmax
+  float* cur = t.s;
+  float* next = t.s + G * W;
+  scores(0, cur);
   for (int64_t g0 = 0; g0 < t.rows; g0 += G) {
     const int64_t gr = min64(G, t.rows - g0);
-    mu.gemm(t.qb + g0 * t.Dp, t.Dp, t.kp + t.c0, W, t.s + t.c0, W, gr, cols, t.Dp / 2, false);  // scores
-    softmax_group(t, g0, gr);
+    if (g0 + G < t.rows) scores(g0 + G, next);
+    softmax_group(t, cur, g0, gr);
     mu.gemm(t.pb + t.c0, W, t.vp + t.c0 / 2 * t.Dv, t.Dv, t.acc + g0 * t.Dv, t.Dv, gr, t.Dv, cols / 2, true);  // P V
+    float* used = cur;
+    cur = next;
+    next = used;
   }
 }
 

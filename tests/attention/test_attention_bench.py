@@ -47,7 +47,7 @@ def test_tiny_run_writes_json(tmp_path, capsys):
     assert all(v > 0 for v in pre["ms"].values()) and pre["triangle_vs_dense"] > 0 and pre["rounds"] >= 3
     assert data["meta"]["cpu"] and data["meta"]["bandwidth_gbs"] > 0
     printed = capsys.readouterr().out
-    assert "| float32 | 512 |" in printed and "| float32 | 300 | 2/1 |" in printed and "dense prefill >= 1.0x SDPA" in printed
+    assert "| float32 | 512 |" in printed and "| float32 | float32 | 300 | 2/1 |" in printed and "dense prefill >= 1.0x SDPA" in printed
 
 
 def test_paired_ratio_comes_from_the_library_timer(monkeypatch):
@@ -65,6 +65,18 @@ def test_paired_ratio_comes_from_the_library_timer(monkeypatch):
     (m,) = seen
     assert row["triangle_vs_dense"] == m.ratio("dense", "triangle")[0]
     assert row["dense_vs_sdpa"] == m.ratio("sdpa", "dense")[0]
+
+
+def test_bf16_prefill_rows_name_their_compute_path(monkeypatch):
+    """A bfloat16 row times our kernel in the bf16 compute path in force and says which."""
+    from sparseforge.ops.prefill_attention import bf16_compute_path
+
+    b = _load()
+    row = b.bench_prefill(200, b.DTYPES["bfloat16"], 0.001, 1, heads=(2, 1))
+    assert row["dtype"] == "bfloat16" and row["compute"] == {"scalar": "float32"}.get(bf16_compute_path(), bf16_compute_path())
+    monkeypatch.setenv("SPARSEFORGE_BF16_PATH", "scalar")
+    assert b.bench_prefill(200, b.DTYPES["bfloat16"], 0.001, 1, heads=(2, 1))["compute"] == "float32"
+    assert "| bfloat16 | float32 | 200 | 2/1 |" in b.prefill_table([b.bench_prefill(200, b.DTYPES["bfloat16"], 0.001, 1, heads=(2, 1))])
 
 
 def test_e2e_decode_steps_small_model():
