@@ -23,8 +23,10 @@ queries and the softmax probabilities rounded to bf16, ``Q K^T`` and ``P V`` on 
 (``amx``) or AVX512-BF16 ``vdpbf16ps`` (``avx512_bf16``) with float32 accumulation, the online
 softmax in float32 (as torch's bf16 SDPA): outputs within ~1e-2 of float32 attention over the same
 bf16 cache. ``SPARSEFORGE_BF16_PATH=scalar|avx512_bf16|amx`` forces a path (``scalar``: bf16
-widened to float32, the float32 kernel of ``SPARSEFORGE_ISA``); unset, the best the CPU has, or
-``scalar`` when ``SPARSEFORGE_ISA`` forces an ISA below AVX-512.
+widened to float32, the float32 kernel of ``SPARSEFORGE_ISA``); unset (or ``auto``): ``amx`` where
+the CPU has it, else ``scalar`` (``avx512_bf16`` measured ~10% slower than the float32 kernel on a
+Sapphire Rapids host, so it runs only when named), and ``scalar`` whenever ``SPARSEFORGE_ISA`` forces
+an ISA below AVX-512.
 
 :func:`attend_prefill` is what the attention calls: the registered op under ``torch.compile``, the
 native kernel directly in eager mode (same checks, no custom-op dispatch).
