@@ -2,9 +2,8 @@
 // dispatch and the selection driver.
 #include "label_select.h"
 
-#include <algorithm>
 #include <cmath>
-#include <numeric>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -35,6 +34,15 @@ LabelScoreFn kernel(Isa isa) {
 #endif
   (void)isa;
   return scalar::label_scores_row;
+}
+
+// an unsigned key in the order of the float (larger float, larger key); NaN above +inf
+inline uint32_t rank_key(float f) {
+  if (std::isnan(f)) return 0xffffffffu;
+  if (f == 0.f) f = 0.f;  // -0 ties with +0
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
 void scores_of(const LabelProblem& p, int64_t bh, LabelScoreFn fn) {
@@ -78,20 +86,50 @@ void label_select(const LabelProblem& p, int64_t budget, int32_t* chosen, Isa is
       [&](int64_t bh, int) {
         scores_of(p, bh, fn);
         const float* s = p.scores + bh * p.n;
-        std::vector<int32_t> idx(static_cast<size_t>(p.n));
-        std::iota(idx.begin(), idx.end(), 0);
-        // higher score first, NaN above every number, the older token first among equals
-        auto before = [s](int32_t a, int32_t b) {
-          const bool na = std::isnan(s[a]), nb = std::isnan(s[b]);
-          if (na != nb) return na;
-          if (!na && s[a] != s[b]) return s[a] > s[b];
-          return a < b;
-        };
-        std::nth_element(idx.begin(), idx.begin() + (budget - 1), idx.end(), before);
-        std::sort(idx.begin(), idx.begin() + budget);
-        std::copy(idx.begin(), idx.begin() + budget, chosen + bh * budget);
+        // rank keys: unsigned integers in the order of the scores (NaN above +inf); the budget-th
+        // largest key found by a radix select, 8 bits at a time from the top
+        std::vector<uint32_t> key(static_cast<size_t>(p.n));
+        for (int64_t t = 0; t < p.n; ++t) key[t] = rank_key(s[t]);
+        uint32_t prefix = 0, mask = 0;  // the high bits of the threshold found so far
+        int64_t need = budget;           // how many of the keys matching prefix must still be taken
+        for (int shift = 24; shift >= 0; shift -= 8) {
+          int64_t hist[256] = {};
+          for (int64_t t = 0; t < p.n; ++t)
+            if ((key[t] & mask) == prefix) ++hist[(key[t] >> shift) & 255];
+          int digit = 255;
+          for (; digit > 0 && hist[digit] < need; --digit) need -= hist[digit];
+          prefix |= static_cast<uint32_t>(digit) << shift;
+          mask |= 255u << shift;
+        }
+        // prefix is the threshold key: take every larger key and the `need` oldest equal ones, in token order
+        int32_t* out = chosen + bh * budget;
+        int64_t k = 0;
+        for (int64_t t = 0; t < p.n; ++t) {
+          if (key[t] > prefix || (key[t] == prefix && need > 0)) {
+            if (key[t] == prefix) --need;
+            out[k++] = static_cast<int32_t>(t);
+          }
+        }
       },
       parallel && p.B * p.Hkv > 1 && p.n * p.C >= 4096);
+}
+
+void gather_tokens(const void* src, int64_t elt, int64_t B, int64_t Hkv, int64_t cap, int64_t D, const int32_t* idx,
+                   int64_t k, void* dst, bool parallel) {
+  const size_t row = static_cast<size_t>(D * elt);
+  for (int64_t i = 0; i < B * Hkv * k; ++i) {
+    if (idx[i] < 0 || idx[i] >= cap) {
+      throw std::invalid_argument("token index " + std::to_string(idx[i]) + " outside the cache capacity " + std::to_string(cap));
+    }
+  }
+  parallel_for(
+      B * Hkv,
+      [&](int64_t bh, int) {
+        const char* from = static_cast<const char*>(src) + static_cast<size_t>(bh * cap) * row;
+        char* to = static_cast<char*>(dst) + static_cast<size_t>(bh * k) * row;
+        for (int64_t i = 0; i < k; ++i) std::memcpy(to + i * row, from + static_cast<size_t>(idx[bh * k + i]) * row, row);
+      },
+      parallel && B * Hkv > 1 && k * D >= 4096);
 }
 
 }  // namespace sf

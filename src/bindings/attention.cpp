@@ -16,6 +16,8 @@
 //   label_select(q, codes, scales, n, budget, scores, chosen, isa="", parallel=True)    (csrc/label_select.h)
 //     q (B, Hkv, C) float32, codes (B, Hkv, C, cap / 2) uint8, scales (B, Hkv, cap) float32,
 //     scores (B, Hkv, n) float32 and chosen (B, Hkv, budget) int32 overwritten
+//   gather_tokens(src, idx, dst, parallel=True): dst (B, Hkv, k, D) = rows idx (B, Hkv, k) int32 of src
+//     (B, Hkv, cap, D), float32 or bfloat16 (raw uint16 bits), dst of src's dtype
 // q (B, Hq, D) float32; k, v (B, Hkv, cap, D) float32, or bfloat16 as raw uint16 bits; spans
 // (B, Hkv, S, 2) int32 [start, length); out (B, Hq, D) float32, overwritten; lse (B, Hq) float32 or
 // None: the log of each softmax denominator (to merge attentions over disjoint token sets). All C-contiguous, CPU.
@@ -369,6 +371,28 @@ void register_attention(nb::module_& mod) {
       },
       "q"_a, "codes"_a, "scales"_a, "n"_a, "budget"_a, "scores"_a, "chosen"_a, "isa"_a = "", "parallel"_a = true,
       "Label scores, then the budget highest-scoring tokens per (b, KV head), ascending (csrc/label_select.h).");
+  mod.def(
+      "gather_tokens",
+      [](const In& src, const In& idx, const Out& dst, bool parallel) {
+        check_array(src, "src", 4);
+        check_array(idx, "idx", 3);
+        check_out(dst, "dst", 4);
+        const bool f32 = src.dtype() == nb::dtype<float>(), u16 = src.dtype() == nb::dtype<uint16_t>();
+        if (!f32 && !u16) throw std::invalid_argument("src must be float32 or bfloat16 (raw uint16 bits)");
+        if (dst.dtype() != src.dtype()) throw std::invalid_argument("dst must have src's dtype");
+        if (idx.dtype() != nb::dtype<int32_t>()) throw std::invalid_argument("idx must be int32");
+        const int64_t B = dim(src, 0), H = dim(src, 1), cap = dim(src, 2), D = dim(src, 3), k = dim(idx, 2);
+        if (dim(idx, 0) != B || dim(idx, 1) != H) throw std::invalid_argument("idx must be (B, Hkv, k) with src's B and Hkv");
+        if (static_cast<int64_t>(dst.shape(0)) != B || static_cast<int64_t>(dst.shape(1)) != H ||
+            static_cast<int64_t>(dst.shape(2)) != k || static_cast<int64_t>(dst.shape(3)) != D) {
+          throw std::invalid_argument("dst must be (B, Hkv, k, D)");
+        }
+        sf::num_threads();
+        nb::gil_scoped_release rel;
+        sf::gather_tokens(src.data(), f32 ? 4 : 2, B, H, cap, D, static_cast<const int32_t*>(idx.data()), k, dst.data(),
+                          parallel);
+      },
+      "src"_a, "idx"_a, "dst"_a, "parallel"_a = true, "Rows of chosen tokens made contiguous (csrc/label_select.h).");
   mod.def(
       "prefill_bf16_path",
       [](const std::string& isa, const std::string& bf16_path) {

@@ -143,3 +143,16 @@ def test_bad_arguments_are_clear_errors():
         label_scores(q.double(), packed, cap_scales, 40)
     with pytest.raises(DataError, match="codes must be"):
         label_scores(q, packed[:, :1], cap_scales, 40)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_tokens_copies_the_chosen_rows(dtype):
+    from sparseforge.ops.label_select import gather_tokens
+
+    src = torch.randn(2, 3, 70, 24).to(dtype)
+    idx = torch.randint(0, 70, (2, 3, 9), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    got = gather_tokens(src, idx)
+    assert got.dtype == dtype and torch.equal(got, src.gather(2, idx.long().unsqueeze(-1).expand(-1, -1, -1, 24)))
+    idx[1, 2, 4] = 70
+    with pytest.raises(DataError, match="outside the cache capacity 70"):
+        gather_tokens(src, idx)

@@ -474,6 +474,20 @@ class DoubleSparsity(Policy):
         spans[..., 1] = 1
         return spans
 
+    def decode(self, layer, query: Tensor, spans: Tensor, scale: float) -> Optional[Tensor]:
+        """The chosen tokens' keys and values gathered contiguous (native copy), then the dense kernel
+        over them: one stream of ``budget`` rows instead of ``budget`` one-token spans. ``None`` (the
+        kernel over the spans as given) when the budget covers the context or spans were clipped
+        (a padded batch, a sliding window below the cache)."""
+        from sparseforge.ops.decode_attention import attend
+        from sparseforge.ops.label_select import gather_tokens
+
+        if spans.shape[2] != self.budget or self.budget >= layer.n or not bool((spans[..., 1] == 1).all()):
+            return None
+        idx = spans[..., 0].contiguous()  # (B, Hkv, budget) int32, ascending
+        k, v = gather_tokens(layer.k_store, idx), gather_tokens(layer.v_store, idx)  # (B, Hkv, budget, D)
+        return attend(query, k, v, dense_spans(layer.batch, layer.kv_heads, self.budget), self.budget, scale)
+
     def label_bytes(self, layer) -> int:
         """Bytes of the label cache one decode step reads in ``layer`` (every cached token's labels)."""
         per_token = self.channels // 2 + self.channels % 2 + 4 if self.label_bits == 4 else \

@@ -34,8 +34,8 @@ from sparseforge.errors import DataError, SparseforgeError
 from sparseforge.kernels import native
 from sparseforge.ops._define import np_view
 
-__all__ = ["label_scores", "label_scores_ref", "label_select", "quantize_labels", "pack_codes", "unpack_codes",
-           "pad_scales", "BLOCK"]
+__all__ = ["label_scores", "label_scores_ref", "label_select", "gather_tokens", "quantize_labels", "pack_codes",
+           "unpack_codes", "pad_scales", "BLOCK"]
 
 BLOCK = 32  # tokens per packed block (16 bytes per channel)
 
@@ -141,3 +141,18 @@ def label_select(q: Tensor, codes: Tensor, scales: Tensor, n: int, budget: int) 
 @label_select.register_fake
 def _(q, codes, scales, n, budget):
     return q.new_empty(q.shape[0], q.shape[1], budget, dtype=torch.int32)
+
+
+def gather_tokens(src: Tensor, idx: Tensor) -> Tensor:
+    """``(B, Hkv, k, D)``: the rows ``idx (B, Hkv, k)`` (int32, in ``[0, cap)``) of ``src (B, Hkv, cap, D)``
+    (float32 or bfloat16), copied by the native kernel (the chosen tokens' keys or values, contiguous)."""
+    if src.dim() != 4 or idx.dim() != 3 or idx.dtype != torch.int32 or not src.is_contiguous() or not idx.is_contiguous():
+        raise DataError(f"gather_tokens needs src (B, Hkv, cap, D) and idx int32 (B, Hkv, k), both contiguous; got "
+                        f"{tuple(src.shape)} and {idx.dtype} {tuple(idx.shape)}")
+    dst = src.new_empty(src.shape[0], src.shape[1], idx.shape[2], src.shape[3])
+    try:
+        native().gather_tokens(np_view(src), idx.numpy(), np_view(dst), True)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    return dst
+
