@@ -2,6 +2,7 @@
 // dispatch and the selection driver.
 #include "label_select.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -87,19 +88,30 @@ void label_select(const LabelProblem& p, int64_t budget, int32_t* chosen, Isa is
         scores_of(p, bh, fn);
         const float* s = p.scores + bh * p.n;
         // rank keys: unsigned integers in the order of the scores (NaN above +inf); the budget-th
-        // largest key found by a radix select, 8 bits at a time from the top
+        // largest key found by a radix select, 8 bits at a time from the top: the first pass over
+        // every token, the later ones over the candidates that share the digits found so far
         std::vector<uint32_t> key(static_cast<size_t>(p.n));
-        for (int64_t t = 0; t < p.n; ++t) key[t] = rank_key(s[t]);
-        uint32_t prefix = 0, mask = 0;  // the high bits of the threshold found so far
-        int64_t need = budget;           // how many of the keys matching prefix must still be taken
-        for (int shift = 24; shift >= 0; shift -= 8) {
-          int64_t hist[256] = {};
-          for (int64_t t = 0; t < p.n; ++t)
-            if ((key[t] & mask) == prefix) ++hist[(key[t] >> shift) & 255];
+        int64_t hist[256] = {};
+        for (int64_t t = 0; t < p.n; ++t) {
+          key[t] = rank_key(s[t]);
+          ++hist[key[t] >> 24];
+        }
+        uint32_t prefix = 0;
+        int64_t need = budget;  // how many of the keys matching prefix must still be taken
+        std::vector<uint32_t> cand;
+        for (int shift = 24;; shift -= 8) {
           int digit = 255;
           for (; digit > 0 && hist[digit] < need; --digit) need -= hist[digit];
           prefix |= static_cast<uint32_t>(digit) << shift;
-          mask |= 255u << shift;
+          if (shift == 0) break;
+          const uint32_t mask = ~0u << shift;
+          std::fill(hist, hist + 256, int64_t{0});
+          if (shift == 24) {  // the candidates: keys with the top digit found
+            for (int64_t t = 0; t < p.n; ++t)
+              if ((key[t] & mask) == prefix) cand.push_back(key[t]);
+          }
+          for (const uint32_t c : cand)
+            if ((c & mask) == prefix) ++hist[(c >> (shift - 8)) & 255];
         }
         // prefix is the threshold key: take every larger key and the `need` oldest equal ones, in token order
         int32_t* out = chosen + bh * budget;
@@ -127,7 +139,15 @@ void gather_tokens(const void* src, int64_t elt, int64_t B, int64_t Hkv, int64_t
       [&](int64_t bh, int) {
         const char* from = static_cast<const char*>(src) + static_cast<size_t>(bh * cap) * row;
         char* to = static_cast<char*>(dst) + static_cast<size_t>(bh * k) * row;
-        for (int64_t i = 0; i < k; ++i) std::memcpy(to + i * row, from + static_cast<size_t>(idx[bh * k + i]) * row, row);
+        const int32_t* ix = idx + bh * k;
+        constexpr int64_t kAhead = 16;  // rows prefetched ahead: the reads are scattered over the cache
+        for (int64_t i = 0; i < k; ++i) {
+          if (i + kAhead < k) {
+            const char* next = from + static_cast<size_t>(ix[i + kAhead]) * row;
+            for (size_t o = 0; o < row; o += 64) __builtin_prefetch(next + o, 0, 0);
+          }
+          std::memcpy(to + i * row, from + static_cast<size_t>(ix[i]) * row, row);
+        }
       },
       parallel && B * Hkv > 1 && k * D >= 4096);
 }
