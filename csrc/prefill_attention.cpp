@@ -95,6 +95,35 @@ void row_spans(const PrefillAttnProblem& p, int64_t i, int64_t lo, int64_t hi, i
   out[3] = rel(max64(band, end));
 }
 
+// The query block of a task: tasks run the last (costliest) query blocks first, every head of one
+// block before the next; query head h of sequence b, its KV head bkv, rows [r0, r0 + rows) of Tq.
+struct QueryBlock {
+  int64_t b, h, bkv, r0, rows;
+};
+
+QueryBlock query_block(const PrefillAttnProblem& p, int64_t task, int64_t R, int64_t nqb) {
+  const int64_t BHq = p.B * p.Hq, qb = nqb - 1 - task / BHq, bh = task % BHq;
+  const int64_t b = bh / p.Hq, h = bh % p.Hq, r0 = qb * R;
+  return {b, h, b * p.Hkv + h / (p.Hq / p.Hkv), r0, min64(R, p.Tq - r0)};
+}
+
+// the online softmax state of `rows` rows before their first key block
+void start_rows(float* m, float* l, int64_t rows) {
+  for (int64_t r = 0; r < rows; ++r) {
+    m[r] = -std::numeric_limits<float>::infinity();
+    l[r] = 0.f;
+  }
+}
+
+// out[b, r0 + r, h] = acc[r] / l[r] for the block's rows (acc rows lda floats apart)
+void finish_rows(const PrefillAttnProblem& p, const QueryBlock& qb, const float* acc, int64_t lda, const float* l) {
+  for (int64_t r = 0; r < qb.rows; ++r) {
+    float* o = p.out + ((qb.b * p.Tq + qb.r0 + r) * p.Hq + qb.h) * p.D;
+    const float inv = 1.f / l[r];
+    for (int64_t d = 0; d < p.D; ++d) o[d] = acc[r * lda + d] * inv;
+  }
+}
+
 // Calls tile(kb, k0, c0, c1, kv_cols, span) for every key block a query block visits (rows
 // [0, rows) at positions i0 .. i0 + rows - 1): columns [c0, c1) of block kb (first key k0), c0 and c1
 // multiples of `align`; kv_cols = min(c1, n - k0); span: the rows' allowed column spans
@@ -138,7 +167,7 @@ PrefillBf16TileFn bf16_kernel(Bf16Path path) {
 // into pairs per block, then the same tasks as the float32 driver
 void prefill_attention_bf16(const PrefillAttnProblem& p, PrefillBf16TileFn fn, bool parallel) {
   constexpr int64_t W = kPrefillBlock, G = kPrefillBf16Group;
-  const int64_t Gq = p.Hq / p.Hkv, D = p.D, BHkv = p.B * p.Hkv, BHq = p.B * p.Hq;
+  const int64_t D = p.D, BHkv = p.B * p.Hkv, BHq = p.B * p.Hq;
   const int64_t Dp = (D + 31) / 32 * 32, Dv = (D + 15) / 16 * 16;
   const int64_t R = p.window >= p.n / 2 ? kPrefillRows : kPrefillBandRows;
   const int64_t nkb = (p.n + W - 1) / W, nqb = (p.Tq + R - 1) / R;
@@ -182,9 +211,8 @@ void prefill_attention_bf16(const PrefillAttnProblem& p, PrefillBf16TileFn fn, b
   parallel_for(
       BHq * nqb,
       [&](int64_t task, int worker) {
-        const int64_t qb_i = nqb - 1 - task / BHq, bh = task % BHq;  // the last (costliest) query blocks first
-        const int64_t b = bh / p.Hq, h = bh % p.Hq, bkv = b * p.Hkv + h / Gq;
-        const int64_t r0 = qb_i * R, rows = min64(R, p.Tq - r0), rows16 = (rows + 15) / 16 * 16;
+        const QueryBlock qblk = query_block(p, task, R, nqb);
+        const int64_t bkv = qblk.bkv, r0 = qblk.r0, rows = qblk.rows, rows16 = (rows + 15) / 16 * 16;
         char* base = reinterpret_cast<char*>(scratch.get()) + worker * per_worker;
         PrefillBf16Tile t;
         uint16_t* qb = reinterpret_cast<uint16_t*>(base);
@@ -194,15 +222,12 @@ void prefill_attention_bf16(const PrefillAttnProblem& p, PrefillBf16TileFn fn, b
         float* l = m + R;
         float* acc = l + R;
         int32_t* span = reinterpret_cast<int32_t*>(acc + Rp * Dv);
-        const float* qsrc = p.q + (bh * p.Tq + r0) * D;
+        const float* qsrc = p.q + ((qblk.b * p.Hq + qblk.h) * p.Tq + r0) * D;
         for (int64_t r = 0; r < rows16; ++r)
           for (int64_t d = 0; d < Dp; ++d) qb[r * Dp + d] = r < rows && d < D ? f32_to_bf16(qsrc[r * D + d] * qsign) : uint16_t{0};
         std::memset(pb, 0, static_cast<size_t>(pb_bytes));
         std::memset(acc, 0, static_cast<size_t>(rows16 * Dv * 4));
-        for (int64_t r = 0; r < rows; ++r) {
-          m[r] = -std::numeric_limits<float>::infinity();
-          l[r] = 0.f;
-        }
+        start_rows(m, l, rows);
         t.qb = qb;
         t.rows = rows;
         t.Dp = Dp;
@@ -222,11 +247,7 @@ void prefill_attention_bf16(const PrefillAttnProblem& p, PrefillBf16TileFn fn, b
                      t.span = sp;
                      fn(t);
                    });
-        for (int64_t r = 0; r < rows; ++r) {
-          float* o = p.out + ((b * p.Tq + r0 + r) * p.Hq + h) * D;
-          const float inv = 1.f / l[r];
-          for (int64_t d = 0; d < D; ++d) o[d] = acc[r * Dv + d] * inv;
-        }
+        finish_rows(p, qblk, acc, Dv, l);
       },
       par);
 }
@@ -270,7 +291,7 @@ void prefill_attention(const PrefillAttnProblem& p, Isa isa, bool parallel) {
   check(p);
   const PrefillTileFn fn = kernel(isa, p.vt);
   constexpr int64_t W = kPrefillBlock;
-  const int64_t G = p.Hq / p.Hkv, D = p.D, BHkv = p.B * p.Hkv, BHq = p.B * p.Hq;
+  const int64_t D = p.D, BHkv = p.B * p.Hkv, BHq = p.B * p.Hq;
   // rows per task: a key block is read once per task, so a dense (or wide) pattern takes many rows to
   // cut the key/value traffic; a narrow band takes few, each row block's band being window + R keys
   const int64_t R = p.window >= p.n / 2 ? kPrefillRows : kPrefillBandRows;
@@ -302,21 +323,17 @@ void prefill_attention(const PrefillAttnProblem& p, Isa isa, bool parallel) {
   parallel_for(
       BHq * nqb,
       [&](int64_t task, int worker) {
-        const int64_t qb = nqb - 1 - task / BHq, bh = task % BHq;  // the last (costliest) query blocks first
-        const int64_t b = bh / p.Hq, h = bh % p.Hq, bkv = b * p.Hkv + h / G;
-        const int64_t r0 = qb * R, rows = min64(R, p.Tq - r0), i0 = offset + r0;
+        const QueryBlock qblk = query_block(p, task, R, nqb);
+        const int64_t bkv = qblk.bkv, r0 = qblk.r0, rows = qblk.rows, i0 = offset + r0;
         float* qs = scratch.get() + worker * per_worker;
         float* s = qs + R * D;
         float* m = s + R * W;
         float* l = m + R;
         float* acc = l + R;
         int32_t* span = spans.get() + worker * 4 * R;
-        const float* qsrc = p.q + (bh * p.Tq + r0) * D;
+        const float* qsrc = p.q + ((qblk.b * p.Hq + qblk.h) * p.Tq + r0) * D;
         for (int64_t x = 0; x < rows * D; ++x) qs[x] = qsrc[x] * p.scale;
-        for (int64_t r = 0; r < rows; ++r) {
-          m[r] = -std::numeric_limits<float>::infinity();
-          l[r] = 0.f;
-        }
+        start_rows(m, l, rows);
         for (int64_t x = 0; x < rows * D; ++x) acc[x] = 0.f;
         PrefillTile t;
         t.qs = qs;
@@ -337,11 +354,7 @@ void prefill_attention(const PrefillAttnProblem& p, Isa isa, bool parallel) {
                      t.span = sp;
                      fn(t);
                    });
-        for (int64_t r = 0; r < rows; ++r) {
-          float* o = p.out + ((b * p.Tq + r0 + r) * p.Hq + h) * D;
-          const float inv = 1.f / l[r];
-          for (int64_t d = 0; d < D; ++d) o[d] = acc[r * D + d] * inv;
-        }
+        finish_rows(p, qblk, acc, D, l);
       },
       par);
 }

@@ -3,32 +3,15 @@
 // Tiles (palette 1, all 16 rows x 64 bytes): 0-3 float32 C blocks of 32 rows x 32 columns (0: rows
 // 0-15 x columns 0-15, 1: rows 0-15 x 16-31, 2 / 3: rows 16-31), 4 / 5 the A rows 0-15 / 16-31 (16
 // rows x 32 bf16 of one k step), 6 / 7 the B pairs of columns 0-15 / 16-31 (16 pair rows x 16
-// columns). The configuration is loaded per tile call and released after it.
+// columns); configured per tile call (amx_tiles.h).
+#include "amx_tiles.h"
 #include "prefill_attention_bf16_kernels.h"
 
 namespace sf {
 namespace {
 
-struct alignas(64) AmxConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 struct AmxMicro {
-  AmxMicro() {
-    AmxConfig cfg;
-    for (int i = 0; i < 8; ++i) {
-      cfg.colsb[i] = 64;
-      cfg.rows[i] = 16;
-    }
-    _tile_loadconfig(&cfg);
-  }
-  ~AmxMicro() { _tile_release(); }
-  AmxMicro(const AmxMicro&) = delete;
-  AmxMicro& operator=(const AmxMicro&) = delete;
+  AmxTiles16x64 tiles;  // the configuration, loaded per tile call and released after it
 
   // rows rounded up to 16 rows of C are written; A must hold them
   void gemm(const uint16_t* A, int64_t lda, const uint32_t* B, int64_t ldb, float* C, int64_t ldc, int64_t rows,
