@@ -88,31 +88,23 @@ void label_select(const LabelProblem& p, int64_t budget, int32_t* chosen, Isa is
         scores_of(p, bh, fn);
         const float* s = p.scores + bh * p.n;
         // rank keys: unsigned integers in the order of the scores (NaN above +inf); the budget-th
-        // largest key found by a radix select, 8 bits at a time from the top: the first pass over
-        // every token, the later ones over the candidates that share the digits found so far
+        // largest key found by a radix select in two 16-bit digits (the high digit holds the sign,
+        // the exponent and 7 mantissa bits, so scores of one magnitude still spread over many bins)
         std::vector<uint32_t> key(static_cast<size_t>(p.n));
-        int64_t hist[256] = {};
+        std::vector<int32_t> hist(65536, 0);
         for (int64_t t = 0; t < p.n; ++t) {
           key[t] = rank_key(s[t]);
-          ++hist[key[t] >> 24];
+          ++hist[key[t] >> 16];
         }
-        uint32_t prefix = 0;
-        int64_t need = budget;  // how many of the keys matching prefix must still be taken
-        std::vector<uint32_t> cand;
-        for (int shift = 24;; shift -= 8) {
-          int digit = 255;
-          for (; digit > 0 && hist[digit] < need; --digit) need -= hist[digit];
-          prefix |= static_cast<uint32_t>(digit) << shift;
-          if (shift == 0) break;
-          const uint32_t mask = ~0u << shift;
-          std::fill(hist, hist + 256, int64_t{0});
-          if (shift == 24) {  // the candidates: keys with the top digit found
-            for (int64_t t = 0; t < p.n; ++t)
-              if ((key[t] & mask) == prefix) cand.push_back(key[t]);
-          }
-          for (const uint32_t c : cand)
-            if ((c & mask) == prefix) ++hist[(c >> (shift - 8)) & 255];
-        }
+        int64_t need = budget;  // how many of the keys matching the digits found must still be taken
+        int hi = 65535;
+        for (; hi > 0 && hist[hi] < need; --hi) need -= hist[hi];
+        std::fill(hist.begin(), hist.end(), 0);
+        for (int64_t t = 0; t < p.n; ++t)
+          if (static_cast<int>(key[t] >> 16) == hi) ++hist[key[t] & 0xffffu];
+        int lo = 65535;
+        for (; lo > 0 && hist[lo] < need; --lo) need -= hist[lo];
+        const uint32_t prefix = static_cast<uint32_t>(hi) << 16 | static_cast<uint32_t>(lo);
         // prefix is the threshold key: take every larger key and the `need` oldest equal ones, in token order
         int32_t* out = chosen + bh * budget;
         int64_t k = 0;

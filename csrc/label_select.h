@@ -38,7 +38,7 @@ namespace avx512 { SF_LABEL_SELECT_KERNELS }
 void label_scores(const LabelProblem& p, Isa isa, bool parallel = true);
 void label_scores_ref(const LabelProblem& p);  // scalar reference: per token, per channel, in double
 // label_scores, then the selection into chosen (B, Hkv, budget), threads over (b, h): a radix
-// select (8 bits a pass) of the budget-th largest score, then one pass in token order
+// select (two 16-bit digits) of the budget-th largest score, then one pass in token order
 void label_select(const LabelProblem& p, int64_t budget, int32_t* chosen, Isa isa, bool parallel = true);
 // dst (B, Hkv, k, D) = the rows idx (B, Hkv, k) of src (B, Hkv, cap, D), elements of elt bytes: the
 // chosen tokens' keys or values made contiguous for the decode kernel; throws for an index outside [0, cap)
