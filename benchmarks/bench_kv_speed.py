@@ -18,11 +18,20 @@ speedups are medians of per-round paired ratios):
   the kernel over the chosen pages; ``quest_kernel`` the kernel alone on those pages;
 * ``streaming``: StreamingLLM(4 sinks, 1020 window) spans plus the kernel (1024 tokens every step);
 * ``mustafar``: Mustafar(70%, 256 recent): the compressed-KV kernel over the pruned tokens plus the
-  dense kernel over the recent ones (compressed before timing).
+  dense kernel over the recent ones (compressed before timing);
+* ``double_sparsity``: DoubleSparsity(16 label channels, budget = context / 16, 4-bit label cache):
+  the native label scores and top-k over every cached token's labels, the chosen tokens' keys and
+  values gathered contiguous, and the kernel over them (``DoubleSparsity.decode``) (the label channels are the first 16 of each head, a stand-in for calibrated ones: the
+  speed does not depend on which).
+
+Each row also gives every variant's **read fraction**: the bytes it reads per step over the dense
+KV bytes (Double Sparsity: the chosen tokens' K and V plus C / 2 + 4 bytes of labels per cached token).
 
 Prefill rows (``--prefill N ...``, default 16K and 32K): causal attention of an N-token prompt in
 one layer, float32 queries, the KV in each dtype: torch SDPA (``is_causal=True``, ``enable_gqa``;
-bfloat16 KV runs SDPA in bfloat16) against our prefill kernel dense and with TriangleMix's
+bfloat16 KV runs SDPA in bfloat16; ours in its bf16 compute path, the ``compute`` column:
+``amx``, ``avx512_bf16`` or ``float32``, see :func:`sparseforge.ops.prefill_attention.bf16_compute_path`;
+``SPARSEFORGE_BF16_PATH`` forces one) against our prefill kernel dense and with TriangleMix's
 Triangle pattern (default 8 sinks, 512 window, 128 last queries: one of its deep layers), and
 TriangleMix over a whole model (half of the layers dense at the best dense time). The full shape is
 32 query / 8 KV heads; ``--quick`` times one GQA group (4 / 1 heads: the work per head is the same,
@@ -30,7 +39,8 @@ an eighth of it) and float32 only, so a quick run stays within minutes on a shar
 
 KV-bytes bound: bytes each variant must read (dense: K and V of every token; Quest: K and V of the
 budget plus the page min/max, 2 vectors per 16 tokens; StreamingLLM: 1024 tokens; Mustafar: kept
-values plus one 64-bit bitmap word per token and tensor, recent tokens dense) divided by the
+values plus one 64-bit bitmap word per token and tensor, recent tokens dense; Double Sparsity: the
+budget's K and V plus the 4-bit label cache) divided by the
 machine's read bandwidth measured in the same run (``torch.sum`` over 512 MB, 2 threads, best of 5).
 
     python benchmarks/bench_kv_speed.py --quick            # 1K-32K decode + 16K/32K prefill (one GQA group)
@@ -63,10 +73,10 @@ import torch.nn.functional as F
 
 from sparseforge import kernels
 from sparseforge.runtime.machine import machine_info
-from sparseforge.attention import Dense, Mustafar, PagedKVCache, Quest, StreamingLLM
+from sparseforge.attention import Dense, DoubleSparsity, Mustafar, PagedKVCache, Quest, StreamingLLM
 from sparseforge.attention.policies import dense_spans
 from sparseforge.ops.decode_attention import decode_attention
-from sparseforge.ops.prefill_attention import attend_prefill, dense_pattern
+from sparseforge.ops.prefill_attention import attend_prefill, bf16_compute_path, dense_pattern
 from sparseforge.attention import TriangleMix
 from sparseforge.measure.timing import time_interleaved
 
@@ -74,6 +84,7 @@ HQ, HKV, D = 32, 8, 64
 PAGE = 16
 SINKS, WINDOW = 4, 1020
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DS_CHANNELS = 16  # Double Sparsity's label channels per head (the paper's r = 16 of 128; here of 64)
 
 
 def last_level_cache_mb() -> int:
@@ -100,9 +111,12 @@ def read_bandwidth(mb: int = 0, reps: int = 5) -> float:
 
 
 def kv_bytes(n: int, elt: int, budget: int | None = None, window: int | None = None,
-             mustafar: Mustafar | None = None) -> int:
+             mustafar: Mustafar | None = None, label_channels: int | None = None) -> int:
     """Bytes one decode step reads from one layer's cache (see the module doc)."""
     row = HKV * D * elt  # one token of K (or V) over the KV heads
+    if label_channels is not None:  # Double Sparsity: the chosen tokens plus the 4-bit labels of all
+        labels = HKV * n * (-(-label_channels // 2) + 4)
+        return 2 * min(n, budget) * row + labels
     if mustafar is not None:
         done = max(0, (n - mustafar.recent) // Mustafar.CHUNK * Mustafar.CHUNK)
         keep_k, keep_v = mustafar.keep(D)
@@ -166,6 +180,10 @@ def bench_context(n: int, dtype: torch.dtype, seconds: float, bandwidth: float, 
     scale = D ** -0.5
     quest, stream = Quest(budget=n // 16, dense_layers=0), StreamingLLM(SINKS, WINDOW)
     mustafar = Mustafar(0.7, recent=256)
+    ds = DoubleSparsity(channels=DS_CHANNELS, budget=n // 16,
+                        labels=torch.arange(DS_CHANNELS).expand(1, HKV, DS_CHANNELS).contiguous())
+    for layer in cache.layers:
+        ds.spans(layer, q, 0)  # fills the 4-bit label cache of every layer (as the prefill's tokens arrive)
     all_spans = dense_spans(1, HKV, n)
     quest_spans = [quest.spans(layer, q, 0) for layer in cache.layers]
     for layer in cache.layers:
@@ -189,6 +207,7 @@ def bench_context(n: int, dtype: torch.dtype, seconds: float, bandwidth: float, 
         "sdpa_packed_1thread": sdpa(qp, one=True),
         "dense_op": rotating(lambda i, layer: lambda: decode_attention(q, layer.k_store, layer.v_store, all_spans, n, scale)),
         "mustafar": rotating(lambda i, layer: lambda: mustafar.decode(layer, q, all_spans, scale)),
+        "double_sparsity": rotating(lambda i, layer: lambda: ds.decode(layer, q, ds.spans(layer, q, 0), scale)),
     }
     variants = {
         "dense": lambda i, layer: all_spans,
@@ -206,11 +225,13 @@ def bench_context(n: int, dtype: torch.dtype, seconds: float, bandwidth: float, 
     best = {"sdpa": fastest(ms, ("sdpa_gqa", "sdpa_packed", "sdpa_packed_1thread"))}
     best.update({name: fastest(ms, (f"{name}_pool", f"{name}_serial")) for name in variants})
     best["mustafar"] = "mustafar"
+    best["double_sparsity"] = "double_sparsity"
     for name, key in best.items():
         ms[name] = ms[key]
     elt = torch.tensor([], dtype=dtype).element_size()
     nbytes = {"dense": kv_bytes(n, elt), "quest": kv_bytes(n, elt, budget=n // 16),
-              "streaming": kv_bytes(n, elt, window=SINKS + WINDOW), "mustafar": kv_bytes(n, elt, mustafar=mustafar)}
+              "streaming": kv_bytes(n, elt, window=SINKS + WINDOW), "mustafar": kv_bytes(n, elt, mustafar=mustafar),
+              "double_sparsity": kv_bytes(n, elt, budget=n // 16, label_channels=DS_CHANNELS)}
     bound_ms = {name: b / bandwidth / 1e6 for name, b in nbytes.items()}
     if mustafar.decode(cache.layers[0], q, all_spans, scale) is None:
         ms["mustafar"] = ms["dense"]  # nothing old enough to compress: Mustafar attends densely
@@ -221,6 +242,8 @@ def bench_context(n: int, dtype: torch.dtype, seconds: float, bandwidth: float, 
         "bound_ms": bound_ms, "dense_vs_sdpa": speedup("sdpa", "dense"), "quest_vs_dense": speedup("dense", "quest"),
         "quest_bound_vs_dense": nbytes["dense"] / nbytes["quest"],
         "mustafar_vs_dense": speedup("dense", "mustafar"), "mustafar_bound_vs_dense": nbytes["dense"] / nbytes["mustafar"],
+        "ds_vs_dense": speedup("dense", "double_sparsity"), "ds_bound_vs_dense": nbytes["dense"] / nbytes["double_sparsity"],
+        "read_fraction": {name: b / nbytes["dense"] for name, b in nbytes.items()},
         "dense_of_bound": bound_ms["dense"] / ms["dense"], "stable": meas.stable, "rounds": meas.rounds,
     }
 
@@ -253,8 +276,10 @@ def bench_prefill(n: int, dtype: torch.dtype, seconds: float, threads: int, head
     tri_vs_dense = meas.ratio("dense", "triangle")[0]
     tri_vs_sdpa = meas.ratio("sdpa", "triangle")[0]
     best_dense = min(ms["sdpa"], ms["dense"])
+    compute = bf16_compute_path() if dtype == torch.bfloat16 else "scalar"
     return {
         "context": n, "dtype": str(dtype).replace("torch.", ""), "heads": [hq, hkv], "ms": ms,
+        "compute": "float32" if compute == "scalar" else compute,
         "dense_vs_sdpa": dense_vs_sdpa, "triangle_vs_dense": tri_vs_dense, "triangle_vs_sdpa": tri_vs_sdpa,
         "model_vs_best_dense": 2 * best_dense / (best_dense + ms["triangle"]),
         "settings": {"sinks": tri.sinks, "window": tri.window, "last": tri.last}, "stable": meas.stable,
@@ -263,11 +288,11 @@ def bench_prefill(n: int, dtype: torch.dtype, seconds: float, threads: int, head
 
 
 def prefill_table(rows: list[dict]) -> str:
-    out = ["| KV | context | heads (q/kv) | SDPA ms | dense ms | dense vs SDPA | Triangle ms | Triangle vs dense | "
-           "Triangle vs SDPA | TriangleMix model (half dense) vs best dense |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| KV | compute | context | heads (q/kv) | SDPA ms | dense ms | dense vs SDPA | Triangle ms | Triangle vs dense | "
+           "Triangle vs SDPA | TriangleMix model (half dense) vs best dense |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ms = r["ms"]
-        out.append(f"| {r['dtype']} | {r['context']} | {r['heads'][0]}/{r['heads'][1]} | {ms['sdpa']:.0f} | "
+        out.append(f"| {r['dtype']} | {r.get('compute', 'float32')} | {r['context']} | {r['heads'][0]}/{r['heads'][1]} | {ms['sdpa']:.0f} | "
                    f"{ms['dense']:.0f} | {r['dense_vs_sdpa']:.2f}x | {ms['triangle']:.0f} | {r['triangle_vs_dense']:.2f}x | "
                    f"{r['triangle_vs_sdpa']:.2f}x | {r['model_vs_best_dense']:.2f}x |")
     return "\n".join(out)
@@ -276,7 +301,7 @@ def prefill_table(rows: list[dict]) -> str:
 def prefill_verdicts(rows: list[dict]) -> list[str]:
     lines = []
     for r in rows:
-        tag = f"{r['dtype']} {r['context']}"
+        tag = f"{r['dtype']} ({r.get('compute', 'float32')} compute) {r['context']}"
         lines.append(f"{'PASS' if r['dense_vs_sdpa'] >= 1.0 else 'FAIL'} dense prefill >= 1.0x SDPA at {tag}: "
                      f"{r['dense_vs_sdpa']:.2f}x")
         if r["context"] >= 16384:
@@ -335,15 +360,18 @@ def e2e_table(e: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     out = ["| KV | context | SDPA ms | dense ms | dense vs SDPA | dense % of bytes bound | Quest 1/16 ms (kernel) | "
-           "Quest vs dense (bound) | StreamingLLM ms | Mustafar 70% ms | Mustafar vs dense (bound) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "Quest vs dense (bound) | StreamingLLM ms | Mustafar 70% ms | Mustafar vs dense (bound) | "
+           "Double Sparsity 1/16 ms | DS vs dense (bound) | DS read fraction |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ms = r["ms"]
         out.append(
             f"| {r['dtype']} | {r['context']} | {ms['sdpa']:.2f} | {ms['dense']:.2f} | {r['dense_vs_sdpa']:.2f}x | "
             f"{100 * r['dense_of_bound']:.0f}% | {ms['quest']:.2f} ({ms['quest_kernel']:.2f}) | "
             f"{r['quest_vs_dense']:.2f}x ({r['quest_bound_vs_dense']:.1f}x) | {ms['streaming']:.2f} | "
-            f"{ms['mustafar']:.2f} | {r['mustafar_vs_dense']:.2f}x ({r['mustafar_bound_vs_dense']:.1f}x) |"
+            f"{ms['mustafar']:.2f} | {r['mustafar_vs_dense']:.2f}x ({r['mustafar_bound_vs_dense']:.1f}x) | "
+            f"{ms['double_sparsity']:.2f} | {r['ds_vs_dense']:.2f}x ({r['ds_bound_vs_dense']:.1f}x) | "
+            f"{r['read_fraction']['double_sparsity']:.3f} |"
         )
     return "\n".join(out)
 

@@ -73,8 +73,46 @@ namespace avx2 { SF_PREFILL_ATTENTION_KERNELS }
 namespace avx512 { SF_PREFILL_ATTENTION_KERNELS }
 #undef SF_PREFILL_ATTENTION_KERNELS
 
+// bf16 compute over bfloat16 K/V (prefill_attention with an avx512_bf16 or amx Bf16Path): the same
+// tasks, key blocks and masks; the products run on bf16 pairs with float32 accumulation
+// (vdpbf16ps, or AMX TDPBF16PS tiles), the queries rounded to bf16 and the probabilities rounded to
+// bf16 before P V (as flash attention in bf16 does); the online softmax (scale, max, exp, sums) and
+// the output accumulators stay float32. One tile covers up to kPrefillRows query rows, walked in
+// groups of kPrefillBf16Group rows (scores, softmax and P V of a group stay in L1). Layouts:
+//   qb   (rows rounded up to 16, Dp) bf16, zero past D and past the task's rows; Dp = D rounded up to 32
+//   kp   (Dp / 2, kPrefillBlock) dwords per key block: dword (d, c) = (k[c, 2d], k[c, 2d + 1]), low half first
+//   vp   (kPrefillBlock / 2, Dv) dwords per key block: dword (c, d) = (v[2c, d], v[2c + 1, d]); Dv = D rounded up to 16
+// (both zero past n and past D); acc (rows rounded up to 16, Dv) float32. A scale of 0 gives uniform
+// weights over the allowed keys even where q or k holds NaN / inf (the queries are zeroed).
+constexpr int64_t kPrefillBf16Group = 32;  // query rows per softmax group (two AMX row tiles)
+constexpr int64_t kPrefillBf16Align = 32;  // tile columns start and end on multiples of one AMX k step
+
+struct PrefillBf16Tile {
+  const uint16_t* qb = nullptr;
+  const uint32_t* kp = nullptr;  // the key block's pairs
+  const uint32_t* vp = nullptr;  // the value block's pairs
+  int64_t rows = 0, Dp = 0, Dv = 0, c0 = 0, c1 = 0;  // c0, c1 multiples of kPrefillBf16Align
+  float scale = 1.f;               // > 0: the driver folds a sign (or a zero) into qb
+  const int32_t* span = nullptr;  // as PrefillTile::span; null: every key of [c0, c1) allowed
+  float* s = nullptr;             // (2, kPrefillBf16Group, kPrefillBlock) scores of two groups
+  uint16_t* pb = nullptr;         // (kPrefillBf16Group, kPrefillBlock) bf16 probabilities, zero-filled by the caller
+  float* m = nullptr;             // (rows,) running max of the scaled scores
+  float* l = nullptr;             // (rows,) running sum of exp
+  float* acc = nullptr;           // (rows rounded up to 16, Dv) running sum of p * v
+};
+
+using PrefillBf16TileFn = void (*)(const PrefillBf16Tile& t);
+namespace avx512bf16 { extern const PrefillBf16TileFn prefill_tile_bf16_compute; }  // vdpbf16ps
+namespace amx { extern const PrefillBf16TileFn prefill_tile_bf16_compute; }         // AMX-BF16 tiles
+
+enum class Bf16Path : int;  // linear_bf16.h: scalar, avx512_bf16, amx
+
 // Throws std::invalid_argument for bad sizes or pattern parameters.
 void prefill_attention(const PrefillAttnProblem& p, Isa isa, bool parallel = true);
+// bfloat16 K/V with the bf16 compute path `path` (linear_bf16.h's Bf16Path, resolved by the caller:
+// SPARSEFORGE_BF16_PATH); Bf16Path::scalar and float32 K/V run prefill_attention(p, isa, parallel),
+// bf16 widened to float32. Throws std::invalid_argument for a path this machine cannot run.
+void prefill_attention(const PrefillAttnProblem& p, Isa isa, Bf16Path path, bool parallel = true);
 // Scalar reference (the test oracle): per query row, every key tested with allowed(i, j), two
 // passes (max, then exp-sum) with std::exp.
 void prefill_attention_ref(const PrefillAttnProblem& p);

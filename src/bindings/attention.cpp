@@ -6,18 +6,31 @@
 //     kmin / kmax (B, Hkv, allocated pages, D) like k; chosen (B, Hkv, keep) int32, overwritten
 //   sparse_kv_attention(q, kvals, kbits, vvals, vbits, n, scale, out, lse, isa="", chunk=0, parallel=True), _ref
 //     kvals / vvals (B, Hkv, cap, keep) like k; kbits / vbits (B, Hkv, cap, ceil(D / 64)) int64 words
-//   prefill_attention(q, k, v, n, scale, sinks, window, last, horizon, out, isa="", parallel=True), _ref
-//     q (B, Hq, Tq, D) float32, the last Tq of the n cached tokens; out (B, Tq, Hq, D) float32 (csrc/prefill_attention.h)
+//   prefill_attention(q, k, v, n, scale, sinks, window, last, horizon, out, isa="", parallel=True, bf16_path=""), _ref
+//     q (B, Hq, Tq, D) float32, the last Tq of the n cached tokens; out (B, Tq, Hq, D) float32 (csrc/prefill_attention.h);
+//     bfloat16 k / v run the bf16 compute path prefill_bf16_path(isa, bf16_path) names
+//   prefill_bf16_path(isa="", bf16_path="") -> "scalar" (float32 compute), "avx512_bf16" or "amx": bf16_path,
+//     else SPARSEFORGE_BF16_PATH, else (auto) amx where this machine has it and the ISA in force (isa,
+//     else SPARSEFORGE_ISA) is avx512, scalar otherwise (avx512_bf16 only when named)
+//   label_scores(q, codes, scales, n, scores, isa="", parallel=True), label_scores_ref(q, codes, scales, n, scores)
+//   label_select(q, codes, scales, n, budget, scores, chosen, isa="", parallel=True)    (csrc/label_select.h)
+//     q (B, Hkv, C) float32, codes (B, Hkv, C, cap / 2) uint8, scales (B, Hkv, cap) float32,
+//     scores (B, Hkv, n) float32 and chosen (B, Hkv, budget) int32 overwritten
+//   gather_tokens(src, idx, dst, parallel=True): dst (B, Hkv, k, D) = rows idx (B, Hkv, k) int32 of src
+//     (B, Hkv, cap, D), float32 or bfloat16 (raw uint16 bits), dst of src's dtype
 // q (B, Hq, D) float32; k, v (B, Hkv, cap, D) float32, or bfloat16 as raw uint16 bits; spans
 // (B, Hkv, S, 2) int32 [start, length); out (B, Hq, D) float32, overwritten; lse (B, Hq) float32 or
 // None: the log of each softmax denominator (to merge attentions over disjoint token sets). All C-contiguous, CPU.
 // Bad input raises ValueError (std::invalid_argument) naming the argument; an unknown or unsupported
 // isa raises sparseforge.errors.ConfigError.
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
 #include "binding.h"
 #include "decode_attention.h"
+#include "label_select.h"
+#include "linear_bf16.h"
 #include "prefill_attention.h"
 #include "threadpool.h"
 
@@ -199,6 +212,47 @@ sf::PrefillAttnProblem prefill_problem(const In& q, const In& k, const In& v, in
   return p;
 }
 
+// auto: amx where the CPU has it and the ISA in force is avx512, else float32 compute (the
+// vdpbf16ps tile measured ~10% slower than the float32 kernel on a Sapphire Rapids host: one
+// vdpbf16ps per cycle against two FMAs, plus the packing); a named path is taken as named
+sf::LabelProblem label_problem(const In& q, const In& codes, const In& scales, int64_t n, const Out& scores) {
+  check_array(q, "q", 3);
+  check_array(codes, "codes", 4);
+  check_array(scales, "scales", 3);
+  check_out(scores, "scores", 3);
+  if (q.dtype() != nb::dtype<float>() || scales.dtype() != nb::dtype<float>() || scores.dtype() != nb::dtype<float>()) {
+    throw std::invalid_argument("q, scales and scores must be float32");
+  }
+  if (codes.dtype() != nb::dtype<uint8_t>()) throw std::invalid_argument("codes must be uint8");
+  sf::LabelProblem p;
+  p.B = dim(q, 0);
+  p.Hkv = dim(q, 1);
+  p.C = dim(q, 2);
+  p.cap = dim(scales, 2);
+  p.n = n;
+  if (dim(codes, 0) != p.B || dim(codes, 1) != p.Hkv || dim(codes, 2) != p.C || dim(codes, 3) * 2 != p.cap) {
+    throw std::invalid_argument("codes must be (B, Hkv, C, cap / 2) for q (B, Hkv, C) and scales (B, Hkv, cap)");
+  }
+  if (dim(scales, 0) != p.B || dim(scales, 1) != p.Hkv) throw std::invalid_argument("scales must be (B, Hkv, cap) with q's B and Hkv");
+  if (static_cast<int64_t>(scores.shape(0)) != p.B || static_cast<int64_t>(scores.shape(1)) != p.Hkv ||
+      static_cast<int64_t>(scores.shape(2)) != n) {
+    throw std::invalid_argument("scores must be (B, Hkv, n)");
+  }
+  p.q = static_cast<const float*>(q.data());
+  p.codes = static_cast<const uint8_t*>(codes.data());
+  p.scales = static_cast<const float*>(scales.data());
+  p.scores = static_cast<float*>(scores.data());
+  return p;
+}
+
+sf::Bf16Path prefill_path(const std::string& requested, sf::Isa isa) {
+  const char* env = std::getenv("SPARSEFORGE_BF16_PATH");
+  const std::string want = requested.empty() ? (env ? env : "") : requested;
+  if (!want.empty() && want != "auto") return resolve_bf16(requested);
+  resolve_bf16(requested);  // a bad SPARSEFORGE_ISA or path setting still raises
+  return isa == sf::Isa::avx512 && sf::bf16_path_supported(sf::Bf16Path::amx) ? sf::Bf16Path::amx : sf::Bf16Path::scalar;
+}
+
 }  // namespace
 
 void register_attention(nb::module_& mod) {
@@ -270,15 +324,81 @@ void register_attention(nb::module_& mod) {
   mod.def(
       "prefill_attention",
       [](const In& q, const In& k, const In& v, int64_t n, double scale, int64_t sinks, int64_t window, int64_t last,
-         int64_t horizon, const Out& out, const std::string& isa, bool parallel) {
+         int64_t horizon, const Out& out, const std::string& isa, bool parallel, const std::string& bf16_path) {
         const sf::PrefillAttnProblem p = prefill_problem(q, k, v, n, scale, sinks, window, last, horizon, out);
+        const sf::Isa i = resolve(isa);
+        const sf::Bf16Path path = p.vt == sf::VT::bf16 ? prefill_path(bf16_path, i) : sf::Bf16Path::scalar;
+        sf::num_threads();
+        nb::gil_scoped_release rel;
+        sf::prefill_attention(p, i, path, parallel);
+      },
+      "q"_a, "k"_a, "v"_a, "n"_a, "scale"_a, "sinks"_a, "window"_a, "last"_a, "horizon"_a, "out"_a, "isa"_a = "",
+      "parallel"_a = true, "bf16_path"_a = "", "Block-sparse causal prefill attention (csrc/prefill_attention.h).");
+  mod.def(
+      "label_scores",
+      [](const In& q, const In& codes, const In& scales, int64_t n, const Out& scores, const std::string& isa,
+         bool parallel) {
+        const sf::LabelProblem p = label_problem(q, codes, scales, n, scores);
         const sf::Isa i = resolve(isa);
         sf::num_threads();
         nb::gil_scoped_release rel;
-        sf::prefill_attention(p, i, parallel);
+        sf::label_scores(p, i, parallel);
       },
-      "q"_a, "k"_a, "v"_a, "n"_a, "scale"_a, "sinks"_a, "window"_a, "last"_a, "horizon"_a, "out"_a, "isa"_a = "",
-      "parallel"_a = true, "Block-sparse causal prefill attention (csrc/prefill_attention.h).");
+      "q"_a, "codes"_a, "scales"_a, "n"_a, "scores"_a, "isa"_a = "", "parallel"_a = true,
+      "Double Sparsity label scores over a 4-bit label cache (csrc/label_select.h).");
+  mod.def(
+      "label_scores_ref",
+      [](const In& q, const In& codes, const In& scales, int64_t n, const Out& scores) {
+        const sf::LabelProblem p = label_problem(q, codes, scales, n, scores);
+        nb::gil_scoped_release rel;
+        sf::label_scores_ref(p);
+      },
+      "q"_a, "codes"_a, "scales"_a, "n"_a, "scores"_a, "Scalar reference of label_scores (the oracle).");
+  mod.def(
+      "label_select",
+      [](const In& q, const In& codes, const In& scales, int64_t n, int64_t budget, const Out& scores, const Out& chosen,
+         const std::string& isa, bool parallel) {
+        const sf::LabelProblem p = label_problem(q, codes, scales, n, scores);
+        check_out(chosen, "chosen", 3);
+        if (chosen.dtype() != nb::dtype<int32_t>() || static_cast<int64_t>(chosen.shape(0)) != p.B ||
+            static_cast<int64_t>(chosen.shape(1)) != p.Hkv || static_cast<int64_t>(chosen.shape(2)) != budget) {
+          throw std::invalid_argument("chosen must be int32 (B, Hkv, budget)");
+        }
+        const sf::Isa i = resolve(isa);
+        sf::num_threads();
+        nb::gil_scoped_release rel;
+        sf::label_select(p, budget, static_cast<int32_t*>(chosen.data()), i, parallel);
+      },
+      "q"_a, "codes"_a, "scales"_a, "n"_a, "budget"_a, "scores"_a, "chosen"_a, "isa"_a = "", "parallel"_a = true,
+      "Label scores, then the budget highest-scoring tokens per (b, KV head), ascending (csrc/label_select.h).");
+  mod.def(
+      "gather_tokens",
+      [](const In& src, const In& idx, const Out& dst, bool parallel) {
+        check_array(src, "src", 4);
+        check_array(idx, "idx", 3);
+        check_out(dst, "dst", 4);
+        const bool f32 = src.dtype() == nb::dtype<float>(), u16 = src.dtype() == nb::dtype<uint16_t>();
+        if (!f32 && !u16) throw std::invalid_argument("src must be float32 or bfloat16 (raw uint16 bits)");
+        if (dst.dtype() != src.dtype()) throw std::invalid_argument("dst must have src's dtype");
+        if (idx.dtype() != nb::dtype<int32_t>()) throw std::invalid_argument("idx must be int32");
+        const int64_t B = dim(src, 0), H = dim(src, 1), cap = dim(src, 2), D = dim(src, 3), k = dim(idx, 2);
+        if (dim(idx, 0) != B || dim(idx, 1) != H) throw std::invalid_argument("idx must be (B, Hkv, k) with src's B and Hkv");
+        if (static_cast<int64_t>(dst.shape(0)) != B || static_cast<int64_t>(dst.shape(1)) != H ||
+            static_cast<int64_t>(dst.shape(2)) != k || static_cast<int64_t>(dst.shape(3)) != D) {
+          throw std::invalid_argument("dst must be (B, Hkv, k, D)");
+        }
+        sf::num_threads();
+        nb::gil_scoped_release rel;
+        sf::gather_tokens(src.data(), f32 ? 4 : 2, B, H, cap, D, static_cast<const int32_t*>(idx.data()), k, dst.data(),
+                          parallel);
+      },
+      "src"_a, "idx"_a, "dst"_a, "parallel"_a = true, "Rows of chosen tokens made contiguous (csrc/label_select.h).");
+  mod.def(
+      "prefill_bf16_path",
+      [](const std::string& isa, const std::string& bf16_path) {
+        return std::string(sf::bf16_path_name(prefill_path(bf16_path, resolve(isa))));
+      },
+      "isa"_a = "", "bf16_path"_a = "", "The compute path prefill_attention would take now for bfloat16 k / v.");
   mod.def(
       "prefill_attention_ref",
       [](const In& q, const In& k, const In& v, int64_t n, double scale, int64_t sinks, int64_t window, int64_t last,

@@ -22,6 +22,10 @@
 #include "common.h"
 #include "isa.h"
 
+namespace sf {
+enum class Bf16Path : int;  // csrc/linear_bf16.h
+}  // namespace sf
+
 namespace sfb {
 
 namespace nb = nanobind;
@@ -31,6 +35,8 @@ using Out = nb::ndarray<>;
 
 [[noreturn]] void raise_config_error(const std::string& msg);
 sf::Isa resolve(const std::string& isa);  // "" -> SPARSEFORGE_ISA -> best; ConfigError if unusable
+// "" -> SPARSEFORGE_BF16_PATH -> best (csrc/linear_bf16.h); ConfigError if unknown or unusable
+sf::Bf16Path resolve_bf16(const std::string& path);
 int threads();                             // kernel threads; ConfigError for a bad SPARSEFORGE_NUM_THREADS
 int parse_algo(const std::string& algo);   // "auto" 0, "rows" 1, "lanes" 2
 

@@ -28,6 +28,8 @@ def test_kv_bytes_bound():
     # Mustafar 70%, D 64: 21 kept values + one bitmap word per token, K and V; 768 of 1024 tokens compressed
     m = b.Mustafar(0.7, recent=256)
     assert b.kv_bytes(1024, 4, mustafar=m) == b.HKV * 768 * 2 * (21 * 4 + 8) + 2 * 256 * b.HKV * b.D * 4
+    # Double Sparsity 1/16, 16 label channels: the budget's K and V plus 8 code bytes and a float32 scale per token
+    assert b.kv_bytes(1024, 2, budget=64, label_channels=16) == 2 * 64 * b.HKV * b.D * 2 + b.HKV * 1024 * (8 + 4)
 
 
 def test_tiny_run_writes_json(tmp_path, capsys):
@@ -38,7 +40,10 @@ def test_tiny_run_writes_json(tmp_path, capsys):
                    "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     (row,) = data["rows"]
-    assert row["context"] == 512 and set(row["ms"]) >= {"sdpa", "dense", "quest", "quest_kernel", "streaming", "mustafar"}
+    assert row["context"] == 512 and set(row["ms"]) >= {"sdpa", "dense", "quest", "quest_kernel", "streaming", "mustafar",
+                                                         "double_sparsity"}
+    assert row["read_fraction"]["dense"] == 1.0 and 0 < row["read_fraction"]["double_sparsity"] < 0.2
+    assert row["read_fraction"]["double_sparsity"] == row["bytes"]["double_sparsity"] / row["bytes"]["dense"]
     assert all(v > 0 for v in row["ms"].values())
     # speedups are medians of per-round paired ratios (the library timer): between the extremes of the per-round ratios
     assert 0 < row["dense_vs_sdpa"] and row["rounds"] >= 5
@@ -47,7 +52,7 @@ def test_tiny_run_writes_json(tmp_path, capsys):
     assert all(v > 0 for v in pre["ms"].values()) and pre["triangle_vs_dense"] > 0 and pre["rounds"] >= 3
     assert data["meta"]["cpu"] and data["meta"]["bandwidth_gbs"] > 0
     printed = capsys.readouterr().out
-    assert "| float32 | 512 |" in printed and "| float32 | 300 | 2/1 |" in printed and "dense prefill >= 1.0x SDPA" in printed
+    assert "| float32 | 512 |" in printed and "| float32 | float32 | 300 | 2/1 |" in printed and "dense prefill >= 1.0x SDPA" in printed
 
 
 def test_paired_ratio_comes_from_the_library_timer(monkeypatch):
@@ -65,6 +70,18 @@ def test_paired_ratio_comes_from_the_library_timer(monkeypatch):
     (m,) = seen
     assert row["triangle_vs_dense"] == m.ratio("dense", "triangle")[0]
     assert row["dense_vs_sdpa"] == m.ratio("sdpa", "dense")[0]
+
+
+def test_bf16_prefill_rows_name_their_compute_path(monkeypatch):
+    """A bfloat16 row times our kernel in the bf16 compute path in force and says which."""
+    from sparseforge.ops.prefill_attention import bf16_compute_path
+
+    b = _load()
+    row = b.bench_prefill(200, b.DTYPES["bfloat16"], 0.001, 1, heads=(2, 1))
+    assert row["dtype"] == "bfloat16" and row["compute"] == {"scalar": "float32"}.get(bf16_compute_path(), bf16_compute_path())
+    monkeypatch.setenv("SPARSEFORGE_BF16_PATH", "scalar")
+    assert b.bench_prefill(200, b.DTYPES["bfloat16"], 0.001, 1, heads=(2, 1))["compute"] == "float32"
+    assert "| bfloat16 | float32 | 200 | 2/1 |" in b.prefill_table([b.bench_prefill(200, b.DTYPES["bfloat16"], 0.001, 1, heads=(2, 1))])
 
 
 def test_e2e_decode_steps_small_model():

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from sparseforge.attention import (NAME, Dense, DoubleSparsity, PagedKVCache, calibrate_label_channels, enable,
                                    load_label_channels, save_label_channels)
 from sparseforge.errors import ConfigError, DataError
+from sparseforge.ops.label_select import unpack_codes
 from decode_oracles import decode_one as _decode, sdpa_over as _sdpa_over
 from tiny_models import tiny_model, tokens
 
@@ -35,8 +36,17 @@ def _random_labels(L, Hkv, D, r, seed):
     return torch.stack([torch.stack([torch.randperm(D, generator=g)[:r] for _ in range(Hkv)]) for _ in range(L)])
 
 
-def _reference_scores(q, keys, labels):
-    """float64 (B, Hkv, n): per query head q_h[label] . k[label] on its KV head's labels, summed over the group."""
+def _dequantized_4bit(x):
+    """x (..., C) -> its 4-bit label values from the definition: per token s = max |x| / 7, round(x / s)
+    clamped to [-7, 7], times s (an all-zero token stays zero)."""
+    x = x.double()
+    s = x.abs().amax(-1, keepdim=True) / 7
+    return torch.where(s > 0, torch.round(x / torch.where(s > 0, s, 1.0)).clamp(-7, 7) * s, 0.0)
+
+
+def _reference_scores(q, keys, labels, bits=16):
+    """float64 (B, Hkv, n): per query head q_h[label] . k[label] on its KV head's labels (4-bit labels:
+    dequantized per token), summed over the group."""
     B, Hq, D = q.shape
     Hkv = keys.shape[1]
     G = Hq // Hkv
@@ -44,25 +54,28 @@ def _reference_scores(q, keys, labels):
     for b in range(B):
         for h in range(Hkv):
             idx = labels[h]
+            lab = keys[b, h][:, idx].double()
+            lab = _dequantized_4bit(lab) if bits == 4 else lab
             for g in range(G):
-                out[b, h] += keys[b, h][:, idx].double() @ q[b, h * G + g, idx].double()
+                out[b, h] += lab @ q[b, h * G + g, idx].double()
     return out
 
 
 @settings(max_examples=30, deadline=None)
 @given(n=st.integers(20, 300), budget=st.integers(1, 40), G=st.sampled_from([1, 2, 4]), r=st.integers(1, 16),
-       B=st.integers(1, 2), seed=st.integers(0, 10_000))
-def test_picks_exactly_the_tokens_with_the_top_group_summed_label_scores(n, budget, G, r, B, seed):
+       B=st.integers(1, 2), seed=st.integers(0, 10_000), bits=st.sampled_from([4, 16]))
+def test_picks_exactly_the_tokens_with_the_top_group_summed_label_scores(n, budget, G, r, B, seed, bits):
     D, Hkv = 16, 2
     labels = _random_labels(4, Hkv, D, r, seed)
-    policy = DoubleSparsity(channels=r, budget=budget, labels=labels)
+    policy = DoubleSparsity(channels=r, budget=budget, labels=labels, label_bits=bits)
     layer, keys, _ = _filled(n, B=B, Hkv=Hkv, D=D, seed=seed, policy=policy)
     q = torch.randn(B, Hkv * G, D, generator=torch.Generator().manual_seed(seed + 1))
     spans = policy.spans(layer, q, layer_idx=3)
     if n <= budget:
         assert spans.tolist() == [[[[0, n]]] * Hkv] * B
         return
-    ref = _reference_scores(q, keys, labels[3])
+    ref = _reference_scores(q, keys, labels[3], bits)
+    torch.testing.assert_close(policy.scores(layer, q, 3).double(), ref, rtol=1e-4, atol=1e-4)
     assert spans.shape == (B, Hkv, budget, 2) and (spans[..., 1] == 1).all()
     for b in range(B):
         for h in range(Hkv):
@@ -74,7 +87,8 @@ def test_picks_exactly_the_tokens_with_the_top_group_summed_label_scores(n, budg
             assert got == sorted(order.indices[:budget].tolist())
 
 
-def test_group_scores_are_summed_not_taken_per_query_head():
+@pytest.mark.parametrize("bits", [4, 16])
+def test_group_scores_are_summed_not_taken_per_query_head(bits):
     """Two query heads that disagree: the group sum decides, not either head alone."""
     D = 4
     labels = torch.tensor([[[0, 1]]])  # one layer, one KV head, channels 0 and 1
@@ -83,39 +97,42 @@ def test_group_scores_are_summed_not_taken_per_query_head():
     keys[0, 0, 1, 1] = 2.0  # liked by head 1 only (score 2)
     keys[0, 0, 2, :2] = 1.5  # liked by both (score 1.5 + 1.5 = 3.0 summed) -> wins with token 0
     keys[0, 0, 1, 2:] = 1.0  # the full q . k would favour token 1: non-label channels must not count
-    cache = PagedKVCache(num_layers=1, policy=DoubleSparsity(channels=2, budget=2, labels=labels))
+    cache = PagedKVCache(num_layers=1, policy=DoubleSparsity(channels=2, budget=2, labels=labels, label_bits=bits))
     cache.update(keys, torch.randn(1, 1, 3, D), 0)
     q = torch.zeros(1, 2, D)
     q[0, 0, 0] = 1.0
     q[0, 1, 1] = 1.0
     q[0, :, 2:] = 100.0  # non-label channels are ignored
     layer = cache.layers[0]
-    assert layer.policy.scores(layer, q, 0)[0, 0].tolist() == [3.0, 2.0, 3.0]
+    assert layer.policy.scores(layer, q, 0)[0, 0].tolist() == pytest.approx([3.0, 2.0, 3.0], rel=1e-6)
     assert layer.policy.spans(layer, q, 0)[0, 0, :, 0].tolist() == [0, 2]
 
 
+@pytest.mark.parametrize("bits", [4, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_equals_sdpa_over_the_chosen_tokens_and_dense_when_the_budget_covers(dtype):
+def test_decode_equals_sdpa_over_the_chosen_tokens_and_dense_when_the_budget_covers(dtype, bits):
     n, D = 200, 32
     labels = _random_labels(4, 2, D, 8, 5)
     tol = dict(rtol=2e-2, atol=2e-3) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
     q = torch.randn(2, 8, D, generator=torch.Generator().manual_seed(9))
-    policy = DoubleSparsity(channels=8, budget=24, labels=labels)
+    policy = DoubleSparsity(channels=8, budget=24, labels=labels, label_bits=bits)
     layer, keys, values = _filled(n, B=2, D=D, dtype=dtype, policy=policy)
     allowed = torch.zeros(2, 2, n, dtype=torch.bool)
-    top = _reference_scores(q, keys, labels[3]).topk(24, dim=-1).indices
+    top = _reference_scores(q, keys, labels[3], bits).topk(24, dim=-1).indices
     allowed.scatter_(-1, top, True)
     torch.testing.assert_close(_decode(layer, q), _sdpa_over(q, keys, values, allowed), **tol)
     assert layer.tokens_read == 2 * 2 * 24
     for budget in (n, n + 50):
-        layer, keys, values = _filled(n, B=2, D=D, dtype=dtype, policy=DoubleSparsity(channels=8, budget=budget, labels=labels))
+        layer, keys, values = _filled(n, B=2, D=D, dtype=dtype,
+                                      policy=DoubleSparsity(channels=8, budget=budget, labels=labels, label_bits=bits))
         torch.testing.assert_close(_decode(layer, q), _sdpa_over(q, keys, values, torch.ones(2, 2, n, dtype=torch.bool)), **tol)
 
 
-def test_label_cache_follows_appends_and_crops():
+@pytest.mark.parametrize("bits", [4, 16])
+def test_label_cache_follows_appends_and_crops(bits):
     D = 16
     labels = _random_labels(4, 2, D, 4, 1)
-    policy = DoubleSparsity(channels=4, budget=8, labels=labels)
+    policy = DoubleSparsity(channels=4, budget=8, labels=labels, label_bits=bits)
     layer, _, _ = _filled(50, D=D, policy=policy)
     q = torch.randn(1, 4, D)
     policy.spans(layer, q, 3)
@@ -127,7 +144,13 @@ def test_label_cache_follows_appends_and_crops():
     layer.update(torch.randn(1, 2, 5, D), torch.randn(1, 2, 5, D))  # overwrites the cropped positions
     policy.spans(layer, q, 3)
     want = layer.k_store[:, :, : layer.n].gather(-1, labels[3].view(1, 2, 1, 4).expand(1, 2, layer.n, 4))
-    assert cache_keys().shape == (1, 2, 48, 4) and torch.equal(cache_keys(), want)
+    if bits == 16:
+        assert cache_keys().shape == (1, 2, 48, 4) and torch.equal(cache_keys(), want)
+        return
+    packed = cache_keys()  # 4 bits: the codes and scales of the 48 tokens, dequantized, are the definition's
+    codes = unpack_codes(packed.codes)[:, :, :48]
+    assert packed.n == 48 and packed.codes.shape[-1] * 2 >= 48 and int(codes.min()) >= 1 and int(codes.max()) <= 15
+    torch.testing.assert_close(((codes.double() - 8) * packed.scales[:, :, :48, None]), _dequantized_4bit(want))
 
 
 def test_bad_arguments_are_clear_errors(tmp_path):
@@ -138,6 +161,8 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         DoubleSparsity(channels=0, budget=64, labels=labels)
     with pytest.raises(ConfigError, match="budget must be a positive integer"):
         DoubleSparsity(channels=4, budget=-1, labels=labels)
+    with pytest.raises(ConfigError, match="label_bits must be 4"):
+        DoubleSparsity(channels=4, budget=64, labels=labels, label_bits=8)
     with pytest.raises(ConfigError, match="fewer than channels=8"):
         DoubleSparsity(channels=8, budget=64, labels=labels)
     with pytest.raises(ConfigError, match="repeat a channel"):

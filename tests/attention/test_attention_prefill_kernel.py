@@ -1,8 +1,9 @@
 """Native prefill attention (csrc/prefill_attention*, ``sparseforge::prefill_attention``): every ISA
 against the scalar reference and a float64 masked-softmax oracle whose mask is built here from the
 pattern's definition; torch SDPA with that mask (and ``is_causal=True`` for the dense pattern);
-lengths not divisible by the 64-token block, GQA, float32 / bfloat16 caches, queries that are only
-the last part of the cache, any pattern (property test), thread independence, errors."""
+lengths not divisible by the 64-token block, GQA, float32 / bfloat16 caches (bfloat16 widened to
+float32 here; the bf16 compute paths are tested in test_attention_prefill_bf16.py), queries that are
+only the last part of the cache, any pattern (property test), thread independence, errors."""
 
 from __future__ import annotations
 
@@ -56,12 +57,14 @@ def _sdpa(q, k, v, n, scale, **pattern):
     return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale).transpose(1, 2)
 
 
-def _native(q, k, v, n, scale, isa="", parallel=True, **pattern):
+def _native(q, k, v, n, scale, isa="", parallel=True, bf16_path="scalar", **pattern):
+    """The kernel on raw buffers; bfloat16 k / v widened to float32 (bf16_path "scalar") unless told
+    otherwise (the bf16 compute paths: test_attention_prefill_bf16.py)."""
     B, Hq, Tq, D = q.shape
     out = torch.full((B, Tq, Hq, D), float("nan"))
     view = (lambda t: t.view(torch.uint16).numpy()) if k.dtype == torch.bfloat16 else (lambda t: t.numpy())
     N.prefill_attention(q.numpy(), view(k), view(v), n, scale, pattern["sinks"], pattern["window"], pattern["last"],
-                        pattern["horizon"], out.numpy(), isa, parallel)
+                        pattern["horizon"], out.numpy(), isa, parallel, bf16_path)
     return out
 
 
@@ -99,7 +102,8 @@ def test_the_pattern_is_real():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dense_equals_causal_sdpa(dtype):
+def test_dense_equals_causal_sdpa(dtype, monkeypatch):
+    monkeypatch.setenv("SPARSEFORGE_BF16_PATH", "scalar")  # bfloat16 k / v widened to float32
     n, D = 333, 64
     q, k, v = _problem(B=2, Hq=8, Hkv=2, Tq=n, n=n, D=D, dtype=dtype)
     got = prefill_attention(q, k, v, n, D ** -0.5, **dense_pattern(n))

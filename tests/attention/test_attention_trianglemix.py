@@ -13,6 +13,7 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sparseforge import kernels
 from sparseforge.attention import NAME, Dense, PagedKVCache, Quest, TriangleMix, enable
 from sparseforge.errors import ConfigError, DataError
 from sparseforge.io.builtin import builtin_model_path
@@ -177,3 +178,34 @@ def test_module_doctests():
     for module in (trianglemix, ops):
         result = doctest.testmod(module)
         assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+@pytest.mark.parametrize("path", ["scalar", "avx512_bf16", "amx"])
+def test_dense_bf16_layers_run_our_kernel_only_on_amx(builtin, path, monkeypatch):
+    """The documented rule: over a bfloat16 cache, dense layers take our kernel when its bf16 compute
+    path is amx, torch's SDPA otherwise; Triangle layers always take our kernel."""
+    import sparseforge.ops.prefill_attention as ops
+
+    if not kernels.native().bf16_path_supported(path):
+        monkeypatch.setenv("SPARSEFORGE_BF16_PATH", path)
+        with pytest.raises(ConfigError, match=path):
+            TriangleMix.dense_bf16_native()
+        return
+    enable()
+    monkeypatch.setenv("SPARSEFORGE_BF16_PATH", path)
+    calls = []
+    real = ops.attend_prefill
+    monkeypatch.setattr(ops, "attend_prefill", lambda *a, **kw: calls.append(kw["window"] >= a[3]) or real(*a, **kw))
+    model = builtin.to(torch.bfloat16)
+    try:
+        ids = torch.randint(2, 4000, (1, 100), generator=torch.Generator().manual_seed(4))
+        policy = TriangleMix(sinks=4, window=16, last=8, dense_layers=2)
+        got = _logits(model, ids, NAME, PagedKVCache(model.config, policy=policy))
+        want = _logits(model, ids, _register_oracle(policy))
+    finally:
+        builtin.float()
+    layers = model.config.num_hidden_layers
+    assert calls.count(False) == layers - 2  # every Triangle layer
+    assert calls.count(True) == (2 if path == "amx" else 0)  # dense layers: ours on amx only
+    assert TriangleMix.dense_bf16_native() == (path == "amx")
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.1)  # bf16 model, bf16 attention

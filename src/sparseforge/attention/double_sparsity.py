@@ -34,7 +34,8 @@ from torch import Tensor
 
 from sparseforge.errors import ConfigError, DataError, ModelError
 
-__all__ = ["calibrate_label_channels", "save_label_channels", "load_label_channels", "check_label_channels"]
+__all__ = ["calibrate_label_channels", "save_label_channels", "load_label_channels", "check_label_channels",
+           "PackedLabels"]
 
 FORMAT = "sparseforge.double_sparsity.labels"
 _CALIBRATION_NAME = "sparseforge_label_calibration"
@@ -139,3 +140,51 @@ def load_label_channels(path: Union[str, os.PathLike]) -> Tensor:
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DataError(f"{path} is not a Double Sparsity label file ({exc}); recreate it with save_label_channels") from None
     return check_label_channels(labels, 1, str(path))
+
+
+class PackedLabels:
+    """The 4-bit label cache of one layer: per (sequence, KV head) the label channels of every cached
+    key, quantized per token (:func:`sparseforge.ops.label_select.quantize_labels`) and packed in the
+    native kernel's layout (``codes (B, Hkv, C, cap / 2)`` uint8, ``scales (B, Hkv, cap)`` float32,
+    ``cap`` a multiple of 32 that doubles as tokens arrive). ``C / 2 + 4`` bytes per token and KV head
+    against ``2 * head_dim * 2`` for the bf16 keys and values it stands for.
+
+    Example:
+        >>> import torch
+        >>> cache = PackedLabels(1, 1, 2)
+        >>> cache.write(torch.tensor([[[[1.0, -2.0], [0.5, 0.5]]]]), 0)
+        >>> cache.n, tuple(cache.codes.shape), tuple(cache.scales.shape)
+        (2, (1, 1, 2, 16), (1, 1, 32))
+    """
+
+    def __init__(self, batch: int, kv_heads: int, channels: int):
+        self.codes = torch.zeros(batch, kv_heads, channels, 0, dtype=torch.uint8)
+        self.scales = torch.zeros(batch, kv_heads, 0, dtype=torch.float32)
+        self.n = 0
+
+    def write(self, label_keys: Tensor, start: int) -> None:
+        """Tokens ``[start, start + T)`` from ``label_keys (B, Hkv, T, C)``; later tokens are dropped."""
+        from sparseforge.ops.label_select import BLOCK, pack_codes, quantize_labels, unpack_codes
+
+        if not 0 <= start <= self.n:
+            raise DataError(f"PackedLabels: tokens can only follow the {self.n} held, got start {start}")
+        T = label_keys.shape[2]
+        end = start + T
+        cap = -(-end // BLOCK) * BLOCK
+        if cap > self.scales.shape[-1]:
+            cap = max(cap, 2 * self.scales.shape[-1])
+            codes = torch.zeros(*self.codes.shape[:3], cap // 2, dtype=torch.uint8)
+            codes[..., : self.codes.shape[-1]] = self.codes
+            scales = torch.zeros(*self.scales.shape[:2], cap, dtype=torch.float32)
+            scales[..., : self.scales.shape[-1]] = self.scales
+            self.codes, self.scales = codes, scales
+        codes, scales = quantize_labels(label_keys)  # (B, Hkv, T, C), (B, Hkv, T)
+        b0 = start // BLOCK * BLOCK  # the first block the new tokens touch; its older tokens are kept
+        if start > b0:
+            held = unpack_codes(self.codes[..., b0 // 2: b0 // 2 + BLOCK // 2])[..., : start - b0, :]
+            codes = torch.cat([held, codes], dim=2)
+        packed = pack_codes(codes)  # (B, Hkv, C, blocks * 16)
+        self.codes[..., b0 // 2: b0 // 2 + packed.shape[-1]] = packed
+        self.scales[..., start:end] = scales
+        self.n = end
+

@@ -379,23 +379,30 @@ class DoubleSparsity(Policy):
     ``channels``: label channels per head (the first ``channels`` of ``labels``); ``labels``: int
     ``(layers, kv_heads, >= channels)`` channel indices, most important first, or the path of a
     file written by :func:`~sparseforge.attention.double_sparsity.save_label_channels`. Required:
-    the channels come from an offline calibration of the model.
+    the channels come from an offline calibration of the model. ``label_bits``: 4 (the paper's label
+    cache: per-token symmetric 4-bit codes, :class:`~sparseforge.attention.double_sparsity.PackedLabels`,
+    scored and selected by the native kernel ``sparseforge::label_select``) or 16 (the label
+    channels kept in the cache's dtype, scored with torch).
 
     Example:
         >>> import torch
         >>> DoubleSparsity(channels=2, budget=64, labels=torch.tensor([[[0, 3]]]))
-        DoubleSparsity(channels=2, budget=64)
+        DoubleSparsity(channels=2, budget=64, label_bits=4)
     """
 
     channels: int = 16
     budget: int = 2048
     labels: Union[Tensor, str, os.PathLike, None] = field(default=None, compare=False, repr=False)
+    label_bits: int = 4
 
     def __post_init__(self):
         from sparseforge.attention.double_sparsity import check_label_channels, load_label_channels
 
         _positive("channels", self.channels, "DoubleSparsity")
         _positive("budget", self.budget, "DoubleSparsity")
+        if self.label_bits not in (4, 16):
+            raise ConfigError(f"DoubleSparsity: label_bits must be 4 (the packed label cache) or 16 (the cache's dtype), "
+                              f"got {self.label_bits!r}")
         if self.labels is None:
             raise ConfigError(
                 "DoubleSparsity needs calibrated label channels: labels=calibrate_label_channels(model, batches, "
@@ -406,8 +413,11 @@ class DoubleSparsity(Policy):
             labels = load_label_channels(labels)
         object.__setattr__(self, "labels", check_label_channels(labels, self.channels)[:, :, : self.channels].contiguous())
 
-    def _label_keys(self, layer, layer_idx: int) -> Tensor:
-        """``(B, Hkv, n, channels)``: the label channels of every cached key, appended as tokens arrive."""
+    def _label_keys(self, layer, layer_idx: int):
+        """The label channels of every cached key, appended as tokens arrive: ``(B, Hkv, n, channels)``
+        in the cache's dtype (``label_bits=16``), or the layer's :class:`PackedLabels` (4)."""
+        from sparseforge.attention.double_sparsity import PackedLabels
+
         L, Hkv, _ = self.labels.shape
         if layer_idx >= L or Hkv != layer.kv_heads or int(self.labels.max()) >= layer.head_dim:
             raise ConfigError(
@@ -415,30 +425,71 @@ class DoubleSparsity(Policy):
                 f"fit layer {layer_idx} with {layer.kv_heads} KV heads of dimension {layer.head_dim}; calibrate on this model"
             )
         state = layer.policy_state.get("double_sparsity")
-        if state is None or state["keys"].shape[0] != layer.batch:
-            state = layer.policy_state["double_sparsity"] = {"keys": layer.k_store[:, :, :0, : self.channels].clone()}
-        have = min(state["keys"].shape[2], layer.n, layer.policy_state.pop("cropped_to", layer.n))  # stale past a crop
+        if state is None or state["batch"] != layer.batch or state["bits"] != self.label_bits:
+            keys = layer.k_store[:, :, :0, : self.channels].clone() if self.label_bits == 16 else \
+                PackedLabels(layer.batch, Hkv, self.channels)
+            state = layer.policy_state["double_sparsity"] = {"keys": keys, "batch": layer.batch, "bits": self.label_bits}
+        held = state["keys"].shape[2] if self.label_bits == 16 else state["keys"].n
+        have = min(held, layer.n, layer.policy_state.pop("cropped_to", layer.n))  # stale past a crop
         index = self.labels[layer_idx].view(1, Hkv, 1, -1).expand(layer.batch, Hkv, layer.n - have, -1)
         new = layer.k_store[:, :, have: layer.n].gather(-1, index)  # (B, Hkv, n - have, channels)
-        state["keys"] = torch.cat([state["keys"][:, :, :have], new], dim=2)
+        if self.label_bits == 16:
+            state["keys"] = torch.cat([state["keys"][:, :, :have], new], dim=2)
+        else:
+            state["keys"].write(new, have)
         return state["keys"]
 
-    def scores(self, layer, query: Tensor, layer_idx: int) -> Tensor:
-        """float32 ``(B, Hkv, n)``: ``sum_{g in group} q_g[label] . k[label]`` per cached token."""
-        keys = self._label_keys(layer, layer_idx)
+    def _query_labels(self, query: Tensor, layer, layer_idx: int) -> Tensor:
+        """float32 ``(B, Hkv, channels)``: the label channels of the group's queries, summed (scores are linear)."""
         B, Hq, D = query.shape
         Hkv = layer.kv_heads
-        q = query.float().view(B, Hkv, Hq // Hkv, D).sum(2)  # (B, Hkv, D): the group's queries summed (scores are linear)
-        q_label = q.gather(-1, self.labels[layer_idx].unsqueeze(0).expand(B, -1, -1))  # (B, Hkv, channels)
+        q = query.float().view(B, Hkv, Hq // Hkv, D).sum(2)  # (B, Hkv, D)
+        return q.gather(-1, self.labels[layer_idx].unsqueeze(0).expand(B, -1, -1)).contiguous()
+
+    def scores(self, layer, query: Tensor, layer_idx: int) -> Tensor:
+        """float32 ``(B, Hkv, n)``: ``sum_{g in group} q_g[label] . k[label]`` per cached token (the
+        keys' label channels dequantized from 4 bits with ``label_bits=4``)."""
+        from sparseforge.ops.label_select import label_scores
+
+        keys = self._label_keys(layer, layer_idx)
+        q_label = self._query_labels(query, layer, layer_idx)
+        if self.label_bits == 4:
+            return label_scores(q_label, keys.codes, keys.scales, layer.n)
         return torch.einsum("bhc,bhtc->bht", q_label, keys.float())
 
     def spans(self, layer, query: Tensor, layer_idx: int) -> Tensor:
+        from sparseforge.ops.label_select import label_select
+
         n = layer.n
         if n <= self.budget:
             self._label_keys(layer, layer_idx)  # keep the label cache in step
             return dense_spans(layer.batch, layer.kv_heads, n)
-        top = self.scores(layer, query, layer_idx).topk(self.budget, dim=-1).indices.sort(dim=-1).values  # (B, Hkv, budget)
+        if self.label_bits == 4:
+            keys = self._label_keys(layer, layer_idx)
+            top = label_select(self._query_labels(query, layer, layer_idx), keys.codes, keys.scales, n, self.budget)
+        else:
+            top = self.scores(layer, query, layer_idx).topk(self.budget, dim=-1).indices.sort(dim=-1).values  # (B, Hkv, budget)
         spans = torch.empty(layer.batch, layer.kv_heads, self.budget, 2, dtype=torch.int32)
         spans[..., 0] = top
         spans[..., 1] = 1
         return spans
+
+    def decode(self, layer, query: Tensor, spans: Tensor, scale: float) -> Optional[Tensor]:
+        """The chosen tokens' keys and values gathered contiguous (native copy), then the dense kernel
+        over them: one stream of ``budget`` rows instead of ``budget`` one-token spans. ``None`` (the
+        kernel over the spans as given) when the budget covers the context or spans were clipped
+        (a padded batch, a sliding window below the cache)."""
+        from sparseforge.ops.decode_attention import attend
+        from sparseforge.ops.label_select import gather_tokens
+
+        if spans.shape[2] != self.budget or self.budget >= layer.n or not bool((spans[..., 1] == 1).all()):
+            return None
+        idx = spans[..., 0].contiguous()  # (B, Hkv, budget) int32, ascending
+        k, v = gather_tokens(layer.k_store, idx), gather_tokens(layer.v_store, idx)  # (B, Hkv, budget, D)
+        return attend(query, k, v, dense_spans(layer.batch, layer.kv_heads, self.budget), self.budget, scale)
+
+    def label_bytes(self, layer) -> int:
+        """Bytes of the label cache one decode step reads in ``layer`` (every cached token's labels)."""
+        per_token = self.channels // 2 + self.channels % 2 + 4 if self.label_bits == 4 else \
+            self.channels * layer.k_store.element_size()
+        return layer.batch * layer.kv_heads * layer.n * per_token

@@ -13,9 +13,11 @@ so the "middle" query-key block, which the paper's gradient analysis finds contr
 nothing to the tokens generated after the prompt, is never computed: the cost per Triangle layer
 is ``O(n (sinks + window) + last n)`` instead of ``O(n^2 / 2)``. The first ``dense_layers`` layers
 attend densely. Both run the native block-sparse prefill kernel
-(:mod:`sparseforge.ops.prefill_attention`, float32 compute), except dense layers over a bfloat16
-cache, which run torch's SDPA (faster there: bf16 dot products / AMX tiles; see docs/attention.md
-for the measured ratios). Decode steps afterwards run ``decode_policy``
+(:mod:`sparseforge.ops.prefill_attention`), with one rule for dense layers over a bfloat16 cache:
+they run our kernel when its bf16 compute path is ``amx`` (AMX-BF16 tiles, measured at or above
+torch's bf16 SDPA), and torch's SDPA otherwise (``avx512_bf16`` and the float32-compute path are
+slower than SDPA's bf16 there; see docs/attention.md for the measured ratios;
+``SPARSEFORGE_BF16_PATH`` decides the path). Decode steps afterwards run ``decode_policy``
 (:class:`~sparseforge.attention.policies.Dense` by default, every prompt token is cached).
 
 Defaults follow the reference's ``tri_mix`` settings (``n_init=8, n_local=512, n_last=128,
@@ -113,6 +115,14 @@ class TriangleMix(Policy):
             return {"sinks": 0, "window": max(1, n), "last": 0, "horizon": max(1, horizon)}
         return {"sinks": self.sinks, "window": self.window, "last": self.last, "horizon": max(1, horizon)}
 
+    @staticmethod
+    def dense_bf16_native() -> bool:
+        """Whether dense layers over a bfloat16 cache run our prefill kernel (its bf16 compute path is
+        ``amx``) rather than torch's SDPA (the module doc's rule)."""
+        from sparseforge.ops.prefill_attention import bf16_compute_path
+
+        return bf16_compute_path() == "amx"
+
     def decoding(self) -> Policy:
         return self.decode_policy
 
@@ -146,8 +156,8 @@ class TriangleMix(Policy):
         if attention_mask is not None:
             _check_causal(attention_mask, T, n, n if horizon is None else int(horizon))
         triangle = self.triangle_layer(layer_idx, num_layers)
-        if not triangle and layer.k_store.dtype == torch.bfloat16:
-            return None  # dense bfloat16: torch's SDPA (AMX / bf16 dot products) beats our float32-compute kernel
+        if not triangle and layer.k_store.dtype == torch.bfloat16 and not self.dense_bf16_native():
+            return None  # dense bfloat16 without AMX: torch's SDPA beats our kernel
         pattern = self.pattern(n, triangle, horizon)
         out = attend_prefill(query.float().contiguous(), layer.k_store, layer.v_store, n, scale, **pattern)
         return out.to(query.dtype)  # (B, T, Hq, D)
