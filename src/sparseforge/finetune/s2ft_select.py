@@ -101,7 +101,7 @@ def activation_scores(model: torch.nn.Module, blocks: list[Block], structure: st
 
         return hook
 
-    handles = [b.linear(part).register_forward_pre_hook(hook_for(i, b)) for i, b in enumerate(blocks)]
+    handles = [b.linear(part).module.register_forward_pre_hook(hook_for(i, b)) for i, b in enumerate(blocks)]
     was_training = model.training
     model.eval()
     try:
