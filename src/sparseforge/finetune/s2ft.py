@@ -225,8 +225,7 @@ class S2FTRun:
         return {"step": self.step_count, "selection": self.selection()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("selection") != self.selection():
-            self.remove()  # the model back as it came: fused, unpermuted
+        if state.get("selection") != self.selection():  # finetune_ then fuses and un-permutes (remove)
             raise ConfigError("the resumable state was made with another S²FT selection of heads and channels; "
                               "use another resume directory")
         self.step_count = int(state["step"])
