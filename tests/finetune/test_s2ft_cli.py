@@ -20,7 +20,7 @@ def pruned_dir(tmp_path_factory):
 def test_s2ft_builtin_end_to_end(pruned_dir, tmp_path, capsys):
     out = tmp_path / "tuned"
     argv = ["finetune", str(pruned_dir), "--loss", "ce", "--adapter", "s2ft", "--s2ft-budget", "0.02",
-            "--s2ft-parts", "o,down", "--s2ft-select", "activation", "--steps", "3", "--batch-size", "2",
+            "--s2ft-parts", "o,down", "--s2ft-select", "activation", "--s2ft-independent", "--steps", "3", "--batch-size", "2",
             "--seqlen", "32", "--eval-windows", "2", "--lr", "1e-3", "--threads", "1", "--out", str(out), "--no-progress"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -28,6 +28,7 @@ def test_s2ft_builtin_end_to_end(pruned_dir, tmp_path, capsys):
     before, after = sparseforge.load(pruned_dir), sparseforge.load(out)
     block = after.config.sparsity_config
     assert block["format"] == "nm" and block["finetune"]["adapter"] == "s2ft"
+    assert block["finetune"]["s2ft"]["independent"] is True  # the flag reaches the recorded config
     mods_b, mods_a = dict(before.named_modules()), dict(after.named_modules())
     changed = set()
     for name in block["targets"]:

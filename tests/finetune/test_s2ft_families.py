@@ -192,3 +192,67 @@ def test_finetune_trains_only_the_selection_and_keeps_2_4(family, tmp_path):
         w0, w1 = weight_2d(original.get_submodule(name)), weight_2d(student.get_submodule(name))
         assert torch.equal(w0 == 0, w1 == 0), name
         assert satisfies(w1 != 0, "2:4"), name
+
+
+@settings(max_examples=40, deadline=None)
+@given(units=st.integers(1, 12), data=st.data())
+def test_independent_layout_puts_each_sides_units_in_one_contiguous_span(units, data):
+    from sparseforge.finetune.s2ft import unit_layout
+    from sparseforge.finetune.s2ft_permute import front_order
+
+    rows = sorted(data.draw(st.sets(st.integers(0, units - 1))))
+    columns = sorted(data.draw(st.sets(st.integers(0, units - 1))))
+    front, spans = unit_layout({"channels:rows": rows, "channels:columns": columns}, "channels", ("up", "gate", "down"))
+    order = front_order(front, units)  # new position -> original unit
+    for part, want in (("up", rows), ("gate", rows), ("down", columns)):
+        first, size = spans[part]
+        assert sorted(order[first:first + size]) == want, part
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(family=st.sampled_from(["gpt2", "bert", "llama"]), fraction=st.floats(0.2, 0.9), seed=st.integers(0, 5))
+def test_independent_selection_keeps_the_function_and_fusion_restores_it(family, fraction, seed):
+    model = model_of(family, seed) if family != "llama" else tiny_model("llama", seed=seed).eval()
+    original = copy.deepcopy(model)
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(seed))
+    reference = outputs(model, ids)
+    parts = ("v", "o", "up", "down")
+    capacity = sum(b.linear(p).weight.numel() for b in find_blocks(model, parts) for p in parts)
+    run = S2FTRun(model, S2FTConfig(budget=int(fraction * capacity), parts=parts, independent=True), seed=seed)
+    assert all(set(p) == {"heads:rows", "heads:columns", "channels:rows", "channels:columns"} for p in run.picks)
+    torch.testing.assert_close(outputs(model, ids), reference, rtol=1e-5, atol=1e-5)
+    run.remove()
+    for (name, a), b in zip(model.named_parameters(), original.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_independent_selection_trains_each_sides_own_units(tmp_path):
+    student = prune_24(tiny_model("gpt2"))
+    original = copy.deepcopy(student)
+    cfg = FinetuneConfig(loss="ce", steps=2, batch_size=2, seqlen=16, lr=1e-2, adapter="s2ft", save_every=2,
+                         s2ft=S2FTConfig(budget=0.1, parts="v,o,up,down", independent=True))
+    result = finetune_(student, cfg, data=DATA, evaluate=False, progress=False, resume_dir=tmp_path)
+    assert 0 < result.trainable <= int(0.1 * sum(p.numel() for p in original.parameters()))
+    selection = torch.load(tmp_path / STATE_FILE, weights_only=False)["mask"]["selection"]
+    assert any(p["heads:rows"] != p["heads:columns"] for p in selection)
+    assert any(p["channels:rows"] != p["channels:columns"] for p in selection)
+    blocks = {b.name: b for b in find_blocks(original, ("v", "o", "up", "down"))}
+    modules_b, modules_a = dict(original.named_modules()), dict(student.named_modules())
+    moved = 0
+    for pick in selection:
+        block = blocks[pick["block"]]
+        for part, key in (("v", "heads:rows"), ("o", "heads:columns"), ("up", "channels:rows"), ("down", "channels:columns")):
+            proj, width = block.linear(part), unit_width(block, part)
+            w0 = weight_2d(modules_b[proj.name])[proj.start:proj.start + proj.out_features]
+            w1 = weight_2d(modules_a[proj.name])[proj.start:proj.start + proj.out_features]
+            diff = (w0 != w1).any(1 if part in ROW_PARTS else 0)  # per row / per column
+            allowed = torch.zeros_like(diff)
+            for u in pick[key]:
+                allowed[u * width:(u + 1) * width] = True
+            assert not (diff & ~allowed).any(), (proj.name, part)
+            moved += int(diff.sum())
+        for part in ("q", "k"):  # not trained
+            proj = block.linear(part)
+            assert torch.equal(weight_2d(modules_b[proj.name])[proj.start:proj.start + proj.out_features],
+                               weight_2d(modules_a[proj.name])[proj.start:proj.start + proj.out_features])
+    assert moved > 0

@@ -40,12 +40,12 @@ from torch import nn
 
 from sparseforge.errors import ConfigError
 from sparseforge.finetune.s2ft_blocks import ROW_PARTS, Block, find_blocks, unit_width
-from sparseforge.finetune.s2ft_options import HEAD_PARTS, S2FTConfig
+from sparseforge.finetune.s2ft_options import S2FTConfig
 from sparseforge.finetune.s2ft_permute import front_order, inverse, permute_block_
 from sparseforge.finetune.s2ft_select import STRUCTURES, activation_scores, allocate, select_units
 from sparseforge.layers import set_module, weight_2d
 
-__all__ = ["SliceLinear", "S2FTRun", "budget_parameters", "check_model", "peek_batches"]
+__all__ = ["SliceLinear", "S2FTRun", "budget_parameters", "check_model", "peek_batches", "unit_layout"]
 
 
 class SliceLinear(nn.Module):
@@ -141,7 +141,7 @@ def budget_parameters(model: nn.Module, budget: float | int) -> int:
 
 def check_model(model: nn.Module, config: S2FTConfig) -> None:
     """Raise ModelError / ConfigError if S²FT with ``config`` cannot run on ``model`` (its blocks, the budget)."""
-    allocate(find_blocks(model, config.parts), config.parts, budget_parameters(model, config.budget))
+    allocate(find_blocks(model, config.parts), config.parts, budget_parameters(model, config.budget), config.independent)
 
 
 class S2FTRun:
@@ -167,7 +167,7 @@ class S2FTRun:
             activations = {s: activation_scores(model, self.blocks, s, batches)
                            for s, parts in STRUCTURES.items() if set(parts) & set(config.parts)}
         self.picks = select_units(self.blocks, config.parts, self.budget, config.select,
-                                  torch.Generator().manual_seed(seed), activations)
+                                  torch.Generator().manual_seed(seed), activations, config.independent)
         self.requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         self.orders: list[tuple[list[int] | None, list[int] | None]] = []
         self.slices: dict[str, SliceLinear] = {}
@@ -175,23 +175,25 @@ class S2FTRun:
         model.requires_grad_(False)
         try:
             for block, pick in zip(self.blocks, self.picks):
-                kv_order = front_order(pick["heads"], block.kv_heads) if block.kv_heads else None
-                channel_order = front_order(pick["channels"], block.channels) if block.channels else None
+                heads, head_spans = unit_layout(pick, "heads", config.parts)
+                channels, channel_spans = unit_layout(pick, "channels", config.parts)
+                kv_order = front_order(heads, block.kv_heads) if block.kv_heads else None
+                channel_order = front_order(channels, block.channels) if block.channels else None
                 permute_block_(block, kv_order, channel_order)
                 self.orders.append((kv_order, channel_order))
-                self._slice_block(block, pick, set(pruned))
+                self._slice_block(block, {**head_spans, **channel_spans}, set(pruned))
         except BaseException:
             self.remove()
             raise
 
-    def _slice_block(self, block: Block, pick: dict[str, list[int]], pruned: set[str]) -> None:
-        """One :class:`SliceLinear` per trained module; GPT-2's fused q/k/v: one range per part."""
+    def _slice_block(self, block: Block, spans: dict[str, tuple[int, int]], pruned: set[str]) -> None:
+        """One :class:`SliceLinear` per trained module (``spans``: part -> first unit, units after the
+        co-permutation); GPT-2's fused q/k/v: one range per part."""
         ranges: dict[str, list[tuple[int, int]]] = {}
-        for part in self.config.parts:
-            units = len(pick["heads"] if part in HEAD_PARTS else pick["channels"])
+        for part, (first, units) in spans.items():
             if units:
-                proj = block.linear(part)
-                ranges.setdefault(proj.name, []).append((proj.start, units * unit_width(block, part)))
+                proj, width = block.linear(part), unit_width(block, part)
+                ranges.setdefault(proj.name, []).append((proj.start + first * width, units * width))
         for name, spans in ranges.items():
             module = self.model.get_submodule(name)
             axis = 0 if any(p in ROW_PARTS and block.linear_name(p) == name for p in self.config.parts) else 1
@@ -242,6 +244,30 @@ class S2FTRun:
         self.orders = []
         for name, p in self.model.named_parameters():
             p.requires_grad_(self.requires_grad.get(name, True))
+
+
+def unit_layout(pick: dict[str, list[int]], structure: str, parts: tuple[str, ...]
+                ) -> tuple[list[int], dict[str, tuple[int, int]]]:
+    """The units of ``structure`` to move to the front, in order, and each trained part's span of them.
+
+    Shared selection (``pick[structure]``): every part trains the first ``len`` units. Independent
+    (``pick[structure + ":rows"]`` R and ``[":columns"]`` C): the order is ``[R - C, R & C, C - R]``
+    (the reference's ``[only-v, both, only-o]``), rows train the first ``|R|`` units and columns the
+    ``|C|`` units from ``|R - C|`` on: both contiguous.
+
+    Returns:
+        ``(front, {part: (first unit, units)})`` for the parts of ``structure`` in ``parts``.
+    """
+    members = [p for p in STRUCTURES[structure] if p in parts]
+    if f"{structure}:rows" not in pick:
+        shared = pick.get(structure, [])
+        return list(shared), {p: (0, len(shared)) for p in members}
+    rows, columns = pick[f"{structure}:rows"], pick[f"{structure}:columns"]
+    only_rows = [u for u in rows if u not in set(columns)]
+    both = [u for u in rows if u in set(columns)]
+    only_columns = [u for u in columns if u not in set(rows)]
+    spans = {p: (0, len(rows)) if p in ROW_PARTS else (len(only_rows), len(columns)) for p in members}
+    return only_rows + both + only_columns, spans
 
 
 def peek_batches(batches: Any, n: int) -> list[dict[str, torch.Tensor]]:
