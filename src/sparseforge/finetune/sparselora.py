@@ -150,10 +150,11 @@ class SparseLoRAMLP(nn.Module):
             return self.dense(x)
         keep = self.keep(x)
         self.last_kept = keep
-        ctx = self.sparse(x[..., :n_ctx, :], keep)  # (batch, n_ctx, hidden)
         if n_ctx == x.shape[-2]:
-            return ctx
-        return torch.cat([ctx, self.dense(x[..., n_ctx:, :])], dim=-2)  # context sparse | output dense
+            return self.sparse(x, keep)
+        # contiguous token slices: the matmuls see 2-D inputs (a strided 3-D input takes a slower batched path)
+        ctx = self.sparse(x[..., :n_ctx, :].contiguous(), keep)  # (batch, n_ctx, hidden)
+        return torch.cat([ctx, self.dense(x[..., n_ctx:, :].contiguous())], dim=-2)  # context sparse | output dense
 
     def restore(self) -> nn.Module:
         """The original MLP module, holding this module's current children."""

@@ -91,10 +91,12 @@ class ChannelSkipLinear(nn.Linear):
         keep = getattr(channels, self.role)
         sparse = kept_columns_linear if self.role == "o" else kept_rows_linear
         n_ctx = block.n_ctx
-        ctx = sparse(x[..., :n_ctx, :], self.weight, self.bias, keep)  # (batch, n_ctx, out)
         if n_ctx == x.shape[-2]:
-            return ctx
-        return torch.cat([ctx, F.linear(x[..., n_ctx:, :], self.weight, self.bias)], dim=-2)  # sparse | dense
+            return sparse(x, self.weight, self.bias, keep)
+        # contiguous token slices: the matmuls see 2-D inputs (a strided 3-D input takes a slower batched path)
+        ctx = sparse(x[..., :n_ctx, :].contiguous(), self.weight, self.bias, keep)  # (batch, n_ctx, out)
+        dense = F.linear(x[..., n_ctx:, :].contiguous(), self.weight, self.bias)  # (batch, tokens - n_ctx, out)
+        return torch.cat([ctx, dense], dim=-2)  # sparse | dense
 
 
 class SparseLoRAAttention:

@@ -173,7 +173,10 @@ class AttentionChannels(NamedTuple):
 
 
 def _estimated_norms(rows: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    return (rows @ factors[0] @ factors[1]).norm(dim=0)  # (n, in) -> (out,)
+    """``||rows @ A @ B||_2`` per output column without the ``(n, out)`` product: ``sqrt(diag(Bᵀ G B))``, ``G = (xA)ᵀ xA``."""
+    xa = rows @ factors[0]  # (n, r)
+    gram = xa.t() @ xa  # (r, r)
+    return ((gram @ factors[1]) * factors[1]).sum(dim=0).clamp_min(0).sqrt()  # (out,)
 
 
 def attention_channel_scores(
