@@ -79,8 +79,8 @@ def add_adapter_arguments(parser) -> None:
     g.add_argument("--merge-keep-mask", action=argparse.BooleanOptionalAction, default=True,
                    help="mask the merged delta so pruned weights stay zero (default); --no-merge-keep-mask merges dense deltas")
     g.add_argument("--sparselora-sparsity", type=float, default=0.9, help="fraction of MLP channels the base skips (default 0.9)")
-    g.add_argument("--sparselora-attn-sparsity", type=float, default=0.6,
-                   help="fraction of key/value channels the base q/k/v/o skip (default 0.6; 0: attention dense)")
+    g.add_argument("--sparselora-attn-sparsity", type=float, default=0.0,
+                   help="fraction of key/value channels the base q/k/v/o skip (default 0: attention dense; the paper's 7B configs: 0.6-0.75)")
     g.add_argument("--sparselora-rank", type=int, default=8, help="rank of the SVD estimator (default 8)")
     g.add_argument("--sparselora-start", type=float, default=0.05, help="fraction of the first steps run dense (default 0.05)")
     g.add_argument("--sparselora-dense-tokens", type=float, default=0.25,

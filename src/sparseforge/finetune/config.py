@@ -125,7 +125,7 @@ class FinetuneConfig:
     sparselora_start: float = 0.05
     sparselora_dense_tokens: float = 0.25
     sparselora_layers: str = "auto"
-    sparselora_attn_sparsity: float = 0.6
+    sparselora_attn_sparsity: float = 0.0
 
     def __post_init__(self) -> None:
         self.weights = _parse_loss(self.loss)

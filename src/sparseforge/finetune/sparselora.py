@@ -22,8 +22,10 @@ configs use 0.97-0.99). Where the reference splits tokens by their labels (promp
 response tokens dense), plain-text fine-tuning has a loss on every token, so the split is
 positional: the last ``dense_tokens`` of each window are the output tokens. The attention part
 (q/k/v output channels and o input channels, :mod:`sparseforge.finetune.sparselora_attention`)
-runs on the same blocks and schedule at its own ``attn_sparsity`` (default 0.6, the attention
-sparsity of the Llama-2-7B configurations; 0 leaves attention dense).
+runs on the same blocks and schedule at its own ``attn_sparsity`` (0.6 in the reference's Llama-2-7B
+configurations). Its default here is 0 (attention dense): on CPU at hidden sizes up to 1024 the
+q/k/v/o matmuls it skips save about what the token split, gather and scatter cost
+(``benchmarks/bench_finetune.py --cost``); turn it on where it measures faster.
 
 Example:
     >>> from sparseforge.finetune.lora import attach_lora                      # doctest: +SKIP
@@ -152,9 +154,9 @@ class SparseLoRAMLP(nn.Module):
         self.last_kept = keep
         if n_ctx == x.shape[-2]:
             return self.sparse(x, keep)
-        # contiguous token slices: the matmuls see 2-D inputs (a strided 3-D input takes a slower batched path)
-        ctx = self.sparse(x[..., :n_ctx, :].contiguous(), keep)  # (batch, n_ctx, hidden)
-        return torch.cat([ctx, self.dense(x[..., n_ctx:, :].contiguous())], dim=-2)  # context sparse | output dense
+        # one split (its backward is one concatenation) into contiguous parts: 2-D matmuls, not the batched path
+        x_ctx, x_out = (part.contiguous() for part in x.split([n_ctx, x.shape[-2] - n_ctx], dim=-2))
+        return torch.cat([self.sparse(x_ctx, keep), self.dense(x_out)], dim=-2)  # context sparse | output dense
 
     def restore(self) -> nn.Module:
         """The original MLP module, holding this module's current children."""
@@ -188,7 +190,7 @@ class SparseLoRA:
     @classmethod
     def attach(cls, model: nn.Module, sparsity: float = 0.9, rank: int = 8, start: float = 0.05,
                dense_tokens: float = 0.25, layers: str = "auto", seq_avg: bool = True,
-               attn_sparsity: float = 0.6) -> "SparseLoRA":
+               attn_sparsity: float = 0.0) -> "SparseLoRA":
         for label, value in (("sparsity", sparsity), ("attention sparsity", attn_sparsity)):
             if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value < 1):
                 raise ConfigError(f"sparselora {label} must be in [0, 1), got {value!r}")

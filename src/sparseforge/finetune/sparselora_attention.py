@@ -93,10 +93,10 @@ class ChannelSkipLinear(nn.Linear):
         n_ctx = block.n_ctx
         if n_ctx == x.shape[-2]:
             return sparse(x, self.weight, self.bias, keep)
-        # contiguous token slices: the matmuls see 2-D inputs (a strided 3-D input takes a slower batched path)
-        ctx = sparse(x[..., :n_ctx, :].contiguous(), self.weight, self.bias, keep)  # (batch, n_ctx, out)
-        dense = F.linear(x[..., n_ctx:, :].contiguous(), self.weight, self.bias)  # (batch, tokens - n_ctx, out)
-        return torch.cat([ctx, dense], dim=-2)  # sparse | dense
+        # one split (its backward is one concatenation) into contiguous parts: 2-D matmuls, not the batched path
+        x_ctx, x_out = (part.contiguous() for part in x.split([n_ctx, x.shape[-2] - n_ctx], dim=-2))
+        ctx = sparse(x_ctx, self.weight, self.bias, keep)  # (batch, n_ctx, out)
+        return torch.cat([ctx, F.linear(x_out, self.weight, self.bias)], dim=-2)  # sparse | dense
 
 
 class SparseLoRAAttention:
