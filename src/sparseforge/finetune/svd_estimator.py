@@ -63,6 +63,16 @@ def low_rank_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, tor
     return (u[:, :r] * root).contiguous(), (root[:, None] * vh[:r]).contiguous()
 
 
+def _scoring_rows(x: torch.Tensor, seq_avg: bool) -> torch.Tensor:
+    """``(batch, tokens, hidden)`` or ``(tokens, hidden)`` -> float32 ``(n, hidden)`` rows to score (sequence means if ``seq_avg``)."""
+    x = x.detach().to(torch.float32)
+    if x.dim() == 2:
+        x = x[None]  # (1, tokens, hidden)
+    if seq_avg:
+        x = x.mean(dim=1, keepdim=True)  # (batch, 1, hidden)
+    return x.reshape(-1, x.shape[-1])  # (n, hidden)
+
+
 def ffn_channel_scores(
     x: torch.Tensor,
     gate: tuple[torch.Tensor, torch.Tensor],
@@ -82,12 +92,7 @@ def ffn_channel_scores(
         ``(intermediate,)`` float32 scores ``|| act(x A_g B_g) * (x A_u B_u) ||_2`` over the rows.
     """
     with torch.no_grad():
-        x = x.detach().to(torch.float32)
-        if x.dim() == 2:
-            x = x[None]  # (1, tokens, hidden)
-        if seq_avg:
-            x = x.mean(dim=1, keepdim=True)  # (batch, 1, hidden)
-        rows = x.reshape(-1, x.shape[-1])  # (n, hidden)
+        rows = _scoring_rows(x, seq_avg)  # (n, hidden)
         g = rows @ gate[0] @ gate[1]  # (n, intermediate)
         u = rows @ up[0] @ up[1]  # (n, intermediate)
         return (act(g) * u).norm(dim=0)  # (intermediate,)
@@ -204,12 +209,7 @@ def attention_channel_scores(
         ``(qk, v)``: two ``(kv_heads * head_dim,)`` float32 score vectors.
     """
     with torch.no_grad():
-        x = x.detach().to(torch.float32)
-        if x.dim() == 2:
-            x = x[None]  # (1, tokens, hidden)
-        if seq_avg:
-            x = x.mean(dim=1, keepdim=True)  # (batch, 1, hidden)
-        rows = x.reshape(-1, x.shape[-1])  # (n, hidden)
+        rows = _scoring_rows(x, seq_avg)  # (n, hidden)
         q_norm = _estimated_norms(rows, q)  # (q_heads * head_dim,)
         k_norm = _estimated_norms(rows, k)  # (kv_heads * head_dim,)
         v_norm = _estimated_norms(rows, v)  # (kv_heads * head_dim,)
