@@ -148,7 +148,7 @@ class S2FTRun:
     """S²FT on ``model`` for one fine-tuning run: select, co-permute, slice; :meth:`remove` fuses back.
 
     Args:
-        model: a Llama-style model (:func:`~sparseforge.finetune.s2ft_blocks.find_blocks`).
+        model: a Llama / Mistral / Qwen, GPT-2 or BERT style model (:func:`~sparseforge.finetune.s2ft_blocks.find_blocks`).
         config: the :class:`S2FTConfig`. pruned: names of pruned linear layers whose zeros are kept.
         seed: of the random selection. calibration: a callable returning the batches that score
             ``select="activation"``.
