@@ -34,7 +34,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,9 +49,6 @@ from sparseforge.finetune.svd_estimator import (
     kept_rows_linear,
     low_rank_factors,
 )
-
-if TYPE_CHECKING:
-    from sparseforge.finetune.sparselora import SparseLoRA
 
 __all__ = ["ChannelSkipLinear", "SparseLoRAAttention", "attention_blocks"]
 
@@ -102,7 +99,8 @@ class ChannelSkipLinear(nn.Linear):
 class SparseLoRAAttention:
     """One attention block under SparseLoRA: the estimator, the hooks and the swapped base layers (module doc)."""
 
-    def __init__(self, attention: nn.Module, controller: "SparseLoRA", sparsity: float, rank: int) -> None:
+    def __init__(self, attention: nn.Module, controller: Any, sparsity: float, rank: int) -> None:
+        """``controller``: the :class:`~sparseforge.finetune.sparselora.SparseLoRA` schedule (``active``, ``context_tokens``)."""
         self.attention, self.sparsity = attention, sparsity
         self._controller = controller
         q, k, v, o = (_base(getattr(attention, p)) for p in ATTN_PROJ)
