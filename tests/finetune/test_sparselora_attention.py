@@ -20,7 +20,7 @@ from sparseforge.finetune.svd_estimator import (
     low_rank_factors,
     query_channels,
 )
-from tiny_models import VOCAB
+from tiny_models import VOCAB, tiny_model
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -108,18 +108,31 @@ def zero_skipped(model, kept_per_block):
                     w[:, skipped] = 0
                 else:
                     w[skipped] = 0
+                    bias = block.get_submodule(proj).get_base_layer().bias
+                    if bias is not None:
+                        bias[skipped] = 0  # a skipped row computes nothing, its bias included
     return twin
 
 
-def test_sparse_attention_equals_the_dense_one_restricted_to_the_kept_channels_values_and_gradients():
-    model = with_lora(tiny_llama())
+def qwen2_with_biases():
+    model = tiny_model("qwen2")  # GQA 4 / 2 heads with q/k/v biases
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)  # visible biases: a kept bias entry on a skipped row would show
+    return model.eval()
+
+
+@pytest.mark.parametrize("make", [tiny_llama, qwen2_with_biases], ids=["llama", "qwen2-bias"])
+def test_sparse_attention_equals_the_dense_one_restricted_to_the_kept_channels_values_and_gradients(make):
+    model = with_lora(make())
     controller = SparseLoRA.attach(model, sparsity=0.0, attn_sparsity=0.5, start=0.0, dense_tokens=0.0, layers="all")
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
     model.train()
     out = model(input_ids=ids, labels=ids)
     out.loss.backward()
     kept = {name: block.last_kept for name, block in controller.attention.items()}
-    assert len(kept) == 4 and all(k is not None for k in kept.values())
+    assert len(kept) == len(attention_blocks(model)) and all(k is not None for k in kept.values())
     controller.remove()  # the twin has plain base layers: the same weights, no channel skipping
     twin = zero_skipped(model, kept)
     for p in twin.parameters():
