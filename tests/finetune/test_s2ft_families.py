@@ -256,3 +256,24 @@ def test_independent_selection_trains_each_sides_own_units(tmp_path):
             assert torch.equal(weight_2d(modules_b[proj.name])[proj.start:proj.start + proj.out_features],
                                weight_2d(modules_a[proj.name])[proj.start:proj.start + proj.out_features])
     assert moved > 0
+
+
+@pytest.mark.parametrize("independent", [False, True])
+def test_gpt2_fused_slices_resume_bit_exactly(tmp_path, independent):
+    cfg = FinetuneConfig(loss="ce", steps=4, batch_size=2, seqlen=16, lr=1e-2, adapter="s2ft", save_every=2,
+                         s2ft=S2FTConfig(budget=0.1, parts="q,k,v,o,up,down", independent=independent))
+    straight = prune_24(tiny_model("gpt2"))
+    resumed = copy.deepcopy(straight)
+    finetune_(straight, cfg, data=DATA, evaluate=False, progress=False)
+
+    def stop(info):
+        if info.step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune_(copy.deepcopy(resumed), cfg, data=DATA, evaluate=False, progress=False, resume_dir=tmp_path,
+                  callback=stop)
+    result = finetune_(resumed, cfg, data=DATA, evaluate=False, progress=False, resume_dir=tmp_path)
+    assert result.resumed_from == 2
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
