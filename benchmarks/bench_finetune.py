@@ -21,7 +21,9 @@ the peak RSS of the training (``VmHWM`` reset once the model is loaded; ``MALLOC
 64 KiB so freed blocks leave the RSS) and its growth, and held-out perplexity on the last 20 % of ``--cost-data`` after training on the
 first 80 % (default: the built-in corpus' held-out works, never seen by the built-in model's
 training). Then one LoRA MLP block's forward + backward, LoRA vs SparseLoRA (sparsity 0.9 and the
-Llama-3 configs' 0.99), at the built-in width and at 1024 x 2816, alternating call by call.
+Llama-3 configs' 0.99), and one whole LoRA decoder layer (attention + MLP), LoRA vs SparseLoRA on
+the MLP alone vs on the MLP and attention (0.9 / 0.6), at the built-in width and at 1024 x 2816,
+alternating call by call.
 ``--losses ''`` leaves the recovery table out.
 
 Writes ``OUT/finetune.json`` and ``OUT/finetune.md`` (``finetune.quick.*`` with ``--quick``) and prints
@@ -56,7 +58,8 @@ PATTERNS = {"70%": ("unstructured", 0.7), "2:4": ("2:4", None)}
 COST_METHODS = {
     "full": dict(lr=1e-4),
     "lora": dict(lr=2e-3, adapter="lora"),
-    "sparselora": dict(lr=2e-3, adapter="sparselora"),
+    "sparselora": dict(lr=2e-3, adapter="sparselora"),  # the defaults: MLP 0.9, attention dense
+    "sparselora-attn": dict(lr=2e-3, adapter="sparselora", sparselora_attn_sparsity=0.6),  # + attention 0.6
     "s2ft": dict(lr=1e-2, adapter="s2ft", s2ft={"budget": 0.01, "parts": "o,down", "select": "random"}),
 }
 
@@ -293,45 +296,77 @@ def cost(cfg: dict, args, log) -> dict:
             "mlp": mlp_block_cost(cfg, log)}
 
 
-def mlp_block_cost(cfg: dict, log, repeats: int = 15) -> list[dict]:
-    """Forward + backward of one LoRA MLP block, dense vs SparseLoRA, at the built-in width and wider.
+def _alternate(variants: dict, call, repeats: int) -> dict[str, float]:
+    """Median CPU ms of ``call(value)`` per variant, the variants alternating call by call after two warm-up rounds."""
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for i in range(repeats + 2):
+        for key, value in variants.items():
+            t0 = time.thread_time()
+            call(value)
+            if i >= 2:
+                times[key].append(1e3 * (time.thread_time() - t0))
+    return {k: statistics.median(ts) for k, ts in times.items()}
 
-    One random Llama block per width with LoRA (rank 8) on gate/up/down; SparseLoRA with 25 % dense
-    output tokens; the variants alternate call by call and each keeps its median CPU time.
-    """
+
+def _lora_layer(hidden: int, inter: int, heads: int):
     import torch
     import transformers
 
     from sparseforge.finetune.lora import attach_lora
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1,
+                                      num_attention_heads=heads, vocab_size=64)
+    model = transformers.LlamaForCausalLM(config)
+    attach_lora(model, rank=8)
+    return model
+
+
+def mlp_block_cost(cfg: dict, log, repeats: int = 15) -> list[dict]:
+    """Forward + backward of one LoRA MLP block, and of one whole LoRA decoder layer, LoRA vs SparseLoRA.
+
+    One random Llama layer per width with LoRA (rank 8) on every projection; SparseLoRA with 25 %
+    dense output tokens; the variants alternate call by call and each keeps its median CPU time.
+    MLP rows: the MLP alone at sparsity 0.9 and 0.99. Layer rows: attention + MLP, SparseLoRA on the
+    MLP alone (0.9, the default) and on the MLP and attention (0.9 / 0.6, the reference's Llama-2-7B configs).
+    """
+    import torch
+
     from sparseforge.finetune.sparselora import SparseLoRA
 
     rows = []
-    for hidden, inter in ((256, 768), (1024, 2816)):
-        torch.manual_seed(0)
-        config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1,
-                                          num_attention_heads=4, vocab_size=64)
-        block = transformers.LlamaForCausalLM(config).model.layers[0]
-        attach_lora(block, rank=8)
+    for hidden, inter, heads in ((256, 768, 4), (1024, 2816, 16)):
+        model = _lora_layer(hidden, inter, heads)
         x = torch.randn(cfg["batch_size"], cfg["seqlen"], hidden, requires_grad=True)
-        variants = {"lora": None}
+        position_ids = torch.arange(cfg["seqlen"])[None]
+        rope = model.model.rotary_emb(x, position_ids)  # (cos, sin)
+        kinds = {"mlp": {"lora": (model, None)}, "layer": {"lora": (model, None)}}
         for sparsity in (0.9, 0.99):
-            copy_ = copy.deepcopy(block)
-            controller = SparseLoRA.attach(copy_, sparsity=sparsity, layers="all", start=0.0, dense_tokens=0.25)
-            variants[f"sparselora s={sparsity:g}"] = (copy_.mlp, controller)
-        times: dict[str, list[float]] = {k: [] for k in variants}
-        for i in range(repeats + 2):
-            for key, value in variants.items():
-                mlp = block.mlp if value is None else value[0]
-                mlp.train()
-                t0 = time.thread_time()
-                mlp(x).sum().backward()
-                if i >= 2:  # two warm-up rounds
-                    times[key].append(1e3 * (time.thread_time() - t0))
-        base = statistics.median(times["lora"])
-        for key, ts in times.items():
-            rows.append({"hidden": hidden, "intermediate": inter, "variant": key, "ms_cpu": statistics.median(ts),
-                         "vs_lora": statistics.median(ts) / base})
-            log(f"mlp {hidden}x{inter} {key}: {rows[-1]['ms_cpu']:.2f} ms CPU ({rows[-1]['vs_lora']:.2f}x LoRA)")
+            twin = copy.deepcopy(model)
+            controller = SparseLoRA.attach(twin, sparsity=sparsity, attn_sparsity=0.0, layers="all", start=0.0)
+            kinds["mlp"][f"sparselora s={sparsity:g}"] = (twin, controller)
+        for label, attn in (("sparselora MLP 0.9", 0.0), ("sparselora MLP 0.9 + attention 0.6", 0.6)):
+            twin = copy.deepcopy(model)
+            controller = SparseLoRA.attach(twin, sparsity=0.9, attn_sparsity=attn, layers="all", start=0.0)
+            kinds["layer"][label] = (twin, controller)
+
+        def mlp_call(value) -> None:
+            mlp = value[0].model.layers[0].mlp
+            mlp.train()
+            mlp(x).sum().backward()
+
+        def layer_call(value) -> None:
+            layer = value[0].model.layers[0]
+            layer.train()
+            out = layer(x, position_embeddings=rope, position_ids=position_ids)
+            (out[0] if isinstance(out, tuple) else out).sum().backward()
+
+        for kind, call in (("mlp", mlp_call), ("layer", layer_call)):
+            medians = _alternate(kinds[kind], call, repeats)
+            for key, ms in medians.items():
+                rows.append({"hidden": hidden, "intermediate": inter, "heads": heads, "kind": kind, "variant": key,
+                             "ms_cpu": ms, "vs_lora": ms / medians["lora"]})
+                log(f"{kind} {hidden}x{inter} {key}: {ms:.2f} ms CPU ({rows[-1]['vs_lora']:.2f}x LoRA)")
     return rows
 
 
@@ -367,11 +402,11 @@ def markdown(result: dict) -> str:
             ratio = f"{r['cpu_vs_lora']:.2f}x" if r["cpu_vs_lora"] is not None else "-"
             out.append(f"| {r['method']} | {r['lr']:g} | {r['step_cpu_ms']:.0f} | {ratio} | {r['step_ms']:.0f} | "
                        f"{r['rss_peak_mb']:.0f} | {r['rss_growth_mb']:.0f} | {p['median']:.3f} [{p['min']:.3f}, {p['max']:.3f}] |")
-        out += ["", f"One LoRA MLP block, forward + backward of {result['config']['batch_size']} x {result['config']['seqlen']} "
-                "tokens (25 % dense output tokens), median CPU ms:", "",
-                "| hidden x intermediate | variant | ms CPU | vs LoRA |", "|---|---|---|---|"]
-        out += [f"| {r['hidden']} x {r['intermediate']} | {r['variant']} | {r['ms_cpu']:.2f} | {r['vs_lora']:.2f}x |"
-                for r in c["mlp"]]
+        out += ["", f"One LoRA MLP block / one whole LoRA decoder layer, forward + backward of {result['config']['batch_size']} x "
+                f"{result['config']['seqlen']} tokens (25 % dense output tokens), median CPU ms, variants alternating:", "",
+                "| module | hidden x intermediate (heads) | variant | ms CPU | vs LoRA |", "|---|---|---|---|---|"]
+        out += [f"| {r.get('kind', 'mlp')} | {r['hidden']} x {r['intermediate']} ({r.get('heads', '-')}) | {r['variant']} | "
+                f"{r['ms_cpu']:.2f} | {r['vs_lora']:.2f}x |" for r in c["mlp"]]
     return "\n".join(out) + "\n"
 
 

@@ -11,7 +11,7 @@ from sparseforge.finetune import FinetuneConfig, S2FTConfig, finetune_, pruned_l
 from sparseforge.finetune.loop import STATE_FILE
 from sparseforge.finetune.s2ft import S2FTRun
 from sparseforge.finetune.s2ft_blocks import find_blocks
-from sparseforge.finetune.s2ft_select import allocate, unit_cost
+from sparseforge.finetune.s2ft_select import allocate, groups, unit_cost
 from sparseforge.layers import linear_layers, weight_2d
 from sparseforge.masks import mask_from_scores, satisfies
 from tiny_models import VOCAB, tiny_model
@@ -114,19 +114,22 @@ def test_pruned_weights_stay_zero_and_nm_stays_nm(pattern):
 
 
 @settings(max_examples=25, deadline=None)
-@given(budget=st.integers(1, 40000), parts=st.lists(st.sampled_from(ALL.split(",")), min_size=1, unique=True))
-def test_allocation_spends_the_budget_to_within_one_unit(budget, parts):
+@given(budget=st.integers(1, 40000), parts=st.lists(st.sampled_from(ALL.split(",")), min_size=1, unique=True),
+       independent=st.booleans())
+def test_allocation_spends_the_budget_to_within_one_unit(budget, parts, independent):
     blocks = find_blocks(tiny_model("llama"), tuple(parts))
     parts = tuple(parts)
-    cost = {s: unit_cost(blocks[0], parts, s) for s in ("heads", "channels")}
-    total = {"heads": sum(b.kv_heads for b in blocks), "channels": sum(b.channels for b in blocks)}
+    found = groups(parts, independent)
+    cost = {g: unit_cost(blocks[0], members, s) for g, (s, members) in found.items()}
+    total = {g: sum(b.units(s) for b in blocks) for g, (s, _) in found.items()}
     capacity = sum(cost[s] * total[s] for s in cost)
     cheapest = min(c for c in cost.values() if c)
     if budget > capacity or budget < cheapest:
         with pytest.raises(ConfigError, match="exceeds|smaller than one unit"):
-            allocate(blocks, parts, budget)
+            allocate(blocks, parts, budget, independent)
         return
-    count = allocate(blocks, parts, budget)
+    count = allocate(blocks, parts, budget, independent)
+    assert set(count) == set(found)
     spent = sum(cost[s] * count[s] for s in count)
     assert spent <= budget
     for s in count:  # what is left would not buy one more unit of any structure with room
@@ -212,15 +215,17 @@ def test_config_errors():
 
 
 def test_model_errors_leave_the_model_untouched():
-    for family in ("gpt2", "bert"):
+    for family in ("opt", "gpt_neox"):  # fused or differently named blocks: no supported layout
         model = tiny_model(family)
         original = copy.deepcopy(model)
-        with pytest.raises(ModelError, match="S²FT"):
+        with pytest.raises(ModelError, match="S²FT found no transformer block"):
             S2FTRun(model, S2FTConfig())
         assert all(torch.equal(a, b) for a, b in zip(model.parameters(), original.parameters()))
     with pytest.raises(ModelError, match="S²FT"):  # refused before the (slow) evaluation of the student
-        finetune_(tiny_model("gpt2"), FinetuneConfig(loss="ce", adapter="s2ft"), data=DATA, evaluate=True,
+        finetune_(tiny_model("opt"), FinetuneConfig(loss="ce", adapter="s2ft"), data=DATA, evaluate=True,
                   progress=False)
+    with pytest.raises(ModelError, match="no gate projection"):
+        S2FTRun(tiny_model("gpt2"), S2FTConfig(parts="gate"))
     model = tiny_model("llama")
     original = copy.deepcopy(model)
     with pytest.raises(ConfigError, match="smaller than one unit"):

@@ -11,6 +11,7 @@ from sparseforge.errors import ConfigError, ModelError
 from sparseforge.finetune import FinetuneConfig, finetune_, pruned_layers
 from sparseforge.finetune.lora import attach_lora, lora_layers, masked_delta, merge_lora_, remove_lora_
 from sparseforge.finetune.sparselora import SparseLoRA, SparseLoRAMLP, default_sparse_blocks, parse_layers
+from sparseforge.finetune.sparselora_attention import ChannelSkipLinear
 from sparseforge.layers import linear_layers, weight_2d
 from sparseforge.masks import mask_from_scores, satisfies
 from tiny_models import VOCAB, tiny_model
@@ -216,7 +217,7 @@ def test_finetune_with_adapters_keeps_the_mask_and_merges(adapter, pattern):
     result = run(student, adapter=adapter, sparselora_layers="1-2", sparselora_start=0.25)
     assert len(result.losses) == 4
     assert set(student.state_dict()) == set(before)  # plain layers again, adapters merged
-    assert not lora_layers(student) and not any(isinstance(m, SparseLoRAMLP) for m in student.modules())
+    assert not lora_layers(student) and not any(isinstance(m, (SparseLoRAMLP, ChannelSkipLinear)) for m in student.modules())
     changed = 0
     for name in names:
         w0, w1 = before[f"{name}.weight"], weight_2d(student.get_submodule(name))

@@ -13,7 +13,7 @@ def test_finetune_adapter_builtin_end_to_end(pruned_dir, tmp_path, capsys, adapt
     out = tmp_path / adapter
     argv = ["finetune", str(pruned_dir), "--loss", "ce", "--adapter", adapter, "--lora-rank", "4", "--steps", "3",
             "--batch-size", "2", "--seqlen", "32", "--eval-windows", "1", "--lr", "1e-2", "--threads", "1",
-            "--sparselora-start", "0", "--out", str(out), "--no-progress"]
+            "--sparselora-start", "0", "--sparselora-attn-sparsity", "0.5", "--out", str(out), "--no-progress"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert f"adapter {adapter} (rank 4) merged into the weights (masked deltas)" in printed
@@ -21,6 +21,7 @@ def test_finetune_adapter_builtin_end_to_end(pruned_dir, tmp_path, capsys, adapt
     before, after = sparseforge.load(pruned_dir), sparseforge.load(out)
     assert after.config.sparsity_config["format"] == "nm"  # 2:4 stays 2:4, stored compressed
     assert after.config.sparsity_config["finetune"]["adapter"] == adapter
+    assert after.config.sparsity_config["finetune"]["sparselora_attn_sparsity"] == 0.5
     assert set(before.state_dict()) == set(after.state_dict())  # adapters merged: plain layers
     mods_b, mods_a = dict(before.named_modules()), dict(after.named_modules())
     targets = after.config.sparsity_config["targets"]
@@ -39,6 +40,7 @@ def test_finetune_adapter_builtin_end_to_end(pruned_dir, tmp_path, capsys, adapt
     (["--adapter", "lora", "--compute", "csr"], "trains on a frozen base"),
     (["--adapter", "sparselora", "--sparselora-sparsity", "1.5"], "sparselora_sparsity must be a number in [0, 1)"),
     (["--adapter", "sparselora", "--sparselora-layers", "9"], "outside the model's 6 blocks"),
+    (["--adapter", "sparselora", "--sparselora-attn-sparsity", "1"], "sparselora_attn_sparsity must be a number in [0, 1)"),
 ])
 def test_finetune_adapter_bad_input_one_line_errors(pruned_dir, tmp_path, capsys, extra, message):
     argv = ["finetune", str(pruned_dir), "--loss", "ce", "--steps", "1", "--batch-size", "1", "--seqlen", "16",

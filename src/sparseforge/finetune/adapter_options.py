@@ -1,8 +1,8 @@
 """Validation of the adapter options of :class:`~sparseforge.finetune.FinetuneConfig` (torch-free).
 
 ``adapter="lora"`` trains LoRA adapters (``peft``) on the frozen, possibly pruned student;
-``adapter="sparselora"`` adds SparseLoRA's SVD channel skipping in the frozen base MLPs
-(:mod:`sparseforge.finetune.sparselora`); ``"none"`` (default) trains every weight. After training
+``adapter="sparselora"`` adds SparseLoRA's SVD channel skipping in the frozen base MLPs and
+attention projections (:mod:`sparseforge.finetune.sparselora`); ``"none"`` (default) trains every weight. After training
 the adapters are merged into the weights, masked so pruned weights stay zero unless
 ``merge_keep_mask=False``.
 
@@ -54,6 +54,8 @@ def check_adapter_options(cfg: Any) -> None:
     if not isinstance(cfg.merge_keep_mask, bool):
         raise ConfigError(f"merge_keep_mask must be true or false, got {cfg.merge_keep_mask!r}")
     cfg.sparselora_sparsity = _fraction("sparselora_sparsity", cfg.sparselora_sparsity, low_open=False, high_open=True)
+    cfg.sparselora_attn_sparsity = _fraction("sparselora_attn_sparsity", cfg.sparselora_attn_sparsity,
+                                             low_open=False, high_open=True)
     _rank("sparselora_rank", cfg.sparselora_rank)
     cfg.sparselora_start = _fraction("sparselora_start", cfg.sparselora_start, low_open=False, high_open=False)
     cfg.sparselora_dense_tokens = _fraction("sparselora_dense_tokens", cfg.sparselora_dense_tokens,
@@ -77,6 +79,8 @@ def add_adapter_arguments(parser) -> None:
     g.add_argument("--merge-keep-mask", action=argparse.BooleanOptionalAction, default=True,
                    help="mask the merged delta so pruned weights stay zero (default); --no-merge-keep-mask merges dense deltas")
     g.add_argument("--sparselora-sparsity", type=float, default=0.9, help="fraction of MLP channels the base skips (default 0.9)")
+    g.add_argument("--sparselora-attn-sparsity", type=float, default=0.0,
+                   help="fraction of key/value channels the base q/k/v/o skip (default 0: attention dense; the paper's 7B configs: 0.6-0.75)")
     g.add_argument("--sparselora-rank", type=int, default=8, help="rank of the SVD estimator (default 8)")
     g.add_argument("--sparselora-start", type=float, default=0.05, help="fraction of the first steps run dense (default 0.05)")
     g.add_argument("--sparselora-dense-tokens", type=float, default=0.25,
@@ -90,4 +94,4 @@ def adapter_kwargs(args) -> dict[str, Any]:
             "lora_dropout": args.lora_dropout, "merge_keep_mask": args.merge_keep_mask,
             "sparselora_sparsity": args.sparselora_sparsity, "sparselora_rank": args.sparselora_rank,
             "sparselora_start": args.sparselora_start, "sparselora_dense_tokens": args.sparselora_dense_tokens,
-            "sparselora_layers": args.sparselora_layers}
+            "sparselora_layers": args.sparselora_layers, "sparselora_attn_sparsity": args.sparselora_attn_sparsity}

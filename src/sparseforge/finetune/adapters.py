@@ -33,7 +33,8 @@ class AdapterRun:
             try:
                 self.sparse = SparseLoRA.attach(model, sparsity=cfg.sparselora_sparsity, rank=cfg.sparselora_rank,
                                                 start=cfg.sparselora_start, dense_tokens=cfg.sparselora_dense_tokens,
-                                                layers=cfg.sparselora_layers)
+                                                layers=cfg.sparselora_layers,
+                                                attn_sparsity=cfg.sparselora_attn_sparsity)
             except BaseException:
                 remove_lora_(model)
                 raise

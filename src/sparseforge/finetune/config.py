@@ -93,6 +93,8 @@ class FinetuneConfig:
         sparselora_sparsity, sparselora_rank, sparselora_start, sparselora_dense_tokens,
             sparselora_layers: channels skipped, estimator rank, dense fraction of the first steps,
             dense fraction of each window (output tokens), blocks (:mod:`sparseforge.finetune.sparselora`).
+        sparselora_attn_sparsity: key/value channels the base q/k/v/o skip (0: attention dense;
+            :mod:`sparseforge.finetune.sparselora_attention`).
     """
 
     loss: Any = "squarehead"
@@ -123,6 +125,7 @@ class FinetuneConfig:
     sparselora_start: float = 0.05
     sparselora_dense_tokens: float = 0.25
     sparselora_layers: str = "auto"
+    sparselora_attn_sparsity: float = 0.0
 
     def __post_init__(self) -> None:
         self.weights = _parse_loss(self.loss)

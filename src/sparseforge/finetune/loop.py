@@ -339,54 +339,77 @@ def finetune_(
 
     model.float().train()
     torch.manual_seed(cfg.seed)
-    s2ft = None
-    if cfg.adapter == "s2ft":  # dense slices of selected heads/channels train; fused back in keeper.remove()
-        from sparseforge.finetune.s2ft import S2FTRun, peek_batches
+    s2ft = adapters = keeper = sparse = None
+    backup: dict[str, torch.Tensor] | None = None  # the weights before a resume loads, until it succeeded
 
-        s2ft = S2FTRun(model, cfg.s2ft, names, seed=cfg.seed,
-                       calibration=lambda: peek_batches(batches, cfg.s2ft.calibration_batches))
-    adapters = None
-    if cfg.adapter in ("lora", "sparselora"):  # LoRA / SparseLoRA on the frozen base; merged (masked) at the end
-        from sparseforge.finetune.adapters import AdapterRun
+    def teardown(finished: bool) -> None:
+        """Adapters, slices, mask hooks and packed layers off; after a failed resume, the weights as they came."""
+        if backup is not None:
+            model.load_state_dict(backup)
+        if adapters is not None:  # merged (masked) after a full run; dropped, base untouched, otherwise
+            adapters.finish(merge=finished)
+        if sparse is not None:
+            sparse.remove()
+            for name, layer in sparse.modules.items():
+                set_module(model, name, layer.to_linear())  # dense nn.Linear again, zeros where pruned
+        elif keeper is not None or s2ft is not None:
+            (keeper if keeper is not None else s2ft).remove()  # mask hooks off / S²FT slices fused back
+        model.eval()
+        if t_model is not None:
+            t_model.train(teacher_was_training)
 
-        adapters = AdapterRun(model, cfg, names)
-    trainer = s2ft if s2ft is not None else adapters
-    params = trainer.parameters() if trainer is not None else [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError("every parameter of the student is frozen (requires_grad=False); unfreeze it: "
-                          "student.requires_grad_(True)")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
-    if s2ft is not None:  # the slices keep their own masks
-        keeper = s2ft
-    else:  # allow_dense: nothing to keep; adapters: the base is frozen, the merge keeps the mask
-        keeper = KeepMask.attach(model, optimizer, names) if names and adapters is None else _NoMask()
-    sparse = None
-    if cfg.compute != "dense" and not names:
-        raise ConfigError(f"compute={cfg.compute!r} trains pruned layers packed, but the student has none: use compute='dense'")
-    if cfg.compute != "dense":
-        from sparseforge.train import SparseCompute
+    try:
+        if cfg.adapter == "s2ft":  # dense slices of selected heads/channels train; fused back in keeper.remove()
+            from sparseforge.finetune.s2ft import S2FTRun, peek_batches
 
-        try:
+            s2ft = S2FTRun(model, cfg.s2ft, names, seed=cfg.seed,
+                           calibration=lambda: peek_batches(batches, cfg.s2ft.calibration_batches))
+        if cfg.adapter in ("lora", "sparselora"):  # LoRA / SparseLoRA on the frozen base; merged (masked) at the end
+            from sparseforge.finetune.adapters import AdapterRun
+
+            adapters = AdapterRun(model, cfg, names)
+        trainer = s2ft if s2ft is not None else adapters
+        params = trainer.parameters() if trainer is not None else [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("every parameter of the student is frozen (requires_grad=False); unfreeze it: "
+                              "student.requires_grad_(True)")
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
+        if s2ft is not None:  # the slices keep their own masks
+            keeper = s2ft
+        else:  # allow_dense: nothing to keep; adapters: the base is frozen, the merge keeps the mask
+            keeper = KeepMask.attach(model, optimizer, names) if names and adapters is None else _NoMask()
+        if cfg.compute != "dense" and not names:
+            raise ConfigError(f"compute={cfg.compute!r} trains pruned layers packed, but the student has none: use compute='dense'")
+        if cfg.compute != "dense":
+            from sparseforge.train import SparseCompute
+
             sparse = SparseCompute(keeper, format=cfg.compute)  # pruned layers become trainable SparseLinear
-        except BaseException:
-            keeper.remove()
-            raise
-    start = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if sparse is None:
-            keeper.load_state_dict(state["mask"])
-        else:  # the packed layers hold the mask (the same zeros: checked through the pruned names and shapes)
-            keeper.step_count = int(state["mask"]["step"])
-            keeper.generator.set_state(state["mask"]["rng"])
-        batches.generator.set_state(state["data_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        start = int(state["step"])
-        result.losses = list(state["losses"])
-        result.resumed_from = start
+        start = 0
+        if state is not None:
+            backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            try:
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ConfigError(f"the resumable state in {resume_dir} does not fit this model ({first}); "
+                                  "use another resume directory") from exc
+            scheduler.load_state_dict(state["scheduler"])
+            if sparse is None:
+                keeper.load_state_dict(state["mask"])
+            else:  # the packed layers hold the mask (the same zeros: checked through the pruned names and shapes)
+                keeper.step_count = int(state["mask"]["step"])
+                keeper.generator.set_state(state["mask"]["rng"])
+            batches.generator.set_state(state["data_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            start = int(state["step"])
+            result.losses = list(state["losses"])
+            result.resumed_from = start
+            backup = None  # resumed: from here on an interruption keeps the progress (and the saved state)
+    except BaseException:
+        teardown(finished=False)
+        raise
 
     def snapshot(step: int) -> dict[str, Any]:
         return {"config": cfg.to_dict(), "pruned": names, "step": step, "model": model.state_dict(),
@@ -434,17 +457,7 @@ def finetune_(
                     callback(StepInfo(step + 1, result.losses[-1], parts, n_tok))
         finished = True
     finally:
-        if adapters is not None:  # merged (masked) after a full run; dropped, base untouched, otherwise
-            adapters.finish(merge=finished)
-        if sparse is None:
-            keeper.remove()  # mask buffers and hooks off; the pruned weights are exactly zero
-        else:
-            sparse.remove()
-            for name, layer in sparse.modules.items():
-                set_module(model, name, layer.to_linear())  # dense nn.Linear again, zeros where pruned
-        model.eval()
-        if t_model is not None:
-            t_model.train(teacher_was_training)
+        teardown(finished)
     result.tokens_per_s = tokens / elapsed if elapsed else 0.0
     result.trainable = sum(p.numel() for p in params)
     if evaluate:

@@ -7,10 +7,15 @@ trains a few attention heads and FFN channels per block and freezes everything e
 2. co-permute each block so the selected units come first, its function unchanged
    (:mod:`sparseforge.finetune.s2ft_permute`);
 3. swap each trained projection for a :class:`SliceLinear`: the first rows (q, k, v, up, gate) or
-   columns (o, down) are a dense trainable ``nn.Parameter``, the rest a frozen buffer; the optimizer
-   only sees the slices, and backward computes weight gradients only for them;
-4. after training, fuse: write the slices back into dense ``nn.Linear`` weights and undo the
-   permutation, so the model has its original layout and only the selected rows/columns changed.
+   columns (o, down) are a dense trainable ``nn.Parameter``, the rest a frozen buffer (GPT-2's fused
+   ``c_attn``: the first rows of each of its q / k / v ranges); the optimizer only sees the
+   slices, and backward computes weight gradients only for them;
+4. after training, fuse: write the slices back into the original ``nn.Linear`` / ``Conv1D`` modules
+   and undo the permutation, so the model has its original layout and only the selected
+   rows/columns changed.
+
+Llama / Mistral / Qwen, GPT-2 and BERT / MiniLM blocks are supported
+(:mod:`sparseforge.finetune.s2ft_blocks`).
 
 A pruned projection keeps its mask: the slice's gradient is masked (so AdamW's moments stay zero
 there) and the slice is re-masked after every step; pruned weights stay exactly zero, N:M stays N:M.
@@ -35,59 +40,96 @@ from torch import nn
 
 from sparseforge.errors import ConfigError
 from sparseforge.finetune.s2ft_blocks import ROW_PARTS, Block, find_blocks, unit_width
-from sparseforge.finetune.s2ft_options import HEAD_PARTS, S2FTConfig
+from sparseforge.finetune.s2ft_options import S2FTConfig
 from sparseforge.finetune.s2ft_permute import front_order, inverse, permute_block_
 from sparseforge.finetune.s2ft_select import STRUCTURES, activation_scores, allocate, select_units
-from sparseforge.layers import set_module
+from sparseforge.layers import set_module, weight_2d
 
-__all__ = ["SliceLinear", "S2FTRun", "budget_parameters", "check_model", "peek_batches"]
+__all__ = ["SliceLinear", "S2FTRun", "budget_parameters", "check_model", "peek_batches", "unit_layout"]
 
 
 class SliceLinear(nn.Module):
-    """A linear layer whose first ``size`` rows (``axis=0``) or columns (``axis=1``) train; the rest is frozen.
+    """A linear-like layer whose row (``axis=0``) or column (``axis=1``) ranges ``ranges`` train; the rest is frozen.
 
-    ``axis=0``: ``y = cat(x @ trainableᵀ, x @ frozenᵀ) + b``; ``axis=1``:
-    ``y = x[..., :size] @ trainableᵀ + x[..., size:] @ frozenᵀ + b``. ``mask`` (same shape as the
-    slice): pruned positions whose gradient and value stay zero.
+    Stands in for an ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2) ``module``, seen as an
+    ``(out, in)`` weight: the weight is cut along ``axis`` into segments, each trainable range
+    ``(start, size)`` an ``nn.Parameter`` (in ``trainable``, in range order) and every gap a frozen
+    buffer. ``axis=0``: ``y = cat_s(x @ W_sᵀ) + b``; ``axis=1``: ``y = sum_s(x[..., cols_s] @ W_sᵀ) + b``.
+    ``masks`` (one per range, or None): pruned positions whose gradient and value stay zero. The
+    original module is kept (its weight storage released) and gets the fused weight back in
+    :meth:`fuse`, so its class, layout and state-dict names are unchanged.
     """
 
-    def __init__(self, linear: nn.Linear, axis: int, size: int, mask: torch.Tensor | None = None) -> None:
+    def __init__(self, module: nn.Module, axis: int, ranges: int | list[tuple[int, int]],
+                 masks: list[torch.Tensor | None] | None = None) -> None:
         super().__init__()
-        w = linear.weight.detach()  # (out, in)
-        self.axis, self.size = axis, size
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        head, tail = (w[:size], w[size:]) if axis == 0 else (w[:, :size], w[:, size:])
-        self.trainable = nn.Parameter(head.clone())  # (size, in) or (out, size)
-        self.register_buffer("frozen", tail.clone())  # (out - size, in) or (out, in - size)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())  # (out,)
-        self.register_buffer("mask", mask)
-        if mask is not None:
-            self.trainable.register_hook(lambda grad: grad * self.mask)
+        w = weight_2d(module).detach()  # (out, in)
+        self.axis = axis
+        self.out_features, self.in_features = w.shape
+        ranges = [(0, ranges)] if isinstance(ranges, int) else sorted(ranges)
+        masks = masks if masks is not None else [None] * len(ranges)
+        self.trainable = nn.ParameterList()
+        self._segments: list[tuple[bool, int, int, int]] = []  # (trainable, index, first, size) along axis
+        pos, frozen = 0, 0
+        for (first, size), mask in zip(ranges, masks):
+            if first < pos or size <= 0 or first + size > w.shape[axis]:
+                raise ValueError(f"S²FT slice ranges {ranges} overlap or leave the {w.shape[axis]} units of axis {axis}")
+            if first > pos:
+                self.register_buffer(f"frozen_{frozen}", w.narrow(axis, pos, first - pos).clone())
+                self._segments.append((False, frozen, pos, first - pos))
+                frozen += 1
+            index = len(self.trainable)
+            self.trainable.append(nn.Parameter(w.narrow(axis, first, size).clone()))  # (size, in) or (out, size)
+            self.register_buffer(f"mask_{index}", mask)
+            if mask is not None:
+                self.trainable[index].register_hook(lambda grad, i=index: grad * getattr(self, f"mask_{i}"))
+            self._segments.append((True, index, first, size))
+            pos = first + size
+        if pos < w.shape[axis]:
+            self.register_buffer(f"frozen_{frozen}", w.narrow(axis, pos, w.shape[axis] - pos).clone())
+            self._segments.append((False, frozen, pos, w.shape[axis] - pos))
+        bias = getattr(module, "bias", None)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())  # (out,)
+        self._original = (module,)  # a tuple: not registered as a submodule
+        module.weight.data = module.weight.data.new_empty(0)  # the segments hold the weight until fuse()
+
+    def _segment(self, trainable: bool, index: int) -> torch.Tensor:
+        return self.trainable[index] if trainable else getattr(self, f"frozen_{index}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         if self.axis == 0:
-            y = torch.cat([F.linear(x, self.trainable), F.linear(x, self.frozen)], dim=-1)
+            y = torch.cat([F.linear(x, self._segment(t, i)) for t, i, _, _ in self._segments], dim=-1)
             return y if self.bias is None else y + self.bias
-        return F.linear(x[..., :self.size], self.trainable) + F.linear(x[..., self.size:], self.frozen, self.bias)
+        y = None
+        for t, i, first, size in self._segments:
+            part = F.linear(x[..., first:first + size], self._segment(t, i))
+            y = part if y is None else y + part
+        return y if self.bias is None else y + self.bias
 
     @torch.no_grad()
     def apply_mask_(self) -> None:
-        if self.mask is not None:
-            self.trainable.mul_(self.mask)
+        for index, param in enumerate(self.trainable):
+            mask = getattr(self, f"mask_{index}")
+            if mask is not None:
+                param.mul_(mask)
 
     @torch.no_grad()
-    def to_linear(self) -> nn.Linear:
-        """The fused dense ``nn.Linear`` (slice written back into its place)."""
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.frozen.device, dtype=self.frozen.dtype)
-        out.weight.copy_(torch.cat([self.trainable, self.frozen], dim=self.axis))
-        if self.bias is not None:
-            out.bias.copy_(self.bias)
-        return out
+    def weight_2d(self) -> torch.Tensor:
+        """The current ``(out, in)`` weight, segments put back together."""
+        return torch.cat([self._segment(t, i) for t, i, _, _ in self._segments], dim=self.axis)
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Module:
+        """The original module, holding the current weight (its layout: Conv1D stores ``(in, out)``)."""
+        module = self._original[0]
+        w = self.weight_2d()  # (out, in)
+        module.weight.data = w if isinstance(module, nn.Linear) else w.t().contiguous()
+        return module
 
     def extra_repr(self) -> str:
         what = "rows" if self.axis == 0 else "columns"
-        return f"in_features={self.in_features}, out_features={self.out_features}, trainable {what}={self.size}"
+        ranges = [(first, first + size) for t, _, first, size in self._segments if t]
+        return f"in_features={self.in_features}, out_features={self.out_features}, trainable {what}={ranges}"
 
 
 def budget_parameters(model: nn.Module, budget: float | int) -> int:
@@ -99,14 +141,14 @@ def budget_parameters(model: nn.Module, budget: float | int) -> int:
 
 def check_model(model: nn.Module, config: S2FTConfig) -> None:
     """Raise ModelError / ConfigError if S²FT with ``config`` cannot run on ``model`` (its blocks, the budget)."""
-    allocate(find_blocks(model, config.parts), config.parts, budget_parameters(model, config.budget))
+    allocate(find_blocks(model, config.parts), config.parts, budget_parameters(model, config.budget), config.independent)
 
 
 class S2FTRun:
     """S²FT on ``model`` for one fine-tuning run: select, co-permute, slice; :meth:`remove` fuses back.
 
     Args:
-        model: a Llama-style model (:func:`~sparseforge.finetune.s2ft_blocks.find_blocks`).
+        model: a Llama / Mistral / Qwen, GPT-2 or BERT style model (:func:`~sparseforge.finetune.s2ft_blocks.find_blocks`).
         config: the :class:`S2FTConfig`. pruned: names of pruned linear layers whose zeros are kept.
         seed: of the random selection. calibration: a callable returning the batches that score
             ``select="activation"``.
@@ -125,35 +167,47 @@ class S2FTRun:
             activations = {s: activation_scores(model, self.blocks, s, batches)
                            for s, parts in STRUCTURES.items() if set(parts) & set(config.parts)}
         self.picks = select_units(self.blocks, config.parts, self.budget, config.select,
-                                  torch.Generator().manual_seed(seed), activations)
+                                  torch.Generator().manual_seed(seed), activations, config.independent)
         self.requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         self.orders: list[tuple[list[int] | None, list[int] | None]] = []
         self.slices: dict[str, SliceLinear] = {}
         self.step_count = 0
-        pruned = set(pruned)
         model.requires_grad_(False)
-        for block, pick in zip(self.blocks, self.picks):
-            kv_order = front_order(pick["heads"], block.kv_heads) if block.kv_heads else None
-            channel_order = front_order(pick["channels"], block.channels) if block.channels else None
-            permute_block_(block, kv_order, channel_order)
-            self.orders.append((kv_order, channel_order))
-            for part in config.parts:
-                units = len(pick["heads"] if part in HEAD_PARTS else pick["channels"])
-                if units == 0:
-                    continue
-                name, linear = block.linear_name(part), block.linear(part)
-                axis, size = (0 if part in ROW_PARTS else 1), units * unit_width(block, part)
-                mask = None
-                if name in pruned:
-                    w = linear.weight.detach()
-                    mask = (w[:size] if axis == 0 else w[:, :size]) != 0  # (size, in) or (out, size)
-                layer = SliceLinear(linear, axis, size, mask)
-                set_module(model, name, layer)
-                self.slices[name] = layer
+        try:
+            for block, pick in zip(self.blocks, self.picks):
+                heads, head_spans = unit_layout(pick, "heads", config.parts)
+                channels, channel_spans = unit_layout(pick, "channels", config.parts)
+                kv_order = front_order(heads, block.kv_heads) if block.kv_heads else None
+                channel_order = front_order(channels, block.channels) if block.channels else None
+                permute_block_(block, kv_order, channel_order)
+                self.orders.append((kv_order, channel_order))
+                self._slice_block(block, {**head_spans, **channel_spans}, set(pruned))
+        except BaseException:
+            self.remove()
+            raise
+
+    def _slice_block(self, block: Block, spans: dict[str, tuple[int, int]], pruned: set[str]) -> None:
+        """One :class:`SliceLinear` per trained module (``spans``: part -> first unit, units after the
+        co-permutation); GPT-2's fused q/k/v: one range per part."""
+        ranges: dict[str, list[tuple[int, int]]] = {}
+        for part, (first, units) in spans.items():
+            if units:
+                proj, width = block.linear(part), unit_width(block, part)
+                ranges.setdefault(proj.name, []).append((proj.start + first * width, units * width))
+        for name, spans in ranges.items():
+            module = self.model.get_submodule(name)
+            axis = 0 if any(p in ROW_PARTS and block.linear_name(p) == name for p in self.config.parts) else 1
+            masks = None
+            if name in pruned:
+                w = weight_2d(module)  # (out, in)
+                masks = [w.narrow(axis, first, size) != 0 for first, size in spans]  # (size, in) or (out, size)
+            layer = SliceLinear(module, axis, spans, masks)
+            set_module(self.model, name, layer)
+            self.slices[name] = layer
 
     def parameters(self) -> list[nn.Parameter]:
         """The trainable slices, in model order: all that the optimizer sees."""
-        return [layer.trainable for layer in self.slices.values()]
+        return [p for layer in self.slices.values() for p in layer.trainable]
 
     def trainable_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -173,8 +227,7 @@ class S2FTRun:
         return {"step": self.step_count, "selection": self.selection()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("selection") != self.selection():
-            self.remove()  # the model back as it came: fused, unpermuted
+        if state.get("selection") != self.selection():  # finetune_ then fuses and un-permutes (remove)
             raise ConfigError("the resumable state was made with another S²FT selection of heads and channels; "
                               "use another resume directory")
         self.step_count = int(state["step"])
@@ -183,7 +236,7 @@ class S2FTRun:
         """Fuse: slices back into dense ``nn.Linear`` layers, the permutation undone, requires_grad restored."""
         for name, layer in self.slices.items():
             layer.apply_mask_()
-            set_module(self.model, name, layer.to_linear())
+            set_module(self.model, name, layer.fuse())
         self.slices = {}
         for block, (kv_order, channel_order) in zip(self.blocks, self.orders):
             permute_block_(block, inverse(kv_order) if kv_order else None,
@@ -191,6 +244,30 @@ class S2FTRun:
         self.orders = []
         for name, p in self.model.named_parameters():
             p.requires_grad_(self.requires_grad.get(name, True))
+
+
+def unit_layout(pick: dict[str, list[int]], structure: str, parts: tuple[str, ...]
+                ) -> tuple[list[int], dict[str, tuple[int, int]]]:
+    """The units of ``structure`` to move to the front, in order, and each trained part's span of them.
+
+    Shared selection (``pick[structure]``): every part trains the first ``len`` units. Independent
+    (``pick[structure + ":rows"]`` R and ``[":columns"]`` C): the order is ``[R - C, R & C, C - R]``
+    (the reference's ``[only-v, both, only-o]``), rows train the first ``|R|`` units and columns the
+    ``|C|`` units from ``|R - C|`` on: both contiguous.
+
+    Returns:
+        ``(front, {part: (first unit, units)})`` for the parts of ``structure`` in ``parts``.
+    """
+    members = [p for p in STRUCTURES[structure] if p in parts]
+    if f"{structure}:rows" not in pick:
+        shared = pick.get(structure, [])
+        return list(shared), {p: (0, len(shared)) for p in members}
+    rows, columns = pick[f"{structure}:rows"], pick[f"{structure}:columns"]
+    only_rows = [u for u in rows if u not in set(columns)]
+    both = [u for u in rows if u in set(columns)]
+    only_columns = [u for u in columns if u not in set(rows)]
+    spans = {p: (0, len(rows)) if p in ROW_PARTS else (len(only_rows), len(columns)) for p in members}
+    return only_rows + both + only_columns, spans
 
 
 def peek_batches(batches: Any, n: int) -> list[dict[str, torch.Tensor]]:

@@ -45,12 +45,17 @@ class S2FTConfig:
             ``calibration_batches`` training batches). Scores are divided by their block's mean and the
             units are picked across all blocks at once, as the reference samples across blocks.
         calibration_batches: batches of the training data that score ``"activation"``.
+        independent: the row parts (q, k, v / up, gate) and the column part (o / down) of each
+            structure draw their own units within the budget, as the reference samples v and o, and
+            up and down, independently; the co-permutation then orders each block's units
+            ``[rows only, both, columns only, rest]``. Default False: one selection per structure.
     """
 
     budget: Any = 0.01
     parts: Any = ("o", "down")
     select: str = "random"
     calibration_batches: int = 4
+    independent: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
@@ -70,6 +75,8 @@ class S2FTConfig:
         self.parts = tuple(p for p in PARTS if p in parts)  # canonical order
         if self.select not in SELECTIONS:
             raise ConfigError(f"s2ft select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
+        if not isinstance(self.independent, bool):
+            raise ConfigError(f"s2ft independent must be true or false, got {self.independent!r}")
         if isinstance(self.calibration_batches, bool) or not isinstance(self.calibration_batches, int) \
                 or self.calibration_batches < 1:
             raise ConfigError(f"s2ft calibration_batches must be an integer >= 1, got {self.calibration_batches!r}")
@@ -111,11 +118,13 @@ def add_s2ft_arguments(parser) -> None:
                    help=f"projections to train, from {','.join(PARTS)} (default o,down)")
     g.add_argument("--s2ft-select", default=None, choices=list(SELECTIONS),
                    help="how heads and channels are picked: random (the paper's default), weight or activation magnitude")
+    g.add_argument("--s2ft-independent", action="store_true", default=None,
+                   help="rows (q,k,v / up,gate) and columns (o / down) draw their own heads and channels (the reference's v/o, up/down)")
 
 
 def s2ft_kwargs(args) -> dict[str, Any]:
     """FinetuneConfig keyword arguments from the parsed S²FT flags; the flags need ``--adapter s2ft``."""
-    given = {key: getattr(args, f"s2ft_{key}") for key in ("budget", "parts", "select")}
+    given = {key: getattr(args, f"s2ft_{key}") for key in ("budget", "parts", "select", "independent")}
     given = {key: value for key, value in given.items() if value is not None}
     if getattr(args, "adapter", "none") != "s2ft":
         if given:

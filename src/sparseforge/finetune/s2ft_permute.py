@@ -4,7 +4,9 @@ Heads: the key/value heads go in the order ``kv_order`` (rows of k_proj and v_pr
 ``head_dim``), each carrying its group of query heads (rows of q_proj, columns of o_proj, in blocks
 of ``group * head_dim``), so every query head still reads its own key/value head and o_proj still
 sums the same products: the block computes the same function. Channels: up/gate rows and down
-columns in the order ``channel_order``. Biases of the permuted rows move with them. After the
+columns in the order ``channel_order``. Biases of the permuted rows move with them. GPT-2's fused
+``c_attn`` is permuted within each of its q, k and v row ranges; Conv1D weights through their
+``(out, in)`` view. After the
 permutation the selected units are the first rows/columns: contiguous dense slices.
 
 Example:
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from sparseforge.finetune.s2ft_blocks import Block
+from sparseforge.finetune.s2ft_blocks import Block, Proj
 
 __all__ = ["front_order", "inverse", "permute_block_"]
 
@@ -50,15 +52,17 @@ def _expand(order: list[int], width: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _take_rows_(linear: torch.nn.Linear, index: torch.Tensor) -> None:
-    linear.weight.copy_(linear.weight[index])  # (out, in) rows reordered
-    if linear.bias is not None:
-        linear.bias.copy_(linear.bias[index])
+def _take_rows_(proj: Proj, index: torch.Tensor) -> None:
+    w = proj.weight  # (out, in) view of the part's rows
+    w.copy_(w[index])
+    if proj.bias is not None:
+        proj.bias.copy_(proj.bias[index])
 
 
 @torch.no_grad()
-def _take_columns_(linear: torch.nn.Linear, index: torch.Tensor) -> None:
-    linear.weight.copy_(linear.weight[:, index])  # (out, in) columns reordered; the bias is per output
+def _take_columns_(proj: Proj, index: torch.Tensor) -> None:
+    w = proj.weight  # (out, in) view; the bias is per output
+    w.copy_(w[:, index])
 
 
 def permute_block_(block: Block, kv_order: list[int] | None, channel_order: list[int] | None) -> None:

@@ -1,7 +1,8 @@
 """S²FT selection (Yang et al. 2024): how many heads and channels the budget buys, and which ones.
 
-The budget (a parameter count) is spread over the two structures in proportion to the parameters
-of their trained parts, then the parameters a rounding down leaves are filled with the cheaper
+The budget (a parameter count) is spread over the selection groups (one per structure, or with
+``independent`` one per side -- rows or columns -- of each structure) in proportion to the
+parameters of their trained parts, then the parameters a rounding down leaves are filled with the cheaper
 unit. Units are picked across all blocks at once: at random (the paper's default, sampled over all
 blocks as the reference does) or by the largest score, each block's scores divided by their mean so
 that blocks of different scale compete fairly. Scores: ``"weight"`` = the squared norm of the
@@ -30,9 +31,30 @@ from sparseforge.errors import ConfigError
 from sparseforge.finetune.s2ft_blocks import ROW_PARTS, Block, unit_width
 from sparseforge.finetune.s2ft_options import CHANNEL_PARTS, HEAD_PARTS
 
-__all__ = ["unit_cost", "allocate", "unit_scores", "activation_scores", "select_units", "STRUCTURES"]
+__all__ = ["unit_cost", "allocate", "unit_scores", "activation_scores", "select_units", "STRUCTURES", "groups"]
 
 STRUCTURES = {"heads": HEAD_PARTS, "channels": CHANNEL_PARTS}
+
+
+def groups(parts: tuple[str, ...], independent: bool = False) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Selection groups ``{name: (structure, trained parts)}``: the units of a group are drawn together.
+
+    Shared (default): one group per structure (``"heads"``, ``"channels"``) for all its trained parts.
+    ``independent``: the row parts (q, k, v / up, gate) and the column part (o / down) of a structure
+    draw separately (``"heads:rows"``, ``"heads:columns"``, ...), as the reference samples v and o,
+    and up and down, independently; a structure with only one side trained keeps its plain name.
+    """
+    out: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for structure, members in STRUCTURES.items():
+        trained = tuple(p for p in members if p in parts)
+        rows = tuple(p for p in trained if p in ROW_PARTS)
+        columns = tuple(p for p in trained if p not in ROW_PARTS)
+        if independent and rows and columns:
+            out[f"{structure}:rows"] = (structure, rows)
+            out[f"{structure}:columns"] = (structure, columns)
+        elif trained:
+            out[structure] = (structure, trained)
+    return out
 
 
 def unit_cost(block: Block, parts: tuple[str, ...], structure: str) -> int:
@@ -46,16 +68,19 @@ def unit_cost(block: Block, parts: tuple[str, ...], structure: str) -> int:
     return cost
 
 
-def allocate(blocks: list[Block], parts: tuple[str, ...], budget: int) -> dict[str, int]:
-    """Units per structure (summed over blocks) that fit ``budget`` parameters; raises ConfigError if none fits."""
+def allocate(blocks: list[Block], parts: tuple[str, ...], budget: int, independent: bool = False) -> dict[str, int]:
+    """Units per selection group (:func:`groups`, summed over blocks) that fit ``budget`` parameters.
+
+    Raises ConfigError if none fits.
+    """
     cost, total = {}, {}
-    for structure in STRUCTURES:
-        costs = {unit_cost(b, parts, structure) for b in blocks}
+    for name, (structure, members) in groups(parts, independent).items():
+        costs = {unit_cost(b, members, structure) for b in blocks}
         if costs != {0}:
             if len(costs) != 1:
                 raise ConfigError("S²FT needs blocks of one shape (the same heads and channels in every block)")
-            cost[structure] = costs.pop()
-            total[structure] = sum(b.units(structure) for b in blocks)
+            cost[name] = costs.pop()
+            total[name] = sum(b.units(structure) for b in blocks)
     capacity = sum(cost[s] * total[s] for s in cost)
     if budget > capacity:
         raise ConfigError(f"S²FT budget of {budget} parameters exceeds the {capacity} of the parts "
@@ -101,7 +126,7 @@ def activation_scores(model: torch.nn.Module, blocks: list[Block], structure: st
 
         return hook
 
-    handles = [b.linear(part).register_forward_pre_hook(hook_for(i, b)) for i, b in enumerate(blocks)]
+    handles = [b.linear(part).module.register_forward_pre_hook(hook_for(i, b)) for i, b in enumerate(blocks)]
     was_training = model.training
     model.eval()
     try:
@@ -122,25 +147,30 @@ def _normalised(scores: list[torch.Tensor]) -> torch.Tensor:
 
 
 def select_units(blocks: list[Block], parts: tuple[str, ...], budget: int, select: str,
-                 generator: torch.Generator, activations: dict[str, list[torch.Tensor]] | None = None) -> list[dict[str, list[int]]]:
-    """Per block, ``{"heads": [...], "channels": [...]}``: the sorted units to train, within ``budget`` parameters.
+                 generator: torch.Generator, activations: dict[str, list[torch.Tensor]] | None = None,
+                 independent: bool = False) -> list[dict[str, list[int]]]:
+    """Per block, ``{group: [...]}`` (:func:`groups`, e.g. ``"heads"``, ``"channels"``): the sorted units
+    to train, within ``budget`` parameters.
 
     ``select`` is ``"random"``, ``"weight"`` or ``"activation"`` (then ``activations[structure]`` holds
     per-block scores from :func:`activation_scores`).
     """
-    count = allocate(blocks, parts, budget)
-    picks: list[dict[str, list[int]]] = [{"heads": [], "channels": []} for _ in blocks]
-    for structure, n in count.items():
+    count = allocate(blocks, parts, budget, independent)
+    found = groups(parts, independent)
+    picks: list[dict[str, list[int]]] = [{"heads": [], "channels": []} if not independent else
+                                         {name: [] for name in found} for _ in blocks]
+    for name, n in count.items():
+        structure, members = found[name]
         sizes = [b.units(structure) for b in blocks]
         if select == "random":
             flat = torch.randperm(sum(sizes), generator=generator)[:n]
         else:
             per_block = activations[structure] if select == "activation" else \
-                [unit_scores(b, parts, structure) for b in blocks]
+                [unit_scores(b, members, structure) for b in blocks]
             flat = torch.topk(_normalised(per_block), n, sorted=False).indices
         offsets = torch.tensor([0] + sizes).cumsum(0)
         for i in range(len(blocks)):
             mine = flat[(flat >= offsets[i]) & (flat < offsets[i + 1])] - offsets[i]
-            picks[i][structure] = sorted(int(u) for u in mine)
+            picks[i][name] = sorted(int(u) for u in mine)
     return picks
 

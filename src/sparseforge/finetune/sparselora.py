@@ -20,15 +20,19 @@ Defaults follow the paper's configurations: rank 8, the first 5 % of steps dense
 dense (Llama-3-8B: 3 and 1), sparsity 0.9 (``configs/sparsity/llama2-7b-*.yaml``; the Llama-3
 configs use 0.97-0.99). Where the reference splits tokens by their labels (prompt tokens sparse,
 response tokens dense), plain-text fine-tuning has a loss on every token, so the split is
-positional: the last ``dense_tokens`` of each window are the output tokens. Attention (q/k/v/o)
-sparsity of the paper is not implemented; those projections run dense.
+positional: the last ``dense_tokens`` of each window are the output tokens. The attention part
+(q/k/v output channels and o input channels, :mod:`sparseforge.finetune.sparselora_attention`)
+runs on the same blocks and schedule at its own ``attn_sparsity`` (0.6 in the reference's Llama-2-7B
+configurations). Its default here is 0 (attention dense): on CPU at hidden sizes up to 1024 the
+q/k/v/o matmuls it skips save about what the token split, gather and scatter cost
+(``benchmarks/bench_finetune.py --cost``); turn it on where it measures faster.
 
 Example:
     >>> from sparseforge.finetune.lora import attach_lora                      # doctest: +SKIP
     >>> attach_lora(model, rank=8)                                            # doctest: +SKIP
-    >>> sparse = SparseLoRA.attach(model, sparsity=0.9)                       # doctest: +SKIP
+    >>> sparse = SparseLoRA.attach(model, sparsity=0.9, attn_sparsity=0.6)    # doctest: +SKIP
     >>> sparse.begin_step(step=10, total=100)     # active after the dense start  # doctest: +SKIP
-    >>> sparse.remove()                           # the original MLP modules back  # doctest: +SKIP
+    >>> sparse.remove()              # the original MLP and projection modules back  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import torch
 from torch import nn
 
 from sparseforge.errors import ConfigError, ModelError
+from sparseforge.finetune.sparselora_attention import SparseLoRAAttention, attention_blocks
 from sparseforge.finetune.svd_estimator import ffn_channel_scores, low_rank_factors, skip_channel_mlp, top_channels
 from sparseforge.layers import set_module
 
@@ -147,10 +152,11 @@ class SparseLoRAMLP(nn.Module):
             return self.dense(x)
         keep = self.keep(x)
         self.last_kept = keep
-        ctx = self.sparse(x[..., :n_ctx, :], keep)  # (batch, n_ctx, hidden)
         if n_ctx == x.shape[-2]:
-            return ctx
-        return torch.cat([ctx, self.dense(x[..., n_ctx:, :])], dim=-2)  # context sparse | output dense
+            return self.sparse(x, keep)
+        # one split (its backward is one concatenation) into contiguous parts: 2-D matmuls, not the batched path
+        x_ctx, x_out = (part.contiguous() for part in x.split([n_ctx, x.shape[-2] - n_ctx], dim=-2))
+        return torch.cat([self.sparse(x_ctx, keep), self.dense(x_out)], dim=-2)  # context sparse | output dense
 
     def restore(self) -> nn.Module:
         """The original MLP module, holding this module's current children."""
@@ -161,27 +167,33 @@ class SparseLoRAMLP(nn.Module):
 
 
 class SparseLoRA:
-    """Swaps the chosen gated MLPs of ``model`` for :class:`SparseLoRAMLP` and drives their schedule.
+    """Swaps the chosen gated MLPs of ``model`` for :class:`SparseLoRAMLP`, hooks the chosen attention
+    blocks (:class:`~sparseforge.finetune.sparselora_attention.SparseLoRAAttention`) and drives their schedule.
 
     Args (of :meth:`attach`):
         sparsity: fraction of the intermediate channels the base skips on context tokens, in [0, 1).
+        attn_sparsity: fraction of the key and value channels the base q/k/v/o skip, in [0, 1); 0: dense.
         rank: rank of the SVD estimator. start: fraction of the steps that run dense first.
         dense_tokens: fraction of each window (its end) run dense as output tokens, in [0, 1].
-        layers: ``"auto"``, ``"all"`` or block indices ``"1,2,5-7"`` (indices among the gated MLPs).
+        layers: ``"auto"``, ``"all"`` or block indices ``"1,2,5-7"`` (indices among the gated MLPs,
+            and among the attention blocks for the attention part).
         seq_avg: average each sequence before scoring (the reference's MLP default).
     """
 
     def __init__(self, model: nn.Module, modules: dict[str, SparseLoRAMLP], start: float, dense_tokens: float,
                  seq_avg: bool) -> None:
         self.model, self.modules = model, modules
+        self.attention: dict[str, SparseLoRAAttention] = {}
         self.start, self.dense_tokens, self.seq_avg = start, dense_tokens, seq_avg
         self.active = True
 
     @classmethod
     def attach(cls, model: nn.Module, sparsity: float = 0.9, rank: int = 8, start: float = 0.05,
-               dense_tokens: float = 0.25, layers: str = "auto", seq_avg: bool = True) -> "SparseLoRA":
-        if not (isinstance(sparsity, (int, float)) and 0 <= sparsity < 1):
-            raise ConfigError(f"sparselora sparsity must be in [0, 1), got {sparsity!r}")
+               dense_tokens: float = 0.25, layers: str = "auto", seq_avg: bool = True,
+               attn_sparsity: float = 0.0) -> "SparseLoRA":
+        for label, value in (("sparsity", sparsity), ("attention sparsity", attn_sparsity)):
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value < 1):
+                raise ConfigError(f"sparselora {label} must be in [0, 1), got {value!r}")
         if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
             raise ConfigError(f"sparselora estimator rank must be a positive integer, got {rank!r}")
         mlps = gated_mlps(model)
@@ -189,11 +201,24 @@ class SparseLoRA:
             raise ModelError(f"SparseLoRA skips channels of gated MLPs (gate_proj / up_proj / down_proj), and "
                              f"{type(model).__name__} has none; use adapter 'lora'")
         names = list(mlps)
+        blocks = parse_layers(layers, len(names))
+        attentions = attention_blocks(model) if attn_sparsity > 0 else {}
+        if attn_sparsity > 0 and len(attentions) != len(names):
+            raise ModelError(f"SparseLoRA attention sparsity needs one attention block with separate q_proj / k_proj / "
+                             f"v_proj / o_proj per MLP ({type(model).__name__} has {len(attentions)} for {len(names)}); "
+                             f"pass attention sparsity 0")
         controller = cls(model, {}, start, dense_tokens, seq_avg)
-        for index in parse_layers(layers, len(names)):
-            wrapped = SparseLoRAMLP(mlps[names[index]], controller, float(sparsity), rank)
-            set_module(model, names[index], wrapped)
-            controller.modules[names[index]] = wrapped
+        try:
+            for index in blocks:
+                if attentions:
+                    name = list(attentions)[index]
+                    controller.attention[name] = SparseLoRAAttention(attentions[name], controller, float(attn_sparsity), rank)
+                wrapped = SparseLoRAMLP(mlps[names[index]], controller, float(sparsity), rank)
+                set_module(model, names[index], wrapped)
+                controller.modules[names[index]] = wrapped
+        except BaseException:
+            controller.remove()
+            raise
         return controller
 
     def begin_step(self, step: int, total: int) -> None:
@@ -205,8 +230,10 @@ class SparseLoRA:
         return tokens - math.ceil(self.dense_tokens * tokens)
 
     def remove(self) -> None:
-        """Put the original MLP modules back (with their current, possibly LoRA-wrapped, projections)."""
+        """Put the original MLP modules and attention base layers back (LoRA layers stay, with their adapters)."""
         for name, module in self.modules.items():
             set_module(self.model, name, module.restore())
-        self.modules = {}
+        for block in self.attention.values():
+            block.remove()
+        self.modules, self.attention = {}, {}
 
