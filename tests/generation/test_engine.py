@@ -251,6 +251,18 @@ def test_plain_layers_take_the_bound_entry_points():
         assert engine.call_paths == {"bound": 2 * 4 + 1}  # fused q/k/v, o, fused gate/up, down per layer; lm_head
 
 
+def test_int8_activation_layers_are_bound_in_their_mode_and_decode_like_generate():
+    from sparseforge.runtime.compress import set_activation_precision_
+
+    model = _sparse(tiny_model("llama", seed=3), dtype=torch.int8)
+    set_activation_precision_(model, "int8")
+    ids = tokens(1, 6, seed=2)
+    expected = _hf_greedy(model, ids, 8)
+    engine = DecodeEngine(model, 16)
+    assert engine.call_paths == {"bound": 2 * 4 + 1}  # int8 activations through BoundLinear, not module calls
+    assert torch.equal(native_generate(model, ids, max_new_tokens=8, min_new_tokens=8), expected)
+
+
 class _Rounding(SparseLinear):
     """A SparseLinear whose forward computes differently (stands for another compute mode)."""
 

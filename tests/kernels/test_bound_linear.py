@@ -7,7 +7,7 @@ import torch
 from test_kernel_ops import WEIGHTS, _weight
 
 from sparseforge import ops
-from sparseforge.errors import DataError
+from sparseforge.errors import ConfigError, DataError
 from sparseforge.nn import SparseLinear
 
 
@@ -36,6 +36,27 @@ def test_bound_linear_runs_int8_values_like_the_layer(fmt, pattern):
     x = torch.randn(1, 64)
     with torch.no_grad():
         assert torch.equal(ops.BoundLinear(layer.weight_format, layer.bias.detach())(x), layer(x))
+
+
+@pytest.mark.parametrize("fmt, pattern", [("bitmap", None), ("nm", "2:4")])
+def test_bound_linear_runs_int8_activations_like_the_layer(fmt, pattern):
+    torch.manual_seed(2)
+    dense = torch.nn.Linear(96, 40)
+    with torch.no_grad():
+        dense.weight[:, ::2] = 0
+    layer = SparseLinear.from_linear(dense, format=fmt, pattern=pattern, dtype=torch.int8, activations="int8")
+    bound = ops.BoundLinear(layer.weight_format, layer.bias.detach(), activations="int8")
+    float_mode = ops.BoundLinear(layer.weight_format, layer.bias.detach())
+    x = torch.randn(1, 96)
+    with torch.no_grad():
+        assert torch.equal(bound(x), layer(x))
+        assert not torch.equal(float_mode(x), layer(x))  # the mode is what the bound call runs
+
+
+def test_bound_linear_refuses_int8_activations_without_int8_values():
+    weight, _ = _weight("bitmap")
+    with pytest.raises(ConfigError, match="int8"):
+        ops.BoundLinear(weight, activations="int8")
 
 
 def test_bound_linear_checks_its_inputs():

@@ -11,7 +11,7 @@ the same arithmetic with fewer, pre-bound calls:
   (:func:`fuse_projections_`, in place, ``fuse=True``): one call each per layer. A layer is called
   through a pre-bound entry point where that gives its own output bitwise on a probe input at
   construction: ``torch.nn.functional.linear`` with the weights of an ``nn.Linear`` without hooks,
-  :class:`sparseforge.ops.BoundLinear` for a float32-model ``SparseLinear`` without hooks (a module
+  :class:`sparseforge.ops.BoundLinear` (in the layer's activation mode) for a float32-model ``SparseLinear`` without hooks (a module
   call costs several times the native kernel at these sizes); any layer whose own ``forward``
   computes differently (another compute mode, a subclass) is called as a module, so what it
   computes is what runs. :attr:`DecodeEngine.call_paths` counts both;
@@ -261,7 +261,7 @@ class DecodeEngine:
             bound = partial(F.linear, weight=layer.weight, bias=layer.bias)
         elif not _has_hooks(layer) and type(layer) is SparseLinear and self.dtype == torch.float32:
             bias = None if layer.bias is None else layer.bias.detach().to(torch.float32)
-            bound = BoundLinear(layer.weight_format, bias)
+            bound = BoundLinear(layer.weight_format, bias, activations=layer.activations)
         if bound is not None:
             probe = torch.randn(1, layer.in_features, generator=torch.Generator().manual_seed(0)).to(self.dtype)
             with torch.inference_mode():

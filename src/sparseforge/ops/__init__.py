@@ -44,6 +44,7 @@ Example:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import torch
@@ -191,7 +192,8 @@ def _int8_act(spec, weight, activations: str) -> tuple[str]:
 
 class BoundLinear:
     """:func:`linear` with the weight's kernel, buffer views and checks bound once: ``bound(x)`` for float32
-    ``x (B, in)``, C-contiguous, in eager inference (no autograd, no ``torch.compile``).
+    ``x (B, in)``, C-contiguous, in eager inference (no autograd, no ``torch.compile``); ``activations``
+    as in :func:`linear` (``"int8"``: int8 activations on a bitmap / N:M weight with int8 values).
 
     For a decode loop that calls the same layer every token: a call costs the native kernel, one view of
     ``x`` and an output allocation (or none with ``out=``), where :func:`linear` also resolves the format's
@@ -206,14 +208,16 @@ class BoundLinear:
         [[3.0, -1.0]]
     """
 
-    def __init__(self, weight, bias: Optional[Tensor] = None) -> None:
+    def __init__(self, weight, bias: Optional[Tensor] = None, activations: str = "float") -> None:
         spec = _ops_for(weight)
+        act = () if int8.check_activations(activations) == "float" else _int8_act(spec, weight, activations)
         kernel, rows, wargs = spec.kernel_args(weight)
         if bias is not None:
             check_bias(bias, rows)
-        self.weight, self.bias = weight, bias  # the views below share their memory
+        self.weight, self.bias, self.activations = weight, bias, activations  # the views below share their memory
         self.out_features, self.in_features = rows, weight.shape[1]
-        self._kernel, self._wargs, self._bias = kernel, wargs, np_view(bias)
+        self._kernel = partial(kernel, act=act[0]) if act else kernel
+        self._wargs, self._bias = wargs, np_view(bias)
 
     def __call__(self, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
         """``x (B, in) @ W^T + bias`` as float32 ``(B, out)``, into ``out`` when given (float32, contiguous)."""
