@@ -21,6 +21,7 @@
 #include "buffers.h"
 #include "common.h"
 #include "isa.h"
+#include "linear_bf16.h"
 
 namespace sfb {
 
@@ -68,6 +69,9 @@ sf::Problem problem(const In& x, const nb::object& bias, const Out& y);
 sf::ProblemT problem_t(const In& dy, const Out& dx);
 // x (B, in), dy (B, out), dw float32 with `nnz` elements in any C-contiguous shape of `ndim` dims
 sf::ProblemW problem_w(const In& x, const In& dy, const Out& dw, size_t ndim, int64_t nnz);
+
+// a bf16 path name ("" = SPARSEFORGE_BF16_PATH, else the best) -> path; ConfigError if unknown or unavailable
+sf::Bf16Path resolve_bf16(const std::string& path);
 
 // Registration functions, one per binding file.
 void register_runtime(nb::module_& m);        // runtime.cpp: kernel path, threads, error mapping

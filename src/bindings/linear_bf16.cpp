@@ -15,15 +15,15 @@ namespace sfb {
 
 using namespace nb::literals;
 
-namespace {
-
-sf::Bf16Path resolve_path(const std::string& path) {
+sf::Bf16Path resolve_bf16(const std::string& path) {
   try {
     return sf::resolve_bf16_path(path.c_str());
   } catch (const std::invalid_argument& e) {
     raise_config_error(e.what());
   }
 }
+
+namespace {
 
 // x (B, in) bf16 bits, bias (out,) float32 or None, y (B, out) float32
 sf::Bf16Problem problem_bf16(const In& x, const nb::object& bias, const Out& y) {
@@ -37,7 +37,7 @@ void call(const View& w, const sf::Bf16Problem& p, const std::string& path, bool
           void (*fast)(const View&, const sf::Bf16Problem&, sf::Bf16Path),
           void (*oracle)(const View&, const sf::Bf16Problem&)) {
   if (w.rows != p.out) throw std::invalid_argument("y must have one column per weight row");
-  const sf::Bf16Path path_ = ref ? sf::Bf16Path::scalar : resolve_path(path);
+  const sf::Bf16Path path_ = ref ? sf::Bf16Path::scalar : resolve_bf16(path);
   nb::gil_scoped_release rel;
   if (ref) oracle(w, p); else fast(w, p, path_);
 }
@@ -45,7 +45,7 @@ void call(const View& w, const sf::Bf16Problem& p, const std::string& path, bool
 }  // namespace
 
 void register_linear_bf16(nb::module_& m) {
-  m.def("bf16_path", [](const std::string& requested) { return std::string(sf::bf16_path_name(resolve_path(requested))); },
+  m.def("bf16_path", [](const std::string& requested) { return std::string(sf::bf16_path_name(resolve_bf16(requested))); },
         "requested"_a = "", "bf16 kernel path a call would use now (SPARSEFORGE_BF16_PATH, else the best).");
   m.def("bf16_best_path", [] { return std::string(sf::bf16_path_name(sf::best_bf16_path())); });
   m.def("bf16_path_supported", [](const std::string& name) {

@@ -1,0 +1,123 @@
+// bf16 compute for the column-sparse layer (column_sparse_bf16.h): the scalar multiply, the path's
+// kernel table, and the driver that masks, lists the union of active channels, packs the rows over
+// it and spreads 512-output blocks over the thread pool.
+#include "column_sparse_bf16.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "column_sparse_bf16_kernels.h"
+#include "threadpool.h"
+
+namespace sf {
+namespace {
+
+// widened to float32, multiplied and summed in plain C++ (any CPU)
+struct ColScalarMicro {
+  void mul(const uint16_t* panel, const ColBf16Tile& t, int64_t k0, int64_t kc, float* acc) const {
+    for (int64_t b = 0; b < t.nbt * 16; ++b) {
+      const uint16_t* xr = t.xa + b * t.kp + k0;
+      float* ar = acc + b * kColBf16Outs;
+      for (int64_t q = 0; q < kc / 2; ++q) {
+        const float x0 = bf16_to_f32(xr[2 * q]), x1 = bf16_to_f32(xr[2 * q + 1]);
+        const uint16_t* prow = panel + q * 2 * kColBf16Outs;
+        for (int64_t o = 0; o < kColBf16Outs; ++o) ar[o] += x0 * bf16_to_f32(prow[2 * o]) + x1 * bf16_to_f32(prow[2 * o + 1]);
+      }
+    }
+  }
+};
+
+const ColumnSparseBf16Kernels& col_bf16_kernels(Bf16Path path) {
+  if (!bf16_path_supported(path)) {
+    throw std::invalid_argument(std::string("bf16 path ") + bf16_path_name(path) + " is not available on this machine");
+  }
+#if defined(SF_HAVE_BF16_KERNELS)
+  if (path == Bf16Path::avx512_bf16) return avx512bf16::column_sparse_bf16;
+#endif
+#if defined(SF_HAVE_AMX_KERNELS)
+  if (path == Bf16Path::amx) return amx::column_sparse_bf16;
+#endif
+  return scalar::column_sparse_bf16;
+}
+
+struct Aligned64 {
+  explicit Aligned64(int64_t bytes) {
+    p = std::aligned_alloc(64, static_cast<size_t>((max64(bytes, 1) + 63) / 64 * 64));
+    if (!p) throw std::bad_alloc();
+  }
+  Aligned64(const Aligned64&) = delete;
+  Aligned64& operator=(const Aligned64&) = delete;
+  ~Aligned64() { std::free(p); }
+  void* p;
+};
+
+constexpr int64_t kParallelMinMacs = 1 << 18;  // multiply-adds below which one thread does it all
+
+}  // namespace
+
+namespace scalar {
+extern const ColumnSparseBf16Kernels column_sparse_bf16 = ColBf16Table<ColScalarMicro>::kTable;
+}  // namespace scalar
+
+void column_sparse_linear_bf16(const ColumnSparseProblem& p, Bf16Path path, bool parallel) {
+  column_sparse_check_problem(p);
+  const ColumnSparseBf16Kernels& k = col_bf16_kernels(path);
+  const ColumnSparseWeight& w = p.w;
+  if (p.B == 0 || w.out == 0) return;
+  const int64_t in = w.in, nblk = w.nblk();
+  const int nth = num_threads();
+  std::vector<int32_t> chan(static_cast<size_t>(in));
+  std::vector<uint8_t> kept(static_cast<size_t>(kColBf16Batch * in));
+  Aligned64 xa(kColBf16Batch * ((in + 31) / 32 * 32) * 2);
+  const int64_t scratch_bytes = (column_sparse_bf16_scratch(in) + 63) / 64 * 64;
+  Aligned64 scratch_all(int64_t{nth} * scratch_bytes);
+  for (int64_t b0 = 0; b0 < p.B; b0 += kColBf16Batch) {
+    const int64_t bn = min64(kColBf16Batch, p.B - b0);
+    // kept[b][i]: channel i of row b0 + b is active; the union lists the channels active in any row
+    int64_t nu = 0;
+    for (int64_t b = 0; b < bn; ++b) {
+      const float* xr = p.x + (b0 + b) * in;
+      for (int64_t i = 0; i < in; ++i) {
+        const float thr = p.thr_per_channel ? p.thr[i] : p.thr[0];
+        kept[b * in + i] = !(std::fabs(xr[i]) <= thr);
+      }
+    }
+    for (int64_t i = 0; i < in; ++i) {
+      bool any = false;
+      for (int64_t b = 0; b < bn && !any; ++b) any = kept[b * in + i];
+      if (any) chan[nu++] = static_cast<int32_t>(i);
+    }
+    ColBf16Tile t;
+    t.chan = chan.data();
+    t.nu = nu;
+    t.kp = (nu + 31) / 32 * 32;
+    t.nbt = (bn + 15) / 16;
+    t.b0 = b0;
+    t.bn = bn;
+    t.p = &p;
+    uint16_t* xp = static_cast<uint16_t*>(xa.p);
+    for (int64_t b = 0; b < t.nbt * 16; ++b) {
+      uint16_t* dst = xp + b * t.kp;
+      for (int64_t q = 0; q < t.kp; ++q) {
+        const int64_t i = q < nu ? chan[q] : -1;
+        dst[q] = b < bn && i >= 0 && kept[b * in + i] ? f32_to_bf16(p.x[(b0 + b) * in + i]) : uint16_t{0};
+      }
+    }
+    t.xa = xp;
+    const bool par = parallel && nth > 1 && static_cast<double>(bn) * static_cast<double>(t.kp) *
+                                                  static_cast<double>(w.out) >= static_cast<double>(kParallelMinMacs);
+    parallel_for(
+        nblk,
+        [&](int64_t blk, int worker) {
+          const int64_t j0 = blk * kColBlock;
+          k.block(t, j0, min64(kColBlock, w.out - j0), static_cast<char*>(scratch_all.p) + worker * scratch_bytes);
+        },
+        par);
+  }
+}
+
+}  // namespace sf

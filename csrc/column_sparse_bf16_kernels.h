@@ -1,0 +1,94 @@
+// bf16 compute for the column-sparse layer (column_sparse_bf16.h), written once and compiled per
+// path: column_sparse_bf16.cpp (portable decode, scalar multiply), column_sparse_bf16_avx512.cpp
+// (vdpbf16ps) and column_sparse_bf16_amx.cpp (AMX) each define a `Micro` with
+//   mul(panel, tile, k0, kc, acc): acc[b][n] += sum_{k < kc} xa[b][k0 + k] * panel(k, n)
+// (b < nbt * 16, n < kColBf16Outs; kc a multiple of 32) and export ColBf16Table<Micro>::kTable.
+// Everything has internal linkage.
+#pragma once
+
+#include "column_sparse_bf16.h"
+#include "linear_bf16_kernels.h"  // bf16_val, expand32 (vpexpandw decoder)
+
+namespace sf {
+namespace {
+
+// The 32 bitmap bits of channel c at output j (a multiple of 32).
+inline uint32_t col_bits32(const ColumnSparseWeight& w, int64_t c, int64_t j) {
+  return static_cast<uint32_t>(w.bitmap[c * w.words() + j / 64] >> (j & 63));
+}
+
+// Panel rows for channels chan[0 : n) (n <= kc) at outputs [j, j + 32): pair row q holds
+// (W[j + o, chan[2q]], W[j + o, chan[2q + 1]]) at bf16 positions 2o, 2o + 1; channels past n are
+// zero. cur[k]: the next packed value of chan[k], advanced past the 32 outputs.
+template <VT V>
+inline void decode_pairs(const ColumnSparseWeight& w, const int32_t* chan, int64_t n, int64_t kc, int64_t* cur, int64_t j,
+                         uint16_t* panel) {
+#if defined(SF_BF16_VECTOR_DECODE)
+  // vpermt2w indices: output o's pair from lane o of each channel (low half: o < 16, high: o >= 16)
+  alignas(64) static constexpr uint16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                   8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static constexpr uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                   24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_load_si512(kHi);
+  auto channel = [&](int64_t k) -> __m512i {
+    if (k >= n) return _mm512_setzero_si512();
+    const uint32_t m = col_bits32(w, chan[k], j);
+    const __m512i v = expand32<V>(w.values, cur[k], m, w.nnz);
+    cur[k] += __builtin_popcount(m);
+    return v;
+  };
+  for (int64_t k = 0; k < kc; k += 2) {
+    const __m512i e0 = channel(k), e1 = channel(k + 1);
+    uint16_t* row = panel + k / 2 * 2 * kColBf16Outs;
+    _mm512_store_si512(row, _mm512_permutex2var_epi16(e0, lo, e1));
+    _mm512_store_si512(row + kColBf16Outs, _mm512_permutex2var_epi16(e0, hi, e1));
+  }
+#else
+  for (int64_t k = 0; k < kc; ++k) {
+    uint16_t* col = panel + k / 2 * 2 * kColBf16Outs + (k & 1);
+    const uint32_t m = k < n ? col_bits32(w, chan[k], j) : 0u;
+    int64_t pos = k < n ? cur[k] : 0;
+    for (int64_t o = 0; o < kColBf16Outs; ++o) col[2 * o] = ((m >> o) & 1u) ? bf16_val<V>(w.values, pos++) : uint16_t{0};
+    if (k < n) cur[k] = pos;
+  }
+#endif
+}
+
+template <VT V, class Micro>
+void col_bf16_block(const ColBf16Tile& t, int64_t j0, int64_t cw, void* scratch) {
+  const ColumnSparseProblem& p = *t.p;
+  const ColumnSparseWeight& w = p.w;
+  uint16_t* panel = static_cast<uint16_t*>(scratch);
+  float* acc = reinterpret_cast<float*>(static_cast<char*>(scratch) + kColBf16PanelBytes);
+  int64_t* cur = reinterpret_cast<int64_t*>(static_cast<char*>(scratch) + kColBf16PanelBytes + kColBf16AccBytes);
+  const int64_t nblk = w.nblk();
+  for (int64_t k = 0; k < t.nu; ++k) cur[k] = w.block_ptr[t.chan[k] * nblk + j0 / kColBlock];
+  const int64_t rows = t.nbt * 16;
+  Micro micro;
+  for (int64_t js = 0; js < cw; js += kColBf16Outs) {
+    std::memset(acc, 0, static_cast<size_t>(rows * kColBf16Outs) * 4);
+    for (int64_t k0 = 0; k0 < t.kp; k0 += kColBf16Chunk) {
+      const int64_t kc = min64(kColBf16Chunk, t.kp - k0);
+      decode_pairs<V>(w, t.chan + k0, max64(0, min64(kc, t.nu - k0)), kc, cur + k0, j0 + js, panel);
+      micro.mul(panel, t, k0, kc, acc);
+    }
+    const int64_t no = min64(kColBf16Outs, cw - js);
+    for (int64_t b = 0; b < t.bn; ++b) {
+      float* yr = p.y + (t.b0 + b) * w.out + j0 + js;
+      const float* ar = acc + b * kColBf16Outs;
+      for (int64_t o = 0; o < no; ++o) yr[o] = ar[o] + (p.bias ? p.bias[j0 + js + o] : 0.f);
+    }
+  }
+}
+
+template <class Micro>
+struct ColBf16Table {
+  static void block(const ColBf16Tile& t, int64_t j0, int64_t cw, void* s) {
+    if (t.p->w.vt == VT::f32) col_bf16_block<VT::f32, Micro>(t, j0, cw, s);
+    else col_bf16_block<VT::bf16, Micro>(t, j0, cw, s);
+  }
+  static constexpr ColumnSparseBf16Kernels kTable = {block};
+};
+
+}  // namespace
+}  // namespace sf
