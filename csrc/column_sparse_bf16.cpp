@@ -4,7 +4,9 @@
 #include "column_sparse_bf16.h"
 
 #include <cmath>
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -71,25 +73,33 @@ void column_sparse_linear_bf16(const ColumnSparseProblem& p, Bf16Path path, bool
   const int64_t in = w.in, nblk = w.nblk();
   const int nth = num_threads();
   std::vector<int32_t> chan(static_cast<size_t>(in));
-  std::vector<uint8_t> kept(static_cast<size_t>(kColBf16Batch * in));
+  std::vector<float> xm(static_cast<size_t>(kColBf16Batch * in));  // masked rows
+  std::vector<uint8_t> any(static_cast<size_t>(in));
   Aligned64 xa(kColBf16Batch * ((in + 31) / 32 * 32) * 2);
   const int64_t scratch_bytes = (column_sparse_bf16_scratch(in) + 63) / 64 * 64;
   Aligned64 scratch_all(int64_t{nth} * scratch_bytes);
   for (int64_t b0 = 0; b0 < p.B; b0 += kColBf16Batch) {
     const int64_t bn = min64(kColBf16Batch, p.B - b0);
-    // kept[b][i]: channel i of row b0 + b is active; the union lists the channels active in any row
-    int64_t nu = 0;
+    // xm: the rows with their skipped channels zeroed (selects, no branches: the mask is random);
+    // the union lists the channels active in any row
+    std::fill(any.begin(), any.end(), uint8_t{0});
     for (int64_t b = 0; b < bn; ++b) {
       const float* xr = p.x + (b0 + b) * in;
+      float* mr = xm.data() + b * in;
+      const int64_t tstep = p.thr_per_channel ? 1 : 0;
       for (int64_t i = 0; i < in; ++i) {
-        const float thr = p.thr_per_channel ? p.thr[i] : p.thr[0];
-        kept[b * in + i] = !(std::fabs(xr[i]) <= thr);
+        const uint32_t keep = !(std::fabs(xr[i]) <= p.thr[i * tstep]);
+        uint32_t u;
+        std::memcpy(&u, xr + i, 4);
+        u &= 0u - keep;
+        std::memcpy(mr + i, &u, 4);
+        any[i] |= static_cast<uint8_t>(keep);
       }
     }
+    int64_t nu = 0;
     for (int64_t i = 0; i < in; ++i) {
-      bool any = false;
-      for (int64_t b = 0; b < bn && !any; ++b) any = kept[b * in + i];
-      if (any) chan[nu++] = static_cast<int32_t>(i);
+      chan[nu] = static_cast<int32_t>(i);
+      nu += any[i];
     }
     ColBf16Tile t;
     t.chan = chan.data();
@@ -102,10 +112,10 @@ void column_sparse_linear_bf16(const ColumnSparseProblem& p, Bf16Path path, bool
     uint16_t* xp = static_cast<uint16_t*>(xa.p);
     for (int64_t b = 0; b < t.nbt * 16; ++b) {
       uint16_t* dst = xp + b * t.kp;
-      for (int64_t q = 0; q < t.kp; ++q) {
-        const int64_t i = q < nu ? chan[q] : -1;
-        dst[q] = b < bn && i >= 0 && kept[b * in + i] ? f32_to_bf16(p.x[(b0 + b) * in + i]) : uint16_t{0};
-      }
+      const float* mr = xm.data() + b * in;
+      const int64_t filled = b < bn ? nu : 0;
+      for (int64_t q = 0; q < filled; ++q) dst[q] = f32_to_bf16(mr[chan[q]]);
+      for (int64_t q = filled; q < t.kp; ++q) dst[q] = 0;
     }
     t.xa = xp;
     const bool par = parallel && nth > 1 && static_cast<double>(bn) * static_cast<double>(t.kp) *

@@ -4,36 +4,35 @@
 namespace sf {
 namespace {
 
-// acc[8 rows][32 outputs] += per channel pair: the rows' x pair broadcast . the panel's weight pairs
+// acc[4 rows][64 outputs] += per channel pair: the rows' x pair broadcast . the panel's weight pairs
 struct ColDpMicro {
   void mul(const uint16_t* panel, const ColBf16Tile& t, int64_t k0, int64_t kc, float* acc) const {
-    constexpr int R = 8;
+    constexpr int R = 4, V = kColBf16Outs / 16;
     for (int64_t b0 = 0; b0 < t.nbt * 16; b0 += R) {
-      __m512 a[R][2];
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        a[r][0] = _mm512_loadu_ps(acc + (b0 + r) * kColBf16Outs);
-        a[r][1] = _mm512_loadu_ps(acc + (b0 + r) * kColBf16Outs + 16);
-      }
+      __m512 a[R][V];
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) a[r][v] = _mm512_loadu_ps(acc + (b0 + r) * kColBf16Outs + 16 * v);
       const uint16_t* xr = t.xa + b0 * t.kp + k0;
       for (int64_t q = 0; q < kc / 2; ++q) {
         const uint16_t* prow = panel + q * 2 * kColBf16Outs;
-        const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_load_si512(prow));
-        const __m512bh w1 = reinterpret_cast<__m512bh>(_mm512_load_si512(prow + kColBf16Outs));
-#pragma GCC unroll 8
+        __m512bh wv[V];
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) wv[v] = reinterpret_cast<__m512bh>(_mm512_load_si512(prow + 32 * v));
+#pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
           uint32_t pair;
           std::memcpy(&pair, xr + r * t.kp + 2 * q, 4);
           const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pair)));
-          a[r][0] = _mm512_dpbf16_ps(a[r][0], xv, w0);
-          a[r][1] = _mm512_dpbf16_ps(a[r][1], xv, w1);
+#pragma GCC unroll 4
+          for (int v = 0; v < V; ++v) a[r][v] = _mm512_dpbf16_ps(a[r][v], xv, wv[v]);
         }
       }
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        _mm512_storeu_ps(acc + (b0 + r) * kColBf16Outs, a[r][0]);
-        _mm512_storeu_ps(acc + (b0 + r) * kColBf16Outs + 16, a[r][1]);
-      }
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) _mm512_storeu_ps(acc + (b0 + r) * kColBf16Outs + 16 * v, a[r][v]);
     }
   }
 };

@@ -12,17 +12,16 @@
 namespace sf {
 namespace {
 
-// The 32 bitmap bits of channel c at output j (a multiple of 32).
-inline uint32_t col_bits32(const ColumnSparseWeight& w, int64_t c, int64_t j) {
-  return static_cast<uint32_t>(w.bitmap[c * w.words() + j / 64] >> (j & 63));
-}
+// The 64 bitmap bits of channel c at output j (a multiple of 64).
+inline uint64_t col_bits64(const ColumnSparseWeight& w, int64_t c, int64_t j) { return w.bitmap[c * w.words() + j / 64]; }
 
-// Panel rows for channels chan[0 : n) (n <= kc) at outputs [j, j + 32): pair row q holds
+// Panel rows for channels chan[0 : n) (n <= kc) at outputs [j, j + 64): pair row q holds
 // (W[j + o, chan[2q]], W[j + o, chan[2q + 1]]) at bf16 positions 2o, 2o + 1; channels past n are
-// zero. cur[k]: the next packed value of chan[k], advanced past the 32 outputs.
+// zero. cur[k]: the next packed value of chan[k], advanced past the 64 outputs.
 template <VT V>
 inline void decode_pairs(const ColumnSparseWeight& w, const int32_t* chan, int64_t n, int64_t kc, int64_t* cur, int64_t j,
                          uint16_t* panel) {
+  constexpr int64_t kRow = 2 * kColBf16Outs;  // bf16 per pair row
 #if defined(SF_BF16_VECTOR_DECODE)
   // vpermt2w indices: output o's pair from lane o of each channel (low half: o < 16, high: o >= 16)
   alignas(64) static constexpr uint16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
@@ -30,23 +29,37 @@ inline void decode_pairs(const ColumnSparseWeight& w, const int32_t* chan, int64
   alignas(64) static constexpr uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
                                                    24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
   const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_load_si512(kHi);
-  auto channel = [&](int64_t k) -> __m512i {
-    if (k >= n) return _mm512_setzero_si512();
-    const uint32_t m = col_bits32(w, chan[k], j);
-    const __m512i v = expand32<V>(w.values, cur[k], m, w.nnz);
-    cur[k] += __builtin_popcount(m);
-    return v;
+  constexpr int64_t kValueBytes = V == VT::f32 ? 4 : 2, kPrefetchAhead = 128 / kValueBytes;
+  // the channel's 64 outputs as two vectors of 32 dense bf16
+  auto channel = [&](int64_t k, __m512i& a, __m512i& b) {
+    if (k >= n) {
+      a = b = _mm512_setzero_si512();
+      return;
+    }
+    const uint64_t m = col_bits64(w, chan[k], j);
+    const uint32_t m0 = static_cast<uint32_t>(m), m1 = static_cast<uint32_t>(m >> 32);
+    const int64_t p0 = cur[k], p1 = p0 + __builtin_popcount(m0);
+    a = expand32<V>(w.values, p0, m0, w.nnz);
+    b = expand32<V>(w.values, p1, m1, w.nnz);
+    cur[k] = p1 + __builtin_popcount(m1);
+    // the channel's values stream in short runs, one per 64 outputs, `in` channels apart: fetch
+    // the next runs ahead of time (no hardware prefetcher tracks that many streams)
+    __builtin_prefetch(static_cast<const char*>(w.values) + (cur[k] + kPrefetchAhead) * kValueBytes, 0, 3);
   };
   for (int64_t k = 0; k < kc; k += 2) {
-    const __m512i e0 = channel(k), e1 = channel(k + 1);
-    uint16_t* row = panel + k / 2 * 2 * kColBf16Outs;
-    _mm512_store_si512(row, _mm512_permutex2var_epi16(e0, lo, e1));
-    _mm512_store_si512(row + kColBf16Outs, _mm512_permutex2var_epi16(e0, hi, e1));
+    __m512i a0, b0, a1, b1;
+    channel(k, a0, b0);
+    channel(k + 1, a1, b1);
+    uint16_t* row = panel + k / 2 * kRow;
+    _mm512_store_si512(row, _mm512_permutex2var_epi16(a0, lo, a1));
+    _mm512_store_si512(row + 32, _mm512_permutex2var_epi16(a0, hi, a1));
+    _mm512_store_si512(row + 64, _mm512_permutex2var_epi16(b0, lo, b1));
+    _mm512_store_si512(row + 96, _mm512_permutex2var_epi16(b0, hi, b1));
   }
 #else
   for (int64_t k = 0; k < kc; ++k) {
-    uint16_t* col = panel + k / 2 * 2 * kColBf16Outs + (k & 1);
-    const uint32_t m = k < n ? col_bits32(w, chan[k], j) : 0u;
+    uint16_t* col = panel + k / 2 * kRow + (k & 1);
+    const uint64_t m = k < n ? col_bits64(w, chan[k], j) : 0u;
     int64_t pos = k < n ? cur[k] : 0;
     for (int64_t o = 0; o < kColBf16Outs; ++o) col[2 * o] = ((m >> o) & 1u) ? bf16_val<V>(w.values, pos++) : uint16_t{0};
     if (k < n) cur[k] = pos;
