@@ -29,7 +29,7 @@
 namespace sf {
 
 constexpr int64_t kColBf16Outs = 64;     // outputs per decoded panel: one bitmap word, four 16-wide B tiles
-constexpr int64_t kColBf16Chunk = 128;   // channels per panel: 64 pairs x 256 bytes = 16 KB (L1)
+constexpr int64_t kColBf16Chunk = 512;   // channels per panel: 256 pairs x 256 bytes = 64 KB (L2)
 constexpr int64_t kColBf16Batch = 64;    // rows per packed activation block
 constexpr int64_t kColBf16PanelBytes = kColBf16Chunk / 2 * kColBf16Outs * 2 * 2;
 constexpr int64_t kColBf16AccBytes = kColBf16Batch * kColBf16Outs * 4;
