@@ -216,3 +216,31 @@ def test_property_every_path_equals_the_oracle(batch, n_in, n_out, weight_sparsi
     x, w, bias = _case(batch, n_in, n_out, torch.bfloat16 if values_bf16 else torch.float32, weight_sparsity, seed)
     t = torch.tensor([thr])
     torch.testing.assert_close(_kernel(x, w, t, bias, path), _oracle(x, w, t, bias), **_tol(n_in))
+
+
+def test_module_runs_the_bf16_product_from_16_rows():
+    import copy
+
+    from sparseforge.activation import ColumnSparseLinear
+
+    x, w, bias = _case(40, 72, 50, torch.bfloat16, seed=12)
+    thr = torch.tensor([0.5])
+    layer = ColumnSparseLinear(w, bias, threshold=0.5, compute_dtype=torch.bfloat16)
+    assert layer.compute_dtype == torch.bfloat16 and "compute_dtype=bfloat16" in repr(layer)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), _oracle(x, w, thr, bias), **_tol(72))
+        few = x[:BF16_MIN_BATCH - 1]
+        torch.testing.assert_close(layer(few), column_sparse_reference(few, w, thr, bias), rtol=1e-5, atol=1e-5)
+        assert torch.equal(copy.deepcopy(layer)(x), layer(x))
+        assert not torch.allclose(layer.set_compute_dtype(torch.float32)(x), _oracle(x, w, thr, bias), rtol=0, atol=1e-6)
+    layer.set_compute_dtype(torch.bfloat16)
+    xg = x.clone().requires_grad_(True)
+    y = layer(xg)  # the registered op under autograd
+    torch.testing.assert_close(y.detach(), _oracle(x, w, thr, bias), **_tol(72))
+    y.sum().backward()
+    assert xg.grad is not None and torch.equal(xg.grad[x.abs() <= 0.5], torch.zeros(int((x.abs() <= 0.5).sum())))
+    with torch.no_grad():
+        compiled = torch.compile(layer, fullgraph=True)
+        torch.testing.assert_close(compiled(x), _oracle(x, w, thr, bias), **_tol(72))
+    with pytest.raises(ConfigError, match="compute_dtype"):
+        layer.set_compute_dtype(torch.float16)
