@@ -20,7 +20,8 @@ namespace {
 
 // widened to float32, multiplied and summed in plain C++ (any CPU)
 struct ColScalarMicro {
-  void mul(const uint16_t* panel, const ColBf16Tile& t, int64_t k0, int64_t kc, float* acc) const {
+  template <class Side>
+  void mul(const uint16_t* panel, const ColBf16Tile& t, int64_t k0, int64_t kc, float* acc, Side&&) const {
     for (int64_t b = 0; b < t.nbt * 16; ++b) {
       const uint16_t* xr = t.xa + b * t.kp + k0;
       float* ar = acc + b * kColBf16Outs;

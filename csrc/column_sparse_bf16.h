@@ -49,7 +49,7 @@ struct ColumnSparseBf16Kernels {
 };
 
 inline int64_t column_sparse_bf16_scratch(int64_t in) {
-  return kColBf16PanelBytes + kColBf16AccBytes + (in + 8) * 8;  // panel, acc, value cursors
+  return 2 * kColBf16PanelBytes + kColBf16AccBytes + (in + 8) * 8;  // two panels, acc, value cursors
 }
 
 namespace scalar { extern const ColumnSparseBf16Kernels column_sparse_bf16; }

@@ -6,7 +6,8 @@ namespace {
 
 // acc[4 rows][64 outputs] += per channel pair: the rows' x pair broadcast . the panel's weight pairs
 struct ColDpMicro {
-  void mul(const uint16_t* panel, const ColBf16Tile& t, int64_t k0, int64_t kc, float* acc) const {
+  template <class Side>
+  void mul(const uint16_t* panel, const ColBf16Tile& t, int64_t k0, int64_t kc, float* acc, Side&&) const {
     constexpr int R = 4, V = kColBf16Outs / 16;
     for (int64_t b0 = 0; b0 < t.nbt * 16; b0 += R) {
       __m512 a[R][V];
