@@ -9,10 +9,12 @@
 //   1. the channels active in at least one row (the union U, ascending) are listed and the masked
 //      rows packed over U only: xa bf16 [round16(bn)][kp], kp = round32(|U|), zero padded. A channel
 //      inactive in every row of the block is never read (K-dimension skipping);
-//   2. threads own 512-output blocks; per 64 outputs (one bitmap word) and per kColBf16Chunk channels of U, each
-//      channel's 64 bitmap bits expand its packed values (AVX512_VBMI2 vpexpandw, via the bf16
-//      panel product's decoder, linear_bf16_kernels.h) and channel pairs are interleaved into a VNNI
-//      panel: panel[q][2n + h] = W[j + n, U[k0 + 2q + h]] (q a channel pair, n < 64 an output);
+//   2. threads own 512-output blocks; per 128 outputs (two bitmap words per channel) and per
+//      kColBf16Chunk channels of U, each channel's bitmap bits expand its packed values
+//      (AVX512_VBMI2 vpexpandw, via the bf16 panel product's decoder, linear_bf16_kernels.h) and
+//      channel pairs are interleaved into a VNNI panel: panel[q][2n + h] = W[j + n, U[k0 + 2q + h]]
+//      (q a channel pair, n < 128 an output). Two panels: the next one is decoded between the
+//      multiply's steps (the tile unit works while the core decodes);
 //   3. the panel multiplies every row of xa on the bf16 path (linear_bf16.h, Bf16Path):
 //        amx          TDPBF16PS: A = 16 rows x 32 channels of xa, B = 16 channel pairs x 16 outputs
 //                     of the panel, four 16x16 float32 accumulator tiles (32 rows x 32 outputs) per pass
@@ -28,8 +30,8 @@
 
 namespace sf {
 
-constexpr int64_t kColBf16Outs = 64;     // outputs per decoded panel: one bitmap word, four 16-wide B tiles
-constexpr int64_t kColBf16Chunk = 512;   // channels per panel: 256 pairs x 256 bytes = 64 KB (L2)
+constexpr int64_t kColBf16Outs = 128;    // outputs per decoded panel: two bitmap words per channel
+constexpr int64_t kColBf16Chunk = 256;   // channels per panel: 128 pairs x 512 bytes = 64 KB (L2)
 constexpr int64_t kColBf16Batch = 64;    // rows per packed activation block
 constexpr int64_t kColBf16PanelBytes = kColBf16Chunk / 2 * kColBf16Outs * 2 * 2;
 constexpr int64_t kColBf16AccBytes = kColBf16Batch * kColBf16Outs * 4;

@@ -1,6 +1,6 @@
 // bf16 column-sparse product on AMX (TDPBF16PS) (column_sparse_bf16.h); decoder with AVX512_VBMI2.
 //
-// Tiles (palette 1, all 16 rows x 64 bytes), per pass over 32 of the panel's 64 outputs: 0-3 the
+// Tiles (palette 1, all 16 rows x 64 bytes), per pass over 32 of the panel's outputs: 0-3 the
 // float32 accumulators of 32 rows x 32 outputs (0: rows 0-15 x outputs 0-15, 1: rows 0-15 x
 // outputs 16-31, 2 / 3: rows 16-31), 4 / 5 the
 // activations of the two 16-row tiles (A: 16 rows x 32 channels), 6 / 7 the panel's output halves

@@ -4,11 +4,11 @@
 namespace sf {
 namespace {
 
-// acc[4 rows][64 outputs] += per channel pair: the rows' x pair broadcast . the panel's weight pairs
+// acc[2 rows][kColBf16Outs outputs] += per channel pair: the rows' x pair broadcast . the panel's weight pairs
 struct ColDpMicro {
   template <class Side>
   void mul(const uint16_t* panel, const ColBf16Tile& t, int64_t k0, int64_t kc, float* acc, Side&&) const {
-    constexpr int R = 4, V = kColBf16Outs / 16;
+    constexpr int R = 2, V = kColBf16Outs / 16;
     for (int64_t b0 = 0; b0 < t.nbt * 16; b0 += R) {
       __m512 a[R][V];
 #pragma GCC unroll 4

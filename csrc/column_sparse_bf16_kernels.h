@@ -13,12 +13,12 @@
 namespace sf {
 namespace {
 
-// The 64 bitmap bits of channel c at output j (a multiple of 64).
+// The 64 bitmap bits of channel c at output j (a multiple of 64, below round64(out)).
 inline uint64_t col_bits64(const ColumnSparseWeight& w, int64_t c, int64_t j) { return w.bitmap[c * w.words() + j / 64]; }
 
-// Pair rows [q0, q1) of the panel of channels chan[0 : n) at outputs [j, j + 64): pair row q holds
+// Pair rows [q0, q1) of the panel of channels chan[0 : n) at outputs [j, j + kColBf16Outs): pair row q holds
 // (W[j + o, chan[2q]], W[j + o, chan[2q + 1]]) at bf16 positions 2o, 2o + 1; channels past n are
-// zero. cur[k]: the next packed value of chan[k], advanced past the 64 outputs.
+// zero, and so are outputs past the bitmap. cur[k]: the next packed value of chan[k], advanced past the outputs.
 template <VT V>
 inline void decode_pairs(const ColumnSparseWeight& w, const int32_t* chan, int64_t n, int64_t q0, int64_t q1, int64_t* cur,
                          int64_t j, uint16_t* panel) {
@@ -31,38 +31,44 @@ inline void decode_pairs(const ColumnSparseWeight& w, const int32_t* chan, int64
                                                    24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
   const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_load_si512(kHi);
   constexpr int64_t kValueBytes = V == VT::f32 ? 4 : 2, kPrefetchAhead = 128 / kValueBytes;
-  // the channel's 64 outputs as two vectors of 32 dense bf16
-  auto channel = [&](int64_t k, __m512i& a, __m512i& b) {
-    if (k >= n) {
+  // the channel's outputs [j + 64 wi, j + 64 wi + 64) as two vectors of 32 dense bf16
+  auto channel = [&](int64_t k, int64_t wi, __m512i& a, __m512i& b) {
+    if (k >= n || j / 64 + wi >= w.words()) {
       a = b = _mm512_setzero_si512();
       return;
     }
-    const uint64_t m = col_bits64(w, chan[k], j);
+    const uint64_t m = col_bits64(w, chan[k], j + 64 * wi);
     const uint32_t m0 = static_cast<uint32_t>(m), m1 = static_cast<uint32_t>(m >> 32);
     const int64_t p0 = cur[k], p1 = p0 + __builtin_popcount(m0);
     a = expand32<V>(w.values, p0, m0, w.nnz);
     b = expand32<V>(w.values, p1, m1, w.nnz);
     cur[k] = p1 + __builtin_popcount(m1);
-    // the channel's values stream in short runs, one per 64 outputs, `in` channels apart: fetch
-    // the next runs ahead of time (no hardware prefetcher tracks that many streams)
-    __builtin_prefetch(static_cast<const char*>(w.values) + (cur[k] + kPrefetchAhead) * kValueBytes, 0, 3);
+    // the channel's values stream in short runs, one per panel, `in` channels apart: fetch the
+    // next runs ahead of time (no hardware prefetcher tracks that many streams)
+    if (wi == 0) __builtin_prefetch(static_cast<const char*>(w.values) + (cur[k] + kPrefetchAhead) * kValueBytes, 0, 3);
   };
   for (int64_t k = 2 * q0; k < 2 * q1; k += 2) {
-    __m512i a0, b0, a1, b1;
-    channel(k, a0, b0);
-    channel(k + 1, a1, b1);
     uint16_t* row = panel + k / 2 * kRow;
-    _mm512_store_si512(row, _mm512_permutex2var_epi16(a0, lo, a1));
-    _mm512_store_si512(row + 32, _mm512_permutex2var_epi16(a0, hi, a1));
-    _mm512_store_si512(row + 64, _mm512_permutex2var_epi16(b0, lo, b1));
-    _mm512_store_si512(row + 96, _mm512_permutex2var_epi16(b0, hi, b1));
+#pragma GCC unroll 4
+    for (int64_t wi = 0; wi < kColBf16Outs / 64; ++wi) {
+      __m512i a0, b0, a1, b1;
+      channel(k, wi, a0, b0);
+      channel(k + 1, wi, a1, b1);
+      uint16_t* r = row + 128 * wi;
+      _mm512_store_si512(r, _mm512_permutex2var_epi16(a0, lo, a1));
+      _mm512_store_si512(r + 32, _mm512_permutex2var_epi16(a0, hi, a1));
+      _mm512_store_si512(r + 64, _mm512_permutex2var_epi16(b0, lo, b1));
+      _mm512_store_si512(r + 96, _mm512_permutex2var_epi16(b0, hi, b1));
+    }
   }
 #else
   for (int64_t k = 2 * q0; k < 2 * q1; ++k) {
     uint16_t* col = panel + k / 2 * kRow + (k & 1);
-    const uint64_t m = k < n ? col_bits64(w, chan[k], j) : 0u;
     int64_t pos = k < n ? cur[k] : 0;
-    for (int64_t o = 0; o < kColBf16Outs; ++o) col[2 * o] = ((m >> o) & 1u) ? bf16_val<V>(w.values, pos++) : uint16_t{0};
+    for (int64_t wi = 0; wi < kColBf16Outs / 64; ++wi) {
+      const uint64_t m = k < n && j / 64 + wi < w.words() ? col_bits64(w, chan[k], j + 64 * wi) : 0u;
+      for (int64_t o = 0; o < 64; ++o) col[2 * (64 * wi + o)] = ((m >> o) & 1u) ? bf16_val<V>(w.values, pos++) : uint16_t{0};
+    }
     if (k < n) cur[k] = pos;
   }
 #endif
