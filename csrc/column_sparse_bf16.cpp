@@ -23,7 +23,7 @@ struct ColScalarMicro {
   template <class Side>
   void mul(const uint16_t* panel, const ColBf16Tile& t, int64_t k0, int64_t kc, float* acc, Side&&) const {
     for (int64_t b = 0; b < t.nbt * 16; ++b) {
-      const uint16_t* xr = t.xa + b * t.kp + k0;
+      const uint16_t* xr = t.xa + b * t.ldx + k0;
       float* ar = acc + b * kColBf16Outs;
       for (int64_t q = 0; q < kc / 2; ++q) {
         const float x0 = bf16_to_f32(xr[2 * q]), x1 = bf16_to_f32(xr[2 * q + 1]);
@@ -76,7 +76,7 @@ void column_sparse_linear_bf16(const ColumnSparseProblem& p, Bf16Path path, bool
   std::vector<int32_t> chan(static_cast<size_t>(in));
   std::vector<float> xm(static_cast<size_t>(kColBf16Batch * in));  // masked rows
   std::vector<uint8_t> any(static_cast<size_t>(in));
-  Aligned64 xa(kColBf16Batch * ((in + 31) / 32 * 32) * 2);
+  Aligned64 xa(kColBf16Batch * ((in + 31) / 32 * 32 + 32) * 2);
   const int64_t scratch_bytes = (column_sparse_bf16_scratch(in) + 63) / 64 * 64;
   Aligned64 scratch_all(int64_t{nth} * scratch_bytes);
   for (int64_t b0 = 0; b0 < p.B; b0 += kColBf16Batch) {
@@ -106,13 +106,14 @@ void column_sparse_linear_bf16(const ColumnSparseProblem& p, Bf16Path path, bool
     t.chan = chan.data();
     t.nu = nu;
     t.kp = (nu + 31) / 32 * 32;
+    t.ldx = t.kp + 32;
     t.nbt = (bn + 15) / 16;
     t.b0 = b0;
     t.bn = bn;
     t.p = &p;
     uint16_t* xp = static_cast<uint16_t*>(xa.p);
     for (int64_t b = 0; b < t.nbt * 16; ++b) {
-      uint16_t* dst = xp + b * t.kp;
+      uint16_t* dst = xp + b * t.ldx;
       const float* mr = xm.data() + b * in;
       const int64_t filled = b < bn ? nu : 0;
       for (int64_t q = 0; q < filled; ++q) dst[q] = f32_to_bf16(mr[chan[q]]);

@@ -7,7 +7,7 @@
 //
 // Algorithm, per block of up to kColBf16Batch rows:
 //   1. the channels active in at least one row (the union U, ascending) are listed and the masked
-//      rows packed over U only: xa bf16 [round16(bn)][kp], kp = round32(|U|), zero padded. A channel
+//      rows packed over U only: xa bf16 [round16(bn)][kp + 32], kp = round32(|U|), zero padded. A channel
 //      inactive in every row of the block is never read (K-dimension skipping);
 //   2. threads own 512-output blocks; per 128 outputs (two bitmap words per channel) and per
 //      kColBf16Chunk channels of U, each channel's bitmap bits expand its packed values
@@ -38,9 +38,9 @@ constexpr int64_t kColBf16AccBytes = kColBf16Batch * kColBf16Outs * 4;
 
 // One packed block of rows [b0, b0 + bn) and the problem it belongs to.
 struct ColBf16Tile {
-  const uint16_t* xa = nullptr;  // bf16 [nbt * 16][kp]: masked x over the union channels
+  const uint16_t* xa = nullptr;  // bf16 [nbt * 16][ldx]: masked x over the union channels (zero from nu on)
   const int32_t* chan = nullptr; // the union channels U (nu,), ascending
-  int64_t nu = 0, kp = 0, nbt = 0, b0 = 0, bn = 0;
+  int64_t nu = 0, kp = 0, ldx = 0, nbt = 0, b0 = 0, bn = 0;  // kp = round32(nu); ldx = kp + 32 (no 4 KB aliasing of the rows)
   const ColumnSparseProblem* p = nullptr;
 };
 

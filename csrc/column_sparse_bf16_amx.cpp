@@ -37,15 +37,15 @@ struct ColAmxMicro {
   template <class Side>
   void mul(const uint16_t* panel, const ColBf16Tile& t, int64_t k0, int64_t kc, float* acc, Side&& side) const {
     constexpr long kAccStride = kColBf16Outs * 4, kPanelStride = kColBf16Outs * 2 * 2;
-    const long xs = static_cast<long>(t.kp * 2);
+    const long xs = static_cast<long>(t.ldx * 2);
     for (int64_t og = 0; og < kColBf16Outs; og += 32) {  // 32 outputs: two B tiles
       const uint16_t* pg = panel + 2 * og;
       for (int64_t bt = 0; bt < t.nbt; bt += 2) {
         float* c0 = acc + bt * 16 * kColBf16Outs + og;
-        const uint16_t* x0 = t.xa + bt * 16 * t.kp + k0;
+        const uint16_t* x0 = t.xa + bt * 16 * t.ldx + k0;
         if (bt + 1 < t.nbt) {
           float* c1 = c0 + 16 * kColBf16Outs;
-          const uint16_t* x1 = x0 + 16 * t.kp;
+          const uint16_t* x1 = x0 + 16 * t.ldx;
           _tile_loadd(0, c0, kAccStride);
           _tile_loadd(1, c0 + 16, kAccStride);
           _tile_loadd(2, c1, kAccStride);

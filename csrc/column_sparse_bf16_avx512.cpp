@@ -15,7 +15,7 @@ struct ColDpMicro {
       for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
         for (int v = 0; v < V; ++v) a[r][v] = _mm512_loadu_ps(acc + (b0 + r) * kColBf16Outs + 16 * v);
-      const uint16_t* xr = t.xa + b0 * t.kp + k0;
+      const uint16_t* xr = t.xa + b0 * t.ldx + k0;
       for (int64_t q = 0; q < kc / 2; ++q) {
         const uint16_t* prow = panel + q * 2 * kColBf16Outs;
         __m512bh wv[V];
@@ -24,7 +24,7 @@ struct ColDpMicro {
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
           uint32_t pair;
-          std::memcpy(&pair, xr + r * t.kp + 2 * q, 4);
+          std::memcpy(&pair, xr + r * t.ldx + 2 * q, 4);
           const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pair)));
 #pragma GCC unroll 4
           for (int v = 0; v < V; ++v) a[r][v] = _mm512_dpbf16_ps(a[r][v], xv, wv[v]);
