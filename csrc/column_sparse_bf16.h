@@ -7,9 +7,8 @@
 //
 // Algorithm, per block of up to kColBf16Batch rows:
 //   1. the channels active in at least one row (the union U, ascending) are listed and the masked
-//      rows packed over U only: xa bf16 [round16(bn)][kp] (row stride kp + 32), kp = round32(|U|), zero
-//      padded. A channel
-//      inactive in every row of the block is never read (K-dimension skipping);
+//      rows packed over U only: xa bf16 [round16(bn)][kp] (row stride kp + 32), kp = round32(|U|),
+//      zero padded. A channel inactive in every row of the block is never read (K-dimension skipping);
 //   2. threads own 512-output blocks; per 128 outputs (two bitmap words per channel) and per
 //      kColBf16Chunk channels of U, each channel's bitmap bits expand its packed values
 //      (AVX512_VBMI2 vpexpandw, via the bf16 panel product's decoder, linear_bf16_kernels.h) and
