@@ -34,10 +34,9 @@ struct ColScalarMicro {
   }
 };
 
+// the table of a path (require_bf16_path also makes sure the process asked Linux for the AMX tile state)
 const ColumnSparseBf16Kernels& col_bf16_kernels(Bf16Path path) {
-  if (!bf16_path_supported(path)) {
-    throw std::invalid_argument(std::string("bf16 path ") + bf16_path_name(path) + " is not available on this machine");
-  }
+  require_bf16_path(path);
 #if defined(SF_HAVE_BF16_KERNELS)
   if (path == Bf16Path::avx512_bf16) return avx512bf16::column_sparse_bf16;
 #endif

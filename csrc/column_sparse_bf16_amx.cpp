@@ -7,31 +7,14 @@
 // (B: 16 channel pairs x 16 outputs). The configuration is loaded per block and released after it.
 #include <immintrin.h>
 
+#include "amx_tiles.h"
 #include "column_sparse_bf16_kernels.h"
 
 namespace sf {
 namespace {
 
-struct alignas(64) ColTileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 struct ColAmxMicro {
-  ColAmxMicro() {
-    ColTileConfig cfg;
-    for (int i = 0; i < 8; ++i) {
-      cfg.colsb[i] = 64;
-      cfg.rows[i] = 16;
-    }
-    _tile_loadconfig(&cfg);
-  }
-  ~ColAmxMicro() { _tile_release(); }
-  ColAmxMicro(const ColAmxMicro&) = delete;
-  ColAmxMicro& operator=(const ColAmxMicro&) = delete;
+  AmxTiles16x64 tiles;
 
   // side() after every step of four TDPBF16PS (the tile unit is busy for ~64 cycles)
   template <class Side>

@@ -6,31 +6,14 @@
 // (B: 16 column pairs x 16 batch lanes). The configuration is loaded per task and released after it.
 #include <immintrin.h>
 
+#include "amx_tiles.h"
 #include "linear_bf16_kernels.h"
 
 namespace sf {
 namespace {
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 struct AmxMicro {
-  AmxMicro() {
-    TileConfig cfg;
-    for (int i = 0; i < 8; ++i) {
-      cfg.colsb[i] = 64;
-      cfg.rows[i] = 16;
-    }
-    _tile_loadconfig(&cfg);
-  }
-  ~AmxMicro() { _tile_release(); }
-  AmxMicro(const AmxMicro&) = delete;
-  AmxMicro& operator=(const AmxMicro&) = delete;
+  AmxTiles16x64 tiles;
 
   // side(j) after every step of four TDPBF16PS (the tile unit is busy for ~64 cycles)
   template <class Side>
