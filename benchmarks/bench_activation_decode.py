@@ -32,7 +32,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -40,6 +39,9 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_output import write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -168,10 +170,7 @@ def main(argv=None) -> dict:
     print("| variant | tokens/s | vs best dense | bytes bound | % of bound |\n|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['variant']} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f}x | {r['bytes_bound']:.2f}x | {r['of_bound']:.0%} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(args.out)
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return result
 

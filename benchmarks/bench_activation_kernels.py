@@ -43,7 +43,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -54,6 +53,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_output import write_json  # noqa: E402
 from bench_timing import time_fn  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -321,10 +321,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)
     out = args.out or RESULTS / ("activation_kernels.quick.json" if args.quick else "activation_kernels.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
+    write_json(out, result, indent=1)
     print(markdown(result))
     print(f"# saved {out}")
     return 0

@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_output import write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -142,10 +144,7 @@ def verdicts(result: dict) -> list[str]:
 
 def save_and_print(result: dict, out: Path, table: str) -> None:
     """Write ``result`` to ``out`` (temp file, then rename), print ``table``, the verdicts and the path."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
+    write_json(out, result, indent=1)
     print(table)
     print("\n".join(result["verdicts"]))
     print(f"# saved {out}")

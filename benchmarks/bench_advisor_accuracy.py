@@ -3,7 +3,7 @@
 The stack of issue 3 (``--layers`` Linear layers alternating (ffn, hidden) and (hidden, ffn), default
 8 x 4096/11008, no bias: 1.44 GB in fp32) is pruned at each sparsity (random masks as in
 ``bench_kernels.py``: Bernoulli per weight, or 2 of every 4). For each sparsity and batch size, in one
-run, interleaved round by round (:func:`sparseforge.runtime.timing.time_interleaved`):
+run, interleaved round by round (:func:`sparseforge.measure.timing.time_interleaved`):
 
 * torch dense fp32 and bf16 (the best dense path on hosts with bf16 units),
 * every registered format that can hold every layer (``compress_(format=F)``; the others are listed),
@@ -120,7 +120,7 @@ def variants(args, label: str) -> tuple[dict, dict, dict, dict]:
 
 def run(args) -> dict:
     from sparseforge.runtime.machine import machine_info, set_threads
-    from sparseforge.runtime.timing import time_interleaved
+    from sparseforge.measure.timing import time_interleaved
 
     set_threads(args.threads)
     bw_before = bandwidth_gbs(512 if not args.quick else 64)

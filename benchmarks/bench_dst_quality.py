@@ -44,7 +44,9 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
 
+from bench_output import write_json  # noqa: E402
 from sparseforge.masks import satisfies  # noqa: E402
 from sparseforge.train import SSTE  # noqa: E402
 from sparseforge.train import GMP, SET, SRSTE, STE, RigL, SparseMomentum, SRigL, StaticSparse  # noqa: E402
@@ -305,17 +307,14 @@ def markdown_nm(summaries: dict, checks: list[dict], methods: list[str], meta: d
     return "\n".join(lines)
 
 
-def write_json(path: Path, key: str | None, payload: dict) -> None:
+def save_section(path: Path, key: str | None, payload: dict) -> None:
     """Write ``payload`` (``key`` None: the DST section at top level; else under ``key``), keeping the other part."""
     old = json.loads(path.read_text()) if path.is_file() else {}
     if key is None:
         data = {**payload, **{k: v for k, v in old.items() if k.startswith("nm")}}
     else:
         data = {**old, key: payload}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    write_json(path, data, indent=1)
 
 
 def main_nm(args, seeds: int, steps: int) -> int:
@@ -339,7 +338,7 @@ def main_nm(args, seeds: int, steps: int) -> int:
                 seconds=time.perf_counter() - t0)
     table = markdown_nm(summaries, checks, methods, meta)
     section = "nm" if args.quick else "nm_full"
-    write_json(args.out, section, dict(meta=meta, summary=summaries, checks=checks, runs=results, table=table))
+    save_section(args.out, section, dict(meta=meta, summary=summaries, checks=checks, runs=results, table=table))
     print(table)
     print(f"\n{len(results)} runs in {meta['seconds']:.0f} s; wrote the '{section}' section of {args.out}")
     return 0
@@ -386,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
                 cpu_count=os.cpu_count(), seconds=time.perf_counter() - t0)
     table = markdown(summaries, checks, meta)
-    write_json(args.out, None, dict(meta=meta, summary=summaries, checks=checks, runs=results, table=table))
+    save_section(args.out, None, dict(meta=meta, summary=summaries, checks=checks, runs=results, table=table))
     print(table)
     print(f"\n{len(results)} runs in {meta['seconds']:.0f} s; wrote {args.out}")
     return 0

@@ -10,12 +10,15 @@ source vendored in the ``llama-cpp-python`` sdist and caches everything under ``
 Cells, interleaved round by round so drifting load hits every cell alike (medians reported):
 - llama.cpp ``llama-bench -t THREADS``: decode tokens/s (``--new`` tokens) and prefill tokens/s
   (``--prefill`` tokens), one repetition per round;
-- sparseforge: dense fp32, dense bf16, and magnitude-pruned 2:4 / 75% / 90% models compressed with
-  ``compress_`` (fp32 values), decoding ``--new`` tokens greedily after a ``--prompt``-token prompt
-  through transformers' ``generate``, and one forward of ``--prefill`` tokens.
+- sparseforge, decoding ``--new`` tokens greedily after a ``--prompt``-token prompt through the native
+  decode engine (:func:`sparseforge.generation.loop.native_generate`: fused projections, static KV
+  cache, native decode attention), and one forward of ``--prefill`` tokens: dense fp32, dense bf16,
+  magnitude-pruned 2:4 / 75% / 90% compressed with ``compress_`` (fp32 values), and 2:4 / 75% with
+  int8 values (``compress_(..., format="rule", dtype=torch.int8)``, one scale per output row); plus the dense fp32
+  model through transformers' ``generate`` as the reference row (``transformers generate: dense fp32``).
 The table gives tokens/s, ms per token, weight bytes read per token and the achieved GB/s, beside a
 same-run probe of torch's dense fp32 GEMV streaming rate. The issue-13 targets are printed as
-verdicts from these same-run figures (int8 variants do not exist yet and are reported as missing).
+verdicts from these same-run figures.
 
     python benchmarks/bench_e2e_llamacpp.py --quick   # hidden 256, 2 layers (smoke; builds llama.cpp once)
     python benchmarks/bench_e2e_llamacpp.py           # the issue's shape; writes results/e2e_llamacpp.json
@@ -43,6 +46,9 @@ from bench_output import write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GGUF_TYPES = ("f32", "bf16", "q8_0", "Q4_K_M")  # the first three by the converter, the last by llama-quantize
+# the dense fp32 model through transformers' generate: named apart from the "sparseforge ..." cells, which
+# bench_e2e_quality.py joins by name prefix
+REFERENCE_CELL = "transformers generate: dense fp32"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sparsities", nargs="+", default=["2:4", "0.75", "0.9"])
+    p.add_argument("--int8-sparsities", nargs="+", default=["2:4", "0.75"], help="variants also built with int8 values")
     p.add_argument("--work", type=Path, default=peer.CACHE / "models")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -173,32 +180,50 @@ def weight_bytes_per_token(model) -> int:
     return total + emb.shape[1] * emb.element_size()
 
 
-def our_variants(hf_dir: Path, sparsities: list[str]) -> dict:
-    import transformers as t
-
+def _pruned(dense, s: str, dtype=None):
+    """A copy of ``dense`` magnitude-pruned to ``s`` (N:M or a sparsity) and compressed; its cell name."""
     import sparseforge as sf
     from sparseforge.runtime.compress import compress_
 
+    model = copy.deepcopy(dense)
+    kw = dict(pattern=s) if ":" in s else dict(pattern="unstructured", sparsity=float(s))
+    sf.sparsify_(model, sf.SparsifyConfig(method="magnitude", **kw), progress=False)
+    # int8 cells use the format rule (N:M for 2:4, bitmap / CSR by density): the measured "auto" choice may keep a
+    # layer dense where dense fp32 beats the fp32-valued formats, and the cell would then not be int8
+    report = compress_(model, format="rule" if dtype == torch.int8 else "auto", dtype=dtype)
+    fmts = ",".join(sorted({c.format for c in report.converted})) or "no layer converted: dense"
+    label = s if ":" in s else f"{float(s):.0%}"
+    return model, f"sparseforge {label} {'int8' if dtype == torch.int8 else 'fp32'} ({fmts})"
+
+
+def our_variants(hf_dir: Path, sparsities: list[str], int8_sparsities: list[str]) -> dict:
+    """cell name -> (model, sparse, engine): every cell decodes through the native engine except the
+    ``generate`` reference row (the same dense fp32 model through transformers' ``generate``)."""
+    import transformers as t
+
     dense = t.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    out = {"sparseforge dense fp32": (dense, False), "sparseforge dense bf16": (copy.deepcopy(dense).to(torch.bfloat16), False)}
-    for s in sparsities:
-        model = copy.deepcopy(dense)
-        kw = dict(pattern=s) if ":" in s else dict(pattern="unstructured", sparsity=float(s))
-        sf.sparsify_(model, sf.SparsifyConfig(method="magnitude", **kw), progress=False)
-        report = compress_(model)
-        fmts = ",".join(sorted({c.format for c in report.converted}))
-        label = s if ":" in s else f"{float(s):.0%}"
-        out[f"sparseforge {label} fp32 ({fmts})"] = (model, True)
+    out = {REFERENCE_CELL: (dense, False, "transformers"),
+           "sparseforge dense fp32": (copy.deepcopy(dense), False, "native"),
+           "sparseforge dense bf16": (copy.deepcopy(dense).to(torch.bfloat16), False, "native")}
+    for s, dtype in [(s, None) for s in sparsities] + [(s, torch.int8) for s in int8_sparsities]:
+        model, name = _pruned(dense, s, dtype)
+        out[name] = (model, True, "native")
     return out
 
 
-def time_ours(model, sparse: bool, prompt: torch.Tensor, new: int, prefill: torch.Tensor, threads: int) -> dict:
+def time_ours(model, sparse: bool, engine: str, prompt: torch.Tensor, new: int, prefill: torch.Tensor, threads: int) -> dict:
     from sparseforge import kernels
     from sparseforge.evaluation.speed import generate_seconds
+    from sparseforge.generation.loop import native_generate
 
     ctx = kernels.sparse_threads(threads) if sparse else nullcontext()
     with ctx, torch.inference_mode():
-        decode_s = generate_seconds(model, prompt, new)
+        if engine == "native":
+            t0 = time.perf_counter()
+            native_generate(model, prompt, max_new_tokens=new, min_new_tokens=new)
+            decode_s = time.perf_counter() - t0
+        else:
+            decode_s = generate_seconds(model, prompt, new)
         t0 = time.perf_counter()
         model(prefill)
         prefill_s = time.perf_counter() - t0
@@ -225,11 +250,19 @@ def verdicts(rows: dict[str, dict]) -> list[str]:
         lines.append(f"{'PASS' if ok else 'FAIL'}: dense bf16 decode within 10% of llama.cpp BF16 "
                      f"({ours_bf16:.1f} vs {lc_bf16:.1f} tokens/s)")
     for label, factor in (("2:4", 1.0), ("75%", 1.3)):
-        lines.append(f"MISSING: {label} + int8 decode >= {factor}x llama.cpp Q8_0 ({lc_q8 and f'{lc_q8:.1f}'} tokens/s): "
-                     "no int8 sparse kernels yet")
+        int8 = next((v["decode_tps"] for k, v in rows.items() if k.startswith(f"sparseforge {label} int8")), None)
+        if int8 and lc_q8:
+            lines.append(f"{'PASS' if int8 >= factor * lc_q8 else 'FAIL'}: {label} + int8 decode >= {factor}x llama.cpp "
+                         f"Q8_0 ({int8:.1f} vs {lc_q8:.1f} tokens/s = {int8 / lc_q8:.2f}x)")
+        else:
+            lines.append(f"MISSING: {label} + int8 decode >= {factor}x llama.cpp Q8_0: no measurement of both cells")
         fp32 = next((v["decode_tps"] for k, v in rows.items() if k.startswith(f"sparseforge {label} fp32")), None)
         if fp32 and lc_q8:
             lines.append(f"INFO: {label} with fp32 values decodes {fp32:.1f} tokens/s = {fp32 / lc_q8:.2f}x llama.cpp Q8_0")
+    engine, reference = tps("sparseforge dense fp32"), tps(REFERENCE_CELL)
+    if engine and reference:
+        lines.append(f"INFO: the native engine decodes dense fp32 at {engine:.1f} tokens/s, transformers' generate at "
+                     f"{reference:.1f} ({engine / reference:.2f}x)")
     best_prefill = max((v["prefill_tps"] for k, v in rows.items() if k.startswith("sparseforge") and v["prefill_tps"]),
                        default=None)  # fmt: skip
     lc_pp = rows.get("llama.cpp bf16", {}).get("prefill_tps")
@@ -248,15 +281,15 @@ def main(argv=None) -> dict:
     print(f"llama.cpp build: {'reused' if tools.build_seconds == 0 else f'{tools.build_seconds:.0f} s'} ({tools.bin})")
     hf_dir = write_model(args)
     ggufs = convert_all(tools, hf_dir)
-    ours = our_variants(hf_dir, args.sparsities)
+    ours = our_variants(hf_dir, args.sparsities, args.int8_sparsities)
     torch.set_num_threads(args.threads)
     kernels.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     vocab = ours["sparseforge dense fp32"][0].config.vocab_size
     prompt = torch.randint(1, vocab, (1, args.prompt), generator=gen)
     prefill = torch.randint(1, vocab, (1, args.prefill), generator=gen)
-    for model, sparse in ours.values():  # warm-up
-        time_ours(model, sparse, prompt[:, :4], 2, prefill[:, :8], args.threads)
+    for model, sparse, engine in ours.values():  # warm-up
+        time_ours(model, sparse, engine, prompt[:, :4], 2, prefill[:, :8], args.threads)
     samples: dict[str, list[dict]] = {}
     gbps = []
     for r in range(args.rounds):
@@ -264,10 +297,10 @@ def main(argv=None) -> dict:
         for kind, path in ggufs.items():
             res = peer.bench(tools, path, threads=args.threads, prompt=args.prefill, generate=args.new, repetitions=1)
             samples.setdefault(f"llama.cpp {kind.lower()}", []).append(res)
-        for name, (model, sparse) in ours.items():
-            samples.setdefault(name, []).append(time_ours(model, sparse, prompt, args.new, prefill, args.threads))
+        for name, (model, sparse, engine) in ours.items():
+            samples.setdefault(name, []).append(time_ours(model, sparse, engine, prompt, args.new, prefill, args.threads))
         print(f"round {r + 1}/{args.rounds} done")
-    bytes_per_token = {name: weight_bytes_per_token(model) for name, (model, _) in ours.items()}
+    bytes_per_token = {name: weight_bytes_per_token(model) for name, (model, _, _) in ours.items()}
     for kind, path in ggufs.items():
         bytes_per_token[f"llama.cpp {kind.lower()}"] = path.stat().st_size  # the GGUF holds the weights read per token
     rows = {}

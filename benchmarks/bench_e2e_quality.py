@@ -304,7 +304,8 @@ def main(argv=None) -> dict:
             model, fmts = compressed(pruned, int8=bits is not None)
             ours[f"sparseforge {label} {'int8' if bits else 'fp32'} ({fmts})"] = (model, "sparse")
             if label == "2:4" and bits is None:  # llama.cpp gets our pruned model too
-                sparse_hf = save_hf(pruned, tokenizer, args.work / "builtin-llama-sparsegpt-2of4")
+                tag = f"{calib.shape[0]}x{calib.shape[1]}"  # the same calibration as the cached pruned state
+                sparse_hf = save_hf(pruned, tokenizer, args.work / f"builtin-llama-sparsegpt-2of4-{tag}")
                 conv = convert_all(tools, sparse_hf)
                 ggufs["llama.cpp f32 (2:4 SparseGPT)"] = conv["f32"]
                 ggufs["llama.cpp q8_0 (2:4 SparseGPT)"] = conv["q8_0"]
@@ -316,7 +317,7 @@ def main(argv=None) -> dict:
         try:
             ppl = peer.perplexity(tools, path, text_file, threads=args.threads, ctx=args.ctx, chunks=args.chunks)
         except peer.PeerError as exc:  # the repacked (AMX) quantized path dies of a signal on some hosts
-            if "exit -" not in str(exc):
+            if not exc.signalled:
                 raise
             ppl = peer.perplexity(tools, path, text_file, threads=args.threads, ctx=args.ctx, chunks=args.chunks, repack=False)
             note = f"default run died ({str(exc).splitlines()[0][:80]}); measured with --no-repack"

@@ -1,17 +1,20 @@
-"""Decode speed of transformers' ``generate`` against sparseforge's lean decode path, batch 1, same run.
+"""Decode speed of transformers' ``generate`` against sparseforge's lean path and native engine, batch 1, same run.
 
 Two random-weight Llamas (no download):
 
 * **tiny** (hidden 256, 16 layers, FFN 704, 4 heads, vocab 1024; 51 MB of fp32 weights): the cost
   per token outside the weights. ``overhead ms`` = ms/token minus the time torch's dense GEMV
-  (measured in the same run) takes to stream the weight bytes one token reads;
+  (measured in the same run) takes to stream the weight bytes one token reads; ``beyond linears
+  ms`` = ms/token minus ``linears ms``, the same-run median time of calling the model's own linear
+  layers once each (the matmuls alone, with the caches as warm as the model's size allows);
 * **llama** (issue 13's shape: hidden 2048, 16 layers, FFN 5632, 32 heads / 4 KV heads, vocab 4096):
   dense fp32, and magnitude-pruned 2:4 and 75% compressed with ``compress_(format="rule")``.
 
 Each model variant is decoded by transformers' ``generate`` (``generate``), by
-:func:`sparseforge.generation.lean_generate` eagerly (``lean``: fused q/k/v and gate/up) and, with
-``--compile``, with its compiled decode step (``lean+compile``; the first call's compile seconds are
-reported). Paths alternate round by round on copies of the model (medians of ``--rounds``) where the
+:func:`sparseforge.generation.lean_generate` eagerly (``lean``: fused q/k/v and gate/up), by the
+native decode engine (:func:`sparseforge.generation.loop.native_generate`: ``engine`` with the native
+decode-attention kernel, ``engine+sdpa`` with torch's SDPA) and, with ``--compile``, by the lean
+path's compiled decode step (``lean+compile``; the first call's compile seconds are reported). Paths alternate round by round on copies of the model (medians of ``--rounds``) where the
 copies fit in ``--copy-limit-mb``; a larger model runs the paths one after the other on one model
 (the plain path first, then fused for the lean paths: ``interleaved: false``). Every path's greedy tokens are
 compared with ``generate``'s. Decode ms/token comes from the arrival times of the tokens
@@ -43,7 +46,7 @@ from bench_host import host_info, host_line  # noqa: E402
 from bench_output import write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PATHS = ("generate", "lean", "lean+compile")
+PATHS = ("generate", "lean", "engine", "engine+sdpa", "lean+compile")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -100,17 +103,43 @@ def decode_once(model, ids: torch.Tensor, new: int, path: str, threads: int, spa
     """One greedy generation of exactly ``new`` tokens; decode ms/token from the token arrival times."""
     from sparseforge import kernels
     from sparseforge.generation import lean_generate, timing_streamer
+    from sparseforge.generation.loop import native_generate
 
     clock = timing_streamer()
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False,
               pad_token_id=0, streamer=clock)
     with (kernels.sparse_threads(threads) if sparse else nullcontext()), torch.inference_mode():
         start = time.perf_counter()
-        out = model.generate(ids, **kw) if path == "generate" else lean_generate(model, ids, lean_configs[path], **kw)
+        if path == "generate":
+            out = model.generate(ids, **kw)
+        elif path.startswith("engine"):
+            attention = "sdpa" if path == "engine+sdpa" else "native"
+            out = native_generate(model, ids, max_new_tokens=new, min_new_tokens=new, streamer=clock, attention=attention)
+        else:
+            out = lean_generate(model, ids, lean_configs[path], **kw)
         end = time.perf_counter()
     t = clock.arrivals
     return {"ms_per_token": 1e3 * (t[-1] - t[0]) / (len(t) - 1), "prefill_s": t[0] - start, "total_s": end - start,
             "tokens": out[0, ids.shape[1]:].tolist()}
+
+
+def linears_ms(model, threads: int, sparse: bool, reps: int = 20) -> float:
+    """Median ms of one batch-1 call of every linear layer of ``model`` in turn (inputs prepared before timing):
+    the matmul time of a token without anything else, measured on the model's own layers in the same run."""
+    from sparseforge import kernels
+    from sparseforge.nn.sparse_linear import SparseLinear
+
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, SparseLinear))]
+    inputs = [torch.randn(1, m.in_features, dtype=torch.float32 if isinstance(m, SparseLinear) else m.weight.dtype)
+              for m in layers]
+    times = []
+    with (kernels.sparse_threads(threads) if sparse else nullcontext()), torch.inference_mode():
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for m, x in zip(layers, inputs):
+                m(x)
+            times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
 
 
 def measure_variant(model, label: str, model_name: str, args, gemv: float) -> list[dict]:
@@ -127,6 +156,7 @@ def measure_variant(model, label: str, model_name: str, args, gemv: float) -> li
     runs: dict[str, list[dict]] = {p: [] for p in paths}
     first_call_s = {}
     interleaved = bytes_per_token * len(paths) <= args.copy_limit_mb * 1e6
+    matmul_ms = linears_ms(model, args.threads, sparse)  # before any path fuses the model's projections
     if interleaved:  # one copy per path, paths alternating round by round
         models = {p: model if p == "generate" else copy.deepcopy(model) for p in paths}
         for path in paths:  # warm-up; for lean+compile this call compiles
@@ -153,6 +183,7 @@ def measure_variant(model, label: str, model_name: str, args, gemv: float) -> li
             "weight_bytes_per_token": bytes_per_token, "gbps": bytes_per_token / ms / 1e6,
             "weight_ms_at_gemv_rate": bytes_per_token / gemv / 1e6,
             "overhead_ms": ms - bytes_per_token / gemv / 1e6 if not sparse else None,
+            "linears_ms": matmul_ms, "beyond_linears_ms": ms - matmul_ms,
             "prefill_s": statistics.median(r["prefill_s"] for r in runs[path]),
             "first_call_s": first_call_s[path], "same_tokens_as_generate": all(r["tokens"] == reference for r in runs[path]),
             "runs_ms_per_token": [r["ms_per_token"] for r in runs[path]], "interleaved": interleaved,
@@ -188,13 +219,16 @@ def main(argv=None) -> dict:
         print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in args.shapes[name].items()))
     if not all(r["interleaved"] for r in rows):
         print("rows with interleaved=False ran their paths one after the other (memory), so load drift between them is not evened out")
-    print("| model | variant | path | tok/s | ms/token | vs generate | weight MB/token | GB/s | overhead ms | first call s | same tokens |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("overhead ms: ms/token minus the weight bytes at the GEMV rate (dense only); beyond linears ms: ms/token minus "
+          "the same-run median time of calling the model's linear layers once each (linears ms)")
+    print("| model | variant | path | tok/s | ms/token | vs generate | weight MB/token | GB/s | overhead ms | linears ms | "
+          "beyond linears ms | first call s | same tokens |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         overhead = "-" if r["overhead_ms"] is None else f"{r['overhead_ms']:.1f}"
         print(f"| {r['model']} | {r['variant']} | {r['path']} | {r['tokens_per_s']:.1f} | {r['ms_per_token']:.1f} | "
               f"{r['speedup_vs_generate']:.2f}x | {r['weight_bytes_per_token'] / 1e6:.1f} | {r['gbps']:.1f} | {overhead} | "
-              f"{r['first_call_s']:.1f} | {r['same_tokens_as_generate']} |")
+              f"{r['linears_ms']:.1f} | {r['beyond_linears_ms']:.1f} | {r['first_call_s']:.1f} | {r['same_tokens_as_generate']} |")
     result = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "host": host_info(),
               "isa": kernels.isa(), "torch_gemv_gbps": gemv, "gemv_runs_gbps": gemv_runs,
               "loadavg_before": load_before, "loadavg_after": load_after, "rows": rows}  # fmt: skip

@@ -3,7 +3,7 @@
 Run it before a kernel change lands (a few minutes; not part of ``make test``, whose time must stay
 low): ``make bench-guard`` or ``python benchmarks/bench_guard.py``. Every ratio is measured in this
 run against its own baseline, candidates interleaved round by round
-(:func:`sparseforge.runtime.timing.time_interleaved`), so a slower or busier machine moves both
+(:func:`sparseforge.measure.timing.time_interleaved`), so a slower or busier machine moves both
 sides alike. A ratio below its floor fails the run (exit 1) and names the check; when the timing did
 not settle (another job competing), the line says so and the run exits 2 ("rerun on a quiet
 machine"), never a silent pass.
@@ -56,7 +56,7 @@ def stack_checks(threads: int, budget: float) -> list[dict]:
     from sparseforge.formats import BitmapWeight, NMWeight
     from sparseforge.formats.csr import CSRWeight
     from sparseforge.ops import linear
-    from sparseforge.runtime.timing import time_interleaved
+    from sparseforge.measure.timing import time_interleaved
 
     shapes = [(11008, 4096), (4096, 11008)]
     layers = {label: [make_layer(o, i, label, seed=7 + k) for k, (o, i) in enumerate(shapes)]
@@ -93,7 +93,7 @@ def stack_checks(threads: int, budget: float) -> list[dict]:
 
 def moe_check(budget: float) -> list[dict]:
     from sparseforge.moe import MoE
-    from sparseforge.runtime.timing import time_interleaved
+    from sparseforge.measure.timing import time_interleaved
 
     torch.manual_seed(0)
     auto = MoE(1024, 2816, 8, 2).eval()

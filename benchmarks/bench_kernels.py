@@ -219,7 +219,7 @@ def run(args) -> dict:
     del dense
     peer_python = None
     if args.peers:
-        from peers import ensure_venv, run_peer
+        from bench_peers import ensure_venv, run_peer
 
         peer_python = args.peer_python or ensure_venv(Path(__file__).resolve().parents[1] / ".bench" / "peers-venv")
         stack = {"layers": args.layers, "hidden": args.hidden, "ffn": args.ffn, "threads": args.threads, "budget": args.budget}

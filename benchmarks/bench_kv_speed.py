@@ -3,7 +3,7 @@ and StreamingLLM vs dense, with the KV-bytes bound (issue 16, section 3).
 
 Llama-3.2-1B-shaped attention of one layer (32 query heads, 8 KV heads, head dim 64), batch 1, one
 decode step over a PagedKVCache holding the context, float32 and bfloat16 KV. Timed per step with
-the library's interleaved timer (:func:`sparseforge.runtime.timing.time_interleaved`, as the advisor
+the library's interleaved timer (:func:`sparseforge.measure.timing.time_interleaved`, as the advisor
 times: a random order every round, so load on the machine hits every variant alike; medians; the
 speedups are medians of per-round paired ratios):
 
@@ -68,7 +68,7 @@ from sparseforge.attention.policies import dense_spans
 from sparseforge.ops.decode_attention import decode_attention
 from sparseforge.ops.prefill_attention import attend_prefill, dense_pattern
 from sparseforge.attention import TriangleMix
-from sparseforge.runtime.timing import time_interleaved
+from sparseforge.measure.timing import time_interleaved
 
 HQ, HKV, D = 32, 8, 64
 PAGE = 16
@@ -115,7 +115,7 @@ def kv_bytes(n: int, elt: int, budget: int | None = None, window: int | None = N
 
 
 def timed(fns: dict, seconds: float, max_rounds: int = 400, min_rounds: int = 5):
-    """The library's interleaved timer (:func:`sparseforge.runtime.timing.time_interleaved`, as the
+    """The library's interleaved timer (:func:`sparseforge.measure.timing.time_interleaved`, as the
     advisor times): random order per round, medians, per-round paired ratios."""
     return time_interleaved(fns, budget_s=seconds, min_rounds=min_rounds, max_rounds=max_rounds, warmup=1)
 

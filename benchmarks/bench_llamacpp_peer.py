@@ -31,7 +31,23 @@ TARGETS = ("llama-bench", "llama-quantize", "llama-perplexity")
 
 
 class PeerError(RuntimeError):
-    """llama.cpp could not be fetched, built, converted or run; the message says which step."""
+    """A peer could not be fetched, built, converted or run (llama.cpp here, the DeepSparse /
+    onnxruntime cells of bench_peers.py); the message says which step.
+
+    ``returncode`` is the failed command's exit status (negative: killed by that signal), None when
+    no command failed (a missing file or output)::
+
+        raise PeerError("llama.cpp build failed (exit 2): ...", returncode=2)
+    """
+
+    def __init__(self, message: str, returncode: int | None = None):
+        super().__init__(message)
+        self.returncode = returncode
+
+    @property
+    def signalled(self) -> bool:
+        """The command died of a signal (a crash), not an ordinary failing exit."""
+        return self.returncode is not None and self.returncode < 0
 
 
 @dataclass(frozen=True)
@@ -50,7 +66,7 @@ def _run(cmd: list[str], step: str, **kwargs) -> subprocess.CompletedProcess:
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
-        raise PeerError(f"llama.cpp {step} failed (exit {proc.returncode}): " + "\n".join(tail))
+        raise PeerError(f"llama.cpp {step} failed (exit {proc.returncode}): " + "\n".join(tail), proc.returncode)
     return proc
 
 
@@ -129,7 +145,7 @@ def bench(tools: LlamaCpp, gguf: Path, threads: int = 2, prompt: int = 512, gene
             try:
                 proc = _run(cmd, f"bench {gguf.name}")
             except PeerError as exc:
-                if "exit -" not in str(exc):  # an ordinary failure, not a signal
+                if not exc.signalled:
                     raise
                 proc = _run([*cmd, "--repack", "0"], f"bench {gguf.name} --repack 0")
                 result[key.replace("_tps", "_note")] = f"default run died ({str(exc).splitlines()[0]}); measured with --repack 0"

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_llamacpp_peer import PeerError  # noqa: E402
 from bench_timing import time_fn  # noqa: E402
 
 
@@ -74,14 +75,15 @@ def ensure_venv(venv: Path, base_python: str = "python3.11") -> Path:
 
 def run_peer(python: Path, tool: str, *, batch: int, sparsity: str, layers: int, hidden: int, ffn: int,
              threads: int = 2, budget: float = 3.0, timeout: float = 900) -> dict:  # fmt: skip
-    """One peer cell in its own process (``python`` must have the tool); returns its JSON."""
+    """One peer cell in its own process (``python`` must have the tool); returns its JSON (PeerError if it fails)."""
     import subprocess
 
     cmd = [str(python), __file__, "--tool", tool, "--batch", str(batch), "--sparsity", sparsity, "--layers", str(layers),
            "--hidden", str(hidden), "--ffn", str(ffn), "--threads", str(threads), "--budget", str(budget)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"peer {tool} B={batch} {sparsity} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+        raise PeerError(f"peer {tool} B={batch} {sparsity} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}",
+                        proc.returncode)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -26,6 +26,12 @@ struct Problem {
   float* y = nullptr;
   int64_t out = 0;
   const float* bias = nullptr;  // (out,) or null
+  // the batch-in-lanes kernels' tile (driver.h lanes_rows), 0 = the built-in rule: columns per
+  // column tile at 64 lanes (a multiple of 64, <= 1024) and weight rows per task (<= 256). They
+  // change the speed only: the row block never changes a bit, the column tile only the float32
+  // summation order (per-tile partial sums).
+  int64_t col_tile = 0;
+  int64_t block_rows = 0;
 };
 
 // dx (B, in) = dy (B, out) @ W, the product autograd needs for x.

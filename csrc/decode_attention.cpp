@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "attention_checks.h"
 #include "decode_attention_kernels.h"
 #include "threadpool.h"
 
@@ -27,14 +28,8 @@ std::string str(int64_t v) { return std::to_string(v); }
 
 // Checks the sizes and every span; returns the tokens selected per (b, KV head) (B * Hkv,).
 std::vector<int64_t> check(const DecodeAttnProblem& p) {
-  if (p.B < 1 || p.Hq < 1 || p.Hkv < 1 || p.D < 1 || p.S < 1 || p.n < 1 || p.cap < p.n) {
-    throw std::invalid_argument("decode attention needs B, Hq, Hkv, D, S, n >= 1 and cap >= n; got B=" + str(p.B) +
-                                " Hq=" + str(p.Hq) + " Hkv=" + str(p.Hkv) + " D=" + str(p.D) + " S=" + str(p.S) +
-                                " n=" + str(p.n) + " cap=" + str(p.cap));
-  }
-  if (p.Hq % p.Hkv) {
-    throw std::invalid_argument("query heads (" + str(p.Hq) + ") must be a multiple of key/value heads (" + str(p.Hkv) + ")");
-  }
+  check_kv_cache("decode attention", {p.B, p.Hq, p.Hkv, p.D, p.n, p.cap}, 1);
+  if (p.S < 1) throw std::invalid_argument("decode attention needs S >= 1 spans per (batch, kv head); got S=" + str(p.S));
   std::vector<int64_t> selected(static_cast<size_t>(p.B * p.Hkv), 0);
   for (int64_t bh = 0; bh < p.B * p.Hkv; ++bh) {
     int64_t end = 0;
@@ -75,12 +70,10 @@ PageScoreFn score_kernel(Isa isa, VT vt) {
 }
 
 void check_select(const QuestSelectProblem& p) {
-  if (p.B < 1 || p.Hq < 1 || p.Hkv < 1 || p.D < 1 || p.Hq % p.Hkv || p.pages < 0 || p.keep < 0 || p.keep > p.pages ||
-      p.pages > p.pcap) {
-    throw std::invalid_argument("Quest selection needs B, Hq, Hkv, D >= 1, Hq % Hkv == 0 and 0 <= keep <= pages <= "
-                                "allocated pages; got B=" + str(p.B) + " Hq=" + str(p.Hq) + " Hkv=" + str(p.Hkv) +
-                                " D=" + str(p.D) + " keep=" + str(p.keep) + " pages=" + str(p.pages) +
-                                " allocated=" + str(p.pcap));
+  check_kv_cache("Quest selection (n: pages, cap: allocated pages)", {p.B, p.Hq, p.Hkv, p.D, p.pages, p.pcap}, 0);
+  if (p.keep < 0 || p.keep > p.pages) {
+    throw std::invalid_argument("Quest selection needs 0 <= keep <= pages; got keep=" + str(p.keep) +
+                                " pages=" + str(p.pages));
   }
 }
 
@@ -288,12 +281,10 @@ SparseChunkFn sparse_kernel(Isa isa, VT vt) {
 
 void check_sparse(const SparseKvProblem& p) {
   const int64_t W = (p.D + 63) / 64;
-  if (p.B < 1 || p.Hq < 1 || p.Hkv < 1 || p.D < 1 || p.Hq % p.Hkv || p.n < 1 || p.cap < p.n || p.keep < 1 ||
-      p.keep > p.D || !p.lse) {
-    throw std::invalid_argument("compressed KV attention needs B, Hq, Hkv, D, n >= 1, Hq % Hkv == 0, cap >= n, "
-                                "1 <= keep <= D and an lse output; got B=" + str(p.B) + " Hq=" + str(p.Hq) + " Hkv=" +
-                                str(p.Hkv) + " D=" + str(p.D) + " n=" + str(p.n) + " cap=" + str(p.cap) +
-                                " keep=" + str(p.keep));
+  check_kv_cache("compressed KV attention", {p.B, p.Hq, p.Hkv, p.D, p.n, p.cap}, 1);
+  if (p.keep < 1 || p.keep > p.D || !p.lse) {
+    throw std::invalid_argument("compressed KV attention needs 1 <= keep <= D and an lse output; got keep=" +
+                                str(p.keep) + " D=" + str(p.D));
   }
   for (int64_t bh = 0; bh < p.B * p.Hkv; ++bh) {
     for (int64_t t = 0; t < p.n; ++t) {

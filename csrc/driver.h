@@ -186,6 +186,11 @@ inline void check_problem(int64_t rows, int64_t cols, const Problem& p) {
     throw std::invalid_argument("x has " + std::to_string(p.in) + " features and y " + std::to_string(p.out) +
                                 " outputs, but the weight is " + std::to_string(rows) + "x" + std::to_string(cols));
   }
+  if (p.col_tile < 0 || p.col_tile > kMaxColTile || p.col_tile % 64 || p.block_rows < 0 || p.block_rows > kMaxBlockRows) {
+    throw std::invalid_argument("col_tile=" + std::to_string(p.col_tile) + " must be 0 (the rule) or a multiple of 64 in 64.." +
+                                std::to_string(kMaxColTile) + ", block_rows=" + std::to_string(p.block_rows) +
+                                " 0 (the rule) or in 1.." + std::to_string(kMaxBlockRows));
+  }
 }
 inline void check_problem_t(int64_t rows, int64_t cols, const ProblemT& p) {
   if (p.in != cols || p.out != rows || p.B < 0) {
@@ -281,13 +286,14 @@ inline int64_t lanes_rows(const Problem& p, int64_t nnz, int nt, bool par, Lanes
   // 192; 80% (128 or 192), 75% (128) and 95% (512) keep their best values.
   const double cols_per_32 = 32.0 / (density > 1e-3 ? density : 1e-3);
   lp.col_tile = max64(128, min64(512, int64_t{1} << static_cast<int>(std::lround(std::log2(cols_per_32)))));
+  if (p.col_tile > 0) lp.col_tile = p.col_tile;  // the caller's measured tile (check_tile)
   // R = 32 / density rows (each xt column serves ~32 entries per block): every block streams all of
   // xt (2.8 MB at 11008 inputs, beyond L2) once, so fewer, larger blocks (64 rows at 50%) ran
   // 1.1-1.5x faster than 16 rows (microbenchmark, 1024x11008, 1 thread)
   int64_t R = static_cast<int64_t>(std::ceil(32.0 / (density > 1e-3 ? density : 1e-3)));
   R = max64(16, min64(kMaxBlockRows, R));
   if (par) R = max64(1, min64(R, ceil_div(p.out, int64_t{nt} * 4)));
-  return R;
+  return p.block_rows > 0 ? p.block_rows : R;
 }
 
 // y = x @ W^T + bias with kernel table k; nnz = stored entries (for work estimates).

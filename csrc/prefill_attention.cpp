@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "attention_checks.h"
 #include "prefill_attention_kernels.h"
 #include "threadpool.h"
 
@@ -26,14 +27,8 @@ constexpr int64_t kColAlign = 16;  // tile columns start and end on multiples of
 std::string str(int64_t v) { return std::to_string(v); }
 
 void check(const PrefillAttnProblem& p) {
-  if (p.B < 1 || p.Hq < 1 || p.Hkv < 1 || p.D < 1 || p.Tq < 1 || p.n < p.Tq || p.cap < p.n) {
-    throw std::invalid_argument("prefill attention needs B, Hq, Hkv, D, Tq >= 1 and Tq <= n <= cap; got B=" + str(p.B) +
-                                " Hq=" + str(p.Hq) + " Hkv=" + str(p.Hkv) + " D=" + str(p.D) + " Tq=" + str(p.Tq) +
-                                " n=" + str(p.n) + " cap=" + str(p.cap));
-  }
-  if (p.Hq % p.Hkv) {
-    throw std::invalid_argument("query heads (" + str(p.Hq) + ") must be a multiple of key/value heads (" + str(p.Hkv) + ")");
-  }
+  if (p.Tq < 1) throw std::invalid_argument("prefill attention needs Tq >= 1 query rows; got Tq=" + str(p.Tq));
+  check_kv_cache("prefill attention", {p.B, p.Hq, p.Hkv, p.D, p.n, p.cap}, p.Tq);  // Tq <= n <= cap
   if (p.sinks < 0 || p.last < 0 || p.window < 1 || p.horizon < 1) {
     throw std::invalid_argument("the pattern needs sinks >= 0, last >= 0, window >= 1 and horizon >= 1; got sinks=" +
                                 str(p.sinks) + " window=" + str(p.window) + " last=" + str(p.last) +

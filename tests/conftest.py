@@ -10,7 +10,7 @@ from hypothesis import settings as hypothesis_settings
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/tiny_models.py helpers
 
-# Measured "auto" choices are cached per machine (sparseforge.runtime.tuning_cache): the tests use a
+# Measured "auto" choices are cached per machine (sparseforge.measure.tuning_cache): the tests use a
 # cache of their own, empty at the start of every run, never the user's.
 os.environ["SPARSEFORGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="sparseforge-test-cache-")
 

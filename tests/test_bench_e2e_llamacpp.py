@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from benchmark_modules import load_benchmark
 
 
@@ -19,6 +21,15 @@ def test_verdicts_judge_from_the_rows_given():
     assert "PASS: dense bf16 decode within 10% of llama.cpp BF16 (13.0 vs 14.0 tokens/s)" in lines
     assert any(line.startswith("INFO: 75% with fp32 values decodes 30.0 tokens/s = 0.83x") for line in lines)
     assert any(line.startswith("PASS: best sparseforge prefill") for line in lines)
+    assert "MISSING: 2:4 + int8 decode >= 1.0x llama.cpp Q8_0: no measurement of both cells" in lines
+    rows["sparseforge 2:4 int8 (nm)"] = row(40.0, 100.0)
+    rows["sparseforge 75% int8 (bitmap)"] = row(45.0, 100.0)
+    rows["sparseforge dense fp32"], rows[e2e.REFERENCE_CELL] = row(9.0), row(6.0)
+    lines = e2e.verdicts(rows)
+    assert "PASS: 2:4 + int8 decode >= 1.0x llama.cpp Q8_0 (40.0 vs 36.0 tokens/s = 1.11x)" in lines
+    assert "FAIL: 75% + int8 decode >= 1.3x llama.cpp Q8_0 (45.0 vs 36.0 tokens/s = 1.25x)" in lines
+    assert any(line.startswith("INFO: the native engine decodes dense fp32 at 9.0 tokens/s") and "(1.50x)" in line
+               for line in lines)
     rows["sparseforge dense bf16"] = row(12.0, 100.0)
     rows["sparseforge 2:4 fp32 (nm)"] = row(20.0, 120.0)
     lines = e2e.verdicts(rows)
@@ -61,6 +72,19 @@ def test_peer_bench_retries_a_crashed_run_without_repacking(tmp_path):
 def test_peer_bench_does_not_retry_an_ordinary_failure(tmp_path):
     result = _fake_bench(tmp_path, "*'--repack 0'*) echo '[{\"avg_ts\": 1.0}]';; *) exit 3;;")
     assert "prefill_tps" not in result and "exit 3" in result["prefill_error"]
+
+
+def test_peer_error_carries_the_exit_status(tmp_path):
+    peer = load_benchmark("llamacpp_peer")
+    tools = peer.LlamaCpp(tmp_path, tmp_path, 0.0)
+    for script, code in (("kill -SEGV $$", -11), ("exit 3", 3)):
+        fake = tmp_path / "llama-quantize"
+        fake.write_text(f"#!/bin/sh\n{script}\n")
+        fake.chmod(0o755)
+        with pytest.raises(peer.PeerError, match=f"quantize Q8_0 failed \\(exit {code}\\)") as info:
+            peer.quantize(tools, tmp_path / "m.f32.gguf", "Q8_0")
+        assert info.value.returncode == code and info.value.signalled == (code < 0)
+    assert peer.PeerError("no vendored llama.cpp").returncode is None
 
 
 def test_host_line_names_the_cpu():

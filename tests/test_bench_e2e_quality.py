@@ -95,7 +95,7 @@ def test_peer_perplexity_passes_no_repack_when_asked(tmp_path):
     try:
         peer.perplexity(tools, tmp_path / "m.gguf", tmp_path / "t.txt", chunks=1)
     except peer.PeerError as exc:
-        assert "exit -11" in str(exc)
+        assert "exit -11" in str(exc) and exc.returncode == -11 and exc.signalled
     else:
         raise AssertionError("a crashed run must raise PeerError")
 

@@ -16,16 +16,18 @@ def test_quick_run_compares_the_paths_on_the_same_tokens(tmp_path):
     result = bench.main(["--quick", "--models", "llama", "--variants", "dense", "2:4", "--threads", "1", "--new", "4",
                          "--out", str(out)])
     rows = result["rows"]
-    assert [(r["variant"].split()[0], r["path"]) for r in rows] == [
-        ("dense", "generate"), ("dense", "lean"), ("2:4", "generate"), ("2:4", "lean")]
+    paths = ["generate", "lean", "engine", "engine+sdpa"]
+    assert [(r["variant"].split()[0], r["path"]) for r in rows] == [("dense", p) for p in paths] + [("2:4", p) for p in paths]
     assert all(r["same_tokens_as_generate"] for r in rows)
     for r in rows:
         assert r["ms_per_token"] > 0 and math.isfinite(r["gbps"]) and r["weight_bytes_per_token"] > 0
         assert r["gbps"] == pytest.approx(r["weight_bytes_per_token"] / r["ms_per_token"] / 1e6)
-    dense, sparse = rows[0], rows[2]
+    dense, sparse = rows[0], rows[4]
     assert sparse["weight_bytes_per_token"] < dense["weight_bytes_per_token"]  # 2:4 values + indices < dense fp32
     assert dense["overhead_ms"] == pytest.approx(dense["ms_per_token"] - dense["weight_ms_at_gemv_rate"])
     assert sparse["overhead_ms"] is None  # the dense GEMV rate is no bound for a sparse kernel
+    for r in rows:
+        assert r["linears_ms"] > 0 and r["beyond_linears_ms"] == pytest.approx(r["ms_per_token"] - r["linears_ms"])
     assert [r["speedup_vs_generate"] for r in rows if r["path"] == "generate"] == [1.0, 1.0]
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(rows))
 

@@ -1,14 +1,18 @@
 // Bindings of the sparse linear kernels (CSR, bitmap, N:M, constant fan-in, BSR; CSR, bitmap and N:M
-// also with int8 values and float32 row scales, forward only: <fmt>_i8_linear, <fmt>_i8_check):
-//   <fmt>_linear(x, W..., bias, y, isa, algo, check_indices)   y = x @ W^T + bias
+// also with int8 values and float32 row scales, forward only: <fmt>_i8_linear(..., act), <fmt>_i8_check,
+// bound from one table of the three formats by def_i8):
+//   <fmt>_linear(x, W..., bias, y, isa, algo, check_indices[, col_tile, block_rows])   y = x @ W^T + bias
 //   <fmt>_linear_t(dy, W..., dx, isa, check_indices)           dx = dy @ W
 //   <fmt>_sddmm(x, dy, W..., dw, isa, check_indices)           dW at the mask
 //   <fmt>_check(W..., rows, cols)                              the buffer checks alone
 // with "_ref" variants of the first three running the scalar oracle (isa and algo ignored). W... is
-// the format's buffers (and N:M's n, m). Every call checks the buffers (csrc/views.h) before a
+// the format's buffers (and N:M's n, m); col_tile / block_rows (CSR, bitmap, N:M, BSR; 0 = the rule)
+// set the lanes kernels' tile (csrc/common.h Problem). Every call checks the buffers (csrc/views.h) before a
 // kernel runs; check_indices=False skips the index scans for buffers that <fmt>_check accepted.
+#include <array>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "binding.h"
 #include "int8.h"
@@ -21,6 +25,7 @@ using namespace nb::literals;
 namespace {
 
 // y = x @ W^T + bias on a checked view: the dispatched kernel, or the reference when ref is set
+// (p.col_tile / p.block_rows: the lanes kernels' tile, checked by the kernel; the reference ignores it)
 template <class View>
 void linear_call(const View& w, const sf::Problem& p, const std::string& isa, const std::string& algo, bool ref,
                  void (*fast)(const View&, const sf::Problem&, sf::Isa, int),
@@ -54,6 +59,13 @@ void sddmm_call(const View& w, int64_t nnz, const In& x, const In& dy, const Out
   if (ref) oracle(w, p); else fast(w, p, i);
 }
 
+// p with the lanes kernels' tile (csrc/common.h Problem::col_tile, block_rows; 0 = the rule)
+sf::Problem tiled(sf::Problem p, int64_t col_tile, int64_t block_rows) {
+  p.col_tile = col_tile;
+  p.block_rows = block_rows;
+  return p;
+}
+
 // rows of a checked view must be `rows` (the <fmt>_check functions)
 void expect_rows(int64_t got, int64_t rows, const char* op) {
   if (got != rows) sf::bad_weight(op, "the buffers describe " + std::to_string(got) + " rows, not " + std::to_string(rows));
@@ -83,13 +95,14 @@ void register_csr(nb::module_& m) {
     const std::string lin = "csr_linear" + sfx, lin_t = "csr_linear_t" + sfx, dw = "csr_sddmm" + sfx;
     m.def(lin.c_str(),
           [ref, lin](const In& x, const In& row_ptr, const In& col, const In& values, const nb::object& bias,
-                     const Out& y, const std::string& isa, const std::string& algo, bool check_indices) {
-            const sf::Problem p = problem(x, bias, y);
+                     const Out& y, const std::string& isa, const std::string& algo, bool check_indices, int64_t col_tile,
+                     int64_t block_rows) {
+            const sf::Problem p = tiled(problem(x, bias, y), col_tile, block_rows);
             linear_call(csr(row_ptr, col, values, p.in, lin, check_indices), p, isa, algo, ref, sf::csr_linear,
                         sf::csr_linear_ref);
           },
           "x"_a, "row_ptr"_a, "col"_a, "values"_a, "bias"_a.none(), "y"_a, "isa"_a = "", "algo"_a = "auto",
-          "check_indices"_a = true);
+          "check_indices"_a = true, "col_tile"_a = 0, "block_rows"_a = 0);
     m.def(lin_t.c_str(),
           [ref, lin_t](const In& dy, const In& row_ptr, const In& col, const In& values, const Out& dx,
                        const std::string& isa, bool check_indices) {
@@ -117,13 +130,14 @@ void register_bitmap(nb::module_& m) {
     const std::string lin = "bitmap_linear" + sfx, lin_t = "bitmap_linear_t" + sfx, dw = "bitmap_sddmm" + sfx;
     m.def(lin.c_str(),
           [ref, lin](const In& x, const In& bits, const In& row_offsets, const In& values, const nb::object& bias,
-                     const Out& y, const std::string& isa, const std::string& algo, bool check_indices) {
-            const sf::Problem p = problem(x, bias, y);
+                     const Out& y, const std::string& isa, const std::string& algo, bool check_indices, int64_t col_tile,
+                     int64_t block_rows) {
+            const sf::Problem p = tiled(problem(x, bias, y), col_tile, block_rows);
             linear_call(bitmap(bits, row_offsets, values, p.in, lin, check_indices), p, isa, algo, ref,
                         sf::bitmap_linear, sf::bitmap_linear_ref);
           },
           "x"_a, "bitmap"_a, "row_offsets"_a, "values"_a, "bias"_a.none(), "y"_a, "isa"_a = "", "algo"_a = "auto",
-          "check_indices"_a = true);
+          "check_indices"_a = true, "col_tile"_a = 0, "block_rows"_a = 0);
     m.def(lin_t.c_str(),
           [ref, lin_t](const In& dy, const In& bits, const In& row_offsets, const In& values, const Out& dx,
                        const std::string& isa, bool check_indices) {
@@ -151,13 +165,14 @@ void register_nm(nb::module_& m) {
     const std::string lin = "nm_linear" + sfx, lin_t = "nm_linear_t" + sfx, dw = "nm_sddmm" + sfx;
     m.def(lin.c_str(),
           [ref, lin](const In& x, const In& values, const In& indices, int n, int mm, const nb::object& bias,
-                     const Out& y, const std::string& isa, const std::string& algo, bool check_indices) {
-            const sf::Problem p = problem(x, bias, y);
+                     const Out& y, const std::string& isa, const std::string& algo, bool check_indices, int64_t col_tile,
+                     int64_t block_rows) {
+            const sf::Problem p = tiled(problem(x, bias, y), col_tile, block_rows);
             linear_call(nm(values, indices, n, mm, p.in, lin, check_indices), p, isa, algo, ref, sf::nm_linear,
                         sf::nm_linear_ref);
           },
           "x"_a, "values"_a, "indices"_a, "n"_a, "m"_a, "bias"_a.none(), "y"_a, "isa"_a = "", "algo"_a = "auto",
-          "check_indices"_a = true);
+          "check_indices"_a = true, "col_tile"_a = 0, "block_rows"_a = 0);
     m.def(lin_t.c_str(),
           [ref, lin_t](const In& dy, const In& values, const In& indices, int n, int mm, const Out& dx,
                        const std::string& isa, bool check_indices) {
@@ -219,13 +234,14 @@ void register_bsr(nb::module_& m) {
     const std::string lin = "bsr_linear" + sfx, lin_t = "bsr_linear_t" + sfx, dw = "bsr_sddmm" + sfx;
     m.def(lin.c_str(),
           [ref, lin](const In& x, const In& brp, const In& bcol, const In& values, const nb::object& bias,
-                     const Out& y, const std::string& isa, const std::string& algo, bool check_indices) {
-            const sf::Problem p = problem(x, bias, y);
+                     const Out& y, const std::string& isa, const std::string& algo, bool check_indices, int64_t col_tile,
+                     int64_t block_rows) {
+            const sf::Problem p = tiled(problem(x, bias, y), col_tile, block_rows);
             linear_call(bsr(brp, bcol, values, p.out, p.in, lin, check_indices), p, isa, algo, ref, sf::bsr_linear,
                         sf::bsr_linear_ref);
           },
           "x"_a, "block_row_ptr"_a, "block_col"_a, "values"_a, "bias"_a.none(), "y"_a, "isa"_a = "",
-          "algo"_a = "auto", "check_indices"_a = true);
+          "algo"_a = "auto", "check_indices"_a = true, "col_tile"_a = 0, "block_rows"_a = 0);
     m.def(lin_t.c_str(),
           [ref, lin_t](const In& dy, const In& brp, const In& bcol, const In& values, const Out& dx,
                        const std::string& isa, bool check_indices) {
@@ -255,89 +271,81 @@ sf::I8Act parse_act(const std::string& act) {
   throw std::invalid_argument("act='" + act + "' is not an activation mode; use 'float' or 'int8'");
 }
 
+// One int8-valued format (csrc/int8.h) as its bindings need it: W... are the Python types of its
+// weight arguments (buffers, then N:M's n and m), named by `args` in order.
+template <class View, class... W>
+struct I8Format {
+  const char* name;                              // binds <name>_linear, <name>_linear_ref, <name>_check
+  std::array<const char*, sizeof...(W)> args;    // the weight arguments' names
+  View (*view)(const W&..., int64_t cols, const std::string& op, bool check_indices);  // checked view
+  void (*fast)(const View&, const sf::Problem&, sf::Isa, int algo, sf::I8Act);
+  void (*ref)(const View&, const sf::Problem&);     // act='float' oracle
+  void (*ref_qx)(const View&, const sf::Problem&);  // act='int8' oracle; nullptr: the format has no int8 mode
+};
+
+// <name>_linear(x, W..., bias, y, isa, algo, check_indices, act) and its _ref (isa, algo ignored),
+// and <name>_check(W..., rows, cols)
+template <class View, class... W, size_t... I>
+void def_i8(nb::module_& m, const I8Format<View, W...>& f, std::index_sequence<I...>) {
+  for (const bool ref : {false, true}) {
+    const std::string op = std::string(f.name) + "_linear" + (ref ? "_ref" : "");
+    m.def(op.c_str(),
+          [ref, op, f](const In& x, const W&... w, const nb::object& bias, const Out& y, const std::string& isa,
+                       const std::string& algo, bool check_indices, const std::string& act) {
+            const sf::Problem p = problem(x, bias, y);
+            const View v = f.view(w..., p.in, op, check_indices);
+            expect_rows(v.w.rows, p.out, op.c_str());
+            const sf::Isa i = ref ? sf::Isa::scalar : resolve(isa);
+            const int a = parse_algo(algo);
+            const sf::I8Act ac = parse_act(act);
+            if (ac == sf::I8Act::int8 && f.ref_qx == nullptr)
+              throw std::invalid_argument(op + " has no int8-activation mode; use act='float'");
+            nb::gil_scoped_release rel;
+            if (!ref) f.fast(v, p, i, a, ac);
+            else if (ac == sf::I8Act::int8) f.ref_qx(v, p);
+            else f.ref(v, p);
+          },
+          "x"_a, nb::arg(f.args[I])..., "bias"_a.none(), "y"_a, "isa"_a = "", "algo"_a = "auto",
+          "check_indices"_a = true, "act"_a = "float");
+  }
+  const std::string check = std::string(f.name) + "_check";
+  m.def(check.c_str(), [check, f](const W&... w, int64_t rows, int64_t cols) {
+    expect_rows(f.view(w..., cols, check, true).w.rows, rows, check.c_str());
+  }, nb::arg(f.args[I])..., "rows"_a, "cols"_a);
+}
+
+template <class View, class... W>
+void def_i8(nb::module_& m, const I8Format<View, W...>& f) {
+  def_i8(m, f, std::index_sequence_for<W...>{});
+}
+
 // int8 values with float32 row scales (csrc/int8.h): forward only
 void register_int8(nb::module_& m) {
-  auto bitmap_i8 = [](const In& bits, const In& ro, const In& val, const In& sc, int64_t cols, const std::string& op,
-                      bool chk) {
-    return sf::bitmap_i8_view(array(bits, "bitmap"), array(ro, "row_offsets"), array(val, "values"),
-                              array(sc, "scales"), cols, op.c_str(), chk);
-  };
-  auto nm_i8 = [](const In& val, const In& idx, const In& sc, int n, int mm, int64_t cols, const std::string& op,
-                  bool chk) {
-    return sf::nm_i8_view(array(val, "values"), array(idx, "indices"), array(sc, "scales"), n, mm, cols, op.c_str(),
-                          chk);
-  };
-  auto csr_i8 = [](const In& rp, const In& col, const In& val, const In& sc, int64_t cols, const std::string& op,
-                   bool chk) {
-    return sf::csr_i8_view(array(rp, "row_ptr"), array(col, "col"), array(val, "values"), array(sc, "scales"), cols,
-                           op.c_str(), chk);
-  };
-  for (const bool ref : {false, true}) {
-    const std::string sfx = ref ? "_ref" : "";
-    const std::string bl = "bitmap_i8_linear" + sfx, nl = "nm_i8_linear" + sfx, cl = "csr_i8_linear" + sfx;
-    m.def(cl.c_str(),
-          [ref, cl, csr_i8](const In& x, const In& row_ptr, const In& col, const In& values, const In& scales,
-                            const nb::object& bias, const Out& y, const std::string& isa, const std::string& algo,
-                            bool check_indices) {
-            const sf::Problem p = problem(x, bias, y);
-            const sf::CsrI8 w = csr_i8(row_ptr, col, values, scales, p.in, cl, check_indices);
-            expect_rows(w.w.rows, p.out, cl.c_str());
-            const sf::Isa i = ref ? sf::Isa::scalar : resolve(isa);
-            const int a = parse_algo(algo);
-            nb::gil_scoped_release rel;
-            if (ref) sf::csr_i8_linear_ref(w, p); else sf::csr_i8_linear(w, p, i, a);
-          },
-          "x"_a, "row_ptr"_a, "col"_a, "values"_a, "scales"_a, "bias"_a.none(), "y"_a, "isa"_a = "",
-          "algo"_a = "auto", "check_indices"_a = true);
-    m.def(bl.c_str(),
-          [ref, bl, bitmap_i8](const In& x, const In& bits, const In& row_offsets, const In& values, const In& scales,
-                               const nb::object& bias, const Out& y, const std::string& isa, const std::string& algo,
-                               bool check_indices, const std::string& act) {
-            const sf::Problem p = problem(x, bias, y);
-            const sf::BitmapI8 w = bitmap_i8(bits, row_offsets, values, scales, p.in, bl, check_indices);
-            expect_rows(w.w.rows, p.out, bl.c_str());
-            const sf::Isa i = ref ? sf::Isa::scalar : resolve(isa);
-            const int a = parse_algo(algo);
-            const sf::I8Act ac = parse_act(act);
-            nb::gil_scoped_release rel;
-            if (!ref) sf::bitmap_i8_linear(w, p, i, a, ac);
-            else if (ac == sf::I8Act::int8) sf::bitmap_i8_linear_qx_ref(w, p);
-            else sf::bitmap_i8_linear_ref(w, p);
-          },
-          "x"_a, "bitmap"_a, "row_offsets"_a, "values"_a, "scales"_a, "bias"_a.none(), "y"_a, "isa"_a = "",
-          "algo"_a = "auto", "check_indices"_a = true, "act"_a = "float");
-    m.def(nl.c_str(),
-          [ref, nl, nm_i8](const In& x, const In& values, const In& indices, const In& scales, int n, int mm,
-                           const nb::object& bias, const Out& y, const std::string& isa, const std::string& algo,
-                           bool check_indices, const std::string& act) {
-            const sf::Problem p = problem(x, bias, y);
-            const sf::NmI8 w = nm_i8(values, indices, scales, n, mm, p.in, nl, check_indices);
-            expect_rows(w.w.rows, p.out, nl.c_str());
-            const sf::Isa i = ref ? sf::Isa::scalar : resolve(isa);
-            const int a = parse_algo(algo);
-            const sf::I8Act ac = parse_act(act);
-            nb::gil_scoped_release rel;
-            if (!ref) sf::nm_i8_linear(w, p, i, a, ac);
-            else if (ac == sf::I8Act::int8) sf::nm_i8_linear_qx_ref(w, p);
-            else sf::nm_i8_linear_ref(w, p);
-          },
-          "x"_a, "values"_a, "indices"_a, "scales"_a, "n"_a, "m"_a, "bias"_a.none(), "y"_a, "isa"_a = "",
-          "algo"_a = "auto", "check_indices"_a = true, "act"_a = "float");
-  }
+  def_i8(m, I8Format<sf::CsrI8, In, In, In, In>{
+      "csr_i8", {"row_ptr", "col", "values", "scales"},
+      [](const In& rp, const In& col, const In& val, const In& sc, int64_t cols, const std::string& op, bool chk) {
+        return sf::csr_i8_view(array(rp, "row_ptr"), array(col, "col"), array(val, "values"), array(sc, "scales"),
+                               cols, op.c_str(), chk);
+      },
+      [](const sf::CsrI8& w, const sf::Problem& p, sf::Isa i, int a, sf::I8Act) { sf::csr_i8_linear(w, p, i, a); },
+      sf::csr_i8_linear_ref, nullptr});
+  def_i8(m, I8Format<sf::BitmapI8, In, In, In, In>{
+      "bitmap_i8", {"bitmap", "row_offsets", "values", "scales"},
+      [](const In& bits, const In& ro, const In& val, const In& sc, int64_t cols, const std::string& op, bool chk) {
+        return sf::bitmap_i8_view(array(bits, "bitmap"), array(ro, "row_offsets"), array(val, "values"),
+                                  array(sc, "scales"), cols, op.c_str(), chk);
+      },
+      sf::bitmap_i8_linear, sf::bitmap_i8_linear_ref, sf::bitmap_i8_linear_qx_ref});
+  def_i8(m, I8Format<sf::NmI8, In, In, In, int, int>{
+      "nm_i8", {"values", "indices", "scales", "n", "m"},
+      [](const In& val, const In& idx, const In& sc, const int& n, const int& mm, int64_t cols, const std::string& op,
+         bool chk) {
+        return sf::nm_i8_view(array(val, "values"), array(idx, "indices"), array(sc, "scales"), n, mm, cols,
+                              op.c_str(), chk);
+      },
+      sf::nm_i8_linear, sf::nm_i8_linear_ref, sf::nm_i8_linear_qx_ref});
   m.def("int8_vnni", [] { return sf::use_int8_vnni(); },
         "Whether act='int8' runs the AVX512 VNNI / VBMI / VBMI2 kernels on the avx512 path (SPARSEFORGE_INT8_VNNI).");
-  m.def("bitmap_i8_check", [bitmap_i8](const In& bits, const In& row_offsets, const In& values, const In& scales,
-                                       int64_t rows, int64_t cols) {
-    expect_rows(bitmap_i8(bits, row_offsets, values, scales, cols, "bitmap_i8_check", true).w.rows, rows, "bitmap_i8_check");
-  }, "bitmap"_a, "row_offsets"_a, "values"_a, "scales"_a, "rows"_a, "cols"_a);
-  m.def("csr_i8_check", [csr_i8](const In& row_ptr, const In& col, const In& values, const In& scales, int64_t rows,
-                                 int64_t cols) {
-    expect_rows(csr_i8(row_ptr, col, values, scales, cols, "csr_i8_check", true).w.rows, rows, "csr_i8_check");
-  }, "row_ptr"_a, "col"_a, "values"_a, "scales"_a, "rows"_a, "cols"_a);
-  m.def("nm_i8_check", [nm_i8](const In& values, const In& indices, const In& scales, int n, int mm, int64_t rows,
-                               int64_t cols) {
-    expect_rows(nm_i8(values, indices, scales, n, mm, cols, "nm_i8_check", true).w.rows, rows, "nm_i8_check");
-  }, "values"_a, "indices"_a, "scales"_a, "n"_a, "m"_a, "rows"_a, "cols"_a);
 }
 
 }  // namespace

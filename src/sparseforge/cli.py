@@ -291,7 +291,7 @@ def _cmd_advise(args) -> int:
 
 
 def _cmd_cache(args) -> int:
-    from sparseforge.runtime.tuning_cache import TuningCache, enabled
+    from sparseforge.measure.tuning_cache import TuningCache, enabled
 
     cache = TuningCache()
     if args.action == "path":

@@ -311,3 +311,26 @@ def test_sparse_kv_bad_bitmaps_and_shapes():
         sparse_kv_attention(q, kv, kb.int(), vv, vb, 8, 0.2)
     with pytest.raises(DataError, match=r"keep=0 must be in \[1, 16\]"):
         compress_tokens(k, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bound_attention_follows_its_buffers_and_matches_the_reference(dtype):
+    from sparseforge.ops.decode_attention import BoundDecodeAttention
+
+    q, k, v = _problem(Hq=8, Hkv=2, cap=40, seed=3, dtype=dtype)
+    spans = _spans(1, 2, [[0, 1]])
+    bound = BoundDecodeAttention(q, k, v, spans, 0.125)
+    for n, seed in ((1, 4), (17, 5), (40, 6)):
+        q.copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(seed)))  # written in place, as a decode loop does
+        k[:, :, n - 1] += 1.0
+        spans[..., 1] = n
+        got = bound(n).clone()
+        assert torch.equal(got, decode_attention(q, k, v, spans, n, 0.125))  # the same dispatched kernel
+        torch.testing.assert_close(got, decode_attention_ref(q, k, v, spans, n, 0.125), atol=1e-5, rtol=1e-5)
+    with pytest.raises(DataError, match="must be in \\[1, 40\\]"):
+        bound(41)
+    spans[..., 1] = 30
+    with pytest.raises(DataError):
+        bound(20)  # a span beyond the valid length
+    with pytest.raises(DataError, match="contiguous"):
+        BoundDecodeAttention(q, k.transpose(2, 3), v, spans, 0.125)

@@ -50,13 +50,46 @@ def test_streamed_text_is_the_result_and_the_tokens_are_plain_generates(builtin)
     assert sink.getvalue() == result.text + "\n"
     assert result.prefill_s > 0 and result.decode_s > 0
     assert result.decode_tokens_per_s == pytest.approx(11 / result.decode_s)
-    assert "decode" in result.summary() and "lean decode path" in result.summary()
+    assert result.engine == "native" and not result.notes  # auto: the builtin Llama runs on the native engine
+    assert "decode" in result.summary() and "native engine" in result.summary()
 
 
 def test_plain_and_lean_paths_agree_on_a_fresh_model():
-    lean = generate("builtin", PROMPT, max_new_tokens=10, ignore_eos=True, lean=True)
-    plain = generate("builtin", PROMPT, max_new_tokens=10, ignore_eos=True, lean=False)
-    assert lean.token_ids == plain.token_ids and lean.lean and not plain.lean
+    lean = generate("builtin", PROMPT, max_new_tokens=10, ignore_eos=True, lean=True, engine="transformers")
+    plain = generate("builtin", PROMPT, max_new_tokens=10, ignore_eos=True, lean=False, engine="transformers")
+    native = generate("builtin", PROMPT, max_new_tokens=10, ignore_eos=True, engine="native")
+    assert lean.token_ids == plain.token_ids == native.token_ids and lean.lean and not plain.lean
+    assert (lean.engine, plain.engine, native.engine) == ("transformers", "transformers", "native")
+    assert "transformers generate (lean path)" in lean.summary() and "native engine" in native.summary()
+
+
+def test_native_sampling_follows_top_p_and_the_seed(builtin):
+    model, tokenizer = builtin
+    runs = [generate(model, PROMPT, tokenizer=tokenizer, max_new_tokens=12, temperature=1.2, top_p=0.9, seed=s,
+                     ignore_eos=True, engine="native").token_ids for s in (3, 3, 4)]
+    assert runs[0] == runs[1] != runs[2]
+    greedy = generate(model, PROMPT, tokenizer=tokenizer, max_new_tokens=12, ignore_eos=True).token_ids
+    assert generate(model, PROMPT, tokenizer=tokenizer, max_new_tokens=12, temperature=1.2, top_p=1e-6,
+                    ignore_eos=True).token_ids == greedy
+
+
+def test_auto_engine_names_why_it_falls_back_and_native_refuses_what_it_cannot_run():
+    from sparseforge.attention import Quest
+    from sparseforge.generation.text import choose_engine
+    from tiny_models import tiny_model
+
+    gpt2, llama = tiny_model("gpt2"), tiny_model("llama")
+    engine, why = choose_engine(gpt2, "auto")
+    assert engine == "transformers" and "model type 'gpt2'" in why
+    assert choose_engine(llama, "auto") == ("native", None)
+    assert choose_engine(llama, "auto", kv_policy=Quest(budget=64))[0] == "transformers"
+    assert choose_engine(llama, "transformers") == ("transformers", None)
+    with pytest.raises(ModelError, match="does not support model type 'gpt2'"):
+        choose_engine(gpt2, "native")
+    with pytest.raises(ConfigError, match="paged cache"):
+        choose_engine(llama, "native", kv_policy=Quest(budget=64))
+    with pytest.raises(ConfigError, match="engine must be one of"):
+        choose_engine(llama, "vllm")
 
 
 def test_a_compressed_checkpoint_runs_sparse_and_gives_the_dense_tokens(compressed_dir):
@@ -87,7 +120,7 @@ def test_generation_stops_at_the_end_of_text_token_unless_told_otherwise(builtin
 @pytest.mark.parametrize("kwargs, match", [
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens=2.5), "max_new_tokens"),
     (dict(temperature=-1.0), "temperature"), (dict(temperature=float("nan")), "temperature"),
-    (dict(top_k=-3), "top_k"), (dict(seed="x"), "seed"),
+    (dict(top_k=-3), "top_k"), (dict(seed="x"), "seed"), (dict(top_p=0.0), "top_p"), (dict(top_p=2.0), "top_p"),
 ])
 def test_bad_numbers_are_refused(kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -125,7 +158,17 @@ def test_cli_streams_the_text_on_stdout_and_the_timings_on_stderr(capsys):
     assert main(["generate", "builtin", "--prompt", PROMPT, "--max-new-tokens", "6", "--ignore-eos", "--threads", "1"]) == 0
     out, err = capsys.readouterr()
     assert out.startswith(PROMPT) and len(out) > len(PROMPT)
-    assert "6 new tokens" in err and "tokens/s" in err
+    assert "6 new tokens" in err and "tokens/s" in err and "native engine" in err
+
+
+def test_cli_engine_flag_picks_the_engine(capsys):
+    assert main(["generate", "builtin", "--prompt", PROMPT, "--max-new-tokens", "3", "--ignore-eos", "--threads", "1",
+                 "--engine", "transformers", "--no-lean"]) == 0
+    assert capsys.readouterr().err.strip().endswith("transformers generate")
+    assert main(["generate", "builtin", "--prompt", PROMPT, "--max-new-tokens", "3", "--ignore-eos", "--threads", "1",
+                 "--kv-policy", "quest", "--kv-budget", "64"]) == 0
+    err = capsys.readouterr().err
+    assert "transformers engine: a KV policy needs transformers' paged cache" in err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -135,6 +178,8 @@ def test_cli_streams_the_text_on_stdout_and_the_timings_on_stderr(capsys):
     (["--prompt", "x", "--threads", "0"], "--threads"),
     (["--prompt", "x", "--compile", "--no-lean"], "--compile"),
     (["--prompt", "x", "--kv-policy", "quest", "--compile"], "--kv-policy"),
+    (["--prompt", "x", "--engine", "native", "--kv-policy", "quest"], "--engine transformers"),
+    (["--prompt", "x", "--engine", "native", "--compile"], "--engine transformers"),
     (["--prompt", "x", "--kv-policy", "quest", "--kv-budget", "0"], "--kv-budget"),
     (["--prompt", "x", "--kv-policy", "streaming", "--kv-budget", "4"], "StreamingLLM"),
 ])

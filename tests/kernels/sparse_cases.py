@@ -83,13 +83,14 @@ class Case:
     def _nm(self) -> tuple:
         return nm_of(self.fmt) if ALL_FORMATS[self.fmt][0] == "nm" else ()
 
-    def _call(self, name: str, a: torch.Tensor, *rest) -> None:
+    def _call(self, name: str, a: torch.Tensor, *rest, **kw) -> None:
         kind = ALL_FORMATS[self.fmt][0]
-        getattr(native(), f"{kind}_{name}")(a, *self.bufs, *self._nm(), *rest)
+        getattr(native(), f"{kind}_{name}")(a, *self.bufs, *self._nm(), *rest, **kw)
 
-    def run(self, x: torch.Tensor, bias=None, *, isa: str = "", algo: str = "auto") -> torch.Tensor:
+    def run(self, x: torch.Tensor, bias=None, *, isa: str = "", algo: str = "auto", **tile) -> torch.Tensor:
+        """The dispatched forward; ``tile``: the lanes kernels' ``col_tile`` / ``block_rows``."""
         y = torch.full((x.shape[0], self.shape[0]), float("nan"))
-        self._call("linear", x, bias, y, isa, algo)
+        self._call("linear", x, bias, y, isa, algo, **tile)
         return y
 
     def ref(self, x: torch.Tensor, bias=None) -> torch.Tensor:

@@ -10,6 +10,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from input_sparse_cases import ALGOS, DTYPES, at_thread_counts, random_problem, raw
+from input_sparse_cases import tol as _tol
 
 from sparseforge import kernels
 from sparseforge.errors import ConfigError, DataError, ModelError
@@ -17,40 +19,18 @@ from sparseforge.formats.colbitmap import ColumnBitmapWeight
 from sparseforge.kernels import native
 from sparseforge.ops.column_sparse import column_sparse_linear, column_sparse_reference, kernel_args
 
-ISAS = [pytest.param(i, marks=pytest.mark.skipif(not kernels.cpu_supports(i), reason=f"CPU lacks {i}")) for i in kernels.ISAS]
-ALGOS = ["gemv", "gemm"]
-DTYPES = [torch.float32, torch.bfloat16]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    monkeypatch.setenv("SPARSEFORGE_ISA", request.param)
-    return request.param
-
-
-def _np(t):
-    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
-
 
 def _ref(x, w: ColumnBitmapWeight, thr, bias=None):
     """The scalar oracle (native, plain loops over the bits)."""
     y = torch.empty(x.shape[0], w.shape[0])
-    native().column_sparse_linear_ref(x.numpy(), w.bitmap.numpy(), w.block_ptr.numpy(), _np(w.values), thr.numpy(),
+    native().column_sparse_linear_ref(x.numpy(), w.bitmap.numpy(), w.block_ptr.numpy(), raw(w.values), thr.numpy(),
                                       None if bias is None else bias.numpy(), y.numpy())
     return y
 
 
 def _case(batch, n_in, n_out, dtype, weight_sparsity=0.5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, n_in, generator=g)
-    w = torch.randn(n_out, n_in, generator=g)  # (out, in)
-    w[torch.rand(n_out, n_in, generator=g) < weight_sparsity] = 0.0
-    bias = torch.randn(n_out, generator=g)
+    x, w, bias = random_problem(batch, n_in, n_out, seed, weight_sparsity)  # w (out, in)
     return x, ColumnBitmapWeight.from_dense(w.to(dtype)), bias
-
-
-def _tol(n_in):
-    return dict(rtol=1e-4, atol=1e-4 * math.sqrt(n_in))
 
 
 @pytest.mark.parametrize("algo", ALGOS)
@@ -113,15 +93,7 @@ def test_nan_and_inf_inputs_propagate(isa, algo):
 
 def test_thread_count_does_not_change_results():
     x, w, bias = _case(1, 512, 4096, torch.float32, seed=5)
-    thr = torch.tensor([0.3])
-    before = kernels.num_threads()
-    try:
-        kernels.set_num_threads(1)
-        one = column_sparse_linear(x, w, thr, bias)
-        kernels.set_num_threads(3)
-        three = column_sparse_linear(x, w, thr, bias)
-    finally:
-        kernels.set_num_threads(before)
+    one, three = at_thread_counts(lambda: column_sparse_linear(x, w, torch.tensor([0.3]), bias))
     assert torch.equal(one, three)
 
 

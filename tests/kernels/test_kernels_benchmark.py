@@ -107,3 +107,17 @@ def test_peer_weights_follow_the_stack_and_the_mask_distribution():
     assert 0.08 < density < 0.12
     bound = 1.0 / np.sqrt(64 * 0.1)
     assert np.abs(ws[0]).max() <= bound
+
+
+def test_a_failed_peer_cell_raises_peer_error_with_its_exit_status(tmp_path):
+    peers = _load("bench_peers", BENCH.with_name("bench_peers.py"))
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'no deepsparse here' >&2\nexit 5\n")
+    fake.chmod(0o755)
+    try:
+        peers.run_peer(fake, "deepsparse", batch=1, sparsity="0.9", layers=1, hidden=8, ffn=8)
+    except RuntimeError as exc:  # PeerError, loaded from bench_llamacpp_peer by bench_peers
+        assert type(exc).__name__ == "PeerError" and exc.returncode == 5 and not exc.signalled
+        assert "no deepsparse here" in str(exc)
+    else:
+        raise AssertionError("a failing peer process raised nothing")

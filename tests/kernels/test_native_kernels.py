@@ -14,16 +14,8 @@ from sparse_cases import ALL_FORMATS, FORMATS, exact_dense, make_case, random_ca
 
 from sparseforge import kernels
 
-ISAS = [pytest.param(i, marks=pytest.mark.skipif(not kernels.cpu_supports(i), reason=f"CPU lacks {i}")) for i in kernels.ISAS]
 BATCHES = [1, 3, 17, 64, 257]
 TOL = dict(rtol=2e-5, atol=2e-5)
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    monkeypatch.setenv("SPARSEFORGE_ISA", request.param)
-    assert kernels.isa() == request.param
-    return request.param
 
 
 def _dense(x, case, bias=None):

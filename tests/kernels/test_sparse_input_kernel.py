@@ -10,44 +10,26 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from input_sparse_cases import ALGOS, DTYPES, at_thread_counts, random_problem, raw
+from input_sparse_cases import tol as _tol
 
-from sparseforge import kernels
 from sparseforge.errors import ConfigError, DataError, ModelError
 from sparseforge.kernels import native
 from sparseforge.ops.sparse_input import active_counts, sparse_input_linear, sparse_input_reference
 
-ISAS = [pytest.param(i, marks=pytest.mark.skipif(not kernels.cpu_supports(i), reason=f"CPU lacks {i}")) for i in kernels.ISAS]
-ALGOS = ["gemv", "gemm"]  # the native paths; "torch" (and "auto") are covered by the property test
-DTYPES = [torch.float32, torch.bfloat16]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    monkeypatch.setenv("SPARSEFORGE_ISA", request.param)
-    return request.param
-
-
-def _np(t):
-    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+# ALGOS: the native paths; "torch" (and "auto") are covered by the property test
 
 
 def _ref(x, w_t, thr, bias=None):
     """The scalar oracle (native, plain loops)."""
     y = torch.empty(x.shape[0], w_t.shape[1])
-    native().sparse_input_linear_ref(x.numpy(), _np(w_t), thr.numpy(), None if bias is None else bias.numpy(), y.numpy())
+    native().sparse_input_linear_ref(x.numpy(), raw(w_t), thr.numpy(), None if bias is None else bias.numpy(), y.numpy())
     return y
 
 
 def _case(batch, n_in, n_out, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, n_in, generator=g)
-    w_t = torch.randn(n_in, n_out, generator=g).to(dtype)
-    bias = torch.randn(n_out, generator=g)
-    return x, w_t, bias
-
-
-def _tol(n_in):
-    return dict(rtol=1e-4, atol=1e-4 * math.sqrt(n_in))
+    x, w, bias = random_problem(batch, n_in, n_out, seed)
+    return x, w.t().contiguous().to(dtype), bias  # w_t (in, out)
 
 
 @pytest.mark.parametrize("algo", ALGOS)
@@ -104,15 +86,7 @@ def test_nan_and_inf_inputs_propagate(isa, algo):
 
 def test_thread_count_does_not_change_results():
     x, w_t, bias = _case(1, 512, 4096, torch.float32, seed=5)
-    thr = torch.tensor([0.3])
-    before = kernels.num_threads()
-    try:
-        kernels.set_num_threads(1)
-        one = sparse_input_linear(x, w_t, thr, bias)
-        kernels.set_num_threads(3)
-        three = sparse_input_linear(x, w_t, thr, bias)
-    finally:
-        kernels.set_num_threads(before)
+    one, three = at_thread_counts(lambda: sparse_input_linear(x, w_t, torch.tensor([0.3]), bias))
     assert torch.equal(one, three)
 
 

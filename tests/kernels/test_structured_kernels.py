@@ -13,12 +13,6 @@ from sparseforge import kernels
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture(params=[i for i in kernels.ISAS if kernels.cpu_supports(i)])
-def isa(request, monkeypatch):
-    monkeypatch.setenv("SPARSEFORGE_ISA", request.param)
-    return request.param
-
-
 def _dense(x, case, bias=None):
     return torch.nn.functional.linear(x, case.dense, bias)
 

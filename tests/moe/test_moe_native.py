@@ -214,7 +214,7 @@ def test_layer_uses_native_kernel(monkeypatch):
 
 def test_auto_decode_backend_measures_once_and_remembers(monkeypatch, tmp_path):
     import sparseforge.moe.layer as layer_mod
-    import sparseforge.runtime.choose as choose_mod
+    import sparseforge.measure.choose as choose_mod
 
     monkeypatch.setenv("SPARSEFORGE_CACHE_DIR", str(tmp_path))
     native_calls, timed = [], []
@@ -266,3 +266,59 @@ def test_layer_grouped_equals_native_for_mlp_experts():
     want = grouped_ffn(x.double(), weights.double(), build_plan(experts, 5), layer.w_up.double(), layer.w_down.double(),
                        None, "gelu")
     torch.testing.assert_close(y.double(), want.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_auto_decode_backend_is_keyed_per_cpu_and_shape(monkeypatch, tmp_path):
+    import sparseforge.measure.choose as choose_mod
+    import sparseforge.measure.tuning_cache as tc
+    from sparseforge.measure.timing import Measurement, Timing
+
+    monkeypatch.setenv("SPARSEFORGE_CACHE_DIR", str(tmp_path))
+    timed = []
+
+    def torch_wins(fns, **kw):  # a settled measurement: the torch path clearly faster
+        timed.append(1)
+        t = {"torch": Timing(0.5, 0.49, 0.51, 0.48, 0.49, 0.51, 30), "native": Timing(1.0, 0.99, 1.01, 0.98, 0.99, 1.01, 30)}
+        return Measurement(t, 30, True, 0.1, {k: (v.median_ms / 1e3,) * 30 for k, v in t.items()})
+
+    monkeypatch.setattr(choose_mod, "time_interleaved", torch_wins)
+    x = torch.randn(1, 16)
+
+    def decode_choice(d_hidden=24, tokens=1):
+        layer = MoE(16, d_hidden, 8, 2).eval()
+        with torch.no_grad():
+            layer(torch.randn(tokens, 16))
+        return layer.decode_choice[tokens]
+
+    first = decode_choice()
+    assert first.name == "torch" and not first.cached and len(timed) == 1
+    assert decode_choice().cached and len(timed) == 1  # same CPU and shape: the cache answers
+    assert not decode_choice(d_hidden=32).cached and len(timed) == 2  # another expert width
+    assert not decode_choice(tokens=2).cached and len(timed) == 3  # another token count
+    real_fp = tc.cpu_fingerprint
+    monkeypatch.setattr(tc, "cpu_fingerprint", lambda threads: {**real_fp(threads), "cpu": "Another CPU"})
+    assert not decode_choice().cached and len(timed) == 4  # another CPU model never reuses the answer
+    machines = {e["machine"]["cpu"] for e in tc.TuningCache().entries() if e["kind"] == "moe_decode"}
+    assert machines == {real_fp(1)["cpu"], "Another CPU"}
+    with torch.no_grad():
+        MoE(16, 24, 8, 2).eval()(x)
+
+
+def test_noisy_decode_measurement_keeps_the_native_default_uncached(monkeypatch, tmp_path):
+    import sparseforge.measure.choose as choose_mod
+    from sparseforge.measure.timing import Measurement, Timing
+    from sparseforge.measure.tuning_cache import TuningCache
+
+    monkeypatch.setenv("SPARSEFORGE_CACHE_DIR", str(tmp_path))
+
+    def noisy(fns, **kw):  # torch looks 20% faster, but the intervals overlap and nothing settled
+        t = {"torch": Timing(0.8, 0.5, 1.3, 0.4, 0.5, 1.3, 9), "native": Timing(1.0, 0.6, 1.5, 0.5, 0.6, 1.5, 9)}
+        return Measurement(t, 9, False, 0.2, {k: (v.median_ms / 1e3,) * 9 for k, v in t.items()})
+
+    monkeypatch.setattr(choose_mod, "time_interleaved", noisy)
+    layer = MoE(16, 24, 8, 2).eval()
+    with torch.no_grad():
+        layer(torch.randn(1, 16))
+    choice = layer.decode_choice[1]
+    assert choice.name == "native" and "too noisy" in choice.reason
+    assert TuningCache().entries() == []

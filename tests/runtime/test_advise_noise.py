@@ -5,7 +5,7 @@ import torch
 from sparseforge.runtime import advise, machine
 import statistics
 
-from sparseforge.runtime.timing import Measurement, Timing, median_ci
+from sparseforge.measure.timing import Measurement, Timing, median_ci
 
 
 def pruned(out=32, inp=64, density=0.1, seed=0):

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, strategies as st
 
 from sparseforge.errors import ConfigError
-from sparseforge.runtime.choose import choose_by_timing
-from sparseforge.runtime.timing import Measurement, median_ci, time_interleaved
-from sparseforge.runtime.tuning_cache import TuningCache, cpu_fingerprint
+from sparseforge.measure.choose import choose_by_timing
+from sparseforge.measure.timing import Measurement, median_ci, time_interleaved
+from sparseforge.measure.tuning_cache import TuningCache, cpu_fingerprint
 
 
 def sleeper(seconds):

@@ -2,14 +2,17 @@
 
 The model is ``builtin``, a Hugging Face causal-LM directory or a sparseforge checkpoint (a
 compressed one runs its pruned layers on the sparse kernels). The new text goes to stdout as it is
-produced; the timing line (prefill and decode tokens/s, separately) goes to stderr, so
-``sparseforge generate ... > out.txt`` keeps only the text.
+produced; the timing line (prefill and decode tokens/s, separately, and the engine that decoded)
+goes to stderr, so ``sparseforge generate ... > out.txt`` keeps only the text. ``--engine auto``
+(default) decodes with the native engine where it supports the model (Llama / Qwen2 / Mistral,
+no ``--kv-policy`` / ``--compile``), else with transformers' ``generate``, saying why.
 
 Example::
 
     sparseforge generate builtin --prompt "To be, or not to be" --max-new-tokens 64
     sparseforge generate pruned/ --prompt "ROMEO:" --temperature 0.8 --seed 1 --threads 2
     sparseforge generate builtin --prompt "ROMEO:" --kv-policy quest --kv-budget 256
+    sparseforge generate builtin --prompt "ROMEO:" --engine transformers --no-lean
 
 Wiring (in ``sparseforge/cli.py``): ``add_parser(subparsers)`` adds the subcommand (torch-free) and
 ``run(args)`` runs it, returning the exit status.
@@ -32,11 +35,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true", help="pick the most likely token each step (the default; excludes --temperature > 0)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 (default) is greedy")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all; default 50)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens holding this much probability "
+                   "(nucleus; 1 = all, the default)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens, past the end-of-text token")
     p.add_argument("--threads", type=int, default=None, help="threads for torch and the sparse kernels (default torch's)")
+    p.add_argument("--engine", default="auto", choices=["auto", "native", "transformers"],
+                   help="native: sparseforge's decode engine (Llama/Qwen2/Mistral); transformers: its generate; "
+                        "auto (default): native where it supports the model and the options")
     p.add_argument("--lean", action=argparse.BooleanOptionalAction, default=True,
-                   help="the lean decode path: fused sparse q/k/v and gate/up projections (default on); see --compile")
+                   help="transformers engine: the lean decode path, fused sparse q/k/v and gate/up projections "
+                        "(default on); see --compile")
     p.add_argument("--compile", action="store_true",
                    help="also torch.compile the decode step with a static KV cache (costs a minute or more once; pays for long generations)")
     p.add_argument("--kv-policy", default=None, choices=["dense", "quest", "streaming", "mustafar"],
@@ -56,11 +65,16 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--greedy and --temperature > 0 contradict each other; drop one")
     if args.compile and not args.lean:
         raise ConfigError("--compile is part of the lean decode path; drop --no-lean")
+    if args.engine == "native" and args.compile:
+        raise ConfigError("--compile is part of the transformers engine's lean path; use --engine transformers")
+    if args.engine == "native" and args.kv_policy is not None:
+        raise ConfigError("--kv-policy runs on transformers' paged cache, not the native engine's static one; "
+                          "use --engine transformers (or auto)")
     from sparseforge.generation.lean import LeanConfig
     from sparseforge.generation.text import GenerationSettings, generate, load_causal_lm
 
     GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       seed=args.seed)  # checks the numbers before the model loads
+                       top_p=args.top_p, seed=args.seed)  # checks the numbers before the model loads
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be a positive integer, got {args.threads}")
     if not args.prompt.strip():
@@ -77,7 +91,10 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     result = generate(model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, threads=args.threads,
-                      tokenizer=tokenizer, lean=lean, stream=sys.stdout, kv_policy=kv_policy)
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos,
+                      threads=args.threads, tokenizer=tokenizer, lean=lean, stream=sys.stdout, kv_policy=kv_policy,
+                      engine=args.engine)
+    for note in result.notes:
+        print(note, file=sys.stderr)
     print(result.summary(), file=sys.stderr)
     return 0

@@ -25,6 +25,11 @@ changes only what goes through its extension points:
 Greedy decoding gives the tokens of plain ``model.generate`` (``tests/generation``); the fused
 matmuls may differ from the separate ones in the last bits of float32 rounding.
 
+For Llama / Qwen2 / Mistral models the native decode engine (:mod:`sparseforge.generation.engine`,
+:func:`~sparseforge.generation.loop.native_generate`) costs less per token without compiling, and is what
+``sparseforge generate`` runs by default; this path stays the one for other model families, KV
+policies (transformers' paged cache) and the compiled step.
+
 Example:
     >>> from sparseforge.generation.lean import LeanConfig, lean_generate
     >>> ids = tokenizer("To be", return_tensors="pt").input_ids                   # doctest: +SKIP

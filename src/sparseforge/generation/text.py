@@ -2,9 +2,9 @@
 
 :func:`generate` takes a model name (``"builtin"``, a Hugging Face causal-LM directory, a dense or
 compressed sparseforge checkpoint) or an already loaded model and its tokenizer, tokenizes the
-prompt, runs transformers' ``generate`` (greedy by default, or sampling with ``temperature`` /
-``top_k`` / ``seed``), writes the new text to ``stream`` as each token arrives, and returns a
-:class:`GenerationResult` with the text, the token ids and the timings:
+prompt, decodes it with one of two engines (greedy by default, or sampling with ``temperature`` /
+``top_k`` / ``top_p`` / ``seed``), writes the new text to ``stream`` as each token arrives, and returns a
+:class:`GenerationResult` with the text, the token ids, the engine that ran and the timings:
 
 * **prefill**: from the call until the first new token exists (one forward over the prompt);
 * **decode**: from the first new token to the last, over ``new_tokens - 1`` steps.
@@ -12,8 +12,12 @@ prompt, runs transformers' ``generate`` (greedy by default, or sampling with ``t
 A compressed sparseforge checkpoint loads with its pruned layers sparse
 (:func:`sparseforge.io.loading.load_sparse`) and runs inside :func:`sparseforge.kernels.sparse_threads`
 (torch on one thread, the kernels on ``threads``); a dense model runs torch on ``threads``.
-``lean=True`` (default) decodes through :mod:`sparseforge.generation.lean` (fused projections and a
-static KV cache; the greedy tokens are those of plain ``generate``).
+Engines (``engine=``): ``"native"`` is the native decode engine (:mod:`sparseforge.generation.engine`,
+:func:`~sparseforge.generation.loop.native_generate`: Llama / Qwen2 / Mistral); ``"transformers"`` is
+transformers' ``generate``, with ``lean=True`` (default) through :mod:`sparseforge.generation.lean`
+(fused projections); ``"auto"`` (default) takes the native engine where it supports the model and no
+``kv_policy`` (which needs transformers' paged cache) or compiled lean path is asked for, and says
+why not in :attr:`GenerationResult.notes` otherwise. Greedy tokens are those of plain ``generate``.
 
 Example:
     >>> import sys
@@ -25,7 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -34,7 +37,7 @@ from typing import Any, Optional, TextIO
 
 from sparseforge.errors import ConfigError, ModelError
 
-__all__ = ["GenerationResult", "GenerationSettings", "generate", "load_causal_lm", "timing_streamer"]
+__all__ = ["ENGINES", "GenerationResult", "GenerationSettings", "choose_engine", "generate", "load_causal_lm", "timing_streamer"]
 
 
 
@@ -43,25 +46,24 @@ class GenerationSettings:
     """How to pick tokens: greedy (``temperature == 0``, the default) or sampling.
 
     ``temperature > 0`` samples from the softmax of ``logits / temperature``, restricted to the
-    ``top_k`` most likely tokens (``0``: all), with ``torch.manual_seed(seed)`` set first.
+    ``top_k`` most likely tokens (``0``: all) and to the ``top_p`` nucleus (``1``: all), seeded by
+    ``seed`` (the numbers are checked by :class:`~sparseforge.generation.sampling.Sampling`).
     ``ignore_eos`` keeps generating past the end-of-sequence token (for timing a fixed length).
     """
 
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_k: int = 50
+    top_p: float = 1.0
     seed: int = 0
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ConfigError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ConfigError(f"top_k must be an integer >= 0 (0 = no limit), got {self.top_k!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        from sparseforge.generation.sampling import Sampling
+
+        Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)  # checks the numbers
 
     @property
     def greedy(self) -> bool:
@@ -71,12 +73,21 @@ class GenerationSettings:
         """The keyword arguments of transformers' ``generate`` these settings stand for."""
         kw: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": not self.greedy}
         if not self.greedy:
-            kw.update(temperature=float(self.temperature), top_k=self.top_k or None, top_p=None)
+            kw.update(temperature=float(self.temperature), top_k=self.top_k or None, top_p=self.top_p if self.top_p < 1 else None)
         else:
             kw.update(temperature=None, top_k=None, top_p=None)
         if self.ignore_eos:
             kw["min_new_tokens"] = self.max_new_tokens
         return kw
+
+    def sampling(self):
+        """The :class:`~sparseforge.generation.sampling.Sampling` of the native engine for these settings."""
+        from sparseforge.generation.sampling import Sampling
+
+        if self.greedy:
+            return Sampling()
+        return Sampling(temperature=float(self.temperature), top_k=self.top_k or None,
+                        top_p=self.top_p if self.top_p < 1 else None, seed=self.seed)
 
 
 @dataclass
@@ -91,6 +102,7 @@ class GenerationResult:
     lean: bool = False
     threads: int = 1
     notes: list[str] = field(default_factory=list)
+    engine: str = "transformers"  # "native" (the native decode engine) or "transformers" (its generate)
 
     @property
     def new_tokens(self) -> int:
@@ -110,8 +122,14 @@ class GenerationResult:
         decode = (f"decode {self.decode_s:.3f} s ({self.decode_tokens_per_s:.1f} tokens/s, "
                   f"{1e3 * self.decode_s / (self.new_tokens - 1):.1f} ms/token)") if self.new_tokens > 1 else "no decode step"
         return (f"prompt {self.prompt_tokens} tokens: prefill {self.prefill_s:.3f} s ({self.prefill_tokens_per_s:.1f} tokens/s); "
-                f"{self.new_tokens} new tokens: {decode}; {self.threads} thread(s), "
-                f"{'lean decode path' if self.lean else 'plain transformers generate'}")
+                f"{self.new_tokens} new tokens: {decode}; {self.threads} thread(s), {self.engine_label}")
+
+    @property
+    def engine_label(self) -> str:
+        """Which engine decoded: ``native engine``, ``transformers generate (lean path)`` or ``transformers generate``."""
+        if self.engine == "native":
+            return "native engine"
+        return "transformers generate (lean path)" if self.lean else "transformers generate"
 
 
 def load_causal_lm(name_or_path: "str | Path", *, sparse: bool = True):
@@ -198,10 +216,44 @@ def _check_prompt(prompt: Any) -> str:
     return prompt
 
 
+ENGINES = ("auto", "native", "transformers")
+
+
+def choose_engine(model: Any, engine: str, *, kv_policy: Any = None, compiled: bool = False) -> tuple[str, Optional[str]]:
+    """``(engine that runs, why auto did not take the native one or None)`` for ``engine`` in :data:`ENGINES`.
+
+    Raises:
+        ConfigError: an unknown engine; ``"native"`` with a KV policy or the compiled lean path.
+        ModelError: ``"native"`` for a model the native engine does not run.
+    """
+    from sparseforge.generation.engine import check_supported, unsupported_reason
+
+    if engine not in ENGINES:
+        raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "native":
+        if kv_policy is not None:
+            raise ConfigError("a KV policy (--kv-policy) runs on transformers' paged cache, not the native engine's static "
+                              "one; use --engine transformers (or auto)")
+        if compiled:
+            raise ConfigError("--compile is part of the transformers engine's lean path; use --engine transformers")
+        check_supported(model)
+        return "native", None
+    if engine == "transformers":
+        return "transformers", None
+    if kv_policy is not None:
+        return "transformers", "a KV policy needs transformers' paged cache"
+    if compiled:
+        return "transformers", "--compile asks for the compiled lean path"
+    reason = unsupported_reason(model)
+    if reason is not None:
+        return "transformers", f"the native engine does not support {reason}"
+    return "native", None
+
+
 def generate(model: "str | Path | Any", prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
-             top_k: int = 50, seed: int = 0, ignore_eos: bool = False, threads: Optional[int] = None,
+             top_k: int = 50, top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False, threads: Optional[int] = None,
              tokenizer: Any = None, sparse: Optional[bool] = None, lean: "bool | Any" = True,
-             stream: Optional[TextIO] = None, kv_policy: Any = None) -> GenerationResult:
+             stream: Optional[TextIO] = None, kv_policy: Any = None, engine: str = "auto") -> GenerationResult:
     """Continue ``prompt`` with ``model``; stream the new text to ``stream``; return text, tokens and timings.
 
     Args:
@@ -209,14 +261,17 @@ def generate(model: "str | Path | Any", prompt: str, *, max_new_tokens: int = 64
             or compressed: see :func:`load_causal_lm`), or a loaded transformers causal LM (then pass
             ``tokenizer``).
         prompt: the text to continue (not empty).
-        max_new_tokens, temperature, top_k, seed, ignore_eos: see :class:`GenerationSettings`
+        max_new_tokens, temperature, top_k, top_p, seed, ignore_eos: see :class:`GenerationSettings`
             (``temperature=0``, the default, is greedy).
         threads: threads for torch and the sparse kernels (default: torch's current count).
         sparse: run in :func:`sparseforge.kernels.sparse_threads` (torch single-threaded, the kernels on
             ``threads``); default: when the model holds SparseLinear layers.
-        lean: ``True`` (default) decodes through :func:`sparseforge.generation.lean.lean_generate` with
-            its default :class:`~sparseforge.generation.lean.LeanConfig`, or pass a ``LeanConfig``;
-            ``False``: plain ``model.generate``. A loaded model passed in gets its projections fused in place.
+        engine: ``"auto"`` (default: the native engine where it runs the model, see the module doc),
+            ``"native"`` or ``"transformers"``; :attr:`GenerationResult.engine` says which ran.
+        lean: for the transformers engine: ``True`` (default) decodes through
+            :func:`sparseforge.generation.lean.lean_generate` with its default
+            :class:`~sparseforge.generation.lean.LeanConfig`, or pass a ``LeanConfig``; ``False``: plain
+            ``model.generate``. A loaded model passed in gets its projections fused in place (both engines).
         stream: a text stream (e.g. ``sys.stdout``) the new text is written to as it is produced.
         kv_policy: a sparse-attention policy (:mod:`sparseforge.attention`: ``Quest(budget=...)``,
             ``StreamingLLM(...)``, ``Mustafar(...)``, ...): the model decodes with
@@ -225,7 +280,8 @@ def generate(model: "str | Path | Any", prompt: str, *, max_new_tokens: int = 64
 
     Raises:
         ConfigError: empty prompt, bad numbers, a prompt plus ``max_new_tokens`` longer than the model's context.
-        ModelError: a bad model path, or a model that is not a causal LM.
+        ModelError: a bad model path, a model that is not a causal LM, or ``engine="native"`` for a model it
+            does not run.
     """
     import torch
 
@@ -234,8 +290,8 @@ def generate(model: "str | Path | Any", prompt: str, *, max_new_tokens: int = 64
     from sparseforge.nn.sparse_linear import SparseLinear
     from sparseforge.runtime.machine import set_threads
 
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
-                                  ignore_eos=ignore_eos)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  seed=seed, ignore_eos=ignore_eos)
     prompt = _check_prompt(prompt)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be a positive integer, got {threads!r}")
@@ -259,6 +315,8 @@ def generate(model: "str | Path | Any", prompt: str, *, max_new_tokens: int = 64
         raise ConfigError("a loaded model needs its tokenizer: generate(model, prompt, tokenizer=tokenizer)")
     if not hasattr(model, "generate") or not callable(getattr(model, "can_generate", None)) or not model.can_generate():
         raise ModelError(f"{type(model).__name__} is not a causal language model: generation needs a *ForCausalLM model")
+    engine, why_not_native = choose_engine(model, engine, kv_policy=kv_policy,
+                                           compiled=lean is not False and lean.compile)
     if sparse is None:
         sparse = any(isinstance(m, SparseLinear) for m in model.modules())
     threads = set_threads(threads)
@@ -277,16 +335,22 @@ def generate(model: "str | Path | Any", prompt: str, *, max_new_tokens: int = 64
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if isinstance(eos, int) else 0)
     streamer = timing_streamer(tokenizer, stream)
     kwargs = dict(settings.generate_kwargs(), attention_mask=torch.ones_like(ids), pad_token_id=pad, streamer=streamer)
-    if kv_policy is not None:
+    if kv_policy is not None and engine == "transformers":
         from sparseforge.attention import PagedKVCache, enable
 
         model.set_attn_implementation(enable())
         kwargs["cache"] = PagedKVCache(model.config, policy=kv_policy)
-    if not settings.greedy:
+    if not settings.greedy and engine == "transformers":
         torch.manual_seed(settings.seed)
     with (kernels.sparse_threads(threads) if sparse else nullcontext()), torch.inference_mode():
         start = time.perf_counter()
-        if lean is False:
+        if engine == "native":
+            from sparseforge.generation.loop import native_generate
+
+            out = native_generate(model, ids, max_new_tokens=settings.max_new_tokens, sampling=settings.sampling(),
+                                  min_new_tokens=settings.max_new_tokens if settings.ignore_eos else 0,
+                                  eos_token_id=eos, streamer=streamer)
+        elif lean is False:
             out = model.generate(ids, **kwargs)
         else:
             out = lean_generate(model, ids, lean, **kwargs)
@@ -297,5 +361,6 @@ def generate(model: "str | Path | Any", prompt: str, *, max_new_tokens: int = 64
     return GenerationResult(
         text=tokenizer.decode(new_ids, skip_special_tokens=True), token_ids=new_ids, prompt_tokens=int(ids.shape[1]),
         prefill_s=first - start, decode_s=(arrivals[-1] - first) if len(arrivals) > 1 else 0.0,
-        lean=lean is not False, threads=threads,
+        lean=engine == "transformers" and lean is not False, threads=threads, engine=engine,
+        notes=[f"transformers engine: {why_not_native}"] if why_not_native else [],
     )

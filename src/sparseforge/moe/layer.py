@@ -93,7 +93,7 @@ class MoE(nn.Module):
             per-slot ``torch.mm`` chain (:func:`~sparseforge.moe.grouped.few_tokens_ffn`, at most
             ``FEW_SLOTS`` slots, else the grouped path), ``"auto"`` measures both on the first decode
             call of each shape (float32 CPU inputs and weights; torch otherwise) and keeps the faster
-            (:func:`sparseforge.runtime.choose.choose_by_timing`, cached per CPU on disk; the choice
+            (:func:`sparseforge.measure.choose.choose_by_timing`, cached per CPU on disk; the choice
             is in :attr:`decode_choice`).
         decode_parallel: run the native decode kernel on the kernels' thread pool (default: on
             the calling thread, which already streams the weights at memory bandwidth).
@@ -274,7 +274,7 @@ class MoE(nn.Module):
     def _measured_decode(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> str:
         """``decode_backend="auto"``: time the native kernel against the torch path on this call's
         shape once (then per CPU from the on-disk cache) and remember the faster."""
-        from sparseforge.runtime.choose import choose_by_timing
+        from sparseforge.measure.choose import choose_by_timing
 
         question = {"d_model": self.d_model, "d_hidden": self.d_hidden, "experts": self.num_experts, "k": self.k,
                     "expert": self.expert, "activation": self.activation, "tokens": int(x.shape[0]),

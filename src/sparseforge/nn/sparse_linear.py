@@ -34,6 +34,15 @@ scalar, float32 accumulation, output cast back to ``x.dtype``); smaller batches 
 kernels (memory-bound, where bf16 compute does not pay). :meth:`kernel_path` and the repr say which
 path runs. Bitmap, N:M and CSR weights only.
 
+Kernel tiles: batches of 4+ rows run the batch-in-lanes kernels (CSR, bitmap, N:M, BSR; float32 /
+bfloat16 values), whose column tile and rows per task are measured on this machine
+(:mod:`sparseforge.measure.lanes_tile`): with ``lanes_tile="auto"`` (default) a layer of at least
+:data:`~sparseforge.measure.lanes_tile.MIN_WEIGHTS` weights times the candidates on its first call
+per batch bucket, or reads the answer from the per-machine tuning cache (``sparseforge cache clear``
+forgets it); set ``layer.lanes_tile = LanesTile(256, 0)`` to fix them, ``LanesTile()`` for the
+built-in rule. :attr:`lanes_tiles` shows what each batch bucket uses. The tile never changes the
+result beyond float32 summation order.
+
 Example:
     >>> import torch
     >>> from sparseforge.nn import SparseLinear
@@ -57,6 +66,7 @@ from sparseforge import kernels, ops
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats import BitmapWeight, BSRWeight, CSRWeight, FanInWeight, NMWeight, registry
 from sparseforge.formats.rule import auto_format
+from sparseforge.measure.lanes_tile import LANES_MIN_BATCH, RULE, LanesTile, batch_bucket, tile_for, tiles_apply
 from sparseforge.ops.bf16_compute import BF16_MIN_BATCH, bf16_formats, supports_bf16
 from sparseforge.patterns import NM, parse
 
@@ -80,6 +90,7 @@ class SparseLinear(nn.Module):
     """Linear layer with a sparse-format weight (see the module doc). ``weight`` is (out, in)."""
 
     _compute_dtype = torch.float32  # class default: modules pickled before compute_dtype existed load as float32
+    _lanes_tile: "str | LanesTile" = "auto"  # class default, for modules pickled before lanes_tile existed
 
     def __init__(
         self, weight: "BitmapWeight | NMWeight | CSRWeight | FanInWeight | BSRWeight", bias: Optional[Tensor] = None, *,
@@ -105,6 +116,8 @@ class SparseLinear(nn.Module):
         self.bias = bias
         self._compute_dtype = torch.float32
         self.set_compute_dtype(compute_dtype)
+        self._lanes_tile = "auto"
+        self._tiles: dict[int, LanesTile] = {}  # batch bucket -> the tile in use (lanes_tile="auto")
         if trainable:
             self.set_trainable(True)
 
@@ -258,6 +271,7 @@ class SparseLinear(nn.Module):
     def _refresh(self) -> None:
         self._weight = self._build(dict(zip(self._keys, self._current())))
         self._cached = self._current()
+        self.__dict__.get("_tiles", {}).clear()  # the density may have changed: measure again
 
     def requires_grad_(self, requires_grad: bool = True) -> "SparseLinear":
         """Same as :meth:`set_trainable`: the kept weights (and bias) train, the structure does not."""
@@ -330,6 +344,43 @@ class SparseLinear(nn.Module):
             return f"bf16:{kernels.bf16_path()}"
         return f"fp32:{kernels.isa()}"
 
+    # ---- kernel tiles ------------------------------------------------------------------------
+
+    @property
+    def lanes_tile(self) -> "str | LanesTile":
+        """``"auto"`` (measured per batch bucket, module doc) or the fixed :class:`LanesTile`."""
+        return self._lanes_tile
+
+    @lanes_tile.setter
+    def lanes_tile(self, tile: "str | LanesTile") -> None:
+        if not (tile == "auto" or isinstance(tile, LanesTile)):
+            raise ConfigError(f"lanes_tile must be 'auto' or a sparseforge.measure.lanes_tile.LanesTile, got {tile!r}")
+        if isinstance(tile, LanesTile) and tile != RULE and not tiles_apply(self.weight_format):
+            raise ConfigError(f"lanes_tile applies to csr, bitmap, nm and bsr layers with float32 / bfloat16 values; "
+                              f"this one is {self.format} with {self.weight_format.dtype} values: keep 'auto'")
+        self._lanes_tile = tile
+        self.__dict__.setdefault("_tiles", {}).clear()
+
+    @property
+    def lanes_tiles(self) -> dict[int, LanesTile]:
+        """``{batch bucket: tile}`` that ``lanes_tile="auto"`` measured (or read from the cache) so far."""
+        return dict(self.__dict__.get("_tiles", {}))
+
+    def _tile(self, weight, rows: int) -> dict[str, int]:
+        """The ``col_tile`` / ``block_rows`` keywords of :func:`sparseforge.ops.linear` for ``rows`` batch rows."""
+        if rows < LANES_MIN_BATCH:
+            return {}
+        if isinstance(self._lanes_tile, LanesTile):
+            return self._lanes_tile.kwargs()
+        if torch.compiler.is_compiling():
+            return {}
+        tiles = self.__dict__.setdefault("_tiles", {})
+        bucket = batch_bucket(rows)
+        tile = tiles.get(bucket)
+        if tile is None:
+            tile = tiles[bucket] = tile_for(weight, rows)[0]
+        return tile.kwargs()
+
     # ---- use ---------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
@@ -339,12 +390,13 @@ class SparseLinear(nn.Module):
             bias = bias.to(torch.float32)
         if self._compute_dtype == torch.bfloat16 and x.is_floating_point() and x.numel() >= BF16_MIN_BATCH * self.in_features:
             return ops.linear_bf16(x, weight, bias).to(x.dtype)  # (..., out); x converted to bf16 inside
+        tile = self._tile(weight, x.numel() // max(1, self.in_features))
         if x.dtype == torch.float32:
-            return ops.linear(x.contiguous(), weight, bias)  # (..., out)
+            return ops.linear(x.contiguous(), weight, bias, **tile)  # (..., out)
         if not x.is_floating_point():
             self._raise_like_linear(x)
         # the kernels take float32 activations: cast in, and the output back to x.dtype
-        return ops.linear(x.to(torch.float32).contiguous(), weight, bias).to(x.dtype)
+        return ops.linear(x.to(torch.float32).contiguous(), weight, bias, **tile).to(x.dtype)
 
     def _raise_like_linear(self, x: Tensor) -> None:
         """Raise the error ``nn.Linear`` raises for a non-floating ``x`` (torch's own, with a stride-0 weight)."""

@@ -48,7 +48,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from sparseforge.errors import DataError, ModelError
+from sparseforge.errors import ConfigError, DataError, ModelError
 from sparseforge.formats import registry
 from sparseforge.ops import bitmap, bsr, csr, fanin, int8, nm
 from sparseforge.ops._define import check_act, check_bias, np_view
@@ -62,10 +62,11 @@ from sparseforge.ops.nm import nm_linear, nm_linear_dw, nm_linear_t
 __all__ = [
     "linear", "csr_linear", "bitmap_linear", "nm_linear", "csr_linear_t", "bitmap_linear_t", "nm_linear_t",
     "csr_linear_dw", "bitmap_linear_dw", "nm_linear_dw", "fanin_linear", "fanin_linear_t", "fanin_linear_dw",
-    "bsr_linear", "bsr_linear_t", "bsr_linear_dw", "linear_bf16",
+    "bsr_linear", "bsr_linear_t", "bsr_linear_dw", "linear_bf16", "check_tile", "BoundLinear",
 ]
 
 KERNELS = {spec.fmt: spec for spec in (csr.OPS, bitmap.OPS, nm.OPS, fanin.OPS, bsr.OPS)}  # by kernel family
+_TILED = ("csr", "bitmap", "nm", "bsr")  # kernel families with the batch-in-lanes path (col_tile / block_rows)
 INT8_KERNELS = {"bitmap": int8.BITMAP_I8, "nm": int8.NM_I8, "csr": int8.CSR_I8}  # kernel family -> ops for int8 values
 
 
@@ -104,13 +105,38 @@ def _ops_for(weight):
     return spec
 
 
-def linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
+MAX_COL_TILE = 1024  # csrc/lanes.h kMaxColTile
+MAX_BLOCK_ROWS = 256  # csrc/lanes.h kMaxBlockRows
+
+
+def check_tile(col_tile: int, block_rows: int) -> None:
+    """ConfigError unless ``col_tile`` is 0 (the rule) or a multiple of 64 in 64..1024 and
+    ``block_rows`` is 0 (the rule) or in 1..256: the lanes kernels' tile (:func:`linear`)."""
+    ok_col = isinstance(col_tile, int) and not isinstance(col_tile, bool) and (
+        col_tile == 0 or (64 <= col_tile <= MAX_COL_TILE and col_tile % 64 == 0))
+    if not ok_col:
+        raise ConfigError(f"col_tile must be 0 (the rule) or a multiple of 64 in 64..{MAX_COL_TILE}, got {col_tile!r}")
+    if isinstance(block_rows, bool) or not isinstance(block_rows, int) or not 0 <= block_rows <= MAX_BLOCK_ROWS:
+        raise ConfigError(f"block_rows must be 0 (the rule) or in 1..{MAX_BLOCK_ROWS}, got {block_rows!r}")
+
+
+def linear(x: Tensor, weight, bias: Optional[Tensor] = None, *, col_tile: int = 0, block_rows: int = 0) -> Tensor:
     """``x (..., in) @ weight^T + bias`` for a CSR, bitmap, N:M, fan-in or BSR weight (CSR, bitmap and
     N:M also with int8 values).
 
     Leading dimensions of ``x`` are flattened into the batch and restored on the output.
+    ``col_tile`` / ``block_rows``: the column tile and rows per task of the batch-in-lanes kernels
+    (batch >= 4; CSR, bitmap, N:M and BSR with float32 / bfloat16 values), 0 for the built-in rule
+    (:mod:`sparseforge.measure.lanes_tile` measures them). They change the speed, never the result
+    beyond float32 summation order; the autograd / ``torch.compile`` path runs the rule.
     """
     spec = _ops_for(weight)
+    tiled = bool(col_tile or block_rows)
+    if tiled:
+        check_tile(col_tile, block_rows)
+    if tiled and (spec.fmt not in _TILED or weight.values.dtype == torch.int8):
+        raise ConfigError(f"col_tile / block_rows apply to the {', '.join(_TILED)} kernels with float32 or bfloat16 "
+                          f"values, not {spec.fmt} with {weight.values.dtype}; leave them 0")
     rows, cols = weight.shape
     if x.dim() < 1 or x.shape[-1] != cols:
         raise DataError(f"x must have shape (..., {cols}) to match a {rows}x{cols} weight, got {tuple(x.shape)}")
@@ -135,5 +161,47 @@ def linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
         ):
             check_bias(bias, rows)  # raises, saying what is wrong
         y = torch.empty(x2.shape[0], rows, dtype=torch.float32)  # (B, out)
-        kernel(np_view(x2), *wargs, np_view(bias), y.numpy())
+        if tiled:
+            kernel(np_view(x2), *wargs, np_view(bias), y.numpy(), col_tile=col_tile, block_rows=block_rows)
+        else:
+            kernel(np_view(x2), *wargs, np_view(bias), y.numpy())
     return y if flat else y.reshape(*x.shape[:-1], rows)
+
+
+class BoundLinear:
+    """:func:`linear` with the weight's kernel, buffer views and checks bound once: ``bound(x)`` for float32
+    ``x (B, in)``, C-contiguous, in eager inference (no autograd, no ``torch.compile``).
+
+    For a decode loop that calls the same layer every token: a call costs the native kernel, one view of
+    ``x`` and an output allocation (or none with ``out=``), where :func:`linear` also resolves the format's
+    ops and rebuilds or re-checks the weight's views. The result is bitwise that of :func:`linear`. The
+    weight must not be replaced afterwards (bind again); in-place updates of its values are seen.
+
+    Example:
+        >>> import torch
+        >>> from sparseforge.formats import BitmapWeight
+        >>> bound = BoundLinear(BitmapWeight.from_dense(torch.tensor([[1., 0., 2.], [0., 0., -1.]])))
+        >>> bound(torch.ones(1, 3)).tolist()
+        [[3.0, -1.0]]
+    """
+
+    def __init__(self, weight, bias: Optional[Tensor] = None) -> None:
+        spec = _ops_for(weight)
+        kernel, rows, wargs = spec.kernel_args(weight)
+        if bias is not None:
+            check_bias(bias, rows)
+        self.weight, self.bias = weight, bias  # the views below share their memory
+        self.out_features, self.in_features = rows, weight.shape[1]
+        self._kernel, self._wargs, self._bias = kernel, wargs, np_view(bias)
+
+    def __call__(self, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """``x (B, in) @ W^T + bias`` as float32 ``(B, out)``, into ``out`` when given (float32, contiguous)."""
+        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.in_features or not x.is_contiguous() or not x.is_cpu:
+            check_act(x, "x", self.in_features, "input features")
+        if out is None:
+            out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)  # (B, out)
+        elif out.dtype != torch.float32 or out.shape != (x.shape[0], self.out_features) or not out.is_contiguous():
+            raise DataError(f"out must be a contiguous float32 ({x.shape[0]}, {self.out_features}) tensor, got "
+                            f"{out.dtype} {tuple(out.shape)}")
+        self._kernel(np_view(x), *self._wargs, self._bias, out.numpy())
+        return out

@@ -13,6 +13,10 @@ KV heads and chunks of tokens, online softmax). Shapes:
 With one span ``[0, n)`` per head it equals ``torch.nn.functional.scaled_dot_product_attention``
 (within float rounding). No autograd: decode attention is inference only.
 
+:class:`BoundDecodeAttention` binds one layer's ``q``, cache and ``spans`` buffers once (checked once,
+zero-copy views made once) for a decode loop that calls it every step with the new length: the
+native engine's per-layer attention (:mod:`sparseforge.generation.engine`).
+
 ``sparseforge::quest_select(q, kmin, kmax, pages, keep)``: Quest's page choice per KV head, int32
 ``(B, Hkv, keep)`` ascending: the ``keep`` of the first ``pages`` pages with the largest bound
 ``sum_{g in group} sum_d max(q_gd kmax_d, q_gd kmin_d)`` (ties: the lower page); ``kmin``/``kmax``
@@ -39,7 +43,7 @@ from sparseforge.errors import DataError, SparseforgeError
 from sparseforge.kernels import native
 from sparseforge.ops._define import np_view
 
-__all__ = ["decode_attention", "decode_attention_lse", "decode_attention_ref", "merge_attention", "check_decode_args",
+__all__ = ["BoundDecodeAttention", "decode_attention", "decode_attention_lse", "decode_attention_ref", "merge_attention", "check_decode_args",
            "quest_select", "quest_select_ref", "attend", "select_pages"]
 
 KV_DTYPES = (torch.float32, torch.bfloat16)
@@ -169,3 +173,47 @@ def select_pages(q: Tensor, kmin: Tensor, kmax: Tensor, pages: int, keep: int) -
     if torch.compiler.is_compiling():
         return quest_select(q, kmin, kmax, pages, keep)
     return _select("quest_select", q, kmin, kmax, pages, keep)
+
+
+class BoundDecodeAttention:
+    """:func:`decode_attention` over fixed buffers, for a decode loop: ``bound(n)`` fills ``out`` in place.
+
+    ``q`` float32 ``(B, Hq, D)``, ``k``/``v`` ``(B, Hkv, cap, D)`` and ``spans`` int32 ``(B, Hkv, S, 2)`` are
+    checked once here (:func:`check_decode_args`) and their zero-copy views kept, so a call costs the
+    native kernel and one binding call. The caller writes the new query into ``q``, the new key/value
+    into the caches and the current spans into ``spans`` (in place: the views see them) before each
+    call, and keeps the spans within ``[0, n)`` (a span outside raises :class:`DataError`). Returns
+    ``out``, float32 ``(B, Hq, D)``, which the next call overwrites.
+
+    Example:
+        >>> import torch
+        >>> q, k = torch.ones(1, 2, 4), torch.ones(1, 1, 8, 4)
+        >>> v = torch.arange(8.).view(1, 1, 8, 1).expand(1, 1, 8, 4).contiguous()
+        >>> spans = torch.tensor([[[[0, 3]]]], dtype=torch.int32)
+        >>> bound = BoundDecodeAttention(q, k, v, spans, 0.5)
+        >>> bound(3)[0, 0].tolist()
+        [1.0, 1.0, 1.0, 1.0]
+    """
+
+    def __init__(self, q: Tensor, k: Tensor, v: Tensor, spans: Tensor, scale: float) -> None:
+        check_decode_args(q, k, v, spans, k.shape[2])
+        self.out = torch.empty(q.shape, dtype=torch.float32)  # (B, Hq, D)
+        self.capacity = k.shape[2]
+        self._held = (q, k, v, spans)  # the views below share their memory
+        self._args = (np_view(q), np_view(k), np_view(v), spans.numpy())
+        self._out = self.out.numpy()
+        self._scale = float(scale)
+        self._kernel = native().decode_attention
+
+    def __call__(self, n: int) -> Tensor:
+        """Attention of the bound ``q`` over the tokens the bound ``spans`` select among the first ``n``."""
+        if not 1 <= n <= self.capacity:
+            raise DataError(f"n={n} valid tokens must be in [1, {self.capacity}] (the cache capacity)")
+        q, k, v, spans = self._args
+        try:
+            self._kernel(q, k, v, spans, n, self._scale, self._out, lse=None)
+        except SparseforgeError:
+            raise
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
+        return self.out

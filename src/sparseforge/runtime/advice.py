@@ -33,6 +33,7 @@ class LayerAdvice:
     note: str = ""  # why dense was kept although a format measured faster (noise, implausible ratio)
     paired: dict[str, dict[int, float]] = field(default_factory=dict)  # median per-round dense / format time
     cached: bool = False  # read from the per-machine tuning cache instead of measured now
+    tiles: dict[int, str] = field(default_factory=dict)  # the chosen format's lanes-kernel tile per batch >= 4
 
     def speedup(self, fmt: Optional[str] = None) -> dict[int, float]:
         """Dense time / ``fmt`` time (default the choice) per batch size."""
@@ -48,7 +49,8 @@ class LayerAdvice:
         """Inverse of :meth:`to_dict` (JSON turns batch-size keys into strings; they come back as ints)."""
         per_batch = lambda table: {f: {int(b): t for b, t in v.items()} for f, v in table.items()}  # noqa: E731
         return cls(**{**d, "shape": tuple(d["shape"]), "timings": per_batch(d["timings"]),
-                      "paired": per_batch(d.get("paired", {}))})
+                      "paired": per_batch(d.get("paired", {})),
+                      "tiles": {int(b): t for b, t in d.get("tiles", {}).items()}})
 
     def reason(self) -> str:
         parts = ", ".join(f"batch {b}: dense {self.timings['dense'][b]:.3f} ms" +
@@ -87,6 +89,12 @@ class AdviceReport:
                     label += " (cached)" if a.cached else ""
                     lines.append(f"| {names} | {a.shape[0]}x{a.shape[1]} | {a.sparsity:.2f} | {b} | "
                                  f"{a.timings['dense'][b]:.3f} | {cells} | {label} | {a.speedup()[b]:.2f}x |")
+        tiled = [a for a in self.layers if a.tiles]
+        if tiled:
+            lines.append("\nkernel tiles (batch-in-lanes kernels, measured on this machine; rule = the built-in tiles):")
+            for a in tiled:
+                where = a.layers[0] + (f" (+{len(a.layers) - 1})" if len(a.layers) > 1 else "") if a.layers else str(a.shape)
+                lines.append(f"  {where}: {a.choice} " + ", ".join(f"batch {b} {t}" for b, t in sorted(a.tiles.items())))
         notes = [f"  {a.layers[0] if a.layers else a.shape}: {a.note}" for a in self.layers if a.note]
         if notes:
             lines.append("\nnotes:")

@@ -13,12 +13,12 @@ advisor times the candidates on the machine it runs on:
 * :func:`advise_model` does that for every linear layer of a model, once per distinct
   (shape, dtype, pattern, sparsity to 1%) group, using the first layer of each group's own weights,
   and keeps each group's answer in the per-machine tuning cache
-  (:mod:`sparseforge.runtime.tuning_cache`; ``sparseforge cache clear`` forgets it).
+  (:mod:`sparseforge.measure.tuning_cache`; ``sparseforge cache clear`` forgets it).
   :func:`sparseforge.runtime.compress.compress_` with ``format="auto"`` follows its choices.
 * :mod:`sparseforge.runtime.sweep` times random weights over a list of sparsities for the
   speedup-vs-sparsity table and plot.
 
-Timing protocol (:func:`sparseforge.runtime.timing.time_interleaved`): the candidates are called in
+Timing protocol (:func:`sparseforge.measure.timing.time_interleaved`): the candidates are called in
 a fresh random order every round, so load from other processes hits all of them alike, until every
 median is known to 2% or ``budget_s`` seconds per candidate have passed. A format's speedup is the
 median over rounds of the *paired* ratio dense time / format time (both called in the same round,
@@ -61,11 +61,12 @@ import torch
 from torch import nn
 
 from sparseforge.errors import ConfigError
+from sparseforge.measure.lanes_tile import LANES_MIN_BATCH, tile_for
+from sparseforge.measure.timing import time_interleaved
+from sparseforge.measure.tuning_cache import TuningCache
 from sparseforge.patterns import DEFAULT_NM, Pattern
 from sparseforge.runtime.advice import AdviceReport, LayerAdvice
 from sparseforge.runtime.machine import available_memory_bytes, last_level_cache, machine_info, set_threads
-from sparseforge.runtime.timing import time_interleaved
-from sparseforge.runtime.tuning_cache import TuningCache
 
 __all__ = ["LayerAdvice", "AdviceReport", "measure_layer", "advise_model", "check_budget", "stream_bytes", "weights_stream",
            "STREAM_BYTES", "PLAUSIBLE_GAIN"]
@@ -183,6 +184,7 @@ def measure_layer(w: torch.Tensor, *, batch_sizes: Sequence[int] = (1,), pattern
     bound = {f: PLAUSIBLE_GAIN * max(1.0, dense_bytes / max(1, m.weight_format.nbytes), 1.0 / density)
              for f, m in sparse.items()}
     timings: dict[str, dict[int, float]] = {"dense": {}, **{f: {} for f in sparse}}
+    tiles: dict[str, dict[int, str]] = {f: {} for f in sparse}  # lanes kernels' tile per batch (lanes_tile.py)
     speedups: dict[str, dict[int, float]] = {f: {} for f in sparse}  # median per-round dense / format time
     settled = {f: True for f in sparse}  # every batch: the speedup's interval excludes 1, or the medians settled
     implausible: set[str] = set()
@@ -192,6 +194,10 @@ def measure_layer(w: torch.Tensor, *, batch_sizes: Sequence[int] = (1,), pattern
         xd = x.to(w.dtype)
         fns: dict[str, Callable[[], Any]] = {"dense": _cycler(lambda m: torch.nn.functional.linear(xd, m), dense_ws)}
         for f, mods in sparse_ws.items():
+            tile = tile_for(mods[0].weight_format, b)[0]  # measured (or cached) once, then fixed on every copy
+            for m in mods:
+                m.lanes_tile = tile
+            tiles[f][b] = tile.label
             fns[f] = _cycler(lambda m: m(x), mods)
         for attempt in range(ATTEMPTS):  # re-measure, with twice the budget each time, what is not yet clear
             with torch.inference_mode():
@@ -224,7 +230,7 @@ def measure_layer(w: torch.Tensor, *, batch_sizes: Sequence[int] = (1,), pattern
                          "unsettled machine (too noisy to decide)")
     return LayerAdvice(tuple(w.shape), float(1 - keep.float().mean()), str(w.dtype).replace("torch.", ""),
                        timings, choice, pattern=_candidate_pattern(choice, pattern), note="; ".join(notes),
-                       paired=speedups)
+                       paired=speedups, tiles={b: t for b, t in tiles.get(choice, {}).items() if b >= LANES_MIN_BATCH})
 
 
 def _close_call(meas, contenders: list[str], speed: dict[str, tuple[float, float, float]]) -> bool:

@@ -14,7 +14,7 @@ reported and replaced on the next write, never trusted.
 
 Example:
     >>> import tempfile, os
-    >>> from sparseforge.runtime.tuning_cache import TuningCache
+    >>> from sparseforge.measure.tuning_cache import TuningCache
     >>> cache = TuningCache(os.path.join(tempfile.mkdtemp(), "tuning.json"))
     >>> cache.get("demo", {"shape": [4, 4]}) is None
     True

@@ -16,7 +16,7 @@ backend) and the benchmarks that compare variants use :func:`time_interleaved`:
 
 Example:
     >>> import torch
-    >>> from sparseforge.runtime.timing import time_interleaved
+    >>> from sparseforge.measure.timing import time_interleaved
     >>> a, b = torch.randn(64, 64), torch.randn(64, 64)
     >>> m = time_interleaved({"mm": lambda: a @ b, "add": lambda: a + b}, budget_s=0.05)
     >>> sorted(m.timings), m.rounds >= 5

@@ -1,16 +1,16 @@
 """Pick the fastest of a few interchangeable implementations by timing them here, once per machine.
 
 :func:`choose_by_timing` is the one place where an ``"auto"`` option turns into a measured choice:
-it times the candidates interleaved (:func:`sparseforge.runtime.timing.time_interleaved`), keeps the
+it times the candidates interleaved (:func:`sparseforge.measure.timing.time_interleaved`), keeps the
 fastest only when it is faster than the default by more than the measurement's own uncertainty,
 falls back to the default with a reason when the machine was too noisy to tell, and stores the
-answer in the per-machine :class:`~sparseforge.runtime.tuning_cache.TuningCache` so the next process
-on the same CPU reuses it. The choice is logged at debug level (logger ``sparseforge.runtime.choose``).
+answer in the per-machine :class:`~sparseforge.measure.tuning_cache.TuningCache` so the next process
+on the same CPU reuses it. The choice is logged at debug level (logger ``sparseforge.measure.choose``).
 
 Example:
     >>> import torch, tempfile, os
-    >>> from sparseforge.runtime.choose import choose_by_timing
-    >>> from sparseforge.runtime.tuning_cache import TuningCache
+    >>> from sparseforge.measure.choose import choose_by_timing
+    >>> from sparseforge.measure.tuning_cache import TuningCache
     >>> a, b = torch.randn(256, 256), torch.randn(256, 256)
     >>> cache = TuningCache(os.path.join(tempfile.mkdtemp(), "t.json"))
     >>> c = choose_by_timing("demo", {"n": 256}, {"mm": lambda: a @ b, "slow": lambda: [a @ b for _ in range(4)]},
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
 from sparseforge.errors import ConfigError
-from sparseforge.runtime.timing import time_interleaved
-from sparseforge.runtime.tuning_cache import TuningCache
+from sparseforge.measure.timing import time_interleaved
+from sparseforge.measure.tuning_cache import TuningCache
 
 __all__ = ["Choice", "choose_by_timing"]
 
