@@ -82,6 +82,20 @@ int parse_cs_algo(const std::string& algo) {
   throw std::invalid_argument("algo='" + algo + "' must be 'auto', 'gemv' or 'gemm'");
 }
 
+// name(x, bitmap, block_ptr, values, thresholds, bias, y): a scalar oracle over the same arguments
+template <void (*Ref)(const sf::ColumnSparseProblem&)>
+void def_reference(nb::module_& m, const char* name, const char* doc) {
+  m.def(
+      name,
+      [](const In& x, const In& bitmap, const In& block_ptr, const In& values, const In& thr, const nb::object& bias,
+         const Out& y) {
+        const sf::ColumnSparseProblem p = linear_problem(x, bitmap, block_ptr, values, thr, bias, y);
+        nb::gil_scoped_release rel;
+        Ref(p);
+      },
+      "x"_a, "bitmap"_a, "block_ptr"_a, "values"_a, "thresholds"_a, "bias"_a.none(), "y"_a, doc);
+}
+
 }  // namespace
 
 void register_column_sparse(nb::module_& m) {
@@ -100,16 +114,8 @@ void register_column_sparse(nb::module_& m) {
       "algo"_a = "auto", "parallel"_a = true,
       "y (B, out) = (x with channels |x| <= threshold skipped) @ W^T + bias, W stored per input channel as a "
       "bitmap + packed values; see csrc/column_sparse.h.");
-  m.def(
-      "column_sparse_linear_ref",
-      [](const In& x, const In& bitmap, const In& block_ptr, const In& values, const In& thr, const nb::object& bias,
-         const Out& y) {
-        const sf::ColumnSparseProblem p = linear_problem(x, bitmap, block_ptr, values, thr, bias, y);
-        nb::gil_scoped_release rel;
-        sf::column_sparse_linear_ref(p);
-      },
-      "x"_a, "bitmap"_a, "block_ptr"_a, "values"_a, "thresholds"_a, "bias"_a.none(), "y"_a,
-      "Scalar reference of column_sparse_linear (test oracle).");
+  def_reference<sf::column_sparse_linear_ref>(m, "column_sparse_linear_ref",
+                                              "Scalar reference of column_sparse_linear (test oracle).");
   m.def(
       "column_sparse_linear_bf16",
       [](const In& x, const In& bitmap, const In& block_ptr, const In& values, const In& thr, const nb::object& bias,
@@ -124,16 +130,8 @@ void register_column_sparse(nb::module_& m) {
       "parallel"_a = true,
       "column_sparse_linear in bf16 compute: the kept x values and the weights rounded to bf16, float32 "
       "accumulation, on the AMX / avx512_bf16 / scalar path; see csrc/column_sparse_bf16.h.");
-  m.def(
-      "column_sparse_linear_bf16_ref",
-      [](const In& x, const In& bitmap, const In& block_ptr, const In& values, const In& thr, const nb::object& bias,
-         const Out& y) {
-        const sf::ColumnSparseProblem p = linear_problem(x, bitmap, block_ptr, values, thr, bias, y);
-        nb::gil_scoped_release rel;
-        sf::column_sparse_linear_bf16_ref(p);
-      },
-      "x"_a, "bitmap"_a, "block_ptr"_a, "values"_a, "thresholds"_a, "bias"_a.none(), "y"_a,
-      "Scalar reference of column_sparse_linear_bf16 (test oracle).");
+  def_reference<sf::column_sparse_linear_bf16_ref>(m, "column_sparse_linear_bf16_ref",
+                                                   "Scalar reference of column_sparse_linear_bf16 (test oracle).");
   m.def(
       "column_sparse_check",
       [](const In& bitmap, const In& block_ptr, const In& values, int64_t out) {

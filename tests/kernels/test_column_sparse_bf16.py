@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from input_sparse_cases import at_thread_counts, random_problem, raw
 
 from sparseforge import kernels
 from sparseforge.errors import ConfigError
@@ -24,12 +25,8 @@ from sparseforge.ops.column_sparse import (column_sparse_bf16_op, column_sparse_
 PATHS = tuple(p for p in kernels.BF16_PATHS if kernels.bf16_path_supported(p))
 
 
-def _np(t):
-    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
-
-
 def _views(w: ColumnBitmapWeight):
-    return w.bitmap.numpy(), w.block_ptr.numpy(), _np(w.values)
+    return w.bitmap.numpy(), w.block_ptr.numpy(), raw(w.values)
 
 
 def _kernel(x, w, thr, bias=None, path="scalar"):
@@ -47,11 +44,8 @@ def _oracle(x, w, thr, bias=None):
 
 
 def _case(batch, n_in, n_out, dtype, weight_sparsity=0.5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, n_in, generator=g)
-    w = torch.randn(n_out, n_in, generator=g)  # (out, in)
-    w[torch.rand(n_out, n_in, generator=g) < weight_sparsity] = 0.0
-    return x, ColumnBitmapWeight.from_dense(w.to(dtype)), torch.randn(n_out, generator=g)
+    x, w, bias = random_problem(batch, n_in, n_out, seed, weight_sparsity)  # w (out, in)
+    return x, ColumnBitmapWeight.from_dense(w.to(dtype)), bias
 
 
 def _tol(n_in):  # bf16 products are exact in float32: only the summation order differs
@@ -132,14 +126,7 @@ def test_nan_and_inf_inputs_propagate_as_in_the_oracle(path):
 def test_thread_count_does_not_change_results(path):
     x, w, bias = _case(64, 512, 2100, torch.bfloat16, seed=5)
     thr = torch.tensor([0.3])
-    before = kernels.num_threads()
-    try:
-        kernels.set_num_threads(1)
-        one = _kernel(x, w, thr, bias, path)
-        kernels.set_num_threads(3)
-        three = _kernel(x, w, thr, bias, path)
-    finally:
-        kernels.set_num_threads(before)
+    one, three = at_thread_counts(lambda: _kernel(x, w, thr, bias, path))
     assert torch.equal(one, three)
 
 
