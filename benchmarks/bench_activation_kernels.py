@@ -24,8 +24,10 @@ that fraction of each weight pruned at random, stored in the column bitmap forma
 at activation sparsity ``--col-sparsities`` (default 0 / 25 / 50 / 65 %). Its bytes bound is
 ``(1 - s_act) x (column-format bytes / dense bytes) x dense-layout time`` (the format's bytes: kept
 values, the bitmap and the block pointers); ``vs torch dense`` compares with torch's dense layer of
-the same dtype. At ``--prefill`` rows the decoded-panel GEMM over the same column layout runs against
-torch dense.
+the same dtype. At ``--prefill`` rows the decoded-panel GEMM over the same column layout (and, for
+bf16 values, the bf16 product on the best bf16 path: AMX / avx512_bf16) runs against torch dense in
+float32 and in bf16 on the same pruned weights, with the union of active channels (the channels the
+batch reads) printed.
 
 The streaming bandwidth (torch ``sum`` of a large fp32 array) is measured before and after and
 printed beside the figures. The machine this is written on is shared with other jobs: read ratios
@@ -34,6 +36,7 @@ measured in one run, not absolute times.
 Usage:
     python benchmarks/bench_activation_kernels.py            # 8 x 4096/11008 (several minutes)
     python benchmarks/bench_activation_kernels.py --quick    # 2 x 1024/2816, short timing (smoke)
+    python benchmarks/bench_activation_kernels.py --quick --cpu-time   # one thread, CPU-time clock (shared host)
     python benchmarks/bench_activation_kernels.py --layers 2 --sparsities 0,0.5
 """
 
@@ -70,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=2.0, help="seconds of timing per cell (5..40 passes)")
     p.add_argument("--bw-mib", type=int, default=512)
     p.add_argument("--quick", action="store_true", help="2 layers of 1024/2816, short timing")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="one thread, timed by the thread's CPU time (robust on a shared, loaded machine)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.quick:
@@ -95,10 +100,30 @@ def bandwidth_gbs(mib: int) -> float:
     return a.numel() * 4 / statistics.median(ts) / 1e9
 
 
+def time_cpu(fn, budget: float) -> dict:
+    """Median CPU time of the calling thread per fn() (``--cpu-time``: one thread, so the thread does
+    all the work); a descheduled thread accrues none, which makes this robust on a shared machine."""
+    fn()
+    t0 = time.thread_time()
+    fn()
+    first = time.thread_time() - t0
+    n = max(5, min(40, int(budget / max(first, 1e-6)) + 1))
+    ts = []
+    for _ in range(n):
+        t0 = time.thread_time()
+        fn()
+        ts.append(time.thread_time() - t0)
+    return {"ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts), "passes": n, "clock": "thread cpu time"}
+
+
 def time_best(fn, budget: float, threads: int, set_threads) -> dict:
     """time_fn at ``threads`` threads and at 1 (``set_threads(n)`` switches), the faster kept: on a
     loaded machine a multi-threaded run can be far slower (torch's spinning OpenMP workers, a
-    kernel thread descheduled). Applied alike to torch and to our kernels."""
+    kernel thread descheduled). Applied alike to torch and to our kernels. ``threads == 0`` means
+    ``--cpu-time``: one thread, timed by :func:`time_cpu`."""
+    if threads == 0:
+        set_threads(1)
+        return dict(time_cpu(fn, budget), threads_used=1)
     best = None
     for n in sorted({threads, 1}, reverse=True):
         set_threads(n)
@@ -123,15 +148,18 @@ def run(args) -> dict:
     from sparseforge.ops.sparse_input import sparse_input_linear
 
     def time_torch(fn, budget, threads):
-        return time_best(fn, budget, threads, torch.set_num_threads)
+        return time_best(fn, budget, 0 if args.cpu_time else threads, torch.set_num_threads)
 
     def time_ours(fn, budget, threads):
-        return time_best(fn, budget, threads, kernels.set_num_threads)
+        return time_best(fn, budget, 0 if args.cpu_time else threads, kernels.set_num_threads)
 
+    if args.cpu_time:
+        args.threads = 1
     torch.set_num_threads(args.threads)
     kernels.set_num_threads(args.threads)
     shapes = [(args.ffn, args.hidden) if k % 2 == 0 else (args.hidden, args.ffn) for k in range(args.layers)]
     meta = {"layers": shapes, "threads": args.threads, "isa": kernels.isa(), "cpu": cpu_name(),
+            "clock": "thread cpu time" if args.cpu_time else "wall",
             "torch": torch.__version__, "load_avg_start": os.getloadavg()}
     print(f"# {args.layers} layers {shapes[0]}...; isa={meta['isa']}, threads={args.threads}; {meta['cpu']}", flush=True)
     bw0 = bandwidth_gbs(args.bw_mib)
@@ -226,25 +254,51 @@ def column_rows(args, dt_name, dtype, dense32, xs, t_dense, dense_layout, gen, t
         print(f"{dt_name} weight {ws:.0%} + act {s:.0%}: {t['ms']:.2f} ms, bound {bound:.2f} ms ({bound / t['ms']:.0%}), "
               f"{t_dense['ms'] / t['ms']:.2f}x torch dense", flush=True)
     if args.prefill:
-        xb = [torch.randn(args.prefill, x.shape[1], generator=gen) for x in xs]
-        with torch.no_grad():
-            base = time_torch(lambda: [torch.nn.functional.linear(x.to(dtype), w.to(dtype)) for w, x in zip(pruned, xb)],
-                              args.budget, args.threads)
-        rows.append({"dtype": dt_name, "batch": args.prefill, "kernel": "torch dense (pruned weights)", "sparsity": 0.0,
-                     **base})
-        for s in (0.0, 0.5):
-            thr = [torch.tensor([float(torch.quantile(x.abs(), s))]) if s > 0 else torch.zeros(1) for x in xb]
-            outs = [torch.empty(args.prefill, c.shape[0]) for c in cols]
+        rows += column_prefill_rows(args, dt_name, dtype, pruned, cols, args_of, gen, time_torch, time_ours)
+    return rows
 
-            def run_gemm(thr=thr, outs=outs):
+
+def column_prefill_rows(args, dt_name, dtype, pruned, cols, args_of, gen, time_torch, time_ours) -> list[dict]:
+    """Batch ``--prefill`` over the column layout against torch dense on the same pruned weights, in
+    float32 and in bf16 (torch's bf16 ``F.linear`` runs on AMX where the CPU has it), in the same run:
+    the float32 decoded-panel GEMM and, for bf16 values, the bf16 product (``compute_dtype=bfloat16``,
+    the best bf16 path). ``union`` is the fraction of channels active in at least one of the rows:
+    only the others are skipped (never read) at this batch."""
+    from sparseforge import kernels
+    from sparseforge.kernels import native
+
+    n = args.prefill
+    xb = [torch.randn(n, c.shape[1], generator=gen) for c in cols]
+    bases = {}
+    with torch.no_grad():
+        for base_dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            ws_ = [w.to(dtype).to(base_dt) for w in pruned]  # the stored weights, in the baseline's dtype
+            xs_ = [x.to(base_dt) for x in xb]
+            bases[name] = time_torch(lambda ws_=ws_, xs_=xs_: [torch.nn.functional.linear(x, w) for w, x in zip(ws_, xs_)],
+                                     args.budget, args.threads)
+            print(f"{dt_name} batch {n} torch dense {name} (pruned weights): {bases[name]['ms']:.2f} ms", flush=True)
+    rows = [{"dtype": dt_name, "batch": n, "kernel": f"torch dense {k} (pruned weights)", "sparsity": 0.0, **v}
+            for k, v in bases.items()]
+    ws = args.weight_sparsity
+    kernels_of = {"column layout GEMM fp32": lambda k, views, x, t, y: k(x, *views, t, None, y, "", "gemm")}
+    if dtype == torch.bfloat16:
+        bf16 = native().column_sparse_linear_bf16
+        kernels_of[f"column layout bf16 ({kernels.bf16_path()})"] = lambda k, views, x, t, y: bf16(x, *views, t, None, y, "")
+    for s in (0.0, 0.5):
+        thr = [torch.tensor([float(torch.quantile(x.abs(), s))]) if s > 0 else torch.zeros(1) for x in xb]
+        union = sum(float((x.abs() > t).any(0).float().sum()) for x, t in zip(xb, thr)) / sum(x.shape[1] for x in xb)
+        outs = [torch.empty(n, c.shape[0]) for c in cols]
+        for label, call in kernels_of.items():
+            def run_cols(thr=thr, outs=outs, call=call):
                 for (kernel, *views), x, t, y in zip(args_of, xb, thr, outs):
-                    kernel(x.numpy(), *views, t.numpy(), None, y.numpy(), "", "gemm")
+                    call(kernel, views, x.numpy(), t.numpy(), y.numpy())
 
-            t = time_ours(run_gemm, args.budget, args.threads)
-            rows.append({"dtype": dt_name, "batch": args.prefill, "kernel": f"column layout GEMM (weight {ws:.0%})",
-                         "sparsity": s, "weight_sparsity": ws, **t, "vs_torch_dense": base["ms"] / t["ms"]})
-            print(f"{dt_name} batch {args.prefill} weight {ws:.0%} + act {s:.0%} column GEMM: {t['ms']:.1f} ms "
-                  f"({base['ms'] / t['ms']:.2f}x torch dense, {base['ms']:.1f} ms)", flush=True)
+            t = time_ours(run_cols, args.budget, args.threads)
+            vs = {f"vs_torch_dense_{k}": v["ms"] / t["ms"] for k, v in bases.items()}
+            rows.append({"dtype": dt_name, "batch": n, "kernel": f"{label} (weight {ws:.0%})", "sparsity": s,
+                         "weight_sparsity": ws, "union": union, **t, "vs_torch_dense": vs[f"vs_torch_dense_{dt_name}"], **vs})
+            print(f"{dt_name} batch {n} weight {ws:.0%} + act {s:.0%} (union {union:.1%}) {label}: {t['ms']:.2f} ms, "
+                  f"{vs['vs_torch_dense_fp32']:.2f}x torch fp32, {vs['vs_torch_dense_bf16']:.2f}x torch bf16", flush=True)
     return rows
 
 

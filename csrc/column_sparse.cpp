@@ -2,6 +2,7 @@
 // buffer checks and the driver that compacts the active channels and spreads column tiles over the
 // thread pool.
 #include "column_sparse.h"
+#include "column_sparse_bf16.h"
 
 #include <cmath>
 #include <stdexcept>
@@ -109,7 +110,11 @@ void column_sparse_check_weight(const ColumnSparseWeight& w) {
   }
 }
 
-void column_sparse_linear_ref(const ColumnSparseProblem& p) {
+namespace {
+
+// The reference loops: xval(b, i) the value an active channel contributes, wval(pos) a stored weight.
+template <class XVal, class WVal>
+void reference_loops(const ColumnSparseProblem& p, XVal xval, WVal wval) {
   column_sparse_check_problem(p);
   const ColumnSparseWeight& w = p.w;
   for (int64_t b = 0; b < p.B; ++b) {
@@ -117,14 +122,28 @@ void column_sparse_linear_ref(const ColumnSparseProblem& p) {
     for (int64_t j = 0; j < w.out; ++j) yb[j] = p.bias ? p.bias[j] : 0.f;
     for (int64_t i = 0; i < w.in; ++i) {
       if (!active(p, b, i)) continue;
-      const float xi = p.x[b * w.in + i];
+      const float xi = xval(b, i);
       int64_t pos = w.block_ptr[i * w.nblk()];
       for (int64_t j = 0; j < w.out; ++j) {
         const bool stored = (w.bitmap[i * w.words() + j / 64] >> (j % 64)) & 1u;
-        yb[j] += xi * (stored ? weight_at(w, pos++) : 0.f);  // a pruned weight is 0 (inf * 0 = NaN, as dense)
+        yb[j] += xi * (stored ? wval(pos++) : 0.f);  // a pruned weight is 0 (inf * 0 = NaN, as dense)
       }
     }
   }
+}
+
+}  // namespace
+
+void column_sparse_linear_ref(const ColumnSparseProblem& p) {
+  reference_loops(
+      p, [&](int64_t b, int64_t i) { return p.x[b * p.w.in + i]; }, [&](int64_t pos) { return weight_at(p.w, pos); });
+}
+
+void column_sparse_linear_bf16_ref(const ColumnSparseProblem& p) {
+  auto round = [](float v) { return bf16_to_f32(f32_to_bf16(v)); };
+  reference_loops(
+      p, [&](int64_t b, int64_t i) { return round(p.x[b * p.w.in + i]); },
+      [&](int64_t pos) { return round(weight_at(p.w, pos)); });
 }
 
 void column_sparse_linear(const ColumnSparseProblem& p, Isa isa, int algo, bool parallel) {

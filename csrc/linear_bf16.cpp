@@ -87,9 +87,7 @@ bool amx_permission() {
 // the table of a path; a path this machine cannot run throws (for AMX this also makes sure the
 // process asked Linux for the tile state: bf16_path_supported does, once)
 const Bf16Kernels& kernels(Bf16Path path) {
-  if (!bf16_path_supported(path)) {
-    throw std::invalid_argument(std::string("bf16 path ") + bf16_path_name(path) + " is not available on this machine");
-  }
+  require_bf16_path(path);
 #if defined(SF_HAVE_BF16_KERNELS)
   if (path == Bf16Path::avx512_bf16) return avx512bf16::linear_bf16;
 #endif
@@ -240,6 +238,12 @@ bool bf16_path_supported(Bf16Path path) {
 #else
   return false;
 #endif
+}
+
+void require_bf16_path(Bf16Path path) {
+  if (!bf16_path_supported(path)) {
+    throw std::invalid_argument(std::string("bf16 path ") + bf16_path_name(path) + " is not available on this machine");
+  }
 }
 
 Bf16Path best_bf16_path() {

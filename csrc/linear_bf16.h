@@ -78,6 +78,8 @@ namespace amx { extern const Bf16Kernels linear_bf16; }         // the above + A
 bool bf16_path_compiled(Bf16Path path);
 bool bf16_path_supported(Bf16Path path);  // compiled, CPU flags, OS state (and the AMX permission)
 Bf16Path best_bf16_path();
+// throws std::invalid_argument naming the path if this machine cannot run it (else nothing)
+void require_bf16_path(Bf16Path path);
 Bf16Path resolve_bf16_path(const char* requested);  // nullptr/"" -> SPARSEFORGE_BF16_PATH -> best; throws std::invalid_argument
 const char* bf16_path_name(Bf16Path path);
 

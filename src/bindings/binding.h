@@ -21,6 +21,7 @@
 #include "buffers.h"
 #include "common.h"
 #include "isa.h"
+#include "linear_bf16.h"
 
 namespace sf {
 enum class Bf16Path : int;  // csrc/linear_bf16.h

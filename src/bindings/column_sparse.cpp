@@ -2,6 +2,8 @@
 //   column_sparse_linear(x, bitmap, block_ptr, values, thresholds, bias, y, isa="", algo="auto", parallel=True)
 //   column_sparse_linear_ref(x, bitmap, block_ptr, values, thresholds, bias, y)   the scalar oracle
 //   column_sparse_check(bitmap, block_ptr, values, out)   the full buffer check (once per weight)
+//   column_sparse_linear_bf16(x, ..., y, path="", parallel=True)   the same in bf16 compute (column_sparse_bf16.h)
+//   column_sparse_linear_bf16_ref(x, ..., y)                      its scalar oracle
 // x (B, in) float32, bitmap (in, ceil(out / 64)) int64 / uint64 words, block_ptr (in * ceil(out / 512)
 // + 1,) int64, values (nnz,) float32 or bfloat16 (or its raw uint16 bits), thresholds (1,) or (in,)
 // float32, bias (out,) float32 or None, y (B, out) float32 written in place.
@@ -10,6 +12,7 @@
 
 #include "binding.h"
 #include "column_sparse.h"
+#include "column_sparse_bf16.h"
 
 namespace sfb {
 
@@ -79,6 +82,20 @@ int parse_cs_algo(const std::string& algo) {
   throw std::invalid_argument("algo='" + algo + "' must be 'auto', 'gemv' or 'gemm'");
 }
 
+// name(x, bitmap, block_ptr, values, thresholds, bias, y): a scalar oracle over the same arguments
+template <void (*Ref)(const sf::ColumnSparseProblem&)>
+void def_reference(nb::module_& m, const char* name, const char* doc) {
+  m.def(
+      name,
+      [](const In& x, const In& bitmap, const In& block_ptr, const In& values, const In& thr, const nb::object& bias,
+         const Out& y) {
+        const sf::ColumnSparseProblem p = linear_problem(x, bitmap, block_ptr, values, thr, bias, y);
+        nb::gil_scoped_release rel;
+        Ref(p);
+      },
+      "x"_a, "bitmap"_a, "block_ptr"_a, "values"_a, "thresholds"_a, "bias"_a.none(), "y"_a, doc);
+}
+
 }  // namespace
 
 void register_column_sparse(nb::module_& m) {
@@ -97,16 +114,24 @@ void register_column_sparse(nb::module_& m) {
       "algo"_a = "auto", "parallel"_a = true,
       "y (B, out) = (x with channels |x| <= threshold skipped) @ W^T + bias, W stored per input channel as a "
       "bitmap + packed values; see csrc/column_sparse.h.");
+  def_reference<sf::column_sparse_linear_ref>(m, "column_sparse_linear_ref",
+                                              "Scalar reference of column_sparse_linear (test oracle).");
   m.def(
-      "column_sparse_linear_ref",
+      "column_sparse_linear_bf16",
       [](const In& x, const In& bitmap, const In& block_ptr, const In& values, const In& thr, const nb::object& bias,
-         const Out& y) {
+         const Out& y, const std::string& path, bool parallel) {
         const sf::ColumnSparseProblem p = linear_problem(x, bitmap, block_ptr, values, thr, bias, y);
+        const sf::Bf16Path bp = resolve_bf16(path);
+        threads();
         nb::gil_scoped_release rel;
-        sf::column_sparse_linear_ref(p);
+        sf::column_sparse_linear_bf16(p, bp, parallel);
       },
-      "x"_a, "bitmap"_a, "block_ptr"_a, "values"_a, "thresholds"_a, "bias"_a.none(), "y"_a,
-      "Scalar reference of column_sparse_linear (test oracle).");
+      "x"_a, "bitmap"_a, "block_ptr"_a, "values"_a, "thresholds"_a, "bias"_a.none(), "y"_a, "path"_a = "",
+      "parallel"_a = true,
+      "column_sparse_linear in bf16 compute: the kept x values and the weights rounded to bf16, float32 "
+      "accumulation, on the AMX / avx512_bf16 / scalar path; see csrc/column_sparse_bf16.h.");
+  def_reference<sf::column_sparse_linear_bf16_ref>(m, "column_sparse_linear_bf16_ref",
+                                                   "Scalar reference of column_sparse_linear_bf16 (test oracle).");
   m.def(
       "column_sparse_check",
       [](const In& bitmap, const In& block_ptr, const In& values, int64_t out) {

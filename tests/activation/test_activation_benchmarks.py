@@ -8,6 +8,7 @@ import math
 import pytest
 
 from benchmark_modules import load_benchmark
+from sparseforge import kernels
 
 
 def test_kernel_benchmark_writes_bounds_and_baselines(tmp_path):
@@ -36,6 +37,29 @@ def test_kernel_benchmark_writes_bounds_and_baselines(tmp_path):
         assert math.isclose(r["bound_ms"], (1 - r["sparsity"]) * r["bytes_ratio"] * min(dense, own))
         assert math.isclose(r["vs_torch_dense"], dense / r["ms"])
     assert {r["dtype"] for r in result["rows"] if r["batch"] == 3 and r["kernel"].startswith("column layout GEMM")} == {"fp32", "bf16"}
+
+
+def test_kernel_benchmark_prefill_rows_against_torch_fp32_and_bf16(tmp_path):
+    bench = load_benchmark("activation_kernels")
+    out = tmp_path / "k.json"
+    bench.main(["--layers", "2", "--hidden", "64", "--ffn", "96", "--sparsities", "0", "--col-sparsities", "0",
+                "--budget", "0.01", "--bw-mib", "4", "--prefill", "20", "--cpu-time", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["meta"]["clock"] == "thread cpu time" and result["meta"]["threads"] == 1
+    rows = [r for r in result["rows"] if r["batch"] == 20]
+    for dt in ("fp32", "bf16"):
+        base = {k: next(r["ms"] for r in rows if r["dtype"] == dt and r["kernel"] == f"torch dense {k} (pruned weights)")
+                for k in ("fp32", "bf16")}
+        ours = [r for r in rows if r["dtype"] == dt and r["kernel"].startswith("column layout")]
+        kinds = {r["kernel"].split(" (weight")[0] for r in ours}
+        want = {"column layout GEMM fp32"} | ({f"column layout bf16 ({kernels.bf16_path()})"} if dt == "bf16" else set())
+        assert kinds == want and {r["sparsity"] for r in ours} == {0.0, 0.5}
+        for r in ours:
+            assert 0.0 < r["union"] <= 1.0 and r["threads_used"] == 1
+            assert math.isclose(r["vs_torch_dense_fp32"], base["fp32"] / r["ms"])
+            assert math.isclose(r["vs_torch_dense_bf16"], base["bf16"] / r["ms"])
+            assert r["vs_torch_dense"] == r[f"vs_torch_dense_{dt}"]
+        assert next(r for r in ours if r["sparsity"] == 0.0)["union"] == 1.0  # threshold 0 on N(0, 1): every channel
 
 
 def test_decode_benchmark_compares_dense_and_teal(tmp_path):

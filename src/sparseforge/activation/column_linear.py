@@ -6,7 +6,9 @@ the outputs plus the packed kept values, float32 or bfloat16) instead of a dense
 matrix. A decode step skips the inactive input channels entirely and reads only the kept weights of
 the active ones, so the bytes fall as ``(1 - s_act) * ((1 - s_w) * value_size + 1/8)`` per weight
 (TEAL, Liu et al. 2024, arXiv:2408.14690, for the channels; ``docs/activation.md``). Multi-token
-calls decode the same stored layout panel by panel into a dense GEMM (no second copy).
+calls decode the same stored layout panel by panel into a dense GEMM (no second copy);
+``compute_dtype=torch.bfloat16`` runs calls of 16 rows and more in bf16 compute instead (AMX /
+AVX512_BF16 where the CPU has them, ``sparseforge.ops.column_sparse``).
 
 Thresholds, ``token_fraction``, ``track_sparsity`` and saving behave as in ``SparseInputLinear``
 (``weight_t`` / ``weight`` give the dense weight on demand, for saving and inspection).
@@ -38,7 +40,9 @@ from sparseforge.activation.linear import SparseInputLinear
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats.colbitmap import ColumnBitmapWeight
 from sparseforge.nn.sparse_linear import SparseLinear
-from sparseforge.ops.column_sparse import column_sparse_op, kernel_args
+from sparseforge.kernels import native
+from sparseforge.ops.column_sparse import (check_compute_dtype, column_sparse_bf16_op, column_sparse_op, kernel_args,
+                                           uses_bf16_product)
 
 __all__ = ["ColumnSparseLinear", "column_sparse_"]
 
@@ -46,8 +50,10 @@ __all__ = ["ColumnSparseLinear", "column_sparse_"]
 class ColumnSparseLinear(SparseInputLinear):
     """``y = mask(x) @ W^T + bias``, ``W`` a :class:`ColumnBitmapWeight` (see the module doc)."""
 
+    _compute_dtype = torch.float32  # class default: modules pickled before compute_dtype existed load as float32
+
     def __init__(self, weight: ColumnBitmapWeight, bias: Optional[Tensor] = None, *,
-                 threshold: "float | Tensor" = 0.0) -> None:
+                 threshold: "float | Tensor" = 0.0, compute_dtype: torch.dtype = torch.float32) -> None:
         nn.Module.__init__(self)  # no dense weight_t: the weight lives in the column buffers
         if not isinstance(weight, ColumnBitmapWeight):
             raise ModelError(f"ColumnSparseLinear needs a ColumnBitmapWeight, got {type(weight).__name__}")
@@ -63,6 +69,27 @@ class ColumnSparseLinear(SparseInputLinear):
         self.register_buffer("block_ptr", weight.block_ptr, persistent=False)  # int64 (in * nblk + 1,)
         self.register_buffer("values", weight.values, persistent=False)  # (nnz,) float32 / bfloat16
         self._views = None  # (buffer pointers, kernel_args): checked once per set of buffers
+        self.set_compute_dtype(compute_dtype)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """``torch.float32``, or ``torch.bfloat16`` for the bf16 product at 16 rows and more."""
+        return self._compute_dtype
+
+    def set_compute_dtype(self, dtype: torch.dtype) -> "ColumnSparseLinear":
+        """Run calls of at least 16 rows in bf16 compute (``torch.bfloat16``: the kept inputs and the
+        weights rounded to bf16, float32 accumulation) or in float32; returns ``self``.
+
+        Example:
+            >>> import torch
+            >>> from sparseforge.activation import ColumnSparseLinear
+            >>> layer = ColumnSparseLinear.from_linear(torch.nn.Linear(64, 32), threshold=0.1)
+            >>> layer.set_compute_dtype(torch.bfloat16).compute_dtype
+            torch.bfloat16
+        """
+        check_compute_dtype(dtype)
+        self._compute_dtype = dtype
+        return self
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, threshold: "float | Tensor" = 0.0,
@@ -122,9 +149,11 @@ class ColumnSparseLinear(SparseInputLinear):
             self.skipped += int((x2.abs() <= threshold).sum())
         bias = self.bias if self.bias is None or self.bias.dtype == torch.float32 else self.bias.float()
         t = threshold.float()
+        bf16 = uses_bf16_product(x2.shape[0], self._compute_dtype)
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
                 x2.requires_grad or (bias is not None and bias.requires_grad))):
-            return column_sparse_op(x2, self.bitmap, self.block_ptr, self.values, t, bias, self.out_features)
+            op = column_sparse_bf16_op if bf16 else column_sparse_op
+            return op(x2, self.bitmap, self.block_ptr, self.values, t, bias, self.out_features)
         key = (self.bitmap.data_ptr(), self.block_ptr.data_ptr(), self.values.data_ptr(), self.values.dtype)
         if self._views is None or self._views[0] != key:
             self._views = (key, kernel_args(self.bitmap, self.block_ptr, self.values, self.out_features))
@@ -133,17 +162,23 @@ class ColumnSparseLinear(SparseInputLinear):
         thr = t.detach().contiguous().numpy()
         if thr.shape[0] not in (1, self.in_features):
             raise ConfigError(f"threshold must be a scalar or have {self.in_features} entries, got {thr.shape[0]}")
-        kernel(x2.detach().numpy(), *views, thr, None if bias is None else bias.detach().contiguous().numpy(), y.numpy())
+        args = (x2.detach().numpy(), *views, thr, None if bias is None else bias.detach().contiguous().numpy(), y.numpy())
+        if bf16:
+            native().column_sparse_linear_bf16(*args, "")
+        else:
+            kernel(*args)
         return y
 
     def extra_repr(self) -> str:
-        return super().extra_repr().replace("weight=", f"weight_sparsity={self.weight_sparsity():.3f}, weight=colbitmap ")
+        extra = "" if self._compute_dtype == torch.float32 else ", compute_dtype=bfloat16"
+        return super().extra_repr().replace("weight=", f"weight_sparsity={self.weight_sparsity():.3f}, weight=colbitmap ") + extra
 
 
 def column_sparse_(model: nn.Module, min_weight_sparsity: float = 0.0,
-                   dtype: Optional[torch.dtype] = None) -> list[str]:
+                   dtype: Optional[torch.dtype] = None, compute_dtype: torch.dtype = torch.float32) -> list[str]:
     """Swap the model's ``SparseInputLinear`` layers whose weights are at least ``min_weight_sparsity``
     zeros for :class:`ColumnSparseLinear` (thresholds kept), in place; returns the names swapped.
+    ``dtype``: the stored values' dtype; ``compute_dtype``: see :meth:`ColumnSparseLinear.set_compute_dtype`.
 
     R-Sparse layers (their low-rank term reads the skipped channels) stay as they are.
 
@@ -160,12 +195,13 @@ def column_sparse_(model: nn.Module, min_weight_sparsity: float = 0.0,
 
     if not 0.0 <= float(min_weight_sparsity) <= 1.0:
         raise ConfigError(f"min_weight_sparsity must be in [0, 1], got {min_weight_sparsity}")
+    check_compute_dtype(compute_dtype)
     swapped = []
     for name, m in list(model.named_modules()):
         if type(m) is not SparseInputLinear or isinstance(m, RSparseLinear):
             continue
         w = m.weight_t  # (in, out)
         if float((w == 0).float().mean()) >= float(min_weight_sparsity):
-            set_module(model, name, ColumnSparseLinear.from_module(m, dtype=dtype))
+            set_module(model, name, ColumnSparseLinear.from_module(m, dtype=dtype).set_compute_dtype(compute_dtype))
             swapped.append(name)
     return swapped

@@ -9,6 +9,15 @@ active channels' bitmaps and kept values, so a decode step reads about
 arXiv:2408.14690, for the skipped channels; the format for the pruned weights). Many rows (prefill)
 decode the same stored layout panel by panel into L2 and run a GEMM over it: no second copy.
 
+bf16 compute (``compute_dtype=torch.bfloat16``, op ``sparseforge::column_sparse_linear_bf16``):
+from :data:`~sparseforge.ops.bf16_compute.BF16_MIN_BATCH` rows on, the channels are masked on the
+float32 ``x`` as above, then the kept values and the weights are rounded to bf16 and multiplied with
+float32 accumulation (the arithmetic of torch's bf16 ``F.linear``) on the bf16 path of this machine
+(AMX TDPBF16PS, AVX512_BF16 ``vdpbf16ps`` or scalar; ``SPARSEFORGE_BF16_PATH`` forces one, see
+:func:`sparseforge.kernels.bf16_path`). Column blocks are decoded into bf16 VNNI panels
+(``vpexpandw``), and a channel inactive in every row of a 64-row block is never read
+(``csrc/column_sparse_bf16.h``). Fewer rows run the float32 kernel on the stored values.
+
 Registered with a fake impl (shapes for ``torch.compile``) and autograd for ``x`` and ``bias`` (the
 straight-through product of the kept channels, ``dx = (dy @ W) * kept``); the stored weights and
 the threshold get no gradient. The registered op checks the weight's buffers on every call (one
@@ -32,15 +41,32 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from sparseforge.errors import DataError, ModelError, SparseforgeError
+from sparseforge.errors import ConfigError, DataError, ModelError, SparseforgeError
 from sparseforge.formats.colbitmap import ColumnBitmapWeight
 from sparseforge.kernels import native
+from sparseforge.ops.bf16_compute import BF16_MIN_BATCH
 from sparseforge.ops.sparse_input import sparse_input_masked
 
-__all__ = ["column_sparse_linear", "column_sparse_op", "column_sparse_reference", "kernel_args", "dense_from_buffers",
-           "ALGOS"]
+__all__ = ["column_sparse_linear", "column_sparse_op", "column_sparse_bf16_op", "column_sparse_reference",
+           "column_sparse_bf16_reference", "kernel_args", "dense_from_buffers", "uses_bf16_product", "ALGOS",
+           "COMPUTE_DTYPES"]
 
 ALGOS = ("auto", "gemv", "gemm")
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def check_compute_dtype(compute_dtype: torch.dtype) -> None:
+    """A :class:`ConfigError` unless ``compute_dtype`` is one of :data:`COMPUTE_DTYPES`."""
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"compute_dtype must be torch.float32 or torch.bfloat16, got {compute_dtype}")
+
+
+def uses_bf16_product(rows: int, compute_dtype: torch.dtype, algo: str = "auto") -> bool:
+    """Whether a call of ``rows`` rows runs the bf16 product (module doc): bf16 compute and at least
+    ``BF16_MIN_BATCH`` rows (``algo="gemm"``: any rows; ``"gemv"``: never)."""
+    if compute_dtype != torch.bfloat16 or algo == "gemv":
+        return False
+    return algo == "gemm" or rows >= BF16_MIN_BATCH
 
 
 def _np(t: Tensor):
@@ -79,14 +105,17 @@ def kernel_args(bitmap: Tensor, block_ptr: Tensor, values: Tensor, out_features:
 
 
 def _forward(x: Tensor, bitmap: Tensor, block_ptr: Tensor, values: Tensor, thresholds: Tensor, bias: Optional[Tensor],
-             out_features: int, algo: str = "auto") -> Tensor:
+             out_features: int, algo: str = "auto", bf16: bool = False) -> Tensor:
     _check(x, bitmap, thresholds, bias, out_features)
     views = (_np(bitmap), _np(block_ptr), _np(values))
     _native_call(native().column_sparse_check, *views, out_features)
     y = torch.empty(x.shape[0], out_features, dtype=torch.float32)  # (B, out)
     b = None if bias is None else _np(bias.contiguous())
-    _native_call(native().column_sparse_linear, _np(x.contiguous()), *views, _np(thresholds.contiguous()), b, y.numpy(),
-                 "", algo)
+    args = (_np(x.contiguous()), *views, _np(thresholds.contiguous()), b, y.numpy())
+    if bf16:
+        _native_call(native().column_sparse_linear_bf16, *args, "")
+    else:
+        _native_call(native().column_sparse_linear, *args, "", algo)
     return y
 
 
@@ -133,6 +162,21 @@ def _backward(ctx, dy):
 _column_sparse_op.register_autograd(_backward, setup_context=_setup)
 
 
+@torch.library.custom_op("sparseforge::column_sparse_linear_bf16", mutates_args=())
+def _column_sparse_bf16_op(x: Tensor, bitmap: Tensor, block_ptr: Tensor, values: Tensor, thresholds: Tensor,
+                           bias: Optional[Tensor], out_features: int) -> Tensor:
+    return _forward(x, bitmap, block_ptr, values, thresholds, bias, out_features, bf16=True)
+
+
+@_column_sparse_bf16_op.register_fake
+def _(x, bitmap, block_ptr, values, thresholds, bias, out_features):
+    _check(x, bitmap, thresholds, bias, out_features)
+    return x.new_empty(x.shape[0], out_features)
+
+
+_column_sparse_bf16_op.register_autograd(_backward, setup_context=_setup)
+
+
 def column_sparse_op(x: Tensor, bitmap: Tensor, block_ptr: Tensor, values: Tensor, thresholds: Tensor,
                      bias: Optional[Tensor], out_features: int) -> Tensor:
     """The registered op ``sparseforge::column_sparse_linear`` over a weight's buffers (what
@@ -140,26 +184,44 @@ def column_sparse_op(x: Tensor, bitmap: Tensor, block_ptr: Tensor, values: Tenso
     return _column_sparse_op(x, bitmap, block_ptr, values, thresholds, bias, out_features)
 
 
+def column_sparse_bf16_op(x: Tensor, bitmap: Tensor, block_ptr: Tensor, values: Tensor, thresholds: Tensor,
+                          bias: Optional[Tensor], out_features: int) -> Tensor:
+    """The registered op ``sparseforge::column_sparse_linear_bf16`` (bf16 compute, module doc)."""
+    return _column_sparse_bf16_op(x, bitmap, block_ptr, values, thresholds, bias, out_features)
+
+
 def column_sparse_linear(x: Tensor, weight: ColumnBitmapWeight, thresholds: Tensor, bias: Optional[Tensor] = None, *,
-                         algo: str = "auto") -> Tensor:
+                         algo: str = "auto", compute_dtype: torch.dtype = torch.float32) -> Tensor:
     """``mask(x) (B, in) @ weight^T + bias`` by the native kernel (see the module doc).
 
     ``algo`` (eager calls; the registered op always uses ``"auto"``): ``"auto"`` runs the sparse
     GEMV per row while the rows' active channels together number at most ``in``, else the
-    decoded-panel GEMM; ``"gemv"`` / ``"gemm"`` force one.
+    decoded-panel GEMM; ``"gemv"`` / ``"gemm"`` force one. ``compute_dtype=torch.bfloat16`` runs the
+    bf16 product from ``BF16_MIN_BATCH`` rows on (``"gemm"``: at any batch), the float32 kernel below.
     """
     if not isinstance(weight, ColumnBitmapWeight):
         raise ModelError(f"column_sparse_linear needs a ColumnBitmapWeight, got {type(weight).__name__}")
     if algo not in ALGOS:
         raise DataError(f"algo must be one of {ALGOS}, got {algo!r}")
+    check_compute_dtype(compute_dtype)
+    bf16 = uses_bf16_product(x.shape[0], compute_dtype, algo)
     args = (x, weight.bitmap, weight.block_ptr, weight.values, thresholds, bias, weight.shape[0])
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias))):
-        return _column_sparse_op(*args)
-    return _forward(*args, algo)
+        return _column_sparse_bf16_op(*args) if bf16 else _column_sparse_op(*args)
+    return _forward(*args, algo, bf16)
 
 
 def column_sparse_reference(x: Tensor, weight: ColumnBitmapWeight, thresholds: Tensor,
                             bias: Optional[Tensor] = None) -> Tensor:
     """The same product in plain torch (float32): the dense baseline the kernel is tested against."""
     y = sparse_input_masked(x.float(), thresholds.float()) @ weight.to_dense().float().t()  # (B, out)
+    return y if bias is None else y + bias.float()
+
+
+def column_sparse_bf16_reference(x: Tensor, weight: ColumnBitmapWeight, thresholds: Tensor,
+                                 bias: Optional[Tensor] = None) -> Tensor:
+    """The bf16-compute product in plain torch: channels masked on the float32 ``x``, the kept values
+    and the weights rounded to bf16, float32 products and sums."""
+    xm = sparse_input_masked(x.float(), thresholds.float()).bfloat16().float()  # (B, in)
+    y = xm @ weight.to_dense().bfloat16().float().t()  # (B, out)
     return y if bias is None else y + bias.float()
