@@ -14,8 +14,11 @@ Cells, interleaved round by round so drifting load hits every cell alike (median
   decode engine (:func:`sparseforge.generation.loop.native_generate`: fused projections, static KV
   cache, native decode attention), and one forward of ``--prefill`` tokens: dense fp32, dense bf16,
   magnitude-pruned 2:4 / 75% / 90% compressed with ``compress_`` (fp32 values), and 2:4 / 75% with
-  int8 values (``compress_(..., format="rule", dtype=torch.int8)``, one scale per output row); plus the dense fp32
+  int8 values (``compress_(..., format="rule", dtype=torch.int8)``, one scale per output row), each also
+  with int8 activations (``w8a8``: ``set_activation_precision_(model, "int8")``); plus the dense fp32
   model through transformers' ``generate`` as the reference row (``transformers generate: dense fp32``).
+  Decode tokens/s are timed from the first generated token to the last (:class:`TokenClock`), so the
+  prompt's prefill is not in them, as ``llama-bench``'s generation test runs no prompt.
 The table gives tokens/s, ms per token, weight bytes read per token and the achieved GB/s, beside a
 same-run probe of torch's dense fp32 GEMV streaming rate. The issue-13 targets are printed as
 verdicts from these same-run figures.
@@ -208,26 +211,55 @@ def our_variants(hf_dir: Path, sparsities: list[str], int8_sparsities: list[str]
     for s, dtype in [(s, None) for s in sparsities] + [(s, torch.int8) for s in int8_sparsities]:
         model, name = _pruned(dense, s, dtype)
         out[name] = (model, True, "native")
+        if dtype == torch.int8:  # the same weights with int8 activations too (W8A8: VNNI integer sums)
+            from sparseforge.runtime.compress import set_activation_precision_
+
+            w8a8 = copy.deepcopy(model)
+            set_activation_precision_(w8a8, "int8")
+            out[name.replace(" int8 (", " w8a8 (")] = (w8a8, True, "native")
     return out
+
+
+class TokenClock:
+    """A ``generate`` streamer that notes when each generated token arrives: the decode rate is then
+    measured from the first generated token to the last, without the prompt's prefill or the engine's
+    set-up (as ``llama-bench``'s generation test, which runs no prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def decode_tps(self) -> float:
+        if len(self.times) < 2:
+            raise ValueError(f"need at least 2 generated tokens to time decoding, got {len(self.times)}")
+        return (len(self.times) - 1) / (self.times[-1] - self.times[0])
 
 
 def time_ours(model, sparse: bool, engine: str, prompt: torch.Tensor, new: int, prefill: torch.Tensor, threads: int) -> dict:
     from sparseforge import kernels
-    from sparseforge.evaluation.speed import generate_seconds
     from sparseforge.generation.loop import native_generate
 
     ctx = kernels.sparse_threads(threads) if sparse else nullcontext()
+    clock = TokenClock()
     with ctx, torch.inference_mode():
         if engine == "native":
-            t0 = time.perf_counter()
-            native_generate(model, prompt, max_new_tokens=new, min_new_tokens=new)
-            decode_s = time.perf_counter() - t0
+            native_generate(model, prompt, max_new_tokens=new, min_new_tokens=new, streamer=clock)
         else:
-            decode_s = generate_seconds(model, prompt, new)
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, pad_token_id=0, streamer=clock)
         t0 = time.perf_counter()
         model(prefill)
         prefill_s = time.perf_counter() - t0
-    return {"decode_tps": new / decode_s, "prefill_tps": prefill.shape[1] / prefill_s}
+    return {"decode_tps": clock.decode_tps(), "prefill_tps": prefill.shape[1] / prefill_s}
 
 
 def median_or_none(values: list) -> float | None:
@@ -256,6 +288,10 @@ def verdicts(rows: dict[str, dict]) -> list[str]:
                          f"Q8_0 ({int8:.1f} vs {lc_q8:.1f} tokens/s = {int8 / lc_q8:.2f}x)")
         else:
             lines.append(f"MISSING: {label} + int8 decode >= {factor}x llama.cpp Q8_0: no measurement of both cells")
+        w8a8 = next((v["decode_tps"] for k, v in rows.items() if k.startswith(f"sparseforge {label} w8a8")), None)
+        if w8a8 and lc_q8:
+            lines.append(f"{'PASS' if w8a8 >= factor * lc_q8 else 'FAIL'}: {label} + int8 weights and activations (w8a8) "
+                         f"decode >= {factor}x llama.cpp Q8_0 ({w8a8:.1f} vs {lc_q8:.1f} tokens/s = {w8a8 / lc_q8:.2f}x)")
         fp32 = next((v["decode_tps"] for k, v in rows.items() if k.startswith(f"sparseforge {label} fp32")), None)
         if fp32 and lc_q8:
             lines.append(f"INFO: {label} with fp32 values decodes {fp32:.1f} tokens/s = {fp32 / lc_q8:.2f}x llama.cpp Q8_0")

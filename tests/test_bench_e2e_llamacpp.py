@@ -94,3 +94,15 @@ def test_host_line_names_the_cpu():
     assert info["cpu"] and info["cpu"] in cpuinfo
     assert all(f in cpuinfo for f in info["flags"])
     assert info["cpus"] >= 1
+
+
+def test_w8a8_cells_get_their_own_verdict_and_the_clock_skips_the_prompt():
+    e2e = load_benchmark("e2e_llamacpp")
+    rows = {"llama.cpp q8_0": row(36.0), "sparseforge 2:4 int8 (nm)": row(30.0), "sparseforge 2:4 w8a8 (nm)": row(40.0)}
+    lines = e2e.verdicts(rows)
+    assert "FAIL: 2:4 + int8 decode >= 1.0x llama.cpp Q8_0 (30.0 vs 36.0 tokens/s = 0.83x)" in lines
+    assert any(line.startswith("PASS: 2:4 + int8 weights and activations (w8a8)") for line in lines)
+    clock = e2e.TokenClock()
+    clock.put("the prompt")  # not a generated token
+    clock.times = [10.0, 10.5, 11.0]  # three generated tokens: two intervals
+    assert clock.decode_tps() == 2.0
