@@ -1,6 +1,6 @@
 // Label scores of one (sequence, KV head) (label_select.h), written once with the native vector of
 // the including file (lanes.h: zmm in label_select_avx512.cpp, ymm in label_select_avx2.cpp, SSE in
-// label_select.cpp). Per 32-token block and kVL code bytes: the bytes widened to int32, the low and
+// label_select.cpp). Per 32-token block and kVL code bytes: the bytes widened to int32 (one vpmovzxbd on x86), the low and
 // high nibbles (tokens j and j + 16) converted to float, minus 8, multiplied by the channel's query
 // value and summed over the channels; then times the tokens' scales. The selection's kernel does the
 // same and, in the same pass, turns each score into its rank key and counts the key's high 16 bits
@@ -10,14 +10,31 @@
 #include "label_select.h"
 #include "lanes.h"
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace sf {
 namespace {
 
-typedef uint8_t vu8_l __attribute__((vector_size(kVL), aligned(1)));
 typedef int32_t vi32_l __attribute__((vector_size(kVL * 4)));
 typedef float vfl_l __attribute__((vector_size(kVL * 4), aligned(4)));
 typedef uint32_t vu32 __attribute__((vector_size(kVL * 4)));
 typedef uint32_t vu32_l __attribute__((vector_size(kVL * 4), aligned(4)));
+
+// kVL code bytes widened to int32 lanes with one zero-extending load (vpmovzxbd: a
+// __builtin_convertvector of a byte vector is lowered byte by byte)
+inline vi32_l widen_bytes(const uint8_t* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vi32_l>(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__)
+  return reinterpret_cast<vi32_l>(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+  vi32_l w;
+  for (int i = 0; i < kVL; ++i) w[i] = p[i];
+  return w;
+#endif
+}
 
 // label_rank_key (label_select.h) lane by lane: s + 0 turns -0 into +0; NaN lanes all ones
 inline vu32 rank_keys(vfl s) {
@@ -53,7 +70,7 @@ void label_row(const float* q, const uint8_t* codes, const float* scales, int64_
     for (int64_t j = 0; j < 16; j += kVL) {
       vfl lo = vfl{}, hi = vfl{};
       for (int64_t c = 0; c < C; ++c) {
-        const vi32_l w = __builtin_convertvector(*reinterpret_cast<const vu8_l*>(blk + c * capb + j), vi32_l);
+        const vi32_l w = widen_bytes(blk + c * capb + j);
         const vfl x = __builtin_convertvector(w & 15, vfl) - 8.f, y = __builtin_convertvector(w >> 4, vfl) - 8.f;
         lo += q[c] * x;
         hi += q[c] * y;
