@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -37,13 +38,58 @@ LabelScoreFn kernel(Isa isa) {
   return scalar::label_scores_row;
 }
 
-// an unsigned key in the order of the float (larger float, larger key); NaN above +inf
-inline uint32_t rank_key(float f) {
-  if (std::isnan(f)) return 0xffffffffu;
-  if (f == 0.f) f = 0.f;  // -0 ties with +0
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+LabelKeyFn key_kernel(Isa isa) {
+#if defined(SF_HAVE_X86_KERNELS)
+  if (isa == Isa::avx512) return avx512::label_keys_row;
+  if (isa == Isa::avx2) return avx2::label_keys_row;
+#endif
+  (void)isa;
+  return scalar::label_keys_row;
+}
+
+void check_budget(const LabelProblem& p, int64_t budget) {
+  if (budget < 1 || budget > p.n) {
+    throw std::invalid_argument("the budget must be in [1, n]; got budget=" + std::to_string(budget) +
+                                " n=" + std::to_string(p.n));
+  }
+}
+
+// the selection of one (b, h) (label_select.h); per-thread buffers, reused across calls
+void select_row(const LabelProblem& p, int64_t bh, int64_t budget, LabelKeyFn fn, int32_t* out) {
+  thread_local std::vector<uint32_t> key;
+  thread_local std::vector<int32_t> hist, cand;
+  thread_local std::vector<uint32_t> bin;
+  const int64_t n = p.n, capb = p.cap / 2;
+  key.resize(static_cast<size_t>(n));
+  hist.assign(65536, 0);
+  fn(p.q + bh * p.C, p.codes + bh * p.C * capb, p.scales + bh * p.cap, p.C, capb, n, p.scores + bh * n, key.data(),
+     hist.data());
+  int64_t need = budget;  // how many keys of the threshold's bin must still be taken
+  int hi = 65535;
+  for (; hi > 0 && hist[hi] < need; --hi) need -= hist[hi];
+  // every token whose key's high digit is hi or more, in token order (branch free)
+  const uint32_t floor = static_cast<uint32_t>(hi) << 16;
+  const int64_t listed = budget - need + hist[hi];
+  cand.resize(static_cast<size_t>(listed + 1));
+  const uint32_t* k = key.data();
+  int32_t* c = cand.data();
+  int64_t m = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    c[m] = static_cast<int32_t>(t);
+    m += k[t] >= floor;
+  }
+  // the threshold: the need-th largest key of the bin; take every larger key and the `need` oldest equal ones
+  bin.clear();
+  for (int64_t i = 0; i < listed; ++i)
+    if (k[c[i]] >> 16 == static_cast<uint32_t>(hi)) bin.push_back(k[c[i]]);
+  std::nth_element(bin.begin(), bin.begin() + (need - 1), bin.end(), std::greater<uint32_t>());
+  const uint32_t thr = bin[static_cast<size_t>(need - 1)];
+  for (const uint32_t x : bin) need -= x > thr;  // now: how many keys equal to thr to take
+  int64_t taken = 0;
+  for (int64_t i = 0; i < listed; ++i) {
+    const uint32_t x = k[c[i]];
+    if (x > thr || (x == thr && need-- > 0)) out[taken++] = c[i];
+  }
 }
 
 void scores_of(const LabelProblem& p, int64_t bh, LabelScoreFn fn) {
@@ -77,45 +123,27 @@ void label_scores(const LabelProblem& p, Isa isa, bool parallel) {
 
 void label_select(const LabelProblem& p, int64_t budget, int32_t* chosen, Isa isa, bool parallel) {
   check(p);
-  if (budget < 1 || budget > p.n) {
-    throw std::invalid_argument("the budget must be in [1, n]; got budget=" + std::to_string(budget) +
-                                " n=" + std::to_string(p.n));
-  }
-  const LabelScoreFn fn = kernel(isa);
+  check_budget(p, budget);
+  const LabelKeyFn fn = key_kernel(isa);
   parallel_for(
-      p.B * p.Hkv,
-      [&](int64_t bh, int) {
-        scores_of(p, bh, fn);
-        const float* s = p.scores + bh * p.n;
-        // rank keys: unsigned integers in the order of the scores (NaN above +inf); the budget-th
-        // largest key found by a radix select in two 16-bit digits (the high digit holds the sign,
-        // the exponent and 7 mantissa bits, so scores of one magnitude still spread over many bins)
-        std::vector<uint32_t> key(static_cast<size_t>(p.n));
-        std::vector<int32_t> hist(65536, 0);
-        for (int64_t t = 0; t < p.n; ++t) {
-          key[t] = rank_key(s[t]);
-          ++hist[key[t] >> 16];
-        }
-        int64_t need = budget;  // how many of the keys matching the digits found must still be taken
-        int hi = 65535;
-        for (; hi > 0 && hist[hi] < need; --hi) need -= hist[hi];
-        std::fill(hist.begin(), hist.end(), 0);
-        for (int64_t t = 0; t < p.n; ++t)
-          if (static_cast<int>(key[t] >> 16) == hi) ++hist[key[t] & 0xffffu];
-        int lo = 65535;
-        for (; lo > 0 && hist[lo] < need; --lo) need -= hist[lo];
-        const uint32_t prefix = static_cast<uint32_t>(hi) << 16 | static_cast<uint32_t>(lo);
-        // prefix is the threshold key: take every larger key and the `need` oldest equal ones, in token order
-        int32_t* out = chosen + bh * budget;
-        int64_t k = 0;
-        for (int64_t t = 0; t < p.n; ++t) {
-          if (key[t] > prefix || (key[t] == prefix && need > 0)) {
-            if (key[t] == prefix) --need;
-            out[k++] = static_cast<int32_t>(t);
-          }
-        }
-      },
+      p.B * p.Hkv, [&](int64_t bh, int) { select_row(p, bh, budget, fn, chosen + bh * budget); },
       parallel && p.B * p.Hkv > 1 && p.n * p.C >= 4096);
+}
+
+void label_select_ref(const float* scores, int64_t rows, int64_t n, int64_t budget, int32_t* chosen) {
+  if (rows < 0 || budget < 1 || budget > n) {
+    throw std::invalid_argument("the budget must be in [1, n]; got budget=" + std::to_string(budget) +
+                                " n=" + std::to_string(n));
+  }
+  std::vector<int32_t> order(static_cast<size_t>(n));
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = scores + r * n;
+    for (int64_t t = 0; t < n; ++t) order[t] = static_cast<int32_t>(t);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int32_t a, int32_t b) { return label_rank_key(s[a]) > label_rank_key(s[b]); });
+    std::sort(order.begin(), order.begin() + budget);
+    std::copy(order.begin(), order.begin() + budget, chosen + r * budget);
+  }
 }
 
 void gather_tokens(const void* src, int64_t elt, int64_t B, int64_t Hkv, int64_t cap, int64_t D, const int32_t* idx,

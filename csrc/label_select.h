@@ -28,7 +28,11 @@ struct LabelProblem {
 // scores of tokens [0, n) of one (b, h): q (C,), codes (C, capb = cap / 2) rows, scales (n), out (n)
 using LabelScoreFn = void (*)(const float* q, const uint8_t* codes, const float* scales, int64_t C, int64_t capb,
                               int64_t n, float* out);
-#define SF_LABEL_SELECT_KERNELS extern const LabelScoreFn label_scores_row;
+// the same scores, plus keys (n) = label_rank_key of each score and ++hist[key >> 16] per token
+// (hist: 65536 counters, added to): the selection's first pass
+using LabelKeyFn = void (*)(const float* q, const uint8_t* codes, const float* scales, int64_t C, int64_t capb,
+                            int64_t n, float* out, uint32_t* keys, int32_t* hist);
+#define SF_LABEL_SELECT_KERNELS extern const LabelScoreFn label_scores_row; extern const LabelKeyFn label_keys_row;
 namespace scalar { SF_LABEL_SELECT_KERNELS }
 namespace avx2 { SF_LABEL_SELECT_KERNELS }
 namespace avx512 { SF_LABEL_SELECT_KERNELS }
@@ -37,9 +41,26 @@ namespace avx512 { SF_LABEL_SELECT_KERNELS }
 // Throw std::invalid_argument for bad sizes.
 void label_scores(const LabelProblem& p, Isa isa, bool parallel = true);
 void label_scores_ref(const LabelProblem& p);  // scalar reference: per token, per channel, in double
-// label_scores, then the selection into chosen (B, Hkv, budget), threads over (b, h): a radix
-// select (two 16-bit digits) of the budget-th largest score, then one pass in token order
+// An unsigned key in the order of the scores: a larger float has a larger key, -0 ties with +0 and
+// a NaN (any sign) is 0xffffffff, above +inf.
+inline uint32_t label_rank_key(float f) {
+  if (f != f) return 0xffffffffu;
+  f += 0.f;  // -0 -> +0
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// label_scores, then the selection into chosen (B, Hkv, budget), threads over (b, h). Per (b, h):
+// one pass over the label codes writes the scores, their rank keys and the histogram of the keys'
+// high 16 bits (sign, exponent, 7 mantissa bits: scores of one magnitude still spread over many
+// bins); the histogram gives the bin of the budget-th largest key; one branch-free pass over the keys
+// lists, in token order, the tokens in that bin or above (the budget plus one bin); the exact
+// threshold key comes from the bin's keys alone (nth_element) and the list is cut to the budget.
 void label_select(const LabelProblem& p, int64_t budget, int32_t* chosen, Isa isa, bool parallel = true);
+// Scalar reference of the selection (the test oracle) over given scores (rows, n): per row a stable
+// sort of the tokens by descending rank key, the first budget, ascending, into chosen (rows, budget).
+void label_select_ref(const float* scores, int64_t rows, int64_t n, int64_t budget, int32_t* chosen);
 // dst (B, Hkv, k, D) = the rows idx (B, Hkv, k) of src (B, Hkv, cap, D), elements of elt bytes: the
 // chosen tokens' keys or values made contiguous for the decode kernel; throws for an index outside [0, cap)
 void gather_tokens(const void* src, int64_t elt, int64_t B, int64_t Hkv, int64_t cap, int64_t D, const int32_t* idx,

@@ -14,6 +14,7 @@
 //     else SPARSEFORGE_ISA) is avx512, scalar otherwise (avx512_bf16 only when named)
 //   label_scores(q, codes, scales, n, scores, isa="", parallel=True), label_scores_ref(q, codes, scales, n, scores)
 //   label_select(q, codes, scales, n, budget, scores, chosen, isa="", parallel=True)    (csrc/label_select.h)
+//   label_select_ref(scores, budget, chosen): the reference selection over given scores (B, Hkv, n)
 //     q (B, Hkv, C) float32, codes (B, Hkv, C, cap / 2) uint8, scales (B, Hkv, cap) float32,
 //     scores (B, Hkv, n) float32 and chosen (B, Hkv, budget) int32 overwritten
 //   gather_tokens(src, idx, dst, parallel=True): dst (B, Hkv, k, D) = rows idx (B, Hkv, k) int32 of src
@@ -371,6 +372,23 @@ void register_attention(nb::module_& mod) {
       },
       "q"_a, "codes"_a, "scales"_a, "n"_a, "budget"_a, "scores"_a, "chosen"_a, "isa"_a = "", "parallel"_a = true,
       "Label scores, then the budget highest-scoring tokens per (b, KV head), ascending (csrc/label_select.h).");
+  mod.def(
+      "label_select_ref",
+      [](const In& scores, int64_t budget, const Out& chosen) {
+        check_array(scores, "scores", 3);
+        check_out(chosen, "chosen", 3);
+        if (scores.dtype() != nb::dtype<float>()) throw std::invalid_argument("scores must be float32");
+        if (chosen.dtype() != nb::dtype<int32_t>() || chosen.shape(0) != scores.shape(0) ||
+            chosen.shape(1) != scores.shape(1) || static_cast<int64_t>(chosen.shape(2)) != budget) {
+          throw std::invalid_argument("chosen must be int32 (B, Hkv, budget)");
+        }
+        const int64_t rows = static_cast<int64_t>(scores.shape(0) * scores.shape(1));
+        const int64_t n = static_cast<int64_t>(scores.shape(2));
+        nb::gil_scoped_release rel;
+        sf::label_select_ref(static_cast<const float*>(scores.data()), rows, n, budget,
+                             static_cast<int32_t*>(chosen.data()));
+      },
+      "scores"_a, "budget"_a, "chosen"_a, "Reference selection over given scores: stable sort by rank key (the oracle).");
   mod.def(
       "gather_tokens",
       [](const In& src, const In& idx, const Out& dst, bool parallel) {

@@ -156,3 +156,54 @@ def test_gather_tokens_copies_the_chosen_rows(dtype):
     idx[1, 2, 4] = 70
     with pytest.raises(DataError, match="outside the cache capacity 70"):
         gather_tokens(src, idx)
+
+
+def _tie_heavy(B, Hkv, T, C, seed, nan_every, zero_every):
+    """Label keys whose scores are small integers (many ties), with NaN tokens and all-zero tokens
+    (score +0 or -0) mixed in: (codes packed, scales padded, q)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-2, 3, (B, Hkv, T, C), generator=g).float()
+    x[..., 0] = 7.0  # every token's scale is 1: codes hold the values exactly
+    if zero_every:
+        x[:, :, ::zero_every] = 0.0
+    if nan_every:
+        x[:, :, 1::nan_every, -1] = float("nan")
+    codes, scales = quantize_labels(x)
+    q = torch.randint(-2, 3, (B, Hkv, C), generator=g).float()
+    return pack_codes(codes), pad_scales(scales), q
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 3000), C=st.integers(1, 12), budget_frac=st.floats(0.0, 1.0), seed=st.integers(0, 10 ** 6),
+       nan_every=st.sampled_from([0, 3, 17, 500]), zero_every=st.sampled_from([0, 2, 7]), isa=st.sampled_from(ISAS))
+def test_selection_equals_the_reference_and_a_stable_sort_under_ties_nan_and_signed_zero(T, C, budget_frac, seed,
+                                                                                         nan_every, zero_every, isa):
+    packed, cap_scales, q = _tie_heavy(2, 2, T, C, seed, nan_every, zero_every)
+    budget = max(1, int(T * budget_frac))
+    scores = torch.empty(2, 2, T)
+    chosen = torch.empty(2, 2, budget, dtype=torch.int32)
+    N.label_select(q.numpy(), packed.numpy(), cap_scales.numpy(), T, budget, scores.numpy(), chosen.numpy(), isa, True)
+    ref = torch.empty_like(chosen)
+    N.label_select_ref(scores.numpy(), budget, ref.numpy())
+    assert torch.equal(chosen, ref)
+    # torch: a stable descending sort ranks NaN first and keeps equal scores (-0 == +0) oldest first
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :budget]
+    assert torch.equal(chosen, order.sort(dim=-1).values.to(torch.int32))
+    top = torch.topk(scores, budget, dim=-1).values.sort(dim=-1).values
+    picked = scores.gather(-1, chosen.long()).sort(dim=-1).values
+    assert torch.equal(picked.nan_to_num(nan=1e30), top.nan_to_num(nan=1e30))  # the same values as torch.topk
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_selection_at_long_context_equals_the_reference(isa):
+    """32K tokens over many histogram bins, the threshold inside a crowded bin (randn scores)."""
+    _, _, packed, cap_scales, _ = _packed(1, 2, 32768, 16, seed=5)
+    q = torch.randn(1, 2, 16, generator=torch.Generator().manual_seed(6))
+    scores = torch.empty(1, 2, 32768)
+    chosen = torch.empty(1, 2, 2048, dtype=torch.int32)
+    N.label_select(q.numpy(), packed.numpy(), cap_scales.numpy(), 32768, 2048, scores.numpy(), chosen.numpy(), isa, False)
+    ref = torch.empty_like(chosen)
+    N.label_select_ref(scores.numpy(), 2048, ref.numpy())
+    assert torch.equal(chosen, ref)
+    assert torch.equal(scores, _native_scores(q, packed, cap_scales, 32768, isa))
+    assert torch.equal(chosen, torch.topk(scores, 2048, dim=-1).indices.sort(dim=-1).values.to(torch.int32))
