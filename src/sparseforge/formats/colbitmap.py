@@ -143,7 +143,7 @@ class ColumnBitmapWeight(StoredBuffers):
             >>> w = torch.tensor([[0.5, -1.0], [0.0, 0.25]])   # (out=2, in=2)
             >>> cw = ColumnBitmapWeight.from_dense(w, values_dtype=torch.int8)
             >>> cw.values.tolist(), [round(s * 127, 3) for s in cw.scales.tolist()]
-            ([64, 127, -127], [1.0, 0.25])
+            ([64, -127, 127], [1.0, 0.25])
         """
         check_weight(w, mask)
         dtype = values_dtype or (torch.bfloat16 if w.dtype == torch.bfloat16 else torch.float32)
