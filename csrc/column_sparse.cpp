@@ -47,10 +47,24 @@ inline bool active(const ColumnSparseProblem& p, int64_t b, int64_t i) {
   return !(std::fabs(p.x[b * p.w.in + i]) <= t);
 }
 
+// The start of an output's sum: its bias for float values, 0 for int8 (scaled, then biased, at the end).
+inline float sum_start(const ColumnSparseProblem& p, int64_t j) {
+  return p.w.vt != VT::i8 && p.bias ? p.bias[j] : 0.f;
+}
+
+// int8 values: y[j] = scales[j] * y[j] + bias[j] over outputs [j0, j0 + cw) of every row.
+void finish_int8(const ColumnSparseProblem& p, float* y, int64_t ld, int64_t rows, int64_t j0, int64_t cw) {
+  if (p.w.vt != VT::i8) return;
+  for (int64_t b = 0; b < rows; ++b) {
+    float* yb = y + b * ld;
+    for (int64_t j = 0; j < cw; ++j) yb[j] = p.w.scales[j0 + j] * yb[j] + (p.bias ? p.bias[j0 + j] : 0.f);
+  }
+}
+
 void init_rows(const ColumnSparseProblem& p, int64_t j0, int64_t cw) {
   for (int64_t b = 0; b < p.B; ++b) {
     float* yb = p.y + b * p.w.out + j0;
-    for (int64_t j = 0; j < cw; ++j) yb[j] = p.bias ? p.bias[j0 + j] : 0.f;
+    for (int64_t j = 0; j < cw; ++j) yb[j] = sum_start(p, j0 + j);
   }
 }
 
@@ -62,6 +76,7 @@ int64_t gemv_col_tile(int64_t out) {
 }
 
 inline float weight_at(const ColumnSparseWeight& w, int64_t pos) {
+  if (w.vt == VT::i8) return load_val<VT::i8>(w.values, pos);
   return w.vt == VT::f32 ? load_val<VT::f32>(w.values, pos) : load_val<VT::bf16>(w.values, pos);
 }
 
@@ -76,6 +91,9 @@ void column_sparse_check_problem(const ColumnSparseProblem& p) {
   if (w.block_ptr[0] != 0 || w.block_ptr[w.in * w.nblk()] != w.nnz) {
     bad_weight(kOp, "block_ptr must start at 0 and end at the number of values (" + std::to_string(w.nnz) + "), got " +
                         std::to_string(w.block_ptr[0]) + " .. " + std::to_string(w.block_ptr[w.in * w.nblk()]));
+  }
+  if ((w.vt == VT::i8) != (w.scales != nullptr)) {
+    bad_weight(kOp, "int8 values need float32 scales of shape (out,), and only int8 values take scales");
   }
   const int64_t nt = p.thr_per_channel ? w.in : 1;
   for (int64_t i = 0; i < nt; ++i) {
@@ -108,6 +126,15 @@ void column_sparse_check_weight(const ColumnSparseWeight& w) {
   if (w.block_ptr[0] != 0 || w.block_ptr[w.in * nblk] != w.nnz) {
     bad_weight(kOp, "block_ptr must start at 0 and end at the number of values (" + std::to_string(w.nnz) + ")");
   }
+  if ((w.vt == VT::i8) != (w.scales != nullptr)) {
+    bad_weight(kOp, "int8 values need float32 scales of shape (out,), and only int8 values take scales");
+  }
+  for (int64_t j = 0; w.scales && j < w.out; ++j) {
+    if (!(std::isfinite(w.scales[j]) && w.scales[j] > 0.f)) {
+      bad_weight(kOp, "scales[" + std::to_string(j) + "] = " + std::to_string(w.scales[j]) +
+                          " must be finite and > 0 (one float32 scale per output row)");
+    }
+  }
 }
 
 namespace {
@@ -119,7 +146,7 @@ void reference_loops(const ColumnSparseProblem& p, XVal xval, WVal wval) {
   const ColumnSparseWeight& w = p.w;
   for (int64_t b = 0; b < p.B; ++b) {
     float* yb = p.y + b * w.out;
-    for (int64_t j = 0; j < w.out; ++j) yb[j] = p.bias ? p.bias[j] : 0.f;
+    for (int64_t j = 0; j < w.out; ++j) yb[j] = sum_start(p, j);
     for (int64_t i = 0; i < w.in; ++i) {
       if (!active(p, b, i)) continue;
       const float xi = xval(b, i);
@@ -130,6 +157,7 @@ void reference_loops(const ColumnSparseProblem& p, XVal xval, WVal wval) {
       }
     }
   }
+  finish_int8(p, p.y, w.out, p.B, 0, w.out);
 }
 
 }  // namespace
@@ -177,10 +205,11 @@ void column_sparse_linear(const ColumnSparseProblem& p, Isa isa, int algo, bool 
           const int64_t j0 = t * cw, c = min64(cw, w.out - j0);
           float* a = acc.data() + static_cast<size_t>(worker) * static_cast<size_t>(round64(cw));
           for (int64_t b = 0; b < p.B; ++b) {
-            for (int64_t j = 0; j < round64(c); ++j) a[j] = j < c && p.bias ? p.bias[j0 + j] : 0.f;
+            for (int64_t j = 0; j < round64(c); ++j) a[j] = j < c ? sum_start(p, j0 + j) : 0.f;
             k.col->gemv_tile(w, idx.data() + off[b], xv.data() + off[b], n[b], j0, c, a);
             float* yb = p.y + b * w.out + j0;
             for (int64_t j = 0; j < c; ++j) yb[j] = a[j];
+            finish_int8(p, yb, w.out, 1, j0, c);
           }
         },
         par);
@@ -205,6 +234,7 @@ void column_sparse_linear(const ColumnSparseProblem& p, Isa isa, int algo, bool 
           k.col->decode_panel(w, k0, k1, j0, c, panel, kColBlock);
           k.si->gemm_tile(panel, VT::f32, kColBlock, xm.data() + k0, in, p.B, 0, k1 - k0, 0, c, p.y + j0, w.out);
         }
+        finish_int8(p, p.y + j0, w.out, p.B, j0, c);
       },
       par);
 }

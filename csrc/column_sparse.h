@@ -10,11 +10,15 @@
 //             set iff W[j, i] is stored; bits past `out` are 0
 //   block_ptr (in * nblk + 1,) int64: entry i * nblk + b = stored values before (channel i, output
 //             512 * b) in channel-major order; the last entry is nnz
-//   values    (nnz,) float32 or bfloat16 (raw bits): channel 0's kept weights by ascending output,
-//             then channel 1's, ...
+//   values    (nnz,) float32, bfloat16 (raw bits) or int8: channel 0's kept weights by ascending
+//             output, then channel 1's, ...
+//   scales    (out,) float32, int8 values only: W[j, i] = scales[j] * q; finite and > 0
 //   thr       (1,) or (in,) float32; bias (out,) float32 or null; y (B, out) float32, overwritten
 // A channel is skipped iff |x[b, i]| <= thr_i (NaN never is); thr = 0 skips exact zeros only,
 // +inf every finite input. Accumulation is float32, channels added in ascending order.
+// int8 values: the sums acc[j] = sum_i x_i * q[j, i] (q widened to float32 in registers) are
+// formed as for float values, and each output is y[j] = scales[j] * acc[j] + bias[j] at the end of
+// its tile (GEMV and decoded-panel GEMM alike: the panel holds q, the scale is applied to the sums).
 //
 // Algorithm (column_sparse_linear): each row's active channels are compacted into (index, value)
 // lists (the sparse-input compaction kernel). While the active channels of all rows together number
@@ -39,6 +43,7 @@ struct ColumnSparseWeight {
   const int64_t* block_ptr = nullptr;  // (in * nblk + 1,)
   const void* values = nullptr;      // (nnz,)
   VT vt = VT::f32;
+  const float* scales = nullptr;     // (out,), int8 values only
   int64_t nnz = 0;
   int64_t words() const { return (out + 63) / 64; }
   int64_t nblk() const { return (out + kColBlock - 1) / kColBlock; }
@@ -73,7 +78,8 @@ namespace avx512 { extern const ColumnSparseKernels column_sparse_kernels; }
 // Throws std::invalid_argument.
 void column_sparse_check_problem(const ColumnSparseProblem& p);
 // Full buffer check (once per weight): block_ptr[i * nblk + b + 1] - block_ptr[i * nblk + b]
-// equals the set bits of that block and no bit past `out` is set. Throws InvalidWeight.
+// equals the set bits of that block, no bit past `out` is set, and int8 values come with scales
+// that are finite and > 0. Throws InvalidWeight.
 void column_sparse_check_weight(const ColumnSparseWeight& w);
 // algo: 0 auto, 1 GEMV per row, 2 decoded-panel GEMM. parallel: use the thread pool.
 void column_sparse_linear(const ColumnSparseProblem& p, Isa isa, int algo = 0, bool parallel = true);

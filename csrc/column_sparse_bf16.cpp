@@ -67,6 +67,10 @@ extern const ColumnSparseBf16Kernels column_sparse_bf16 = ColBf16Table<ColScalar
 
 void column_sparse_linear_bf16(const ColumnSparseProblem& p, Bf16Path path, bool parallel) {
   column_sparse_check_problem(p);
+  if (p.w.vt == VT::i8) {
+    throw std::invalid_argument("column_sparse_linear_bf16 takes float32 or bfloat16 values; int8 values run "
+                                "column_sparse_linear (float32 compute)");
+  }
   const ColumnSparseBf16Kernels& k = col_bf16_kernels(path);
   const ColumnSparseWeight& w = p.w;
   if (p.B == 0 || w.out == 0) return;

@@ -12,6 +12,9 @@
 //            masked load (float32) or, for bfloat16, a 16-byte load while 8 values remain in the
 //            buffer and a scalar copy at its very end;
 //   SSE:     the set lanes filled one by one.
+// int8 values are widened to float32 before the expansion (AVX-512: 16 bytes or a masked load of
+// popcount(m), vpmovsxbd + vcvtdq2ps; AVX2: 8 bytes or a scalar copy at the buffer's end); the
+// kernels then sum x_i * q and the driver applies the row scales (column_sparse.h).
 // gemv_tile: G = 4 active channels per pass over the tile: per vector of outputs one load and one
 //   store of the partial sums (in L1) and four expansions + FMAs.
 // decode_panel: the expanded vectors of each channel stored into a dense panel row.
@@ -57,6 +60,17 @@ constexpr ExpandTable make_expand_table() {
 constexpr ExpandTable kExpand = make_expand_table();
 #endif
 
+#if defined(__AVX512F__)
+// int8 values [pos, pos + popcount(m)) widened to float32 in lanes 0.. (16 bytes while the buffer
+// has them, else a masked load of exactly popcount(m); the lanes past popcount(m) are unused)
+inline __m512 widen_i8(const void* values, int64_t pos, int64_t end, uint32_t m) {
+  const int8_t* p = static_cast<const int8_t*>(values) + pos;
+  const __m128i h = pos + 16 <= end ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))
+                                    : _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << __builtin_popcount(m)) - 1u), p);
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(h));
+}
+#endif
+
 // The chunk's vector: lane l = values[pos + rank of bit l in m] where bit l of m is set, else 0.
 // `end` = the number of values in the buffer (reads never go past it).
 template <VT V>
@@ -66,6 +80,8 @@ inline vfl expand(const void* values, int64_t pos, int64_t end, uint32_t m) {
     (void)end;
     return reinterpret_cast<vfl>(_mm512_maskz_expandloadu_ps(static_cast<__mmask16>(m),
                                                              static_cast<const float*>(values) + pos));
+  } else if constexpr (V == VT::i8) {
+    return reinterpret_cast<vfl>(_mm512_maskz_expand_ps(static_cast<__mmask16>(m), widen_i8(values, pos, end, m)));
   } else {
     // 16 values when the buffer has them (the expansion uses only the first popcount(m)), else a
     // masked load of exactly popcount(m)
@@ -81,6 +97,17 @@ inline vfl expand(const void* values, int64_t pos, int64_t end, uint32_t m) {
   if constexpr (V == VT::f32) {
     packed = _mm256_maskload_ps(static_cast<const float*>(values) + pos,
                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kExpand.first[c])));
+  } else if constexpr (V == VT::i8) {
+    const int8_t* p = static_cast<const int8_t*>(values) + pos;
+    __m128i h;
+    if (pos + 8 <= end) {
+      h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    } else {
+      alignas(16) int8_t tmp[16] = {};
+      for (int l = 0; l < c; ++l) tmp[l] = p[l];
+      h = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
+    }
+    packed = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(h));
   } else {
     const uint16_t* p = static_cast<const uint16_t*>(values) + pos;
     __m128i h;
@@ -121,6 +148,8 @@ inline vfl expand_at(const void* values, int64_t pos, int64_t end, const u16_ali
   if constexpr (V == VT::f32) {
     (void)end;
     return reinterpret_cast<vfl>(_mm512_maskz_expandloadu_ps(k, static_cast<const float*>(values) + pos));
+  } else if constexpr (V == VT::i8) {
+    return reinterpret_cast<vfl>(_mm512_maskz_expand_ps(k, widen_i8(values, pos, end, *bits)));
   } else {
     const uint16_t* p = static_cast<const uint16_t*>(values) + pos;
     const __m256i h = pos + 16 <= end ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
@@ -131,7 +160,7 @@ inline vfl expand_at(const void* values, int64_t pos, int64_t end, const u16_ali
 }
 #endif
 
-// acc[0:round64(cw)] += sum over G channels of xv[g] * W[j0:, idx[g]]
+// acc[0:round64(cw)] += sum over G channels (int8: of the unscaled q) of xv[g] * W[j0:, idx[g]]
 template <VT V, int G>
 inline void gemv_group(const ColumnSparseWeight& w, const int32_t* idx, const float* xv, int64_t j0, int64_t cw,
                        float* acc) {
@@ -185,6 +214,8 @@ void gemv_tile_impl(const ColumnSparseWeight& w, const int32_t* idx, const float
                     int64_t cw, float* acc) {
   if (w.vt == VT::f32) {
     gemv_tile_t<VT::f32>(w, idx, xv, n, j0, cw, acc);
+  } else if (w.vt == VT::i8) {
+    gemv_tile_t<VT::i8>(w, idx, xv, n, j0, cw, acc);
   } else {
     gemv_tile_t<VT::bf16>(w, idx, xv, n, j0, cw, acc);
   }
@@ -214,6 +245,8 @@ void decode_panel_impl(const ColumnSparseWeight& w, int64_t k0, int64_t k1, int6
                        int64_t ld) {
   if (w.vt == VT::f32) {
     decode_panel_t<VT::f32>(w, k0, k1, j0, cw, panel, ld);
+  } else if (w.vt == VT::i8) {
+    decode_panel_t<VT::i8>(w, k0, k1, j0, cw, panel, ld);
   } else {
     decode_panel_t<VT::bf16>(w, k0, k1, j0, cw, panel, ld);
   }

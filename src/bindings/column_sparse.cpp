@@ -1,11 +1,13 @@
 // Binding of the column-sparse linear layer (csrc/column_sparse.h: activation x weight sparsity):
-//   column_sparse_linear(x, bitmap, block_ptr, values, thresholds, bias, y, isa="", algo="auto", parallel=True)
-//   column_sparse_linear_ref(x, bitmap, block_ptr, values, thresholds, bias, y)   the scalar oracle
-//   column_sparse_check(bitmap, block_ptr, values, out)   the full buffer check (once per weight)
+//   column_sparse_linear(x, bitmap, block_ptr, values, thresholds, bias, y, isa="", algo="auto", parallel=True,
+//                        scales=None)
+//   column_sparse_linear_ref(x, bitmap, block_ptr, values, thresholds, bias, y, scales=None)   the scalar oracle
+//   column_sparse_check(bitmap, block_ptr, values, out, scales=None)   the full buffer check (once per weight)
 //   column_sparse_linear_bf16(x, ..., y, path="", parallel=True)   the same in bf16 compute (column_sparse_bf16.h)
 //   column_sparse_linear_bf16_ref(x, ..., y)                      its scalar oracle
 // x (B, in) float32, bitmap (in, ceil(out / 64)) int64 / uint64 words, block_ptr (in * ceil(out / 512)
-// + 1,) int64, values (nnz,) float32 or bfloat16 (or its raw uint16 bits), thresholds (1,) or (in,)
+// + 1,) int64, values (nnz,) float32, bfloat16 (or its raw uint16 bits) or int8 (then scales (out,)
+// float32, one per output row; the bf16 entry points take no int8), thresholds (1,) or (in,)
 // float32, bias (out,) float32 or None, y (B, out) float32 written in place.
 #include <stdexcept>
 #include <string>
@@ -22,7 +24,8 @@ namespace {
 
 bool is_int64(const In& a) { return a.dtype() == nb::dtype<int64_t>() || a.dtype() == nb::dtype<uint64_t>(); }
 
-sf::ColumnSparseWeight column_weight(const In& bitmap, const In& block_ptr, const In& values, int64_t out) {
+sf::ColumnSparseWeight column_weight(const In& bitmap, const In& block_ptr, const In& values, int64_t out,
+                                     const nb::object& scales) {
   check_array(bitmap, "bitmap", 2);
   check_array(block_ptr, "block_ptr", 1);
   check_array(values, "values", 1);
@@ -42,8 +45,25 @@ sf::ColumnSparseWeight column_weight(const In& bitmap, const In& block_ptr, cons
   } else if (values.dtype() == nb::dtype<uint16_t>() ||
              (values.dtype().code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat) && values.dtype().bits == 16)) {
     w.vt = sf::VT::bf16;
+  } else if (values.dtype() == nb::dtype<int8_t>()) {
+    w.vt = sf::VT::i8;
   } else {
-    throw sf::InvalidWeight("column_sparse_linear: values must be float32 or bfloat16");
+    throw sf::InvalidWeight("column_sparse_linear: values must be float32, bfloat16 or int8");
+  }
+  if (w.vt == sf::VT::i8) {
+    if (scales.is_none()) {
+      throw sf::InvalidWeight("column_sparse_linear: int8 values need float32 scales of shape (" + std::to_string(out) +
+                              ",), one per output row");
+    }
+    const In s = nb::cast<In>(scales);
+    check_f32(s, "scales", 1);
+    if (dim(s, 0) != out) {
+      throw sf::InvalidWeight("column_sparse_linear: scales must be float32 of shape (" + std::to_string(out) +
+                              ",), one per output row, got " + std::to_string(dim(s, 0)) + " entries");
+    }
+    w.scales = static_cast<const float*>(s.data());
+  } else if (!scales.is_none()) {
+    throw sf::InvalidWeight("column_sparse_linear: scales are for int8 values only");
   }
   w.bitmap = static_cast<const uint64_t*>(bitmap.data());
   w.block_ptr = static_cast<const int64_t*>(block_ptr.data());
@@ -53,11 +73,12 @@ sf::ColumnSparseWeight column_weight(const In& bitmap, const In& block_ptr, cons
 }
 
 sf::ColumnSparseProblem linear_problem(const In& x, const In& bitmap, const In& block_ptr, const In& values,
-                                       const In& thr, const nb::object& bias, const Out& y) {
+                                       const In& thr, const nb::object& bias, const Out& y,
+                                       const nb::object& scales) {
   const sf::Problem d = problem(x, bias, y);  // x (B, in), y (B, out), bias (out,) or None
   check_f32(thr, "thresholds", 1);
   sf::ColumnSparseProblem p;
-  p.w = column_weight(bitmap, block_ptr, values, d.out);
+  p.w = column_weight(bitmap, block_ptr, values, d.out, scales);
   if (d.in != p.w.in) {
     throw std::invalid_argument("x has " + std::to_string(d.in) + " input features but the weight has " +
                                 std::to_string(p.w.in));
@@ -88,12 +109,13 @@ void def_reference(nb::module_& m, const char* name, const char* doc) {
   m.def(
       name,
       [](const In& x, const In& bitmap, const In& block_ptr, const In& values, const In& thr, const nb::object& bias,
-         const Out& y) {
-        const sf::ColumnSparseProblem p = linear_problem(x, bitmap, block_ptr, values, thr, bias, y);
+         const Out& y, const nb::object& scales) {
+        const sf::ColumnSparseProblem p = linear_problem(x, bitmap, block_ptr, values, thr, bias, y, scales);
         nb::gil_scoped_release rel;
         Ref(p);
       },
-      "x"_a, "bitmap"_a, "block_ptr"_a, "values"_a, "thresholds"_a, "bias"_a.none(), "y"_a, doc);
+      "x"_a, "bitmap"_a, "block_ptr"_a, "values"_a, "thresholds"_a, "bias"_a.none(), "y"_a, "scales"_a.none() = nb::none(),
+      doc);
 }
 
 }  // namespace
@@ -102,8 +124,8 @@ void register_column_sparse(nb::module_& m) {
   m.def(
       "column_sparse_linear",
       [](const In& x, const In& bitmap, const In& block_ptr, const In& values, const In& thr, const nb::object& bias,
-         const Out& y, const std::string& isa, const std::string& algo, bool parallel) {
-        const sf::ColumnSparseProblem p = linear_problem(x, bitmap, block_ptr, values, thr, bias, y);
+         const Out& y, const std::string& isa, const std::string& algo, bool parallel, const nb::object& scales) {
+        const sf::ColumnSparseProblem p = linear_problem(x, bitmap, block_ptr, values, thr, bias, y, scales);
         const int a = parse_cs_algo(algo);
         const sf::Isa i = resolve(isa);
         threads();
@@ -111,7 +133,7 @@ void register_column_sparse(nb::module_& m) {
         sf::column_sparse_linear(p, i, a, parallel);
       },
       "x"_a, "bitmap"_a, "block_ptr"_a, "values"_a, "thresholds"_a, "bias"_a.none(), "y"_a, "isa"_a = "",
-      "algo"_a = "auto", "parallel"_a = true,
+      "algo"_a = "auto", "parallel"_a = true, "scales"_a.none() = nb::none(),
       "y (B, out) = (x with channels |x| <= threshold skipped) @ W^T + bias, W stored per input channel as a "
       "bitmap + packed values; see csrc/column_sparse.h.");
   def_reference<sf::column_sparse_linear_ref>(m, "column_sparse_linear_ref",
@@ -120,7 +142,7 @@ void register_column_sparse(nb::module_& m) {
       "column_sparse_linear_bf16",
       [](const In& x, const In& bitmap, const In& block_ptr, const In& values, const In& thr, const nb::object& bias,
          const Out& y, const std::string& path, bool parallel) {
-        const sf::ColumnSparseProblem p = linear_problem(x, bitmap, block_ptr, values, thr, bias, y);
+        const sf::ColumnSparseProblem p = linear_problem(x, bitmap, block_ptr, values, thr, bias, y, nb::none());
         const sf::Bf16Path bp = resolve_bf16(path);
         threads();
         nb::gil_scoped_release rel;
@@ -134,13 +156,13 @@ void register_column_sparse(nb::module_& m) {
                                                    "Scalar reference of column_sparse_linear_bf16 (test oracle).");
   m.def(
       "column_sparse_check",
-      [](const In& bitmap, const In& block_ptr, const In& values, int64_t out) {
+      [](const In& bitmap, const In& block_ptr, const In& values, int64_t out, const nb::object& scales) {
         if (out < 0) throw std::invalid_argument("out must be >= 0");
-        const sf::ColumnSparseWeight w = column_weight(bitmap, block_ptr, values, out);
+        const sf::ColumnSparseWeight w = column_weight(bitmap, block_ptr, values, out, scales);
         nb::gil_scoped_release rel;
         sf::column_sparse_check_weight(w);
       },
-      "bitmap"_a, "block_ptr"_a, "values"_a, "out"_a,
+      "bitmap"_a, "block_ptr"_a, "values"_a, "out"_a, "scales"_a.none() = nb::none(),
       "Check a column-sparse weight's buffers (bit counts per block against block_ptr; ModelError otherwise).");
 }
 

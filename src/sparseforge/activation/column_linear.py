@@ -2,7 +2,8 @@
 
 A :class:`~sparseforge.activation.SparseInputLinear` whose weight is stored in the column bitmap
 format (:class:`~sparseforge.formats.colbitmap.ColumnBitmapWeight`: per input channel a bitmap over
-the outputs plus the packed kept values, float32 or bfloat16) instead of a dense ``(in, out)``
+the outputs plus the packed kept values, float32, bfloat16 or int8 with one float32 scale per output
+row) instead of a dense ``(in, out)``
 matrix. A decode step skips the inactive input channels entirely and reads only the kept weights of
 the active ones, so the bytes fall as ``(1 - s_act) * ((1 - s_w) * value_size + 1/8)`` per weight
 (TEAL, Liu et al. 2024, arXiv:2408.14690, for the channels; ``docs/activation.md``). Multi-token
@@ -67,7 +68,8 @@ class ColumnSparseLinear(SparseInputLinear):
         # not persistent: checkpoints store the plain nn.Linear weight (sparseforge.activation.plain)
         self.register_buffer("bitmap", weight.bitmap, persistent=False)  # int64 (in, ceil(out / 64))
         self.register_buffer("block_ptr", weight.block_ptr, persistent=False)  # int64 (in * nblk + 1,)
-        self.register_buffer("values", weight.values, persistent=False)  # (nnz,) float32 / bfloat16
+        self.register_buffer("values", weight.values, persistent=False)  # (nnz,) float32 / bfloat16 / int8
+        self.register_buffer("scales", weight.scales, persistent=False)  # float32 (out,) with int8 values, else None
         self._views = None  # (buffer pointers, kernel_args): checked once per set of buffers
         self.set_compute_dtype(compute_dtype)
 
@@ -88,6 +90,9 @@ class ColumnSparseLinear(SparseInputLinear):
             torch.bfloat16
         """
         check_compute_dtype(dtype)
+        if dtype != torch.float32 and getattr(self, "scales", None) is not None:
+            raise ConfigError("bf16 compute takes float32 or bfloat16 column values, not int8; keep "
+                              "compute_dtype=torch.float32 for an int8 layer")
         self._compute_dtype = dtype
         return self
 
@@ -95,7 +100,7 @@ class ColumnSparseLinear(SparseInputLinear):
     def from_linear(cls, linear: nn.Linear, threshold: "float | Tensor" = 0.0,
                     dtype: Optional[torch.dtype] = None) -> "ColumnSparseLinear":
         """The layer of ``linear``, its zero weights pruned; ``dtype`` the values' (default bfloat16 for
-        a bfloat16 layer, else float32)."""
+        a bfloat16 layer, else float32; int8: one scale per output row, round to nearest)."""
         if not isinstance(linear, nn.Linear):
             raise ModelError(f"ColumnSparseLinear.from_linear needs an nn.Linear, got {type(linear).__name__}")
         weight = ColumnBitmapWeight.from_dense(linear.weight.detach(), values_dtype=dtype)
@@ -123,6 +128,12 @@ class ColumnSparseLinear(SparseInputLinear):
                              f"got {type(module).__name__}")
         return layer
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.scales is not None and self.scales.dtype != torch.float32:  # a dtype cast of the module: the
+            self.scales = self.scales.float()  # row scales of int8 values stay float32 (the kernel's contract)
+        return self
+
     def __getstate__(self):
         state = dict(super().__getstate__())
         state["_views"] = None  # numpy views of the buffers: never copied or pickled
@@ -131,7 +142,7 @@ class ColumnSparseLinear(SparseInputLinear):
     @property
     def weight_format(self) -> ColumnBitmapWeight:
         """The stored weight as a format object over the module's buffers."""
-        return ColumnBitmapWeight((self.out_features, self.in_features), self.bitmap, self.values)
+        return ColumnBitmapWeight((self.out_features, self.in_features), self.bitmap, self.values, self.scales)
 
     @property
     def weight_t(self) -> Tensor:  # type: ignore[override]
@@ -152,11 +163,12 @@ class ColumnSparseLinear(SparseInputLinear):
         bf16 = uses_bf16_product(x2.shape[0], self._compute_dtype)
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
                 x2.requires_grad or (bias is not None and bias.requires_grad))):
-            op = column_sparse_bf16_op if bf16 else column_sparse_op
-            return op(x2, self.bitmap, self.block_ptr, self.values, t, bias, self.out_features)
-        key = (self.bitmap.data_ptr(), self.block_ptr.data_ptr(), self.values.data_ptr(), self.values.dtype)
+            args = (x2, self.bitmap, self.block_ptr, self.values, t, bias, self.out_features)
+            return column_sparse_bf16_op(*args) if bf16 else column_sparse_op(*args, self.scales)
+        scales_ptr = None if self.scales is None else self.scales.data_ptr()
+        key = (self.bitmap.data_ptr(), self.block_ptr.data_ptr(), self.values.data_ptr(), self.values.dtype, scales_ptr)
         if self._views is None or self._views[0] != key:
-            self._views = (key, kernel_args(self.bitmap, self.block_ptr, self.values, self.out_features))
+            self._views = (key, kernel_args(self.bitmap, self.block_ptr, self.values, self.out_features, self.scales))
         kernel, *views = self._views[1]
         y = torch.empty(x2.shape[0], self.out_features)  # (N, out)
         thr = t.detach().contiguous().numpy()
@@ -171,6 +183,7 @@ class ColumnSparseLinear(SparseInputLinear):
 
     def extra_repr(self) -> str:
         extra = "" if self._compute_dtype == torch.float32 else ", compute_dtype=bfloat16"
+        extra += ", values=int8" if self.scales is not None else ""
         return super().extra_repr().replace("weight=", f"weight_sparsity={self.weight_sparsity():.3f}, weight=colbitmap ") + extra
 
 

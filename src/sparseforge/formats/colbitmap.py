@@ -21,8 +21,11 @@ buffer        dtype    shape                       order
                                                    ``j // 64`` is ``W[j, i]``; 1 = kept. Bits
                                                    past ``rows`` are 0.
 ``values``    float32  ``(nnz,)``                  kept entries channel-major: channel 0's by
-              or                                   ascending output, then channel 1's, ...
-              bfloat16
+              bfloat16                             ascending output, then channel 1's, ...
+              or int8
+``scales``    float32  ``(rows,)``                 only with int8 values: ``W[j, i] =
+                                                   scales[j] * q`` (one scale per output row,
+                                                   the grid of :mod:`~sparseforge.formats.quantized`)
 ``block_ptr`` int64    ``(cols * nblk + 1,)``      derived from the bitmap, never stored:
                                                    entry ``i * nblk + b`` = kept entries before
                                                    (channel ``i``, output ``512 * b``); the last
@@ -38,7 +41,10 @@ each layer that is both pruned and activation-sparse at load time (one layer den
 
 Zeros, signs and non-finite values follow :mod:`sparseforge.formats.bitmap`: ``from_dense(w)``
 keeps ``w != 0``; ``from_dense(w, mask)`` keeps exactly ``mask``; ``to_dense()`` is
-``torch.where(mask, w, +0.0)`` bit for bit.
+``torch.where(mask, w, +0.0)`` bit for bit. ``values_dtype=torch.int8`` quantizes the kept values
+per output row (or on a caller's ``scales=`` grid); ``to_dense()`` is then the float32
+``scales[j] * q``, and :meth:`ColumnBitmapWeight.from_format` keeps an int8 bitmap / N:M / CSR
+weight's ``q`` and ``scales`` as they are.
 
 Example:
     >>> import torch
@@ -62,10 +68,12 @@ from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats._stored import StoredBuffers
 from sparseforge.formats.bitmap import check_weight, pack_bits, unpack_bits
 from sparseforge.formats.memory import hugepage_backed
+from sparseforge.formats.quantized import check_scales, quantize_rows
 from sparseforge.formats.registry import FormatSpec, register
 
-__all__ = ["ColumnBitmapWeight", "BLOCK_COLUMNS"]
+__all__ = ["ColumnBitmapWeight", "BLOCK_COLUMNS", "VALUE_DTYPES"]
 
+VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 BLOCK_COLUMNS = 512  # outputs per block_ptr entry (csrc/column_sparse.h kColBlock)
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
 _CHANNEL_CHUNK = 1024  # channels counted at a time (bounds the temporary per-byte counts)
@@ -96,7 +104,8 @@ class ColumnBitmapWeight(StoredBuffers):
 
     shape: tuple[int, int]
     bitmap: torch.Tensor  # int64 (in, ceil(out / 64))
-    values: torch.Tensor  # (nnz,) float32 / bfloat16
+    values: torch.Tensor  # (nnz,) float32 / bfloat16 / int8
+    scales: torch.Tensor | None = None  # float32 (out,), int8 values only
     block_ptr: torch.Tensor = field(init=False, repr=False)  # int64 (in * nblk + 1,), derived
 
     def __post_init__(self) -> None:
@@ -107,9 +116,10 @@ class ColumnBitmapWeight(StoredBuffers):
         if self.bitmap.dtype != torch.int64 or tuple(self.bitmap.shape) != (cols, words) or not self.bitmap.is_contiguous():
             raise ModelError(f"{where}: bitmap must be contiguous int64 of shape {(cols, words)}, "
                              f"got {self.bitmap.dtype} {tuple(self.bitmap.shape)}")
-        if self.values.dim() != 1 or self.values.dtype not in (torch.float32, torch.bfloat16):
-            raise ModelError(f"{where}: values must be 1-D float32 or bfloat16, got {self.values.dtype} "
+        if self.values.dim() != 1 or self.values.dtype not in VALUE_DTYPES:
+            raise ModelError(f"{where}: values must be 1-D float32, bfloat16 or int8, got {self.values.dtype} "
                              f"{tuple(self.values.shape)}")
+        check_scales(self.scales, self.values, rows, where)
         if rows % 64 and cols and bool(((self.bitmap[:, -1] >> (rows % 64)) != 0).any()):
             raise ModelError(f"{where}: bitmap bits past output {rows} are set")
         counts = _block_counts(self.bitmap, rows)  # (in, nblk)
@@ -121,39 +131,68 @@ class ColumnBitmapWeight(StoredBuffers):
         object.__setattr__(self, "block_ptr", block_ptr)
 
     @classmethod
-    def from_dense(cls, w: torch.Tensor, mask: torch.Tensor | None = None, *,
-                   values_dtype: torch.dtype | None = None) -> "ColumnBitmapWeight":
+    def from_dense(cls, w: torch.Tensor, mask: torch.Tensor | None = None, *, values_dtype: torch.dtype | None = None,
+                   scales: torch.Tensor | None = None) -> "ColumnBitmapWeight":
         """Compress ``w`` ``(out, in)``; ``mask`` (bool, True = keep) defaults to ``w != 0``;
-        ``values_dtype`` float32 or bfloat16 (default: ``w``'s dtype, bfloat16 stays bfloat16, else float32)."""
+        ``values_dtype`` float32, bfloat16 (default: ``w``'s dtype, bfloat16 stays bfloat16, else
+        float32) or int8: one scale per output row, round to nearest, or the grid of ``scales``
+        (float32 ``(out,)``) when given (:func:`~sparseforge.formats.quantized.quantize_rows`).
+
+        Example:
+            >>> import torch
+            >>> w = torch.tensor([[0.5, -1.0], [0.0, 0.25]])   # (out=2, in=2)
+            >>> cw = ColumnBitmapWeight.from_dense(w, values_dtype=torch.int8)
+            >>> cw.values.tolist(), [round(s * 127, 3) for s in cw.scales.tolist()]
+            ([64, -127, 127], [1.0, 0.25])
+        """
         check_weight(w, mask)
         dtype = values_dtype or (torch.bfloat16 if w.dtype == torch.bfloat16 else torch.float32)
-        if dtype not in (torch.float32, torch.bfloat16):
-            raise ConfigError(f"the column bitmap format stores float32 or bfloat16 values, got {dtype}")
-        keep_t = ((w != 0) if mask is None else mask).t()  # (in, out)
+        if dtype not in VALUE_DTYPES:
+            raise ConfigError(f"the column bitmap format stores float32, bfloat16 or int8 values, got {dtype}")
+        if scales is not None and dtype != torch.int8:
+            raise ConfigError("scales= needs values_dtype=torch.int8")
+        keep = (w != 0) if mask is None else mask  # (out, in)
+        keep_t = keep.t()  # (in, out)
         rows, cols = w.shape
         words = (rows + 63) // 64
         bits = torch.zeros(cols, words * 64, dtype=torch.bool)
         bits[:, :rows] = keep_t
         packed = pack_bits(bits)  # (in, words * 8) uint8
         bitmap = packed.view(torch.int64) if words else torch.zeros(cols, 0, dtype=torch.int64)  # (in, words), little endian
-        values = w.t()[keep_t].to(dtype).contiguous()  # (nnz,) channel-major
-        return cls((rows, cols), hugepage_backed(bitmap.contiguous()), hugepage_backed(values))
+        if dtype == torch.int8:
+            q, scales = quantize_rows(w, keep, scales)  # (out, in) int8, (out,) float32
+            values = q.t()[keep_t].contiguous()  # (nnz,) channel-major
+        else:
+            values = w.t()[keep_t].to(dtype).contiguous()  # (nnz,) channel-major
+        return cls((rows, cols), hugepage_backed(bitmap.contiguous()), hugepage_backed(values), scales)
 
     @classmethod
     def from_format(cls, weight, values_dtype: torch.dtype | None = None) -> "ColumnBitmapWeight":
-        """The column layout of another format object (``to_dense`` / ``mask`` of one layer). Float
-        values keep their dtype; int8 values (no int8 column kernel yet) become their float32
-        dequantized weights unless ``values_dtype`` says otherwise."""
-        dense = weight.to_dense()  # (out, in)
+        """The column layout of another format object (``to_dense`` / ``mask`` of one layer). Values
+        keep their dtype (int8: the same ``q`` and row ``scales``, no requantization) unless
+        ``values_dtype`` says otherwise (int8 from float values: round to nearest per row).
+
+        Example:
+            >>> import torch
+            >>> from sparseforge.formats.bitmap import BitmapWeight
+            >>> bw = BitmapWeight.from_dense(torch.tensor([[0.5, 0.0], [0.0, -2.0]]), values_dtype=torch.int8)
+            >>> cw = ColumnBitmapWeight.from_format(bw)
+            >>> cw.values.dtype, torch.equal(cw.scales, bw.scales), torch.equal(cw.to_dense(), bw.to_dense())
+            (torch.int8, True, True)
+        """
+        dense = weight.to_dense()  # (out, in); int8 formats: float32 scales[r] * q
         mask = weight.mask() if hasattr(weight, "mask") else dense != 0
-        dtype = values_dtype or (weight.dtype if weight.dtype in (torch.float32, torch.bfloat16) else torch.float32)
-        return cls.from_dense(dense.float() if dense.dtype not in (torch.float32, torch.bfloat16) else dense, mask,
-                              values_dtype=dtype)
+        dtype = values_dtype or (weight.dtype if weight.dtype in VALUE_DTYPES else torch.float32)
+        scales = getattr(weight, "scales", None) if dtype == torch.int8 else None
+        if dense.dtype not in (torch.float32, torch.bfloat16):
+            dense = dense.float()
+        return cls.from_dense(dense, mask, values_dtype=dtype, scales=scales)
 
     @property
     def nbytes(self) -> int:
-        """Bytes in memory: bitmap, values and the derived block pointers."""
-        return sum(t.numel() * t.element_size() for t in (self.bitmap, self.values, self.block_ptr))
+        """Bytes in memory: bitmap, values, scales (int8) and the derived block pointers."""
+        buffers = (self.bitmap, self.values, self.block_ptr) + (() if self.scales is None else (self.scales,))
+        return sum(t.numel() * t.element_size() for t in buffers)
 
     def mask(self) -> torch.Tensor:
         """Bool keep-mask ``(out, in)``."""
@@ -163,10 +202,13 @@ class ColumnBitmapWeight(StoredBuffers):
         return unpack_bits(self.bitmap.view(torch.uint8), self.bitmap.shape[1] * 64)[:, :rows].t()
 
     def to_dense(self) -> torch.Tensor:
-        """Dense ``(out, in)`` weight: kept entries bit-exact, pruned ``+0.0``."""
+        """Dense ``(out, in)`` weight: kept entries bit-exact (int8: float32 ``scales[j] * q``), pruned ``+0.0``."""
         rows, cols = self.shape
-        out_t = torch.zeros(cols, rows, dtype=self.values.dtype)  # (in, out)
-        out_t[self.mask().t()] = self.values
+        dtype = torch.float32 if self.scales is not None else self.values.dtype
+        out_t = torch.zeros(cols, rows, dtype=dtype)  # (in, out)
+        out_t[self.mask().t()] = self.values.to(dtype)
+        if self.scales is not None:
+            out_t *= self.scales  # (in, out) * (out,): row j of W scaled by scales[j]
         return out_t.t().contiguous()
 
 

@@ -3,11 +3,16 @@
 ``y (B, out) = mask(x) (B, in) @ W^T + bias`` where ``mask`` zeroes the input channels with
 ``|x| <= threshold`` (one threshold, or one per input channel) and ``W`` is a
 :class:`~sparseforge.formats.colbitmap.ColumnBitmapWeight` (per input channel a bitmap plus packed
-kept values, float32 or bfloat16). The native kernel (``csrc/column_sparse.h``) reads only the
+kept values, float32, bfloat16 or int8 with one float32 scale per output row). The native kernel (``csrc/column_sparse.h``) reads only the
 active channels' bitmaps and kept values, so a decode step reads about
 ``(1 - s_act) * ((1 - s_w) * value_size + 1/8)`` bytes per weight (TEAL, Liu et al. 2024,
 arXiv:2408.14690, for the skipped channels; the format for the pruned weights). Many rows (prefill)
 decode the same stored layout panel by panel into L2 and run a GEMM over it: no second copy.
+
+int8 values (``values`` int8 plus ``scales`` float32 ``(out,)``, the grid of
+:mod:`sparseforge.formats.quantized`): the kernel widens ``q`` to float32 in registers, sums
+``x_i * q`` per output in float32 and writes ``scales[j] * sum + bias[j]`` at the end of each output
+tile (the decoded panels of the multi-row path hold ``q`` too); bf16 compute does not take them.
 
 bf16 compute (``compute_dtype=torch.bfloat16``, op ``sparseforge::column_sparse_linear_bf16``):
 from :data:`~sparseforge.ops.bf16_compute.BF16_MIN_BATCH` rows on, the channels are masked on the
@@ -36,6 +41,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -74,8 +80,15 @@ def _np(t: Tensor):
     return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
-def _check(x: Tensor, bitmap: Tensor, thresholds: Tensor, bias: Optional[Tensor], out_features: int) -> None:
+def _check(x: Tensor, bitmap: Tensor, thresholds: Tensor, bias: Optional[Tensor], out_features: int,
+           values: Optional[Tensor] = None, scales: Optional[Tensor] = None) -> None:
     n_in = bitmap.shape[0]
+    if values is not None and (values.dtype == torch.int8) != (scales is not None):
+        raise ModelError(f"int8 values need float32 scales of shape ({out_features},), and only int8 values take "
+                         f"scales; got {values.dtype} values and scales={'None' if scales is None else tuple(scales.shape)}")
+    if scales is not None and (scales.dtype != torch.float32 or tuple(scales.shape) != (out_features,)):
+        raise ModelError(f"scales must be float32 of shape ({out_features},), one per output row, got {scales.dtype} "
+                         f"{tuple(scales.shape)}")
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != n_in:
         raise DataError(f"x must be a float32 CPU tensor of shape (batch, {n_in}), got {x.dtype} {tuple(x.shape)} on {x.device}")
     if thresholds.dtype != torch.float32 or thresholds.dim() != 1 or thresholds.shape[0] not in (1, n_in):
@@ -94,69 +107,81 @@ def _native_call(fn, *args) -> None:
         raise DataError(str(exc)) from exc
 
 
-def kernel_args(bitmap: Tensor, block_ptr: Tensor, values: Tensor, out_features: int) -> tuple:
+def kernel_args(bitmap: Tensor, block_ptr: Tensor, values: Tensor, out_features: int,
+                scales: Optional[Tensor] = None) -> tuple:
     """``(native kernel, bitmap, block_ptr, values)`` views of a column-sparse weight's buffers,
     checked once, for a caller that runs many eager calls on the same tensors (the views share their
     memory): ``kernel(x.numpy(), *views, thresholds.numpy(), bias.numpy() or None, y.numpy())`` with
-    ``x`` float32 ``(B, in)`` and ``y`` ``(B, out)``."""
+    ``x`` float32 ``(B, in)`` and ``y`` ``(B, out)``; int8 values: the kernel has their ``scales``
+    bound already."""
     views = (_np(bitmap), _np(block_ptr), _np(values))
-    native().column_sparse_check(*views, out_features)
-    return (native().column_sparse_linear, *views)
+    s = None if scales is None else _np(scales)
+    _native_call(native().column_sparse_check, *views, out_features, s)
+    kernel = native().column_sparse_linear
+    if s is None:
+        return (kernel, *views)
+    return (functools.partial(kernel, scales=s), *views)
 
 
 def _forward(x: Tensor, bitmap: Tensor, block_ptr: Tensor, values: Tensor, thresholds: Tensor, bias: Optional[Tensor],
-             out_features: int, algo: str = "auto", bf16: bool = False) -> Tensor:
-    _check(x, bitmap, thresholds, bias, out_features)
+             out_features: int, algo: str = "auto", bf16: bool = False, scales: Optional[Tensor] = None) -> Tensor:
+    _check(x, bitmap, thresholds, bias, out_features, values, scales)
+    if bf16 and scales is not None:
+        raise ConfigError("bf16 compute takes float32 or bfloat16 column values, not int8; use compute_dtype=torch.float32")
     views = (_np(bitmap), _np(block_ptr), _np(values))
-    _native_call(native().column_sparse_check, *views, out_features)
+    s = None if scales is None else _np(scales.contiguous())
+    _native_call(native().column_sparse_check, *views, out_features, s)
     y = torch.empty(x.shape[0], out_features, dtype=torch.float32)  # (B, out)
     b = None if bias is None else _np(bias.contiguous())
     args = (_np(x.contiguous()), *views, _np(thresholds.contiguous()), b, y.numpy())
     if bf16:
         _native_call(native().column_sparse_linear_bf16, *args, "")
     else:
-        _native_call(native().column_sparse_linear, *args, "", algo)
+        _native_call(native().column_sparse_linear, *args, "", algo, True, s)
     return y
 
 
 @torch.library.custom_op("sparseforge::column_sparse_linear", mutates_args=())
 def _column_sparse_op(x: Tensor, bitmap: Tensor, block_ptr: Tensor, values: Tensor, thresholds: Tensor,
-                      bias: Optional[Tensor], out_features: int) -> Tensor:
-    return _forward(x, bitmap, block_ptr, values, thresholds, bias, out_features)
+                      bias: Optional[Tensor], out_features: int, scales: Optional[Tensor] = None) -> Tensor:
+    return _forward(x, bitmap, block_ptr, values, thresholds, bias, out_features, scales=scales)
 
 
 @_column_sparse_op.register_fake
-def _(x, bitmap, block_ptr, values, thresholds, bias, out_features):
-    _check(x, bitmap, thresholds, bias, out_features)
+def _(x, bitmap, block_ptr, values, thresholds, bias, out_features, scales=None):
+    _check(x, bitmap, thresholds, bias, out_features, values, scales)
     return x.new_empty(x.shape[0], out_features)
 
 
-def dense_from_buffers(bitmap: Tensor, values: Tensor, out_features: int) -> Tensor:
-    """The float32 ``(out, in)`` weight of the buffers (pruned entries 0), in plain torch."""
+def dense_from_buffers(bitmap: Tensor, values: Tensor, out_features: int, scales: Optional[Tensor] = None) -> Tensor:
+    """The float32 ``(out, in)`` weight of the buffers (pruned entries 0; int8: ``scales[j] * q``), in plain torch."""
     n_in = bitmap.shape[0]
     shifts = torch.arange(64, dtype=torch.int64)
     bits = ((bitmap.unsqueeze(-1) >> shifts) & 1).bool().reshape(n_in, -1)[:, :out_features]  # (in, out)
     w_t = torch.zeros(n_in, out_features, dtype=torch.float32)
     w_t[bits] = values.float()
+    if scales is not None:
+        w_t = w_t * scales.float()  # (in, out) * (out,)
     return w_t.t()
 
 
 def _setup(ctx, inputs, output):
-    x, bitmap, block_ptr, values, thresholds, bias, out_features = inputs
-    ctx.save_for_backward(x, bitmap, values, thresholds)
+    x, bitmap, block_ptr, values, thresholds, bias, out_features = inputs[:7]
+    scales = inputs[7] if len(inputs) > 7 else None
+    ctx.save_for_backward(x, bitmap, values, thresholds, scales)
     ctx.out_features = out_features
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, dy):
-    x, bitmap, values, thresholds = ctx.saved_tensors
+    x, bitmap, values, thresholds, scales = ctx.saved_tensors
     dx = db = None
     if ctx.needs_input_grad[0]:
         kept = ~(x.abs() <= thresholds)  # (B, in)
-        dx = (dy @ dense_from_buffers(bitmap, values, ctx.out_features)) * kept  # (B, in)
+        dx = (dy @ dense_from_buffers(bitmap, values, ctx.out_features, scales)) * kept  # (B, in)
     if ctx.has_bias and ctx.needs_input_grad[5]:
         db = dy.sum(0)
-    return dx, None, None, None, None, db, None
+    return (dx, None, None, None, None, db, None) + (None,) * (len(ctx.needs_input_grad) - 7)
 
 
 _column_sparse_op.register_autograd(_backward, setup_context=_setup)
@@ -178,10 +203,11 @@ _column_sparse_bf16_op.register_autograd(_backward, setup_context=_setup)
 
 
 def column_sparse_op(x: Tensor, bitmap: Tensor, block_ptr: Tensor, values: Tensor, thresholds: Tensor,
-                     bias: Optional[Tensor], out_features: int) -> Tensor:
+                     bias: Optional[Tensor], out_features: int, scales: Optional[Tensor] = None) -> Tensor:
     """The registered op ``sparseforge::column_sparse_linear`` over a weight's buffers (what
-    ``torch.compile`` and autograd see; a module holding the buffers calls this)."""
-    return _column_sparse_op(x, bitmap, block_ptr, values, thresholds, bias, out_features)
+    ``torch.compile`` and autograd see; a module holding the buffers calls this); ``scales`` float32
+    ``(out,)`` with int8 ``values`` only."""
+    return _column_sparse_op(x, bitmap, block_ptr, values, thresholds, bias, out_features, scales)
 
 
 def column_sparse_bf16_op(x: Tensor, bitmap: Tensor, block_ptr: Tensor, values: Tensor, thresholds: Tensor,
@@ -205,10 +231,12 @@ def column_sparse_linear(x: Tensor, weight: ColumnBitmapWeight, thresholds: Tens
         raise DataError(f"algo must be one of {ALGOS}, got {algo!r}")
     check_compute_dtype(compute_dtype)
     bf16 = uses_bf16_product(x.shape[0], compute_dtype, algo)
+    if weight.scales is not None and compute_dtype != torch.float32:
+        raise ConfigError("bf16 compute takes float32 or bfloat16 column values, not int8; use compute_dtype=torch.float32")
     args = (x, weight.bitmap, weight.block_ptr, weight.values, thresholds, bias, weight.shape[0])
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias))):
-        return _column_sparse_bf16_op(*args) if bf16 else _column_sparse_op(*args)
-    return _forward(*args, algo, bf16)
+        return _column_sparse_bf16_op(*args) if bf16 else _column_sparse_op(*args, weight.scales)
+    return _forward(*args, algo, bf16, weight.scales)
 
 
 def column_sparse_reference(x: Tensor, weight: ColumnBitmapWeight, thresholds: Tensor,
