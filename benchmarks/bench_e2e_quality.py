@@ -208,24 +208,34 @@ def join_speed(rows: dict, speed_json: Path) -> None:
         row["decode_tps"] = None if match is None else match.get("decode_tps")
 
 
+OFF_SCALE = 0.15  # perplexity changes above +15% are listed beside the plot, not drawn (they would flatten it)
+
+
 def plot(rows: dict, path: Path, title: str) -> Path | None:
+    """Decode tokens/s (x) against the perplexity change vs dense fp32 (y, %) for every row with a speed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [(r["decode_tps"], r["ppl"], name) for name, r in rows.items() if r.get("decode_tps")]
+    points = [(r["decode_tps"], r["vs_dense_fp32"], name) for name, r in rows.items() if r.get("decode_tps")]
     if not points:
         return None
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for tps, ppl, name in points:
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    off = []
+    for tps, change, name in points:
+        if change > OFF_SCALE:
+            off.append(f"{name}: {change:+.0%} at {tps:.1f} tok/s")
+            continue
         ours = name.startswith("sparseforge")
-        ax.scatter(tps, ppl, marker="o" if ours else "s", color="tab:blue" if ours else "tab:orange")
-        ax.annotate(name.replace("sparseforge ", "sf ").replace("llama.cpp ", "lc "), (tps, ppl), fontsize=7,
+        ax.scatter(tps, 100 * change, marker="o" if ours else "s", color="tab:blue" if ours else "tab:orange")
+        ax.annotate(name.replace("sparseforge ", "sf ").replace("llama.cpp ", "lc "), (tps, 100 * change), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")  # fmt: skip
-    ax.set_xlabel("decode tokens/s (llama-shaped 721M model, batch 1)")
-    ax.set_ylabel("held-out perplexity (built-in model, llama-perplexity protocol)")
-    ax.set_title(title, fontsize=8)
+    if off:
+        ax.text(0.01, 0.99, "off scale:\n" + "\n".join(off), transform=ax.transAxes, va="top", fontsize=7)
+    ax.set_xlabel("decode tokens/s (Llama-shaped 721M model, batch 1, 2 threads)")
+    ax.set_ylabel("perplexity change vs dense fp32, % (built-in model)")
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
@@ -246,7 +256,7 @@ def rejoin(args) -> dict:
         raise SystemExit(f"--reuse needs --speed and an existing {args.out}")
     result = json.loads(args.out.read_text())
     join_speed(result["rows"], args.speed)
-    png = plot(result["rows"], args.out.with_suffix(".png"), f"CPU {host_line()}"[:150])
+    png = plot(result["rows"], args.out.with_suffix(".png"), f"speed vs quality; CPU {host_info()['cpu']}")
     result["plot"] = None if png is None else str(png)
     result["speed_from"] = str(args.speed)
     write_json(args.out, result, indent=2)
@@ -353,7 +363,7 @@ def main(argv=None) -> dict:
               "add_bos": add_bos, "tokens_scored_per_chunk": args.ctx - args.ctx // 2 - 1, "rows": rows,
               "checks": checks, "seconds": time.perf_counter() - start, "loadavg": os.getloadavg()}  # fmt: skip
     if args.speed is not None:
-        png = plot(rows, args.out.with_suffix(".png"), f"CPU {cpu}"[:150])
+        png = plot(rows, args.out.with_suffix(".png"), f"speed vs quality; CPU {host_info()['cpu']}")
         result["plot"] = None if png is None else str(png)
         if png:
             print(f"wrote {png}")
