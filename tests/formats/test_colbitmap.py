@@ -70,8 +70,9 @@ def test_from_format_equals_from_dense(fmt):
 def test_bf16_values_and_bad_dtypes():
     w = _pruned(10, 6, 0.5)
     assert ColumnBitmapWeight.from_dense(w, values_dtype=torch.bfloat16).values.dtype == torch.bfloat16
-    with pytest.raises(ConfigError, match="float32 or bfloat16"):
-        ColumnBitmapWeight.from_dense(w, values_dtype=torch.int8)
+    assert ColumnBitmapWeight.from_dense(w, values_dtype=torch.int8).values.dtype == torch.int8  # with row scales
+    with pytest.raises(ConfigError, match="float32, bfloat16 or int8"):
+        ColumnBitmapWeight.from_dense(w, values_dtype=torch.float16)
     with pytest.raises(ConfigError, match="2-D"):
         ColumnBitmapWeight.from_dense(torch.randn(3))
 
