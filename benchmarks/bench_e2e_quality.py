@@ -184,17 +184,10 @@ def save_hf(model, tokenizer, path: Path) -> Path:
 # --------------------------------------------------------------------------- speed join and plot
 
 
-SPEED_KEYS = {  # quality row -> prefix of the e2e_llamacpp.json row measuring the same kind of variant
-    "llama.cpp f32": "llama.cpp f32", "llama.cpp bf16": "llama.cpp bf16", "llama.cpp q8_0": "llama.cpp q8_0",
-    "llama.cpp q4_k_m": "llama.cpp q4_k_m", "sparseforge dense fp32": "sparseforge dense fp32",
-    "sparseforge dense bf16": "sparseforge dense bf16",
-}
-
-
 def speed_key(name: str) -> str:
-    """The e2e_llamacpp.json row prefix for quality row ``name`` ("sparseforge 2:4 int8" -> same)."""
-    if name in SPEED_KEYS:
-        return SPEED_KEYS[name]
+    """The e2e_llamacpp.json row prefix measuring quality row ``name``'s kind of variant: the name without
+    its parenthesised detail ("sparseforge 2:4 int8 (nm 2:4)" -> "sparseforge 2:4 int8"; "llama.cpp q8_0
+    (2:4 SparseGPT)" -> "llama.cpp q8_0": llama.cpp reads the zeros too)."""
     return name.split(" (")[0]
 
 
