@@ -12,7 +12,8 @@ the same arithmetic with fewer, pre-bound calls:
   through a pre-bound entry point where that gives its own output bitwise on a probe input at
   construction: ``torch.nn.functional.linear`` with the weights of an ``nn.Linear`` without hooks,
   :class:`sparseforge.ops.BoundLinear` (in the layer's activation mode) for a float32-model ``SparseLinear`` without hooks (a module
-  call costs several times the native kernel at these sizes); any layer whose own ``forward``
+  call costs several times the native kernel at these sizes), a layer's own ``bound_gemv()`` where it offers one
+  (the activation-sparse :class:`~sparseforge.activation.SparseInputLinear` / ``ColumnSparseLinear``); any layer whose own ``forward``
   computes differently (another compute mode, a subclass) is called as a module, so what it
   computes is what runs. :attr:`DecodeEngine.call_paths` counts both;
 * **fewer element-wise ops**: RMSNorm uses the norm module's weight and epsilon: for float32, five
@@ -262,6 +263,8 @@ class DecodeEngine:
         elif not _has_hooks(layer) and type(layer) is SparseLinear and self.dtype == torch.float32:
             bias = None if layer.bias is None else layer.bias.detach().to(torch.float32)
             bound = BoundLinear(layer.weight_format, bias, activations=layer.activations)
+        elif not _has_hooks(layer) and self.dtype == torch.float32 and callable(getattr(layer, "bound_gemv", None)):
+            bound = layer.bound_gemv()  # activation-sparse layers: their batch-1 kernel, bound once
         if bound is not None:
             probe = torch.randn(1, layer.in_features, generator=torch.Generator().manual_seed(0)).to(self.dtype)
             with torch.inference_mode():
