@@ -72,6 +72,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--int8-sparsities", nargs="+", default=["2:4", "0.75"], help="variants also built with int8 values")
     p.add_argument("--work", type=Path, default=peer.CACHE / "models")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--cells", nargs="+", default=None, metavar="TEXT",
+                   help="time only the cells whose name contains one of these texts (e.g. 'q8_0' 'int8'); default: all")
+    p.add_argument("--start-file", type=Path, default=None,
+                   help="after building and warming up every cell, wait until this file exists before the timed "
+                        "rounds (start the timing from a quiet moment)")
     args = p.parse_args(argv)
     if args.quick:
         args.hidden, args.layers, args.ffn, args.heads, args.kv_heads = 256, 2, 704, 4, 2
@@ -200,25 +205,37 @@ def _pruned(dense, s: str, dtype=None):
     return model, f"sparseforge {label} {'int8' if dtype == torch.int8 else 'fp32'} ({fmts})"
 
 
-def our_variants(hf_dir: Path, sparsities: list[str], int8_sparsities: list[str]) -> dict:
+def selected(name: str, cells: list[str] | None) -> bool:
+    """Whether cell ``name`` is timed: every cell without ``--cells``, else those containing one of its texts."""
+    return cells is None or any(c in name for c in cells)
+
+
+def our_variants(hf_dir: Path, sparsities: list[str], int8_sparsities: list[str], cells: list[str] | None = None) -> dict:
     """cell name -> (model, sparse, engine): every cell decodes through the native engine except the
-    ``generate`` reference row (the same dense fp32 model through transformers' ``generate``)."""
+    ``generate`` reference row (the same dense fp32 model through transformers' ``generate``). With
+    ``cells``, only the selected ones (a pruned variant is built when it or its w8a8 twin is selected)."""
     import transformers as t
 
     dense = t.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     out = {REFERENCE_CELL: (dense, False, "transformers"),
-           "sparseforge dense fp32": (copy.deepcopy(dense), False, "native"),
-           "sparseforge dense bf16": (copy.deepcopy(dense).to(torch.bfloat16), False, "native")}
+           "sparseforge dense fp32": (copy.deepcopy(dense), False, "native") if selected("sparseforge dense fp32", cells) else None,
+           "sparseforge dense bf16": (copy.deepcopy(dense).to(torch.bfloat16), False, "native")
+           if selected("sparseforge dense bf16", cells) else None}
     for s, dtype in [(s, None) for s in sparsities] + [(s, torch.int8) for s in int8_sparsities]:
+        label = s if ":" in s else f"{float(s):.0%}"
+        kinds = ("int8", "w8a8") if dtype == torch.int8 else ("fp32",)
+        if not any(selected(f"sparseforge {label} {k} (", cells) for k in kinds):
+            continue
         model, name = _pruned(dense, s, dtype)
-        out[name] = (model, True, "native")
-        if dtype == torch.int8:  # the same weights with int8 activations too (W8A8: VNNI integer sums)
+        if selected(name, cells):
+            out[name] = (model, True, "native")
+        if dtype == torch.int8 and selected(name.replace(" int8 (", " w8a8 ("), cells):  # int8 activations too (W8A8)
             from sparseforge.runtime.compress import set_activation_precision_
 
-            w8a8 = copy.deepcopy(model)
+            w8a8 = model if name not in out else copy.deepcopy(model)
             set_activation_precision_(w8a8, "int8")
             out[name.replace(" int8 (", " w8a8 (")] = (w8a8, True, "native")
-    return out
+    return {name: v for name, v in out.items() if v is not None and selected(name, cells)}
 
 
 def time_ours(model, sparse: bool, engine: str, prompt: torch.Tensor, new: int, prefill: torch.Tensor, threads: int) -> dict:
@@ -293,16 +310,20 @@ def main(argv=None) -> dict:
     tools = peer.ensure_llamacpp()
     print(f"llama.cpp build: {'reused' if tools.build_seconds == 0 else f'{tools.build_seconds:.0f} s'} ({tools.bin})")
     hf_dir = write_model(args)
-    ggufs = convert_all(tools, hf_dir)
-    ours = our_variants(hf_dir, args.sparsities, args.int8_sparsities)
+    ggufs = {kind: path for kind, path in convert_all(tools, hf_dir).items() if selected(f"llama.cpp {kind.lower()}", args.cells)}
+    ours = our_variants(hf_dir, args.sparsities, args.int8_sparsities, args.cells)
     torch.set_num_threads(args.threads)
     kernels.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
-    vocab = ours["sparseforge dense fp32"][0].config.vocab_size
+    vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
     prompt = torch.randint(1, vocab, (1, args.prompt), generator=gen)
     prefill = torch.randint(1, vocab, (1, args.prefill), generator=gen)
     for model, sparse, engine in ours.values():  # warm-up
         time_ours(model, sparse, engine, prompt[:, :4], 2, prefill[:, :8], args.threads)
+    if args.start_file is not None:
+        print(f"warmed up; waiting for {args.start_file}", flush=True)
+        while not args.start_file.exists():
+            time.sleep(0.5)
     samples: dict[str, list[dict]] = {}
     gbps = []
     for r in range(args.rounds):

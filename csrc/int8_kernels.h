@@ -358,12 +358,39 @@ void i8_rows_in_flight(const Problem& p, const float* scales, int64_t r0, int64_
   else i8_row_groups<1>(p, scales, r0, r1, group);
 }
 
+// Prefetch of the stored bytes of whole rows (bitmap row and int8 values) kRowsAhead rows ahead of
+// the row being computed: the row kernels walk their rows in order, so the next rows' bitmap and
+// values are requested while this one computes (the per-step value prefetch alone leaves the bitmap
+// stream to the hardware). `value_lines` is a fixed count of 64-byte lines per row (the mean row plus
+// slack): a count that varied per row would mispredict its loop exit. 75% sparse int8, 2 threads,
+// weights cycled through 600 MB: 11264x2048 float32 x 0.725 -> 0.695 ms, 2048x5632 0.350 -> 0.343 ms;
+// 4 to 16 rows ahead measured alike, 2 no better than none.
+constexpr int64_t kRowsAhead = 8;
+struct RowPrefetch {
+  int64_t value_lines = 0;
+  explicit RowPrefetch(const BitmapView& w) : value_lines(w.rows > 0 ? (w.nnz / w.rows + 63) / 64 + 1 : 0) {}
+  void operator()(const BitmapView& w, int64_t r) const {
+#if defined(__AVX2__)
+    if (r + kRowsAhead >= w.rows) return;
+    const int64_t ra = r + kRowsAhead;
+    const char* b = reinterpret_cast<const char*>(w.bits + ra * w.bpr);
+    for (int64_t o = 0; o < w.bpr; o += 64) _mm_prefetch(b + o, _MM_HINT_T0);
+    const char* v = static_cast<const char*>(w.val) + w.row_offsets[ra];
+    for (int64_t l = 0; l < value_lines; ++l) _mm_prefetch(v + 64 * l, _MM_HINT_T0);
+#else
+    (void)w, (void)r;
+#endif
+  }
+};
+
 void bitmap_i8_rows(const BitmapI8& wq, const Problem& p, int64_t r0, int64_t r1) {
   const BitmapView& w = wq.w;
   const int8_t* q = static_cast<const int8_t*>(w.val);
+  const RowPrefetch prefetch_row(w);
 #if defined(__AVX512VBMI2__)
   i8_rows_in_flight(p, wq.scales, r0, r1, [&](int64_t r, auto rc, const float* const* xs, auto sums, auto) {
     constexpr int RC = decltype(rc)::value;
+    for (int i = 0; i < RC; ++i) prefetch_row(w, r + i);
     int64_t vp[RC];
     const uint8_t* rows[RC];
     for (int i = 0; i < RC; ++i) vp[i] = w.row_offsets[r + i], rows[i] = w.bits + (r + i) * w.bpr;
@@ -371,6 +398,7 @@ void bitmap_i8_rows(const BitmapI8& wq, const Problem& p, int64_t r0, int64_t r1
   });
 #else
   i8_rows(p, wq.scales, r0, r1, [&](int64_t r, const float* const* xs, float* sums, auto nbc) {
+    prefetch_row(w, r);
     const uint8_t* row = w.bits + r * w.bpr;
     i8_row_dot<decltype(nbc)::value, 0>(q, w.row_offsets[r], w.nnz, w.cols, [row](int64_t i) { return row[i]; }, xs, sums);
   });
@@ -590,31 +618,40 @@ inline void nm24_qx_row_dot(const int8_t* q, const uint8_t* irow, int64_t vpr, c
 
 // bitmap: 64 columns per step; the xq of the kept columns are packed to the front (vpcompressb by
 // the 64-bit bitmap word, zero above) to meet the row's next values, whose count is the popcount.
+// Two accumulator sets take turns by step (unrolled by two), so consecutive steps' vpdpbusd do not
+// wait on each other.
 template <int NB>
 inline void bitmap_qx_row_dot(const int8_t* q, int64_t vp, int64_t end, const uint8_t* bits, int64_t cols,
                               const int8_t* const* xs, int64_t* sums) {
-  QxAcc<NB> a;
+  QxAcc<NB> a0, a1;
+  auto step = [&](QxAcc<NB>& a, int64_t c, int64_t c1) {
+    v512::prefetch(q + vp, v512::kPrefetchBytes);
+    uint64_t m = 0;
+    if (c + 64 <= c1) {
+      std::memcpy(&m, bits + c / 8, 8);
+    } else {
+      std::memcpy(&m, bits + c / 8, static_cast<size_t>((c1 - c + 7) / 8));
+      m = _bzhi_u64(m, static_cast<unsigned>(c1 - c));
+    }
+    const int64_t n = _mm_popcnt_u64(m);
+    const __m512i w = vp + 64 <= end ? _mm512_loadu_si512(q + vp)
+                                     : _mm512_maskz_loadu_epi8(_bzhi_u64(~uint64_t{0}, static_cast<unsigned>(n)), q + vp);
+    const __m512i wu = flip_sign(w);
+    for (int nb = 0; nb < NB; ++nb) a.add(wu, nb, _mm512_maskz_compress_epi8(m, _mm512_loadu_si512(xs[nb] + c)));
+    vp += n;
+  };
   for (int64_t c0 = 0; c0 < cols; c0 += kQxChunk) {
     const int64_t c1 = min64(cols, c0 + kQxChunk);
-    for (int64_t c = c0; c < c1; c += 64) {
-      v512::prefetch(q + vp, v512::kPrefetchBytes);
-      uint64_t m = 0;
-      if (c + 64 <= c1) {
-        std::memcpy(&m, bits + c / 8, 8);
-      } else {
-        std::memcpy(&m, bits + c / 8, static_cast<size_t>((c1 - c + 7) / 8));
-        m = _bzhi_u64(m, static_cast<unsigned>(c1 - c));
-      }
-      const int64_t n = _mm_popcnt_u64(m);
-      const __m512i w = vp + 64 <= end ? _mm512_loadu_si512(q + vp)
-                                       : _mm512_maskz_loadu_epi8(_bzhi_u64(~uint64_t{0}, static_cast<unsigned>(n)), q + vp);
-      const __m512i wu = flip_sign(w);
-      for (int nb = 0; nb < NB; ++nb) a.add(wu, nb, _mm512_maskz_compress_epi8(m, _mm512_loadu_si512(xs[nb] + c)));
-      vp += n;
+    int64_t c = c0;
+    for (; c + 128 <= c1; c += 128) {
+      step(a0, c, c1);
+      step(a1, c + 64, c1);
     }
-    a.flush();
+    for (; c < c1; c += 64) step(a0, c, c1);
+    a0.flush();
+    a1.flush();
   }
-  for (int nb = 0; nb < NB; ++nb) sums[nb] = a.total[nb];
+  for (int nb = 0; nb < NB; ++nb) sums[nb] = a0.total[nb] + a1.total[nb];
 }
 #define SF_INT8_QX_KERNELS 1
 
@@ -788,8 +825,10 @@ inline void qx_row_dot_portable(const int8_t* q, const int8_t* const* xs, int64_
 void bitmap_i8_rows_qx(const BitmapI8& wq, const QuantX& xq, const Problem& p, int64_t r0, int64_t r1) {
   const BitmapView& w = wq.w;
   const int8_t* q = static_cast<const int8_t*>(w.val);
+  const RowPrefetch prefetch_row(w);
   i8_rows_qx(p, xq, wq.scales, r0, r1, [&](int64_t r, const int8_t* const* xs, int64_t* sums, auto nbc) {
     constexpr int NB = decltype(nbc)::value;
+    prefetch_row(w, r);
 #if defined(SF_INT8_QX_KERNELS)
     bitmap_qx_row_dot<NB>(q, w.row_offsets[r], w.nnz, w.bits + r * w.bpr, w.cols, xs, sums);
 #else

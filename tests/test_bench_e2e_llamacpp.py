@@ -106,3 +106,14 @@ def test_w8a8_cells_get_their_own_verdict_and_the_clock_skips_the_prompt():
     clock.put("the prompt")  # not a generated token
     clock.times = [10.0, 10.5, 11.0]  # three generated tokens: two intervals
     assert clock.decode_tps() == 2.0
+
+
+def test_cells_option_selects_by_text_and_defaults_to_all():
+    e2e = load_benchmark("e2e_llamacpp")
+    names = ["llama.cpp q8_0", "llama.cpp f32", "sparseforge 75% int8 (bitmap)", "sparseforge 75% w8a8 (bitmap)",
+             "sparseforge 2:4 int8 (nm)", "sparseforge dense fp32"]
+    assert [n for n in names if e2e.selected(n, None)] == names
+    assert [n for n in names if e2e.selected(n, ["q8_0", "75% int8"])] == ["llama.cpp q8_0", "sparseforge 75% int8 (bitmap)"]
+    assert not any(e2e.selected(n, ["nothing like it"]) for n in names)
+    args = e2e.parse_args(["--cells", "q8_0", "int8", "--start-file", "/tmp/go"])
+    assert args.cells == ["q8_0", "int8"] and str(args.start_file) == "/tmp/go"

@@ -331,3 +331,22 @@ def test_activation_sparse_layers_are_bound_and_decode_as_generate():
     first = model.model.layers[0].self_attn.q_proj
     first.track_sparsity = True  # the forward counts skipped channels: the layer is called as a module
     assert DecodeEngine(model, 14, fuse=False).call_paths == {"bound": 7 * 2, "module": 1}
+
+
+def test_a_torch_lm_head_runs_on_the_kernels_threads_inside_sparse_threads():
+    """kernels.sparse_threads(2) leaves torch one thread: the engine's dense lm_head gets the kernels' two, the
+    other projections keep one; the tokens stay those of generate."""
+    from sparseforge import kernels
+
+    model = tiny_model("llama", seed=3)
+    ids = tokens(1, 6)
+    expected = _hf_greedy(model, ids, new=4)
+    head_threads, proj_threads = [], []
+    model.lm_head.register_forward_pre_hook(lambda m, args: head_threads.append(torch.get_num_threads()))
+    model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda m, args: proj_threads.append(torch.get_num_threads()))
+    with kernels.sparse_threads(2):
+        out = native_generate(model, ids, max_new_tokens=4, min_new_tokens=4)
+        assert torch.get_num_threads() == 1
+    assert torch.equal(out, expected)
+    assert head_threads[0] == 1 and set(head_threads[1:]) == {2}  # the prompt's call is the model's own forward
+    assert proj_threads and set(proj_threads) == {1}

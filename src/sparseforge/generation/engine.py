@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparseforge import kernels
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.nn.sparse_linear import SparseLinear
 from sparseforge.ops import BoundLinear
@@ -253,6 +254,10 @@ class DecodeEngine:
             else torch.empty(1, self.heads, self.head_dim, dtype=torch.float32)
         self._layers = [self._plan(layer, None if silu else layer.mlp.act_fn) for layer in inner.layers]
         self._lm_head = self._caller(model.lm_head)
+        # a torch lm_head runs on the kernels' thread count: inside kernels.sparse_threads torch has one thread,
+        # and the vocab-sized GEMV is the step's largest dense product (4096x2048 fp32, 2 threads, quiet:
+        # 2.30 -> 1.40 ms; on a loaded machine torch's statically split threads measured slower)
+        self._lm_head_on_torch = not isinstance(model.lm_head, SparseLinear)
 
     def _caller(self, layer: nn.Module) -> Callable[[Tensor], Tensor]:
         """How to call projection ``layer`` on ``(1, in)``: a pre-bound entry point when it gives the layer's own
@@ -399,4 +404,17 @@ class DecodeEngine:
             h.add_(p.down(gate.mul_(up)))  # SwiGLU: act(gate) * up, in the fused output's buffer
         self._length = n
         x = self._rms_norm(h, self._norm_w, self._norm_eps)
-        return self._lm_head(x)[0].to(torch.float32)  # (vocab,)
+        return self._logits(x)
+
+    def _logits(self, x: Tensor) -> Tensor:
+        """The lm_head on ``x (1, hidden)`` as float32 ``(vocab,)``: a torch lm_head with torch's thread count raised to
+        the kernels' for the call (:func:`sparseforge.kernels.sparse_threads` leaves torch one thread)."""
+        torch_threads, kernel_threads = torch.get_num_threads(), kernels.num_threads()
+        wide = self._lm_head_on_torch and kernel_threads > torch_threads
+        if wide:
+            torch.set_num_threads(kernel_threads)
+        try:
+            return self._lm_head(x)[0].to(torch.float32)
+        finally:
+            if wide:
+                torch.set_num_threads(torch_threads)
