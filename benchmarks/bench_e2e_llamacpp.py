@@ -69,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sparsities", nargs="+", default=["2:4", "0.75", "0.9"])
     p.add_argument("--int8-sparsities", nargs="+", default=["2:4", "0.75"], help="variants also built with int8 values")
+    p.add_argument("--cells", nargs="+", default=None,
+                   help="run only the cells whose names start with one of these (e.g. 'llama.cpp bf16' 'sparseforge dense bf16')")
     p.add_argument("--work", type=Path, default=peer.CACHE / "models")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -195,20 +197,41 @@ def _pruned(dense, s: str, dtype=None):
     # layer dense where dense fp32 beats the fp32-valued formats, and the cell would then not be int8
     report = compress_(model, format="rule" if dtype == torch.int8 else "auto", dtype=dtype)
     fmts = ",".join(sorted({c.format for c in report.converted})) or "no layer converted: dense"
-    label = s if ":" in s else f"{float(s):.0%}"
-    return model, f"sparseforge {label} {'int8' if dtype == torch.int8 else 'fp32'} ({fmts})"
+    return model, f"sparseforge {_label(s)} {'int8' if dtype == torch.int8 else 'fp32'} ({fmts})"
 
 
-def our_variants(hf_dir: Path, sparsities: list[str], int8_sparsities: list[str]) -> dict:
+def _label(s: str) -> str:
+    """The cell label of a sparsity argument: ``2:4`` as it is, ``0.75`` as ``75%``."""
+    return s if ":" in s else f"{float(s):.0%}"
+
+
+def wanted(cells: list[str] | None, name: str) -> bool:
+    """Whether cell ``name`` (or the cells named from the prefix ``name``) is selected by ``--cells``."""
+    return cells is None or any(name.startswith(c) or c.startswith(name) for c in cells)
+
+
+def our_variants(hf_dir: Path, sparsities: list[str], int8_sparsities: list[str], cells: list[str] | None = None) -> dict:
     """cell name -> (model, sparse, engine): every cell decodes through the native engine except the
-    ``generate`` reference row (the same dense fp32 model through transformers' ``generate``)."""
+    ``generate`` reference row (the same dense fp32 model through transformers' ``generate``); only the
+    cells ``--cells`` selects (:func:`wanted`; a bf16 cell alone loads the model in bf16 directly)."""
     import transformers as t
 
-    dense = t.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    out = {REFERENCE_CELL: (dense, False, "transformers"),
-           "sparseforge dense fp32": (copy.deepcopy(dense), False, "native"),
-           "sparseforge dense bf16": (copy.deepcopy(dense).to(torch.bfloat16), False, "native")}
+    fp32_cells = [REFERENCE_CELL, "sparseforge dense fp32"] + [f"sparseforge {_label(s)} " for s in sparsities + int8_sparsities]
+    dense = t.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval() \
+        if any(wanted(cells, c) for c in fp32_cells) else None
+    out = {}
+    if wanted(cells, REFERENCE_CELL):
+        out[REFERENCE_CELL] = (dense, False, "transformers")
+    if wanted(cells, "sparseforge dense fp32"):
+        out["sparseforge dense fp32"] = (copy.deepcopy(dense), False, "native")
+    if wanted(cells, "sparseforge dense bf16"):  # rounded from float32 either way (nearest even)
+        bf16 = copy.deepcopy(dense).to(torch.bfloat16) if dense is not None else \
+            t.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).eval()
+        out["sparseforge dense bf16"] = (bf16, False, "native")
     for s, dtype in [(s, None) for s in sparsities] + [(s, torch.int8) for s in int8_sparsities]:
+        kind = "int8" if dtype == torch.int8 else "fp32"
+        if not (wanted(cells, f"sparseforge {_label(s)} {kind}") or (dtype == torch.int8 and wanted(cells, f"sparseforge {_label(s)} w8a8"))):
+            continue
         model, name = _pruned(dense, s, dtype)
         out[name] = (model, True, "native")
         if dtype == torch.int8:  # the same weights with int8 activations too (W8A8: VNNI integer sums)
@@ -316,12 +339,12 @@ def main(argv=None) -> dict:
     tools = peer.ensure_llamacpp()
     print(f"llama.cpp build: {'reused' if tools.build_seconds == 0 else f'{tools.build_seconds:.0f} s'} ({tools.bin})")
     hf_dir = write_model(args)
-    ggufs = convert_all(tools, hf_dir)
-    ours = our_variants(hf_dir, args.sparsities, args.int8_sparsities)
+    ggufs = {k: v for k, v in convert_all(tools, hf_dir).items() if wanted(args.cells, f"llama.cpp {k.lower()}")}
+    ours = our_variants(hf_dir, args.sparsities, args.int8_sparsities, args.cells)
     torch.set_num_threads(args.threads)
     kernels.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
-    vocab = ours["sparseforge dense fp32"][0].config.vocab_size
+    vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
     prompt = torch.randint(1, vocab, (1, args.prompt), generator=gen)
     prefill = torch.randint(1, vocab, (1, args.prefill), generator=gen)
     for model, sparse, engine in ours.values():  # warm-up

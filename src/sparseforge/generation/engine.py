@@ -14,7 +14,14 @@ the same arithmetic with fewer, pre-bound calls:
   :class:`sparseforge.ops.BoundLinear` (in the layer's activation mode) for a float32-model ``SparseLinear`` without hooks (a module
   call costs several times the native kernel at these sizes); any layer whose own ``forward``
   computes differently (another compute mode, a subclass) is called as a module, so what it
-  computes is what runs. :attr:`DecodeEngine.call_paths` counts both;
+  computes is what runs. :attr:`DecodeEngine.call_paths` counts both. A bfloat16 ``nn.Linear`` in a
+  bfloat16 model (``bf16_gemv=True``, the default) is bound to the native bf16 GEMV
+  (:class:`sparseforge.ops.dense_bf16.BoundDenseBf16`: it streams the weight ~2x faster than torch's
+  bf16 ``F.linear`` at batch 1 on CPUs where that path is slow) when its probe output is the layer's own
+  up to float32 summation order (:func:`within_bf16_sum_order`): both sum bf16 products in float32 and
+  round once, in different orders, so an element may round the other way (one bf16 step; more where
+  the sum cancels). Outputs, and after many steps greedy tokens, can then differ from the model's own
+  forward; ``bf16_gemv=False`` keeps ``F.linear`` (bitwise the layer's output);
 * **fewer element-wise ops**: RMSNorm uses the norm module's weight and epsilon: for float32, five
   ops (a BLAS dot for the sum of squares, three scalar ops, two in-place products into a
   preallocated buffer; measured ~2x faster than ``torch.rms_norm`` at hidden 256); for bfloat16 it
@@ -61,15 +68,38 @@ from torch import Tensor, nn
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.nn.sparse_linear import SparseLinear
 from sparseforge.ops import BoundLinear
+from sparseforge.ops.dense_bf16 import BoundDenseBf16
 from sparseforge.ops.decode_attention import BoundDecodeAttention
 
-__all__ = ["DecodeEngine", "SUPPORTED_FAMILIES", "ATTENTION_KERNELS", "unsupported_reason", "check_supported"]
+__all__ = ["DecodeEngine", "SUPPORTED_FAMILIES", "ATTENTION_KERNELS", "unsupported_reason", "check_supported",
+           "within_bf16_sum_order"]
 
 #: ``config.model_type`` values the engine runs
 SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral")
 #: rope types whose inverse frequencies change with the sequence length (the engine tabulates them once)
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 ATTENTION_KERNELS = ("auto", "native", "sdpa")
+
+
+def within_bf16_sum_order(got: Tensor, own: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """Whether ``got`` and ``own`` (bfloat16 ``(B, out)``) can both be ``x @ weight^T + bias`` summed in float32 in
+    some order and rounded once to bf16: same shape, NaN and infinity positions, and elsewhere
+    ``|got - own| <= (in + 1) 2^-23 (|x| @ |weight|^T + |bias|) + spacing`` per element: the float32 bound on two
+    summation orders plus the bf16 spacing at ``max(|got|, |own|)`` (two round-to-nearest steps)."""
+    if got.shape != own.shape or got.dtype != own.dtype or got.dtype != torch.bfloat16:
+        return False
+    a, b = got.float(), own.float()
+    if not (torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())):
+        return False
+    xa, rows = x.float().abs(), []
+    for w in weight.detach().split(4096):  # (<= 4096, in) float32 at a time
+        rows.append(xa @ w.float().abs().T)  # (B, rows)
+    mag = torch.cat(rows, dim=-1) + (0 if bias is None else bias.detach().float().abs())  # (B, out)
+    slack = (x.shape[-1] + 1) * 2.0**-23 * mag
+    _, exponent = torch.frexp(torch.maximum(a.abs(), b.abs()))  # |v| in [2^(e-1), 2^e): bf16 spacing 2^(e-8)
+    spacing = torch.ldexp(torch.ones_like(a), exponent - 8)
+    finite = a.isfinite()
+    return bool(((a == b) | ((a - b).abs() <= slack + spacing) | ~finite).all())
 
 
 def _family_module(module: nn.Module, family: str) -> bool:
@@ -196,14 +226,19 @@ class DecodeEngine:
         attention: ``"auto"`` (the native kernel for float32 models, SDPA otherwise), ``"native"`` or ``"sdpa"``.
         fuse: stack q/k/v and gate/up into one layer each first (in place on ``model``:
             :func:`sparseforge.generation.fuse.fuse_projections_`; undo with ``unfuse_projections_``).
+        bf16_gemv: call bfloat16 ``nn.Linear`` layers through the native bf16 GEMV where its probe output is the
+            layer's up to float32 summation order (module doc); ``False``: torch's ``F.linear``, bitwise the layer's.
 
     Raises:
         ModelError: an unsupported model; a capacity beyond the model's context or sliding window.
         ConfigError: a bad ``capacity`` or ``attention``.
     """
 
-    def __init__(self, model: nn.Module, capacity: int, *, attention: str = "auto", fuse: bool = True) -> None:
+    def __init__(self, model: nn.Module, capacity: int, *, attention: str = "auto", fuse: bool = True,
+                 bf16_gemv: bool = True) -> None:
         check_supported(model)
+        if not isinstance(bf16_gemv, bool):
+            raise ConfigError(f"bf16_gemv must be True or False, got {bf16_gemv!r}")
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ConfigError(f"capacity must be a positive integer, got {capacity!r}")
         if attention not in ATTENTION_KERNELS:
@@ -224,6 +259,7 @@ class DecodeEngine:
         self.capacity = capacity
         inner = model.model
         self.dtype = inner.embed_tokens.weight.dtype
+        self.bf16_gemv = bf16_gemv and self.dtype == torch.bfloat16
         if attention == "auto":
             attention = "native" if self.dtype == torch.float32 else "sdpa"
         self.attention = attention
@@ -254,21 +290,27 @@ class DecodeEngine:
         self._lm_head = self._caller(model.lm_head)
 
     def _caller(self, layer: nn.Module) -> Callable[[Tensor], Tensor]:
-        """How to call projection ``layer`` on ``(1, in)``: a pre-bound entry point when it gives the layer's own
-        output bitwise on a probe input, else the module itself (module doc)."""
-        bound: Optional[Callable[[Tensor], Tensor]] = None
+        """How to call projection ``layer`` on ``(1, in)``: the first pre-bound entry point whose output on a probe
+        input is the layer's own (bitwise; for the native bf16 GEMV, :func:`within_bf16_sum_order`), else the module
+        itself (module doc)."""
+        candidates: list[tuple[Callable[[Tensor], Tensor], bool]] = []  # (entry point, bitwise rule)
         if not _has_hooks(layer) and type(layer) is nn.Linear:
-            bound = partial(F.linear, weight=layer.weight, bias=layer.bias)
+            w = layer.weight
+            if self.bf16_gemv and w.dtype == torch.bfloat16 and w.is_contiguous() and w.device.type == "cpu":
+                candidates.append((BoundDenseBf16(w, layer.bias), False))
+            candidates.append((partial(F.linear, weight=layer.weight, bias=layer.bias), True))
         elif not _has_hooks(layer) and type(layer) is SparseLinear and self.dtype == torch.float32:
             bias = None if layer.bias is None else layer.bias.detach().to(torch.float32)
-            bound = BoundLinear(layer.weight_format, bias, activations=layer.activations)
-        if bound is not None:
+            candidates.append((BoundLinear(layer.weight_format, bias, activations=layer.activations), True))
+        if candidates:
             probe = torch.randn(1, layer.in_features, generator=torch.Generator().manual_seed(0)).to(self.dtype)
             with torch.inference_mode():
-                same = torch.equal(bound(probe), layer(probe))
-            if same:
-                self.call_paths["bound"] += 1
-                return bound
+                own = layer(probe)
+                for bound, bitwise in candidates:
+                    got = bound(probe)
+                    if torch.equal(got, own) if bitwise else within_bf16_sum_order(got, own, probe, layer.weight, layer.bias):
+                        self.call_paths["bound"] += 1
+                        return bound
         self.call_paths["module"] += 1
         return layer
 
