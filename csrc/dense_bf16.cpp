@@ -72,9 +72,9 @@ const char* dense_bf16_gemv(const DenseBf16Problem& p, Isa isa) {
     xf.resize(static_cast<size_t>(p.B * p.in));
     for (int64_t i = 0; i < p.B * p.in; ++i) xf[i] = bf16_to_f32_d(p.x[i]);
   }
-  // rows per task: a multiple of 4 (the kernels' row group), at most kMaxTaskRows, at least ~4 tasks per thread
+  // rows per task: a multiple of the kernels' row group, at most kMaxTaskRows, ~4 tasks per thread at least
   const int64_t per_thread = (p.out + 4 * num_threads() - 1) / (4 * num_threads());
-  const int64_t rows = max64(4, min64(kMaxTaskRows, (per_thread + 3) / 4 * 4));
+  const int64_t rows = max64(kDenseBf16Rows, min64(kMaxTaskRows, (per_thread + kDenseBf16Rows - 1) / kDenseBf16Rows * kDenseBf16Rows));
   const int64_t ntasks = (p.out + rows - 1) / rows;
   parallel_for(ntasks, [&](int64_t t, int) {
     const int64_t r0 = t * rows, n = min64(rows, p.out - r0);

@@ -2,7 +2,7 @@
 // including file (lanes.h: zmm in dense_bf16_avx512.cpp, ymm in dense_bf16_avx2.cpp, the portable
 // width in dense_bf16.cpp). Internal linkage throughout.
 //
-// R rows at a time: per step, kVL bf16 of each row are widened to float32 (zero-extend, shift left
+// R rows at a time (kDenseBf16Rows, then 4, then 1): per step, kVL bf16 of each row are widened to float32 (zero-extend, shift left
 // 16: exact) and multiplied into that row's accumulator vector with x (float32, widened once per
 // call). Each row's arithmetic is the same whatever R is: its own accumulator, the same steps, a
 // fixed reduction tree, the columns past the last full vector added in order at the end.
@@ -50,7 +50,10 @@ void dots_rows(const uint16_t* W, int64_t in, const float* xf, float* dots) {
   for (int r = 0; r < R; ++r) acc[r] = vfl{};
   for (int64_t k = 0; k < kv; k += kVL) {
     const vfl xv = *reinterpret_cast<const vflu_d*>(xf + k);
-    for (int r = 0; r < R; ++r) acc[r] += widen_bf16(W + r * in + k) * xv;
+    for (int r = 0; r < R; ++r) {
+      __builtin_prefetch(reinterpret_cast<const char*>(W + r * in + k) + kDenseBf16PrefetchBytes, 0, 3);
+      acc[r] += widen_bf16(W + r * in + k) * xv;
+    }
   }
   for (int r = 0; r < R; ++r) {
     float s = hsum_d(acc[r]);
@@ -61,6 +64,7 @@ void dots_rows(const uint16_t* W, int64_t in, const float* xf, float* dots) {
 
 void dense_bf16_dots_impl(const uint16_t* W, int64_t in, const uint16_t*, const float* xf, int64_t nrows, float* dots) {
   int64_t i = 0;
+  for (; i + kDenseBf16Rows <= nrows; i += kDenseBf16Rows) dots_rows<kDenseBf16Rows>(W + i * in, in, xf, dots + i);
   for (; i + 4 <= nrows; i += 4) dots_rows<4>(W + i * in, in, xf, dots + i);
   for (; i < nrows; ++i) dots_rows<1>(W + i * in, in, xf, dots + i);
 }
