@@ -106,3 +106,14 @@ def test_w8a8_cells_get_their_own_verdict_and_the_clock_skips_the_prompt():
     clock.put("the prompt")  # not a generated token
     clock.times = [10.0, 10.5, 11.0]  # three generated tokens: two intervals
     assert clock.decode_tps() == 2.0
+
+
+def test_cells_select_by_name_prefix():
+    e2e = load_benchmark("e2e_llamacpp")
+    cells = ["llama.cpp bf16", "sparseforge dense bf16"]
+    assert e2e.wanted(None, "sparseforge 2:4 fp32")
+    assert e2e.wanted(cells, "llama.cpp bf16") and e2e.wanted(cells, "sparseforge dense bf16")
+    assert not e2e.wanted(cells, "llama.cpp q8_0") and not e2e.wanted(cells, "sparseforge dense fp32")
+    assert not e2e.wanted(cells, e2e.REFERENCE_CELL) and not e2e.wanted(cells, "sparseforge 2:4 int8")
+    assert e2e.wanted(["sparseforge 2:4"], "sparseforge 2:4 int8") and e2e.wanted(["sparseforge 2:4 int8 (nm)"], "sparseforge 2:4 int8")
+    assert e2e.parse_args(["--cells", *cells]).cells == cells
