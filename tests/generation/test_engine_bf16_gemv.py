@@ -105,3 +105,19 @@ def test_the_rule_rejects_more_than_rounding_nan_moves_and_other_dtypes():
     assert not within_bf16_sum_order(nan, own, x, w, b)
     assert not within_bf16_sum_order(own.float(), own, x, w, b)
     assert not within_bf16_sum_order(own[:, :10], own, x, w, b)
+
+
+@pytest.mark.parametrize("bf16_gemv", [True, False])
+def test_a_step_with_the_gemv_runs_torch_ops_on_one_thread_and_restores_the_setting(bf16_gemv):
+    engine = DecodeEngine(tiny_model("llama", seed=3).to(torch.bfloat16), 16, bf16_gemv=bf16_gemv)
+    seen = []
+    head = engine._lm_head
+    engine._lm_head = lambda x: (seen.append(torch.get_num_threads()), head(x))[1]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        engine.prefill(tokens(1, 3, seed=1))
+        engine.step(5)
+        assert seen == [1 if bf16_gemv else 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
