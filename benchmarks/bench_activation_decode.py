@@ -7,7 +7,8 @@ TEAL (uniform) is calibrated once at the highest sparsity on random token ids
 sparsities reuse that calibration (``report.retarget_``). The original ``nn.Linear`` modules are
 kept and swapped back in for the dense runs, so dense and sparse runs interleave (drifting load
 hits every variant alike) without a second copy of the model. Each run generates ``--new`` tokens
-greedily after an 8-token prompt; the median of ``--repeats`` runs is reported. The TEAL variants run
+greedily after an 8-token prompt (through the native decode engine, ``--engine transformers`` for
+transformers' ``generate``); the median of ``--repeats`` runs is reported. The TEAL variants run
 inside ``kernels.sparse_threads`` (torch single-threaded, the kernels on all threads); dense runs both
 with torch's threads and single-threaded, and the faster of the two is the baseline (``vs dense``).
 
@@ -42,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_output import write_json  # noqa: E402
+from bench_timing import TokenClock  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -58,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--weight-sparsity", type=float, default=0.5, help="pruned fraction of the column-format variants (0: none)")
+    p.add_argument("--engine", choices=("native", "transformers"), default="native",
+                   help="decode loop of every variant: the native engine (default, what `sparseforge generate` runs) "
+                        "or transformers' generate")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if not 0.0 <= args.weight_sparsity < 1.0:
@@ -100,11 +105,25 @@ def column_layers(sparse_layers: dict, weight_sparsity: float) -> tuple[dict, fl
     return layers, col_bytes / dense_bytes
 
 
+def decode_seconds(model, prompt: torch.Tensor, new: int, engine: str) -> float:
+    """Seconds per generated token, from the first generated token to the last (``TokenClock``: no
+    prefill, no engine set-up), greedy, through the native engine or transformers' ``generate``."""
+    from sparseforge.generation.loop import native_generate
+
+    clock = TokenClock()
+    with torch.inference_mode():
+        if engine == "native":
+            native_generate(model, prompt, max_new_tokens=new, min_new_tokens=new, streamer=clock)
+        else:
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, pad_token_id=0, streamer=clock)
+    return 1.0 / clock.decode_tps()
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from sparseforge import kernels
     from sparseforge.activation import ActivationSparsityConfig, sparse_input_layers, sparsify_activations_
-    from sparseforge.evaluation.speed import generate_seconds
     from sparseforge.config import CalibrationConfig
     from sparseforge.layers import set_module
 
@@ -143,10 +162,10 @@ def main(argv=None) -> dict:
             report.retarget_(model, s)
             ctx = kernels.sparse_threads(args.threads)
         with ctx:
-            return generate_seconds(model, prompt, new)
+            return decode_seconds(model, prompt, new, args.engine)
 
     for name, s in variants.items():
-        run_variant(name, s, 2)  # warm-up
+        run_variant(name, s, 3)  # warm-up
     times = {k: [] for k in variants}
     load_before = os.getloadavg()
     for _ in range(args.repeats):
@@ -159,13 +178,13 @@ def main(argv=None) -> dict:
         sp = 0.0 if s is None else s[1] if isinstance(s, tuple) else s
         ratio = col_ratio if isinstance(s, tuple) else 1.0
         bound = (layer_bytes + rest_bytes) / (layer_bytes * (1 - sp) * ratio + rest_bytes)
-        rows.append({"variant": name, "sparsity": sp, "weight_sparsity": args.weight_sparsity if isinstance(s, tuple) else 0.0, "tokens_per_s": args.new / med, "median_s": med,
-                     "speedup": base / med, "bytes_bound": bound, "of_bound": (base / med) / bound, "runs_s": times[name]})
+        rows.append({"variant": name, "sparsity": sp, "weight_sparsity": args.weight_sparsity if isinstance(s, tuple) else 0.0, "tokens_per_s": 1.0 / med, "s_per_token": med,
+                     "speedup": base / med, "bytes_bound": bound, "of_bound": (base / med) / bound, "runs_s_per_token": times[name]})
     result = {"shape": {k: getattr(args, k) for k in ("hidden", "layers", "ffn", "vocab")}, "gqa_kv_heads": max(1, args.hidden // 256),
-              "column_bytes_ratio": col_ratio if col_layers else None, "new_tokens": args.new, "threads": args.threads, "isa": kernels.isa(), "layer_bytes": layer_bytes,
+              "column_bytes_ratio": col_ratio if col_layers else None, "new_tokens": args.new, "engine": args.engine, "threads": args.threads, "isa": kernels.isa(), "layer_bytes": layer_bytes,
               "rest_bytes": rest_bytes, "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "rows": rows}
     print(f"decode, batch 1, {args.new} new tokens, hidden {args.hidden}, {args.layers} layers, FFN {args.ffn}, GQA, "
-          f"vocab {args.vocab}, fp32, {args.threads} threads, isa {result['isa']}, load {load_before[0]:.1f} -> "
+          f"vocab {args.vocab}, fp32, {args.engine} decode loop, {args.threads} threads, isa {result['isa']}, load {load_before[0]:.1f} -> "
           f"{result['loadavg_after'][0]:.1f}")
     print("| variant | tokens/s | vs best dense | bytes bound | % of bound |\n|---|---:|---:|---:|---:|")
     for r in rows:

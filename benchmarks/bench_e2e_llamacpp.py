@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_llamacpp_peer as peer  # noqa: E402
 from bench_host import host_info, host_line  # noqa: E402
 from bench_output import write_json  # noqa: E402
+from bench_timing import TokenClock  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GGUF_TYPES = ("f32", "bf16", "q8_0", "Q4_K_M")  # the first three by the converter, the last by llama-quantize
@@ -241,30 +242,6 @@ def our_variants(hf_dir: Path, sparsities: list[str], int8_sparsities: list[str]
             set_activation_precision_(w8a8, "int8")
             out[name.replace(" int8 (", " w8a8 (")] = (w8a8, True, "native")
     return out
-
-
-class TokenClock:
-    """A ``generate`` streamer that notes when each generated token arrives: the decode rate is then
-    measured from the first generated token to the last, without the prompt's prefill or the engine's
-    set-up (as ``llama-bench``'s generation test, which runs no prompt)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.prompt_seen = False
-
-    def put(self, value) -> None:
-        if not self.prompt_seen:  # the first call carries the prompt
-            self.prompt_seen = True
-            return
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-    def decode_tps(self) -> float:
-        if len(self.times) < 2:
-            raise ValueError(f"need at least 2 generated tokens to time decoding, got {len(self.times)}")
-        return (len(self.times) - 1) / (self.times[-1] - self.times[0])
 
 
 def time_ours(model, sparse: bool, engine: str, prompt: torch.Tensor, new: int, prefill: torch.Tensor, threads: int) -> dict:

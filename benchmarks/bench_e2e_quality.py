@@ -316,14 +316,8 @@ def main(argv=None) -> dict:
 
     rows: dict[str, dict] = {}
     for name, path in ggufs.items():
-        note = None
-        try:
-            ppl = peer.perplexity(tools, path, text_file, threads=args.threads, ctx=args.ctx, chunks=args.chunks)
-        except peer.PeerError as exc:  # the repacked (AMX) quantized path dies of a signal on some hosts
-            if not exc.signalled:
-                raise
-            ppl = peer.perplexity(tools, path, text_file, threads=args.threads, ctx=args.ctx, chunks=args.chunks, repack=False)
-            note = f"default run died ({str(exc).splitlines()[0][:80]}); measured with --no-repack"
+        measured = peer.perplexity(tools, path, text_file, threads=args.threads, ctx=args.ctx, chunks=args.chunks)
+        ppl, note = measured.ppl, measured.note
         rows[name] = {"ppl": ppl, "source": "llama-perplexity", "file_bytes": path.stat().st_size, "note": note}
         print(f"{name}: {ppl:.4f}", flush=True)
     from sparseforge import kernels

@@ -158,11 +158,38 @@ def bench(tools: LlamaCpp, gguf: Path, threads: int = 2, prompt: int = 512, gene
     return result
 
 
+@dataclass(frozen=True)
+class Perplexity:
+    """What :func:`perplexity` measured: the final estimate, and a note when it took a retry."""
+
+    ppl: float
+    note: str | None = None
+
+
 def perplexity(tools: LlamaCpp, gguf: Path, text_file: Path, threads: int = 2, ctx: int = 128,
-               chunks: int | None = None, repack: bool = True) -> float:
+               chunks: int | None = None, repack: bool = True) -> Perplexity:
     """``llama-perplexity`` over ``text_file`` with windows of ``ctx`` tokens (the first ``chunks``
-    windows when given); the final estimate. ``repack=False`` passes ``--no-repack`` (see :func:`bench`)."""
-    extra = ([] if chunks is None else ["--chunks", str(chunks)]) + ([] if repack else ["--no-repack"])
+    windows when given); the final estimate.
+
+    ``repack=False`` passes ``--no-repack``. With ``repack=True`` a run that dies of a signal is
+    retried once with ``--no-repack`` and the result's ``note`` says so (see :func:`bench`: the
+    repacked AMX quantized path dies on some hosts).
+    """
+    if not repack:
+        return Perplexity(_perplexity_run(tools, gguf, text_file, threads, ctx, chunks, ["--no-repack"]))
+    try:
+        return Perplexity(_perplexity_run(tools, gguf, text_file, threads, ctx, chunks, []))
+    except PeerError as exc:
+        if not exc.signalled:
+            raise
+        ppl = _perplexity_run(tools, gguf, text_file, threads, ctx, chunks, ["--no-repack"])
+        return Perplexity(ppl, f"default run died ({str(exc).splitlines()[0][:80]}); measured with --no-repack")
+
+
+def _perplexity_run(tools: LlamaCpp, gguf: Path, text_file: Path, threads: int, ctx: int,
+                    chunks: int | None, extra: list[str]) -> float:
+    """One ``llama-perplexity`` invocation (rerun when its log lost the final lines); the estimate."""
+    extra = ([] if chunks is None else ["--chunks", str(chunks)]) + extra
     cmd = [tools.tool("llama-perplexity"), "-m", gguf, "-f", text_file, "-t", str(threads), "-c", str(ctx), "-b", str(ctx), *extra]
     for _ in range(3):  # llama.cpp's log thread sometimes loses the last lines at exit: run again
         proc = _run(cmd, f"perplexity {gguf.name}")

@@ -75,6 +75,45 @@ int64_t gemv_col_tile(int64_t out) {
   return min64(8 * kColBlock, max64(kColBlock, (per + kColBlock - 1) / kColBlock * kColBlock));
 }
 
+// One row (batch 1): the active channels are cut into parts that each sum their products over wide
+// column tiles (a channel's values for a tile are one contiguous run: short runs, as narrow tiles
+// give, restart the hardware prefetchers per channel), then the parts' partial sums are added in
+// order. The number of parts depends on the active channels only, never on the thread count, so
+// results do not change with the threads.
+constexpr int64_t kPartChannels = 256;  // fewest active channels in a part
+constexpr int64_t kMaxParts = 4;
+constexpr int64_t kPartTile = 16 * kColBlock;  // columns per task (32 KB of partial sums)
+
+void gemv_parts(const ColumnSparseProblem& p, const ColumnSparseKernels& col, const int32_t* idx, const float* xv,
+                int64_t n, bool parallel) {
+  const ColumnSparseWeight& w = p.w;
+  const int64_t parts = max64(1, min64(kMaxParts, n / kPartChannels));
+  const int64_t cw = min64(kPartTile, (w.out + kColBlock - 1) / kColBlock * kColBlock);
+  const int64_t ntiles = (w.out + cw - 1) / cw;
+  const int64_t ld = round64(cw);
+  std::vector<float> partial(static_cast<size_t>(parts * ntiles * ld));  // (parts, tiles, ld)
+  parallel_for(
+      parts * ntiles,
+      [&](int64_t t, int) {
+        const int64_t part = t / ntiles, j0 = (t % ntiles) * cw, c = min64(cw, w.out - j0);
+        const int64_t k0 = n * part / parts, k1 = n * (part + 1) / parts;
+        float* a = partial.data() + static_cast<size_t>(t * ld);
+        for (int64_t j = 0; j < ld; ++j) a[j] = 0.f;
+        col.gemv_tile(w, idx + k0, xv + k0, k1 - k0, j0, c, a);
+      },
+      parallel);
+  for (int64_t tile = 0; tile < ntiles; ++tile) {
+    const int64_t j0 = tile * cw, c = min64(cw, w.out - j0);
+    float* y = p.y + j0;
+    for (int64_t j = 0; j < c; ++j) y[j] = sum_start(p, j0 + j);
+    for (int64_t part = 0; part < parts; ++part) {
+      const float* a = partial.data() + static_cast<size_t>((part * ntiles + tile) * ld);
+      for (int64_t j = 0; j < c; ++j) y[j] += a[j];
+    }
+  }
+  finish_int8(p, p.y, w.out, 1, 0, w.out);
+}
+
 inline float weight_at(const ColumnSparseWeight& w, int64_t pos) {
   if (w.vt == VT::i8) return load_val<VT::i8>(w.values, pos);
   return w.vt == VT::f32 ? load_val<VT::f32>(w.values, pos) : load_val<VT::bf16>(w.values, pos);
@@ -194,11 +233,15 @@ void column_sparse_linear(const ColumnSparseProblem& p, Isa isa, int algo, bool 
   }
   const int nth = num_threads();
   if (algo == 1 || (algo == 0 && total <= in)) {
+    const double density = in > 0 ? static_cast<double>(w.nnz) / static_cast<double>(in) : 0.0;
+    const bool par = parallel && static_cast<double>(total) * density >= kParallelMinValues;
+    if (p.B == 1) {
+      gemv_parts(p, *k.col, idx.data(), xv.data(), n[0], par);
+      return;
+    }
     const int64_t cw = gemv_col_tile(w.out);
     const int64_t ntiles = (w.out + cw - 1) / cw;
     std::vector<float> acc(static_cast<size_t>(nth) * static_cast<size_t>(round64(cw)));
-    const double density = in > 0 ? static_cast<double>(w.nnz) / static_cast<double>(in) : 0.0;
-    const bool par = parallel && static_cast<double>(total) * density >= kParallelMinValues;
     parallel_for(
         ntiles,
         [&](int64_t t, int worker) {

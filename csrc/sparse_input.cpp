@@ -65,6 +65,42 @@ int64_t gemv_col_tile(int64_t out) {
   return min64(4096, max64(512, (per + 63) / 64 * 64));
 }
 
+// One row (batch 1): the active channels are cut into parts that each sum their products over wide
+// column tiles (each channel's weights for a tile are one contiguous run; narrow tiles cut them into
+// short runs that restart the hardware prefetchers per channel), then the parts' partial sums are
+// added in order. The number of parts depends on the active channels only, never on the thread
+// count, so results do not change with the threads.
+constexpr int64_t kPartChannels = 256;  // fewest active channels in a part
+constexpr int64_t kMaxParts = 4;
+constexpr int64_t kPartTile = 8192;  // columns per task (32 KB of partial sums)
+
+void gemv_parts(const SparseInputProblem& p, const SparseInputKernels& k, const int32_t* idx, const float* xv,
+                int64_t n, bool parallel) {
+  const int64_t parts = max64(1, min64(kMaxParts, n / kPartChannels));
+  const int64_t cw = min64(kPartTile, p.out);
+  const int64_t ntiles = (p.out + cw - 1) / cw;
+  std::vector<float> partial(static_cast<size_t>(parts * ntiles * cw));  // (parts, tiles, cw)
+  parallel_for(
+      parts * ntiles,
+      [&](int64_t t, int) {
+        const int64_t part = t / ntiles, j0 = (t % ntiles) * cw, c = min64(cw, p.out - j0);
+        const int64_t k0 = n * part / parts, k1 = n * (part + 1) / parts;
+        float* a = partial.data() + static_cast<size_t>(t * cw);
+        for (int64_t j = 0; j < c; ++j) a[j] = 0.f;
+        k.gemv_tile(p.w, p.wt, p.out, idx + k0, xv + k0, k1 - k0, j0, c, a);
+      },
+      parallel);
+  init_rows(p, 0, p.out);
+  for (int64_t tile = 0; tile < ntiles; ++tile) {
+    const int64_t j0 = tile * cw, c = min64(cw, p.out - j0);
+    float* y = p.y + j0;
+    for (int64_t part = 0; part < parts; ++part) {
+      const float* a = partial.data() + static_cast<size_t>((part * ntiles + tile) * cw);
+      for (int64_t j = 0; j < c; ++j) y[j] += a[j];
+    }
+  }
+}
+
 }  // namespace
 
 void sparse_input_linear_ref(const SparseInputProblem& p) {
@@ -110,9 +146,13 @@ void sparse_input_linear(const SparseInputProblem& p, Isa isa, int algo, bool pa
   }
   const bool gemv = algo == 1 || (algo == 0 && total <= p.in);
   if (gemv) {
+    const bool par = parallel && total * p.out >= kParallelMinWeights;
+    if (p.B == 1) {
+      gemv_parts(p, k, idx.data(), xv.data(), n[0], par);
+      return;
+    }
     const int64_t cw = gemv_col_tile(p.out);
     const int64_t ntiles = (p.out + cw - 1) / cw;
-    const bool par = parallel && total * p.out >= kParallelMinWeights;
     parallel_for(
         ntiles,
         [&](int64_t t, int) {

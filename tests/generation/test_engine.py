@@ -310,3 +310,24 @@ def test_auto_attention_is_native_for_float32_and_sdpa_for_bf16():
     assert DecodeEngine(tiny_model("llama"), 8).attention == "native"
     assert DecodeEngine(tiny_model("llama").to(torch.bfloat16), 8).attention == "sdpa"
     assert DecodeEngine(tiny_model("llama").to(torch.bfloat16), 8, attention="native").attention == "native"
+
+
+def test_activation_sparse_layers_are_bound_and_decode_as_generate():
+    from sparseforge.activation import ActivationSparsityConfig, column_sparse_, sparsify_activations_
+    from sparseforge.config import CalibrationConfig
+
+    model = tiny_model("llama", seed=3)
+    ids = tokens(1, 6, seed=2)
+    calib = tokens(4, 16, seed=5)
+    sparsify_activations_(model, ActivationSparsityConfig(sparsity=0.5, calibration=CalibrationConfig(batch_size=2)),
+                          calibration=calib, progress=False)
+    for variant in ("teal", "column"):
+        if variant == "column":
+            column_sparse_(model)  # the same thresholds over column bitmap weights
+        expected = _hf_greedy(model, ids, 8)
+        engine = DecodeEngine(model, 14, fuse=False)
+        assert engine.call_paths == {"bound": 7 * 2 + 1}, variant  # every projection bound; the dense lm_head
+        assert torch.equal(native_generate(model, ids, max_new_tokens=8, min_new_tokens=8, fuse=False), expected), variant
+    first = model.model.layers[0].self_attn.q_proj
+    first.track_sparsity = True  # the forward counts skipped channels: the layer is called as a module
+    assert DecodeEngine(model, 14, fuse=False).call_paths == {"bound": 7 * 2, "module": 1}

@@ -48,6 +48,18 @@ def test_int8_kernel_matches_reference_and_dense(isa, algo, shape):
     torch.testing.assert_close(y, column_sparse_reference(x, w, thr, bias), **_tol(n_in))
 
 
+@pytest.mark.parametrize("shape", [(1, 1100, 600), (1, 700, 8300)])
+def test_int8_batch_one_adds_channel_parts_then_scales(isa, shape):
+    """One row, every channel active: the GEMV's channel parts add their unscaled sums, then the row
+    scales and bias apply once (8300 outputs: two column tiles); the same at any thread count."""
+    x, w, bias = _case(*shape, seed=8)
+    thr = torch.zeros(1)
+    y = column_sparse_linear(x, w, thr, bias, algo="gemv")
+    torch.testing.assert_close(y, _ref(x, w, thr, bias), **_tol(shape[1]))
+    one, three = at_thread_counts(lambda: column_sparse_linear(x, w, thr, bias, algo="gemv"))
+    assert torch.equal(one, three) and torch.equal(one, y)
+
+
 def test_int8_kernel_is_the_scaled_sum_of_q(isa):
     """The scalar oracle is y = scales * (x_masked @ q^T) + bias, with q the stored integers."""
     x, w, bias = _case(2, 50, 130, seed=4)

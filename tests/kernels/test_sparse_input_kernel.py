@@ -90,6 +90,20 @@ def test_thread_count_does_not_change_results():
     assert torch.equal(one, three)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1100, 600), (1, 700, 8300)])
+def test_batch_one_adds_channel_parts_over_wide_tiles(isa, dtype, shape):
+    """One row with >= 512 active channels: the GEMV cuts them into 2-4 parts whose partial sums are
+    added in order (8300 outputs: two column tiles); the parts never depend on the thread count."""
+    x, w_t, bias = _case(*shape, dtype, seed=7)
+    thr = torch.zeros(1)  # every channel active
+    y = sparse_input_linear(x, w_t, thr, bias, algo="gemv")
+    torch.testing.assert_close(y, _ref(x, w_t, thr, bias), **_tol(shape[1]))
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w_t.float().t(), bias), **_tol(shape[1]))
+    one, three = at_thread_counts(lambda: sparse_input_linear(x, w_t, thr, bias, algo="gemv"))
+    assert torch.equal(one, three) and torch.equal(one, y)
+
+
 def test_active_counts_match_torch():
     x, _, _ = _case(5, 333, 1, torch.float32, seed=6)
     thr = torch.tensor([0.8])

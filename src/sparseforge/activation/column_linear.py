@@ -32,7 +32,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -153,6 +153,14 @@ class ColumnSparseLinear(SparseInputLinear):
         """Fraction of the weights pruned (not stored)."""
         total = self.in_features * self.out_features
         return 1.0 - self.values.numel() / total if total else 0.0
+
+    def _row_kernel(self) -> Optional[tuple[Callable, list]]:
+        if uses_bf16_product(1, self._compute_dtype):
+            return None
+        kernel, *views = kernel_args(self.bitmap, self.block_ptr, self.values, self.out_features, self.scales)
+        thr = self.threshold.detach().reshape(-1).contiguous().numpy()
+        bias = None if self.bias is None else self.bias.detach().contiguous().numpy()
+        return kernel, [*views, thr, bias]
 
     def _product(self, x2: Tensor, threshold: Tensor) -> Tensor:
         if self.track_sparsity:

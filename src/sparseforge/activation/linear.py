@@ -24,7 +24,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +43,20 @@ def _check_threshold(t: Tensor, in_features: int, name: str = "") -> Tensor:
     if torch.isnan(t).any() or (t < 0).any():
         raise ConfigError(f"threshold{where} must be >= 0 (0 = dense, +inf = skip every channel), got {t.tolist()[:4]}")
     return t
+
+
+class _BoundRow:
+    """``kernel(x.numpy(), *views, y.numpy())`` on a float32 ``(1, in)`` row: the bound batch-1 call."""
+
+    __slots__ = ("kernel", "views", "out_features")
+
+    def __init__(self, kernel: Callable, views: list, out_features: int) -> None:
+        self.kernel, self.views, self.out_features = kernel, views, out_features
+
+    def __call__(self, x: Tensor) -> Tensor:
+        y = torch.empty(1, self.out_features)  # (1, out)
+        self.kernel(x.numpy(), *self.views, y.numpy())
+        return y
 
 
 class SparseInputLinear(nn.Module):
@@ -120,6 +134,35 @@ class SparseInputLinear(nn.Module):
         y = torch.empty(1, self.out_features)  # (1, out)
         kernel(x2.detach().numpy(), *views, y.numpy())
         return y
+
+    def bound_gemv(self) -> Optional[Callable[[Tensor], Tensor]]:
+        """The batch-1 product bound once, for a decode loop that calls this layer every token:
+        ``f(x)`` for a float32 C-contiguous ``x (1, in)`` in inference returns float32 ``(1, out)``,
+        the kernel :meth:`forward` runs, without its per-call checks; None where this layer's forward
+        does more than that kernel (sparsity tracking, a non-float32 threshold or bias). Bind again
+        after replacing the threshold, weight or bias.
+
+        Example:
+            >>> import torch
+            >>> layer = SparseInputLinear(4, 2, threshold=0.5)
+            >>> x = torch.tensor([[1.0, 0.1, -2.0, 0.3]])
+            >>> with torch.inference_mode():
+            ...     torch.equal(layer.bound_gemv()(x), layer(x))
+            True
+        """
+        if self.track_sparsity or self.threshold.dtype != torch.float32 or (
+                self.bias is not None and self.bias.dtype != torch.float32):
+            return None
+        row = self._row_kernel()
+        return None if row is None else _BoundRow(row[0], row[1], self.out_features)
+
+    def _row_kernel(self) -> Optional[tuple[Callable, list]]:
+        """``(kernel, views)`` of :meth:`bound_gemv` (``kernel(x, *views, y)``), or None: the layer's
+        batch-1 forward is not that one kernel (a subclass with more terms, another compute path)."""
+        if type(self) is not SparseInputLinear:
+            return None
+        kernel, *views = gemv_args(self.weight_t, self.threshold, self.bias)
+        return kernel, views
 
     def _product(self, x2: Tensor, threshold: Tensor) -> Tensor:
         if threshold is self.threshold and not self.track_sparsity:

@@ -12,12 +12,13 @@ the same arithmetic with fewer, pre-bound calls:
   through a pre-bound entry point where that gives its own output bitwise on a probe input at
   construction: ``torch.nn.functional.linear`` with the weights of an ``nn.Linear`` without hooks,
   :class:`sparseforge.ops.BoundLinear` (in the layer's activation mode) for a float32-model ``SparseLinear`` without hooks (a module
-  call costs several times the native kernel at these sizes); any layer whose own ``forward``
+  call costs several times the native kernel at these sizes), a layer's own ``bound_gemv()`` where it offers one
+  (the activation-sparse :class:`~sparseforge.activation.SparseInputLinear` / ``ColumnSparseLinear``); any layer whose own ``forward``
   computes differently (another compute mode, a subclass) is called as a module, so what it
   computes is what runs. :attr:`DecodeEngine.call_paths` counts both. A bfloat16 ``nn.Linear`` in a
   bfloat16 model (``bf16_gemv=True``, the default) is bound to the native bf16 GEMV
-  (:class:`sparseforge.ops.dense_bf16.BoundDenseBf16`: it streams the weight ~2x faster than torch's
-  bf16 ``F.linear`` at batch 1 on CPUs where that path is slow) when its probe output is the layer's own
+  (:class:`sparseforge.ops.dense_bf16.BoundDenseBf16`: it streams the weight 1.35-1.54x faster than
+  torch's bf16 ``F.linear`` at batch 1, ``benchmarks/bench_bf16_gemv.py``) when its probe output is the layer's own
   up to float32 summation order (:func:`within_bf16_sum_order`): both sum bf16 products in float32 and
   round once, in different orders, so an element may round the other way (one bf16 step; more where
   the sum cancels). Outputs, and after many steps greedy tokens, can then differ from the model's own
@@ -307,6 +308,10 @@ class DecodeEngine:
         elif not _has_hooks(layer) and type(layer) is SparseLinear and self.dtype == torch.float32:
             bias = None if layer.bias is None else layer.bias.detach().to(torch.float32)
             candidates.append((BoundLinear(layer.weight_format, bias, activations=layer.activations), True))
+        elif not _has_hooks(layer) and self.dtype == torch.float32 and callable(getattr(layer, "bound_gemv", None)):
+            gemv = layer.bound_gemv()  # activation-sparse layers: their batch-1 kernel, bound once (or None)
+            if gemv is not None:
+                candidates.append((gemv, True))
         if candidates:
             probe = torch.randn(1, layer.in_features, generator=torch.Generator().manual_seed(0)).to(self.dtype)
             with torch.inference_mode():
