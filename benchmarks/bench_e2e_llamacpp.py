@@ -201,13 +201,17 @@ def _pruned(dense, s: str, dtype=None):
     # layer dense where dense fp32 beats the fp32-valued formats, and the cell would then not be int8
     report = compress_(model, format="rule" if dtype == torch.int8 else "auto", dtype=dtype)
     fmts = ",".join(sorted({c.format for c in report.converted})) or "no layer converted: dense"
-    label = s if ":" in s else f"{float(s):.0%}"
-    return model, f"sparseforge {label} {'int8' if dtype == torch.int8 else 'fp32'} ({fmts})"
+    return model, f"sparseforge {_label(s)} {'int8' if dtype == torch.int8 else 'fp32'} ({fmts})"
 
 
 def selected(name: str, cells: list[str] | None) -> bool:
     """Whether cell ``name`` is timed: every cell without ``--cells``, else those containing one of its texts."""
     return cells is None or any(c in name for c in cells)
+
+
+def _label(s: str) -> str:
+    """The cell label of a sparsity argument: ``2:4`` as it is, ``0.75`` as ``75%``."""
+    return s if ":" in s else f"{float(s):.0%}"
 
 
 def our_variants(hf_dir: Path, sparsities: list[str], int8_sparsities: list[str], cells: list[str] | None = None) -> dict:

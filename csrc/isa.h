@@ -31,4 +31,9 @@ bool use_int8_vnni();
 // (0: the AVX2 vpmaddubsw kernels; 1 where they are missing throws).
 bool use_int8_avx_vnni();
 
+// Within the avx512 path: the dense bf16 GEMV (dense_bf16.h) multiplies with vdpbf16ps. True when the CPU
+// has AVX512_BF16 and the build has the kernel, unless SPARSEFORGE_AVX512_BF16=0 (the widening kernel);
+// SPARSEFORGE_AVX512_BF16=1 where it is missing throws.
+bool use_avx512_bf16();
+
 }  // namespace sf

@@ -4,10 +4,17 @@
 //   bf16_path(requested), bf16_best_path(), bf16_path_supported(name)
 // for fmt in bitmap, nm, csr. x is bf16 as raw uint16 bits (B, in); y float32 (B, out); W... as in
 // sparse_linear.cpp. A path the CPU lacks (or an unknown one) raises ConfigError.
+// And the dense bf16 GEMV (csrc/dense_bf16.h):
+//   dense_bf16_gemv(x, w, bias, y, isa) -> kernel name   y = x @ w^T + bias; x (B, in), w (out, in) bf16
+//                                                         bits, bias float32 (out,) or None, y (B, out)
+//                                                         float32 or bf16 bits
+//   dense_bf16_gemv_ref(x, w, bias, y)                    the scalar oracle
+//   dense_bf16_kernel(isa) -> kernel name a call would run
 #include <stdexcept>
 #include <string>
 
 #include "binding.h"
+#include "dense_bf16.h"
 #include "linear_bf16.h"
 #include "views.h"
 
@@ -40,6 +47,34 @@ void call(const View& w, const sf::Bf16Problem& p, const std::string& path, bool
   const sf::Bf16Path path_ = ref ? sf::Bf16Path::scalar : resolve_bf16(path);
   nb::gil_scoped_release rel;
   if (ref) oracle(w, p); else fast(w, p, path_);
+}
+
+// x (B, in) and w (out, in) bf16 bits, bias (out,) float32 or None, y (B, out) float32 or bf16 bits
+sf::DenseBf16Problem problem_dense(const In& x, const In& w, const nb::object& bias, const Out& y) {
+  check_array(x, "x", 2);
+  check_array(w, "w", 2);
+  check_out(y, "y", 2);
+  if (x.dtype() != nb::dtype<uint16_t>() || w.dtype() != nb::dtype<uint16_t>())
+    throw std::invalid_argument("x and w must be bfloat16 (their raw uint16 bits)");
+  sf::DenseBf16Problem p;
+  p.x = static_cast<const uint16_t*>(x.data());
+  p.B = dim(x, 0);
+  p.in = dim(x, 1);
+  p.w = static_cast<const uint16_t*>(w.data());
+  p.out = dim(w, 0);
+  if (dim(w, 1) != p.in) throw std::invalid_argument("w must have as many columns as x");
+  if (static_cast<int64_t>(y.shape(0)) != p.B || static_cast<int64_t>(y.shape(1)) != p.out)
+    throw std::invalid_argument("y must have shape (x rows, w rows)");
+  if (y.dtype() == nb::dtype<float>()) p.y32 = static_cast<float*>(y.data());
+  else if (y.dtype() == nb::dtype<uint16_t>()) p.y16 = static_cast<uint16_t*>(y.data());
+  else throw std::invalid_argument("y must be float32 or bfloat16 (its raw uint16 bits)");
+  if (!bias.is_none()) {
+    In b = nb::cast<In>(bias);
+    check_f32(b, "bias", 1);
+    if (dim(b, 0) != p.out) throw std::invalid_argument("bias must have shape (out_features,)");
+    p.bias = static_cast<const float*>(b.data());
+  }
+  return p;
 }
 
 }  // namespace
@@ -83,6 +118,19 @@ void register_linear_bf16(nb::module_& m) {
           },
           "x"_a, "row_ptr"_a, "col"_a, "values"_a, "bias"_a.none(), "y"_a, "path"_a = "", "check_indices"_a = true);
   }
+  m.def("dense_bf16_gemv", [](const In& x, const In& w, const nb::object& bias, const Out& y, const std::string& isa) {
+    const sf::DenseBf16Problem p = problem_dense(x, w, bias, y);
+    const sf::Isa isa_ = resolve(isa);
+    nb::gil_scoped_release rel;
+    return std::string(sf::dense_bf16_gemv(p, isa_));
+  }, "x"_a, "w"_a, "bias"_a.none(), "y"_a, "isa"_a = "");
+  m.def("dense_bf16_gemv_ref", [](const In& x, const In& w, const nb::object& bias, const Out& y) {
+    const sf::DenseBf16Problem p = problem_dense(x, w, bias, y);
+    nb::gil_scoped_release rel;
+    sf::dense_bf16_gemv_ref(p);
+  }, "x"_a, "w"_a, "bias"_a.none(), "y"_a);
+  m.def("dense_bf16_kernel", [](const std::string& isa) { return std::string(sf::dense_bf16_kernel_name(resolve(isa))); },
+        "isa"_a = "", "dense bf16 GEMV kernel a call would run now (SPARSEFORGE_ISA, SPARSEFORGE_AVX512_BF16).");
 }
 
 }  // namespace sfb

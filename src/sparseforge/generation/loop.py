@@ -59,10 +59,10 @@ def _eos_ids(model: nn.Module, eos_token_id: "int | Iterable[int] | None") -> tu
 
 def native_generate(model: nn.Module, input_ids: Tensor, *, max_new_tokens: int, sampling: Sampling = Sampling(),
                     min_new_tokens: int = 0, eos_token_id: "int | Iterable[int] | None" = None, streamer: Any = None,
-                    attention: str = "auto", fuse: bool = True) -> Tensor:
+                    attention: str = "auto", fuse: bool = True, bf16_gemv: bool = True) -> Tensor:
     """Continue ``input_ids (1, T)`` by at most ``max_new_tokens`` tokens with :class:`DecodeEngine` (module doc).
 
-    ``attention`` and ``fuse`` go to :class:`DecodeEngine` (``fuse=True`` stacks the model's q/k/v and
+    ``attention``, ``fuse`` and ``bf16_gemv`` go to :class:`DecodeEngine` (``fuse=True`` stacks the model's q/k/v and
     gate/up in place). Returns int64 ``(1, T + new)``.
 
     Raises:
@@ -80,7 +80,7 @@ def native_generate(model: nn.Module, input_ids: Tensor, *, max_new_tokens: int,
         raise ConfigError(f"the native engine generates for one prompt: input_ids must be (1, T), got {shape}; "
                           "use engine='transformers' for batches")
     eos = _eos_ids(model, eos_token_id)
-    engine = DecodeEngine(model, input_ids.shape[1] + max_new_tokens, attention=attention, fuse=fuse)
+    engine = DecodeEngine(model, input_ids.shape[1] + max_new_tokens, attention=attention, fuse=fuse, bf16_gemv=bf16_gemv)
     pick = TokenPicker(sampling)
     if streamer is not None:
         streamer.put(input_ids.cpu())

@@ -18,6 +18,8 @@ and in training:
   ``sparseforge::csr_i8_linear(x, row_ptr, col, values, scales, bias)``: int8 values with float32 row
   scales (:mod:`sparseforge.ops.int8`; :func:`linear` picks them for a weight whose values are int8;
   ``act="int8"``, :func:`linear`'s ``activations="int8"``, quantizes ``x`` per row: inference only)
+* ``sparseforge::dense_bf16_gemv(x, weight, bias)``: the dense bf16 GEMV for decode (``x`` and ``weight``
+  bfloat16, float32 sums, bfloat16 out; :mod:`sparseforge.ops.dense_bf16`, forward only)
 * ``sparseforge::moe_expert_ffn(x, experts, weights, w_up, w_down, w_gate, activation, parallel)``: the
   few-token MoE expert FFN (:mod:`sparseforge.ops.expert_ffn`, forward only)
 
@@ -59,12 +61,14 @@ from sparseforge.ops.bsr import bsr_linear, bsr_linear_dw, bsr_linear_t
 from sparseforge.ops.csr import csr_linear, csr_linear_dw, csr_linear_t
 from sparseforge.ops.fanin import fanin_linear, fanin_linear_dw, fanin_linear_t
 from sparseforge.ops.bf16_compute import linear_bf16
+from sparseforge.ops.dense_bf16 import BoundDenseBf16, dense_bf16_gemv
 from sparseforge.ops.nm import nm_linear, nm_linear_dw, nm_linear_t
 
 __all__ = [
     "linear", "csr_linear", "bitmap_linear", "nm_linear", "csr_linear_t", "bitmap_linear_t", "nm_linear_t",
     "csr_linear_dw", "bitmap_linear_dw", "nm_linear_dw", "fanin_linear", "fanin_linear_t", "fanin_linear_dw",
-    "bsr_linear", "bsr_linear_t", "bsr_linear_dw", "linear_bf16", "check_tile", "BoundLinear",
+    "bsr_linear", "bsr_linear_t", "bsr_linear_dw", "linear_bf16", "check_tile", "BoundLinear", "BoundDenseBf16",
+    "dense_bf16_gemv",
 ]
 
 KERNELS = {spec.fmt: spec for spec in (csr.OPS, bitmap.OPS, nm.OPS, fanin.OPS, bsr.OPS)}  # by kernel family
