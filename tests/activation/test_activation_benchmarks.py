@@ -86,12 +86,16 @@ def test_relufy_benchmark_reports_lossless_sparse_variants(tmp_path):
     bench = load_benchmark("activation_relufy")
     out = tmp_path / "r.json"
     result = bench.main(["--steps", "2", "--windows", "1", "--new-tokens", "2", "--seqlen", "16", "--batch-size", "1",
-                         "--out", str(out)])
+                         "--prosparse-factors", "1.0", "--fatrelu", "0.05", "--out", str(out)])
     rows = result["rows"]
     assert [r["variant"] for r in rows][:2] == ["original (SiLU)", "relu2, no training"]
-    assert len(rows) == 4 and rows[0]["sparsity"] == 0.0
+    assert [r["variant"] for r in rows][4:] == ["relu, ProSparse L1 stages 1", "relu, ProSparse L1 stages 1 + FATReLU 0.05"]
+    assert len(rows) == 6 and rows[0]["sparsity"] == 0.0
+    assert rows[5]["sparsity"] > rows[4]["sparsity"]  # the threshold shift zeroes more gate outputs
+    assert result["meta"]["prosparse_schedule"] == [[0.0, 1], [1.0, 2]]
     for r in rows[1:]:
         assert 0.3 < r["sparsity"] < 1.0 and r["decode_sparse_tps"] > 0
         assert math.isclose(r["ppl_sparse"], r["ppl"], rel_tol=1e-4)  # skipping exact zeros is lossless
     assert all(v.startswith("PASS") for v in result["verdicts"])
     assert json.loads(out.read_text())["meta"]["steps"] == 2
+
