@@ -29,6 +29,16 @@ bf16 values, the bf16 product on the best bf16 path: AMX / avx512_bf16) runs aga
 float32 and in bf16 on the same pruned weights, with the union of active channels (the channels the
 batch reads) printed.
 
+int8 values in the column layout (``--sections int8``; int8 ``q`` plus one float32 scale per output
+row, as ``ColumnSparseLinear`` keeps a pruned + int8 layer): the same pruned layers, batch 1 at
+activation sparsity ``--col-sparsities`` and batch ``--prefill`` at 0 / 50 %, against torch dense
+fp32 and bf16 on the same pruned weights and against our column layout with float32 values, all in
+the same run. Its bytes bound is ``(1 - s_act) x (int8 column bytes / fp32 dense bytes) x torch
+fp32 time`` at batch 1.
+
+``--sections`` picks what runs (default all: ``input`` = the sparse-input GEMV and its prefill rows,
+``column`` = the column-format rows per dtype, ``int8`` = the int8 column rows).
+
 The streaming bandwidth (torch ``sum`` of a large fp32 array) is measured before and after and
 printed beside the figures. The machine this is written on is shared with other jobs: read ratios
 measured in one run, not absolute times.
@@ -38,6 +48,7 @@ Usage:
     python benchmarks/bench_activation_kernels.py --quick    # 2 x 1024/2816, short timing (smoke)
     python benchmarks/bench_activation_kernels.py --quick --cpu-time   # one thread, CPU-time clock (shared host)
     python benchmarks/bench_activation_kernels.py --layers 2 --sparsities 0,0.5
+    python benchmarks/bench_activation_kernels.py --sections int8 --layers 4   # the int8 column cells only
 """
 
 from __future__ import annotations
@@ -57,6 +68,7 @@ from bench_output import write_json  # noqa: E402
 from bench_timing import time_fn  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SECTIONS = ("input", "column", "int8")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,6 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill", type=int, default=64, help="batch of the prefill rows (0: skip)")
     p.add_argument("--weight-sparsity", type=float, default=0.5, help="pruned fraction for the column-format rows (0: skip)")
     p.add_argument("--col-sparsities", default="0,0.25,0.5,0.65", help="activation sparsities of the column-format rows")
+    p.add_argument("--sections", default="input,column,int8", help="comma list of input, column, int8 (module doc)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--budget", type=float, default=2.0, help="seconds of timing per cell (5..40 passes)")
     p.add_argument("--bw-mib", type=int, default=512)
@@ -83,6 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.col_sparsities = [float(s) for s in args.col_sparsities.split(",")]
     if not 0.0 <= args.weight_sparsity < 1.0:
         p.error("--weight-sparsity must be in [0, 1)")
+    args.sections = set(args.sections.split(","))
+    if not args.sections or args.sections - set(SECTIONS):
+        p.error(f"--sections takes a comma list of {', '.join(SECTIONS)}")
     args.dtypes = args.dtypes.split(",")
     if set(args.dtypes) - {"fp32", "bf16"}:
         p.error("dtypes are fp32 and/or bf16")
@@ -168,7 +184,7 @@ def run(args) -> dict:
     dense32 = [torch.randn(o, i, generator=gen) / i**0.5 for o, i in shapes]  # (out, in)
     xs = [torch.randn(1, i, generator=gen) for _, i in shapes]  # each layer's own input
     rows = []
-    for dt_name in args.dtypes:
+    for dt_name in args.dtypes if args.sections & {"input", "column"} else []:
         dtype = torch.float32 if dt_name == "fp32" else torch.bfloat16
         dense = [w.to(dtype) for w in dense32]
         stored = [w.t().contiguous() for w in dense]  # (in, out): input-channel-major
@@ -181,7 +197,7 @@ def run(args) -> dict:
         t_dense = time_torch(torch_dense, args.budget, args.threads)
         rows.append({"dtype": dt_name, "batch": 1, "kernel": "torch dense", "sparsity": 0.0, **t_dense})
         ours = {}
-        for s in args.sparsities:
+        for s in args.sparsities if "input" in args.sections else []:
             thr = [torch.tensor([float(torch.quantile(x.abs(), s))]) if s > 0 else torch.zeros(1) for x in xs]
 
             def sparse(stored=stored, thr=thr):
@@ -196,7 +212,7 @@ def run(args) -> dict:
                          "bound_ms": bound, "of_bound": bound / t["ms"], "vs_torch_dense": t_dense["ms"] / t["ms"]})
             print(f"{dt_name} s={s:.0%}: {t['ms']:.2f} ms, bound {bound:.2f} ms ({bound / t['ms']:.0%}), "
                   f"{t_dense['ms'] / t['ms']:.2f}x torch dense ({t_dense['ms']:.2f} ms)", flush=True)
-        if args.prefill:
+        if args.prefill and "input" in args.sections:
             xb = [torch.randn(args.prefill, i, generator=gen) for _, i in shapes]
             base = None  # torch dense (its time does not depend on the input's sparsity)
             for s in (0.0, 0.5):
@@ -216,8 +232,10 @@ def run(args) -> dict:
                                  "vs_torch_dense": base / t["ms"] if base else None})
                     print(f"{dt_name} batch {args.prefill} s={s:.0%} {name}: {t['ms']:.1f} ms "
                           f"({base / t['ms']:.2f}x torch dense)", flush=True)
-        if args.weight_sparsity > 0:
+        if args.weight_sparsity > 0 and "column" in args.sections:
             rows += column_rows(args, dt_name, dtype, dense32, xs, t_dense, dense_layout, gen, time_torch, time_ours)
+    if args.weight_sparsity > 0 and "int8" in args.sections:
+        rows += int8_column_rows(args, dense32, xs, gen, time_torch, time_ours)
     bw1 = bandwidth_gbs(args.bw_mib)
     meta.update({"bandwidth_gbs": [bw0, bw1], "load_avg_end": os.getloadavg()})
     return {"meta": meta, "rows": rows}
@@ -302,6 +320,67 @@ def column_prefill_rows(args, dt_name, dtype, pruned, cols, args_of, gen, time_t
     return rows
 
 
+def int8_column_rows(args, dense32, xs, gen, time_torch, time_ours) -> list[dict]:
+    """The int8 column-layout cells (module doc): batch 1 at each ``--col-sparsities`` and batch
+    ``--prefill`` at 0 / 50 %, against torch dense fp32 / bf16 on the same pruned weights and our
+    column layout with float32 values, in the same run."""
+    from sparseforge.formats.colbitmap import ColumnBitmapWeight
+    from sparseforge.ops.column_sparse import kernel_args
+
+    ws = args.weight_sparsity
+    pruned = [w * (torch.rand(w.shape, generator=gen) >= ws) for w in dense32]  # (out, in), ws zeros
+    layouts = {"fp32": [ColumnBitmapWeight.from_dense(w) for w in pruned],
+               "int8": [ColumnBitmapWeight.from_dense(w, values_dtype=torch.int8) for w in pruned]}
+    args_of = {k: [kernel_args(c.bitmap, c.block_ptr, c.values, c.shape[0], c.scales) for c in cols]
+               for k, cols in layouts.items()}  # checked once
+    dense_bytes = sum(w.numel() * 4 for w in pruned)
+    ratio = {k: sum(c.nbytes for c in cols) / dense_bytes for k, cols in layouts.items()}
+    print(f"# int8 column layout: {ratio['int8']:.3f} of the fp32 dense bytes at weight sparsity {ws:.0%} "
+          f"(fp32 values: {ratio['fp32']:.3f})", flush=True)
+    rows = []
+    for batch in (1, args.prefill) if args.prefill else (1,):
+        xb = xs if batch == 1 else [torch.randn(batch, w.shape[1], generator=gen) for w in pruned]
+        bases = {}
+        with torch.no_grad():
+            for base_dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+                ws_ = [w.to(base_dt) for w in pruned]
+                xs_ = [x.to(base_dt) for x in xb]
+                bases[name] = time_torch(lambda ws_=ws_, xs_=xs_: [torch.nn.functional.linear(x, w) for w, x in zip(ws_, xs_)],
+                                         args.budget, args.threads)
+                del ws_
+        rows += [{"section": "int8", "dtype": k, "batch": batch, "kernel": f"torch dense {k} (int8 cells' pruned weights)",
+                  "sparsity": 0.0, **v} for k, v in bases.items()]
+        print(f"batch {batch} torch dense (pruned weights): fp32 {bases['fp32']['ms']:.2f} ms, "
+              f"bf16 {bases['bf16']['ms']:.2f} ms", flush=True)
+        for s in args.col_sparsities if batch == 1 else (0.0, 0.5):
+            thr = [torch.tensor([float(torch.quantile(x.abs(), s))]) if s > 0 else torch.zeros(1) for x in xb]
+            outs = [torch.empty(batch, w.shape[0]) for w in pruned]
+            times = {}
+            for values in ("fp32", "int8"):
+                def run_cols(thr=thr, outs=outs, kernels_=args_of[values]):
+                    for (kernel, *views), x, t, y in zip(kernels_, xb, thr, outs):
+                        kernel(x.numpy(), *views, t.numpy(), None, y.numpy())
+
+                times[values] = time_ours(run_cols, args.budget, args.threads)
+            for values, t in times.items():
+                row = {"section": "int8", "dtype": values, "batch": batch, "kernel": f"colbitmap {values} values (weight {ws:.0%})",
+                       "sparsity": s, "weight_sparsity": ws, **t, "bytes_ratio": ratio[values],
+                       "vs_torch_dense": bases["fp32"]["ms"] / t["ms"],
+                       "vs_torch_dense_fp32": bases["fp32"]["ms"] / t["ms"],
+                       "vs_torch_dense_bf16": bases["bf16"]["ms"] / t["ms"]}
+                if values == "int8":
+                    row["vs_fp32_values"] = times["fp32"]["ms"] / t["ms"]
+                if batch == 1:
+                    row["bound_ms"] = (1 - s) * ratio[values] * bases["fp32"]["ms"]
+                    row["of_bound"] = row["bound_ms"] / t["ms"]
+                rows.append(row)
+            i8 = times["int8"]["ms"]
+            print(f"batch {batch} weight {ws:.0%} + act {s:.0%}: int8 {i8:.2f} ms, fp32 values {times['fp32']['ms']:.2f} ms "
+                  f"({times['fp32']['ms'] / i8:.2f}x); int8 {bases['fp32']['ms'] / i8:.2f}x torch fp32, "
+                  f"{bases['bf16']['ms'] / i8:.2f}x torch bf16", flush=True)
+    return rows
+
+
 def markdown(result: dict) -> str:
     m = result["meta"]
     lines = [f"CPU: {m['cpu']}; isa {m['isa']}; {m['threads']} threads; stack {len(m['layers'])} x {m['layers'][0]}; "
@@ -309,11 +388,27 @@ def markdown(result: dict) -> str:
              f"load average {m['load_avg_start'][0]:.1f} at start", "",
              "| dtype | batch | kernel | act. sparsity | ms (median) | bytes bound ms | % of bound | vs torch dense |",
              "|---|---|---|---|---|---|---|---|"]
+    int8 = []
     for r in result["rows"]:
+        if r.get("section") == "int8":
+            int8.append(r)
+            continue
         bound = f"{r['bound_ms']:.2f}" if "bound_ms" in r else ""
         frac = f"{r['of_bound']:.0%}" if "of_bound" in r else ""
         vs = f"{r['vs_torch_dense']:.2f}x" if r.get("vs_torch_dense") else ""
         lines.append(f"| {r['dtype']} | {r['batch']} | {r['kernel']} | {r['sparsity']:.0%} | {r['ms']:.2f} | {bound} | {frac} | {vs} |")
+    if int8:
+        lines += ["", "int8 values in the column layout (same pruned weights; torch dense on them in fp32 and bf16):", "",
+                  "| batch | values | act. sparsity | ms (median) | % of bytes bound | vs torch fp32 | vs torch bf16 "
+                  "| int8 vs fp32 values |", "|---|---|---|---|---|---|---|---|"]
+        for r in int8:
+            if not r["kernel"].startswith("colbitmap "):  # a baseline: torch dense on the pruned weights
+                lines.append(f"| {r['batch']} | torch dense {r['dtype']} | - | {r['ms']:.2f} | | | | |")
+                continue
+            frac = f"{r['of_bound']:.0%}" if "of_bound" in r else ""
+            vs8 = f"{r['vs_fp32_values']:.2f}x" if "vs_fp32_values" in r else ""
+            lines.append(f"| {r['batch']} | {r['dtype']} | {r['sparsity']:.0%} | {r['ms']:.2f} | {frac} | "
+                         f"{r['vs_torch_dense_fp32']:.2f}x | {r['vs_torch_dense_bf16']:.2f}x | {vs8} |")
     return "\n".join(lines)
 
 

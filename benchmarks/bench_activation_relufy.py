@@ -2,7 +2,10 @@
 
 The built-in model (Llama-style, SiLU-gated MLPs) gets a ReLU² gate (``relufy_``), then recovers with
 ``finetune_`` (cross-entropy + distillation from the original SiLU model, ``allow_dense=True``),
-without and with ProSparse-style progressive L1 on the gate activations (``ActivationL1``). For each
+without and with ProSparse-style progressive L1 on the gate activations (``ActivationL1``), and
+ProSparse itself (Song et al. 2024, arXiv:2402.13516): a ReLU gate, the L1 factor rising in
+sine-shaped stages after a warm-up (``FinetuneConfig(l1_schedule=...)``), then activation threshold
+shifting (``shift_activation_threshold_``: FATReLU gates). For each
 variant: held-out perplexity (the project's protocol), the fraction of exact zeros at the gate (=
 down_proj's skipped input channels, measured by ``SparseInputLinear.track_sparsity`` after
 ``relu_sparse_``), the perplexity of the lossless sparse model (must equal the dense one), and
@@ -35,7 +38,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=128)
-    p.add_argument("--l1", type=float, default=3.0, help="peak of the progressive L1 factor (ProSparse variant)")
+    p.add_argument("--l1", type=float, default=3.0, help="peak of the progressive L1 factor (one-stage variant)")
+    p.add_argument("--prosparse-factors", type=float, nargs="+", default=[0.5, 1.5, 3.0],
+                   help="ProSparse: the L1 factor of each stage after the warm-up (stages of equal length)")
+    p.add_argument("--fatrelu", type=float, nargs="+", default=[0.01, 0.05],
+                   help="ProSparse: FATReLU thresholds of the threshold-shifting rows")
     p.add_argument("--windows", type=int, default=32, help="perplexity windows")
     p.add_argument("--new-tokens", type=int, default=32, help="decode timing: tokens generated")
     p.add_argument("--threads", type=int, default=1)
@@ -58,6 +65,8 @@ def _decode_tokens_per_s(model, ids, new_tokens: int) -> float:
 def run(args) -> dict:
     from sparseforge.activation import ActivationL1, relu_sparse_, relufy_
     from sparseforge.activation.cats import CATSMLP
+    from sparseforge.activation.l1_schedule import L1Schedule
+    from sparseforge.activation.relufy import shift_activation_threshold_
     from sparseforge.evaluation.quality import perplexity
     from sparseforge.finetune import FinetuneConfig, finetune_
     from sparseforge.io.models import load_model
@@ -105,8 +114,23 @@ def run(args) -> dict:
         if l1:
             l1.remove()
         rows.append(measure(f"{args.activation}, {label}", student, seconds))
+    schedule = L1Schedule.even(args.prosparse_factors, steps=args.steps, warmup=max(1, args.steps // 10))
+    student = copy.deepcopy(original)
+    relufy_(student, "relu")
+    cfg = FinetuneConfig(loss="ce+kd", steps=args.steps, lr=args.lr, warmup_steps=max(1, args.steps // 10),
+                         batch_size=args.batch_size, seqlen=args.seqlen, allow_dense=True, l1_schedule=schedule)
+    t0 = time.perf_counter()
+    finetune_(student, cfg, teacher=original, tokenizer=tok, kind="causal-lm", evaluate=False, progress=False)
+    seconds = time.perf_counter() - t0
+    stages = "/".join(f"{f:g}" for f in args.prosparse_factors)
+    rows.append(measure(f"relu, ProSparse L1 stages {stages}", student, seconds))
+    for t in args.fatrelu:
+        shifted = copy.deepcopy(student)
+        shift_activation_threshold_(shifted, t)
+        rows.append(measure(f"relu, ProSparse L1 stages {stages} + FATReLU {t:g}", shifted, seconds))
     return {"meta": {"model": "builtin", "activation": args.activation, "steps": args.steps, "lr": args.lr,
                      "batch_size": args.batch_size, "seqlen": args.seqlen, "l1_peak": args.l1, "windows": args.windows,
+                     "prosparse_schedule": schedule.to_list(), "fatrelu": args.fatrelu,
                      "threads": args.threads, "load_avg": os.getloadavg()}, "rows": rows}
 
 
@@ -114,7 +138,9 @@ def markdown(result: dict) -> str:
     m = result["meta"]
     lines = [f"Built-in model, {m['activation']} gate, {m['steps']} fine-tuning steps (ce + kd, batch {m['batch_size']} x "
              f"{m['seqlen']}, lr {m['lr']:g}); perplexity on {m['windows']} held-out windows; decode at batch 1, "
-             f"{m['threads']} thread(s)", "",
+             f"{m['threads']} thread(s)"
+             + (f"; ProSparse rows: ReLU gate, L1 schedule {m['prosparse_schedule']} ([factor, end step]: warm-up, then "
+                "a sine rise per stage), then FATReLU at the given threshold" if "prosparse_schedule" in m else ""), "",
              "| variant | ppl | gate zeros (skipped) | ppl, sparse | decode tok/s dense -> sparse |", "|---|---|---|---|---|"]
     for r in result["rows"]:
         sparse = f"{r['ppl_sparse']:.3f}" if "ppl_sparse" in r else "-"

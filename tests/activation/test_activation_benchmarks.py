@@ -86,12 +86,46 @@ def test_relufy_benchmark_reports_lossless_sparse_variants(tmp_path):
     bench = load_benchmark("activation_relufy")
     out = tmp_path / "r.json"
     result = bench.main(["--steps", "2", "--windows", "1", "--new-tokens", "2", "--seqlen", "16", "--batch-size", "1",
-                         "--out", str(out)])
+                         "--prosparse-factors", "1.0", "--fatrelu", "0.05", "--out", str(out)])
     rows = result["rows"]
     assert [r["variant"] for r in rows][:2] == ["original (SiLU)", "relu2, no training"]
-    assert len(rows) == 4 and rows[0]["sparsity"] == 0.0
+    assert [r["variant"] for r in rows][4:] == ["relu, ProSparse L1 stages 1", "relu, ProSparse L1 stages 1 + FATReLU 0.05"]
+    assert len(rows) == 6 and rows[0]["sparsity"] == 0.0
+    assert rows[5]["sparsity"] > rows[4]["sparsity"]  # the threshold shift zeroes more gate outputs
+    assert result["meta"]["prosparse_schedule"] == [[0.0, 1], [1.0, 2]]
     for r in rows[1:]:
         assert 0.3 < r["sparsity"] < 1.0 and r["decode_sparse_tps"] > 0
         assert math.isclose(r["ppl_sparse"], r["ppl"], rel_tol=1e-4)  # skipping exact zeros is lossless
     assert all(v.startswith("PASS") for v in result["verdicts"])
     assert json.loads(out.read_text())["meta"]["steps"] == 2
+
+
+def test_kernel_benchmark_int8_column_cells_against_torch_and_fp32_values(tmp_path):
+    bench = load_benchmark("activation_kernels")
+    out = tmp_path / "k.json"
+    bench.main(["--sections", "int8", "--layers", "2", "--hidden", "64", "--ffn", "96", "--col-sparsities", "0,0.5",
+                "--budget", "0.01", "--bw-mib", "4", "--prefill", "20", "--threads", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert rows and all(r["section"] == "int8" for r in rows)  # the other sections did not run
+    cells = [r for r in rows if r["kernel"].startswith("colbitmap ")]
+    assert {(r["batch"], r["dtype"], r["sparsity"]) for r in cells} == {
+        (b, v, s) for b in (1, 20) for v in ("fp32", "int8") for s in (0.0, 0.5)}
+    for r in cells:
+        base = {k: next(b["ms"] for b in rows if b["batch"] == r["batch"] and b["kernel"].startswith(f"torch dense {k}"))
+                for k in ("fp32", "bf16")}
+        assert math.isclose(r["vs_torch_dense_fp32"], base["fp32"] / r["ms"])
+        assert math.isclose(r["vs_torch_dense_bf16"], base["bf16"] / r["ms"])
+        if r["dtype"] == "int8":
+            fp32 = next(c["ms"] for c in cells if c["dtype"] == "fp32" and c["batch"] == r["batch"]
+                        and c["sparsity"] == r["sparsity"])
+            assert math.isclose(r["vs_fp32_values"], fp32 / r["ms"])
+            assert 0.15 < r["bytes_ratio"] < 0.35  # 1 byte per kept weight of 4 (50% kept) + bitmap, pointers, scales
+        else:
+            assert 0.5 < r["bytes_ratio"] < 0.75
+        if r["batch"] == 1:
+            assert math.isclose(r["bound_ms"], (1 - r["sparsity"]) * r["bytes_ratio"] * base["fp32"])
+        else:
+            assert "bound_ms" not in r
+    text = bench.markdown(result)
+    assert "int8 values in the column layout" in text and "| 1 | int8 | 50% |" in text

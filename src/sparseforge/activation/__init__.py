@@ -10,7 +10,9 @@
 * R-Sparse (``method="rsparse"``, :mod:`sparseforge.activation.rsparse`): scaled thresholds plus a
   low-rank SVD term for the skipped channels; CATS (``method="cats"``) on GLU gate outputs.
 * ReLU-fication (:mod:`sparseforge.activation.relufy`): :func:`relufy_`, :class:`ActivationL1`
-  (ProSparse's progressive L1 during recovery fine-tuning), :func:`relu_sparse_` (lossless skipping).
+  (ProSparse's progressive L1 during recovery fine-tuning, staged by :class:`L1Schedule`;
+  ``FinetuneConfig(l1_schedule=...)``), :func:`shift_activation_threshold_` (ProSparse's FATReLU
+  threshold shift), :func:`relu_sparse_` (lossless skipping).
 * :func:`save_activation_sparsity` / :func:`load_activation_sparsity_`: the thresholds in a small JSON
   file beside the (dense) checkpoint; ``sparseforge.save_pretrained`` / ``sparseforge.load`` keep them
   inside the checkpoint (``sparsity_config.activation``).
@@ -28,7 +30,8 @@ from __future__ import annotations
 from sparseforge.activation.column_linear import ColumnSparseLinear, column_sparse_
 from sparseforge.activation.config import ActivationSparsityConfig
 from sparseforge.activation.linear import SparseInputLinear
-from sparseforge.activation.relufy import ActivationL1, relu_sparse_, relufy_
+from sparseforge.activation.l1_schedule import L1Schedule
+from sparseforge.activation.relufy import ActivationL1, FATReLU, relu_sparse_, relufy_, shift_activation_threshold_
 from sparseforge.activation.rsparse import RSparseLinear
 from sparseforge.activation.storage import load_activation_sparsity_, save_activation_sparsity
 from sparseforge.activation.teal import ActivationSparsityReport, set_token_fraction, sparse_input_layers, sparsify_activations_
@@ -37,4 +40,5 @@ __all__ = [
     "ActivationSparsityConfig", "ActivationSparsityReport", "SparseInputLinear", "sparsify_activations_",
     "set_token_fraction", "sparse_input_layers", "save_activation_sparsity", "load_activation_sparsity_",
     "RSparseLinear", "relufy_", "relu_sparse_", "ActivationL1", "ColumnSparseLinear", "column_sparse_",
+    "L1Schedule", "FATReLU", "shift_activation_threshold_",
 ]

@@ -42,6 +42,7 @@ from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats.colbitmap import ColumnBitmapWeight
 from sparseforge.nn.sparse_linear import SparseLinear
 from sparseforge.kernels import native
+from sparseforge.quant.config import SCALE_BUFFER
 from sparseforge.ops.column_sparse import (check_compute_dtype, column_sparse_bf16_op, column_sparse_op, kernel_args,
                                            uses_bf16_product)
 
@@ -110,14 +111,20 @@ class ColumnSparseLinear(SparseInputLinear):
     def from_module(cls, module: nn.Module, threshold: "float | Tensor | None" = None,
                     dtype: Optional[torch.dtype] = None) -> "ColumnSparseLinear":
         """From an ``nn.Linear``, a ``SparseInputLinear`` (its threshold, ``token_fraction`` and
-        calibration info kept) or a ``SparseLinear`` (its format converted one layer at a time);
-        ``threshold`` overrides the module's (default 0 for layers without one)."""
+        calibration info kept; a quantized one, with a per-row ``weight_scale`` buffer, gets int8
+        values on that grid unless ``dtype`` says otherwise) or a ``SparseLinear`` (its format
+        converted one layer at a time); ``threshold`` overrides the module's (default 0 for layers
+        without one)."""
         if isinstance(module, SparseLinear):
             weight = ColumnBitmapWeight.from_format(module.weight_format, values_dtype=dtype)
             layer = cls(weight, module.bias, threshold=0.0 if threshold is None else threshold)
         elif isinstance(module, SparseInputLinear):
             w = module.weight  # (out, in)
-            weight = ColumnBitmapWeight.from_dense(w, values_dtype=dtype or w.dtype)
+            scale = getattr(module, SCALE_BUFFER, None)
+            if dtype is None and isinstance(scale, Tensor) and scale.dim() == 1:  # quantized: q * scale, int8 again
+                weight = ColumnBitmapWeight.from_dense(w.float(), values_dtype=torch.int8, scales=scale.float())
+            else:
+                weight = ColumnBitmapWeight.from_dense(w, values_dtype=dtype or w.dtype)
             layer = cls(weight, module.bias, threshold=module.threshold if threshold is None else threshold)
             layer.token_fraction = module.token_fraction
             layer.activation_info = dict(module.activation_info)

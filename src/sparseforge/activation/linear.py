@@ -11,6 +11,10 @@ multi-token call (TEAL's published perplexities use 0.5: a dense prefix, a spars
 tokens are always sparsified. ``track_sparsity`` counts the skipped channels seen (``skipped /
 seen`` = the measured activation sparsity).
 
+A quantized ``nn.Linear`` (``sparseforge.quant``: weight ``q * scale`` plus the float32 buffer
+``weight_scale``) keeps its scale buffer here, so saving the model stores the layer quantized again
+(int8 values and row scales in a compressed checkpoint).
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -31,6 +35,7 @@ from torch import Tensor, nn
 
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.ops.sparse_input import gemv_args, sparse_input_linear
+from sparseforge.quant.config import SCALE_BUFFER
 
 __all__ = ["SparseInputLinear"]
 
@@ -86,7 +91,8 @@ class SparseInputLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, threshold: "float | Tensor" = 0.0,
                     dtype: Optional[torch.dtype] = None) -> "SparseInputLinear":
-        """The layer of ``linear`` (weight transposed once, bias kept in float32).
+        """The layer of ``linear`` (weight transposed once, bias kept in float32; a quantized layer's
+        ``weight_scale`` buffer kept).
 
         ``dtype``: weight storage; default bfloat16 for a bfloat16 layer, else float32.
         """
@@ -99,6 +105,9 @@ class SparseInputLinear(nn.Module):
             layer.weight_t.copy_(linear.weight.detach().t().to(dtype))  # (in, out)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias.detach().float())
+        scale = getattr(linear, SCALE_BUFFER, None)
+        if isinstance(scale, Tensor):  # (out,) or (out, groups): the grid of the quantized weight
+            layer.register_buffer(SCALE_BUFFER, scale.detach().float().clone())
         return layer
 
     def __getstate__(self):

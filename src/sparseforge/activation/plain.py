@@ -32,18 +32,26 @@ from torch import nn
 from sparseforge.activation.cats import CATSMLP
 from sparseforge.activation.linear import SparseInputLinear
 from sparseforge.layers import set_module
+from sparseforge.quant.config import SCALE_BUFFER
 
 __all__ = ["plain_layers", "as_linear"]
 
 
 def as_linear(layer: SparseInputLinear, dtype: Optional[torch.dtype] = None) -> nn.Linear:
-    """An ``nn.Linear`` over ``layer``'s weight (a transposed view, cast to ``dtype`` when given)."""
+    """An ``nn.Linear`` over ``layer``'s weight (a transposed view, cast to ``dtype`` when given),
+    with the layer's quantization scales as its ``weight_scale`` buffer when it has them (a
+    quantized layer's buffer, or the row scales of a column layer's int8 values), so a compressed
+    save stores it int8."""
     weight = layer.weight_t.detach().t()  # (out, in)
     dtype = dtype or weight.dtype
     linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
     linear.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
     if layer.bias is not None:
         linear.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
+    scale = getattr(layer, "scales", None)  # ColumnSparseLinear with int8 values: float32 (out,)
+    scale = getattr(layer, SCALE_BUFFER, None) if scale is None else scale
+    if isinstance(scale, torch.Tensor):
+        linear.register_buffer(SCALE_BUFFER, scale.detach())
     return linear
 
 

@@ -13,7 +13,9 @@ File (``activation_sparsity.json``; ``version`` guards future changes)::
 
 ``threshold`` is a number, or a list with one entry per input channel. Optional, informational:
 ``method``, ``sparsity`` (the calibration target) and ``calibrated_sparsity`` (the fraction of
-calibration inputs skipped). The same entries form ``sparsity_config.activation.layers`` of a
+calibration inputs skipped). Optional, applied: ``compute_dtype`` (``"bfloat16"``, written only for a
+:class:`~sparseforge.activation.ColumnSparseLinear` running bf16 compute; absent = float32), restored
+on the layers built in the column layout. The same entries form ``sparsity_config.activation.layers`` of a
 compressed checkpoint (``docs/checkpoint-format.md``).
 
 Example:
@@ -53,13 +55,14 @@ from sparseforge.nn.sparse_linear import SparseLinear
 
 __all__ = [
     "save_activation_sparsity", "load_activation_sparsity_", "activation_layers", "apply_activation_layers_",
-    "FILE_NAME", "FORMAT_VERSION", "INFO_KEYS",
+    "FILE_NAME", "FORMAT_VERSION", "INFO_KEYS", "COMPUTE_DTYPES",
 ]
 
 FILE_NAME = "activation_sparsity.json"
 FORMAT_VERSION = 1
 KINDS = ("linear", "cats", "rsparse")
 INFO_KEYS = ("method", "sparsity", "calibrated_sparsity")  # optional, informational entry keys
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # entry "compute_dtype" -> dtype
 
 
 def _target(path: Union[str, Path]) -> Path:
@@ -79,7 +82,7 @@ def activation_layers(model: nn.Module) -> dict[str, dict]:
     """``{layer name: entry}`` of ``model``'s sparse-input layers and CATS MLPs, as the JSON file and
     the compressed checkpoint's ``sparsity_config.activation.layers`` store them: ``kind``
     (``"linear"`` / ``"cats"`` / ``"rsparse"`` with its ``rank``), ``threshold`` (a number, ``"inf"``,
-    or one per input channel) and,
+    or one per input channel), ``compute_dtype`` for a column layer running bf16 compute and,
     where calibration recorded them, ``method``, ``sparsity`` (the target) and
     ``calibrated_sparsity`` (the fraction of calibration inputs skipped). Empty when there are none."""
     layers = {}
@@ -93,6 +96,8 @@ def activation_layers(model: nn.Module) -> dict[str, dict]:
                      "threshold": _number(t.item()) if t.numel() == 1 else [_number(v) for v in t.tolist()]}
             if isinstance(m, RSparseLinear):
                 entry.update(kind="rsparse", rank=m.rank)
+            if isinstance(m, ColumnSparseLinear) and m.compute_dtype != torch.float32:
+                entry["compute_dtype"] = next(k for k, v in COMPUTE_DTYPES.items() if v == m.compute_dtype)
         else:
             continue
         entry.update({k: v for k, v in m.activation_info.items() if k in INFO_KEYS and not _is_nan(v)})
@@ -133,6 +138,20 @@ def _threshold(value, name: str) -> torch.Tensor:
     return t
 
 
+def _compute_dtype(value, name: str, where: str) -> torch.dtype:
+    if value not in COMPUTE_DTYPES:
+        raise ConfigError(f"{where}: activation-sparsity layer {name} has compute_dtype {value!r:.40}; use one of "
+                          f"{', '.join(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[value]
+
+
+def _int8_values(module: nn.Module) -> bool:
+    """Whether ``module`` stores int8 values with row scales (a ``SparseLinear`` or column layer)."""
+    if isinstance(module, ColumnSparseLinear):
+        return module.scales is not None
+    return isinstance(module, SparseLinear) and getattr(module.weight_format, "scales", None) is not None
+
+
 def load_activation_sparsity_(model: nn.Module, path: Union[str, Path]) -> None:
     """Swap the layers named in the file for sparse-input layers / CATS MLPs with its thresholds.
 
@@ -168,6 +187,10 @@ def apply_activation_layers_(model: nn.Module, layers: dict, where: str) -> None
         if kind not in KINDS:
             raise ConfigError(f"{where}: activation-sparsity layer {name} has unknown kind {kind!r}")
         t = _threshold(entry.get("threshold"), name)
+        compute_dtype = _compute_dtype(entry.get("compute_dtype", "float32"), name, where)
+        if compute_dtype != torch.float32 and kind != "linear":
+            raise ConfigError(f"{where}: activation-sparsity layer {name}: compute_dtype applies to 'linear' "
+                              f"entries (column layers) only, not {kind!r}")
         if module is None:
             raise ModelError(f"the thresholds in {where} do not match this model: it has no layer {name}")
         if kind == "cats":
@@ -182,14 +205,17 @@ def apply_activation_layers_(model: nn.Module, layers: dict, where: str) -> None
                                  "the dense weight: load the checkpoint with sparse=False")
             if t.numel() not in (1, module.in_features):
                 raise ModelError(f"layer {name} has {module.in_features} input features but {t.numel()} thresholds")
+            if compute_dtype == torch.bfloat16 and _int8_values(module):
+                raise ModelError(f"{where}: layer {name} has int8 values, which run float32 compute only; its "
+                                 "compute_dtype 'bfloat16' does not apply (the checkpoint is corrupt)")
             rank = entry.get("rank")
             if kind == "rsparse" and (isinstance(rank, bool) or not isinstance(rank, int)
                                       or not 0 <= rank <= min(module.in_features, module.out_features)):
                 raise ModelError(f"{where}: R-Sparse layer {name} needs a rank in [0, "
                                  f"{min(module.in_features, module.out_features)}], got {rank!r}")
         info = {k: entry[k] for k in INFO_KEYS if k in entry}
-        plan.append((name, kind, module, t, info))
-    for name, kind, module, t, info in plan:
+        plan.append((name, kind, module, t, info, compute_dtype))
+    for name, kind, module, t, info, compute_dtype in plan:
         if kind == "rsparse":  # the low-rank factors come from the SVD of the stored weight
             linear = as_linear(module) if isinstance(module, SparseInputLinear) else module
             module = RSparseLinear.from_linear(linear, threshold=t, rank=layers[name]["rank"],
@@ -206,4 +232,6 @@ def apply_activation_layers_(model: nn.Module, layers: dict, where: str) -> None
         else:
             module = SparseInputLinear.from_linear(module, threshold=t)
             set_module(model, name, module)
+        if isinstance(module, ColumnSparseLinear):
+            module.set_compute_dtype(compute_dtype)
         module.activation_info = info

@@ -95,6 +95,11 @@ class FinetuneConfig:
             dense fraction of each window (output tokens), blocks (:mod:`sparseforge.finetune.sparselora`).
         sparselora_attn_sparsity: key/value channels the base q/k/v/o skip (0: attention dense;
             :mod:`sparseforge.finetune.sparselora_attention`).
+        l1_schedule: ProSparse's progressive L1 on the MLP gate activations (a ReLU-fied student,
+            :mod:`sparseforge.activation.relufy`): stages ``[[factor, end step], ...]`` of
+            :class:`~sparseforge.activation.l1_schedule.L1Schedule` (a warm-up constant, then a
+            sine-shaped rise per stage); ``None``: no penalty. The term's value per step is in
+            ``parts["l1"]`` of the callback's :class:`StepInfo`.
     """
 
     loss: Any = "squarehead"
@@ -126,6 +131,7 @@ class FinetuneConfig:
     sparselora_dense_tokens: float = 0.25
     sparselora_layers: str = "auto"
     sparselora_attn_sparsity: float = 0.0
+    l1_schedule: Any = None
 
     def __post_init__(self) -> None:
         self.weights = _parse_loss(self.loss)
@@ -154,6 +160,13 @@ class FinetuneConfig:
             raise ConfigError(f"teacher_dtype must be one of {', '.join(_DTYPES)}, got {self.teacher_dtype!r}")
         check_adapter_options(self)
         check_s2ft_options(self)
+        if self.l1_schedule is not None:
+            from sparseforge.activation.l1_schedule import L1Schedule
+
+            self.l1_schedule = L1Schedule(self.l1_schedule).to_list()  # validated; JSON-able for the resume state
+            if self.adapter != "none":
+                raise ConfigError(f"l1_schedule trains the MLP gates of the full model; it does not combine with "
+                                  f"adapter={self.adapter!r}")
 
     @property
     def needs_teacher(self) -> bool:

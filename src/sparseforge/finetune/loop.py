@@ -339,13 +339,15 @@ def finetune_(
 
     model.float().train()
     torch.manual_seed(cfg.seed)
-    s2ft = adapters = keeper = sparse = None
+    s2ft = adapters = keeper = sparse = l1 = None
     backup: dict[str, torch.Tensor] | None = None  # the weights before a resume loads, until it succeeded
 
     def teardown(finished: bool) -> None:
         """Adapters, slices, mask hooks and packed layers off; after a failed resume, the weights as they came."""
         if backup is not None:
             model.load_state_dict(backup)
+        if l1 is not None:
+            l1.remove()
         if adapters is not None:  # merged (masked) after a full run; dropped, base untouched, otherwise
             adapters.finish(merge=finished)
         if sparse is not None:
@@ -368,6 +370,10 @@ def finetune_(
             from sparseforge.finetune.adapters import AdapterRun
 
             adapters = AdapterRun(model, cfg, names)
+        if cfg.l1_schedule is not None:  # ProSparse: L1 on the gate activations, factor set per step
+            from sparseforge.activation.relufy import ActivationL1
+
+            l1 = ActivationL1(model, schedule=cfg.l1_schedule)
         trainer = s2ft if s2ft is not None else adapters
         params = trainer.parameters() if trainer is not None else [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -428,6 +434,8 @@ def finetune_(
                 t0 = time.perf_counter()
                 if adapters is not None:
                     adapters.begin_step(step)
+                if l1 is not None:
+                    l1.set_step(step + 1)
                 batch = batches.next()
                 t_out = None
                 if t_model is not None:
@@ -435,6 +443,8 @@ def finetune_(
                         t_out = _forward(t_model, batch, kind, hidden)
                 s_out = _forward(model, batch, kind, hidden)
                 loss, parts = _loss(cfg, kind, batch, s_out, t_out)
+                if l1 is not None:
+                    parts["l1"] = l1.penalty
                 if not torch.isfinite(loss):
                     from sparseforge.errors import NumericalError
 

@@ -235,6 +235,7 @@ def check_block(block: Any, where: Path) -> dict[str, Any]:
 # ---- the activation section (format_version ACTIVATION_VERSION) ----------------------------------------
 
 ACTIVATION_KINDS = ("linear", "cats", "rsparse")
+ACTIVATION_COMPUTE_DTYPES = ("float32", "bfloat16")  # an entry's optional compute_dtype (column layers)
 
 
 def _is_threshold(v) -> bool:
@@ -244,7 +245,8 @@ def _is_threshold(v) -> bool:
 def check_activation(block: dict[str, Any], where: Path) -> None:
     """Type-check ``sparsity_config.activation``: ``{"layers": {module name: {"kind": "linear" | "cats" | "rsparse",
     "threshold": number >= 0 | "inf" | [one per input channel], optional "method", "sparsity",
-    "calibrated_sparsity"; rsparse: "rank"}}}``. Whether the layers exist in the model is checked when they are applied."""
+    "calibrated_sparsity"; rsparse: "rank"; linear: "compute_dtype"}}}``. Whether the layers exist in the model is
+    checked when they are applied."""
     section = block["activation"]
     if block["format_version"] < ACTIVATION_VERSION:
         raise _bad(where, f"{BLOCK}.activation needs format_version >= {ACTIVATION_VERSION}, but the checkpoint says "
@@ -266,6 +268,10 @@ def check_activation(block: dict[str, Any], where: Path) -> None:
             raise bad(f"threshold must be a number >= 0, \"inf\" or (linear, rsparse) a list of them, got {t!r:.60}")
         if entry["kind"] == "rsparse" and not (_is_int(entry.get("rank")) and entry["rank"] >= 0):
             raise bad(f"an rsparse layer needs an integer rank >= 0, got {entry.get('rank')!r:.40}")
+        if entry.get("compute_dtype", "float32") not in ACTIVATION_COMPUTE_DTYPES or (
+                entry["kind"] != "linear" and "compute_dtype" in entry):
+            raise bad(f"compute_dtype must be one of {', '.join(ACTIVATION_COMPUTE_DTYPES)} on a linear entry, got "
+                      f"{entry.get('compute_dtype')!r:.40}")
         for key in ("sparsity", "calibrated_sparsity"):
             v = entry.get(key, 0.0)
             if not (type(v) in (int, float) and 0.0 <= v <= 1.0):
