@@ -44,6 +44,7 @@ import torch
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats._stored import StoredBuffers
 from sparseforge.formats.bitmap import check_weight
+from sparseforge.formats.concat import check_row_parts, offset_pointers
 from sparseforge.formats.csr import index_dtype
 from sparseforge.formats.memory import hugepage_backed
 from sparseforge.formats.registry import FormatSpec, register
@@ -126,6 +127,25 @@ class BSRWeight(StoredBuffers):
         col = on.nonzero()[:, 1]  # (nblocks,) row-major
         return cls((rows, cols), ptr.to(torch.int32), hugepage_backed(col.to(index_dtype(cols // bw)).contiguous()),
                    hugepage_backed(tiles[on].contiguous()))
+
+    @classmethod
+    def concat_rows(cls, parts: "list[BSRWeight]") -> "BSRWeight":
+        """The rows of ``parts`` (one block size) stacked in order (:mod:`sparseforge.formats.concat`): block
+        row pointers of each part offset by the blocks before it, block columns and blocks appended.
+
+        Example:
+            >>> a = BSRWeight.from_dense(torch.ones(2, 4), "block2x2")
+            >>> BSRWeight.concat_rows([a, a]).block_row_ptr.tolist()
+            [0, 2, 4]
+        """
+        cols, _ = check_row_parts(parts, cls)
+        blocks = sorted({str(p.block) for p in parts})
+        if len(blocks) > 1:
+            raise ConfigError(f"concat_rows joins BSR weights of one block size, got {', '.join(blocks)}")
+        ptr = offset_pointers([p.block_row_ptr for p in parts], _INT32_MAX, "blocks")  # (sum rows / h + 1,)
+        block_col = torch.cat([p.block_col for p in parts])  # (sum nblocks,)
+        values = torch.cat([p.values for p in parts])  # (sum nblocks, h, w)
+        return cls((sum(p.shape[0] for p in parts), cols), ptr, hugepage_backed(block_col), hugepage_backed(values))
 
     @property
     def block(self) -> Block:
