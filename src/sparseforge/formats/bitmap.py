@@ -53,8 +53,8 @@ import torch
 
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats._stored import StoredBuffers
-from sparseforge.formats.concat import cat_scales, check_row_parts
-from sparseforge.formats.memory import hugepage_backed
+from sparseforge.formats.concat import assemble, cat_scales, check_row_parts, offset_pointers
+from sparseforge.formats.memory import hugepage_backed, hugepage_cat
 from sparseforge.formats.quantized import check_scales, quantize_rows, row_scales
 from sparseforge.formats.registry import FormatSpec, register
 
@@ -175,9 +175,11 @@ class BitmapWeight(StoredBuffers):
             True
         """
         cols, _ = check_row_parts(parts, cls)
-        bitmap = torch.cat([p.bitmap for p in parts])  # (sum rows, ceil(cols/8))
-        values = torch.cat([p.values for p in parts])  # (sum nnz,)
-        return cls((bitmap.shape[0], cols), hugepage_backed(bitmap), hugepage_backed(values), cat_scales(parts))
+        bitmap = hugepage_cat([p.bitmap for p in parts])  # (sum rows, ceil(cols/8))
+        values = hugepage_cat([p.values for p in parts])  # (sum nnz,)
+        offsets = offset_pointers([p.row_offsets for p in parts], 2**63 - 1, "entries", torch.int64)  # (sum rows + 1,)
+        return assemble(cls, shape=(bitmap.shape[0], cols), bitmap=bitmap, values=values, scales=cat_scales(parts),
+                        row_offsets=offsets)
 
     def dequantized_values(self) -> torch.Tensor:
         """The values as float32 ``scales[r] * q`` (int8), or as stored (float); same layout."""

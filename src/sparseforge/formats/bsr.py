@@ -44,9 +44,9 @@ import torch
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats._stored import StoredBuffers
 from sparseforge.formats.bitmap import check_weight
-from sparseforge.formats.concat import check_row_parts, offset_pointers
+from sparseforge.formats.concat import assemble, check_row_parts, offset_pointers
 from sparseforge.formats.csr import index_dtype
-from sparseforge.formats.memory import hugepage_backed
+from sparseforge.formats.memory import hugepage_backed, hugepage_cat
 from sparseforge.formats.registry import FormatSpec, register
 from sparseforge.patterns import Block, Pattern, parse
 
@@ -143,9 +143,10 @@ class BSRWeight(StoredBuffers):
         if len(blocks) > 1:
             raise ConfigError(f"concat_rows joins BSR weights of one block size, got {', '.join(blocks)}")
         ptr = offset_pointers([p.block_row_ptr for p in parts], _INT32_MAX, "blocks")  # (sum rows / h + 1,)
-        block_col = torch.cat([p.block_col for p in parts])  # (sum nblocks,)
-        values = torch.cat([p.values for p in parts])  # (sum nblocks, h, w)
-        return cls((sum(p.shape[0] for p in parts), cols), ptr, hugepage_backed(block_col), hugepage_backed(values))
+        block_col = hugepage_cat([p.block_col for p in parts])  # (sum nblocks,)
+        values = hugepage_cat([p.values for p in parts])  # (sum nblocks, h, w)
+        return assemble(cls, shape=(sum(p.shape[0] for p in parts), cols), block_row_ptr=ptr, block_col=block_col,
+                        values=values)
 
     @property
     def block(self) -> Block:

@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from typing import Any, Optional, Sequence
@@ -38,7 +39,7 @@ import torch
 from sparseforge.errors import ConfigError
 from sparseforge.formats.registry import spec_of
 
-__all__ = ["concat_rows", "check_row_parts", "cat_scales", "offset_pointers", "ConcatFallbackWarning"]
+__all__ = ["concat_rows", "check_row_parts", "cat_scales", "offset_pointers", "assemble", "ConcatFallbackWarning"]
 
 log = logging.getLogger(__name__)
 
@@ -78,19 +79,36 @@ def cat_scales(parts: Sequence[Any]) -> Optional[torch.Tensor]:
     return torch.cat(scales)  # check_row_parts: one dtype, so int8 parts all carry scales
 
 
-def offset_pointers(pointers: Sequence[torch.Tensor], limit: int, what: str) -> torch.Tensor:
-    """Row-pointer arrays ``(rows_i + 1,)`` (each from 0 to its part's entry count) as one int32 array
+def offset_pointers(pointers: Sequence[torch.Tensor], limit: int, what: str,
+                    dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """Row-pointer arrays ``(rows_i + 1,)`` (each from 0 to its part's entry count) as one ``dtype`` array
     ``(sum rows + 1,)``: every part's pointers shifted by the entries of the parts before it.
-    Raises :class:`ConfigError` when the total passes ``limit`` (the int32 pointers' range)."""
+    Raises :class:`ConfigError` when the total passes ``limit`` (the pointers' range)."""
     ends = [int(p[-1]) for p in pointers]
     if sum(ends) > limit:
-        raise ConfigError(f"concat_rows: {sum(ends)} {what} exceed the {limit} that int32 row pointers hold; "
+        raise ConfigError(f"concat_rows: {sum(ends)} {what} exceed the {limit} that the row pointers hold; "
                           "keep the layers separate")
     out, before = [torch.zeros(1, dtype=torch.int64)], 0
     for p, end in zip(pointers, ends):
         out.append(p[1:].to(torch.int64) + before)  # (rows_i,)
         before += end
-    return torch.cat(out).to(torch.int32)
+    return torch.cat(out).to(dtype)
+
+
+def assemble(cls: type, **fields: Any) -> Any:
+    """A ``cls`` object (a frozen format dataclass) holding ``fields``, every dataclass field given, without
+    running its load-time validation: for buffers joined from parts that were validated when they were
+    built. Joining whole rows keeps every invariant a format checks (row pointers from 0 to the entry
+    count, ascending columns within a row, N:M positions, padding bits), which the property tests
+    confirm by validating every joined weight again (``tests/formats/test_concat_rows.py``); skipping it
+    here saves a pass over every stored index of the fused layers of a model."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    if sorted(names) != sorted(fields):
+        raise ConfigError(f"assemble({cls.__name__}) needs exactly the fields {names}, got {sorted(fields)}")
+    obj = object.__new__(cls)
+    for name in names:
+        object.__setattr__(obj, name, fields[name])
+    return obj
 
 
 def concat_rows(parts: Sequence[Any]) -> Any:

@@ -45,8 +45,8 @@ import torch
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats._stored import StoredBuffers
 from sparseforge.formats.bitmap import BitmapWeight, check_weight, unpack_bits
-from sparseforge.formats.concat import cat_scales, check_row_parts, offset_pointers
-from sparseforge.formats.memory import hugepage_backed
+from sparseforge.formats.concat import assemble, cat_scales, check_row_parts, offset_pointers
+from sparseforge.formats.memory import hugepage_backed, hugepage_cat
 from sparseforge.formats.quantized import check_scales, quantize_rows, row_scales
 from sparseforge.formats.registry import FormatSpec, register
 
@@ -168,9 +168,10 @@ class CSRWeight(StoredBuffers):
         """
         cols, _ = check_row_parts(parts, cls)
         row_ptr = offset_pointers([p.row_ptr for p in parts], _INT32_MAX, "entries")  # (sum rows + 1,)
-        col = torch.cat([p.col for p in parts])  # (sum nnz,)
-        values = torch.cat([p.values for p in parts])  # (sum nnz,)
-        return cls((row_ptr.numel() - 1, cols), row_ptr, hugepage_backed(col), hugepage_backed(values), cat_scales(parts))
+        col = hugepage_cat([p.col for p in parts])  # (sum nnz,)
+        values = hugepage_cat([p.values for p in parts])  # (sum nnz,)
+        return assemble(cls, shape=(row_ptr.numel() - 1, cols), row_ptr=row_ptr, col=col, values=values,
+                        scales=cat_scales(parts))
 
     def mask(self) -> torch.Tensor:
         """Bool keep-mask (rows, cols)."""

@@ -44,9 +44,9 @@ import torch
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats._stored import StoredBuffers
 from sparseforge.formats.bitmap import check_weight
-from sparseforge.formats.concat import check_row_parts
+from sparseforge.formats.concat import assemble, check_row_parts
 from sparseforge.formats.csr import index_dtype
-from sparseforge.formats.memory import hugepage_backed
+from sparseforge.formats.memory import hugepage_backed, hugepage_cat
 from sparseforge.formats.registry import FormatSpec, register
 from sparseforge.patterns import FanIn
 
@@ -125,9 +125,9 @@ class FanInWeight(StoredBuffers):
         ks = sorted({p.k for p in rows})
         if len(ks) > 1:
             raise ConfigError(f"concat_rows joins fan-in weights of one k, got k = {ks}; use CSR for different counts")
-        values = torch.cat([p.values for p in rows])  # (sum rows, k)
-        indices = torch.cat([p.indices for p in rows])  # (sum rows, k)
-        return cls((values.shape[0], cols), hugepage_backed(values), hugepage_backed(indices))
+        values = hugepage_cat([p.values for p in rows])  # (sum rows, k)
+        indices = hugepage_cat([p.indices for p in rows])  # (sum rows, k)
+        return assemble(cls, shape=(sum(p.shape[0] for p in parts), cols), values=values, indices=indices)
 
     @property
     def k(self) -> int:

@@ -59,9 +59,9 @@ import torch
 
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats._stored import StoredBuffers
-from sparseforge.formats.concat import cat_scales, check_row_parts
+from sparseforge.formats.concat import assemble, cat_scales, check_row_parts
 from sparseforge.formats.bitmap import check_weight, pack_bits, unpack_bits
-from sparseforge.formats.memory import hugepage_backed, hugepage_copy
+from sparseforge.formats.memory import hugepage_backed, hugepage_cat, hugepage_copy
 from sparseforge.formats.quantized import check_scales, quantize_rows
 from sparseforge.formats.registry import FormatSpec, register
 from sparseforge.masks import topk_mask
@@ -197,10 +197,10 @@ class NMWeight(StoredBuffers):
         patterns = {p.pattern for p in parts}
         if len(patterns) > 1:
             raise ConfigError(f"concat_rows joins one N:M pattern, got {', '.join(sorted(map(str, patterns)))}")
-        values = torch.cat([p.values for p in parts])  # (sum rows, G*n)
-        indices = torch.cat([p.indices for p in parts])  # (sum rows, ceil(G*n*b/8))
-        return cls((values.shape[0], cols), parts[0].pattern, hugepage_backed(values), hugepage_backed(indices),
-                   cat_scales(parts))
+        values = hugepage_cat([p.values for p in parts])  # (sum rows, G*n)
+        indices = hugepage_cat([p.indices for p in parts])  # (sum rows, ceil(G*n*b/8))
+        return assemble(cls, shape=(values.shape[0], cols), pattern=parts[0].pattern, values=values, indices=indices,
+                        scales=cat_scales(parts))
 
     def dequantized_values(self) -> torch.Tensor:
         """The values as float32 ``scales[r] * q`` (int8), or as stored (float); (rows, G*n)."""

@@ -24,7 +24,7 @@ Example:
     >>> from tests.tiny_models import tiny_model                       # doctest: +SKIP
     >>> model = tiny_model("llama")                                    # doctest: +SKIP
     >>> report = fuse_projections_(model)                              # doctest: +SKIP
-    >>> len(report.fused)                                              # 2 layers x (qkv, gate/up)  doctest: +SKIP
+    >>> len(report.fused)  # 2 layers x (qkv, gate/up)                 # doctest: +SKIP
     4
 """
 
