@@ -17,8 +17,8 @@ of float32 (the column tile splits each row's dot product into per-tile partial 
 block only divides the rows among tasks and changes nothing, bit for bit).
 
 Measuring happens ahead of use, never inside a forward: ``compress_`` measures the layers it builds
-(:func:`sparseforge.runtime.tiles.measure_tiles_`, once per distinct question, every batch bucket of
-:data:`BUCKETS` by default) and ``sparseforge advise`` the chosen format's tiles (it prints them). A
+(:func:`sparseforge.runtime.tiles.measure_tiles_`, once per distinct question, batch bucket 64 by
+default) and ``sparseforge advise`` the chosen format's tiles (it prints them). A
 :class:`~sparseforge.nn.SparseLinear` forward takes the tile the layer was given, else the cached answer
 for its question (:func:`known_tile`), else the rule: its first call times nothing
 (:func:`tile_for` with ``measure=False``; the choice is logged at debug level).
@@ -59,7 +59,7 @@ MIN_WEIGHTS = 1 << 18  # out * in below which a layer is not measured (one tile 
 TILED_FAMILIES = ("csr", "bitmap", "nm", "bsr")  # kernel families whose forward has the lanes path
 COL_TILES = (128, 256, 512, 1024)  # candidates besides the rule
 BLOCK_ROWS = (32, 128)
-BUCKETS = (16, 32, 48, 64)  # every batch bucket (batch_bucket): what compress_ measures by default
+BUCKETS = (16, 32, 48, 64)  # every batch bucket (batch_bucket)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,6 @@ from sparseforge.errors import ConfigError, SparseforgeError
 from sparseforge.formats.rule import auto_format, structured_format
 from sparseforge.layers import is_linear, linear_layers, set_module, weight_2d
 from sparseforge.formats import registry
-from sparseforge.measure.lanes_tile import BUCKETS
 from sparseforge.nn.sparse_linear import SparseLinear
 from sparseforge.ops.int8 import INT8_ACT_FORMATS, check_activations
 from sparseforge.patterns import NM, Pattern, parse
@@ -200,7 +199,7 @@ def compress_(
     advice: "AdviceReport | None" = None,
     compute_dtype: torch.dtype = torch.float32,
     activations: str = "float",
-    tile_batches: tuple[int, ...] = BUCKETS,
+    tile_batches: tuple[int, ...] = (64,),
     tile_budget_s: float = 0.05,
 ) -> CompressReport:
     """Replace pruned linear layers of ``model`` with :class:`SparseLinear`, in place.
@@ -235,7 +234,8 @@ def compress_(
         tile_batches: batch sizes whose bucket (16 / 32 / 48 / 64 rows) gets its lanes-kernel tile measured
             now, once per distinct layer question (:func:`sparseforge.runtime.tiles.measure_tiles_`,
             ``tile_budget_s`` per candidate), so that no forward times anything; ``()`` measures none (the
-            forwards then use the tuning cache's answers or the built-in rule). Default every bucket.
+            forwards then use the tuning cache's answers or the built-in rule). Default 64: the bucket of every
+            prefill of 49+ tokens and of batched serving; ``BUCKETS`` (16, 32, 48, 64) measures all four.
     Returns:
         :class:`CompressReport`. All layers are built before any is swapped, so an error (e.g.
         ``format="nm"`` on a weight that is not N:M) leaves the model unchanged.
