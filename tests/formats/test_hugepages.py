@@ -100,3 +100,17 @@ def test_loaded_checkpoint_buffers_use_huge_pages(tmp_path, fmt):
     assert _big_buffers(loaded) and all(_advised_huge(t) for t in _big_buffers(loaded))
     assert type(loaded) is type(obj) and torch.equal(loaded.to_dense(), obj.to_dense())
     assert torch.equal(state["fc.bias"], torch.zeros(2048))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8, torch.uint16])
+def test_hugepage_cat_equals_torch_cat_and_is_advised_when_large(dtype):
+    from sparseforge.formats.memory import hugepage_cat
+
+    rows = MIN_BYTES // (64 * torch.tensor([], dtype=dtype).element_size()) + 3
+    parts = [torch.randint(-50, 50, (r, 64)).to(dtype) for r in (rows // 2, 1, rows - rows // 2)]
+    out = hugepage_cat(parts)
+    assert out.dtype == dtype and torch.equal(out, torch.cat(parts))
+    if hugepages_available():
+        assert _advised_huge(out)
+    small = hugepage_cat([torch.ones(2, 3, dtype=dtype), torch.zeros(1, 3, dtype=dtype)])
+    assert torch.equal(small, torch.cat([torch.ones(2, 3), torch.zeros(1, 3)]).to(dtype))

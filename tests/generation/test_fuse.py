@@ -106,3 +106,45 @@ def test_mixed_groups_are_reported_and_left_alone():
     (where, why), = report.skipped
     assert where == "<root>:q_proj+k_proj+v_proj" and "differ" in why
     assert isinstance(block.q_proj, nn.Linear) and isinstance(block.v_proj, SparseLinear)
+
+
+@pytest.mark.parametrize("fmt, dtype", [("bitmap", torch.int8), ("nm", torch.bfloat16), ("csr", torch.int8),
+                                        ("fanin", torch.float32), ("bsr", torch.float32)])
+def test_sparse_groups_are_fused_by_joining_buffers_never_densified(fmt, dtype, monkeypatch):
+    torch.manual_seed(0)
+    block = Block(16, (8, 4, 4), 12, bias=True).eval()
+    for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+        layer = getattr(block, name)
+        _prune_2_4(layer)  # 2 of every 4 inputs: also a constant fan-in of 8
+        pattern = {"nm": "2:4", "bsr": "block1x2"}.get(fmt)
+        setattr(block, name, SparseLinear.from_linear(layer, format=fmt, pattern=pattern, dtype=dtype))
+    x = torch.randn(1, 16)
+    with torch.no_grad():
+        expected = block(x)
+        for cls in {type(getattr(block, n).weight_format) for n in ("q_proj", "gate_proj")}:
+            monkeypatch.setattr(cls, "to_dense", lambda self: pytest.fail("fusion densified a sparse weight"))
+        report = fuse_projections_(block)
+        monkeypatch.undo()
+        assert len(report.fused) == 2
+        fused = block.fused_q_k_v.layer
+        assert fused.format == fmt and fused.weight_format.dtype == dtype
+        got = block(x)
+    assert torch.equal(got, expected)  # batch 1: every row summed as its own layer sums it
+
+
+def test_the_fused_layer_takes_its_members_tiles(monkeypatch):
+    import sparseforge.measure.lanes_tile as lt
+    from sparseforge.measure.lanes_tile import LanesTile
+
+    monkeypatch.setattr(lt, "measured_tile", lambda w, b, **kw: (LanesTile(256, 32), None))
+    torch.manual_seed(0)
+    block = Block(512, (512, 512, 512), 512, bias=False).eval()
+    for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+        _prune_2_4(getattr(block, name))
+        setattr(block, name, SparseLinear.from_linear(getattr(block, name), format="bitmap"))
+        getattr(block, name).measure_lanes_tiles((64,))
+    block.gate_proj.lanes_tile = block.up_proj.lanes_tile = LanesTile(128, 0)  # fixed on every member
+    monkeypatch.setattr(lt, "measured_tile", lambda *a, **kw: pytest.fail("fusion measured a tile"))
+    fuse_projections_(block)
+    assert block.fused_q_k_v.layer.lanes_tiles == {64: LanesTile(256, 32)}
+    assert block.fused_gate_up.layer.lanes_tile == LanesTile(128, 0)

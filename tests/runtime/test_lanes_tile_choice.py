@@ -99,26 +99,73 @@ def test_a_noisy_measurement_keeps_the_rule_uncached(tmp_path, monkeypatch):
     assert cache.entries() == []
 
 
-def test_sparse_linear_measures_per_batch_bucket_and_keeps_the_result(monkeypatch):
+def test_a_forward_never_measures_it_takes_the_cached_answer_or_the_rule(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SPARSEFORGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(lt, "measured_tile", lambda *a, **kw: pytest.fail("a forward measured a tile"))
+    w = _weight()
+    TuningCache().put("lanes_tile", tile_question(w, 64), {"name": "cols256-rows32"})
+    layer = SparseLinear(w)
+    x = torch.randn(64, 512)
+    with torch.no_grad(), caplog.at_level("DEBUG", logger="sparseforge.measure.lanes_tile"):
+        y = layer(x)  # bucket 64: cached
+        layer(torch.randn(40, 512))  # bucket 48: nothing cached, the rule
+        layer(torch.randn(2, 512))  # rows kernels: no tile
+    assert layer.lanes_tiles == {64: LanesTile(256, 32), 48: RULE}
+    assert "cols256-rows32 (cached measurement)" in caplog.text and "rule (not measured on this machine yet" in caplog.text
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, layer.to_dense()), rtol=1e-5, atol=1e-3)
+
+
+def test_measure_lanes_tiles_measures_per_batch_bucket_ahead_of_use(monkeypatch):
     calls = []
     monkeypatch.setattr(lt, "measured_tile", lambda w, b, **kw: calls.append(batch_bucket(b)) or (LanesTile(128, 16), None))
     layer = SparseLinear(_weight())
+    assert layer.measure_lanes_tiles((64, 40, 2)) == {64: LanesTile(128, 16), 48: LanesTile(128, 16)}
+    assert calls == [64, 48]
     x = torch.randn(64, 512)
     with torch.no_grad():
         y = layer(x)
-        layer(torch.randn(40, 512))  # bucket 48
-        layer(torch.randn(2, 512))  # rows kernels: no tile
-        layer(x)
-    assert calls == [64, 48] and layer.lanes_tiles == {64: LanesTile(128, 16), 48: LanesTile(128, 16)}
+        layer(torch.randn(40, 512))
+    assert calls == [64, 48]  # the forwards used what was measured
     torch.testing.assert_close(y, torch.nn.functional.linear(x, layer.to_dense()), rtol=1e-5, atol=1e-3)
     layer.lanes_tile = LanesTile(1024, 0)  # fixed: no measuring
+    assert layer.measure_lanes_tiles((64,)) == {} and calls == [64, 48]
     with torch.no_grad():
         torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-3)
-    assert calls == [64, 48]
     small = SparseLinear(_weight(64, 64))  # below MIN_WEIGHTS: the rule, never measured
+    assert small.measure_lanes_tiles((64,)) == {64: RULE} and calls == [64, 48]
+    with pytest.raises(ConfigError, match="buckets in"):
+        small.set_lanes_tiles({20: RULE})
+
+
+def test_measure_tiles_times_each_distinct_question_once(monkeypatch):
+    from sparseforge.runtime.tiles import measure_tiles_
+
+    calls = []
+    monkeypatch.setattr(lt, "measured_tile", lambda w, b, **kw: calls.append((tuple(w.shape), batch_bucket(b)))
+                        or (LanesTile(256, 0), None))
+    net = torch.nn.Sequential(*(SparseLinear(_weight(seed=i)) for i in range(3)), SparseLinear(_weight(512, 640)),
+                              SparseLinear(_weight(64, 64)))
+    tiles = measure_tiles_(net, (64, 16))
+    assert sorted(calls) == [((512, 512), 16), ((512, 512), 64), ((512, 640), 16), ((512, 640), 64)]
+    assert tiles == {str(i): {16: "cols256", 64: "cols256"} for i in range(4)}  # the 64x64 layer takes no tile
+    assert all(net[i].lanes_tiles == {16: LanesTile(256, 0), 64: LanesTile(256, 0)} for i in range(4))
+
+
+def test_compress_measures_the_tiles_so_the_first_forward_does_not(monkeypatch):
+    from sparseforge.runtime.compress import compress_
+
+    calls = []
+    monkeypatch.setattr(lt, "measured_tile", lambda w, b, **kw: calls.append(batch_bucket(b)) or (LanesTile(512, 0), None))
+    net = torch.nn.Sequential(torch.nn.Linear(512, 512, bias=False))
     with torch.no_grad():
-        small(torch.randn(64, 64))
-    assert calls == [64, 48] and small.lanes_tiles == {64: RULE}
+        net[0].weight.mul_(torch.rand(512, 512) > 0.5)
+    report = compress_(net, format="bitmap", tile_batches=(64,))
+    assert calls == [64] and report.tiles == {"0": {64: "cols512"}}
+    with torch.no_grad():
+        net(torch.randn(64, 512))
+    assert calls == [64] and net[0].lanes_tiles == {64: LanesTile(512, 0)}
+    assert compress_(torch.nn.Sequential(torch.nn.Linear(512, 512)), format="bitmap", min_sparsity=0.0,
+                     tile_batches=()).tiles == {}
 
 
 def test_sparse_linear_passes_its_tile_to_the_op(monkeypatch):

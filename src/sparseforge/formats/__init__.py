@@ -12,6 +12,10 @@
 Each format file ends with one :func:`~sparseforge.formats.registry.register` call: the registry
 (:mod:`sparseforge.formats.registry`) is the one name -> class -> pattern label -> builder table.
 
+Every format a :class:`~sparseforge.nn.SparseLinear` runs also stacks weights row-wise by joining its
+buffers (``cls.concat_rows([w1, w2])``; :func:`sparseforge.formats.concat.concat_rows` dispatches, and
+warns when a format has to be densified instead).
+
 Every format round-trips exactly: ``W.from_dense(w, ..., mask).to_dense()`` equals
 ``torch.where(mask, w, 0.0)`` bit for bit. The byte layouts are in each module's docstring and in
 ``docs/checkpoint-format.md``.

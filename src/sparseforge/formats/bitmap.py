@@ -53,7 +53,8 @@ import torch
 
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats._stored import StoredBuffers
-from sparseforge.formats.memory import hugepage_backed
+from sparseforge.formats.concat import assemble, cat_scales, check_row_parts, offset_pointers
+from sparseforge.formats.memory import hugepage_backed, hugepage_cat
 from sparseforge.formats.quantized import check_scales, quantize_rows, row_scales
 from sparseforge.formats.registry import FormatSpec, register
 
@@ -162,6 +163,23 @@ class BitmapWeight(StoredBuffers):
             return cls(tuple(w.shape), hugepage_backed(pack_bits(keep)), hugepage_backed(w[keep].contiguous()))
         q, scales = quantize_rows(w, keep, scales)  # (rows, cols) int8, (rows,) float32
         return cls(tuple(w.shape), hugepage_backed(pack_bits(keep)), hugepage_backed(q[keep].contiguous()), scales)
+
+    @classmethod
+    def concat_rows(cls, parts: "list[BitmapWeight]") -> "BitmapWeight":
+        """The rows of ``parts`` stacked in order (:mod:`sparseforge.formats.concat`): bitmaps and values
+        appended (rows never share a bitmap byte; values are row-major), int8 scales concatenated.
+
+        Example:
+            >>> a, b = BitmapWeight.from_dense(torch.eye(3)), BitmapWeight.from_dense(-torch.eye(3))
+            >>> torch.equal(BitmapWeight.concat_rows([a, b]).to_dense(), torch.cat([torch.eye(3), -torch.eye(3)]))
+            True
+        """
+        cols, _ = check_row_parts(parts, cls)
+        bitmap = hugepage_cat([p.bitmap for p in parts])  # (sum rows, ceil(cols/8))
+        values = hugepage_cat([p.values for p in parts])  # (sum nnz,)
+        offsets = offset_pointers([p.row_offsets for p in parts], 2**63 - 1, "entries", torch.int64)  # (sum rows + 1,)
+        return assemble(cls, shape=(bitmap.shape[0], cols), bitmap=bitmap, values=values, scales=cat_scales(parts),
+                        row_offsets=offsets)
 
     def dequantized_values(self) -> torch.Tensor:
         """The values as float32 ``scales[r] * q`` (int8), or as stored (float); same layout."""

@@ -44,8 +44,9 @@ import torch
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats._stored import StoredBuffers
 from sparseforge.formats.bitmap import check_weight
+from sparseforge.formats.concat import assemble, check_row_parts, offset_pointers
 from sparseforge.formats.csr import index_dtype
-from sparseforge.formats.memory import hugepage_backed
+from sparseforge.formats.memory import hugepage_backed, hugepage_cat
 from sparseforge.formats.registry import FormatSpec, register
 from sparseforge.patterns import Block, Pattern, parse
 
@@ -126,6 +127,26 @@ class BSRWeight(StoredBuffers):
         col = on.nonzero()[:, 1]  # (nblocks,) row-major
         return cls((rows, cols), ptr.to(torch.int32), hugepage_backed(col.to(index_dtype(cols // bw)).contiguous()),
                    hugepage_backed(tiles[on].contiguous()))
+
+    @classmethod
+    def concat_rows(cls, parts: "list[BSRWeight]") -> "BSRWeight":
+        """The rows of ``parts`` (one block size) stacked in order (:mod:`sparseforge.formats.concat`): block
+        row pointers of each part offset by the blocks before it, block columns and blocks appended.
+
+        Example:
+            >>> a = BSRWeight.from_dense(torch.ones(2, 4), "block2x2")
+            >>> BSRWeight.concat_rows([a, a]).block_row_ptr.tolist()
+            [0, 2, 4]
+        """
+        cols, _ = check_row_parts(parts, cls)
+        blocks = sorted({str(p.block) for p in parts})
+        if len(blocks) > 1:
+            raise ConfigError(f"concat_rows joins BSR weights of one block size, got {', '.join(blocks)}")
+        ptr = offset_pointers([p.block_row_ptr for p in parts], _INT32_MAX, "blocks")  # (sum rows / h + 1,)
+        block_col = hugepage_cat([p.block_col for p in parts])  # (sum nblocks,)
+        values = hugepage_cat([p.values for p in parts])  # (sum nblocks, h, w)
+        return assemble(cls, shape=(sum(p.shape[0] for p in parts), cols), block_row_ptr=ptr, block_col=block_col,
+                        values=values)
 
     @property
     def block(self) -> Block:

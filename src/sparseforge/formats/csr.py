@@ -45,7 +45,8 @@ import torch
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats._stored import StoredBuffers
 from sparseforge.formats.bitmap import BitmapWeight, check_weight, unpack_bits
-from sparseforge.formats.memory import hugepage_backed
+from sparseforge.formats.concat import assemble, cat_scales, check_row_parts, offset_pointers
+from sparseforge.formats.memory import hugepage_backed, hugepage_cat
 from sparseforge.formats.quantized import check_scales, quantize_rows, row_scales
 from sparseforge.formats.registry import FormatSpec, register
 
@@ -154,6 +155,23 @@ class CSRWeight(StoredBuffers):
             keep = unpack_bits(bw.bitmap[r0:r1], cols)  # (r1 - r0, cols) bool
             col[int(ptr[r0]):int(ptr[r1])] = keep.nonzero()[:, 1].to(col.dtype)
         return cls((rows, cols), ptr.to(torch.int32), hugepage_backed(col), bw.values, bw.scales)
+
+    @classmethod
+    def concat_rows(cls, parts: "list[CSRWeight]") -> "CSRWeight":
+        """The rows of ``parts`` stacked in order (:mod:`sparseforge.formats.concat`): row pointers of each
+        part offset by the entries before it, column indices and values appended, int8 scales concatenated.
+
+        Example:
+            >>> a = CSRWeight.from_dense(torch.tensor([[0., 1.], [2., 3.]]))
+            >>> CSRWeight.concat_rows([a, a]).row_ptr.tolist()
+            [0, 1, 3, 4, 6]
+        """
+        cols, _ = check_row_parts(parts, cls)
+        row_ptr = offset_pointers([p.row_ptr for p in parts], _INT32_MAX, "entries")  # (sum rows + 1,)
+        col = hugepage_cat([p.col for p in parts])  # (sum nnz,)
+        values = hugepage_cat([p.values for p in parts])  # (sum nnz,)
+        return assemble(cls, shape=(row_ptr.numel() - 1, cols), row_ptr=row_ptr, col=col, values=values,
+                        scales=cat_scales(parts))
 
     def mask(self) -> torch.Tensor:
         """Bool keep-mask (rows, cols)."""

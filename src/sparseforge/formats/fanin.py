@@ -44,8 +44,9 @@ import torch
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats._stored import StoredBuffers
 from sparseforge.formats.bitmap import check_weight
+from sparseforge.formats.concat import assemble, check_row_parts
 from sparseforge.formats.csr import index_dtype
-from sparseforge.formats.memory import hugepage_backed
+from sparseforge.formats.memory import hugepage_backed, hugepage_cat
 from sparseforge.formats.registry import FormatSpec, register
 from sparseforge.patterns import FanIn
 
@@ -108,6 +109,25 @@ class FanInWeight(StoredBuffers):
         idx = keep.nonzero()[:, 1].reshape(rows, k)  # row-major, ascending within a row
         return cls((rows, cols), hugepage_backed(w[keep].reshape(rows, k).contiguous()),
                    hugepage_backed(idx.to(index_dtype(cols)).contiguous()))
+
+    @classmethod
+    def concat_rows(cls, parts: "list[FanInWeight]") -> "FanInWeight":
+        """The rows of ``parts`` (the same fan-in ``k``) stacked in order (:mod:`sparseforge.formats.concat`):
+        values and indices appended.
+
+        Example:
+            >>> a = FanInWeight.from_dense(torch.tensor([[0., 1.], [2., 0.]]))
+            >>> FanInWeight.concat_rows([a, a]).indices.tolist()
+            [[1], [0], [1], [0]]
+        """
+        cols, _ = check_row_parts(parts, cls)
+        rows = [p for p in parts if p.shape[0]] or list(parts[:1])  # a part without rows has no k of its own
+        ks = sorted({p.k for p in rows})
+        if len(ks) > 1:
+            raise ConfigError(f"concat_rows joins fan-in weights of one k, got k = {ks}; use CSR for different counts")
+        values = hugepage_cat([p.values for p in rows])  # (sum rows, k)
+        indices = hugepage_cat([p.indices for p in rows])  # (sum rows, k)
+        return assemble(cls, shape=(sum(p.shape[0] for p in parts), cols), values=values, indices=indices)
 
     @property
     def k(self) -> int:

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 import mmap
 import sys
 
@@ -39,17 +40,33 @@ def hugepages_available() -> bool:
     return "[always]" in mode or "[madvise]" in mode
 
 
+def _huge_empty(shape: tuple[int, ...], dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """An uninitialised tensor in a private anonymous mapping advised ``MADV_HUGEPAGE`` (``numel`` > 0)."""
+    # private and anonymous: shared anonymous memory is shmem, which has its own (usually off) THP switch
+    buf = mmap.mmap(-1, numel * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf.madvise(mmap.MADV_HUGEPAGE)  # before the first touch, so the first write faults in 2 MB pages
+    return torch.frombuffer(buf, dtype=dtype, count=numel).view(shape)  # keeps buf alive
+
+
 def hugepage_backed(t: torch.Tensor) -> torch.Tensor:
     """``t`` (a contiguous CPU tensor) copied into memory advised ``MADV_HUGEPAGE``, or ``t`` itself."""
     nbytes = t.numel() * t.element_size()
     if nbytes < MIN_BYTES or t.device.type != "cpu" or not t.is_contiguous() or not hugepages_available():
         return t
-    # private and anonymous: shared anonymous memory is shmem, which has its own (usually off) THP switch
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    buf.madvise(mmap.MADV_HUGEPAGE)  # before the first touch, so the copy faults in 2 MB pages
-    out = torch.frombuffer(buf, dtype=t.dtype, count=t.numel()).view(t.shape)  # keeps buf alive
-    out.copy_(t)
-    return out
+    return _huge_empty(tuple(t.shape), t.dtype, t.numel()).copy_(t)
+
+
+def hugepage_cat(tensors: "list[torch.Tensor]") -> torch.Tensor:
+    """``torch.cat(tensors)`` (along dim 0, one dtype, CPU), written straight into memory advised
+    ``MADV_HUGEPAGE`` when :func:`hugepage_backed` would move the result there: one pass over the
+    data instead of a concatenation and then a copy."""
+    first = tensors[0]
+    shape = (sum(int(t.shape[0]) for t in tensors),) + tuple(first.shape[1:])
+    numel = math.prod(shape)
+    if numel * first.element_size() < MIN_BYTES or any(t.device.type != "cpu" for t in tensors) \
+            or not hugepages_available():
+        return torch.cat(tensors)
+    return torch.cat(tensors, out=_huge_empty(shape, first.dtype, numel))
 
 
 def hugepage_copy(t: torch.Tensor) -> torch.Tensor:

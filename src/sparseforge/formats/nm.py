@@ -59,8 +59,9 @@ import torch
 
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats._stored import StoredBuffers
+from sparseforge.formats.concat import assemble, cat_scales, check_row_parts
 from sparseforge.formats.bitmap import check_weight, pack_bits, unpack_bits
-from sparseforge.formats.memory import hugepage_backed, hugepage_copy
+from sparseforge.formats.memory import hugepage_backed, hugepage_cat, hugepage_copy
 from sparseforge.formats.quantized import check_scales, quantize_rows
 from sparseforge.formats.registry import FormatSpec, register
 from sparseforge.masks import topk_mask
@@ -179,6 +180,27 @@ class NMWeight(StoredBuffers):
         pos = torch.arange(m, device=w.device).expand(rows * (cols // m), m)[chosen]  # ascending per group
         indices = _pack_indices(pos.reshape(rows, cols // m * n), index_bits(m))
         return cls((rows, cols), pattern, hugepage_copy(values.contiguous()), hugepage_backed(indices.contiguous()), scales)
+
+    @classmethod
+    def concat_rows(cls, parts: "list[NMWeight]") -> "NMWeight":
+        """The rows of ``parts`` (one N:M pattern) stacked in order (:mod:`sparseforge.formats.concat`):
+        values and index rows appended (each row's index stream is padded to whole bytes, so rows never
+        share a byte), int8 scales concatenated.
+
+        Example:
+            >>> w = torch.tensor([[0., 1., 0., 2.]])
+            >>> a = NMWeight.from_dense(w, "2:4")
+            >>> NMWeight.concat_rows([a, a]).indices.tolist()
+            [[13], [13]]
+        """
+        cols, _ = check_row_parts(parts, cls)
+        patterns = {p.pattern for p in parts}
+        if len(patterns) > 1:
+            raise ConfigError(f"concat_rows joins one N:M pattern, got {', '.join(sorted(map(str, patterns)))}")
+        values = hugepage_cat([p.values for p in parts])  # (sum rows, G*n)
+        indices = hugepage_cat([p.indices for p in parts])  # (sum rows, ceil(G*n*b/8))
+        return assemble(cls, shape=(values.shape[0], cols), pattern=parts[0].pattern, values=values, indices=indices,
+                        scales=cat_scales(parts))
 
     def dequantized_values(self) -> torch.Tensor:
         """The values as float32 ``scales[r] * q`` (int8), or as stored (float); (rows, G*n)."""

@@ -16,9 +16,13 @@ The tile changes the speed only: every candidate gives the rule's result up to t
 of float32 (the column tile splits each row's dot product into per-tile partial sums; the row
 block only divides the rows among tasks and changes nothing, bit for bit).
 
-:class:`~sparseforge.nn.SparseLinear` measures on its first lanes-path call of a large enough layer
-(:func:`tile_for`; attribute ``lanes_tile``); ``sparseforge advise`` measures the chosen format's
-tiles and prints them. ``SPARSEFORGE_LANES_TILE=rule`` turns the measuring off (the rule always).
+Measuring happens ahead of use, never inside a forward: ``compress_`` measures the layers it builds
+(:func:`sparseforge.runtime.tiles.measure_tiles_`, once per distinct question, batch bucket 64 by
+default) and ``sparseforge advise`` the chosen format's tiles (it prints them). A
+:class:`~sparseforge.nn.SparseLinear` forward takes the tile the layer was given, else the cached answer
+for its question (:func:`known_tile`), else the rule: its first call times nothing
+(:func:`tile_for` with ``measure=False``; the choice is logged at debug level).
+``SPARSEFORGE_LANES_TILE=rule`` turns the measuring off (the rule always).
 
 Example:
     >>> import torch, tempfile, os
@@ -45,8 +49,8 @@ from sparseforge.errors import ConfigError
 from sparseforge.measure.choose import Choice, choose_by_timing
 from sparseforge.measure.tuning_cache import TuningCache
 
-__all__ = ["LanesTile", "RULE", "LANES_MIN_BATCH", "MIN_WEIGHTS", "TILED_FAMILIES", "candidates", "batch_bucket",
-           "tile_question", "measured_tile", "tile_for", "tiling_enabled", "tiles_apply", "tileable"]
+__all__ = ["LanesTile", "RULE", "LANES_MIN_BATCH", "MIN_WEIGHTS", "TILED_FAMILIES", "BUCKETS", "candidates", "batch_bucket",
+           "tile_question", "measured_tile", "known_tile", "tile_for", "tiling_enabled", "tiles_apply", "tileable"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,7 @@ MIN_WEIGHTS = 1 << 18  # out * in below which a layer is not measured (one tile 
 TILED_FAMILIES = ("csr", "bitmap", "nm", "bsr")  # kernel families whose forward has the lanes path
 COL_TILES = (128, 256, 512, 1024)  # candidates besides the rule
 BLOCK_ROWS = (32, 128)
+BUCKETS = (16, 32, 48, 64)  # every batch bucket (batch_bucket)
 
 
 @dataclass(frozen=True)
@@ -169,13 +174,33 @@ def measured_tile(weight, batch: int, *, budget_s: float = 0.05, cache: Optional
     return LanesTile.from_label(choice.name), choice
 
 
-def tile_for(weight, batch: int, *, cache: Optional[TuningCache] = None) -> tuple[LanesTile, Optional[Choice]]:
-    """The tile a forward of ``batch`` rows should use: the measured one (:func:`measured_tile`) when
-    the weight runs the lanes kernels, is at least :data:`MIN_WEIGHTS` weights and measuring is on
-    (:func:`tiling_enabled`); else the rule (and no Choice)."""
+def known_tile(weight, batch: int, *, cache: Optional[TuningCache] = None) -> Optional[LanesTile]:
+    """The tile the tuning cache already holds for ``weight`` at ``batch`` rows on this machine (a
+    lookup, nothing timed); ``None`` when it holds none or the weight takes no measured tile."""
+    if not tiling_enabled() or not tileable(weight, batch):
+        return None
+    cache = cache if cache is not None else TuningCache()
+    stored = cache.get("lanes_tile", tile_question(weight, batch_bucket(batch)))
+    return None if stored is None else LanesTile.from_label(stored["name"])
+
+
+def tile_for(weight, batch: int, *, cache: Optional[TuningCache] = None,
+             measure: bool = True, budget_s: float = 0.05) -> tuple[LanesTile, Optional[Choice]]:
+    """The tile a forward of ``batch`` rows should use, when the weight runs the lanes kernels, is at
+    least :data:`MIN_WEIGHTS` weights and measuring is on (:func:`tiling_enabled`): with ``measure=True``
+    the measured one (:func:`measured_tile`, ``budget_s`` per candidate), with ``measure=False`` the
+    cached one (:func:`known_tile`) or the rule, without timing anything. Else the rule (and no Choice).
+    The choice and where it came from are logged at debug level (logger ``sparseforge.measure.lanes_tile``)."""
     if not tiling_enabled() or not tileable(weight, batch):
         return RULE, None
-    tile, choice = measured_tile(weight, batch, cache=cache)
+    if measure:
+        tile, choice = measured_tile(weight, batch, cache=cache, budget_s=budget_s)
+        how = choice.reason if choice else ""
+    else:
+        known = known_tile(weight, batch, cache=cache)
+        tile, choice = known or RULE, None
+        how = ("cached measurement" if known is not None
+               else "not measured on this machine yet: compress_ or `sparseforge advise` measures it")
     if log.isEnabledFor(logging.DEBUG):
-        log.debug("lanes tile %s -> %s (%s)", tile_question(weight, batch), tile.label, choice.reason if choice else "")
+        log.debug("lanes tile %s -> %s (%s)", tile_question(weight, batch), tile.label, how)
     return tile, choice

@@ -86,6 +86,9 @@ def _key(kind: str, fingerprint: dict[str, Any], question: dict[str, Any]) -> st
     return hashlib.sha1(text.encode()).hexdigest()
 
 
+_LAST_READ: dict[str, Any] = {}  # the file last parsed: its (path, mtime, size) stamp and entries
+
+
 class TuningCache:
     """A JSON file of ``{key: {"kind", "machine", "question", "answer"}}`` entries (module doc)."""
 
@@ -93,6 +96,21 @@ class TuningCache:
         self.path = Path(path) if path is not None else default_path()
 
     def _read(self) -> dict[str, Any]:
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return {}
+        except OSError:
+            stat = None
+        stamp = None if stat is None else (str(self.path), stat.st_mtime_ns, stat.st_size)
+        if stamp is not None and _LAST_READ.get("stamp") == stamp:  # unchanged since the last read: parsed already
+            return dict(_LAST_READ["entries"])
+        entries = self._parse()
+        if stamp is not None:
+            _LAST_READ.update(stamp=stamp, entries=dict(entries))
+        return entries
+
+    def _parse(self) -> dict[str, Any]:
         try:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -130,6 +148,7 @@ class TuningCache:
     def clear(self) -> int:
         """Delete the file; returns how many entries it held."""
         n = len(self._read())
+        _LAST_READ.clear()
         try:
             self.path.unlink()
         except FileNotFoundError:
@@ -143,6 +162,8 @@ class TuningCache:
             with os.fdopen(fd, "w") as f:
                 json.dump(data, f, indent=1, sort_keys=True, default=str)
             os.replace(tmp, self.path)
+            stat = self.path.stat()
+            _LAST_READ.update(stamp=(str(self.path), stat.st_mtime_ns, stat.st_size), entries=dict(data["entries"]))
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -43,10 +43,11 @@ path runs. Bitmap, N:M and CSR weights only.
 Kernel tiles: batches of 4+ rows run the batch-in-lanes kernels (CSR, bitmap, N:M, BSR; float32 /
 bfloat16 values), whose column tile and rows per task are measured on this machine
 (:mod:`sparseforge.measure.lanes_tile`): with ``lanes_tile="auto"`` (default) a layer of at least
-:data:`~sparseforge.measure.lanes_tile.MIN_WEIGHTS` weights times the candidates on its first call
-per batch bucket, or reads the answer from the per-machine tuning cache (``sparseforge cache clear``
-forgets it); set ``layer.lanes_tile = LanesTile(256, 0)`` to fix them, ``LanesTile()`` for the
-built-in rule. :attr:`lanes_tiles` shows what each batch bucket uses. The tile never changes the
+:data:`~sparseforge.measure.lanes_tile.MIN_WEIGHTS` weights uses, per batch bucket, the tile
+:meth:`measure_lanes_tiles` measured (``compress_`` calls it), else the answer in the per-machine
+tuning cache (``sparseforge cache clear`` forgets it), else the built-in rule: a forward never times
+anything, so a first call costs what the others do. Set ``layer.lanes_tile = LanesTile(256, 0)`` to
+fix them, ``LanesTile()`` for the built-in rule. :attr:`lanes_tiles` shows what each batch bucket uses. The tile never changes the
 result beyond float32 summation order.
 
 Example:
@@ -72,7 +73,7 @@ from sparseforge import kernels, ops
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats import BitmapWeight, BSRWeight, CSRWeight, FanInWeight, NMWeight, registry
 from sparseforge.formats.rule import auto_format
-from sparseforge.measure.lanes_tile import LANES_MIN_BATCH, RULE, LanesTile, batch_bucket, tile_for, tiles_apply
+from sparseforge.measure.lanes_tile import BUCKETS, LANES_MIN_BATCH, RULE, LanesTile, batch_bucket, tile_for, tiles_apply
 from sparseforge.ops.bf16_compute import BF16_MIN_BATCH, bf16_formats, supports_bf16
 from sparseforge.ops.int8 import INT8_ACT_FORMATS, check_activations
 from sparseforge.patterns import NM, parse
@@ -428,9 +429,39 @@ class SparseLinear(nn.Module):
         tiles = self.__dict__.setdefault("_tiles", {})
         bucket = batch_bucket(rows)
         tile = tiles.get(bucket)
-        if tile is None:
-            tile = tiles[bucket] = tile_for(weight, rows)[0]
+        if tile is None:  # a cache lookup or the rule: a forward never times anything
+            tile = tiles[bucket] = tile_for(weight, rows, measure=False)[0]
         return tile.kwargs()
+
+    def measure_lanes_tiles(self, batches: "tuple[int, ...]" = BUCKETS, *, budget_s: float = 0.05) -> dict[int, LanesTile]:
+        """Measure (or read from the tuning cache) the tile of every batch bucket of ``batches`` now, so that
+        forwards use it (``lanes_tile="auto"``; :func:`~sparseforge.measure.lanes_tile.tile_for`, ``budget_s``
+        per candidate). ``compress_`` calls it; a fixed :attr:`lanes_tile` is left alone. Returns :attr:`lanes_tiles`.
+
+        Example:
+            >>> import torch
+            >>> from sparseforge.formats import BitmapWeight
+            >>> layer = SparseLinear(BitmapWeight.from_dense(torch.eye(4)))
+            >>> layer.measure_lanes_tiles((64,))  # 16 weights: below MIN_WEIGHTS, the rule
+            {64: LanesTile(col_tile=0, block_rows=0)}
+        """
+        if self._lanes_tile == "auto":
+            weight = self.weight_format
+            tiles = self.__dict__.setdefault("_tiles", {})
+            for b in batches:
+                if b >= LANES_MIN_BATCH:
+                    tiles[batch_bucket(b)] = tile_for(weight, b, budget_s=budget_s)[0]
+        return self.lanes_tiles
+
+    def set_lanes_tiles(self, tiles: "dict[int, LanesTile]") -> "SparseLinear":
+        """Use ``tiles`` (``{batch bucket: tile}``, e.g. measured on a layer of the same input width and density)
+        for those buckets under ``lanes_tile="auto"``; the other buckets keep their own lookup.
+        Raises ConfigError for a bucket that is not one of :data:`~sparseforge.measure.lanes_tile.BUCKETS`."""
+        bad = [b for b in tiles if b not in BUCKETS]
+        if bad or not all(isinstance(t, LanesTile) for t in tiles.values()):
+            raise ConfigError(f"set_lanes_tiles takes {{bucket: LanesTile}} with buckets in {BUCKETS}, got {tiles!r}")
+        self.__dict__.setdefault("_tiles", {}).update(tiles)
+        return self
 
     # ---- use ---------------------------------------------------------------------------------
 

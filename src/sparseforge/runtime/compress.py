@@ -44,6 +44,7 @@ from sparseforge.formats import registry
 from sparseforge.nn.sparse_linear import SparseLinear
 from sparseforge.ops.int8 import INT8_ACT_FORMATS, check_activations
 from sparseforge.patterns import NM, Pattern, parse
+from sparseforge.runtime.tiles import measure_tiles_
 
 if TYPE_CHECKING:
     from sparseforge.runtime.advise import AdviceReport
@@ -68,6 +69,7 @@ class CompressReport:
     converted: list[CompressedLayer] = field(default_factory=list)
     kept_dense: list[tuple[str, str]] = field(default_factory=list)
     advice: "AdviceReport | None" = field(default=None, repr=False)  # the measurements behind format="auto"
+    tiles: dict[str, dict[int, str]] = field(default_factory=dict)  # layer -> {batch bucket: lanes tile label}
 
     def summary(self) -> str:
         stored = sum(c.nbytes for c in self.converted)
@@ -79,7 +81,8 @@ class CompressReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"converted": [asdict(c) for c in self.converted], "kept_dense": [list(k) for k in self.kept_dense]}
+        out = {"converted": [asdict(c) for c in self.converted], "kept_dense": [list(k) for k in self.kept_dense],
+               "tiles": {n: {str(b): t for b, t in tiles.items()} for n, tiles in self.tiles.items()}}
         if self.advice is not None:
             out["advice"] = self.advice.to_dict()
         return out
@@ -196,6 +199,8 @@ def compress_(
     advice: "AdviceReport | None" = None,
     compute_dtype: torch.dtype = torch.float32,
     activations: str = "float",
+    tile_batches: tuple[int, ...] = (64,),
+    tile_budget_s: float = 0.05,
 ) -> CompressReport:
     """Replace pruned linear layers of ``model`` with :class:`SparseLinear`, in place.
 
@@ -226,6 +231,11 @@ def compress_(
             ``docs/kernels.md``); needs int8 values (``dtype=torch.int8`` or a model quantized by
             :mod:`sparseforge.quant`). Layers stored as CSR keep float activations, which
             :meth:`CompressReport.summary` shows (``CompressedLayer.activations``). Default ``"float"``.
+        tile_batches: batch sizes whose bucket (16 / 32 / 48 / 64 rows) gets its lanes-kernel tile measured
+            now, once per distinct layer question (:func:`sparseforge.runtime.tiles.measure_tiles_`,
+            ``tile_budget_s`` per candidate), so that no forward times anything; ``()`` measures none (the
+            forwards then use the tuning cache's answers or the built-in rule). Default 64: the bucket of every
+            prefill of 49+ tokens and of batched serving; ``BUCKETS`` (16, 32, 48, 64) measures all four.
     Returns:
         :class:`CompressReport`. All layers are built before any is swapped, so an error (e.g.
         ``format="nm"`` on a weight that is not N:M) leaves the model unchanged.
@@ -273,6 +283,7 @@ def compress_(
                           f"{' or '.join(INT8_ACT_FORMATS)} format; pass dtype=torch.int8 and format 'nm' / 'bitmap' / 'rule'")
     for name, sl in built.items():
         set_module(model, name, sl)
+    report.tiles = measure_tiles_(model, tile_batches, budget_s=tile_budget_s, names=built)
     return report
 
 
