@@ -18,16 +18,6 @@ namespace {
 
 typedef float vflu_g __attribute__((vector_size(kVL * 4), aligned(4)));  // unaligned load / store
 
-// Software prefetch distance along each of the four streamed weight rows, in floats. Four
-// concurrent streams, each crossing a 4 KB page every few hundred vectors, are more than some
-// cores' hardware prefetchers keep ahead of (the L2 streamer stops at page boundaries); a
-// prefetch a fixed distance ahead keeps the memory requests in flight. Prefetching past the end
-// of the matrix is harmless (a prefetch never faults).
-#ifndef SF_GEMV_PREFETCH_FLOATS
-#define SF_GEMV_PREFETCH_FLOATS 512
-#endif
-constexpr int64_t kPrefetchFloats = SF_GEMV_PREFETCH_FLOATS;
-
 inline vfl ld_g(const float* p) { return *reinterpret_cast<const vflu_g*>(p); }
 inline void st_g(float* p, vfl v) { *reinterpret_cast<vflu_g*>(p) = v; }
 
@@ -51,12 +41,6 @@ void gemv_cols_nt(const float* W, int64_t ld, int64_t rows, int64_t cw, const fl
       x3[t] = xs[t * xs_ld + i + 3];
     }
     for (int64_t j = 0; j < cv; j += kVL) {
-      if (kPrefetchFloats > 0) {
-        __builtin_prefetch(w0 + j + kPrefetchFloats, 0, 3);
-        __builtin_prefetch(w1 + j + kPrefetchFloats, 0, 3);
-        __builtin_prefetch(w2 + j + kPrefetchFloats, 0, 3);
-        __builtin_prefetch(w3 + j + kPrefetchFloats, 0, 3);
-      }
       const vfl a = ld_g(w0 + j), b = ld_g(w1 + j), c = ld_g(w2 + j), e = ld_g(w3 + j);
       for (int t = 0; t < NT; ++t) {
         float* s = acc + t * acc_ld + j;
