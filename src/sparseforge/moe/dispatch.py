@@ -24,7 +24,7 @@ import torch
 
 from sparseforge.errors import ConfigError
 
-__all__ = ["DispatchPlan", "build_plan", "apply_capacity", "add_rows", "combine_slots"]
+__all__ = ["DispatchPlan", "build_plan", "apply_capacity", "combine_slots"]
 
 
 class DispatchPlan(NamedTuple):
@@ -73,18 +73,6 @@ def apply_capacity(
     over[order] = over_sorted
     drop = over.view(k, num_tokens).t()  # (T, k)
     return experts.masked_fill(drop, -1), weights.masked_fill(drop, 0.0), int(over_sorted.sum())
-
-
-def add_rows(out: torch.Tensor, token: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``out[token[i]] += rows[i]`` in place (repeated tokens accumulate); returns ``out`` (T, d).
-
-    Small inputs use ``index_put_(accumulate=True)``, which runs serially: CPU ``index_add_`` opens
-    a parallel region even for a single row, and on a busy machine waiting for the second thread
-    cost us tens of milliseconds per decode step.
-    """
-    if rows.numel() < (1 << 16):
-        return out.index_put_((token,), rows, accumulate=True)
-    return out.index_add_(0, token, rows)
 
 
 def combine_slots(rows: torch.Tensor, position: torch.Tensor, slot_weights: torch.Tensor | None = None) -> torch.Tensor:
