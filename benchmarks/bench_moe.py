@@ -7,7 +7,9 @@ rotating order, so background load hits all of them alike):
 * forward tokens/s (``torch.no_grad``, eval) on ``--tokens`` tokens (default 4096);
 * forward+backward tokens/s (gradients w.r.t. the input and every weight);
 * batch-1 decode latency (one token, ``torch.no_grad``), median of ``--decode-calls`` calls. Ours
-  runs its default decode path (the native expert FFN kernel, ``decode_backend="auto"``) and, as
+  runs its default decode path (``decode_backend="auto"``: the fastest of the native expert FFN
+  kernel on the calling thread or on the kernels' pool and the torch chain, measured on the
+  first call; ``SPARSEFORGE_CACHE_DIR`` selects the tuning cache) and, as
   a same-run before/after reference, ``decode_backend="torch"`` (the per-slot ``torch.mm`` chain,
   row ``sparseforge (torch decode)``).
 
@@ -239,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         args.tokens, args.reps, args.decode_calls = 256, 2, 5
     import transformers
 
+    from sparseforge.measure.tuning_cache import cpu_fingerprint
+
     configs = [(i, cfg) for i, cfg in enumerate(CONFIGS) if cfg["name"] in args.configs]
     runs = []
     for threads in args.threads:
@@ -249,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             for i, cfg in configs
         ]
         table = _table(results)
-        print(f"\n### {threads} thread(s), {args.tokens} tokens, load average {load_before[0]:.1f}\n")
+        cpu = cpu_fingerprint(threads)["cpu"]
+        print(f"\n### {cpu}, {threads} thread(s), {args.tokens} tokens, load average {load_before[0]:.1f}\n")
         print(table)
         kernels = []
         if args.kernels:
@@ -266,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+        "cpu": cpu_fingerprint(args.threads[0])["cpu"],
         "quick": args.quick, "metrics": args.metrics, "tokens": args.tokens, "reps": args.reps, "decode_calls": args.decode_calls,
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
     }

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from moe_reference import dense_moe
 from sparseforge.errors import ConfigError
-from sparseforge.moe.dispatch import apply_capacity, build_plan
+from sparseforge.moe.dispatch import apply_capacity, build_plan, combine_slots
 from sparseforge.moe import grouped
 from sparseforge.moe.grouped import ONEDNN_MIN_ROWS, GroupedFFN, few_tokens_ffn, grouped_ffn, resolve_backend
 
@@ -42,6 +42,29 @@ def test_build_plan_groups_by_expert_and_skips_empty_slots():
     assert flat[plan.slot].tolist() == [0, 0, 1, 2, 2, 2]  # grouped, expert order
     assert plan.token.tolist() == [0, 3, 1, 0, 1, 2]  # stable: token order within an expert
     assert torch.equal(plan.token, plan.slot // 2)
+    assert plan.position.tolist() == [3, 0, 2, 4, 6, 5, 1, 6]  # sorted position per slot; empty -> S = 6
+    assert torch.equal(plan.position[plan.slot], torch.arange(6))
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 9), k=st.integers(1, 3), E=st.integers(1, 5), d=st.integers(1, 4), seed=st.integers(0, 999),
+       empty=st.floats(0.0, 0.6))
+def test_combine_slots_equals_a_per_token_loop(T, k, E, d, seed, empty):
+    gen = torch.Generator().manual_seed(seed)
+    experts = torch.randint(0, E, (T, k), generator=gen)
+    experts[torch.rand(T, k, generator=gen) < empty] = -1
+    weights = torch.rand(T, k, generator=gen, dtype=torch.float64).masked_fill(experts < 0, 0.0)
+    plan = build_plan(experts, E)
+    S = plan.token.numel()
+    rows = torch.cat([torch.randn(S, d, generator=gen, dtype=torch.float64), torch.zeros(1, d, dtype=torch.float64)])
+    want = torch.zeros(T, d, dtype=torch.float64)
+    for i in range(S):  # each sorted row back to its token, weighted by its slot's gate
+        want[plan.token[i]] += weights.reshape(-1)[plan.slot[i]] * rows[i]
+    got = combine_slots(rows, plan.position.view(T, k), weights)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    unweighted = combine_slots(rows, plan.position.view(T, k))
+    want_sum = torch.zeros(T, d, dtype=torch.float64).index_add_(0, plan.token, rows[:S])
+    torch.testing.assert_close(unweighted, want_sum, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", ["loop", ONEDNN])
@@ -117,12 +140,12 @@ def test_gradcheck_grouped_ffn():
     up, down, gate = (p.requires_grad_() for p in _weights(3, 3, 4, True, gen))
     weights.requires_grad_()
     plan = build_plan(experts, 3)
-    slot_w = weights.reshape(-1)[plan.slot]
+    position = plan.position.view(weights.shape)
 
-    def f(x, sw, up, down, gate):
-        return GroupedFFN.apply(x, sw, up, down, gate, plan.token, plan.counts, "silu", "loop")
+    def f(x, w, up, down, gate):
+        return GroupedFFN.apply(x, w, up, down, gate, plan.token, plan.slot, position, plan.counts, "silu", "loop")
 
-    assert torch.autograd.gradcheck(f, (x, slot_w, up, down, gate))
+    assert torch.autograd.gradcheck(f, (x, weights, up, down, gate))
 
 
 @settings(max_examples=25, deadline=None)

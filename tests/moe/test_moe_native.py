@@ -203,7 +203,7 @@ def test_layer_uses_native_kernel(monkeypatch):
         layer(torch.randn(5, 8))  # 5 tokens: grouped
         layer.decode_backend = "torch"
         layer(torch.randn(1, 8))
-    assert len(calls) == 1 and calls[0][-1] is False  # decode_parallel defaults to False
+    assert len(calls) == 1 and calls[0][-1] is False  # too small for the pool: the calling thread, unmeasured
     x = torch.randn(2, 8)
     with torch.no_grad():
         layer.decode_backend, layer.decode_parallel = "native", True
@@ -241,6 +241,53 @@ def test_auto_decode_backend_measures_once_and_remembers(monkeypatch, tmp_path):
         fresh(x)
     assert fresh.decode_choice[1].cached and fresh.decode_choice[1].name == choices[1].name
     assert native_calls  # the native kernel ran (timed, and used if it won)
+
+
+def test_auto_decode_times_the_thread_pool_too_and_uses_the_winner(monkeypatch, tmp_path):
+    import sparseforge.measure.choose as choose_mod
+    import sparseforge.moe.layer as layer_mod
+    from sparseforge.measure.timing import Measurement, Timing
+
+    monkeypatch.setenv("SPARSEFORGE_CACHE_DIR", str(tmp_path))
+    timed, native_calls = [], []
+
+    def pool_wins(fns, **kw):  # a settled measurement: the pool clearly fastest
+        timed.append(sorted(fns))
+        ms = {"native": 1.0, "native-parallel": 0.5, "torch": 0.9}
+        t = {k: Timing(ms[k], ms[k] * 0.99, ms[k] * 1.01, ms[k] * 0.98, ms[k] * 0.99, ms[k] * 1.01, 30) for k in fns}
+        return Measurement(t, 30, True, 0.1, {k: (v.median_ms / 1e3,) * 30 for k, v in t.items()})
+
+    monkeypatch.setattr(choose_mod, "time_interleaved", pool_wins)
+    real = layer_mod.native_expert_ffn
+    monkeypatch.setattr(layer_mod, "native_expert_ffn", lambda *a: native_calls.append(a[-1]) or real(*a))
+    old = kernels.num_threads()
+    try:
+        kernels.set_num_threads(2)
+        layer = MoE(64, 192, 4, 2).eval()  # 2 slots x 3 x 64 x 192 weights: enough for the pool
+        x = torch.randn(1, 64)
+        with torch.no_grad():
+            y = layer(x)[0]
+        assert timed == [["native", "native-parallel", "torch"]]
+        assert layer.decode_choice[1].name == "native-parallel" and native_calls == [True]
+        layer.decode_parallel = False  # fixed: no pool candidate, a new question
+        with torch.no_grad():
+            layer(x)
+        assert timed[-1] == ["native", "torch"]
+        kernels.set_num_threads(1)  # one thread: the pool is not a candidate
+        layer.decode_parallel = None
+        with torch.no_grad():
+            layer(x)
+        assert timed[-1] == ["native", "torch"]
+        layer.decode_backend = "torch"
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x)[0], y, rtol=1e-5, atol=1e-6)
+    finally:
+        kernels.set_num_threads(old)
+
+
+def test_decode_parallel_must_be_none_or_bool():
+    with pytest.raises(ConfigError, match="decode_parallel"):
+        MoE(8, 12, 4, 2, decode_parallel=1)
 
 
 def test_layer_decode_backend_errors():

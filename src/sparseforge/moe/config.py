@@ -55,7 +55,7 @@ class MoEConfig:
     seed: int | None = None
     backend: str = "auto"  # expert matmuls: "auto" (= "loop"), "loop", "onednn" (opt-in private op)
     decode_backend: str = "auto"  # few-token forward: "auto", "native", "torch"
-    decode_parallel: bool = False
+    decode_parallel: bool | None = None  # native decode kernel: None = measured, True = thread pool, False = caller
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_hidden", "num_experts"):
@@ -80,6 +80,8 @@ class MoEConfig:
             raise ConfigError(f"unknown dispatch backend {self.backend!r}; choose one of {list(BACKENDS)}")
         if self.decode_backend not in DECODE_BACKENDS:
             raise ConfigError(f"unknown decode_backend {self.decode_backend!r}; choose one of {list(DECODE_BACKENDS)}")
+        if not (self.decode_parallel is None or isinstance(self.decode_parallel, bool)):
+            raise ConfigError(f"decode_parallel must be None (measure), True or False, got {self.decode_parallel!r}")
         if self.shared_hidden is not None:
             _positive_int("shared_hidden", self.shared_hidden)
         elif self.shared_gate:

@@ -3,15 +3,17 @@
 The ``S`` kept (token, expert) assignments are sorted by expert with one stable sort of the flat
 expert ids, so each expert's tokens form a contiguous slice of the sorted token list: no
 per-expert boolean masks over all tokens, no padding. The expert
-FFNs then run slice by slice (:mod:`sparseforge.moe.grouped`) and :func:`add_rows` adds the
-weighted rows back per token.
+FFNs then run slice by slice (:mod:`sparseforge.moe.grouped`) and write their output rows in
+sorted order; :func:`combine_slots` gathers them back per token through the plan's ``position``
+map and sums each token's ``k`` rows weighted by its gates: a gather and a sum, never a
+scatter-add (CPU ``index_add_`` of many rows ran slower than the expert matmuls themselves).
 
 Example:
     >>> import torch
     >>> from sparseforge.moe.dispatch import build_plan
     >>> plan = build_plan(torch.tensor([[0, 2], [2, -1]]), num_experts=3)  # -1 = empty slot
-    >>> plan.counts, plan.token.tolist()
-    ([1, 0, 2], [0, 0, 1])
+    >>> plan.counts, plan.token.tolist(), plan.position.tolist()
+    ([1, 0, 2], [0, 0, 1], [0, 1, 2, 3])
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 from sparseforge.errors import ConfigError
 
-__all__ = ["DispatchPlan", "build_plan", "apply_capacity", "add_rows"]
+__all__ = ["DispatchPlan", "build_plan", "apply_capacity", "combine_slots"]
 
 
 class DispatchPlan(NamedTuple):
@@ -31,6 +33,7 @@ class DispatchPlan(NamedTuple):
     token: torch.Tensor  # (S,) token of each assignment, grouped by expert
     slot: torch.Tensor  # (S,) flat index into the (T * k) routing slots
     counts: list[int]  # (E,) assignments per expert; slices are consecutive in expert order
+    position: torch.Tensor  # (T*k,) sorted position of each routing slot; S for an empty slot
 
 
 def build_plan(experts: torch.Tensor, num_experts: int) -> DispatchPlan:
@@ -45,7 +48,9 @@ def build_plan(experts: torch.Tensor, num_experts: int) -> DispatchPlan:
     if len(counts) > num_experts + 1:
         raise ConfigError(f"routing chose expert {len(counts) - 2} but the layer has {num_experts} experts")
     slot = order[counts[0]:]  # (S,)
-    return DispatchPlan(slot // k, slot, counts[1:])
+    position = torch.full_like(flat, slot.numel())  # (T*k,) empty slots point one past the end
+    position[slot] = torch.arange(slot.numel(), device=flat.device)
+    return DispatchPlan(slot // k, slot, counts[1:], position)
 
 
 def apply_capacity(
@@ -70,13 +75,16 @@ def apply_capacity(
     return experts.masked_fill(drop, -1), weights.masked_fill(drop, 0.0), int(over_sorted.sum())
 
 
-def add_rows(out: torch.Tensor, token: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``out[token[i]] += rows[i]`` in place (repeated tokens accumulate); returns ``out`` (T, d).
+def combine_slots(rows: torch.Tensor, position: torch.Tensor, slot_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[t] = sum_j w[t, j] * rows[position[t, j]]`` (T, d) in slot order (deterministic).
 
-    Small inputs use ``index_put_(accumulate=True)``, which runs serially: CPU ``index_add_`` opens
-    a parallel region even for a single row, and on a busy machine waiting for the second thread
-    cost us tens of milliseconds per decode step.
+    ``rows`` (S + 1, d): one row per sorted assignment plus a zero row that empty slots point to;
+    ``position`` (T, k) from :class:`DispatchPlan` (reshaped); ``slot_weights`` (T, k) or None (all 1).
     """
-    if rows.numel() < (1 << 16):
-        return out.index_put_((token,), rows, accumulate=True)
-    return out.index_add_(0, token, rows)
+    num_tokens, k = position.shape
+    picked = rows.index_select(0, position.reshape(-1))  # (T*k, d)
+    if slot_weights is not None:
+        picked.mul_(slot_weights.reshape(-1, 1))
+    if k == 1:
+        return picked  # (T, d)
+    return picked.view(num_tokens, k, rows.shape[1]).sum(1)  # (T, d)

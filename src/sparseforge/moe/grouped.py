@@ -2,9 +2,12 @@
 
 Input: the tokens ``x`` (T, d), a :class:`~sparseforge.moe.dispatch.DispatchPlan` and the gate
 weight of each assignment. The plan's token list is sorted by expert; each expert with a
-non-empty slice gathers its tokens, runs its FFN on them, scales the outputs by the gate weights
-and adds them back per token. :class:`GroupedFFN` is a custom autograd function: its backward runs
-the same slices (weight gradients of experts that received no token are exactly zero).
+non-empty slice gathers its tokens and runs its FFN on them, writing its output rows into one
+(S + 1, d) buffer in sorted order; :func:`~sparseforge.moe.dispatch.combine_slots` then gathers
+each token's ``k`` rows and sums them weighted by the gates (no scatter-add).
+:class:`GroupedFFN` is a custom autograd function: its backward runs the same slices and combines
+the input gradient the same way (weight gradients of experts that received no token are exactly
+zero).
 
 Expert weights are stacked and input-major: GLU (SwiGLU when ``activation="silu"``): ``w_gate``,
 ``w_up`` (E, d, h), ``w_down`` (E, h, d), ``y = (act(x @ w_gate[e]) * (x @ w_up[e])) @ w_down[e]``;
@@ -46,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from sparseforge.errors import ConfigError
-from sparseforge.moe.dispatch import DispatchPlan, add_rows
+from sparseforge.moe.dispatch import DispatchPlan, combine_slots
 
 __all__ = [
     "grouped_ffn", "few_tokens_ffn", "GroupedFFN", "resolve_backend", "onednn_missing", "BACKENDS", "ONEDNN_MIN_ROWS",
@@ -125,9 +128,9 @@ def _mm(a: torch.Tensor, b: torch.Tensor, backend: str) -> torch.Tensor:
 
 
 def _mm_add(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, backend: str) -> torch.Tensor:
-    """``c + a @ b`` (may reuse ``c``)."""
+    """``c += a @ b`` in place; returns ``c``."""
     if _use_onednn(a, backend):
-        return torch.ops.mkldnn._linear_pointwise.binary(a, c, b.t(), None, "add")
+        return c.copy_(torch.ops.mkldnn._linear_pointwise.binary(a, c, b.t(), None, "add"))
     return c.addmm_(a, b)
 
 
@@ -140,9 +143,9 @@ def _slices(counts: list[int]) -> Iterator[tuple[int, int, int]]:
             start += n
 
 
-def _expert(x_e, e, w_up, w_down, w_gate, act, backend):
+def _expert(x_e, e, w_up, w_down, w_gate, act, backend, out):
     """One expert on its slice ``x_e`` (n, d): pre-activations ``a``, ``b`` (n, h) (``b`` None for
-    MLP experts) and the unweighted output (n, d)."""
+    MLP experts); the unweighted output (n, d) is written into ``out``."""
     if w_gate is None:
         a, b = _mm(x_e, w_up[e], backend), None  # (n, h)
         hid = act(a)
@@ -150,87 +153,105 @@ def _expert(x_e, e, w_up, w_down, w_gate, act, backend):
         a = _mm(x_e, w_gate[e], backend)  # (n, h)
         b = _mm(x_e, w_up[e], backend)  # (n, h)
         hid = act(a).mul_(b)  # (n, h)
-    return a, b, _mm(hid, w_down[e], backend)  # (n, d)
+    _mm_into(out, hid, w_down[e], backend)  # (n, d)
+    return a, b
 
 
-def _stack(parts: dict[int, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """(E, ., .) gradient from per-expert parts; zero for experts without tokens."""
-    zero = None
-    full = []
-    for e in range(like.shape[0]):
-        if e in parts:
-            full.append(parts[e])
-        else:
-            zero = like.new_zeros(like.shape[1:]) if zero is None else zero
-            full.append(zero)
-    return torch.stack(full)
+def _row_buffer(num_slots: int, like: torch.Tensor) -> torch.Tensor:
+    """(S + 1, d) rows in sorted slot order; the last row is the zero row empty slots point to."""
+    rows = like.new_empty(num_slots + 1, like.shape[1])
+    rows[num_slots].zero_()
+    return rows
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, backend: str) -> torch.Tensor:
+    """``out = a @ b`` written into ``out`` (a contiguous view, e.g. one expert's gradient slice)."""
+    if _use_onednn(a, backend):
+        return out.copy_(_mm(a, b, backend))
+    return torch.mm(a, b, out=out)
+
+
+def _zero_unfilled(grad: torch.Tensor, filled: set[int]) -> torch.Tensor:
+    """Zero the (E, ., .) gradient rows of experts that received no tokens; returns ``grad``."""
+    for e in range(grad.shape[0]):
+        if e not in filled:
+            grad[e].zero_()
+    return grad
 
 
 class GroupedFFN(torch.autograd.Function):
     """``out[t] = sum over t's assignments of weight * FFN_e(x[t])``; first-order differentiable.
 
-    Everything runs slice by slice (gather, three matmuls, weighted scatter-add), so no (S, d)
-    tensor is ever materialised: big fresh allocations cost page faults on every call.
+    The experts run slice by slice (gather, three matmuls) into one (S + 1, d) row buffer in
+    sorted order; the weighted per-token sum is a gather (:func:`combine_slots`). The backward
+    runs the same slices and combines the input gradient the same way.
     """
 
     @staticmethod
-    def forward(ctx, x, slot_weight, w_up, w_down, w_gate, token, counts, activation, backend):
+    def forward(ctx, x, weights, w_up, w_down, w_gate, token, slot, position, counts, activation, backend):
         act = ACTIVATIONS[activation][0]
-        out = torch.zeros_like(x)  # (T, d)
+        rows = _row_buffer(token.numel(), x)  # (S + 1, d) unweighted expert outputs
         saved = []
         for e, s, t in _slices(counts):
-            tok = token[s:t]  # (n,)
-            x_e = x.index_select(0, tok)  # (n, d)
-            a, b, y = _expert(x_e, e, w_up, w_down, w_gate, act, backend)
-            add_rows(out, tok, y * slot_weight[s:t].unsqueeze(1))
-            saved.append((x_e, a, b, y))  # intermediates: never seen or modified by the caller
-        ctx.save_for_backward(slot_weight, token, w_up, w_down, w_gate)
+            x_e = x.index_select(0, token[s:t])  # (n, d)
+            a, b = _expert(x_e, e, w_up, w_down, w_gate, act, backend, rows[s:t])
+            saved.append((x_e, a, b))  # intermediates: never seen or modified by the caller
+        out = combine_slots(rows, position, weights)  # (T, d)
+        ctx.save_for_backward(weights, token, slot, position, w_up, w_down, w_gate, rows)
         ctx.saved, ctx.counts, ctx.activation, ctx.backend = saved, counts, activation, backend
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        slot_weight, token, w_up, w_down, w_gate = ctx.saved_tensors
+        weights, token, slot, position, w_up, w_down, w_gate, rows = ctx.saved_tensors
         act, act_bwd = ACTIVATIONS[ctx.activation]
         backend = ctx.backend
         need_x, need_w, need_up, need_down, need_gate = ctx.needs_input_grad[:5]
-        grad_out = grad_out.contiguous()
-        grad_x = torch.zeros_like(grad_out) if need_x else None  # (T, d)
-        grad_weight = torch.zeros_like(slot_weight) if need_w else None  # (S,)
-        g_up, g_down, g_gate = {}, {}, {}
-        for (e, s, t), (x_e, a, b, y) in zip(_slices(ctx.counts), ctx.saved):
-            tok = token[s:t]  # (n,)
-            gy = grad_out.index_select(0, tok)  # (n, d) gradient w.r.t. the weighted output
+        grad_out = grad_out.contiguous()  # (T, d)
+        num_slots = token.numel()
+        slot_weight = weights.reshape(-1).index_select(0, slot)  # (S,) gate of each sorted assignment
+        grad_rows = _row_buffer(num_slots, grad_out) if need_x else None  # (S + 1, d) input grads, sorted
+        grad_sorted = grad_out.new_zeros(num_slots + 1) if need_w else None  # (S + 1,) gate grads, sorted
+        # Expert weight gradients (E, ., .) are written slice by slice in place: no per-expert
+        # temporaries stacked afterwards (a copy as large as the weights).
+        g_up = torch.empty_like(w_up) if need_up else None
+        g_down = torch.empty_like(w_down) if need_down else None
+        g_gate = torch.empty_like(w_gate) if need_gate else None
+        filled = set()
+        for (e, s, t), (x_e, a, b) in zip(_slices(ctx.counts), ctx.saved):
+            filled.add(e)
+            gy = grad_out.index_select(0, token[s:t])  # (n, d) gradient w.r.t. the weighted output
             if need_w:
-                grad_weight[s:t] = torch.linalg.vecdot(gy, y)  # (n,)
+                grad_sorted[s:t] = torch.linalg.vecdot(gy, rows[s:t])  # (n,)
             gy.mul_(slot_weight[s:t].unsqueeze(1))  # (n, d) gradient w.r.t. the expert output
             act_a = act(a)  # (n, h)
             if need_down:
-                g_down[e] = _mm(act_a.t() if b is None else (act_a * b).t(), gy, backend)  # (h, d)
+                _mm_into(g_down[e], act_a.t() if b is None else (act_a * b).t(), gy, backend)  # (h, d)
             g_hid = _mm(gy, w_down[e].t(), backend)  # (n, h)
             if b is None:
                 g_a = act_bwd(g_hid, a)  # (n, h)
                 if need_up:
-                    g_up[e] = _mm(x_e.t(), g_a, backend)  # (d, h)
+                    _mm_into(g_up[e], x_e.t(), g_a, backend)  # (d, h)
                 if need_x:
-                    add_rows(grad_x, tok, _mm(g_a, w_up[e].t(), backend))  # (n, d)
+                    _mm_into(grad_rows[s:t], g_a, w_up[e].t(), backend)  # (n, d)
             else:
                 g_b = g_hid * act_a  # (n, h)
                 g_a = act_bwd(g_hid.mul_(b), a)  # (n, h)
                 if need_gate:
-                    g_gate[e] = _mm(x_e.t(), g_a, backend)  # (d, h)
+                    _mm_into(g_gate[e], x_e.t(), g_a, backend)  # (d, h)
                 if need_up:
-                    g_up[e] = _mm(x_e.t(), g_b, backend)  # (d, h)
+                    _mm_into(g_up[e], x_e.t(), g_b, backend)  # (d, h)
                 if need_x:
-                    add_rows(grad_x, tok, _mm_add(_mm(g_a, w_gate[e].t(), backend), g_b, w_up[e].t(), backend))
+                    _mm_into(grad_rows[s:t], g_a, w_gate[e].t(), backend)  # (n, d)
+                    _mm_add(grad_rows[s:t], g_b, w_up[e].t(), backend)
         return (
-            grad_x,
-            grad_weight,
-            _stack(g_up, w_up) if need_up else None,
-            _stack(g_down, w_down) if need_down else None,
-            _stack(g_gate, w_gate) if need_gate else None,
-            None, None, None, None,
+            combine_slots(grad_rows, position) if need_x else None,
+            grad_sorted.index_select(0, position.reshape(-1)).view_as(weights) if need_w else None,
+            _zero_unfilled(g_up, filled) if need_up else None,
+            _zero_unfilled(g_down, filled) if need_down else None,
+            _zero_unfilled(g_gate, filled) if need_gate else None,
+            None, None, None, None, None, None,
         )
 
 
@@ -249,18 +270,18 @@ def grouped_ffn(
     Differentiable w.r.t. ``x``, ``weights`` and the expert weights (first order).
     """
     backend = resolve_backend(backend, x, w_up, w_down)
-    slot_weight = weights.reshape(-1).index_select(0, plan.slot).to(x.dtype)  # (S,)
-    args = (x, slot_weight, w_up, w_down, w_gate, plan.token, plan.counts, activation, backend)
-    tensors = (x, slot_weight, w_up, w_down) + ((w_gate,) if w_gate is not None else ())
+    weights = weights.to(x.dtype)  # (T, k)
+    position = plan.position.view(weights.shape)  # (T, k)
+    tensors = (x, weights, w_up, w_down) + ((w_gate,) if w_gate is not None else ())
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return GroupedFFN.apply(*args)
+        return GroupedFFN.apply(
+            x, weights, w_up, w_down, w_gate, plan.token, plan.slot, position, plan.counts, activation, backend,
+        )
     act = ACTIVATIONS[activation][0]  # forward only: nothing kept
-    out = torch.zeros_like(x)  # (T, d)
+    rows = _row_buffer(plan.token.numel(), x)  # (S + 1, d)
     for e, s, t in _slices(plan.counts):
-        tok = plan.token[s:t]  # (n,)
-        _, _, y = _expert(x.index_select(0, tok), e, w_up, w_down, w_gate, act, backend)  # (n, d)
-        add_rows(out, tok, y.mul_(slot_weight[s:t].unsqueeze(1)))
-    return out
+        _expert(x.index_select(0, plan.token[s:t]), e, w_up, w_down, w_gate, act, backend, rows[s:t])
+    return combine_slots(rows, position, weights)  # (T, d)
 
 
 def few_tokens_ffn(

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from sparseforge.errors import ConfigError
+from sparseforge.kernels import num_threads as kernel_threads
 from sparseforge.moe.config import DECODE_BACKENDS, MoEConfig
 from sparseforge.moe.dispatch import apply_capacity, build_plan
 from sparseforge.moe.grouped import ACTIVATIONS, FEW_SLOTS, few_tokens_ffn, grouped_ffn
@@ -41,11 +42,20 @@ from sparseforge.moe.routers import Router, capacity_for, make_router
 from sparseforge.ops.expert_ffn import expert_ffn as native_expert_ffn
 from sparseforge.ops.expert_ffn import native_applicable
 
-__all__ = ["MoE", "MoEConfig", "DECODE_BACKENDS", "NATIVE_MAX_TOKENS"]
+__all__ = ["MoE", "MoEConfig", "DECODE_BACKENDS", "NATIVE_MAX_TOKENS", "DECODE_PATHS"]
 
 # Forward-only calls with at most this many tokens go to the decode path (native kernel: each
 # chosen expert's weights are read once for all of them).
 NATIVE_MAX_TOKENS = 4
+
+# What a decode call runs: the native kernel on the calling thread or on the kernels' thread
+# pool, or the per-slot torch.mm chain (``"grouped"``: not a decode call, the sorted grouped path).
+DECODE_PATHS = ("native", "native-parallel", "torch", "grouped")
+
+# Expert weights (floats) a decode step must stream before the native kernel spreads its work over
+# the thread pool (the kernel's own threshold, csrc/expert_gemv.cpp kParallelMinFloats): below it
+# "native-parallel" runs on one thread and is not worth timing.
+PARALLEL_MIN_WEIGHTS = 1 << 16
 
 
 class _DenseFFN(nn.Module):
@@ -95,8 +105,10 @@ class MoE(nn.Module):
             call of each shape (float32 CPU inputs and weights; torch otherwise) and keeps the faster
             (:func:`sparseforge.measure.choose.choose_by_timing`, cached per CPU on disk; the choice
             is in :attr:`decode_choice`).
-        decode_parallel: run the native decode kernel on the kernels' thread pool (default: on
-            the calling thread, which already streams the weights at memory bandwidth).
+        decode_parallel: where the native decode kernel runs: ``None`` (default) times it on the
+            calling thread and on the kernels' thread pool (:func:`sparseforge.kernels.num_threads`)
+            together with the other candidates and keeps the fastest (whether one core saturates
+            memory bandwidth depends on the CPU); ``True`` / ``False`` fix it (pool / calling thread).
     """
 
     def __init__(self, *args, config: MoEConfig | None = None, device=None, dtype=None, **options) -> None:
@@ -124,8 +136,8 @@ class MoE(nn.Module):
         self.lb_coef, self.z_coef = float(cfg.lb_coef), float(cfg.z_coef)
         self.backend = cfg.backend
         self.decode_backend = cfg.decode_backend
-        self.decode_parallel = bool(cfg.decode_parallel)
-        self._decode_choices: dict = {}  # decode_backend="auto": measured choice per call shape
+        self.decode_parallel = cfg.decode_parallel
+        self._decode_choices: dict = {}  # measured decode path per call shape
         self.seed = cfg.seed
         self._generator: torch.Generator | None = None
         self._build_weights(device, dtype)
@@ -233,11 +245,12 @@ class MoE(nn.Module):
             experts, weights, dropped = apply_capacity(chosen, weights, capacity, self.num_experts)
         expert_weights = (self.w_up, self.w_down, self.w_gate)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad or self.w_up.requires_grad)
-        decode = self._decode_backend(x, experts, weights) if not needs_grad else None
-        if decode == "native" and num_tokens <= NATIVE_MAX_TOKENS:  # decode: native kernel
-            y = native_expert_ffn(x, experts, weights, *expert_weights, self.activation, self.decode_parallel)  # (T, d)
+        decode = self._decode_backend(x, experts, weights) if not needs_grad else "grouped"
+        if decode in ("native", "native-parallel"):  # decode: native kernel
+            parallel = decode == "native-parallel"
+            y = native_expert_ffn(x, experts, weights, *expert_weights, self.activation, parallel)  # (T, d)
             counts = torch.bincount(experts.reshape(-1) + 1, minlength=self.num_experts + 1)[1:]  # (E,)
-        elif decode == "torch" and experts.numel() <= FEW_SLOTS:  # decode: skip the sort
+        elif decode == "torch":  # decode: skip the sort
             y = few_tokens_ffn(x, experts, weights, *expert_weights, self.activation)  # (T, d)
             counts = torch.bincount(experts.reshape(-1) + 1, minlength=self.num_experts + 1)[1:]  # (E,)
         else:
@@ -256,38 +269,54 @@ class MoE(nn.Module):
         return y.reshape(shape), aux
 
     def _decode_backend(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> str:
-        """The decode path for this forward-only call: ``"native"`` or ``"torch"``."""
-        tensors = (x, weights, self.w_up, self.w_down, self.w_gate)
+        """The path of this forward-only call, one of :data:`DECODE_PATHS`."""
+        if x.shape[0] > NATIVE_MAX_TOKENS:
+            return "grouped"
+        torch_fits = experts.numel() <= FEW_SLOTS
         if self.decode_backend == "torch":
-            return "torch"
-        if not native_applicable(*tensors):
+            return "torch" if torch_fits else "grouped"
+        if not native_applicable(x, weights, self.w_up, self.w_down, self.w_gate):
             if self.decode_backend == "native":
                 raise ConfigError(
                     "decode_backend='native' needs float32 CPU inputs and expert weights, got "
                     f"{x.dtype} input and {self.w_up.dtype} weights on {x.device}; use decode_backend='auto' or 'torch'"
                 )
-            return "torch"
-        if self.decode_backend == "native" or x.shape[0] > NATIVE_MAX_TOKENS or experts.numel() > FEW_SLOTS:
-            return "native"
-        return self._measured_decode(x, experts, weights)
+            return "torch" if torch_fits else "grouped"
+        candidates = []
+        if self.decode_parallel is not True:
+            candidates.append("native")
+        if self.decode_parallel is True or (self.decode_parallel is None and self._parallel_may_help(experts)):
+            candidates.append("native-parallel")
+        if self.decode_backend == "auto" and torch_fits:
+            candidates.append("torch")
+        if len(candidates) == 1:
+            return candidates[0]
+        return self._measured_decode(x, experts, weights, candidates)
 
-    def _measured_decode(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> str:
-        """``decode_backend="auto"``: time the native kernel against the torch path on this call's
-        shape once (then per CPU from the on-disk cache) and remember the faster."""
+    def _parallel_may_help(self, experts: torch.Tensor) -> bool:
+        """Whether the kernels' pool has a second thread and the step streams enough weights to use it."""
+        mats = 2 if self.w_gate is None else 3
+        return kernel_threads() > 1 and experts.numel() * self.d_model * self.d_hidden * mats >= PARALLEL_MIN_WEIGHTS
+
+    def _measured_decode(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, paths: list[str]) -> str:
+        """Time the candidate decode ``paths`` on this call's shape once (then per CPU from the
+        on-disk cache) and remember the fastest; the native kernel on the calling thread is kept
+        unless another path is clearly faster."""
         from sparseforge.measure.choose import choose_by_timing
 
         question = {"d_model": self.d_model, "d_hidden": self.d_hidden, "experts": self.num_experts, "k": self.k,
                     "expert": self.expert, "activation": self.activation, "tokens": int(x.shape[0]),
-                    "parallel": self.decode_parallel, "shared": self.shared is not None}
+                    "paths": ",".join(paths), "kernel_threads": kernel_threads(), "shared": self.shared is not None}
         key = tuple(sorted(question.items()))
         if key not in self._decode_choices:
             ew = (self.w_up, self.w_down, self.w_gate)
-            candidates = {
-                "native": lambda: native_expert_ffn(x, experts, weights, *ew, self.activation, self.decode_parallel),
+            run = {
+                "native": lambda: native_expert_ffn(x, experts, weights, *ew, self.activation, False),
+                "native-parallel": lambda: native_expert_ffn(x, experts, weights, *ew, self.activation, True),
                 "torch": lambda: few_tokens_ffn(x, experts, weights, *ew, self.activation),
             }
             with torch.no_grad():
-                choice = choose_by_timing("moe_decode", question, candidates, default="native")
+                choice = choose_by_timing("moe_decode", question, {p: run[p] for p in paths}, default=paths[0])
             self._decode_choices[key] = choice
         return self._decode_choices[key].name
 
