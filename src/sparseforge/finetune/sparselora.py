@@ -8,10 +8,13 @@ keeps its children (state-dict names do not change) and, while training:
 * scores every intermediate channel with the rank-``rank`` SVD of the frozen gate / up weights
   (:func:`~sparseforge.finetune.svd_estimator.ffn_channel_scores`, sequence-averaged inputs, one
   channel set per batch) and keeps the top ``1 - sparsity`` of them;
-* runs the **context tokens** (the first ``1 - dense_tokens`` of each window) through
-  :func:`~sparseforge.finetune.svd_estimator.skip_channel_mlp` (base gate/up rows and down columns
-  of the kept channels only; LoRA branches dense) and the **output tokens** (the last
-  ``dense_tokens`` of each window) through the unchanged dense MLP;
+* computes the frozen base on the kept channels only (gate/up rows, down columns) for the
+  **context tokens** (the first ``1 - dense_tokens`` of each window) and densely for the **output
+  tokens** (the last ``dense_tokens``), the LoRA branches dense on every token: one pass over all
+  tokens (:func:`~sparseforge.finetune.token_split_linear.token_split_linear` adds the base into
+  the LoRA deltas; input gradient only), equal to
+  :func:`~sparseforge.finetune.svd_estimator.skip_channel_mlp` on the context tokens joined with
+  the dense MLP on the output tokens (the autograd path it takes when the base is trainable);
 * stays dense for the first ``start`` fraction of the steps (:meth:`SparseLoRA.begin_step`), and
   whenever the model is in eval mode (held-out evaluation, ``generate``).
 
