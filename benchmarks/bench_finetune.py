@@ -402,6 +402,15 @@ def markdown(result: dict) -> str:
             ratio = f"{r['cpu_vs_lora']:.2f}x" if r["cpu_vs_lora"] is not None else "-"
             out.append(f"| {r['method']} | {r['lr']:g} | {r['step_cpu_ms']:.0f} | {ratio} | {r['step_ms']:.0f} | "
                        f"{r['rss_peak_mb']:.0f} | {r['rss_growth_mb']:.0f} | {p['median']:.3f} [{p['min']:.3f}, {p['max']:.3f}] |")
+        lora = next((r for r in c["rows"] if r["method"] == "lora"), None)
+        for r in c["rows"]:
+            if lora is None or r is lora:
+                continue
+            lo, hi = r["ppl"], lora["ppl"]
+            overlap = lo["min"] <= hi["max"] and hi["min"] <= lo["max"]
+            out.append(f"\n{r['method']} vs LoRA: {r['cpu_vs_lora']:.2f}x the step CPU time (target <= 0.75x); held-out ppl "
+                       f"{'within' if overlap else 'outside'} LoRA's seed spread ({lo['median']:.3f} [{lo['min']:.3f}, "
+                       f"{lo['max']:.3f}] vs {hi['median']:.3f} [{hi['min']:.3f}, {hi['max']:.3f}], {c['seeds']} seeds)")
         out += ["", f"One LoRA MLP block / one whole LoRA decoder layer, forward + backward of {result['config']['batch_size']} x "
                 f"{result['config']['seqlen']} tokens (25 % dense output tokens), median CPU ms, variants alternating:", "",
                 "| module | hidden x intermediate (heads) | variant | ms CPU | vs LoRA |", "|---|---|---|---|---|"]

@@ -8,10 +8,13 @@ keeps its children (state-dict names do not change) and, while training:
 * scores every intermediate channel with the rank-``rank`` SVD of the frozen gate / up weights
   (:func:`~sparseforge.finetune.svd_estimator.ffn_channel_scores`, sequence-averaged inputs, one
   channel set per batch) and keeps the top ``1 - sparsity`` of them;
-* runs the **context tokens** (the first ``1 - dense_tokens`` of each window) through
-  :func:`~sparseforge.finetune.svd_estimator.skip_channel_mlp` (base gate/up rows and down columns
-  of the kept channels only; LoRA branches dense) and the **output tokens** (the last
-  ``dense_tokens`` of each window) through the unchanged dense MLP;
+* computes the frozen base on the kept channels only (gate/up rows, down columns) for the
+  **context tokens** (the first ``1 - dense_tokens`` of each window) and densely for the **output
+  tokens** (the last ``dense_tokens``), the LoRA branches dense on every token: one pass over all
+  tokens (:func:`~sparseforge.finetune.token_split_linear.token_split_linear` adds the base into
+  the LoRA deltas; input gradient only), equal to
+  :func:`~sparseforge.finetune.svd_estimator.skip_channel_mlp` on the context tokens joined with
+  the dense MLP on the output tokens (the autograd path it takes when the base is trainable);
 * stays dense for the first ``start`` fraction of the steps (:meth:`SparseLoRA.begin_step`), and
   whenever the model is in eval mode (held-out evaluation, ``generate``).
 
@@ -46,6 +49,7 @@ from torch import nn
 from sparseforge.errors import ConfigError, ModelError
 from sparseforge.finetune.sparselora_attention import SparseLoRAAttention, attention_blocks
 from sparseforge.finetune.svd_estimator import ffn_channel_scores, low_rank_factors, skip_channel_mlp, top_channels
+from sparseforge.finetune.token_split_linear import token_split_linear
 from sparseforge.layers import set_module
 
 __all__ = ["SparseLoRA", "SparseLoRAMLP", "gated_mlps", "default_sparse_blocks", "parse_layers"]
@@ -152,11 +156,33 @@ class SparseLoRAMLP(nn.Module):
             return self.dense(x)
         keep = self.keep(x)
         self.last_kept = keep
+        if self._base_frozen():
+            return self.split_pass(x, keep, n_ctx)
         if n_ctx == x.shape[-2]:
             return self.sparse(x, keep)
         # one split (its backward is one concatenation) into contiguous parts: 2-D matmuls, not the batched path
         x_ctx, x_out = (part.contiguous() for part in x.split([n_ctx, x.shape[-2] - n_ctx], dim=-2))
         return torch.cat([self.sparse(x_ctx, keep), self.dense(x_out)], dim=-2)  # context sparse | output dense
+
+    def _base_frozen(self) -> bool:
+        return not any(p.requires_grad for name in _PROJ for p in _base(getattr(self, name)).parameters())
+
+    def split_pass(self, x: torch.Tensor, keep: torch.Tensor, n_ctx: int) -> torch.Tensor:
+        """The MLP on every token in one pass: LoRA dense, the frozen base on ``keep`` for the first ``n_ctx`` tokens.
+
+        Equals ``cat([sparse(x[:, :n_ctx], keep), dense(x[:, n_ctx:])])``; the LoRA deltas run once
+        over all tokens and :func:`~sparseforge.finetune.token_split_linear.token_split_linear`
+        adds the base into them (no token split or join, no weight gradients).
+        """
+        squeeze = x.dim() == 2
+        x3 = x[None] if squeeze else x.reshape(-1, *x.shape[-2:])  # (B, T, hidden)
+        g, u, d = (_base(getattr(self, p)) for p in _PROJ)
+        lora_g, lora_u, lora_d = (_lora_delta(getattr(self, p)) for p in _PROJ)
+        gate = token_split_linear(x3, lora_g(x3) if lora_g else None, g.weight, g.bias, keep, n_ctx, "rows")  # (B, T, I)
+        up = token_split_linear(x3, lora_u(x3) if lora_u else None, u.weight, u.bias, keep, n_ctx, "rows")  # (B, T, I)
+        h = self.act_fn(gate) * up  # (B, T, I)
+        out = token_split_linear(h, lora_d(h) if lora_d else None, d.weight, d.bias, keep, n_ctx, "cols")  # (B, T, hidden)
+        return out[0] if squeeze else out.reshape(x.shape)
 
     def restore(self) -> nn.Module:
         """The original MLP module, holding this module's current children."""
