@@ -43,6 +43,15 @@ What did not work (short runs; ~0.2 s of CPU per 4K-token step for this model):
   from 0.04 to 0.57 within 350 steps (the filler part: the previous-token head had formed), while
   the query recall was still on the plateau then.
 
+Status: **no run has reached the recall target yet, so no trained model ships** (the benchmark uses
+the hand-set circuit of ``scripts/build_mqar_model.py``, an upper bound). The two runs of this
+recipe (LR 2e-3 and 3e-3, 2026-12-07) were stopped at steps 480 and 440 of 3000, still in the first
+stage: training recall 0.045 on 2-63 pairs, held-out recall at 256 tokens 0.02-0.03. On the shared
+2-core machine they got ~4% of a core each (3-15 s per step against 0.2 s of CPU in the first
+stage), so they saw ~15K examples, far fewer than the published MQAR recipes (10^5-10^6). Next:
+this recipe to its end on an idle core (the first stage ~0.2 s per step, the longer ones more),
+then ``load_mqar_model(DIR)`` on its output.
+
 Usage::
 
     python scripts/train_mqar.py                          # full run (writes the assets if it recalls)
