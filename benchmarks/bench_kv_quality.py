@@ -2,8 +2,11 @@
 (issue 16, section 2).
 
 1. **MQAR recall** (multi-query associative recall; :mod:`sparseforge.data.mqar`) of the shipped MQAR
-   model (:func:`sparseforge.evaluation.mqar.load_mqar_model`, built by ``scripts/build_mqar_model.py``):
-   per context (1K, 2K, 4K, 8K), 64 key-value pairs scattered uniformly over the context, then 32
+   model (:func:`sparseforge.evaluation.mqar.load_mqar_model`): the induction circuit whose weights
+   ``scripts/build_mqar_model.py`` sets by hand, not a trained model: its attention is one sharp
+   peak on one channel per answer, so its rows are an upper bound on what a policy keeps
+   (``--mqar-model DIR``: a model written by ``scripts/train_mqar.py --out DIR``; the table header
+   names the model): per context (1K, 2K, 4K, 8K), 64 key-value pairs scattered uniformly over the context, then 32
    queries, each a **decode step** on a ``PagedKVCache`` with the policy (the value teacher-forced
    next). Accuracy = answers equal to the value. The context is prefilled once (dense) and the
    cache copied per policy; SnapKV chooses at prefill, so it gets its own. Budgets are fractions of
@@ -217,6 +220,13 @@ def perplexity_rows(windows: int, fractions, mustafar_levels, seqlen: int = PPL_
 
 
 # ---------------------------------------------------------------------------------------------- report
+def model_label(mqar_model) -> str:
+    """How the tables name the MQAR model: the shipped hand-set circuit (``None``) or the directory given."""
+    if mqar_model is None:
+        return "`mqar-llama` (hand-set induction circuit, not trained: an upper bound)"
+    return f"{mqar_model} (a model directory)"
+
+
 def fraction_label(fraction: float) -> str:
     """``0.0625`` -> ``"1/16"``; other fractions as ``"%g"``."""
     inverse = 1 / fraction
@@ -283,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"tokens per window, half prefilled, half decoded (default {PPL_SEQLEN}, the full context)")
     parser.add_argument("--parts", nargs="+", choices=["recall", "ppl"], default=["recall", "ppl"],
                         help="what to measure (default both)")
-    parser.add_argument("--mqar-model", default=None, help="an MQAR model directory (default: the shipped one)")
+    parser.add_argument("--mqar-model", default=None,
+                        help="an MQAR model directory (default: the shipped hand-set circuit, an upper bound)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -308,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{time.perf_counter() - t0:.0f} s")
     text = recall_table(recall) if recall else ""
     if recall:
-        print(f"\n### MQAR recall ({args.pairs} pairs, {args.queries} queries x {examples} examples per context), {header}\n")
+        print(f"\n### MQAR recall, model {model_label(args.mqar_model)} ({args.pairs} pairs, {args.queries} queries x {examples} examples per context), {header}\n")
         print(text + "\n")
     ptext = ppl_table(ppl) if ppl else ""
     if ppl:
@@ -323,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {**machine, "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "quick": quick,
             "contexts": contexts, "fractions": fractions, "mustafar": mustafar_levels, "examples": examples,
             "pairs": args.pairs, "queries": args.queries, "ppl_windows": windows,
+            "mqar_model": model_label(args.mqar_model) if recall else None,
             "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"meta": meta, "recall": recall, "perplexity": ppl, "recall_table": text,

@@ -65,3 +65,9 @@ def test_tiny_run_is_consistent(bench, tmp_path, capsys):
     assert streaming["attn_rel_err"] > 1e-3 and streaming["read_fraction"] < 1.0
     text = capsys.readouterr().out
     assert "| dense | full |" in text and data["meta"]["cpu"]
+    assert data["meta"]["mqar_model"] == f"{model} (a model directory)"
+    assert f"### MQAR recall, model {model} (a model directory)" in text
+
+
+def test_the_table_names_the_shipped_circuit_as_an_upper_bound(bench):
+    assert "hand-set induction circuit" in bench.model_label(None) and "upper bound" in bench.model_label(None)
