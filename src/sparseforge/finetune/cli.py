@@ -49,6 +49,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--compute", default="dense", choices=["dense", "csr", "bitmap"],
                    help="dense: masked dense weights (default); csr / bitmap: the pruned layers train on the sparse kernels")
     p.add_argument("--min-sparsity", type=float, default=0.1, help="a linear layer with at least this fraction of zeros keeps them")
+    p.add_argument("--dropout", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep the student's dropout while it trains (default off: distillation matches the teacher)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume-dir", type=Path, default=None, help="resumable state (default: .<out>.finetune-state next to --out)")
     p.add_argument("--save-every", type=int, default=50, help="save the resumable state every N steps")
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                             batch_size=args.batch_size, seqlen=args.seqlen, temperature=args.temperature,
                             teacher_dtype=args.teacher_dtype, min_sparsity=args.min_sparsity, seed=args.seed,
                             save_every=args.save_every, eval_windows=args.eval_windows, eval_sentences=args.eval_sentences,
-                            compute=args.compute, **adapter_kwargs(args), **s2ft_kwargs(args))
+                            compute=args.compute, dropout=args.dropout, **adapter_kwargs(args), **s2ft_kwargs(args))
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.overwrite:
         raise ConfigError(f"output {args.out} already exists; pass --overwrite or choose another --out")
     if config.needs_teacher and args.teacher is None:

@@ -80,6 +80,8 @@ class FinetuneConfig:
         compute: ``"dense"`` (masked dense weights) or ``"csr"`` / ``"bitmap"``: the pruned layers
             train as packed :class:`~sparseforge.nn.SparseLinear` on the native sparse kernels
             (:class:`sparseforge.train.SparseCompute`; float32 ``nn.Linear`` layers only).
+        dropout: keep the student's dropout while it trains (False, the default: every dropout
+            probability is 0 during the run and restored after; :mod:`sparseforge.finetune.dropout`).
         allow_dense: fine-tune a student with no pruned layer (e.g. after ReLU-fication,
             :mod:`sparseforge.activation.relufy`) instead of refusing it; nothing is masked then.
         s2ft: the S²FT options, an :class:`~sparseforge.finetune.s2ft_options.S2FTConfig` or a dict
@@ -113,6 +115,7 @@ class FinetuneConfig:
     eval_windows: int = 16
     eval_sentences: int = 256
     compute: str = "dense"
+    dropout: bool = False
     allow_dense: bool = False
     adapter: str = "none"
     s2ft: Any = None
@@ -146,6 +149,8 @@ class FinetuneConfig:
             raise ConfigError(f"grad_clip must be a positive number or None, got {self.grad_clip!r}")
         if not isinstance(self.min_sparsity, (int, float)) or not 0 < self.min_sparsity < 1:
             raise ConfigError(f"min_sparsity must be in (0, 1), got {self.min_sparsity!r}")
+        if not isinstance(self.dropout, bool):
+            raise ConfigError(f"dropout must be true or false, got {self.dropout!r}")
         if not isinstance(self.allow_dense, bool):
             raise ConfigError(f"allow_dense must be true or false, got {self.allow_dense!r}")
         if self.compute not in COMPUTES:
