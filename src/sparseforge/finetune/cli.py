@@ -23,12 +23,17 @@ Wiring (in ``sparseforge/cli.py``): ``add_parser(subparsers)`` adds the subcomma
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from sparseforge.finetune.s2ft_options import add_s2ft_arguments, s2ft_kwargs
 from sparseforge.finetune.adapter_options import adapter_kwargs, add_adapter_arguments
+from sparseforge.finetune.config import FinetuneConfig
 
 __all__ = ["add_parser", "run"]
+
+#: the recipe defaults, read from FinetuneConfig (torch-free) so the CLI and the API agree
+_DEFAULT = {f.name: f.default for f in dataclasses.fields(FinetuneConfig) if f.name in ("loss", "steps", "lr")}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -36,12 +41,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("finetune", help="recovery fine-tuning of a pruned model that keeps its mask (SquareHead, KD, CE)")
     p.add_argument("model", help="the pruned student: a directory saved by 'sparseforge prune', or any model with pruned layers")
     p.add_argument("--teacher", default=None, help="the dense model ('builtin', 'minilm' or a directory); needed by kd and squarehead")
-    p.add_argument("--loss", default="squarehead", help="ce, kd, squarehead or a weighted mix: 'ce+squarehead', 'ce=1,kd=0.5' (default squarehead)")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    p.add_argument("--loss", default=_DEFAULT["loss"],
+                   help=f"ce, kd, squarehead or a weighted mix: 'ce+squarehead', 'ce=1,kd=0.5' (default {_DEFAULT['loss']})")
+    p.add_argument("--steps", type=int, default=_DEFAULT["steps"], help=f"optimizer steps (default {_DEFAULT['steps']})")
     p.add_argument("--data", default="builtin", help="training text: 'builtin' corpus, a .txt file or a directory of them")
     p.add_argument("--out", type=Path, required=True, help="output directory (compressed checkpoint)")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
-    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--lr", type=float, default=_DEFAULT["lr"], help=f"peak AdamW learning rate (default {_DEFAULT['lr']:g})")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default 10%% of --steps)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=128, help="tokens per training sequence (encoders: max tokens per sentence)")
     p.add_argument("--temperature", type=float, default=1.0, help="logit-distillation temperature")

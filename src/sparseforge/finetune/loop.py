@@ -53,7 +53,7 @@ from sparseforge.finetune.keep_mask import KeepMask, check_recorded_mask, pruned
 from sparseforge.finetune.losses import causal_ce_loss, kd_loss, shift_labels, squarehead_loss
 from sparseforge.layers import set_module
 
-__all__ = ["finetune_", "FinetuneResult", "StepInfo", "STATE_FILE"]
+__all__ = ["finetune_", "FinetuneResult", "StepInfo", "STATE_FILE", "lr_schedule"]
 
 STATE_FILE = "finetune_state.pt"
 
@@ -191,7 +191,15 @@ def _loss(cfg: FinetuneConfig, kind: str, batch, s_out, t_out) -> tuple[torch.Te
     return total, {name: float(value.detach()) for name, value in parts.items()}
 
 
-def _schedule(cfg: FinetuneConfig) -> Callable[[int], float]:
+def lr_schedule(cfg: FinetuneConfig) -> Callable[[int], float]:
+    """The learning-rate factor after ``step`` optimizer steps: linear warm-up, then linear decay to 0.
+
+    Example:
+        >>> f = lr_schedule(FinetuneConfig(steps=10, warmup_steps=2))
+        >>> [round(f(s), 3) for s in (0, 1, 2, 9, 10)]
+        [0.5, 1.0, 1.0, 0.125, 0.0]
+    """
+
     def factor(step: int) -> float:  # step = optimizer steps taken so far
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
@@ -381,7 +389,7 @@ def finetune_(
             raise ConfigError("every parameter of the student is frozen (requires_grad=False); unfreeze it: "
                               "student.requires_grad_(True)")
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg))
         if s2ft is not None:  # the slices keep their own masks
             keeper = s2ft
         else:  # allow_dense: nothing to keep; adapters: the base is frozen, the merge keeps the mask
