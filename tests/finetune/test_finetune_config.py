@@ -34,3 +34,22 @@ def test_bad_config_one_line_errors(kwargs, message):
 def test_from_dict_rejects_unknown_keys():
     with pytest.raises(ConfigError, match="unknown finetune options"):
         FinetuneConfig.from_dict({"stepz": 3})
+
+
+def test_warmup_defaults_to_a_tenth_of_the_steps_and_the_schedule_decays_to_zero():
+    from sparseforge.finetune.loop import lr_schedule
+
+    cfg = FinetuneConfig(steps=50)
+    assert cfg.warmup_steps == 5
+    assert FinetuneConfig(steps=3).warmup_steps == 1
+    assert FinetuneConfig(steps=50, warmup_steps=0).warmup_steps == 0
+    factor = lr_schedule(cfg)
+    assert [factor(s) for s in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert factor(5) == pytest.approx(1.0) and factor(49) == pytest.approx(1 / 45) and factor(50) == 0.0
+    assert FinetuneConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_dropout_option_must_be_a_bool():
+    assert FinetuneConfig().dropout is False
+    with pytest.raises(ConfigError, match="dropout must be true or false"):
+        FinetuneConfig(dropout="yes")

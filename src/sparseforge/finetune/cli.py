@@ -23,12 +23,17 @@ Wiring (in ``sparseforge/cli.py``): ``add_parser(subparsers)`` adds the subcomma
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from sparseforge.finetune.s2ft_options import add_s2ft_arguments, s2ft_kwargs
 from sparseforge.finetune.adapter_options import adapter_kwargs, add_adapter_arguments
+from sparseforge.finetune.config import FinetuneConfig
 
 __all__ = ["add_parser", "run"]
+
+#: the recipe defaults, read from FinetuneConfig (torch-free) so the CLI and the API agree
+_DEFAULT = {f.name: f.default for f in dataclasses.fields(FinetuneConfig) if f.name in ("loss", "steps", "lr")}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -36,12 +41,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("finetune", help="recovery fine-tuning of a pruned model that keeps its mask (SquareHead, KD, CE)")
     p.add_argument("model", help="the pruned student: a directory saved by 'sparseforge prune', or any model with pruned layers")
     p.add_argument("--teacher", default=None, help="the dense model ('builtin', 'minilm' or a directory); needed by kd and squarehead")
-    p.add_argument("--loss", default="squarehead", help="ce, kd, squarehead or a weighted mix: 'ce+squarehead', 'ce=1,kd=0.5' (default squarehead)")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    p.add_argument("--loss", default=_DEFAULT["loss"],
+                   help=f"ce, kd, squarehead or a weighted mix: 'ce+squarehead', 'ce=1,kd=0.5' (default {_DEFAULT['loss']})")
+    p.add_argument("--steps", type=int, default=_DEFAULT["steps"], help=f"optimizer steps (default {_DEFAULT['steps']})")
     p.add_argument("--data", default="builtin", help="training text: 'builtin' corpus, a .txt file or a directory of them")
     p.add_argument("--out", type=Path, required=True, help="output directory (compressed checkpoint)")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
-    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--lr", type=float, default=_DEFAULT["lr"], help=f"peak AdamW learning rate (default {_DEFAULT['lr']:g})")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default 10%% of --steps)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=128, help="tokens per training sequence (encoders: max tokens per sentence)")
     p.add_argument("--temperature", type=float, default=1.0, help="logit-distillation temperature")
@@ -49,6 +55,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--compute", default="dense", choices=["dense", "csr", "bitmap"],
                    help="dense: masked dense weights (default); csr / bitmap: the pruned layers train on the sparse kernels")
     p.add_argument("--min-sparsity", type=float, default=0.1, help="a linear layer with at least this fraction of zeros keeps them")
+    p.add_argument("--dropout", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep the student's dropout while it trains (default off: distillation matches the teacher)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume-dir", type=Path, default=None, help="resumable state (default: .<out>.finetune-state next to --out)")
     p.add_argument("--save-every", type=int, default=50, help="save the resumable state every N steps")
@@ -85,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
                             batch_size=args.batch_size, seqlen=args.seqlen, temperature=args.temperature,
                             teacher_dtype=args.teacher_dtype, min_sparsity=args.min_sparsity, seed=args.seed,
                             save_every=args.save_every, eval_windows=args.eval_windows, eval_sentences=args.eval_sentences,
-                            compute=args.compute, **adapter_kwargs(args), **s2ft_kwargs(args))
+                            compute=args.compute, dropout=args.dropout, **adapter_kwargs(args), **s2ft_kwargs(args))
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.overwrite:
         raise ConfigError(f"output {args.out} already exists; pass --overwrite or choose another --out")
     if config.needs_teacher and args.teacher is None:

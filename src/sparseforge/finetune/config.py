@@ -65,8 +65,11 @@ class FinetuneConfig:
     Attributes:
         loss: ``"ce"``, ``"kd"``, ``"squarehead"``, a mix (``"ce+squarehead"``,
             ``"ce=1,kd=0.5"``) or a dict ``{name: weight}``; parsed into :attr:`weights`.
-        steps: optimizer steps. lr: AdamW learning rate (> 0). warmup_steps: linear warm-up, then
-            linear decay to 0 at ``steps``. weight_decay: AdamW weight decay (pruned weights stay 0).
+        steps: optimizer steps. lr: peak AdamW learning rate (> 0). warmup_steps: linear warm-up
+            (``None``: 10 % of ``steps``, at least 1), then linear decay to 0 at ``steps`` (the reference
+            code's ``linear_decay_with_warmup``). weight_decay: AdamW weight decay (pruned weights
+            stay 0; the reference uses 0). The defaults (steps, lr, loss) were tuned on held-out text
+            of the built-in model (docs/finetune.md, "Choosing the recipe").
         batch_size, seqlen: sequences per step and tokens per sequence.
         temperature: of the logit distillation.
         teacher_dtype: ``"float32"`` or ``"bfloat16"`` (the teacher runs in ``no_grad``).
@@ -80,6 +83,8 @@ class FinetuneConfig:
         compute: ``"dense"`` (masked dense weights) or ``"csr"`` / ``"bitmap"``: the pruned layers
             train as packed :class:`~sparseforge.nn.SparseLinear` on the native sparse kernels
             (:class:`sparseforge.train.SparseCompute`; float32 ``nn.Linear`` layers only).
+        dropout: keep the student's dropout while it trains (False, the default: every dropout
+            probability is 0 during the run and restored after; :mod:`sparseforge.finetune.dropout`).
         allow_dense: fine-tune a student with no pruned layer (e.g. after ReLU-fication,
             :mod:`sparseforge.activation.relufy`) instead of refusing it; nothing is masked then.
         s2ft: the S²FT options, an :class:`~sparseforge.finetune.s2ft_options.S2FTConfig` or a dict
@@ -105,7 +110,7 @@ class FinetuneConfig:
     loss: Any = "squarehead"
     steps: int = 100
     lr: float = 1e-4
-    warmup_steps: int = 0
+    warmup_steps: int | None = None
     weight_decay: float = 0.0
     batch_size: int = 4
     seqlen: int = 128
@@ -118,6 +123,7 @@ class FinetuneConfig:
     eval_windows: int = 16
     eval_sentences: int = 256
     compute: str = "dense"
+    dropout: bool = False
     allow_dense: bool = False
     adapter: str = "none"
     s2ft: Any = None
@@ -139,6 +145,8 @@ class FinetuneConfig:
         for name in ("steps", "batch_size", "save_every", "eval_windows", "eval_sentences"):
             _positive_int(name, getattr(self, name))
         self.seqlen = _positive_int("seqlen", self.seqlen, 2)
+        if self.warmup_steps is None:
+            self.warmup_steps = max(1, self.steps // 10)
         self.warmup_steps = _positive_int("warmup_steps", self.warmup_steps, 0)
         _positive_int("seed", self.seed, 0)
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
@@ -152,6 +160,8 @@ class FinetuneConfig:
             raise ConfigError(f"grad_clip must be a positive number or None, got {self.grad_clip!r}")
         if not isinstance(self.min_sparsity, (int, float)) or not 0 < self.min_sparsity < 1:
             raise ConfigError(f"min_sparsity must be in (0, 1), got {self.min_sparsity!r}")
+        if not isinstance(self.dropout, bool):
+            raise ConfigError(f"dropout must be true or false, got {self.dropout!r}")
         if not isinstance(self.allow_dense, bool):
             raise ConfigError(f"allow_dense must be true or false, got {self.allow_dense!r}")
         if self.compute not in COMPUTES:

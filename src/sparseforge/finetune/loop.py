@@ -8,7 +8,10 @@ mix; the teacher (the dense model) runs under ``no_grad``, in bfloat16 if asked.
 
 * ``compute="csr"`` / ``"bitmap"``: the pruned layers train as packed SparseLinear layers on the
   native sparse kernels (:class:`sparseforge.train.SparseCompute`); ``"dense"`` (default) masks dense weights.
-* Learning rate: linear warm-up over ``warmup_steps``, then linear decay to 0 at ``steps``.
+* Learning rate: linear warm-up over ``warmup_steps``, then linear decay to 0 at ``steps`` (the
+  reference code's ``linear_decay_with_warmup``); AdamW without weight decay by default.
+* The student's dropout is off while it trains (``dropout=False``, the default): distillation
+  matches a deterministic teacher (:mod:`sparseforge.finetune.dropout`).
 * Resumable: with ``resume_dir`` the model, optimizer, schedule, mask, data-generator and torch RNG
   states are written there every ``save_every`` steps (temp file + rename); calling ``finetune_``
   again with the same arguments continues bit-exactly from the last saved step.
@@ -45,11 +48,12 @@ from torch import nn
 from sparseforge.errors import ConfigError, DataError, ModelError
 from sparseforge.finetune.config import FinetuneConfig
 from sparseforge.finetune.data import TokenBatches, make_batches
+from sparseforge.finetune.dropout import switch_off_dropout
 from sparseforge.finetune.keep_mask import KeepMask, check_recorded_mask, pruned_layers
 from sparseforge.finetune.losses import causal_ce_loss, kd_loss, shift_labels, squarehead_loss
 from sparseforge.layers import set_module
 
-__all__ = ["finetune_", "FinetuneResult", "StepInfo", "STATE_FILE"]
+__all__ = ["finetune_", "FinetuneResult", "StepInfo", "STATE_FILE", "lr_schedule"]
 
 STATE_FILE = "finetune_state.pt"
 
@@ -187,7 +191,15 @@ def _loss(cfg: FinetuneConfig, kind: str, batch, s_out, t_out) -> tuple[torch.Te
     return total, {name: float(value.detach()) for name, value in parts.items()}
 
 
-def _schedule(cfg: FinetuneConfig) -> Callable[[int], float]:
+def lr_schedule(cfg: FinetuneConfig) -> Callable[[int], float]:
+    """The learning-rate factor after ``step`` optimizer steps: linear warm-up, then linear decay to 0.
+
+    Example:
+        >>> f = lr_schedule(FinetuneConfig(steps=10, warmup_steps=2))
+        >>> [round(f(s), 3) for s in (0, 1, 2, 9, 10)]
+        [0.5, 1.0, 1.0, 0.125, 0.0]
+    """
+
     def factor(step: int) -> float:  # step = optimizer steps taken so far
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
@@ -338,6 +350,7 @@ def finetune_(
             result.teacher_eval = _evaluate(t_model, tokenizer, kind, cfg, None)
 
     model.float().train()
+    dropout_off = None if cfg.dropout else switch_off_dropout(model)  # before adapters: their own dropout stays
     torch.manual_seed(cfg.seed)
     s2ft = adapters = keeper = sparse = l1 = None
     backup: dict[str, torch.Tensor] | None = None  # the weights before a resume loads, until it succeeded
@@ -356,6 +369,8 @@ def finetune_(
                 set_module(model, name, layer.to_linear())  # dense nn.Linear again, zeros where pruned
         elif keeper is not None or s2ft is not None:
             (keeper if keeper is not None else s2ft).remove()  # mask hooks off / S²FT slices fused back
+        if dropout_off is not None:
+            dropout_off.restore()
         model.eval()
         if t_model is not None:
             t_model.train(teacher_was_training)
@@ -380,7 +395,7 @@ def finetune_(
             raise ConfigError("every parameter of the student is frozen (requires_grad=False); unfreeze it: "
                               "student.requires_grad_(True)")
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg))
         if s2ft is not None:  # the slices keep their own masks
             keeper = s2ft
         else:  # allow_dense: nothing to keep; adapters: the base is frozen, the merge keeps the mask
