@@ -12,6 +12,7 @@
 #include "buffers.h"
 #include "column_sparse_kernels.h"
 #include "sparse_input.h"
+#include "channel_parts.h"
 #include "threadpool.h"
 
 namespace sf {
@@ -75,19 +76,13 @@ int64_t gemv_col_tile(int64_t out) {
   return min64(8 * kColBlock, max64(kColBlock, (per + kColBlock - 1) / kColBlock * kColBlock));
 }
 
-// One row (batch 1): the active channels are cut into parts that each sum their products over wide
-// column tiles (a channel's values for a tile are one contiguous run: short runs, as narrow tiles
-// give, restart the hardware prefetchers per channel), then the parts' partial sums are added in
-// order. The number of parts depends on the active channels only, never on the thread count, so
-// results do not change with the threads.
-constexpr int64_t kPartChannels = 256;  // fewest active channels in a part
-constexpr int64_t kMaxParts = 4;
+// One row (batch 1): the GEMV over channel parts (channel_parts.h).
 constexpr int64_t kPartTile = 16 * kColBlock;  // columns per task (32 KB of partial sums)
 
 void gemv_parts(const ColumnSparseProblem& p, const ColumnSparseKernels& col, const int32_t* idx, const float* xv,
                 int64_t n, bool parallel) {
   const ColumnSparseWeight& w = p.w;
-  const int64_t parts = max64(1, min64(kMaxParts, n / kPartChannels));
+  const int64_t parts = channel_parts(n);
   const int64_t cw = min64(kPartTile, (w.out + kColBlock - 1) / kColBlock * kColBlock);
   const int64_t ntiles = (w.out + cw - 1) / cw;
   const int64_t ld = round64(cw);
@@ -106,10 +101,7 @@ void gemv_parts(const ColumnSparseProblem& p, const ColumnSparseKernels& col, co
     const int64_t j0 = tile * cw, c = min64(cw, w.out - j0);
     float* y = p.y + j0;
     for (int64_t j = 0; j < c; ++j) y[j] = sum_start(p, j0 + j);
-    for (int64_t part = 0; part < parts; ++part) {
-      const float* a = partial.data() + static_cast<size_t>((part * ntiles + tile) * ld);
-      for (int64_t j = 0; j < c; ++j) y[j] += a[j];
-    }
+    add_parts(y, partial.data(), parts, ntiles, tile, ld, c);
   }
   finish_int8(p, p.y, w.out, 1, 0, w.out);
 }

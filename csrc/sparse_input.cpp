@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "sparse_input_kernels.h"
+#include "channel_parts.h"
 #include "threadpool.h"
 
 namespace sf {
@@ -65,18 +66,12 @@ int64_t gemv_col_tile(int64_t out) {
   return min64(4096, max64(512, (per + 63) / 64 * 64));
 }
 
-// One row (batch 1): the active channels are cut into parts that each sum their products over wide
-// column tiles (each channel's weights for a tile are one contiguous run; narrow tiles cut them into
-// short runs that restart the hardware prefetchers per channel), then the parts' partial sums are
-// added in order. The number of parts depends on the active channels only, never on the thread
-// count, so results do not change with the threads.
-constexpr int64_t kPartChannels = 256;  // fewest active channels in a part
-constexpr int64_t kMaxParts = 4;
+// One row (batch 1): the GEMV over channel parts (channel_parts.h).
 constexpr int64_t kPartTile = 8192;  // columns per task (32 KB of partial sums)
 
 void gemv_parts(const SparseInputProblem& p, const SparseInputKernels& k, const int32_t* idx, const float* xv,
                 int64_t n, bool parallel) {
-  const int64_t parts = max64(1, min64(kMaxParts, n / kPartChannels));
+  const int64_t parts = channel_parts(n);
   const int64_t cw = min64(kPartTile, p.out);
   const int64_t ntiles = (p.out + cw - 1) / cw;
   std::vector<float> partial(static_cast<size_t>(parts * ntiles * cw));  // (parts, tiles, cw)
@@ -94,10 +89,7 @@ void gemv_parts(const SparseInputProblem& p, const SparseInputKernels& k, const 
   for (int64_t tile = 0; tile < ntiles; ++tile) {
     const int64_t j0 = tile * cw, c = min64(cw, p.out - j0);
     float* y = p.y + j0;
-    for (int64_t part = 0; part < parts; ++part) {
-      const float* a = partial.data() + static_cast<size_t>((part * ntiles + tile) * cw);
-      for (int64_t j = 0; j < c; ++j) y[j] += a[j];
-    }
+    add_parts(y, partial.data(), parts, ntiles, tile, cw, c);
   }
 }
 
