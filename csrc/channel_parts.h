@@ -6,6 +6,10 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
+
+#include "common.h"
+#include "threadpool.h"
 
 namespace sf {
 
@@ -18,13 +22,36 @@ inline int64_t channel_parts(int64_t n) {
   return p < 1 ? 1 : (p > kMaxParts ? kMaxParts : p);
 }
 
-// y[0:c] += partial[(part * ntiles + tile) * ld + j] over the parts, in order; partial is
-// (parts, ntiles, ld)
-inline void add_parts(float* y, const float* partial, int64_t parts, int64_t ntiles, int64_t tile, int64_t ld,
-                      int64_t c) {
-  for (int64_t part = 0; part < parts; ++part) {
-    const float* a = partial + (part * ntiles + tile) * ld;
-    for (int64_t j = 0; j < c; ++j) y[j] += a[j];
+// The parts' partial sums: (parts, ntiles, ld) floats, column tile t of part q at (q * ntiles + t) * ld.
+struct PartialSums {
+  int64_t parts, ntiles, cw, ld;
+  std::vector<float> sums;
+};
+
+// tile(k0, k1, j0, c, a) adds the products of active channels [k0, k1) to a[0:c] (zeroed, ld floats)
+// for output columns [j0, j0 + c); one task per part and column tile of width cw (the last narrower).
+template <class Tile>
+PartialSums partial_sums(int64_t n, int64_t out, int64_t cw, int64_t ld, bool parallel, Tile tile) {
+  PartialSums s{channel_parts(n), (out + cw - 1) / cw, cw, ld, {}};
+  s.sums.assign(static_cast<size_t>(s.parts * s.ntiles * ld), 0.f);
+  parallel_for(
+      s.parts * s.ntiles,
+      [&](int64_t t, int) {
+        const int64_t part = t / s.ntiles, j0 = (t % s.ntiles) * cw;
+        tile(n * part / s.parts, n * (part + 1) / s.parts, j0, min64(cw, out - j0), s.sums.data() + t * ld);
+      },
+      parallel);
+  return s;
+}
+
+// y[0:out] += the parts' partial sums, part by part in order
+inline void add_parts(const PartialSums& s, int64_t out, float* y) {
+  for (int64_t tile = 0; tile < s.ntiles; ++tile) {
+    const int64_t j0 = tile * s.cw, c = min64(s.cw, out - j0);
+    for (int64_t part = 0; part < s.parts; ++part) {
+      const float* a = s.sums.data() + (part * s.ntiles + tile) * s.ld;
+      for (int64_t j = 0; j < c; ++j) y[j0 + j] += a[j];
+    }
   }
 }
 

@@ -82,27 +82,13 @@ constexpr int64_t kPartTile = 16 * kColBlock;  // columns per task (32 KB of par
 void gemv_parts(const ColumnSparseProblem& p, const ColumnSparseKernels& col, const int32_t* idx, const float* xv,
                 int64_t n, bool parallel) {
   const ColumnSparseWeight& w = p.w;
-  const int64_t parts = channel_parts(n);
   const int64_t cw = min64(kPartTile, (w.out + kColBlock - 1) / kColBlock * kColBlock);
-  const int64_t ntiles = (w.out + cw - 1) / cw;
-  const int64_t ld = round64(cw);
-  std::vector<float> partial(static_cast<size_t>(parts * ntiles * ld));  // (parts, tiles, ld)
-  parallel_for(
-      parts * ntiles,
-      [&](int64_t t, int) {
-        const int64_t part = t / ntiles, j0 = (t % ntiles) * cw, c = min64(cw, w.out - j0);
-        const int64_t k0 = n * part / parts, k1 = n * (part + 1) / parts;
-        float* a = partial.data() + static_cast<size_t>(t * ld);
-        for (int64_t j = 0; j < ld; ++j) a[j] = 0.f;
-        col.gemv_tile(w, idx + k0, xv + k0, k1 - k0, j0, c, a);
-      },
-      parallel);
-  for (int64_t tile = 0; tile < ntiles; ++tile) {
-    const int64_t j0 = tile * cw, c = min64(cw, w.out - j0);
-    float* y = p.y + j0;
-    for (int64_t j = 0; j < c; ++j) y[j] = sum_start(p, j0 + j);
-    add_parts(y, partial.data(), parts, ntiles, tile, ld, c);
-  }
+  const PartialSums parts = partial_sums(n, w.out, cw, round64(cw), parallel,
+                                         [&](int64_t k0, int64_t k1, int64_t j0, int64_t c, float* a) {
+                                           col.gemv_tile(w, idx + k0, xv + k0, k1 - k0, j0, c, a);
+                                         });
+  for (int64_t j = 0; j < w.out; ++j) p.y[j] = sum_start(p, j);
+  add_parts(parts, w.out, p.y);
   finish_int8(p, p.y, w.out, 1, 0, w.out);
 }
 

@@ -71,26 +71,13 @@ constexpr int64_t kPartTile = 8192;  // columns per task (32 KB of partial sums)
 
 void gemv_parts(const SparseInputProblem& p, const SparseInputKernels& k, const int32_t* idx, const float* xv,
                 int64_t n, bool parallel) {
-  const int64_t parts = channel_parts(n);
   const int64_t cw = min64(kPartTile, p.out);
-  const int64_t ntiles = (p.out + cw - 1) / cw;
-  std::vector<float> partial(static_cast<size_t>(parts * ntiles * cw));  // (parts, tiles, cw)
-  parallel_for(
-      parts * ntiles,
-      [&](int64_t t, int) {
-        const int64_t part = t / ntiles, j0 = (t % ntiles) * cw, c = min64(cw, p.out - j0);
-        const int64_t k0 = n * part / parts, k1 = n * (part + 1) / parts;
-        float* a = partial.data() + static_cast<size_t>(t * cw);
-        for (int64_t j = 0; j < c; ++j) a[j] = 0.f;
-        k.gemv_tile(p.w, p.wt, p.out, idx + k0, xv + k0, k1 - k0, j0, c, a);
-      },
-      parallel);
+  const PartialSums parts = partial_sums(n, p.out, cw, cw, parallel,
+                                         [&](int64_t k0, int64_t k1, int64_t j0, int64_t c, float* a) {
+                                           k.gemv_tile(p.w, p.wt, p.out, idx + k0, xv + k0, k1 - k0, j0, c, a);
+                                         });
   init_rows(p, 0, p.out);
-  for (int64_t tile = 0; tile < ntiles; ++tile) {
-    const int64_t j0 = tile * cw, c = min64(cw, p.out - j0);
-    float* y = p.y + j0;
-    add_parts(y, partial.data(), parts, ntiles, tile, cw, c);
-  }
+  add_parts(parts, p.out, p.y);
 }
 
 }  // namespace

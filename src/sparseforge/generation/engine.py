@@ -295,9 +295,10 @@ class DecodeEngine:
             else torch.empty(1, self.heads, self.head_dim, dtype=torch.float32)
         self._layers = [self._plan(layer, None if silu else layer.mlp.act_fn) for layer in inner.layers]
         self._lm_head = self._caller(model.lm_head)
-        # a torch lm_head (not a native one: SparseLinear, the bound bf16 GEMV) runs on the kernels' thread count: inside kernels.sparse_threads torch has one thread,
-        # and the vocab-sized GEMV is the step's largest dense product (4096x2048 fp32, 2 threads, quiet:
-        # 2.30 -> 1.40 ms; on a loaded machine torch's statically split threads measured slower)
+        # a torch lm_head (not a native one: SparseLinear, the bound bf16 GEMV) runs on the kernels' thread
+        # count: inside kernels.sparse_threads torch has one thread, and the vocab-sized GEMV is the step's
+        # largest dense product (4096x2048 fp32, 2 threads, quiet: 2.30 -> 1.40 ms; on a loaded machine
+        # torch's statically split threads measured slower)
         self._lm_head_on_torch = not isinstance(model.lm_head, SparseLinear) and not isinstance(self._lm_head, BoundDenseBf16)
 
     def _caller(self, layer: nn.Module) -> Callable[[Tensor], Tensor]:
