@@ -14,7 +14,9 @@ Cells, interleaved round by round so drifting load hits every cell alike (median
   decode engine (:func:`sparseforge.generation.loop.native_generate`: fused projections, static KV
   cache, native decode attention), and one forward of ``--prefill`` tokens: dense fp32, dense bf16,
   magnitude-pruned 2:4 / 75% / 90% compressed with ``compress_`` (fp32 values), and 2:4 / 75% with
-  int8 values (``compress_(..., format="rule", dtype=torch.int8)``, one scale per output row), each also
+  int8 values (``compress_(..., format="rule", dtype=torch.int8)``, one scale per output row; the dense
+  ``lm_head`` int8 too, stored as a full bitmap: :func:`int8_lm_head_`, as llama.cpp's Q8_0 quantizes its
+  ``output.weight``; ``--float-lm-head`` keeps it float32), each also
   with int8 activations (``w8a8``: ``set_activation_precision_(model, "int8")``); plus the dense fp32
   model through transformers' ``generate`` as the reference row (``transformers generate: dense fp32``).
   Decode tokens/s are timed from the first generated token to the last (:class:`TokenClock`), so the
@@ -70,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sparsities", nargs="+", default=["2:4", "0.75", "0.9"])
     p.add_argument("--int8-sparsities", nargs="+", default=["2:4", "0.75"], help="variants also built with int8 values")
+    p.add_argument("--float-lm-head", action="store_true",
+                   help="int8 cells keep the lm_head float32 (default: int8, as Q8_0 quantizes output.weight)")
     p.add_argument("--work", type=Path, default=peer.CACHE / "models")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--cells", nargs="+", default=None, metavar="TEXT",
@@ -189,8 +193,18 @@ def weight_bytes_per_token(model) -> int:
     return total + emb.shape[1] * emb.element_size()
 
 
-def _pruned(dense, s: str, dtype=None):
-    """A copy of ``dense`` magnitude-pruned to ``s`` (N:M or a sparsity) and compressed; its cell name."""
+def int8_lm_head_(model) -> str:
+    """Store ``model``'s (dense) lm_head with int8 values, one scale per output row, in the bitmap format (every
+    bit set): the counterpart of the Q8_0 ``output.weight`` llama.cpp reads per token. Returns the cell-name tag."""
+    from sparseforge.runtime.compress import compress_
+
+    compress_(model, format="bitmap", targets=["lm_head"], min_sparsity=0.0, dtype=torch.int8)
+    return "; lm_head int8"
+
+
+def _pruned(dense, s: str, dtype=None, int8_head: bool = True):
+    """A copy of ``dense`` magnitude-pruned to ``s`` (N:M or a sparsity) and compressed; its cell name. int8 cells
+    get an int8 lm_head too unless ``int8_head`` is False."""
     import sparseforge as sf
     from sparseforge.runtime.compress import compress_
 
@@ -201,6 +215,8 @@ def _pruned(dense, s: str, dtype=None):
     # layer dense where dense fp32 beats the fp32-valued formats, and the cell would then not be int8
     report = compress_(model, format="rule" if dtype == torch.int8 else "auto", dtype=dtype)
     fmts = ",".join(sorted({c.format for c in report.converted})) or "no layer converted: dense"
+    if dtype == torch.int8 and int8_head:
+        fmts += int8_lm_head_(model)
     return model, f"sparseforge {_label(s)} {'int8' if dtype == torch.int8 else 'fp32'} ({fmts})"
 
 
@@ -214,7 +230,8 @@ def _label(s: str) -> str:
     return s if ":" in s else f"{float(s):.0%}"
 
 
-def our_variants(hf_dir: Path, sparsities: list[str], int8_sparsities: list[str], cells: list[str] | None = None) -> dict:
+def our_variants(hf_dir: Path, sparsities: list[str], int8_sparsities: list[str], cells: list[str] | None = None,
+                 int8_head: bool = True) -> dict:
     """cell name -> (model, sparse, engine): every cell decodes through the native engine except the
     ``generate`` reference row (the same dense fp32 model through transformers' ``generate``). With
     ``cells``, only the selected ones (a pruned variant is built when it or its w8a8 twin is selected)."""
@@ -230,7 +247,7 @@ def our_variants(hf_dir: Path, sparsities: list[str], int8_sparsities: list[str]
         kinds = ("int8", "w8a8") if dtype == torch.int8 else ("fp32",)
         if not any(selected(f"sparseforge {label} {k} (", cells) for k in kinds):
             continue
-        model, name = _pruned(dense, s, dtype)
+        model, name = _pruned(dense, s, dtype, int8_head)
         if selected(name, cells):
             out[name] = (model, True, "native")
         if dtype == torch.int8 and selected(name.replace(" int8 (", " w8a8 ("), cells):  # int8 activations too (W8A8)
@@ -315,7 +332,7 @@ def main(argv=None) -> dict:
     print(f"llama.cpp build: {'reused' if tools.build_seconds == 0 else f'{tools.build_seconds:.0f} s'} ({tools.bin})")
     hf_dir = write_model(args)
     ggufs = {kind: path for kind, path in convert_all(tools, hf_dir).items() if selected(f"llama.cpp {kind.lower()}", args.cells)}
-    ours = our_variants(hf_dir, args.sparsities, args.int8_sparsities, args.cells)
+    ours = our_variants(hf_dir, args.sparsities, args.int8_sparsities, args.cells, int8_head=not args.float_lm_head)
     torch.set_num_threads(args.threads)
     kernels.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)

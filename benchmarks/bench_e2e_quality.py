@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_llamacpp_peer as peer  # noqa: E402
-from bench_e2e_llamacpp import convert_all  # noqa: E402
+from bench_e2e_llamacpp import convert_all, int8_lm_head_  # noqa: E402
 from bench_host import host_info, host_line  # noqa: E402
 from bench_output import write_json  # noqa: E402
 
@@ -161,13 +161,15 @@ def prune(model, label: str, bits: int | None, tokens: torch.Tensor, cache: Path
 
 def compressed(model, int8: bool):
     """``model`` with every pruned layer as SparseLinear (int8 values when quantized) in the format the
-    rule picks (``"auto"`` would keep this small model's layers dense: they are faster dense)."""
+    rule picks (``"auto"`` would keep this small model's layers dense: they are faster dense); quantized models
+    get the int8 lm_head of the speed table's int8 cells (:func:`int8_lm_head_`)."""
     from sparseforge.runtime.compress import compress_
 
     out = copy.deepcopy(model)
     kw = {"dtype": torch.int8} if int8 else {}
     report = compress_(out, format="rule", **kw)
-    return out, ",".join(sorted({c.format for c in report.converted}))
+    fmts = ",".join(sorted({c.format for c in report.converted}))
+    return out, fmts + (int8_lm_head_(out) if int8 else "")
 
 
 def save_hf(model, tokenizer, path: Path) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmark_modules import load_benchmark
 
@@ -117,3 +118,25 @@ def test_cells_option_selects_by_text_and_defaults_to_all():
     assert not any(e2e.selected(n, ["nothing like it"]) for n in names)
     args = e2e.parse_args(["--cells", "q8_0", "int8", "--start-file", "/tmp/go"])
     assert args.cells == ["q8_0", "int8"] and str(args.start_file) == "/tmp/go"
+
+
+def test_int8_lm_head_stores_the_head_int8_and_keeps_its_logits_close():
+    import transformers as t
+
+    from sparseforge.nn.sparse_linear import SparseLinear
+
+    bench = load_benchmark("e2e_llamacpp")
+    torch.manual_seed(0)
+    model = t.LlamaForCausalLM(t.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=300)).eval()
+    ids = torch.randint(0, 300, (1, 9))
+    with torch.inference_mode():
+        before = model(ids).logits
+        bytes_before = bench.weight_bytes_per_token(model)
+        assert bench.int8_lm_head_(model) == "; lm_head int8"
+        after = model(ids).logits
+    head = model.lm_head
+    assert isinstance(head, SparseLinear) and head.weight_format.dtype == torch.int8
+    assert head.weight_format.nnz == 300 * 64  # nothing pruned: every weight stored (small ones as int8 zeros)
+    assert bench.weight_bytes_per_token(model) < bytes_before - 300 * 64 * 2
+    assert (after - before).abs().max() < 0.02 * before.abs().max()
