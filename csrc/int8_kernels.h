@@ -524,6 +524,44 @@ float quantize_row(const float* x, int64_t n, int8_t* q) {
   return amax / 127.f;
 }
 
+// limbs[k * ld + j] = byte k of X[j] + 2^23, X[j] = clamp(nearbyint(x[j] * inv), +-kFxMax), inv = kFxMax / amax
+// (int8.h, the fixed-point walk); zeros in [n, ld). Returns amax / kFxMax, or -1 (nothing written) when
+// 0 < amax < kFxMinAmax. Exact in every path: one float32 multiply and one rounding per element.
+float fixed_row(const float* x, int64_t n, uint8_t* limbs, int64_t ld) {
+  float amax = 0.f;
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  __m512 m = _mm512_setzero_ps();
+  for (; j + 16 <= n; j += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + j)));
+  amax = _mm512_reduce_max_ps(m);
+#endif
+  for (; j < n; ++j) amax = std::max(amax, std::fabs(x[j]));
+  if (amax > 0.f && amax < kFxMinAmax) return -1.f;
+  const float inv = amax > 0.f ? static_cast<float>(kFxMax) / amax : 0.f;
+  uint8_t* l0 = limbs;
+  uint8_t* l1 = limbs + ld;
+  uint8_t* l2 = limbs + 2 * ld;
+  j = 0;
+#if defined(__AVX512F__)
+  const __m512 vinv = _mm512_set1_ps(inv);
+  const __m512i lo = _mm512_set1_epi32(-kFxMax), hi = _mm512_set1_epi32(kFxMax), off = _mm512_set1_epi32(1 << 23);
+  for (; j + 16 <= n; j += 16) {  // round to nearest even (MXCSR default) as nearbyint
+    __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + j), vinv));
+    v = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(v, lo), hi), off);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(l0 + j), _mm512_cvtepi32_epi8(v));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(l1 + j), _mm512_cvtepi32_epi8(_mm512_srli_epi32(v, 8)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(l2 + j), _mm512_cvtepi32_epi8(_mm512_srli_epi32(v, 16)));
+  }
+#endif
+  for (; j < n; ++j) {
+    const float r = std::nearbyint(x[j] * inv);
+    const int32_t v = static_cast<int32_t>(std::max(-static_cast<float>(kFxMax), std::min(static_cast<float>(kFxMax), r))) + (1 << 23);
+    l0[j] = static_cast<uint8_t>(v), l1[j] = static_cast<uint8_t>(v >> 8), l2[j] = static_cast<uint8_t>(v >> 16);
+  }
+  for (int k = 0; k < kFxLimbs; ++k) std::memset(limbs + k * ld + n, 0, static_cast<size_t>(ld - n));
+  return amax / static_cast<float>(kFxMax);
+}
+
 // y[b, r] = scales[r] * (sx[b] * float(dot)) + bias[r] for rows [r0, r1): dot(r, xq rows, sums, nb)
 // writes the exact integer sums of row r against NB quantized x rows.
 template <class DotFn>
@@ -534,31 +572,49 @@ void i8_rows_qx(const Problem& p, const QuantX& xq, const float* scales, int64_t
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512VBMI2__)
-// Both kernels multiply (q + 128) as u8 by the gathered xq as s8 (vpdpbusd, 64 values a step) and
-// subtract 128 * sum xq (a second vpdpbusd). The int32 lanes wrap, but the difference is the exact
-// dot as long as it stays below 2^31 per chunk: |dot| <= 127 * 127 * values, so each chunk of at most
-// kQxChunk values is reduced into an int64.
+// Both kernels multiply the gathered xq + 128 as u8 (xq ^ 0x80) by q as s8 (vpdpbusd, 64 values a step)
+// and subtract 128 * sum q (the row's values summed once, fx_values_sum): one vpdpbusd per step. A
+// lane gains at most 4 * 255 * 128 per step, so each chunk of at most kQxChunk values (or columns) is
+// reduced into an int64 (lanes widened first) long before a lane could wrap.
 constexpr int64_t kQxChunk = 65536;
+
+// sum of the int32 lanes of v, in int64
+inline int64_t lanes_sum64(__m512i v) {
+  return _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)),
+                                                  _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1))));
+}
+
+// sum of q[0, n), exact (vpdpbusd of ones by the values, at most 512 per lane and step)
+inline int64_t fx_values_sum(const int8_t* q, int64_t n) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  int64_t total = 0;
+  for (int64_t k0 = 0; k0 < n; k0 += kQxChunk) {
+    const int64_t k1 = min64(n, k0 + kQxChunk);
+    __m512i a = _mm512_setzero_si512();
+    int64_t k = k0;
+    for (; k + 64 <= k1; k += 64) a = _mm512_dpbusd_epi32(a, ones, _mm512_loadu_si512(q + k));
+    if (k < k1) a = _mm512_dpbusd_epi32(a, ones, _mm512_maskz_loadu_epi8(_bzhi_u64(~uint64_t{0}, static_cast<unsigned>(k1 - k)), q + k));
+    total += lanes_sum64(a);
+  }
+  return total;
+}
 
 template <int NB>
 struct QxAcc {
-  __m512i acc[NB], cor[NB];
+  __m512i acc[NB];
   int64_t total[NB] = {};
   QxAcc() { clear(); }
   void clear() {
-    for (int nb = 0; nb < NB; ++nb) acc[nb] = cor[nb] = _mm512_setzero_si512();
+    for (int nb = 0; nb < NB; ++nb) acc[nb] = _mm512_setzero_si512();
   }
-  void add(__m512i wu, int nb, __m512i xg) {
-    acc[nb] = _mm512_dpbusd_epi32(acc[nb], wu, xg);
-    cor[nb] = _mm512_dpbusd_epi32(cor[nb], _mm512_set1_epi8(static_cast<char>(0x80)), xg);
-  }
+  void add(__m512i xu, int nb, __m512i w) { acc[nb] = _mm512_dpbusd_epi32(acc[nb], xu, w); }
   void flush() {
-    for (int nb = 0; nb < NB; ++nb) total[nb] += _mm512_reduce_add_epi32(_mm512_sub_epi32(acc[nb], cor[nb]));
+    for (int nb = 0; nb < NB; ++nb) total[nb] += lanes_sum64(acc[nb]);
     clear();
   }
 };
 
-inline __m512i flip_sign(__m512i w) { return _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80))); }
+inline __m512i flip_sign(__m512i v) { return _mm512_xor_si512(v, _mm512_set1_epi8(static_cast<char>(0x80))); }
 
 // 2:4: 64 values (128 columns from 2k, 16 index bytes) per step. Byte j of the control takes bits
 // [2j, 2j + 8) of the index qword that holds value j's field (vpmultishiftqb: qwords 0-3 of the source
@@ -593,10 +649,10 @@ inline void nm24_qx_row_dot(const int8_t* q, const uint8_t* irow, int64_t vpr, c
       std::memcpy(&i0, irow + k / 4, 8);
       std::memcpy(&i1, irow + k / 4 + 8, 8);
       const __m512i pos = positions(i0, i1);
-      const __m512i wu = flip_sign(_mm512_loadu_si512(q + k));
+      const __m512i w = _mm512_loadu_si512(q + k);
       for (int nb = 0; nb < NB; ++nb) {
         const int8_t* x = xs[nb] + 2 * k;
-        a.add(wu, nb, _mm512_permutex2var_epi8(_mm512_loadu_si512(x), pos, _mm512_loadu_si512(x + 64)));
+        a.add(flip_sign(_mm512_permutex2var_epi8(_mm512_loadu_si512(x), pos, _mm512_loadu_si512(x + 64))), nb, w);
       }
     }
     if (k < c1) {  // the last nv < 64 values: index bytes copied, values and gathered x masked (x is padded)
@@ -605,15 +661,16 @@ inline void nm24_qx_row_dot(const int8_t* q, const uint8_t* irow, int64_t vpr, c
       std::memcpy(i, irow + k / 4, static_cast<size_t>((nv + 3) / 4));
       const __m512i pos = positions(i[0], i[1]);
       const __mmask64 vm = _bzhi_u64(~uint64_t{0}, static_cast<unsigned>(nv));
-      const __m512i wu = flip_sign(_mm512_maskz_loadu_epi8(vm, q + k));
+      const __m512i w = _mm512_maskz_loadu_epi8(vm, q + k);  // zeros past the row: those products vanish
       for (int nb = 0; nb < NB; ++nb) {
         const int8_t* x = xs[nb] + 2 * k;
-        a.add(wu, nb, _mm512_maskz_permutex2var_epi8(vm, _mm512_loadu_si512(x), pos, _mm512_loadu_si512(x + 64)));
+        a.add(flip_sign(_mm512_permutex2var_epi8(_mm512_loadu_si512(x), pos, _mm512_loadu_si512(x + 64))), nb, w);
       }
     }
     a.flush();
   }
-  for (int nb = 0; nb < NB; ++nb) sums[nb] = a.total[nb];
+  const int64_t qsum = fx_values_sum(q, vpr);
+  for (int nb = 0; nb < NB; ++nb) sums[nb] = a.total[nb] - 128 * qsum;
 }
 
 // bitmap: 64 columns per step; the xq of the kept columns are packed to the front (vpcompressb by
@@ -636,10 +693,11 @@ inline void bitmap_qx_row_dot(const int8_t* q, int64_t vp, int64_t end, const ui
     const int64_t n = _mm_popcnt_u64(m);
     const __m512i w = vp + 64 <= end ? _mm512_loadu_si512(q + vp)
                                      : _mm512_maskz_loadu_epi8(_bzhi_u64(~uint64_t{0}, static_cast<unsigned>(n)), q + vp);
-    const __m512i wu = flip_sign(w);
-    for (int nb = 0; nb < NB; ++nb) a.add(wu, nb, _mm512_maskz_compress_epi8(m, _mm512_loadu_si512(xs[nb] + c)));
+    // the packed xq + 128 has zeros above n, where w holds the next row's values
+    for (int nb = 0; nb < NB; ++nb) a.add(_mm512_maskz_compress_epi8(m, flip_sign(_mm512_loadu_si512(xs[nb] + c))), nb, w);
     vp += n;
   };
+  const int64_t vp0 = vp;
   for (int64_t c0 = 0; c0 < cols; c0 += kQxChunk) {
     const int64_t c1 = min64(cols, c0 + kQxChunk);
     int64_t c = c0;
@@ -651,8 +709,135 @@ inline void bitmap_qx_row_dot(const int8_t* q, int64_t vp, int64_t end, const ui
     a0.flush();
     a1.flush();
   }
-  for (int nb = 0; nb < NB; ++nb) sums[nb] = a0.total[nb] + a1.total[nb];
+  const int64_t qsum = fx_values_sum(q + vp0, vp - vp0);
+  for (int nb = 0; nb < NB; ++nb) sums[nb] = a0.total[nb] + a1.total[nb] - 128 * qsum;
 }
+
+// ---- the float32 mode's fixed-point walk (int8.h FixedX): vpdpbusd of the x limb bytes (u8) by the
+// values (s8). Two accumulator sets take turns by step (the vpdpbusd latency is longer than a step);
+// each vpdpbusd adds at most 4 * 255 * 128 to a lane, so the int32 lanes are reduced into an int64 every
+// kFxChunkSteps steps (at most kFxChunkSteps / 2 + 1 per set: the two sets' sum stays below 2^31).
+constexpr int64_t kFxChunkSteps = 8192;
+
+// The int32 lanes of the accumulator sets (acc[set][nb][limb]) summed in int64, limbs weighted by 256^k:
+// sets added first (each set takes at most half a chunk's steps: no lane wraps), then widened.
+template <int NB>
+inline void fx_flush(__m512i (&acc)[2][NB][kFxLimbs], int64_t* total) {
+  for (int nb = 0; nb < NB; ++nb) {
+    __m512i t = _mm512_setzero_si512();
+    for (int k = 0; k < kFxLimbs; ++k) {
+      const __m512i v = _mm512_add_epi32(acc[0][nb][k], acc[1][nb][k]);
+      const __m512i w = _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)),
+                                         _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1)));
+      t = _mm512_add_epi64(t, _mm512_slli_epi64(w, 8 * k));
+      acc[0][nb][k] = acc[1][nb][k] = _mm512_setzero_si512();
+    }
+    total[nb] += _mm512_reduce_add_epi64(t);
+  }
+}
+
+// bitmap: 64 columns per step; the row's next values expand-loaded to the bytes their bitmap bits name
+// (zeros elsewhere; vpexpandb reads exactly popcount bytes), times the three limb planes of x at those
+// columns. xs[nb] is batch row nb's limb plane 0 (plane k at + k * ld). Steps alternate between the two
+// accumulator sets.
+template <int NB>
+inline void bitmap_fx_row_dot(const int8_t* q, int64_t vp, const uint8_t* bits, int64_t cols, const uint8_t* const* xs,
+                              int64_t ld, int64_t* sums) {
+  const int64_t vp0 = vp;
+  __m512i acc[2][NB][kFxLimbs];
+  for (int s = 0; s < 2; ++s)
+    for (int nb = 0; nb < NB; ++nb)
+      for (int k = 0; k < kFxLimbs; ++k) acc[s][nb][k] = _mm512_setzero_si512();
+  int64_t total[NB] = {};
+  for (int64_t c0 = 0; c0 < cols; c0 += 64 * kFxChunkSteps) {
+    const int64_t c1 = min64(cols, c0 + 64 * kFxChunkSteps);
+    int64_t c = c0;
+    for (; c + 128 <= c1; c += 128) {
+      v512::prefetch(q + vp, v512::kPrefetchBytes);
+      uint64_t m0, m1;
+      std::memcpy(&m0, bits + c / 8, 8);
+      std::memcpy(&m1, bits + c / 8 + 8, 8);
+      const __m512i w0 = _mm512_maskz_expandloadu_epi8(m0, q + vp);
+      const __m512i w1 = _mm512_maskz_expandloadu_epi8(m1, q + vp + _mm_popcnt_u64(m0));
+      vp += _mm_popcnt_u64(m0) + _mm_popcnt_u64(m1);
+      for (int nb = 0; nb < NB; ++nb) {
+        const uint8_t* x = xs[nb] + c;
+        for (int k = 0; k < kFxLimbs; ++k) {
+          acc[0][nb][k] = _mm512_dpbusd_epi32(acc[0][nb][k], _mm512_loadu_si512(x + k * ld), w0);
+          acc[1][nb][k] = _mm512_dpbusd_epi32(acc[1][nb][k], _mm512_loadu_si512(x + k * ld + 64), w1);
+        }
+      }
+    }
+    for (; c < c1; c += 64) {  // the last 64 or fewer columns of the chunk
+      uint64_t m = 0;
+      std::memcpy(&m, bits + c / 8, static_cast<size_t>(min64(8, (c1 - c + 7) / 8)));
+      if (c + 64 > c1) m = _bzhi_u64(m, static_cast<unsigned>(c1 - c));
+      const __m512i w = _mm512_maskz_expandloadu_epi8(m, q + vp);
+      vp += _mm_popcnt_u64(m);
+      for (int nb = 0; nb < NB; ++nb)
+        for (int k = 0; k < kFxLimbs; ++k)
+          acc[0][nb][k] = _mm512_dpbusd_epi32(acc[0][nb][k], _mm512_loadu_si512(xs[nb] + k * ld + c), w);
+    }
+    fx_flush<NB>(acc, total);
+  }
+  const int64_t qsum = fx_values_sum(q + vp0, vp - vp0);
+  for (int nb = 0; nb < NB; ++nb) sums[nb] = total[nb] - qsum * (int64_t{1} << 23);
+}
+
+// 2:4: 64 values (128 columns from 2k) per step; each limb plane's bytes at the values' columns gathered
+// by vpermt2b with the positions of nm24_qx_row_dot. Steps alternate between the two accumulator sets.
+template <int NB>
+inline void nm24_fx_row_dot(const int8_t* q, const uint8_t* irow, int64_t vpr, const uint8_t* const* xs, int64_t ld,
+                            int64_t* sums) {
+  const __m512i shift = _mm512_load_si512(kNm24Qx.shift), base = _mm512_load_si512(kNm24Qx.base);
+  const __m512i three = _mm512_set1_epi8(3);
+  auto positions = [&](uint64_t i0, uint64_t i1) {
+    const __m512i src = _mm512_mask_set1_epi64(_mm512_set1_epi64(static_cast<long long>(i0)), 0xF0, static_cast<long long>(i1));
+    return _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(shift, src), three, base, 0xEA);
+  };
+  __m512i acc[2][NB][kFxLimbs];
+  for (int s = 0; s < 2; ++s)
+    for (int nb = 0; nb < NB; ++nb)
+      for (int k = 0; k < kFxLimbs; ++k) acc[s][nb][k] = _mm512_setzero_si512();
+  int64_t total[NB] = {};
+  for (int64_t k0 = 0; k0 < vpr; k0 += 64 * kFxChunkSteps) {
+    const int64_t k1 = min64(vpr, k0 + 64 * kFxChunkSteps);
+    int64_t k = k0;
+    for (; k + 128 <= k1; k += 128) {
+      v512::prefetch(q + k, v512::kPrefetchBytes);
+      uint64_t i[4];
+      std::memcpy(i, irow + k / 4, 32);
+      const __m512i pos0 = positions(i[0], i[1]), pos1 = positions(i[2], i[3]);
+      const __m512i w0 = _mm512_loadu_si512(q + k), w1 = _mm512_loadu_si512(q + k + 64);
+      for (int nb = 0; nb < NB; ++nb) {
+        for (int l = 0; l < kFxLimbs; ++l) {
+          const uint8_t* x = xs[nb] + l * ld + 2 * k;
+          acc[0][nb][l] = _mm512_dpbusd_epi32(acc[0][nb][l], _mm512_permutex2var_epi8(_mm512_loadu_si512(x), pos0, _mm512_loadu_si512(x + 64)), w0);
+          acc[1][nb][l] = _mm512_dpbusd_epi32(acc[1][nb][l], _mm512_permutex2var_epi8(_mm512_loadu_si512(x + 128), pos1, _mm512_loadu_si512(x + 192)), w1);
+        }
+      }
+    }
+    for (; k < k1; k += 64) {  // the last 64 or fewer values: index bytes copied, values and limbs masked (x is padded)
+      const int64_t nv = min64(64, k1 - k);
+      uint64_t i[2] = {0, 0};
+      std::memcpy(i, irow + k / 4, static_cast<size_t>((nv + 3) / 4));
+      const __m512i pos = positions(i[0], i[1]);
+      const __mmask64 vm = _bzhi_u64(~uint64_t{0}, static_cast<unsigned>(nv));
+      const __m512i w = _mm512_maskz_loadu_epi8(vm, q + k);
+      for (int nb = 0; nb < NB; ++nb) {
+        for (int l = 0; l < kFxLimbs; ++l) {
+          const uint8_t* x = xs[nb] + l * ld + 2 * k;
+          acc[0][nb][l] = _mm512_dpbusd_epi32(
+              acc[0][nb][l], _mm512_maskz_permutex2var_epi8(vm, _mm512_loadu_si512(x), pos, _mm512_loadu_si512(x + 64)), w);
+        }
+      }
+    }
+    fx_flush<NB>(acc, total);
+  }
+  const int64_t qsum = fx_values_sum(q, vpr);
+  for (int nb = 0; nb < NB; ++nb) sums[nb] = total[nb] - qsum * (int64_t{1} << 23);
+}
+#define SF_INT8_FX_KERNELS 1
 #define SF_INT8_QX_KERNELS 1
 
 #elif defined(__AVX2__)
@@ -855,7 +1040,47 @@ void nm_i8_rows_qx(const NmI8& wq, const QuantX& xq, const Problem& p, int64_t r
   });
 }
 
-constexpr I8Kernels kI8Kernels = {bitmap_i8_rows, nm_i8_rows, csr_i8_rows, quantize_row, bitmap_i8_rows_qx, nm_i8_rows_qx};
+#if defined(SF_INT8_FX_KERNELS)
+// y[b, r] = fx_output(scales[r], sx[b], dot, bias[r]) for rows [r0, r1): dot(r, limb planes, sums, nb)
+template <class DotFn>
+void i8_rows_fx(const Problem& p, const FixedX& fx, const float* scales, int64_t r0, int64_t r1, DotFn&& dot) {
+  rows_by_quads<uint8_t, int64_t>(p, fx.limbs, kFxLimbs * fx.ld, r0, r1, dot, [&](int64_t r, int64_t b, int64_t sum, float bv) {
+    return fx_output(scales[r], fx.scale[b], sum, bv);
+  });
+}
+
+void bitmap_i8_rows_fx(const BitmapI8& wq, const FixedX& fx, const Problem& p, int64_t r0, int64_t r1) {
+  const BitmapView& w = wq.w;
+  const int8_t* q = static_cast<const int8_t*>(w.val);
+  const RowPrefetch prefetch_row(w);
+  i8_rows_fx(p, fx, wq.scales, r0, r1, [&](int64_t r, const uint8_t* const* xs, int64_t* sums, auto nbc) {
+    prefetch_row(w, r);
+    bitmap_fx_row_dot<decltype(nbc)::value>(q, w.row_offsets[r], w.bits + r * w.bpr, w.cols, xs, fx.ld, sums);
+  });
+}
+
+void nm_i8_rows_fx(const NmI8& wq, const FixedX& fx, const Problem& p, int64_t r0, int64_t r1) {
+  const NmView& w = wq.w;
+  const int8_t* q = static_cast<const int8_t*>(w.val);
+  NmRowBits bits(w);
+  i8_rows_fx(p, fx, wq.scales, r0, r1, [&](int64_t r, const uint8_t* const* xs, int64_t* sums, auto nbc) {
+    constexpr int NB = decltype(nbc)::value;
+    if (w.n == 2 && w.m == 4) {
+      nm24_fx_row_dot<NB>(q + r * w.vpr, w.idx + r * w.ibpr, w.vpr, xs, fx.ld, sums);
+    } else {  // other n:m: the bitmap walk on the row's decoded positions
+      bitmap_fx_row_dot<NB>(q, r * w.vpr, bits.row(r), w.cols, xs, fx.ld, sums);
+    }
+  });
+}
+constexpr auto kBitmapRowsFx = bitmap_i8_rows_fx;
+constexpr auto kNmRowsFx = nm_i8_rows_fx;
+#else
+constexpr void (*kBitmapRowsFx)(const BitmapI8&, const FixedX&, const Problem&, int64_t, int64_t) = nullptr;
+constexpr void (*kNmRowsFx)(const NmI8&, const FixedX&, const Problem&, int64_t, int64_t) = nullptr;
+#endif
+
+constexpr I8Kernels kI8Kernels = {bitmap_i8_rows, nm_i8_rows,   csr_i8_rows, quantize_row, bitmap_i8_rows_qx,
+                                  nm_i8_rows_qx,  fixed_row,    kBitmapRowsFx, kNmRowsFx};
 
 }  // namespace
 }  // namespace sf
