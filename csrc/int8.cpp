@@ -381,8 +381,9 @@ const char* int8_act_path(Isa isa) {
   return "portable";
 }
 
-const char* int8_float_walk(Isa isa) {
-  return i8_kernels(isa).bitmap_rows_fx != nullptr && !float_walk_forced_fma() ? "fixed_x" : "fma";
+const char* int8_float_walk(Isa isa, int n, int m) {
+  const bool nm24 = n == 2 && m == 4;
+  return i8_kernels(isa).bitmap_rows_fx != nullptr && !nm24 && !float_walk_forced_fma() ? "fixed_x" : "fma";
 }
 
 void bitmap_i8_linear_fx_ref(const BitmapI8& w, const Problem& p) { i8_linear_fx_ref(w, p); }
@@ -410,8 +411,12 @@ void bitmap_i8_linear(const BitmapI8& w, const Problem& p, Isa isa, int algo, I8
 }
 
 void nm_i8_linear(const NmI8& w, const Problem& p, Isa isa, int algo, I8Act act) {
-  i8_linear(w, p, I8Run<NmI8, NmKernels>{i8_kernels(isa), nm_kernels(isa), &I8Kernels::nm_rows}, algo,
-            w.w.rows * w.w.vpr, act, &I8Kernels::nm_rows_qx, &I8Kernels::nm_rows_fx);
+  const I8Run<NmI8, NmKernels> run{i8_kernels(isa), nm_kernels(isa), &I8Kernels::nm_rows};
+  if (w.w.n == 2 && w.w.m == 4) {  // the FMA walk (int8_float_walk)
+    i8_linear(w, p, run, algo, w.w.rows * w.w.vpr, act, &I8Kernels::nm_rows_qx);
+  } else {
+    i8_linear(w, p, run, algo, w.w.rows * w.w.vpr, act, &I8Kernels::nm_rows_qx, &I8Kernels::nm_rows_fx);
+  }
 }
 
 }  // namespace sf

@@ -12,7 +12,7 @@
 // the x of 16 values' columns out of two x vectors with vpermt2ps (positions from the index bits)
 // and multiplies the converted values in place; CSR: 16 / 8 values at a time sign-extended and
 // converted, x gathered at their columns, FMA. With AVX512 VNNI + VBMI + VBMI2 the bitmap and N:M rows
-// kernels of the float32 mode take the fixed-point walk instead (FixedX below: x as three limb bytes of a
+// kernels of the float32 mode (N:M other than 2:4) take the fixed-point walk instead (FixedX below: x as three limb bytes of a
 // 24-bit fixed point, exact integer sums by vpdpbusd). For batch >= 4 (or algo=lanes) the driver
 // dequantizes one row block at a time into a float32 buffer and runs the float32 batch-in-lanes
 // kernels of the format on it (bitmap.h, nm.h).
@@ -24,7 +24,7 @@
 // with the integer sum exact (int64). With AVX512 VNNI + VBMI + VBMI2 (use_int8_vnni()) the rows
 // kernels gather the x bytes of the stored values (2:4: vpermt2b with positions from the index
 // bits via vpmultishiftqb; bitmap: vpcompressb by the bitmap's 64-bit masks) and multiply 64 values
-// per vpdpbusd ((xq + 128) as u8 times q as s8, minus 128 * sum q, the row's values summed once). Without
+// per vpdpbusd ((q + 128) as u8 times xq as s8, minus 128 * sum xq by a second vpdpbusd). Without
 // them (and on AVX2) 32 values per step: 2:4 gathers the x bytes with vpshufb, bitmap expands the
 // values to their columns with vpshufb, |q| times sign(xq, q) by vpdpbusd ymm (AVX-VNNI) or
 // vpmaddubsw + vpmaddwd; other n:m run the bitmap kernels on decoded positions. The scalar path is
@@ -72,12 +72,12 @@ inline int64_t quant_x_ld(int64_t in) { return (in + 63) / 64 * 64 + kQuantXPad;
 enum class I8Act : int { f32 = 0, int8 = 1 };
 
 // The float32 mode's fixed-point walk (AVX512 VNNI + VBMI + VBMI2, batch 1-3 rows kernels of the bitmap
-// and N:M): x of each batch row as a 24-bit fixed-point integer, X[j] = clamp(nearbyint(x[j] * inv),
+// and of N:M other than 2:4): x of each batch row as a 24-bit fixed-point integer, X[j] = clamp(nearbyint(x[j] * inv),
 // +-kFxMax) with inv = kFxMax / amax (float32 multiply, round to nearest even; amax = max_j |x[j]|, 0 gives
 // inv = 0), stored as the three bytes of X + 2^23 (limb planes, unsigned). The row sums are exact integers,
 //   sum_j q[r, j] * X[j] = sum_k 256^k * (sum_j q[r, j] * limb_k[j]) - 2^23 * sum_j q[r, j]
-// (vpdpbusd: 64 limb bytes by 64 values per instruction, so the walk costs a byte expansion and three
-// vpdpbusd per 64 columns instead of four widen / convert / FMA chains), and
+// (vpdpbusd: 64 limb bytes by 64 values per instruction, so the walk costs one vpexpandb of the values
+// and three vpdpbusd per 64 columns instead of four widen / convert / FMA chains), and
 //   y[b, r] = scales[r] * (sx[b] * sum) + bias[r],  sx[b] = amax_b / kFxMax,
 // in double, rounded once to float32 (fx_output). The deviation from the exact product is at most
 // scales[r] * sum_j |q[r, j]| * sx[b] / 2 (x rounded to 2^-24 of its largest element), below the float32
@@ -159,10 +159,12 @@ const char* int8_act_path(Isa isa);
 // to dense int8 and summed in int64, fx_output (NaN / inf in x, or amax < kFxMinAmax: the float32 reference)
 void bitmap_i8_linear_fx_ref(const BitmapI8& w, const Problem& p);
 void nm_i8_linear_fx_ref(const NmI8& w, const Problem& p);
-// The walk a float32-activation call of a bitmap / N:M int8 weight at batch 1-3 takes on ISA path isa:
-// "fixed_x" (the fixed-point walk above) or "fma". SPARSEFORGE_INT8_WALK=fma (read on every call) forces
-// "fma"; unset or "auto": "fixed_x" where the kernel table has it.
-const char* int8_float_walk(Isa isa);
+// The walk a float32-activation call at batch 1-3 takes on ISA path isa for a bitmap weight (n = m = 0)
+// or an n:m one: "fixed_x" (the fixed-point walk above) or "fma". 2:4 keeps "fma" (its vpermt2ps walk
+// measured faster than three vpermt2b limb gathers on cold weights, docs/kernels.md);
+// SPARSEFORGE_INT8_WALK=fma (read on every call) forces "fma"; unset or "auto": "fixed_x" where the
+// kernel table has it.
+const char* int8_float_walk(Isa isa, int n = 0, int m = 0);
 void csr_i8_linear_ref(const CsrI8& w, const Problem& p);
 void csr_i8_linear(const CsrI8& w, const Problem& p, Isa isa, int algo);
 

@@ -572,49 +572,31 @@ void i8_rows_qx(const Problem& p, const QuantX& xq, const float* scales, int64_t
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512VBMI2__)
-// Both kernels multiply the gathered xq + 128 as u8 (xq ^ 0x80) by q as s8 (vpdpbusd, 64 values a step)
-// and subtract 128 * sum q (the row's values summed once, fx_values_sum): one vpdpbusd per step. A
-// lane gains at most 4 * 255 * 128 per step, so each chunk of at most kQxChunk values (or columns) is
-// reduced into an int64 (lanes widened first) long before a lane could wrap.
+// Both kernels multiply (q + 128) as u8 by the gathered xq as s8 (vpdpbusd, 64 values a step) and
+// subtract 128 * sum xq (a second vpdpbusd). The int32 lanes wrap, but the difference is the exact
+// dot as long as it stays below 2^31 per chunk: |dot| <= 127 * 127 * values, so each chunk of at most
+// kQxChunk values is reduced into an int64.
 constexpr int64_t kQxChunk = 65536;
-
-// sum of the int32 lanes of v, in int64
-inline int64_t lanes_sum64(__m512i v) {
-  return _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)),
-                                                  _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1))));
-}
-
-// sum of q[0, n), exact (vpdpbusd of ones by the values, at most 512 per lane and step)
-inline int64_t fx_values_sum(const int8_t* q, int64_t n) {
-  const __m512i ones = _mm512_set1_epi8(1);
-  int64_t total = 0;
-  for (int64_t k0 = 0; k0 < n; k0 += kQxChunk) {
-    const int64_t k1 = min64(n, k0 + kQxChunk);
-    __m512i a = _mm512_setzero_si512();
-    int64_t k = k0;
-    for (; k + 64 <= k1; k += 64) a = _mm512_dpbusd_epi32(a, ones, _mm512_loadu_si512(q + k));
-    if (k < k1) a = _mm512_dpbusd_epi32(a, ones, _mm512_maskz_loadu_epi8(_bzhi_u64(~uint64_t{0}, static_cast<unsigned>(k1 - k)), q + k));
-    total += lanes_sum64(a);
-  }
-  return total;
-}
 
 template <int NB>
 struct QxAcc {
-  __m512i acc[NB];
+  __m512i acc[NB], cor[NB];
   int64_t total[NB] = {};
   QxAcc() { clear(); }
   void clear() {
-    for (int nb = 0; nb < NB; ++nb) acc[nb] = _mm512_setzero_si512();
+    for (int nb = 0; nb < NB; ++nb) acc[nb] = cor[nb] = _mm512_setzero_si512();
   }
-  void add(__m512i xu, int nb, __m512i w) { acc[nb] = _mm512_dpbusd_epi32(acc[nb], xu, w); }
+  void add(__m512i wu, int nb, __m512i xg) {
+    acc[nb] = _mm512_dpbusd_epi32(acc[nb], wu, xg);
+    cor[nb] = _mm512_dpbusd_epi32(cor[nb], _mm512_set1_epi8(static_cast<char>(0x80)), xg);
+  }
   void flush() {
-    for (int nb = 0; nb < NB; ++nb) total[nb] += lanes_sum64(acc[nb]);
+    for (int nb = 0; nb < NB; ++nb) total[nb] += _mm512_reduce_add_epi32(_mm512_sub_epi32(acc[nb], cor[nb]));
     clear();
   }
 };
 
-inline __m512i flip_sign(__m512i v) { return _mm512_xor_si512(v, _mm512_set1_epi8(static_cast<char>(0x80))); }
+inline __m512i flip_sign(__m512i w) { return _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80))); }
 
 // 2:4: 64 values (128 columns from 2k, 16 index bytes) per step. Byte j of the control takes bits
 // [2j, 2j + 8) of the index qword that holds value j's field (vpmultishiftqb: qwords 0-3 of the source
@@ -649,10 +631,10 @@ inline void nm24_qx_row_dot(const int8_t* q, const uint8_t* irow, int64_t vpr, c
       std::memcpy(&i0, irow + k / 4, 8);
       std::memcpy(&i1, irow + k / 4 + 8, 8);
       const __m512i pos = positions(i0, i1);
-      const __m512i w = _mm512_loadu_si512(q + k);
+      const __m512i wu = flip_sign(_mm512_loadu_si512(q + k));
       for (int nb = 0; nb < NB; ++nb) {
         const int8_t* x = xs[nb] + 2 * k;
-        a.add(flip_sign(_mm512_permutex2var_epi8(_mm512_loadu_si512(x), pos, _mm512_loadu_si512(x + 64))), nb, w);
+        a.add(wu, nb, _mm512_permutex2var_epi8(_mm512_loadu_si512(x), pos, _mm512_loadu_si512(x + 64)));
       }
     }
     if (k < c1) {  // the last nv < 64 values: index bytes copied, values and gathered x masked (x is padded)
@@ -661,16 +643,15 @@ inline void nm24_qx_row_dot(const int8_t* q, const uint8_t* irow, int64_t vpr, c
       std::memcpy(i, irow + k / 4, static_cast<size_t>((nv + 3) / 4));
       const __m512i pos = positions(i[0], i[1]);
       const __mmask64 vm = _bzhi_u64(~uint64_t{0}, static_cast<unsigned>(nv));
-      const __m512i w = _mm512_maskz_loadu_epi8(vm, q + k);  // zeros past the row: those products vanish
+      const __m512i wu = flip_sign(_mm512_maskz_loadu_epi8(vm, q + k));
       for (int nb = 0; nb < NB; ++nb) {
         const int8_t* x = xs[nb] + 2 * k;
-        a.add(flip_sign(_mm512_permutex2var_epi8(_mm512_loadu_si512(x), pos, _mm512_loadu_si512(x + 64))), nb, w);
+        a.add(wu, nb, _mm512_maskz_permutex2var_epi8(vm, _mm512_loadu_si512(x), pos, _mm512_loadu_si512(x + 64)));
       }
     }
     a.flush();
   }
-  const int64_t qsum = fx_values_sum(q, vpr);
-  for (int nb = 0; nb < NB; ++nb) sums[nb] = a.total[nb] - 128 * qsum;
+  for (int nb = 0; nb < NB; ++nb) sums[nb] = a.total[nb];
 }
 
 // bitmap: 64 columns per step; the xq of the kept columns are packed to the front (vpcompressb by
@@ -693,11 +674,10 @@ inline void bitmap_qx_row_dot(const int8_t* q, int64_t vp, int64_t end, const ui
     const int64_t n = _mm_popcnt_u64(m);
     const __m512i w = vp + 64 <= end ? _mm512_loadu_si512(q + vp)
                                      : _mm512_maskz_loadu_epi8(_bzhi_u64(~uint64_t{0}, static_cast<unsigned>(n)), q + vp);
-    // the packed xq + 128 has zeros above n, where w holds the next row's values
-    for (int nb = 0; nb < NB; ++nb) a.add(_mm512_maskz_compress_epi8(m, flip_sign(_mm512_loadu_si512(xs[nb] + c))), nb, w);
+    const __m512i wu = flip_sign(w);
+    for (int nb = 0; nb < NB; ++nb) a.add(wu, nb, _mm512_maskz_compress_epi8(m, _mm512_loadu_si512(xs[nb] + c)));
     vp += n;
   };
-  const int64_t vp0 = vp;
   for (int64_t c0 = 0; c0 < cols; c0 += kQxChunk) {
     const int64_t c1 = min64(cols, c0 + kQxChunk);
     int64_t c = c0;
@@ -709,15 +689,29 @@ inline void bitmap_qx_row_dot(const int8_t* q, int64_t vp, int64_t end, const ui
     a0.flush();
     a1.flush();
   }
-  const int64_t qsum = fx_values_sum(q + vp0, vp - vp0);
-  for (int nb = 0; nb < NB; ++nb) sums[nb] = a0.total[nb] + a1.total[nb] - 128 * qsum;
+  for (int nb = 0; nb < NB; ++nb) sums[nb] = a0.total[nb] + a1.total[nb];
 }
-
 // ---- the float32 mode's fixed-point walk (int8.h FixedX): vpdpbusd of the x limb bytes (u8) by the
 // values (s8). Two accumulator sets take turns by step (the vpdpbusd latency is longer than a step);
 // each vpdpbusd adds at most 4 * 255 * 128 to a lane, so the int32 lanes are reduced into an int64 every
 // kFxChunkSteps steps (at most kFxChunkSteps / 2 + 1 per set: the two sets' sum stays below 2^31).
 constexpr int64_t kFxChunkSteps = 8192;
+
+// sum of q[0, n), exact: q ^ 0x80 = q + 128 summed as unsigned bytes by vpsadbw (eight per qword lane,
+// added by vpaddq: a one-cycle chain), minus 128 per byte read (masked bytes read as 0, so + 128 too)
+inline int64_t fx_values_sum(const int8_t* q, int64_t n) {
+  const __m512i zero = _mm512_setzero_si512();
+  __m512i a = zero;
+  int64_t k = 0;
+  for (; k + 64 <= n; k += 64) a = _mm512_add_epi64(a, _mm512_sad_epu8(flip_sign(_mm512_loadu_si512(q + k)), zero));
+  int64_t bytes = k;
+  if (k < n) {
+    a = _mm512_add_epi64(a, _mm512_sad_epu8(flip_sign(_mm512_maskz_loadu_epi8(_bzhi_u64(~uint64_t{0}, static_cast<unsigned>(n - k)), q + k)), zero));
+    bytes += 64;
+  }
+  return _mm512_reduce_add_epi64(a) - 128 * bytes;
+}
+
 
 // The int32 lanes of the accumulator sets (acc[set][nb][limb]) summed in int64, limbs weighted by 256^k:
 // sets added first (each set takes at most half a chunk's steps: no lane wraps), then widened.
@@ -784,59 +778,6 @@ inline void bitmap_fx_row_dot(const int8_t* q, int64_t vp, const uint8_t* bits, 
   for (int nb = 0; nb < NB; ++nb) sums[nb] = total[nb] - qsum * (int64_t{1} << 23);
 }
 
-// 2:4: 64 values (128 columns from 2k) per step; each limb plane's bytes at the values' columns gathered
-// by vpermt2b with the positions of nm24_qx_row_dot. Steps alternate between the two accumulator sets.
-template <int NB>
-inline void nm24_fx_row_dot(const int8_t* q, const uint8_t* irow, int64_t vpr, const uint8_t* const* xs, int64_t ld,
-                            int64_t* sums) {
-  const __m512i shift = _mm512_load_si512(kNm24Qx.shift), base = _mm512_load_si512(kNm24Qx.base);
-  const __m512i three = _mm512_set1_epi8(3);
-  auto positions = [&](uint64_t i0, uint64_t i1) {
-    const __m512i src = _mm512_mask_set1_epi64(_mm512_set1_epi64(static_cast<long long>(i0)), 0xF0, static_cast<long long>(i1));
-    return _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(shift, src), three, base, 0xEA);
-  };
-  __m512i acc[2][NB][kFxLimbs];
-  for (int s = 0; s < 2; ++s)
-    for (int nb = 0; nb < NB; ++nb)
-      for (int k = 0; k < kFxLimbs; ++k) acc[s][nb][k] = _mm512_setzero_si512();
-  int64_t total[NB] = {};
-  for (int64_t k0 = 0; k0 < vpr; k0 += 64 * kFxChunkSteps) {
-    const int64_t k1 = min64(vpr, k0 + 64 * kFxChunkSteps);
-    int64_t k = k0;
-    for (; k + 128 <= k1; k += 128) {
-      v512::prefetch(q + k, v512::kPrefetchBytes);
-      uint64_t i[4];
-      std::memcpy(i, irow + k / 4, 32);
-      const __m512i pos0 = positions(i[0], i[1]), pos1 = positions(i[2], i[3]);
-      const __m512i w0 = _mm512_loadu_si512(q + k), w1 = _mm512_loadu_si512(q + k + 64);
-      for (int nb = 0; nb < NB; ++nb) {
-        for (int l = 0; l < kFxLimbs; ++l) {
-          const uint8_t* x = xs[nb] + l * ld + 2 * k;
-          acc[0][nb][l] = _mm512_dpbusd_epi32(acc[0][nb][l], _mm512_permutex2var_epi8(_mm512_loadu_si512(x), pos0, _mm512_loadu_si512(x + 64)), w0);
-          acc[1][nb][l] = _mm512_dpbusd_epi32(acc[1][nb][l], _mm512_permutex2var_epi8(_mm512_loadu_si512(x + 128), pos1, _mm512_loadu_si512(x + 192)), w1);
-        }
-      }
-    }
-    for (; k < k1; k += 64) {  // the last 64 or fewer values: index bytes copied, values and limbs masked (x is padded)
-      const int64_t nv = min64(64, k1 - k);
-      uint64_t i[2] = {0, 0};
-      std::memcpy(i, irow + k / 4, static_cast<size_t>((nv + 3) / 4));
-      const __m512i pos = positions(i[0], i[1]);
-      const __mmask64 vm = _bzhi_u64(~uint64_t{0}, static_cast<unsigned>(nv));
-      const __m512i w = _mm512_maskz_loadu_epi8(vm, q + k);
-      for (int nb = 0; nb < NB; ++nb) {
-        for (int l = 0; l < kFxLimbs; ++l) {
-          const uint8_t* x = xs[nb] + l * ld + 2 * k;
-          acc[0][nb][l] = _mm512_dpbusd_epi32(
-              acc[0][nb][l], _mm512_maskz_permutex2var_epi8(vm, _mm512_loadu_si512(x), pos, _mm512_loadu_si512(x + 64)), w);
-        }
-      }
-    }
-    fx_flush<NB>(acc, total);
-  }
-  const int64_t qsum = fx_values_sum(q, vpr);
-  for (int nb = 0; nb < NB; ++nb) sums[nb] = total[nb] - qsum * (int64_t{1} << 23);
-}
 #define SF_INT8_FX_KERNELS 1
 #define SF_INT8_QX_KERNELS 1
 
@@ -1062,14 +1003,9 @@ void bitmap_i8_rows_fx(const BitmapI8& wq, const FixedX& fx, const Problem& p, i
 void nm_i8_rows_fx(const NmI8& wq, const FixedX& fx, const Problem& p, int64_t r0, int64_t r1) {
   const NmView& w = wq.w;
   const int8_t* q = static_cast<const int8_t*>(w.val);
-  NmRowBits bits(w);
+  NmRowBits bits(w);  // n:m other than 2:4 (int8_float_walk): the bitmap walk on the row's decoded positions
   i8_rows_fx(p, fx, wq.scales, r0, r1, [&](int64_t r, const uint8_t* const* xs, int64_t* sums, auto nbc) {
-    constexpr int NB = decltype(nbc)::value;
-    if (w.n == 2 && w.m == 4) {
-      nm24_fx_row_dot<NB>(q + r * w.vpr, w.idx + r * w.ibpr, w.vpr, xs, fx.ld, sums);
-    } else {  // other n:m: the bitmap walk on the row's decoded positions
-      bitmap_fx_row_dot<NB>(q, r * w.vpr, bits.row(r), w.cols, xs, fx.ld, sums);
-    }
+    bitmap_fx_row_dot<decltype(nbc)::value>(q, r * w.vpr, bits.row(r), w.cols, xs, fx.ld, sums);
   });
 }
 constexpr auto kBitmapRowsFx = bitmap_i8_rows_fx;

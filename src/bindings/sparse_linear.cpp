@@ -359,10 +359,11 @@ void register_int8(nb::module_& m) {
       sf::nm_i8_linear, sf::nm_i8_linear_ref, sf::nm_i8_linear_qx_ref, sf::nm_i8_linear_fx_ref});
   m.def("int8_act_path", [](const std::string& isa) { return std::string(sf::int8_act_path(resolve(isa))); },
         "isa"_a = "", "The int8-activation product a call on this ISA path runs (csrc/int8.h int8_act_path).");
-  m.def("int8_float_walk", [](const std::string& isa) { return std::string(sf::int8_float_walk(resolve(isa))); },
-        "isa"_a = "",
-        "The walk a float32-activation bitmap / N:M int8 call at batch 1-3 takes on this ISA path: 'fixed_x' or "
-        "'fma' (csrc/int8.h int8_float_walk; SPARSEFORGE_INT8_WALK=fma forces 'fma').");
+  m.def("int8_float_walk",
+        [](const std::string& isa, int n, int mm) { return std::string(sf::int8_float_walk(resolve(isa), n, mm)); },
+        "isa"_a = "", "n"_a = 0, "m"_a = 0,
+        "The walk a float32-activation int8 call at batch 1-3 takes on this ISA path for a bitmap weight (n = m = 0) "
+        "or an n:m one: 'fixed_x' or 'fma' (csrc/int8.h int8_float_walk; SPARSEFORGE_INT8_WALK=fma forces 'fma').");
   m.def("int8_vnni", [] { return sf::use_int8_vnni(); },
         "Whether act='int8' runs the AVX512 VNNI / VBMI / VBMI2 kernels on the avx512 path (SPARSEFORGE_INT8_VNNI).");
 }

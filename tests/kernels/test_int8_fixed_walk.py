@@ -66,8 +66,10 @@ def _run(wt, x, bias=None, *, kind="fast", isa="", algo="rows", threads=1):
     return torch.from_numpy(y)
 
 
-def _fixed(isa: str) -> bool:
-    return native().int8_float_walk(isa) == "fixed_x"
+def _fixed(isa: str, wt=None) -> bool:
+    """Whether a float-mode call of wt (a bitmap one by default) on path isa takes the fixed-point walk."""
+    n, m = (wt.pattern.n, wt.pattern.m) if isinstance(wt, NMWeight) else (0, 0)
+    return native().int8_float_walk(isa, n, m) == "fixed_x"
 
 
 def _check(wt, x, isa, bias=None, threads=1):
@@ -75,7 +77,7 @@ def _check(wt, x, isa, bias=None, threads=1):
     torch.testing.assert_close(y, _run(wt, x, bias, kind="ref"), **TOL)
     dense = x @ wt.to_dense().T + (0 if bias is None else bias)
     torch.testing.assert_close(y, dense, **TOL)
-    if _fixed(isa):
+    if _fixed(isa, wt):
         assert torch.equal(y, _run(wt, x, bias, kind="fx_ref"))
 
 
@@ -83,6 +85,8 @@ def test_the_walk_runs_where_the_cpu_has_vnni_vbmi_and_vbmi2():
     nat = native()
     if kernels.cpu_supports("avx512") and nat.int8_vnni():
         assert nat.int8_float_walk("avx512") == "fixed_x"
+        assert nat.int8_float_walk("avx512", 4, 8) == "fixed_x"
+    assert nat.int8_float_walk("avx512", 2, 4) == "fma"  # 2:4 keeps its vpermt2ps walk
     for isa in ("avx2", "scalar"):
         if kernels.cpu_supports(isa):
             assert nat.int8_float_walk(isa) == "fma"
@@ -169,8 +173,7 @@ def test_the_lanes_path_and_batch_four_keep_the_float32_kernels(fmt):
     for algo, xb in (("auto", x), ("lanes", x[:1])):
         y = _run(wt, xb, algo=algo)
         torch.testing.assert_close(y, _run(wt, xb, kind="ref"), **TOL)
-        if _fixed(""):
-            assert not torch.equal(y, fx[: xb.shape[0]])
+        assert not torch.equal(y, fx[: xb.shape[0]])
 
 
 def test_the_environment_forces_the_fma_walk(monkeypatch):
@@ -199,5 +202,5 @@ def test_property_any_shape_mask_and_scale(isa, rows, cols, batch, density, fmt,
     x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(seed + 1)) * scale
     y = _run(wt, x, isa=isa)
     torch.testing.assert_close(y, _run(wt, x, kind="ref"), rtol=1e-4, atol=1e-4 * scale)
-    if _fixed(isa):
+    if _fixed(isa, wt):
         assert torch.equal(y, _run(wt, x, kind="fx_ref"))
