@@ -9,8 +9,8 @@ Per layer shape (``--shapes``, (out, in); default the 721M Llama model's 11264x2
 * ``bitmap_i8 50%``, ``bitmap_i8 75%``, ``nm_i8 2:4``, ``csr_i8 90%``: int8 values with float32 row scales
   (``sparseforge.formats.quantized``), float32 activations (the default mode, ``act="float"``; on AVX512
   VNNI the fixed-point walk of ``csrc/int8.h``);
-* ``... walk=fma``: the same calls with ``SPARSEFORGE_INT8_WALK=fma`` (the float mode's FMA walk: the
-  "before" of the fixed-point walk, same run);
+* ``bitmap_i8 ... walk=fma``: the same calls with ``SPARSEFORGE_INT8_WALK=fma`` (the float mode's FMA
+  walk: the "before" of the fixed-point walk, same run; 2:4 runs the FMA walk either way);
 * ``... act=int8``: the same weights with x quantized to int8 per batch row (``csrc/int8.h``
   ``I8Act::int8``; AVX512 VNNI kernels where the CPU has them).
 
@@ -50,7 +50,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # a cell: format, sparsity, then settings (act=int8: int8 activations; walk=fma: SPARSEFORGE_INT8_WALK=fma,
 # the float mode's FMA walk instead of the fixed-point one; rows=2: SPARSEFORGE_INT8_ROWS=2; isa=...: forced path)
 CELLS = ("bitmap_i8 50%", "bitmap_i8 75%", "nm_i8 2:4", "csr_i8 90%", "bitmap_i8 50% walk=fma", "bitmap_i8 75% walk=fma",
-         "nm_i8 2:4 walk=fma", "bitmap_i8 50% act=int8", "bitmap_i8 75% act=int8", "nm_i8 2:4 act=int8")
+         "bitmap_i8 50% act=int8", "bitmap_i8 75% act=int8", "nm_i8 2:4 act=int8")
 # --compare: the FMA walk with two output rows interleaved per loop, and the int8-activation mode on the
 # AVX2 path (forced ISA)
 COMPARE_CELLS = ("bitmap_i8 50% walk=fma rows=2", "nm_i8 2:4 walk=fma rows=2", "bitmap_i8 50% act=int8 isa=avx2",
