@@ -14,14 +14,16 @@ Per layer shape (``--shapes``, (out, in); default the 721M Llama model's 11264x2
 * ``... act=int8``: the same weights with x quantized to int8 per batch row (``csrc/int8.h``
   ``I8Act::int8``; AVX512 VNNI kernels where the CPU has them).
 
-Every timed call runs on cold weights: a 1 GiB buffer is summed before each call (its time is not
-counted), as in a decode step whose model exceeds the last-level cache. Per cell: median wall ms,
+Every timed call runs on cold weights: a 1 GiB buffer is summed (numpy, one thread) before each call
+(its time is not counted), as in a decode step whose model exceeds the last-level cache. Per cell: median wall ms,
 weight GB/s (bytes of the stored format / time), ``% bound`` = (bytes / dense fp32 rate) / time (100% =
 the format's bytes streamed at the rate torch's dense GEMV reached in the same run; target >= 90%), and
 the median CPU ms per call (``time.process_time``: all threads of this process), which moves less than
 wall time when other jobs share the cores, and the bound judged three ways: median wall time, fastest
 call, and CPU time (``cpu % bound``: bytes at dense fp32's CPU-time rate against the cell's CPU time;
-the steadiest of the three on a shared machine). The load average before and after is printed.
+the steadiest of the three on a shared machine for one thread; for two, the worker's time is not all
+counted, so the verdicts use the wall median there: take them from a quiet run). The load average
+before and after is printed.
 
 Usage:
     python benchmarks/bench_int8_kernels.py                 # 4 shapes x 1, 2 threads, batch 1 (~4 min)
@@ -149,8 +151,10 @@ def cell_env(cell: str):
                 os.environ[k] = v
 
 
-def time_cold(fn, calls: int, evict: torch.Tensor) -> dict:
-    """Median wall and CPU ms of fn() over `calls` calls, each after summing `evict` (untimed)."""
+def time_cold(fn, calls: int, evict: np.ndarray) -> dict:
+    """Median wall and CPU ms of fn() over `calls` calls, each after summing `evict` (untimed). The sum runs
+    in numpy, on one thread: a torch sum on two threads leaves torch's OpenMP worker spinning on the other
+    core while the timed call runs, where it takes the core from the kernels' second thread."""
     fn()
     wall, cpu = [], []
     for _ in range(calls):
@@ -168,7 +172,8 @@ def run(args) -> dict:
     from sparseforge.formats.memory import hugepage_backed
 
     nat = native()
-    evict = hugepage_backed(torch.ones(args.evict_mib * 2**18))
+    evict_buffer = hugepage_backed(torch.ones(args.evict_mib * 2**18))
+    evict = evict_buffer.numpy()
     rows = []
     load_before = os.getloadavg()
     for out, inp in args.shapes:
@@ -206,14 +211,19 @@ def run(args) -> dict:
 
 
 def targets(result: dict) -> list[str]:
-    """PASS / FAIL per batch-1 cell: >= 90% of the bytes bound by CPU time (the wall figure beside it)."""
+    """PASS / FAIL per batch-1 cell: >= 90% of the bytes bound, by CPU time on one thread and by the wall median
+    on more (a call's CPU time misses its other threads' time not yet accounted at the next scheduler tick: on
+    the quiet machine two-thread calls showed CPU time equal to their wall time); the other figure beside it."""
     lines = []
     for r in result["rows"]:
         if r["cell"] == "dense fp32" or r["batch"] != 1 or any(t in r["cell"] for t in ("rows=", "isa=", "walk=")):
             continue  # the walk=fma and --compare cells are references, not the paths a call takes
-        verdict = "PASS" if r["pct_bound_cpu"] >= 90.0 else "FAIL"
-        lines.append(f"{verdict}: {r['cell']} {r['shape']} {r['threads']} thr: {r['pct_bound_cpu']:.0f}% of the bytes bound "
-                     f"by CPU time (wall median {r['pct_bound']:.0f}%), target >= 90%")
+        by_cpu = r["threads"] == 1
+        pct, other = (r["pct_bound_cpu"], r["pct_bound"]) if by_cpu else (r["pct_bound"], r["pct_bound_cpu"])
+        verdict = "PASS" if pct >= 90.0 else "FAIL"
+        lines.append(f"{verdict}: {r['cell']} {r['shape']} {r['threads']} thr: {pct:.0f}% of the bytes bound by "
+                     f"{'CPU time' if by_cpu else 'wall median'} ({'wall median' if by_cpu else 'CPU time'} {other:.0f}%), "
+                     f"target >= 90%")
     return lines
 
 

@@ -57,5 +57,10 @@ def test_verdicts_follow_the_target():
     bench = load_benchmark("int8_kernels")
     row = dict(shape="4096x11008", threads=1, batch=1, pct_bound=50.0)
     rows = [dict(row, cell="dense fp32", pct_bound_cpu=100.0), dict(row, cell="nm_i8 2:4", pct_bound_cpu=95.0),
-            dict(row, cell="bitmap_i8 50%", pct_bound_cpu=60.0), dict(row, cell="nm_i8 2:4", batch=2, pct_bound_cpu=10.0)]
-    assert [line.split(":")[0] for line in bench.targets({"rows": rows})] == ["PASS", "FAIL"]
+            dict(row, cell="bitmap_i8 50%", pct_bound_cpu=60.0), dict(row, cell="nm_i8 2:4", batch=2, pct_bound_cpu=10.0),
+            dict(row, cell="bitmap_i8 50% walk=fma", pct_bound_cpu=95.0),  # a reference cell: no verdict
+            dict(row, cell="csr_i8 90%", threads=2, pct_bound=92.0, pct_bound_cpu=40.0),  # two threads: by wall time
+            dict(row, cell="nm_i8 2:4", threads=2, pct_bound=50.0, pct_bound_cpu=99.0)]
+    lines = bench.targets({"rows": rows})
+    assert [line.split(":")[0] for line in lines] == ["PASS", "FAIL", "PASS", "FAIL"]
+    assert "by wall median" in lines[2] and "by CPU time" in lines[0]
