@@ -87,6 +87,10 @@ def test_the_walk_runs_where_the_cpu_has_vnni_vbmi_and_vbmi2():
         assert nat.int8_float_walk("avx512") == "fixed_x"
         assert nat.int8_float_walk("avx512", 4, 8) == "fixed_x"
     assert nat.int8_float_walk("avx512", 2, 4) == "fma"  # 2:4 keeps its vpermt2ps walk
+    for isa in ("", "avx2"):  # the public wrapper asks the same question
+        assert kernels.int8_float_walk(isa) == nat.int8_float_walk(isa)
+        assert kernels.int8_float_walk(isa, "2:4") == "fma"
+        assert kernels.int8_float_walk(isa, "4:8") == nat.int8_float_walk(isa, 4, 8)
     for isa in ("avx2", "scalar"):
         if kernels.cpu_supports(isa):
             assert nat.int8_float_walk(isa) == "fma"
