@@ -198,6 +198,23 @@ struct QuantXBuffers {
   }
 };
 
+// y[b, r] = out(r, b, exact sum_j q[r, j] * xi(b, j)) for every row and batch row, each row decoded to
+// dense int8 (the references of the integer modes)
+template <class W, class XFn, class OutFn>
+void int_rows_ref(const W& wq, const Problem& p, XFn&& xi, OutFn&& out) {
+  const int8_t* q = static_cast<const int8_t*>(wq.w.val);
+  std::vector<int8_t> row(static_cast<size_t>(wq.w.cols));
+  for (int64_t r = 0; r < wq.w.rows; ++r) {
+    std::fill(row.begin(), row.end(), int8_t{0});
+    stored(wq.w, r, [&](int64_t j, int64_t k) { row[j] = q[k]; });
+    for (int64_t b = 0; b < p.B; ++b) {
+      int64_t acc = 0;
+      for (int64_t j = 0; j < wq.w.cols; ++j) acc += int64_t{row[j]} * xi(b, j);
+      p.y[b * p.out + r] = out(r, b, acc);
+    }
+  }
+}
+
 // The reference of I8Act::int8: x quantized by the portable formula, each row decoded to dense int8
 // and summed exactly; NaN / inf in x: the float32 reference.
 template <class W>
@@ -206,17 +223,8 @@ void i8_linear_qx_ref(const W& wq, const Problem& p) {
   if (detail::any_nonfinite(p.x, p.B * p.in)) return i8_linear_ref(wq.w, wq.scales, p);
   QuantXBuffers buf;
   const QuantX xq = buf.view(p, scalar::i8);
-  const int8_t* q = static_cast<const int8_t*>(wq.w.val);
-  std::vector<int8_t> row(static_cast<size_t>(wq.w.cols));
-  for (int64_t r = 0; r < wq.w.rows; ++r) {
-    std::fill(row.begin(), row.end(), int8_t{0});
-    stored(wq.w, r, [&](int64_t j, int64_t k) { row[j] = q[k]; });
-    for (int64_t b = 0; b < p.B; ++b) {
-      int64_t acc = 0;
-      for (int64_t j = 0; j < wq.w.cols; ++j) acc += int64_t{row[j]} * xq.q[b * xq.ld + j];
-      p.y[b * p.out + r] = qx_output(wq.scales[r], xq.scale[b], acc, p.bias ? p.bias[r] : 0.f);
-    }
-  }
+  int_rows_ref(wq, p, [&](int64_t b, int64_t j) { return int64_t{xq.q[b * xq.ld + j]}; },
+               [&](int64_t r, int64_t b, int64_t acc) { return qx_output(wq.scales[r], xq.scale[b], acc, p.bias ? p.bias[r] : 0.f); });
 }
 
 
@@ -295,21 +303,13 @@ void i8_linear_fx_ref(const W& wq, const Problem& p) {
   FixedXBuffers buf;
   FixedX fx;
   if (detail::any_nonfinite(p.x, p.B * p.in) || !buf.fill(p, scalar::i8, fx)) return i8_linear_ref(wq.w, wq.scales, p);
-  const int8_t* q = static_cast<const int8_t*>(wq.w.val);
-  std::vector<int8_t> row(static_cast<size_t>(wq.w.cols));
-  for (int64_t r = 0; r < wq.w.rows; ++r) {
-    std::fill(row.begin(), row.end(), int8_t{0});
-    stored(wq.w, r, [&](int64_t j, int64_t k) { row[j] = q[k]; });
-    for (int64_t b = 0; b < p.B; ++b) {
-      const uint8_t* l = fx.limbs + b * kFxLimbs * fx.ld;
-      int64_t acc = 0;
-      for (int64_t j = 0; j < wq.w.cols; ++j) {
-        const int64_t xj = int64_t{l[j]} + (int64_t{l[fx.ld + j]} << 8) + (int64_t{l[2 * fx.ld + j]} << 16) - (int64_t{1} << 23);
-        acc += int64_t{row[j]} * xj;
-      }
-      p.y[b * p.out + r] = fx_output(wq.scales[r], fx.scale[b], acc, p.bias ? p.bias[r] : 0.f);
-    }
-  }
+  int_rows_ref(
+      wq, p,
+      [&](int64_t b, int64_t j) {  // X[j] from its three limb bytes
+        const uint8_t* l = fx.limbs + b * kFxLimbs * fx.ld;
+        return int64_t{l[j]} + (int64_t{l[fx.ld + j]} << 8) + (int64_t{l[2 * fx.ld + j]} << 16) - (int64_t{1} << 23);
+      },
+      [&](int64_t r, int64_t b, int64_t acc) { return fx_output(wq.scales[r], fx.scale[b], acc, p.bias ? p.bias[r] : 0.f); });
 }
 
 // The dispatched product of every format: I8Act::int8 where asked (rows_qx non-null), else the float32

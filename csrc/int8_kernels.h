@@ -500,9 +500,8 @@ void csr_i8_rows(const CsrI8& wq, const Problem& p, int64_t r0, int64_t r1) {
 
 // ---- I8Act::int8: x quantized per batch row, integer dot products ----
 
-// q[0, n) = clamp(nearbyint(x * 127 / amax), +-127); returns amax / 127 (0 for an all-zero row).
-// Exact in every path: amax is a max, and each element takes one multiply and one rounding.
-float quantize_row(const float* x, int64_t n, int8_t* q) {
+// max_j |x[j]| over [0, n) (the same in every path: a max)
+inline float row_amax(const float* x, int64_t n) {
   float amax = 0.f;
   int64_t j = 0;
 #if defined(__AVX512F__)
@@ -511,8 +510,15 @@ float quantize_row(const float* x, int64_t n, int8_t* q) {
   amax = _mm512_reduce_max_ps(m);
 #endif
   for (; j < n; ++j) amax = std::max(amax, std::fabs(x[j]));
+  return amax;
+}
+
+// q[0, n) = clamp(nearbyint(x * 127 / amax), +-127); returns amax / 127 (0 for an all-zero row).
+// Exact in every path: amax is a max, and each element takes one multiply and one rounding.
+float quantize_row(const float* x, int64_t n, int8_t* q) {
+  const float amax = row_amax(x, n);
   const float inv = amax > 0.f ? 127.f / amax : 0.f;
-  j = 0;
+  int64_t j = 0;
 #if defined(__AVX512F__)
   const __m512 vinv = _mm512_set1_ps(inv);
   for (; j + 16 <= n; j += 16) {  // round to nearest even (MXCSR default), saturate (|x * inv| <= 127 + rounding)
@@ -528,20 +534,13 @@ float quantize_row(const float* x, int64_t n, int8_t* q) {
 // (int8.h, the fixed-point walk); zeros in [n, ld). Returns amax / kFxMax, or -1 (nothing written) when
 // 0 < amax < kFxMinAmax. Exact in every path: one float32 multiply and one rounding per element.
 float fixed_row(const float* x, int64_t n, uint8_t* limbs, int64_t ld) {
-  float amax = 0.f;
-  int64_t j = 0;
-#if defined(__AVX512F__)
-  __m512 m = _mm512_setzero_ps();
-  for (; j + 16 <= n; j += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + j)));
-  amax = _mm512_reduce_max_ps(m);
-#endif
-  for (; j < n; ++j) amax = std::max(amax, std::fabs(x[j]));
+  const float amax = row_amax(x, n);
   if (amax > 0.f && amax < kFxMinAmax) return -1.f;
   const float inv = amax > 0.f ? static_cast<float>(kFxMax) / amax : 0.f;
   uint8_t* l0 = limbs;
   uint8_t* l1 = limbs + ld;
   uint8_t* l2 = limbs + 2 * ld;
-  j = 0;
+  int64_t j = 0;
 #if defined(__AVX512F__)
   const __m512 vinv = _mm512_set1_ps(inv);
   const __m512i lo = _mm512_set1_epi32(-kFxMax), hi = _mm512_set1_epi32(kFxMax), off = _mm512_set1_epi32(1 << 23);
