@@ -29,6 +29,8 @@ Usage:
     python benchmarks/bench_int8_kernels.py                 # 4 shapes x 1, 2 threads, batch 1 (~4 min)
     python benchmarks/bench_int8_kernels.py --batches 1,2,3
     python benchmarks/bench_int8_kernels.py --quick         # one small shape, few calls (smoke)
+    python benchmarks/bench_int8_kernels.py --stack 16 --threads 2 --out benchmarks/results/int8_stack.json
+                                                            # the 721M model's 64 projections at 75%, per token
 """
 
 from __future__ import annotations
@@ -72,6 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="one 1024x2816 layer, 1 thread, 5 calls, 64 MiB eviction (smoke)")
     ap.add_argument("--compare", action="store_true",
                     help="also time " + ", ".join(COMPARE_CELLS) + " (same run: before / after and the AVX2 path)")
+    ap.add_argument("--stack", type=int, default=0, metavar="LAYERS",
+                    help="instead: LAYERS x the 721M model's four projections (fused q/k/v, o, fused gate/up, down) "
+                         "as int8 bitmap at --stack-sparsity, called in decode order; ms per token with each float-mode walk")
+    ap.add_argument("--stack-sparsity", type=float, default=0.75, help="sparsity of the --stack layers (default 0.75)")
     ap.add_argument("--out", type=Path, default=RESULTS / "int8_kernels.json")
     args = ap.parse_args(argv)
     if args.quick:
@@ -227,8 +233,56 @@ def targets(result: dict) -> list[str]:
     return lines
 
 
+STACK_SHAPES = ((2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632))  # (out, in) per decoder layer
+
+
+def run_stack(args) -> dict:
+    """``--stack``: every projection of ``args.stack`` decoder layers at batch 1, in order, as one "token";
+    median ms per token over interleaved rounds of each float-mode walk (``SPARSEFORGE_INT8_WALK``), on the
+    first thread count of ``--threads``."""
+    from sparseforge.formats import BitmapWeight
+    from sparseforge.kernels import native
+
+    nat = native()
+    nat.set_num_threads(args.threads[0])
+    gen = torch.Generator().manual_seed(0)
+    calls = []
+    for _ in range(args.stack):
+        for out, inp in STACK_SHAPES:
+            w = torch.empty(out, inp).uniform_(-1, 1, generator=gen)
+            keep = torch.rand(out, inp, generator=gen) >= args.stack_sparsity
+            wt = BitmapWeight.from_dense(w, keep, values_dtype=torch.int8)
+            x, y = torch.randn(1, inp, generator=gen).numpy(), np.empty((1, out), np.float32)
+            calls.append((wt, kernel_call(f"bitmap_i8 {100 * args.stack_sparsity:g}%", wt, x, y)))
+    nbytes = sum(weight_bytes(wt) for wt, _ in calls)
+    times: dict[str, list[float]] = {"auto": [], "fma": []}
+    for _ in range(max(args.calls, 3)):
+        for walk in times:
+            with cell_env(f"bitmap_i8 75% walk={walk}"):
+                for _, fn in calls:  # one untimed token: the walk's code and the pool warm
+                    fn()
+                t0 = time.perf_counter()
+                for _, fn in calls:
+                    fn()
+                times[walk].append(time.perf_counter() - t0)
+    rows = [{"walk": walk, "ms": 1e3 * statistics.median(ts), "gbs": nbytes / statistics.median(ts) / 1e9}
+            for walk, ts in times.items()]
+    return {"host": host_line(), "float_walk": nat.int8_float_walk(""), "layers": args.stack,
+            "sparsity": args.stack_sparsity, "threads": args.threads[0], "mb": nbytes / 1e6, "rows": rows}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.stack:
+        result = run_stack(args)
+        print(f"host: {result['host']}")
+        print(f"{result['layers']} layers x {len(STACK_SHAPES)} projections, int8 bitmap {result['sparsity']:.0%}, "
+              f"{result['mb']:.0f} MB, {result['threads']} threads, batch 1:")
+        for r in result["rows"]:
+            print(f"  walk={r['walk']:<5} {r['ms']:8.2f} ms per token  {r['gbs']:5.1f} GB/s")
+        write_json(args.out, result, indent=2)
+        print(f"saved {args.out}")
+        return 0
     result = run(args)
     print(f"host: {result['host']}")
     print(f"isa {result['isa']}, int8 VNNI kernels {result['int8_vnni']}, float-mode walk {result['float_walk']}; "

@@ -64,3 +64,16 @@ def test_verdicts_follow_the_target():
     lines = bench.targets({"rows": rows})
     assert [line.split(":")[0] for line in lines] == ["PASS", "FAIL", "PASS", "FAIL"]
     assert "by wall median" in lines[2] and "by CPU time" in lines[0]
+
+
+def test_stack_times_every_walk_per_token(tmp_path):
+    bench = load_benchmark("int8_kernels")
+    out = tmp_path / "stack.json"
+    assert bench.main(["--stack", "1", "--threads", "1", "--calls", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["walk"] for r in result["rows"]] == ["auto", "fma"]
+    assert all(math.isfinite(r["ms"]) and r["ms"] > 0 for r in result["rows"])
+    # one layer of the four projections at 75%: values + bitmap + row offsets + scales
+    dense = sum(o * i for o, i in bench.STACK_SHAPES)
+    assert 0.3 * dense < result["mb"] * 1e6 < 0.45 * dense
+    assert "SPARSEFORGE_INT8_WALK" not in os.environ
