@@ -284,8 +284,8 @@ bool float_walk_forced_fma() {
 // Returns false (nothing done) otherwise: the caller runs the FMA walk.
 template <class W, class RowsFx>
 bool run_linear_fx(const W& w, const Problem& p, const I8Kernels& k, int algo, int64_t nnz, RowsFx rows_fx) {
-  if (k.*rows_fx == nullptr || algo == 2 || (algo == 0 && p.B >= detail::kLanesMinBatch) || float_walk_forced_fma())
-    return false;
+  if (float_walk_forced_fma() || k.*rows_fx == nullptr || algo == 2 || (algo == 0 && p.B >= detail::kLanesMinBatch))
+    return false;  // (the setting is read first: a bad value is an error on every ISA path)
   if (detail::any_nonfinite(p.x, p.B * p.in)) return false;
   if (p.B == 0 || p.out == 0) return true;
   FixedXBuffers buf;
@@ -383,7 +383,7 @@ const char* int8_act_path(Isa isa) {
 
 const char* int8_float_walk(Isa isa, int n, int m) {
   const bool nm24 = n == 2 && m == 4;
-  return i8_kernels(isa).bitmap_rows_fx != nullptr && !nm24 && !float_walk_forced_fma() ? "fixed_x" : "fma";
+  return !float_walk_forced_fma() && i8_kernels(isa).bitmap_rows_fx != nullptr && !nm24 ? "fixed_x" : "fma";
 }
 
 void bitmap_i8_linear_fx_ref(const BitmapI8& w, const Problem& p) { i8_linear_fx_ref(w, p); }
