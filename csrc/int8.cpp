@@ -4,6 +4,7 @@
 #include "int8.h"
 
 #include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -176,18 +177,43 @@ struct I8Run {
   }
 };
 
+// n bytes aligned to 64 (the kernels' 64-byte loads of x rows, whose strides are multiples of 64, stay
+// within one cache line each)
+inline uint8_t* aligned_bytes(detail::AlignedFloats& buf, int64_t n) {
+  buf.reset((n + 3) / 4);
+  return reinterpret_cast<uint8_t*>(buf.get());
+}
+
 // x quantized per batch row into buffers the QuantX view points at (I8Act::int8)
 struct QuantXBuffers {
-  std::vector<int8_t> q;
+  detail::AlignedFloats q;
   std::vector<float> scale;
   QuantX view(const Problem& p, const I8Kernels& k) {
     const int64_t ld = quant_x_ld(p.in);
-    q.assign(static_cast<size_t>(p.B * ld), 0);
+    int8_t* xq = reinterpret_cast<int8_t*>(aligned_bytes(q, p.B * ld));
+    std::memset(xq, 0, static_cast<size_t>(p.B * ld));
     scale.resize(static_cast<size_t>(p.B));
-    for (int64_t b = 0; b < p.B; ++b) scale[b] = k.quantize_row(p.x + b * p.in, p.in, q.data() + b * ld);
-    return {q.data(), ld, scale.data()};
+    for (int64_t b = 0; b < p.B; ++b) scale[b] = k.quantize_row(p.x + b * p.in, p.in, xq + b * ld);
+    return {xq, ld, scale.data()};
   }
 };
+
+// y[b, r] = out(r, b, exact sum_j q[r, j] * xi(b, j)) for every row and batch row, each row decoded to
+// dense int8 (the references of the integer modes)
+template <class W, class XFn, class OutFn>
+void int_rows_ref(const W& wq, const Problem& p, XFn&& xi, OutFn&& out) {
+  const int8_t* q = static_cast<const int8_t*>(wq.w.val);
+  std::vector<int8_t> row(static_cast<size_t>(wq.w.cols));
+  for (int64_t r = 0; r < wq.w.rows; ++r) {
+    std::fill(row.begin(), row.end(), int8_t{0});
+    stored(wq.w, r, [&](int64_t j, int64_t k) { row[j] = q[k]; });
+    for (int64_t b = 0; b < p.B; ++b) {
+      int64_t acc = 0;
+      for (int64_t j = 0; j < wq.w.cols; ++j) acc += int64_t{row[j]} * xi(b, j);
+      p.y[b * p.out + r] = out(r, b, acc);
+    }
+  }
+}
 
 // The reference of I8Act::int8: x quantized by the portable formula, each row decoded to dense int8
 // and summed exactly; NaN / inf in x: the float32 reference.
@@ -197,19 +223,20 @@ void i8_linear_qx_ref(const W& wq, const Problem& p) {
   if (detail::any_nonfinite(p.x, p.B * p.in)) return i8_linear_ref(wq.w, wq.scales, p);
   QuantXBuffers buf;
   const QuantX xq = buf.view(p, scalar::i8);
-  const int8_t* q = static_cast<const int8_t*>(wq.w.val);
-  std::vector<int8_t> row(static_cast<size_t>(wq.w.cols));
-  for (int64_t r = 0; r < wq.w.rows; ++r) {
-    std::fill(row.begin(), row.end(), int8_t{0});
-    stored(wq.w, r, [&](int64_t j, int64_t k) { row[j] = q[k]; });
-    for (int64_t b = 0; b < p.B; ++b) {
-      int64_t acc = 0;
-      for (int64_t j = 0; j < wq.w.cols; ++j) acc += int64_t{row[j]} * xq.q[b * xq.ld + j];
-      p.y[b * p.out + r] = qx_output(wq.scales[r], xq.scale[b], acc, p.bias ? p.bias[r] : 0.f);
-    }
-  }
+  int_rows_ref(wq, p, [&](int64_t b, int64_t j) { return int64_t{xq.q[b * xq.ld + j]}; },
+               [&](int64_t r, int64_t b, int64_t acc) { return qx_output(wq.scales[r], xq.scale[b], acc, p.bias ? p.bias[r] : 0.f); });
 }
 
+
+// rows(r0, r1) over row tasks as run_linear splits them for its rows kernels
+template <class RowsFn>
+void for_row_tasks(const Problem& p, int64_t nnz, RowsFn&& rows) {
+  const int nt = num_threads();
+  const bool par = nt > 1 && static_cast<double>(nnz + p.out) * static_cast<double>(p.B) > detail::kParallelMinWork;
+  const int64_t ntasks = par ? min64(p.out, int64_t{nt} * 16) : 1;
+  const int64_t per = detail::ceil_div(p.out, ntasks);
+  parallel_for(detail::ceil_div(p.out, per), [&](int64_t t, int) { rows(t * per, min64(p.out, (t + 1) * per)); }, par);
+}
 
 // I8Act::int8: quantize x once, then the rows kernels rows_qx over row tasks as run_linear splits them.
 // Returns false (nothing done) when x holds NaN / inf: the caller runs the float32 mode.
@@ -220,25 +247,85 @@ bool run_linear_qx(const W& w, const Problem& p, const I8Kernels& k, int algo, i
   if (p.B == 0 || p.out == 0) return true;
   QuantXBuffers buf;
   const QuantX xq = buf.view(p, k);
-  const int nt = num_threads();
-  const bool par = nt > 1 && static_cast<double>(nnz + p.out) * static_cast<double>(p.B) > detail::kParallelMinWork;
-  const int64_t ntasks = par ? min64(p.out, int64_t{nt} * 16) : 1;
-  const int64_t per = detail::ceil_div(p.out, ntasks);
-  parallel_for(
-      detail::ceil_div(p.out, per), [&](int64_t t, int) { (k.*rows_qx)(w, xq, p, t * per, min64(p.out, (t + 1) * per)); }, par);
+  for_row_tasks(p, nnz, [&](int64_t r0, int64_t r1) { (k.*rows_qx)(w, xq, p, r0, r1); });
   return true;
 }
 
+// x as the fixed-point walk's limb planes (int8.h FixedX), per batch row
+struct FixedXBuffers {
+  detail::AlignedFloats limbs;
+  std::vector<float> scale;
+  // false (nothing usable) when some row's amax is below kFxMinAmax
+  bool fill(const Problem& p, const I8Kernels& k, FixedX& fx) {
+    fx.ld = quant_x_ld(p.in);
+    uint8_t* l = aligned_bytes(limbs, p.B * kFxLimbs * fx.ld);
+    scale.resize(static_cast<size_t>(p.B));
+    for (int64_t b = 0; b < p.B; ++b) {
+      scale[b] = k.fixed_row(p.x + b * p.in, p.in, l + b * kFxLimbs * fx.ld, fx.ld);
+      if (scale[b] < 0.f) return false;
+    }
+    fx.limbs = l;
+    fx.scale = scale.data();
+    return true;
+  }
+};
+
+bool float_walk_forced_fma() {
+  const char* env = std::getenv("SPARSEFORGE_INT8_WALK");
+  if (env == nullptr || *env == '\0') return false;
+  const std::string v = env;
+  if (v == "auto") return false;
+  if (v == "fma") return true;
+  throw std::invalid_argument("SPARSEFORGE_INT8_WALK='" + v + "' is not a walk; use auto or fma");
+}
+
+// The float32 mode's fixed-point walk (int8.h): where the table has it (rows_fx non-null), the call takes
+// the rows kernels (batch below kLanesMinBatch or algo=rows), x is finite and every amax >= kFxMinAmax.
+// Returns false (nothing done) otherwise: the caller runs the FMA walk.
+template <class W, class RowsFx>
+bool run_linear_fx(const W& w, const Problem& p, const I8Kernels& k, int algo, int64_t nnz, RowsFx rows_fx) {
+  if (float_walk_forced_fma() || k.*rows_fx == nullptr || algo == 2 || (algo == 0 && p.B >= detail::kLanesMinBatch))
+    return false;  // (the setting is read first: a bad value is an error on every ISA path)
+  if (detail::any_nonfinite(p.x, p.B * p.in)) return false;
+  if (p.B == 0 || p.out == 0) return true;
+  FixedXBuffers buf;
+  FixedX fx;
+  if (!buf.fill(p, k, fx)) return false;
+  for_row_tasks(p, nnz, [&](int64_t r0, int64_t r1) { (k.*rows_fx)(w, fx, p, r0, r1); });
+  return true;
+}
+
+// The reference of the fixed-point walk: x by the portable fixed_row, each row decoded to dense int8 and
+// summed exactly; NaN / inf in x or a too small amax: the float32 reference.
+template <class W>
+void i8_linear_fx_ref(const W& wq, const Problem& p) {
+  detail::check_problem(wq.w.rows, wq.w.cols, p);
+  FixedXBuffers buf;
+  FixedX fx;
+  if (detail::any_nonfinite(p.x, p.B * p.in) || !buf.fill(p, scalar::i8, fx)) return i8_linear_ref(wq.w, wq.scales, p);
+  int_rows_ref(
+      wq, p,
+      [&](int64_t b, int64_t j) {  // X[j] from its three limb bytes
+        const uint8_t* l = fx.limbs + b * kFxLimbs * fx.ld;
+        return int64_t{l[j]} + (int64_t{l[fx.ld + j]} << 8) + (int64_t{l[2 * fx.ld + j]} << 16) - (int64_t{1} << 23);
+      },
+      [&](int64_t r, int64_t b, int64_t acc) { return fx_output(wq.scales[r], fx.scale[b], acc, p.bias ? p.bias[r] : 0.f); });
+}
+
 // The dispatched product of every format: I8Act::int8 where asked (rows_qx non-null), else the float32
-// mode through run_linear, then the NaN / inf fix-up.
-template <class W, class F32, class RowsQx = std::nullptr_t>
+// mode: the fixed-point walk where it applies (rows_fx non-null, run_linear_fx), else run_linear, then the
+// NaN / inf fix-up.
+template <class W, class F32, class RowsQx = std::nullptr_t, class RowsFx = std::nullptr_t>
 void i8_linear(const W& w, const Problem& p, const I8Run<W, F32>& run, int algo, int64_t nnz, I8Act act,
-               RowsQx rows_qx = nullptr) {
+               RowsQx rows_qx = nullptr, RowsFx rows_fx = nullptr) {
   detail::check_problem(w.w.rows, w.w.cols, p);
   if constexpr (!std::is_same_v<RowsQx, std::nullptr_t>) {
     if (act == I8Act::int8 && run_linear_qx(w, p, run.i8, algo, nnz, rows_qx)) return;
   } else {
     (void)act;
+  }
+  if constexpr (!std::is_same_v<RowsFx, std::nullptr_t>) {
+    if (act == I8Act::f32 && run_linear_fx(w, p, run.i8, algo, nnz, rows_fx)) return;
   }
   detail::run_linear(w, p, run, algo, nnz);
   using View = std::decay_t<decltype(w.w)>;
@@ -294,6 +381,15 @@ const char* int8_act_path(Isa isa) {
   return "portable";
 }
 
+const char* int8_float_walk(Isa isa, int n, int m) {
+  const bool nm24 = n == 2 && m == 4;
+  return !float_walk_forced_fma() && i8_kernels(isa).bitmap_rows_fx != nullptr && !nm24 ? "fixed_x" : "fma";
+}
+
+void bitmap_i8_linear_fx_ref(const BitmapI8& w, const Problem& p) { i8_linear_fx_ref(w, p); }
+
+void nm_i8_linear_fx_ref(const NmI8& w, const Problem& p) { i8_linear_fx_ref(w, p); }
+
 void bitmap_i8_linear_ref(const BitmapI8& w, const Problem& p) { i8_linear_ref(w.w, w.scales, p); }
 
 void nm_i8_linear_ref(const NmI8& w, const Problem& p) { i8_linear_ref(w.w, w.scales, p); }
@@ -311,12 +407,16 @@ void csr_i8_linear(const CsrI8& w, const Problem& p, Isa isa, int algo) {
 
 void bitmap_i8_linear(const BitmapI8& w, const Problem& p, Isa isa, int algo, I8Act act) {
   i8_linear(w, p, I8Run<BitmapI8, BitmapKernels>{i8_kernels(isa), bitmap_kernels(isa), &I8Kernels::bitmap_rows}, algo,
-            w.w.nnz, act, &I8Kernels::bitmap_rows_qx);
+            w.w.nnz, act, &I8Kernels::bitmap_rows_qx, &I8Kernels::bitmap_rows_fx);
 }
 
 void nm_i8_linear(const NmI8& w, const Problem& p, Isa isa, int algo, I8Act act) {
-  i8_linear(w, p, I8Run<NmI8, NmKernels>{i8_kernels(isa), nm_kernels(isa), &I8Kernels::nm_rows}, algo,
-            w.w.rows * w.w.vpr, act, &I8Kernels::nm_rows_qx);
+  const I8Run<NmI8, NmKernels> run{i8_kernels(isa), nm_kernels(isa), &I8Kernels::nm_rows};
+  if (w.w.n == 2 && w.w.m == 4) {  // the FMA walk (int8_float_walk)
+    i8_linear(w, p, run, algo, w.w.rows * w.w.vpr, act, &I8Kernels::nm_rows_qx);
+  } else {
+    i8_linear(w, p, run, algo, w.w.rows * w.w.vpr, act, &I8Kernels::nm_rows_qx, &I8Kernels::nm_rows_fx);
+  }
 }
 
 }  // namespace sf

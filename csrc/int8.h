@@ -11,7 +11,9 @@
 // name, converted to float32 and multiplied into float32 x with FMA; 2:4 on AVX-512 instead picks
 // the x of 16 values' columns out of two x vectors with vpermt2ps (positions from the index bits)
 // and multiplies the converted values in place; CSR: 16 / 8 values at a time sign-extended and
-// converted, x gathered at their columns, FMA. For batch >= 4 (or algo=lanes) the driver
+// converted, x gathered at their columns, FMA. With AVX512 VNNI + VBMI + VBMI2 the bitmap and N:M rows
+// kernels of the float32 mode (N:M other than 2:4) take the fixed-point walk instead (FixedX below: x as three limb bytes of a
+// 24-bit fixed point, exact integer sums by vpdpbusd). For batch >= 4 (or algo=lanes) the driver
 // dequantizes one row block at a time into a float32 buffer and runs the float32 batch-in-lanes
 // kernels of the format on it (bitmap.h, nm.h).
 //
@@ -69,6 +71,37 @@ inline int64_t quant_x_ld(int64_t in) { return (in + 63) / 64 * 64 + kQuantXPad;
 
 enum class I8Act : int { f32 = 0, int8 = 1 };
 
+// The float32 mode's fixed-point walk (AVX512 VNNI + VBMI + VBMI2, batch 1-3 rows kernels of the bitmap
+// and of N:M other than 2:4): x of each batch row as a 24-bit fixed-point integer, X[j] = clamp(nearbyint(x[j] * inv),
+// +-kFxMax) with inv = kFxMax / amax (float32 multiply, round to nearest even; amax = max_j |x[j]|, 0 gives
+// inv = 0), stored as the three bytes of X + 2^23 (limb planes, unsigned). The row sums are exact integers,
+//   sum_j q[r, j] * X[j] = sum_k 256^k * (sum_j q[r, j] * limb_k[j]) - 2^23 * sum_j q[r, j]
+// (vpdpbusd: 64 limb bytes by 64 values per instruction, so the walk costs one vpexpandb of the values
+// and three vpdpbusd per 64 columns instead of four widen / convert / FMA chains), and
+//   y[b, r] = scales[r] * (sx[b] * sum) + bias[r],  sx[b] = amax_b / kFxMax,
+// in double, rounded once to float32 (fx_output). The deviation from the exact product is at most
+// scales[r] * sum_j |q[r, j]| * sx[b] / 2 (x rounded to 2^-24 of its largest element), below the float32
+// FMA walk's own rounding bound for x of one magnitude; the result does not depend on summation order.
+// The driver takes this walk for act=float where the kernel table has it, x is finite and amax >= kFxMinAmax
+// (else the FMA walk); SPARSEFORGE_INT8_WALK=fma selects the FMA walk (int8_float_walk).
+constexpr int kFxLimbs = 3;
+constexpr int32_t kFxMax = (1 << 23) - 1;
+constexpr float kFxMinAmax = 1e-30f;  // below it inv overflows float32: the FMA walk runs
+
+// x as limb planes (see above): limbs (B, kFxLimbs, ld) with zeros in [in, ld), scale (B,)
+struct FixedX {
+  const uint8_t* limbs = nullptr;
+  int64_t ld = 0;  // quant_x_ld(in)
+  const float* scale = nullptr;
+};
+
+// y of the fixed-point walk: scale * (sx * acc) + bias in double, rounded to float32 once (the volatile
+// keeps the compiler from contracting the double multiply and add)
+inline float fx_output(float scale, float sx, int64_t acc, float bias) {
+  volatile double prod = static_cast<double>(scale) * (static_cast<double>(sx) * static_cast<double>(acc));
+  return static_cast<float>(prod + static_cast<double>(bias));
+}
+
 // y = scale * (sx * float(acc)) + bias of I8Act::int8, rounded after each operation in every build
 // (the volatile keeps the compiler from fusing the last multiply and add into an FMA)
 inline float qx_output(float scale, float sx, int64_t acc, float bias) {
@@ -84,6 +117,12 @@ struct I8Kernels {
   float (*quantize_row)(const float* x, int64_t n, int8_t* q);
   void (*bitmap_rows_qx)(const BitmapI8&, const QuantX&, const Problem&, int64_t r0, int64_t r1);
   void (*nm_rows_qx)(const NmI8&, const QuantX&, const Problem&, int64_t r0, int64_t r1);
+  // one row of x as the fixed-point walk's limb planes (limbs[k * ld + j], zeros in [n, ld)); returns
+  // amax / kFxMax, or -1 (nothing written) when amax < kFxMinAmax and > 0
+  float (*fixed_row)(const float* x, int64_t n, uint8_t* limbs, int64_t ld);
+  // the float32 mode's fixed-point walk; nullptr where the table has none (the FMA walk runs)
+  void (*bitmap_rows_fx)(const BitmapI8&, const FixedX&, const Problem&, int64_t r0, int64_t r1);
+  void (*nm_rows_fx)(const NmI8&, const FixedX&, const Problem&, int64_t r0, int64_t r1);
 };
 
 namespace scalar { extern const I8Kernels i8; }
@@ -116,6 +155,16 @@ void nm_i8_linear_qx_ref(const NmI8& w, const Problem& p);
 int int8_rows_in_flight();
 // The I8Act::int8 rows kernels that run on ISA path isa: "avx512_vnni", "avx2_vnni", "avx2" or "portable".
 const char* int8_act_path(Isa isa);
+// references of the float32 mode's fixed-point walk: x as FixedX by the portable fixed_row, each row decoded
+// to dense int8 and summed in int64, fx_output (NaN / inf in x, or amax < kFxMinAmax: the float32 reference)
+void bitmap_i8_linear_fx_ref(const BitmapI8& w, const Problem& p);
+void nm_i8_linear_fx_ref(const NmI8& w, const Problem& p);
+// The walk a float32-activation call at batch 1-3 takes on ISA path isa for a bitmap weight (n = m = 0)
+// or an n:m one: "fixed_x" (the fixed-point walk above) or "fma". 2:4 keeps "fma" (its vpermt2ps walk
+// measured faster than three vpermt2b limb gathers on cold weights, docs/kernels.md);
+// SPARSEFORGE_INT8_WALK=fma (read on every call) forces "fma"; unset or "auto": "fixed_x" where the
+// kernel table has it.
+const char* int8_float_walk(Isa isa, int n = 0, int m = 0);
 void csr_i8_linear_ref(const CsrI8& w, const Problem& p);
 void csr_i8_linear(const CsrI8& w, const Problem& p, Isa isa, int algo);
 

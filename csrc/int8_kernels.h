@@ -500,9 +500,8 @@ void csr_i8_rows(const CsrI8& wq, const Problem& p, int64_t r0, int64_t r1) {
 
 // ---- I8Act::int8: x quantized per batch row, integer dot products ----
 
-// q[0, n) = clamp(nearbyint(x * 127 / amax), +-127); returns amax / 127 (0 for an all-zero row).
-// Exact in every path: amax is a max, and each element takes one multiply and one rounding.
-float quantize_row(const float* x, int64_t n, int8_t* q) {
+// max_j |x[j]| over [0, n) (the same in every path: a max)
+inline float row_amax(const float* x, int64_t n) {
   float amax = 0.f;
   int64_t j = 0;
 #if defined(__AVX512F__)
@@ -511,8 +510,15 @@ float quantize_row(const float* x, int64_t n, int8_t* q) {
   amax = _mm512_reduce_max_ps(m);
 #endif
   for (; j < n; ++j) amax = std::max(amax, std::fabs(x[j]));
+  return amax;
+}
+
+// q[0, n) = clamp(nearbyint(x * 127 / amax), +-127); returns amax / 127 (0 for an all-zero row).
+// Exact in every path: amax is a max, and each element takes one multiply and one rounding.
+float quantize_row(const float* x, int64_t n, int8_t* q) {
+  const float amax = row_amax(x, n);
   const float inv = amax > 0.f ? 127.f / amax : 0.f;
-  j = 0;
+  int64_t j = 0;
 #if defined(__AVX512F__)
   const __m512 vinv = _mm512_set1_ps(inv);
   for (; j + 16 <= n; j += 16) {  // round to nearest even (MXCSR default), saturate (|x * inv| <= 127 + rounding)
@@ -522,6 +528,37 @@ float quantize_row(const float* x, int64_t n, int8_t* q) {
 #endif
   for (; j < n; ++j) q[j] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(x[j] * inv))));
   return amax / 127.f;
+}
+
+// limbs[k * ld + j] = byte k of X[j] + 2^23, X[j] = clamp(nearbyint(x[j] * inv), +-kFxMax), inv = kFxMax / amax
+// (int8.h, the fixed-point walk); zeros in [n, ld). Returns amax / kFxMax, or -1 (nothing written) when
+// 0 < amax < kFxMinAmax. Exact in every path: one float32 multiply and one rounding per element.
+float fixed_row(const float* x, int64_t n, uint8_t* limbs, int64_t ld) {
+  const float amax = row_amax(x, n);
+  if (amax > 0.f && amax < kFxMinAmax) return -1.f;
+  const float inv = amax > 0.f ? static_cast<float>(kFxMax) / amax : 0.f;
+  uint8_t* l0 = limbs;
+  uint8_t* l1 = limbs + ld;
+  uint8_t* l2 = limbs + 2 * ld;
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  const __m512 vinv = _mm512_set1_ps(inv);
+  const __m512i lo = _mm512_set1_epi32(-kFxMax), hi = _mm512_set1_epi32(kFxMax), off = _mm512_set1_epi32(1 << 23);
+  for (; j + 16 <= n; j += 16) {  // round to nearest even (MXCSR default) as nearbyint
+    __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + j), vinv));
+    v = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(v, lo), hi), off);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(l0 + j), _mm512_cvtepi32_epi8(v));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(l1 + j), _mm512_cvtepi32_epi8(_mm512_srli_epi32(v, 8)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(l2 + j), _mm512_cvtepi32_epi8(_mm512_srli_epi32(v, 16)));
+  }
+#endif
+  for (; j < n; ++j) {
+    const float r = std::nearbyint(x[j] * inv);
+    const int32_t v = static_cast<int32_t>(std::max(-static_cast<float>(kFxMax), std::min(static_cast<float>(kFxMax), r))) + (1 << 23);
+    l0[j] = static_cast<uint8_t>(v), l1[j] = static_cast<uint8_t>(v >> 8), l2[j] = static_cast<uint8_t>(v >> 16);
+  }
+  for (int k = 0; k < kFxLimbs; ++k) std::memset(limbs + k * ld + n, 0, static_cast<size_t>(ld - n));
+  return amax / static_cast<float>(kFxMax);
 }
 
 // y[b, r] = scales[r] * (sx[b] * float(dot)) + bias[r] for rows [r0, r1): dot(r, xq rows, sums, nb)
@@ -653,6 +690,94 @@ inline void bitmap_qx_row_dot(const int8_t* q, int64_t vp, int64_t end, const ui
   }
   for (int nb = 0; nb < NB; ++nb) sums[nb] = a0.total[nb] + a1.total[nb];
 }
+// ---- the float32 mode's fixed-point walk (int8.h FixedX): vpdpbusd of the x limb bytes (u8) by the
+// values (s8). Two accumulator sets take turns by step (the vpdpbusd latency is longer than a step);
+// each vpdpbusd adds at most 4 * 255 * 128 to a lane, so the int32 lanes are reduced into an int64 every
+// kFxChunkSteps steps (at most kFxChunkSteps / 2 + 1 per set: the two sets' sum stays below 2^31).
+constexpr int64_t kFxChunkSteps = 8192;
+
+// sum of q[0, n), exact: q ^ 0x80 = q + 128 summed as unsigned bytes by vpsadbw (eight per qword lane,
+// added by vpaddq: a one-cycle chain), minus 128 per byte read (masked bytes read as 0, so + 128 too)
+inline int64_t fx_values_sum(const int8_t* q, int64_t n) {
+  const __m512i zero = _mm512_setzero_si512();
+  __m512i a = zero;
+  int64_t k = 0;
+  for (; k + 64 <= n; k += 64) a = _mm512_add_epi64(a, _mm512_sad_epu8(flip_sign(_mm512_loadu_si512(q + k)), zero));
+  int64_t bytes = k;
+  if (k < n) {
+    a = _mm512_add_epi64(a, _mm512_sad_epu8(flip_sign(_mm512_maskz_loadu_epi8(_bzhi_u64(~uint64_t{0}, static_cast<unsigned>(n - k)), q + k)), zero));
+    bytes += 64;
+  }
+  return _mm512_reduce_add_epi64(a) - 128 * bytes;
+}
+
+
+// The int32 lanes of the accumulator sets (acc[set][nb][limb]) summed in int64, limbs weighted by 256^k:
+// sets added first (each set takes at most half a chunk's steps: no lane wraps), then widened.
+template <int NB>
+inline void fx_flush(__m512i (&acc)[2][NB][kFxLimbs], int64_t* total) {
+  for (int nb = 0; nb < NB; ++nb) {
+    __m512i t = _mm512_setzero_si512();
+    for (int k = 0; k < kFxLimbs; ++k) {
+      const __m512i v = _mm512_add_epi32(acc[0][nb][k], acc[1][nb][k]);
+      const __m512i w = _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)),
+                                         _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1)));
+      t = _mm512_add_epi64(t, _mm512_slli_epi64(w, 8 * k));
+      acc[0][nb][k] = acc[1][nb][k] = _mm512_setzero_si512();
+    }
+    total[nb] += _mm512_reduce_add_epi64(t);
+  }
+}
+
+// bitmap: 64 columns per step; the row's next values expand-loaded to the bytes their bitmap bits name
+// (zeros elsewhere; vpexpandb reads exactly popcount bytes), times the three limb planes of x at those
+// columns. xs[nb] is batch row nb's limb plane 0 (plane k at + k * ld). Steps alternate between the two
+// accumulator sets.
+template <int NB>
+inline void bitmap_fx_row_dot(const int8_t* q, int64_t vp, const uint8_t* bits, int64_t cols, const uint8_t* const* xs,
+                              int64_t ld, int64_t* sums) {
+  const int64_t vp0 = vp;
+  __m512i acc[2][NB][kFxLimbs];
+  for (int s = 0; s < 2; ++s)
+    for (int nb = 0; nb < NB; ++nb)
+      for (int k = 0; k < kFxLimbs; ++k) acc[s][nb][k] = _mm512_setzero_si512();
+  int64_t total[NB] = {};
+  for (int64_t c0 = 0; c0 < cols; c0 += 64 * kFxChunkSteps) {
+    const int64_t c1 = min64(cols, c0 + 64 * kFxChunkSteps);
+    int64_t c = c0;
+    for (; c + 128 <= c1; c += 128) {
+      v512::prefetch(q + vp, v512::kPrefetchBytes);
+      uint64_t m0, m1;
+      std::memcpy(&m0, bits + c / 8, 8);
+      std::memcpy(&m1, bits + c / 8 + 8, 8);
+      const __m512i w0 = _mm512_maskz_expandloadu_epi8(m0, q + vp);
+      const __m512i w1 = _mm512_maskz_expandloadu_epi8(m1, q + vp + _mm_popcnt_u64(m0));
+      vp += _mm_popcnt_u64(m0) + _mm_popcnt_u64(m1);
+      for (int nb = 0; nb < NB; ++nb) {
+        const uint8_t* x = xs[nb] + c;
+        for (int k = 0; k < kFxLimbs; ++k) {
+          acc[0][nb][k] = _mm512_dpbusd_epi32(acc[0][nb][k], _mm512_loadu_si512(x + k * ld), w0);
+          acc[1][nb][k] = _mm512_dpbusd_epi32(acc[1][nb][k], _mm512_loadu_si512(x + k * ld + 64), w1);
+        }
+      }
+    }
+    for (; c < c1; c += 64) {  // the last 64 or fewer columns of the chunk
+      uint64_t m = 0;
+      std::memcpy(&m, bits + c / 8, static_cast<size_t>(min64(8, (c1 - c + 7) / 8)));
+      if (c + 64 > c1) m = _bzhi_u64(m, static_cast<unsigned>(c1 - c));
+      const __m512i w = _mm512_maskz_expandloadu_epi8(m, q + vp);
+      vp += _mm_popcnt_u64(m);
+      for (int nb = 0; nb < NB; ++nb)
+        for (int k = 0; k < kFxLimbs; ++k)
+          acc[0][nb][k] = _mm512_dpbusd_epi32(acc[0][nb][k], _mm512_loadu_si512(xs[nb] + k * ld + c), w);
+    }
+    fx_flush<NB>(acc, total);
+  }
+  const int64_t qsum = fx_values_sum(q + vp0, vp - vp0);
+  for (int nb = 0; nb < NB; ++nb) sums[nb] = total[nb] - qsum * (int64_t{1} << 23);
+}
+
+#define SF_INT8_FX_KERNELS 1
 #define SF_INT8_QX_KERNELS 1
 
 #elif defined(__AVX2__)
@@ -855,7 +980,42 @@ void nm_i8_rows_qx(const NmI8& wq, const QuantX& xq, const Problem& p, int64_t r
   });
 }
 
-constexpr I8Kernels kI8Kernels = {bitmap_i8_rows, nm_i8_rows, csr_i8_rows, quantize_row, bitmap_i8_rows_qx, nm_i8_rows_qx};
+#if defined(SF_INT8_FX_KERNELS)
+// y[b, r] = fx_output(scales[r], sx[b], dot, bias[r]) for rows [r0, r1): dot(r, limb planes, sums, nb)
+template <class DotFn>
+void i8_rows_fx(const Problem& p, const FixedX& fx, const float* scales, int64_t r0, int64_t r1, DotFn&& dot) {
+  rows_by_quads<uint8_t, int64_t>(p, fx.limbs, kFxLimbs * fx.ld, r0, r1, dot, [&](int64_t r, int64_t b, int64_t sum, float bv) {
+    return fx_output(scales[r], fx.scale[b], sum, bv);
+  });
+}
+
+void bitmap_i8_rows_fx(const BitmapI8& wq, const FixedX& fx, const Problem& p, int64_t r0, int64_t r1) {
+  const BitmapView& w = wq.w;
+  const int8_t* q = static_cast<const int8_t*>(w.val);
+  const RowPrefetch prefetch_row(w);
+  i8_rows_fx(p, fx, wq.scales, r0, r1, [&](int64_t r, const uint8_t* const* xs, int64_t* sums, auto nbc) {
+    prefetch_row(w, r);
+    bitmap_fx_row_dot<decltype(nbc)::value>(q, w.row_offsets[r], w.bits + r * w.bpr, w.cols, xs, fx.ld, sums);
+  });
+}
+
+void nm_i8_rows_fx(const NmI8& wq, const FixedX& fx, const Problem& p, int64_t r0, int64_t r1) {
+  const NmView& w = wq.w;
+  const int8_t* q = static_cast<const int8_t*>(w.val);
+  NmRowBits bits(w);  // n:m other than 2:4 (int8_float_walk): the bitmap walk on the row's decoded positions
+  i8_rows_fx(p, fx, wq.scales, r0, r1, [&](int64_t r, const uint8_t* const* xs, int64_t* sums, auto nbc) {
+    bitmap_fx_row_dot<decltype(nbc)::value>(q, r * w.vpr, bits.row(r), w.cols, xs, fx.ld, sums);
+  });
+}
+constexpr auto kBitmapRowsFx = bitmap_i8_rows_fx;
+constexpr auto kNmRowsFx = nm_i8_rows_fx;
+#else
+constexpr void (*kBitmapRowsFx)(const BitmapI8&, const FixedX&, const Problem&, int64_t, int64_t) = nullptr;
+constexpr void (*kNmRowsFx)(const NmI8&, const FixedX&, const Problem&, int64_t, int64_t) = nullptr;
+#endif
+
+constexpr I8Kernels kI8Kernels = {bitmap_i8_rows, nm_i8_rows,   csr_i8_rows, quantize_row, bitmap_i8_rows_qx,
+                                  nm_i8_rows_qx,  fixed_row,    kBitmapRowsFx, kNmRowsFx};
 
 }  // namespace
 }  // namespace sf

@@ -281,6 +281,7 @@ struct I8Format {
   void (*fast)(const View&, const sf::Problem&, sf::Isa, int algo, sf::I8Act);
   void (*ref)(const View&, const sf::Problem&);     // act='float' oracle
   void (*ref_qx)(const View&, const sf::Problem&);  // act='int8' oracle; nullptr: the format has no int8 mode
+  void (*ref_fx)(const View&, const sf::Problem&);  // the fixed-point walk's oracle; nullptr: the format has none
 };
 
 // <name>_linear(x, W..., bias, y, isa, algo, check_indices, act) and its _ref (isa, algo ignored),
@@ -308,6 +309,18 @@ void def_i8(nb::module_& m, const I8Format<View, W...>& f, std::index_sequence<I
           "x"_a, nb::arg(f.args[I])..., "bias"_a.none(), "y"_a, "isa"_a = "", "algo"_a = "auto",
           "check_indices"_a = true, "act"_a = "float");
   }
+  if (f.ref_fx != nullptr) {  // <name>_linear_fx_ref(x, W..., bias, y, check_indices): int8.h's fixed-point walk
+    const std::string op = std::string(f.name) + "_linear_fx_ref";
+    m.def(op.c_str(),
+          [op, f](const In& x, const W&... w, const nb::object& bias, const Out& y, bool check_indices) {
+            const sf::Problem p = problem(x, bias, y);
+            const View v = f.view(w..., p.in, op, check_indices);
+            expect_rows(v.w.rows, p.out, op.c_str());
+            nb::gil_scoped_release rel;
+            f.ref_fx(v, p);
+          },
+          "x"_a, nb::arg(f.args[I])..., "bias"_a.none(), "y"_a, "check_indices"_a = true);
+  }
   const std::string check = std::string(f.name) + "_check";
   m.def(check.c_str(), [check, f](const W&... w, int64_t rows, int64_t cols) {
     expect_rows(f.view(w..., cols, check, true).w.rows, rows, check.c_str());
@@ -328,14 +341,14 @@ void register_int8(nb::module_& m) {
                                cols, op.c_str(), chk);
       },
       [](const sf::CsrI8& w, const sf::Problem& p, sf::Isa i, int a, sf::I8Act) { sf::csr_i8_linear(w, p, i, a); },
-      sf::csr_i8_linear_ref, nullptr});
+      sf::csr_i8_linear_ref, nullptr, nullptr});
   def_i8(m, I8Format<sf::BitmapI8, In, In, In, In>{
       "bitmap_i8", {"bitmap", "row_offsets", "values", "scales"},
       [](const In& bits, const In& ro, const In& val, const In& sc, int64_t cols, const std::string& op, bool chk) {
         return sf::bitmap_i8_view(array(bits, "bitmap"), array(ro, "row_offsets"), array(val, "values"),
                                   array(sc, "scales"), cols, op.c_str(), chk);
       },
-      sf::bitmap_i8_linear, sf::bitmap_i8_linear_ref, sf::bitmap_i8_linear_qx_ref});
+      sf::bitmap_i8_linear, sf::bitmap_i8_linear_ref, sf::bitmap_i8_linear_qx_ref, sf::bitmap_i8_linear_fx_ref});
   def_i8(m, I8Format<sf::NmI8, In, In, In, int, int>{
       "nm_i8", {"values", "indices", "scales", "n", "m"},
       [](const In& val, const In& idx, const In& sc, const int& n, const int& mm, int64_t cols, const std::string& op,
@@ -343,9 +356,14 @@ void register_int8(nb::module_& m) {
         return sf::nm_i8_view(array(val, "values"), array(idx, "indices"), array(sc, "scales"), n, mm, cols,
                               op.c_str(), chk);
       },
-      sf::nm_i8_linear, sf::nm_i8_linear_ref, sf::nm_i8_linear_qx_ref});
+      sf::nm_i8_linear, sf::nm_i8_linear_ref, sf::nm_i8_linear_qx_ref, sf::nm_i8_linear_fx_ref});
   m.def("int8_act_path", [](const std::string& isa) { return std::string(sf::int8_act_path(resolve(isa))); },
         "isa"_a = "", "The int8-activation product a call on this ISA path runs (csrc/int8.h int8_act_path).");
+  m.def("int8_float_walk",
+        [](const std::string& isa, int n, int mm) { return std::string(sf::int8_float_walk(resolve(isa), n, mm)); },
+        "isa"_a = "", "n"_a = 0, "m"_a = 0,
+        "The walk a float32-activation int8 call at batch 1-3 takes on this ISA path for a bitmap weight (n = m = 0) "
+        "or an n:m one: 'fixed_x' or 'fma' (csrc/int8.h int8_float_walk; SPARSEFORGE_INT8_WALK=fma forces 'fma').");
   m.def("int8_vnni", [] { return sf::use_int8_vnni(); },
         "Whether act='int8' runs the AVX512 VNNI / VBMI / VBMI2 kernels on the avx512 path (SPARSEFORGE_INT8_VNNI).");
 }

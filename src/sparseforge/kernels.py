@@ -88,6 +88,16 @@ def int8_act_path(requested: str = "") -> str:
     return native().int8_act_path(requested)
 
 
+def int8_float_walk(requested: str = "", pattern: str = "bitmap") -> str:
+    """The walk a float32-activation call of an int8-valued weight at batch 1-3 runs on ISA path ``requested``
+    (default: :func:`isa`): ``"fixed_x"`` (x as a 24-bit fixed point in three bytes, exact integer row sums by
+    ``vpdpbusd``: AVX512 VNNI / VBMI / VBMI2, bitmap and n:m other than 2:4) or ``"fma"`` (int8 values widened
+    to float32, FMA). ``pattern``: ``"bitmap"`` or an n:m pattern such as ``"2:4"``.
+    ``SPARSEFORGE_INT8_WALK=fma`` forces ``"fma"``. See docs/kernels.md ("int8 values")."""
+    n, m = (0, 0) if pattern == "bitmap" else (int(v) for v in pattern.split(":"))
+    return native().int8_float_walk(requested, n, m)
+
+
 def num_threads() -> int:
     """Threads the kernels use, the calling thread included."""
     return native().num_threads()
