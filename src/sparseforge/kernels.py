@@ -94,8 +94,15 @@ def int8_float_walk(requested: str = "", pattern: str = "bitmap") -> str:
     ``vpdpbusd``: AVX512 VNNI / VBMI / VBMI2, bitmap and n:m other than 2:4) or ``"fma"`` (int8 values widened
     to float32, FMA). ``pattern``: ``"bitmap"`` or an n:m pattern such as ``"2:4"``.
     ``SPARSEFORGE_INT8_WALK=fma`` forces ``"fma"``. See docs/kernels.md ("int8 values")."""
-    n, m = (0, 0) if pattern == "bitmap" else (int(v) for v in pattern.split(":"))
-    return native().int8_float_walk(requested, n, m)
+    if pattern == "bitmap":
+        return native().int8_float_walk(requested, 0, 0)
+    from sparseforge.errors import ConfigError
+    from sparseforge.patterns import NM, parse
+
+    nm = parse(pattern)
+    if not isinstance(nm, NM):
+        raise ConfigError(f"pattern must be 'bitmap' or an n:m pattern such as '2:4', got {pattern!r}")
+    return native().int8_float_walk(requested, nm.n, nm.m)
 
 
 def num_threads() -> int:

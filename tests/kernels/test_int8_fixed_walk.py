@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparseforge import kernels
+from sparseforge.errors import ConfigError
 from sparseforge.formats import BitmapWeight, NMWeight
 from sparseforge.kernels import native
 
@@ -94,6 +95,9 @@ def test_the_walk_runs_where_the_cpu_has_vnni_vbmi_and_vbmi2():
     for isa in ("avx2", "scalar"):
         if kernels.cpu_supports(isa):
             assert nat.int8_float_walk(isa) == "fma"
+    for bad in ("0.75", "block4x4"):  # not a pattern / not n:m: a one-line ConfigError
+        with pytest.raises(ConfigError):
+            kernels.int8_float_walk("", bad)
 
 
 @pytest.mark.parametrize("isa", ISAS)
