@@ -66,23 +66,61 @@ inline float exp_neg1(float x) {
   return exp_neg(v)[0];
 }
 
+// Software prefetch of the next block's keys and values while the current block is scored: the
+// block's bytes are cut into `slices` runs of whole cache lines, one per group of four keys. The
+// hardware prefetchers stop at every 4 KB page (a page of 16 float32 tokens) and never follow a jump
+// to the next selected span, so without this each page starts with a full memory latency.
+struct Prefetch {
+  const char* k = nullptr;  // next block's first key / value row (null: nothing to prefetch)
+  const char* v = nullptr;
+  int64_t bytes = 0;        // bytes of each of the next block's key and value rows together
+  int64_t slices = 1;       // groups of four keys in the current block
+  void step(int64_t group) const {
+    if (!k) return;
+    const int64_t slice = ((bytes + slices - 1) / slices + 63) / 64 * 64, lo = group * slice;
+    const int64_t hi = lo + slice < bytes ? lo + slice : bytes;
+    for (int64_t o = lo; o < hi; o += 64) {
+      __builtin_prefetch(k + o, 0, 3);
+      __builtin_prefetch(v + o, 0, 3);
+    }
+  }
+};
+
 constexpr int64_t kMaxRegGroup = 8;  // query rows per KV head whose accumulators stay in registers
 
-// acc[g, d:d+kVL] += sum_j p[g][j] v[t0 + j, d:d+kVL] for GT query rows: the GT accumulators of one
-// vector of dimensions stay in registers while the block's value rows stream through.
+// acc[g, d:d+ND*kVL] += sum_j p[g][j] v[t0 + j, d:d+ND*kVL] for GT query rows: GT x ND accumulators
+// stay in registers while the block's value rows stream through (each row's ND vectors loaded once
+// for the GT rows); GT x ND independent FMA chains keep the FMA units busy.
+template <VT V, int GT, int ND>
+void accumulate_tile(const AttnChunk& c, const float* p, int64_t t0, int64_t nt, int64_t d) {
+  const int64_t D = c.D;
+  vfl a[GT][ND];
+  for (int g = 0; g < GT; ++g)
+    for (int u = 0; u < ND; ++u) a[g][u] = *reinterpret_cast<const vflu_a*>(c.acc + g * D + d + u * kVL);
+  const int64_t base = t0 * D + d;
+  for (int64_t j = 0; j < nt; ++j) {
+    vfl vv[ND];
+    for (int u = 0; u < ND; ++u) vv[u] = ld_a<V>(c.v, base + j * D + u * kVL);
+    for (int g = 0; g < GT; ++g) {
+      const float pj = p[g * kAttnBlock + j];
+      for (int u = 0; u < ND; ++u) a[g][u] += pj * vv[u];
+    }
+  }
+  for (int g = 0; g < GT; ++g)
+    for (int u = 0; u < ND; ++u) *reinterpret_cast<vflu_a*>(c.acc + g * D + d + u * kVL) = a[g][u];
+}
+
+constexpr int kMaxAcc = kVL >= 16 ? 16 : 8;  // accumulator vectors of a value tile (32 / 16 vector registers)
+
+// the vector part of D (dv) in tiles of 4, 2 or 1 vectors, as many as GT rows' accumulators fit
 template <VT V, int GT>
 void accumulate_values(const AttnChunk& c, const float* p, int64_t t0, int64_t nt, int64_t dv) {
-  const int64_t D = c.D;
-  for (int64_t d = 0; d < dv; d += kVL) {
-    vfl a[GT];
-    for (int g = 0; g < GT; ++g) a[g] = *reinterpret_cast<const vflu_a*>(c.acc + g * D + d);
-    const int64_t base = t0 * D + d;
-    for (int64_t j = 0; j < nt; ++j) {
-      const vfl vv = ld_a<V>(c.v, base + j * D);
-      for (int g = 0; g < GT; ++g) a[g] += p[g * kAttnBlock + j] * vv;
-    }
-    for (int g = 0; g < GT; ++g) *reinterpret_cast<vflu_a*>(c.acc + g * D + d) = a[g];
-  }
+  int64_t d = 0;
+  if constexpr (4 * GT <= kMaxAcc)
+    for (; d + 4 * kVL <= dv; d += 4 * kVL) accumulate_tile<V, GT, 4>(c, p, t0, nt, d);
+  if constexpr (2 * GT <= kMaxAcc)
+    for (; d + 2 * kVL <= dv; d += 2 * kVL) accumulate_tile<V, GT, 2>(c, p, t0, nt, d);
+  for (; d < dv; d += kVL) accumulate_tile<V, GT, 1>(c, p, t0, nt, d);
 }
 
 template <VT V>
@@ -103,11 +141,12 @@ void accumulate_values_reg(const AttnChunk& c, const float* p, int64_t t0, int64
 // four keys at a time, each key vector loaded once for the GS rows (4 x GS accumulators), then one
 // shared horizontal sum per row and four keys.
 template <VT V, int GS>
-void block_scores(const AttnChunk& c, int64_t g0, float* s, int64_t t0, int64_t nt, int64_t dv) {
+void block_scores(const AttnChunk& c, int64_t g0, float* s, int64_t t0, int64_t nt, int64_t dv, const Prefetch& pf) {
   const int64_t D = c.D;
   const float* q = c.q + g0 * D;
   int64_t j = 0;
   for (; j + 4 <= nt; j += 4) {
+    pf.step(j / 4);
     vfl a[GS][4];
     for (int g = 0; g < GS; ++g)
       for (int i = 0; i < 4; ++i) a[g][i] = vfl{};
@@ -137,6 +176,83 @@ void block_scores(const AttnChunk& c, int64_t g0, float* s, int64_t t0, int64_t 
   }
 }
 
+#if defined(__AVX512F__)
+// Scores of the four query rows g0..g0+3 for D = 64 without a horizontal sum per dot product: lane
+// 4 r + e of qi[i] holds q[g0 + r][4 i + e], and key channels 4 i..4 i + 3 are broadcast to the four
+// rows' lanes, so acc_t = sum_i qi[i] * bcast(k_t[4 i..4 i + 3]) holds four partial sums of each row's
+// score with key t; two rounds of lane-pair sums over four keys leave one vector of (row, key) scores.
+// Per key: 16 FMAs and 16 broadcast loads, ~1 shuffle (hsum4: ~3 per dot product).
+
+constexpr int64_t kBcastDim = 64;  // head dimension of block_scores_q4
+
+// the four values at p + i (float32, or bfloat16 widened exactly), repeated in each 128-bit lane
+template <VT V>
+inline __m512 bcast4(const void* p, int64_t i) {
+  if constexpr (V == VT::f32) {
+    return _mm512_broadcast_f32x4(_mm_loadu_ps(static_cast<const float*>(p) + i));
+  } else {
+    const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_broadcast_i32x4(_mm_cvtepu16_epi32(h)), 16));
+  }
+}
+
+// s[g0 + r][j] for r < 4, j < nt (the key rows t0 + j)
+template <VT V>
+void block_scores_q4(const AttnChunk& c, int64_t g0, float* s, int64_t t0, int64_t nt, const Prefetch& pf) {
+  constexpr int64_t D = kBcastDim;
+  const float* q = c.q + g0 * D;
+  __m512 qi[16];  // (D / 4) x [row 0: 4 channels, row 1, row 2, row 3]
+  for (int i = 0; i < 16; ++i) {
+    const __m512 lo = _mm512_insertf32x4(_mm512_castps128_ps512(_mm_loadu_ps(q + 4 * i)), _mm_loadu_ps(q + D + 4 * i), 1);
+    const __m512 hi = _mm512_insertf32x4(_mm512_castps128_ps512(_mm_loadu_ps(q + 2 * D + 4 * i)), _mm_loadu_ps(q + 3 * D + 4 * i), 1);
+    qi[i] = _mm512_shuffle_f32x4(lo, hi, 0x44);  // [lo.0, lo.1, hi.0, hi.1]
+  }
+  // lane-pair sums of two vectors: lanes 0..7 from x, 8..15 from y
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  // lane 4 r + t of the result: row r, key t (key 0 / 1 in the first / second half of b01, 2 / 3 of b23)
+  const __m512i rk0 = _mm512_setr_epi32(0, 8, 16, 24, 2, 10, 18, 26, 4, 12, 20, 28, 6, 14, 22, 30);
+  const __m512i rk1 = _mm512_setr_epi32(1, 9, 17, 25, 3, 11, 19, 27, 5, 13, 21, 29, 7, 15, 23, 31);
+  int64_t j = 0;
+  for (; j + 4 <= nt; j += 4) {
+    pf.step(j / 4);
+    const void* k0 = static_cast<const char*>(c.k) + (t0 + j) * D * (V == VT::f32 ? 4 : 2);
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, e0 = a0, e1 = a0, e2 = a0, e3 = a0;
+#pragma GCC unroll 8
+    for (int i = 0; i < 16; i += 2) {
+      a0 = _mm512_fmadd_ps(qi[i], bcast4<V>(k0, 4 * i), a0);
+      a1 = _mm512_fmadd_ps(qi[i], bcast4<V>(k0, D + 4 * i), a1);
+      a2 = _mm512_fmadd_ps(qi[i], bcast4<V>(k0, 2 * D + 4 * i), a2);
+      a3 = _mm512_fmadd_ps(qi[i], bcast4<V>(k0, 3 * D + 4 * i), a3);
+      e0 = _mm512_fmadd_ps(qi[i + 1], bcast4<V>(k0, 4 * i + 4), e0);
+      e1 = _mm512_fmadd_ps(qi[i + 1], bcast4<V>(k0, D + 4 * i + 4), e1);
+      e2 = _mm512_fmadd_ps(qi[i + 1], bcast4<V>(k0, 2 * D + 4 * i + 4), e2);
+      e3 = _mm512_fmadd_ps(qi[i + 1], bcast4<V>(k0, 3 * D + 4 * i + 4), e3);
+    }
+    a0 = _mm512_add_ps(a0, e0);
+    a1 = _mm512_add_ps(a1, e1);
+    a2 = _mm512_add_ps(a2, e2);
+    a3 = _mm512_add_ps(a3, e3);
+    const __m512 b01 = _mm512_add_ps(_mm512_permutex2var_ps(a0, even, a1), _mm512_permutex2var_ps(a0, odd, a1));
+    const __m512 b23 = _mm512_add_ps(_mm512_permutex2var_ps(a2, even, a3), _mm512_permutex2var_ps(a2, odd, a3));
+    const __m512 o = _mm512_add_ps(_mm512_permutex2var_ps(b01, rk0, b23), _mm512_permutex2var_ps(b01, rk1, b23));
+    float* sj = s + g0 * kAttnBlock + j;
+    _mm_storeu_ps(sj, _mm512_castps512_ps128(o));
+    _mm_storeu_ps(sj + kAttnBlock, _mm512_extractf32x4_ps(o, 1));
+    _mm_storeu_ps(sj + 2 * kAttnBlock, _mm512_extractf32x4_ps(o, 2));
+    _mm_storeu_ps(sj + 3 * kAttnBlock, _mm512_extractf32x4_ps(o, 3));
+  }
+  for (; j < nt; ++j) {
+    const void* kj = static_cast<const char*>(c.k) + (t0 + j) * D * (V == VT::f32 ? 4 : 2);
+    __m512 a = _mm512_setzero_ps();
+    for (int i = 0; i < 16; ++i) a = _mm512_fmadd_ps(qi[i], bcast4<V>(kj, 4 * i), a);
+    alignas(64) float l[16];
+    _mm512_store_ps(l, a);
+    for (int r = 0; r < 4; ++r) s[(g0 + r) * kAttnBlock + j] = (l[4 * r] + l[4 * r + 1]) + (l[4 * r + 2] + l[4 * r + 3]);
+  }
+}
+#endif
+
 inline void init_partial(const AttnChunk& c) {
   for (int64_t g = 0; g < c.G; ++g) {
     c.m[g] = -std::numeric_limits<float>::infinity();
@@ -147,17 +263,23 @@ inline void init_partial(const AttnChunk& c) {
 
 // The online-softmax update of c's partial results with the nt <= 64 tokens t0.. of c.k / c.v.
 template <VT V>
-void attn_block(const AttnChunk& c, int64_t t0, int64_t nt) {
+void attn_block(const AttnChunk& c, int64_t t0, int64_t nt, const Prefetch& pf = Prefetch{}) {
   const int64_t G = c.G, D = c.D, dv = D - D % kVL;  // dv: dimensions done by vectors
   const float ninf = -std::numeric_limits<float>::infinity();
   float* s = c.scratch;  // (G, 64)
   // scores s[g][j] = q_g . k_{t0 + j}, query rows in groups of up to 4
+#if defined(__AVX512F__)
+  if (D == kBcastDim && G % 4 == 0) {
+    for (int64_t g0 = 0; g0 < G; g0 += 4) block_scores_q4<V>(c, g0, s, t0, nt, g0 == 0 ? pf : Prefetch{});
+  } else
+#endif
   for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    const Prefetch& p = g0 == 0 ? pf : Prefetch{};  // the first group of rows walks the block once
     switch (min64(4, G - g0)) {
-      case 1: block_scores<V, 1>(c, g0, s, t0, nt, dv); break;
-      case 2: block_scores<V, 2>(c, g0, s, t0, nt, dv); break;
-      case 3: block_scores<V, 3>(c, g0, s, t0, nt, dv); break;
-      default: block_scores<V, 4>(c, g0, s, t0, nt, dv); break;
+      case 1: block_scores<V, 1>(c, g0, s, t0, nt, dv, p); break;
+      case 2: block_scores<V, 2>(c, g0, s, t0, nt, dv, p); break;
+      case 3: block_scores<V, 3>(c, g0, s, t0, nt, dv, p); break;
+      default: block_scores<V, 4>(c, g0, s, t0, nt, dv, p); break;
     }
   }
   for (int64_t g = 0; g < G; ++g) {
@@ -172,8 +294,13 @@ void attn_block(const AttnChunk& c, int64_t t0, int64_t nt) {
   // online softmax update per query row; s becomes the probabilities p
   for (int64_t g = 0; g < G; ++g) {
     float* sg = s + g * kAttnBlock;
+    vfl vm = vfl{} + ninf;  // lane-wise running max (the -inf padding does not change it)
+    for (int64_t j = 0; j < ntv; j += kVL) {
+      const vfl x = *reinterpret_cast<const vflu_a*>(sg + j);
+      vm = x > vm ? x : vm;
+    }
     float bm = ninf;
-    for (int64_t j = 0; j < nt; ++j) bm = sg[j] > bm ? sg[j] : bm;
+    for (int i = 0; i < kVL; ++i) bm = vm[i] > bm ? vm[i] : bm;
     const float m_new = c.m[g] > bm ? c.m[g] : bm;
     const float corr = c.m[g] == ninf ? 0.f : exp_neg1(c.m[g] - m_new);
     vfl lsum = vfl{};
@@ -216,9 +343,24 @@ void attn_block(const AttnChunk& c, int64_t t0, int64_t nt) {
 template <VT V>
 void attn_chunk_impl(const AttnChunk& c) {
   init_partial(c);
-  for (int64_t pc = 0; pc < c.np; ++pc) {
-    const int64_t start = c.pieces[2 * pc], len = c.pieces[2 * pc + 1];
-    for (int64_t t0 = start; t0 < start + len; t0 += kAttnBlock) attn_block<V>(c, t0, min64(kAttnBlock, start + len - t0));
+  constexpr int64_t elt = V == VT::f32 ? 4 : 2;
+  // the blocks of the chunk in order: (piece, t0); the block after (pc, t0) is prefetched during it
+  int64_t pc = 0, t0 = c.np ? c.pieces[0] : 0;
+  while (pc < c.np) {
+    const int64_t end = c.pieces[2 * pc] + c.pieces[2 * pc + 1], nt = min64(kAttnBlock, end - t0);
+    int64_t npc = pc, nt0 = t0 + nt;
+    if (nt0 >= end && ++npc < c.np) nt0 = c.pieces[2 * npc];
+    Prefetch pf;
+    if (npc < c.np) {
+      const int64_t nend = c.pieces[2 * npc] + c.pieces[2 * npc + 1];
+      pf.k = static_cast<const char*>(c.k) + nt0 * c.D * elt;
+      pf.v = static_cast<const char*>(c.v) + nt0 * c.D * elt;
+      pf.bytes = min64(kAttnBlock, nend - nt0) * c.D * elt;
+      pf.slices = nt / 4 > 1 ? nt / 4 : 1;
+    }
+    attn_block<V>(c, t0, nt, pf);
+    pc = npc;
+    t0 = nt0;
   }
 }
 

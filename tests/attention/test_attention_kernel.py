@@ -57,7 +57,9 @@ def _native(q, k, v, spans, n, scale, isa="", chunk=0, parallel=True):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("D,G", [(64, 4), (128, 1), (13, 3), (8, 7)])
+# (64, 4k): the AVX-512 broadcast score path (four query rows per pass); (96, 5), (128, 1): value tiles
+# of 4, 2 and 1 vectors; (13, 3), (8, 7): scalar tails
+@pytest.mark.parametrize("D,G", [(64, 4), (64, 8), (64, 16), (96, 5), (128, 1), (13, 3), (8, 7)])
 def test_every_isa_matches_reference_and_oracle(isa, dtype, D, G):
     B, Hkv, cap = 2, 2, 300
     q, k, v = _problem(B, Hkv * G, Hkv, D, cap, dtype=dtype)
@@ -76,15 +78,16 @@ def test_every_isa_matches_reference_and_oracle(isa, dtype, D, G):
     n=st.integers(1, 200),
     cuts=st.lists(st.integers(0, 200), min_size=1, max_size=12),
     chunk=st.integers(1, 70),
-    G=st.sampled_from([1, 2, 4]),
+    G=st.sampled_from([1, 2, 4, 8]),
+    D=st.sampled_from([16, 64]),
     isa=st.sampled_from(ISAS),
 )
-def test_any_spans_match_the_oracle(seed, n, cuts, chunk, G, isa):
+def test_any_spans_match_the_oracle(seed, n, cuts, chunk, G, D, isa):
     """Property: for any ascending disjoint span list (at least one token), kernel == float64 oracle."""
     bounds = sorted({c % (n + 1) for c in cuts} | {0, n})
     pairs = [[a, b - a] for a, b in zip(bounds[:-1:2], bounds[1::2])]  # every other interval
     pairs = [p for p in pairs if p[1] > 0] or [[0, n]]
-    q, k, v = _problem(1, 2 * G, 2, 16, 200, seed)
+    q, k, v = _problem(1, 2 * G, 2, D, 200, seed)
     spans = _spans(1, 2, pairs)
     got = _native(q, k, v, spans, n, 0.3, isa, chunk)
     torch.testing.assert_close(got.double(), _oracle(q, k, v, spans, 0.3), rtol=2e-5, atol=2e-5)
