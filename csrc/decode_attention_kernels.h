@@ -12,6 +12,10 @@
 #include <cmath>
 #include <limits>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include "decode_attention.h"
 #include "lanes.h"
 #include "sddmm.h"
@@ -33,9 +37,16 @@ inline vfl ld_a(const void* p, int64_t i) {
   if constexpr (V == VT::f32) {
     return *reinterpret_cast<const vflu_a*>(static_cast<const float*>(p) + i);
   } else {
-    const vu16_a h = *reinterpret_cast<const vu16_a*>(static_cast<const uint16_t*>(p) + i);
+    const uint16_t* h16 = static_cast<const uint16_t*>(p) + i;
+#if defined(__AVX512F__)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h16))), 16));
+#elif defined(__AVX2__)
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h16))), 16));
+#else
+    const vu16_a h = *reinterpret_cast<const vu16_a*>(h16);
     const vu32_a w = __builtin_convertvector(h, vu32_a) << 16;
     return reinterpret_cast<vfl>(w);
+#endif
   }
 }
 
@@ -178,22 +189,77 @@ void block_scores(const AttnChunk& c, int64_t g0, float* s, int64_t t0, int64_t 
 
 #if defined(__AVX512F__)
 // Scores of the four query rows g0..g0+3 for D = 64 without a horizontal sum per dot product: lane
-// 4 r + e of qi[i] holds q[g0 + r][4 i + e], and key channels 4 i..4 i + 3 are broadcast to the four
-// rows' lanes, so acc_t = sum_i qi[i] * bcast(k_t[4 i..4 i + 3]) holds four partial sums of each row's
-// score with key t; two rounds of lane-pair sums over four keys leave one vector of (row, key) scores.
-// Per key: 16 FMAs and 16 broadcast loads, ~1 shuffle (hsum4: ~3 per dot product).
+// 4 r + e of qi[i] holds a channel of q[g0 + r] (interleave_q4), and the matching key channels are
+// broadcast to the four rows' lanes, so acc_t = sum_i qi[i] * bcast(k_t[...]) holds four partial sums
+// of each row's score with key t; two rounds of lane-pair sums over four keys leave one vector of
+// (row, key) scores. Per key: 16 FMAs, 16 (float32) or 8 (bfloat16) broadcast loads, ~1 shuffle
+// (hsum4: ~3 per dot product).
 
 constexpr int64_t kBcastDim = 64;  // head dimension of block_scores_q4
 
-// the four values at p + i (float32, or bfloat16 widened exactly), repeated in each 128-bit lane
+// The four query rows interleaved per group of key channels (lane 4 r + e: row r):
+//   float32:  qi[i] = q[r][4 i + e]                 (i < 16; keys broadcast 4 channels at a time)
+//   bfloat16: qi[i] = q[r][8 i + 2 e], qi[8 + i] = q[r][8 i + 2 e + 1]   (i < 8; keys broadcast 8
+//             channels at a time, as bfloat16 pairs: a pair's low half shifted up is the even channel,
+//             its high half masked the odd one, both exact)
 template <VT V>
-inline __m512 bcast4(const void* p, int64_t i) {
+inline void interleave_q4(const float* q, __m512* qi) {
+  constexpr int64_t D = kBcastDim;
   if constexpr (V == VT::f32) {
-    return _mm512_broadcast_f32x4(_mm_loadu_ps(static_cast<const float*>(p) + i));
+    for (int i = 0; i < 16; ++i) {
+      const __m512 lo = _mm512_insertf32x4(_mm512_castps128_ps512(_mm_loadu_ps(q + 4 * i)), _mm_loadu_ps(q + D + 4 * i), 1);
+      const __m512 hi = _mm512_insertf32x4(_mm512_castps128_ps512(_mm_loadu_ps(q + 2 * D + 4 * i)), _mm_loadu_ps(q + 3 * D + 4 * i), 1);
+      qi[i] = _mm512_shuffle_f32x4(lo, hi, 0x44);  // [lo.0, lo.1, hi.0, hi.1]
+    }
   } else {
-    const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_broadcast_i32x4(_mm_cvtepu16_epi32(h)), 16));
+    const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i od = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    for (int i = 0; i < 8; ++i) {
+      const __m512 x = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(q + 8 * i)), _mm256_loadu_ps(q + D + 8 * i), 1);
+      const __m512 y = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(q + 2 * D + 8 * i)), _mm256_loadu_ps(q + 3 * D + 8 * i), 1);
+      qi[i] = _mm512_permutex2var_ps(x, ev, y);
+      qi[8 + i] = _mm512_permutex2var_ps(x, od, y);
+    }
   }
+}
+
+// a, e += the four rows' partial products with key kt (two FMA chains), lanes as interleave_q4
+template <VT V>
+inline void dot_q4(const __m512* qi, const void* kt, __m512& a, __m512& e) {
+  if constexpr (V == VT::f32) {
+    const float* k = static_cast<const float*>(kt);
+#pragma GCC unroll 8
+    for (int i = 0; i < 16; i += 2) {
+      a = _mm512_fmadd_ps(qi[i], _mm512_broadcast_f32x4(_mm_loadu_ps(k + 4 * i)), a);
+      e = _mm512_fmadd_ps(qi[i + 1], _mm512_broadcast_f32x4(_mm_loadu_ps(k + 4 * i + 4)), e);
+    }
+  } else {
+    const uint16_t* k = static_cast<const uint16_t*>(kt);
+    const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      const __m512i kb = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(k + 8 * i)));
+      a = _mm512_fmadd_ps(qi[i], _mm512_castsi512_ps(_mm512_slli_epi32(kb, 16)), a);
+      e = _mm512_fmadd_ps(qi[8 + i], _mm512_castsi512_ps(_mm512_and_si512(kb, hi)), e);
+    }
+  }
+}
+
+// s[r * 64 + t] = sum of the four lanes 4 r..4 r + 3 of a_t (row r's partial sums with key t), r, t < 4:
+// two rounds of lane-pair sums (vpermt2ps), the result's lane 4 r + t stored as four rows of 4 scores
+inline void store_scores4(__m512 a0, __m512 a1, __m512 a2, __m512 a3, float* s) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  // b01 lanes 0..7: key 0, row r's pair sums at 2 r, 2 r + 1; lanes 8..15: key 1 (b23: keys 2, 3)
+  const __m512 b01 = _mm512_add_ps(_mm512_permutex2var_ps(a0, even, a1), _mm512_permutex2var_ps(a0, odd, a1));
+  const __m512 b23 = _mm512_add_ps(_mm512_permutex2var_ps(a2, even, a3), _mm512_permutex2var_ps(a2, odd, a3));
+  const __m512i rk0 = _mm512_setr_epi32(0, 8, 16, 24, 2, 10, 18, 26, 4, 12, 20, 28, 6, 14, 22, 30);
+  const __m512i rk1 = _mm512_setr_epi32(1, 9, 17, 25, 3, 11, 19, 27, 5, 13, 21, 29, 7, 15, 23, 31);
+  const __m512 o = _mm512_add_ps(_mm512_permutex2var_ps(b01, rk0, b23), _mm512_permutex2var_ps(b01, rk1, b23));
+  _mm_storeu_ps(s, _mm512_castps512_ps128(o));
+  _mm_storeu_ps(s + kAttnBlock, _mm512_extractf32x4_ps(o, 1));
+  _mm_storeu_ps(s + 2 * kAttnBlock, _mm512_extractf32x4_ps(o, 2));
+  _mm_storeu_ps(s + 3 * kAttnBlock, _mm512_extractf32x4_ps(o, 3));
 }
 
 // s[g0 + r][j] for r < 4, j < nt (the key rows t0 + j)
@@ -201,51 +267,29 @@ template <VT V>
 void block_scores_q4(const AttnChunk& c, int64_t g0, float* s, int64_t t0, int64_t nt, const Prefetch& pf) {
   constexpr int64_t D = kBcastDim;
   const float* q = c.q + g0 * D;
-  __m512 qi[16];  // (D / 4) x [row 0: 4 channels, row 1, row 2, row 3]
-  for (int i = 0; i < 16; ++i) {
-    const __m512 lo = _mm512_insertf32x4(_mm512_castps128_ps512(_mm_loadu_ps(q + 4 * i)), _mm_loadu_ps(q + D + 4 * i), 1);
-    const __m512 hi = _mm512_insertf32x4(_mm512_castps128_ps512(_mm_loadu_ps(q + 2 * D + 4 * i)), _mm_loadu_ps(q + 3 * D + 4 * i), 1);
-    qi[i] = _mm512_shuffle_f32x4(lo, hi, 0x44);  // [lo.0, lo.1, hi.0, hi.1]
-  }
-  // lane-pair sums of two vectors: lanes 0..7 from x, 8..15 from y
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-  // lane 4 r + t of the result: row r, key t (key 0 / 1 in the first / second half of b01, 2 / 3 of b23)
-  const __m512i rk0 = _mm512_setr_epi32(0, 8, 16, 24, 2, 10, 18, 26, 4, 12, 20, 28, 6, 14, 22, 30);
-  const __m512i rk1 = _mm512_setr_epi32(1, 9, 17, 25, 3, 11, 19, 27, 5, 13, 21, 29, 7, 15, 23, 31);
+  __m512 qi[16];
+  interleave_q4<V>(q, qi);
   int64_t j = 0;
   for (; j + 4 <= nt; j += 4) {
     pf.step(j / 4);
     const void* k0 = static_cast<const char*>(c.k) + (t0 + j) * D * (V == VT::f32 ? 4 : 2);
+    constexpr int64_t row = D * (V == VT::f32 ? 4 : 2);
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, e0 = a0, e1 = a0, e2 = a0, e3 = a0;
-#pragma GCC unroll 8
-    for (int i = 0; i < 16; i += 2) {
-      a0 = _mm512_fmadd_ps(qi[i], bcast4<V>(k0, 4 * i), a0);
-      a1 = _mm512_fmadd_ps(qi[i], bcast4<V>(k0, D + 4 * i), a1);
-      a2 = _mm512_fmadd_ps(qi[i], bcast4<V>(k0, 2 * D + 4 * i), a2);
-      a3 = _mm512_fmadd_ps(qi[i], bcast4<V>(k0, 3 * D + 4 * i), a3);
-      e0 = _mm512_fmadd_ps(qi[i + 1], bcast4<V>(k0, 4 * i + 4), e0);
-      e1 = _mm512_fmadd_ps(qi[i + 1], bcast4<V>(k0, D + 4 * i + 4), e1);
-      e2 = _mm512_fmadd_ps(qi[i + 1], bcast4<V>(k0, 2 * D + 4 * i + 4), e2);
-      e3 = _mm512_fmadd_ps(qi[i + 1], bcast4<V>(k0, 3 * D + 4 * i + 4), e3);
-    }
+    dot_q4<V>(qi, k0, a0, e0);
+    dot_q4<V>(qi, static_cast<const char*>(k0) + row, a1, e1);
+    dot_q4<V>(qi, static_cast<const char*>(k0) + 2 * row, a2, e2);
+    dot_q4<V>(qi, static_cast<const char*>(k0) + 3 * row, a3, e3);
     a0 = _mm512_add_ps(a0, e0);
     a1 = _mm512_add_ps(a1, e1);
     a2 = _mm512_add_ps(a2, e2);
     a3 = _mm512_add_ps(a3, e3);
-    const __m512 b01 = _mm512_add_ps(_mm512_permutex2var_ps(a0, even, a1), _mm512_permutex2var_ps(a0, odd, a1));
-    const __m512 b23 = _mm512_add_ps(_mm512_permutex2var_ps(a2, even, a3), _mm512_permutex2var_ps(a2, odd, a3));
-    const __m512 o = _mm512_add_ps(_mm512_permutex2var_ps(b01, rk0, b23), _mm512_permutex2var_ps(b01, rk1, b23));
-    float* sj = s + g0 * kAttnBlock + j;
-    _mm_storeu_ps(sj, _mm512_castps512_ps128(o));
-    _mm_storeu_ps(sj + kAttnBlock, _mm512_extractf32x4_ps(o, 1));
-    _mm_storeu_ps(sj + 2 * kAttnBlock, _mm512_extractf32x4_ps(o, 2));
-    _mm_storeu_ps(sj + 3 * kAttnBlock, _mm512_extractf32x4_ps(o, 3));
+    store_scores4(a0, a1, a2, a3, s + g0 * kAttnBlock + j);
   }
   for (; j < nt; ++j) {
     const void* kj = static_cast<const char*>(c.k) + (t0 + j) * D * (V == VT::f32 ? 4 : 2);
-    __m512 a = _mm512_setzero_ps();
-    for (int i = 0; i < 16; ++i) a = _mm512_fmadd_ps(qi[i], bcast4<V>(kj, 4 * i), a);
+    __m512 a = _mm512_setzero_ps(), e = a;
+    dot_q4<V>(qi, kj, a, e);
+    a = _mm512_add_ps(a, e);
     alignas(64) float l[16];
     _mm512_store_ps(l, a);
     for (int r = 0; r < 4; ++r) s[(g0 + r) * kAttnBlock + j] = (l[4 * r] + l[4 * r + 1]) + (l[4 * r + 2] + l[4 * r + 3]);
