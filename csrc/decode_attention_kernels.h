@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <limits>
+#include <utility>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -77,41 +78,42 @@ inline float exp_neg1(float x) {
   return exp_neg(v)[0];
 }
 
-// Software prefetch of the next block's keys and values while the current block is scored: the
-// block's bytes are cut into `slices` runs of whole cache lines, one per group of four keys. The
-// hardware prefetchers stop at every 4 KB page (a page of 16 float32 tokens) and never follow a jump
-// to the next selected span, so without this each page starts with a full memory latency.
+// Software prefetch of the next block's key and value rows while the current block is scored: one
+// step per group of four keys of the current block prefetches the rows of four tokens of the next.
+// The hardware prefetchers stop at every 4 KB page (16 float32 tokens) and never follow a jump to
+// the next selected span.
 struct Prefetch {
-  const char* k = nullptr;  // next block's first key / value row (null: nothing to prefetch)
+  const int32_t* tok = nullptr;  // the next block's tokens
+  int64_t nt = 0;
+  const char* k = nullptr;
   const char* v = nullptr;
-  int64_t bytes = 0;        // bytes of each of the next block's key and value rows together
-  int64_t slices = 1;       // groups of four keys in the current block
+  int64_t row = 0;  // bytes per token row
   void step(int64_t group) const {
-    if (!k) return;
-    const int64_t slice = ((bytes + slices - 1) / slices + 63) / 64 * 64, lo = group * slice;
-    const int64_t hi = lo + slice < bytes ? lo + slice : bytes;
-    for (int64_t o = lo; o < hi; o += 64) {
-      __builtin_prefetch(k + o, 0, 3);
-      __builtin_prefetch(v + o, 0, 3);
+    for (int64_t j = 4 * group; j < 4 * group + 4 && j < nt; ++j) {
+      const int64_t base = tok[j] * row;
+      for (int64_t o = 0; o < row; o += 64) {
+        __builtin_prefetch(k + base + o, 0, 3);
+        __builtin_prefetch(v + base + o, 0, 3);
+      }
     }
   }
 };
 
 constexpr int64_t kMaxRegGroup = 8;  // query rows per KV head whose accumulators stay in registers
 
-// acc[g, d:d+ND*kVL] += sum_j p[g][j] v[t0 + j, d:d+ND*kVL] for GT query rows: GT x ND accumulators
+// acc[g, d:d+ND*kVL] += sum_j p[g][j] v[tok[j], d:d+ND*kVL] for GT query rows: GT x ND accumulators
 // stay in registers while the block's value rows stream through (each row's ND vectors loaded once
 // for the GT rows); GT x ND independent FMA chains keep the FMA units busy.
 template <VT V, int GT, int ND>
-void accumulate_tile(const AttnChunk& c, const float* p, int64_t t0, int64_t nt, int64_t d) {
+void accumulate_tile(const AttnChunk& c, const float* p, const int32_t* tok, int64_t nt, int64_t d) {
   const int64_t D = c.D;
   vfl a[GT][ND];
   for (int g = 0; g < GT; ++g)
     for (int u = 0; u < ND; ++u) a[g][u] = *reinterpret_cast<const vflu_a*>(c.acc + g * D + d + u * kVL);
-  const int64_t base = t0 * D + d;
   for (int64_t j = 0; j < nt; ++j) {
+    const int64_t base = tok[j] * D + d;
     vfl vv[ND];
-    for (int u = 0; u < ND; ++u) vv[u] = ld_a<V>(c.v, base + j * D + u * kVL);
+    for (int u = 0; u < ND; ++u) vv[u] = ld_a<V>(c.v, base + u * kVL);
     for (int g = 0; g < GT; ++g) {
       const float pj = p[g * kAttnBlock + j];
       for (int u = 0; u < ND; ++u) a[g][u] += pj * vv[u];
@@ -125,34 +127,34 @@ constexpr int kMaxAcc = kVL >= 16 ? 16 : 8;  // accumulator vectors of a value t
 
 // the vector part of D (dv) in tiles of 4, 2 or 1 vectors, as many as GT rows' accumulators fit
 template <VT V, int GT>
-void accumulate_values(const AttnChunk& c, const float* p, int64_t t0, int64_t nt, int64_t dv) {
+void accumulate_values(const AttnChunk& c, const float* p, const int32_t* tok, int64_t nt, int64_t dv) {
   int64_t d = 0;
   if constexpr (4 * GT <= kMaxAcc)
-    for (; d + 4 * kVL <= dv; d += 4 * kVL) accumulate_tile<V, GT, 4>(c, p, t0, nt, d);
+    for (; d + 4 * kVL <= dv; d += 4 * kVL) accumulate_tile<V, GT, 4>(c, p, tok, nt, d);
   if constexpr (2 * GT <= kMaxAcc)
-    for (; d + 2 * kVL <= dv; d += 2 * kVL) accumulate_tile<V, GT, 2>(c, p, t0, nt, d);
-  for (; d < dv; d += kVL) accumulate_tile<V, GT, 1>(c, p, t0, nt, d);
+    for (; d + 2 * kVL <= dv; d += 2 * kVL) accumulate_tile<V, GT, 2>(c, p, tok, nt, d);
+  for (; d < dv; d += kVL) accumulate_tile<V, GT, 1>(c, p, tok, nt, d);
 }
 
 template <VT V>
-void accumulate_values_reg(const AttnChunk& c, const float* p, int64_t t0, int64_t nt, int64_t dv) {
+void accumulate_values_reg(const AttnChunk& c, const float* p, const int32_t* tok, int64_t nt, int64_t dv) {
   switch (c.G) {
-    case 1: accumulate_values<V, 1>(c, p, t0, nt, dv); break;
-    case 2: accumulate_values<V, 2>(c, p, t0, nt, dv); break;
-    case 3: accumulate_values<V, 3>(c, p, t0, nt, dv); break;
-    case 4: accumulate_values<V, 4>(c, p, t0, nt, dv); break;
-    case 5: accumulate_values<V, 5>(c, p, t0, nt, dv); break;
-    case 6: accumulate_values<V, 6>(c, p, t0, nt, dv); break;
-    case 7: accumulate_values<V, 7>(c, p, t0, nt, dv); break;
-    default: accumulate_values<V, 8>(c, p, t0, nt, dv); break;
+    case 1: accumulate_values<V, 1>(c, p, tok, nt, dv); break;
+    case 2: accumulate_values<V, 2>(c, p, tok, nt, dv); break;
+    case 3: accumulate_values<V, 3>(c, p, tok, nt, dv); break;
+    case 4: accumulate_values<V, 4>(c, p, tok, nt, dv); break;
+    case 5: accumulate_values<V, 5>(c, p, tok, nt, dv); break;
+    case 6: accumulate_values<V, 6>(c, p, tok, nt, dv); break;
+    case 7: accumulate_values<V, 7>(c, p, tok, nt, dv); break;
+    default: accumulate_values<V, 8>(c, p, tok, nt, dv); break;
   }
 }
 
-// s[g][j] = q_g . k_{t0 + j} over the vector part of D (dv) for the GS query rows g0.. (GS <= 4):
+// s[g][j] = q_g . k_{tok[j]} over the vector part of D (dv) for the GS query rows g0.. (GS <= 4):
 // four keys at a time, each key vector loaded once for the GS rows (4 x GS accumulators), then one
 // shared horizontal sum per row and four keys.
 template <VT V, int GS>
-void block_scores(const AttnChunk& c, int64_t g0, float* s, int64_t t0, int64_t nt, int64_t dv, const Prefetch& pf) {
+void block_scores(const AttnChunk& c, int64_t g0, float* s, const int32_t* tok, int64_t nt, int64_t dv, const Prefetch& pf) {
   const int64_t D = c.D;
   const float* q = c.q + g0 * D;
   int64_t j = 0;
@@ -161,10 +163,10 @@ void block_scores(const AttnChunk& c, int64_t g0, float* s, int64_t t0, int64_t 
     vfl a[GS][4];
     for (int g = 0; g < GS; ++g)
       for (int i = 0; i < 4; ++i) a[g][i] = vfl{};
-    const int64_t r0 = (t0 + j) * D;
+    const int64_t r0 = tok[j] * D, r1 = tok[j + 1] * D, r2 = tok[j + 2] * D, r3 = tok[j + 3] * D;
     for (int64_t d = 0; d < dv; d += kVL) {
-      const vfl k0 = ld_a<V>(c.k, r0 + d), k1 = ld_a<V>(c.k, r0 + D + d), k2 = ld_a<V>(c.k, r0 + 2 * D + d),
-                k3 = ld_a<V>(c.k, r0 + 3 * D + d);
+      const vfl k0 = ld_a<V>(c.k, r0 + d), k1 = ld_a<V>(c.k, r1 + d), k2 = ld_a<V>(c.k, r2 + d),
+                k3 = ld_a<V>(c.k, r3 + d);
       for (int g = 0; g < GS; ++g) {
         const vfl qv = *reinterpret_cast<const vflu_a*>(q + g * D + d);
         a[g][0] += qv * k0;
@@ -178,7 +180,7 @@ void block_scores(const AttnChunk& c, int64_t g0, float* s, int64_t t0, int64_t 
   for (; j < nt; ++j) {
     vfl a[GS];
     for (int g = 0; g < GS; ++g) a[g] = vfl{};
-    const int64_t r0 = (t0 + j) * D;
+    const int64_t r0 = tok[j] * D;
     for (int64_t d = 0; d < dv; d += kVL) {
       const vfl kv = ld_a<V>(c.k, r0 + d);
       for (int g = 0; g < GS; ++g) a[g] += *reinterpret_cast<const vflu_a*>(q + g * D + d) * kv;
@@ -262,9 +264,9 @@ inline void store_scores4(__m512 a0, __m512 a1, __m512 a2, __m512 a3, float* s) 
   _mm_storeu_ps(s + 3 * kAttnBlock, _mm512_extractf32x4_ps(o, 3));
 }
 
-// s[g0 + r][j] for r < 4, j < nt (the key rows t0 + j)
+// s[g0 + r][j] for r < 4, j < nt (the key rows tok[j])
 template <VT V>
-void block_scores_q4(const AttnChunk& c, int64_t g0, float* s, int64_t t0, int64_t nt, const Prefetch& pf) {
+void block_scores_q4(const AttnChunk& c, int64_t g0, float* s, const int32_t* tok, int64_t nt, const Prefetch& pf) {
   constexpr int64_t D = kBcastDim;
   const float* q = c.q + g0 * D;
   __m512 qi[16];
@@ -272,13 +274,13 @@ void block_scores_q4(const AttnChunk& c, int64_t g0, float* s, int64_t t0, int64
   int64_t j = 0;
   for (; j + 4 <= nt; j += 4) {
     pf.step(j / 4);
-    const void* k0 = static_cast<const char*>(c.k) + (t0 + j) * D * (V == VT::f32 ? 4 : 2);
     constexpr int64_t row = D * (V == VT::f32 ? 4 : 2);
+    const char* k = static_cast<const char*>(c.k);
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, e0 = a0, e1 = a0, e2 = a0, e3 = a0;
-    dot_q4<V>(qi, k0, a0, e0);
-    dot_q4<V>(qi, static_cast<const char*>(k0) + row, a1, e1);
-    dot_q4<V>(qi, static_cast<const char*>(k0) + 2 * row, a2, e2);
-    dot_q4<V>(qi, static_cast<const char*>(k0) + 3 * row, a3, e3);
+    dot_q4<V>(qi, k + tok[j] * row, a0, e0);
+    dot_q4<V>(qi, k + tok[j + 1] * row, a1, e1);
+    dot_q4<V>(qi, k + tok[j + 2] * row, a2, e2);
+    dot_q4<V>(qi, k + tok[j + 3] * row, a3, e3);
     a0 = _mm512_add_ps(a0, e0);
     a1 = _mm512_add_ps(a1, e1);
     a2 = _mm512_add_ps(a2, e2);
@@ -286,7 +288,7 @@ void block_scores_q4(const AttnChunk& c, int64_t g0, float* s, int64_t t0, int64
     store_scores4(a0, a1, a2, a3, s + g0 * kAttnBlock + j);
   }
   for (; j < nt; ++j) {
-    const void* kj = static_cast<const char*>(c.k) + (t0 + j) * D * (V == VT::f32 ? 4 : 2);
+    const void* kj = static_cast<const char*>(c.k) + tok[j] * D * (V == VT::f32 ? 4 : 2);
     __m512 a = _mm512_setzero_ps(), e = a;
     dot_q4<V>(qi, kj, a, e);
     a = _mm512_add_ps(a, e);
@@ -305,31 +307,31 @@ inline void init_partial(const AttnChunk& c) {
   }
 }
 
-// The online-softmax update of c's partial results with the nt <= 64 tokens t0.. of c.k / c.v.
+// The online-softmax update of c's partial results with the nt <= 64 tokens tok[0..nt) of c.k / c.v.
 template <VT V>
-void attn_block(const AttnChunk& c, int64_t t0, int64_t nt, const Prefetch& pf = Prefetch{}) {
+void attn_block(const AttnChunk& c, const int32_t* tok, int64_t nt, const Prefetch& pf = Prefetch{}) {
   const int64_t G = c.G, D = c.D, dv = D - D % kVL;  // dv: dimensions done by vectors
   const float ninf = -std::numeric_limits<float>::infinity();
   float* s = c.scratch;  // (G, 64)
-  // scores s[g][j] = q_g . k_{t0 + j}, query rows in groups of up to 4
+  // scores s[g][j] = q_g . k_{tok[j]}, query rows in groups of up to 4
 #if defined(__AVX512F__)
   if (D == kBcastDim && G % 4 == 0) {
-    for (int64_t g0 = 0; g0 < G; g0 += 4) block_scores_q4<V>(c, g0, s, t0, nt, g0 == 0 ? pf : Prefetch{});
+    for (int64_t g0 = 0; g0 < G; g0 += 4) block_scores_q4<V>(c, g0, s, tok, nt, g0 == 0 ? pf : Prefetch{});
   } else
 #endif
   for (int64_t g0 = 0; g0 < G; g0 += 4) {
     const Prefetch& p = g0 == 0 ? pf : Prefetch{};  // the first group of rows walks the block once
     switch (min64(4, G - g0)) {
-      case 1: block_scores<V, 1>(c, g0, s, t0, nt, dv, p); break;
-      case 2: block_scores<V, 2>(c, g0, s, t0, nt, dv, p); break;
-      case 3: block_scores<V, 3>(c, g0, s, t0, nt, dv, p); break;
-      default: block_scores<V, 4>(c, g0, s, t0, nt, dv, p); break;
+      case 1: block_scores<V, 1>(c, g0, s, tok, nt, dv, p); break;
+      case 2: block_scores<V, 2>(c, g0, s, tok, nt, dv, p); break;
+      case 3: block_scores<V, 3>(c, g0, s, tok, nt, dv, p); break;
+      default: block_scores<V, 4>(c, g0, s, tok, nt, dv, p); break;
     }
   }
   for (int64_t g = 0; g < G; ++g) {
     float* sg = s + g * kAttnBlock;
     for (int64_t j = 0; j < nt; ++j) {
-      for (int64_t d = dv; d < c.D; ++d) sg[j] += c.q[g * c.D + d] * load_val<V>(c.k, (t0 + j) * c.D + d);
+      for (int64_t d = dv; d < c.D; ++d) sg[j] += c.q[g * c.D + d] * load_val<V>(c.k, tok[j] * c.D + d);
     }
     // pad the block to whole vectors with -inf (exp gives 0)
     for (int64_t jj = nt; jj < kAttnBlock && jj % kVL; ++jj) sg[jj] = ninf;
@@ -362,10 +364,10 @@ void attn_block(const AttnChunk& c, int64_t t0, int64_t nt, const Prefetch& pf =
   }
   // acc_g += p_gj * v_j, each value row loaded once for the G rows
   if (G <= kMaxRegGroup) {
-    accumulate_values_reg<V>(c, s, t0, nt, dv);
+    accumulate_values_reg<V>(c, s, tok, nt, dv);
   } else {
     for (int64_t j = 0; j < nt; ++j) {
-      const int64_t r0 = (t0 + j) * D;
+      const int64_t r0 = tok[j] * D;
       for (int64_t d = 0; d < dv; d += kVL) {
         const vfl vv = ld_a<V>(c.v, r0 + d);
         for (int64_t g = 0; g < G; ++g) {
@@ -376,7 +378,7 @@ void attn_block(const AttnChunk& c, int64_t t0, int64_t nt, const Prefetch& pf =
     }
   }
   for (int64_t j = 0; j < nt; ++j) {
-    const int64_t r0 = (t0 + j) * D;
+    const int64_t r0 = tok[j] * D;
     for (int64_t d = dv; d < D; ++d) {
       const float vv = load_val<V>(c.v, r0 + d);
       for (int64_t g = 0; g < G; ++g) c.acc[g * D + d] += s[g * kAttnBlock + j] * vv;
@@ -384,32 +386,58 @@ void attn_block(const AttnChunk& c, int64_t t0, int64_t nt, const Prefetch& pf =
   }
 }
 
+// The tokens of a chunk's pieces in order, cut into blocks of up to 64 (a block may join pieces:
+// Quest's 16-token pages are attended four at a time).
+struct BlockWalk {
+  const int32_t* pieces;
+  int64_t np, pc = 0, off = 0;  // next token: pieces[pc] start + off
+  int64_t fill(int32_t* tok) {
+    int64_t n = 0;
+    while (n < kAttnBlock && pc < np) {
+      const int64_t start = pieces[2 * pc], len = pieces[2 * pc + 1], take = min64(kAttnBlock - n, len - off);
+      for (int64_t i = 0; i < take; ++i) tok[n++] = static_cast<int32_t>(start + off + i);
+      off += take;
+      if (off == len) {
+        ++pc;
+        off = 0;
+      }
+    }
+    return n;
+  }
+};
+
 template <VT V>
 void attn_chunk_impl(const AttnChunk& c) {
   init_partial(c);
-  constexpr int64_t elt = V == VT::f32 ? 4 : 2;
-  // the blocks of the chunk in order: (piece, t0); the block after (pc, t0) is prefetched during it
-  int64_t pc = 0, t0 = c.np ? c.pieces[0] : 0;
-  while (pc < c.np) {
-    const int64_t end = c.pieces[2 * pc] + c.pieces[2 * pc + 1], nt = min64(kAttnBlock, end - t0);
-    int64_t npc = pc, nt0 = t0 + nt;
-    if (nt0 >= end && ++npc < c.np) nt0 = c.pieces[2 * npc];
+  int32_t buf[2][kAttnBlock];
+  BlockWalk walk{c.pieces, c.np};
+  int32_t *cur = buf[0], *next = buf[1];
+  int64_t nt = walk.fill(cur);
+  while (nt > 0) {
+    const int64_t nn = walk.fill(next);  // the next block, prefetched during this one
     Prefetch pf;
-    if (npc < c.np) {
-      const int64_t nend = c.pieces[2 * npc] + c.pieces[2 * npc + 1];
-      pf.k = static_cast<const char*>(c.k) + nt0 * c.D * elt;
-      pf.v = static_cast<const char*>(c.v) + nt0 * c.D * elt;
-      pf.bytes = min64(kAttnBlock, nend - nt0) * c.D * elt;
-      pf.slices = nt / 4 > 1 ? nt / 4 : 1;
-    }
-    attn_block<V>(c, t0, nt, pf);
-    pc = npc;
-    t0 = nt0;
+    pf.tok = next;
+    pf.nt = nn;
+    pf.k = static_cast<const char*>(c.k);
+    pf.v = static_cast<const char*>(c.v);
+    pf.row = c.D * (V == VT::f32 ? 4 : 2);
+    attn_block<V>(c, cur, nt, pf);
+    std::swap(cur, next);
+    nt = nn;
   }
 }
 
 // Compressed tokens [t0, t1) (decode_attention.h, SparseKvChunk): each block of 64 tokens is expanded
 // into dense float32 rows (zeros where a channel was pruned) and goes through attn_block.
+// tokens 0..63 (a block of consecutive rows)
+constexpr struct Iota {
+  int32_t v[kAttnBlock];
+  constexpr Iota() : v() {
+    for (int i = 0; i < kAttnBlock; ++i) v[i] = i;
+  }
+} kIotaTable{};
+constexpr const int32_t* kIota = kIotaTable.v;
+
 template <VT V>
 void sparse_chunk_impl(const SparseKvChunk& c) {
   const int64_t D = c.base.D, W = c.words, keep = c.keep;
@@ -432,7 +460,7 @@ void sparse_chunk_impl(const SparseKvChunk& c) {
         }
       }
     }
-    attn_block<VT::f32>(dense, 0, nt);
+    attn_block<VT::f32>(dense, kIota, nt);
   }
 }
 
