@@ -38,7 +38,7 @@ TriangleMix over a whole model (half of the layers dense at the best dense time)
 an eighth of it) and float32 only, so a quick run stays within minutes on a shared machine.
 
 KV-bytes bound: bytes each variant must read (dense: K and V of every token; Quest: K and V of the
-budget plus the page min/max, 2 vectors per 16 tokens; StreamingLLM: 1024 tokens; Mustafar: kept
+budget plus the page min/max, 2 bfloat16 vectors per 16 tokens; StreamingLLM: 1024 tokens; Mustafar: kept
 values plus one 64-bit bitmap word per token and tensor, recent tokens dense; Double Sparsity: the
 budget's K and V plus the 4-bit label cache) divided by the
 machine's read bandwidth measured in the same run (``torch.sum`` over 512 MB, 2 threads, best of 5).
@@ -125,7 +125,7 @@ def kv_bytes(n: int, elt: int, budget: int | None = None, window: int | None = N
         return 2 * min(n, window) * row
     if budget is None or budget >= n:
         return 2 * n * row
-    return 2 * budget * row + 2 * (-(-n // PAGE)) * row  # selected K and V + per-page min and max
+    return 2 * budget * row + 2 * (-(-n // PAGE)) * HKV * D * 2  # selected K and V + per-page bfloat16 min and max
 
 
 def timed(fns: dict, seconds: float, max_rounds: int = 400, min_rounds: int = 5):
