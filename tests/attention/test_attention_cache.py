@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparseforge.attention import Dense, PagedKVCache, Quest, StreamingLLM
-from sparseforge.attention.cache import bf16_bounds
+from sparseforge.attention.cache import bf16_bounds, huge_page_empty
 from sparseforge.errors import ConfigError, DataError, NumericalError
 
 
@@ -79,6 +79,27 @@ def test_storage_and_page_bounds_track_every_append(chunks, page, bf16, prealloc
         _assert_tight_bounds(layer.kmin[:, :, :pages], layer.kmax[:, :, :pages], kmin, kmax)
         assert layer.capacity % page == 0 and layer.capacity >= layer.n
     assert cache.get_seq_length() == sum(chunks)
+
+
+def test_huge_page_buffers_are_aligned_and_behave_as_tensors():
+    import mmap
+
+    big = huge_page_empty((3, 1 << 20), torch.bfloat16)  # 6 MB
+    assert big.shape == (3, 1 << 20) and big.dtype == torch.bfloat16 and big.is_contiguous()
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        assert big.data_ptr() % (2 << 20) == 0
+    big.fill_(2.0)
+    big[1] = 3.0
+    assert big.float().sum().item() == 2 * 2.0 * (1 << 20) + 3.0 * (1 << 20)
+    small = huge_page_empty((4, 5), torch.float32)
+    assert small.shape == (4, 5) and small.dtype == torch.float32
+    cache = PagedKVCache(num_layers=1, page_size=16, max_cache_len=8192)
+    k = torch.randn(1, 2, 8192, 64)
+    cache.update(k, k, 0)
+    layer = cache.layers[0]
+    assert torch.equal(layer.keys, k)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        assert layer.k_store.data_ptr() % (2 << 20) == 0 and layer.v_store.data_ptr() % (2 << 20) == 0
 
 
 def test_crop_and_reset():

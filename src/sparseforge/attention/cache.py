@@ -2,8 +2,9 @@
 
 :class:`PagedKVCache` holds one :class:`PagedLayer` per decoder layer. A layer stores keys and values
 as transformers hands them to ``Cache.update`` (after RoPE, ``(B, Hkv, T, D)``), float32 or bfloat16,
-in one buffer per tensor ``(B, Hkv, capacity, D)`` whose capacity grows by whole pages (x1.5, or
-set once with ``max_cache_len``); a page is ``page_size`` consecutive tokens of one KV head. For
+in one buffer per tensor ``(B, Hkv, capacity, D)`` (2 MB aligned, advised for transparent huge
+pages: :func:`huge_page_empty`) whose capacity grows by whole pages (x1.5, or set once with
+``max_cache_len``); a page is ``page_size`` consecutive tokens of one KV head. For
 every page it keeps the per-channel minimum and maximum key ``(B, Hkv, pages, D)`` in bfloat16,
 updated for the pages each new token touches: Quest's page bound reads them. They are exact for a
 bfloat16 cache and rounded outward for a float32 one (:func:`bf16_bounds`: the largest bfloat16 at or
@@ -30,7 +31,9 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import math
+import mmap
 from typing import Optional
 
 import torch
@@ -40,11 +43,39 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from sparseforge.attention.policies import Dense, Policy
 from sparseforge.errors import ConfigError, DataError, NumericalError
 
-__all__ = ["PagedKVCache", "PagedLayer", "LAYER_KWARG", "bf16_bounds"]
+__all__ = ["PagedKVCache", "PagedLayer", "LAYER_KWARG", "bf16_bounds", "huge_page_empty"]
 
 LAYER_KWARG = "sparseforge_kv_layer"  # key under which update() hands the layer to the attention function
 _DTYPES = (torch.float32, torch.bfloat16)
 _GROWTH = 1.5
+
+
+_HUGE_PAGE = 2 << 20
+
+
+def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """``torch.empty(shape, dtype=dtype)`` in its own anonymous mapping, 2 MB aligned and advised for
+    transparent huge pages (Linux ``MADV_HUGEPAGE``), for buffers of at least 2 MB; smaller ones, and
+    systems without the advice, get ``torch.empty``.
+
+    A decode step streams the whole KV cache (or jumps between Quest's pages): with 4 KB pages every
+    4 KB costs a TLB miss and a page walk; with 2 MB pages a layer's cache needs a few dozen TLB
+    entries. The advice is a hint: where transparent huge pages are off the buffer is an ordinary one.
+
+    Example:
+        >>> huge_page_empty((2, 3), torch.float32).shape
+        torch.Size([2, 3])
+    """
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape, dtype=dtype)
+    region = mmap.mmap(-1, nbytes + _HUGE_PAGE)  # anonymous, private; freed with the last tensor using it
+    region.madvise(mmap.MADV_HUGEPAGE)
+    view = ctypes.c_char.from_buffer(region)
+    offset = -ctypes.addressof(view) % _HUGE_PAGE
+    del view  # release the export (the tensor keeps the mapping alive)
+    flat = torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=offset)
+    return flat.view(dtype).view(shape)
 
 
 def bf16_bounds(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
@@ -110,7 +141,7 @@ class PagedLayer(CacheLayerMixin):
         cap = max(P, math.ceil(tokens / P) * P)
         shape = (self.batch, self.kv_heads, cap, self.head_dim)
         pshape = (self.batch, self.kv_heads, cap // P, self.head_dim)
-        k, v = torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
+        k, v = huge_page_empty(shape, self.dtype), huge_page_empty(shape, self.dtype)
         kmin, kmax = torch.empty(pshape, dtype=torch.bfloat16), torch.empty(pshape, dtype=torch.bfloat16)
         if self.k_store is not None and self.n:
             pages = -(-self.n // P)
