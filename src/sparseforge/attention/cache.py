@@ -142,7 +142,7 @@ class PagedLayer(CacheLayerMixin):
         shape = (self.batch, self.kv_heads, cap, self.head_dim)
         pshape = (self.batch, self.kv_heads, cap // P, self.head_dim)
         k, v = huge_page_empty(shape, self.dtype), huge_page_empty(shape, self.dtype)
-        kmin, kmax = torch.empty(pshape, dtype=torch.bfloat16), torch.empty(pshape, dtype=torch.bfloat16)
+        kmin, kmax = huge_page_empty(pshape, torch.bfloat16), huge_page_empty(pshape, torch.bfloat16)
         if self.k_store is not None and self.n:
             pages = -(-self.n // P)
             k[:, :, : self.n] = self.k_store[:, :, : self.n]
