@@ -429,6 +429,28 @@ void attn_chunk_impl(const AttnChunk& c) {
 
 // Compressed tokens [t0, t1) (decode_attention.h, SparseKvChunk): each block of 64 tokens is expanded
 // into dense float32 rows (zeros where a channel was pruned) and goes through attn_block.
+#if defined(__AVX512F__)
+// row[0:D] = the token's kept values vals[i..] placed at the set bits of its bitmap words (zeros
+// elsewhere), 16 channels per step: float32 by one masked expand-load, bfloat16 by a masked load of
+// the chunk's kept values, widened, then expanded (D a multiple of 16; loads never pass the kept values).
+template <VT V>
+inline void expand_row(const void* vals, int64_t i, const uint64_t* bits, int64_t D, float* row) {
+  for (int64_t c = 0; c < D; c += 16) {
+    const __mmask16 m = static_cast<__mmask16>(bits[c / 64] >> (c % 64));
+    __m512 x;
+    if constexpr (V == VT::f32) {
+      x = _mm512_maskz_expandloadu_ps(m, static_cast<const float*>(vals) + i);
+    } else {
+      const __mmask16 first = static_cast<__mmask16>((1u << __builtin_popcount(m)) - 1);
+      const __m256i h = _mm256_maskz_loadu_epi16(first, static_cast<const uint16_t*>(vals) + i);
+      x = _mm512_maskz_expand_ps(m, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    }
+    _mm512_storeu_ps(row + c, x);
+    i += __builtin_popcount(m);
+  }
+}
+#endif
+
 // tokens 0..63 (a block of consecutive rows)
 constexpr struct Iota {
   int32_t v[kAttnBlock];
@@ -447,16 +469,36 @@ void sparse_chunk_impl(const SparseKvChunk& c) {
   init_partial(dense);
   for (int64_t t0 = c.t0; t0 < c.t1; t0 += kAttnBlock) {
     const int64_t nt = min64(kAttnBlock, c.t1 - t0);
+    for (int64_t j = 0; j < nt; ++j) {  // every bitmap marks exactly keep channels below D
+      for (int which = 0; which < 2; ++which) {
+        const uint64_t* tb = (which ? c.vbits : c.kbits) + (t0 + j) * W;
+        int64_t count = 0;
+        for (int64_t w = 0; w < W; ++w) count += __builtin_popcountll(tb[w]);
+        const int64_t tail = D - 64 * (W - 1);  // valid channels of the last word
+        if (count != keep || (tail < 64 && (tb[W - 1] >> tail) != 0)) {
+          *c.bad = 2 * (t0 + j) + which;
+          return;
+        }
+      }
+    }
     for (int which = 0; which < 2; ++which) {
       const void* vals = which ? c.vvals : c.kvals;
       const uint64_t* bits = which ? c.vbits : c.kbits;
       float* out = which ? c.vbuf : c.kbuf;
       for (int64_t j = 0; j < nt; ++j) {
         float* row = out + j * D;
+        const int64_t i = (t0 + j) * keep;
+        const uint64_t* tb = bits + (t0 + j) * W;
+#if defined(__AVX512F__)
+        if (D % 16 == 0) {
+          expand_row<V>(vals, i, tb, D, row);
+          continue;
+        }
+#endif
         for (int64_t d = 0; d < D; ++d) row[d] = 0.f;
-        int64_t i = (t0 + j) * keep;
+        int64_t e = i;
         for (int64_t w = 0; w < W; ++w) {
-          for (uint64_t b = bits[(t0 + j) * W + w]; b; b &= b - 1) row[w * 64 + __builtin_ctzll(b)] = load_val<V>(vals, i++);
+          for (uint64_t b = tb[w]; b; b &= b - 1) row[w * 64 + __builtin_ctzll(b)] = load_val<V>(vals, e++);
         }
       }
     }

@@ -316,6 +316,22 @@ def test_sparse_kv_bad_bitmaps_and_shapes():
         compress_tokens(k, 0)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_sparse_kv_names_the_bad_token_on_every_isa(isa, monkeypatch):
+    """The per-chunk bitmap check (before any value of the token is read) names the token and tensor."""
+    from sparseforge.ops.sparse_kv import compress_tokens, sparse_kv_attention
+
+    monkeypatch.setenv("SPARSEFORGE_ISA", isa)
+    q, k, v = _problem(1, 8, 2, 64, 700)
+    (kv, kb), (vv, vb) = compress_tokens(k, 21), compress_tokens(v, 21)
+    bad = vb.clone()
+    bad[0, 1, 613, 0] = int(bad[0, 1, 613, 0]) & (int(bad[0, 1, 613, 0]) - 1)  # one bit fewer
+    with pytest.raises(DataError, match=r"value bitmap of token 613 \(batch 0, kv head 1\) must mark exactly keep=21"):
+        sparse_kv_attention(q, kv, kb, vv, bad, 700, 0.2)
+    out, lse = sparse_kv_attention(q, kv, kb, vv, vb, 700, 0.2)  # the good bitmaps still run
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bound_attention_follows_its_buffers_and_matches_the_reference(dtype):
     from sparseforge.ops.decode_attention import BoundDecodeAttention
