@@ -431,8 +431,8 @@ void attn_chunk_impl(const AttnChunk& c) {
 // into dense float32 rows (zeros where a channel was pruned) and goes through attn_block.
 #if defined(__AVX512F__)
 // row[0:D] = the token's kept values vals[i..] placed at the set bits of its bitmap words (zeros
-// elsewhere), 16 channels per step: float32 by one masked expand-load, bfloat16 by a masked load of
-// the chunk's kept values, widened, then expanded (D a multiple of 16; loads never pass the kept values).
+// elsewhere), 16 channels per step: float32 by a masked expand-load, bfloat16 by a masked load of the
+// step's kept values, widened, then expanded (D a multiple of 16; no load passes the kept values).
 template <VT V>
 inline void expand_row(const void* vals, int64_t i, const uint64_t* bits, int64_t D, float* row) {
   for (int64_t c = 0; c < D; c += 16) {
@@ -485,10 +485,17 @@ void sparse_chunk_impl(const SparseKvChunk& c) {
       const void* vals = which ? c.vvals : c.kvals;
       const uint64_t* bits = which ? c.vbits : c.kbits;
       float* out = which ? c.vbuf : c.kbuf;
+      const int64_t elt = V == VT::f32 ? 4 : 2, next = t0 + kAttnBlock;  // the next block, prefetched meanwhile
       for (int64_t j = 0; j < nt; ++j) {
         float* row = out + j * D;
         const int64_t i = (t0 + j) * keep;
         const uint64_t* tb = bits + (t0 + j) * W;
+        if (next + j < c.t1) {
+          const char* nv = static_cast<const char*>(vals) + (next + j) * keep * elt;
+          __builtin_prefetch(nv, 0, 3);
+          __builtin_prefetch(nv + keep * elt - 1, 0, 3);
+          if (j % 8 == 0) __builtin_prefetch(bits + (next + j) * W, 0, 3);
+        }
 #if defined(__AVX512F__)
         if (D % 16 == 0) {
           expand_row<V>(vals, i, tb, D, row);
