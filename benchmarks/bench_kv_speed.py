@@ -38,7 +38,7 @@ TriangleMix over a whole model (half of the layers dense at the best dense time)
 an eighth of it) and float32 only, so a quick run stays within minutes on a shared machine.
 
 KV-bytes bound: bytes each variant must read (dense: K and V of every token; Quest: K and V of the
-budget plus the page min/max, 2 vectors per 16 tokens; StreamingLLM: 1024 tokens; Mustafar: kept
+budget plus the page min/max, 2 bfloat16 vectors per 16 tokens; StreamingLLM: 1024 tokens; Mustafar: kept
 values plus one 64-bit bitmap word per token and tensor, recent tokens dense; Double Sparsity: the
 budget's K and V plus the 4-bit label cache) divided by the
 machine's read bandwidth measured in the same run (``torch.sum`` over 512 MB, 2 threads, best of 5).
@@ -76,6 +76,7 @@ from sparseforge.runtime.machine import machine_info
 from sparseforge.attention import Dense, DoubleSparsity, Mustafar, PagedKVCache, Quest, StreamingLLM
 from sparseforge.attention.policies import dense_spans
 from sparseforge.ops.decode_attention import decode_attention
+from sparseforge.ops.dense_bf16 import dense_bf16_gemv
 from sparseforge.ops.prefill_attention import attend_prefill, bf16_compute_path, dense_pattern
 from sparseforge.attention import TriangleMix
 from sparseforge.measure.timing import time_interleaved
@@ -125,7 +126,7 @@ def kv_bytes(n: int, elt: int, budget: int | None = None, window: int | None = N
         return 2 * min(n, window) * row
     if budget is None or budget >= n:
         return 2 * n * row
-    return 2 * budget * row + 2 * (-(-n // PAGE)) * row  # selected K and V + per-page min and max
+    return 2 * budget * row + 2 * (-(-n // PAGE)) * HKV * D * 2  # selected K and V + per-page bfloat16 min and max
 
 
 def timed(fns: dict, seconds: float, max_rounds: int = 400, min_rounds: int = 5):
@@ -316,9 +317,46 @@ E2E = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_a
            max_position_embeddings=131072)
 
 
-def bench_e2e(context: int, steps: int, bandwidth: float, seed: int = 0, **overrides) -> dict:
-    """Whole-model decode steps over a pre-filled cache, Dense / Quest 1/16 / StreamingLLM in turn
-    (:func:`sparseforge.attention.speed.decode_speed`), with the bytes bound."""
+class NativeGemvLinear(torch.nn.Module):
+    """A bfloat16 ``nn.Linear`` whose one-token calls run sparseforge's native bf16 GEMV
+    (:func:`sparseforge.ops.dense_bf16.dense_bf16_gemv`, as the native decode engine does; torch's
+    bf16 ``F.linear`` streams the weight at about half the machine's bandwidth at batch 1); any
+    other input goes to the layer."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x):  # (..., in) -> (..., out)
+        if x.dtype != torch.bfloat16 or x.numel() != x.shape[-1]:
+            return self.linear(x)
+        y = dense_bf16_gemv(x.reshape(1, -1).contiguous(), self.linear.weight, self.linear.bias)
+        return y.view(*x.shape[:-1], -1)
+
+
+def native_linears_(model: torch.nn.Module) -> list:
+    """Wraps every bfloat16 ``nn.Linear`` of ``model`` in :class:`NativeGemvLinear` (in place);
+    returns what :func:`restore_linears_` needs to undo it."""
+    swaps = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear and child.weight.dtype == torch.bfloat16:
+                setattr(parent, name, NativeGemvLinear(child))
+                swaps.append((parent, name, child))
+    return swaps
+
+
+def restore_linears_(swaps: list) -> None:
+    for parent, name, child in swaps:
+        setattr(parent, name, child)
+
+
+def bench_e2e(context: int, steps: int, bandwidth: float, seed: int = 0, linears=("native", "torch"), **overrides) -> dict:
+    """Whole-model decode steps over a pre-filled cache, Dense / Quest 1/16 / StreamingLLM / Mustafar in
+    turn (:func:`sparseforge.attention.speed.decode_speed`), with the bytes bound; once per way of
+    running the projections and the LM head (``linears``: ``"native"``, the native bf16 GEMV of
+    :class:`NativeGemvLinear`; ``"torch"``, transformers' bf16 ``nn.Linear``). The first is the
+    headline (``tokens_per_s``), each is in ``by_linear``."""
     import transformers
 
     from sparseforge.attention.speed import decode_speed
@@ -333,13 +371,21 @@ def bench_e2e(context: int, steps: int, bandwidth: float, seed: int = 0, **overr
         torch.set_default_dtype(default)
     policies = {"dense": Dense(), "quest": Quest(budget=context // 16), "streaming": StreamingLLM(SINKS, WINDOW),
                 "mustafar": Mustafar(0.7, recent=256)}
-    speed = decode_speed(model, context, policies, steps=steps, seed=seed)
+    by_linear = {}
+    for mode in linears:
+        swaps = native_linears_(model) if mode == "native" else []
+        try:
+            by_linear[mode] = decode_speed(model, context, policies, steps=steps, seed=seed)
+        finally:
+            restore_linears_(swaps)
+    speed = by_linear[linears[0]]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_layer = {"dense": kv_bytes(context, 2), "quest": kv_bytes(context, 2, budget=context // 16),
                 "streaming": kv_bytes(context, 2, window=SINKS + WINDOW),
                 "mustafar": kv_bytes(context, 2, mustafar=policies["mustafar"])}
     out = {"context": context, "steps": steps, "weights_bytes": weights, "tokens_per_s": {}, "bound_tokens_per_s": {},
-           "read_fraction": {}}
+           "read_fraction": {}, "linear": linears[0],
+           "by_linear": {mode: {name: r["tokens_per_s"] for name, r in res.items()} for mode, res in by_linear.items()}}
     for name in policies:
         out["tokens_per_s"][name] = speed[name]["tokens_per_s"]
         out["read_fraction"][name] = speed[name]["read_fraction"]
@@ -350,11 +396,16 @@ def bench_e2e(context: int, steps: int, bandwidth: float, seed: int = 0, **overr
 
 
 def e2e_table(e: dict) -> str:
-    lines = [f"| whole model, {e['context']} tokens, bf16 | tokens/s | bytes bound tokens/s | read fraction |",
-             "|---|---|---|---|"]
-    for name, tps in e["tokens_per_s"].items():
-        lines.append(f"| {name} | {tps:.2f} | {e['bound_tokens_per_s'][name]:.2f} | {e['read_fraction'][name]:.3f} |")
-    lines.append(f"| Quest vs dense | {e['quest_vs_dense']:.2f}x | {e['quest_vs_dense_bound']:.2f}x | |")
+    modes = list(e.get("by_linear") or {e.get("linear", "torch"): e["tokens_per_s"]})
+    names = {"native": "tokens/s (native bf16 GEMV)", "torch": "tokens/s (torch F.linear)"}
+    lines = [f"| whole model, {e['context']} tokens, bf16 | " + " | ".join(names[m] for m in modes) +
+             " | bytes bound tokens/s | read fraction |", "|---|" + "---|" * (len(modes) + 2)]
+    by = e.get("by_linear") or {modes[0]: e["tokens_per_s"]}
+    for name in e["tokens_per_s"]:
+        cells = " | ".join(f"{by[m][name]:.2f}" for m in modes)
+        lines.append(f"| {name} | {cells} | {e['bound_tokens_per_s'][name]:.2f} | {e['read_fraction'][name]:.3f} |")
+    ratios = " | ".join(f"{by[m]['quest'] / by[m]['dense']:.2f}x" for m in modes)
+    lines.append(f"| Quest vs dense | {ratios} | {e['quest_vs_dense_bound']:.2f}x | |")
     return "\n".join(lines)
 
 

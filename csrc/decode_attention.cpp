@@ -279,13 +279,23 @@ SparseChunkFn sparse_kernel(Isa isa, VT vt) {
   return vt == VT::f32 ? scalar::sparse_chunk_f32 : scalar::sparse_chunk_bf16;
 }
 
-void check_sparse(const SparseKvProblem& p) {
-  const int64_t W = (p.D + 63) / 64;
+void check_sparse_sizes(const SparseKvProblem& p) {
   check_kv_cache("compressed KV attention", {p.B, p.Hq, p.Hkv, p.D, p.n, p.cap}, 1);
   if (p.keep < 1 || p.keep > p.D || !p.lse) {
     throw std::invalid_argument("compressed KV attention needs 1 <= keep <= D and an lse output; got keep=" +
                                 str(p.keep) + " D=" + str(p.D));
   }
+}
+
+[[noreturn]] void bad_bitmap(const SparseKvProblem& p, int64_t bh, int64_t t, int which) {
+  throw std::invalid_argument(std::string(which ? "value" : "key") + " bitmap of token " + str(t) + " (batch " +
+                              str(bh / p.Hkv) + ", kv head " + str(bh % p.Hkv) + ") must mark exactly keep=" +
+                              str(p.keep) + " of the " + str(p.D) + " channels");
+}
+
+void check_sparse(const SparseKvProblem& p) {
+  const int64_t W = (p.D + 63) / 64;
+  check_sparse_sizes(p);
   for (int64_t bh = 0; bh < p.B * p.Hkv; ++bh) {
     for (int64_t t = 0; t < p.n; ++t) {
       for (int which = 0; which < 2; ++which) {
@@ -297,11 +307,7 @@ void check_sparse(const SparseKvProblem& p) {
           const int64_t valid = p.D - 64 * w;
           beyond = beyond || (valid < 64 && (bits[w] >> valid) != 0);
         }
-        if (count != p.keep || beyond) {
-          throw std::invalid_argument(std::string(which ? "value" : "key") + " bitmap of token " + str(t) +
-                                      " (batch " + str(bh / p.Hkv) + ", kv head " + str(bh % p.Hkv) +
-                                      ") must mark exactly keep=" + str(p.keep) + " of the " + str(p.D) + " channels");
-        }
+        if (count != p.keep || beyond) bad_bitmap(p, bh, t, which);
       }
     }
   }
@@ -348,7 +354,7 @@ void sparse_kv_attention_ref(const SparseKvProblem& p) {
 }
 
 void sparse_kv_attention(const SparseKvProblem& p, Isa isa, int64_t chunk, bool parallel) {
-  check_sparse(p);
+  check_sparse_sizes(p);  // each chunk checks its tokens' bitmaps before reading their values
   const SparseChunkFn fn = sparse_kernel(isa, p.vt);
   const int64_t G = p.Hq / p.Hkv, D = p.D, BH = p.B * p.Hkv, W = (D + 63) / 64;
   const int64_t ct = chunk > 0 ? chunk : kDefaultChunk;
@@ -362,11 +368,13 @@ void sparse_kv_attention(const SparseKvProblem& p, Isa isa, int64_t chunk, bool 
   const int64_t per_worker = G * kAttnBlock + 2 * kAttnBlock * D;  // scores + expanded key and value rows
   std::unique_ptr<float[]> scratch(new float[static_cast<int64_t>(nthreads) * per_worker]);
   const size_t elt = p.vt == VT::f32 ? 4 : 2;
+  std::vector<int64_t> bad(static_cast<size_t>(nc), -1);  // per chunk: 2 t + (value bitmap) of a bad token, or -1
   parallel_for(
       nc,
       [&](int64_t ci, int worker) {
         const int64_t bh = ci / per_head, part = ci % per_head;
         SparseKvChunk c;
+        c.bad = &bad[ci];
         float* mine = scratch.get() + static_cast<int64_t>(worker) * per_worker;
         c.base.q = qs.get() + bh * G * D;
         c.base.G = G;
@@ -388,6 +396,9 @@ void sparse_kv_attention(const SparseKvProblem& p, Isa isa, int64_t chunk, bool 
         fn(c);
       },
       parallel && nc > 1 && p.n * G * D * BH >= (int64_t{1} << 14));
+  for (int64_t ci = 0; ci < nc; ++ci) {
+    if (bad[ci] >= 0) bad_bitmap(p, ci / per_head, bad[ci] / 2, static_cast<int>(bad[ci] % 2));
+  }
   merge_chunks(pm.get(), pl.get(), pacc.get(), head_first, G, D, p.out, p.lse);
 }
 

@@ -65,6 +65,9 @@ struct SparseKvChunk {
   int64_t keep = 0, words = 0, t0 = 0, t1 = 0;
   float* kbuf = nullptr;  // (64, D) expanded rows
   float* vbuf = nullptr;
+  // out: 2 t + 1 (value) or 2 t (key) of the first token whose bitmap does not mark exactly `keep`
+  // channels below D (its values are not read; the chunk stops there), else left as it is
+  int64_t* bad = nullptr;
 };
 using SparseChunkFn = void (*)(const SparseKvChunk& c);
 // score[p] = qpos . kmax[p] + qneg . kmin[p] for p < pages (rows of D; kmin / kmax f32 or bf16)
@@ -102,7 +105,8 @@ struct SparseKvProblem {
   float* lse = nullptr;
 };
 
-// Throws std::invalid_argument for bad sizes or a token whose bitmap does not hold exactly `keep` bits.
+// Throws std::invalid_argument for bad sizes or a token whose bitmap does not hold exactly `keep` bits
+// (checked per token inside the chunks, before its values are read).
 void sparse_kv_attention(const SparseKvProblem& p, Isa isa, int64_t chunk = 0, bool parallel = true);
 // Scalar reference: expands every token, two passes per query head, std::exp.
 void sparse_kv_attention_ref(const SparseKvProblem& p);

@@ -11,6 +11,11 @@
 
 #include <cmath>
 #include <limits>
+#include <utility>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "decode_attention.h"
 #include "lanes.h"
@@ -33,9 +38,16 @@ inline vfl ld_a(const void* p, int64_t i) {
   if constexpr (V == VT::f32) {
     return *reinterpret_cast<const vflu_a*>(static_cast<const float*>(p) + i);
   } else {
-    const vu16_a h = *reinterpret_cast<const vu16_a*>(static_cast<const uint16_t*>(p) + i);
+    const uint16_t* h16 = static_cast<const uint16_t*>(p) + i;
+#if defined(__AVX512F__)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h16))), 16));
+#elif defined(__AVX2__)
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h16))), 16));
+#else
+    const vu16_a h = *reinterpret_cast<const vu16_a*>(h16);
     const vu32_a w = __builtin_convertvector(h, vu32_a) << 16;
     return reinterpret_cast<vfl>(w);
+#endif
   }
 }
 
@@ -66,55 +78,95 @@ inline float exp_neg1(float x) {
   return exp_neg(v)[0];
 }
 
+// Software prefetch of the next block's key and value rows while the current block is scored: one
+// step per group of four keys of the current block prefetches the rows of four tokens of the next.
+// The hardware prefetchers stop at every 4 KB page (16 float32 tokens) and never follow a jump to
+// the next selected span.
+struct Prefetch {
+  const int32_t* tok = nullptr;  // the next block's tokens
+  int64_t nt = 0;
+  const char* k = nullptr;
+  const char* v = nullptr;
+  int64_t row = 0;  // bytes per token row
+  void step(int64_t group) const {
+    for (int64_t j = 4 * group; j < 4 * group + 4 && j < nt; ++j) {
+      const int64_t base = tok[j] * row;
+      for (int64_t o = 0; o < row; o += 64) {
+        __builtin_prefetch(k + base + o, 0, 3);
+        __builtin_prefetch(v + base + o, 0, 3);
+      }
+    }
+  }
+};
+
 constexpr int64_t kMaxRegGroup = 8;  // query rows per KV head whose accumulators stay in registers
 
-// acc[g, d:d+kVL] += sum_j p[g][j] v[t0 + j, d:d+kVL] for GT query rows: the GT accumulators of one
-// vector of dimensions stay in registers while the block's value rows stream through.
-template <VT V, int GT>
-void accumulate_values(const AttnChunk& c, const float* p, int64_t t0, int64_t nt, int64_t dv) {
+// acc[g, d:d+ND*kVL] += sum_j p[g][j] v[tok[j], d:d+ND*kVL] for GT query rows: GT x ND accumulators
+// stay in registers while the block's value rows stream through (each row's ND vectors loaded once
+// for the GT rows); GT x ND independent FMA chains keep the FMA units busy.
+template <VT V, int GT, int ND>
+void accumulate_tile(const AttnChunk& c, const float* p, const int32_t* tok, int64_t nt, int64_t d) {
   const int64_t D = c.D;
-  for (int64_t d = 0; d < dv; d += kVL) {
-    vfl a[GT];
-    for (int g = 0; g < GT; ++g) a[g] = *reinterpret_cast<const vflu_a*>(c.acc + g * D + d);
-    const int64_t base = t0 * D + d;
-    for (int64_t j = 0; j < nt; ++j) {
-      const vfl vv = ld_a<V>(c.v, base + j * D);
-      for (int g = 0; g < GT; ++g) a[g] += p[g * kAttnBlock + j] * vv;
+  vfl a[GT][ND];
+  for (int g = 0; g < GT; ++g)
+    for (int u = 0; u < ND; ++u) a[g][u] = *reinterpret_cast<const vflu_a*>(c.acc + g * D + d + u * kVL);
+  for (int64_t j = 0; j < nt; ++j) {
+    const int64_t base = tok[j] * D + d;
+    vfl vv[ND];
+    for (int u = 0; u < ND; ++u) vv[u] = ld_a<V>(c.v, base + u * kVL);
+    for (int g = 0; g < GT; ++g) {
+      const float pj = p[g * kAttnBlock + j];
+      for (int u = 0; u < ND; ++u) a[g][u] += pj * vv[u];
     }
-    for (int g = 0; g < GT; ++g) *reinterpret_cast<vflu_a*>(c.acc + g * D + d) = a[g];
   }
+  for (int g = 0; g < GT; ++g)
+    for (int u = 0; u < ND; ++u) *reinterpret_cast<vflu_a*>(c.acc + g * D + d + u * kVL) = a[g][u];
+}
+
+constexpr int kMaxAcc = kVL >= 16 ? 16 : 8;  // accumulator vectors of a value tile (32 / 16 vector registers)
+
+// the vector part of D (dv) in tiles of 4, 2 or 1 vectors, as many as GT rows' accumulators fit
+template <VT V, int GT>
+void accumulate_values(const AttnChunk& c, const float* p, const int32_t* tok, int64_t nt, int64_t dv) {
+  int64_t d = 0;
+  if constexpr (4 * GT <= kMaxAcc)
+    for (; d + 4 * kVL <= dv; d += 4 * kVL) accumulate_tile<V, GT, 4>(c, p, tok, nt, d);
+  if constexpr (2 * GT <= kMaxAcc)
+    for (; d + 2 * kVL <= dv; d += 2 * kVL) accumulate_tile<V, GT, 2>(c, p, tok, nt, d);
+  for (; d < dv; d += kVL) accumulate_tile<V, GT, 1>(c, p, tok, nt, d);
 }
 
 template <VT V>
-void accumulate_values_reg(const AttnChunk& c, const float* p, int64_t t0, int64_t nt, int64_t dv) {
+void accumulate_values_reg(const AttnChunk& c, const float* p, const int32_t* tok, int64_t nt, int64_t dv) {
   switch (c.G) {
-    case 1: accumulate_values<V, 1>(c, p, t0, nt, dv); break;
-    case 2: accumulate_values<V, 2>(c, p, t0, nt, dv); break;
-    case 3: accumulate_values<V, 3>(c, p, t0, nt, dv); break;
-    case 4: accumulate_values<V, 4>(c, p, t0, nt, dv); break;
-    case 5: accumulate_values<V, 5>(c, p, t0, nt, dv); break;
-    case 6: accumulate_values<V, 6>(c, p, t0, nt, dv); break;
-    case 7: accumulate_values<V, 7>(c, p, t0, nt, dv); break;
-    default: accumulate_values<V, 8>(c, p, t0, nt, dv); break;
+    case 1: accumulate_values<V, 1>(c, p, tok, nt, dv); break;
+    case 2: accumulate_values<V, 2>(c, p, tok, nt, dv); break;
+    case 3: accumulate_values<V, 3>(c, p, tok, nt, dv); break;
+    case 4: accumulate_values<V, 4>(c, p, tok, nt, dv); break;
+    case 5: accumulate_values<V, 5>(c, p, tok, nt, dv); break;
+    case 6: accumulate_values<V, 6>(c, p, tok, nt, dv); break;
+    case 7: accumulate_values<V, 7>(c, p, tok, nt, dv); break;
+    default: accumulate_values<V, 8>(c, p, tok, nt, dv); break;
   }
 }
 
-// s[g][j] = q_g . k_{t0 + j} over the vector part of D (dv) for the GS query rows g0.. (GS <= 4):
+// s[g][j] = q_g . k_{tok[j]} over the vector part of D (dv) for the GS query rows g0.. (GS <= 4):
 // four keys at a time, each key vector loaded once for the GS rows (4 x GS accumulators), then one
 // shared horizontal sum per row and four keys.
 template <VT V, int GS>
-void block_scores(const AttnChunk& c, int64_t g0, float* s, int64_t t0, int64_t nt, int64_t dv) {
+void block_scores(const AttnChunk& c, int64_t g0, float* s, const int32_t* tok, int64_t nt, int64_t dv, const Prefetch& pf) {
   const int64_t D = c.D;
   const float* q = c.q + g0 * D;
   int64_t j = 0;
   for (; j + 4 <= nt; j += 4) {
+    pf.step(j / 4);
     vfl a[GS][4];
     for (int g = 0; g < GS; ++g)
       for (int i = 0; i < 4; ++i) a[g][i] = vfl{};
-    const int64_t r0 = (t0 + j) * D;
+    const int64_t r0 = tok[j] * D, r1 = tok[j + 1] * D, r2 = tok[j + 2] * D, r3 = tok[j + 3] * D;
     for (int64_t d = 0; d < dv; d += kVL) {
-      const vfl k0 = ld_a<V>(c.k, r0 + d), k1 = ld_a<V>(c.k, r0 + D + d), k2 = ld_a<V>(c.k, r0 + 2 * D + d),
-                k3 = ld_a<V>(c.k, r0 + 3 * D + d);
+      const vfl k0 = ld_a<V>(c.k, r0 + d), k1 = ld_a<V>(c.k, r1 + d), k2 = ld_a<V>(c.k, r2 + d),
+                k3 = ld_a<V>(c.k, r3 + d);
       for (int g = 0; g < GS; ++g) {
         const vfl qv = *reinterpret_cast<const vflu_a*>(q + g * D + d);
         a[g][0] += qv * k0;
@@ -128,7 +180,7 @@ void block_scores(const AttnChunk& c, int64_t g0, float* s, int64_t t0, int64_t 
   for (; j < nt; ++j) {
     vfl a[GS];
     for (int g = 0; g < GS; ++g) a[g] = vfl{};
-    const int64_t r0 = (t0 + j) * D;
+    const int64_t r0 = tok[j] * D;
     for (int64_t d = 0; d < dv; d += kVL) {
       const vfl kv = ld_a<V>(c.k, r0 + d);
       for (int g = 0; g < GS; ++g) a[g] += *reinterpret_cast<const vflu_a*>(q + g * D + d) * kv;
@@ -136,6 +188,116 @@ void block_scores(const AttnChunk& c, int64_t g0, float* s, int64_t t0, int64_t 
     for (int g = 0; g < GS; ++g) s[(g0 + g) * kAttnBlock + j] = hsum_vfl(a[g]);
   }
 }
+
+#if defined(__AVX512F__)
+// Scores of the four query rows g0..g0+3 for D = 64 without a horizontal sum per dot product: lane
+// 4 r + e of qi[i] holds a channel of q[g0 + r] (interleave_q4), and the matching key channels are
+// broadcast to the four rows' lanes, so acc_t = sum_i qi[i] * bcast(k_t[...]) holds four partial sums
+// of each row's score with key t; two rounds of lane-pair sums over four keys leave one vector of
+// (row, key) scores. Per key: 16 FMAs, 16 (float32) or 8 (bfloat16) broadcast loads, ~1 shuffle
+// (hsum4: ~3 per dot product).
+
+constexpr int64_t kBcastDim = 64;  // head dimension of block_scores_q4
+
+// The four query rows interleaved per group of key channels (lane 4 r + e: row r):
+//   float32:  qi[i] = q[r][4 i + e]                 (i < 16; keys broadcast 4 channels at a time)
+//   bfloat16: qi[i] = q[r][8 i + 2 e], qi[8 + i] = q[r][8 i + 2 e + 1]   (i < 8; keys broadcast 8
+//             channels at a time, as bfloat16 pairs: a pair's low half shifted up is the even channel,
+//             its high half masked the odd one, both exact)
+template <VT V>
+inline void interleave_q4(const float* q, __m512* qi) {
+  constexpr int64_t D = kBcastDim;
+  if constexpr (V == VT::f32) {
+    for (int i = 0; i < 16; ++i) {
+      const __m512 lo = _mm512_insertf32x4(_mm512_castps128_ps512(_mm_loadu_ps(q + 4 * i)), _mm_loadu_ps(q + D + 4 * i), 1);
+      const __m512 hi = _mm512_insertf32x4(_mm512_castps128_ps512(_mm_loadu_ps(q + 2 * D + 4 * i)), _mm_loadu_ps(q + 3 * D + 4 * i), 1);
+      qi[i] = _mm512_shuffle_f32x4(lo, hi, 0x44);  // [lo.0, lo.1, hi.0, hi.1]
+    }
+  } else {
+    const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i od = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    for (int i = 0; i < 8; ++i) {
+      const __m512 x = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(q + 8 * i)), _mm256_loadu_ps(q + D + 8 * i), 1);
+      const __m512 y = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(q + 2 * D + 8 * i)), _mm256_loadu_ps(q + 3 * D + 8 * i), 1);
+      qi[i] = _mm512_permutex2var_ps(x, ev, y);
+      qi[8 + i] = _mm512_permutex2var_ps(x, od, y);
+    }
+  }
+}
+
+// a, e += the four rows' partial products with key kt (two FMA chains), lanes as interleave_q4
+template <VT V>
+inline void dot_q4(const __m512* qi, const void* kt, __m512& a, __m512& e) {
+  if constexpr (V == VT::f32) {
+    const float* k = static_cast<const float*>(kt);
+#pragma GCC unroll 8
+    for (int i = 0; i < 16; i += 2) {
+      a = _mm512_fmadd_ps(qi[i], _mm512_broadcast_f32x4(_mm_loadu_ps(k + 4 * i)), a);
+      e = _mm512_fmadd_ps(qi[i + 1], _mm512_broadcast_f32x4(_mm_loadu_ps(k + 4 * i + 4)), e);
+    }
+  } else {
+    const uint16_t* k = static_cast<const uint16_t*>(kt);
+    const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      const __m512i kb = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(k + 8 * i)));
+      a = _mm512_fmadd_ps(qi[i], _mm512_castsi512_ps(_mm512_slli_epi32(kb, 16)), a);
+      e = _mm512_fmadd_ps(qi[8 + i], _mm512_castsi512_ps(_mm512_and_si512(kb, hi)), e);
+    }
+  }
+}
+
+// s[r * 64 + t] = sum of the four lanes 4 r..4 r + 3 of a_t (row r's partial sums with key t), r, t < 4:
+// two rounds of lane-pair sums (vpermt2ps), the result's lane 4 r + t stored as four rows of 4 scores
+inline void store_scores4(__m512 a0, __m512 a1, __m512 a2, __m512 a3, float* s) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  // b01 lanes 0..7: key 0, row r's pair sums at 2 r, 2 r + 1; lanes 8..15: key 1 (b23: keys 2, 3)
+  const __m512 b01 = _mm512_add_ps(_mm512_permutex2var_ps(a0, even, a1), _mm512_permutex2var_ps(a0, odd, a1));
+  const __m512 b23 = _mm512_add_ps(_mm512_permutex2var_ps(a2, even, a3), _mm512_permutex2var_ps(a2, odd, a3));
+  const __m512i rk0 = _mm512_setr_epi32(0, 8, 16, 24, 2, 10, 18, 26, 4, 12, 20, 28, 6, 14, 22, 30);
+  const __m512i rk1 = _mm512_setr_epi32(1, 9, 17, 25, 3, 11, 19, 27, 5, 13, 21, 29, 7, 15, 23, 31);
+  const __m512 o = _mm512_add_ps(_mm512_permutex2var_ps(b01, rk0, b23), _mm512_permutex2var_ps(b01, rk1, b23));
+  _mm_storeu_ps(s, _mm512_castps512_ps128(o));
+  _mm_storeu_ps(s + kAttnBlock, _mm512_extractf32x4_ps(o, 1));
+  _mm_storeu_ps(s + 2 * kAttnBlock, _mm512_extractf32x4_ps(o, 2));
+  _mm_storeu_ps(s + 3 * kAttnBlock, _mm512_extractf32x4_ps(o, 3));
+}
+
+// s[g0 + r][j] for r < 4, j < nt (the key rows tok[j])
+template <VT V>
+void block_scores_q4(const AttnChunk& c, int64_t g0, float* s, const int32_t* tok, int64_t nt, const Prefetch& pf) {
+  constexpr int64_t D = kBcastDim;
+  const float* q = c.q + g0 * D;
+  __m512 qi[16];
+  interleave_q4<V>(q, qi);
+  int64_t j = 0;
+  for (; j + 4 <= nt; j += 4) {
+    pf.step(j / 4);
+    constexpr int64_t row = D * (V == VT::f32 ? 4 : 2);
+    const char* k = static_cast<const char*>(c.k);
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, e0 = a0, e1 = a0, e2 = a0, e3 = a0;
+    dot_q4<V>(qi, k + tok[j] * row, a0, e0);
+    dot_q4<V>(qi, k + tok[j + 1] * row, a1, e1);
+    dot_q4<V>(qi, k + tok[j + 2] * row, a2, e2);
+    dot_q4<V>(qi, k + tok[j + 3] * row, a3, e3);
+    a0 = _mm512_add_ps(a0, e0);
+    a1 = _mm512_add_ps(a1, e1);
+    a2 = _mm512_add_ps(a2, e2);
+    a3 = _mm512_add_ps(a3, e3);
+    store_scores4(a0, a1, a2, a3, s + g0 * kAttnBlock + j);
+  }
+  for (; j < nt; ++j) {
+    const void* kj = static_cast<const char*>(c.k) + tok[j] * D * (V == VT::f32 ? 4 : 2);
+    __m512 a = _mm512_setzero_ps(), e = a;
+    dot_q4<V>(qi, kj, a, e);
+    a = _mm512_add_ps(a, e);
+    alignas(64) float l[16];
+    _mm512_store_ps(l, a);
+    for (int r = 0; r < 4; ++r) s[(g0 + r) * kAttnBlock + j] = (l[4 * r] + l[4 * r + 1]) + (l[4 * r + 2] + l[4 * r + 3]);
+  }
+}
+#endif
 
 inline void init_partial(const AttnChunk& c) {
   for (int64_t g = 0; g < c.G; ++g) {
@@ -145,25 +307,31 @@ inline void init_partial(const AttnChunk& c) {
   }
 }
 
-// The online-softmax update of c's partial results with the nt <= 64 tokens t0.. of c.k / c.v.
+// The online-softmax update of c's partial results with the nt <= 64 tokens tok[0..nt) of c.k / c.v.
 template <VT V>
-void attn_block(const AttnChunk& c, int64_t t0, int64_t nt) {
+void attn_block(const AttnChunk& c, const int32_t* tok, int64_t nt, const Prefetch& pf = Prefetch{}) {
   const int64_t G = c.G, D = c.D, dv = D - D % kVL;  // dv: dimensions done by vectors
   const float ninf = -std::numeric_limits<float>::infinity();
   float* s = c.scratch;  // (G, 64)
-  // scores s[g][j] = q_g . k_{t0 + j}, query rows in groups of up to 4
+  // scores s[g][j] = q_g . k_{tok[j]}, query rows in groups of up to 4
+#if defined(__AVX512F__)
+  if (D == kBcastDim && G % 4 == 0) {
+    for (int64_t g0 = 0; g0 < G; g0 += 4) block_scores_q4<V>(c, g0, s, tok, nt, g0 == 0 ? pf : Prefetch{});
+  } else
+#endif
   for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    const Prefetch& p = g0 == 0 ? pf : Prefetch{};  // the first group of rows walks the block once
     switch (min64(4, G - g0)) {
-      case 1: block_scores<V, 1>(c, g0, s, t0, nt, dv); break;
-      case 2: block_scores<V, 2>(c, g0, s, t0, nt, dv); break;
-      case 3: block_scores<V, 3>(c, g0, s, t0, nt, dv); break;
-      default: block_scores<V, 4>(c, g0, s, t0, nt, dv); break;
+      case 1: block_scores<V, 1>(c, g0, s, tok, nt, dv, p); break;
+      case 2: block_scores<V, 2>(c, g0, s, tok, nt, dv, p); break;
+      case 3: block_scores<V, 3>(c, g0, s, tok, nt, dv, p); break;
+      default: block_scores<V, 4>(c, g0, s, tok, nt, dv, p); break;
     }
   }
   for (int64_t g = 0; g < G; ++g) {
     float* sg = s + g * kAttnBlock;
     for (int64_t j = 0; j < nt; ++j) {
-      for (int64_t d = dv; d < c.D; ++d) sg[j] += c.q[g * c.D + d] * load_val<V>(c.k, (t0 + j) * c.D + d);
+      for (int64_t d = dv; d < c.D; ++d) sg[j] += c.q[g * c.D + d] * load_val<V>(c.k, tok[j] * c.D + d);
     }
     // pad the block to whole vectors with -inf (exp gives 0)
     for (int64_t jj = nt; jj < kAttnBlock && jj % kVL; ++jj) sg[jj] = ninf;
@@ -172,8 +340,13 @@ void attn_block(const AttnChunk& c, int64_t t0, int64_t nt) {
   // online softmax update per query row; s becomes the probabilities p
   for (int64_t g = 0; g < G; ++g) {
     float* sg = s + g * kAttnBlock;
+    vfl vm = vfl{} + ninf;  // lane-wise running max (the -inf padding does not change it)
+    for (int64_t j = 0; j < ntv; j += kVL) {
+      const vfl x = *reinterpret_cast<const vflu_a*>(sg + j);
+      vm = x > vm ? x : vm;
+    }
     float bm = ninf;
-    for (int64_t j = 0; j < nt; ++j) bm = sg[j] > bm ? sg[j] : bm;
+    for (int i = 0; i < kVL; ++i) bm = vm[i] > bm ? vm[i] : bm;
     const float m_new = c.m[g] > bm ? c.m[g] : bm;
     const float corr = c.m[g] == ninf ? 0.f : exp_neg1(c.m[g] - m_new);
     vfl lsum = vfl{};
@@ -191,10 +364,10 @@ void attn_block(const AttnChunk& c, int64_t t0, int64_t nt) {
   }
   // acc_g += p_gj * v_j, each value row loaded once for the G rows
   if (G <= kMaxRegGroup) {
-    accumulate_values_reg<V>(c, s, t0, nt, dv);
+    accumulate_values_reg<V>(c, s, tok, nt, dv);
   } else {
     for (int64_t j = 0; j < nt; ++j) {
-      const int64_t r0 = (t0 + j) * D;
+      const int64_t r0 = tok[j] * D;
       for (int64_t d = 0; d < dv; d += kVL) {
         const vfl vv = ld_a<V>(c.v, r0 + d);
         for (int64_t g = 0; g < G; ++g) {
@@ -205,7 +378,7 @@ void attn_block(const AttnChunk& c, int64_t t0, int64_t nt) {
     }
   }
   for (int64_t j = 0; j < nt; ++j) {
-    const int64_t r0 = (t0 + j) * D;
+    const int64_t r0 = tok[j] * D;
     for (int64_t d = dv; d < D; ++d) {
       const float vv = load_val<V>(c.v, r0 + d);
       for (int64_t g = 0; g < G; ++g) c.acc[g * D + d] += s[g * kAttnBlock + j] * vv;
@@ -213,17 +386,80 @@ void attn_block(const AttnChunk& c, int64_t t0, int64_t nt) {
   }
 }
 
+// The tokens of a chunk's pieces in order, cut into blocks of up to 64 (a block may join pieces:
+// Quest's 16-token pages are attended four at a time).
+struct BlockWalk {
+  const int32_t* pieces;
+  int64_t np, pc = 0, off = 0;  // next token: pieces[pc] start + off
+  int64_t fill(int32_t* tok) {
+    int64_t n = 0;
+    while (n < kAttnBlock && pc < np) {
+      const int64_t start = pieces[2 * pc], len = pieces[2 * pc + 1], take = min64(kAttnBlock - n, len - off);
+      for (int64_t i = 0; i < take; ++i) tok[n++] = static_cast<int32_t>(start + off + i);
+      off += take;
+      if (off == len) {
+        ++pc;
+        off = 0;
+      }
+    }
+    return n;
+  }
+};
+
 template <VT V>
 void attn_chunk_impl(const AttnChunk& c) {
   init_partial(c);
-  for (int64_t pc = 0; pc < c.np; ++pc) {
-    const int64_t start = c.pieces[2 * pc], len = c.pieces[2 * pc + 1];
-    for (int64_t t0 = start; t0 < start + len; t0 += kAttnBlock) attn_block<V>(c, t0, min64(kAttnBlock, start + len - t0));
+  int32_t buf[2][kAttnBlock];
+  BlockWalk walk{c.pieces, c.np};
+  int32_t *cur = buf[0], *next = buf[1];
+  int64_t nt = walk.fill(cur);
+  while (nt > 0) {
+    const int64_t nn = walk.fill(next);  // the next block, prefetched during this one
+    Prefetch pf;
+    pf.tok = next;
+    pf.nt = nn;
+    pf.k = static_cast<const char*>(c.k);
+    pf.v = static_cast<const char*>(c.v);
+    pf.row = c.D * (V == VT::f32 ? 4 : 2);
+    attn_block<V>(c, cur, nt, pf);
+    std::swap(cur, next);
+    nt = nn;
   }
 }
 
 // Compressed tokens [t0, t1) (decode_attention.h, SparseKvChunk): each block of 64 tokens is expanded
 // into dense float32 rows (zeros where a channel was pruned) and goes through attn_block.
+#if defined(__AVX512F__)
+// row[0:D] = the token's kept values vals[i..] placed at the set bits of its bitmap words (zeros
+// elsewhere), 16 channels per step: float32 by a masked expand-load, bfloat16 by a masked load of the
+// step's kept values, widened, then expanded (D a multiple of 16; no load passes the kept values).
+template <VT V>
+inline void expand_row(const void* vals, int64_t i, const uint64_t* bits, int64_t D, float* row) {
+  for (int64_t c = 0; c < D; c += 16) {
+    const __mmask16 m = static_cast<__mmask16>(bits[c / 64] >> (c % 64));
+    __m512 x;
+    if constexpr (V == VT::f32) {
+      x = _mm512_maskz_expandloadu_ps(m, static_cast<const float*>(vals) + i);
+    } else {
+      const __mmask16 first = static_cast<__mmask16>((1u << __builtin_popcount(m)) - 1);
+      const __m256i h = _mm256_maskz_loadu_epi16(first, static_cast<const uint16_t*>(vals) + i);
+      x = _mm512_maskz_expand_ps(m, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    }
+    _mm512_storeu_ps(row + c, x);
+    i += __builtin_popcount(m);
+  }
+}
+#endif
+
+// tokens 0..63 (a block of consecutive rows)
+constexpr struct Iota {
+  int32_t v[kAttnBlock];
+  constexpr Iota() : v() {
+    for (int i = 0; i < kAttnBlock; ++i) v[i] = i;
+  }
+} kIotaTable{};
+constexpr const int32_t* kIota = kIotaTable.v;
+
 template <VT V>
 void sparse_chunk_impl(const SparseKvChunk& c) {
   const int64_t D = c.base.D, W = c.words, keep = c.keep;
@@ -233,20 +469,47 @@ void sparse_chunk_impl(const SparseKvChunk& c) {
   init_partial(dense);
   for (int64_t t0 = c.t0; t0 < c.t1; t0 += kAttnBlock) {
     const int64_t nt = min64(kAttnBlock, c.t1 - t0);
+    for (int64_t j = 0; j < nt; ++j) {  // every bitmap marks exactly keep channels below D
+      for (int which = 0; which < 2; ++which) {
+        const uint64_t* tb = (which ? c.vbits : c.kbits) + (t0 + j) * W;
+        int64_t count = 0;
+        for (int64_t w = 0; w < W; ++w) count += __builtin_popcountll(tb[w]);
+        const int64_t tail = D - 64 * (W - 1);  // valid channels of the last word
+        if (count != keep || (tail < 64 && (tb[W - 1] >> tail) != 0)) {
+          *c.bad = 2 * (t0 + j) + which;
+          return;
+        }
+      }
+    }
     for (int which = 0; which < 2; ++which) {
       const void* vals = which ? c.vvals : c.kvals;
       const uint64_t* bits = which ? c.vbits : c.kbits;
       float* out = which ? c.vbuf : c.kbuf;
+      const int64_t elt = V == VT::f32 ? 4 : 2, next = t0 + kAttnBlock;  // the next block, prefetched meanwhile
       for (int64_t j = 0; j < nt; ++j) {
         float* row = out + j * D;
+        const int64_t i = (t0 + j) * keep;
+        const uint64_t* tb = bits + (t0 + j) * W;
+        if (next + j < c.t1) {
+          const char* nv = static_cast<const char*>(vals) + (next + j) * keep * elt;
+          __builtin_prefetch(nv, 0, 3);
+          __builtin_prefetch(nv + keep * elt - 1, 0, 3);
+          if (j % 8 == 0) __builtin_prefetch(bits + (next + j) * W, 0, 3);
+        }
+#if defined(__AVX512F__)
+        if (D % 16 == 0) {
+          expand_row<V>(vals, i, tb, D, row);
+          continue;
+        }
+#endif
         for (int64_t d = 0; d < D; ++d) row[d] = 0.f;
-        int64_t i = (t0 + j) * keep;
+        int64_t e = i;
         for (int64_t w = 0; w < W; ++w) {
-          for (uint64_t b = bits[(t0 + j) * W + w]; b; b &= b - 1) row[w * 64 + __builtin_ctzll(b)] = load_val<V>(vals, i++);
+          for (uint64_t b = tb[w]; b; b &= b - 1) row[w * 64 + __builtin_ctzll(b)] = load_val<V>(vals, e++);
         }
       }
     }
-    attn_block<VT::f32>(dense, 0, nt);
+    attn_block<VT::f32>(dense, kIota, nt);
   }
 }
 

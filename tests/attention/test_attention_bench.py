@@ -24,6 +24,8 @@ def test_kv_bytes_bound():
     assert b.kv_bytes(32768, 2) == 2 * 32768 * row
     assert b.kv_bytes(32768, 2, budget=2048) == 2 * 2048 * row + 2 * 2048 * row  # pages' min and max
     assert b.kv_bytes(32768, 2) / b.kv_bytes(32768, 2, budget=2048) == 8.0  # the ~8x of the notes
+    # float32 KV: the pages' min and max stay bfloat16 (the cache rounds them outward)
+    assert b.kv_bytes(32768, 4, budget=2048) == 2 * 2048 * 2 * row + 2 * 2048 * row
     assert b.kv_bytes(500, 4, window=1024) == 2 * 500 * b.HKV * b.D * 4
     # Mustafar 70%, D 64: 21 kept values + one bitmap word per token, K and V; 768 of 1024 tokens compressed
     m = b.Mustafar(0.7, recent=256)
@@ -91,3 +93,30 @@ def test_e2e_decode_steps_small_model():
     # bound: bandwidth / (weights + layers * KV bytes per layer)
     assert abs(e["bound_tokens_per_s"]["dense"] - 10e9 / (e["weights_bytes"] + 2 * b.kv_bytes(512, 2))) < 1e-6
     assert e["quest_vs_dense_bound"] > 1.0
+    assert set(e["by_linear"]) == {"native", "torch"} and e["by_linear"]["native"] == e["tokens_per_s"]
+    text = b.e2e_table(e)
+    assert "tokens/s (native bf16 GEMV) | tokens/s (torch F.linear)" in text and "| Quest vs dense |" in text
+
+
+def test_native_linears_swap_and_restore():
+    """NativeGemvLinear: one token through the native bf16 GEMV (F.linear up to float32 summation
+    order before the bf16 rounding), several tokens through the layer itself; restore undoes the swap."""
+    import torch
+
+    b = _load()
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 40, bias=True), torch.nn.Linear(40, 8, bias=False)).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    x1, x3 = torch.randn(1, 1, 96, generator=g).bfloat16(), torch.randn(1, 3, 96, generator=g).bfloat16()
+    first = model[0]
+    want1, want3 = model(x1), model(x3)
+    swaps = b.native_linears_(model)
+    assert len(swaps) == 2 and isinstance(model[0], b.NativeGemvLinear) and model[0].linear is first
+    got1 = model(x1)
+    assert got1.shape == want1.shape and got1.dtype == torch.bfloat16
+    torch.testing.assert_close(got1.float(), want1.float(), rtol=0.02, atol=0.5)
+    assert torch.equal(model(x3), want3)  # several tokens: the layers themselves
+    b.restore_linears_(swaps)
+    assert model[0] is first and torch.equal(model(x1), want1)

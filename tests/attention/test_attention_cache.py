@@ -10,14 +10,47 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparseforge.attention import Dense, PagedKVCache, Quest, StreamingLLM
+from sparseforge.attention.cache import bf16_bounds, huge_page_empty
 from sparseforge.errors import ConfigError, DataError, NumericalError
 
 
 def _true_bounds(keys: torch.Tensor, P: int):
-    """(kmin, kmax) per page of (B, H, n, D) keys, straight from the definition."""
+    """(kmin, kmax) per page of (B, H, n, D) keys, straight from the definition (the keys' dtype)."""
     n = keys.shape[2]
     pages = [keys[:, :, p * P:min(n, (p + 1) * P)] for p in range(-(-n // P))]
     return torch.stack([p.amin(2) for p in pages], 2), torch.stack([p.amax(2) for p in pages], 2)
+
+
+def _bf16_step(b: torch.Tensor, up: bool) -> torch.Tensor:
+    """The next bfloat16 above (``up``) or below each value of ``b`` (bfloat16, nonzero, finite)."""
+    bits = b.view(torch.int16)
+    grow = (b > 0) == up  # moving away from zero: magnitude bits + 1
+    return torch.where(grow, bits + 1, bits - 1).to(torch.int16).view(torch.bfloat16)
+
+
+def _assert_tight_bounds(kmin: torch.Tensor, kmax: torch.Tensor, true_min: torch.Tensor, true_max: torch.Tensor):
+    """kmin / kmax are bfloat16, enclose the true bounds, and no bfloat16 lies strictly between
+    (for a bfloat16 cache: equal to them)."""
+    assert kmin.dtype == kmax.dtype == torch.bfloat16
+    if true_min.dtype == torch.bfloat16:
+        assert torch.equal(kmin, true_min) and torch.equal(kmax, true_max)
+        return
+    lo, hi, tmin, tmax = kmin.double(), kmax.double(), true_min.double(), true_max.double()
+    assert bool((lo <= tmin).all()) and bool((hi >= tmax).all())
+    assert bool((_bf16_step(kmin, up=True).double() > tmin).all())
+    assert bool((_bf16_step(kmax, up=False).double() < tmax).all())
+
+
+def test_float32_bounds_round_outward_to_bfloat16():
+    x = torch.tensor([1.0, 1.001, -1.001, float("inf"), float("-inf"), 0.0])
+    lo, hi = bf16_bounds(x, x)
+    assert lo.dtype == hi.dtype == torch.bfloat16
+    assert lo.tolist() == [1.0, 1.0, -1.0078125, float("inf"), float("-inf"), 0.0]
+    assert hi.tolist() == [1.0, 1.0078125, -1.0, float("inf"), float("-inf"), 0.0]
+    wide = torch.randn(4000, generator=torch.Generator().manual_seed(0)) * torch.logspace(-30, 30, 4000)
+    _assert_tight_bounds(*bf16_bounds(wide, wide), wide, wide)
+    b = wide.bfloat16()
+    assert bf16_bounds(b, b)[0] is b  # a bfloat16 cache's bounds are exact
 
 
 @settings(max_examples=30, deadline=None)
@@ -43,9 +76,30 @@ def test_storage_and_page_bounds_track_every_append(chunks, page, bf16, prealloc
         assert torch.equal(keys, all_k) and torch.equal(values, all_v)
         kmin, kmax = _true_bounds(all_k, page)
         pages = kmin.shape[2]
-        assert torch.equal(layer.kmin[:, :, :pages], kmin) and torch.equal(layer.kmax[:, :, :pages], kmax)
+        _assert_tight_bounds(layer.kmin[:, :, :pages], layer.kmax[:, :, :pages], kmin, kmax)
         assert layer.capacity % page == 0 and layer.capacity >= layer.n
     assert cache.get_seq_length() == sum(chunks)
+
+
+def test_huge_page_buffers_are_aligned_and_behave_as_tensors():
+    import mmap
+
+    big = huge_page_empty((3, 1 << 20), torch.bfloat16)  # 6 MB
+    assert big.shape == (3, 1 << 20) and big.dtype == torch.bfloat16 and big.is_contiguous()
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        assert big.data_ptr() % (2 << 20) == 0
+    big.fill_(2.0)
+    big[1] = 3.0
+    assert big.float().sum().item() == 2 * 2.0 * (1 << 20) + 3.0 * (1 << 20)
+    small = huge_page_empty((4, 5), torch.float32)
+    assert small.shape == (4, 5) and small.dtype == torch.float32
+    cache = PagedKVCache(num_layers=1, page_size=16, max_cache_len=8192)
+    k = torch.randn(1, 2, 8192, 64)
+    cache.update(k, k, 0)
+    layer = cache.layers[0]
+    assert torch.equal(layer.keys, k)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        assert layer.k_store.data_ptr() % (2 << 20) == 0 and layer.v_store.data_ptr() % (2 << 20) == 0
 
 
 def test_crop_and_reset():
@@ -56,7 +110,7 @@ def test_crop_and_reset():
     layer = cache.layers[0]
     assert layer.n == 7 and torch.equal(layer.keys, k[:, :, :7])
     kmin, kmax = _true_bounds(k[:, :, :7], 4)
-    assert torch.equal(layer.kmin[:, :, :2], kmin) and torch.equal(layer.kmax[:, :, :2], kmax)
+    _assert_tight_bounds(layer.kmin[:, :, :2], layer.kmax[:, :, :2], kmin, kmax)
     cache.reset()
     assert cache.get_seq_length() == 0
     cache.update(torch.randn(3, 2, 1, 3), torch.randn(3, 2, 1, 3), 0)  # another batch size after reset
@@ -69,8 +123,8 @@ def test_beam_reorder_selects_rows():
     cache.update(k, k, 0)
     cache.reorder_cache(torch.tensor([2, 2, 0]))
     assert torch.equal(cache.layers[0].keys, k[[2, 2, 0]])
-    kmin, _ = _true_bounds(k[[2, 2, 0]], 4)
-    assert torch.equal(cache.layers[0].kmin[:, :, :2], kmin)
+    kmin, kmax = _true_bounds(k[[2, 2, 0]], 4)
+    _assert_tight_bounds(cache.layers[0].kmin[:, :, :2], cache.layers[0].kmax[:, :, :2], kmin, kmax)
 
 
 def test_update_hands_the_layer_to_the_attention_kwargs():

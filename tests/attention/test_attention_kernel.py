@@ -57,7 +57,9 @@ def _native(q, k, v, spans, n, scale, isa="", chunk=0, parallel=True):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("D,G", [(64, 4), (128, 1), (13, 3), (8, 7)])
+# (64, 4k): the AVX-512 broadcast score path (four query rows per pass); (96, 5), (128, 1): value tiles
+# of 4, 2 and 1 vectors; (13, 3), (8, 7): scalar tails
+@pytest.mark.parametrize("D,G", [(64, 4), (64, 8), (64, 16), (96, 5), (128, 1), (13, 3), (8, 7)])
 def test_every_isa_matches_reference_and_oracle(isa, dtype, D, G):
     B, Hkv, cap = 2, 2, 300
     q, k, v = _problem(B, Hkv * G, Hkv, D, cap, dtype=dtype)
@@ -76,15 +78,16 @@ def test_every_isa_matches_reference_and_oracle(isa, dtype, D, G):
     n=st.integers(1, 200),
     cuts=st.lists(st.integers(0, 200), min_size=1, max_size=12),
     chunk=st.integers(1, 70),
-    G=st.sampled_from([1, 2, 4]),
+    G=st.sampled_from([1, 2, 4, 8]),
+    D=st.sampled_from([16, 64]),
     isa=st.sampled_from(ISAS),
 )
-def test_any_spans_match_the_oracle(seed, n, cuts, chunk, G, isa):
+def test_any_spans_match_the_oracle(seed, n, cuts, chunk, G, D, isa):
     """Property: for any ascending disjoint span list (at least one token), kernel == float64 oracle."""
     bounds = sorted({c % (n + 1) for c in cuts} | {0, n})
     pairs = [[a, b - a] for a, b in zip(bounds[:-1:2], bounds[1::2])]  # every other interval
     pairs = [p for p in pairs if p[1] > 0] or [[0, n]]
-    q, k, v = _problem(1, 2 * G, 2, 16, 200, seed)
+    q, k, v = _problem(1, 2 * G, 2, D, 200, seed)
     spans = _spans(1, 2, pairs)
     got = _native(q, k, v, spans, n, 0.3, isa, chunk)
     torch.testing.assert_close(got.double(), _oracle(q, k, v, spans, 0.3), rtol=2e-5, atol=2e-5)
@@ -311,6 +314,22 @@ def test_sparse_kv_bad_bitmaps_and_shapes():
         sparse_kv_attention(q, kv, kb.int(), vv, vb, 8, 0.2)
     with pytest.raises(DataError, match=r"keep=0 must be in \[1, 16\]"):
         compress_tokens(k, 0)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_sparse_kv_names_the_bad_token_on_every_isa(isa, monkeypatch):
+    """The per-chunk bitmap check (before any value of the token is read) names the token and tensor."""
+    from sparseforge.ops.sparse_kv import compress_tokens, sparse_kv_attention
+
+    monkeypatch.setenv("SPARSEFORGE_ISA", isa)
+    q, k, v = _problem(1, 8, 2, 64, 700)
+    (kv, kb), (vv, vb) = compress_tokens(k, 21), compress_tokens(v, 21)
+    bad = vb.clone()
+    bad[0, 1, 613, 0] = int(bad[0, 1, 613, 0]) & (int(bad[0, 1, 613, 0]) - 1)  # one bit fewer
+    with pytest.raises(DataError, match=r"value bitmap of token 613 \(batch 0, kv head 1\) must mark exactly keep=21"):
+        sparse_kv_attention(q, kv, kb, vv, bad, 700, 0.2)
+    out, lse = sparse_kv_attention(q, kv, kb, vv, vb, 700, 0.2)  # the good bitmaps still run
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

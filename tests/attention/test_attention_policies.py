@@ -1,6 +1,6 @@
 """Policies (sparseforge.attention.policies) against first-principles oracles: Quest's page choice
-against the bound computed from the raw keys per query head and summed over the GQA group (and the
-bound really bounds q . k), StreamingLLM's spans, and the decode attention of each policy against
+against the bound computed from the raw keys' page min/max (rounded outward to bfloat16, as the cache
+keeps them) per query head and summed over the GQA group (and the bound really bounds q . k), StreamingLLM's spans, and the decode attention of each policy against
 SDPA masked to exactly the tokens the policy names; padding and sliding-window clipping."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparseforge.attention import Dense, PagedKVCache, Quest, StreamingLLM, sparseforge_attention
+from sparseforge.attention.cache import bf16_bounds
 from sparseforge.attention.interface import clip_spans
 from sparseforge.errors import DataError, ModelError
 from decode_oracles import decode_one as _decode, sdpa_over as _sdpa_over
@@ -41,7 +42,8 @@ def _mask(spans, n):
 
 def _brute_force_quest(q, keys, P, pages_read):
     """Page indices per (b, KV head): top (pages_read - 1) complete pages by the bound
-    sum_{g in group} sum_d max_{t in page} q_gd k_td, plus the newest page."""
+    sum_{g in group} sum_d max(q_gd min_t k_td, q_gd max_t k_td), the page's per-channel key min and
+    max rounded outward to bfloat16 first (the cache's metadata), plus the newest page."""
     B, Hq, D = q.shape
     Hkv, n = keys.shape[1], keys.shape[2]
     G, npages = Hq // Hkv, -(-n // P)
@@ -51,8 +53,9 @@ def _brute_force_quest(q, keys, P, pages_read):
         for h in range(Hkv):
             scores = []
             for p in range(npages - 1):
-                page = keys[b, h, p * P:(p + 1) * P].double()  # (P, D)
-                s = sum((q[b, h * G + g].double() * page).amax(0).sum() for g in range(G))
+                lo, hi = bf16_bounds(*keys[b, h, p * P:(p + 1) * P].aminmax(dim=0))  # (D,) each
+                lo, hi = lo.double(), hi.double()
+                s = sum(torch.maximum(q[b, h * G + g].double() * lo, q[b, h * G + g].double() * hi).sum() for g in range(G))
                 scores.append(float(s))
             top = sorted(sorted(range(npages - 1), key=lambda i: -scores[i])[:pages_read - 1])
             row.append(top + [npages - 1])

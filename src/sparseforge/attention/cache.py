@@ -2,10 +2,14 @@
 
 :class:`PagedKVCache` holds one :class:`PagedLayer` per decoder layer. A layer stores keys and values
 as transformers hands them to ``Cache.update`` (after RoPE, ``(B, Hkv, T, D)``), float32 or bfloat16,
-in one buffer per tensor ``(B, Hkv, capacity, D)`` whose capacity grows by whole pages (x1.5, or
-set once with ``max_cache_len``); a page is ``page_size`` consecutive tokens of one KV head. For
-every page it keeps the per-channel minimum and maximum key ``(B, Hkv, pages, D)`` (in the cache's
-dtype, exact), updated for the pages each new token touches: Quest's page bound reads them.
+in one buffer per tensor ``(B, Hkv, capacity, D)`` (2 MB aligned, advised for transparent huge
+pages: :func:`huge_page_empty`) whose capacity grows by whole pages (x1.5, or set once with
+``max_cache_len``); a page is ``page_size`` consecutive tokens of one KV head. For
+every page it keeps the per-channel minimum and maximum key ``(B, Hkv, pages, D)`` in bfloat16,
+updated for the pages each new token touches: Quest's page bound reads them. They are exact for a
+bfloat16 cache and rounded outward for a float32 one (:func:`bf16_bounds`: the largest bfloat16 at or
+below the minimum, the smallest at or above the maximum), so the bound stays an upper bound of every
+key's score while a step reads half the metadata bytes.
 
 ``update`` returns views of the valid tokens ``[0, n)``, so any attention implementation works on
 this cache; the ``"sparseforge"`` attention (:mod:`sparseforge.attention.interface`) finds the layer
@@ -27,7 +31,9 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import math
+import mmap
 from typing import Optional
 
 import torch
@@ -37,11 +43,62 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from sparseforge.attention.policies import Dense, Policy
 from sparseforge.errors import ConfigError, DataError, NumericalError
 
-__all__ = ["PagedKVCache", "PagedLayer", "LAYER_KWARG"]
+__all__ = ["PagedKVCache", "PagedLayer", "LAYER_KWARG", "bf16_bounds", "huge_page_empty"]
 
 LAYER_KWARG = "sparseforge_kv_layer"  # key under which update() hands the layer to the attention function
 _DTYPES = (torch.float32, torch.bfloat16)
 _GROWTH = 1.5
+
+
+_HUGE_PAGE = 2 << 20
+
+
+def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """``torch.empty(shape, dtype=dtype)`` in its own anonymous mapping, 2 MB aligned and advised for
+    transparent huge pages (Linux ``MADV_HUGEPAGE``), for buffers of at least 2 MB; smaller ones, and
+    systems without the advice, get ``torch.empty``.
+
+    A decode step streams the whole KV cache (or jumps between Quest's pages): with 4 KB pages every
+    4 KB costs a TLB miss and a page walk; with 2 MB pages a layer's cache needs a few dozen TLB
+    entries. The advice is a hint: where transparent huge pages are off the buffer is an ordinary one.
+
+    Example:
+        >>> huge_page_empty((2, 3), torch.float32).shape
+        torch.Size([2, 3])
+    """
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape, dtype=dtype)
+    region = mmap.mmap(-1, nbytes + _HUGE_PAGE)  # anonymous, private; freed with the last tensor using it
+    region.madvise(mmap.MADV_HUGEPAGE)
+    view = ctypes.c_char.from_buffer(region)
+    offset = -ctypes.addressof(view) % _HUGE_PAGE
+    del view  # release the export (the tensor keeps the mapping alive)
+    flat = torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=offset)
+    return flat.view(dtype).view(shape)
+
+
+def bf16_bounds(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """float32 ``lo`` / ``hi`` rounded outward to bfloat16: the largest bfloat16 ``<= lo`` and the
+    smallest ``>= hi`` (elementwise); bfloat16 inputs are returned as they are.
+
+    A bfloat16 is a float32 whose low 16 bits are zero: clearing them rounds toward zero, adding
+    ``0xFFFF`` first rounds away from zero (exact for every finite value and for inf).
+
+    Example:
+        >>> lo, hi = bf16_bounds(torch.tensor([1.001, -1.001]), torch.tensor([1.001, -1.001]))
+        >>> lo.tolist(), hi.tolist()
+        ([1.0, -1.0078125], [1.0078125, -1.0])
+    """
+    if lo.dtype == torch.bfloat16:
+        return lo, hi
+
+    def rounded(x: Tensor, away_where: Tensor) -> Tensor:
+        bits = x.contiguous().view(torch.int32)
+        away, toward = (bits + 0xFFFF) & -65536, bits & -65536
+        return torch.where(away_where, away, toward).view(torch.float32).to(torch.bfloat16)
+
+    return rounded(lo, lo < 0), rounded(hi, hi > 0)
 
 
 class PagedLayer(CacheLayerMixin):
@@ -84,8 +141,8 @@ class PagedLayer(CacheLayerMixin):
         cap = max(P, math.ceil(tokens / P) * P)
         shape = (self.batch, self.kv_heads, cap, self.head_dim)
         pshape = (self.batch, self.kv_heads, cap // P, self.head_dim)
-        k, v = torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
-        kmin, kmax = torch.empty(pshape, dtype=self.dtype), torch.empty(pshape, dtype=self.dtype)
+        k, v = huge_page_empty(shape, self.dtype), huge_page_empty(shape, self.dtype)
+        kmin, kmax = huge_page_empty(pshape, torch.bfloat16), huge_page_empty(pshape, torch.bfloat16)
         if self.k_store is not None and self.n:
             pages = -(-self.n // P)
             k[:, :, : self.n] = self.k_store[:, :, : self.n]
@@ -112,8 +169,7 @@ class PagedLayer(CacheLayerMixin):
             edge = keys[:, :, -1:].expand(-1, -1, pad, -1)  # repeating a real key leaves min/max unchanged
             keys = torch.cat([keys, edge], dim=2)
         pages = keys.view(self.batch, self.kv_heads, p1 - p0, P, self.head_dim)
-        self.kmin[:, :, p0:p1] = pages.amin(dim=3)
-        self.kmax[:, :, p0:p1] = pages.amax(dim=3)
+        self.kmin[:, :, p0:p1], self.kmax[:, :, p0:p1] = bf16_bounds(pages.amin(dim=3), pages.amax(dim=3))
 
     # ---- transformers Cache layer API -----------------------------------------------------
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
