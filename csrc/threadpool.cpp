@@ -57,9 +57,12 @@ class Pool {
     start(n);
   }
 
-  void run(int64_t ntasks, TaskFn fn, void* ctx, bool parallel) {
+  void run(int64_t ntasks, TaskFn fn, void* ctx, bool parallel, AfterJob after) {
     if (ntasks <= 0) return;
     std::lock_guard<std::mutex> job(job_mutex_);
+    // read by the workers when they next wait, and by those polling after an earlier job (so a
+    // serial `park` job also sends them to sleep)
+    park_.store(after == AfterJob::park, std::memory_order_release);
     if (!parallel || workers_.empty() || ntasks == 1) {
       for (int64_t t = 0; t < ntasks; ++t) fn(ctx, t, 0);
       return;
@@ -94,6 +97,10 @@ class Pool {
     }
   }
 
+  WaitCounts counts() const {
+    return {spun_.load(std::memory_order_relaxed), parked_.load(std::memory_order_relaxed)};
+  }
+
  private:
   void start(int n) {
     stop_flag_ = false;
@@ -126,12 +133,17 @@ class Pool {
     for (;;) {
       auto t0 = std::chrono::steady_clock::now();
       unsigned spins = 0;
+      bool polling = !park_.load(std::memory_order_acquire);
+      (polling ? spun_ : parked_).fetch_add(1, std::memory_order_relaxed);
       while (gen_.load(std::memory_order_acquire) == seen) {
-        SF_PAUSE();
-        if ((++spins & 63) == 0 && std::chrono::steady_clock::now() - t0 > kSpin) {
-          std::unique_lock<std::mutex> lk(m_);
-          cv_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+        if (polling) {
+          SF_PAUSE();
+          if ((++spins & 63) != 0) continue;
+          polling = std::chrono::steady_clock::now() - t0 <= kSpin && !park_.load(std::memory_order_acquire);
+          if (polling) continue;
         }
+        std::unique_lock<std::mutex> lk(m_);
+        cv_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
       }
       seen = gen_.load(std::memory_order_acquire);
       if (stop_flag_) return;
@@ -168,6 +180,8 @@ class Pool {
   std::atomic<uint64_t> gen_{0};
   std::atomic<int64_t> next_{0};
   std::atomic<uint64_t> state_{kClosed};  // see job_state
+  std::atomic<bool> park_{false};          // the last job's AfterJob is park
+  std::atomic<uint64_t> spun_{0}, parked_{0};
   bool stop_flag_ = false;
   int64_t ntasks_ = 0;
   TaskFn fn_ = nullptr;
@@ -206,6 +220,10 @@ void set_num_threads(int n) {
   if (p.size() != n) p.resize(n);
 }
 
-void run_tasks(int64_t ntasks, TaskFn fn, void* ctx, bool parallel) { pool().run(ntasks, fn, ctx, parallel); }
+void run_tasks(int64_t ntasks, TaskFn fn, void* ctx, bool parallel, AfterJob after) {
+  pool().run(ntasks, fn, ctx, parallel, after);
+}
+
+WaitCounts wait_counts() { return pool().counts(); }
 
 }  // namespace sf
