@@ -50,22 +50,19 @@ void check(const ExpertFfnProblem& p) {
   }
 }
 
-GemvColsFn kernel(Isa isa) {
-#if defined(SF_HAVE_X86_KERNELS)
-  if (isa == Isa::avx512) return avx512::gemv_cols;
-  if (isa == Isa::avx2) return avx2::gemv_cols;
-#endif
-  (void)isa;
-  return scalar::gemv_cols;
-}
+// One ISA's kernels of this file.
+struct Kernels {
+  GemvColsFn gemv_cols;
+  RowDotsFn row_dots;
+};
 
-RowDotsFn dots_kernel(Isa isa) {
+Kernels kernels(Isa isa) {
 #if defined(SF_HAVE_X86_KERNELS)
-  if (isa == Isa::avx512) return avx512::row_dots;
-  if (isa == Isa::avx2) return avx2::row_dots;
+  if (isa == Isa::avx512) return {avx512::gemv_cols, avx512::row_dots};
+  if (isa == Isa::avx2) return {avx2::gemv_cols, avx2::row_dots};
 #endif
   (void)isa;
-  return scalar::row_dots;
+  return {scalar::gemv_cols, scalar::row_dots};
 }
 
 void check_linear(int64_t T, int64_t d, int64_t N) {
@@ -112,7 +109,7 @@ void expert_ffn_ref(const ExpertFfnProblem& p) {
 
 void expert_ffn(const ExpertFfnProblem& p, Isa isa, int64_t block_floats, bool parallel, AfterJob after) {
   check(p);
-  const GemvColsFn gemv = kernel(isa);
+  const GemvColsFn gemv = kernels(isa).gemv_cols;
   const int64_t d = p.d, h = p.h, S = p.T * p.k;
   // Slots grouped by expert (ascending), each group in slot order.
   std::vector<int64_t> count(static_cast<size_t>(p.E), 0);
@@ -214,7 +211,7 @@ void expert_ffn(const ExpertFfnProblem& p, Isa isa, int64_t block_floats, bool p
 
 void few_token_linear(const float* x, int64_t T, int64_t d, const float* W, int64_t N, float* y, Isa isa) {
   check_linear(T, d, N);
-  dots_kernel(isa)(W, N, d, x, T, y);
+  kernels(isa).row_dots(W, N, d, x, T, y);
 }
 
 void few_token_linear_ref(const float* x, int64_t T, int64_t d, const float* W, int64_t N, float* y) {

@@ -319,14 +319,14 @@ class MoE(nn.Module):
         Each timed call runs the router's projection before the experts, as consecutive decode
         steps do: the pool's workers and torch's own threads take turns on the cores there, and
         timing the expert paths alone would hide what one costs the other."""
-        from sparseforge.measure.choose import choose_by_timing
-
-        question = {"d_model": self.d_model, "d_hidden": self.d_hidden, "experts": self.num_experts, "k": self.k,
-                    "expert": self.expert, "activation": self.activation, "tokens": int(x.shape[0]),
-                    "paths": ",".join(paths), "kernel_threads": kernel_threads(), "shared": self.shared is not None,
-                    "timed": "router+experts"}
-        key = tuple(sorted(question.items()))
+        key = (int(x.shape[0]), tuple(paths), kernel_threads())  # what varies between calls of one layer
         if key not in self._decode_choices:
+            from sparseforge.measure.choose import choose_by_timing
+
+            question = {"d_model": self.d_model, "d_hidden": self.d_hidden, "experts": self.num_experts, "k": self.k,
+                        "expert": self.expert, "activation": self.activation, "tokens": key[0],
+                        "paths": ",".join(paths), "kernel_threads": key[2], "shared": self.shared is not None,
+                        "timed": "router+experts"}
             ew = (self.w_up, self.w_down, self.w_gate)
             experts_of = {
                 "native": lambda: native_expert_ffn(x, experts, weights, *ew, self.activation, False),
@@ -346,7 +346,7 @@ class MoE(nn.Module):
     @property
     def decode_choice(self) -> dict:
         """``{tokens: Choice}`` measured by ``decode_backend="auto"`` so far (name, timings, reason)."""
-        return {dict(k)["tokens"]: c for k, c in self._decode_choices.items()}
+        return {k[0]: c for k, c in self._decode_choices.items()}
 
     def extra_repr(self) -> str:
         return (
