@@ -60,10 +60,10 @@ class Pool {
   void run(int64_t ntasks, TaskFn fn, void* ctx, bool parallel, AfterJob after) {
     if (ntasks <= 0) return;
     std::lock_guard<std::mutex> job(job_mutex_);
-    // read by the workers when they next wait, and by those polling after an earlier job (so a
-    // serial `park` job also sends them to sleep)
-    park_.store(after == AfterJob::park, std::memory_order_release);
+    const bool park = after == AfterJob::park;
     if (!parallel || workers_.empty() || ntasks == 1) {
+      // the workers still polling after an earlier job go to sleep now
+      if (park) park_gen_.store(gen_.load(std::memory_order_relaxed), std::memory_order_release);
       for (int64_t t = 0; t < ntasks; ++t) fn(ctx, t, 0);
       return;
     }
@@ -75,6 +75,7 @@ class Pool {
     {
       std::lock_guard<std::mutex> lk(m_);
       g = gen_.load(std::memory_order_relaxed) + 1;
+      if (park) park_gen_.store(g, std::memory_order_release);  // applies to the waits after this job, not before it
       state_.store(job_state(g), std::memory_order_release);  // open, nobody joined yet
       gen_.store(g, std::memory_order_release);
     }
@@ -133,13 +134,13 @@ class Pool {
     for (;;) {
       auto t0 = std::chrono::steady_clock::now();
       unsigned spins = 0;
-      bool polling = !park_.load(std::memory_order_acquire);
+      bool polling = park_gen_.load(std::memory_order_acquire) != seen;
       (polling ? spun_ : parked_).fetch_add(1, std::memory_order_relaxed);
       while (gen_.load(std::memory_order_acquire) == seen) {
         if (polling) {
           SF_PAUSE();
           if ((++spins & 63) != 0) continue;
-          polling = std::chrono::steady_clock::now() - t0 <= kSpin && !park_.load(std::memory_order_acquire);
+          polling = std::chrono::steady_clock::now() - t0 <= kSpin && park_gen_.load(std::memory_order_acquire) != seen;
           if (polling) continue;
         }
         std::unique_lock<std::mutex> lk(m_);
@@ -180,7 +181,7 @@ class Pool {
   std::atomic<uint64_t> gen_{0};
   std::atomic<int64_t> next_{0};
   std::atomic<uint64_t> state_{kClosed};  // see job_state
-  std::atomic<bool> park_{false};          // the last job's AfterJob is park
+  std::atomic<uint64_t> park_gen_{~uint64_t{0}};  // generation after which the workers sleep at once (park)
   std::atomic<uint64_t> spun_{0}, parked_{0};
   bool stop_flag_ = false;
   int64_t ntasks_ = 0;
