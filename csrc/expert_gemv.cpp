@@ -15,6 +15,7 @@ namespace sf {
 
 namespace scalar {
 extern const GemvColsFn gemv_cols = gemv_cols_impl;
+extern const RowDotsFn row_dots = row_dots_impl;
 }  // namespace scalar
 
 namespace {
@@ -49,13 +50,26 @@ void check(const ExpertFfnProblem& p) {
   }
 }
 
-GemvColsFn kernel(Isa isa) {
+// One ISA's kernels of this file.
+struct Kernels {
+  GemvColsFn gemv_cols;
+  RowDotsFn row_dots;
+};
+
+Kernels kernels(Isa isa) {
 #if defined(SF_HAVE_X86_KERNELS)
-  if (isa == Isa::avx512) return avx512::gemv_cols;
-  if (isa == Isa::avx2) return avx2::gemv_cols;
+  if (isa == Isa::avx512) return {avx512::gemv_cols, avx512::row_dots};
+  if (isa == Isa::avx2) return {avx2::gemv_cols, avx2::row_dots};
 #endif
   (void)isa;
-  return scalar::gemv_cols;
+  return {scalar::gemv_cols, scalar::row_dots};
+}
+
+void check_linear(int64_t T, int64_t d, int64_t N) {
+  if (T < 0 || d < 0 || N < 0) {
+    throw std::invalid_argument("few-token linear: negative size (T=" + std::to_string(T) + ", d=" + std::to_string(d) +
+                                ", N=" + std::to_string(N) + ")");
+  }
 }
 
 std::unique_ptr<float[]> floats(int64_t n) { return std::unique_ptr<float[]>(new float[n > 0 ? n : 1]); }
@@ -93,9 +107,9 @@ void expert_ffn_ref(const ExpertFfnProblem& p) {
   }
 }
 
-void expert_ffn(const ExpertFfnProblem& p, Isa isa, int64_t block_floats, bool parallel) {
+void expert_ffn(const ExpertFfnProblem& p, Isa isa, int64_t block_floats, bool parallel, AfterJob after) {
   check(p);
-  const GemvColsFn gemv = kernel(isa);
+  const GemvColsFn gemv = kernels(isa).gemv_cols;
   const int64_t d = p.d, h = p.h, S = p.T * p.k;
   // Slots grouped by expert (ascending), each group in slot order.
   std::vector<int64_t> count(static_cast<size_t>(p.E), 0);
@@ -181,7 +195,7 @@ void expert_ffn(const ExpertFfnProblem& p, Isa isa, int64_t block_floats, bool p
         gemv(p.w_down + g.e * h * d + i0 * d, d, rows, d, hid.get() + g.s0 * h + i0, h, static_cast<int>(g.ns),
              p2.get() + (b * n + g.s0) * d, d);
       },
-      par);
+      par, after);
   // y[t] = sum of weight * (sum of row blocks) over t's slots, in slot order
   for (int64_t s = 0; s < S; ++s) {
     if (pos[s] < 0) continue;
@@ -191,6 +205,22 @@ void expert_ffn(const ExpertFfnProblem& p, Isa isa, int64_t block_floats, bool p
       float o = 0.f;
       for (int64_t b = 0; b < nb2 && b * rb2 < h; ++b) o += p2[(b * n + pos[s]) * d + j];
       yt[j] += w * o;
+    }
+  }
+}
+
+void few_token_linear(const float* x, int64_t T, int64_t d, const float* W, int64_t N, float* y, Isa isa) {
+  check_linear(T, d, N);
+  kernels(isa).row_dots(W, N, d, x, T, y);
+}
+
+void few_token_linear_ref(const float* x, int64_t T, int64_t d, const float* W, int64_t N, float* y) {
+  check_linear(T, d, N);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t e = 0; e < N; ++e) {
+      float a = 0.f;
+      for (int64_t i = 0; i < d; ++i) a += x[t * d + i] * W[e * d + i];
+      y[t * N + e] = a;
     }
   }
 }

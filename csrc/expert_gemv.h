@@ -23,6 +23,7 @@
 #pragma once
 
 #include "common.h"
+#include "threadpool.h"
 
 namespace sf {
 
@@ -45,15 +46,29 @@ struct ExpertFfnProblem {
 using GemvColsFn = void (*)(const float* W, int64_t ld, int64_t rows, int64_t cw, const float* xs, int64_t xs_ld,
                             int n, float* acc, int64_t acc_ld);
 
-namespace scalar { extern const GemvColsFn gemv_cols; }
-namespace avx2 { extern const GemvColsFn gemv_cols; }
-namespace avx512 { extern const GemvColsFn gemv_cols; }
+// y (T, N) = x (T, d) @ W^T for an output-major W (N, d) (nn.Linear's weight layout): one vector
+// dot product per (token, output). One ISA's kernel.
+using RowDotsFn = void (*)(const float* W, int64_t N, int64_t d, const float* x, int64_t T, float* y);
+
+namespace scalar { extern const GemvColsFn gemv_cols; extern const RowDotsFn row_dots; }
+namespace avx2 { extern const GemvColsFn gemv_cols; extern const RowDotsFn row_dots; }
+namespace avx512 { extern const GemvColsFn gemv_cols; extern const RowDotsFn row_dots; }
 
 // Throws std::invalid_argument for an expert id outside [-1, E) or bad sizes.
 // block_floats: weights streamed per task (0 = automatic, 2^20 floats). parallel: spread the
-// tasks over the thread pool (false: run them all on the calling thread).
-void expert_ffn(const ExpertFfnProblem& p, Isa isa, int64_t block_floats = 0, bool parallel = true);
+// tasks over the thread pool (false: run them all on the calling thread). after: how the pool's
+// workers wait once the last job is done (park: sleep at once, the default: in a decode step the
+// next work is torch's, whose threads need the cores; spin: poll ~0.2 ms for another kernel call).
+void expert_ffn(const ExpertFfnProblem& p, Isa isa, int64_t block_floats = 0, bool parallel = true,
+                AfterJob after = AfterJob::park);
 // Scalar reference (the test oracle): plain loops, double-free float32 sums in row order.
 void expert_ffn_ref(const ExpertFfnProblem& p);
+
+// The router's logits of a decode step, y (T, N) = x (T, d) @ W^T with W (N, d) output-major, on
+// the calling thread: a parallel matmul here makes the step wait for a second thread to wake (and
+// to find a free core) for a product of a few microseconds. Throws std::invalid_argument for
+// negative sizes. few_token_linear_ref: plain loops in index order (the test oracle).
+void few_token_linear(const float* x, int64_t T, int64_t d, const float* W, int64_t N, float* y, Isa isa);
+void few_token_linear_ref(const float* x, int64_t T, int64_t d, const float* W, int64_t N, float* y);
 
 }  // namespace sf

@@ -4,5 +4,6 @@
 namespace sf {
 namespace avx2 {
 extern const GemvColsFn gemv_cols = gemv_cols_impl;
+extern const RowDotsFn row_dots = row_dots_impl;
 }  // namespace avx2
 }  // namespace sf

@@ -4,5 +4,6 @@
 namespace sf {
 namespace avx512 {
 extern const GemvColsFn gemv_cols = gemv_cols_impl;
+extern const RowDotsFn row_dots = row_dots_impl;
 }  // namespace avx512
 }  // namespace sf

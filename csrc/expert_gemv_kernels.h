@@ -75,6 +75,30 @@ void gemv_cols_nt(const float* W, int64_t ld, int64_t rows, int64_t cw, const fl
   }
 }
 
+// y[t, e] = dot(x[t, :], W[e, :]): kVL lanes of partial sums per dot, added lane by lane at the end,
+// then the tail columns (so the summation order depends on the vector width, not on T or N).
+void row_dots_impl(const float* W, int64_t N, int64_t d, const float* x, int64_t T, float* y) {
+  const int64_t dv = d - d % kVL;
+  for (int64_t e = 0; e < N; ++e) {
+    const float* w = W + e * d;
+    for (int64_t t = 0; t < T; ++t) {
+      const float* xt = x + t * d;
+      vfl s0 = vfl{}, s1 = vfl{};  // two chains: the loop is bound by the add latency, not by loads
+      int64_t j = 0;
+      for (; j + 2 * kVL <= dv; j += 2 * kVL) {
+        s0 += ld_g(w + j) * ld_g(xt + j);
+        s1 += ld_g(w + j + kVL) * ld_g(xt + j + kVL);
+      }
+      for (; j < dv; j += kVL) s0 += ld_g(w + j) * ld_g(xt + j);
+      s0 += s1;
+      float r = 0.f;
+      for (int l = 0; l < kVL; ++l) r += s0[l];
+      for (; j < d; ++j) r += w[j] * xt[j];
+      y[t * N + e] = r;
+    }
+  }
+}
+
 void gemv_cols_impl(const float* W, int64_t ld, int64_t rows, int64_t cw, const float* xs, int64_t xs_ld, int n,
                     float* acc, int64_t acc_ld) {
   switch (n) {

@@ -57,10 +57,13 @@ class Pool {
     start(n);
   }
 
-  void run(int64_t ntasks, TaskFn fn, void* ctx, bool parallel) {
+  void run(int64_t ntasks, TaskFn fn, void* ctx, bool parallel, AfterJob after) {
     if (ntasks <= 0) return;
     std::lock_guard<std::mutex> job(job_mutex_);
+    const bool park = after == AfterJob::park;
     if (!parallel || workers_.empty() || ntasks == 1) {
+      // the workers still polling after an earlier job go to sleep now
+      if (park) park_gen_.store(gen_.load(std::memory_order_relaxed), std::memory_order_release);
       for (int64_t t = 0; t < ntasks; ++t) fn(ctx, t, 0);
       return;
     }
@@ -72,6 +75,7 @@ class Pool {
     {
       std::lock_guard<std::mutex> lk(m_);
       g = gen_.load(std::memory_order_relaxed) + 1;
+      if (park) park_gen_.store(g, std::memory_order_release);  // applies to the waits after this job, not before it
       state_.store(job_state(g), std::memory_order_release);  // open, nobody joined yet
       gen_.store(g, std::memory_order_release);
     }
@@ -92,6 +96,10 @@ class Pool {
       }
       st = state_.load(std::memory_order_acquire);
     }
+  }
+
+  WaitCounts counts() const {
+    return {spun_.load(std::memory_order_relaxed), parked_.load(std::memory_order_relaxed)};
   }
 
  private:
@@ -126,12 +134,17 @@ class Pool {
     for (;;) {
       auto t0 = std::chrono::steady_clock::now();
       unsigned spins = 0;
+      bool polling = park_gen_.load(std::memory_order_acquire) != seen;
+      (polling ? spun_ : parked_).fetch_add(1, std::memory_order_relaxed);
       while (gen_.load(std::memory_order_acquire) == seen) {
-        SF_PAUSE();
-        if ((++spins & 63) == 0 && std::chrono::steady_clock::now() - t0 > kSpin) {
-          std::unique_lock<std::mutex> lk(m_);
-          cv_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+        if (polling) {
+          SF_PAUSE();
+          if ((++spins & 63) != 0) continue;
+          polling = std::chrono::steady_clock::now() - t0 <= kSpin && park_gen_.load(std::memory_order_acquire) != seen;
+          if (polling) continue;
         }
+        std::unique_lock<std::mutex> lk(m_);
+        cv_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
       }
       seen = gen_.load(std::memory_order_acquire);
       if (stop_flag_) return;
@@ -168,6 +181,8 @@ class Pool {
   std::atomic<uint64_t> gen_{0};
   std::atomic<int64_t> next_{0};
   std::atomic<uint64_t> state_{kClosed};  // see job_state
+  std::atomic<uint64_t> park_gen_{~uint64_t{0}};  // generation after which the workers sleep at once (park)
+  std::atomic<uint64_t> spun_{0}, parked_{0};
   bool stop_flag_ = false;
   int64_t ntasks_ = 0;
   TaskFn fn_ = nullptr;
@@ -206,6 +221,10 @@ void set_num_threads(int n) {
   if (p.size() != n) p.resize(n);
 }
 
-void run_tasks(int64_t ntasks, TaskFn fn, void* ctx, bool parallel) { pool().run(ntasks, fn, ctx, parallel); }
+void run_tasks(int64_t ntasks, TaskFn fn, void* ctx, bool parallel, AfterJob after) {
+  pool().run(ntasks, fn, ctx, parallel, after);
+}
+
+WaitCounts wait_counts() { return pool().counts(); }
 
 }  // namespace sf

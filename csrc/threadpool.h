@@ -4,8 +4,11 @@
 // run(ntasks, fn) executes fn(task, worker) for task in [0, ntasks) on the caller plus the
 // workers, handing out tasks one at a time from an atomic counter (dynamic scheduling, so a core
 // slowed by another process just takes fewer tasks). Jobs from different Python threads are
-// serialised. Workers spin for ~0.2 ms after a job before sleeping, so back-to-back layer calls do
-// not pay a wake-up each. Size: SPARSEFORGE_NUM_THREADS at first use, else the CPUs this process
+// serialised. After a job the workers wait for the next one as the job says (AfterJob): `spin`
+// keeps polling for ~0.2 ms before sleeping, so back-to-back kernel calls (the layers of a decode
+// step) do not pay a wake-up each; `park` sleeps at once, for a job whose caller hands the cores
+// to other threads next (torch's own, e.g. the matmuls between MoE decode steps), which a
+// spinning worker would hold for those 0.2 ms. Size: SPARSEFORGE_NUM_THREADS at first use, else the CPUs this process
 // may run on; set_num_threads() changes it. A forked child gets a fresh pool.
 #pragma once
 
@@ -16,15 +19,24 @@ namespace sf {
 
 using TaskFn = void (*)(void* ctx, int64_t task, int worker);
 
+enum class AfterJob : int { spin = 0, park = 1 };
+
+// How the workers have waited so far (counts since the process started; for tests and tuning):
+// `spun` waits began by polling, `parked` went to sleep at once.
+struct WaitCounts {
+  uint64_t spun = 0, parked = 0;
+};
+
 int num_threads();               // caller included
 void set_num_threads(int n);     // n >= 1; throws std::invalid_argument otherwise
-void run_tasks(int64_t ntasks, TaskFn fn, void* ctx, bool parallel = true);
+void run_tasks(int64_t ntasks, TaskFn fn, void* ctx, bool parallel = true, AfterJob after = AfterJob::spin);
+WaitCounts wait_counts();
 
 // parallel_for(ntasks, [&](int64_t task, int worker) {...}); worker is in [0, num_threads()).
 template <class F>
-void parallel_for(int64_t ntasks, F&& f, bool parallel = true) {
+void parallel_for(int64_t ntasks, F&& f, bool parallel = true, AfterJob after = AfterJob::spin) {
   auto tramp = [](void* ctx, int64_t task, int worker) { (*static_cast<F*>(ctx))(task, worker); };
-  run_tasks(ntasks, tramp, static_cast<void*>(&f), parallel);
+  run_tasks(ntasks, tramp, static_cast<void*>(&f), parallel, after);
 }
 
 }  // namespace sf

@@ -1,6 +1,7 @@
 // Binding of the few-token expert FFN (csrc/expert_gemv.h): x (T, d), experts (T, k) int64,
 // weights (T, k), w_up / w_gate (E, d, h), w_down (E, h, d), all float32; y (T, d) overwritten.
-// "expert_ffn" runs the dispatched kernel, "expert_ffn_ref" the oracle. Expert ids outside
+// "expert_ffn" runs the dispatched kernel, "expert_ffn_ref" the oracle; park_workers: the pool's
+// workers sleep right after the kernel (true) or poll for the next kernel call (false). Expert ids outside
 // [-1, E) are rejected by the kernel's own check before anything is read.
 #include <stdexcept>
 #include <string>
@@ -24,7 +25,7 @@ sf::Act parse_act(const std::string& a) {
 
 void expert_ffn_call(const In& x, const In& experts, const In& weights, const In& w_up, const In& w_down,
                      const nb::object& w_gate, const Out& y, const std::string& act, const std::string& isa,
-                     int64_t block_floats, bool parallel, bool ref) {
+                     int64_t block_floats, bool parallel, bool park, bool ref) {
   check_f32(x, "x", 2);
   check_array(experts, "experts", 2);
   if (experts.dtype() != nb::dtype<int64_t>()) throw std::invalid_argument("experts must be int64");
@@ -69,21 +70,49 @@ void expert_ffn_call(const In& x, const In& experts, const In& weights, const In
   const sf::Isa i = resolve(isa);
   threads();  // a bad SPARSEFORGE_NUM_THREADS is a ConfigError here, not inside the kernel
   nb::gil_scoped_release rel;
-  sf::expert_ffn(p, i, block_floats, parallel);
+  sf::expert_ffn(p, i, block_floats, parallel, park ? sf::AfterJob::park : sf::AfterJob::spin);
 }
 
 }  // namespace
 
+// y (T, N) = x (T, d) @ w^T for w (N, d), float32, on the calling thread (the decode router).
+void few_token_linear_call(const In& x, const In& w, const Out& y, const std::string& isa, bool ref) {
+  check_f32(x, "x", 2);
+  check_f32(w, "weight", 2);
+  check_out(y, "y", 2);
+  if (y.dtype() != nb::dtype<float>()) throw std::invalid_argument("y must be float32");
+  const int64_t T = dim(x, 0), d = dim(x, 1), N = dim(w, 0);
+  if (dim(w, 1) != d) throw std::invalid_argument("weight must be (N, d) with d = x.shape[1]");
+  if (static_cast<int64_t>(y.shape(0)) != T || static_cast<int64_t>(y.shape(1)) != N) {
+    throw std::invalid_argument("y must be (x.shape[0], weight.shape[0])");
+  }
+  const auto* xp = static_cast<const float*>(x.data());
+  const auto* wp = static_cast<const float*>(w.data());
+  auto* yp = static_cast<float*>(y.data());
+  if (ref) {
+    sf::few_token_linear_ref(xp, T, d, wp, N, yp);
+    return;
+  }
+  const sf::Isa i = resolve(isa);
+  sf::few_token_linear(xp, T, d, wp, N, yp, i);
+}
+
 void register_expert_ffn(nb::module_& m) {
+  for (const bool ref : {false, true}) {
+    m.def(ref ? "few_token_linear_ref" : "few_token_linear",
+          [ref](const In& x, const In& w, const Out& y, const std::string& isa) { few_token_linear_call(x, w, y, isa, ref); },
+          "x"_a, "weight"_a, "y"_a, "isa"_a = "");
+  }
   for (const bool ref : {false, true}) {
     m.def(ref ? "expert_ffn_ref" : "expert_ffn",
           [ref](const In& x, const In& experts, const In& weights, const In& w_up, const In& w_down,
                 const nb::object& w_gate, const Out& y, const std::string& activation, const std::string& isa,
-                int64_t block_floats, bool parallel) {
-            expert_ffn_call(x, experts, weights, w_up, w_down, w_gate, y, activation, isa, block_floats, parallel, ref);
+                int64_t block_floats, bool parallel, bool park_workers) {
+            expert_ffn_call(x, experts, weights, w_up, w_down, w_gate, y, activation, isa, block_floats, parallel,
+                            park_workers, ref);
           },
           "x"_a, "experts"_a, "weights"_a, "w_up"_a, "w_down"_a, "w_gate"_a.none(), "y"_a, "activation"_a = "silu",
-          "isa"_a = "", "block_floats"_a = 0, "parallel"_a = true);
+          "isa"_a = "", "block_floats"_a = 0, "parallel"_a = true, "park_workers"_a = true);
   }
 }
 

@@ -1,5 +1,7 @@
 // Shared binding helpers (binding.h) and the runtime functions: kernel path, threads, and the
 // mapping of sf::InvalidWeight to sparseforge.errors.ModelError.
+#include <nanobind/stl/pair.h>
+
 #include <stdexcept>
 
 #include "binding.h"
@@ -178,6 +180,10 @@ void register_runtime(nb::module_& m) {
     throw std::invalid_argument("unknown kernel path '" + name + "'");
   });
   m.def("num_threads", &threads, "Threads the kernels use (the caller included).");
+  m.def("pool_wait_counts", [] {
+    const sf::WaitCounts c = sf::wait_counts();
+    return std::make_pair(c.spun, c.parked);
+  }, "How the pool's workers began their waits so far: (polling first, sleeping at once).");
   m.def("set_num_threads", [](int n) {
     try {
       sf::set_num_threads(n);

@@ -30,7 +30,7 @@ from types import ModuleType
 from typing import Iterator, Optional
 
 __all__ = [
-    "native", "isa", "best_isa", "cpu_supports", "num_threads", "set_num_threads", "sparse_threads", "ISAS",
+    "native", "isa", "best_isa", "cpu_supports", "num_threads", "set_num_threads", "pool_wait_counts", "sparse_threads", "ISAS",
     "bf16_path", "bf16_path_supported", "BF16_PATHS",
 ]
 
@@ -108,6 +108,15 @@ def int8_float_walk(requested: str = "", pattern: str = "bitmap") -> str:
 def num_threads() -> int:
     """Threads the kernels use, the calling thread included."""
     return native().num_threads()
+
+
+def pool_wait_counts() -> tuple[int, int]:
+    """How the thread pool's workers began their waits for the next job since the process started:
+    ``(polled, parked)``: polling for ~0.2 ms first (after a job that expects another kernel call
+    soon) or sleeping at once (after a job whose caller hands the cores to torch next, e.g. the MoE
+    decode kernel, :func:`sparseforge.ops.expert_ffn.expert_ffn`)."""
+    polled, parked = native().pool_wait_counts()
+    return int(polled), int(parked)
 
 
 def set_num_threads(n: int) -> None:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import torch
 
@@ -92,3 +93,62 @@ def test_jobs_while_the_cores_are_busy():
     finally:
         burn.kill()
         burn.wait()
+
+
+def _expert_problem(seed: int = 0):
+    """A decode step big enough for the pool (>= 2^16 weights streamed): 2 tokens, 3 of 4 experts."""
+    g = torch.Generator().manual_seed(seed)
+    E, d, h = 4, 96, 256
+    w_gate, w_up, w_down = (torch.randn(E, d, h, generator=g), torch.randn(E, d, h, generator=g),
+                            torch.randn(E, h, d, generator=g))
+    x = torch.randn(2, d, generator=g)
+    experts, weights = torch.tensor([[0, 2], [2, 3]]), torch.tensor([[0.7, 0.3], [0.4, 0.6]])
+    return x, experts, weights, w_up, w_down, w_gate
+
+
+def test_workers_park_after_a_job_that_asks_and_poll_after_one_that_does_not():
+    from sparseforge.ops.expert_ffn import expert_ffn
+
+    args = _expert_problem()
+    serial = expert_ffn(*args, parallel=False)
+    before = kernels.num_threads()
+    kernels.set_num_threads(3)
+    try:
+        for w in _weights(2):
+            linear(torch.randn(40, w.shape[1]), w)  # the pool exists and its workers have waited at least once
+        time.sleep(0.05)
+        polled0, parked0 = kernels.pool_wait_counts()
+        for _ in range(20):
+            assert torch.equal(expert_ffn(*args, parallel=True, park_workers=False), serial)
+            time.sleep(0.002)
+        time.sleep(0.05)
+        polled1, parked1 = kernels.pool_wait_counts()
+        assert parked1 == parked0, "no job asked to park, yet a worker went to sleep without polling"
+        assert polled1 > polled0
+        for _ in range(20):
+            assert torch.equal(expert_ffn(*args, parallel=True), serial)  # park_workers=True is the default
+            time.sleep(0.002)
+        time.sleep(0.05)
+        _, parked2 = kernels.pool_wait_counts()
+        assert parked2 > parked1, "the decode kernel's last job asks the workers to park, but none did"
+    finally:
+        kernels.set_num_threads(before)
+
+
+def test_kernels_back_to_back_after_parked_jobs_give_the_serial_result():
+    from sparseforge.ops.expert_ffn import expert_ffn
+
+    args = _expert_problem(1)
+    serial = expert_ffn(*args, parallel=False)
+    weights = _weights(3)
+    xs = [torch.randn(b, w.shape[1]) for w, b in zip(weights, (3, 17, 64))]
+    want = _expected(weights, xs)
+    before = kernels.num_threads()
+    kernels.set_num_threads(4)  # more workers than cores
+    try:
+        for i in range(200):  # parked and polling waits alternate; every job still runs each task once
+            assert torch.equal(expert_ffn(*args, parallel=True, park_workers=i % 3 != 0), serial)
+            for w, x, y in zip(weights, xs, want):
+                assert torch.equal(linear(x, w), y)
+    finally:
+        kernels.set_num_threads(before)

@@ -67,6 +67,27 @@ def test_combine_slots_equals_a_per_token_loop(T, k, E, d, seed, empty):
     torch.testing.assert_close(unweighted, want_sum, rtol=1e-12, atol=1e-12)
 
 
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 40), k=st.integers(1, 4), d=st.integers(1, 9), chunk_tokens=st.integers(1, 45),
+       weighted=st.booleans(), seed=st.integers(0, 999))
+def test_combine_slots_gives_the_same_bits_for_any_chunk_size(T, k, d, chunk_tokens, weighted, seed):
+    gen = torch.Generator().manual_seed(seed)
+    experts = torch.randint(-1, 4, (T, k), generator=gen)
+    plan = build_plan(experts, 4)
+    S = plan.token.numel()
+    rows = torch.cat([torch.randn(S, d, generator=gen), torch.zeros(1, d)])  # float32: the order shows in the bits
+    weights = torch.rand(T, k, generator=gen) if weighted else None
+    position = plan.position.view(T, k)
+    whole = combine_slots(rows, position, weights, chunk_bytes=1 << 40)
+    chunked = combine_slots(rows, position, weights, chunk_bytes=chunk_tokens * k * d * 4)
+    assert torch.equal(chunked, whole)
+    want = torch.zeros(T, d, dtype=torch.float64)
+    w = torch.ones(T * k, dtype=torch.float64) if weights is None else weights.double().reshape(-1)
+    for i in range(S):
+        want[plan.token[i]] += w[plan.slot[i]] * rows[i].double()
+    torch.testing.assert_close(chunked.double(), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["loop", ONEDNN])
 @pytest.mark.parametrize("glu,activation", [(True, "silu"), (False, "gelu"), (False, "relu"), (True, "gelu_tanh")])
 def test_grouped_ffn_matches_dense_oracle_outputs_and_gradients(glu, activation, backend):

@@ -369,3 +369,100 @@ def test_noisy_decode_measurement_keeps_the_native_default_uncached(monkeypatch,
     choice = layer.decode_choice[1]
     assert choice.name == "native" and "too noisy" in choice.reason
     assert TuningCache().entries() == []
+
+
+def test_auto_decode_times_each_path_together_with_the_router(monkeypatch, tmp_path):
+    """The decode candidates are timed as consecutive steps run them: the router's projection, then
+    the experts (the pool's workers and torch's threads take turns on the cores in between)."""
+    import sparseforge.measure.choose as choose_mod
+    import sparseforge.moe.layer as layer_mod
+    from sparseforge.measure.timing import Measurement, Timing
+
+    monkeypatch.setenv("SPARSEFORGE_CACHE_DIR", str(tmp_path))
+    layer = MoE(64, 192, 4, 2).eval()
+    routed = []
+    real = layer_mod.few_token_linear
+    monkeypatch.setattr(layer_mod, "few_token_linear", lambda *a: routed.append(1) or real(*a))
+    per_path = {}
+
+    def run_each(fns, **kw):
+        for name, fn in fns.items():
+            before = len(routed)
+            fn()
+            per_path[name] = len(routed) - before
+        t = {k: Timing(1.0, 0.99, 1.01, 0.98, 0.99, 1.01, 30) for k in fns}
+        return Measurement(t, 30, True, 0.1, {k: (1e-3,) * 30 for k in fns})
+
+    monkeypatch.setattr(choose_mod, "time_interleaved", run_each)
+    old = kernels.num_threads()
+    try:
+        kernels.set_num_threads(2)
+        with torch.no_grad():
+            layer(torch.randn(1, 64))
+    finally:
+        kernels.set_num_threads(old)
+    assert per_path == {"native": 1, "native-parallel": 1, "torch": 1}
+
+
+LINEAR_CASES = [(1, 1024, 64), (1, 1024, 8), (2, 37, 5), (3, 7, 3), (4, 100, 17), (7, 65, 9), (1, 0, 4), (0, 16, 4)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", LINEAR_CASES)
+def test_few_token_linear_matches_reference_and_torch(isa, case):
+    T, d, n = case
+    gen = torch.Generator().manual_seed(T * 1000 + d + n)
+    x, w = torch.randn(T, d, generator=gen), torch.randn(n, d, generator=gen)
+    want = x.double() @ w.double().t()  # (T, n)
+    ref, got = torch.full((T, n), float("nan")), torch.full((T, n), float("nan"))
+    N.few_token_linear_ref(x.numpy(), w.numpy(), ref.numpy())
+    N.few_token_linear(x.numpy(), w.numpy(), got.numpy(), isa)
+    tol = 1e-6 * max(d, 1) ** 0.5
+    torch.testing.assert_close(ref.double(), want, rtol=1e-5, atol=tol)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=tol)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=tol)
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 4), d=st.integers(1, 300), n=st.integers(1, 70), seed=st.integers(0, 2**31 - 1),
+       isa=st.sampled_from(ISAS))
+def test_few_token_linear_property(T, d, n, seed, isa):
+    gen = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(T, d, generator=gen), torch.randn(n, d, generator=gen)
+    got = torch.empty(T, n)
+    N.few_token_linear(x.numpy(), w.numpy(), got.numpy(), isa)
+    torch.testing.assert_close(got.double(), x.double() @ w.double().t(), rtol=1e-5, atol=1e-5 * d**0.5)
+
+
+def test_few_token_linear_errors():
+    from sparseforge.ops.expert_ffn import few_token_linear
+
+    with pytest.raises(DataError, match="float32"):
+        few_token_linear(torch.randn(1, 8, dtype=torch.float64), torch.randn(4, 8))
+    with pytest.raises(DataError, match=r"\(N, d\)"):
+        few_token_linear(torch.randn(1, 8), torch.randn(4, 9))
+    with pytest.raises(DataError, match="2-D"):
+        few_token_linear(torch.randn(8), torch.randn(4, 8))
+
+
+def test_decode_router_runs_natively_and_gives_torch_logits(monkeypatch):
+    import sparseforge.moe.layer as layer_mod
+
+    calls = []
+    real = layer_mod.few_token_linear
+    monkeypatch.setattr(layer_mod, "few_token_linear", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    layer = MoE(48, 64, 16, 4, decode_backend="native", decode_parallel=False).eval()  # nothing to measure
+    x = torch.randn(3, 48)
+    with torch.no_grad():
+        _, aux = layer(x)
+    assert calls == [1]
+    torch.testing.assert_close(aux.router_logits, layer.gate(x).detach(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        layer(torch.randn(5, 48))  # more than NATIVE_MAX_TOKENS: the grouped path, torch's router
+        layer.decode_backend = "torch"
+        layer(x)
+    assert calls == [1]
+    layer.decode_backend = "auto"
+    layer(x)  # gradients needed: torch's router, differentiable
+    assert calls == [1]

@@ -24,7 +24,13 @@ import torch
 
 from sparseforge.errors import ConfigError
 
-__all__ = ["DispatchPlan", "build_plan", "apply_capacity", "combine_slots"]
+__all__ = ["DispatchPlan", "build_plan", "apply_capacity", "combine_slots", "COMBINE_CHUNK_BYTES"]
+
+# combine_slots gathers the rows of this many bytes of tokens at a time into one reused buffer.
+# Gathering all T * k rows at once (134 MB for E=64 top-8 at 4096 tokens, d=1024) asked the
+# allocator for a block above glibc's largest mmap threshold (32 MiB) on every call, so every page
+# was mapped and zeroed afresh: 13% of the E=64 forward in a profile on the Intel Xeon host.
+COMBINE_CHUNK_BYTES = 8 << 20
 
 
 class DispatchPlan(NamedTuple):
@@ -75,16 +81,33 @@ def apply_capacity(
     return experts.masked_fill(drop, -1), weights.masked_fill(drop, 0.0), int(over_sorted.sum())
 
 
-def combine_slots(rows: torch.Tensor, position: torch.Tensor, slot_weights: torch.Tensor | None = None) -> torch.Tensor:
+def combine_slots(
+    rows: torch.Tensor, position: torch.Tensor, slot_weights: torch.Tensor | None = None, *,
+    chunk_bytes: int = COMBINE_CHUNK_BYTES,
+) -> torch.Tensor:
     """``out[t] = sum_j w[t, j] * rows[position[t, j]]`` (T, d) in slot order (deterministic).
 
     ``rows`` (S + 1, d): one row per sorted assignment plus a zero row that empty slots point to;
     ``position`` (T, k) from :class:`DispatchPlan` (reshaped); ``slot_weights`` (T, k) or None (all 1).
+    Tokens are combined in chunks whose gathered rows fill about ``chunk_bytes`` (see
+    :data:`COMBINE_CHUNK_BYTES`); every token's sum is the same whatever the chunk size.
     """
     num_tokens, k = position.shape
-    picked = rows.index_select(0, position.reshape(-1))  # (T*k, d)
-    if slot_weights is not None:
-        picked.mul_(slot_weights.reshape(-1, 1))
-    if k == 1:
-        return picked  # (T, d)
-    return picked.view(num_tokens, k, rows.shape[1]).sum(1)  # (T, d)
+    d = rows.shape[1]
+    if k == 1 and slot_weights is None:
+        return rows.index_select(0, position.reshape(-1))  # (T, d)
+    out = rows.new_empty(num_tokens, d)  # (T, d)
+    chunk = max(1, min(num_tokens, chunk_bytes // max(1, k * d * rows.element_size())))
+    picked = rows.new_empty(chunk * k, d)  # (chunk * k, d) reused for every chunk
+    flat_pos = position.reshape(-1)  # (T*k,)
+    flat_w = None if slot_weights is None else slot_weights.reshape(-1, 1)  # (T*k, 1)
+    for t0 in range(0, num_tokens, chunk):
+        n = min(chunk, num_tokens - t0)
+        part = torch.index_select(rows, 0, flat_pos[t0 * k:(t0 + n) * k], out=picked[: n * k])  # (n*k, d)
+        if flat_w is not None:
+            part.mul_(flat_w[t0 * k:(t0 + n) * k])
+        if k == 1:
+            out[t0:t0 + n].copy_(part)
+        else:
+            torch.sum(part.view(n, k, d), 1, out=out[t0:t0 + n])  # (n, d)
+    return out

@@ -13,10 +13,17 @@ order and does not depend on the thread count. Layering: ``csrc/expert_gemv*`` -
 * :func:`moe_expert_ffn` is the registered custom op (fake impl for ``torch.compile``);
   :func:`expert_ffn` calls it, or the implementation directly in eager mode (skipping the op
   dispatcher: 14 us instead of 22 us per call on a tiny problem here).
-* ``parallel=False`` (what :class:`~sparseforge.moe.MoE` uses by default) runs on the calling
-  thread: one core already streams at the machine's memory bandwidth, and each pool job waits for
-  every worker to check in (on a machine loaded by other jobs, a scheduler slice). ``True`` spreads
-  row blocks over the kernels' thread pool (``sparseforge.kernels.set_num_threads``).
+* ``parallel=False`` runs on the calling thread; ``True`` spreads row blocks over the kernels'
+  thread pool (``sparseforge.kernels.set_num_threads``). Which is faster depends on the CPU (one
+  core streams at the machine's bandwidth on some, at half of it on others), so
+  :class:`~sparseforge.moe.MoE` measures both.
+* ``park_workers=True`` (default) sends the pool's workers to sleep as soon as the kernel is done
+  instead of letting them poll ~0.2 ms for another kernel call: in a decode step the next work is
+  torch's (the router's matmul, attention), and a polling worker holds the core torch's own thread
+  needs (``docs/moe.md``, Threads). ``False`` suits a caller that runs another pool kernel at once.
+
+* :func:`few_token_linear` computes a decode step's router logits ``x @ weight^T`` on the calling
+  thread (no parallel region to wake torch's threads for a product of a few microseconds).
 
 Forward only: no autograd formula is registered (the layer uses it only when no gradient is needed).
 
@@ -40,7 +47,7 @@ from torch import Tensor
 from sparseforge.errors import ConfigError, DataError
 from sparseforge.kernels import native
 
-__all__ = ["moe_expert_ffn", "expert_ffn", "native_applicable", "NATIVE_ACTIVATIONS"]
+__all__ = ["moe_expert_ffn", "expert_ffn", "few_token_linear", "native_applicable", "NATIVE_ACTIVATIONS"]
 
 NATIVE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 
@@ -71,14 +78,14 @@ def _np(t: Optional[Tensor]):
     return t.detach().contiguous().numpy()
 
 
-def _impl(x, experts, weights, w_up, w_down, w_gate, activation, parallel):
+def _impl(x, experts, weights, w_up, w_down, w_gate, activation, parallel, park_workers):
     _check(x, experts, weights, w_up, w_down, w_gate, activation)
     y = torch.empty(x.shape, dtype=torch.float32)  # (T, d)
     # The native side checks shapes, expert ids in [-1, E) and contiguity; ValueError -> DataError
     try:
         native().expert_ffn(
             _np(x), _np(experts), _np(weights), _np(w_up), _np(w_down), _np(w_gate), y.numpy(), activation, "",
-            0, parallel,
+            0, parallel, park_workers,
         )
     except ValueError as exc:
         raise DataError(f"native expert FFN: {exc}") from exc
@@ -88,14 +95,14 @@ def _impl(x, experts, weights, w_up, w_down, w_gate, activation, parallel):
 @torch.library.custom_op("sparseforge::moe_expert_ffn", mutates_args=())
 def moe_expert_ffn(
     x: Tensor, experts: Tensor, weights: Tensor, w_up: Tensor, w_down: Tensor, w_gate: Optional[Tensor],
-    activation: str, parallel: bool,
+    activation: str, parallel: bool, park_workers: bool = True,
 ) -> Tensor:
     """``y (T, d) = sum over t's slots of weight * FFN_expert(x[t])`` (expert -1 = empty slot)."""
-    return _impl(x, experts, weights, w_up, w_down, w_gate, activation, parallel)
+    return _impl(x, experts, weights, w_up, w_down, w_gate, activation, parallel, park_workers)
 
 
 @moe_expert_ffn.register_fake
-def _(x, experts, weights, w_up, w_down, w_gate, activation, parallel):
+def _(x, experts, weights, w_up, w_down, w_gate, activation, parallel, park_workers=True):
     return x.new_empty(x.shape)
 
 
@@ -108,9 +115,35 @@ def expert_ffn(
     w_gate: Optional[Tensor] = None,
     activation: str = "silu",
     parallel: bool = False,
+    park_workers: bool = True,
 ) -> Tensor:
     """Forward-only mixture output (T, d) for ``x`` (T, d), ``experts`` / ``weights`` (T, k) as a
     router returns them, stacked input-major expert weights (see :mod:`sparseforge.moe.grouped`)."""
     if torch.compiler.is_compiling():
-        return moe_expert_ffn(x, experts, weights, w_up, w_down, w_gate, activation, parallel)
-    return _impl(x, experts, weights, w_up, w_down, w_gate, activation, parallel)
+        return moe_expert_ffn(x, experts, weights, w_up, w_down, w_gate, activation, parallel, park_workers)
+    return _impl(x, experts, weights, w_up, w_down, w_gate, activation, parallel, park_workers)
+
+
+def few_token_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """``x (T, d) @ weight^T`` for ``weight`` (N, d) (``nn.Linear``'s layout, no bias), float32 CPU,
+    on the calling thread: the router projection of an MoE decode step. Forward only (eager).
+
+    Why not ``F.linear``: for a few tokens torch's matmul may still open a parallel region, and the
+    step then waits for a second thread to wake and find a free core (on the Intel AMX host of
+    ``docs/moe.md`` the E=64 router took longer than the expert kernel that way on a busy machine).
+
+    Example:
+        >>> import torch
+        >>> from sparseforge.ops.expert_ffn import few_token_linear
+        >>> x, w = torch.randn(2, 8), torch.randn(4, 8)
+        >>> torch.allclose(few_token_linear(x, w), x @ w.t(), atol=1e-5)
+        True
+    """
+    for name, t in (("x", x), ("weight", weight)):
+        if not native_applicable(t) or t.dim() != 2:
+            raise DataError(f"{name} must be a 2-D float32 CPU tensor, got {tuple(t.shape)} {t.dtype} on {t.device}")
+    if weight.shape[1] != x.shape[1]:
+        raise DataError(f"weight {tuple(weight.shape)} must be (N, d) with d = x.shape[1] = {x.shape[1]}")
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)  # (T, N)
+    native().few_token_linear(_np(x), _np(weight), y.numpy())
+    return y
