@@ -73,6 +73,7 @@ struct ColumnSparseKernels {
 namespace scalar { extern const ColumnSparseKernels column_sparse_kernels; }
 namespace avx2 { extern const ColumnSparseKernels column_sparse_kernels; }
 namespace avx512 { extern const ColumnSparseKernels column_sparse_kernels; }
+namespace avx512vbmi2 { extern const ColumnSparseKernels column_sparse_kernels; }  // avx512 + VBMI2 (use_avx512_vbmi2)
 
 // Shapes, thresholds and that block_ptr starts at 0 and ends at nnz (cheap; every call).
 // Throws std::invalid_argument.
@@ -83,6 +84,9 @@ void column_sparse_check_problem(const ColumnSparseProblem& p);
 void column_sparse_check_weight(const ColumnSparseWeight& w);
 // algo: 0 auto, 1 GEMV per row, 2 decoded-panel GEMM. parallel: use the thread pool.
 void column_sparse_linear(const ColumnSparseProblem& p, Isa isa, int algo = 0, bool parallel = true);
+// The batch-1 walk that `isa` runs: "avx512_vbmi2" (AVX-512 with vpexpandw for bfloat16 values),
+// "avx512", "avx2" or "scalar".
+const char* column_sparse_walk(Isa isa);
 // Scalar reference (the test oracle): plain loops over the bits, float32 sums in ascending channel order.
 void column_sparse_linear_ref(const ColumnSparseProblem& p);
 
