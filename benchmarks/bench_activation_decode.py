@@ -20,6 +20,13 @@ thresholds), run at each TEAL sparsity; its bytes bound uses the column format's
 activation >= 2.5x the dense fp32 tokens/s of the same run. Its quality is not measured here
 (random weights).
 
+bfloat16 (``--values fp32,bf16``, the default; ``--values fp32`` skips it): the TEAL and column
+variants again with bfloat16 weights (``SparseInputLinear(dtype=torch.bfloat16)``, column values
+bfloat16; activations and sums stay float32), and a dense bfloat16 baseline: the same model (same
+seed) converted to bfloat16, decoded by the native engine with its bf16 GEMV (this CPU's best dense
+path where it has AVX512_BF16). ``vs dense bf16`` divides by that baseline; the bytes bound of the
+bfloat16 variants is taken against dense bfloat16 (half the bytes of fp32).
+
 Printed beside each variant: the bytes bound of the whole model at that sparsity,
 ``(L + H) / (L (1 - s) + H)`` with ``L`` the sparsified projections' bytes and ``H`` the dense rest
 read per token (lm_head; embeddings and the KV cache are negligible at this context), and the
@@ -60,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--weight-sparsity", type=float, default=0.5, help="pruned fraction of the column-format variants (0: none)")
+    p.add_argument("--values", default="fp32,bf16",
+                   help="weight dtypes of the sparse variants (comma list of fp32, bf16); bf16 adds the dense bf16 baseline")
     p.add_argument("--engine", choices=("native", "transformers"), default="native",
                    help="decode loop of every variant: the native engine (default, what `sparseforge generate` runs) "
                         "or transformers' generate")
@@ -67,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0.0 <= args.weight_sparsity < 1.0:
         p.error("--weight-sparsity must be in [0, 1)")
+    args.values = args.values.split(",")
+    if not args.values or set(args.values) - {"fp32", "bf16"}:
+        p.error("--values takes a comma list of fp32, bf16")
     if args.quick:
         args.hidden, args.layers, args.ffn, args.vocab, args.new, args.repeats = 256, 2, 704, 1024, 16, 2
     args.sparsities = sorted((float(s) for s in args.sparsities.split(",")), reverse=True)
@@ -85,10 +97,10 @@ def build_model(args):
     return t.LlamaForCausalLM(cfg).float().eval()
 
 
-def column_layers(sparse_layers: dict, weight_sparsity: float) -> tuple[dict, float]:
+def column_layers(sparse_layers: dict, weight_sparsity: float, dtype: torch.dtype = torch.float32) -> tuple[dict, float]:
     """``{name: ColumnSparseLinear}``: each TEAL layer's weight pruned to ``weight_sparsity`` by
-    magnitude (per layer), stored in the column bitmap format with the same threshold; and the
-    column bytes / dense fp32 bytes of them all."""
+    magnitude (per layer), stored in the column bitmap format (values of ``dtype``) with the same
+    threshold; and the column bytes / dense bytes of ``dtype`` of them all."""
     from sparseforge.activation import ColumnSparseLinear
     from sparseforge.formats.colbitmap import ColumnBitmapWeight
 
@@ -97,11 +109,12 @@ def column_layers(sparse_layers: dict, weight_sparsity: float) -> tuple[dict, fl
         w = m.weight.detach()  # (out, in)
         k = max(1, int(w.numel() * weight_sparsity))
         cut = w.abs().flatten().kthvalue(k).values
-        weight = ColumnBitmapWeight.from_dense(torch.where(w.abs() > cut, w, torch.zeros(())))
+        pruned = torch.where(w.abs() > cut, w, torch.zeros(()))  # (out, in)
+        weight = ColumnBitmapWeight.from_dense(pruned.to(dtype), pruned != 0)
         layer = ColumnSparseLinear(weight, m.bias, threshold=m.threshold)
         layers[name] = layer
         col_bytes += weight.nbytes
-        dense_bytes += w.numel() * 4
+        dense_bytes += w.numel() * w.new_empty((), dtype=dtype).element_size()
     return layers, col_bytes / dense_bytes
 
 
@@ -123,7 +136,7 @@ def decode_seconds(model, prompt: torch.Tensor, new: int, engine: str) -> float:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from sparseforge import kernels
-    from sparseforge.activation import ActivationSparsityConfig, sparse_input_layers, sparsify_activations_
+    from sparseforge.activation import ActivationSparsityConfig, SparseInputLinear, sparse_input_layers, sparsify_activations_
     from sparseforge.config import CalibrationConfig
     from sparseforge.layers import set_module
 
@@ -142,53 +155,78 @@ def main(argv=None) -> dict:
         for name, module in layers.items():
             set_module(model, name, module)
 
-    # dense twice: torch's threads, and torch single-threaded like the TEAL runs; the faster is the baseline
-    variants = {"dense fp32": None, "dense fp32 (torch 1 thread)": None, **{f"TEAL {s:.0%}": s for s in args.sparsities}}
-    col_layers, col_ratio = ({}, 1.0) if not args.weight_sparsity else column_layers(sparse_layers, args.weight_sparsity)
-    if col_layers:
-        variants.update({f"weight {args.weight_sparsity:.0%} (column) + TEAL {s:.0%}": ("column", s) for s in args.sparsities})
+    # dense twice: torch's threads, and torch single-threaded like the TEAL runs; the faster is the baseline.
+    # A variant is (layers to swap in or None for dense, sparsity, its dense baseline's dtype).
+    variants = {"dense fp32": (None, 0.0, "fp32"), "dense fp32 (torch 1 thread)": (None, 0.0, "fp32")}
+    ratios = {}  # layer set -> its bytes / dense bytes of its dtype
+    layer_sets = {}
+    for dt in args.values:
+        dtype = torch.float32 if dt == "fp32" else torch.bfloat16
+        tag = "" if dt == "fp32" else " (bf16 weights)"
+        if dt == "bf16":
+            variants["dense bf16"] = ("bf16 model", 0.0, "bf16")
+            layer_sets["teal bf16"] = {n: SparseInputLinear.from_linear(dense_layers[n], m.threshold, dtype=dtype)
+                                       for n, m in sparse_layers.items()}
+        else:
+            layer_sets["teal fp32"] = sparse_layers
+        ratios[f"teal {dt}"] = 1.0
+        variants.update({f"TEAL {s:.0%}{tag}": (f"teal {dt}", s, dt) for s in args.sparsities})
+        if args.weight_sparsity:
+            layer_sets[f"column {dt}"], ratios[f"column {dt}"] = column_layers(sparse_layers, args.weight_sparsity, dtype)
+            variants.update({f"weight {args.weight_sparsity:.0%} (column{', bf16 values' if tag else ''}) + TEAL {s:.0%}":
+                             (f"column {dt}", s, dt) for s in args.sparsities})
+    model_bf16 = build_model(args).to(torch.bfloat16) if "bf16" in args.values else None  # same seed: same weights
     prompt = torch.randint(1, args.vocab, (1, 8), generator=torch.Generator().manual_seed(0))
 
-    def run_variant(name, s, new):
-        if s is None:
+    def run_variant(name, variant, new):
+        layers, s, _ = variant
+        if layers == "bf16 model":
+            return decode_seconds(model_bf16, prompt, new, args.engine)
+        if layers is None:
             use(dense_layers)
             ctx = kernels.sparse_threads(args.threads) if "1 thread" in name else nullcontext()
-        elif isinstance(s, tuple):
-            use(col_layers)
-            report.retarget_(model, s[1])
-            ctx = kernels.sparse_threads(args.threads)
         else:
-            use(sparse_layers)
+            use(layer_sets[layers])
             report.retarget_(model, s)
             ctx = kernels.sparse_threads(args.threads)
         with ctx:
             return decode_seconds(model, prompt, new, args.engine)
 
-    for name, s in variants.items():
-        run_variant(name, s, 3)  # warm-up
+    for name, variant in variants.items():
+        run_variant(name, variant, 3)  # warm-up
     times = {k: [] for k in variants}
     load_before = os.getloadavg()
     for _ in range(args.repeats):
-        for name, s in variants.items():
-            times[name].append(run_variant(name, s, args.new))
+        for name, variant in variants.items():
+            times[name].append(run_variant(name, variant, args.new))
     base = min(statistics.median(times["dense fp32"]), statistics.median(times["dense fp32 (torch 1 thread)"]))
+    base_bf16 = statistics.median(times["dense bf16"]) if "dense bf16" in times else None
     rows = []
-    for name, s in variants.items():
+    for name, (layers, sp, dt) in variants.items():
         med = statistics.median(times[name])
-        sp = 0.0 if s is None else s[1] if isinstance(s, tuple) else s
-        ratio = col_ratio if isinstance(s, tuple) else 1.0
-        bound = (layer_bytes + rest_bytes) / (layer_bytes * (1 - sp) * ratio + rest_bytes)
-        rows.append({"variant": name, "sparsity": sp, "weight_sparsity": args.weight_sparsity if isinstance(s, tuple) else 0.0, "tokens_per_s": 1.0 / med, "s_per_token": med,
-                     "speedup": base / med, "bytes_bound": bound, "of_bound": (base / med) / bound, "runs_s_per_token": times[name]})
+        ratio = ratios.get(layers, 1.0)
+        # bytes bound against the dense model of the variant's dtype: the bf16 model reads half the bytes of
+        # everything, a bf16-weights variant half of its projections' bytes and the float32 lm_head
+        half = 0.5 if dt == "bf16" and layers != "bf16 model" else 1.0
+        bound = half * (layer_bytes + rest_bytes) / (half * layer_bytes * (1 - sp) * ratio + rest_bytes)
+        own_base = base_bf16 if dt == "bf16" else base
+        rows.append({"variant": name, "sparsity": sp, "values": dt,
+                     "weight_sparsity": args.weight_sparsity if (layers or "").startswith("column") else 0.0,
+                     "tokens_per_s": 1.0 / med, "s_per_token": med, "speedup": base / med,
+                     "vs_dense_bf16": base_bf16 / med if base_bf16 else None, "bytes_bound": bound,
+                     "of_bound": (own_base / med) / bound, "runs_s_per_token": times[name]})
     result = {"shape": {k: getattr(args, k) for k in ("hidden", "layers", "ffn", "vocab")}, "gqa_kv_heads": max(1, args.hidden // 256),
-              "column_bytes_ratio": col_ratio if col_layers else None, "new_tokens": args.new, "engine": args.engine, "threads": args.threads, "isa": kernels.isa(), "layer_bytes": layer_bytes,
+              "column_bytes_ratio": {k: v for k, v in ratios.items() if k.startswith("column")} or None, "new_tokens": args.new, "engine": args.engine, "threads": args.threads, "isa": kernels.isa(), "layer_bytes": layer_bytes,
               "rest_bytes": rest_bytes, "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "rows": rows}
     print(f"decode, batch 1, {args.new} new tokens, hidden {args.hidden}, {args.layers} layers, FFN {args.ffn}, GQA, "
-          f"vocab {args.vocab}, fp32, {args.engine} decode loop, {args.threads} threads, isa {result['isa']}, load {load_before[0]:.1f} -> "
+          f"vocab {args.vocab}, fp32 model (sparse weights: {', '.join(args.values)}), {args.engine} decode loop, {args.threads} threads, isa {result['isa']}, load {load_before[0]:.1f} -> "
           f"{result['loadavg_after'][0]:.1f}")
-    print("| variant | tokens/s | vs best dense | bytes bound | % of bound |\n|---|---:|---:|---:|---:|")
+    print("| variant | tokens/s | vs dense fp32 | vs dense bf16 | bytes bound (vs dense of its dtype) | % of bound |\n"
+          "|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['variant']} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f}x | {r['bytes_bound']:.2f}x | {r['of_bound']:.0%} |")
+        vs_bf16 = f"{r['vs_dense_bf16']:.2f}x" if r["vs_dense_bf16"] else "-"
+        print(f"| {r['variant']} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f}x | {vs_bf16} | {r['bytes_bound']:.2f}x "
+              f"| {r['of_bound']:.0%} |")
     write_json(args.out, result)
     print(f"wrote {args.out}")
     return result

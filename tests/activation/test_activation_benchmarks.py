@@ -67,18 +67,35 @@ def test_decode_benchmark_compares_dense_and_teal(tmp_path):
     out = tmp_path / "d.json"
     result = bench.main(["--hidden", "64", "--layers", "1", "--ffn", "96", "--vocab", "128", "--new", "2",
                          "--repeats", "1", "--threads", "1", "--out", str(out)])
-    names = [r["variant"] for r in result["rows"]]
-    assert names == ["dense fp32", "dense fp32 (torch 1 thread)", "TEAL 50%", "TEAL 40%",
-                     "weight 50% (column) + TEAL 50%", "weight 50% (column) + TEAL 40%"]
-    teal50 = result["rows"][2]
-    expect = (result["layer_bytes"] + result["rest_bytes"]) / (result["layer_bytes"] * 0.5 + result["rest_bytes"])
-    assert teal50["bytes_bound"] == expect and teal50["tokens_per_s"] > 0
-    both = result["rows"][4]
-    ratio = result["column_bytes_ratio"]
-    assert 0.5 < ratio < 0.75 and both["weight_sparsity"] == 0.5 and both["tokens_per_s"] > 0
-    assert both["bytes_bound"] == (result["layer_bytes"] + result["rest_bytes"]) / (
-        result["layer_bytes"] * 0.5 * ratio + result["rest_bytes"])
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert list(rows) == ["dense fp32", "dense fp32 (torch 1 thread)", "TEAL 50%", "TEAL 40%",
+                          "weight 50% (column) + TEAL 50%", "weight 50% (column) + TEAL 40%", "dense bf16",
+                          "TEAL 50% (bf16 weights)", "TEAL 40% (bf16 weights)",
+                          "weight 50% (column, bf16 values) + TEAL 50%", "weight 50% (column, bf16 values) + TEAL 40%"]
+    layer, rest = result["layer_bytes"], result["rest_bytes"]
+    teal50 = rows["TEAL 50%"]
+    assert teal50["bytes_bound"] == (layer + rest) / (layer * 0.5 + rest) and teal50["tokens_per_s"] > 0
+    base32 = min(rows["dense fp32"]["s_per_token"], rows["dense fp32 (torch 1 thread)"]["s_per_token"])
+    base16 = rows["dense bf16"]["s_per_token"]
+    for dt, tag in (("fp32", "column"), ("bf16", "column, bf16 values")):
+        both = rows[f"weight 50% ({tag}) + TEAL 50%"]
+        ratio = result["column_bytes_ratio"][f"column {dt}"]  # column bytes / dense bytes of the same dtype
+        assert 0.5 < ratio < 0.75 and both["weight_sparsity"] == 0.5 and both["values"] == dt
+        half = 0.5 if dt == "bf16" else 1.0  # a bf16 variant against the bf16 model (its lm_head stays fp32)
+        assert math.isclose(both["bytes_bound"], half * (layer + rest) / (half * layer * 0.5 * ratio + rest))
+        assert math.isclose(both["speedup"], base32 / both["s_per_token"])
+        assert math.isclose(both["vs_dense_bf16"], base16 / both["s_per_token"])
+        own = base16 if dt == "bf16" else base32
+        assert math.isclose(both["of_bound"], own / both["s_per_token"] / both["bytes_bound"])
+    assert rows["dense bf16"]["bytes_bound"] == 1.0 and rows["dense bf16"]["of_bound"] == 1.0
+    assert rows["TEAL 50% (bf16 weights)"]["values"] == "bf16" and rows["TEAL 50% (bf16 weights)"]["tokens_per_s"] > 0
     assert json.loads(out.read_text())["rows"][0]["variant"] == "dense fp32"
+    only32 = bench.main(["--hidden", "64", "--layers", "1", "--ffn", "96", "--vocab", "128", "--new", "2",
+                         "--repeats", "1", "--threads", "1", "--values", "fp32", "--sparsities", "0.5",
+                         "--out", str(tmp_path / "e.json")])
+    assert [r["variant"] for r in only32["rows"]] == ["dense fp32", "dense fp32 (torch 1 thread)", "TEAL 50%",
+                                                      "weight 50% (column) + TEAL 50%"]
+    assert all(r["vs_dense_bf16"] is None for r in only32["rows"])
 
 
 @pytest.mark.slow
