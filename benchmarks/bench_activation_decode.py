@@ -142,6 +142,9 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(args.threads)
     kernels.set_num_threads(args.threads)
+    # the dense bf16 baseline first (same seed: the same weights), so that its float32 original is freed before
+    # the float32 model and its sparse copies exist
+    model_bf16 = build_model(args).to(torch.bfloat16) if "bf16" in args.values else None
     model = build_model(args)
     dense_layers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
     calib = torch.randint(0, args.vocab, (8, 64), generator=torch.Generator().manual_seed(1))
@@ -175,7 +178,6 @@ def main(argv=None) -> dict:
             layer_sets[f"column {dt}"], ratios[f"column {dt}"] = column_layers(sparse_layers, args.weight_sparsity, dtype)
             variants.update({f"weight {args.weight_sparsity:.0%} (column{', bf16 values' if tag else ''}) + TEAL {s:.0%}":
                              (f"column {dt}", s, dt) for s in args.sparsities})
-    model_bf16 = build_model(args).to(torch.bfloat16) if "bf16" in args.values else None  # same seed: same weights
     prompt = torch.randint(1, args.vocab, (1, 8), generator=torch.Generator().manual_seed(0))
 
     def run_variant(name, variant, new):

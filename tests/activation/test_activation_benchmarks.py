@@ -37,6 +37,15 @@ def test_kernel_benchmark_writes_bounds_and_baselines(tmp_path):
         assert math.isclose(r["bound_ms"], (1 - r["sparsity"]) * r["bytes_ratio"] * min(dense, own))
         assert math.isclose(r["vs_torch_dense"], dense / r["ms"])
     assert {r["dtype"] for r in result["rows"] if r["batch"] == 3 and r["kernel"].startswith("column layout GEMM")} == {"fp32", "bf16"}
+    walk = kernels.native().column_sparse_walk("")
+    assert {r["walk"] for r in col} == {walk}
+    plain = [r for r in result["rows"] if r["kernel"] == "column GEMV (weight 50%), avx512 walk"]
+    # a VBMI2 CPU times the plain AVX-512 walk of bf16 values beside it, at the same bound
+    assert {(r["dtype"], r["sparsity"]) for r in plain} == (
+        {("bf16", s) for s in (0.0, 0.25, 0.5, 0.65)} if walk == "avx512_vbmi2" else set())
+    for r in plain:
+        twin = next(c for c in col if c["dtype"] == "bf16" and c["sparsity"] == r["sparsity"])
+        assert r["bound_ms"] == twin["bound_ms"] and math.isclose(r["of_bound"], r["bound_ms"] / r["ms"])
 
 
 def test_kernel_benchmark_prefill_rows_against_torch_fp32_and_bf16(tmp_path):
