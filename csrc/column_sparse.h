@@ -23,9 +23,10 @@
 // Algorithm (column_sparse_linear): each row's active channels are compacted into (index, value)
 // lists (the sparse-input compaction kernel). While the active channels of all rows together number
 // at most `in` (decode), every row runs the GEMV: threads own tiles of whole 512-column blocks (no
-// atomics); per tile and group of four active channels, each 64-bit bitmap word is read and every
-// chunk of a vector's width expands the channel's next packed values into place (AVX-512:
-// vexpandps) and adds x_i times them to the tile's partial sums. Otherwise (prefill) the rows are
+// atomics); per tile and group of four or eight active channels, each channel's bitmap is read a
+// vector's width at a time and the chunk expands the channel's next packed values into place
+// (AVX-512: vexpandps; bfloat16 values with AVX512_VBMI2: vpexpandw over 32 outputs) and adds x_i
+// times them to the tile's partial sums. Otherwise (prefill) the rows are
 // masked and, per column tile, blocks of channels are decoded into a dense float32 panel in L2
 // that the sparse-input GEMM multiplies by every row: one stored layout serves both. Results do
 // not depend on the thread count. No fast-math: NaN / inf propagate.

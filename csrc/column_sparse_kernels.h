@@ -15,8 +15,11 @@
 // int8 values are widened to float32 before the expansion (AVX-512: 16 bytes or a masked load of
 // popcount(m), vpmovsxbd + vcvtdq2ps; AVX2: 8 bytes or a scalar copy at the buffer's end); the
 // kernels then sum x_i * q and the driver applies the row scales (column_sparse.h).
-// gemv_tile: G = 4 active channels per pass over the tile: per vector of outputs one load and one
-//   store of the partial sums (in L1) and four expansions + FMAs.
+// gemv_tile: G active channels per pass over the tile: per vector of outputs one load and one store
+//   of the partial sums (in L1) and G expansions + FMAs. AVX-512 float32 values: G = 8 on plain
+//   pointers (gemv_group_f32); bfloat16 values in the AVX512_VBMI2 build (column_sparse_avx512vbmi2.cpp):
+//   G = 8, one vpexpandw per 32 outputs (gemv_group_bf16, partial sums as even / odd outputs inside
+//   the tile); everything else G = 4 through `expand`.
 // decode_panel: the expanded vectors of each channel stored into a dense panel row.
 #pragma once
 
@@ -206,7 +209,11 @@ inline void gemv_group(const ColumnSparseWeight& w, const int32_t* idx, const fl
 // Per channel and 16 outputs: kmovw of the 16 bits from memory (a load, no port-5 move), one
 // vexpandps from the channel's value pointer, one FMA, and the pointer advanced by popcount of the
 // same 16 bits; per 16 outputs one load and one store of the partial sums for all G channels.
-// Plain pointers and no per-channel indices keep all G walks in registers.
+// Plain pointers and no per-channel indices keep all G walks in registers. Every other chunk (about one
+// line of values at 50% density) prefetches the line kPrefetchAhead bytes ahead in each channel's
+// values: 3-6% more bytes/s on two cores streaming from memory (no gain for the bfloat16 walk below).
+constexpr int64_t kPrefetchAhead = 512;
+
 template <int G>
 inline void gemv_group_f32(const ColumnSparseWeight& w, const int32_t* idx, const float* xv, int64_t j0, int64_t cw,
                            float* acc) {
@@ -227,6 +234,7 @@ inline void gemv_group_f32(const ColumnSparseWeight& w, const int32_t* idx, cons
       __mmask16 k;
       asm("kmovw %1, %0" : "=k"(k) : "m"(bits[g][c]));  // from memory (see expand_at)
       v = _mm512_fmadd_ps(xk[g], _mm512_maskz_expandloadu_ps(k, val[g]), v);
+      if ((c & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(val[g]) + kPrefetchAhead, _MM_HINT_T0);
       val[g] += __builtin_popcount(bits[g][c]);
     }
     _mm512_storeu_ps(acc + c * 16, v);
