@@ -20,9 +20,11 @@ thresholds), run at each TEAL sparsity; its bytes bound uses the column format's
 activation >= 2.5x the dense fp32 tokens/s of the same run. Its quality is not measured here
 (random weights).
 
-bfloat16 (``--values fp32,bf16``, the default; ``--values fp32`` skips it): the TEAL and column
-variants again with bfloat16 weights (``SparseInputLinear(dtype=torch.bfloat16)``, column values
-bfloat16; activations and sums stay float32), and a dense bfloat16 baseline: the same model (same
+bfloat16 (``--values fp32,bf16``, the default; ``--values fp32`` skips it): the column variants
+again with bfloat16 values (activations and sums stay float32; ``--teal-values fp32,bf16`` adds the
+TEAL variants with bfloat16 weights, ``SparseInputLinear(dtype=torch.bfloat16)``, another half copy
+of the projections: ~1.5 GB at the full shape, whose whole run then needs ~15 GB), and a dense
+bfloat16 baseline: the same model (same
 seed) converted to bfloat16, decoded by the native engine with its bf16 GEMV (this CPU's best dense
 path where it has AVX512_BF16). ``vs dense bf16`` divides by that baseline; the bytes bound of the
 bfloat16 variants is taken against dense bfloat16 (half the bytes of fp32).
@@ -40,7 +42,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+import resource
 import statistics
 import sys
 from contextlib import nullcontext
@@ -69,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-sparsity", type=float, default=0.5, help="pruned fraction of the column-format variants (0: none)")
     p.add_argument("--values", default="fp32,bf16",
                    help="weight dtypes of the sparse variants (comma list of fp32, bf16); bf16 adds the dense bf16 baseline")
+    p.add_argument("--teal-values", default="fp32",
+                   help="weight dtypes of the TEAL-alone variants (comma list of fp32, bf16)")
     p.add_argument("--engine", choices=("native", "transformers"), default="native",
                    help="decode loop of every variant: the native engine (default, what `sparseforge generate` runs) "
                         "or transformers' generate")
@@ -76,9 +82,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0.0 <= args.weight_sparsity < 1.0:
         p.error("--weight-sparsity must be in [0, 1)")
-    args.values = args.values.split(",")
-    if not args.values or set(args.values) - {"fp32", "bf16"}:
-        p.error("--values takes a comma list of fp32, bf16")
+    args.values, args.teal_values = args.values.split(","), args.teal_values.split(",")
+    for name, got in (("--values", args.values), ("--teal-values", args.teal_values)):
+        if not got or set(got) - {"fp32", "bf16"}:
+            p.error(f"{name} takes a comma list of fp32, bf16")
     if args.quick:
         args.hidden, args.layers, args.ffn, args.vocab, args.new, args.repeats = 256, 2, 704, 1024, 16, 2
     args.sparsities = sorted((float(s) for s in args.sparsities.split(",")), reverse=True)
@@ -144,7 +151,7 @@ def main(argv=None) -> dict:
     kernels.set_num_threads(args.threads)
     # the dense bf16 baseline first (same seed: the same weights), so that its float32 original is freed before
     # the float32 model and its sparse copies exist
-    model_bf16 = build_model(args).to(torch.bfloat16) if "bf16" in args.values else None
+    model_bf16 = build_model(args).to(torch.bfloat16) if "bf16" in args.values + args.teal_values else None
     model = build_model(args)
     dense_layers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
     calib = torch.randint(0, args.vocab, (8, 64), generator=torch.Generator().manual_seed(1))
@@ -163,24 +170,24 @@ def main(argv=None) -> dict:
     variants = {"dense fp32": (None, 0.0, "fp32"), "dense fp32 (torch 1 thread)": (None, 0.0, "fp32")}
     ratios = {}  # layer set -> its bytes / dense bytes of its dtype
     layer_sets = {}
-    for dt in args.values:
+    if model_bf16 is not None:
+        variants["dense bf16"] = ("bf16 model", 0.0, "bf16")
+    for dt in ("fp32", "bf16"):
         dtype = torch.float32 if dt == "fp32" else torch.bfloat16
         tag = "" if dt == "fp32" else " (bf16 weights)"
-        if dt == "bf16":
-            variants["dense bf16"] = ("bf16 model", 0.0, "bf16")
-            layer_sets["teal bf16"] = {n: SparseInputLinear.from_linear(dense_layers[n], m.threshold, dtype=dtype)
-                                       for n, m in sparse_layers.items()}
-        else:
-            layer_sets["teal fp32"] = sparse_layers
-        ratios[f"teal {dt}"] = 1.0
-        variants.update({f"TEAL {s:.0%}{tag}": (f"teal {dt}", s, dt) for s in args.sparsities})
-        if args.weight_sparsity:
+        if dt in args.teal_values:
+            layer_sets[f"teal {dt}"] = sparse_layers if dt == "fp32" else {
+                n: SparseInputLinear.from_linear(dense_layers[n], m.threshold, dtype=dtype) for n, m in sparse_layers.items()}
+            ratios[f"teal {dt}"] = 1.0
+            variants.update({f"TEAL {s:.0%}{tag}": (f"teal {dt}", s, dt) for s in args.sparsities})
+        if args.weight_sparsity and dt in args.values:
             layer_sets[f"column {dt}"], ratios[f"column {dt}"] = column_layers(sparse_layers, args.weight_sparsity, dtype)
             variants.update({f"weight {args.weight_sparsity:.0%} (column{', bf16 values' if tag else ''}) + TEAL {s:.0%}":
                              (f"column {dt}", s, dt) for s in args.sparsities})
     prompt = torch.randint(1, args.vocab, (1, 8), generator=torch.Generator().manual_seed(0))
 
     def run_variant(name, variant, new):
+        gc.collect()  # the previous run's fused q/k/v and gate/up copies (generation.fuse), before the next run
         layers, s, _ = variant
         if layers == "bf16 model":
             return decode_seconds(model_bf16, prompt, new, args.engine)
@@ -221,7 +228,7 @@ def main(argv=None) -> dict:
               "column_bytes_ratio": {k: v for k, v in ratios.items() if k.startswith("column")} or None, "new_tokens": args.new, "engine": args.engine, "threads": args.threads, "isa": kernels.isa(), "layer_bytes": layer_bytes,
               "rest_bytes": rest_bytes, "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "rows": rows}
     print(f"decode, batch 1, {args.new} new tokens, hidden {args.hidden}, {args.layers} layers, FFN {args.ffn}, GQA, "
-          f"vocab {args.vocab}, fp32 model (sparse weights: {', '.join(args.values)}), {args.engine} decode loop, {args.threads} threads, isa {result['isa']}, load {load_before[0]:.1f} -> "
+          f"vocab {args.vocab}, fp32 model (column values: {', '.join(args.values)}; TEAL weights: {', '.join(args.teal_values)}), {args.engine} decode loop, {args.threads} threads, isa {result['isa']}, load {load_before[0]:.1f} -> "
           f"{result['loadavg_after'][0]:.1f}")
     print("| variant | tokens/s | vs dense fp32 | vs dense bf16 | bytes bound (vs dense of its dtype) | % of bound |\n"
           "|---|---:|---:|---:|---:|---:|")
@@ -229,6 +236,7 @@ def main(argv=None) -> dict:
         vs_bf16 = f"{r['vs_dense_bf16']:.2f}x" if r["vs_dense_bf16"] else "-"
         print(f"| {r['variant']} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f}x | {vs_bf16} | {r['bytes_bound']:.2f}x "
               f"| {r['of_bound']:.0%} |")
+    result["max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     write_json(args.out, result)
     print(f"wrote {args.out}")
     return result

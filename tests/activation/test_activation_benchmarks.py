@@ -75,10 +75,10 @@ def test_decode_benchmark_compares_dense_and_teal(tmp_path):
     bench = load_benchmark("activation_decode")
     out = tmp_path / "d.json"
     result = bench.main(["--hidden", "64", "--layers", "1", "--ffn", "96", "--vocab", "128", "--new", "2",
-                         "--repeats", "1", "--threads", "1", "--out", str(out)])
+                         "--repeats", "1", "--threads", "1", "--teal-values", "fp32,bf16", "--out", str(out)])
     rows = {r["variant"]: r for r in result["rows"]}
-    assert list(rows) == ["dense fp32", "dense fp32 (torch 1 thread)", "TEAL 50%", "TEAL 40%",
-                          "weight 50% (column) + TEAL 50%", "weight 50% (column) + TEAL 40%", "dense bf16",
+    assert list(rows) == ["dense fp32", "dense fp32 (torch 1 thread)", "dense bf16", "TEAL 50%", "TEAL 40%",
+                          "weight 50% (column) + TEAL 50%", "weight 50% (column) + TEAL 40%",
                           "TEAL 50% (bf16 weights)", "TEAL 40% (bf16 weights)",
                           "weight 50% (column, bf16 values) + TEAL 50%", "weight 50% (column, bf16 values) + TEAL 40%"]
     layer, rest = result["layer_bytes"], result["rest_bytes"]
@@ -105,6 +105,11 @@ def test_decode_benchmark_compares_dense_and_teal(tmp_path):
     assert [r["variant"] for r in only32["rows"]] == ["dense fp32", "dense fp32 (torch 1 thread)", "TEAL 50%",
                                                       "weight 50% (column) + TEAL 50%"]
     assert all(r["vs_dense_bf16"] is None for r in only32["rows"])
+    default = bench.main(["--hidden", "64", "--layers", "1", "--ffn", "96", "--vocab", "128", "--new", "2",
+                          "--repeats", "1", "--threads", "1", "--sparsities", "0.5", "--out", str(tmp_path / "f.json")])
+    assert [r["variant"] for r in default["rows"]] == [  # column values fp32 and bf16, TEAL alone fp32
+        "dense fp32", "dense fp32 (torch 1 thread)", "dense bf16", "TEAL 50%", "weight 50% (column) + TEAL 50%",
+        "weight 50% (column, bf16 values) + TEAL 50%"]
 
 
 @pytest.mark.slow
