@@ -214,18 +214,26 @@ inline void gemv_group(const ColumnSparseWeight& w, const int32_t* idx, const fl
 // values: 3-6% more bytes/s on two cores streaming from memory (no gain for the bfloat16 walk below).
 constexpr int64_t kPrefetchAhead = 512;
 
+// The start of G channels' walks at output j0: bits[g] their bitmap rows read as Bits (little endian),
+// val[g] their next stored value (Val: float or the bfloat16 bits), xk[g] their input broadcast.
+template <class Bits, class Val, int G>
+inline void start_walks(const ColumnSparseWeight& w, const int32_t* idx, const float* xv, int64_t j0,
+                        const Bits* (&bits)[G], const Val* (&val)[G], __m512 (&xk)[G]) {
+  const int64_t words = w.words(), nblk = w.nblk();
+  for (int g = 0; g < G; ++g) {
+    bits[g] = reinterpret_cast<const Bits*>(w.bitmap + idx[g] * words + j0 / 64);
+    val[g] = static_cast<const Val*>(w.values) + w.block_ptr[idx[g] * nblk + j0 / kColBlock];
+    xk[g] = _mm512_set1_ps(xv[g]);
+  }
+}
+
 template <int G>
 inline void gemv_group_f32(const ColumnSparseWeight& w, const int32_t* idx, const float* xv, int64_t j0, int64_t cw,
                            float* acc) {
-  const int64_t words = w.words(), nblk = w.nblk();
   const u16_alias* bits[G];
   const float* val[G];
   __m512 xk[G];
-  for (int g = 0; g < G; ++g) {
-    bits[g] = reinterpret_cast<const u16_alias*>(w.bitmap + idx[g] * words + j0 / 64);  // little endian
-    val[g] = static_cast<const float*>(w.values) + w.block_ptr[idx[g] * nblk + j0 / kColBlock];
-    xk[g] = _mm512_set1_ps(xv[g]);
-  }
+  start_walks(w, idx, xv, j0, bits, val, xk);
   const int64_t chunks = (cw + 63) / 64 * 4;  // 16-output chunks
   for (int64_t c = 0; c < chunks; ++c) {
     __m512 v = _mm512_loadu_ps(acc + c * 16);
@@ -255,15 +263,10 @@ typedef uint32_t u32_alias __attribute__((may_alias));
 template <int G>
 inline void gemv_group_bf16(const ColumnSparseWeight& w, const int32_t* idx, const float* xv, int64_t j0, int64_t cw,
                             float* acc) {
-  const int64_t words = w.words(), nblk = w.nblk();
   const u32_alias* bits[G];
   const uint16_t* val[G];
   __m512 xk[G];
-  for (int g = 0; g < G; ++g) {
-    bits[g] = reinterpret_cast<const u32_alias*>(w.bitmap + idx[g] * words + j0 / 64);  // little endian
-    val[g] = static_cast<const uint16_t*>(w.values) + w.block_ptr[idx[g] * nblk + j0 / kColBlock];
-    xk[g] = _mm512_set1_ps(xv[g]);
-  }
+  start_walks(w, idx, xv, j0, bits, val, xk);
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   const int64_t chunks = (cw + 63) / 64 * 2;  // 32-output chunks
   for (int64_t c = 0; c < chunks; ++c) {
