@@ -20,14 +20,19 @@ thresholds), run at each TEAL sparsity; its bytes bound uses the column format's
 activation >= 2.5x the dense fp32 tokens/s of the same run. Its quality is not measured here
 (random weights).
 
-bfloat16 (``--values fp32,bf16``, the default; ``--values fp32`` skips it): the column variants
-again with bfloat16 values (activations and sums stay float32; ``--teal-values fp32,bf16`` adds the
-TEAL variants with bfloat16 weights, ``SparseInputLinear(dtype=torch.bfloat16)``, another half copy
-of the projections: ~1.5 GB at the full shape, whose whole run then needs ~15 GB), and a dense
-bfloat16 baseline: the same model (same
-seed) converted to bfloat16, decoded by the native engine with its bf16 GEMV (this CPU's best dense
-path where it has AVX512_BF16). ``vs dense bf16`` divides by that baseline; the bytes bound of the
-bfloat16 variants is taken against dense bfloat16 (half the bytes of fp32).
+bfloat16 (``--values fp32,bf16`` or ``--values bf16``; default ``fp32``): the column variants with
+bfloat16 values (activations and sums stay float32; ``--teal-values fp32,bf16`` adds the TEAL
+variants with bfloat16 weights, ``SparseInputLinear(dtype=torch.bfloat16)``), and a dense bfloat16
+baseline: the same model (same seed) converted to bfloat16, decoded by the native engine with its
+bf16 GEMV (this CPU's best dense path where it has AVX512_BF16). ``vs dense bf16`` divides by that
+baseline; the bytes bound of the bfloat16 variants is taken against dense bfloat16: ``(L + H) / 2``
+bytes against ``L (1 - s) r / 2 + H`` (their lm_head stays float32, as in the fp32 model they are
+swapped into).
+
+Memory at the full shape (peak RSS, from a 4-layer run scaled by 4): the default variants ~10 GB
+(the fp32 model, its TEAL copy, the column layers and the fused q/k/v + gate/up copy of a dense
+run); ``--values fp32,bf16`` ~15 GB; ``--values bf16 --teal-values none`` frees the TEAL copy once
+the column layers are built (~8 GB). A machine with less free memory than that kills the run.
 
 Printed beside each variant: the bytes bound of the whole model at that sparsity,
 ``(L + H) / (L (1 - s) + H)`` with ``L`` the sparsified projections' bytes and ``H`` the dense rest
@@ -71,10 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--weight-sparsity", type=float, default=0.5, help="pruned fraction of the column-format variants (0: none)")
-    p.add_argument("--values", default="fp32,bf16",
+    p.add_argument("--values", default="fp32",
                    help="weight dtypes of the sparse variants (comma list of fp32, bf16); bf16 adds the dense bf16 baseline")
     p.add_argument("--teal-values", default="fp32",
-                   help="weight dtypes of the TEAL-alone variants (comma list of fp32, bf16)")
+                   help="weight dtypes of the TEAL-alone variants (comma list of fp32, bf16; none: no TEAL-alone variant, and "
+                        "the TEAL layers are freed once the column layers are built)")
     p.add_argument("--engine", choices=("native", "transformers"), default="native",
                    help="decode loop of every variant: the native engine (default, what `sparseforge generate` runs) "
                         "or transformers' generate")
@@ -82,10 +88,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0.0 <= args.weight_sparsity < 1.0:
         p.error("--weight-sparsity must be in [0, 1)")
-    args.values, args.teal_values = args.values.split(","), args.teal_values.split(",")
-    for name, got in (("--values", args.values), ("--teal-values", args.teal_values)):
-        if not got or set(got) - {"fp32", "bf16"}:
-            p.error(f"{name} takes a comma list of fp32, bf16")
+    args.values = args.values.split(",")
+    args.teal_values = [] if args.teal_values == "none" else args.teal_values.split(",")
+    if not args.values or set(args.values) - {"fp32", "bf16"}:
+        p.error("--values takes a comma list of fp32, bf16")
+    if set(args.teal_values) - {"fp32", "bf16"}:
+        p.error("--teal-values takes a comma list of fp32, bf16, or none")
     if args.quick:
         args.hidden, args.layers, args.ffn, args.vocab, args.new, args.repeats = 256, 2, 704, 1024, 16, 2
     args.sparsities = sorted((float(s) for s in args.sparsities.split(",")), reverse=True)
@@ -184,6 +192,9 @@ def main(argv=None) -> dict:
             layer_sets[f"column {dt}"], ratios[f"column {dt}"] = column_layers(sparse_layers, args.weight_sparsity, dtype)
             variants.update({f"weight {args.weight_sparsity:.0%} (column{', bf16 values' if tag else ''}) + TEAL {s:.0%}":
                              (f"column {dt}", s, dt) for s in args.sparsities})
+    if "fp32" not in args.teal_values:  # the float32 TEAL layers only served to build the others: free them
+        use(dense_layers)
+        del sparse_layers
     prompt = torch.randint(1, args.vocab, (1, 8), generator=torch.Generator().manual_seed(0))
 
     def run_variant(name, variant, new):
@@ -228,7 +239,7 @@ def main(argv=None) -> dict:
               "column_bytes_ratio": {k: v for k, v in ratios.items() if k.startswith("column")} or None, "new_tokens": args.new, "engine": args.engine, "threads": args.threads, "isa": kernels.isa(), "layer_bytes": layer_bytes,
               "rest_bytes": rest_bytes, "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "rows": rows}
     print(f"decode, batch 1, {args.new} new tokens, hidden {args.hidden}, {args.layers} layers, FFN {args.ffn}, GQA, "
-          f"vocab {args.vocab}, fp32 model (column values: {', '.join(args.values)}; TEAL weights: {', '.join(args.teal_values)}), {args.engine} decode loop, {args.threads} threads, isa {result['isa']}, load {load_before[0]:.1f} -> "
+          f"vocab {args.vocab}, fp32 model (column values: {', '.join(args.values)}; TEAL weights: {', '.join(args.teal_values) or 'none'}), {args.engine} decode loop, {args.threads} threads, isa {result['isa']}, load {load_before[0]:.1f} -> "
           f"{result['loadavg_after'][0]:.1f}")
     print("| variant | tokens/s | vs dense fp32 | vs dense bf16 | bytes bound (vs dense of its dtype) | % of bound |\n"
           "|---|---:|---:|---:|---:|---:|")

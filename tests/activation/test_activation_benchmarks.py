@@ -75,7 +75,8 @@ def test_decode_benchmark_compares_dense_and_teal(tmp_path):
     bench = load_benchmark("activation_decode")
     out = tmp_path / "d.json"
     result = bench.main(["--hidden", "64", "--layers", "1", "--ffn", "96", "--vocab", "128", "--new", "2",
-                         "--repeats", "1", "--threads", "1", "--teal-values", "fp32,bf16", "--out", str(out)])
+                         "--repeats", "1", "--threads", "1", "--values", "fp32,bf16", "--teal-values", "fp32,bf16",
+                         "--out", str(out)])
     rows = {r["variant"]: r for r in result["rows"]}
     assert list(rows) == ["dense fp32", "dense fp32 (torch 1 thread)", "dense bf16", "TEAL 50%", "TEAL 40%",
                           "weight 50% (column) + TEAL 50%", "weight 50% (column) + TEAL 40%",
@@ -99,17 +100,22 @@ def test_decode_benchmark_compares_dense_and_teal(tmp_path):
     assert rows["dense bf16"]["bytes_bound"] == 1.0 and rows["dense bf16"]["of_bound"] == 1.0
     assert rows["TEAL 50% (bf16 weights)"]["values"] == "bf16" and rows["TEAL 50% (bf16 weights)"]["tokens_per_s"] > 0
     assert json.loads(out.read_text())["rows"][0]["variant"] == "dense fp32"
-    only32 = bench.main(["--hidden", "64", "--layers", "1", "--ffn", "96", "--vocab", "128", "--new", "2",
-                         "--repeats", "1", "--threads", "1", "--values", "fp32", "--sparsities", "0.5",
+    mixed = bench.main(["--hidden", "64", "--layers", "1", "--ffn", "96", "--vocab", "128", "--new", "2",
+                         "--repeats", "1", "--threads", "1", "--values", "fp32,bf16", "--sparsities", "0.5",
                          "--out", str(tmp_path / "e.json")])
-    assert [r["variant"] for r in only32["rows"]] == ["dense fp32", "dense fp32 (torch 1 thread)", "TEAL 50%",
-                                                      "weight 50% (column) + TEAL 50%"]
-    assert all(r["vs_dense_bf16"] is None for r in only32["rows"])
+    assert [r["variant"] for r in mixed["rows"]] == ["dense fp32", "dense fp32 (torch 1 thread)", "dense bf16",
+                                                      "TEAL 50%", "weight 50% (column) + TEAL 50%",
+                                                      "weight 50% (column, bf16 values) + TEAL 50%"]
+    lean = bench.main(["--hidden", "64", "--layers", "1", "--ffn", "96", "--vocab", "128", "--new", "2", "--repeats", "1",
+                       "--threads", "1", "--sparsities", "0.5", "--values", "bf16", "--teal-values", "none",
+                       "--out", str(tmp_path / "g.json")])
+    assert [r["variant"] for r in lean["rows"]] == ["dense fp32", "dense fp32 (torch 1 thread)", "dense bf16",
+                                                    "weight 50% (column, bf16 values) + TEAL 50%"]
     default = bench.main(["--hidden", "64", "--layers", "1", "--ffn", "96", "--vocab", "128", "--new", "2",
                           "--repeats", "1", "--threads", "1", "--sparsities", "0.5", "--out", str(tmp_path / "f.json")])
-    assert [r["variant"] for r in default["rows"]] == [  # column values fp32 and bf16, TEAL alone fp32
-        "dense fp32", "dense fp32 (torch 1 thread)", "dense bf16", "TEAL 50%", "weight 50% (column) + TEAL 50%",
-        "weight 50% (column, bf16 values) + TEAL 50%"]
+    assert [r["variant"] for r in default["rows"]] == [  # fp32 only, as the target reads
+        "dense fp32", "dense fp32 (torch 1 thread)", "TEAL 50%", "weight 50% (column) + TEAL 50%"]
+    assert all(r["vs_dense_bf16"] is None for r in default["rows"])
 
 
 @pytest.mark.slow
