@@ -29,10 +29,11 @@ baseline; the bytes bound of the bfloat16 variants is taken against dense bfloat
 bytes against ``L (1 - s) r / 2 + H`` (their lm_head stays float32, as in the fp32 model they are
 swapped into).
 
-Memory at the full shape (peak RSS, from a 4-layer run scaled by 4): the default variants ~10 GB
-(the fp32 model, its TEAL copy, the column layers and the fused q/k/v + gate/up copy of a dense
-run); ``--values fp32,bf16`` ~15 GB; ``--values bf16 --teal-values none`` frees the TEAL copy once
-the column layers are built (~8 GB). A machine with less free memory than that kills the run.
+Memory: peak RSS of 4-layer runs (the full shape has 16): 3.6 GB for the default variants (3.2 GB
+with ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment, which hands freed weight-sized tensors
+back to the system), 3.2 GB for ``--values bf16 --teal-values none`` (the TEAL copy freed once the
+column layers are built), 4.0 GB for ``--values fp32,bf16``; at 16 layers the last was killed by the
+OOM killer at 15.6 GB. Plan on ~12 GB free for the default run at the full shape.
 
 Printed beside each variant: the bytes bound of the whole model at that sparsity,
 ``(L + H) / (L (1 - s) + H)`` with ``L`` the sparsified projections' bytes and ``H`` the dense rest
