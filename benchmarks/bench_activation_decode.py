@@ -20,6 +20,21 @@ thresholds), run at each TEAL sparsity; its bytes bound uses the column format's
 activation >= 2.5x the dense fp32 tokens/s of the same run. Its quality is not measured here
 (random weights).
 
+bfloat16 (``--values fp32,bf16`` or ``--values bf16``; default ``fp32``): the column variants with
+bfloat16 values (activations and sums stay float32; ``--teal-values fp32,bf16`` adds the TEAL
+variants with bfloat16 weights, ``SparseInputLinear(dtype=torch.bfloat16)``), and a dense bfloat16
+baseline: the same model (same seed) converted to bfloat16, decoded by the native engine with its
+bf16 GEMV (this CPU's best dense path where it has AVX512_BF16). ``vs dense bf16`` divides by that
+baseline; the bytes bound of the bfloat16 variants is taken against dense bfloat16: ``(L + H) / 2``
+bytes against ``L (1 - s) r / 2 + H`` (their lm_head stays float32, as in the fp32 model they are
+swapped into).
+
+Memory: peak RSS of 4-layer runs (the full shape has 16): 3.6 GB for the default variants (3.2 GB
+with ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment, which hands freed weight-sized tensors
+back to the system), 3.2 GB for ``--values bf16 --teal-values none`` (the TEAL copy freed once the
+column layers are built), 4.0 GB for ``--values fp32,bf16``; at 16 layers the last was killed by the
+OOM killer at 15.6 GB. Plan on ~12 GB free for the default run at the full shape.
+
 Printed beside each variant: the bytes bound of the whole model at that sparsity,
 ``(L + H) / (L (1 - s) + H)`` with ``L`` the sparsified projections' bytes and ``H`` the dense rest
 read per token (lm_head; embeddings and the KV cache are negligible at this context), and the
@@ -33,7 +48,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+import resource
 import statistics
 import sys
 from contextlib import nullcontext
@@ -60,6 +77,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--weight-sparsity", type=float, default=0.5, help="pruned fraction of the column-format variants (0: none)")
+    p.add_argument("--values", default="fp32",
+                   help="weight dtypes of the sparse variants (comma list of fp32, bf16); bf16 adds the dense bf16 baseline")
+    p.add_argument("--teal-values", default="fp32",
+                   help="weight dtypes of the TEAL-alone variants (comma list of fp32, bf16; none: no TEAL-alone variant, and "
+                        "the TEAL layers are freed once the column layers are built)")
     p.add_argument("--engine", choices=("native", "transformers"), default="native",
                    help="decode loop of every variant: the native engine (default, what `sparseforge generate` runs) "
                         "or transformers' generate")
@@ -67,6 +89,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0.0 <= args.weight_sparsity < 1.0:
         p.error("--weight-sparsity must be in [0, 1)")
+    args.values = args.values.split(",")
+    args.teal_values = [] if args.teal_values == "none" else args.teal_values.split(",")
+    if not args.values or set(args.values) - {"fp32", "bf16"}:
+        p.error("--values takes a comma list of fp32, bf16")
+    if set(args.teal_values) - {"fp32", "bf16"}:
+        p.error("--teal-values takes a comma list of fp32, bf16, or none")
     if args.quick:
         args.hidden, args.layers, args.ffn, args.vocab, args.new, args.repeats = 256, 2, 704, 1024, 16, 2
     args.sparsities = sorted((float(s) for s in args.sparsities.split(",")), reverse=True)
@@ -85,10 +113,10 @@ def build_model(args):
     return t.LlamaForCausalLM(cfg).float().eval()
 
 
-def column_layers(sparse_layers: dict, weight_sparsity: float) -> tuple[dict, float]:
+def column_layers(sparse_layers: dict, weight_sparsity: float, dtype: torch.dtype = torch.float32) -> tuple[dict, float]:
     """``{name: ColumnSparseLinear}``: each TEAL layer's weight pruned to ``weight_sparsity`` by
-    magnitude (per layer), stored in the column bitmap format with the same threshold; and the
-    column bytes / dense fp32 bytes of them all."""
+    magnitude (per layer), stored in the column bitmap format (values of ``dtype``) with the same
+    threshold; and the column bytes / dense bytes of ``dtype`` of them all."""
     from sparseforge.activation import ColumnSparseLinear
     from sparseforge.formats.colbitmap import ColumnBitmapWeight
 
@@ -97,11 +125,12 @@ def column_layers(sparse_layers: dict, weight_sparsity: float) -> tuple[dict, fl
         w = m.weight.detach()  # (out, in)
         k = max(1, int(w.numel() * weight_sparsity))
         cut = w.abs().flatten().kthvalue(k).values
-        weight = ColumnBitmapWeight.from_dense(torch.where(w.abs() > cut, w, torch.zeros(())))
+        pruned = torch.where(w.abs() > cut, w, torch.zeros(()))  # (out, in)
+        weight = ColumnBitmapWeight.from_dense(pruned.to(dtype), pruned != 0)
         layer = ColumnSparseLinear(weight, m.bias, threshold=m.threshold)
         layers[name] = layer
         col_bytes += weight.nbytes
-        dense_bytes += w.numel() * 4
+        dense_bytes += w.numel() * w.new_empty((), dtype=dtype).element_size()
     return layers, col_bytes / dense_bytes
 
 
@@ -123,12 +152,15 @@ def decode_seconds(model, prompt: torch.Tensor, new: int, engine: str) -> float:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from sparseforge import kernels
-    from sparseforge.activation import ActivationSparsityConfig, sparse_input_layers, sparsify_activations_
+    from sparseforge.activation import ActivationSparsityConfig, SparseInputLinear, sparse_input_layers, sparsify_activations_
     from sparseforge.config import CalibrationConfig
     from sparseforge.layers import set_module
 
     torch.set_num_threads(args.threads)
     kernels.set_num_threads(args.threads)
+    # the dense bf16 baseline first (same seed: the same weights), so that its float32 original is freed before
+    # the float32 model and its sparse copies exist
+    model_bf16 = build_model(args).to(torch.bfloat16) if "bf16" in args.values + args.teal_values else None
     model = build_model(args)
     dense_layers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
     calib = torch.randint(0, args.vocab, (8, 64), generator=torch.Generator().manual_seed(1))
@@ -142,53 +174,81 @@ def main(argv=None) -> dict:
         for name, module in layers.items():
             set_module(model, name, module)
 
-    # dense twice: torch's threads, and torch single-threaded like the TEAL runs; the faster is the baseline
-    variants = {"dense fp32": None, "dense fp32 (torch 1 thread)": None, **{f"TEAL {s:.0%}": s for s in args.sparsities}}
-    col_layers, col_ratio = ({}, 1.0) if not args.weight_sparsity else column_layers(sparse_layers, args.weight_sparsity)
-    if col_layers:
-        variants.update({f"weight {args.weight_sparsity:.0%} (column) + TEAL {s:.0%}": ("column", s) for s in args.sparsities})
+    # dense twice: torch's threads, and torch single-threaded like the TEAL runs; the faster is the baseline.
+    # A variant is (layers to swap in or None for dense, sparsity, its dense baseline's dtype).
+    variants = {"dense fp32": (None, 0.0, "fp32"), "dense fp32 (torch 1 thread)": (None, 0.0, "fp32")}
+    ratios = {}  # layer set -> its bytes / dense bytes of its dtype
+    layer_sets = {}
+    if model_bf16 is not None:
+        variants["dense bf16"] = ("bf16 model", 0.0, "bf16")
+    for dt in ("fp32", "bf16"):
+        dtype = torch.float32 if dt == "fp32" else torch.bfloat16
+        tag = "" if dt == "fp32" else " (bf16 weights)"
+        if dt in args.teal_values:
+            layer_sets[f"teal {dt}"] = sparse_layers if dt == "fp32" else {
+                n: SparseInputLinear.from_linear(dense_layers[n], m.threshold, dtype=dtype) for n, m in sparse_layers.items()}
+            ratios[f"teal {dt}"] = 1.0
+            variants.update({f"TEAL {s:.0%}{tag}": (f"teal {dt}", s, dt) for s in args.sparsities})
+        if args.weight_sparsity and dt in args.values:
+            layer_sets[f"column {dt}"], ratios[f"column {dt}"] = column_layers(sparse_layers, args.weight_sparsity, dtype)
+            variants.update({f"weight {args.weight_sparsity:.0%} (column{', bf16 values' if tag else ''}) + TEAL {s:.0%}":
+                             (f"column {dt}", s, dt) for s in args.sparsities})
+    if "fp32" not in args.teal_values:  # the float32 TEAL layers only served to build the others: free them
+        use(dense_layers)
+        del sparse_layers
     prompt = torch.randint(1, args.vocab, (1, 8), generator=torch.Generator().manual_seed(0))
 
-    def run_variant(name, s, new):
-        if s is None:
+    def run_variant(name, variant, new):
+        gc.collect()  # the previous run's fused q/k/v and gate/up copies (generation.fuse), before the next run
+        layers, s, _ = variant
+        if layers == "bf16 model":
+            return decode_seconds(model_bf16, prompt, new, args.engine)
+        if layers is None:
             use(dense_layers)
             ctx = kernels.sparse_threads(args.threads) if "1 thread" in name else nullcontext()
-        elif isinstance(s, tuple):
-            use(col_layers)
-            report.retarget_(model, s[1])
-            ctx = kernels.sparse_threads(args.threads)
         else:
-            use(sparse_layers)
+            use(layer_sets[layers])
             report.retarget_(model, s)
             ctx = kernels.sparse_threads(args.threads)
         with ctx:
             return decode_seconds(model, prompt, new, args.engine)
 
-    for name, s in variants.items():
-        run_variant(name, s, 3)  # warm-up
+    for name, variant in variants.items():
+        run_variant(name, variant, 3)  # warm-up
     times = {k: [] for k in variants}
     load_before = os.getloadavg()
     for _ in range(args.repeats):
-        for name, s in variants.items():
-            times[name].append(run_variant(name, s, args.new))
+        for name, variant in variants.items():
+            times[name].append(run_variant(name, variant, args.new))
     base = min(statistics.median(times["dense fp32"]), statistics.median(times["dense fp32 (torch 1 thread)"]))
+    base_bf16 = statistics.median(times["dense bf16"]) if "dense bf16" in times else None
     rows = []
-    for name, s in variants.items():
+    for name, (layers, sp, dt) in variants.items():
         med = statistics.median(times[name])
-        sp = 0.0 if s is None else s[1] if isinstance(s, tuple) else s
-        ratio = col_ratio if isinstance(s, tuple) else 1.0
-        bound = (layer_bytes + rest_bytes) / (layer_bytes * (1 - sp) * ratio + rest_bytes)
-        rows.append({"variant": name, "sparsity": sp, "weight_sparsity": args.weight_sparsity if isinstance(s, tuple) else 0.0, "tokens_per_s": 1.0 / med, "s_per_token": med,
-                     "speedup": base / med, "bytes_bound": bound, "of_bound": (base / med) / bound, "runs_s_per_token": times[name]})
+        ratio = ratios.get(layers, 1.0)
+        # bytes bound against the dense model of the variant's dtype: the bf16 model reads half the bytes of
+        # everything, a bf16-weights variant half of its projections' bytes and the float32 lm_head
+        half = 0.5 if dt == "bf16" and layers != "bf16 model" else 1.0
+        bound = half * (layer_bytes + rest_bytes) / (half * layer_bytes * (1 - sp) * ratio + rest_bytes)
+        own_base = base_bf16 if dt == "bf16" else base
+        rows.append({"variant": name, "sparsity": sp, "values": dt,
+                     "weight_sparsity": args.weight_sparsity if (layers or "").startswith("column") else 0.0,
+                     "tokens_per_s": 1.0 / med, "s_per_token": med, "speedup": base / med,
+                     "vs_dense_bf16": base_bf16 / med if base_bf16 else None, "bytes_bound": bound,
+                     "of_bound": (own_base / med) / bound, "runs_s_per_token": times[name]})
     result = {"shape": {k: getattr(args, k) for k in ("hidden", "layers", "ffn", "vocab")}, "gqa_kv_heads": max(1, args.hidden // 256),
-              "column_bytes_ratio": col_ratio if col_layers else None, "new_tokens": args.new, "engine": args.engine, "threads": args.threads, "isa": kernels.isa(), "layer_bytes": layer_bytes,
+              "column_bytes_ratio": {k: v for k, v in ratios.items() if k.startswith("column")} or None, "new_tokens": args.new, "engine": args.engine, "threads": args.threads, "isa": kernels.isa(), "layer_bytes": layer_bytes,
               "rest_bytes": rest_bytes, "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "rows": rows}
     print(f"decode, batch 1, {args.new} new tokens, hidden {args.hidden}, {args.layers} layers, FFN {args.ffn}, GQA, "
-          f"vocab {args.vocab}, fp32, {args.engine} decode loop, {args.threads} threads, isa {result['isa']}, load {load_before[0]:.1f} -> "
+          f"vocab {args.vocab}, fp32 model (column values: {', '.join(args.values)}; TEAL weights: {', '.join(args.teal_values) or 'none'}), {args.engine} decode loop, {args.threads} threads, isa {result['isa']}, load {load_before[0]:.1f} -> "
           f"{result['loadavg_after'][0]:.1f}")
-    print("| variant | tokens/s | vs best dense | bytes bound | % of bound |\n|---|---:|---:|---:|---:|")
+    print("| variant | tokens/s | vs dense fp32 | vs dense bf16 | bytes bound (vs dense of its dtype) | % of bound |\n"
+          "|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['variant']} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f}x | {r['bytes_bound']:.2f}x | {r['of_bound']:.0%} |")
+        vs_bf16 = f"{r['vs_dense_bf16']:.2f}x" if r["vs_dense_bf16"] else "-"
+        print(f"| {r['variant']} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f}x | {vs_bf16} | {r['bytes_bound']:.2f}x "
+              f"| {r['of_bound']:.0%} |")
+    result["max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     write_json(args.out, result)
     print(f"wrote {args.out}")
     return result

@@ -27,7 +27,9 @@ values, the bitmap and the block pointers); ``vs torch dense`` compares with tor
 the same dtype. At ``--prefill`` rows the decoded-panel GEMM over the same column layout (and, for
 bf16 values, the bf16 product on the best bf16 path: AMX / avx512_bf16) runs against torch dense in
 float32 and in bf16 on the same pruned weights, with the union of active channels (the channels the
-batch reads) printed.
+batch reads) printed. On a CPU whose batch-1 walk is ``avx512_vbmi2`` (bf16 values expanded by
+``vpexpandw``, ``column_sparse_walk``), the bf16 column rows are timed again with the plain AVX-512
+walk (``SPARSEFORGE_VBMI2=0``) in the same run, kernel ``column GEMV (weight 50%), avx512 walk``.
 
 int8 values in the column layout (``--sections int8``; int8 ``q`` plus one float32 scale per output
 row, as ``ColumnSparseLinear`` keeps a pruned + int8 layer): the same pruned layers, batch 1 at
@@ -245,6 +247,7 @@ def column_rows(args, dt_name, dtype, dense32, xs, t_dense, dense_layout, gen, t
     """The column-format rows of one dtype (module doc): batch 1 at each activation sparsity against
     its bytes bound and torch dense, and the prefill GEMM over the same layout against torch dense."""
     from sparseforge.formats.colbitmap import ColumnBitmapWeight
+    from sparseforge.kernels import native
     from sparseforge.ops.column_sparse import kernel_args
 
     ws = args.weight_sparsity
@@ -256,6 +259,9 @@ def column_rows(args, dt_name, dtype, dense32, xs, t_dense, dense_layout, gen, t
     label = f"column GEMV (weight {ws:.0%})"
     print(f"# {dt_name}: column format {ratio:.3f} of the dense bytes at weight sparsity {ws:.0%}", flush=True)
     rows = []
+    walk = native().column_sparse_walk("")
+    # bf16 values on a VBMI2 CPU: the plain AVX-512 walk (SPARSEFORGE_VBMI2=0) timed beside it in the same run
+    walks = [(walk, None)] + ([("avx512", "0")] if dt_name == "bf16" and walk == "avx512_vbmi2" else [])
     for s in args.col_sparsities:
         thr = [torch.tensor([float(torch.quantile(x.abs(), s))]) if s > 0 else torch.zeros(1) for x in xs]
         outs = [torch.empty(1, c.shape[0]) for c in cols]
@@ -264,13 +270,22 @@ def column_rows(args, dt_name, dtype, dense32, xs, t_dense, dense_layout, gen, t
             for (kernel, *views), x, t, y in zip(args_of, xs, thr, outs):
                 kernel(x.numpy(), *views, t.numpy(), None, y.numpy())
 
-        t = time_ours(run_cols, args.budget, args.threads)
-        bound = (1 - s) * ratio * dense_layout
-        rows.append({"dtype": dt_name, "batch": 1, "kernel": label, "sparsity": s, "weight_sparsity": ws, **t,
-                     "bytes_ratio": ratio, "bound_ms": bound, "of_bound": bound / t["ms"],
-                     "vs_torch_dense": t_dense["ms"] / t["ms"]})
-        print(f"{dt_name} weight {ws:.0%} + act {s:.0%}: {t['ms']:.2f} ms, bound {bound:.2f} ms ({bound / t['ms']:.0%}), "
-              f"{t_dense['ms'] / t['ms']:.2f}x torch dense", flush=True)
+        for walk_name, setting in walks:
+            before = os.environ.get("SPARSEFORGE_VBMI2")
+            if setting is not None:
+                os.environ["SPARSEFORGE_VBMI2"] = setting
+            try:
+                t = time_ours(run_cols, args.budget, args.threads)
+            finally:
+                if setting is not None:
+                    os.environ.pop("SPARSEFORGE_VBMI2") if before is None else os.environ.__setitem__("SPARSEFORGE_VBMI2", before)
+            bound = (1 - s) * ratio * dense_layout
+            name = label if walk_name == walk else f"{label}, {walk_name} walk"
+            rows.append({"dtype": dt_name, "batch": 1, "kernel": name, "walk": walk_name, "sparsity": s,
+                         "weight_sparsity": ws, **t, "bytes_ratio": ratio, "bound_ms": bound, "of_bound": bound / t["ms"],
+                         "vs_torch_dense": t_dense["ms"] / t["ms"]})
+            print(f"{dt_name} weight {ws:.0%} + act {s:.0%} ({walk_name} walk): {t['ms']:.2f} ms, bound {bound:.2f} ms "
+                  f"({bound / t['ms']:.0%}), {t_dense['ms'] / t['ms']:.2f}x torch dense", flush=True)
     if args.prefill:
         rows += column_prefill_rows(args, dt_name, dtype, pruned, cols, args_of, gen, time_torch, time_ours)
     return rows
@@ -325,6 +340,7 @@ def int8_column_rows(args, dense32, xs, gen, time_torch, time_ours) -> list[dict
     ``--prefill`` at 0 / 50 %, against torch dense fp32 / bf16 on the same pruned weights and our
     column layout with float32 values, in the same run."""
     from sparseforge.formats.colbitmap import ColumnBitmapWeight
+    from sparseforge.kernels import native
     from sparseforge.ops.column_sparse import kernel_args
 
     ws = args.weight_sparsity

@@ -13,6 +13,7 @@
 #include "column_sparse_kernels.h"
 #include "sparse_input.h"
 #include "channel_parts.h"
+#include "isa.h"
 #include "threadpool.h"
 
 namespace sf {
@@ -34,7 +35,12 @@ struct IsaKernels {
 
 IsaKernels kernels(Isa isa) {
 #if defined(SF_HAVE_X86_KERNELS)
-  if (isa == Isa::avx512) return {&avx512::column_sparse_kernels, &avx512::sparse_input_kernels};
+  if (isa == Isa::avx512) {
+#if defined(SF_HAVE_VBMI2_KERNELS)
+    if (use_avx512_vbmi2()) return {&avx512vbmi2::column_sparse_kernels, &avx512::sparse_input_kernels};
+#endif
+    return {&avx512::column_sparse_kernels, &avx512::sparse_input_kernels};
+  }
   if (isa == Isa::avx2) return {&avx2::column_sparse_kernels, &avx2::sparse_input_kernels};
 #endif
   (void)isa;
@@ -178,6 +184,13 @@ void reference_loops(const ColumnSparseProblem& p, XVal xval, WVal wval) {
 }
 
 }  // namespace
+
+const char* column_sparse_walk(Isa isa) {
+#if defined(SF_HAVE_VBMI2_KERNELS)
+  if (isa == Isa::avx512 && use_avx512_vbmi2()) return "avx512_vbmi2";
+#endif
+  return isa_name(isa);
+}
 
 void column_sparse_linear_ref(const ColumnSparseProblem& p) {
   reference_loops(

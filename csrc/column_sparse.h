@@ -23,9 +23,10 @@
 // Algorithm (column_sparse_linear): each row's active channels are compacted into (index, value)
 // lists (the sparse-input compaction kernel). While the active channels of all rows together number
 // at most `in` (decode), every row runs the GEMV: threads own tiles of whole 512-column blocks (no
-// atomics); per tile and group of four active channels, each 64-bit bitmap word is read and every
-// chunk of a vector's width expands the channel's next packed values into place (AVX-512:
-// vexpandps) and adds x_i times them to the tile's partial sums. Otherwise (prefill) the rows are
+// atomics); per tile and group of four or eight active channels, each channel's bitmap is read a
+// vector's width at a time and the chunk expands the channel's next packed values into place
+// (AVX-512: vexpandps; bfloat16 values with AVX512_VBMI2: vpexpandw over 32 outputs) and adds x_i
+// times them to the tile's partial sums. Otherwise (prefill) the rows are
 // masked and, per column tile, blocks of channels are decoded into a dense float32 panel in L2
 // that the sparse-input GEMM multiplies by every row: one stored layout serves both. Results do
 // not depend on the thread count. No fast-math: NaN / inf propagate.
@@ -73,6 +74,7 @@ struct ColumnSparseKernels {
 namespace scalar { extern const ColumnSparseKernels column_sparse_kernels; }
 namespace avx2 { extern const ColumnSparseKernels column_sparse_kernels; }
 namespace avx512 { extern const ColumnSparseKernels column_sparse_kernels; }
+namespace avx512vbmi2 { extern const ColumnSparseKernels column_sparse_kernels; }  // avx512 + VBMI2 (use_avx512_vbmi2)
 
 // Shapes, thresholds and that block_ptr starts at 0 and ends at nnz (cheap; every call).
 // Throws std::invalid_argument.
@@ -83,6 +85,9 @@ void column_sparse_check_problem(const ColumnSparseProblem& p);
 void column_sparse_check_weight(const ColumnSparseWeight& w);
 // algo: 0 auto, 1 GEMV per row, 2 decoded-panel GEMM. parallel: use the thread pool.
 void column_sparse_linear(const ColumnSparseProblem& p, Isa isa, int algo = 0, bool parallel = true);
+// The batch-1 walk that `isa` runs: "avx512_vbmi2" (AVX-512 with vpexpandw for bfloat16 values),
+// "avx512", "avx2" or "scalar".
+const char* column_sparse_walk(Isa isa);
 // Scalar reference (the test oracle): plain loops over the bits, float32 sums in ascending channel order.
 void column_sparse_linear_ref(const ColumnSparseProblem& p);
 

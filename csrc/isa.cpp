@@ -85,6 +85,18 @@ bool use_int8_avx_vnni() {
   return kernel_build_switch("SPARSEFORGE_INT8_VNNI", cpu, "AVX-VNNI");
 }
 
+bool use_avx512_vbmi2() {
+#if defined(SF_HAVE_VBMI2_KERNELS) && (defined(__GNUC__) || defined(__clang__))
+  static const bool cpu = [] {
+    __builtin_cpu_init();
+    return cpu_supports(Isa::avx512) && __builtin_cpu_supports("avx512vbmi2");
+  }();
+#else
+  const bool cpu = false;
+#endif
+  return kernel_build_switch("SPARSEFORGE_VBMI2", cpu, "AVX512_VBMI2");
+}
+
 bool use_avx512_bf16() {
 #if defined(SF_HAVE_BF16_KERNELS) && (defined(__GNUC__) || defined(__clang__))
   static const bool cpu = [] {

@@ -31,6 +31,12 @@ bool use_int8_vnni();
 // (0: the AVX2 vpmaddubsw kernels; 1 where they are missing throws).
 bool use_int8_avx_vnni();
 
+// Within the avx512 path: the column-sparse GEMV built with AVX512_VBMI2 (column_sparse.h: its bfloat16
+// values expanded 32 at a time by vpexpandw). True when the CPU has it and the build has the kernels,
+// unless SPARSEFORGE_VBMI2=0 (tests use that to run the plain AVX-512 walk); SPARSEFORGE_VBMI2=1 where
+// they are missing throws.
+bool use_avx512_vbmi2();
+
 // Within the avx512 path: the dense bf16 GEMV (dense_bf16.h) multiplies with vdpbf16ps. True when the CPU
 // has AVX512_BF16 and the build has the kernel, unless SPARSEFORGE_AVX512_BF16=0 (the widening kernel);
 // SPARSEFORGE_AVX512_BF16=1 where it is missing throws.

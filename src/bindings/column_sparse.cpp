@@ -3,6 +3,7 @@
 //                        scales=None)
 //   column_sparse_linear_ref(x, bitmap, block_ptr, values, thresholds, bias, y, scales=None)   the scalar oracle
 //   column_sparse_check(bitmap, block_ptr, values, out, scales=None)   the full buffer check (once per weight)
+//   column_sparse_walk(isa="")   the batch-1 walk that path runs ("avx512_vbmi2", "avx512", "avx2", "scalar")
 //   column_sparse_linear_bf16(x, ..., y, path="", parallel=True)   the same in bf16 compute (column_sparse_bf16.h)
 //   column_sparse_linear_bf16_ref(x, ..., y)                      its scalar oracle
 // x (B, in) float32, bitmap (in, ceil(out / 64)) int64 / uint64 words, block_ptr (in * ceil(out / 512)
@@ -154,6 +155,11 @@ void register_column_sparse(nb::module_& m) {
       "accumulation, on the AMX / avx512_bf16 / scalar path; see csrc/column_sparse_bf16.h.");
   def_reference<sf::column_sparse_linear_bf16_ref>(m, "column_sparse_linear_bf16_ref",
                                                    "Scalar reference of column_sparse_linear_bf16 (test oracle).");
+  m.def(
+      "column_sparse_walk", [](const std::string& isa) { return std::string(sf::column_sparse_walk(resolve(isa))); },
+      "isa"_a = "",
+      "The batch-1 walk the path runs: 'avx512_vbmi2' (bfloat16 values expanded by vpexpandw; SPARSEFORGE_VBMI2), "
+      "'avx512', 'avx2' or 'scalar'.");
   m.def(
       "column_sparse_check",
       [](const In& bitmap, const In& block_ptr, const In& values, int64_t out, const nb::object& scales) {

@@ -37,6 +37,15 @@ def test_kernel_benchmark_writes_bounds_and_baselines(tmp_path):
         assert math.isclose(r["bound_ms"], (1 - r["sparsity"]) * r["bytes_ratio"] * min(dense, own))
         assert math.isclose(r["vs_torch_dense"], dense / r["ms"])
     assert {r["dtype"] for r in result["rows"] if r["batch"] == 3 and r["kernel"].startswith("column layout GEMM")} == {"fp32", "bf16"}
+    walk = kernels.native().column_sparse_walk("")
+    assert {r["walk"] for r in col} == {walk}
+    plain = [r for r in result["rows"] if r["kernel"] == "column GEMV (weight 50%), avx512 walk"]
+    # a VBMI2 CPU times the plain AVX-512 walk of bf16 values beside it, at the same bound
+    assert {(r["dtype"], r["sparsity"]) for r in plain} == (
+        {("bf16", s) for s in (0.0, 0.25, 0.5, 0.65)} if walk == "avx512_vbmi2" else set())
+    for r in plain:
+        twin = next(c for c in col if c["dtype"] == "bf16" and c["sparsity"] == r["sparsity"])
+        assert r["bound_ms"] == twin["bound_ms"] and math.isclose(r["of_bound"], r["bound_ms"] / r["ms"])
 
 
 def test_kernel_benchmark_prefill_rows_against_torch_fp32_and_bf16(tmp_path):
@@ -66,19 +75,47 @@ def test_decode_benchmark_compares_dense_and_teal(tmp_path):
     bench = load_benchmark("activation_decode")
     out = tmp_path / "d.json"
     result = bench.main(["--hidden", "64", "--layers", "1", "--ffn", "96", "--vocab", "128", "--new", "2",
-                         "--repeats", "1", "--threads", "1", "--out", str(out)])
-    names = [r["variant"] for r in result["rows"]]
-    assert names == ["dense fp32", "dense fp32 (torch 1 thread)", "TEAL 50%", "TEAL 40%",
-                     "weight 50% (column) + TEAL 50%", "weight 50% (column) + TEAL 40%"]
-    teal50 = result["rows"][2]
-    expect = (result["layer_bytes"] + result["rest_bytes"]) / (result["layer_bytes"] * 0.5 + result["rest_bytes"])
-    assert teal50["bytes_bound"] == expect and teal50["tokens_per_s"] > 0
-    both = result["rows"][4]
-    ratio = result["column_bytes_ratio"]
-    assert 0.5 < ratio < 0.75 and both["weight_sparsity"] == 0.5 and both["tokens_per_s"] > 0
-    assert both["bytes_bound"] == (result["layer_bytes"] + result["rest_bytes"]) / (
-        result["layer_bytes"] * 0.5 * ratio + result["rest_bytes"])
+                         "--repeats", "1", "--threads", "1", "--values", "fp32,bf16", "--teal-values", "fp32,bf16",
+                         "--out", str(out)])
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert list(rows) == ["dense fp32", "dense fp32 (torch 1 thread)", "dense bf16", "TEAL 50%", "TEAL 40%",
+                          "weight 50% (column) + TEAL 50%", "weight 50% (column) + TEAL 40%",
+                          "TEAL 50% (bf16 weights)", "TEAL 40% (bf16 weights)",
+                          "weight 50% (column, bf16 values) + TEAL 50%", "weight 50% (column, bf16 values) + TEAL 40%"]
+    layer, rest = result["layer_bytes"], result["rest_bytes"]
+    teal50 = rows["TEAL 50%"]
+    assert teal50["bytes_bound"] == (layer + rest) / (layer * 0.5 + rest) and teal50["tokens_per_s"] > 0
+    base32 = min(rows["dense fp32"]["s_per_token"], rows["dense fp32 (torch 1 thread)"]["s_per_token"])
+    base16 = rows["dense bf16"]["s_per_token"]
+    for dt, tag in (("fp32", "column"), ("bf16", "column, bf16 values")):
+        both = rows[f"weight 50% ({tag}) + TEAL 50%"]
+        ratio = result["column_bytes_ratio"][f"column {dt}"]  # column bytes / dense bytes of the same dtype
+        assert 0.5 < ratio < 0.75 and both["weight_sparsity"] == 0.5 and both["values"] == dt
+        half = 0.5 if dt == "bf16" else 1.0  # a bf16 variant against the bf16 model (its lm_head stays fp32)
+        assert math.isclose(both["bytes_bound"], half * (layer + rest) / (half * layer * 0.5 * ratio + rest))
+        assert math.isclose(both["speedup"], base32 / both["s_per_token"])
+        assert math.isclose(both["vs_dense_bf16"], base16 / both["s_per_token"])
+        own = base16 if dt == "bf16" else base32
+        assert math.isclose(both["of_bound"], own / both["s_per_token"] / both["bytes_bound"])
+    assert rows["dense bf16"]["bytes_bound"] == 1.0 and rows["dense bf16"]["of_bound"] == 1.0
+    assert rows["TEAL 50% (bf16 weights)"]["values"] == "bf16" and rows["TEAL 50% (bf16 weights)"]["tokens_per_s"] > 0
     assert json.loads(out.read_text())["rows"][0]["variant"] == "dense fp32"
+    mixed = bench.main(["--hidden", "64", "--layers", "1", "--ffn", "96", "--vocab", "128", "--new", "2",
+                         "--repeats", "1", "--threads", "1", "--values", "fp32,bf16", "--sparsities", "0.5",
+                         "--out", str(tmp_path / "e.json")])
+    assert [r["variant"] for r in mixed["rows"]] == ["dense fp32", "dense fp32 (torch 1 thread)", "dense bf16",
+                                                      "TEAL 50%", "weight 50% (column) + TEAL 50%",
+                                                      "weight 50% (column, bf16 values) + TEAL 50%"]
+    lean = bench.main(["--hidden", "64", "--layers", "1", "--ffn", "96", "--vocab", "128", "--new", "2", "--repeats", "1",
+                       "--threads", "1", "--sparsities", "0.5", "--values", "bf16", "--teal-values", "none",
+                       "--out", str(tmp_path / "g.json")])
+    assert [r["variant"] for r in lean["rows"]] == ["dense fp32", "dense fp32 (torch 1 thread)", "dense bf16",
+                                                    "weight 50% (column, bf16 values) + TEAL 50%"]
+    default = bench.main(["--hidden", "64", "--layers", "1", "--ffn", "96", "--vocab", "128", "--new", "2",
+                          "--repeats", "1", "--threads", "1", "--sparsities", "0.5", "--out", str(tmp_path / "f.json")])
+    assert [r["variant"] for r in default["rows"]] == [  # fp32 only, as the target reads
+        "dense fp32", "dense fp32 (torch 1 thread)", "TEAL 50%", "weight 50% (column) + TEAL 50%"]
+    assert all(r["vs_dense_bf16"] is None for r in default["rows"])
 
 
 @pytest.mark.slow
