@@ -12,6 +12,12 @@ Then the Amdahl bound: the step time SparseLoRA would reach if its skipped base 
 nothing and it added no overhead, at the default layers / sparsity and at every layer at 0.99,
 and the LoRA step without any MLP base matmul at all.
 
+Then the same step inside :func:`sparseforge.finetune.finetune_` (``loss="ce"``, the same adapter
+settings, batch shape and thread; times from its per-step callback, no progress bar or evaluation)
+against the bare steps timed before and after it: the loop's own cost per step (schedule, mask
+keeper, loss bookkeeping, batch drawing). Run it once more under ``MALLOC_MMAP_THRESHOLD_=65536``
+to see what that allocator setting costs every step (the old ``--cost`` runs used it).
+
 Writes ``OUT/finetune.profile.json`` and ``.md`` and prints the table.
 
 Usage::
@@ -69,6 +75,21 @@ def category(name: str, shapes, hidden: int, vocab: int, rank: int, head_dim: in
     return "autograd, dispatch, other"
 
 
+def finetune_step_ms(base, method: str, args) -> float:
+    """Median thread CPU ms of a ``finetune_`` step of a copy of ``base`` with adapter ``method`` (CE, random tokens)."""
+    import torch
+
+    from sparseforge.finetune import FinetuneConfig, finetune_
+
+    cfg = FinetuneConfig(loss="ce", adapter=method, lora_rank=args.rank, sparselora_sparsity=args.sparsity,
+                         steps=args.steps + 2, warmup_steps=1, lr=1e-3, batch_size=args.batch, seqlen=args.seqlen)
+    stream = torch.randint(2, base.config.vocab_size, (64 * args.seqlen,), generator=torch.Generator().manual_seed(0))
+    stamps = [time.thread_time()]
+    finetune_(copy.deepcopy(base), cfg, data=stream, kind="causal-lm", evaluate=False, progress=False,
+              callback=lambda info: stamps.append(time.thread_time()))
+    return statistics.median(1e3 * (b - a) for a, b in list(zip(stamps, stamps[1:]))[2:])  # the first 2 warm up
+
+
 def run(args) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -112,6 +133,12 @@ def run(args) -> dict:
             t0 = time.thread_time()
             step(method)
             cpu[method].append(1e3 * (time.thread_time() - t0))
+    loop = {m: finetune_step_ms(base, method=m, args=args) for m in models}
+    for _ in range(args.steps):  # the bare steps again, after the loop runs
+        for method in models:
+            t0 = time.thread_time()
+            step(method)
+            cpu[method].append(1e3 * (time.thread_time() - t0))
     share = {m: collections.Counter() for m in models}
     for _ in range(args.profiled):
         for method in models:
@@ -124,8 +151,8 @@ def run(args) -> dict:
     for method in models:
         total = sum(share[method].values())
         ms = statistics.median(cpu[method])
-        rows[method] = {"step_cpu_ms": ms, "steps_cpu_ms": cpu[method],
-                        "ms": {k: ms * share[method][k] / total for k in CATEGORIES}}
+        rows[method] = {"step_cpu_ms": ms, "steps_cpu_ms": cpu[method], "finetune_step_cpu_ms": loop[method],
+                        "finetune_vs_bare": loop[method] / ms, "ms": {k: ms * share[method][k] / total for k in CATEGORIES}}
     lora = rows["lora"]
     mlp = lora["ms"]["MLP base matmuls"]
     ctx = 1 - 0.25  # context tokens (SparseLoRA's default 25 % dense output tokens)
@@ -136,7 +163,7 @@ def run(args) -> dict:
         f"every block, sparsity 0.99": lora["step_cpu_ms"] - mlp * ctx * 0.99,
         "no MLP base matmul at all (every token, every block)": lora["step_cpu_ms"] - mlp,
     }
-    return {"cpu": cpu_name(), "threads": 1, "batch": args.batch, "seqlen": args.seqlen, "rank": args.rank,
+    return {"cpu": cpu_name(), "threads": 1, "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"), "batch": args.batch, "seqlen": args.seqlen, "rank": args.rank,
             "sparsity": args.sparsity, "sparse_blocks": sparse_blocks, "blocks": cfg.num_hidden_layers, "rows": rows,
             "bounds_ms": bounds, "bounds_vs_lora": {k: v / lora["step_cpu_ms"] for k, v in bounds.items()},
             "sparselora_vs_lora": rows["sparselora"]["step_cpu_ms"] / lora["step_cpu_ms"]}
@@ -157,6 +184,11 @@ def markdown(r: dict) -> str:
             "| configuration | step ms CPU | vs LoRA |", "|---|---|---|"]
     out += [f"| {k} | {v:.1f} | {r['bounds_vs_lora'][k]:.2f}x |" for k, v in r["bounds_ms"].items()]
     out.append(f"| measured SparseLoRA (default) | {sparse['step_cpu_ms']:.1f} | {r['sparselora_vs_lora']:.2f}x |")
+    out += ["", f"The same steps inside finetune_ (callback times; MALLOC_MMAP_THRESHOLD_="
+            f"{r.get('malloc_mmap_threshold') or 'unset'}):", "",
+            "| method | bare step ms CPU | finetune_ step ms CPU | finetune_ / bare |", "|---|---|---|---|"]
+    out += [f"| {m} | {row['step_cpu_ms']:.1f} | {row['finetune_step_cpu_ms']:.1f} | {row['finetune_vs_bare']:.2f}x |"
+            for m, row in r["rows"].items()]
     return "\n".join(out) + "\n"
 
 
