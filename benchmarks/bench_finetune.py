@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, help="optimizer steps per recovery run")
     ap.add_argument("--seeds", type=int, help="seeds per (pattern, loss)")
     ap.add_argument("--eval-windows", type=int, help="held-out perplexity windows of seqlen tokens")
+    ap.add_argument("--batch-size", type=int, help="sequences per recovery step (every loss the same)")
+    ap.add_argument("--warmup", type=float, default=0.1, help="warm-up as a fraction of the steps (default 0.1)")
     ap.add_argument("--lr", default=None,
                     help="learning rate of every loss ('3e-4') or per loss ('ce=1e-4,squarehead=1e-3'); default RECOVERY_LR")
     ap.add_argument("--eval-split", choices=("heldout", "validation"), default="heldout",
@@ -190,7 +192,7 @@ def recovery(cfg: dict, args, log) -> dict:
             for seed in range(cfg["seeds"]):
                 student = copy.deepcopy(pruned)
                 fc = FinetuneConfig(loss=loss, steps=cfg["steps"], lr=lrs[loss], batch_size=cfg["batch_size"],
-                                    seqlen=cfg["seqlen"], seed=seed, warmup_steps=max(1, cfg["steps"] // 10))
+                                    seqlen=cfg["seqlen"], seed=seed, warmup_steps=max(1, round(args.warmup * cfg["steps"])))
                 t0 = time.perf_counter()
                 finetune_(student, fc, teacher=dense.model, tokenizer=tok, kind="causal-lm", evaluate=False, progress=False)
                 secs.append(time.perf_counter() - t0)
@@ -523,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cost_worker is not None:
         return cost_worker(args)
     cfg = dict(QUICK if args.quick else FULL)
-    for key in ("steps", "seeds", "eval_windows", "minilm_steps"):
+    for key in ("steps", "seeds", "eval_windows", "minilm_steps", "batch_size"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
 
@@ -531,7 +533,8 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, flush=True)
 
     result = {"cpu": cpu_name(), "threads": args.threads, "lr": args.lr, "date": time.strftime("%Y-%m-%d", time.gmtime()),
-              "settings": ", ".join(f"{k}={v}" for k, v in cfg.items()) + f", eval split {args.eval_split}", "config": cfg}
+              "settings": ", ".join(f"{k}={v}" for k, v in cfg.items()) + f", warm-up {args.warmup:g} of the steps, "
+                          f"eval split {args.eval_split}", "config": cfg}
     stem = args.name or ("finetune.quick" if args.quick else "finetune")
     if args.patterns and args.losses:
         result["recovery"] = recovery(cfg, args, log)
