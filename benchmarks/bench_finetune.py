@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="smoke subset: " + json.dumps(QUICK).replace("%", "%%"))
     ap.add_argument("--steps", type=int, help="optimizer steps per recovery run")
     ap.add_argument("--seeds", type=int, help="seeds per (pattern, loss)")
+    ap.add_argument("--seed-start", type=int, default=0, help="first seed (seeds are independent: split a run across processes)")
     ap.add_argument("--eval-windows", type=int, help="held-out perplexity windows of seqlen tokens")
     ap.add_argument("--batch-size", type=int, help="sequences per recovery step (every loss the same)")
     ap.add_argument("--warmup", type=float, default=0.1, help="warm-up as a fraction of the steps (default 0.1)")
@@ -189,7 +190,7 @@ def recovery(cfg: dict, args, log) -> dict:
         log(f"{label}: SparseGPT ppl {ppl_pruned:.3f} ({time.perf_counter() - t0:.0f} s)")
         for loss in losses:
             ppls, gaps, secs = [], [], []
-            for seed in range(cfg["seeds"]):
+            for seed in range(args.seed_start, args.seed_start + cfg["seeds"]):
                 student = copy.deepcopy(pruned)
                 fc = FinetuneConfig(loss=loss, steps=cfg["steps"], lr=lrs[loss], batch_size=cfg["batch_size"],
                                     seqlen=cfg["seqlen"], seed=seed, warmup_steps=max(1, round(args.warmup * cfg["steps"])))
