@@ -23,10 +23,13 @@ never score.
 (every weight, mask kept), LoRA (``peft``), SparseLoRA and S²FT (:data:`COST_METHODS`) at equal steps
 and batches, each run in a fresh process, the methods interleaved within each seed. Reported:
 median step time (CPU time of the training thread, and wall clock) and the CPU ratio to LoRA's,
-the peak RSS of the training (``VmHWM`` reset once the model is loaded; ``MALLOC_MMAP_THRESHOLD_``
-64 KiB so freed blocks leave the RSS) and its growth, and held-out perplexity on the last 20 % of ``--cost-data`` after training on the
-first 80 % (default: the built-in corpus' held-out works, never seen by the built-in model's
-training). Then one LoRA MLP block's forward + backward, LoRA vs SparseLoRA (sparsity 0.9 and the
+and held-out perplexity on the last 20 % of ``--cost-data`` after training on the first 80 % (default:
+the built-in corpus' held-out works, never seen by the built-in model's training), from a run with
+the default allocator; the peak RSS of the training (``VmHWM`` reset once the model is loaded) and
+its growth from a second, :data:`MEMORY_STEPS`-step run of the same method with
+``MALLOC_MMAP_THRESHOLD_`` 64 KiB, so freed blocks leave the RSS (that setting makes every large
+allocation a fresh mmap and page faults: it slowed a built-in LoRA step by ~60 %, so it never
+runs in the timed process). Then one LoRA MLP block's forward + backward, LoRA vs SparseLoRA (sparsity 0.9 and the
 Llama-3 configs' 0.99), and one whole LoRA decoder layer (attention + MLP), LoRA vs SparseLoRA on
 the MLP alone vs on the MLP and attention (0.9 / 0.6), at the built-in width and at 1024 x 2816,
 alternating call by call.
@@ -57,16 +60,20 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-FULL = dict(steps=100, seeds=3, eval_windows=64, samples=64, batch_size=4, seqlen=128, minilm_steps=300, eval_sentences=256)
+FULL = dict(steps=100, seeds=3, eval_windows=64, samples=64, batch_size=8, seqlen=128, minilm_steps=300, eval_sentences=256)
 QUICK = dict(steps=20, seeds=1, eval_windows=8, samples=16, batch_size=4, seqlen=128, minilm_steps=20, eval_sentences=64)
-LOSSES = ("ce", "kd", "squarehead", "ce+squarehead")
-#: learning rate of each recovery loss: SquareHead's tuned on the validation split (1e-3 beat 3e-4 at 100 steps,
-#: benchmarks/results/finetune.tuning.md); the other losses run at the same lr (equal recipe), not tuned
-RECOVERY_LR = {"ce": 1e-3, "kd": 1e-3, "squarehead": 1e-3, "ce+squarehead": 1e-3}
+LOSSES = ("ce", "kd", "squarehead", "kd+squarehead", "ce+squarehead")
+#: learning rate of each recovery loss: SquareHead's tuned on the validation split (1e-3 beat 3e-4 and 2e-3; batch 8
+#: beat 4; benchmarks/results/finetune.tuning.md); the other losses run at the same lr and batch (equal recipe)
+RECOVERY_LR = {"ce": 1e-3, "kd": 1e-3, "squarehead": 1e-3, "kd+squarehead": 1e-3, "ce+squarehead": 1e-3}
 MINILM_LR = 5e-4
 #: held-out works scored by ``--eval-split validation`` (tuning); the reported windows are the first of Hamlet
 VALIDATION_WORKS = ("tempest", "twelfth_night")
 PATTERNS = {"70%": ("unstructured", 0.7), "2:4": ("2:4", None)}
+#: --cost: steps of the separate peak-memory run of each method (the peak is reached in every step)
+MEMORY_STEPS = 4
+#: --cost: the allocator setting of the peak-memory run only (see the module doc)
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 #: --cost: FinetuneConfig options of each method (loss ce, the built-in model pruned 70 % by SparseGPT); lr per method
 COST_METHODS = {
     "full": dict(lr=1e-4),
@@ -92,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="smoke subset: " + json.dumps(QUICK).replace("%", "%%"))
     ap.add_argument("--steps", type=int, help="optimizer steps per recovery run")
     ap.add_argument("--seeds", type=int, help="seeds per (pattern, loss)")
+    ap.add_argument("--seed-start", type=int, default=0, help="first seed (seeds are independent: split a run across processes)")
     ap.add_argument("--eval-windows", type=int, help="held-out perplexity windows of seqlen tokens")
+    ap.add_argument("--batch-size", type=int, help="sequences per recovery step (every loss the same)")
+    ap.add_argument("--warmup", type=float, default=0.1, help="warm-up as a fraction of the steps (default 0.1)")
     ap.add_argument("--lr", default=None,
                     help="learning rate of every loss ('3e-4') or per loss ('ce=1e-4,squarehead=1e-3'); default RECOVERY_LR")
     ap.add_argument("--eval-split", choices=("heldout", "validation"), default="heldout",
@@ -180,10 +190,10 @@ def recovery(cfg: dict, args, log) -> dict:
         log(f"{label}: SparseGPT ppl {ppl_pruned:.3f} ({time.perf_counter() - t0:.0f} s)")
         for loss in losses:
             ppls, gaps, secs = [], [], []
-            for seed in range(cfg["seeds"]):
+            for seed in range(args.seed_start, args.seed_start + cfg["seeds"]):
                 student = copy.deepcopy(pruned)
                 fc = FinetuneConfig(loss=loss, steps=cfg["steps"], lr=lrs[loss], batch_size=cfg["batch_size"],
-                                    seqlen=cfg["seqlen"], seed=seed, warmup_steps=max(1, cfg["steps"] // 10))
+                                    seqlen=cfg["seqlen"], seed=seed, warmup_steps=max(1, round(args.warmup * cfg["steps"])))
                 t0 = time.perf_counter()
                 finetune_(student, fc, teacher=dense.model, tokenizer=tok, kind="causal-lm", evaluate=False, progress=False)
                 secs.append(time.perf_counter() - t0)
@@ -269,9 +279,10 @@ def cost_worker(args) -> int:
     """One (method, seed) run of the cost table in this fresh process; prints one JSON line.
 
     Peak memory: the kernel's high-water mark ``VmHWM`` is reset (``/proc/self/clear_refs`` 5) once
-    the pruned model is loaded, so the peak is the training run's. Step time: wall clock and this
-    thread's CPU time (1 torch thread: the compute itself, which other jobs on a shared machine
-    inflate far less than the wall clock).
+    the pruned model is loaded, so the peak is the training run's (meaningful in the memory run,
+    whose allocator returns freed blocks). Step time: wall clock and this thread's CPU time
+    (1 torch thread: the compute itself, which other jobs on a shared machine inflate far less than
+    the wall clock).
     """
     import torch
 
@@ -296,7 +307,7 @@ def cost_worker(args) -> int:
 
     finetune_(student, fc, data=ids["train"], evaluate=False, progress=False, callback=stamp)
     peak_kb = _status_kb("VmHWM")
-    ppl = _ppl(student.model, student.tokenizer, ids["eval"], spec["eval_windows"], spec["seqlen"])
+    ppl = None if spec.get("memory") else _ppl(student.model, student.tokenizer, ids["eval"], spec["eval_windows"], spec["seqlen"])
     wall_ms = [1e3 * (b - a) for a, b in zip(wall, wall[1:])][1:]  # the first step warms up
     cpu_ms = [1e3 * (b - a) for a, b in zip(cpu, cpu[1:])][1:]
     print(json.dumps({"method": spec["method"], "seed": spec["seed"], "lr": fc.lr, "step_ms": statistics.median(wall_ms),
@@ -305,9 +316,23 @@ def cost_worker(args) -> int:
     return 0
 
 
+def _cost_run(work: Path, spec: dict, threads: int, memory: bool) -> dict:
+    """One :func:`cost_worker` run in a fresh process: timed with the default allocator, or the memory run."""
+    import subprocess
+
+    (work / "spec.json").write_text(json.dumps(spec))
+    cmd = [sys.executable, __file__, "--cost-worker", str(work), "--threads", str(threads)]
+    env = {k: v for k, v in os.environ.items() if k not in MEMORY_ENV}
+    if memory:  # large blocks straight from mmap and back on free: RSS follows the live memory
+        env.update(MEMORY_ENV)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"cost run {spec['method']} seed {spec['seed']} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def cost(cfg: dict, args, log) -> dict:
     """Every method of ``--cost-methods``, each run in a fresh child process, interleaved per seed; medians."""
-    import subprocess
     import tempfile
 
     import torch
@@ -337,14 +362,10 @@ def cost(cfg: dict, args, log) -> dict:
             for method in methods:  # interleaved: every method once per seed, in turn
                 spec = {"method": method, "seed": seed, "steps": cfg["steps"], "batch_size": cfg["batch_size"],
                         "seqlen": cfg["seqlen"], "eval_windows": cfg["eval_windows"]}
-                (work / "spec.json").write_text(json.dumps(spec))
-                cmd = [sys.executable, __file__, "--cost-worker", str(work), "--threads", str(args.threads)]
-                # large blocks straight from mmap and back on free: RSS follows the live memory
-                env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-                done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-                if done.returncode != 0:
-                    raise SystemExit(f"cost run {method} seed {seed} failed:\n{done.stderr[-3000:]}")
-                run = json.loads(done.stdout.strip().splitlines()[-1])
+                run = _cost_run(work, spec, args.threads, memory=False)
+                memory = _cost_run(work, {**spec, "steps": min(MEMORY_STEPS, spec["steps"]), "memory": True}, args.threads,
+                                   memory=True)
+                run.update(rss_peak_mb=memory["rss_peak_mb"], rss_growth_mb=memory["rss_growth_mb"])
                 runs[method].append(run)
                 log(f"cost {method} seed {seed}: {run['step_cpu_ms']:.0f} ms CPU / {run['step_ms']:.0f} ms wall per step, "
                     f"peak RSS {run['rss_peak_mb']:.0f} MB (+{run['rss_growth_mb']:.0f} MB training), ppl {run['ppl']:.3f}")
@@ -505,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cost_worker is not None:
         return cost_worker(args)
     cfg = dict(QUICK if args.quick else FULL)
-    for key in ("steps", "seeds", "eval_windows", "minilm_steps"):
+    for key in ("steps", "seeds", "eval_windows", "minilm_steps", "batch_size"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
 
@@ -513,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, flush=True)
 
     result = {"cpu": cpu_name(), "threads": args.threads, "lr": args.lr, "date": time.strftime("%Y-%m-%d", time.gmtime()),
-              "settings": ", ".join(f"{k}={v}" for k, v in cfg.items()) + f", eval split {args.eval_split}", "config": cfg}
+              "settings": ", ".join(f"{k}={v}" for k, v in cfg.items()) + f", warm-up {args.warmup:g} of the steps, "
+                          f"eval split {args.eval_split}", "config": cfg}
     stem = args.name or ("finetune.quick" if args.quick else "finetune")
     if args.patterns and args.losses:
         result["recovery"] = recovery(cfg, args, log)

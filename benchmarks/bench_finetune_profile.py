@@ -9,14 +9,22 @@ shapes: frozen MLP base, attention projections, LoRA factors (a rank dimension),
 SDPA kernel and RoPE; SparseLoRA's estimator and channel gathers; elementwise ops and norms; the
 optimizer; autograd and dispatch), and scaled to the unprofiled thread CPU time per step.
 Then the Amdahl bound: the step time SparseLoRA would reach if its skipped base channels cost
-nothing and it added no overhead, at the default layers / sparsity and at every layer at 0.99,
-and the LoRA step without any MLP base matmul at all.
+nothing and it added no overhead, at the default layers / sparsity, at every layer at 0.99, with
+the attention projections skipped too (0.75, the reference's highest attention sparsity), with no
+base matmul at all on the context tokens, and the LoRA step without any MLP base matmul at all.
 
-Writes ``OUT/finetune.profile.json`` and ``.md`` and prints the table.
+Then the same step inside :func:`sparseforge.finetune.finetune_` (``loss="ce"``, the same adapter
+settings, batch shape and thread; times from its per-step callback, no progress bar or evaluation)
+against the bare steps timed before and after it: the loop's own cost per step (schedule, mask
+keeper, loss bookkeeping, batch drawing). Run it once more under ``MALLOC_MMAP_THRESHOLD_=65536``
+to see what that allocator setting costs every step (the old ``--cost`` runs used it).
+
+Writes ``OUT/NAME.json`` and ``.md`` (``--name``, default ``finetune.profile``) and prints the table.
 
 Usage::
 
-    python benchmarks/bench_finetune_profile.py            # about a minute on 1 core
+    python benchmarks/bench_finetune_profile.py            # about two minutes on 1 core
+    MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/bench_finetune_profile.py --name finetune.profile.mmap64k
 """
 
 from __future__ import annotations
@@ -69,6 +77,21 @@ def category(name: str, shapes, hidden: int, vocab: int, rank: int, head_dim: in
     return "autograd, dispatch, other"
 
 
+def finetune_step_ms(base, method: str, args) -> float:
+    """Median thread CPU ms of a ``finetune_`` step of a copy of ``base`` with adapter ``method`` (CE, random tokens)."""
+    import torch
+
+    from sparseforge.finetune import FinetuneConfig, finetune_
+
+    cfg = FinetuneConfig(loss="ce", adapter=method, lora_rank=args.rank, sparselora_sparsity=args.sparsity,
+                         steps=args.steps + 2, warmup_steps=1, lr=1e-3, batch_size=args.batch, seqlen=args.seqlen)
+    stream = torch.randint(2, base.config.vocab_size, (64 * args.seqlen,), generator=torch.Generator().manual_seed(0))
+    stamps = [time.thread_time()]
+    finetune_(copy.deepcopy(base), cfg, data=stream, kind="causal-lm", evaluate=False, progress=False,
+              callback=lambda info: stamps.append(time.thread_time()))
+    return statistics.median(1e3 * (b - a) for a, b in list(zip(stamps, stamps[1:]))[2:])  # the first 2 warm up
+
+
 def run(args) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -112,6 +135,12 @@ def run(args) -> dict:
             t0 = time.thread_time()
             step(method)
             cpu[method].append(1e3 * (time.thread_time() - t0))
+    loop = {m: finetune_step_ms(base, method=m, args=args) for m in models}
+    for _ in range(args.steps):  # the bare steps again, after the loop runs
+        for method in models:
+            t0 = time.thread_time()
+            step(method)
+            cpu[method].append(1e3 * (time.thread_time() - t0))
     share = {m: collections.Counter() for m in models}
     for _ in range(args.profiled):
         for method in models:
@@ -124,10 +153,11 @@ def run(args) -> dict:
     for method in models:
         total = sum(share[method].values())
         ms = statistics.median(cpu[method])
-        rows[method] = {"step_cpu_ms": ms, "steps_cpu_ms": cpu[method],
-                        "ms": {k: ms * share[method][k] / total for k in CATEGORIES}}
+        rows[method] = {"step_cpu_ms": ms, "steps_cpu_ms": cpu[method], "finetune_step_cpu_ms": loop[method],
+                        "finetune_vs_bare": loop[method] / ms, "ms": {k: ms * share[method][k] / total for k in CATEGORIES}}
     lora = rows["lora"]
     mlp = lora["ms"]["MLP base matmuls"]
+    attn = lora["ms"]["attention q/k/v/o matmuls"]
     ctx = 1 - 0.25  # context tokens (SparseLoRA's default 25 % dense output tokens)
     frac = sparse_blocks / cfg.num_hidden_layers
     bounds = {
@@ -135,8 +165,12 @@ def run(args) -> dict:
             lora["step_cpu_ms"] - mlp * frac * ctx * args.sparsity,
         f"every block, sparsity 0.99": lora["step_cpu_ms"] - mlp * ctx * 0.99,
         "no MLP base matmul at all (every token, every block)": lora["step_cpu_ms"] - mlp,
+        "every block, MLP 0.99 + attention projections 0.75 (the reference's highest)":
+            lora["step_cpu_ms"] - ctx * (mlp * 0.99 + attn * 0.75),
+        "no base matmul at all on the context tokens (MLP and attention, every block)":
+            lora["step_cpu_ms"] - ctx * (mlp + attn),
     }
-    return {"cpu": cpu_name(), "threads": 1, "batch": args.batch, "seqlen": args.seqlen, "rank": args.rank,
+    return {"cpu": cpu_name(), "threads": 1, "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"), "batch": args.batch, "seqlen": args.seqlen, "rank": args.rank,
             "sparsity": args.sparsity, "sparse_blocks": sparse_blocks, "blocks": cfg.num_hidden_layers, "rows": rows,
             "bounds_ms": bounds, "bounds_vs_lora": {k: v / lora["step_cpu_ms"] for k, v in bounds.items()},
             "sparselora_vs_lora": rows["sparselora"]["step_cpu_ms"] / lora["step_cpu_ms"]}
@@ -153,10 +187,15 @@ def markdown(r: dict) -> str:
                    f"{100 * sparse['ms'][k] / sparse['step_cpu_ms']:.1f} |")
     out.append(f"| **step** | **{lora['step_cpu_ms']:.1f}** | 100 | **{sparse['step_cpu_ms']:.1f}** | "
                f"{100 * r['sparselora_vs_lora']:.0f} of LoRA's |")
-    out += ["", "Amdahl bound: LoRA's step minus the frozen MLP base matmuls SparseLoRA could skip (free skipping, no overhead):", "",
+    out += ["", "Amdahl bound: LoRA's step minus the frozen base matmuls SparseLoRA could skip (free skipping, no overhead):", "",
             "| configuration | step ms CPU | vs LoRA |", "|---|---|---|"]
     out += [f"| {k} | {v:.1f} | {r['bounds_vs_lora'][k]:.2f}x |" for k, v in r["bounds_ms"].items()]
     out.append(f"| measured SparseLoRA (default) | {sparse['step_cpu_ms']:.1f} | {r['sparselora_vs_lora']:.2f}x |")
+    out += ["", f"The same steps inside finetune_ (callback times; MALLOC_MMAP_THRESHOLD_="
+            f"{r.get('malloc_mmap_threshold') or 'unset'}):", "",
+            "| method | bare step ms CPU | finetune_ step ms CPU | finetune_ / bare |", "|---|---|---|---|"]
+    out += [f"| {m} | {row['step_cpu_ms']:.1f} | {row['finetune_step_cpu_ms']:.1f} | {row['finetune_vs_bare']:.2f}x |"
+            for m, row in r["rows"].items()]
     return "\n".join(out) + "\n"
 
 
@@ -169,12 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--name", default="finetune.profile", help="file stem of the results")
     args = ap.parse_args(argv)
     result = run(args)
     table = markdown(result)
     args.out.mkdir(parents=True, exist_ok=True)
     for suffix, text in (("json", json.dumps(result, indent=2) + "\n"), ("md", table)):
-        path = args.out / f"finetune.profile.{suffix}"
+        path = args.out / f"{args.name}.{suffix}"
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
