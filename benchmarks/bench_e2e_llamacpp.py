@@ -195,11 +195,16 @@ def weight_bytes_per_token(model) -> int:
 
 def int8_lm_head_(model) -> str:
     """Store ``model``'s (dense) lm_head with int8 values, one scale per output row, in the bitmap format (every
-    bit set): the counterpart of the Q8_0 ``output.weight`` llama.cpp reads per token. Returns the cell-name tag."""
+    bit set): the counterpart of the Q8_0 ``output.weight`` llama.cpp reads per token. Returns the cell-name tag:
+    ``"; lm_head int8"``, or ``"; lm_head float32 (tied)"`` where the head shares the embedding's weight (``compress_``
+    keeps a tied layer dense rather than untie it)."""
     from sparseforge.runtime.compress import compress_
 
-    compress_(model, format="bitmap", targets=["lm_head"], min_sparsity=0.0, dtype=torch.int8)
-    return "; lm_head int8"
+    report = compress_(model, format="bitmap", targets=["lm_head"], min_sparsity=0.0, dtype=torch.int8)
+    if report.converted:
+        return "; lm_head int8"
+    reason = report.kept_dense[0][1] if report.kept_dense else "not converted"
+    return "; lm_head float32 (tied)" if "tied" in reason else f"; lm_head float32 ({reason})"
 
 
 def _pruned(dense, s: str, dtype=None, int8_head: bool = True):

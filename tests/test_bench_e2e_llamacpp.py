@@ -140,3 +140,15 @@ def test_int8_lm_head_stores_the_head_int8_and_keeps_its_logits_close():
     assert head.weight_format.nnz == 300 * 64  # nothing pruned: every weight stored (small ones as int8 zeros)
     assert bench.weight_bytes_per_token(model) < bytes_before - 300 * 64 * 2
     assert (after - before).abs().max() < 0.02 * before.abs().max()
+
+
+def test_int8_lm_head_leaves_a_tied_head_float_and_says_so():
+    import transformers as t
+
+    bench = load_benchmark("e2e_llamacpp")
+    model = t.LlamaForCausalLM(t.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                                             tie_word_embeddings=True)).eval()
+    assert bench.int8_lm_head_(model) == "; lm_head float32 (tied)"
+    assert isinstance(model.lm_head, torch.nn.Linear)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
