@@ -55,6 +55,8 @@ struct LinearOut {
   int64_t out = 0;
   const float* bias = nullptr;
 };
+// bias: None (nullptr) or a float32 (out,) array, checked
+const float* bias_of(const nb::object& bias, int64_t out);
 LinearOut linear_out(int64_t batch, const nb::object& bias, const Out& y);
 // P (sf::Problem, sf::Bf16Problem) over x (B, in) of element type T (checked by the caller), y and bias
 template <class P, class T>

@@ -68,12 +68,7 @@ sf::DenseBf16Problem problem_dense(const In& x, const In& w, const nb::object& b
   if (y.dtype() == nb::dtype<float>()) p.y32 = static_cast<float*>(y.data());
   else if (y.dtype() == nb::dtype<uint16_t>()) p.y16 = static_cast<uint16_t*>(y.data());
   else throw std::invalid_argument("y must be float32 or bfloat16 (its raw uint16 bits)");
-  if (!bias.is_none()) {
-    In b = nb::cast<In>(bias);
-    check_f32(b, "bias", 1);
-    if (dim(b, 0) != p.out) throw std::invalid_argument("bias must have shape (out_features,)");
-    p.bias = static_cast<const float*>(b.data());
-  }
+  p.bias = bias_of(bias, p.out);
   return p;
 }
 

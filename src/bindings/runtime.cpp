@@ -106,6 +106,14 @@ sf::Array array(const In& a, const char* name) {
   return out;
 }
 
+const float* bias_of(const nb::object& bias, int64_t out) {
+  if (bias.is_none()) return nullptr;
+  In b = nb::cast<In>(bias);
+  check_f32(b, "bias", 1);
+  if (dim(b, 0) != out) throw std::invalid_argument("bias must have shape (out_features,)");
+  return static_cast<const float*>(b.data());
+}
+
 LinearOut linear_out(int64_t batch, const nb::object& bias, const Out& y) {
   check_out(y, "y", 2);
   check_float32(y, "y");
@@ -113,12 +121,7 @@ LinearOut linear_out(int64_t batch, const nb::object& bias, const Out& y) {
   o.y = static_cast<float*>(y.data());
   o.out = static_cast<int64_t>(y.shape(1));
   if (static_cast<int64_t>(y.shape(0)) != batch) throw std::invalid_argument("y must have as many rows as x");
-  if (!bias.is_none()) {
-    In b = nb::cast<In>(bias);
-    check_f32(b, "bias", 1);
-    if (dim(b, 0) != o.out) throw std::invalid_argument("bias must have shape (out_features,)");
-    o.bias = static_cast<const float*>(b.data());
-  }
+  o.bias = bias_of(bias, o.out);
   return o;
 }
 
