@@ -27,6 +27,8 @@
 #include <immintrin.h>
 #endif
 
+#include <cstring>
+
 #include "column_sparse.h"
 #include "lanes.h"
 #include "sparse_input_kernels.h"  // si_load, si_store, si_fma, si_bcast
@@ -204,48 +206,62 @@ inline void gemv_group(const ColumnSparseWeight& w, const int32_t* idx, const fl
   }
 }
 
+// The most output columns a GEMV tile spans (column_sparse.cpp: kPartTile), and its bitmap words per channel
+constexpr int64_t kMaxTileColumns = 16 * kColBlock;
+constexpr int64_t kMaxTileWords = kMaxTileColumns / 64;
+
+// The G channels' bitmap rows over the tile copied side by side into `stage` (G rows of
+// kMaxTileWords words): read in one burst, and the walk then addresses every channel's bits from one
+// base register (stage + g * row + c), leaving the general registers to the G value pointers.
+template <int G>
+inline void stage_bits(const ColumnSparseWeight& w, const int32_t* idx, int64_t j0, int64_t cw, uint64_t* stage) {
+  const int64_t words = w.words(), nw = (cw + 63) / 64;
+  for (int g = 0; g < G; ++g) {
+    std::memcpy(stage + g * kMaxTileWords, w.bitmap + idx[g] * words + j0 / 64, static_cast<size_t>(nw) * 8);
+  }
+}
+
 #if defined(__AVX512F__)
 // AVX-512, float32 values: G channels walk their bitmap rows side by side, 16 outputs at a time.
 // Per channel and 16 outputs: kmovw of the 16 bits from memory (a load, no port-5 move), one
 // vexpandps from the channel's value pointer, one FMA, and the pointer advanced by popcount of the
 // same 16 bits; per 16 outputs one load and one store of the partial sums for all G channels.
-// Plain pointers and no per-channel indices keep all G walks in registers. Every other chunk (about one
-// line of values at 50% density) prefetches the line kPrefetchAhead bytes ahead in each channel's
-// values: 3-6% more bytes/s on two cores streaming from memory (no gain for the bfloat16 walk below).
+// The channels' bits are read from their staged rows (stage_bits: one base register for all G) and
+// their values through plain pointers, so all G walks stay in registers; chunks go in pairs, and the
+// first of each pair (about one line of values at 50% density) prefetches the line kPrefetchAhead
+// bytes ahead in each channel's values: 3-6% more bytes/s on two cores streaming from memory (no
+// gain for the bfloat16 walk below).
 constexpr int64_t kPrefetchAhead = 512;
-
-// The start of G channels' walks at output j0: bits[g] their bitmap rows read as Bits (little endian),
-// val[g] their next stored value (Val: float or the bfloat16 bits), xk[g] their input broadcast.
-template <class Bits, class Val, int G>
-inline void start_walks(const ColumnSparseWeight& w, const int32_t* idx, const float* xv, int64_t j0,
-                        const Bits* (&bits)[G], const Val* (&val)[G], __m512 (&xk)[G]) {
-  const int64_t words = w.words(), nblk = w.nblk();
-  for (int g = 0; g < G; ++g) {
-    bits[g] = reinterpret_cast<const Bits*>(w.bitmap + idx[g] * words + j0 / 64);
-    val[g] = static_cast<const Val*>(w.values) + w.block_ptr[idx[g] * nblk + j0 / kColBlock];
-    xk[g] = _mm512_set1_ps(xv[g]);
-  }
-}
 
 template <int G>
 inline void gemv_group_f32(const ColumnSparseWeight& w, const int32_t* idx, const float* xv, int64_t j0, int64_t cw,
                            float* acc) {
-  const u16_alias* bits[G];
+  alignas(64) uint64_t stage[G * kMaxTileWords];
+  stage_bits<G>(w, idx, j0, cw, stage);
+  const u16_alias* bits = reinterpret_cast<const u16_alias*>(stage);  // channel g's chunk c: bits[g * kRow + c]
+  constexpr int64_t kRow = kMaxTileWords * 4;
   const float* val[G];
   __m512 xk[G];
-  start_walks(w, idx, xv, j0, bits, val, xk);
-  const int64_t chunks = (cw + 63) / 64 * 4;  // 16-output chunks
-  for (int64_t c = 0; c < chunks; ++c) {
-    __m512 v = _mm512_loadu_ps(acc + c * 16);
+  for (int g = 0; g < G; ++g) {
+    val[g] = static_cast<const float*>(w.values) + w.block_ptr[idx[g] * w.nblk() + j0 / kColBlock];
+    xk[g] = _mm512_set1_ps(xv[g]);
+  }
+  const int64_t chunks = (cw + 63) / 64 * 4;  // 16-output chunks, a multiple of 4
+  for (int64_t c = 0; c < chunks; c += 2) {
+    __m512 v0 = _mm512_loadu_ps(acc + c * 16), v1 = _mm512_loadu_ps(acc + c * 16 + 16);
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g) {
-      __mmask16 k;
-      asm("kmovw %1, %0" : "=k"(k) : "m"(bits[g][c]));  // from memory (see expand_at)
-      v = _mm512_fmadd_ps(xk[g], _mm512_maskz_expandloadu_ps(k, val[g]), v);
-      if ((c & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(val[g]) + kPrefetchAhead, _MM_HINT_T0);
-      val[g] += __builtin_popcount(bits[g][c]);
+      __mmask16 k0, k1;
+      asm("kmovw %1, %0" : "=k"(k0) : "m"(bits[g * kRow + c]));  // from memory (see expand_at)
+      v0 = _mm512_fmadd_ps(xk[g], _mm512_maskz_expandloadu_ps(k0, val[g]), v0);
+      _mm_prefetch(reinterpret_cast<const char*>(val[g]) + kPrefetchAhead, _MM_HINT_T0);
+      val[g] += __builtin_popcount(bits[g * kRow + c]);
+      asm("kmovw %1, %0" : "=k"(k1) : "m"(bits[g * kRow + c + 1]));
+      v1 = _mm512_fmadd_ps(xk[g], _mm512_maskz_expandloadu_ps(k1, val[g]), v1);
+      val[g] += __builtin_popcount(bits[g * kRow + c + 1]);
     }
-    _mm512_storeu_ps(acc + c * 16, v);
+    _mm512_storeu_ps(acc + c * 16, v0);
+    _mm512_storeu_ps(acc + c * 16 + 16, v1);
   }
 }
 #endif
@@ -253,8 +269,8 @@ inline void gemv_group_f32(const ColumnSparseWeight& w, const int32_t* idx, cons
 #if defined(__AVX512VBMI2__)
 typedef uint32_t u32_alias __attribute__((may_alias));
 
-// AVX512_VBMI2, bfloat16 values: one vpexpandw from memory places the channel's next
-// popcount(m) values into the set lanes of 32 outputs (m = the 32 bits, kmovd from memory); the
+// AVX512_VBMI2, bfloat16 values (bits from the staged rows, as gemv_group_f32): one vpexpandw from
+// memory places the channel's next popcount(m) values into the set lanes of 32 outputs (m = the 32 bits, kmovd from memory); the
 // 32-bit lanes then hold output pairs, and a shift (even outputs: bits << 16) and a mask (odd
 // outputs: the high halves) widen them to float32 without a shuffle. The partial sums of each 32
 // outputs are therefore kept as 16 even then 16 odd outputs (to_even_odd / from_even_odd around the
@@ -263,10 +279,16 @@ typedef uint32_t u32_alias __attribute__((may_alias));
 template <int G>
 inline void gemv_group_bf16(const ColumnSparseWeight& w, const int32_t* idx, const float* xv, int64_t j0, int64_t cw,
                             float* acc) {
-  const u32_alias* bits[G];
+  alignas(64) uint64_t stage[G * kMaxTileWords];
+  stage_bits<G>(w, idx, j0, cw, stage);
+  const u32_alias* bits = reinterpret_cast<const u32_alias*>(stage);  // channel g's chunk c: bits[g * kRow + c]
+  constexpr int64_t kRow = kMaxTileWords * 2;
   const uint16_t* val[G];
   __m512 xk[G];
-  start_walks(w, idx, xv, j0, bits, val, xk);
+  for (int g = 0; g < G; ++g) {
+    val[g] = static_cast<const uint16_t*>(w.values) + w.block_ptr[idx[g] * w.nblk() + j0 / kColBlock];
+    xk[g] = _mm512_set1_ps(xv[g]);
+  }
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   const int64_t chunks = (cw + 63) / 64 * 2;  // 32-output chunks
   for (int64_t c = 0; c < chunks; ++c) {
@@ -274,11 +296,11 @@ inline void gemv_group_bf16(const ColumnSparseWeight& w, const int32_t* idx, con
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g) {
       __mmask32 k;
-      asm("kmovd %1, %0" : "=k"(k) : "m"(bits[g][c]));
+      asm("kmovd %1, %0" : "=k"(k) : "m"(bits[g * kRow + c]));
       const __m512i e = _mm512_maskz_expandloadu_epi16(k, val[g]);  // 32 bf16: outputs 2d (low), 2d + 1 (high)
       even = _mm512_fmadd_ps(xk[g], _mm512_castsi512_ps(_mm512_slli_epi32(e, 16)), even);
       odd = _mm512_fmadd_ps(xk[g], _mm512_castsi512_ps(_mm512_and_si512(e, high)), odd);
-      val[g] += __builtin_popcount(bits[g][c]);
+      val[g] += __builtin_popcount(bits[g * kRow + c]);
     }
     _mm512_storeu_ps(acc + c * 32, even);
     _mm512_storeu_ps(acc + c * 32 + 16, odd);
