@@ -19,7 +19,9 @@
 //   of the partial sums (in L1) and G expansions + FMAs. AVX-512 float32 values: G = 8 on plain
 //   pointers (gemv_group_f32); bfloat16 values in the AVX512_VBMI2 build (column_sparse_avx512vbmi2.cpp):
 //   G = 8, one vpexpandw per 32 outputs (gemv_group_bf16, partial sums as even / odd outputs inside
-//   the tile); everything else G = 4 through `expand`.
+//   the tile); everything else G = 4 through `expand`. Both G = 8 walks read the group's bits from
+//   rows staged side by side (stage_bits) and, while they walk, prefetch the first kLeadBytes of the
+//   next group's value runs (a run then starts without a demand miss; most of a narrow layer's run).
 // decode_panel: the expanded vectors of each channel stored into a dense panel row.
 #pragma once
 
@@ -233,9 +235,21 @@ inline void stage_bits(const ColumnSparseWeight& w, const int32_t* idx, int64_t 
 // gain for the bfloat16 walk below).
 constexpr int64_t kPrefetchAhead = 512;
 
+// The first kLeadBytes of each of the next group's value runs are prefetched while this group walks
+// (one line per channel and chunk pair), so a run starts without a demand miss: the walk's own
+// prefetch only reaches kPrefetchAhead bytes into a run, and narrow layers' runs are short (a 512-output
+// tile at 50% weights: 1 KB).
+constexpr int64_t kLeadBytes = kPrefetchAhead;
+
+// next[0:ahead] the next group's channels (ahead <= G; 0: none)
 template <int G>
 inline void gemv_group_f32(const ColumnSparseWeight& w, const int32_t* idx, const float* xv, int64_t j0, int64_t cw,
-                           float* acc) {
+                           float* acc, const int32_t* next = nullptr, int ahead = 0) {
+  const char* lead[G];
+  for (int g = 0; g < ahead; ++g) {
+    lead[g] = reinterpret_cast<const char*>(static_cast<const float*>(w.values) +
+                                            w.block_ptr[next[g] * w.nblk() + j0 / kColBlock]);
+  }
   alignas(64) uint64_t stage[G * kMaxTileWords];
   stage_bits<G>(w, idx, j0, cw, stage);
   const u16_alias* bits = reinterpret_cast<const u16_alias*>(stage);  // channel g's chunk c: bits[g * kRow + c]
@@ -262,6 +276,9 @@ inline void gemv_group_f32(const ColumnSparseWeight& w, const int32_t* idx, cons
     }
     _mm512_storeu_ps(acc + c * 16, v0);
     _mm512_storeu_ps(acc + c * 16 + 16, v1);
+    if (c * 32 < kLeadBytes) {  // pair c / 2: line c / 2 of each next run
+      for (int g = 0; g < ahead; ++g) _mm_prefetch(lead[g] + c * 32, _MM_HINT_T0);
+    }
   }
 }
 #endif
@@ -269,16 +286,21 @@ inline void gemv_group_f32(const ColumnSparseWeight& w, const int32_t* idx, cons
 #if defined(__AVX512VBMI2__)
 typedef uint32_t u32_alias __attribute__((may_alias));
 
-// AVX512_VBMI2, bfloat16 values (bits from the staged rows, as gemv_group_f32): one vpexpandw from
-// memory places the channel's next popcount(m) values into the set lanes of 32 outputs (m = the 32 bits, kmovd from memory); the
-// 32-bit lanes then hold output pairs, and a shift (even outputs: bits << 16) and a mask (odd
+// AVX512_VBMI2, bfloat16 values (bits from the staged rows and the next group's lead-in prefetch, as
+// gemv_group_f32): one vpexpandw from memory places the channel's next popcount(m) values into the
+// set lanes of 32 outputs (m = the 32 bits, kmovd from memory); the 32-bit lanes then hold output pairs, and a shift (even outputs: bits << 16) and a mask (odd
 // outputs: the high halves) widen them to float32 without a shuffle. The partial sums of each 32
 // outputs are therefore kept as 16 even then 16 odd outputs (to_even_odd / from_even_odd around the
 // tile). Per channel and 32 outputs: 1 port-5 uop (the expansion), against 4 for two widenings and
 // two vexpandps.
 template <int G>
 inline void gemv_group_bf16(const ColumnSparseWeight& w, const int32_t* idx, const float* xv, int64_t j0, int64_t cw,
-                            float* acc) {
+                            float* acc, const int32_t* next = nullptr, int ahead = 0) {
+  const char* lead[G];
+  for (int g = 0; g < ahead; ++g) {
+    lead[g] = reinterpret_cast<const char*>(static_cast<const uint16_t*>(w.values) +
+                                            w.block_ptr[next[g] * w.nblk() + j0 / kColBlock]);
+  }
   alignas(64) uint64_t stage[G * kMaxTileWords];
   stage_bits<G>(w, idx, j0, cw, stage);
   const u32_alias* bits = reinterpret_cast<const u32_alias*>(stage);  // channel g's chunk c: bits[g * kRow + c]
@@ -304,6 +326,9 @@ inline void gemv_group_bf16(const ColumnSparseWeight& w, const int32_t* idx, con
     }
     _mm512_storeu_ps(acc + c * 32, even);
     _mm512_storeu_ps(acc + c * 32 + 16, odd);
+    if (c * 64 < kLeadBytes) {  // chunk c: line c of each next run (as gemv_group_f32)
+      for (int g = 0; g < ahead; ++g) _mm_prefetch(lead[g] + c * 64, _MM_HINT_T0);
+    }
   }
 }
 
@@ -371,6 +396,20 @@ void gemv_tile_t(const ColumnSparseWeight& w, const int32_t* idx, const float* x
   if constexpr (V == VT::bf16) to_even_odd(acc, (cw + 63) / 64 * 64);
 #endif
   int64_t k = 0;
+#if defined(__AVX512F__)
+  if constexpr (V == VT::f32) {  // with the next group's lead-in prefetch
+    for (; k + G <= n; k += G) {
+      gemv_group_f32<G>(w, idx + k, xv + k, j0, cw, acc, idx + k + G, static_cast<int>(min64(G, n - k - G)));
+    }
+  }
+#endif
+#if defined(__AVX512VBMI2__)
+  if constexpr (V == VT::bf16) {
+    for (; k + G <= n; k += G) {
+      gemv_group_bf16<G>(w, idx + k, xv + k, j0, cw, acc, idx + k + G, static_cast<int>(min64(G, n - k - G)));
+    }
+  }
+#endif
   for (; k + G <= n; k += G) gemv_group_best<V, G>(w, idx + k, xv + k, j0, cw, acc);
   if constexpr (G > 4) {
     for (; k + 4 <= n; k += 4) gemv_group_best<V, 4>(w, idx + k, xv + k, j0, cw, acc);
