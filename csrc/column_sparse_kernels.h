@@ -223,6 +223,14 @@ inline void stage_bits(const ColumnSparseWeight& w, const int32_t* idx, int64_t 
   }
 }
 
+// at[0:n]: where the value runs of channels idx[0:n] start at output j0
+template <class Val, int G>
+inline void run_starts(const ColumnSparseWeight& w, const int32_t* idx, int n, int64_t j0, const Val* (&at)[G]) {
+  for (int g = 0; g < n; ++g) {
+    at[g] = static_cast<const Val*>(w.values) + w.block_ptr[idx[g] * w.nblk() + j0 / kColBlock];
+  }
+}
+
 #if defined(__AVX512F__)
 // AVX-512, float32 values: G channels walk their bitmap rows side by side, 16 outputs at a time.
 // Per channel and 16 outputs: kmovw of the 16 bits from memory (a load, no port-5 move), one
@@ -245,21 +253,16 @@ constexpr int64_t kLeadBytes = kPrefetchAhead;
 template <int G>
 inline void gemv_group_f32(const ColumnSparseWeight& w, const int32_t* idx, const float* xv, int64_t j0, int64_t cw,
                            float* acc, const int32_t* next = nullptr, int ahead = 0) {
-  const char* lead[G];
-  for (int g = 0; g < ahead; ++g) {
-    lead[g] = reinterpret_cast<const char*>(static_cast<const float*>(w.values) +
-                                            w.block_ptr[next[g] * w.nblk() + j0 / kColBlock]);
-  }
+  const float* lead[G];
+  run_starts(w, next, ahead, j0, lead);
   alignas(64) uint64_t stage[G * kMaxTileWords];
   stage_bits<G>(w, idx, j0, cw, stage);
   const u16_alias* bits = reinterpret_cast<const u16_alias*>(stage);  // channel g's chunk c: bits[g * kRow + c]
   constexpr int64_t kRow = kMaxTileWords * 4;
   const float* val[G];
+  run_starts(w, idx, G, j0, val);
   __m512 xk[G];
-  for (int g = 0; g < G; ++g) {
-    val[g] = static_cast<const float*>(w.values) + w.block_ptr[idx[g] * w.nblk() + j0 / kColBlock];
-    xk[g] = _mm512_set1_ps(xv[g]);
-  }
+  for (int g = 0; g < G; ++g) xk[g] = _mm512_set1_ps(xv[g]);
   const int64_t chunks = (cw + 63) / 64 * 4;  // 16-output chunks, a multiple of 4
   for (int64_t c = 0; c < chunks; c += 2) {
     __m512 v0 = _mm512_loadu_ps(acc + c * 16), v1 = _mm512_loadu_ps(acc + c * 16 + 16);
@@ -277,7 +280,7 @@ inline void gemv_group_f32(const ColumnSparseWeight& w, const int32_t* idx, cons
     _mm512_storeu_ps(acc + c * 16, v0);
     _mm512_storeu_ps(acc + c * 16 + 16, v1);
     if (c * 32 < kLeadBytes) {  // pair c / 2: line c / 2 of each next run
-      for (int g = 0; g < ahead; ++g) _mm_prefetch(lead[g] + c * 32, _MM_HINT_T0);
+      for (int g = 0; g < ahead; ++g) _mm_prefetch(reinterpret_cast<const char*>(lead[g]) + c * 32, _MM_HINT_T0);
     }
   }
 }
@@ -288,29 +291,25 @@ typedef uint32_t u32_alias __attribute__((may_alias));
 
 // AVX512_VBMI2, bfloat16 values (bits from the staged rows and the next group's lead-in prefetch, as
 // gemv_group_f32): one vpexpandw from memory places the channel's next popcount(m) values into the
-// set lanes of 32 outputs (m = the 32 bits, kmovd from memory); the 32-bit lanes then hold output pairs, and a shift (even outputs: bits << 16) and a mask (odd
-// outputs: the high halves) widen them to float32 without a shuffle. The partial sums of each 32
+// set lanes of 32 outputs (m = the 32 bits, kmovd from memory); the 32-bit lanes then hold output
+// pairs, and a shift (even outputs: bits << 16) and a mask (odd outputs: the high halves) widen them
+// to float32 without a shuffle. The partial sums of each 32
 // outputs are therefore kept as 16 even then 16 odd outputs (to_even_odd / from_even_odd around the
 // tile). Per channel and 32 outputs: 1 port-5 uop (the expansion), against 4 for two widenings and
 // two vexpandps.
 template <int G>
 inline void gemv_group_bf16(const ColumnSparseWeight& w, const int32_t* idx, const float* xv, int64_t j0, int64_t cw,
                             float* acc, const int32_t* next = nullptr, int ahead = 0) {
-  const char* lead[G];
-  for (int g = 0; g < ahead; ++g) {
-    lead[g] = reinterpret_cast<const char*>(static_cast<const uint16_t*>(w.values) +
-                                            w.block_ptr[next[g] * w.nblk() + j0 / kColBlock]);
-  }
+  const uint16_t* lead[G];
+  run_starts(w, next, ahead, j0, lead);
   alignas(64) uint64_t stage[G * kMaxTileWords];
   stage_bits<G>(w, idx, j0, cw, stage);
   const u32_alias* bits = reinterpret_cast<const u32_alias*>(stage);  // channel g's chunk c: bits[g * kRow + c]
   constexpr int64_t kRow = kMaxTileWords * 2;
   const uint16_t* val[G];
+  run_starts(w, idx, G, j0, val);
   __m512 xk[G];
-  for (int g = 0; g < G; ++g) {
-    val[g] = static_cast<const uint16_t*>(w.values) + w.block_ptr[idx[g] * w.nblk() + j0 / kColBlock];
-    xk[g] = _mm512_set1_ps(xv[g]);
-  }
+  for (int g = 0; g < G; ++g) xk[g] = _mm512_set1_ps(xv[g]);
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   const int64_t chunks = (cw + 63) / 64 * 2;  // 32-output chunks
   for (int64_t c = 0; c < chunks; ++c) {
@@ -327,7 +326,7 @@ inline void gemv_group_bf16(const ColumnSparseWeight& w, const int32_t* idx, con
     _mm512_storeu_ps(acc + c * 32, even);
     _mm512_storeu_ps(acc + c * 32 + 16, odd);
     if (c * 64 < kLeadBytes) {  // chunk c: line c of each next run (as gemv_group_f32)
-      for (int g = 0; g < ahead; ++g) _mm_prefetch(lead[g] + c * 64, _MM_HINT_T0);
+      for (int g = 0; g < ahead; ++g) _mm_prefetch(reinterpret_cast<const char*>(lead[g]) + c * 64, _MM_HINT_T0);
     }
   }
 }
