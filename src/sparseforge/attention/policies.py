@@ -61,6 +61,7 @@ from torch import Tensor
 
 from sparseforge.errors import ConfigError
 from sparseforge.ops.decode_attention import select_pages
+from sparseforge.ops.quest_attention import attend_quest
 
 __all__ = ["Policy", "Dense", "StreamingLLM", "Quest", "SnapKV", "Mustafar", "DoubleSparsity", "dense_spans"]
 
@@ -93,6 +94,12 @@ class Policy:
     def decode(self, layer, query: Tensor, spans: Tensor, scale: float) -> Optional[Tensor]:
         """The step's attention ``(B, Hq, D)`` if the policy computes it itself, else ``None`` (the
         dense kernel over ``spans`` then runs)."""
+        return None
+
+    def fused_step(self, layer, query: Tensor, layer_idx: int, scale: float) -> Optional[tuple[Tensor, int]]:
+        """``(attention (B, Hq, D), tokens read over the batch and KV heads)`` when the policy selects and
+        attends in one native call, else ``None`` (then ``spans`` and ``decode`` run). Called only when
+        no padding mask or sliding window clips the step."""
         return None
 
     def prefill(self, module, layer, query: Tensor, attention_mask: Optional[Tensor], scale: float,
@@ -220,6 +227,17 @@ class Quest(Policy):
         spans[..., k - 1, 0] = full * P
         spans[..., k - 1, 1] = n - full * P
         return spans
+
+    def fused_step(self, layer, query: Tensor, layer_idx: int, scale: float) -> Optional[tuple[Tensor, int]]:
+        """The sparse steps in one native call (``sparseforge::quest_attention``: the same pages as
+        :meth:`spans`, scored, selected and attended per KV head without Python in between)."""
+        n, P = layer.n, layer.page_size
+        if layer_idx < self.dense_layers or n <= self.budget:
+            return None
+        k = self.budget // P
+        out = attend_quest(query, layer.k_store, layer.v_store, layer.kmin, layer.kmax, n, P, k, scale)
+        full = (n + P - 1) // P - 1
+        return out, layer.batch * layer.kv_heads * ((k - 1) * P + n - full * P)
 
 
 
