@@ -479,18 +479,34 @@ inline __m512 expand_segment(const void* vals, int64_t& i, const uint64_t* bits,
 // One block of compressed tokens [t0, t0 + nt) straight from the kept values, no dense rows written
 // (D = 16 S, S <= 8): the scores of four tokens at a time (their keys expanded into registers, each
 // query row's four dot products summed by one hsum4), the online-softmax update, then per tile of GT
-// query rows the value rows expanded into registers and added into the tile's accumulators.
+// query rows the value rows expanded into registers and added into the tile's accumulators. The next
+// block's rows are prefetched token by token as this block's same tokens are read (spread out: a
+// burst of a whole block's prefetches fills the line-fill buffers and stalls the loads behind them;
+// measured 1.3x -> 1.86x dense for 32K float32 tokens, 2 threads).
 template <VT V, int S>
 void sparse_block_direct(const SparseKvChunk& c, const AttnChunk& a, int64_t t0, int64_t nt) {
   constexpr int64_t D = 16 * S;
   constexpr int TB = S <= 4 ? 4 : 2;   // tokens whose expanded keys stay in registers
   constexpr int GT = S <= 4 ? 4 : 2;   // query rows per value tile (GT x S accumulators)
+  constexpr int64_t elt = V == VT::f32 ? 4 : 2;
   const int64_t G = a.G, W = c.words, keep = c.keep;
   float* sc = a.scratch;  // (G, 64)
   int64_t j = 0;
   for (; j < nt; j += TB) {
     const int tb = static_cast<int>(min64(TB, nt - j));
     __m512 kx[TB][S];
+    for (int t = 0; t < tb; ++t) {  // the same tokens of the next block: their keys and bitmap words
+      const int64_t nx = t0 + kAttnBlock + j + t;
+      if (nx < c.t1) {
+        const char* nv = static_cast<const char*>(c.kvals) + nx * keep * elt;
+        __builtin_prefetch(nv, 0, 3);
+        __builtin_prefetch(nv + keep * elt - 1, 0, 3);
+        if ((nx * W) % 8 < W) {  // a new 64-byte line of words
+          __builtin_prefetch(c.kbits + nx * W, 0, 3);
+          __builtin_prefetch(c.vbits + nx * W, 0, 3);
+        }
+      }
+    }
     for (int t = 0; t < TB; ++t) {
       const int64_t tok = t0 + j + (t < tb ? t : 0);
       int64_t i = tok * keep;
@@ -522,6 +538,11 @@ void sparse_block_direct(const SparseKvChunk& c, const AttnChunk& a, int64_t t0,
       for (int sg = 0; sg < S; ++sg) acc[g][sg] = g < gt ? _mm512_loadu_ps(a.acc + (g0 + g) * D + 16 * sg) : _mm512_setzero_ps();
     for (int64_t jj = 0; jj < nt; ++jj) {
       const int64_t tok = t0 + jj;
+      if (g0 == 0 && tok + kAttnBlock < c.t1) {  // the next block's value row
+        const char* nv = static_cast<const char*>(c.vvals) + (tok + kAttnBlock) * keep * elt;
+        __builtin_prefetch(nv, 0, 3);
+        __builtin_prefetch(nv + keep * elt - 1, 0, 3);
+      }
       int64_t i = tok * keep;
       __m512 vx[S];
       for (int sg = 0; sg < S; ++sg) vx[sg] = expand_segment<V>(c.vvals, i, c.vbits + tok * W, sg);
@@ -583,21 +604,7 @@ void sparse_chunk_impl(const SparseKvChunk& c) {
       }
     }
 #if defined(__AVX512F__)
-    {
-      const int64_t elt = V == VT::f32 ? 4 : 2, next = t0 + kAttnBlock;  // the next block, prefetched now
-      for (int64_t j = 0; j < nt && next + j < c.t1; ++j) {
-        for (const void* vals : {c.kvals, c.vvals}) {
-          const char* nv = static_cast<const char*>(vals) + (next + j) * keep * elt;
-          __builtin_prefetch(nv, 0, 3);
-          __builtin_prefetch(nv + keep * elt - 1, 0, 3);
-        }
-        if (j % 8 == 0) {
-          __builtin_prefetch(c.kbits + (next + j) * W, 0, 3);
-          __builtin_prefetch(c.vbits + (next + j) * W, 0, 3);
-        }
-      }
-      if (sparse_block_direct_any<V>(c, dense, t0, nt)) continue;
-    }
+    if (sparse_block_direct_any<V>(c, dense, t0, nt)) continue;
 #endif
     for (int which = 0; which < 2; ++which) {
       const void* vals = which ? c.vvals : c.kvals;
