@@ -121,7 +121,7 @@ def kv_bytes(n: int, elt: int, budget: int | None = None, window: int | None = N
         labels = HKV * n * (-(-label_channels // 2) + 4)
         return 2 * min(n, budget) * row + labels
     if mustafar is not None:
-        done = max(0, (n - mustafar.recent) // Mustafar.CHUNK * Mustafar.CHUNK)
+        done = mustafar_done(n, mustafar)
         keep_k, keep_v = mustafar.keep(D)
         return HKV * done * ((keep_k + keep_v) * elt + 2 * 8 * ((D + 63) // 64)) + 2 * (n - done) * row
     if window is not None:
@@ -129,6 +129,11 @@ def kv_bytes(n: int, elt: int, budget: int | None = None, window: int | None = N
     if budget is None or budget >= n:
         return 2 * n * row
     return 2 * budget * row + 2 * (-(-n // PAGE)) * HKV * D * 2  # selected K and V + per-page bfloat16 min and max
+
+
+def mustafar_done(n: int, mustafar: Mustafar) -> int:
+    """Tokens Mustafar holds compressed at context ``n`` (whole chunks older than the recent window)."""
+    return max(0, (n - mustafar.recent) // Mustafar.CHUNK * Mustafar.CHUNK)
 
 
 def timed(fns: dict, seconds: float, max_rounds: int = 400, min_rounds: int = 5):
@@ -263,6 +268,11 @@ def bench_context(n: int, dtype: torch.dtype, seconds: float, bandwidth: float, 
         "quest_2call_vs_dense": speedup("dense", "quest_2call"),
         "quest_bound_vs_dense": nbytes["dense"] / nbytes["quest"],
         "mustafar_vs_dense": speedup("dense", "mustafar"), "mustafar_bound_vs_dense": nbytes["dense"] / nbytes["mustafar"],
+        # KV memory: the compressed format (kept values, bitmaps, the dense recent window) over the dense
+        # cache, and what the cache holds (the dense copy of the compressed tokens is kept)
+        "mustafar_kv_format_of_dense": nbytes["mustafar"] / nbytes["dense"],
+        "mustafar_kv_held_of_dense": (nbytes["dense"] + nbytes["mustafar"] - 2 * (n - mustafar_done(n, mustafar)) * HKV * D * elt)
+        / nbytes["dense"],
         "ds_vs_dense": speedup("dense", "double_sparsity"), "ds_bound_vs_dense": nbytes["dense"] / nbytes["double_sparsity"],
         "read_fraction": {name: b / nbytes["dense"] for name, b in nbytes.items()},
         "dense_of_bound": bound_ms["dense"] / ms["dense"], "stable": meas.stable, "rounds": meas.rounds,
@@ -460,6 +470,10 @@ def verdicts(rows: list[dict]) -> list[str]:
             lines.append(f"{'PASS' if ok else 'FAIL'} Quest 1/16 >= 6x dense at {tag}: {r['quest_vs_dense']:.2f}x")
             ok = r["mustafar_vs_dense"] >= 1.8
             lines.append(f"{'PASS' if ok else 'FAIL'} Mustafar 70% >= 1.8x dense at {tag}: {r['mustafar_vs_dense']:.2f}x")
+            ok = r["mustafar_kv_held_of_dense"] <= 0.5
+            lines.append(f"{'PASS' if ok else 'FAIL'} Mustafar 70% KV memory <= 50% of dense at {tag}: held "
+                         f"{100 * r['mustafar_kv_held_of_dense']:.0f}% (the compressed format alone "
+                         f"{100 * r['mustafar_kv_format_of_dense']:.0f}%; the dense copy is kept)")
     return lines
 
 
