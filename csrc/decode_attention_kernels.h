@@ -434,30 +434,10 @@ void attn_chunk_impl(const AttnChunk& c) {
   }
 }
 
-// Compressed tokens [t0, t1) (decode_attention.h, SparseKvChunk): each block of 64 tokens is expanded
-// into dense float32 rows (zeros where a channel was pruned) and goes through attn_block.
-#if defined(__AVX512F__)
-// row[0:D] = the token's kept values vals[i..] placed at the set bits of its bitmap words (zeros
-// elsewhere), 16 channels per step: float32 by a masked expand-load, bfloat16 by a masked load of the
-// step's kept values, widened, then expanded (D a multiple of 16; no load passes the kept values).
-template <VT V>
-inline void expand_row(const void* vals, int64_t i, const uint64_t* bits, int64_t D, float* row) {
-  for (int64_t c = 0; c < D; c += 16) {
-    const __mmask16 m = static_cast<__mmask16>(bits[c / 64] >> (c % 64));
-    __m512 x;
-    if constexpr (V == VT::f32) {
-      x = _mm512_maskz_expandloadu_ps(m, static_cast<const float*>(vals) + i);
-    } else {
-      const __mmask16 first = static_cast<__mmask16>((1u << __builtin_popcount(m)) - 1);
-      const __m256i h = _mm256_maskz_loadu_epi16(first, static_cast<const uint16_t*>(vals) + i);
-      x = _mm512_maskz_expand_ps(m, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-    }
-    _mm512_storeu_ps(row + c, x);
-    i += __builtin_popcount(m);
-  }
-}
-#endif
-
+// Compressed tokens [t0, t1) (decode_attention.h, SparseKvChunk), in blocks of 64 tokens: on AVX-512
+// with D = 16 S <= 128 computed from the kept values expanded into registers (sparse_block_direct);
+// otherwise each block is expanded into dense float32 rows (zeros where a channel was pruned) that go
+// through attn_block.
 #if defined(__AVX512F__)
 // The 16 channels of segment sg (channels 16 sg ..) of a compressed row as a vector: its kept values
 // from vals[i ..] (i advanced past them) placed at the set bits of the row's bitmap words.
@@ -474,6 +454,13 @@ inline __m512 expand_segment(const void* vals, int64_t& i, const uint64_t* bits,
   }
   i += __builtin_popcount(m);
   return x;
+}
+
+// row[0:D] = the token's kept values vals[i..] placed at the set bits of its bitmap words (zeros
+// elsewhere), 16 channels per step (D a multiple of 16; no load passes the kept values).
+template <VT V>
+inline void expand_row(const void* vals, int64_t i, const uint64_t* bits, int64_t D, float* row) {
+  for (int64_t c = 0; c < D; c += 16) _mm512_storeu_ps(row + c, expand_segment<V>(vals, i, bits, static_cast<int>(c / 16)));
 }
 
 // One block of compressed tokens [t0, t0 + nt) straight from the kept values, no dense rows written

@@ -10,9 +10,10 @@ attention implementation (rotated ``query (B, Hq, q_len, D)``, the cache's ``key
   attention with the mask transformers built (the mask function registered for the name is
   transformers' ``sdpa_mask``), then shows the queries to the decode policy (SnapKV chooses its
   tokens there);
-* decode (``q_len == 1``) asks the layer's policy for token spans and runs
-  ``sparseforge::decode_attention`` on the paged buffers (the native kernel directly in eager
-  mode); a padding mask (left padding) or a sliding
+* decode (``q_len == 1``) runs the policy's one-call step where it has one and nothing clips the
+  step (``Policy.fused_step``: Quest's ``sparseforge::quest_attention``), else asks the layer's
+  policy for token spans and runs ``sparseforge::decode_attention`` on the paged buffers (the
+  native kernels directly in eager mode); a padding mask (left padding) or a sliding
   window (Mistral/Qwen2 ``sliding_window``) clip the spans to the tokens the dense mask allows.
 
 The cache layer arrives through the keyword arguments transformers forwards from ``Cache.update``
