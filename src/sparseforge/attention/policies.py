@@ -108,6 +108,10 @@ class Policy:
         chunk's keys were cached in ``layer``), else ``None`` (transformers' SDPA then runs)."""
         return None
 
+    def state_bytes(self, layer) -> int:
+        """Bytes the policy holds in ``layer.policy_state`` besides the cache's rows (default: 0)."""
+        return 0
+
     def decoding(self) -> "Policy":
         """The policy that runs the decode steps (itself; a prefill-only policy names another)."""
         return self
@@ -306,7 +310,9 @@ class Mustafar(Policy):
     ``sparsity``: of the keys (and of the values unless ``value_sparsity`` is given), in [0, 1); a
     token keeps ``D - int(sparsity * D) + 1`` channels (the reference's ``kthvalue`` threshold).
     ``recent``: tokens kept dense (the reference's ``residual_length``); older ones are compressed
-    256 at a time.
+    256 at a time. ``release_dense``: free the dense rows of compressed tokens (KV memory: the
+    compressed format plus the recent window; the cache then takes single-token decode steps of the
+    ``"sparseforge"`` attention only, see :meth:`PagedLayer.release_dense`).
 
     Example:
         >>> Mustafar(sparsity=0.7).keep(128)
@@ -316,6 +322,7 @@ class Mustafar(Policy):
     sparsity: float = 0.7
     recent: int = 256
     value_sparsity: Optional[float] = None
+    release_dense: bool = False
     CHUNK = 256  # tokens compressed at a time (the reference's)
 
     def __post_init__(self):
@@ -326,6 +333,12 @@ class Mustafar(Policy):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
                 raise ConfigError(f"Mustafar: {name} must be in [0, 1), got {value!r}")
         _positive("recent", self.recent, "Mustafar")
+        if not isinstance(self.release_dense, bool):
+            raise ConfigError(f"Mustafar: release_dense must be True or False, got {self.release_dense!r}")
+
+    def state_bytes(self, layer) -> int:
+        state = layer.policy_state.get("mustafar", {})
+        return sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, Tensor))
 
     def keep(self, dim: int) -> tuple[int, int]:
         """Channels a key and a value keep at head dimension ``dim``."""
@@ -344,7 +357,7 @@ class Mustafar(Policy):
         # tokens from the lowest crop since the last look on may have been replaced, and the recent
         # window stays dense: drop the chunks past either
         valid = max(0, min(layer.n - self.recent, layer.policy_state.pop("cropped_to", layer.n)))
-        valid = valid // self.CHUNK * self.CHUNK
+        valid = max(valid // self.CHUNK * self.CHUNK, layer.released)  # freed rows cannot be recompressed
         if state["done"] > valid:
             for key in ("kvals", "kbits", "vvals", "vbits"):
                 if key in state:
@@ -363,6 +376,8 @@ class Mustafar(Policy):
                     state[key] = t if old is None else torch.cat([old, t], dim=2)
             done = upto
         state["done"] = done
+        if self.release_dense and done > layer.released:
+            layer.release_dense(done)
         return done
 
     def observe_prefill(self, layer, query: Tensor, scale: float) -> None:
