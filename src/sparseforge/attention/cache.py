@@ -70,7 +70,9 @@ def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if nbytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(shape, dtype=dtype)
-    region = mmap.mmap(-1, nbytes + _HUGE_PAGE)  # anonymous, private; freed with the last tensor using it
+    # anonymous and private (mmap's default is shared, which transparent huge pages skip unless the
+    # system enables them for shared memory too); freed with the last tensor using it
+    region = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     region.madvise(mmap.MADV_HUGEPAGE)
     view = ctypes.c_char.from_buffer(region)
     offset = -ctypes.addressof(view) % _HUGE_PAGE
