@@ -60,6 +60,7 @@ import torch
 from torch import Tensor
 
 from sparseforge.errors import ConfigError
+from sparseforge.attention.memory import huge_page_empty
 from sparseforge.ops.decode_attention import select_pages
 from sparseforge.ops.quest_attention import attend_quest
 
@@ -72,6 +73,14 @@ def dense_spans(batch: int, kv_heads: int, n: int) -> Tensor:
     spans[..., 0] = 0
     spans[..., 1] = n
     return spans
+
+
+def _appended(old: Optional[Tensor], new: Tensor) -> Tensor:
+    """``old`` (or nothing) followed by ``new`` along the token dimension 2, in a buffer advised for
+    transparent huge pages (a decode step streams it whole: 4 KB pages cost a TLB miss each)."""
+    parts = [new] if old is None else [old, new]
+    shape = (*new.shape[:2], sum(p.shape[2] for p in parts), *new.shape[3:])
+    return torch.cat(parts, dim=2, out=huge_page_empty(shape, new.dtype))
 
 
 def _positive(name: str, value, owner: str) -> None:
@@ -372,8 +381,7 @@ class Mustafar(Policy):
             for name, (vals, bits) in parts.items():
                 for suffix, t in (("vals", vals), ("bits", bits)):
                     key = f"{name}{suffix}"
-                    old = state.get(key)
-                    state[key] = t if old is None else torch.cat([old, t], dim=2)
+                    state[key] = _appended(state.get(key), t)
             done = upto
         state["done"] = done
         if self.release_dense and done > layer.released:
