@@ -201,6 +201,34 @@ void ref_bf16(const View& w, const Bf16Problem& p, int64_t nnz, Ref ref) {
   ref(v, q);
 }
 
+// x widened to float32 (exact), then the format's float32 lanes kernel (algo 2)
+template <class View, class Linear>
+void run_skip(const View& w, const Bf16Problem& p, Isa isa, Linear linear) {
+  check_bf16_problem(w.rows, w.cols, p);
+  if (w.vt != VT::bf16) {
+    throw std::invalid_argument("bf16 method 'skip' needs bfloat16 values (float32 values would be rounded on every call); "
+                                "store the weight with bfloat16 values or use method 'panel'");
+  }
+  if (p.B == 0 || p.out == 0) return;
+  AlignedBytes xf(p.B * p.in * 4);
+  float* xw = static_cast<float*>(xf.p);  // (B, in)
+  const int64_t n = p.B * p.in;
+  parallel_for(
+      (n + 65535) / 65536,
+      [&](int64_t task, int) {
+        for (int64_t i = task * 65536, e = min64(n, i + 65536); i < e; ++i) xw[i] = bf16_to_f32(p.x[i]);
+      },
+      num_threads() > 1 && n > (1 << 16));
+  Problem q;
+  q.x = xw;
+  q.B = p.B;
+  q.in = p.in;
+  q.y = p.y;
+  q.out = p.out;
+  q.bias = p.bias;
+  linear(w, q, isa, 2);
+}
+
 }  // namespace
 
 namespace scalar {
@@ -307,6 +335,10 @@ void csr_linear_bf16(const CsrView& w, const Bf16Problem& p, Bf16Path path) {
   const Bf16Kernels& k = kernels(path);
   run_bf16(p, [&](const Bf16Tile& t, int64_t r0, int64_t r1, void* s) { k.csr(w, t, r0, r1, s); });
 }
+
+void bitmap_linear_bf16_skip(const BitmapView& w, const Bf16Problem& p, Isa isa) { run_skip(w, p, isa, bitmap_linear); }
+void nm_linear_bf16_skip(const NmView& w, const Bf16Problem& p, Isa isa) { run_skip(w, p, isa, nm_linear); }
+void csr_linear_bf16_skip(const CsrView& w, const Bf16Problem& p, Isa isa) { run_skip(w, p, isa, csr_linear); }
 
 void bitmap_linear_bf16_ref(const BitmapView& w, const Bf16Problem& p) {
   check_bf16_problem(w.rows, w.cols, p);

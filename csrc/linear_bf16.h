@@ -26,6 +26,7 @@
 #include "bitmap.h"
 #include "common.h"
 #include "csr.h"
+#include "isa.h"
 #include "nm.h"
 
 namespace sf {
@@ -88,6 +89,14 @@ const char* bf16_path_name(Bf16Path path);
 void bitmap_linear_bf16(const BitmapView& w, const Bf16Problem& p, Bf16Path path);
 void nm_linear_bf16(const NmView& w, const Bf16Problem& p, Bf16Path path);
 void csr_linear_bf16(const CsrView& w, const Bf16Problem& p, Bf16Path path);
+// The zero-skipping method ("skip"): the format's float32 batch-in-lanes kernels (lanes.h; AVX-512 /
+// AVX2 / portable by `isa`) on x widened from bf16 to float32 (exact) with the bf16 values widened as
+// they are read: the same products as the panel (bf16 x bf16, float32 sums, another summation order),
+// work proportional to the stored values instead of the dense size, and the float32 kernels' dense
+// NaN / inf semantics. bfloat16 values only (throws std::invalid_argument for float32 values).
+void bitmap_linear_bf16_skip(const BitmapView& w, const Bf16Problem& p, Isa isa);
+void nm_linear_bf16_skip(const NmView& w, const Bf16Problem& p, Isa isa);
+void csr_linear_bf16_skip(const CsrView& w, const Bf16Problem& p, Isa isa);
 void bitmap_linear_bf16_ref(const BitmapView& w, const Bf16Problem& p);
 void nm_linear_bf16_ref(const NmView& w, const Bf16Problem& p);
 void csr_linear_bf16_ref(const CsrView& w, const Bf16Problem& p);
