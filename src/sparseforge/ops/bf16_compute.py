@@ -80,9 +80,12 @@ def _check_x(x: Tensor, cols: int) -> None:
 def _register(fmt: str, spec, schema: str, values_at: int):
     """``sparseforge::<fmt>_linear_bf16`` with its fake impl and autograd (float32 backward ops)."""
     native_name = f"{fmt}_linear_bf16"
+    n_w = schema.count(",") + 1  # weight arguments
 
-    def forward(x, *args):
-        *wargs, bias, method = args
+    def forward(x, *args, method="panel"):  # torch leaves out an argument equal to its default
+        if len(args) > n_w + 1:
+            *args, method = args
+        *wargs, bias = args
         rows = spec.dims(*wargs, x.shape[-1])
         _check_x(x, x.shape[-1])
         check_bias(bias, rows)
@@ -95,13 +98,11 @@ def _register(fmt: str, spec, schema: str, values_at: int):
                                  schema=f"(Tensor x, {schema}, Tensor? bias, str method=\"panel\") -> Tensor")
 
     @op.register_fake
-    def _(x, *args):
-        *wargs, bias, _method = args
+    def _(x, *args, method="panel"):
+        *wargs, bias = args[:n_w + 1]
         rows = spec.dims(*wargs, x.shape[-1])
         check_bias(bias, rows)
         return x.new_empty(x.shape[0], rows, dtype=torch.float32)
-
-    n_w = schema.count(",") + 1
 
     def setup_context(ctx, inputs, output):
         x, wargs = inputs[0], inputs[1:1 + n_w]
@@ -109,19 +110,20 @@ def _register(fmt: str, spec, schema: str, values_at: int):
         ctx.save_for_backward(x if wargs[values_at].requires_grad else None, *tensors)
         ctx.statics = tuple(a for a in wargs if not isinstance(a, Tensor))
         ctx.in_features = x.shape[1]
-        ctx.has_bias = inputs[-2] is not None
+        ctx.has_bias = inputs[1 + n_w] is not None
+        ctx.n_inputs = len(inputs)  # x, W..., bias (, method)
 
     def backward(ctx, dy):
         x, *bufs = ctx.saved_tensors
         wargs = (*bufs, *ctx.statics)
         dy = dy.contiguous()
-        grads = [None] * (n_w + 3)  # x, W..., bias, method
+        grads = [None] * ctx.n_inputs  # x, W..., bias (, method)
         if ctx.needs_input_grad[0]:
             grads[0] = spec.linear_t(dy, *wargs, ctx.in_features).to(torch.bfloat16)
         if ctx.needs_input_grad[1 + values_at]:
             grads[1 + values_at] = spec.linear_dw(x.float(), dy, *wargs).to(bufs[values_at].dtype)
-        if ctx.has_bias and ctx.needs_input_grad[-2]:
-            grads[-2] = dy.sum(0)
+        if ctx.has_bias and ctx.needs_input_grad[1 + n_w]:
+            grads[1 + n_w] = dy.sum(0)
         return tuple(grads)
 
     op.register_autograd(backward, setup_context=setup_context)
@@ -170,7 +172,7 @@ def linear_bf16(x: Tensor, weight, bias: Optional[Tensor] = None, method: str = 
     x2 = x.reshape(-1, cols).to(torch.bfloat16).contiguous()  # (B, in)
     method = _method_of(method, weight, x2.shape[0])
     if _log.isEnabledFor(logging.DEBUG):
-        _log.debug("bf16 %s product %dx%d, batch %d: %s on %s", family, rows, cols, x2.shape[0], method, bf16_path())
+        _log.debug("bf16 %s product %dx%d, batch %d: method %s, path %s", family, rows, cols, x2.shape[0], method, bf16_path())
     if torch.compiler.is_compiling() or (
         torch.is_grad_enabled()
         and (x.requires_grad or weight.values.requires_grad or (bias is not None and bias.requires_grad))
