@@ -157,7 +157,8 @@ void run_bf16(const Bf16Problem& p, Block&& block) {
   const bool par = nt > 1 && static_cast<double>(p.out) * static_cast<double>(kp) *
                                  static_cast<double>(min64(p.B, kBf16BatchChunk)) > static_cast<double>(1 << 18);
   AlignedBytes xp(kBf16BatchChunk * kp * 2);
-  AlignedBytes scratch(int64_t{nt} * kBf16ScratchBytes);
+  const int64_t scratch_bytes = bf16_scratch_bytes(kp);
+  AlignedBytes scratch(int64_t{nt} * scratch_bytes);
   const int64_t nblocks = (p.out + kBf16RowBlock - 1) / kBf16RowBlock;
   for (int64_t b0 = 0; b0 < p.B; b0 += kBf16BatchChunk) {
     Bf16Tile t;
@@ -172,7 +173,7 @@ void run_bf16(const Bf16Problem& p, Block&& block) {
         nblocks,
         [&](int64_t task, int wk) {
           block(t, task * kBf16RowBlock, min64(p.out, (task + 1) * kBf16RowBlock),
-                static_cast<char*>(scratch.p) + wk * kBf16ScratchBytes);
+                static_cast<char*>(scratch.p) + wk * scratch_bytes);
         },
         par);
   }
@@ -232,7 +233,7 @@ void run_skip(const View& w, const Bf16Problem& p, Isa isa, Linear linear) {
 }  // namespace
 
 namespace scalar {
-extern const Bf16Kernels linear_bf16 = Bf16Table<ScalarMicro>::kTable;
+extern const Bf16Kernels linear_bf16 = Bf16Table<PanelBlock<ScalarMicro>>::kTable;
 }  // namespace scalar
 
 bool bf16_path_compiled(Bf16Path path) {

@@ -52,6 +52,18 @@ constexpr int64_t kBf16BatchChunk = 64;   // batch rows per packed activation bl
 constexpr int64_t kBf16PanelBytes = kBf16RowBlock * kBf16PanelLd * 2;
 constexpr int64_t kBf16AccBytes = kBf16RowBlock * kBf16BatchChunk * 4;
 constexpr int64_t kBf16ScratchBytes = 2 * kBf16PanelBytes + kBf16AccBytes + kBf16RowBlock * 8;  // two panels, acc, row cursors
+// The AMX path decodes a 32-row block row by row over up to kBf16AmxColBlock columns at a time (each
+// row's stored values stream sequentially) into one strip, then multiplies the strip with the
+// accumulators held in tiles. One core, 50% bitmap, batch 64, weights cold (8 copies, ~400 MB),
+// contended host: 11008x4096 10.0-11.0 ms per layer (strip of 4096) against 13.1-14.6 (128-column
+// panels interleaved with the tile product); 4096x11008 11.0 (11008) / 12.4 (256) / 15.8 (panels).
+constexpr int64_t kBf16AmxColBlock = 12288;
+// bytes of per-thread scratch for a product with kp (in rounded up to 32) columns: the panels of the
+// vector paths or the AMX strip, the accumulators and the row cursors
+inline int64_t bf16_scratch_bytes(int64_t kp) {
+  const int64_t strip = kBf16RowBlock * ((kp < kBf16AmxColBlock ? kp : kBf16AmxColBlock) + 32) * 2;
+  return (strip > 2 * kBf16PanelBytes ? strip : 2 * kBf16PanelBytes) + kBf16AccBytes + kBf16RowBlock * 8;
+}
 
 // One packed block of activations (batch rows [b0, b0 + bn)) and the problem it belongs to.
 struct Bf16Tile {
@@ -62,7 +74,7 @@ struct Bf16Tile {
   const Bf16Problem* p = nullptr;
 };
 
-// Rows [r0, r1) (at most kBf16RowBlock) of y for one activation block; scratch: kBf16ScratchBytes, 64-aligned.
+// Rows [r0, r1) (at most kBf16RowBlock) of y for one activation block; scratch: bf16_scratch_bytes(kp), 64-aligned.
 struct Bf16Kernels {
   void (*bitmap)(const BitmapView&, const Bf16Tile&, int64_t r0, int64_t r1, void* scratch);
   void (*nm)(const NmView&, const Bf16Tile&, int64_t r0, int64_t r1, void* scratch);

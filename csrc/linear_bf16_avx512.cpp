@@ -53,6 +53,6 @@ struct DpMicro {
 }  // namespace
 
 namespace avx512bf16 {
-extern const Bf16Kernels linear_bf16 = Bf16Table<DpMicro>::kTable;
+extern const Bf16Kernels linear_bf16 = Bf16Table<PanelBlock<DpMicro>>::kTable;
 }  // namespace avx512bf16
 }  // namespace sf
