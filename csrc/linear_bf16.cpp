@@ -27,8 +27,7 @@ namespace {
 
 // widened to float32, multiplied and summed in plain C++ (any CPU)
 struct ScalarMicro {
-  template <class Side>
-  int64_t mul(const uint16_t* panel, const Bf16Tile& t, int64_t c0, int64_t kc, float* acc, Side&&) const {
+  void mul(const uint16_t* panel, const Bf16Tile& t, int64_t c0, int64_t kc, float* acc) const {
     const int64_t kph = t.kp / 2;
     for (int64_t i = 0; i < kBf16RowBlock; ++i) {
       const uint16_t* wr = panel + i * kBf16PanelLd;
@@ -43,7 +42,6 @@ struct ScalarMicro {
         }
       }
     }
-    return 0;
   }
 };
 

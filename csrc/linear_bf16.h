@@ -1,13 +1,15 @@
 // bf16 compute for the batched sparse product: y (B, out) = bf16(x) @ bf16(W)^T (+ bias), float32
 // accumulation, for bitmap, N:M and CSR weights (float32 or bfloat16 values).
 //
-// Method: the weight is decompressed, 32 rows x 128 columns at a time, into a dense bf16 panel that
-// stays in L1, and the panel is multiplied with the activations packed once per call in the VNNI
-// layout. Three multiply paths, chosen at run time:
-//   amx          AMX-BF16 TDPBF16PS: the panel rows are the A tiles (16 rows x 32 bf16), the packed
-//                activations the B tiles, four 16x16 float32 accumulator tiles (32 rows x 32 batch)
+// Method: the weight is decompressed into dense bf16 and multiplied with the activations packed once
+// per call in the VNNI layout. Three multiply paths, chosen at run time:
+//   amx          AMX-BF16 TDPBF16PS: 32 rows decoded row by row into a strip of up to kBf16AmxColBlock
+//                columns (linear_bf16_amx.cpp), whose rows are the A tiles (16 rows x 32 bf16), the packed
+//                activations the B tiles, four 16x16 float32 accumulator tiles (32 rows x 32 batch) held
+//                across the strip
 //   avx512_bf16  AVX512_BF16 vdpbf16ps: 4 weight rows x 4 batch vectors per step, weight pairs broadcast
 //   scalar       plain C++ (bf16 widened to float32), the correct fallback on any CPU
+// (the two last: 32 rows x 128 columns at a time into a dense bf16 panel that stays in L1)
 // The two vector paths decode bitmap and 2:4 panels with AVX512_VBMI2 expand loads (vpexpandw /
 // vexpandps + vcvtne2ps2bf16); CSR and other N:M patterns use the portable decoders.
 //

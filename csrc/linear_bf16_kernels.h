@@ -1,8 +1,8 @@
-// The bf16 panel product (linear_bf16.h), written once and compiled per path: linear_bf16.cpp
-// (portable, scalar multiply), linear_bf16_avx512.cpp (vdpbf16ps) and linear_bf16_amx.cpp (AMX)
-// each include this header, define their multiply (a `Micro` with mul(panel, tile, c0, kc, acc,
-// side) -> how many side(0), side(1), ... it called between its steps, see bf16_block)
-// and export block<Decoder, Micro> per format. Everything has internal linkage.
+// The bf16 product's decoders and block kernels (linear_bf16.h), written once and compiled per path:
+// linear_bf16.cpp (portable, scalar multiply) and linear_bf16_avx512.cpp (vdpbf16ps) define a
+// `Micro` with mul(panel, tile, c0, kc, acc) and export bf16_block<Decoder, Micro> per format
+// (PanelBlock); linear_bf16_amx.cpp exports its strip block over the same decoders. Everything has
+// internal linkage.
 //
 // Decoders write columns [c0, c0 + kc) of one weight row as dense bf16 (kc a multiple of 32) and
 // keep a per-row cursor between panels: the next value (bitmap), value index (N:M) or entry (CSR).
@@ -182,9 +182,8 @@ inline void store_y(const float* acc, const Bf16Tile& t, int64_t r0, int64_t nr)
   (void)streamed;
 }
 
-// Rows [r0, r1) of y for one activation block. Two panels: while the multiply runs on one, it calls
-// side(i) between its steps to decode row i of the next panel into the other (on AMX the tile unit
-// works while the core decodes); rows it did not reach are decoded after it returns.
+// Rows [r0, r1) of y for one activation block, panel by panel: after the multiply of one panel the next
+// is decoded into the other buffer, each row prefetching its slice of the panel after that.
 template <class Panel, class Micro>
 void bf16_block(const typename Panel::View& w, const Bf16Tile& t, int64_t r0, int64_t r1, void* scratch) {
   uint16_t* panels[2] = {static_cast<uint16_t*>(scratch),
@@ -212,14 +211,11 @@ void bf16_block(const typename Panel::View& w, const Bf16Tile& t, int64_t r0, in
       const int64_t kc = min64(kBf16ColChunk, t.kp - c0), c1 = c0 + kc, kc1 = min64(kBf16ColChunk, t.kp - c1);
       uint16_t* next = panels[which ^ 1];
       const int64_t c2 = c1 + kc1, kc2 = min64(kBf16ColChunk, t.kp - c2);
-      auto side = [&](int64_t i) {  // row i of the next panel, and a prefetch of the one after
-        if (c1 < t.kp && i < nr) {
-          dec.row(r0 + i, cur[i], c1, kc1, next + i * kBf16PanelLd);
-          if (c2 < t.kp) dec.prefetch(r0 + i, cur[i], c2, kc2);
-        }
-      };
-      const int64_t done = micro.mul(panels[which], t, c0, kc, acc, side);
-      for (int64_t i = done; i < nr; ++i) side(i);
+      micro.mul(panels[which], t, c0, kc, acc);
+      for (int64_t i = 0; c1 < t.kp && i < nr; ++i) {  // row i of the next panel, and a prefetch of the one after
+        dec.row(r0 + i, cur[i], c1, kc1, next + i * kBf16PanelLd);
+        if (c2 < t.kp) dec.prefetch(r0 + i, cur[i], c2, kc2);
+      }
     }
   }
   store_y(acc, t, r0, nr);
