@@ -145,7 +145,8 @@ void check_bf16_problem(int64_t rows, int64_t cols, const Bf16Problem& p) {
   }
 }
 
-// block(tile, r0, r1, scratch) over 32-row blocks of every 64-row activation block
+// block(tile, r0, r1, scratch) over runs of consecutive 32-row blocks of every 64-row activation block
+// (~8 runs per thread, taken dynamically; the AMX kernel configures its tiles once per run)
 template <class Block>
 void run_bf16(const Bf16Problem& p, Block&& block) {
   if (p.B == 0 || p.out == 0) return;
@@ -158,6 +159,8 @@ void run_bf16(const Bf16Problem& p, Block&& block) {
   const int64_t scratch_bytes = bf16_scratch_bytes(kp);
   AlignedBytes scratch(int64_t{nt} * scratch_bytes);
   const int64_t nblocks = (p.out + kBf16RowBlock - 1) / kBf16RowBlock;
+  const int64_t per_run = par ? max64(1, nblocks / (int64_t{nt} * 8)) : nblocks;
+  const int64_t nruns = (nblocks + per_run - 1) / per_run;
   for (int64_t b0 = 0; b0 < p.B; b0 += kBf16BatchChunk) {
     Bf16Tile t;
     t.xp = static_cast<const uint32_t*>(xp.p);
@@ -168,9 +171,9 @@ void run_bf16(const Bf16Problem& p, Block&& block) {
     t.p = &p;
     pack_x(p, b0, t.bn, kp, static_cast<uint32_t*>(xp.p), par);
     parallel_for(
-        nblocks,
-        [&](int64_t task, int wk) {
-          block(t, task * kBf16RowBlock, min64(p.out, (task + 1) * kBf16RowBlock),
+        nruns,
+        [&](int64_t run, int wk) {
+          block(t, run * per_run * kBf16RowBlock, min64(p.out, (run + 1) * per_run * kBf16RowBlock),
                 static_cast<char*>(scratch.p) + wk * scratch_bytes);
         },
         par);

@@ -76,7 +76,7 @@ struct Bf16Tile {
   const Bf16Problem* p = nullptr;
 };
 
-// Rows [r0, r1) (at most kBf16RowBlock) of y for one activation block; scratch: bf16_scratch_bytes(kp), 64-aligned.
+// Rows [r0, r1) of y (blocks of kBf16RowBlock inside) for one activation block; scratch: bf16_scratch_bytes(kp), 64-aligned.
 struct Bf16Kernels {
   void (*bitmap)(const BitmapView&, const Bf16Tile&, int64_t r0, int64_t r1, void* scratch);
   void (*nm)(const NmView&, const Bf16Tile&, int64_t r0, int64_t r1, void* scratch);

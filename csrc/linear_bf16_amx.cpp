@@ -7,7 +7,7 @@
 // float32 accumulators of 32 weight rows x 32 batch rows (0: rows 0-15 x batch tile bt, 1: rows 16-31
 // x bt, 2 / 3: the same x bt + 1), 4 / 5 strip rows 0-15 / 16-31 (A: 16 rows x 32 bf16), 6 / 7 packed x
 // of batch tiles bt / bt + 1 (B: 16 column pairs x 16 batch lanes). The configuration is loaded per
-// block and released after it.
+// run of blocks and released after it.
 #include <immintrin.h>
 
 #include "amx_tiles.h"
@@ -19,15 +19,24 @@ namespace {
 struct AmxStripBlock {
   template <class Panel>
   static void run(const typename Panel::View& w, const Bf16Tile& t, int64_t r0, int64_t r1, void* scratch) {
+    const Panel dec(w);
+    AmxTiles16x64 tiles;  // the configuration, for the whole run
+    for (int64_t b = r0; b < r1; b += kBf16RowBlock) {
+      const int64_t e = min64(r1, b + kBf16RowBlock);
+      block(dec, t, b, e, scratch);
+    }
+  }
+
+  // rows [r0, r1) (at most 32)
+  template <class Panel>
+  static void block(const Panel& dec, const Bf16Tile& t, int64_t r0, int64_t r1, void* scratch) {
     const int64_t nr = r1 - r0;
     const int64_t kb = min64(t.kp, kBf16AmxColBlock), ld = kb + 32;  // strip columns, row stride (not a multiple of 1 KB)
     uint16_t* strip = static_cast<uint16_t*>(scratch);                   // [32][ld]
     float* acc = reinterpret_cast<float*>(static_cast<char*>(scratch) + kBf16RowBlock * ld * 2);  // [32][64]
     int64_t* cur = reinterpret_cast<int64_t*>(reinterpret_cast<char*>(acc) + kBf16AccBytes);
-    const Panel dec(w);
     for (int64_t i = 0; i < nr; ++i) cur[i] = dec.start(r0 + i);
     for (int64_t i = nr; i < kBf16RowBlock; ++i) std::memset(strip + i * ld, 0, static_cast<size_t>(kb) * 2);
-    AmxTiles16x64 tiles;
     constexpr long kAccStride = kBf16BatchChunk * 4, kXStride = 64;
     const long sstride = static_cast<long>(ld * 2);
     const int64_t kph = t.kp / 2;

@@ -221,16 +221,17 @@ void bf16_block(const typename Panel::View& w, const Bf16Tile& t, int64_t r0, in
   store_y(acc, t, r0, nr);
 }
 
-// bf16_block with the multiply Micro, as a block type for Bf16Table
+// bf16_block with the multiply Micro over rows [r0, r1) block by block, as a block type for Bf16Table
 template <class Micro>
 struct PanelBlock {
   template <class Panel>
   static void run(const typename Panel::View& w, const Bf16Tile& t, int64_t r0, int64_t r1, void* s) {
-    bf16_block<Panel, Micro>(w, t, r0, r1, s);
+    for (int64_t b = r0; b < r1; b += kBf16RowBlock) bf16_block<Panel, Micro>(w, t, b, min64(r1, b + kBf16RowBlock), s);
   }
 };
 
-// The kernel table of a block type (Block::run<Panel>(w, t, r0, r1, scratch)): one block function per
+// The kernel table of a block type (Block::run<Panel>(w, t, r0, r1, scratch), rows [r0, r1) in blocks of
+// kBf16RowBlock): one function per
 // format, the value type chosen per call.
 template <class Block>
 struct Bf16Table {

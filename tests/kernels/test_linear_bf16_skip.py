@@ -161,3 +161,15 @@ def test_auto_uses_the_cached_answer(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSEFORGE_BF16_METHOD", "zeros")
     with pytest.raises(ConfigError, match="SPARSEFORGE_BF16_METHOD"):
         linear_bf16(x, w)
+
+
+@pytest.mark.parametrize("fmt", ("bitmap_bf16", "nm_2of4", "csr_u16"))
+@pytest.mark.parametrize("path", [p for p in kernels.BF16_PATHS if kernels.bf16_path_supported(p)])
+def test_panel_rows_longer_than_one_amx_strip(path, fmt):
+    """in > kBf16AmxColBlock (12288): the AMX strip runs twice per block, accumulating in the tiles
+    across strips; every path against the oracle (rows span several 32-row blocks, odd batch)."""
+    case = random_case(fmt, 70, 12288 + 200, density=0.2, seed=5)
+    x = torch.randn(33, case.shape[1], generator=torch.Generator().manual_seed(5))
+    bias = torch.randn(case.shape[0])
+    y = run_bf16(case, x, bias, path)
+    assert_close_to_ref(y, run_bf16(case, x, bias, ref=True), x, case)
