@@ -112,9 +112,15 @@ void pack_x(const Bf16Problem& p, int64_t b0, int64_t bn, int64_t kp, uint32_t* 
             for (int64_t k = k0; k < k1; ++k) dst[k * 16 + l] = 0;
             continue;
           }
-          const uint16_t* xr = p.x + (b0 + b) * p.in;
           const int64_t kf = min64(k1, full);
           int64_t k = k0;
+          if (p.xf) {
+            const float* xr = p.xf + (b0 + b) * p.in;
+            for (; k < kf; ++k) dst[k * 16 + l] = f32_to_bf16(xr[2 * k]) | static_cast<uint32_t>(f32_to_bf16(xr[2 * k + 1])) << 16;
+            for (; k < k1; ++k) dst[k * 16 + l] = 2 * k < p.in ? f32_to_bf16(xr[2 * k]) : 0u;  // odd `in`: last pair half used
+            continue;
+          }
+          const uint16_t* xr = p.x + (b0 + b) * p.in;
           for (; k < kf; ++k) {
             uint32_t d;
             std::memcpy(&d, xr + 2 * k, 4);
@@ -184,7 +190,7 @@ void run_bf16(const Bf16Problem& p, Block&& block) {
 template <class View, class Ref>
 void ref_bf16(const View& w, const Bf16Problem& p, int64_t nnz, Ref ref) {
   std::vector<float> xf(static_cast<size_t>(p.B * p.in));
-  for (size_t i = 0; i < xf.size(); ++i) xf[i] = bf16_to_f32(p.x[i]);
+  for (size_t i = 0; i < xf.size(); ++i) xf[i] = bf16_to_f32(p.xf ? f32_to_bf16(p.xf[i]) : p.x[i]);
   View v = w;
   std::vector<uint16_t> rounded;
   if (w.vt == VT::f32) {
@@ -218,7 +224,12 @@ void run_skip(const View& w, const Bf16Problem& p, Isa isa, Linear linear) {
   parallel_for(
       (n + 65535) / 65536,
       [&](int64_t task, int) {
-        for (int64_t i = task * 65536, e = min64(n, i + 65536); i < e; ++i) xw[i] = bf16_to_f32(p.x[i]);
+        const int64_t i0 = task * 65536, e = min64(n, i0 + 65536);
+        if (p.xf) {
+          for (int64_t i = i0; i < e; ++i) xw[i] = bf16_to_f32(f32_to_bf16(p.xf[i]));
+        } else {
+          for (int64_t i = i0; i < e; ++i) xw[i] = bf16_to_f32(p.x[i]);
+        }
       },
       num_threads() > 1 && n > (1 << 16));
   Problem q;

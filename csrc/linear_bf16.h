@@ -14,7 +14,7 @@
 // vexpandps + vcvtne2ps2bf16); CSR and other N:M patterns use the portable decoders.
 //
 // Layouts (all little-endian):
-//   x        bf16 (B, in) row-major, raw uint16 bits
+//   x        bf16 (B, in) row-major, raw uint16 bits (or float32 `xf`, rounded to bf16 while packed)
 //   xp       uint32 [nbt][kp / 2][16]: batch tile t (batch rows 16t..16t+15), column pair k: dword
 //            (x[16t + l, 2k], x[16t + l, 2k + 1]) at lane l (low half = even column); zero past B and in;
 //            kp = in rounded up to 32
@@ -36,7 +36,8 @@ namespace sf {
 enum class Bf16Path : int { scalar = 0, avx512_bf16 = 1, amx = 2 };
 
 struct Bf16Problem {
-  const uint16_t* x = nullptr;  // (B, in) bf16 bits
+  const uint16_t* x = nullptr;  // (B, in) bf16 bits, or null when xf is set
+  const float* xf = nullptr;    // (B, in) float32, rounded to bf16 (nearest even) as it is read
   int64_t B = 0;
   int64_t in = 0;
   float* y = nullptr;  // (B, out)

@@ -4,7 +4,7 @@
 //                                                 (the zero-skipping lanes walk on SPARSEFORGE_ISA / the best ISA)
 //   <fmt>_linear_bf16_ref(...)                                 the scalar oracle (path ignored)
 //   bf16_path(requested), bf16_best_path(), bf16_path_supported(name)
-// for fmt in bitmap, nm, csr. x is bf16 as raw uint16 bits (B, in); y float32 (B, out); W... as in
+// for fmt in bitmap, nm, csr. x is bf16 as raw uint16 bits (B, in) or float32 (rounded to bf16 as it is read); y float32 (B, out); W... as in
 // sparse_linear.cpp. A path the CPU lacks (or an unknown one) raises ConfigError.
 // And the dense bf16 GEMV (csrc/dense_bf16.h):
 //   dense_bf16_gemv(x, w, bias, y, isa) -> kernel name   y = x @ w^T + bias; x (B, in), w (out, in) bf16
@@ -34,10 +34,17 @@ sf::Bf16Path resolve_bf16(const std::string& path) {
 
 namespace {
 
-// x (B, in) bf16 bits, bias (out,) float32 or None, y (B, out) float32
+// x (B, in) bf16 bits or float32 (rounded to bf16 by the kernel), bias (out,) float32 or None, y (B, out) float32
 sf::Bf16Problem problem_bf16(const In& x, const nb::object& bias, const Out& y) {
   check_array(x, "x", 2);
-  if (x.dtype() != nb::dtype<uint16_t>()) throw std::invalid_argument("x must be bfloat16 (its raw uint16 bits)");
+  if (x.dtype() == nb::dtype<float>()) {
+    sf::Bf16Problem p = linear_problem<sf::Bf16Problem, uint16_t>(x, bias, y);
+    p.xf = static_cast<const float*>(x.data());
+    p.x = nullptr;
+    return p;
+  }
+  if (x.dtype() != nb::dtype<uint16_t>())
+    throw std::invalid_argument("x must be bfloat16 (its raw uint16 bits) or float32 (rounded to bfloat16)");
   return linear_problem<sf::Bf16Problem, uint16_t>(x, bias, y);
 }
 

@@ -173,3 +173,27 @@ def test_panel_rows_longer_than_one_amx_strip(path, fmt):
     bias = torch.randn(case.shape[0])
     y = run_bf16(case, x, bias, path)
     assert_close_to_ref(y, run_bf16(case, x, bias, ref=True), x, case)
+
+
+@pytest.mark.parametrize("method", ("panel", "skip"))
+@pytest.mark.parametrize("fmt", SKIP_FORMATS)
+def test_float32_x_is_rounded_in_the_kernel_like_a_bf16_x(fmt, method):
+    """float32 x goes to the kernel as it is and is rounded there (nearest even): the same bits as
+    rounding it in torch first, on every path, NaN included."""
+    kind, _, n, m = ALL_FORMATS[fmt]
+    case = random_case(fmt, 40, 300, density=0.3, seed=11)
+    x = torch.randn(33, 300, generator=torch.Generator().manual_seed(11)) * 3
+    x[3, 7] = float("nan")
+    nm = (n, m) if kind == "nm" else ()
+    fn = getattr(kernels.native(), f"{kind}_linear_bf16")
+    ys = []
+    for xin in (x.contiguous().numpy(), x.to(torch.bfloat16).view(torch.uint16).numpy()):
+        y = torch.empty(33, 40)
+        fn(xin, *case.bufs, *nm, None, y.numpy(), method=method)
+        ys.append(y)
+    assert torch.equal(ys[0].nan_to_num(7.0), ys[1].nan_to_num(7.0)) and torch.equal(ys[0].isnan(), ys[1].isnan())
+    yr = torch.empty(33, 40)
+    getattr(kernels.native(), f"{kind}_linear_bf16_ref")(x.contiguous().numpy(), *case.bufs, *nm, None, yr.numpy())
+    assert_close_to_ref(ys[0].nan_to_num(0.0), yr.nan_to_num(0.0), x.nan_to_num(0.0), case)
+    w = BitmapWeight.from_dense(case.dense.to(torch.bfloat16))
+    assert torch.equal(linear_bf16(x[4:], w, method=method), linear_bf16(x[4:].bfloat16(), w, method=method))

@@ -169,7 +169,7 @@ def linear_bf16(x: Tensor, weight, bias: Optional[Tensor] = None, method: str = 
         raise DataError(f"x must have shape (..., {cols}) to match a {rows}x{cols} weight, got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise DataError(f"x must be a floating-point tensor, got {x.dtype}")
-    x2 = x.reshape(-1, cols).to(torch.bfloat16).contiguous()  # (B, in)
+    x2 = x.reshape(-1, cols)  # (B, in)
     method = _method_of(method, weight, x2.shape[0])
     if _log.isEnabledFor(logging.DEBUG):
         _log.debug("bf16 %s product %dx%d, batch %d: method %s, path %s", family, rows, cols, x2.shape[0], method, bf16_path())
@@ -177,8 +177,11 @@ def linear_bf16(x: Tensor, weight, bias: Optional[Tensor] = None, method: str = 
         torch.is_grad_enabled()
         and (x.requires_grad or weight.values.requires_grad or (bias is not None and bias.requires_grad))
     ):
-        y = _OPS[family](x2, *spec.unpack(weight), bias, method)
+        y = _OPS[family](x2.to(torch.bfloat16).contiguous(), *spec.unpack(weight), bias, method)
     else:
+        # float32 x goes to the kernel as it is (rounded to bf16 while packed): no torch conversion op,
+        # whose OpenMP workers would keep spinning beside the kernel's threads
+        x2 = x2.contiguous() if x2.dtype == torch.float32 else x2.to(torch.bfloat16).contiguous()
         _, _, wargs = spec.kernel_args(weight)  # buffers validated once per format object
         if x2.device.type != "cpu":
             _check_x(x2, cols)
