@@ -226,7 +226,10 @@ def _pruned(dense, s: str, dtype=None, int8_head: bool = True):
         model = model.to(torch.bfloat16)
     # int8 cells use the format rule (N:M for 2:4, bitmap / CSR by density): the measured "auto" choice may keep a
     # layer dense where dense fp32 beats the fp32-valued formats, and the cell would then not be int8
-    report = compress_(model, format="rule" if dtype == torch.int8 else "auto", dtype=dtype)
+    # bf16 cells store every sparse layer as a bitmap: its bf16-x walk (docs/kernels.md) is the fastest bf16 format at
+    # batch 1 on every shape of this model in a quiet advise run, and "auto" timed under load picked a mix
+    fmt = {torch.int8: "rule", torch.bfloat16: "bitmap"}.get(dtype, "auto")
+    report = compress_(model, format=fmt, dtype=dtype)
     fmts = ",".join(sorted({c.format for c in report.converted})) or "no layer converted: dense"
     if dtype == torch.int8 and int8_head:
         fmts += int8_lm_head_(model)
