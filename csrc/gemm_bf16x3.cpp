@@ -1,0 +1,261 @@
+// bf16x3 GEMM (gemm_bf16x3.h): splitting and packing, the scalar block, path choice and the
+// threaded driver. The AMX block and the vectorised split live in gemm_bf16x3_amx.cpp.
+#include "gemm_bf16x3.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <stdexcept>
+#include <string>
+
+#include "common.h"
+#include "linear_bf16.h"
+#include "threadpool.h"
+
+namespace sf {
+
+#if defined(SF_HAVE_AMX_KERNELS)
+namespace amx {
+void bf16x3_split_run(const float* src, int64_t n, uint16_t* hi, uint16_t* lo);
+}  // namespace amx
+#endif
+
+namespace {
+
+constexpr int64_t kTileElems = 16 * 32;  // uint16 per packed tile
+
+// subnormal float32 -> signed zero (vcvtneps2bf16 reads its inputs so)
+inline float daz(float x) { return std::fabs(x) < 1.17549435e-38f ? std::copysign(0.f, x) : x; }
+
+// x -> hi = bf16(x), lo = bf16(x - hi), round to nearest even, subnormal inputs read as zero;
+// lo of inf / NaN is 0
+inline void split_one(float x, uint16_t& hi, uint16_t& lo) {
+  hi = f32_to_bf16(daz(x));
+  const float hf = bf16_to_f32(hi);
+  lo = std::isfinite(hf) ? f32_to_bf16(daz(daz(x) - hf)) : uint16_t{0};
+}
+
+void split_run_scalar(const float* src, int64_t n, uint16_t* hi, uint16_t* lo) {
+  for (int64_t i = 0; i < n; ++i) split_one(src[i], hi[i], lo[i]);
+}
+
+using SplitRun = void (*)(const float*, int64_t, uint16_t*, uint16_t*);
+
+// the vectorised split where this CPU has AVX512_BF16 (the AMX build's file), else the scalar one;
+// both round to nearest even, read subnormals as zero and give identical bits
+SplitRun split_run() {
+#if defined(SF_HAVE_AMX_KERNELS)
+  static const bool vec = bf16_path_supported(Bf16Path::avx512_bf16);
+  if (vec) return amx::bf16x3_split_run;
+#endif
+  return split_run_scalar;
+}
+
+// element (r, c) of the source, 0 outside (rows, cols)
+inline const float* row_ptr(const float* src, int64_t r, int64_t rs) { return src + r * rs; }
+
+// one source row segment [c0, c0 + 32) of row r -> 32 floats (zero padded) in buf
+inline void gather32(const float* src, int64_t rows, int64_t cols, int64_t rs, int64_t cs, int64_t r, int64_t c0,
+                     float* buf) {
+  if (r >= rows) {
+    std::memset(buf, 0, 32 * sizeof(float));
+    return;
+  }
+  const float* p = row_ptr(src, r, rs);
+  const int64_t n = min64(32, cols - c0);
+  if (cs == 1) {
+    std::memcpy(buf, p + c0, static_cast<size_t>(max64(n, 0)) * sizeof(float));
+  } else {
+    for (int64_t c = 0; c < n; ++c) buf[c] = p[(c0 + c) * cs];
+  }
+  for (int64_t c = max64(n, 0); c < 32; ++c) buf[c] = 0.f;
+}
+
+// a 32-column segment of a column index: for B the source is read as (K rows, N cols) and a tile
+// holds 16 columns, so the gather is over 16 columns of two k rows
+inline void gather16(const float* src, int64_t rows, int64_t cols, int64_t rs, int64_t cs, int64_t r, int64_t c0,
+                     float* buf) {
+  if (r >= rows) {
+    std::memset(buf, 0, 16 * sizeof(float));
+    return;
+  }
+  const float* p = row_ptr(src, r, rs);
+  const int64_t n = min64(16, cols - c0);
+  if (cs == 1) {
+    std::memcpy(buf, p + c0, static_cast<size_t>(max64(n, 0)) * sizeof(float));
+  } else {
+    for (int64_t c = 0; c < n; ++c) buf[c] = p[(c0 + c) * cs];
+  }
+  for (int64_t c = max64(n, 0); c < 16; ++c) buf[c] = 0.f;
+}
+
+void check_sizes(int64_t a, int64_t b, const char* what) {
+  if (a < 0 || b < 0) {
+    throw std::invalid_argument(std::string("bf16x3 ") + what + ": negative size (" + std::to_string(a) + ", " +
+                                std::to_string(b) + ")");
+  }
+}
+
+// the scalar block: the same three products over the packed tiles, float32 multiply-add in k order
+void block_scalar(const uint16_t* a_hi, const uint16_t* a_lo, const uint16_t* b_hi, const uint16_t* b_lo,
+                  int64_t a_next, int64_t b_next, int64_t ks, float* acc) {
+  for (int64_t i = 0; i < 32 * 32; ++i) acc[i] = 0.f;
+  const uint16_t* as[3] = {a_hi, a_lo, a_hi};
+  const uint16_t* bs[3] = {b_hi, b_hi, b_lo};
+  for (int part = 0; part < 3; ++part) {
+    for (int64_t s = 0; s < ks; ++s) {
+      for (int64_t m = 0; m < 32; ++m) {
+        const uint16_t* at = as[part] + (m / 16) * a_next + s * kTileElems + (m % 16) * 32;
+        for (int64_t n = 0; n < 32; ++n) {
+          const uint16_t* bt = bs[part] + (n / 16) * b_next + s * kTileElems + (n % 16) * 2;
+          float sum = 0.f;
+          for (int64_t k = 0; k < 32; ++k) sum += bf16_to_f32(at[k]) * bf16_to_f32(bt[(k / 2) * 32 + (k % 2)]);
+          acc[m * 32 + n] += sum;
+        }
+      }
+    }
+  }
+}
+
+struct Aligned {
+  explicit Aligned(size_t bytes) {
+    p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (!p) throw std::bad_alloc();
+  }
+  Aligned(const Aligned&) = delete;
+  Aligned& operator=(const Aligned&) = delete;
+  ~Aligned() { std::free(p); }
+  void* p;
+};
+
+}  // namespace
+
+void bf16x3_split(const float* src, int64_t n, uint16_t* hi, uint16_t* lo) {
+  check_sizes(n, 0, "split");
+  split_run()(src, n, hi, lo);
+}
+
+void bf16x3_pack_a(const float* src, int64_t M, int64_t K, int64_t rs, int64_t cs, uint16_t* hi, uint16_t* lo,
+                   bool parallel) {
+  check_sizes(M, K, "pack_a");
+  const int64_t mt = x3_round(M) / 16, ks = x3_round(K) / 32;
+  const SplitRun split = split_run();
+  parallel_for(
+      mt,
+      [&](int64_t t, int) {
+        alignas(64) float buf[32];
+        for (int64_t s = 0; s < ks; ++s) {
+          uint16_t* h = hi + (t * ks + s) * kTileElems;
+          uint16_t* l = lo + (t * ks + s) * kTileElems;
+          for (int64_t r = 0; r < 16; ++r) {
+            gather32(src, M, K, rs, cs, t * 16 + r, s * 32, buf);
+            split(buf, 32, h + r * 32, l + r * 32);
+          }
+        }
+      },
+      parallel && mt > 1);
+}
+
+void bf16x3_pack_b(const float* src, int64_t K, int64_t N, int64_t rs, int64_t cs, uint16_t* hi, uint16_t* lo,
+                   bool parallel) {
+  check_sizes(K, N, "pack_b");
+  const int64_t nt = x3_round(N) / 16, ks = x3_round(K) / 32;
+  const SplitRun split = split_run();
+  parallel_for(
+      nt,
+      [&](int64_t t, int) {
+        alignas(64) float buf[2][16];
+        alignas(64) uint16_t h2[2][16], l2[2][16];
+        for (int64_t s = 0; s < ks; ++s) {
+          uint16_t* h = hi + (t * ks + s) * kTileElems;
+          uint16_t* l = lo + (t * ks + s) * kTileElems;
+          for (int64_t p = 0; p < 16; ++p) {
+            for (int j = 0; j < 2; ++j) {
+              gather16(src, K, N, rs, cs, s * 32 + 2 * p + j, t * 16, buf[j]);
+              split(buf[j], 16, h2[j], l2[j]);
+            }
+            for (int64_t n = 0; n < 16; ++n) {
+              h[p * 32 + 2 * n] = h2[0][n];
+              h[p * 32 + 2 * n + 1] = h2[1][n];
+              l[p * 32 + 2 * n] = l2[0][n];
+              l[p * 32 + 2 * n + 1] = l2[1][n];
+            }
+          }
+        }
+      },
+      parallel && nt > 1);
+}
+
+bool bf16x3_path_supported(Bf16x3Path path) {
+  if (path == Bf16x3Path::scalar) return true;
+#if defined(SF_HAVE_AMX_KERNELS)
+  if (path == Bf16x3Path::amx) return bf16_path_supported(Bf16Path::amx);
+#endif
+  return false;
+}
+
+Bf16x3Path best_bf16x3_path() {
+  return bf16x3_path_supported(Bf16x3Path::amx) ? Bf16x3Path::amx : Bf16x3Path::scalar;
+}
+
+void bf16x3_gemm(const Bf16x3Gemm& g, Bf16x3Path path, bool parallel) {
+  check_sizes(g.M, g.N, "gemm");
+  check_sizes(g.K, 0, "gemm");
+  if (g.ldc < g.N) throw std::invalid_argument("bf16x3 gemm: ldc must be at least N");
+  if (!bf16x3_path_supported(path)) {
+    throw std::invalid_argument("bf16x3 gemm: the amx path needs AMX-BF16 (CPU, OS and this build); use the scalar path");
+  }
+  if (g.M == 0 || g.N == 0) return;
+  const int64_t Mp = x3_round(g.M), Np = x3_round(g.N), ks = x3_round(g.K) / 32;
+  const int64_t a_next = ks * kTileElems, b_next = ks * kTileElems;  // next 16-row / 16-column tile
+  const int64_t mpairs = Mp / 32, npairs = Np / 32;
+  // task = (mc row pairs) x (nc column pairs), walked column pair by column pair: the task's A rows
+  // (hi + lo, ~1 MB) stay in L2 across its column pairs, and each column pair's B panel (hi + lo,
+  // 32 x Kp) stays in L2 across the rows. At least ~8 tasks for the dynamic scheduler.
+  const int64_t pair_bytes = 32 * x3_round(g.K) * 4;  // hi + lo bf16 of 32 rows / columns
+  const int64_t mc = max64(1, min64(16, (int64_t{1} << 20) / max64(pair_bytes, 1)));
+  const int64_t mtasks = (mpairs + mc - 1) / mc;
+  const int64_t nsplit = min64(npairs, max64(1, (8 + mtasks - 1) / mtasks));
+  const int64_t nc = (npairs + nsplit - 1) / nsplit, ntasks = (npairs + nc - 1) / nc;
+  const bool amx = path == Bf16x3Path::amx;
+  parallel_for(
+      mtasks * ntasks,
+      [&](int64_t task, int) {
+        const int64_t mb = task / ntasks, ncb = task % ntasks;
+        alignas(64) float acc[32 * 32];
+#if defined(SF_HAVE_AMX_KERNELS)
+        if (amx) amx::bf16x3_tiles_begin();
+#endif
+        for (int64_t np = ncb * nc; np < min64(npairs, (ncb + 1) * nc); ++np) {
+          for (int64_t mp = mb * mc; mp < min64(mpairs, (mb + 1) * mc); ++mp) {
+            const int64_t ao = 2 * mp * a_next, bo = 2 * np * b_next;
+#if defined(SF_HAVE_AMX_KERNELS)
+            if (amx) {
+              amx::bf16x3_block(g.a_hi + ao, g.a_lo + ao, g.b_hi + bo, g.b_lo + bo, a_next, b_next, ks, acc);
+            } else
+#endif
+            {
+              block_scalar(g.a_hi + ao, g.a_lo + ao, g.b_hi + bo, g.b_lo + bo, a_next, b_next, ks, acc);
+            }
+            const int64_t m0 = mp * 32, n0 = np * 32;
+            const int64_t mr = min64(32, g.M - m0), nr = min64(32, g.N - n0);
+            for (int64_t i = 0; i < mr; ++i) {
+              float* c = g.c + (m0 + i) * g.ldc + n0;
+              const float* a = acc + i * 32;
+              if (g.accumulate) {
+                for (int64_t j = 0; j < nr; ++j) c[j] += a[j];
+              } else {
+                for (int64_t j = 0; j < nr; ++j) c[j] = a[j];
+              }
+            }
+          }
+        }
+#if defined(SF_HAVE_AMX_KERNELS)
+        if (amx) amx::bf16x3_tiles_end();
+#endif
+      },
+      parallel && mtasks * ntasks > 1);
+}
+
+}  // namespace sf
