@@ -34,6 +34,7 @@ from torch import nn
 
 from sparseforge.errors import ConfigError
 from sparseforge.kernels import num_threads as kernel_threads
+from sparseforge.moe.bf16x3 import Bf16x3Matmul
 from sparseforge.moe.config import DECODE_BACKENDS, MoEConfig
 from sparseforge.moe.dispatch import apply_capacity, build_plan
 from sparseforge.moe.grouped import ACTIVATIONS, FEW_SLOTS, few_tokens_ffn, grouped_ffn
@@ -109,6 +110,12 @@ class MoE(nn.Module):
             calling thread and on the kernels' thread pool (:func:`sparseforge.kernels.num_threads`)
             together with the other candidates and keeps the fastest (whether one core saturates
             memory bandwidth depends on the CPU); ``True`` / ``False`` fix it (pool / calling thread).
+        matmul_precision: the expert matmuls of the grouped path (training, prefill): ``"fp32"``
+            (default, float32 GEMM) or the opt-in ``"bf16x3"``: three bf16 products on AMX with float32
+            accumulation (:mod:`sparseforge.moe.bf16x3`), relative error ~5e-6 instead of ~6e-7, the
+            expert weights kept split and packed (twice their bytes); float32 CPU layers on a CPU with
+            AMX-BF16 only (:class:`ConfigError` otherwise, at construction). Decode and the shared
+            expert stay float32.
     """
 
     def __init__(self, *args, config: MoEConfig | None = None, device=None, dtype=None, **options) -> None:
@@ -137,6 +144,8 @@ class MoE(nn.Module):
         self.backend = cfg.backend
         self.decode_backend = cfg.decode_backend
         self.decode_parallel = cfg.decode_parallel
+        self.matmul_precision = cfg.matmul_precision
+        self._bf16x3 = Bf16x3Matmul() if cfg.matmul_precision == "bf16x3" else None
         self._decode_choices: dict = {}  # measured decode path per call shape
         self.seed = cfg.seed
         self._generator: torch.Generator | None = None
@@ -257,7 +266,8 @@ class MoE(nn.Module):
             counts = torch.bincount(experts.reshape(-1) + 1, minlength=self.num_experts + 1)[1:]  # (E,)
         else:
             plan = build_plan(experts, self.num_experts)
-            y = grouped_ffn(x, weights, plan, *expert_weights, self.activation, self.backend)  # (T, d)
+            matmuls = self._bf16x3 if self._bf16x3 is not None else self.backend
+            y = grouped_ffn(x, weights, plan, *expert_weights, self.activation, matmuls)  # (T, d)
             counts = torch.tensor(plan.counts, dtype=torch.long)  # (E,)
         if self.shared is not None:
             shared = self.shared(x)  # (T, d)
@@ -342,6 +352,12 @@ class MoE(nn.Module):
                 choice = choose_by_timing("moe_decode", question, {p: run[p] for p in paths}, default=paths[0])
             self._decode_choices[key] = choice
         return self._decode_choices[key].name
+
+    def clear_matmul_cache(self) -> None:
+        """Forget the packed expert weights of ``matmul_precision="bf16x3"`` (after writing weights
+        through ``.data``, which torch's version counter does not see); a no-op for ``"fp32"``."""
+        if self._bf16x3 is not None:
+            self._bf16x3.clear()
 
     @property
     def decode_choice(self) -> dict:
