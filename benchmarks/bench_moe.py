@@ -14,8 +14,8 @@ rotating order, so background load hits all of them alike):
   first call; ``SPARSEFORGE_CACHE_DIR`` selects the tuning cache) and, as
   a same-run before/after reference, ``decode_backend="torch"`` (the per-slot ``torch.mm`` chain,
   row ``sparseforge (torch decode)``), and the same layer with the pool's workers polling for
-  ~0.2 ms after the native kernel instead of parking (``park_workers=False``, row ``pool polls``;
-  the layer's own module-level kernel function is swapped for that row only).
+  ~0.2 ms after the native kernel instead of parking (``layer.decode_park_workers = False``, row
+  ``pool polls``).
 
 ``--bf16x3`` adds ours with ``matmul_precision="bf16x3"`` (float32-accurate bf16x3 products on AMX,
 opt-in) to the forward and forward+backward rounds; ``--hf-bf16-flag`` adds transformers' two
@@ -96,12 +96,7 @@ class Runner:
         self.config, self.block, self.ours, self.ours_x3 = config, block, ours, ours_x3
 
     def module(self, impl: str):
-        import functools
-
-        import sparseforge.moe.layer as layer_mod
-        from sparseforge.ops.expert_ffn import expert_ffn
-
-        layer_mod.native_expert_ffn = functools.partial(expert_ffn, park_workers=False) if impl == POLL_DECODE else expert_ffn
+        self.ours.decode_park_workers = impl != POLL_DECODE
         torch.backends.mkldnn.matmul.fp32_precision = "bf16" if impl in HF_BF16 else "ieee"
         if impl == X3:
             return self.ours_x3
@@ -189,7 +184,7 @@ def bench_config(cfg: dict, tokens: int, reps: int, decode_calls: int, seed: int
             with torch.no_grad():
                 calls = [_time(lambda: runner.forward(impl, x1)) for _ in range(decode_calls)]
             samples["decode"][impl].append(statistics.median(calls))
-    runner.module("sparseforge")  # the layer's own kernel function and torch's precision back in place
+    runner.module("sparseforge")  # the layer's parking and torch's precision back in place
     decode_choice = {t: {"path": c.name, "ms": c.ms, "reason": c.reason} for t, c in ours.decode_choice.items()}
     result = {"config": cfg, "tokens": tokens, "max_abs_diff": diffs, "median_s": {}, "samples_s": samples,
               "decode_choice": decode_choice}

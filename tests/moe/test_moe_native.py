@@ -203,7 +203,7 @@ def test_layer_uses_native_kernel(monkeypatch):
         layer(torch.randn(5, 8))  # 5 tokens: grouped
         layer.decode_backend = "torch"
         layer(torch.randn(1, 8))
-    assert len(calls) == 1 and calls[0][-1] is False  # too small for the pool: the calling thread, unmeasured
+    assert len(calls) == 1 and calls[0][7] is False  # too small for the pool: the calling thread, unmeasured
     x = torch.randn(2, 8)
     with torch.no_grad():
         layer.decode_backend, layer.decode_parallel = "native", True
