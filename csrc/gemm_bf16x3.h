@@ -16,8 +16,8 @@
 //
 // Paths: amx (AMX-BF16 TDPBF16PS, 32 x 32 output blocks in four accumulator tiles) and scalar (the
 // same packed operands multiplied in plain C++ float32: the reference and the fallback of tests).
-// Specials: X_lo of an inf / NaN is 0, so inf and NaN propagate as in a float32 product (inf * 0
-// included); AMX treats bf16 subnormals as zero, so parts below 2^-126 (|X| < ~2^-118 for X_lo) are
+// Specials: X_lo of an inf / NaN is 0; NaN propagates as in float32, an infinite input gives inf or
+// NaN where float32 gives inf (a zero X_lo times the other operand's infinite hi part); AMX treats bf16 subnormals as zero, so parts below 2^-126 (|X| < ~2^-118 for X_lo) are
 // flushed: an absolute error below 2^-118 per element, invisible at float32 output scales.
 #pragma once
 
@@ -54,10 +54,11 @@ Bf16x3Path best_bf16x3_path();
 void bf16x3_gemm(const Bf16x3Gemm& g, Bf16x3Path path, bool parallel = true);  // throws std::invalid_argument if unsupported
 
 namespace amx {
-// one 32 x 32 block: acc (32 x 32 float32, row stride 32) = the three products over ks k-steps of 32;
-// a0: A tile (mt, 0) of the 32-row pair, a_stride: uint16 between A tile rows mt and mt + 1 (ks * 512)
+// one 32 x 32 block: acc (32 x 32 float32, row stride 32) = (load ? acc : 0) + the three products
+// over ks k-steps of 32; a_hi / a_lo / b_hi / b_lo point at the first k-step's tile of the block's
+// first 16 rows / columns, a_next / b_next (uint16) from there to the next 16 rows / columns
 void bf16x3_block(const uint16_t* a_hi, const uint16_t* a_lo, const uint16_t* b_hi, const uint16_t* b_lo,
-                  int64_t a_next, int64_t b_next, int64_t ks, float* acc);
+                  int64_t a_next, int64_t b_next, int64_t ks, float* acc, bool load);
 void bf16x3_tiles_begin();
 void bf16x3_tiles_end();
 }  // namespace amx

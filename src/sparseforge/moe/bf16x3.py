@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from sparseforge.errors import ConfigError
 from sparseforge.ops.bf16x3 import Packed, matmul, pack, require_amx
 
 __all__ = ["Bf16x3Matmul", "PRECISIONS"]
@@ -37,10 +38,17 @@ def _fingerprint(t: torch.Tensor) -> tuple:
 
 
 class Bf16x3Matmul:
-    """bf16x3 products with a cache of packed weights (see the module docstring); needs AMX."""
+    """bf16x3 products with a cache of packed weights (see the module docstring).
 
-    def __init__(self) -> None:
-        require_amx()
+    ``path="amx"`` (the layer's) needs AMX (:class:`~sparseforge.errors.ConfigError` otherwise);
+    ``"scalar"`` runs the kernel's plain C++ reference on any CPU (slow: for tests)."""
+
+    def __init__(self, path: str = "amx") -> None:
+        if path not in ("amx", "scalar"):
+            raise ConfigError(f"unknown bf16x3 path {path!r}; use 'amx' or 'scalar'")
+        if path == "amx":
+            require_amx()
+        self.path = path
         self._weights: dict = {}  # key -> (fingerprint, the weight view (keeps its storage alive), Packed)
         self._last_a: tuple | None = None  # (fingerprint, tensor, Packed) of the last `a` operand
 
@@ -71,4 +79,4 @@ class Bf16x3Matmul:
         """``a (n, K) @ b (K, N)``; ``key`` names ``b`` as a cached weight (e.g. ``("up", e)``), None
         packs it for this call; ``out`` / ``accumulate`` as :func:`sparseforge.ops.bf16x3.matmul`."""
         pb = self._packed_weight(b, key) if key is not None else pack(b, as_b=True)
-        return matmul(self._packed_a(a), pb, out=out, accumulate=accumulate)
+        return matmul(self._packed_a(a), pb, out=out, accumulate=accumulate, path=self.path)

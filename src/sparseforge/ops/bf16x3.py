@@ -15,7 +15,9 @@ Operands are split and packed once into tile-contiguous bf16 layouts (:func:`pac
 split once and reused while it does not change, and activations are split per call. Inputs are read
 through their strides: a transposed view packs without a copy. Subnormal inputs read as zero and
 parts below 2^-126 are flushed (AMX's bf16 arithmetic), values above bf16's largest (3.39e38)
-round to inf; NaN and inf propagate as in a float32 product.
+round to inf. NaN propagates as in a float32 product; an infinite input gives inf or NaN where
+float32 gives inf (a zero ``lo`` part of one operand times an infinite ``hi`` part of the other is
+``0 * inf``), never a finite number.
 
 Paths: ``"amx"`` (AMX-BF16; needs the CPU flag, Linux's tile permission and a build with
 ``-mamx-bf16``) and ``"scalar"`` (the same packed operands in plain C++, the reference of tests).
