@@ -18,6 +18,8 @@ namespace sf {
 #if defined(SF_HAVE_AMX_KERNELS)
 namespace amx {
 void bf16x3_split_run(const float* src, int64_t n, uint16_t* hi, uint16_t* lo);
+void bf16x3_pack_a_tile(const float* src, int64_t rs, uint16_t* hi, uint16_t* lo);
+void bf16x3_pack_b_tile(const float* src, int64_t rs, uint16_t* hi, uint16_t* lo);
 }  // namespace amx
 #endif
 
@@ -99,8 +101,9 @@ void check_sizes(int64_t a, int64_t b, const char* what) {
 
 // the scalar block: the same three products over the packed tiles, float32 multiply-add in k order
 void block_scalar(const uint16_t* a_hi, const uint16_t* a_lo, const uint16_t* b_hi, const uint16_t* b_lo,
-                  int64_t a_next, int64_t b_next, int64_t ks, float* acc) {
-  for (int64_t i = 0; i < 32 * 32; ++i) acc[i] = 0.f;
+                  int64_t a_next, int64_t b_next, int64_t ks, float* acc, bool load) {
+  if (!load)
+    for (int64_t i = 0; i < 32 * 32; ++i) acc[i] = 0.f;
   const uint16_t* as[3] = {a_hi, a_lo, a_hi};
   const uint16_t* bs[3] = {b_hi, b_hi, b_lo};
   for (int part = 0; part < 3; ++part) {
@@ -141,6 +144,7 @@ void bf16x3_pack_a(const float* src, int64_t M, int64_t K, int64_t rs, int64_t c
   check_sizes(M, K, "pack_a");
   const int64_t mt = x3_round(M) / 16, ks = x3_round(K) / 32;
   const SplitRun split = split_run();
+  const bool fast = cs == 1 && split != split_run_scalar;  // whole tiles of unit-stride rows: vector packer
   parallel_for(
       mt,
       [&](int64_t t, int) {
@@ -148,6 +152,12 @@ void bf16x3_pack_a(const float* src, int64_t M, int64_t K, int64_t rs, int64_t c
         for (int64_t s = 0; s < ks; ++s) {
           uint16_t* h = hi + (t * ks + s) * kTileElems;
           uint16_t* l = lo + (t * ks + s) * kTileElems;
+#if defined(SF_HAVE_AMX_KERNELS)
+          if (fast && t * 16 + 16 <= M && s * 32 + 32 <= K) {
+            amx::bf16x3_pack_a_tile(src + t * 16 * rs + s * 32, rs, h, l);
+            continue;
+          }
+#endif
           for (int64_t r = 0; r < 16; ++r) {
             gather32(src, M, K, rs, cs, t * 16 + r, s * 32, buf);
             split(buf, 32, h + r * 32, l + r * 32);
@@ -162,6 +172,7 @@ void bf16x3_pack_b(const float* src, int64_t K, int64_t N, int64_t rs, int64_t c
   check_sizes(K, N, "pack_b");
   const int64_t nt = x3_round(N) / 16, ks = x3_round(K) / 32;
   const SplitRun split = split_run();
+  const bool fast = cs == 1 && split != split_run_scalar;  // whole tiles of unit-stride rows: vector packer
   parallel_for(
       nt,
       [&](int64_t t, int) {
@@ -170,6 +181,12 @@ void bf16x3_pack_b(const float* src, int64_t K, int64_t N, int64_t rs, int64_t c
         for (int64_t s = 0; s < ks; ++s) {
           uint16_t* h = hi + (t * ks + s) * kTileElems;
           uint16_t* l = lo + (t * ks + s) * kTileElems;
+#if defined(SF_HAVE_AMX_KERNELS)
+          if (fast && t * 16 + 16 <= N && s * 32 + 32 <= K) {
+            amx::bf16x3_pack_b_tile(src + s * 32 * rs + t * 16, rs, h, l);
+            continue;
+          }
+#endif
           for (int64_t p = 0; p < 16; ++p) {
             for (int j = 0; j < 2; ++j) {
               gather16(src, K, N, rs, cs, s * 32 + 2 * p + j, t * 16, buf[j]);
@@ -210,39 +227,48 @@ void bf16x3_gemm(const Bf16x3Gemm& g, Bf16x3Path path, bool parallel) {
   const int64_t Mp = x3_round(g.M), Np = x3_round(g.N), ks = x3_round(g.K) / 32;
   const int64_t a_next = ks * kTileElems, b_next = ks * kTileElems;  // next 16-row / 16-column tile
   const int64_t mpairs = Mp / 32, npairs = Np / 32;
-  // task = (mc row pairs) x (nc column pairs), walked column pair by column pair: the task's A rows
-  // (hi + lo, ~1 MB) stay in L2 across its column pairs, and each column pair's B panel (hi + lo,
-  // 32 x Kp) stays in L2 across the rows. At least ~8 tasks for the dynamic scheduler.
-  const int64_t pair_bytes = 32 * x3_round(g.K) * 4;  // hi + lo bf16 of 32 rows / columns
-  const int64_t mc = max64(1, min64(16, (int64_t{1} << 20) / max64(pair_bytes, 1)));
-  const int64_t mtasks = (mpairs + mc - 1) / mc;
-  const int64_t nsplit = min64(npairs, max64(1, (8 + mtasks - 1) / mtasks));
-  const int64_t nc = (npairs + nsplit - 1) / nsplit, ntasks = (npairs + nc - 1) / nc;
+  // task = (kMc row pairs) x (kNc column pairs) of C, accumulated in a task buffer (256 KB) over K
+  // blocks of kKc k-steps: in a K block the rows' A tiles (hi + lo, 32 KB per row pair) stay in L1
+  // while the task's column pairs' B tiles (512 KB) come from L2.
+  constexpr int64_t kMc = 4, kNc = 16, kKc = 8;
+  const int64_t mtasks = (mpairs + kMc - 1) / kMc, ntasks = (npairs + kNc - 1) / kNc;
   const bool amx = path == Bf16x3Path::amx;
   parallel_for(
       mtasks * ntasks,
       [&](int64_t task, int) {
-        const int64_t mb = task / ntasks, ncb = task % ntasks;
-        alignas(64) float acc[32 * 32];
+        const int64_t mb = task / ntasks, nb = task % ntasks;
+        const int64_t mp0 = mb * kMc, mp1 = min64(mpairs, mp0 + kMc), np0 = nb * kNc, np1 = min64(npairs, np0 + kNc);
+        Aligned buf(static_cast<size_t>((mp1 - mp0) * (np1 - np0)) * 32 * 32 * sizeof(float));
+        float* acc = static_cast<float*>(buf.p);  // [mp][np][32 x 32]
 #if defined(SF_HAVE_AMX_KERNELS)
         if (amx) amx::bf16x3_tiles_begin();
 #endif
-        for (int64_t np = ncb * nc; np < min64(npairs, (ncb + 1) * nc); ++np) {
-          for (int64_t mp = mb * mc; mp < min64(mpairs, (mb + 1) * mc); ++mp) {
-            const int64_t ao = 2 * mp * a_next, bo = 2 * np * b_next;
+        for (int64_t k0 = 0; k0 < ks; k0 += kKc) {
+          const int64_t kn = min64(kKc, ks - k0);
+          for (int64_t mp = mp0; mp < mp1; ++mp) {
+            for (int64_t np = np0; np < np1; ++np) {
+              const int64_t ao = 2 * mp * a_next + k0 * kTileElems, bo = 2 * np * b_next + k0 * kTileElems;
+              float* blk = acc + ((mp - mp0) * (np1 - np0) + (np - np0)) * 32 * 32;
 #if defined(SF_HAVE_AMX_KERNELS)
-            if (amx) {
-              amx::bf16x3_block(g.a_hi + ao, g.a_lo + ao, g.b_hi + bo, g.b_lo + bo, a_next, b_next, ks, acc);
-            } else
+              if (amx) {
+                amx::bf16x3_block(g.a_hi + ao, g.a_lo + ao, g.b_hi + bo, g.b_lo + bo, a_next, b_next, kn, blk, k0 > 0);
+                continue;
+              }
 #endif
-            {
-              block_scalar(g.a_hi + ao, g.a_lo + ao, g.b_hi + bo, g.b_lo + bo, a_next, b_next, ks, acc);
+              block_scalar(g.a_hi + ao, g.a_lo + ao, g.b_hi + bo, g.b_lo + bo, a_next, b_next, kn, blk, k0 > 0);
             }
-            const int64_t m0 = mp * 32, n0 = np * 32;
-            const int64_t mr = min64(32, g.M - m0), nr = min64(32, g.N - n0);
+          }
+        }
+#if defined(SF_HAVE_AMX_KERNELS)
+        if (amx) amx::bf16x3_tiles_end();
+#endif
+        for (int64_t mp = mp0; mp < mp1; ++mp) {
+          for (int64_t np = np0; np < np1; ++np) {
+            const float* blk = acc + ((mp - mp0) * (np1 - np0) + (np - np0)) * 32 * 32;
+            const int64_t m0 = mp * 32, n0 = np * 32, mr = min64(32, g.M - m0), nr = min64(32, g.N - n0);
             for (int64_t i = 0; i < mr; ++i) {
               float* c = g.c + (m0 + i) * g.ldc + n0;
-              const float* a = acc + i * 32;
+              const float* a = blk + i * 32;
               if (g.accumulate) {
                 for (int64_t j = 0; j < nr; ++j) c[j] += a[j];
               } else {
@@ -251,9 +277,6 @@ void bf16x3_gemm(const Bf16x3Gemm& g, Bf16x3Path path, bool parallel) {
             }
           }
         }
-#if defined(SF_HAVE_AMX_KERNELS)
-        if (amx) amx::bf16x3_tiles_end();
-#endif
       },
       parallel && mtasks * ntasks > 1);
 }

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from sparseforge.errors import ConfigError
-from sparseforge.ops.bf16x3 import Packed, matmul, pack, require_amx
+from sparseforge.ops.bf16x3 import Packed, matmul, pack, packed_size, require_amx
 
 __all__ = ["Bf16x3Matmul", "PRECISIONS"]
 
@@ -49,19 +49,30 @@ class Bf16x3Matmul:
         if path == "amx":
             require_amx()
         self.path = path
+        self._scratch: dict = {}  # "a" / "b" -> (hi, lo) uint16 buffers reused by activation packs
         self._weights: dict = {}  # key -> (fingerprint, the weight view (keeps its storage alive), Packed)
         self._last_a: tuple | None = None  # (fingerprint, tensor, Packed) of the last `a` operand
 
     def clear(self) -> None:
-        """Forget every packed weight (after changing weights through ``.data``)."""
+        """Forget every packed weight (after changing weights through ``.data``) and the scratch buffers."""
         self._weights.clear()
         self._last_a = None
+        self._scratch.clear()
+
+    def _buffers(self, role: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reused (hi, lo) buffers for packing activation ``x`` as operand ``role`` (grown on demand)."""
+        n = packed_size(*x.shape)
+        buf = self._scratch.get(role)
+        if buf is None or buf[0].numel() < n:
+            buf = (torch.empty(n, dtype=torch.uint16), torch.empty(n, dtype=torch.uint16))
+            self._scratch[role] = buf
+        return buf
 
     def _packed_a(self, a: torch.Tensor) -> Packed:
         fp = _fingerprint(a)
         if self._last_a is not None and self._last_a[0] == fp:
             return self._last_a[2]
-        packed = pack(a)
+        packed = pack(a, scratch=self._buffers("a", a))  # the cached `a` lives in the "a" buffers until replaced
         self._last_a = (fp, a, packed)  # holding `a` keeps its address from being reused while cached
         return packed
 
@@ -70,7 +81,7 @@ class Bf16x3Matmul:
         hit = self._weights.get(key)
         if hit is not None and hit[0] == fp:
             return hit[2]
-        packed = pack(w, as_b=True)
+        packed = pack(w, as_b=True)  # its own memory: kept while the weight is unchanged
         self._weights[key] = (fp, w, packed)
         return packed
 
@@ -78,5 +89,5 @@ class Bf16x3Matmul:
            accumulate: bool = False) -> torch.Tensor:
         """``a (n, K) @ b (K, N)``; ``key`` names ``b`` as a cached weight (e.g. ``("up", e)``), None
         packs it for this call; ``out`` / ``accumulate`` as :func:`sparseforge.ops.bf16x3.matmul`."""
-        pb = self._packed_weight(b, key) if key is not None else pack(b, as_b=True)
+        pb = self._packed_weight(b, key) if key is not None else pack(b, as_b=True, scratch=self._buffers("b", b))
         return matmul(self._packed_a(a), pb, out=out, accumulate=accumulate, path=self.path)

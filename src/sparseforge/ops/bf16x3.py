@@ -43,7 +43,7 @@ from torch import Tensor
 from sparseforge.errors import ConfigError, DataError
 from sparseforge.kernels import native
 
-__all__ = ["Packed", "pack", "matmul", "split", "amx_available", "require_amx", "TILE"]
+__all__ = ["Packed", "pack", "packed_size", "matmul", "split", "amx_available", "require_amx", "TILE"]
 
 TILE = 32  # packed sizes are rounded up to multiples of this
 
@@ -84,13 +84,23 @@ def _check_f32(t: Tensor, name: str) -> None:
         raise DataError(f"{name} must be a 2-D float32 CPU tensor, got {tuple(t.shape)} {t.dtype} on {t.device}")
 
 
-def pack(x: Tensor, as_b: bool = False) -> Packed:
-    """Split ``x`` (rows, cols) float32 (any strides) into packed hi / lo bf16 parts."""
+def packed_size(rows: int, cols: int) -> int:
+    """uint16 elements of each of a packed (rows, cols) matrix's two parts."""
+    return _round(rows) * _round(cols)
+
+
+def pack(x: Tensor, as_b: bool = False, scratch: tuple[Tensor, Tensor] | None = None) -> Packed:
+    """Split ``x`` (rows, cols) float32 (any strides) into packed hi / lo bf16 parts; ``scratch``: two
+    uint16 tensors of at least :func:`packed_size` elements to pack into (reused memory: a fresh
+    buffer costs a page fault per 4 KB, more than the packing itself)."""
     _check_f32(x, "x")
     rows, cols = x.shape
-    n = _round(rows) * _round(cols)
-    hi = torch.empty(n, dtype=torch.uint16)
-    lo = torch.empty(n, dtype=torch.uint16)
+    n = packed_size(rows, cols)
+    if scratch is not None:
+        hi, lo = scratch[0][:n], scratch[1][:n]
+    else:
+        hi = torch.empty(n, dtype=torch.uint16)
+        lo = torch.empty(n, dtype=torch.uint16)
     (native().bf16x3_pack_b if as_b else native().bf16x3_pack_a)(x.detach(), hi, lo)
     return Packed(hi, lo, rows, cols, as_b)
 
