@@ -216,7 +216,7 @@ Bf16x3Path best_bf16x3_path() {
   return bf16x3_path_supported(Bf16x3Path::amx) ? Bf16x3Path::amx : Bf16x3Path::scalar;
 }
 
-void bf16x3_gemm(const Bf16x3Gemm& g, Bf16x3Path path, bool parallel) {
+void bf16x3_gemm(const Bf16x3Gemm& g, Bf16x3Path path, bool parallel, AfterJob after) {
   check_sizes(g.M, g.N, "gemm");
   check_sizes(g.K, 0, "gemm");
   if (g.ldc < g.N) throw std::invalid_argument("bf16x3 gemm: ldc must be at least N");
@@ -278,7 +278,7 @@ void bf16x3_gemm(const Bf16x3Gemm& g, Bf16x3Path path, bool parallel) {
           }
         }
       },
-      parallel && mtasks * ntasks > 1);
+      parallel && mtasks * ntasks > 1, after);
 }
 
 }  // namespace sf

@@ -23,6 +23,8 @@
 
 #include <cstdint>
 
+#include "threadpool.h"
+
 namespace sf {
 
 enum class Bf16x3Path : int { scalar = 0, amx = 2 };
@@ -51,7 +53,9 @@ struct Bf16x3Gemm {
 
 bool bf16x3_path_supported(Bf16x3Path path);  // compiled, CPU flags, OS state, AMX permission
 Bf16x3Path best_bf16x3_path();
-void bf16x3_gemm(const Bf16x3Gemm& g, Bf16x3Path path, bool parallel = true);  // throws std::invalid_argument if unsupported
+// after: how the pool's workers wait once the product is done (threadpool.h); park when torch's own
+// threads run next. Throws std::invalid_argument if the path is unsupported.
+void bf16x3_gemm(const Bf16x3Gemm& g, Bf16x3Path path, bool parallel = true, AfterJob after = AfterJob::spin);
 
 namespace amx {
 // one 32 x 32 block: acc (32 x 32 float32, row stride 32) = (load ? acc : 0) + the three products

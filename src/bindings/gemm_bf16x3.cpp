@@ -5,7 +5,8 @@
 //   bf16x3_split(src, hi, lo)     element-wise split of a C-contiguous float32 array into bf16 bits
 //   bf16x3_gemm(a_hi, a_lo, b_hi, b_lo, M, N, K, c, accumulate, path)
 //                                 c (M, N) float32 with unit column stride (row stride free): c = A @ B
-//                                 (or c += A @ B); path "" / "auto" / "amx" / "scalar"
+//                                 (or c += A @ B); path "" / "auto" / "amx" / "scalar"; park_workers: the
+//                                 pool's workers sleep right after the product (else they poll ~0.2 ms)
 //   bf16x3_path_supported(name), bf16x3_best_path()
 #include <stdexcept>
 #include <string>
@@ -102,7 +103,8 @@ void register_gemm_bf16x3(nb::module_& m) {
                      static_cast<uint16_t*>(lo.data()));
   }, "src"_a, "hi"_a, "lo"_a);
   m.def("bf16x3_gemm", [](const Strided& a_hi, const Strided& a_lo, const Strided& b_hi, const Strided& b_lo,
-                          int64_t M, int64_t N, int64_t K, const StridedOut& c, bool accumulate, const std::string& path) {
+                          int64_t M, int64_t N, int64_t K, const StridedOut& c, bool accumulate, const std::string& path,
+                          bool park_workers) {
     if (M < 0 || N < 0 || K < 0) throw std::invalid_argument("M, N, K must be >= 0");
     const int64_t na = sf::x3_round(M) * sf::x3_round(K), nbn = sf::x3_round(K) * sf::x3_round(N);
     if (c.dtype() != nb::dtype<float>() || c.ndim() != 2 || static_cast<int64_t>(c.shape(0)) != M ||
@@ -123,8 +125,9 @@ void register_gemm_bf16x3(nb::module_& m) {
     const sf::Bf16x3Path p = parse_path(path);
     threads();
     nb::gil_scoped_release rel;
-    sf::bf16x3_gemm(g, p);
-  }, "a_hi"_a, "a_lo"_a, "b_hi"_a, "b_lo"_a, "M"_a, "N"_a, "K"_a, "c"_a, "accumulate"_a = false, "path"_a = "");
+    sf::bf16x3_gemm(g, p, true, park_workers ? sf::AfterJob::park : sf::AfterJob::spin);
+  }, "a_hi"_a, "a_lo"_a, "b_hi"_a, "b_lo"_a, "M"_a, "N"_a, "K"_a, "c"_a, "accumulate"_a = false, "path"_a = "",
+     "park_workers"_a = false);
   m.def("bf16x3_path_supported", [](const std::string& name) {
     if (name == "amx") return sf::bf16x3_path_supported(sf::Bf16x3Path::amx);
     if (name == "scalar") return true;

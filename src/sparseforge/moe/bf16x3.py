@@ -49,6 +49,7 @@ class Bf16x3Matmul:
         if path == "amx":
             require_amx()
         self.path = path
+        self.park_workers = False  # the pool polls between products (set True to hand cores to torch at once)
         self._scratch: dict = {}  # "a" / "b" -> (hi, lo) uint16 buffers reused by activation packs
         self._weights: dict = {}  # key -> (fingerprint, the weight view (keeps its storage alive), Packed)
         self._last_a: tuple | None = None  # (fingerprint, tensor, Packed) of the last `a` operand
@@ -90,4 +91,5 @@ class Bf16x3Matmul:
         """``a (n, K) @ b (K, N)``; ``key`` names ``b`` as a cached weight (e.g. ``("up", e)``), None
         packs it for this call; ``out`` / ``accumulate`` as :func:`sparseforge.ops.bf16x3.matmul`."""
         pb = self._packed_weight(b, key) if key is not None else pack(b, as_b=True, scratch=self._buffers("b", b))
-        return matmul(self._packed_a(a), pb, out=out, accumulate=accumulate, path=self.path)
+        return matmul(self._packed_a(a), pb, out=out, accumulate=accumulate, path=self.path,
+                      park_workers=self.park_workers)

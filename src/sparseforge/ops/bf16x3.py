@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,12 @@ from sparseforge.kernels import native
 __all__ = ["Packed", "pack", "packed_size", "matmul", "split", "amx_available", "require_amx", "TILE"]
 
 TILE = 32  # packed sizes are rounded up to multiples of this
+
+
+@functools.cache
+def _lib():
+    """The native module, looked up once (these calls sit inside per-expert loops)."""
+    return native()
 
 
 def _round(n: int) -> int:
@@ -67,7 +74,7 @@ class Packed:
 
 def amx_available() -> bool:
     """Whether this machine runs the AMX path (CPU flags, OS tile state and permission, build)."""
-    return bool(native().bf16x3_path_supported("amx"))
+    return bool(_lib().bf16x3_path_supported("amx"))
 
 
 def require_amx() -> None:
@@ -101,13 +108,16 @@ def pack(x: Tensor, as_b: bool = False, scratch: tuple[Tensor, Tensor] | None = 
     else:
         hi = torch.empty(n, dtype=torch.uint16)
         lo = torch.empty(n, dtype=torch.uint16)
-    (native().bf16x3_pack_b if as_b else native().bf16x3_pack_a)(x.detach(), hi, lo)
+    (_lib().bf16x3_pack_b if as_b else _lib().bf16x3_pack_a)(x.detach(), hi, lo)
     return Packed(hi, lo, rows, cols, as_b)
 
 
-def matmul(a: Packed, b: Packed, out: Tensor | None = None, accumulate: bool = False, path: str = "") -> Tensor:
+def matmul(a: Packed, b: Packed, out: Tensor | None = None, accumulate: bool = False, path: str = "",
+           park_workers: bool = False) -> Tensor:
     """``a @ b`` (M, N) float32 from packed operands; into ``out`` (M, N) float32 with unit column
-    stride when given (``accumulate=True``: ``out += a @ b``). ``path``: ``""`` (best), ``"amx"``, ``"scalar"``."""
+    stride when given (``accumulate=True``: ``out += a @ b``). ``path``: ``""`` (best), ``"amx"``, ``"scalar"``.
+    ``park_workers``: the kernels' pool sleeps right after the product instead of polling ~0.2 ms for
+    the next kernel call (see :mod:`sparseforge.ops.expert_ffn`)."""
     if a.as_b or not b.as_b:
         raise DataError("matmul takes an `a` operand packed with as_b=False and a `b` operand packed with as_b=True")
     if a.cols != b.rows:
@@ -118,7 +128,7 @@ def matmul(a: Packed, b: Packed, out: Tensor | None = None, accumulate: bool = F
         out = torch.empty(a.rows, b.cols, dtype=torch.float32)
     elif tuple(out.shape) != (a.rows, b.cols) or out.dtype != torch.float32:
         raise DataError(f"out must be float32 ({a.rows}, {b.cols}), got {tuple(out.shape)} {out.dtype}")
-    native().bf16x3_gemm(a.hi, a.lo, b.hi, b.lo, a.rows, b.cols, a.cols, out, accumulate, path)
+    _lib().bf16x3_gemm(a.hi, a.lo, b.hi, b.lo, a.rows, b.cols, a.cols, out, accumulate, path, park_workers)
     return out
 
 
@@ -129,5 +139,5 @@ def split(x: Tensor) -> tuple[Tensor, Tensor]:
     x = x.detach().contiguous()
     hi = torch.empty(x.shape, dtype=torch.uint16)
     lo = torch.empty(x.shape, dtype=torch.uint16)
-    native().bf16x3_split(x, hi, lo)
+    _lib().bf16x3_split(x, hi, lo)
     return hi.view(torch.bfloat16), lo.view(torch.bfloat16)
