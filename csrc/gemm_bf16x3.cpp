@@ -57,39 +57,23 @@ SplitRun split_run() {
 // element (r, c) of the source, 0 outside (rows, cols)
 inline const float* row_ptr(const float* src, int64_t r, int64_t rs) { return src + r * rs; }
 
-// one source row segment [c0, c0 + 32) of row r -> 32 floats (zero padded) in buf
-inline void gather32(const float* src, int64_t rows, int64_t cols, int64_t rs, int64_t cs, int64_t r, int64_t c0,
-                     float* buf) {
+// W columns [c0, c0 + W) of source row r (zero past rows / cols) -> buf: an A tile row (W = 32 k)
+// or one k row of a B tile (W = 16 columns)
+template <int W>
+inline void gather(const float* src, int64_t rows, int64_t cols, int64_t rs, int64_t cs, int64_t r, int64_t c0,
+                   float* buf) {
   if (r >= rows) {
-    std::memset(buf, 0, 32 * sizeof(float));
+    std::memset(buf, 0, W * sizeof(float));
     return;
   }
   const float* p = row_ptr(src, r, rs);
-  const int64_t n = min64(32, cols - c0);
+  const int64_t n = max64(0, min64(W, cols - c0));
   if (cs == 1) {
-    std::memcpy(buf, p + c0, static_cast<size_t>(max64(n, 0)) * sizeof(float));
+    std::memcpy(buf, p + c0, static_cast<size_t>(n) * sizeof(float));
   } else {
     for (int64_t c = 0; c < n; ++c) buf[c] = p[(c0 + c) * cs];
   }
-  for (int64_t c = max64(n, 0); c < 32; ++c) buf[c] = 0.f;
-}
-
-// a 32-column segment of a column index: for B the source is read as (K rows, N cols) and a tile
-// holds 16 columns, so the gather is over 16 columns of two k rows
-inline void gather16(const float* src, int64_t rows, int64_t cols, int64_t rs, int64_t cs, int64_t r, int64_t c0,
-                     float* buf) {
-  if (r >= rows) {
-    std::memset(buf, 0, 16 * sizeof(float));
-    return;
-  }
-  const float* p = row_ptr(src, r, rs);
-  const int64_t n = min64(16, cols - c0);
-  if (cs == 1) {
-    std::memcpy(buf, p + c0, static_cast<size_t>(max64(n, 0)) * sizeof(float));
-  } else {
-    for (int64_t c = 0; c < n; ++c) buf[c] = p[(c0 + c) * cs];
-  }
-  for (int64_t c = max64(n, 0); c < 16; ++c) buf[c] = 0.f;
+  for (int64_t c = n; c < W; ++c) buf[c] = 0.f;
 }
 
 void check_sizes(int64_t a, int64_t b, const char* what) {
@@ -139,69 +123,67 @@ void bf16x3_split(const float* src, int64_t n, uint16_t* hi, uint16_t* lo) {
   split_run()(src, n, hi, lo);
 }
 
+namespace {
+// fill(t, s, hi tile, lo tile) for every packed tile: t the 16-row (A) / 16-column (B) tile, s the
+// k-step of 32; tiles t in parallel
+template <class Fill>
+void for_tiles(int64_t nt, int64_t ks, uint16_t* hi, uint16_t* lo, bool parallel, Fill&& fill) {
+  parallel_for(
+      nt,
+      [&](int64_t t, int) {
+        for (int64_t s = 0; s < ks; ++s) fill(t, s, hi + (t * ks + s) * kTileElems, lo + (t * ks + s) * kTileElems);
+      },
+      parallel && nt > 1);
+}
+}  // namespace
+
 void bf16x3_pack_a(const float* src, int64_t M, int64_t K, int64_t rs, int64_t cs, uint16_t* hi, uint16_t* lo,
                    bool parallel) {
   check_sizes(M, K, "pack_a");
-  const int64_t mt = x3_round(M) / 16, ks = x3_round(K) / 32;
   const SplitRun split = split_run();
-  const bool fast = cs == 1 && split != split_run_scalar;  // whole tiles of unit-stride rows: vector packer
-  parallel_for(
-      mt,
-      [&](int64_t t, int) {
-        alignas(64) float buf[32];
-        for (int64_t s = 0; s < ks; ++s) {
-          uint16_t* h = hi + (t * ks + s) * kTileElems;
-          uint16_t* l = lo + (t * ks + s) * kTileElems;
+  [[maybe_unused]] const bool fast = cs == 1 && split != split_run_scalar;  // whole tiles of unit-stride rows: vector packer
+  for_tiles(x3_round(M) / 16, x3_round(K) / 32, hi, lo, parallel, [&](int64_t t, int64_t s, uint16_t* h, uint16_t* l) {
 #if defined(SF_HAVE_AMX_KERNELS)
-          if (fast && t * 16 + 16 <= M && s * 32 + 32 <= K) {
-            amx::bf16x3_pack_a_tile(src + t * 16 * rs + s * 32, rs, h, l);
-            continue;
-          }
+    if (fast && t * 16 + 16 <= M && s * 32 + 32 <= K) {
+      amx::bf16x3_pack_a_tile(src + t * 16 * rs + s * 32, rs, h, l);
+      return;
+    }
 #endif
-          for (int64_t r = 0; r < 16; ++r) {
-            gather32(src, M, K, rs, cs, t * 16 + r, s * 32, buf);
-            split(buf, 32, h + r * 32, l + r * 32);
-          }
-        }
-      },
-      parallel && mt > 1);
+    alignas(64) float buf[32];
+    for (int64_t r = 0; r < 16; ++r) {
+      gather<32>(src, M, K, rs, cs, t * 16 + r, s * 32, buf);
+      split(buf, 32, h + r * 32, l + r * 32);
+    }
+  });
 }
 
 void bf16x3_pack_b(const float* src, int64_t K, int64_t N, int64_t rs, int64_t cs, uint16_t* hi, uint16_t* lo,
                    bool parallel) {
   check_sizes(K, N, "pack_b");
-  const int64_t nt = x3_round(N) / 16, ks = x3_round(K) / 32;
   const SplitRun split = split_run();
-  const bool fast = cs == 1 && split != split_run_scalar;  // whole tiles of unit-stride rows: vector packer
-  parallel_for(
-      nt,
-      [&](int64_t t, int) {
-        alignas(64) float buf[2][16];
-        alignas(64) uint16_t h2[2][16], l2[2][16];
-        for (int64_t s = 0; s < ks; ++s) {
-          uint16_t* h = hi + (t * ks + s) * kTileElems;
-          uint16_t* l = lo + (t * ks + s) * kTileElems;
+  [[maybe_unused]] const bool fast = cs == 1 && split != split_run_scalar;  // whole tiles of unit-stride rows: vector packer
+  for_tiles(x3_round(N) / 16, x3_round(K) / 32, hi, lo, parallel, [&](int64_t t, int64_t s, uint16_t* h, uint16_t* l) {
 #if defined(SF_HAVE_AMX_KERNELS)
-          if (fast && t * 16 + 16 <= N && s * 32 + 32 <= K) {
-            amx::bf16x3_pack_b_tile(src + s * 32 * rs + t * 16, rs, h, l);
-            continue;
-          }
+    if (fast && t * 16 + 16 <= N && s * 32 + 32 <= K) {
+      amx::bf16x3_pack_b_tile(src + s * 32 * rs + t * 16, rs, h, l);
+      return;
+    }
 #endif
-          for (int64_t p = 0; p < 16; ++p) {
-            for (int j = 0; j < 2; ++j) {
-              gather16(src, K, N, rs, cs, s * 32 + 2 * p + j, t * 16, buf[j]);
-              split(buf[j], 16, h2[j], l2[j]);
-            }
-            for (int64_t n = 0; n < 16; ++n) {
-              h[p * 32 + 2 * n] = h2[0][n];
-              h[p * 32 + 2 * n + 1] = h2[1][n];
-              l[p * 32 + 2 * n] = l2[0][n];
-              l[p * 32 + 2 * n + 1] = l2[1][n];
-            }
-          }
-        }
-      },
-      parallel && nt > 1);
+    alignas(64) float buf[2][16];
+    alignas(64) uint16_t h2[2][16], l2[2][16];
+    for (int64_t p = 0; p < 16; ++p) {  // k pair p: rows 2p, 2p + 1 interleaved per column (VNNI)
+      for (int j = 0; j < 2; ++j) {
+        gather<16>(src, K, N, rs, cs, s * 32 + 2 * p + j, t * 16, buf[j]);
+        split(buf[j], 16, h2[j], l2[j]);
+      }
+      for (int64_t n = 0; n < 16; ++n) {
+        h[p * 32 + 2 * n] = h2[0][n];
+        h[p * 32 + 2 * n + 1] = h2[1][n];
+        l[p * 32 + 2 * n] = l2[0][n];
+        l[p * 32 + 2 * n + 1] = l2[1][n];
+      }
+    }
+  });
 }
 
 bool bf16x3_path_supported(Bf16x3Path path) {
@@ -232,7 +214,7 @@ void bf16x3_gemm(const Bf16x3Gemm& g, Bf16x3Path path, bool parallel, AfterJob a
   // while the task's column pairs' B tiles (512 KB) come from L2.
   constexpr int64_t kMc = 4, kNc = 16, kKc = 8;
   const int64_t mtasks = (mpairs + kMc - 1) / kMc, ntasks = (npairs + kNc - 1) / kNc;
-  const bool amx = path == Bf16x3Path::amx;
+  [[maybe_unused]] const bool amx = path == Bf16x3Path::amx;
   parallel_for(
       mtasks * ntasks,
       [&](int64_t task, int) {
