@@ -40,8 +40,17 @@ Printed beside each variant: the bytes bound of the whole model at that sparsity
 read per token (lm_head; embeddings and the KV cache are negligible at this context), and the
 measured speedup's fraction of it.
 
+Where a step's time goes (``--breakdown``): for each sparse variant, after the timed runs, two more
+runs of ``--breakdown-tokens`` and of 4 tokens, with every sparse layer's batch-1 kernel (the
+``bound_gemv`` the engine calls) wrapped in a wall-clock timer; the difference of the two runs over
+the difference of their tokens is the time per token inside those kernels (the engine's set-up and
+prefill cancel out). The dense lm_head is timed alone (``F.linear`` on ``(1, hidden)`` at ``--threads``
+torch threads, as the engine runs it) and the rest of the step (attention, norms, rotary, SwiGLU,
+the Python loop) is what remains of the step's time.
+
 Usage:
     python benchmarks/bench_activation_decode.py --quick   # hidden 256, 2 layers (smoke)
+    python benchmarks/bench_activation_decode.py --breakdown --sparsities 0.5 --new 16   # + time split per step
     python benchmarks/bench_activation_decode.py           # the full shape (~6 GB of RAM)
 """
 
@@ -53,6 +62,7 @@ import os
 import resource
 import statistics
 import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -85,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engine", choices=("native", "transformers"), default="native",
                    help="decode loop of every variant: the native engine (default, what `sparseforge generate` runs) "
                         "or transformers' generate")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also split each sparse variant's step: its sparse kernels, the lm_head, the rest (module doc)")
+    p.add_argument("--breakdown-tokens", type=int, default=20, help="tokens of the longer --breakdown run")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if not 0.0 <= args.weight_sparsity < 1.0:
@@ -147,6 +160,55 @@ def decode_seconds(model, prompt: torch.Tensor, new: int, engine: str) -> float:
             model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
                            do_sample=False, pad_token_id=0, streamer=clock)
     return 1.0 / clock.decode_tps()
+
+
+def kernel_seconds(model, layers: dict, prompt: torch.Tensor, new: int, engine: str) -> tuple[float, float]:
+    """(seconds in the bound batch-1 kernels of ``layers``, seconds per token) of one decode of ``new``
+    tokens: each layer's ``bound_gemv`` is wrapped in a wall-clock timer for the run, then restored."""
+    spent = [0.0]
+
+    def timed_binder(layer):
+        def bound_gemv():
+            gemv = type(layer).bound_gemv(layer)
+            if gemv is None:
+                return None
+
+            def timed(x):
+                t0 = time.perf_counter()
+                y = gemv(x)
+                spent[0] += time.perf_counter() - t0
+                return y
+            return timed
+        return bound_gemv
+
+    for layer in layers.values():
+        layer.bound_gemv = timed_binder(layer)  # an instance attribute shadows the method for this run
+    try:
+        per_token = decode_seconds(model, prompt, new, engine)
+    finally:
+        for layer in layers.values():
+            del layer.bound_gemv
+    return spent[0], per_token
+
+
+def lm_head_seconds(model, threads: int) -> float:
+    """Median seconds of the dense lm_head on one token, ``F.linear`` at ``threads`` torch threads."""
+    w = model.lm_head.weight.detach()
+    x = torch.randn(1, w.shape[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for _ in range(5):
+                torch.nn.functional.linear(x, w)
+            ts = []
+            for _ in range(50):
+                t0 = time.perf_counter()
+                torch.nn.functional.linear(x, w)
+                ts.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    return statistics.median(ts)
 
 
 def main(argv=None) -> dict:
@@ -248,10 +310,39 @@ def main(argv=None) -> dict:
         vs_bf16 = f"{r['vs_dense_bf16']:.2f}x" if r["vs_dense_bf16"] else "-"
         print(f"| {r['variant']} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f}x | {vs_bf16} | {r['bytes_bound']:.2f}x "
               f"| {r['of_bound']:.0%} |")
+    if args.breakdown:
+        result["breakdown"] = breakdown(args, model, prompt, variants, layer_sets, report, use, kernels)
     result["max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     write_json(args.out, result)
     print(f"wrote {args.out}")
     return result
+
+
+def breakdown(args, model, prompt, variants, layer_sets, report, use, kernels) -> list[dict]:
+    """Per sparse variant: ms per token in its sparse kernels, in the lm_head (timed alone) and in the
+    rest of the step (module doc); printed as a table."""
+    head = lm_head_seconds(model, args.threads)
+    short, long_ = 4, max(args.breakdown_tokens, 8)
+    rows = []
+    for name, (layers, s, _) in variants.items():
+        if layers is None or layers == "bf16 model":
+            continue
+        gc.collect()
+        use(layer_sets[layers])
+        report.retarget_(model, s)
+        with kernels.sparse_threads(args.threads):
+            k_short, _ = kernel_seconds(model, layer_sets[layers], prompt, short, args.engine)
+            k_long, step = kernel_seconds(model, layer_sets[layers], prompt, long_, args.engine)
+        in_kernels = (k_long - k_short) / (long_ - short)
+        rows.append({"variant": name, "step_ms": 1e3 * step, "sparse_kernels_ms": 1e3 * in_kernels,
+                     "lm_head_ms": 1e3 * head, "rest_ms": 1e3 * (step - in_kernels - head)})
+    print(f"\nwhere a step goes ({long_} - {short} tokens; lm_head timed alone):\n"
+          "| variant | ms per token | sparse kernels | lm_head | rest (attention, norms, glue) |\n|---|---:|---:|---:|---:|")
+    for r in rows:
+        st = r["step_ms"]
+        print(f"| {r['variant']} | {st:.2f} | {r['sparse_kernels_ms']:.2f} ({r['sparse_kernels_ms'] / st:.0%}) | "
+              f"{r['lm_head_ms']:.2f} ({r['lm_head_ms'] / st:.0%}) | {r['rest_ms']:.2f} ({r['rest_ms'] / st:.0%}) |")
+    return rows
 
 
 if __name__ == "__main__":

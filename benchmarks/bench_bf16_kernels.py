@@ -5,7 +5,11 @@ and (hidden, ffn), default 8 x 4096/11008, Bernoulli masks or 2 of every 4). Cel
 
 * ``bf16 <fmt>``: ``sparseforge.ops.linear_bf16`` on bf16 values (the path of
   ``SparseLinear(compute_dtype=torch.bfloat16)``; ``x`` converted to bf16 at each layer's edge), on
-  the path :func:`sparseforge.kernels.bf16_path` picks (printed; ``SPARSEFORGE_BF16_PATH`` forces one);
+  the path :func:`sparseforge.kernels.bf16_path` picks (printed; ``SPARSEFORGE_BF16_PATH`` forces one),
+  with ``method="auto"``: before the timing, :func:`sparseforge.measure.bf16_method.measured_method`
+  times the dense-panel and zero-skipping methods once per distinct layer (shape, density) on this
+  machine and caches the faster; the ``method`` column says which one ran (``--methods`` also times
+  ``panel`` and ``skip`` on their own);
 * ``fp32 <fmt>``: the float32 kernels on the same format (``sparseforge.ops.linear``), for the gain;
 * torch dense fp32 and bf16 (``F.linear``; bf16 on oneDNN/AMX where the CPU has it), timed before
   and after the sparse cells (the verdicts use the faster of the two medians).
@@ -51,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sparsities", default="0.5,2:4,0.75,0.9,0.95")
     ap.add_argument("--budget", type=float, default=2.0, help="seconds of timing per cell")
     ap.add_argument("--quick", action="store_true", help="2 layers of 1024/2816, 0.5 s per cell")
+    ap.add_argument("--methods", action="store_true", help="also time the bf16 panel and skip methods on their own")
     ap.add_argument("--out", type=Path, default=RESULTS / "bf16_kernels.json")
     args = ap.parse_args(argv)
     if args.quick:
@@ -80,7 +85,20 @@ def _dense_cells(args, x) -> dict[str, float]:
     return out
 
 
+def _methods(ws, batch: int) -> str:
+    """Measure (or read from the tuning cache) the bf16 method of each distinct layer: ``"panel"``,
+    ``"skip"`` or e.g. ``"panel/skip"`` (per layer shape, in stack order)."""
+    from sparseforge.measure.bf16_method import measured_method
+
+    names = []
+    for w in ws[:2]:  # the stack alternates two shapes of the same density
+        names.append(measured_method(w, batch, budget_s=0.5)[0])
+    return names[0] if len(set(names)) == 1 else "/".join(names)
+
+
 def _sparse_cells(args, label: str, x) -> list[dict]:
+    from functools import partial
+
     from sparseforge import kernels
     from sparseforge.ops import linear, linear_bf16
 
@@ -96,11 +114,15 @@ def _sparse_cells(args, label: str, x) -> list[dict]:
             continue
         nbytes = sum(w.nbytes for w in ws)
         with torch.inference_mode():
-            for compute, fn in (("bf16", linear_bf16), ("fp32", linear)):
+            cells = [("bf16", _methods(ws, args.batch), linear_bf16)]
+            if args.methods:
+                cells += [("bf16", m, partial(linear_bf16, method=m)) for m in ("panel", "skip")]
+            cells.append(("fp32", "lanes", linear))
+            for compute, method, fn in cells:
                 t = time_fn(lambda: _chain(fn, ws, x), args.budget)["ms"]
                 path = kernels.bf16_path() if compute == "bf16" else kernels.isa()
-                rows.append({"sparsity": label, "format": fmt, "compute": compute, "path": path, "ms": t,
-                             "weight_mb": nbytes / 1e6})
+                rows.append({"sparsity": label, "format": fmt, "compute": compute, "method": method, "path": path,
+                             "ms": t, "weight_mb": nbytes / 1e6})
         del ws
         gc.collect()
     del layers
@@ -152,9 +174,11 @@ def main(argv=None) -> int:
           f"bf16 path {result['bf16_path']}")
     for k, v in result["dense_ms"].items():
         print(f"{k:<18} {v:8.1f} ms (before {result['dense_before_ms'][k]:.1f}, after {result['dense_after_ms'][k]:.1f})")
-    print(f"{'sparsity':<9}{'format':<8}{'compute':<8}{'path':<13}{'ms':>8}{'MB':>8}{'TFLOP/s':>9}{'vs bf16':>9}{'vs fp32':>9}")
+    print(f"{'sparsity':<9}{'format':<8}{'compute':<8}{'method':<12}{'path':<13}{'ms':>8}{'MB':>8}{'TFLOP/s':>9}"
+          f"{'vs bf16':>9}{'vs fp32':>9}")
     for r in result["rows"]:
-        print(f"{r['sparsity']:<9}{r['format']:<8}{r['compute']:<8}{r['path']:<13}{r['ms']:8.1f}{r['weight_mb']:8.0f}"
+        print(f"{r['sparsity']:<9}{r['format']:<8}{r['compute']:<8}{r['method']:<12}{r['path']:<13}{r['ms']:8.1f}"
+              f"{r['weight_mb']:8.0f}"
               f"{r['tflops_dense_equiv']:9.2f}{r['vs_bf16_dense']:8.2f}x{r['vs_fp32_dense']:8.2f}x")
     for line in targets(result):
         print(line)

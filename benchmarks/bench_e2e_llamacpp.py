@@ -17,13 +17,15 @@ Cells, interleaved round by round so drifting load hits every cell alike (median
   int8 values (``compress_(..., format="rule", dtype=torch.int8)``, one scale per output row; the dense
   ``lm_head`` int8 too, stored as a full bitmap: :func:`int8_lm_head_`, as llama.cpp's Q8_0 quantizes its
   ``output.weight``; ``--float-lm-head`` keeps it float32), each also
-  with int8 activations (``w8a8``: ``set_activation_precision_(model, "int8")``); plus the dense fp32
+  with int8 activations (``w8a8``: ``set_activation_precision_(model, "int8")``); 2:4 / 75% with bf16
+  values (the pruned model cast to bfloat16 as a whole, as the dense bf16 cell, then ``compress_``); plus the dense fp32
   model through transformers' ``generate`` as the reference row (``transformers generate: dense fp32``).
   Decode tokens/s are timed from the first generated token to the last (:class:`TokenClock`), so the
   prompt's prefill is not in them, as ``llama-bench``'s generation test runs no prompt.
 The table gives tokens/s, ms per token, weight bytes read per token and the achieved GB/s, beside a
-same-run probe of torch's dense fp32 GEMV streaming rate. The issue-13 targets are printed as
-verdicts from these same-run figures.
+same-run probe of torch's dense fp32 GEMV streaming rate. The issue-13 targets (against llama.cpp) and
+issue 17's decode targets (2:4 >= 1.8x and 75% >= 3x our dense fp32, per values dtype, with the bytes
+ratio that bounds each) are printed as verdicts from these same-run figures.
 
     python benchmarks/bench_e2e_llamacpp.py --quick   # hidden 256, 2 layers (smoke; builds llama.cpp once)
     python benchmarks/bench_e2e_llamacpp.py           # the issue's shape; writes results/e2e_llamacpp.json
@@ -55,6 +57,8 @@ GGUF_TYPES = ("f32", "bf16", "q8_0", "Q4_K_M")  # the first three by the convert
 # the dense fp32 model through transformers' generate: named apart from the "sparseforge ..." cells, which
 # bench_e2e_quality.py joins by name prefix
 REFERENCE_CELL = "transformers generate: dense fp32"
+VALUES_TAG = {None: "fp32", torch.int8: "int8", torch.bfloat16: "bf16"}  # values dtype -> the cell name's tag
+DECODE_TARGETS = (("2:4", 1.8), ("75%", 3.0))  # issue 17: decode vs our dense fp32, same run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sparsities", nargs="+", default=["2:4", "0.75", "0.9"])
     p.add_argument("--int8-sparsities", nargs="+", default=["2:4", "0.75"], help="variants also built with int8 values")
+    p.add_argument("--bf16-sparsities", nargs="*", default=["2:4", "0.75"],
+                   help="variants also built with bf16 values (the whole model in bf16, as the dense bf16 cell)")
     p.add_argument("--float-lm-head", action="store_true",
                    help="int8 cells keep the lm_head float32 (default: int8, as Q8_0 quantizes output.weight)")
     p.add_argument("--work", type=Path, default=peer.CACHE / "models")
@@ -216,13 +222,15 @@ def _pruned(dense, s: str, dtype=None, int8_head: bool = True):
     model = copy.deepcopy(dense)
     kw = dict(pattern=s) if ":" in s else dict(pattern="unstructured", sparsity=float(s))
     sf.sparsify_(model, sf.SparsifyConfig(method="magnitude", **kw), progress=False)
+    if dtype == torch.bfloat16:  # embeddings, norms and lm_head in bf16 too, as the dense bf16 cell
+        model = model.to(torch.bfloat16)
     # int8 cells use the format rule (N:M for 2:4, bitmap / CSR by density): the measured "auto" choice may keep a
     # layer dense where dense fp32 beats the fp32-valued formats, and the cell would then not be int8
     report = compress_(model, format="rule" if dtype == torch.int8 else "auto", dtype=dtype)
     fmts = ",".join(sorted({c.format for c in report.converted})) or "no layer converted: dense"
     if dtype == torch.int8 and int8_head:
         fmts += int8_lm_head_(model)
-    return model, f"sparseforge {_label(s)} {'int8' if dtype == torch.int8 else 'fp32'} ({fmts})"
+    return model, f"sparseforge {_label(s)} {VALUES_TAG[dtype]} ({fmts})"
 
 
 def selected(name: str, cells: list[str] | None) -> bool:
@@ -236,7 +244,7 @@ def _label(s: str) -> str:
 
 
 def our_variants(hf_dir: Path, sparsities: list[str], int8_sparsities: list[str], cells: list[str] | None = None,
-                 int8_head: bool = True) -> dict:
+                 int8_head: bool = True, bf16_sparsities: tuple[str, ...] = ()) -> dict:
     """cell name -> (model, sparse, engine): every cell decodes through the native engine except the
     ``generate`` reference row (the same dense fp32 model through transformers' ``generate``). With
     ``cells``, only the selected ones (a pruned variant is built when it or its w8a8 twin is selected)."""
@@ -247,9 +255,10 @@ def our_variants(hf_dir: Path, sparsities: list[str], int8_sparsities: list[str]
            "sparseforge dense fp32": (copy.deepcopy(dense), False, "native") if selected("sparseforge dense fp32", cells) else None,
            "sparseforge dense bf16": (copy.deepcopy(dense).to(torch.bfloat16), False, "native")
            if selected("sparseforge dense bf16", cells) else None}
-    for s, dtype in [(s, None) for s in sparsities] + [(s, torch.int8) for s in int8_sparsities]:
-        label = s if ":" in s else f"{float(s):.0%}"
-        kinds = ("int8", "w8a8") if dtype == torch.int8 else ("fp32",)
+    todo = [(s, None) for s in sparsities] + [(s, torch.int8) for s in int8_sparsities]
+    for s, dtype in todo + [(s, torch.bfloat16) for s in bf16_sparsities]:
+        label = _label(s)
+        kinds = ("int8", "w8a8") if dtype == torch.int8 else (VALUES_TAG[dtype],)
         if not any(selected(f"sparseforge {label} {k} (", cells) for k in kinds):
             continue
         model, name = _pruned(dense, s, dtype, int8_head)
@@ -315,6 +324,7 @@ def verdicts(rows: dict[str, dict]) -> list[str]:
         fp32 = next((v["decode_tps"] for k, v in rows.items() if k.startswith(f"sparseforge {label} fp32")), None)
         if fp32 and lc_q8:
             lines.append(f"INFO: {label} with fp32 values decodes {fp32:.1f} tokens/s = {fp32 / lc_q8:.2f}x llama.cpp Q8_0")
+    lines += decode_verdicts(rows)
     engine, reference = tps("sparseforge dense fp32"), tps(REFERENCE_CELL)
     if engine and reference:
         lines.append(f"INFO: the native engine decodes dense fp32 at {engine:.1f} tokens/s, transformers' generate at "
@@ -328,6 +338,29 @@ def verdicts(rows: dict[str, dict]) -> list[str]:
     return lines
 
 
+def decode_verdicts(rows: dict[str, dict]) -> list[str]:
+    """Issue 17's decode targets (2:4 >= 1.8x, 75% >= 3x our dense fp32 in the same run), one line per sparse cell
+    of each values dtype, with the ratio of weight bytes per token that bounds the speed-up (dense fp32 / cell)."""
+    base = rows.get("sparseforge dense fp32", {})
+    if not base.get("decode_tps"):
+        return ["MISSING: issue-17 decode targets: no sparseforge dense fp32 measurement"]
+    lines = []
+    bf16 = rows.get("sparseforge dense bf16", {}).get("decode_tps")
+    for label, factor in DECODE_TARGETS:
+        for name, r in rows.items():
+            if not name.startswith(f"sparseforge {label} ") or not r.get("decode_tps"):
+                continue
+            ratio = r["decode_tps"] / base["decode_tps"]
+            beside = f", {r['decode_tps'] / bf16:.2f}x dense bf16" if bf16 else ""
+            if base.get("weight_bytes_per_token") and r.get("weight_bytes_per_token"):
+                beside += f"; weight-bytes bound {base['weight_bytes_per_token'] / r['weight_bytes_per_token']:.2f}x"
+            sparse = "no layer converted" not in name  # "auto" kept every layer dense: not a sparse model
+            beside += "" if sparse else "; no layer is sparse"
+            lines.append(f"{'PASS' if sparse and ratio >= factor else 'FAIL'}: {name} decode >= {factor}x dense fp32 "
+                         f"({ratio:.2f}x{beside})")
+    return lines
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from sparseforge import kernels
@@ -337,7 +370,8 @@ def main(argv=None) -> dict:
     print(f"llama.cpp build: {'reused' if tools.build_seconds == 0 else f'{tools.build_seconds:.0f} s'} ({tools.bin})")
     hf_dir = write_model(args)
     ggufs = {kind: path for kind, path in convert_all(tools, hf_dir).items() if selected(f"llama.cpp {kind.lower()}", args.cells)}
-    ours = our_variants(hf_dir, args.sparsities, args.int8_sparsities, args.cells, int8_head=not args.float_lm_head)
+    ours = our_variants(hf_dir, args.sparsities, args.int8_sparsities, args.cells, int8_head=not args.float_lm_head,
+                        bf16_sparsities=args.bf16_sparsities)
     torch.set_num_threads(args.threads)
     kernels.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)

@@ -3,6 +3,9 @@
 
 #include "bitmap_kernels.h"
 #include "driver.h"
+#if defined(SF_HAVE_BF16_KERNELS)
+#include "bitmap_bf16dot.h"
+#endif
 
 namespace sf {
 
@@ -41,9 +44,23 @@ void bitmap_sddmm_ref(const BitmapView& w, const ProblemW& p) {
 
 void bitmap_sddmm(const BitmapView& w, const ProblemW& p, Isa isa) { detail::run_sddmm(w, p, bitmap_kernels(isa), w.nnz); }
 
+namespace {
+
+// batch 1 with bf16 values on AVX512_BF16 + VBMI2: the vdpbf16ps walk (bitmap_bf16dot.h), unless x is not finite
+bool bf16dot_done(const BitmapView& w, const Problem& p, Isa isa, int algo) {
+#if defined(SF_HAVE_BF16_KERNELS)
+  return isa == Isa::avx512 && algo != 2 && w.vt == VT::bf16 && p.B == 1 && bitmap_bf16dot_linear(w, p);
+#else
+  (void)w, (void)p, (void)isa, (void)algo;
+  return false;
+#endif
+}
+
+}  // namespace
+
 void bitmap_linear(const BitmapView& w, const Problem& p, Isa isa, int algo) {
   detail::check_problem(w.rows, w.cols, p);
-  detail::run_linear(w, p, bitmap_kernels(isa), algo, w.nnz);
+  if (!bf16dot_done(w, p, isa, algo)) detail::run_linear(w, p, bitmap_kernels(isa), algo, w.nnz);
   with_bitmap<BitmapDec>(w, [&](const auto& dec) { detail::fix_nonfinite(dec, p); });
 }
 

@@ -84,6 +84,8 @@ int64_t gemv_col_tile(int64_t out) {
 
 // One row (batch 1): the GEMV over channel parts (channel_parts.h).
 constexpr int64_t kPartTile = 16 * kColBlock;  // columns per task (32 KB of partial sums)
+static_assert(kPartTile <= kMaxTileColumns && 8 * kColBlock <= kMaxTileColumns,
+              "the GEMV walks stage at most kMaxTileColumns columns of bits per channel");
 
 void gemv_parts(const ColumnSparseProblem& p, const ColumnSparseKernels& col, const int32_t* idx, const float* xv,
                 int64_t n, bool parallel) {

@@ -19,13 +19,17 @@
 //   of the partial sums (in L1) and G expansions + FMAs. AVX-512 float32 values: G = 8 on plain
 //   pointers (gemv_group_f32); bfloat16 values in the AVX512_VBMI2 build (column_sparse_avx512vbmi2.cpp):
 //   G = 8, one vpexpandw per 32 outputs (gemv_group_bf16, partial sums as even / odd outputs inside
-//   the tile); everything else G = 4 through `expand`.
+//   the tile); everything else G = 4 through `expand`. Both G = 8 walks read the group's bits from
+//   rows staged side by side (stage_bits) and, while they walk, prefetch the first kLeadBytes of the
+//   next group's value runs (a run then starts without a demand miss; most of a narrow layer's run).
 // decode_panel: the expanded vectors of each channel stored into a dense panel row.
 #pragma once
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+
+#include <cstring>
 
 #include "column_sparse.h"
 #include "lanes.h"
@@ -204,48 +208,80 @@ inline void gemv_group(const ColumnSparseWeight& w, const int32_t* idx, const fl
   }
 }
 
+// The most output columns a GEMV tile spans (column_sparse.cpp: kPartTile), and its bitmap words per channel
+constexpr int64_t kMaxTileColumns = 16 * kColBlock;
+constexpr int64_t kMaxTileWords = kMaxTileColumns / 64;
+
+// The G channels' bitmap rows over the tile copied side by side into `stage` (G rows of
+// kMaxTileWords words): read in one burst, and the walk then addresses every channel's bits from one
+// base register (stage + g * row + c), leaving the general registers to the G value pointers.
+template <int G>
+inline void stage_bits(const ColumnSparseWeight& w, const int32_t* idx, int64_t j0, int64_t cw, uint64_t* stage) {
+  const int64_t words = w.words(), nw = (cw + 63) / 64;
+  for (int g = 0; g < G; ++g) {
+    std::memcpy(stage + g * kMaxTileWords, w.bitmap + idx[g] * words + j0 / 64, static_cast<size_t>(nw) * 8);
+  }
+}
+
+// at[0:n]: where the value runs of channels idx[0:n] start at output j0
+template <class Val, int G>
+inline void run_starts(const ColumnSparseWeight& w, const int32_t* idx, int n, int64_t j0, const Val* (&at)[G]) {
+  for (int g = 0; g < n; ++g) {
+    at[g] = static_cast<const Val*>(w.values) + w.block_ptr[idx[g] * w.nblk() + j0 / kColBlock];
+  }
+}
+
 #if defined(__AVX512F__)
 // AVX-512, float32 values: G channels walk their bitmap rows side by side, 16 outputs at a time.
 // Per channel and 16 outputs: kmovw of the 16 bits from memory (a load, no port-5 move), one
 // vexpandps from the channel's value pointer, one FMA, and the pointer advanced by popcount of the
 // same 16 bits; per 16 outputs one load and one store of the partial sums for all G channels.
-// Plain pointers and no per-channel indices keep all G walks in registers. Every other chunk (about one
-// line of values at 50% density) prefetches the line kPrefetchAhead bytes ahead in each channel's
-// values: 3-6% more bytes/s on two cores streaming from memory (no gain for the bfloat16 walk below).
+// The channels' bits are read from their staged rows (stage_bits: one base register for all G) and
+// their values through plain pointers, so all G walks stay in registers; chunks go in pairs, and the
+// first of each pair (about one line of values at 50% density) prefetches the line kPrefetchAhead
+// bytes ahead in each channel's values: 3-6% more bytes/s on two cores streaming from memory (no
+// gain for the bfloat16 walk below).
 constexpr int64_t kPrefetchAhead = 512;
 
-// The start of G channels' walks at output j0: bits[g] their bitmap rows read as Bits (little endian),
-// val[g] their next stored value (Val: float or the bfloat16 bits), xk[g] their input broadcast.
-template <class Bits, class Val, int G>
-inline void start_walks(const ColumnSparseWeight& w, const int32_t* idx, const float* xv, int64_t j0,
-                        const Bits* (&bits)[G], const Val* (&val)[G], __m512 (&xk)[G]) {
-  const int64_t words = w.words(), nblk = w.nblk();
-  for (int g = 0; g < G; ++g) {
-    bits[g] = reinterpret_cast<const Bits*>(w.bitmap + idx[g] * words + j0 / 64);
-    val[g] = static_cast<const Val*>(w.values) + w.block_ptr[idx[g] * nblk + j0 / kColBlock];
-    xk[g] = _mm512_set1_ps(xv[g]);
-  }
-}
+// The first kLeadBytes of each of the next group's value runs are prefetched while this group walks
+// (one line per channel and chunk pair), so a run starts without a demand miss: the walk's own
+// prefetch only reaches kPrefetchAhead bytes into a run, and narrow layers' runs are short (a 512-output
+// tile at 50% weights: 1 KB).
+constexpr int64_t kLeadBytes = kPrefetchAhead;
 
+// next[0:ahead] the next group's channels (ahead <= G; 0: none)
 template <int G>
 inline void gemv_group_f32(const ColumnSparseWeight& w, const int32_t* idx, const float* xv, int64_t j0, int64_t cw,
-                           float* acc) {
-  const u16_alias* bits[G];
+                           float* acc, const int32_t* next = nullptr, int ahead = 0) {
+  const float* lead[G];
+  run_starts(w, next, ahead, j0, lead);
+  alignas(64) uint64_t stage[G * kMaxTileWords];
+  stage_bits<G>(w, idx, j0, cw, stage);
+  const u16_alias* bits = reinterpret_cast<const u16_alias*>(stage);  // channel g's chunk c: bits[g * kRow + c]
+  constexpr int64_t kRow = kMaxTileWords * 4;
   const float* val[G];
+  run_starts(w, idx, G, j0, val);
   __m512 xk[G];
-  start_walks(w, idx, xv, j0, bits, val, xk);
-  const int64_t chunks = (cw + 63) / 64 * 4;  // 16-output chunks
-  for (int64_t c = 0; c < chunks; ++c) {
-    __m512 v = _mm512_loadu_ps(acc + c * 16);
+  for (int g = 0; g < G; ++g) xk[g] = _mm512_set1_ps(xv[g]);
+  const int64_t chunks = (cw + 63) / 64 * 4;  // 16-output chunks, a multiple of 4
+  for (int64_t c = 0; c < chunks; c += 2) {
+    __m512 v0 = _mm512_loadu_ps(acc + c * 16), v1 = _mm512_loadu_ps(acc + c * 16 + 16);
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g) {
-      __mmask16 k;
-      asm("kmovw %1, %0" : "=k"(k) : "m"(bits[g][c]));  // from memory (see expand_at)
-      v = _mm512_fmadd_ps(xk[g], _mm512_maskz_expandloadu_ps(k, val[g]), v);
-      if ((c & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(val[g]) + kPrefetchAhead, _MM_HINT_T0);
-      val[g] += __builtin_popcount(bits[g][c]);
+      __mmask16 k0, k1;
+      asm("kmovw %1, %0" : "=k"(k0) : "m"(bits[g * kRow + c]));  // from memory (see expand_at)
+      v0 = _mm512_fmadd_ps(xk[g], _mm512_maskz_expandloadu_ps(k0, val[g]), v0);
+      _mm_prefetch(reinterpret_cast<const char*>(val[g]) + kPrefetchAhead, _MM_HINT_T0);
+      val[g] += __builtin_popcount(bits[g * kRow + c]);
+      asm("kmovw %1, %0" : "=k"(k1) : "m"(bits[g * kRow + c + 1]));
+      v1 = _mm512_fmadd_ps(xk[g], _mm512_maskz_expandloadu_ps(k1, val[g]), v1);
+      val[g] += __builtin_popcount(bits[g * kRow + c + 1]);
     }
-    _mm512_storeu_ps(acc + c * 16, v);
+    _mm512_storeu_ps(acc + c * 16, v0);
+    _mm512_storeu_ps(acc + c * 16 + 16, v1);
+    if (c * 32 < kLeadBytes) {  // pair c / 2: line c / 2 of each next run
+      for (int g = 0; g < ahead; ++g) _mm_prefetch(reinterpret_cast<const char*>(lead[g]) + c * 32, _MM_HINT_T0);
+    }
   }
 }
 #endif
@@ -253,20 +289,27 @@ inline void gemv_group_f32(const ColumnSparseWeight& w, const int32_t* idx, cons
 #if defined(__AVX512VBMI2__)
 typedef uint32_t u32_alias __attribute__((may_alias));
 
-// AVX512_VBMI2, bfloat16 values: one vpexpandw from memory places the channel's next
-// popcount(m) values into the set lanes of 32 outputs (m = the 32 bits, kmovd from memory); the
-// 32-bit lanes then hold output pairs, and a shift (even outputs: bits << 16) and a mask (odd
-// outputs: the high halves) widen them to float32 without a shuffle. The partial sums of each 32
+// AVX512_VBMI2, bfloat16 values (bits from the staged rows and the next group's lead-in prefetch, as
+// gemv_group_f32): one vpexpandw from memory places the channel's next popcount(m) values into the
+// set lanes of 32 outputs (m = the 32 bits, kmovd from memory); the 32-bit lanes then hold output
+// pairs, and a shift (even outputs: bits << 16) and a mask (odd outputs: the high halves) widen them
+// to float32 without a shuffle. The partial sums of each 32
 // outputs are therefore kept as 16 even then 16 odd outputs (to_even_odd / from_even_odd around the
 // tile). Per channel and 32 outputs: 1 port-5 uop (the expansion), against 4 for two widenings and
 // two vexpandps.
 template <int G>
 inline void gemv_group_bf16(const ColumnSparseWeight& w, const int32_t* idx, const float* xv, int64_t j0, int64_t cw,
-                            float* acc) {
-  const u32_alias* bits[G];
+                            float* acc, const int32_t* next = nullptr, int ahead = 0) {
+  const uint16_t* lead[G];
+  run_starts(w, next, ahead, j0, lead);
+  alignas(64) uint64_t stage[G * kMaxTileWords];
+  stage_bits<G>(w, idx, j0, cw, stage);
+  const u32_alias* bits = reinterpret_cast<const u32_alias*>(stage);  // channel g's chunk c: bits[g * kRow + c]
+  constexpr int64_t kRow = kMaxTileWords * 2;
   const uint16_t* val[G];
+  run_starts(w, idx, G, j0, val);
   __m512 xk[G];
-  start_walks(w, idx, xv, j0, bits, val, xk);
+  for (int g = 0; g < G; ++g) xk[g] = _mm512_set1_ps(xv[g]);
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   const int64_t chunks = (cw + 63) / 64 * 2;  // 32-output chunks
   for (int64_t c = 0; c < chunks; ++c) {
@@ -274,14 +317,17 @@ inline void gemv_group_bf16(const ColumnSparseWeight& w, const int32_t* idx, con
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g) {
       __mmask32 k;
-      asm("kmovd %1, %0" : "=k"(k) : "m"(bits[g][c]));
+      asm("kmovd %1, %0" : "=k"(k) : "m"(bits[g * kRow + c]));
       const __m512i e = _mm512_maskz_expandloadu_epi16(k, val[g]);  // 32 bf16: outputs 2d (low), 2d + 1 (high)
       even = _mm512_fmadd_ps(xk[g], _mm512_castsi512_ps(_mm512_slli_epi32(e, 16)), even);
       odd = _mm512_fmadd_ps(xk[g], _mm512_castsi512_ps(_mm512_and_si512(e, high)), odd);
-      val[g] += __builtin_popcount(bits[g][c]);
+      val[g] += __builtin_popcount(bits[g * kRow + c]);
     }
     _mm512_storeu_ps(acc + c * 32, even);
     _mm512_storeu_ps(acc + c * 32 + 16, odd);
+    if (c * 64 < kLeadBytes) {  // chunk c: line c of each next run (as gemv_group_f32)
+      for (int g = 0; g < ahead; ++g) _mm_prefetch(reinterpret_cast<const char*>(lead[g]) + c * 64, _MM_HINT_T0);
+    }
   }
 }
 
@@ -349,6 +395,20 @@ void gemv_tile_t(const ColumnSparseWeight& w, const int32_t* idx, const float* x
   if constexpr (V == VT::bf16) to_even_odd(acc, (cw + 63) / 64 * 64);
 #endif
   int64_t k = 0;
+#if defined(__AVX512F__)
+  if constexpr (V == VT::f32) {  // with the next group's lead-in prefetch
+    for (; k + G <= n; k += G) {
+      gemv_group_f32<G>(w, idx + k, xv + k, j0, cw, acc, idx + k + G, static_cast<int>(min64(G, n - k - G)));
+    }
+  }
+#endif
+#if defined(__AVX512VBMI2__)
+  if constexpr (V == VT::bf16) {
+    for (; k + G <= n; k += G) {
+      gemv_group_bf16<G>(w, idx + k, xv + k, j0, cw, acc, idx + k + G, static_cast<int>(min64(G, n - k - G)));
+    }
+  }
+#endif
   for (; k + G <= n; k += G) gemv_group_best<V, G>(w, idx + k, xv + k, j0, cw, acc);
   if constexpr (G > 4) {
     for (; k + 4 <= n; k += 4) gemv_group_best<V, 4>(w, idx + k, xv + k, j0, cw, acc);

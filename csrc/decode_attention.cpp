@@ -23,6 +23,9 @@ SF_DEFINE_DECODE_ATTENTION_KERNELS
 namespace {
 
 constexpr int64_t kDefaultChunk = 512;  // tokens per task
+// compressed tokens per task: a chunk's first block is read without a prefetch ahead of it, and the
+// compressed kernel is the slower per token, so fewer, longer chunks (32K float32 tokens, 2 threads: ~5%)
+constexpr int64_t kSparseChunk = 2048;
 
 std::string str(int64_t v) { return std::to_string(v); }
 
@@ -51,7 +54,9 @@ std::vector<int64_t> check(const DecodeAttnProblem& p) {
   return selected;
 }
 
-AttnChunkFn kernel(Isa isa, VT vt) {
+}  // namespace
+
+AttnChunkFn attn_chunk_kernel(Isa isa, VT vt) {
 #if defined(SF_HAVE_X86_KERNELS)
   if (isa == Isa::avx512) return vt == VT::f32 ? avx512::attn_chunk_f32 : avx512::attn_chunk_bf16;
   if (isa == Isa::avx2) return vt == VT::f32 ? avx2::attn_chunk_f32 : avx2::attn_chunk_bf16;
@@ -60,7 +65,7 @@ AttnChunkFn kernel(Isa isa, VT vt) {
   return vt == VT::f32 ? scalar::attn_chunk_f32 : scalar::attn_chunk_bf16;
 }
 
-PageScoreFn score_kernel(Isa isa, VT vt) {
+PageScoreFn page_score_kernel(Isa isa, VT vt) {
 #if defined(SF_HAVE_X86_KERNELS)
   if (isa == Isa::avx512) return vt == VT::f32 ? avx512::page_score_f32 : avx512::page_score_bf16;
   if (isa == Isa::avx2) return vt == VT::f32 ? avx2::page_score_f32 : avx2::page_score_bf16;
@@ -68,6 +73,8 @@ PageScoreFn score_kernel(Isa isa, VT vt) {
   (void)isa;
   return vt == VT::f32 ? scalar::page_score_f32 : scalar::page_score_bf16;
 }
+
+namespace {
 
 void check_select(const QuestSelectProblem& p) {
   check_kv_cache("Quest selection (n: pages, cap: allocated pages)", {p.B, p.Hq, p.Hkv, p.D, p.pages, p.pcap}, 0);
@@ -88,8 +95,12 @@ void top_pages(std::vector<float>& score, std::vector<int32_t>& idx, int64_t kee
   for (int64_t i = 0; i < keep; ++i) chosen[i] = idx[i];
 }
 
-// out (BH * G, D) and lse (or null) from the partial (m, l, acc) of each chunk; chunks of (b, KV head)
-// bh are [head_first[bh], head_first[bh + 1]), merged in chunk order.
+float value_at(VT vt, const void* base, int64_t i) {
+  return vt == VT::f32 ? load_val<VT::f32>(base, i) : load_val<VT::bf16>(base, i);
+}
+
+}  // namespace
+
 void merge_chunks(const float* pm, const float* pl, const float* pacc, const std::vector<int64_t>& head_first, int64_t G,
                   int64_t D, float* out, float* lse) {
   const int64_t BH = static_cast<int64_t>(head_first.size()) - 1;
@@ -112,12 +123,6 @@ void merge_chunks(const float* pm, const float* pl, const float* pacc, const std
     }
   }
 }
-
-float value_at(VT vt, const void* base, int64_t i) {
-  return vt == VT::f32 ? load_val<VT::f32>(base, i) : load_val<VT::bf16>(base, i);
-}
-
-}  // namespace
 
 void decode_attention_ref(const DecodeAttnProblem& p) {
   check(p);
@@ -158,7 +163,7 @@ void decode_attention_ref(const DecodeAttnProblem& p) {
 
 void decode_attention(const DecodeAttnProblem& p, Isa isa, int64_t chunk, bool parallel) {
   const std::vector<int64_t> selected = check(p);
-  const AttnChunkFn fn = kernel(isa, p.vt);
+  const AttnChunkFn fn = attn_chunk_kernel(isa, p.vt);
   const int64_t G = p.Hq / p.Hkv, D = p.D, BH = p.B * p.Hkv;
   const int64_t ct = chunk > 0 ? chunk : kDefaultChunk;
   // Chunks: consecutive pieces of the selected spans of one (b, KV head), ct tokens each (the last
@@ -247,7 +252,7 @@ void quest_select_ref(const QuestSelectProblem& p) {
 
 void quest_select(const QuestSelectProblem& p, Isa isa, bool parallel) {
   check_select(p);
-  const PageScoreFn fn = score_kernel(isa, p.vt);
+  const PageScoreFn fn = page_score_kernel(isa, p.vt);
   const int64_t G = p.Hq / p.Hkv, D = p.D, BH = p.B * p.Hkv;
   const size_t elt = p.vt == VT::f32 ? 4 : 2;
   parallel_for(
@@ -357,7 +362,7 @@ void sparse_kv_attention(const SparseKvProblem& p, Isa isa, int64_t chunk, bool 
   check_sparse_sizes(p);  // each chunk checks its tokens' bitmaps before reading their values
   const SparseChunkFn fn = sparse_kernel(isa, p.vt);
   const int64_t G = p.Hq / p.Hkv, D = p.D, BH = p.B * p.Hkv, W = (D + 63) / 64;
-  const int64_t ct = chunk > 0 ? chunk : kDefaultChunk;
+  const int64_t ct = chunk > 0 ? chunk : kSparseChunk;
   const int64_t per_head = (p.n + ct - 1) / ct, nc = BH * per_head;
   std::vector<int64_t> head_first(static_cast<size_t>(BH) + 1);
   for (int64_t bh = 0; bh <= BH; ++bh) head_first[bh] = bh * per_head;

@@ -18,6 +18,8 @@
 // only. No fast-math: a NaN in q propagates; exp underflows to 0 below -87.3.
 #pragma once
 
+#include <vector>
+
 #include "common.h"
 
 namespace sf {
@@ -110,6 +112,14 @@ struct SparseKvProblem {
 void sparse_kv_attention(const SparseKvProblem& p, Isa isa, int64_t chunk = 0, bool parallel = true);
 // Scalar reference: expands every token, two passes per query head, std::exp.
 void sparse_kv_attention_ref(const SparseKvProblem& p);
+
+// The drivers' building blocks (quest_attention.cpp runs them too): the chunk and page-score kernels
+// of an ISA and value type, and the merge of chunk partials (m, l, acc) per (b, KV head) bh, its
+// chunks [head_first[bh], head_first[bh + 1]) merged in chunk order into out (BH * G, D) and lse (or null).
+AttnChunkFn attn_chunk_kernel(Isa isa, VT vt);
+PageScoreFn page_score_kernel(Isa isa, VT vt);
+void merge_chunks(const float* pm, const float* pl, const float* pacc, const std::vector<int64_t>& head_first, int64_t G,
+                  int64_t D, float* out, float* lse);
 
 // Quest page selection (Tang et al., ICML 2024) per (b, KV head), the group's query heads summed:
 //   score[p] = sum_{g in group} sum_d max(q_gd kmax[p, d], q_gd kmin[p, d])

@@ -255,17 +255,25 @@ bool run_linear_qx(const W& w, const Problem& p, const I8Kernels& k, int algo, i
 struct FixedXBuffers {
   detail::AlignedFloats limbs;
   std::vector<float> scale;
+  std::vector<int64_t> top_sum;
   // false (nothing usable) when some row's amax is below kFxMinAmax
   bool fill(const Problem& p, const I8Kernels& k, FixedX& fx) {
     fx.ld = quant_x_ld(p.in);
     uint8_t* l = aligned_bytes(limbs, p.B * kFxLimbs * fx.ld);
     scale.resize(static_cast<size_t>(p.B));
+    top_sum.resize(static_cast<size_t>(p.B));
     for (int64_t b = 0; b < p.B; ++b) {
-      scale[b] = k.fixed_row(p.x + b * p.in, p.in, l + b * kFxLimbs * fx.ld, fx.ld);
+      uint8_t* lb = l + b * kFxLimbs * fx.ld;
+      scale[b] = k.fixed_row(p.x + b * p.in, p.in, lb, fx.ld);
       if (scale[b] < 0.f) return false;
+      const int8_t* top = reinterpret_cast<const int8_t*>(lb + 2 * fx.ld);
+      int64_t h = 0;
+      for (int64_t j = 0; j < p.in; ++j) h += top[j];
+      top_sum[b] = h;
     }
     fx.limbs = l;
     fx.scale = scale.data();
+    fx.top_sum = top_sum.data();
     return true;
   }
 };
@@ -305,9 +313,9 @@ void i8_linear_fx_ref(const W& wq, const Problem& p) {
   if (detail::any_nonfinite(p.x, p.B * p.in) || !buf.fill(p, scalar::i8, fx)) return i8_linear_ref(wq.w, wq.scales, p);
   int_rows_ref(
       wq, p,
-      [&](int64_t b, int64_t j) {  // X[j] from its three limb bytes
+      [&](int64_t b, int64_t j) {  // X[j] from its three limb bytes (two's complement, signed top byte)
         const uint8_t* l = fx.limbs + b * kFxLimbs * fx.ld;
-        return int64_t{l[j]} + (int64_t{l[fx.ld + j]} << 8) + (int64_t{l[2 * fx.ld + j]} << 16) - (int64_t{1} << 23);
+        return int64_t{l[j]} + int64_t{l[fx.ld + j]} * 256 + int64_t{static_cast<int8_t>(l[2 * fx.ld + j])} * 65536;
       },
       [&](int64_t r, int64_t b, int64_t acc) { return fx_output(wq.scales[r], fx.scale[b], acc, p.bias ? p.bias[r] : 0.f); });
 }

@@ -74,10 +74,12 @@ enum class I8Act : int { f32 = 0, int8 = 1 };
 // The float32 mode's fixed-point walk (AVX512 VNNI + VBMI + VBMI2, batch 1-3 rows kernels of the bitmap
 // and of N:M other than 2:4): x of each batch row as a 24-bit fixed-point integer, X[j] = clamp(nearbyint(x[j] * inv),
 // +-kFxMax) with inv = kFxMax / amax (float32 multiply, round to nearest even; amax = max_j |x[j]|, 0 gives
-// inv = 0), stored as the three bytes of X + 2^23 (limb planes, unsigned). The row sums are exact integers,
-//   sum_j q[r, j] * X[j] = sum_k 256^k * (sum_j q[r, j] * limb_k[j]) - 2^23 * sum_j q[r, j]
-// (vpdpbusd: 64 limb bytes by 64 values per instruction, so the walk costs one vpexpandb of the values
-// and three vpdpbusd per 64 columns instead of four widen / convert / FMA chains), and
+// inv = 0), stored as the three bytes of X in two's complement (limb planes: l0, l1 unsigned, h signed). The row
+// sums are exact integers: with Q[j] = q[r, j] at the stored columns and 0 elsewhere,
+//   sum_j Q[j] * X[j] = sum_j Q[j] * l0[j] + 256 * sum_j Q[j] * l1[j] + 2^16 * (sum_j (Q[j] + 128) * h[j] - 128 * H)
+// over every column j, H = sum_j h[j] (FixedX::top_sum, once per call). vpdpbusd multiplies 64 bytes per
+// instruction (u8 by s8: l0, l1 by Q, and Q + 128 by h), so the walk costs one vpexpandb of the values, one
+// flip of their sign bit and three vpdpbusd per 64 columns instead of four widen / convert / FMA chains, and
 //   y[b, r] = scales[r] * (sx[b] * sum) + bias[r],  sx[b] = amax_b / kFxMax,
 // in double, rounded once to float32 (fx_output). The deviation from the exact product is at most
 // scales[r] * sum_j |q[r, j]| * sx[b] / 2 (x rounded to 2^-24 of its largest element), below the float32
@@ -88,11 +90,13 @@ constexpr int kFxLimbs = 3;
 constexpr int32_t kFxMax = (1 << 23) - 1;
 constexpr float kFxMinAmax = 1e-30f;  // below it inv overflows float32: the FMA walk runs
 
-// x as limb planes (see above): limbs (B, kFxLimbs, ld) with zeros in [in, ld), scale (B,)
+// x as limb planes (see above): limbs (B, kFxLimbs, ld) with zeros in [in, ld), scale (B,), and per batch row
+// the sum of the top plane's signed bytes (H above)
 struct FixedX {
   const uint8_t* limbs = nullptr;
   int64_t ld = 0;  // quant_x_ld(in)
   const float* scale = nullptr;
+  const int64_t* top_sum = nullptr;
 };
 
 // y of the fixed-point walk: scale * (sx * acc) + bias in double, rounded to float32 once (the volatile

@@ -530,8 +530,8 @@ float quantize_row(const float* x, int64_t n, int8_t* q) {
   return amax / 127.f;
 }
 
-// limbs[k * ld + j] = byte k of X[j] + 2^23, X[j] = clamp(nearbyint(x[j] * inv), +-kFxMax), inv = kFxMax / amax
-// (int8.h, the fixed-point walk); zeros in [n, ld). Returns amax / kFxMax, or -1 (nothing written) when
+// limbs[k * ld + j] = byte k of X[j] in two's complement (planes 0 and 1 unsigned, plane 2 the signed top byte),
+// X[j] = clamp(nearbyint(x[j] * inv), +-kFxMax), inv = kFxMax / amax (int8.h, the fixed-point walk); zeros in [n, ld). Returns amax / kFxMax, or -1 (nothing written) when
 // 0 < amax < kFxMinAmax. Exact in every path: one float32 multiply and one rounding per element.
 float fixed_row(const float* x, int64_t n, uint8_t* limbs, int64_t ld) {
   const float amax = row_amax(x, n);
@@ -543,19 +543,20 @@ float fixed_row(const float* x, int64_t n, uint8_t* limbs, int64_t ld) {
   int64_t j = 0;
 #if defined(__AVX512F__)
   const __m512 vinv = _mm512_set1_ps(inv);
-  const __m512i lo = _mm512_set1_epi32(-kFxMax), hi = _mm512_set1_epi32(kFxMax), off = _mm512_set1_epi32(1 << 23);
+  const __m512i lo = _mm512_set1_epi32(-kFxMax), hi = _mm512_set1_epi32(kFxMax);
   for (; j + 16 <= n; j += 16) {  // round to nearest even (MXCSR default) as nearbyint
     __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + j), vinv));
-    v = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(v, lo), hi), off);
+    v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(l0 + j), _mm512_cvtepi32_epi8(v));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(l1 + j), _mm512_cvtepi32_epi8(_mm512_srli_epi32(v, 8)));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(l2 + j), _mm512_cvtepi32_epi8(_mm512_srli_epi32(v, 16)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(l2 + j), _mm512_cvtepi32_epi8(_mm512_srai_epi32(v, 16)));
   }
 #endif
   for (; j < n; ++j) {
     const float r = std::nearbyint(x[j] * inv);
-    const int32_t v = static_cast<int32_t>(std::max(-static_cast<float>(kFxMax), std::min(static_cast<float>(kFxMax), r))) + (1 << 23);
-    l0[j] = static_cast<uint8_t>(v), l1[j] = static_cast<uint8_t>(v >> 8), l2[j] = static_cast<uint8_t>(v >> 16);
+    const int32_t v = static_cast<int32_t>(std::max(-static_cast<float>(kFxMax), std::min(static_cast<float>(kFxMax), r)));
+    const uint32_t u = static_cast<uint32_t>(v);  // two's complement bytes
+    l0[j] = static_cast<uint8_t>(u), l1[j] = static_cast<uint8_t>(u >> 8), l2[j] = static_cast<uint8_t>(u >> 16);
   }
   for (int k = 0; k < kFxLimbs; ++k) std::memset(limbs + k * ld + n, 0, static_cast<size_t>(ld - n));
   return amax / static_cast<float>(kFxMax);
@@ -690,27 +691,14 @@ inline void bitmap_qx_row_dot(const int8_t* q, int64_t vp, int64_t end, const ui
   }
   for (int nb = 0; nb < NB; ++nb) sums[nb] = a0.total[nb] + a1.total[nb];
 }
-// ---- the float32 mode's fixed-point walk (int8.h FixedX): vpdpbusd of the x limb bytes (u8) by the
-// values (s8). Two accumulator sets take turns by step (the vpdpbusd latency is longer than a step);
-// each vpdpbusd adds at most 4 * 255 * 128 to a lane, so the int32 lanes are reduced into an int64 every
-// kFxChunkSteps steps (at most kFxChunkSteps / 2 + 1 per set: the two sets' sum stays below 2^31).
+// ---- the float32 mode's fixed-point walk (int8.h FixedX): vpdpbusd of the x limb bytes by the values.
+// Planes 0 and 1 (unsigned bytes) multiply the values (s8) as they are; the signed top plane (s8) multiplies
+// the values flipped to q + 128 (u8: a pruned column's 0 becomes 128), so that plane's sum carries
+// 128 * (sum of the top bytes over every column), a per-call constant the output subtracts (FixedX::top_sum).
+// Two accumulator sets take turns by step (the vpdpbusd latency is longer than a step); each vpdpbusd adds
+// at most 4 * 255 * 128 to a lane, so the int32 lanes are reduced into an int64 every kFxChunkSteps steps
+// (at most kFxChunkSteps / 2 + 1 per set: the two sets' sum stays below 2^31).
 constexpr int64_t kFxChunkSteps = 8192;
-
-// sum of q[0, n), exact: q ^ 0x80 = q + 128 summed as unsigned bytes by vpsadbw (eight per qword lane,
-// added by vpaddq: a one-cycle chain), minus 128 per byte read (masked bytes read as 0, so + 128 too)
-inline int64_t fx_values_sum(const int8_t* q, int64_t n) {
-  const __m512i zero = _mm512_setzero_si512();
-  __m512i a = zero;
-  int64_t k = 0;
-  for (; k + 64 <= n; k += 64) a = _mm512_add_epi64(a, _mm512_sad_epu8(flip_sign(_mm512_loadu_si512(q + k)), zero));
-  int64_t bytes = k;
-  if (k < n) {
-    a = _mm512_add_epi64(a, _mm512_sad_epu8(flip_sign(_mm512_maskz_loadu_epi8(_bzhi_u64(~uint64_t{0}, static_cast<unsigned>(n - k)), q + k)), zero));
-    bytes += 64;
-  }
-  return _mm512_reduce_add_epi64(a) - 128 * bytes;
-}
-
 
 // The int32 lanes of the accumulator sets (acc[set][nb][limb]) summed in int64, limbs weighted by 256^k:
 // sets added first (each set takes at most half a chunk's steps: no lane wraps), then widened.
@@ -729,14 +717,21 @@ inline void fx_flush(__m512i (&acc)[2][NB][kFxLimbs], int64_t* total) {
   }
 }
 
+// acc += the three limb products of one 64-column step: w (s8 values expanded to their columns, zeros
+// elsewhere) by limb planes 0 and 1 at x, and w + 128 by the signed top plane
+inline void fx_step(__m512i (&acc)[kFxLimbs], __m512i w, const uint8_t* x, int64_t ld) {
+  acc[0] = _mm512_dpbusd_epi32(acc[0], _mm512_loadu_si512(x), w);
+  acc[1] = _mm512_dpbusd_epi32(acc[1], _mm512_loadu_si512(x + ld), w);
+  acc[2] = _mm512_dpbusd_epi32(acc[2], flip_sign(w), _mm512_loadu_si512(x + 2 * ld));
+}
+
 // bitmap: 64 columns per step; the row's next values expand-loaded to the bytes their bitmap bits name
 // (zeros elsewhere; vpexpandb reads exactly popcount bytes), times the three limb planes of x at those
 // columns. xs[nb] is batch row nb's limb plane 0 (plane k at + k * ld). Steps alternate between the two
-// accumulator sets.
+// accumulator sets. sums[nb] = sum_j q[j] * X[j] + 2^23 * top_sum[nb] (i8_rows_fx subtracts the constant).
 template <int NB>
 inline void bitmap_fx_row_dot(const int8_t* q, int64_t vp, const uint8_t* bits, int64_t cols, const uint8_t* const* xs,
                               int64_t ld, int64_t* sums) {
-  const int64_t vp0 = vp;
   __m512i acc[2][NB][kFxLimbs];
   for (int s = 0; s < 2; ++s)
     for (int nb = 0; nb < NB; ++nb)
@@ -754,11 +749,8 @@ inline void bitmap_fx_row_dot(const int8_t* q, int64_t vp, const uint8_t* bits, 
       const __m512i w1 = _mm512_maskz_expandloadu_epi8(m1, q + vp + _mm_popcnt_u64(m0));
       vp += _mm_popcnt_u64(m0) + _mm_popcnt_u64(m1);
       for (int nb = 0; nb < NB; ++nb) {
-        const uint8_t* x = xs[nb] + c;
-        for (int k = 0; k < kFxLimbs; ++k) {
-          acc[0][nb][k] = _mm512_dpbusd_epi32(acc[0][nb][k], _mm512_loadu_si512(x + k * ld), w0);
-          acc[1][nb][k] = _mm512_dpbusd_epi32(acc[1][nb][k], _mm512_loadu_si512(x + k * ld + 64), w1);
-        }
+        fx_step(acc[0][nb], w0, xs[nb] + c, ld);
+        fx_step(acc[1][nb], w1, xs[nb] + c + 64, ld);
       }
     }
     for (; c < c1; c += 64) {  // the last 64 or fewer columns of the chunk
@@ -767,14 +759,11 @@ inline void bitmap_fx_row_dot(const int8_t* q, int64_t vp, const uint8_t* bits, 
       if (c + 64 > c1) m = _bzhi_u64(m, static_cast<unsigned>(c1 - c));
       const __m512i w = _mm512_maskz_expandloadu_epi8(m, q + vp);
       vp += _mm_popcnt_u64(m);
-      for (int nb = 0; nb < NB; ++nb)
-        for (int k = 0; k < kFxLimbs; ++k)
-          acc[0][nb][k] = _mm512_dpbusd_epi32(acc[0][nb][k], _mm512_loadu_si512(xs[nb] + k * ld + c), w);
+      for (int nb = 0; nb < NB; ++nb) fx_step(acc[0][nb], w, xs[nb] + c, ld);
     }
     fx_flush<NB>(acc, total);
   }
-  const int64_t qsum = fx_values_sum(q + vp0, vp - vp0);
-  for (int nb = 0; nb < NB; ++nb) sums[nb] = total[nb] - qsum * (int64_t{1} << 23);
+  for (int nb = 0; nb < NB; ++nb) sums[nb] = total[nb];
 }
 
 #define SF_INT8_FX_KERNELS 1
@@ -985,7 +974,7 @@ void nm_i8_rows_qx(const NmI8& wq, const QuantX& xq, const Problem& p, int64_t r
 template <class DotFn>
 void i8_rows_fx(const Problem& p, const FixedX& fx, const float* scales, int64_t r0, int64_t r1, DotFn&& dot) {
   rows_by_quads<uint8_t, int64_t>(p, fx.limbs, kFxLimbs * fx.ld, r0, r1, dot, [&](int64_t r, int64_t b, int64_t sum, float bv) {
-    return fx_output(scales[r], fx.scale[b], sum, bv);
+    return fx_output(scales[r], fx.scale[b], sum - (int64_t{128} << 16) * fx.top_sum[b], bv);
   });
 }
 

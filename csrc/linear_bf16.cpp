@@ -27,8 +27,7 @@ namespace {
 
 // widened to float32, multiplied and summed in plain C++ (any CPU)
 struct ScalarMicro {
-  template <class Side>
-  int64_t mul(const uint16_t* panel, const Bf16Tile& t, int64_t c0, int64_t kc, float* acc, Side&&) const {
+  void mul(const uint16_t* panel, const Bf16Tile& t, int64_t c0, int64_t kc, float* acc) const {
     const int64_t kph = t.kp / 2;
     for (int64_t i = 0; i < kBf16RowBlock; ++i) {
       const uint16_t* wr = panel + i * kBf16PanelLd;
@@ -43,7 +42,6 @@ struct ScalarMicro {
         }
       }
     }
-    return 0;
   }
 };
 
@@ -114,9 +112,15 @@ void pack_x(const Bf16Problem& p, int64_t b0, int64_t bn, int64_t kp, uint32_t* 
             for (int64_t k = k0; k < k1; ++k) dst[k * 16 + l] = 0;
             continue;
           }
-          const uint16_t* xr = p.x + (b0 + b) * p.in;
           const int64_t kf = min64(k1, full);
           int64_t k = k0;
+          if (p.xf) {
+            const float* xr = p.xf + (b0 + b) * p.in;
+            for (; k < kf; ++k) dst[k * 16 + l] = f32_to_bf16(xr[2 * k]) | static_cast<uint32_t>(f32_to_bf16(xr[2 * k + 1])) << 16;
+            for (; k < k1; ++k) dst[k * 16 + l] = 2 * k < p.in ? f32_to_bf16(xr[2 * k]) : 0u;  // odd `in`: last pair half used
+            continue;
+          }
+          const uint16_t* xr = p.x + (b0 + b) * p.in;
           for (; k < kf; ++k) {
             uint32_t d;
             std::memcpy(&d, xr + 2 * k, 4);
@@ -147,7 +151,8 @@ void check_bf16_problem(int64_t rows, int64_t cols, const Bf16Problem& p) {
   }
 }
 
-// block(tile, r0, r1, scratch) over 32-row blocks of every 64-row activation block
+// block(tile, r0, r1, scratch) over runs of consecutive 32-row blocks of every 64-row activation block
+// (~8 runs per thread, taken dynamically; the AMX kernel configures its tiles once per run)
 template <class Block>
 void run_bf16(const Bf16Problem& p, Block&& block) {
   if (p.B == 0 || p.out == 0) return;
@@ -157,8 +162,11 @@ void run_bf16(const Bf16Problem& p, Block&& block) {
   const bool par = nt > 1 && static_cast<double>(p.out) * static_cast<double>(kp) *
                                  static_cast<double>(min64(p.B, kBf16BatchChunk)) > static_cast<double>(1 << 18);
   AlignedBytes xp(kBf16BatchChunk * kp * 2);
-  AlignedBytes scratch(int64_t{nt} * kBf16ScratchBytes);
+  const int64_t scratch_bytes = bf16_scratch_bytes(kp);
+  AlignedBytes scratch(int64_t{nt} * scratch_bytes);
   const int64_t nblocks = (p.out + kBf16RowBlock - 1) / kBf16RowBlock;
+  const int64_t per_run = par ? max64(1, nblocks / (int64_t{nt} * 8)) : nblocks;
+  const int64_t nruns = (nblocks + per_run - 1) / per_run;
   for (int64_t b0 = 0; b0 < p.B; b0 += kBf16BatchChunk) {
     Bf16Tile t;
     t.xp = static_cast<const uint32_t*>(xp.p);
@@ -169,10 +177,10 @@ void run_bf16(const Bf16Problem& p, Block&& block) {
     t.p = &p;
     pack_x(p, b0, t.bn, kp, static_cast<uint32_t*>(xp.p), par);
     parallel_for(
-        nblocks,
-        [&](int64_t task, int wk) {
-          block(t, task * kBf16RowBlock, min64(p.out, (task + 1) * kBf16RowBlock),
-                static_cast<char*>(scratch.p) + wk * kBf16ScratchBytes);
+        nruns,
+        [&](int64_t run, int wk) {
+          block(t, run * per_run * kBf16RowBlock, min64(p.out, (run + 1) * per_run * kBf16RowBlock),
+                static_cast<char*>(scratch.p) + wk * scratch_bytes);
         },
         par);
   }
@@ -182,7 +190,7 @@ void run_bf16(const Bf16Problem& p, Block&& block) {
 template <class View, class Ref>
 void ref_bf16(const View& w, const Bf16Problem& p, int64_t nnz, Ref ref) {
   std::vector<float> xf(static_cast<size_t>(p.B * p.in));
-  for (size_t i = 0; i < xf.size(); ++i) xf[i] = bf16_to_f32(p.x[i]);
+  for (size_t i = 0; i < xf.size(); ++i) xf[i] = bf16_to_f32(p.xf ? f32_to_bf16(p.xf[i]) : p.x[i]);
   View v = w;
   std::vector<uint16_t> rounded;
   if (w.vt == VT::f32) {
@@ -201,10 +209,43 @@ void ref_bf16(const View& w, const Bf16Problem& p, int64_t nnz, Ref ref) {
   ref(v, q);
 }
 
+// x widened to float32 (exact), then the format's float32 lanes kernel (algo 2)
+template <class View, class Linear>
+void run_skip(const View& w, const Bf16Problem& p, Isa isa, Linear linear) {
+  check_bf16_problem(w.rows, w.cols, p);
+  if (w.vt != VT::bf16) {
+    throw std::invalid_argument("bf16 method 'skip' needs bfloat16 values (float32 values would be rounded on every call); "
+                                "store the weight with bfloat16 values or use method 'panel'");
+  }
+  if (p.B == 0 || p.out == 0) return;
+  AlignedBytes xf(p.B * p.in * 4);
+  float* xw = static_cast<float*>(xf.p);  // (B, in)
+  const int64_t n = p.B * p.in;
+  parallel_for(
+      (n + 65535) / 65536,
+      [&](int64_t task, int) {
+        const int64_t i0 = task * 65536, e = min64(n, i0 + 65536);
+        if (p.xf) {
+          for (int64_t i = i0; i < e; ++i) xw[i] = bf16_to_f32(f32_to_bf16(p.xf[i]));
+        } else {
+          for (int64_t i = i0; i < e; ++i) xw[i] = bf16_to_f32(p.x[i]);
+        }
+      },
+      num_threads() > 1 && n > (1 << 16));
+  Problem q;
+  q.x = xw;
+  q.B = p.B;
+  q.in = p.in;
+  q.y = p.y;
+  q.out = p.out;
+  q.bias = p.bias;
+  linear(w, q, isa, 2);
+}
+
 }  // namespace
 
 namespace scalar {
-extern const Bf16Kernels linear_bf16 = Bf16Table<ScalarMicro>::kTable;
+extern const Bf16Kernels linear_bf16 = Bf16Table<PanelBlock<ScalarMicro>>::kTable;
 }  // namespace scalar
 
 bool bf16_path_compiled(Bf16Path path) {
@@ -307,6 +348,10 @@ void csr_linear_bf16(const CsrView& w, const Bf16Problem& p, Bf16Path path) {
   const Bf16Kernels& k = kernels(path);
   run_bf16(p, [&](const Bf16Tile& t, int64_t r0, int64_t r1, void* s) { k.csr(w, t, r0, r1, s); });
 }
+
+void bitmap_linear_bf16_skip(const BitmapView& w, const Bf16Problem& p, Isa isa) { run_skip(w, p, isa, bitmap_linear); }
+void nm_linear_bf16_skip(const NmView& w, const Bf16Problem& p, Isa isa) { run_skip(w, p, isa, nm_linear); }
+void csr_linear_bf16_skip(const CsrView& w, const Bf16Problem& p, Isa isa) { run_skip(w, p, isa, csr_linear); }
 
 void bitmap_linear_bf16_ref(const BitmapView& w, const Bf16Problem& p) {
   check_bf16_problem(w.rows, w.cols, p);

@@ -1,18 +1,20 @@
 // bf16 compute for the batched sparse product: y (B, out) = bf16(x) @ bf16(W)^T (+ bias), float32
 // accumulation, for bitmap, N:M and CSR weights (float32 or bfloat16 values).
 //
-// Method: the weight is decompressed, 32 rows x 128 columns at a time, into a dense bf16 panel that
-// stays in L1, and the panel is multiplied with the activations packed once per call in the VNNI
-// layout. Three multiply paths, chosen at run time:
-//   amx          AMX-BF16 TDPBF16PS: the panel rows are the A tiles (16 rows x 32 bf16), the packed
-//                activations the B tiles, four 16x16 float32 accumulator tiles (32 rows x 32 batch)
+// Method: the weight is decompressed into dense bf16 and multiplied with the activations packed once
+// per call in the VNNI layout. Three multiply paths, chosen at run time:
+//   amx          AMX-BF16 TDPBF16PS: 32 rows decoded row by row into a strip of up to kBf16AmxColBlock
+//                columns (linear_bf16_amx.cpp), whose rows are the A tiles (16 rows x 32 bf16), the packed
+//                activations the B tiles, four 16x16 float32 accumulator tiles (32 rows x 32 batch) held
+//                across the strip
 //   avx512_bf16  AVX512_BF16 vdpbf16ps: 4 weight rows x 4 batch vectors per step, weight pairs broadcast
 //   scalar       plain C++ (bf16 widened to float32), the correct fallback on any CPU
+// (the two last: 32 rows x 128 columns at a time into a dense bf16 panel that stays in L1)
 // The two vector paths decode bitmap and 2:4 panels with AVX512_VBMI2 expand loads (vpexpandw /
 // vexpandps + vcvtne2ps2bf16); CSR and other N:M patterns use the portable decoders.
 //
 // Layouts (all little-endian):
-//   x        bf16 (B, in) row-major, raw uint16 bits
+//   x        bf16 (B, in) row-major, raw uint16 bits (or float32 `xf`, rounded to bf16 while packed)
 //   xp       uint32 [nbt][kp / 2][16]: batch tile t (batch rows 16t..16t+15), column pair k: dword
 //            (x[16t + l, 2k], x[16t + l, 2k + 1]) at lane l (low half = even column); zero past B and in;
 //            kp = in rounded up to 32
@@ -26,6 +28,7 @@
 #include "bitmap.h"
 #include "common.h"
 #include "csr.h"
+#include "isa.h"
 #include "nm.h"
 
 namespace sf {
@@ -33,7 +36,8 @@ namespace sf {
 enum class Bf16Path : int { scalar = 0, avx512_bf16 = 1, amx = 2 };
 
 struct Bf16Problem {
-  const uint16_t* x = nullptr;  // (B, in) bf16 bits
+  const uint16_t* x = nullptr;  // (B, in) bf16 bits, or null when xf is set
+  const float* xf = nullptr;    // (B, in) float32, rounded to bf16 (nearest even) as it is read
   int64_t B = 0;
   int64_t in = 0;
   float* y = nullptr;  // (B, out)
@@ -51,6 +55,18 @@ constexpr int64_t kBf16BatchChunk = 64;   // batch rows per packed activation bl
 constexpr int64_t kBf16PanelBytes = kBf16RowBlock * kBf16PanelLd * 2;
 constexpr int64_t kBf16AccBytes = kBf16RowBlock * kBf16BatchChunk * 4;
 constexpr int64_t kBf16ScratchBytes = 2 * kBf16PanelBytes + kBf16AccBytes + kBf16RowBlock * 8;  // two panels, acc, row cursors
+// The AMX path decodes a 32-row block row by row over up to kBf16AmxColBlock columns at a time (each
+// row's stored values stream sequentially) into one strip, then multiplies the strip with the
+// accumulators held in tiles. One core, 50% bitmap, batch 64, weights cold (8 copies, ~400 MB),
+// contended host: 11008x4096 10.0-11.0 ms per layer (strip of 4096) against 13.1-14.6 (128-column
+// panels interleaved with the tile product); 4096x11008 11.0 (11008) / 12.4 (256) / 15.8 (panels).
+constexpr int64_t kBf16AmxColBlock = 12288;
+// bytes of per-thread scratch for a product with kp (in rounded up to 32) columns: the panels of the
+// vector paths or the AMX strip, the accumulators and the row cursors
+inline int64_t bf16_scratch_bytes(int64_t kp) {
+  const int64_t strip = kBf16RowBlock * ((kp < kBf16AmxColBlock ? kp : kBf16AmxColBlock) + 32) * 2;
+  return (strip > 2 * kBf16PanelBytes ? strip : 2 * kBf16PanelBytes) + kBf16AccBytes + kBf16RowBlock * 8;
+}
 
 // One packed block of activations (batch rows [b0, b0 + bn)) and the problem it belongs to.
 struct Bf16Tile {
@@ -61,7 +77,7 @@ struct Bf16Tile {
   const Bf16Problem* p = nullptr;
 };
 
-// Rows [r0, r1) (at most kBf16RowBlock) of y for one activation block; scratch: kBf16ScratchBytes, 64-aligned.
+// Rows [r0, r1) of y (blocks of kBf16RowBlock inside) for one activation block; scratch: bf16_scratch_bytes(kp), 64-aligned.
 struct Bf16Kernels {
   void (*bitmap)(const BitmapView&, const Bf16Tile&, int64_t r0, int64_t r1, void* scratch);
   void (*nm)(const NmView&, const Bf16Tile&, int64_t r0, int64_t r1, void* scratch);
@@ -88,6 +104,14 @@ const char* bf16_path_name(Bf16Path path);
 void bitmap_linear_bf16(const BitmapView& w, const Bf16Problem& p, Bf16Path path);
 void nm_linear_bf16(const NmView& w, const Bf16Problem& p, Bf16Path path);
 void csr_linear_bf16(const CsrView& w, const Bf16Problem& p, Bf16Path path);
+// The zero-skipping method ("skip"): the format's float32 batch-in-lanes kernels (lanes.h; AVX-512 /
+// AVX2 / portable by `isa`) on x widened from bf16 to float32 (exact) with the bf16 values widened as
+// they are read: the same products as the panel (bf16 x bf16, float32 sums, another summation order),
+// work proportional to the stored values instead of the dense size, and the float32 kernels' dense
+// NaN / inf semantics. bfloat16 values only (throws std::invalid_argument for float32 values).
+void bitmap_linear_bf16_skip(const BitmapView& w, const Bf16Problem& p, Isa isa);
+void nm_linear_bf16_skip(const NmView& w, const Bf16Problem& p, Isa isa);
+void csr_linear_bf16_skip(const CsrView& w, const Bf16Problem& p, Isa isa);
 void bitmap_linear_bf16_ref(const BitmapView& w, const Bf16Problem& p);
 void nm_linear_bf16_ref(const NmView& w, const Bf16Problem& p);
 void csr_linear_bf16_ref(const CsrView& w, const Bf16Problem& p);

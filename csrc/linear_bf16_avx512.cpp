@@ -34,8 +34,7 @@ struct DpMicro {
 #pragma GCC unroll 4
       for (int j = 0; j < NB; ++j) _mm512_storeu_ps(acc + (i0 + r) * kBf16BatchChunk + (bt0 + j) * 16, a[r][j]);
   }
-  template <class Side>
-  int64_t mul(const uint16_t* panel, const Bf16Tile& t, int64_t c0, int64_t kc, float* acc, Side&&) const {
+  void mul(const uint16_t* panel, const Bf16Tile& t, int64_t c0, int64_t kc, float* acc) const {
     for (int64_t i0 = 0; i0 < kBf16RowBlock; i0 += 4) {
       int64_t bt = 0;
       for (; bt + 4 <= t.nbt; bt += 4) rows4<4>(panel, t, c0, kc, acc, i0, bt);
@@ -46,13 +45,12 @@ struct DpMicro {
         default: break;
       }
     }
-    return 0;
   }
 };
 
 }  // namespace
 
 namespace avx512bf16 {
-extern const Bf16Kernels linear_bf16 = Bf16Table<DpMicro>::kTable;
+extern const Bf16Kernels linear_bf16 = Bf16Table<PanelBlock<DpMicro>>::kTable;
 }  // namespace avx512bf16
 }  // namespace sf

@@ -1,8 +1,8 @@
-// The bf16 panel product (linear_bf16.h), written once and compiled per path: linear_bf16.cpp
-// (portable, scalar multiply), linear_bf16_avx512.cpp (vdpbf16ps) and linear_bf16_amx.cpp (AMX)
-// each include this header, define their multiply (a `Micro` with mul(panel, tile, c0, kc, acc,
-// side) -> how many side(0), side(1), ... it called between its steps, see bf16_block)
-// and export block<Decoder, Micro> per format. Everything has internal linkage.
+// The bf16 product's decoders and block kernels (linear_bf16.h), written once and compiled per path:
+// linear_bf16.cpp (portable, scalar multiply) and linear_bf16_avx512.cpp (vdpbf16ps) define a
+// `Micro` with mul(panel, tile, c0, kc, acc) and export bf16_block<Decoder, Micro> per format
+// (PanelBlock); linear_bf16_amx.cpp exports its strip block over the same decoders. Everything has
+// internal linkage.
 //
 // Decoders write columns [c0, c0 + kc) of one weight row as dense bf16 (kc a multiple of 32) and
 // keep a per-row cursor between panels: the next value (bitmap), value index (N:M) or entry (CSR).
@@ -12,6 +12,9 @@
 #if defined(__AVX512VBMI2__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define SF_BF16_VECTOR_DECODE 1
+#endif
+#if defined(__SSE2__)
+#include <emmintrin.h>
 #endif
 
 namespace sf {
@@ -153,9 +156,34 @@ struct CsrPanel {
   }
 };
 
-// Rows [r0, r1) of y for one activation block. Two panels: while the multiply runs on one, it calls
-// side(i) between its steps to decode row i of the next panel into the other (on AMX the tile unit
-// works while the core decodes); rows it did not reach are decoded after it returns.
+// y[b0 + b, r0 + i] = acc[i][b] + bias[r0 + i] for the block's nr rows and the tile's batch rows. Each
+// batch row gets nr floats, rows `out` floats apart; where they are whole aligned 64-byte lines they go
+// out with non-temporal stores: y is written once here and read by the next layer, and a plain store
+// first reads each line it writes (one miss per line: 1-2 ms of a 4096x11008 layer at batch 64).
+inline void store_y(const float* acc, const Bf16Tile& t, int64_t r0, int64_t nr) {
+  const Bf16Problem& p = *t.p;
+  alignas(64) float row[kBf16RowBlock];
+  bool streamed = false;
+  for (int64_t b = 0; b < t.bn; ++b) {
+    float* yr = p.y + (t.b0 + b) * p.out + r0;
+    for (int64_t i = 0; i < nr; ++i) row[i] = acc[i * kBf16BatchChunk + b] + (p.bias ? p.bias[r0 + i] : 0.f);
+#if defined(__SSE2__)
+    if (nr == kBf16RowBlock && reinterpret_cast<uintptr_t>(yr) % 64 == 0) {
+      for (int64_t i = 0; i < kBf16RowBlock; i += 4) _mm_stream_ps(yr + i, _mm_load_ps(row + i));
+      streamed = true;
+      continue;
+    }
+#endif
+    std::memcpy(yr, row, static_cast<size_t>(nr) * 4);
+  }
+#if defined(__SSE2__)
+  if (streamed) _mm_sfence();  // the non-temporal stores are visible before the task ends
+#endif
+  (void)streamed;
+}
+
+// Rows [r0, r1) of y for one activation block, panel by panel: after the multiply of one panel the next
+// is decoded into the other buffer, each row prefetching its slice of the panel after that.
 template <class Panel, class Micro>
 void bf16_block(const typename Panel::View& w, const Bf16Tile& t, int64_t r0, int64_t r1, void* scratch) {
   uint16_t* panels[2] = {static_cast<uint16_t*>(scratch),
@@ -183,41 +211,45 @@ void bf16_block(const typename Panel::View& w, const Bf16Tile& t, int64_t r0, in
       const int64_t kc = min64(kBf16ColChunk, t.kp - c0), c1 = c0 + kc, kc1 = min64(kBf16ColChunk, t.kp - c1);
       uint16_t* next = panels[which ^ 1];
       const int64_t c2 = c1 + kc1, kc2 = min64(kBf16ColChunk, t.kp - c2);
-      auto side = [&](int64_t i) {  // row i of the next panel, and a prefetch of the one after
-        if (c1 < t.kp && i < nr) {
-          dec.row(r0 + i, cur[i], c1, kc1, next + i * kBf16PanelLd);
-          if (c2 < t.kp) dec.prefetch(r0 + i, cur[i], c2, kc2);
-        }
-      };
-      const int64_t done = micro.mul(panels[which], t, c0, kc, acc, side);
-      for (int64_t i = done; i < nr; ++i) side(i);
+      micro.mul(panels[which], t, c0, kc, acc);
+      for (int64_t i = 0; c1 < t.kp && i < nr; ++i) {  // row i of the next panel, and a prefetch of the one after
+        dec.row(r0 + i, cur[i], c1, kc1, next + i * kBf16PanelLd);
+        if (c2 < t.kp) dec.prefetch(r0 + i, cur[i], c2, kc2);
+      }
     }
   }
-  const Bf16Problem& p = *t.p;
-  for (int64_t b = 0; b < t.bn; ++b) {
-    float* yr = p.y + (t.b0 + b) * p.out + r0;
-    for (int64_t i = 0; i < nr; ++i) yr[i] = acc[i * kBf16BatchChunk + b] + (p.bias ? p.bias[r0 + i] : 0.f);
-  }
+  store_y(acc, t, r0, nr);
 }
 
-// The kernel table of a multiply: one block function per format, the value type chosen per call.
+// bf16_block with the multiply Micro over rows [r0, r1) block by block, as a block type for Bf16Table
 template <class Micro>
+struct PanelBlock {
+  template <class Panel>
+  static void run(const typename Panel::View& w, const Bf16Tile& t, int64_t r0, int64_t r1, void* s) {
+    for (int64_t b = r0; b < r1; b += kBf16RowBlock) bf16_block<Panel, Micro>(w, t, b, min64(r1, b + kBf16RowBlock), s);
+  }
+};
+
+// The kernel table of a block type (Block::run<Panel>(w, t, r0, r1, scratch), rows [r0, r1) in blocks of
+// kBf16RowBlock): one function per
+// format, the value type chosen per call.
+template <class Block>
 struct Bf16Table {
   static void bitmap(const BitmapView& w, const Bf16Tile& t, int64_t r0, int64_t r1, void* s) {
-    if (w.vt == VT::f32) bf16_block<BitmapPanel<VT::f32>, Micro>(w, t, r0, r1, s);
-    else bf16_block<BitmapPanel<VT::bf16>, Micro>(w, t, r0, r1, s);
+    if (w.vt == VT::f32) Block::template run<BitmapPanel<VT::f32>>(w, t, r0, r1, s);
+    else Block::template run<BitmapPanel<VT::bf16>>(w, t, r0, r1, s);
   }
   static void nm(const NmView& w, const Bf16Tile& t, int64_t r0, int64_t r1, void* s) {
-    if (w.vt == VT::f32) bf16_block<NmPanel<VT::f32>, Micro>(w, t, r0, r1, s);
-    else bf16_block<NmPanel<VT::bf16>, Micro>(w, t, r0, r1, s);
+    if (w.vt == VT::f32) Block::template run<NmPanel<VT::f32>>(w, t, r0, r1, s);
+    else Block::template run<NmPanel<VT::bf16>>(w, t, r0, r1, s);
   }
   static void csr(const CsrView& w, const Bf16Tile& t, int64_t r0, int64_t r1, void* s) {
     if (w.col_u16) {
-      if (w.vt == VT::f32) bf16_block<CsrPanel<uint16_t, VT::f32>, Micro>(w, t, r0, r1, s);
-      else bf16_block<CsrPanel<uint16_t, VT::bf16>, Micro>(w, t, r0, r1, s);
+      if (w.vt == VT::f32) Block::template run<CsrPanel<uint16_t, VT::f32>>(w, t, r0, r1, s);
+      else Block::template run<CsrPanel<uint16_t, VT::bf16>>(w, t, r0, r1, s);
     } else {
-      if (w.vt == VT::f32) bf16_block<CsrPanel<int32_t, VT::f32>, Micro>(w, t, r0, r1, s);
-      else bf16_block<CsrPanel<int32_t, VT::bf16>, Micro>(w, t, r0, r1, s);
+      if (w.vt == VT::f32) Block::template run<CsrPanel<int32_t, VT::f32>>(w, t, r0, r1, s);
+      else Block::template run<CsrPanel<int32_t, VT::bf16>>(w, t, r0, r1, s);
     }
   }
   static constexpr Bf16Kernels kTable = {bitmap, nm, csr};

@@ -24,6 +24,19 @@ def test_tiny_run_writes_every_cell(tmp_path):
     assert all(math.isfinite(r["ms"]) and r["ms"] > 0 and r["weight_mb"] > 0 for r in result["rows"])
     assert {r["path"] for r in result["rows"] if r["compute"] == "bf16"} == {kernels.bf16_path()}
     assert set(result["dense_ms"]) == {"torch dense fp32", "torch dense bf16"}
+    # the bf16 cells ran the method measured for their layers (bf16 values: panel and skip both apply)
+    assert all(set(r["method"].split("/")) <= {"panel", "skip"} for r in result["rows"] if r["compute"] == "bf16")
+
+
+def test_methods_flag_times_each_bf16_method(tmp_path):
+    bench = load_benchmark("bf16_kernels")
+    out = tmp_path / "bf16.json"
+    argv = ["--layers", "2", "--hidden", "64", "--ffn", "96", "--batch", "16", "--threads", "1", "--budget", "0.01",
+            "--sparsities", "0.9", "--methods", "--out", str(out)]
+    assert bench.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["format"], r["method"]) for r in rows if r["compute"] == "bf16" and r["method"] in ("panel", "skip")} == {
+        ("bitmap", "panel"), ("bitmap", "skip"), ("csr", "panel"), ("csr", "skip")}
 
 
 def test_verdicts_follow_the_targets():

@@ -152,3 +152,49 @@ def test_int8_lm_head_leaves_a_tied_head_float_and_says_so():
     assert bench.int8_lm_head_(model) == "; lm_head float32 (tied)"
     assert isinstance(model.lm_head, torch.nn.Linear)
     assert model.lm_head.weight is model.get_input_embeddings().weight
+
+
+def test_decode_verdicts_judge_every_values_dtype_against_dense_fp32():
+    e2e = load_benchmark("e2e_llamacpp")
+    bytes_row = lambda tps, nbytes: {**row(tps), "weight_bytes_per_token": nbytes}  # noqa: E731
+    rows = {"sparseforge dense fp32": bytes_row(10.0, 4000), "sparseforge dense bf16": bytes_row(16.0, 2000),
+            "sparseforge 2:4 fp32 (nm)": bytes_row(13.0, 2250), "sparseforge 2:4 bf16 (nm)": bytes_row(25.0, 1125),
+            "sparseforge 75% bf16 (bitmap)": bytes_row(29.0, 700), "sparseforge 90% fp32 (csr)": bytes_row(40.0, 900)}
+    lines = e2e.decode_verdicts(rows)
+    assert "FAIL: sparseforge 2:4 fp32 (nm) decode >= 1.8x dense fp32 (1.30x, 0.81x dense bf16; weight-bytes bound 1.78x)" in lines
+    assert "PASS: sparseforge 2:4 bf16 (nm) decode >= 1.8x dense fp32 (2.50x, 1.56x dense bf16; weight-bytes bound 3.56x)" in lines
+    assert any(line.startswith("FAIL: sparseforge 75% bf16 (bitmap) decode >= 3.0x dense fp32 (2.90x") for line in lines)
+    assert not any("90%" in line for line in lines)  # no target for 90%
+    rows["sparseforge 2:4 bf16 (no layer converted: dense)"] = bytes_row(30.0, 2000)
+    assert any(line.startswith("FAIL: sparseforge 2:4 bf16 (no layer converted: dense) decode >= 1.8x dense fp32 (3.00x")
+               and line.endswith("; no layer is sparse)") for line in e2e.decode_verdicts(rows))
+    assert e2e.decode_verdicts({"sparseforge 2:4 bf16 (nm)": row(25.0)}) == [
+        "MISSING: issue-17 decode targets: no sparseforge dense fp32 measurement"]
+    assert any("2:4 bf16" in line for line in e2e.verdicts(rows))  # part of the printed verdicts
+
+
+def test_bf16_cells_are_bf16_throughout_and_decode_like_the_pruned_model(tmp_path):
+    import transformers as t
+
+    from sparseforge.generation.loop import native_generate
+    from sparseforge.nn.sparse_linear import SparseLinear
+
+    e2e = load_benchmark("e2e_llamacpp")
+    torch.manual_seed(0)
+    cfg = t.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False)
+    t.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    cells = e2e.our_variants(tmp_path, ["2:4"], [], cells=["2:4 bf16"], bf16_sparsities=["2:4"])
+    (name, (model, sparse, engine)), = cells.items()
+    assert name.startswith("sparseforge 2:4 bf16 (") and sparse and engine == "native"
+    layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    assert layers and all(m.weight_format.dtype == torch.bfloat16 for m in layers)  # "auto" may keep tiny layers dense
+    assert model.lm_head.weight.dtype == torch.bfloat16 and model.model.embed_tokens.weight.dtype == torch.bfloat16
+    # bf16 halves the bytes (a converted layer may not save more: "auto" can pick fanin, 4 B per kept bf16 value)
+    assert e2e.weight_bytes_per_token(model) <= 0.5 * e2e.weight_bytes_per_token(
+        t.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32))
+    ids = torch.randint(1, 300, (1, 5))
+    with torch.inference_mode():
+        reference = model(ids).logits[0, -1].float()  # transformers' forward over the same SparseLinear layers
+        out = native_generate(model, ids, max_new_tokens=1, min_new_tokens=1)
+    assert out.shape == (1, 6) and out[0, -1] == reference.argmax()

@@ -4,6 +4,9 @@
 //   decode_attention_ref(q, k, v, spans, n, scale, out)          (the scalar oracle)
 //   quest_select(q, kmin, kmax, pages, chosen, isa="", parallel=True), quest_select_ref(...)
 //     kmin / kmax (B, Hkv, allocated pages, D) like k; chosen (B, Hkv, keep) int32, overwritten
+//   quest_attention(q, k, v, kmin, kmax, n, page, read, scale, out, isa="", parallel=True, lse=None, chosen=None), _ref
+//     one Quest step (csrc/quest_attention.h): kmin / kmax (B, Hkv, allocated pages, D) float32 or bfloat16,
+//     read pages per KV head (the newest included); chosen None or int32 (B, Hkv, read - 1), overwritten
 //   sparse_kv_attention(q, kvals, kbits, vvals, vbits, n, scale, out, lse, isa="", chunk=0, parallel=True), _ref
 //     kvals / vvals (B, Hkv, cap, keep) like k; kbits / vbits (B, Hkv, cap, ceil(D / 64)) int64 words
 //   prefill_attention(q, k, v, n, scale, sinks, window, last, horizon, out, isa="", parallel=True, bf16_path=""), _ref
@@ -33,6 +36,7 @@
 #include "label_select.h"
 #include "linear_bf16.h"
 #include "prefill_attention.h"
+#include "quest_attention.h"
 #include "threadpool.h"
 
 namespace sfb {
@@ -52,17 +56,15 @@ sf::VT pair_type(const In& a, const In& b, const std::string& names) {
   throw std::invalid_argument(names + " must both be float32 or both bfloat16 (raw uint16 bits)");
 }
 
-sf::DecodeAttnProblem problem(const In& q, const In& k, const In& v, const In& spans, int64_t n, double scale,
-                              const Out& out, const nb::object& lse) {
+// q, k, v, out and lse of a decode step checked and filled in (no spans)
+sf::DecodeAttnProblem qkv_problem(const In& q, const In& k, const In& v, const Out& out, const nb::object& lse) {
   check_array(q, "q", 3);
   check_array(k, "k", 4);
   check_array(v, "v", 4);
-  check_array(spans, "spans", 4);
   check_out(out, "out", 3);
   if (q.dtype() != nb::dtype<float>() || out.dtype() != nb::dtype<float>()) {
     throw std::invalid_argument("q and out must be float32");
   }
-  if (spans.dtype() != nb::dtype<int32_t>()) throw std::invalid_argument("spans must be int32");
   sf::DecodeAttnProblem p;
   p.vt = pair_type(k, v, "k and v");
   p.B = dim(q, 0);
@@ -70,11 +72,7 @@ sf::DecodeAttnProblem problem(const In& q, const In& k, const In& v, const In& s
   p.D = dim(q, 2);
   p.Hkv = dim(k, 1);
   p.cap = dim(k, 2);
-  p.S = dim(spans, 2);
   if (dim(k, 0) != p.B || dim(k, 3) != p.D) throw std::invalid_argument("k must be (B, Hkv, cap, D) with q's B and D");
-  if (dim(spans, 0) != p.B || dim(spans, 1) != p.Hkv || dim(spans, 3) != 2) {
-    throw std::invalid_argument("spans must be (B, Hkv, S, 2) with k's B and Hkv");
-  }
   if (static_cast<int64_t>(out.shape(0)) != p.B || static_cast<int64_t>(out.shape(1)) != p.Hq ||
       static_cast<int64_t>(out.shape(2)) != p.D) {
     throw std::invalid_argument("out must have q's shape");
@@ -82,9 +80,6 @@ sf::DecodeAttnProblem problem(const In& q, const In& k, const In& v, const In& s
   p.q = static_cast<const float*>(q.data());
   p.k = k.data();
   p.v = v.data();
-  p.n = n;
-  p.spans = static_cast<const int32_t*>(spans.data());
-  p.scale = static_cast<float>(scale);
   p.out = static_cast<float*>(out.data());
   if (!lse.is_none()) {
     Out l = nb::cast<Out>(lse);
@@ -95,6 +90,21 @@ sf::DecodeAttnProblem problem(const In& q, const In& k, const In& v, const In& s
     }
     p.lse = static_cast<float*>(l.data());
   }
+  return p;
+}
+
+sf::DecodeAttnProblem problem(const In& q, const In& k, const In& v, const In& spans, int64_t n, double scale,
+                              const Out& out, const nb::object& lse) {
+  check_array(spans, "spans", 4);
+  sf::DecodeAttnProblem p = qkv_problem(q, k, v, out, lse);
+  if (spans.dtype() != nb::dtype<int32_t>()) throw std::invalid_argument("spans must be int32");
+  p.S = dim(spans, 2);
+  if (dim(spans, 0) != p.B || dim(spans, 1) != p.Hkv || dim(spans, 3) != 2) {
+    throw std::invalid_argument("spans must be (B, Hkv, S, 2) with k's B and Hkv");
+  }
+  p.n = n;
+  p.spans = static_cast<const int32_t*>(spans.data());
+  p.scale = static_cast<float>(scale);
   return p;
 }
 
@@ -122,6 +132,48 @@ sf::QuestSelectProblem select_problem(const In& q, const In& kmin, const In& kma
   p.kmin = kmin.data();
   p.kmax = kmax.data();
   p.chosen = static_cast<int32_t*>(chosen.data());
+  return p;
+}
+
+// q, k, v, out, lse checked as for decode_attention (spans: none), kmin / kmax as for quest_select
+sf::QuestAttnProblem quest_problem(const In& q, const In& k, const In& v, const In& kmin, const In& kmax, int64_t n,
+                                   int64_t page, int64_t read, double scale, const Out& out, const nb::object& lse,
+                                   const nb::object& chosen) {
+  check_array(kmin, "kmin", 4);
+  check_array(kmax, "kmax", 4);
+  const sf::DecodeAttnProblem d = qkv_problem(q, k, v, out, lse);
+  sf::QuestAttnProblem p;
+  p.q = d.q;
+  p.k = d.k;
+  p.v = d.v;
+  p.vt = d.vt;
+  p.B = d.B;
+  p.Hq = d.Hq;
+  p.Hkv = d.Hkv;
+  p.D = d.D;
+  p.cap = d.cap;
+  p.out = d.out;
+  p.lse = d.lse;
+  p.bvt = pair_type(kmin, kmax, "kmin and kmax");
+  if (dim(kmin, 0) != p.B || dim(kmin, 1) != p.Hkv || dim(kmin, 3) != p.D) {
+    throw std::invalid_argument("kmin and kmax must be (B, Hkv, pages, D) with k's B, Hkv and D");
+  }
+  p.pcap = dim(kmin, 2);
+  p.kmin = kmin.data();
+  p.kmax = kmax.data();
+  p.n = n;
+  p.page = page;
+  p.read = read;
+  p.scale = static_cast<float>(scale);
+  if (!chosen.is_none()) {
+    Out c = nb::cast<Out>(chosen);
+    check_out(c, "chosen", 3);
+    if (c.dtype() != nb::dtype<int32_t>() || static_cast<int64_t>(c.shape(0)) != p.B ||
+        static_cast<int64_t>(c.shape(1)) != p.Hkv || static_cast<int64_t>(c.shape(2)) != read - 1) {
+      throw std::invalid_argument("chosen must be int32 (B, Hkv, read - 1)");
+    }
+    p.chosen = static_cast<int32_t*>(c.data());
+  }
   return p;
 }
 
@@ -302,6 +354,30 @@ void register_attention(nb::module_& mod) {
       },
       "q"_a, "kvals"_a, "kbits"_a, "vvals"_a, "vbits"_a, "n"_a, "scale"_a, "out"_a, "lse"_a,
       "Scalar reference of sparse_kv_attention (the oracle).");
+  mod.def(
+      "quest_attention",
+      [](const In& q, const In& k, const In& v, const In& kmin, const In& kmax, int64_t n, int64_t page, int64_t read,
+         double scale, const Out& out, const std::string& isa, bool parallel, const nb::object& lse,
+         const nb::object& chosen) {
+        const sf::QuestAttnProblem p = quest_problem(q, k, v, kmin, kmax, n, page, read, scale, out, lse, chosen);
+        const sf::Isa i = resolve(isa);
+        sf::num_threads();
+        nb::gil_scoped_release rel;
+        sf::quest_attention(p, i, parallel);
+      },
+      "q"_a, "k"_a, "v"_a, "kmin"_a, "kmax"_a, "n"_a, "page"_a, "read"_a, "scale"_a, "out"_a, "isa"_a = "",
+      "parallel"_a = true, "lse"_a.none() = nb::none(), "chosen"_a.none() = nb::none(),
+      "One Quest decode step: page scores, top-k pages and the attention over them (csrc/quest_attention.h).");
+  mod.def(
+      "quest_attention_ref",
+      [](const In& q, const In& k, const In& v, const In& kmin, const In& kmax, int64_t n, int64_t page, int64_t read,
+         double scale, const Out& out, const nb::object& lse, const nb::object& chosen) {
+        const sf::QuestAttnProblem p = quest_problem(q, k, v, kmin, kmax, n, page, read, scale, out, lse, chosen);
+        nb::gil_scoped_release rel;
+        sf::quest_attention_ref(p);
+      },
+      "q"_a, "k"_a, "v"_a, "kmin"_a, "kmax"_a, "n"_a, "page"_a, "read"_a, "scale"_a, "out"_a,
+      "lse"_a.none() = nb::none(), "chosen"_a.none() = nb::none(), "Scalar reference of quest_attention (the oracle).");
   mod.def(
       "quest_select",
       [](const In& q, const In& kmin, const In& kmax, int64_t pages, const Out& chosen, const std::string& isa,

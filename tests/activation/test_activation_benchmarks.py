@@ -166,3 +166,42 @@ def test_kernel_benchmark_int8_column_cells_against_torch_and_fp32_values(tmp_pa
             assert "bound_ms" not in r
     text = bench.markdown(result)
     assert "int8 values in the column layout" in text and "| 1 | int8 | 50% |" in text
+
+
+def test_decode_benchmark_breakdown_splits_each_sparse_step(tmp_path):
+    """--breakdown: one row per sparse variant (none for the dense ones), whose parts add up to the step;
+    the timed kernels ran (time > 0) and every layer's own bound_gemv is back afterwards."""
+    bench = load_benchmark("activation_decode")
+    result = bench.main(["--hidden", "64", "--layers", "1", "--ffn", "96", "--vocab", "128", "--new", "2",
+                         "--repeats", "1", "--threads", "1", "--sparsities", "0.5", "--breakdown",
+                         "--breakdown-tokens", "6", "--out", str(tmp_path / "b.json")])
+    split = {r["variant"]: r for r in result["breakdown"]}
+    assert list(split) == ["TEAL 50%", "weight 50% (column) + TEAL 50%"]
+    for r in split.values():
+        assert r["sparse_kernels_ms"] > 0 and r["lm_head_ms"] > 0
+        assert math.isclose(r["sparse_kernels_ms"] + r["lm_head_ms"] + r["rest_ms"], r["step_ms"])
+
+
+def test_kernel_seconds_times_the_bound_kernels_and_restores_them(monkeypatch):
+    import torch
+
+    from sparseforge.activation import SparseInputLinear
+
+    bench = load_benchmark("activation_decode")
+    layer = SparseInputLinear(8, 4, threshold=0.1)
+    calls = []
+
+    class FakeModel:  # decode_seconds is replaced: only the binding of bound_gemv is exercised
+        pass
+
+    def fake_decode(model, prompt, new, engine):
+        gemv = layer.bound_gemv()
+        for _ in range(new):
+            calls.append(gemv(torch.randn(1, 8)))
+        return 0.5
+
+    monkeypatch.setattr(bench, "decode_seconds", fake_decode)
+    spent, per_token = bench.kernel_seconds(FakeModel(), {"l": layer}, None, 3, "native")
+    assert len(calls) == 3 and spent > 0 and per_token == 0.5
+    assert "bound_gemv" not in vars(layer)  # the class's method again
+    assert torch.equal(layer.bound_gemv()(torch.ones(1, 8)), layer(torch.ones(1, 8)))

@@ -34,6 +34,16 @@ def test_kv_bytes_bound():
     assert b.kv_bytes(1024, 2, budget=64, label_channels=16) == 2 * 64 * b.HKV * b.D * 2 + b.HKV * 1024 * (8 + 4)
 
 
+def test_mustafar_released_memory_is_the_compressed_format_plus_the_recent_window():
+    import torch
+
+    b = _load()
+    m = b.Mustafar(0.7, recent=256)
+    for dtype, elt in ((torch.float32, 4), (torch.bfloat16, 2)):
+        # measured on a cache after the release: exactly the bytes the format needs (the bound's read bytes)
+        assert b.mustafar_released_of_dense(1024, dtype) == b.kv_bytes(1024, elt, mustafar=m) / b.kv_bytes(1024, elt)
+
+
 def test_tiny_run_writes_json(tmp_path, capsys):
     b = _load()
     out = tmp_path / "kv.json"

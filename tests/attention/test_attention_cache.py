@@ -203,3 +203,20 @@ def test_set_policy_switches_every_layer_and_validates():
         cache.set_policy(Quest(budget=40))
     with pytest.raises(ConfigError, match="policy must be"):
         cache.set_policy(None)
+
+
+def test_huge_page_buffers_are_private_anonymous_mappings():
+    """Transparent huge pages apply to private anonymous memory (shared memory only where the system
+    enables them for it): the cache's buffers must be such a mapping, "rw-p" in /proc/self/maps."""
+    from sparseforge.attention.cache import huge_page_empty
+
+    x = huge_page_empty((4, 1 << 20), torch.float32)  # 16 MB
+    x.fill_(1.0)
+    addr = x.data_ptr()
+    for line in open("/proc/self/maps"):
+        lo, hi = (int(a, 16) for a in line.split()[0].split("-"))
+        if lo <= addr < hi:
+            assert line.split()[1] == "rw-p"
+            assert addr % (2 << 20) == 0  # 2 MB aligned
+            return
+    raise AssertionError("the buffer's mapping was not found in /proc/self/maps")

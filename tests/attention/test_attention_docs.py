@@ -28,11 +28,13 @@ def test_module_doctests():
 
     import sparseforge.attention.cache as cache
     import sparseforge.attention.interface as interface
+    import sparseforge.attention.memory as memory
     import sparseforge.attention.policies as policies
     import sparseforge.attention.rope as rope
     import sparseforge.attention.speed as speed
     import sparseforge.ops.decode_attention as ops
+    import sparseforge.ops.quest_attention as quest_ops
 
-    for module in (cache, interface, policies, rope, speed, ops):
+    for module in (cache, interface, memory, policies, rope, speed, ops, quest_ops):
         result = doctest.testmod(module)
         assert result.failed == 0 and result.attempted > 0, module.__name__

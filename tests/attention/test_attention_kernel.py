@@ -273,7 +273,9 @@ def test_lse_matches_reference_and_merging_disjoint_sets_is_exact(isa, monkeypat
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("D,G,keep", [(64, 4, 21), (128, 2, 40), (13, 3, 5), (70, 1, 70)])
+# D = 16 S <= 128: the AVX-512 direct path (tokens 4 or 2 at a time, value tiles of 4 or 2 rows, partial tiles)
+@pytest.mark.parametrize("D,G,keep", [(64, 4, 21), (128, 2, 40), (13, 3, 5), (70, 1, 70), (64, 8, 21), (128, 3, 40),
+                                      (96, 5, 30), (16, 1, 5), (256, 2, 77)])
 def test_sparse_kv_every_isa_matches_reference_and_pruned_oracle(isa, dtype, D, G, keep, monkeypatch):
     from sparseforge.ops.sparse_kv import compress_tokens, sparse_kv_attention, sparse_kv_attention_ref
 

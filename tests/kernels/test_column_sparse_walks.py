@@ -91,6 +91,22 @@ def test_wide_tiles_parts_and_several_rows(walk, dtype, shape):
     assert torch.equal(one, three) and torch.equal(one, y)
 
 
+@pytest.mark.parametrize("shape", [(1, 19, 8192), (1, 19, 8193), (2, 11, 4097), (3, 9, 8191)])
+def test_staged_bitmap_rows_at_the_widest_tiles(walk, shape):
+    """The AVX-512 walks copy each group's bitmap rows over the tile into a stage of at most 8192
+    columns (batch 1) or 4096 (several rows): tiles of exactly that width, one column more (a second
+    tile of one column), and scattered active channels (per-channel thresholds skip every third), so
+    the staged rows come from channels far apart; at 1 and 3 threads."""
+    batch, n_in, n_out = shape
+    x, w, bias = random_problem(batch, n_in, n_out, seed=n_out + n_in, weight_sparsity=0.5)
+    thr = torch.tensor([math.inf if i % 3 == 1 else 0.0 for i in range(n_in)])
+    for dtype in VALUE_DTYPES:
+        cw = _weight(w, dtype)
+        y = _check(x, cw, thr, bias, n_in)
+        one, three = at_thread_counts(lambda: column_sparse_linear(x, cw, thr, bias, algo="gemv"))
+        assert torch.equal(one, three) and torch.equal(one, y)
+
+
 @pytest.mark.parametrize("weight_sparsity", [0.0, 0.9, 1.0])
 def test_dense_very_sparse_and_empty_channels(walk, weight_sparsity):
     """Whole 32-output chunks stored (every bit set), almost none, and none (a channel with no values

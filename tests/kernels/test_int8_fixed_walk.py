@@ -147,6 +147,40 @@ def test_the_oracle_stays_within_the_fixed_point_bound(fmt, magnitude):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["bitmap", "4:8"])
+def test_extreme_limbs_and_values_stay_exact(isa, fmt):
+    """x whose fixed-point values span the signed top byte (-2^23 + 1 .. 2^23 - 1, both signs of every byte
+    boundary) against int8 values of +-127 everywhere they are stored: the walk's top-plane offset (values
+    flipped to q + 128, 128 * sum of the top bytes subtracted) must cancel exactly, against the exact product."""
+    rows, cols = 24, 1096
+    gen = torch.Generator().manual_seed(11)
+    signs = torch.where(torch.rand(rows, cols, generator=gen) < 0.5, -1.0, 1.0)
+    signs[1] = 1.0  # rows of one sign: the largest sums either way
+    signs[2] = -1.0
+    if fmt == "bitmap":
+        keep = torch.rand(rows, cols, generator=gen) < 0.6
+        keep[1:3] = True
+        wt = BitmapWeight.from_dense(signs, keep, values_dtype=torch.int8)
+    else:
+        wt = _weight(fmt, rows, cols, 0.5, 11)
+        wt = NMWeight.from_dense(signs, fmt, wt.to_dense() != 0, values_dtype=torch.int8)
+    steps = torch.tensor([1, 2**8 - 1, 2**8, 2**16 - 1, 2**16, 2**16 + 1, 2**22, FX_MAX - 1, FX_MAX], dtype=torch.float64)
+    fixed = torch.cat([steps, -steps])  # X values at the byte boundaries, both signs
+    fixed = fixed.repeat(cols // fixed.numel() + 1)[:cols]
+    fixed[0] = FX_MAX  # amax: x * inv maps back onto the integers
+    x = (fixed / FX_MAX).float()[None, :]
+    x = torch.cat([x, -x, x.roll(5, dims=1)])  # batch 3: the negated row flips every top byte
+    y = _run(wt, x, isa=isa)
+    assert torch.equal(y, _run(wt, x, kind="fx_ref")) or not _fixed(isa, wt)
+    q = (wt.to_dense().double() / wt.scales.double()[:, None]).round()
+    assert q.abs().max() == 127
+    exact = (x.double() @ q.T) * wt.scales.double()
+    sx = x.double().abs().amax(dim=1, keepdim=True) / FX_MAX
+    bound = (q.abs().sum(dim=1) * wt.scales.double())[None, :] * sx / 2 + exact.abs() * 2**-23 + 1e-30
+    assert torch.all((y.double() - exact).abs() <= bound + 1e-4 * (not _fixed(isa, wt)) * exact.abs().clamp(min=1))
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_zero_x_gives_the_bias(isa):
     wt = _weight("bitmap", 9, 300, 0.5, 2)
     bias = torch.randn(9)

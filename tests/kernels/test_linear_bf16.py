@@ -144,7 +144,7 @@ def test_bad_arguments_are_clear_errors():
     native = kernels.native()
     y = torch.empty(16, 4)
     with pytest.raises(ValueError, match="bfloat16"):
-        native.bitmap_linear_bf16(torch.randn(16, 32).numpy(), *case.bufs, None, y.numpy())
+        native.bitmap_linear_bf16(torch.randn(16, 32).double().numpy(), *case.bufs, None, y.numpy())  # float32 and bf16 only
     xb = torch.randn(16, 32).bfloat16().view(torch.uint16).numpy()
     with pytest.raises(ValueError, match="one column per weight row"):
         native.bitmap_linear_bf16(xb, *case.bufs, None, torch.empty(16, 5).numpy())

@@ -31,51 +31,22 @@ Example:
 
 from __future__ import annotations
 
-import ctypes
 import math
-import mmap
 from typing import Optional
 
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from sparseforge.attention.memory import huge_page_empty, release_rows
 from sparseforge.attention.policies import Dense, Policy
 from sparseforge.errors import ConfigError, DataError, NumericalError
 
-__all__ = ["PagedKVCache", "PagedLayer", "LAYER_KWARG", "bf16_bounds", "huge_page_empty"]
+__all__ = ["PagedKVCache", "PagedLayer", "LAYER_KWARG", "bf16_bounds", "huge_page_empty", "release_rows"]
 
 LAYER_KWARG = "sparseforge_kv_layer"  # key under which update() hands the layer to the attention function
 _DTYPES = (torch.float32, torch.bfloat16)
 _GROWTH = 1.5
-
-
-_HUGE_PAGE = 2 << 20
-
-
-def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """``torch.empty(shape, dtype=dtype)`` in its own anonymous mapping, 2 MB aligned and advised for
-    transparent huge pages (Linux ``MADV_HUGEPAGE``), for buffers of at least 2 MB; smaller ones, and
-    systems without the advice, get ``torch.empty``.
-
-    A decode step streams the whole KV cache (or jumps between Quest's pages): with 4 KB pages every
-    4 KB costs a TLB miss and a page walk; with 2 MB pages a layer's cache needs a few dozen TLB
-    entries. The advice is a hint: where transparent huge pages are off the buffer is an ordinary one.
-
-    Example:
-        >>> huge_page_empty((2, 3), torch.float32).shape
-        torch.Size([2, 3])
-    """
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if nbytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.empty(shape, dtype=dtype)
-    region = mmap.mmap(-1, nbytes + _HUGE_PAGE)  # anonymous, private; freed with the last tensor using it
-    region.madvise(mmap.MADV_HUGEPAGE)
-    view = ctypes.c_char.from_buffer(region)
-    offset = -ctypes.addressof(view) % _HUGE_PAGE
-    del view  # release the export (the tensor keeps the mapping alive)
-    flat = torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=offset)
-    return flat.view(dtype).view(shape)
 
 
 def bf16_bounds(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
@@ -109,8 +80,11 @@ class PagedLayer(CacheLayerMixin):
     is_sliding = False
     supports_early_init = False
 
-    def __init__(self, layer_idx: int, policy: Policy, page_size: int = 16, max_cache_len: Optional[int] = None):
+    def __init__(self, layer_idx: int, policy: Policy, page_size: int = 16, max_cache_len: Optional[int] = None,
+                 config=None):
         super().__init__()
+        self.config = config  # the model's config (its attention implementation), or None
+        self.released = 0  # tokens [0, released) have no dense rows any more (release_dense)
         self.layer_idx = layer_idx
         self.policy = policy
         self.page_size = page_size
@@ -145,8 +119,12 @@ class PagedLayer(CacheLayerMixin):
         kmin, kmax = huge_page_empty(pshape, torch.bfloat16), huge_page_empty(pshape, torch.bfloat16)
         if self.k_store is not None and self.n:
             pages = -(-self.n // P)
-            k[:, :, : self.n] = self.k_store[:, :, : self.n]
-            v[:, :, : self.n] = self.v_store[:, :, : self.n]
+            r = self.released  # freed rows are not copied, and freed again in the new buffers
+            k[:, :, r : self.n] = self.k_store[:, :, r : self.n]
+            v[:, :, r : self.n] = self.v_store[:, :, r : self.n]
+            if r:
+                release_rows(k, r)
+                release_rows(v, r)
             kmin[:, :, :pages] = self.kmin[:, :, :pages]
             kmax[:, :, :pages] = self.kmax[:, :, :pages]
         self.k_store, self.v_store, self.kmin, self.kmax = k, v, kmin, kmax
@@ -184,6 +162,8 @@ class PagedLayer(CacheLayerMixin):
             )
         if key_states.dtype != self.dtype or value_states.dtype != self.dtype:
             raise DataError(f"PagedKVCache layer {self.layer_idx} holds {self.dtype}, got {key_states.dtype}")
+        if self.released:
+            self._check_decodes_only(T)
         if not torch.isfinite(key_states).all():
             raise NumericalError(
                 f"keys of layer {self.layer_idx} contain NaN or inf (tokens {self.n}..{self.n + T}); "
@@ -206,6 +186,37 @@ class PagedLayer(CacheLayerMixin):
             forwarded[LAYER_KWARG] = self
         return self.keys, self.values
 
+    def release_dense(self, upto: int) -> None:
+        """Free the dense rows of tokens ``[0, upto)`` (a policy keeps them in another form: Mustafar's
+        compressed tokens). Afterwards the cache takes single-token decode steps of the ``"sparseforge"``
+        attention only (its views read zeros there): a later multi-token chunk, a crop below ``upto``,
+        a batch reorder or another attention implementation raise instead of attending over zeros."""
+        self._check_decodes_only(1)
+        upto = min(upto, self.n)
+        if upto <= self.released:
+            return
+        for store in (self.k_store, self.v_store):
+            release_rows(store, upto)
+        self.released = upto
+
+    def _check_decodes_only(self, tokens: int) -> None:
+        """Raises unless a cache with released rows can take ``tokens`` new tokens (see release_dense)."""
+        from sparseforge.attention.interface import NAME  # interface imports this module
+
+        impl = getattr(self.config, "_attn_implementation", None)
+        if impl != NAME:
+            raise ConfigError(
+                f"PagedKVCache layer {self.layer_idx}: freeing dense rows needs the cache built from the model's config "
+                f"(PagedKVCache(model.config, ...)) on a model running attn_implementation='{NAME}', got "
+                f"{'no config' if self.config is None else repr(impl)}; or keep Mustafar(release_dense=False)"
+            )
+        if tokens != 1:
+            raise DataError(
+                f"PagedKVCache layer {self.layer_idx} freed the dense rows of {self.released} compressed tokens "
+                f"(Mustafar(release_dense=True)), so it takes single-token decode steps only, got {tokens} tokens; "
+                "use release_dense=False for multi-turn, chunked prefill or assisted decoding"
+            )
+
     def page_bounds(self, pages: int) -> tuple[Tensor, Tensor]:
         """(kmin, kmax) of the first ``pages`` pages, ``(B, Hkv, pages, D)`` each (views)."""
         return self.kmin[:, :, :pages], self.kmax[:, :, :pages]
@@ -221,6 +232,7 @@ class PagedLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.n = 0
+        self.released = 0
         self.policy_state = {}
         self.tokens_read = self.tokens_cached = 0
         self.k_store = self.v_store = self.kmin = self.kmax = None
@@ -232,6 +244,9 @@ class PagedLayer(CacheLayerMixin):
             raise ConfigError("crop takes a negative number of tokens to remove (transformers' convention)")
         if tokens_to_remove == 0 or not self.is_initialized:
             return
+        if self.n + tokens_to_remove < self.released:
+            raise DataError(f"PagedKVCache layer {self.layer_idx} freed the dense rows of its first {self.released} "
+                            f"tokens (Mustafar(release_dense=True)); it cannot be cropped to {self.n + tokens_to_remove}")
         self.n = max(0, self.n + tokens_to_remove)
         # the lowest length cropped to since a policy last looked (tokens from there on may be replaced)
         self.policy_state["cropped_to"] = min(self.policy_state.get("cropped_to", self.n), self.n)
@@ -242,6 +257,9 @@ class PagedLayer(CacheLayerMixin):
     def _select_batch(self, index: Tensor) -> None:
         if not self.is_initialized:
             return
+        if self.released:
+            raise DataError(f"PagedKVCache layer {self.layer_idx} freed the dense rows of compressed tokens "
+                            "(Mustafar(release_dense=True)); beam search and batch reordering need release_dense=False")
         self.k_store = self.k_store.index_select(0, index).contiguous()
         self.v_store = self.v_store.index_select(0, index).contiguous()
         self.kmin = self.kmin.index_select(0, index).contiguous()
@@ -297,7 +315,7 @@ class PagedKVCache(Cache):
         if not isinstance(num_layers, int) or num_layers < 1:
             raise ConfigError("PagedKVCache needs the model's config or num_layers >= 1")
         self.policy, self.page_size = policy, page_size
-        super().__init__(layers=[PagedLayer(i, policy, page_size, max_cache_len) for i in range(num_layers)])
+        super().__init__(layers=[PagedLayer(i, policy, page_size, max_cache_len, config=config) for i in range(num_layers)])
 
     def set_policy(self, policy: Policy) -> None:
         """Switch every layer to ``policy`` from the next decode step on (e.g. dense for a while, then sparse)."""
@@ -315,5 +333,11 @@ class PagedKVCache(Cache):
         return sum(layer.tokens_read for layer in self.layers) / cached if cached else float("nan")
 
     def kv_bytes(self) -> int:
-        """Bytes of the valid keys and values held (all layers)."""
-        return sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in self.layers if layer.keys is not None)
+        """Bytes of the keys and values held (all layers): the valid dense rows not freed, plus what the
+        policy keeps per layer (Mustafar's compressed tokens)."""
+        total = 0
+        for layer in self.layers:
+            if layer.keys is not None:
+                per_token = layer.keys.numel() // max(1, layer.n) * layer.keys.element_size()
+                total += 2 * (layer.n - layer.released) * per_token + layer.policy.state_bytes(layer)
+        return total

@@ -10,9 +10,10 @@ attention implementation (rotated ``query (B, Hq, q_len, D)``, the cache's ``key
   attention with the mask transformers built (the mask function registered for the name is
   transformers' ``sdpa_mask``), then shows the queries to the decode policy (SnapKV chooses its
   tokens there);
-* decode (``q_len == 1``) asks the layer's policy for token spans and runs
-  ``sparseforge::decode_attention`` on the paged buffers (the native kernel directly in eager
-  mode); a padding mask (left padding) or a sliding
+* decode (``q_len == 1``) runs the policy's one-call step where it has one and nothing clips the
+  step (``Policy.fused_step``: Quest's ``sparseforge::quest_attention``), else asks the layer's
+  policy for token spans and runs ``sparseforge::decode_attention`` on the paged buffers (the
+  native kernels directly in eager mode); a padding mask (left padding) or a sliding
   window (Mistral/Qwen2 ``sliding_window``) clip the spans to the tokens the dense mask allows.
 
 The cache layer arrives through the keyword arguments transformers forwards from ``Cache.update``
@@ -104,7 +105,7 @@ def sparseforge_attention(module: torch.nn.Module, query: Tensor, key: Tensor, v
     scale = D ** -0.5 if scaling is None else float(scaling)
     q = query.reshape(B, Hq, D).float().contiguous()  # (B, Hq, D)
     policy = layer.policy.decoding()
-    spans = policy.spans(layer, q, module.layer_idx if hasattr(module, "layer_idx") else layer.layer_idx)
+    layer_idx = module.layer_idx if hasattr(module, "layer_idx") else layer.layer_idx
     lo = None
     if attention_mask is not None:
         lo = _first_allowed(attention_mask, n)
@@ -112,17 +113,25 @@ def sparseforge_attention(module: torch.nn.Module, query: Tensor, key: Tensor, v
     if window is not None and n > window:
         lo_w = torch.full((B,), n - int(window), dtype=torch.long)
         lo = lo_w if lo is None else torch.maximum(lo, lo_w)
-    if lo is not None and bool((lo > 0).any()):
+    clipped = lo is not None and bool((lo > 0).any())
+    fused = None if clipped else policy.fused_step(layer, q, layer_idx, scale)
+    if fused is not None:  # selected and attended in one native call (Quest)
+        out, read = fused
+        layer.tokens_read += read
+        layer.tokens_cached += n * B * layer.kv_heads
+        return out.to(query.dtype).view(B, 1, Hq, D), None
+    spans = policy.spans(layer, q, layer_idx)
+    if clipped:
         spans = clip_spans(spans, lo)
     layer.tokens_read += int(spans[..., 1].sum())
     layer.tokens_cached += n * B * layer.kv_heads
     out = policy.decode(layer, q, spans, scale)
     if out is not None:
-        if lo is not None and bool((lo > 0).any()):
+        if clipped:
             raise DataError(f"{type(policy).__name__} does not support padded batches or sliding windows below the "
                             "cache yet; use Dense, Quest or StreamingLLM")
     elif isinstance(policy, StreamingLLM) and policy.positions == "cache" and policy.skipped(n) and policy.sinks:
-        if lo is not None and bool((lo > 0).any()):
+        if clipped:
             raise DataError("StreamingLLM(positions='cache') needs an unpadded batch and no sliding window below the "
                             "cache; use positions='text'")
         out = _sinks_at_cache_positions(module, layer, q, spans, n, scale, policy.skipped(n))

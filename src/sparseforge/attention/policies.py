@@ -60,7 +60,9 @@ import torch
 from torch import Tensor
 
 from sparseforge.errors import ConfigError
+from sparseforge.attention.memory import huge_page_empty
 from sparseforge.ops.decode_attention import select_pages
+from sparseforge.ops.quest_attention import attend_quest
 
 __all__ = ["Policy", "Dense", "StreamingLLM", "Quest", "SnapKV", "Mustafar", "DoubleSparsity", "dense_spans"]
 
@@ -71,6 +73,14 @@ def dense_spans(batch: int, kv_heads: int, n: int) -> Tensor:
     spans[..., 0] = 0
     spans[..., 1] = n
     return spans
+
+
+def _appended(old: Optional[Tensor], new: Tensor) -> Tensor:
+    """``old`` (or nothing) followed by ``new`` along the token dimension 2, in a buffer advised for
+    transparent huge pages (a decode step streams it whole: 4 KB pages cost a TLB miss each)."""
+    parts = [new] if old is None else [old, new]
+    shape = (*new.shape[:2], sum(p.shape[2] for p in parts), *new.shape[3:])
+    return torch.cat(parts, dim=2, out=huge_page_empty(shape, new.dtype))
 
 
 def _positive(name: str, value, owner: str) -> None:
@@ -95,11 +105,21 @@ class Policy:
         dense kernel over ``spans`` then runs)."""
         return None
 
+    def fused_step(self, layer, query: Tensor, layer_idx: int, scale: float) -> Optional[tuple[Tensor, int]]:
+        """``(attention (B, Hq, D), tokens read over the batch and KV heads)`` when the policy selects and
+        attends in one native call, else ``None`` (then ``spans`` and ``decode`` run). Called only when
+        no padding mask or sliding window clips the step."""
+        return None
+
     def prefill(self, module, layer, query: Tensor, attention_mask: Optional[Tensor], scale: float,
                 **kwargs) -> Optional[Tensor]:
         """A prefill chunk's attention ``(B, T, Hq, D)`` if the policy computes it itself (after the
         chunk's keys were cached in ``layer``), else ``None`` (transformers' SDPA then runs)."""
         return None
+
+    def state_bytes(self, layer) -> int:
+        """Bytes the policy holds in ``layer.policy_state`` besides the cache's rows (default: 0)."""
+        return 0
 
     def decoding(self) -> "Policy":
         """The policy that runs the decode steps (itself; a prefill-only policy names another)."""
@@ -221,6 +241,17 @@ class Quest(Policy):
         spans[..., k - 1, 1] = n - full * P
         return spans
 
+    def fused_step(self, layer, query: Tensor, layer_idx: int, scale: float) -> Optional[tuple[Tensor, int]]:
+        """The sparse steps in one native call (``sparseforge::quest_attention``: the same pages as
+        :meth:`spans`, scored, selected and attended per KV head without Python in between)."""
+        n, P = layer.n, layer.page_size
+        if layer_idx < self.dense_layers or n <= self.budget:
+            return None
+        k = self.budget // P
+        out = attend_quest(query, layer.k_store, layer.v_store, layer.kmin, layer.kmax, n, P, k, scale)
+        full = (n + P - 1) // P - 1
+        return out, layer.batch * layer.kv_heads * ((k - 1) * P + n - full * P)
+
 
 
 @dataclass(frozen=True)
@@ -288,7 +319,9 @@ class Mustafar(Policy):
     ``sparsity``: of the keys (and of the values unless ``value_sparsity`` is given), in [0, 1); a
     token keeps ``D - int(sparsity * D) + 1`` channels (the reference's ``kthvalue`` threshold).
     ``recent``: tokens kept dense (the reference's ``residual_length``); older ones are compressed
-    256 at a time.
+    256 at a time. ``release_dense``: free the dense rows of compressed tokens (KV memory: the
+    compressed format plus the recent window; the cache then takes single-token decode steps of the
+    ``"sparseforge"`` attention only, see :meth:`PagedLayer.release_dense`).
 
     Example:
         >>> Mustafar(sparsity=0.7).keep(128)
@@ -298,6 +331,7 @@ class Mustafar(Policy):
     sparsity: float = 0.7
     recent: int = 256
     value_sparsity: Optional[float] = None
+    release_dense: bool = False
     CHUNK = 256  # tokens compressed at a time (the reference's)
 
     def __post_init__(self):
@@ -308,6 +342,12 @@ class Mustafar(Policy):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
                 raise ConfigError(f"Mustafar: {name} must be in [0, 1), got {value!r}")
         _positive("recent", self.recent, "Mustafar")
+        if not isinstance(self.release_dense, bool):
+            raise ConfigError(f"Mustafar: release_dense must be True or False, got {self.release_dense!r}")
+
+    def state_bytes(self, layer) -> int:
+        state = layer.policy_state.get("mustafar", {})
+        return sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, Tensor))
 
     def keep(self, dim: int) -> tuple[int, int]:
         """Channels a key and a value keep at head dimension ``dim``."""
@@ -326,7 +366,7 @@ class Mustafar(Policy):
         # tokens from the lowest crop since the last look on may have been replaced, and the recent
         # window stays dense: drop the chunks past either
         valid = max(0, min(layer.n - self.recent, layer.policy_state.pop("cropped_to", layer.n)))
-        valid = valid // self.CHUNK * self.CHUNK
+        valid = max(valid // self.CHUNK * self.CHUNK, layer.released)  # freed rows cannot be recompressed
         if state["done"] > valid:
             for key in ("kvals", "kbits", "vvals", "vbits"):
                 if key in state:
@@ -341,10 +381,11 @@ class Mustafar(Policy):
             for name, (vals, bits) in parts.items():
                 for suffix, t in (("vals", vals), ("bits", bits)):
                     key = f"{name}{suffix}"
-                    old = state.get(key)
-                    state[key] = t if old is None else torch.cat([old, t], dim=2)
+                    state[key] = _appended(state.get(key), t)
             done = upto
         state["done"] = done
+        if self.release_dense and done > layer.released:
+            layer.release_dense(done)
         return done
 
     def observe_prefill(self, layer, query: Tensor, scale: float) -> None:

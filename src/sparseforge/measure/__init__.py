@@ -7,6 +7,8 @@
 * :mod:`~sparseforge.measure.choose`: the fastest of interchangeable implementations, measured once
   and cached, the default kept when the machine was too noisy to tell;
 * :mod:`~sparseforge.measure.lanes_tile`: the sparse kernels' tile sizes chosen that way.
+* :mod:`~sparseforge.measure.bf16_method`: the bf16 product's method (dense panels or the
+  zero-skipping walk) per weight and batch, chosen that way.
 
 It sits below :mod:`sparseforge.nn` and :mod:`sparseforge.moe` (whose layers measure on first use)
 and :mod:`sparseforge.runtime` (the format advisor), and imports none of them.

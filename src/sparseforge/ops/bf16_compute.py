@@ -45,6 +45,7 @@ from sparseforge.ops._define import check_bias, np_view
 
 __all__ = ["linear_bf16", "bf16_formats", "supports_bf16", "BF16_MIN_BATCH"]
 
+METHODS = ("panel", "skip")  # see linear_bf16 and sparseforge.measure.bf16_method
 BF16_MIN_BATCH = 16  # SparseLinear(compute_dtype=torch.bfloat16) uses this product from this batch on
 
 _log = logging.getLogger(__name__)
@@ -79,28 +80,29 @@ def _check_x(x: Tensor, cols: int) -> None:
 def _register(fmt: str, spec, schema: str, values_at: int):
     """``sparseforge::<fmt>_linear_bf16`` with its fake impl and autograd (float32 backward ops)."""
     native_name = f"{fmt}_linear_bf16"
+    n_w = schema.count(",") + 1  # weight arguments
 
-    def forward(x, *args):
+    def forward(x, *args, method="panel"):  # torch leaves out an argument equal to its default
+        if len(args) > n_w + 1:
+            *args, method = args
         *wargs, bias = args
         rows = spec.dims(*wargs, x.shape[-1])
         _check_x(x, x.shape[-1])
         check_bias(bias, rows)
         y = torch.empty(x.shape[0], rows, dtype=torch.float32)  # (B, out)
-        getattr(native(), native_name)(np_view(x), *map(np_view, wargs), np_view(bias), y.numpy())
+        getattr(native(), native_name)(np_view(x), *map(np_view, wargs), np_view(bias), y.numpy(), method=method)
         return y
 
     forward.__doc__ = f"y (B, out) float32 = x (B, in) bf16 @ bf16(W)^T + bias for a {spec.weight_cls.__name__}."
     op = torch.library.custom_op(f"sparseforge::{native_name}", forward, mutates_args=(),
-                                 schema=f"(Tensor x, {schema}, Tensor? bias) -> Tensor")
+                                 schema=f"(Tensor x, {schema}, Tensor? bias, str method=\"panel\") -> Tensor")
 
     @op.register_fake
-    def _(x, *args):
-        *wargs, bias = args
+    def _(x, *args, method="panel"):
+        *wargs, bias = args[:n_w + 1]
         rows = spec.dims(*wargs, x.shape[-1])
         check_bias(bias, rows)
         return x.new_empty(x.shape[0], rows, dtype=torch.float32)
-
-    n_w = schema.count(",") + 1
 
     def setup_context(ctx, inputs, output):
         x, wargs = inputs[0], inputs[1:1 + n_w]
@@ -108,35 +110,53 @@ def _register(fmt: str, spec, schema: str, values_at: int):
         ctx.save_for_backward(x if wargs[values_at].requires_grad else None, *tensors)
         ctx.statics = tuple(a for a in wargs if not isinstance(a, Tensor))
         ctx.in_features = x.shape[1]
-        ctx.has_bias = inputs[-1] is not None
+        ctx.has_bias = inputs[1 + n_w] is not None
+        ctx.n_inputs = len(inputs)  # x, W..., bias (, method)
 
     def backward(ctx, dy):
         x, *bufs = ctx.saved_tensors
         wargs = (*bufs, *ctx.statics)
         dy = dy.contiguous()
-        grads = [None] * (n_w + 2)  # x, W..., bias
+        grads = [None] * ctx.n_inputs  # x, W..., bias (, method)
         if ctx.needs_input_grad[0]:
             grads[0] = spec.linear_t(dy, *wargs, ctx.in_features).to(torch.bfloat16)
         if ctx.needs_input_grad[1 + values_at]:
             grads[1 + values_at] = spec.linear_dw(x.float(), dy, *wargs).to(bufs[values_at].dtype)
-        if ctx.has_bias and ctx.needs_input_grad[-1]:
-            grads[-1] = dy.sum(0)
+        if ctx.has_bias and ctx.needs_input_grad[1 + n_w]:
+            grads[1 + n_w] = dy.sum(0)
         return tuple(grads)
 
     op.register_autograd(backward, setup_context=setup_context)
     return op
 
 
+def _method_of(method: str, weight, batch: int) -> str:
+    """``method`` resolved: ``auto`` -> the measured answer cached for this machine, else ``panel``."""
+    if method in METHODS:
+        if method == "skip" and weight.dtype != torch.bfloat16:
+            raise ConfigError(f"bf16 method 'skip' needs bfloat16 values, this weight has {weight.dtype}; "
+                              "convert its values (.to(torch.bfloat16)) or use method='panel'")
+        return method
+    if method != "auto":
+        raise ConfigError(f"bf16 method {method!r} is unknown; use auto, panel or skip")
+    from sparseforge.measure.bf16_method import known_method  # measure imports ops lazily too
+
+    return known_method(weight, batch) or "panel"
+
+
 _OPS = {fmt: _register(fmt, spec, schema, at) for fmt, (spec, schema, at) in _FAMILIES.items()}
 bitmap_linear_bf16, nm_linear_bf16, csr_linear_bf16 = _OPS["bitmap"], _OPS["nm"], _OPS["csr"]
 
 
-def linear_bf16(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
+def linear_bf16(x: Tensor, weight, bias: Optional[Tensor] = None, method: str = "auto") -> Tensor:
     """``bf16(x) (..., in) @ bf16(weight)^T + bias``, float32 out, for a bitmap, N:M or CSR weight.
 
-    ``x`` of any floating dtype is converted to bf16 first; the path is :func:`sparseforge.kernels.bf16_path`
-    (logged at debug level). Any batch works; it pays from batch ~16 (the panel product multiplies
-    the pruned zeros too: its cost is that of the dense product, its bytes those of the sparse weight).
+    ``x`` of any floating dtype is converted to bf16 first. ``method``: ``"panel"`` (dense bf16 panels
+    on the path :func:`sparseforge.kernels.bf16_path`: its cost is that of the dense product, its bytes
+    those of the sparse weight), ``"skip"`` (the zero-skipping lanes walk over the stored values only;
+    bfloat16 values), or ``"auto"``: the method measured for this weight and batch on this machine
+    (:mod:`sparseforge.measure.bf16_method`, a cache lookup), else ``"panel"``. Logged at debug level.
+    Any batch works; it pays from batch ~16.
     """
     family = registry.spec_of(weight).kernel_family
     if family not in _FAMILIES:
@@ -149,20 +169,25 @@ def linear_bf16(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
         raise DataError(f"x must have shape (..., {cols}) to match a {rows}x{cols} weight, got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise DataError(f"x must be a floating-point tensor, got {x.dtype}")
-    x2 = x.reshape(-1, cols).to(torch.bfloat16).contiguous()  # (B, in)
+    x2 = x.reshape(-1, cols)  # (B, in)
+    method = _method_of(method, weight, x2.shape[0])
     if _log.isEnabledFor(logging.DEBUG):
-        _log.debug("bf16 %s product %dx%d, batch %d: path %s", family, rows, cols, x2.shape[0], bf16_path())
+        _log.debug("bf16 %s product %dx%d, batch %d: method %s, path %s", family, rows, cols, x2.shape[0], method, bf16_path())
     if torch.compiler.is_compiling() or (
         torch.is_grad_enabled()
         and (x.requires_grad or weight.values.requires_grad or (bias is not None and bias.requires_grad))
     ):
-        y = _OPS[family](x2, *spec.unpack(weight), bias)
+        y = _OPS[family](x2.to(torch.bfloat16).contiguous(), *spec.unpack(weight), bias, method)
     else:
+        # float32 x goes to the kernel as it is (rounded to bf16 while packed): no torch conversion op,
+        # whose OpenMP workers would keep spinning beside the kernel's threads
+        x2 = x2.contiguous() if x2.dtype == torch.float32 else x2.to(torch.bfloat16).contiguous()
         _, _, wargs = spec.kernel_args(weight)  # buffers validated once per format object
         if x2.device.type != "cpu":
             _check_x(x2, cols)
         if bias is not None:
             check_bias(bias, rows)
         y = torch.empty(x2.shape[0], rows, dtype=torch.float32)  # (B, out)
-        getattr(native(), f"{family}_linear_bf16")(np_view(x2), *wargs, np_view(bias), y.numpy(), check_indices=False)
+        getattr(native(), f"{family}_linear_bf16")(np_view(x2), *wargs, np_view(bias), y.numpy(), check_indices=False,
+                                                      method=method)
     return y.reshape(*x.shape[:-1], rows)

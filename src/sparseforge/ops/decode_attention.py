@@ -44,6 +44,7 @@ from sparseforge.kernels import native
 from sparseforge.ops._define import np_view
 
 __all__ = ["BoundDecodeAttention", "decode_attention", "decode_attention_lse", "decode_attention_ref", "merge_attention", "check_decode_args",
+           "check_qkv_args",
            "quest_select", "quest_select_ref", "attend", "select_pages"]
 
 KV_DTYPES = (torch.float32, torch.bfloat16)
@@ -51,7 +52,15 @@ KV_DTYPES = (torch.float32, torch.bfloat16)
 
 def check_decode_args(q: Tensor, k: Tensor, v: Tensor, spans: Tensor, n: int) -> None:
     """Raises :class:`DataError` saying which argument of a decode-attention call is wrong."""
-    for name, t in (("q", q), ("k", k), ("v", v), ("spans", spans)):
+    check_qkv_args(q, k, v, n, (("spans", spans),))
+    if spans.dtype != torch.int32 or spans.dim() != 4 or spans.shape[:2] != k.shape[:2] or spans.shape[3] != 2:
+        raise DataError(f"spans must be int32 (B, Hkv, S, 2) = {(q.shape[0], k.shape[1], 'S', 2)}, got {spans.dtype} {tuple(spans.shape)}")
+
+
+def check_qkv_args(q: Tensor, k: Tensor, v: Tensor, n: int, others: tuple = ()) -> None:
+    """Raises :class:`DataError` for a bad query ``(B, Hq, D)``, cache ``(B, Hkv, cap, D)`` or ``n``
+    (``others``: further ``(name, tensor)`` pairs that must be contiguous CPU tensors)."""
+    for name, t in (("q", q), ("k", k), ("v", v), *others):
         if t.device.type != "cpu":
             raise DataError(f"{name} is on {t.device}; decode attention runs on the CPU")
         if not t.is_contiguous():
@@ -66,8 +75,6 @@ def check_decode_args(q: Tensor, k: Tensor, v: Tensor, spans: Tensor, n: int) ->
     B, Hq, D = q.shape
     if k.shape[0] != B or k.shape[3] != D or Hq % k.shape[1]:
         raise DataError(f"k {tuple(k.shape)} does not fit q {tuple(q.shape)}: need (B, Hkv, cap, D) with Hq % Hkv == 0")
-    if spans.dtype != torch.int32 or spans.dim() != 4 or spans.shape[:2] != k.shape[:2] or spans.shape[3] != 2:
-        raise DataError(f"spans must be int32 (B, Hkv, S, 2) = {(B, k.shape[1], 'S', 2)}, got {spans.dtype} {tuple(spans.shape)}")
     if not 1 <= n <= k.shape[2]:
         raise DataError(f"n={n} valid tokens must be in [1, {k.shape[2]}] (the cache capacity)")
 

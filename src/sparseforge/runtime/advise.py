@@ -198,7 +198,7 @@ def measure_layer(w: torch.Tensor, *, batch_sizes: Sequence[int] = (1,), pattern
             for m in mods:
                 m.lanes_tile = tile
             tiles[f][b] = tile.label
-            fns[f] = _cycler(lambda m: m(x), mods)
+            fns[f] = _cycler(lambda m: m(xd), mods)  # the activations the model passes: bf16 for a bf16 layer
         for attempt in range(ATTEMPTS):  # re-measure, with twice the budget each time, what is not yet clear
             with torch.inference_mode():
                 meas = time_interleaved(fns, budget_s=budget_s * 2**attempt, rel_tol=REL_TOL)

@@ -1,0 +1,106 @@
+// The bitmap bf16-values batch-1 walk of bitmap_bf16dot.h (AVX512_BF16 + AVX512_VBMI2).
+#include <immintrin.h>
+
+#include <cstring>
+#include <vector>
+
+#include "bitmap_bf16dot.h"
+#include "driver.h"
+#include "isa.h"
+#include "threadpool.h"
+
+namespace sf {
+namespace {
+
+constexpr int64_t kAheadBytes = 1024;  // values prefetched this far ahead of the walk
+
+// x (n,) float32 -> its bf16 bits (zero up to `stride`); false where an element is not a bf16 value
+// (its low 16 bits are set) or is a NaN or infinity: the FMA walk takes those.
+bool bf16_of(const float* x, int64_t n, int64_t stride, uint16_t* xb) {
+  uint32_t low = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t b;
+    std::memcpy(&b, x + i, 4);
+    if ((b & 0x7f800000u) == 0x7f800000u) return false;
+    low |= b & 0xffffu;
+    xb[i] = static_cast<uint16_t>(b >> 16);
+  }
+  std::memset(xb + n, 0, static_cast<size_t>(stride - n) * 2);
+  return low == 0;
+}
+
+inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
+
+// 32 columns' stored values placed at their columns: a plain 64-byte load expanded in registers
+// (the memory form of vpexpandw is slower), or the masked expand-load near the end of the values
+inline __m512i expand32(const uint16_t* v, __mmask32 m, bool whole_load) {
+  return whole_load ? _mm512_maskz_expand_epi16(m, _mm512_loadu_si512(v)) : _mm512_maskz_expandloadu_epi16(m, v);
+}
+
+// rows [r0, r1) of y = x @ W^T + bias, x as bf16 (xb); kSteps 32-column steps per iteration, each
+// into its own accumulator.
+constexpr int kSteps = 4;
+
+void rows_bf16dot(const BitmapView& w, const uint16_t* xb, const float* bias, float* y, int64_t r0, int64_t r1) {
+  const uint16_t* values = static_cast<const uint16_t*>(w.val);
+  const int64_t last_whole = w.nnz - 32;  // a 64-byte load from values + q, q <= this, stays inside the values
+  const int64_t cols = w.cols, full = cols - cols % (32 * kSteps);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w.bits + r * w.bpr;
+    const uint16_t* v = values + w.row_offsets[r];
+    __m512 acc[kSteps];
+    for (int k = 0; k < kSteps; ++k) acc[k] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c < full; c += 32 * kSteps) {
+      _mm_prefetch(reinterpret_cast<const char*>(v) + kAheadBytes, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(v) + kAheadBytes + 64, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row + c / 8) + 256, _MM_HINT_T0);
+      uint32_t m[kSteps];
+      std::memcpy(m, row + c / 8, sizeof m);
+      for (int k = 0; k < kSteps; ++k) {
+        const __m512i wk = expand32(v, static_cast<__mmask32>(m[k]), v - values <= last_whole);
+        v += __builtin_popcount(m[k]);
+        acc[k] = _mm512_dpbf16_ps(acc[k], as_bh(wk), as_bh(_mm512_loadu_si512(xb + c + 32 * k)));
+      }
+    }
+    for (; c < cols; c += 32) {  // the last < 128 columns: bitmap bytes inside the row only
+      const int64_t nc = min64(32, cols - c);
+      uint32_t mb = 0;
+      std::memcpy(&mb, row + c / 8, static_cast<size_t>((nc + 7) / 8));
+      if (nc < 32) mb &= (uint32_t{1} << nc) - 1u;
+      const __m512i w0 = expand32(v, static_cast<__mmask32>(mb), v - values <= last_whole);
+      v += __builtin_popcount(mb);
+      acc[0] = _mm512_dpbf16_ps(acc[0], as_bh(w0), as_bh(_mm512_loadu_si512(xb + c)));
+    }
+    const __m512 s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    y[r] = _mm512_reduce_add_ps(s) + (bias ? bias[r] : 0.f);
+  }
+}
+
+}  // namespace
+
+bool bitmap_bf16dot_available() { return use_avx512_bf16() && use_avx512_vbmi2(); }
+
+bool bitmap_bf16dot_linear(const BitmapView& w, const Problem& p) {
+  if (p.B != 1 || w.vt != VT::bf16 || !bitmap_bf16dot_available()) return false;
+  const int64_t stride = (w.cols + 31) / 32 * 32;  // every 32-column step loads inside the plane
+  thread_local std::vector<uint16_t> xb;
+  xb.resize(static_cast<size_t>(stride));
+  if (!bf16_of(p.x, w.cols, stride, xb.data())) return false;
+  if (p.out == 0) return true;
+  const int nt = num_threads();
+  const bool par = nt > 1 && static_cast<double>(w.nnz + p.out) > detail::kParallelMinWork;
+  const int64_t ntasks = par ? min64(p.out, int64_t{nt} * 16) : 1;
+  const int64_t per = detail::ceil_div(p.out, ntasks);
+  const uint16_t* xs = xb.data();
+  parallel_for(
+      detail::ceil_div(p.out, per),
+      [&](int64_t t, int) {
+        const int64_t r0 = t * per, r1 = min64(p.out, (t + 1) * per);
+        rows_bf16dot(w, xs, p.bias, p.y, r0, r1);
+      },
+      par);
+  return true;
+}
+
+}  // namespace sf
