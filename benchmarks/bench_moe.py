@@ -14,8 +14,14 @@ rotating order, so background load hits all of them alike):
   first call; ``SPARSEFORGE_CACHE_DIR`` selects the tuning cache) and, as
   a same-run before/after reference, ``decode_backend="torch"`` (the per-slot ``torch.mm`` chain,
   row ``sparseforge (torch decode)``), and the same layer with the pool's workers polling for
-  ~0.2 ms after the native kernel instead of parking (``park_workers=False``, row ``pool polls``;
-  the layer's own module-level kernel function is swapped for that row only).
+  ~0.2 ms after the native kernel instead of parking (``layer.decode_park_workers = False``, row
+  ``pool polls``).
+
+``--bf16x3`` adds ours with ``matmul_precision="bf16x3"`` (float32-accurate bf16x3 products on AMX,
+opt-in) to the forward and forward+backward rounds; ``--hf-bf16-flag`` adds transformers' two
+implementations under ``torch.backends.mkldnn.matmul.fp32_precision = "bf16"`` (torch's public flag:
+float32 matmuls as single bf16 products on oneDNN/AMX, ~1e-3 relative error, so not checked equal).
+All of them are extra rows; the ratio column still compares with transformers' float32 runs.
 
 transformers runs under ``config._experts_implementation = "eager"`` and ``"grouped_mm"`` (set on
 the block's config; transformers 5 reads it at every forward). ``"batched_mm"`` is never run: it
@@ -32,6 +38,7 @@ Usage::
     python benchmarks/bench_moe.py --threads 1 2    # one run per thread count
     python benchmarks/bench_moe.py --quick    # 256 tokens, 2 repetitions: a smoke test
     python benchmarks/bench_moe.py --metrics decode --reps 15   # decode latency only
+    python benchmarks/bench_moe.py --bf16x3 --hf-bf16-flag      # with the opt-in precision rows
 """
 
 from __future__ import annotations
@@ -52,13 +59,15 @@ CONFIGS = [
     {"name": "E64-top8", "experts": 64, "k": 8, "d": 1024, "h": 352},
 ]
 IMPLS = ["sparseforge", "hf-eager", "hf-grouped_mm"]
+X3 = "sparseforge-bf16x3"  # ours with matmul_precision="bf16x3" (opt-in; forward and forward+backward)
+HF_BF16 = ["hf-eager-bf16flag", "hf-grouped_mm-bf16flag"]  # transformers under fp32_precision="bf16"
 TORCH_DECODE = "sparseforge-torch-decode"  # ours with decode_backend="torch" (decode only)
 POLL_DECODE = "sparseforge-pool-polls"  # ours, the pool's workers polling after the kernel (decode only)
 DECODE_EXTRAS = [TORCH_DECODE, POLL_DECODE]
 METRICS = ("forward", "forward_backward", "decode")
 
 
-def _build(cfg: dict, seed: int):
+def _build(cfg: dict, seed: int, x3: bool = False):
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
@@ -76,26 +85,25 @@ def _build(cfg: dict, seed: int):
             p.normal_(0.0, 0.02)
         block.gate.weight.normal_(0.0, 1.0 / cfg["d"] ** 0.5)  # spread routing over experts
     ours = from_mixtral_block(block)
-    return config, block, ours
+    ours_x3 = from_mixtral_block(block, matmul_precision="bf16x3") if x3 else None
+    return config, block, ours, ours_x3
 
 
 class Runner:
     """Calls one implementation; ``impl`` selects ours or transformers' experts implementation."""
 
-    def __init__(self, config, block, ours):
-        self.config, self.block, self.ours = config, block, ours
+    def __init__(self, config, block, ours, ours_x3=None):
+        self.config, self.block, self.ours, self.ours_x3 = config, block, ours, ours_x3
 
     def module(self, impl: str):
-        import functools
-
-        import sparseforge.moe.layer as layer_mod
-        from sparseforge.ops.expert_ffn import expert_ffn
-
-        layer_mod.native_expert_ffn = functools.partial(expert_ffn, park_workers=False) if impl == POLL_DECODE else expert_ffn
+        self.ours.decode_park_workers = impl != POLL_DECODE
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16" if impl in HF_BF16 else "ieee"
+        if impl == X3:
+            return self.ours_x3
         if impl in ("sparseforge", *DECODE_EXTRAS):
             self.ours.decode_backend = "torch" if impl == TORCH_DECODE else "auto"
             return self.ours
-        self.config._experts_implementation = impl.removeprefix("hf-")
+        self.config._experts_implementation = impl.removeprefix("hf-").removesuffix("-bf16flag")
         return self.block
 
     def forward(self, impl: str, x: torch.Tensor) -> torch.Tensor:
@@ -113,13 +121,14 @@ class Runner:
         return x.grad
 
 
-def _check(runner: Runner, x: torch.Tensor, grad: torch.Tensor) -> dict:
-    """Max abs differences vs sparseforge; raises SystemExit when they are not close."""
+def _check(runner: Runner, x: torch.Tensor, grad: torch.Tensor, extras=()) -> dict:
+    """Max abs differences vs sparseforge; raises SystemExit when they are not close (the
+    fp32_precision="bf16" runs are only reported: bf16 products differ by ~1e-3)."""
     diffs = {}
     with torch.no_grad():
         ref = runner.forward("sparseforge", x)
     ref_g = runner.forward_backward("sparseforge", x, grad)
-    for impl in IMPLS[1:]:
+    for impl in IMPLS[1:] + list(extras):
         with torch.no_grad():
             y = runner.forward(impl, x)
         g = runner.forward_backward(impl, x, grad)
@@ -127,7 +136,8 @@ def _check(runner: Runner, x: torch.Tensor, grad: torch.Tensor) -> dict:
             "output": float((y - ref).abs().max()), "output_scale": float(ref.abs().max()),
             "input_grad": float((g - ref_g).abs().max()), "input_grad_scale": float(ref_g.abs().max()),
         }
-        if not (torch.allclose(y, ref, rtol=1e-4, atol=1e-5) and torch.allclose(g, ref_g, rtol=1e-3, atol=1e-5)):
+        close = torch.allclose(y, ref, rtol=1e-4, atol=1e-5) and torch.allclose(g, ref_g, rtol=1e-3, atol=1e-5)
+        if not close and impl not in HF_BF16:
             raise SystemExit(f"{impl}: outputs differ from sparseforge: {diffs[impl]}")
     return diffs
 
@@ -138,16 +148,17 @@ def _time(fn) -> float:
     return time.perf_counter() - start
 
 
-def bench_config(cfg: dict, tokens: int, reps: int, decode_calls: int, seed: int, metrics=METRICS) -> dict:
-    config, block, ours = _build(cfg, seed)
-    runner = Runner(config, block, ours)
+def bench_config(cfg: dict, tokens: int, reps: int, decode_calls: int, seed: int, metrics=METRICS,
+                 extras=()) -> dict:
+    config, block, ours, ours_x3 = _build(cfg, seed, x3=X3 in extras)
+    runner = Runner(config, block, ours, ours_x3)
     block.train()  # jitter is 0: train and eval compute the same function
     ours.train()
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(1, tokens, cfg["d"], generator=gen)
     grad = torch.randn(1, tokens, cfg["d"], generator=gen)
     x1 = torch.randn(1, 1, cfg["d"], generator=gen)
-    diffs = _check(runner, x[:, : min(tokens, 512)], grad[:, : min(tokens, 512)])
+    diffs = _check(runner, x[:, : min(tokens, 512)], grad[:, : min(tokens, 512)], extras)
     with torch.no_grad():
         for impl in IMPLS + DECODE_EXTRAS:  # warm-up, and decode equality
             y1 = runner.forward(impl, x1)
@@ -155,12 +166,13 @@ def bench_config(cfg: dict, tokens: int, reps: int, decode_calls: int, seed: int
                 y1_ref = y1
             elif not torch.allclose(y1, y1_ref, rtol=1e-4, atol=1e-5):
                 raise SystemExit(f"{impl}: decode output differs from sparseforge")
-    samples = {m: {i: [] for i in IMPLS} for m in metrics}
+    batch_impls = IMPLS + list(extras)  # forward and forward+backward
+    samples = {m: {i: [] for i in (IMPLS if m == "decode" else batch_impls)} for m in metrics}
     if "decode" in metrics:
         for impl in DECODE_EXTRAS:
             samples["decode"][impl] = []
     for rep in range(reps):  # forward and forward+backward rounds
-        for impl in IMPLS[rep % len(IMPLS):] + IMPLS[: rep % len(IMPLS)]:  # rotate who goes first
+        for impl in batch_impls[rep % len(batch_impls):] + batch_impls[: rep % len(batch_impls)]:  # rotate who goes first
             if "forward" in metrics:
                 with torch.no_grad():
                     samples["forward"][impl].append(_time(lambda: runner.forward(impl, x)))
@@ -172,7 +184,7 @@ def bench_config(cfg: dict, tokens: int, reps: int, decode_calls: int, seed: int
             with torch.no_grad():
                 calls = [_time(lambda: runner.forward(impl, x1)) for _ in range(decode_calls)]
             samples["decode"][impl].append(statistics.median(calls))
-    runner.module("sparseforge")  # the layer's own kernel function back in place
+    runner.module("sparseforge")  # the layer's parking and torch's precision back in place
     decode_choice = {t: {"path": c.name, "ms": c.ms, "reason": c.reason} for t, c in ours.decode_choice.items()}
     result = {"config": cfg, "tokens": tokens, "max_abs_diff": diffs, "median_s": {}, "samples_s": samples,
               "decode_choice": decode_choice}
@@ -183,7 +195,8 @@ def bench_config(cfg: dict, tokens: int, reps: int, decode_calls: int, seed: int
 
 def bench_kernels(cfg: dict, tokens: int, reps: int, seed: int) -> dict:
     """GFLOP/s of the first expert matmul (x_e @ W_gate[e] for every expert), equal slices:
-    ``torch.mm`` per slice (MKL), ``torch.nn.functional.grouped_mm`` (one call) and oneDNN per slice."""
+    ``torch.mm`` per slice (MKL), ``torch.nn.functional.grouped_mm`` (one call), oneDNN per slice and,
+    where the CPU has AMX, bf16x3 per slice (float32 GFLOP/s: the useful work, not the 3 bf16 products)."""
     import torch.nn.functional as F
 
     from sparseforge.moe.grouped import _mm
@@ -199,6 +212,17 @@ def bench_kernels(cfg: dict, tokens: int, reps: int, seed: int) -> dict:
         return lambda: [_mm(xs[e * rows:(e + 1) * rows], w[e], backend) for e in range(E)]
 
     fns = {"mm (MKL)": loop("loop"), "grouped_mm": lambda: F.grouped_mm(xs, w, offs=offs), "oneDNN": loop("onednn")}
+    errors = {}
+    from sparseforge.ops.bf16x3 import amx_available
+
+    if amx_available():  # bf16x3 on AMX: weights packed once (as the layer keeps them), x split per call
+        from sparseforge.moe.bf16x3 import Bf16x3Matmul
+
+        x3 = Bf16x3Matmul()
+        fns["bf16x3 (AMX)"] = lambda: [x3.mm(xs[e * rows:(e + 1) * rows], w[e], key=e) for e in range(E)]
+        exact = xs[:rows].double() @ w[0].double()  # (rows, h), expert 0
+        for name, got in (("mm (MKL)", xs[:rows] @ w[0]), ("bf16x3 (AMX)", x3.mm(xs[:rows], w[0], key=0))):
+            errors[name] = float((got.double() - exact).abs().max() / exact.abs().max())
     samples = {name: [] for name in fns}
     for name, fn in fns.items():
         fn()  # warm-up
@@ -206,7 +230,7 @@ def bench_kernels(cfg: dict, tokens: int, reps: int, seed: int) -> dict:
         for name, fn in fns.items():
             samples[name].append(_time(fn))
     flops = 2.0 * rows * E * d * h
-    return {"config": cfg["name"], "rows_per_expert": rows,
+    return {"config": cfg["name"], "rows_per_expert": rows, "max_rel_err": errors,
             "gflops": {n: flops / statistics.median(v) / 1e9 for n, v in samples.items()}}
 
 
@@ -231,12 +255,16 @@ def _table(results: list[dict]) -> str:
                 + f" | {ratios[0]:.2f}x | {ratios[1]:.2f}x |"
             )
             labels = {TORCH_DECODE: "decode, ours with decode_backend='torch'",
-                      POLL_DECODE: "decode, ours with the pool polling after the kernel"}
-            for extra in [e for e in DECODE_EXTRAS if metric == "decode" and e in r["samples_s"][metric]]:
+                      POLL_DECODE: "decode, ours with the pool polling after the kernel",
+                      X3: f"{metric.replace('_', '+')}, ours with matmul_precision='bf16x3'",
+                      HF_BF16[0]: f"{metric.replace('_', '+')}, hf eager with fp32_precision='bf16'",
+                      HF_BF16[1]: f"{metric.replace('_', '+')}, hf grouped_mm with fp32_precision='bf16'"}
+            for extra in [e for e in DECODE_EXTRAS + [X3] + HF_BF16 if e in r["samples_s"][metric]]:
                 v = r["samples_s"][metric][extra]
                 m, b = statistics.median(v), min(v)
+                cell = f"{m * 1e3:.2f} ms" if metric == "decode" else f"{r['tokens'] / m:,.0f} tok/s"
                 lines.append(
-                    f"| {r['config']['name']} | {labels[extra]} | {m * 1e3:.2f} ms | | "
+                    f"| {r['config']['name']} | {labels[extra]} | {cell} | | "
                     f"| {min(med['hf-eager'], med['hf-grouped_mm']) / m:.2f}x "
                     f"| {min(best['hf-eager'], best['hf-grouped_mm']) / b:.2f}x |"
                 )
@@ -253,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="*", default=[c["name"] for c in CONFIGS])
     parser.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS))
     parser.add_argument("--kernels", action="store_true", help="also time one expert matmul per backend")
+    parser.add_argument("--bf16x3", action="store_true",
+                        help="also time ours with matmul_precision='bf16x3' (opt-in, AMX) in forward and forward+backward")
+    parser.add_argument("--hf-bf16-flag", action="store_true",
+                        help="also time transformers under torch.backends.mkldnn.matmul.fp32_precision='bf16' (bf16 products)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe.json"))
     args = parser.parse_args(argv)
     if args.quick:
@@ -267,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
         load_before = os.getloadavg()
         results = [
-            bench_config(cfg, args.tokens, args.reps, args.decode_calls, seed=i, metrics=tuple(args.metrics))
+            bench_config(cfg, args.tokens, args.reps, args.decode_calls, seed=i, metrics=tuple(args.metrics),
+                         extras=([X3] if args.bf16x3 else []) + (HF_BF16 if args.hf_bf16_flag else []))
             for i, cfg in configs
         ]
         table = _table(results)
@@ -285,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
             for k in kernels:
                 cells = " | ".join(f"{v:.0f} GFLOP/s" for v in k["gflops"].values())
                 print(f"| {k['config']} | {k['rows_per_expert']} | {cells} |")
+            for k in kernels:
+                errs = ", ".join(f"{n} {e:.1e}" for n, e in k["max_rel_err"].items())
+                print(f"{k['config']}: max relative error of expert 0's product against float64: {errs}")
         runs.append({
             "threads": threads, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
             "results": results, "table": table, "kernels": kernels,
@@ -293,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
         "cpu": cpu_fingerprint(args.threads[0])["cpu"],
-        "quick": args.quick, "metrics": args.metrics, "tokens": args.tokens, "reps": args.reps, "decode_calls": args.decode_calls,
+        "quick": args.quick, "metrics": args.metrics, "bf16x3": args.bf16x3, "hf_bf16_flag": args.hf_bf16_flag, "tokens": args.tokens, "reps": args.reps, "decode_calls": args.decode_calls,
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
     }
     out = Path(args.out)

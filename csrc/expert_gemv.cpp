@@ -209,6 +209,51 @@ void expert_ffn(const ExpertFfnProblem& p, Isa isa, int64_t block_floats, bool p
   }
 }
 
+void expert_decode_step(ExpertFfnProblem p, const DecodeRouting& r, Isa isa, int64_t block_floats, bool parallel,
+                        AfterJob after) {
+  if (p.T < 0 || p.d < 1 || p.E < 1 || p.k < 1 || p.k > p.E) {
+    throw std::invalid_argument("decode step needs d, E >= 1 and 1 <= k <= E; got d=" + std::to_string(p.d) +
+                                " E=" + std::to_string(p.E) + " k=" + std::to_string(p.k));
+  }
+  kernels(isa).row_dots(r.router, p.E, p.d, p.x, p.T, r.logits);
+  for (int64_t e = 0; e < p.E; ++e) r.counts[e] = 0;
+  for (int64_t t = 0; t < p.T; ++t) {
+    const float* z = r.logits + t * p.E;
+    float* pr = r.probs + t * p.E;
+    float m = -INFINITY;
+    bool nan = false;
+    for (int64_t e = 0; e < p.E; ++e) {
+      nan = nan || z[e] != z[e];
+      m = z[e] > m ? z[e] : m;
+    }
+    float sum = 0.f;
+    for (int64_t e = 0; e < p.E; ++e) sum += (pr[e] = nan ? NAN : std::exp(z[e] - m));
+    for (int64_t e = 0; e < p.E; ++e) pr[e] /= sum;
+    int64_t* ex = r.experts + t * p.k;
+    float* w = r.weights + t * p.k;
+    float chosen = 0.f;
+    for (int64_t j = 0; j < p.k; ++j) {  // selection: the best not yet taken, ties to the lower index
+      int64_t best = -1;
+      for (int64_t e = 0; e < p.E; ++e) {
+        bool taken = false;
+        for (int64_t i = 0; i < j; ++i) taken = taken || ex[i] == e;
+        if (taken) continue;
+        const bool better = best < 0 || (pr[e] != pr[e] && pr[best] == pr[best]) || pr[e] > pr[best];
+        if (better) best = e;
+      }
+      ex[j] = best;
+      w[j] = pr[best];
+      chosen += pr[best];
+      ++r.counts[best];
+    }
+    if (r.renormalize)
+      for (int64_t j = 0; j < p.k; ++j) w[j] /= chosen;
+  }
+  p.experts = r.experts;
+  p.weights = r.weights;
+  expert_ffn(p, isa, block_floats, parallel, after);
+}
+
 void few_token_linear(const float* x, int64_t T, int64_t d, const float* W, int64_t N, float* y, Isa isa) {
   check_linear(T, d, N);
   kernels(isa).row_dots(W, N, d, x, T, y);

@@ -71,4 +71,22 @@ void expert_ffn_ref(const ExpertFfnProblem& p);
 void few_token_linear(const float* x, int64_t T, int64_t d, const float* W, int64_t N, float* y, Isa isa);
 void few_token_linear_ref(const float* x, int64_t T, int64_t d, const float* W, int64_t N, float* y);
 
+// A whole decode step of a softmax top-k MoE layer (Mixtral's router) in one call:
+//   logits (T, E) = x @ router^T (few_token_linear), probs = softmax(logits) per token (float32,
+//   max-subtracted), experts (T, k) = the k largest probs, best first, ties to the lower index (NaN
+//   ranks first, as torch.sort), weights (T, k) = their probs (divided by their sum if renormalize),
+//   counts (E,) = slots per expert, then y = expert_ffn of that routing.
+// p.experts / p.weights are ignored (the routing above fills r.experts / r.weights and uses them).
+struct DecodeRouting {
+  const float* router = nullptr;  // (E, d), nn.Linear layout
+  bool renormalize = true;
+  float* logits = nullptr;        // (T, E)
+  float* probs = nullptr;         // (T, E)
+  int64_t* experts = nullptr;     // (T, k)
+  float* weights = nullptr;       // (T, k)
+  int64_t* counts = nullptr;      // (E,)
+};
+void expert_decode_step(ExpertFfnProblem p, const DecodeRouting& r, Isa isa, int64_t block_floats = 0,
+                        bool parallel = true, AfterJob after = AfterJob::park);
+
 }  // namespace sf

@@ -15,4 +15,5 @@ NB_MODULE(_native, m) {
   sfb::register_attention(m);
   sfb::register_linear_bf16(m);
   sfb::register_column_sparse(m);
+  sfb::register_gemm_bf16x3(m);
 }

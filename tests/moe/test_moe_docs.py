@@ -50,7 +50,7 @@ def test_estimator_table_matches_constants(text):
 @pytest.mark.parametrize(
     "module",
     ["__init__", "routers", "sparsemixer", "dispatch", "grouped", "losses", "layer", "hf", "swap", "upcycle",
-     "expert_pruning", "expert_sparsity", "parallel", "dense", "config", "ops.expert_ffn"],
+     "expert_pruning", "expert_sparsity", "parallel", "dense", "config", "ops.expert_ffn", "bf16x3", "ops.bf16x3"],
 )
 def test_docstring_examples(module):
     import doctest

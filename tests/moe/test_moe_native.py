@@ -203,7 +203,7 @@ def test_layer_uses_native_kernel(monkeypatch):
         layer(torch.randn(5, 8))  # 5 tokens: grouped
         layer.decode_backend = "torch"
         layer(torch.randn(1, 8))
-    assert len(calls) == 1 and calls[0][-1] is False  # too small for the pool: the calling thread, unmeasured
+    assert len(calls) == 1 and calls[0][7] is False  # too small for the pool: the calling thread, unmeasured
     x = torch.randn(2, 8)
     with torch.no_grad():
         layer.decode_backend, layer.decode_parallel = "native", True
@@ -466,3 +466,41 @@ def test_decode_router_runs_natively_and_gives_torch_logits(monkeypatch):
     layer.decode_backend = "auto"
     layer(x)  # gradients needed: torch's router, differentiable
     assert calls == [1]
+
+
+@pytest.mark.parametrize("renormalize,shared,k,tokens", [(True, None, 2, 1), (False, 12, 3, 3), (True, None, 4, 2)])
+def test_fused_decode_step_equals_the_unfused_native_path(monkeypatch, renormalize, shared, k, tokens):
+    import sparseforge.moe.layer as layer_mod
+
+    calls = []
+    real = layer_mod.native_expert_ffn
+    monkeypatch.setattr(layer_mod, "native_expert_ffn", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(3)
+    layer = MoE(8, 12, 4, k, decode_backend="native", shared_hidden=shared,
+                router_options={"renormalize": renormalize}).eval()
+    x = torch.randn(tokens, 8)
+    with torch.no_grad():
+        y0, a0 = layer(x)  # unfused: decides the path and records it
+        y1, a1 = layer(x)  # fused: router and experts in one native call
+        layer.decode_backend = "torch"
+        y2, _ = layer(x)  # the per-slot torch chain (never fused)
+    assert len(calls) == 1 and layer._decode_steps
+    assert torch.allclose(y1, y0, atol=1e-6) and torch.allclose(y1, y2, rtol=1e-5, atol=1e-6)
+    assert torch.equal(a1.experts, a0.experts) and torch.equal(a1.tokens_per_expert, a0.tokens_per_expert)
+    assert torch.allclose(a1.router_probs, a0.router_probs, atol=1e-7)
+    assert torch.allclose(a1.router_logits, a0.router_logits, atol=1e-6)
+    assert torch.allclose(a1.loss, a0.loss, atol=1e-7)
+
+
+def test_fused_decode_ties_keep_the_lower_expert_and_gradients_disable_it():
+    layer = MoE(8, 12, 5, 2, decode_backend="native").eval()
+    with torch.no_grad():
+        layer.gate.weight.zero_()  # every logit equal: experts 0 and 1, weight 1/2 each
+        x = torch.randn(1, 8)
+        layer(x)
+        y, aux = layer(x)
+        ref = 0.5 * (layer(x)[0])  # same call again: the fused step is deterministic
+    assert aux.experts.tolist() == [[0, 1]] and torch.equal(y, 2 * ref)
+    xg = x.clone().requires_grad_()
+    yg, _ = layer(xg)  # a gradient is needed: the grouped path, differentiable
+    assert yg.requires_grad and torch.allclose(yg, y, atol=1e-6)

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 
 from sparseforge.errors import ConfigError
+from sparseforge.moe.bf16x3 import PRECISIONS
 from sparseforge.moe.grouped import ACTIVATIONS, BACKENDS
 from sparseforge.moe.routers import Router
 
@@ -56,6 +57,7 @@ class MoEConfig:
     backend: str = "auto"  # expert matmuls: "auto" (= "loop"), "loop", "onednn" (opt-in private op)
     decode_backend: str = "auto"  # few-token forward: "auto", "native", "torch"
     decode_parallel: bool | None = None  # native decode kernel: None = measured, True = thread pool, False = caller
+    matmul_precision: str = "fp32"  # expert matmuls of the grouped path: "fp32" or the opt-in "bf16x3" (AMX)
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_hidden", "num_experts"):
@@ -78,6 +80,10 @@ class MoEConfig:
                 raise ConfigError(f"router has {self.router.num_experts} experts but the layer has {self.num_experts}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown dispatch backend {self.backend!r}; choose one of {list(BACKENDS)}")
+        if self.matmul_precision not in PRECISIONS:
+            raise ConfigError(f"unknown matmul_precision {self.matmul_precision!r}; choose one of {list(PRECISIONS)}")
+        if self.matmul_precision == "bf16x3" and self.backend == "onednn":
+            raise ConfigError("matmul_precision='bf16x3' runs its own AMX kernel: leave backend='auto' (or 'loop')")
         if self.decode_backend not in DECODE_BACKENDS:
             raise ConfigError(f"unknown decode_backend {self.decode_backend!r}; choose one of {list(DECODE_BACKENDS)}")
         if not (self.decode_parallel is None or isinstance(self.decode_parallel, bool)):

@@ -24,6 +24,9 @@ Matmul backends (see ``docs/moe.md`` for measurements):
   change in any torch release, so it is never chosen implicitly; if this torch lacks it (or its
   signature changed) asking for it is a :class:`ConfigError`.
 * ``"auto"``: ``loop``.
+* a :class:`~sparseforge.moe.bf16x3.Bf16x3Matmul` (``MoE(matmul_precision="bf16x3")``, opt-in): the
+  float32-accurate bf16x3 AMX kernel (relative error ~5e-6 instead of float32's ~6e-7) with the
+  expert weights split and packed once (``docs/moe.md``).
 
 ``torch.nn.functional.grouped_mm`` (torch 2.13 has a CPU kernel) ran at the speed of the ``loop``
 backend in our measurements (it calls the same GEMM per group), so it is not offered.
@@ -49,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from sparseforge.errors import ConfigError
+from sparseforge.moe.bf16x3 import Bf16x3Matmul
 from sparseforge.moe.dispatch import DispatchPlan, combine_slots
 
 __all__ = [
@@ -101,8 +105,12 @@ def onednn_missing() -> str | None:
     return None
 
 
-def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
+def resolve_backend(backend: "str | Bf16x3Matmul", *tensors: torch.Tensor) -> "str | Bf16x3Matmul":
     """The backend for ``tensors`` (input and weights); an inapplicable request is a ConfigError."""
+    if isinstance(backend, Bf16x3Matmul):
+        if not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors):
+            raise ConfigError("matmul_precision='bf16x3' takes float32 CPU inputs and weights; use matmul_precision='fp32'")
+        return backend
     if backend not in BACKENDS:
         raise ConfigError(f"unknown dispatch backend {backend!r}; choose one of {list(BACKENDS)}")
     if backend == "auto":
@@ -120,15 +128,20 @@ def _use_onednn(a: torch.Tensor, backend: str) -> bool:
     return backend == "onednn" and a.shape[0] >= ONEDNN_MIN_ROWS and a.shape[1] >= ONEDNN_MIN_ROWS
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, backend: str) -> torch.Tensor:
-    """``a @ b`` for one slice: ``a`` (n, K), ``b`` (K, N), views allowed -> (n, N)."""
+def _mm(a: torch.Tensor, b: torch.Tensor, backend, key=None) -> torch.Tensor:
+    """``a @ b`` for one slice: ``a`` (n, K), ``b`` (K, N), views allowed -> (n, N); ``key`` names
+    ``b`` as an expert weight (bf16x3 keeps its packed form)."""
+    if isinstance(backend, Bf16x3Matmul):
+        return backend.mm(a, b, key)
     if _use_onednn(a, backend):
         return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")  # a @ (b^T)^T
     return torch.mm(a, b)
 
 
-def _mm_add(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, backend: str) -> torch.Tensor:
+def _mm_add(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, backend, key=None) -> torch.Tensor:
     """``c += a @ b`` in place; returns ``c``."""
+    if isinstance(backend, Bf16x3Matmul):
+        return backend.mm(a, b, key, out=c, accumulate=True)
     if _use_onednn(a, backend):
         return c.copy_(torch.ops.mkldnn._linear_pointwise.binary(a, c, b.t(), None, "add"))
     return c.addmm_(a, b)
@@ -147,13 +160,13 @@ def _expert(x_e, e, w_up, w_down, w_gate, act, backend, out):
     """One expert on its slice ``x_e`` (n, d): pre-activations ``a``, ``b`` (n, h) (``b`` None for
     MLP experts); the unweighted output (n, d) is written into ``out``."""
     if w_gate is None:
-        a, b = _mm(x_e, w_up[e], backend), None  # (n, h)
+        a, b = _mm(x_e, w_up[e], backend, ("up", e)), None  # (n, h)
         hid = act(a)
     else:
-        a = _mm(x_e, w_gate[e], backend)  # (n, h)
-        b = _mm(x_e, w_up[e], backend)  # (n, h)
+        a = _mm(x_e, w_gate[e], backend, ("gate", e))  # (n, h)
+        b = _mm(x_e, w_up[e], backend, ("up", e))  # (n, h)
         hid = act(a).mul_(b)  # (n, h)
-    _mm_into(out, hid, w_down[e], backend)  # (n, d)
+    _mm_into(out, hid, w_down[e], backend, ("down", e))  # (n, d)
     return a, b
 
 
@@ -164,8 +177,10 @@ def _row_buffer(num_slots: int, like: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, backend: str) -> torch.Tensor:
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, backend, key=None) -> torch.Tensor:
     """``out = a @ b`` written into ``out`` (a contiguous view, e.g. one expert's gradient slice)."""
+    if isinstance(backend, Bf16x3Matmul):
+        return backend.mm(a, b, key, out=out)
     if _use_onednn(a, backend):
         return out.copy_(_mm(a, b, backend))
     return torch.mm(a, b, out=out)
@@ -228,13 +243,13 @@ class GroupedFFN(torch.autograd.Function):
             act_a = act(a)  # (n, h)
             if need_down:
                 _mm_into(g_down[e], act_a.t() if b is None else (act_a * b).t(), gy, backend)  # (h, d)
-            g_hid = _mm(gy, w_down[e].t(), backend)  # (n, h)
+            g_hid = _mm(gy, w_down[e].t(), backend, ("down_t", e))  # (n, h)
             if b is None:
                 g_a = act_bwd(g_hid, a)  # (n, h)
                 if need_up:
                     _mm_into(g_up[e], x_e.t(), g_a, backend)  # (d, h)
                 if need_x:
-                    _mm_into(grad_rows[s:t], g_a, w_up[e].t(), backend)  # (n, d)
+                    _mm_into(grad_rows[s:t], g_a, w_up[e].t(), backend, ("up_t", e))  # (n, d)
             else:
                 g_b = g_hid * act_a  # (n, h)
                 g_a = act_bwd(g_hid.mul_(b), a)  # (n, h)
@@ -243,8 +258,8 @@ class GroupedFFN(torch.autograd.Function):
                 if need_up:
                     _mm_into(g_up[e], x_e.t(), g_b, backend)  # (d, h)
                 if need_x:
-                    _mm_into(grad_rows[s:t], g_a, w_gate[e].t(), backend)  # (n, d)
-                    _mm_add(grad_rows[s:t], g_b, w_up[e].t(), backend)
+                    _mm_into(grad_rows[s:t], g_a, w_gate[e].t(), backend, ("gate_t", e))  # (n, d)
+                    _mm_add(grad_rows[s:t], g_b, w_up[e].t(), backend, ("up_t", e))
         return (
             combine_slots(grad_rows, position) if need_x else None,
             grad_sorted.index_select(0, position.reshape(-1)).view_as(weights) if need_w else None,
@@ -263,7 +278,7 @@ def grouped_ffn(
     w_down: torch.Tensor,
     w_gate: torch.Tensor | None = None,
     activation: str = "silu",
-    backend: str = "auto",
+    backend: "str | Bf16x3Matmul" = "auto",
 ) -> torch.Tensor:
     """Mixture output (T, d) for tokens ``x`` (T, d) routed by ``plan`` with gate ``weights`` (T, k).
 

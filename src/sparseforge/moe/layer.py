@@ -33,12 +33,14 @@ import torch
 from torch import nn
 
 from sparseforge.errors import ConfigError
+from sparseforge.kernels import native
 from sparseforge.kernels import num_threads as kernel_threads
+from sparseforge.moe.bf16x3 import Bf16x3Matmul
 from sparseforge.moe.config import DECODE_BACKENDS, MoEConfig
 from sparseforge.moe.dispatch import apply_capacity, build_plan
 from sparseforge.moe.grouped import ACTIVATIONS, FEW_SLOTS, few_tokens_ffn, grouped_ffn
 from sparseforge.moe.losses import MoEAux
-from sparseforge.moe.routers import Router, capacity_for, make_router
+from sparseforge.moe.routers import Router, SoftmaxTopK, capacity_for, make_router
 from sparseforge.ops.expert_ffn import expert_ffn as native_expert_ffn
 from sparseforge.ops.expert_ffn import few_token_linear, native_applicable
 
@@ -109,6 +111,12 @@ class MoE(nn.Module):
             calling thread and on the kernels' thread pool (:func:`sparseforge.kernels.num_threads`)
             together with the other candidates and keeps the fastest (whether one core saturates
             memory bandwidth depends on the CPU); ``True`` / ``False`` fix it (pool / calling thread).
+        matmul_precision: the expert matmuls of the grouped path (training, prefill): ``"fp32"``
+            (default, float32 GEMM) or the opt-in ``"bf16x3"``: three bf16 products on AMX with float32
+            accumulation (:mod:`sparseforge.moe.bf16x3`), relative error ~5e-6 instead of ~6e-7, the
+            expert weights kept split and packed (twice their bytes); float32 CPU layers on a CPU with
+            AMX-BF16 only (:class:`ConfigError` otherwise, at construction). Decode and the shared
+            expert stay float32.
     """
 
     def __init__(self, *args, config: MoEConfig | None = None, device=None, dtype=None, **options) -> None:
@@ -137,7 +145,12 @@ class MoE(nn.Module):
         self.backend = cfg.backend
         self.decode_backend = cfg.decode_backend
         self.decode_parallel = cfg.decode_parallel
+        self.matmul_precision = cfg.matmul_precision
+        self._bf16x3 = Bf16x3Matmul() if cfg.matmul_precision == "bf16x3" else None
         self._decode_choices: dict = {}  # measured decode path per call shape
+        self._decode_steps: dict = {}  # (tokens, decode_backend, decode_parallel, threads) -> native path of the fused step
+        self._native_views: tuple | None = None  # (data pointers, numpy views) of the weights for the fused step
+        self.decode_park_workers = True  # the native decode kernel's pool sleeps right after it (see ops.expert_ffn)
         self.seed = cfg.seed
         self._generator: torch.Generator | None = None
         self._build_weights(device, dtype)
@@ -225,6 +238,10 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> tuple[torch.Tensor, MoEAux]:
         """``x`` (..., d) -> ``(y (..., d), aux)``."""
+        if self._decode_steps and not torch.is_grad_enabled() and x.shape[-1] == self.d_model:
+            fused = self._fused_decode(x)
+            if fused is not None:
+                return fused
         if x.shape[-1] != self.d_model:
             raise ConfigError(f"MoE expects inputs (..., {self.d_model}), got {tuple(x.shape)}")
         shape = x.shape
@@ -250,14 +267,18 @@ class MoE(nn.Module):
         decode = self._decode_backend(x, experts, weights) if not needs_grad else "grouped"
         if decode in ("native", "native-parallel"):  # decode: native kernel
             parallel = decode == "native-parallel"
-            y = native_expert_ffn(x, experts, weights, *expert_weights, self.activation, parallel)  # (T, d)
+            y = native_expert_ffn(x, experts, weights, *expert_weights, self.activation, parallel,
+                                  self.decode_park_workers)  # (T, d)
+            if self._fusable(rng) and not torch.is_grad_enabled():
+                self._decode_steps[self._fused_key(num_tokens)] = decode
             counts = torch.bincount(experts.reshape(-1) + 1, minlength=self.num_experts + 1)[1:]  # (E,)
         elif decode == "torch":  # decode: skip the sort
             y = few_tokens_ffn(x, experts, weights, *expert_weights, self.activation)  # (T, d)
             counts = torch.bincount(experts.reshape(-1) + 1, minlength=self.num_experts + 1)[1:]  # (E,)
         else:
             plan = build_plan(experts, self.num_experts)
-            y = grouped_ffn(x, weights, plan, *expert_weights, self.activation, self.backend)  # (T, d)
+            matmuls = self._bf16x3 if self._bf16x3 is not None else self.backend
+            y = grouped_ffn(x, weights, plan, *expert_weights, self.activation, matmuls)  # (T, d)
             counts = torch.tensor(plan.counts, dtype=torch.long)  # (E,)
         if self.shared is not None:
             shared = self.shared(x)  # (T, d)
@@ -269,6 +290,56 @@ class MoE(nn.Module):
             logits, probs, chosen, counts, dropped / total_slots if total_slots else 0.0, self.lb_coef, self.z_coef,
         )
         return y.reshape(shape), aux
+
+    def _fusable(self, rng) -> bool:
+        """Whether a native decode call may run as one fused step (router included): softmax top-k
+        routing of float32 logits without capacity, bias, input noise or a generator in use."""
+        return (type(self.router) is SoftmaxTopK and self.capacity_factor is None and self.gate.bias is None
+                and rng is None and not (self.training and self.input_jitter > 0)
+                and not torch.compiler.is_compiling())
+
+    def _fused_key(self, num_tokens: int) -> tuple:
+        return (num_tokens, self.decode_backend, self.decode_parallel, kernel_threads(), self.training)
+
+    def _weight_views(self) -> tuple | None:
+        """numpy views of the router and expert weights for the fused step (rebuilt when a weight's
+        storage changes; None when one is not a contiguous float32 CPU tensor)."""
+        ws = (self.gate.weight, self.w_up, self.w_down, self.w_gate)
+        ptrs = tuple(None if w is None else w.data_ptr() for w in ws)
+        if self._native_views is None or self._native_views[0] != ptrs:
+            if not all(w is None or (native_applicable(w) and w.is_contiguous()) for w in ws):
+                return None
+            self._native_views = (ptrs, tuple(None if w is None else w.detach().numpy() for w in ws))
+        return self._native_views[1]
+
+    def _fused_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux] | None:
+        """A decode step whose path was measured (or fixed) as native: router, top-k and expert FFN in
+        one native call (``expert_decode_step``), the same routing as :class:`SoftmaxTopK` and the same
+        kernel as the unfused native path; None when this call does not qualify."""
+        shape = x.shape
+        x = x.reshape(-1, self.d_model)  # (T, d)
+        path = self._decode_steps.get(self._fused_key(x.shape[0]))
+        if path is None or not native_applicable(x) or torch.compiler.is_compiling():
+            return None
+        views = self._weight_views()
+        if views is None:
+            return None
+        T, E, k = x.shape[0], self.num_experts, self.k
+        y = torch.empty(T, self.d_model)  # (T, d)
+        logits, probs = torch.empty(T, E), torch.empty(T, E)  # (T, E)
+        experts, weights = torch.empty(T, k, dtype=torch.long), torch.empty(T, k)  # (T, k)
+        counts = torch.empty(E, dtype=torch.long)  # (E,)
+        native().expert_decode_step(
+            x.detach().contiguous().numpy(), *views, self.router.renormalize, y.numpy(), logits.numpy(), probs.numpy(),
+            experts.numpy(), weights.numpy(), counts.numpy(), self.activation, path == "native-parallel",
+            self.decode_park_workers,
+        )
+        if self.shared is not None:
+            shared = self.shared(x)  # (T, d)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(x)) * shared
+            y = y + shared
+        return y.reshape(shape), MoEAux(logits, probs, experts, counts, 0.0, self.lb_coef, self.z_coef)
 
     def _router_logits(self, x: torch.Tensor, decode: bool) -> torch.Tensor:
         """Router logits (T, E) of ``x`` (T, d). A forward-only call with at most
@@ -342,6 +413,12 @@ class MoE(nn.Module):
                 choice = choose_by_timing("moe_decode", question, {p: run[p] for p in paths}, default=paths[0])
             self._decode_choices[key] = choice
         return self._decode_choices[key].name
+
+    def clear_matmul_cache(self) -> None:
+        """Forget the packed expert weights of ``matmul_precision="bf16x3"`` (after writing weights
+        through ``.data``, which torch's version counter does not see); a no-op for ``"fp32"``."""
+        if self._bf16x3 is not None:
+            self._bf16x3.clear()
 
     @property
     def decode_choice(self) -> dict:
