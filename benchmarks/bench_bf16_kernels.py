@@ -6,7 +6,7 @@ and (hidden, ffn), default 8 x 4096/11008, Bernoulli masks or 2 of every 4). Cel
 * ``bf16 <fmt>``: ``sparseforge.ops.linear_bf16`` on bf16 values (the path of
   ``SparseLinear(compute_dtype=torch.bfloat16)``; ``x`` converted to bf16 at each layer's edge), on
   the path :func:`sparseforge.kernels.bf16_path` picks (printed; ``SPARSEFORGE_BF16_PATH`` forces one),
-  with ``method="auto"``: before the timing, :func:`sparseforge.measure.bf16_method.measured_method`
+  through ``linear_bf16_auto``: before the timing, :func:`sparseforge.measure.bf16_method.measured_method`
   times the dense-panel and zero-skipping methods once per distinct layer (shape, density) on this
   machine and caches the faster; the ``method`` column says which one ran (``--methods`` also times
   ``panel`` and ``skip`` on their own);
@@ -100,6 +100,7 @@ def _sparse_cells(args, label: str, x) -> list[dict]:
     from functools import partial
 
     from sparseforge import kernels
+    from sparseforge.measure.bf16_method import linear_bf16_auto
     from sparseforge.ops import linear, linear_bf16
 
     rows = []
@@ -114,7 +115,7 @@ def _sparse_cells(args, label: str, x) -> list[dict]:
             continue
         nbytes = sum(w.nbytes for w in ws)
         with torch.inference_mode():
-            cells = [("bf16", _methods(ws, args.batch), linear_bf16)]
+            cells = [("bf16", _methods(ws, args.batch), linear_bf16_auto)]  # the measured method per layer
             if args.methods:
                 cells += [("bf16", m, partial(linear_bf16, method=m)) for m in ("panel", "skip")]
             cells.append(("fp32", "lanes", linear))

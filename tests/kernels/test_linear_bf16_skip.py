@@ -1,6 +1,6 @@
 """The zero-skipping bf16 method (csrc/linear_bf16.h ``*_linear_bf16_skip``) against the scalar oracle
 and dense torch bf16, on every ISA (the ``isa`` fixture), and the measured panel / skip choice
-(sparseforge.measure.bf16_method) behind ``linear_bf16(method="auto")``."""
+(sparseforge.measure.bf16_method) behind ``linear_bf16_auto``."""
 
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def test_skip_errors_are_clear():
     w = BitmapWeight.from_dense(torch.randn(4, 32))
     with pytest.raises(ConfigError, match="needs bfloat16 values"):
         linear_bf16(torch.randn(16, 32), w, method="skip")
-    with pytest.raises(ConfigError, match="unknown; use auto, panel or skip"):
+    with pytest.raises(ConfigError, match="unknown; use panel or skip"):
         linear_bf16(torch.randn(16, 32), w, method="fast")
 
 
@@ -152,15 +152,16 @@ def test_auto_uses_the_cached_answer(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bc, "native", lambda: Spy())
     x = torch.randn(64, 384)
-    linear_bf16(x, w)
+    bf16_method.linear_bf16_auto(x, w)
     TuningCache().put("bf16_method", bf16_method.method_question(w, 64), {"name": "skip"})
-    linear_bf16(x, w)
+    bf16_method.linear_bf16_auto(x, w)
     monkeypatch.setenv("SPARSEFORGE_BF16_METHOD", "panel")
-    linear_bf16(x, w)
-    assert calls == ["panel", "skip", "panel"]
+    bf16_method.linear_bf16_auto(x, w)
+    linear_bf16(x, w)  # the op itself: panel unless told
+    assert calls == ["panel", "skip", "panel", "panel"]
     monkeypatch.setenv("SPARSEFORGE_BF16_METHOD", "zeros")
     with pytest.raises(ConfigError, match="SPARSEFORGE_BF16_METHOD"):
-        linear_bf16(x, w)
+        bf16_method.linear_bf16_auto(x, w)
 
 
 @pytest.mark.parametrize("fmt", ("bitmap_bf16", "nm_2of4", "csr_u16"))

@@ -45,6 +45,7 @@ from sparseforge.errors import ConfigError, DataError, NumericalError
 __all__ = ["PagedKVCache", "PagedLayer", "LAYER_KWARG", "bf16_bounds", "huge_page_empty", "release_rows"]
 
 LAYER_KWARG = "sparseforge_kv_layer"  # key under which update() hands the layer to the attention function
+ATTENTION_NAME = "sparseforge"  # the attn_implementation the attention interface registers (interface.NAME)
 _DTYPES = (torch.float32, torch.bfloat16)
 _GROWTH = 1.5
 
@@ -201,13 +202,11 @@ class PagedLayer(CacheLayerMixin):
 
     def _check_decodes_only(self, tokens: int) -> None:
         """Raises unless a cache with released rows can take ``tokens`` new tokens (see release_dense)."""
-        from sparseforge.attention.interface import NAME  # interface imports this module
-
         impl = getattr(self.config, "_attn_implementation", None)
-        if impl != NAME:
+        if impl != ATTENTION_NAME:
             raise ConfigError(
                 f"PagedKVCache layer {self.layer_idx}: freeing dense rows needs the cache built from the model's config "
-                f"(PagedKVCache(model.config, ...)) on a model running attn_implementation='{NAME}', got "
+                f"(PagedKVCache(model.config, ...)) on a model running attn_implementation='{ATTENTION_NAME}', got "
                 f"{'no config' if self.config is None else repr(impl)}; or keep Mustafar(release_dense=False)"
             )
         if tokens != 1:

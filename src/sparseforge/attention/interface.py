@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from sparseforge.attention.cache import LAYER_KWARG, PagedLayer
+from sparseforge.attention.cache import ATTENTION_NAME, LAYER_KWARG, PagedLayer
 from sparseforge.errors import ConfigError, DataError, ModelError
 from sparseforge.attention.policies import StreamingLLM
 from sparseforge.attention.rope import inv_freq_of, shift_positions
@@ -41,7 +41,7 @@ from sparseforge.ops.decode_attention import attend, merge_attention
 
 __all__ = ["NAME", "enable", "sparseforge_attention", "clip_spans"]
 
-NAME = "sparseforge"
+NAME = ATTENTION_NAME
 
 
 def clip_spans(spans: Tensor, lo: Tensor) -> Tensor:

@@ -14,9 +14,9 @@ the weight (:func:`sparseforge.measure.choose.choose_by_timing`: interleaved rou
 unless ``skip`` is clearly faster, a noisy machine keeps ``panel`` uncached) and caches the answer per
 CPU, threads and question (:func:`method_question`: family, value dtype, shape, density to 1%, batch
 bucket) in the tuning cache (``sparseforge cache clear`` forgets it). :func:`known_method` is the
-lookup a forward does (nothing timed): ``linear_bf16(..., method="auto")`` runs the cached answer,
-else ``panel``. Measuring happens ahead of use (a benchmark, ``compress_``-time code or the user),
-never inside a forward. ``SPARSEFORGE_BF16_METHOD=panel|skip`` forces a method for ``auto``.
+lookup a forward does (nothing timed): :func:`linear_bf16_auto` runs the cached answer, else ``panel``
+(:class:`~sparseforge.nn.SparseLinear` with bf16 compute calls it). Measuring happens ahead of use (a benchmark, ``compress_``-time code or the user),
+never inside a forward. ``SPARSEFORGE_BF16_METHOD=panel|skip`` forces the method of :func:`linear_bf16_auto`.
 
 Example:
     >>> import torch, tempfile, os
@@ -103,3 +103,12 @@ def known_method(weight, batch: int, *, cache: Optional[TuningCache] = None) -> 
     cache = cache if cache is not None else TuningCache()
     stored = cache.get(_KIND, method_question(weight, batch))
     return None if stored is None else str(stored["name"])
+
+
+def linear_bf16_auto(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`sparseforge.ops.linear_bf16` with the method :func:`known_method` gives for this weight and
+    ``x``'s batch (rows), else ``"panel"``: a cache lookup, nothing timed."""
+    from sparseforge.ops import linear_bf16
+
+    batch = x.numel() // max(1, x.shape[-1]) if x.dim() else 1
+    return linear_bf16(x, weight, bias, method=known_method(weight, batch) or "panel")

@@ -74,6 +74,7 @@ from sparseforge.errors import ConfigError, ModelError
 from sparseforge.formats import BitmapWeight, BSRWeight, CSRWeight, FanInWeight, NMWeight, registry
 from sparseforge.formats.rule import auto_format
 from sparseforge.measure.lanes_tile import BUCKETS, LANES_MIN_BATCH, RULE, LanesTile, batch_bucket, tile_for, tiles_apply
+from sparseforge.measure.bf16_method import linear_bf16_auto
 from sparseforge.ops.bf16_compute import BF16_MIN_BATCH, bf16_formats, supports_bf16
 from sparseforge.ops.int8 import INT8_ACT_FORMATS, check_activations
 from sparseforge.patterns import NM, parse
@@ -471,7 +472,7 @@ class SparseLinear(nn.Module):
         if bias is not None and bias.dtype != torch.float32:
             bias = bias.to(torch.float32)
         if self._compute_dtype == torch.bfloat16 and x.is_floating_point() and x.numel() >= BF16_MIN_BATCH * self.in_features:
-            return ops.linear_bf16(x, weight, bias).to(x.dtype)  # (..., out); x converted to bf16 inside
+            return linear_bf16_auto(x, weight, bias).to(x.dtype)  # (..., out); x converted to bf16 inside
         act = self._activations
         tile = {} if act != "float" else self._tile(weight, x.numel() // max(1, self.in_features))
         if x.dtype == torch.float32:

@@ -130,32 +130,29 @@ def _register(fmt: str, spec, schema: str, values_at: int):
     return op
 
 
-def _method_of(method: str, weight, batch: int) -> str:
-    """``method`` resolved: ``auto`` -> the measured answer cached for this machine, else ``panel``."""
-    if method in METHODS:
-        if method == "skip" and weight.dtype != torch.bfloat16:
-            raise ConfigError(f"bf16 method 'skip' needs bfloat16 values, this weight has {weight.dtype}; "
-                              "convert its values (.to(torch.bfloat16)) or use method='panel'")
-        return method
-    if method != "auto":
-        raise ConfigError(f"bf16 method {method!r} is unknown; use auto, panel or skip")
-    from sparseforge.measure.bf16_method import known_method  # measure imports ops lazily too
-
-    return known_method(weight, batch) or "panel"
+def _method_of(method: str, weight) -> str:
+    """``method`` checked: ``panel``, or ``skip`` for bfloat16 values."""
+    if method not in METHODS:
+        raise ConfigError(f"bf16 method {method!r} is unknown; use panel or skip (the measured choice: "
+                          "sparseforge.measure.bf16_method.linear_bf16_auto)")
+    if method == "skip" and weight.dtype != torch.bfloat16:
+        raise ConfigError(f"bf16 method 'skip' needs bfloat16 values, this weight has {weight.dtype}; "
+                          "convert its values (.to(torch.bfloat16)) or use method='panel'")
+    return method
 
 
 _OPS = {fmt: _register(fmt, spec, schema, at) for fmt, (spec, schema, at) in _FAMILIES.items()}
 bitmap_linear_bf16, nm_linear_bf16, csr_linear_bf16 = _OPS["bitmap"], _OPS["nm"], _OPS["csr"]
 
 
-def linear_bf16(x: Tensor, weight, bias: Optional[Tensor] = None, method: str = "auto") -> Tensor:
+def linear_bf16(x: Tensor, weight, bias: Optional[Tensor] = None, method: str = "panel") -> Tensor:
     """``bf16(x) (..., in) @ bf16(weight)^T + bias``, float32 out, for a bitmap, N:M or CSR weight.
 
     ``x`` of any floating dtype is converted to bf16 first. ``method``: ``"panel"`` (dense bf16 panels
     on the path :func:`sparseforge.kernels.bf16_path`: its cost is that of the dense product, its bytes
     those of the sparse weight), ``"skip"`` (the zero-skipping lanes walk over the stored values only;
-    bfloat16 values), or ``"auto"``: the method measured for this weight and batch on this machine
-    (:mod:`sparseforge.measure.bf16_method`, a cache lookup), else ``"panel"``. Logged at debug level.
+    bfloat16 values); :func:`sparseforge.measure.bf16_method.linear_bf16_auto` runs the method measured for
+    this weight and batch on this machine (a cache lookup). Logged at debug level.
     Any batch works; it pays from batch ~16.
     """
     family = registry.spec_of(weight).kernel_family
@@ -170,7 +167,7 @@ def linear_bf16(x: Tensor, weight, bias: Optional[Tensor] = None, method: str = 
     if not x.is_floating_point():
         raise DataError(f"x must be a floating-point tensor, got {x.dtype}")
     x2 = x.reshape(-1, cols)  # (B, in)
-    method = _method_of(method, weight, x2.shape[0])
+    method = _method_of(method, weight)
     if _log.isEnabledFor(logging.DEBUG):
         _log.debug("bf16 %s product %dx%d, batch %d: method %s, path %s", family, rows, cols, x2.shape[0], method, bf16_path())
     if torch.compiler.is_compiling() or (
