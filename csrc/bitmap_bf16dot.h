@@ -1,6 +1,6 @@
 // Batch-1 product of a bitmap weight with bfloat16 values and an x whose elements are bfloat16
 // values (a model running in bf16 passes its activations so), on AVX512_BF16 + AVX512_VBMI2
-// (bitmap_bf16dot_avx512.cpp): per 32 columns the row's next stored values are loaded and placed at
+// (bitmap_bf16dot_avx512.cpp): per 32 columns the row's next stored values are expand-loaded to
 // their columns (vpexpandw) and vdpbf16ps multiplies them with 32 bf16 of x, two products per
 // float32 lane; four 32-column steps per iteration, each with its own accumulator. Every product is
 // exact in float32; the sums are float32 in another order than the FMA walk, and vdpbf16ps treats

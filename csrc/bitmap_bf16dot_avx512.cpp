@@ -31,19 +31,12 @@ bool bf16_of(const float* x, int64_t n, int64_t stride, uint16_t* xb) {
 
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
 
-// 32 columns' stored values placed at their columns: a plain 64-byte load expanded in registers
-// (the memory form of vpexpandw is slower), or the masked expand-load near the end of the values
-inline __m512i expand32(const uint16_t* v, __mmask32 m, bool whole_load) {
-  return whole_load ? _mm512_maskz_expand_epi16(m, _mm512_loadu_si512(v)) : _mm512_maskz_expandloadu_epi16(m, v);
-}
-
 // rows [r0, r1) of y = x @ W^T + bias, x as bf16 (xb); kSteps 32-column steps per iteration, each
 // into its own accumulator.
 constexpr int kSteps = 4;
 
 void rows_bf16dot(const BitmapView& w, const uint16_t* xb, const float* bias, float* y, int64_t r0, int64_t r1) {
   const uint16_t* values = static_cast<const uint16_t*>(w.val);
-  const int64_t last_whole = w.nnz - 32;  // a 64-byte load from values + q, q <= this, stays inside the values
   const int64_t cols = w.cols, full = cols - cols % (32 * kSteps);
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = w.bits + r * w.bpr;
@@ -58,7 +51,10 @@ void rows_bf16dot(const BitmapView& w, const uint16_t* xb, const float* bias, fl
       uint32_t m[kSteps];
       std::memcpy(m, row + c / 8, sizeof m);
       for (int k = 0; k < kSteps; ++k) {
-        const __m512i wk = expand32(v, static_cast<__mmask32>(m[k]), v - values <= last_whole);
+        // the mask register loaded from memory (a load, not a move from a general register on port 5);
+        // the expand-load reads the popcount(mask) values it places, nothing past them
+        const __mmask32 mk = _load_mask32(reinterpret_cast<__mmask32*>(const_cast<uint8_t*>(row + c / 8 + 4 * k)));
+        const __m512i wk = _mm512_maskz_expandloadu_epi16(mk, v);
         v += __builtin_popcount(m[k]);
         acc[k] = _mm512_dpbf16_ps(acc[k], as_bh(wk), as_bh(_mm512_loadu_si512(xb + c + 32 * k)));
       }
@@ -68,7 +64,7 @@ void rows_bf16dot(const BitmapView& w, const uint16_t* xb, const float* bias, fl
       uint32_t mb = 0;
       std::memcpy(&mb, row + c / 8, static_cast<size_t>((nc + 7) / 8));
       if (nc < 32) mb &= (uint32_t{1} << nc) - 1u;
-      const __m512i w0 = expand32(v, static_cast<__mmask32>(mb), v - values <= last_whole);
+      const __m512i w0 = _mm512_maskz_expandloadu_epi16(static_cast<__mmask32>(mb), v);
       v += __builtin_popcount(mb);
       acc[0] = _mm512_dpbf16_ps(acc[0], as_bh(w0), as_bh(_mm512_loadu_si512(xb + c)));
     }
