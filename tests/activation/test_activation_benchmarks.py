@@ -169,8 +169,10 @@ def test_kernel_benchmark_int8_column_cells_against_torch_and_fp32_values(tmp_pa
 
 
 def test_decode_benchmark_breakdown_splits_each_sparse_step(tmp_path):
-    """--breakdown: one row per sparse variant (none for the dense ones), whose parts add up to the step;
-    the timed kernels ran (time > 0) and every layer's own bound_gemv is back afterwards."""
+    """--breakdown: one row per sparse variant (none for the dense ones), whose parts add up to the step.
+    The kernel share is a difference of two timed decodes (long - short), which on this tiny model can
+    come out at +-0 in timing noise: only its being a number is checked here; that the timer sees the
+    kernels is test_kernel_seconds_times_the_bound_kernels_and_restores_them."""
     bench = load_benchmark("activation_decode")
     result = bench.main(["--hidden", "64", "--layers", "1", "--ffn", "96", "--vocab", "128", "--new", "2",
                          "--repeats", "1", "--threads", "1", "--sparsities", "0.5", "--breakdown",
@@ -178,7 +180,7 @@ def test_decode_benchmark_breakdown_splits_each_sparse_step(tmp_path):
     split = {r["variant"]: r for r in result["breakdown"]}
     assert list(split) == ["TEAL 50%", "weight 50% (column) + TEAL 50%"]
     for r in split.values():
-        assert r["sparse_kernels_ms"] > 0 and r["lm_head_ms"] > 0
+        assert math.isfinite(r["sparse_kernels_ms"]) and r["lm_head_ms"] > 0 and r["step_ms"] > 0
         assert math.isclose(r["sparse_kernels_ms"] + r["lm_head_ms"] + r["rest_ms"], r["step_ms"])
 
 
