@@ -83,19 +83,8 @@ bool bitmap_bf16dot_linear(const BitmapView& w, const Problem& p) {
   thread_local std::vector<uint16_t> xb;
   xb.resize(static_cast<size_t>(stride));
   if (!bf16_of(p.x, w.cols, stride, xb.data())) return false;
-  if (p.out == 0) return true;
-  const int nt = num_threads();
-  const bool par = nt > 1 && static_cast<double>(w.nnz + p.out) > detail::kParallelMinWork;
-  const int64_t ntasks = par ? min64(p.out, int64_t{nt} * 16) : 1;
-  const int64_t per = detail::ceil_div(p.out, ntasks);
   const uint16_t* xs = xb.data();
-  parallel_for(
-      detail::ceil_div(p.out, per),
-      [&](int64_t t, int) {
-        const int64_t r0 = t * per, r1 = min64(p.out, (t + 1) * per);
-        rows_bf16dot(w, xs, p.bias, p.y, r0, r1);
-      },
-      par);
+  detail::for_row_tasks(p, w.nnz, [&](int64_t r0, int64_t r1) { rows_bf16dot(w, xs, p.bias, p.y, r0, r1); });
   return true;
 }
 

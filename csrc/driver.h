@@ -296,6 +296,18 @@ inline int64_t lanes_rows(const Problem& p, int64_t nnz, int nt, bool par, Lanes
   return p.block_rows > 0 ? p.block_rows : R;
 }
 
+// rows(r0, r1) over the row tasks of the batch-1-3 ("rows") kernels: up to 16 per thread, on the pool
+// when the work (nnz + out per batch row) is large enough; nnz = stored entries.
+template <class RowsFn>
+void for_row_tasks(const Problem& p, int64_t nnz, RowsFn&& rows) {
+  if (p.out == 0) return;
+  const int nt = num_threads();
+  const bool par = nt > 1 && static_cast<double>(nnz + p.out) * static_cast<double>(p.B) > kParallelMinWork;
+  const int64_t ntasks = par ? min64(p.out, int64_t{nt} * 16) : 1;
+  const int64_t per = ceil_div(p.out, ntasks);
+  parallel_for(ceil_div(p.out, per), [&](int64_t t, int) { rows(t * per, min64(p.out, (t + 1) * per)); }, par);
+}
+
 // y = x @ W^T + bias with kernel table k; nnz = stored entries (for work estimates).
 template <class View, class Kern>
 void run_linear(const View& w, const Problem& p, const Kern& k, int algo, int64_t nnz) {
@@ -304,11 +316,7 @@ void run_linear(const View& w, const Problem& p, const Kern& k, int algo, int64_
   const bool par = nt > 1 && static_cast<double>(nnz + p.out) * static_cast<double>(p.B) > kParallelMinWork;
   const bool lanes = algo == 2 || (algo == 0 && p.B >= kLanesMinBatch);
   if (!lanes) {
-    const int64_t ntasks = par ? min64(p.out, int64_t{nt} * 16) : 1;
-    const int64_t per = ceil_div(p.out, ntasks);
-    parallel_for(
-        ceil_div(p.out, per),
-        [&](int64_t t, int) { k.rows(w, p, t * per, min64(p.out, (t + 1) * per)); }, par);
+    for_row_tasks(p, nnz, [&](int64_t r0, int64_t r1) { k.rows(w, p, r0, r1); });
     return;
   }
   AlignedFloats xt;

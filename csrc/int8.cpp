@@ -228,16 +228,6 @@ void i8_linear_qx_ref(const W& wq, const Problem& p) {
 }
 
 
-// rows(r0, r1) over row tasks as run_linear splits them for its rows kernels
-template <class RowsFn>
-void for_row_tasks(const Problem& p, int64_t nnz, RowsFn&& rows) {
-  const int nt = num_threads();
-  const bool par = nt > 1 && static_cast<double>(nnz + p.out) * static_cast<double>(p.B) > detail::kParallelMinWork;
-  const int64_t ntasks = par ? min64(p.out, int64_t{nt} * 16) : 1;
-  const int64_t per = detail::ceil_div(p.out, ntasks);
-  parallel_for(detail::ceil_div(p.out, per), [&](int64_t t, int) { rows(t * per, min64(p.out, (t + 1) * per)); }, par);
-}
-
 // I8Act::int8: quantize x once, then the rows kernels rows_qx over row tasks as run_linear splits them.
 // Returns false (nothing done) when x holds NaN / inf: the caller runs the float32 mode.
 template <class W, class RowsQx>
@@ -247,7 +237,7 @@ bool run_linear_qx(const W& w, const Problem& p, const I8Kernels& k, int algo, i
   if (p.B == 0 || p.out == 0) return true;
   QuantXBuffers buf;
   const QuantX xq = buf.view(p, k);
-  for_row_tasks(p, nnz, [&](int64_t r0, int64_t r1) { (k.*rows_qx)(w, xq, p, r0, r1); });
+  detail::for_row_tasks(p, nnz, [&](int64_t r0, int64_t r1) { (k.*rows_qx)(w, xq, p, r0, r1); });
   return true;
 }
 
@@ -299,7 +289,7 @@ bool run_linear_fx(const W& w, const Problem& p, const I8Kernels& k, int algo, i
   FixedXBuffers buf;
   FixedX fx;
   if (!buf.fill(p, k, fx)) return false;
-  for_row_tasks(p, nnz, [&](int64_t r0, int64_t r1) { (k.*rows_fx)(w, fx, p, r0, r1); });
+  detail::for_row_tasks(p, nnz, [&](int64_t r0, int64_t r1) { (k.*rows_fx)(w, fx, p, r0, r1); });
   return true;
 }
 
