@@ -1,8 +1,8 @@
 """Memory for the KV cache: 2 MB aligned buffers advised for transparent huge pages, and rows given
 back to the system.
 
-:func:`huge_page_empty` makes the cache's buffers (:mod:`sparseforge.attention.cache`) and Mustafar's
-compressed tokens; :func:`release_rows` frees the dense rows of tokens a policy keeps in another form
+:func:`huge_page_empty` (the formats' allocator, :mod:`sparseforge.formats.memory`) makes the cache's
+buffers (:mod:`sparseforge.attention.cache`) and Mustafar's compressed tokens; :func:`release_rows` frees the dense rows of tokens a policy keeps in another form
 (``Mustafar(release_dense=True)``).
 
 Example:
@@ -17,44 +17,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import math
 import mmap
 
-import torch
 from torch import Tensor
 
 from sparseforge.errors import ConfigError
+from sparseforge.formats.memory import huge_page_empty
 
 __all__ = ["huge_page_empty", "release_rows"]
-
-_HUGE_PAGE = 2 << 20
-
-
-def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """``torch.empty(shape, dtype=dtype)`` in its own anonymous mapping, 2 MB aligned and advised for
-    transparent huge pages (Linux ``MADV_HUGEPAGE``), for buffers of at least 2 MB; smaller ones, and
-    systems without the advice, get ``torch.empty``.
-
-    A decode step streams the whole KV cache (or jumps between Quest's pages): with 4 KB pages every
-    4 KB costs a TLB miss and a page walk; with 2 MB pages a layer's cache needs a few dozen TLB
-    entries. The advice is a hint: where transparent huge pages are off the buffer is an ordinary one.
-
-    Example:
-        >>> huge_page_empty((2, 3), torch.float32).shape
-        torch.Size([2, 3])
-    """
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if nbytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.empty(shape, dtype=dtype)
-    # anonymous and private (mmap's default is shared, which transparent huge pages skip unless the
-    # system enables them for shared memory too); freed with the last tensor using it
-    region = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    region.madvise(mmap.MADV_HUGEPAGE)
-    view = ctypes.c_char.from_buffer(region)
-    offset = -ctypes.addressof(view) % _HUGE_PAGE
-    del view  # release the export (the tensor keeps the mapping alive)
-    flat = torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=offset)
-    return flat.view(dtype).view(shape)
 
 
 def release_rows(store: Tensor, upto: int) -> None:
@@ -63,6 +33,7 @@ def release_rows(store: Tensor, upto: int) -> None:
     shared with row ``upto`` and beyond, or with another head, are kept). The freed rows read as zeros.
 
     Example:
+        >>> import torch
         >>> x = huge_page_empty((1, 1, 8192, 64), torch.float32).fill_(1.0)  # 2 MB, page aligned
         >>> release_rows(x, 4096)
         >>> float(x[0, 0, :4096].sum()), float(x[0, 0, 4096:].sum())
