@@ -24,6 +24,57 @@ namespace sf {
 namespace {
 
 #if defined(__AVX512F__)
+// 32 columns [c, c + 32) of row `r` against x.
+template <VT V>
+inline void row_walk_step32(const BitmapView& w, v512::RowWalk& r, const float* x, int64_t c) {
+  v512::prefetch_l2(static_cast<const char*>(w.val) + r.vp * v512::val_bytes<V>(), v512::kPrefetchBytes);
+  uint32_t m;
+  std::memcpy(&m, r.bits + c / 8, 4);
+  const bool safe = r.vp + 32 <= w.nnz;
+  const int64_t o1 = __builtin_popcount(m & 0xffffu);
+#if defined(__AVX512VPOPCNTDQ__)
+  const __m512 w0 = v512::decode16_word<V>(w.val, r.vp, r.bits + c / 8, 0, m & 0xffffu, safe);
+  const __m512 w1 = v512::decode16_word<V>(w.val, r.vp + o1, r.bits + c / 8, 1, m >> 16, safe);
+#else
+  const __m512 w0 = v512::decode16<V>(w.val, r.vp, m & 0xffffu, safe);
+  const __m512 w1 = v512::decode16<V>(w.val, r.vp + o1, m >> 16, safe);
+#endif
+  r.vp += __builtin_popcount(m);
+  r.a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + c), r.a0);
+  r.a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + c + 16), r.a1);
+}
+
+// The columns after the last whole 32-column step, 16 at a time, into a0.
+template <VT V>
+inline void row_walk_tail(const BitmapView& w, v512::RowWalk& r, const float* x, int64_t c) {
+  for (; c < w.cols; c += 16) {
+    const int64_t nc = min64(16, w.cols - c);
+    uint32_t mb = r.bits[c / 8];
+    if (nc > 8) mb |= static_cast<uint32_t>(r.bits[c / 8 + 1]) << 8;
+    const __mmask16 cm = v512::first_lanes(nc);
+    const __mmask16 m = static_cast<__mmask16>(mb) & cm;
+    r.a0 = _mm512_fmadd_ps(v512::decode16<V>(w.val, r.vp, m, false), _mm512_maskz_loadu_ps(cm, x + c), r.a0);
+    r.vp += __builtin_popcount(m);
+  }
+}
+
+// Batch 1: rows walked in pairs (v512::walk_row_pairs), each stream prefetched into L2 (an L1
+// prefetch would hold one of the core's few fill buffers for the whole memory latency).
+template <VT V>
+void bitmap_rows_x1(const BitmapView& w, const Problem& p, int64_t r0, int64_t r1, int64_t b) {
+  const float* x = p.x + b * p.in;
+  float* y = p.y + b * p.out;
+  const int64_t cols32 = w.cols / 32 * 32;
+  v512::walk_row_pairs(
+      r0, r1, cols32,
+      [&](int64_t r) { return v512::RowWalk{w.bits + r * w.bpr, w.row_offsets[r], _mm512_setzero_ps(), _mm512_setzero_ps()}; },
+      [&](v512::RowWalk& rw, int64_t c) { row_walk_step32<V>(w, rw, x, c); },
+      [&](v512::RowWalk& rw, int64_t r) {
+        row_walk_tail<V>(w, rw, x, cols32);
+        y[r] = _mm512_reduce_add_ps(_mm512_add_ps(rw.a0, rw.a1)) + (p.bias ? p.bias[r] : 0.f);
+      });
+}
+
 template <VT V, int NB>
 void bitmap_rows_nb(const BitmapView& w, const Problem& p, int64_t r0, int64_t r1, int64_t b0) {
   const float* xs[NB];
@@ -171,7 +222,15 @@ void bitmap_rows(const BitmapView& w, const Problem& p, int64_t r0, int64_t r1) 
   with_bitmap<BitmapDec>(w, [&](const auto& dec) {
 #if defined(__AVX2__)
     using Dec = std::decay_t<decltype(dec)>;
-    for_batch_quads(p.B, [&](auto nb, int64_t b0) { bitmap_rows_nb<Dec::kVT, decltype(nb)::value>(w, p, r0, r1, b0); });
+    for_batch_quads(p.B, [&](auto nb, int64_t b0) {
+#if defined(__AVX512F__)
+      if constexpr (decltype(nb)::value == 1) {
+        bitmap_rows_x1<Dec::kVT>(w, p, r0, r1, b0);
+        return;
+      }
+#endif
+      bitmap_rows_nb<Dec::kVT, decltype(nb)::value>(w, p, r0, r1, b0);
+    });
 #else
     rows_dec(dec, p, r0, r1);
 #endif

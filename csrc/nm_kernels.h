@@ -29,6 +29,38 @@ inline __mmask16 nm_mask24(const uint8_t* ib) {
   return static_cast<__mmask16>(kNm24.mask[ib[0]] | (kNm24.mask[ib[1]] << 8));
 }
 
+// 2:4 at batch 1: rows walked in pairs (v512::walk_row_pairs), 16 stored values per 32 columns.
+template <VT V>
+void nm_rows24_x1(const NmView& w, const Problem& p, int64_t r0, int64_t r1, int64_t b) {
+  const float* x = p.x + b * p.in;
+  float* y = p.y + b * p.out;
+  const int64_t cols = w.cols, cols32 = cols / 32 * 32, total = w.rows * w.vpr;
+  v512::walk_row_pairs(
+      r0, r1, cols32,
+      [&](int64_t r) { return v512::RowWalk{w.idx + r * w.ibpr, r * w.vpr, _mm512_setzero_ps(), _mm512_setzero_ps()}; },
+      [&](v512::RowWalk& rw, int64_t c) {
+        v512::prefetch_l2(static_cast<const char*>(w.val) + rw.vp * v512::val_bytes<V>(), v512::kPrefetchBytes);
+        const uint8_t* ib = rw.bits + c / 8;
+        const bool safe = rw.vp + 24 <= total;
+        const __m512 w0 = v512::decode16<V>(w.val, rw.vp, nm_mask24(ib), safe);
+        const __m512 w1 = v512::decode16<V>(w.val, rw.vp + 8, nm_mask24(ib + 2), safe);
+        rw.vp += 16;
+        rw.a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + c), rw.a0);
+        rw.a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + c + 16), rw.a1);
+      },
+      [&](v512::RowWalk& rw, int64_t r) {
+        for (int64_t c = cols32; c < cols; c += 16) {
+          const int64_t nc = min64(16, cols - c);  // a multiple of 4
+          uint32_t mb = kNm24.mask[rw.bits[c / 8]];
+          if (nc > 8) mb |= static_cast<uint32_t>(kNm24.mask[rw.bits[c / 8 + 1]]) << 8;
+          const __mmask16 cm = v512::first_lanes(nc);
+          rw.a0 = _mm512_fmadd_ps(v512::decode16<V>(w.val, rw.vp, mb & cm, false), _mm512_maskz_loadu_ps(cm, x + c), rw.a0);
+          rw.vp += nc / 2;
+        }
+        y[r] = _mm512_reduce_add_ps(_mm512_add_ps(rw.a0, rw.a1)) + (p.bias ? p.bias[r] : 0.f);
+      });
+}
+
 template <VT V, int NB>
 void nm_rows24_nb(const NmView& w, const Problem& p, int64_t r0, int64_t r1, int64_t b0) {
   const float* xs[NB];
@@ -200,6 +232,11 @@ void nm_rows(const NmView& w, const Problem& p, int64_t r0, int64_t r1) {
     const bool is24 = w.n == 2 && w.m == 4;
     for_batch_quads(p.B, [&](auto nb, int64_t b0) {
       constexpr int NB = decltype(nb)::value;
+#if defined(__AVX512F__)
+      if constexpr (NB == 1) {
+        if (is24) return nm_rows24_x1<V>(w, p, r0, r1, b0);
+      }
+#endif
       is24 ? nm_rows24_nb<V, NB>(w, p, r0, r1, b0) : nm_rows_any_nb<V, NB>(w, p, r0, r1, b0);
     });
 #else

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sparse_cases import ALL_FORMATS, FORMATS, exact_dense, make_case, random_case
+from sparse_cases import ALL_FORMATS, FORMATS, exact_dense, make_case, random_case, random_mask
 
 from sparseforge import kernels
 
@@ -149,6 +149,32 @@ def test_thread_count_does_not_change_results():
     for a, b in zip(one[:2], three[:2]):
         assert torch.equal(a, b)  # each output row is computed by one thread, in a fixed order
     torch.testing.assert_close(one[2], three[2], **TOL)  # dx sums per-thread partials
+
+
+@pytest.mark.parametrize("fmt", ["bitmap", "bitmap_bf16", "nm_2of4", "nm_2of4_bf16"])
+@pytest.mark.parametrize("rows,cols", [(1, 40), (2, 64), (7, 200), (301, 96)])
+def test_batch1_row_walk_is_the_same_per_row_whatever_the_split(isa, fmt, rows, cols):
+    """The batch-1 walks pair rows (r with r + half of a thread's range): each row's bits must not
+    depend on its partner, on the thread count, or on the matrix around it."""
+    gen = torch.Generator().manual_seed(rows * 1000 + cols)
+    w = torch.randn(rows, cols, generator=gen)
+    mask = random_mask(fmt, rows, cols, 0.45, gen)
+    case = make_case(fmt, w, mask)
+    x = torch.randn(1, cols, generator=gen)
+    bias = torch.randn(rows, generator=gen)
+    n0 = kernels.num_threads()
+    try:
+        runs = []
+        for threads in (1, 2, 3):
+            kernels.set_num_threads(threads)
+            runs.append(case.run(x, bias, algo="rows"))
+        alone = [make_case(fmt, w[r:r + 1], mask[r:r + 1]).run(x, bias[r:r + 1], algo="rows") for r in (0, rows // 2, rows - 1)]
+    finally:
+        kernels.set_num_threads(n0)
+    assert all(torch.equal(runs[0], other) for other in runs[1:])
+    for r, y in zip((0, rows // 2, rows - 1), alone):
+        assert torch.equal(y[0, 0], runs[0][0, r]), r
+    torch.testing.assert_close(runs[0], exact_dense(x, case.dense, bias).float(), **TOL)
 
 
 @settings(max_examples=40, deadline=None)
