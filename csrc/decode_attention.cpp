@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "attention_checks.h"
+#include "isa.h"
 #include "decode_attention_kernels.h"
 #include "threadpool.h"
 
@@ -277,6 +278,9 @@ namespace {
 
 SparseChunkFn sparse_kernel(Isa isa, VT vt) {
 #if defined(SF_HAVE_X86_KERNELS)
+#if defined(SF_HAVE_VBMI2_KERNELS)
+  if (isa == Isa::avx512 && vt == VT::bf16 && use_avx512_vbmi2()) return avx512vbmi2::sparse_chunk_bf16;
+#endif
   if (isa == Isa::avx512) return vt == VT::f32 ? avx512::sparse_chunk_f32 : avx512::sparse_chunk_bf16;
   if (isa == Isa::avx2) return vt == VT::f32 ? avx2::sparse_chunk_f32 : avx2::sparse_chunk_bf16;
 #endif
@@ -370,7 +374,7 @@ void sparse_kv_attention(const SparseKvProblem& p, Isa isa, int64_t chunk, bool 
   for (int64_t i = 0; i < p.B * p.Hq * D; ++i) qs[i] = p.q[i] * p.scale;
   std::unique_ptr<float[]> pm(new float[nc * G]), pl(new float[nc * G]), pacc(new float[nc * G * D]);
   const int nthreads = num_threads();
-  const int64_t per_worker = G * kAttnBlock + 2 * kAttnBlock * D;  // scores + expanded key and value rows
+  const int64_t per_worker = G * kAttnBlock + 2 * kAttnBlock * D + G * D;  // scores, expanded key and value rows, query rows
   std::unique_ptr<float[]> scratch(new float[static_cast<int64_t>(nthreads) * per_worker]);
   const size_t elt = p.vt == VT::f32 ? 4 : 2;
   std::vector<int64_t> bad(static_cast<size_t>(nc), -1);  // per chunk: 2 t + (value bitmap) of a bad token, or -1
@@ -390,6 +394,7 @@ void sparse_kv_attention(const SparseKvProblem& p, Isa isa, int64_t chunk, bool 
         c.base.scratch = mine;
         c.kbuf = mine + G * kAttnBlock;
         c.vbuf = c.kbuf + kAttnBlock * D;
+        c.qbuf = c.vbuf + kAttnBlock * D;
         c.kvals = static_cast<const char*>(p.kvals) + static_cast<size_t>(bh * p.cap * p.keep) * elt;
         c.vvals = static_cast<const char*>(p.vvals) + static_cast<size_t>(bh * p.cap * p.keep) * elt;
         c.kbits = p.kbits + bh * p.cap * W;

@@ -67,6 +67,7 @@ struct SparseKvChunk {
   int64_t keep = 0, words = 0, t0 = 0, t1 = 0;
   float* kbuf = nullptr;  // (64, D) expanded rows
   float* vbuf = nullptr;
+  float* qbuf = nullptr;  // (G, D) the query rows reordered (the AVX-512 direct path's word order)
   // out: 2 t + 1 (value) or 2 t (key) of the first token whose bitmap does not mark exactly `keep`
   // channels below D (its values are not read; the chunk stops there), else left as it is
   int64_t* bad = nullptr;
@@ -83,6 +84,8 @@ namespace scalar { SF_DECODE_ATTENTION_KERNELS }
 namespace avx2 { SF_DECODE_ATTENTION_KERNELS }
 namespace avx512 { SF_DECODE_ATTENTION_KERNELS }
 #undef SF_DECODE_ATTENTION_KERNELS
+// avx512 + VBMI2 (use_avx512_vbmi2): the bfloat16 compressed chunks expanded 32 channels per vpexpandw
+namespace avx512vbmi2 { extern const SparseChunkFn sparse_chunk_bf16; }
 
 // Throws std::invalid_argument for bad sizes, a span outside [0, n), spans out of order or
 // overlapping, or a KV head with no token selected. chunk: tokens per task (0 = automatic, 512).
