@@ -81,12 +81,16 @@ def test_any_split_matches_the_oracle(seed, n, recent, G, keep, dtype, isa):
     tokens followed by the dense ones (the D = 64 direct path and its 64-token block edges included)."""
     import os
 
+    before = os.environ.get("SPARSEFORGE_ISA")  # hypothesis runs many examples per test: no monkeypatch
     os.environ["SPARSEFORGE_ISA"] = isa
     try:
         q, k, v, (kv, kb), (vv, vb) = _problem(1, 2, G, 64, n + recent, keep, dtype, seed)
         out, lse = attend_compressed(q, kv, kb, vv, vb, n, 0.3, k, v, n + recent)
     finally:
-        del os.environ["SPARSEFORGE_ISA"]
+        if before is None:
+            del os.environ["SPARSEFORGE_ISA"]
+        else:
+            os.environ["SPARSEFORGE_ISA"] = before
     want, want_lse = _oracle(q, k, v, n, n + recent, keep, 0.3)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=1e-5)
