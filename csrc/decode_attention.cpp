@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "attention_checks.h"
+#include "isa.h"
 #include "decode_attention_kernels.h"
 #include "threadpool.h"
 
@@ -277,6 +278,9 @@ namespace {
 
 SparseChunkFn sparse_kernel(Isa isa, VT vt) {
 #if defined(SF_HAVE_X86_KERNELS)
+#if defined(SF_HAVE_VBMI2_KERNELS)
+  if (isa == Isa::avx512 && vt == VT::bf16 && use_avx512_vbmi2()) return avx512vbmi2::sparse_chunk_bf16;
+#endif
   if (isa == Isa::avx512) return vt == VT::f32 ? avx512::sparse_chunk_f32 : avx512::sparse_chunk_bf16;
   if (isa == Isa::avx2) return vt == VT::f32 ? avx2::sparse_chunk_f32 : avx2::sparse_chunk_bf16;
 #endif
@@ -286,9 +290,12 @@ SparseChunkFn sparse_kernel(Isa isa, VT vt) {
 
 void check_sparse_sizes(const SparseKvProblem& p) {
   check_kv_cache("compressed KV attention", {p.B, p.Hq, p.Hkv, p.D, p.n, p.cap}, 1);
-  if (p.keep < 1 || p.keep > p.D || !p.lse) {
-    throw std::invalid_argument("compressed KV attention needs 1 <= keep <= D and an lse output; got keep=" +
-                                str(p.keep) + " D=" + str(p.D));
+  if (p.keep < 1 || p.keep > p.D) {
+    throw std::invalid_argument("compressed KV attention needs 1 <= keep <= D; got keep=" + str(p.keep) + " D=" + str(p.D));
+  }
+  if (p.k && (!p.v || p.r0 < 0 || p.r0 > p.r1 || p.r1 > p.kcap)) {
+    throw std::invalid_argument("compressed KV attention: the dense tokens [" + str(p.r0) + ", " + str(p.r1) +
+                                ") must lie in [0, " + str(p.kcap) + ") of k and v");
   }
 }
 
@@ -322,7 +329,7 @@ void check_sparse(const SparseKvProblem& p) {
 
 void sparse_kv_attention_ref(const SparseKvProblem& p) {
   check_sparse(p);
-  const int64_t G = p.Hq / p.Hkv, D = p.D, W = (D + 63) / 64;
+  const int64_t G = p.Hq / p.Hkv, D = p.D, W = (D + 63) / 64, nr = p.k ? p.r1 - p.r0 : 0;
   std::vector<float> krow(static_cast<size_t>(D)), sc, vsum(static_cast<size_t>(D));
   for (int64_t b = 0; b < p.B; ++b) {
     for (int64_t h = 0; h < p.Hq; ++h) {
@@ -334,10 +341,15 @@ void sparse_kv_attention_ref(const SparseKvProblem& p) {
         for (int64_t d = 0; d < D; ++d)
           if ((bits[(bh * p.cap + t) * W + d / 64] >> (d % 64)) & 1) row[d] = value_at(p.vt, vals, i++);
       };
-      sc.assign(static_cast<size_t>(p.n), 0.f);
+      // token t < n: compressed t; n <= t < n + nr: dense r0 + t - n
+      auto dense = [&](const void* kv, int64_t t, std::vector<float>& row) {
+        for (int64_t d = 0; d < D; ++d) row[d] = value_at(p.vt, kv, (bh * p.kcap + p.r0 + t - p.n) * D + d);
+      };
+      const int64_t total = p.n + nr;
+      sc.assign(static_cast<size_t>(total), 0.f);
       float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t < p.n; ++t) {
-        expand(p.kvals, p.kbits, t, krow);
+      for (int64_t t = 0; t < total; ++t) {
+        if (t < p.n) expand(p.kvals, p.kbits, t, krow); else dense(p.k, t, krow);
         float a = 0.f;
         for (int64_t d = 0; d < D; ++d) a += q[d] * krow[d];
         sc[t] = a * p.scale;
@@ -346,14 +358,14 @@ void sparse_kv_attention_ref(const SparseKvProblem& p) {
       float sum = 0.f;
       float* o = p.out + (b * p.Hq + h) * D;
       for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
-      for (int64_t t = 0; t < p.n; ++t) {
+      for (int64_t t = 0; t < total; ++t) {
         const float e = std::exp(sc[t] - mx);
         sum += e;
-        expand(p.vvals, p.vbits, t, vsum);
+        if (t < p.n) expand(p.vvals, p.vbits, t, vsum); else dense(p.v, t, vsum);
         for (int64_t d = 0; d < D; ++d) o[d] += e * vsum[d];
       }
       for (int64_t d = 0; d < D; ++d) o[d] /= sum;
-      p.lse[b * p.Hq + h] = mx + std::log(sum);
+      if (p.lse) p.lse[b * p.Hq + h] = mx + std::log(sum);
     }
   }
 }
@@ -361,16 +373,26 @@ void sparse_kv_attention_ref(const SparseKvProblem& p) {
 void sparse_kv_attention(const SparseKvProblem& p, Isa isa, int64_t chunk, bool parallel) {
   check_sparse_sizes(p);  // each chunk checks its tokens' bitmaps before reading their values
   const SparseChunkFn fn = sparse_kernel(isa, p.vt);
+  const AttnChunkFn dense_fn = attn_chunk_kernel(isa, p.vt);
   const int64_t G = p.Hq / p.Hkv, D = p.D, BH = p.B * p.Hkv, W = (D + 63) / 64;
   const int64_t ct = chunk > 0 ? chunk : kSparseChunk;
-  const int64_t per_head = (p.n + ct - 1) / ct, nc = BH * per_head;
+  // chunks of each (b, KV head): the compressed tokens, ct at a time, then the dense tokens (if any),
+  // kDefaultChunk at a time; recent (rc, 2): the dense chunks' [start, length), the same for every head
+  const int64_t per_sparse = (p.n + ct - 1) / ct, nr = p.k ? p.r1 - p.r0 : 0;
+  const int64_t rct = chunk > 0 ? chunk : kDefaultChunk, rc = (nr + rct - 1) / rct;
+  const int64_t per_head = per_sparse + rc, nc = BH * per_head;
+  std::vector<int32_t> recent(static_cast<size_t>(2 * rc));
+  for (int64_t i = 0; i < rc; ++i) {
+    recent[2 * i] = static_cast<int32_t>(p.r0 + i * rct);
+    recent[2 * i + 1] = static_cast<int32_t>(min64(rct, nr - i * rct));
+  }
   std::vector<int64_t> head_first(static_cast<size_t>(BH) + 1);
   for (int64_t bh = 0; bh <= BH; ++bh) head_first[bh] = bh * per_head;
   std::unique_ptr<float[]> qs(new float[p.B * p.Hq * D]);
   for (int64_t i = 0; i < p.B * p.Hq * D; ++i) qs[i] = p.q[i] * p.scale;
   std::unique_ptr<float[]> pm(new float[nc * G]), pl(new float[nc * G]), pacc(new float[nc * G * D]);
   const int nthreads = num_threads();
-  const int64_t per_worker = G * kAttnBlock + 2 * kAttnBlock * D;  // scores + expanded key and value rows
+  const int64_t per_worker = G * kAttnBlock + 2 * kAttnBlock * D + G * D;  // scores, expanded key and value rows, query rows
   std::unique_ptr<float[]> scratch(new float[static_cast<int64_t>(nthreads) * per_worker]);
   const size_t elt = p.vt == VT::f32 ? 4 : 2;
   std::vector<int64_t> bad(static_cast<size_t>(nc), -1);  // per chunk: 2 t + (value bitmap) of a bad token, or -1
@@ -378,18 +400,29 @@ void sparse_kv_attention(const SparseKvProblem& p, Isa isa, int64_t chunk, bool 
       nc,
       [&](int64_t ci, int worker) {
         const int64_t bh = ci / per_head, part = ci % per_head;
-        SparseKvChunk c;
-        c.bad = &bad[ci];
         float* mine = scratch.get() + static_cast<int64_t>(worker) * per_worker;
-        c.base.q = qs.get() + bh * G * D;
-        c.base.G = G;
-        c.base.D = D;
-        c.base.m = pm.get() + ci * G;
-        c.base.l = pl.get() + ci * G;
-        c.base.acc = pacc.get() + ci * G * D;
-        c.base.scratch = mine;
+        AttnChunk a;
+        a.q = qs.get() + bh * G * D;
+        a.G = G;
+        a.D = D;
+        a.m = pm.get() + ci * G;
+        a.l = pl.get() + ci * G;
+        a.acc = pacc.get() + ci * G * D;
+        a.scratch = mine;
+        if (part >= per_sparse) {  // dense tokens of the recent window
+          a.k = static_cast<const char*>(p.k) + static_cast<size_t>(bh * p.kcap * D) * elt;
+          a.v = static_cast<const char*>(p.v) + static_cast<size_t>(bh * p.kcap * D) * elt;
+          a.pieces = recent.data() + 2 * (part - per_sparse);
+          a.np = 1;
+          dense_fn(a);
+          return;
+        }
+        SparseKvChunk c;
+        c.base = a;
+        c.bad = &bad[ci];
         c.kbuf = mine + G * kAttnBlock;
         c.vbuf = c.kbuf + kAttnBlock * D;
+        c.qbuf = c.vbuf + kAttnBlock * D;
         c.kvals = static_cast<const char*>(p.kvals) + static_cast<size_t>(bh * p.cap * p.keep) * elt;
         c.vvals = static_cast<const char*>(p.vvals) + static_cast<size_t>(bh * p.cap * p.keep) * elt;
         c.kbits = p.kbits + bh * p.cap * W;
@@ -400,7 +433,7 @@ void sparse_kv_attention(const SparseKvProblem& p, Isa isa, int64_t chunk, bool 
         c.t1 = min64(p.n, c.t0 + ct);
         fn(c);
       },
-      parallel && nc > 1 && p.n * G * D * BH >= (int64_t{1} << 14));
+      parallel && nc > 1 && (p.n + nr) * G * D * BH >= (int64_t{1} << 14));
   for (int64_t ci = 0; ci < nc; ++ci) {
     if (bad[ci] >= 0) bad_bitmap(p, ci / per_head, bad[ci] / 2, static_cast<int>(bad[ci] % 2));
   }

@@ -67,6 +67,7 @@ struct SparseKvChunk {
   int64_t keep = 0, words = 0, t0 = 0, t1 = 0;
   float* kbuf = nullptr;  // (64, D) expanded rows
   float* vbuf = nullptr;
+  float* qbuf = nullptr;  // (G, D) the query rows reordered (the AVX-512 direct path's word order)
   // out: 2 t + 1 (value) or 2 t (key) of the first token whose bitmap does not mark exactly `keep`
   // channels below D (its values are not read; the chunk stops there), else left as it is
   int64_t* bad = nullptr;
@@ -83,6 +84,8 @@ namespace scalar { SF_DECODE_ATTENTION_KERNELS }
 namespace avx2 { SF_DECODE_ATTENTION_KERNELS }
 namespace avx512 { SF_DECODE_ATTENTION_KERNELS }
 #undef SF_DECODE_ATTENTION_KERNELS
+// avx512 + VBMI2 (use_avx512_vbmi2): the bfloat16 compressed chunks expanded 32 channels per vpexpandw
+namespace avx512vbmi2 { extern const SparseChunkFn sparse_chunk_bf16; }
 
 // Throws std::invalid_argument for bad sizes, a span outside [0, n), spans out of order or
 // overlapping, or a KV head with no token selected. chunk: tokens per task (0 = automatic, 512).
@@ -92,8 +95,9 @@ void decode_attention_ref(const DecodeAttnProblem& p);
 
 // Decode attention over per-token pruned, compressed keys and values (Mustafar, Joo et al. 2025):
 // tokens [0, n) of each (b, KV head) stored as SparseKvChunk describes, kvals / vvals (B, Hkv, cap, keep)
-// f32 or bf16, kbits / vbits (B, Hkv, cap, words) uint64; out (B, Hq, D) and lse (B, Hq) as in
-// DecodeAttnProblem (lse required: the caller merges this with the dense recent tokens).
+// f32 or bf16, kbits / vbits (B, Hkv, cap, words) uint64; optionally also the dense tokens [r0, r1) of
+// k / v (B, Hkv, kcap, D) of the same type in the same softmax (Mustafar's recent window: one call,
+// one merge of the chunks); out (B, Hq, D) and lse (B, Hq, or null) as in DecodeAttnProblem.
 struct SparseKvProblem {
   const float* q = nullptr;
   const void* kvals = nullptr;
@@ -105,12 +109,15 @@ struct SparseKvProblem {
   float scale = 1.f;
   float* out = nullptr;
   float* lse = nullptr;
+  const void* k = nullptr;  // null: no dense tokens
+  const void* v = nullptr;
+  int64_t kcap = 0, r0 = 0, r1 = 0;
 };
 
 // Throws std::invalid_argument for bad sizes or a token whose bitmap does not hold exactly `keep` bits
 // (checked per token inside the chunks, before its values are read).
 void sparse_kv_attention(const SparseKvProblem& p, Isa isa, int64_t chunk = 0, bool parallel = true);
-// Scalar reference: expands every token, two passes per query head, std::exp.
+// Scalar reference: expands every token (then the dense ones), two passes per query head, std::exp.
 void sparse_kv_attention_ref(const SparseKvProblem& p);
 
 // The drivers' building blocks (quest_attention.cpp runs them too): the chunk and page-score kernels

@@ -10,7 +10,9 @@
 #pragma once
 
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 
 #if defined(__AVX2__)
@@ -49,6 +51,26 @@ inline vfl ld_a(const void* p, int64_t i) {
     return reinterpret_cast<vfl>(w);
 #endif
   }
+}
+
+// largest lane of a (no NaN lanes: the running maxima skip NaN scores), a tree of halvings
+inline float hmax_vfl(vfl a) {
+#if defined(__AVX512F__)
+  typedef float h8 __attribute__((vector_size(32)));
+  const h8 x = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7), y = __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+  const h8 b = x > y ? x : y;
+#elif defined(__AVX__)
+  const vfl b = a;
+#endif
+#if defined(__AVX__)
+  typedef float h4 __attribute__((vector_size(16)));
+  const h4 u = __builtin_shufflevector(b, b, 0, 1, 2, 3), w = __builtin_shufflevector(b, b, 4, 5, 6, 7);
+  const h4 c = u > w ? u : w;
+#else
+  const vfl c = a;
+#endif
+  const float m01 = c[0] > c[1] ? c[0] : c[1], m23 = c[2] > c[3] ? c[2] : c[3];
+  return m01 > m23 ? m01 : m23;
 }
 
 // exp(x) for x <= 0 (the softmax only needs that range): x = n ln2 + r, |r| <= ln2 / 2, a degree-6
@@ -317,19 +339,21 @@ inline void softmax_update(const AttnChunk& c, int64_t nt) {
   const int64_t ntv = (nt + kVL - 1) / kVL * kVL;
   for (int64_t g = 0; g < G; ++g) {
     float* sg = s + g * kAttnBlock;
-    for (int64_t jj = nt; jj < kAttnBlock && jj % kVL; ++jj) sg[jj] = ninf;  // whole vectors: exp(-inf) = 0
+    for (int64_t jj = nt; jj < ntv; ++jj) sg[jj] = ninf;  // whole vectors: exp(-inf) = 0
     vfl vm = vfl{} + ninf;  // lane-wise running max (the -inf padding does not change it)
     for (int64_t j = 0; j < ntv; j += kVL) {
       const vfl x = *reinterpret_cast<const vflu_a*>(sg + j);
       vm = x > vm ? x : vm;
     }
-    float bm = ninf;
-    for (int i = 0; i < kVL; ++i) bm = vm[i] > bm ? vm[i] : bm;
-    const float m_new = c.m[g] > bm ? c.m[g] : bm;
-    const float corr = c.m[g] == ninf ? 0.f : exp_neg1(c.m[g] - m_new);
+    const float bm = hmax_vfl(vm);
+    const float m_old = c.m[g];
+    const float m_new = m_old > bm ? m_old : bm;
+    // the factor of the earlier partial sums: 0 before the first block, exactly 1 while the max holds
+    const float corr = m_old == ninf ? 0.f : m_old == m_new ? 1.f : exp_neg1(m_old - m_new);
+    const vfl mv = vfl{} + m_new;
     vfl lsum = vfl{};
     for (int64_t j = 0; j < ntv; j += kVL) {
-      const vfl p = exp_neg(*reinterpret_cast<const vflu_a*>(sg + j) - m_new);
+      const vfl p = exp_neg(*reinterpret_cast<const vflu_a*>(sg + j) - mv);
       *reinterpret_cast<vflu_a*>(sg + j) = p;
       lsum += p;
     }
@@ -337,7 +361,9 @@ inline void softmax_update(const AttnChunk& c, int64_t nt) {
     c.m[g] = m_new;
     if (corr != 1.f) {
       float* ag = c.acc + g * D;
-      for (int64_t d = 0; d < D; ++d) ag[d] *= corr;
+      const int64_t dv = D - D % kVL;
+      for (int64_t d = 0; d < dv; d += kVL) *reinterpret_cast<vflu_a*>(ag + d) = *reinterpret_cast<const vflu_a*>(ag + d) * corr;
+      for (int64_t d = dv; d < D; ++d) ag[d] *= corr;
     }
   }
 }
@@ -435,9 +461,60 @@ void attn_chunk_impl(const AttnChunk& c) {
 }
 
 // Compressed tokens [t0, t1) (decode_attention.h, SparseKvChunk), in blocks of 64 tokens: on AVX-512
-// with D = 16 S <= 128 computed from the kept values expanded into registers (sparse_block_direct);
+// with D = 16 R <= 128 computed from the kept values expanded into registers (sparse_block_direct);
 // otherwise each block is expanded into dense float32 rows (zeros where a channel was pruned) that go
 // through attn_block.
+// Whether every token of [t0, t0 + nt) marks exactly keep channels below D in both bitmaps; if not,
+// *c.bad names the first that does not.
+// WC: the words per token when known at compile time (0: c.words).
+template <int WC = 0>
+inline bool bitmaps_ok(const SparseKvChunk& c, int64_t t0, int64_t nt) {
+  const int64_t D = c.base.D, W = WC > 0 ? WC : c.words, keep = c.keep;
+  const int64_t tail = D - 64 * (W - 1);  // valid channels of the last word
+  const uint64_t beyond = tail < 64 ? ~((uint64_t{1} << tail) - 1) : 0;
+  int64_t off = 0;  // any count other than keep, or a bit past D - 1
+  int64_t j0 = t0;
+#if defined(__AVX512BW__)
+  if constexpr (WC == 1) {  // eight tokens per step: byte popcounts from a nibble table, summed per word
+    const __m512i lut = _mm512_set4_epi32(0x04030302, 0x03020201, 0x03020201, 0x02010100), low = _mm512_set1_epi8(0x0f);
+    const __m512i want = _mm512_set1_epi64(keep), past = _mm512_set1_epi64(static_cast<int64_t>(beyond));
+    auto count = [&](__m512i w) {
+      const __m512i n = _mm512_add_epi8(_mm512_shuffle_epi8(lut, _mm512_and_si512(w, low)),
+                                        _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(w, 4), low)));
+      return _mm512_sad_epu8(n, _mm512_setzero_si512());
+    };
+    __mmask8 wrong = 0;
+    for (; j0 + 8 <= t0 + nt; j0 += 8) {
+      const __m512i kw = _mm512_loadu_si512(c.kbits + j0), vw = _mm512_loadu_si512(c.vbits + j0);
+      wrong |= _mm512_cmpneq_epi64_mask(count(kw), want) | _mm512_cmpneq_epi64_mask(count(vw), want) |
+               _mm512_test_epi64_mask(_mm512_or_si512(kw, vw), past);
+    }
+    off = wrong;
+  }
+#endif
+  for (int64_t j = j0; j < t0 + nt; ++j) {
+    int64_t ck = 0, cv = 0;
+    for (int64_t w = 0; w < W; ++w) {
+      ck += __builtin_popcountll(c.kbits[j * W + w]);
+      cv += __builtin_popcountll(c.vbits[j * W + w]);
+    }
+    off |= (ck ^ keep) | (cv ^ keep) | static_cast<int64_t>((c.kbits[j * W + W - 1] | c.vbits[j * W + W - 1]) & beyond);
+  }
+  if (off == 0) return true;
+  for (int64_t j = t0; j < t0 + nt; ++j) {
+    for (int which = 0; which < 2; ++which) {
+      const uint64_t* tb = (which ? c.vbits : c.kbits) + j * W;
+      int64_t count = 0;
+      for (int64_t w = 0; w < W; ++w) count += __builtin_popcountll(tb[w]);
+      if (count != keep || (tb[W - 1] & beyond) != 0) {
+        *c.bad = 2 * j + which;
+        return false;
+      }
+    }
+  }
+  return true;  // not reached
+}
+
 #if defined(__AVX512F__)
 // The 16 channels of segment sg (channels 16 sg ..) of a compressed row as a vector: its kept values
 // from vals[i ..] (i advanced past them) placed at the set bits of the row's bitmap words.
@@ -463,98 +540,207 @@ inline void expand_row(const void* vals, int64_t i, const uint64_t* bits, int64_
   for (int64_t c = 0; c < D; c += 16) _mm512_storeu_ps(row + c, expand_segment<V>(vals, i, bits, static_cast<int>(c / 16)));
 }
 
-// One block of compressed tokens [t0, t0 + nt) straight from the kept values, no dense rows written
-// (D = 16 S, S <= 8): the scores of four tokens at a time (their keys expanded into registers, each
-// query row's four dot products summed by one hsum4), the online-softmax update, then per tile of GT
-// query rows the value rows expanded into registers and added into the tile's accumulators. The next
-// block's rows are prefetched token by token as this block's same tokens are read (spread out: a
-// burst of a whole block's prefetches fills the line-fill buffers and stalls the loads behind them;
-// measured 1.3x -> 1.86x dense for 32K float32 tokens, 2 threads).
-template <VT V, int S>
-void sparse_block_direct(const SparseKvChunk& c, const AttnChunk& a, int64_t t0, int64_t nt) {
-  constexpr int64_t D = 16 * S;
-  constexpr int TB = S <= 4 ? 4 : 2;   // tokens whose expanded keys stay in registers
-  constexpr int GT = S <= 4 ? 4 : 2;   // query rows per value tile (GT x S accumulators)
-  constexpr int64_t elt = V == VT::f32 ? 4 : 2;
-  const int64_t G = a.G, W = c.words, keep = c.keep;
-  float* sc = a.scratch;  // (G, 64)
-  int64_t j = 0;
-  for (; j < nt; j += TB) {
-    const int tb = static_cast<int>(min64(TB, nt - j));
-    __m512 kx[TB][S];
-    for (int t = 0; t < tb; ++t) {  // the same tokens of the next block: their keys and bitmap words
-      const int64_t nx = t0 + kAttnBlock + j + t;
-      if (nx < c.t1) {
-        const char* nv = static_cast<const char*>(c.kvals) + nx * keep * elt;
-        __builtin_prefetch(nv, 0, 3);
-        __builtin_prefetch(nv + keep * elt - 1, 0, 3);
-        if ((nx * W) % 8 < W) {  // a new 64-byte line of words
-          __builtin_prefetch(c.kbits + nx * W, 0, 3);
-          __builtin_prefetch(c.vbits + nx * W, 0, 3);
-        }
-      }
+// Register order of the direct path: a compressed row becomes R = D / 16 vectors of 16 float32 lanes.
+//   Natural order: vector r holds channels 16 r .. 16 r + 15 (vexpandps; bfloat16 widened first).
+//   Word order (bfloat16 on a build with AVX512_VBMI2, D % 32 == 0): one vpexpandw places 32 kept
+//   bfloat16 channels at once; vector 2 p holds the even channels 32 p + 2 i (the bits shifted into the
+//   high half), vector 2 p + 1 the odd ones (the high half masked in place), both exact. The query
+//   rows and the value accumulators of the chunk are kept in the same order (to_word_order).
+#if defined(__AVX512VBMI2__)
+constexpr bool kHaveWordExpand = true;
+#else
+constexpr bool kHaveWordExpand = false;
+#endif
+
+// x[0:R] = one token's row from its kept values vals and bitmap words bits (R = D / 16; WO: word order)
+template <VT V, int R, bool WO>
+inline void expand_regs(const void* vals, const uint64_t* bits, __m512* x) {
+#if defined(__AVX512VBMI2__)
+  if constexpr (WO) {
+    const uint16_t* v = static_cast<const uint16_t*>(vals);
+    const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    for (int p = 0; p < R / 2; ++p) {
+      const uint32_t m = static_cast<uint32_t>(bits[p / 2] >> (32 * (p % 2)));
+      const __m512i w = _mm512_maskz_expandloadu_epi16(_cvtu32_mask32(m), v);
+      v += __builtin_popcount(m);
+      x[2 * p] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+      x[2 * p + 1] = _mm512_castsi512_ps(_mm512_and_si512(w, hi));
     }
-    for (int t = 0; t < TB; ++t) {
-      const int64_t tok = t0 + j + (t < tb ? t : 0);
-      int64_t i = tok * keep;
-      for (int sg = 0; sg < S; ++sg) kx[t][sg] = expand_segment<V>(c.kvals, i, c.kbits + tok * W, sg);
-    }
-    for (int64_t g = 0; g < G; ++g) {
-      const float* q = a.q + g * D;
-      __m512 acc[TB];
-      for (int t = 0; t < TB; ++t) acc[t] = _mm512_setzero_ps();
-      for (int sg = 0; sg < S; ++sg) {
-        const __m512 qv = _mm512_loadu_ps(q + 16 * sg);
-        for (int t = 0; t < TB; ++t) acc[t] = _mm512_fmadd_ps(qv, kx[t][sg], acc[t]);
-      }
-      float four[4];
-      if constexpr (TB == 4) {
-        hsum4(acc[0], acc[1], acc[2], acc[3], four);
-      } else {
-        four[0] = hsum_vfl(acc[0]);
-        four[1] = hsum_vfl(acc[1]);
-      }
-      for (int t = 0; t < tb; ++t) sc[g * kAttnBlock + j + t] = four[t];
-    }
+    return;
   }
-  softmax_update(a, nt);
-  for (int64_t g0 = 0; g0 < G; g0 += GT) {
-    const int gt = static_cast<int>(min64(GT, G - g0));
-    __m512 acc[GT][S];
-    for (int g = 0; g < GT; ++g)
-      for (int sg = 0; sg < S; ++sg) acc[g][sg] = g < gt ? _mm512_loadu_ps(a.acc + (g0 + g) * D + 16 * sg) : _mm512_setzero_ps();
-    for (int64_t jj = 0; jj < nt; ++jj) {
-      const int64_t tok = t0 + jj;
-      if (g0 == 0 && tok + kAttnBlock < c.t1) {  // the next block's value row
-        const char* nv = static_cast<const char*>(c.vvals) + (tok + kAttnBlock) * keep * elt;
-        __builtin_prefetch(nv, 0, 3);
-        __builtin_prefetch(nv + keep * elt - 1, 0, 3);
-      }
-      int64_t i = tok * keep;
-      __m512 vx[S];
-      for (int sg = 0; sg < S; ++sg) vx[sg] = expand_segment<V>(c.vvals, i, c.vbits + tok * W, sg);
-      for (int g = 0; g < gt; ++g) {
-        const __m512 p = _mm512_set1_ps(sc[(g0 + g) * kAttnBlock + jj]);
-        for (int sg = 0; sg < S; ++sg) acc[g][sg] = _mm512_fmadd_ps(p, vx[sg], acc[g][sg]);
-      }
-    }
-    for (int g = 0; g < gt; ++g)
-      for (int sg = 0; sg < S; ++sg) _mm512_storeu_ps(a.acc + (g0 + g) * D + 16 * sg, acc[g][sg]);
+#endif
+  if constexpr (!WO) {
+    int64_t i = 0;
+    for (int r = 0; r < R; ++r) x[r] = expand_segment<V>(vals, i, bits, r);
   }
 }
 
-// sparse_block_direct for D = 16 S; false (nothing done) for other head dimensions
+// natural <-> word order of the rows of a (rows, D) float32 matrix in place (D % 32 == 0)
+inline void to_word_order(float* m, int64_t rows, int64_t D, bool back) {
+  const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i od = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < D; c += 32) {
+      float* p = m + r * D + c;
+      const __m512 a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + 16);
+      _mm512_storeu_ps(p, _mm512_permutex2var_ps(a, back ? lo : ev, b));
+      _mm512_storeu_ps(p + 16, _mm512_permutex2var_ps(a, back ? hi : od, b));
+    }
+  }
+}
+
+// Lane o of the result = the sum of the 16 lanes of v[4 (o % 4) + o / 4]: a tree of 30 shuffles and
+// 15 adds for 16 dot products (~2 shuffles each; four hsum4 take ~3).
+inline vfl reduce16(const vfl* v) {
+  vfl w[8], x[4], y[2];
+  for (int k = 0; k < 8; ++k)  // lanes 0..7: 8 partial sums of v[2k]; 8..15: of v[2k + 1]
+    w[k] = __builtin_shufflevector(v[2 * k], v[2 * k + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[2 * k], v[2 * k + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int m = 0; m < 4; ++m)  // 128-bit lane L: 4 partial sums of v[4m + L]
+    x[m] = __builtin_shufflevector(w[2 * m], w[2 * m + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(w[2 * m], w[2 * m + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int n = 0; n < 2; ++n)  // 128-bit lane L: [2 partials of v[8n + L], 2 of v[8n + 4 + L]]
+    y[n] = __builtin_shufflevector(x[2 * n], x[2 * n + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(x[2 * n], x[2 * n + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  // 128-bit lane L: [v[L], v[4 + L], v[8 + L], v[12 + L]]
+  return __builtin_shufflevector(y[0], y[1], 0, 2, 16, 18, 4, 6, 20, 22, 8, 10, 24, 26, 12, 14, 28, 30) +
+         __builtin_shufflevector(y[0], y[1], 1, 3, 17, 19, 5, 7, 21, 23, 9, 11, 25, 27, 13, 15, 29, 31);
+}
+
+// Software prefetch of a byte range, a few 64-byte lines per step (spread over a block: a burst of a
+// whole block's prefetches fills the line-fill buffers and stalls the loads behind them).
+struct LinePrefetch {
+  const char* p = nullptr;
+  const char* end = nullptr;
+  void step(int lines) {
+    for (int i = 0; i < lines && p < end; ++i, p += 64) __builtin_prefetch(p, 0, 3);
+  }
+};
+
+// acc[g0 + g] += sum_j p[g0 + g][j] v_{t0 + j} (j < nt) for the GT query rows g0.. of the direct path:
+// GT x R accumulators stay in registers while each value row is expanded once (pf: prefetches the
+// next block's values, `lines` per four tokens).
+template <VT V, int R, bool WO, int GT>
+void sparse_values(const SparseKvChunk& c, const AttnChunk& a, int64_t g0, int64_t t0, int64_t nt, LinePrefetch* pf, int lines) {
+  constexpr int64_t D = 16 * R, W = (D + 63) / 64;
+  constexpr int64_t elt = V == VT::f32 ? 4 : 2;
+  const int64_t row = c.keep * elt;
+  const char* vv = static_cast<const char*>(c.vvals);
+  const float* sc = a.scratch + g0 * kAttnBlock;
+  __m512 acc[GT][R];
+  for (int g = 0; g < GT; ++g)
+    for (int k = 0; k < R; ++k) acc[g][k] = _mm512_loadu_ps(a.acc + (g0 + g) * D + 16 * k);
+  for (int64_t j = 0; j < nt; ++j) {
+    if (pf && j % 4 == 0) pf->step(lines);
+    const int64_t tok = t0 + j;
+    __m512 vx[R];
+    expand_regs<V, R, WO>(vv + tok * row, c.vbits + tok * W, vx);
+    for (int g = 0; g < GT; ++g) {
+      const __m512 p = _mm512_set1_ps(sc[g * kAttnBlock + j]);
+      for (int k = 0; k < R; ++k) acc[g][k] = _mm512_fmadd_ps(p, vx[k], acc[g][k]);
+    }
+  }
+  for (int g = 0; g < GT; ++g)
+    for (int k = 0; k < R; ++k) _mm512_storeu_ps(a.acc + (g0 + g) * D + 16 * k, acc[g][k]);
+}
+
+// One block of compressed tokens [t0, t0 + nt) straight from the kept values, no dense rows written
+// (D = 16 R, R <= 8; q: the chunk's scaled query rows (G, D) in register order):
+//   scores: TB tokens at a time (4, or 2 for R > 4), their keys expanded into registers once for all
+//     G query rows; the TB x (16 / TB) dot products of a step summed by one reduce16;
+//   the online-softmax update (softmax_update);
+//   values: per tile of GT query rows (GT x R accumulators in registers), each value row expanded
+//     once and added with the rows' probabilities.
+// The next block's kept values and bitmap words are prefetched while this block is computed.
+template <VT V, int R, bool WO>
+void sparse_block_direct(const SparseKvChunk& c, const AttnChunk& a, const float* q, int64_t t0, int64_t nt) {
+  constexpr int64_t D = 16 * R, W = (D + 63) / 64;
+  constexpr int TB = R <= 4 ? 4 : 2;  // tokens per score step
+  constexpr int GR = 16 / TB;         // query rows per score step
+  constexpr int GT = R <= 4 ? 4 : 2;  // query rows per value tile
+  constexpr int64_t elt = V == VT::f32 ? 4 : 2;
+  const int64_t G = a.G, keep = c.keep, row = keep * elt;
+  const char* kv = static_cast<const char*>(c.kvals);
+  const char* vv = static_cast<const char*>(c.vvals);
+  float* sc = a.scratch;  // (G, 64)
+  const int64_t t1 = min64(c.t1, t0 + nt + kAttnBlock);  // the next block's end
+  LinePrefetch pk{kv + (t0 + nt) * row, kv + t1 * row}, pv{vv + (t0 + nt) * row, vv + t1 * row};
+  LinePrefetch pb{reinterpret_cast<const char*>(c.kbits + (t0 + nt) * W), reinterpret_cast<const char*>(c.kbits + t1 * W)};
+  LinePrefetch pvb{reinterpret_cast<const char*>(c.vbits + (t0 + nt) * W), reinterpret_cast<const char*>(c.vbits + t1 * W)};
+  const int lines = static_cast<int>((kAttnBlock * row / 64 + 15) / 16) + 1;  // per four tokens
+  for (int64_t j = 0; j < nt; j += TB) {
+    pk.step(lines);
+    if (j % 16 == 0) {
+      pb.step(2 * static_cast<int>(W));
+      pvb.step(2 * static_cast<int>(W));
+    }
+    const int tb = static_cast<int>(min64(TB, nt - j));
+    __m512 kx[TB][R];
+    for (int t = 0; t < TB; ++t) {
+      const int64_t tok = t0 + j + (t < tb ? t : 0);
+      expand_regs<V, R, WO>(kv + tok * row, c.kbits + tok * W, kx[t]);
+    }
+    for (int64_t g0 = 0; g0 < G; g0 += GR) {
+      vfl acc[16];
+      for (int o = 0; o < 16; ++o) {  // dot product o = (row r, token t), placed where reduce16 puts it at lane o
+        const int r = o / TB, t = o % TB;
+        const float* qg = q + min64(g0 + r, G - 1) * D;
+        __m512 s = _mm512_mul_ps(_mm512_loadu_ps(qg), kx[t][0]);
+        for (int k = 1; k < R; ++k) s = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * k), kx[t][k], s);
+        acc[4 * (o % 4) + o / 4] = reinterpret_cast<vfl>(s);
+      }
+      alignas(64) float dots[16];
+      *reinterpret_cast<vfl*>(dots) = reduce16(acc);
+      if (tb == TB && g0 + GR <= G) {
+        for (int r = 0; r < GR; ++r) std::memcpy(sc + (g0 + r) * kAttnBlock + j, dots + r * TB, TB * sizeof(float));
+      } else {
+        for (int r = 0; r < GR && g0 + r < G; ++r)
+          for (int t = 0; t < tb; ++t) sc[(g0 + r) * kAttnBlock + j + t] = dots[r * TB + t];
+      }
+    }
+  }
+  softmax_update(a, nt);
+  int64_t g0 = 0;
+  for (; g0 + GT <= G; g0 += GT) sparse_values<V, R, WO, GT>(c, a, g0, t0, nt, g0 == 0 ? &pv : nullptr, lines);
+  switch (G - g0) {  // the last rows (fewer than GT)
+    case 1: sparse_values<V, R, WO, 1>(c, a, g0, t0, nt, g0 == 0 ? &pv : nullptr, lines); break;
+    case 2: if constexpr (GT > 2) sparse_values<V, R, WO, 2>(c, a, g0, t0, nt, g0 == 0 ? &pv : nullptr, lines); break;
+    case 3: if constexpr (GT > 3) sparse_values<V, R, WO, 3>(c, a, g0, t0, nt, g0 == 0 ? &pv : nullptr, lines); break;
+    default: break;
+  }
+}
+
+// The direct path over a chunk's blocks for D = 16 R (each block's bitmaps checked first); false
+// (nothing done) for other head dimensions.
 template <VT V>
-bool sparse_block_direct_any(const SparseKvChunk& c, const AttnChunk& a, int64_t t0, int64_t nt) {
+bool sparse_chunk_direct(const SparseKvChunk& c, const AttnChunk& a) {
+  auto run = [&](auto rc) {
+    constexpr int R = decltype(rc)::value;
+    constexpr bool WO = V == VT::bf16 && kHaveWordExpand && R % 2 == 0;
+    const float* q = a.q;
+    if constexpr (WO) {  // the query rows in word order; the accumulators turned back at the end
+      for (int64_t i = 0; i < a.G * a.D; ++i) c.qbuf[i] = a.q[i];
+      to_word_order(c.qbuf, a.G, a.D, false);
+      q = c.qbuf;
+    }
+    for (int64_t t0 = c.t0; t0 < c.t1; t0 += kAttnBlock) {
+      const int64_t nt = min64(kAttnBlock, c.t1 - t0);
+      if (!bitmaps_ok<(R + 3) / 4>(c, t0, nt)) return;
+      sparse_block_direct<V, R, WO>(c, a, q, t0, nt);
+    }
+    if constexpr (WO) to_word_order(a.acc, a.G, a.D, true);
+  };
   switch (a.D) {
-    case 16: sparse_block_direct<V, 1>(c, a, t0, nt); return true;
-    case 32: sparse_block_direct<V, 2>(c, a, t0, nt); return true;
-    case 48: sparse_block_direct<V, 3>(c, a, t0, nt); return true;
-    case 64: sparse_block_direct<V, 4>(c, a, t0, nt); return true;
-    case 80: sparse_block_direct<V, 5>(c, a, t0, nt); return true;
-    case 96: sparse_block_direct<V, 6>(c, a, t0, nt); return true;
-    case 112: sparse_block_direct<V, 7>(c, a, t0, nt); return true;
-    case 128: sparse_block_direct<V, 8>(c, a, t0, nt); return true;
+    case 16: run(std::integral_constant<int, 1>{}); return true;
+    case 32: run(std::integral_constant<int, 2>{}); return true;
+    case 48: run(std::integral_constant<int, 3>{}); return true;
+    case 64: run(std::integral_constant<int, 4>{}); return true;
+    case 80: run(std::integral_constant<int, 5>{}); return true;
+    case 96: run(std::integral_constant<int, 6>{}); return true;
+    case 112: run(std::integral_constant<int, 7>{}); return true;
+    case 128: run(std::integral_constant<int, 8>{}); return true;
     default: return false;
   }
 }
@@ -576,23 +762,12 @@ void sparse_chunk_impl(const SparseKvChunk& c) {
   dense.k = c.kbuf;
   dense.v = c.vbuf;
   init_partial(dense);
+#if defined(__AVX512F__)
+  if (sparse_chunk_direct<V>(c, dense)) return;
+#endif
   for (int64_t t0 = c.t0; t0 < c.t1; t0 += kAttnBlock) {
     const int64_t nt = min64(kAttnBlock, c.t1 - t0);
-    for (int64_t j = 0; j < nt; ++j) {  // every bitmap marks exactly keep channels below D
-      for (int which = 0; which < 2; ++which) {
-        const uint64_t* tb = (which ? c.vbits : c.kbits) + (t0 + j) * W;
-        int64_t count = 0;
-        for (int64_t w = 0; w < W; ++w) count += __builtin_popcountll(tb[w]);
-        const int64_t tail = D - 64 * (W - 1);  // valid channels of the last word
-        if (count != keep || (tail < 64 && (tb[W - 1] >> tail) != 0)) {
-          *c.bad = 2 * (t0 + j) + which;
-          return;
-        }
-      }
-    }
-#if defined(__AVX512F__)
-    if (sparse_block_direct_any<V>(c, dense, t0, nt)) continue;
-#endif
+    if (!bitmaps_ok(c, t0, nt)) return;
     for (int which = 0; which < 2; ++which) {
       const void* vals = which ? c.vvals : c.kvals;
       const uint64_t* bits = which ? c.vbits : c.kbits;

@@ -52,26 +52,6 @@ inline vfl splat(float x) {
 #endif
 }
 
-// the largest lane of a (NaN lanes skipped), as a tree of halvings
-inline float hmax_vfl(vfl a) {
-#if defined(__AVX512F__)
-  typedef float h8 __attribute__((vector_size(32)));
-  const h8 lo8 = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7), hi8 = __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
-  const h8 b = hi8 > lo8 ? hi8 : lo8;
-#elif defined(__AVX__)
-  const vfl b = a;
-#endif
-#if defined(__AVX__)
-  typedef float h4 __attribute__((vector_size(16)));
-  const h4 lo4 = __builtin_shufflevector(b, b, 0, 1, 2, 3), hi4 = __builtin_shufflevector(b, b, 4, 5, 6, 7);
-  const h4 c = hi4 > lo4 ? hi4 : lo4;
-#else
-  const vfl c = a;
-#endif
-  const float x = c[1] > c[0] ? c[1] : c[0], y = c[3] > c[2] ? c[3] : c[2];
-  return y > x ? y : x;
-}
-
 // C[0:M, 0:NR kVL] (+)= A[0:M, 0:kd] B[0:kd, 0:NR kVL]; B's element (k, c) at b0 + k * ldb + c.
 template <VT V, int M, int NR>
 inline void gemm_tile(const float* A, int64_t lda, const void* B, int64_t b0, int64_t ldb, int64_t kd, float* C,

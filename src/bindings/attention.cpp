@@ -7,8 +7,10 @@
 //   quest_attention(q, k, v, kmin, kmax, n, page, read, scale, out, isa="", parallel=True, lse=None, chosen=None), _ref
 //     one Quest step (csrc/quest_attention.h): kmin / kmax (B, Hkv, allocated pages, D) float32 or bfloat16,
 //     read pages per KV head (the newest included); chosen None or int32 (B, Hkv, read - 1), overwritten
-//   sparse_kv_attention(q, kvals, kbits, vvals, vbits, n, scale, out, lse, isa="", chunk=0, parallel=True), _ref
-//     kvals / vvals (B, Hkv, cap, keep) like k; kbits / vbits (B, Hkv, cap, ceil(D / 64)) int64 words
+//   sparse_kv_attention(q, kvals, kbits, vvals, vbits, n, scale, out, lse, isa="", chunk=0, parallel=True,
+//     k=None, v=None, recent_start=0, recent_end=0), _ref (no isa / chunk / parallel)
+//     kvals / vvals (B, Hkv, cap, keep) like k; kbits / vbits (B, Hkv, cap, ceil(D / 64)) int64 words; k / v
+//     (B, Hkv, cap, D) of kvals' dtype: their tokens [recent_start, recent_end) join the same softmax
 //   prefill_attention(q, k, v, n, scale, sinks, window, last, horizon, out, isa="", parallel=True, bf16_path=""), _ref
 //     q (B, Hq, Tq, D) float32, the last Tq of the n cached tokens; out (B, Tq, Hq, D) float32 (csrc/prefill_attention.h);
 //     bfloat16 k / v run the bf16 compute path prefill_bf16_path(isa, bf16_path) names
@@ -178,7 +180,8 @@ sf::QuestAttnProblem quest_problem(const In& q, const In& k, const In& v, const 
 }
 
 sf::SparseKvProblem sparse_problem(const In& q, const In& kvals, const In& kbits, const In& vvals, const In& vbits,
-                                   int64_t n, double scale, const Out& out, const Out& lse) {
+                                   int64_t n, double scale, const Out& out, const Out& lse, const nb::object& k,
+                                   const nb::object& v, int64_t recent_start, int64_t recent_end) {
   check_array(q, "q", 3);
   check_array(kvals, "kvals", 4);
   check_array(vvals, "vvals", 4);
@@ -227,6 +230,21 @@ sf::SparseKvProblem sparse_problem(const In& q, const In& kvals, const In& kbits
   p.scale = static_cast<float>(scale);
   p.out = static_cast<float*>(out.data());
   p.lse = static_cast<float*>(lse.data());
+  if (k.is_none() != v.is_none()) throw std::invalid_argument("give both k and v (the dense tokens) or neither");
+  if (!k.is_none()) {
+    const In kd = nb::cast<In>(k), vd = nb::cast<In>(v);
+    check_array(kd, "k", 4);
+    check_array(vd, "v", 4);
+    if (pair_type(kd, vd, "k and v") != p.vt) throw std::invalid_argument("k and v must have the dtype of kvals and vvals");
+    if (dim(kd, 0) != p.B || dim(kd, 1) != p.Hkv || dim(kd, 3) != p.D || dim(vd, 2) != dim(kd, 2)) {
+      throw std::invalid_argument("k and v must both be (B, Hkv, cap, D) with q's B and D and kvals' Hkv");
+    }
+    p.k = kd.data();
+    p.v = vd.data();
+    p.kcap = dim(kd, 2);
+    p.r0 = recent_start;
+    p.r1 = recent_end;
+  }
   return p;
 }
 
@@ -335,24 +353,30 @@ void register_attention(nb::module_& mod) {
   mod.def(
       "sparse_kv_attention",
       [](const In& q, const In& kvals, const In& kbits, const In& vvals, const In& vbits, int64_t n, double scale,
-         const Out& out, const Out& lse, const std::string& isa, int64_t chunk, bool parallel) {
-        const sf::SparseKvProblem p = sparse_problem(q, kvals, kbits, vvals, vbits, n, scale, out, lse);
+         const Out& out, const Out& lse, const std::string& isa, int64_t chunk, bool parallel, const nb::object& k,
+         const nb::object& v, int64_t recent_start, int64_t recent_end) {
+        const sf::SparseKvProblem p =
+            sparse_problem(q, kvals, kbits, vvals, vbits, n, scale, out, lse, k, v, recent_start, recent_end);
         const sf::Isa i = resolve(isa);
         sf::num_threads();
         nb::gil_scoped_release rel;
         sf::sparse_kv_attention(p, i, chunk, parallel);
       },
       "q"_a, "kvals"_a, "kbits"_a, "vvals"_a, "vbits"_a, "n"_a, "scale"_a, "out"_a, "lse"_a, "isa"_a = "", "chunk"_a = 0,
-      "parallel"_a = true, "Decode attention over per-token pruned, compressed K/V (csrc/decode_attention.h).");
+      "parallel"_a = true, "k"_a.none() = nb::none(), "v"_a.none() = nb::none(), "recent_start"_a = 0, "recent_end"_a = 0,
+      "Decode attention over per-token pruned, compressed K/V (csrc/decode_attention.h).");
   mod.def(
       "sparse_kv_attention_ref",
       [](const In& q, const In& kvals, const In& kbits, const In& vvals, const In& vbits, int64_t n, double scale,
-         const Out& out, const Out& lse) {
-        const sf::SparseKvProblem p = sparse_problem(q, kvals, kbits, vvals, vbits, n, scale, out, lse);
+         const Out& out, const Out& lse, const nb::object& k, const nb::object& v, int64_t recent_start,
+         int64_t recent_end) {
+        const sf::SparseKvProblem p =
+            sparse_problem(q, kvals, kbits, vvals, vbits, n, scale, out, lse, k, v, recent_start, recent_end);
         nb::gil_scoped_release rel;
         sf::sparse_kv_attention_ref(p);
       },
-      "q"_a, "kvals"_a, "kbits"_a, "vvals"_a, "vbits"_a, "n"_a, "scale"_a, "out"_a, "lse"_a,
+      "q"_a, "kvals"_a, "kbits"_a, "vvals"_a, "vbits"_a, "n"_a, "scale"_a, "out"_a, "lse"_a, "k"_a.none() = nb::none(),
+      "v"_a.none() = nb::none(), "recent_start"_a = 0, "recent_end"_a = 0,
       "Scalar reference of sparse_kv_attention (the oracle).");
   mod.def(
       "quest_attention",

@@ -130,3 +130,25 @@ def test_native_linears_swap_and_restore():
     assert torch.equal(model(x3), want3)  # several tokens: the layers themselves
     b.restore_linears_(swaps)
     assert model[0] is first and torch.equal(model(x1), want1)
+
+
+def test_decode_rows_time_torch_sdpa_in_a_group_of_its_own(monkeypatch):
+    """torch's SDPA variants are timed apart from ours (its spinning OpenMP worker would slow whichever
+    variant came next); dense vs SDPA is the ratio of the two groups' medians, the rest paired ratios."""
+    import torch
+
+    b = _load()
+    seen = []
+    real = b.time_interleaved
+
+    def spy(fns, **kw):
+        seen.append((set(fns), real(fns, **kw)))
+        return seen[-1][1]
+    monkeypatch.setattr(b, "time_interleaved", spy)
+    row = b.bench_context(512, torch.float32, 0.001, 10.0, 1, layers=2)
+    (sdpa_names, sdpa), (ours_names, ours) = seen
+    assert sdpa_names == {"sdpa_gqa", "sdpa_packed", "sdpa_packed_1thread"}
+    assert not ours_names & sdpa_names and {"dense_pool", "mustafar", "quest_pool"} <= ours_names
+    assert row["dense_vs_sdpa"] == row["ms"]["sdpa"] / row["ms"]["dense"]
+    assert row["ms"]["sdpa"] == min(sdpa.ms().values())
+    assert row["mustafar_vs_dense"] == ours.ratio(min(("dense_pool", "dense_serial"), key=ours.ms().get), "mustafar")[0]

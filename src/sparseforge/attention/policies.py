@@ -395,8 +395,7 @@ class Mustafar(Policy):
         return dense_spans(layer.batch, layer.kv_heads, layer.n)
 
     def decode(self, layer, query: Tensor, spans: Tensor, scale: float) -> Optional[Tensor]:
-        from sparseforge.ops.decode_attention import attend, merge_attention
-        from sparseforge.ops.sparse_kv import sparse_kv_attention
+        from sparseforge.ops.sparse_kv import attend_compressed
 
         done = self._compress(layer)
         if not done:
@@ -405,12 +404,10 @@ class Mustafar(Policy):
         if st["kvals"].shape[3] != st["vvals"].shape[3]:
             raise ConfigError("Mustafar: the compressed-KV kernel needs the same keep count for keys and values; "
                               "leave value_sparsity unset or equal to sparsity")
-        recent = spans.clone()
-        recent[..., 0] = done
-        recent[..., 1] = layer.n - done
-        out_c, lse_c = sparse_kv_attention(query, st["kvals"], st["kbits"], st["vvals"], st["vbits"], done, scale)
-        out_r, lse_r = attend(query, layer.k_store, layer.v_store, recent, layer.n, scale, lse=True)
-        return merge_attention(out_c, lse_c, out_r, lse_r)
+        # one native call: the compressed tokens [0, done) and the dense recent ones [done, n) in one softmax
+        out, _ = attend_compressed(query, st["kvals"], st["kbits"], st["vvals"], st["vbits"], done, scale,
+                                   layer.k_store, layer.v_store, layer.n)
+        return out
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,12 @@ D = 64 at Mustafar's 70% (``keep = 21``).
 * :func:`compress_tokens` ``(x (B, H, T, D), keep) -> (vals, bits)``: the ``keep`` largest magnitudes
   of every token (Joo et al., "Mustafar: Promoting Unstructured Sparsity for KV Cache Pruning in
   LLM Inference", 2025; dhjoo98/mustafar ``dh_prune_key``; ties by ``topk``).
-* ``sparseforge::sparse_kv_attention(q, kvals, kbits, vvals, vbits, n, scale) -> (out, lse)``: the
-  native kernel (``csrc/decode_attention.h``, ``sparse_kv_attention``) over tokens ``[0, n)``; ``lse``
-  merges it with the dense recent tokens (:func:`sparseforge.ops.decode_attention.merge_attention`).
+* ``sparseforge::sparse_kv_attention(q, kvals, kbits, vvals, vbits, n, scale, k=None, v=None, end=0)
+  -> (out, lse)``: the native kernel (``csrc/decode_attention.h``, ``sparse_kv_attention``) over the
+  compressed tokens ``[0, n)`` and, given the dense cache ``k``, ``v`` ``(B, Hkv, cap, D)``, its tokens
+  ``[n, end)`` in the same softmax (Mustafar's recent window: one native call); ``lse`` merges the
+  result with attention over other tokens (:func:`sparseforge.ops.decode_attention.merge_attention`).
+  :func:`attend_compressed` is the same without the custom-op dispatch in eager mode.
 
 Example:
     >>> import torch
@@ -22,6 +25,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -29,7 +34,7 @@ from sparseforge.errors import DataError, SparseforgeError
 from sparseforge.kernels import native
 from sparseforge.ops._define import np_view
 
-__all__ = ["compress_tokens", "sparse_kv_attention", "sparse_kv_attention_ref", "keep_for"]
+__all__ = ["compress_tokens", "sparse_kv_attention", "sparse_kv_attention_ref", "attend_compressed", "keep_for"]
 
 
 def keep_for(sparsity: float, dim: int) -> int:
@@ -50,7 +55,7 @@ def compress_tokens(x: Tensor, keep: int) -> tuple[Tensor, Tensor]:
     return vals, words
 
 
-def _check(q, kvals, kbits, vvals, vbits, n):
+def _check(q, kvals, kbits, vvals, vbits, n, k, v, end):
     for name, t in (("q", q), ("kvals", kvals), ("kbits", kbits), ("vvals", vvals), ("vbits", vbits)):
         if t.device.type != "cpu" or not t.is_contiguous():
             raise DataError(f"{name} must be a contiguous CPU tensor")
@@ -62,15 +67,26 @@ def _check(q, kvals, kbits, vvals, vbits, n):
                         "(B, Hkv, cap, ceil(D / 64)) of one shape")
     if not 1 <= n <= kvals.shape[2]:
         raise DataError(f"n={n} compressed tokens must be in [1, {kvals.shape[2]}]")
+    if (k is None) != (v is None):
+        raise DataError("give both k and v (the dense cache of the recent tokens) or neither")
+    if k is not None:
+        for name, t in (("k", k), ("v", v)):
+            if t.device.type != "cpu" or not t.is_contiguous() or t.dtype != kvals.dtype or t.dim() != 4:
+                raise DataError(f"{name} must be a contiguous CPU (B, Hkv, cap, D) tensor of kvals' dtype {kvals.dtype}")
+        if k.shape != v.shape or k.shape[:2] != kvals.shape[:2] or k.shape[3] != q.shape[2]:
+            raise DataError(f"k and v {tuple(k.shape)} must both be (B, Hkv, cap, D) = {(*kvals.shape[:2], 'cap', q.shape[2])}")
+        if not n <= end <= k.shape[2]:
+            raise DataError(f"end={end}: the dense tokens [n, end) must lie in [{n}, {k.shape[2]}] (n compressed, cache capacity)")
 
 
-def _call(fn_name, q, kvals, kbits, vvals, vbits, n, scale):
-    _check(q, kvals, kbits, vvals, vbits, n)
+def _call(fn_name, q, kvals, kbits, vvals, vbits, n, scale, k=None, v=None, end=0):
+    _check(q, kvals, kbits, vvals, vbits, n, k, v, end)
     out = torch.empty(q.shape, dtype=torch.float32)
     lse = torch.empty(q.shape[:2], dtype=torch.float32)
+    dense = {} if k is None else {"k": np_view(k), "v": np_view(v), "recent_start": int(n), "recent_end": int(end)}
     try:
         getattr(native(), fn_name)(np_view(q), np_view(kvals), kbits.numpy(), np_view(vvals), vbits.numpy(), int(n),
-                                   float(scale), out.numpy(), lse.numpy())
+                                   float(scale), out.numpy(), lse.numpy(), **dense)
     except SparseforgeError:
         raise
     except ValueError as exc:  # shapes that do not fit, a bitmap without exactly keep bits
@@ -80,16 +96,26 @@ def _call(fn_name, q, kvals, kbits, vvals, vbits, n, scale):
 
 @torch.library.custom_op("sparseforge::sparse_kv_attention", mutates_args=())
 def sparse_kv_attention(q: Tensor, kvals: Tensor, kbits: Tensor, vvals: Tensor, vbits: Tensor, n: int,
-                        scale: float) -> tuple[Tensor, Tensor]:
-    """``(out (B, Hq, D), lse (B, Hq))`` of ``q`` over the first ``n`` compressed tokens (see the module doc)."""
-    return _call("sparse_kv_attention", q, kvals, kbits, vvals, vbits, n, scale)
+                        scale: float, k: Optional[Tensor] = None, v: Optional[Tensor] = None,
+                        end: int = 0) -> tuple[Tensor, Tensor]:
+    """``(out (B, Hq, D), lse (B, Hq))`` of ``q`` over the first ``n`` compressed tokens and, given ``k`` and
+    ``v``, their dense tokens ``[n, end)`` (see the module doc)."""
+    return _call("sparse_kv_attention", q, kvals, kbits, vvals, vbits, n, scale, k, v, end)
 
 
 @sparse_kv_attention.register_fake
-def _(q, kvals, kbits, vvals, vbits, n, scale):
+def _(q, kvals, kbits, vvals, vbits, n, scale, k=None, v=None, end=0):
     return q.new_empty(q.shape), q.new_empty(q.shape[:2])
 
 
-def sparse_kv_attention_ref(q, kvals, kbits, vvals, vbits, n, scale):
+def attend_compressed(q: Tensor, kvals: Tensor, kbits: Tensor, vvals: Tensor, vbits: Tensor, n: int, scale: float,
+                      k: Optional[Tensor] = None, v: Optional[Tensor] = None, end: int = 0) -> tuple[Tensor, Tensor]:
+    """:func:`sparse_kv_attention` without the custom-op dispatch in eager mode (a decode step's call)."""
+    if torch.compiler.is_compiling():
+        return sparse_kv_attention(q, kvals, kbits, vvals, vbits, n, scale, k, v, end)
+    return _call("sparse_kv_attention", q, kvals, kbits, vvals, vbits, n, scale, k, v, end)
+
+
+def sparse_kv_attention_ref(q, kvals, kbits, vvals, vbits, n, scale, k=None, v=None, end=0):
     """The scalar reference (test oracle) on the same arguments."""
-    return _call("sparse_kv_attention_ref", q, kvals, kbits, vvals, vbits, n, scale)
+    return _call("sparse_kv_attention_ref", q, kvals, kbits, vvals, vbits, n, scale, k, v, end)
