@@ -12,24 +12,18 @@
 namespace sf {
 namespace {
 
-struct alignas(64) AmxTileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
+// palette 1; tiles 0-7: 64 bytes per row (colsb, little-endian uint16 at bytes 16-31), 16 rows (bytes
+// 48-55). A constant table: GCC's _tile_loadconfig declares a read of 8 bytes only, so stores into a
+// local configuration may be moved past it or dropped.
+alignas(64) constexpr uint8_t kAmxTiles16x64Config[64] = {
+    1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    64, 0, 64, 0, 64, 0, 64, 0, 64, 0, 64, 0, 64, 0, 64, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0};
 
 class AmxTiles16x64 {
  public:
-  AmxTiles16x64() {
-    AmxTileConfig cfg;
-    for (int i = 0; i < 8; ++i) {
-      cfg.colsb[i] = 64;
-      cfg.rows[i] = 16;
-    }
-    _tile_loadconfig(&cfg);
-  }
+  AmxTiles16x64() { _tile_loadconfig(kAmxTiles16x64Config); }
   ~AmxTiles16x64() { _tile_release(); }
   AmxTiles16x64(const AmxTiles16x64&) = delete;
   AmxTiles16x64& operator=(const AmxTiles16x64&) = delete;

@@ -96,38 +96,16 @@ const Bf16Kernels& kernels(Bf16Path path) {
   return scalar::linear_bf16;
 }
 
-// x rows [b0, b0 + bn) -> xp (linear_bf16.h): each dword of a bf16 row is one column pair
-void pack_x(const Bf16Problem& p, int64_t b0, int64_t bn, int64_t kp, uint32_t* xp, bool par) {
-  const int64_t kph = kp / 2, nbt = (bn + 15) / 16, full = p.in / 2;
+// the activation block of t -> xp (linear_bf16.h), in tasks of one batch tile x 256 column pairs
+void pack_x(const Bf16Kernels& k, const Bf16Tile& t, uint32_t* xp, bool par) {
+  const int64_t kph = t.kp / 2;
   constexpr int64_t kPairs = 256;
   const int64_t nchunks = (kph + kPairs - 1) / kPairs;
   parallel_for(
-      nbt * nchunks,
+      t.nbt * nchunks,
       [&](int64_t task, int) {
-        const int64_t bt = task / nchunks, k0 = (task % nchunks) * kPairs, k1 = min64(kph, k0 + kPairs);
-        uint32_t* dst = xp + bt * kph * 16;
-        for (int64_t l = 0; l < 16; ++l) {
-          const int64_t b = bt * 16 + l;
-          if (b >= bn) {
-            for (int64_t k = k0; k < k1; ++k) dst[k * 16 + l] = 0;
-            continue;
-          }
-          const int64_t kf = min64(k1, full);
-          int64_t k = k0;
-          if (p.xf) {
-            const float* xr = p.xf + (b0 + b) * p.in;
-            for (; k < kf; ++k) dst[k * 16 + l] = f32_to_bf16(xr[2 * k]) | static_cast<uint32_t>(f32_to_bf16(xr[2 * k + 1])) << 16;
-            for (; k < k1; ++k) dst[k * 16 + l] = 2 * k < p.in ? f32_to_bf16(xr[2 * k]) : 0u;  // odd `in`: last pair half used
-            continue;
-          }
-          const uint16_t* xr = p.x + (b0 + b) * p.in;
-          for (; k < kf; ++k) {
-            uint32_t d;
-            std::memcpy(&d, xr + 2 * k, 4);
-            dst[k * 16 + l] = d;
-          }
-          for (; k < k1; ++k) dst[k * 16 + l] = 2 * k < p.in ? xr[2 * k] : 0u;  // odd `in`: last pair half used
-        }
+        const int64_t k0 = (task % nchunks) * kPairs;
+        k.pack(t, xp, task / nchunks, k0, min64(kph, k0 + kPairs));
       },
       par);
 }
@@ -154,7 +132,7 @@ void check_bf16_problem(int64_t rows, int64_t cols, const Bf16Problem& p) {
 // block(tile, r0, r1, scratch) over runs of consecutive 32-row blocks of every 64-row activation block
 // (~8 runs per thread, taken dynamically; the AMX kernel configures its tiles once per run)
 template <class Block>
-void run_bf16(const Bf16Problem& p, Block&& block) {
+void run_bf16(const Bf16Kernels& k, const Bf16Problem& p, Block&& block) {
   if (p.B == 0 || p.out == 0) return;
   const int nt = num_threads();
   const int64_t kp = (p.in + 31) / 32 * 32;
@@ -175,7 +153,7 @@ void run_bf16(const Bf16Problem& p, Block&& block) {
     t.kp = kp;
     t.b0 = b0;
     t.p = &p;
-    pack_x(p, b0, t.bn, kp, static_cast<uint32_t*>(xp.p), par);
+    pack_x(k, t, static_cast<uint32_t*>(xp.p), par);
     parallel_for(
         nruns,
         [&](int64_t run, int wk) {
@@ -334,19 +312,19 @@ Bf16Path resolve_bf16_path(const char* requested) {
 void bitmap_linear_bf16(const BitmapView& w, const Bf16Problem& p, Bf16Path path) {
   check_bf16_problem(w.rows, w.cols, p);
   const Bf16Kernels& k = kernels(path);
-  run_bf16(p, [&](const Bf16Tile& t, int64_t r0, int64_t r1, void* s) { k.bitmap(w, t, r0, r1, s); });
+  run_bf16(k, p, [&](const Bf16Tile& t, int64_t r0, int64_t r1, void* s) { k.bitmap(w, t, r0, r1, s); });
 }
 
 void nm_linear_bf16(const NmView& w, const Bf16Problem& p, Bf16Path path) {
   check_bf16_problem(w.rows, w.cols, p);
   const Bf16Kernels& k = kernels(path);
-  run_bf16(p, [&](const Bf16Tile& t, int64_t r0, int64_t r1, void* s) { k.nm(w, t, r0, r1, s); });
+  run_bf16(k, p, [&](const Bf16Tile& t, int64_t r0, int64_t r1, void* s) { k.nm(w, t, r0, r1, s); });
 }
 
 void csr_linear_bf16(const CsrView& w, const Bf16Problem& p, Bf16Path path) {
   check_bf16_problem(w.rows, w.cols, p);
   const Bf16Kernels& k = kernels(path);
-  run_bf16(p, [&](const Bf16Tile& t, int64_t r0, int64_t r1, void* s) { k.csr(w, t, r0, r1, s); });
+  run_bf16(k, p, [&](const Bf16Tile& t, int64_t r0, int64_t r1, void* s) { k.csr(w, t, r0, r1, s); });
 }
 
 void bitmap_linear_bf16_skip(const BitmapView& w, const Bf16Problem& p, Isa isa) { run_skip(w, p, isa, bitmap_linear); }

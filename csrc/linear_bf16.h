@@ -55,17 +55,30 @@ constexpr int64_t kBf16BatchChunk = 64;   // batch rows per packed activation bl
 constexpr int64_t kBf16PanelBytes = kBf16RowBlock * kBf16PanelLd * 2;
 constexpr int64_t kBf16AccBytes = kBf16RowBlock * kBf16BatchChunk * 4;
 constexpr int64_t kBf16ScratchBytes = 2 * kBf16PanelBytes + kBf16AccBytes + kBf16RowBlock * 8;  // two panels, acc, row cursors
-// The AMX path decodes a 32-row block row by row over up to kBf16AmxColBlock columns at a time (each
-// row's stored values stream sequentially) into one strip, then multiplies the strip with the
-// accumulators held in tiles. One core, 50% bitmap, batch 64, weights cold (8 copies, ~400 MB),
-// contended host: 11008x4096 10.0-11.0 ms per layer (strip of 4096) against 13.1-14.6 (128-column
-// panels interleaved with the tile product); 4096x11008 11.0 (11008) / 12.4 (256) / 15.8 (panels).
-constexpr int64_t kBf16AmxColBlock = 12288;
-// bytes of per-thread scratch for a product with kp (in rounded up to 32) columns: the panels of the
-// vector paths or the AMX strip, the accumulators and the row cursors
+// The AMX path decodes a 32-row block row by row into a strip of up to kBf16AmxColBlock columns (each
+// row's stored values stream sequentially), then multiplies the strip with the accumulators held in
+// tiles. One core, 50% bitmap, batch 64, weights cold (8 copies, ~400 MB), contended host: 11008x4096
+// 10.0-11.0 ms per layer (strip of 4096) against 13.1-14.6 (128-column panels interleaved with the tile
+// product). Every block reads the packed x of its columns, so a wider x is cut into balanced column
+// blocks (bf16_amx_col_block), each swept over a group of up to kBf16AmxGroup row blocks while its x
+// slice (64 batch rows x 4096 columns: 512 KB, a quarter of the 2 MB L2 of the AMX CPUs) stays in L2,
+// the accumulators parked in scratch between column blocks; the rows are then read in segments, which
+// the hardware prefetchers do not follow, so each multiply prefetches the next block's segments. One
+// core, 90% bitmap, batch 64, 4 weight copies, contended host (thread CPU time): 4096x11008 7.8-8.3 ms
+// per layer (3 column blocks) against 8.3-10.3 (one strip of 11008); 11008x4096 unchanged (6.4-7.0).
+constexpr int64_t kBf16AmxColBlock = 4096;
+constexpr int64_t kBf16AmxGroup = 8;  // row blocks per column-block sweep
+// the AMX strip's columns for a product with kp (in rounded up to 32) columns: kp, or kp cut into
+// equal blocks (multiples of 32) of at most kBf16AmxColBlock
+inline int64_t bf16_amx_col_block(int64_t kp) {
+  const int64_t n = (kp + kBf16AmxColBlock - 1) / kBf16AmxColBlock;
+  return n <= 1 ? kp : ((kp + n - 1) / n + 31) / 32 * 32;
+}
+// bytes of per-thread scratch for a product with kp columns: the panels of the vector paths or the AMX
+// strip, the accumulators and the row cursors (kBf16AmxGroup blocks of each)
 inline int64_t bf16_scratch_bytes(int64_t kp) {
-  const int64_t strip = kBf16RowBlock * ((kp < kBf16AmxColBlock ? kp : kBf16AmxColBlock) + 32) * 2;
-  return (strip > 2 * kBf16PanelBytes ? strip : 2 * kBf16PanelBytes) + kBf16AccBytes + kBf16RowBlock * 8;
+  const int64_t strip = kBf16RowBlock * (bf16_amx_col_block(kp) + 32) * 2;
+  return (strip > 2 * kBf16PanelBytes ? strip : 2 * kBf16PanelBytes) + kBf16AmxGroup * (kBf16AccBytes + kBf16RowBlock * 8);
 }
 
 // One packed block of activations (batch rows [b0, b0 + bn)) and the problem it belongs to.
@@ -77,11 +90,15 @@ struct Bf16Tile {
   const Bf16Problem* p = nullptr;
 };
 
-// Rows [r0, r1) of y (blocks of kBf16RowBlock inside) for one activation block; scratch: bf16_scratch_bytes(kp), 64-aligned.
+// bitmap / nm / csr: rows [r0, r1) of y (blocks of kBf16RowBlock inside) for one activation block;
+// scratch: bf16_scratch_bytes(kp), 64-aligned. pack: batch tile bt (t.bn rows from t.b0) of the packed
+// activations xp, column pairs [k0, k1) (multiples of 16 but k1 = kp / 2 at the end), x rounded to bf16
+// (nearest even, NaN kept quiet) when float32.
 struct Bf16Kernels {
   void (*bitmap)(const BitmapView&, const Bf16Tile&, int64_t r0, int64_t r1, void* scratch);
   void (*nm)(const NmView&, const Bf16Tile&, int64_t r0, int64_t r1, void* scratch);
   void (*csr)(const CsrView&, const Bf16Tile&, int64_t r0, int64_t r1, void* scratch);
+  void (*pack)(const Bf16Tile& t, uint32_t* xp, int64_t bt, int64_t k0, int64_t k1);
 };
 
 namespace scalar { extern const Bf16Kernels linear_bf16; }

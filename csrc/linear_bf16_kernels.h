@@ -75,12 +75,15 @@ struct BitmapPanel {
   const double dens;
   explicit BitmapPanel(const BitmapView& v) : w(v), dens(density_of(v.nnz, v.rows, v.cols)) {}
   int64_t start(int64_t r) const { return w.row_offsets[r]; }
-  // what row(r, cursor, c0, kc) will read (its values: estimated from the density)
-  void prefetch(int64_t r, int64_t cursor, int64_t c0, int64_t kc) const {
-    prefetch_span(w.bits + r * w.bpr + c0 / 8, kc / 8 - 1);
-    prefetch_span(static_cast<const char*>(w.val) + cursor * int64_t{V == VT::f32 ? 4 : 2},
-                  static_cast<int64_t>(dens * static_cast<double>(kc)) * int64_t{V == VT::f32 ? 4 : 2});
+  // the byte ranges row(r, cursor, c0, kc) will read, as span(p, bytes) calls (its values: estimated
+  // from the density)
+  template <class F>
+  void spans(int64_t r, int64_t cursor, int64_t c0, int64_t kc, F&& span) const {
+    span(w.bits + r * w.bpr + c0 / 8, kc / 8 - 1);
+    span(static_cast<const char*>(w.val) + cursor * int64_t{V == VT::f32 ? 4 : 2},
+         static_cast<int64_t>(dens * static_cast<double>(kc)) * int64_t{V == VT::f32 ? 4 : 2});
   }
+  void prefetch(int64_t r, int64_t cursor, int64_t c0, int64_t kc) const { spans(r, cursor, c0, kc, prefetch_span); }
   void row(int64_t r, int64_t& cursor, int64_t c0, int64_t kc, uint16_t* out) const {
     const uint8_t* bits = w.bits + r * w.bpr;
     int64_t vp = cursor;
@@ -103,11 +106,13 @@ struct NmPanel {
   const NmView& w;
   explicit NmPanel(const NmView& v) : w(v) {}
   int64_t start(int64_t) const { return 0; }
-  void prefetch(int64_t r, int64_t, int64_t c0, int64_t kc) const {
+  template <class F>
+  void spans(int64_t r, int64_t, int64_t c0, int64_t kc, F&& span) const {
     const int64_t v0 = c0 / w.m * w.n, nv = kc / w.m * w.n;
-    prefetch_span(w.idx + r * w.ibpr + v0 * w.b / 8, nv * w.b / 8);
-    prefetch_span(static_cast<const char*>(w.val) + (r * w.vpr + v0) * int64_t{V == VT::f32 ? 4 : 2}, nv * int64_t{V == VT::f32 ? 4 : 2});
+    span(w.idx + r * w.ibpr + v0 * w.b / 8, nv * w.b / 8);
+    span(static_cast<const char*>(w.val) + (r * w.vpr + v0) * int64_t{V == VT::f32 ? 4 : 2}, nv * int64_t{V == VT::f32 ? 4 : 2});
   }
+  void prefetch(int64_t r, int64_t cursor, int64_t c0, int64_t kc) const { spans(r, cursor, c0, kc, prefetch_span); }
   void row(int64_t r, int64_t& v, int64_t c0, int64_t kc, uint16_t* out) const {
     const uint8_t* irow = w.idx + r * w.ibpr;
     const int64_t base = r * w.vpr;
@@ -143,11 +148,13 @@ struct CsrPanel {
   const double dens;
   explicit CsrPanel(const CsrView& v) : w(v), dens(density_of(v.nnz, v.rows, v.cols)) {}
   int64_t start(int64_t r) const { return w.row_ptr[r]; }
-  void prefetch(int64_t, int64_t cursor, int64_t, int64_t kc) const {
+  template <class F>
+  void spans(int64_t, int64_t cursor, int64_t, int64_t kc, F&& span) const {
     const int64_t n = static_cast<int64_t>(dens * static_cast<double>(kc));
-    prefetch_span(static_cast<const I*>(w.col) + cursor, n * int64_t{sizeof(I)});
-    prefetch_span(static_cast<const char*>(w.val) + cursor * int64_t{V == VT::f32 ? 4 : 2}, n * int64_t{V == VT::f32 ? 4 : 2});
+    span(static_cast<const I*>(w.col) + cursor, n * int64_t{sizeof(I)});
+    span(static_cast<const char*>(w.val) + cursor * int64_t{V == VT::f32 ? 4 : 2}, n * int64_t{V == VT::f32 ? 4 : 2});
   }
+  void prefetch(int64_t r, int64_t cursor, int64_t c0, int64_t kc) const { spans(r, cursor, c0, kc, prefetch_span); }
   void row(int64_t r, int64_t& q, int64_t c0, int64_t kc, uint16_t* out) const {
     std::memset(out, 0, static_cast<size_t>(kc) * 2);
     const I* col = static_cast<const I*>(w.col);
@@ -230,6 +237,107 @@ struct PanelBlock {
   }
 };
 
+// Column pairs [k0, k1) of batch tile bt of the packed activations (linear_bf16.h: xp [nbt][kp / 2][16],
+// rows t.b0 + 16 bt + l, zero past t.bn and past `in`), portable: one dword at a time.
+inline void pack_x_scalar(const Bf16Tile& t, uint32_t* xp, int64_t bt, int64_t k0, int64_t k1) {
+  const Bf16Problem& p = *t.p;
+  const int64_t kph = t.kp / 2, full = p.in / 2, kf = min64(k1, full);
+  uint32_t* dst = xp + bt * kph * 16;
+  for (int64_t l = 0; l < 16; ++l) {
+    const int64_t b = bt * 16 + l;
+    int64_t k = k0;
+    if (b >= t.bn) {
+      for (; k < k1; ++k) dst[k * 16 + l] = 0;
+    } else if (p.xf) {
+      const float* xr = p.xf + (t.b0 + b) * p.in;
+      for (; k < kf; ++k) dst[k * 16 + l] = f32_to_bf16(xr[2 * k]) | static_cast<uint32_t>(f32_to_bf16(xr[2 * k + 1])) << 16;
+      for (; k < k1; ++k) dst[k * 16 + l] = 2 * k < p.in ? f32_to_bf16(xr[2 * k]) : 0u;  // odd `in`: last pair half used
+    } else {
+      const uint16_t* xr = p.x + (t.b0 + b) * p.in;
+      for (; k < kf; ++k) {
+        uint32_t d;
+        std::memcpy(&d, xr + 2 * k, 4);
+        dst[k * 16 + l] = d;
+      }
+      for (; k < k1; ++k) dst[k * 16 + l] = 2 * k < p.in ? xr[2 * k] : 0u;  // odd `in`: last pair half used
+    }
+  }
+}
+
+#if defined(SF_BF16_VECTOR_DECODE)
+// float32 -> bf16 in the high half of each dword, the bits of f32_to_bf16: nearest even on the integer
+// bits (subnormals rounded like any other value), NaN quieted
+inline __m512i round_bf16_hi(__m512 f) {
+  const __m512i u = _mm512_castps_si512(f);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd);
+  return _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x400000));
+}
+
+// 16 x 16 dwords transposed in registers: r[i] (element j) -> r[j] (element i)
+inline void transpose16x16_epi32(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // r[4q + m] holds, per 128-bit lane j, row (4j..4j+3) of source rows 4q..4q+3, column m
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+// pack_x_scalar 16 column pairs (32 columns) at a time: each batch row's 32 columns become 16 pair
+// dwords in one register (float32: rounded, the bf16 halves gathered by vpermt2w), then a 16 x 16
+// transpose puts the 16 rows in the lanes. The same bits as pack_x_scalar.
+inline void pack_x_vector(const Bf16Tile& t, uint32_t* xp, int64_t bt, int64_t k0, int64_t k1) {
+  const Bf16Problem& p = *t.p;
+  const int64_t kph = t.kp / 2;
+  uint32_t* dst = xp + bt * kph * 16;
+  const __m512i odd_words = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27, 25,
+                                             23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);  // the high halves of a:b
+  for (int64_t k = k0; k < k1; k += 16) {
+    const int64_t c = 2 * k, nc = min64(32, p.in - c);  // columns c .. c + nc of each row exist
+    __m512i r[16];
+    for (int l = 0; l < 16; ++l) {
+      const int64_t b = bt * 16 + l;
+      if (b >= t.bn || nc <= 0) {
+        r[l] = _mm512_setzero_si512();
+      } else if (p.xf) {
+        const float* xr = p.xf + (t.b0 + b) * p.in + c;
+        const __mmask16 mlo = static_cast<__mmask16>(nc >= 16 ? 0xffff : (1u << nc) - 1);
+        const __mmask16 mhi = static_cast<__mmask16>(nc >= 32 ? 0xffff : nc <= 16 ? 0 : (1u << (nc - 16)) - 1);
+        const __m512i lo = round_bf16_hi(_mm512_maskz_loadu_ps(mlo, xr));
+        const __m512i hi = round_bf16_hi(_mm512_maskz_loadu_ps(mhi, xr + 16));
+        r[l] = _mm512_permutex2var_epi16(lo, odd_words, hi);
+      } else {
+        const __mmask32 m = static_cast<__mmask32>(nc >= 32 ? 0xffffffffu : (1u << nc) - 1);
+        r[l] = _mm512_maskz_loadu_epi16(m, p.x + (t.b0 + b) * p.in + c);
+      }
+    }
+    transpose16x16_epi32(r);
+    const int64_t n = min64(16, k1 - k);
+    for (int64_t j = 0; j < n; ++j) _mm512_storeu_si512(dst + (k + j) * 16, r[j]);
+  }
+}
+#endif
+
 // The kernel table of a block type (Block::run<Panel>(w, t, r0, r1, scratch), rows [r0, r1) in blocks of
 // kBf16RowBlock): one function per
 // format, the value type chosen per call.
@@ -252,7 +360,11 @@ struct Bf16Table {
       else Block::template run<CsrPanel<int32_t, VT::bf16>>(w, t, r0, r1, s);
     }
   }
-  static constexpr Bf16Kernels kTable = {bitmap, nm, csr};
+#if defined(SF_BF16_VECTOR_DECODE)
+  static constexpr Bf16Kernels kTable = {bitmap, nm, csr, pack_x_vector};
+#else
+  static constexpr Bf16Kernels kTable = {bitmap, nm, csr, pack_x_scalar};
+#endif
 };
 
 }  // namespace

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sparse_cases import ALL_FORMATS, random_case
+from sparse_cases import ALL_FORMATS, make_case, random_case
 
 from sparseforge import kernels
 from sparseforge.errors import ConfigError
@@ -162,3 +162,51 @@ def test_each_path_really_runs_its_own_code():
         for b in PATHS:
             if a < b:
                 assert not torch.equal(outs[a], outs[b]), (a, b)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("fmt", ("bitmap_bf16", "nm_2of4", "csr_u16"))
+def test_column_blocks_over_groups_of_row_blocks(path, fmt):
+    """in > kBf16AmxColBlock (4096): AMX sweeps each column block over groups of up to 8 row blocks with
+    the accumulators parked in scratch; 300 rows = two groups, the last block partial; batch 33 = three
+    batch tiles (one unpaired)."""
+    case = random_case(fmt, 300, 9000, density=0.1, seed=9)
+    x = torch.randn(33, case.shape[1], generator=torch.Generator().manual_seed(9))
+    bias = torch.randn(case.shape[0])
+    y = run_bf16(case, x, bias, path)
+    assert_close_to_ref(y, run_bf16(case, x, bias, ref=True), x, case)
+    torch.testing.assert_close(y.double(), dense_bf16(case, x, bias), rtol=1e-4, atol=1e-4)
+
+
+def _float32_x_edge_values(batch: int, cols: int, seed: int) -> torch.Tensor:
+    """x (batch, cols) float32 mixing values the bf16 rounding must get exactly right: ties to even both
+    ways, just off a tie, float32 subnormals (some round up to the smallest normal), -0, large finite."""
+    gen = torch.Generator().manual_seed(seed)
+    bits = [0x3F808000, 0x3F818000, 0x3F808001, 0x3F817FFF, 0x007FFFFF, 0x00400000, 0x80000001, 0x80000000,
+            0x7F7F7FFF, 0xC2F6FFFF]
+    ulp_half = torch.tensor([b - (1 << 32) if b >= 1 << 31 else b for b in bits], dtype=torch.int32).view(torch.float32)
+    x = torch.randn(batch, cols, generator=gen) * 4
+    pick = torch.randint(0, 3, (batch, cols), generator=gen) == 0
+    x[pick] = ulp_half[torch.randint(0, len(ulp_half), (int(pick.sum()),), generator=gen)]
+    return x
+
+
+@pytest.mark.parametrize("path", PATHS)
+@settings(max_examples=15, deadline=None)
+@given(batch=st.integers(1, 70), cols=st.integers(1, 200), seed=st.integers(0, 2**16))
+def test_property_float32_x_packs_to_the_bits_of_torch_rounding(path, batch, cols, seed):
+    """The packing of float32 x (vector or portable) rounds like torch's .to(bfloat16), bit for bit, at
+    any batch and width (partial batch tiles, odd `in`): with an identity weight y is the packed x."""
+    eye = torch.eye(cols)
+    case = make_case("bitmap_bf16", eye, eye.bool())
+    x = _float32_x_edge_values(batch, cols, seed)
+    ys = []
+    for xin in (x.contiguous().numpy(), x.to(torch.bfloat16).view(torch.uint16).numpy()):
+        y = torch.full((batch, cols), float("nan"))
+        kernels.native().bitmap_linear_bf16(xin, *case.bufs, None, y.numpy(), path)
+        ys.append(y)
+    assert torch.equal(ys[0].view(torch.int32), ys[1].view(torch.int32))
+    want = x.to(torch.bfloat16).float()
+    if path != "scalar":  # AMX and vdpbf16ps read bf16 subnormals as zero
+        want = torch.where(want.abs() < torch.finfo(torch.float32).tiny, torch.zeros_like(want), want)
+    assert torch.equal(ys[0], want)

@@ -167,8 +167,9 @@ def test_auto_uses_the_cached_answer(tmp_path, monkeypatch):
 @pytest.mark.parametrize("fmt", ("bitmap_bf16", "nm_2of4", "csr_u16"))
 @pytest.mark.parametrize("path", [p for p in kernels.BF16_PATHS if kernels.bf16_path_supported(p)])
 def test_panel_rows_longer_than_one_amx_strip(path, fmt):
-    """in > kBf16AmxColBlock (12288): the AMX strip runs twice per block, accumulating in the tiles
-    across strips; every path against the oracle (rows span several 32-row blocks, odd batch)."""
+    """in > kBf16AmxColBlock (4096) several times over: the AMX strip runs per column block, the
+    accumulators parked between blocks; every path against the oracle (rows span several 32-row blocks,
+    odd batch)."""
     case = random_case(fmt, 70, 12288 + 200, density=0.2, seed=5)
     x = torch.randn(33, case.shape[1], generator=torch.Generator().manual_seed(5))
     bias = torch.randn(case.shape[0])
