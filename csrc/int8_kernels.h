@@ -725,13 +725,71 @@ inline void fx_step(__m512i (&acc)[kFxLimbs], __m512i w, const uint8_t* x, int64
   acc[2] = _mm512_dpbusd_epi32(acc[2], flip_sign(w), _mm512_loadu_si512(x + 2 * ld));
 }
 
+// acc + u8 a times s8 b, four byte products per int32 lane (vpdpbusd). With GCC / Clang as inline assembly:
+// GCC's intrinsic gives every accumulator of the one-row walk below a register copy per instruction.
+inline __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
+#if defined(__GNUC__)
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+#else
+  return _mm512_dpbusd_epi32(acc, a, b);
+#endif
+}
+
+// bitmap_fx_row_dot for one batch row, its six accumulators named so that they stay in registers (the
+// array form keeps them in memory across the step loop): the same steps, sums and chunks.
+inline int64_t bitmap_fx_row_dot1(const int8_t* q, int64_t vp, const uint8_t* bits, int64_t cols, const uint8_t* x,
+                                  int64_t ld) {
+  const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+  int64_t total = 0;
+  for (int64_t c0 = 0; c0 < cols; c0 += 64 * kFxChunkSteps) {
+    const int64_t c1 = min64(cols, c0 + 64 * kFxChunkSteps);
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, b0 = a0, b1 = a0, b2 = a0;
+    int64_t c = c0;
+    for (; c + 128 <= c1; c += 128) {
+      v512::prefetch(q + vp, v512::kPrefetchBytes);
+      uint64_t m0, m1;
+      std::memcpy(&m0, bits + c / 8, 8);
+      std::memcpy(&m1, bits + c / 8 + 8, 8);
+      const int64_t p0 = _mm_popcnt_u64(m0);
+      const __m512i w0 = _mm512_maskz_expandloadu_epi8(m0, q + vp);
+      const __m512i w1 = _mm512_maskz_expandloadu_epi8(m1, q + vp + p0);
+      vp += p0 + _mm_popcnt_u64(m1);
+      a0 = dpbusd(a0, _mm512_loadu_si512(x + c), w0);
+      a1 = dpbusd(a1, _mm512_loadu_si512(x + ld + c), w0);
+      a2 = dpbusd(a2, _mm512_xor_si512(w0, sign), _mm512_loadu_si512(x + 2 * ld + c));
+      b0 = dpbusd(b0, _mm512_loadu_si512(x + c + 64), w1);
+      b1 = dpbusd(b1, _mm512_loadu_si512(x + ld + c + 64), w1);
+      b2 = dpbusd(b2, _mm512_xor_si512(w1, sign), _mm512_loadu_si512(x + 2 * ld + c + 64));
+    }
+    for (; c < c1; c += 64) {  // the last 64 or fewer columns of the chunk
+      uint64_t m = 0;
+      std::memcpy(&m, bits + c / 8, static_cast<size_t>(min64(8, (c1 - c + 7) / 8)));
+      if (c + 64 > c1) m = _bzhi_u64(m, static_cast<unsigned>(c1 - c));
+      const __m512i w = _mm512_maskz_expandloadu_epi8(m, q + vp);
+      vp += _mm_popcnt_u64(m);
+      a0 = dpbusd(a0, _mm512_loadu_si512(x + c), w);
+      a1 = dpbusd(a1, _mm512_loadu_si512(x + ld + c), w);
+      a2 = dpbusd(a2, _mm512_xor_si512(w, sign), _mm512_loadu_si512(x + 2 * ld + c));
+    }
+    __m512i acc[2][1][kFxLimbs] = {{{a0, a1, a2}}, {{b0, b1, b2}}};
+    fx_flush<1>(acc, &total);
+  }
+  return total;
+}
+
 // bitmap: 64 columns per step; the row's next values expand-loaded to the bytes their bitmap bits name
 // (zeros elsewhere; vpexpandb reads exactly popcount bytes), times the three limb planes of x at those
 // columns. xs[nb] is batch row nb's limb plane 0 (plane k at + k * ld). Steps alternate between the two
-// accumulator sets. sums[nb] = sum_j q[j] * X[j] + 2^23 * top_sum[nb] (i8_rows_fx subtracts the constant).
+// accumulator sets (one batch row: bitmap_fx_row_dot1). sums[nb] = sum_j q[j] * X[j] + 2^23 * top_sum[nb]
+// (i8_rows_fx subtracts the constant).
 template <int NB>
 inline void bitmap_fx_row_dot(const int8_t* q, int64_t vp, const uint8_t* bits, int64_t cols, const uint8_t* const* xs,
                               int64_t ld, int64_t* sums) {
+  if constexpr (NB == 1) {
+    sums[0] = bitmap_fx_row_dot1(q, vp, bits, cols, xs[0], ld);
+    return;
+  }
   __m512i acc[2][NB][kFxLimbs];
   for (int s = 0; s < 2; ++s)
     for (int nb = 0; nb < NB; ++nb)
