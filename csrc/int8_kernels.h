@@ -717,21 +717,90 @@ inline void fx_flush(__m512i (&acc)[2][NB][kFxLimbs], int64_t* total) {
   }
 }
 
+// acc + u8 a times s8 b, four byte products per int32 lane (vpdpbusd). With GCC / Clang as inline assembly:
+// GCC's intrinsic gives every accumulator of the one-row walk below a register copy per instruction.
+inline __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
+#if defined(__GNUC__)
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+#else
+  return _mm512_dpbusd_epi32(acc, a, b);
+#endif
+}
+
+// (l0, l1, top) += the three limb products of one 64-column step (fx_step)
+inline void fx_limbs(__m512i& l0, __m512i& l1, __m512i& top, __m512i w, const uint8_t* x, int64_t ld) {
+  l0 = dpbusd(l0, _mm512_loadu_si512(x), w);
+  l1 = dpbusd(l1, _mm512_loadu_si512(x + ld), w);
+  top = dpbusd(top, flip_sign(w), _mm512_loadu_si512(x + 2 * ld));
+}
+
 // acc += the three limb products of one 64-column step: w (s8 values expanded to their columns, zeros
 // elsewhere) by limb planes 0 and 1 at x, and w + 128 by the signed top plane
 inline void fx_step(__m512i (&acc)[kFxLimbs], __m512i w, const uint8_t* x, int64_t ld) {
-  acc[0] = _mm512_dpbusd_epi32(acc[0], _mm512_loadu_si512(x), w);
-  acc[1] = _mm512_dpbusd_epi32(acc[1], _mm512_loadu_si512(x + ld), w);
-  acc[2] = _mm512_dpbusd_epi32(acc[2], flip_sign(w), _mm512_loadu_si512(x + 2 * ld));
+  fx_limbs(acc[0], acc[1], acc[2], w, x, ld);
+}
+
+// The bitmap walk's next two 64-column steps from column c: the row's values expand-loaded to the bytes
+// their bitmap bits name (zeros elsewhere; vpexpandb reads exactly popcount bytes), vp advanced past them.
+inline void fx_expand2(const int8_t* q, int64_t& vp, const uint8_t* bits, int64_t c, __m512i& w0, __m512i& w1) {
+  v512::prefetch(q + vp, v512::kPrefetchBytes);
+  uint64_t m0, m1;
+  std::memcpy(&m0, bits + c / 8, 8);
+  std::memcpy(&m1, bits + c / 8 + 8, 8);
+  const int64_t p0 = _mm_popcnt_u64(m0);
+  w0 = _mm512_maskz_expandloadu_epi8(m0, q + vp);
+  w1 = _mm512_maskz_expandloadu_epi8(m1, q + vp + p0);
+  vp += p0 + _mm_popcnt_u64(m1);
+}
+
+// The same for one step of at most 64 columns [c, min(c + 64, c1)): bitmap bits at or past c1 ignored.
+inline __m512i fx_expand_tail(const int8_t* q, int64_t& vp, const uint8_t* bits, int64_t c, int64_t c1) {
+  uint64_t m = 0;
+  std::memcpy(&m, bits + c / 8, static_cast<size_t>(min64(8, (c1 - c + 7) / 8)));
+  if (c + 64 > c1) m = _bzhi_u64(m, static_cast<unsigned>(c1 - c));
+  const __m512i w = _mm512_maskz_expandloadu_epi8(m, q + vp);
+  vp += _mm_popcnt_u64(m);
+  return w;
+}
+
+// bitmap_fx_row_dot for one batch row, its six accumulators named so that they stay in registers (the
+// array form keeps them in memory across the step loop): the same steps, sums and chunks.
+inline int64_t bitmap_fx_row_dot1(const int8_t* q, int64_t vp, const uint8_t* bits, int64_t cols, const uint8_t* x,
+                                  int64_t ld) {
+  int64_t total = 0;
+  for (int64_t c0 = 0; c0 < cols; c0 += 64 * kFxChunkSteps) {
+    const int64_t c1 = min64(cols, c0 + 64 * kFxChunkSteps);
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, b0 = a0, b1 = a0, b2 = a0;
+    int64_t c = c0;
+    for (; c + 128 <= c1; c += 128) {
+      __m512i w0, w1;
+      fx_expand2(q, vp, bits, c, w0, w1);
+      fx_limbs(a0, a1, a2, w0, x + c, ld);
+      fx_limbs(b0, b1, b2, w1, x + c + 64, ld);
+    }
+    for (; c < c1; c += 64) {  // the last 64 or fewer columns of the chunk
+      const __m512i w = fx_expand_tail(q, vp, bits, c, c1);
+      fx_limbs(a0, a1, a2, w, x + c, ld);
+    }
+    __m512i acc[2][1][kFxLimbs] = {{{a0, a1, a2}}, {{b0, b1, b2}}};
+    fx_flush<1>(acc, &total);
+  }
+  return total;
 }
 
 // bitmap: 64 columns per step; the row's next values expand-loaded to the bytes their bitmap bits name
 // (zeros elsewhere; vpexpandb reads exactly popcount bytes), times the three limb planes of x at those
 // columns. xs[nb] is batch row nb's limb plane 0 (plane k at + k * ld). Steps alternate between the two
-// accumulator sets. sums[nb] = sum_j q[j] * X[j] + 2^23 * top_sum[nb] (i8_rows_fx subtracts the constant).
+// accumulator sets (one batch row: bitmap_fx_row_dot1). sums[nb] = sum_j q[j] * X[j] + 2^23 * top_sum[nb]
+// (i8_rows_fx subtracts the constant).
 template <int NB>
 inline void bitmap_fx_row_dot(const int8_t* q, int64_t vp, const uint8_t* bits, int64_t cols, const uint8_t* const* xs,
                               int64_t ld, int64_t* sums) {
+  if constexpr (NB == 1) {
+    sums[0] = bitmap_fx_row_dot1(q, vp, bits, cols, xs[0], ld);
+    return;
+  }
   __m512i acc[2][NB][kFxLimbs];
   for (int s = 0; s < 2; ++s)
     for (int nb = 0; nb < NB; ++nb)
@@ -741,24 +810,15 @@ inline void bitmap_fx_row_dot(const int8_t* q, int64_t vp, const uint8_t* bits, 
     const int64_t c1 = min64(cols, c0 + 64 * kFxChunkSteps);
     int64_t c = c0;
     for (; c + 128 <= c1; c += 128) {
-      v512::prefetch(q + vp, v512::kPrefetchBytes);
-      uint64_t m0, m1;
-      std::memcpy(&m0, bits + c / 8, 8);
-      std::memcpy(&m1, bits + c / 8 + 8, 8);
-      const __m512i w0 = _mm512_maskz_expandloadu_epi8(m0, q + vp);
-      const __m512i w1 = _mm512_maskz_expandloadu_epi8(m1, q + vp + _mm_popcnt_u64(m0));
-      vp += _mm_popcnt_u64(m0) + _mm_popcnt_u64(m1);
+      __m512i w0, w1;
+      fx_expand2(q, vp, bits, c, w0, w1);
       for (int nb = 0; nb < NB; ++nb) {
         fx_step(acc[0][nb], w0, xs[nb] + c, ld);
         fx_step(acc[1][nb], w1, xs[nb] + c + 64, ld);
       }
     }
     for (; c < c1; c += 64) {  // the last 64 or fewer columns of the chunk
-      uint64_t m = 0;
-      std::memcpy(&m, bits + c / 8, static_cast<size_t>(min64(8, (c1 - c + 7) / 8)));
-      if (c + 64 > c1) m = _bzhi_u64(m, static_cast<unsigned>(c1 - c));
-      const __m512i w = _mm512_maskz_expandloadu_epi8(m, q + vp);
-      vp += _mm_popcnt_u64(m);
+      const __m512i w = fx_expand_tail(q, vp, bits, c, c1);
       for (int nb = 0; nb < NB; ++nb) fx_step(acc[0][nb], w, xs[nb] + c, ld);
     }
     fx_flush<NB>(acc, total);

@@ -146,6 +146,24 @@ def test_the_oracle_stays_within_the_fixed_point_bound(fmt, magnitude):
     assert torch.all((y - exact).abs() <= bound)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_long_rows_reduce_their_lanes_before_they_wrap(batch):
+    """Rows of 2.2M stored columns with every product at its largest (q = 127, every limb byte 255 / 127):
+    one row's int32 lanes would pass 2^31 after ~16.4k steps per accumulator set, so the walk must reduce
+    them into int64 chunk by chunk (the one-row and the batch-in-registers walks alike); a tail of 37
+    columns ends the row inside a 64-column step."""
+    rows, cols = 2, 2_200_000 + 37
+    keep = torch.ones(rows, cols, dtype=torch.bool)
+    keep[1, ::3] = False  # the second row's values run at another offset
+    wt = BitmapWeight.from_dense(torch.ones(rows, cols), keep, values_dtype=torch.int8)
+    x = torch.ones(batch, cols)
+    x[-1, ::2] = -1.0  # a mixed-sign row when batch 2
+    y = _run(wt, x, algo="rows")
+    assert torch.equal(y, _run(wt, x, kind="fx_ref")) or not _fixed("")
+    exact = x.double() @ keep.double().T * 127 * wt.scales.double()
+    assert torch.allclose(y.double(), exact, rtol=2**-22, atol=0)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", ["bitmap", "4:8"])
 def test_extreme_limbs_and_values_stay_exact(isa, fmt):
