@@ -80,6 +80,8 @@ COST_METHODS = {
     "lora": dict(lr=2e-3, adapter="lora"),
     "sparselora": dict(lr=2e-3, adapter="sparselora"),  # the defaults: MLP 0.9, attention dense
     "sparselora-attn": dict(lr=2e-3, adapter="sparselora", sparselora_attn_sparsity=0.6),  # + attention 0.6
+    # the reference's Llama-3-8B configurations (configs/sparsity/llama3-8b-*.yaml): MLP 0.99, attention 0.75
+    "sparselora-llama3": dict(lr=2e-3, adapter="sparselora", sparselora_sparsity=0.99, sparselora_attn_sparsity=0.75),
     "s2ft": dict(lr=1e-2, adapter="s2ft", s2ft={"budget": 0.01, "parts": "o,down", "select": "random"}),
 }
 
@@ -103,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-windows", type=int, help="held-out perplexity windows of seqlen tokens")
     ap.add_argument("--batch-size", type=int, help="sequences per recovery step (every loss the same)")
     ap.add_argument("--warmup", type=float, default=0.1, help="warm-up as a fraction of the steps (default 0.1)")
+    ap.add_argument("--grad-clip", type=float, default=1.0,
+                    help="max gradient norm of every recovery run (default 1.0, FinetuneConfig's); 0: no clipping, as the "
+                         "SquareHead reference recipe (it cannot clip: pruned weights would distort the norm)")
     ap.add_argument("--lr", default=None,
                     help="learning rate of every loss ('3e-4') or per loss ('ce=1e-4,squarehead=1e-3'); default RECOVERY_LR")
     ap.add_argument("--eval-split", choices=("heldout", "validation"), default="heldout",
@@ -170,8 +175,18 @@ def eval_sentences(n: int, split: str) -> list[str]:
     return corpus.heldout_sentences(n) if split == "heldout" else corpus.heldout_sentences(2 * n)[n:]
 
 
+def recovery_config(cfg: dict, args, loss: str, lr: float, seed: int):
+    """The :class:`~sparseforge.finetune.FinetuneConfig` of one recovery run: the same steps, batches, warm-up
+    and clipping for every loss (``--grad-clip 0``: none)."""
+    from sparseforge.finetune import FinetuneConfig
+
+    return FinetuneConfig(loss=loss, steps=cfg["steps"], lr=lr, batch_size=cfg["batch_size"], seqlen=cfg["seqlen"],
+                          seed=seed, warmup_steps=max(1, round(args.warmup * cfg["steps"])),
+                          grad_clip=args.grad_clip or None)
+
+
 def recovery(cfg: dict, args, log) -> dict:
-    from sparseforge.finetune import FinetuneConfig, finetune_
+    from sparseforge.finetune import finetune_
     from sparseforge.io.models import load_model
 
     dense = load_model("builtin")
@@ -192,8 +207,7 @@ def recovery(cfg: dict, args, log) -> dict:
             ppls, gaps, secs = [], [], []
             for seed in range(args.seed_start, args.seed_start + cfg["seeds"]):
                 student = copy.deepcopy(pruned)
-                fc = FinetuneConfig(loss=loss, steps=cfg["steps"], lr=lrs[loss], batch_size=cfg["batch_size"],
-                                    seqlen=cfg["seqlen"], seed=seed, warmup_steps=max(1, round(args.warmup * cfg["steps"])))
+                fc = recovery_config(cfg, args, loss, lrs[loss], seed)
                 t0 = time.perf_counter()
                 finetune_(student, fc, teacher=dense.model, tokenizer=tok, kind="causal-lm", evaluate=False, progress=False)
                 secs.append(time.perf_counter() - t0)
@@ -535,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {"cpu": cpu_name(), "threads": args.threads, "lr": args.lr, "date": time.strftime("%Y-%m-%d", time.gmtime()),
               "settings": ", ".join(f"{k}={v}" for k, v in cfg.items()) + f", warm-up {args.warmup:g} of the steps, "
-                          f"eval split {args.eval_split}", "config": cfg}
+                          f"grad clip {args.grad_clip or 'none'}, eval split {args.eval_split}", "config": cfg}
     stem = args.name or ("finetune.quick" if args.quick else "finetune")
     if args.patterns and args.losses:
         result["recovery"] = recovery(cfg, args, log)
