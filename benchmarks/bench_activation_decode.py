@@ -52,6 +52,7 @@ Usage:
     python benchmarks/bench_activation_decode.py --quick   # hidden 256, 2 layers (smoke)
     python benchmarks/bench_activation_decode.py --breakdown --sparsities 0.5 --new 16   # + time split per step
     python benchmarks/bench_activation_decode.py           # the full shape (~6 GB of RAM)
+    python benchmarks/bench_activation_decode.py --start-file START   # warm up, then time once START exists
 """
 
 from __future__ import annotations
@@ -98,6 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--breakdown", action="store_true",
                    help="also split each sparse variant's step: its sparse kernels, the lm_head, the rest (module doc)")
     p.add_argument("--breakdown-tokens", type=int, default=20, help="tokens of the longer --breakdown run")
+    p.add_argument("--start-file", type=Path, default=None,
+                   help="after building and warming up every variant, wait until this file exists before the timed "
+                        "runs (start the timing from a quiet moment)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if not 0.0 <= args.weight_sparsity < 1.0:
@@ -277,6 +281,10 @@ def main(argv=None) -> dict:
 
     for name, variant in variants.items():
         run_variant(name, variant, 3)  # warm-up
+    if args.start_file is not None:
+        print(f"warmed up; waiting for {args.start_file}", flush=True)
+        while not args.start_file.exists():
+            time.sleep(0.5)
     times = {k: [] for k in variants}
     load_before = os.getloadavg()
     for _ in range(args.repeats):
