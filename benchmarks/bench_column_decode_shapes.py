@@ -14,7 +14,8 @@ test, compaction and output init without any streaming). q / k / v of a layer sh
 / up another, as in a decoder layer; ``model order, siblings grouped`` runs the same 112 calls as 64,
 q / k / v and gate / up each as one native call (``sparseforge.ops.column_sparse.bind_group``, what
 :class:`~sparseforge.activation.column_group.ColumnSparseSiblings` runs in the decode engine), each
-member with its own threshold; its ``calls`` counts the native calls.
+member with its own threshold; its ``calls`` counts the native calls. The two model-order rows are
+timed in alternation, pass by pass.
 
 Usage:
     python benchmarks/bench_column_decode_shapes.py              # the decode model's shapes (~1.8 GB)
@@ -52,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=9, help="passes over each group; the median of all but the first")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--quick", action="store_true", help="hidden 256, FFN 704, kv 64, 2 layers, 1 stack layer, 3 rounds")
+    p.add_argument("--start-file", type=Path, default=None,
+                   help="after building every weight, wait until this file exists before timing (start the timing "
+                        "from a quiet moment)")
     p.add_argument("--out", default="benchmarks/results/column_decode_shapes.json")
     a = p.parse_args(argv)
     if a.quick:
@@ -105,6 +109,15 @@ def time_group(calls: list[dict], rounds: int, skip_all: bool) -> float:
     return statistics.median(per[1:] if len(per) > 1 else per)
 
 
+def time_interleaved(call_lists: list[list[dict]], rounds: int) -> list[float]:
+    """Median seconds of one pass over each list, the lists' passes taken in turn (the first round dropped)."""
+    per = [[] for _ in call_lists]
+    for _ in range(rounds):
+        for i, calls in enumerate(call_lists):
+            per[i].append(time_group(calls, 1, False))
+    return [statistics.median(p[1:] if len(p) > 1 else p) for p in per]
+
+
 def run(args) -> dict:
     gen = torch.Generator().manual_seed(0)
     h, f, kv = args.hidden, args.ffn, args.kv
@@ -122,13 +135,19 @@ def run(args) -> dict:
                       for layer in model for names in sibling_sets] for skip in (False, True)}
     if args.stack:
         groups["stack 4096->11008"] = [make_call(4096, 11008, gen) for _ in range(args.stack)]
+    if args.start_file is not None:
+        print(f"warmed up; waiting for {args.start_file}", flush=True)
+        while not args.start_file.exists():
+            time.sleep(0.5)
     before = num_threads()
     rows = []
     try:
         for th in args.threads:
             set_num_threads(th)
+            # model order separate and grouped: timed in alternation (a drifting load hits both alike)
+            pair = time_interleaved([groups["model order"], grouped[False]], args.rounds)
             for name, calls in [*groups.items(), (GROUPED, grouped[False])]:
-                t = time_group(calls, args.rounds, False)
+                t = pair[0] if name == "model order" else pair[1] if name == GROUPED else time_group(calls, args.rounds, False)
                 fixed = time_group(grouped[True] if name == GROUPED else calls, args.rounds, True)
                 nbytes = sum(c["bytes"] for c in calls)
                 rows.append({"group": name, "threads": th, "calls": len(calls), "us_per_call": t / len(calls) * 1e6,
