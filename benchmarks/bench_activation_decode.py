@@ -44,9 +44,7 @@ The native engine fuses q/k/v and gate/up (``fuse=True``): the column layers of 
 grouped (:class:`sparseforge.activation.column_group.ColumnSparseSiblings`: each keeps its own TEAL
 threshold, and the set's batch-1 products run as one native call, 64 calls per token instead of 112);
 ``--ungrouped`` adds each column variant once more with the siblings called one by one (``fuse=False``),
-in the same run. ``ColumnSparseLinear`` keeps its bitmap and values on 2 MB transparent huge pages where
-the OS allows (``sparseforge.runtime.huge_pages``); ``--small-pages`` adds each column variant over
-copies of those buffers in ordinary 4 KB-page memory, in the same run.
+in the same run.
 
 Where a step's time goes (``--breakdown``): for each sparse variant, after the timed runs, two more
 runs of ``--breakdown-tokens`` and of 4 tokens, with every sparse layer's batch-1 kernel (the
@@ -83,7 +81,6 @@ from bench_timing import TokenClock  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 UNGROUPED = ", siblings ungrouped"  # suffix of the --ungrouped variants
-SMALL_PAGES = ", 4 KB pages"  # suffix of the --small-pages variants
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -109,9 +106,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--breakdown", action="store_true",
                    help="also split each sparse variant's step: its sparse kernels, the lm_head, the rest (module doc)")
     p.add_argument("--breakdown-tokens", type=int, default=20, help="tokens of the longer --breakdown run")
-    p.add_argument("--small-pages", action="store_true",
-                   help="also run each column variant over copies of its buffers in ordinary memory (4 KB pages) "
-                        "instead of the 2 MB pages ColumnSparseLinear asks for (sparseforge.runtime.huge_pages)")
     p.add_argument("--ungrouped", action="store_true",
                    help="also run each column variant with its q/k/v and gate/up called one by one (the engine's "
                         "fuse=False) instead of one grouped call each (ColumnSparseSiblings)")
@@ -165,35 +159,6 @@ def column_layers(sparse_layers: dict, weight_sparsity: float, dtype: torch.dtyp
         col_bytes += weight.nbytes
         dense_bytes += w.numel() * w.new_empty((), dtype=dtype).element_size()
     return layers, col_bytes / dense_bytes
-
-
-def small_page_copies(layers: dict) -> dict:
-    """``{name: ColumnSparseLinear}`` over copies of each layer's buffers in ordinary memory (``clone``: 4 KB
-    pages), same thresholds and biases."""
-    from sparseforge.activation import ColumnSparseLinear
-    from sparseforge.formats.colbitmap import ColumnBitmapWeight
-
-    out = {}
-    with _no_huge_pages():
-        for name, m in layers.items():
-            weight = ColumnBitmapWeight((m.out_features, m.in_features), m.bitmap.clone(), m.values.clone(),
-                                        None if m.scales is None else m.scales.clone())
-            out[name] = ColumnSparseLinear(weight, m.bias, threshold=m.threshold)
-    return out
-
-
-class _no_huge_pages:
-    """``SPARSEFORGE_HUGE_PAGES=0`` inside the block (the layers then keep the buffers they are given)."""
-
-    def __enter__(self):
-        self.before = os.environ.get("SPARSEFORGE_HUGE_PAGES")
-        os.environ["SPARSEFORGE_HUGE_PAGES"] = "0"
-
-    def __exit__(self, *exc):
-        if self.before is None:
-            os.environ.pop("SPARSEFORGE_HUGE_PAGES", None)
-        else:
-            os.environ["SPARSEFORGE_HUGE_PAGES"] = self.before
 
 
 def decode_seconds(model, prompt: torch.Tensor, new: int, engine: str, fuse: bool = True) -> float:
@@ -315,11 +280,6 @@ def main(argv=None) -> dict:
                 variants[name] = (f"column {dt}", s, dt)
                 if args.ungrouped:
                     variants[name + UNGROUPED] = (f"column {dt}", s, dt)
-                if args.small_pages:
-                    variants[name + SMALL_PAGES] = (f"column {dt} small pages", s, dt)
-            if args.small_pages:
-                layer_sets[f"column {dt} small pages"] = small_page_copies(layer_sets[f"column {dt}"])
-                ratios[f"column {dt} small pages"] = ratios[f"column {dt}"]
     if "fp32" not in args.teal_values:  # the float32 TEAL layers only served to build the others: free them
         use(dense_layers)
         del sparse_layers

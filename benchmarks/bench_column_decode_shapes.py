@@ -15,9 +15,7 @@ test, compaction and output init without any streaming). q / k / v of a layer sh
 q / k / v and gate / up each as one native call (``sparseforge.ops.column_sparse.bind_group``, what
 :class:`~sparseforge.activation.column_group.ColumnSparseSiblings` runs in the decode engine), each
 member with its own threshold; its ``calls`` counts the native calls. The two model-order rows are
-timed in alternation, pass by pass; ``--huge-pages`` adds, in the same alternation, the grouped pass
-over copies of the buffers on 2 MB transparent huge pages (``sparseforge.runtime.huge_pages``, where
-``ColumnSparseLinear`` keeps them; every other row reads the weights from ordinary 4 KB-page memory).
+timed in alternation, pass by pass.
 
 Usage:
     python benchmarks/bench_column_decode_shapes.py              # the decode model's shapes (~1.8 GB)
@@ -39,10 +37,8 @@ from bench_host import host_info, host_line
 from sparseforge.formats.colbitmap import ColumnBitmapWeight
 from sparseforge.kernels import num_threads, set_num_threads
 from sparseforge.ops.column_sparse import bind_group, kernel_args
-from sparseforge.runtime.huge_pages import on_huge_pages
 
 GROUPED = "model order, siblings grouped"  # q / k / v and gate / up as one call each: 64 calls per token
-GROUPED_HUGE = "model order, siblings grouped, 2 MB pages"  # the same over buffers on huge pages (--huge-pages)
 GROUPS = {"q/o": ("q", "o"), "k/v": ("k", "v"), "gate/up": ("gate", "up"), "down": ("down",),
           "model order": ("q", "k", "v", "o", "gate", "up", "down")}
 
@@ -57,9 +53,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=9, help="passes over each group; the median of all but the first")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--quick", action="store_true", help="hidden 256, FFN 704, kv 64, 2 layers, 1 stack layer, 3 rounds")
-    p.add_argument("--huge-pages", action="store_true",
-                   help="also time the grouped model-order pass over copies of the weights' bitmaps and values on "
-                        "2 MB pages (as ColumnSparseLinear keeps them; the other rows read ordinary 4 KB-page memory)")
     p.add_argument("--start-file", type=Path, default=None,
                    help="after building every weight, wait until this file exists before timing (start the timing "
                         "from a quiet moment)")
@@ -86,14 +79,6 @@ def make_call(fin: int, fout: int, gen: torch.Generator, x: "torch.Tensor | None
     nbytes = int(per_channel[active].sum()) * 4 + int(active.sum()) * row_bytes
     return {"args": kernel_args(c.bitmap, c.block_ptr, c.values, fout), "x": x.numpy(), "thr": thr.numpy(),
             "y": torch.empty(1, fout).numpy(), "bytes": nbytes, "weight": c, "thr_t": thr}
-
-
-def on_huge_pages_copy(call: dict) -> dict:
-    """``call`` over copies of its weight's bitmap and values on 2 MB pages (``sparseforge.runtime.huge_pages``,
-    where ``ColumnSparseLinear`` keeps them), the rest shared."""
-    w = call["weight"]
-    weight = ColumnBitmapWeight(w.shape, on_huge_pages(w.bitmap), on_huge_pages(w.values), w.scales)
-    return {**call, "weight": weight, "args": kernel_args(weight.bitmap, weight.block_ptr, weight.values, w.shape[0])}
 
 
 def make_group(calls: list[dict], skip_all: bool) -> dict:
@@ -148,9 +133,6 @@ def run(args) -> dict:
     sibling_sets = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
     grouped = {skip: [make_group([layer[n] for n in names], skip) if len(names) > 1 else layer[names[0]]
                       for layer in model for names in sibling_sets] for skip in (False, True)}
-    if args.huge_pages:  # the grouped pass once more over copies of every weight's buffers on 2 MB pages
-        big = [[on_huge_pages_copy(layer[n]) for n in names] for layer in model for names in sibling_sets]
-        grouped_huge = [make_group(calls, False) if len(calls) > 1 else calls[0] for calls in big]
     if args.stack:
         groups["stack 4096->11008"] = [make_call(4096, 11008, gen) for _ in range(args.stack)]
     if args.start_file is not None:
@@ -163,13 +145,10 @@ def run(args) -> dict:
         for th in args.threads:
             set_num_threads(th)
             # model order separate and grouped: timed in alternation (a drifting load hits both alike)
-            order = [("model order", groups["model order"]), (GROUPED, grouped[False])]
-            if args.huge_pages:
-                order.append((GROUPED_HUGE, grouped_huge))
-            timed = dict(zip([n for n, _ in order], time_interleaved([c for _, c in order], args.rounds)))
-            for name, calls in [*groups.items(), *order[1:]]:
-                t = timed[name] if name in timed else time_group(calls, args.rounds, False)
-                fixed = time_group(grouped[True] if name in (GROUPED, GROUPED_HUGE) else calls, args.rounds, True)
+            pair = time_interleaved([groups["model order"], grouped[False]], args.rounds)
+            for name, calls in [*groups.items(), (GROUPED, grouped[False])]:
+                t = pair[0] if name == "model order" else pair[1] if name == GROUPED else time_group(calls, args.rounds, False)
+                fixed = time_group(grouped[True] if name == GROUPED else calls, args.rounds, True)
                 nbytes = sum(c["bytes"] for c in calls)
                 rows.append({"group": name, "threads": th, "calls": len(calls), "us_per_call": t / len(calls) * 1e6,
                              "fixed_us_per_call": fixed / len(calls) * 1e6, "mb_per_call": nbytes / len(calls) / 1e6,

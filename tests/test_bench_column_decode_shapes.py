@@ -9,8 +9,6 @@ import torch
 
 from benchmark_modules import load_benchmark
 
-from sparseforge.runtime.huge_pages import huge_pages_available
-
 
 def test_quick_run_covers_every_group_and_thread_count(tmp_path):
     bench = load_benchmark("column_decode_shapes")
@@ -59,16 +57,3 @@ def test_grouped_siblings_compute_each_member_with_its_own_threshold():
     skipped = bench.make_group(calls, skip_all=True)
     bench.time_group([skipped], 1, skip_all=True)
     assert torch.equal(torch.from_numpy(skipped["y"]), torch.zeros(1, 96))  # every channel skipped, no bias
-
-
-def test_huge_page_copy_computes_the_same_layer():
-    bench = load_benchmark("column_decode_shapes")
-    call = bench.make_call(1024, 2048, torch.Generator().manual_seed(5))  # 4 MB of kept values
-    copy = bench.on_huge_pages_copy(call)
-    assert copy["weight"].values.data_ptr() != call["weight"].values.data_ptr() or not huge_pages_available()
-    assert torch.equal(copy["weight"].to_dense(), call["weight"].to_dense())
-    bench.time_group([call], 1, skip_all=False)
-    expected = torch.from_numpy(call["y"]).clone()
-    copy["y"] = torch.zeros(1, 2048).numpy()
-    bench.time_group([copy], 1, skip_all=False)
-    assert torch.equal(torch.from_numpy(copy["y"]), expected)

@@ -43,7 +43,6 @@ from sparseforge.formats.colbitmap import ColumnBitmapWeight
 from sparseforge.nn.sparse_linear import SparseLinear
 from sparseforge.kernels import native
 from sparseforge.quant.config import SCALE_BUFFER
-from sparseforge.runtime.huge_pages import on_huge_pages
 from sparseforge.ops.column_sparse import (check_compute_dtype, column_sparse_bf16_op, column_sparse_op, kernel_args,
                                            uses_bf16_product)
 
@@ -68,11 +67,9 @@ class ColumnSparseLinear(SparseInputLinear):
             with torch.no_grad():
                 self.bias.copy_(bias.detach().float())
         # not persistent: checkpoints store the plain nn.Linear weight (sparseforge.activation.plain)
-        # the walk's buffers on 2 MB pages where the OS allows (sparseforge.runtime.huge_pages): each active channel's
-        # run of values is 1-4 KB at decode widths, a TLB miss per run on 4 KB pages
-        self.register_buffer("bitmap", on_huge_pages(weight.bitmap), persistent=False)  # int64 (in, ceil(out / 64))
+        self.register_buffer("bitmap", weight.bitmap, persistent=False)  # int64 (in, ceil(out / 64))
         self.register_buffer("block_ptr", weight.block_ptr, persistent=False)  # int64 (in * nblk + 1,)
-        self.register_buffer("values", on_huge_pages(weight.values), persistent=False)  # (nnz,) float32 / bf16 / int8
+        self.register_buffer("values", weight.values, persistent=False)  # (nnz,) float32 / bfloat16 / int8
         self.register_buffer("scales", weight.scales, persistent=False)  # float32 (out,) with int8 values, else None
         self._views = None  # (buffer pointers, kernel_args): checked once per set of buffers
         self.set_compute_dtype(compute_dtype)
