@@ -40,6 +40,12 @@ Printed beside each variant: the bytes bound of the whole model at that sparsity
 read per token (lm_head; embeddings and the KV cache are negligible at this context), and the
 measured speedup's fraction of it.
 
+The native engine fuses q/k/v and gate/up (``fuse=True``): the column layers of each sibling set are
+grouped (:class:`sparseforge.activation.column_group.ColumnSparseSiblings`: each keeps its own TEAL
+threshold, and the set's batch-1 products run as one native call, 64 calls per token instead of 112);
+``--ungrouped`` adds each column variant once more with the siblings called one by one (``fuse=False``),
+in the same run.
+
 Where a step's time goes (``--breakdown``): for each sparse variant, after the timed runs, two more
 runs of ``--breakdown-tokens`` and of 4 tokens, with every sparse layer's batch-1 kernel (the
 ``bound_gemv`` the engine calls) wrapped in a wall-clock timer; the difference of the two runs over
@@ -52,6 +58,7 @@ Usage:
     python benchmarks/bench_activation_decode.py --quick   # hidden 256, 2 layers (smoke)
     python benchmarks/bench_activation_decode.py --breakdown --sparsities 0.5 --new 16   # + time split per step
     python benchmarks/bench_activation_decode.py           # the full shape (~6 GB of RAM)
+    python benchmarks/bench_activation_decode.py --start-file START   # warm up, then time once START exists
 """
 
 from __future__ import annotations
@@ -73,6 +80,7 @@ from bench_output import write_json  # noqa: E402
 from bench_timing import TokenClock  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+UNGROUPED = ", siblings ungrouped"  # suffix of the --ungrouped variants
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -98,6 +106,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--breakdown", action="store_true",
                    help="also split each sparse variant's step: its sparse kernels, the lm_head, the rest (module doc)")
     p.add_argument("--breakdown-tokens", type=int, default=20, help="tokens of the longer --breakdown run")
+    p.add_argument("--ungrouped", action="store_true",
+                   help="also run each column variant with its q/k/v and gate/up called one by one (the engine's "
+                        "fuse=False) instead of one grouped call each (ColumnSparseSiblings)")
+    p.add_argument("--start-file", type=Path, default=None,
+                   help="after building and warming up every variant, wait until this file exists before the timed "
+                        "runs (start the timing from a quiet moment)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if not 0.0 <= args.weight_sparsity < 1.0:
@@ -147,29 +161,34 @@ def column_layers(sparse_layers: dict, weight_sparsity: float, dtype: torch.dtyp
     return layers, col_bytes / dense_bytes
 
 
-def decode_seconds(model, prompt: torch.Tensor, new: int, engine: str) -> float:
+def decode_seconds(model, prompt: torch.Tensor, new: int, engine: str, fuse: bool = True) -> float:
     """Seconds per generated token, from the first generated token to the last (``TokenClock``: no
-    prefill, no engine set-up), greedy, through the native engine or transformers' ``generate``."""
+    prefill, no engine set-up), greedy, through the native engine (``fuse``: q/k/v and gate/up fused or
+    grouped, its default) or transformers' ``generate``."""
     from sparseforge.generation.loop import native_generate
 
     clock = TokenClock()
     with torch.inference_mode():
         if engine == "native":
-            native_generate(model, prompt, max_new_tokens=new, min_new_tokens=new, streamer=clock)
+            native_generate(model, prompt, max_new_tokens=new, min_new_tokens=new, streamer=clock, fuse=fuse)
         else:
             model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
                            do_sample=False, pad_token_id=0, streamer=clock)
     return 1.0 / clock.decode_tps()
 
 
-def kernel_seconds(model, layers: dict, prompt: torch.Tensor, new: int, engine: str) -> tuple[float, float]:
+def kernel_seconds(model, layers: dict, prompt: torch.Tensor, new: int, engine: str,
+                   fuse: bool = True) -> tuple[float, float]:
     """(seconds in the bound batch-1 kernels of ``layers``, seconds per token) of one decode of ``new``
-    tokens: each layer's ``bound_gemv`` is wrapped in a wall-clock timer for the run, then restored."""
+    tokens: each layer's ``bound_gemv`` is wrapped in a wall-clock timer for the run, then restored, and so is
+    that of the sibling groups (``ColumnSparseSiblings``) the engine builds over them."""
+    from sparseforge.activation.column_group import ColumnSparseSiblings
+
     spent = [0.0]
 
-    def timed_binder(layer):
+    def timed_binder(layer, method=None):
         def bound_gemv():
-            gemv = type(layer).bound_gemv(layer)
+            gemv = (method or type(layer).bound_gemv)(layer)
             if gemv is None:
                 return None
 
@@ -183,9 +202,12 @@ def kernel_seconds(model, layers: dict, prompt: torch.Tensor, new: int, engine: 
 
     for layer in layers.values():
         layer.bound_gemv = timed_binder(layer)  # an instance attribute shadows the method for this run
+    group_bound = ColumnSparseSiblings.bound_gemv
+    ColumnSparseSiblings.bound_gemv = lambda group: timed_binder(group, group_bound)()  # built by the engine
     try:
-        per_token = decode_seconds(model, prompt, new, engine)
+        per_token = decode_seconds(model, prompt, new, engine, fuse)
     finally:
+        ColumnSparseSiblings.bound_gemv = group_bound
         for layer in layers.values():
             del layer.bound_gemv
     return spent[0], per_token
@@ -253,8 +275,11 @@ def main(argv=None) -> dict:
             variants.update({f"TEAL {s:.0%}{tag}": (f"teal {dt}", s, dt) for s in args.sparsities})
         if args.weight_sparsity and dt in args.values:
             layer_sets[f"column {dt}"], ratios[f"column {dt}"] = column_layers(sparse_layers, args.weight_sparsity, dtype)
-            variants.update({f"weight {args.weight_sparsity:.0%} (column{', bf16 values' if tag else ''}) + TEAL {s:.0%}":
-                             (f"column {dt}", s, dt) for s in args.sparsities})
+            for s in args.sparsities:
+                name = f"weight {args.weight_sparsity:.0%} (column{', bf16 values' if tag else ''}) + TEAL {s:.0%}"
+                variants[name] = (f"column {dt}", s, dt)
+                if args.ungrouped:
+                    variants[name + UNGROUPED] = (f"column {dt}", s, dt)
     if "fp32" not in args.teal_values:  # the float32 TEAL layers only served to build the others: free them
         use(dense_layers)
         del sparse_layers
@@ -273,10 +298,14 @@ def main(argv=None) -> dict:
             report.retarget_(model, s)
             ctx = kernels.sparse_threads(args.threads)
         with ctx:
-            return decode_seconds(model, prompt, new, args.engine)
+            return decode_seconds(model, prompt, new, args.engine, fuse=not name.endswith(UNGROUPED))
 
     for name, variant in variants.items():
         run_variant(name, variant, 3)  # warm-up
+    if args.start_file is not None:
+        print(f"warmed up; waiting for {args.start_file}", flush=True)
+        while not args.start_file.exists():
+            time.sleep(0.5)
     times = {k: [] for k in variants}
     load_before = os.getloadavg()
     for _ in range(args.repeats):
@@ -331,8 +360,9 @@ def breakdown(args, model, prompt, variants, layer_sets, report, use, kernels) -
         use(layer_sets[layers])
         report.retarget_(model, s)
         with kernels.sparse_threads(args.threads):
-            k_short, _ = kernel_seconds(model, layer_sets[layers], prompt, short, args.engine)
-            k_long, step = kernel_seconds(model, layer_sets[layers], prompt, long_, args.engine)
+            fuse = not name.endswith(UNGROUPED)
+            k_short, _ = kernel_seconds(model, layer_sets[layers], prompt, short, args.engine, fuse)
+            k_long, step = kernel_seconds(model, layer_sets[layers], prompt, long_, args.engine, fuse)
         in_kernels = (k_long - k_short) / (long_ - short)
         rows.append({"variant": name, "step_ms": 1e3 * step, "sparse_kernels_ms": 1e3 * in_kernels,
                      "lm_head_ms": 1e3 * head, "rest_ms": 1e3 * (step - in_kernels - head)})

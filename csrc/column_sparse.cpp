@@ -87,17 +87,24 @@ constexpr int64_t kPartTile = 16 * kColBlock;  // columns per task (32 KB of par
 static_assert(kPartTile <= kMaxTileColumns && 8 * kColBlock <= kMaxTileColumns,
               "the GEMV walks stage at most kMaxTileColumns columns of bits per channel");
 
+int64_t part_tile(const ColumnSparseWeight& w) { return min64(kPartTile, (w.out + kColBlock - 1) / kColBlock * kColBlock); }
+
+// y = the start of each sum + the parts' partial sums `sums` (layout s), then the int8 scales
+void finish_parts(const ColumnSparseProblem& p, const PartialSums& s, const float* sums) {
+  for (int64_t j = 0; j < p.w.out; ++j) p.y[j] = sum_start(p, j);
+  add_parts(s, sums, p.w.out, p.y);
+  finish_int8(p, p.y, p.w.out, 1, 0, p.w.out);
+}
+
 void gemv_parts(const ColumnSparseProblem& p, const ColumnSparseKernels& col, const int32_t* idx, const float* xv,
                 int64_t n, bool parallel) {
   const ColumnSparseWeight& w = p.w;
-  const int64_t cw = min64(kPartTile, (w.out + kColBlock - 1) / kColBlock * kColBlock);
+  const int64_t cw = part_tile(w);
   const PartialSums parts = partial_sums(n, w.out, cw, round64(cw), parallel,
                                          [&](int64_t k0, int64_t k1, int64_t j0, int64_t c, float* a) {
                                            col.gemv_tile(w, idx + k0, xv + k0, k1 - k0, j0, c, a);
                                          });
-  for (int64_t j = 0; j < w.out; ++j) p.y[j] = sum_start(p, j);
-  add_parts(parts, w.out, p.y);
-  finish_int8(p, p.y, w.out, 1, 0, w.out);
+  finish_parts(p, parts, parts.sums.data());
 }
 
 inline float weight_at(const ColumnSparseWeight& w, int64_t pos) {
@@ -204,6 +211,64 @@ void column_sparse_linear_bf16_ref(const ColumnSparseProblem& p) {
   reference_loops(
       p, [&](int64_t b, int64_t i) { return round(p.x[b * p.w.in + i]); },
       [&](int64_t pos) { return round(weight_at(p.w, pos)); });
+}
+
+void column_sparse_linear_group(const ColumnSparseProblem* ps, int64_t count, Isa isa, bool parallel) {
+  for (int64_t m = 0; m < count; ++m) column_sparse_check_problem(ps[m]);
+  const IsaKernels k = kernels(isa);
+  struct Member {
+    const ColumnSparseProblem* p;
+    int64_t n = 0;           // active channels
+    int64_t at = 0;          // first entry in idx / xv
+    int64_t task0 = 0;       // first task of the shared job
+    int64_t sums0 = 0;       // first partial sum
+    PartialSums layout{};
+  };
+  std::vector<Member> members;
+  int64_t room = 0;
+  for (int64_t m = 0; m < count; ++m) {
+    if (ps[m].B == 1 && ps[m].w.out > 0) {
+      members.push_back({&ps[m]});
+      room += 2 * ps[m].w.in + 32;  // compaction room, as column_sparse_linear
+    } else {
+      column_sparse_linear(ps[m], isa, 0, parallel);
+    }
+  }
+  std::vector<int32_t> idx(static_cast<size_t>(room));
+  std::vector<float> xv(static_cast<size_t>(room));
+  int64_t at = 0, tasks = 0, nsums = 0;
+  double values = 0.0;  // stored values the active channels read
+  for (Member& mb : members) {
+    const ColumnSparseProblem& p = *mb.p;
+    mb.at = at;
+    mb.n = k.si->compact(p.x, p.w.in, p.thr, p.thr_per_channel, idx.data() + at, xv.data() + at);
+    at += 2 * p.w.in + 32;
+    const int64_t cw = part_tile(p.w);
+    mb.layout = part_layout(mb.n, p.w.out, cw, round64(cw));
+    mb.task0 = tasks;
+    mb.sums0 = nsums;
+    tasks += mb.layout.parts * mb.layout.ntiles;
+    nsums += mb.layout.parts * mb.layout.ntiles * mb.layout.ld;
+    values += static_cast<double>(mb.n) * static_cast<double>(p.w.nnz) / static_cast<double>(max64(1, p.w.in));
+  }
+  std::vector<float> sums(static_cast<size_t>(nsums), 0.f);
+  const ColumnSparseKernels& col = *k.col;
+  parallel_for(
+      tasks,
+      [&](int64_t t, int) {
+        size_t m = 0;
+        while (m + 1 < members.size() && t >= members[m + 1].task0) ++m;
+        const Member& mb = members[m];
+        const ColumnSparseWeight& w = mb.p->w;
+        const int32_t* mi = idx.data() + mb.at;
+        const float* mx = xv.data() + mb.at;
+        auto tile = [&](int64_t k0, int64_t k1, int64_t j0, int64_t c, float* a) {
+          col.gemv_tile(w, mi + k0, mx + k0, k1 - k0, j0, c, a);
+        };
+        run_part_task(mb.layout, mb.n, w.out, t - mb.task0, sums.data() + mb.sums0, tile);
+      },
+      parallel && values >= kParallelMinValues);
+  for (const Member& mb : members) finish_parts(*mb.p, mb.layout, sums.data() + mb.sums0);
 }
 
 void column_sparse_linear(const ColumnSparseProblem& p, Isa isa, int algo, bool parallel) {

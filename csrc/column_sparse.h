@@ -85,6 +85,12 @@ void column_sparse_check_problem(const ColumnSparseProblem& p);
 void column_sparse_check_weight(const ColumnSparseWeight& w);
 // algo: 0 auto, 1 GEMV per row, 2 decoded-panel GEMM. parallel: use the thread pool.
 void column_sparse_linear(const ColumnSparseProblem& p, Isa isa, int algo = 0, bool parallel = true);
+// Several products in one call, as for sibling projections of one input (q / k / v, gate / up), each
+// with its own weight, thresholds, bias and output: every member's y is bitwise what
+// column_sparse_linear(ps[m], isa) writes (the same active channels, channel parts and order), but
+// batch-1 members (B = 1, GEMV) go to the thread pool as one job: their channel parts and column
+// tiles are one task list, so the pool wakes and joins once. Members with B != 1 run one by one.
+void column_sparse_linear_group(const ColumnSparseProblem* ps, int64_t count, Isa isa, bool parallel = true);
 // The batch-1 walk that `isa` runs: "avx512_vbmi2" (AVX-512 with vpexpandw for bfloat16 values),
 // "avx512", "avx2" or "scalar".
 const char* column_sparse_walk(Isa isa);

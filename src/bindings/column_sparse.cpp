@@ -6,12 +6,18 @@
 //   column_sparse_walk(isa="")   the batch-1 walk that path runs ("avx512_vbmi2", "avx512", "avx2", "scalar")
 //   column_sparse_linear_bf16(x, ..., y, path="", parallel=True)   the same in bf16 compute (column_sparse_bf16.h)
 //   column_sparse_linear_bf16_ref(x, ..., y)                      its scalar oracle
+//   ColumnSparseGroup([(bitmap, block_ptr, values, thresholds, bias, out, scales), ...], isa="")
+//       members bound once (their arrays kept alive); group(x, y): y (1, sum of outs) = the members'
+//       products of x side by side, in one pool job (column_sparse_linear_group)
 // x (B, in) float32, bitmap (in, ceil(out / 64)) int64 / uint64 words, block_ptr (in * ceil(out / 512)
 // + 1,) int64, values (nnz,) float32, bfloat16 (or its raw uint16 bits) or int8 (then scales (out,)
 // float32, one per output row; the bf16 entry points take no int8), thresholds (1,) or (in,)
 // float32, bias (out,) float32 or None, y (B, out) float32 written in place.
+#include <nanobind/stl/vector.h>
+
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "binding.h"
 #include "column_sparse.h"
@@ -121,7 +127,103 @@ void def_reference(nb::module_& m, const char* name, const char* doc) {
 
 }  // namespace
 
+// Sibling products of one input bound once: the members' weights, thresholds and biases are checked
+// and their arrays held, so a call converts only x and y.
+struct ColumnSparseGroup {
+  std::vector<In> held;                         // the members' arrays, alive while bound
+  std::vector<sf::ColumnSparseProblem> members;  // x, B and y filled per call
+  std::vector<int64_t> offsets;                 // member m's outputs start at column offsets[m] of y
+  int64_t in = 0, out = 0;
+  sf::Isa isa{};
+
+  ColumnSparseGroup(const std::vector<nb::tuple>& specs, const std::string& isa_name) : isa(resolve(isa_name)) {
+    if (specs.empty()) throw std::invalid_argument("ColumnSparseGroup needs at least one member");
+    for (const nb::tuple& t : specs) {
+      if (t.size() != 7) {
+        throw std::invalid_argument("each ColumnSparseGroup member is (bitmap, block_ptr, values, thresholds, bias, out, scales)");
+      }
+      const In bitmap = nb::cast<In>(t[0]), block_ptr = nb::cast<In>(t[1]), values = nb::cast<In>(t[2]);
+      const In thr = nb::cast<In>(t[3]);
+      const int64_t mout = nb::cast<int64_t>(t[5]);
+      if (mout < 0) throw std::invalid_argument("out must be >= 0");
+      sf::ColumnSparseProblem p;
+      p.w = column_weight(bitmap, block_ptr, values, mout, nb::borrow<nb::object>(t[6]));
+      if (!members.empty() && p.w.in != in) {
+        throw std::invalid_argument("ColumnSparseGroup members must share the input size: " + std::to_string(in) +
+                                    " and " + std::to_string(p.w.in));
+      }
+      in = p.w.in;
+      check_f32(thr, "thresholds", 1);
+      if (dim(thr, 0) != 1 && dim(thr, 0) != in) {
+        throw std::invalid_argument("thresholds must have 1 or in_features (" + std::to_string(in) + ") entries, got " +
+                                    std::to_string(dim(thr, 0)));
+      }
+      p.thr = static_cast<const float*>(thr.data());
+      p.thr_per_channel = dim(thr, 0) == in && in != 1;
+      p.bias = bias_of(nb::borrow<nb::object>(t[4]), mout);
+      {
+        nb::gil_scoped_release rel;
+        sf::column_sparse_check_weight(p.w);
+      }
+      for (const In& a : {bitmap, block_ptr, values, thr}) held.push_back(a);
+      if (!t[4].is_none()) held.push_back(nb::cast<In>(t[4]));
+      if (!t[6].is_none()) held.push_back(nb::cast<In>(t[6]));
+      offsets.push_back(out);
+      out += mout;
+      members.push_back(p);
+    }
+  }
+
+  void call(const In& x, const Out& y) {
+    check_f32(x, "x", 2);
+    check_out(y, "y", 2);
+    if (dim(x, 1) != in || static_cast<int64_t>(y.shape(1)) != out || static_cast<int64_t>(y.shape(0)) != dim(x, 0)) {
+      throw std::invalid_argument("ColumnSparseGroup: x must be (B, " + std::to_string(in) + ") and y (B, " +
+                                  std::to_string(out) + ") float32");
+    }
+    if (y.dtype() != nb::dtype<float>()) throw std::invalid_argument("y must be float32");
+    const int64_t B = dim(x, 0);
+    const float* xp = static_cast<const float*>(x.data());
+    float* yp = static_cast<float*>(y.data());
+    threads();
+    if (B == 1) {  // y (1, out): member m writes its columns in place
+      for (size_t m = 0; m < members.size(); ++m) {
+        members[m].x = xp;
+        members[m].B = 1;
+        members[m].y = yp + offsets[m];
+      }
+      nb::gil_scoped_release rel;
+      sf::column_sparse_linear_group(members.data(), static_cast<int64_t>(members.size()), isa);
+      return;
+    }
+    // several rows: each member into its own (B, out_m) block, then side by side
+    std::vector<float> part;
+    nb::gil_scoped_release rel;
+    for (size_t m = 0; m < members.size(); ++m) {
+      sf::ColumnSparseProblem p = members[m];
+      const int64_t mo = p.w.out;
+      part.assign(static_cast<size_t>(B * mo), 0.f);
+      p.x = xp;
+      p.B = B;
+      p.y = part.data();
+      sf::column_sparse_linear(p, isa);
+      for (int64_t b = 0; b < B; ++b) {
+        std::copy(part.begin() + b * mo, part.begin() + (b + 1) * mo, yp + b * out + offsets[m]);
+      }
+    }
+  }
+};
+
 void register_column_sparse(nb::module_& m) {
+  nb::class_<ColumnSparseGroup>(m, "ColumnSparseGroup",
+                                "Sibling column-sparse products of one input (q/k/v, gate/up), each with its own "
+                                "thresholds and bias, bound once; group(x, y) writes them side by side into y in one "
+                                "pool job (csrc/column_sparse.h: column_sparse_linear_group).")
+      .def(nb::init<const std::vector<nb::tuple>&, const std::string&>(), "members"_a, "isa"_a = "")
+      .def("__call__", &ColumnSparseGroup::call, "x"_a, "y"_a)
+      .def_ro("in_features", &ColumnSparseGroup::in)
+      .def_ro("out_features", &ColumnSparseGroup::out);
+
   m.def(
       "column_sparse_linear",
       [](const In& x, const In& bitmap, const In& block_ptr, const In& values, const In& thr, const nb::object& bias,

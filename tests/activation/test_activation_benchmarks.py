@@ -116,6 +116,13 @@ def test_decode_benchmark_compares_dense_and_teal(tmp_path):
     assert [r["variant"] for r in default["rows"]] == [  # fp32 only, as the target reads
         "dense fp32", "dense fp32 (torch 1 thread)", "TEAL 50%", "weight 50% (column) + TEAL 50%"]
     assert all(r["vs_dense_bf16"] is None for r in default["rows"])
+    ungrouped = bench.main(["--hidden", "64", "--layers", "1", "--ffn", "96", "--vocab", "128", "--new", "2",
+                            "--repeats", "1", "--threads", "1", "--sparsities", "0.5", "--teal-values", "none",
+                            "--ungrouped", "--out", str(tmp_path / "u.json")])
+    assert [r["variant"] for r in ungrouped["rows"]] == [  # the column variant with its siblings called one by one
+        "dense fp32", "dense fp32 (torch 1 thread)", "weight 50% (column) + TEAL 50%",
+        "weight 50% (column) + TEAL 50%, siblings ungrouped"]
+    assert ungrouped["rows"][3]["bytes_bound"] == ungrouped["rows"][2]["bytes_bound"]
 
 
 @pytest.mark.slow
@@ -187,7 +194,8 @@ def test_decode_benchmark_breakdown_splits_each_sparse_step(tmp_path):
 def test_kernel_seconds_times_the_bound_kernels_and_restores_them(monkeypatch):
     import torch
 
-    from sparseforge.activation import SparseInputLinear
+    from sparseforge.activation import ColumnSparseLinear, SparseInputLinear
+    from sparseforge.activation.column_group import ColumnSparseSiblings
 
     bench = load_benchmark("activation_decode")
     layer = SparseInputLinear(8, 4, threshold=0.1)
@@ -196,14 +204,20 @@ def test_kernel_seconds_times_the_bound_kernels_and_restores_them(monkeypatch):
     class FakeModel:  # decode_seconds is replaced: only the binding of bound_gemv is exercised
         pass
 
-    def fake_decode(model, prompt, new, engine):
-        gemv = layer.bound_gemv()
+    group = ColumnSparseSiblings([ColumnSparseLinear.from_linear(torch.nn.Linear(8, n), threshold=0.1) for n in (4, 2)])
+
+    def fake_decode(model, prompt, new, engine, fuse=True):
+        gemv, grouped = layer.bound_gemv(), group.bound_gemv()  # a group the engine would build: timed too
         for _ in range(new):
             calls.append(gemv(torch.randn(1, 8)))
+            calls.append(grouped(torch.randn(1, 8)))
         return 0.5
 
     monkeypatch.setattr(bench, "decode_seconds", fake_decode)
     spent, per_token = bench.kernel_seconds(FakeModel(), {"l": layer}, None, 3, "native")
-    assert len(calls) == 3 and spent > 0 and per_token == 0.5
+    assert len(calls) == 6 and spent > 0 and per_token == 0.5
     assert "bound_gemv" not in vars(layer)  # the class's method again
+    assert ColumnSparseSiblings.bound_gemv.__qualname__ == "ColumnSparseSiblings.bound_gemv"
+    x = torch.ones(1, 8)
+    assert torch.equal(group.bound_gemv()(x), group(x))
     assert torch.equal(layer.bound_gemv()(torch.ones(1, 8)), layer(torch.ones(1, 8)))

@@ -11,7 +11,7 @@ MODULES = ["sparseforge.activation", "sparseforge.activation.config", "sparsefor
            "sparseforge.activation.calibrate", "sparseforge.activation.teal", "sparseforge.activation.cats",
            "sparseforge.activation.storage", "sparseforge.ops.sparse_input", "sparseforge.activation.plain",
            "sparseforge.activation.rsparse", "sparseforge.activation.relufy", "sparseforge.activation.column_linear",
-           "sparseforge.ops.column_sparse", "sparseforge.formats.colbitmap"]
+           "sparseforge.ops.column_sparse", "sparseforge.formats.colbitmap", "sparseforge.activation.column_group"]
 
 
 @pytest.mark.parametrize("name", MODULES)

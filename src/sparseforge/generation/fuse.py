@@ -15,7 +15,11 @@ calls ``self.q_proj(x)``.
 Fusion is for inference: the fused layers do not train, and a fused model's ``state_dict`` holds
 the stacked weights (call :func:`unfuse_projections_` before saving it). Only groups whose members are all ``nn.Linear`` or all ``SparseLinear`` of one format (and dtype,
 and activation mode: int8 values stay int8 on their row scales, ``activations="int8"`` is kept), with the
-same input size, are fused; :class:`FuseReport` lists what was fused and what was not,
+same input size, are fused; so are groups of activation-sparse
+:class:`~sparseforge.activation.ColumnSparseLinear` layers, which are not stacked (each keeps its own
+TEAL threshold) but held as they are by a
+:class:`~sparseforge.activation.column_group.ColumnSparseSiblings` layer whose batch-1 product runs all
+members in one native call (bitwise their own outputs; unfusing gives back the same layers); :class:`FuseReport` lists what was fused and what was not,
 and why. The outputs equal the unfused layers' up to the floating-point summation order of the
 underlying matmul (per output row, the same products are summed).
 
@@ -30,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -77,6 +82,8 @@ class FusedProjections(nn.Module):
 
     def split(self) -> list[nn.Module]:
         """The members as separate layers again (``nn.Linear`` or ``SparseLinear``), in stacking order."""
+        if isinstance(self.layer, _column_siblings()):
+            return list(self.layer.members)
         return [_split_rows(self.layer, a, b) for a, b in zip(self.offsets[:-1], self.offsets[1:])]
 
     def extra_repr(self) -> str:
@@ -118,10 +125,21 @@ def _in_features(layer: nn.Module) -> int:
     return layer.in_features
 
 
+def _column_siblings():
+    """The activation package's sibling group class (imported on use: ``import sparseforge`` stays cheap)."""
+    from sparseforge.activation.column_group import ColumnSparseSiblings
+
+    return ColumnSparseSiblings
+
+
 def _kind(layer: nn.Module) -> Optional[tuple]:
-    """What must agree for layers to stack: type, dtype and (for SparseLinear) format and N:M pattern."""
+    """What must agree for layers to stack: type, dtype and (for SparseLinear) format and N:M pattern;
+    ColumnSparseLinear siblings are grouped, not stacked (each keeps its own threshold)."""
     if type(layer) is nn.Linear:
         return ("dense", layer.weight.dtype)
+    column = sys.modules.get("sparseforge.activation.column_linear")  # loaded wherever such a layer exists
+    if column is not None and type(layer) is column.ColumnSparseLinear:
+        return ("column",)
     if isinstance(layer, SparseLinear):
         w = layer.weight_format
         return ("sparse", registry.spec_of(w).name, w.dtype, registry.spec_of(w).pattern_of(w), layer.activations)
@@ -140,6 +158,8 @@ def _sparse_like(like: SparseLinear, dense: Tensor, bias: Optional[Tensor], scal
 
 def _stack(layers: list[nn.Module]) -> nn.Module:
     """One layer whose output rows are the members' rows, in order."""
+    if _kind(layers[0]) == ("column",):
+        return _column_siblings()(layers)  # the members themselves, computed together
     biases = [layer.bias for layer in layers]
     bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None  # (sum out,)
     if isinstance(layers[0], SparseLinear):
@@ -195,7 +215,7 @@ def _group_reason(module: nn.Module, names: tuple[str, ...], dense: bool) -> Opt
         return "already fused"
     kinds = [_kind(layer) for layer in layers]
     if any(k is None for k in kinds):
-        return "a member is neither nn.Linear nor SparseLinear: " + ", ".join(
+        return "a member is neither nn.Linear, SparseLinear nor ColumnSparseLinear: " + ", ".join(
             f"{n}={type(layer).__name__}" for n, layer in zip(names, layers) if _kind(layer) is None)
     if len(set(kinds)) > 1:
         return "members differ in kind/format/dtype: " + ", ".join(f"{n}={k[:2]}" for n, k in zip(names, kinds))

@@ -54,7 +54,7 @@ from sparseforge.ops.bf16_compute import BF16_MIN_BATCH
 from sparseforge.ops.sparse_input import sparse_input_masked
 
 __all__ = ["column_sparse_linear", "column_sparse_op", "column_sparse_bf16_op", "column_sparse_reference",
-           "column_sparse_bf16_reference", "kernel_args", "dense_from_buffers", "uses_bf16_product", "ALGOS",
+           "column_sparse_bf16_reference", "kernel_args", "bind_group", "dense_from_buffers", "uses_bf16_product", "ALGOS",
            "COMPUTE_DTYPES"]
 
 ALGOS = ("auto", "gemv", "gemm")
@@ -121,6 +121,27 @@ def kernel_args(bitmap: Tensor, block_ptr: Tensor, values: Tensor, out_features:
     if s is None:
         return (kernel, *views)
     return (functools.partial(kernel, scales=s), *views)
+
+
+def bind_group(members: list[tuple]) -> object:
+    """Sibling column-sparse products of one input bound as one native call: ``members`` are
+    ``(bitmap, block_ptr, values, thresholds, bias or None, out_features, scales or None)`` tensors
+    (float32 thresholds and bias), each weight checked once. The returned ``group(x.numpy(),
+    y.numpy())`` writes every member's product of ``x`` (float32 ``(B, in)``) into its own columns of
+    ``y`` (float32 ``(B, sum of out_features)``), in member order; at batch 1 all members' tasks run
+    as one thread-pool job (``csrc/column_sparse.h``: ``column_sparse_linear_group``), each member's
+    output bitwise that of its own :func:`kernel_args` call. The group holds the tensors' memory:
+    bind again after replacing a tensor (an in-place threshold change is seen)."""
+    specs = []
+    for bitmap, block_ptr, values, thresholds, bias, out_features, scales in members:
+        specs.append((_np(bitmap), _np(block_ptr), _np(values), _np(thresholds), None if bias is None else _np(bias),
+                      int(out_features), None if scales is None else _np(scales)))
+    try:
+        return native().ColumnSparseGroup(specs)
+    except ValueError as exc:
+        if isinstance(exc, SparseforgeError):
+            raise
+        raise ModelError(f"cannot bind the column-sparse group: {exc}") from exc
 
 
 def _forward(x: Tensor, bitmap: Tensor, block_ptr: Tensor, values: Tensor, thresholds: Tensor, bias: Optional[Tensor],
