@@ -322,11 +322,11 @@ void run_linear(const View& w, const Problem& p, const Kern& k, int algo, int64_
   AlignedFloats xt;
   LanesPlan lp = make_plan(p.x, p.B, p.in, xt, par);
   const int64_t R = lanes_rows(p, nnz, nt, par, lp);
-  AlignedFloats ybuf(int64_t{nt} * kMaxBlockRows * kLaneTile);
+  AlignedFloats ybuf(int64_t{nt} * R * kLaneTile);
   parallel_for(
       ceil_div(p.out, R),
       [&](int64_t t, int wk) {
-        k.lanes(w, p, lp, t * R, min64(p.out, (t + 1) * R), ybuf.get() + wk * kMaxBlockRows * kLaneTile);
+        k.lanes(w, p, lp, t * R, min64(p.out, (t + 1) * R), ybuf.get() + wk * R * kLaneTile);
       },
       par);
 }

@@ -108,6 +108,11 @@ inline void tile_step(const Dec& dec, typename Dec::Cur& c, int64_t cend, const 
   for (int q = 0; q < NQ; ++q) yr[q] = acc[q];
 }
 
+// Prefetch n cache lines from p into L2 (the next column tile of xt, a slice per row of the block).
+inline void prefetch_lines(const char* p, int64_t n) {
+  for (int64_t l = 0; l < n; ++l) __builtin_prefetch(p + l * 64, 0, 2);
+}
+
 // Whether Dec has the vectorised collect (see tile_step).
 template <class Dec>
 auto has_collect(int) -> decltype(std::declval<const Dec&>().collect(std::declval<typename Dec::Cur&>(), int64_t{},
@@ -138,13 +143,14 @@ inline void fma_row(const float* xt, int32_t* idx, const void* vals, int64_t n, 
 // independent of the collect's loads.
 template <int NQ, int S, class Dec>
 inline void tile_rows_pipelined(const Dec& dec, typename Dec::Cur* cur, int64_t R, int64_t cend, const float* xt,
-                                float* ybuf, int32_t (*idx)[kEntryBuf]) {
+                                float* ybuf, int32_t (*idx)[kEntryBuf], const char* next_tile, int64_t lines_per_row) {
   constexpr int64_t W = NQ * kVL;
   const void* vals[2];
   int64_t n_next = dec.collect(cur[0], cend, idx[0], &vals[0]);
   for (int64_t r = 0; r < R; ++r) {
     const int b = static_cast<int>(r & 1);
     const int64_t n = n_next;
+    prefetch_lines(next_tile + r * lines_per_row * 64, lines_per_row);
     if (r + 1 < R) n_next = dec.collect(cur[r + 1], cend, idx[b ^ 1], &vals[b ^ 1]);
     fma_row<NQ, S, Dec::kValues>(xt, idx[b], vals[b], n, ybuf + r * W);
   }
@@ -162,10 +168,16 @@ void lanes_tile(const Dec& dec, const Problem& p, const float* xt, int64_t col_t
   for (int64_t r = 0; r < R; ++r) cur[r] = dec.begin(r0 + r);
   for (int64_t c0 = 0; c0 < p.in; c0 += col_tile) {
     const int64_t c1 = min64(c0 + col_tile, p.in);
+    const char* next_tile = reinterpret_cast<const char*>(xt + c1 * W);
+    // the next column tile of xt (from L3 when xt outgrows L2), a slice of it per row of the block
+    const int64_t lines_per_row = (min64(c1 + col_tile, p.in) - c1) * W * 4 / 64 / R + 1;
     if constexpr (decltype(has_collect<Dec>(0))::value) {
-      tile_rows_pipelined<NQ, S>(dec, cur, R, c1, xt, ybuf, idx);
+      tile_rows_pipelined<NQ, S>(dec, cur, R, c1, xt, ybuf, idx, next_tile, c1 < p.in ? lines_per_row : 0);
     } else {
-      for (int64_t r = 0; r < R; ++r) tile_step<NQ, S>(dec, cur[r], c1, xt, ybuf + r * W);
+      for (int64_t r = 0; r < R; ++r) {
+        if (c1 < p.in) prefetch_lines(next_tile + r * lines_per_row * 64, lines_per_row);
+        tile_step<NQ, S>(dec, cur[r], c1, xt, ybuf + r * W);
+      }
     }
   }
   // batch row by batch row, so y is written in runs of R floats: writing it row by row (stride

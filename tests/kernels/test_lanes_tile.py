@@ -64,6 +64,24 @@ def test_thread_count_and_tile_together_do_not_change_results():
     assert all(torch.equal(outs[0], y) for y in outs[1:])
 
 
+@pytest.mark.parametrize("fmt", ["bitmap", "csr_u16"])
+def test_row_block_buffers_per_worker_match_one_thread(isa, fmt):
+    # each worker's partial sums (ybuf) hold one row block, sized by the block in use: with several
+    # workers and blocks from 1 row to kMaxBlockRows, rows of one worker never reach another's sums
+    case = random_case(fmt, 700, 1100, density=0.2, seed=5)
+    x = torch.randn(64, 1100, generator=torch.Generator().manual_seed(2))
+    before = kernels.num_threads()
+    try:
+        kernels.set_num_threads(1)
+        single = {rows: case.run(x, algo="lanes", col_tile=128, block_rows=rows) for rows in (1, 33, 256)}
+        kernels.set_num_threads(4)
+        for rows, want in single.items():
+            assert torch.equal(case.run(x, algo="lanes", col_tile=128, block_rows=rows), want), rows
+    finally:
+        kernels.set_num_threads(before)
+    torch.testing.assert_close(single[33], torch.nn.functional.linear(x, case.dense), **_tol(1100))
+
+
 @settings(max_examples=30, deadline=None)
 @given(fmt=st.sampled_from(TILED), rows=st.integers(1, 300), cols=st.integers(1, 1200), batch=st.integers(4, 80),
        col_tile=st.sampled_from([0] + COL_TILES), block_rows=st.integers(0, 256), seed=st.integers(0, 2**16))
