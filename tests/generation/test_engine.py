@@ -286,10 +286,20 @@ def test_a_layer_that_computes_differently_or_has_hooks_is_called_as_a_module():
     assert len(calls) == 1 + 7  # the hook runs: in the prefill forward, then at each of the 7 decode steps
 
 
-def test_a_bf16_model_calls_its_sparse_layers_as_modules():
+def test_a_bf16_model_binds_its_sparse_layers_and_decodes_like_generate():
+    from sparseforge.generation.engine import CastBound
+
     model = _sparse(tiny_model("llama", seed=3)).to(torch.bfloat16)
-    engine = DecodeEngine(model, 16)
-    assert engine.call_paths["module"] == 2 * 4 and engine.call_paths["bound"] == 1  # the dense lm_head
+    ids = tokens(1, 6, seed=2)
+    expected = _hf_greedy(model, ids, 8)
+    engine = DecodeEngine(model, 16, bf16_gemv=False)
+    assert engine.call_paths == {"bound": 2 * 4 + 1}  # every sparse projection through CastBound; the dense lm_head
+    assert all(isinstance(p.down, CastBound) and isinstance(p.gate_up, CastBound) for p in engine._layers)
+    x = torch.randn(1, model.config.intermediate_size).bfloat16()
+    down = model.model.layers[0].mlp.down_proj
+    with torch.inference_mode():
+        assert torch.equal(engine._layers[0].down(x), down(x))  # bitwise the layer's own forward
+    assert torch.equal(native_generate(model, ids, max_new_tokens=8, min_new_tokens=8, bf16_gemv=False), expected)
 
 
 def test_hooks_on_fused_members_run():

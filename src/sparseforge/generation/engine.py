@@ -11,8 +11,9 @@ the same arithmetic with fewer, pre-bound calls:
   (:func:`fuse_projections_`, in place, ``fuse=True``): one call each per layer. A layer is called
   through a pre-bound entry point where that gives its own output bitwise on a probe input at
   construction: ``torch.nn.functional.linear`` with the weights of an ``nn.Linear`` without hooks,
-  :class:`sparseforge.ops.BoundLinear` (in the layer's activation mode) for a float32-model ``SparseLinear`` without hooks (a module
-  call costs several times the native kernel at these sizes), a layer's own ``bound_gemv()`` where it offers one
+  :class:`sparseforge.ops.BoundLinear` (in the layer's activation mode) for a ``SparseLinear`` without hooks (a module
+  call costs several times the native kernel at these sizes; in a bfloat16 model through :class:`CastBound`, which
+  casts x to float32 and the output back as the layer's own forward does), a layer's own ``bound_gemv()`` where it offers one
   (the activation-sparse :class:`~sparseforge.activation.SparseInputLinear` / ``ColumnSparseLinear``); any layer whose own ``forward``
   computes differently (another compute mode, a subclass) is called as a module, so what it
   computes is what runs. :attr:`DecodeEngine.call_paths` counts both. A bfloat16 ``nn.Linear`` in a
@@ -77,7 +78,7 @@ from sparseforge.ops import BoundLinear
 from sparseforge.ops.dense_bf16 import BoundDenseBf16
 from sparseforge.ops.decode_attention import BoundDecodeAttention
 
-__all__ = ["DecodeEngine", "SUPPORTED_FAMILIES", "ATTENTION_KERNELS", "unsupported_reason", "check_supported",
+__all__ = ["DecodeEngine", "CastBound", "SUPPORTED_FAMILIES", "ATTENTION_KERNELS", "unsupported_reason", "check_supported",
            "within_bf16_sum_order"]
 
 #: ``config.model_type`` values the engine runs
@@ -106,6 +107,26 @@ def within_bf16_sum_order(got: Tensor, own: Tensor, x: Tensor, weight: Tensor, b
     spacing = torch.ldexp(torch.ones_like(a), exponent - 8)
     finite = a.isfinite()
     return bool(((a == b) | ((a - b).abs() <= slack + spacing) | ~finite).all())
+
+
+class CastBound:
+    """A :class:`~sparseforge.ops.BoundLinear` called on ``x`` of another float dtype: ``x`` cast to float32 for the
+    kernel, the float32 output cast back, as :meth:`SparseLinear.forward` does for a non-float32 ``x`` at batch 1.
+
+    Example:
+        >>> import torch
+        >>> from sparseforge.formats import BitmapWeight
+        >>> from sparseforge.ops import BoundLinear
+        >>> w = BitmapWeight.from_dense(torch.tensor([[1., 0.], [0., -2.]]).bfloat16())
+        >>> CastBound(BoundLinear(w), torch.bfloat16)(torch.ones(1, 2, dtype=torch.bfloat16)).tolist()
+        [[1.0, -2.0]]
+    """
+
+    def __init__(self, bound: BoundLinear, dtype: torch.dtype) -> None:
+        self.bound, self.dtype = bound, dtype
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.bound(x.to(torch.float32)).to(self.dtype)  # (1, out)
 
 
 def _family_module(module: nn.Module, family: str) -> bool:
@@ -311,9 +332,11 @@ class DecodeEngine:
             if self.bf16_gemv and w.dtype == torch.bfloat16 and w.is_contiguous() and w.device.type == "cpu":
                 candidates.append((BoundDenseBf16(w, layer.bias), False))
             candidates.append((partial(F.linear, weight=layer.weight, bias=layer.bias), True))
-        elif not _has_hooks(layer) and type(layer) is SparseLinear and self.dtype == torch.float32:
+        elif not _has_hooks(layer) and type(layer) is SparseLinear:
             bias = None if layer.bias is None else layer.bias.detach().to(torch.float32)
-            candidates.append((BoundLinear(layer.weight_format, bias, activations=layer.activations), True))
+            bound = BoundLinear(layer.weight_format, bias, activations=layer.activations)
+            # a bf16 model's layer casts x to float32 for the kernel and its output back: the same casts around the bound call
+            candidates.append((bound if self.dtype == torch.float32 else CastBound(bound, self.dtype), True))
         elif not _has_hooks(layer) and self.dtype == torch.float32 and callable(getattr(layer, "bound_gemv", None)):
             gemv = layer.bound_gemv()  # activation-sparse layers: their batch-1 kernel, bound once (or None)
             if gemv is not None:
