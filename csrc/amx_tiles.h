@@ -1,7 +1,7 @@
 // The AMX tile configuration of the AMX kernels (linear_bf16_amx.cpp, column_sparse_bf16_amx.cpp,
-// prefill_attention_amx.cpp): palette 1, tiles 0-7 all 16 rows x 64 bytes, loaded by the constructor
-// and released by the destructor (one object per task or per tile call, on the thread that runs the
-// tile instructions). Include only from files compiled with -mamx-tile; the process must hold the
+// prefill_attention_amx.cpp, gemm_bf16x3_amx.cpp): palette 1, tiles 0-7 all 16 rows x 64 bytes,
+// loaded by the constructor and released by the destructor (one object per task or per tile call,
+// on the thread that runs the tile instructions). Include only from files compiled with -mamx-tile; the process must hold the
 // Linux tile permission (bf16_path_supported in linear_bf16.h requests it).
 #pragma once
 

@@ -4,21 +4,13 @@
 // 16-31, 6 / 7 the B tiles of cols 0-15 / 16-31. Every packed tile is 1 KB contiguous (stride 64 B).
 #include <immintrin.h>
 
+#include "amx_tiles.h"
 #include "gemm_bf16x3.h"
 
 namespace sf {
 namespace amx {
 
 namespace {
-// palette 1; tiles 0-7: 64 bytes per row (colsb, little-endian uint16 at bytes 16-31), 16 rows (bytes
-// 48-55). A constant table: GCC may drop stores into a local configuration that only
-// _tile_loadconfig reads.
-alignas(64) constexpr uint8_t kTileConfig[64] = {
-    1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-    64, 0, 64, 0, 64, 0, 64, 0, 64, 0, 64, 0, 64, 0, 64, 0,
-    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-    16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0};
-
 inline void product(const uint16_t* a, const uint16_t* b, int64_t a_next, int64_t b_next, int64_t ks) {
   const uint16_t* a1 = a + a_next;
   const uint16_t* b1 = b + b_next;
@@ -36,7 +28,7 @@ inline void product(const uint16_t* a, const uint16_t* b, int64_t a_next, int64_
 }
 }  // namespace
 
-void bf16x3_tiles_begin() { _tile_loadconfig(kTileConfig); }
+void bf16x3_tiles_begin() { _tile_loadconfig(kAmxTiles16x64Config); }
 
 void bf16x3_tiles_end() { _tile_release(); }
 
