@@ -81,25 +81,14 @@ inline void finish_row(Bf16Row& s, const BitmapView& w, const uint16_t* xb, cons
 }
 
 // rows [r0, r1) of y = x @ W^T + bias, x as bf16 (xb), walked in pairs (rows r and r + half side by
-// side: two value streams in flight, as the float32 walks do, simd_avx512.h walk_row_pairs); each
+// side: two value streams in flight, as the float32 walks do, common.h walk_row_pairs); each
 // row's arithmetic is the same alone or paired.
 void rows_bf16dot(const BitmapView& w, const uint16_t* xb, const float* bias, float* y, int64_t r0, int64_t r1) {
   const int64_t full = w.cols - w.cols % (32 * kSteps);
-  const int64_t half = (r1 - r0) / 2;
-  for (int64_t r = r0; r < r0 + half; ++r) {
-    Bf16Row a = start_row(w, r), b = start_row(w, r + half);
-    for (int64_t c = 0; c < full; c += 32 * kSteps) {
-      step_row(a, xb, c);
-      step_row(b, xb, c);
-    }
-    finish_row(a, w, xb, bias, y, r, full);
-    finish_row(b, w, xb, bias, y, r + half, full);
-  }
-  if ((r1 - r0) % 2) {
-    Bf16Row a = start_row(w, r1 - 1);
-    for (int64_t c = 0; c < full; c += 32 * kSteps) step_row(a, xb, c);
-    finish_row(a, w, xb, bias, y, r1 - 1, full);
-  }
+  walk_row_pairs(
+      r0, r1, full, 32 * kSteps, [&](int64_t r) { return start_row(w, r); },
+      [&](Bf16Row& s, int64_t c) { step_row(s, xb, c); },
+      [&](Bf16Row& s, int64_t r) { finish_row(s, w, xb, bias, y, r, full); });
 }
 
 }  // namespace

@@ -58,15 +58,15 @@ inline void row_walk_tail(const BitmapView& w, v512::RowWalk& r, const float* x,
   }
 }
 
-// Batch 1: rows walked in pairs (v512::walk_row_pairs), each stream prefetched into L2 (an L1
+// Batch 1: rows walked in pairs (walk_row_pairs, common.h), each stream prefetched into L2 (an L1
 // prefetch would hold one of the core's few fill buffers for the whole memory latency).
 template <VT V>
 void bitmap_rows_x1(const BitmapView& w, const Problem& p, int64_t r0, int64_t r1, int64_t b) {
   const float* x = p.x + b * p.in;
   float* y = p.y + b * p.out;
   const int64_t cols32 = w.cols / 32 * 32;
-  v512::walk_row_pairs(
-      r0, r1, cols32,
+  walk_row_pairs(
+      r0, r1, cols32, 32,
       [&](int64_t r) { return v512::RowWalk{w.bits + r * w.bpr, w.row_offsets[r], _mm512_setzero_ps(), _mm512_setzero_ps()}; },
       [&](v512::RowWalk& rw, int64_t c) { row_walk_step32<V>(w, rw, x, c); },
       [&](v512::RowWalk& rw, int64_t r) {

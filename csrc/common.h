@@ -91,5 +91,30 @@ inline float load_val(const void* p, int64_t i) {
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
+// Batch 1: rows r and r + half of [r0, r1) walked side by side: `start(r)` makes a row's walk
+// state, `step(row, c)` runs for c = 0, width, ... below `full`, then `finish(row, r)` (an odd last
+// row alone, with the same arithmetic, so a row's result depends neither on its partner nor on the
+// thread split). Two independent value streams keep about twice as many cache misses in flight as
+// one walk: cold weights stream up to ~25% faster on one core (docs/kernels.md, "Batch-1 calls").
+template <class Start, class Step, class Finish>
+inline void walk_row_pairs(int64_t r0, int64_t r1, int64_t full, int64_t width, Start&& start, Step&& step,
+                           Finish&& finish) {
+  const int64_t half = (r1 - r0) / 2;
+  for (int64_t r = r0; r < r0 + half; ++r) {
+    auto a = start(r), b = start(r + half);
+    for (int64_t c = 0; c < full; c += width) {
+      step(a, c);
+      step(b, c);
+    }
+    finish(a, r);
+    finish(b, r + half);
+  }
+  if ((r1 - r0) % 2) {
+    auto a = start(r1 - 1);
+    for (int64_t c = 0; c < full; c += width) step(a, c);
+    finish(a, r1 - 1);
+  }
+}
+
 }  // namespace
 }  // namespace sf

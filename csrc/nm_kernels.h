@@ -29,14 +29,14 @@ inline __mmask16 nm_mask24(const uint8_t* ib) {
   return static_cast<__mmask16>(kNm24.mask[ib[0]] | (kNm24.mask[ib[1]] << 8));
 }
 
-// 2:4 at batch 1: rows walked in pairs (v512::walk_row_pairs), 16 stored values per 32 columns.
+// 2:4 at batch 1: rows walked in pairs (walk_row_pairs, common.h), 16 stored values per 32 columns.
 template <VT V>
 void nm_rows24_x1(const NmView& w, const Problem& p, int64_t r0, int64_t r1, int64_t b) {
   const float* x = p.x + b * p.in;
   float* y = p.y + b * p.out;
   const int64_t cols = w.cols, cols32 = cols / 32 * 32, total = w.rows * w.vpr;
-  v512::walk_row_pairs(
-      r0, r1, cols32,
+  walk_row_pairs(
+      r0, r1, cols32, 32,
       [&](int64_t r) { return v512::RowWalk{w.idx + r * w.ibpr, r * w.vpr, _mm512_setzero_ps(), _mm512_setzero_ps()}; },
       [&](v512::RowWalk& rw, int64_t c) {
         v512::prefetch_l2(static_cast<const char*>(w.val) + rw.vp * v512::val_bytes<V>(), v512::kPrefetchBytes);

@@ -197,36 +197,13 @@ inline void gather_dot(const I* idx, const void* val, int64_t v0, int64_t count,
 }
 
 // One row of a batch-1 walk: its format bytes (bitmap or N:M index bytes), its running value
-// offset and two accumulators (columns 0-15 and 16-31 of each 32-column step).
+// offset and two accumulators (columns 0-15 and 16-31 of each 32-column step); the row state of
+// walk_row_pairs (common.h).
 struct RowWalk {
   const uint8_t* bits;
   int64_t vp;
   __m512 a0, a1;
 };
-
-// Batch 1: rows r and r + half of [r0, r1) walked side by side, `step(row, c)` for c = 0, 32, ...
-// below cols32, then `finish(row, r)` (an odd last row alone, with the same arithmetic, so a row's
-// result depends neither on its partner nor on the thread split). Two independent value streams
-// keep about twice as many cache misses in flight as one walk: cold weights stream ~25% faster
-// on one core (docs/kernels.md, "Batch-1 calls").
-template <class Start, class Step, class Finish>
-inline void walk_row_pairs(int64_t r0, int64_t r1, int64_t cols32, Start&& start, Step&& step, Finish&& finish) {
-  const int64_t half = (r1 - r0) / 2;
-  for (int64_t r = r0; r < r0 + half; ++r) {
-    RowWalk a = start(r), b = start(r + half);
-    for (int64_t c = 0; c < cols32; c += 32) {
-      step(a, c);
-      step(b, c);
-    }
-    finish(a, r);
-    finish(b, r + half);
-  }
-  if ((r1 - r0) % 2) {
-    RowWalk a = start(r1 - 1);
-    for (int64_t c = 0; c < cols32; c += 32) step(a, c);
-    finish(a, r1 - 1);
-  }
-}
 
 }  // namespace v512
 }  // namespace
