@@ -13,9 +13,8 @@ Example:
     >>> import torch
     >>> from sparseforge.moe.bf16x3 import Bf16x3Matmul
     >>> from sparseforge.ops.bf16x3 import amx_available
-    >>> mm = Bf16x3Matmul()
     >>> x, w = torch.randn(4, 64), torch.randn(64, 32)
-    >>> y = mm.mm(x, w, key=("up", 0)) if amx_available() else x @ w
+    >>> y = Bf16x3Matmul().mm(x, w, key=("up", 0)) if amx_available() else x @ w
     >>> y.shape
     torch.Size([4, 32])
 """
