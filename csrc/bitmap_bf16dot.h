@@ -18,8 +18,10 @@ namespace sf {
 // use_avx512_vbmi2(), so SPARSEFORGE_AVX512_BF16=0 or SPARSEFORGE_VBMI2=0 turn it off).
 bool bitmap_bf16dot_available();
 
-// y = x @ W^T + bias for p.B == 1 and bf16 values; returns false without writing y where an element
-// of x is not a finite bf16 value (or the walk is not available).
-bool bitmap_bf16dot_linear(const BitmapView& w, const Problem& p);
+// Rows [r0, r1) of y = x @ W^T + bias for bf16 values, x given as its bf16 bits `xb` (zero-padded to
+// a multiple of 32 columns). Only the walk lives in the AVX-512 file; the thread split and the
+// packing of x run in portable code (bitmap.cpp), so no inline function with external linkage is
+// compiled with AVX-512 flags.
+void bitmap_bf16dot_rows(const BitmapView& w, const uint16_t* xb, const float* bias, float* y, int64_t r0, int64_t r1);
 
 }  // namespace sf

@@ -2,32 +2,14 @@
 #include <immintrin.h>
 
 #include <cstring>
-#include <vector>
 
 #include "bitmap_bf16dot.h"
-#include "driver.h"
 #include "isa.h"
-#include "threadpool.h"
 
 namespace sf {
 namespace {
 
 constexpr int64_t kAheadBytes = 1024;  // values prefetched this far ahead of the walk
-
-// x (n,) float32 -> its bf16 bits (zero up to `stride`); false where an element is not a bf16 value
-// (its low 16 bits are set) or is a NaN or infinity: the FMA walk takes those.
-bool bf16_of(const float* x, int64_t n, int64_t stride, uint16_t* xb) {
-  uint32_t low = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t b;
-    std::memcpy(&b, x + i, 4);
-    if ((b & 0x7f800000u) == 0x7f800000u) return false;
-    low |= b & 0xffffu;
-    xb[i] = static_cast<uint16_t>(b >> 16);
-  }
-  std::memset(xb + n, 0, static_cast<size_t>(stride - n) * 2);
-  return low == 0;
-}
 
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
 
@@ -80,10 +62,11 @@ inline void finish_row(Bf16Row& s, const BitmapView& w, const uint16_t* xb, cons
   y[r] = _mm512_reduce_add_ps(sum) + (bias ? bias[r] : 0.f);
 }
 
-// rows [r0, r1) of y = x @ W^T + bias, x as bf16 (xb), walked in pairs (rows r and r + half side by
-// side: two value streams in flight, as the float32 walks do, common.h walk_row_pairs); each
-// row's arithmetic is the same alone or paired.
-void rows_bf16dot(const BitmapView& w, const uint16_t* xb, const float* bias, float* y, int64_t r0, int64_t r1) {
+}  // namespace
+
+// Rows walked in pairs (rows r and r + half side by side: two value streams in flight, as the
+// float32 walks do, common.h walk_row_pairs); each row's arithmetic is the same alone or paired.
+void bitmap_bf16dot_rows(const BitmapView& w, const uint16_t* xb, const float* bias, float* y, int64_t r0, int64_t r1) {
   const int64_t full = w.cols - w.cols % (32 * kSteps);
   walk_row_pairs(
       r0, r1, full, 32 * kSteps, [&](int64_t r) { return start_row(w, r); },
@@ -91,19 +74,6 @@ void rows_bf16dot(const BitmapView& w, const uint16_t* xb, const float* bias, fl
       [&](Bf16Row& s, int64_t r) { finish_row(s, w, xb, bias, y, r, full); });
 }
 
-}  // namespace
-
 bool bitmap_bf16dot_available() { return use_avx512_bf16() && use_avx512_vbmi2(); }
-
-bool bitmap_bf16dot_linear(const BitmapView& w, const Problem& p) {
-  if (p.B != 1 || w.vt != VT::bf16 || !bitmap_bf16dot_available()) return false;
-  const int64_t stride = (w.cols + 31) / 32 * 32;  // every 32-column step loads inside the plane
-  thread_local std::vector<uint16_t> xb;
-  xb.resize(static_cast<size_t>(stride));
-  if (!bf16_of(p.x, w.cols, stride, xb.data())) return false;
-  const uint16_t* xs = xb.data();
-  detail::for_row_tasks(p, w.nnz, [&](int64_t r0, int64_t r1) { rows_bf16dot(w, xs, p.bias, p.y, r0, r1); });
-  return true;
-}
 
 }  // namespace sf

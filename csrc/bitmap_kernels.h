@@ -6,7 +6,8 @@
 //   AVX-512: 64 columns per step; each 16-bit slice of the bitmap places the next stored values at
 //   their columns in one register (decode16: vpermps with indices from a lookup table, or from
 //   vpopcntd with AVX512_VPOPCNTDQ; both beat vexpandps on Zen 5). AVX2: each bitmap byte decodes 8
-//   columns through a permutation table. Portable: the decoder's scalar loop.
+//   columns through a permutation table (at batch 1 one masked load and one vpermps per byte,
+//   rows walked in pairs). Portable: the decoder's scalar loop.
 // lanes / lanes_t / sddmm: the generic batch-in-lanes kernels (lanes.h, sddmm.h) over BitmapDec;
 //   the AVX-512 lanes decoder compresses a column iota per 16-bit slice (vpcompressd).
 #pragma once
@@ -167,6 +168,48 @@ struct BitmapLanesDec : BitmapDec<V> {
 };
 
 #elif defined(__AVX2__)
+// 32 columns [c, c + 32) of row `r` against x: four bitmap bytes, each decoded by expand8z.
+template <VT V>
+inline void row_walk_step32(const BitmapView& w, v256::RowWalk& r, const float* x, int64_t c) {
+  v256::prefetch_l2(static_cast<const char*>(w.val) + r.vp * v256::val_bytes<V>(), v256::kPrefetchBytes);
+  uint32_t m;
+  std::memcpy(&m, r.bits + c / 8, 4);
+  const bool safe = r.vp + 32 <= w.nnz;
+  const unsigned m0 = m & 0xffu, m1 = (m >> 8) & 0xffu, m2 = (m >> 16) & 0xffu, m3 = m >> 24;
+  const int64_t o1 = __builtin_popcount(m0), o2 = o1 + __builtin_popcount(m1), o3 = o2 + __builtin_popcount(m2);
+  const __m256 w0 = v256::expand8z<V>(w.val, r.vp, m0, safe);
+  const __m256 w1 = v256::expand8z<V>(w.val, r.vp + o1, m1, safe);
+  const __m256 w2 = v256::expand8z<V>(w.val, r.vp + o2, m2, safe);
+  const __m256 w3 = v256::expand8z<V>(w.val, r.vp + o3, m3, safe);
+  r.vp += __builtin_popcount(m);
+  r.a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + c), r.a0);
+  r.a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + c + 8), r.a1);
+  r.a0 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x + c + 16), r.a0);
+  r.a1 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x + c + 24), r.a1);
+}
+
+// Batch 1: rows walked in pairs (walk_row_pairs, common.h), each value stream prefetched into L2.
+template <VT V>
+void bitmap_rows_x1(const BitmapView& w, const Problem& p, int64_t r0, int64_t r1, int64_t b) {
+  const float* x = p.x + b * p.in;
+  float* y = p.y + b * p.out;
+  const int64_t cols = w.cols, cols32 = cols / 32 * 32;
+  walk_row_pairs(
+      r0, r1, cols32, 32,
+      [&](int64_t r) { return v256::RowWalk{w.bits + r * w.bpr, w.row_offsets[r], _mm256_setzero_ps(), _mm256_setzero_ps()}; },
+      [&](v256::RowWalk& rw, int64_t c) { row_walk_step32<V>(w, rw, x, c); },
+      [&](v256::RowWalk& rw, int64_t r) {
+        for (int64_t c = cols32; c < cols; c += 8) {
+          const int64_t nc = min64(8, cols - c);
+          const unsigned m = rw.bits[c / 8] & ((1u << nc) - 1u);
+          const __m256 w0 = v256::expand8z<V>(w.val, rw.vp, m, false);
+          rw.vp += __builtin_popcount(m);
+          rw.a0 = _mm256_fmadd_ps(w0, _mm256_maskload_ps(x + c, v256::first_lanes(nc)), rw.a0);
+        }
+        y[r] = v256::hsum(_mm256_add_ps(rw.a0, rw.a1)) + (p.bias ? p.bias[r] : 0.f);
+      });
+}
+
 template <VT V, int NB>
 void bitmap_rows_nb(const BitmapView& w, const Problem& p, int64_t r0, int64_t r1, int64_t b0) {
   const float* xs[NB];
@@ -223,12 +266,10 @@ void bitmap_rows(const BitmapView& w, const Problem& p, int64_t r0, int64_t r1) 
 #if defined(__AVX2__)
     using Dec = std::decay_t<decltype(dec)>;
     for_batch_quads(p.B, [&](auto nb, int64_t b0) {
-#if defined(__AVX512F__)
       if constexpr (decltype(nb)::value == 1) {
         bitmap_rows_x1<Dec::kVT>(w, p, r0, r1, b0);
         return;
       }
-#endif
       bitmap_rows_nb<Dec::kVT, decltype(nb)::value>(w, p, r0, r1, b0);
     });
 #else

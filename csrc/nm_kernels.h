@@ -5,7 +5,8 @@
 // rows (batch 1-3, or algo=rows):
 //   2:4: the index bytes are the groups' keep-masks (kNm24 lookup table) and decode like bitmap
 //   bytes (AVX-512: two bytes -> a 16-column mask -> decode16 of the next 8 values; AVX2: one byte
-//   -> 8 columns through a permutation table);
+//   -> 8 columns through a permutation table, and at batch 1 x is gathered to the stored values
+//   instead: two index bytes -> 8 x values for 8 stored values);
 //   other n:m: the positions of a chunk of values are decoded to column numbers, then x is gathered
 //   as for CSR; portable: the decoder's scalar loop.
 // lanes / lanes_t / sddmm: the generic batch-in-lanes kernels (lanes.h, sddmm.h) over NmDec; for
@@ -158,6 +159,58 @@ struct NmLanesDec24 : NmDec<V> {
 };
 
 #elif defined(__AVX2__)
+// 2:4 at batch 1 gathers x instead of expanding the weights: index byte b holds two groups
+// (8 columns, 4 stored values) and kNm24Pos.idx[b] names the 4 columns (0-7) of its values, in
+// lanes 0-3 and again in lanes 4-7, so vpermps of 8 x columns picks the x each value multiplies.
+struct Nm24PosLut {
+  int32_t idx[256][8];
+  constexpr Nm24PosLut() : idx() {
+    for (int v = 0; v < 256; ++v) {
+      const int g0 = v & 15, g1 = v >> 4;
+      const int pos[4] = {g0 & 3, g0 >> 2, 4 + (g1 & 3), 4 + (g1 >> 2)};
+      for (int k = 0; k < 4; ++k) idx[v][k] = idx[v][k + 4] = pos[k];
+    }
+  }
+};
+constexpr Nm24PosLut kNm24Pos{};
+
+inline __m256i nm24_pos(uint8_t b) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kNm24Pos.idx[b])); }
+
+// the x of 16 columns [c, c + 16) at the 8 stored values of index bytes ib[0], ib[1]
+inline __m256 nm24_x16(const float* x, const uint8_t* ib) {
+  const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x), nm24_pos(ib[0]));
+  const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + 8), nm24_pos(ib[1]));
+  return _mm256_blend_ps(lo, hi, 0xF0);
+}
+
+// 2:4 at batch 1: rows walked in pairs (walk_row_pairs, common.h), 16 stored values per 32 columns,
+// every lane a stored value (no zero lanes).
+template <VT V>
+void nm_rows24_x1(const NmView& w, const Problem& p, int64_t r0, int64_t r1, int64_t b) {
+  const float* x = p.x + b * p.in;
+  float* y = p.y + b * p.out;
+  const int64_t cols = w.cols, cols32 = cols / 32 * 32;
+  walk_row_pairs(
+      r0, r1, cols32, 32,
+      [&](int64_t r) { return v256::RowWalk{w.idx + r * w.ibpr, r * w.vpr, _mm256_setzero_ps(), _mm256_setzero_ps()}; },
+      [&](v256::RowWalk& rw, int64_t c) {
+        v256::prefetch_l2(static_cast<const char*>(w.val) + rw.vp * v256::val_bytes<V>(), v256::kPrefetchBytes);
+        const uint8_t* ib = rw.bits + c / 8;
+        rw.a0 = _mm256_fmadd_ps(v256::val8<V>(w.val, rw.vp), nm24_x16(x + c, ib), rw.a0);
+        rw.a1 = _mm256_fmadd_ps(v256::val8<V>(w.val, rw.vp + 8), nm24_x16(x + c + 16, ib + 2), rw.a1);
+        rw.vp += 16;
+      },
+      [&](v256::RowWalk& rw, int64_t r) {
+        for (int64_t c = cols32; c < cols; c += 8) {
+          const int64_t nc = min64(8, cols - c);  // 4 or 8 columns: 2 or 4 stored values
+          const __m256 xs = _mm256_permutevar8x32_ps(_mm256_maskload_ps(x + c, v256::first_lanes(nc)), nm24_pos(rw.bits[c / 8]));
+          rw.a0 = _mm256_fmadd_ps(v256::val8_n<V>(w.val, rw.vp, nc / 2), xs, rw.a0);
+          rw.vp += nc / 2;
+        }
+        y[r] = v256::hsum(_mm256_add_ps(rw.a0, rw.a1)) + (p.bias ? p.bias[r] : 0.f);
+      });
+}
+
 template <VT V, int NB>
 void nm_rows24_nb(const NmView& w, const Problem& p, int64_t r0, int64_t r1, int64_t b0) {
   const float* xs[NB];
@@ -232,11 +285,9 @@ void nm_rows(const NmView& w, const Problem& p, int64_t r0, int64_t r1) {
     const bool is24 = w.n == 2 && w.m == 4;
     for_batch_quads(p.B, [&](auto nb, int64_t b0) {
       constexpr int NB = decltype(nb)::value;
-#if defined(__AVX512F__)
       if constexpr (NB == 1) {
         if (is24) return nm_rows24_x1<V>(w, p, r0, r1, b0);
       }
-#endif
       is24 ? nm_rows24_nb<V, NB>(w, p, r0, r1, b0) : nm_rows_any_nb<V, NB>(w, p, r0, r1, b0);
     });
 #else

@@ -28,7 +28,19 @@ struct FirstLut {
       for (int j = 0; j < 8; ++j) lanes[n][j] = j < n ? -1 : 0;
   }
 };
+// Like PermLut, but an unset lane takes lane 7: with the lanes past popcount(m) loaded as zero
+// (masked load), a byte decodes in one vpermps and no zeroing step (m = 0xff sets every lane).
+struct PermZLut {
+  int32_t idx[256][8];
+  constexpr PermZLut() : idx() {
+    for (int m = 0; m < 256; ++m) {
+      int k = 0;
+      for (int j = 0; j < 8; ++j) idx[m][j] = ((m >> j) & 1) ? k++ : 7;
+    }
+  }
+};
 constexpr PermLut kPerm{};
+constexpr PermZLut kPermZ{};
 constexpr FirstLut kFirst{};
 
 inline __m256i first_lanes(int64_t n) {
@@ -51,6 +63,26 @@ inline __m256 val8(const void* v, int64_t i) {
   }
 }
 
+// Batch-1 row walk state (common.h walk_row_pairs): the row's bitmap / index bytes, its next stored
+// value and two accumulators.
+struct RowWalk {
+  const uint8_t* bits;
+  int64_t vp;
+  __m256 a0, a1;
+};
+
+// the first n (<= 8) values from i, zero lanes after them (reads only those n)
+template <VT V>
+inline __m256 val8_n(const void* v, int64_t i, int64_t n) {
+  if constexpr (V == VT::f32) {
+    return _mm256_maskload_ps(static_cast<const float*>(v) + i, first_lanes(n));
+  } else {
+    uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (n) std::memcpy(tmp, static_cast<const uint16_t*>(v) + i, static_cast<size_t>(n) * 2);
+    return widen_bf16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tmp)));
+  }
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -65,6 +97,34 @@ inline void prefetch(const void* p, int64_t byte_offset) {
 }
 template <VT V>
 constexpr int64_t val_bytes() { return V == VT::f32 ? 4 : V == VT::bf16 ? 2 : 1; }
+
+inline void prefetch_l2(const void* p, int64_t byte_offset) {
+  _mm_prefetch(static_cast<const char*>(p) + byte_offset, _MM_HINT_T1);
+}
+
+// expand8 for the batch-1 walks: the same lanes, in one masked load (or bf16 load and AND) and one
+// vpermps through kPermZ. `safe`: 8 values from vp are inside the buffer (bf16 reads 8 unmasked).
+template <VT V>
+inline __m256 expand8z(const void* v, int64_t vp, unsigned m, bool safe) {
+  const __m256i lanes = first_lanes(__builtin_popcount(m));
+  __m256 w;
+  if constexpr (V == VT::f32) {
+    w = _mm256_maskload_ps(static_cast<const float*>(v) + vp, lanes);
+  } else {
+    const uint16_t* src = static_cast<const uint16_t*>(v) + vp;
+    __m128i raw;
+    if (safe) {
+      raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+    } else {
+      uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      const int pc = __builtin_popcount(m);
+      if (pc) std::memcpy(tmp, src, static_cast<size_t>(pc) * 2);  // src may be null for an empty buffer
+      raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tmp));
+    }
+    w = _mm256_and_ps(widen_bf16(raw), _mm256_castsi256_ps(lanes));
+  }
+  return _mm256_permutevar8x32_ps(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kPermZ.idx[m])));
+}
 
 // Dense 8-lane weights for byte mask m: the next popcount(m) values (of `total` in the buffer)
 // at the set lanes, zeros elsewhere.
