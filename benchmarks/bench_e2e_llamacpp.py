@@ -78,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--int8-sparsities", nargs="+", default=["2:4", "0.75"], help="variants also built with int8 values")
     p.add_argument("--bf16-sparsities", nargs="*", default=["2:4", "0.75"],
                    help="variants also built with bf16 values (the whole model in bf16, as the dense bf16 cell)")
+    p.add_argument("--bf16-format", default="auto",
+                   help="format of the bf16-valued cells: 'auto' (measured per layer shape on this host), 'rule' or one format")
     p.add_argument("--float-lm-head", action="store_true",
                    help="int8 cells keep the lm_head float32 (default: int8, as Q8_0 quantizes output.weight)")
     p.add_argument("--work", type=Path, default=peer.CACHE / "models")
@@ -213,9 +215,9 @@ def int8_lm_head_(model) -> str:
     return "; lm_head float32 (tied)" if "tied" in reason else f"; lm_head float32 ({reason})"
 
 
-def _pruned(dense, s: str, dtype=None, int8_head: bool = True):
+def _pruned(dense, s: str, dtype=None, int8_head: bool = True, bf16_format: str = "auto"):
     """A copy of ``dense`` magnitude-pruned to ``s`` (N:M or a sparsity) and compressed; its cell name. int8 cells
-    get an int8 lm_head too unless ``int8_head`` is False."""
+    get an int8 lm_head too unless ``int8_head`` is False; bf16 cells use ``bf16_format``."""
     import sparseforge as sf
     from sparseforge.runtime.compress import compress_
 
@@ -226,9 +228,9 @@ def _pruned(dense, s: str, dtype=None, int8_head: bool = True):
         model = model.to(torch.bfloat16)
     # int8 cells use the format rule (N:M for 2:4, bitmap / CSR by density): the measured "auto" choice may keep a
     # layer dense where dense fp32 beats the fp32-valued formats, and the cell would then not be int8
-    # bf16 cells store every sparse layer as a bitmap: its bf16-x walk (docs/kernels.md) is the fastest bf16 format at
-    # batch 1 on every shape of this model in a quiet advise run, and "auto" timed under load picked a mix
-    fmt = {torch.int8: "rule", torch.bfloat16: "bitmap"}.get(dtype, "auto")
+    # bf16 cells: the measured choice by default ("auto": on an AVX-512 BF16 host the bitmap's bf16-x walk wins every
+    # shape of this model, on an AVX2 host CSR wins at 75%); --bf16-format bitmap forces one format
+    fmt = {torch.int8: "rule", torch.bfloat16: bf16_format}.get(dtype, "auto")
     report = compress_(model, format=fmt, dtype=dtype)
     fmts = ",".join(sorted({c.format for c in report.converted})) or "no layer converted: dense"
     if dtype == torch.int8 and int8_head:
@@ -247,7 +249,7 @@ def _label(s: str) -> str:
 
 
 def our_variants(hf_dir: Path, sparsities: list[str], int8_sparsities: list[str], cells: list[str] | None = None,
-                 int8_head: bool = True, bf16_sparsities: tuple[str, ...] = ()) -> dict:
+                 int8_head: bool = True, bf16_sparsities: tuple[str, ...] = (), bf16_format: str = "auto") -> dict:
     """cell name -> (model, sparse, engine): every cell decodes through the native engine except the
     ``generate`` reference row (the same dense fp32 model through transformers' ``generate``). With
     ``cells``, only the selected ones (a pruned variant is built when it or its w8a8 twin is selected)."""
@@ -264,7 +266,7 @@ def our_variants(hf_dir: Path, sparsities: list[str], int8_sparsities: list[str]
         kinds = ("int8", "w8a8") if dtype == torch.int8 else (VALUES_TAG[dtype],)
         if not any(selected(f"sparseforge {label} {k} (", cells) for k in kinds):
             continue
-        model, name = _pruned(dense, s, dtype, int8_head)
+        model, name = _pruned(dense, s, dtype, int8_head, bf16_format)
         if selected(name, cells):
             out[name] = (model, True, "native")
         if dtype == torch.int8 and selected(name.replace(" int8 (", " w8a8 ("), cells):  # int8 activations too (W8A8)
@@ -374,7 +376,7 @@ def main(argv=None) -> dict:
     hf_dir = write_model(args)
     ggufs = {kind: path for kind, path in convert_all(tools, hf_dir).items() if selected(f"llama.cpp {kind.lower()}", args.cells)}
     ours = our_variants(hf_dir, args.sparsities, args.int8_sparsities, args.cells, int8_head=not args.float_lm_head,
-                        bf16_sparsities=args.bf16_sparsities)
+                        bf16_sparsities=args.bf16_sparsities, bf16_format=args.bf16_format)
     torch.set_num_threads(args.threads)
     kernels.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
