@@ -221,3 +221,35 @@ def test_transposable_bad_input():
     s[0, 0] = math.nan
     with pytest.raises(NumericalError):
         transposable_mask(s, "2:4")
+
+
+def _sorted_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The reference: a stable descending sort, the first k of each row."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask.scatter_(1, torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k], True)
+    return mask
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3), st.integers(0, 2), st.integers(0, 10_000), st.sampled_from([2, 5, 1000]))
+def test_long_rows_select_the_same_mask_as_the_stable_sort(groups, extra, seed, distinct):
+    """Rows past SELECT_MIN_LENGTH take the k-th-value selection: the same mask as the sort, ties included
+    (few distinct values, signed zeros), for every k from 1 to L - 1."""
+    from sparseforge.masks import SELECT_MIN_LENGTH, topk_mask
+
+    gen = torch.Generator().manual_seed(seed)
+    length = SELECT_MIN_LENGTH + extra * 37
+    scores = torch.randint(-distinct, distinct, (groups, length), generator=gen).float() / 3
+    scores[scores == 0] = torch.tensor([0.0, -0.0])[torch.randint(0, 2, ((scores == 0).sum().item(),), generator=gen)]
+    for k in (1, int(torch.randint(2, length - 1, (1,), generator=gen)), length - 1):
+        got = topk_mask(scores, k)
+        assert torch.equal(got, _sorted_topk(scores, k)), k
+        assert (got.sum(dim=1) == k).all()
+
+
+def test_long_rows_with_a_nan_or_inf_fall_back_to_the_sort():
+    from sparseforge.masks import SELECT_MIN_LENGTH, topk_mask
+
+    scores = torch.rand(2, SELECT_MIN_LENGTH)
+    scores[0, 5], scores[1, 7] = float("nan"), float("inf")
+    assert torch.equal(topk_mask(scores, 100), _sorted_topk(scores, 100))
