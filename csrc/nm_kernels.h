@@ -159,32 +159,8 @@ struct NmLanesDec24 : NmDec<V> {
 };
 
 #elif defined(__AVX2__)
-// 2:4 at batch 1 gathers x instead of expanding the weights: index byte b holds two groups
-// (8 columns, 4 stored values) and kNm24Pos.idx[b] names the 4 columns (0-7) of its values, in
-// lanes 0-3 and again in lanes 4-7, so vpermps of 8 x columns picks the x each value multiplies.
-struct Nm24PosLut {
-  int32_t idx[256][8];
-  constexpr Nm24PosLut() : idx() {
-    for (int v = 0; v < 256; ++v) {
-      const int g0 = v & 15, g1 = v >> 4;
-      const int pos[4] = {g0 & 3, g0 >> 2, 4 + (g1 & 3), 4 + (g1 >> 2)};
-      for (int k = 0; k < 4; ++k) idx[v][k] = idx[v][k + 4] = pos[k];
-    }
-  }
-};
-constexpr Nm24PosLut kNm24Pos{};
-
-inline __m256i nm24_pos(uint8_t b) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kNm24Pos.idx[b])); }
-
-// the x of 16 columns [c, c + 16) at the 8 stored values of index bytes ib[0], ib[1]
-inline __m256 nm24_x16(const float* x, const uint8_t* ib) {
-  const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x), nm24_pos(ib[0]));
-  const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + 8), nm24_pos(ib[1]));
-  return _mm256_blend_ps(lo, hi, 0xF0);
-}
-
 // 2:4 at batch 1: rows walked in pairs (walk_row_pairs, common.h), 16 stored values per 32 columns,
-// every lane a stored value (no zero lanes).
+// x gathered to the values (simd_avx2.h nm24_x16): every lane a stored value, no zero lanes.
 template <VT V>
 void nm_rows24_x1(const NmView& w, const Problem& p, int64_t r0, int64_t r1, int64_t b) {
   const float* x = p.x + b * p.in;
@@ -196,14 +172,14 @@ void nm_rows24_x1(const NmView& w, const Problem& p, int64_t r0, int64_t r1, int
       [&](v256::RowWalk& rw, int64_t c) {
         v256::prefetch_l2(static_cast<const char*>(w.val) + rw.vp * v256::val_bytes<V>(), v256::kPrefetchBytes);
         const uint8_t* ib = rw.bits + c / 8;
-        rw.a0 = _mm256_fmadd_ps(v256::val8<V>(w.val, rw.vp), nm24_x16(x + c, ib), rw.a0);
-        rw.a1 = _mm256_fmadd_ps(v256::val8<V>(w.val, rw.vp + 8), nm24_x16(x + c + 16, ib + 2), rw.a1);
+        rw.a0 = _mm256_fmadd_ps(v256::val8<V>(w.val, rw.vp), v256::nm24_x16(x + c, ib), rw.a0);
+        rw.a1 = _mm256_fmadd_ps(v256::val8<V>(w.val, rw.vp + 8), v256::nm24_x16(x + c + 16, ib + 2), rw.a1);
         rw.vp += 16;
       },
       [&](v256::RowWalk& rw, int64_t r) {
         for (int64_t c = cols32; c < cols; c += 8) {
           const int64_t nc = min64(8, cols - c);  // 4 or 8 columns: 2 or 4 stored values
-          const __m256 xs = _mm256_permutevar8x32_ps(_mm256_maskload_ps(x + c, v256::first_lanes(nc)), nm24_pos(rw.bits[c / 8]));
+          const __m256 xs = _mm256_permutevar8x32_ps(_mm256_maskload_ps(x + c, v256::first_lanes(nc)), v256::nm24_pos(rw.bits[c / 8]));
           rw.a0 = _mm256_fmadd_ps(v256::val8_n<V>(w.val, rw.vp, nc / 2), xs, rw.a0);
           rw.vp += nc / 2;
         }

@@ -63,6 +63,30 @@ inline __m256 val8(const void* v, int64_t i) {
   }
 }
 
+// 2:4 at batch 1 gathers x instead of expanding the weights: index byte b holds two groups
+// (8 columns, 4 stored values; nm.h) and kNm24Pos.idx[b] names the 4 columns (0-7) of its values,
+// in lanes 0-3 and again in lanes 4-7, so vpermps of 8 x columns picks the x each value multiplies.
+struct Nm24PosLut {
+  int32_t idx[256][8];
+  constexpr Nm24PosLut() : idx() {
+    for (int v = 0; v < 256; ++v) {
+      const int g0 = v & 15, g1 = v >> 4;
+      const int pos[4] = {g0 & 3, g0 >> 2, 4 + (g1 & 3), 4 + (g1 >> 2)};
+      for (int k = 0; k < 4; ++k) idx[v][k] = idx[v][k + 4] = pos[k];
+    }
+  }
+};
+constexpr Nm24PosLut kNm24Pos{};
+
+inline __m256i nm24_pos(uint8_t b) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kNm24Pos.idx[b])); }
+
+// the x of 16 columns [c, c + 16) (x points at column c) at the 8 stored values of index bytes ib[0], ib[1]
+inline __m256 nm24_x16(const float* x, const uint8_t* ib) {
+  const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x), nm24_pos(ib[0]));
+  const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + 8), nm24_pos(ib[1]));
+  return _mm256_blend_ps(lo, hi, 0xF0);
+}
+
 // Batch-1 row walk state (common.h walk_row_pairs): the row's bitmap / index bytes, its next stored
 // value and two accumulators.
 struct RowWalk {
