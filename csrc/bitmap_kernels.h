@@ -168,7 +168,7 @@ struct BitmapLanesDec : BitmapDec<V> {
 };
 
 #elif defined(__AVX2__)
-// 32 columns [c, c + 32) of row `r` against x: four bitmap bytes, each decoded by expand8z.
+// 32 columns [c, c + 32) of row `r` against x: four bitmap bytes, each decoded by expand8.
 template <VT V>
 inline void row_walk_step32(const BitmapView& w, v256::RowWalk& r, const float* x, int64_t c) {
   v256::prefetch_l2(static_cast<const char*>(w.val) + r.vp * v256::val_bytes<V>(), v256::kPrefetchBytes);
@@ -177,10 +177,10 @@ inline void row_walk_step32(const BitmapView& w, v256::RowWalk& r, const float* 
   const bool safe = r.vp + 32 <= w.nnz;
   const unsigned m0 = m & 0xffu, m1 = (m >> 8) & 0xffu, m2 = (m >> 16) & 0xffu, m3 = m >> 24;
   const int64_t o1 = __builtin_popcount(m0), o2 = o1 + __builtin_popcount(m1), o3 = o2 + __builtin_popcount(m2);
-  const __m256 w0 = v256::expand8z<V>(w.val, r.vp, m0, safe);
-  const __m256 w1 = v256::expand8z<V>(w.val, r.vp + o1, m1, safe);
-  const __m256 w2 = v256::expand8z<V>(w.val, r.vp + o2, m2, safe);
-  const __m256 w3 = v256::expand8z<V>(w.val, r.vp + o3, m3, safe);
+  const __m256 w0 = v256::expand8<V>(w.val, r.vp, m0, safe);
+  const __m256 w1 = v256::expand8<V>(w.val, r.vp + o1, m1, safe);
+  const __m256 w2 = v256::expand8<V>(w.val, r.vp + o2, m2, safe);
+  const __m256 w3 = v256::expand8<V>(w.val, r.vp + o3, m3, safe);
   r.vp += __builtin_popcount(m);
   r.a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + c), r.a0);
   r.a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + c + 8), r.a1);
@@ -202,7 +202,7 @@ void bitmap_rows_x1(const BitmapView& w, const Problem& p, int64_t r0, int64_t r
         for (int64_t c = cols32; c < cols; c += 8) {
           const int64_t nc = min64(8, cols - c);
           const unsigned m = rw.bits[c / 8] & ((1u << nc) - 1u);
-          const __m256 w0 = v256::expand8z<V>(w.val, rw.vp, m, false);
+          const __m256 w0 = v256::expand8<V>(w.val, rw.vp, m, false);
           rw.vp += __builtin_popcount(m);
           rw.a0 = _mm256_fmadd_ps(w0, _mm256_maskload_ps(x + c, v256::first_lanes(nc)), rw.a0);
         }
@@ -225,9 +225,9 @@ void bitmap_rows_nb(const BitmapView& w, const Problem& p, int64_t r0, int64_t r
       v256::prefetch(static_cast<const char*>(w.val) + vp * v256::val_bytes<V>(), v256::kPrefetchBytes);
       if ((c & 255) == 0) v256::prefetch(row + c / 8, v256::kPrefetchBytes);
       const unsigned m0 = row[c / 8], m1 = row[c / 8 + 1];
-      const __m256 w0 = v256::expand8<V>(w.val, vp, m0, w.nnz);
+      const __m256 w0 = v256::expand8<V>(w.val, vp, m0, vp + 8 <= w.nnz);
       vp += __builtin_popcount(m0);
-      const __m256 w1 = v256::expand8<V>(w.val, vp, m1, w.nnz);
+      const __m256 w1 = v256::expand8<V>(w.val, vp, m1, vp + 8 <= w.nnz);
       vp += __builtin_popcount(m1);
       for (int nb = 0; nb < NB; ++nb) {
         acc[nb][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xs[nb] + c), acc[nb][0]);
@@ -237,7 +237,7 @@ void bitmap_rows_nb(const BitmapView& w, const Problem& p, int64_t r0, int64_t r
     for (; c < cols; c += 8) {
       const int64_t nc = min64(8, cols - c);
       const unsigned m = row[c / 8] & ((1u << nc) - 1u);
-      const __m256 w0 = v256::expand8<V>(w.val, vp, m, w.nnz);
+      const __m256 w0 = v256::expand8<V>(w.val, vp, m, vp + 8 <= w.nnz);
       vp += __builtin_popcount(m);
       for (int nb = 0; nb < NB; ++nb) {
         acc[nb][0] = _mm256_fmadd_ps(w0, _mm256_maskload_ps(xs[nb] + c, v256::first_lanes(nc)), acc[nb][0]);

@@ -201,8 +201,8 @@ void nm_rows24_nb(const NmView& w, const Problem& p, int64_t r0, int64_t r1, int
     for (; c + 16 <= cols; c += 16, vp += 8) {
       if ((c & 31) == 0) v256::prefetch(static_cast<const char*>(w.val) + vp * v256::val_bytes<V>(), v256::kPrefetchBytes);
       if ((c & 255) == 0) v256::prefetch(irow + c / 8, v256::kPrefetchBytes);
-      const __m256 w0 = v256::expand8<V>(w.val, vp, kNm24.mask[irow[c / 8]], total);
-      const __m256 w1 = v256::expand8<V>(w.val, vp + 4, kNm24.mask[irow[c / 8 + 1]], total);
+      const __m256 w0 = v256::expand8<V>(w.val, vp, kNm24.mask[irow[c / 8]], vp + 8 <= total);
+      const __m256 w1 = v256::expand8<V>(w.val, vp + 4, kNm24.mask[irow[c / 8 + 1]], vp + 12 <= total);
       for (int nb = 0; nb < NB; ++nb) {
         acc[nb][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xs[nb] + c), acc[nb][0]);
         acc[nb][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xs[nb] + c + 8), acc[nb][1]);
@@ -211,7 +211,7 @@ void nm_rows24_nb(const NmView& w, const Problem& p, int64_t r0, int64_t r1, int
     for (; c < cols; c += 8) {
       const int64_t nc = min64(8, cols - c);  // 4 or 8
       const unsigned m = kNm24.mask[irow[c / 8]] & ((1u << nc) - 1u);
-      const __m256 w0 = v256::expand8<V>(w.val, vp, m, total);
+      const __m256 w0 = v256::expand8<V>(w.val, vp, m, vp + 8 <= total);
       vp += nc / 2;
       for (int nb = 0; nb < NB; ++nb) {
         acc[nb][0] = _mm256_fmadd_ps(w0, _mm256_maskload_ps(xs[nb] + c, v256::first_lanes(nc)), acc[nb][0]);

@@ -126,10 +126,11 @@ inline void prefetch_l2(const void* p, int64_t byte_offset) {
   _mm_prefetch(static_cast<const char*>(p) + byte_offset, _MM_HINT_T1);
 }
 
-// expand8 for the batch-1 walks: the same lanes, in one masked load (or bf16 load and AND) and one
-// vpermps through kPermZ. `safe`: 8 values from vp are inside the buffer (bf16 reads 8 unmasked).
+// Dense 8-lane weights for byte mask m: the next popcount(m) values from vp at the set lanes, zeros
+// elsewhere, in one masked load (or bf16 load and AND) and one vpermps through kPermZ. `safe`: 8
+// values from vp are inside the buffer (bf16 then reads 8 unmasked).
 template <VT V>
-inline __m256 expand8z(const void* v, int64_t vp, unsigned m, bool safe) {
+inline __m256 expand8(const void* v, int64_t vp, unsigned m, bool safe) {
   const __m256i lanes = first_lanes(__builtin_popcount(m));
   __m256 w;
   if constexpr (V == VT::f32) {
@@ -148,32 +149,6 @@ inline __m256 expand8z(const void* v, int64_t vp, unsigned m, bool safe) {
     w = _mm256_and_ps(widen_bf16(raw), _mm256_castsi256_ps(lanes));
   }
   return _mm256_permutevar8x32_ps(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kPermZ.idx[m])));
-}
-
-// Dense 8-lane weights for byte mask m: the next popcount(m) values (of `total` in the buffer)
-// at the set lanes, zeros elsewhere.
-template <VT V>
-inline __m256 expand8(const void* v, int64_t vp, unsigned m, int64_t total) {
-  const int pc = __builtin_popcount(m);
-  __m256 w;
-  if constexpr (V == VT::f32) {
-    w = _mm256_maskload_ps(static_cast<const float*>(v) + vp, first_lanes(pc));
-  } else {
-    const uint16_t* src = static_cast<const uint16_t*>(v) + vp;
-    __m128i raw;
-    if (vp + 8 <= total) {
-      raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
-    } else {
-      uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      if (pc) std::memcpy(tmp, src, static_cast<size_t>(pc) * 2);  // src may be null for an empty buffer
-      raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tmp));
-    }
-    w = widen_bf16(raw);
-  }
-  w = _mm256_permutevar8x32_ps(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kPerm.idx[m])));
-  const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(m)), bits), bits);
-  return _mm256_and_ps(w, _mm256_castsi256_ps(on));
 }
 
 // acc[nb] += sum over k in [0, count) of val[v0 + k] * x_nb[idx[k]]; the < 8 leftover entries go
