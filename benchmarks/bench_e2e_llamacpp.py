@@ -80,6 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="variants also built with bf16 values (the whole model in bf16, as the dense bf16 cell)")
     p.add_argument("--bf16-format", default="auto",
                    help="format of the bf16-valued cells: 'auto' (measured per layer shape on this host), 'rule' or one format")
+    p.add_argument("--int8-format", default="auto",
+                   help="format of the int8-valued cells: 'auto' (measured per layer shape with int8 values on this "
+                        "host; a layer where dense fp32 is faster stays dense and the cell name counts it), 'rule' or "
+                        "one format. The w8a8 cells always use the rule (bitmap / N:M: the formats with int8 activations)")
     p.add_argument("--float-lm-head", action="store_true",
                    help="int8 cells keep the lm_head float32 (default: int8, as Q8_0 quantizes output.weight)")
     p.add_argument("--work", type=Path, default=peer.CACHE / "models")
@@ -215,9 +219,9 @@ def int8_lm_head_(model) -> str:
     return "; lm_head float32 (tied)" if "tied" in reason else f"; lm_head float32 ({reason})"
 
 
-def _pruned(dense, s: str, dtype=None, int8_head: bool = True, bf16_format: str = "auto"):
+def _pruned(dense, s: str, dtype=None, int8_head: bool = True, bf16_format: str = "auto", int8_format: str = "auto"):
     """A copy of ``dense`` magnitude-pruned to ``s`` (N:M or a sparsity) and compressed; its cell name. int8 cells
-    get an int8 lm_head too unless ``int8_head`` is False; bf16 cells use ``bf16_format``."""
+    use ``int8_format`` and get an int8 lm_head too unless ``int8_head`` is False; bf16 cells use ``bf16_format``."""
     import sparseforge as sf
     from sparseforge.runtime.compress import compress_
 
@@ -226,13 +230,16 @@ def _pruned(dense, s: str, dtype=None, int8_head: bool = True, bf16_format: str 
     sf.sparsify_(model, sf.SparsifyConfig(method="magnitude", **kw), progress=False)
     if dtype == torch.bfloat16:  # embeddings, norms and lm_head in bf16 too, as the dense bf16 cell
         model = model.to(torch.bfloat16)
-    # int8 cells use the format rule (N:M for 2:4, bitmap / CSR by density): the measured "auto" choice may keep a
-    # layer dense where dense fp32 beats the fp32-valued formats, and the cell would then not be int8
-    # bf16 cells: the measured choice by default ("auto": on an AVX-512 BF16 host the bitmap's bf16-x walk wins every
-    # shape of this model, on an AVX2 host CSR wins at 75%); --bf16-format bitmap forces one format
-    fmt = {torch.int8: "rule", torch.bfloat16: bf16_format}.get(dtype, "auto")
+    # the measured choice by default ("auto"): on an AVX-512 BF16 host the bitmap's bf16-x walk wins every shape of
+    # this model, on an AVX2 host CSR wins at 75% (bf16 and int8 values alike); --bf16-format / --int8-format rule
+    # or one format name forces it. Under "auto" a layer where dense fp32 measured faster stays dense: the cell
+    # name then says how many ("; 3 dense"), since those layers read fp32 bytes
+    fmt = {torch.int8: int8_format, torch.bfloat16: bf16_format}.get(dtype, "auto")
     report = compress_(model, format=fmt, dtype=dtype)
+    measured_dense = sum(1 for _, why in report.kept_dense if str(why).startswith("dense is faster"))
     fmts = ",".join(sorted({c.format for c in report.converted})) or "no layer converted: dense"
+    if report.converted and measured_dense:
+        fmts += f"; {measured_dense} dense"
     if dtype == torch.int8 and int8_head:
         fmts += int8_lm_head_(model)
     return model, f"sparseforge {_label(s)} {VALUES_TAG[dtype]} ({fmts})"
@@ -249,7 +256,8 @@ def _label(s: str) -> str:
 
 
 def our_variants(hf_dir: Path, sparsities: list[str], int8_sparsities: list[str], cells: list[str] | None = None,
-                 int8_head: bool = True, bf16_sparsities: tuple[str, ...] = (), bf16_format: str = "auto") -> dict:
+                 int8_head: bool = True, bf16_sparsities: tuple[str, ...] = (), bf16_format: str = "auto",
+                 int8_format: str = "auto") -> dict:
     """cell name -> (model, sparse, engine): every cell decodes through the native engine except the
     ``generate`` reference row (the same dense fp32 model through transformers' ``generate``). With
     ``cells``, only the selected ones (a pruned variant is built when it or its w8a8 twin is selected)."""
@@ -266,12 +274,16 @@ def our_variants(hf_dir: Path, sparsities: list[str], int8_sparsities: list[str]
         kinds = ("int8", "w8a8") if dtype == torch.int8 else (VALUES_TAG[dtype],)
         if not any(selected(f"sparseforge {label} {k} (", cells) for k in kinds):
             continue
-        model, name = _pruned(dense, s, dtype, int8_head, bf16_format)
-        if selected(name, cells):
+        model, name = _pruned(dense, s, dtype, int8_head, bf16_format, int8_format) \
+            if any(selected(f"sparseforge {label} {k} (", cells) for k in kinds[:1]) else (None, None)
+        if name is not None and selected(name, cells):
             out[name] = (model, True, "native")
-        if dtype == torch.int8 and selected(name.replace(" int8 (", " w8a8 ("), cells):  # int8 activations too (W8A8)
+        if dtype == torch.int8 and selected(f"sparseforge {label} w8a8 (", cells):  # int8 activations too (W8A8)
             from sparseforge.runtime.compress import set_activation_precision_
 
+            # int8 activations run on the bitmap / N:M kernels only: the rule's formats
+            if model is None or int8_format != "rule":
+                model, name = _pruned(dense, s, dtype, int8_head, bf16_format, "rule")
             w8a8 = model if name not in out else copy.deepcopy(model)
             set_activation_precision_(w8a8, "int8")
             out[name.replace(" int8 (", " w8a8 (")] = (w8a8, True, "native")
@@ -376,7 +388,8 @@ def main(argv=None) -> dict:
     hf_dir = write_model(args)
     ggufs = {kind: path for kind, path in convert_all(tools, hf_dir).items() if selected(f"llama.cpp {kind.lower()}", args.cells)}
     ours = our_variants(hf_dir, args.sparsities, args.int8_sparsities, args.cells, int8_head=not args.float_lm_head,
-                        bf16_sparsities=args.bf16_sparsities, bf16_format=args.bf16_format)
+                        bf16_sparsities=args.bf16_sparsities, bf16_format=args.bf16_format,
+                        int8_format=args.int8_format)
     torch.set_num_threads(args.threads)
     kernels.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)

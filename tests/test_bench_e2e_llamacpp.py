@@ -199,3 +199,20 @@ def test_bf16_cells_are_bf16_throughout_and_decode_like_the_pruned_model(tmp_pat
         reference = model(ids).logits[0, -1].float()  # transformers' forward over the same SparseLinear layers
         out = native_generate(model, ids, max_new_tokens=1, min_new_tokens=1)
     assert out.shape == (1, 6) and out[0, -1] == reference.argmax()
+
+
+def test_int8_cells_take_the_asked_format_and_the_w8a8_twin_the_int8_activation_formats(tmp_path):
+    import transformers as t
+    from sparseforge.nn import SparseLinear
+
+    bench = load_benchmark("e2e_llamacpp")
+    model = t.LlamaForCausalLM(t.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=300)).eval()
+    model.save_pretrained(tmp_path)
+    cells = bench.our_variants(tmp_path, [], ["0.75"], cells=["75% int8", "75% w8a8"], int8_format="csr")
+    assert set(cells) == {"sparseforge 75% int8 (csr; lm_head int8)", "sparseforge 75% w8a8 (bitmap; lm_head int8)"}
+    int8_model, w8a8_model = (cells[n][0] for n in sorted(cells))
+    assert int8_model is not w8a8_model
+    proj = [m for n, m in w8a8_model.named_modules() if isinstance(m, SparseLinear) and n != "lm_head"]
+    assert len(proj) == 7 and all(m.activations == "int8" for m in proj)
+    assert all(m.activations == "float" for m in int8_model.modules() if isinstance(m, SparseLinear))
