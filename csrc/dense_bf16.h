@@ -3,11 +3,13 @@
 // (rounded to nearest even once, after the bias).
 //
 // At batch 1 the product is memory bound: every weight byte is read once per call, so the kernel
-// streams R = 8 weight rows at a time (eight sequential streams, each row one float32 accumulator
-// vector, each prefetched kDenseBf16PrefetchBytes ahead) and reduces each row's vector at the end. Paths, chosen at run time (csrc/isa.h):
+// streams R weight rows at a time (R sequential streams, each row its own float32 accumulator vectors)
+// and reduces each row's vectors at the end: R = 8, one vector per row and step, each row prefetched
+// kDenseBf16PrefetchBytes ahead, except on AVX2 (4 rows, 2 vectors, no software prefetch; the constants
+// are in dense_bf16_kernels.h). Paths, chosen at run time (csrc/isa.h):
 //   avx512 + AVX512_BF16  vdpbf16ps on 32 bf16 per row and step (x used as bf16; what llama.cpp does)
 //   avx512                16 bf16 widened to float32 by a shift, FMA with x widened once per call
-//   avx2                  the same with 8 lanes
+//   avx2                  the same with 8 lanes, 4 rows x 2 vectors per step
 //   scalar                the same with the portable vector width (SSE on x86-64)
 // Within the avx512 path SPARSEFORGE_AVX512_BF16=0 runs the widening kernel (isa.h, use_avx512_bf16).
 //

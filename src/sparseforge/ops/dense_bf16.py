@@ -2,8 +2,8 @@
 
 torch's bf16 ``F.linear`` at batch 1 streams its weight at well under the rate of its own float32
 GEMV on some CPUs (~11 against ~25 GB/s on a Sapphire Rapids-class Xeon at 2 threads), though bf16
-has half the bytes. The native kernel (``csrc/dense_bf16.h``) streams four weight rows at a time
-and sums each row's products in float32: ``vdpbf16ps`` where the CPU has AVX512_BF16 (as llama.cpp
+has half the bytes. The native kernel (``csrc/dense_bf16.h``) streams a few weight rows at a time
+(8 on AVX-512, 4 on AVX2) and sums each row's products in float32: ``vdpbf16ps`` where the CPU has AVX512_BF16 (as llama.cpp
 does), else the weights widened to float32 (AVX-512F, AVX2, scalar). Activations are bfloat16 (a
 bf16 model's own; convert float32 ones with ``.bfloat16()``); the output is bfloat16, rounded to
 nearest even once after the float32 bias, as a bf16 ``nn.Linear`` returns it.
