@@ -14,10 +14,12 @@ Cells, interleaved round by round so drifting load hits every cell alike (median
   decode engine (:func:`sparseforge.generation.loop.native_generate`: fused projections, static KV
   cache, native decode attention), and one forward of ``--prefill`` tokens: dense fp32, dense bf16,
   magnitude-pruned 2:4 / 75% / 90% compressed with ``compress_`` (fp32 values), and 2:4 / 75% with
-  int8 values (``compress_(..., format="rule", dtype=torch.int8)``, one scale per output row; the dense
+  int8 values (``compress_(..., format=--int8-format, dtype=torch.int8)``: by default the format measured
+  with int8 values on this host; one scale per output row; the dense
   ``lm_head`` int8 too, stored as a full bitmap: :func:`int8_lm_head_`, as llama.cpp's Q8_0 quantizes its
   ``output.weight``; ``--float-lm-head`` keeps it float32), each also
-  with int8 activations (``w8a8``: ``set_activation_precision_(model, "int8")``); 2:4 / 75% with bf16
+  with int8 activations (``w8a8``: ``set_activation_precision_(model, "int8")`` on the rule's formats, bitmap /
+  N:M, the ones with int8-activation kernels); 2:4 / 75% with bf16
   values (the pruned model cast to bfloat16 as a whole, as the dense bf16 cell, then ``compress_``); plus the dense fp32
   model through transformers' ``generate`` as the reference row (``transformers generate: dense fp32``).
   Decode tokens/s are timed from the first generated token to the last (:class:`TokenClock`), so the

@@ -46,7 +46,7 @@ inline float hsum_d(vfl v) {
 // Rows in flight, vectors per row and step, and the per-row software prefetch distance (0: none) of the
 // widening kernel, per vector width. AVX2 (8 lanes) takes 4 rows x 2 vectors and leaves the weight streams to
 // the hardware prefetcher: on a Zen 3 EPYC (2 threads, 11264x2048 weights cycled through 369 MB, median of
-// 12) 8 rows x 1 vector with a prefetch per step streamed 9.4 GB/s and 4 x 2 without prefetch 11.1; one
+// 12, four runs) 8 rows x 1 vector with a prefetch per step streamed 8.8-9.7 GB/s, 4 x 2 without prefetch 11.1-14.0; one
 // thread on L2-resident weights, 0.62-0.93 ns per 8 weights against 1.10-2.22 (the step was compute bound).
 // The AVX-512 widths keep kDenseBf16Rows rows, one vector and the prefetch (measured on Zen 5 / Xeon).
 constexpr int kWideRows = kVL == 8 ? 4 : kDenseBf16Rows;
