@@ -9,8 +9,9 @@
 //   AVX-512: float32 vexpandps from memory; bfloat16 16 values loaded (a masked load of exactly
 //            popcount(m) at the buffer's end), widened to float32, then vexpandps between registers;
 //   AVX2:    a 256-entry table of vpermps indices and lane masks; the packed values come from a
-//            masked load (float32) or, for bfloat16, a 16-byte load while 8 values remain in the
-//            buffer and a scalar copy at its very end;
+//            masked load (float32: zeros past popcount(m), so one vpermps through permz and no mask)
+//            or, for bfloat16, a 16-byte load while 8 values remain in the buffer and a scalar copy
+//            at its very end (then the vpermps and an AND with the lane mask);
 //   SSE:     the set lanes filled one by one.
 // int8 values are widened to float32 before the expansion (AVX-512: 16 bytes or a masked load of
 // popcount(m), vpmovsxbd + vcvtdq2ps; AVX2: 8 bytes or a scalar copy at the buffer's end); the
@@ -44,8 +45,11 @@ constexpr uint64_t kChunkMask = kVL == 64 ? ~0ull : (1ull << kVL) - 1;
 #if defined(__AVX2__) && !defined(__AVX512F__)
 // For an 8-bit mask m: perm[m][l] = the packed position lane l takes (its rank among the set bits),
 // lane[m][l] = all ones where bit l is set.
+// permz[m][l]: as perm, but an unset lane takes lane 7, which is zero whenever a lane is unset once the
+// lanes past popcount(m) are loaded as zeros (the float32 masked load): no AND with the lane mask.
 struct ExpandTable {
   int32_t perm[256][8];
+  int32_t permz[256][8];
   int32_t lane[256][8];
   int32_t first[9][8];  // first[c][l] = all ones for l < c (masked load of c packed values)
 };
@@ -56,6 +60,7 @@ constexpr ExpandTable make_expand_table() {
     for (int l = 0; l < 8; ++l) {
       const bool set = (m >> l) & 1;
       t.perm[m][l] = set ? r : 0;
+      t.permz[m][l] = set ? r : 7;
       t.lane[m][l] = set ? -1 : 0;
       r += set;
     }
@@ -104,6 +109,8 @@ inline vfl expand(const void* values, int64_t pos, int64_t end, uint32_t m) {
   if constexpr (V == VT::f32) {
     packed = _mm256_maskload_ps(static_cast<const float*>(values) + pos,
                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kExpand.first[c])));
+    return reinterpret_cast<vfl>(
+        _mm256_permutevar8x32_ps(packed, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kExpand.permz[m]))));
   } else if constexpr (V == VT::i8) {
     const int8_t* p = static_cast<const int8_t*>(values) + pos;
     __m128i h;
