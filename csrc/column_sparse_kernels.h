@@ -9,7 +9,7 @@
 //   AVX-512: float32 vexpandps from memory; bfloat16 16 values loaded (a masked load of exactly
 //            popcount(m) at the buffer's end), widened to float32, then vexpandps between registers;
 //   AVX2:    a 256-entry table of vpermps indices and lane masks; the packed values come from a
-//            masked load (float32: zeros past popcount(m), so one vpermps through permz and no mask)
+//            masked load (float32: zeros past popcount(m), so one vpermps through kPermZ and no mask)
 //            or, for bfloat16, a 16-byte load while 8 values remain in the buffer and a scalar copy
 //            at its very end (then the vpermps and an AND with the lane mask);
 //   SSE:     the set lanes filled one by one.
@@ -37,6 +37,9 @@
 #include "column_sparse.h"
 #include "lanes.h"
 #include "sparse_input_kernels.h"  // si_load, si_store, si_fma, si_bcast
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#include "simd_avx2.h"  // the expansion tables (only the AVX2 build includes it)
+#endif
 
 namespace sf {
 namespace {
@@ -45,33 +48,16 @@ alignas(64) constexpr float kZeros[16] = {};
 constexpr uint64_t kChunkMask = kVL == 64 ? ~0ull : (1ull << kVL) - 1;
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
-// For an 8-bit mask m: perm[m][l] = the packed position lane l takes (its rank among the set bits),
-// lane[m][l] = all ones where bit l is set.
-// permz[m][l]: as perm, but an unset lane takes lane 7, which is zero whenever a lane is unset once the
-// lanes past popcount(m) are loaded as zeros (the float32 masked load): no AND with the lane mask.
-struct ExpandTable {
-  int32_t perm[256][8];
-  int32_t permz[256][8];
+// For an 8-bit mask m: lane[m][l] = all ones where bit l is set. The permutation tables (v256::kPerm,
+// v256::kPermZ) and the first-c-lanes masks (v256::first_lanes) are simd_avx2.h's.
+struct LaneLut {
   int32_t lane[256][8];
-  int32_t first[9][8];  // first[c][l] = all ones for l < c (masked load of c packed values)
-};
-constexpr ExpandTable make_expand_table() {
-  ExpandTable t{};
-  for (int m = 0; m < 256; ++m) {
-    int r = 0;
-    for (int l = 0; l < 8; ++l) {
-      const bool set = (m >> l) & 1;
-      t.perm[m][l] = set ? r : 0;
-      t.permz[m][l] = set ? r : 7;
-      t.lane[m][l] = set ? -1 : 0;
-      r += set;
-    }
+  constexpr LaneLut() : lane() {
+    for (int m = 0; m < 256; ++m)
+      for (int l = 0; l < 8; ++l) lane[m][l] = ((m >> l) & 1) ? -1 : 0;
   }
-  for (int c = 0; c <= 8; ++c)
-    for (int l = 0; l < 8; ++l) t.first[c][l] = l < c ? -1 : 0;
-  return t;
-}
-constexpr ExpandTable kExpand = make_expand_table();
+};
+constexpr LaneLut kLanes{};
 #endif
 
 #if defined(__AVX512F__)
@@ -109,10 +95,9 @@ inline vfl expand(const void* values, int64_t pos, int64_t end, uint32_t m) {
   const int c = __builtin_popcount(m);
   __m256 packed;
   if constexpr (V == VT::f32) {
-    packed = _mm256_maskload_ps(static_cast<const float*>(values) + pos,
-                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kExpand.first[c])));
+    packed = _mm256_maskload_ps(static_cast<const float*>(values) + pos, v256::first_lanes(c));
     return reinterpret_cast<vfl>(
-        _mm256_permutevar8x32_ps(packed, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kExpand.permz[m]))));
+        _mm256_permutevar8x32_ps(packed, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v256::kPermZ.idx[m]))));
   } else if constexpr (V == VT::i8) {
     const int8_t* p = static_cast<const int8_t*>(values) + pos;
     __m128i h;
@@ -136,9 +121,9 @@ inline vfl expand(const void* values, int64_t pos, int64_t end, uint32_t m) {
     }
     packed = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
-  const __m256 e = _mm256_permutevar8x32_ps(packed, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kExpand.perm[m])));
+  const __m256 e = _mm256_permutevar8x32_ps(packed, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v256::kPerm.idx[m])));
   return reinterpret_cast<vfl>(
-      _mm256_and_ps(e, _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kExpand.lane[m])))));
+      _mm256_and_ps(e, _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kLanes.lane[m])))));
 #else
   (void)end;
   vfl v = si_load(kZeros);
