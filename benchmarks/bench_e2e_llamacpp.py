@@ -221,22 +221,27 @@ def int8_lm_head_(model) -> str:
     return "; lm_head float32 (tied)" if "tied" in reason else f"; lm_head float32 ({reason})"
 
 
-def _pruned(dense, s: str, dtype=None, int8_head: bool = True, bf16_format: str = "auto", int8_format: str = "auto"):
-    """A copy of ``dense`` magnitude-pruned to ``s`` (N:M or a sparsity) and compressed; its cell name. int8 cells
-    use ``int8_format`` and get an int8 lm_head too unless ``int8_head`` is False; bf16 cells use ``bf16_format``."""
+def _pruned(dense, s: str, dtype=None):
+    """A copy of ``dense`` magnitude-pruned to ``s`` (N:M or a sparsity), not yet compressed; in bf16 for bf16 cells."""
     import sparseforge as sf
-    from sparseforge.runtime.compress import compress_
 
     model = copy.deepcopy(dense)
     kw = dict(pattern=s) if ":" in s else dict(pattern="unstructured", sparsity=float(s))
     sf.sparsify_(model, sf.SparsifyConfig(method="magnitude", **kw), progress=False)
     if dtype == torch.bfloat16:  # embeddings, norms and lm_head in bf16 too, as the dense bf16 cell
         model = model.to(torch.bfloat16)
+    return model
+
+
+def _compressed(model, s: str, dtype=None, int8_head: bool = True, fmt: str = "auto") -> str:
+    """Compress the pruned ``model`` in place with ``compress_(format=fmt)``; its cell name. int8 cells get an int8
+    lm_head too unless ``int8_head`` is False."""
+    from sparseforge.runtime.compress import compress_
+
     # the measured choice by default ("auto"): on an AVX-512 BF16 host the bitmap's bf16-x walk wins every shape of
     # this model, on an AVX2 host CSR wins at 75% (bf16 and int8 values alike); --bf16-format / --int8-format rule
     # or one format name forces it. Under "auto" a layer where dense fp32 measured faster stays dense: the cell
-    # name then says how many ("; 3 dense"), since those layers read fp32 bytes
-    fmt = {torch.int8: int8_format, torch.bfloat16: bf16_format}.get(dtype, "auto")
+    # name then says how many ("; 3 dense"), since those layers read dense bytes
     report = compress_(model, format=fmt, dtype=dtype)
     measured_dense = sum(1 for _, why in report.kept_dense if str(why).startswith("dense is faster"))
     fmts = ",".join(sorted({c.format for c in report.converted})) or "no layer converted: dense"
@@ -244,7 +249,7 @@ def _pruned(dense, s: str, dtype=None, int8_head: bool = True, bf16_format: str 
         fmts += f"; {measured_dense} dense"
     if dtype == torch.int8 and int8_head:
         fmts += int8_lm_head_(model)
-    return model, f"sparseforge {_label(s)} {VALUES_TAG[dtype]} ({fmts})"
+    return f"sparseforge {_label(s)} {VALUES_TAG[dtype]} ({fmts})"
 
 
 def selected(name: str, cells: list[str] | None) -> bool:
@@ -276,19 +281,22 @@ def our_variants(hf_dir: Path, sparsities: list[str], int8_sparsities: list[str]
         kinds = ("int8", "w8a8") if dtype == torch.int8 else (VALUES_TAG[dtype],)
         if not any(selected(f"sparseforge {label} {k} (", cells) for k in kinds):
             continue
-        model, name = _pruned(dense, s, dtype, int8_head, bf16_format, int8_format) \
-            if any(selected(f"sparseforge {label} {k} (", cells) for k in kinds[:1]) else (None, None)
-        if name is not None and selected(name, cells):
-            out[name] = (model, True, "native")
-        if dtype == torch.int8 and selected(f"sparseforge {label} w8a8 (", cells):  # int8 activations too (W8A8)
+        pruned = _pruned(dense, s, dtype)  # once per sparsity and values dtype, whichever cells use it
+        fmt = {torch.int8: int8_format, torch.bfloat16: bf16_format}.get(dtype, "auto")
+        w8a8 = dtype == torch.int8 and selected(f"sparseforge {label} w8a8 (", cells)  # int8 activations too (W8A8)
+        if selected(f"sparseforge {label} {kinds[0]} (", cells):
+            # the w8a8 cell needs a copy of its own: another format, or the same model with another activation mode
+            model = copy.deepcopy(pruned) if w8a8 else pruned
+            name = _compressed(model, s, dtype, int8_head, fmt)
+            if selected(name, cells):
+                out[name] = (model, True, "native")
+        if w8a8:
             from sparseforge.runtime.compress import set_activation_precision_
 
             # int8 activations run on the bitmap / N:M kernels only: the rule's formats
-            if model is None or int8_format != "rule":
-                model, name = _pruned(dense, s, dtype, int8_head, bf16_format, "rule")
-            w8a8 = model if name not in out else copy.deepcopy(model)
-            set_activation_precision_(w8a8, "int8")
-            out[name.replace(" int8 (", " w8a8 (")] = (w8a8, True, "native")
+            name = _compressed(pruned, s, dtype, int8_head, "rule")
+            set_activation_precision_(pruned, "int8")
+            out[name.replace(" int8 (", " w8a8 (")] = (pruned, True, "native")
     return {name: v for name, v in out.items() if v is not None and selected(name, cells)}
 
 
