@@ -7,9 +7,11 @@ model** (hidden 256, 6 layers, byte-level BPE tokenizer) over the built-in held-
 * llama.cpp: the dense model converted by its own ``convert_hf_to_gguf.py`` to F32, BF16 and Q8_0,
   and ``llama-quantize`` Q4_K_M; plus the SparseGPT 2:4 model as F32 and Q8_0 (what a user gets by
   quantizing our pruned model for llama.cpp). Scored by ``llama-perplexity``.
-* sparseforge: dense fp32 and bf16, and SparseGPT 2:4 / 75% / 90% (fp32 values) and 2:4 / 75% with
-  joint int8 quantization (``sparsify_`` with ``quantize=int8``, what ``sparseforge prune
-  --quantize int8`` runs), each compressed with ``compress_`` so the sparse kernels compute the logits.
+* sparseforge: dense fp32 and bf16, and SparseGPT 2:4 / 75% / 4:16 / 90% (fp32 values) and 2:4 / 75% / 4:16
+  with joint int8 quantization (``sparsify_`` with ``quantize=int8``, what ``sparseforge prune
+  --quantize int8`` runs), each compressed with ``compress_`` so the sparse kernels compute the logits;
+  each int8 variant also with int8 activations (``w8a8``: ``set_activation_precision_(model, "int8")``, the
+  speed table's w8a8 cells). 4:16 is 75% sparse as N:M with groups of 16.
 
 Every row uses llama-perplexity's protocol, reimplemented for our models: the text tokenized whole
 (a BOS first when the GGUF says ``add_bos``), cut into ``--ctx``-token chunks, the first token of a
@@ -45,8 +47,8 @@ from bench_host import host_info, host_line  # noqa: E402
 from bench_output import write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SPARSITIES = {"2:4": ("2:4", None), "75%": ("unstructured", 0.75), "90%": ("unstructured", 0.9)}
-INT8_OF = ("2:4", "75%")  # the sparsities that also get a joint int8 row
+SPARSITIES = {"2:4": ("2:4", None), "75%": ("unstructured", 0.75), "4:16": ("4:16", None), "90%": ("unstructured", 0.9)}
+INT8_OF = ("2:4", "75%", "4:16")  # the sparsities that also get joint int8 rows (int8 values; and w8a8)
 PROTOCOL_TOLERANCE = 0.002  # llama.cpp F32 vs our fp32 on the same weights: relative perplexity gap
 
 
@@ -159,7 +161,7 @@ def prune(model, label: str, bits: int | None, tokens: torch.Tensor, cache: Path
     return pruned
 
 
-def compressed(model, int8: bool):
+def compressed(model, int8: bool, pattern: str | None = None):
     """``model`` with every pruned layer as SparseLinear (int8 values when quantized) in the format the
     rule picks (``"auto"`` would keep this small model's layers dense: they are faster dense); quantized models
     get the int8 lm_head of the speed table's int8 cells (:func:`int8_lm_head_`)."""
@@ -167,7 +169,7 @@ def compressed(model, int8: bool):
 
     out = copy.deepcopy(model)
     kw = {"dtype": torch.int8} if int8 else {}
-    report = compress_(out, format="rule", **kw)
+    report = compress_(out, format="rule", pattern=pattern, **kw)  # N:M: the pattern it was pruned to
     fmts = ",".join(sorted({c.format for c in report.converted}))
     return out, fmts + (int8_lm_head_(out) if int8 else "")
 
@@ -306,8 +308,15 @@ def main(argv=None) -> dict:
     for label in args.sparsities:
         for bits in (None, 8) if label in INT8_OF else (None,):
             pruned = prune(dense, label, bits, calib, args.work)
-            model, fmts = compressed(pruned, int8=bits is not None)
+            nm = SPARSITIES[label][0] if SPARSITIES[label][1] is None else None
+            model, fmts = compressed(pruned, int8=bits is not None, pattern=nm)
             ours[f"sparseforge {label} {'int8' if bits else 'fp32'} ({fmts})"] = (model, "sparse")
+            if bits == 8:  # the same weights with int8 activations (bitmap / N:M layers; CSR keeps float x)
+                from sparseforge.runtime.compress import set_activation_precision_
+
+                w8a8 = copy.deepcopy(model)
+                set_activation_precision_(w8a8, "int8")
+                ours[f"sparseforge {label} w8a8 ({fmts})"] = (w8a8, "sparse")
             if label == "2:4" and bits is None:  # llama.cpp gets our pruned model too
                 tag = f"{calib.shape[0]}x{calib.shape[1]}"  # the same calibration as the cached pruned state
                 sparse_hf = save_hf(pruned, tokenizer, args.work / f"builtin-llama-sparsegpt-2of4-{tag}")

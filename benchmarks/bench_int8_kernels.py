@@ -12,7 +12,8 @@ Per layer shape (``--shapes``, (out, in); default the 721M Llama model's 11264x2
 * ``bitmap_i8 ... walk=fma``: the same calls with ``SPARSEFORGE_INT8_WALK=fma`` (the float mode's FMA
   walk: the "before" of the fixed-point walk, same run; 2:4 runs the FMA walk either way);
 * ``... act=int8``: the same weights with x quantized to int8 per batch row (``csrc/int8.h``
-  ``I8Act::int8``; AVX512 VNNI kernels where the CPU has them).
+  ``I8Act::int8``; AVX512 VNNI kernels where the CPU has them). ``nm_i8 4:16 act=int8``: 75% as N:M with
+  groups of 16 (4-bit positions: on AVX2 the nibbles are vpshufb controls); any ``nm_i8 N:M`` cell is accepted.
 
 Every timed call runs on cold weights: a 1 GiB buffer is summed (numpy, one thread) before each call
 (its time is not counted), as in a decode step whose model exceeds the last-level cache. Per cell: median wall ms,
@@ -54,7 +55,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # a cell: format, sparsity, then settings (act=int8: int8 activations; walk=fma: SPARSEFORGE_INT8_WALK=fma,
 # the float mode's FMA walk instead of the fixed-point one; rows=2: SPARSEFORGE_INT8_ROWS=2; isa=...: forced path)
 CELLS = ("bitmap_i8 50%", "bitmap_i8 75%", "nm_i8 2:4", "csr_i8 90%", "bitmap_i8 50% walk=fma", "bitmap_i8 75% walk=fma",
-         "bitmap_i8 50% act=int8", "bitmap_i8 75% act=int8", "nm_i8 2:4 act=int8")
+         "bitmap_i8 50% act=int8", "bitmap_i8 75% act=int8", "nm_i8 2:4 act=int8", "nm_i8 4:16 act=int8")
 # --compare: the FMA walk with two output rows interleaved per loop, and the int8-activation mode on the
 # AVX2 path (forced ISA)
 COMPARE_CELLS = ("bitmap_i8 50% walk=fma rows=2", "nm_i8 2:4 walk=fma rows=2", "bitmap_i8 50% act=int8 isa=avx2",
@@ -94,9 +95,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def weight_key(cell: str) -> str:
     """The weight a cell runs on: its format and sparsity (``"bitmap_i8 75%"``)."""
     fmt, sparsity = (cell.split() + [""])[:2]
-    ok = {"bitmap_i8": sparsity.endswith("%"), "nm_i8": sparsity == "2:4", "csr_i8": sparsity.endswith("%")}
+    n_m = sparsity.split(":")
+    is_nm = len(n_m) == 2 and all(v.isdigit() for v in n_m) and 0 < int(n_m[0]) < int(n_m[1])
+    ok = {"bitmap_i8": sparsity.endswith("%"), "nm_i8": is_nm, "csr_i8": sparsity.endswith("%")}
     if not ok.get(fmt, False):
-        raise SystemExit(f"cell {cell!r}: expected 'bitmap_i8 NN%', 'nm_i8 2:4' or 'csr_i8 NN%' then settings")
+        raise SystemExit(f"cell {cell!r}: expected 'bitmap_i8 NN%', 'nm_i8 N:M' (e.g. 2:4, 4:16) or 'csr_i8 NN%' "
+                         "then settings")
     return f"{fmt} {sparsity}"
 
 
@@ -108,9 +112,10 @@ def build(cell: str, w: torch.Tensor, seed: int):
     gen = torch.Generator().manual_seed(seed)
     fmt, sparsity = weight_key(cell).split()
     if fmt == "nm_i8":
-        scores = torch.rand(w.shape[0], w.shape[1] // 4, 4, generator=gen)
-        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(2, scores.topk(2, dim=2).indices, True)
-        return NMWeight.from_dense(w, "2:4", keep.reshape(w.shape), values_dtype=torch.int8)
+        n, m = (int(v) for v in sparsity.split(":"))
+        scores = torch.rand(w.shape[0], w.shape[1] // m, m, generator=gen)
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(2, scores.topk(n, dim=2).indices, True)
+        return NMWeight.from_dense(w, sparsity, keep.reshape(w.shape), values_dtype=torch.int8)
     keep = torch.rand(w.shape, generator=gen) >= float(sparsity.rstrip("%")) / 100
     cls = BitmapWeight if fmt == "bitmap_i8" else CSRWeight
     return cls.from_dense(w, keep, values_dtype=torch.int8)
@@ -133,7 +138,7 @@ def kernel_call(cell: str, wt, x: np.ndarray, y: np.ndarray):
         a = (x, wt.bitmap.numpy(), wt.row_offsets.numpy(), wt.values.numpy(), wt.scales.numpy(), None, y)
         return lambda: nat.bitmap_i8_linear(*a, check_indices=False, act=act, isa=isa)
     if fmt == "nm_i8":
-        a = (x, wt.values.numpy(), wt.indices.numpy(), wt.scales.numpy(), 2, 4, None, y)
+        a = (x, wt.values.numpy(), wt.indices.numpy(), wt.scales.numpy(), wt.pattern.n, wt.pattern.m, None, y)
         return lambda: nat.nm_i8_linear(*a, check_indices=False, act=act, isa=isa)
     a = (x, wt.row_ptr.numpy(), wt.col.numpy(), wt.values.numpy(), wt.scales.numpy(), None, y)
     return lambda: nat.csr_i8_linear(*a, check_indices=False)

@@ -607,6 +607,128 @@ void i8_rows_qx(const Problem& p, const QuantX& xq, const float* scales, int64_t
   });
 }
 
+#if defined(__AVX2__)
+// 256-bit pieces of the int8-activation kernels that every build with AVX2 compiles: the AVX2 kernels below
+// use them, and the n:16 kernel runs on them in the AVX-512 VNNI build too (its bitmap walk would need each
+// row's positions decoded into a bitmap row first). 32 int8 products per step, summed in int32 lanes by |q|
+// (u8) times xq with q's sign (s8): one vpdpbusd ymm with AVX-VNNI or AVX512 VNNI + VL, else vpmaddubsw
+// (pairs: at most 2 * 128 * 127 < 2^15, no saturation) and vpmaddwd by ones. Each lane gains at most
+// 4 * 128 * 127 per step, so chunks of kQx256Chunk values are reduced into an int64 before a lane wraps.
+constexpr int64_t kQx256Chunk = 65536;
+inline void qx_prefetch(const int8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p) + 4096, _MM_HINT_T0); }
+
+template <int NB>
+struct Qx256Acc {
+  __m256i acc[NB];
+  int64_t total[NB] = {};
+  Qx256Acc() { clear(); }
+  void clear() {
+    for (int nb = 0; nb < NB; ++nb) acc[nb] = _mm256_setzero_si256();
+  }
+  void add(__m256i w, int nb, __m256i xg) {
+    const __m256i aw = _mm256_abs_epi8(w), sx = _mm256_sign_epi8(xg, w);
+#if defined(__AVXVNNI__)
+    acc[nb] = _mm256_dpbusd_avx_epi32(acc[nb], aw, sx);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    acc[nb] = _mm256_dpbusd_epi32(acc[nb], aw, sx);
+#else
+    acc[nb] = _mm256_add_epi32(acc[nb], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1)));
+#endif
+  }
+  void flush() {
+    for (int nb = 0; nb < NB; ++nb) {
+      alignas(32) int32_t lanes[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc[nb]);
+      for (int32_t v : lanes) total[nb] += v;
+    }
+    clear();
+  }
+};
+
+// 32 bytes whose 16-byte halves are p[0, 16) and p[off, off + 16)
+inline __m256i load_halves(const int8_t* p, int64_t off) {
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+                                 _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + off)), 1);
+}
+
+// An N:M row of vpr int8 values in steps of 32: step(a, k) adds values [k, k + 32) into a, tail(a, k, nv)
+// the last nv < 32; the int32 lanes are reduced into int64 every kQx256Chunk values. sums[nb]: the totals.
+template <int NB, class Step, class Tail>
+inline void qx256_walk(int64_t vpr, int64_t* sums, Step&& step, Tail&& tail) {
+  Qx256Acc<NB> a;
+  for (int64_t c0 = 0; c0 < vpr; c0 += kQx256Chunk) {
+    const int64_t c1 = min64(vpr, c0 + kQx256Chunk);
+    int64_t k = c0;
+    for (; k + 32 <= c1; k += 32) step(a, k);
+    if (k < c1) tail(a, k, c1 - k);
+    a.flush();
+  }
+  for (int nb = 0; nb < NB; ++nb) sums[nb] = a.total[nb];
+}
+
+// n:16 (n = 2, 4 or 8): the stored positions are nibbles, which are vpshufb controls as they are.
+// 32 values (32 / n groups, 512 / n columns) per step. 128-bit lane L holds values [16L, 16L + 16),
+// groups [L * 16 / n, (L + 1) * 16 / n); shuffle s of 16 / n gathers with the positions as control from
+// the 16-column x chunks of group s (lane 0) and group s + 16 / n (lane 1) (load_halves), and a blend
+// keeps its group s of each lane (dword s for 4:16, qword s for 8:16, word s for 2:16): the gathered x
+// in the values' order.
+
+// 16 index bytes as 32 positions: byte 2i = p[i] & 15, byte 2i + 1 = p[i] >> 4 (word i of the widened
+// bytes ORed with itself shifted by 4 holds both nibbles in its two low nibbles)
+inline __m256i nibble_positions(const uint8_t* p) {
+  const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_and_si256(_mm256_or_si256(w, _mm256_slli_epi16(w, 4)), _mm256_set1_epi8(15));
+}
+
+template <int N, int S>
+inline __m256i take_group(__m256i g, __m256i h) {  // g with group S of each lane taken from h
+  if constexpr (N == 8) {
+    return _mm256_blend_epi32(g, h, 0x33 << (2 * S));
+  } else if constexpr (N == 4) {
+    return _mm256_blend_epi32(g, h, 0x11 << S);
+  } else {
+    return _mm256_blend_epi16(g, h, 1 << S);
+  }
+}
+
+// x (the step's window) gathered at the positions, groups [S, 16 / N) of each lane taken into g
+template <int N, int S>
+inline __m256i nm16_gather(__m256i g, const int8_t* x, __m256i pos) {
+  if constexpr (S == 16 / N) {
+    return g;
+  } else {
+    const __m256i h = _mm256_shuffle_epi8(load_halves(x + 16 * S, 256 / N), pos);
+    return nm16_gather<N, S + 1>(S == 0 ? h : take_group<N, S>(g, h), x, pos);
+  }
+}
+
+#define SF_INT8_QX_NM16 1
+template <int N, int NB>
+inline void nm16_qx_row_dot(const int8_t* q, const uint8_t* irow, int64_t vpr, const int8_t* const* xs, int64_t* sums) {
+  static_assert(N == 2 || N == 4 || N == 8, "n:16 with n in {2, 4, 8}");
+  constexpr int64_t kStepCols = 512 / N;
+  qx256_walk<NB>(vpr, sums, [&](Qx256Acc<NB>& a, int64_t k) {
+    qx_prefetch(q + k);
+    const __m256i pos = nibble_positions(irow + k / 2);
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k));
+    for (int nb = 0; nb < NB; ++nb) a.add(w, nb, nm16_gather<N, 0>(pos, xs[nb] + k / N * 16, pos));
+  }, [&](Qx256Acc<NB>& a, int64_t k, int64_t nv) {  // whole groups: values, positions and x window copied, zeros above
+    alignas(32) int8_t tail[32] = {};
+    alignas(16) uint8_t idx[16] = {};
+    alignas(32) int8_t xw[kStepCols] = {};
+    std::memcpy(tail, q + k, static_cast<size_t>(nv));
+    std::memcpy(idx, irow + k / 2, static_cast<size_t>((nv + 1) / 2));
+    const __m256i pos = nibble_positions(idx);
+    const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+    for (int nb = 0; nb < NB; ++nb) {
+      std::memcpy(xw, xs[nb] + k / N * 16, static_cast<size_t>(nv / N * 16));
+      a.add(w, nb, nm16_gather<N, 0>(pos, xw, pos));
+    }
+  });
+}
+
+#endif  // __AVX2__
+
 #if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512VBMI2__)
 // Both kernels multiply (q + 128) as u8 by the gathered xq as s8 (vpdpbusd, 64 values a step) and
 // subtract 128 * sum xq (a second vpdpbusd). The int32 lanes wrap, but the difference is the exact
@@ -866,44 +988,10 @@ inline void bitmap_fx_row_dot(const int8_t* q, int64_t vp, const uint8_t* bits, 
 #define SF_INT8_QX_KERNELS 1
 
 #elif defined(__AVX2__)
-// AVX2 (also the avx512 table without VNNI / VBMI / VBMI2): 32 int8 products per step, summed in int32
-// lanes by |q| (u8) times xq with q's sign (s8): with AVX-VNNI one vpdpbusd ymm, else vpmaddubsw
-// (pairs: at most 2 * 128 * 127 < 2^15, no saturation) and vpmaddwd by ones. Each lane gains at most
-// 4 * 128 * 127 per step, so chunks of kQxChunk values are reduced into an int64 before a lane wraps.
-constexpr int64_t kQxChunk = 65536;
-inline void qx_prefetch(const int8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p) + 4096, _MM_HINT_T0); }
-
+// AVX2 (also the avx512 table without VNNI / VBMI / VBMI2): 32 int8 products per step in Qx256Acc.
+constexpr int64_t kQxChunk = kQx256Chunk;
 template <int NB>
-struct QxAcc {
-  __m256i acc[NB];
-  int64_t total[NB] = {};
-  QxAcc() { clear(); }
-  void clear() {
-    for (int nb = 0; nb < NB; ++nb) acc[nb] = _mm256_setzero_si256();
-  }
-  void add(__m256i w, int nb, __m256i xg) {
-    const __m256i aw = _mm256_abs_epi8(w), sx = _mm256_sign_epi8(xg, w);
-#if defined(__AVXVNNI__)
-    acc[nb] = _mm256_dpbusd_avx_epi32(acc[nb], aw, sx);
-#else
-    acc[nb] = _mm256_add_epi32(acc[nb], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1)));
-#endif
-  }
-  void flush() {
-    for (int nb = 0; nb < NB; ++nb) {
-      alignas(32) int32_t lanes[8];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc[nb]);
-      for (int32_t v : lanes) total[nb] += v;
-    }
-    clear();
-  }
-};
-
-// 32 bytes whose 16-byte halves are p[0, 16) and p[off, off + 16)
-inline __m256i load_halves(const int8_t* p, int64_t off) {
-  return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
-                                 _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + off)), 1);
-}
+using QxAcc = Qx256Acc<NB>;
 
 // 2:4: 32 values (64 columns from 2k, 8 index bytes) per step. Index byte t holds the 2-bit fields of
 // values 4t..4t+3: widened to dword t and ORed with itself shifted by 6, 12 and 18, byte j of that dword
@@ -929,31 +1017,22 @@ inline void nm24_qx_row_dot(const int8_t* q, const uint8_t* irow, int64_t vpr, c
     const __m256i b = _mm256_shuffle_epi8(load_halves(x + 16, 32), _mm256_or_si256(ctl, keep_hi));
     return _mm256_or_si256(a, b);
   };
-  QxAcc<NB> a;
-  for (int64_t c0 = 0; c0 < vpr; c0 += kQxChunk) {
-    const int64_t c1 = min64(vpr, c0 + kQxChunk);
-    int64_t k = c0;
-    for (; k + 32 <= c1; k += 32) {
-      qx_prefetch(q + k);
-      uint64_t idx;
-      std::memcpy(&idx, irow + k / 4, 8);
-      const __m256i ctl = control(idx);
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k));
-      for (int nb = 0; nb < NB; ++nb) a.add(w, nb, gather(xs[nb] + 2 * k, ctl));
-    }
-    if (k < c1) {  // the last nv < 32 values: copied with zeros above (x is padded past the row)
-      const int64_t nv = c1 - k;
-      uint64_t idx = 0;
-      std::memcpy(&idx, irow + k / 4, static_cast<size_t>((nv + 3) / 4));
-      alignas(32) int8_t tail[32] = {};
-      std::memcpy(tail, q + k, static_cast<size_t>(nv));
-      const __m256i ctl = control(idx);
-      const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
-      for (int nb = 0; nb < NB; ++nb) a.add(w, nb, gather(xs[nb] + 2 * k, ctl));
-    }
-    a.flush();
-  }
-  for (int nb = 0; nb < NB; ++nb) sums[nb] = a.total[nb];
+  qx256_walk<NB>(vpr, sums, [&](QxAcc<NB>& a, int64_t k) {
+    qx_prefetch(q + k);
+    uint64_t idx;
+    std::memcpy(&idx, irow + k / 4, 8);
+    const __m256i ctl = control(idx);
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k));
+    for (int nb = 0; nb < NB; ++nb) a.add(w, nb, gather(xs[nb] + 2 * k, ctl));
+  }, [&](QxAcc<NB>& a, int64_t k, int64_t nv) {  // copied with zeros above (x is padded past the row)
+    uint64_t idx = 0;
+    std::memcpy(&idx, irow + k / 4, static_cast<size_t>((nv + 3) / 4));
+    alignas(32) int8_t tail[32] = {};
+    std::memcpy(tail, q + k, static_cast<size_t>(nv));
+    const __m256i ctl = control(idx);
+    const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+    for (int nb = 0; nb < NB; ++nb) a.add(w, nb, gather(xs[nb] + 2 * k, ctl));
+  });
 }
 
 // vpshufb controls that expand bytes [k, k + popcount(m)) to the positions of m's set bits (0x80, which
@@ -1054,8 +1133,18 @@ void nm_i8_rows_qx(const NmI8& wq, const QuantX& xq, const Problem& p, int64_t r
   i8_rows_qx(p, xq, wq.scales, r0, r1, [&](int64_t r, const int8_t* const* xs, int64_t* sums, auto nbc) {
     constexpr int NB = decltype(nbc)::value;
 #if defined(SF_INT8_QX_KERNELS)
+    const int8_t* qr = q + r * w.vpr;
+    const uint8_t* ir = w.idx + r * w.ibpr;
     if (w.n == 2 && w.m == 4) {
-      nm24_qx_row_dot<NB>(q + r * w.vpr, w.idx + r * w.ibpr, w.vpr, xs, sums);
+      nm24_qx_row_dot<NB>(qr, ir, w.vpr, xs, sums);
+#if defined(SF_INT8_QX_NM16)  // n:16: the nibbles are the gather's controls (every build with AVX2)
+    } else if (w.m == 16 && w.n == 4) {
+      nm16_qx_row_dot<4, NB>(qr, ir, w.vpr, xs, sums);
+    } else if (w.m == 16 && w.n == 2) {
+      nm16_qx_row_dot<2, NB>(qr, ir, w.vpr, xs, sums);
+    } else if (w.m == 16 && w.n == 8) {
+      nm16_qx_row_dot<8, NB>(qr, ir, w.vpr, xs, sums);
+#endif
     } else {  // other n:m: the bitmap kernel on the row's decoded positions
       bitmap_qx_row_dot<NB>(q, r * w.vpr, w.rows * w.vpr, bits.row(r), w.cols, xs, sums);
     }

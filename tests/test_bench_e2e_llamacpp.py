@@ -20,15 +20,16 @@ def test_verdicts_judge_from_the_rows_given():
             "sparseforge 2:4 fp32 (nm)": row(20.0, 120.0), "sparseforge 75% fp32 (bitmap)": row(30.0, 100.0)}
     lines = e2e.verdicts(rows)
     assert "PASS: dense bf16 decode within 10% of llama.cpp BF16 (13.0 vs 14.0 tokens/s)" in lines
-    assert any(line.startswith("INFO: 75% with fp32 values decodes 30.0 tokens/s = 0.83x") for line in lines)
+    assert "INFO: sparseforge 75% fp32 (bitmap) decodes 30.0 tokens/s = 0.83x llama.cpp Q8_0" in lines
     assert any(line.startswith("PASS: best sparseforge prefill") for line in lines)
     assert "MISSING: 2:4 + int8 decode >= 1.0x llama.cpp Q8_0: no measurement of both cells" in lines
     rows["sparseforge 2:4 int8 (nm)"] = row(40.0, 100.0)
     rows["sparseforge 75% int8 (bitmap)"] = row(45.0, 100.0)
     rows["sparseforge dense fp32"], rows[e2e.REFERENCE_CELL] = row(9.0), row(6.0)
     lines = e2e.verdicts(rows)
-    assert "PASS: 2:4 + int8 decode >= 1.0x llama.cpp Q8_0 (40.0 vs 36.0 tokens/s = 1.11x)" in lines
-    assert "FAIL: 75% + int8 decode >= 1.3x llama.cpp Q8_0 (45.0 vs 36.0 tokens/s = 1.25x)" in lines
+    assert "PASS: 2:4 + int8 decode >= 1.0x llama.cpp Q8_0 (40.0 vs 36.0 tokens/s = 1.11x; sparseforge 2:4 int8 (nm))" in lines
+    assert ("FAIL: 75% + int8 decode >= 1.3x llama.cpp Q8_0 (45.0 vs 36.0 tokens/s = 1.25x; sparseforge 75% int8 (bitmap))"
+            in lines)
     assert any(line.startswith("INFO: the native engine decodes dense fp32 at 9.0 tokens/s") and "(1.50x)" in line
                for line in lines)
     rows["sparseforge dense bf16"] = row(12.0, 100.0)
@@ -36,6 +37,25 @@ def test_verdicts_judge_from_the_rows_given():
     lines = e2e.verdicts(rows)
     assert any(line.startswith("FAIL: dense bf16 decode") for line in lines)
     assert any(line.startswith("FAIL: best sparseforge prefill") for line in lines)
+
+
+def test_a_75_percent_n_m_cell_counts_for_the_75_percent_targets():
+    e2e = load_benchmark("e2e_llamacpp")
+    assert e2e.label_sparsity("4:16") == 0.75 and e2e.label_sparsity("75%") == 0.75 and e2e.label_sparsity("2:4") == 0.5
+    assert e2e.label_sparsity("dense") is None
+    rows = {"llama.cpp q8_0": row(20.0), "sparseforge dense fp32": row(4.0),
+            "sparseforge 75% w8a8 (bitmap; lm_head int8)": row(10.0), "sparseforge 4:16 w8a8 (nm 4:16; lm_head int8)": row(30.0),
+            "sparseforge 2:4 w8a8 (nm 2:4; lm_head int8)": row(25.0)}
+    lines = e2e.verdicts(rows)
+    w8a8_75 = [line for line in lines if line.startswith(("PASS: 75% + int8 weights", "FAIL: 75% + int8 weights"))]
+    assert w8a8_75 == [
+        "FAIL: 75% + int8 weights and activations (w8a8) decode >= 1.3x llama.cpp Q8_0 (10.0 vs 20.0 tokens/s = 0.50x; "
+        "sparseforge 75% w8a8 (bitmap; lm_head int8))",
+        "PASS: 75% + int8 weights and activations (w8a8) decode >= 1.3x llama.cpp Q8_0 (30.0 vs 20.0 tokens/s = 1.50x; "
+        "sparseforge 4:16 w8a8 (nm 4:16; lm_head int8))"]
+    assert any(line.startswith("PASS: sparseforge 4:16 w8a8 (nm 4:16; lm_head int8) decode >= 3.0x dense fp32 (7.50x")
+               for line in lines)
+    assert not any("2:4 w8a8" in line and "1.3x" in line for line in lines)  # 2:4 is judged against its own target
 
 
 def test_failed_cells_are_reported_not_averaged():
@@ -101,7 +121,7 @@ def test_w8a8_cells_get_their_own_verdict_and_the_clock_skips_the_prompt():
     e2e = load_benchmark("e2e_llamacpp")
     rows = {"llama.cpp q8_0": row(36.0), "sparseforge 2:4 int8 (nm)": row(30.0), "sparseforge 2:4 w8a8 (nm)": row(40.0)}
     lines = e2e.verdicts(rows)
-    assert "FAIL: 2:4 + int8 decode >= 1.0x llama.cpp Q8_0 (30.0 vs 36.0 tokens/s = 0.83x)" in lines
+    assert "FAIL: 2:4 + int8 decode >= 1.0x llama.cpp Q8_0 (30.0 vs 36.0 tokens/s = 0.83x; sparseforge 2:4 int8 (nm))" in lines
     assert any(line.startswith("PASS: 2:4 + int8 weights and activations (w8a8)") for line in lines)
     clock = e2e.TokenClock()
     clock.put("the prompt")  # not a generated token

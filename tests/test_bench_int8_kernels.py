@@ -19,7 +19,8 @@ def test_tiny_run_writes_every_cell(tmp_path):
     result = json.loads(out.read_text())
     cells = {(r["shape"], r["batch"], r["cell"]) for r in result["rows"]}
     names = {"dense fp32", "bitmap_i8 50%", "bitmap_i8 75%", "nm_i8 2:4", "csr_i8 90%", "bitmap_i8 50% walk=fma",
-             "bitmap_i8 75% walk=fma", "bitmap_i8 50% act=int8", "bitmap_i8 75% act=int8", "nm_i8 2:4 act=int8"}
+             "bitmap_i8 75% walk=fma", "bitmap_i8 50% act=int8", "bitmap_i8 75% act=int8", "nm_i8 2:4 act=int8",
+             "nm_i8 4:16 act=int8"}
     assert cells == {(s, b, c) for s in ("64x256", "96x64") for b in (1, 2) for c in names}
     for r in result["rows"]:
         assert math.isfinite(r["ms"]) and r["ms"] > 0 and r["mb"] > 0 and r["cpu_ms"] >= 0
@@ -49,8 +50,13 @@ def test_cells_pick_the_timed_cells_and_reject_malformed_ones(tmp_path):
     assert {r["cell"] for r in rows} == {"dense fp32", "bitmap_i8 90%", "bitmap_i8 90% walk=fma"}
     mb = {r["cell"]: r["mb"] for r in rows}
     assert mb["bitmap_i8 90%"] < 0.3 * mb["dense fp32"]  # the sparsity in the cell's name is the weight's
-    with pytest.raises(SystemExit, match="nm_i8 4:8"):
-        bench.parse_args(["--cells", "nm_i8 4:8"])
+    for bad in ("nm_i8 4:2", "nm_i8 75%", "nm_i8 two:four", "bitmap_i8 2:4"):
+        with pytest.raises(SystemExit, match=bad):
+            bench.parse_args(["--cells", bad])
+    argv[-1] = "nm_i8 2:4,nm_i8 4:16"  # any N:M: the weight has the cell's pattern
+    assert bench.main(argv) == 0
+    mb = {r["cell"]: r["mb"] for r in json.loads(out.read_text())["rows"]}
+    assert 0.55 * mb["nm_i8 2:4"] < mb["nm_i8 4:16"] < 0.65 * mb["nm_i8 2:4"]  # 0.375 vs 0.625 bytes per weight
 
 
 def test_verdicts_follow_the_target():

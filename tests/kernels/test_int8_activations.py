@@ -21,7 +21,13 @@ from sparseforge.formats import BitmapWeight, NMWeight
 from sparseforge.kernels import native
 
 ISAS = [pytest.param(i, marks=pytest.mark.skipif(not kernels.cpu_supports(i), reason=f"CPU lacks {i}")) for i in kernels.ISAS]
-FORMATS = ["bitmap", "2:4", "4:8", "1:4"]
+FORMATS = ["bitmap", "2:4", "4:8", "1:4", "4:16", "2:16", "8:16"]  # n:16: the AVX2 nibble-shuffle kernels
+
+
+def _cols(fmt: str, cols: int) -> int:
+    """``cols`` rounded up to whole groups of the format."""
+    m = 8 if fmt == "bitmap" else int(fmt.split(":")[1])
+    return -(-cols // m) * m
 
 
 def _has_int8_vnni() -> bool:
@@ -105,6 +111,7 @@ def _bound(wt, x) -> torch.Tensor:
 def test_every_path_equals_the_reference_exactly(isa, vnni, fmt, monkeypatch):
     monkeypatch.setenv("SPARSEFORGE_INT8_VNNI", vnni)
     for rows, cols in ((37, 136), (5, 8), (9, 264), (3, 1032)):  # 64-value / 128-column tails, whole steps
+        cols = _cols(fmt, cols)
         wt = _weight(fmt, rows, cols, 0.5, seed=cols)
         bias = torch.randn(rows)
         for batch in (1, 2, 3, 5, 17):
@@ -116,9 +123,10 @@ def test_every_path_equals_the_reference_exactly(isa, vnni, fmt, monkeypatch):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_reference_is_the_documented_formula(fmt):
-    wt = _weight(fmt, 23, 200, 0.4, seed=7)
+    cols = _cols(fmt, 200)
+    wt = _weight(fmt, 23, cols, 0.4, seed=7)
     bias = torch.randn(23)
-    x = torch.randn(4, 200) * torch.tensor([[1.0], [1e-3], [50.0], [0.0]])  # scales apart; an all-zero row
+    x = torch.randn(4, cols) * torch.tensor([[1.0], [1e-3], [50.0], [0.0]])  # scales apart; an all-zero row
     xq, sx = _quantize(x)
     acc = (xq @ _int_weight(wt).T).to(torch.float32)  # exact: |sums| << 2^24
     want = wt.scales[None, :] * (sx[:, None] * acc) + bias
@@ -131,7 +139,7 @@ def test_reference_is_the_documented_formula(fmt):
 @given(fmt=st.sampled_from(FORMATS), rows=st.integers(1, 20), groups=st.integers(1, 40), batch=st.integers(1, 6),
        density=st.floats(0.0, 1.0), scale=st.sampled_from([1e-3, 1.0, 1e3]), seed=st.integers(0, 2**16))
 def test_property_exact_to_reference_and_within_the_bound(isa, fmt, rows, groups, batch, density, scale, seed):
-    cols = groups * 8
+    cols = _cols(fmt, groups * 8)
     wt = _weight(fmt, rows, cols, density, seed)
     x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(seed)) * scale
     y = _run(wt, x, isa=isa)
@@ -144,11 +152,11 @@ def test_property_exact_to_reference_and_within_the_bound(isa, fmt, rows, groups
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("vnni", VNNI)
-@pytest.mark.parametrize("fmt", ["bitmap", "2:4"])
+@pytest.mark.parametrize("fmt", ["bitmap", "2:4", "4:16"])
 def test_sums_beyond_int32_are_exact(isa, vnni, fmt, monkeypatch):
     """|dot| up to 127 * 127 * 140000 > 2^31: the kernels reduce int32 lanes into int64 per chunk."""
     monkeypatch.setenv("SPARSEFORGE_INT8_VNNI", vnni)
-    cols = 280_008 if fmt == "2:4" else 140_008
+    cols = {"2:4": 280_008, "4:16": 560_016}.get(fmt, 140_008)
     wt = _weight(fmt, 2, cols, 1.0, seed=1)
     wt.values.copy_(torch.where(torch.arange(wt.values.numel()).reshape(wt.values.shape) % 3 == 0, -127, 127))
     x = torch.where(_int_weight(wt)[1] > 0, 1.0, -1.0)[None, :]  # each product +127 * 127 on row 1
@@ -206,6 +214,7 @@ def test_float_mode_of_both_avx512_builds(vnni, fmt, monkeypatch):
         pytest.skip("CPU lacks avx512")
     monkeypatch.setenv("SPARSEFORGE_INT8_VNNI", vnni)
     for rows, cols in ((37, 136), (5, 8), (9, 264), (3, 1032)):
+        cols = _cols(fmt, cols)
         wt = _weight(fmt, rows, cols, 0.5, seed=cols)
         bias = torch.randn(rows)
         for batch in (1, 2, 3, 5):
