@@ -76,6 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new", type=int, default=128, help="decoded tokens per measurement")
     p.add_argument("--prefill", type=int, default=512, help="prefill length")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--attention", default="native", choices=["native", "auto", "sdpa"],
+                   help="the native engine's decode attention for our cells (default native: the native kernel for "
+                        "bf16 models too, as llama.cpp does not round as the model does either; 'auto' gives bf16 "
+                        "models torch SDPA, model-exact rounding, ~15 ms per token slower on a Zen 3 host)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sparsities", nargs="+", default=["2:4", "0.75", "0.9"])
     p.add_argument("--int8-sparsities", nargs="+", default=["2:4", "0.75", "4:16"],
@@ -302,7 +306,8 @@ def our_variants(hf_dir: Path, sparsities: list[str], int8_sparsities: list[str]
     return {name: v for name, v in out.items() if v is not None and selected(name, cells)}
 
 
-def time_ours(model, sparse: bool, engine: str, prompt: torch.Tensor, new: int, prefill: torch.Tensor, threads: int) -> dict:
+def time_ours(model, sparse: bool, engine: str, prompt: torch.Tensor, new: int, prefill: torch.Tensor, threads: int,
+              attention: str = "native") -> dict:
     from sparseforge import kernels
     from sparseforge.generation.loop import native_generate
 
@@ -310,7 +315,7 @@ def time_ours(model, sparse: bool, engine: str, prompt: torch.Tensor, new: int, 
     clock = TokenClock()
     with ctx, torch.inference_mode():
         if engine == "native":
-            native_generate(model, prompt, max_new_tokens=new, min_new_tokens=new, streamer=clock)
+            native_generate(model, prompt, max_new_tokens=new, min_new_tokens=new, streamer=clock, attention=attention)
         else:
             model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
                            do_sample=False, pad_token_id=0, streamer=clock)
@@ -437,7 +442,7 @@ def main(argv=None) -> dict:
     prompt = torch.randint(1, vocab, (1, args.prompt), generator=gen)
     prefill = torch.randint(1, vocab, (1, args.prefill), generator=gen)
     for model, sparse, engine in ours.values():  # warm-up
-        time_ours(model, sparse, engine, prompt[:, :4], 2, prefill[:, :8], args.threads)
+        time_ours(model, sparse, engine, prompt[:, :4], 2, prefill[:, :8], args.threads, args.attention)
     if args.start_file is not None:
         print(f"warmed up; waiting for {args.start_file}", flush=True)
         while not args.start_file.exists():
@@ -450,7 +455,8 @@ def main(argv=None) -> dict:
             res = peer.bench(tools, path, threads=args.threads, prompt=args.prefill, generate=args.new, repetitions=1)
             samples.setdefault(f"llama.cpp {kind.lower()}", []).append(res)
         for name, (model, sparse, engine) in ours.items():
-            samples.setdefault(name, []).append(time_ours(model, sparse, engine, prompt, args.new, prefill, args.threads))
+            samples.setdefault(name, []).append(time_ours(model, sparse, engine, prompt, args.new, prefill, args.threads,
+                                                          args.attention))
         print(f"round {r + 1}/{args.rounds} done")
     bytes_per_token = {name: weight_bytes_per_token(model) for name, (model, _, _) in ours.items()}
     for kind, path in ggufs.items():
@@ -465,7 +471,8 @@ def main(argv=None) -> dict:
                       "runs": runs}  # fmt: skip
     gemv = statistics.median(gbps)
     cpu = host_line()
-    print(f"\nbatch 1, {args.threads} threads, prompt {args.prompt}, {args.new} new tokens, prefill {args.prefill}; "
+    print(f"\nbatch 1, {args.threads} threads, prompt {args.prompt}, {args.new} new tokens, prefill {args.prefill}, "
+          f"our decode attention {args.attention}; "
           f"model hidden {args.hidden}, {args.layers} layers, FFN {args.ffn}, {args.heads}/{args.kv_heads} heads; "
           f"CPU {cpu}, isa {kernels.isa()}; torch fp32 GEMV streams {gemv:.1f} GB/s (same run)")
     print("| cell | decode tok/s | ms/token | weight MB/token | GB/s | prefill tok/s |\n|---|---:|---:|---:|---:|---:|")

@@ -21,22 +21,26 @@ namespace {
 
 constexpr int64_t kMaxTaskRows = 64;  // output rows per task (at in = 2048: 256 KB of weights)
 
+void widen_plain(const uint16_t* x, int64_t in, float* xf) {
+  for (int64_t i = 0; i < in; ++i) xf[i] = bf16_to_f32_d(x[i]);
+}
+
 struct Kernel {
   DenseBf16DotsFn dots;
   const char* name;
-  bool bf16_x;  // reads x as bf16 (else as float32)
+  DenseBf16WidenFn widen;  // x to float32 in the kernel's layout; null: the kernel reads x as bf16
 };
 
 Kernel kernel(Isa isa) {
 #if defined(SF_HAVE_X86_KERNELS)
 #if defined(SF_HAVE_BF16_KERNELS)
-  if (isa == Isa::avx512 && use_avx512_bf16()) return {avx512bf16::dense_bf16_dots, "avx512_bf16", true};
+  if (isa == Isa::avx512 && use_avx512_bf16()) return {avx512bf16::dense_bf16_dots, "avx512_bf16", nullptr};
 #endif
-  if (isa == Isa::avx512) return {avx512::dense_bf16_dots, "avx512", false};
-  if (isa == Isa::avx2) return {avx2::dense_bf16_dots, "avx2", false};
+  if (isa == Isa::avx512) return {avx512::dense_bf16_dots, "avx512", widen_plain};
+  if (isa == Isa::avx2) return {avx2::dense_bf16_dots, "avx2", avx2::dense_bf16_widen};
 #endif
   (void)isa;
-  return {scalar::dense_bf16_dots, "scalar", false};
+  return {scalar::dense_bf16_dots, "scalar", widen_plain};
 }
 
 void check(const DenseBf16Problem& p) {
@@ -68,9 +72,9 @@ const char* dense_bf16_gemv(const DenseBf16Problem& p, Isa isa) {
   const Kernel k = kernel(isa);
   if (p.B == 0 || p.out == 0) return k.name;
   std::vector<float> xf;
-  if (!k.bf16_x) {  // widened once per call (exact)
+  if (k.widen) {  // widened once per call (exact)
     xf.resize(static_cast<size_t>(p.B * p.in));
-    for (int64_t i = 0; i < p.B * p.in; ++i) xf[i] = bf16_to_f32_d(p.x[i]);
+    for (int64_t b = 0; b < p.B; ++b) k.widen(p.x + b * p.in, p.in, xf.data() + b * p.in);
   }
   // rows per task: a multiple of the kernels' row group, at most kMaxTaskRows, ~4 tasks per thread at least
   const int64_t per_thread = (p.out + 4 * num_threads() - 1) / (4 * num_threads());
@@ -80,7 +84,7 @@ const char* dense_bf16_gemv(const DenseBf16Problem& p, Isa isa) {
     const int64_t r0 = t * rows, n = min64(rows, p.out - r0);
     float dots[kMaxTaskRows];
     for (int64_t b = 0; b < p.B; ++b) {  // the task's rows stay in L2 for the next batch row
-      k.dots(p.w + r0 * p.in, p.in, p.x + b * p.in, k.bf16_x ? nullptr : xf.data() + b * p.in, n, dots);
+      k.dots(p.w + r0 * p.in, p.in, p.x + b * p.in, k.widen ? xf.data() + b * p.in : nullptr, n, dots);
       store(p, b, r0, n, dots);
     }
   });

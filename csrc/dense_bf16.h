@@ -5,11 +5,12 @@
 // At batch 1 the product is memory bound: every weight byte is read once per call, so the kernel
 // streams R weight rows at a time (R sequential streams, each row its own float32 accumulator vectors)
 // and reduces each row's vectors at the end: R = 8, one vector per row and step, each row prefetched
-// kDenseBf16PrefetchBytes ahead, except on AVX2 (4 rows, 2 vectors, no software prefetch; the constants
-// are in dense_bf16_kernels.h). Paths, chosen at run time (csrc/isa.h):
+// kDenseBf16PrefetchBytes ahead, except on AVX2 (4 rows, no software prefetch). Paths, chosen at run time
+// (csrc/isa.h):
 //   avx512 + AVX512_BF16  vdpbf16ps on 32 bf16 per row and step (x used as bf16; what llama.cpp does)
 //   avx512                16 bf16 widened to float32 by a shift, FMA with x widened once per call
-//   avx2                  the same with 8 lanes, 4 rows x 2 vectors per step
+//   avx2                  16 bf16 per row and step split into their even and odd columns by a shift and an
+//                         AND (no shuffle), FMAs with x widened once per call into that pair layout
 //   scalar                the same with the portable vector width (SSE on x86-64)
 // Within the avx512 path SPARSEFORGE_AVX512_BF16=0 runs the widening kernel (isa.h, use_avx512_bf16).
 //
@@ -48,8 +49,14 @@ struct DenseBf16Problem {
 using DenseBf16DotsFn = void (*)(const uint16_t* W, int64_t in, const uint16_t* xb, const float* xf, int64_t nrows,
                                  float* dots);
 
+// xf from x (bf16 bits, one row of `in`): float32 in the order a path's dots read it
+using DenseBf16WidenFn = void (*)(const uint16_t* x, int64_t in, float* xf);
+
 namespace scalar { extern const DenseBf16DotsFn dense_bf16_dots; }
-namespace avx2 { extern const DenseBf16DotsFn dense_bf16_dots; }
+namespace avx2 {
+extern const DenseBf16DotsFn dense_bf16_dots;
+extern const DenseBf16WidenFn dense_bf16_widen;  // the pair layout (dense_bf16_kernels.h)
+}  // namespace avx2
 namespace avx512 { extern const DenseBf16DotsFn dense_bf16_dots; }
 namespace avx512bf16 { extern const DenseBf16DotsFn dense_bf16_dots; }  // vdpbf16ps
 

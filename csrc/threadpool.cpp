@@ -98,6 +98,16 @@ class Pool {
     }
   }
 
+  void hold(bool on) {
+    if (on) {
+      holders_.fetch_add(1, std::memory_order_acq_rel);
+    } else if (holders_.fetch_sub(1, std::memory_order_acq_rel) <= 0) {
+      holders_.fetch_add(1, std::memory_order_acq_rel);
+      throw std::logic_error("thread pool: hold(false) without a matching hold(true)");
+    }
+  }
+  int holders() const { return holders_.load(std::memory_order_acquire); }
+
   WaitCounts counts() const {
     return {spun_.load(std::memory_order_relaxed), parked_.load(std::memory_order_relaxed)};
   }
@@ -134,13 +144,14 @@ class Pool {
     for (;;) {
       auto t0 = std::chrono::steady_clock::now();
       unsigned spins = 0;
-      bool polling = park_gen_.load(std::memory_order_acquire) != seen;
+      bool polling = holders_.load(std::memory_order_acquire) > 0 || park_gen_.load(std::memory_order_acquire) != seen;
       (polling ? spun_ : parked_).fetch_add(1, std::memory_order_relaxed);
       while (gen_.load(std::memory_order_acquire) == seen) {
         if (polling) {
           SF_PAUSE();
           if ((++spins & 63) != 0) continue;
-          polling = std::chrono::steady_clock::now() - t0 <= kSpin && park_gen_.load(std::memory_order_acquire) != seen;
+          polling = holders_.load(std::memory_order_acquire) > 0 ||
+                    (std::chrono::steady_clock::now() - t0 <= kSpin && park_gen_.load(std::memory_order_acquire) != seen);
           if (polling) continue;
         }
         std::unique_lock<std::mutex> lk(m_);
@@ -183,6 +194,7 @@ class Pool {
   std::atomic<uint64_t> state_{kClosed};  // see job_state
   std::atomic<uint64_t> park_gen_{~uint64_t{0}};  // generation after which the workers sleep at once (park)
   std::atomic<uint64_t> spun_{0}, parked_{0};
+  std::atomic<int> holders_{0};  // hold(): while > 0 the workers poll between jobs
   bool stop_flag_ = false;
   int64_t ntasks_ = 0;
   TaskFn fn_ = nullptr;
@@ -226,5 +238,9 @@ void run_tasks(int64_t ntasks, TaskFn fn, void* ctx, bool parallel, AfterJob aft
 }
 
 WaitCounts wait_counts() { return pool().counts(); }
+
+void hold(bool on) { pool().hold(on); }
+
+int holders() { return pool().holders(); }
 
 }  // namespace sf

@@ -8,7 +8,10 @@
 // keeps polling for ~0.2 ms before sleeping, so back-to-back kernel calls (the layers of a decode
 // step) do not pay a wake-up each; `park` sleeps at once, for a job whose caller hands the cores
 // to other threads next (torch's own, e.g. the matmuls between MoE decode steps), which a
-// spinning worker would hold for those 0.2 ms. Size: SPARSEFORGE_NUM_THREADS at first use, else the CPUs this process
+// spinning worker would hold for those 0.2 ms. While the pool is held (hold(true) ... hold(false), counted) the
+// workers poll between jobs without a time limit, after parking jobs too: for a caller that runs short single-
+// threaded work between kernel calls (a decode step's norms and rotary between its matmuls), where a worker that
+// fell asleep would wake late and leave the start of the next call to the caller alone. Size: SPARSEFORGE_NUM_THREADS at first use, else the CPUs this process
 // may run on; set_num_threads() changes it. A forked child gets a fresh pool.
 #pragma once
 
@@ -31,6 +34,8 @@ int num_threads();               // caller included
 void set_num_threads(int n);     // n >= 1; throws std::invalid_argument otherwise
 void run_tasks(int64_t ntasks, TaskFn fn, void* ctx, bool parallel = true, AfterJob after = AfterJob::spin);
 WaitCounts wait_counts();
+void hold(bool on);  // on: one more holder (workers keep polling); off: one fewer
+int holders();
 
 // parallel_for(ntasks, [&](int64_t task, int worker) {...}); worker is in [0, num_threads()).
 template <class F>

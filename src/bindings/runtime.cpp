@@ -187,6 +187,14 @@ void register_runtime(nb::module_& m) {
     const sf::WaitCounts c = sf::wait_counts();
     return std::make_pair(c.spun, c.parked);
   }, "How the pool's workers began their waits so far: (polling first, sleeping at once).");
+  m.def("pool_hold", [](bool on) {
+    try {
+      sf::hold(on);
+    } catch (const std::logic_error& e) {
+      raise_config_error(e.what());
+    }
+  }, "on: one more holder of the pool (its workers poll between jobs until released); off: one fewer.");
+  m.def("pool_holders", &sf::holders, "How many holders the pool has now.");
   m.def("set_num_threads", [](int n) {
     try {
       sf::set_num_threads(n);

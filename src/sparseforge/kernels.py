@@ -30,7 +30,8 @@ from types import ModuleType
 from typing import Iterator, Optional
 
 __all__ = [
-    "native", "isa", "best_isa", "cpu_supports", "num_threads", "set_num_threads", "pool_wait_counts", "sparse_threads", "ISAS",
+    "native", "isa", "best_isa", "cpu_supports", "num_threads", "set_num_threads", "pool_wait_counts", "pool_held",
+    "sparse_threads", "ISAS",
     "bf16_path", "bf16_path_supported", "BF16_PATHS",
 ]
 
@@ -117,6 +118,27 @@ def pool_wait_counts() -> tuple[int, int]:
     decode kernel, :func:`sparseforge.ops.expert_ffn.expert_ffn`)."""
     polled, parked = native().pool_wait_counts()
     return int(polled), int(parked)
+
+
+@contextmanager
+def pool_held():
+    """Inside, the thread pool's workers poll between jobs without the ~0.2 ms limit (and after jobs that would
+    park them): for a caller that runs short single-threaded work between kernel calls, such as a decode step's
+    norms and rotary between its matmuls, where a worker that fell asleep wakes late and leaves the start of
+    the next call to the calling thread alone. The workers hold their cores while inside, so keep other
+    multi-threaded work (torch's) out of it. Nests; released on exit, also on error.
+
+    Example:
+        >>> from sparseforge import kernels
+        >>> with kernels.pool_held():
+        ...     kernels.native().pool_holders()
+        1
+    """
+    native().pool_hold(True)
+    try:
+        yield
+    finally:
+        native().pool_hold(False)
 
 
 def set_num_threads(n: int) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from functools import partial
 
 import pytest
@@ -121,3 +122,34 @@ def test_a_step_with_the_gemv_runs_torch_ops_on_one_thread_and_restores_the_sett
         assert seen == [1 if bf16_gemv else 2] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("bf16_gemv", [True, False])
+def test_a_step_holds_the_pool_through_its_layers_only_while_torch_has_one_thread(bf16_gemv, monkeypatch):
+    """The layers of a step run with the pool's workers polling (kernels.pool_held) when torch is on one thread
+    (the bf16 GEMV's step, or inside sparse_threads); the lm_head runs after the release; a step whose torch ops
+    keep two threads holds nothing (the workers would take torch's cores)."""
+    from sparseforge import kernels
+
+    engine = DecodeEngine(tiny_model("llama", seed=3).to(torch.bfloat16), 16, bf16_gemv=bf16_gemv)
+    holders = []
+    head = engine._lm_head
+    engine._lm_head = lambda x: (holders.append(("head", kernels.native().pool_holders())), head(x))[1]
+    layer = engine._layers[0].o_proj
+    engine._layers[0] = dataclasses.replace(engine._layers[0], o_proj=lambda x: (
+        holders.append(("o_proj", kernels.native().pool_holders())), layer(x))[1])
+    before, pool_before = torch.get_num_threads(), kernels.num_threads()
+    torch.set_num_threads(2)
+    kernels.set_num_threads(2)
+    try:
+        engine.prefill(tokens(1, 3, seed=1))
+        engine.step(5)
+        assert holders == ([("o_proj", 1), ("head", 0)] if bf16_gemv else [("o_proj", 0), ("head", 0)])
+        holders.clear()
+        with kernels.sparse_threads(2):
+            engine.step(6)
+        assert holders == [("o_proj", 1), ("head", 0)]
+        assert kernels.native().pool_holders() == 0
+    finally:
+        torch.set_num_threads(before)
+        kernels.set_num_threads(pool_before)

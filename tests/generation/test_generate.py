@@ -182,6 +182,8 @@ def test_cli_engine_flag_picks_the_engine(capsys):
     (["--prompt", "x", "--engine", "native", "--compile"], "--engine transformers"),
     (["--prompt", "x", "--kv-policy", "quest", "--kv-budget", "0"], "--kv-budget"),
     (["--prompt", "x", "--kv-policy", "streaming", "--kv-budget", "4"], "StreamingLLM"),
+    (["--prompt", "x", "--attention", "native", "--engine", "transformers"], "--attention native"),
+    (["--prompt", "x", "--attention", "sdpa", "--kv-policy", "quest"], "does not apply to the transformers engine"),
 ])
 def test_cli_errors_are_one_line_before_any_loading(argv, message, capsys, monkeypatch):
     monkeypatch.setattr(text_module, "load_causal_lm", pytest.fail)
@@ -225,3 +227,26 @@ def test_cli_generates_with_a_kv_policy(capsys):
                  "--kv-policy", "quest", "--kv-budget", "64"]) == 0
     out, err = capsys.readouterr()
     assert out.startswith(PROMPT) and len(out) > len(PROMPT) and "4 new tokens" in err
+
+
+def test_attention_picks_the_native_engines_kernel_and_is_refused_elsewhere():
+    """attention="sdpa" on the float32 built-in model decodes the tokens of the default native kernel here (the
+    two differ only in summation order); a bad value and a transformers engine are refused."""
+    native = generate("builtin", PROMPT, max_new_tokens=8, ignore_eos=True, engine="native", threads=1)
+    sdpa = generate("builtin", PROMPT, max_new_tokens=8, ignore_eos=True, engine="native", attention="sdpa", threads=1)
+    assert sdpa.engine == "native" and sdpa.token_ids == native.token_ids
+    with pytest.raises(ConfigError, match="attention must be 'auto', 'native' or 'sdpa', got 'flash'"):
+        generate("builtin", PROMPT, max_new_tokens=2, attention="flash")
+    with pytest.raises(ConfigError, match="attention='native' chooses the native engine's decode attention"):
+        generate("builtin", PROMPT, max_new_tokens=2, engine="transformers", attention="native")
+
+
+def test_attention_reaches_the_decode_engine(builtin, monkeypatch):
+    import sparseforge.generation.loop as loop_module
+
+    seen = []
+    real = loop_module.DecodeEngine
+    monkeypatch.setattr(loop_module, "DecodeEngine", lambda *a, **kw: (seen.append(kw.get("attention")), real(*a, **kw))[1])
+    model, tokenizer = builtin
+    generate(model, PROMPT, tokenizer=tokenizer, max_new_tokens=2, ignore_eos=True, engine="native", attention="sdpa")
+    assert seen == ["sdpa"]

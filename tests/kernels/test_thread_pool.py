@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import pytest
 import torch
 
 from sparseforge import kernels
@@ -152,3 +153,45 @@ def test_kernels_back_to_back_after_parked_jobs_give_the_serial_result():
                 assert torch.equal(linear(x, w), y)
     finally:
         kernels.set_num_threads(before)
+
+
+def test_a_held_pool_polls_even_after_parking_jobs_and_parks_again_when_released():
+    from sparseforge.errors import ConfigError
+    from sparseforge.ops.expert_ffn import expert_ffn
+
+    args = _expert_problem()
+    serial = expert_ffn(*args, parallel=False)
+    before = kernels.num_threads()
+    kernels.set_num_threads(3)
+    try:
+        assert kernels.native().pool_holders() == 0
+        with kernels.pool_held():
+            with kernels.pool_held():  # nests
+                assert kernels.native().pool_holders() == 2
+            time.sleep(0.05)
+            _, parked0 = kernels.pool_wait_counts()
+            for _ in range(20):
+                assert torch.equal(expert_ffn(*args, parallel=True), serial)  # each job asks the workers to park
+                time.sleep(0.002)
+            time.sleep(0.05)
+            _, parked1 = kernels.pool_wait_counts()
+            assert parked1 == parked0, "the pool is held, yet a worker went to sleep at once"
+        assert kernels.native().pool_holders() == 0
+        for _ in range(20):
+            assert torch.equal(expert_ffn(*args, parallel=True), serial)
+            time.sleep(0.002)
+        time.sleep(0.05)
+        _, parked2 = kernels.pool_wait_counts()
+        assert parked2 > parked1, "released, the parking jobs put no worker to sleep"
+        with pytest.raises(ConfigError, match="hold\\(false\\) without a matching hold\\(true\\)"):
+            kernels.native().pool_hold(False)
+        assert kernels.native().pool_holders() == 0
+    finally:
+        kernels.set_num_threads(before)
+
+
+def test_a_held_pool_is_released_on_error():
+    with pytest.raises(RuntimeError, match="boom"):
+        with kernels.pool_held():
+            raise RuntimeError("boom")
+    assert kernels.native().pool_holders() == 0

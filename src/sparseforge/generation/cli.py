@@ -49,6 +49,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "(default on); see --compile")
     p.add_argument("--compile", action="store_true",
                    help="also torch.compile the decode step with a static KV cache (costs a minute or more once; pays for long generations)")
+    p.add_argument("--attention", default="auto", choices=["auto", "native", "sdpa"],
+                   help="native engine's decode attention: auto (default: the native kernel for float32 models, torch "
+                        "SDPA for bf16 ones, which rounds as the model does), native (also for bf16: faster, greedy "
+                        "tokens may part from the model's own after some steps) or sdpa")
     p.add_argument("--kv-policy", default=None, choices=["dense", "quest", "streaming", "mustafar"],
                    help="decode with a sparse KV-cache policy (sparseforge attention over a paged cache); see --kv-budget")
     p.add_argument("--kv-budget", type=int, default=2048,
@@ -74,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
     if args.engine == "native" and args.kv_policy is not None:
         raise ConfigError("--kv-policy runs on transformers' paged cache, not the native engine's static one; "
                           "use --engine transformers (or auto)")
+    if args.attention != "auto" and (args.engine == "transformers" or args.kv_policy is not None or args.compile):
+        raise ConfigError(f"--attention {args.attention} picks the native engine's decode attention; it does not apply to "
+                          "the transformers engine (--engine transformers, --kv-policy, --compile): drop it")
     from sparseforge.generation.lean import LeanConfig
     from sparseforge.generation.text import GenerationSettings, generate, load_causal_lm
 
@@ -104,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     result = generate(model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos,
                       threads=args.threads, tokenizer=tokenizer, lean=lean, stream=sys.stdout, kv_policy=kv_policy,
-                      engine=args.engine)
+                      engine=args.engine, attention=args.attention)
     for note in result.notes:
         print(note, file=sys.stderr)
     print(result.summary(), file=sys.stderr)

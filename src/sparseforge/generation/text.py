@@ -253,7 +253,8 @@ def choose_engine(model: Any, engine: str, *, kv_policy: Any = None, compiled: b
 def generate(model: "str | Path | Any", prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int = 50, top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False, threads: Optional[int] = None,
              tokenizer: Any = None, sparse: Optional[bool] = None, lean: "bool | Any" = True,
-             stream: Optional[TextIO] = None, kv_policy: Any = None, engine: str = "auto") -> GenerationResult:
+             stream: Optional[TextIO] = None, kv_policy: Any = None, engine: str = "auto",
+             attention: str = "auto") -> GenerationResult:
     """Continue ``prompt`` with ``model``; stream the new text to ``stream``; return text, tokens and timings.
 
     Args:
@@ -268,6 +269,10 @@ def generate(model: "str | Path | Any", prompt: str, *, max_new_tokens: int = 64
             ``threads``); default: when the model holds SparseLinear layers.
         engine: ``"auto"`` (default: the native engine where it runs the model, see the module doc),
             ``"native"`` or ``"transformers"``; :attr:`GenerationResult.engine` says which ran.
+        attention: the native engine's decode attention (:class:`~sparseforge.generation.engine.DecodeEngine`):
+            ``"auto"`` (default: the native kernel for float32 models, torch SDPA for bf16 ones, which rounds
+            as the model does), ``"native"`` (also for bf16: faster, float32 arithmetic, so greedy tokens may
+            part from the model's own after some steps) or ``"sdpa"``.
         lean: for the transformers engine: ``True`` (default) decodes through
             :func:`sparseforge.generation.lean.lean_generate` with its default
             :class:`~sparseforge.generation.lean.LeanConfig`, or pass a ``LeanConfig``; ``False``: plain
@@ -293,6 +298,8 @@ def generate(model: "str | Path | Any", prompt: str, *, max_new_tokens: int = 64
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                   seed=seed, ignore_eos=ignore_eos)
     prompt = _check_prompt(prompt)
+    if attention not in ("auto", "native", "sdpa"):
+        raise ConfigError(f"attention must be 'auto', 'native' or 'sdpa', got {attention!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be a positive integer, got {threads!r}")
     if lean is True:
@@ -317,6 +324,9 @@ def generate(model: "str | Path | Any", prompt: str, *, max_new_tokens: int = 64
         raise ModelError(f"{type(model).__name__} is not a causal language model: generation needs a *ForCausalLM model")
     engine, why_not_native = choose_engine(model, engine, kv_policy=kv_policy,
                                            compiled=lean is not False and lean.compile)
+    if attention != "auto" and engine != "native":
+        raise ConfigError(f"attention={attention!r} chooses the native engine's decode attention, but the "
+                          f"{engine} engine runs here{f' ({why_not_native})' if why_not_native else ''}; leave it 'auto'")
     if sparse is None:
         sparse = any(isinstance(m, SparseLinear) for m in model.modules())
     threads = set_threads(threads)
@@ -349,7 +359,7 @@ def generate(model: "str | Path | Any", prompt: str, *, max_new_tokens: int = 64
 
             out = native_generate(model, ids, max_new_tokens=settings.max_new_tokens, sampling=settings.sampling(),
                                   min_new_tokens=settings.max_new_tokens if settings.ignore_eos else 0,
-                                  eos_token_id=eos, streamer=streamer)
+                                  eos_token_id=eos, streamer=streamer, attention=attention)
         elif lean is False:
             out = model.generate(ids, **kwargs)
         else:
