@@ -30,8 +30,9 @@ the same arithmetic with fewer, pre-bound calls:
   Xeon, quiet host: 9.5 tokens/s with torch at 2 threads, 15.2 with 1);
 * **fewer element-wise ops**: RMSNorm uses the norm module's weight and epsilon: for float32, five
   ops (a BLAS dot for the sum of squares, three scalar ops, two in-place products into a
-  preallocated buffer; measured ~2x faster than ``torch.rms_norm`` at hidden 256); for bfloat16 it
-  rounds where the model does (normalized in float32, rounded, times the weight), as does the
+  preallocated buffer; measured ~2x faster than ``torch.rms_norm`` at hidden 256); for bfloat16 the
+  same on a float32 copy, rounded where the model rounds (normalized in float32, rounded, times the
+  weight), as does the
   rotary embedding (each product rounded), so bf16 greedy tokens match too; rotary embedding of q and k together is three ops over ``(heads, 2, head_dim / 2)``
   views with cos/sin tables the model's own rotary module computed once for every position (so
   llama3 / linear / yarn scalings and ``attention_scaling`` hold); SwiGLU is ``silu_`` + one ``mul``;
