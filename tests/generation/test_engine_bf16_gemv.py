@@ -124,14 +124,27 @@ def test_a_step_with_the_gemv_runs_torch_ops_on_one_thread_and_restores_the_sett
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("bf16_gemv", [True, False])
-def test_a_step_holds_the_pool_through_its_layers_only_while_torch_has_one_thread(bf16_gemv, monkeypatch):
-    """The layers of a step run with the pool's workers polling (kernels.pool_held) when torch is on one thread
-    (the bf16 GEMV's step, or inside sparse_threads); the lm_head runs after the release; a step whose torch ops
-    keep two threads holds nothing (the workers would take torch's cores)."""
+def _pool_model(kind: str):
+    """A tiny Llama whose projections run on the pool ("bf16 gemv", "sparse") or on torch ("bf16 torch")."""
+    import sparseforge as sf
+    from sparseforge.runtime.compress import compress_
+
+    model = tiny_model("llama", seed=3)
+    if kind == "sparse":
+        sf.sparsify_(model, sf.SparsifyConfig(method="magnitude", pattern="2:4"), progress=False)
+        compress_(model, format="nm")
+        return DecodeEngine(model, 16)
+    return DecodeEngine(model.to(torch.bfloat16), 16, bf16_gemv=kind == "bf16 gemv")
+
+
+@pytest.mark.parametrize("kind", ["bf16 gemv", "bf16 torch", "sparse"])
+def test_a_step_holds_the_pool_through_its_layers_only_for_pool_projections_and_one_torch_thread(kind):
+    """The layers of a step run with the pool's workers polling (kernels.pool_held) when some projection runs on
+    the pool and torch is on one thread (the bf16 GEMV's step, or inside sparse_threads); the lm_head runs after
+    the release; projections on torch, or a step whose torch ops keep two threads, hold nothing."""
     from sparseforge import kernels
 
-    engine = DecodeEngine(tiny_model("llama", seed=3).to(torch.bfloat16), 16, bf16_gemv=bf16_gemv)
+    engine = _pool_model(kind)
     holders = []
     head = engine._lm_head
     engine._lm_head = lambda x: (holders.append(("head", kernels.native().pool_holders())), head(x))[1]
@@ -144,11 +157,11 @@ def test_a_step_holds_the_pool_through_its_layers_only_while_torch_has_one_threa
     try:
         engine.prefill(tokens(1, 3, seed=1))
         engine.step(5)
-        assert holders == ([("o_proj", 1), ("head", 0)] if bf16_gemv else [("o_proj", 0), ("head", 0)])
+        assert holders == [("o_proj", 1 if kind == "bf16 gemv" else 0), ("head", 0)]
         holders.clear()
         with kernels.sparse_threads(2):
             engine.step(6)
-        assert holders == [("o_proj", 1), ("head", 0)]
+        assert holders == [("o_proj", 0 if kind == "bf16 torch" else 1), ("head", 0)]
         assert kernels.native().pool_holders() == 0
     finally:
         torch.set_num_threads(before)

@@ -323,6 +323,8 @@ class DecodeEngine:
         # largest dense product (4096x2048 fp32, 2 threads, quiet: 2.30 -> 1.40 ms; on a loaded machine
         # torch's statically split threads measured slower)
         self._lm_head_on_torch = not isinstance(model.lm_head, SparseLinear) and not isinstance(self._lm_head, BoundDenseBf16)
+        # some projection runs on sparseforge's thread pool (native bf16 GEMV or sparse kernels): step() then holds it
+        self._pool_projections = self._bf16_gemv_bound or any(isinstance(m, SparseLinear) for m in model.modules())
 
     def _caller(self, layer: nn.Module) -> Callable[[Tensor], Tensor]:
         """How to call projection ``layer`` on ``(1, in)``: the first pre-bound entry point whose output on a probe
@@ -442,7 +444,7 @@ class DecodeEngine:
             # starts on every kernel thread: a worker asleep after its ~0.2 ms of polling woke late and left the
             # start of the next projection to this thread alone (721M bf16 Llama, Zen 3, 2 threads: the
             # projections streamed ~15 GB/s inside the step against ~24 GB/s called back to back)
-            held = torch.get_num_threads() == 1 and kernels.num_threads() > 1
+            held = self._pool_projections and torch.get_num_threads() == 1 and kernels.num_threads() > 1
             with kernels.pool_held() if held else nullcontext():
                 x = self._hidden(token)
             return self._logits(x)
