@@ -79,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attention", default="native", choices=["native", "auto", "sdpa"],
                    help="the native engine's decode attention for our cells (default native: the native kernel for "
                         "bf16 models too, as llama.cpp does not round as the model does either; 'auto' gives bf16 "
-                        "models torch SDPA, model-exact rounding, ~15 ms per token slower on a Zen 3 host)")
+                        "models torch SDPA, model-exact rounding, ~18 ms per token slower on a Zen 3 host)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sparsities", nargs="+", default=["2:4", "0.75", "0.9"])
     p.add_argument("--int8-sparsities", nargs="+", default=["2:4", "0.75", "4:16"],
@@ -382,17 +382,21 @@ def label_sparsity(label: str) -> float | None:
         return None
 
 
+def counts_for(label: str, target: str) -> bool:
+    """Whether a cell labelled ``label`` counts for ``target``: ``2:4`` the 2:4 pattern itself; ``NN%`` every cell of
+    that sparsity, unstructured or N:M (75%: ``75%``, ``4:16``, ``1:4``)."""
+    return label == target or (target.endswith("%") and label_sparsity(label) == label_sparsity(target))
+
+
 def cells_for(rows: dict[str, dict], target: str, kind: str) -> list[tuple[str, float]]:
     """``(name, decode tokens/s)`` of the measured sparseforge cells of values ``kind`` (``int8``, ``w8a8``, ``fp32``,
-    ...) that a target counts: ``2:4`` the 2:4 pattern itself; ``NN%`` every cell of that sparsity, unstructured or
-    N:M (75%: ``75%``, ``4:16``, ``1:4``)."""
+    ...) that count for ``target`` (:func:`counts_for`)."""
     out = []
     for name, r in rows.items():
         parts = name.split()
         if len(parts) < 3 or parts[0] != "sparseforge" or parts[2] != kind or not r.get("decode_tps"):
             continue
-        label = parts[1]
-        if label == target or (target.endswith("%") and label_sparsity(label) == label_sparsity(target)):
+        if counts_for(parts[1], target):
             out.append((name, r["decode_tps"]))
     return out
 
@@ -408,9 +412,7 @@ def decode_verdicts(rows: dict[str, dict]) -> list[str]:
     for label, factor in DECODE_TARGETS:
         for name, r in rows.items():
             parts = name.split()
-            if len(parts) < 2 or parts[0] != "sparseforge" or parts[1] == "dense" or not r.get("decode_tps"):
-                continue
-            if not (parts[1] == label or (label.endswith("%") and label_sparsity(parts[1]) == label_sparsity(label))):
+            if len(parts) < 2 or parts[0] != "sparseforge" or not counts_for(parts[1], label) or not r.get("decode_tps"):
                 continue
             ratio = r["decode_tps"] / base["decode_tps"]
             beside = f", {r['decode_tps'] / bf16:.2f}x dense bf16" if bf16 else ""

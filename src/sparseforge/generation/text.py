@@ -298,8 +298,11 @@ def generate(model: "str | Path | Any", prompt: str, *, max_new_tokens: int = 64
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                   seed=seed, ignore_eos=ignore_eos)
     prompt = _check_prompt(prompt)
-    if attention not in ("auto", "native", "sdpa"):
-        raise ConfigError(f"attention must be 'auto', 'native' or 'sdpa', got {attention!r}")
+    from sparseforge.generation.engine import ATTENTION_KERNELS
+
+    if attention not in ATTENTION_KERNELS:  # before the model loads; the engine checks the same list
+        *first, last = (repr(a) for a in ATTENTION_KERNELS)
+        raise ConfigError(f"attention must be {', '.join(first)} or {last}, got {attention!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be a positive integer, got {threads!r}")
     if lean is True:
