@@ -22,6 +22,7 @@
 #include "decode_attention.h"
 #include "lanes.h"
 #include "sddmm.h"
+#include "vec_exp.h"
 
 namespace sf {
 // attn_chunk_impl<VT> is the AttnChunkFn of the including file's ISA (see decode_attention.h).
@@ -71,33 +72,6 @@ inline float hmax_vfl(vfl a) {
 #endif
   const float m01 = c[0] > c[1] ? c[0] : c[1], m23 = c[2] > c[3] ? c[2] : c[3];
   return m01 > m23 ? m01 : m23;
-}
-
-// exp(x) for x <= 0 (the softmax only needs that range): x = n ln2 + r, |r| <= ln2 / 2, a degree-6
-// polynomial for e^r, times 2^n built in the exponent bits; 0 below -87.3 (and for -inf), NaN stays NaN.
-inline vfl exp_neg(vfl x) {
-  const vfl lo = vfl{} - 87.3f;
-  const auto under = x < lo;  // -inf included
-  x = under ? lo : x;
-  const vfl magic = vfl{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-  const vfl t = x * 1.44269504088896341f + magic;
-  const vfl nf = t - magic;
-  const vfl r = (x - nf * 0.693359375f) - nf * -2.12194440e-4f;
-  vfl poly = vfl{} + 1.3981999507e-3f;
-  poly = poly * r + 8.3334519073e-3f;
-  poly = poly * r + 4.1665795894e-2f;
-  poly = poly * r + 1.6666665459e-1f;
-  poly = poly * r + 5.0000001201e-1f;
-  poly = poly * r * r + r + 1.f;
-  const vi32_a ni = __builtin_convertvector(nf, vi32_a);
-  const vfl scale = reinterpret_cast<vfl>((ni + 127) << 23);
-  const vfl y = poly * scale;
-  return under ? vfl{} : y;
-}
-
-inline float exp_neg1(float x) {
-  vfl v = vfl{} + x;
-  return exp_neg(v)[0];
 }
 
 // Software prefetch of the next block's key and value rows while the current block is scored: one

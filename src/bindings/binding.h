@@ -87,5 +87,6 @@ void register_attention(nb::module_& m);      // attention.cpp: decode attention
 void register_linear_bf16(nb::module_& m);    // linear_bf16.cpp: bf16 / AMX panel product (batch >= 16)
 void register_column_sparse(nb::module_& m);  // column_sparse.cpp: activation x weight sparse linear
 void register_gemm_bf16x3(nb::module_& m);    // gemm_bf16x3.cpp: float32-accurate GEMM from three bf16 products (AMX)
+void register_decode_glue(nb::module_& m);    // decode_glue.cpp: RMSNorm, SwiGLU and rotary + KV write of a decode step
 
 }  // namespace sfb

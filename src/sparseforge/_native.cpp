@@ -16,4 +16,5 @@ NB_MODULE(_native, m) {
   sfb::register_linear_bf16(m);
   sfb::register_column_sparse(m);
   sfb::register_gemm_bf16x3(m);
+  sfb::register_decode_glue(m);
 }

@@ -100,6 +100,38 @@ def test_fp32_step_logits_match_the_models_forward_closely():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["llama dense fp32 (GQA 4/2)", "llama biases + swiglu bias", "qwen2 (q/k/v biases)",
+                                  "llama 2:4 int8 SparseLinear"])
+def test_float32_steps_run_as_native_glue_calls_and_match_the_torch_op_step(case):
+    """A float32 model with native attention and fused projections steps through the native glue (RMSNorm with the
+    residual add, rotary + KV write, SwiGLU: csrc/decode_glue.h); its logits are those of the same step as torch ops
+    to float32 rounding, and its greedy tokens are theirs."""
+    model = CASES[case]()
+    glued, plain = DecodeEngine(copy.deepcopy(model), 40), DecodeEngine(copy.deepcopy(model), 40)
+    assert glued._glued is not None
+    plain._glued = None  # the torch-op step of the same engine
+    ids = tokens(1, 30, seed=8)
+    a, _ = _teacher_forced_logits(model, glued, ids)
+    b, _ = _teacher_forced_logits(model, plain, ids)
+    torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6)
+    greedy = native_generate(copy.deepcopy(model), ids[:, :4], max_new_tokens=12, min_new_tokens=12)
+    assert torch.equal(greedy, _hf_greedy(model, ids[:, :4], new=12))
+
+
+@pytest.mark.parametrize("why,build,kwargs", [
+    ("bf16 model", lambda: tiny_model("llama", seed=3).to(torch.bfloat16), {}),
+    ("sdpa attention", lambda: tiny_model("llama", seed=3), {"attention": "sdpa"}),
+    ("unfused projections", lambda: tiny_model("llama", seed=3), {"fuse": False}),
+    ("gelu activation", lambda: _tiny_llama(hidden_act="gelu"), {}),
+])
+def test_other_steps_keep_their_torch_ops(why, build, kwargs):
+    model = build()
+    engine = DecodeEngine(copy.deepcopy(model), 40, **kwargs)
+    assert engine._glued is None, why
+    ids = tokens(1, 6, seed=2)
+    assert torch.equal(native_generate(model, ids, max_new_tokens=8, min_new_tokens=8, **kwargs), _hf_greedy(model, ids, new=8))
+
+
 def test_bf16_model_step_logits_match_within_bf16_rounding():
     model = tiny_model("llama", seed=1).to(torch.bfloat16)
     ids = tokens(1, 24, seed=6)

@@ -148,9 +148,14 @@ def test_a_step_holds_the_pool_through_its_layers_only_for_pool_projections_and_
     holders = []
     head = engine._lm_head
     engine._lm_head = lambda x: (holders.append(("head", kernels.native().pool_holders())), head(x))[1]
-    layer = engine._layers[0].o_proj
-    engine._layers[0] = dataclasses.replace(engine._layers[0], o_proj=lambda x: (
-        holders.append(("o_proj", kernels.native().pool_holders())), layer(x))[1])
+    if engine._glued is None:  # the step's torch ops (bf16)
+        layer = engine._layers[0].o_proj
+        engine._layers[0] = dataclasses.replace(engine._layers[0], o_proj=lambda x: (
+            holders.append(("o_proj", kernels.native().pool_holders())), layer(x))[1])
+    else:  # the float32 step's native calls
+        first, glued = engine._glued
+        call = glued[0].o_proj
+        glued[0] = dataclasses.replace(glued[0], o_proj=lambda: (holders.append(("o_proj", kernels.native().pool_holders())), call())[1])
     before, pool_before = torch.get_num_threads(), kernels.num_threads()
     torch.set_num_threads(2)
     kernels.set_num_threads(2)

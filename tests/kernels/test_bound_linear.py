@@ -24,6 +24,13 @@ def test_bound_linear_equals_linear_bitwise(name, batch):
     out = torch.empty(batch, weight.shape[0])
     assert bound(x, out=out) is out and torch.equal(out, ops.linear(x, weight, bias))
     assert torch.equal(ops.BoundLinear(weight)(x), ops.linear(x, weight))
+    x_buf, out_buf = torch.empty(batch, weight.shape[1]), torch.empty(batch, weight.shape[0])
+    call = bound.bind(x_buf, out_buf)  # a decode loop's fixed buffers: the call reads x_buf's current contents
+    for seed in range(2):
+        x_buf.copy_(torch.randn(batch, weight.shape[1], generator=torch.Generator().manual_seed(10 + seed)))
+        call()
+        with torch.no_grad():
+            assert torch.equal(out_buf, ops.linear(x_buf, weight, bias))
 
 
 @pytest.mark.parametrize("fmt, pattern", [("bitmap", None), ("nm", "2:4"), ("csr", None)])
@@ -71,5 +78,7 @@ def test_bound_linear_checks_its_inputs():
         bound(torch.randn(cols, 2).t())
     with pytest.raises(DataError, match="out must be"):
         bound(torch.randn(1, cols), out=torch.empty(2, rows))
+    with pytest.raises(DataError, match="out must be"):
+        bound.bind(torch.randn(1, cols), torch.empty(1, rows + 1))
     with pytest.raises(DataError, match="bias"):
         ops.BoundLinear(weight, torch.zeros(rows + 1))

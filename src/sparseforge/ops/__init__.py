@@ -47,7 +47,7 @@ Example:
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -234,3 +234,10 @@ class BoundLinear:
                             f"{out.dtype} {tuple(out.shape)}")
         self._kernel(np_view(x), *self._wargs, self._bias, out.numpy())
         return out
+
+    def bind(self, x: Tensor, out: Tensor) -> Callable[[], None]:
+        """A zero-argument call that computes ``x @ W^T + bias`` into ``out`` from the buffers' current contents: fixed
+        float32 ``x (B, in)`` and ``out (B, out)`` of a decode loop, checked once here (one call). A call is the
+        native kernel alone, without :meth:`__call__`'s checks, view and allocation."""
+        self(x, out)
+        return partial(self._kernel, np_view(x), *self._wargs, self._bias, out.numpy())
