@@ -29,7 +29,27 @@ namespace sf {
 struct GlueKernels {
   void (*rms_norm)(float* h, const float* residual, const float* weight, int64_t rows, int64_t n, float eps, float* out);
   void (*swiglu)(const float* gate_up, int64_t rows, int64_t f, float* out);
+  void (*rms_norm_bf16)(uint16_t* h, const uint16_t* residual, const uint16_t* weight, int64_t rows, int64_t n, float eps,
+                        uint16_t* out);
+  void (*swiglu_bf16)(const uint16_t* gate_up, int64_t rows, int64_t f, uint16_t* out);
 };
+
+namespace {
+// bfloat16 bits <-> float32: widening is exact; rounding to nearest even as torch (c10::BFloat16) rounds, NaN as
+// the quiet 0x7fc0
+inline float bf16_float(uint16_t b) {
+  const uint32_t w = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &w, sizeof f);
+  return f;
+}
+inline uint16_t bf16_round(float f) {
+  if (f != f) return 0x7fc0;
+  uint32_t w;
+  std::memcpy(&w, &f, sizeof w);
+  return static_cast<uint16_t>((w + 0x7fffu + ((w >> 16) & 1u)) >> 16);
+}
+}  // namespace
 
 namespace scalar { extern const GlueKernels glue_kernels; }
 namespace avx2 { extern const GlueKernels glue_kernels; }
@@ -40,15 +60,28 @@ void rms_norm(float* h, const float* residual, const float* weight, int64_t rows
 void rms_norm_ref(float* h, const float* residual, const float* weight, int64_t rows, int64_t n, float eps, float* out);
 void swiglu(const float* gate_up, int64_t rows, int64_t f, float* out, Isa isa);
 void swiglu_ref(const float* gate_up, int64_t rows, int64_t f, float* out);
+// bfloat16 (raw uint16 bits) h, residual, weight, out / gate_up, out: the model's bf16 rounding points. RMSNorm:
+// h = round(h + residual), the norm in float32, round(weight * round(h * r)); SwiGLU: round(round(silu(gate)) * up)
+void rms_norm_bf16(uint16_t* h, const uint16_t* residual, const uint16_t* weight, int64_t rows, int64_t n, float eps,
+                   uint16_t* out, Isa isa);
+void rms_norm_bf16_ref(uint16_t* h, const uint16_t* residual, const uint16_t* weight, int64_t rows, int64_t n, float eps,
+                       uint16_t* out);
+void swiglu_bf16(const uint16_t* gate_up, int64_t rows, int64_t f, uint16_t* out, Isa isa);
+void swiglu_bf16_ref(const uint16_t* gate_up, int64_t rows, int64_t f, uint16_t* out);
+// out[i] = round(src[i]): float32 to bfloat16 bits
+void to_bf16(const float* src, int64_t n, uint16_t* out);
 
+// vt f32: every buffer float32; vt bf16: qkv, cos, ssin, k and v bfloat16 bits (each product and the sum rounded,
+// as the model's bf16 rotary), q_out float32 (the rotated bf16 q widened, for the attention kernel)
 struct RopeKvProblem {
-  const float* qkv = nullptr;   // ((Hq + 2 Hkv) D,)
-  const float* cos = nullptr;   // (D,)
-  const float* ssin = nullptr;  // (D,): -sin over the first half, +sin over the second
+  VT vt = VT::f32;
+  const void* qkv = nullptr;   // ((Hq + 2 Hkv) D,)
+  const void* cos = nullptr;   // (D,)
+  const void* ssin = nullptr;  // (D,): -sin over the first half, +sin over the second
   int64_t Hq = 0, Hkv = 0, D = 0;
-  float* q_out = nullptr;       // (Hq, D)
-  float* k = nullptr;           // (Hkv, cap, D)
-  float* v = nullptr;           // (Hkv, cap, D)
+  float* q_out = nullptr;      // (Hq, D), float32
+  void* k = nullptr;           // (Hkv, cap, D)
+  void* v = nullptr;           // (Hkv, cap, D)
   int64_t cap = 0, pos = 0;
 };
 void rope_kv(const RopeKvProblem& p);  // throws std::invalid_argument for sizes out of range

@@ -82,7 +82,75 @@ void glue_swiglu(const float* gate_up, int64_t rows, int64_t f, float* out) {
   }
 }
 
+// ---- bfloat16 (raw uint16 bits): widened exactly, each result rounded to nearest even as torch rounds ----
+
+typedef uint16_t vglue_u16 __attribute__((vector_size(kVL * 2), aligned(2)));
+typedef uint32_t vglue_u32 __attribute__((vector_size(kVL * 4)));
+
+inline vfl bload(const uint16_t* p) {
+  const vglue_u32 w = __builtin_convertvector(*reinterpret_cast<const vglue_u16*>(p), vglue_u32) << 16;
+  return reinterpret_cast<vfl>(w);
+}
+
+// round to nearest even (bf16_round of decode_glue.h), NaN as the quiet 0x7fc0
+inline vfl bround(vfl v) {
+  const vglue_u32 b = reinterpret_cast<vglue_u32>(v);
+  vglue_u32 r = ((b + 0x7fffu + ((b >> 16) & 1u)) >> 16) << 16;
+  r = v != v ? vglue_u32{} + (0x7fc0u << 16) : r;
+  return reinterpret_cast<vfl>(r);
+}
+
+inline void bstore(uint16_t* p, vfl v) {  // v already rounded: its high halves
+  *reinterpret_cast<vglue_u16*>(p) = __builtin_convertvector(reinterpret_cast<vglue_u32>(v) >> 16, vglue_u16);
+}
+
+void glue_rms_norm_bf16(uint16_t* h, const uint16_t* residual, const uint16_t* weight, int64_t rows, int64_t n, float eps,
+                        uint16_t* out) {
+  const int64_t nv = n - n % kVL;
+  for (int64_t r = 0; r < rows; ++r) {
+    uint16_t* hr = h + r * n;
+    uint16_t* o = out + r * n;
+    if (residual) {
+      const uint16_t* res = residual + r * n;
+      for (int64_t i = 0; i < nv; i += kVL) bstore(hr + i, bround(bload(hr + i) + bload(res + i)));
+      for (int64_t j = nv; j < n; ++j) hr[j] = bf16_round(bf16_float(hr[j]) + bf16_float(res[j]));
+    }
+    vfl s0 = vfl{};
+    for (int64_t i = 0; i < nv; i += kVL) {
+      const vfl v = bload(hr + i);
+      s0 += v * v;
+    }
+    double ss = 0.0;
+    for (int l = 0; l < kVL; ++l) ss += s0[l];
+    for (int64_t j = nv; j < n; ++j) ss += static_cast<double>(bf16_float(hr[j])) * bf16_float(hr[j]);
+    const float inv = 1.f / std::sqrt(static_cast<float>(ss) / static_cast<float>(n) + eps);
+    const vfl iv = vfl{} + inv;
+    for (int64_t i = 0; i < nv; i += kVL) bstore(o + i, bround(bload(weight + i) * bround(bload(hr + i) * iv)));
+    for (int64_t j = nv; j < n; ++j) o[j] = bf16_round(bf16_float(weight[j]) * bf16_float(bf16_round(bf16_float(hr[j]) * inv)));
+  }
+}
+
+void glue_swiglu_bf16(const uint16_t* gate_up, int64_t rows, int64_t f, uint16_t* out) {
+  const int64_t nv = f - f % kVL;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* g = gate_up + r * 2 * f;
+    const uint16_t* u = g + f;
+    uint16_t* o = out + r * f;
+    for (int64_t i = 0; i < nv; i += kVL) bstore(o + i, bround(bround(silu_times(bload(g + i), vfl{} + 1.f)) * bload(u + i)));
+    if (nv < f) {
+      vfl gt = vfl{}, ut = vfl{};
+      for (int64_t j = nv; j < f; ++j) {
+        gt[j - nv] = bf16_float(g[j]);
+        ut[j - nv] = bf16_float(u[j]);
+      }
+      const vfl ot = bround(bround(silu_times(gt, vfl{} + 1.f)) * ut);
+      for (int64_t j = nv; j < f; ++j) o[j] = bf16_round(ot[j - nv]);  // exact: ot is rounded
+    }
+  }
+}
+
 }  // namespace
 }  // namespace sf
 
-#define SF_DEFINE_GLUE_KERNELS extern const GlueKernels glue_kernels = {glue_rms_norm, glue_swiglu};
+#define SF_DEFINE_GLUE_KERNELS                                                                  \
+  extern const GlueKernels glue_kernels = {glue_rms_norm, glue_swiglu, glue_rms_norm_bf16, glue_swiglu_bf16};

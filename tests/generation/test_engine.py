@@ -118,8 +118,26 @@ def test_float32_steps_run_as_native_glue_calls_and_match_the_torch_op_step(case
     assert torch.equal(greedy, _hf_greedy(model, ids[:, :4], new=12))
 
 
+@pytest.mark.parametrize("case", ["llama bf16", "qwen2 bf16", "llama 2:4 SparseLinear, bf16 model"])
+def test_bf16_steps_with_native_attention_run_as_native_glue_calls_and_round_like_the_torch_op_step(case):
+    """A bfloat16 model with native attention steps through the bf16 glue, which rounds where the torch-op step (and the
+    model) rounds: logits within a few bf16 steps of the torch-op step's, and the same greedy tokens."""
+    model = CASES[case]()
+    glued = DecodeEngine(copy.deepcopy(model), 40, attention="native")
+    plain = DecodeEngine(copy.deepcopy(model), 40, attention="native")
+    assert glued._glued is not None
+    plain._glued = None
+    ids = tokens(1, 30, seed=8)
+    a, expected = _teacher_forced_logits(model, glued, ids)
+    b, _ = _teacher_forced_logits(model, plain, ids)
+    assert (a - b).abs().max() <= 0.02 * b.abs().max()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.95
+    greedy = native_generate(copy.deepcopy(model), ids[:, :4], max_new_tokens=12, min_new_tokens=12, attention="native")
+    assert torch.equal(greedy, _hf_greedy(model, ids[:, :4], new=12))
+
+
 @pytest.mark.parametrize("why,build,kwargs", [
-    ("bf16 model", lambda: tiny_model("llama", seed=3).to(torch.bfloat16), {}),
+    ("bf16 model with SDPA (auto)", lambda: tiny_model("llama", seed=3).to(torch.bfloat16), {}),
     ("sdpa attention", lambda: tiny_model("llama", seed=3), {"attention": "sdpa"}),
     ("unfused projections", lambda: tiny_model("llama", seed=3), {"fuse": False}),
     ("gelu activation", lambda: _tiny_llama(hidden_act="gelu"), {}),

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from sparseforge import kernels
 from sparseforge.errors import DataError
-from sparseforge.ops.decode_glue import (bind_rms_norm, bind_rope_kv, bind_swiglu, rms_norm, rms_norm_ref, rope_kv_,
-                                         swiglu, swiglu_ref)
+from sparseforge.ops.decode_glue import (bind_rms_norm, bind_rope_kv, bind_swiglu, bind_to_bf16, rms_norm, rms_norm_ref,
+                                         rope_kv_, swiglu, swiglu_ref, to_bf16)
 
 
 @pytest.fixture(params=["scalar", "avx2", "avx512"])
@@ -163,3 +163,86 @@ def test_bad_input_gets_one_line_errors():
         rope_kv_(qkv, cos, ssin, 4, q, k, v, 5)
     with pytest.raises(DataError, match=r"cos must be \(5, 8\)"):
         rope_kv_(qkv, cos[:4].contiguous(), ssin, 4, q, k, v, 0)
+
+
+# ---- bfloat16: the model's rounding points -------------------------------------------------------------------
+
+
+def _bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in bf16 steps between two bfloat16 tensors of finite values with the same signs."""
+    ai, bi = a.view(torch.int16).int(), b.view(torch.int16).int()
+    return int((ai - bi).abs().max())
+
+
+@pytest.mark.parametrize("n", [1, 9, 2048, 2053])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_bf16_rms_norm_rounds_where_the_model_rounds(isa, n, with_residual):
+    g = torch.Generator().manual_seed(n)
+    h, w = (torch.randn(2, n, generator=g) * 3).bfloat16(), torch.randn(n, generator=g).bfloat16()
+    res = torch.randn(2, n, generator=g).bfloat16() if with_residual else None
+    got_h, ref_h = h.clone(), h.clone()
+    got = rms_norm(got_h, w, 1e-5, residual=res, isa=isa)
+    ref = rms_norm_ref(ref_h, w, 1e-5, residual=res)
+    summed = h + res if with_residual else h  # rounded once, as the model's residual add
+    assert torch.equal(got_h, summed) and torch.equal(ref_h, summed)
+    f = summed.float()
+    model = w * (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)  # LlamaRMSNorm in bf16
+    assert got.dtype == torch.bfloat16
+    assert _bf16_ulps(got, ref) <= 1 and _bf16_ulps(got, model) <= 1  # r differs in its last float32 bits at most
+    assert (got == model).float().mean() >= 0.99
+
+
+@pytest.mark.parametrize("f", [1, 7, 5632])
+def test_bf16_swiglu_rounds_where_the_model_rounds(isa, f):
+    g = torch.Generator().manual_seed(f)
+    gate_up = (torch.randn(2, 2 * f, generator=g) * 4).bfloat16()
+    got = swiglu(gate_up, isa=isa)
+    gate, up = gate_up.chunk(2, dim=-1)
+    model = F.silu(gate) * up  # bf16 silu (float inside, rounded), then a rounded product
+    assert got.dtype == torch.bfloat16
+    assert _bf16_ulps(got, swiglu_ref(gate_up)) <= 1 and _bf16_ulps(got, model) <= 1
+    assert (got == model).float().mean() >= 0.99
+
+
+def test_bf16_rope_kv_is_the_models_bf16_rotary_bitwise():
+    heads, kv_heads, d, cap, pos = 4, 2, 8, 5, 2
+    qkv, cos, sin, ssin, _, _, _ = _rope_case(heads, kv_heads, d, cap, seed=3)
+    qkv, cos, sin, ssin = (t.bfloat16() for t in (qkv, cos, sin, ssin))
+    q = torch.empty(1, heads, d)
+    k, v = torch.zeros(1, kv_heads, cap, d, dtype=torch.bfloat16), torch.zeros(1, kv_heads, cap, d, dtype=torch.bfloat16)
+    rope_kv_(qkv, cos, ssin, heads, q, k, v, pos)
+
+    def rotate_half(x):
+        return torch.cat([-x[..., d // 2:], x[..., :d // 2]], dim=-1)
+
+    qr = qkv[0, :heads * d].view(heads, d)
+    kr = qkv[0, heads * d:(heads + kv_heads) * d].view(kv_heads, d)
+    assert torch.equal(q[0], (qr * cos[pos] + rotate_half(qr) * sin[pos]).float())
+    assert torch.equal(k[0, :, pos], kr * cos[pos] + rotate_half(kr) * sin[pos])
+    assert torch.equal(v[0, :, pos], qkv[0, (heads + kv_heads) * d:].view(kv_heads, d))
+
+
+def test_to_bf16_rounds_as_torch_and_keeps_nan_and_inf():
+    src = torch.cat([torch.randn(1000) * 1e3, torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0,
+                                                            1.0 + 2**-8, 1.0 + 3 * 2**-8, 3.4e38])])
+    got = to_bf16(src)
+    expected = src.to(torch.bfloat16)
+    assert torch.equal(got.isnan(), expected.isnan())
+    ok = ~expected.isnan()
+    assert torch.equal(got[ok].view(torch.int16), expected[ok].view(torch.int16))
+    out = torch.empty(1008, dtype=torch.bfloat16)
+    call = bind_to_bf16(src, out)
+    src.mul_(2)
+    call()
+    assert torch.equal(out[ok].view(torch.int16), src.to(torch.bfloat16)[ok].view(torch.int16))
+
+
+def test_mixed_dtypes_are_refused():
+    h = torch.randn(1, 8).bfloat16()
+    with pytest.raises(DataError, match="weight must have h's dtype"):
+        rms_norm(h, torch.randn(8), 1e-5)
+    with pytest.raises(DataError, match="out must be a contiguous 2-D bfloat16"):
+        to_bf16(torch.randn(1, 8), out=torch.empty(1, 8))
+    qkv, cos, sin, ssin, q, k, v = _rope_case()
+    with pytest.raises(DataError, match="k must be a contiguous 4-D bfloat16"):
+        rope_kv_(qkv.bfloat16(), cos.bfloat16(), ssin.bfloat16(), 4, q, k, v, 0)

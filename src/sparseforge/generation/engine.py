@@ -28,15 +28,17 @@ the same arithmetic with fewer, pre-bound calls:
   SDPA) with ``torch.set_num_threads(1)`` and restores the setting after: torch's OpenMP workers spin
   after each parallel op and took the pool's cores (721 M bf16 Llama, 2 threads, Sapphire Rapids-class
   Xeon, quiet host: 9.5 tokens/s with torch at 2 threads, 15.2 with 1);
-* **native glue for float32 models**: a float32 model with native attention, fused projections and SiLU
-  runs each layer as nine calls over fixed buffers (:meth:`DecodeEngine._glue_plan`): q/k/v, rotary + KV
-  write (:func:`sparseforge.ops.decode_glue.bind_rope_kv`, the model's rotary arithmetic bitwise), attention,
-  o, residual add + RMSNorm (:func:`~sparseforge.ops.decode_glue.bind_rms_norm`), gate/up, SwiGLU
-  (:func:`~sparseforge.ops.decode_glue.bind_swiglu`), down, residual add + the next norm. Each projection is a
-  :meth:`BoundLinear.bind` call (the kernel alone) where the layer is bound, else the layer's own call into the
-  buffer. The torch ops in between cost ~5 ms per token of a 16-layer model (Zen 3 host); the glue calls ~0.5 ms.
-  The norm's sum of squares and SiLU's exp round differently from torch's (float32 rounding; greedy tokens
-  of the engine tests are those of ``generate``). Other models take the torch ops below;
+* **native glue**: a float32 or bfloat16 model with native attention, fused projections and SiLU runs each
+  layer as nine calls over fixed buffers (:meth:`DecodeEngine._glue_plan`): q/k/v, rotary + KV write
+  (:func:`sparseforge.ops.decode_glue.bind_rope_kv`, the model's rotary arithmetic bitwise), attention (its
+  float32 output rounded for a bf16 model), o, residual add + RMSNorm
+  (:func:`~sparseforge.ops.decode_glue.bind_rms_norm`), gate/up, SwiGLU
+  (:func:`~sparseforge.ops.decode_glue.bind_swiglu`), down, residual add + the next norm; bf16 buffers round
+  where the model rounds. Each projection is a :meth:`BoundLinear.bind` / :meth:`BoundDenseBf16.bind` call (the
+  kernel alone) where the layer is bound, else the layer's own call into the buffer. The torch ops in between
+  cost ~5 ms per token of a 16-layer float32 model and ~8-11 ms in bfloat16 (Zen 3 host); the glue calls
+  ~0.5 ms. The norm's sum of squares and SiLU's exp round differently from torch's in the last float32 bits
+  (greedy tokens of the engine tests are those of ``generate``). Other models take the torch ops below;
 * **fewer element-wise ops**: RMSNorm uses the norm module's weight and epsilon: for float32, five
   ops (a BLAS dot for the sum of squares, three scalar ops, two in-place products into a
   preallocated buffer; measured ~2x faster than ``torch.rms_norm`` at hidden 256); for bfloat16 the
@@ -88,7 +90,7 @@ from sparseforge.nn.sparse_linear import SparseLinear
 from sparseforge.ops import BoundLinear
 from sparseforge.ops.dense_bf16 import BoundDenseBf16
 from sparseforge.ops.decode_attention import BoundDecodeAttention
-from sparseforge.ops.decode_glue import bind_rms_norm, bind_rope_kv, bind_swiglu
+from sparseforge.ops.decode_glue import bind_rms_norm, bind_rope_kv, bind_swiglu, bind_to_bf16
 
 __all__ = ["DecodeEngine", "CastBound", "SUPPORTED_FAMILIES", "ATTENTION_KERNELS", "unsupported_reason", "check_supported",
            "within_bf16_sum_order"]
@@ -263,7 +265,7 @@ class _GluedLayer:
 
     qkv: Callable[[], object]  # normed -> qkv
     rope: Callable[[int], None]  # qkv -> rotated q, k and v into the cache at a position
-    attend: BoundDecodeAttention  # attend(n): q over the cache -> its out
+    attend: Callable[[int], object]  # attend(n): q over the cache -> the o projection's input
     o_proj: Callable[[], object]  # attention out -> o
     norm2: Callable[[], None]  # h += o; normed = norm2(h)
     gate_up: Callable[[], object]  # normed -> gate_up
@@ -403,32 +405,39 @@ class DecodeEngine:
         )  # fmt: skip
 
     def _glue_plan(self) -> Optional[tuple[Callable[[], None], list[_GluedLayer]]]:
-        """The float32 step's calls over fixed buffers: (first norm, layers), or None where the step keeps its torch ops
-        (another dtype, SDPA attention, unfused projections or another activation than SiLU)."""
+        """The step's native calls over fixed buffers: (first norm, layers), or None where the step keeps its torch ops
+        (a dtype other than float32 / bfloat16, SDPA attention, unfused projections, an activation other than SiLU)."""
         plans = self._layers
-        if self.dtype != torch.float32 or self.attention != "native" or any(
+        if self.dtype not in (torch.float32, torch.bfloat16) or self.attention != "native" or any(
                 p.qkv is None or p.gate_up is None or p.act is not None for p in plans):
             return None
-        hd, qkv_rows = self.head_dim, self.heads + 2 * self.kv_heads
+        hd, qkv_rows, dt = self.head_dim, self.heads + 2 * self.kv_heads, self.dtype
         ffn = self.model.model.layers[0].mlp.down_proj.in_features
         h, normed = self._h, self._normed
-        qkv, o, d = torch.empty(1, qkv_rows * hd), torch.empty(1, self.hidden), torch.empty(1, self.hidden)
-        gu, act = torch.empty(1, 2 * ffn), torch.empty(1, ffn)
+        qkv, o, d = (torch.empty(1, n, dtype=dt) for n in (qkv_rows * hd, self.hidden, self.hidden))
+        gu, act = torch.empty(1, 2 * ffn, dtype=dt), torch.empty(1, ffn, dtype=dt)
+        attn16 = torch.empty(1, self.heads * hd, dtype=dt) if dt != torch.float32 else None  # the o projection's input
         cos, sin = self._cos.view(self.capacity, hd), self._sin.view(self.capacity, hd)
-        self._glue_buffers = (qkv, o, d, gu, act)  # the views below share their memory
+        self._glue_buffers = (qkv, o, d, gu, act, attn16)  # the views below share their memory
 
         def into(layer: Callable[[Tensor], Tensor], x: Tensor, out: Tensor) -> Callable[[], object]:
-            if isinstance(layer, BoundLinear):
+            if isinstance(layer, (BoundLinear, BoundDenseBf16)):
                 return layer.bind(x, out)
             return lambda: out.copy_(layer(x))
+
+        def attend_into(bound: BoundDecodeAttention) -> Callable[[int], object]:
+            if attn16 is None:
+                return bound  # its float32 out is the o projection's input
+            rounded = bind_to_bf16(bound.out.view(1, self.heads * hd), attn16)
+            return lambda n: (bound(n), rounded())
 
         norms = [(p.norm1_w, p.norm1_eps) for p in plans[1:]] + [(self._norm_w, self._norm_eps)]
         glued = []
         for p, (next_w, next_eps) in zip(plans, norms):
-            attn_out = p.attend.out.view(1, self.heads * hd)  # (1, heads head_dim)
+            attn_in = p.attend.out.view(1, self.heads * hd) if attn16 is None else attn16  # (1, heads head_dim)
             glued.append(_GluedLayer(
                 qkv=into(p.qkv, normed, qkv), rope=bind_rope_kv(qkv, cos, sin, self.heads, self._q32, p.keys, p.values),
-                attend=p.attend, o_proj=into(p.o_proj, attn_out, o),
+                attend=attend_into(p.attend), o_proj=into(p.o_proj, attn_in, o),
                 norm2=bind_rms_norm(h, p.norm2_w, p.norm2_eps, normed, residual=o),
                 gate_up=into(p.gate_up, normed, gu), swiglu=bind_swiglu(gu, act), down=into(p.down, act, d),
                 norm_next=bind_rms_norm(h, next_w, next_eps, normed, residual=d),

@@ -1,4 +1,4 @@
-"""The element-wise steps of a decoder layer between its projections, as single native calls (float32).
+"""The element-wise steps of a decoder layer between its projections, as single native calls (float32 or bfloat16).
 
 Native code ``csrc/decode_glue.h`` (AVX-512 / AVX2 / portable vector width, chosen at run time; scalar
 oracles ``*_ref``). At batch-1 decode sizes torch spends more time dispatching the five to eight small ops
@@ -13,7 +13,10 @@ on a Zen 3 host); the native decode engine (:mod:`sparseforge.generation.engine`
   (``q cos + rotate_half(q) sin``, the model's own arithmetic, bitwise), q into a buffer and k, v into
   the KV cache at that position.
 
-The norm's sum of squares and SiLU's exponential differ from torch's in the last bits (float32 rounding
+bfloat16 buffers round where the model's bf16 forward rounds: the residual sum, ``h * r`` and its product with
+the weight, ``silu(gate)`` and its product with ``up``, each rotary product and their sum (:func:`to_bf16` rounds
+the float32 attention output for the o projection). The norm's sum of squares and SiLU's exponential differ
+from torch's in the last bits (float32 rounding
 of another summation order, a polynomial exp), so a decode step agrees with the model's forward to float
 rounding, not bitwise. The ``bind_*`` functions return zero-copy, pre-checked callables for a decode loop
 (a call is one native call, ~2-6 us).
@@ -38,14 +41,20 @@ from torch import Tensor
 
 from sparseforge.errors import DataError
 from sparseforge.kernels import native
+from sparseforge.ops._define import np_view
 
-__all__ = ["rms_norm", "rms_norm_ref", "swiglu", "swiglu_ref", "rope_kv_", "bind_rms_norm", "bind_swiglu", "bind_rope_kv"]
+__all__ = ["rms_norm", "rms_norm_ref", "swiglu", "swiglu_ref", "rope_kv_", "bind_rms_norm", "bind_swiglu", "bind_rope_kv", "to_bf16",
+           "bind_to_bf16"]
 
 
-def _f32(t: Tensor, name: str, dim: int) -> None:
-    if not isinstance(t, Tensor) or t.dtype != torch.float32 or t.dim() != dim or not t.is_contiguous() or not t.is_cpu:
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _f32(t: Tensor, name: str, dim: int, dtypes: tuple = DTYPES) -> None:
+    if not isinstance(t, Tensor) or t.dtype not in dtypes or t.dim() != dim or not t.is_contiguous() or not t.is_cpu:
         got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
-        raise DataError(f"{name} must be a contiguous {dim}-D float32 CPU tensor, got {got}")
+        kinds = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise DataError(f"{name} must be a contiguous {dim}-D {kinds} CPU tensor, got {got}")
 
 
 def _call(fn: Callable, *args, **kwargs) -> None:
@@ -72,8 +81,8 @@ def rms_norm(h: Tensor, weight: Tensor, eps: float, out: Optional[Tensor] = None
     ``residual (rows, n)``, ``h += residual`` first, in place. ``isa``: ``""`` (the best path), ``"scalar"``,
     ``"avx2"`` or ``"avx512"``."""
     out = _norm_args(h, weight, out, residual)
-    _call(native().rms_norm, h.numpy(), weight.numpy(), float(eps), out.numpy(),
-          residual=None if residual is None else residual.numpy(), isa=isa)
+    _call(native().rms_norm, np_view(h), np_view(weight), float(eps), np_view(out),
+          residual=None if residual is None else np_view(residual), isa=isa)
     return out
 
 
@@ -81,15 +90,15 @@ def rms_norm_ref(h: Tensor, weight: Tensor, eps: float, out: Optional[Tensor] = 
                  residual: Optional[Tensor] = None) -> Tensor:
     """:func:`rms_norm` by the scalar oracle (sum of squares in double)."""
     out = _norm_args(h, weight, out, residual)
-    _call(native().rms_norm_ref, h.numpy(), weight.numpy(), float(eps), out.numpy(),
-          residual=None if residual is None else residual.numpy())
+    _call(native().rms_norm_ref, np_view(h), np_view(weight), float(eps), np_view(out),
+          residual=None if residual is None else np_view(residual))
     return out
 
 
 def _swiglu_out(gate_up: Tensor, out: Optional[Tensor]) -> Tensor:
     _f32(gate_up, "gate_up", 2)
     if out is None:
-        out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2)
+        out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, dtype=gate_up.dtype)
     _f32(out, "out", 2)
     return out
 
@@ -97,20 +106,21 @@ def _swiglu_out(gate_up: Tensor, out: Optional[Tensor]) -> Tensor:
 def swiglu(gate_up: Tensor, out: Optional[Tensor] = None, isa: str = "") -> Tensor:
     """``silu(gate) * up`` for float32 ``gate_up (rows, 2 f) = [gate | up]``, as ``(rows, f)`` (into ``out``)."""
     out = _swiglu_out(gate_up, out)
-    _call(native().swiglu, gate_up.numpy(), out.numpy(), isa=isa)
+    _call(native().swiglu, np_view(gate_up), np_view(out), isa=isa)
     return out
 
 
 def swiglu_ref(gate_up: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """:func:`swiglu` by the scalar oracle (double, ``std::exp``)."""
     out = _swiglu_out(gate_up, out)
-    _call(native().swiglu_ref, gate_up.numpy(), out.numpy())
+    _call(native().swiglu_ref, np_view(gate_up), np_view(out))
     return out
 
 
 def _rope_args(qkv: Tensor, cos: Tensor, ssin: Tensor, heads: int, q: Tensor, k: Tensor, v: Tensor) -> None:
-    for t, name, dim in ((qkv, "qkv", 2), (cos, "cos", 2), (ssin, "ssin", 2), (q, "q", 3), (k, "k", 4), (v, "v", 4)):
-        _f32(t, name, dim)
+    for t, name, dim in ((qkv, "qkv", 2), (cos, "cos", 2), (ssin, "ssin", 2), (k, "k", 4), (v, "v", 4)):
+        _f32(t, name, dim, (qkv.dtype,) if name != "qkv" else DTYPES)
+    _f32(q, "q", 3, (torch.float32,))
     _, kv_heads, cap, d = k.shape
     expected = {"k": (1, kv_heads, cap, d), "v": tuple(k.shape), "q": (1, heads, d), "qkv": (1, (heads + 2 * kv_heads) * d),
                 "cos": (cap, d), "ssin": (cap, d)}
@@ -128,7 +138,7 @@ def rope_kv_(qkv: Tensor, cos: Tensor, ssin: Tensor, heads: int, q: Tensor, k: T
     ``(cap, D)``; q into ``q (1, heads, D)``, k into ``k (1, Hkv, cap, D)`` at token ``pos``, v copied into ``v``
     at token ``pos``."""
     _rope_args(qkv, cos, ssin, heads, q, k, v)
-    _call(native().rope_kv, qkv.numpy(), cos.numpy(), ssin.numpy(), int(heads), q.numpy(), k.numpy(), v.numpy(), int(pos))
+    _call(native().rope_kv, np_view(qkv), np_view(cos), np_view(ssin), int(heads), np_view(q), np_view(k), np_view(v), int(pos))
 
 
 def bind_rms_norm(h: Tensor, weight: Tensor, eps: float, out: Tensor, residual: Optional[Tensor] = None,
@@ -136,18 +146,34 @@ def bind_rms_norm(h: Tensor, weight: Tensor, eps: float, out: Tensor, residual: 
     """:func:`rms_norm` over fixed buffers, checked once (one call here): ``fn()`` recomputes ``out`` (and
     ``h += residual``) from the buffers' current contents."""
     rms_norm(h.clone(), weight, eps, out.clone(), None if residual is None else residual.clone(), isa=isa)
-    return partial(native().rms_norm, h.numpy(), weight.numpy(), float(eps), out.numpy(),
-                   residual=None if residual is None else residual.numpy(), isa=isa)
+    return partial(native().rms_norm, np_view(h), np_view(weight), float(eps), np_view(out),
+                   residual=None if residual is None else np_view(residual), isa=isa)
 
 
 def bind_swiglu(gate_up: Tensor, out: Tensor, isa: str = "") -> Callable[[], None]:
     """:func:`swiglu` over fixed buffers, checked once: ``fn()`` recomputes ``out`` from ``gate_up``."""
     swiglu(gate_up, out.clone(), isa=isa)
-    return partial(native().swiglu, gate_up.numpy(), out.numpy(), isa=isa)
+    return partial(native().swiglu, np_view(gate_up), np_view(out), isa=isa)
 
 
 def bind_rope_kv(qkv: Tensor, cos: Tensor, ssin: Tensor, heads: int, q: Tensor, k: Tensor, v: Tensor) -> Callable[[int], None]:
     """:func:`rope_kv_` over fixed buffers, checked once (on copies): ``fn(pos)`` rotates and writes position ``pos``
     (a position outside the cache raises ``ValueError``)."""
     _rope_args(qkv, cos, ssin, heads, q, k, v)
-    return partial(native().rope_kv, qkv.numpy(), cos.numpy(), ssin.numpy(), int(heads), q.numpy(), k.numpy(), v.numpy())
+    return partial(native().rope_kv, np_view(qkv), np_view(cos), np_view(ssin), int(heads), np_view(q), np_view(k), np_view(v))
+
+
+def to_bf16(src: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """float32 ``src`` rounded to bfloat16 (to nearest even, as ``src.to(torch.bfloat16)``), into ``out``."""
+    _f32(src, "src", src.dim() if isinstance(src, Tensor) else 1, (torch.float32,))
+    if out is None:
+        out = torch.empty(src.shape, dtype=torch.bfloat16)
+    _f32(out, "out", src.dim(), (torch.bfloat16,))
+    _call(native().to_bf16, np_view(src), np_view(out))
+    return out
+
+
+def bind_to_bf16(src: Tensor, out: Tensor) -> Callable[[], None]:
+    """:func:`to_bf16` over fixed buffers, checked once: ``fn()`` rounds ``src``'s current contents into ``out``."""
+    to_bf16(src, out.clone())
+    return partial(native().to_bf16, np_view(src), np_view(out))

@@ -27,7 +27,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional
+from functools import partial
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -102,3 +103,12 @@ class BoundDenseBf16:
         y = torch.empty(x.shape[0], self.out_features, dtype=torch.bfloat16)  # (B, out)
         self._gemv(np_view(x), self._w, self._b, np_view(y))
         return y
+
+    def bind(self, x: Tensor, out: Tensor) -> Callable[[], None]:
+        """A zero-argument call that computes ``x @ W^T + bias`` into ``out`` (bfloat16 ``(B, out)``) from the fixed
+        buffers' current contents (a decode loop's), checked once here: a call is the native GEMV alone."""
+        self(x)
+        if out.dtype != torch.bfloat16 or out.shape != (x.shape[0], self.out_features) or not out.is_contiguous():
+            raise DataError(f"out must be a contiguous bfloat16 ({x.shape[0]}, {self.out_features}) tensor, got "
+                            f"{out.dtype} {tuple(out.shape)}")
+        return partial(self._gemv, np_view(x), self._w, self._b, np_view(out))
