@@ -56,7 +56,8 @@ the same arithmetic with fewer, pre-bound calls:
   model's own attention does: a 16-layer bf16 model's greedy tokens stay those of ``generate``,
   where the native kernel's float32 arithmetic parted from them after a few tokens).
 
-The prompt goes through the model's own forward (prefill: batched matmuls, transformers' attention)
+The prompt goes through the model's own forward (prefill: batched matmuls, transformers' attention; a
+bfloat16 model's linears widened to float32 where that measured faster here, :mod:`~sparseforge.generation.prefill`)
 and its KV cache is copied into the engine's. Supported: ``llama``, ``qwen2`` (q/k/v biases),
 ``mistral`` (without a sliding window shorter than the generation); grouped-query attention; tied
 or untied ``lm_head``; rope types whose frequencies do not depend on the sequence length (not
@@ -91,6 +92,7 @@ from sparseforge.ops import BoundLinear
 from sparseforge.ops.dense_bf16 import BoundDenseBf16
 from sparseforge.ops.decode_attention import BoundDecodeAttention
 from sparseforge.ops.decode_glue import bind_rms_norm, bind_rope_kv, bind_swiglu, bind_to_bf16
+from sparseforge.generation.prefill import prompt_forward
 
 __all__ = ["DecodeEngine", "CastBound", "SUPPORTED_FAMILIES", "ATTENTION_KERNELS", "unsupported_reason", "check_supported",
            "within_bf16_sum_order"]
@@ -490,7 +492,7 @@ class DecodeEngine:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids, use_cache=True, cache=cache, logits_to_keep=1)
+        out = prompt_forward(self.model, input_ids, use_cache=True, cache=cache, logits_to_keep=1)
         for i, plan in enumerate(self._layers):
             layer = cache.layers[i]
             plan.keys[:, :, :length].copy_(layer.keys)  # (1, kv_heads, T, head_dim)
