@@ -262,7 +262,7 @@ class _LayerPlan:
 
 @dataclass
 class _GluedLayer:
-    """One decoder layer of the float32 native-glue step as zero-argument calls over the engine's fixed buffers (module
+    """One decoder layer of the native-glue step (float32 or bfloat16) as zero-argument calls over the engine's fixed buffers (module
     doc): norm1 is the previous layer's ``norm_next`` (or the engine's first norm)."""
 
     qkv: Callable[[], object]  # normed -> qkv
@@ -355,7 +355,7 @@ class DecodeEngine:
         self._lm_head_on_torch = not isinstance(model.lm_head, SparseLinear) and not isinstance(self._lm_head, BoundDenseBf16)
         # some projection runs on sparseforge's thread pool (native bf16 GEMV or sparse kernels): step() then holds it
         self._pool_projections = self._bf16_gemv_bound or any(isinstance(m, SparseLinear) for m in model.modules())
-        self._glued = self._glue_plan()  # the float32 step as native calls, or None (module doc)
+        self._glued = self._glue_plan()  # the step as native calls, or None: torch ops between the projections (module doc)
 
     def _caller(self, layer: nn.Module) -> Callable[[Tensor], Tensor]:
         """How to call projection ``layer`` on ``(1, in)``: the first pre-bound entry point whose output on a probe
@@ -579,7 +579,7 @@ class DecodeEngine:
         return self._rms_norm(h, self._norm_w, self._norm_eps)
 
     def _hidden_glued(self, token: int) -> Tensor:
-        """:meth:`_hidden` of a float32 model as native calls over fixed buffers (:meth:`_glue_plan`)."""
+        """:meth:`_hidden` as native calls over fixed buffers (:meth:`_glue_plan`)."""
         pos = self._length
         n = pos + 1
         self._span_ends.fill_(n)

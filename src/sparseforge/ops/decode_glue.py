@@ -50,7 +50,7 @@ __all__ = ["rms_norm", "rms_norm_ref", "swiglu", "swiglu_ref", "rope_kv_", "bind
 DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _f32(t: Tensor, name: str, dim: int, dtypes: tuple = DTYPES) -> None:
+def _check_buffer(t: Tensor, name: str, dim: int, dtypes: tuple = DTYPES) -> None:
     if not isinstance(t, Tensor) or t.dtype not in dtypes or t.dim() != dim or not t.is_contiguous() or not t.is_cpu:
         got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
         kinds = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
@@ -65,13 +65,13 @@ def _call(fn: Callable, *args, **kwargs) -> None:
 
 
 def _norm_args(h: Tensor, weight: Tensor, out: Optional[Tensor], residual: Optional[Tensor]) -> Tensor:
-    _f32(h, "h", 2)
-    _f32(weight, "weight", 1)
+    _check_buffer(h, "h", 2)
+    _check_buffer(weight, "weight", 1)
     if residual is not None:
-        _f32(residual, "residual", 2)
+        _check_buffer(residual, "residual", 2)
     if out is None:
         out = torch.empty_like(h)
-    _f32(out, "out", 2)
+    _check_buffer(out, "out", 2)
     return out
 
 
@@ -96,10 +96,10 @@ def rms_norm_ref(h: Tensor, weight: Tensor, eps: float, out: Optional[Tensor] = 
 
 
 def _swiglu_out(gate_up: Tensor, out: Optional[Tensor]) -> Tensor:
-    _f32(gate_up, "gate_up", 2)
+    _check_buffer(gate_up, "gate_up", 2)
     if out is None:
         out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, dtype=gate_up.dtype)
-    _f32(out, "out", 2)
+    _check_buffer(out, "out", 2)
     return out
 
 
@@ -119,8 +119,8 @@ def swiglu_ref(gate_up: Tensor, out: Optional[Tensor] = None) -> Tensor:
 
 def _rope_args(qkv: Tensor, cos: Tensor, ssin: Tensor, heads: int, q: Tensor, k: Tensor, v: Tensor) -> None:
     for t, name, dim in ((qkv, "qkv", 2), (cos, "cos", 2), (ssin, "ssin", 2), (k, "k", 4), (v, "v", 4)):
-        _f32(t, name, dim, (qkv.dtype,) if name != "qkv" else DTYPES)
-    _f32(q, "q", 3, (torch.float32,))
+        _check_buffer(t, name, dim, (qkv.dtype,) if name != "qkv" else DTYPES)
+    _check_buffer(q, "q", 3, (torch.float32,))
     _, kv_heads, cap, d = k.shape
     expected = {"k": (1, kv_heads, cap, d), "v": tuple(k.shape), "q": (1, heads, d), "qkv": (1, (heads + 2 * kv_heads) * d),
                 "cos": (cap, d), "ssin": (cap, d)}
@@ -165,10 +165,10 @@ def bind_rope_kv(qkv: Tensor, cos: Tensor, ssin: Tensor, heads: int, q: Tensor, 
 
 def to_bf16(src: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """float32 ``src`` rounded to bfloat16 (to nearest even, as ``src.to(torch.bfloat16)``), into ``out``."""
-    _f32(src, "src", src.dim() if isinstance(src, Tensor) else 1, (torch.float32,))
+    _check_buffer(src, "src", src.dim() if isinstance(src, Tensor) else 1, (torch.float32,))
     if out is None:
         out = torch.empty(src.shape, dtype=torch.bfloat16)
-    _f32(out, "out", src.dim(), (torch.bfloat16,))
+    _check_buffer(out, "out", src.dim(), (torch.bfloat16,))
     _call(native().to_bf16, np_view(src), np_view(out))
     return out
 
