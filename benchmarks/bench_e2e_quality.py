@@ -60,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sparsities", nargs="+", default=list(SPARSITIES), choices=list(SPARSITIES))
     p.add_argument("--calibration", type=int, default=64, help="SparseGPT calibration samples (of --ctx tokens)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help="also score each pattern after this many SquareHead steps (sparseforge.finetune_ defaults), "
+                        "then int8 (round to nearest, the same mask); 0: one-shot only")
     p.add_argument("--speed", type=Path, default=None, help="e2e_llamacpp.json to join decode speeds from")
     p.add_argument("--reuse", action="store_true", help="take the perplexities from --out's existing JSON (join --speed and plot only)")
     p.add_argument("--work", type=Path, default=peer.CACHE / "models")
@@ -161,6 +164,25 @@ def prune(model, label: str, bits: int | None, tokens: torch.Tensor, cache: Path
     return pruned
 
 
+def recovered(pruned, dense, tokenizer, label: str, steps: int, cache: Path, data="builtin"):
+    """``pruned`` after ``steps`` steps of SquareHead distillation from ``dense`` on the built-in corpus
+    (or ``data``; :func:`sparseforge.finetune.finetune_` with its defaults; its zeros stay zero). Cached in ``cache`` like
+    :func:`prune`'s state."""
+    from sparseforge.finetune import FinetuneConfig, finetune_
+
+    model = copy.deepcopy(pruned)
+    path = cache / f"builtin-sparsegpt-{label.replace(':', 'of').replace('%', 'pct')}-squarehead{steps}.pt"
+    if path.exists():
+        model.load_state_dict(torch.load(path))
+        return model
+    finetune_(model, FinetuneConfig(loss="squarehead", steps=steps), teacher=dense, data=data, tokenizer=tokenizer,
+              evaluate=False, progress=False)
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)
+    return model
+
+
 def compressed(model, int8: bool, pattern: str | None = None):
     """``model`` with every pruned layer as SparseLinear (int8 values when quantized) in the format the
     rule picks (``"auto"`` would keep this small model's layers dense: they are faster dense); quantized models
@@ -190,9 +212,10 @@ def save_hf(model, tokenizer, path: Path) -> Path:
 
 def speed_key(name: str) -> str:
     """The e2e_llamacpp.json row prefix measuring quality row ``name``'s kind of variant: the name without
-    its parenthesised detail ("sparseforge 2:4 int8 (nm 2:4)" -> "sparseforge 2:4 int8"; "llama.cpp q8_0
+    its parenthesised detail and fine-tuning tag ("sparseforge 2:4 int8 (nm 2:4)" and "sparseforge 2:4 int8, 200
+    SquareHead steps (nm 2:4)" -> "sparseforge 2:4 int8": the same kernels read the same bytes; "llama.cpp q8_0
     (2:4 SparseGPT)" -> "llama.cpp q8_0": llama.cpp reads the zeros too)."""
-    return name.split(" (")[0]
+    return name.split(" (")[0].split(", ")[0]
 
 
 def join_speed(rows: dict, speed_json: Path) -> None:
@@ -317,6 +340,17 @@ def main(argv=None) -> dict:
                 w8a8 = copy.deepcopy(model)
                 set_activation_precision_(w8a8, "int8")
                 ours[f"sparseforge {label} w8a8 ({fmts})"] = (w8a8, "sparse")
+            if bits is None and args.finetune_steps > 0:  # recovery, then int8 weights (and activations)
+                from sparseforge.runtime.compress import set_activation_precision_
+
+                tuned, fmts = compressed(recovered(pruned, dense, tokenizer, label, args.finetune_steps, args.work),
+                                         int8=True, pattern=nm)
+                tag = f"{args.finetune_steps} SquareHead steps"
+                ours[f"sparseforge {label} int8, {tag} ({fmts})"] = (tuned, "sparse")
+                w8a8 = copy.deepcopy(tuned)
+                set_activation_precision_(w8a8, "int8")
+                ours[f"sparseforge {label} w8a8, {tag} ({fmts})"] = (w8a8, "sparse")
+                print(f"fine-tuned {label} ({time.perf_counter() - start:.0f} s)", flush=True)
             if label == "2:4" and bits is None:  # llama.cpp gets our pruned model too
                 tag = f"{calib.shape[0]}x{calib.shape[1]}"  # the same calibration as the cached pruned state
                 sparse_hf = save_hf(pruned, tokenizer, args.work / f"builtin-llama-sparsegpt-2of4-{tag}")

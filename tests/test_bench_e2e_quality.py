@@ -110,3 +110,28 @@ def test_peer_perplexity_does_not_retry_an_ordinary_failure(tmp_path):
         assert exc.returncode == 3 and not exc.signalled
     else:
         raise AssertionError("a failed run must raise PeerError, not retry")
+
+
+def test_fine_tuned_rows_join_the_speed_of_their_kernels():
+    bench = load_benchmark("e2e_quality")
+    assert bench.speed_key("sparseforge 2:4 w8a8, 200 SquareHead steps (nm 2:4)") == "sparseforge 2:4 w8a8"
+    assert bench.speed_key("sparseforge 2:4 int8 (nm 2:4)") == "sparseforge 2:4 int8"
+
+
+def test_recovered_keeps_the_zeros_moves_the_rest_and_reuses_its_cache(tmp_path):
+    import copy
+
+    import sparseforge as sf
+    from tiny_models import VOCAB, tiny_model
+
+    bench = load_benchmark("e2e_quality")
+    dense = tiny_model("llama", seed=1)
+    pruned = copy.deepcopy(dense)
+    sf.sparsify_(pruned, sf.SparsifyConfig(method="magnitude", pattern="2:4"), progress=False)
+    data = torch.randint(0, VOCAB, (6000,), generator=torch.Generator().manual_seed(0))
+    tuned = bench.recovered(pruned, dense, None, "2:4", 3, tmp_path, data=data)
+    w0, w1 = pruned.model.layers[0].mlp.down_proj.weight, tuned.model.layers[0].mlp.down_proj.weight
+    assert torch.equal(w1 == 0, w0 == 0) and not torch.equal(w0, w1)  # the mask kept, the kept weights trained
+    assert (tmp_path / "builtin-sparsegpt-2of4-squarehead3.pt").exists()
+    again = bench.recovered(pruned, dense, None, "2:4", 3, tmp_path, data=torch.zeros(1, dtype=torch.long))  # cached
+    assert all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), again.state_dict().values()))
