@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Iterator
 
 import torch
@@ -53,9 +54,11 @@ def widened_bf16_linears(model: nn.Module) -> Iterator[int]:
             del m.forward
 
 
+@lru_cache(maxsize=None)
 def widening_pays(hidden: int, threads: int) -> bool:
     """Whether a bf16 ``(128, hidden) @ (hidden, hidden)`` product runs faster widened to float32 than in torch's
-    bf16 on this machine at ``threads`` torch threads: measured once per CPU and shape, cached on disk."""
+    bf16 on this machine at ``threads`` torch threads: measured once per CPU and shape, cached on disk, and the answer
+    kept for the process (a prefill neither rebuilds the probe nor reads the cache file again)."""
     from sparseforge.measure.choose import choose_by_timing
 
     g = torch.Generator().manual_seed(0)
